@@ -1,0 +1,128 @@
+"""What the SDK returns: plain typed objects, no protobuf in the public surface."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Timings:
+    """Client-side seconds: building the request, the RPC itself, decoding the response."""
+
+    encode: float = 0.0
+    rpc: float = 0.0
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.encode + self.rpc + self.decode
+
+
+class InferResult(Mapping[str, np.ndarray]):
+    """The outputs of one inference, by name, plus which model version answered.
+
+    A read-only mapping, so ``result["logits"]`` and ``dict(result)`` work; arrays are decoded
+    without a copy and are therefore read-only (``np.array(x)`` gives a writable copy).
+    """
+
+    __slots__ = ("_outputs", "id", "model", "timings", "version")
+
+    def __init__(
+        self,
+        outputs: dict[str, np.ndarray],
+        *,
+        model: str,
+        version: int,
+        id: str,  # noqa: A002 - the wire's name
+        timings: Timings | None = None,
+    ) -> None:
+        self._outputs = outputs
+        self.model = model
+        self.version = version
+        self.id = id
+        self.timings = timings or Timings()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return self._outputs[name]
+        except KeyError:
+            raise KeyError(f"no output {name!r}; outputs: {list(self._outputs)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._outputs)
+
+    def __len__(self) -> int:
+        return len(self._outputs)
+
+    def as_numpy(self, name: str) -> np.ndarray:
+        """tritonclient's spelling, for users coming from it."""
+        return self[name]
+
+    def __repr__(self) -> str:
+        shapes = {k: list(v.shape) for k, v in self._outputs.items()}
+        return f"InferResult(model={self.model!r}, version={self.version}, outputs={shapes})"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    datatype: str  # "FP32", "INT64", ... (Open Inference Protocol names)
+    shape: tuple[int, ...]  # -1: dynamic
+
+
+@dataclass(frozen=True)
+class BatchingPolicy:
+    max_batch_size: int
+    max_queue_delay: float  # seconds
+    max_queue_size: int
+    default_timeout: float | None  # seconds
+    instance_count: int
+
+
+@dataclass(frozen=True)
+class ModelMetadata:
+    name: str
+    version: int
+    versions: tuple[int, ...]
+    default_version: int
+    platform: str
+    inputs: tuple[TensorInfo, ...]
+    outputs: tuple[TensorInfo, ...]
+    batching: BatchingPolicy
+
+
+@dataclass(frozen=True)
+class ModelVersionStatus:
+    name: str
+    version: int
+    state: str  # LOADING, READY, FAILED, UNLOADING, UNLOADED
+    reason: str
+    is_default: bool
+
+
+@dataclass(frozen=True)
+class DurationStat:
+    count: int
+    ns: int
+
+
+@dataclass(frozen=True)
+class ModelStatistics:
+    name: str
+    version: int
+    last_inference_ms: int
+    inference_count: int
+    execution_count: int
+    success: DurationStat
+    fail: DurationStat
+    queue: DurationStat
+    compute_input: DurationStat
+    compute_infer: DurationStat
+    compute_output: DurationStat
+    batch_sizes: dict[int, int] = field(default_factory=dict)  # executed batch size -> executions
+    rejected_count: int = 0
+    expired_count: int = 0
+    queue_depth: int = 0

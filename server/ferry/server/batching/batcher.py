@@ -1,0 +1,397 @@
+"""Dynamic batching: many concurrent requests become few handler executions.
+
+A model instance runs a batch of N items in far less than N times the cost of one item, so items
+that arrive while an instance is busy are worth grouping. This module holds the policy only (when to
+dispatch, what goes together, what to refuse); it knows nothing of tensors, runtimes or protocols,
+so the same code serves every model and can be tested with plain Python objects.
+
+It is event driven: every decision is taken when something changes (a submit, a slot freeing, a
+timer firing, a caller going away), never by a polling loop, so an idle batcher costs nothing and a
+lone request at low load is dispatched in the same loop iteration as its submit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from ferry.server.errors import (
+    DeadlineExceeded,
+    InternalError,
+    LimitExceeded,
+    QueueFull,
+    Unavailable,
+)
+
+__all__ = ["BatchInfo", "DynamicBatcher"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# An entry's life: queued, then either dispatched to a handler or gone (cancelled, expired, or
+# failed at close). Entries leave their deque lazily, so the state is what says whether they count.
+_QUEUED = 0
+_DISPATCHED = 1
+_GONE = 2
+
+# Batch key of every item when no batch_key is given: one shared object keeps the hot path free of
+# a branch on "is there a key function".
+_ALL: Hashable = object()
+
+# Dead entries tolerated in the deques before they are compacted: lazily deleted entries are only
+# popped when they reach the front, so a long-lived head could otherwise pin unbounded garbage.
+_GARBAGE_FLOOR = 64
+
+
+@dataclass(frozen=True, slots=True)
+class BatchInfo:
+    """Passed to the handler with each batch, so it can report queueing time per request without
+    the batcher knowing what a request or a metric is."""
+
+    queue_ns: list[int]
+    size: int
+
+
+class _Entry(Generic[T, R]):
+    """One queued item: the only per-request allocation besides its future."""
+
+    __slots__ = ("deadline", "enqueued", "future", "item", "key", "size", "state", "timer")
+
+    def __init__(
+        self,
+        item: T,
+        size: int,
+        key: Hashable,
+        enqueued: float,
+        future: asyncio.Future[R],
+        *,
+        deadline: float | None,
+    ) -> None:
+        self.item = item
+        self.size = size
+        self.key = key
+        self.enqueued = enqueued
+        self.deadline = deadline
+        self.future = future
+        self.state = _QUEUED
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class DynamicBatcher(Generic[T, R]):
+    """Groups submitted items into batches for ``handler``, bounded in queue size and concurrency.
+
+    Batches form only when an execution slot is free (as in Triton), so under load the queue, not a
+    pile of half-filled batches, absorbs bursts, and each batch is as large as the backlog allows.
+    Counters ``rejected`` and ``expired`` are plain ints so stats code can read them without locks.
+    """
+
+    rejected: int
+    expired: int
+
+    def __init__(
+        self,
+        handler: Callable[[Sequence[T], BatchInfo], Awaitable[Sequence[R]]],
+        *,
+        max_batch_size: int,
+        max_queue_delay: float = 0.0,
+        max_queue_size: int = 1024,
+        max_concurrency: int = 1,
+        batch_size_of: Callable[[T], int] | None = None,
+        batch_key: Callable[[T], Hashable] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        name: str = "",
+    ) -> None:
+        label = f"batcher {name!r}" if name else "batcher"
+        if max_batch_size < 0:
+            raise ValueError(f"{label}: max_batch_size must be >= 0 (0 disables batching)")
+        if max_queue_delay < 0:
+            raise ValueError(f"{label}: max_queue_delay must be >= 0 seconds")
+        if max_queue_size < 1:
+            # An unbounded queue turns overload into unbounded latency and memory; refuse it.
+            raise ValueError(f"{label}: max_queue_size must be >= 1 (an unbounded queue is unsafe)")
+        if max_concurrency < 1:
+            raise ValueError(f"{label}: max_concurrency must be >= 1")
+        self._handler = handler
+        self._max_batch_size = max_batch_size
+        self._max_queue_delay = max_queue_delay
+        self._max_queue_size = max_queue_size
+        self._max_concurrency = max_concurrency
+        self._size_of = batch_size_of
+        self._key_of = batch_key
+        self._clock = clock
+        self._label = label
+        # One deque per priority, priorities kept sorted: there are few distinct priorities, and
+        # this keeps enqueue O(1) where a heap would be O(log n) with a tuple per item.
+        self._queues: dict[int, deque[_Entry[T, R]]] = {}
+        self._prios: list[int] = []
+        self._depth = 0
+        self._garbage = 0
+        # Queued batch units per key: tells in O(1) whether the head's batch is already full.
+        self._units: dict[Hashable, int] = {}
+        self._in_flight = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._flush_timer: asyncio.TimerHandle | None = None
+        self._flush_at = 0.0
+        self._closed = False
+        self.rejected = 0
+        self.expired = 0
+
+    @property
+    def queue_depth(self) -> int:
+        return self._depth
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def submit(self, item: T, *, deadline: float | None = None, priority: int = 0) -> R:
+        """Queue ``item`` and wait for its result. ``deadline`` is absolute on the batcher's clock
+        and bounds only the time spent queued: once a handler has the item, it runs to the end."""
+        if self._closed:
+            raise Unavailable(f"{self._label} is closed")
+        size = 1 if self._size_of is None else self._size_of(item)
+        if self._max_batch_size and size > self._max_batch_size:
+            raise LimitExceeded(
+                f"item batch size {size} is over the max_batch_size {self._max_batch_size} "
+                f"of {self._label}; split the request"
+            )
+        now = self._clock()
+        if deadline is not None and deadline <= now:
+            raise DeadlineExceeded(f"deadline passed before the request reached {self._label}")
+        if self._depth >= self._max_queue_size:
+            self.rejected += 1
+            raise QueueFull(
+                f"{self._label} queue is full (max_queue_size={self._max_queue_size}); "
+                "retry with backoff or add capacity"
+            )
+        loop = asyncio.get_running_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise RuntimeError(f"{self._label} is bound to another event loop")
+        key = _ALL if self._key_of is None else self._key_of(item)
+        future: asyncio.Future[R] = loop.create_future()
+        entry = _Entry(item, size, key, now, future, deadline=deadline)
+        queue = self._queues.get(priority)
+        if queue is None:
+            queue = self._queues[priority] = deque()
+            bisect.insort(self._prios, priority)
+        queue.append(entry)
+        self._depth += 1
+        self._units[key] = self._units.get(key, 0) + size
+        if deadline is not None:
+            entry.timer = loop.call_later(deadline - now, self._on_deadline, entry)
+        self._pump()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            # The caller went away: a queued item must not cost a model execution.
+            if entry.state == _QUEUED:
+                self._unlink(entry, _GONE)
+                self._tidy()
+                self._pump()
+            raise
+
+    async def close(self, *, drain: bool = True) -> None:
+        """Stop accepting items, then return once nothing is queued or running. ``drain=True``
+        runs what is queued (without waiting out max_queue_delay); ``drain=False`` fails it."""
+        self._closed = True
+        if not drain:
+            for entry in list(self._queued()):
+                self._unlink(entry, _GONE)
+                if not entry.future.done():
+                    entry.future.set_exception(
+                        Unavailable(f"{self._label} closed before the request ran")
+                    )
+            self._tidy()
+        self._pump()
+        while self._tasks:
+            await asyncio.wait(tuple(self._tasks))
+        self._cancel_flush()
+
+    # --- scheduling -------------------------------------------------------------------------
+
+    def _pump(self, force: bool = False) -> None:
+        """Dispatch batches while a slot is free and the head's batch is ready. Called on every
+        state change; ``force`` is the flush timer's verdict, trusted over the injected clock."""
+        while self._depth and self._in_flight < self._max_concurrency:
+            now = self._clock()
+            if not force:
+                target = self._flush_target(now)
+                if target is not None:
+                    self._arm_flush(target, now)
+                    return
+            force = False
+            batch, units = self._take_batch(now)
+            if batch:
+                self._launch(batch, units, now)
+        # Nothing queued, or every slot busy: a slot freeing re-evaluates, so no timer is needed.
+        self._cancel_flush()
+
+    def _flush_target(self, now: float) -> float | None:
+        """When the head's batch should be dispatched if it stays partial, or None for now."""
+        if self._max_batch_size == 0 or self._max_queue_delay <= 0 or self._closed:
+            return None
+        head = self._queues[self._prios[0]][0]
+        if self._units[head.key] >= self._max_batch_size:
+            return None
+        if len(self._prios) == 1:
+            oldest = head.enqueued
+        else:
+            oldest = min(self._queues[p][0].enqueued for p in self._prios)
+        target = oldest + self._max_queue_delay
+        return target if now < target else None
+
+    def _arm_flush(self, target: float, now: float) -> None:
+        if self._flush_timer is not None:
+            if self._flush_at == target:
+                return
+            self._flush_timer.cancel()
+        assert self._loop is not None
+        self._flush_at = target
+        self._flush_timer = self._loop.call_later(target - now, self._on_flush)
+
+    def _cancel_flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.cancel()
+            self._flush_timer = None
+
+    def _on_flush(self) -> None:
+        self._flush_timer = None
+        self._pump(force=True)
+
+    def _queued(self) -> Iterator[_Entry[T, R]]:
+        """Live entries in dispatch order: priority, then arrival."""
+        for prio in self._prios:
+            for entry in self._queues[prio]:
+                if entry.state == _QUEUED:
+                    yield entry
+
+    def _take_batch(self, now: float) -> tuple[list[_Entry[T, R]], int]:
+        """Remove and return the next batch: the head plus later items with its key that fit.
+        Stops at the first compatible item that does not fit, so compatible items keep FIFO."""
+        limit = self._max_batch_size
+        batch: list[_Entry[T, R]] = []
+        stale: list[_Entry[T, R]] = []
+        units = 0
+        key: Hashable = None
+        for entry in self._queued():
+            if entry.deadline is not None and entry.deadline <= now:
+                stale.append(entry)
+                continue
+            if not batch:
+                key = entry.key
+            elif entry.key != key:
+                continue
+            elif units + entry.size > limit:
+                break
+            batch.append(entry)
+            units += entry.size
+            if limit == 0 or units >= limit:
+                break
+        for entry in stale:
+            self._expire(entry)
+        for entry in batch:
+            self._unlink(entry, _DISPATCHED)
+        self._tidy()
+        return batch, units
+
+    def _launch(self, batch: list[_Entry[T, R]], units: int, now: float) -> None:
+        assert self._loop is not None
+        info = BatchInfo(
+            queue_ns=[max(0, round((now - e.enqueued) * 1e9)) for e in batch], size=units
+        )
+        self._in_flight += 1
+        # A task per batch, not per item: callers and other batches proceed while it runs.
+        task = self._loop.create_task(self._execute(batch, [e.item for e in batch], info))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, batch: list[_Entry[T, R]], items: list[T], info: BatchInfo) -> None:
+        try:
+            try:
+                results = await self._handler(items, info)
+                if len(results) != len(batch):
+                    raise InternalError(
+                        f"{self._label}: handler returned {len(results)} results "
+                        f"for {len(batch)} items"
+                    )
+            except Exception as exc:
+                # One failure, one exception object: every caller of the batch sees the same cause.
+                for entry in batch:
+                    if not entry.future.done():
+                        entry.future.set_exception(exc)
+                return
+            except BaseException:
+                for entry in batch:
+                    entry.future.cancel()
+                raise
+            for entry, result in zip(batch, results, strict=True):
+                if not entry.future.done():  # a caller cancelled mid-batch: drop its result
+                    entry.future.set_result(result)
+        finally:
+            self._in_flight -= 1
+            self._pump()
+
+    # --- queue bookkeeping ------------------------------------------------------------------
+
+    def _unlink(self, entry: _Entry[T, R], state: int) -> None:
+        """Take an entry out of the counts at once; its deque slot is reclaimed later (_tidy)."""
+        entry.state = state
+        self._depth -= 1
+        self._garbage += 1
+        left = self._units[entry.key] - entry.size
+        if left:
+            self._units[entry.key] = left
+        else:
+            del self._units[entry.key]
+        if entry.timer is not None:
+            entry.timer.cancel()
+            entry.timer = None
+
+    def _expire(self, entry: _Entry[T, R]) -> None:
+        self._unlink(entry, _GONE)
+        self.expired += 1
+        if not entry.future.done():
+            entry.future.set_exception(
+                DeadlineExceeded(f"deadline passed while queued in {self._label}")
+            )
+
+    def _on_deadline(self, entry: _Entry[T, R]) -> None:
+        entry.timer = None
+        if entry.state == _QUEUED:
+            self._expire(entry)
+            self._tidy()
+            self._pump()
+
+    def _tidy(self) -> None:
+        """Restore the invariant that every deque is non-empty and starts with a live entry, and
+        compact when dead entries outnumber live ones, so removals stay O(1) amortized."""
+        prios = self._prios
+        i = 0
+        while i < len(prios):
+            queue = self._queues[prios[i]]
+            while queue and queue[0].state != _QUEUED:
+                queue.popleft()
+                self._garbage -= 1
+            if queue:
+                i += 1
+            else:
+                del self._queues[prios[i]]
+                del prios[i]
+        if self._garbage > _GARBAGE_FLOOR and self._garbage > self._depth:
+            for queue in self._queues.values():
+                live = [e for e in queue if e.state == _QUEUED]
+                queue.clear()
+                queue.extend(live)
+            self._garbage = 0

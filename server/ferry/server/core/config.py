@@ -1,0 +1,243 @@
+"""Per-model configuration: one TOML or JSON file beside the model's version folders.
+
+Every field has a default, so a model with no config file serves; fields the graph can decide
+(whether it has a batch dimension) are derived from the graph when the file is silent. Unknown keys
+are errors, not silently ignored: a typo in ``max_batch_sise`` must not look like a working config.
+
+Example ``config.toml``::
+
+    default_version = 2
+    version_policy = { latest = 2 }      # or { all = true } or { specific = [1, 3] }
+
+    [batching]
+    max_batch_size = 32                  # 0: the model has no batch dimension
+    max_queue_delay_ms = 0.0             # time a partial batch may wait for more requests
+    max_queue_size = 1024                # queued requests beyond this are rejected at once
+    default_timeout_ms = 0               # 0: no default; a call's deadline still applies
+    default_priority = 1
+
+    [instances]
+    count = 1                            # concurrent executions of each version
+
+    [onnxruntime]
+    intra_op_threads = 0                 # 0: onnxruntime's default (one per core)
+    inter_op_threads = 1
+    execution_providers = ["CPUExecutionProvider"]
+    memory_arena = true
+    allow_spinning = true
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from ferry.server.errors import InvalidArgument
+
+CONFIG_NAMES = ("config.toml", "config.json")
+MAX_BATCH_SIZE_LIMIT = 65536
+DEFAULT_MAX_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    max_batch_size: int | None = None  # None: derived from the graph (32 if batchable, else 0)
+    max_queue_delay_ms: float = 0.0
+    max_queue_size: int = 1024
+    default_timeout_ms: float = 0.0
+    default_priority: int = 1
+
+
+@dataclass(frozen=True)
+class InstancesConfig:
+    count: int = 1
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeConfig:
+    intra_op_threads: int = 0
+    inter_op_threads: int = 1
+    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    memory_arena: bool = True
+    allow_spinning: bool = True
+    graph_optimization: str = "all"  # disable | basic | extended | all
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions on disk are served. Exactly one of the three is in force."""
+
+    latest: int | None = 1
+    all: bool = False
+    specific: tuple[int, ...] = ()
+
+    def select(self, versions: list[int]) -> list[int]:
+        ordered = sorted(versions)
+        if self.all:
+            return ordered
+        if self.specific:
+            return [v for v in ordered if v in set(self.specific)]
+        n = self.latest or 1
+        return ordered[-n:]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    default_version: int | None = None  # None: the highest served version
+    version_policy: VersionPolicy = field(default_factory=VersionPolicy)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
+    instances: InstancesConfig = field(default_factory=InstancesConfig)
+    onnxruntime: OnnxRuntimeConfig = field(default_factory=OnnxRuntimeConfig)
+
+    def with_max_batch_size(self, value: int) -> ModelConfig:
+        return replace(self, batching=replace(self.batching, max_batch_size=value))
+
+
+def find_config_file(model_dir: Path) -> Path | None:
+    found = [model_dir / n for n in CONFIG_NAMES if (model_dir / n).is_file()]
+    if len(found) > 1:
+        raise InvalidArgument(
+            f"model folder {model_dir.name!r} has both config.toml and config.json: keep one"
+        )
+    return found[0] if found else None
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    path = find_config_file(model_dir)
+    if path is None:
+        return ModelConfig()
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
+        raise InvalidArgument(f"{model_dir.name}/{path.name} cannot be parsed: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{model_dir.name}/{path.name} must hold a table/object")
+    return parse_config(raw, where=f"{model_dir.name}/{path.name}")
+
+
+def parse_config(raw: dict[str, Any], *, where: str = "config") -> ModelConfig:
+    raw = dict(raw)
+    policy = _parse_policy(raw.pop("version_policy", None), where)
+    cfg = ModelConfig(
+        default_version=_opt_positive_int(raw.pop("default_version", None), where, "default_version"),
+        version_policy=policy,
+        batching=_section(BatchingConfig, raw.pop("batching", {}), where, "batching"),
+        instances=_section(InstancesConfig, raw.pop("instances", {}), where, "instances"),
+        onnxruntime=_section(OnnxRuntimeConfig, raw.pop("onnxruntime", {}), where, "onnxruntime"),
+    )
+    if raw:
+        raise InvalidArgument(
+            f"{where}: unknown keys {sorted(raw)}; known: default_version, version_policy, "
+            "batching, instances, onnxruntime"
+        )
+    _validate(cfg, where)
+    return cfg
+
+
+def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """The inverse of parse_config, for writing a config next to a published version."""
+    policy: dict[str, Any]
+    if cfg.version_policy.all:
+        policy = {"all": True}
+    elif cfg.version_policy.specific:
+        policy = {"specific": list(cfg.version_policy.specific)}
+    else:
+        policy = {"latest": cfg.version_policy.latest or 1}
+    out: dict[str, Any] = {"version_policy": policy}
+    if cfg.default_version is not None:
+        out["default_version"] = cfg.default_version
+    batching = {f.name: getattr(cfg.batching, f.name) for f in fields(BatchingConfig)}
+    if batching["max_batch_size"] is None:
+        del batching["max_batch_size"]
+    out["batching"] = batching
+    out["instances"] = {"count": cfg.instances.count}
+    ort = {f.name: getattr(cfg.onnxruntime, f.name) for f in fields(OnnxRuntimeConfig)}
+    ort["execution_providers"] = list(cfg.onnxruntime.execution_providers)
+    out["onnxruntime"] = ort
+    return out
+
+
+def _parse_policy(raw: Any, where: str) -> VersionPolicy:
+    if raw is None:
+        return VersionPolicy()
+    if not isinstance(raw, dict) or len(raw) != 1:
+        raise InvalidArgument(
+            f"{where}: version_policy must be exactly one of {{latest = N}}, {{all = true}}, "
+            f"{{specific = [1, 2]}}; got {raw!r}"
+        )
+    ((key, value),) = raw.items()
+    if key == "latest":
+        return VersionPolicy(latest=_positive_int(value, where, "version_policy.latest"))
+    if key == "all" and value is True:
+        return VersionPolicy(latest=None, all=True)
+    if key == "specific" and isinstance(value, list) and value:
+        versions = tuple(_positive_int(v, where, "version_policy.specific[]") for v in value)
+        return VersionPolicy(latest=None, specific=versions)
+    raise InvalidArgument(f"{where}: bad version_policy {raw!r}")
+
+
+def _section(cls: Any, raw: Any, where: str, section: str) -> Any:
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{where}: [{section}] must be a table, got {raw!r}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise InvalidArgument(
+            f"{where}: unknown keys in [{section}]: {unknown}; known: {sorted(known)}"
+        )
+    values: dict[str, Any] = {}
+    defaults = cls()
+    for key, value in raw.items():
+        default = getattr(defaults, key)
+        if isinstance(default, tuple):
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise InvalidArgument(f"{where}: {section}.{key} must be a list of strings")
+            value = tuple(value)
+        elif isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise InvalidArgument(f"{where}: {section}.{key} must be true or false")
+        elif isinstance(default, float):
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise InvalidArgument(f"{where}: {section}.{key} must be a number >= 0")
+            value = float(value)
+        elif isinstance(default, str):
+            if not isinstance(value, str):
+                raise InvalidArgument(f"{where}: {section}.{key} must be a string")
+        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InvalidArgument(f"{where}: {section}.{key} must be an integer >= 0, got {value!r}")
+        values[key] = value
+    return cls(**values)
+
+
+def _validate(cfg: ModelConfig, where: str) -> None:
+    b = cfg.batching
+    if b.max_batch_size is not None and b.max_batch_size > MAX_BATCH_SIZE_LIMIT:
+        raise InvalidArgument(
+            f"{where}: batching.max_batch_size {b.max_batch_size} is over {MAX_BATCH_SIZE_LIMIT}"
+        )
+    if b.max_queue_size < 1:
+        raise InvalidArgument(f"{where}: batching.max_queue_size must be >= 1")
+    if b.default_priority < 1:
+        raise InvalidArgument(f"{where}: batching.default_priority must be >= 1")
+    if cfg.instances.count < 1 or cfg.instances.count > 64:
+        raise InvalidArgument(f"{where}: instances.count must be within 1..64")
+    if cfg.onnxruntime.graph_optimization not in ("disable", "basic", "extended", "all"):
+        raise InvalidArgument(
+            f"{where}: onnxruntime.graph_optimization must be disable, basic, extended or all"
+        )
+    if not cfg.onnxruntime.execution_providers:
+        raise InvalidArgument(f"{where}: onnxruntime.execution_providers must not be empty")
+
+
+def _positive_int(value: Any, where: str, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(f"{where}: {key} must be a positive integer, got {value!r}")
+    return value
+
+
+def _opt_positive_int(value: Any, where: str, key: str) -> int | None:
+    return None if value is None else _positive_int(value, where, key)

@@ -1,0 +1,175 @@
+"""The one inference core that every protocol adapter calls.
+
+Adapters decode their wire format into an ``InferenceRequest`` of numpy arrays, call
+``DataPlane.infer`` and encode the result. Validation against the model's signature happens here,
+once, so ``ferry.v1`` and the Open Inference Protocol give the same answers and the same errors.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ferry.codec import datatype_name
+from ferry.server.batching.tensors import batch_key
+from ferry.server.core.loaded import LoadedVersion, Work
+from ferry.server.core.registry import ModelRegistry
+from ferry.server.errors import DeadlineExceeded, FerryError, InvalidInput, LimitExceeded
+
+
+@dataclass(slots=True)
+class InferenceRequest:
+    model: str
+    inputs: Mapping[str, np.ndarray]
+    version: int | None = None
+    id: str = ""
+    outputs: Sequence[str] | None = None  # None or empty: all outputs
+    timeout: float | None = None  # seconds; only shortens the call's deadline
+    priority: int = 0  # 0: the model's default; 1 is the highest
+
+
+@dataclass(slots=True)
+class InferenceResult:
+    model: str
+    version: int
+    id: str
+    outputs: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request bounds enforced before queueing (hardening makes them configurable)."""
+
+    max_inputs: int = 256
+    max_outputs: int = 256
+    max_elements: int = 1 << 31
+
+
+class DataPlane:
+    def __init__(self, registry: ModelRegistry, limits: Limits | None = None) -> None:
+        self.registry = registry
+        self.limits = limits or Limits()
+
+    async def infer(self, request: InferenceRequest, *, deadline: float | None = None) -> InferenceResult:
+        """``deadline`` is absolute on ``time.monotonic()`` (the call's own gRPC deadline)."""
+        lv = self.registry.get(request.model, request.version)
+        work = self._validate(lv, request)
+        deadline = self._deadline(lv, request, deadline)
+        priority = request.priority or lv.config.batching.default_priority
+        start = time.perf_counter_ns()
+        try:
+            outputs = await lv.batcher.submit(work, deadline=deadline, priority=priority)
+        except FerryError:
+            lv.stats.record_failure(time.perf_counter_ns() - start)
+            raise
+        lv.stats.record_success(time.perf_counter_ns() - start)
+        if request.outputs:
+            outputs = {name: outputs[name] for name in request.outputs}
+        return InferenceResult(request.model, lv.version, request.id, outputs)
+
+    def _deadline(
+        self, lv: LoadedVersion, request: InferenceRequest, deadline: float | None
+    ) -> float | None:
+        budget = request.timeout or (lv.config.batching.default_timeout_ms / 1000.0) or None
+        if budget is not None:
+            own = time.monotonic() + budget
+            deadline = own if deadline is None else min(deadline, own)
+        if deadline is not None and deadline <= time.monotonic():
+            raise DeadlineExceeded(
+                f"the request's deadline passed before it reached model {request.model!r}"
+            )
+        return deadline
+
+    def _validate(self, lv: LoadedVersion, request: InferenceRequest) -> Work:
+        inputs = request.inputs
+        where = f"model {lv.name!r} version {lv.version}"
+        if len(inputs) > self.limits.max_inputs:
+            raise LimitExceeded(
+                f"{len(inputs)} inputs is over the limit of {self.limits.max_inputs} per request"
+            )
+        if inputs.keys() != lv.input_specs.keys():
+            missing = sorted(set(lv.input_specs) - set(inputs))
+            unexpected = sorted(set(inputs) - set(lv.input_specs))
+            parts = []
+            if missing:
+                parts.append(f"missing inputs {missing}")
+            if unexpected:
+                parts.append(f"unexpected inputs {[_short(n) for n in unexpected]}")
+            raise InvalidInput(
+                f"{where}: {'; '.join(parts)}; it takes {lv.input_names}"
+            )
+        batch: int | None = None
+        elements = 0
+        for name, spec in lv.input_specs.items():
+            arr = inputs[name]
+            expected_dtype = lv.input_numpy[name]
+            if arr.dtype != expected_dtype:
+                raise InvalidInput(
+                    f"{where}: input {name!r} must be {datatype_name(spec.dtype)}, got "
+                    f"{_dtype_name(arr)}"
+                )
+            shape = arr.shape
+            if len(shape) != len(spec.shape) or any(
+                d != -1 and d != s for d, s in zip(spec.shape, shape, strict=True)
+            ):
+                raise InvalidInput(
+                    f"{where}: input {name!r} must have shape {_show(spec.shape)}, got "
+                    f"{list(shape)}"
+                )
+            elements += arr.size
+            if lv.max_batch_size > 0:
+                if batch is None:
+                    batch = shape[0]
+                elif shape[0] != batch:
+                    raise InvalidInput(
+                        f"{where}: inputs disagree on the batch dimension ({batch} vs "
+                        f"{shape[0]} for {name!r}); every input's first dim is the batch size"
+                    )
+        if elements > self.limits.max_elements:
+            raise LimitExceeded(
+                f"{elements} tensor elements is over the limit of {self.limits.max_elements}"
+            )
+        if lv.max_batch_size > 0:
+            assert batch is not None
+            if batch < 1:
+                raise InvalidInput(f"{where}: the batch dimension must be at least 1, got {batch}")
+            if batch > lv.max_batch_size:
+                raise InvalidInput(
+                    f"{where}: batch size {batch} is over the model's max_batch_size "
+                    f"{lv.max_batch_size}; split the request"
+                )
+        outputs = tuple(request.outputs) if request.outputs else None
+        if outputs is not None:
+            if len(outputs) > self.limits.max_outputs:
+                raise LimitExceeded(
+                    f"{len(outputs)} requested outputs is over the limit of "
+                    f"{self.limits.max_outputs}"
+                )
+            unknown = [o for o in outputs if o not in lv.output_names]
+            if unknown:
+                raise InvalidInput(
+                    f"{where}: unknown outputs {[_short(o) for o in unknown]}; it has "
+                    f"{lv.output_names}"
+                )
+        key = batch_key(inputs, lv.input_names) if lv.max_batch_size > 0 else ()
+        return Work(dict(inputs), outputs, batch or 1, key)
+
+
+def _show(shape: Sequence[int]) -> str:
+    return "[" + ", ".join("?" if d == -1 else str(d) for d in shape) + "]"
+
+
+def _dtype_name(arr: np.ndarray) -> str:
+    from ferry.codec import datatype_of
+
+    try:
+        return datatype_name(datatype_of(arr.dtype))
+    except ValueError:
+        return str(arr.dtype)
+
+
+def _short(name: str) -> str:
+    return name if len(name) <= 64 else name[:64] + "..."

@@ -1,0 +1,111 @@
+"""A model version that is being served: its session, batcher, worker threads and statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from ferry.codec import numpy_dtype
+from ferry.server.batching.batcher import BatchInfo, DynamicBatcher
+from ferry.server.batching.tensors import concat, split
+from ferry.server.core.config import ModelConfig
+from ferry.server.core.stats import VersionStats
+from ferry.server.errors import InternalError
+from ferry.server.runtime.session import OrtSession, TensorSpec
+
+
+@dataclass(slots=True)
+class Work:
+    """One request's validated inputs, as queued in the batcher."""
+
+    inputs: dict[str, np.ndarray]
+    outputs: tuple[str, ...] | None
+    batch: int  # the request's own batch dim (1 when the model has none)
+    key: tuple[tuple[int, ...], ...]
+
+
+class LoadedVersion:
+    def __init__(self, name: str, version: int, session: OrtSession, config: ModelConfig) -> None:
+        self.name = name
+        self.version = version
+        self.session = session
+        self.config = config
+        b = config.batching
+        self.max_batch_size = b.max_batch_size or 0
+        self.inputs: list[TensorSpec] = session.inputs
+        self.outputs: list[TensorSpec] = session.outputs
+        self.input_names = [s.name for s in self.inputs]
+        self.output_names = [s.name for s in self.outputs]
+        self.input_specs = {s.name: s for s in self.inputs}
+        self.input_numpy = {s.name: numpy_dtype(s.dtype) for s in self.inputs}
+        self.stats = VersionStats()
+        self._executor = ThreadPoolExecutor(
+            max_workers=config.instances.count, thread_name_prefix=f"ferry-{name}-{version}"
+        )
+        self.batcher: DynamicBatcher[Work, dict[str, np.ndarray]] = DynamicBatcher(
+            self._execute,
+            max_batch_size=self.max_batch_size,
+            max_queue_delay=b.max_queue_delay_ms / 1000.0,
+            max_queue_size=b.max_queue_size,
+            max_concurrency=config.instances.count,
+            batch_size_of=_batch_of,
+            batch_key=_key_of,
+            name=f"{name}/{version}",
+        )
+
+    async def _execute(self, items: Sequence[Work], info: BatchInfo) -> list[dict[str, np.ndarray]]:
+        self.stats.record_queue(info.queue_ns)
+        loop = asyncio.get_running_loop()
+        results, t_in, t_infer, t_out = await loop.run_in_executor(
+            self._executor, self._run_batch, items
+        )
+        self.stats.record_execution(info.size, len(items), t_in, t_infer, t_out)
+        return results
+
+    def _run_batch(self, items: Sequence[Work]) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
+        """Worker thread: concat -> run -> check -> split, timing each stage."""
+        t0 = time.perf_counter_ns()
+        feeds = concat([w.inputs for w in items], self.input_names)
+        wanted = _union_outputs(items, self.output_names)
+        t1 = time.perf_counter_ns()
+        outputs = self.session.run(feeds, wanted)
+        t2 = time.perf_counter_ns()
+        sizes = [w.batch for w in items]
+        if self.max_batch_size > 0:
+            total = sum(sizes)
+            for out_name, out in zip(wanted, outputs, strict=True):
+                if out.ndim == 0 or out.shape[0] != total:
+                    raise InternalError(
+                        f"model {self.name}/{self.version} returned output {out_name!r} with "
+                        f"shape {list(out.shape)} for a batch of {total}: its first dimension "
+                        "is not a batch dimension; set batching.max_batch_size = 0 in its config"
+                    )
+        per_request = split(outputs, wanted, sizes)
+        t3 = time.perf_counter_ns()
+        return per_request, t1 - t0, t2 - t1, t3 - t2
+
+    async def close(self, *, drain: bool = True) -> None:
+        await self.batcher.close(drain=drain)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _batch_of(work: Work) -> int:
+    return work.batch
+
+
+def _key_of(work: Work) -> tuple[tuple[int, ...], ...]:
+    return work.key
+
+
+def _union_outputs(items: Sequence[Work], all_outputs: list[str]) -> list[str]:
+    if any(w.outputs is None for w in items):
+        return all_outputs
+    wanted: set[str] = set()
+    for w in items:
+        wanted.update(w.outputs or ())
+    return [n for n in all_outputs if n in wanted]

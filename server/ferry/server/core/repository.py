@@ -1,0 +1,192 @@
+"""The model repository on disk: ``<root>/<model>/<version>/model.onnx`` plus ``<model>/config.*``.
+
+This is the only module that turns names into paths. Every name is validated against one pattern
+and every path is resolved and checked to stay under the root, so no request can read or write
+outside the repository. Versions are positive integers and immutable: a version folder appears by
+an atomic rename of a fully written, fsynced temporary folder, and is never rewritten.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from ferry.server.errors import AlreadyExists, InvalidArgument, ModelNotFound, VersionNotFound
+
+MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+MODEL_FILE = "model.onnx"
+TMP_PREFIX = ".tmp-"
+MAX_VERSION = 2**53  # representable exactly in JSON and float64 clients
+
+
+def validate_model_name(name: str) -> str:
+    if not isinstance(name, str) or not MODEL_NAME_RE.fullmatch(name) or name in (".", ".."):
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise InvalidArgument(
+            f"invalid model name {shown!r}: use 1-128 characters from [A-Za-z0-9_.-], "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def validate_version(version: int) -> int:
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 < version <= MAX_VERSION:
+        raise InvalidArgument(f"invalid version {version!r}: versions are positive integers")
+    return version
+
+
+class ModelRepository:
+    def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
+        path = Path(root)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            raise InvalidArgument(f"model repository {str(path)!r} is not a folder")
+        self.root = path.resolve()
+
+    # ---- names -> paths (the one place) ----
+    def model_dir(self, name: str) -> Path:
+        validate_model_name(name)
+        path = (self.root / name).resolve()
+        if path.parent != self.root:
+            raise InvalidArgument(f"model name {name!r} resolves outside the repository")
+        return path
+
+    def version_dir(self, name: str, version: int) -> Path:
+        return self.model_dir(name) / str(validate_version(version))
+
+    def model_file(self, name: str, version: int) -> Path:
+        return self.version_dir(name, version) / MODEL_FILE
+
+    # ---- listing ----
+    def list_models(self) -> list[str]:
+        """Folders whose names are valid model names; others (temp folders, junk) are skipped."""
+        names = []
+        for entry in sorted(self.root.iterdir()):
+            if entry.is_dir() and not entry.is_symlink() and MODEL_NAME_RE.fullmatch(entry.name):
+                names.append(entry.name)
+        return names
+
+    def has_model(self, name: str) -> bool:
+        return self.model_dir(name).is_dir()
+
+    def list_versions(self, name: str) -> list[int]:
+        mdir = self.model_dir(name)
+        if not mdir.is_dir():
+            raise ModelNotFound(f"model {name!r} is not in the repository")
+        versions = []
+        for entry in mdir.iterdir():
+            if entry.is_dir() and entry.name.isdigit() and not entry.name.startswith("0"):
+                v = int(entry.name)
+                if v <= MAX_VERSION:
+                    versions.append(v)
+        return sorted(versions)
+
+    def require_version(self, name: str, version: int) -> Path:
+        vdir = self.version_dir(name, version)
+        if not vdir.is_dir():
+            raise VersionNotFound(f"model {name!r} has no version {version} in the repository")
+        return vdir
+
+    # ---- atomic publication ----
+    @contextmanager
+    def staging(self, name: str) -> Iterator[Path]:
+        """A temporary folder inside the model folder (same filesystem, so rename is atomic);
+        removed on any exit unless ``publish`` moved it."""
+        mdir = self.model_dir(name)
+        mdir.mkdir(exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=mdir))
+        try:
+            yield tmp
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def publish(self, name: str, staged: Path, *, version: int | None = None) -> int:
+        """Fsync every file of ``staged`` and rename it to the next version (or ``version``).
+
+        The rename is the commit point: a reader sees either no folder or a complete one."""
+        mdir = self.model_dir(name)
+        if staged.resolve().parent != mdir:
+            raise InvalidArgument("staged folder must come from staging() of the same model")
+        if not (staged / MODEL_FILE).is_file():
+            raise InvalidArgument(f"staged version of {name!r} has no {MODEL_FILE}")
+        _fsync_tree(staged)
+        while True:
+            existing = self.list_versions(name)
+            target_version = version if version is not None else (max(existing, default=0) + 1)
+            target = mdir / str(validate_version(target_version))
+            try:
+                # os.rename onto an existing non-empty dir fails, which is what we want.
+                if target.exists():
+                    raise FileExistsError(target)
+                os.rename(staged, target)
+            except FileExistsError:
+                if version is not None:
+                    raise AlreadyExists(
+                        f"model {name!r} version {version} already exists; versions are immutable"
+                    ) from None
+                continue  # lost a race with another publisher: take the next number
+            except OSError as exc:
+                if exc.errno in (39, 66):  # ENOTEMPTY on Linux / BSD
+                    if version is not None:
+                        raise AlreadyExists(
+                            f"model {name!r} version {version} already exists"
+                        ) from None
+                    continue
+                raise
+            _fsync_dir(mdir)
+            return target_version
+
+    def delete_version(self, name: str, version: int) -> None:
+        """Move the version out of sight atomically, then remove it."""
+        vdir = self.require_version(name, version)
+        trash = vdir.with_name(f"{TMP_PREFIX}deleted-{version}-{os.getpid()}")
+        os.rename(vdir, trash)
+        _fsync_dir(vdir.parent)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def clean_temporaries(self) -> list[Path]:
+        """Remove staging folders left by a process that died mid-publish."""
+        removed = []
+        for model in self.list_models():
+            for entry in self.model_dir(model).iterdir():
+                if entry.name.startswith(TMP_PREFIX):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+        return removed
+
+
+def write_file_atomic(path: Path, data: bytes) -> None:
+    """Write-then-rename for single files (configs, reports)."""
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for fname in filenames:
+            fd = os.open(os.path.join(dirpath, fname), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

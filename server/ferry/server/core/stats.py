@@ -1,0 +1,70 @@
+"""Per-version statistics with Triton's semantics (what ModelStatistics reports).
+
+Updated only on the event loop thread, so no locks: the batch handler records after its worker
+thread returns. Counters are cumulative since the version was loaded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int, count: int = 1) -> None:
+        self.count += count
+        self.ns += ns
+
+
+@dataclass
+class BatchStats:
+    batch_size: int
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
+class VersionStats:
+    inference_count: int = 0  # batch elements
+    execution_count: int = 0  # executions
+    last_inference_ms: int = 0
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+    batches: dict[int, BatchStats] = field(default_factory=dict)
+
+    def record_execution(
+        self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
+        """One execution of ``batch_size`` elements serving ``requests`` requests. Per-request
+        compute counters grow by one per request (Triton's semantics); batch_stats by one per
+        execution."""
+        self.execution_count += 1
+        self.inference_count += batch_size
+        self.compute_input.add(input_ns * requests, requests)
+        self.compute_infer.add(infer_ns * requests, requests)
+        self.compute_output.add(output_ns * requests, requests)
+        b = self.batches.get(batch_size)
+        if b is None:
+            b = self.batches[batch_size] = BatchStats(batch_size)
+        b.compute_input.add(input_ns)
+        b.compute_infer.add(infer_ns)
+        b.compute_output.add(output_ns)
+
+    def record_queue(self, queue_ns: list[int]) -> None:
+        self.queue.add(sum(queue_ns), len(queue_ns))
+
+    def record_success(self, ns: int) -> None:
+        self.success.add(ns)
+        self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def record_failure(self, ns: int) -> None:
+        self.fail.add(ns)

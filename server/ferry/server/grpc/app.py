@@ -1,0 +1,169 @@
+"""Assembles the gRPC servers around one core: inference listener, management listener,
+health, reflection, metrics, polling and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable
+
+import grpc
+from grpc import aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ferry.proto.v1 import inference_pb2, inference_pb2_grpc, repository_pb2, repository_pb2_grpc
+from ferry.server.core.dataplane import DataPlane
+from ferry.server.core.registry import ModelRegistry, State
+from ferry.server.core.repository import ModelRepository
+from ferry.server.grpc.inference import InferenceServicer
+from ferry.server.grpc.repository import RepositoryServicer
+from ferry.server.metrics import Metrics
+from ferry.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+# Hooks that later protocol adapters (Open Inference Protocol, conversion) plug into:
+# each receives (server, app) and registers its handlers on the right listener.
+Extension = Callable[[aio.Server, "FerryServer"], list[str]]
+
+
+class FerryServer:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.repository = ModelRepository(settings.repository)
+        self.registry = ModelRegistry(self.repository, warm_up=settings.warm_up)
+        self.dataplane = DataPlane(self.registry)
+        self.metrics = Metrics(self.registry)
+        self.health = health.aio.HealthServicer()
+        self.inference_port = 0
+        self.management_port = 0
+        self.metrics_port = 0
+        self._servers: list[aio.Server] = []
+        self._stopping = False
+        self._poll_task: asyncio.Task[None] | None = None
+        self._health_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self.inference_extensions: list[Extension] = []
+        self.management_extensions: list[Extension] = []
+
+    def _options(self) -> list[tuple[str, int]]:
+        n = self.settings.max_message_bytes
+        return [
+            ("grpc.max_receive_message_length", n),
+            ("grpc.max_send_message_length", n),
+            ("grpc.so_reuseport", 0),
+        ]
+
+    async def start(self) -> None:
+        s = self.settings
+        self.repository.clean_temporaries()
+        await self.health.set("", NOT_SERVING)
+        # Inference listener.
+        server = aio.server(options=self._options())
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(
+                self.dataplane, observe=self.metrics.observe,
+                max_stream_in_flight=s.max_stream_in_flight,
+            ),
+            server,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME]
+        for ext in self.inference_extensions:
+            names += ext(server, self)
+        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        self.inference_port = _bind(server, s.host, s.port)
+        self._servers.append(server)
+        # Management listener: separate, loopback by default.
+        if s.management_port >= 0:
+            mserver = aio.server(options=self._options())
+            repository_pb2_grpc.add_ModelRepositoryServicer_to_server(
+                RepositoryServicer(self.registry), mserver
+            )
+            mnames = [repository_pb2.DESCRIPTOR.services_by_name["ModelRepository"].full_name]
+            for ext in self.management_extensions:
+                mnames += ext(mserver, self)
+            reflection.enable_server_reflection([*mnames, reflection.SERVICE_NAME], mserver)
+            self.management_port = _bind(mserver, s.management_host, s.management_port)
+            self._servers.append(mserver)
+        if s.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
+        for srv in self._servers:
+            await srv.start()
+        self.registry.add_listener(self._schedule_health)
+        await self.registry.refresh()
+        await self._update_health()
+        if s.poll_interval > 0:
+            self._poll_task = asyncio.create_task(self._poll(s.poll_interval))
+        log.info(
+            "ferry serving %d model version(s) on %s:%d (management %s:%d, metrics %d)",
+            len(self.registry.loaded_versions()), s.host, self.inference_port,
+            s.management_host, self.management_port, self.metrics_port,
+        )
+
+    def _schedule_health(self) -> None:
+        if self._health_task is None or self._health_task.done():
+            self._health_task = asyncio.get_running_loop().create_task(self._update_health())
+
+    async def _update_health(self) -> None:
+        if self._stopping:
+            return
+        await self.health.set("", SERVING if self.registry.all_ready() else NOT_SERVING)
+        for entry in list(self.registry.models.values()):
+            ready = any(s.state is State.READY for s in entry.versions.values())
+            await self.health.set(entry.name, SERVING if ready else NOT_SERVING)
+
+    async def _poll(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.registry.refresh(retry_failed=False)
+            except Exception:
+                log.exception("repository poll failed")
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish within the grace period, then unload."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.settings.grace_period if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        await asyncio.gather(*(srv.stop(grace) for srv in self._servers))
+        await self.registry.close()
+        self.metrics.close()
+        self._stopped.set()
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def run_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await self.start()
+        await stop.wait()
+        log.info("ferry shutting down (grace %.1fs)", self.settings.grace_period)
+        await self.stop()
+
+
+def _bind(server: aio.Server, host: str, port: int) -> int:
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}: in use or not permitted")
+    return bound
+
+
+__all__ = ["FerryServer", "grpc"]

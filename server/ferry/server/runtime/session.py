@@ -1,0 +1,129 @@
+"""One onnxruntime InferenceSession per loaded model version.
+
+Sessions are created, warmed up and run on worker threads: onnxruntime releases the GIL inside
+``run``, so the event loop keeps serving other requests while a batch executes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ferry.codec import DataType, numpy_dtype
+from ferry.server.core.config import OnnxRuntimeConfig
+from ferry.server.errors import InvalidArgument
+
+log = logging.getLogger(__name__)
+
+# onnxruntime's type strings -> our wire dtypes.
+ORT_TYPES: dict[str, int] = {
+    "tensor(bool)": DataType.DATA_TYPE_BOOL,
+    "tensor(uint8)": DataType.DATA_TYPE_UINT8,
+    "tensor(uint16)": DataType.DATA_TYPE_UINT16,
+    "tensor(uint32)": DataType.DATA_TYPE_UINT32,
+    "tensor(uint64)": DataType.DATA_TYPE_UINT64,
+    "tensor(int8)": DataType.DATA_TYPE_INT8,
+    "tensor(int16)": DataType.DATA_TYPE_INT16,
+    "tensor(int32)": DataType.DATA_TYPE_INT32,
+    "tensor(int64)": DataType.DATA_TYPE_INT64,
+    "tensor(float16)": DataType.DATA_TYPE_FP16,
+    "tensor(bfloat16)": DataType.DATA_TYPE_BF16,
+    "tensor(float)": DataType.DATA_TYPE_FP32,
+    "tensor(double)": DataType.DATA_TYPE_FP64,
+    "tensor(string)": DataType.DATA_TYPE_BYTES,
+}
+
+_OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: int  # ferry.v1 DataType
+    shape: tuple[int, ...]  # -1 for a dynamic (symbolic or unknown) dimension
+
+
+def _spec(node: Any) -> TensorSpec:
+    dtype = ORT_TYPES.get(node.type)
+    if dtype is None:
+        raise InvalidArgument(
+            f"tensor {node.name!r} has type {node.type}, which Ferry cannot serve "
+            f"(supported: {', '.join(sorted(ORT_TYPES))})"
+        )
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (node.shape or ()))
+    return TensorSpec(node.name, dtype, shape)
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+class OrtSession:
+    """A loaded model version: its session, its signature, and how to run it."""
+
+    def __init__(self, path: Path, options: OnnxRuntimeConfig) -> None:
+        providers = [p for p in options.execution_providers if p in available_providers()]
+        missing = [p for p in options.execution_providers if p not in providers]
+        if missing:
+            if not providers:
+                raise InvalidArgument(
+                    f"execution providers {missing} are not available in this onnxruntime "
+                    f"build (available: {available_providers()}); install onnxruntime-gpu for "
+                    "CUDAExecutionProvider or list CPUExecutionProvider"
+                )
+            log.warning("execution providers %s unavailable; using %s", missing, providers)
+        so = ort.SessionOptions()
+        so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.intra_op_num_threads = options.intra_op_threads
+        so.inter_op_num_threads = options.inter_op_threads
+        so.enable_cpu_mem_arena = options.memory_arena
+        so.enable_mem_pattern = options.memory_arena
+        so.log_severity_level = 3
+        if not options.allow_spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.path = path
+        self.session = ort.InferenceSession(os.fspath(path), sess_options=so, providers=providers)
+        self.providers: list[str] = list(self.session.get_providers())
+        self.inputs = [_spec(n) for n in self.session.get_inputs()]
+        self.outputs = [_spec(n) for n in self.session.get_outputs()]
+        self.output_names = [o.name for o in self.outputs]
+        self._run = self.session.run
+
+    def batchable(self) -> bool:
+        """True when every input and output has a dynamic leading dimension: the graph can
+        take concatenated requests."""
+        specs = self.inputs + self.outputs
+        return bool(specs) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
+
+    def run(
+        self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
+    ) -> list[np.ndarray]:
+        """Blocking: call from a worker thread."""
+        names = output_names or self.output_names
+        return self._run(names, feeds)  # type: ignore[no-any-return]
+
+    def warm_up(self, batch_size: int) -> None:
+        """One run with zeros so the first request does not pay for allocation and kernel
+        selection. Dynamic non-batch dims get size 1."""
+        feeds: dict[str, np.ndarray] = {}
+        for spec in self.inputs:
+            shape = [max(d, 1) for d in spec.shape]
+            if batch_size and shape:
+                shape[0] = batch_size
+            if spec.dtype == DataType.DATA_TYPE_BYTES:
+                feeds[spec.name] = np.full(shape, "", dtype=object)
+            else:
+                feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.dtype))
+        self.run(feeds)

@@ -1,0 +1,96 @@
+"""Server settings: one object, filled from defaults, then ``FERRY_*`` environment variables,
+then command-line flags (flags win). Each field documents what it controls."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+MiB = 1 << 20
+
+
+@dataclass
+class Settings:
+    repository: Path = field(
+        default=Path("model-repository"),
+        metadata={"help": "model repository folder: <model>/<version>/model.onnx + <model>/config.toml"},
+    )
+    host: str = field(
+        default="0.0.0.0", metadata={"help": "address of the inference listener (Inference, health)"}
+    )
+    port: int = field(default=8001, metadata={"help": "inference port; 0 picks a free one"})
+    management_host: str = field(
+        default="127.0.0.1",
+        metadata={"help": "address of the management listener (repository load/unload, conversion)"},
+    )
+    management_port: int = field(
+        default=8003, metadata={"help": "management port; 0 picks a free one, -1 disables it"}
+    )
+    metrics_host: str = field(default="0.0.0.0", metadata={"help": "address of the Prometheus endpoint"})
+    metrics_port: int = field(
+        default=8002, metadata={"help": "Prometheus /metrics port; 0 picks a free one, -1 disables it"}
+    )
+    poll_interval: float = field(
+        default=0.0, metadata={"help": "seconds between repository scans; 0 only on request"}
+    )
+    grace_period: float = field(
+        default=10.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"}
+    )
+    max_message_bytes: int = field(
+        default=80 * MiB, metadata={"help": "largest gRPC message accepted or sent (64 MiB tensors fit)"}
+    )
+    max_stream_in_flight: int = field(
+        default=1024, metadata={"help": "requests running at once on one InferStream"}
+    )
+    warm_up: bool = field(default=True, metadata={"help": "run each model once at load"})
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f"FERRY_{f.name.upper()}"
+            if key in env:
+                values[f.name] = _convert(f.type, env[key], key)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def _convert(type_name: Any, raw: str, where: str) -> Any:
+    t = str(type_name)
+    try:
+        if t == "bool":
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if t == "int":
+            return int(raw)
+        if t == "float":
+            return float(raw)
+        if t == "Path":
+            return Path(raw)
+        return raw
+    except ValueError:
+        raise SystemExit(f"ferry: {where}={raw!r} is not a valid {t}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = f"{f.metadata.get('help', '')} (env FERRY_{f.name.upper()}; default {default})"
+        if str(f.type) == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            conv = {"int": int, "float": float, "Path": Path}.get(str(f.type), str)
+            parser.add_argument(flag, type=conv, default=None, help=help_text)
+
+
+def from_args(args: argparse.Namespace) -> Settings:
+    return Settings.from_env(**{f.name: getattr(args, f.name, None) for f in fields(Settings)})

@@ -1,0 +1,79 @@
+"""A real Ferry server on 127.0.0.1 with ephemeral ports, in a background thread with its own
+event loop, for tests and benchmarks. Ready means ``start()`` returned: models are loaded and the
+health status is set; nothing sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+from ferry.server.grpc.app import FerryServer
+from ferry.server.settings import Settings
+
+T = TypeVar("T")
+
+
+class ServerThread:
+    def __init__(self, repository: Path, **settings: Any) -> None:
+        defaults: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "port": 0,
+            "management_host": "127.0.0.1",
+            "management_port": 0,
+            "metrics_host": "127.0.0.1",
+            "metrics_port": 0,
+            "grace_period": 5.0,
+        }
+        defaults.update(settings)
+        self.settings = Settings(repository=repository, **defaults)
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="ferry-test")
+        self.app: FerryServer | None = None
+
+    def call(self, coro_fn: Callable[[], Coroutine[Any, Any, T]], timeout: float = 120) -> T:
+        """Run a coroutine on the server's loop and wait for its result."""
+        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro_fn(), self.loop)
+        return fut.result(timeout)
+
+    def start(self, configure: Callable[[FerryServer], None] | None = None) -> ServerThread:
+        self._thread.start()
+
+        async def _start() -> FerryServer:
+            app = FerryServer(self.settings)
+            if configure is not None:
+                configure(app)
+            await app.start()
+            return app
+
+        self.app = self.call(_start)
+        return self
+
+    @property
+    def target(self) -> str:
+        assert self.app is not None
+        return f"127.0.0.1:{self.app.inference_port}"
+
+    @property
+    def management_target(self) -> str:
+        assert self.app is not None
+        return f"127.0.0.1:{self.app.management_port}"
+
+    def stop(self, grace: float | None = 0.5) -> None:
+        if self.app is not None:
+            app = self.app
+            self.call(lambda: app.stop(grace))
+            self.app = None
+        if self._thread.is_alive():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.close()
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,668 @@
+"""DynamicBatcher: dispatch policy, limits, deadlines, cancellation and shutdown.
+
+Deterministic by construction: batches are held by Event gates inside a fake handler, time is a
+fake clock the test sets, and the only real timers are tiny ones whose firing the test awaits (never
+a sleep followed by an assertion). ``asyncio.timeout`` in ``arun`` is a hang guard, not a check.
+"""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+import inspect
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Any
+
+import pytest
+
+from ferry.server.batching import batcher as batcher_module
+from ferry.server.batching.batcher import BatchInfo, DynamicBatcher
+from ferry.server.errors import (
+    DeadlineExceeded,
+    InternalError,
+    LimitExceeded,
+    QueueFull,
+    Unavailable,
+)
+
+GUARD_S = 20.0
+
+
+def arun(fn: Callable[[], Awaitable[None]]) -> None:
+    async def guarded() -> None:
+        async with asyncio.timeout(GUARD_S):
+            await fn()
+
+    asyncio.run(guarded())
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(pred: Callable[[], bool], spins: int = 1000) -> None:
+    """Yield to the loop until ``pred`` holds: ordering, not time, decides when it does."""
+    for _ in range(spins):
+        if pred():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
+
+
+class Handler:
+    """Records batches; every batch waits on ``gate`` when ``gated`` (released by the test)."""
+
+    def __init__(self, *, gated: bool = False) -> None:
+        self.gated = gated
+        self.gate = asyncio.Event()
+        self.batches: list[list[Any]] = []
+        self.infos: list[BatchInfo] = []
+        self.running = 0
+        self.peak = 0
+
+    @property
+    def items(self) -> list[Any]:
+        return [x for batch in self.batches for x in batch]
+
+    async def __call__(self, items: Sequence[Any], info: BatchInfo) -> list[Any]:
+        self.batches.append(list(items))
+        self.infos.append(info)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            if self.gated:
+                await self.gate.wait()
+        finally:
+            self.running -= 1
+        return [("ok", x) for x in items]
+
+
+def spawn(b: DynamicBatcher[Any, Any], item: Any, **kw: Any) -> asyncio.Task[Any]:
+    return asyncio.get_running_loop().create_task(b.submit(item, **kw))
+
+
+def live_timers(b: DynamicBatcher[Any, Any]) -> list[asyncio.TimerHandle]:
+    """The batcher's pending loop timers (CPython's loop keeps them in ``_scheduled``)."""
+    scheduled = getattr(asyncio.get_running_loop(), "_scheduled", [])
+    return [
+        h
+        for h in scheduled
+        if not h.cancelled() and getattr(getattr(h, "_callback", None), "__self__", None) is b
+    ]
+
+
+# --- dispatch policy ---------------------------------------------------------------------------
+
+
+def test_no_delay_at_low_load() -> None:
+    async def main() -> None:
+        h = Handler()
+        b = DynamicBatcher(h, max_batch_size=8, max_queue_delay=0.0)
+        assert await b.submit("x") == ("ok", "x")
+        assert await b.submit("y") == ("ok", "y")
+        assert h.batches == [["x"], ["y"]]
+        await b.close()
+
+    arun(main)
+
+
+def test_flush_on_size_without_waiting_for_delay() -> None:
+    async def main() -> None:
+        h = Handler()
+        b = DynamicBatcher(h, max_batch_size=4, max_queue_delay=3600.0, clock=FakeClock())
+        tasks = [spawn(b, i) for i in range(5)]
+        results = await asyncio.gather(*tasks[:4])
+        assert results == [("ok", i) for i in range(4)]
+        assert h.batches == [[0, 1, 2, 3]]
+        assert h.infos[0].size == 4
+        assert b.queue_depth == 1  # the fifth waits for company or the delay
+        await b.close()  # draining does not wait out the delay
+        assert await tasks[4] == ("ok", 4)
+        assert h.batches == [[0, 1, 2, 3], [4]]
+
+    arun(main)
+
+
+def test_flush_on_delay_timer() -> None:
+    async def main() -> None:
+        # Frozen clock: only the batcher's own flush timer can dispatch this partial batch.
+        h = Handler()
+        b = DynamicBatcher(h, max_batch_size=8, max_queue_delay=0.005, clock=FakeClock())
+        results = await asyncio.gather(*(b.submit(i) for i in range(3)))
+        assert results == [("ok", 0), ("ok", 1), ("ok", 2)]
+        assert h.batches == [[0, 1, 2]]
+        assert h.infos[0].size == 3
+        await b.close()
+
+    arun(main)
+
+
+def test_delay_counts_from_oldest_item_on_injected_clock() -> None:
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        h = Handler()
+        b = DynamicBatcher(h, max_batch_size=8, max_queue_delay=3600.0, clock=clock)
+        tasks = [spawn(b, "a")]
+        await until(lambda: b.queue_depth == 1)
+        clock.now = 3000.0
+        tasks.append(spawn(b, "b"))
+        await until(lambda: b.queue_depth == 2)
+        clock.now = 3599.5
+        tasks.append(spawn(b, "c"))
+        await until(lambda: b.queue_depth == 3)
+        assert h.batches == []
+        clock.now = 3600.0  # "a" has now waited max_queue_delay: the next event flushes
+        tasks.append(spawn(b, "d"))
+        await asyncio.gather(*tasks)
+        assert h.batches == [["a", "b", "c", "d"]]
+        await b.close()
+
+    arun(main)
+
+
+def test_delay_follows_oldest_across_priorities_and_cancellation() -> None:
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        h = Handler()
+        b = DynamicBatcher(h, max_batch_size=8, max_queue_delay=100.0, clock=clock)
+        old = spawn(b, "a", priority=1)
+        await until(lambda: b.queue_depth == 1)
+        clock.now = 10.0
+        tasks = [spawn(b, "b", priority=0)]
+        await until(lambda: b.queue_depth == 2)
+        clock.now = 50.0
+        old.cancel()  # the oldest leaves: the flush target moves to b's, 110
+        with pytest.raises(asyncio.CancelledError):
+            await old
+        clock.now = 100.0
+        tasks.append(spawn(b, "c", priority=1))
+        await until(lambda: b.queue_depth == 2)
+        assert h.batches == []
+        clock.now = 110.0
+        tasks.append(spawn(b, "d", priority=0))
+        await asyncio.gather(*tasks)
+        assert h.batches == [["b", "d", "c"]]
+        await b.close()
+        assert live_timers(b) == []
+
+    arun(main)
+
+
+def test_lower_priority_oldest_item_bounds_the_delay() -> None:
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        h = Handler()
+        b = DynamicBatcher(h, max_batch_size=8, max_queue_delay=100.0, clock=clock)
+        tasks = [spawn(b, "a", priority=1)]
+        await until(lambda: b.queue_depth == 1)
+        clock.now = 60.0
+        tasks.append(spawn(b, "b", priority=0))
+        await until(lambda: b.queue_depth == 2)
+        clock.now = 100.0
+        tasks.append(spawn(b, "c", priority=0))
+        await asyncio.gather(*tasks)
+        assert h.batches == [["b", "c", "a"]]
+        await b.close()
+
+    arun(main)
+
+
+def test_items_arriving_during_execution_form_the_next_batch() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=8)
+        first = spawn(b, "a")
+        await until(lambda: b.in_flight == 1)
+        rest = [spawn(b, x) for x in "bcd"]
+        await until(lambda: b.queue_depth == 3)
+        assert h.batches == [["a"]]
+        h.gate.set()
+        assert await first == ("ok", "a")
+        assert await asyncio.gather(*rest) == [("ok", "b"), ("ok", "c"), ("ok", "d")]
+        assert h.batches == [["a"], ["b", "c", "d"]]
+        await b.close()
+
+    arun(main)
+
+
+def test_max_batch_size_zero_runs_items_one_by_one() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=0, max_queue_delay=3600.0, clock=FakeClock())
+        tasks = [spawn(b, i) for i in range(4)]
+        await until(lambda: b.queue_depth == 3)
+        h.gate.set()
+        await asyncio.gather(*tasks)
+        assert h.batches == [[0], [1], [2], [3]]
+        assert [i.size for i in h.infos] == [1, 1, 1, 1]
+        await b.close()
+
+    arun(main)
+
+
+def test_max_concurrency_two_runs_two_batches_never_three() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=1, max_concurrency=2)
+        tasks = [spawn(b, i) for i in range(6)]
+        await until(lambda: len(h.batches) == 2)
+        assert b.in_flight == 2
+        assert h.running == 2
+        assert b.queue_depth == 4
+        h.gate.set()
+        await asyncio.gather(*tasks)
+        assert h.peak == 2
+        assert sorted(h.items) == list(range(6))
+        assert b.in_flight == 0
+        await b.close()
+
+    arun(main)
+
+
+@pytest.mark.parametrize(
+    ("max_batch_size", "expected"),
+    [
+        (1, [["p0"], ["p1a"], ["p1b"], ["p3"], ["p5"]]),
+        (3, [["p0", "p1a", "p1b"], ["p3", "p5"]]),
+    ],
+)
+def test_priority_then_fifo(max_batch_size: int, expected: list[list[str]]) -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=max_batch_size)
+        hold = spawn(b, "hold")
+        await until(lambda: b.in_flight == 1)
+        order = [("p5", 5), ("p1a", 1), ("p3", 3), ("p1b", 1), ("p0", 0)]
+        tasks = [spawn(b, name, priority=prio) for name, prio in order]
+        await until(lambda: b.queue_depth == 5)
+        h.gate.set()
+        await asyncio.gather(hold, *tasks)
+        assert h.batches == [["hold"], *expected]
+        await b.close()
+
+    arun(main)
+
+
+def test_batch_key_keeps_incompatible_items_apart() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        key: Callable[[tuple[str, int]], Hashable] = lambda item: item[0]  # noqa: E731
+        b = DynamicBatcher(h, max_batch_size=8, batch_key=key)
+        hold = spawn(b, ("H", 0))
+        await until(lambda: b.in_flight == 1)
+        items = [("A", 1), ("B", 1), ("A", 2), ("B", 2), ("A", 3)]
+        tasks = [spawn(b, x) for x in items]
+        await until(lambda: b.queue_depth == 5)
+        h.gate.set()
+        await asyncio.gather(hold, *tasks)
+        assert h.batches == [[("H", 0)], [("A", 1), ("A", 2), ("A", 3)], [("B", 1), ("B", 2)]]
+        await b.close()
+
+    arun(main)
+
+
+def test_batch_size_of_limits_batches_and_rejects_oversize_items() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        size: Callable[[tuple[str, int]], int] = lambda item: item[1]  # noqa: E731
+        b = DynamicBatcher(h, max_batch_size=4, batch_size_of=size, name="m")
+        hold = spawn(b, ("h", 1))
+        await until(lambda: b.in_flight == 1)
+        items = [("a", 2), ("b", 1), ("c", 2), ("d", 1)]
+        tasks = [spawn(b, x) for x in items]
+        await until(lambda: b.queue_depth == 4)
+        with pytest.raises(LimitExceeded, match=r"5.*max_batch_size 4"):
+            await b.submit(("big", 5))
+        assert b.queue_depth == 4
+        h.gate.set()
+        await asyncio.gather(hold, *tasks)
+        # a+b = 3; c would make 5 > 4, so the batch closes there and c leads the next one.
+        assert h.batches == [[("h", 1)], [("a", 2), ("b", 1)], [("c", 2), ("d", 1)]]
+        assert [i.size for i in h.infos] == [1, 3, 3]
+        await b.close()
+
+    arun(main)
+
+
+# --- limits, deadlines, cancellation ------------------------------------------------------------
+
+
+def test_queue_full_rejects_at_once_and_counts() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=1, max_queue_size=2, name="resnet")
+        running = spawn(b, "a")
+        await until(lambda: b.in_flight == 1)
+        queued = [spawn(b, "b"), spawn(b, "c")]
+        await until(lambda: b.queue_depth == 2)
+        with pytest.raises(QueueFull, match=r"resnet.*max_queue_size=2"):
+            await b.submit("d")  # the gate is still closed: this must not block
+        assert b.rejected == 1
+        assert b.queue_depth == 2
+        h.gate.set()
+        await asyncio.gather(running, *queued)
+        assert "d" not in h.items
+        await b.close()
+
+    arun(main)
+
+
+def test_deadline_already_past_fails_at_once() -> None:
+    async def main() -> None:
+        h = Handler()
+        b = DynamicBatcher(h, max_batch_size=8, clock=FakeClock(100.0))
+        with pytest.raises(DeadlineExceeded):
+            await b.submit("late", deadline=99.5)
+        with pytest.raises(DeadlineExceeded):
+            await b.submit("now", deadline=100.0)
+        assert h.batches == []
+        assert b.queue_depth == 0
+        await b.close()
+
+    arun(main)
+
+
+def test_deadline_expires_while_queued_by_timer() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=8, clock=FakeClock(0.0))
+        running = spawn(b, "a")
+        await until(lambda: b.in_flight == 1)
+        doomed = spawn(b, "b", deadline=0.002)  # a real 2 ms timer: the clock never moves
+        other = spawn(b, "c")
+        await until(lambda: b.queue_depth == 2)
+        with pytest.raises(DeadlineExceeded):
+            await doomed  # failed by the timer while the only slot is still busy
+        assert b.expired == 1
+        assert b.queue_depth == 1
+        assert b.in_flight == 1
+        h.gate.set()
+        await asyncio.gather(running, other)
+        assert h.batches == [["a"], ["c"]]
+        await b.close()
+
+    arun(main)
+
+
+def test_deadline_rechecked_at_batch_formation() -> None:
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=8, clock=clock)
+        running = spawn(b, "a")
+        await until(lambda: b.in_flight == 1)
+        doomed = spawn(b, "b", deadline=60.0)  # its timer is a real minute away
+        other = spawn(b, "c")
+        await until(lambda: b.queue_depth == 2)
+        clock.now = 61.0
+        h.gate.set()
+        await asyncio.gather(running, other)
+        with pytest.raises(DeadlineExceeded):
+            await doomed
+        assert b.expired == 1
+        assert h.batches == [["a"], ["c"]]
+        await b.close()
+        assert live_timers(b) == []
+
+    arun(main)
+
+
+def test_cancelled_while_queued_is_removed_and_never_run() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=8)
+        running = spawn(b, "a")
+        await until(lambda: b.in_flight == 1)
+        gone = spawn(b, "b", deadline=1e12)
+        kept = spawn(b, "c")
+        await until(lambda: b.queue_depth == 2)
+        assert len(live_timers(b)) == 1  # the deadline timer, cancelled with the item
+        gone.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert b.queue_depth == 1
+        h.gate.set()
+        await asyncio.gather(running, kept)
+        assert h.batches == [["a"], ["c"]]
+        await b.close()
+        assert live_timers(b) == []
+
+    arun(main)
+
+
+def test_cancelled_while_executing_batch_completes_for_others() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=2, max_queue_delay=3600.0, clock=FakeClock())
+        x, y = spawn(b, "x"), spawn(b, "y")
+        await until(lambda: b.in_flight == 1)
+        x.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await x
+        h.gate.set()
+        assert await y == ("ok", "y")
+        assert h.batches == [["x", "y"]]
+        await b.close()
+
+    arun(main)
+
+
+def test_many_cancellations_keep_depth_exact_and_order() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=1, max_queue_size=1000)
+        hold = spawn(b, -1)
+        await until(lambda: b.in_flight == 1)
+        tasks = {i: spawn(b, i, priority=i % 2) for i in range(300)}
+        await until(lambda: b.queue_depth == 300)
+        for i, t in tasks.items():
+            if i % 3:
+                t.cancel()
+        for i, t in tasks.items():
+            if i % 3:
+                with pytest.raises(asyncio.CancelledError):
+                    await t
+        assert b.queue_depth == 100
+        h.gate.set()
+        await asyncio.gather(hold, *(t for i, t in tasks.items() if i % 3 == 0))
+        expected = sorted((i for i in range(300) if i % 3 == 0), key=lambda i: (i % 2, i))
+        assert h.items == [-1, *expected]
+        assert b.queue_depth == 0
+        await b.close()
+
+    arun(main)
+
+
+# --- handler contract ---------------------------------------------------------------------------
+
+
+def test_handler_exception_fans_out_to_its_batch_only() -> None:
+    async def main() -> None:
+        boom = ValueError("boom")
+
+        async def handler(items: Sequence[str], info: BatchInfo) -> list[str]:
+            if "bad" in items:
+                raise boom
+            return [s.upper() for s in items]
+
+        b = DynamicBatcher(
+            handler,
+            max_batch_size=2,
+            max_concurrency=2,
+            max_queue_delay=3600.0,
+            clock=FakeClock(),
+        )
+        tasks = [spawn(b, s) for s in ("bad", "x", "y", "z")]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert results[0] is boom
+        assert results[1] is boom
+        assert results[2:] == ["Y", "Z"]
+        assert await asyncio.gather(b.submit("p"), b.submit("q")) == ["P", "Q"]
+        await b.close()
+
+    arun(main)
+
+
+def test_result_count_mismatch_is_internal_error_for_all() -> None:
+    async def main() -> None:
+        async def handler(items: Sequence[str], info: BatchInfo) -> list[str]:
+            return []
+
+        b = DynamicBatcher(handler, max_batch_size=2, max_queue_delay=3600.0, clock=FakeClock())
+        results = await asyncio.gather(b.submit("a"), b.submit("b"), return_exceptions=True)
+        for r in results:
+            assert isinstance(r, InternalError)
+            assert "handler returned 0 results for 2 items" in str(r)
+        assert results[0] is results[1]
+        await b.close()
+
+    arun(main)
+
+
+def test_batch_info_queue_ns_per_item() -> None:
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=8, clock=clock)
+        first = spawn(b, "a")
+        await until(lambda: b.in_flight == 1)
+        clock.now = 1.0
+        second = spawn(b, "b")
+        await until(lambda: b.queue_depth == 1)
+        clock.now = 1.5
+        third = spawn(b, "c")
+        await until(lambda: b.queue_depth == 2)
+        clock.now = 2.0
+        h.gate.set()
+        await asyncio.gather(first, second, third)
+        assert h.infos[0] == BatchInfo(queue_ns=[0], size=1)
+        assert h.infos[1] == BatchInfo(queue_ns=[1_000_000_000, 500_000_000], size=2)
+        for info, batch in zip(h.infos, h.batches, strict=True):
+            assert len(info.queue_ns) == len(batch)
+            assert all(ns >= 0 for ns in info.queue_ns)
+        await b.close()
+
+    arun(main)
+
+
+def test_no_timer_without_deadline() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=8)
+        tasks = [spawn(b, i) for i in range(3)]
+        await until(lambda: b.queue_depth == 2)
+        assert live_timers(b) == []
+        h.gate.set()
+        await asyncio.gather(*tasks)
+        await b.close()
+
+    arun(main)
+
+
+# --- close --------------------------------------------------------------------------------------
+
+
+def test_close_drain_completes_queued_and_running_items() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=2, max_queue_delay=3600.0, clock=FakeClock())
+        tasks = [spawn(b, i) for i in range(5)]
+        await until(lambda: b.in_flight == 1 and b.queue_depth == 3)
+        closing = asyncio.get_running_loop().create_task(b.close(drain=True))
+        await until(lambda: b.closed)
+        with pytest.raises(Unavailable, match="is closed"):
+            await b.submit(99)
+        assert not closing.done()
+        h.gate.set()
+        await closing
+        assert [await t for t in tasks] == [("ok", i) for i in range(5)]
+        assert h.batches == [[0, 1], [2, 3], [4]]
+        assert b.queue_depth == 0 and b.in_flight == 0
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+        assert live_timers(b) == []
+
+    arun(main)
+
+
+def test_close_without_drain_fails_queued_and_waits_for_running() -> None:
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=1, name="m")
+        running = spawn(b, "a")
+        await until(lambda: b.in_flight == 1)
+        queued = [spawn(b, "b", deadline=1e12), spawn(b, "c")]
+        await until(lambda: b.queue_depth == 2)
+        closing = asyncio.get_running_loop().create_task(b.close(drain=False))
+        for t in queued:
+            with pytest.raises(Unavailable):
+                await t
+        assert b.queue_depth == 0
+        assert not closing.done()
+        h.gate.set()
+        await closing
+        assert await running == ("ok", "a")
+        assert h.batches == [["a"]]
+        await b.close()  # idempotent
+        await b.close(drain=False)
+        assert asyncio.all_tasks() == {asyncio.current_task()}
+        assert live_timers(b) == []
+
+    arun(main)
+
+
+def test_submit_after_close_raises_unavailable() -> None:
+    async def main() -> None:
+        b = DynamicBatcher(Handler(), max_batch_size=4, name="m")
+        await b.close()
+        assert b.closed
+        with pytest.raises(Unavailable, match=r"batcher 'm' is closed"):
+            await b.submit("x")
+
+    arun(main)
+
+
+def test_bound_to_the_loop_of_its_first_submit() -> None:
+    b = DynamicBatcher(Handler(), max_batch_size=4)
+
+    async def use() -> None:
+        assert await b.submit(1) == ("ok", 1)
+
+    asyncio.run(use())
+    with pytest.raises(RuntimeError, match="another event loop"):
+        asyncio.run(use())
+
+
+# --- construction and layering ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_batch_size": 4, "max_queue_size": 0},
+        {"max_batch_size": -1},
+        {"max_batch_size": 4, "max_concurrency": 0},
+        {"max_batch_size": 4, "max_queue_delay": -0.1},
+    ],
+)
+def test_invalid_configuration_raises_value_error(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        DynamicBatcher(Handler(), **kwargs)
+
+
+def test_module_imports_only_stdlib_and_domain_errors() -> None:
+    tree = ast.parse(inspect.getsource(batcher_module))
+    roots = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            roots.add(node.module.split(".")[0])
+    assert roots.isdisjoint({"numpy", "onnxruntime", "grpc", "onnx"})
+    assert roots <= {"__future__", "asyncio", "bisect", "time", "collections", "dataclasses"} | {
+        "typing",
+        "ferry",
+    }
