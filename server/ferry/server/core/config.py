@@ -119,6 +119,33 @@ def load_config(model_dir: Path) -> ModelConfig:
     return parse_config(raw, where=f"{model_dir.name}/{path.name}")
 
 
+def apply_version_config(base: ModelConfig, version_dir: Path) -> ModelConfig:
+    """A version may carry its own ``config.json``/``config.toml`` (a conversion job writes the
+    serving config it was asked for there): its batching, instances and onnxruntime sections
+    override the model's, key by key. Version policy and default version stay model-level."""
+    path = find_config_file(version_dir)
+    if path is None:
+        return base
+    where = f"{version_dir.parent.name}/{version_dir.name}/{path.name}"
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+    except (OSError, ValueError) as exc:
+        raise InvalidArgument(f"{where} cannot be parsed: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{where} must hold a table/object")
+    allowed = {"batching", "instances", "onnxruntime"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise InvalidArgument(f"{where}: a version config may only set {sorted(allowed)}, not {unknown}")
+    merged = config_to_dict(base)
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise InvalidArgument(f"{where}: [{section}] must be a table")
+        merged[section] = {**merged.get(section, {}), **values}
+    return parse_config(merged, where=where)
+
+
 def parse_config(raw: dict[str, Any], *, where: str = "config") -> ModelConfig:
     raw = dict(raw)
     policy = _parse_policy(raw.pop("version_policy", None), where)

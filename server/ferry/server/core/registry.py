@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ferry.server.core.config import ModelConfig, load_config
+from ferry.server.core.config import ModelConfig, apply_version_config, load_config
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.repository import MODEL_FILE, ModelRepository
 from ferry.server.errors import (
@@ -263,6 +263,7 @@ class ModelRegistry:
     def _create(self, name: str, version: int, path: Path, config: ModelConfig) -> LoadedVersion:
         if not path.is_file():
             raise ModelNotReady(f"{name}/{version}/{MODEL_FILE} is missing")
+        config = apply_version_config(config, path.parent)
         session = OrtSession(path, config.onnxruntime)
         if config.batching.max_batch_size is None:
             config = config.with_max_batch_size(32 if session.batchable() else 0)

@@ -1,0 +1,130 @@
+"""The contract between the server (torch-free) and the conversion child process (torch).
+
+The server validates a ``Job`` and writes it as JSON; the child (``ferry.server.convert.child``)
+reads it, writes ``model.onnx`` and ``report.json`` into ``Job.work_dir``, and streams
+``ProgressEvent`` JSON lines on the file descriptor it is given. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SOURCE_FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript")
+CODE_BEARING_FORMATS = ("exported_program", "torchscript")
+PRUNING_METHODS = ("none", "l1_unstructured", "global_unstructured", "structured")
+QUANTIZATION_MODES = ("none", "dynamic_int8", "static_int8", "fp16", "auto")
+CALIBRATION_METHODS = ("minmax", "percentile")
+STAGES = (
+    "queued", "load", "prune", "export", "check", "optimize", "quantize", "validate",
+    "benchmark", "publish", "done",
+)
+
+
+@dataclass
+class InputSpec:
+    name: str
+    datatype: str  # "FP32", "INT64", ... (Open Inference Protocol names)
+    shape: list[int]  # -1: dynamic; the first dim is the batch dim when batching
+
+
+@dataclass
+class PruningSpec:
+    method: str = "none"
+    amount: float = 0.0  # fraction of weights (unstructured) or channels (structured) removed
+
+
+@dataclass
+class QuantizationSpec:
+    mode: str = "none"
+    calibration: str = "minmax"
+    per_channel: bool = True
+    calibration_file: str = ""  # .npz in the job folder: input name -> [N, ...] samples
+    keep_slower: bool = False  # auto: allow publishing a variant slower than fp32
+
+
+@dataclass
+class ValidationSpec:
+    rtol: float = 1e-3
+    atol: float = 1e-4
+    samples: int = 16  # generated from the input specs when no sample file is given
+    sample_file: str = ""  # .npz: input name -> [N, ...]
+    reference_file: str = ""  # .npz: output name -> [N, ...], the client's own PyTorch outputs
+    min_cosine: float = 0.99  # accuracy budget for pruned/quantized variants vs fp32
+    min_top1_agreement: float = 0.0  # for classifier logits; 0 disables
+    keep_failed: bool = False  # publish a variant below the budget anyway (report says so)
+
+
+@dataclass
+class ConversionSpec:
+    inputs: list[InputSpec] = field(default_factory=list)  # required unless the source carries them
+    opset: int = 20
+    pruning: PruningSpec = field(default_factory=PruningSpec)
+    quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
+    validation: ValidationSpec = field(default_factory=ValidationSpec)
+    max_batch_size: int = 32  # exported dynamic batch is verified at 1 and this size
+    serving_config: dict[str, Any] = field(default_factory=dict)  # written as <version>/config.json
+
+
+@dataclass
+class Job:
+    job_id: str
+    model: str
+    source_path: str  # absolute path of the uploaded bytes
+    source_format: str
+    source_sha256: str
+    architecture: str = ""  # for state_dict / safetensors
+    architecture_kwargs: dict[str, Any] = field(default_factory=dict)
+    spec: ConversionSpec = field(default_factory=ConversionSpec)
+    work_dir: str = ""  # the child writes model.onnx + report.json here
+    allow_code_formats: bool = False
+
+
+@dataclass
+class ProgressEvent:
+    stage: str
+    fraction: float  # 0..1 over the whole job
+    message: str = ""
+    error_kind: str = ""  # set on the last event of a failed job (an ErrorKind value)
+
+
+def to_json(obj: Any) -> str:
+    return json.dumps(dataclasses.asdict(obj), sort_keys=True)
+
+
+def job_from_json(text: str) -> Job:
+    raw = json.loads(text)
+    spec = raw.pop("spec", {})
+    return Job(**raw, spec=spec_from_dict(spec))
+
+
+def spec_from_dict(raw: dict[str, Any]) -> ConversionSpec:
+    raw = dict(raw)
+    return ConversionSpec(
+        inputs=[InputSpec(**i) for i in raw.pop("inputs", [])],
+        pruning=PruningSpec(**raw.pop("pruning", {})),
+        quantization=QuantizationSpec(**raw.pop("quantization", {})),
+        validation=ValidationSpec(**raw.pop("validation", {})),
+        **raw,
+    )
+
+
+# The report (report.json, stored beside model.onnx and in the job store). Keys, all optional
+# except "variants" and "published":
+# {
+#   "exporter": "torch.onnx.export(dynamo=True)", "opset": 20, "torch": "2.13.0",
+#   "onnx": "1.23.2", "onnxruntime": "1.32.0", "source_sha256": "...", "source_format": "...",
+#   "pruning": {"method": ..., "amount": ..., "sparsity": 0.5, "fine_tuned": false,
+#               "params_before": N, "params_after": N},
+#   "parity": {"max_abs": f, "mean_abs": f, "cosine": f, "samples": N, "against": "pytorch"},
+#   "stages": {"load": seconds, "export": seconds, ...},
+#   "variants": [ {"name": "fp32" | "dynamic_int8" | "static_int8" | "fp16",
+#                  "size_bytes": N, "gzip_bytes": N, "sparsity": f,
+#                  "latency_ms": {"1": f, "32": f}, "speedup_vs_fp32": {"1": f, "32": f},
+#                  "vs_fp32": {"max_abs": f, "mean_abs": f, "cosine": f, "top1_agreement": f|null},
+#                  "vs_pytorch": {...same...}, "within_budget": bool, "published": bool,
+#                  "note": "..."} ],
+#   "published": "fp32"            # the variant written as model.onnx
+# }
