@@ -501,7 +501,7 @@ def test_handler_exception_fans_out_to_its_batch_only() -> None:
         assert results[0] is boom
         assert results[1] is boom
         assert results[2:] == ["Y", "Z"]
-        assert await asyncio.gather(b.submit("p"), b.submit("q")) == ["P", "Q"]
+        assert list(await asyncio.gather(b.submit("p"), b.submit("q"))) == ["P", "Q"]
         await b.close()
 
     arun(main)
@@ -655,7 +655,7 @@ def test_invalid_configuration_raises_value_error(kwargs: dict[str, Any]) -> Non
 
 def test_module_imports_only_stdlib_and_domain_errors() -> None:
     tree = ast.parse(inspect.getsource(batcher_module))
-    roots = set()
+    roots: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             roots.update(a.name.split(".")[0] for a in node.names)

@@ -182,13 +182,13 @@ class DynamicBatcher(Generic[T, R]):
         key = _ALL if self._key_of is None else self._key_of(item)
         future: asyncio.Future[R] = loop.create_future()
         entry = _Entry(item, size, key, now, future, deadline=deadline)
+        self._units[key] = self._units.get(key, 0) + size  # first: an unhashable key fails here
         queue = self._queues.get(priority)
         if queue is None:
             queue = self._queues[priority] = deque()
             bisect.insort(self._prios, priority)
         queue.append(entry)
         self._depth += 1
-        self._units[key] = self._units.get(key, 0) + size
         if deadline is not None:
             entry.timer = loop.call_later(deadline - now, self._on_deadline, entry)
         self._pump()
