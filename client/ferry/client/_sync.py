@@ -181,7 +181,10 @@ class RepositoryClient:
     def refresh(self) -> rpb.RefreshResponse:
         """Re-scan the repository folder; returns what was loaded, unloaded and failed."""
         try:
-            return self._stub.Refresh(rpb.RefreshRequest(), timeout=self.timeout)
+            response: rpb.RefreshResponse = self._stub.Refresh(
+                rpb.RefreshRequest(), timeout=self.timeout
+            )
+            return response
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +131,7 @@ def write_model(
     return repo.model_file(name, version)
 
 
-DEFAULT_EXAMPLES = {
+DEFAULT_EXAMPLES: dict[str, Callable[[], onnx.ModelProto]] = {
     "seed": seed_model,
     "mlp": mlp_model,
 }

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ferry.codec import datatype_name
+from ferry.codec import DataType, datatype_name
 from ferry.server.batching.tensors import batch_key
 from ferry.server.core.loaded import LoadedVersion, Work
 from ferry.server.core.registry import ModelRegistry
@@ -53,7 +53,9 @@ class DataPlane:
         self.registry = registry
         self.limits = limits or Limits()
 
-    async def infer(self, request: InferenceRequest, *, deadline: float | None = None) -> InferenceResult:
+    async def infer(
+        self, request: InferenceRequest, *, deadline: float | None = None
+    ) -> InferenceResult:
         """``deadline`` is absolute on ``time.monotonic()`` (the call's own gRPC deadline)."""
         lv = self.registry.get(request.model, request.version)
         work = self._validate(lv, request)
@@ -98,11 +100,10 @@ class DataPlane:
                 parts.append(f"missing inputs {missing}")
             if unexpected:
                 parts.append(f"unexpected inputs {[_short(n) for n in unexpected]}")
-            raise InvalidInput(
-                f"{where}: {'; '.join(parts)}; it takes {lv.input_names}"
-            )
+            raise InvalidInput(f"{where}: {'; '.join(parts)}; it takes {lv.input_names}")
         batch: int | None = None
         elements = 0
+        feeds = dict(inputs)
         for name, spec in lv.input_specs.items():
             arr = inputs[name]
             expected_dtype = lv.input_numpy[name]
@@ -113,12 +114,14 @@ class DataPlane:
                 )
             shape = arr.shape
             if len(shape) != len(spec.shape) or any(
-                d != -1 and d != s for d, s in zip(spec.shape, shape, strict=True)
+                d not in (-1, s) for d, s in zip(spec.shape, shape, strict=True)
             ):
                 raise InvalidInput(
                     f"{where}: input {name!r} must have shape {_show(spec.shape)}, got "
                     f"{list(shape)}"
                 )
+            if spec.dtype == DataType.DATA_TYPE_BYTES:
+                feeds[name] = _as_text(arr, f"{where}: input {name!r}")
             elements += arr.size
             if lv.max_batch_size > 0:
                 if batch is None:
@@ -154,8 +157,33 @@ class DataPlane:
                     f"{where}: unknown outputs {[_short(o) for o in unknown]}; it has "
                     f"{lv.output_names}"
                 )
-        key = batch_key(inputs, lv.input_names) if lv.max_batch_size > 0 else ()
-        return Work(dict(inputs), outputs, batch or 1, key)
+        key = batch_key(feeds, lv.input_names) if lv.max_batch_size > 0 else ()
+        return Work(feeds, outputs, batch or 1, key)
+
+
+def _as_text(arr: np.ndarray, where: str) -> np.ndarray:
+    """BYTES elements as ``str``. onnxruntime's Python binding feeds a ``bytes`` element of a
+    string tensor as its repr (``b"ab"`` becomes ``"b'ab'"``), silently corrupting the input, and
+    its string tensors hold UTF-8 text. Decoding here, per request, makes a non-UTF-8 element
+    this request's INVALID_ARGUMENT instead of its whole batch's failure."""
+    out = np.empty(arr.shape, dtype=object)
+    flat = out.reshape(-1)  # a view: writing it fills ``out``
+    for index, element in enumerate(arr.reshape(-1)):
+        if isinstance(element, str):
+            flat[index] = element
+        elif isinstance(element, bytes | bytearray):
+            try:
+                flat[index] = bytes(element).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(
+                    f"{where}: BYTES element {index} is not valid UTF-8 ({exc.reason} at byte "
+                    f"{exc.start}); onnxruntime string tensors hold UTF-8 text"
+                ) from None
+        else:
+            raise InvalidInput(
+                f"{where}: BYTES element {index} must be bytes or str, got {type(element).__name__}"
+            )
+    return out
 
 
 def _show(shape: Sequence[int]) -> str:

@@ -19,6 +19,7 @@ from ferry.server.core.stats import Duration, VersionStats
 from ferry.server.errors import InvalidArgument
 from ferry.server.grpc._base import call_deadline, translate_errors
 from ferry.server.grpc.status import status_of
+from ferry.server.runtime.session import TensorSpec
 
 STATE = {
     State.LOADING: pb.MODEL_STATE_LOADING,
@@ -66,6 +67,14 @@ def to_response(result: InferenceResult) -> pb.InferResponse:
     )
 
 
+def _tensor_metadata(spec: TensorSpec) -> tensor_pb2.TensorMetadata:
+    return tensor_pb2.TensorMetadata(
+        name=spec.name,
+        dtype=spec.dtype,  # type: ignore[arg-type]  # a DataType value held as int
+        shape=spec.shape,
+    )
+
+
 def metadata_of(lv: LoadedVersion, versions: list[int], default: int | None) -> pb.ModelMetadata:
     b = lv.config.batching
     return pb.ModelMetadata(
@@ -74,9 +83,9 @@ def metadata_of(lv: LoadedVersion, versions: list[int], default: int | None) -> 
         versions=versions,
         default_version=default or 0,
         platform="onnxruntime_onnx",
-        inputs=[tensor_pb2.TensorMetadata(name=s.name, dtype=s.dtype, shape=s.shape) for s in lv.inputs],
+        inputs=[_tensor_metadata(s) for s in lv.inputs],
         outputs=[
-            tensor_pb2.TensorMetadata(name=s.name, dtype=s.dtype, shape=s.shape) for s in lv.outputs
+            _tensor_metadata(s) for s in lv.outputs
         ],
         batching=pb.BatchingPolicy(
             max_batch_size=lv.max_batch_size,

@@ -112,7 +112,7 @@ class OrtSession:
     ) -> list[np.ndarray]:
         """Blocking: call from a worker thread."""
         names = output_names or self.output_names
-        return self._run(names, feeds)  # type: ignore[no-any-return]
+        return self._run(names, feeds)
 
     def warm_up(self, batch_size: int) -> None:
         """One run with zeros so the first request does not pay for allocation and kernel
