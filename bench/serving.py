@@ -30,10 +30,10 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from models import SHAPES, build  # noqa: E402
+from models import SHAPES, build
 
-from ferry.proto.v1 import inference_pb2 as pb  # noqa: E402
-from ferry.proto.v1 import tensor_pb2  # noqa: E402
+from ferry.proto.v1 import inference_pb2 as pb
+from ferry.proto.v1 import tensor_pb2
 
 INFER = "/ferry.v1.Inference/Infer"
 HERE = Path(__file__).parent

@@ -3,15 +3,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from serverutil import ServerThread  # noqa: E402
+from helpers import StartServer
+from serverutil import ServerThread
 
-from ferry.server.core.repository import ModelRepository  # noqa: E402
-from ferry.server.examples import identity_model, mlp_model, two_io_model, write_model  # noqa: E402
+from ferry.client import InferenceClient
+from ferry.server.core.repository import ModelRepository
+from ferry.server.examples import identity_model, mlp_model, two_io_model, write_model
 
 
 @pytest.fixture
@@ -29,3 +32,26 @@ def repo_path(tmp_path: Path) -> Path:
 def server(repo_path: Path) -> Iterator[ServerThread]:
     with ServerThread(repo_path) as srv:
         yield srv
+
+
+@pytest.fixture
+def client(server: ServerThread) -> Iterator[InferenceClient]:
+    """An SDK client of ``server``; the timeout only guards against a hang."""
+    with InferenceClient(server.target, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def start_server() -> Iterator[StartServer]:
+    """Start servers on other repositories or settings: ``start_server(repo, poll_interval=1)``.
+    Every server started here is stopped (after opening its execution gates) at teardown."""
+    started: list[ServerThread] = []
+
+    def start(repository: Path, **settings: Any) -> ServerThread:
+        srv = ServerThread(repository, **settings)
+        started.append(srv)
+        return srv.start()
+
+    yield start
+    for srv in reversed(started):
+        srv.stop()

@@ -31,8 +31,16 @@ class ServerThread:
         defaults.update(settings)
         self.settings = Settings(repository=repository, **defaults)
         self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="ferry-test")
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="ferry-test"
+        )
         self.app: FerryServer | None = None
+        self._before_stop: list[Callable[[], None]] = []
+
+    def before_stop(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` first thing in ``stop()``: a test's execution gate must open before the
+        server drains its queues, or the drain would wait on an execution that never ends."""
+        self._before_stop.append(fn)
 
     def call(self, coro_fn: Callable[[], Coroutine[Any, Any, T]], timeout: float = 120) -> T:
         """Run a coroutine on the server's loop and wait for its result."""
@@ -63,6 +71,8 @@ class ServerThread:
         return f"127.0.0.1:{self.app.management_port}"
 
     def stop(self, grace: float | None = 0.5) -> None:
+        for fn in self._before_stop:
+            fn()
         if self.app is not None:
             app = self.app
             self.call(lambda: app.stop(grace))

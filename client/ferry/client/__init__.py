@@ -6,6 +6,24 @@ already has torch, but this package never imports torch or onnxruntime.
 
 from __future__ import annotations
 
+from ferry.client._async import AsyncInferenceClient
+from ferry.client._channel import ChannelConfig, TLSConfig
+from ferry.client._conversion import ConversionClient, Job, JobFailedError
+from ferry.client._conversion_types import (
+    InputSpec,
+    ModelInfo,
+    Parity,
+    ProgressEvent,
+    Pruning,
+    PruningReport,
+    Quantization,
+    Report,
+    Serving,
+    Upload,
+    Validation,
+    VariantReport,
+    VersionInfo,
+)
 from ferry.client._errors import (
     AlreadyExistsError,
     AuthenticationError,
@@ -27,6 +45,8 @@ from ferry.client._errors import (
     UnavailableError,
     UnimplementedError,
 )
+from ferry.client._retry import RetryPolicy
+from ferry.client._stream import AsyncInferStream, InferStream
 from ferry.client._sync import InferenceClient, RepositoryClient
 from ferry.client._types import (
     BatchingPolicy,
@@ -41,32 +61,54 @@ from ferry.client._types import (
 
 __all__ = [
     "AlreadyExistsError",
+    "AsyncInferStream",
+    "AsyncInferenceClient",
     "AuthenticationError",
     "BatchingPolicy",
     "CancelledError",
+    "ChannelConfig",
     "ConnectionError_",
+    "ConversionClient",
     "ConversionError",
     "DeadlineExceededError",
     "DurationStat",
     "FerryError",
     "InferResult",
+    "InferStream",
     "InferenceClient",
+    "InputSpec",
     "InvalidInputError",
+    "Job",
+    "JobFailedError",
     "JobNotFoundError",
     "LimitExceededError",
+    "ModelInfo",
     "ModelMetadata",
     "ModelNotFoundError",
     "ModelNotReadyError",
     "ModelStatistics",
     "ModelVersionStatus",
     "NotFoundError",
+    "Parity",
     "PermissionDeniedError",
+    "ProgressEvent",
+    "Pruning",
+    "PruningReport",
+    "Quantization",
+    "Report",
     "RepositoryClient",
     "ResourceExhaustedError",
+    "RetryPolicy",
     "ServerError",
     "ServerOverloadedError",
+    "Serving",
+    "TLSConfig",
     "TensorInfo",
     "Timings",
     "UnavailableError",
     "UnimplementedError",
+    "Upload",
+    "Validation",
+    "VariantReport",
+    "VersionInfo",
 ]

@@ -54,7 +54,7 @@ class FerryError(Exception):
         return f"{code}{self.message}"
 
 
-class ConnectionError_(FerryError):  # noqa: N801 - avoid shadowing the builtin
+class ConnectionError_(FerryError):
     retryable = True
 
 

@@ -3,23 +3,32 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from ferry.client import _health
+from ferry.client._channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ChannelConfig,
+    TLSConfig,
+    create_channel,
+)
 from ferry.client._errors import from_rpc_error
 from ferry.client._requests import (
     ArrayLike,
-    build_infer_request,
-    channel_options,
+    encode_infer_request,
+    input_dtypes,
+    needs_dtypes,
     parse_infer_response,
     parse_list_models,
     parse_metadata,
     parse_statistics,
 )
+from ferry.client._retry import RetryPolicy, call_with_retry
+from ferry.client._stream import DEFAULT_MAX_IN_FLIGHT, InferStream, InputItem, StreamResult
 from ferry.client._types import (
     InferResult,
     ModelMetadata,
@@ -32,19 +41,14 @@ from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 from ferry.proto.v1 import repository_pb2 as rpb
 from ferry.proto.v1 import repository_pb2_grpc as rpb_grpc
 
-DEFAULT_MAX_MESSAGE_BYTES = 80 * 1024 * 1024
+__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_RETRY", "InferenceClient", "RepositoryClient"]
 
+R = TypeVar("R")
 
-def _channel(
-    target: str,
-    credentials: grpc.ChannelCredentials | None,
-    max_message_bytes: int,
-    options: Sequence[tuple[str, Any]],
-) -> grpc.Channel:
-    opts = channel_options(max_message_bytes, options)
-    if credentials is not None:
-        return grpc.secure_channel(target, credentials, options=opts)
-    return grpc.insecure_channel(target, options=opts)
+# Inference and the read-only RPCs are idempotent, so the inference clients retry by default.
+DEFAULT_RETRY = RetryPolicy()
+INFER_METHOD = "/ferry.v1.Inference/Infer"
+STREAM_METHOD = "/ferry.v1.Inference/InferStream"
 
 
 class InferenceClient:
@@ -55,28 +59,81 @@ class InferenceClient:
     ...     out["logits"].shape
     (1, 10)
 
-    ``timeout`` is the default per-call deadline in seconds (None: no deadline).
+    ``timeout`` is the default per-call deadline in seconds (None: no deadline); it is the budget
+    of the whole call, retries and their pauses included. ``retry`` retries UNAVAILABLE and
+    RESOURCE_EXHAUSTED with exponential backoff (``RetryPolicy.disabled()`` turns it off).
+    ``target`` may list several ``IP:PORT`` endpoints, balanced round-robin. ``tls``, ``token``,
+    keepalive and message-size options are described in :class:`ChannelConfig`.
     """
 
     def __init__(
         self,
-        target: str = "127.0.0.1:8001",
+        target: str | Sequence[str] = "127.0.0.1:8001",
         *,
         timeout: float | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
+        keepalive_time: float | None = None,
+        keepalive_timeout: float | None = None,
+        load_balancing: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.target = target
         self.timeout = timeout
-        self._channel = _channel(target, credentials, max_message_bytes, options)
+        self.retry = retry
+        self.channel_config = ChannelConfig(
+            target,
+            tls=tls,
+            token=token,
+            credentials=credentials,
+            max_message_bytes=max_message_bytes,
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
+            load_balancing=load_balancing,
+            options=options,
+        )
+        self._metadata = self.channel_config.call_metadata()
+        self._dtypes: dict[tuple[str, int], dict[str, Any]] = {}
+        self._channel = create_channel(self.channel_config)
         self._stub = pb_grpc.InferenceStub(self._channel)
+        # Requests are serialized by encode_infer_request (one copy of the tensors), so these
+        # two send bytes as they are.
+        self._infer = self._channel.unary_unary(
+            INFER_METHOD, request_serializer=None, response_deserializer=pb.InferResponse.FromString
+        )
+        self._infer_stream = self._channel.stream_stream(
+            STREAM_METHOD,
+            request_serializer=None,
+            response_deserializer=pb.InferStreamResponse.FromString,
+        )
         self._health = self._channel.unary_unary(
             _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
         )
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout
+
+    def _call(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
+        """One idempotent RPC with retries, translated errors and the call metadata."""
+
+        def attempt(remaining: float | None) -> R:
+            try:
+                return method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+
+        return call_with_retry(attempt, self.retry, self._timeout(timeout))
+
+    def _input_dtypes(self, model: str, version: int | None) -> dict[str, Any]:
+        """The model's input dtypes, for list and scalar inputs; fetched once per model."""
+        key = (model, version or 0)
+        dtypes = self._dtypes.get(key)
+        if dtypes is None:
+            dtypes = self._dtypes[key] = input_dtypes(self.model_metadata(model, version=version))
+        return dtypes
 
     def infer(
         self,
@@ -89,17 +146,19 @@ class InferenceClient:
         priority: int = 0,
         request_id: str = "",
     ) -> InferResult:
-        """Run one inference. ``timeout`` bounds the whole call (queueing included)."""
+        """Run one inference. ``timeout`` bounds the whole call (queueing included).
+
+        Inputs are numpy arrays, torch tensors, or Python lists and scalars; the latter take the
+        dtype the model declares (fetched once per model), since numpy would guess float64.
+        """
+        dtypes = self._input_dtypes(model, version) if needs_dtypes(inputs) else None
         t0 = time.perf_counter()
-        request = build_infer_request(
+        request = encode_infer_request(
             model, inputs, version=version, outputs=outputs, priority=priority,
-            request_id=request_id,
+            request_id=request_id, dtypes=dtypes,
         )
         t1 = time.perf_counter()
-        try:
-            response = self._stub.Infer(request, timeout=self._timeout(timeout))
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        response = self._call(self._infer, request, timeout)
         t2 = time.perf_counter()
         result = parse_infer_response(response)
         t3 = time.perf_counter()
@@ -109,44 +168,83 @@ class InferenceClient:
     def model_metadata(
         self, model: str, *, version: int | None = None, timeout: float | None = None
     ) -> ModelMetadata:
-        try:
-            m = self._stub.GetModelMetadata(
-                pb.GetModelMetadataRequest(model=model, version=version or 0),
-                timeout=self._timeout(timeout),
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        m = self._call(
+            self._stub.GetModelMetadata,
+            pb.GetModelMetadataRequest(model=model, version=version or 0),
+            timeout,
+        )
         return parse_metadata(m)
 
     def list_models(self, model: str = "", *, timeout: float | None = None) -> list[ModelVersionStatus]:
-        try:
-            resp = self._stub.ListModels(
-                pb.ListModelsRequest(model=model), timeout=self._timeout(timeout)
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        resp = self._call(self._stub.ListModels, pb.ListModelsRequest(model=model), timeout)
         return parse_list_models(resp)
 
     def statistics(
         self, model: str = "", *, version: int | None = None, timeout: float | None = None
     ) -> list[ModelStatistics]:
-        try:
-            resp = self._stub.GetModelStatistics(
-                pb.GetModelStatisticsRequest(model=model, version=version or 0),
-                timeout=self._timeout(timeout),
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        resp = self._call(
+            self._stub.GetModelStatistics,
+            pb.GetModelStatisticsRequest(model=model, version=version or 0),
+            timeout,
+        )
         return parse_statistics(resp)
 
     def ready(self, model: str = "", *, timeout: float | None = 5.0) -> bool:
         """True when the server (or ``model``) reports SERVING on the standard health service;
         False when it answers otherwise or cannot be reached."""
         try:
-            raw = self._health(_health.encode_check_request(model), timeout=timeout)
+            raw = self._health(
+                _health.encode_check_request(model), timeout=timeout, metadata=self._metadata
+            )
         except grpc.RpcError:
             return False
         return _health.decode_check_response(raw) == _health.SERVING
+
+    def stream(
+        self,
+        model: str,
+        *,
+        version: int | None = None,
+        outputs: Sequence[str] | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> InferStream:
+        """Open an ``InferStream`` to ``model``: many requests in flight on one call.
+
+        ``timeout`` is the deadline of the whole stream (None: none; the client's default
+        per-call timeout does not apply, since a stream lives as long as its caller wants).
+        Streams are not retried: a failed request comes back as its error, to resubmit or not.
+        """
+        return InferStream(
+            self._infer_stream,
+            model,
+            version=version,
+            outputs=outputs,
+            priority=priority,
+            timeout=timeout,
+            metadata=self._metadata,
+            max_in_flight=max_in_flight,
+            dtypes=lambda: self._input_dtypes(model, version),
+        )
+
+    def infer_many(
+        self,
+        model: str,
+        items: Iterable[InputItem],
+        *,
+        max_in_flight: int = 64,
+        version: int | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = None,
+    ) -> Iterator[StreamResult]:
+        """Run every item on one stream, ``max_in_flight`` at a time, yielding
+        ``(id, InferResult | FerryError)`` in completion order; ids are the items' positions
+        (``"0"``, ``"1"``, ...) unless an item is an ``(id, inputs)`` pair."""
+        with self.stream(
+            model, version=version, outputs=outputs, timeout=timeout, max_in_flight=max_in_flight
+        ) as stream:
+            yield from stream.infer_many(items, max_in_flight=max_in_flight)
 
     def close(self) -> None:
         self._channel.close()
@@ -171,18 +269,24 @@ class RepositoryClient:
         target: str = "127.0.0.1:8003",
         *,
         timeout: float | None = 120.0,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
         self.timeout = timeout
-        self._channel = _channel(target, credentials, DEFAULT_MAX_MESSAGE_BYTES, options)
+        self.channel_config = ChannelConfig(
+            target, tls=tls, token=token, credentials=credentials, options=options
+        )
+        self._metadata = self.channel_config.call_metadata()
+        self._channel = create_channel(self.channel_config)
         self._stub = rpb_grpc.ModelRepositoryStub(self._channel)
 
     def refresh(self) -> rpb.RefreshResponse:
         """Re-scan the repository folder; returns what was loaded, unloaded and failed."""
         try:
             response: rpb.RefreshResponse = self._stub.Refresh(
-                rpb.RefreshRequest(), timeout=self.timeout
+                rpb.RefreshRequest(), timeout=self.timeout, metadata=self._metadata
             )
             return response
         except grpc.RpcError as exc:
@@ -190,13 +294,17 @@ class RepositoryClient:
 
     def load_model(self, model: str) -> None:
         try:
-            self._stub.LoadModel(rpb.LoadModelRequest(model=model), timeout=self.timeout)
+            self._stub.LoadModel(
+                rpb.LoadModelRequest(model=model), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
     def unload_model(self, model: str) -> None:
         try:
-            self._stub.UnloadModel(rpb.UnloadModelRequest(model=model), timeout=self.timeout)
+            self._stub.UnloadModel(
+                rpb.UnloadModelRequest(model=model), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 

@@ -36,7 +36,7 @@ class InferResult(Mapping[str, np.ndarray]):
         *,
         model: str,
         version: int,
-        id: str,  # noqa: A002 - the wire's name
+        id: str,
         timings: Timings | None = None,
     ) -> None:
         self._outputs = outputs

@@ -8,6 +8,7 @@ serves out of the box. Existing versions are left alone: versions are immutable.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -51,7 +52,7 @@ def mlp_model(sizes: tuple[int, ...] = (64, 256, 256, 10), seed: int = 0) -> onn
     rng = np.random.default_rng(seed)
     nodes, inits = [], []
     prev = "input"
-    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+    for i, (fan_in, fan_out) in enumerate(itertools.pairwise(sizes)):
         w = (rng.standard_normal((fan_in, fan_out)) / np.sqrt(fan_in)).astype(np.float32)
         b = (rng.standard_normal(fan_out) * 0.1).astype(np.float32)
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]

@@ -26,14 +26,20 @@ class _RegistryCollector(Collector):
 
     def collect(self) -> Iterator[Any]:
         labels = ["model", "version"]
-        queue = CounterMetricFamily("ferry_queue_seconds", "Time requests spent queued", labels=labels)
+        queue = CounterMetricFamily(
+            "ferry_queue_seconds", "Time requests spent queued", labels=labels
+        )
         compute = CounterMetricFamily(
             "ferry_compute_seconds", "Per-request compute time by stage", labels=[*labels, "stage"]
         )
         inferences = CounterMetricFamily("ferry_inferences", "Batch elements served", labels=labels)
         executions = CounterMetricFamily("ferry_executions", "Model executions", labels=labels)
-        rejected = CounterMetricFamily("ferry_rejected", "Requests rejected: queue full", labels=labels)
-        expired = CounterMetricFamily("ferry_expired", "Deadlines passed while queued", labels=labels)
+        rejected = CounterMetricFamily(
+            "ferry_rejected", "Requests rejected: queue full", labels=labels
+        )
+        expired = CounterMetricFamily(
+            "ferry_expired", "Deadlines passed while queued", labels=labels
+        )
         depth = GaugeMetricFamily("ferry_queue_depth", "Requests waiting", labels=labels)
         batch = HistogramMetricFamily("ferry_batch_size", "Executed batch sizes", labels=labels)
         for lv in self.registry.loaded_versions():
@@ -60,12 +66,15 @@ class _RegistryCollector(Collector):
             buckets.append(("+Inf", total))
             batch.add_metric(lab, buckets, size_sum)
         state = GaugeMetricFamily(
-            "ferry_model_state", "1 for the state each model version is in", labels=[*labels, "state"]
+            "ferry_model_state",
+            "1 for the state each model version is in",
+            labels=[*labels, "state"],
         )
         for st in self.registry.statuses():
             for candidate in State:
                 state.add_metric(
-                    [st.name, str(st.version), candidate.value], 1.0 if st.state is candidate else 0.0
+                    [st.name, str(st.version), candidate.value],
+                    1.0 if st.state is candidate else 0.0,
                 )
         yield from (queue, compute, inferences, executions, rejected, expired, depth, batch, state)
 
@@ -75,12 +84,17 @@ class Metrics:
         self.prometheus = CollectorRegistry(auto_describe=True)
         self.prometheus.register(_RegistryCollector(registry))
         self._requests = Counter(
-            "ferry_requests", "Inference requests by status", ["model", "version", "code"],
+            "ferry_requests",
+            "Inference requests by status",
+            ["model", "version", "code"],
             registry=self.prometheus,
         )
         self._latency = Histogram(
-            "ferry_request_seconds", "Inference request latency in the server", ["model", "version"],
-            buckets=LATENCY_BUCKETS, registry=self.prometheus,
+            "ferry_request_seconds",
+            "Inference request latency in the server",
+            ["model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.prometheus,
         )
         self._children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         self._registry = registry
@@ -89,17 +103,27 @@ class Metrics:
         key = (model, version, code)
         pair = self._children.get(key)
         if pair is None:
-            if model not in self._registry.models:  # client-chosen names must not grow memory
+            # Client-chosen names and version numbers must not grow memory or label sets: the
+            # labels are those of a served model and version, or the placeholders.
+            entry = self._registry.models.get(model)
+            if entry is None:
                 model, version = "_unknown", 0
-                key = (model, version, code)
-            v = str(version)
-            pair = (self._requests.labels(model, v, code), self._latency.labels(model, v))
-            self._children[key] = pair
+            elif version not in entry.versions:
+                version = 0
+            key = (model, version, code)
+            pair = self._children.get(key)
+            if pair is None:
+                v = str(version)
+                pair = (self._requests.labels(model, v, code), self._latency.labels(model, v))
+                self._children[key] = pair
         pair[0].inc()
         pair[1].observe(seconds)
 
     def serve(self, host: str, port: int) -> int:
-        server, _thread = start_http_server(port, addr=host, registry=self.prometheus)
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.prometheus)
+        except OSError as exc:  # name the listener, as the gRPC ones do
+            raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         self._http = server
         return int(server.server_port)
 

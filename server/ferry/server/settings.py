@@ -47,6 +47,91 @@ class Settings:
     )
     warm_up: bool = field(default=True, metadata={"help": "run each model once at load"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    # --- access (see SECURITY.md; the rules live in ferry.server.security) ---
+    inference_token: str = field(
+        default="", repr=False,
+        metadata={"help": "bearer token the inference listener requires (environment only: a "
+                  "flag would show in ps)", "flag": False},
+    )
+    inference_token_file: str = field(
+        default="", metadata={"help": "file holding the inference token (one line)"}
+    )
+    management_token: str = field(
+        default="", repr=False,
+        metadata={"help": "bearer token the management listener requires (environment only)",
+                  "flag": False},
+    )
+    management_token_file: str = field(
+        default="", metadata={"help": "file holding the management token (one line)"}
+    )
+    health_requires_token: bool = field(
+        default=False,
+        metadata={"help": "require the inference token for the health service too (probes "
+                  "usually cannot send one)"},
+    )
+    tls_cert_file: str = field(
+        default="", metadata={"help": "PEM certificate chain of both listeners; enables TLS"}
+    )
+    tls_key_file: str = field(default="", metadata={"help": "PEM private key of tls_cert_file"})
+    tls_client_ca_file: str = field(
+        default="",
+        metadata={"help": "PEM CA that signs client certificates: mutual TLS on both listeners"},
+    )
+    management_tls_client_ca_file: str = field(
+        default="",
+        metadata={"help": "PEM CA for client certificates on the management listener only "
+                  "(default: tls_client_ca_file)"},
+    )
+    # --- request limits: a request over one is refused, naming the limit and its value ---
+    max_request_inputs: int = field(default=256, metadata={"help": "input tensors per request"})
+    max_request_outputs: int = field(
+        default=256, metadata={"help": "requested outputs per request"}
+    )
+    max_request_elements: int = field(
+        default=1 << 31, metadata={"help": "tensor elements per request, all inputs together"}
+    )
+    max_request_batch_size: int = field(
+        default=0,
+        metadata={"help": "batch size per request across all models; 0: each model's "
+                  "max_batch_size only"},
+    )
+    max_concurrent_streams: int = field(
+        default=256,
+        metadata={"help": "concurrent calls per client connection (HTTP/2 streams); further "
+                  "calls wait in the client"},
+    )
+    # --- conversion (ModelConversion service, management listener) ---
+    state_dir: str = field(
+        default="",
+        metadata={"help": "folder for uploads and the conversion job database; empty: "
+                  "<repository>.ferry beside the repository (never inside it)"},
+    )
+    allow_code_formats: bool = field(
+        default=False,
+        metadata={"help": "accept ExportedProgram (.pt2) and TorchScript uploads, whose "
+                  "loading runs code: only when every uploader is trusted"},
+    )
+    max_upload_bytes: int = field(
+        default=2 << 30, metadata={"help": "largest model upload, enforced while receiving"}
+    )
+    max_concurrent_conversions: int = field(
+        default=1, metadata={"help": "conversion processes running at once"}
+    )
+    max_queued_conversions: int = field(
+        default=16, metadata={"help": "conversion jobs waiting for a slot; more are refused"}
+    )
+    conversion_timeout: float = field(
+        default=600.0, metadata={"help": "seconds a conversion process may run; 0: no limit"}
+    )
+    conversion_memory_bytes: int = field(
+        default=4 << 30,
+        metadata={"help": "address-space limit of a conversion process (RLIMIT_AS); 0: none"},
+    )
+
+    def __post_init__(self) -> None:
+        from ferry.server.security import check_settings
+
+        check_settings(self)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -57,7 +142,10 @@ class Settings:
             if key in env:
                 values[f.name] = _convert(f.type, env[key], key)
         values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+        try:
+            return cls(**values)
+        except ValueError as exc:  # a settings rule (security.check_settings): one line, no trace
+            raise SystemExit(f"ferry: {exc}") from None
 
 
 def _convert(type_name: Any, raw: str, where: str) -> Any:
@@ -82,6 +170,8 @@ def _convert(type_name: Any, raw: str, where: str) -> Any:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
+        if not f.metadata.get("flag", True):
+            continue  # secrets: environment only
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
         help_text = f"{f.metadata.get('help', '')} (env FERRY_{f.name.upper()}; default {default})"

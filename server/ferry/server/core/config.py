@@ -137,7 +137,9 @@ def apply_version_config(base: ModelConfig, version_dir: Path) -> ModelConfig:
     allowed = {"batching", "instances", "onnxruntime"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise InvalidArgument(f"{where}: a version config may only set {sorted(allowed)}, not {unknown}")
+        raise InvalidArgument(
+            f"{where}: a version config may only set {sorted(allowed)}, not {unknown}"
+        )
     merged = config_to_dict(base)
     for section, values in raw.items():
         if not isinstance(values, dict):
@@ -150,7 +152,9 @@ def parse_config(raw: dict[str, Any], *, where: str = "config") -> ModelConfig:
     raw = dict(raw)
     policy = _parse_policy(raw.pop("version_policy", None), where)
     cfg = ModelConfig(
-        default_version=_opt_positive_int(raw.pop("default_version", None), where, "default_version"),
+        default_version=_opt_positive_int(
+            raw.pop("default_version", None), where, "default_version"
+        ),
         version_policy=policy,
         batching=_section(BatchingConfig, raw.pop("batching", {}), where, "batching"),
         instances=_section(InstancesConfig, raw.pop("instances", {}), where, "instances"),
@@ -220,23 +224,25 @@ def _section(cls: Any, raw: Any, where: str, section: str) -> Any:
     defaults = cls()
     for key, value in raw.items():
         default = getattr(defaults, key)
+        values[key] = value
         if isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise InvalidArgument(f"{where}: {section}.{key} must be a list of strings")
-            value = tuple(value)
+            values[key] = tuple(value)
         elif isinstance(default, bool):
             if not isinstance(value, bool):
                 raise InvalidArgument(f"{where}: {section}.{key} must be true or false")
         elif isinstance(default, float):
             if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
                 raise InvalidArgument(f"{where}: {section}.{key} must be a number >= 0")
-            value = float(value)
+            values[key] = float(value)
         elif isinstance(default, str):
             if not isinstance(value, str):
                 raise InvalidArgument(f"{where}: {section}.{key} must be a string")
         elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise InvalidArgument(f"{where}: {section}.{key} must be an integer >= 0, got {value!r}")
-        values[key] = value
+            raise InvalidArgument(
+                f"{where}: {section}.{key} must be an integer >= 0, got {value!r}"
+            )
     return cls(**values)
 
 

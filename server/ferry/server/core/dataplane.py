@@ -41,11 +41,13 @@ class InferenceResult:
 
 @dataclass(frozen=True)
 class Limits:
-    """Per-request bounds enforced before queueing (hardening makes them configurable)."""
+    """Per-request bounds enforced before queueing; the server fills them from its settings
+    (``max_request_*``), and each refusal names the setting and its value."""
 
     max_inputs: int = 256
     max_outputs: int = 256
     max_elements: int = 1 << 31
+    max_batch: int = 0  # 0: only each model's own max_batch_size applies
 
 
 class DataPlane:
@@ -90,7 +92,8 @@ class DataPlane:
         where = f"model {lv.name!r} version {lv.version}"
         if len(inputs) > self.limits.max_inputs:
             raise LimitExceeded(
-                f"{len(inputs)} inputs is over the limit of {self.limits.max_inputs} per request"
+                f"{len(inputs)} inputs is over the limit of {self.limits.max_inputs} per request "
+                "(max_request_inputs)"
             )
         if inputs.keys() != lv.input_specs.keys():
             missing = sorted(set(lv.input_specs) - set(inputs))
@@ -133,12 +136,18 @@ class DataPlane:
                     )
         if elements > self.limits.max_elements:
             raise LimitExceeded(
-                f"{elements} tensor elements is over the limit of {self.limits.max_elements}"
+                f"{elements} tensor elements is over the limit of {self.limits.max_elements} "
+                "per request (max_request_elements)"
             )
         if lv.max_batch_size > 0:
             assert batch is not None
             if batch < 1:
                 raise InvalidInput(f"{where}: the batch dimension must be at least 1, got {batch}")
+            if 0 < self.limits.max_batch < batch:
+                raise LimitExceeded(
+                    f"batch size {batch} is over the limit of {self.limits.max_batch} per "
+                    "request (max_request_batch_size); split the request"
+                )
             if batch > lv.max_batch_size:
                 raise InvalidInput(
                     f"{where}: batch size {batch} is over the model's max_batch_size "
@@ -149,7 +158,7 @@ class DataPlane:
             if len(outputs) > self.limits.max_outputs:
                 raise LimitExceeded(
                     f"{len(outputs)} requested outputs is over the limit of "
-                    f"{self.limits.max_outputs}"
+                    f"{self.limits.max_outputs} per request (max_request_outputs)"
                 )
             unknown = [o for o in outputs if o not in lv.output_names]
             if unknown:

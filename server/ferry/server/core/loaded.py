@@ -18,7 +18,6 @@ from ferry.server.core.stats import VersionStats
 from ferry.server.errors import InternalError
 from ferry.server.runtime.session import OrtSession, TensorSpec
 
-
 # Batches predicted to run faster than this execute inline on the event loop.
 INLINE_NS = 150_000
 

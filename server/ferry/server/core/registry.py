@@ -107,12 +107,14 @@ class ModelRegistry:
     def get(self, name: str, version: int | None = None) -> LoadedVersion:
         entry = self.models.get(name)
         if entry is None:
-            raise ModelNotFound(f"model {_short(name)!r} is not served here; ListModels shows "
-                                "the served models")
+            raise ModelNotFound(
+                f"model {_short(name)!r} is not served here; ListModels shows the served models"
+            )
         if not version:
             version = entry.default_version()
             if version is None:
-                raise ModelNotReady(f"model {name!r} has no version ready: {entry.config_error}")
+                why = entry.config_error or "no version folders (<model>/<N>/model.onnx)"
+                raise ModelNotReady(f"model {name!r} has no version ready: {why}")
         slot = entry.versions.get(version)
         if slot is None:
             raise VersionNotFound(
@@ -217,21 +219,25 @@ class ModelRegistry:
             slot = entry.versions.get(v)
             sig = _file_signature(self.repository.model_file(name, v))
             if entry.config_error:
-                if slot is None or slot.state is not State.FAILED or slot.reason != entry.config_error:
+                if (
+                    slot is None
+                    or slot.state is not State.FAILED
+                    or slot.reason != entry.config_error
+                ):
                     if slot is not None and slot.loaded is not None:
                         await self._unload_version(entry, v, result)
                     entry.versions[v] = VersionSlot(v, State.FAILED, entry.config_error, None, sig)
                     result.failed.append(f"{name}/{v}: {entry.config_error}")
                 continue
+            # A changed config reloads every selected version: the ready ones to apply it, the
+            # failed ones because the config may have been why they failed.
             if (
                 slot is None
-                or (config_changed and slot.state is State.READY)
+                or config_changed
                 or (slot.state is State.FAILED and (retry_failed or slot.signature != sig))
             ):
                 loads.append(self._load_version(entry, v, sig, result))
         await asyncio.gather(*loads)
-        if not entry.versions and not on_disk:
-            entry.config_error = entry.config_error or "no version folders (<model>/<N>/model.onnx)"
 
     async def _load_version(
         self, entry: ModelEntry, version: int, sig: tuple[float, int] | None, result: RefreshResult

@@ -19,6 +19,7 @@ from pathlib import Path
 from ferry.server.errors import AlreadyExists, InvalidArgument, ModelNotFound, VersionNotFound
 
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+VERSION_RE = re.compile(r"[1-9][0-9]*")
 MODEL_FILE = "model.onnx"
 TMP_PREFIX = ".tmp-"
 MAX_VERSION = 2**53  # representable exactly in JSON and float64 clients
@@ -43,7 +44,7 @@ def validate_version(version: int) -> int:
 class ModelRepository:
     def __init__(self, root: str | os.PathLike[str], *, create: bool = True) -> None:
         path = Path(root)
-        if create:
+        if create and not path.exists():
             path.mkdir(parents=True, exist_ok=True)
         if not path.is_dir():
             raise InvalidArgument(f"model repository {str(path)!r} is not a folder")
@@ -81,7 +82,9 @@ class ModelRepository:
             raise ModelNotFound(f"model {name!r} is not in the repository")
         versions = []
         for entry in mdir.iterdir():
-            if entry.is_dir() and entry.name.isdigit() and not entry.name.startswith("0"):
+            # ASCII digits only: str.isdigit() also accepts "²" (which int() rejects) and other
+            # scripts' digits, and one junk folder must not break the scan of every model.
+            if entry.is_dir() and VERSION_RE.fullmatch(entry.name):
                 v = int(entry.name)
                 if v <= MAX_VERSION:
                     versions.append(v)
@@ -157,7 +160,11 @@ class ModelRepository:
         for model in self.list_models():
             for entry in self.model_dir(model).iterdir():
                 if entry.name.startswith(TMP_PREFIX):
-                    shutil.rmtree(entry, ignore_errors=True)
+                    # write_file_atomic leaves files, staging() folders; rmtree ignores files.
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
                     removed.append(entry)
         return removed
 

@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc import aio
@@ -15,11 +16,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ferry.proto.v1 import inference_pb2, inference_pb2_grpc, repository_pb2, repository_pb2_grpc
-from ferry.server.core.dataplane import DataPlane
+from ferry.server import security
+from ferry.server.core.dataplane import DataPlane, Limits
 from ferry.server.core.registry import ModelRegistry, State
 from ferry.server.core.repository import ModelRepository
+from ferry.server.grpc.auth import inference_guard, management_guard
 from ferry.server.grpc.inference import InferenceServicer
 from ferry.server.grpc.repository import RepositoryServicer
+from ferry.server.grpc.tls import server_credentials
 from ferry.server.metrics import Metrics
 from ferry.server.settings import Settings
 
@@ -38,7 +42,15 @@ class FerryServer:
         self.settings = settings
         self.repository = ModelRepository(settings.repository)
         self.registry = ModelRegistry(self.repository, warm_up=settings.warm_up)
-        self.dataplane = DataPlane(self.registry)
+        self.dataplane = DataPlane(
+            self.registry,
+            Limits(
+                max_inputs=settings.max_request_inputs,
+                max_outputs=settings.max_request_outputs,
+                max_elements=settings.max_request_elements,
+                max_batch=settings.max_request_batch_size,
+            ),
+        )
         self.metrics = Metrics(self.registry)
         self.health = health.aio.HealthServicer()
         self.inference_port = 0
@@ -48,9 +60,25 @@ class FerryServer:
         self._stopping = False
         self._poll_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self._health_dirty = False
+        self._health_names: set[str] = set()
         self._stopped = asyncio.Event()
         self.inference_extensions: list[Extension] = []
         self.management_extensions: list[Extension] = []
+        # Open Inference Protocol (KServe v2) on both listeners; repository control on management.
+        from ferry.server.grpc import kserve
+
+        self.inference_extensions.append(kserve.serve_on_inference_listener)
+        self.management_extensions.append(kserve.serve_on_management_listener)
+        # Awaited first in stop(), before the listeners drain (conversion kills its children
+        # and ends its job streams there, so they do not hold the grace period).
+        self.on_stop: list[Callable[[], Awaitable[None]]] = []
+        # Model conversion (uploads, jobs, versions): management listener only.
+        from ferry.server.grpc import conversion
+
+        self.conversion = conversion.ConversionService(settings, self.repository, self.registry)
+        self.management_extensions.append(conversion.serve_on_management_listener)
+        self.on_stop.append(self.conversion.close)
 
     def _options(self) -> list[tuple[str, int]]:
         n = self.settings.max_message_bytes
@@ -58,14 +86,24 @@ class FerryServer:
             ("grpc.max_receive_message_length", n),
             ("grpc.max_send_message_length", n),
             ("grpc.so_reuseport", 0),
+            ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
         ]
 
     async def start(self) -> None:
         s = self.settings
+        # Access first: a refused configuration or an unreadable token or certificate file must
+        # stop the start before anything is bound or changed on disk.
+        security.check_settings(s)
+        tokens = security.load_tokens(s)
+        for warning in security.exposure_warnings(s, tokens):
+            log.warning("%s", warning)
+        creds = server_credentials(security.inference_tls(s))
+        mcreds = server_credentials(security.management_tls(s)) if s.management_port >= 0 else None
         self.repository.clean_temporaries()
         await self.health.set("", NOT_SERVING)
         # Inference listener.
-        server = aio.server(options=self._options())
+        guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
+        server = aio.server(options=self._options(), interceptors=[guard])
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(
                 self.dataplane, observe=self.metrics.observe,
@@ -78,11 +116,11 @@ class FerryServer:
         for ext in self.inference_extensions:
             names += ext(server, self)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-        self.inference_port = _bind(server, s.host, s.port)
+        self.inference_port = _bind(server, s.host, s.port, creds)
         self._servers.append(server)
         # Management listener: separate, loopback by default.
         if s.management_port >= 0:
-            mserver = aio.server(options=self._options())
+            mserver = aio.server(options=self._options(), interceptors=[management_guard(tokens)])
             repository_pb2_grpc.add_ModelRepositoryServicer_to_server(
                 RepositoryServicer(self.registry), mserver
             )
@@ -90,7 +128,7 @@ class FerryServer:
             for ext in self.management_extensions:
                 mnames += ext(mserver, self)
             reflection.enable_server_reflection([*mnames, reflection.SERVICE_NAME], mserver)
-            self.management_port = _bind(mserver, s.management_host, s.management_port)
+            self.management_port = _bind(mserver, s.management_host, s.management_port, mcreds)
             self._servers.append(mserver)
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
@@ -108,16 +146,31 @@ class FerryServer:
         )
 
     def _schedule_health(self) -> None:
+        # A change that arrives while an update is running (it awaits when Watch streams are
+        # open) marks it dirty, so the running task goes round again instead of the change
+        # being dropped and health left stale.
+        self._health_dirty = True
         if self._health_task is None or self._health_task.done():
-            self._health_task = asyncio.get_running_loop().create_task(self._update_health())
+            loop = asyncio.get_running_loop()
+            self._health_task = loop.create_task(self._update_health_loop())
+
+    async def _update_health_loop(self) -> None:
+        while self._health_dirty:
+            await self._update_health()
 
     async def _update_health(self) -> None:
+        self._health_dirty = False
         if self._stopping:
             return
         await self.health.set("", SERVING if self.registry.all_ready() else NOT_SERVING)
+        names = set(self.registry.models)
         for entry in list(self.registry.models.values()):
             ready = any(s.state is State.READY for s in entry.versions.values())
             await self.health.set(entry.name, SERVING if ready else NOT_SERVING)
+        # A model that left the registry (folder removed, unloaded) must not stay SERVING.
+        for gone in self._health_names - names:
+            await self.health.set(gone, NOT_SERVING)
+        self._health_names = names
 
     async def _poll(self, interval: float) -> None:
         while True:
@@ -139,6 +192,11 @@ class FerryServer:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_task
+        for hook in self.on_stop:
+            try:
+                await hook()
+            except Exception:
+                log.exception("stop hook failed")
         await asyncio.gather(*(srv.stop(grace) for srv in self._servers))
         await self.registry.close()
         self.metrics.close()
@@ -158,12 +216,36 @@ class FerryServer:
         await self.stop()
 
 
-def _bind(server: aio.Server, host: str, port: int) -> int:
+def _bind(
+    server: aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+) -> int:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    if port:
+        _check_free(host, port, address)
+    try:
+        if credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpcio raises instead of returning 0 when it cannot bind
+        bound = 0
     if bound == 0:
         raise OSError(f"cannot listen on {address}: in use or not permitted")
     return bound
+
+
+def _check_free(host: str, port: int, address: str) -> None:
+    """Fail with one clear line when the port is taken. grpc's own bind failure also writes a
+    C-core log line to stderr, so ``ferry serve`` on a busy port would not end with just our
+    message; probing first (as grpc binds: SO_REUSEADDR, so TIME_WAIT leftovers do not count)
+    catches the common case before grpc tries."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
 
 __all__ = ["FerryServer", "grpc"]

@@ -84,9 +84,7 @@ def metadata_of(lv: LoadedVersion, versions: list[int], default: int | None) -> 
         default_version=default or 0,
         platform="onnxruntime_onnx",
         inputs=[_tensor_metadata(s) for s in lv.inputs],
-        outputs=[
-            _tensor_metadata(s) for s in lv.outputs
-        ],
+        outputs=[_tensor_metadata(s) for s in lv.outputs],
         batching=pb.BatchingPolicy(
             max_batch_size=lv.max_batch_size,
             max_queue_delay_us=int(b.max_queue_delay_ms * 1000),
@@ -132,7 +130,11 @@ def statistics_of(lv: LoadedVersion) -> pb.ModelStatistics:
 
 class InferenceServicer(pb_grpc.InferenceServicer):
     def __init__(
-        self, dataplane: DataPlane, *, observe: Observer | None = None, max_stream_in_flight: int = 1024
+        self,
+        dataplane: DataPlane,
+        *,
+        observe: Observer | None = None,
+        max_stream_in_flight: int = 1024,
     ) -> None:
         self.dataplane = dataplane
         self.registry = dataplane.registry
@@ -140,12 +142,18 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.max_stream_in_flight = max_stream_in_flight
 
     @translate_errors
-    async def Infer(self, request: pb.InferRequest, context: aio.ServicerContext) -> pb.InferResponse:
+    async def Infer(
+        self, request: pb.InferRequest, context: aio.ServicerContext
+    ) -> pb.InferResponse:
         start = time.perf_counter()
         try:
-            result = await self.dataplane.infer(to_request(request), deadline=call_deadline(context))
+            result = await self.dataplane.infer(
+                to_request(request), deadline=call_deadline(context)
+            )
         except Exception as exc:
-            self.observe(request.model, request.version, status_of(exc)[0].name, time.perf_counter() - start)
+            self.observe(
+                request.model, request.version, status_of(exc)[0].name, time.perf_counter() - start
+            )
             raise
         self.observe(result.model, result.version, "OK", time.perf_counter() - start)
         return to_response(result)
@@ -219,7 +227,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.ListModelsResponse(
             models=[
                 pb.ModelVersionStatus(
-                    name=s.name, version=s.version, state=STATE[s.state], reason=s.reason,
+                    name=s.name,
+                    version=s.version,
+                    state=STATE[s.state],
+                    reason=s.reason,
                     is_default=s.is_default,
                 )
                 for s in self.registry.statuses(request.model)
@@ -235,10 +246,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 versions = [self.registry.get(request.model, request.version)]
             else:
                 self.registry.statuses(request.model)  # NOT_FOUND for an unknown model
-                versions = [lv for lv in self.registry.loaded_versions() if lv.name == request.model]
+                versions = [
+                    lv for lv in self.registry.loaded_versions() if lv.name == request.model
+                ]
         else:
             if request.version:
                 raise InvalidArgument("a version needs a model name")
             versions = self.registry.loaded_versions()
         return pb.GetModelStatisticsResponse(models=[statistics_of(lv) for lv in versions])
-

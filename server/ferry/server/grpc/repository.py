@@ -16,7 +16,9 @@ class RepositoryServicer(pb_grpc.ModelRepositoryServicer):
         self.registry = registry
 
     @translate_errors
-    async def Refresh(self, request: pb.RefreshRequest, context: aio.ServicerContext) -> pb.RefreshResponse:
+    async def Refresh(
+        self, request: pb.RefreshRequest, context: aio.ServicerContext
+    ) -> pb.RefreshResponse:
         r = await self.registry.refresh(retry_failed=True)
         return pb.RefreshResponse(loaded=r.loaded, unloaded=r.unloaded, failed=r.failed)
 

@@ -1,0 +1,95 @@
+"""The ``ferry`` command.
+
+Client-side commands work with the SDK install alone. ``serve`` imports the server only when it is
+the command being run: ``ferry --help`` and every other command stay fast and work without the
+``server`` extra. Each command group lives in its own module with a ``register(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from ferry.cli import health, infer, loadtest, models
+from ferry.cli._common import EXIT_USAGE, report_error, run_handler
+
+try:
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("ferry-serve")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0+unknown"
+
+DESCRIPTION = "Ferry: PyTorch -> pruned/quantized ONNX -> served over gRPC with dynamic batching."
+EPILOG = """exit status: 0 ok, 1 the server said no (or a check failed), 2 bad usage or files,
+3 nothing answered at the target.
+
+environment: FERRY_TARGET (default --target), FERRY_TOKEN (bearer token).
+`ferry COMMAND --help` describes each command."""
+
+
+def _conversion_commands() -> ModuleType | None:
+    """The upload/convert commands, when this install has the conversion client."""
+    try:
+        return importlib.import_module("ferry.cli.conversion")
+    except ImportError:
+        return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ferry",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"ferry {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Listed here for --help only; main() hands `serve` to the server's own parser.
+    sub.add_parser(
+        "serve",
+        help="serve a model repository over gRPC (needs the server extra)",
+        add_help=False,
+    )
+    models.register(sub)
+    infer.register(sub)
+    conversion = _conversion_commands()
+    if conversion is not None:
+        conversion.register(sub)
+    health.register(sub)
+    loadtest.register(sub)
+    return parser
+
+
+def _serve(argv: Sequence[str]) -> int:
+    try:
+        from ferry.server.cli import build_parser as build_serve_parser
+        from ferry.server.cli import serve
+    except ImportError as exc:  # the server extra is not installed
+        report_error(
+            "ferry serve",
+            f"the server is not installed ({exc})",
+            "pip install 'ferry-serve[server]'",
+        )
+        return EXIT_USAGE
+    parser = build_serve_parser(argparse.ArgumentParser(prog="ferry serve"))
+    return int(serve(parser.parse_args(list(argv))))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["serve"]:
+        return _serve(args_list[1:])
+    parser = build_parser()
+    args = parser.parse_args(args_list)
+    prog = f"ferry {args.command}"
+    if args.command == "models":
+        prog += f" {args.models_command}"
+    return run_handler(prog, args.func, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""What every client-side command shares: connection flags, exit codes and one-line errors.
+
+Errors are one line on stderr that say what to fix, because the reader is usually a person at a
+terminal or a CI log, and a traceback there answers neither "what happened" nor "what now".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+from ferry.client import (
+    AuthenticationError,
+    ChannelConfig,
+    ConnectionError_,
+    DeadlineExceededError,
+    FerryError,
+    InferenceClient,
+    InvalidInputError,
+    ModelNotFoundError,
+    ModelNotReadyError,
+    PermissionDeniedError,
+    ServerOverloadedError,
+    TLSConfig,
+    UnimplementedError,
+)
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # the server answered with an error, or the check did not pass
+EXIT_USAGE = 2  # bad flags, files or values: fix the command line (argparse uses 2 too)
+EXIT_UNREACHABLE = 3  # nothing answered at the target
+EXIT_INTERRUPTED = 130
+
+DEFAULT_TARGET = "127.0.0.1:8001"
+Handler = Callable[[argparse.Namespace], int]
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for; exits with EXIT_USAGE."""
+
+
+def connection_parent(
+    *,
+    default_target: str | None = None,
+    target_env: str = "FERRY_TARGET",
+    token: str | None = None,
+    token_env: str = "FERRY_TOKEN",
+    timeout: float = 30.0,
+) -> argparse.ArgumentParser:
+    """Flags of every command that talks to a server; environment variables give defaults, so
+    that a token never has to appear in a shell history or a process list."""
+    if default_target is None:
+        default_target = os.environ.get("FERRY_TARGET", DEFAULT_TARGET)
+    if token is None:
+        token = os.environ.get("FERRY_TOKEN")
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument(
+        "--target",
+        default=default_target,
+        help="HOST:PORT of the listener, or IP:PORT,IP:PORT,... balanced round-robin "
+        f"(env {target_env}; default {default_target})",
+    )
+    g.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=timeout,
+        help=f"seconds each call may take, any retries included (default {timeout:g})",
+    )
+    g.add_argument(
+        "--token",
+        default=token,
+        help=f"bearer token (env {token_env}; prefer the variable: flags show in ps)",
+    )
+    g.add_argument(
+        "--tls", action="store_true", help="use TLS, trusting the system's root certificates"
+    )
+    g.add_argument("--tls-ca", type=Path, help="PEM CA certificate to trust (implies --tls)")
+    g.add_argument("--tls-cert", type=Path, help="PEM client certificate, for mutual TLS")
+    g.add_argument("--tls-key", type=Path, help="PEM client key, for mutual TLS")
+    g.add_argument(
+        "--tls-server-name", help="check the server certificate against this name instead"
+    )
+    return p
+
+
+def tls_config(args: argparse.Namespace) -> TLSConfig | None:
+    if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
+        return None
+    try:
+        return TLSConfig(
+            ca_cert=args.tls_ca,
+            client_cert=args.tls_cert,
+            client_key=args.tls_key,
+            server_name_override=args.tls_server_name,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def channel_config(args: argparse.Namespace) -> ChannelConfig:
+    try:
+        return ChannelConfig(args.target, tls=tls_config(args), token=args.token)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def make_client(args: argparse.Namespace) -> InferenceClient:
+    try:
+        return InferenceClient(
+            args.target, timeout=args.timeout, tls=tls_config(args), token=args.token
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def shape_spec(text: str) -> tuple[str, tuple[int, ...]]:
+    """``NAME=D,D,...`` for --shape."""
+    name, sep, dims = text.partition("=")
+    try:
+        if not sep or not name:
+            raise ValueError
+        return name, tuple(int(d) for d in dims.split(",") if d.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=D1,D2,... (e.g. input=1,64)"
+        ) from None
+
+
+def _hint(exc: FerryError, args: argparse.Namespace) -> str:
+    target = getattr(args, "target", DEFAULT_TARGET)
+    if isinstance(exc, ConnectionError_):
+        return (
+            f"nothing answered at {target}: start a server with `ferry serve`, or point "
+            "--target (or FERRY_TARGET) at one"
+        )
+    if isinstance(exc, ModelNotFoundError):
+        return "`ferry models list` shows what is served"
+    if isinstance(exc, ModelNotReadyError):
+        return "the model is still loading or failed: see `ferry models list`"
+    if isinstance(exc, InvalidInputError):
+        return "compare the inputs with `ferry models describe MODEL`"
+    if isinstance(exc, DeadlineExceededError):
+        return "the call ran out of time: raise --timeout, or lower the load"
+    if isinstance(exc, ServerOverloadedError):
+        return "the model's queue is full: retry later or send less at once"
+    if isinstance(exc, AuthenticationError):
+        return "pass the server's token with FERRY_TOKEN (or --token)"
+    if isinstance(exc, PermissionDeniedError):
+        return "this token may not call that; management calls go to the management listener"
+    if isinstance(exc, UnimplementedError):
+        return "this server does not offer that call: is --target the right listener?"
+    return ""
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def report_error(prog: str, message: str, hint: str = "", stream: TextIO | None = None) -> None:
+    line = f"{prog}: error: {one_line(message)}"
+    if hint:
+        line += f" — {hint}"
+    print(line, file=stream or sys.stderr)
+
+
+def run_handler(prog: str, handler: Handler, args: argparse.Namespace) -> int:
+    """Run a command, turning every expected failure into one line and an exit code."""
+    try:
+        return handler(args)
+    except UsageError as exc:
+        report_error(prog, str(exc))
+        return EXIT_USAGE
+    except FerryError as exc:
+        report_error(prog, str(exc), _hint(exc, args))
+        return EXIT_UNREACHABLE if isinstance(exc, ConnectionError_) else EXIT_FAILED
+    except KeyboardInterrupt:
+        report_error(prog, "interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `ferry ... | head`
+        return EXIT_OK
+
+
+def print_table(rows: list[list[Any]], header: list[str], stream: TextIO | None = None) -> None:
+    out = stream or sys.stdout
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)

@@ -1,0 +1,99 @@
+"""``ferry health``: is the server (or a model) serving? For scripts, probes and humans.
+
+``--wait`` uses the health service's ``Watch`` stream with wait-for-ready rather than polling:
+the call waits for the server to come up, the server pushes every status change, and the command
+returns the moment SERVING arrives.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+import grpc
+
+from ferry.cli._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_UNREACHABLE,
+    channel_config,
+    connection_parent,
+    positive_float,
+)
+from ferry.client import _health
+from ferry.client._channel import create_channel
+
+WATCH_METHOD = "/grpc.health.v1.Health/Watch"
+STATUS_NAMES = {
+    0: "UNKNOWN",
+    _health.SERVING: "SERVING",
+    _health.NOT_SERVING: "NOT_SERVING",
+    _health.SERVICE_UNKNOWN: "SERVICE_UNKNOWN",
+}
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "health",
+        parents=[connection_parent()],
+        help="check that the server (or one model) is serving",
+        description="Check the standard gRPC health service. Exit status: 0 serving, 1 not "
+        "serving (or unknown model), 3 unreachable.",
+    )
+    p.add_argument("model", nargs="?", default="", help="a model name (default: the server)")
+    p.add_argument(
+        "--wait",
+        type=positive_float,
+        metavar="SECONDS",
+        help="wait up to SECONDS for SERVING (the server may still be starting)",
+    )
+    p.set_defaults(func=cmd_health)
+
+
+def _watch(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> str:
+    """Follow status changes until SERVING or the deadline; returns the last status seen."""
+    watch = channel.unary_stream(WATCH_METHOD, request_serializer=None, response_deserializer=None)
+    last = "UNREACHABLE"
+    call = watch(
+        _health.encode_check_request(args.model),
+        timeout=args.wait,
+        wait_for_ready=True,
+        metadata=metadata,
+    )
+    try:
+        for raw in call:
+            last = STATUS_NAMES.get(_health.decode_check_response(raw), "UNKNOWN")
+            if last == "SERVING":
+                call.cancel()
+                break
+    except grpc.RpcError as exc:
+        if exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
+            last = "UNREACHABLE" if exc.code() is grpc.StatusCode.UNAVAILABLE else last
+    return last
+
+
+def _check(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> str:
+    check = channel.unary_unary(
+        _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
+    )
+    try:
+        raw = check(
+            _health.encode_check_request(args.model), timeout=args.timeout, metadata=metadata
+        )
+    except grpc.RpcError as exc:
+        if exc.code() is grpc.StatusCode.NOT_FOUND:
+            return "SERVICE_UNKNOWN"
+        return "UNREACHABLE" if exc.code() is grpc.StatusCode.UNAVAILABLE else exc.code().name
+    return STATUS_NAMES.get(_health.decode_check_response(raw), "UNKNOWN")
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    config = channel_config(args)
+    with create_channel(config) as channel:
+        check = _watch if args.wait else _check
+        status = check(args, channel, config.call_metadata())
+    what = f"model {args.model!r}" if args.model else args.target
+    print(f"{what}: {status}")
+    if status == "SERVING":
+        return EXIT_OK
+    return EXIT_UNREACHABLE if status == "UNREACHABLE" else EXIT_FAILED

@@ -1,0 +1,148 @@
+"""``ferry models list | describe | stats``: what a server serves, and how it has been doing."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+from ferry.cli._common import EXIT_OK, connection_parent, make_client, print_table
+from ferry.client import ModelMetadata, ModelStatistics
+
+
+def register(sub: Any) -> None:
+    conn = connection_parent()
+    models = sub.add_parser(
+        "models",
+        help="list the served models, describe one, or show its statistics",
+        description="List the served models, describe one (inputs, outputs, batching), or "
+        "show its statistics.",
+    )
+    msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
+
+    p = msub.add_parser(
+        "list",
+        parents=[conn],
+        help="every model version and its state",
+        description="Every model version the server knows, with its state (READY, FAILED, ...) "
+        "and why it failed.",
+    )
+    p.add_argument("model", nargs="?", default="", help="only this model's versions")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_list)
+
+    p = msub.add_parser(
+        "describe",
+        parents=[conn],
+        help="inputs, outputs and batching of a model",
+        description="A model's inputs and outputs (name, datatype, shape; -1 is dynamic), its "
+        "versions and its batching policy.",
+    )
+    p.add_argument("model")
+    p.add_argument("--version", type=int, help="a specific version (default: the default one)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_describe)
+
+    p = msub.add_parser(
+        "stats",
+        parents=[conn],
+        help="request counts and time spent, per model version",
+        description="Cumulative statistics since each version loaded: requests, executions, "
+        "mean queue and compute time, batch sizes, rejections.",
+    )
+    p.add_argument("model", nargs="?", default="", help="only this model (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_stats)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        models = client.list_models(args.model)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
+        return EXIT_OK
+    if not models:
+        print("no models are served" + (f" under the name {args.model!r}" if args.model else ""))
+        return EXIT_OK
+    rows = [[m.name, m.version, m.state, "*" if m.is_default else "", m.reason] for m in models]
+    print_table(rows, ["MODEL", "VERSION", "STATE", "DEFAULT", "REASON"])
+    return EXIT_OK
+
+
+def describe_text(meta: ModelMetadata) -> str:
+    b = meta.batching
+    lines = [
+        f"{meta.name} version {meta.version} ({meta.platform}); ready versions "
+        f"{list(meta.versions)}, default {meta.default_version}",
+    ]
+    for title, tensors in (("inputs", meta.inputs), ("outputs", meta.outputs)):
+        lines.append(f"{title}:")
+        lines += [f"  {t.name:<24} {t.datatype:<6} {list(t.shape)}" for t in tensors]
+    if b.max_batch_size:
+        timeout = f"{b.default_timeout * 1e3:g} ms" if b.default_timeout else "none"
+        lines.append(
+            f"batching: up to {b.max_batch_size} per batch, max queue delay "
+            f"{b.max_queue_delay * 1e3:g} ms, queue size {b.max_queue_size}, default timeout "
+            f"{timeout}, {b.instance_count} instance(s)"
+        )
+    else:
+        lines.append(f"batching: none (no batch dimension), {b.instance_count} instance(s)")
+    return "\n".join(lines)
+
+
+def cmd_describe(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        meta = client.model_metadata(args.model, version=args.version)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(meta), indent=2))
+    else:
+        print(describe_text(meta))
+    return EXIT_OK
+
+
+def _ms(ns: int, count: int) -> str:
+    return f"{ns / count / 1e6:.3f}" if count else "-"
+
+
+def _stats_row(s: ModelStatistics) -> list[Any]:
+    compute = s.compute_input.ns + s.compute_infer.ns + s.compute_output.ns
+    mean_batch = f"{s.inference_count / s.execution_count:.2f}" if s.execution_count else "-"
+    return [
+        s.name,
+        s.version,
+        s.success.count,
+        s.fail.count,
+        s.execution_count,
+        mean_batch,
+        _ms(s.queue.ns, s.queue.count),
+        _ms(compute, s.compute_infer.count),
+        s.rejected_count,
+        s.expired_count,
+        s.queue_depth,
+    ]
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with make_client(args) as client:
+        stats = client.statistics(args.model)
+    if args.json:
+        print(json.dumps([dataclasses.asdict(s) for s in stats], indent=2))
+        return EXIT_OK
+    print_table(
+        [_stats_row(s) for s in stats],
+        [
+            "MODEL",
+            "VERSION",
+            "OK",
+            "FAILED",
+            "EXECUTIONS",
+            "BATCH",
+            "QUEUE_MS",
+            "COMPUTE_MS",
+            "REJECTED",
+            "EXPIRED",
+            "QUEUED",
+        ],
+    )
+    return EXIT_OK

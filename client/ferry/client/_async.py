@@ -1,0 +1,294 @@
+"""The asyncio client: the sync client's methods and names, awaited.
+
+Requests are built and answers parsed by the same IO-free functions as the sync client
+(``_requests``), so the two cannot drift apart; only the transport differs. The channel is created
+on first use, inside the running event loop, because grpc.aio binds a channel to the loop it was
+made in: a client constructed at import time and used under ``asyncio.run`` still works.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
+from types import TracebackType
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from ferry.client import _health
+from ferry.client._channel import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ChannelConfig,
+    TLSConfig,
+    create_aio_channel,
+)
+from ferry.client._errors import from_rpc_error
+from ferry.client._requests import (
+    ArrayLike,
+    encode_infer_request,
+    input_dtypes,
+    needs_dtypes,
+    parse_infer_response,
+    parse_list_models,
+    parse_metadata,
+    parse_statistics,
+)
+from ferry.client._retry import RetryPolicy, acall_with_retry
+from ferry.client._stream import DEFAULT_MAX_IN_FLIGHT, AsyncInferStream, InputItem, StreamResult
+from ferry.client._sync import DEFAULT_RETRY, INFER_METHOD, STREAM_METHOD
+from ferry.client._types import (
+    InferResult,
+    ModelMetadata,
+    ModelStatistics,
+    ModelVersionStatus,
+    Timings,
+)
+from ferry.proto.v1 import inference_pb2 as pb
+from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
+
+R = TypeVar("R")
+
+
+class AsyncInferenceClient:
+    """Asynchronous client of Ferry's inference listener (grpc.aio).
+
+    >>> async with AsyncInferenceClient("127.0.0.1:8001") as client:  # doctest: +SKIP
+    ...     out = await client.infer("mlp", {"input": np.zeros((1, 64), np.float32)})
+
+    The constructor takes exactly the sync ``InferenceClient``'s arguments, with the same meaning.
+    """
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "127.0.0.1:8001",
+        *,
+        timeout: float | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
+        keepalive_time: float | None = None,
+        keepalive_timeout: float | None = None,
+        load_balancing: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self.channel_config = ChannelConfig(
+            target,
+            tls=tls,
+            token=token,
+            credentials=credentials,
+            max_message_bytes=max_message_bytes,
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
+            load_balancing=load_balancing,
+            options=options,
+        )
+        self._metadata = self.channel_config.call_metadata()
+        self._dtypes: dict[tuple[str, int], dict[str, Any]] = {}
+        self._channel: aio.Channel | None = None
+        self._stub_: Any = None
+        self._health: Any = None
+        self._infer: Any = None
+        self._infer_stream: Any = None
+
+    def _stub(self) -> Any:
+        if self._stub_ is None:
+            self._channel = create_aio_channel(self.channel_config)
+            self._stub_ = pb_grpc.InferenceStub(self._channel)
+            # Requests arrive serialized by encode_infer_request; these send them as they are.
+            self._infer = self._channel.unary_unary(
+                INFER_METHOD,
+                request_serializer=None,
+                response_deserializer=pb.InferResponse.FromString,
+            )
+            self._infer_stream = self._channel.stream_stream(
+                STREAM_METHOD,
+                request_serializer=None,
+                response_deserializer=pb.InferStreamResponse.FromString,
+            )
+            self._health = self._channel.unary_unary(
+                _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
+            )
+        return self._stub_
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    async def _call(
+        self,
+        method: Callable[..., Awaitable[R]],
+        request: Any,
+        timeout: float | None,  # noqa: ASYNC109 - the budget of all attempts together
+    ) -> R:
+        """One idempotent RPC with retries, translated errors and the call metadata."""
+
+        async def attempt(remaining: float | None) -> R:
+            try:
+                return await method(request, timeout=remaining, metadata=self._metadata)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+
+        return await acall_with_retry(attempt, self.retry, self._timeout(timeout))
+
+    async def _input_dtypes(self, model: str, version: int | None) -> dict[str, Any]:
+        """The model's input dtypes, for list and scalar inputs; fetched once per model."""
+        key = (model, version or 0)
+        dtypes = self._dtypes.get(key)
+        if dtypes is None:
+            meta = await self.model_metadata(model, version=version)
+            dtypes = self._dtypes[key] = input_dtypes(meta)
+        return dtypes
+
+    async def infer(
+        self,
+        model: str,
+        inputs: Mapping[str, ArrayLike],
+        *,
+        version: int | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the sync client's name, same meaning
+        priority: int = 0,
+        request_id: str = "",
+    ) -> InferResult:
+        """Run one inference. ``timeout`` bounds the whole call (queueing and retries included);
+        list and scalar inputs take the model's declared dtypes, as with the sync client."""
+        self._stub()
+        dtypes = await self._input_dtypes(model, version) if needs_dtypes(inputs) else None
+        t0 = time.perf_counter()
+        request = encode_infer_request(
+            model,
+            inputs,
+            version=version,
+            outputs=outputs,
+            priority=priority,
+            request_id=request_id,
+            dtypes=dtypes,
+        )
+        t1 = time.perf_counter()
+        response = await self._call(self._infer, request, timeout)
+        t2 = time.perf_counter()
+        result = parse_infer_response(response)
+        result.timings = Timings(encode=t1 - t0, rpc=t2 - t1, decode=time.perf_counter() - t2)
+        return result
+
+    async def model_metadata(
+        self,
+        model: str,
+        *,
+        version: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> ModelMetadata:
+        request = pb.GetModelMetadataRequest(model=model, version=version or 0)
+        return parse_metadata(await self._call(self._stub().GetModelMetadata, request, timeout))
+
+    async def list_models(
+        self,
+        model: str = "",
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[ModelVersionStatus]:
+        request = pb.ListModelsRequest(model=model)
+        return parse_list_models(await self._call(self._stub().ListModels, request, timeout))
+
+    async def statistics(
+        self,
+        model: str = "",
+        *,
+        version: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[ModelStatistics]:
+        request = pb.GetModelStatisticsRequest(model=model, version=version or 0)
+        return parse_statistics(await self._call(self._stub().GetModelStatistics, request, timeout))
+
+    async def ready(
+        self,
+        model: str = "",
+        *,
+        timeout: float | None = 5.0,  # noqa: ASYNC109
+    ) -> bool:
+        """True when the server (or ``model``) reports SERVING on the standard health service;
+        False when it answers otherwise or cannot be reached."""
+        self._stub()
+        try:
+            raw = await self._health(
+                _health.encode_check_request(model), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError:
+            return False
+        return _health.decode_check_response(raw) == _health.SERVING
+
+    def stream(
+        self,
+        model: str,
+        *,
+        version: int | None = None,
+        outputs: Sequence[str] | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+    ) -> AsyncInferStream:
+        """An ``AsyncInferStream`` to ``model``; the call starts on first use. ``timeout`` is the
+        deadline of the whole stream; see ``InferenceClient.stream``."""
+
+        def open_call(**kwargs: Any) -> Any:
+            self._stub()
+            return self._infer_stream(**kwargs)
+
+        return AsyncInferStream(
+            open_call,
+            model,
+            version=version,
+            outputs=outputs,
+            priority=priority,
+            timeout=timeout,
+            metadata=self._metadata,
+            max_in_flight=max_in_flight,
+            dtypes=lambda: self._input_dtypes(model, version),
+        )
+
+    async def infer_many(
+        self,
+        model: str,
+        items: Iterable[InputItem] | AsyncIterable[InputItem],
+        *,
+        max_in_flight: int = 64,
+        version: int | None = None,
+        outputs: Sequence[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the stream's deadline
+    ) -> AsyncIterator[StreamResult]:
+        """Run every item on one stream; see ``InferenceClient.infer_many``."""
+        async with self.stream(
+            model, version=version, outputs=outputs, timeout=timeout, max_in_flight=max_in_flight
+        ) as stream:
+            async for answer in stream.infer_many(items, max_in_flight=max_in_flight):
+                yield answer
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+            self._channel = None
+            self._stub_ = None
+
+    async def __aenter__(self) -> AsyncInferenceClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

@@ -1,0 +1,214 @@
+"""Channel construction, in one place for the sync, async and conversion clients.
+
+Everything a client needs from the transport is decided here: the target (one endpoint or several
+behind gRPC's ``round_robin``), message-size limits, keepalive, TLS and the bearer token. A client
+builds a :class:`ChannelConfig`, asks it for a channel (:func:`create_channel` or
+:func:`create_aio_channel`) and passes :meth:`ChannelConfig.call_metadata` on every call.
+
+Why the token is sometimes plain metadata: gRPC refuses call credentials on an insecure channel,
+so with TLS the token rides as call credentials (attached by gRPC to every call, streams included),
+and without TLS it is sent as ordinary ``authorization`` metadata, which is what lets loopback
+deployments and tests use tokens at all. Never send a token in clear text over a network.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+DEFAULT_MAX_MESSAGE_BYTES = 80 * 1024 * 1024
+USER_AGENT = "ferry-python"
+
+Metadata = tuple[tuple[str, str], ...]
+PemSource = str | os.PathLike[str] | bytes
+
+
+def _read_pem(source: PemSource | None, what: str) -> bytes | None:
+    """Bytes are taken as PEM; anything else is a path, read now so that a typo fails here."""
+    if source is None or isinstance(source, bytes):
+        return source
+    try:
+        return Path(source).read_bytes()
+    except OSError as exc:
+        raise ValueError(
+            f"cannot read the {what} from {os.fspath(source)!r}: {exc.strerror}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Server authentication (and optionally client authentication) for a channel.
+
+    Each certificate or key is PEM bytes or a path to a PEM file. ``ca_cert=None`` trusts the
+    system's roots; ``client_cert`` and ``client_key`` go together (mutual TLS).
+    ``server_name_override`` checks the server's certificate against that name instead of the
+    target's host: for tests and for connecting by IP to a server whose certificate names a host.
+    """
+
+    ca_cert: PemSource | None = None
+    client_cert: PemSource | None = None
+    client_key: PemSource | None = None
+    server_name_override: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.client_cert is None) != (self.client_key is None):
+            raise ValueError("TLSConfig: client_cert and client_key go together (mutual TLS)")
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read_pem(self.ca_cert, "CA certificate"),
+            private_key=_read_pem(self.client_key, "client key"),
+            certificate_chain=_read_pem(self.client_cert, "client certificate"),
+        )
+
+
+def _split_host_port(endpoint: str) -> tuple[str, str]:
+    host, sep, port = endpoint.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"endpoint {endpoint!r} must be HOST:PORT")
+    return host, port
+
+
+def _ip_version(host: str) -> int | None:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).version
+    except ValueError:
+        return None
+
+
+def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
+    """Return (gRPC target string, number of endpoints).
+
+    Several endpoints become one ``ipv4:`` (or ``ipv6:``) target, gRPC's syntax for a static list of
+    addresses; a comma-separated string is read as such a list. Host names cannot be listed that
+    way, so several of them are refused with what to do instead.
+    """
+    if isinstance(target, str):
+        if "," not in target or target.startswith(("ipv4:", "ipv6:")):
+            return target, (target.count(",") + 1 if "," in target else 1)
+        endpoints = [t.strip() for t in target.split(",") if t.strip()]
+    else:
+        endpoints = [t.strip() for t in target]
+    if not endpoints:
+        raise ValueError("no endpoint given: pass HOST:PORT or a list of them")
+    if len(endpoints) == 1:
+        return endpoints[0], 1
+    versions = {_ip_version(_split_host_port(e)[0]) for e in endpoints}
+    if versions == {4}:
+        return "ipv4:" + ",".join(endpoints), len(endpoints)
+    if versions == {6}:
+        return "ipv6:" + ",".join(endpoints), len(endpoints)
+    raise ValueError(
+        f"several endpoints must all be IPv4 or all IPv6 addresses, got {endpoints}: a gRPC target "
+        "cannot list host names; give addresses, or one DNS name that resolves to every server "
+        "with load_balancing='round_robin'"
+    )
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """Every transport option of a client; see the module docstring for how the token travels.
+
+    ``keepalive_time`` (seconds between pings on an idle connection) notices dead peers behind
+    NATs and load balancers; servers refuse pings more often than every 5 minutes unless they are
+    configured to allow them. ``load_balancing`` defaults to ``round_robin`` for several endpoints
+    and to gRPC's default (``pick_first``) for one. ``options`` are raw gRPC channel arguments,
+    applied last so they win.
+    """
+
+    target: str | Sequence[str] = "127.0.0.1:8001"
+    tls: TLSConfig | None = None
+    token: str | None = None
+    credentials: grpc.ChannelCredentials | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    keepalive_time: float | None = None
+    keepalive_timeout: float | None = None
+    keepalive_permit_without_calls: bool = False
+    load_balancing: str | None = None
+    options: Sequence[tuple[str, Any]] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be > 0, got {self.max_message_bytes}")
+        for name in ("keepalive_time", "keepalive_timeout"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0 seconds, got {value}")
+        if self.tls is not None and self.credentials is not None:
+            raise ValueError("pass tls= or credentials=, not both")
+        if self.token is not None and ("\n" in self.token or not self.token.strip()):
+            raise ValueError("token must be a non-empty single line")
+
+    @property
+    def secure(self) -> bool:
+        return self.tls is not None or self.credentials is not None
+
+    def target_string(self) -> str:
+        return resolve_target(self.target)[0]
+
+    def channel_options(self) -> list[tuple[str, Any]]:
+        opts: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.primary_user_agent", USER_AGENT),
+        ]
+        _, endpoints = resolve_target(self.target)
+        policy = self.load_balancing or ("round_robin" if endpoints > 1 else None)
+        if policy is not None:
+            opts.append(("grpc.lb_policy_name", policy))
+        if self.keepalive_time is not None:
+            opts += [
+                ("grpc.keepalive_time_ms", int(self.keepalive_time * 1000)),
+                ("grpc.http2.max_pings_without_data", 0),
+            ]
+        if self.keepalive_timeout is not None:
+            opts.append(("grpc.keepalive_timeout_ms", int(self.keepalive_timeout * 1000)))
+        if self.keepalive_permit_without_calls:
+            opts.append(("grpc.keepalive_permit_without_calls", 1))
+        if self.tls is not None and self.tls.server_name_override:
+            opts.append(("grpc.ssl_target_name_override", self.tls.server_name_override))
+        opts.extend(self.options)
+        return opts
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """None for an insecure channel; with a token, TLS credentials composed with it."""
+        base = self.tls.credentials() if self.tls is not None else self.credentials
+        if base is None:
+            return None
+        if self.token is None:
+            return base
+        return grpc.composite_channel_credentials(
+            base, grpc.access_token_call_credentials(self.token)
+        )
+
+    def call_metadata(self) -> Metadata | None:
+        """Metadata every call must carry: the token when it cannot ride as call credentials."""
+        if self.token is None or self.secure:
+            return None
+        return (("authorization", f"Bearer {self.token}"),)
+
+
+def create_channel(config: ChannelConfig) -> grpc.Channel:
+    """A synchronous channel (``grpc.Channel``) for ``config``."""
+    creds = config.channel_credentials()
+    target, opts = config.target_string(), config.channel_options()
+    if creds is None:
+        return grpc.insecure_channel(target, options=opts)
+    return grpc.secure_channel(target, creds, options=opts)
+
+
+def create_aio_channel(config: ChannelConfig) -> aio.Channel:
+    """An asyncio channel (``grpc.aio.Channel``) for ``config``; create it inside the event loop
+    that will use it, since grpc.aio binds a channel to the loop it was made in."""
+    creds = config.channel_credentials()
+    target, opts = config.target_string(), config.channel_options()
+    if creds is None:
+        return aio.insecure_channel(target, options=opts)
+    return aio.secure_channel(target, creds, options=opts)

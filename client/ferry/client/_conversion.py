@@ -1,0 +1,541 @@
+"""The conversion client: upload a model, convert it into a served ONNX version, follow the job.
+
+>>> with ConversionClient("127.0.0.1:8003") as conv:                       # doctest: +SKIP
+...     up = conv.upload("mlp", "mlp.pt", architecture="mlp", architecture_kwargs={"sizes": [64, 10]})
+...     job = conv.convert(up, inputs=[InputSpec("input", "FP32", [-1, 64])],
+...                        quantization=Quantization("dynamic_int8")).wait()
+...     job.version
+1
+
+Uploads and conversions are never retried: running one twice is not harmless. torch is touched
+only when an ``nn.Module`` is passed, and then only through ``sys.modules`` (the caller already
+imported it), so this module stays importable without torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import IO, Any
+
+import grpc
+import numpy as np
+
+from ferry.client._channel import ChannelConfig, TLSConfig, create_channel
+from ferry.client._conversion_types import (
+    InputSpec,
+    ModelInfo,
+    ProgressEvent,
+    Pruning,
+    Quantization,
+    Report,
+    Serving,
+    Upload,
+    Validation,
+    format_name,
+    format_value,
+    parse_event,
+    parse_model,
+    parse_report,
+    parse_upload,
+)
+from ferry.client._errors import ConversionError, InvalidInputError, from_rpc_error
+from ferry.client._requests import as_array
+from ferry.codec import datatype_from_name, datatype_name, datatype_of, encode_tensor
+from ferry.proto.v1 import model_conversion_pb2 as pb
+from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
+
+MiB = 1 << 20
+SUFFIX_FORMATS = {
+    ".pt": "state_dict",
+    ".pth": "state_dict",
+    ".safetensors": "safetensors",
+    ".onnx": "onnx",
+    ".pt2": "exported_program",
+}
+FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript")
+TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
+Source = str | os.PathLike[str] | bytes | Any  # a path, the file's bytes, or an nn.Module
+Progress = bool | Callable[[ProgressEvent], None] | None
+
+
+class JobFailedError(ConversionError):
+    """A conversion job ended FAILED or CANCELLED. ``code`` and ``kind`` are the job's error (an
+    unknown architecture is INVALID_ARGUMENT, a missed accuracy budget FAILED_PRECONDITION);
+    ``job`` is the final job and ``report`` its report, when the job got that far."""
+
+    def __init__(self, job: Job) -> None:
+        super().__init__(
+            f"conversion job {job.id} of {job.model!r} {job.state}: {job.error_message}",
+            code=job.error_code,
+            kind=job.error_kind,
+        )
+        self.job = job
+        self.report = job.report
+
+
+@dataclass(eq=False)
+class Job:
+    """A conversion job, as last seen; ``refresh``, ``wait`` and ``cancel`` update it in place."""
+
+    id: str
+    model: str
+    state: str  # QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED
+    stage: str = ""
+    fraction: float = 0.0
+    message: str = ""
+    version: int | None = None  # the published version, once SUCCEEDED
+    upload_id: str = ""
+    format: str = ""
+    source_sha256: str = ""
+    error_code: grpc.StatusCode | None = None
+    error_kind: str = ""
+    error_message: str = ""
+    report: Report | None = None
+    report_json: str = field(default="", repr=False)
+    created: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+    _client: ConversionClient | None = field(default=None, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "SUCCEEDED"
+
+    def _conn(self) -> ConversionClient:
+        if self._client is None:
+            raise InvalidInputError("this Job is not bound to a client")
+        return self._client
+
+    def _update(self, other: Job) -> Job:
+        for name in self.__dataclass_fields__:
+            if name != "_client":
+                setattr(self, name, getattr(other, name))
+        return self
+
+    def refresh(self) -> Job:
+        return self._update(self._conn().job(self.id))
+
+    def events(self, *, timeout: float | None = None) -> Iterator[ProgressEvent]:
+        """Every event so far, then live ones; ends when the job has ended."""
+        return self._conn().watch(self.id, timeout=timeout)
+
+    def cancel(self) -> Job:
+        """Kill the job; returns once nothing of it remains (a finished job is unchanged)."""
+        return self._update(self._conn().cancel(self.id))
+
+    def wait(self, timeout: float | None = None, progress: Progress = None) -> Job:
+        """Block until the job ends; return it when it SUCCEEDED, raise ``JobFailedError`` (a
+        ``ConversionError``) otherwise. ``progress``: None draws a bar when stderr is a
+        terminal, True always, False never; a callable receives every event instead."""
+        if progress is None:
+            progress = sys.stderr.isatty()
+        bar = _Bar(sys.stderr) if progress is True else None
+        try:
+            if not self.done:
+                for event in self.events(timeout=timeout):
+                    if bar is not None:
+                        bar.show(event)
+                    elif callable(progress):
+                        progress(event)
+        finally:
+            if bar is not None:
+                bar.close()
+        self.refresh()
+        if not self.succeeded:
+            raise JobFailedError(self)
+        return self
+
+
+class _Bar:
+    """One line, redrawn: ``[#######.............]  35% export: message``."""
+
+    def __init__(self, stream: IO[str], width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+        self.drawn = False
+
+    def show(self, event: ProgressEvent) -> None:
+        filled = round(min(max(event.fraction, 0.0), 1.0) * self.width)
+        text = f"{event.stage}: {event.message}"[:60]
+        bar = "#" * filled + "." * (self.width - filled)
+        self.stream.write(f"\r[{bar}] {event.fraction:4.0%} {text:<60}")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+class ConversionClient:
+    """Client of the management listener's ``ModelConversion`` service (loopback by default).
+
+    ``timeout`` bounds each short call; uploads and waits take their own (no deadline unless
+    given), since a large model or a long conversion has no sensible default bound.
+    """
+
+    def __init__(
+        self,
+        target: str = "127.0.0.1:8003",
+        *,
+        timeout: float | None = 60.0,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.timeout = timeout
+        self.channel_config = ChannelConfig(
+            target, tls=tls, token=token, credentials=credentials, options=options
+        )
+        self._metadata = self.channel_config.call_metadata()
+        self._channel = create_channel(self.channel_config)
+        self._stub = pb_grpc.ModelConversionStub(self._channel)
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        try:
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    # ---- upload ----
+    def upload(
+        self,
+        name: str,
+        source: Source,
+        *,
+        format: str | None = None,
+        architecture: str | None = None,
+        architecture_kwargs: Mapping[str, Any] | None = None,
+        description: str = "",
+        example_inputs: Any = None,
+        chunk_size: int = MiB,
+        opset: int = 20,
+        timeout: float | None = None,
+    ) -> Upload:
+        """Upload a file (path or bytes) or an ``nn.Module`` for model ``name``.
+
+        A module needs ``example_inputs`` (a tensor, a tuple, or a dict name -> tensor). With an
+        ``architecture`` its state_dict is sent; without one it is exported to ONNX here. Either
+        way its outputs on the examples travel with the upload, and ``convert`` has the server
+        validate against them.
+        """
+        if chunk_size <= 0:
+            raise InvalidInputError("chunk_size must be positive")
+        extras: dict[str, Any] = {}
+        data: bytes | Path
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(source, torch.nn.Module):
+            if example_inputs is None:
+                raise InvalidInputError("uploading an nn.Module needs example_inputs=")
+            data, fmt, extras = _from_module(torch, source, example_inputs, architecture, opset)
+            fmt = format or fmt
+        elif isinstance(source, bytes | bytearray | memoryview):
+            data, fmt = bytes(source), format or ""
+        elif isinstance(source, str | os.PathLike):
+            path = Path(source)
+            data, fmt = path, format or SUFFIX_FORMATS.get(path.suffix.lower(), "")
+        else:
+            raise InvalidInputError(
+                f"cannot upload a {type(source).__name__}: pass a path, bytes or an nn.Module"
+            )
+        fmt = fmt.lower()
+        if fmt not in FORMATS:
+            raise InvalidInputError(
+                f"say which format this is: format= one of {', '.join(FORMATS)}"
+            )
+        size, sha = _measure(data)
+        header = pb.UploadHeader(
+            model=name,
+            format=format_value(fmt),
+            architecture=architecture or "",
+            architecture_kwargs_json=_json(architecture_kwargs),
+            description=description,
+            expected_sha256=sha,
+            size_bytes=size,
+        )
+        try:
+            reply = self._stub.UploadModel(
+                _chunks(header, data, chunk_size), timeout=timeout, metadata=self._metadata
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        up = parse_upload(reply)
+        return dataclasses.replace(up, **extras) if extras else up
+
+    # ---- jobs ----
+    def convert(
+        self,
+        upload: Upload | str,
+        *,
+        model: str = "",
+        inputs: Sequence[InputSpec | tuple[str, str, Sequence[int]]] | None = None,
+        opset: int = 20,
+        pruning: Pruning | None = None,
+        quantization: Quantization | str | None = None,
+        validation: Validation | None = None,
+        serving: Serving | None = None,
+        max_batch_size: int | None = None,
+    ) -> Job:
+        """Start converting an upload (or an upload id) into the next version of ``model``
+        (default: the upload's model). Returns at once; ``wait()`` on the job."""
+        up = upload if isinstance(upload, Upload) else None
+        upload_id = upload.upload_id if isinstance(upload, Upload) else upload
+        specs = [i if isinstance(i, InputSpec) else InputSpec(*i) for i in inputs or ()]
+        if not specs and up is not None:
+            specs = list(up.inputs)
+        if isinstance(quantization, str):
+            quantization = Quantization(mode=quantization)
+        if validation is None and up is not None and up.sample_inputs is not None:
+            validation = Validation(
+                sample_inputs=up.sample_inputs, reference_outputs=up.reference_outputs
+            )
+        spec = _spec(
+            specs,
+            opset=opset,
+            pruning=pruning,
+            quantization=quantization,
+            validation=validation,
+            serving=serving,
+            max_batch_size=max_batch_size,
+        )
+        request = pb.ConvertRequest(upload_id=upload_id, model=model, spec=spec)
+        return self._job(self._call(self._stub.Convert, request))
+
+    def job(self, job_id: str) -> Job:
+        return self._job(self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id)))
+
+    def list_jobs(self, model: str | None = None, *, limit: int = 100) -> list[Job]:
+        """Newest first."""
+        reply = self._call(self._stub.ListJobs, pb.ListJobsRequest(model=model or "", limit=limit))
+        return [self._job(j) for j in reply.jobs]
+
+    def cancel(self, job_id: str) -> Job:
+        return self._job(self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)))
+
+    def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[ProgressEvent]:
+        stream = self._stub.WatchJob(
+            pb.WatchJobRequest(job_id=job_id), timeout=timeout, metadata=self._metadata
+        )
+        try:
+            for event in stream:
+                yield parse_event(event)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            stream.cancel()
+
+    # ---- versions ----
+    def get_model(self, name: str) -> ModelInfo:
+        """Every version of the model on disk, with its state and conversion report."""
+        return parse_model(self._call(self._stub.GetModel, pb.GetModelRequest(model=name)))
+
+    def delete_version(self, name: str, version: int) -> None:
+        request = pb.DeleteModelVersionRequest(model=name, version=version)
+        self._call(self._stub.DeleteModelVersion, request)
+
+    def set_default_version(self, name: str, version: int | None) -> ModelInfo:
+        """Pin requests without a version to ``version`` (None: the highest served one)."""
+        request = pb.SetDefaultVersionRequest(model=name, version=version or 0)
+        return parse_model(self._call(self._stub.SetDefaultVersion, request).model)
+
+    def _job(self, m: pb.Job) -> Job:
+        error = m.error if m.HasField("error") else None
+        return Job(
+            id=m.job_id,
+            model=m.model,
+            state=pb.JobState.Name(m.state).removeprefix("JOB_STATE_"),
+            stage=m.stage,
+            fraction=m.fraction,
+            message=m.message,
+            version=m.version or None,
+            upload_id=m.upload_id,
+            format=format_name(m.format) if m.format else "",
+            source_sha256=m.source_sha256,
+            error_code=_status_code(error.code) if error is not None else None,
+            error_kind=error.kind if error is not None else "",
+            error_message=error.message if error is not None else "",
+            report=parse_report(m.report, m.report_json),
+            report_json=m.report_json,
+            created=m.created_ms / 1000,
+            started=m.started_ms / 1000 if m.started_ms else None,
+            finished=m.finished_ms / 1000 if m.finished_ms else None,
+            _client=self,
+        )
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ConversionClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+# ---- helpers ----
+def _status_code(value: int) -> grpc.StatusCode | None:
+    return next((c for c in grpc.StatusCode if c.value[0] == value), None)
+
+
+def _json(kwargs: Mapping[str, Any] | None) -> str:
+    import json
+
+    return json.dumps(dict(kwargs), sort_keys=True) if kwargs else ""
+
+
+def _measure(data: bytes | Path) -> tuple[int, str]:
+    if isinstance(data, bytes):
+        return len(data), hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256()
+    size = 0
+    with open(data, "rb") as fh:
+        while block := fh.read(4 * MiB):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _chunks(
+    header: pb.UploadHeader, data: bytes | Path, size: int
+) -> Iterator[pb.UploadModelRequest]:
+    yield pb.UploadModelRequest(header=header)
+    if isinstance(data, bytes):
+        view = memoryview(data)
+        for start in range(0, len(data), size):
+            yield pb.UploadModelRequest(chunk=bytes(view[start : start + size]))
+        return
+    with open(data, "rb") as fh:
+        while block := fh.read(size):
+            yield pb.UploadModelRequest(chunk=block)
+
+
+def _tensors(arrays: Mapping[str, Any] | None) -> list[Any]:
+    return [encode_tensor(name, as_array(value, name)) for name, value in (arrays or {}).items()]
+
+
+def _spec(
+    inputs: Sequence[InputSpec],
+    *,
+    opset: int,
+    pruning: Pruning | None,
+    quantization: Quantization | None,
+    validation: Validation | None,
+    serving: Serving | None,
+    max_batch_size: int | None,
+) -> pb.ConversionSpec:
+    spec = pb.ConversionSpec(opset=opset, max_batch_size=max_batch_size or 0)
+    for i in inputs:
+        spec.inputs.add(name=i.name, dtype=datatype_from_name(i.datatype), shape=list(i.shape))
+    if pruning is not None:
+        spec.pruning.method, spec.pruning.amount = pruning.method, pruning.amount
+    if quantization is not None:
+        q = spec.quantization
+        q.mode, q.keep_slower = quantization.mode, quantization.keep_slower
+        q.calibration = quantization.calibration or ""
+        if quantization.per_channel is not None:
+            q.per_channel = quantization.per_channel
+        q.calibration_inputs.extend(_tensors(quantization.calibration_inputs))
+    if validation is not None:
+        v = spec.validation
+        for name in ("rtol", "atol", "samples", "min_cosine", "min_top1_agreement"):
+            value = getattr(validation, name)
+            if value is not None:
+                setattr(v, name, value)
+        v.keep_failed = validation.keep_failed
+        v.sample_inputs.extend(_tensors(validation.sample_inputs))
+        v.reference_outputs.extend(_tensors(validation.reference_outputs))
+    if serving is not None:
+        for name in (
+            "max_batch_size",
+            "max_queue_delay_ms",
+            "max_queue_size",
+            "default_timeout_ms",
+            "instance_count",
+        ):
+            value = getattr(serving, name)
+            if value is not None:
+                setattr(spec.serving, name, value)
+    return spec
+
+
+# ---- nn.Module sources (torch comes from sys.modules: the caller imported it) ----
+def _from_module(
+    torch: Any, module: Any, examples: Any, architecture: str | None, opset: int
+) -> tuple[bytes, str, dict[str, Any]]:
+    if isinstance(examples, Mapping):
+        named = dict(examples)
+    elif isinstance(examples, tuple | list):
+        named = (
+            {f"input_{i}": t for i, t in enumerate(examples)}
+            if len(examples) > 1
+            else {"input": examples[0]}
+        )
+    else:
+        named = {"input": examples}
+    tensors = tuple(named.values())
+    module.eval()
+    with torch.no_grad():
+        result = module(*tensors)
+    outs = (
+        list(result.values())
+        if isinstance(result, Mapping)
+        else (list(result) if isinstance(result, tuple | list) else [result])
+    )
+    out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
+    samples = {n: t.detach().cpu().numpy() for n, t in named.items()}
+    inputs = tuple(
+        InputSpec(n, datatype_name(datatype_of(a.dtype)), [-1, *a.shape[1:]])
+        for n, a in samples.items()
+    )
+    extras: dict[str, Any] = {
+        "inputs": inputs,
+        "sample_inputs": samples,
+        "reference_outputs": {
+            n: np.asarray(o.detach().cpu().numpy()) for n, o in zip(out_names, outs, strict=True)
+        },
+    }
+    if architecture:
+        buffer = io.BytesIO()
+        torch.save(module.state_dict(), buffer)
+        return buffer.getvalue(), "state_dict", extras
+    # An example batch of 1 can freeze the batch dim: export with at least 2.
+    example = tuple(torch.cat([t, t]) if t.shape[0] < 2 else t for t in tensors)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        path = Path(tmp) / "model.onnx"
+        program = torch.onnx.export(
+            module,
+            example,
+            dynamo=True,
+            input_names=list(named),
+            output_names=out_names,
+            dynamic_shapes=tuple({0: batch} for _ in example),
+            opset_version=opset,
+        )
+        program.save(str(path), external_data=False)
+        return path.read_bytes(), "onnx", extras

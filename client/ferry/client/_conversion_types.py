@@ -1,0 +1,309 @@
+"""What the conversion client takes and returns: plain typed objects, no protobuf.
+
+Options (``InputSpec``, ``Pruning``, ``Quantization``, ``Validation``, ``Serving``) leave a field
+``None`` to mean "the server's default", so a default changed on the server is not pinned by an
+old client. Results (``Upload``, ``ProgressEvent``, ``Report``, ``ModelInfo``) mirror the
+server's messages; ``Report.raw`` keeps every key of report.json, including ones newer than this
+client.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry.proto.v1 import model_conversion_pb2 as pb
+
+ArrayMap = Mapping[str, Any]  # name -> numpy array (or anything np.asarray accepts)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input; -1 in ``shape`` is a dynamic dimension (the first is the batch)."""
+
+    name: str
+    datatype: str  # "FP32", "INT64", ...
+    shape: Sequence[int]
+
+
+@dataclass(frozen=True)
+class Pruning:
+    method: str = "l1_unstructured"  # "l1_unstructured", "global_unstructured", "structured"
+    amount: float = 0.5  # fraction of weights (or channels) removed, in (0, 1)
+
+
+@dataclass(frozen=True)
+class Quantization:
+    mode: str = "dynamic_int8"  # "dynamic_int8", "static_int8", "fp16", "auto"
+    calibration: str | None = None  # "minmax" or "percentile" (static_int8)
+    per_channel: bool | None = None
+    calibration_inputs: ArrayMap | None = None  # input name -> [N, ...] samples
+    keep_slower: bool = False
+
+
+@dataclass(frozen=True)
+class Validation:
+    rtol: float | None = None
+    atol: float | None = None
+    samples: int | None = None
+    sample_inputs: ArrayMap | None = None  # input name -> [N, ...]
+    reference_outputs: ArrayMap | None = None  # output name -> [N, ...], your PyTorch outputs
+    min_cosine: float | None = None
+    min_top1_agreement: float | None = None
+    keep_failed: bool = False
+
+
+@dataclass(frozen=True)
+class Serving:
+    """The new version's serving config; None keeps the model's own setting."""
+
+    max_batch_size: int | None = None
+    max_queue_delay_ms: float | None = None
+    max_queue_size: int | None = None
+    default_timeout_ms: float | None = None
+    instance_count: int | None = None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded source. When it was made from an ``nn.Module``, it also carries the input
+    specs and the module's own outputs, which ``convert`` sends along for validation."""
+
+    upload_id: str
+    model: str
+    format: str  # "state_dict", "safetensors", "onnx", "exported_program", "torchscript"
+    sha256: str
+    size_bytes: int
+    architecture: str = ""
+    architecture_kwargs: Mapping[str, Any] = field(default_factory=dict)
+    description: str = ""
+    created: float = 0.0  # seconds since the epoch
+    inputs: tuple[InputSpec, ...] = ()
+    sample_inputs: ArrayMap | None = None
+    reference_outputs: ArrayMap | None = None
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    job_id: str
+    seq: int
+    stage: str
+    fraction: float
+    message: str
+    state: str  # the job's state after this event
+    error_kind: str = ""
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class Parity:
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    top1_agreement: float | None
+    samples: int
+    against: str
+
+
+@dataclass(frozen=True)
+class PruningReport:
+    method: str
+    amount: float
+    sparsity: float
+    fine_tuned: bool
+    params_before: int
+    params_after: int
+    vs_unpruned: Parity | None = None  # pruned vs unpruned PyTorch outputs
+
+
+@dataclass(frozen=True)
+class VariantReport:
+    name: str
+    size_bytes: int
+    gzip_bytes: int
+    sparsity: float
+    latency_ms: Mapping[int, float]  # batch size -> ms per batch
+    speedup_vs_fp32: Mapping[int, float]
+    vs_fp32: Parity | None
+    vs_pytorch: Parity | None
+    within_budget: bool
+    published: bool
+    note: str
+
+
+@dataclass(frozen=True)
+class Report:
+    exporter: str
+    opset: int
+    torch: str
+    onnx: str
+    onnxruntime: str
+    source_sha256: str
+    source_format: str
+    pruning: PruningReport | None
+    parity: Parity | None
+    stages: Mapping[str, float]  # stage -> seconds
+    variants: tuple[VariantReport, ...]
+    published: str  # the variant served as model.onnx; "" when none was
+    within_budget: bool = False
+    error: Mapping[str, str] | None = None  # stage, kind, message: where a failed job stopped
+    raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def variant(self, name: str) -> VariantReport | None:
+        return next((v for v in self.variants if v.name == name), None)
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    state: str  # READY, LOADING, FAILED, UNLOADING, UNLOADED (on disk, not served)
+    reason: str
+    is_default: bool
+    job_id: str
+    size_bytes: int
+    report: Report | None
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    default_version: int | None
+    versions: tuple[VersionInfo, ...]
+
+    def version(self, number: int) -> VersionInfo | None:
+        return next((v for v in self.versions if v.version == number), None)
+
+
+# ---- from the wire ----
+def _parity(m: pb.ParityReport) -> Parity:
+    return Parity(
+        max_abs=m.max_abs,
+        mean_abs=m.mean_abs,
+        cosine=m.cosine,
+        top1_agreement=m.top1_agreement if m.HasField("top1_agreement") else None,
+        samples=m.samples,
+        against=m.against,
+    )
+
+
+def _by_batch(values: Mapping[str, float]) -> dict[int, float]:
+    return {int(k): v for k, v in values.items() if k.isdigit()}
+
+
+def parse_report(m: pb.ConversionReport, raw_json: str) -> Report | None:
+    if not raw_json:
+        return None
+    try:
+        raw = json.loads(raw_json)
+    except ValueError:
+        raw = {}
+    p = m.pruning
+    return Report(
+        exporter=m.exporter,
+        opset=m.opset,
+        torch=m.torch,
+        onnx=m.onnx,
+        onnxruntime=m.onnxruntime,
+        source_sha256=m.source_sha256,
+        source_format=m.source_format,
+        pruning=PruningReport(
+            p.method,
+            p.amount,
+            p.sparsity,
+            p.fine_tuned,
+            p.params_before,
+            p.params_after,
+            _parity(p.vs_unpruned) if p.HasField("vs_unpruned") else None,
+        )
+        if m.HasField("pruning")
+        else None,
+        parity=_parity(m.parity) if m.HasField("parity") else None,
+        stages=dict(m.stages),
+        variants=tuple(
+            VariantReport(
+                name=v.name,
+                size_bytes=v.size_bytes,
+                gzip_bytes=v.gzip_bytes,
+                sparsity=v.sparsity,
+                latency_ms=_by_batch(v.latency_ms),
+                speedup_vs_fp32=_by_batch(v.speedup_vs_fp32),
+                vs_fp32=_parity(v.vs_fp32) if v.HasField("vs_fp32") else None,
+                vs_pytorch=_parity(v.vs_pytorch) if v.HasField("vs_pytorch") else None,
+                within_budget=v.within_budget,
+                published=v.published,
+                note=v.note,
+            )
+            for v in m.variants
+        ),
+        published=m.published,
+        within_budget=m.within_budget,
+        error={"stage": m.error.stage, "kind": m.error.kind, "message": m.error.message}
+        if m.HasField("error")
+        else None,
+        raw=raw if isinstance(raw, dict) else {},
+    )
+
+
+_FORMAT_PREFIX = "SOURCE_FORMAT_"
+
+
+def format_name(value: int) -> str:
+    return pb.SourceFormat.Name(value).removeprefix(_FORMAT_PREFIX).lower()
+
+
+def format_value(name: str) -> str:
+    return _FORMAT_PREFIX + name.upper()
+
+
+def parse_upload(m: pb.Upload) -> Upload:
+    try:
+        kwargs = json.loads(m.architecture_kwargs_json) if m.architecture_kwargs_json else {}
+    except ValueError:
+        kwargs = {}
+    return Upload(
+        upload_id=m.upload_id,
+        model=m.model,
+        format=format_name(m.format),
+        sha256=m.sha256,
+        size_bytes=m.size_bytes,
+        architecture=m.architecture,
+        architecture_kwargs=kwargs,
+        description=m.description,
+        created=m.created_ms / 1000,
+    )
+
+
+def parse_event(m: pb.ProgressEvent) -> ProgressEvent:
+    return ProgressEvent(
+        job_id=m.job_id,
+        seq=m.seq,
+        stage=m.stage,
+        fraction=m.fraction,
+        message=m.message,
+        state=pb.JobState.Name(m.state).removeprefix("JOB_STATE_"),
+        error_kind=m.error_kind,
+        time=m.time_ms / 1000,
+    )
+
+
+def parse_model(m: pb.ModelInfo) -> ModelInfo:
+    from ferry.proto.v1 import inference_pb2
+
+    return ModelInfo(
+        name=m.name,
+        default_version=m.default_version or None,
+        versions=tuple(
+            VersionInfo(
+                version=v.version,
+                state=inference_pb2.ModelState.Name(v.state).removeprefix("MODEL_STATE_"),
+                reason=v.reason,
+                is_default=v.is_default,
+                job_id=v.job_id,
+                size_bytes=v.size_bytes,
+                report=parse_report(v.report, v.report_json),
+            )
+            for v in m.versions
+        ),
+    )

@@ -1,0 +1,141 @@
+"""Retries with exponential backoff and jitter, inside one deadline.
+
+Only idempotent calls go through here: inference, metadata, listing and statistics may run twice
+without harm, an upload or a conversion may not, so their clients never retry. The ``timeout`` a
+caller gives is the budget for every attempt and every pause together, which is what a caller with
+a latency objective means by it; an attempt never gets more than what is left of the budget.
+
+A failure is retried only when its status code is in ``retryable_codes`` *and* its exception class
+says it can succeed later (``FerryError.retryable``): a request over a configured limit
+(``LimitExceededError``) comes back as RESOURCE_EXHAUSTED too, but retrying it only burns budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import grpc
+
+from ferry.client._errors import FerryError
+
+T = TypeVar("T")
+
+DEFAULT_RETRYABLE_CODES = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How an idempotent call is retried.
+
+    ``max_attempts`` counts the first try (1: never retry). The pause before attempt ``n + 1`` is
+    ``min(max_backoff, initial_backoff * multiplier ** (n - 1))`` scaled by a random factor in
+    ``[1 - jitter, 1 + jitter]``, so that clients failed by the same event do not come back in step.
+    """
+
+    max_attempts: int = 4
+    initial_backoff: float = 0.05
+    max_backoff: float = 2.0
+    multiplier: float = 2.0
+    jitter: float = 0.2
+    retryable_codes: frozenset[grpc.StatusCode] = field(default=DEFAULT_RETRYABLE_CODES)
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
+        if self.initial_backoff < 0 or self.max_backoff < 0:
+            raise ValueError("backoffs must be >= 0 seconds")
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"jitter must be within [0, 1], got {self.jitter}")
+
+    @classmethod
+    def disabled(cls) -> RetryPolicy:
+        """One attempt only: for calls that must not run twice."""
+        return cls(max_attempts=1)
+
+    def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
+        """Seconds to pause after failed attempt number ``attempt`` (1-based)."""
+        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        if not self.jitter:
+            return base
+        u = (rng or _RNG).uniform(-1.0, 1.0)
+        return max(0.0, base * (1.0 + self.jitter * u))
+
+    def should_retry(self, error: FerryError, attempt: int) -> bool:
+        """Whether failed attempt ``attempt`` (1-based) may be followed by another one."""
+        return (
+            attempt < self.max_attempts
+            and error.code in self.retryable_codes
+            and type(error).retryable
+        )
+
+
+NO_RETRY = RetryPolicy.disabled()
+_RNG = random.Random()
+
+
+def _remaining(deadline: float | None, clock: Callable[[], float]) -> float | None:
+    return None if deadline is None else deadline - clock()
+
+
+def call_with_retry(
+    attempt_fn: Callable[[float | None], T],
+    policy: RetryPolicy,
+    timeout: float | None,
+    *,
+    sleep: Callable[[float], object] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+) -> T:
+    """Run ``attempt_fn(per_attempt_timeout)`` until it returns, within ``timeout`` in total.
+
+    ``attempt_fn`` raises FerryError on failure. When no budget is left for a pause and another
+    attempt, the last error is raised as it was: it says more than a bare deadline would.
+    """
+    deadline = None if timeout is None else clock() + timeout
+    attempt = 1
+    while True:
+        try:
+            return attempt_fn(_remaining(deadline, clock))
+        except FerryError as exc:
+            if not policy.should_retry(exc, attempt):
+                raise
+            pause = policy.backoff(attempt, rng)
+            left = _remaining(deadline, clock)
+            if left is not None and left <= pause:
+                raise
+            sleep(pause)
+            attempt += 1
+
+
+async def acall_with_retry(
+    attempt_fn: Callable[[float | None], Awaitable[T]],
+    policy: RetryPolicy,
+    timeout: float | None,  # noqa: ASYNC109 - a budget spanning attempts, not one await
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    rng: random.Random | None = None,
+) -> T:
+    """The asyncio twin of :func:`call_with_retry`; pauses with ``asyncio.sleep``."""
+    deadline = None if timeout is None else clock() + timeout
+    attempt = 1
+    while True:
+        try:
+            return await attempt_fn(_remaining(deadline, clock))
+        except FerryError as exc:
+            if not policy.should_retry(exc, attempt):
+                raise
+            pause = policy.backoff(attempt, rng)
+            left = _remaining(deadline, clock)
+            if left is not None and left <= pause:
+                raise
+            await asyncio.sleep(pause)
+            attempt += 1

@@ -1,0 +1,169 @@
+"""Request inputs for load tests and ``ferry infer``: generated from a model's metadata or read
+from .npy, .npz and JSON files.
+
+JSON carries no dtype, so JSON values take the dtype the model declares for that input; a .npy or
+.npz keeps its own dtype, and a mismatch is left for the server to report, since silently casting
+a float64 file would hide a bug in whatever wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ferry.client._types import ModelMetadata, TensorInfo
+from ferry.codec import CodecError, datatype_from_name, numpy_dtype
+
+
+class InputError(ValueError):
+    """Inputs could not be built or read; the message says which input and what to fix."""
+
+
+def _dtype(info: TensorInfo) -> np.dtype[Any]:
+    try:
+        return numpy_dtype(datatype_from_name(info.datatype))
+    except CodecError as exc:
+        raise InputError(f"input {info.name!r}: {exc}") from None
+
+
+def input_shape(
+    info: TensorInfo, *, batched: bool, batch_size: int, override: Sequence[int] | None
+) -> tuple[int, ...]:
+    """The concrete shape to generate for ``info``: an override wins; otherwise the batch dim
+    (the first, when the model batches) becomes ``batch_size`` and every other dim must be fixed."""
+    if override is not None:
+        shape = tuple(int(d) for d in override)
+        if len(shape) != len(info.shape):
+            raise InputError(
+                f"input {info.name!r} has {len(info.shape)} dims {list(info.shape)}, "
+                f"the override gives {len(shape)}: {list(shape)}"
+            )
+        if any(d < 0 for d in shape):
+            raise InputError(f"input {info.name!r}: shape {list(shape)} has a negative dimension")
+        return shape
+    dims = list(info.shape)
+    if batched and dims:
+        dims[0] = batch_size
+    elif batch_size != 1:
+        raise InputError(
+            f"model input {info.name!r} has no batch dimension: use batch size 1, or give "
+            f"its full shape with --shape {info.name}=..."
+        )
+    if any(d < 0 for d in dims):
+        raise InputError(
+            f"input {info.name!r} has dynamic dimensions {list(info.shape)}: give a concrete shape "
+            f"with --shape {info.name}={','.join('N' if d < 0 else str(d) for d in info.shape)}"
+        )
+    return tuple(dims)
+
+
+def generate_inputs(
+    meta: ModelMetadata,
+    *,
+    batch_size: int = 1,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
+    """Random inputs that the model accepts: normal floats, small non-negative integers (valid
+    as indices and lengths), random booleans and short byte strings."""
+    shapes = shapes or {}
+    unknown = set(shapes) - {t.name for t in meta.inputs}
+    if unknown:
+        raise InputError(
+            f"--shape names {sorted(unknown)}, but the model's inputs are "
+            f"{[t.name for t in meta.inputs]}"
+        )
+    rng = np.random.default_rng(seed)
+    batched = meta.batching.max_batch_size > 0
+    out: dict[str, np.ndarray] = {}
+    for info in meta.inputs:
+        shape = input_shape(
+            info, batched=batched, batch_size=batch_size, override=shapes.get(info.name)
+        )
+        if info.datatype == "BYTES":
+            arr = np.empty(shape, dtype=object)
+            arr.fill(b"ferry")
+        elif info.datatype == "BOOL":
+            arr = rng.random(shape) < 0.5
+        elif info.datatype.startswith(("FP", "BF")):
+            arr = rng.standard_normal(shape).astype(_dtype(info))
+        else:
+            arr = rng.integers(0, 8, size=shape).astype(_dtype(info))
+        out[info.name] = arr
+    return out
+
+
+def _json_inputs(path: Path, meta: ModelMetadata | None) -> dict[str, np.ndarray]:
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not readable JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise InputError(f'{path}: expected an object {{"input name": values, ...}}')
+    declared = {t.name: t for t in meta.inputs} if meta is not None else {}
+    out: dict[str, np.ndarray] = {}
+    for name, value in doc.items():
+        data, datatype, shape = value, None, None
+        if isinstance(value, dict):  # {"data": [...], "datatype": "FP32", "shape": [..]}
+            data = value.get("data")
+            datatype, shape = value.get("datatype"), value.get("shape")
+        info = declared.get(name)
+        if datatype is None and info is not None:
+            datatype = info.datatype
+        try:
+            dtype = numpy_dtype(datatype_from_name(datatype)) if datatype else None
+            arr = np.asarray(data, dtype=dtype)
+            if shape is not None:
+                arr = arr.reshape(shape)
+        except (CodecError, TypeError, ValueError) as exc:
+            raise InputError(f"{path}: input {name!r}: {exc}") from None
+        out[name] = arr
+    return out
+
+
+def _single_input_name(meta: ModelMetadata | None, path: Path) -> str:
+    if meta is not None and len(meta.inputs) == 1:
+        return meta.inputs[0].name
+    names = [t.name for t in meta.inputs] if meta is not None else []
+    raise InputError(
+        f"{path}: a .npy holds one array; name the input it feeds with NAME={path} "
+        f"(the model's inputs: {names})"
+    )
+
+
+def load_inputs(specs: Sequence[str], meta: ModelMetadata | None = None) -> dict[str, np.ndarray]:
+    """Read inputs from ``specs``: ``FILE.npz`` (one array per input, by name), ``FILE.json``,
+    ``FILE.npy`` (a single-input model) or ``NAME=FILE.npy``. Later specs override earlier ones."""
+    out: dict[str, np.ndarray] = {}
+    for spec in specs:
+        name, sep, file = spec.partition("=")
+        if not sep:
+            name, file = "", spec
+        path = Path(file)
+        if not path.is_file():
+            raise InputError(f"input file {str(path)!r} does not exist")
+        suffix = path.suffix.lower()
+        try:
+            if suffix == ".npz":
+                if name:
+                    raise InputError(f"{spec}: a .npz names its arrays itself; drop the NAME=")
+                with np.load(path, allow_pickle=False) as npz:
+                    out.update({key: npz[key] for key in npz.files})
+            elif suffix == ".npy":
+                out[name or _single_input_name(meta, path)] = np.load(path, allow_pickle=False)
+            elif suffix == ".json":
+                if name:
+                    raise InputError(f"{spec}: a JSON file names its inputs itself; drop NAME=")
+                out.update(_json_inputs(path, meta))
+            else:
+                raise InputError(f"{path}: unsupported input file type; use .npy, .npz or .json")
+        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+            if isinstance(exc, InputError):
+                raise
+            raise InputError(f"{path}: cannot read: {exc}") from None
+    return out

@@ -1,0 +1,192 @@
+"""Validating a conversion spec before a process is spent on it, and storing its tensors.
+
+Everything the server can decide without torch is decided here, so a typo in a mode or an
+amount out of range comes back at once as INVALID_ARGUMENT naming the field, instead of as a
+failed job minutes later. What needs the model itself (does the architecture exist, do the
+weights fit, does the graph export) is the child's to report.
+"""
+
+from __future__ import annotations
+
+import math
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ferry.server.convert.spec import ConversionSpec
+from ferry.server.core.config import MAX_BATCH_SIZE_LIMIT, parse_config
+from ferry.server.errors import InvalidArgument
+
+# Formats whose file carries no input signature: the spec must give it.
+NEEDS_INPUTS = ("state_dict", "safetensors", "torchscript")
+DATATYPES = (
+    "BOOL",
+    "UINT8",
+    "UINT16",
+    "UINT32",
+    "UINT64",
+    "INT8",
+    "INT16",
+    "INT32",
+    "INT64",
+    "FP16",
+    "BF16",
+    "FP32",
+    "FP64",
+)
+MAX_INPUTS = 64
+MAX_RANK = 16
+MAX_SAMPLES = 100_000
+
+
+@dataclass
+class SpecTensors:
+    """Tensors that travel with a spec; stored as .npz files in the job folder."""
+
+    calibration: dict[str, np.ndarray] = field(default_factory=dict)
+    samples: dict[str, np.ndarray] = field(default_factory=dict)
+    references: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def validate_spec(spec: ConversionSpec, tensors: SpecTensors, *, source_format: str) -> None:
+    """What ``speccheck.check_job`` (shared with the child) does not cover: names, ranges,
+    the tensors and the serving config."""
+    _check_inputs(spec, source_format)
+    if not 1 <= spec.max_batch_size <= MAX_BATCH_SIZE_LIMIT:
+        raise InvalidArgument(f"max_batch_size must be within 1..{MAX_BATCH_SIZE_LIMIT}")
+    p = spec.pruning
+    if p.method == "none" and p.amount:
+        raise InvalidArgument("pruning.amount is set but pruning.method is 'none': choose a method")
+    if p.method != "none" and not p.amount > 0.0:
+        raise InvalidArgument(f"pruning.amount must be above 0 for {p.method!r}, got {p.amount}")
+    q = spec.quantization
+    if tensors.calibration and q.mode not in ("static_int8", "auto"):
+        raise InvalidArgument(
+            "calibration inputs only serve static_int8 (or auto) quantization; "
+            f"quantization.mode is {q.mode!r}"
+        )
+    v = spec.validation
+    for name, value, lo, hi in (
+        ("rtol", v.rtol, 0.0, 1.0),
+        ("atol", v.atol, 0.0, 1e3),
+        ("min_cosine", v.min_cosine, -1.0, 1.0),
+        ("min_top1_agreement", v.min_top1_agreement, 0.0, 1.0),
+    ):
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise InvalidArgument(f"validation.{name} {value} is out of range [{lo}, {hi}]")
+    if not 1 <= v.samples <= 10_000:
+        raise InvalidArgument(f"validation.samples {v.samples} is out of range: use 1..10000")
+    if tensors.references and not tensors.samples:
+        raise InvalidArgument(
+            "validation.reference_outputs need the sample_inputs they were computed from"
+        )
+    names = {i.name for i in spec.inputs}
+    _check_set("quantization.calibration_inputs", tensors.calibration, names)
+    _check_set("validation.sample_inputs", tensors.samples, names)
+    _check_set("validation.reference_outputs", tensors.references, set())
+    if tensors.samples and tensors.references:
+        n_in = next(iter(tensors.samples.values())).shape[0]
+        n_out = next(iter(tensors.references.values())).shape[0]
+        if n_in != n_out:
+            raise InvalidArgument(
+                f"validation.reference_outputs have {n_out} samples but sample_inputs have {n_in}"
+            )
+    try:
+        parse_config(spec.serving_config, where="serving config")
+    except InvalidArgument as exc:
+        raise InvalidArgument(exc.message) from None
+
+
+def _check_inputs(spec: ConversionSpec, source_format: str) -> None:
+    if not spec.inputs and source_format in NEEDS_INPUTS:
+        raise InvalidArgument(
+            f"a {source_format} source carries no input signature: give the input specs "
+            "(name, datatype, shape with -1 for dynamic dims, e.g. input FP32 [-1, 64])"
+        )
+    if len(spec.inputs) > MAX_INPUTS:
+        raise InvalidArgument(f"{len(spec.inputs)} inputs: at most {MAX_INPUTS} are supported")
+    seen: set[str] = set()
+    for i in spec.inputs:
+        _check_name("input", i.name)
+        if i.name in seen:
+            raise InvalidArgument(f"input {i.name!r} is given twice")
+        seen.add(i.name)
+        if i.datatype not in DATATYPES:
+            raise InvalidArgument(
+                f"input {i.name!r}: datatype {i.datatype!r} cannot be exported; use one of "
+                f"{', '.join(DATATYPES)}"
+            )
+        if len(i.shape) > MAX_RANK or any(d < -1 or d == 0 for d in i.shape):
+            raise InvalidArgument(
+                f"input {i.name!r}: shape {i.shape} must list dims > 0, or -1 for a dynamic "
+                f"dim (rank <= {MAX_RANK})"
+            )
+
+
+def _check_name(what: str, name: str) -> None:
+    if not name or len(name) > 256 or not name.isprintable() or "/" in name:
+        raise InvalidArgument(
+            f"{what} name {name[:64]!r} is invalid: use 1-256 printable characters without '/'"
+        )
+
+
+def _check_set(what: str, arrays: Mapping[str, np.ndarray], names: set[str]) -> None:
+    if not arrays:
+        return
+    counts = set()
+    for name, array in arrays.items():
+        _check_name(f"{what} tensor", name)
+        if names and name not in names:
+            raise InvalidArgument(f"{what}: {name!r} is not an input; inputs: {sorted(names)}")
+        if array.dtype.kind not in "biuf" or array.ndim < 1:
+            raise InvalidArgument(
+                f"{what}: {name!r} must be a numeric tensor whose first dim counts samples"
+            )
+        counts.add(array.shape[0])
+    if len(counts) != 1:
+        raise InvalidArgument(f"{what}: tensors disagree on the sample count: {sorted(counts)}")
+    if not 1 <= counts.pop() <= MAX_SAMPLES:
+        raise InvalidArgument(f"{what}: the sample count must be within 1..{MAX_SAMPLES}")
+    if names and set(arrays) != names:
+        raise InvalidArgument(f"{what}: missing tensors for inputs {sorted(names - set(arrays))}")
+
+
+def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> str:
+    """np.savez's format, written member by member: np.savez would take an input named
+    ``file`` or ``allow_pickle`` as its own keyword, and pickled (object) arrays are refused
+    so that the child can load with ``allow_pickle=False``."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, array in arrays.items():
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+                np.lib.format.write_array(fh, np.ascontiguousarray(array), allow_pickle=False)
+    return str(path)
+
+
+def serving_config(
+    *,
+    max_batch_size: int | None = None,
+    max_queue_delay_ms: float | None = None,
+    max_queue_size: int | None = None,
+    default_timeout_ms: float | None = None,
+    instance_count: int | None = None,
+) -> dict[str, Any]:
+    """The version's config.json content: only the keys the caller set."""
+    batching: dict[str, Any] = {}
+    for key, value in (
+        ("max_batch_size", max_batch_size),
+        ("max_queue_delay_ms", max_queue_delay_ms),
+        ("max_queue_size", max_queue_size),
+        ("default_timeout_ms", default_timeout_ms),
+    ):
+        if value is not None:
+            batching[key] = value
+    out: dict[str, Any] = {}
+    if batching:
+        out["batching"] = batching
+    if instance_count is not None:
+        out["instances"] = {"count": instance_count}
+    return out

@@ -1,0 +1,141 @@
+"""The conversion child process: ``python -m ferry.server.convert.child --job JOB.json
+(--progress-fd N | --progress-file PATH)``.
+
+One process per job, so that torch, its memory peak and any code a permitted ``.pt2`` or TorchScript
+file runs stay out of the serving process, and the parent can bound it with rlimits and a timeout.
+
+Protocol with the parent:
+- progress: one ``spec.ProgressEvent`` JSON object per line on the progress channel, flushed each
+  line; stages come in pipeline order, every stage announced (skipped ones say so). On success the
+  last event has fraction ``FINAL_FRACTION`` (0.95; publishing is the parent's), on failure it names
+  the failing stage and carries ``error_kind`` (an ``ErrorKind`` value) and a message saying what to
+  do.
+- files: ``model.onnx`` and ``report.json`` in ``job.work_dir`` on success; on failure only
+  ``report.json`` (with an ``error`` section). Nothing is written outside work_dir: temporary files
+  of every library go to ``work_dir/.scratch``, removed at the end.
+- exit status: 0 success, 2 a domain failure (the last event says which), 1 a crash (traceback on
+  stderr). stdout is redirected to stderr at the file-descriptor level, so exporter chatter can
+  never corrupt the progress channel, even when the parent passed fd 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import TextIO
+
+from ferry.server.convert.spec import Job, ProgressEvent, job_from_json, to_json
+from ferry.server.errors import ErrorKind, FerryError
+
+EXIT_OK, EXIT_CRASH, EXIT_FAILED = 0, 1, 2
+
+
+class Progress:
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def emit(self, event: ProgressEvent) -> None:
+        self._stream.write(to_json(event) + "\n")
+        self._stream.flush()
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m ferry.server.convert.child")
+    parser.add_argument("--job", required=True, help="the job as spec.Job JSON")
+    channel = parser.add_mutually_exclusive_group(required=True)
+    channel.add_argument("--progress-fd", type=int, help="an inherited, writable file descriptor")
+    channel.add_argument("--progress-file", help="a file to append progress lines to (tests)")
+    return parser.parse_args(argv)
+
+
+def _open_progress(args: argparse.Namespace) -> Progress:
+    """Open the channel before stdout is redirected: fd 1 may be the channel itself."""
+    if args.progress_file:
+        return Progress(open(args.progress_file, "a", encoding="utf-8"))
+    fd = os.dup(args.progress_fd) if args.progress_fd == 1 else args.progress_fd
+    return Progress(os.fdopen(fd, "w", encoding="utf-8"))
+
+
+def _redirect_stdout() -> None:
+    sys.stdout.flush()
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+
+def _confine_temp(work: Path) -> None:
+    """Point every library's temporary and cache folders into work_dir (removed afterwards).
+
+    Must run before onnxruntime or torch is imported: both read these variables at import.
+    """
+    tmp = work / ".scratch" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    # onnxruntime keeps a device id under XDG_CACHE_HOME; torch caches under TORCH_HOME.
+    for variable in (
+        "TMPDIR", "TEMP", "TMP", "XDG_CACHE_HOME", "TORCH_HOME", "TORCHINDUCTOR_CACHE_DIR",
+        "TRITON_CACHE_DIR",
+    ):  # fmt: skip
+        os.environ[variable] = str(tmp)
+    tempfile.tempdir = str(tmp)
+    sys.dont_write_bytecode = True  # no .pyc files next to modules imported from here on
+
+
+def _fail(work: Path, report: dict[str, object], stage: str, kind: str, message: str) -> None:
+    """Leave no model behind, only the report with what went wrong."""
+    from ferry.server.convert.pipeline import MODEL_FILE, SCRATCH, write_report
+
+    (work / MODEL_FILE).unlink(missing_ok=True)
+    shutil.rmtree(work / SCRATCH, ignore_errors=True)
+    report["error"] = {"stage": stage, "kind": kind, "message": message}
+    report["published"] = None
+    write_report(work, report)
+
+
+def run(job: Job, progress: Progress) -> int:
+    from ferry.server.convert.pipeline import STAGE_START, Pipeline
+
+    work = Path(job.work_dir)
+    pipeline = Pipeline(job, progress.emit)
+    try:
+        pipeline.run()
+        return EXIT_OK
+    except FerryError as exc:
+        kind, message, code = exc.kind.value, exc.message, EXIT_FAILED
+    except Exception as exc:
+        traceback.print_exc()
+        kind = ErrorKind.INTERNAL.value
+        message = (
+            f"the conversion child crashed in stage {pipeline.stage}: {type(exc).__name__}: {exc}"
+        )
+        code = EXIT_CRASH
+    stage = pipeline.stage
+    _fail(work, pipeline.report, stage, kind, message)
+    progress.emit(ProgressEvent(stage, STAGE_START[stage], message, kind))
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    progress = _open_progress(args)
+    _redirect_stdout()
+    try:
+        job = job_from_json(Path(args.job).read_text(encoding="utf-8"))
+        if not job.work_dir or not Path(job.work_dir).is_absolute():
+            raise ValueError(f"work_dir must be an absolute path, got {job.work_dir!r}")
+        work = Path(job.work_dir)
+        work.mkdir(parents=True, exist_ok=True)
+        _confine_temp(work)
+    except Exception as exc:  # the parent wrote a bad job: its bug, reported as a crash
+        traceback.print_exc()
+        message = f"the conversion child could not read its job {args.job!r}: {exc}"
+        progress.emit(ProgressEvent("load", 0.0, message, ErrorKind.INTERNAL.value))
+        return EXIT_CRASH
+    return run(job, progress)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

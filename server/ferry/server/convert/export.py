@@ -1,0 +1,206 @@
+"""The export stage: PyTorch -> one self-contained ONNX file with a symbolic batch dim.
+
+The torch.export-based exporter is tried first; the legacy TorchScript one is the fallback (and the
+only option for TorchScript sources). An example batch of 1 can silently freeze the batch dim, so
+the example batch is 2 and the result is checked: symbolic first dims, and a run at batch 1 and at
+the largest batch the version will be served with.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+from ferry.server.convert.graph import first_line
+from ferry.server.convert.load import Source
+from ferry.server.convert.validate import generate, onnx_runner
+from ferry.server.errors import ConversionFailed, FerryError, InvalidArgument, Unimplemented
+
+DYNAMO = "torch.onnx.export(dynamo=True)"
+LEGACY = "torch.onnx.export(dynamo=False)"
+MAX_BATCH_DIM = 4096
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_DYNAMO_OP = re.compile(r"No ONNX function found for <OpOverload\(op='([\w.:]+)'")
+_LEGACY_OP = re.compile(r"operator '([\w.:]+)'")
+
+
+@dataclass
+class Exported:
+    exporter: str
+    output_names: list[str]
+    notes: list[str] = field(default_factory=list)
+
+
+def output_names(count: int) -> list[str]:
+    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
+
+
+def export(
+    source: Source, example: tuple[torch.Tensor, ...], outputs: int, path: Path, opset: int
+) -> Exported:
+    names = [spec.name for spec in source.inputs]
+    out_names = output_names(outputs)
+    result = Exported(DYNAMO, out_names)
+    dynamo_error: BaseException | None = None
+    if not isinstance(source.module, torch.jit.ScriptModule):
+        try:
+            _dynamo(source, example, names, out_names, path=path, opset=opset)
+            return result
+        except Exception as exc:
+            dynamo_error = exc
+    try:
+        torch.onnx.export(
+            source.module,
+            example,
+            str(path),
+            dynamo=False,
+            input_names=names,
+            output_names=out_names,
+            dynamic_axes={name: {0: "batch"} for name in [*names, *out_names]},
+            opset_version=opset,
+            do_constant_folding=True,
+        )
+    except Exception as legacy_error:
+        raise _export_error(dynamo_error, legacy_error, opset) from None
+    result.exporter = LEGACY
+    if dynamo_error is not None:
+        result.notes.append(
+            f"the torch.export-based exporter failed ({_clean(dynamo_error)}); exported with the "
+            "legacy TorchScript exporter instead"
+        )
+    return result
+
+
+def _dynamo(
+    source: Source,
+    example: tuple[torch.Tensor, ...],
+    names: list[str],
+    out_names: list[str],
+    *,
+    path: Path,
+    opset: int,
+) -> None:
+    common: dict[str, Any] = {
+        "dynamo": True,
+        "input_names": names,
+        "output_names": out_names,
+        "opset_version": opset,
+    }
+    if source.program is not None and _program_batch_is_dynamic(source.program):
+        # The program already carries its dynamic dims; re-tracing its module could specialize them.
+        program = torch.onnx.export(source.program, example, **common)
+    else:
+        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH_DIM)
+        shapes = tuple({0: batch} for _ in example)
+        program = torch.onnx.export(source.module, example, dynamic_shapes=shapes, **common)
+    if program is None:  # only when given a path, which this call never does
+        raise ConversionFailed("the exporter returned no program")
+    program.save(str(path), external_data=False)
+
+
+def _program_batch_is_dynamic(program: Any) -> bool:
+    user = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in user:
+            value = node.meta.get("val")
+            if value is None or not value.shape or isinstance(value.shape[0], int):
+                return False
+    return True
+
+
+def _clean(exc: BaseException) -> str:
+    """The exporter's one useful line (its exception summary), without colour codes."""
+    text = _ANSI.sub("", str(exc)).strip()
+    found = _DYNAMO_OP.search(text)
+    if found:
+        return text[found.start() :].splitlines()[0][:300]
+    if "## Exception summary" in text:
+        text = text.split("## Exception summary", 1)[1].strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _export_error(dynamo: BaseException | None, legacy: BaseException, opset: int) -> FerryError:
+    texts = [_ANSI.sub("", str(e)) for e in (dynamo, legacy) if e is not None]
+    operator = next(
+        (m.group(1) for t in texts for p in (_LEGACY_OP, _DYNAMO_OP) if (m := p.search(t))), ""
+    )
+    unsupported = isinstance(legacy, torch.onnx.errors.UnsupportedOperatorError) or any(
+        "No ONNX function found" in t for t in texts
+    )
+    if unsupported:
+        return Unimplemented(
+            f"operator {operator or '(unknown)'} has no ONNX conversion at opset {opset} in either "
+            "exporter: rewrite that part of the model with supported operations, try another "
+            "opset, or export to ONNX yourself with a custom symbolic and upload the ONNX file"
+        )
+    dynamo_text = f"torch.export-based exporter: {_clean(dynamo)}; " if dynamo is not None else ""
+    return ConversionFailed(
+        f"ONNX export failed ({dynamo_text}legacy exporter: {first_line(legacy)}); check that "
+        "the model runs on inputs shaped like spec.inputs, or export it yourself and upload ONNX"
+    )
+
+
+def verify_batch(path: Path, source: Source, max_batch: int, threads: int) -> None:
+    """Prove the batch dim is symbolic and usable at both ends of the served range."""
+    model = onnx.load(str(path), load_external_data=False)
+    initializers = {init.name for init in model.graph.initializer}
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        if not dims or not dims[0].HasField("dim_param"):
+            frozen = dims[0].dim_value if dims else "no dims"
+            raise ConversionFailed(
+                f"the exporter froze the batch dim of input {value.name!r} to {frozen}: the model "
+                "specializes on the batch size (e.g. a reshape with a literal batch); write it "
+                "with x.shape[0] or -1 so that any batch size exports"
+            )
+    run = onnx_runner(path, threads)
+    for batch in sorted({1, max_batch}):
+        feed = generate(source.inputs, batch, batched=True).arrays
+        try:
+            outputs = run(feed)
+        except Exception as exc:
+            raise ConversionFailed(
+                f"the exported model fails at batch {batch} in onnxruntime: {first_line(exc)}"
+            ) from None
+        if any(np.ndim(o) == 0 or o.shape[0] != batch for o in outputs):
+            raise ConversionFailed(
+                f"the exported model's outputs at batch {batch} do not have the batch dim first "
+                f"({[list(np.shape(o)) for o in outputs]}): outputs must be [batch, ...]"
+            )
+
+
+def example_inputs(source: Source) -> tuple[torch.Tensor, ...]:
+    """A batch of 2: an example batch of 1 lets the exporter specialize the batch dim to 1."""
+    arrays = generate(source.inputs, 2, batched=True).arrays
+    return tuple(torch.from_numpy(arrays[spec.name]) for spec in source.inputs)
+
+
+def torch_runner(source: Source) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
+    """Run the PyTorch model on named numpy inputs; outputs as a list of numpy arrays."""
+    names = [spec.name for spec in source.inputs]
+
+    def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        with torch.inference_mode():
+            result = source.module(
+                *(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names)
+            )
+        outputs = [result] if isinstance(result, torch.Tensor) else result
+        if not isinstance(outputs, list | tuple) or not all(
+            isinstance(o, torch.Tensor) for o in outputs
+        ):
+            raise InvalidArgument(
+                f"the model returns {type(result).__name__}: only a tensor or a tuple of tensors "
+                "can be served; wrap the model so that forward returns tensors"
+            )
+        return [o.detach().cpu().numpy() for o in outputs]
+
+    return run

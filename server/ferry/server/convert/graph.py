@@ -1,0 +1,174 @@
+"""ONNX graph inspection and the check/optimize stages (onnx + onnxruntime, no torch).
+
+An uploaded ONNX file is untrusted input to the serving process: onnxruntime would follow an
+external-data path anywhere on disk and fail late on a custom-op domain it has no kernels for. So a
+source file is refused unless it is self-contained and uses only domains the server registers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ferry.codec import datatype_name, datatype_of
+from ferry.server.convert.spec import InputSpec
+from ferry.server.errors import ConversionFailed, InvalidArgument
+
+# Domains onnxruntime's CPU provider implements; custom-op libraries are never registered.
+SAFE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
+MATMUL_OPS = frozenset({"MatMul", "Gemm", "FusedMatMul", "MatMulInteger"})
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
+    pending = [model.graph]
+    for function in model.functions:
+        yield from function.node
+        for node in function.node:
+            pending.extend(_subgraphs(node))
+    while pending:
+        graph = pending.pop()
+        for node in graph.node:
+            yield node
+            pending.extend(_subgraphs(node))
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor that can carry data, subgraphs and Constant attributes included."""
+    pending = [model.graph]
+    while pending:
+        graph = pending.pop()
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield sparse.values
+            yield sparse.indices
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    yield attr.t
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    yield from attr.tensors
+            pending.extend(_subgraphs(node))
+
+
+def check_source_model(model: onnx.ModelProto) -> None:
+    """Refuse external data and unregistered domains before anything reads the tensors."""
+    for tensor in _all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
+            raise InvalidArgument(
+                f"the ONNX file keeps tensor {tensor.name!r} in external data ({location!r}): only "
+                "a single self-contained file is accepted; save it with the weights inside, e.g. "
+                "onnx.save(model, path, save_as_external_data=False) (models under 2 GiB)"
+            )
+    local = {(f.domain, f.name) for f in model.functions}
+    local_domains = {domain for domain, _ in local}
+    for opset in model.opset_import:
+        if opset.domain not in SAFE_DOMAINS and opset.domain not in local_domains:
+            raise _domain_error(opset.domain)
+    for node in _all_nodes(model):
+        if node.domain not in SAFE_DOMAINS and (node.domain, node.op_type) not in local:
+            raise _domain_error(node.domain, node.op_type)
+
+
+def _domain_error(domain: str, op_type: str = "") -> InvalidArgument:
+    what = f"operator {domain}::{op_type}" if op_type else f"opset domain {domain!r}"
+    return InvalidArgument(
+        f"the ONNX file uses {what}, a custom-op domain this server does not register; "
+        f"only {', '.join(repr(d) for d in sorted(SAFE_DOMAINS))} are served: re-export the model "
+        "with standard operators"
+    )
+
+
+def datatype_of_elem(elem_type: int) -> str:
+    """ONNX element type -> Open Inference Protocol name (``FP32``)."""
+    return datatype_name(datatype_of(np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))))
+
+
+def graph_inputs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The real inputs (old IRs list initializers as inputs too); symbolic dims become -1."""
+    initializers = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise InvalidArgument(
+                f"ONNX input {value.name!r} is not a tensor (sequences and maps are not served)"
+            )
+        shape = [d.dim_value if d.HasField("dim_value") else -1 for d in tensor.shape.dim]
+        specs.append(InputSpec(value.name, datatype_of_elem(tensor.elem_type), shape))
+    return specs
+
+
+def output_names(path: Path) -> list[str]:
+    model = onnx.load(str(path), load_external_data=False)
+    return [value.name for value in model.graph.output]
+
+
+def weight_sparsity(model: onnx.ModelProto) -> float:
+    """Fraction of exact zeros among weight initializers (2-D and up; biases and scales aside)."""
+    zeros = total = 0
+    for init in model.graph.initializer:
+        if len(init.dims) < 2:
+            continue
+        array = numpy_helper.to_array(init)
+        zeros += int(array.size - np.count_nonzero(array))
+        total += int(array.size)
+    return zeros / total if total else 0.0
+
+
+def has_conv(model: onnx.ModelProto) -> bool:
+    return any(node.op_type in CONV_OPS for node in _all_nodes(model))
+
+
+def check(path: Path) -> None:
+    """onnx.checker with shape inference: catches graphs onnxruntime would reject at load."""
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+        raise ConversionFailed(
+            f"the ONNX graph fails onnx.checker: {first_line(exc)}; if the model came as an ONNX "
+            "file, re-export it with a current exporter"
+        ) from None
+
+
+def optimize(source: Path, target: Path, threads: int) -> str:
+    """Write onnxruntime's EXTENDED-level graph; '' on success, else a note (source is copied).
+
+    EXTENDED fuses portable operators only; ENABLE_ALL adds layout transforms specific to this
+    CPU, which the serving process applies itself when it loads the model.
+    """
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    options.optimized_model_filepath = str(target)
+    options.intra_op_num_threads = threads
+    try:
+        ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
+        onnx.checker.check_model(str(target))
+    except Exception as exc:  # any failure keeps the checked, unoptimized graph
+        target.write_bytes(source.read_bytes())
+        return (
+            f"onnxruntime graph optimization failed ({first_line(exc)}); serving the exported graph"
+        )
+    return ""
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]

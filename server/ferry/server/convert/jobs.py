@@ -1,0 +1,432 @@
+"""Running conversion jobs: a bounded queue, one child process per job, publication on success.
+
+The child (``python -m ferry.server.convert.child``) does everything that needs torch, in its own
+session (process group) under an address-space limit, so a crash, a hang or a memory blow-up
+costs one job and never the server. Its progress events arrive as JSON lines on a pipe; its
+stdout and stderr go to the ``ferry.convert`` log. The job's work folder is a staging folder of
+the repository: on success it becomes the next version by one atomic rename, on any failure it
+is removed, so the repository never holds anything partial.
+
+How a child's end maps to the job (the kind then maps to a status through grpc/status.py):
+
+==============================  ==========  ===============================================
+child                           job         error kind
+==============================  ==========  ===============================================
+exit 0, model.onnx written      SUCCEEDED   (published; served once the registry loads it)
+exit 2                          FAILED      the last event's error_kind (else
+                                            CONVERSION_FAILED) and its message
+exit 1 / other / signal         FAILED      INTERNAL ("crashed", the last stderr line);
+                                            LIMIT_EXCEEDED when it ran out of memory
+ran past the time limit         FAILED      DEADLINE_EXCEEDED ("timed out after N s")
+CancelJob                       CANCELLED   CANCELLED
+server stopped                  FAILED      UNAVAILABLE
+==============================  ==========  ===============================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ferry.server.convert import publish, spec
+from ferry.server.convert.store import EventRecord, JobRecord, JobState, JobStore
+from ferry.server.core.registry import ModelRegistry
+from ferry.server.core.repository import ModelRepository
+from ferry.server.errors import ErrorKind, FerryError, QueueFull, Unavailable
+
+log = logging.getLogger("ferry.convert")
+
+CHILD_MODULE = "ferry.server.convert.child"
+MAX_EVENT_LINE = 1 << 20
+STDERR_TAIL = 20
+_KINDS = {k.value for k in ErrorKind}
+
+
+@dataclass
+class _Run:
+    """What the runner knows about a job it started."""
+
+    job_id: str
+    model: str
+    task: asyncio.Task[None] | None = None
+    proc: asyncio.subprocess.Process | None = None
+    cancelled: bool = False
+    publishing: bool = False
+    last_error: tuple[str, str] | None = None  # (kind, message) of the child's failure event
+    stderr: collections.deque[str] = field(
+        default_factory=lambda: collections.deque(maxlen=STDERR_TAIL)
+    )
+
+
+@dataclass
+class _Outcome:
+    state: JobState
+    kind: str = ""
+    message: str = ""
+
+
+class JobRunner:
+    def __init__(
+        self,
+        store: JobStore,
+        repository: ModelRepository,
+        registry: ModelRegistry,
+        *,
+        max_concurrent: int = 1,
+        max_queued: int = 16,
+        timeout: float = 600.0,
+        memory_bytes: int = 4 << 30,
+    ) -> None:
+        self.store = store
+        self.repository = repository
+        self.registry = registry
+        self.max_concurrent = max(1, max_concurrent)
+        self.max_queued = max(0, max_queued)
+        self.timeout = timeout
+        self.memory_bytes = memory_bytes
+        # Tests point this at a stand-in child; the arguments after it are the contract's.
+        self.child_command: list[str] = [sys.executable, "-m", CHILD_MODULE]
+        self._pending: collections.deque[str] = collections.deque()
+        self._runs: dict[str, _Run] = {}
+        self._changed: dict[str, asyncio.Event] = {}
+        self._closing = False
+
+    # ---- queue ----
+    def submit(self, job_id: str) -> None:
+        self.check_room()
+        self._pending.append(job_id)
+        self._pump()
+
+    def check_room(self) -> None:
+        if self._closing:
+            raise Unavailable("the server is shutting down; convert again after it restarts")
+        if len(self._pending) >= self.max_queued:
+            raise QueueFull(
+                f"the conversion queue is full ({len(self._pending)} jobs waiting, server "
+                "setting --max-queued-conversions); retry when a job has finished"
+            )
+
+    def _pump(self) -> None:
+        while self._pending and len(self._runs) < self.max_concurrent and not self._closing:
+            job = self.store.get_job(self._pending.popleft())
+            run = self._runs[job.job_id] = _Run(job.job_id, job.model)
+            run.task = asyncio.get_running_loop().create_task(
+                self._run(run), name=f"job-{job.job_id}"
+            )
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Kill the job's child and wait until its folders are gone; a finished job is returned
+        as it is."""
+        job = self.store.get_job(job_id)
+        if job.state.terminal:
+            return job
+        if job_id in self._pending:
+            self._pending.remove(job_id)
+            self._end(
+                job,
+                _Outcome(
+                    JobState.CANCELLED, ErrorKind.CANCELLED.value, "cancelled before it started"
+                ),
+            )
+            return self.store.get_job(job_id)
+        run = self._runs.get(job_id)
+        if run is not None and run.task is not None:
+            if not run.publishing:
+                run.cancelled = True
+                _kill(run.proc)
+            await asyncio.shield(run.task)
+        return self.store.get_job(job_id)
+
+    async def close(self) -> None:
+        """Server shutdown: queued jobs fail at once, running children are killed."""
+        self._closing = True
+        while self._pending:
+            job = self.store.get_job(self._pending.popleft())
+            self._end(
+                job,
+                _Outcome(
+                    JobState.FAILED,
+                    ErrorKind.UNAVAILABLE.value,
+                    "the server stopped before the job ran; convert again",
+                ),
+            )
+        runs = list(self._runs.values())
+        for run in runs:
+            if not run.publishing:
+                _kill(run.proc)
+        tasks = [r.task for r in runs if r.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- events ----
+    def _notify(self, job_id: str) -> None:
+        changed = self._changed.pop(job_id, None)
+        if changed is not None:
+            changed.set()
+
+    async def watch(self, job_id: str) -> AsyncIterator[EventRecord]:
+        """Every event so far, then live ones, until the job's terminal event."""
+        last = 0
+        while True:
+            # Nothing awaits between reading the store and taking the wake-up, so an event
+            # appended meanwhile cannot be missed; a finished job takes no wake-up at all.
+            terminal = self.store.get_job(job_id).state.terminal  # NOT_FOUND on the first pass
+            events = self.store.events(job_id, after=last)
+            changed = None if terminal else self._changed.setdefault(job_id, asyncio.Event())
+            for event in events:
+                last = event.seq
+                yield event
+            if changed is None:
+                return
+            if not events:
+                await changed.wait()
+
+    # ---- one job ----
+    async def _run(self, run: _Run) -> None:
+        job = self.store.get_job(run.job_id)
+        try:
+            outcome, version, report = await self._convert(run, job)
+        except Exception as exc:
+            log.exception("conversion job %s failed unexpectedly", job.job_id)
+            kind = exc.kind.value if isinstance(exc, FerryError) else ErrorKind.INTERNAL.value
+            msg = exc.message if isinstance(exc, FerryError) else f"{type(exc).__name__}: {exc}"
+            outcome, version, report = _Outcome(JobState.FAILED, kind, msg), 0, ""
+        finally:
+            self._runs.pop(run.job_id, None)
+        self._end(self.store.get_job(job.job_id), outcome, version=version, report=report)
+        if not self._closing:
+            self._pump()
+
+    async def _convert(self, run: _Run, job: JobRecord) -> tuple[_Outcome, int, str]:
+        created_model_dir = not self.repository.has_model(job.model)
+        try:
+            with self.repository.staging(job.model) as staged:
+                job_json = Path(job.job_dir) / "job.json"
+                contract = spec.job_from_json(job_json.read_text())
+                contract.work_dir = str(staged)
+                job_json.write_text(spec.to_json(contract))
+                self.store.start(job.job_id, str(staged), "conversion process started")
+                self._notify(job.job_id)
+                outcome = await self._run_child(run, job_json, Path(job.job_dir))
+                report = publish.read_report(staged)
+                if outcome.state is not JobState.SUCCEEDED:
+                    return outcome, 0, report
+                run.publishing = True
+                self.store.append_event(job.job_id, "publish", 0.98, "publishing the new version")
+                self._notify(job.job_id)
+                config = contract.spec.serving_config
+                version, note = await publish.publish(
+                    self.repository, self.registry, job.model, staged, config
+                )
+                message = f"published as {job.model} version {version}{note}"
+                return _Outcome(JobState.SUCCEEDED, "", message), version, report
+        finally:
+            # A failed first conversion must not leave an empty model folder behind; rmdir
+            # only removes an empty one, and only when no other job is using it.
+            others = any(r.model == job.model for r in self._runs.values() if r is not run)
+            if created_model_dir and not others:
+                with contextlib.suppress(OSError):
+                    self.repository.model_dir(job.model).rmdir()
+
+    async def _run_child(self, run: _Run, job_json: Path, job_dir: Path) -> _Outcome:
+        read_fd, write_fd = os.pipe()
+        try:
+            run.proc = await asyncio.create_subprocess_exec(
+                *_limited(self.memory_bytes, self.child_command),
+                "--job",
+                str(job_json),
+                "--progress-fd",
+                str(write_fd),
+                pass_fds=(write_fd,),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                start_new_session=True,
+                cwd=job_dir,
+                env={**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"},
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            os.close(write_fd)
+        proc = run.proc
+        if run.cancelled:  # CancelJob arrived while the process was being created
+            _kill(proc)
+        readers = [
+            asyncio.create_task(self._read_progress(run, read_fd)),
+            asyncio.create_task(_log_lines(proc.stdout, run, "stdout")),
+            asyncio.create_task(_log_lines(proc.stderr, run, "stderr")),
+        ]
+        timed_out = False
+        try:
+            await asyncio.wait_for(proc.wait(), self.timeout if self.timeout > 0 else None)
+        except TimeoutError:
+            timed_out = True
+        finally:
+            _kill(proc)  # the whole group: nothing the child started outlives it
+            await proc.wait()
+            await asyncio.gather(*readers, return_exceptions=True)
+        return self._judge(run, proc.returncode, timed_out)
+
+    def _judge(self, run: _Run, rc: int | None, timed_out: bool) -> _Outcome:
+        tail = next((line for line in reversed(run.stderr) if line.strip()), "")
+        if run.cancelled:
+            return _Outcome(JobState.CANCELLED, ErrorKind.CANCELLED.value, "cancelled by request")
+        if self._closing:
+            return _Outcome(
+                JobState.FAILED,
+                ErrorKind.UNAVAILABLE.value,
+                "the server stopped during the job; convert again",
+            )
+        if timed_out:
+            return _Outcome(
+                JobState.FAILED,
+                ErrorKind.DEADLINE_EXCEEDED.value,
+                f"timed out after {self.timeout:g} s (server setting --conversion-timeout); "
+                "raise it for large models",
+            )
+        if rc == 0:
+            return _Outcome(JobState.SUCCEEDED)
+        if rc == 2:
+            kind, message = run.last_error or ("", "")
+            kind = kind if kind in _KINDS else ErrorKind.CONVERSION_FAILED.value
+            return _Outcome(JobState.FAILED, kind, message or tail or "conversion failed")
+        said = run.last_error[1] if run.last_error else ""  # a crashing child says where
+        if any(m in text for text in (tail, said) for m in ("MemoryError", "std::bad_alloc")):
+            return _Outcome(
+                JobState.FAILED,
+                ErrorKind.LIMIT_EXCEEDED.value,
+                f"the conversion ran out of memory under its limit of {self.memory_bytes} bytes "
+                "(server setting --conversion-memory-bytes)",
+            )
+        how = f"exit code {rc}" if rc is None or rc >= 0 else f"signal {signal.Signals(-rc).name}"
+        detail = f": {(said or tail)[:500]}" if said or tail else ""
+        return _Outcome(
+            JobState.FAILED,
+            ErrorKind.INTERNAL.value,
+            f"the conversion process crashed ({how}){detail}; the server log "
+            "(ferry.convert) has its output",
+        )
+
+    async def _read_progress(self, run: _Run, fd: int) -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=MAX_EVENT_LINE)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+        )
+        try:
+            while True:
+                try:
+                    line = await reader.readline()
+                except ValueError:  # an over-long line: skip what is buffered
+                    continue
+                if not line:
+                    return
+                event = _parse_event(line, run.job_id)
+                if event is None:
+                    continue
+                if event.error_kind:
+                    run.last_error = (event.error_kind, event.message)
+                    continue
+                if run.cancelled or self._closing:
+                    continue
+                stage = event.stage if event.stage in spec.STAGES else "convert"
+                fraction = min(max(float(event.fraction), 0.0), 0.97)
+                self.store.append_event(run.job_id, stage, fraction, event.message[:2000])
+                self._notify(run.job_id)
+        finally:
+            transport.close()
+
+    def _end(
+        self, job: JobRecord, outcome: _Outcome, *, version: int = 0, report: str = ""
+    ) -> None:
+        if outcome.state is JobState.SUCCEEDED:
+            stage, fraction, message = "done", 1.0, outcome.message
+        else:
+            stage, fraction, message = job.stage, job.fraction, outcome.message
+        self.store.finish(
+            job.job_id,
+            outcome.state,
+            stage=stage,
+            fraction=fraction,
+            message=message,
+            version=version,
+            error_kind=outcome.kind,
+            error_message=outcome.message if outcome.kind else "",
+            report_json=report,
+        )
+        if job.job_dir:
+            shutil.rmtree(job.job_dir, ignore_errors=True)
+        level = logging.INFO if outcome.state is JobState.SUCCEEDED else logging.WARNING
+        log.log(
+            level,
+            "conversion job %s (%s): %s %s",
+            job.job_id,
+            job.model,
+            outcome.state.value,
+            message,
+        )
+        self._notify(job.job_id)
+
+
+def _parse_event(line: bytes, job_id: str) -> spec.ProgressEvent | None:
+    try:
+        raw = json.loads(line)
+        return spec.ProgressEvent(
+            stage=str(raw.get("stage", "")),
+            fraction=float(raw.get("fraction", 0.0)),
+            message=str(raw.get("message", "")),
+            error_kind=str(raw.get("error_kind", "") or ""),
+        )
+    except (ValueError, TypeError, AttributeError):
+        log.warning("job %s: ignoring a malformed progress line: %r", job_id, line[:200])
+        return None
+
+
+async def _log_lines(stream: asyncio.StreamReader | None, run: _Run, name: str) -> None:
+    if stream is None:
+        return
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:
+            continue
+        if not line:
+            return
+        text = line.decode("utf-8", "replace").rstrip()
+        if name == "stderr":
+            run.stderr.append(text)
+        log.info("job %s %s: %s", run.job_id, name, text)
+
+
+def _kill(proc: asyncio.subprocess.Process | None) -> None:
+    if proc is None:
+        return
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+# Sets the address-space limit, then becomes the child. Not a preexec_fn: that forces a plain
+# fork() of this multi-threaded gRPC process, and gRPC's threads do not survive it (children
+# aborted in gRPC's epoll poller before reaching exec). A launcher keeps spawning fork-free.
+_LAUNCHER = (
+    "import os, resource, sys; n = int(sys.argv[1]); "
+    "resource.setrlimit(resource.RLIMIT_AS, (n, n)); os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
+def _limited(limit: int, command: list[str]) -> list[str]:
+    if limit <= 0:
+        return command
+    return [sys.executable, "-c", _LAUNCHER, str(limit), *command]

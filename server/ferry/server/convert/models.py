@@ -1,0 +1,174 @@
+"""Managing a model's versions: what is on disk and served, deleting one, choosing the default.
+
+The default version lives in the model's own config file (``config.toml`` or ``config.json``),
+which stays the one source of truth the registry reads; it is edited in place and replaced
+atomically. A TOML file is edited as text (only the top-level ``default_version`` and
+``version_policy`` lines), so its comments and layout survive, and the result is parsed back
+before it replaces the original: an edit that would not parse is refused, never written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.server.convert.publish import read_report
+from ferry.server.core.config import find_config_file, load_config, parse_config
+from ferry.server.core.registry import ModelRegistry, State
+from ferry.server.core.repository import (
+    MODEL_FILE,
+    ModelRepository,
+    validate_version,
+    write_file_atomic,
+)
+from ferry.server.errors import FailedPrecondition, FerryError, InvalidArgument, ModelNotFound
+
+
+@dataclass(frozen=True)
+class VersionView:
+    version: int
+    state: str  # a registry State value; UNLOADED when on disk but not selected
+    reason: str
+    is_default: bool
+    size_bytes: int
+    report_json: str
+
+
+@dataclass(frozen=True)
+class ModelView:
+    name: str
+    default_version: int  # 0: none
+    versions: list[VersionView]
+
+
+def describe(repository: ModelRepository, registry: ModelRegistry, name: str) -> ModelView:
+    on_disk = repository.list_versions(name) if repository.has_model(name) else []
+    entry = registry.models.get(name)
+    if not on_disk and entry is None:
+        raise ModelNotFound(f"model {name!r} is not in the repository")
+    default = (entry.default_version() if entry is not None else None) or 0
+    slots = entry.versions if entry is not None else {}
+    views = []
+    for v in sorted(set(on_disk) | set(slots)):
+        slot = slots.get(v)
+        vdir = repository.version_dir(name, v)
+        try:
+            size = (vdir / MODEL_FILE).stat().st_size
+        except OSError:
+            size = 0
+        views.append(
+            VersionView(
+                version=v,
+                state=slot.state.value if slot is not None else State.UNLOADED.value,
+                reason=slot.reason if slot is not None else "not selected by the version policy",
+                is_default=v == default,
+                size_bytes=size,
+                report_json=read_report(vdir),
+            )
+        )
+    return ModelView(name, default, views)
+
+
+async def delete_version(
+    repository: ModelRepository, registry: ModelRegistry, name: str, version: int
+) -> None:
+    """Remove the folder (an atomic rename first, so no reader ever sees half of it), then let
+    the registry drop the version: in-flight requests finish on the session already in memory."""
+    repository.require_version(name, validate_version(version))
+    config = load_config(repository.model_dir(name))
+    if config.default_version == version:
+        raise FailedPrecondition(
+            f"version {version} is {name!r}'s configured default_version: set another default "
+            "(or 0 to clear it) with SetDefaultVersion first"
+        )
+    await asyncio.to_thread(repository.delete_version, name, version)
+    await registry.load_model(name)
+
+
+async def set_default_version(
+    repository: ModelRepository, registry: ModelRegistry, name: str, version: int
+) -> None:
+    """Write ``default_version`` (0 clears it). When the version policy is ``latest = N`` and
+    would not serve that version, N grows to include it, since a default that is not loaded
+    would fail every request that names no version."""
+    mdir = repository.model_dir(name)
+    if not mdir.is_dir():
+        raise ModelNotFound(f"model {name!r} is not in the repository")
+    on_disk = repository.list_versions(name)
+    policy_value = None
+    if version:
+        repository.require_version(name, validate_version(version))
+        policy = load_config(mdir).version_policy
+        if version not in policy.select(on_disk):
+            if policy.specific:
+                raise FailedPrecondition(
+                    f"{name!r}'s version_policy serves only versions {list(policy.specific)}: "
+                    f"add {version} to it in the model's config file first"
+                )
+            policy_value = sum(1 for v in on_disk if v >= version)
+    path = find_config_file(mdir)
+    if path is not None and path.suffix == ".toml":
+        text = _edit_toml(path.read_text(encoding="utf-8"), "default_version", version or None)
+        if policy_value is not None:
+            text = _edit_toml(text, "version_policy", f"{{ latest = {policy_value} }}")
+        target = path
+    else:
+        raw = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+        if not isinstance(raw, dict):
+            raise FailedPrecondition(f"{name}/config.json does not hold an object: fix it first")
+        raw.pop("default_version", None)
+        if version:
+            raw["default_version"] = version
+        if policy_value is not None:
+            raw["version_policy"] = {"latest": policy_value}
+        text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
+        target = mdir / "config.json"
+    _check_edit(text, target, version)
+    await asyncio.to_thread(write_file_atomic, target, text.encode("utf-8"))
+    await registry.load_model(name)
+
+
+_TABLE = re.compile(r"^\s*\[")
+
+
+def _edit_toml(text: str, key: str, value: int | str | None) -> str:
+    """Set (or with None remove) a top-level ``key = value`` line, before the first table."""
+    lines = text.splitlines(keepends=True)
+    end = next((i for i, line in enumerate(lines) if _TABLE.match(line)), len(lines))
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    found = [i for i in range(end) if pattern.match(lines[i])]
+    if not found and any(re.match(rf"^\s*\[\s*{re.escape(key)}\s*\]", line) for line in lines):
+        raise FailedPrecondition(
+            f"the model's config.toml sets [{key}] as a table; edit it by hand or write it as "
+            f"a top-level `{key} = ...` line"
+        )
+    new = f"{key} = {value}\n"
+    if found:
+        if value is None:
+            del lines[found[0]]
+        else:
+            lines[found[0]] = new
+    elif value is not None:
+        if end and not lines[end - 1].endswith("\n"):
+            lines[end - 1] += "\n"
+        lines.insert(end, new)
+    return "".join(lines)
+
+
+def _check_edit(text: str, target: Path, version: int) -> None:
+    where = f"{target.parent.name}/{target.name}"
+    try:
+        raw = tomllib.loads(text) if target.suffix == ".toml" else json.loads(text)
+        config = parse_config(raw, where=where)
+    except (ValueError, FerryError) as exc:
+        why = exc.message if isinstance(exc, FerryError) else str(exc)
+        raise FailedPrecondition(
+            f"cannot set the default version: {where} would not parse after the edit ({why}); "
+            "edit it by hand"
+        ) from None
+    if (config.default_version or 0) != version:
+        raise InvalidArgument(f"{where}: default_version did not take; edit it by hand")

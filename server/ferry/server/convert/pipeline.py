@@ -1,0 +1,405 @@
+"""One conversion job, stage by stage: load -> prune -> export -> check -> optimize -> quantize
+-> validate -> benchmark, leaving ``model.onnx`` and ``report.json`` in the job's work_dir.
+
+Runs only in the conversion child. Intermediate files live in ``work_dir/.scratch`` (also the
+temporary folder of everything the child calls), which is removed at the end, because the server
+publishes work_dir as it is: only the chosen model and its report may remain.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from ferry.server.convert import benchmark, graph, load, quantize, speccheck, validate
+from ferry.server.convert.spec import Job, ProgressEvent
+from ferry.server.errors import ConversionFailed, InvalidArgument
+
+MODEL_FILE = "model.onnx"
+REPORT_FILE = "report.json"
+SCRATCH = ".scratch"
+# Where each stage starts in the job's 0..1 progress; the server's publish stage owns the rest.
+STAGE_START = {
+    "load": 0.0, "prune": 0.1, "export": 0.15, "check": 0.45, "optimize": 0.5,
+    "quantize": 0.55, "validate": 0.7, "benchmark": 0.8,
+}  # fmt: skip
+FINAL_FRACTION = 0.95
+
+Emit = Callable[[ProgressEvent], None]
+Outputs = list[np.ndarray]
+
+
+def default_threads() -> int:
+    """Half the CPUs this process may use: the serving process keeps running beside the child."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 2
+    return max(1, cpus // 2)
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass
+class Variant:
+    name: str
+    path: Path
+    note: str = ""
+    outputs: Outputs = field(default_factory=list)
+    entry: dict[str, Any] = field(default_factory=dict)  # this variant's row in the report
+
+    @property
+    def within_budget(self) -> bool:
+        return bool(self.entry.get("within_budget"))
+
+
+class Pipeline:
+    source: load.Source
+    samples: validate.Samples
+    output_names: list[str]
+    baseline: Outputs  # what budgets are judged against: unpruned PyTorch, else the client's or
+    baseline_name: str  # the source ONNX's outputs
+    parity_reference: Outputs  # what the fp32 export must match within rtol/atol
+    client_reference: Outputs | None
+
+    def __init__(self, job: Job, emit: Emit, threads: int | None = None) -> None:
+        self.job = job
+        self.spec = job.spec
+        self.emit = emit
+        self.threads = threads or default_threads()
+        self.work = Path(job.work_dir)
+        self.scratch = self.work / SCRATCH
+        self.stage = "load"
+        self.notes: list[str] = []
+        self.report: dict[str, Any] = {
+            "job_id": job.job_id,
+            "model": job.model,
+            "source_format": job.source_format,
+            "source_sha256": job.source_sha256,
+            "architecture": job.architecture or None,
+            "torch": _version("torch"),
+            "onnx": onnx.__version__,
+            "onnxruntime": _version("onnxruntime"),
+            "opset": self.spec.opset,
+            "stages": {},
+            "notes": self.notes,
+            "variants": [],
+            "published": None,
+        }
+
+    # ---- progress ----
+
+    @contextmanager
+    def _stage(self, name: str, message: str) -> Iterator[None]:
+        self.stage = name
+        self.emit(ProgressEvent(name, STAGE_START[name], message))
+        start = time.perf_counter()
+        yield
+        self.report["stages"][name] = round(time.perf_counter() - start, 4)
+
+    def _skip(self, name: str, why: str) -> None:
+        self.stage = name
+        self.emit(ProgressEvent(name, STAGE_START[name], f"skipped: {why}"))
+
+    def _path(self, name: str) -> Path:
+        """Client files named in the spec: absolute, or relative to the job's work_dir."""
+        path = Path(name)
+        return path if path.is_absolute() else self.work / path
+
+    # ---- the job ----
+
+    def run(self) -> dict[str, Any]:
+        self.scratch.mkdir(parents=True, exist_ok=True)
+        with self._stage("load", f"loading the {self.job.source_format} source"):
+            speccheck.check_job(self.job)
+            self.source = load.load(self.job, self.threads)
+            self.notes.extend(self.source.notes)
+            self.report["inputs"] = [vars(spec) for spec in self.source.inputs]
+            self.samples = self._validation_samples()
+            self._reference_outputs()
+        self._prune()
+        base = self._export()
+        with self._stage("check", "onnx.checker (full check)"):
+            graph.check(base)
+        with self._stage("optimize", "onnxruntime graph optimization (extended)"):
+            fp32 = Variant("fp32", self.scratch / "fp32.onnx")
+            note = graph.optimize(base, fp32.path, self.threads)
+            fp32.note = note
+            self.notes.extend([note] if note else [])
+        variants = self._quantize(base, fp32)
+        with self._stage("validate", f"comparing outputs on {len(self.samples)} samples"):
+            self._validate(variants)
+        with self._stage("benchmark", f"latency at batch 1 and {self.spec.max_batch_size}"):
+            self._benchmark(variants)
+            chosen = self._select(variants)
+        self._publish(chosen, variants)
+        self.emit(
+            ProgressEvent(
+                "benchmark",
+                FINAL_FRACTION,
+                f"finished: variant {chosen.name!r} is ready to publish",
+            )
+        )
+        return self.report
+
+    def _validation_samples(self) -> validate.Samples:
+        sample_file = self.spec.validation.sample_file
+        inputs, batched = self.source.inputs, self.source.batched
+        self.report["validation"] = {
+            "samples_from": "sample_file" if sample_file else f"generated (seed {validate.SEED})",
+            "keep_failed": self.spec.validation.keep_failed,
+        }
+        if sample_file:
+            field_name = "validation.sample_file"
+            return validate.samples_from_file(self._path(sample_file), inputs, batched, field_name)
+        return validate.generate(inputs, self.spec.validation.samples, batched)
+
+    def _run(self, run: Callable[[dict[str, np.ndarray]], Outputs]) -> Outputs:
+        return validate.run_batches(run, self.samples, self.spec.max_batch_size)
+
+    def _reference_outputs(self) -> None:
+        """Outputs every variant is judged against, computed before pruning changes the model."""
+        if self.source.module is not None:
+            from ferry.server.convert import export
+
+            try:
+                self.baseline = self._run(export.torch_runner(self.source))
+            except InvalidArgument:
+                raise
+            except Exception as exc:
+                raise InvalidArgument(
+                    f"the model fails on inputs shaped like spec.inputs "
+                    f"({[f'{s.name}{s.shape}' for s in self.source.inputs]}): "
+                    f"{graph.first_line(exc)}; check spec.inputs and architecture_kwargs"
+                ) from None
+            self.output_names = export.output_names(len(self.baseline))
+            self.baseline_name = "pytorch"
+        else:
+            assert self.source.onnx_path is not None
+            self.output_names = graph.output_names(self.source.onnx_path)
+            self.baseline = self._run(validate.onnx_runner(self.source.onnx_path, self.threads))
+            self.baseline_name = "onnx_source"
+        self.parity_reference = self.baseline
+        self.client_reference = None
+        if self.spec.validation.reference_file:
+            self.client_reference = self._client_reference()
+            if self.source.module is None:
+                self.baseline, self.baseline_name = self.client_reference, "reference"
+
+    def _client_reference(self) -> Outputs:
+        if not self.spec.validation.sample_file:
+            raise InvalidArgument(
+                "validation.reference_file needs validation.sample_file: the inputs its outputs "
+                "were computed from"
+            )
+        path = self._path(self.spec.validation.reference_file)
+        arrays = validate.load_npz(path, self.output_names, "validation.reference_file")
+        for name, ours in zip(self.output_names, self.baseline, strict=True):
+            if arrays[name].shape != ours.shape:
+                raise InvalidArgument(
+                    f"validation.reference_file: {name!r} has shape {list(arrays[name].shape)}, "
+                    f"the model gives {list(ours.shape)} on the sample file"
+                )
+        return [arrays[name] for name in self.output_names]
+
+    def _prune(self) -> None:
+        spec = self.spec.pruning
+        if spec.method == "none":
+            self._skip("prune", "no pruning requested")
+            return
+        with self._stage("prune", f"{spec.method} pruning, amount {spec.amount}"):
+            from ferry.server.convert import export, prune
+
+            section = prune.prune(self.source.module, spec, export.example_inputs(self.source))
+            self.report["pruning"] = section
+            self.parity_reference = self._run(export.torch_runner(self.source))
+            figures = validate.compare(self.parity_reference, self.baseline)
+            section["vs_unpruned"] = figures
+            failure = self._budget_failure(figures)
+            if failure and not self.spec.validation.keep_failed:
+                # Fail before the export: no ONNX variant of this model can do better.
+                raise ConversionFailed(
+                    f"{spec.method} pruning at amount {spec.amount} (without fine-tuning) leaves the "
+                    f"model below the accuracy budget against the unpruned model: {failure}; lower "
+                    "pruning.amount, fine-tune before uploading, or set validation.keep_failed"
+                )
+
+    def _budget_failure(self, figures: dict[str, Any]) -> str:
+        v = self.spec.validation
+        return validate.budget_failure(figures, v.min_cosine, v.min_top1_agreement)
+
+    def _export(self) -> Path:
+        if self.source.onnx_path is not None:
+            self._skip("export", "the source is already ONNX")
+            self.report["exporter"] = None
+            self.report["opset"] = None
+            self.notes.append("an ONNX source keeps its own opset; spec.opset does not apply")
+            return self.source.onnx_path
+        from ferry.server.convert import export
+
+        target = self.scratch / "exported.onnx"
+        with self._stage("export", f"torch.onnx.export at opset {self.spec.opset}"):
+            example = export.example_inputs(self.source)
+            result = export.export(
+                self.source, example, len(self.baseline), target, self.spec.opset
+            )
+            self.report["exporter"] = result.exporter
+            self.notes.extend(result.notes)
+            export.verify_batch(target, self.source, self.spec.max_batch_size, self.threads)
+        return target
+
+    def _quantize(self, base: Path, fp32: Variant) -> list[Variant]:
+        spec = self.spec.quantization
+        plan = quantize.plan(spec, onnx.load(str(base), load_external_data=False))
+        self.report["quantization"] = {
+            "mode": spec.mode,
+            "candidates": ["fp32", *plan.variants],
+            "skipped": plan.skipped,
+        }
+        if not plan.variants:
+            self._skip("quantize", "no quantization requested")
+            return [fp32]
+        variants = [fp32]
+        with self._stage("quantize", f"building {', '.join(plan.variants)}"):
+            calibration = None
+            if "static_int8" in plan.variants:
+                calibration = validate.samples_from_file(
+                    self._path(spec.calibration_file),
+                    self.source.inputs,
+                    self.source.batched,
+                    "quantization.calibration_file",
+                )
+            for name in plan.variants:
+                target = self.scratch / f"{name}.onnx"
+                note = quantize.build(name, base, target, spec, calibration)
+                variants.append(
+                    Variant(name, target, "; ".join(filter(None, [plan.notes.get(name, ""), note])))
+                )
+        return variants
+
+    def _validate(self, variants: list[Variant]) -> None:
+        v = self.spec.validation
+        fp32 = variants[0]
+        for variant in variants:
+            variant.outputs = self._run(validate.onnx_runner(variant.path, self.threads))
+        parity = validate.compare(fp32.outputs, self.parity_reference)
+        against = "pytorch" if self.source.module is not None else "onnx_source"
+        if "pruning" in self.report:
+            against = "pytorch (pruned)"
+        self.report["parity"] = {**parity, "samples": len(self.samples), "against": against}
+        failure = validate.tolerance_failure(fp32.outputs, self.parity_reference, v.rtol, v.atol)
+        if failure:
+            raise ConversionFailed(
+                f"the fp32 ONNX export disagrees with {against}: {failure} (max_abs "
+                f"{parity['max_abs']:.3g}, cosine {parity['cosine']:.6f}); loosen validation.rtol/"
+                "atol if this is expected numerical noise, otherwise report an exporter bug"
+            )
+        if self.client_reference is not None:
+            self.report["reference"] = validate.compare(fp32.outputs, self.client_reference)
+            failure = validate.tolerance_failure(
+                fp32.outputs, self.client_reference, v.rtol, v.atol
+            )
+            if failure and "pruning" not in self.report:
+                raise ConversionFailed(
+                    f"the fp32 ONNX model disagrees with validation.reference_file: {failure}; "
+                    "check that the reference outputs come from the same weights and sample_file"
+                )
+        for variant in variants:
+            entry = variant.entry
+            entry["name"] = variant.name
+            entry["vs_fp32"] = (
+                None if variant is fp32 else validate.compare(variant.outputs, fp32.outputs)
+            )
+            entry["vs_pytorch"] = (
+                validate.compare(variant.outputs, self.baseline)
+                if self.source.module is not None
+                else None
+            )
+            if self.client_reference is not None:
+                entry["vs_reference"] = validate.compare(variant.outputs, self.client_reference)
+            budget = validate.compare(variant.outputs, self.baseline)
+            failure = self._budget_failure(budget)
+            entry["budget_against"] = self.baseline_name
+            entry["within_budget"] = not failure
+            entry["note"] = "; ".join(
+                filter(None, [variant.note, failure and f"below budget: {failure}"])
+            )
+            entry["published"] = False
+            self.report["variants"].append(entry)
+        self._enforce_budget(variants)
+
+    def _enforce_budget(self, variants: list[Variant]) -> None:
+        """Explicit modes fail on their one variant; auto only needs one candidate within budget."""
+        if self.spec.validation.keep_failed:
+            return
+        requested = variants if self.spec.quantization.mode == "auto" else variants[-1:]
+        if any(v.within_budget for v in requested):
+            return
+        worst = requested[-1]
+        raise ConversionFailed(
+            f"the {worst.name} variant is below the accuracy budget against {self.baseline_name}: "
+            f"{worst.entry['note']}; use a milder pruning/quantization, supply calibration data, "
+            "or set validation.keep_failed to publish it anyway"
+        )
+
+    def _benchmark(self, variants: list[Variant]) -> None:
+        fp32 = variants[0]
+        for variant in variants:
+            figures = benchmark.measure(
+                variant.path, self.source.inputs, self.source.batched,
+                self.spec.max_batch_size, self.threads,
+            )  # fmt: skip
+            variant.entry.update(figures)
+            variant.entry["speedup_vs_fp32"] = benchmark.speedups(
+                figures["latency_ms"], fp32.entry["latency_ms"]
+            )
+
+    def _select(self, variants: list[Variant]) -> Variant:
+        """auto: the best geometric-mean speed-up within budget (fp32 scores 1, so nothing slower
+        than fp32 wins unless keep_slower); explicit modes: the requested variant."""
+        mode = self.spec.quantization.mode
+        if mode != "auto":
+            return variants[-1]
+        pool = [v for v in variants if v.within_budget] or variants[:1]
+        if self.spec.quantization.keep_slower:
+            pool = [v for v in pool if v.name != "fp32"] or pool
+
+        def score(variant: Variant) -> float:
+            ratios = list(variant.entry["speedup_vs_fp32"].values())
+            return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 0.0
+
+        return max(pool, key=score)  # max keeps the first of equals: fp32 on a tie
+
+    def _publish(self, chosen: Variant, variants: list[Variant]) -> None:
+        chosen.entry["published"] = True
+        self.report["published"] = chosen.name
+        self.report["within_budget"] = chosen.within_budget
+        for variant in variants:
+            variant.entry.pop("outputs", None)
+        os.replace(chosen.path, self.work / MODEL_FILE)
+        write_report(self.work, self.report)
+        shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def write_report(work: Path, report: dict[str, Any]) -> None:
+    """Atomic, so a reader never sees half a report."""
+    tmp = work / (REPORT_FILE + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, work / REPORT_FILE)

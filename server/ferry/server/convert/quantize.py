@@ -1,0 +1,153 @@
+"""The quantize stage: int8 and fp16 variants of the fp32 graph, with onnxruntime.quantization.
+
+Never torch's eager quantized modules: neither exporter can export them. Which variants a mode
+builds is decided here (``plan``) so that "auto" never spends time on one known to lose: dynamic
+int8 turns each Conv into ConvInteger, 4-12x slower than fp32 on CPU, so auto skips it for convs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_dynamic,
+    quantize_static,
+)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from ferry.server.convert.graph import first_line, has_conv
+from ferry.server.convert.spec import QuantizationSpec
+from ferry.server.convert.validate import Samples
+from ferry.server.errors import ConversionFailed, InvalidArgument
+
+VARIANTS = ("dynamic_int8", "static_int8", "fp16")
+CALIBRATION_BATCH = 16
+FEW_CALIBRATION_SAMPLES = 100
+CONV_TRAP = (
+    "dynamic int8 turns convolutions into ConvInteger, typically 4-12x slower than fp32 on CPU: "
+    "prefer static_int8 with calibration data for convolutional models"
+)
+FP16_NOTE = (
+    "fp16 halves the file, but onnxruntime's CPU provider computes in fp32 (it casts back), so "
+    "expect no speed-up on CPU"
+)
+
+
+@dataclass
+class Plan:
+    variants: list[str]
+    skipped: dict[str, str]  # variant -> why auto did not build it
+    notes: dict[str, str]  # variant -> a caveat the report carries
+
+
+def plan(spec: QuantizationSpec, model: onnx.ModelProto) -> Plan:
+    convs = has_conv(model)
+    notes = {"fp16": FP16_NOTE}
+    if spec.mode == "none":
+        return Plan([], {}, {})
+    if spec.mode != "auto":
+        if spec.mode == "dynamic_int8" and convs:
+            notes["dynamic_int8"] = CONV_TRAP
+        return Plan([spec.mode], {}, notes)
+    variants, skipped = [], {}
+    if convs:
+        skipped["dynamic_int8"] = CONV_TRAP
+    else:
+        variants.append("dynamic_int8")
+    if spec.calibration_file:
+        variants.append("static_int8")
+    else:
+        skipped["static_int8"] = "no quantization.calibration_file was given"
+    variants.append("fp16")
+    return Plan(variants, skipped, notes)
+
+
+def build(
+    name: str, base: Path, target: Path, spec: QuantizationSpec, calibration: Samples | None
+) -> str:
+    """Write variant ``name`` of ``base`` to ``target``; returns a note ('' when none)."""
+    try:
+        if name == "dynamic_int8":
+            return _dynamic(base, target)
+        if name == "fp16":
+            return _fp16(base, target)
+        if calibration is None:
+            raise InvalidArgument("static_int8 needs quantization.calibration_file")
+        return _static(base, target, spec, calibration)
+    except (InvalidArgument, ConversionFailed):
+        raise
+    except Exception as exc:
+        raise ConversionFailed(
+            f"onnxruntime.quantization could not build the {name} variant ({first_line(exc)}); "
+            "convert with another quantization mode"
+        ) from None
+
+
+def _dynamic(base: Path, target: Path) -> str:
+    quantize_dynamic(base, target, weight_type=QuantType.QInt8)
+    return ""
+
+
+def _fp16(base: Path, target: Path) -> str:
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(base)), keep_io_types=True)
+    onnx.save(model, str(target))
+    return ""
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, samples: Samples) -> None:
+        self._batches = samples.batches(CALIBRATION_BATCH)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._batches, None)
+
+
+def _static(base: Path, target: Path, spec: QuantizationSpec, samples: Samples) -> str:
+    notes = []
+    prepared = target.with_name(target.stem + ".pre.onnx")
+    how = _pre_process(base, prepared)
+    if how:
+        notes.append(how)
+    source = prepared if prepared.exists() else base
+    if len(samples) < FEW_CALIBRATION_SAMPLES:
+        notes.append(
+            f"calibrated on {len(samples)} samples; {FEW_CALIBRATION_SAMPLES}+ give steadier ranges"
+        )
+    method = (
+        CalibrationMethod.MinMax if spec.calibration == "minmax" else CalibrationMethod.Percentile
+    )
+    quantize_static(
+        source,
+        target,
+        _Reader(samples),
+        quant_format=QuantFormat.QDQ,
+        per_channel=spec.per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=method,
+    )
+    prepared.unlink(missing_ok=True)
+    return "; ".join(notes)
+
+
+def _pre_process(base: Path, target: Path) -> str:
+    """quant_pre_process can crash in symbolic shape inference: retry without it, then skip it."""
+    try:
+        quant_pre_process(base, target)
+        return ""
+    except Exception as first:
+        try:
+            quant_pre_process(base, target, skip_symbolic_shape=True)
+            return f"pre-processing ran without symbolic shape inference ({first_line(first)})"
+        except Exception as second:
+            target.unlink(missing_ok=True)
+            return f"quantized without pre-processing ({first_line(second)})"

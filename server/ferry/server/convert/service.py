@@ -1,0 +1,291 @@
+"""The conversion core behind the ``ModelConversion`` RPCs: uploads, jobs and version management.
+
+It owns the state folder, which sits *beside* the repository (``<repository>.ferry`` unless
+``--state-dir`` says otherwise), never inside it: the repository treats every folder as a model.
+The folder holds ``state.sqlite3`` (uploads, jobs, events), ``uploads/`` and ``jobs/<id>/`` (the
+job contract and its tensors while the job lives). Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import shutil
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from ferry.server.convert import architectures, checks, models, spec, speccheck, uploads
+from ferry.server.convert.jobs import JobRunner
+from ferry.server.convert.store import (
+    EventRecord,
+    JobRecord,
+    JobState,
+    JobStore,
+    UploadRecord,
+    now_ms,
+)
+from ferry.server.core.registry import ModelRegistry
+from ferry.server.core.repository import TMP_PREFIX, ModelRepository, validate_model_name
+from ferry.server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from ferry.server.settings import Settings
+
+log = logging.getLogger("ferry.convert")
+
+DB_FILE = "state.sqlite3"
+RESTARTED = "the server restarted during the job; convert again"
+WEIGHTS_ONLY = ("state_dict", "safetensors")
+_ID = re.compile(r"[0-9a-f]{32}")
+
+
+def default_state_dir(repository: Path) -> Path:
+    root = repository.resolve()
+    return root.parent / f"{root.name}.ferry"
+
+
+class ConversionService:
+    def __init__(
+        self, settings: Settings, repository: ModelRepository, registry: ModelRegistry
+    ) -> None:
+        self.settings = settings
+        self.repository = repository
+        self.registry = registry
+        configured = getattr(settings, "state_dir", "")
+        self.state_dir = Path(configured) if configured else default_state_dir(repository.root)
+        self._store: JobStore | None = None
+        self._runner: JobRunner | None = None
+
+    @property
+    def store(self) -> JobStore:
+        if self._store is None:
+            raise Unavailable("the conversion service is not running")
+        return self._store
+
+    @property
+    def runner(self) -> JobRunner:
+        if self._runner is None:
+            raise Unavailable("the conversion service is not running")
+        return self._runner
+
+    # ---- lifecycle ----
+    def open(self) -> None:
+        """Open the database and settle what a previous process left: interrupted jobs fail,
+        their folders and any partial upload go."""
+        state = self.state_dir.resolve()
+        if state == self.repository.root or self.repository.root in state.parents:
+            raise InvalidArgument(
+                f"state folder {state} is inside the model repository, which would list it as "
+                "a model: choose a --state-dir outside it"
+            )
+        for sub in (state, state / "uploads", state / "jobs"):
+            sub.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._store = JobStore(state / DB_FILE)
+        for job in self._store.fail_interrupted(RESTARTED):
+            log.warning("conversion job %s was interrupted by a restart: marked FAILED", job.job_id)
+            self._remove_work_dir(job)
+        for entry in (state / "uploads").iterdir():
+            if entry.name.startswith(TMP_PREFIX):
+                entry.unlink(missing_ok=True)
+        for entry in (state / "jobs").iterdir():  # no job is live yet: every folder is stale
+            shutil.rmtree(entry, ignore_errors=True)
+        s = self.settings
+        self._runner = JobRunner(
+            self._store,
+            self.repository,
+            self.registry,
+            max_concurrent=s.max_concurrent_conversions,
+            max_queued=s.max_queued_conversions,
+            timeout=s.conversion_timeout,
+            memory_bytes=s.conversion_memory_bytes,
+        )
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.close()
+            # Let the job streams woken by the last events read them before the store closes;
+            # a stream that comes back later ends with UNAVAILABLE.
+            await asyncio.sleep(0)
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
+    def _remove_work_dir(self, job: JobRecord) -> None:
+        """Only a staging folder of the job's own model is ever removed: the path comes from
+        the database, and is checked rather than trusted."""
+        if not job.work_dir:
+            return
+        path = Path(job.work_dir)
+        try:
+            mdir = self.repository.model_dir(job.model)
+        except InvalidArgument:
+            return
+        if path.parent == mdir and path.name.startswith(TMP_PREFIX):
+            shutil.rmtree(path, ignore_errors=True)
+
+    # ---- uploads ----
+    async def upload(
+        self, header: uploads.UploadHeader, chunks: AsyncIterator[bytes]
+    ) -> UploadRecord:
+        s = self.settings
+        uploads.check_header(
+            header, limit=s.max_upload_bytes, allow_code_formats=s.allow_code_formats
+        )
+        store = self.store
+        record = await uploads.receive(
+            header, chunks, self.state_dir.resolve() / "uploads", limit=s.max_upload_bytes
+        )
+        try:
+            store.add_upload(record)
+        except BaseException:
+            os.unlink(record.path)
+            raise
+        log.info(
+            "upload %s for %s: %s, %d bytes, sha256 %s",
+            record.upload_id,
+            record.model,
+            record.format,
+            record.size_bytes,
+            record.sha256,
+        )
+        return record
+
+    # ---- jobs ----
+    async def convert(
+        self,
+        upload_id: str,
+        model: str,
+        conversion: spec.ConversionSpec,
+        tensors: checks.SpecTensors,
+    ) -> JobRecord:
+        upload = self.store.get_upload(_check_id(upload_id, "upload"))
+        model = validate_model_name(model or upload.model)
+        kwargs = json.loads(upload.architecture_kwargs)
+        if upload.format in WEIGHTS_ONLY:
+            _check_architecture(upload.architecture)
+            if not conversion.inputs:
+                conversion.inputs = architectures.default_input_specs(upload.architecture, kwargs)
+        checks.validate_spec(conversion, tensors, source_format=upload.format)
+        job_id = uuid.uuid4().hex
+        job_dir = self.state_dir.resolve() / "jobs" / job_id
+        _assign_paths(job_dir, conversion, tensors)
+        contract = spec.Job(
+            job_id=job_id,
+            model=model,
+            source_path=upload.path,
+            source_format=upload.format,
+            source_sha256=upload.sha256,
+            architecture=upload.architecture,
+            architecture_kwargs=kwargs,
+            spec=conversion,
+            allow_code_formats=self.settings.allow_code_formats,
+        )
+        speccheck.check_job(contract)  # the child's own checks, run before a child is spent
+        self.runner.check_room()
+        if not await asyncio.to_thread(os.path.isfile, upload.path):
+            raise FailedPrecondition(f"upload {upload_id}'s file is gone: upload the model again")
+        job_dir.mkdir(mode=0o700)
+        try:
+            await asyncio.to_thread(_write_tensors, job_dir, contract, tensors)
+            record = JobRecord(
+                job_id=job_id,
+                model=model,
+                upload_id=upload.upload_id,
+                format=upload.format,
+                sha256=upload.sha256,
+                state=JobState.QUEUED,
+                stage="queued",
+                fraction=0.0,
+                message="waiting for a conversion slot",
+                version=0,
+                error_kind="",
+                error_message="",
+                spec_json=spec.to_json(conversion),
+                report_json="",
+                work_dir="",
+                job_dir=str(job_dir),
+                created_ms=now_ms(),
+                started_ms=0,
+                finished_ms=0,
+                last_seq=0,
+            )
+            self.runner.check_room()  # again: the queue may have filled while files were written
+            self.store.add_job(record)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
+        self.runner.submit(job_id)  # cannot fail: room was checked with no await since
+        return self.store.get_job(job_id)
+
+    def get_job(self, job_id: str) -> JobRecord:
+        return self.store.get_job(_check_id(job_id, "job"))
+
+    def list_jobs(self, model: str = "", limit: int = 0) -> list[JobRecord]:
+        return self.store.list_jobs(model, min(limit or 100, 10_000))
+
+    async def cancel_job(self, job_id: str) -> JobRecord:
+        return await self.runner.cancel(_check_id(job_id, "job"))
+
+    def watch(self, job_id: str) -> AsyncIterator[EventRecord]:
+        return self.runner.watch(_check_id(job_id, "job"))
+
+    # ---- versions ----
+    def get_model(self, name: str) -> tuple[models.ModelView, dict[int, str]]:
+        """The model's versions, and the job that produced each (when one did)."""
+        view = models.describe(self.repository, self.registry, validate_model_name(name))
+        store = self.store
+        jobs = {v.version: store.job_for_version(name, v.version) for v in view.versions}
+        return view, jobs
+
+    async def delete_version(self, name: str, version: int) -> None:
+        await models.delete_version(
+            self.repository, self.registry, validate_model_name(name), version
+        )
+
+    async def set_default_version(self, name: str, version: int) -> None:
+        if version < 0:
+            raise InvalidArgument("version must be positive, or 0 to clear the default")
+        await models.set_default_version(
+            self.repository, self.registry, validate_model_name(name), version
+        )
+
+
+def _check_id(value: str, what: str) -> str:
+    if not _ID.fullmatch(value):
+        raise InvalidArgument(f"{what} id {value[:80]!r} is malformed: expected 32 hex characters")
+    return value
+
+
+def _check_architecture(name: str) -> None:
+    known = architectures.available()  # names only: no plugin code is imported here
+    if name not in known:
+        raise InvalidArgument(
+            f"unknown architecture {name!r}: available are {', '.join(known)}; register your "
+            f"own through the {architectures.ENTRY_POINT_GROUP!r} entry-point group of an "
+            "installed package, or upload an ONNX file instead"
+        )
+
+
+def _assign_paths(
+    job_dir: Path, conversion: spec.ConversionSpec, tensors: checks.SpecTensors
+) -> None:
+    if tensors.calibration:
+        conversion.quantization.calibration_file = str(job_dir / "calibration.npz")
+    if tensors.samples:
+        conversion.validation.sample_file = str(job_dir / "samples.npz")
+    if tensors.references:
+        conversion.validation.reference_file = str(job_dir / "references.npz")
+
+
+def _write_tensors(job_dir: Path, contract: spec.Job, tensors: checks.SpecTensors) -> None:
+    conversion = contract.spec
+    for path, arrays in (
+        (conversion.quantization.calibration_file, tensors.calibration),
+        (conversion.validation.sample_file, tensors.samples),
+        (conversion.validation.reference_file, tensors.references),
+    ):
+        if arrays:
+            checks.save_npz(Path(path), arrays)
+    (job_dir / "job.json").write_text(spec.to_json(contract))

@@ -1,0 +1,414 @@
+"""Uploads, conversion jobs and their progress events, in one SQLite file in the state folder.
+
+SQLite (stdlib) rather than JSON files because a job's state and its latest event must change
+together: ``append_event`` and ``finish`` are single transactions, so a crash can never leave a
+job whose state and history disagree. All calls are short and made from the server's event loop
+thread; the store is not shared between processes.
+"""
+
+from __future__ import annotations
+
+import enum
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from ferry.server.errors import ErrorKind, FerryError, JobNotFound, Unavailable
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS uploads (
+    upload_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    format TEXT NOT NULL,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    architecture TEXT NOT NULL,
+    architecture_kwargs TEXT NOT NULL,
+    description TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    upload_id TEXT NOT NULL,
+    format TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    state TEXT NOT NULL,
+    stage TEXT NOT NULL,
+    fraction REAL NOT NULL,
+    message TEXT NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    error_kind TEXT NOT NULL DEFAULT '',
+    error_message TEXT NOT NULL DEFAULT '',
+    spec_json TEXT NOT NULL,
+    report_json TEXT NOT NULL DEFAULT '',
+    work_dir TEXT NOT NULL DEFAULT '',
+    job_dir TEXT NOT NULL DEFAULT '',
+    created_ms INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL DEFAULT 0,
+    finished_ms INTEGER NOT NULL DEFAULT 0,
+    last_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS jobs_by_model ON jobs (model, created_ms);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE TABLE IF NOT EXISTS events (
+    job_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    stage TEXT NOT NULL,
+    fraction REAL NOT NULL,
+    message TEXT NOT NULL,
+    state TEXT NOT NULL,
+    error_kind TEXT NOT NULL,
+    time_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, seq)
+);
+"""
+
+
+class JobState(enum.Enum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    upload_id: str
+    model: str
+    format: str  # one of spec.SOURCE_FORMATS
+    path: str
+    sha256: str
+    size_bytes: int
+    architecture: str
+    architecture_kwargs: str  # JSON object
+    description: str
+    created_ms: int
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    job_id: str
+    model: str
+    upload_id: str
+    format: str
+    sha256: str
+    state: JobState
+    stage: str
+    fraction: float
+    message: str
+    version: int
+    error_kind: str
+    error_message: str
+    spec_json: str
+    report_json: str
+    work_dir: str
+    job_dir: str
+    created_ms: int
+    started_ms: int
+    finished_ms: int
+    last_seq: int
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    job_id: str
+    seq: int
+    stage: str
+    fraction: float
+    message: str
+    state: JobState
+    error_kind: str
+    time_ms: int
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class JobStore:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._closed = False
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        version = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise FerryError(
+                f"state database {path} was written by a newer Ferry (schema {version} > "
+                f"{SCHEMA_VERSION}); upgrade Ferry or use another --state-dir",
+                kind=ErrorKind.FAILED_PRECONDITION,
+            )
+        if version < SCHEMA_VERSION:
+            # Idempotent (IF NOT EXISTS); executescript commits on its own.
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self._closed = True
+        self._db.close()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._closed:
+            raise Unavailable("the server is shutting down; conversion state is closed")
+        return self._db
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # ---- uploads ----
+    def add_upload(self, rec: UploadRecord) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.upload_id,
+                    rec.model,
+                    rec.format,
+                    rec.path,
+                    rec.sha256,
+                    rec.size_bytes,
+                    rec.architecture,
+                    rec.architecture_kwargs,
+                    rec.description,
+                    rec.created_ms,
+                ),
+            )
+
+    def get_upload(self, upload_id: str) -> UploadRecord:
+        row = self.db.execute("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,)).fetchone()
+        if row is None:
+            raise FerryError(
+                f"no upload {upload_id!r}: upload the model first (UploadModel returns the id)",
+                kind=ErrorKind.UPLOAD_NOT_FOUND,
+            )
+        return UploadRecord(**dict(row))
+
+    def upload_paths(self) -> set[str]:
+        return {r[0] for r in self.db.execute("SELECT path FROM uploads")}
+
+    # ---- jobs ----
+    def add_job(self, rec: JobRecord) -> EventRecord:
+        """Insert a QUEUED job together with its first event."""
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO jobs (job_id, model, upload_id, format, sha256, state, stage, "
+                "fraction, message, spec_json, job_dir, created_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rec.job_id,
+                    rec.model,
+                    rec.upload_id,
+                    rec.format,
+                    rec.sha256,
+                    rec.state.value,
+                    rec.stage,
+                    rec.fraction,
+                    rec.message,
+                    rec.spec_json,
+                    rec.job_dir,
+                    rec.created_ms,
+                ),
+            )
+            return self._append(
+                db,
+                job_id=rec.job_id,
+                stage=rec.stage,
+                fraction=rec.fraction,
+                message=rec.message,
+                state=rec.state,
+                error_kind="",
+            )
+
+    def get_job(self, job_id: str) -> JobRecord:
+        row = self.db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no conversion job {job_id!r}; ListJobs shows the known jobs")
+        return _job(row)
+
+    def list_jobs(self, model: str = "", limit: int = 100) -> list[JobRecord]:
+        if model:
+            rows = self.db.execute(
+                "SELECT * FROM jobs WHERE model = ? ORDER BY created_ms DESC, rowid DESC LIMIT ?",
+                (model, limit),
+            )
+        else:
+            rows = self.db.execute(
+                "SELECT * FROM jobs ORDER BY created_ms DESC, rowid DESC LIMIT ?", (limit,)
+            )
+        return [_job(r) for r in rows]
+
+    def jobs_in(self, *states: JobState) -> list[JobRecord]:
+        marks = ", ".join("?" for _ in states)
+        rows = self.db.execute(
+            f"SELECT * FROM jobs WHERE state IN ({marks}) ORDER BY created_ms, rowid",
+            [s.value for s in states],
+        )
+        return [_job(r) for r in rows]
+
+    def job_for_version(self, model: str, version: int) -> str:
+        row = self.db.execute(
+            "SELECT job_id FROM jobs WHERE model = ? AND version = ? AND state = ? "
+            "ORDER BY finished_ms DESC LIMIT 1",
+            (model, version, JobState.SUCCEEDED.value),
+        ).fetchone()
+        return str(row[0]) if row is not None else ""
+
+    def start(self, job_id: str, work_dir: str, message: str) -> EventRecord:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, work_dir = ?, started_ms = ? WHERE job_id = ?",
+                (JobState.RUNNING.value, work_dir, now_ms(), job_id),
+            )
+            return self._append(
+                db,
+                job_id=job_id,
+                stage="load",
+                fraction=0.0,
+                message=message,
+                state=JobState.RUNNING,
+                error_kind="",
+            )
+
+    def append_event(self, job_id: str, stage: str, fraction: float, message: str) -> EventRecord:
+        """A progress event of a running job; the job's latest stage follows it."""
+        with self._tx() as db:
+            return self._append(
+                db,
+                job_id=job_id,
+                stage=stage,
+                fraction=fraction,
+                message=message,
+                state=JobState.RUNNING,
+                error_kind="",
+            )
+
+    def finish(
+        self,
+        job_id: str,
+        state: JobState,
+        *,
+        stage: str,
+        fraction: float,
+        message: str,
+        version: int = 0,
+        error_kind: str = "",
+        error_message: str = "",
+        report_json: str = "",
+    ) -> EventRecord:
+        """Move a job to a terminal state and record its last event, in one transaction."""
+        assert state.terminal
+        with self._tx() as db:
+            db.execute(
+                "UPDATE jobs SET state = ?, version = ?, error_kind = ?, error_message = ?, "
+                "report_json = ?, finished_ms = ?, work_dir = '' WHERE job_id = ?",
+                (
+                    state.value,
+                    version,
+                    error_kind,
+                    error_message,
+                    report_json,
+                    now_ms(),
+                    job_id,
+                ),
+            )
+            return self._append(
+                db,
+                job_id=job_id,
+                stage=stage,
+                fraction=fraction,
+                message=message,
+                state=state,
+                error_kind=error_kind,
+            )
+
+    def events(self, job_id: str, after: int = 0) -> list[EventRecord]:
+        rows = self.db.execute(
+            "SELECT * FROM events WHERE job_id = ? AND seq > ? ORDER BY seq", (job_id, after)
+        )
+        return [_event(r) for r in rows]
+
+    def _append(
+        self,
+        db: sqlite3.Connection,
+        *,
+        job_id: str,
+        stage: str,
+        fraction: float,
+        message: str,
+        state: JobState,
+        error_kind: str,
+    ) -> EventRecord:
+        row = db.execute("SELECT last_seq FROM jobs WHERE job_id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise JobNotFound(f"no conversion job {job_id!r}")
+        event = EventRecord(
+            job_id, row[0] + 1, stage, fraction, message, state, error_kind, now_ms()
+        )
+        db.execute(
+            "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                job_id,
+                event.seq,
+                stage,
+                fraction,
+                message,
+                state.value,
+                error_kind,
+                event.time_ms,
+            ),
+        )
+        db.execute(
+            "UPDATE jobs SET last_seq = ?, stage = ?, fraction = ?, message = ? WHERE job_id = ?",
+            (event.seq, stage, fraction, message, job_id),
+        )
+        return event
+
+    # ---- restart ----
+    def fail_interrupted(self, reason: str) -> list[JobRecord]:
+        """Mark every job left QUEUED or RUNNING by a previous process FAILED; returns them as
+        they were, so the caller can remove their folders."""
+        interrupted = self.jobs_in(JobState.QUEUED, JobState.RUNNING)
+        for job in interrupted:
+            self.finish(
+                job.job_id,
+                JobState.FAILED,
+                stage=job.stage,
+                fraction=job.fraction,
+                message=reason,
+                error_kind=ErrorKind.UNAVAILABLE.value,
+                error_message=reason,
+            )
+        return interrupted
+
+
+def _job(row: sqlite3.Row) -> JobRecord:
+    raw = dict(row)
+    raw["state"] = JobState(raw["state"])
+    return JobRecord(**raw)
+
+
+def _event(row: sqlite3.Row) -> EventRecord:
+    raw = dict(row)
+    raw["state"] = JobState(raw["state"])
+    return EventRecord(**raw)

@@ -1,0 +1,290 @@
+"""Receiving an uploaded model file: size limit while streaming, SHA-256, and a format check.
+
+Bytes go to ``.tmp-<id>`` in the uploads folder and are renamed to their final name only after
+the whole file arrived and passed the check, so a reader (or a restart) never sees a partial
+upload; any exit before that, a client disconnecting included, deletes the temporary file.
+
+The format check reads structure only and never deserializes executable content: a state_dict
+must be torch.save's zip archive (a bare pickle is refused before the child ever sees it), a
+safetensors file must have a sane JSON header, an ONNX file must parse as a ModelProto with no
+external data. Whether the weights fit an architecture is the child's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import struct
+import threading
+import uuid
+import zipfile
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ferry.server.convert.spec import CODE_BEARING_FORMATS, SOURCE_FORMATS
+from ferry.server.convert.store import UploadRecord, now_ms
+from ferry.server.core.repository import TMP_PREFIX, validate_model_name
+from ferry.server.errors import FailedPrecondition, InvalidArgument, LimitExceeded
+
+SUFFIXES = {
+    "state_dict": ".pt",
+    "safetensors": ".safetensors",
+    "onnx": ".onnx",
+    "exported_program": ".pt2",
+    "torchscript": ".pt",
+}
+MAX_SAFETENSORS_HEADER = 100 << 20
+MAX_KWARGS_JSON = 64 << 10
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass
+class UploadHeader:
+    model: str
+    format: str
+    architecture: str = ""
+    architecture_kwargs: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    expected_sha256: str = ""
+    size_bytes: int = 0  # 0: unknown
+
+
+def kwargs_from_json(text: str) -> dict[str, Any]:
+    if not text:
+        return {}
+    if len(text) > MAX_KWARGS_JSON:
+        raise InvalidArgument(f"architecture kwargs are over {MAX_KWARGS_JSON} bytes of JSON")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"architecture kwargs are not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise InvalidArgument("architecture kwargs must be a JSON object (name -> value)")
+    return value
+
+
+def check_header(header: UploadHeader, *, limit: int, allow_code_formats: bool) -> None:
+    """Everything that can be refused before a single byte is received."""
+    validate_model_name(header.model)
+    if header.format not in SOURCE_FORMATS:
+        raise InvalidArgument(
+            f"unknown source format {header.format!r}; use one of {', '.join(SOURCE_FORMATS)}"
+        )
+    if header.format in CODE_BEARING_FORMATS and not allow_code_formats:
+        raise FailedPrecondition(
+            f"{header.format} files run code when loaded, so this server refuses them; upload "
+            "a state_dict or safetensors file with an architecture, or an ONNX file, or start "
+            "the server with --allow-code-formats if every uploader is trusted"
+        )
+    if header.format in ("state_dict", "safetensors") and not header.architecture:
+        raise InvalidArgument(
+            f"a {header.format} upload needs an architecture (the model class its weights fit) "
+            "and its constructor kwargs"
+        )
+    if header.expected_sha256 and not _is_sha256(header.expected_sha256):
+        raise InvalidArgument("expected_sha256 must be 64 lowercase hex characters")
+    if header.size_bytes > limit:
+        raise LimitExceeded(
+            f"upload of {header.size_bytes} bytes is over the limit of {limit} bytes "
+            "(server setting --max-upload-bytes)"
+        )
+    if len(header.description) > 4096:
+        raise InvalidArgument("description is over 4096 characters")
+
+
+async def receive(
+    header: UploadHeader, chunks: AsyncIterator[bytes], folder: Path, *, limit: int
+) -> UploadRecord:
+    """Write the chunks to a temporary file, enforcing ``limit`` as they come, then check and
+    rename. Any failure or cancellation removes the temporary file."""
+    upload_id = uuid.uuid4().hex
+    tmp = folder / f"{TMP_PREFIX}{upload_id}"
+    final = folder / f"{upload_id}{SUFFIXES[header.format]}"
+    sink = _Sink(tmp)
+    try:
+        async for chunk in chunks:
+            if sink.size + len(chunk) > limit:
+                raise LimitExceeded(
+                    f"upload is over the limit of {limit} bytes (server setting "
+                    "--max-upload-bytes); nothing was kept"
+                )
+            await asyncio.to_thread(sink.write, chunk)
+        await asyncio.to_thread(sink.sync)
+        size, sha = sink.size, sink.digest.hexdigest()
+        if size == 0:
+            raise InvalidArgument("the upload carried no bytes: send the file after the header")
+        if header.size_bytes and size != header.size_bytes:
+            raise InvalidArgument(
+                f"upload truncated: {size} bytes arrived, the header announced "
+                f"{header.size_bytes}; upload again"
+            )
+        if header.expected_sha256 and sha != header.expected_sha256:
+            raise InvalidArgument(
+                f"upload corrupted: sha256 of the bytes received is {sha}, the header expected "
+                f"{header.expected_sha256}; upload again"
+            )
+        await asyncio.to_thread(check_format, header.format, tmp)
+        os.rename(tmp, final)
+    finally:
+        sink.close()
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    return UploadRecord(
+        upload_id=upload_id,
+        model=header.model,
+        format=header.format,
+        path=str(final),
+        sha256=sha,
+        size_bytes=size,
+        architecture=header.architecture,
+        architecture_kwargs=json.dumps(header.architecture_kwargs, sort_keys=True),
+        description=header.description,
+        created_ms=now_ms(),
+    )
+
+
+class _Sink:
+    """The temporary file, written from worker threads. The lock matters on cancellation: a
+    write still running in its thread must finish before the file is closed and unlinked."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "xb")  # noqa: SIM115 - closed by close()
+        self._lock = threading.Lock()
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        with self._lock:
+            if self._fh.closed:
+                return
+            self._fh.write(chunk)
+            self.digest.update(chunk)
+            self.size += len(chunk)
+
+    def sync(self) -> None:
+        with self._lock:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        with self._lock:
+            self._fh.close()
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+# ---- format checks (structure only; nothing is deserialized) ----
+def check_format(fmt: str, path: Path) -> None:
+    if fmt == "safetensors":
+        _check_safetensors(path)
+    elif fmt == "onnx":
+        _check_onnx(path)
+    else:
+        _check_torch_zip(fmt, path)
+
+
+def _check_torch_zip(fmt: str, path: Path) -> None:
+    with open(path, "rb") as fh:
+        magic = fh.read(4)
+    how = {
+        "state_dict": "torch.save(model.state_dict(), path)",
+        "exported_program": "torch.export.save(program, path)",
+        "torchscript": "torch.jit.save(scripted, path)",
+    }[fmt]
+    if magic != _ZIP_MAGIC:
+        hint = (
+            " (this looks like a bare pickle, which is never loaded)"
+            if magic[:1] == b"\x80"
+            else ""
+        )
+        raise InvalidArgument(
+            f"not a {fmt} file: expected the zip archive written by {how}{hint}; "
+            "save it again with a current torch"
+        )
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise InvalidArgument(
+            f"{fmt} upload is a corrupt or truncated zip archive: {exc}"
+        ) from None
+    if fmt in ("state_dict", "torchscript") and not any(
+        n == "data.pkl" or n.endswith("/data.pkl") for n in names
+    ):
+        raise InvalidArgument(f"{fmt} upload has no data.pkl record: it was not written by {how}")
+
+
+def _check_safetensors(path: Path) -> None:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise InvalidArgument("safetensors upload is shorter than its 8-byte header length")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > MAX_SAFETENSORS_HEADER or 8 + n > size:
+            raise InvalidArgument(
+                f"not a safetensors file (header length {n} for a {size}-byte file): corrupt "
+                "or truncated; save it again with safetensors.torch.save_file"
+            )
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except ValueError:
+        raise InvalidArgument("safetensors header is not valid JSON: corrupt file") from None
+    if not isinstance(header, dict):
+        raise InvalidArgument("safetensors header is not a JSON object: corrupt file")
+    data_len = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if (
+            not isinstance(offsets, list)
+            or len(offsets) != 2
+            or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1] <= data_len
+        ):
+            raise InvalidArgument(
+                f"safetensors tensor {name[:100]!r} points outside the file: truncated or corrupt"
+            )
+
+
+def _check_onnx(path: Path) -> None:
+    import onnx  # the server extra has it; only onnx uploads pay for the import
+
+    try:
+        model = onnx.load_model(os.fspath(path), load_external_data=False)
+    except Exception as exc:  # DecodeError and friends: the bytes are not a ModelProto
+        raise InvalidArgument(
+            f"not an ONNX model (it does not parse as a ModelProto: {type(exc).__name__}); "
+            "corrupt or truncated upload?"
+        ) from None
+    if not model.graph.node and not model.graph.output:
+        raise InvalidArgument("ONNX upload has an empty graph: corrupt or not an ONNX model")
+    for tensor in _initializers(model.graph):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            raise InvalidArgument(
+                f"ONNX initializer {tensor.name[:100]!r} refers to external data, which an "
+                "upload cannot carry: save the model as one file "
+                "(onnx.save(model, path, save_as_external_data=False))"
+            )
+
+
+def _initializers(graph: Any) -> Any:
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            if attr.HasField("g"):
+                yield from _initializers(attr.g)
+            yield from attr.tensors
+            for g in attr.graphs:
+                yield from _initializers(g)

@@ -1,0 +1,220 @@
+"""Validation inputs and the figures that decide whether a converted model may be served.
+
+Samples are a dict ``input name -> [N, ...]``. A batched model (every input's first dim dynamic)
+runs them in slices; an unbatched ONNX source runs them one at a time at its fixed shape. Outputs
+come back the same way, ``output name -> [N, ...]``, so every comparison is array against array.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ferry.codec import CodecError, datatype_from_name, numpy_dtype
+from ferry.server.convert.spec import InputSpec
+from ferry.server.errors import ConversionFailed, InvalidArgument
+
+Arrays = dict[str, np.ndarray]
+SEED = 0
+
+
+def dtype_of(spec: InputSpec) -> np.dtype[Any]:
+    try:
+        return numpy_dtype(datatype_from_name(spec.datatype))
+    except CodecError as exc:
+        raise InvalidArgument(f"input {spec.name!r}: {exc}") from None
+
+
+def is_batched(inputs: list[InputSpec]) -> bool:
+    return all(spec.shape and spec.shape[0] == -1 for spec in inputs)
+
+
+def sample_shape(spec: InputSpec, batched: bool) -> list[int]:
+    """The shape of one sample: without the batch dim when batched, the full shape otherwise."""
+    shape = spec.shape[1:] if batched else spec.shape
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(
+            f"input {spec.name!r} has shape {spec.shape} with a dynamic dim besides the batch dim: "
+            "give its size in spec.inputs (only the first dim may be -1)"
+        )
+    return shape
+
+
+@dataclass
+class Samples:
+    arrays: Arrays
+    batched: bool
+
+    def __len__(self) -> int:
+        return len(next(iter(self.arrays.values())))
+
+    def batches(self, size: int) -> Iterator[Arrays]:
+        if not self.batched:
+            for index in range(len(self)):
+                yield {name: array[index] for name, array in self.arrays.items()}
+            return
+        for start in range(0, len(self), size):
+            yield {name: array[start : start + size] for name, array in self.arrays.items()}
+
+    def take(self, count: int) -> Samples:
+        return Samples({n: a[:count] for n, a in self.arrays.items()}, self.batched)
+
+
+def generate(inputs: list[InputSpec], count: int, batched: bool) -> Samples:
+    """Seeded so that a rerun of a job validates on the same inputs."""
+    rng = np.random.default_rng(SEED)
+    arrays: Arrays = {}
+    for spec in inputs:
+        dtype = dtype_of(spec)
+        shape = [count, *sample_shape(spec, batched)]
+        if dtype.kind == "f":
+            arrays[spec.name] = rng.standard_normal(shape).astype(dtype)
+        elif dtype.kind == "b":
+            arrays[spec.name] = rng.integers(0, 2, shape).astype(dtype)
+        elif dtype.kind in "iu":
+            arrays[spec.name] = rng.integers(0, 10, shape).astype(dtype)
+        else:
+            raise InvalidArgument(
+                f"input {spec.name!r} of type {spec.datatype} cannot be generated: supply "
+                "validation.sample_file"
+            )
+    return Samples(arrays, batched)
+
+
+def load_npz(path: Path, names: list[str], field: str) -> Arrays:
+    """Read an .npz without pickle (an object array in it is refused, never unpickled)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {key: data[key] for key in data.files}
+    except FileNotFoundError:
+        raise InvalidArgument(f"{field} {str(path)!r} does not exist") from None
+    except (ValueError, OSError) as exc:
+        raise InvalidArgument(
+            f"{field} {str(path)!r} is not a readable .npz of numeric arrays ({exc}): save it with "
+            "numpy.savez(path, **{name: array})"
+        ) from None
+    missing = [n for n in names if n not in arrays]
+    if missing:
+        raise InvalidArgument(
+            f"{field} lacks {', '.join(map(repr, missing))}: it must hold one [N, ...] array per "
+            f"name ({', '.join(names)}); it has {', '.join(sorted(arrays)) or 'nothing'}"
+        )
+    counts = {len(arrays[n]) if arrays[n].ndim else 0 for n in names}
+    if len(counts) != 1 or 0 in counts:
+        raise InvalidArgument(
+            f"{field}: every array needs the same number N >= 1 of samples (dim 0)"
+        )
+    return {n: arrays[n] for n in names}
+
+
+def samples_from_file(path: Path, inputs: list[InputSpec], batched: bool, field: str) -> Samples:
+    arrays = load_npz(path, [spec.name for spec in inputs], field)
+    for spec in inputs:
+        expected = sample_shape(spec, batched)
+        if list(arrays[spec.name].shape[1:]) != expected:
+            raise InvalidArgument(
+                f"{field}: {spec.name!r} has samples of shape {list(arrays[spec.name].shape[1:])}, "
+                f"the model takes {expected} per sample"
+            )
+        arrays[spec.name] = arrays[spec.name].astype(dtype_of(spec), copy=False)
+    return Samples(arrays, batched)
+
+
+def run_batches(
+    run: Callable[[Arrays], list[np.ndarray]], samples: Samples, batch: int
+) -> list[np.ndarray]:
+    """Run ``run`` over ``samples`` and join its positional outputs back into [N, ...] arrays."""
+    parts: list[list[np.ndarray]] = []
+    for feed in samples.batches(batch):
+        parts.append(run(feed))
+    join = np.concatenate if samples.batched else np.stack
+    return [join([p[i] for p in parts]) for i in range(len(parts[0]))]
+
+
+def onnx_runner(path: Path, threads: int) -> Callable[[Arrays], list[np.ndarray]]:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ConversionFailed(f"onnxruntime cannot load {path.name}: {exc}") from None
+
+    def run(feed: Arrays) -> list[np.ndarray]:
+        return [np.asarray(o) for o in session.run(None, feed)]
+
+    return run
+
+
+# ---- figures ----
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    norms = float(np.linalg.norm(a64) * np.linalg.norm(b64))
+    if norms == 0.0:
+        return 1.0 if not a64.any() and not b64.any() else 0.0
+    return float(np.dot(a64, b64) / norms)
+
+
+def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, Any]:
+    """Worst case over outputs: max error, overall mean error, lowest cosine and top-1 agreement.
+
+    Top-1 agreement is reported for [N, classes > 1] outputs only, where argmax means a class.
+    """
+    max_abs, abs_sum, count = 0.0, 0.0, 0
+    cosines: list[float] = []
+    top1: list[float] = []
+    for cand, ref in zip(candidate, reference, strict=True):
+        if cand.shape != ref.shape:
+            raise ConversionFailed(
+                f"output shapes differ: {list(cand.shape)} vs {list(ref.shape)} (reference)"
+            )
+        diff = np.abs(cand.astype(np.float64) - ref.astype(np.float64))
+        if diff.size:
+            max_abs = max(max_abs, float(diff.max()))
+        abs_sum += float(diff.sum())
+        count += diff.size
+        cosines.append(_cosine(cand, ref))
+        if ref.ndim == 2 and ref.shape[1] > 1:
+            top1.append(float(np.mean(cand.argmax(axis=1) == ref.argmax(axis=1))))
+    return {
+        "max_abs": max_abs,
+        "mean_abs": abs_sum / count if count else 0.0,
+        "cosine": min(cosines) if cosines else 1.0,
+        "top1_agreement": min(top1) if top1 else None,
+    }
+
+
+def tolerance_failure(
+    candidate: list[np.ndarray], reference: list[np.ndarray], rtol: float, atol: float
+) -> str:
+    """'' when np.allclose(candidate, reference, rtol, atol) holds for every output, else figures."""
+    for index, (cand, ref) in enumerate(zip(candidate, reference, strict=True)):
+        c64, r64 = cand.astype(np.float64), ref.astype(np.float64)
+        excess = np.abs(c64 - r64) - (atol + rtol * np.abs(r64))
+        if excess.size and (excess.max() > 0 or not np.isfinite(c64).all()):
+            worst = int(np.nanargmax(excess))
+            bad = int(np.count_nonzero(excess > 0))
+            return (
+                f"output {index}: {bad} of {excess.size} elements outside rtol={rtol}, atol={atol}; "
+                f"worst {float(c64.flat[worst]):.6g} vs {float(r64.flat[worst]):.6g}"
+            )
+    return ""
+
+
+def budget_failure(figures: dict[str, Any], min_cosine: float, min_top1: float) -> str:
+    """'' when within the accuracy budget, else which limit failed and by how much."""
+    reasons = []
+    if figures["cosine"] < min_cosine:
+        reasons.append(f"cosine {figures['cosine']:.6f} < min_cosine {min_cosine}")
+    top1 = figures["top1_agreement"]
+    if min_top1 > 0 and top1 is not None and top1 < min_top1:
+        reasons.append(f"top-1 agreement {top1:.4f} < min_top1_agreement {min_top1}")
+    return "; ".join(reasons)

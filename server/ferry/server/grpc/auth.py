@@ -1,0 +1,286 @@
+"""The interceptor every RPC of a listener passes through: bearer tokens and safe parsing.
+
+Tokens. Each listener has one ``ListenerGuard``; when it holds tokens, every call — unary or
+streaming, reflection included — must carry ``authorization: Bearer <token>`` metadata. The check
+runs before the method is even looked up, so an unauthenticated caller cannot tell which methods
+exist, and a stream is refused before its first message is read. Tokens are compared with
+``hmac.compare_digest`` against every accepted token (no early exit), so the time taken says
+nothing about how much of a guess was right. Health may stay open: orchestrator probes rarely can
+send a token, and health reveals nothing but SERVING / NOT_SERVING.
+
+Parsing. gRPC Python deserializes a request before the handler runs; a protobuf ``DecodeError``
+there escapes as UNKNOWN ("Unexpected <class 'DecodeError'>") with an ERROR traceback in the log,
+for what is simply a malformed request. The guard therefore hands gRPC raw-bytes handlers and
+parses inside them: unary requests are parsed in a wrapper that answers INVALID_ARGUMENT
+"malformed request"; for streaming requests the parser raises ``MalformedRequest`` (an
+``InvalidArgument``, so servicers that translate domain errors answer it correctly too) and a
+wrapper answers it with INVALID_ARGUMENT if it escapes the servicer. Wrapped handlers are built
+once per method and cached, so the per-call cost is one dict lookup and one coroutine frame.
+"""
+
+from __future__ import annotations
+
+import hmac
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, NoReturn
+
+import grpc
+from grpc import aio
+
+from ferry.server.errors import ErrorKind, InvalidArgument
+from ferry.server.grpc.status import trailing
+from ferry.server.security import Tokens
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+AUTHORIZATION = "authorization"
+Deserializer = Callable[[bytes], Any]
+Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
+
+
+class MalformedRequest(InvalidArgument):
+    """A request message that is not valid protobuf for its method."""
+
+
+def _strict(deserializer: Deserializer, method: str) -> Deserializer:
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as exc:
+            raise MalformedRequest(f"malformed request for {method}: {exc}") from None
+
+    return parse
+
+
+async def _reject(context: aio.ServicerContext, exc: InvalidArgument) -> NoReturn:
+    context.set_trailing_metadata(trailing(exc.kind.value))
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.message)
+    raise AssertionError("context.abort returned")  # it raises; this tells the type checker
+
+
+def safe_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """The same method, with request parsing failures answered as INVALID_ARGUMENT.
+
+    Handlers without a deserializer (raw bytes already) or with synchronous behaviours are
+    returned unchanged: wrapping a sync behaviour in a coroutine would run it on the event loop."""
+    des = handler.request_deserializer
+    if des is None:
+        return handler
+    ser = handler.response_serializer
+    if not handler.request_streaming:
+        unary = handler.unary_stream if handler.response_streaming else handler.unary_unary
+        if not (inspect.iscoroutinefunction(unary) or inspect.isasyncgenfunction(unary)):
+            return handler
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(
+                _unary_stream(unary, des, method), response_serializer=ser
+            )
+
+        async def unary_unary(raw: bytes, context: aio.ServicerContext) -> Any:
+            try:
+                request = des(raw)
+            except Exception as exc:
+                await _reject(context, MalformedRequest(f"malformed request for {method}: {exc}"))
+            return await unary(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=ser)
+    streaming = handler.stream_stream if handler.response_streaming else handler.stream_unary
+    parse = _strict(des, method)
+    if handler.response_streaming:
+        if inspect.isasyncgenfunction(streaming):
+            return grpc.stream_stream_rpc_method_handler(
+                _stream_gen(streaming), request_deserializer=parse, response_serializer=ser
+            )
+        if inspect.iscoroutinefunction(streaming):
+            return grpc.stream_stream_rpc_method_handler(
+                _stream_coro(streaming), request_deserializer=parse, response_serializer=ser
+            )
+        return handler
+    if not inspect.iscoroutinefunction(streaming):
+        return handler
+    return grpc.stream_unary_rpc_method_handler(
+        _stream_coro(streaming), request_deserializer=parse, response_serializer=ser
+    )
+
+
+def _unary_stream(behavior: Any, des: Deserializer, method: str) -> Any:
+    if inspect.isasyncgenfunction(behavior):
+
+        async def gen(raw: bytes, context: aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                request = des(raw)
+            except Exception as exc:
+                await _reject(context, MalformedRequest(f"malformed request for {method}: {exc}"))
+            async for response in behavior(request, context):
+                yield response
+
+        return gen
+
+    async def coro(raw: bytes, context: aio.ServicerContext) -> Any:
+        try:
+            request = des(raw)
+        except Exception as exc:
+            await _reject(context, MalformedRequest(f"malformed request for {method}: {exc}"))
+        return await behavior(request, context)
+
+    return coro
+
+
+def _stream_gen(behavior: Any) -> Any:
+    async def gen(requests: Any, context: aio.ServicerContext) -> AsyncIterator[Any]:
+        try:
+            async for response in behavior(requests, context):
+                yield response
+        except MalformedRequest as exc:
+            await _reject(context, exc)
+
+    return gen
+
+
+def _stream_coro(behavior: Any) -> Any:
+    async def coro(requests: Any, context: aio.ServicerContext) -> Any:
+        try:
+            return await behavior(requests, context)
+        except MalformedRequest as exc:
+            await _reject(context, exc)
+
+    return coro
+
+
+def _refusal(
+    code: grpc.StatusCode, message: str, kind: ErrorKind, like: grpc.RpcMethodHandler | None
+) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as ``like`` that refuses without reading the request."""
+
+    async def refuse(request: Any, context: aio.ServicerContext) -> None:
+        context.set_trailing_metadata(trailing(kind.value))
+        await context.abort(code, message)
+
+    req = like is not None and like.request_streaming
+    resp = like is not None and like.response_streaming
+    if req and resp:
+        return grpc.stream_stream_rpc_method_handler(refuse)
+    if req:
+        return grpc.stream_unary_rpc_method_handler(refuse)
+    if resp:
+        return grpc.unary_stream_rpc_method_handler(refuse)
+    return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+class ListenerGuard(aio.ServerInterceptor):
+    """Authentication and safe parsing for one listener.
+
+    ``accept``: tokens that may call this listener (empty: no token check). ``forbidden``:
+    tokens that are valid elsewhere but not here (PERMISSION_DENIED rather than UNAUTHENTICATED,
+    so a client with the inference token learns it holds the wrong kind, not a wrong token).
+    ``open_prefixes``: methods that need no token.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        accept: Sequence[bytes] = (),
+        forbidden: Sequence[bytes] = (),
+        open_prefixes: tuple[str, ...] = (),
+    ) -> None:
+        self.name = name
+        self._accept = tuple(accept)
+        self._forbidden = tuple(forbidden)
+        self._open = open_prefixes
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._missing = (
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"the {name} listener requires a token: send 'authorization: Bearer <token>' "
+            "metadata (the SDK's token= option)",
+            ErrorKind.UNAUTHENTICATED,
+        )
+        self._wrong = (
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"invalid token for the {name} listener",
+            ErrorKind.UNAUTHENTICATED,
+        )
+        self._denied = (
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"this token may not call the {name} listener: use the {name} token",
+            ErrorKind.PERMISSION_DENIED,
+        )
+        self._refusals: dict[tuple[str, bool, bool], grpc.RpcMethodHandler] = {}
+
+    @property
+    def requires_token(self) -> bool:
+        return bool(self._accept)
+
+    async def intercept_service(
+        self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler | None:
+        method: str = handler_call_details.method
+        handler = self._handlers.get(method)
+        if handler is None:
+            real = await continuation(handler_call_details)
+            # Cache only methods that exist: their number is bounded, unknown names are not.
+            if real is not None:
+                handler = self._handlers[method] = safe_handler(real, method)
+        if self._accept and not method.startswith(self._open):
+            refusal = self._check(handler_call_details.invocation_metadata)
+            if refusal is not None:
+                log.debug("%s listener refused %s: %s", self.name, method, refusal[1])
+                return self._refusal(refusal, handler)
+        return handler
+
+    def _check(self, metadata: Any) -> tuple[grpc.StatusCode, str, ErrorKind] | None:
+        value: str | bytes | None = None
+        for key, v in metadata or ():
+            if key == AUTHORIZATION:
+                value = v
+                break
+        if value is None:
+            return self._missing
+        raw = value.encode("utf-8", "replace") if isinstance(value, str) else bytes(value)
+        scheme, _, credential = raw.strip().partition(b" ")
+        credential = credential.strip()
+        if scheme.lower() != b"bearer" or not credential:
+            return self._missing
+        ok = False
+        for token in self._accept:
+            ok |= hmac.compare_digest(credential, token)
+        if ok:
+            return None
+        for token in self._forbidden:
+            if hmac.compare_digest(credential, token):
+                return self._denied
+        return self._wrong
+
+    def _refusal(
+        self,
+        refusal: tuple[grpc.StatusCode, str, ErrorKind],
+        like: grpc.RpcMethodHandler | None,
+    ) -> grpc.RpcMethodHandler:
+        req = like is not None and like.request_streaming
+        resp = like is not None and like.response_streaming
+        key = (refusal[1], req, resp)
+        handler = self._refusals.get(key)
+        if handler is None:
+            handler = self._refusals[key] = _refusal(*refusal, like)
+        return handler
+
+
+def inference_guard(tokens: Tokens, *, health_requires_token: bool) -> ListenerGuard:
+    """The management token is accepted here too: whoever may load models may run them."""
+    accept = [t for t in (tokens.inference, tokens.management) if t is not None]
+    if tokens.inference is None:
+        accept = []  # no inference token configured: the inference listener is open
+    return ListenerGuard(
+        "inference",
+        accept=accept,
+        open_prefixes=() if health_requires_token else (HEALTH_PREFIX,),
+    )
+
+
+def management_guard(tokens: Tokens) -> ListenerGuard:
+    accept = [tokens.management] if tokens.management is not None else []
+    forbidden = [tokens.inference] if tokens.inference is not None else []
+    return ListenerGuard("management", accept=accept, forbidden=forbidden)

@@ -1,0 +1,328 @@
+"""``ferry.v1.ModelConversion``: proto <-> the conversion core, on the management listener only.
+
+Each method translates its request into the core's types (``ferry.server.convert``), calls the
+core, and translates back; errors become statuses through the one table (grpc/status.py), a
+failed job's error kind included, so a job's ``error.code`` is what a call failing the same way
+would have returned.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from google.protobuf import json_format
+from grpc import aio
+
+from ferry.codec import CodecError, datatype_name, decode_tensor
+from ferry.proto.v1 import inference_pb2 as ipb
+from ferry.proto.v1 import model_conversion_pb2 as pb
+from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
+from ferry.server.convert import checks, spec
+from ferry.server.convert.models import ModelView
+from ferry.server.convert.service import ConversionService
+from ferry.server.convert.store import EventRecord, JobRecord, UploadRecord
+from ferry.server.convert.uploads import UploadHeader, kwargs_from_json
+from ferry.server.errors import ErrorKind, InvalidArgument
+from ferry.server.grpc._base import translate_errors
+from ferry.server.grpc.status import ERROR_TABLE, status_of, trailing
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelConversion"].full_name
+_FORMAT_PREFIX = "SOURCE_FORMAT_"
+
+
+def serve_on_management_listener(server: aio.Server, app: Any) -> list[str]:
+    """Extension hook of FerryServer: opens the conversion state and adds the service."""
+    service: ConversionService = app.conversion
+    service.open()
+    pb_grpc.add_ModelConversionServicer_to_server(ConversionServicer(service), server)
+    return [SERVICE_NAME]
+
+
+class ConversionServicer(pb_grpc.ModelConversionServicer):
+    def __init__(self, service: ConversionService) -> None:
+        self.service = service
+
+    @translate_errors
+    async def UploadModel(
+        self, request_iterator: AsyncIterator[pb.UploadModelRequest], context: aio.ServicerContext
+    ) -> pb.Upload:
+        messages = aiter(request_iterator)
+        try:
+            first = await anext(messages)
+        except StopAsyncIteration:
+            raise InvalidArgument("empty upload: send an UploadHeader, then the chunks") from None
+        if first.WhichOneof("part") != "header":
+            raise InvalidArgument("the first message of an upload must be its header")
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for message in messages:
+                if message.WhichOneof("part") != "chunk":
+                    raise InvalidArgument("only the first message of an upload may be a header")
+                yield message.chunk
+
+        record = await self.service.upload(_header(first.header), chunks())
+        return _upload(record)
+
+    @translate_errors
+    async def Convert(self, request: pb.ConvertRequest, context: aio.ServicerContext) -> pb.Job:
+        conversion, tensors = _spec(request.spec)
+        job = await self.service.convert(request.upload_id, request.model, conversion, tensors)
+        return _job(job)
+
+    @translate_errors
+    async def GetJob(self, request: pb.GetJobRequest, context: aio.ServicerContext) -> pb.Job:
+        return _job(self.service.get_job(request.job_id))
+
+    @translate_errors
+    async def ListJobs(
+        self, request: pb.ListJobsRequest, context: aio.ServicerContext
+    ) -> pb.ListJobsResponse:
+        jobs = self.service.list_jobs(request.model, request.limit)
+        return pb.ListJobsResponse(jobs=[_job(j) for j in jobs])
+
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: aio.ServicerContext
+    ) -> AsyncIterator[pb.ProgressEvent]:
+        try:
+            async for event in self.service.watch(request.job_id):
+                yield _event(event)
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            code, message, kind = status_of(exc)
+            context.set_trailing_metadata(trailing(kind))
+            await context.abort(code, message)
+
+    @translate_errors
+    async def CancelJob(self, request: pb.CancelJobRequest, context: aio.ServicerContext) -> pb.Job:
+        return _job(await self.service.cancel_job(request.job_id))
+
+    @translate_errors
+    async def GetModel(
+        self, request: pb.GetModelRequest, context: aio.ServicerContext
+    ) -> pb.ModelInfo:
+        return _model(*self.service.get_model(request.model))
+
+    @translate_errors
+    async def DeleteModelVersion(
+        self, request: pb.DeleteModelVersionRequest, context: aio.ServicerContext
+    ) -> pb.DeleteModelVersionResponse:
+        await self.service.delete_version(request.model, request.version)
+        return pb.DeleteModelVersionResponse()
+
+    @translate_errors
+    async def SetDefaultVersion(
+        self, request: pb.SetDefaultVersionRequest, context: aio.ServicerContext
+    ) -> pb.SetDefaultVersionResponse:
+        await self.service.set_default_version(request.model, request.version)
+        return pb.SetDefaultVersionResponse(model=_model(*self.service.get_model(request.model)))
+
+
+# ---- requests -> core ----
+def _format(value: int) -> str:
+    name = pb.SourceFormat.Name(value) if value in pb.SourceFormat.values() else ""
+    fmt = name.removeprefix(_FORMAT_PREFIX).lower()
+    if fmt not in spec.SOURCE_FORMATS:
+        raise InvalidArgument(
+            f"set the source format: one of {', '.join(f.upper() for f in spec.SOURCE_FORMATS)}"
+        )
+    return fmt
+
+
+def _header(h: pb.UploadHeader) -> UploadHeader:
+    if h.architecture_kwargs_json and h.HasField("architecture_kwargs"):
+        raise InvalidArgument("give architecture kwargs as JSON text or as a Struct, not both")
+    if h.HasField("architecture_kwargs"):
+        kwargs = _integral(json_format.MessageToDict(h.architecture_kwargs))
+    else:
+        kwargs = kwargs_from_json(h.architecture_kwargs_json)
+    return UploadHeader(
+        model=h.model,
+        format=_format(h.format),
+        architecture=h.architecture,
+        architecture_kwargs=kwargs,
+        description=h.description,
+        expected_sha256=h.expected_sha256.lower(),
+        size_bytes=h.size_bytes,
+    )
+
+
+def _integral(value: Any) -> Any:
+    """Struct numbers are doubles; a constructor wants ``256``, not ``256.0``."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
+def _tensors(what: str, tensors: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for t in tensors:
+        if t.name in out:
+            raise InvalidArgument(f"{what}: tensor {t.name!r} is given twice")
+        try:
+            out[t.name] = decode_tensor(t)
+        except CodecError as exc:
+            raise InvalidArgument(f"{what}: {exc}") from None
+    return out
+
+
+def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, checks.SpecTensors]:
+    inputs = []
+    for i in m.inputs:
+        try:
+            datatype = datatype_name(i.dtype)
+        except CodecError:
+            raise InvalidArgument(f"input {i.name!r}: set its dtype (e.g. FP32)") from None
+        inputs.append(spec.InputSpec(name=i.name, datatype=datatype, shape=list(i.shape)))
+    q, v, s = m.quantization, m.validation, m.serving
+    conversion = spec.ConversionSpec(
+        inputs=inputs,
+        opset=m.opset or 20,
+        pruning=spec.PruningSpec(method=m.pruning.method or "none", amount=m.pruning.amount),
+        quantization=spec.QuantizationSpec(
+            mode=q.mode or "none",
+            calibration=q.calibration or "minmax",
+            per_channel=q.per_channel if q.HasField("per_channel") else True,
+            keep_slower=q.keep_slower,
+        ),
+        validation=spec.ValidationSpec(
+            rtol=v.rtol if v.HasField("rtol") else 1e-3,
+            atol=v.atol if v.HasField("atol") else 1e-4,
+            samples=v.samples if v.HasField("samples") else 16,
+            min_cosine=v.min_cosine if v.HasField("min_cosine") else 0.99,
+            min_top1_agreement=v.min_top1_agreement if v.HasField("min_top1_agreement") else 0.0,
+            keep_failed=v.keep_failed,
+        ),
+        max_batch_size=m.max_batch_size or 32,
+        serving_config=checks.serving_config(
+            max_batch_size=s.max_batch_size if s.HasField("max_batch_size") else None,
+            max_queue_delay_ms=s.max_queue_delay_ms if s.HasField("max_queue_delay_ms") else None,
+            max_queue_size=s.max_queue_size if s.HasField("max_queue_size") else None,
+            default_timeout_ms=s.default_timeout_ms if s.HasField("default_timeout_ms") else None,
+            instance_count=s.instance_count if s.HasField("instance_count") else None,
+        ),
+    )
+    tensors = checks.SpecTensors(
+        calibration=_tensors("quantization.calibration_inputs", q.calibration_inputs),
+        samples=_tensors("validation.sample_inputs", v.sample_inputs),
+        references=_tensors("validation.reference_outputs", v.reference_outputs),
+    )
+    return conversion, tensors
+
+
+# ---- core -> responses ----
+def _format_enum(fmt: str) -> str:
+    return _FORMAT_PREFIX + fmt.upper()
+
+
+def _upload(r: UploadRecord) -> pb.Upload:
+    return pb.Upload(
+        upload_id=r.upload_id,
+        model=r.model,
+        format=_format_enum(r.format),
+        sha256=r.sha256,
+        size_bytes=r.size_bytes,
+        architecture=r.architecture,
+        architecture_kwargs_json=r.architecture_kwargs,
+        description=r.description,
+        created_ms=r.created_ms,
+    )
+
+
+def _error(kind: str, message: str) -> ipb.Error:
+    try:
+        error_kind = ErrorKind(kind)
+    except ValueError:
+        error_kind = ErrorKind.CONVERSION_FAILED
+    code: grpc.StatusCode = ERROR_TABLE[error_kind][0]
+    return ipb.Error(code=code.value[0], message=message, kind=kind)
+
+
+def _job(j: JobRecord) -> pb.Job:
+    msg = pb.Job(
+        job_id=j.job_id,
+        model=j.model,
+        upload_id=j.upload_id,
+        format=_format_enum(j.format),
+        source_sha256=j.sha256,
+        state="JOB_STATE_" + j.state.value,
+        stage=j.stage,
+        fraction=j.fraction,
+        message=j.message,
+        version=j.version,
+        report_json=j.report_json,
+        created_ms=j.created_ms,
+        started_ms=j.started_ms,
+        finished_ms=j.finished_ms,
+        spec_json=j.spec_json,
+    )
+    if j.error_kind:
+        msg.error.CopyFrom(_error(j.error_kind, j.error_message))
+    if j.report_json:
+        msg.report.CopyFrom(report_message(j.report_json))
+    return msg
+
+
+def _event(e: EventRecord) -> pb.ProgressEvent:
+    return pb.ProgressEvent(
+        job_id=e.job_id,
+        seq=e.seq,
+        stage=e.stage,
+        fraction=e.fraction,
+        message=e.message,
+        state="JOB_STATE_" + e.state.value,
+        error_kind=e.error_kind,
+        time_ms=e.time_ms,
+    )
+
+
+def _model(view: ModelView, jobs: dict[int, str]) -> pb.ModelInfo:
+    out = pb.ModelInfo(name=view.name, default_version=view.default_version)
+    for v in view.versions:
+        info = out.versions.add(
+            version=v.version,
+            state="MODEL_STATE_" + v.state,
+            reason=v.reason,
+            is_default=v.is_default,
+            job_id=jobs.get(v.version, ""),
+            size_bytes=v.size_bytes,
+            report_json=v.report_json,
+        )
+        if v.report_json:
+            info.report.CopyFrom(report_message(v.report_json))
+    return out
+
+
+def report_message(text: str) -> pb.ConversionReport:
+    """The typed view of report.json, key by key: a key of an unexpected type is left out of
+    the typed view (report_json still has it) instead of losing the whole report."""
+    try:
+        raw = json.loads(text)
+    except ValueError:
+        return pb.ConversionReport()
+    if not isinstance(raw, dict):
+        return pb.ConversionReport()
+    out = pb.ConversionReport()
+    try:
+        json_format.ParseDict(raw, out, ignore_unknown_fields=True)
+        return out
+    except (json_format.ParseError, TypeError, ValueError):
+        out.Clear()
+    for key, value in raw.items():
+        part = pb.ConversionReport()
+        try:
+            json_format.ParseDict({key: value}, part, ignore_unknown_fields=True)
+        except (json_format.ParseError, TypeError, ValueError):
+            continue
+        out.MergeFrom(part)
+    return out
+
+
+__all__ = ["ConversionService", "ConversionServicer", "serve_on_management_listener"]

@@ -1,0 +1,396 @@
+"""The Open Inference Protocol (KServe v2, with Triton's extensions) over gRPC.
+
+A thin translator over the same ``DataPlane`` and registry as ``ferry.v1``, so both protocols give
+the same answers and the same errors. The messages are compiled under ``ferry.kserve.v2``, and the
+handlers registered by hand under the path clients call, ``inference.GRPCInferenceService``: the
+wire sees only that path and the field numbers, and a process can import both Ferry and
+tritonclient (whose generated ``package inference`` would otherwise clash in the descriptor pool).
+
+The full service is served on both listeners. Repository load/unload change what the server serves,
+so on the inference listener they answer PERMISSION_DENIED and point at the management listener,
+which may be bound to loopback only; the read-only index works on both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.metadata
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc import aio
+
+from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
+from ferry.server.core.dataplane import DataPlane, InferenceResult
+from ferry.server.core.loaded import LoadedVersion
+from ferry.server.core.repository import validate_model_name
+from ferry.server.errors import (
+    FailedPrecondition,
+    FerryError,
+    InvalidArgument,
+    PermissionDenied,
+    Unimplemented,
+)
+from ferry.server.grpc._base import call_deadline, translate_errors
+from ferry.server.grpc.kserve_model import config_of, metadata_of, repository_index, statistics_of
+from ferry.server.grpc.kserve_tensors import decode_request, encode_response, parse_version
+from ferry.server.grpc.status import ERROR_TABLE, status_of
+
+if TYPE_CHECKING:
+    from ferry.server.grpc.app import FerryServer
+
+SERVICE = "inference.GRPCInferenceService"
+SERVER_NAME = "ferry"
+# What a client may rely on. Shared memory, sequences, classification, trace and logging are not
+# implemented, so they are not claimed.
+EXTENSIONS = ("model_repository", "model_configuration", "statistics")
+
+Observer = Callable[[str, int, str, float], None]  # model, version, status code name, seconds
+
+_SHARED_MEMORY = (
+    "Ferry does not support system or CUDA shared memory: send tensors in raw_input_contents "
+    "(tritonclient's set_data_from_numpy does)"
+)
+# Methods answered UNIMPLEMENTED, with what to do instead.
+UNIMPLEMENTED = {
+    "SystemSharedMemoryStatus": _SHARED_MEMORY,
+    "SystemSharedMemoryRegister": _SHARED_MEMORY,
+    "SystemSharedMemoryUnregister": _SHARED_MEMORY,
+    "CudaSharedMemoryStatus": _SHARED_MEMORY,
+    "CudaSharedMemoryRegister": _SHARED_MEMORY,
+    "CudaSharedMemoryUnregister": _SHARED_MEMORY,
+    "TraceSetting": "Ferry does not support Triton's trace settings: use its Prometheus metrics "
+    "and ModelStatistics",
+    "LogSettings": "Ferry does not change log settings over gRPC: set --log-level "
+    "(FERRY_LOG_LEVEL) when starting the server",
+}
+
+
+def _server_version() -> str:
+    try:
+        return importlib.metadata.version("ferry-serve")
+    except importlib.metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def _code_name(exc: BaseException) -> str:
+    """The status a failure ends with, for metrics; without logging (the adapter logs once)."""
+    return ERROR_TABLE[exc.kind][0].name if isinstance(exc, FerryError) else "INTERNAL"
+
+
+def _version_label(version: str) -> int:
+    return int(version) if version.isdigit() else 0
+
+
+class KServeServicer:
+    """One instance per listener. ``management_address`` is read when a request is refused, since
+    the management port is bound after the inference listener is set up; None means disabled."""
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        *,
+        repository_control: bool,
+        management_address: Callable[[], str | None],
+        observe: Observer | None = None,
+        max_stream_in_flight: int = 1024,
+    ) -> None:
+        self.dataplane = dataplane
+        self.registry = dataplane.registry
+        self.repository_control = repository_control
+        self.management_address = management_address
+        self.observe = observe or (lambda model, version, code, seconds: None)
+        self.max_stream_in_flight = max_stream_in_flight
+        self.version = _server_version()
+
+    # ---- health and metadata ----
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.registry.all_ready())
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self.version, extensions=EXTENSIONS
+        )
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        """Not-found and not-ready both answer ready=false, as Triton does: a readiness probe
+        asks a yes/no question."""
+        try:
+            self.registry.get(request.name, parse_version(request.version))
+        except FerryError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    def _get(self, name: str, version: str) -> LoadedVersion:
+        return self.registry.get(name, parse_version(version))
+
+    @translate_errors
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        lv = self._get(request.name, request.version)
+        return metadata_of(lv, self.registry.models[lv.name].ready_versions())
+
+    @translate_errors
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=config_of(self._get(request.name, request.version)))
+
+    @translate_errors
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        """An empty name means every model; a name without a version, its served versions."""
+        version = parse_version(request.version)
+        if request.name and version:
+            versions = [self.registry.get(request.name, version)]
+        elif request.name:
+            self.registry.statuses(request.name)  # NOT_FOUND for an unknown model
+            versions = [lv for lv in self.registry.loaded_versions() if lv.name == request.name]
+        elif version:
+            raise InvalidArgument("a model version needs a model name")
+        else:
+            versions = self.registry.loaded_versions()
+        return pb.ModelStatisticsResponse(model_stats=[statistics_of(lv) for lv in versions])
+
+    # ---- inference ----
+    async def _infer(self, msg: pb.ModelInferRequest, deadline: float | None) -> InferenceResult:
+        start = time.perf_counter()
+        try:
+            result = await self.dataplane.infer(decode_request(msg), deadline=deadline)
+        except Exception as exc:
+            self.observe(
+                msg.model_name,
+                _version_label(msg.model_version),
+                _code_name(exc),
+                time.perf_counter() - start,
+            )
+            raise
+        self.observe(result.model, result.version, "OK", time.perf_counter() - start)
+        return result
+
+    @translate_errors
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        result = await self._infer(request, call_deadline(context))
+        return encode_response(result, pb.ModelInferResponse())
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests run concurrently and responses go out as they complete (clients match them
+        by ``id``); a failed request answers with ``error_message`` and the stream stays open.
+
+        A request holds one of ``max_stream_in_flight`` slots until its response is written, not
+        merely computed: a client that sends without reading stops being read, and HTTP/2 flow
+        control pushes back on it instead of responses piling up in memory."""
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.max_stream_in_flight)
+        tasks: set[asyncio.Task[None]] = set()
+        deadline = call_deadline(context)
+
+        async def one(msg: pb.ModelInferRequest) -> None:
+            response = pb.ModelStreamInferResponse()
+            try:
+                # Encoded in place: passing a built response to the constructor would copy it.
+                encode_response(await self._infer(msg, deadline), response.infer_response)
+            except asyncio.CancelledError:
+                slots.release()
+                raise
+            except Exception as exc:
+                code, message, _ = status_of(exc)
+                # The stream has no status per message, so the code leads the text, in the form
+                # tritonclient gives its unary errors.
+                response = pb.ModelStreamInferResponse(
+                    error_message=f"[StatusCode.{code.name}] {message}",
+                    infer_response=pb.ModelInferResponse(
+                        model_name=msg.model_name, model_version=msg.model_version, id=msg.id
+                    ),
+                )
+            done.put_nowait(response)
+
+        async def reader() -> None:
+            try:
+                async for msg in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(one(msg))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                done.put_nowait(None)
+
+        read_task = asyncio.create_task(reader())
+        try:
+            while (item := await done.get()) is not None:
+                yield item
+                slots.release()
+            await read_task  # a broken request stream ends the call with its error
+        finally:
+            read_task.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # ---- repository ----
+    @translate_errors
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        _one_repository(request.repository_name)
+        return repository_index(self.registry, ready_only=request.ready)
+
+    def _require_control(self, rpc: str) -> None:
+        if self.repository_control:
+            return
+        address = self.management_address()
+        where = (
+            f"on the management listener ({address})"
+            if address
+            else "on the management listener, which this server runs without (management_port = -1)"
+        )
+        raise PermissionDenied(
+            f"repository control is served {where}; {rpc} is refused on the inference listener"
+        )
+
+    @translate_errors
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        self._require_control("RepositoryModelLoad")
+        _one_repository(request.repository_name)
+        name = validate_model_name(request.model_name)
+        for key in request.parameters:
+            if key == "config" or key.startswith("file:"):
+                raise Unimplemented(
+                    f"RepositoryModelLoad parameter {key!r} is not supported: Ferry loads models "
+                    "from its repository folder only; publish the model there (or convert it "
+                    "with ferry.v1) and load it by name"
+                )
+        result = await self.registry.load_model(name)
+        entry = self.registry.models.get(name)  # an unload may have run since the load returned
+        if entry is None or not entry.ready_versions():
+            why = "; ".join(result.failed) or (entry and entry.config_error) or "none is servable"
+            raise FailedPrecondition(f"model {name!r} has no version ready after loading: {why}")
+        return pb.RepositoryModelLoadResponse()
+
+    @translate_errors
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        self._require_control("RepositoryModelUnload")
+        _one_repository(request.repository_name)
+        await self.registry.unload_model(validate_model_name(request.model_name))
+        return pb.RepositoryModelUnloadResponse()
+
+
+class _Refusal:
+    """The handler of a method Ferry does not implement: UNIMPLEMENTED, saying what to do instead.
+    Registered without a deserializer, so the request's message type need not exist here."""
+
+    def __init__(self, why: str) -> None:
+        self.why = why
+
+    @translate_errors
+    async def handle(self, request: bytes, context: aio.ServicerContext) -> bytes:
+        raise Unimplemented(self.why)
+
+
+def _one_repository(name: str) -> None:
+    if name:
+        raise InvalidArgument(
+            f"repository_name {name[:64]!r}: Ferry serves a single repository; leave it empty"
+        )
+
+
+def handlers(servicer: KServeServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """Method name -> handler, with the Ferry-package messages' own (de)serializers."""
+
+    def unary(fn: Any, request: Any, response: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn,
+            request_deserializer=request.FromString,
+            response_serializer=response.SerializeToString,
+        )
+
+    s = servicer
+    table: dict[str, grpc.RpcMethodHandler] = {
+        "ServerLive": unary(s.ServerLive, pb.ServerLiveRequest, pb.ServerLiveResponse),
+        "ServerReady": unary(s.ServerReady, pb.ServerReadyRequest, pb.ServerReadyResponse),
+        "ServerMetadata": unary(
+            s.ServerMetadata, pb.ServerMetadataRequest, pb.ServerMetadataResponse
+        ),
+        "ModelReady": unary(s.ModelReady, pb.ModelReadyRequest, pb.ModelReadyResponse),
+        "ModelMetadata": unary(s.ModelMetadata, pb.ModelMetadataRequest, pb.ModelMetadataResponse),
+        "ModelConfig": unary(s.ModelConfig, pb.ModelConfigRequest, pb.ModelConfigResponse),
+        "ModelStatistics": unary(
+            s.ModelStatistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse
+        ),
+        "ModelInfer": unary(s.ModelInfer, pb.ModelInferRequest, pb.ModelInferResponse),
+        "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+            s.ModelStreamInfer,
+            request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+        ),
+        "RepositoryIndex": unary(
+            s.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse
+        ),
+        "RepositoryModelLoad": unary(
+            s.RepositoryModelLoad, pb.RepositoryModelLoadRequest, pb.RepositoryModelLoadResponse
+        ),
+        "RepositoryModelUnload": unary(
+            s.RepositoryModelUnload,
+            pb.RepositoryModelUnloadRequest,
+            pb.RepositoryModelUnloadResponse,
+        ),
+    }
+    for method, why in UNIMPLEMENTED.items():
+        table[method] = grpc.unary_unary_rpc_method_handler(_Refusal(why).handle)
+    return table
+
+
+def add_to_server(server: aio.Server, servicer: KServeServicer) -> list[str]:
+    table = handlers(servicer)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, table),))
+    server.add_registered_method_handlers(SERVICE, table)
+    return [SERVICE]
+
+
+def _servicer(app: FerryServer, *, repository_control: bool) -> KServeServicer:
+    def management_address() -> str | None:
+        if app.settings.management_port < 0:
+            return None
+        return f"{app.settings.management_host}:{app.management_port}"
+
+    return KServeServicer(
+        app.dataplane,
+        repository_control=repository_control,
+        management_address=management_address,
+        observe=app.metrics.observe,
+        max_stream_in_flight=app.settings.max_stream_in_flight,
+    )
+
+
+def serve_on_inference_listener(server: aio.Server, app: FerryServer) -> list[str]:
+    """FerryServer extension hook: everything but repository load/unload."""
+    return add_to_server(server, _servicer(app, repository_control=False))
+
+
+def serve_on_management_listener(server: aio.Server, app: FerryServer) -> list[str]:
+    """FerryServer extension hook: everything, repository control included."""
+    return add_to_server(server, _servicer(app, repository_control=True))

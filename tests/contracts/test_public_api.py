@@ -1,0 +1,97 @@
+"""The SDK's public surface is deliberate: adding or removing a name must change this test."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ferry.client
+import ferry.codec
+
+# Sorted; a new public name is added here on purpose, with its docs.
+CLIENT_API = [
+    "AlreadyExistsError",
+    "AsyncInferStream",
+    "AsyncInferenceClient",
+    "AuthenticationError",
+    "BatchingPolicy",
+    "CancelledError",
+    "ChannelConfig",
+    "ConnectionError_",
+    "ConversionClient",
+    "ConversionError",
+    "DeadlineExceededError",
+    "DurationStat",
+    "FerryError",
+    "InferResult",
+    "InferStream",
+    "InferenceClient",
+    "InputSpec",
+    "InvalidInputError",
+    "Job",
+    "JobFailedError",
+    "JobNotFoundError",
+    "LimitExceededError",
+    "ModelInfo",
+    "ModelMetadata",
+    "ModelNotFoundError",
+    "ModelNotReadyError",
+    "ModelStatistics",
+    "ModelVersionStatus",
+    "NotFoundError",
+    "Parity",
+    "PermissionDeniedError",
+    "ProgressEvent",
+    "Pruning",
+    "PruningReport",
+    "Quantization",
+    "Report",
+    "RepositoryClient",
+    "ResourceExhaustedError",
+    "RetryPolicy",
+    "ServerError",
+    "ServerOverloadedError",
+    "Serving",
+    "TLSConfig",
+    "TensorInfo",
+    "Timings",
+    "UnavailableError",
+    "UnimplementedError",
+    "Upload",
+    "Validation",
+    "VariantReport",
+    "VersionInfo",
+]
+
+
+def test_client_all_is_pinned() -> None:
+    assert sorted(ferry.client.__all__) == ferry.client.__all__, "keep __all__ sorted"
+    assert ferry.client.__all__ == CLIENT_API
+
+
+def test_every_public_name_exists() -> None:
+    for name in ferry.client.__all__:
+        assert hasattr(ferry.client, name), name
+    for name in ferry.codec.__all__:
+        assert hasattr(ferry.codec, name), name
+
+
+def test_every_exception_is_a_ferry_error() -> None:
+    for name in ferry.client.__all__:
+        obj = getattr(ferry.client, name)
+        if isinstance(obj, type) and issubclass(obj, BaseException):
+            assert issubclass(obj, ferry.client.FerryError), name
+
+
+def test_py_typed_markers() -> None:
+    for package in (ferry.client, ferry.codec):
+        (folder,) = package.__path__
+        assert (Path(folder) / "py.typed").is_file(), package.__name__
+
+
+def test_ferry_is_a_namespace_package() -> None:
+    """``ferry`` spans client/ and server/: an __init__.py in either would hide the other."""
+    import ferry
+
+    assert getattr(ferry, "__file__", None) is None
+    roots = {Path(p).parent.name for p in ferry.__path__}
+    assert {"client", "server"} <= roots

@@ -1,0 +1,176 @@
+"""Dynamic batching, observed through the server's own statistics, never through timing.
+
+Each test holds the single instance busy with an ``ExecutionGate``, queues requests behind it and
+waits until the server reports them queued (``queue_depth``), then opens the gate. What runs
+together is then decided by the batcher's policy alone, so execution counts are exact.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from helpers import (
+    ExecutionGate,
+    StartServer,
+    make_repo,
+    reference,
+    stats,
+    wait_for,
+    write_config,
+)
+
+from ferry.client import InferenceClient, InferResult
+from ferry.server.examples import identity_model, mlp_model
+
+
+def _queue_behind_gate(
+    client: InferenceClient,
+    gate: ExecutionGate,
+    pool: ThreadPoolExecutor,
+    model: str,
+    *,
+    first: dict[str, np.ndarray],
+    rest: list[dict[str, np.ndarray]],
+) -> tuple[Future[InferResult], list[Future[InferResult]]]:
+    """Send ``first`` and wait until it holds the instance, then send ``rest`` and wait until all
+    of them are queued on the server."""
+    head = pool.submit(client.infer, model, first)
+    gate.wait_entered()
+    tail = [pool.submit(client.infer, model, feeds) for feeds in rest]
+    wait_for(
+        lambda: stats(client, model).queue_depth == len(rest),
+        f"{len(rest)} requests queued behind the held execution",
+    )
+    return head, tail
+
+
+def test_64_concurrent_requests_run_in_two_executions(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    write_config(root, "mlp", {"batching": {"max_batch_size": 64}, "instances": {"count": 1}})
+    srv = start_server(root)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((64, 64)).astype(np.float32)
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        ThreadPoolExecutor(64) as pool,
+        ExecutionGate(srv, "mlp") as gate,
+    ):
+        rows = [{"input": x[i : i + 1]} for i in range(64)]
+        head, tail = _queue_behind_gate(client, gate, pool, "mlp", first=rows[0], rest=rows[1:])
+        gate.release()
+        results = [head.result(60)] + [f.result(60) for f in tail]
+        s = stats(client, "mlp")
+    # The held request ran alone; the 63 that queued behind it ran as one batch.
+    assert s.execution_count == 2
+    assert s.inference_count == 64
+    assert s.batch_sizes == {1: 1, 63: 1}
+    assert s.success.count == 64
+    assert s.queue.count == 64
+    assert gate.calls == 2
+    expected = reference(root / "mlp" / "1" / "model.onnx", {"input": x})["logits"]
+    got = np.concatenate([r["logits"] for r in results])
+    # A batch of 63 may pick different GEMM kernels than a batch of 1: allow rounding.
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_batches_never_exceed_max_batch_size(tmp_path: Path, start_server: StartServer) -> None:
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    write_config(root, "mlp", {"batching": {"max_batch_size": 4}})
+    srv = start_server(root)
+    x = np.random.default_rng(8).standard_normal((11, 64)).astype(np.float32)
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        ThreadPoolExecutor(16) as pool,
+        ExecutionGate(srv, "mlp") as gate,
+    ):
+        rows = [{"input": x[i : i + 1]} for i in range(11)]
+        head, tail = _queue_behind_gate(client, gate, pool, "mlp", first=rows[0], rest=rows[1:])
+        gate.release()
+        got = np.concatenate([head.result(60)["logits"]] + [f.result(60)["logits"] for f in tail])
+        s = stats(client, "mlp")
+    assert s.batch_sizes == {1: 1, 4: 2, 2: 1}
+    assert s.execution_count == 4
+    assert s.inference_count == 11
+    expected = reference(root / "mlp" / "1" / "model.onnx", {"input": x})["logits"]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_requests_with_multi_row_batches_are_split_back(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """Requests carrying 1, 2 and 3 rows share one execution; each gets exactly its rows."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    srv = start_server(root)
+    x = np.random.default_rng(9).standard_normal((7, 64)).astype(np.float32)
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        ThreadPoolExecutor(4) as pool,
+        ExecutionGate(srv, "mlp") as gate,
+    ):
+        parts = [x[0:1], x[1:2], x[2:4], x[4:7]]
+        head, tail = _queue_behind_gate(
+            client,
+            gate,
+            pool,
+            "mlp",
+            first={"input": parts[0]},
+            rest=[{"input": p} for p in parts[1:]],
+        )
+        gate.release()
+        results = [head.result(60)] + [f.result(60) for f in tail]
+        s = stats(client, "mlp")
+    assert [r["logits"].shape[0] for r in results] == [1, 1, 2, 3]
+    assert s.batch_sizes == {1: 1, 6: 1}
+    expected = reference(root / "mlp" / "1" / "model.onnx", {"input": x})["logits"]
+    got = np.concatenate([r["logits"] for r in results])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_only_requests_with_equal_non_batch_dims_share_an_execution(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    root = make_repo(tmp_path / "repo", {"vec": identity_model("INT32", ("batch", "n"))})
+    srv = start_server(root)
+
+    def row(n: int, value: int) -> dict[str, np.ndarray]:
+        return {"input": np.full((1, n), value, np.int32)}
+
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        ThreadPoolExecutor(8) as pool,
+        ExecutionGate(srv, "vec") as gate,
+    ):
+        rest = [row(3, 1), row(5, 2), row(3, 3), row(5, 4), row(3, 5)]
+        head, tail = _queue_behind_gate(client, gate, pool, "vec", first=row(2, 0), rest=rest)
+        gate.release()
+        head.result(60)
+        outputs = [f.result(60)["output"] for f in tail]
+        s = stats(client, "vec")
+    # One execution per shape: [1,3] x3 together, [1,5] x2 together.
+    assert s.batch_sizes == {1: 1, 3: 1, 2: 1}
+    for feeds, out in zip(rest, outputs, strict=True):
+        np.testing.assert_array_equal(out, feeds["input"])
+
+
+def test_two_instances_run_two_batches_at_once(tmp_path: Path, start_server: StartServer) -> None:
+    """With instances.count = 2 a second execution starts while the first is held."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    write_config(root, "mlp", {"instances": {"count": 2}})
+    srv = start_server(root)
+    x = np.ones((1, 64), np.float32)
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        ThreadPoolExecutor(4) as pool,
+        ExecutionGate(srv, "mlp") as gate,
+    ):
+        first = pool.submit(client.infer, "mlp", {"input": x})
+        gate.wait_entered()
+        second = pool.submit(client.infer, "mlp", {"input": x})
+        wait_for(lambda: gate.calls == 2, "the second instance to start an execution")
+        assert stats(client, "mlp").queue_depth == 0
+        gate.release()
+        np.testing.assert_array_equal(first.result(60)["logits"], second.result(60)["logits"])

@@ -1,0 +1,289 @@
+"""The ``ferry`` command, run in-process against a real server: output, files, exit codes, and
+errors that fit on one line and say what to fix."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ferry.cli import main
+from ferry.client import InferenceClient
+
+FAKE_CHILD = r"""
+import json, os, shutil, sys
+args = sys.argv[1:]
+job = json.load(open(args[args.index("--job") + 1]))
+out = os.fdopen(int(args[args.index("--progress-fd") + 1]), "w")
+def emit(stage, fraction, message=""):
+    out.write(json.dumps({"stage": stage, "fraction": fraction, "message": message,
+                          "error_kind": ""}) + "\n")
+    out.flush()
+emit("load", 0.0, "loading")
+emit("export", 0.5, "exporting")
+shutil.copy(job["source_path"], os.path.join(job["work_dir"], "model.onnx"))
+json.dump({"variants": [{"name": "fp32", "size_bytes": 1, "latency_ms": {"1": 0.5}}],
+           "published": "fp32", "opset": 17, "source_format": job["source_format"],
+           "parity": {"max_abs": 0.0, "cosine": 1.0, "samples": 4, "against": "onnx"}},
+          open(os.path.join(job["work_dir"], "report.json"), "w"))
+emit("benchmark", 0.95, "finished")
+"""
+
+
+def ferry(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def closed_port() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ferry ")
+    return lines[0]
+
+
+def test_models_list_describe_and_stats(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    t = ("--target", server.target)
+    code, out, _ = ferry(capsys, "models", "list", *t)
+    assert code == 0 and "MODEL" in out
+    assert any(line.split()[:3] == ["mlp", "1", "READY"] for line in out.splitlines())
+    code, out, _ = ferry(capsys, "models", "list", "--json", *t)
+    assert {m["name"] for m in json.loads(out)} == {"mlp", "two_io", "fixed"}
+    code, out, _ = ferry(capsys, "models", "describe", "mlp", *t)
+    assert code == 0 and "input" in out and "[-1, 64]" in out and "batching: up to" in out
+    code, out, _ = ferry(capsys, "models", "describe", "fixed", "--json", *t)
+    assert json.loads(out)["inputs"][0]["shape"] == [3]
+    ferry(capsys, "infer", "mlp", "--random", *t)
+    code, out, _ = ferry(capsys, "models", "stats", "mlp", "--json", *t)
+    assert code == 0 and json.loads(out)[0]["success"]["count"] >= 1
+    code, out, _ = ferry(capsys, "models", "stats", *t)
+    assert code == 0 and "COMPUTE_MS" in out
+
+
+def test_infer_from_files_to_files(
+    server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    with InferenceClient(server.target, timeout=30) as client:
+        expected = np.asarray(client.infer("mlp", {"input": x})["logits"])
+    t = ("--target", server.target)
+    code, out, _ = ferry(
+        capsys, "infer", "mlp", "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "out.npz"), *t
+    )
+    assert code == 0 and "saved" in out
+    with np.load(tmp_path / "out.npz") as saved:
+        np.testing.assert_allclose(saved["logits"], expected, rtol=1e-6)
+    code, _, _ = ferry(
+        capsys,
+        "infer",
+        "mlp",
+        "-i",
+        f"input={tmp_path / 'x.npy'}",
+        "-o",
+        str(tmp_path / "out.npy"),
+        *t,
+    )
+    assert code == 0
+    np.testing.assert_allclose(np.load(tmp_path / "out.npy"), expected, rtol=1e-6)
+    (tmp_path / "in.json").write_text(json.dumps({"a": [[1, 2, 3, 4]], "b": [[1, 1, 1, 1]]}))
+    code, out, _ = ferry(capsys, "infer", "two_io", "-i", str(tmp_path / "in.json"), "--json", *t)
+    doc = json.loads(out)
+    assert code == 0 and doc["outputs"]["sum"]["data"] == [[2.0, 3.0, 4.0, 5.0]]
+    assert doc["outputs"]["scaled"]["datatype"] == "INT64"
+    code, out, _ = ferry(capsys, "infer", "mlp", "--random", "--batch-size", "3", *t)
+    assert code == 0 and "logits FP32 [3, 10]" in out
+
+
+def test_infer_errors_say_what_to_fix(
+    server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    t = ("--target", server.target)
+    code, _, err = ferry(capsys, "infer", "mlp", "-i", str(tmp_path / "missing.npy"), *t)
+    assert code == 2 and "does not exist" in one_error_line(err)
+    code, _, err = ferry(capsys, "infer", "mlp", *t)
+    assert code == 2 and "--random" in one_error_line(err)
+    code, _, err = ferry(capsys, "infer", "nope", "--random", *t)
+    assert code == 1 and "ferry models list" in one_error_line(err)
+    np.save(tmp_path / "bad.npy", np.ones((1, 5), np.float32))
+    code, _, err = ferry(capsys, "infer", "mlp", "-i", str(tmp_path / "bad.npy"), *t)
+    assert code == 1 and "ferry models describe" in one_error_line(err)
+    code, _, err = ferry(capsys, "infer", "two_io", "--random", "-o", str(tmp_path / "o.npy"), *t)
+    assert code == 2 and ".npz" in one_error_line(err)
+    code, _, err = ferry(capsys, "models", "list", "--target", closed_port(), "--timeout", "5")
+    assert code == 3 and "ferry serve" in one_error_line(err)
+
+
+def test_health(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    t = ("--target", server.target)
+    code, out, _ = ferry(capsys, "health", *t)
+    assert (code, out.split()[-1]) == (0, "SERVING")
+    assert ferry(capsys, "health", "mlp", *t)[0] == 0
+    code, out, _ = ferry(capsys, "health", "no_such_model", *t)
+    assert code == 1 and "SERVICE_UNKNOWN" in out
+    code, out, _ = ferry(capsys, "health", "--wait", "20", *t)
+    assert (code, out.split()[-1]) == (0, "SERVING")
+    code, out, _ = ferry(capsys, "health", "--target", closed_port())
+    assert code == 3 and "UNREACHABLE" in out
+
+
+def test_loadtest_writes_json_and_csv(
+    server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, out, _ = ferry(
+        capsys,
+        "loadtest",
+        "mlp",
+        "--target",
+        server.target,
+        "-c",
+        "1,2",
+        "-n",
+        "30",
+        "--warmup",
+        "0",
+        "--json",
+        str(tmp_path / "r.json"),
+        "--csv",
+        str(tmp_path / "r.csv"),
+        "--no-progress",
+    )
+    assert code == 0 and "p99" in out and "queue" in out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert [lv["ok"] for lv in doc["levels"]] == [30, 30]
+    assert (tmp_path / "r.csv").read_text().count("\n") == 3
+    code, out, err = ferry(
+        capsys,
+        "loadtest",
+        "mlp",
+        "--target",
+        server.target,
+        "--mode",
+        "stream",
+        "-n",
+        "20",
+        "--warmup",
+        "0",
+        "--json",
+        "-",
+    )
+    assert code == 0 and json.loads(out)["levels"][0]["mode"] == "stream" and "p50" in err
+
+
+def test_loadtest_refusals(server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    code, _, err = ferry(capsys, "loadtest", "mlp", "--target", "192.0.2.1:8001", "-n", "5")
+    assert code == 2 and "--allow-remote" in one_error_line(err)
+    code, _, err = ferry(capsys, "loadtest", "mlp", "-d", "4000", "--target", server.target)
+    assert code == 2 and "cap" in one_error_line(err)
+    code, _, err = ferry(
+        capsys,
+        "loadtest",
+        "mlp",
+        "--mode",
+        "stream",
+        "--protocol",
+        "kserve",
+        "--target",
+        server.target,
+    )
+    assert code == 2 and "no inference stream" in one_error_line(err)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        code, _, err = ferry(
+            capsys,
+            "loadtest",
+            "mlp",
+            "-n",
+            "5",
+            "--target",
+            server.target,
+            "--plot",
+            str(tmp_path / "p.png"),
+        )
+        assert code == 2 and "ferry-serve[plot]" in one_error_line(err)
+
+
+def test_upload_and_convert_with_a_progress_callback(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from ferry.server.examples import mlp_model
+
+    repo = tmp_path / "conv-repo"
+    repo.mkdir()
+    srv = start_server(repo)
+    assert srv.app is not None
+    child = tmp_path / "child.py"
+    child.write_text(FAKE_CHILD)
+    srv.app.conversion.runner.child_command = [sys.executable, str(child)]
+    model_file = tmp_path / "tiny.onnx"
+    model_file.write_bytes(mlp_model(sizes=(8, 4)).SerializeToString())
+    t = ("--target", srv.management_target)
+    code, out, _ = ferry(capsys, "upload", "tiny", str(model_file), "--json", *t)
+    upload_id = json.loads(out)["upload_id"]
+    assert code == 0 and json.loads(out)["format"] == "onnx"
+    code, out, err = ferry(
+        capsys, "convert", upload_id, "--input", "input:FP32:-1,8", "--progress", *t
+    )
+    assert code == 0 and "version 1 published" in out and "%" in err  # the bar was drawn
+    code, out, _ = ferry(
+        capsys,
+        "convert",
+        str(model_file),
+        "--model",
+        "tiny",
+        "--input",
+        "input:FP32:-1,8",
+        "--no-progress",
+        *t,
+    )
+    assert code == 0 and "version 2 published" in out
+    code, _, err = ferry(capsys, "convert", str(model_file), "--input", "x:FP32:1", *t)
+    assert code == 2 and "--model" in one_error_line(err)
+    with pytest.raises(SystemExit) as info:  # argparse explains the NAME:DTYPE:DIMS form
+        main(["convert", "f" * 32, "--input", "bad", *t])
+    assert info.value.code == 2 and "input:FP32:-1,64" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["models"],
+        ["models", "list"],
+        ["infer"],
+        ["health"],
+        ["loadtest"],
+        ["upload"],
+        ["convert"],
+        ["serve"],
+    ],
+)
+def test_every_command_has_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    out = capsys.readouterr().out
+    assert info.value.code == 0 and "usage: ferry" in out
+    if argv == ["serve"]:
+        assert "--repository" in out  # the server's own parser, imported only for serve
+
+
+def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main(["no-such-command"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["loadtest", "mlp", "-c", "x"])
+    assert info.value.code == 2 and "1,4,16,64" in capsys.readouterr().err

@@ -1,0 +1,651 @@
+"""ModelConversion over real gRPC: uploads, jobs, restarts and version management.
+
+Most tests run a stand-in child (FAKE_CHILD below, same command-line and progress contract as
+``ferry.server.convert.child``) so that queueing, cancellation, timeouts and failure mapping are
+exercised deterministically and fast; the ``slow`` ones run the real child, which exports with
+torch. Nothing waits on the clock: progress is followed through WatchJob events.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import pickle
+import sys
+import threading
+import zipfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from serverutil import ServerThread
+
+from ferry.client import (
+    ConversionClient,
+    ConversionError,
+    InferenceClient,
+    InvalidInputError,
+    JobFailedError,
+    JobNotFoundError,
+    LimitExceededError,
+    ModelNotFoundError,
+    Pruning,
+    ServerOverloadedError,
+    Serving,
+)
+from ferry.proto.v1 import model_conversion_pb2 as pb
+from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
+from ferry.server.convert import uploads as uploads_module
+from ferry.server.convert.store import JobRecord, JobState, JobStore, now_ms
+from ferry.server.examples import mlp_model
+
+FAKE_CHILD = r"""
+import json, os, shutil, sys, time
+args = sys.argv[1:]
+job = json.load(open(args[args.index("--job") + 1]))
+out = os.fdopen(int(args[args.index("--progress-fd") + 1]), "w")
+def emit(stage, fraction, message="", error_kind=""):
+    out.write(json.dumps({"stage": stage, "fraction": fraction, "message": message,
+                          "error_kind": error_kind}) + "\n")
+    out.flush()
+mode = job["architecture_kwargs"].get("fake", "ok")
+work = job["work_dir"]
+emit("load", 0.0, "loading")
+print("exporter chatter on stdout")
+emit("export", 0.15, "exporting")
+if mode == "block":
+    while True:
+        time.sleep(3600)
+if mode == "ok":
+    shutil.copy(job["source_path"], os.path.join(work, "model.onnx"))
+    os.makedirs(os.path.join(work, ".scratch"))
+    report = {"variants": [{"name": "fp32", "size_bytes": 1, "latency_ms": {"1": 0.5}}],
+              "published": "fp32", "opset": 17, "source_format": job["source_format"],
+              "parity": {"max_abs": 0.0, "cosine": 1.0, "samples": 4, "against": "onnx"}}
+    json.dump(report, open(os.path.join(work, "report.json"), "w"))
+    emit("benchmark", 0.95, "finished")
+    sys.exit(0)
+if mode == "fail":
+    json.dump({"variants": [], "published": None,
+               "error": {"stage": "export", "kind": "INVALID_ARGUMENT", "message": "no"}},
+              open(os.path.join(work, "report.json"), "w"))
+    emit("export", 0.15, "unsupported operator aten::foo: use opset 18", "FAILED_PRECONDITION")
+    sys.exit(2)
+if mode == "hog":
+    hog = bytearray(1 << 30)
+if mode == "crash":
+    print("Traceback (most recent call last):\nRuntimeError: boom", file=sys.stderr)
+    sys.exit(1)
+"""
+
+
+@pytest.fixture
+def fake_child(tmp_path: Path) -> list[str]:
+    path = tmp_path / "fake_child.py"
+    path.write_text(FAKE_CHILD)
+    return [sys.executable, str(path)]
+
+
+Start = Callable[..., tuple[ServerThread, ConversionClient]]
+
+
+@pytest.fixture
+def start(tmp_path: Path, fake_child: list[str]) -> Iterator[Start]:
+    """start(fake=True, **settings) -> (server, conversion client) on tmp_path/repo."""
+    started: list[tuple[ServerThread, ConversionClient]] = []
+
+    def _start(*, fake: bool = True, **settings: Any) -> tuple[ServerThread, ConversionClient]:
+        repo = tmp_path / "repo"
+        repo.mkdir(exist_ok=True)
+        srv = ServerThread(repo, **settings).start()
+        if fake:
+            assert srv.app is not None
+            srv.app.conversion.runner.child_command = fake_child
+        client = ConversionClient(srv.management_target, timeout=120)
+        started.append((srv, client))
+        return srv, client
+
+    yield _start
+    for srv, client in reversed(started):
+        client.close()
+        srv.stop()
+
+
+def state_dir(tmp_path: Path) -> Path:
+    return tmp_path / "repo.ferry"
+
+
+def onnx_bytes(seed: int = 0) -> bytes:
+    return mlp_model(sizes=(8, 16, 4), seed=seed).SerializeToString()
+
+
+def leftovers(tmp_path: Path) -> list[str]:
+    """Anything partial: staging folders in the repository, temp uploads, job folders."""
+    repo = tmp_path / "repo"
+    found = [str(p) for p in repo.rglob(".tmp-*")]
+    found += [str(p) for p in (state_dir(tmp_path) / "uploads").glob(".tmp-*")]
+    found += [str(p) for p in (state_dir(tmp_path) / "jobs").iterdir()]
+    return found
+
+
+def infer(srv: ServerThread, model: str, x: np.ndarray, version: int | None = None) -> Any:
+    with InferenceClient(srv.target, timeout=60) as client:
+        return client.infer(model, {"input": x}, version=version)
+
+
+# ---- uploads ----
+def test_upload_returns_sha256_and_keeps_the_file(start: Start, tmp_path: Path) -> None:
+    _, conv = start()
+    data = onnx_bytes()
+    up = conv.upload("mlp", data, format="onnx", description="tiny", chunk_size=1000)
+    assert up.sha256 == hashlib.sha256(data).hexdigest()
+    assert (up.size_bytes, up.format, up.model, up.description) == (
+        len(data),
+        "onnx",
+        "mlp",
+        "tiny",
+    )
+    stored = state_dir(tmp_path) / "uploads" / f"{up.upload_id}.onnx"
+    assert stored.read_bytes() == data
+
+
+def test_upload_over_the_limit_is_refused_while_receiving(start: Start, tmp_path: Path) -> None:
+    srv, conv = start(max_upload_bytes=4096)
+    stub = pb_grpc.ModelConversionStub(grpc.insecure_channel(srv.management_target))
+    header = pb.UploadHeader(model="big", format=pb.SOURCE_FORMAT_ONNX)  # no size announced
+
+    def requests() -> Iterator[pb.UploadModelRequest]:
+        yield pb.UploadModelRequest(header=header)
+        for _ in range(16):
+            yield pb.UploadModelRequest(chunk=b"\0" * 1024)
+
+    with pytest.raises(grpc.RpcError) as info:
+        stub.UploadModel(requests(), timeout=60)
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "4096 bytes" in info.value.details()
+    assert list((state_dir(tmp_path) / "uploads").iterdir()) == []
+    # Announced sizes are refused before any byte is sent, through the SDK's exception.
+    with pytest.raises(LimitExceededError, match="--max-upload-bytes"):
+        conv.upload("big", b"\0" * 5000, format="onnx")
+
+
+def test_corrupt_truncated_and_mismatched_uploads(start: Start, tmp_path: Path) -> None:
+    srv, conv = start()
+    with pytest.raises(InvalidInputError, match="not an ONNX model"):
+        conv.upload("m", b"\x08" + b"\xff" * 64, format="onnx")
+    with pytest.raises(InvalidInputError, match="safetensors"):
+        conv.upload("m", b"\x10" + b"\0" * 7 + b"{}", format="safetensors", architecture="seed")
+    stub = pb_grpc.ModelConversionStub(grpc.insecure_channel(srv.management_target))
+    data = onnx_bytes()
+    for header, what in (
+        (pb.UploadHeader(model="m", format="SOURCE_FORMAT_ONNX", size_bytes=len(data) + 1),
+         "truncated"),
+        (pb.UploadHeader(model="m", format="SOURCE_FORMAT_ONNX", expected_sha256="0" * 64),
+         "corrupted"),
+    ):  # fmt: skip
+        requests = [pb.UploadModelRequest(header=header), pb.UploadModelRequest(chunk=data)]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.UploadModel(iter(requests), timeout=60)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert what in info.value.details()
+    with pytest.raises(InvalidInputError, match="invalid model name"):
+        conv.upload("../escape", data, format="onnx")
+    assert list((state_dir(tmp_path) / "uploads").iterdir()) == []
+
+
+class _CreatesFile:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (open, (str(self.path), "w"))
+
+
+def test_a_bare_pickle_is_refused_unread(start: Start, tmp_path: Path) -> None:
+    _, conv = start()
+    marker = tmp_path / "pwned"
+    payload = pickle.dumps({"weight": _CreatesFile(marker)})
+    with pytest.raises(InvalidInputError, match="bare pickle"):
+        conv.upload("evil", payload, format="state_dict", architecture="seed")
+    assert not marker.exists()
+    assert list((state_dir(tmp_path) / "uploads").iterdir()) == []
+
+
+def test_code_bearing_formats_are_refused_by_default(start: Start, tmp_path: Path) -> None:
+    _, conv = start()
+    pt2 = tmp_path / "model.pt2"
+    pt2.write_bytes(b"PK\x03\x04 whatever")
+    with pytest.raises(ConversionError, match="--allow-code-formats") as info:
+        conv.upload("prog", pt2)  # the suffix says exported_program
+    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    with pytest.raises(ConversionError, match="--allow-code-formats"):
+        conv.upload("prog", b"PK\x03\x04", format="torchscript")
+
+
+def test_a_client_leaving_mid_upload_leaves_no_file(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv, _ = start()
+    written, finished, release = threading.Event(), threading.Event(), threading.Event()
+    real_receive = uploads_module.receive
+
+    async def receive(header: Any, chunks: Any, folder: Path, *, limit: int) -> Any:
+        async def observed() -> Any:
+            async for chunk in chunks:
+                yield chunk
+                written.set()  # asked for the next chunk: the first one is on disk
+
+        try:
+            return await real_receive(header, observed(), folder, limit=limit)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(uploads_module, "receive", receive)
+
+    def requests() -> Iterator[pb.UploadModelRequest]:
+        yield pb.UploadModelRequest(header=pb.UploadHeader(model="m", format="SOURCE_FORMAT_ONNX"))
+        yield pb.UploadModelRequest(chunk=b"\0" * 1000)
+        release.wait(60)
+
+    stub = pb_grpc.ModelConversionStub(grpc.insecure_channel(srv.management_target))
+    call = stub.UploadModel.future(requests(), timeout=60)
+    assert written.wait(60)
+    assert [p.name[:5] for p in (state_dir(tmp_path) / "uploads").iterdir()] == [".tmp-"]
+    call.cancel()
+    assert finished.wait(60)
+    release.set()
+    assert list((state_dir(tmp_path) / "uploads").iterdir()) == []
+
+
+# ---- jobs with the stand-in child ----
+def convert_fake(conv: ConversionClient, model: str, mode: str, seed: int = 0, **kw: Any) -> Any:
+    up = conv.upload(model, onnx_bytes(seed), format="onnx", architecture_kwargs={"fake": mode})
+    return conv.convert(up, **kw)
+
+
+def test_success_publishes_serves_and_reports(
+    start: Start, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    srv, conv = start()
+    job = convert_fake(conv, "mlp8", "ok", serving=Serving(max_batch_size=8, instance_count=1))
+    assert job.state in ("QUEUED", "RUNNING")
+    done = job.wait(progress=True)
+    assert "] 100% done: published as mlp8 version 1" in capsys.readouterr().err
+    events = list(job.events())  # a finished job's stream replays its history, then ends
+    seqs = [e.seq for e in events]
+    assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs) and seqs[0] == 1
+    assert [e.stage for e in events[:2]] == ["queued", "load"]
+    assert [e.stage for e in events[-2:]] == ["publish", "done"]
+    assert events[-1].state == "SUCCEEDED" and events[-1].fraction == 1.0
+    assert all(a.fraction <= b.fraction for a, b in itertools.pairwise(events))
+    assert (done.state, done.version, done.error_code) == ("SUCCEEDED", 1, None)
+    assert done.report is not None and done.report.published == "fp32"
+    assert done.report.parity is not None and done.report.parity.samples == 4
+    # Served, with the serving config the job asked for, and only the version's files kept.
+    x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
+    assert infer(srv, "mlp8", x)["logits"].shape == (3, 4)
+    with InferenceClient(srv.target) as client:
+        assert client.model_metadata("mlp8").batching.max_batch_size == 8
+    assert sorted(p.name for p in (tmp_path / "repo" / "mlp8" / "1").iterdir()) == [
+        "config.json",
+        "model.onnx",
+        "report.json",
+    ]
+    info = conv.get_model("mlp8")
+    (v1,) = info.versions
+    assert (info.default_version, v1.state, v1.job_id, v1.is_default) == (1, "READY", job.id, True)
+    assert v1.report is not None and v1.report.variants[0].latency_ms == {1: 0.5}
+    assert leftovers(tmp_path) == []
+    listed = conv.list_jobs("mlp8")
+    assert [j.id for j in listed] == [job.id] and listed[0].state == "SUCCEEDED"
+    assert conv.list_jobs("other") == []
+    assert [e.seq for e in conv.job(job.id).events()] == seqs
+
+
+def test_domain_failure_carries_kind_code_and_report(start: Start, tmp_path: Path) -> None:
+    _, conv = start()
+    job = convert_fake(conv, "newmodel", "fail")
+    with pytest.raises(JobFailedError) as info:
+        job.wait(progress=False)
+    err = info.value
+    assert isinstance(err, ConversionError)
+    assert err.code is grpc.StatusCode.FAILED_PRECONDITION and err.kind == "FAILED_PRECONDITION"
+    assert "unsupported operator aten::foo" in err.message
+    assert err.report is not None and err.report.error is not None
+    assert err.job.state == "FAILED" and err.job.stage == "export"
+    events = list(job.events())
+    assert events[-1].error_kind == "FAILED_PRECONDITION" and events[-1].state == "FAILED"
+    assert not (tmp_path / "repo" / "newmodel").exists()  # no empty model folder either
+    assert leftovers(tmp_path) == []
+
+
+def test_crash_memory_and_timeout_fail_with_the_reason(start: Start, tmp_path: Path) -> None:
+    _, conv = start(conversion_timeout=1.0, conversion_memory_bytes=256 << 20)
+    crashed = convert_fake(conv, "m", "crash")
+    with pytest.raises(
+        JobFailedError, match=r"crashed \(exit code 1\): RuntimeError: boom"
+    ) as info:
+        crashed.wait(progress=False)
+    assert info.value.code is grpc.StatusCode.INTERNAL
+    hog = convert_fake(conv, "m", "hog")
+    with pytest.raises(JobFailedError, match="ran out of memory under its limit") as info:
+        hog.wait(progress=False)
+    assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    hung = convert_fake(conv, "m", "block")
+    with pytest.raises(JobFailedError, match="timed out after 1 s") as info:
+        hung.wait(progress=False)
+    assert info.value.kind == "DEADLINE_EXCEEDED"
+    assert leftovers(tmp_path) == []
+
+
+def test_cancel_mid_export_and_a_full_queue(start: Start, tmp_path: Path) -> None:
+    _, conv = start(max_concurrent_conversions=1, max_queued_conversions=1)
+    running = convert_fake(conv, "m", "block")
+    queued = convert_fake(conv, "m", "block")
+    with pytest.raises(ServerOverloadedError, match="queue is full"):
+        convert_fake(conv, "m", "block")
+    assert queued.refresh().state == "QUEUED"
+    assert queued.cancel().state == "CANCELLED"
+    for event in running.events():
+        if event.stage == "export":
+            break
+    assert running.refresh().state == "RUNNING"
+    job = running.cancel()
+    assert (job.state, job.error_kind, job.version) == ("CANCELLED", "CANCELLED", None)
+    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "repo" / "m").exists()
+    assert running.cancel().state == "CANCELLED"  # idempotent
+    with pytest.raises(JobFailedError):
+        running.wait(progress=False)
+
+
+def test_convert_validates_before_spawning(start: Start) -> None:
+    _, conv = start()
+    up = conv.upload("m", onnx_bytes(), format="onnx")
+    with pytest.raises(InvalidInputError, match="unknown quantization mode"):
+        conv.convert(up, quantization="int3")
+    with pytest.raises(InvalidInputError, match="pruning"):
+        conv.convert(up, pruning=Pruning("l1_unstructured", 0.5))
+    with pytest.raises(InvalidInputError, match="invalid model name"):
+        conv.convert(up, model="bad/name")
+    with pytest.raises(InvalidInputError, match=r"instances\.count"):
+        conv.convert(up, serving=Serving(instance_count=100))
+    sd = conv.upload("s", _torch_like_zip(), format="state_dict", architecture="nosuch")
+    with pytest.raises(InvalidInputError, match="unknown architecture 'nosuch'"):
+        conv.convert(sd)
+    with pytest.raises(Exception, match="no upload"):
+        conv.convert("f" * 32)
+    with pytest.raises(InvalidInputError, match="malformed"):
+        conv.job("../../etc")
+    with pytest.raises(JobNotFoundError):
+        list(conv.watch("f" * 32))
+    assert conv.list_jobs() == []
+
+
+def _torch_like_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("archive/data.pkl", b"never read by the server")
+    return buffer.getvalue()
+
+
+def test_restart_fails_interrupted_jobs_and_keeps_finished_ones(
+    start: Start, tmp_path: Path
+) -> None:
+    srv, conv = start()
+    finished = convert_fake(conv, "kept", "ok").wait(progress=False)
+    srv.stop()
+    # What a crash mid-job leaves: a RUNNING row, a staging folder, a job folder, a temp upload.
+    staging = tmp_path / "repo" / "kept" / ".tmp-crashed"
+    staging.mkdir()
+    (staging / "model.onnx").write_bytes(b"partial")
+    job_dir = state_dir(tmp_path) / "jobs" / ("c" * 32)
+    job_dir.mkdir()
+    (state_dir(tmp_path) / "uploads" / ".tmp-partial").write_bytes(b"x")
+    store = JobStore(state_dir(tmp_path) / "state.sqlite3")
+    store.add_job(JobRecord(
+        job_id="c" * 32, model="kept", upload_id=finished.upload_id, format="onnx",
+        sha256=finished.source_sha256, state=JobState.QUEUED, stage="queued", fraction=0.0,
+        message="", version=0, error_kind="", error_message="", spec_json="{}", report_json="",
+        work_dir="", job_dir=str(job_dir), created_ms=now_ms(), started_ms=0, finished_ms=0,
+        last_seq=0,
+    ))  # fmt: skip
+    store.start("c" * 32, str(staging), "started")
+    store.append_event("c" * 32, "export", 0.2, "exporting")
+    store.close()
+
+    srv2, conv2 = start()
+    lost = conv2.job("c" * 32)
+    assert (lost.state, lost.error_kind) == ("FAILED", "UNAVAILABLE")
+    assert "restarted during the job" in lost.error_message
+    assert lost.stage == "export"
+    with pytest.raises(JobFailedError, match="restarted"):
+        lost.wait(progress=False)
+    kept = conv2.job(finished.id)
+    assert (kept.state, kept.version) == ("SUCCEEDED", 1)
+    assert leftovers(tmp_path) == []
+    x = np.zeros((1, 8), np.float32)
+    assert infer(srv2, "kept", x).version == 1
+    assert [j.id for j in conv2.list_jobs()] == ["c" * 32, finished.id]
+
+
+def test_stopping_the_server_fails_running_jobs(start: Start, tmp_path: Path) -> None:
+    srv, conv = start()
+    job = convert_fake(conv, "m", "block")
+    for event in job.events():
+        if event.stage == "export":
+            break
+    srv.stop()
+    _, conv2 = start()
+    stopped = conv2.job(job.id)
+    assert (stopped.state, stopped.error_kind) == ("FAILED", "UNAVAILABLE")
+    assert "server stopped during the job" in stopped.error_message
+    assert leftovers(tmp_path) == []
+
+
+def test_set_default_and_delete_versions(start: Start, tmp_path: Path) -> None:
+    srv, conv = start()
+    for seed in (1, 2):
+        convert_fake(conv, "multi", "ok", seed=seed).wait(progress=False)
+    x = np.random.default_rng(1).standard_normal((2, 8)).astype(np.float32)
+    assert infer(srv, "multi", x).version == 2
+    # Pinning v1 widens the default `latest = 1` policy so that v1 is served, and wins.
+    info = conv.set_default_version("multi", 1)
+    assert info.default_version == 1
+    assert {v.version: v.state for v in info.versions} == {1: "READY", 2: "READY"}
+    pinned = infer(srv, "multi", x)
+    assert pinned.version == 1
+    np.testing.assert_array_equal(pinned["logits"], infer(srv, "multi", x, version=1)["logits"])
+    with pytest.raises(ConversionError, match="default_version"):
+        conv.delete_version("multi", 1)
+    conv.delete_version("multi", 2)
+    assert [v.version for v in conv.get_model("multi").versions] == [1]
+    with pytest.raises(ModelNotFoundError):
+        infer(srv, "multi", x, version=2)
+    assert conv.set_default_version("multi", None).default_version == 1
+    assert not (tmp_path / "repo" / "multi" / "2").exists()
+    with pytest.raises(ModelNotFoundError):
+        conv.delete_version("multi", 7)
+    with pytest.raises(ModelNotFoundError):
+        conv.get_model("nosuch")
+
+
+def test_set_default_edits_a_toml_config_in_place(start: Start, tmp_path: Path) -> None:
+    srv, conv = start()
+    for seed in (1, 2):
+        convert_fake(conv, "toml", "ok", seed=seed).wait(progress=False)
+    config = tmp_path / "repo" / "toml" / "config.toml"
+    config.write_text(
+        "# keep me\nversion_policy = { all = true }\n\n[batching]\nmax_queue_size = 7\n"
+    )
+    conv.set_default_version("toml", 1)
+    text = config.read_text()
+    assert text.startswith("# keep me\n") and "default_version = 1\n" in text
+    assert "max_queue_size = 7" in text
+    assert infer(srv, "toml", np.zeros((1, 8), np.float32)).version == 1
+
+
+# ---- the real child (torch) ----
+REAL_CHILD = Path(uploads_module.__file__).with_name("child.py")
+MLP_KWARGS = {"in_features": 16, "hidden": [32], "out_features": 4}
+
+
+def _mlp(seed: int = 0) -> Any:
+    torch = pytest.importorskip("torch")
+    from ferry.server.convert import nets
+
+    torch.manual_seed(seed)
+    return nets.mlp(**MLP_KWARGS).eval(), torch.randn(
+        6, 16, generator=torch.Generator().manual_seed(1)
+    )
+
+
+def _expected(module: Any, x: Any) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return np.asarray(module(x).numpy())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_state_dict_module_converts_and_serves(start: Start, tmp_path: Path) -> None:
+    srv, conv = start(fake=False)
+    module, x = _mlp()
+    up = conv.upload(
+        "sd", module, architecture="mlp", architecture_kwargs=MLP_KWARGS, example_inputs=x
+    )
+    assert up.format == "state_dict" and up.inputs[0].shape == [-1, 16]
+    job = conv.convert(up)  # inputs, samples and the module's own outputs travel with the upload
+    stages = [e.stage for e in job.events()]
+    assert stages.index("load") < stages.index("export") < stages.index("publish")
+    done = job.wait(progress=False)
+    assert done.version == 1 and done.report is not None
+    assert done.report.source_format == "state_dict" and done.report.published == "fp32"
+    got = infer(srv, "sd", x.numpy())["output"]
+    np.testing.assert_allclose(got, _expected(module, x), rtol=1e-4, atol=1e-5)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_module_exported_locally_uploads_as_onnx(start: Start) -> None:
+    srv, conv = start(fake=False)
+    module, x = _mlp(seed=3)
+    up = conv.upload("local", module, example_inputs=x)
+    assert up.format == "onnx" and up.reference_outputs is not None
+    done = conv.convert(up).wait(progress=False)
+    assert done.report is not None and done.report.parity is not None
+    got = infer(srv, "local", x.numpy()[:1])["output"]
+    np.testing.assert_allclose(got, _expected(module, x)[:1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_safetensors_with_dynamic_int8(start: Start) -> None:
+    from safetensors.torch import save
+
+    srv, conv = start(fake=False)
+    module, x = _mlp(seed=4)
+    data = save({k: v.contiguous() for k, v in module.state_dict().items()})
+    up = conv.upload(
+        "st", data, format="safetensors", architecture="mlp", architecture_kwargs=MLP_KWARGS
+    )
+    done = conv.convert(up, inputs=[("input", "FP32", [-1, 16])], quantization="dynamic_int8").wait(
+        progress=False
+    )
+    assert done.report is not None and done.report.published == "dynamic_int8"
+    variant = done.report.variant("dynamic_int8")
+    assert variant is not None and variant.vs_fp32 is not None and variant.vs_fp32.cosine > 0.99
+    got, want = infer(srv, "st", x.numpy())["output"].ravel(), _expected(module, x).ravel()
+    assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) > 0.95  # int8
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_code_formats_convert_when_allowed(start: Start, tmp_path: Path) -> None:
+    import torch
+
+    srv, conv = start(fake=False, allow_code_formats=True)
+    module, x = _mlp(seed=5)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(module, (x,), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    torch.jit.save(torch.jit.trace(module, x), tmp_path / "m.ts")
+    expected = _expected(module, x)
+    pt2 = conv.convert(conv.upload("prog", tmp_path / "m.pt2")).wait(progress=False)
+    assert pt2.report is not None and pt2.report.source_format == "exported_program"
+    np.testing.assert_allclose(
+        infer(srv, "prog", x.numpy())["output"], expected, rtol=1e-4, atol=1e-5
+    )
+    ts_up = conv.upload("script", tmp_path / "m.ts", format="torchscript")
+    conv.convert(ts_up, inputs=[("input", "FP32", [-1, 16])]).wait(progress=False)
+    np.testing.assert_allclose(
+        infer(srv, "script", x.numpy())["output"], expected, rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_pickle_payload_in_a_state_dict_never_runs(start: Start, tmp_path: Path) -> None:
+    import torch
+
+    _, conv = start(fake=False)
+    marker = tmp_path / "pwned"
+    buffer = io.BytesIO()
+    torch.save({"0.weight": _CreatesFile(marker)}, buffer)
+    up = conv.upload("evil", buffer.getvalue(), format="state_dict", architecture="seed")
+    with pytest.raises(JobFailedError) as info:
+        conv.convert(up).wait(progress=False)
+    assert info.value.job.stage == "load"
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "safetensors" in info.value.message and "ONNX" in info.value.message  # what to do
+    assert not marker.exists()
+    assert not (tmp_path / "repo" / "evil").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_killing_the_child_mid_export_leaves_nothing(start: Start, tmp_path: Path) -> None:
+    _, conv = start(fake=False)
+    module, x = _mlp()
+    job = conv.convert(
+        conv.upload(
+            "cut", module, architecture="mlp", architecture_kwargs=MLP_KWARGS, example_inputs=x
+        )
+    )
+    for event in job.events():
+        if event.stage == "export":
+            break
+    cancelled = job.cancel()
+    assert cancelled.state == "CANCELLED" and cancelled.version is None
+    assert not (tmp_path / "repo" / "cut").exists()
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_over_pruning_misses_the_accuracy_budget(start: Start, tmp_path: Path) -> None:
+    from ferry.client import Validation
+
+    _, conv = start(fake=False)
+    module, x = _mlp(seed=6)
+    up = conv.upload(
+        "pruned", module, architecture="mlp", architecture_kwargs=MLP_KWARGS, example_inputs=x
+    )
+    job = conv.convert(
+        up, pruning=Pruning("l1_unstructured", 0.9), validation=Validation(min_cosine=0.999)
+    )
+    with pytest.raises(JobFailedError, match="accuracy budget") as info:
+        job.wait(progress=False)
+    err = info.value
+    assert err.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert err.report is not None and err.report.pruning is not None
+    figures = err.report.pruning.vs_unpruned
+    assert figures is not None and figures.cosine < 0.999
+    assert not (tmp_path / "repo" / "pruned").exists()

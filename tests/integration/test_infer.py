@@ -1,0 +1,186 @@
+"""Served outputs equal a direct onnxruntime run of the same model file.
+
+The oracle is an ``onnxruntime.InferenceSession`` created in the test on the very file the server
+loaded, so any difference is the server's (codec, validation, batching, splitting), not the model's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from helpers import make_repo, reference
+from serverutil import ServerThread
+
+from ferry.client import InferenceClient, InvalidInputError
+from ferry.client._requests import build_infer_request
+from ferry.proto.v1 import inference_pb2 as pb
+from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
+from ferry.server.examples import identity_model, mlp_model, seed_model, two_io_model
+
+RNG = np.random.default_rng(1234)
+IDENTITY_DTYPES = {
+    "BOOL": lambda shape: RNG.integers(0, 2, shape).astype(np.bool_),
+    "UINT8": lambda shape: RNG.integers(0, 255, shape, dtype=np.uint8),
+    "UINT64": lambda shape: RNG.integers(0, 2**63, shape, dtype=np.uint64),
+    "INT8": lambda shape: RNG.integers(-128, 127, shape, dtype=np.int8),
+    "INT32": lambda shape: RNG.integers(-(2**31), 2**31 - 1, shape, dtype=np.int32),
+    "INT64": lambda shape: RNG.integers(-(2**62), 2**62, shape, dtype=np.int64),
+    "FP16": lambda shape: RNG.standard_normal(shape).astype(np.float16),
+    "FP64": RNG.standard_normal,
+    "BYTES": lambda shape: np.array(
+        [f"elem-{i}".encode() * (i % 3) for i in range(int(np.prod(shape)))], dtype=object
+    ).reshape(shape),
+}
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread, Path]]:
+    """One server over many models, shared by this module: loading is the slow part, and every
+    test here only reads."""
+    models = {
+        "mlp": mlp_model(),
+        "seed": seed_model(),
+        "two_io": two_io_model(),
+        "fixed": identity_model("FP32", dims=(3,)),
+        "matrix": identity_model("FP32", dims=(2, 3)),
+        **{f"id_{dt.lower()}": identity_model(dt) for dt in IDENTITY_DTYPES},
+    }
+    root = make_repo(tmp_path_factory.mktemp("zoo") / "repo", models)
+    with ServerThread(root) as srv:
+        yield srv, root
+
+
+@pytest.fixture(scope="module")
+def zoo_client(zoo: tuple[ServerThread, Path]) -> Iterator[InferenceClient]:
+    with InferenceClient(zoo[0].target, timeout=30) as c:
+        yield c
+
+
+def _check(client: InferenceClient, root: Path, model: str, feeds: dict[str, np.ndarray]) -> None:
+    result = client.infer(model, feeds)
+    expected = reference(root / model / "1" / "model.onnx", feeds)
+    assert set(result) == set(expected)
+    assert result.model == model
+    assert result.version == 1
+    for name, want in expected.items():
+        got = result[name]
+        assert got.dtype == want.dtype, name
+        assert got.shape == want.shape, name
+        if want.dtype.kind == "f":
+            np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("batch", [1, 5, 32])
+def test_mlp_matches_onnxruntime(
+    zoo: tuple[ServerThread, Path], zoo_client: InferenceClient, batch: int
+) -> None:
+    x = RNG.standard_normal((batch, 64)).astype(np.float32)
+    _check(zoo_client, zoo[1], "mlp", {"input": x})
+
+
+def test_seed_model_matches_onnxruntime(
+    zoo: tuple[ServerThread, Path], zoo_client: InferenceClient
+) -> None:
+    _check(zoo_client, zoo[1], "seed", {"input": RNG.standard_normal((7, 3)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_two_inputs_two_outputs_with_int64(
+    zoo: tuple[ServerThread, Path], zoo_client: InferenceClient, batch: int
+) -> None:
+    feeds = {
+        "a": RNG.standard_normal((batch, 4)).astype(np.float32),
+        "b": RNG.integers(-(2**40), 2**40, (batch, 4), dtype=np.int64),
+    }
+    _check(zoo_client, zoo[1], "two_io", feeds)
+
+
+@pytest.mark.parametrize("dtype", sorted(IDENTITY_DTYPES))
+@pytest.mark.parametrize("shape", [(1, 1), (4, 7), (2, 0)])
+def test_dtypes_and_shapes_round_trip(
+    zoo: tuple[ServerThread, Path],
+    zoo_client: InferenceClient,
+    dtype: str,
+    shape: tuple[int, int],
+) -> None:
+    make: Callable[[tuple[int, int]], np.ndarray] = IDENTITY_DTYPES[dtype]
+    _check(zoo_client, zoo[1], f"id_{dtype.lower()}", {"input": make(shape)})
+
+
+def test_models_without_a_batch_dimension(
+    zoo: tuple[ServerThread, Path], zoo_client: InferenceClient
+) -> None:
+    _check(zoo_client, zoo[1], "fixed", {"input": np.array([1.5, -2.0, 3.25], np.float32)})
+    matrix = RNG.standard_normal((2, 3)).astype(np.float32)
+    _check(zoo_client, zoo[1], "matrix", {"input": matrix})
+
+
+def test_non_contiguous_and_big_endian_inputs(
+    zoo: tuple[ServerThread, Path], zoo_client: InferenceClient
+) -> None:
+    base = RNG.standard_normal((64, 8)).astype(np.float32)
+    strided = base.T[:4]  # a Fortran-ordered view: the SDK must send row-major bytes
+    assert not strided.flags.c_contiguous
+    _check(zoo_client, zoo[1], "mlp", {"input": strided})
+    big = RNG.standard_normal((2, 64)).astype(">f4")
+    result = zoo_client.infer("mlp", {"input": big})
+    expected = reference(zoo[1] / "mlp" / "1" / "model.onnx", {"input": big.astype("<f4")})
+    np.testing.assert_allclose(result["logits"], expected["logits"], rtol=1e-6)
+
+
+def test_requested_outputs_only(zoo_client: InferenceClient) -> None:
+    feeds = {"a": np.ones((2, 4), np.float32), "b": np.arange(8, dtype=np.int64).reshape(2, 4)}
+    result = zoo_client.infer("two_io", feeds, outputs=["scaled"])
+    assert list(result) == ["scaled"]
+    np.testing.assert_array_equal(result["scaled"], feeds["b"] * 3)
+
+
+def test_response_echoes_request_id_and_version(zoo_client: InferenceClient) -> None:
+    result = zoo_client.infer(
+        "fixed", {"input": np.zeros(3, np.float32)}, request_id="req-42", version=1
+    )
+    assert (result.id, result.model, result.version) == ("req-42", "fixed", 1)
+
+
+def test_python_lists_take_the_model_dtype_but_arrays_are_not_cast(
+    zoo_client: InferenceClient,
+) -> None:
+    result = zoo_client.infer("fixed", {"input": [1.0, 2.0, 3.0]})
+    assert result["output"].dtype == np.float32
+    assert result["output"].tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(InvalidInputError, match="must be FP32, got FP64"):
+        zoo_client.infer("fixed", {"input": np.array([1.0, 2.0, 3.0])})
+
+
+def test_infer_stream_answers_each_request_and_survives_errors(
+    zoo: tuple[ServerThread, Path],
+) -> None:
+    """A failing request on a stream gets an error response with its id; the stream stays open
+    and the other requests are answered correctly."""
+    x = RNG.standard_normal((2, 64)).astype(np.float32)
+    good = [
+        build_infer_request("mlp", {"input": x[i : i + 1]}, request_id=f"ok{i}") for i in (0, 1)
+    ]
+    bad = build_infer_request("mlp", {"input": x.astype(np.float64)}, request_id="bad")
+    missing = build_infer_request("nope", {"input": x}, request_id="missing")
+    with grpc.insecure_channel(zoo[0].target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        responses = list(stub.InferStream(iter([good[0], bad, missing, good[1]]), timeout=30))
+    by_id: dict[str, pb.InferStreamResponse] = {r.id: r for r in responses}
+    assert sorted(by_id) == ["bad", "missing", "ok0", "ok1"]
+    assert by_id["bad"].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert by_id["bad"].error.kind == "INVALID_INPUT"
+    assert "'input'" in by_id["bad"].error.message
+    assert by_id["missing"].error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert by_id["missing"].error.kind == "MODEL_NOT_FOUND"
+    expected = reference(zoo[1] / "mlp" / "1" / "model.onnx", {"input": x})["logits"]
+    for i in (0, 1):
+        (out,) = by_id[f"ok{i}"].response.outputs
+        got = np.frombuffer(out.data, np.float32).reshape(tuple(out.shape))
+        np.testing.assert_allclose(got, expected[i : i + 1], rtol=1e-5, atol=1e-6)

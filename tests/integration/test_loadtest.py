@@ -1,0 +1,217 @@
+"""ferry.client.loadtest against a real server on loopback, every run bounded by a request count:
+closed and open loops, unary and streaming, both protocols, reports and refusals."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ferry.client import InferenceClient, InvalidInputError, ModelNotFoundError
+from ferry.client.loadtest import (
+    InputError,
+    LevelResult,
+    LoadTestConfig,
+    LoadTestConfigError,
+    LoadTestReport,
+    PlotUnavailableError,
+    generate_inputs,
+    load_inputs,
+    plot_report,
+    run,
+)
+from ferry.client.loadtest._engine import Progress, id_field
+from ferry.proto.v1 import inference_pb2 as pb
+
+
+def config(server: Any, **kwargs: Any) -> LoadTestConfig:
+    base: dict[str, Any] = {
+        "target": server.target,
+        "duration": None,
+        "requests": 60,
+        "warmup": 0.0,
+    }
+    base.update(kwargs)
+    return LoadTestConfig("mlp", **base)
+
+
+def check_level(level: LevelResult, requests: int) -> None:
+    assert level.ok == requests and level.errors == {}
+    lat = level.latency_ms
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p95"] <= lat["p99"] <= lat["max"]
+    assert level.throughput > 0
+    assert level.server is not None
+    assert level.server.requests == requests  # the statistics delta saw exactly this level
+    assert level.server.compute_ms > 0 and level.server.queue_ms >= 0
+
+
+@pytest.mark.parametrize(
+    ("mode", "protocol"), [("unary", "ferry"), ("stream", "ferry"), ("unary", "kserve")]
+)
+def test_closed_loop_sweep(server: Any, mode: str, protocol: str) -> None:
+    report = run(config(server, concurrency=(1, 4), mode=mode, protocol=protocol), progress=False)
+    assert [lv.level for lv in report.levels] == [1, 4]
+    for lv in report.levels:
+        assert lv.loop == "closed" and lv.mode == mode and lv.protocol == protocol
+        check_level(lv, 60)
+
+
+def test_open_loop_poisson_with_warmup(server: Any) -> None:
+    report = run(
+        config(server, rate=(400.0,), arrival="poisson", requests=50, warmup=0.05), progress=False
+    )
+    (lv,) = report.levels
+    assert lv.loop == "open" and lv.level == 400 and lv.dropped == 0
+    check_level(lv, 50)
+
+
+def test_duration_bounded_level_and_connections(server: Any) -> None:
+    report = run(
+        config(server, concurrency=(2,), duration=0.3, requests=None, connections=2),
+        progress=False,
+    )
+    (lv,) = report.levels
+    assert lv.ok > 0 and lv.errors == {} and 0.3 <= lv.elapsed < 30
+
+
+def test_inputs_from_the_caller_and_the_batch_size(server: Any) -> None:
+    inputs = {"input": np.ones((3, 64), np.float32)}
+    report = run(config(server, inputs=inputs, requests=20), progress=False)
+    assert report.levels[0].batch_size == 3
+    assert report.levels[0].to_dict()["samples_per_s"] == pytest.approx(
+        3 * report.levels[0].throughput
+    )
+
+
+def test_a_bad_probe_fails_fast_with_the_servers_reason(server: Any) -> None:
+    with pytest.raises(InvalidInputError, match="input"):
+        run(config(server, inputs={"input": np.ones((1, 5), np.float32)}), progress=False)
+    with pytest.raises(ModelNotFoundError):
+        run(LoadTestConfig("nope", target=server.target, requests=5), progress=False)
+
+
+def test_reports_serialize_without_nan(server: Any, tmp_path: Path) -> None:
+    report = run(config(server, concurrency=(1, 2), requests=20), progress=False)
+    failed = LevelResult(
+        loop="closed",
+        level=8,
+        mode="unary",
+        protocol="ferry",
+        batch_size=1,
+        elapsed=1.0,
+        ok=0,
+        errors={"UNAVAILABLE": 5},
+        latency_ms={k: math.nan for k in ("p50", "p90", "p95", "p99", "max", "mean")},
+    )
+    report.levels.append(failed)
+    doc = json.loads(report.to_json())
+    assert [lv["level"] for lv in doc["levels"]] == [1, 2, 8]
+    assert doc["levels"][2]["latency_ms"]["p99"] is None
+    assert doc["levels"][2]["errors"] == {"UNAVAILABLE": 5}
+    rows = list(csv.DictReader(io.StringIO(report.to_csv())))
+    assert [r["level"] for r in rows] == ["1", "2", "8"]
+    assert rows[2]["error_codes"] == "UNAVAILABLE=5" and rows[0]["ok"] == "20"
+    table = report.format_table()
+    assert "p99" in table and "errors at conc 8: UNAVAILABLE x5" in table
+
+
+def test_plot_or_a_clear_error(server: Any, tmp_path: Path) -> None:
+    report = run(config(server, concurrency=(1, 2), requests=20), progress=False)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        with pytest.raises(PlotUnavailableError, match=r"ferry-serve\[plot\]"):
+            plot_report(report, tmp_path / "p.png")
+    else:
+        path = plot_report(report, tmp_path / "p.png")
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"duration": 4000.0}, "cap"),
+        ({"concurrency": (5000,)}, "concurrency"),
+        ({"requests": 10_000_001, "duration": None}, "requests"),
+        ({"rate": (1e9,)}, "rate"),
+        ({"duration": None, "requests": None}, "duration or a request count"),
+        ({"mode": "stream", "protocol": "kserve"}, "no inference stream"),
+        ({"target": "10.1.2.3:8001"}, "not a loopback"),
+        ({"target": "example.com:8001"}, "--allow-remote"),
+        ({"concurrency": tuple(range(1, 40))}, "levels"),
+    ],
+)
+def test_config_refusals(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(LoadTestConfigError, match=message):
+        LoadTestConfig("mlp", **kwargs).validate()
+
+
+def test_loopback_forms_and_allow_remote() -> None:
+    for target in (
+        "127.0.0.1:1",
+        "localhost:1",
+        "[::1]:1",
+        "unix:/tmp/x.sock",
+        ["127.0.0.1:1", "127.0.0.2:2"],
+    ):
+        LoadTestConfig("mlp", target=target).validate()
+    LoadTestConfig("mlp", target="10.1.2.3:8001", allow_remote=True).validate()
+
+
+def test_generated_inputs_follow_the_metadata(client: InferenceClient) -> None:
+    inputs = generate_inputs(client.model_metadata("two_io"), batch_size=3)
+    assert inputs["a"].dtype == np.float32 and inputs["a"].shape == (3, 4)
+    assert inputs["b"].dtype == np.int64 and inputs["b"].shape == (3, 4)
+    fixed = client.model_metadata("fixed")
+    assert generate_inputs(fixed)["input"].shape == (3,)
+    with pytest.raises(InputError, match="no batch dimension"):
+        generate_inputs(fixed, batch_size=2)
+    with pytest.raises(InputError, match="model's inputs"):
+        generate_inputs(fixed, shapes={"other": (1,)})
+    assert generate_inputs(fixed, shapes={"input": (3,)})["input"].shape == (3,)
+
+
+def test_input_files(client: InferenceClient, tmp_path: Path) -> None:
+    meta = client.model_metadata("two_io")
+    np.save(tmp_path / "a.npy", np.ones((1, 4), np.float32))
+    np.savez(tmp_path / "ab.npz", a=np.zeros((1, 4), np.float32), b=np.ones((1, 4), np.int64))
+    (tmp_path / "ab.json").write_text(
+        json.dumps({"a": [[1, 2, 3, 4]], "b": {"data": [1, 2, 3, 4], "shape": [1, 4]}})
+    )
+    loaded = load_inputs([str(tmp_path / "ab.json")], meta)
+    assert loaded["a"].dtype == np.float32 and loaded["b"].dtype == np.int64  # from the model
+    assert loaded["b"].shape == (1, 4)
+    loaded = load_inputs([str(tmp_path / "ab.npz"), f"a={tmp_path / 'a.npy'}"], meta)
+    assert loaded["a"][0, 0] == 1.0 and set(loaded) == {"a", "b"}
+    with pytest.raises(InputError, match="NAME="):
+        load_inputs([str(tmp_path / "a.npy")], meta)  # two inputs: which one?
+    with pytest.raises(InputError, match="does not exist"):
+        load_inputs([str(tmp_path / "missing.npy")], meta)
+    (tmp_path / "bad.json").write_text("{nope")
+    with pytest.raises(InputError, match="JSON"):
+        load_inputs([str(tmp_path / "bad.json")], meta)
+    (tmp_path / "x.txt").write_text("1")
+    with pytest.raises(InputError, match="unsupported"):
+        load_inputs([str(tmp_path / "x.txt")], meta)
+
+
+def test_stream_request_ids_are_appended_without_reencoding() -> None:
+    base = pb.InferRequest(model="mlp", id="").SerializeToString()
+    parsed = pb.InferRequest.FromString(base + id_field("x" * 200))
+    assert parsed.id == "x" * 200 and parsed.model == "mlp"
+
+
+def test_progress_is_silent_off_a_terminal() -> None:
+    stream = io.StringIO()
+    assert not Progress(None, stream).enabled  # StringIO is no TTY
+    assert Progress(True, stream).enabled
+
+
+def test_empty_report_formats() -> None:
+    assert LoadTestReport(model="m", target="t").format_table() == "no levels were run"

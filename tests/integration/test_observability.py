@@ -1,0 +1,140 @@
+"""What the server says about itself: reflection, Prometheus metrics, model listings, metadata
+and statistics."""
+
+from __future__ import annotations
+
+import re
+import time
+
+import grpc
+import numpy as np
+import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+from helpers import scrape
+from serverutil import ServerThread
+
+from ferry.client import InferenceClient, InvalidInputError, ModelNotFoundError, TensorInfo
+
+X = {"input": np.ones((3, 64), np.float32)}
+
+
+def _sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one Prometheus sample, matched by name and a subset of its labels."""
+    for line in text.splitlines():
+        if not line.startswith(name + "{") and not line.startswith(name + " "):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line.split("}")[0]))
+        if all(found.get(k) == v for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_reflection_lists_the_inference_service(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        services = set(database.get_services())
+        assert {"ferry.v1.Inference", "grpc.health.v1.Health"} <= services
+        assert "ferry.v1.ModelRepository" not in services  # management listener only
+        pool = DescriptorPool(database)
+        infer = pool.FindServiceByName("ferry.v1.Inference").FindMethodByName("Infer")
+        assert infer.input_type.full_name == "ferry.v1.InferRequest"
+    with grpc.insecure_channel(server.management_target) as channel:
+        assert "ferry.v1.ModelRepository" in set(
+            ProtoReflectionDescriptorDatabase(channel).get_services()
+        )
+
+
+def test_metrics_endpoint(server: ServerThread, client: InferenceClient) -> None:
+    assert server.app is not None
+    for _ in range(3):
+        client.infer("mlp", X)
+    with pytest.raises(InvalidInputError):
+        client.infer("mlp", {"input": np.ones((3, 64), np.float64)})
+    text = scrape(server.app.metrics_port)
+    assert "ferry_requests" in text
+    assert "ferry_batch_size" in text
+    mlp = {"model": "mlp", "version": "1"}
+    assert _sample(text, "ferry_requests_total", code="OK", **mlp) == 3
+    assert _sample(text, "ferry_requests_total", code="INVALID_ARGUMENT", model="mlp") == 1
+    assert _sample(text, "ferry_batch_size_count", **mlp) == 3
+    assert _sample(text, "ferry_batch_size_sum", **mlp) == 9
+    assert _sample(text, "ferry_batch_size_bucket", le="2", **mlp) == 0
+    assert _sample(text, "ferry_batch_size_bucket", le="4", **mlp) == 3
+    assert _sample(text, "ferry_inferences_total", **mlp) == 9
+    assert _sample(text, "ferry_executions_total", **mlp) == 3
+    assert _sample(text, "ferry_request_seconds_count", **mlp) == 3
+    assert _sample(text, "ferry_queue_depth", **mlp) == 0
+    assert _sample(text, "ferry_model_state", state="READY", **mlp) == 1
+    assert _sample(text, "ferry_model_state", state="FAILED", **mlp) == 0
+
+
+def test_client_chosen_names_and_versions_do_not_grow_labels(
+    server: ServerThread, client: InferenceClient
+) -> None:
+    assert server.app is not None
+    for i in range(5):
+        with pytest.raises(ModelNotFoundError):
+            client.infer(f"ghost{i}", X)
+        with pytest.raises(ModelNotFoundError):
+            client.infer("mlp", X, version=1000 + i)
+    text = scrape(server.app.metrics_port)
+    assert "ghost" not in text
+    assert 'version="100' not in text
+    assert _sample(text, "ferry_requests_total", model="_unknown", code="NOT_FOUND") == 5
+    assert _sample(text, "ferry_requests_total", model="mlp", version="0", code="NOT_FOUND") == 5
+
+
+def test_list_models_states(server: ServerThread, client: InferenceClient) -> None:
+    models = client.list_models()
+    assert [(m.name, m.version, m.state, m.is_default) for m in models] == [
+        ("fixed", 1, "READY", True),
+        ("mlp", 1, "READY", True),
+        ("two_io", 1, "READY", True),
+    ]
+    assert all(m.reason == "" for m in models)
+    assert [m.name for m in client.list_models("mlp")] == ["mlp"]
+
+
+def test_metadata_shapes_and_batching_policy(client: InferenceClient) -> None:
+    mlp = client.model_metadata("mlp")
+    assert (mlp.name, mlp.version, mlp.versions, mlp.default_version) == ("mlp", 1, (1,), 1)
+    assert mlp.platform == "onnxruntime_onnx"
+    assert mlp.inputs == (TensorInfo("input", "FP32", (-1, 64)),)
+    assert mlp.outputs == (TensorInfo("logits", "FP32", (-1, 10)),)
+    b = mlp.batching
+    assert (b.max_batch_size, b.max_queue_delay, b.max_queue_size) == (32, 0.0, 1024)
+    assert (b.default_timeout, b.instance_count) == (None, 1)
+    two = client.model_metadata("two_io")
+    assert two.inputs == (TensorInfo("a", "FP32", (-1, 4)), TensorInfo("b", "INT64", (-1, 4)))
+    assert two.outputs == (
+        TensorInfo("sum", "FP32", (-1, 4)),
+        TensorInfo("scaled", "INT64", (-1, 4)),
+    )
+    fixed = client.model_metadata("fixed")
+    assert fixed.inputs == (TensorInfo("input", "FP32", (3,)),)
+    assert fixed.batching.max_batch_size == 0
+
+
+def test_statistics_after_requests(client: InferenceClient) -> None:
+    before_ms = int(time.time() * 1000)
+    client.infer("mlp", X)
+    client.infer("mlp", {"input": np.ones((1, 64), np.float32)})
+    with pytest.raises(InvalidInputError):
+        client.infer("mlp", {"input": np.ones((1, 64), np.int32)})
+    (s,) = client.statistics("mlp")
+    assert (s.name, s.version) == ("mlp", 1)
+    assert (s.inference_count, s.execution_count) == (4, 2)
+    assert s.batch_sizes == {3: 1, 1: 1}
+    assert s.success.count == 2
+    assert s.success.ns > 0
+    assert s.queue.count == 2
+    assert s.compute_infer.count == 2
+    assert s.compute_infer.ns > 0
+    assert s.last_inference_ms >= before_ms
+    assert (s.rejected_count, s.expired_count, s.queue_depth) == (0, 0, 0)
+    everything = client.statistics()
+    assert sorted(x.name for x in everything) == ["fixed", "mlp", "two_io"]
+    assert [x.version for x in client.statistics("mlp", version=1)] == [1]

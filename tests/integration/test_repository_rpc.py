@@ -1,0 +1,238 @@
+"""The repository as a served folder: refresh on request (management listener), version
+policies, default versions, model configs and their errors, seen through the public RPCs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from helpers import StartServer, make_repo, write_config
+from serverutil import ServerThread
+
+from ferry.client import (
+    InferenceClient,
+    InvalidInputError,
+    ModelNotFoundError,
+    RepositoryClient,
+    UnimplementedError,
+)
+from ferry.proto.v1 import repository_pb2, repository_pb2_grpc
+from ferry.server.core.repository import ModelRepository
+from ferry.server.examples import identity_model, mlp_model, seed_model, write_model
+
+SEED_IN = {"input": np.ones((1, 3), np.float32)}
+
+
+@pytest.fixture
+def clients(server: ServerThread) -> Iterator[tuple[InferenceClient, RepositoryClient]]:
+    with (
+        InferenceClient(server.target, timeout=30) as client,
+        RepositoryClient(server.management_target, timeout=60) as repo,
+    ):
+        yield client, repo
+
+
+def _listing(client: InferenceClient, model: str = "") -> dict[tuple[str, int], str]:
+    return {(m.name, m.version): m.state for m in client.list_models(model)}
+
+
+def test_new_version_after_start_is_served_after_refresh(
+    repo_path: Path, clients: tuple[InferenceClient, RepositoryClient]
+) -> None:
+    client, repo = clients
+    write_model(ModelRepository(repo_path), "mlp", mlp_model(seed=5), version=2)
+    assert _listing(client, "mlp") == {("mlp", 1): "READY"}  # nothing changes until asked
+    result = repo.refresh()
+    assert list(result.loaded) == ["mlp/2"]
+    assert list(result.unloaded) == ["mlp/1"]  # the default policy serves the latest only
+    assert list(result.failed) == []
+    assert _listing(client, "mlp") == {("mlp", 2): "READY"}
+    out = client.infer("mlp", {"input": np.ones((1, 64), np.float32)})
+    assert out.version == 2
+    with pytest.raises(ModelNotFoundError):
+        client.infer("mlp", {"input": np.ones((1, 64), np.float32)}, version=1)
+
+
+def test_removed_model_is_not_found_after_refresh(
+    repo_path: Path, clients: tuple[InferenceClient, RepositoryClient]
+) -> None:
+    client, repo = clients
+    shutil.rmtree(repo_path / "two_io")
+    assert list(repo.refresh().unloaded) == ["two_io/1"]
+    with pytest.raises(ModelNotFoundError):
+        client.infer("two_io", {"a": np.ones((1, 4), np.float32)})
+    with pytest.raises(ModelNotFoundError):
+        client.model_metadata("two_io")
+    assert ("two_io", 1) not in _listing(client)
+
+
+def test_new_model_folder_is_loaded_by_refresh(
+    repo_path: Path, clients: tuple[InferenceClient, RepositoryClient]
+) -> None:
+    client, repo = clients
+    repository = ModelRepository(repo_path)
+    repository.model_dir("seed").mkdir()  # the folder can be seen before its first version
+    assert list(repo.refresh().loaded) == []
+    write_model(repository, "seed", seed_model())
+    assert list(repo.refresh().loaded) == ["seed/1"]
+    assert client.infer("seed", SEED_IN)["logits"].shape == (1, 1)
+
+
+def test_unload_and_load_by_request(clients: tuple[InferenceClient, RepositoryClient]) -> None:
+    client, repo = clients
+    repo.unload_model("fixed")
+    with pytest.raises(ModelNotFoundError):
+        client.infer("fixed", {"input": np.ones(3, np.float32)})
+    assert list(repo.refresh().loaded) == []  # an explicit unload survives a refresh
+    repo.load_model("fixed")
+    assert client.infer("fixed", {"input": np.ones(3, np.float32)})["output"].shape == (3,)
+    with pytest.raises(ModelNotFoundError):
+        repo.unload_model("ghost")
+    with pytest.raises(ModelNotFoundError):
+        repo.load_model("ghost")
+    with pytest.raises(InvalidInputError, match="invalid model name"):
+        repo.load_model("../etc")
+
+
+def test_management_service_is_not_on_the_inference_port(server: ServerThread) -> None:
+    with grpc.insecure_channel(server.target) as channel:
+        stub = repository_pb2_grpc.ModelRepositoryStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Refresh(repository_pb2.RefreshRequest(), timeout=10)
+    assert info.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    with (
+        RepositoryClient(server.target, timeout=10) as wrong,
+        pytest.raises(UnimplementedError),
+    ):
+        wrong.refresh()
+
+
+@pytest.mark.parametrize(
+    ("policy", "served"),
+    [
+        (None, [3]),
+        ({"latest": 2}, [2, 3]),
+        ({"all": True}, [1, 2, 3]),
+        ({"specific": [1, 3]}, [1, 3]),
+    ],
+)
+def test_version_policies(
+    tmp_path: Path, start_server: StartServer, policy: dict[str, object] | None, served: list[int]
+) -> None:
+    root = make_repo(tmp_path / "repo", {"seed": [seed_model(seed=v) for v in (1, 2, 3)]})
+    if policy is not None:
+        write_config(root, "seed", {"version_policy": policy})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=30) as client:
+        statuses = client.list_models("seed")
+        assert [m.version for m in statuses] == served
+        assert [m.version for m in statuses if m.is_default] == [max(served)]
+        meta = client.model_metadata("seed")
+        assert (meta.version, meta.versions, meta.default_version) == (
+            max(served),
+            tuple(served),
+            max(served),
+        )
+        for v in served:
+            assert client.infer("seed", SEED_IN, version=v).version == v
+        for v in sorted({1, 2, 3} - set(served)):
+            with pytest.raises(ModelNotFoundError, match=f"version {v}"):
+                client.infer("seed", SEED_IN, version=v)
+
+
+def test_default_version_from_config(tmp_path: Path, start_server: StartServer) -> None:
+    root = make_repo(tmp_path / "repo", {"seed": [seed_model(seed=1), seed_model(seed=2)]})
+    write_config(root, "seed", {"version_policy": {"all": True}, "default_version": 1})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=30) as client:
+        assert [m.version for m in client.list_models("seed") if m.is_default] == [1]
+        assert client.infer("seed", SEED_IN).version == 1
+        assert client.infer("seed", SEED_IN, version=2).version == 2
+        meta = client.model_metadata("seed")
+        assert (meta.version, meta.default_version) == (1, 1)
+        assert client.model_metadata("seed", version=2).version == 2
+
+
+def test_config_error_fails_the_model_naming_the_key(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    root = make_repo(tmp_path / "repo", {"seed": seed_model(), "mlp": mlp_model()})
+    write_config(root, "seed", {"batching": {"max_batch_sise": 8}})
+    srv = start_server(root)
+    with (
+        InferenceClient(srv.target, timeout=30) as client,
+        RepositoryClient(srv.management_target) as repo,
+    ):
+        (status,) = client.list_models("seed")
+        assert status.state == "FAILED"
+        assert "max_batch_sise" in status.reason
+        assert client.infer("mlp", {"input": np.ones((1, 64), np.float32)}).version == 1
+        assert client.ready()
+        write_config(root, "seed", {"batching": {"max_batch_size": 8}, "bogus": 1})
+        (failed,) = repo.refresh().failed
+        assert failed.startswith("seed/1: ")
+        assert "bogus" in failed
+        write_config(root, "seed", {"batching": {"max_batch_size": 8}})
+        assert list(repo.refresh().loaded) == ["seed/1"]
+        assert client.model_metadata("seed").batching.max_batch_size == 8
+
+
+def test_model_without_a_batch_dimension(tmp_path: Path, start_server: StartServer) -> None:
+    root = make_repo(
+        tmp_path / "repo",
+        {"fixed": identity_model("FP32", dims=(2, 3)), "dyn": identity_model("INT64")},
+    )
+    write_config(root, "dyn", {"batching": {"max_batch_size": 0}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=30) as client:
+        meta = client.model_metadata("fixed")
+        assert meta.batching.max_batch_size == 0
+        assert meta.inputs[0].shape == (2, 3)
+        x = np.arange(6, dtype=np.float32).reshape(2, 3)
+        np.testing.assert_array_equal(client.infer("fixed", {"input": x})["output"], x)
+        with pytest.raises(InvalidInputError, match=r"\[2, 3\]"):
+            client.infer("fixed", {"input": x[None]})
+        # max_batch_size = 0 on a graph with dynamic dims: the first dim is not a batch, so any
+        # size is accepted and requests run one at a time.
+        assert client.model_metadata("dyn").batching.max_batch_size == 0
+        big = np.arange(100 * 2, dtype=np.int64).reshape(100, 2)
+        np.testing.assert_array_equal(client.infer("dyn", {"input": big})["output"], big)
+        (s,) = client.statistics("dyn")
+        assert (s.inference_count, s.execution_count) == (1, 1)
+
+
+def test_request_larger_than_max_batch_size(tmp_path: Path, start_server: StartServer) -> None:
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    write_config(root, "mlp", {"batching": {"max_batch_size": 4}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=30) as client:
+        assert client.infer("mlp", {"input": np.ones((4, 64), np.float32)})["logits"].shape[0] == 4
+        with pytest.raises(InvalidInputError) as info:
+            client.infer("mlp", {"input": np.ones((5, 64), np.float32)})
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "batch size 5" in info.value.message
+    assert "max_batch_size 4" in info.value.message
+
+
+def test_per_version_config_overrides_the_model_config(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    root = make_repo(tmp_path / "repo", {"mlp": [mlp_model(), mlp_model(seed=1)]})
+    write_config(root, "mlp", {"version_policy": {"all": True}, "batching": {"max_queue_size": 9}})
+    (root / "mlp" / "2" / "config.json").write_text(
+        json.dumps({"batching": {"max_batch_size": 4}, "instances": {"count": 2}})
+    )
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=30) as client:
+        b1 = client.model_metadata("mlp", version=1).batching
+        b2 = client.model_metadata("mlp", version=2).batching
+        assert (b1.max_batch_size, b1.max_queue_size, b1.instance_count) == (32, 9, 1)
+        assert (b2.max_batch_size, b2.max_queue_size, b2.instance_count) == (4, 9, 2)
+        with pytest.raises(InvalidInputError, match="max_batch_size 4"):
+            client.infer("mlp", {"input": np.ones((5, 64), np.float32)}, version=2)
+        assert client.infer("mlp", {"input": np.ones((5, 64), np.float32)}, version=1).version == 1

@@ -1,0 +1,232 @@
+"""Streaming inference (sync and async) against a real server: results matched to requests,
+per-request errors that leave the stream open, flow control, close and cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ferry.client import (
+    AsyncInferenceClient,
+    CancelledError,
+    FerryError,
+    InferenceClient,
+    InferResult,
+    InvalidInputError,
+    ModelNotFoundError,
+)
+
+
+def batch(i: int) -> dict[str, np.ndarray]:
+    """A distinct input per request, so a result matched to the wrong id would show."""
+    return {"input": np.full((1, 64), i / 10, np.float32)}
+
+
+@pytest.fixture
+def expected(client: InferenceClient) -> dict[int, np.ndarray]:
+    return {i: np.asarray(client.infer("mlp", batch(i))["logits"]) for i in range(20)}
+
+
+def test_results_are_matched_to_their_requests(
+    client: InferenceClient, expected: dict[int, np.ndarray]
+) -> None:
+    with client.stream("mlp") as stream:
+        ids = {stream.submit(batch(i)): i for i in range(20)}
+        got = dict(stream.results())
+    assert set(got) == set(ids)
+    for rid, result in got.items():
+        assert isinstance(result, InferResult)
+        assert result.id == rid and result.model == "mlp" and result.version == 1
+        assert result.timings.rpc > 0
+        np.testing.assert_allclose(result["logits"], expected[ids[rid]], rtol=1e-6)
+
+
+def test_a_failed_request_yields_its_error_and_the_stream_carries_on(
+    client: InferenceClient,
+) -> None:
+    with client.stream("mlp") as stream:
+        good1 = stream.submit(batch(1))
+        bad = stream.submit({"input": np.ones((1, 3), np.float32)}, "bad-shape")
+        wrong_name = stream.submit({"nope": np.ones((1, 64), np.float32)})
+        good2 = stream.submit(batch(2))
+        got = dict(stream.results())
+        after = stream.submit(batch(3))  # still open after the failures
+        got.update(stream.results())
+    assert bad == "bad-shape"
+    assert isinstance(got[bad], InvalidInputError) and isinstance(
+        got[wrong_name], InvalidInputError
+    )
+    assert "input" in str(got[wrong_name])
+    assert all(isinstance(got[r], InferResult) for r in (good1, good2, after))
+
+
+def test_unknown_model_errors_per_request(client: InferenceClient) -> None:
+    with client.stream("no_such_model") as stream:
+        rid = stream.submit(batch(0))
+        ((got_id, error),) = list(stream.results())
+    assert got_id == rid and isinstance(error, ModelNotFoundError)
+
+
+def test_duplicate_ids_and_use_after_close_are_refused(client: InferenceClient) -> None:
+    stream = client.stream("mlp")
+    stream.submit(batch(0), "same")
+    with pytest.raises(InvalidInputError, match="already in flight"):
+        stream.submit(batch(0), "same")
+    stream.close()
+    with pytest.raises(FerryError, match="closed"):
+        stream.submit(batch(0))
+    assert [rid for rid, _ in stream.results()] == ["same"]
+    assert stream.wait(30)
+
+
+def test_list_inputs_take_the_models_dtype_on_streams(client: InferenceClient) -> None:
+    with client.stream("two_io") as stream:
+        stream.submit({"a": [[1.0, 2.0, 3.0, 4.0]], "b": [[1, 1, 1, 1]]}, "lists")
+        ((_, result),) = list(stream.results())
+    assert isinstance(result, InferResult)
+    np.testing.assert_array_equal(result["sum"], [[2.0, 3.0, 4.0, 5.0]])
+
+
+def test_infer_many_yields_every_item_once_with_bounded_in_flight(
+    client: InferenceClient, expected: dict[int, np.ndarray]
+) -> None:
+    seen_in_flight: list[int] = []
+    with client.stream("mlp") as stream:
+        answers = []
+        for rid, result in stream.infer_many((batch(i) for i in range(20)), max_in_flight=3):
+            seen_in_flight.append(stream.in_flight)
+            answers.append((rid, result))
+    assert sorted(int(rid) for rid, _ in answers) == list(range(20))
+    assert max(seen_in_flight) <= 3
+    for rid, result in answers:
+        assert isinstance(result, InferResult)
+        np.testing.assert_allclose(result["logits"], expected[int(rid)], rtol=1e-6)
+
+
+def test_client_infer_many_with_named_items(client: InferenceClient) -> None:
+    items = [(f"req-{i}", batch(i)) for i in range(5)]
+    got = dict(client.infer_many("mlp", items, max_in_flight=2))
+    assert set(got) == {f"req-{i}" for i in range(5)}
+    assert all(isinstance(r, InferResult) and r.id == rid for rid, r in got.items())
+
+
+def test_submit_blocks_at_max_in_flight_without_deadlocking(client: InferenceClient) -> None:
+    with client.stream("mlp", max_in_flight=2) as stream:
+        ids = [stream.submit(batch(i)) for i in range(12)]  # no reader: answers free the slots
+        assert stream.in_flight <= 2
+        got = [rid for rid, _ in stream.results()]
+    assert sorted(got) == sorted(ids)
+
+
+def test_a_producer_thread_and_a_consumer(client: InferenceClient) -> None:
+    stream = client.stream("mlp")
+
+    def produce() -> None:
+        for i in range(15):
+            stream.submit(batch(i), f"p{i}")
+        stream.close()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    got = [rid for rid, _ in stream.results(until_closed=True)]
+    producer.join()
+    assert sorted(got) == sorted(f"p{i}" for i in range(15))
+
+
+def test_cancel_answers_every_request_exactly_once(client: InferenceClient) -> None:
+    stream = client.stream("mlp")
+    ids = [stream.submit(batch(i)) for i in range(30)]
+    stream.cancel()
+    got = list(stream.results())
+    assert sorted(rid for rid, _ in got) == sorted(ids)
+    assert all(isinstance(r, InferResult | CancelledError) for _, r in got)
+    with pytest.raises(FerryError):
+        stream.submit(batch(0))
+
+
+def test_server_going_away_fails_what_is_outstanding(start_server: Any, repo_path: Any) -> None:
+    srv = start_server(repo_path)
+    with InferenceClient(srv.target, timeout=30) as c:
+        stream = c.stream("mlp")
+        first = stream.submit(batch(0))
+        ((rid, result),) = list(stream.results())
+        assert rid == first and isinstance(result, InferResult)
+        srv.stop(grace=0)
+        assert stream.wait(30)  # the call ends with the server, though the stream was not closed
+        with pytest.raises(FerryError):  # and submitting then says why
+            stream.submit(batch(1))
+        assert list(stream.results()) == []
+
+
+# --- asyncio --------------------------------------------------------------------------------
+
+
+def test_async_stream_submit_and_results(server: Any, expected: dict[int, np.ndarray]) -> None:
+    async def main() -> dict[str, Any]:
+        async with AsyncInferenceClient(server.target, timeout=30) as client:
+            async with client.stream("mlp") as stream:
+                ids = {await stream.submit(batch(i)): i for i in range(20)}
+                bad = await stream.submit({"input": np.ones((1, 3), np.float32)})
+                got = {rid: r async for rid, r in stream.results()}
+            return {"ids": ids, "bad": bad, "got": got}
+
+    out = asyncio.run(main())
+    got = out["got"]
+    assert isinstance(got.pop(out["bad"]), InvalidInputError)
+    assert set(got) == set(out["ids"])
+    for rid, result in got.items():
+        assert isinstance(result, InferResult) and result.id == rid
+        np.testing.assert_allclose(result["logits"], expected[out["ids"][rid]], rtol=1e-6)
+
+
+def test_async_infer_many_from_an_async_source(server: Any) -> None:
+    async def source() -> AsyncIterator[dict[str, np.ndarray]]:
+        for i in range(25):
+            yield batch(i)
+
+    async def main() -> list[str]:
+        async with AsyncInferenceClient(server.target, timeout=30) as client:
+            return [
+                rid
+                async for rid, result in client.infer_many("mlp", source(), max_in_flight=4)
+                if isinstance(result, InferResult)
+            ]
+
+    assert sorted(int(r) for r in asyncio.run(main())) == list(range(25))
+
+
+def test_async_stream_flow_control_cancel_and_producer(server: Any) -> None:
+    async def main() -> None:
+        async with AsyncInferenceClient(server.target, timeout=30) as client:
+            stream = client.stream("mlp", max_in_flight=2)
+            ids = [await stream.submit(batch(i)) for i in range(10)]
+            assert stream.in_flight <= 2
+            assert sorted([rid async for rid, _ in stream.results()]) == sorted(ids)
+            await stream.close()
+            await stream.wait()
+
+            stream = client.stream("mlp")
+
+            async def produce() -> None:
+                for i in range(10):
+                    await stream.submit(batch(i), f"p{i}")
+                await stream.close()
+
+            task = asyncio.create_task(produce())
+            got = [rid async for rid, _ in stream.results(until_closed=True)]
+            await task
+            assert sorted(got) == sorted(f"p{i}" for i in range(10))
+
+            stream = client.stream("mlp")
+            ids = [await stream.submit(batch(i)) for i in range(20)]
+            await stream.cancel()
+            answers = [a async for a in stream.results()]
+            assert sorted(rid for rid, _ in answers) == sorted(ids)
+            assert all(isinstance(r, InferResult | CancelledError) for _, r in answers)
+
+    asyncio.run(main())

@@ -1,0 +1,183 @@
+"""Every request limit is configurable, enforced, and answered with a precise status that names
+the limit and its value (RESOURCE_EXHAUSTED for a server limit, INVALID_ARGUMENT for a model's)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from helpers import make_repo
+from serverutil import ServerThread
+
+from ferry.client import InferenceClient, InvalidInputError, LimitExceededError, RetryPolicy
+from ferry.client._requests import build_infer_request
+from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
+from ferry.proto.v1 import inference_pb2 as pb
+from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
+from ferry.proto.v1 import model_conversion_pb2 as cpb
+from ferry.proto.v1 import model_conversion_pb2_grpc as cpb_grpc
+from ferry.server.examples import identity_model, mlp_model, two_io_model
+
+LIMITS = {
+    "max_message_bytes": 64 * 1024,
+    "max_request_elements": 100,
+    "max_request_batch_size": 4,
+    "max_request_inputs": 1,
+    "max_request_outputs": 1,
+    "max_upload_bytes": 4096,
+}
+# Local subchannels: two channels to one target must not share one connection (and its streams).
+OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    models = {"mlp": mlp_model(), "two_io": two_io_model(), "bytes": identity_model("UINT8")}
+    root = make_repo(tmp_path_factory.mktemp("limits") / "repo", models)
+    with ServerThread(root, **LIMITS) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server: ServerThread) -> Iterator[InferenceClient]:
+    with InferenceClient(server.target, timeout=30, retry=RetryPolicy.disabled()) as c:
+        yield c
+
+
+def rows(n: int) -> dict[str, np.ndarray]:
+    return {"input": np.zeros((n, 64), np.float32)}
+
+
+def test_message_size(server: ServerThread) -> None:
+    big = build_infer_request("bytes", {"input": np.zeros((1, 70_000), np.uint8)})
+    with grpc.insecure_channel(server.target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.InferenceStub(channel).Infer(big, timeout=30)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert str(64 * 1024) in info.value.details()
+
+
+def test_tensor_elements_per_request(client: InferenceClient) -> None:
+    assert client.infer("bytes", {"input": np.zeros((1, 100), np.uint8)})["output"].size == 100
+    with pytest.raises(LimitExceededError) as info:
+        client.infer("mlp", rows(2))  # 128 elements
+    assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_request_elements" in info.value.message and "100" in info.value.message
+
+
+def test_batch_size_per_request(tmp_path: Path, client: InferenceClient) -> None:
+    with pytest.raises(LimitExceededError) as info:
+        client.infer("bytes", {"input": np.zeros((5, 1), np.uint8)})
+    assert "batch size 5" in info.value.message
+    assert "limit of 4" in info.value.message and "max_request_batch_size" in info.value.message
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    with (
+        ServerThread(root) as srv,
+        InferenceClient(srv.target, timeout=30, retry=RetryPolicy.disabled()) as c,
+        pytest.raises(InvalidInputError) as model_limit,
+    ):
+        c.infer("mlp", rows(33))  # the model's own max_batch_size (32) is INVALID_ARGUMENT
+    assert model_limit.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_batch_size 32" in model_limit.value.message
+
+
+def test_inputs_and_outputs_per_request(client: InferenceClient) -> None:
+    feeds = {"a": np.ones((1, 4), np.float32), "b": np.ones((1, 4), np.int64)}
+    with pytest.raises(LimitExceededError) as info:
+        client.infer("two_io", feeds)
+    assert "2 inputs" in info.value.message and "limit of 1" in info.value.message
+    assert "max_request_inputs" in info.value.message
+    with pytest.raises(LimitExceededError) as info:
+        client.infer("bytes", {"input": np.zeros((1, 2), np.uint8)}, outputs=["output", "output"])
+    assert "max_request_outputs" in info.value.message and "limit of 1" in info.value.message
+
+
+def test_open_inference_protocol_shares_the_limits(server: ServerThread) -> None:
+    request = kpb.ModelInferRequest(
+        model_name="bytes",
+        inputs=[
+            kpb.ModelInferRequest.InferInputTensor(name="input", datatype="UINT8", shape=[1, 101])
+        ],
+        raw_input_contents=[bytes(101)],
+    )
+    with grpc.insecure_channel(server.target) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=kpb.ModelInferRequest.SerializeToString,
+            response_deserializer=kpb.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            infer(request, timeout=30)
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_request_elements" in info.value.details()
+
+
+def test_upload_size(server: ServerThread) -> None:
+    """Implemented by the conversion service; verified here: refused from the header's declared
+    size before any byte is sent, and while receiving when the header understates it."""
+    header = cpb.UploadHeader(model="m", format=cpb.SOURCE_FORMAT_ONNX)
+    with grpc.insecure_channel(server.management_target) as channel:
+        stub = cpb_grpc.ModelConversionStub(channel)
+        declared = cpb.UploadHeader()
+        declared.CopyFrom(header)
+        declared.size_bytes = 5000
+        for messages in (
+            [cpb.UploadModelRequest(header=declared)],
+            [cpb.UploadModelRequest(header=header)]
+            + [cpb.UploadModelRequest(chunk=bytes(1024)) for _ in range(5)],
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.UploadModel(iter(messages), timeout=30)
+            assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "4096" in info.value.details()
+
+
+def test_concurrent_streams_per_connection(tmp_path: Path) -> None:
+    """gRPC enforces max_concurrent_streams in HTTP/2: a call beyond it is not refused but held
+    by the client until a stream frees, so a greedy client slows itself, not the server."""
+    root = make_repo(tmp_path / "repo", {"fixed": identity_model("FP32", (3,))})
+    one = build_infer_request("fixed", {"input": np.zeros(3, np.float32)}, request_id="x")
+    with (
+        ServerThread(root, max_concurrent_streams=1) as srv,
+        grpc.insecure_channel(srv.target, options=OWN_CONNECTION) as channel,
+    ):
+        stub = pb_grpc.InferenceStub(channel)
+        held = _OpenStream(stub)
+        try:
+            assert held.first_answer().id == "x"  # stream 1 is open and active
+            with pytest.raises(grpc.RpcError) as info:
+                list(stub.InferStream(iter([one]), timeout=1.0))
+            assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED  # waited, not refused
+            with grpc.insecure_channel(srv.target, options=OWN_CONNECTION) as other:
+                (answer,) = pb_grpc.InferenceStub(other).InferStream(iter([one]), timeout=30)
+                assert answer.id == "x"  # another connection has its own streams
+        finally:
+            held.close()
+        (answer,) = stub.InferStream(iter([one]), timeout=30)  # the slot is free again
+        assert answer.id == "x"
+
+
+class _OpenStream:
+    """An InferStream kept open by a request iterator that blocks until ``close``."""
+
+    def __init__(self, stub: pb_grpc.InferenceStub) -> None:
+        self._done = threading.Event()
+        request = build_infer_request("fixed", {"input": np.zeros(3, np.float32)}, request_id="x")
+
+        def requests() -> Iterator[pb.InferRequest]:
+            yield request
+            self._done.wait(60)
+
+        self._call = stub.InferStream(requests(), timeout=60)
+
+    def first_answer(self) -> pb.InferStreamResponse:
+        return next(self._call)  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._done.set()
+        for _ in self._call:
+            pass

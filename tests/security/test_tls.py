@@ -1,0 +1,131 @@
+"""TLS and mutual TLS on both listeners, with certificates generated at test time.
+
+A failed handshake is refused by gRPC before any RPC reaches Ferry, so the client sees
+UNAVAILABLE (``ConnectionError_`` in the SDK); retries are disabled to make that answer immediate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_repo
+from sechelpers import Certs
+from serverutil import ServerThread
+
+from ferry.client import (
+    AuthenticationError,
+    ConnectionError_,
+    InferenceClient,
+    RepositoryClient,
+    RetryPolicy,
+    TLSConfig,
+)
+from ferry.server.examples import identity_model
+
+X = {"input": np.arange(3, dtype=np.float32)}
+NO_RETRY = RetryPolicy.disabled()
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_repo(
+        tmp_path_factory.mktemp("tls") / "repo", {"fixed": identity_model("FP32", (3,))}
+    )
+
+
+def tls_settings(certs: Certs, **extra: str) -> dict[str, str]:
+    return {"tls_cert_file": str(certs.server_cert), "tls_key_file": str(certs.server_key), **extra}
+
+
+def client(target: str, tls: TLSConfig | None = None, **kw: object) -> InferenceClient:
+    return InferenceClient(target, timeout=10, retry=NO_RETRY, tls=tls, **kw)  # type: ignore[arg-type]
+
+
+def refused(target: str, tls: TLSConfig | None) -> bool:
+    with client(target, tls) as c:
+        try:
+            c.list_models()
+        except ConnectionError_:
+            return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def tls_server(repo: Path, certs: Certs) -> Iterator[ServerThread]:
+    with ServerThread(repo, **tls_settings(certs), inference_token="tls-token") as srv:
+        yield srv
+
+
+def test_tls_serves_clients_that_trust_the_ca(tls_server: ServerThread, certs: Certs) -> None:
+    trusted = TLSConfig(ca_cert=certs.ca)
+    with client(tls_server.target, trusted, token="tls-token") as c:
+        assert c.ready()
+        assert c.infer("fixed", X)["output"].tolist() == [0.0, 1.0, 2.0]
+    # The name check is real: the certificate names 127.0.0.1 and localhost, nothing else.
+    with client(f"localhost:{tls_server.app.inference_port}", trusted, token="tls-token") as c:  # type: ignore[union-attr]
+        assert c.infer("fixed", X)["output"].shape == (3,)
+    assert refused(tls_server.target, TLSConfig(ca_cert=certs.ca, server_name_override="evil.test"))
+    assert refused(tls_server.target, TLSConfig(ca_cert=certs.rogue_ca))  # untrusted server
+    assert refused(tls_server.target, None)  # plaintext client on a TLS port
+
+
+def test_the_token_rides_as_call_credentials_over_tls(
+    tls_server: ServerThread, certs: Certs
+) -> None:
+    with (
+        client(tls_server.target, TLSConfig(ca_cert=certs.ca)) as anonymous,
+        pytest.raises(AuthenticationError),
+    ):
+        anonymous.infer("fixed", X)
+    with client(tls_server.target, TLSConfig(ca_cert=certs.ca), token="tls-token") as c:
+        results = dict(c.infer_many("fixed", [X, X, X]))  # a stream carries it too
+        assert len(results) == 3
+
+
+def test_mutual_tls_on_both_listeners(repo: Path, certs: Certs) -> None:
+    settings = tls_settings(certs, tls_client_ca_file=str(certs.ca))
+    with ServerThread(repo, **settings) as srv:
+        good = TLSConfig(
+            ca_cert=certs.ca, client_cert=certs.client_cert, client_key=certs.client_key
+        )
+        with client(srv.target, good) as c:
+            assert c.infer("fixed", X)["output"].shape == (3,)
+        with RepositoryClient(srv.management_target, tls=good, timeout=30) as admin:
+            admin.refresh()
+        rogue = TLSConfig(
+            ca_cert=certs.ca, client_cert=certs.rogue_cert, client_key=certs.rogue_key
+        )
+        for target in (srv.target, srv.management_target):
+            assert refused(target, TLSConfig(ca_cert=certs.ca)), target  # no client certificate
+            assert refused(target, rogue), target  # a certificate from another CA
+
+
+def test_mutual_tls_on_management_only(repo: Path, certs: Certs) -> None:
+    settings = tls_settings(certs, management_tls_client_ca_file=str(certs.ca))
+    with ServerThread(repo, **settings) as srv:
+        server_only = TLSConfig(ca_cert=certs.ca)
+        with client(srv.target, server_only) as c:
+            assert c.infer("fixed", X)["output"].shape == (3,)
+        assert refused(srv.management_target, server_only)
+        good = TLSConfig(
+            ca_cert=certs.ca, client_cert=certs.client_cert, client_key=certs.client_key
+        )
+        with RepositoryClient(srv.management_target, tls=good, timeout=30) as admin:
+            admin.refresh()
+
+
+def test_bad_certificate_files_stop_the_start(repo: Path, certs: Certs, tmp_path: Path) -> None:
+    not_pem = tmp_path / "not.pem"
+    not_pem.write_text("hello")
+    for settings, message in (
+        (tls_settings(certs, tls_cert_file=str(tmp_path / "missing.pem")), "missing.pem"),
+        (tls_settings(certs, tls_key_file=str(not_pem)), "not a PEM"),
+        (tls_settings(certs, tls_client_ca_file=str(tmp_path / "ca.pem")), "client CA"),
+    ):
+        srv = ServerThread(repo, **settings)
+        with pytest.raises(OSError, match=message):
+            srv.start()
+        srv.stop()

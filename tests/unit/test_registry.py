@@ -1,0 +1,384 @@
+"""The registry mirrors the repository folder: what it loads, unloads, retries and reports.
+
+Real ONNX models in ``tmp_path`` and real onnxruntime sessions; no sockets. Each test runs its
+own event loop with ``asyncio.run``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ferry.server.core.dataplane import DataPlane, InferenceRequest
+from ferry.server.core.registry import ModelRegistry, State
+from ferry.server.core.repository import ModelRepository
+from ferry.server.errors import ModelNotFound, ModelNotReady, VersionNotFound
+from ferry.server.examples import identity_model, mlp_model, seed_model, write_model
+
+GUARD_S = 60.0
+
+
+def arun(fn: Callable[[], Awaitable[None]]) -> None:
+    async def guarded() -> None:
+        async with asyncio.timeout(GUARD_S):  # a hang guard, not a check
+            await fn()
+
+    asyncio.run(guarded())
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> ModelRepository:
+    return ModelRepository(tmp_path / "repo")
+
+
+def _registry(repo: ModelRepository) -> ModelRegistry:
+    return ModelRegistry(repo, warm_up=False)
+
+
+def _states(registry: ModelRegistry) -> dict[str, str]:
+    return {f"{s.name}/{s.version}": s.state.value for s in registry.statuses()}
+
+
+def _config(repo: ModelRepository, name: str, config: dict[str, Any]) -> None:
+    path = repo.model_dir(name) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(config))
+    # A rewrite within the same mtime tick must still count as a change.
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+async def _infer(registry: ModelRegistry, model: str, version: int | None = None) -> int:
+    result = await DataPlane(registry).infer(
+        InferenceRequest(model, {"input": np.zeros((1, 3), np.float32)}, version=version)
+    )
+    return result.version
+
+
+def test_refresh_loads_every_model(repo: ModelRepository) -> None:
+    write_model(repo, "seed", seed_model())
+    write_model(repo, "fixed", identity_model("FP32", dims=(3,)))
+
+    async def main() -> None:
+        registry = _registry(repo)
+        result = await registry.refresh()
+        assert sorted(result.loaded) == ["fixed/1", "seed/1"]
+        assert result.failed == result.unloaded == []
+        assert _states(registry) == {"fixed/1": "READY", "seed/1": "READY"}
+        assert registry.all_ready()
+        # The batch dimension is derived from the graph when the config is silent.
+        assert registry.get("seed").max_batch_size == 32
+        assert registry.get("fixed").max_batch_size == 0
+        assert await _infer(registry, "seed") == 1
+        await registry.close()
+        assert registry.models == {}
+
+    arun(main)
+
+
+def test_lookup_errors(repo: ModelRepository) -> None:
+    write_model(repo, "seed", seed_model())
+
+    async def main() -> None:
+        registry = _registry(repo)
+        assert not registry.all_ready()  # nothing loaded yet
+        await registry.refresh()
+        with pytest.raises(ModelNotFound, match="'ghost'"):
+            registry.get("ghost")
+        with pytest.raises(VersionNotFound, match="version 3"):
+            registry.get("seed", 3)
+        with pytest.raises(ModelNotFound):
+            registry.statuses("ghost")
+        await registry.close()
+
+    arun(main)
+
+
+def test_corrupt_model_fails_and_others_serve(repo: ModelRepository) -> None:
+    write_model(repo, "seed", seed_model())
+    (repo.root / "broken" / "1").mkdir(parents=True)
+    (repo.root / "broken" / "1" / "model.onnx").write_bytes(b"\x08\x01garbage")
+
+    async def main() -> None:
+        registry = _registry(repo)
+        result = await registry.refresh()
+        assert result.loaded == ["seed/1"]
+        assert len(result.failed) == 1
+        assert result.failed[0].startswith("broken/1: ")
+        (status,) = registry.statuses("broken")
+        assert status.state is State.FAILED
+        assert status.reason
+        assert "\n" not in status.reason
+        assert registry.all_ready()  # a failure does not hide the ready models
+        with pytest.raises(ModelNotReady, match="FAILED"):
+            registry.get("broken")
+        assert await _infer(registry, "seed") == 1
+        await registry.close()
+
+    arun(main)
+
+
+def test_failed_version_is_retried_when_its_file_changes(repo: ModelRepository) -> None:
+    vdir = repo.root / "m" / "1"
+    vdir.mkdir(parents=True)
+    (vdir / "model.onnx").write_bytes(b"not yet")
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        assert _states(registry) == {"m/1": "FAILED"}
+        # A poll (retry_failed=False) leaves an unchanged failure alone...
+        assert (await registry.refresh(retry_failed=False)).failed == []
+        # ...and retries it once the file changed.
+        (vdir / "model.onnx").write_bytes(seed_model().SerializeToString())
+        result = await registry.refresh(retry_failed=False)
+        assert result.loaded == ["m/1"]
+        assert _states(registry) == {"m/1": "READY"}
+        await registry.close()
+
+    arun(main)
+
+
+def test_config_error_fails_the_model_with_the_key_and_a_fix_recovers_it(
+    repo: ModelRepository,
+) -> None:
+    write_model(repo, "seed", seed_model())
+    write_model(repo, "other", seed_model())
+    _config(repo, "seed", {"batching": {"max_batch_sise": 4}})
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        assert _states(registry) == {"other/1": "READY", "seed/1": "FAILED"}
+        (status,) = registry.statuses("seed")
+        assert "max_batch_sise" in status.reason
+        assert "config.json" in status.reason
+        # Fixing the config is picked up by a poll, without an explicit retry.
+        _config(repo, "seed", {"batching": {"max_batch_size": 4}})
+        result = await registry.refresh(retry_failed=False)
+        assert result.loaded == ["seed/1"]
+        assert _states(registry) == {"other/1": "READY", "seed/1": "READY"}
+        assert registry.get("seed").max_batch_size == 4
+        await registry.close()
+
+    arun(main)
+
+
+def test_config_change_reloads_a_ready_version(repo: ModelRepository) -> None:
+    write_model(repo, "seed", seed_model())
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        first = registry.get("seed")
+        _config(repo, "seed", {"batching": {"max_batch_size": 8}})
+        result = await registry.refresh(retry_failed=False)
+        assert result.loaded == ["seed/1"]
+        second = registry.get("seed")
+        assert second is not first
+        assert second.max_batch_size == 8
+        assert first.batcher.closed
+        await registry.close()
+
+    arun(main)
+
+
+def test_model_folder_that_is_empty_at_first(repo: ModelRepository) -> None:
+    """A refresh can see a model folder before its first version is published (staging
+    creates the folder first): the model must load once the version appears."""
+    repo.model_dir("late").mkdir()
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        assert _states(registry) == {}
+        with pytest.raises(ModelNotReady, match="no version"):
+            registry.get("late")
+        write_model(repo, "late", seed_model())
+        result = await registry.refresh(retry_failed=False)
+        assert result.loaded == ["late/1"]
+        assert _states(registry) == {"late/1": "READY"}
+        await registry.close()
+
+    arun(main)
+
+
+@pytest.mark.parametrize(
+    ("policy", "served", "default"),
+    [
+        (None, [3], 3),
+        ({"latest": 2}, [2, 3], 3),
+        ({"all": True}, [1, 2, 3], 3),
+        ({"specific": [1, 3]}, [1, 3], 3),
+        ({"specific": [2]}, [2], 2),
+    ],
+)
+def test_version_policy(
+    repo: ModelRepository, policy: dict[str, Any] | None, served: list[int], default: int
+) -> None:
+    for v in (1, 2, 3):
+        write_model(repo, "seed", seed_model(seed=v), version=v)
+    if policy is not None:
+        _config(repo, "seed", {"version_policy": policy})
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        statuses = registry.statuses("seed")
+        assert [s.version for s in statuses] == served
+        assert [s.version for s in statuses if s.is_default] == [default]
+        assert await _infer(registry, "seed") == default
+        for v in served:
+            assert await _infer(registry, "seed", v) == v
+        await registry.close()
+
+    arun(main)
+
+
+def test_default_version_from_config(repo: ModelRepository) -> None:
+    for v in (1, 2):
+        write_model(repo, "seed", seed_model(seed=v), version=v)
+    _config(repo, "seed", {"version_policy": {"all": True}, "default_version": 1})
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        assert [s.version for s in registry.statuses("seed") if s.is_default] == [1]
+        assert await _infer(registry, "seed") == 1
+        assert await _infer(registry, "seed", 2) == 2
+        await registry.close()
+
+    arun(main)
+
+
+def test_new_version_replaces_the_old_under_latest_1(repo: ModelRepository) -> None:
+    write_model(repo, "seed", seed_model(seed=1))
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        old = registry.get("seed")
+        write_model(repo, "seed", seed_model(seed=2), version=2)
+        result = await registry.refresh()
+        assert (result.loaded, result.unloaded) == (["seed/2"], ["seed/1"])
+        assert _states(registry) == {"seed/2": "READY"}
+        assert old.batcher.closed
+        with pytest.raises(VersionNotFound):
+            registry.get("seed", 1)
+        await registry.close()
+
+    arun(main)
+
+
+def test_removed_model_folder_is_unloaded(repo: ModelRepository) -> None:
+    write_model(repo, "seed", seed_model())
+    write_model(repo, "keep", seed_model())
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        shutil.rmtree(repo.model_dir("seed"))
+        result = await registry.refresh()
+        assert result.unloaded == ["seed/1"]
+        with pytest.raises(ModelNotFound):
+            registry.get("seed")
+        assert _states(registry) == {"keep/1": "READY"}
+        await registry.close()
+
+    arun(main)
+
+
+def test_unload_and_load_by_request(repo: ModelRepository) -> None:
+    write_model(repo, "seed", seed_model())
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        await registry.unload_model("seed")
+        with pytest.raises(ModelNotFound):
+            registry.get("seed")
+        # A refresh does not bring back what was unloaded on purpose...
+        assert (await registry.refresh()).loaded == []
+        assert _states(registry) == {}
+        # ...an explicit load does.
+        assert (await registry.load_model("seed")).loaded == ["seed/1"]
+        assert await _infer(registry, "seed") == 1
+        with pytest.raises(ModelNotFound):
+            await registry.unload_model("ghost")
+        with pytest.raises(ModelNotFound):
+            await registry.load_model("ghost")
+        await registry.close()
+
+    arun(main)
+
+
+def test_batching_config_that_the_graph_cannot_honour(repo: ModelRepository) -> None:
+    write_model(repo, "fixed", identity_model("FP32", dims=(3,)))
+    _config(repo, "fixed", {"batching": {"max_batch_size": 8}})
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        (status,) = registry.statuses("fixed")
+        assert status.state is State.FAILED
+        assert "max_batch_size" in status.reason
+        await registry.close()
+
+    arun(main)
+
+
+def test_per_version_config_overrides_the_model_config(repo: ModelRepository) -> None:
+    write_model(repo, "m", mlp_model(), version=1)
+    write_model(repo, "m", mlp_model(), version=2)
+    _config(repo, "m", {"version_policy": {"all": True}, "batching": {"max_batch_size": 16}})
+    (repo.version_dir("m", 2) / "config.json").write_text(
+        json.dumps({"batching": {"max_batch_size": 4}, "instances": {"count": 2}})
+    )
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        v1, v2 = registry.get("m", 1), registry.get("m", 2)
+        assert (v1.max_batch_size, v1.config.instances.count) == (16, 1)
+        assert (v2.max_batch_size, v2.config.instances.count) == (4, 2)
+        await registry.close()
+
+    arun(main)
+
+
+def test_listeners_follow_every_change(repo: ModelRepository) -> None:
+    write_model(repo, "seed", seed_model())
+    seen: list[dict[str, str]] = []
+
+    async def main() -> None:
+        registry = _registry(repo)
+        registry.add_listener(lambda: seen.append(_states(registry)))
+        registry.add_listener(lambda: 1 / 0)  # a failing listener does not stop the others
+        await registry.refresh()
+        assert {"seed/1": "LOADING"} in seen
+        assert seen[-1] == {"seed/1": "READY"}
+        await registry.close()
+
+    arun(main)
+
+
+def test_warm_up_runs_without_breaking_load(repo: ModelRepository) -> None:
+    write_model(repo, "seed", seed_model())
+    write_model(repo, "text", identity_model("BYTES"))
+    write_model(repo, "dyn", identity_model("FP32", dims=("batch", "n", "m")))
+
+    async def main() -> None:
+        registry = ModelRegistry(repo, warm_up=True)
+        await registry.refresh()
+        assert set(_states(registry).values()) == {"READY"}
+        await registry.close()
+
+    arun(main)

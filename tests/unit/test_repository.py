@@ -1,0 +1,214 @@
+"""The repository on disk: names can never escape the root, versions appear atomically and are
+immutable, and leftovers of a crashed publish are cleaned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ferry.server.core.repository import (
+    MODEL_FILE,
+    TMP_PREFIX,
+    ModelRepository,
+    validate_model_name,
+    validate_version,
+    write_file_atomic,
+)
+from ferry.server.errors import AlreadyExists, InvalidArgument, ModelNotFound, VersionNotFound
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> ModelRepository:
+    return ModelRepository(tmp_path / "repo")
+
+
+def _publish(repo: ModelRepository, name: str, payload: bytes = b"onnx", **kw: int) -> int:
+    with repo.staging(name) as tmp:
+        (tmp / MODEL_FILE).write_bytes(payload)
+        return repo.publish(name, tmp, **kw)
+
+
+@pytest.mark.parametrize(
+    "name", ["mlp", "a", "Model_1.v2-final", "9lives", "x" * 128, "a..b", "a.", "A-"]
+)
+def test_valid_names(repo: ModelRepository, name: str) -> None:
+    assert validate_model_name(name) == name
+    assert repo.model_dir(name) == repo.root / name
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "",
+        ".",
+        "..",
+        "../x",
+        "x/../../etc",
+        "a/b",
+        "/etc/passwd",
+        "/abs",
+        "a\x00b",
+        "\x00",
+        "x" * 129,
+        ".hidden",
+        "-flag",
+        "_private",
+        "a b",
+        "a\\b",
+        "naïve",
+        "a\n",
+        "~",
+    ],
+)
+def test_invalid_names_are_refused(repo: ModelRepository, name: str) -> None:
+    with pytest.raises(InvalidArgument, match="invalid model name"):
+        validate_model_name(name)
+    with pytest.raises(InvalidArgument):
+        repo.model_dir(name)
+    with pytest.raises(InvalidArgument):
+        repo.model_file(name, 1)
+
+
+def test_long_names_are_shortened_in_messages() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate_model_name("y" * 10_000)
+    assert len(info.value.message) < 300
+
+
+def test_a_symlinked_model_folder_cannot_lead_outside(
+    repo: ModelRepository, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (repo.root / "link").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(InvalidArgument, match="outside the repository"):
+        repo.model_dir("link")
+    assert "link" not in repo.list_models()
+
+
+@pytest.mark.parametrize("version", [0, -1, True, 2**53 + 1, "1", 1.0])
+def test_invalid_versions(version: object) -> None:
+    with pytest.raises(InvalidArgument, match="invalid version"):
+        validate_version(version)  # type: ignore[arg-type]
+
+
+def test_publish_numbers_versions_in_order(repo: ModelRepository) -> None:
+    assert _publish(repo, "m", b"one") == 1
+    assert _publish(repo, "m", b"two") == 2
+    assert _publish(repo, "m", b"five", version=5) == 5
+    assert _publish(repo, "m", b"six") == 6
+    assert repo.list_versions("m") == [1, 2, 5, 6]
+    assert repo.model_file("m", 2).read_bytes() == b"two"
+    # Nothing of the staging is left behind.
+    assert sorted(p.name for p in repo.model_dir("m").iterdir()) == ["1", "2", "5", "6"]
+
+
+def test_versions_are_immutable(repo: ModelRepository) -> None:
+    _publish(repo, "m", b"first")
+    with pytest.raises(AlreadyExists, match="already exists"):
+        _publish(repo, "m", b"second", version=1)
+    assert repo.model_file("m", 1).read_bytes() == b"first"
+    assert [p.name for p in repo.model_dir("m").iterdir()] == ["1"]
+
+
+def test_publish_is_a_rename_of_the_complete_folder(repo: ModelRepository) -> None:
+    """Until publish, the version folder does not exist; after it, it holds every file."""
+    with repo.staging("m") as tmp:
+        (tmp / MODEL_FILE).write_bytes(b"weights")
+        (tmp / "config.json").write_text("{}")
+        assert repo.list_versions("m") == []
+        inode = tmp.stat().st_ino
+        version = repo.publish("m", tmp)
+        assert not tmp.exists()
+    vdir = repo.version_dir("m", version)
+    assert vdir.stat().st_ino == inode  # the same folder, renamed: never partially visible
+    assert sorted(p.name for p in vdir.iterdir()) == ["config.json", MODEL_FILE]
+
+
+def test_publish_refuses_incomplete_or_foreign_folders(
+    repo: ModelRepository, tmp_path: Path
+) -> None:
+    with repo.staging("m") as tmp, pytest.raises(InvalidArgument, match=f"no {MODEL_FILE}"):
+        repo.publish("m", tmp)
+    foreign = tmp_path / "elsewhere"
+    foreign.mkdir()
+    (foreign / MODEL_FILE).write_bytes(b"x")
+    with pytest.raises(InvalidArgument, match="staging"):
+        repo.publish("m", foreign)
+    with repo.staging("other") as tmp:
+        (tmp / MODEL_FILE).write_bytes(b"x")
+        with pytest.raises(InvalidArgument, match="staging"):
+            repo.publish("m", tmp)
+    assert repo.list_versions("m") == []
+
+
+def test_staging_is_removed_when_not_published(repo: ModelRepository) -> None:
+    with pytest.raises(RuntimeError), repo.staging("m") as tmp:
+        (tmp / MODEL_FILE).write_bytes(b"half")
+        raise RuntimeError("export crashed")
+    assert not tmp.exists()
+    assert list(repo.model_dir("m").iterdir()) == []
+
+
+def test_listing_skips_junk(repo: ModelRepository) -> None:
+    _publish(repo, "m")
+    mdir = repo.model_dir("m")
+    for junk in ("01", "0", "abc", "1.5", "-3", "²", "\u0661", f"{TMP_PREFIX}x", str(2**53 + 1)):
+        (mdir / junk).mkdir()
+    (mdir / "7").write_text("a file, not a folder")
+    (repo.root / ".tmp-stage").mkdir()
+    (repo.root / "stray.txt").write_text("x")
+    assert repo.list_versions("m") == [1]
+    assert repo.list_models() == ["m"]
+
+
+def test_list_versions_of_a_missing_model(repo: ModelRepository) -> None:
+    with pytest.raises(ModelNotFound):
+        repo.list_versions("ghost")
+    assert not repo.has_model("ghost")
+
+
+def test_delete_version(repo: ModelRepository) -> None:
+    _publish(repo, "m", b"one")
+    _publish(repo, "m", b"two")
+    repo.delete_version("m", 1)
+    assert repo.list_versions("m") == [2]
+    assert sorted(p.name for p in repo.model_dir("m").iterdir()) == ["2"]
+    with pytest.raises(VersionNotFound, match="no version 1"):
+        repo.delete_version("m", 1)
+    assert _publish(repo, "m", b"three") == 3  # numbers are never reused while 2 exists
+
+
+def test_clean_temporaries_removes_leftovers_only(repo: ModelRepository) -> None:
+    _publish(repo, "m")
+    mdir = repo.model_dir("m")
+    stale_dir = mdir / f"{TMP_PREFIX}abc123"
+    stale_dir.mkdir()
+    (stale_dir / MODEL_FILE).write_bytes(b"half written")
+    stale_file = mdir / f"{TMP_PREFIX}config.json-999"  # write_file_atomic's temporary
+    stale_file.write_text("{")
+    removed = repo.clean_temporaries()
+    assert sorted(removed) == sorted([stale_dir, stale_file])
+    assert not stale_dir.exists()
+    assert not stale_file.exists()
+    assert repo.list_versions("m") == [1]
+    assert repo.model_file("m", 1).exists()
+
+
+def test_write_file_atomic(repo: ModelRepository) -> None:
+    target = repo.root / "config.json"
+    write_file_atomic(target, b'{"a": 1}')
+    write_file_atomic(target, b'{"a": 2}')
+    assert target.read_bytes() == b'{"a": 2}'
+    assert [p.name for p in repo.root.iterdir()] == ["config.json"]
+
+
+def test_root_must_be_a_folder(tmp_path: Path) -> None:
+    f = tmp_path / "file"
+    f.write_text("x")
+    with pytest.raises(InvalidArgument, match="not a folder"):
+        ModelRepository(f)
+    with pytest.raises(InvalidArgument):
+        ModelRepository(tmp_path / "missing", create=False)
+    assert ModelRepository(tmp_path / "made").root.is_dir()

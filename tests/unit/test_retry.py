@@ -1,0 +1,238 @@
+"""The SDK's transport policy without sockets: retry/backoff arithmetic on a fake clock, and how
+channel options, targets, TLS and tokens are put together (``_channel``)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import grpc
+import pytest
+
+from ferry.client import (
+    ChannelConfig,
+    ConnectionError_,
+    FerryError,
+    InvalidInputError,
+    LimitExceededError,
+    ModelNotReadyError,
+    RetryPolicy,
+    ServerOverloadedError,
+    TLSConfig,
+)
+from ferry.client._channel import resolve_target
+from ferry.client._retry import NO_RETRY, acall_with_retry, call_with_retry
+
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.sleeps: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def failing(errors: list[FerryError], clock: FakeClock, cost: float = 0.0):
+    """An attempt function raising ``errors`` in turn, then returning "ok"; records budgets."""
+    budgets: list[float | None] = []
+
+    def attempt(remaining: float | None) -> str:
+        budgets.append(remaining)
+        clock.now += cost
+        if errors:
+            raise errors.pop(0)
+        return "ok"
+
+    return attempt, budgets
+
+
+def unavailable() -> FerryError:
+    return ConnectionError_("down", code=UNAVAILABLE)
+
+
+def test_backoff_grows_geometrically_and_is_capped() -> None:
+    policy = RetryPolicy(initial_backoff=0.1, multiplier=3, max_backoff=1.0, jitter=0)
+    assert [policy.backoff(n) for n in range(1, 5)] == pytest.approx([0.1, 0.3, 0.9, 1.0])
+
+
+def test_jitter_stays_within_its_band_and_varies() -> None:
+    policy = RetryPolicy(initial_backoff=1.0, jitter=0.25)
+    rng = random.Random(7)
+    values = [policy.backoff(1, rng) for _ in range(200)]
+    assert all(0.75 <= v <= 1.25 for v in values)
+    assert len(set(values)) > 100
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (ConnectionError_("x", code=UNAVAILABLE), True),
+        (ModelNotReadyError("x", code=UNAVAILABLE), True),
+        (ServerOverloadedError("x", code=EXHAUSTED), True),
+        (LimitExceededError("x", code=EXHAUSTED), False),  # retrying cannot help
+        (InvalidInputError("x", code=grpc.StatusCode.INVALID_ARGUMENT), False),
+    ],
+)
+def test_what_is_retried(error: FerryError, retried: bool) -> None:
+    assert RetryPolicy().should_retry(error, 1) is retried
+
+
+def test_retryable_codes_are_configurable() -> None:
+    policy = RetryPolicy(retryable_codes=frozenset({EXHAUSTED}))
+    assert not policy.should_retry(unavailable(), 1)
+    assert policy.should_retry(ServerOverloadedError("x", code=EXHAUSTED), 1)
+
+
+def test_succeeds_after_retries_with_backoff_pauses() -> None:
+    clock = FakeClock()
+    attempt, budgets = failing([unavailable(), unavailable()], clock)
+    policy = RetryPolicy(initial_backoff=0.1, multiplier=2, jitter=0)
+    assert call_with_retry(attempt, policy, None, sleep=clock.sleep, clock=clock) == "ok"
+    assert clock.sleeps == pytest.approx([0.1, 0.2])
+    assert budgets == [None, None, None]
+
+
+def test_each_attempt_gets_what_is_left_of_one_budget() -> None:
+    clock = FakeClock()
+    attempt, budgets = failing([unavailable(), unavailable()], clock, cost=0.5)
+    policy = RetryPolicy(initial_backoff=0.25, multiplier=1, jitter=0)
+    call_with_retry(attempt, policy, 3.0, sleep=clock.sleep, clock=clock)
+    assert budgets == pytest.approx([3.0, 2.25, 1.5])
+
+
+def test_gives_up_with_the_last_error_when_the_budget_cannot_cover_a_pause() -> None:
+    clock = FakeClock()
+    errors = [unavailable() for _ in range(5)]
+    last = errors[1]
+    attempt, budgets = failing(errors, clock, cost=0.4)
+    policy = RetryPolicy(initial_backoff=0.3, multiplier=1, jitter=0)
+    with pytest.raises(ConnectionError_) as info:
+        call_with_retry(attempt, policy, 1.0, sleep=clock.sleep, clock=clock)
+    assert info.value is last
+    assert len(budgets) == 2
+
+
+def test_max_attempts_counts_the_first_try() -> None:
+    clock = FakeClock()
+    attempt, budgets = failing([unavailable() for _ in range(9)], clock)
+    with pytest.raises(ConnectionError_):
+        call_with_retry(attempt, RetryPolicy(max_attempts=3), None, sleep=clock.sleep, clock=clock)
+    assert len(budgets) == 3
+
+
+def test_disabled_policy_never_retries_and_errors_pass_through() -> None:
+    clock = FakeClock()
+    attempt, budgets = failing([unavailable()], clock)
+    with pytest.raises(ConnectionError_):
+        call_with_retry(attempt, NO_RETRY, None, sleep=clock.sleep, clock=clock)
+    assert len(budgets) == 1 and not clock.sleeps
+    attempt, budgets = failing([InvalidInputError("bad")], clock)
+    with pytest.raises(InvalidInputError):
+        call_with_retry(attempt, RetryPolicy(), None, sleep=clock.sleep, clock=clock)
+    assert len(budgets) == 1
+
+
+def test_async_retry_matches_the_sync_one() -> None:
+    calls: list[float | None] = []
+
+    async def attempt(remaining: float | None) -> str:
+        calls.append(remaining)
+        if len(calls) < 3:
+            raise ServerOverloadedError("full", code=EXHAUSTED)
+        return "ok"
+
+    policy = RetryPolicy(initial_backoff=0.001, jitter=0)
+    assert asyncio.run(acall_with_retry(attempt, policy, 30.0)) == "ok"
+    assert len(calls) == 3
+    assert calls[0] is not None and calls[0] >= calls[1] >= calls[2]  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_attempts": 0}, {"initial_backoff": -1}, {"multiplier": 0.5}, {"jitter": 1.5}],
+)
+def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+# --- channel construction ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("127.0.0.1:8001", ("127.0.0.1:8001", 1)),
+        ("dns:///ferry.internal:8001", ("dns:///ferry.internal:8001", 1)),
+        (["127.0.0.1:1", "127.0.0.1:2"], ("ipv4:127.0.0.1:1,127.0.0.1:2", 2)),
+        ("127.0.0.1:1, 127.0.0.2:2", ("ipv4:127.0.0.1:1,127.0.0.2:2", 2)),
+        (["[::1]:1", "[::1]:2"], ("ipv6:[::1]:1,[::1]:2", 2)),
+        ("ipv4:10.0.0.1:1,10.0.0.2:1", ("ipv4:10.0.0.1:1,10.0.0.2:1", 2)),
+        (["localhost:9"], ("localhost:9", 1)),
+    ],
+)
+def test_resolve_target(target: str | list[str], expected: tuple[str, int]) -> None:
+    assert resolve_target(target) == expected
+
+
+@pytest.mark.parametrize("target", [["a.example:1", "b.example:1"], ["127.0.0.1:1", "[::1]:1"], []])
+def test_resolve_target_refuses_what_grpc_cannot_list(target: list[str]) -> None:
+    with pytest.raises(ValueError):
+        resolve_target(target)
+
+
+def test_several_endpoints_get_round_robin_and_one_keeps_the_default() -> None:
+    many = dict(ChannelConfig(["127.0.0.1:1", "127.0.0.1:2"]).channel_options())
+    assert many["grpc.lb_policy_name"] == "round_robin"
+    one = dict(ChannelConfig("127.0.0.1:1").channel_options())
+    assert "grpc.lb_policy_name" not in one
+    forced = dict(ChannelConfig("dns:///x:1", load_balancing="round_robin").channel_options())
+    assert forced["grpc.lb_policy_name"] == "round_robin"
+
+
+def test_keepalive_message_size_and_raw_options() -> None:
+    opts = ChannelConfig(
+        keepalive_time=30,
+        keepalive_timeout=5,
+        keepalive_permit_without_calls=True,
+        max_message_bytes=1024,
+        options=[("grpc.max_send_message_length", 2048)],
+    ).channel_options()
+    d = dict(opts)
+    assert d["grpc.keepalive_time_ms"] == 30_000
+    assert d["grpc.keepalive_timeout_ms"] == 5_000
+    assert d["grpc.keepalive_permit_without_calls"] == 1
+    assert d["grpc.max_receive_message_length"] == 1024
+    assert d["grpc.max_send_message_length"] == 2048  # raw options are applied last and win
+
+
+def test_token_rides_as_metadata_only_without_tls() -> None:
+    plain = ChannelConfig(token="s3cret")
+    assert plain.call_metadata() == (("authorization", "Bearer s3cret"),)
+    assert plain.channel_credentials() is None
+    secure = ChannelConfig(token="s3cret", tls=TLSConfig(ca_cert=b"pem"))
+    assert secure.call_metadata() is None  # sent as call credentials instead
+    assert secure.channel_credentials() is not None
+    assert ChannelConfig().call_metadata() is None
+
+
+def test_tls_options_and_validation(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    opts = dict(ChannelConfig(tls=TLSConfig(server_name_override="ferry.test")).channel_options())
+    assert opts["grpc.ssl_target_name_override"] == "ferry.test"
+    with pytest.raises(ValueError, match="go together"):
+        TLSConfig(client_cert=b"cert")
+    with pytest.raises(ValueError, match="cannot read the CA certificate"):
+        TLSConfig(ca_cert=tmp_path / "missing.pem").credentials()
+    with pytest.raises(ValueError, match="not both"):
+        ChannelConfig(tls=TLSConfig(), credentials=grpc.ssl_channel_credentials())
+    for bad in ({"max_message_bytes": 0}, {"keepalive_time": 0}, {"token": "a\nb"}):
+        with pytest.raises(ValueError):
+            ChannelConfig(**bad)  # type: ignore[arg-type]

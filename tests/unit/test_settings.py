@@ -1,0 +1,98 @@
+"""Server settings: defaults, then ``FERRY_*`` environment variables, then flags (flags win)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ferry.server.cli import build_parser
+from ferry.server.settings import Settings, from_args
+
+
+def test_defaults() -> None:
+    s = Settings.from_env({})
+    assert s == Settings()
+    assert (s.port, s.management_host, s.management_port, s.metrics_port) == (
+        8001,
+        "127.0.0.1",
+        8003,
+        8002,
+    )
+    assert s.poll_interval == 0.0
+    assert s.warm_up is True
+
+
+def test_environment_is_parsed_by_field_type() -> None:
+    s = Settings.from_env(
+        {
+            "FERRY_REPOSITORY": "/srv/models",
+            "FERRY_HOST": "127.0.0.2",
+            "FERRY_PORT": "9001",
+            "FERRY_MANAGEMENT_PORT": "-1",
+            "FERRY_METRICS_PORT": "0",
+            "FERRY_POLL_INTERVAL": "2.5",
+            "FERRY_GRACE_PERIOD": "3",
+            "FERRY_MAX_MESSAGE_BYTES": "1048576",
+            "FERRY_WARM_UP": "false",
+            "FERRY_LOG_LEVEL": "DEBUG",
+            "UNRELATED": "x",
+        }
+    )
+    assert s.repository == Path("/srv/models")
+    assert s.host == "127.0.0.2"
+    assert (s.port, s.management_port, s.metrics_port) == (9001, -1, 0)
+    assert (s.poll_interval, s.grace_period) == (2.5, 3.0)
+    assert s.max_message_bytes == 1 << 20
+    assert s.warm_up is False
+    assert s.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [("1", True), ("true", True), ("YES", True), ("on", True), ("0", False), ("Off", False)],
+)
+def test_boolean_spellings(raw: str, expected: bool) -> None:
+    assert Settings.from_env({"FERRY_WARM_UP": raw}).warm_up is expected
+
+
+@pytest.mark.parametrize(
+    ("key", "raw"),
+    [
+        ("FERRY_PORT", "eighty"),
+        ("FERRY_PORT", ""),
+        ("FERRY_POLL_INTERVAL", "1s"),
+        ("FERRY_WARM_UP", "maybe"),
+    ],
+)
+def test_invalid_environment_values_exit_with_one_line(key: str, raw: str) -> None:
+    with pytest.raises(SystemExit) as info:
+        Settings.from_env({key: raw})
+    message = str(info.value.code)
+    assert key in message
+    assert repr(raw) in message
+    assert "\n" not in message
+
+
+def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FERRY_PORT", "9001")
+    monkeypatch.setenv("FERRY_POLL_INTERVAL", "5")
+    monkeypatch.setenv("FERRY_WARM_UP", "true")
+    args = build_parser().parse_args(["--port", "9002", "--no-warm-up", "--repository", "/m"])
+    s = from_args(args)
+    assert s.port == 9002  # the flag
+    assert s.poll_interval == 5.0  # the environment, no flag given
+    assert s.warm_up is False
+    assert s.repository == Path("/m")
+
+
+def test_every_flag_has_help_that_names_its_variable() -> None:
+    text = build_parser().format_help()
+    for flag, env in [
+        ("--repository", "FERRY_REPOSITORY"),
+        ("--port", "FERRY_PORT"),
+        ("--poll-interval", "FERRY_POLL_INTERVAL"),
+        ("--warm-up", "FERRY_WARM_UP"),
+    ]:
+        assert flag in text
+        assert env in text
