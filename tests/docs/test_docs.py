@@ -77,8 +77,9 @@ def test_marked_blocks_are_found() -> None:
     """The harness itself: a marker before a fence makes a block runnable, nothing else does."""
     sample = ROOT / "docs" / "sdk.md"
     assert sample in DOCS_WITH_EXAMPLES
-    assert all(b.lang in ("python", "console") for p in DOCS_WITH_EXAMPLES
-               for b in runnable_blocks(p))
+    assert all(
+        b.lang in ("python", "console") for p in DOCS_WITH_EXAMPLES for b in runnable_blocks(p)
+    )
 
 
 @pytest.mark.parametrize("path", DOCS_WITH_EXAMPLES, ids=lambda p: p.name)

@@ -18,6 +18,7 @@ from ferry.client import (
     AsyncInferenceClient,
     ConnectionError_,
     InferenceClient,
+    InferResult,
     InvalidInputError,
     LimitExceededError,
     ModelNotFoundError,
@@ -322,3 +323,61 @@ def test_one_copy_encoding_matches_protobuf_byte_for_byte(inputs: dict[str, Any]
         fast = encode_infer_request("mödel", inputs, **kwargs)  # type: ignore[arg-type]
         slow = build_infer_request("mödel", inputs, **kwargs)  # type: ignore[arg-type]
         assert fast == slow.SerializeToString()
+
+
+def _response(**outputs: np.ndarray) -> Any:
+    return pb.InferResponse(
+        model="mlp",
+        version=-2,
+        id="req-ä",
+        outputs=[encode_tensor(k, v) for k, v in outputs.items()],
+    )
+
+
+@pytest.mark.parametrize(
+    "outputs",
+    [
+        {"logits": np.arange(1000, dtype=np.float32).reshape(1, 1000)},
+        {"a": np.ones((2, 3), np.int64), "b": np.array([b"x", b"", b"yz"], dtype=object)},
+        {
+            "empty": np.zeros((0, 4), np.float32),
+            "flag": np.array(True),
+            "h": np.ones(2, np.float16),
+        },
+    ],
+)
+def test_zero_copy_decoding_matches_protobuf(outputs: dict[str, np.ndarray]) -> None:
+    from ferry.client._requests import decode_infer_response, decode_stream_response
+
+    raw = _response(**outputs).SerializeToString()
+    fast = decode_infer_response(raw)
+    assert (fast.model, fast.version, fast.id) == ("mlp", -2, "req-ä")
+    assert list(fast) == list(outputs)
+    for name, expected in outputs.items():
+        assert fast[name].shape == expected.shape and fast[name].dtype == expected.dtype
+        np.testing.assert_array_equal(fast[name], expected)
+        if expected.dtype != object and expected.size:
+            assert not fast[name].flags.writeable
+            assert np.shares_memory(fast[name], np.frombuffer(raw, np.uint8))  # a view of raw
+    # Unknown fields from a newer server are skipped; a stream answer carries one of these.
+    extra = raw + b"\x48\x05" + b"\x51" + b"\x00" * 8 + b"\x7a\x02hi"
+    assert list(decode_infer_response(extra)) == list(outputs)
+    stream = pb.InferStreamResponse(id="s1", response=_response(**outputs)).SerializeToString()
+    rid, answer = decode_stream_response(stream)
+    assert rid == "s1" and isinstance(answer, InferResult) and list(answer) == list(outputs)
+
+
+def test_decoding_errors_and_malformed_answers() -> None:
+    from ferry.client._requests import decode_infer_response, decode_stream_response
+    from ferry.codec import CodecError
+
+    err = pb.InferStreamResponse(
+        id="e", error=pb.Error(code=5, message="no such model", kind="MODEL_NOT_FOUND")
+    ).SerializeToString()
+    rid, answer = decode_stream_response(err)
+    assert rid == "e" and isinstance(answer, ModelNotFoundError)
+    assert "no such model" in str(answer)
+    raw = _response(x=np.ones(8, np.float32)).SerializeToString()
+    for bad in (raw[:-3], raw[:10], b"\x22\xff\xff\xff\xff\x0f", b"\x0a\x05ab"):
+        with pytest.raises(CodecError):
+            decode_infer_response(bad)

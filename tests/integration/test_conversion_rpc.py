@@ -27,6 +27,7 @@ from serverutil import ServerThread
 from ferry.client import (
     ConversionClient,
     ConversionError,
+    DeadlineExceededError,
     InferenceClient,
     InvalidInputError,
     JobFailedError,
@@ -41,7 +42,8 @@ from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
 from ferry.server.convert import uploads as uploads_module
 from ferry.server.convert.store import JobRecord, JobState, JobStore, now_ms
-from ferry.server.examples import mlp_model
+from ferry.server.core.repository import ModelRepository
+from ferry.server.examples import mlp_model, write_model
 
 FAKE_CHILD = r"""
 import json, os, shutil, sys, time
@@ -324,7 +326,7 @@ def test_domain_failure_carries_kind_code_and_report(start: Start, tmp_path: Pat
 
 
 def test_crash_memory_and_timeout_fail_with_the_reason(start: Start, tmp_path: Path) -> None:
-    _, conv = start(conversion_timeout=1.0, conversion_memory_bytes=256 << 20)
+    srv, conv = start(conversion_memory_bytes=256 << 20)
     crashed = convert_fake(conv, "m", "crash")
     with pytest.raises(
         JobFailedError, match=r"crashed \(exit code 1\): RuntimeError: boom"
@@ -335,6 +337,8 @@ def test_crash_memory_and_timeout_fail_with_the_reason(start: Start, tmp_path: P
     with pytest.raises(JobFailedError, match="ran out of memory under its limit") as info:
         hog.wait(progress=False)
     assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert srv.app is not None  # a short limit only now: a loaded machine may start slowly
+    srv.app.conversion.runner.timeout = 1.0
     hung = convert_fake(conv, "m", "block")
     with pytest.raises(JobFailedError, match="timed out after 1 s") as info:
         hung.wait(progress=False)
@@ -354,6 +358,8 @@ def test_cancel_mid_export_and_a_full_queue(start: Start, tmp_path: Path) -> Non
         if event.stage == "export":
             break
     assert running.refresh().state == "RUNNING"
+    with pytest.raises(DeadlineExceededError):
+        running.wait(timeout=0.2, progress=False)
     job = running.cancel()
     assert (job.state, job.error_kind, job.version) == ("CANCELLED", "CANCELLED", None)
     assert leftovers(tmp_path) == []
@@ -472,6 +478,20 @@ def test_set_default_and_delete_versions(start: Start, tmp_path: Path) -> None:
         conv.delete_version("multi", 7)
     with pytest.raises(ModelNotFoundError):
         conv.get_model("nosuch")
+
+
+def test_converting_into_a_hand_made_model_adds_a_version(start: Start, tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "plain", mlp_model(sizes=(8, 16, 4), seed=9))
+    srv, conv = start()
+    job = convert_fake(conv, "plain", "ok").wait(progress=False)
+    assert job.version == 2
+    info = conv.get_model("plain")
+    assert [(v.version, v.job_id, v.report is None) for v in info.versions] == [
+        (1, "", True),
+        (2, job.id, False),
+    ]
+    assert infer(srv, "plain", np.zeros((1, 8), np.float32)).version == 2
 
 
 def test_set_default_edits_a_toml_config_in_place(start: Start, tmp_path: Path) -> None:

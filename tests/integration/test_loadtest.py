@@ -215,3 +215,12 @@ def test_progress_is_silent_off_a_terminal() -> None:
 
 def test_empty_report_formats() -> None:
     assert LoadTestReport(model="m", target="t").format_table() == "no levels were run"
+
+
+def test_unary_sweeps_get_enough_connections_for_their_concurrency() -> None:
+    from ferry.client.loadtest import _connections
+
+    assert _connections(LoadTestConfig("mlp", concurrency=(1, 64))) == 1
+    assert _connections(LoadTestConfig("mlp", concurrency=(1, 600))) == 3
+    assert _connections(LoadTestConfig("mlp", concurrency=(600,), connections=5)) == 5
+    assert _connections(LoadTestConfig("mlp", concurrency=(600,), mode="stream")) == 1

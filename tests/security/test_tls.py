@@ -6,6 +6,9 @@ UNAVAILABLE (``ConnectionError_`` in the SDK); retries are disabled to make that
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -129,3 +132,21 @@ def test_bad_certificate_files_stop_the_start(repo: Path, certs: Certs, tmp_path
         with pytest.raises(OSError, match=message):
             srv.start()
         srv.stop()
+
+
+def test_the_cli_takes_the_token_and_tls_options(tls_server: ServerThread, certs: Certs) -> None:
+    """The CLI reads the token from FERRY_TOKEN (a flag would show in ps) and trusts --tls-ca."""
+    cmd = [sys.executable, "-m", "ferry.cli", "models", "list", "--target", tls_server.target]
+    env = {k: v for k, v in os.environ.items() if k != "FERRY_TOKEN"}
+    ok = subprocess.run(
+        [*cmd, "--tls-ca", str(certs.ca)], env={**env, "FERRY_TOKEN": "tls-token"},
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert "fixed" in ok.stdout
+    anonymous = subprocess.run(
+        [*cmd, "--tls-ca", str(certs.ca)], env=env,
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert anonymous.returncode == 1
+    assert "FERRY_TOKEN" in anonymous.stderr

@@ -205,3 +205,17 @@ def test_toml_edit_keeps_comments_and_tables() -> None:
     assert "default_version" not in tomllib.loads(cleared)
     with pytest.raises(FailedPrecondition, match="as a table"):
         models._edit_toml("[version_policy]\nlatest = 1\n", "version_policy", "{ latest = 2 }")
+
+
+def test_the_state_folder_sits_beside_the_repository(tmp_path: Path) -> None:
+    from ferry.server.convert.service import ConversionService, default_state_dir
+    from ferry.server.core.registry import ModelRegistry
+    from ferry.server.core.repository import ModelRepository
+    from ferry.server.settings import Settings
+
+    repo = ModelRepository(tmp_path / "models")
+    assert default_state_dir(repo.root) == tmp_path / "models.ferry"
+    inside = Settings(repository=repo.root, state_dir=str(repo.root / "state"))
+    with pytest.raises(InvalidArgument, match="inside the model repository"):
+        ConversionService(inside, repo, ModelRegistry(repo)).open()
+    assert repo.list_models() == []

@@ -16,6 +16,7 @@ from ferry.client import (
     InvalidInputError,
     LimitExceededError,
     ModelNotReadyError,
+    ResourceExhaustedError,
     RetryPolicy,
     ServerOverloadedError,
     TLSConfig,
@@ -79,6 +80,8 @@ def test_jitter_stays_within_its_band_and_varies() -> None:
         (ServerOverloadedError("x", code=EXHAUSTED), True),
         (LimitExceededError("x", code=EXHAUSTED), False),  # retrying cannot help
         (InvalidInputError("x", code=grpc.StatusCode.INVALID_ARGUMENT), False),
+        # gRPC's own size check: the same message would be refused again.
+        (ResourceExhaustedError("Sent message larger than max (9 vs. 4)", code=EXHAUSTED), False),
     ],
 )
 def test_what_is_retried(error: FerryError, retried: bool) -> None:

@@ -6,7 +6,7 @@ already has torch, but this package never imports torch or onnxruntime.
 
 from __future__ import annotations
 
-from ferry.client._async import AsyncInferenceClient
+from ferry.client._async import AsyncInferenceClient, AsyncInferStream
 from ferry.client._channel import ChannelConfig, TLSConfig
 from ferry.client._conversion import ConversionClient, Job, JobFailedError
 from ferry.client._conversion_types import (
@@ -46,7 +46,7 @@ from ferry.client._errors import (
     UnimplementedError,
 )
 from ferry.client._retry import RetryPolicy
-from ferry.client._stream import AsyncInferStream, InferStream
+from ferry.client._stream import InferStream
 from ferry.client._sync import InferenceClient, RepositoryClient
 from ferry.client._types import (
     BatchingPolicy,

@@ -8,6 +8,8 @@ made in: a client constructed at import time and used under ``asyncio.run`` stil
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import (
     AsyncIterable,
@@ -31,19 +33,30 @@ from ferry.client._channel import (
     TLSConfig,
     create_aio_channel,
 )
-from ferry.client._errors import from_rpc_error
+from ferry.client._errors import CancelledError, FerryError, from_rpc_error
 from ferry.client._requests import (
     ArrayLike,
+    decode_infer_response,
     encode_infer_request,
     input_dtypes,
     needs_dtypes,
-    parse_infer_response,
     parse_list_models,
     parse_metadata,
     parse_statistics,
 )
 from ferry.client._retry import RetryPolicy, acall_with_retry
-from ferry.client._stream import DEFAULT_MAX_IN_FLIGHT, AsyncInferStream, InputItem, StreamResult
+from ferry.client._stream import (
+    DEFAULT_MAX_IN_FLIGHT,
+    END,
+    WAKE,
+    InputItem,
+    Inputs,
+    Marker,
+    StreamResult,
+    StreamState,
+    aenumerate,
+    item_of,
+)
 from ferry.client._sync import DEFAULT_RETRY, INFER_METHOD, STREAM_METHOD
 from ferry.client._types import (
     InferResult,
@@ -108,16 +121,12 @@ class AsyncInferenceClient:
         if self._stub_ is None:
             self._channel = create_aio_channel(self.channel_config)
             self._stub_ = pb_grpc.InferenceStub(self._channel)
-            # Requests arrive serialized by encode_infer_request; these send them as they are.
+            # Bytes in, bytes out: see InferenceClient (encode_infer_request, decode_*).
             self._infer = self._channel.unary_unary(
-                INFER_METHOD,
-                request_serializer=None,
-                response_deserializer=pb.InferResponse.FromString,
+                INFER_METHOD, request_serializer=None, response_deserializer=None
             )
             self._infer_stream = self._channel.stream_stream(
-                STREAM_METHOD,
-                request_serializer=None,
-                response_deserializer=pb.InferStreamResponse.FromString,
+                STREAM_METHOD, request_serializer=None, response_deserializer=None
             )
             self._health = self._channel.unary_unary(
                 _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
@@ -180,7 +189,7 @@ class AsyncInferenceClient:
         t1 = time.perf_counter()
         response = await self._call(self._infer, request, timeout)
         t2 = time.perf_counter()
-        result = parse_infer_response(response)
+        result = decode_infer_response(response)
         result.timings = Timings(encode=t1 - t0, rpc=t2 - t1, decode=time.perf_counter() - t2)
         return result
 
@@ -292,3 +301,192 @@ class AsyncInferenceClient:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+class AsyncInferStream(StreamState):
+    """The asyncio stream: ``await submit(...)``, ``async for ... in results()``.
+
+    >>> async with client.stream("mlp") as stream:                  # doctest: +SKIP
+    ...     async for rid, result in stream.infer_many(inputs, max_in_flight=32):
+    ...         ...
+
+    The call starts on first use, on the running loop. Not thread-safe (asyncio objects never are).
+    """
+
+    def __init__(self, method: Any, model: str, **options: Any) -> None:
+        super().__init__(method, model, **options)
+        self._call: aio.StreamStreamCall[Any, Any] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._results: asyncio.Queue[StreamResult | Marker] = asyncio.Queue()
+        self._slots = asyncio.Condition()
+        self._blocked = 0  # submitters waiting for a free slot
+        self._write_lock = asyncio.Lock()
+        self._cancelled = False
+
+    def _start(self) -> aio.StreamStreamCall[Any, Any]:
+        if self._call is None:
+            self._call = self._method(timeout=self._timeout, metadata=self._metadata)
+            self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
+        return self._call
+
+    async def _read(self, call: aio.StreamStreamCall[Any, Any]) -> None:
+        error: FerryError | None = None
+        try:
+            while True:
+                resp = await call.read()
+                if resp is aio.EOF:
+                    break
+                answered = self._answer(resp)
+                if answered is not None:
+                    self._results.put_nowait(answered)
+                if self._blocked:
+                    async with self._slots:
+                        self._slots.notify_all()
+        except grpc.RpcError as exc:
+            error = from_rpc_error(exc)
+        except asyncio.CancelledError:
+            error = CancelledError("the stream was cancelled by the client")
+            if not self._cancelled:
+                self._finish(error)
+                raise
+        except Exception as exc:
+            error = FerryError(f"stream reader failed: {type(exc).__name__}: {exc}")
+        if self._cancelled and error is None:
+            error = CancelledError("the stream was cancelled by the client")
+        self._finish(error)
+        async with self._slots:
+            self._slots.notify_all()
+
+    def _finish(self, error: FerryError | None) -> None:
+        for orphan in self._orphans(error):
+            self._results.put_nowait(orphan)
+        self._results.put_nowait(END)
+
+    async def submit(
+        self,
+        inputs: Inputs,
+        request_id: str | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 - the server-side budget, as in submit()
+        priority: int | None = None,
+        outputs: Sequence[str] | None = None,
+    ) -> str:
+        """Send one request and return its id; see :meth:`InferStream.submit`."""
+        dtypes = None
+        if self._dtypes is not None and needs_dtypes(inputs):
+            dtypes = await self._dtypes()
+        rid, request, encode = self._build(
+            inputs, request_id, timeout=timeout, priority=priority, outputs=outputs, dtypes=dtypes
+        )
+        self._check_open(rid)
+        call = self._start()
+        if len(self._pending) >= self.max_in_flight:
+            self._blocked += 1
+            try:
+                async with self._slots:
+                    await self._slots.wait_for(
+                        lambda: len(self._pending) < self.max_in_flight or self._done
+                    )
+            finally:
+                self._blocked -= 1
+        self._check_open(rid)
+        self._pending[rid] = (time.perf_counter(), encode)
+        self._unread += 1
+        try:
+            async with self._write_lock:
+                await call.write(request)
+        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
+            # The call ended under us; the reader fails the request unless it already has.
+            if rid in self._pending:
+                del self._pending[rid]
+                self._unread -= 1
+            if isinstance(exc, grpc.RpcError):
+                raise from_rpc_error(exc) from None
+            raise self._terminal_error() from None
+        return rid
+
+    async def results(self, *, until_closed: bool = False) -> AsyncIterator[StreamResult]:
+        """Yield ``(id, InferResult | FerryError)`` as answers arrive; see
+        :meth:`InferStream.results` for when it ends."""
+        while not self._should_stop(until_closed):
+            item = await self._results.get()
+            if item is END:
+                self._results.put_nowait(END)
+                return
+            if isinstance(item, Marker):
+                continue
+            self._unread -= 1
+            yield item
+
+    async def infer_many(
+        self, items: Iterable[InputItem] | AsyncIterable[InputItem], *, max_in_flight: int = 64
+    ) -> AsyncIterator[StreamResult]:
+        """Run every item, ``max_in_flight`` at a time; see :meth:`InferStream.infer_many`."""
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        source = aenumerate(items)
+        outstanding = 0
+
+        async def send_next() -> bool:
+            nxt = await anext(source, None)
+            if nxt is None:
+                return False
+            rid, inputs = item_of(*nxt)
+            await self.submit(inputs, rid)
+            return True
+
+        while outstanding < max_in_flight and await send_next():
+            outstanding += 1
+        while outstanding:
+            item = await self._results.get()
+            if item is END:
+                self._results.put_nowait(END)
+                raise self._terminal_error()
+            if isinstance(item, Marker):
+                continue
+            self._unread -= 1
+            outstanding -= 1
+            yield item
+            if await send_next():
+                outstanding += 1
+
+    async def close(self) -> None:
+        """Send no more requests; answers to those in flight still arrive."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._call is not None:
+            async with self._write_lock:
+                # If the call already ended, the reader has recorded why.
+                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
+                    await self._call.done_writing()
+        self._results.put_nowait(WAKE)
+
+    async def cancel(self) -> None:
+        """End the call now: outstanding requests yield CancelledError."""
+        self._cancelled = True
+        self._closed = True
+        if self._call is not None:
+            self._call.cancel()
+        self._results.put_nowait(WAKE)
+        await self.wait()
+
+    async def wait(self) -> None:
+        """Wait for the call to end (after ``close()``)."""
+        if self._reader is not None:
+            await asyncio.shield(self._reader)
+
+    async def __aenter__(self) -> AsyncInferStream:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is None:
+            await self.close()
+            await self.wait()
+        else:
+            await self.cancel()

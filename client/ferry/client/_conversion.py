@@ -41,6 +41,7 @@ from ferry.client._conversion_types import (
     Serving,
     Upload,
     Validation,
+    build_spec,
     format_name,
     format_value,
     parse_event,
@@ -49,8 +50,7 @@ from ferry.client._conversion_types import (
     parse_upload,
 )
 from ferry.client._errors import ConversionError, InvalidInputError, from_rpc_error
-from ferry.client._requests import as_array
-from ferry.codec import datatype_from_name, datatype_name, datatype_of, encode_tensor
+from ferry.codec import datatype_name, datatype_of
 from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
 
@@ -309,7 +309,7 @@ class ConversionClient:
             validation = Validation(
                 sample_inputs=up.sample_inputs, reference_outputs=up.reference_outputs
             )
-        spec = _spec(
+        spec = build_spec(
             specs,
             opset=opset,
             pruning=pruning,
@@ -432,55 +432,6 @@ def _chunks(
     with open(data, "rb") as fh:
         while block := fh.read(size):
             yield pb.UploadModelRequest(chunk=block)
-
-
-def _tensors(arrays: Mapping[str, Any] | None) -> list[Any]:
-    return [encode_tensor(name, as_array(value, name)) for name, value in (arrays or {}).items()]
-
-
-def _spec(
-    inputs: Sequence[InputSpec],
-    *,
-    opset: int,
-    pruning: Pruning | None,
-    quantization: Quantization | None,
-    validation: Validation | None,
-    serving: Serving | None,
-    max_batch_size: int | None,
-) -> pb.ConversionSpec:
-    spec = pb.ConversionSpec(opset=opset, max_batch_size=max_batch_size or 0)
-    for i in inputs:
-        spec.inputs.add(name=i.name, dtype=datatype_from_name(i.datatype), shape=list(i.shape))
-    if pruning is not None:
-        spec.pruning.method, spec.pruning.amount = pruning.method, pruning.amount
-    if quantization is not None:
-        q = spec.quantization
-        q.mode, q.keep_slower = quantization.mode, quantization.keep_slower
-        q.calibration = quantization.calibration or ""
-        if quantization.per_channel is not None:
-            q.per_channel = quantization.per_channel
-        q.calibration_inputs.extend(_tensors(quantization.calibration_inputs))
-    if validation is not None:
-        v = spec.validation
-        for name in ("rtol", "atol", "samples", "min_cosine", "min_top1_agreement"):
-            value = getattr(validation, name)
-            if value is not None:
-                setattr(v, name, value)
-        v.keep_failed = validation.keep_failed
-        v.sample_inputs.extend(_tensors(validation.sample_inputs))
-        v.reference_outputs.extend(_tensors(validation.reference_outputs))
-    if serving is not None:
-        for name in (
-            "max_batch_size",
-            "max_queue_delay_ms",
-            "max_queue_size",
-            "default_timeout_ms",
-            "instance_count",
-        ):
-            value = getattr(serving, name)
-            if value is not None:
-                setattr(spec.serving, name, value)
-    return spec
 
 
 # ---- nn.Module sources (torch comes from sys.modules: the caller imported it) ----

@@ -1,4 +1,5 @@
-"""What the conversion client takes and returns: plain typed objects, no protobuf.
+"""What the conversion client takes and returns (plain typed objects, no protobuf), and the
+IO-free translation of both to and from the wire.
 
 Options (``InputSpec``, ``Pruning``, ``Quantization``, ``Validation``, ``Serving``) leave a field
 ``None`` to mean "the server's default", so a default changed on the server is not pinned by an
@@ -14,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.client._requests import as_array
+from ferry.codec import datatype_from_name, encode_tensor
 from ferry.proto.v1 import model_conversion_pb2 as pb
 
 ArrayMap = Mapping[str, Any]  # name -> numpy array (or anything np.asarray accepts)
@@ -307,3 +310,53 @@ def parse_model(m: pb.ModelInfo) -> ModelInfo:
             for v in m.versions
         ),
     )
+
+
+# ---- to the wire ----
+def _tensors(arrays: Mapping[str, Any] | None) -> list[Any]:
+    return [encode_tensor(name, as_array(value, name)) for name, value in (arrays or {}).items()]
+
+
+def build_spec(
+    inputs: Sequence[InputSpec],
+    *,
+    opset: int,
+    pruning: Pruning | None,
+    quantization: Quantization | None,
+    validation: Validation | None,
+    serving: Serving | None,
+    max_batch_size: int | None,
+) -> pb.ConversionSpec:
+    spec = pb.ConversionSpec(opset=opset, max_batch_size=max_batch_size or 0)
+    for i in inputs:
+        spec.inputs.add(name=i.name, dtype=datatype_from_name(i.datatype), shape=list(i.shape))
+    if pruning is not None:
+        spec.pruning.method, spec.pruning.amount = pruning.method, pruning.amount
+    if quantization is not None:
+        q = spec.quantization
+        q.mode, q.keep_slower = quantization.mode, quantization.keep_slower
+        q.calibration = quantization.calibration or ""
+        if quantization.per_channel is not None:
+            q.per_channel = quantization.per_channel
+        q.calibration_inputs.extend(_tensors(quantization.calibration_inputs))
+    if validation is not None:
+        v = spec.validation
+        for name in ("rtol", "atol", "samples", "min_cosine", "min_top1_agreement"):
+            value = getattr(validation, name)
+            if value is not None:
+                setattr(v, name, value)
+        v.keep_failed = validation.keep_failed
+        v.sample_inputs.extend(_tensors(validation.sample_inputs))
+        v.reference_outputs.extend(_tensors(validation.reference_outputs))
+    if serving is not None:
+        for name in (
+            "max_batch_size",
+            "max_queue_delay_ms",
+            "max_queue_size",
+            "default_timeout_ms",
+            "instance_count",
+        ):
+            value = getattr(serving, name)
+            if value is not None:
+                setattr(spec.serving, name, value)
+    return spec

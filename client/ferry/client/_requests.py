@@ -29,6 +29,7 @@ from ferry.codec import (
     datatype_of,
     decode_tensor,
     encode_tensor,
+    from_bytes,
     numpy_dtype,
     to_bytes,
 )
@@ -239,6 +240,172 @@ def encode_infer_request(
     return b"".join(parts)
 
 
+def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    b = buf[i]
+    if b < 0x80:
+        return b, i + 1
+    result, shift = b & 0x7F, 7
+    i += 1
+    while True:
+        b = buf[i]
+        i += 1
+        result |= (b & 0x7F) << shift
+        if b < 0x80:
+            return result, i
+        shift += 7
+        if shift > 63:
+            raise CodecError("malformed response: a varint runs past 10 bytes")
+
+
+def _signed(v: int) -> int:
+    return v - (1 << 64) if v >= 1 << 63 else v
+
+
+def _skip(buf: bytes, i: int, wire: int) -> int:
+    """Past a field we do not read (a newer server may send more)."""
+    if wire == 0:
+        return _read_varint(buf, i)[1]
+    if wire == 1:
+        return i + 8
+    if wire == 5:
+        return i + 4
+    if wire == 2:
+        length, i = _read_varint(buf, i)
+        return i + length
+    raise CodecError(f"malformed response: unsupported wire type {wire}")
+
+
+def _decode_tensor(buf: bytes, mv: memoryview, i: int, end: int) -> tuple[str, np.ndarray]:
+    """A ``Tensor`` (1 name, 2 dtype, 3 shape, 4 data) in ``buf[i:end]``. The hot path reads
+    whole key bytes and one-byte varints inline: every call here is per response."""
+    name, dtype, shape = "", 0, []
+    data = None
+    while i < end:
+        key = buf[i]
+        i += 1
+        if key == 0x10 or key == 0x18:  # dtype, or an unpacked shape entry
+            v = buf[i]
+            if v < 0x80:
+                i += 1
+            else:
+                v, i = _read_varint(buf, i)
+            if key == 0x10:
+                dtype = v
+            else:
+                shape.append(_signed(v))
+        elif key == 0x0A or key == 0x1A or key == 0x22:  # name, packed shape, data
+            n = buf[i]
+            if n < 0x80:
+                i += 1
+            else:
+                n, i = _read_varint(buf, i)
+            j = i + n
+            if key == 0x22:
+                data = mv[i:j]
+            elif key == 0x0A:
+                name = buf[i:j].decode("utf-8")
+            else:
+                while i < j:
+                    d = buf[i]
+                    if d < 0x80:
+                        i += 1
+                    else:
+                        d, i = _read_varint(buf, i)
+                        d = _signed(d)
+                    shape.append(d)
+            i = j
+        else:  # a field this client does not know: skip it
+            if key >= 0x80:
+                key, i = _read_varint(buf, i - 1)
+            i = _skip(buf, i, key & 7)
+    if i != end:
+        raise CodecError(f"malformed response: tensor {name!r} overruns its message")
+    # A view of the received bytes: no copy, and read-only (it keeps the message alive).
+    return name, from_bytes(dtype, shape, mv[0:0] if data is None else data, name=name)  # type: ignore[arg-type]
+
+
+def _decode_response(
+    buf: bytes, mv: memoryview, i: int, end: int, timings: Timings | None
+) -> InferResult:
+    """An ``InferResponse`` (1 model, 2 version, 3 id, 4 outputs) in ``buf[i:end]``."""
+    model = rid = ""
+    version = 0
+    outputs: dict[str, np.ndarray] = {}
+    try:
+        while i < end:
+            key = buf[i]
+            i += 1
+            if key == 0x22 or key == 0x0A or key == 0x1A:  # outputs, model, id
+                n = buf[i]
+                if n < 0x80:
+                    i += 1
+                else:
+                    n, i = _read_varint(buf, i)
+                j = i + n
+                if j > end:
+                    raise CodecError("malformed response: a field runs past the message")
+                if key == 0x22:
+                    name, array = _decode_tensor(buf, mv, i, j)
+                    outputs[name] = array
+                elif key == 0x0A:
+                    model = buf[i:j].decode("utf-8")
+                else:
+                    rid = buf[i:j].decode("utf-8")
+                i = j
+            elif key == 0x10:
+                v, i = _read_varint(buf, i)
+                version = _signed(v)
+            else:
+                if key >= 0x80:
+                    key, i = _read_varint(buf, i - 1)
+                i = _skip(buf, i, key & 7)
+    except (IndexError, UnicodeDecodeError) as exc:
+        raise CodecError(f"malformed response: {exc}") from None
+    if i != end:
+        raise CodecError("malformed response: the last field runs past the message")
+    return InferResult(outputs, model=model, version=version, id=rid, timings=timings)
+
+
+def decode_infer_response(raw: bytes, timings: Timings | None = None) -> InferResult:
+    """An ``InferResponse`` straight from the bytes gRPC received, equal to
+    ``parse_infer_response(InferResponse.FromString(raw))`` but with outputs that are views of
+    ``raw`` itself: protobuf would copy each output twice (into its arena, then out of it)."""
+    return _decode_response(raw, memoryview(raw), 0, len(raw), timings)
+
+
+def decode_stream_response(raw: bytes) -> tuple[str, InferResult | FerryError]:
+    """An ``InferStreamResponse`` from its bytes: the request id and its result or error."""
+    mv = memoryview(raw)
+    rid, i, end = "", 0, len(raw)
+    answer: InferResult | FerryError | None = None
+    try:
+        while i < end:
+            key, i = _read_varint(raw, i)
+            field, wire = key >> 3, key & 7
+            if wire == 2 and field in (1, 2, 3):
+                length, i = _read_varint(raw, i)
+                j = i + length
+                if j > end:
+                    raise CodecError("malformed stream answer: a field runs past the message")
+                if field == 1:
+                    rid = raw[i:j].decode("utf-8")
+                elif field == 2:
+                    answer = _decode_response(raw, mv, i, j, None)
+                else:
+                    err = pb.Error.FromString(raw[i:j])
+                    answer = from_status(status_code(err.code), err.message, err.kind)
+                i = j
+            else:
+                i = _skip(raw, i, wire)
+    except (IndexError, UnicodeDecodeError) as exc:
+        raise CodecError(f"malformed stream answer: {exc}") from None
+    if answer is None:
+        answer = ServerError(
+            f"stream answer for request {rid!r} carries neither a result nor an error"
+        )
+    return rid, answer
+
+
 def parse_infer_response(resp: pb.InferResponse, timings: Timings | None = None) -> InferResult:
     outputs = {t.name: decode_tensor(t) for t in resp.outputs}
     return InferResult(outputs, model=resp.model, version=resp.version, id=resp.id, timings=timings)
@@ -250,21 +417,6 @@ _STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 def status_code(value: int) -> grpc.StatusCode | None:
     """The grpc.StatusCode for a google.rpc.Code number, as streams carry it; None if unknown."""
     return _STATUS_CODES.get(value)
-
-
-def parse_stream_response(
-    resp: pb.InferStreamResponse, timings: Timings | None = None
-) -> InferResult | FerryError:
-    """One stream answer: the result, or the error a unary call would have raised (returned, not
-    raised, because one failed request must not end the stream for the others)."""
-    if resp.HasField("response"):
-        return parse_infer_response(resp.response, timings)
-    if resp.HasField("error"):
-        err = resp.error
-        return from_status(status_code(err.code), err.message, err.kind)
-    return ServerError(
-        f"stream answer for request {resp.id!r} carries neither a result nor an error"
-    )
 
 
 def _tensor_info(t: Any) -> TensorInfo:

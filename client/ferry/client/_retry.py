@@ -75,7 +75,14 @@ class RetryPolicy:
             attempt < self.max_attempts
             and error.code in self.retryable_codes
             and type(error).retryable
+            and not _over_message_limit(error)
         )
+
+
+def _over_message_limit(error: FerryError) -> bool:
+    """gRPC itself answers RESOURCE_EXHAUSTED, with no kind, for a message over a size limit (its
+    own or the server's); the same message will be too large next time too."""
+    return error.code is grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in error.message
 
 
 NO_RETRY = RetryPolicy.disabled()

@@ -12,21 +12,19 @@ on; only the end of the whole call (deadline, cancellation, the server going awa
 still outstanding, each with that call's error. ``infer_many()`` is the loop most callers want:
 it keeps ``max_in_flight`` requests outstanding over an iterable and yields results as they come.
 
-The sync class runs a background thread that reads the gRPC response iterator; the async one runs a
-reader task on the caller's event loop.
+``InferStream`` (here) runs a background thread that reads the gRPC response iterator;
+``AsyncInferStream`` (in ``_async``, over grpc.aio) runs a reader task on the caller's loop. Both
+share ``StreamState``: the bookkeeping of ids, slots and endings, with no IO.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import queue
 import threading
 import time
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
-    Awaitable,
     Callable,
     Iterable,
     Iterator,
@@ -37,18 +35,16 @@ from types import TracebackType
 from typing import Any, Final
 
 import grpc
-from grpc import aio
 
-from ferry.client._errors import CancelledError, FerryError, InvalidInputError, from_rpc_error
+from ferry.client._errors import FerryError, InvalidInputError, from_rpc_error
 from ferry.client._requests import (
     ArrayLike,
+    decode_stream_response,
     encode_infer_request,
     needs_dtypes,
     new_request_id,
-    parse_stream_response,
 )
 from ferry.client._types import InferResult, Timings
-from ferry.proto.v1 import inference_pb2 as pb
 
 StreamResult = tuple[str, InferResult | FerryError]
 Inputs = Mapping[str, ArrayLike]
@@ -57,7 +53,7 @@ InputItem = Inputs | tuple[str, Inputs]
 DEFAULT_MAX_IN_FLIGHT = 1024
 
 
-class _Marker:
+class Marker:
     def __init__(self, name: str) -> None:
         self.name = name
 
@@ -65,11 +61,11 @@ class _Marker:
         return self.name
 
 
-_END: Final = _Marker("END")  # the call is over: nothing more will arrive
-_WAKE: Final = _Marker("WAKE")  # close() was called: re-check whether to stop waiting
+END: Final = Marker("END")  # the call is over: nothing more will arrive
+WAKE: Final = Marker("WAKE")  # close() was called: re-check whether to stop waiting
 
 
-def _item(index: int, item: InputItem) -> tuple[str, Inputs]:
+def item_of(index: int, item: InputItem) -> tuple[str, Inputs]:
     """An ``infer_many`` item: inputs (id = its position) or ``(id, inputs)``."""
     if isinstance(item, tuple):
         rid, inputs = item
@@ -77,20 +73,30 @@ def _item(index: int, item: InputItem) -> tuple[str, Inputs]:
     return str(index), item
 
 
-class _Base:
+class StreamState:
     """State and request building shared by the two flavours; no IO here."""
 
     def __init__(
         self,
+        method: Any,
         model: str,
         *,
-        version: int | None,
-        outputs: Sequence[str] | None,
-        priority: int,
-        max_in_flight: int,
+        version: int | None = None,
+        outputs: Sequence[str] | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+        metadata: Sequence[tuple[str, str]] | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
+        dtypes: Callable[[], Any] | None = None,
     ) -> None:
+        """``method``: the gRPC stream-stream callable; ``timeout``: the whole call's deadline;
+        ``dtypes``: returns (or, async, awaits) the model's input dtypes for list inputs."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        self._method = method
+        self._timeout = timeout
+        self._metadata = metadata
+        self._dtypes = dtypes
         self.model = model
         self.version = version
         self.outputs = outputs
@@ -144,17 +150,17 @@ class _Base:
             return self._error
         return FerryError("this stream has ended: open a new one with client.stream(model)")
 
-    def _answer(self, resp: pb.InferStreamResponse) -> StreamResult | None:
-        """Match an answer to its request; None for an id we never sent (ignored)."""
-        entry = self._pending.pop(resp.id, None)
+    def _answer(self, raw: bytes) -> StreamResult | None:
+        """Match an answer (the bytes received) to its request; None for an id we never sent."""
+        t0 = time.perf_counter()
+        rid, result = decode_stream_response(raw)
+        entry = self._pending.pop(rid, None)
         if entry is None:
             return None
         sent, encode = entry
-        t0 = time.perf_counter()
-        result = parse_stream_response(resp)
         if isinstance(result, InferResult):
             result.timings = Timings(encode=encode, rpc=t0 - sent, decode=time.perf_counter() - t0)
-        return resp.id, result
+        return rid, result
 
     def _orphans(self, error: FerryError | None) -> list[StreamResult]:
         """Fail what is still outstanding when the call ends, each with the call's error."""
@@ -169,7 +175,7 @@ class _Base:
         return self._unread == 0 and (not until_closed or self._closed or self._done)
 
 
-class InferStream(_Base):
+class InferStream(StreamState):
     """A synchronous stream of inference requests to one model; see the module docstring.
 
     >>> with client.stream("mlp") as stream:                        # doctest: +SKIP
@@ -181,27 +187,14 @@ class InferStream(_Base):
     a reader having to keep up. Thread-safe: one thread may submit while another reads results.
     """
 
-    def __init__(
-        self,
-        method: Any,
-        model: str,
-        *,
-        version: int | None = None,
-        outputs: Sequence[str] | None = None,
-        priority: int = 0,
-        timeout: float | None = None,
-        metadata: Sequence[tuple[str, str]] | None = None,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        dtypes: Callable[[], Mapping[str, Any] | None] | None = None,
-    ) -> None:
-        super().__init__(
-            model, version=version, outputs=outputs, priority=priority, max_in_flight=max_in_flight
-        )
-        self._dtypes = dtypes
+    def __init__(self, method: Any, model: str, **options: Any) -> None:
+        super().__init__(method, model, **options)
         self._cond = threading.Condition()
         self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
-        self._results: queue.SimpleQueue[StreamResult | _Marker] = queue.SimpleQueue()
-        self._call = method(self._request_iterator(), timeout=timeout, metadata=metadata)
+        self._results: queue.SimpleQueue[StreamResult | Marker] = queue.SimpleQueue()
+        self._call = method(
+            self._request_iterator(), timeout=self._timeout, metadata=self._metadata
+        )
         self._reader = threading.Thread(
             target=self._read, name=f"ferry-stream-{model}", daemon=True
         )
@@ -232,7 +225,7 @@ class InferStream(_Base):
             self._cond.notify_all()
         for orphan in orphans:
             self._results.put(orphan)
-        self._results.put(_END)
+        self._results.put(END)
 
     def submit(
         self,
@@ -274,10 +267,10 @@ class InferStream(_Base):
                 if self._should_stop(until_closed):
                     return
             item = self._results.get()
-            if item is _END:
-                self._results.put(_END)  # later calls must not block either
+            if item is END:
+                self._results.put(END)  # later calls must not block either
                 return
-            if isinstance(item, _Marker):
+            if isinstance(item, Marker):
                 continue
             with self._cond:
                 self._unread -= 1
@@ -300,7 +293,7 @@ class InferStream(_Base):
             nxt = next(source, None)
             if nxt is None:
                 return False
-            rid, inputs = _item(*nxt)
+            rid, inputs = item_of(*nxt)
             self.submit(inputs, rid)
             return True
 
@@ -308,10 +301,10 @@ class InferStream(_Base):
             outstanding += 1
         while outstanding:
             item = self._results.get()
-            if item is _END:
-                self._results.put(_END)
+            if item is END:
+                self._results.put(END)
                 raise self._terminal_error()
-            if isinstance(item, _Marker):
+            if isinstance(item, Marker):
                 continue
             with self._cond:
                 self._unread -= 1
@@ -327,7 +320,7 @@ class InferStream(_Base):
                 return
             self._closed = True
             self._requests.put(None)
-        self._results.put(_WAKE)
+        self._results.put(WAKE)
 
     def cancel(self) -> None:
         """End the call now: outstanding requests yield CancelledError."""
@@ -355,216 +348,10 @@ class InferStream(_Base):
         self._reader.join()
 
 
-class AsyncInferStream(_Base):
-    """The asyncio stream: ``await submit(...)``, ``async for ... in results()``.
-
-    >>> async with client.stream("mlp") as stream:                  # doctest: +SKIP
-    ...     async for rid, result in stream.infer_many(inputs, max_in_flight=32):
-    ...         ...
-
-    The call starts on first use, on the running loop. Not thread-safe (asyncio objects never are).
-    """
-
-    def __init__(
-        self,
-        method: Any,
-        model: str,
-        *,
-        version: int | None = None,
-        outputs: Sequence[str] | None = None,
-        priority: int = 0,
-        timeout: float | None = None,
-        metadata: Sequence[tuple[str, str]] | None = None,
-        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        dtypes: Callable[[], Awaitable[Mapping[str, Any] | None]] | None = None,
-    ) -> None:
-        super().__init__(
-            model, version=version, outputs=outputs, priority=priority, max_in_flight=max_in_flight
-        )
-        self._dtypes = dtypes
-        self._method = method
-        self._timeout = timeout
-        self._metadata = metadata
-        self._call: aio.StreamStreamCall[Any, Any] | None = None
-        self._reader: asyncio.Task[None] | None = None
-        self._results: asyncio.Queue[StreamResult | _Marker] = asyncio.Queue()
-        self._slots = asyncio.Condition()
-        self._blocked = 0  # submitters waiting for a free slot
-        self._write_lock = asyncio.Lock()
-        self._cancelled = False
-
-    def _start(self) -> aio.StreamStreamCall[Any, Any]:
-        if self._call is None:
-            self._call = self._method(timeout=self._timeout, metadata=self._metadata)
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
-        return self._call
-
-    async def _read(self, call: aio.StreamStreamCall[Any, Any]) -> None:
-        error: FerryError | None = None
-        try:
-            while True:
-                resp = await call.read()
-                if resp is aio.EOF:
-                    break
-                answered = self._answer(resp)
-                if answered is not None:
-                    self._results.put_nowait(answered)
-                if self._blocked:
-                    async with self._slots:
-                        self._slots.notify_all()
-        except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
-        except asyncio.CancelledError:
-            error = CancelledError("the stream was cancelled by the client")
-            if not self._cancelled:
-                self._finish(error)
-                raise
-        except Exception as exc:
-            error = FerryError(f"stream reader failed: {type(exc).__name__}: {exc}")
-        if self._cancelled and error is None:
-            error = CancelledError("the stream was cancelled by the client")
-        self._finish(error)
-        async with self._slots:
-            self._slots.notify_all()
-
-    def _finish(self, error: FerryError | None) -> None:
-        for orphan in self._orphans(error):
-            self._results.put_nowait(orphan)
-        self._results.put_nowait(_END)
-
-    async def submit(
-        self,
-        inputs: Inputs,
-        request_id: str | None = None,
-        *,
-        timeout: float | None = None,  # noqa: ASYNC109 - the server-side budget, as in submit()
-        priority: int | None = None,
-        outputs: Sequence[str] | None = None,
-    ) -> str:
-        """Send one request and return its id; see :meth:`InferStream.submit`."""
-        dtypes = None
-        if self._dtypes is not None and needs_dtypes(inputs):
-            dtypes = await self._dtypes()
-        rid, request, encode = self._build(
-            inputs, request_id, timeout=timeout, priority=priority, outputs=outputs, dtypes=dtypes
-        )
-        call = self._start()
-        self._check_open(rid)
-        if len(self._pending) >= self.max_in_flight:
-            self._blocked += 1
-            try:
-                async with self._slots:
-                    await self._slots.wait_for(
-                        lambda: len(self._pending) < self.max_in_flight or self._done
-                    )
-            finally:
-                self._blocked -= 1
-        self._check_open(rid)
-        self._pending[rid] = (time.perf_counter(), encode)
-        self._unread += 1
-        try:
-            async with self._write_lock:
-                await call.write(request)
-        except (grpc.RpcError, asyncio.InvalidStateError) as exc:
-            # The call ended under us; the reader fails the request unless it already has.
-            if rid in self._pending:
-                del self._pending[rid]
-                self._unread -= 1
-            if isinstance(exc, grpc.RpcError):
-                raise from_rpc_error(exc) from None
-            raise self._terminal_error() from None
-        return rid
-
-    async def results(self, *, until_closed: bool = False) -> AsyncIterator[StreamResult]:
-        """Yield ``(id, InferResult | FerryError)`` as answers arrive; see
-        :meth:`InferStream.results` for when it ends."""
-        while not self._should_stop(until_closed):
-            item = await self._results.get()
-            if item is _END:
-                self._results.put_nowait(_END)
-                return
-            if isinstance(item, _Marker):
-                continue
-            self._unread -= 1
-            yield item
-
-    async def infer_many(
-        self, items: Iterable[InputItem] | AsyncIterable[InputItem], *, max_in_flight: int = 64
-    ) -> AsyncIterator[StreamResult]:
-        """Run every item, ``max_in_flight`` at a time; see :meth:`InferStream.infer_many`."""
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
-        source = _aenumerate(items)
-        outstanding = 0
-
-        async def send_next() -> bool:
-            nxt = await anext(source, None)
-            if nxt is None:
-                return False
-            rid, inputs = _item(*nxt)
-            await self.submit(inputs, rid)
-            return True
-
-        while outstanding < max_in_flight and await send_next():
-            outstanding += 1
-        while outstanding:
-            item = await self._results.get()
-            if item is _END:
-                self._results.put_nowait(_END)
-                raise self._terminal_error()
-            if isinstance(item, _Marker):
-                continue
-            self._unread -= 1
-            outstanding -= 1
-            yield item
-            if await send_next():
-                outstanding += 1
-
-    async def close(self) -> None:
-        """Send no more requests; answers to those in flight still arrive."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._call is not None:
-            async with self._write_lock:
-                # If the call already ended, the reader has recorded why.
-                with contextlib.suppress(grpc.RpcError, asyncio.InvalidStateError):
-                    await self._call.done_writing()
-        self._results.put_nowait(_WAKE)
-
-    async def cancel(self) -> None:
-        """End the call now: outstanding requests yield CancelledError."""
-        self._cancelled = True
-        self._closed = True
-        if self._call is not None:
-            self._call.cancel()
-        self._results.put_nowait(_WAKE)
-        await self.wait()
-
-    async def wait(self) -> None:
-        """Wait for the call to end (after ``close()``)."""
-        if self._reader is not None:
-            await asyncio.shield(self._reader)
-
-    async def __aenter__(self) -> AsyncInferStream:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if exc_type is None:
-            await self.close()
-            await self.wait()
-        else:
-            await self.cancel()
-
-
-async def _aenumerate(
+async def aenumerate(
     items: Iterable[InputItem] | AsyncIterable[InputItem],
 ) -> AsyncIterator[tuple[int, InputItem]]:
+    """``enumerate`` over a sync or async iterable, for the async ``infer_many``."""
     index = 0
     if isinstance(items, AsyncIterable):
         async for item in items:

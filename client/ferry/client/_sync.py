@@ -19,10 +19,10 @@ from ferry.client._channel import (
 from ferry.client._errors import from_rpc_error
 from ferry.client._requests import (
     ArrayLike,
+    decode_infer_response,
     encode_infer_request,
     input_dtypes,
     needs_dtypes,
-    parse_infer_response,
     parse_list_models,
     parse_metadata,
     parse_statistics,
@@ -99,15 +99,13 @@ class InferenceClient:
         self._dtypes: dict[tuple[str, int], dict[str, Any]] = {}
         self._channel = create_channel(self.channel_config)
         self._stub = pb_grpc.InferenceStub(self._channel)
-        # Requests are serialized by encode_infer_request (one copy of the tensors), so these
-        # two send bytes as they are.
+        # Requests are serialized by encode_infer_request (one copy of each tensor) and answers
+        # decoded from the received bytes without a copy, so these two move bytes as they are.
         self._infer = self._channel.unary_unary(
-            INFER_METHOD, request_serializer=None, response_deserializer=pb.InferResponse.FromString
+            INFER_METHOD, request_serializer=None, response_deserializer=None
         )
         self._infer_stream = self._channel.stream_stream(
-            STREAM_METHOD,
-            request_serializer=None,
-            response_deserializer=pb.InferStreamResponse.FromString,
+            STREAM_METHOD, request_serializer=None, response_deserializer=None
         )
         self._health = self._channel.unary_unary(
             _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
@@ -154,13 +152,18 @@ class InferenceClient:
         dtypes = self._input_dtypes(model, version) if needs_dtypes(inputs) else None
         t0 = time.perf_counter()
         request = encode_infer_request(
-            model, inputs, version=version, outputs=outputs, priority=priority,
-            request_id=request_id, dtypes=dtypes,
+            model,
+            inputs,
+            version=version,
+            outputs=outputs,
+            priority=priority,
+            request_id=request_id,
+            dtypes=dtypes,
         )
         t1 = time.perf_counter()
         response = self._call(self._infer, request, timeout)
         t2 = time.perf_counter()
-        result = parse_infer_response(response)
+        result = decode_infer_response(response)
         t3 = time.perf_counter()
         result.timings = Timings(encode=t1 - t0, rpc=t2 - t1, decode=t3 - t2)
         return result
@@ -175,7 +178,9 @@ class InferenceClient:
         )
         return parse_metadata(m)
 
-    def list_models(self, model: str = "", *, timeout: float | None = None) -> list[ModelVersionStatus]:
+    def list_models(
+        self, model: str = "", *, timeout: float | None = None
+    ) -> list[ModelVersionStatus]:
         resp = self._call(self._stub.ListModels, pb.ListModelsRequest(model=model), timeout)
         return parse_list_models(resp)
 

@@ -24,8 +24,7 @@ from ferry.client._async import AsyncInferenceClient
 from ferry.client._channel import ChannelConfig, create_aio_channel
 from ferry.client._errors import FerryError
 from ferry.client._types import ModelMetadata, ModelStatistics
-
-from ._config import (
+from ferry.client.loadtest._config import (
     MAX_CONCURRENCY,
     MAX_DURATION,
     MAX_RATE,
@@ -34,10 +33,16 @@ from ._config import (
     LoadTestConfigError,
     check_loopback,
 )
-from ._engine import Progress, encode_ferry, encode_kserve, make_transport, run_level
-from ._inputs import InputError, generate_inputs, load_inputs
-from ._plot import PlotUnavailableError, plot_report
-from ._report import (
+from ferry.client.loadtest._engine import (
+    Progress,
+    encode_ferry,
+    encode_kserve,
+    make_transport,
+    run_level,
+)
+from ferry.client.loadtest._inputs import InputError, generate_inputs, load_inputs
+from ferry.client.loadtest._plot import PlotUnavailableError, plot_report
+from ferry.client.loadtest._report import (
     LevelResult,
     LoadTestReport,
     Recorder,
@@ -72,6 +77,19 @@ def _batch_of(meta: ModelMetadata, inputs: Mapping[str, Any]) -> int:
         return 1
     first = np.asarray(next(iter(inputs.values())))
     return int(first.shape[0]) if first.ndim else 1
+
+
+# Servers cap concurrent calls per connection (Ferry: max_concurrent_streams, 256 by default);
+# calls beyond it wait in the client, which would measure the cap rather than the server.
+STREAMS_PER_CONNECTION = 256
+
+
+def _connections(config: LoadTestConfig) -> int:
+    """Enough connections for a closed unary loop's concurrency, at least the configured count."""
+    if config.open_loop or config.mode == "stream":
+        return config.connections
+    needed = -(-max(config.concurrency) // STREAMS_PER_CONNECTION)
+    return max(config.connections, needed)
 
 
 async def _stats(client: AsyncInferenceClient, model: str) -> list[ModelStatistics] | None:
@@ -120,7 +138,7 @@ async def arun(
             # One connection per channel: gRPC shares connections between identical channels.
             options=[("grpc.use_local_subchannel_pool", 1)],
         )
-        channels = [create_aio_channel(channel_config) for _ in range(config.connections)]
+        channels = [create_aio_channel(channel_config) for _ in range(_connections(config))]
         transport = make_transport(
             channels,
             mode=config.mode,

@@ -26,10 +26,9 @@ import numpy as np
 from grpc import aio
 
 from ferry.client._requests import build_infer_request, status_code
+from ferry.client.loadtest._report import Recorder, latency_summary
 from ferry.codec import datatype_name, to_bytes
 from ferry.proto.v1 import inference_pb2 as pb
-
-from ._report import Recorder, latency_summary
 
 UNARY_PATH = "/ferry.v1.Inference/Infer"
 STREAM_PATH = "/ferry.v1.Inference/InferStream"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ._report import LoadTestReport
+from ferry.client.loadtest._report import LoadTestReport
 
 SERIES = (("p50", "o-"), ("p90", "s--"), ("p95", "^-."), ("p99", "v:"))
 

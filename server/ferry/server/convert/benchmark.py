@@ -21,7 +21,7 @@ from ferry.server.convert.spec import InputSpec
 from ferry.server.convert.validate import generate
 
 WARMUP = 2
-MIN_RUNS, MAX_RUNS = 3, 20
+MIN_RUNS, MAX_RUNS = 3, 25
 TIME_PER_BATCH_S = 0.4
 GZIP_LEVEL = 6
 
@@ -36,41 +36,54 @@ def gzip_size(path: Path) -> int:
     return size + len(compressor.flush())
 
 
-def latency_ms(
-    path: Path, inputs: list[InputSpec], batched: bool, batches: list[int], threads: int
-) -> dict[str, float]:
+def _session(path: Path, threads: int) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    result = {}
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def latencies_ms(
+    paths: dict[str, Path], inputs: list[InputSpec], batched: bool, batches: list[int], threads: int
+) -> dict[str, dict[str, float]]:
+    """Median latency per variant and batch size, variants timed in alternation, so that a
+    burst of load from elsewhere on the machine slows all of them rather than one."""
+    sessions = {name: _session(path, threads) for name, path in paths.items()}
+    result: dict[str, dict[str, float]] = {name: {} for name in paths}
     for batch in batches if batched else [1]:
-        samples = generate(inputs, batch, batched)
-        feed = next(samples.batches(batch))
-        for _ in range(WARMUP):
-            session.run(None, feed)
-        times: list[float] = []
-        deadline = time.perf_counter() + TIME_PER_BATCH_S
-        while len(times) < MIN_RUNS or (len(times) < MAX_RUNS and time.perf_counter() < deadline):
-            start = time.perf_counter()
-            session.run(None, feed)
-            times.append(time.perf_counter() - start)
-        result[str(batch)] = statistics.median(times) * 1000.0
+        feed = next(generate(inputs, batch, batched).batches(batch))
+        for session in sessions.values():
+            for _ in range(WARMUP):
+                session.run(None, feed)
+        times: dict[str, list[float]] = {name: [] for name in sessions}
+        deadline = time.perf_counter() + TIME_PER_BATCH_S * len(sessions)
+        for round_ in range(MAX_RUNS):
+            if round_ >= MIN_RUNS and time.perf_counter() > deadline:
+                break
+            for name, session in sessions.items():
+                start = time.perf_counter()
+                session.run(None, feed)
+                times[name].append(time.perf_counter() - start)
+        for name, samples in times.items():
+            result[name][str(batch)] = statistics.median(samples) * 1000.0
     return result
 
 
 def measure(
-    path: Path, inputs: list[InputSpec], batched: bool, max_batch: int, threads: int
-) -> dict[str, Any]:
+    paths: dict[str, Path], inputs: list[InputSpec], batched: bool, max_batch: int, threads: int
+) -> dict[str, dict[str, Any]]:
+    """Per variant: size, gzip size, weight sparsity, latency and speed-up against "fp32"."""
+    latency = latencies_ms(paths, inputs, batched, sorted({1, max_batch}), threads)
+    fp32 = latency["fp32"]
     return {
-        "size_bytes": path.stat().st_size,
-        "gzip_bytes": gzip_size(path),
-        "sparsity": weight_sparsity(onnx.load(str(path))),
-        "latency_ms": latency_ms(path, inputs, batched, sorted({1, max_batch}), threads),
+        name: {
+            "size_bytes": path.stat().st_size,
+            "gzip_bytes": gzip_size(path),
+            "sparsity": weight_sparsity(onnx.load(str(path))),
+            "latency_ms": latency[name],
+            "speedup_vs_fp32": {b: fp32[b] / ms for b, ms in latency[name].items() if ms > 0},
+        }
+        for name, path in paths.items()
     }
-
-
-def speedups(latency: dict[str, float], fp32: dict[str, float]) -> dict[str, float]:
-    return {batch: fp32[batch] / ms for batch, ms in latency.items() if batch in fp32 and ms > 0}

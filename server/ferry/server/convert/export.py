@@ -103,6 +103,18 @@ def _dynamo(
     if program is None:  # only when given a path, which this call never does
         raise ConversionFailed("the exporter returned no program")
     program.save(str(path), external_data=False)
+    _strip_debug_metadata(path)
+
+
+def _strip_debug_metadata(path: Path) -> None:
+    """Drop the exporter's per-node provenance (module paths, class hierarchies): a third of a
+    small model's file, which would otherwise inflate every variant built from this graph."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    items: list[Any] = [*graph.node, *graph.input, *graph.output, *graph.value_info]
+    for item in [*items, *graph.initializer]:
+        del item.metadata_props[:]
+    onnx.save(model, str(path))
 
 
 def _program_batch_is_dynamic(program: Any) -> bool:
@@ -127,9 +139,10 @@ def _clean(exc: BaseException) -> str:
 
 
 def _export_error(dynamo: BaseException | None, legacy: BaseException, opset: int) -> FerryError:
-    texts = [_ANSI.sub("", str(e)) for e in (dynamo, legacy) if e is not None]
+    # The legacy exporter names the aten operator the user wrote; the dynamo one its decomposition.
+    texts = [_ANSI.sub("", str(e)) for e in (legacy, dynamo) if e is not None]
     operator = next(
-        (m.group(1) for t in texts for p in (_LEGACY_OP, _DYNAMO_OP) if (m := p.search(t))), ""
+        (m.group(1) for p in (_LEGACY_OP, _DYNAMO_OP) for t in texts if (m := p.search(t))), ""
     )
     unsupported = isinstance(legacy, torch.onnx.errors.UnsupportedOperatorError) or any(
         "No ONNX function found" in t for t in texts

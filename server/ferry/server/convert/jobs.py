@@ -13,9 +13,11 @@ How a child's end maps to the job (the kind then maps to a status through grpc/s
 child                           job         error kind
 ==============================  ==========  ===============================================
 exit 0, model.onnx written      SUCCEEDED   (published; served once the registry loads it)
+exit 0, graph does not load     FAILED      CONVERSION_FAILED (checked before publishing)
 exit 2                          FAILED      the last event's error_kind (else
                                             CONVERSION_FAILED) and its message
-exit 1 / other / signal         FAILED      INTERNAL ("crashed", the last stderr line);
+exit 1 / other / signal         FAILED      INTERNAL ("crashed", with the child's own crash
+                                            event or else its last stderr line);
                                             LIMIT_EXCEEDED when it ran out of memory
 ran past the time limit         FAILED      DEADLINE_EXCEEDED ("timed out after N s")
 CancelJob                       CANCELLED   CANCELLED

@@ -34,6 +34,7 @@ class Source:
     module: Any = None  # nn.Module, ScriptModule or the ExportedProgram's module
     program: Any = None  # the ExportedProgram of a .pt2 source
     onnx_path: Path | None = None
+    opset: int | None = None  # an ONNX source's default-domain opset
     notes: list[str] = field(default_factory=list)
 
 
@@ -255,4 +256,5 @@ def _load_onnx(job: Job, path: Path) -> Source:
         dtype_of(spec)
         sample_shape(spec, batched)
     notes = [] if batched else ["the graph has a fixed batch size: served and validated unbatched"]
-    return Source("onnx", resolved, batched, onnx_path=path, notes=notes)
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    return Source("onnx", resolved, batched, onnx_path=path, opset=opset, notes=notes)

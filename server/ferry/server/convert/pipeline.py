@@ -9,7 +9,6 @@ publishes work_dir as it is: only the chosen model and its report may remain.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -149,7 +148,7 @@ class Pipeline:
         with self._stage("benchmark", f"latency at batch 1 and {self.spec.max_batch_size}"):
             self._benchmark(variants)
             chosen = self._select(variants)
-        self._publish(chosen, variants)
+        self._publish(chosen)
         self.emit(
             ProgressEvent(
                 "benchmark",
@@ -249,7 +248,7 @@ class Pipeline:
         if self.source.onnx_path is not None:
             self._skip("export", "the source is already ONNX")
             self.report["exporter"] = None
-            self.report["opset"] = None
+            self.report["opset"] = self.source.opset
             self.notes.append("an ONNX source keeps its own opset; spec.opset does not apply")
             return self.source.onnx_path
         from ferry.server.convert import export
@@ -360,39 +359,26 @@ class Pipeline:
         )
 
     def _benchmark(self, variants: list[Variant]) -> None:
-        fp32 = variants[0]
+        figures = benchmark.measure(
+            {v.name: v.path for v in variants}, self.source.inputs, self.source.batched,
+            self.spec.max_batch_size, self.threads,
+        )  # fmt: skip
         for variant in variants:
-            figures = benchmark.measure(
-                variant.path, self.source.inputs, self.source.batched,
-                self.spec.max_batch_size, self.threads,
-            )  # fmt: skip
-            variant.entry.update(figures)
-            variant.entry["speedup_vs_fp32"] = benchmark.speedups(
-                figures["latency_ms"], fp32.entry["latency_ms"]
-            )
+            variant.entry.update(figures[variant.name])
 
     def _select(self, variants: list[Variant]) -> Variant:
-        """auto: the best geometric-mean speed-up within budget (fp32 scores 1, so nothing slower
-        than fp32 wins unless keep_slower); explicit modes: the requested variant."""
-        mode = self.spec.quantization.mode
-        if mode != "auto":
+        """Explicit modes publish what they asked for; auto asks ``quantize.choose``."""
+        if self.spec.quantization.mode != "auto":
             return variants[-1]
-        pool = [v for v in variants if v.within_budget] or variants[:1]
-        if self.spec.quantization.keep_slower:
-            pool = [v for v in pool if v.name != "fp32"] or pool
+        entries = [v.entry for v in variants]
+        name, why = quantize.choose(entries, keep_slower=self.spec.quantization.keep_slower)
+        self.report["quantization"]["selection"] = why
+        return next(v for v in variants if v.name == name)
 
-        def score(variant: Variant) -> float:
-            ratios = list(variant.entry["speedup_vs_fp32"].values())
-            return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 0.0
-
-        return max(pool, key=score)  # max keeps the first of equals: fp32 on a tie
-
-    def _publish(self, chosen: Variant, variants: list[Variant]) -> None:
+    def _publish(self, chosen: Variant) -> None:
         chosen.entry["published"] = True
         self.report["published"] = chosen.name
         self.report["within_budget"] = chosen.within_budget
-        for variant in variants:
-            variant.entry.pop("outputs", None)
         os.replace(chosen.path, self.work / MODEL_FILE)
         write_report(self.work, self.report)
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -7,8 +7,10 @@ int8 turns each Conv into ConvInteger, 4-12x slower than fp32 on CPU, so auto sk
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -28,6 +30,9 @@ from ferry.server.convert.validate import Samples
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
 VARIANTS = ("dynamic_int8", "static_int8", "fp16")
+# auto keeps fp32 unless a variant is clearly faster: latency differences smaller than this are
+# within the noise of a shared machine, and a variant always costs some accuracy.
+AUTO_MIN_SPEEDUP = 1.15
 CALIBRATION_BATCH = 16
 FEW_CALIBRATION_SAMPLES = 100
 CONV_TRAP = (
@@ -151,3 +156,28 @@ def _pre_process(base: Path, target: Path) -> str:
         except Exception as second:
             target.unlink(missing_ok=True)
             return f"quantized without pre-processing ({first_line(second)})"
+
+
+def _score(entry: dict[str, Any]) -> float:
+    """Geometric mean of the speed-ups over the measured batch sizes (fp32 scores 1)."""
+    ratios = [r for r in entry.get("speedup_vs_fp32", {}).values() if r > 0]
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 0.0
+
+
+def choose(entries: list[dict[str, Any]], *, keep_slower: bool) -> tuple[str, str]:
+    """auto's pick among benchmarked variants (fp32 first): (name, the reason, for the report).
+
+    The fastest variant within the accuracy budget wins if it beats fp32 by AUTO_MIN_SPEEDUP;
+    with ``keep_slower`` the fastest non-fp32 variant within budget wins even when slower.
+    """
+    fp32, candidates = entries[0], [e for e in entries[1:] if e.get("within_budget")]
+    scores = ", ".join(f"{e['name']} {_score(e):.2f}x" for e in entries)
+    if not candidates:
+        return fp32["name"], f"no quantized variant is within the accuracy budget ({scores})"
+    best = max(candidates, key=_score)
+    if keep_slower or _score(best) >= AUTO_MIN_SPEEDUP:
+        rule = "keep_slower" if keep_slower else f"at least {AUTO_MIN_SPEEDUP}x faster than fp32"
+        return best["name"], f"fastest within budget ({rule}): {scores}"
+    return fp32[
+        "name"
+    ], f"no variant within budget is {AUTO_MIN_SPEEDUP}x faster than fp32: {scores}"

@@ -2,8 +2,8 @@
 
 Tokens. Each listener has one ``ListenerGuard``; when it holds tokens, every call — unary or
 streaming, reflection included — must carry ``authorization: Bearer <token>`` metadata. The check
-runs before the method is even looked up, so an unauthenticated caller cannot tell which methods
-exist, and a stream is refused before its first message is read. Tokens are compared with
+runs before any handler does, and an unknown method gets UNAUTHENTICATED too, so a caller without
+a token cannot tell which methods exist; a stream is refused before its first message is read. Tokens are compared with
 ``hmac.compare_digest`` against every accepted token (no early exit), so the time taken says
 nothing about how much of a guess was right. Health may stay open: orchestrator probes rarely can
 send a token, and health reveals nothing but SERVING / NOT_SERVING.

@@ -1,0 +1,112 @@
+"""``python -m ferry.server`` and ``ferry serve`` as a user runs them: real processes."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import WAIT_S, make_repo
+
+from ferry.client import InferenceClient
+from ferry.server.examples import seed_model
+
+FERRY = str(Path(sys.executable).with_name("ferry"))
+
+
+def _env() -> dict[str, str]:
+    """The test's environment without FERRY_* settings that would change what is tested."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+
+
+@pytest.fixture
+def busy_port() -> Iterator[int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+def test_module_help_exits_0() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "ferry.server", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "--repository" in r.stdout
+    assert "--poll-interval" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "which", ["--port", "--management-port", "--metrics-port"], ids=lambda s: s.strip("-")
+)
+def test_serve_on_a_busy_port_fails_with_one_line(
+    tmp_path: Path, busy_port: int, which: str
+) -> None:
+    ports = {"--port": "0", "--management-port": "0", "--metrics-port": "0"}
+    ports[which] = str(busy_port)
+    args = [FERRY, "serve", "--repository", str(tmp_path / "repo"), "--host", "127.0.0.1"]
+    args += ["--metrics-host", "127.0.0.1"]
+    for flag, value in ports.items():
+        args += [flag, value]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, env=_env(), check=False)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("ferry serve: ")
+    assert str(busy_port) in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
+    """Settings from the environment, a real inference, then SIGTERM: a clean exit 0."""
+    root = make_repo(tmp_path / "repo", {"seed": seed_model()})
+    env = _env() | {
+        "FERRY_REPOSITORY": str(root),
+        "FERRY_HOST": "127.0.0.1",
+        "FERRY_PORT": "0",
+        "FERRY_MANAGEMENT_PORT": "-1",
+        "FERRY_METRICS_PORT": "-1",
+        "FERRY_GRACE_PERIOD": "5",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ferry.server"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(
+        target=lambda: [lines.put(line) for line in proc.stderr or ()], daemon=True
+    )
+    reader.start()
+    try:
+        port = None
+        while port is None:
+            line = lines.get(timeout=WAIT_S)  # bounded: the server logs once it serves
+            m = re.search(r"ferry serving \d+ model version\(s\) on 127\.0\.0\.1:(\d+)", line)
+            port = int(m.group(1)) if m else None
+        with InferenceClient(f"127.0.0.1:{port}", timeout=30) as client:
+            assert client.ready()
+            out = client.infer("seed", {"input": np.ones((2, 3), np.float32)})
+            assert out["logits"].shape == (2, 1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
