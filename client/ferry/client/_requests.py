@@ -159,22 +159,31 @@ _KEY1, _KEY2, _KEY3, _KEY4 = b"\x0a", b"\x10", b"\x1a", b"\x22"  # fields 1..4, 
 _KEY5, _KEY6, _KEY7 = b"\x2a", b"\x30", b"\x38"
 
 
+# dtype -> DataType for the dtypes whose memory is already the wire layout (fixed size, little-
+# endian or single-byte); filled on first sight, so the per-request check is one dict lookup.
+_WIRE_READY: dict[np.dtype[Any], int | None] = {}
+
+
+def _wire_code(dtype: np.dtype[Any]) -> int | None:
+    code = _WIRE_READY.get(dtype, -1)
+    if code == -1:
+        order = dtype.byteorder
+        ready = dtype.kind in "biuf" and (order in "<|" or (order == "=" and _LITTLE_ENDIAN_HOST))
+        code = _WIRE_READY[dtype] = datatype_of(dtype) if ready else None
+    return code
+
+
 def _payload(array: np.ndarray) -> tuple[int, tuple[int, ...], bytes | memoryview]:
     """(DataType, shape, raw bytes) with no copy when the array's memory is already the wire
     layout (C-contiguous, little-endian, fixed size); otherwise the codec's one-copy path."""
-    order = array.dtype.byteorder
-    if (
-        array.flags.c_contiguous
-        and array.dtype.kind in "biuf"
-        and (order in "<|" or (order == "=" and _LITTLE_ENDIAN_HOST))
-    ):
-        code = datatype_of(array.dtype)
+    code = _wire_code(array.dtype)
+    if code is not None and array.flags.c_contiguous:
         try:
             return code, array.shape, memoryview(array).cast("B")  # type: ignore[arg-type]
         except (TypeError, ValueError):  # a buffer format memoryview cannot cast
             pass
-    code, shape, data = to_bytes(array)
-    return code, tuple(shape), data
+    wire_code, shape, data = to_bytes(array)
+    return wire_code, tuple(shape), data
 
 
 @functools.lru_cache(maxsize=1024)
@@ -283,7 +292,7 @@ def _decode_tensor(buf: bytes, mv: memoryview, i: int, end: int) -> tuple[str, n
     while i < end:
         key = buf[i]
         i += 1
-        if key == 0x10 or key == 0x18:  # dtype, or an unpacked shape entry
+        if key in (0x10, 0x18):  # dtype, or an unpacked shape entry
             v = buf[i]
             if v < 0x80:
                 i += 1
@@ -293,7 +302,7 @@ def _decode_tensor(buf: bytes, mv: memoryview, i: int, end: int) -> tuple[str, n
                 dtype = v
             else:
                 shape.append(_signed(v))
-        elif key == 0x0A or key == 0x1A or key == 0x22:  # name, packed shape, data
+        elif key in (0x0A, 0x1A, 0x22):  # name, packed shape, data
             n = buf[i]
             if n < 0x80:
                 i += 1
@@ -321,7 +330,8 @@ def _decode_tensor(buf: bytes, mv: memoryview, i: int, end: int) -> tuple[str, n
     if i != end:
         raise CodecError(f"malformed response: tensor {name!r} overruns its message")
     # A view of the received bytes: no copy, and read-only (it keeps the message alive).
-    return name, from_bytes(dtype, shape, mv[0:0] if data is None else data, name=name)  # type: ignore[arg-type]
+    view: Any = mv[0:0] if data is None else data  # from_bytes reads any buffer
+    return name, from_bytes(dtype, shape, view, name=name)
 
 
 def _decode_response(
@@ -335,7 +345,7 @@ def _decode_response(
         while i < end:
             key = buf[i]
             i += 1
-            if key == 0x22 or key == 0x0A or key == 0x1A:  # outputs, model, id
+            if key in (0x22, 0x0A, 0x1A):  # outputs, model, id
                 n = buf[i]
                 if n < 0x80:
                     i += 1
