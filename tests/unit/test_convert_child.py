@@ -35,6 +35,9 @@ MLP_KWARGS = {"in_features": 16, "hidden": [64, 64], "out_features": 10}
 CNN_KWARGS = {"in_channels": 3, "num_classes": 10, "width": 8, "depth": 2}
 CNN_INPUT = {"name": "input", "datatype": "FP32", "shape": [-1, 3, 16, 16]}
 CHILD_TIMEOUT_S = 240
+# The first test of a module fixture pays for all of its jobs (run in parallel): allow for that on
+# a loaded machine; each child also has its own CHILD_TIMEOUT_S.
+pytestmark = pytest.mark.timeout(600)
 
 
 # ---- running the child ----
@@ -510,9 +513,9 @@ def test_static_int8_needs_calibration(tmp_path: Path, sources: dict[str, Path])
 
 @pytest.mark.parametrize("mode", ["fp16", "dynamic_int8"])
 def test_onnx_source_quantized(
-    jobs: dict[str, Result], sources: dict[str, Path], mode: str
+    quick_jobs: dict[str, Result], sources: dict[str, Path], mode: str
 ) -> None:
-    result = succeeded(jobs[f"onnx_{mode}"])
+    result = succeeded(quick_jobs[f"onnx_{mode}"])
     report = result.report
     assert report["published"] == mode and report["exporter"] is None
     assert report["parity"]["against"] == "onnx_source"
@@ -538,7 +541,7 @@ def test_onnx_source_with_client_reference(quick_jobs: dict[str, Result]) -> Non
 
 
 def test_pickle_payload_refused_and_never_runs(
-    jobs: dict[str, Result], sources: dict[str, Path]
+    quick_jobs: dict[str, Result], sources: dict[str, Path]
 ) -> None:
     message = ("the file is not a plain state_dict", "open", "could run code")
     assert_failed(quick_jobs["evil"], "INVALID_ARGUMENT", "load", *message)
