@@ -53,14 +53,6 @@ TYPED_FIELDS = {
     "BYTES": "bytes_contents",
 }
 
-BF16_CORE = pytest.mark.xfail(
-    strict=True,
-    reason="the core's onnxruntime session cannot feed ml_dtypes.bfloat16 arrays "
-    "(ORT: 'Numpy_type 256 can't be converted to MLDataType'); decoding is covered by "
-    "tests/unit/test_kserve_tensors.py",
-)
-
-
 def _input(name: str, array: np.ndarray, datatype: str) -> tg.InferInput:
     tensor = tg.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
@@ -72,7 +64,7 @@ def _code(exc: pytest.ExceptionInfo[InferenceServerException]) -> str:
 
 
 @pytest.mark.parametrize(
-    "datatype", [pytest.param(d, marks=BF16_CORE) if d == "BF16" else d for d in DATATYPES]
+    "datatype", DATATYPES
 )
 def test_raw_inputs_round_trip_every_datatype(
     triton: tg.InferenceServerClient, datatype: str

@@ -41,9 +41,10 @@ def fake_entry_points(monkeypatch: pytest.MonkeyPatch, **targets: str) -> None:
 
 
 def test_listing_and_default_specs_do_not_import_torch() -> None:
+    """The server lists architectures and checks specs; an ONNX-source child never needs torch."""
     code = (
         "import sys\n"
-        "from ferry.server.convert import architectures, speccheck\n"
+        "from ferry.server.convert import architectures, child, pipeline, speccheck\n"
         f"assert architectures.available()[:6] == {BUILTINS!r}\n"
         "assert architectures.default_input_specs('resnet', {})[0].shape == [-1, 3, 224, 224]\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"

@@ -34,6 +34,7 @@ PIPELINE = ["load", "prune", "export", "check", "optimize", "quantize", "validat
 MLP_KWARGS = {"in_features": 16, "hidden": [64, 64], "out_features": 10}
 CNN_KWARGS = {"in_channels": 3, "num_classes": 10, "width": 8, "depth": 2}
 CNN_INPUT = {"name": "input", "datatype": "FP32", "shape": [-1, 3, 16, 16]}
+CHILD = [sys.executable, "-m", "ferry.server.convert.child"]
 CHILD_TIMEOUT_S = 240
 # The first test of a module fixture pays for all of its jobs (run in parallel): allow for that on
 # a loaded machine; each child also has its own CHILD_TIMEOUT_S.
@@ -109,7 +110,7 @@ def convert(
     progress = root / "progress.jsonl"
     channel = ["--progress-fd", "1"] if progress_on_stdout else ["--progress-file", str(progress)]
     proc = subprocess.run(
-        [sys.executable, "-m", "ferry.server.convert.child", "--job", str(job), *channel],
+        [*CHILD, "--job", str(job), *channel],
         capture_output=True,
         text=True,
         timeout=CHILD_TIMEOUT_S,
@@ -623,6 +624,21 @@ def test_truncated_upload(tmp_path: Path, sources: dict[str, Path]) -> None:
     source.write_bytes(sources["seed.pt"].read_bytes()[:200])
     result = convert_here(tmp_path / "job", source, "state_dict", architecture="seed")
     assert_failed(result, "INVALID_ARGUMENT", "load", "corrupt or truncated")
+
+
+def test_unreadable_job_is_a_crash(tmp_path: Path) -> None:
+    (tmp_path / "job.json").write_text('{"job_id": "x"')
+    progress = tmp_path / "progress.jsonl"
+    proc = subprocess.run(
+        [*CHILD, "--job", str(tmp_path / "job.json"), "--progress-file", str(progress)],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 1 and "Traceback" in proc.stderr
+    (event,) = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert event["error_kind"] == "INTERNAL" and "could not read its job" in event["message"]
 
 
 # ---- code-bearing formats, when the operator allows them ----

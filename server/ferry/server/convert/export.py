@@ -34,7 +34,6 @@ _LEGACY_OP = re.compile(r"operator '([\w.:]+)'")
 @dataclass
 class Exported:
     exporter: str
-    output_names: list[str]
     notes: list[str] = field(default_factory=list)
 
 
@@ -47,7 +46,7 @@ def export(
 ) -> Exported:
     names = [spec.name for spec in source.inputs]
     out_names = output_names(outputs)
-    result = Exported(DYNAMO, out_names)
+    result = Exported(DYNAMO)
     dynamo_error: BaseException | None = None
     if not isinstance(source.module, torch.jit.ScriptModule):
         try:

@@ -1,8 +1,9 @@
 """The load stage: turn an uploaded file into a PyTorch module or a checked ONNX graph.
 
-Safety decides the order of everything here. Weights are read only through loaders that cannot run
-code (``torch.load(weights_only=True)``, safetensors, protobuf); formats whose loading executes code
-(``.pt2``, TorchScript) are refused before torch is even imported unless the operator allowed them.
+Safety decides how files are read. Weights go only through loaders that cannot run code
+(``torch.load(weights_only=True)``, safetensors, protobuf); formats whose loading executes code
+(``.pt2``, TorchScript) reach this module only when the operator allowed them, a gate
+``speccheck.check_job`` applies before anything opens the file.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ def load(job: Job, threads: int) -> Source:
             module = torch.jit.load(str(path), map_location="cpu")
         except Exception as exc:
             raise InvalidArgument(
-                f"the file is not a loadable TorchScript archive: {exc}"
+                f"the file is not a loadable TorchScript archive: {first_line(exc)}"
             ) from None
         return _torch_source(job, module.eval(), None, job.spec.inputs)
     try:

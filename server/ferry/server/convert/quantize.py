@@ -29,7 +29,6 @@ from ferry.server.convert.spec import QuantizationSpec
 from ferry.server.convert.validate import Samples
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
-VARIANTS = ("dynamic_int8", "static_int8", "fp16")
 # auto keeps fp32 unless a variant is clearly faster: latency differences smaller than this are
 # within the noise of a shared machine, and a variant always costs some accuracy.
 AUTO_MIN_SPEEDUP = 1.15
@@ -80,9 +79,14 @@ def build(
     """Write variant ``name`` of ``base`` to ``target``; returns a note ('' when none)."""
     try:
         if name == "dynamic_int8":
-            return _dynamic(base, target)
+            quantize_dynamic(base, target, weight_type=QuantType.QInt8)
+            return ""
         if name == "fp16":
-            return _fp16(base, target)
+            from onnxruntime.transformers.float16 import convert_float_to_float16
+
+            model = convert_float_to_float16(onnx.load(str(base)), keep_io_types=True)
+            onnx.save(model, str(target))
+            return ""
         if calibration is None:
             raise InvalidArgument("static_int8 needs quantization.calibration_file")
         return _static(base, target, spec, calibration)
@@ -93,19 +97,6 @@ def build(
             f"onnxruntime.quantization could not build the {name} variant ({first_line(exc)}); "
             "convert with another quantization mode"
         ) from None
-
-
-def _dynamic(base: Path, target: Path) -> str:
-    quantize_dynamic(base, target, weight_type=QuantType.QInt8)
-    return ""
-
-
-def _fp16(base: Path, target: Path) -> str:
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = convert_float_to_float16(onnx.load(str(base)), keep_io_types=True)
-    onnx.save(model, str(target))
-    return ""
 
 
 class _Reader(CalibrationDataReader):

@@ -65,6 +65,32 @@ def _spec(node: Any) -> TensorSpec:
     return TensorSpec(node.name, dtype, shape)
 
 
+def _bf16_ortvalue(arr: np.ndarray) -> Any:
+    """Feed a bfloat16 array by its bits: onnxruntime accepts BF16 only as an OrtValue."""
+    contiguous = np.ascontiguousarray(arr)
+    return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(contiguous.view(np.uint16), 16)
+
+
+def _cast_outputs_to_float(path: Path, names: set[str]) -> bytes:
+    """The model with each named BF16 output produced through an added Cast to float32."""
+    import onnx
+
+    model = onnx.load(os.fspath(path))
+    graph = model.graph
+    for name in names:
+        inner = f"{name}__ferry_bf16"
+        for node in graph.node:
+            node.output[:] = [inner if o == name else o for o in node.output]
+            node.input[:] = [inner if i == name else i for i in node.input]
+        graph.node.append(
+            onnx.helper.make_node("Cast", [inner], [name], to=onnx.TensorProto.FLOAT)
+        )
+        for out in graph.output:
+            if out.name == name:
+                out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    return model.SerializeToString()
+
+
 def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
@@ -95,9 +121,16 @@ class OrtSession:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
         self.session = ort.InferenceSession(os.fspath(path), sess_options=so, providers=providers)
-        self.providers: list[str] = list(self.session.get_providers())
         self.inputs = [_spec(n) for n in self.session.get_inputs()]
         self.outputs = [_spec(n) for n in self.session.get_outputs()]
+        self._bf16_inputs = {s.name for s in self.inputs if s.dtype == DataType.DATA_TYPE_BF16}
+        self._bf16_outputs = {s.name for s in self.outputs if s.dtype == DataType.DATA_TYPE_BF16}
+        if self._bf16_outputs:
+            # onnxruntime's Python API cannot hand back a bfloat16 array: serve a copy of the
+            # graph whose BF16 outputs are cast to float32 (exact), and narrow them again here.
+            model_bytes = _cast_outputs_to_float(path, self._bf16_outputs)
+            self.session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
+        self.providers: list[str] = list(self.session.get_providers())
         self.output_names = [o.name for o in self.outputs]
         self._run = self.session.run
 
@@ -112,7 +145,19 @@ class OrtSession:
     ) -> list[np.ndarray]:
         """Blocking: call from a worker thread."""
         names = output_names or self.output_names
-        return self._run(names, feeds)
+        if self._bf16_inputs:
+            feeds = {
+                name: _bf16_ortvalue(arr) if name in self._bf16_inputs else arr
+                for name, arr in feeds.items()
+            }
+        outputs: list[np.ndarray] = self._run(names, feeds)
+        if self._bf16_outputs:
+            bf16 = numpy_dtype(DataType.DATA_TYPE_BF16)
+            outputs = [
+                out.astype(bf16) if name in self._bf16_outputs else out
+                for name, out in zip(names, outputs, strict=True)
+            ]
+        return outputs
 
     def warm_up(self, batch_size: int) -> None:
         """One run with zeros so the first request does not pay for allocation and kernel
