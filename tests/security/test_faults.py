@@ -292,12 +292,21 @@ def test_disk_full_during_a_conversion_publish(
 # dies during a conversion" is a state the test establishes, not a race it hopes to win.
 HOLD_CHILD = """
 import os, sys, threading
-if "--job" in sys.argv and "--progress-fd" in sys.argv:
+if "--job" in sys.argv and "--progress-fd" in sys.argv and sys.argv[0] != "-c":  # not the launcher
     with open(os.environ["FERRY_TEST_CHILD_PID"] + ".tmp", "w") as fh:
         fh.write(str(os.getpid()))
     os.rename(os.environ["FERRY_TEST_CHILD_PID"] + ".tmp", os.environ["FERRY_TEST_CHILD_PID"])
     threading.Event().wait()
 """
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie waiting for a reaper."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    return "\nState:\tZ" not in status
 
 
 def test_sigkill_during_a_conversion(tmp_path: Path, server_process: type[ServerProcess]) -> None:
@@ -323,8 +332,10 @@ def test_sigkill_during_a_conversion(tmp_path: Path, server_process: type[Server
         child = int(pid_file.read_text())
         assert temporaries(root / "mlp"), "the running job has a staging folder"
         srv.kill()
+        # The launcher set PR_SET_PDEATHSIG: the kernel ends the child with the server.
+        wait_for(lambda: not _running(child), "the orphaned child to be killed", timeout=30)
     finally:
-        if child:  # a child in its own session outlives the server: end it like a machine crash
+        if child:  # never leave a child behind, whatever failed above
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(child, signal.SIGKILL)
     restarted = server_process(root, management=True).start()

@@ -15,7 +15,7 @@ from ferry.server.convert import architectures
 from ferry.server.errors import InvalidArgument
 
 BUILTINS = ["seed", "mlp", "small_cnn", "resnet", "transformer_encoder", "linear_heavy"]
-SMALL = {
+SMALL: dict[str, dict[str, Any]] = {
     "seed": {},
     "mlp": {"in_features": 5, "hidden": [7], "out_features": 3, "activation": "gelu"},
     "small_cnn": {"num_classes": 4, "width": 4, "depth": 2},

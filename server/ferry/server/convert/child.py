@@ -72,6 +72,7 @@ def _confine_temp(work: Path) -> None:
 
     Must run before onnxruntime or torch is imported: both read these variables at import.
     """
+    # pipeline.SCRATCH, spelt out: importing pipeline would load onnxruntime too early.
     tmp = work / ".scratch" / "tmp"
     tmp.mkdir(parents=True, exist_ok=True)
     # onnxruntime keeps a device id under XDG_CACHE_HOME; torch caches under TORCH_HOME.

@@ -21,7 +21,6 @@ from ferry.server.errors import ConversionFailed, InvalidArgument
 # Domains onnxruntime's CPU provider implements; custom-op libraries are never registered.
 SAFE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
-MATMUL_OPS = frozenset({"MatMul", "Gemm", "FusedMatMul", "MatMulInteger"})
 
 
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:

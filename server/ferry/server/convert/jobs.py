@@ -419,16 +419,25 @@ def _kill(proc: asyncio.subprocess.Process | None) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-# Sets the address-space limit, then becomes the child. Not a preexec_fn: that forces a plain
-# fork() of this multi-threaded gRPC process, and gRPC's threads do not survive it (children
-# aborted in gRPC's epoll poller before reaching exec). A launcher keeps spawning fork-free.
+# Sets the address-space limit and asks the kernel to SIGKILL the child if the server dies
+# (PR_SET_PDEATHSIG: a SIGKILLed server must not leave a conversion running on), then becomes
+# the child. Not a preexec_fn: that forces a plain fork() of this multi-threaded gRPC process,
+# and gRPC's threads do not survive it (children aborted in gRPC's epoll poller before reaching
+# exec). A launcher keeps spawning fork-free.
 _LAUNCHER = (
-    "import os, resource, sys; n = int(sys.argv[1]); "
-    "resource.setrlimit(resource.RLIMIT_AS, (n, n)); os.execv(sys.argv[2], sys.argv[2:])"
+    "import ctypes, os, resource, signal, sys\n"
+    "n, ppid = int(sys.argv[1]), int(sys.argv[2])\n"
+    "try:\n"
+    "    ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)\n"
+    "except (OSError, AttributeError):\n"
+    "    pass\n"
+    "if os.getppid() != ppid:\n"
+    "    os._exit(1)\n"
+    "if n > 0:\n"
+    "    resource.setrlimit(resource.RLIMIT_AS, (n, n))\n"
+    "os.execv(sys.argv[3], sys.argv[3:])\n"
 )
 
 
 def _limited(limit: int, command: list[str]) -> list[str]:
-    if limit <= 0:
-        return command
-    return [sys.executable, "-c", _LAUNCHER, str(limit), *command]
+    return [sys.executable, "-c", _LAUNCHER, str(limit), str(os.getpid()), *command]

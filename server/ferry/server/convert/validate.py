@@ -60,9 +60,6 @@ class Samples:
         for start in range(0, len(self), size):
             yield {name: array[start : start + size] for name, array in self.arrays.items()}
 
-    def take(self, count: int) -> Samples:
-        return Samples({n: a[:count] for n, a in self.arrays.items()}, self.batched)
-
 
 def generate(inputs: list[InputSpec], count: int, batched: bool) -> Samples:
     """Seeded so that a rerun of a job validates on the same inputs."""

@@ -8,7 +8,7 @@ once, so ``ferry.v1`` and the Open Inference Protocol give the same answers and 
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,6 +50,23 @@ class Limits:
     max_batch: int = 0  # 0: only each model's own max_batch_size applies
 
 
+def check_wire_elements(shapes: Iterable[Sequence[int]], limits: Limits) -> None:
+    """Refuse a request whose declared shapes exceed ``max_request_elements`` before any tensor
+    is decoded: BYTES elements become Python objects several times their wire size, so the
+    limit must hold before that memory is spent, not after."""
+    total = 0
+    for shape in shapes:
+        count = 1
+        for dim in shape:
+            count *= max(int(dim), 0)
+        total += count
+        if total > limits.max_elements:
+            raise LimitExceeded(
+                f"the request declares more than {limits.max_elements} tensor elements, the "
+                "limit per request (max_request_elements)"
+            )
+
+
 class DataPlane:
     def __init__(self, registry: ModelRegistry, limits: Limits | None = None) -> None:
         self.registry = registry
@@ -60,11 +77,11 @@ class DataPlane:
     ) -> InferenceResult:
         """``deadline`` is absolute on ``time.monotonic()`` (the call's own gRPC deadline)."""
         lv = self.registry.get(request.model, request.version)
-        work = self._validate(lv, request)
-        deadline = self._deadline(lv, request, deadline)
-        priority = request.priority or lv.config.batching.default_priority
         start = time.perf_counter_ns()
         try:
+            work = self._validate(lv, request)
+            deadline = self._deadline(lv, request, deadline)
+            priority = request.priority or lv.config.batching.default_priority
             outputs = await lv.batcher.submit(work, deadline=deadline, priority=priority)
         except FerryError:
             lv.stats.record_failure(time.perf_counter_ns() - start)

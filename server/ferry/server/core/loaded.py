@@ -108,6 +108,9 @@ class LoadedVersion:
     async def close(self, *, drain: bool = True) -> None:
         await self.batcher.close(drain=drain)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        # The batcher and this object refer to each other, so only the cycle collector would
+        # free them; release the onnxruntime session (weights, threads) now instead.
+        self.session.release()
 
 
 def _batch_of(work: Work) -> int:

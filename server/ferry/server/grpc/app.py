@@ -20,6 +20,7 @@ from ferry.server import security
 from ferry.server.core.dataplane import DataPlane, Limits
 from ferry.server.core.registry import ModelRegistry, State
 from ferry.server.core.repository import ModelRepository
+from ferry.server.grpc import conversion, kserve
 from ferry.server.grpc.auth import inference_guard, management_guard
 from ferry.server.grpc.inference import InferenceServicer
 from ferry.server.grpc.repository import RepositoryServicer
@@ -66,16 +67,12 @@ class FerryServer:
         self.inference_extensions: list[Extension] = []
         self.management_extensions: list[Extension] = []
         # Open Inference Protocol (KServe v2) on both listeners; repository control on management.
-        from ferry.server.grpc import kserve
-
         self.inference_extensions.append(kserve.serve_on_inference_listener)
         self.management_extensions.append(kserve.serve_on_management_listener)
         # Awaited first in stop(), before the listeners drain (conversion kills its children
         # and ends its job streams there, so they do not hold the grace period).
         self.on_stop: list[Callable[[], Awaitable[None]]] = []
         # Model conversion (uploads, jobs, versions): management listener only.
-        from ferry.server.grpc import conversion
-
         self.conversion = conversion.ConversionService(settings, self.repository, self.registry)
         self.management_extensions.append(conversion.serve_on_management_listener)
         self.on_stop.append(self.conversion.close)
@@ -199,7 +196,8 @@ class FerryServer:
                 log.exception("stop hook failed")
         await asyncio.gather(*(srv.stop(grace) for srv in self._servers))
         await self.registry.close()
-        self.metrics.close()
+        # prometheus_client's HTTP server polls for shutdown every 0.5 s: not on the event loop.
+        await asyncio.to_thread(self.metrics.close)
         self._stopped.set()
 
     async def wait(self) -> None:

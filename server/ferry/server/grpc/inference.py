@@ -12,13 +12,19 @@ from ferry.codec import decode_tensor, encode_tensor
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 from ferry.proto.v1 import tensor_pb2
-from ferry.server.core.dataplane import DataPlane, InferenceRequest, InferenceResult
+from ferry.server.core.dataplane import (
+    DataPlane,
+    InferenceRequest,
+    InferenceResult,
+    Limits,
+    check_wire_elements,
+)
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import State
 from ferry.server.core.stats import Duration, VersionStats
 from ferry.server.errors import InvalidArgument
-from ferry.server.grpc._base import call_deadline, translate_errors
-from ferry.server.grpc.status import status_of
+from ferry.server.grpc._base import call_deadline, run_stream, translate_errors
+from ferry.server.grpc.status import code_of, status_of
 from ferry.server.runtime.session import TensorSpec
 
 STATE = {
@@ -36,7 +42,9 @@ def _noop(model: str, version: int, code: str, seconds: float) -> None:
     return None
 
 
-def to_request(msg: pb.InferRequest) -> InferenceRequest:
+def to_request(msg: pb.InferRequest, limits: Limits | None = None) -> InferenceRequest:
+    if limits is not None:
+        check_wire_elements((t.shape for t in msg.inputs), limits)
     names = set()
     inputs = {}
     for t in msg.inputs:
@@ -148,11 +156,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         start = time.perf_counter()
         try:
             result = await self.dataplane.infer(
-                to_request(request), deadline=call_deadline(context)
+                to_request(request, self.dataplane.limits), deadline=call_deadline(context)
             )
         except Exception as exc:
             self.observe(
-                request.model, request.version, status_of(exc)[0].name, time.perf_counter() - start
+                request.model, request.version, code_of(exc).name, time.perf_counter() - start
             )
             raise
         self.observe(result.model, result.version, "OK", time.perf_counter() - start)
@@ -161,56 +169,30 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.InferStreamResponse]:
-        """Requests run concurrently; responses are yielded as they complete. At most
-        ``max_stream_in_flight`` requests run per stream: beyond that the reader stops reading,
-        and HTTP/2 flow control pushes back on the client instead of memory growing."""
-        out: asyncio.Queue[pb.InferStreamResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.max_stream_in_flight)
-        tasks: set[asyncio.Task[None]] = set()
+        """Requests run concurrently; responses are yielded as they complete, each with its
+        request's id; a failed request gets an error response and the stream stays open
+        (``run_stream`` bounds what is in flight)."""
         deadline = call_deadline(context)
 
-        async def one(msg: pb.InferRequest) -> None:
+        async def one(msg: pb.InferRequest) -> pb.InferStreamResponse:
             start = time.perf_counter()
             try:
-                result = await self.dataplane.infer(to_request(msg), deadline=deadline)
-                response = pb.InferStreamResponse(id=msg.id, response=to_response(result))
-                self.observe(result.model, result.version, "OK", time.perf_counter() - start)
+                result = await self.dataplane.infer(
+                    to_request(msg, self.dataplane.limits), deadline=deadline
+                )
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 code, message, kind = status_of(exc)
                 self.observe(msg.model, msg.version, code.name, time.perf_counter() - start)
-                response = pb.InferStreamResponse(
+                return pb.InferStreamResponse(
                     id=msg.id, error=pb.Error(code=code.value[0], message=message, kind=kind)
                 )
-            finally:
-                slots.release()
-            out.put_nowait(response)
+            self.observe(result.model, result.version, "OK", time.perf_counter() - start)
+            return pb.InferStreamResponse(id=msg.id, response=to_response(result))
 
-        async def reader() -> None:
-            try:
-                async for msg in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(one(msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                while tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
-            finally:
-                out.put_nowait(None)
-
-        read_task = asyncio.create_task(reader())
-        try:
-            while True:
-                item = await out.get()
-                if item is None:
-                    break
-                yield item
-            await read_task
-        finally:
-            read_task.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for response in run_stream(request_iterator, one, self.max_stream_in_flight):
+            yield response
 
     @translate_errors
     async def GetModelMetadata(

@@ -33,10 +33,10 @@ from ferry.server.errors import (
     PermissionDenied,
     Unimplemented,
 )
-from ferry.server.grpc._base import call_deadline, translate_errors
+from ferry.server.grpc._base import call_deadline, run_stream, translate_errors
 from ferry.server.grpc.kserve_model import config_of, metadata_of, repository_index, statistics_of
 from ferry.server.grpc.kserve_tensors import decode_request, encode_response, parse_version
-from ferry.server.grpc.status import ERROR_TABLE, status_of
+from ferry.server.grpc.status import code_of, status_of
 
 if TYPE_CHECKING:
     from ferry.server.grpc.app import FerryServer
@@ -76,8 +76,7 @@ def _server_version() -> str:
 
 
 def _code_name(exc: BaseException) -> str:
-    """The status a failure ends with, for metrics; without logging (the adapter logs once)."""
-    return ERROR_TABLE[exc.kind][0].name if isinstance(exc, FerryError) else "INTERNAL"
+    return code_of(exc).name
 
 
 def _version_label(version: str) -> int:
@@ -171,7 +170,9 @@ class KServeServicer:
     async def _infer(self, msg: pb.ModelInferRequest, deadline: float | None) -> InferenceResult:
         start = time.perf_counter()
         try:
-            result = await self.dataplane.infer(decode_request(msg), deadline=deadline)
+            result = await self.dataplane.infer(
+                decode_request(msg, self.dataplane.limits), deadline=deadline
+            )
         except Exception as exc:
             self.observe(
                 msg.model_name,
@@ -194,23 +195,16 @@ class KServeServicer:
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently and responses go out as they complete (clients match them
-        by ``id``); a failed request answers with ``error_message`` and the stream stays open.
-
-        A request holds one of ``max_stream_in_flight`` slots until its response is written, not
-        merely computed: a client that sends without reading stops being read, and HTTP/2 flow
-        control pushes back on it instead of responses piling up in memory."""
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.max_stream_in_flight)
-        tasks: set[asyncio.Task[None]] = set()
+        by ``id``); a failed request answers with ``error_message`` and the stream stays open
+        (``run_stream`` bounds what is in flight)."""
         deadline = call_deadline(context)
 
-        async def one(msg: pb.ModelInferRequest) -> None:
+        async def one(msg: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             response = pb.ModelStreamInferResponse()
             try:
                 # Encoded in place: passing a built response to the constructor would copy it.
                 encode_response(await self._infer(msg, deadline), response.infer_response)
             except asyncio.CancelledError:
-                slots.release()
                 raise
             except Exception as exc:
                 code, message, _ = status_of(exc)
@@ -222,30 +216,10 @@ class KServeServicer:
                         model_name=msg.model_name, model_version=msg.model_version, id=msg.id
                     ),
                 )
-            done.put_nowait(response)
+            return response
 
-        async def reader() -> None:
-            try:
-                async for msg in request_iterator:
-                    await slots.acquire()
-                    task = asyncio.create_task(one(msg))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                while tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
-            finally:
-                done.put_nowait(None)
-
-        read_task = asyncio.create_task(reader())
-        try:
-            while (item := await done.get()) is not None:
-                yield item
-                slots.release()
-            await read_task  # a broken request stream ends the call with its error
-        finally:
-            read_task.cancel()
-            for task in list(tasks):
-                task.cancel()
+        async for response in run_stream(request_iterator, one, self.max_stream_in_flight):
+            yield response
 
     # ---- repository ----
     @translate_errors

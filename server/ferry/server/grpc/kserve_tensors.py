@@ -26,7 +26,12 @@ from ferry.codec import (
     to_bytes,
 )
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
-from ferry.server.core.dataplane import InferenceRequest, InferenceResult
+from ferry.server.core.dataplane import (
+    InferenceRequest,
+    InferenceResult,
+    Limits,
+    check_wire_elements,
+)
 from ferry.server.errors import InvalidArgument, Unimplemented
 
 # Typed contents: datatype -> (the InferTensorContents field that carries it, the numpy dtype of
@@ -68,7 +73,9 @@ def parse_version(version: str) -> int | None:
     return int(version) or None
 
 
-def decode_request(msg: pb.ModelInferRequest) -> InferenceRequest:
+def decode_request(msg: pb.ModelInferRequest, limits: Limits | None = None) -> InferenceRequest:
+    if limits is not None:
+        check_wire_elements((t.shape for t in msg.inputs), limits)
     raw = msg.raw_input_contents
     inputs: dict[str, np.ndarray] = {}
     if raw:

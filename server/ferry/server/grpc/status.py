@@ -41,6 +41,11 @@ ERROR_TABLE: dict[ErrorKind, tuple[grpc.StatusCode, type[sdk.FerryError]]] = {
 MAX_MESSAGE = 2000
 
 
+def code_of(exc: BaseException) -> grpc.StatusCode:
+    """The status a failure ends with, without logging (for metrics: the adapter logs once)."""
+    return ERROR_TABLE[exc.kind][0] if isinstance(exc, FerryError) else grpc.StatusCode.INTERNAL
+
+
 def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(code, message, kind) for any exception; unexpected ones become INTERNAL and are logged."""
     if isinstance(exc, FerryError):

@@ -17,7 +17,7 @@ import onnxruntime as ort
 
 from ferry.codec import DataType, numpy_dtype
 from ferry.server.core.config import OnnxRuntimeConfig
-from ferry.server.errors import InvalidArgument
+from ferry.server.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +91,10 @@ def _cast_outputs_to_float(path: Path, names: set[str]) -> bytes:
     return model.SerializeToString()
 
 
+def _released(*_args: Any) -> Any:
+    raise Unavailable("this model version was unloaded")
+
+
 def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
@@ -133,6 +137,12 @@ class OrtSession:
         self.providers: list[str] = list(self.session.get_providers())
         self.output_names = [o.name for o in self.outputs]
         self._run = self.session.run
+
+    def release(self) -> None:
+        """Drop the onnxruntime session now (an unloaded version must not hold its memory until
+        a garbage collection); a later run raises Unavailable."""
+        self.session = None
+        self._run = _released
 
     def batchable(self) -> bool:
         """True when every input and output has a dynamic leading dimension: the graph can
