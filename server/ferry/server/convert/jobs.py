@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -199,9 +200,18 @@ class JobRunner:
         try:
             outcome, version, report = await self._convert(run, job)
         except Exception as exc:
-            log.exception("conversion job %s failed unexpectedly", job.job_id)
-            kind = exc.kind.value if isinstance(exc, FerryError) else ErrorKind.INTERNAL.value
-            msg = exc.message if isinstance(exc, FerryError) else f"{type(exc).__name__}: {exc}"
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # Not a bug: the operator's disk is full. Say so, with what to do.
+                kind = ErrorKind.LIMIT_EXCEEDED.value
+                msg = (
+                    f"the disk holding the model repository is full ({exc.strerror}); nothing "
+                    "was published: free space and convert again"
+                )
+                log.error("conversion job %s: %s", job.job_id, msg)
+            else:
+                log.exception("conversion job %s failed unexpectedly", job.job_id)
+                kind = exc.kind.value if isinstance(exc, FerryError) else ErrorKind.INTERNAL.value
+                msg = exc.message if isinstance(exc, FerryError) else f"{type(exc).__name__}: {exc}"
             outcome, version, report = _Outcome(JobState.FAILED, kind, msg), 0, ""
         finally:
             self._runs.pop(run.job_id, None)

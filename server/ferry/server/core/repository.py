@@ -8,6 +8,7 @@ an atomic rename of a fully written, fsynced temporary folder, and is never rewr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -158,6 +159,7 @@ class ModelRepository:
         """Remove staging folders left by a process that died mid-publish."""
         removed = []
         for model in self.list_models():
+            before = len(removed)
             for entry in self.model_dir(model).iterdir():
                 if entry.name.startswith(TMP_PREFIX):
                     # write_file_atomic leaves files, staging() folders; rmtree ignores files.
@@ -166,6 +168,11 @@ class ModelRepository:
                     else:
                         entry.unlink(missing_ok=True)
                     removed.append(entry)
+            mdir = self.model_dir(model)
+            if len(removed) > before and not any(mdir.iterdir()):
+                # Only a temporary was there: a first publish died; leave no empty model.
+                with contextlib.suppress(OSError):
+                    mdir.rmdir()
         return removed
 
 
