@@ -50,5 +50,9 @@ test-fast:
 serve:
 	$(VENV)/bin/ferry serve --repository $(REPO)
 
+# The main job: server up, the seed model converted (fp32 + dynamic int8) and answering, a load test.
+demo:
+	$(PY) examples/demo.py --repository $(REPO)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
