@@ -1,4 +1,5 @@
-# Ferry: every task a developer or CI runs. `make install` then `make test` on a fresh machine.
+# Ferry: every task a developer or CI runs. On a fresh machine `make demo` (the main job) and
+# `make test` each install what they need first (a venv in .venv), once.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
@@ -6,18 +7,23 @@ PIP     = $(PY) -m pip
 REPO   ?= model-repository
 PROTOS  = $(shell find protos -name '*.proto' | sort)
 
-.PHONY: install protos check-protos lint format typecheck test test-fast serve demo example-repo bench clean
+STAMP   = $(VENV)/.ferry-installed
 
-$(PY):
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
+.PHONY: install protos check-protos lint format typecheck test test-fast serve demo example-repo bench clean
 
 # torch first, at the exact pin: it is the CPU build that lies on disk. Any looser spec would
 # pull gigabytes of CUDA wheels when another package asks for torch.
-install: $(PY)
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e '.[dev]'
 	$(MAKE) --no-print-directory example-repo
+	touch $(STAMP)
+
+install:
+	rm -f $(STAMP)
+	$(MAKE) --no-print-directory $(STAMP)
 
 example-repo:
 	$(PY) -m ferry.server.examples --repository $(REPO)
@@ -27,10 +33,10 @@ protos:
 		--pyi_out=client $(PROTOS)
 
 # Fails when the committed generated code differs from what `make protos` would write.
-check-protos:
+check-protos: $(STAMP)
 	$(PY) tests/contracts/check_protos.py
 
-lint:
+lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
@@ -38,21 +44,25 @@ format:
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-typecheck:
+typecheck: $(STAMP)
 	$(VENV)/bin/mypy client/ferry server/ferry
 
 test: lint typecheck check-protos
 	$(PY) -m pytest -q
 
-test-fast:
+test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-serve:
+serve: $(STAMP)
 	$(VENV)/bin/ferry serve --repository $(REPO)
 
 # The main job: server up, the seed model converted (fp32 + dynamic int8) and answering, a load test.
-demo:
+demo: $(STAMP)
 	$(PY) examples/demo.py --repository $(REPO)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
+
+bench: $(STAMP)
+	$(PY) bench/serving.py
+	$(PY) bench/conversion.py
