@@ -29,12 +29,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from ferry.client._requests import (
-    build_infer_request,
-    decode_infer_response,
-    encode_infer_request,
-    parse_infer_response,
-)
+from ferry.client._requests import build_infer_request, parse_infer_response
+from ferry.client._wire import decode_infer_response, encode_infer_request
 from ferry.codec import encode_tensor
 from ferry.proto.v1 import inference_pb2 as pb
 

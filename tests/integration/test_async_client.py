@@ -313,7 +313,8 @@ def test_several_endpoints_are_balanced_round_robin(
     ],
 )
 def test_one_copy_encoding_matches_protobuf_byte_for_byte(inputs: dict[str, Any]) -> None:
-    from ferry.client._requests import build_infer_request, encode_infer_request
+    from ferry.client._requests import build_infer_request
+    from ferry.client._wire import encode_infer_request
 
     for kwargs in (
         {},
@@ -347,7 +348,7 @@ def _response(**outputs: np.ndarray) -> Any:
     ],
 )
 def test_zero_copy_decoding_matches_protobuf(outputs: dict[str, np.ndarray]) -> None:
-    from ferry.client._requests import decode_infer_response, decode_stream_response
+    from ferry.client._wire import decode_infer_response, decode_stream_response
 
     raw = _response(**outputs).SerializeToString()
     fast = decode_infer_response(raw)
@@ -368,7 +369,7 @@ def test_zero_copy_decoding_matches_protobuf(outputs: dict[str, np.ndarray]) -> 
 
 
 def test_decoding_errors_and_malformed_answers() -> None:
-    from ferry.client._requests import decode_infer_response, decode_stream_response
+    from ferry.client._wire import decode_infer_response, decode_stream_response
     from ferry.codec import CodecError
 
     err = pb.InferStreamResponse(

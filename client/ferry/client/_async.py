@@ -36,8 +36,6 @@ from ferry.client._channel import (
 from ferry.client._errors import CancelledError, FerryError, from_rpc_error
 from ferry.client._requests import (
     ArrayLike,
-    decode_infer_response,
-    encode_infer_request,
     input_dtypes,
     needs_dtypes,
     parse_list_models,
@@ -65,6 +63,7 @@ from ferry.client._types import (
     ModelVersionStatus,
     Timings,
 )
+from ferry.client._wire import decode_infer_response, encode_infer_request
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 

@@ -37,14 +37,9 @@ from typing import Any, Final
 import grpc
 
 from ferry.client._errors import FerryError, InvalidInputError, from_rpc_error
-from ferry.client._requests import (
-    ArrayLike,
-    decode_stream_response,
-    encode_infer_request,
-    needs_dtypes,
-    new_request_id,
-)
+from ferry.client._requests import ArrayLike, needs_dtypes, new_request_id
 from ferry.client._types import InferResult, Timings
+from ferry.client._wire import decode_stream_response, encode_infer_request
 
 StreamResult = tuple[str, InferResult | FerryError]
 Inputs = Mapping[str, ArrayLike]
