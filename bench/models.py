@@ -46,7 +46,12 @@ def _torch_model(name: str):  # type: ignore[no-untyped-def]
             y = torch.relu(self.b1(self.c1(x)))
             return torch.relu(self.b2(self.c2(y)) + self.down(x))
 
-    stem = [nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    stem = [
+        nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+        nn.BatchNorm2d(64),
+        nn.ReLU(),
+        nn.MaxPool2d(3, 2, 1),
+    ]
     blocks: list[nn.Module] = []
     cin = 64
     for i, cout in enumerate((64, 128, 256, 512)):
@@ -71,8 +76,13 @@ def build(name: str, path: Path) -> Path:
     example = torch.randn(2, *SHAPES[name])
     with torch.no_grad():
         torch.onnx.export(
-            model, (example,), str(path), input_names=["input"], output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+            model,
+            (example,),
+            str(path),
+            input_names=["input"],
+            output_names=["logits"],
+            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+            dynamo=False,
             opset_version=17,
         )
     return path

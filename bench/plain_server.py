@@ -37,7 +37,10 @@ def main() -> None:
     path, port = sys.argv[1], int(sys.argv[2])
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
-        options=[("grpc.max_receive_message_length", 1 << 27), ("grpc.max_send_message_length", 1 << 27)],
+        options=[
+            ("grpc.max_receive_message_length", 1 << 27),
+            ("grpc.max_send_message_length", 1 << 27),
+        ],
     )
     pb_grpc.add_InferenceServicer_to_server(Plain(path), server)
     server.add_insecure_port(f"127.0.0.1:{port}")

@@ -66,11 +66,15 @@ def ceiling(path: Path, shape: tuple[int, ...], seconds: float) -> dict[str, flo
 
 def request_bytes(model: str, shape: tuple[int, ...]) -> bytes:
     x = np.random.default_rng(1).standard_normal((1, *shape)).astype(np.float32)
-    t = tensor_pb2.Tensor(name="input", dtype=tensor_pb2.DATA_TYPE_FP32, shape=x.shape, data=x.tobytes())
+    t = tensor_pb2.Tensor(
+        name="input", dtype=tensor_pb2.DATA_TYPE_FP32, shape=x.shape, data=x.tobytes()
+    )
     return pb.InferRequest(model=model, inputs=[t]).SerializeToString()
 
 
-async def closed_loop(target: str, payload: bytes, concurrency: int, warmup: float, seconds: float) -> dict[str, float]:
+async def closed_loop(
+    target: str, payload: bytes, concurrency: int, warmup: float, seconds: float
+) -> dict[str, float]:
     opts = [("grpc.max_receive_message_length", 1 << 27), ("grpc.max_send_message_length", 1 << 27)]
     async with grpc.aio.insecure_channel(target, options=opts) as channel:
         call = channel.unary_unary(INFER, request_serializer=None, response_deserializer=None)
@@ -127,8 +131,23 @@ def wait_ready(proc: subprocess.Popen[str], target: str, timeout: float = 120) -
 def start_ferry(repo: Path) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ferry.server", "--repository", str(repo), "--host", "127.0.0.1",
-         "--port", str(port), "--management-port", "-1", "--metrics-port", "-1", "--log-level", "WARNING"],
+        [
+            sys.executable,
+            "-m",
+            "ferry.server",
+            "--repository",
+            str(repo),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--management-port",
+            "-1",
+            "--metrics-port",
+            "-1",
+            "--log-level",
+            "WARNING",
+        ],
         text=True,
     )
     target = f"127.0.0.1:{port}"
@@ -140,7 +159,8 @@ def start_plain(path: Path) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, str(HERE / "plain_server.py"), str(path), str(port)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     if proc.stdout.readline().strip() != "ready":
@@ -168,7 +188,9 @@ def write_repo(root: Path, models: dict[str, Path], max_batch_size: int) -> Path
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--models", default="mlp,cnn,resnet")
     ap.add_argument("--concurrency", default="1,8,64")
     ap.add_argument("--duration", type=float, default=5.0)
@@ -195,7 +217,9 @@ def main() -> None:
                 proc, target = starter()
                 try:
                     r[label] = {
-                        str(c): asyncio.run(closed_loop(target, payload, c, args.warmup, args.duration))
+                        str(c): asyncio.run(
+                            closed_loop(target, payload, c, args.warmup, args.duration)
+                        )
                         for c in levels
                     }
                 finally:
@@ -210,7 +234,11 @@ def main() -> None:
 
 
 def report(results: dict[str, dict[str, object]], levels: list[int]) -> None:
-    print("\n| model | ceiling samples/s (best batch) | server | " + " | ".join(f"c={c} req/s (p50/p99 ms)" for c in levels) + " |")
+    print(
+        "\n| model | ceiling samples/s (best batch) | server | "
+        + " | ".join(f"c={c} req/s (p50/p99 ms)" for c in levels)
+        + " |"
+    )
     print("|---|---|---|" + "---|" * len(levels))
     for name, r in results.items():
         ceil = r["ceiling"]

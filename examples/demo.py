@@ -38,9 +38,21 @@ def start_server(repository: Path) -> tuple[subprocess.Popen[bytes], str, str]:
     port, mport = free_port(), free_port()
     proc = subprocess.Popen(
         [
-            sys.executable, "-m", "ferry.server", "--repository", str(repository),
-            "--host", "127.0.0.1", "--port", str(port), "--management-port", str(mport),
-            "--metrics-port", "-1", "--log-level", "WARNING",
+            sys.executable,
+            "-m",
+            "ferry.server",
+            "--repository",
+            str(repository),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--management-port",
+            str(mport),
+            "--metrics-port",
+            "-1",
+            "--log-level",
+            "WARNING",
         ]
     )
     target, management = f"127.0.0.1:{port}", f"127.0.0.1:{mport}"
@@ -75,7 +87,9 @@ def main() -> int:
         with ConversionClient(management) as conv, InferenceClient(target, timeout=30) as infer:
             print("== uploading the seed model (state_dict + architecture 'seed')")
             upload = conv.upload(MODEL, model, architecture="seed", example_inputs=examples)
-            print(f"   upload {upload.upload_id}: {upload.size_bytes} bytes, sha256 {upload.sha256[:16]}...")
+            print(
+                f"   upload {upload.upload_id}: {upload.size_bytes} bytes, sha256 {upload.sha256[:16]}..."
+            )
             versions = {}
             for variant in ("none", "dynamic_int8"):
                 label = "fp32" if variant == "none" else variant
@@ -92,12 +106,19 @@ def main() -> int:
                 out = infer.infer(MODEL, {"input": x}, version=version)
                 (name,) = list(out)
                 diff = float(np.max(np.abs(out[name] - expected)))
-                print(f"== infer on {label} (version {out.version}): max |onnx - torch| = {diff:.2e}")
+                print(
+                    f"== infer on {label} (version {out.version}): max |onnx - torch| = {diff:.2e}"
+                )
                 print("   " + np.array2string(out[name].ravel(), precision=4))
-            print(f"== load test: {args.duration:g} s, 16 concurrent clients, version {versions['fp32']}")
+            print(
+                f"== load test: {args.duration:g} s, 16 concurrent clients, version {versions['fp32']}"
+            )
             report = run(
                 LoadTestConfig(
-                    model=MODEL, target=target, concurrency=(16,), duration=args.duration,
+                    model=MODEL,
+                    target=target,
+                    concurrency=(16,),
+                    duration=args.duration,
                     warmup=1.0,
                 ),
                 progress=False,

@@ -53,6 +53,7 @@ TYPED_FIELDS = {
     "BYTES": "bytes_contents",
 }
 
+
 def _input(name: str, array: np.ndarray, datatype: str) -> tg.InferInput:
     tensor = tg.InferInput(name, list(array.shape), datatype)
     tensor.set_data_from_numpy(array)
@@ -63,9 +64,7 @@ def _code(exc: pytest.ExceptionInfo[InferenceServerException]) -> str:
     return str(exc.value.status())
 
 
-@pytest.mark.parametrize(
-    "datatype", DATATYPES
-)
+@pytest.mark.parametrize("datatype", DATATYPES)
 def test_raw_inputs_round_trip_every_datatype(
     triton: tg.InferenceServerClient, datatype: str
 ) -> None:

@@ -16,22 +16,30 @@ MiB = 1 << 20
 class Settings:
     repository: Path = field(
         default=Path("model-repository"),
-        metadata={"help": "model repository folder: <model>/<version>/model.onnx + <model>/config.toml"},
+        metadata={
+            "help": "model repository folder: <model>/<version>/model.onnx + <model>/config.toml"
+        },
     )
     host: str = field(
-        default="0.0.0.0", metadata={"help": "address of the inference listener (Inference, health)"}
+        default="0.0.0.0",
+        metadata={"help": "address of the inference listener (Inference, health)"},
     )
     port: int = field(default=8001, metadata={"help": "inference port; 0 picks a free one"})
     management_host: str = field(
         default="127.0.0.1",
-        metadata={"help": "address of the management listener (repository load/unload, conversion)"},
+        metadata={
+            "help": "address of the management listener (repository load/unload, conversion)"
+        },
     )
     management_port: int = field(
         default=8003, metadata={"help": "management port; 0 picks a free one, -1 disables it"}
     )
-    metrics_host: str = field(default="0.0.0.0", metadata={"help": "address of the Prometheus endpoint"})
+    metrics_host: str = field(
+        default="0.0.0.0", metadata={"help": "address of the Prometheus endpoint"}
+    )
     metrics_port: int = field(
-        default=8002, metadata={"help": "Prometheus /metrics port; 0 picks a free one, -1 disables it"}
+        default=8002,
+        metadata={"help": "Prometheus /metrics port; 0 picks a free one, -1 disables it"},
     )
     poll_interval: float = field(
         default=0.0, metadata={"help": "seconds between repository scans; 0 only on request"}
@@ -40,7 +48,8 @@ class Settings:
         default=10.0, metadata={"help": "seconds in-flight requests get to finish on SIGTERM"}
     )
     max_message_bytes: int = field(
-        default=80 * MiB, metadata={"help": "largest gRPC message accepted or sent (64 MiB tensors fit)"}
+        default=80 * MiB,
+        metadata={"help": "largest gRPC message accepted or sent (64 MiB tensors fit)"},
     )
     max_stream_in_flight: int = field(
         default=1024, metadata={"help": "requests running at once on one InferStream"}
@@ -49,25 +58,34 @@ class Settings:
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     # --- access (see SECURITY.md; the rules live in ferry.server.security) ---
     inference_token: str = field(
-        default="", repr=False,
-        metadata={"help": "bearer token the inference listener requires (environment only: a "
-                  "flag would show in ps)", "flag": False},
+        default="",
+        repr=False,
+        metadata={
+            "help": "bearer token the inference listener requires (environment only: a "
+            "flag would show in ps)",
+            "flag": False,
+        },
     )
     inference_token_file: str = field(
         default="", metadata={"help": "file holding the inference token (one line)"}
     )
     management_token: str = field(
-        default="", repr=False,
-        metadata={"help": "bearer token the management listener requires (environment only)",
-                  "flag": False},
+        default="",
+        repr=False,
+        metadata={
+            "help": "bearer token the management listener requires (environment only)",
+            "flag": False,
+        },
     )
     management_token_file: str = field(
         default="", metadata={"help": "file holding the management token (one line)"}
     )
     health_requires_token: bool = field(
         default=False,
-        metadata={"help": "require the inference token for the health service too (probes "
-                  "usually cannot send one)"},
+        metadata={
+            "help": "require the inference token for the health service too (probes "
+            "usually cannot send one)"
+        },
     )
     tls_cert_file: str = field(
         default="", metadata={"help": "PEM certificate chain of both listeners; enables TLS"}
@@ -79,8 +97,10 @@ class Settings:
     )
     management_tls_client_ca_file: str = field(
         default="",
-        metadata={"help": "PEM CA for client certificates on the management listener only "
-                  "(default: tls_client_ca_file)"},
+        metadata={
+            "help": "PEM CA for client certificates on the management listener only "
+            "(default: tls_client_ca_file)"
+        },
     )
     # --- request limits: a request over one is refused, naming the limit and its value ---
     max_request_inputs: int = field(default=256, metadata={"help": "input tensors per request"})
@@ -92,24 +112,31 @@ class Settings:
     )
     max_request_batch_size: int = field(
         default=0,
-        metadata={"help": "batch size per request across all models; 0: each model's "
-                  "max_batch_size only"},
+        metadata={
+            "help": "batch size per request across all models; 0: each model's max_batch_size only"
+        },
     )
     max_concurrent_streams: int = field(
         default=256,
-        metadata={"help": "concurrent calls per client connection (HTTP/2 streams); further "
-                  "calls wait in the client"},
+        metadata={
+            "help": "concurrent calls per client connection (HTTP/2 streams); further "
+            "calls wait in the client"
+        },
     )
     # --- conversion (ModelConversion service, management listener) ---
     state_dir: str = field(
         default="",
-        metadata={"help": "folder for uploads and the conversion job database; empty: "
-                  "<repository>.ferry beside the repository (never inside it)"},
+        metadata={
+            "help": "folder for uploads and the conversion job database; empty: "
+            "<repository>.ferry beside the repository (never inside it)"
+        },
     )
     allow_code_formats: bool = field(
         default=False,
-        metadata={"help": "accept ExportedProgram (.pt2) and TorchScript uploads, whose "
-                  "loading runs code: only when every uploader is trusted"},
+        metadata={
+            "help": "accept ExportedProgram (.pt2) and TorchScript uploads, whose "
+            "loading runs code: only when every uploader is trusted"
+        },
     )
     max_upload_bytes: int = field(
         default=2 << 30, metadata={"help": "largest model upload, enforced while receiving"}
@@ -176,7 +203,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not MISSING else None
         help_text = f"{f.metadata.get('help', '')} (env FERRY_{f.name.upper()}; default {default})"
         if str(f.type) == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
         else:
             conv = {"int": int, "float": float, "Path": Path}.get(str(f.type), str)
             parser.add_argument(flag, type=conv, default=None, help=help_text)

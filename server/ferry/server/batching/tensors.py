@@ -7,7 +7,9 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 
-def batch_key(inputs: Mapping[str, np.ndarray], order: Sequence[str]) -> tuple[tuple[int, ...], ...]:
+def batch_key(
+    inputs: Mapping[str, np.ndarray], order: Sequence[str]
+) -> tuple[tuple[int, ...], ...]:
     """Requests batch together when every input has the same non-batch dims (dtypes are already
     checked against the model's signature, so they are equal)."""
     return tuple(inputs[name].shape[1:] for name in order)

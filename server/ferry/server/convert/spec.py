@@ -18,8 +18,17 @@ PRUNING_METHODS = ("none", "l1_unstructured", "global_unstructured", "structured
 QUANTIZATION_MODES = ("none", "dynamic_int8", "static_int8", "fp16", "auto")
 CALIBRATION_METHODS = ("minmax", "percentile")
 STAGES = (
-    "queued", "load", "prune", "export", "check", "optimize", "quantize", "validate",
-    "benchmark", "publish", "done",
+    "queued",
+    "load",
+    "prune",
+    "export",
+    "check",
+    "optimize",
+    "quantize",
+    "validate",
+    "benchmark",
+    "publish",
+    "done",
 )
 
 

@@ -83,7 +83,9 @@ class LoadedVersion:
         self.stats.record_execution(info.size, len(items), t_in, t_infer, t_out)
         return results
 
-    def _run_batch(self, items: Sequence[Work]) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
+    def _run_batch(
+        self, items: Sequence[Work]
+    ) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
         """Worker thread: concat -> run -> check -> split, timing each stage."""
         t0 = time.perf_counter_ns()
         feeds = concat([w.inputs for w in items], self.input_names)

@@ -103,13 +103,17 @@ class FerryServer:
         server = aio.server(options=self._options(), interceptors=[guard])
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(
-                self.dataplane, observe=self.metrics.observe,
+                self.dataplane,
+                observe=self.metrics.observe,
                 max_stream_in_flight=s.max_stream_in_flight,
             ),
             server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        names = [inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name, health.SERVICE_NAME]
+        names = [
+            inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+            health.SERVICE_NAME,
+        ]
         for ext in self.inference_extensions:
             names += ext(server, self)
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
@@ -138,8 +142,12 @@ class FerryServer:
             self._poll_task = asyncio.create_task(self._poll(s.poll_interval))
         log.info(
             "ferry serving %d model version(s) on %s:%d (management %s:%d, metrics %d)",
-            len(self.registry.loaded_versions()), s.host, self.inference_port,
-            s.management_host, self.management_port, self.metrics_port,
+            len(self.registry.loaded_versions()),
+            s.host,
+            self.inference_port,
+            s.management_host,
+            self.management_port,
+            self.metrics_port,
         )
 
     def _schedule_health(self) -> None:

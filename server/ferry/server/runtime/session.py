@@ -82,9 +82,7 @@ def _cast_outputs_to_float(path: Path, names: set[str]) -> bytes:
         for node in graph.node:
             node.output[:] = [inner if o == name else o for o in node.output]
             node.input[:] = [inner if i == name else i for i in node.input]
-        graph.node.append(
-            onnx.helper.make_node("Cast", [inner], [name], to=onnx.TensorProto.FLOAT)
-        )
+        graph.node.append(onnx.helper.make_node("Cast", [inner], [name], to=onnx.TensorProto.FLOAT))
         for out in graph.output:
             if out.name == name:
                 out.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
