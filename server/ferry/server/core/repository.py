@@ -157,7 +157,7 @@ class ModelRepository:
 
     def clean_temporaries(self) -> list[Path]:
         """Remove staging folders left by a process that died mid-publish."""
-        removed = []
+        removed: list[Path] = []
         for model in self.list_models():
             before = len(removed)
             for entry in self.model_dir(model).iterdir():
