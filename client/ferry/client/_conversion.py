@@ -24,13 +24,12 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
 from typing import IO, Any
 
 import grpc
 import numpy as np
 
-from ferry.client._channel import ChannelConfig, TLSConfig, create_channel
+from ferry.client._channel import TLSConfig
 from ferry.client._conversion_types import (
     InputSpec,
     ModelInfo,
@@ -50,6 +49,7 @@ from ferry.client._conversion_types import (
     parse_upload,
 )
 from ferry.client._errors import ConversionError, InvalidInputError, from_rpc_error
+from ferry.client._management import ManagementClient
 from ferry.codec import datatype_name, datatype_of
 from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
@@ -182,7 +182,7 @@ class _Bar:
             self.stream.flush()
 
 
-class ConversionClient:
+class ConversionClient(ManagementClient):
     """Client of the management listener's ``ModelConversion`` service (loopback by default).
 
     ``timeout`` bounds each short call; uploads and waits take their own (no deadline unless
@@ -199,23 +199,10 @@ class ConversionClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.timeout = timeout
-        self.channel_config = ChannelConfig(
-            target, tls=tls, token=token, credentials=credentials, options=options
+        super().__init__(
+            target, timeout=timeout, tls=tls, token=token, credentials=credentials, options=options
         )
-        self._metadata = self.channel_config.call_metadata()
-        self._channel = create_channel(self.channel_config)
         self._stub = pb_grpc.ModelConversionStub(self._channel)
-
-    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
-        try:
-            return method(
-                request,
-                timeout=self.timeout if timeout is None else timeout,
-                metadata=self._metadata,
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
 
     # ---- upload ----
     def upload(
@@ -381,20 +368,6 @@ class ConversionClient:
             finished=m.finished_ms / 1000 if m.finished_ms else None,
             _client=self,
         )
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> ConversionClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 # ---- helpers ----

@@ -17,6 +17,7 @@ from ferry.client._channel import (
     create_channel,
 )
 from ferry.client._errors import from_rpc_error
+from ferry.client._management import ManagementClient
 from ferry.client._requests import (
     ArrayLike,
     input_dtypes,
@@ -265,7 +266,7 @@ class InferenceClient:
         self.close()
 
 
-class RepositoryClient:
+class RepositoryClient(ManagementClient):
     """Client of the management listener's repository service (loopback by default)."""
 
     def __init__(
@@ -278,50 +279,18 @@ class RepositoryClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.timeout = timeout
-        self.channel_config = ChannelConfig(
-            target, tls=tls, token=token, credentials=credentials, options=options
+        super().__init__(
+            target, timeout=timeout, tls=tls, token=token, credentials=credentials, options=options
         )
-        self._metadata = self.channel_config.call_metadata()
-        self._channel = create_channel(self.channel_config)
         self._stub = rpb_grpc.ModelRepositoryStub(self._channel)
 
     def refresh(self) -> rpb.RefreshResponse:
         """Re-scan the repository folder; returns what was loaded, unloaded and failed."""
-        try:
-            response: rpb.RefreshResponse = self._stub.Refresh(
-                rpb.RefreshRequest(), timeout=self.timeout, metadata=self._metadata
-            )
-            return response
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        response: rpb.RefreshResponse = self._call(self._stub.Refresh, rpb.RefreshRequest())
+        return response
 
     def load_model(self, model: str) -> None:
-        try:
-            self._stub.LoadModel(
-                rpb.LoadModelRequest(model=model), timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+        self._call(self._stub.LoadModel, rpb.LoadModelRequest(model=model))
 
     def unload_model(self, model: str) -> None:
-        try:
-            self._stub.UnloadModel(
-                rpb.UnloadModelRequest(model=model), timeout=self.timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
-
-    def close(self) -> None:
-        self._channel.close()
-
-    def __enter__(self) -> RepositoryClient:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
+        self._call(self._stub.UnloadModel, rpb.UnloadModelRequest(model=model))

@@ -1,0 +1,57 @@
+"""What the management-listener clients share: one channel, the call metadata (token), a
+default per-call timeout, and the one translation of grpc errors."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from types import TracebackType
+from typing import Any, Self
+
+import grpc
+
+from ferry.client._channel import ChannelConfig, TLSConfig, create_channel
+from ferry.client._errors import from_rpc_error
+
+
+class ManagementClient:
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.timeout = timeout
+        self.channel_config = ChannelConfig(
+            target, tls=tls, token=token, credentials=credentials, options=options
+        )
+        self._metadata = self.channel_config.call_metadata()
+        self._channel = create_channel(self.channel_config)
+
+    def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
+        """One unary call with the client's timeout and token; errors become FerryErrors."""
+        try:
+            return method(
+                request,
+                timeout=self.timeout if timeout is None else timeout,
+                metadata=self._metadata,
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
