@@ -6,7 +6,7 @@ subprocess per job, one job at a time) into fp32, dynamic int8, static int8 (QDQ
 128 samples), fp16 and, for the MLP, CNN and Linear-heavy model, 50% structured pruning (fp32,
 no fine-tuning, ``keep_failed`` so it publishes below the accuracy budget).
 
-    .venv/bin/python bench/conversion.py                        # everything (~6-8 min on 2 cores)
+    .venv/bin/python bench/conversion.py                        # everything (~5 min on 2 cores)
     .venv/bin/python bench/conversion.py --quick                # fp32 + one int8 + pruning
     .venv/bin/python bench/conversion.py --models mlp,linear_heavy
 
@@ -31,8 +31,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -113,6 +115,7 @@ class JobResult:
     work: Path
     report: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    other_cpu_s: float = 0.0  # CPU seconds used on the machine by anything but the child
 
     @property
     def model_path(self) -> Path:
@@ -135,7 +138,7 @@ def variants_for(case: ModelCase, quick: bool, cnn_dynamic: bool) -> list[str]:
     """Job variants in run order; fp32 first, since every ratio is against its model file."""
     dynamic = case.dynamic_int8 or cnn_dynamic
     if quick:
-        names = ["fp32", "dynamic_int8" if case.dynamic_int8 else "static_int8"]
+        names = ["fp32", "dynamic_int8" if dynamic else "static_int8"]
     else:
         names = ["fp32", *(["dynamic_int8"] if dynamic else []), "static_int8", "fp16"]
     return [*names, *(["pruned50"] if case.prune else [])]
@@ -170,8 +173,26 @@ def job_spec(variant: str, inputs: list[InputSpec], calibration: Path) -> dict[s
         spec["quantization"]["calibration_file"] = str(calibration)
     if variant == "pruned50":
         spec["pruning"] = {"method": "structured", "amount": PRUNE_AMOUNT}
+    if variant != "fp32":
+        # Publish below the accuracy budget too: a refused variant would leave no figures. The
+        # report's within_budget still says whether the server would have served it.
         spec["validation"] = {"keep_failed": True}
     return spec
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs, /proc/stat); 0 where unknown."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(f) for f in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_job(
@@ -194,12 +215,15 @@ def run_job(
     }
     (folder / "job.json").write_text(json.dumps(job))
     command = [*CHILD, "--job", str(folder / "job.json"), "--progress-file", str(folder / "p")]
+    busy_before, child_before = machine_busy_s(), children_cpu_s()
     start = time.perf_counter()
     proc = subprocess.run(
         command, capture_output=True, text=True, timeout=CHILD_TIMEOUT_S, check=False
     )
     wall = time.perf_counter() - start
     result = JobResult(case.key, variant, proc.returncode, wall, folder / "work")
+    child_cpu = children_cpu_s() - child_before
+    result.other_cpu_s = max(0.0, machine_busy_s() - busy_before - child_cpu)
     report_path = result.work / "report.json"
     if report_path.exists():
         result.report = json.loads(report_path.read_text())
@@ -212,9 +236,15 @@ def run_job(
 # ---- measurements on the produced files ----
 
 
-def session(path: Path, threads: int) -> ort.InferenceSession:
-    """The child's (and serving's) settings: ENABLE_ALL, sequential, one inter-op thread."""
+def session(path: Path, threads: int, *, x64_precision: bool = False) -> ort.InferenceSession:
+    """The child's (and serving's) settings: ENABLE_ALL, sequential, one inter-op thread.
+
+    ``x64_precision``: onnxruntime's ``session.x64quantprecision``, which runs u8s8 int8 GEMMs
+    as u8u8 on x86 CPUs without VNNI, where the u8s8 kernel's 16-bit intermediate sums saturate.
+    """
     options = ort.SessionOptions()
+    if x64_precision:
+        options.add_session_config_entry("session.x64quantprecision", "1")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads
@@ -235,11 +265,21 @@ def accuracy(paths: dict[str, Path], inputs: list[InputSpec], threads: int) -> d
     """Each variant against the fp32 model on EVAL_SAMPLES inputs the child never saw."""
     feed = random_inputs(inputs, EVAL_SAMPLES, EVAL_SEED)
     outputs = {name: run_all(session(path, threads), feed) for name, path in paths.items()}
-    return {
+    result: dict[str, Any] = {
         name: validate.compare(out, outputs["fp32"])
         for name, out in outputs.items()
         if name != "fp32"
     }
+    for name in ("dynamic_int8", "static_int8"):
+        if name not in paths:
+            continue
+        try:  # the same file, with the saturation-free int8 kernel
+            precise = run_all(session(paths[name], threads, x64_precision=True), feed)
+        except Exception as exc:  # the option's graph rewrite fails on some graphs
+            result[name]["x64quantprecision"] = {"error": str(exc).strip().splitlines()[-1][:300]}
+            continue
+        result[name]["x64quantprecision"] = validate.compare(precise, outputs["fp32"])
+    return result
 
 
 def latency(
@@ -321,14 +361,19 @@ def matmul_microbench(threads: int, quick: bool) -> list[dict[str, Any]]:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     rows: list[dict[str, Any]] = []
+    logging.getLogger().setLevel(logging.ERROR)  # quantize_dynamic's pre-processing advice
     with tempfile.TemporaryDirectory() as tmp:
         fp32, int8 = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         onnx.save(model, fp32)
         quantize_dynamic(fp32, int8, weight_type=QuantType.QInt8)
-        sessions = {"fp32": session(fp32, threads), "int8": session(int8, threads)}
+        sessions = {
+            "fp32": session(fp32, threads),
+            "int8": session(int8, threads),
+            "int8_x64prec": session(int8, threads, x64_precision=True),
+        }
         for batch in (1, 32, 128) if quick else (1, 32, 128, 512):
             feed = {"x": rng.standard_normal((batch, k)).astype(np.float32)}
-            times: dict[str, list[float]] = {"fp32": [], "int8": []}
+            times: dict[str, list[float]] = {name: [] for name in sessions}
             for sess in sessions.values():
                 sess.run(None, feed)
             deadline = time.perf_counter() + 1.5
@@ -337,8 +382,7 @@ def matmul_microbench(threads: int, quick: bool) -> list[dict[str, Any]]:
                     start = time.perf_counter()
                     sess.run(None, feed)
                     times[name].append(time.perf_counter() - start)
-            fp32_ms = statistics.median(times["fp32"]) * 1e3
-            int8_ms = statistics.median(times["int8"]) * 1e3
+            fp32_ms, int8_ms, prec_ms = (statistics.median(times[name]) * 1e3 for name in sessions)
             ops = 2.0 * batch * k * n
             rows.append({
                 "batch": batch,
@@ -347,9 +391,62 @@ def matmul_microbench(threads: int, quick: bool) -> list[dict[str, Any]]:
                 "fp32_gflops": ops / fp32_ms / 1e6,
                 "int8_gops": ops / int8_ms / 1e6,
                 "int8_speedup": fp32_ms / int8_ms,
+                "int8_x64prec_speedup": fp32_ms / prec_ms,
                 "runs": len(times["fp32"]),
             })  # fmt: skip
     return rows
+
+
+EXPORT_PROBE = r"""
+import contextlib, io, json, sys, tempfile, time, warnings
+from pathlib import Path
+warnings.simplefilter("ignore")
+t0 = time.perf_counter()
+import torch
+t1 = time.perf_counter()
+import onnx, onnxruntime
+t2 = time.perf_counter()
+from ferry.server.convert import architectures
+figures = {"import torch": t1 - t0, "import onnx + onnxruntime": t2 - t1}
+
+def export(label, name, shape, dynamo):
+    torch.manual_seed(0)
+    module, x = architectures.build(name, {}), torch.randn(2, *shape)
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        path, start = str(Path(tmp) / "m.onnx"), time.perf_counter()
+        if dynamo:
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            program = torch.onnx.export(
+                module, (x,), dynamo=True, dynamic_shapes=({0: batch},), opset_version=20
+            )
+            program.save(path, external_data=False)
+        else:
+            torch.onnx.export(module, (x,), path, dynamo=False, input_names=["input"],
+                              dynamic_axes={"input": {0: "batch"}}, opset_version=20)
+        figures[label] = time.perf_counter() - start
+
+export("small_cnn, dynamo exporter, first export in the process", "small_cnn", (3, 32, 32), True)
+export("small_cnn, dynamo exporter, second export", "small_cnn", (3, 32, 32), True)
+export("mlp, dynamo exporter, third export", "mlp", (64,), True)
+export("small_cnn, legacy exporter", "small_cnn", (3, 32, 32), False)
+print(json.dumps(figures))
+"""
+
+
+def export_breakdown() -> dict[str, float]:
+    """Where a small job's seconds go, in a fresh interpreter like the child's: importing torch,
+    and the torch.export-based exporter's one-time cost on its first export in a process."""
+    proc = subprocess.run(
+        [sys.executable, "-c", EXPORT_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-500:]}  # type: ignore[dict-item]
+    figures: dict[str, float] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return figures
 
 
 # ---- the run ----
@@ -365,7 +462,11 @@ def bench_model(
     for variant in variants_for(case, args.quick, args.cnn_dynamic_int8):
         result = run_job(case, variant, source, job_spec(variant, inputs, calibration), root)
         status = "ok" if result.rc == 0 else f"FAILED rc={result.rc}: {result.error[:200]}"
-        print(f"  {case.key:<12} {variant:<13} {result.wall_s:6.1f} s  {status}", file=sys.stderr)
+        print(
+            f"  {case.key:<12} {variant:<13} {result.wall_s:6.1f} s  {status}  "
+            f"(others used {result.other_cpu_s:.1f} CPU s meanwhile)",
+            file=sys.stderr,
+        )
         jobs.append(result)
     done = {j.variant: j for j in jobs if j.rc == 0}
     out: dict[str, Any] = {
@@ -380,6 +481,7 @@ def bench_model(
             "variant": job.variant,
             "rc": job.rc,
             "wall_s": job.wall_s,
+            "other_cpu_s": job.other_cpu_s,
             "error": job.error,
             "stages": job.report.get("stages", {}),
             "published": job.entry,
@@ -413,17 +515,20 @@ def _accuracy_cells(acc: dict[str, Any] | None) -> list[str]:
 
 def stage_table(results: dict[str, Any]) -> list[str]:
     lines = [
-        "| model | job | end-to-end s | " + " | ".join(STAGE_ORDER) + " |",
-        "|---|---|---:|" + "---:|" * len(STAGE_ORDER),
+        "| model | job | end-to-end s | outside stages | "
+        + " | ".join(STAGE_ORDER)
+        + " | others' CPU s |",
+        "|---|---|---:|---:|" + "---:|" * len(STAGE_ORDER) + "---:|",
     ]
     for key, model in results["models"].items():
         for job in model["jobs"]:
             stages = [_f(job["stages"].get(s)) for s in STAGE_ORDER]
             status = "" if job["rc"] == 0 else f" (failed rc {job['rc']})"
+            outside = job["wall_s"] - sum(job["stages"].values())
             lines.append(
-                f"| {key} | {job['variant']}{status} | {job['wall_s']:.1f} | "
+                f"| {key} | {job['variant']}{status} | {job['wall_s']:.1f} | {outside:.2f} | "
                 + " | ".join(stages)
-                + " |"
+                + f" | {job['other_cpu_s']:.1f} |"
             )
     return lines
 
@@ -432,8 +537,8 @@ def variant_table(results: dict[str, Any]) -> list[str]:
     lines = [
         "| model | variant | size MB | size ratio | gzip ratio | child x b1 | child x b32 "
         "| bench x b1 | bench x b32 | b32 round-ratio IQR | cosine | max_abs | top-1 | "
-        "child cosine (16) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
+        "child cosine (16) | within budget |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|",
     ]
     for key, model in results["models"].items():
         jobs = {j["variant"]: j for j in model["jobs"] if j["rc"] == 0}
@@ -470,6 +575,7 @@ def variant_table(results: dict[str, Any]) -> list[str]:
                 iqr,
                 *_accuracy_cells(model.get("bench_accuracy", {}).get(name)),
                 _f(child_cos, 6),
+                "yes" if row.get("within_budget") else "**no**",
             ]
             lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -514,6 +620,30 @@ def child_noise_table(results: dict[str, Any]) -> list[str]:
             f"| {key} | {', '.join(f'{v:.3f}' for v in b32)} | {max(b32) / min(b32):.2f} | "
             f"{', '.join(f'{v:.3f}' for v in b1)} | {max(b1) / min(b1):.2f} |"
         )
+    return lines
+
+
+def saturation_table(results: dict[str, Any]) -> list[str]:
+    """Same int8 files, default session vs x64quantprecision: how much of the int8 error is the
+    u8s8 kernel saturating on a CPU without VNNI rather than 8-bit rounding."""
+    lines = [
+        "| model | variant | cosine (default) | top-1 (default) | cosine (x64quantprecision) "
+        "| top-1 (x64quantprecision) |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for key, model in results["models"].items():
+        for name, acc in model.get("bench_accuracy", {}).items():
+            precise = acc.get("x64quantprecision")
+            if precise and "error" in precise:
+                lines.append(
+                    f"| {key} | {name} | {acc['cosine']:.6f} | {_f(acc['top1_agreement'], 3)} | "
+                    "session fails to load | - |"
+                )
+            elif precise:
+                lines.append(
+                    f"| {key} | {name} | {acc['cosine']:.6f} | {_f(acc['top1_agreement'], 3)} | "
+                    f"{precise['cosine']:.6f} | {_f(precise['top1_agreement'], 3)} |"
+                )
     return lines
 
 
@@ -566,6 +696,11 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *stage_table(results),
         "",
+        "outside stages: the child's wall time not in any stage (interpreter start, imports "
+        "before the load stage, writing the report, exit). others' CPU s: CPU time the rest of "
+        "the machine used during the job (this script's own is ~0); much more than ~1 s means "
+        "the job shared the CPUs and its times are inflated.",
+        "",
         "### Variants (ratios against the fp32 job's model; x = times faster than fp32)",
         "",
         *variant_table(results),
@@ -589,14 +724,28 @@ def markdown(results: dict[str, Any]) -> str:
         "",
         *child_noise_table(results),
         "",
+        "### int8 accuracy with onnxruntime's u8u8 kernel (session.x64quantprecision=1)",
+        "",
+        *saturation_table(results),
+        "",
         "### Single MatMul [B,1024]x[1024,4096]: fp32 vs dynamic int8 (onnxruntime)",
         "",
-        "| batch | fp32 ms | int8 ms | fp32 GFLOP/s | int8 GOP/s | int8 speed-up |",
-        "|---:|---:|---:|---:|---:|---:|",
+        "| batch | fp32 ms | int8 ms | fp32 GFLOP/s | int8 GOP/s | int8 speed-up "
+        "| int8 speed-up (x64quantprecision) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
         *[
             f"| {r['batch']} | {r['fp32_ms']:.3f} | {r['int8_ms']:.3f} | {r['fp32_gflops']:.1f} | "
-            f"{r['int8_gops']:.1f} | {r['int8_speedup']:.2f}x |"
+            f"{r['int8_gops']:.1f} | {r['int8_speedup']:.2f}x | {r['int8_x64prec_speedup']:.2f}x |"
             for r in results["matmul"]
+        ],
+        "",
+        "### Where a small job's time goes (a fresh interpreter, like the child)",
+        "",
+        "| step | seconds |",
+        "|---|---:|",
+        *[
+            f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
+            for k, v in results["export_breakdown"].items()
         ],
         "",
         "### Targets",
@@ -642,6 +791,8 @@ def main() -> int:
             results["models"][key] = bench_model(CASES[key], Path(tmp), args, args.threads)
     print("  matmul microbenchmark", file=sys.stderr)
     results["matmul"] = matmul_microbench(args.threads, args.quick)
+    print("  export breakdown", file=sys.stderr)
+    results["export_breakdown"] = export_breakdown()
     results["targets"] = targets(results)
     results["total_s"] = time.perf_counter() - start
     print(markdown(results))

@@ -3,9 +3,10 @@
 A fenced block runs when the line just before its fence is ``<!-- test -->``:
 
 * ``python`` blocks run in order, one namespace per file (so later blocks may use what earlier
-  ones defined), with ``FERRY_TARGET`` set in their globals to the test server's address;
+  ones defined), with ``FERRY_TARGET`` set in their globals to the test server's inference
+  address and ``FERRY_MANAGEMENT_TARGET`` to its management address (uploads, conversions);
 * ``console`` blocks run each ``$ ferry ...`` line through ``ferry.cli.main`` and expect exit
-  status 0; ``FERRY_TARGET`` is also set in the environment, where the CLI reads its default.
+  status 0; both variables are also set in the environment, where the CLI reads its defaults.
 
 Everything runs in a temporary working directory, so examples may write files freely.
 """
@@ -59,6 +60,9 @@ def doc_files() -> list[Path]:
 
 
 DOCS_WITH_EXAMPLES = [p for p in doc_files() if p.is_file() and runnable_blocks(p)]
+# Examples that run a real conversion (torch export in a child process: seconds, not
+# milliseconds), marked like the other tests that export with torch.
+SLOW_DOCS = {"conversion.md"}
 
 
 def run_console(block: Block) -> None:
@@ -82,13 +86,25 @@ def test_marked_blocks_are_found() -> None:
     )
 
 
-@pytest.mark.parametrize("path", DOCS_WITH_EXAMPLES, ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path",
+    [
+        pytest.param(p, marks=pytest.mark.slow) if p.name in SLOW_DOCS else p
+        for p in DOCS_WITH_EXAMPLES
+    ],
+    ids=lambda p: p.name,
+)
 def test_doc_examples_run(
     path: Path, server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FERRY_TARGET", server.target)
-    namespace: dict[str, Any] = {"__name__": "__docs__", "FERRY_TARGET": server.target}
+    monkeypatch.setenv("FERRY_MANAGEMENT_TARGET", server.management_target)
+    namespace: dict[str, Any] = {
+        "__name__": "__docs__",
+        "FERRY_TARGET": server.target,
+        "FERRY_MANAGEMENT_TARGET": server.management_target,
+    }
     for block in runnable_blocks(path):
         where = f"{path.relative_to(ROOT)}:{block.line}"
         if block.lang == "python":
