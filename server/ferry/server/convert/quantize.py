@@ -73,14 +73,35 @@ def plan(spec: QuantizationSpec, model: onnx.ModelProto) -> Plan:
     return Plan(variants, skipped, notes)
 
 
+_RANGE_NOTE = (
+    "weights quantized to 7 bits (reduce_range): this CPU has no VNNI/AMX, and onnxruntime's "
+    "u8s8 kernels there add pairs of products in saturating 16-bit lanes"
+)
+
+
+def reduce_range() -> bool:
+    """7-bit weights unless the CPU has int8 dot-product instructions (VNNI or AMX).
+
+    Without them onnxruntime's u8s8 GEMM sums pairs of 8-bit products in 16-bit lanes that
+    saturate: measured on an AVX2-only EPYC, dynamic int8 fell to cosine 0.991-0.996 against
+    fp32, and 7-bit weights brought it back to >= 0.9999 at the same speed. Quantization is
+    decided where the model will be served (the conversion runs on the serving machine)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown CPU: the safe choice
+    return not any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
+
+
 def build(
     name: str, base: Path, target: Path, spec: QuantizationSpec, calibration: Samples | None
 ) -> str:
     """Write variant ``name`` of ``base`` to ``target``; returns a note ('' when none)."""
     try:
         if name == "dynamic_int8":
-            quantize_dynamic(base, target, weight_type=QuantType.QInt8)
-            return ""
+            narrow = reduce_range()
+            quantize_dynamic(base, target, weight_type=QuantType.QInt8, reduce_range=narrow)
+            return _RANGE_NOTE if narrow else ""
         if name == "fp16":
             from onnxruntime.transformers.float16 import convert_float_to_float16
 
@@ -121,6 +142,9 @@ def _static(base: Path, target: Path, spec: QuantizationSpec, samples: Samples) 
     method = (
         CalibrationMethod.MinMax if spec.calibration == "minmax" else CalibrationMethod.Percentile
     )
+    narrow = reduce_range()
+    if narrow:
+        notes.append(_RANGE_NOTE)
     quantize_static(
         source,
         target,
@@ -130,6 +154,7 @@ def _static(base: Path, target: Path, spec: QuantizationSpec, samples: Samples) 
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
         calibrate_method=method,
+        reduce_range=narrow,
     )
     prepared.unlink(missing_ok=True)
     return "; ".join(notes)
