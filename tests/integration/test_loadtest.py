@@ -77,7 +77,8 @@ def test_duration_bounded_level_and_connections(server: Any) -> None:
         progress=False,
     )
     (lv,) = report.levels
-    assert lv.ok > 0 and lv.errors == {} and 0.3 <= lv.elapsed < 30
+    # A duration-bounded level runs its whole duration (it stops by itself: the run returned).
+    assert lv.ok > 0 and lv.errors == {} and lv.elapsed >= 0.3
 
 
 def test_inputs_from_the_caller_and_the_batch_size(server: Any) -> None:
