@@ -50,6 +50,7 @@ from ferry.client._conversion_types import (
 )
 from ferry.client._errors import ConversionError, InvalidInputError, from_rpc_error
 from ferry.client._management import ManagementClient
+from ferry.client._requests import status_code
 from ferry.codec import datatype_name, datatype_of
 from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
@@ -358,7 +359,7 @@ class ConversionClient(ManagementClient):
             upload_id=m.upload_id,
             format=format_name(m.format) if m.format else "",
             source_sha256=m.source_sha256,
-            error_code=_status_code(error.code) if error is not None else None,
+            error_code=status_code(error.code) if error is not None else None,
             error_kind=error.kind if error is not None else "",
             error_message=error.message if error is not None else "",
             report=parse_report(m.report, m.report_json),
@@ -371,10 +372,6 @@ class ConversionClient(ManagementClient):
 
 
 # ---- helpers ----
-def _status_code(value: int) -> grpc.StatusCode | None:
-    return next((c for c in grpc.StatusCode if c.value[0] == value), None)
-
-
 def _json(kwargs: Mapping[str, Any] | None) -> str:
     import json
 

@@ -8,7 +8,6 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import grpc
 from grpc import aio
 
 from ferry.server.grpc.status import status_of, trailing
@@ -41,10 +40,6 @@ def call_deadline(context: aio.ServicerContext) -> float | None:
     if remaining is None:
         return None
     return time.monotonic() + remaining
-
-
-def code_name(code: grpc.StatusCode) -> str:
-    return code.name
 
 
 async def run_stream(

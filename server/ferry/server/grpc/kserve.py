@@ -75,10 +75,6 @@ def _server_version() -> str:
         return "0+unknown"
 
 
-def _code_name(exc: BaseException) -> str:
-    return code_of(exc).name
-
-
 def _version_label(version: str) -> int:
     return int(version) if version.isdigit() else 0
 
@@ -177,7 +173,7 @@ class KServeServicer:
             self.observe(
                 msg.model_name,
                 _version_label(msg.model_version),
-                _code_name(exc),
+                code_of(exc).name,
                 time.perf_counter() - start,
             )
             raise
