@@ -1,7 +1,7 @@
 """Conversion benchmark (issue 3): what the conversion child costs, and what its variants buy.
 
 For an MLP, a small CNN, a transformer encoder and a Linear-heavy model (14.6M parameters), a
-seeded state_dict is converted by the real child (``python -m ferry.server.convert.child``, one
+seeded state_dict is converted by the real child (``python -m ferry.server.convert.worker.child``, one
 subprocess per job, one job at a time) into fp32, dynamic int8, static int8 (QDQ, calibrated on
 128 samples), fp16 and, for the MLP, CNN and Linear-heavy model, 50% structured pruning (fp32,
 no fine-tuning, ``keep_failed`` so it publishes below the accuracy budget).
@@ -51,13 +51,15 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import QuantType, quantize_dynamic
 
-from ferry.server.convert import architectures, validate
-from ferry.server.convert.benchmark import MAX_RUNS, MIN_RUNS, TIME_PER_BATCH_S
-from ferry.server.convert.pipeline import default_threads
+from ferry.server.convert import architectures
 from ferry.server.convert.spec import InputSpec
+from ferry.server.convert.worker import parity
+from ferry.server.convert.worker.architectures import build as build_architecture
+from ferry.server.convert.worker.benchmark import MAX_RUNS, MIN_RUNS, TIME_PER_BATCH_S
+from ferry.server.convert.worker.pipeline import default_threads
 
 HERE = Path(__file__).parent
-CHILD = [sys.executable, "-m", "ferry.server.convert.child"]
+CHILD = [sys.executable, "-m", "ferry.server.convert.worker.child"]
 CHILD_TIMEOUT_S = 600
 MAX_BATCH = 32
 BATCHES = (1, MAX_BATCH)
@@ -147,7 +149,7 @@ def variants_for(case: ModelCase, quick: bool, cnn_dynamic: bool) -> list[str]:
 def save_source(case: ModelCase, root: Path) -> tuple[Path, list[InputSpec]]:
     """A seeded state_dict of the built-in (the upload a client would send) and its inputs."""
     torch.manual_seed(0)
-    module = architectures.build(case.architecture, case.kwargs)
+    module = build_architecture(case.architecture, case.kwargs)
     path = root / f"{case.key}.pt"
     torch.save(module.state_dict(), path)
     return path, architectures.default_input_specs(case.architecture, case.kwargs)
@@ -266,7 +268,7 @@ def accuracy(paths: dict[str, Path], inputs: list[InputSpec], threads: int) -> d
     feed = random_inputs(inputs, EVAL_SAMPLES, EVAL_SEED)
     outputs = {name: run_all(session(path, threads), feed) for name, path in paths.items()}
     result: dict[str, Any] = {
-        name: validate.compare(out, outputs["fp32"])
+        name: parity.compare(out, outputs["fp32"])
         for name, out in outputs.items()
         if name != "fp32"
     }
@@ -278,7 +280,7 @@ def accuracy(paths: dict[str, Path], inputs: list[InputSpec], threads: int) -> d
         except Exception as exc:  # the option's graph rewrite fails on some graphs
             result[name]["x64quantprecision"] = {"error": str(exc).strip().splitlines()[-1][:300]}
             continue
-        result[name]["x64quantprecision"] = validate.compare(precise, outputs["fp32"])
+        result[name]["x64quantprecision"] = parity.compare(precise, outputs["fp32"])
     return result
 
 
@@ -407,11 +409,12 @@ t1 = time.perf_counter()
 import onnx, onnxruntime
 t2 = time.perf_counter()
 from ferry.server.convert import architectures
+from ferry.server.convert.worker.architectures import build as build_architecture
 figures = {"import torch": t1 - t0, "import onnx + onnxruntime": t2 - t1}
 
 def export(label, name, shape, dynamo):
     torch.manual_seed(0)
-    module, x = architectures.build(name, {}), torch.randn(2, *shape)
+    module, x = build_architecture(name, {}), torch.randn(2, *shape)
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         path, start = str(Path(tmp) / "m.onnx"), time.perf_counter()
         if dynamo:

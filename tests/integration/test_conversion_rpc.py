@@ -1,7 +1,7 @@
 """ModelConversion over real gRPC: uploads, jobs, restarts and version management.
 
 Most tests run a stand-in child (FAKE_CHILD below, same command-line and progress contract as
-``ferry.server.convert.child``) so that queueing, cancellation, timeouts and failure mapping are
+``ferry.server.convert.worker.child``) so that queueing, cancellation, timeouts and failure mapping are
 exercised deterministically and fast; the ``slow`` ones run the real child, which exports with
 torch. Nothing waits on the clock: progress is followed through WatchJob events.
 """
@@ -516,7 +516,7 @@ MLP_KWARGS = {"in_features": 16, "hidden": [32], "out_features": 4}
 
 def _mlp(seed: int = 0) -> Any:
     torch = pytest.importorskip("torch")
-    from ferry.server.convert import nets
+    from ferry.server.convert.worker import nets
 
     torch.manual_seed(seed)
     return nets.mlp(**MLP_KWARGS).eval(), torch.randn(

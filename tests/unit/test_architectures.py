@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from ferry.server.convert import architectures
+from ferry.server.convert.worker.architectures import build
 from ferry.server.errors import InvalidArgument
 
 BUILTINS = ["seed", "mlp", "small_cnn", "resnet", "transformer_encoder", "linear_heavy"]
@@ -44,7 +45,8 @@ def test_listing_and_default_specs_do_not_import_torch() -> None:
     """The server lists architectures and checks specs; an ONNX-source child never needs torch."""
     code = (
         "import sys\n"
-        "from ferry.server.convert import architectures, child, pipeline, speccheck\n"
+        "from ferry.server.convert import architectures, validation\n"
+        "from ferry.server.convert.worker import child, pipeline\n"
         f"assert architectures.available()[:6] == {BUILTINS!r}\n"
         "assert architectures.default_input_specs('resnet', {})[0].shape == [-1, 3, 224, 224]\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
@@ -55,7 +57,7 @@ def test_listing_and_default_specs_do_not_import_torch() -> None:
 @pytest.mark.parametrize("name", list(SMALL))
 def test_builtin_runs_on_its_default_input(name: str) -> None:
     kwargs: dict[str, Any] = SMALL[name]
-    module = architectures.build(name, kwargs)
+    module = build(name, kwargs)
     assert not module.training
     (spec,) = architectures.default_input_specs(name, kwargs)
     assert spec.datatype == "FP32" and spec.shape[0] == -1
@@ -65,14 +67,14 @@ def test_builtin_runs_on_its_default_input(name: str) -> None:
 
 
 def test_seed_keys_match_the_article() -> None:
-    keys = list(architectures.build("seed", {}).state_dict())
+    keys = list(build("seed", {}).state_dict())
     assert keys == ["0.weight", "0.bias", "2.weight", "2.bias"]
 
 
 def test_default_sizes() -> None:
-    resnet = architectures.build("resnet", {})
+    resnet = build("resnet", {})
     assert sum(p.numel() for p in resnet.parameters()) == pytest.approx(11.7e6, rel=0.01)
-    heavy = architectures.build("linear_heavy", {})
+    heavy = build("linear_heavy", {})
     assert sum(p.numel() for p in heavy.parameters()) >= 10_000_000
     assert architectures.default_input_specs("linear_heavy", {})[0].shape == [-1, 1024]
 
@@ -81,8 +83,8 @@ def test_transformer_options_shape_the_output() -> None:
     base = {"d_model": 16, "nhead": 2, "num_layers": 1, "dim_feedforward": 32}
     x = torch.randn(3, 5, 16)
     with torch.no_grad():
-        assert architectures.build("transformer_encoder", base)(x).shape == (3, 5, 16)
-        head = architectures.build("transformer_encoder", {**base, "seq_len": 5, "num_classes": 4})
+        assert build("transformer_encoder", base)(x).shape == (3, 5, 16)
+        head = build("transformer_encoder", {**base, "seq_len": 5, "num_classes": 4})
         assert head(x).shape == (3, 4)
     specs = architectures.default_input_specs("transformer_encoder", {**base, "seq_len": 5})
     assert specs[0].shape == [-1, 5, 16]
@@ -92,15 +94,15 @@ def test_unknown_name_lists_what_exists() -> None:
     with pytest.raises(
         InvalidArgument, match="unknown architecture 'nope': available are seed, mlp"
     ):
-        architectures.build("nope", {})
+        build("nope", {})
     assert architectures.default_input_specs("nope", {}) == []
 
 
 def test_bad_kwargs_are_invalid_argument() -> None:
     with pytest.raises(InvalidArgument, match="rejected its arguments"):
-        architectures.build("mlp", {"depth": 3})
+        build("mlp", {"depth": 3})
     with pytest.raises(InvalidArgument, match="activation"):
-        architectures.build("mlp", {"activation": "swish"})
+        build("mlp", {"activation": "swish"})
 
 
 def test_plugins_from_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -111,9 +113,9 @@ def test_plugins_from_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
         broken=f"{__name__}:BUILTINS",
     )
     assert architectures.available() == [*BUILTINS, "broken", "tiny"]
-    module = architectures.build("tiny", {"width": 4})
+    module = build("tiny", {"width": 4})
     assert isinstance(module, torch.nn.Linear) and module.out_features == 4
-    assert isinstance(architectures.build("seed", {}), torch.nn.Sequential)
+    assert isinstance(build("seed", {}), torch.nn.Sequential)
     assert architectures.default_input_specs("tiny", {}) == []  # plugins are not loaded to ask
     with pytest.raises(InvalidArgument, match="not callable"):
-        architectures.build("broken", {})
+        build("broken", {})

@@ -26,15 +26,15 @@ import torch
 from onnx import TensorProto, external_data_helper, helper, numpy_helper
 from safetensors.torch import save_file
 
-from ferry.server.convert import child, nets, quantize, validate
-from ferry.server.convert.pipeline import FINAL_FRACTION
 from ferry.server.convert.spec import STAGES, job_from_json
+from ferry.server.convert.worker import child, nets, parity, quantize
+from ferry.server.convert.worker.pipeline import FINAL_FRACTION
 
 PIPELINE = ["load", "prune", "export", "check", "optimize", "quantize", "validate", "benchmark"]
 MLP_KWARGS = {"in_features": 16, "hidden": [64, 64], "out_features": 10}
 CNN_KWARGS = {"in_channels": 3, "num_classes": 10, "width": 8, "depth": 2}
 CNN_INPUT = {"name": "input", "datatype": "FP32", "shape": [-1, 3, 16, 16]}
-CHILD = [sys.executable, "-m", "ferry.server.convert.child"]
+CHILD = [sys.executable, "-m", "ferry.server.convert.worker.child"]
 CHILD_TIMEOUT_S = 240
 # The first test of a module fixture pays for all of its jobs (run in parallel): allow for that on
 # a loaded machine; each child also has its own CHILD_TIMEOUT_S.
@@ -664,7 +664,7 @@ def test_torchscript_allowed_uses_the_legacy_exporter(jobs: dict[str, Result]) -
 
 
 def test_export_errors_name_the_unsupported_operator() -> None:
-    from ferry.server.convert.export import _export_error
+    from ferry.server.convert.worker.export import _export_error
 
     legacy = torch.onnx.errors.UnsupportedOperatorError("aten::special_bessel_j0", 20, None)
     dynamo = RuntimeError(
@@ -678,16 +678,16 @@ def test_export_errors_name_the_unsupported_operator() -> None:
 
 def test_figures() -> None:
     ref = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
-    same = validate.compare([ref], [ref])
+    same = parity.compare([ref], [ref])
     assert same["max_abs"] == 0.0 and same["cosine"] == pytest.approx(1.0)
     assert same["top1_agreement"] == 1.0
-    flipped = validate.compare([ref[::-1].copy()], [ref])
+    flipped = parity.compare([ref[::-1].copy()], [ref])
     assert flipped["top1_agreement"] == 0.0 and flipped["max_abs"] == 2.0
-    assert validate.tolerance_failure([ref + 1e-6], [ref], 1e-3, 1e-4) == ""
+    assert parity.tolerance_failure([ref + 1e-6], [ref], 1e-3, 1e-4) == ""
     off_by_one = ref + np.array([[0, 0, 1], [1, 0, 0]])
-    assert "2 of 6" in validate.tolerance_failure([off_by_one], [ref], 1e-3, 1e-4)
-    assert "min_top1_agreement" in validate.budget_failure(flipped, 0.0, 0.5)
-    assert validate.budget_failure(same, 0.99, 0.9) == ""
+    assert "2 of 6" in parity.tolerance_failure([off_by_one], [ref], 1e-3, 1e-4)
+    assert "min_top1_agreement" in parity.budget_failure(flipped, 0.0, 0.5)
+    assert parity.budget_failure(same, 0.99, 0.9) == ""
 
 
 def test_auto_choice() -> None:

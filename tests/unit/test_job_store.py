@@ -13,8 +13,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ferry.server.convert import checks, models, uploads
+from ferry.server.convert import uploads, validation
 from ferry.server.convert.store import JobRecord, JobState, JobStore, UploadRecord, now_ms
+from ferry.server.core import versions
 from ferry.server.errors import (
     ErrorKind,
     FailedPrecondition,
@@ -184,7 +185,7 @@ def test_code_formats_refused_unless_allowed() -> None:
 # ---- spec tensors and the config edit ----
 def test_npz_is_loadable_without_pickle_even_for_awkward_names(tmp_path: Path) -> None:
     arrays = {"file": np.arange(6, dtype=np.float32).reshape(3, 2), "allow_pickle": np.ones(3)}
-    checks.save_npz(tmp_path / "t.npz", arrays)
+    validation.save_npz(tmp_path / "t.npz", arrays)
     with np.load(tmp_path / "t.npz", allow_pickle=False) as loaded:
         assert sorted(loaded.files) == ["allow_pickle", "file"]
         np.testing.assert_array_equal(loaded["file"], arrays["file"])
@@ -192,8 +193,8 @@ def test_npz_is_loadable_without_pickle_even_for_awkward_names(tmp_path: Path) -
 
 def test_toml_edit_keeps_comments_and_tables() -> None:
     text = "# my model\nversion_policy = { latest = 1 }\n\n[batching]\nmax_batch_size = 8\n"
-    edited = models._edit_toml(text, "default_version", 2)
-    edited = models._edit_toml(edited, "version_policy", "{ latest = 3 }")
+    edited = versions._edit_toml(text, "default_version", 2)
+    edited = versions._edit_toml(edited, "version_policy", "{ latest = 3 }")
     assert edited.startswith("# my model\n")
     raw = tomllib.loads(edited)
     assert raw == {
@@ -201,10 +202,10 @@ def test_toml_edit_keeps_comments_and_tables() -> None:
         "version_policy": {"latest": 3},
         "batching": {"max_batch_size": 8},
     }
-    cleared = models._edit_toml(edited, "default_version", None)
+    cleared = versions._edit_toml(edited, "default_version", None)
     assert "default_version" not in tomllib.loads(cleared)
     with pytest.raises(FailedPrecondition, match="as a table"):
-        models._edit_toml("[version_policy]\nlatest = 1\n", "version_policy", "{ latest = 2 }")
+        versions._edit_toml("[version_policy]\nlatest = 1\n", "version_policy", "{ latest = 2 }")
 
 
 def test_the_state_folder_sits_beside_the_repository(tmp_path: Path) -> None:

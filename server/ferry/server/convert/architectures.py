@@ -5,27 +5,23 @@ to. Built-ins ship here; users add their own by installing a package that declar
 the ``ferry.architectures`` group (installed code, never code that came over the network). The
 object an entry point names is a callable ``(**kwargs) -> torch.nn.Module``.
 
-Listing names and default input specs must work in the serving process, which never imports torch:
-torch is imported only by :func:`build`, and entry points are only loaded (their code imported) there
-too, so merely listing plugins never runs them.
+This module is the torch-free half, used by the serving process: listing names and default input
+specs. Building a module (torch, and loading a plugin's code) is ``worker.architectures``', in the
+conversion child only, so merely listing plugins never runs them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ferry.server.convert.spec import InputSpec
 from ferry.server.errors import InvalidArgument
 
-if TYPE_CHECKING:
-    from torch import nn
-
 ENTRY_POINT_GROUP = "ferry.architectures"
 
-# name -> (module attribute in ferry.server.convert.nets, one-line description). The builders live
-# in ``nets`` so that importing this module never imports torch.
+# name -> (module attribute in ferry.server.convert.worker.nets, one-line description). The
+# builders live in ``worker.nets`` so that importing this module never imports torch.
 BUILTINS: dict[str, tuple[str, str]] = {
     "seed": ("seed", "Sequential(Linear(3, 4), ReLU, Linear(4, 1)); input [B, 3]"),
     "mlp": ("mlp", "in_features, hidden: list[int], out_features, activation relu|gelu"),
@@ -44,64 +40,22 @@ _DEFAULT_IMAGE_SIZE = {"small_cnn": 32, "resnet": 224}
 _DEFAULT_SEQ_LEN = 16
 
 
-def _entry_points() -> dict[str, metadata.EntryPoint]:
+def entry_points() -> dict[str, metadata.EntryPoint]:
     return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
 
 
 def available() -> list[str]:
     """Built-ins first, then installed plugins; a plugin cannot shadow a built-in name."""
-    plugins = sorted(name for name in _entry_points() if name not in BUILTINS)
+    plugins = sorted(name for name in entry_points() if name not in BUILTINS)
     return [*BUILTINS, *plugins]
 
 
-def _unknown(name: str) -> InvalidArgument:
+def unknown(name: str) -> InvalidArgument:
     return InvalidArgument(
         f"unknown architecture {name!r}: available are {', '.join(available())}; "
         f"register your own through the {ENTRY_POINT_GROUP!r} entry-point group of an installed "
         "package, or upload an ONNX file instead"
     )
-
-
-def _builder(name: str) -> Callable[..., nn.Module]:
-    if name in BUILTINS:
-        from ferry.server.convert import nets
-
-        builder: Callable[..., nn.Module] = getattr(nets, BUILTINS[name][0])
-        return builder
-    entry = _entry_points().get(name)
-    if entry is None:
-        raise _unknown(name)
-    loaded = entry.load()
-    if not callable(loaded):
-        raise InvalidArgument(
-            f"architecture {name!r} ({entry.value}) is not callable: its entry point must name a "
-            "callable(**kwargs) returning a torch.nn.Module"
-        )
-    return loaded
-
-
-def build(name: str, kwargs: dict[str, Any]) -> nn.Module:
-    """Instantiate ``name`` in eval mode; bad kwargs become INVALID_ARGUMENT, not a crash."""
-    from torch import nn
-
-    if not name:
-        raise InvalidArgument(
-            "state_dict and safetensors sources need an architecture name: one of "
-            f"{', '.join(available())}"
-        )
-    builder = _builder(name)
-    try:
-        module = builder(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise InvalidArgument(
-            f"architecture {name!r} rejected its arguments {kwargs!r}: {exc}; "
-            f"accepted: {BUILTINS[name][1] if name in BUILTINS else 'see the plugin documentation'}"
-        ) from None
-    if not isinstance(module, nn.Module):
-        raise InvalidArgument(
-            f"architecture {name!r} returned {type(module).__name__}, not a torch.nn.Module"
-        )
-    return module.eval()
 
 
 def default_input_specs(name: str, kwargs: dict[str, Any]) -> list[InputSpec]:

@@ -1,6 +1,6 @@
 """Running conversion jobs: a bounded queue, one child process per job, publication on success.
 
-The child (``python -m ferry.server.convert.child``) does everything that needs torch, in its own
+The child (``python -m ferry.server.convert.worker.child``) does everything that needs torch, in its own
 session (process group) under an address-space limit, so a crash, a hang or a memory blow-up
 costs one job and never the server. Its progress events arrive as JSON lines on a pipe; its
 stdout and stderr go to the ``ferry.convert`` log. The job's work folder is a staging folder of
@@ -44,12 +44,12 @@ from pathlib import Path
 from ferry.server.convert import publish, spec
 from ferry.server.convert.store import EventRecord, JobRecord, JobState, JobStore
 from ferry.server.core.registry import ModelRegistry
-from ferry.server.core.repository import ModelRepository
+from ferry.server.core.repository import ModelRepository, read_report
 from ferry.server.errors import ErrorKind, FerryError, QueueFull, Unavailable
 
 log = logging.getLogger("ferry.convert")
 
-CHILD_MODULE = "ferry.server.convert.child"
+CHILD_MODULE = "ferry.server.convert.worker.child"
 MAX_EVENT_LINE = 1 << 20
 STDERR_TAIL = 20
 _KINDS = {k.value for k in ErrorKind}
@@ -230,7 +230,7 @@ class JobRunner:
                 self.store.start(job.job_id, str(staged), "conversion process started")
                 self._notify(job.job_id)
                 outcome = await self._run_child(run, job_json, Path(job.job_dir))
-                report = publish.read_report(staged)
+                report = read_report(staged)
                 if outcome.state is not JobState.SUCCEEDED:
                     return outcome, 0, report
                 run.publishing = True

@@ -16,29 +16,18 @@ from typing import Any
 
 from ferry.server.core.config import ModelConfig, apply_version_config, load_config
 from ferry.server.core.registry import ModelRegistry, State
-from ferry.server.core.repository import MODEL_FILE, ModelRepository, write_file_atomic
+from ferry.server.core.repository import (
+    MODEL_FILE,
+    REPORT_FILE,
+    VERSION_CONFIG_FILE,
+    ModelRepository,
+    write_file_atomic,
+)
 from ferry.server.errors import ConversionFailed, FerryError, InternalError
 
 log = logging.getLogger("ferry.convert")
 
-REPORT_FILE = "report.json"
-CONFIG_FILE = "config.json"
 KEPT = {MODEL_FILE, REPORT_FILE}
-MAX_REPORT_BYTES = 16 << 20
-
-
-def read_report(folder: Path) -> str:
-    """report.json as text when it is a JSON object of sane size, else ''."""
-    path = folder / REPORT_FILE
-    try:
-        if not path.is_file() or path.stat().st_size > MAX_REPORT_BYTES:
-            return ""
-        text = path.read_text(encoding="utf-8")
-        if isinstance(json.loads(text), dict):
-            return text
-    except (OSError, ValueError) as exc:
-        log.warning("unreadable %s: %s", path, exc)
-    return ""
 
 
 async def publish(
@@ -76,7 +65,7 @@ def _prepare(staged: Path, serving_config: dict[str, Any]) -> None:
                 entry.unlink(missing_ok=True)
     if serving_config:
         text = json.dumps(serving_config, indent=2, sort_keys=True) + "\n"
-        write_file_atomic(staged / CONFIG_FILE, text.encode())
+        write_file_atomic(staged / VERSION_CONFIG_FILE, text.encode())
 
 
 def check_loads(repository: ModelRepository, model: str, staged: Path) -> None:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from ferry.server.convert import architectures, checks, models, spec, speccheck, uploads
+from ferry.server.convert import architectures, spec, uploads, validation
 from ferry.server.convert.jobs import JobRunner
 from ferry.server.convert.store import (
     EventRecord,
@@ -28,6 +28,7 @@ from ferry.server.convert.store import (
     UploadRecord,
     now_ms,
 )
+from ferry.server.core import versions
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import TMP_PREFIX, ModelRepository, validate_model_name
 from ferry.server.errors import FailedPrecondition, InvalidArgument, Unavailable
@@ -158,7 +159,7 @@ class ConversionService:
         upload_id: str,
         model: str,
         conversion: spec.ConversionSpec,
-        tensors: checks.SpecTensors,
+        tensors: validation.SpecTensors,
     ) -> JobRecord:
         upload = self.store.get_upload(_check_id(upload_id, "upload"))
         model = validate_model_name(model or upload.model)
@@ -167,7 +168,7 @@ class ConversionService:
             _check_architecture(upload.architecture)
             if not conversion.inputs:
                 conversion.inputs = architectures.default_input_specs(upload.architecture, kwargs)
-        checks.validate_spec(conversion, tensors, source_format=upload.format)
+        validation.validate_spec(conversion, tensors, source_format=upload.format)
         job_id = uuid.uuid4().hex
         job_dir = self.state_dir.resolve() / "jobs" / job_id
         _assign_paths(job_dir, conversion, tensors)
@@ -182,7 +183,7 @@ class ConversionService:
             spec=conversion,
             allow_code_formats=self.settings.allow_code_formats,
         )
-        speccheck.check_job(contract)  # the child's own checks, run before a child is spent
+        validation.check_job(contract)  # the child's own checks, run before a child is spent
         self.runner.check_room()
         if not await asyncio.to_thread(os.path.isfile, upload.path):
             raise FailedPrecondition(f"upload {upload_id}'s file is gone: upload the model again")
@@ -232,22 +233,22 @@ class ConversionService:
         return self.runner.watch(_check_id(job_id, "job"))
 
     # ---- versions ----
-    def get_model(self, name: str) -> tuple[models.ModelView, dict[int, str]]:
+    def get_model(self, name: str) -> tuple[versions.ModelView, dict[int, str]]:
         """The model's versions, and the job that produced each (when one did)."""
-        view = models.describe(self.repository, self.registry, validate_model_name(name))
+        view = versions.describe(self.repository, self.registry, validate_model_name(name))
         store = self.store
         jobs = {v.version: store.job_for_version(name, v.version) for v in view.versions}
         return view, jobs
 
     async def delete_version(self, name: str, version: int) -> None:
-        await models.delete_version(
+        await versions.delete_version(
             self.repository, self.registry, validate_model_name(name), version
         )
 
     async def set_default_version(self, name: str, version: int) -> None:
         if version < 0:
             raise InvalidArgument("version must be positive, or 0 to clear the default")
-        await models.set_default_version(
+        await versions.set_default_version(
             self.repository, self.registry, validate_model_name(name), version
         )
 
@@ -269,7 +270,7 @@ def _check_architecture(name: str) -> None:
 
 
 def _assign_paths(
-    job_dir: Path, conversion: spec.ConversionSpec, tensors: checks.SpecTensors
+    job_dir: Path, conversion: spec.ConversionSpec, tensors: validation.SpecTensors
 ) -> None:
     if tensors.calibration:
         conversion.quantization.calibration_file = str(job_dir / "calibration.npz")
@@ -279,7 +280,7 @@ def _assign_paths(
         conversion.validation.reference_file = str(job_dir / "references.npz")
 
 
-def _write_tensors(job_dir: Path, contract: spec.Job, tensors: checks.SpecTensors) -> None:
+def _write_tensors(job_dir: Path, contract: spec.Job, tensors: validation.SpecTensors) -> None:
     conversion = contract.spec
     for path, arrays in (
         (conversion.quantization.calibration_file, tensors.calibration),
@@ -287,5 +288,5 @@ def _write_tensors(job_dir: Path, contract: spec.Job, tensors: checks.SpecTensor
         (conversion.validation.reference_file, tensors.references),
     ):
         if arrays:
-            checks.save_npz(Path(path), arrays)
+            validation.save_npz(Path(path), arrays)
     (job_dir / "job.json").write_text(spec.to_json(contract))

@@ -1,6 +1,6 @@
 """The contract between the server (torch-free) and the conversion child process (torch).
 
-The server validates a ``Job`` and writes it as JSON; the child (``ferry.server.convert.child``)
+The server validates a ``Job`` and writes it as JSON; the child (``ferry.server.convert.worker.child``)
 reads it, writes ``model.onnx`` and ``report.json`` into ``Job.work_dir``, and streams
 ``ProgressEvent`` JSON lines on the file descriptor it is given. Nothing here imports torch.
 """

@@ -15,7 +15,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ferry.server.core.config import ModelConfig, apply_version_config, load_config
+from ferry.server.core.config import (
+    CONFIG_NAMES,
+    ModelConfig,
+    apply_version_config,
+    load_config,
+)
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.repository import MODEL_FILE, ModelRepository
 from ferry.server.errors import (
@@ -314,7 +319,7 @@ def _file_signature(path: Path) -> tuple[float, int] | None:
 
 
 def _config_signature(mdir: Path) -> tuple[float, int] | None:
-    for n in ("config.toml", "config.json"):
+    for n in CONFIG_NAMES:
         sig = _file_signature(mdir / n)
         if sig is not None:
             return sig

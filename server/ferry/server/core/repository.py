@@ -9,6 +9,8 @@ an atomic rename of a fully written, fsynced temporary folder, and is never rewr
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import re
 import shutil
@@ -22,8 +24,13 @@ from ferry.server.errors import AlreadyExists, InvalidArgument, ModelNotFound, V
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 VERSION_RE = re.compile(r"[1-9][0-9]*")
 MODEL_FILE = "model.onnx"
+REPORT_FILE = "report.json"  # the conversion report published beside the model
+VERSION_CONFIG_FILE = "config.json"  # a version's own serving config (overrides the model's)
+MAX_REPORT_BYTES = 16 << 20
 TMP_PREFIX = ".tmp-"
 MAX_VERSION = 2**53  # representable exactly in JSON and float64 clients
+
+log = logging.getLogger(__name__)
 
 
 def validate_model_name(name: str) -> str:
@@ -204,3 +211,17 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def read_report(folder: Path) -> str:
+    """report.json as text when it is a JSON object of sane size, else ''."""
+    path = folder / REPORT_FILE
+    try:
+        if not path.is_file() or path.stat().st_size > MAX_REPORT_BYTES:
+            return ""
+        text = path.read_text(encoding="utf-8")
+        if isinstance(json.loads(text), dict):
+            return text
+    except (OSError, ValueError) as exc:
+        log.warning("unreadable %s: %s", path, exc)
+    return ""

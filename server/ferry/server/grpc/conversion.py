@@ -20,11 +20,11 @@ from ferry.codec import CodecError, datatype_name, decode_tensor
 from ferry.proto.v1 import inference_pb2 as ipb
 from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
-from ferry.server.convert import checks, spec
-from ferry.server.convert.models import ModelView
+from ferry.server.convert import spec, validation
 from ferry.server.convert.service import ConversionService
 from ferry.server.convert.store import EventRecord, JobRecord, UploadRecord
 from ferry.server.convert.uploads import UploadHeader, kwargs_from_json
+from ferry.server.core.versions import ModelView
 from ferry.server.errors import ErrorKind, InvalidArgument
 from ferry.server.grpc._base import translate_errors
 from ferry.server.grpc.status import ERROR_TABLE, status_of, trailing
@@ -173,7 +173,7 @@ def _tensors(what: str, tensors: Any) -> dict[str, Any]:
     return out
 
 
-def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, checks.SpecTensors]:
+def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, validation.SpecTensors]:
     inputs = []
     for i in m.inputs:
         try:
@@ -201,7 +201,7 @@ def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, checks.SpecTensors
             keep_failed=v.keep_failed,
         ),
         max_batch_size=m.max_batch_size or 32,
-        serving_config=checks.serving_config(
+        serving_config=validation.serving_config(
             max_batch_size=s.max_batch_size if s.HasField("max_batch_size") else None,
             max_queue_delay_ms=s.max_queue_delay_ms if s.HasField("max_queue_delay_ms") else None,
             max_queue_size=s.max_queue_size if s.HasField("max_queue_size") else None,
@@ -209,7 +209,7 @@ def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, checks.SpecTensors
             instance_count=s.instance_count if s.HasField("instance_count") else None,
         ),
     )
-    tensors = checks.SpecTensors(
+    tensors = validation.SpecTensors(
         calibration=_tensors("quantization.calibration_inputs", q.calibration_inputs),
         samples=_tensors("validation.sample_inputs", v.sample_inputs),
         references=_tensors("validation.reference_outputs", v.reference_outputs),

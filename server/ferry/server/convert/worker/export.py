@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import torch
 
-from ferry.server.convert.graph import first_line
-from ferry.server.convert.load import Source
-from ferry.server.convert.validate import generate, onnx_runner
+from ferry.server.convert.worker.graph import first_line
+from ferry.server.convert.worker.load import Source
+from ferry.server.convert.worker.parity import generate, onnx_runner
 from ferry.server.errors import ConversionFailed, FerryError, InvalidArgument, Unimplemented
 
 DYNAMO = "torch.onnx.export(dynamo=True)"

@@ -1,4 +1,4 @@
-"""The conversion child process: ``python -m ferry.server.convert.child --job JOB.json
+"""The conversion child process: ``python -m ferry.server.convert.worker.child --job JOB.json
 (--progress-fd N | --progress-file PATH)``.
 
 One process per job, so that torch, its memory peak and any code a permitted ``.pt2`` or TorchScript
@@ -45,7 +45,7 @@ class Progress:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m ferry.server.convert.child")
+    parser = argparse.ArgumentParser(prog="python -m ferry.server.convert.worker.child")
     parser.add_argument("--job", required=True, help="the job as spec.Job JSON")
     channel = parser.add_mutually_exclusive_group(required=True)
     channel.add_argument("--progress-fd", type=int, help="an inherited, writable file descriptor")
@@ -87,7 +87,7 @@ def _confine_temp(work: Path) -> None:
 
 def _fail(work: Path, report: dict[str, object], stage: str, kind: str, message: str) -> None:
     """Leave no model behind, only the report with what went wrong."""
-    from ferry.server.convert.pipeline import MODEL_FILE, SCRATCH, write_report
+    from ferry.server.convert.worker.pipeline import MODEL_FILE, SCRATCH, write_report
 
     (work / MODEL_FILE).unlink(missing_ok=True)
     shutil.rmtree(work / SCRATCH, ignore_errors=True)
@@ -97,7 +97,7 @@ def _fail(work: Path, report: dict[str, object], stage: str, kind: str, message:
 
 
 def run(job: Job, progress: Progress) -> int:
-    from ferry.server.convert.pipeline import STAGE_START, Pipeline
+    from ferry.server.convert.worker.pipeline import STAGE_START, Pipeline
 
     work = Path(job.work_dir)
     pipeline = Pipeline(job, progress.emit)

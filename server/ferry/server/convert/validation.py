@@ -1,9 +1,13 @@
-"""Validating a conversion spec before a process is spent on it, and storing its tensors.
+"""Validating a conversion before a process is spent on it: the one validation module.
 
-Everything the server can decide without torch is decided here, so a typo in a mode or an
-amount out of range comes back at once as INVALID_ARGUMENT naming the field, instead of as a
-failed job minutes later. What needs the model itself (does the architecture exist, do the
-weights fit, does the graph export) is the child's to report.
+Everything decidable without torch and without the model is decided here, so a typo in a mode or
+an amount out of range comes back at once as INVALID_ARGUMENT naming the field, instead of as a
+failed job minutes later. The server runs ``check_job`` and ``validate_spec`` when a Convert
+request arrives; the conversion child runs ``check_job`` again first, so both apply the same rule
+(the refusal of code-bearing formats lives here, and only here, and runs before anything opens
+the file). What needs the model itself (does the architecture exist, do the weights fit, does
+the graph export) is the child's to report; how close the converted outputs are to the original
+is ``worker.parity``'s.
 """
 
 from __future__ import annotations
@@ -17,9 +21,86 @@ from typing import Any
 
 import numpy as np
 
-from ferry.server.convert.spec import ConversionSpec
+from ferry.server.convert.spec import (
+    CALIBRATION_METHODS,
+    CODE_BEARING_FORMATS,
+    PRUNING_METHODS,
+    QUANTIZATION_MODES,
+    SOURCE_FORMATS,
+    ConversionSpec,
+    Job,
+)
 from ferry.server.core.config import MAX_BATCH_SIZE_LIMIT, parse_config
-from ferry.server.errors import InvalidArgument
+from ferry.server.errors import FailedPrecondition, InvalidArgument
+
+MAX_PRUNING_AMOUNT = 0.95
+MIN_OPSET = 13
+PRUNABLE_FORMATS = ("state_dict", "safetensors")
+USE_INSTEAD = (
+    "upload the weights as a state_dict (torch.save(model.state_dict(), path)) or as safetensors, "
+    "with the name of a registered architecture, or export the model to ONNX"
+)
+
+
+def max_opset() -> int:
+    import onnx.defs
+
+    return int(onnx.defs.onnx_opset_version())
+
+
+def check_job(job: Job) -> None:
+    """Raise the error the job would fail with for reasons visible in the spec alone."""
+    fmt = job.source_format
+    if fmt not in SOURCE_FORMATS:
+        raise InvalidArgument(
+            f"unknown source format {fmt!r}: use one of {', '.join(SOURCE_FORMATS)}"
+        )
+    if fmt in CODE_BEARING_FORMATS and not job.allow_code_formats:
+        raise FailedPrecondition(
+            f"{fmt} sources are refused because loading them executes code from the file; the "
+            f"server operator must enable them with --allow-code-formats, or {USE_INSTEAD}"
+        )
+    spec = job.spec
+    pruning, quantization = spec.pruning, spec.quantization
+    if pruning.method not in PRUNING_METHODS:
+        raise InvalidArgument(
+            f"unknown pruning method {pruning.method!r}: use one of {', '.join(PRUNING_METHODS)}"
+        )
+    if pruning.method != "none":
+        if fmt not in PRUNABLE_FORMATS:
+            raise InvalidArgument(
+                f"pruning needs a PyTorch source with a registered architecture, not {fmt}: upload "
+                "the weights as a state_dict or safetensors, or convert with pruning.method 'none'"
+            )
+        if not 0.0 <= pruning.amount <= MAX_PRUNING_AMOUNT:
+            raise InvalidArgument(
+                f"pruning.amount must be within [0, {MAX_PRUNING_AMOUNT}], got {pruning.amount}"
+            )
+    if quantization.mode not in QUANTIZATION_MODES:
+        raise InvalidArgument(
+            f"unknown quantization mode {quantization.mode!r}: use one of "
+            f"{', '.join(QUANTIZATION_MODES)}"
+        )
+    if quantization.calibration not in CALIBRATION_METHODS:
+        raise InvalidArgument(
+            f"unknown calibration method {quantization.calibration!r}: use one of "
+            f"{', '.join(CALIBRATION_METHODS)}"
+        )
+    if quantization.mode == "static_int8" and not quantization.calibration_file:
+        raise InvalidArgument(
+            "static_int8 needs quantization.calibration_file: an .npz holding, per input name, "
+            "[N, ...] representative samples (100 or more recommended); or use dynamic_int8"
+        )
+    if fmt != "onnx" and not MIN_OPSET <= spec.opset <= max_opset():
+        raise InvalidArgument(
+            f"opset must be within [{MIN_OPSET}, {max_opset()}], got {spec.opset}"
+        )
+    if spec.max_batch_size < 1 or spec.validation.samples < 1:
+        raise InvalidArgument("max_batch_size and validation.samples must be at least 1")
+    names = [i.name for i in spec.inputs]
+    if len(set(names)) != len(names) or not all(names):
+        raise InvalidArgument(f"input names must be unique and non-empty, got {names}")
+
 
 # Formats whose file carries no input signature: the spec must give it.
 NEEDS_INPUTS = ("state_dict", "safetensors", "torchscript")
@@ -53,7 +134,7 @@ class SpecTensors:
 
 
 def validate_spec(spec: ConversionSpec, tensors: SpecTensors, *, source_format: str) -> None:
-    """What ``speccheck.check_job`` (shared with the child) does not cover: names, ranges,
+    """What ``check_job`` (shared with the child) does not cover: names, ranges,
     the tensors and the serving config."""
     _check_inputs(spec, source_format)
     if not 1 <= spec.max_batch_size <= MAX_BATCH_SIZE_LIMIT:

@@ -16,12 +16,13 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.server.convert.publish import read_report
 from ferry.server.core.config import find_config_file, load_config, parse_config
 from ferry.server.core.registry import ModelRegistry, State
 from ferry.server.core.repository import (
     MODEL_FILE,
+    VERSION_CONFIG_FILE,
     ModelRepository,
+    read_report,
     validate_version,
     write_file_atomic,
 )
@@ -126,7 +127,7 @@ async def set_default_version(
         if policy_value is not None:
             raw["version_policy"] = {"latest": policy_value}
         text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
-        target = mdir / "config.json"
+        target = mdir / VERSION_CONFIG_FILE
     _check_edit(text, target, version)
     await asyncio.to_thread(write_file_atomic, target, text.encode("utf-8"))
     await registry.load_model(name)

@@ -3,7 +3,7 @@
 Safety decides how files are read. Weights go only through loaders that cannot run code
 (``torch.load(weights_only=True)``, safetensors, protobuf); formats whose loading executes code
 (``.pt2``, TorchScript) reach this module only when the operator allowed them, a gate
-``speccheck.check_job`` applies before anything opens the file.
+``validation.check_job`` applies before anything opens the file.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from ferry.server.convert import architectures
-from ferry.server.convert.graph import first_line
 from ferry.server.convert.spec import InputSpec, Job
-from ferry.server.convert.speccheck import USE_INSTEAD
-from ferry.server.convert.validate import dtype_of, is_batched, sample_shape
+from ferry.server.convert.validation import USE_INSTEAD
+from ferry.server.convert.worker import architectures as builders
+from ferry.server.convert.worker.graph import first_line
+from ferry.server.convert.worker.parity import dtype_of, is_batched, sample_shape
 from ferry.server.errors import InvalidArgument
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
@@ -40,7 +41,7 @@ class Source:
 
 
 def load(job: Job, threads: int) -> Source:
-    """Load ``job``'s source; the caller has run ``speccheck.check_job`` (the code-format gate)."""
+    """Load ``job``'s source; the caller has run ``validation.check_job`` (the code-format gate)."""
     path = Path(job.source_path)
     if not path.is_file():
         raise InvalidArgument(f"the uploaded source {str(path)!r} does not exist; upload it again")
@@ -51,7 +52,7 @@ def load(job: Job, threads: int) -> Source:
 
     torch.set_num_threads(threads)
     if job.source_format in ("state_dict", "safetensors"):
-        module = architectures.build(job.architecture, job.architecture_kwargs)
+        module = builders.build(job.architecture, job.architecture_kwargs)
         weights = (
             _read_state_dict(path) if job.source_format == "state_dict" else _read_safetensors(path)
         )
@@ -234,7 +235,7 @@ def _load_onnx(job: Job, path: Path) -> Source:
     import onnx
     from google.protobuf.message import DecodeError
 
-    from ferry.server.convert import graph
+    from ferry.server.convert.worker import graph
 
     try:
         model = onnx.load(str(path), load_external_data=False)

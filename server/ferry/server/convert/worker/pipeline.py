@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import onnx
 
-from ferry.server.convert import benchmark, graph, load, quantize, speccheck, validate
+from ferry.server.convert import validation
 from ferry.server.convert.spec import Job, ProgressEvent
+from ferry.server.convert.worker import benchmark, graph, load, parity, quantize
+from ferry.server.core.repository import MODEL_FILE, REPORT_FILE
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
-MODEL_FILE = "model.onnx"
-REPORT_FILE = "report.json"
 SCRATCH = ".scratch"
 # Where each stage starts in the job's 0..1 progress; the server's publish stage owns the rest.
 STAGE_START = {
@@ -71,7 +71,7 @@ class Variant:
 
 class Pipeline:
     source: load.Source
-    samples: validate.Samples
+    samples: parity.Samples
     output_names: list[str]
     baseline: Outputs  # what budgets are judged against: unpruned PyTorch, else the client's or
     baseline_name: str  # the source ONNX's outputs
@@ -127,7 +127,7 @@ class Pipeline:
     def run(self) -> dict[str, Any]:
         self.scratch.mkdir(parents=True, exist_ok=True)
         with self._stage("load", f"loading the {self.job.source_format} source"):
-            speccheck.check_job(self.job)
+            validation.check_job(self.job)
             self.source = load.load(self.job, self.threads)
             self.notes.extend(self.source.notes)
             self.report["inputs"] = [vars(spec) for spec in self.source.inputs]
@@ -158,25 +158,25 @@ class Pipeline:
         )
         return self.report
 
-    def _validation_samples(self) -> validate.Samples:
+    def _validation_samples(self) -> parity.Samples:
         sample_file = self.spec.validation.sample_file
         inputs, batched = self.source.inputs, self.source.batched
         self.report["validation"] = {
-            "samples_from": "sample_file" if sample_file else f"generated (seed {validate.SEED})",
+            "samples_from": "sample_file" if sample_file else f"generated (seed {parity.SEED})",
             "keep_failed": self.spec.validation.keep_failed,
         }
         if sample_file:
             field_name = "validation.sample_file"
-            return validate.samples_from_file(self._path(sample_file), inputs, batched, field_name)
-        return validate.generate(inputs, self.spec.validation.samples, batched)
+            return parity.samples_from_file(self._path(sample_file), inputs, batched, field_name)
+        return parity.generate(inputs, self.spec.validation.samples, batched)
 
     def _run(self, run: Callable[[dict[str, np.ndarray]], Outputs]) -> Outputs:
-        return validate.run_batches(run, self.samples, self.spec.max_batch_size)
+        return parity.run_batches(run, self.samples, self.spec.max_batch_size)
 
     def _reference_outputs(self) -> None:
         """Outputs every variant is judged against, computed before pruning changes the model."""
         if self.source.module is not None:
-            from ferry.server.convert import export
+            from ferry.server.convert.worker import export
 
             try:
                 self.baseline = self._run(export.torch_runner(self.source))
@@ -193,7 +193,7 @@ class Pipeline:
         else:
             assert self.source.onnx_path is not None
             self.output_names = graph.output_names(self.source.onnx_path)
-            self.baseline = self._run(validate.onnx_runner(self.source.onnx_path, self.threads))
+            self.baseline = self._run(parity.onnx_runner(self.source.onnx_path, self.threads))
             self.baseline_name = "onnx_source"
         self.parity_reference = self.baseline
         self.client_reference = None
@@ -209,7 +209,7 @@ class Pipeline:
                 "were computed from"
             )
         path = self._path(self.spec.validation.reference_file)
-        arrays = validate.load_npz(path, self.output_names, "validation.reference_file")
+        arrays = parity.load_npz(path, self.output_names, "validation.reference_file")
         for name, ours in zip(self.output_names, self.baseline, strict=True):
             if arrays[name].shape != ours.shape:
                 raise InvalidArgument(
@@ -224,12 +224,12 @@ class Pipeline:
             self._skip("prune", "no pruning requested")
             return
         with self._stage("prune", f"{spec.method} pruning, amount {spec.amount}"):
-            from ferry.server.convert import export, prune
+            from ferry.server.convert.worker import export, prune
 
             section = prune.prune(self.source.module, spec, export.example_inputs(self.source))
             self.report["pruning"] = section
             self.parity_reference = self._run(export.torch_runner(self.source))
-            figures = validate.compare(self.parity_reference, self.baseline)
+            figures = parity.compare(self.parity_reference, self.baseline)
             section["vs_unpruned"] = figures
             failure = self._budget_failure(figures)
             if failure and not self.spec.validation.keep_failed:
@@ -242,7 +242,7 @@ class Pipeline:
 
     def _budget_failure(self, figures: dict[str, Any]) -> str:
         v = self.spec.validation
-        return validate.budget_failure(figures, v.min_cosine, v.min_top1_agreement)
+        return parity.budget_failure(figures, v.min_cosine, v.min_top1_agreement)
 
     def _export(self) -> Path:
         if self.source.onnx_path is not None:
@@ -251,7 +251,7 @@ class Pipeline:
             self.report["opset"] = self.source.opset
             self.notes.append("an ONNX source keeps its own opset; spec.opset does not apply")
             return self.source.onnx_path
-        from ferry.server.convert import export
+        from ferry.server.convert.worker import export
 
         target = self.scratch / "exported.onnx"
         with self._stage("export", f"torch.onnx.export at opset {self.spec.opset}"):
@@ -279,7 +279,7 @@ class Pipeline:
         with self._stage("quantize", f"building {', '.join(plan.variants)}"):
             calibration = None
             if "static_int8" in plan.variants:
-                calibration = validate.samples_from_file(
+                calibration = parity.samples_from_file(
                     self._path(spec.calibration_file),
                     self.source.inputs,
                     self.source.batched,
@@ -297,24 +297,22 @@ class Pipeline:
         v = self.spec.validation
         fp32 = variants[0]
         for variant in variants:
-            variant.outputs = self._run(validate.onnx_runner(variant.path, self.threads))
-        parity = validate.compare(fp32.outputs, self.parity_reference)
+            variant.outputs = self._run(parity.onnx_runner(variant.path, self.threads))
+        agreement = parity.compare(fp32.outputs, self.parity_reference)
         against = "pytorch" if self.source.module is not None else "onnx_source"
         if "pruning" in self.report:
             against = "pytorch (pruned)"
-        self.report["parity"] = {**parity, "samples": len(self.samples), "against": against}
-        failure = validate.tolerance_failure(fp32.outputs, self.parity_reference, v.rtol, v.atol)
+        self.report["parity"] = {**agreement, "samples": len(self.samples), "against": against}
+        failure = parity.tolerance_failure(fp32.outputs, self.parity_reference, v.rtol, v.atol)
         if failure:
             raise ConversionFailed(
                 f"the fp32 ONNX export disagrees with {against}: {failure} (max_abs "
-                f"{parity['max_abs']:.3g}, cosine {parity['cosine']:.6f}); loosen validation.rtol/"
+                f"{agreement['max_abs']:.3g}, cosine {agreement['cosine']:.6f}); loosen validation.rtol/"
                 "atol if this is expected numerical noise, otherwise report an exporter bug"
             )
         if self.client_reference is not None:
-            self.report["reference"] = validate.compare(fp32.outputs, self.client_reference)
-            failure = validate.tolerance_failure(
-                fp32.outputs, self.client_reference, v.rtol, v.atol
-            )
+            self.report["reference"] = parity.compare(fp32.outputs, self.client_reference)
+            failure = parity.tolerance_failure(fp32.outputs, self.client_reference, v.rtol, v.atol)
             # A pruned model is meant to differ from the client's (unpruned) outputs: the budget
             # judges it, not the tolerance.
             if failure and "pruning" not in self.report:
@@ -326,12 +324,12 @@ class Pipeline:
             entry = variant.entry
             entry["name"] = variant.name
             entry["vs_fp32"] = (
-                None if variant is fp32 else validate.compare(variant.outputs, fp32.outputs)
+                None if variant is fp32 else parity.compare(variant.outputs, fp32.outputs)
             )
-            vs_baseline = validate.compare(variant.outputs, self.baseline)
+            vs_baseline = parity.compare(variant.outputs, self.baseline)
             entry["vs_pytorch"] = vs_baseline if self.source.module is not None else None
             if self.client_reference is not None:
-                entry["vs_reference"] = validate.compare(variant.outputs, self.client_reference)
+                entry["vs_reference"] = parity.compare(variant.outputs, self.client_reference)
             failure = self._budget_failure(vs_baseline)
             entry["budget_against"] = self.baseline_name
             entry["within_budget"] = not failure

@@ -16,9 +16,9 @@ from typing import Any
 import onnx
 import onnxruntime as ort
 
-from ferry.server.convert.graph import weight_sparsity
 from ferry.server.convert.spec import InputSpec
-from ferry.server.convert.validate import generate
+from ferry.server.convert.worker.graph import weight_sparsity
+from ferry.server.convert.worker.parity import generate
 
 WARMUP = 2
 MIN_RUNS, MAX_RUNS = 3, 25

@@ -24,9 +24,9 @@ from onnxruntime.quantization import (
 )
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from ferry.server.convert.graph import first_line, has_conv
 from ferry.server.convert.spec import QuantizationSpec
-from ferry.server.convert.validate import Samples
+from ferry.server.convert.worker.graph import first_line, has_conv
+from ferry.server.convert.worker.parity import Samples
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
 # auto keeps fp32 unless a variant is clearly faster: latency differences smaller than this are
