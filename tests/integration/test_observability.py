@@ -58,14 +58,15 @@ def test_metrics_endpoint(server: ServerThread, client: InferenceClient) -> None
     assert "ferry_batch_size" in text
     mlp = {"model": "mlp", "version": "1"}
     assert _sample(text, "ferry_requests_total", code="OK", **mlp) == 3
-    assert _sample(text, "ferry_requests_total", code="INVALID_ARGUMENT", model="mlp") == 1
+    # The refused request is counted once, by the core, against the version it was resolved to.
+    assert _sample(text, "ferry_requests_total", code="INVALID_ARGUMENT", **mlp) == 1
     assert _sample(text, "ferry_batch_size_count", **mlp) == 3
     assert _sample(text, "ferry_batch_size_sum", **mlp) == 9
     assert _sample(text, "ferry_batch_size_bucket", le="2", **mlp) == 0
     assert _sample(text, "ferry_batch_size_bucket", le="4", **mlp) == 3
     assert _sample(text, "ferry_inferences_total", **mlp) == 9
     assert _sample(text, "ferry_executions_total", **mlp) == 3
-    assert _sample(text, "ferry_request_seconds_count", **mlp) == 3
+    assert _sample(text, "ferry_request_seconds_count", **mlp) == 4
     assert _sample(text, "ferry_queue_depth", **mlp) == 0
     assert _sample(text, "ferry_model_state", state="READY", **mlp) == 1
     assert _sample(text, "ferry_model_state", state="FAILED", **mlp) == 0

@@ -245,10 +245,11 @@ def test_disk_full_during_a_conversion_publish(
     job's error is the OSError, and neither a version nor a temporary is left."""
     from ferry.server.convert import publish
     from ferry.server.core.registry import ModelRegistry
+    from ferry.server.runtime.session import open_session
 
     repo = ModelRepository(tmp_path / "repo")
     write_model(repo, "mlp", mlp_model())
-    registry = ModelRegistry(repo, warm_up=False)
+    registry = ModelRegistry(repo, open_session, warm_up=False)
     real_open = open
 
     class FullFile:

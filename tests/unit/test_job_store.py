@@ -212,11 +212,12 @@ def test_the_state_folder_sits_beside_the_repository(tmp_path: Path) -> None:
     from ferry.server.convert.service import ConversionService, default_state_dir
     from ferry.server.core.registry import ModelRegistry
     from ferry.server.core.repository import ModelRepository
+    from ferry.server.runtime.session import open_session
     from ferry.server.settings import Settings
 
     repo = ModelRepository(tmp_path / "models")
     assert default_state_dir(repo.root) == tmp_path / "models.ferry"
     inside = Settings(repository=repo.root, state_dir=str(repo.root / "state"))
     with pytest.raises(InvalidArgument, match="inside the model repository"):
-        ConversionService(inside, repo, ModelRegistry(repo)).open()
+        ConversionService(inside, repo, ModelRegistry(repo, open_session)).open()
     assert repo.list_models() == []

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
-from ferry.server.core.dataplane import InferenceResult
+from ferry.server.core.types import InferenceResult, parse_version
 from ferry.server.errors import InvalidArgument, Unimplemented
-from ferry.server.grpc.kserve_tensors import decode_request, encode_response, parse_version
+from ferry.server.grpc.kserve_tensors import decode_request, encode_response
 
 RAW_SAMPLES: dict[str, np.ndarray] = {
     "BOOL": np.array([[True, False, True]]),
@@ -218,8 +218,10 @@ def test_versions() -> None:
     assert parse_version("") is None
     assert parse_version("0") is None
     assert parse_version("12") == 12
-    for bad in ("-1", "v1", "1.0"):
-        with pytest.raises(InvalidArgument, match="non-negative integer"):
+    # str.isdigit() accepts "²" and other scripts' digits, which int() refuses; a huge number
+    # must not cost a bignum parse: every one is the client's INVALID_ARGUMENT.
+    for bad in ("-1", "v1", "1.0", "²", "\u0661", "9" * 5000, " 1", "1 ", str(2**53 + 1)):
+        with pytest.raises(InvalidArgument, match="positive integer in ASCII digits"):
             parse_version(bad)
 
 

@@ -18,10 +18,12 @@ import numpy as np
 import pytest
 
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
-from ferry.server.core.registry import ModelRegistry, State
+from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
+from ferry.server.core.types import State
 from ferry.server.errors import ModelNotFound, ModelNotReady, VersionNotFound
 from ferry.server.examples import identity_model, mlp_model, seed_model, write_model
+from ferry.server.runtime.session import open_session
 
 GUARD_S = 60.0
 
@@ -40,7 +42,7 @@ def repo(tmp_path: Path) -> ModelRepository:
 
 
 def _registry(repo: ModelRepository) -> ModelRegistry:
-    return ModelRegistry(repo, warm_up=False)
+    return ModelRegistry(repo, open_session, warm_up=False)
 
 
 def _states(registry: ModelRegistry) -> dict[str, str]:
@@ -376,7 +378,7 @@ def test_warm_up_runs_without_breaking_load(repo: ModelRepository) -> None:
     write_model(repo, "dyn", identity_model("FP32", dims=("batch", "n", "m")))
 
     async def main() -> None:
-        registry = ModelRegistry(repo, warm_up=True)
+        registry = ModelRegistry(repo, open_session, warm_up=True)
         await registry.refresh()
         assert set(_states(registry).values()) == {"READY"}
         await registry.close()

@@ -4,7 +4,8 @@ import pytest
 
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import tensor_pb2
-from ferry.server.core.dataplane import Limits, check_wire_elements
+from ferry.server.core.inputs import check_wire_elements
+from ferry.server.core.types import Limits
 from ferry.server.errors import LimitExceeded
 from ferry.server.grpc.inference import to_request
 

@@ -1,8 +1,9 @@
 """Prometheus metrics on their own HTTP port.
 
 Counters that the core already keeps (queue/compute time, batch sizes, queue depth) are read at
-scrape time by a collector, so the request path pays nothing for them; only per-request latency
-and status are observed as they happen, through cached label children.
+scrape time through the core's door (statistics snapshots), so the request path pays nothing for
+them; only per-request latency and status are observed as they happen, by the core calling
+``observe`` once per request, through cached label children.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from ferry.server.core.registry import ModelRegistry, State
+from ferry.server.core.dataplane import DataPlane
+from ferry.server.core.types import State
+from ferry.server.errors import FerryError
+from ferry.server.grpc.status import code_of
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
-class _RegistryCollector(Collector):
-    def __init__(self, registry: ModelRegistry) -> None:
-        self.registry = registry
+class _CoreCollector(Collector):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
 
     def collect(self) -> Iterator[Any]:
         labels = ["model", "version"]
@@ -42,22 +46,21 @@ class _RegistryCollector(Collector):
         )
         depth = GaugeMetricFamily("ferry_queue_depth", "Requests waiting", labels=labels)
         batch = HistogramMetricFamily("ferry_batch_size", "Executed batch sizes", labels=labels)
-        for lv in self.registry.loaded_versions():
-            lab = [lv.name, str(lv.version)]
-            s = lv.stats
+        for s in self.dataplane.statistics():
+            lab = [s.name, str(s.version)]
             queue.add_metric(lab, s.queue.ns / 1e9)
             compute.add_metric([*lab, "input"], s.compute_input.ns / 1e9)
             compute.add_metric([*lab, "infer"], s.compute_infer.ns / 1e9)
             compute.add_metric([*lab, "output"], s.compute_output.ns / 1e9)
             inferences.add_metric(lab, s.inference_count)
             executions.add_metric(lab, s.execution_count)
-            rejected.add_metric(lab, lv.batcher.rejected)
-            expired.add_metric(lab, lv.batcher.expired)
-            depth.add_metric(lab, lv.batcher.queue_depth)
+            rejected.add_metric(lab, s.rejected)
+            expired.add_metric(lab, s.expired)
+            depth.add_metric(lab, s.queue_depth)
             buckets = []
             total = 0
             size_sum = 0
-            counts = {size: b.compute_infer.count for size, b in s.batches.items()}
+            counts = {b.batch_size: b.compute_infer.count for b in s.batches}
             for bound in BATCH_BUCKETS:
                 total_le = sum(c for size, c in counts.items() if size <= bound)
                 buckets.append((str(bound), total_le))
@@ -70,7 +73,7 @@ class _RegistryCollector(Collector):
             "1 for the state each model version is in",
             labels=[*labels, "state"],
         )
-        for st in self.registry.statuses():
+        for st in self.dataplane.list_models():
             for candidate in State:
                 state.add_metric(
                     [st.name, str(st.version), candidate.value],
@@ -80,9 +83,9 @@ class _RegistryCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, registry: ModelRegistry) -> None:
+    def __init__(self, dataplane: DataPlane) -> None:
         self.prometheus = CollectorRegistry(auto_describe=True)
-        self.prometheus.register(_RegistryCollector(registry))
+        self.prometheus.register(_CoreCollector(dataplane))
         self._requests = Counter(
             "ferry_requests",
             "Inference requests by status",
@@ -97,18 +100,25 @@ class Metrics:
             registry=self.prometheus,
         )
         self._children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
-        self._registry = registry
+        self._dataplane = dataplane
 
-    def observe(self, model: str, version: int, code: str, seconds: float) -> None:
+    def observe(
+        self, model: str, version: int, outcome: BaseException | None, seconds: float
+    ) -> None:
+        """The core's observer: called once per inference request, whatever the protocol."""
+        code = "OK" if outcome is None else code_of(outcome).name
         key = (model, version, code)
         pair = self._children.get(key)
         if pair is None:
             # Client-chosen names and version numbers must not grow memory or label sets: the
             # labels are those of a served model and version, or the placeholders.
-            entry = self._registry.models.get(model)
-            if entry is None:
+            try:
+                served = {s.version for s in self._dataplane.list_models(model)} if model else None
+            except FerryError:
+                served = None
+            if served is None:
                 model, version = "_unknown", 0
-            elif version not in entry.versions:
+            elif version not in served:
                 version = 0
             key = (model, version, code)
             pair = self._children.get(key)

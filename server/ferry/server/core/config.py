@@ -22,9 +22,15 @@ Example ``config.toml``::
     [onnxruntime]
     intra_op_threads = 0                 # 0: onnxruntime's default (one per core)
     inter_op_threads = 1
-    execution_providers = ["CPUExecutionProvider"]
     memory_arena = true
     allow_spinning = true
+    # Execution providers in order of preference, each with its options (names and options are
+    # checked against the providers table, ferry.server.runtime.providers, when a version opens):
+    providers = [
+        { name = "CUDAExecutionProvider", options = { device_id = 0 } },
+        { name = "CPUExecutionProvider" },
+    ]
+    # execution_providers = ["CPUExecutionProvider"]   # the same, names only (older shape)
 """
 
 from __future__ import annotations
@@ -56,14 +62,37 @@ class InstancesConfig:
     count: int = 1
 
 
+OptionValue = str | int | float | bool
+
+
+@dataclass(frozen=True)
+class ProviderConfig:
+    """One execution provider a version asks for, with its options as written in the config.
+    Names and options are checked against the providers table when the version is opened (the
+    core does not know onnxruntime's providers)."""
+
+    name: str
+    options: tuple[tuple[str, OptionValue], ...] = ()
+
+    def options_dict(self) -> dict[str, OptionValue]:
+        return dict(self.options)
+
+
+DEFAULT_PROVIDERS = (ProviderConfig("CPUExecutionProvider"),)
+
+
 @dataclass(frozen=True)
 class OnnxRuntimeConfig:
     intra_op_threads: int = 0
     inter_op_threads: int = 1
-    execution_providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    providers: tuple[ProviderConfig, ...] = DEFAULT_PROVIDERS
     memory_arena: bool = True
     allow_spinning: bool = True
     graph_optimization: str = "all"  # disable | basic | extended | all
+
+    @property
+    def execution_providers(self) -> tuple[str, ...]:
+        return tuple(p.name for p in self.providers)
 
 
 @dataclass(frozen=True)
@@ -158,7 +187,7 @@ def parse_config(raw: dict[str, Any], *, where: str = "config") -> ModelConfig:
         version_policy=policy,
         batching=_section(BatchingConfig, raw.pop("batching", {}), where, "batching"),
         instances=_section(InstancesConfig, raw.pop("instances", {}), where, "instances"),
-        onnxruntime=_section(OnnxRuntimeConfig, raw.pop("onnxruntime", {}), where, "onnxruntime"),
+        onnxruntime=_onnxruntime(raw.pop("onnxruntime", {}), where),
     )
     if raw:
         raise InvalidArgument(
@@ -187,9 +216,63 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     out["batching"] = batching
     out["instances"] = {"count": cfg.instances.count}
     ort = {f.name: getattr(cfg.onnxruntime, f.name) for f in fields(OnnxRuntimeConfig)}
-    ort["execution_providers"] = list(cfg.onnxruntime.execution_providers)
+    ort["providers"] = [
+        {"name": p.name, **({"options": p.options_dict()} if p.options else {})}
+        for p in cfg.onnxruntime.providers
+    ]
     out["onnxruntime"] = ort
     return out
+
+
+def _onnxruntime(raw: Any, where: str) -> OnnxRuntimeConfig:
+    """The [onnxruntime] section; providers come as ``providers = [{ name, options }]`` or, the
+    older shape, ``execution_providers = ["Name", ...]`` (not both)."""
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{where}: [onnxruntime] must be a table, got {raw!r}")
+    raw = dict(raw)
+    if "providers" in raw and "execution_providers" in raw:
+        raise InvalidArgument(
+            f"{where}: set onnxruntime.providers or onnxruntime.execution_providers, not both"
+        )
+    providers: tuple[ProviderConfig, ...] | None = None
+    if "execution_providers" in raw:
+        names = raw.pop("execution_providers")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise InvalidArgument(
+                f"{where}: onnxruntime.execution_providers must be a list of strings"
+            )
+        providers = tuple(ProviderConfig(n) for n in names)
+    elif "providers" in raw:
+        providers = _providers(raw.pop("providers"), where)
+    section: OnnxRuntimeConfig = _section(OnnxRuntimeConfig, raw, where, "onnxruntime")
+    if providers is not None:
+        section = replace(section, providers=providers)
+    return section
+
+
+def _providers(raw: Any, where: str) -> tuple[ProviderConfig, ...]:
+    key = f"{where}: onnxruntime.providers"
+    if not isinstance(raw, list):
+        raise InvalidArgument(f"{key} must be a list of {{ name, options }} tables")
+    out = []
+    for i, entry in enumerate(raw):
+        item = {"name": entry} if isinstance(entry, str) else entry
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise InvalidArgument(f"{key}[{i}] must be a table with a name, got {item!r}")
+        unknown = sorted(set(item) - {"name", "options"})
+        if unknown:
+            raise InvalidArgument(f"{key}[{i}]: unknown keys {unknown}; known: name, options")
+        options = item.get("options", {})
+        if not isinstance(options, dict) or not all(
+            isinstance(k, str) and isinstance(v, str | int | float | bool)
+            for k, v in options.items()
+        ):
+            raise InvalidArgument(
+                f"{key}[{i}] ({item['name']}): options must be a table of strings, numbers "
+                "and booleans"
+            )
+        out.append(ProviderConfig(item["name"], tuple(sorted(options.items()))))
+    return tuple(out)
 
 
 def _parse_policy(raw: Any, where: str) -> VersionPolicy:
@@ -262,8 +345,11 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         raise InvalidArgument(
             f"{where}: onnxruntime.graph_optimization must be disable, basic, extended or all"
         )
-    if not cfg.onnxruntime.execution_providers:
-        raise InvalidArgument(f"{where}: onnxruntime.execution_providers must not be empty")
+    names = cfg.onnxruntime.execution_providers
+    if not names:
+        raise InvalidArgument(f"{where}: onnxruntime.providers must not be empty")
+    if len(set(names)) != len(names):
+        raise InvalidArgument(f"{where}: onnxruntime.providers lists a provider twice: {names}")
 
 
 def _positive_int(value: Any, where: str, key: str) -> int:

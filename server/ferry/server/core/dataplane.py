@@ -1,229 +1,225 @@
-"""The one inference core that every protocol adapter calls.
+"""The one door into the core: every protocol adapter calls this and nothing else.
 
-Adapters decode their wire format into an ``InferenceRequest`` of numpy arrays, call
-``DataPlane.infer`` and encode the result. Validation against the model's signature happens here,
-once, so ``ferry.v1`` and the Open Inference Protocol give the same answers and the same errors.
+Inference (unary and streams), metadata, statistics, readiness, listing, the repository index
+and load/unload/refresh all live here, in the core's own types (``core.types``), so ``ferry.v1``,
+the Open Inference Protocol over gRPC and over HTTP give the same answers, the same errors and the
+same repository outcomes, and every request is counted and observed exactly once, here.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
 
-import numpy as np
-
-from ferry.codec import DataType, datatype_name
-from ferry.server.batching.tensors import batch_key
-from ferry.server.core.loaded import LoadedVersion, Work
+from ferry.server.core import inputs
+from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelRegistry
-from ferry.server.errors import DeadlineExceeded, FerryError, InvalidInput, LimitExceeded
+from ferry.server.core.repository import validate_model_name
+from ferry.server.core.streams import run_stream
+from ferry.server.core.types import (
+    BatchingPolicy,
+    IndexEntry,
+    InferenceRequest,
+    InferenceResult,
+    Limits,
+    ModelMetadata,
+    Observer,
+    RepositoryOutcome,
+    State,
+    VersionPolicyView,
+    VersionStatistics,
+    VersionStatus,
+    WireRequest,
+)
+from ferry.server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    FerryError,
+    InvalidArgument,
+)
+
+PLATFORM = "onnxruntime_onnx"
+
+R = TypeVar("R")
+Resp = TypeVar("Resp")
 
 
-@dataclass(slots=True)
-class InferenceRequest:
-    model: str
-    inputs: Mapping[str, np.ndarray]
-    version: int | None = None
-    id: str = ""
-    outputs: Sequence[str] | None = None  # None or empty: all outputs
-    timeout: float | None = None  # seconds; only shortens the call's deadline
-    priority: int = 0  # 0: the model's default; 1 is the highest
-
-
-@dataclass(slots=True)
-class InferenceResult:
-    model: str
-    version: int
-    id: str
-    outputs: dict[str, np.ndarray]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Per-request bounds enforced before queueing; the server fills them from its settings
-    (``max_request_*``), and each refusal names the setting and its value."""
-
-    max_inputs: int = 256
-    max_outputs: int = 256
-    max_elements: int = 1 << 31
-    max_batch: int = 0  # 0: only each model's own max_batch_size applies
-
-
-def check_wire_elements(shapes: Iterable[Sequence[int]], limits: Limits) -> None:
-    """Refuse a request whose declared shapes exceed ``max_request_elements`` before any tensor
-    is decoded: BYTES elements become Python objects several times their wire size, so the
-    limit must hold before that memory is spent, not after."""
-    total = 0
-    for shape in shapes:
-        count = 1
-        for dim in shape:
-            count *= max(int(dim), 0)
-        total += count
-        if total > limits.max_elements:
-            raise LimitExceeded(
-                f"the request declares more than {limits.max_elements} tensor elements, the "
-                "limit per request (max_request_elements)"
-            )
+def _no_observer(model: str, version: int, outcome: BaseException | None, seconds: float) -> None:
+    return None
 
 
 class DataPlane:
-    def __init__(self, registry: ModelRegistry, limits: Limits | None = None) -> None:
-        self.registry = registry
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        limits: Limits | None = None,
+        *,
+        observer: Observer | None = None,
+        max_stream_in_flight: int = 1024,
+    ) -> None:
+        self._registry = registry
         self.limits = limits or Limits()
+        self._observe = observer or _no_observer
+        self.max_stream_in_flight = max_stream_in_flight
 
+    def observe_with(self, observer: Observer) -> None:
+        """Set the one observer of every inference request (the server's metrics)."""
+        self._observe = observer
+
+    # ---- inference ----
     async def infer(
-        self, request: InferenceRequest, *, deadline: float | None = None
+        self, request: InferenceRequest | WireRequest, *, deadline: float | None = None
     ) -> InferenceResult:
-        """``deadline`` is absolute on ``time.monotonic()`` (the call's own gRPC deadline)."""
-        lv = self.registry.get(request.model, request.version)
-        start = time.perf_counter_ns()
+        """``request`` may still be in wire form (decoded here, so a request that fails to
+        decode is counted like any other failure). ``deadline`` is absolute on
+        ``time.monotonic()`` (the call's own deadline)."""
+        start = time.perf_counter()
+        lv: LoadedVersion | None = None
         try:
-            work = self._validate(lv, request)
-            deadline = self._deadline(lv, request, deadline)
-            priority = request.priority or lv.config.batching.default_priority
+            decoded = request if isinstance(request, InferenceRequest) else None
+            if decoded is None:
+                decoded = request.decode(self.limits)  # type: ignore[union-attr]
+            lv = self._registry.get(decoded.model, decoded.version)
+            work = inputs.validate(lv, decoded, self.limits)
+            deadline = _deadline(lv, decoded, deadline)
+            priority = decoded.priority or lv.config.batching.default_priority
             outputs = await lv.batcher.submit(work, deadline=deadline, priority=priority)
-        except FerryError:
-            lv.stats.record_failure(time.perf_counter_ns() - start)
+        except BaseException as exc:
+            elapsed = time.perf_counter() - start
+            if lv is not None and isinstance(exc, FerryError):
+                lv.stats.record_failure(int(elapsed * 1e9))
+            model = lv.name if lv is not None else request.model
+            version = lv.version if lv is not None else _label(request)
+            self._observe(model, version, exc, elapsed)
             raise
-        lv.stats.record_success(time.perf_counter_ns() - start)
-        if request.outputs:
-            outputs = {name: outputs[name] for name in request.outputs}
-        return InferenceResult(request.model, lv.version, request.id, outputs)
+        elapsed = time.perf_counter() - start
+        lv.stats.record_success(int(elapsed * 1e9))
+        self._observe(lv.name, lv.version, None, elapsed)
+        if decoded.outputs:
+            outputs = {name: outputs[name] for name in decoded.outputs}
+        return InferenceResult(decoded.model, lv.version, decoded.id, outputs)
 
-    def _deadline(
-        self, lv: LoadedVersion, request: InferenceRequest, deadline: float | None
-    ) -> float | None:
-        budget = request.timeout or (lv.config.batching.default_timeout_ms / 1000.0) or None
-        if budget is not None:
-            own = time.monotonic() + budget
-            deadline = own if deadline is None else min(deadline, own)
-        if deadline is not None and deadline <= time.monotonic():
-            raise DeadlineExceeded(
-                f"the request's deadline passed before it reached model {request.model!r}"
+    def stream(
+        self,
+        requests: AsyncIterator[R],
+        respond: Callable[[R], Awaitable[Resp]],
+    ) -> AsyncIterator[Resp]:
+        """A bidirectional stream's requests, run concurrently under this server's bound on
+        what one stream may have in flight; ``respond`` turns one request into its response
+        (calling ``infer``, and turning an error into the protocol's error response)."""
+        return run_stream(requests, respond, self.max_stream_in_flight)
+
+    # ---- what is served ----
+    def metadata(self, model: str, version: int | None = None) -> ModelMetadata:
+        lv = self._registry.get(model, version)
+        entry = self._registry.models[lv.name]
+        b = lv.config.batching
+        policy = lv.config.version_policy
+        return ModelMetadata(
+            name=lv.name,
+            version=lv.version,
+            ready_versions=tuple(entry.ready_versions()),
+            default_version=entry.default_version(),
+            platform=PLATFORM,
+            inputs=tuple(lv.inputs),
+            outputs=tuple(lv.outputs),
+            batching=BatchingPolicy(
+                max_batch_size=lv.max_batch_size,
+                max_queue_delay_ms=b.max_queue_delay_ms,
+                max_queue_size=b.max_queue_size,
+                default_timeout_ms=b.default_timeout_ms,
+                default_priority=b.default_priority,
+            ),
+            instance_count=lv.config.instances.count,
+            device_kind=lv.session.device_kind,
+            providers=tuple(lv.session.providers),
+            version_policy=VersionPolicyView(policy.latest, policy.all, policy.specific),
+        )
+
+    def statistics(self, model: str = "", version: int | None = None) -> list[VersionStatistics]:
+        """Every served version (no model), a model's served versions (no version), or one."""
+        if model and version:
+            return [self._registry.get(model, version).statistics()]
+        if version:
+            raise InvalidArgument("a model version needs a model name")
+        if model:
+            self._registry.statuses(model)  # NOT_FOUND for an unknown model
+        return [
+            lv.statistics()
+            for lv in self._registry.loaded_versions()
+            if not model or lv.name == model
+        ]
+
+    def list_models(self, model: str = "") -> list[VersionStatus]:
+        return self._registry.statuses(model)
+
+    def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
+        rows = self._registry.index()
+        return [r for r in rows if r.state is State.READY] if ready_only else rows
+
+    # ---- health ----
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        """The replica is ready: every selected version finished loading, one is READY."""
+        return self._registry.all_ready()
+
+    def model_ready(self, model: str, version: int | None = None) -> bool:
+        """Not-found and not-ready are both False: readiness is a yes/no question."""
+        try:
+            self._registry.get(model, version)
+        except FerryError:
+            return False
+        return True
+
+    def model_states(self) -> dict[str, bool]:
+        """Each model the registry knows -> whether one of its versions is READY."""
+        return {
+            entry.name: any(s.state is State.READY for s in entry.versions.values())
+            for entry in list(self._registry.models.values())
+        }
+
+    # ---- repository control ----
+    async def load(self, model: str) -> RepositoryOutcome:
+        """Load (or reload) a model from the repository. A load after which no version of it
+        is ready fails with FAILED_PRECONDITION and why, whichever protocol asked."""
+        name = validate_model_name(model)
+        outcome = await self._registry.load_model(name)
+        entry = self._registry.models.get(name)  # an unload may have run since the load
+        if entry is None or not entry.ready_versions():
+            why = (
+                "; ".join(outcome.failed)
+                or (entry.config_error if entry is not None else "")
+                or "it has no version folder (<model>/<N>/model.onnx) the version policy selects"
             )
-        return deadline
+            raise FailedPrecondition(f"model {name!r} has no version ready after loading: {why}")
+        return outcome
 
-    def _validate(self, lv: LoadedVersion, request: InferenceRequest) -> Work:
-        inputs = request.inputs
-        where = f"model {lv.name!r} version {lv.version}"
-        if len(inputs) > self.limits.max_inputs:
-            raise LimitExceeded(
-                f"{len(inputs)} inputs is over the limit of {self.limits.max_inputs} per request "
-                "(max_request_inputs)"
-            )
-        if inputs.keys() != lv.input_specs.keys():
-            missing = sorted(set(lv.input_specs) - set(inputs))
-            unexpected = sorted(set(inputs) - set(lv.input_specs))
-            parts = []
-            if missing:
-                parts.append(f"missing inputs {missing}")
-            if unexpected:
-                parts.append(f"unexpected inputs {[_short(n) for n in unexpected]}")
-            raise InvalidInput(f"{where}: {'; '.join(parts)}; it takes {lv.input_names}")
-        batch: int | None = None
-        elements = 0
-        feeds = dict(inputs)
-        for name, spec in lv.input_specs.items():
-            arr = inputs[name]
-            expected_dtype = lv.input_numpy[name]
-            if arr.dtype != expected_dtype:
-                raise InvalidInput(
-                    f"{where}: input {name!r} must be {datatype_name(spec.dtype)}, got "
-                    f"{_dtype_name(arr)}"
-                )
-            shape = arr.shape
-            if len(shape) != len(spec.shape) or any(
-                d not in (-1, s) for d, s in zip(spec.shape, shape, strict=True)
-            ):
-                raise InvalidInput(
-                    f"{where}: input {name!r} must have shape {_show(spec.shape)}, got "
-                    f"{list(shape)}"
-                )
-            if spec.dtype == DataType.DATA_TYPE_BYTES:
-                feeds[name] = _as_text(arr, f"{where}: input {name!r}")
-            elements += arr.size
-            if lv.max_batch_size > 0:
-                if batch is None:
-                    batch = shape[0]
-                elif shape[0] != batch:
-                    raise InvalidInput(
-                        f"{where}: inputs disagree on the batch dimension ({batch} vs "
-                        f"{shape[0]} for {name!r}); every input's first dim is the batch size"
-                    )
-        if elements > self.limits.max_elements:
-            raise LimitExceeded(
-                f"{elements} tensor elements is over the limit of {self.limits.max_elements} "
-                "per request (max_request_elements)"
-            )
-        if lv.max_batch_size > 0:
-            assert batch is not None
-            if batch < 1:
-                raise InvalidInput(f"{where}: the batch dimension must be at least 1, got {batch}")
-            if 0 < self.limits.max_batch < batch:
-                raise LimitExceeded(
-                    f"batch size {batch} is over the limit of {self.limits.max_batch} per "
-                    "request (max_request_batch_size); split the request"
-                )
-            if batch > lv.max_batch_size:
-                raise InvalidInput(
-                    f"{where}: batch size {batch} is over the model's max_batch_size "
-                    f"{lv.max_batch_size}; split the request"
-                )
-        outputs = tuple(request.outputs) if request.outputs else None
-        if outputs is not None:
-            if len(outputs) > self.limits.max_outputs:
-                raise LimitExceeded(
-                    f"{len(outputs)} requested outputs is over the limit of "
-                    f"{self.limits.max_outputs} per request (max_request_outputs)"
-                )
-            unknown = [o for o in outputs if o not in lv.output_names]
-            if unknown:
-                raise InvalidInput(
-                    f"{where}: unknown outputs {[_short(o) for o in unknown]}; it has "
-                    f"{lv.output_names}"
-                )
-        key = batch_key(feeds, lv.input_names) if lv.max_batch_size > 0 else ()
-        return Work(feeds, outputs, batch or 1, key)
+    async def unload(self, model: str) -> RepositoryOutcome:
+        return await self._registry.unload_model(validate_model_name(model))
+
+    async def refresh(self) -> RepositoryOutcome:
+        return await self._registry.refresh(retry_failed=True)
 
 
-def _as_text(arr: np.ndarray, where: str) -> np.ndarray:
-    """BYTES elements as ``str``. onnxruntime's Python binding feeds a ``bytes`` element of a
-    string tensor as its repr (``b"ab"`` becomes ``"b'ab'"``), silently corrupting the input, and
-    its string tensors hold UTF-8 text. Decoding here, per request, makes a non-UTF-8 element
-    this request's INVALID_ARGUMENT instead of its whole batch's failure."""
-    out = np.empty(arr.shape, dtype=object)
-    flat = out.reshape(-1)  # a view: writing it fills ``out``
-    for index, element in enumerate(arr.reshape(-1)):
-        if isinstance(element, str):
-            flat[index] = element
-        elif isinstance(element, bytes | bytearray):
-            try:
-                flat[index] = bytes(element).decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise InvalidInput(
-                    f"{where}: BYTES element {index} is not valid UTF-8 ({exc.reason} at byte "
-                    f"{exc.start}); onnxruntime string tensors hold UTF-8 text"
-                ) from None
-        else:
-            raise InvalidInput(
-                f"{where}: BYTES element {index} must be bytes or str, got {type(element).__name__}"
-            )
-    return out
+def _deadline(lv: LoadedVersion, request: InferenceRequest, deadline: float | None) -> float | None:
+    budget = request.timeout or (lv.config.batching.default_timeout_ms / 1000.0) or None
+    if budget is not None:
+        own = time.monotonic() + budget
+        deadline = own if deadline is None else min(deadline, own)
+    if deadline is not None and deadline <= time.monotonic():
+        raise DeadlineExceeded(
+            f"the request's deadline passed before it reached model {request.model!r}"
+        )
+    return deadline
 
 
-def _show(shape: Sequence[int]) -> str:
-    return "[" + ", ".join("?" if d == -1 else str(d) for d in shape) + "]"
+def _label(request: InferenceRequest | WireRequest) -> int:
+    if isinstance(request, InferenceRequest):
+        return request.version or 0
+    return request.version_label
 
 
-def _dtype_name(arr: np.ndarray) -> str:
-    from ferry.codec import datatype_of
-
-    try:
-        return datatype_name(datatype_of(arr.dtype))
-    except ValueError:
-        return str(arr.dtype)
-
-
-def _short(name: str) -> str:
-    return name if len(name) <= 64 else name[:64] + "..."
+__all__ = ["DataPlane", "InferenceRequest", "InferenceResult", "Limits"]

@@ -1,22 +1,28 @@
-"""A model version that is being served: its session, batcher, worker threads and statistics."""
+"""A model version that is being served: its session, batcher, worker threads and statistics,
+and ``open_version``, the one way a version is opened (by the registry, and by a conversion
+checking what it is about to publish, so a published version is opened once, not twice)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from ferry.codec import numpy_dtype
 from ferry.server.batching.batcher import BatchInfo, DynamicBatcher
 from ferry.server.batching.tensors import concat, split
-from ferry.server.core.config import ModelConfig
+from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, apply_version_config
 from ferry.server.core.stats import VersionStats
-from ferry.server.errors import InternalError
-from ferry.server.runtime.session import OrtSession, TensorSpec
+from ferry.server.core.types import Opener, Session, TensorSpec, VersionStatistics
+from ferry.server.errors import InternalError, ModelNotReady
+
+log = logging.getLogger(__name__)
 
 # Batches predicted to run faster than this execute inline on the event loop.
 INLINE_NS = 150_000
@@ -33,7 +39,7 @@ class Work:
 
 
 class LoadedVersion:
-    def __init__(self, name: str, version: int, session: OrtSession, config: ModelConfig) -> None:
+    def __init__(self, name: str, version: int, session: Session, config: ModelConfig) -> None:
         self.name = name
         self.version = version
         self.session = session
@@ -47,8 +53,10 @@ class LoadedVersion:
         self.input_specs = {s.name: s for s in self.inputs}
         self.input_numpy = {s.name: numpy_dtype(s.dtype) for s in self.inputs}
         self.stats = VersionStats()
-        # Until measured, assume a version is slow: the first batches go to a worker thread.
+        # Until measured, assume a version is slow: the first batches go to a worker thread. A
+        # provider that runs elsewhere (a GPU) never runs inline: its cost is not the CPU's.
         self._ns_per_item = float(INLINE_NS)
+        self._inline = session.inline_allowed
         self._executor = ThreadPoolExecutor(
             max_workers=config.instances.count, thread_name_prefix=f"ferry-{name}-{version}"
         )
@@ -69,7 +77,7 @@ class LoadedVersion:
         30-140 us per hop against ~15-40 us for a tiny MLP), and would double small models'
         latency. Anything slower runs on the version's worker threads so the loop stays free."""
         self.stats.record_queue(info.queue_ns)
-        if self._ns_per_item * info.size < INLINE_NS:
+        if self._inline and self._ns_per_item * info.size < INLINE_NS:
             results, t_in, t_infer, t_out = self._run_batch(items)
         else:
             loop = asyncio.get_running_loop()
@@ -107,6 +115,19 @@ class LoadedVersion:
         t3 = time.perf_counter_ns()
         return per_request, t1 - t0, t2 - t1, t3 - t2
 
+    def renumber(self, version: int) -> None:
+        """A version opened before its number was known (a conversion publishing) takes it."""
+        self.version = version
+
+    def statistics(self) -> VersionStatistics:
+        return self.stats.snapshot(
+            self.name,
+            self.version,
+            rejected=self.batcher.rejected,
+            expired=self.batcher.expired,
+            queue_depth=self.batcher.queue_depth,
+        )
+
     async def close(self, *, drain: bool = True) -> None:
         await self.batcher.close(drain=drain)
         self._executor.shutdown(wait=False, cancel_futures=True)
@@ -130,3 +151,35 @@ def _union_outputs(items: Sequence[Work], all_outputs: list[str]) -> list[str]:
     for w in items:
         wanted.update(w.outputs or ())
     return [n for n in all_outputs if n in wanted]
+
+
+def open_version(
+    opener: Opener, name: str, version: int, path: Path, config: ModelConfig, *, warm_up: bool
+) -> LoadedVersion:
+    """Open a version folder's model with the config it will be served with (the model's,
+    overridden by the version's own ``config.json``): session, batch dimension check, warm-up.
+    Blocking: call it on a worker thread."""
+    if not path.is_file():
+        raise ModelNotReady(f"{name}/{version}/{path.name} is missing")
+    config = apply_version_config(config, path.parent)
+    session = opener(path, config)
+    try:
+        mbs = config.batching.max_batch_size
+        if mbs is None:
+            config = config.with_max_batch_size(
+                DEFAULT_MAX_BATCH_SIZE if session.batchable() else 0
+            )
+        elif mbs > 0 and not session.batchable():
+            raise ModelNotReady(
+                f"config sets batching.max_batch_size = {mbs} but the graph's inputs/outputs do "
+                "not all have a dynamic first dimension; set it to 0"
+            )
+        if warm_up:
+            try:
+                session.warm_up(1 if config.batching.max_batch_size else 0)
+            except Exception as exc:
+                log.warning("warm-up of %s/%s failed (serving anyway): %s", name, version, exc)
+    except BaseException:
+        session.release()
+        raise
+    return LoadedVersion(name, version, session, config)

@@ -9,37 +9,30 @@ version keeps serving. Sessions are created on worker threads, so loading never 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ferry.server.core.config import (
-    CONFIG_NAMES,
-    ModelConfig,
-    apply_version_config,
-    load_config,
-)
-from ferry.server.core.loaded import LoadedVersion
+from ferry.server.core.config import CONFIG_NAMES, ModelConfig, load_config
+from ferry.server.core.loaded import LoadedVersion, open_version
 from ferry.server.core.repository import MODEL_FILE, ModelRepository
+from ferry.server.core.types import (
+    IndexEntry,
+    Opener,
+    RepositoryOutcome,
+    State,
+    VersionStatus,
+    short,
+)
 from ferry.server.errors import (
     FerryError,
     ModelNotFound,
     ModelNotReady,
     VersionNotFound,
 )
-from ferry.server.runtime.session import OrtSession
 
 log = logging.getLogger(__name__)
-
-
-class State(enum.Enum):
-    LOADING = "LOADING"
-    READY = "READY"
-    FAILED = "FAILED"
-    UNLOADING = "UNLOADING"
-    UNLOADED = "UNLOADED"
 
 
 @dataclass
@@ -69,28 +62,15 @@ class ModelEntry:
         return ready[-1] if ready else (max(self.versions) if self.versions else None)
 
 
-@dataclass(frozen=True)
-class VersionStatus:
-    name: str
-    version: int
-    state: State
-    reason: str
-    is_default: bool
-
-
-@dataclass
-class RefreshResult:
-    loaded: list[str] = field(default_factory=list)
-    unloaded: list[str] = field(default_factory=list)
-    failed: list[str] = field(default_factory=list)
-
-
 Listener = Callable[[], None]
 
 
 class ModelRegistry:
-    def __init__(self, repository: ModelRepository, *, warm_up: bool = True) -> None:
+    def __init__(
+        self, repository: ModelRepository, opener: Opener, *, warm_up: bool = True
+    ) -> None:
         self.repository = repository
+        self._opener = opener
         self.models: dict[str, ModelEntry] = {}
         self._lock = asyncio.Lock()
         self._warm_up = warm_up
@@ -113,7 +93,7 @@ class ModelRegistry:
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(
-                f"model {_short(name)!r} is not served here; ListModels shows the served models"
+                f"model {short(name)!r} is not served here; ListModels shows the served models"
             )
         if not version:
             version = entry.default_version()
@@ -133,7 +113,7 @@ class ModelRegistry:
 
     def statuses(self, name: str = "") -> list[VersionStatus]:
         if name and name not in self.models:
-            raise ModelNotFound(f"model {_short(name)!r} is not served here")
+            raise ModelNotFound(f"model {short(name)!r} is not served here")
         out = []
         for entry in self.models.values():
             if name and entry.name != name:
@@ -159,10 +139,10 @@ class ModelRegistry:
         )
 
     # ---- changes ----
-    async def refresh(self, *, retry_failed: bool = True) -> RefreshResult:
+    async def refresh(self, *, retry_failed: bool = True) -> RepositoryOutcome:
         """Bring the served set in line with the folder."""
         async with self._lock:
-            result = RefreshResult()
+            result = RepositoryOutcome()
             on_disk = set(self.repository.list_models()) - self._unloaded_by_request
             for name in sorted(set(self.models) - on_disk):
                 await self._unload_model(name, result)
@@ -172,33 +152,87 @@ class ModelRegistry:
             self._notify()
             return result
 
-    async def load_model(self, name: str) -> RefreshResult:
+    async def load_model(self, name: str) -> RepositoryOutcome:
         if not self.repository.has_model(name):
-            raise ModelNotFound(f"model {_short(name)!r} is not in the repository")
+            raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._lock:
             self._unloaded_by_request.discard(name)
-            result = RefreshResult()
+            result = RepositoryOutcome()
             await self._sync_model(name, result, retry_failed=True)
             self._notify()
             return result
 
-    async def unload_model(self, name: str) -> RefreshResult:
+    async def unload_model(self, name: str) -> RepositoryOutcome:
         async with self._lock:
             if name not in self.models:
-                raise ModelNotFound(f"model {_short(name)!r} is not loaded")
+                raise ModelNotFound(f"model {short(name)!r} is not loaded")
             self._unloaded_by_request.add(name)
-            result = RefreshResult()
+            result = RepositoryOutcome()
             await self._unload_model(name, result)
             self._notify()
             return result
 
+    def index(self) -> list[IndexEntry]:
+        """Every version the registry knows, plus the repository's models it serves no version
+        of (never loaded, unloaded on request, or without a valid version), sorted."""
+        rows: list[IndexEntry] = []
+        for entry in self.models.values():
+            if not entry.versions:
+                rows.append(IndexEntry(entry.name, None, State.UNLOADED, entry.config_error))
+        for status in self.statuses():
+            rows.append(IndexEntry(status.name, status.version, status.state, status.reason))
+        for name in self.repository.list_models():
+            if name not in self.models:
+                rows.append(IndexEntry(name, None, State.UNLOADED, "unloaded"))
+        rows.sort(key=lambda r: (r.name, r.version or 0))
+        return rows
+
+    async def publish(
+        self, name: str, staged: Path, commit: Callable[[], int]
+    ) -> tuple[int, VersionStatus | None]:
+        """Open the staged version, then ``commit`` it (the rename that makes it the next
+        version) and serve the session already opened: a published version is opened once.
+        A staged model that does not open fails here, before anything becomes visible.
+        Returns the version and its status (None when the version policy does not serve it)."""
+        async with self._lock:
+            self._unloaded_by_request.discard(name)
+            mdir = self.repository.model_dir(name)
+            cfg_sig = _config_signature(mdir)
+            config_ok = True
+            try:
+                config = load_config(mdir)
+            except FerryError:
+                config, config_ok = ModelConfig(), False  # sync reports the broken config
+            loaded = await asyncio.to_thread(self._create, name, 0, staged / MODEL_FILE, config)
+            try:
+                version = await asyncio.to_thread(commit)
+            except BaseException:
+                await loaded.close(drain=False)
+                raise
+            loaded.renumber(version)
+            entry = self.models.get(name)
+            if entry is None and config_ok:
+                entry = self.models[name] = ModelEntry(name, config, cfg_sig)
+            elif entry is None:
+                entry = self.models[name] = ModelEntry(name)
+            sig = _file_signature(self.repository.model_file(name, version))
+            if config_ok and entry.config_signature == cfg_sig and entry.config == config:
+                entry.versions[version] = VersionSlot(version, State.READY, "", loaded, sig)
+            else:
+                await loaded.close(drain=False)  # the config changed: sync opens it afresh
+            result = RepositoryOutcome()
+            await self._sync_model(name, result, retry_failed=False)
+            self._notify()
+            status = {s.version: s for s in self.statuses(name)}.get(version)
+            return version, status
+
     async def close(self) -> None:
         async with self._lock:
             for name in list(self.models):
-                await self._unload_model(name, RefreshResult())
+                await self._unload_model(name, RepositoryOutcome())
 
     # ---- internals ----
-    async def _sync_model(self, name: str, result: RefreshResult, retry_failed: bool) -> None:
+    async def _sync_model(self, name: str, result: RepositoryOutcome, retry_failed: bool) -> None:
         entry = self.models.get(name)
         if entry is None:
             entry = self.models[name] = ModelEntry(name)
@@ -245,7 +279,11 @@ class ModelRegistry:
         await asyncio.gather(*loads)
 
     async def _load_version(
-        self, entry: ModelEntry, version: int, sig: tuple[float, int] | None, result: RefreshResult
+        self,
+        entry: ModelEntry,
+        version: int,
+        sig: tuple[float, int] | None,
+        result: RepositoryOutcome,
     ) -> None:
         old = entry.versions.get(version)
         if old is None or old.loaded is None:
@@ -272,25 +310,11 @@ class ModelRegistry:
             await old.loaded.close(drain=True)
 
     def _create(self, name: str, version: int, path: Path, config: ModelConfig) -> LoadedVersion:
-        if not path.is_file():
-            raise ModelNotReady(f"{name}/{version}/{MODEL_FILE} is missing")
-        config = apply_version_config(config, path.parent)
-        session = OrtSession(path, config.onnxruntime)
-        if config.batching.max_batch_size is None:
-            config = config.with_max_batch_size(32 if session.batchable() else 0)
-        elif config.batching.max_batch_size > 0 and not session.batchable():
-            raise ModelNotReady(
-                f"config sets batching.max_batch_size = {config.batching.max_batch_size} but the "
-                "graph's inputs/outputs do not all have a dynamic first dimension; set it to 0"
-            )
-        if self._warm_up:
-            try:
-                session.warm_up(1 if config.batching.max_batch_size else 0)
-            except Exception as exc:
-                log.warning("warm-up of %s/%s failed (serving anyway): %s", name, version, exc)
-        return LoadedVersion(name, version, session, config)
+        return open_version(self._opener, name, version, path, config, warm_up=self._warm_up)
 
-    async def _unload_version(self, entry: ModelEntry, version: int, result: RefreshResult) -> None:
+    async def _unload_version(
+        self, entry: ModelEntry, version: int, result: RepositoryOutcome
+    ) -> None:
         slot = entry.versions.get(version)
         if slot is None:
             return
@@ -301,7 +325,7 @@ class ModelRegistry:
         del entry.versions[version]
         result.unloaded.append(f"{entry.name}/{version}")
 
-    async def _unload_model(self, name: str, result: RefreshResult) -> None:
+    async def _unload_model(self, name: str, result: RepositoryOutcome) -> None:
         entry = self.models.get(name)
         if entry is None:
             return
@@ -324,7 +348,3 @@ def _config_signature(mdir: Path) -> tuple[float, int] | None:
         if sig is not None:
             return sig
     return None
-
-
-def _short(name: str) -> str:
-    return name if len(name) <= 64 else name[:64] + "..."

@@ -9,6 +9,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from ferry.server.core import types
+
 
 @dataclass
 class Duration:
@@ -68,3 +70,32 @@ class VersionStats:
 
     def record_failure(self, ns: int) -> None:
         self.fail.add(ns)
+
+    def snapshot(
+        self, name: str, version: int, *, rejected: int, expired: int, queue_depth: int
+    ) -> types.VersionStatistics:
+        def d(x: Duration) -> types.Duration:
+            return types.Duration(x.count, x.ns)
+
+        return types.VersionStatistics(
+            name=name,
+            version=version,
+            last_inference_ms=self.last_inference_ms,
+            inference_count=self.inference_count,
+            execution_count=self.execution_count,
+            success=d(self.success),
+            fail=d(self.fail),
+            queue=d(self.queue),
+            compute_input=d(self.compute_input),
+            compute_infer=d(self.compute_infer),
+            compute_output=d(self.compute_output),
+            batches=tuple(
+                types.BatchStatistics(
+                    b.batch_size, d(b.compute_input), d(b.compute_infer), d(b.compute_output)
+                )
+                for _, b in sorted(self.batches.items())
+            ),
+            rejected=rejected,
+            expired=expired,
+            queue_depth=queue_depth,
+        )

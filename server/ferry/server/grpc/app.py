@@ -1,5 +1,10 @@
 """Assembles the gRPC servers around one core: inference listener, management listener,
-health, reflection, metrics, polling and graceful shutdown."""
+health, reflection, metrics, polling and graceful shutdown.
+
+This is the one place that wires the parts together: it builds the core (repository, registry
+with the onnxruntime opener, DataPlane), the conversion service, and hands each protocol adapter
+exactly the dependencies it needs. Adapters never see this object.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +22,18 @@ from grpc_reflection.v1alpha import reflection
 
 from ferry.proto.v1 import inference_pb2, inference_pb2_grpc, repository_pb2, repository_pb2_grpc
 from ferry.server import security
-from ferry.server.core.dataplane import DataPlane, Limits
-from ferry.server.core.registry import ModelRegistry, State
+from ferry.server.convert.service import ConversionService
+from ferry.server.core.dataplane import DataPlane
+from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
+from ferry.server.core.types import Limits
 from ferry.server.grpc import conversion, kserve
 from ferry.server.grpc.auth import inference_guard, management_guard
 from ferry.server.grpc.inference import InferenceServicer
 from ferry.server.grpc.repository import RepositoryServicer
 from ferry.server.grpc.tls import server_credentials
 from ferry.server.metrics import Metrics
+from ferry.server.runtime.session import open_session
 from ferry.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -33,16 +41,12 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
-# Hooks that later protocol adapters (Open Inference Protocol, conversion) plug into:
-# each receives (server, app) and registers its handlers on the right listener.
-Extension = Callable[[aio.Server, "FerryServer"], list[str]]
-
 
 class FerryServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.repository = ModelRepository(settings.repository)
-        self.registry = ModelRegistry(self.repository, warm_up=settings.warm_up)
+        self.registry = ModelRegistry(self.repository, open_session, warm_up=settings.warm_up)
         self.dataplane = DataPlane(
             self.registry,
             Limits(
@@ -51,8 +55,10 @@ class FerryServer:
                 max_elements=settings.max_request_elements,
                 max_batch=settings.max_request_batch_size,
             ),
+            max_stream_in_flight=settings.max_stream_in_flight,
         )
-        self.metrics = Metrics(self.registry)
+        self.metrics = Metrics(self.dataplane)
+        self.dataplane.observe_with(self.metrics.observe)
         self.health = health.aio.HealthServicer()
         self.inference_port = 0
         self.management_port = 0
@@ -64,18 +70,17 @@ class FerryServer:
         self._health_dirty = False
         self._health_names: set[str] = set()
         self._stopped = asyncio.Event()
-        self.inference_extensions: list[Extension] = []
-        self.management_extensions: list[Extension] = []
-        # Open Inference Protocol (KServe v2) on both listeners; repository control on management.
-        self.inference_extensions.append(kserve.serve_on_inference_listener)
-        self.management_extensions.append(kserve.serve_on_management_listener)
+        # Model conversion (uploads, jobs, versions): management listener only. Its state
+        # folder is opened in start(), only when the management listener runs.
+        self.conversion = ConversionService(settings, self.repository, self.registry)
         # Awaited first in stop(), before the listeners drain (conversion kills its children
         # and ends its job streams there, so they do not hold the grace period).
-        self.on_stop: list[Callable[[], Awaitable[None]]] = []
-        # Model conversion (uploads, jobs, versions): management listener only.
-        self.conversion = conversion.ConversionService(settings, self.repository, self.registry)
-        self.management_extensions.append(conversion.serve_on_management_listener)
-        self.on_stop.append(self.conversion.close)
+        self.on_stop: list[Callable[[], Awaitable[None]]] = [self.conversion.close]
+
+    def _management_address(self) -> str | None:
+        if self.settings.management_port < 0:
+            return None
+        return f"{self.settings.management_host}:{self.management_port}"
 
     def _options(self) -> list[tuple[str, int]]:
         n = self.settings.max_message_bytes
@@ -102,20 +107,22 @@ class FerryServer:
         guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
         server = aio.server(options=self._options(), interceptors=[guard])
         inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(
-                self.dataplane,
-                observe=self.metrics.observe,
-                max_stream_in_flight=s.max_stream_in_flight,
-            ),
-            server,
+            InferenceServicer(self.dataplane), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
             health.SERVICE_NAME,
         ]
-        for ext in self.inference_extensions:
-            names += ext(server, self)
+        # Open Inference Protocol: everything but repository load/unload.
+        names += kserve.add_to_server(
+            server,
+            kserve.KServeServicer(
+                self.dataplane,
+                repository_control=False,
+                management_address=self._management_address,
+            ),
+        )
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
         self.inference_port = _bind(server, s.host, s.port, creds)
         self._servers.append(server)
@@ -123,11 +130,19 @@ class FerryServer:
         if s.management_port >= 0:
             mserver = aio.server(options=self._options(), interceptors=[management_guard(tokens)])
             repository_pb2_grpc.add_ModelRepositoryServicer_to_server(
-                RepositoryServicer(self.registry), mserver
+                RepositoryServicer(self.dataplane), mserver
             )
             mnames = [repository_pb2.DESCRIPTOR.services_by_name["ModelRepository"].full_name]
-            for ext in self.management_extensions:
-                mnames += ext(mserver, self)
+            mnames += kserve.add_to_server(
+                mserver,
+                kserve.KServeServicer(
+                    self.dataplane,
+                    repository_control=True,
+                    management_address=self._management_address,
+                ),
+            )
+            self.conversion.open()
+            mnames += conversion.add_to_server(mserver, self.conversion)
             reflection.enable_server_reflection([*mnames, reflection.SERVICE_NAME], mserver)
             self.management_port = _bind(mserver, s.management_host, s.management_port, mcreds)
             self._servers.append(mserver)
@@ -142,7 +157,7 @@ class FerryServer:
             self._poll_task = asyncio.create_task(self._poll(s.poll_interval))
         log.info(
             "ferry serving %d model version(s) on %s:%d (management %s:%d, metrics %d)",
-            len(self.registry.loaded_versions()),
+            len(self.dataplane.statistics()),
             s.host,
             self.inference_port,
             s.management_host,
@@ -167,11 +182,11 @@ class FerryServer:
         self._health_dirty = False
         if self._stopping:
             return
-        await self.health.set("", SERVING if self.registry.all_ready() else NOT_SERVING)
-        names = set(self.registry.models)
-        for entry in list(self.registry.models.values()):
-            ready = any(s.state is State.READY for s in entry.versions.values())
-            await self.health.set(entry.name, SERVING if ready else NOT_SERVING)
+        await self.health.set("", SERVING if self.dataplane.ready() else NOT_SERVING)
+        states = self.dataplane.model_states()
+        names = set(states)
+        for name, ready in states.items():
+            await self.health.set(name, SERVING if ready else NOT_SERVING)
         # A model that left the registry (folder removed, unloaded) must not stay SERVING.
         for gone in self._health_names - names:
             await self.health.set(gone, NOT_SERVING)

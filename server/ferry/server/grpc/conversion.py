@@ -33,10 +33,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelConversion"].full_name
 _FORMAT_PREFIX = "SOURCE_FORMAT_"
 
 
-def serve_on_management_listener(server: aio.Server, app: Any) -> list[str]:
-    """Extension hook of FerryServer: opens the conversion state and adds the service."""
-    service: ConversionService = app.conversion
-    service.open()
+def add_to_server(server: aio.Server, service: ConversionService) -> list[str]:
+    """Register the ModelConversion service (the caller has opened ``service``)."""
     pb_grpc.add_ModelConversionServicer_to_server(ConversionServicer(service), server)
     return [SERVICE_NAME]
 
@@ -325,4 +323,4 @@ def report_message(text: str) -> pb.ConversionReport:
     return out
 
 
-__all__ = ["ConversionService", "ConversionServicer", "serve_on_management_listener"]
+__all__ = ["ConversionServicer", "add_to_server"]

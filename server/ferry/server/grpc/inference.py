@@ -1,10 +1,13 @@
-"""``ferry.v1.Inference``: a thin translator between protobuf and the DataPlane."""
+"""``ferry.v1.Inference``: a thin translator between protobuf and the DataPlane.
+
+Each method turns its request into the core's types, calls the one door (``DataPlane``) and
+turns the answer back; no method reaches past the door.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from grpc import aio
 
@@ -12,20 +15,21 @@ from ferry.codec import decode_tensor, encode_tensor
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 from ferry.proto.v1 import tensor_pb2
-from ferry.server.core.dataplane import (
-    DataPlane,
+from ferry.server.core.dataplane import DataPlane
+from ferry.server.core.inputs import check_wire_elements
+from ferry.server.core.types import (
+    Duration,
     InferenceRequest,
     InferenceResult,
     Limits,
-    check_wire_elements,
+    ModelMetadata,
+    State,
+    TensorSpec,
+    VersionStatistics,
 )
-from ferry.server.core.loaded import LoadedVersion
-from ferry.server.core.registry import State
-from ferry.server.core.stats import Duration, VersionStats
 from ferry.server.errors import InvalidArgument
-from ferry.server.grpc._base import call_deadline, run_stream, translate_errors
-from ferry.server.grpc.status import code_of, status_of
-from ferry.server.runtime.session import TensorSpec
+from ferry.server.grpc._base import call_deadline, translate_errors
+from ferry.server.grpc.status import status_of
 
 STATE = {
     State.LOADING: pb.MODEL_STATE_LOADING,
@@ -35,11 +39,25 @@ STATE = {
     State.UNLOADED: pb.MODEL_STATE_UNLOADED,
 }
 
-Observer = Callable[[str, int, str, float], None]  # model, version, status code name, seconds
 
+class WireInfer:
+    """A ``ferry.v1`` InferRequest as the core decodes it (``core.types.WireRequest``)."""
 
-def _noop(model: str, version: int, code: str, seconds: float) -> None:
-    return None
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: pb.InferRequest) -> None:
+        self.msg = msg
+
+    @property
+    def model(self) -> str:
+        return self.msg.model
+
+    @property
+    def version_label(self) -> int:
+        return self.msg.version
+
+    def decode(self, limits: Limits) -> InferenceRequest:
+        return to_request(self.msg, limits)
 
 
 def to_request(msg: pb.InferRequest, limits: Limits | None = None) -> InferenceRequest:
@@ -83,22 +101,22 @@ def _tensor_metadata(spec: TensorSpec) -> tensor_pb2.TensorMetadata:
     )
 
 
-def metadata_of(lv: LoadedVersion, versions: list[int], default: int | None) -> pb.ModelMetadata:
-    b = lv.config.batching
+def metadata_of(m: ModelMetadata) -> pb.ModelMetadata:
+    b = m.batching
     return pb.ModelMetadata(
-        name=lv.name,
-        version=lv.version,
-        versions=versions,
-        default_version=default or 0,
-        platform="onnxruntime_onnx",
-        inputs=[_tensor_metadata(s) for s in lv.inputs],
-        outputs=[_tensor_metadata(s) for s in lv.outputs],
+        name=m.name,
+        version=m.version,
+        versions=m.ready_versions,
+        default_version=m.default_version or 0,
+        platform=m.platform,
+        inputs=[_tensor_metadata(s) for s in m.inputs],
+        outputs=[_tensor_metadata(s) for s in m.outputs],
         batching=pb.BatchingPolicy(
-            max_batch_size=lv.max_batch_size,
+            max_batch_size=b.max_batch_size,
             max_queue_delay_us=int(b.max_queue_delay_ms * 1000),
             max_queue_size=b.max_queue_size,
             default_timeout_us=int(b.default_timeout_ms * 1000),
-            instance_count=lv.config.instances.count,
+            instance_count=m.instance_count,
         ),
     )
 
@@ -107,11 +125,10 @@ def _dur(d: Duration) -> pb.Duration:
     return pb.Duration(count=d.count, ns=d.ns)
 
 
-def statistics_of(lv: LoadedVersion) -> pb.ModelStatistics:
-    s: VersionStats = lv.stats
+def statistics_of(s: VersionStatistics) -> pb.ModelStatistics:
     return pb.ModelStatistics(
-        name=lv.name,
-        version=lv.version,
+        name=s.name,
+        version=s.version,
         last_inference_ms=s.last_inference_ms,
         inference_count=s.inference_count,
         execution_count=s.execution_count,
@@ -128,79 +145,52 @@ def statistics_of(lv: LoadedVersion) -> pb.ModelStatistics:
                 compute_infer=_dur(b.compute_infer),
                 compute_output=_dur(b.compute_output),
             )
-            for _, b in sorted(s.batches.items())
+            for b in s.batches
         ],
-        rejected_count=lv.batcher.rejected,
-        expired_count=lv.batcher.expired,
-        queue_depth=lv.batcher.queue_depth,
+        rejected_count=s.rejected,
+        expired_count=s.expired,
+        queue_depth=s.queue_depth,
     )
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(
-        self,
-        dataplane: DataPlane,
-        *,
-        observe: Observer | None = None,
-        max_stream_in_flight: int = 1024,
-    ) -> None:
+    def __init__(self, dataplane: DataPlane) -> None:
         self.dataplane = dataplane
-        self.registry = dataplane.registry
-        self.observe = observe or _noop
-        self.max_stream_in_flight = max_stream_in_flight
 
     @translate_errors
     async def Infer(
         self, request: pb.InferRequest, context: aio.ServicerContext
     ) -> pb.InferResponse:
-        start = time.perf_counter()
-        try:
-            result = await self.dataplane.infer(
-                to_request(request, self.dataplane.limits), deadline=call_deadline(context)
-            )
-        except Exception as exc:
-            self.observe(
-                request.model, request.version, code_of(exc).name, time.perf_counter() - start
-            )
-            raise
-        self.observe(result.model, result.version, "OK", time.perf_counter() - start)
+        result = await self.dataplane.infer(WireInfer(request), deadline=call_deadline(context))
         return to_response(result)
 
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.InferStreamResponse]:
         """Requests run concurrently; responses are yielded as they complete, each with its
-        request's id; a failed request gets an error response and the stream stays open
-        (``run_stream`` bounds what is in flight)."""
+        request's id; a failed request gets an error response and the stream stays open."""
         deadline = call_deadline(context)
 
-        async def one(msg: pb.InferRequest) -> pb.InferStreamResponse:
-            start = time.perf_counter()
+        async def respond(msg: pb.InferRequest) -> pb.InferStreamResponse:
             try:
-                result = await self.dataplane.infer(
-                    to_request(msg, self.dataplane.limits), deadline=deadline
-                )
+                result = await self.dataplane.infer(WireInfer(msg), deadline=deadline)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 code, message, kind = status_of(exc)
-                self.observe(msg.model, msg.version, code.name, time.perf_counter() - start)
                 return pb.InferStreamResponse(
                     id=msg.id, error=pb.Error(code=code.value[0], message=message, kind=kind)
                 )
-            self.observe(result.model, result.version, "OK", time.perf_counter() - start)
             return pb.InferStreamResponse(id=msg.id, response=to_response(result))
 
-        async for response in run_stream(request_iterator, one, self.max_stream_in_flight):
+        async for response in self.dataplane.stream(request_iterator, respond):
             yield response
 
     @translate_errors
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: aio.ServicerContext
     ) -> pb.ModelMetadata:
-        lv = self.registry.get(request.model, request.version or None)
-        entry = self.registry.models[lv.name]
-        return metadata_of(lv, entry.ready_versions(), entry.default_version())
+        return metadata_of(self.dataplane.metadata(request.model, request.version or None))
 
     @translate_errors
     async def ListModels(
@@ -215,7 +205,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     reason=s.reason,
                     is_default=s.is_default,
                 )
-                for s in self.registry.statuses(request.model)
+                for s in self.dataplane.list_models(request.model)
             ]
         )
 
@@ -223,16 +213,5 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GetModelStatistics(
         self, request: pb.GetModelStatisticsRequest, context: aio.ServicerContext
     ) -> pb.GetModelStatisticsResponse:
-        if request.model:
-            if request.version:
-                versions = [self.registry.get(request.model, request.version)]
-            else:
-                self.registry.statuses(request.model)  # NOT_FOUND for an unknown model
-                versions = [
-                    lv for lv in self.registry.loaded_versions() if lv.name == request.model
-                ]
-        else:
-            if request.version:
-                raise InvalidArgument("a version needs a model name")
-            versions = self.registry.loaded_versions()
-        return pb.GetModelStatisticsResponse(models=[statistics_of(lv) for lv in versions])
+        stats = self.dataplane.statistics(request.model, request.version or None)
+        return pb.GetModelStatisticsResponse(models=[statistics_of(s) for s in stats])

@@ -15,39 +15,26 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import time
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import grpc
 from grpc import aio
 
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
-from ferry.server.core.dataplane import DataPlane, InferenceResult
-from ferry.server.core.loaded import LoadedVersion
-from ferry.server.core.repository import validate_model_name
-from ferry.server.errors import (
-    FailedPrecondition,
-    FerryError,
-    InvalidArgument,
-    PermissionDenied,
-    Unimplemented,
-)
-from ferry.server.grpc._base import call_deadline, run_stream, translate_errors
+from ferry.server.core.dataplane import DataPlane
+from ferry.server.core.types import InferenceRequest, Limits, parse_version, version_label
+from ferry.server.errors import InvalidArgument, PermissionDenied, Unimplemented
+from ferry.server.grpc._base import call_deadline, translate_errors
 from ferry.server.grpc.kserve_model import config_of, metadata_of, repository_index, statistics_of
-from ferry.server.grpc.kserve_tensors import decode_request, encode_response, parse_version
-from ferry.server.grpc.status import code_of, status_of
-
-if TYPE_CHECKING:
-    from ferry.server.grpc.app import FerryServer
+from ferry.server.grpc.kserve_tensors import decode_request, encode_response
+from ferry.server.grpc.status import status_of
 
 SERVICE = "inference.GRPCInferenceService"
 SERVER_NAME = "ferry"
 # What a client may rely on. Shared memory, sequences, classification, trace and logging are not
 # implemented, so they are not claimed.
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
-
-Observer = Callable[[str, int, str, float], None]  # model, version, status code name, seconds
 
 _SHARED_MEMORY = (
     "Ferry does not support system or CUDA shared memory: send tensors in raw_input_contents "
@@ -75,8 +62,24 @@ def _server_version() -> str:
         return "0+unknown"
 
 
-def _version_label(version: str) -> int:
-    return int(version) if version.isdigit() else 0
+class WireInfer:
+    """A ModelInferRequest as the core decodes it (``core.types.WireRequest``)."""
+
+    __slots__ = ("msg",)
+
+    def __init__(self, msg: pb.ModelInferRequest) -> None:
+        self.msg = msg
+
+    @property
+    def model(self) -> str:
+        return self.msg.model_name
+
+    @property
+    def version_label(self) -> int:
+        return version_label(self.msg.model_version)
+
+    def decode(self, limits: Limits) -> InferenceRequest:
+        return decode_request(self.msg, limits)
 
 
 class KServeServicer:
@@ -89,27 +92,22 @@ class KServeServicer:
         *,
         repository_control: bool,
         management_address: Callable[[], str | None],
-        observe: Observer | None = None,
-        max_stream_in_flight: int = 1024,
     ) -> None:
         self.dataplane = dataplane
-        self.registry = dataplane.registry
         self.repository_control = repository_control
         self.management_address = management_address
-        self.observe = observe or (lambda model, version, code, seconds: None)
-        self.max_stream_in_flight = max_stream_in_flight
         self.version = _server_version()
 
     # ---- health and metadata ----
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: aio.ServicerContext
     ) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self.dataplane.live())
 
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: aio.ServicerContext
     ) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.registry.all_ready())
+        return pb.ServerReadyResponse(ready=self.dataplane.ready())
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: aio.ServicerContext
@@ -118,88 +116,57 @@ class KServeServicer:
             name=SERVER_NAME, version=self.version, extensions=EXTENSIONS
         )
 
+    @translate_errors
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         """Not-found and not-ready both answer ready=false, as Triton does: a readiness probe
-        asks a yes/no question."""
-        try:
-            self.registry.get(request.name, parse_version(request.version))
-        except FerryError:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
-
-    def _get(self, name: str, version: str) -> LoadedVersion:
-        return self.registry.get(name, parse_version(version))
+        asks a yes/no question. A malformed version is the client's INVALID_ARGUMENT."""
+        version = parse_version(request.version)
+        return pb.ModelReadyResponse(ready=self.dataplane.model_ready(request.name, version))
 
     @translate_errors
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        lv = self._get(request.name, request.version)
-        return metadata_of(lv, self.registry.models[lv.name].ready_versions())
+        return metadata_of(self.dataplane.metadata(request.name, parse_version(request.version)))
 
     @translate_errors
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: aio.ServicerContext
     ) -> pb.ModelConfigResponse:
-        return pb.ModelConfigResponse(config=config_of(self._get(request.name, request.version)))
+        meta = self.dataplane.metadata(request.name, parse_version(request.version))
+        return pb.ModelConfigResponse(config=config_of(meta))
 
     @translate_errors
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         """An empty name means every model; a name without a version, its served versions."""
-        version = parse_version(request.version)
-        if request.name and version:
-            versions = [self.registry.get(request.name, version)]
-        elif request.name:
-            self.registry.statuses(request.name)  # NOT_FOUND for an unknown model
-            versions = [lv for lv in self.registry.loaded_versions() if lv.name == request.name]
-        elif version:
-            raise InvalidArgument("a model version needs a model name")
-        else:
-            versions = self.registry.loaded_versions()
-        return pb.ModelStatisticsResponse(model_stats=[statistics_of(lv) for lv in versions])
+        stats = self.dataplane.statistics(request.name, parse_version(request.version))
+        return pb.ModelStatisticsResponse(model_stats=[statistics_of(s) for s in stats])
 
     # ---- inference ----
-    async def _infer(self, msg: pb.ModelInferRequest, deadline: float | None) -> InferenceResult:
-        start = time.perf_counter()
-        try:
-            result = await self.dataplane.infer(
-                decode_request(msg, self.dataplane.limits), deadline=deadline
-            )
-        except Exception as exc:
-            self.observe(
-                msg.model_name,
-                _version_label(msg.model_version),
-                code_of(exc).name,
-                time.perf_counter() - start,
-            )
-            raise
-        self.observe(result.model, result.version, "OK", time.perf_counter() - start)
-        return result
-
     @translate_errors
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: aio.ServicerContext
     ) -> pb.ModelInferResponse:
-        result = await self._infer(request, call_deadline(context))
+        result = await self.dataplane.infer(WireInfer(request), deadline=call_deadline(context))
         return encode_response(result, pb.ModelInferResponse())
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests run concurrently and responses go out as they complete (clients match them
-        by ``id``); a failed request answers with ``error_message`` and the stream stays open
-        (``run_stream`` bounds what is in flight)."""
+        by ``id``); a failed request answers with ``error_message`` and the stream stays open."""
         deadline = call_deadline(context)
 
-        async def one(msg: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+        async def respond(msg: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             response = pb.ModelStreamInferResponse()
             try:
+                result = await self.dataplane.infer(WireInfer(msg), deadline=deadline)
                 # Encoded in place: passing a built response to the constructor would copy it.
-                encode_response(await self._infer(msg, deadline), response.infer_response)
+                encode_response(result, response.infer_response)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -214,7 +181,7 @@ class KServeServicer:
                 )
             return response
 
-        async for response in run_stream(request_iterator, one, self.max_stream_in_flight):
+        async for response in self.dataplane.stream(request_iterator, respond):
             yield response
 
     # ---- repository ----
@@ -223,7 +190,7 @@ class KServeServicer:
         self, request: pb.RepositoryIndexRequest, context: aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         _one_repository(request.repository_name)
-        return repository_index(self.registry, ready_only=request.ready)
+        return repository_index(self.dataplane.index(ready_only=request.ready))
 
     def _require_control(self, rpc: str) -> None:
         if self.repository_control:
@@ -244,19 +211,14 @@ class KServeServicer:
     ) -> pb.RepositoryModelLoadResponse:
         self._require_control("RepositoryModelLoad")
         _one_repository(request.repository_name)
-        name = validate_model_name(request.model_name)
         for key in request.parameters:
             if key == "config" or key.startswith("file:"):
                 raise Unimplemented(
-                    f"RepositoryModelLoad parameter {key!r} is not supported: Ferry loads models "
-                    "from its repository folder only; publish the model there (or convert it "
-                    "with ferry.v1) and load it by name"
+                    f"RepositoryModelLoad parameter {key[:64]!r} is not supported: Ferry loads "
+                    "models from its repository folder only; publish the model there (or convert "
+                    "it with ferry.v1) and load it by name"
                 )
-        result = await self.registry.load_model(name)
-        entry = self.registry.models.get(name)  # an unload may have run since the load returned
-        if entry is None or not entry.ready_versions():
-            why = "; ".join(result.failed) or (entry and entry.config_error) or "none is servable"
-            raise FailedPrecondition(f"model {name!r} has no version ready after loading: {why}")
+        await self.dataplane.load(request.model_name)
         return pb.RepositoryModelLoadResponse()
 
     @translate_errors
@@ -265,7 +227,7 @@ class KServeServicer:
     ) -> pb.RepositoryModelUnloadResponse:
         self._require_control("RepositoryModelUnload")
         _one_repository(request.repository_name)
-        await self.registry.unload_model(validate_model_name(request.model_name))
+        await self.dataplane.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 
@@ -339,28 +301,3 @@ def add_to_server(server: aio.Server, servicer: KServeServicer) -> list[str]:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, table),))
     server.add_registered_method_handlers(SERVICE, table)
     return [SERVICE]
-
-
-def _servicer(app: FerryServer, *, repository_control: bool) -> KServeServicer:
-    def management_address() -> str | None:
-        if app.settings.management_port < 0:
-            return None
-        return f"{app.settings.management_host}:{app.management_port}"
-
-    return KServeServicer(
-        app.dataplane,
-        repository_control=repository_control,
-        management_address=management_address,
-        observe=app.metrics.observe,
-        max_stream_in_flight=app.settings.max_stream_in_flight,
-    )
-
-
-def serve_on_inference_listener(server: aio.Server, app: FerryServer) -> list[str]:
-    """FerryServer extension hook: everything but repository load/unload."""
-    return add_to_server(server, _servicer(app, repository_control=False))
-
-
-def serve_on_management_listener(server: aio.Server, app: FerryServer) -> list[str]:
-    """FerryServer extension hook: everything, repository control included."""
-    return add_to_server(server, _servicer(app, repository_control=True))

@@ -1,9 +1,8 @@
 """What the Open Inference Protocol says about a model: metadata, Triton's ModelConfig subset,
 statistics and the repository index, each translated from what the core already knows.
 
-Nothing is counted or derived twice: statistics are ``LoadedVersion.stats`` as the core keeps
-them (Triton's semantics already), and the config is the served ``ModelConfig`` plus the graph's
-signature.
+Nothing is counted or derived twice: statistics are the core's snapshots (Triton's semantics
+already), and the config is the core's ``ModelMetadata`` in Triton's shape.
 """
 
 from __future__ import annotations
@@ -13,13 +12,16 @@ from typing import cast
 from ferry.codec import DataType, datatype_name
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
 from ferry.proto.kserve.v2 import model_config_pb2 as mc
-from ferry.server.core.config import VersionPolicy
-from ferry.server.core.loaded import LoadedVersion
-from ferry.server.core.registry import ModelRegistry, State
-from ferry.server.core.stats import Duration
-from ferry.server.runtime.session import TensorSpec
+from ferry.server.core.types import (
+    Duration,
+    IndexEntry,
+    ModelMetadata,
+    State,
+    TensorSpec,
+    VersionPolicyView,
+    VersionStatistics,
+)
 
-PLATFORM = "onnxruntime_onnx"
 BACKEND = "onnxruntime"
 
 
@@ -35,16 +37,6 @@ CONFIG_TYPES = {
     code: _config_type(code) for code in DataType.values() if code != DataType.DATA_TYPE_UNSPECIFIED
 }
 
-# Execution providers that put an instance on an accelerator: Triton's KIND_GPU.
-GPU_PROVIDERS = frozenset(
-    {
-        "CUDAExecutionProvider",
-        "TensorrtExecutionProvider",
-        "ROCMExecutionProvider",
-        "MIGraphXExecutionProvider",
-    }
-)
-
 # Triton's index states: a version that failed or was unloaded is UNAVAILABLE with a reason.
 INDEX_STATES = {
     State.LOADING: "LOADING",
@@ -55,14 +47,14 @@ INDEX_STATES = {
 }
 
 
-def metadata_of(lv: LoadedVersion, ready_versions: list[int]) -> pb.ModelMetadataResponse:
+def metadata_of(m: ModelMetadata) -> pb.ModelMetadataResponse:
     """Shapes as the graph declares them: the batch dimension is included, as -1."""
     return pb.ModelMetadataResponse(
-        name=lv.name,
-        versions=[str(v) for v in ready_versions],
-        platform=PLATFORM,
-        inputs=[_tensor_metadata(s) for s in lv.inputs],
-        outputs=[_tensor_metadata(s) for s in lv.outputs],
+        name=m.name,
+        versions=[str(v) for v in m.ready_versions],
+        platform=m.platform,
+        inputs=[_tensor_metadata(s) for s in m.inputs],
+        outputs=[_tensor_metadata(s) for s in m.outputs],
     )
 
 
@@ -72,38 +64,34 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
     )
 
 
-def config_of(lv: LoadedVersion) -> mc.ModelConfig:
+def config_of(m: ModelMetadata) -> mc.ModelConfig:
     """The fields tritonclient and perf_analyzer read. ``dims`` leave the batch dimension out when
     the model batches, as Triton's do; a model that batches has the dynamic batcher, whose queue
     policy is Ferry's (requests past the queue bound or their timeout are rejected)."""
-    batching = lv.max_batch_size > 0
+    b = m.batching
+    batching = b.max_batch_size > 0
     skip = 1 if batching else 0
     kind = (
-        mc.ModelInstanceGroup.KIND_GPU
-        if lv.session.providers and lv.session.providers[0] in GPU_PROVIDERS
-        else mc.ModelInstanceGroup.KIND_CPU
+        mc.ModelInstanceGroup.KIND_GPU if m.device_kind == "gpu" else mc.ModelInstanceGroup.KIND_CPU
     )
     config = mc.ModelConfig(
-        name=lv.name,
-        platform=PLATFORM,
+        name=m.name,
+        platform=m.platform,
         backend=BACKEND,
-        version_policy=_version_policy(lv.config.version_policy),
-        max_batch_size=lv.max_batch_size,
+        version_policy=_version_policy(m.version_policy),
+        max_batch_size=b.max_batch_size,
         input=[
             mc.ModelInput(name=s.name, data_type=CONFIG_TYPES[s.dtype], dims=s.shape[skip:])
-            for s in lv.inputs
+            for s in m.inputs
         ],
         output=[
             mc.ModelOutput(name=s.name, data_type=CONFIG_TYPES[s.dtype], dims=s.shape[skip:])
-            for s in lv.outputs
+            for s in m.outputs
         ],
-        instance_group=[
-            mc.ModelInstanceGroup(name=lv.name, count=lv.config.instances.count, kind=kind)
-        ],
+        instance_group=[mc.ModelInstanceGroup(name=m.name, count=m.instance_count, kind=kind)],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=False),
     )
     if batching:
-        b = lv.config.batching
         config.dynamic_batching.CopyFrom(
             mc.ModelDynamicBatching(
                 max_queue_delay_microseconds=round(b.max_queue_delay_ms * 1000),
@@ -118,7 +106,7 @@ def config_of(lv: LoadedVersion) -> mc.ModelConfig:
     return config
 
 
-def _version_policy(policy: VersionPolicy) -> mc.ModelVersionPolicy:
+def _version_policy(policy: VersionPolicyView) -> mc.ModelVersionPolicy:
     if policy.all:
         return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
     if policy.specific:
@@ -134,11 +122,10 @@ def _duration(d: Duration) -> pb.StatisticDuration:
     return pb.StatisticDuration(count=d.count, ns=d.ns)
 
 
-def statistics_of(lv: LoadedVersion) -> pb.ModelStatistics:
-    s = lv.stats
+def statistics_of(s: VersionStatistics) -> pb.ModelStatistics:
     return pb.ModelStatistics(
-        name=lv.name,
-        version=str(lv.version),
+        name=s.name,
+        version=str(s.version),
         last_inference=s.last_inference_ms,
         inference_count=s.inference_count,
         execution_count=s.execution_count,
@@ -159,32 +146,22 @@ def statistics_of(lv: LoadedVersion) -> pb.ModelStatistics:
                 compute_infer=_duration(b.compute_infer),
                 compute_output=_duration(b.compute_output),
             )
-            for _, b in sorted(s.batches.items())
+            for b in s.batches
         ],
     )
 
 
-def repository_index(registry: ModelRegistry, *, ready_only: bool) -> pb.RepositoryIndexResponse:
-    """Every version the registry knows, plus the repository's models it does not serve (never
-    loaded, or unloaded on request) as UNAVAILABLE, so a client can see what it may load."""
+def repository_index(rows: list[IndexEntry]) -> pb.RepositoryIndexResponse:
+    """The core's index in Triton's words: a model without a version is UNAVAILABLE."""
     Index = pb.RepositoryIndexResponse.ModelIndex
-    rows: list[pb.RepositoryIndexResponse.ModelIndex] = []
-    for entry in registry.models.values():
-        if not entry.versions:
-            rows.append(Index(name=entry.name, state="UNAVAILABLE", reason=entry.config_error))
-    for status in registry.statuses():
-        rows.append(
+    return pb.RepositoryIndexResponse(
+        models=[
             Index(
-                name=status.name,
-                version=str(status.version),
-                state=INDEX_STATES[status.state],
-                reason=status.reason,
+                name=r.name,
+                version=str(r.version) if r.version is not None else "",
+                state=INDEX_STATES[r.state],
+                reason=r.reason,
             )
-        )
-    for name in registry.repository.list_models():
-        if name not in registry.models:
-            rows.append(Index(name=name, state="UNAVAILABLE", reason="unloaded"))
-    if ready_only:
-        rows = [r for r in rows if r.state == "READY"]
-    rows.sort(key=lambda r: (r.name, int(r.version or 0)))
-    return pb.RepositoryIndexResponse(models=rows)
+            for r in rows
+        ]
+    )

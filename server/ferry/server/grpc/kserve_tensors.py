@@ -26,12 +26,8 @@ from ferry.codec import (
     to_bytes,
 )
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
-from ferry.server.core.dataplane import (
-    InferenceRequest,
-    InferenceResult,
-    Limits,
-    check_wire_elements,
-)
+from ferry.server.core.inputs import check_wire_elements
+from ferry.server.core.types import InferenceRequest, InferenceResult, Limits, parse_version
 from ferry.server.errors import InvalidArgument, Unimplemented
 
 # Typed contents: datatype -> (the InferTensorContents field that carries it, the numpy dtype of
@@ -62,15 +58,6 @@ UNSUPPORTED_OUTPUT_PARAMETERS = {
     "raw output and take the top-k on the client",
     SHARED_MEMORY: "shared memory is not supported; outputs come back in raw_output_contents",
 }
-
-
-def parse_version(version: str) -> int | None:
-    """The protocol's version is a string; empty (or "0") means the model's default version."""
-    if not version:
-        return None
-    if not version.isdigit():
-        raise InvalidArgument(f"model version must be a non-negative integer, got {version[:32]!r}")
-    return int(version) or None
 
 
 def decode_request(msg: pb.ModelInferRequest, limits: Limits | None = None) -> InferenceRequest:

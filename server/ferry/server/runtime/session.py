@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +15,10 @@ import numpy as np
 import onnxruntime as ort
 
 from ferry.codec import DataType, numpy_dtype
-from ferry.server.core.config import OnnxRuntimeConfig
+from ferry.server.core.config import ModelConfig, OnnxRuntimeConfig
+from ferry.server.core.types import TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
+from ferry.server.runtime import providers as provider_table
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +46,6 @@ _OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    name: str
-    dtype: int  # ferry.v1 DataType
-    shape: tuple[int, ...]  # -1 for a dynamic (symbolic or unknown) dimension
 
 
 def _spec(node: Any) -> TensorSpec:
@@ -89,6 +83,11 @@ def _cast_outputs_to_float(path: Path, names: set[str]) -> bytes:
     return model.SerializeToString()
 
 
+def open_session(path: Path, config: ModelConfig) -> OrtSession:
+    """The registry's opener: a model file and the config it is served with -> its session."""
+    return OrtSession(path, config.onnxruntime)
+
+
 def _released(*_args: Any) -> Any:
     raise Unavailable("this model version was unloaded")
 
@@ -101,16 +100,15 @@ class OrtSession:
     """A loaded model version: its session, its signature, and how to run it."""
 
     def __init__(self, path: Path, options: OnnxRuntimeConfig) -> None:
-        providers = [p for p in options.execution_providers if p in available_providers()]
-        missing = [p for p in options.execution_providers if p not in providers]
-        if missing:
-            if not providers:
-                raise InvalidArgument(
-                    f"execution providers {missing} are not available in this onnxruntime "
-                    f"build (available: {available_providers()}); install onnxruntime-gpu for "
-                    "CUDAExecutionProvider or list CPUExecutionProvider"
-                )
-            log.warning("execution providers %s unavailable; using %s", missing, providers)
+        plan = provider_table.resolve(options.providers, available_providers())
+        if plan.missing:
+            log.warning(
+                "%s: execution providers %s are not in this onnxruntime build; using %s",
+                path,
+                plan.missing,
+                plan.names,
+            )
+        providers = list(zip(plan.names, plan.options, strict=True))
         so = ort.SessionOptions()
         so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -133,6 +131,10 @@ class OrtSession:
             model_bytes = _cast_outputs_to_float(path, self._bf16_outputs)
             self.session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
         self.providers: list[str] = list(self.session.get_providers())
+        self.device_kind = provider_table.device_of(self.providers[0])
+        self.inline_allowed = provider_table.PROVIDERS[plan.names[0]].inline and (
+            self.providers[0] == plan.names[0]
+        )
         self.output_names = [o.name for o in self.outputs]
         self._run = self.session.run
 

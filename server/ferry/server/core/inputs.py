@@ -1,0 +1,153 @@
+"""Checking a request against the version it goes to: names, dtypes, shapes, batch, limits.
+
+One validation for every protocol, run in the core before a request is queued, so ``ferry.v1``
+and the Open Inference Protocol refuse the same requests with the same messages.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from ferry.codec import DataType, datatype_name, datatype_of
+from ferry.server.batching.tensors import batch_key
+from ferry.server.core.loaded import LoadedVersion, Work
+from ferry.server.core.types import InferenceRequest, Limits, short
+from ferry.server.errors import InvalidInput, LimitExceeded
+
+
+def check_wire_elements(shapes: Iterable[Sequence[int]], limits: Limits) -> None:
+    """Refuse a request whose declared shapes exceed ``max_request_elements`` before any tensor
+    is decoded: BYTES elements become Python objects several times their wire size, so the
+    limit must hold before that memory is spent, not after."""
+    total = 0
+    for shape in shapes:
+        count = 1
+        for dim in shape:
+            count *= max(int(dim), 0)
+        total += count
+        if total > limits.max_elements:
+            raise LimitExceeded(
+                f"the request declares more than {limits.max_elements} tensor elements, the "
+                "limit per request (max_request_elements)"
+            )
+
+
+def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Work:
+    """The request checked against the version's signature and the server's limits, as the
+    batcher will queue it: one validation for every protocol."""
+    inputs = request.inputs
+    where = f"model {lv.name!r} version {lv.version}"
+    if len(inputs) > limits.max_inputs:
+        raise LimitExceeded(
+            f"{len(inputs)} inputs is over the limit of {limits.max_inputs} per request "
+            "(max_request_inputs)"
+        )
+    if inputs.keys() != lv.input_specs.keys():
+        missing = sorted(set(lv.input_specs) - set(inputs))
+        unexpected = sorted(set(inputs) - set(lv.input_specs))
+        parts = []
+        if missing:
+            parts.append(f"missing inputs {missing}")
+        if unexpected:
+            parts.append(f"unexpected inputs {[short(n) for n in unexpected]}")
+        raise InvalidInput(f"{where}: {'; '.join(parts)}; it takes {lv.input_names}")
+    batch: int | None = None
+    elements = 0
+    feeds = dict(inputs)
+    for name, spec in lv.input_specs.items():
+        arr = inputs[name]
+        expected_dtype = lv.input_numpy[name]
+        if arr.dtype != expected_dtype:
+            raise InvalidInput(
+                f"{where}: input {name!r} must be {datatype_name(spec.dtype)}, got "
+                f"{_dtype_name(arr)}"
+            )
+        shape = arr.shape
+        if len(shape) != len(spec.shape) or any(
+            d not in (-1, s) for d, s in zip(spec.shape, shape, strict=True)
+        ):
+            raise InvalidInput(
+                f"{where}: input {name!r} must have shape {_show(spec.shape)}, got {list(shape)}"
+            )
+        if spec.dtype == DataType.DATA_TYPE_BYTES:
+            feeds[name] = _as_text(arr, f"{where}: input {name!r}")
+        elements += arr.size
+        if lv.max_batch_size > 0:
+            if batch is None:
+                batch = shape[0]
+            elif shape[0] != batch:
+                raise InvalidInput(
+                    f"{where}: inputs disagree on the batch dimension ({batch} vs "
+                    f"{shape[0]} for {name!r}); every input's first dim is the batch size"
+                )
+    if elements > limits.max_elements:
+        raise LimitExceeded(
+            f"{elements} tensor elements is over the limit of {limits.max_elements} "
+            "per request (max_request_elements)"
+        )
+    if lv.max_batch_size > 0:
+        assert batch is not None
+        if batch < 1:
+            raise InvalidInput(f"{where}: the batch dimension must be at least 1, got {batch}")
+        if 0 < limits.max_batch < batch:
+            raise LimitExceeded(
+                f"batch size {batch} is over the limit of {limits.max_batch} per "
+                "request (max_request_batch_size); split the request"
+            )
+        if batch > lv.max_batch_size:
+            raise InvalidInput(
+                f"{where}: batch size {batch} is over the model's max_batch_size "
+                f"{lv.max_batch_size}; split the request"
+            )
+    outputs = tuple(request.outputs) if request.outputs else None
+    if outputs is not None:
+        if len(outputs) > limits.max_outputs:
+            raise LimitExceeded(
+                f"{len(outputs)} requested outputs is over the limit of "
+                f"{limits.max_outputs} per request (max_request_outputs)"
+            )
+        unknown = [o for o in outputs if o not in lv.output_names]
+        if unknown:
+            raise InvalidInput(
+                f"{where}: unknown outputs {[short(o) for o in unknown]}; it has {lv.output_names}"
+            )
+    key = batch_key(feeds, lv.input_names) if lv.max_batch_size > 0 else ()
+    return Work(feeds, outputs, batch or 1, key)
+
+
+def _as_text(arr: np.ndarray, where: str) -> np.ndarray:
+    """BYTES elements as ``str``. onnxruntime's Python binding feeds a ``bytes`` element of a
+    string tensor as its repr (``b"ab"`` becomes ``"b'ab'"``), silently corrupting the input, and
+    its string tensors hold UTF-8 text. Decoding here, per request, makes a non-UTF-8 element
+    this request's INVALID_ARGUMENT instead of its whole batch's failure."""
+    out = np.empty(arr.shape, dtype=object)
+    flat = out.reshape(-1)  # a view: writing it fills ``out``
+    for index, element in enumerate(arr.reshape(-1)):
+        if isinstance(element, str):
+            flat[index] = element
+        elif isinstance(element, bytes | bytearray):
+            try:
+                flat[index] = bytes(element).decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise InvalidInput(
+                    f"{where}: BYTES element {index} is not valid UTF-8 ({exc.reason} at byte "
+                    f"{exc.start}); onnxruntime string tensors hold UTF-8 text"
+                ) from None
+        else:
+            raise InvalidInput(
+                f"{where}: BYTES element {index} must be bytes or str, got {type(element).__name__}"
+            )
+    return out
+
+
+def _show(shape: Sequence[int]) -> str:
+    return "[" + ", ".join("?" if d == -1 else str(d) for d in shape) + "]"
+
+
+def _dtype_name(arr: np.ndarray) -> str:
+    try:
+        return datatype_name(datatype_of(arr.dtype))
+    except ValueError:
+        return str(arr.dtype)
