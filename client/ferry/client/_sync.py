@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 import grpc
 
 from ferry.client import _health
-from ferry.client._base import DEFAULT_RETRY, InferenceClientBase
-from ferry.client._channel import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, create_channel
+from ferry.client._base import InferenceClientBase
+from ferry.client._channel import TLSConfig, create_channel
 from ferry.client._errors import from_rpc_error
 from ferry.client._management import ManagementClient
 from ferry.client._requests import (
@@ -27,7 +27,7 @@ from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import repository_pb2 as rpb
 from ferry.proto.v1 import repository_pb2_grpc as rpb_grpc
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_RETRY", "InferenceClient", "RepositoryClient"]
+__all__ = ["InferenceClient", "RepositoryClient"]
 
 R = TypeVar("R")
 
