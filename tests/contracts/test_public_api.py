@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import ferry.client
@@ -80,6 +82,23 @@ def test_every_exception_is_a_ferry_error() -> None:
         obj = getattr(ferry.client, name)
         if isinstance(obj, type) and issubclass(obj, BaseException):
             assert issubclass(obj, ferry.client.FerryError), name
+
+
+def _shape(fn: Callable[..., object]) -> list[tuple[str, object, object]]:
+    """Parameter names, kinds and defaults: what a caller relies on (annotations differ on
+    purpose, e.g. ``infer_many`` also takes an async iterable)."""
+    return [(p.name, p.kind, p.default) for p in inspect.signature(fn).parameters.values()]
+
+
+def test_the_async_client_mirrors_the_sync_one() -> None:
+    """Same constructor, same methods with the same parameters and defaults: the async client is
+    the sync one, awaited (both derive from one base, and this keeps their public faces equal)."""
+    sync, aio = ferry.client.InferenceClient, ferry.client.AsyncInferenceClient
+    methods = {n for n in dir(sync) if not n.startswith("_")}
+    assert methods == {n for n in dir(aio) if not n.startswith("_")}
+    assert _shape(sync) == _shape(aio)
+    for name in methods:
+        assert _shape(getattr(sync, name)) == _shape(getattr(aio, name)), name
 
 
 def test_py_typed_markers() -> None:

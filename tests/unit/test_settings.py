@@ -6,8 +6,10 @@ from pathlib import Path
 
 import pytest
 
+from ferry.cli import main as ferry_main
 from ferry.server.cli import build_parser
-from ferry.server.settings import Settings, from_args
+from ferry.server.cli import main as serve_main
+from ferry.server.settings import Settings, SettingsError, from_args
 
 
 def test_defaults() -> None:
@@ -65,13 +67,32 @@ def test_boolean_spellings(raw: str, expected: bool) -> None:
         ("FERRY_WARM_UP", "maybe"),
     ],
 )
-def test_invalid_environment_values_exit_with_one_line(key: str, raw: str) -> None:
-    with pytest.raises(SystemExit) as info:
+def test_invalid_environment_values_raise_one_line(key: str, raw: str) -> None:
+    """Library code raises (a ValueError, catchable), never exits the caller's process."""
+    with pytest.raises(SettingsError) as info:
         Settings.from_env({key: raw})
-    message = str(info.value.code)
+    assert isinstance(info.value, ValueError)
+    message = str(info.value)
     assert key in message
     assert repr(raw) in message
     assert "\n" not in message
+
+
+def test_a_broken_settings_rule_raises_settings_error() -> None:
+    with pytest.raises(SettingsError, match="FERRY_MANAGEMENT_TOKEN"):
+        Settings.from_env({"FERRY_MANAGEMENT_HOST": "0.0.0.0"})
+
+
+@pytest.mark.parametrize("entry", ["python -m ferry.server", "ferry serve"])
+def test_the_cli_turns_a_settings_error_into_one_line_and_status_1(
+    entry: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FERRY_PORT", "eighty")
+    argv = ["--repository", str(tmp_path)]
+    status = serve_main(argv) if entry == "python -m ferry.server" else ferry_main(["serve", *argv])
+    assert status == 1
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["ferry serve: FERRY_PORT='eighty' is not a valid int"]
 
 
 def test_flags_override_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,9 +1,11 @@
 """The asyncio client: the sync client's methods and names, awaited.
 
-Requests are built and answers parsed by the same IO-free functions as the sync client
-(``_requests``), so the two cannot drift apart; only the transport differs. The channel is created
-on first use, inside the running event loop, because grpc.aio binds a channel to the loop it was
-made in: a client constructed at import time and used under ``asyncio.run`` still works.
+Both clients derive from ``InferenceClientBase`` (``_base``), which holds the constructor, the
+dtype cache and request building, and both parse answers with the same IO-free functions
+(``_requests``, ``_wire``), so the two cannot drift apart; only the transport differs. The channel
+is created on first use, inside the running event loop, because grpc.aio binds a channel to the
+loop it was made in: a client constructed at import time and used under ``asyncio.run`` still
+works.
 """
 
 from __future__ import annotations
@@ -27,22 +29,17 @@ import grpc
 from grpc import aio
 
 from ferry.client import _health
-from ferry.client._channel import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ChannelConfig,
-    TLSConfig,
-    create_aio_channel,
-)
+from ferry.client._base import InferenceClientBase
+from ferry.client._channel import create_aio_channel
 from ferry.client._errors import CancelledError, FerryError, from_rpc_error
 from ferry.client._requests import (
     ArrayLike,
-    input_dtypes,
     needs_dtypes,
     parse_list_models,
     parse_metadata,
     parse_statistics,
 )
-from ferry.client._retry import RetryPolicy, acall_with_retry
+from ferry.client._retry import acall_with_retry
 from ferry.client._stream import (
     DEFAULT_MAX_IN_FLIGHT,
     END,
@@ -55,22 +52,13 @@ from ferry.client._stream import (
     aenumerate,
     item_of,
 )
-from ferry.client._sync import DEFAULT_RETRY, INFER_METHOD, STREAM_METHOD
-from ferry.client._types import (
-    InferResult,
-    ModelMetadata,
-    ModelStatistics,
-    ModelVersionStatus,
-    Timings,
-)
-from ferry.client._wire import decode_infer_response, encode_infer_request
+from ferry.client._types import InferResult, ModelMetadata, ModelStatistics, ModelVersionStatus
 from ferry.proto.v1 import inference_pb2 as pb
-from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 
 R = TypeVar("R")
 
 
-class AsyncInferenceClient:
+class AsyncInferenceClient(InferenceClientBase):
     """Asynchronous client of Ferry's inference listener (grpc.aio).
 
     >>> async with AsyncInferenceClient("127.0.0.1:8001") as client:  # doctest: +SKIP
@@ -79,61 +67,14 @@ class AsyncInferenceClient:
     The constructor takes exactly the sync ``InferenceClient``'s arguments, with the same meaning.
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str] = "127.0.0.1:8001",
-        *,
-        timeout: float | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        tls: TLSConfig | None = None,
-        token: str | None = None,
-        keepalive_time: float | None = None,
-        keepalive_timeout: float | None = None,
-        load_balancing: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry
-        self.channel_config = ChannelConfig(
-            target,
-            tls=tls,
-            token=token,
-            credentials=credentials,
-            max_message_bytes=max_message_bytes,
-            keepalive_time=keepalive_time,
-            keepalive_timeout=keepalive_timeout,
-            load_balancing=load_balancing,
-            options=options,
-        )
-        self._metadata = self.channel_config.call_metadata()
-        self._dtypes: dict[tuple[str, int], dict[str, Any]] = {}
-        self._channel: aio.Channel | None = None
-        self._stub_: Any = None
-        self._health: Any = None
-        self._infer: Any = None
-        self._infer_stream: Any = None
+    def _open(self) -> None:
+        """Nothing yet: the channel must be made inside the loop that will use it."""
 
-    def _stub(self) -> Any:
-        if self._stub_ is None:
-            self._channel = create_aio_channel(self.channel_config)
-            self._stub_ = pb_grpc.InferenceStub(self._channel)
-            # Bytes in, bytes out: see InferenceClient (encode_infer_request, decode_*).
-            self._infer = self._channel.unary_unary(
-                INFER_METHOD, request_serializer=None, response_deserializer=None
-            )
-            self._infer_stream = self._channel.stream_stream(
-                STREAM_METHOD, request_serializer=None, response_deserializer=None
-            )
-            self._health = self._channel.unary_unary(
-                _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
-            )
-        return self._stub_
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def _connect(self) -> Any:
+        """The stub, binding a channel on this loop first if there is none."""
+        if self._channel is None:
+            self._bind(create_aio_channel(self.channel_config))
+        return self._stub
 
     async def _call(
         self,
@@ -153,11 +94,10 @@ class AsyncInferenceClient:
 
     async def _input_dtypes(self, model: str, version: int | None) -> dict[str, Any]:
         """The model's input dtypes, for list and scalar inputs; fetched once per model."""
-        key = (model, version or 0)
-        dtypes = self._dtypes.get(key)
+        dtypes = self._known_dtypes(model, version)
         if dtypes is None:
             meta = await self.model_metadata(model, version=version)
-            dtypes = self._dtypes[key] = input_dtypes(meta)
+            dtypes = self._learn_dtypes(model, version, meta)
         return dtypes
 
     async def infer(
@@ -173,10 +113,9 @@ class AsyncInferenceClient:
     ) -> InferResult:
         """Run one inference. ``timeout`` bounds the whole call (queueing and retries included);
         list and scalar inputs take the model's declared dtypes, as with the sync client."""
-        self._stub()
+        self._connect()
         dtypes = await self._input_dtypes(model, version) if needs_dtypes(inputs) else None
-        t0 = time.perf_counter()
-        request = encode_infer_request(
+        call = self._prepare_infer(
             model,
             inputs,
             version=version,
@@ -185,12 +124,7 @@ class AsyncInferenceClient:
             request_id=request_id,
             dtypes=dtypes,
         )
-        t1 = time.perf_counter()
-        response = await self._call(self._infer, request, timeout)
-        t2 = time.perf_counter()
-        result = decode_infer_response(response)
-        result.timings = Timings(encode=t1 - t0, rpc=t2 - t1, decode=time.perf_counter() - t2)
-        return result
+        return call.finish(await self._call(self._infer, call.request, timeout))
 
     async def model_metadata(
         self,
@@ -200,7 +134,7 @@ class AsyncInferenceClient:
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> ModelMetadata:
         request = pb.GetModelMetadataRequest(model=model, version=version or 0)
-        return parse_metadata(await self._call(self._stub().GetModelMetadata, request, timeout))
+        return parse_metadata(await self._call(self._connect().GetModelMetadata, request, timeout))
 
     async def list_models(
         self,
@@ -209,7 +143,7 @@ class AsyncInferenceClient:
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> list[ModelVersionStatus]:
         request = pb.ListModelsRequest(model=model)
-        return parse_list_models(await self._call(self._stub().ListModels, request, timeout))
+        return parse_list_models(await self._call(self._connect().ListModels, request, timeout))
 
     async def statistics(
         self,
@@ -219,7 +153,9 @@ class AsyncInferenceClient:
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> list[ModelStatistics]:
         request = pb.GetModelStatisticsRequest(model=model, version=version or 0)
-        return parse_statistics(await self._call(self._stub().GetModelStatistics, request, timeout))
+        return parse_statistics(
+            await self._call(self._connect().GetModelStatistics, request, timeout)
+        )
 
     async def ready(
         self,
@@ -229,7 +165,7 @@ class AsyncInferenceClient:
     ) -> bool:
         """True when the server (or ``model``) reports SERVING on the standard health service;
         False when it answers otherwise or cannot be reached."""
-        self._stub()
+        self._connect()
         try:
             raw = await self._health(
                 _health.encode_check_request(model), timeout=timeout, metadata=self._metadata
@@ -252,7 +188,7 @@ class AsyncInferenceClient:
         deadline of the whole stream; see ``InferenceClient.stream``."""
 
         def open_call(**kwargs: Any) -> Any:
-            self._stub()
+            self._connect()
             return self._infer_stream(**kwargs)
 
         return AsyncInferStream(
@@ -288,7 +224,7 @@ class AsyncInferenceClient:
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
-            self._stub_ = None
+            self._stub = None
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self

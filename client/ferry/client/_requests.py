@@ -199,13 +199,3 @@ def parse_statistics(resp: pb.GetModelStatisticsResponse) -> list[ModelStatistic
         )
         for s in resp.models
     ]
-
-
-def channel_options(
-    max_message_bytes: int, extra: Sequence[tuple[str, Any]] = ()
-) -> list[tuple[str, Any]]:
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        *extra,
-    ]

@@ -89,8 +89,39 @@ NO_RETRY = RetryPolicy.disabled()
 _RNG = random.Random()
 
 
-def _remaining(deadline: float | None, clock: Callable[[], float]) -> float | None:
-    return None if deadline is None else deadline - clock()
+class _Attempts:
+    """The bookkeeping both retry loops share: the deadline, the attempt number, and whether (and
+    how long) to pause before the next attempt. The loops differ only in how they call and sleep."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        timeout: float | None,
+        clock: Callable[[], float],
+        rng: random.Random | None,
+    ) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._rng = rng
+        self._deadline = None if timeout is None else clock() + timeout
+        self._attempt = 1
+
+    def remaining(self) -> float | None:
+        """What is left of the budget: the next attempt's timeout (None: no deadline)."""
+        return None if self._deadline is None else self._deadline - self._clock()
+
+    def pause_after(self, error: FerryError) -> float | None:
+        """Seconds to pause before retrying after ``error``; None when it is final, because the
+        policy says so or no budget is left for a pause and another attempt (the last error says
+        more than a bare deadline would)."""
+        if not self._policy.should_retry(error, self._attempt):
+            return None
+        pause = self._policy.backoff(self._attempt, self._rng)
+        left = self.remaining()
+        if left is not None and left <= pause:
+            return None
+        self._attempt += 1
+        return pause
 
 
 def call_with_retry(
@@ -107,20 +138,15 @@ def call_with_retry(
     ``attempt_fn`` raises FerryError on failure. When no budget is left for a pause and another
     attempt, the last error is raised as it was: it says more than a bare deadline would.
     """
-    deadline = None if timeout is None else clock() + timeout
-    attempt = 1
+    attempts = _Attempts(policy, timeout, clock, rng)
     while True:
         try:
-            return attempt_fn(_remaining(deadline, clock))
+            return attempt_fn(attempts.remaining())
         except FerryError as exc:
-            if not policy.should_retry(exc, attempt):
-                raise
-            pause = policy.backoff(attempt, rng)
-            left = _remaining(deadline, clock)
-            if left is not None and left <= pause:
+            pause = attempts.pause_after(exc)
+            if pause is None:
                 raise
             sleep(pause)
-            attempt += 1
 
 
 async def acall_with_retry(
@@ -132,17 +158,12 @@ async def acall_with_retry(
     rng: random.Random | None = None,
 ) -> T:
     """The asyncio twin of :func:`call_with_retry`; pauses with ``asyncio.sleep``."""
-    deadline = None if timeout is None else clock() + timeout
-    attempt = 1
+    attempts = _Attempts(policy, timeout, clock, rng)
     while True:
         try:
-            return await attempt_fn(_remaining(deadline, clock))
+            return await attempt_fn(attempts.remaining())
         except FerryError as exc:
-            if not policy.should_retry(exc, attempt):
-                raise
-            pause = policy.backoff(attempt, rng)
-            left = _remaining(deadline, clock)
-            if left is not None and left <= pause:
+            pause = attempts.pause_after(exc)
+            if pause is None:
                 raise
             await asyncio.sleep(pause)
-            attempt += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -10,48 +9,30 @@ from typing import Any, TypeVar
 import grpc
 
 from ferry.client import _health
-from ferry.client._channel import (
-    DEFAULT_MAX_MESSAGE_BYTES,
-    ChannelConfig,
-    TLSConfig,
-    create_channel,
-)
+from ferry.client._base import InferenceClientBase
+from ferry.client._channel import TLSConfig, create_channel
 from ferry.client._errors import from_rpc_error
 from ferry.client._management import ManagementClient
 from ferry.client._requests import (
     ArrayLike,
-    input_dtypes,
     needs_dtypes,
     parse_list_models,
     parse_metadata,
     parse_statistics,
 )
-from ferry.client._retry import RetryPolicy, call_with_retry
+from ferry.client._retry import call_with_retry
 from ferry.client._stream import DEFAULT_MAX_IN_FLIGHT, InferStream, InputItem, StreamResult
-from ferry.client._types import (
-    InferResult,
-    ModelMetadata,
-    ModelStatistics,
-    ModelVersionStatus,
-    Timings,
-)
-from ferry.client._wire import decode_infer_response, encode_infer_request
+from ferry.client._types import InferResult, ModelMetadata, ModelStatistics, ModelVersionStatus
 from ferry.proto.v1 import inference_pb2 as pb
-from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 from ferry.proto.v1 import repository_pb2 as rpb
 from ferry.proto.v1 import repository_pb2_grpc as rpb_grpc
 
-__all__ = ["DEFAULT_MAX_MESSAGE_BYTES", "DEFAULT_RETRY", "InferenceClient", "RepositoryClient"]
+__all__ = ["InferenceClient", "RepositoryClient"]
 
 R = TypeVar("R")
 
-# Inference and the read-only RPCs are idempotent, so the inference clients retry by default.
-DEFAULT_RETRY = RetryPolicy()
-INFER_METHOD = "/ferry.v1.Inference/Infer"
-STREAM_METHOD = "/ferry.v1.Inference/InferStream"
 
-
-class InferenceClient:
+class InferenceClient(InferenceClientBase):
     """Synchronous client of Ferry's inference listener.
 
     >>> with InferenceClient("127.0.0.1:8001") as client:          # doctest: +SKIP
@@ -66,53 +47,8 @@ class InferenceClient:
     keepalive and message-size options are described in :class:`ChannelConfig`.
     """
 
-    def __init__(
-        self,
-        target: str | Sequence[str] = "127.0.0.1:8001",
-        *,
-        timeout: float | None = None,
-        retry: RetryPolicy = DEFAULT_RETRY,
-        tls: TLSConfig | None = None,
-        token: str | None = None,
-        keepalive_time: float | None = None,
-        keepalive_timeout: float | None = None,
-        load_balancing: str | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
-        options: Sequence[tuple[str, Any]] = (),
-    ) -> None:
-        self.target = target
-        self.timeout = timeout
-        self.retry = retry
-        self.channel_config = ChannelConfig(
-            target,
-            tls=tls,
-            token=token,
-            credentials=credentials,
-            max_message_bytes=max_message_bytes,
-            keepalive_time=keepalive_time,
-            keepalive_timeout=keepalive_timeout,
-            load_balancing=load_balancing,
-            options=options,
-        )
-        self._metadata = self.channel_config.call_metadata()
-        self._dtypes: dict[tuple[str, int], dict[str, Any]] = {}
-        self._channel = create_channel(self.channel_config)
-        self._stub = pb_grpc.InferenceStub(self._channel)
-        # Requests are serialized by encode_infer_request (one copy of each tensor) and answers
-        # decoded from the received bytes without a copy, so these two move bytes as they are.
-        self._infer = self._channel.unary_unary(
-            INFER_METHOD, request_serializer=None, response_deserializer=None
-        )
-        self._infer_stream = self._channel.stream_stream(
-            STREAM_METHOD, request_serializer=None, response_deserializer=None
-        )
-        self._health = self._channel.unary_unary(
-            _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
-        )
-
-    def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+    def _open(self) -> None:
+        self._bind(create_channel(self.channel_config))
 
     def _call(self, method: Callable[..., R], request: Any, timeout: float | None) -> R:
         """One idempotent RPC with retries, translated errors and the call metadata."""
@@ -127,10 +63,10 @@ class InferenceClient:
 
     def _input_dtypes(self, model: str, version: int | None) -> dict[str, Any]:
         """The model's input dtypes, for list and scalar inputs; fetched once per model."""
-        key = (model, version or 0)
-        dtypes = self._dtypes.get(key)
+        dtypes = self._known_dtypes(model, version)
         if dtypes is None:
-            dtypes = self._dtypes[key] = input_dtypes(self.model_metadata(model, version=version))
+            meta = self.model_metadata(model, version=version)
+            dtypes = self._learn_dtypes(model, version, meta)
         return dtypes
 
     def infer(
@@ -150,8 +86,7 @@ class InferenceClient:
         dtype the model declares (fetched once per model), since numpy would guess float64.
         """
         dtypes = self._input_dtypes(model, version) if needs_dtypes(inputs) else None
-        t0 = time.perf_counter()
-        request = encode_infer_request(
+        call = self._prepare_infer(
             model,
             inputs,
             version=version,
@@ -160,13 +95,7 @@ class InferenceClient:
             request_id=request_id,
             dtypes=dtypes,
         )
-        t1 = time.perf_counter()
-        response = self._call(self._infer, request, timeout)
-        t2 = time.perf_counter()
-        result = decode_infer_response(response)
-        t3 = time.perf_counter()
-        result.timings = Timings(encode=t1 - t0, rpc=t2 - t1, decode=t3 - t2)
-        return result
+        return call.finish(self._call(self._infer, call.request, timeout))
 
     def model_metadata(
         self, model: str, *, version: int | None = None, timeout: float | None = None

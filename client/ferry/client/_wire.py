@@ -25,8 +25,11 @@ from ferry.proto.v1 import inference_pb2 as pb
 _MASK64 = (1 << 64) - 1
 
 
-def _varint(n: int) -> bytes:
-    """Protobuf base-128 varint; negative int64 values take their 10-byte two's complement."""
+def encode_varint(n: int) -> bytes:
+    """Protobuf base-128 varint; negative int64 values take their 10-byte two's complement.
+
+    The SDK's one varint encoder: the health check and the load generator frame their few
+    hand-written fields with it too."""
     n &= _MASK64
     if n < 0x80:
         return bytes((n,))
@@ -40,7 +43,7 @@ def _varint(n: int) -> bytes:
 
 def _text(key: bytes, value: str) -> list[bytes]:
     raw = value.encode("utf-8")
-    return [key, _varint(len(raw)), raw]
+    return [key, encode_varint(len(raw)), raw]
 
 
 _LITTLE_ENDIAN_HOST = sys.byteorder == "little"
@@ -80,10 +83,10 @@ def _tensor_head(name: str, code: int, shape: tuple[int, ...]) -> bytes:
     """A ``Tensor``'s fields 1 name, 2 dtype and 3 packed shape; the same few recur, so cached."""
     meta: list[bytes] = _text(_KEY1, name) if name else []
     if code:
-        meta += [_KEY2, _varint(code)]
+        meta += [_KEY2, encode_varint(code)]
     if shape:
-        dims = b"".join([_varint(d) for d in shape])
-        meta += [_KEY3, _varint(len(dims)), dims]
+        dims = b"".join([encode_varint(d) for d in shape])
+        meta += [_KEY3, encode_varint(len(dims)), dims]
     return b"".join(meta)
 
 
@@ -93,10 +96,10 @@ def _tensor(name: str, array: np.ndarray) -> list[bytes | memoryview]:
     head = _tensor_head(name, code, shape)
     size = len(data) if isinstance(data, bytes) else data.nbytes
     if size:
-        size_head = _varint(size)
+        size_head = encode_varint(size)
         total = len(head) + 1 + len(size_head) + size
-        return [_KEY4, _varint(total), head, _KEY4, size_head, data]
-    return [_KEY4, _varint(len(head)), head]
+        return [_KEY4, encode_varint(total), head, _KEY4, size_head, data]
+    return [_KEY4, encode_varint(len(head)), head]
 
 
 def encode_infer_request(
@@ -123,7 +126,7 @@ def encode_infer_request(
     if model:
         parts += _text(_KEY1, model)
     if version:
-        parts += [_KEY2, _varint(version)]
+        parts += [_KEY2, encode_varint(version)]
     if request_id:
         parts += _text(_KEY3, request_id)
     for name, value in inputs.items():
@@ -132,13 +135,15 @@ def encode_infer_request(
         parts += _text(_KEY5, out)
     timeout_us = int(timeout * 1e6) if timeout else 0
     if timeout_us:
-        parts += [_KEY6, _varint(timeout_us)]
+        parts += [_KEY6, encode_varint(timeout_us)]
     if priority:
-        parts += [_KEY7, _varint(priority)]
+        parts += [_KEY7, encode_varint(priority)]
     return b"".join(parts)
 
 
-def _read_varint(buf: bytes, i: int) -> tuple[int, int]:
+def read_varint(buf: bytes, i: int) -> tuple[int, int]:
+    """The varint at ``buf[i]`` and the index past it. A truncated one raises IndexError (the
+    callers turn that into their own malformed-message error); one over 10 bytes, CodecError."""
     b = buf[i]
     if b < 0x80:
         return b, i + 1
@@ -162,13 +167,13 @@ def _signed(v: int) -> int:
 def _skip(buf: bytes, i: int, wire: int) -> int:
     """Past a field we do not read (a newer server may send more)."""
     if wire == 0:
-        return _read_varint(buf, i)[1]
+        return read_varint(buf, i)[1]
     if wire == 1:
         return i + 8
     if wire == 5:
         return i + 4
     if wire == 2:
-        length, i = _read_varint(buf, i)
+        length, i = read_varint(buf, i)
         return i + length
     raise CodecError(f"malformed response: unsupported wire type {wire}")
 
@@ -186,7 +191,7 @@ def _decode_tensor(buf: bytes, mv: memoryview, i: int, end: int) -> tuple[str, n
             if v < 0x80:
                 i += 1
             else:
-                v, i = _read_varint(buf, i)
+                v, i = read_varint(buf, i)
             if key == 0x10:
                 dtype = v
             else:
@@ -196,7 +201,7 @@ def _decode_tensor(buf: bytes, mv: memoryview, i: int, end: int) -> tuple[str, n
             if n < 0x80:
                 i += 1
             else:
-                n, i = _read_varint(buf, i)
+                n, i = read_varint(buf, i)
             j = i + n
             if key == 0x22:
                 data = mv[i:j]
@@ -208,13 +213,13 @@ def _decode_tensor(buf: bytes, mv: memoryview, i: int, end: int) -> tuple[str, n
                     if d < 0x80:
                         i += 1
                     else:
-                        d, i = _read_varint(buf, i)
+                        d, i = read_varint(buf, i)
                         d = _signed(d)
                     shape.append(d)
             i = j
         else:  # a field this client does not know: skip it
             if key >= 0x80:
-                key, i = _read_varint(buf, i - 1)
+                key, i = read_varint(buf, i - 1)
             i = _skip(buf, i, key & 7)
     if i != end:
         raise CodecError(f"malformed response: tensor {name!r} overruns its message")
@@ -239,7 +244,7 @@ def _decode_response(
                 if n < 0x80:
                     i += 1
                 else:
-                    n, i = _read_varint(buf, i)
+                    n, i = read_varint(buf, i)
                 j = i + n
                 if j > end:
                     raise CodecError("malformed response: a field runs past the message")
@@ -252,11 +257,11 @@ def _decode_response(
                     rid = buf[i:j].decode("utf-8")
                 i = j
             elif key == 0x10:
-                v, i = _read_varint(buf, i)
+                v, i = read_varint(buf, i)
                 version = _signed(v)
             else:
                 if key >= 0x80:
-                    key, i = _read_varint(buf, i - 1)
+                    key, i = read_varint(buf, i - 1)
                 i = _skip(buf, i, key & 7)
     except (IndexError, UnicodeDecodeError) as exc:
         raise CodecError(f"malformed response: {exc}") from None
@@ -279,10 +284,10 @@ def decode_stream_response(raw: bytes) -> tuple[str, InferResult | FerryError]:
     answer: InferResult | FerryError | None = None
     try:
         while i < end:
-            key, i = _read_varint(raw, i)
+            key, i = read_varint(raw, i)
             field, wire = key >> 3, key & 7
             if wire == 2 and field in (1, 2, 3):
-                length, i = _read_varint(raw, i)
+                length, i = read_varint(raw, i)
                 j = i + length
                 if j > end:
                     raise CodecError("malformed stream answer: a field runs past the message")

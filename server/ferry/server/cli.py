@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from ferry.server.settings import add_arguments, from_args
+from ferry.server.settings import SettingsError, add_arguments, from_args
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -21,7 +21,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def serve(args: argparse.Namespace) -> int:
     from ferry.server.grpc.app import FerryServer
 
-    settings = from_args(args)
+    try:
+        settings = from_args(args)
+    except SettingsError as exc:  # a deployment mistake: one line that says what to set, no trace
+        print(f"ferry serve: {exc}", file=sys.stderr)
+        return 1
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

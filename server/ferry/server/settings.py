@@ -12,6 +12,12 @@ from typing import Any
 MiB = 1 << 20
 
 
+class SettingsError(ValueError):
+    """A setting is invalid: an environment value of the wrong type, or a rule between settings
+    broken. The message is one line that names what to set. Raised, not exited on, so that a library
+    caller can handle it; the ``ferry serve`` entry point prints it and exits with status 1."""
+
+
 @dataclass
 class Settings:
     repository: Path = field(
@@ -171,8 +177,8 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         try:
             return cls(**values)
-        except ValueError as exc:  # a settings rule (security.check_settings): one line, no trace
-            raise SystemExit(f"ferry: {exc}") from None
+        except ValueError as exc:  # a settings rule (security.check_settings)
+            raise SettingsError(str(exc)) from None
 
 
 def _convert(type_name: Any, raw: str, where: str) -> Any:
@@ -192,7 +198,7 @@ def _convert(type_name: Any, raw: str, where: str) -> Any:
             return Path(raw)
         return raw
     except ValueError:
-        raise SystemExit(f"ferry: {where}={raw!r} is not a valid {t}") from None
+        raise SettingsError(f"{where}={raw!r} is not a valid {t}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

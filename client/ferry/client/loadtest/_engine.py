@@ -26,6 +26,7 @@ import numpy as np
 from grpc import aio
 
 from ferry.client._requests import build_infer_request, status_code
+from ferry.client._wire import encode_varint
 from ferry.client.loadtest._report import Recorder, latency_summary
 from ferry.codec import datatype_name, to_bytes
 from ferry.proto.v1 import inference_pb2 as pb
@@ -63,19 +64,10 @@ def encode_kserve(model: str, version: int | None, inputs: Mapping[str, np.ndarr
     return bytes(request.SerializeToString())
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | 0x80 if n else b)
-        if not n:
-            return bytes(out)
-
-
 def id_field(request_id: str) -> bytes:
     """``InferRequest.id`` (field 3, length-delimited) as bytes to append to a serialized request."""
     raw = request_id.encode()
-    return b"\x1a" + _varint(len(raw)) + raw
+    return b"\x1a" + encode_varint(len(raw)) + raw
 
 
 def _code(exc: grpc.RpcError) -> str:

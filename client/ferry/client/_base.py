@@ -1,0 +1,149 @@
+"""What the sync and async inference clients share, with no IO.
+
+``InferenceClient`` blocks and ``AsyncInferenceClient`` awaits; everything else (the constructor
+and its defaults, the call metadata, the per-model dtype cache, how an Infer request is encoded and
+its answer decoded and timed) is written once here, so the two cannot drift apart. A subclass adds
+only the transport: when its channel is made, and a blocking call or an await around each RPC.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from ferry.client import _health
+from ferry.client._channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelConfig, TLSConfig
+from ferry.client._requests import ArrayLike, input_dtypes
+from ferry.client._retry import RetryPolicy
+from ferry.client._types import InferResult, ModelMetadata, Timings
+from ferry.client._wire import decode_infer_response, encode_infer_request
+from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
+
+# Inference and the read-only RPCs are idempotent, so the inference clients retry by default.
+DEFAULT_RETRY = RetryPolicy()
+INFER_METHOD = "/ferry.v1.Inference/Infer"
+STREAM_METHOD = "/ferry.v1.Inference/InferStream"
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedInfer:
+    """An encoded Infer request, waiting for its answer; ``finish`` decodes it and fills in the
+    timings, so both clients report the same three intervals the same way."""
+
+    request: bytes
+    encode_seconds: float
+    encoded_at: float  # time.perf_counter() when encoding ended: the RPC is timed from here
+
+    def finish(self, response: bytes) -> InferResult:
+        t0 = time.perf_counter()
+        result = decode_infer_response(response)
+        result.timings = Timings(
+            encode=self.encode_seconds,
+            rpc=t0 - self.encoded_at,
+            decode=time.perf_counter() - t0,
+        )
+        return result
+
+
+class InferenceClientBase:
+    """The state and request building both inference clients share; see the module docstring."""
+
+    def __init__(
+        self,
+        target: str | Sequence[str] = "127.0.0.1:8001",
+        *,
+        timeout: float | None = None,
+        retry: RetryPolicy = DEFAULT_RETRY,
+        tls: TLSConfig | None = None,
+        token: str | None = None,
+        keepalive_time: float | None = None,
+        keepalive_timeout: float | None = None,
+        load_balancing: str | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        options: Sequence[tuple[str, Any]] = (),
+    ) -> None:
+        self.target = target
+        self.timeout = timeout
+        self.retry = retry
+        self.channel_config = ChannelConfig(
+            target,
+            tls=tls,
+            token=token,
+            credentials=credentials,
+            max_message_bytes=max_message_bytes,
+            keepalive_time=keepalive_time,
+            keepalive_timeout=keepalive_timeout,
+            load_balancing=load_balancing,
+            options=options,
+        )
+        self._metadata = self.channel_config.call_metadata()
+        self._dtypes: dict[tuple[str, int], dict[str, Any]] = {}
+        # Set by _bind, on a sync channel at construction or an aio one on first use.
+        self._channel: Any = None
+        self._stub: Any = None
+        self._infer: Any = None
+        self._infer_stream: Any = None
+        self._health: Any = None
+        self._open()
+
+    def _open(self) -> None:
+        """Called last by the constructor: a subclass makes its channel now or defers it."""
+        raise NotImplementedError
+
+    def _bind(self, channel: Any) -> None:
+        """The stub and the raw callables on ``channel`` (grpc and grpc.aio spell them alike).
+
+        Requests are serialized by encode_infer_request (one copy of each tensor) and answers
+        decoded from the received bytes without a copy, so Infer, InferStream and the health
+        check move bytes as they are, with no (de)serializer."""
+        self._channel = channel
+        self._stub = pb_grpc.InferenceStub(channel)
+        self._infer = channel.unary_unary(
+            INFER_METHOD, request_serializer=None, response_deserializer=None
+        )
+        self._infer_stream = channel.stream_stream(
+            STREAM_METHOD, request_serializer=None, response_deserializer=None
+        )
+        self._health = channel.unary_unary(
+            _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
+        )
+
+    def _timeout(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    def _known_dtypes(self, model: str, version: int | None) -> dict[str, Any] | None:
+        """The model's input dtypes if already fetched; None means: fetch its metadata."""
+        return self._dtypes.get((model, version or 0))
+
+    def _learn_dtypes(self, model: str, version: int | None, meta: ModelMetadata) -> dict[str, Any]:
+        dtypes = self._dtypes[(model, version or 0)] = input_dtypes(meta)
+        return dtypes
+
+    @staticmethod
+    def _prepare_infer(
+        model: str,
+        inputs: Mapping[str, ArrayLike],
+        *,
+        version: int | None,
+        outputs: Sequence[str] | None,
+        priority: int,
+        request_id: str,
+        dtypes: Mapping[str, Any] | None,
+    ) -> PreparedInfer:
+        t0 = time.perf_counter()
+        request = encode_infer_request(
+            model,
+            inputs,
+            version=version,
+            outputs=outputs,
+            priority=priority,
+            request_id=request_id,
+            dtypes=dtypes,
+        )
+        t1 = time.perf_counter()
+        return PreparedInfer(request, t1 - t0, t1)
