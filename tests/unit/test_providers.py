@@ -133,3 +133,18 @@ def test_a_version_asking_only_for_a_missing_provider_fails_to_open(tmp_path: Pa
     cfg = parse_config({"onnxruntime": {"providers": [{"name": CUDA}]}})
     with pytest.raises(InvalidArgument, match="none of the execution providers"):
         open_version(open_session, "m", 1, path, cfg, warm_up=False)
+
+
+def test_the_conversion_child_measures_on_the_serving_providers() -> None:
+    """A job carries its model's serving providers; parity and the benchmark run there, with
+    the server's table and fallback (this build: CPU only)."""
+    from ferry.server.convert.worker.placement import CPU_ONLY, session_providers
+    from ferry.server.errors import ConversionFailed
+
+    assert session_providers([]) == CPU_ONLY
+    wanted = [{"name": CUDA, "options": {"device_id": 0}}, {"name": CPU, "options": {}}]
+    assert session_providers(wanted) == [(CPU, {})]
+    with pytest.raises(ConversionFailed, match="serving providers cannot run here"):
+        session_providers([{"name": CUDA, "options": {}}])
+    with pytest.raises(ConversionFailed, match="unknown execution provider"):
+        session_providers([{"name": "Bogus", "options": {}}])

@@ -17,6 +17,7 @@ import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from ferry.server.convert import architectures, spec, uploads, validation
 from ferry.server.convert.jobs import JobRunner
@@ -29,9 +30,10 @@ from ferry.server.convert.store import (
     now_ms,
 )
 from ferry.server.core import versions
+from ferry.server.core.config import ModelConfig, load_config
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import TMP_PREFIX, ModelRepository, validate_model_name
-from ferry.server.errors import FailedPrecondition, InvalidArgument, Unavailable
+from ferry.server.errors import FailedPrecondition, FerryError, InvalidArgument, Unavailable
 from ferry.server.settings import Settings
 
 log = logging.getLogger("ferry.convert")
@@ -153,6 +155,16 @@ class ConversionService:
         )
         return record
 
+    def _serving_providers(self, model: str) -> list[dict[str, Any]]:
+        """The providers the model's config serves its versions with; the child measures
+        there. A missing or broken config serves on the defaults (the registry reports a
+        broken one)."""
+        try:
+            config = load_config(self.repository.model_dir(model))
+        except FerryError:
+            config = ModelConfig()
+        return [{"name": p.name, "options": p.options_dict()} for p in config.onnxruntime.providers]
+
     # ---- jobs ----
     async def convert(
         self,
@@ -182,6 +194,7 @@ class ConversionService:
             architecture_kwargs=kwargs,
             spec=conversion,
             allow_code_formats=self.settings.allow_code_formats,
+            providers=self._serving_providers(model),
         )
         validation.check_job(contract)  # the child's own checks, run before a child is spent
         self.runner.check_room()

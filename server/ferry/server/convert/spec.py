@@ -89,6 +89,9 @@ class Job:
     spec: ConversionSpec = field(default_factory=ConversionSpec)
     work_dir: str = ""  # the child writes model.onnx + report.json here
     allow_code_formats: bool = False
+    # The execution providers the version will be served with ({name, options} each): parity
+    # and the benchmark measure there. Empty: CPU.
+    providers: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

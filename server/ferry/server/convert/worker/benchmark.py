@@ -19,6 +19,7 @@ import onnxruntime as ort
 from ferry.server.convert.spec import InputSpec
 from ferry.server.convert.worker.graph import weight_sparsity
 from ferry.server.convert.worker.parity import generate
+from ferry.server.convert.worker.placement import CPU_ONLY
 
 WARMUP = 2
 MIN_RUNS, MAX_RUNS = 3, 25
@@ -36,21 +37,29 @@ def gzip_size(path: Path) -> int:
     return size + len(compressor.flush())
 
 
-def _session(path: Path, threads: int) -> ort.InferenceSession:
+def _session(
+    path: Path, threads: int, providers: list[tuple[str, dict[str, str]]] | None = None
+) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(str(path), options, providers=providers or CPU_ONLY)
 
 
 def latencies_ms(
-    paths: dict[str, Path], inputs: list[InputSpec], batched: bool, batches: list[int], threads: int
+    paths: dict[str, Path],
+    inputs: list[InputSpec],
+    batched: bool,
+    batches: list[int],
+    threads: int,
+    *,
+    providers: list[tuple[str, dict[str, str]]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Median latency per variant and batch size, variants timed in alternation, so that a
     burst of load from elsewhere on the machine slows all of them rather than one."""
-    sessions = {name: _session(path, threads) for name, path in paths.items()}
+    sessions = {name: _session(path, threads, providers) for name, path in paths.items()}
     result: dict[str, dict[str, float]] = {name: {} for name in paths}
     for batch in batches if batched else [1]:
         feed = next(generate(inputs, batch, batched).batches(batch))
@@ -72,10 +81,17 @@ def latencies_ms(
 
 
 def measure(
-    paths: dict[str, Path], inputs: list[InputSpec], batched: bool, max_batch: int, threads: int
+    paths: dict[str, Path],
+    inputs: list[InputSpec],
+    batched: bool,
+    max_batch: int,
+    threads: int,
+    *,
+    providers: list[tuple[str, dict[str, str]]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """Per variant: size, gzip size, weight sparsity, latency and speed-up against "fp32"."""
-    latency = latencies_ms(paths, inputs, batched, sorted({1, max_batch}), threads)
+    """Per variant: size, gzip size, weight sparsity, latency and speed-up against "fp32", on
+    the providers the version will serve with."""
+    latency = latencies_ms(paths, inputs, batched, sorted({1, max_batch}), threads, providers=providers)
     fp32 = latency["fp32"]
     return {
         name: {

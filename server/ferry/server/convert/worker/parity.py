@@ -132,14 +132,19 @@ def run_batches(
     return [join([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
-def onnx_runner(path: Path, threads: int) -> Callable[[Arrays], list[np.ndarray]]:
+def onnx_runner(
+    path: Path, threads: int, providers: list[tuple[str, dict[str, str]]] | None = None
+) -> Callable[[Arrays], list[np.ndarray]]:
+    """Run the graph on ``providers`` (default CPU): parity is measured where it will serve."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(
+            str(path), options, providers=providers or [("CPUExecutionProvider", {})]
+        )
     except Exception as exc:
         raise ConversionFailed(f"onnxruntime cannot load {path.name}: {exc}") from None
 

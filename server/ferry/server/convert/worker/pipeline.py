@@ -24,7 +24,7 @@ import onnx
 
 from ferry.server.convert import validation
 from ferry.server.convert.spec import Job, ProgressEvent
-from ferry.server.convert.worker import benchmark, graph, load, parity, quantize
+from ferry.server.convert.worker import benchmark, graph, load, parity, placement, quantize
 from ferry.server.core.repository import MODEL_FILE, REPORT_FILE
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
@@ -83,6 +83,7 @@ class Pipeline:
         self.spec = job.spec
         self.emit = emit
         self.threads = threads or default_threads()
+        self.providers = placement.session_providers(job.providers)
         self.work = Path(job.work_dir)
         self.scratch = self.work / SCRATCH
         self.stage = "load"
@@ -193,7 +194,9 @@ class Pipeline:
         else:
             assert self.source.onnx_path is not None
             self.output_names = graph.output_names(self.source.onnx_path)
-            self.baseline = self._run(parity.onnx_runner(self.source.onnx_path, self.threads))
+            self.baseline = self._run(
+                parity.onnx_runner(self.source.onnx_path, self.threads, self.providers)
+            )
             self.baseline_name = "onnx_source"
         self.parity_reference = self.baseline
         self.client_reference = None
@@ -297,7 +300,9 @@ class Pipeline:
         v = self.spec.validation
         fp32 = variants[0]
         for variant in variants:
-            variant.outputs = self._run(parity.onnx_runner(variant.path, self.threads))
+            variant.outputs = self._run(
+                parity.onnx_runner(variant.path, self.threads, self.providers)
+            )
         agreement = parity.compare(fp32.outputs, self.parity_reference)
         against = "pytorch" if self.source.module is not None else "onnx_source"
         if "pruning" in self.report:
@@ -357,7 +362,7 @@ class Pipeline:
     def _benchmark(self, variants: list[Variant]) -> None:
         figures = benchmark.measure(
             {v.name: v.path for v in variants}, self.source.inputs, self.source.batched,
-            self.spec.max_batch_size, self.threads,
+            self.spec.max_batch_size, self.threads, providers=self.providers,
         )  # fmt: skip
         for variant in variants:
             variant.entry.update(figures[variant.name])
