@@ -6,8 +6,9 @@ upload; any exit before that, a client disconnecting included, deletes the tempo
 
 The format check reads structure only and never deserializes executable content: a state_dict
 must be torch.save's zip archive (a bare pickle is refused before the child ever sees it), a
-safetensors file must have a sane JSON header, an ONNX file must parse as a ModelProto with no
-external data. Whether the weights fit an architecture is the child's business.
+safetensors file must have a sane JSON header, an ONNX file must parse as a ModelProto that
+reads no external data anywhere (``onnx_safety``). Whether the weights fit an architecture is
+the child's business.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferry.server.convert import onnx_safety
 from ferry.server.convert.spec import CODE_BEARING_FORMATS, SOURCE_FORMATS
 from ferry.server.convert.store import UploadRecord, now_ms
 from ferry.server.core.repository import TMP_PREFIX, validate_model_name
@@ -268,23 +270,4 @@ def _check_onnx(path: Path) -> None:
         ) from None
     if not model.graph.node and not model.graph.output:
         raise InvalidArgument("ONNX upload has an empty graph: corrupt or not an ONNX model")
-    for tensor in _initializers(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            raise InvalidArgument(
-                f"ONNX initializer {tensor.name[:100]!r} refers to external data, which an "
-                "upload cannot carry: save the model as one file "
-                "(onnx.save(model, path, save_as_external_data=False))"
-            )
-
-
-def _initializers(graph: Any) -> Any:
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            if attr.HasField("g"):
-                yield from _initializers(attr.g)
-            yield from attr.tensors
-            for g in attr.graphs:
-                yield from _initializers(g)
+    onnx_safety.check_self_contained(model)

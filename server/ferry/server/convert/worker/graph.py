@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from ferry.codec import datatype_name, datatype_of
+from ferry.server.convert import onnx_safety
 from ferry.server.convert.spec import InputSpec
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
@@ -23,55 +24,19 @@ SAFE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
-    for attr in node.attribute:
-        if attr.type == onnx.AttributeProto.GRAPH:
-            yield attr.g
-        elif attr.type == onnx.AttributeProto.GRAPHS:
-            yield from attr.graphs
-
-
 def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
-    pending = [model.graph]
-    for function in model.functions:
-        yield from function.node
-        for node in function.node:
-            pending.extend(_subgraphs(node))
-    while pending:
-        graph = pending.pop()
-        for node in graph.node:
-            yield node
-            pending.extend(_subgraphs(node))
-
-
-def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor that can carry data, subgraphs and Constant attributes included."""
-    pending = [model.graph]
-    while pending:
-        graph = pending.pop()
-        yield from graph.initializer
-        for sparse in graph.sparse_initializer:
-            yield sparse.values
-            yield sparse.indices
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
-                elif attr.type == onnx.AttributeProto.TENSORS:
-                    yield from attr.tensors
-            pending.extend(_subgraphs(node))
+    """Every node: main graph, subgraphs at any depth, local functions, training graphs."""
+    for step in onnx_safety.walk(model):
+        if isinstance(step.message, onnx.NodeProto):
+            yield step.message
 
 
 def check_source_model(model: onnx.ModelProto) -> None:
-    """Refuse external data and unregistered domains before anything reads the tensors."""
-    for tensor in _all_tensors(model):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data):
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "?")
-            raise InvalidArgument(
-                f"the ONNX file keeps tensor {tensor.name!r} in external data ({location!r}): only "
-                "a single self-contained file is accepted; save it with the weights inside, e.g. "
-                "onnx.save(model, path, save_as_external_data=False) (models under 2 GiB)"
-            )
+    """Refuse external data and unregistered domains before anything reads the tensors.
+
+    The upload was checked for external data already; the child checks again because it must
+    hold for every file it is given, whoever wrote the job."""
+    onnx_safety.check_self_contained(model)
     local = {(f.domain, f.name) for f in model.functions}
     local_domains = {domain for domain, _ in local}
     for opset in model.opset_import:

@@ -1,0 +1,147 @@
+"""The one rule for an uploaded ONNX file: a model reads no bytes that did not travel with it.
+
+onnxruntime resolves a tensor's external data relative to the model file, and uploads sit side by
+side in one folder, so a tensor naming ``<another upload id>.safetensors`` would be converted,
+published and served with another user's bytes. Tensors hide in many places — initializers,
+sparse initializers, every tensor-valued attribute kind of any node, subgraphs of If/Loop/Scan at
+any depth, local functions and their default attributes, training graphs — and every onnx release
+may add one. So the walk is driven by the protobuf schema, not by a list of known places: it
+visits every message field of every message and judges every ``TensorProto`` it meets. Both sides
+call it: the server when an upload arrives (``uploads``) and the child again before it reads a
+tensor (``worker/graph``).
+
+Torch-free and onnx-free at import: the messages are recognised by their descriptor's name, and
+only message-typed fields are read, so a tensor's ``raw_data`` is never copied out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ferry.server.errors import InvalidArgument
+
+TENSOR = "onnx.TensorProto"
+EXTERNAL = 1  # onnx.TensorProto.DataLocation.EXTERNAL
+_MAX_SHOWN = 100  # characters of a client-chosen name quoted back
+
+
+@dataclass(frozen=True)
+class Step:
+    """One hop from the model to a message: the field it sits in (and its index when the field
+    is repeated). Kept as a chain so that a location is spelt out only when it is reported."""
+
+    parent: Step | None
+    field: str
+    index: int | None
+    message: Any
+
+
+@dataclass(frozen=True)
+class ExternalRef:
+    """A tensor that would read bytes from outside the file."""
+
+    where: str
+    location: str  # the external_data "location" entry, "" when none is given
+
+
+def walk(root: Any) -> Iterator[Step]:
+    """Every message under ``root`` (root included), in file order, through every message field."""
+    stack = [Step(None, "", None, root)]
+    while stack:
+        step = stack.pop()
+        yield step
+        children: list[Step] = []
+        for name, repeated in _message_fields(step.message.DESCRIPTOR):
+            if repeated:
+                children.extend(
+                    Step(step, name, i, item) for i, item in enumerate(getattr(step.message, name))
+                )
+            elif step.message.HasField(name):
+                children.append(Step(step, name, None, getattr(step.message, name)))
+        stack.extend(reversed(children))
+
+
+def external_refs(model: Any) -> Iterator[ExternalRef]:
+    """Every tensor of ``model`` (a ModelProto, or any onnx message) that names external data."""
+    for step in walk(model):
+        tensor = step.message
+        if tensor.DESCRIPTOR.full_name != TENSOR:
+            continue
+        if tensor.data_location == EXTERNAL or len(tensor.external_data):
+            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+            yield ExternalRef(describe(step), location)
+
+
+def check_self_contained(model: Any) -> None:
+    """Refuse a model any of whose tensors would read bytes from outside the file."""
+    refs = external_refs(model)
+    first = next(refs, None)
+    if first is None:
+        return
+    more = sum(1 for _ in refs)
+    named = f" (file {_short(first.location)!r})" if first.location else ""
+    others = f" and {more} more tensor{'s' if more > 1 else ''}" if more else ""
+    raise InvalidArgument(
+        f"model reads external data from {first.where}{named}{others}: upload a self-contained "
+        "file, a model may read no bytes that did not travel with it; save it with every tensor "
+        "inside, e.g. onnx.save(model, path, save_as_external_data=False) (models under 2 GiB)"
+    )
+
+
+def describe(step: Step) -> str:
+    """``function 'local::F' > node 'c' (Constant) > attribute 'sparse_value' > values``."""
+    parts: list[str] = []
+    current: Step | None = step
+    while current is not None and current.parent is not None:
+        parts.append(_label(current))
+        current = current.parent
+    return " > ".join(reversed(parts)) or "the model"
+
+
+def _label(step: Step) -> str:
+    message, kind = step.message, step.message.DESCRIPTOR.full_name
+    index = f" #{step.index}" if step.index is not None else ""
+    name = _short(str(getattr(message, "name", "")))
+    if kind == "onnx.NodeProto":
+        who = f"{name!r}" if name else f"#{step.index}"
+        return f"node {who} ({_short(message.op_type)})"
+    if kind == "onnx.FunctionProto":
+        return f"function '{_short(message.domain)}::{name}'"
+    if kind == "onnx.AttributeProto":
+        what = "default attribute" if step.field == "attribute_proto" else "attribute"
+        return f"{what} {name!r}"
+    if kind == "onnx.GraphProto":
+        where = "graph" if step.field in ("graph", "g") else f"{step.field}{index}"
+        return f"{where} {name!r}" if name else where
+    if kind == TENSOR and step.field in _TENSOR_SLOTS:
+        slot = _TENSOR_SLOTS[step.field] + (index if step.field == "tensors" else "")
+        return f"{slot} {name!r}" if name else slot
+    return f"{step.field}{index}"
+
+
+_TENSOR_SLOTS = {"initializer": "initializer", "t": "tensor", "tensors": "tensors"}
+_FIELDS: dict[str, list[tuple[str, bool]]] = {}
+
+
+def _message_fields(descriptor: Any) -> list[tuple[str, bool]]:
+    """(name, repeated) of each message-typed field; the schema is read once per message type.
+
+    onnx has no map fields; one added later would need its values walked, so it fails loudly
+    here rather than being skipped."""
+    fields = _FIELDS.get(descriptor.full_name)
+    if fields is None:
+        fields = []
+        for field in descriptor.fields:
+            if field.message_type is None:
+                continue
+            if field.message_type.GetOptions().map_entry:
+                raise NotImplementedError(f"map field {descriptor.full_name}.{field.name}")
+            fields.append((field.name, bool(field.is_repeated)))
+        _FIELDS[descriptor.full_name] = fields
+    return fields
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= _MAX_SHOWN else text[:_MAX_SHOWN] + "..."
