@@ -42,6 +42,8 @@ from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
 from ferry.server.convert import uploads as uploads_module
 from ferry.server.convert.store import JobRecord, JobState, JobStore, now_ms
+from ferry.server.convert.strategies import pruning as pruning_methods
+from ferry.server.convert.strategies import quantization as quantization_modes
 from ferry.server.core.repository import ModelRepository
 from ferry.server.examples import mlp_model, write_model
 
@@ -372,8 +374,13 @@ def test_cancel_mid_export_and_a_full_queue(start: Start, tmp_path: Path) -> Non
 def test_convert_validates_before_spawning(start: Start) -> None:
     _, conv = start()
     up = conv.upload("m", onnx_bytes(), format="onnx")
-    with pytest.raises(InvalidInputError, match="unknown quantization mode"):
+    # The server's registry is the one list: the refusal names every mode it knows.
+    with pytest.raises(InvalidInputError, match="unknown quantization mode") as refused:
         conv.convert(up, quantization="int3")
+    assert all(name in str(refused.value) for name in quantization_modes.names())
+    with pytest.raises(InvalidInputError, match="unknown pruning method") as refused:
+        conv.convert(up, pruning=Pruning("l0_magic", 0.5))
+    assert all(name in str(refused.value) for name in pruning_methods.names())
     with pytest.raises(InvalidInputError, match="pruning"):
         conv.convert(up, pruning=Pruning("l1_unstructured", 0.5))
     with pytest.raises(InvalidInputError, match="invalid model name"):

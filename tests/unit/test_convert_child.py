@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from ferry.server.convert.spec import STAGES, job_from_json
 from ferry.server.convert.worker import child, nets, parity, quantize
 from ferry.server.convert.worker.pipeline import FINAL_FRACTION
+from ferry.server.convert.worker.report import BenchmarkRecord, VariantRecord
 
 PIPELINE = ["load", "prune", "export", "check", "optimize", "quantize", "validate", "benchmark"]
 MLP_KWARGS = {"in_features": 16, "hidden": [64, 64], "out_features": 10}
@@ -679,10 +680,10 @@ def test_export_errors_name_the_unsupported_operator() -> None:
 def test_figures() -> None:
     ref = np.array([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0]])
     same = parity.compare([ref], [ref])
-    assert same["max_abs"] == 0.0 and same["cosine"] == pytest.approx(1.0)
-    assert same["top1_agreement"] == 1.0
+    assert same.max_abs == 0.0 and same.cosine == pytest.approx(1.0)
+    assert same.top1_agreement == 1.0
     flipped = parity.compare([ref[::-1].copy()], [ref])
-    assert flipped["top1_agreement"] == 0.0 and flipped["max_abs"] == 2.0
+    assert flipped.top1_agreement == 0.0 and flipped.max_abs == 2.0
     assert parity.tolerance_failure([ref + 1e-6], [ref], 1e-3, 1e-4) == ""
     off_by_one = ref + np.array([[0, 0, 1], [1, 0, 0]])
     assert "2 of 6" in parity.tolerance_failure([off_by_one], [ref], 1e-3, 1e-4)
@@ -691,21 +692,18 @@ def test_figures() -> None:
 
 
 def test_auto_choice() -> None:
-    def entry(name: str, speedup: float, within: bool = True) -> dict[str, Any]:
-        return {
-            "name": name,
-            "speedup_vs_fp32": {"1": speedup, "32": speedup},
-            "within_budget": within,
-        }
+    def entry(name: str, speedup: float, within: bool = True) -> VariantRecord:
+        figures = {"1": speedup, "32": speedup}
+        bench = BenchmarkRecord(1, 1, 0.0, {"1": 1.0, "32": 1.0}, figures)
+        return VariantRecord(name, within_budget=within, benchmark=bench)
+
+    def chosen(variants: list[VariantRecord], keep_slower: bool = False) -> str:
+        return quantize.choose(variants, keep_slower=keep_slower)[0].name
 
     fp32 = entry("fp32", 1.0)
-    assert (
-        quantize.choose([fp32, entry("dynamic_int8", 1.6)], keep_slower=False)[0] == "dynamic_int8"
-    )
-    assert quantize.choose([fp32, entry("dynamic_int8", 1.05)], keep_slower=False)[0] == "fp32"
-    assert (
-        quantize.choose([fp32, entry("dynamic_int8", 2.0, False)], keep_slower=False)[0] == "fp32"
-    )
+    assert chosen([fp32, entry("dynamic_int8", 1.6)]) == "dynamic_int8"
+    assert chosen([fp32, entry("dynamic_int8", 1.05)]) == "fp32"
+    assert chosen([fp32, entry("dynamic_int8", 2.0, False)]) == "fp32"
     slower = [fp32, entry("dynamic_int8", 0.7), entry("fp16", 0.9)]
-    assert quantize.choose(slower, keep_slower=False)[0] == "fp32"
-    assert quantize.choose(slower, keep_slower=True)[0] == "fp16"
+    assert chosen(slower) == "fp32"
+    assert chosen(slower, keep_slower=True) == "fp16"

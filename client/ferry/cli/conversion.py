@@ -34,8 +34,8 @@ from ferry.client import (
 
 DEFAULT_MANAGEMENT_TARGET = "127.0.0.1:8003"
 FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript")
-QUANTIZATION = ("dynamic_int8", "static_int8", "fp16", "auto")
-PRUNING = ("l1_unstructured", "global_unstructured", "structured")
+# Pruning methods and quantization modes are not listed here: the server's registry is the one
+# list, and an unknown name comes back as INVALID_ARGUMENT naming every known one.
 
 
 def _management_parent() -> argparse.ArgumentParser:
@@ -134,9 +134,15 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--prune",
         metavar="METHOD:AMOUNT",
-        help=f"prune before export; METHOD one of {', '.join(PRUNING)}, AMOUNT in (0, 1)",
+        help="prune before export with one of the server's pruning methods (e.g. "
+        "l1_unstructured:0.5); AMOUNT in (0, 1); an unknown METHOD is answered with the list",
     )
-    p.add_argument("--quantize", choices=QUANTIZATION, help="quantize the exported model")
+    p.add_argument(
+        "--quantize",
+        metavar="MODE",
+        help="quantize the exported model with one of the server's quantization modes (e.g. "
+        "dynamic_int8, auto); an unknown MODE is answered with the list",
+    )
     p.add_argument("--rtol", type=float, help="validation relative tolerance")
     p.add_argument("--atol", type=float, help="validation absolute tolerance")
     p.add_argument("--max-batch-size", type=int, help="serving: largest dynamic batch")

@@ -33,14 +33,20 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class Pruning:
-    method: str = "l1_unstructured"  # "l1_unstructured", "global_unstructured", "structured"
+    """``method`` is one of the server's pruning methods (docs/conversion.md#pruning); the server
+    refuses an unknown one with INVALID_ARGUMENT listing those it knows."""
+
+    method: str = "l1_unstructured"
     amount: float = 0.5  # fraction of weights (or channels) removed, in (0, 1)
 
 
 @dataclass(frozen=True)
 class Quantization:
-    mode: str = "dynamic_int8"  # "dynamic_int8", "static_int8", "fp16", "auto"
-    calibration: str | None = None  # "minmax" or "percentile" (static_int8)
+    """``mode`` is one of the server's quantization modes (docs/conversion.md#quantization); the
+    server refuses an unknown one with INVALID_ARGUMENT listing those it knows."""
+
+    mode: str = "dynamic_int8"
+    calibration: str | None = None  # the server's calibration method (default: its own)
     per_channel: bool | None = None
     calibration_inputs: ArrayMap | None = None  # input name -> [N, ...] samples
     keep_slower: bool = False

@@ -108,13 +108,11 @@ class AlreadyExists(FerryError):
 
 
 class ConversionFailed(FerryError):
-    """A conversion job failed (export, parity, accuracy budget); carries its report when any."""
+    """A conversion job failed (export, parity, accuracy budget). It is raised in the conversion
+    child, so it carries no report: the report so far reaches the job through report.json, which
+    the child writes on every failure."""
 
     kind = ErrorKind.CONVERSION_FAILED
-
-    def __init__(self, message: str, *, report: object | None = None) -> None:
-        super().__init__(message)
-        self.report = report
 
 
 class FailedPrecondition(FerryError):

@@ -12,11 +12,13 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.server.convert.strategies import pruning, quantization
+
+# Pruning methods and quantization modes: the registries in ``strategies``, which validation
+# checks these fields against.
+
 SOURCE_FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript")
 CODE_BEARING_FORMATS = ("exported_program", "torchscript")
-PRUNING_METHODS = ("none", "l1_unstructured", "global_unstructured", "structured")
-QUANTIZATION_MODES = ("none", "dynamic_int8", "static_int8", "fp16", "auto")
-CALIBRATION_METHODS = ("minmax", "percentile")
 STAGES = (
     "queued",
     "load",
@@ -41,14 +43,14 @@ class InputSpec:
 
 @dataclass
 class PruningSpec:
-    method: str = "none"
+    method: str = pruning.DEFAULT.name
     amount: float = 0.0  # fraction of weights (unstructured) or channels (structured) removed
 
 
 @dataclass
 class QuantizationSpec:
-    mode: str = "none"
-    calibration: str = "minmax"
+    mode: str = quantization.DEFAULT.name
+    calibration: str = quantization.DEFAULT_CALIBRATION
     per_channel: bool = True
     calibration_file: str = ""  # .npz in the job folder: input name -> [N, ...] samples
     keep_slower: bool = False  # auto: allow publishing a variant slower than fp32
@@ -123,20 +125,5 @@ def spec_from_dict(raw: dict[str, Any]) -> ConversionSpec:
     )
 
 
-# The report (report.json, stored beside model.onnx and in the job store). Keys, all optional
-# except "variants" and "published":
-# {
-#   "exporter": "torch.onnx.export(dynamo=True)", "opset": 20, "torch": "2.13.0",
-#   "onnx": "1.23.2", "onnxruntime": "1.32.0", "source_sha256": "...", "source_format": "...",
-#   "pruning": {"method": ..., "amount": ..., "sparsity": 0.5, "fine_tuned": false,
-#               "params_before": N, "params_after": N},
-#   "parity": {"max_abs": f, "mean_abs": f, "cosine": f, "samples": N, "against": "pytorch"},
-#   "stages": {"load": seconds, "export": seconds, ...},
-#   "variants": [ {"name": "fp32" | "dynamic_int8" | "static_int8" | "fp16",
-#                  "size_bytes": N, "gzip_bytes": N, "sparsity": f,
-#                  "latency_ms": {"1": f, "32": f}, "speedup_vs_fp32": {"1": f, "32": f},
-#                  "vs_fp32": {"max_abs": f, "mean_abs": f, "cosine": f, "top1_agreement": f|null},
-#                  "vs_pytorch": {...same...}, "within_budget": bool, "published": bool,
-#                  "note": "..."} ],
-#   "published": "fp32"            # the variant written as model.onnx
-# }
+# The report (report.json, stored beside model.onnx and in the job store) is written by the child
+# from the typed records of ``ferry.server.convert.worker.report``, which document its keys.

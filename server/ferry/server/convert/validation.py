@@ -22,18 +22,17 @@ from typing import Any
 import numpy as np
 
 from ferry.server.convert.spec import (
-    CALIBRATION_METHODS,
     CODE_BEARING_FORMATS,
-    PRUNING_METHODS,
-    QUANTIZATION_MODES,
     SOURCE_FORMATS,
     ConversionSpec,
     Job,
 )
+from ferry.server.convert.strategies import pruning as pruning_methods
+from ferry.server.convert.strategies import quantization as quantization_modes
 from ferry.server.core.config import MAX_BATCH_SIZE_LIMIT, parse_config
 from ferry.server.errors import FailedPrecondition, InvalidArgument
 
-MAX_PRUNING_AMOUNT = 0.95
+MAX_PRUNING_AMOUNT = pruning_methods.MAX_AMOUNT
 MIN_OPSET = 13
 PRUNABLE_FORMATS = ("state_dict", "safetensors")
 USE_INSTEAD = (
@@ -62,34 +61,26 @@ def check_job(job: Job) -> None:
         )
     spec = job.spec
     pruning, quantization = spec.pruning, spec.quantization
-    if pruning.method not in PRUNING_METHODS:
-        raise InvalidArgument(
-            f"unknown pruning method {pruning.method!r}: use one of {', '.join(PRUNING_METHODS)}"
-        )
-    if pruning.method != "none":
+    method = pruning_methods.method(pruning.method)  # an unknown name is refused here
+    if method is not pruning_methods.NONE:
         if fmt not in PRUNABLE_FORMATS:
             raise InvalidArgument(
                 f"pruning needs a PyTorch source with a registered architecture, not {fmt}: upload "
-                "the weights as a state_dict or safetensors, or convert with pruning.method 'none'"
+                "the weights as a state_dict or safetensors, or convert with pruning.method "
+                f"{pruning_methods.NONE.name!r}"
             )
         if not 0.0 <= pruning.amount <= MAX_PRUNING_AMOUNT:
             raise InvalidArgument(
                 f"pruning.amount must be within [0, {MAX_PRUNING_AMOUNT}], got {pruning.amount}"
             )
-    if quantization.mode not in QUANTIZATION_MODES:
+    mode = quantization_modes.mode(quantization.mode)
+    quantization_modes.calibration_method(quantization.calibration)
+    if quantization_modes.requires_calibration(mode) and not quantization.calibration_file:
+        others = [q.name for q in quantization_modes.QUANTIZERS.values() if not q.needs_calibration]
         raise InvalidArgument(
-            f"unknown quantization mode {quantization.mode!r}: use one of "
-            f"{', '.join(QUANTIZATION_MODES)}"
-        )
-    if quantization.calibration not in CALIBRATION_METHODS:
-        raise InvalidArgument(
-            f"unknown calibration method {quantization.calibration!r}: use one of "
-            f"{', '.join(CALIBRATION_METHODS)}"
-        )
-    if quantization.mode == "static_int8" and not quantization.calibration_file:
-        raise InvalidArgument(
-            "static_int8 needs quantization.calibration_file: an .npz holding, per input name, "
-            "[N, ...] representative samples (100 or more recommended); or use dynamic_int8"
+            f"{mode.name} needs quantization.calibration_file: an .npz holding, per input name, "
+            "[N, ...] representative samples (100 or more recommended); or use "
+            f"{' or '.join(others) or 'another mode'}"
         )
     if fmt != "onnx" and not MIN_OPSET <= spec.opset <= max_opset():
         raise InvalidArgument(
@@ -140,14 +131,21 @@ def validate_spec(spec: ConversionSpec, tensors: SpecTensors, *, source_format: 
     if not 1 <= spec.max_batch_size <= MAX_BATCH_SIZE_LIMIT:
         raise InvalidArgument(f"max_batch_size must be within 1..{MAX_BATCH_SIZE_LIMIT}")
     p = spec.pruning
-    if p.method == "none" and p.amount:
-        raise InvalidArgument("pruning.amount is set but pruning.method is 'none': choose a method")
-    if p.method != "none" and not p.amount > 0.0:
+    method = pruning_methods.method(p.method)
+    if method is pruning_methods.NONE and p.amount:
+        raise InvalidArgument(
+            f"pruning.amount is set but pruning.method is {method.name!r}: choose a method"
+        )
+    if method is not pruning_methods.NONE and not p.amount > 0.0:
         raise InvalidArgument(f"pruning.amount must be above 0 for {p.method!r}, got {p.amount}")
     q = spec.quantization
-    if tensors.calibration and q.mode not in ("static_int8", "auto"):
+    mode = quantization_modes.mode(q.mode)
+    if tensors.calibration and not quantization_modes.uses_calibration(mode):
+        served = [
+            m.name for m in quantization_modes.modes() if quantization_modes.uses_calibration(m)
+        ]
         raise InvalidArgument(
-            "calibration inputs only serve static_int8 (or auto) quantization; "
+            f"calibration inputs only serve the quantization modes {', '.join(served)}; "
             f"quantization.mode is {q.mode!r}"
         )
     v = spec.validation

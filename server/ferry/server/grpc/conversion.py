@@ -8,9 +8,10 @@ would have returned.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -180,31 +181,41 @@ def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, validation.SpecTen
             raise InvalidArgument(f"input {i.name!r}: set its dtype (e.g. FP32)") from None
         inputs.append(spec.InputSpec(name=i.name, datatype=datatype, shape=list(i.shape)))
     q, v, s = m.quantization, m.validation, m.serving
-    conversion = spec.ConversionSpec(
-        inputs=inputs,
-        opset=m.opset or 20,
-        pruning=spec.PruningSpec(method=m.pruning.method or "none", amount=m.pruning.amount),
-        quantization=spec.QuantizationSpec(
-            mode=q.mode or "none",
-            calibration=q.calibration or "minmax",
-            per_channel=q.per_channel if q.HasField("per_channel") else True,
+    # Unset fields keep the defaults of convert/spec.py, stated there only: empty strings and
+    # zeros are proto3's "unset" for plain fields, HasField tells for the optional ones.
+    conversion = _given(
+        spec.ConversionSpec(inputs=inputs),
+        opset=m.opset or None,
+        max_batch_size=m.max_batch_size or None,
+        pruning=_given(
+            spec.PruningSpec(), method=m.pruning.method or None, amount=m.pruning.amount
+        ),
+        quantization=_given(
+            spec.QuantizationSpec(),
+            mode=q.mode or None,
+            calibration=q.calibration or None,
+            per_channel=_optional(q, "per_channel"),
             keep_slower=q.keep_slower,
         ),
-        validation=spec.ValidationSpec(
-            rtol=v.rtol if v.HasField("rtol") else 1e-3,
-            atol=v.atol if v.HasField("atol") else 1e-4,
-            samples=v.samples if v.HasField("samples") else 16,
-            min_cosine=v.min_cosine if v.HasField("min_cosine") else 0.99,
-            min_top1_agreement=v.min_top1_agreement if v.HasField("min_top1_agreement") else 0.0,
+        validation=_given(
+            spec.ValidationSpec(),
+            **{
+                name: _optional(v, name)
+                for name in ("rtol", "atol", "samples", "min_cosine", "min_top1_agreement")
+            },
             keep_failed=v.keep_failed,
         ),
-        max_batch_size=m.max_batch_size or 32,
         serving_config=validation.serving_config(
-            max_batch_size=s.max_batch_size if s.HasField("max_batch_size") else None,
-            max_queue_delay_ms=s.max_queue_delay_ms if s.HasField("max_queue_delay_ms") else None,
-            max_queue_size=s.max_queue_size if s.HasField("max_queue_size") else None,
-            default_timeout_ms=s.default_timeout_ms if s.HasField("default_timeout_ms") else None,
-            instance_count=s.instance_count if s.HasField("instance_count") else None,
+            **{
+                name: _optional(s, name)
+                for name in (
+                    "max_batch_size",
+                    "max_queue_delay_ms",
+                    "max_queue_size",
+                    "default_timeout_ms",
+                    "instance_count",
+                )
+            }
         ),
     )
     tensors = validation.SpecTensors(
@@ -213,6 +224,21 @@ def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, validation.SpecTen
         references=_tensors("validation.reference_outputs", v.reference_outputs),
     )
     return conversion, tensors
+
+
+_T = TypeVar("_T")
+
+
+def _given(defaults: _T, **fields: Any) -> _T:
+    """``defaults`` with the fields the request set (those not None)."""
+    return dataclasses.replace(  # type: ignore[type-var]
+        defaults, **{k: val for k, val in fields.items() if val is not None}
+    )
+
+
+def _optional(message: Any, name: str) -> Any:
+    """An ``optional`` proto field's value, or None when the request left it unset."""
+    return getattr(message, name) if message.HasField(name) else None
 
 
 # ---- core -> responses ----

@@ -11,7 +11,6 @@ import statistics
 import time
 import zlib
 from pathlib import Path
-from typing import Any
 
 import onnx
 import onnxruntime as ort
@@ -20,6 +19,7 @@ from ferry.server.convert.spec import InputSpec
 from ferry.server.convert.worker.graph import weight_sparsity
 from ferry.server.convert.worker.parity import generate
 from ferry.server.convert.worker.placement import CPU_ONLY
+from ferry.server.convert.worker.report import BenchmarkRecord
 
 WARMUP = 2
 MIN_RUNS, MAX_RUNS = 3, 25
@@ -88,18 +88,20 @@ def measure(
     threads: int,
     *,
     providers: list[tuple[str, dict[str, str]]] | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, BenchmarkRecord]:
     """Per variant: size, gzip size, weight sparsity, latency and speed-up against "fp32", on
     the providers the version will serve with."""
-    latency = latencies_ms(paths, inputs, batched, sorted({1, max_batch}), threads, providers=providers)
+    latency = latencies_ms(
+        paths, inputs, batched, sorted({1, max_batch}), threads, providers=providers
+    )
     fp32 = latency["fp32"]
     return {
-        name: {
-            "size_bytes": path.stat().st_size,
-            "gzip_bytes": gzip_size(path),
-            "sparsity": weight_sparsity(onnx.load(str(path))),
-            "latency_ms": latency[name],
-            "speedup_vs_fp32": {b: fp32[b] / ms for b, ms in latency[name].items() if ms > 0},
-        }
+        name: BenchmarkRecord(
+            size_bytes=path.stat().st_size,
+            gzip_bytes=gzip_size(path),
+            sparsity=weight_sparsity(onnx.load(str(path))),
+            latency_ms=latency[name],
+            speedup_vs_fp32={b: fp32[b] / ms for b, ms in latency[name].items() if ms > 0},
+        )
         for name, path in paths.items()
     }

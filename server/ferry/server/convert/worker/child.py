@@ -27,10 +27,13 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from ferry.server.convert.spec import Job, ProgressEvent, job_from_json, to_json
 from ferry.server.errors import ErrorKind, FerryError
+
+if TYPE_CHECKING:
+    from ferry.server.convert.worker.report import Report
 
 EXIT_OK, EXIT_CRASH, EXIT_FAILED = 0, 1, 2
 
@@ -85,15 +88,17 @@ def _confine_temp(work: Path) -> None:
     sys.dont_write_bytecode = True  # no .pyc files next to modules imported from here on
 
 
-def _fail(work: Path, report: dict[str, object], stage: str, kind: str, message: str) -> None:
-    """Leave no model behind, only the report with what went wrong."""
-    from ferry.server.convert.worker.pipeline import MODEL_FILE, SCRATCH, write_report
+def _fail(work: Path, report: Report, stage: str, kind: str, message: str) -> None:
+    """Leave no model behind, only the report so far with what went wrong: the server keeps it
+    as the failed job's report (``jobs.JobRunner`` reads report.json whatever the outcome)."""
+    from ferry.server.convert.worker.pipeline import MODEL_FILE, SCRATCH
+    from ferry.server.convert.worker.report import ErrorRecord
 
     (work / MODEL_FILE).unlink(missing_ok=True)
     shutil.rmtree(work / SCRATCH, ignore_errors=True)
-    report["error"] = {"stage": stage, "kind": kind, "message": message}
-    report["published"] = None
-    write_report(work, report)
+    report.error = ErrorRecord(stage, kind, message)
+    report.published = None
+    report.write(work)
 
 
 def run(job: Job, progress: Progress) -> int:

@@ -8,7 +8,7 @@ come back the same way, ``output name -> [N, ...]``, so every comparison is arra
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +165,20 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a64, b64) / norms)
 
 
-def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Figures:
+    """How close one set of outputs is to another (report.json: an object with these keys)."""
+
+    max_abs: float
+    mean_abs: float
+    cosine: float
+    top1_agreement: float | None  # None: no [N, classes] output
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures:
     """Worst case over outputs: max error, overall mean error, lowest cosine and top-1 agreement.
 
     Top-1 agreement is reported for [N, classes > 1] outputs only, where argmax means a class.
@@ -186,12 +199,12 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> dict[st
         cosines.append(_cosine(cand, ref))
         if ref.ndim == 2 and ref.shape[1] > 1:
             top1.append(float(np.mean(cand.argmax(axis=1) == ref.argmax(axis=1))))
-    return {
-        "max_abs": max_abs,
-        "mean_abs": abs_sum / count if count else 0.0,
-        "cosine": min(cosines) if cosines else 1.0,
-        "top1_agreement": min(top1) if top1 else None,
-    }
+    return Figures(
+        max_abs=max_abs,
+        mean_abs=abs_sum / count if count else 0.0,
+        cosine=min(cosines) if cosines else 1.0,
+        top1_agreement=min(top1) if top1 else None,
+    )
 
 
 def tolerance_failure(
@@ -211,12 +224,12 @@ def tolerance_failure(
     return ""
 
 
-def budget_failure(figures: dict[str, Any], min_cosine: float, min_top1: float) -> str:
+def budget_failure(figures: Figures, min_cosine: float, min_top1: float) -> str:
     """'' when within the accuracy budget, else which limit failed and by how much."""
     reasons = []
-    if figures["cosine"] < min_cosine:
-        reasons.append(f"cosine {figures['cosine']:.6f} < min_cosine {min_cosine}")
-    top1 = figures["top1_agreement"]
+    if figures.cosine < min_cosine:
+        reasons.append(f"cosine {figures.cosine:.6f} < min_cosine {min_cosine}")
+    top1 = figures.top1_agreement
     if min_top1 > 0 and top1 is not None and top1 < min_top1:
         reasons.append(f"top-1 agreement {top1:.4f} < min_top1_agreement {min_top1}")
     return "; ".join(reasons)

@@ -8,7 +8,6 @@ publishes work_dir as it is: only the chosen model and its report may remain.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -17,15 +16,25 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
 from ferry.server.convert import validation
 from ferry.server.convert.spec import Job, ProgressEvent
+from ferry.server.convert.strategies import pruning
+from ferry.server.convert.strategies import quantization as quantization_modes
 from ferry.server.convert.worker import benchmark, graph, load, parity, placement, quantize
-from ferry.server.core.repository import MODEL_FILE, REPORT_FILE
+from ferry.server.convert.worker.report import (
+    ExportRecord,
+    ParityRecord,
+    QuantizationRecord,
+    Report,
+    SourceRecord,
+    ValidationRecord,
+    VariantRecord,
+)
+from ferry.server.core.repository import MODEL_FILE
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
 SCRATCH = ".scratch"
@@ -58,15 +67,13 @@ def _version(package: str) -> str | None:
 
 @dataclass
 class Variant:
-    name: str
     path: Path
-    note: str = ""
+    record: VariantRecord  # this variant's row in the report
     outputs: Outputs = field(default_factory=list)
-    entry: dict[str, Any] = field(default_factory=dict)  # this variant's row in the report
 
     @property
-    def within_budget(self) -> bool:
-        return bool(self.entry.get("within_budget"))
+    def name(self) -> str:
+        return self.record.name
 
 
 class Pipeline:
@@ -87,22 +94,20 @@ class Pipeline:
         self.work = Path(job.work_dir)
         self.scratch = self.work / SCRATCH
         self.stage = "load"
-        self.notes: list[str] = []
-        self.report: dict[str, Any] = {
-            "job_id": job.job_id,
-            "model": job.model,
-            "source_format": job.source_format,
-            "source_sha256": job.source_sha256,
-            "architecture": job.architecture or None,
-            "torch": _version("torch"),
-            "onnx": onnx.__version__,
-            "onnxruntime": _version("onnxruntime"),
-            "opset": self.spec.opset,
-            "stages": {},
-            "notes": self.notes,
-            "variants": [],
-            "published": None,
-        }
+        self.report = Report(
+            source=SourceRecord(
+                job_id=job.job_id,
+                model=job.model,
+                source_format=job.source_format,
+                source_sha256=job.source_sha256,
+                architecture=job.architecture or None,
+                torch=_version("torch"),
+                onnx=onnx.__version__,
+                onnxruntime=_version("onnxruntime"),
+            ),
+            export=ExportRecord(opset=self.spec.opset),
+        )
+        self.notes = self.report.notes
 
     # ---- progress ----
 
@@ -112,7 +117,7 @@ class Pipeline:
         self.emit(ProgressEvent(name, STAGE_START[name], message))
         start = time.perf_counter()
         yield
-        self.report["stages"][name] = round(time.perf_counter() - start, 4)
+        self.report.stages[name] = round(time.perf_counter() - start, 4)
 
     def _skip(self, name: str, why: str) -> None:
         self.stage = name
@@ -125,13 +130,13 @@ class Pipeline:
 
     # ---- the job ----
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> Report:
         self.scratch.mkdir(parents=True, exist_ok=True)
         with self._stage("load", f"loading the {self.job.source_format} source"):
             validation.check_job(self.job)
             self.source = load.load(self.job, self.threads)
             self.notes.extend(self.source.notes)
-            self.report["inputs"] = [vars(spec) for spec in self.source.inputs]
+            self.report.source.inputs = list(self.source.inputs)
             self.samples = self._validation_samples()
             self._reference_outputs()
         self._prune()
@@ -139,9 +144,9 @@ class Pipeline:
         with self._stage("check", "onnx.checker (full check)"):
             graph.check(base)
         with self._stage("optimize", "onnxruntime graph optimization (extended)"):
-            fp32 = Variant("fp32", self.scratch / "fp32.onnx")
+            fp32 = Variant(self.scratch / "fp32.onnx", VariantRecord("fp32"))
             note = graph.optimize(base, fp32.path, self.threads)
-            fp32.note = note
+            fp32.record.note = note
             self.notes.extend([note] if note else [])
         variants = self._quantize(base, fp32)
         with self._stage("validate", f"comparing outputs on {len(self.samples)} samples"):
@@ -162,10 +167,10 @@ class Pipeline:
     def _validation_samples(self) -> parity.Samples:
         sample_file = self.spec.validation.sample_file
         inputs, batched = self.source.inputs, self.source.batched
-        self.report["validation"] = {
-            "samples_from": "sample_file" if sample_file else f"generated (seed {parity.SEED})",
-            "keep_failed": self.spec.validation.keep_failed,
-        }
+        self.report.validation = ValidationRecord(
+            samples_from="sample_file" if sample_file else f"generated (seed {parity.SEED})",
+            keep_failed=self.spec.validation.keep_failed,
+        )
         if sample_file:
             field_name = "validation.sample_file"
             return parity.samples_from_file(self._path(sample_file), inputs, batched, field_name)
@@ -223,17 +228,17 @@ class Pipeline:
 
     def _prune(self) -> None:
         spec = self.spec.pruning
-        if spec.method == "none":
+        if pruning.method(spec.method) is pruning.NONE:
             self._skip("prune", "no pruning requested")
             return
         with self._stage("prune", f"{spec.method} pruning, amount {spec.amount}"):
             from ferry.server.convert.worker import export, prune
 
             section = prune.prune(self.source.module, spec, export.example_inputs(self.source))
-            self.report["pruning"] = section
+            self.report.pruning = section
             self.parity_reference = self._run(export.torch_runner(self.source))
             figures = parity.compare(self.parity_reference, self.baseline)
-            section["vs_unpruned"] = figures
+            section.vs_unpruned = figures
             failure = self._budget_failure(figures)
             if failure and not self.spec.validation.keep_failed:
                 # Fail before the export: no ONNX variant of this model can do better.
@@ -243,15 +248,14 @@ class Pipeline:
                     "pruning.amount, fine-tune before uploading, or set validation.keep_failed"
                 )
 
-    def _budget_failure(self, figures: dict[str, Any]) -> str:
+    def _budget_failure(self, figures: parity.Figures) -> str:
         v = self.spec.validation
         return parity.budget_failure(figures, v.min_cosine, v.min_top1_agreement)
 
     def _export(self) -> Path:
         if self.source.onnx_path is not None:
             self._skip("export", "the source is already ONNX")
-            self.report["exporter"] = None
-            self.report["opset"] = self.source.opset
+            self.report.export = ExportRecord(opset=self.source.opset)
             self.notes.append("an ONNX source keeps its own opset; spec.opset does not apply")
             return self.source.onnx_path
         from ferry.server.convert.worker import export
@@ -262,38 +266,41 @@ class Pipeline:
             result = export.export(
                 self.source, example, len(self.baseline), target, self.spec.opset
             )
-            self.report["exporter"] = result.exporter
+            self.report.export.exporter = result.exporter
             self.notes.extend(result.notes)
             export.verify_batch(target, self.source, self.spec.max_batch_size, self.threads)
         return target
 
     def _quantize(self, base: Path, fp32: Variant) -> list[Variant]:
         spec = self.spec.quantization
-        plan = quantize.plan(spec, onnx.load(str(base), load_external_data=False))
-        self.report["quantization"] = {
-            "mode": spec.mode,
-            "candidates": ["fp32", *plan.variants],
-            "skipped": plan.skipped,
-        }
+        facts = quantize.facts(onnx.load(str(base), load_external_data=False))
+        plan = quantization_modes.plan(spec, facts)
+        self.report.quantization = QuantizationRecord(
+            mode=spec.mode,
+            candidates=["fp32", *(q.name for q in plan.variants)],
+            skipped=plan.skipped,
+        )
         if not plan.variants:
             self._skip("quantize", "no quantization requested")
             return [fp32]
         variants = [fp32]
-        with self._stage("quantize", f"building {', '.join(plan.variants)}"):
+        names = ", ".join(q.name for q in plan.variants)
+        with self._stage("quantize", f"building {names}"):
             calibration = None
-            if "static_int8" in plan.variants:
+            if plan.needs_calibration:
                 calibration = parity.samples_from_file(
                     self._path(spec.calibration_file),
                     self.source.inputs,
                     self.source.batched,
                     "quantization.calibration_file",
                 )
-            for name in plan.variants:
-                target = self.scratch / f"{name}.onnx"
-                note = quantize.build(name, base, target, spec, calibration)
-                variants.append(
-                    Variant(name, target, "; ".join(filter(None, [plan.notes.get(name, ""), note])))
-                )
+            for quantizer in plan.variants:
+                target = self.scratch / f"{quantizer.name}.onnx"
+                inputs = quantization_modes.BuildInputs(base, target, spec, calibration)
+                note = quantize.build(quantizer, inputs)
+                caveat = plan.notes.get(quantizer.name, "")
+                record = VariantRecord(quantizer.name, "; ".join(filter(None, [caveat, note])))
+                variants.append(Variant(target, record))
         return variants
 
     def _validate(self, variants: list[Variant]) -> None:
@@ -304,58 +311,56 @@ class Pipeline:
                 parity.onnx_runner(variant.path, self.threads, self.providers)
             )
         agreement = parity.compare(fp32.outputs, self.parity_reference)
+        pruned = self.report.pruning is not None
         against = "pytorch" if self.source.module is not None else "onnx_source"
-        if "pruning" in self.report:
+        if pruned:
             against = "pytorch (pruned)"
-        self.report["parity"] = {**agreement, "samples": len(self.samples), "against": against}
+        self.report.parity = ParityRecord(agreement, len(self.samples), against)
         failure = parity.tolerance_failure(fp32.outputs, self.parity_reference, v.rtol, v.atol)
         if failure:
             raise ConversionFailed(
                 f"the fp32 ONNX export disagrees with {against}: {failure} (max_abs "
-                f"{agreement['max_abs']:.3g}, cosine {agreement['cosine']:.6f}); loosen validation.rtol/"
+                f"{agreement.max_abs:.3g}, cosine {agreement.cosine:.6f}); loosen validation.rtol/"
                 "atol if this is expected numerical noise, otherwise report an exporter bug"
             )
         if self.client_reference is not None:
-            self.report["reference"] = parity.compare(fp32.outputs, self.client_reference)
+            self.report.reference = parity.compare(fp32.outputs, self.client_reference)
             failure = parity.tolerance_failure(fp32.outputs, self.client_reference, v.rtol, v.atol)
             # A pruned model is meant to differ from the client's (unpruned) outputs: the budget
             # judges it, not the tolerance.
-            if failure and "pruning" not in self.report:
+            if failure and not pruned:
                 raise ConversionFailed(
                     f"the fp32 ONNX model disagrees with validation.reference_file: {failure}; "
                     "check that the reference outputs come from the same weights and sample_file"
                 )
         for variant in variants:
-            entry = variant.entry
-            entry["name"] = variant.name
-            entry["vs_fp32"] = (
-                None if variant is fp32 else parity.compare(variant.outputs, fp32.outputs)
-            )
+            record = variant.record
+            if variant is not fp32:
+                record.vs_fp32 = parity.compare(variant.outputs, fp32.outputs)
             vs_baseline = parity.compare(variant.outputs, self.baseline)
-            entry["vs_pytorch"] = vs_baseline if self.source.module is not None else None
+            record.vs_pytorch = vs_baseline if self.source.module is not None else None
             if self.client_reference is not None:
-                entry["vs_reference"] = parity.compare(variant.outputs, self.client_reference)
+                record.vs_reference = parity.compare(variant.outputs, self.client_reference)
             failure = self._budget_failure(vs_baseline)
-            entry["budget_against"] = self.baseline_name
-            entry["within_budget"] = not failure
-            entry["note"] = "; ".join(
-                filter(None, [variant.note, failure and f"below budget: {failure}"])
+            record.budget_against = self.baseline_name
+            record.within_budget = not failure
+            record.note = "; ".join(
+                filter(None, [record.note, failure and f"below budget: {failure}"])
             )
-            entry["published"] = False
-            self.report["variants"].append(entry)
+            self.report.variants.append(record)
         self._enforce_budget(variants)
 
     def _enforce_budget(self, variants: list[Variant]) -> None:
         """Explicit modes fail on their one variant; auto only needs one candidate within budget."""
         if self.spec.validation.keep_failed:
             return
-        requested = variants if self.spec.quantization.mode == "auto" else variants[-1:]
-        if any(v.within_budget for v in requested):
+        requested = variants if self._mode().chooses else variants[-1:]
+        if any(v.record.within_budget for v in requested):
             return
         worst = requested[-1]
         raise ConversionFailed(
             f"the {worst.name} variant is below the accuracy budget against {self.baseline_name}: "
-            f"{worst.entry['note']}; use a milder pruning/quantization, supply calibration data, "
+            f"{worst.record.note}; use a milder pruning/quantization, supply calibration data, "
             "or set validation.keep_failed to publish it anyway"
         )
 
@@ -365,28 +370,24 @@ class Pipeline:
             self.spec.max_batch_size, self.threads, providers=self.providers,
         )  # fmt: skip
         for variant in variants:
-            variant.entry.update(figures[variant.name])
+            variant.record.benchmark = figures[variant.name]
+
+    def _mode(self) -> quantization_modes.Mode:
+        return quantization_modes.mode(self.spec.quantization.mode)
 
     def _select(self, variants: list[Variant]) -> Variant:
         """Explicit modes publish what they asked for; auto asks ``quantize.choose``."""
-        if self.spec.quantization.mode != "auto":
+        if not self._mode().chooses:
             return variants[-1]
-        entries = [v.entry for v in variants]
-        name, why = quantize.choose(entries, keep_slower=self.spec.quantization.keep_slower)
-        self.report["quantization"]["selection"] = why
-        return next(v for v in variants if v.name == name)
+        records = [v.record for v in variants]
+        chosen, why = quantize.choose(records, keep_slower=self.spec.quantization.keep_slower)
+        assert self.report.quantization is not None
+        self.report.quantization.selection = why
+        return next(v for v in variants if v.record is chosen)
 
     def _publish(self, chosen: Variant) -> None:
-        chosen.entry["published"] = True
-        self.report["published"] = chosen.name
-        self.report["within_budget"] = chosen.within_budget
+        chosen.record.published = True
+        self.report.published = chosen.record
         os.replace(chosen.path, self.work / MODEL_FILE)
-        write_report(self.work, self.report)
+        self.report.write(self.work)
         shutil.rmtree(self.scratch, ignore_errors=True)
-
-
-def write_report(work: Path, report: dict[str, Any]) -> None:
-    """Atomic, so a reader never sees half a report."""
-    tmp = work / (REPORT_FILE + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, work / REPORT_FILE)

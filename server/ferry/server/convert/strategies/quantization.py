@@ -1,0 +1,357 @@
+"""The quantization registry: every mode a ``QuantizationSpec.mode`` may name.
+
+``QUANTIZERS`` holds the modes that build one variant of the fp32 graph; ``NONE`` and ``AUTO`` are
+the two selectors, which build nothing of their own: ``none`` keeps fp32, ``auto`` builds every
+quantizer whose ``auto_skip`` does not object and lets the child pick the fastest within budget.
+Adding a mode is adding a ``Quantizer`` to ``QUANTIZERS``: validation (``mode``), the child's plan
+(``plan``), the pipeline and the docs table (``markdown_table``) read it from there.
+
+Builders run in the conversion child only and import onnxruntime.quantization when called.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ferry.server.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ferry.server.convert.spec import QuantizationSpec
+
+# auto keeps fp32 unless a variant is clearly faster: latency differences smaller than this are
+# within the noise of a shared machine, and a variant always costs some accuracy.
+AUTO_MIN_SPEEDUP = 1.15
+CALIBRATION_BATCH = 16
+FEW_CALIBRATION_SAMPLES = 100
+# Calibration method name -> onnxruntime.quantization.CalibrationMethod member.
+CALIBRATION_METHODS = {"minmax": "MinMax", "percentile": "Percentile"}
+DEFAULT_CALIBRATION = "minmax"
+
+
+@dataclass(frozen=True)
+class GraphFacts:
+    """What ``auto_skip`` rules and caveats may look at: measured by the child on the fp32 graph."""
+
+    has_conv: bool = False
+
+
+class CalibrationData(Protocol):
+    """Calibration samples (``worker.parity.Samples``): input name -> batches of [n, ...]."""
+
+    def __len__(self) -> int: ...
+
+    def batches(self, size: int) -> Iterator[dict[str, np.ndarray]]: ...
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    base: Path  # the fp32 graph
+    target: Path  # where the variant goes
+    spec: QuantizationSpec
+    calibration: CalibrationData | None  # set when the quantizer needs_calibration
+
+
+def _tries(facts: GraphFacts, spec: QuantizationSpec) -> str:
+    return ""
+
+
+def _no_caveat(facts: GraphFacts) -> str:
+    return ""
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """A mode that builds one variant, named like the mode."""
+
+    name: str
+    builds: str  # what the variant is
+    use_for: str  # when to ask for it
+    needs_calibration: bool
+    build: Callable[[BuildInputs], str]  # writes the variant; returns a note ('' when none)
+    auto_rule: str = "always"  # when auto builds it, in words (the docs' auto row)
+    # '' when auto builds it for this graph and spec, else why not (the report's "skipped").
+    auto_skip: Callable[[GraphFacts, QuantizationSpec], str] = _tries
+    # A note the report carries whenever the variant is built for this graph.
+    caveat: Callable[[GraphFacts], str] = _no_caveat
+    chooses: bool = field(default=False, init=False)  # publishes its one variant
+
+    def candidates(self) -> Sequence[Quantizer]:
+        return (self,)
+
+    def plan(self, facts: GraphFacts, spec: QuantizationSpec) -> Plan:
+        return Plan([self], {}, _caveats([self], facts))
+
+
+@dataclass(frozen=True)
+class Selector:
+    """``none`` or ``auto``: a mode that names no variant of its own."""
+
+    name: str
+    builds: str
+    use_for: str
+    chooses: bool  # True: the child picks among what was built (auto's rule)
+    candidates: Callable[[], Sequence[Quantizer]]  # what the mode may build
+
+    def plan(self, facts: GraphFacts, spec: QuantizationSpec) -> Plan:
+        variants, skipped = [], {}
+        for quantizer in self.candidates():
+            why = quantizer.auto_skip(facts, spec)
+            if why:
+                skipped[quantizer.name] = why
+            else:
+                variants.append(quantizer)
+        return Plan(variants, skipped, _caveats(variants, facts))
+
+
+Mode = Quantizer | Selector
+
+
+@dataclass
+class Plan:
+    variants: list[Quantizer]  # built in this order, after fp32
+    skipped: dict[str, str]  # quantizer name -> why auto did not build it
+    notes: dict[str, str]  # quantizer name -> a caveat the report carries
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any(q.needs_calibration for q in self.variants)
+
+
+def _caveats(variants: Sequence[Quantizer], facts: GraphFacts) -> dict[str, str]:
+    return {q.name: note for q in variants if (note := q.caveat(facts))}
+
+
+# ---- the builders (conversion child only) ----
+
+_RANGE_NOTE = (
+    "weights quantized to 7 bits (reduce_range): this CPU has no VNNI/AMX, and onnxruntime's "
+    "u8s8 kernels there add pairs of products in saturating 16-bit lanes"
+)
+
+
+def reduce_range() -> bool:
+    """7-bit weights unless the CPU has int8 dot-product instructions (VNNI or AMX).
+
+    Without them onnxruntime's u8s8 GEMM sums pairs of 8-bit products in 16-bit lanes that
+    saturate: measured on an AVX2-only EPYC, dynamic int8 fell to cosine 0.991-0.996 against
+    fp32, and 7-bit weights brought it back to >= 0.9999 at the same speed. Quantization is
+    decided where the model will be served (the conversion runs on the serving machine)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True  # unknown CPU: the safe choice
+    return not any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]
+
+
+def _dynamic_int8(job: BuildInputs) -> str:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    narrow = reduce_range()
+    quantize_dynamic(job.base, job.target, weight_type=QuantType.QInt8, reduce_range=narrow)
+    return _RANGE_NOTE if narrow else ""
+
+
+def _fp16(job: BuildInputs) -> str:
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(onnx.load(str(job.base)), keep_io_types=True)
+    onnx.save(model, str(job.target))
+    return ""
+
+
+def calibration_method(name: str) -> str:
+    """The onnxruntime CalibrationMethod member for ``name``; unknown names are refused."""
+    try:
+        return CALIBRATION_METHODS[name]
+    except KeyError:
+        raise InvalidArgument(
+            f"unknown calibration method {name!r}: use one of {', '.join(CALIBRATION_METHODS)}"
+        ) from None
+
+
+def _static_int8(job: BuildInputs) -> str:
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    if job.calibration is None:
+        raise InvalidArgument("static_int8 needs quantization.calibration_file")
+    samples: CalibrationData = job.calibration
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = samples.batches(CALIBRATION_BATCH)
+
+        def get_next(self) -> dict[str, Any] | None:
+            return next(self._batches, None)
+
+    notes = []
+    prepared = job.target.with_name(job.target.stem + ".pre.onnx")
+    how = _pre_process(job.base, prepared)
+    if how:
+        notes.append(how)
+    source = prepared if prepared.exists() else job.base
+    if len(samples) < FEW_CALIBRATION_SAMPLES:
+        notes.append(
+            f"calibrated on {len(samples)} samples; {FEW_CALIBRATION_SAMPLES}+ give steadier ranges"
+        )
+    narrow = reduce_range()
+    if narrow:
+        notes.append(_RANGE_NOTE)
+    quantize_static(
+        source,
+        job.target,
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=job.spec.per_channel,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=getattr(CalibrationMethod, calibration_method(job.spec.calibration)),
+        reduce_range=narrow,
+    )
+    prepared.unlink(missing_ok=True)
+    return "; ".join(notes)
+
+
+def _pre_process(base: Path, target: Path) -> str:
+    """quant_pre_process can crash in symbolic shape inference: retry without it, then skip it."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    try:
+        quant_pre_process(base, target)
+        return ""
+    except Exception as first:
+        try:
+            quant_pre_process(base, target, skip_symbolic_shape=True)
+            return f"pre-processing ran without symbolic shape inference ({_first_line(first)})"
+        except Exception as second:
+            target.unlink(missing_ok=True)
+            return f"quantized without pre-processing ({_first_line(second)})"
+
+
+# ---- the registry ----
+
+CONV_TRAP = (
+    "dynamic int8 turns convolutions into ConvInteger, typically 4-12x slower than fp32 on CPU: "
+    "prefer static_int8 with calibration data for convolutional models"
+)
+FP16_NOTE = (
+    "fp16 halves the file, but onnxruntime's CPU provider computes in fp32 (it casts back), so "
+    "expect no speed-up on CPU"
+)
+NO_CALIBRATION = "no quantization.calibration_file was given"
+
+QUANTIZERS: dict[str, Quantizer] = {
+    q.name: q
+    for q in (
+        Quantizer(
+            name="dynamic_int8",
+            builds="int8 weights, activations quantized at run time (`quantize_dynamic`, QInt8)",
+            use_for="Linear/MatMul-heavy models (MLPs, transformers), when the CPU has fast int8 "
+            "(VNNI/AMX); no calibration data needed",
+            needs_calibration=False,
+            build=_dynamic_int8,
+            auto_rule="not for convolutional models",
+            auto_skip=lambda facts, spec: CONV_TRAP if facts.has_conv else "",
+            caveat=lambda facts: CONV_TRAP if facts.has_conv else "",
+        ),
+        Quantizer(
+            name="static_int8",
+            builds="int8 weights and activations, QDQ format, per-channel, ranges calibrated on "
+            "`calibration_inputs` (MinMax or Percentile)",
+            use_for=f"**convolutional models**; needs {FEW_CALIBRATION_SAMPLES}+ representative "
+            "samples",
+            needs_calibration=True,
+            build=_static_int8,
+            auto_rule="when calibration data is given",
+            auto_skip=lambda facts, spec: "" if spec.calibration_file else NO_CALIBRATION,
+        ),
+        Quantizer(
+            name="fp16",
+            builds="fp16 weights, fp32 inputs/outputs",
+            use_for="halving the file; **no speed-up on CPU**",
+            needs_calibration=False,
+            build=_fp16,
+            caveat=lambda facts: FP16_NOTE,
+        ),
+    )
+}
+
+NONE = Selector(
+    name="none",
+    builds="fp32 only",
+    use_for="the reference; anything small",
+    chooses=False,
+    candidates=lambda: (),
+)
+AUTO = Selector(
+    name="auto",
+    builds="fp32, then each mode above unless auto skips it for the model",
+    use_for="letting the server pick: the fastest variant within the accuracy budget **if it is "
+    f"at least {AUTO_MIN_SPEEDUP}x faster than fp32**, else fp32 (`keep_slower=True` picks the fastest within "
+    "budget even when slower)",
+    chooses=True,
+    candidates=lambda: tuple(QUANTIZERS.values()),
+)
+DEFAULT = NONE
+
+
+def modes() -> list[Mode]:
+    """Every mode, in the order they are documented: none, the quantizers, auto."""
+    return [NONE, *QUANTIZERS.values(), AUTO]
+
+
+def names() -> list[str]:
+    return [m.name for m in modes()]
+
+
+def mode(name: str) -> Mode:
+    """The mode ``name`` selects; an unknown name is refused with every known one."""
+    for candidate in modes():
+        if candidate.name == name:
+            return candidate
+    raise InvalidArgument(f"unknown quantization mode {name!r}: use one of {', '.join(names())}")
+
+
+def uses_calibration(selected: Mode) -> bool:
+    """Whether calibration data can serve ``selected`` (a mode that may build a quantizer that
+    needs it)."""
+    return any(q.needs_calibration for q in selected.candidates())
+
+
+def requires_calibration(selected: Mode) -> bool:
+    """Whether ``selected`` cannot run without calibration data: an explicit mode whose variant
+    needs it (auto skips such a quantizer instead)."""
+    return not selected.chooses and uses_calibration(selected)
+
+
+def plan(spec: QuantizationSpec, facts: GraphFacts) -> Plan:
+    return mode(spec.mode).plan(facts, spec)
+
+
+def markdown_table() -> str:
+    """docs/conversion.md's quantization table (a test keeps the two equal)."""
+    rows = ["| `quantization=` | what it builds | use it for |", "|---|---|---|"]
+    for m in modes():
+        builds = m.builds
+        if m is AUTO:
+            rules = ", ".join(f"{q.name} ({q.auto_rule})" for q in QUANTIZERS.values())
+            builds = f"{builds}: {rules}"
+        default = " (default)" if m is DEFAULT else ""
+        rows.append(f'| `"{m.name}"`{default} | {builds} | {m.use_for} |')
+    return "\n".join(rows)
