@@ -399,6 +399,26 @@ def test_convert_validates_before_spawning(start: Start) -> None:
     assert conv.list_jobs() == []
 
 
+def test_unset_spec_fields_keep_the_core_defaults() -> None:
+    """The adapter states no default of its own: unset fields are convert/spec.py's."""
+    from ferry.server.convert.spec import ConversionSpec, QuantizationSpec, ValidationSpec
+    from ferry.server.grpc.conversion import _spec
+
+    conversion, tensors = _spec(pb.ConversionSpec())
+    assert conversion == ConversionSpec()
+    assert not (tensors.calibration or tensors.samples or tensors.references)
+    request = pb.ConversionSpec(opset=18)
+    request.quantization.mode = "auto"
+    request.quantization.per_channel = False
+    request.validation.atol = 0.5
+    conversion, _ = _spec(request)
+    assert conversion == ConversionSpec(
+        opset=18,
+        quantization=QuantizationSpec(mode="auto", per_channel=False),
+        validation=ValidationSpec(atol=0.5),
+    )
+
+
 def _torch_like_zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
@@ -517,7 +537,7 @@ def test_set_default_edits_a_toml_config_in_place(start: Start, tmp_path: Path) 
 
 
 # ---- the real child (torch) ----
-REAL_CHILD = Path(uploads_module.__file__).with_name("child.py")
+REAL_CHILD = Path(uploads_module.__file__).parent / "worker" / "child.py"
 MLP_KWARGS = {"in_features": 16, "hidden": [32], "out_features": 4}
 
 
