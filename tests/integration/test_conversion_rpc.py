@@ -71,6 +71,17 @@ if mode == "ok":
     json.dump(report, open(os.path.join(work, "report.json"), "w"))
     emit("benchmark", 0.95, "finished")
     sys.exit(0)
+if mode == "litter":  # what libraries leave behind, and a report that points elsewhere
+    shutil.copy(job["source_path"], os.path.join(work, "model.onnx"))
+    telemetry = os.path.join(work, "Microsoft", "DeveloperTools", ".onnxruntime")
+    os.makedirs(telemetry)
+    for path in (os.path.join(telemetry, "onnxruntime.db"), os.path.join(work, ".ses"),
+                 os.path.join(work, "onnxruntime_profile_0.json"), os.path.join(work, "deviceid")):
+        open(path, "w").write("{}")
+    json.dump({"published": "elsewhere"}, open("outside.json", "w"))
+    os.symlink(os.path.abspath("outside.json"), os.path.join(work, "report.json"))
+    emit("benchmark", 0.95, "finished")
+    sys.exit(0)
 if mode == "fail":
     json.dump({"variants": [], "published": None,
                "error": {"stage": "export", "kind": "INVALID_ARGUMENT", "message": "no"}},
@@ -306,6 +317,41 @@ def test_success_publishes_serves_and_reports(
     assert [j.id for j in listed] == [job.id] and listed[0].state == "SUCCEEDED"
     assert conv.list_jobs("other") == []
     assert [e.seq for e in conv.job(job.id).events()] == seqs
+
+
+def test_a_version_holds_only_its_own_files(start: Start, tmp_path: Path) -> None:
+    """Whatever else the child left in the staging folder (telemetry databases, session and
+    profile files, a report.json that is a link to another file) is removed before the server
+    reads the folder: the published version holds model.onnx and config.json, nothing more."""
+    srv, conv = start()
+    done = convert_fake(conv, "tidy", "litter", serving=Serving(max_batch_size=4)).wait(
+        progress=False
+    )
+    assert (done.state, done.version) == ("SUCCEEDED", 1)
+    assert done.report is None  # the linked report was never read
+    version = tmp_path / "repo" / "tidy" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["config.json", "model.onnx"]
+    assert infer(srv, "tidy", np.zeros((1, 8), np.float32))["logits"].shape == (1, 4)
+    assert leftovers(tmp_path) == []
+
+
+def test_keep_version_files_keeps_regular_files_only(tmp_path: Path) -> None:
+    from ferry.server.convert.jobs import keep_version_files
+
+    (tmp_path / "model.onnx").write_bytes(b"m")
+    (tmp_path / "elsewhere.json").write_text("{}")
+    staged = tmp_path / "staged"
+    (staged / ".scratch" / "tmp").mkdir(parents=True)
+    (staged / "model.onnx").symlink_to(tmp_path / "model.onnx")
+    (staged / "report.json").mkdir()
+    (staged / "config.json").write_text("{}")  # publish writes the config, never the child
+    assert keep_version_files(staged) == [".scratch", "config.json", "model.onnx", "report.json"]
+    assert list(staged.iterdir()) == []
+    assert (tmp_path / "model.onnx").read_bytes() == b"m"  # a link is removed, not followed
+    (staged / "model.onnx").write_bytes(b"m")
+    (staged / "report.json").write_text("{}")
+    assert keep_version_files(staged) == []
+    assert sorted(p.name for p in staged.iterdir()) == ["model.onnx", "report.json"]
 
 
 def test_domain_failure_carries_kind_code_and_report(start: Start, tmp_path: Path) -> None:

@@ -44,12 +44,16 @@ from pathlib import Path
 from ferry.server.convert import publish, spec
 from ferry.server.convert.store import EventRecord, JobRecord, JobState, JobStore
 from ferry.server.core.registry import ModelRegistry
-from ferry.server.core.repository import ModelRepository, read_report
+from ferry.server.core.repository import MODEL_FILE, REPORT_FILE, ModelRepository, read_report
 from ferry.server.errors import ErrorKind, FerryError, QueueFull, Unavailable
 
 log = logging.getLogger("ferry.convert")
 
 CHILD_MODULE = "ferry.server.convert.worker.child"
+# onnxruntime's telemetry writes a device id and a database under the cache folder, which the
+# child points into its scratch space; the child also switches it off itself.
+CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1", "ORT_DISABLE_TELEMETRY": "1"}
+VERSION_FILES = (MODEL_FILE, REPORT_FILE)  # what a child may leave; publish adds config.json
 MAX_EVENT_LINE = 1 << 20
 STDERR_TAIL = 20
 _KINDS = {k.value for k in ErrorKind}
@@ -230,6 +234,9 @@ class JobRunner:
                 self.store.start(job.job_id, str(staged), "conversion process started")
                 self._notify(job.job_id)
                 outcome = await self._run_child(run, job_json, Path(job.job_dir))
+                stray = await asyncio.to_thread(keep_version_files, staged)
+                if stray:
+                    log.info("job %s: removed from the staging folder: %s", job.job_id, stray)
                 report = read_report(staged)
                 if outcome.state is not JobState.SUCCEEDED:
                     return outcome, 0, report
@@ -265,7 +272,7 @@ class JobRunner:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
                 cwd=job_dir,
-                env={**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, **CHILD_ENV},
             )
         except BaseException:
             os.close(read_fd)
@@ -390,6 +397,24 @@ class JobRunner:
             message,
         )
         self._notify(job.job_id)
+
+
+def keep_version_files(staged: Path) -> list[str]:
+    """Remove everything but the child's regular model.onnx and report.json; return the names.
+
+    Runs before the server reads anything from the folder: whatever a library (or code in a
+    permitted code-bearing source) left there — telemetry, caches, profiles, a symlink dressed
+    as report.json — never reaches the server or a published version."""
+    removed = []
+    for entry in sorted(staged.iterdir()):
+        if entry.name in VERSION_FILES and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
 
 
 def _parse_event(line: bytes, job_id: str) -> spec.ProgressEvent | None:
