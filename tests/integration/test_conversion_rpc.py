@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
+import os
 import pickle
 import sys
 import threading
@@ -415,6 +417,39 @@ def test_cancel_mid_export_and_a_full_queue(start: Start, tmp_path: Path) -> Non
         running.wait(progress=False)
 
 
+def test_the_staging_folder_is_named_at_queue_time_and_job_json_written_once(
+    start: Start, tmp_path: Path
+) -> None:
+    """job.json is complete when the job is queued: the runner never rewrites it (its mtime,
+    set back to a fixed past instant after queueing, survives the start), and the staging folder
+    it names is made only when the job runs, so a queued job leaves nothing in the repository."""
+    srv, conv = start(max_concurrent_conversions=1)
+    running = convert_fake(conv, "first", "block")
+    queued = convert_fake(conv, "second", "block")
+    assert queued.refresh().state == "QUEUED"
+    staging = tmp_path / "repo" / "second" / f".tmp-job-{queued.id}"
+    job_json = state_dir(tmp_path) / "jobs" / queued.id / "job.json"
+    text = job_json.read_text()
+    assert json.loads(text)["work_dir"] == str(staging)
+    assert srv.app is not None
+    assert srv.app.conversion.store.get_job(queued.id).work_dir == str(staging)
+    assert not (tmp_path / "repo" / "second").exists()
+    os.utime(job_json, ns=(1_000_000_000, 1_000_000_000))
+    inode = job_json.stat().st_ino
+
+    running.cancel()
+    for event in queued.events():
+        if event.stage == "export":  # the child read job.json and is working in the folder
+            break
+    assert queued.refresh().state == "RUNNING" and staging.is_dir()
+    after = job_json.stat()
+    assert (after.st_ino, after.st_mtime_ns, job_json.read_text()) == (inode, 1_000_000_000, text)
+    assert srv.app.conversion.store.get_job(queued.id).work_dir == str(staging)
+    assert queued.cancel().state == "CANCELLED"
+    assert leftovers(tmp_path) == []
+    assert list((tmp_path / "repo").iterdir()) == []
+
+
 def test_convert_validates_before_spawning(start: Start) -> None:
     _, conv = start()
     up = conv.upload("m", onnx_bytes(), format="onnx")
@@ -451,23 +486,28 @@ def test_restart_fails_interrupted_jobs_and_keeps_finished_ones(
     srv, conv = start()
     finished = convert_fake(conv, "kept", "ok").wait(progress=False)
     srv.stop()
-    # What a crash mid-job leaves: a RUNNING row, a staging folder, a job folder, a temp upload.
-    staging = tmp_path / "repo" / "kept" / ".tmp-crashed"
-    staging.mkdir()
-    (staging / "model.onnx").write_bytes(b"partial")
-    job_dir = state_dir(tmp_path) / "jobs" / ("c" * 32)
-    job_dir.mkdir()
-    (state_dir(tmp_path) / "uploads" / ".tmp-partial").write_bytes(b"x")
+    # What a crash mid-job leaves: RUNNING rows with their staging folders (one in the folder of
+    # a model that had no version yet), a QUEUED row whose staging folder was named but never
+    # made, job folders, a temp upload.
     store = JobStore(state_dir(tmp_path) / "state.sqlite3")
-    store.add_job(JobRecord(
-        job_id="c" * 32, model="kept", upload_id=finished.upload_id, format="onnx",
-        sha256=finished.source_sha256, state=JobState.QUEUED, stage="queued", fraction=0.0,
-        message="", version=0, error_kind="", error_message="", spec_json="{}", report_json="",
-        work_dir="", job_dir=str(job_dir), created_ms=now_ms(), started_ms=0, finished_ms=0,
-        last_seq=0,
-    ))  # fmt: skip
-    store.start("c" * 32, str(staging), "started")
-    store.append_event("c" * 32, "export", 0.2, "exporting")
+    crashed = {"c" * 32: "kept", "d" * 32: "fresh", "e" * 32: "waiting"}
+    for created, (job_id, model) in enumerate(crashed.items(), start=now_ms()):
+        staging = tmp_path / "repo" / model / f".tmp-job-{job_id}"
+        job_dir = state_dir(tmp_path) / "jobs" / job_id
+        job_dir.mkdir()
+        store.add_job(JobRecord(
+            job_id=job_id, model=model, upload_id=finished.upload_id, format="onnx",
+            sha256=finished.source_sha256, state=JobState.QUEUED, stage="queued", fraction=0.0,
+            message="", version=0, error_kind="", error_message="", spec_json="{}",
+            report_json="", work_dir=str(staging), job_dir=str(job_dir), created_ms=created,
+            started_ms=0, finished_ms=0, last_seq=0,
+        ))  # fmt: skip
+        if model != "waiting":
+            staging.mkdir(parents=True)
+            (staging / "model.onnx").write_bytes(b"partial")
+            store.start(job_id, "started")
+            store.append_event(job_id, "export", 0.2, "exporting")
+    (state_dir(tmp_path) / "uploads" / ".tmp-partial").write_bytes(b"x")
     store.close()
 
     srv2, conv2 = start()
@@ -480,9 +520,13 @@ def test_restart_fails_interrupted_jobs_and_keeps_finished_ones(
     kept = conv2.job(finished.id)
     assert (kept.state, kept.version) == ("SUCCEEDED", 1)
     assert leftovers(tmp_path) == []
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["kept"]
+    for job_id in ("d" * 32, "e" * 32):
+        job = conv2.job(job_id)
+        assert (job.state, job.error_kind) == ("FAILED", "UNAVAILABLE")
     x = np.zeros((1, 8), np.float32)
     assert infer(srv2, "kept", x).version == 1
-    assert [j.id for j in conv2.list_jobs()] == ["c" * 32, finished.id]
+    assert [j.id for j in conv2.list_jobs()] == ["e" * 32, "d" * 32, "c" * 32, finished.id]
 
 
 def test_stopping_the_server_fails_running_jobs(start: Start, tmp_path: Path) -> None:
@@ -556,7 +600,7 @@ def test_set_default_edits_a_toml_config_in_place(start: Start, tmp_path: Path) 
 
 
 # ---- the real child (torch) ----
-REAL_CHILD = Path(uploads_module.__file__).with_name("child.py")
+REAL_CHILD = Path(uploads_module.__file__).parent / "worker" / "child.py"
 MLP_KWARGS = {"in_features": 16, "hidden": [32], "out_features": 4}
 
 
