@@ -4,6 +4,11 @@
   server, torch or onnxruntime: ``pip install ferry-serve`` has none of them.
 * The serving process never imports torch: conversion runs in child processes, so a server that
   only serves does not pay torch's memory and start-up time.
+* The process boundary is the folder ``ferry/server/convert/worker/``: the child side. No module
+  outside it imports it (nor torch, torchvision, onnxscript, torch_pruning), at module level or
+  inside a function; the child side may import the torch-free server modules. Held statically
+  (every import statement and ``importlib.import_module``/``__import__`` call with a literal name)
+  and at run time (a server that served and ran a conversion has none of them loaded).
 
 Import checks run in fresh interpreters, since this test process has imported everything.
 """
@@ -25,17 +30,50 @@ FORBIDDEN_IN_SDK = ("ferry.server", "torch", "onnxruntime", "onnx")
 
 
 def _imports(path: Path) -> set[str]:
-    """Every module an ``import`` or ``from ... import`` in ``path`` names, at any depth."""
+    """Every module an ``import`` or ``from ... import`` in ``path`` names, at any depth (inside
+    functions too), relative imports resolved, plus literal ``import_module``/``__import__``."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     found: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
+        elif isinstance(node, ast.ImportFrom):
+            module = _absolute(path, node.module or "", node.level)
+            found.add(module)
             # ``from ferry import server`` names the module through its alias.
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+        elif (
+            isinstance(node, ast.Call)
+            and _call_name(node.func) in ("import_module", "__import__")
+            and node.args
+            and isinstance(node.args[0], ast.Constant)
+            and isinstance(node.args[0].value, str)
+        ):
+            found.add(node.args[0].value)
     return found
+
+
+def _absolute(path: Path, module: str, level: int) -> str:
+    """``from ..x import y`` in ``path`` -> the absolute name of ``..x``."""
+    if level == 0:
+        return module
+    parts = list(path.relative_to(_package_root(path)).with_suffix("").parts)
+    base = parts[: len(parts) - level]
+    return ".".join([*base, module] if module else base)
+
+
+def _package_root(path: Path) -> Path:
+    """The folder that holds the top-level package ``path`` belongs to."""
+    folder = path.parent
+    while (folder / "__init__.py").exists() or folder.name == "ferry":
+        folder = folder.parent
+    return folder
+
+
+def _call_name(func: ast.expr) -> str:
+    if isinstance(func, ast.Attribute):
+        return func.attr
+    return func.id if isinstance(func, ast.Name) else ""
 
 
 def _sdk_files() -> list[Path]:
@@ -57,6 +95,62 @@ def test_sdk_source_never_imports_the_server_torch_or_onnxruntime(path: Path) ->
         if name == forbidden or name.startswith(forbidden + ".")
     )
     assert bad == [], f"{path.relative_to(ROOT)} imports {bad}"
+
+
+SERVER = ROOT / "server" / "ferry" / "server"
+WORKER = SERVER / "convert" / "worker"
+CHILD_SIDE = ("ferry.server.convert.worker", "torch", "torchvision", "onnxscript", "torch_pruning")
+
+
+def _serving_files() -> list[Path]:
+    return sorted(p for p in SERVER.rglob("*.py") if WORKER not in p.parents)
+
+
+def _forbidden(names: set[str], forbidden: tuple[str, ...]) -> list[str]:
+    return sorted(
+        name for name in names for f in forbidden if name == f or name.startswith(f + ".")
+    )
+
+
+def test_scan_finds_both_sides_of_the_process_boundary() -> None:
+    names = {p.relative_to(SERVER).as_posix() for p in _serving_files()}
+    assert {"convert/service.py", "convert/jobs.py", "convert/onnx_safety.py"} <= names
+    assert not any(n.startswith("convert/worker/") for n in names)
+    assert (WORKER / "child.py").is_file()
+
+
+def test_the_scan_sees_hidden_imports(tmp_path: Path) -> None:
+    """Function-level, relative, aliased and dynamic imports are all seen."""
+    pkg = tmp_path / "ferry" / "server" / "convert"
+    pkg.mkdir(parents=True)
+    for folder in (pkg, pkg.parent):
+        (folder / "__init__.py").write_text("")
+    probe = pkg / "probe.py"
+    probe.write_text(
+        "import importlib\n"
+        "def f():\n"
+        "    from .worker import pipeline\n"
+        "    from . import worker\n"
+        "    import torch.nn as nn\n"
+        "    importlib.import_module('torch_pruning')\n"
+        "    __import__('onnxscript')\n"
+    )
+    assert _forbidden(_imports(probe), CHILD_SIDE) == [
+        "ferry.server.convert.worker",
+        "ferry.server.convert.worker.pipeline",
+        "onnxscript",
+        "torch.nn",
+        "torch_pruning",
+    ]
+
+
+@pytest.mark.parametrize("path", _serving_files(), ids=lambda p: p.relative_to(SERVER).as_posix())
+def test_serving_side_never_imports_the_child_side(path: Path) -> None:
+    bad = _forbidden(_imports(path), CHILD_SIDE)
+    assert bad == [], (
+        f"{path.relative_to(ROOT)} imports {bad}: only ferry/server/convert/worker/ (the "
+        "conversion child) may; the serving process starts the child as a subprocess"
+    )
 
 
 def _run(code: str) -> dict[str, object]:
@@ -92,8 +186,9 @@ def test_importing_the_sdk_loads_neither_torch_nor_onnxruntime() -> None:
     }
 
 
-def test_serving_process_never_imports_torch(tmp_path: Path) -> None:
-    """Build and start a real server in a fresh interpreter, serve one inference, and look."""
+def test_serving_process_never_imports_torch_or_the_child_side(tmp_path: Path) -> None:
+    """Build and start a real server in a fresh interpreter, serve one inference, run one ONNX
+    conversion to completion with the real child and serve its result, and look."""
     result = _run(
         f"""
         import asyncio, json, sys
@@ -102,10 +197,16 @@ def test_serving_process_never_imports_torch(tmp_path: Path) -> None:
         from ferry.server.examples import mlp_model, write_model
         from ferry.server.grpc.app import FerryServer
         from ferry.server.settings import Settings
-        from ferry.client import InferenceClient
+        from ferry.client import ConversionClient, InferenceClient
 
         repo = ModelRepository({str(tmp_path / "repo")!r})
         write_model(repo, "mlp", mlp_model())
+
+        def convert(target):
+            with ConversionClient(target, timeout=120) as conv:
+                data = mlp_model(sizes=(8, 16, 4), seed=1).SerializeToString()
+                job = conv.convert(conv.upload("converted", data, format="onnx"))
+                return job.wait(progress=False).state
 
         async def main():
             settings = Settings(
@@ -118,14 +219,26 @@ def test_serving_process_never_imports_torch(tmp_path: Path) -> None:
                 with InferenceClient(f"127.0.0.1:{{app.inference_port}}", timeout=60) as client:
                     feeds = {{"input": np.ones((2, 64), np.float32)}}
                     out = await asyncio.to_thread(client.infer, "mlp", feeds)
-                shape = list(out["logits"].shape)
+                    state = await asyncio.to_thread(convert, f"127.0.0.1:{{app.management_port}}")
+                    feeds = {{"input": np.ones((1, 8), np.float32)}}
+                    converted = await asyncio.to_thread(client.infer, "converted", feeds)
+                shapes = [list(out["logits"].shape), list(converted["logits"].shape)]
             finally:
                 await app.stop(0)
-            return shape
+            return shapes, state
 
-        shape = asyncio.run(main())
-        print(json.dumps({{"shape": shape, "torch": "torch" in sys.modules,
+        shapes, state = asyncio.run(main())
+        child_side = ("ferry.server.convert.worker", "torch", "torchvision", "onnxscript",
+                      "torch_pruning")
+        loaded = sorted(m for m in sys.modules for c in child_side
+                        if m == c or m.startswith(c + "."))
+        print(json.dumps({{"shapes": shapes, "conversion": state, "child_side": loaded,
                           "onnxruntime": "onnxruntime" in sys.modules}}))
         """
     )
-    assert result == {"shape": [2, 10], "torch": False, "onnxruntime": True}
+    assert result == {
+        "shapes": [[2, 10], [1, 4]],
+        "conversion": "SUCCEEDED",
+        "child_side": [],
+        "onnxruntime": True,
+    }

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import io
 import itertools
+import json
+import os
 import pickle
 import sys
 import threading
@@ -71,6 +73,17 @@ if mode == "ok":
               "published": "fp32", "opset": 17, "source_format": job["source_format"],
               "parity": {"max_abs": 0.0, "cosine": 1.0, "samples": 4, "against": "onnx"}}
     json.dump(report, open(os.path.join(work, "report.json"), "w"))
+    emit("benchmark", 0.95, "finished")
+    sys.exit(0)
+if mode == "litter":  # what libraries leave behind, and a report that points elsewhere
+    shutil.copy(job["source_path"], os.path.join(work, "model.onnx"))
+    telemetry = os.path.join(work, "Microsoft", "DeveloperTools", ".onnxruntime")
+    os.makedirs(telemetry)
+    for path in (os.path.join(telemetry, "onnxruntime.db"), os.path.join(work, ".ses"),
+                 os.path.join(work, "onnxruntime_profile_0.json"), os.path.join(work, "deviceid")):
+        open(path, "w").write("{}")
+    json.dump({"published": "elsewhere"}, open("outside.json", "w"))
+    os.symlink(os.path.abspath("outside.json"), os.path.join(work, "report.json"))
     emit("benchmark", 0.95, "finished")
     sys.exit(0)
 if mode == "fail":
@@ -310,6 +323,41 @@ def test_success_publishes_serves_and_reports(
     assert [e.seq for e in conv.job(job.id).events()] == seqs
 
 
+def test_a_version_holds_only_its_own_files(start: Start, tmp_path: Path) -> None:
+    """Whatever else the child left in the staging folder (telemetry databases, session and
+    profile files, a report.json that is a link to another file) is removed before the server
+    reads the folder: the published version holds model.onnx and config.json, nothing more."""
+    srv, conv = start()
+    done = convert_fake(conv, "tidy", "litter", serving=Serving(max_batch_size=4)).wait(
+        progress=False
+    )
+    assert (done.state, done.version) == ("SUCCEEDED", 1)
+    assert done.report is None  # the linked report was never read
+    version = tmp_path / "repo" / "tidy" / "1"
+    assert sorted(p.name for p in version.iterdir()) == ["config.json", "model.onnx"]
+    assert infer(srv, "tidy", np.zeros((1, 8), np.float32))["logits"].shape == (1, 4)
+    assert leftovers(tmp_path) == []
+
+
+def test_keep_version_files_keeps_regular_files_only(tmp_path: Path) -> None:
+    from ferry.server.convert.jobs import keep_version_files
+
+    (tmp_path / "model.onnx").write_bytes(b"m")
+    (tmp_path / "elsewhere.json").write_text("{}")
+    staged = tmp_path / "staged"
+    (staged / ".scratch" / "tmp").mkdir(parents=True)
+    (staged / "model.onnx").symlink_to(tmp_path / "model.onnx")
+    (staged / "report.json").mkdir()
+    (staged / "config.json").write_text("{}")  # publish writes the config, never the child
+    assert keep_version_files(staged) == [".scratch", "config.json", "model.onnx", "report.json"]
+    assert list(staged.iterdir()) == []
+    assert (tmp_path / "model.onnx").read_bytes() == b"m"  # a link is removed, not followed
+    (staged / "model.onnx").write_bytes(b"m")
+    (staged / "report.json").write_text("{}")
+    assert keep_version_files(staged) == []
+    assert sorted(p.name for p in staged.iterdir()) == ["model.onnx", "report.json"]
+
+
 def test_domain_failure_carries_kind_code_and_report(start: Start, tmp_path: Path) -> None:
     _, conv = start()
     job = convert_fake(conv, "newmodel", "fail")
@@ -369,6 +417,39 @@ def test_cancel_mid_export_and_a_full_queue(start: Start, tmp_path: Path) -> Non
     assert running.cancel().state == "CANCELLED"  # idempotent
     with pytest.raises(JobFailedError):
         running.wait(progress=False)
+
+
+def test_the_staging_folder_is_named_at_queue_time_and_job_json_written_once(
+    start: Start, tmp_path: Path
+) -> None:
+    """job.json is complete when the job is queued: the runner never rewrites it (its mtime,
+    set back to a fixed past instant after queueing, survives the start), and the staging folder
+    it names is made only when the job runs, so a queued job leaves nothing in the repository."""
+    srv, conv = start(max_concurrent_conversions=1)
+    running = convert_fake(conv, "first", "block")
+    queued = convert_fake(conv, "second", "block")
+    assert queued.refresh().state == "QUEUED"
+    staging = tmp_path / "repo" / "second" / f".tmp-job-{queued.id}"
+    job_json = state_dir(tmp_path) / "jobs" / queued.id / "job.json"
+    text = job_json.read_text()
+    assert json.loads(text)["work_dir"] == str(staging)
+    assert srv.app is not None
+    assert srv.app.conversion.store.get_job(queued.id).work_dir == str(staging)
+    assert not (tmp_path / "repo" / "second").exists()
+    os.utime(job_json, ns=(1_000_000_000, 1_000_000_000))
+    inode = job_json.stat().st_ino
+
+    running.cancel()
+    for event in queued.events():
+        if event.stage == "export":  # the child read job.json and is working in the folder
+            break
+    assert queued.refresh().state == "RUNNING" and staging.is_dir()
+    after = job_json.stat()
+    assert (after.st_ino, after.st_mtime_ns, job_json.read_text()) == (inode, 1_000_000_000, text)
+    assert srv.app.conversion.store.get_job(queued.id).work_dir == str(staging)
+    assert queued.cancel().state == "CANCELLED"
+    assert leftovers(tmp_path) == []
+    assert list((tmp_path / "repo").iterdir()) == []
 
 
 def test_convert_validates_before_spawning(start: Start) -> None:
@@ -432,23 +513,28 @@ def test_restart_fails_interrupted_jobs_and_keeps_finished_ones(
     srv, conv = start()
     finished = convert_fake(conv, "kept", "ok").wait(progress=False)
     srv.stop()
-    # What a crash mid-job leaves: a RUNNING row, a staging folder, a job folder, a temp upload.
-    staging = tmp_path / "repo" / "kept" / ".tmp-crashed"
-    staging.mkdir()
-    (staging / "model.onnx").write_bytes(b"partial")
-    job_dir = state_dir(tmp_path) / "jobs" / ("c" * 32)
-    job_dir.mkdir()
-    (state_dir(tmp_path) / "uploads" / ".tmp-partial").write_bytes(b"x")
+    # What a crash mid-job leaves: RUNNING rows with their staging folders (one in the folder of
+    # a model that had no version yet), a QUEUED row whose staging folder was named but never
+    # made, job folders, a temp upload.
     store = JobStore(state_dir(tmp_path) / "state.sqlite3")
-    store.add_job(JobRecord(
-        job_id="c" * 32, model="kept", upload_id=finished.upload_id, format="onnx",
-        sha256=finished.source_sha256, state=JobState.QUEUED, stage="queued", fraction=0.0,
-        message="", version=0, error_kind="", error_message="", spec_json="{}", report_json="",
-        work_dir="", job_dir=str(job_dir), created_ms=now_ms(), started_ms=0, finished_ms=0,
-        last_seq=0,
-    ))  # fmt: skip
-    store.start("c" * 32, str(staging), "started")
-    store.append_event("c" * 32, "export", 0.2, "exporting")
+    crashed = {"c" * 32: "kept", "d" * 32: "fresh", "e" * 32: "waiting"}
+    for created, (job_id, model) in enumerate(crashed.items(), start=now_ms()):
+        staging = tmp_path / "repo" / model / f".tmp-job-{job_id}"
+        job_dir = state_dir(tmp_path) / "jobs" / job_id
+        job_dir.mkdir()
+        store.add_job(JobRecord(
+            job_id=job_id, model=model, upload_id=finished.upload_id, format="onnx",
+            sha256=finished.source_sha256, state=JobState.QUEUED, stage="queued", fraction=0.0,
+            message="", version=0, error_kind="", error_message="", spec_json="{}",
+            report_json="", work_dir=str(staging), job_dir=str(job_dir), created_ms=created,
+            started_ms=0, finished_ms=0, last_seq=0,
+        ))  # fmt: skip
+        if model != "waiting":
+            staging.mkdir(parents=True)
+            (staging / "model.onnx").write_bytes(b"partial")
+            store.start(job_id, "started")
+            store.append_event(job_id, "export", 0.2, "exporting")
+    (state_dir(tmp_path) / "uploads" / ".tmp-partial").write_bytes(b"x")
     store.close()
 
     srv2, conv2 = start()
@@ -461,9 +547,13 @@ def test_restart_fails_interrupted_jobs_and_keeps_finished_ones(
     kept = conv2.job(finished.id)
     assert (kept.state, kept.version) == ("SUCCEEDED", 1)
     assert leftovers(tmp_path) == []
+    assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["kept"]
+    for job_id in ("d" * 32, "e" * 32):
+        job = conv2.job(job_id)
+        assert (job.state, job.error_kind) == ("FAILED", "UNAVAILABLE")
     x = np.zeros((1, 8), np.float32)
     assert infer(srv2, "kept", x).version == 1
-    assert [j.id for j in conv2.list_jobs()] == ["c" * 32, finished.id]
+    assert [j.id for j in conv2.list_jobs()] == ["e" * 32, "d" * 32, "c" * 32, finished.id]
 
 
 def test_stopping_the_server_fails_running_jobs(start: Start, tmp_path: Path) -> None:

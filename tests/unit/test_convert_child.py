@@ -598,6 +598,57 @@ def test_onnx_custom_domain_refused(tmp_path: Path) -> None:
     assert_failed(result, "INVALID_ARGUMENT", "load", "com.example.ops", "custom-op domain")
 
 
+def test_libraries_write_nothing_beside_the_source_or_into_home(tmp_path: Path) -> None:
+    """onnxruntime's quantizer writes ``<model>-inferred.onnx`` beside its input and its telemetry
+    writes under the cache and temp folders. The child reads the source through a link in its
+    scratch space: the uploads folder is not even touched (its mtime would change on any entry
+    created or removed), and the home, cache and temp folders it was given stay empty."""
+    uploads = tmp_path / "uploads"
+    uploads.mkdir()
+    source = onnx_mlp(uploads / "0123.onnx")
+    os.utime(uploads, ns=(1_000_000_000, 1_000_000_000))
+    env = {name: str(tmp_path / name.lower()) for name in ("HOME", "TMPDIR", "XDG_CACHE_HOME")}
+    for folder in env.values():
+        Path(folder).mkdir()
+    spec = {"quantization": {"mode": "dynamic_int8", "keep_slower": True}}
+    result = succeeded(convert(tmp_path / "job", source, "onnx", spec=spec, env=env))
+    assert result.report["published"] == "dynamic_int8"
+    assert sorted(p.name for p in result.work.iterdir()) == ["model.onnx", "report.json"]
+    assert [p.name for p in uploads.iterdir()] == ["0123.onnx"]
+    assert uploads.stat().st_mtime_ns == 1_000_000_000
+    assert all(list(Path(folder).iterdir()) == [] for folder in env.values())
+
+
+def test_the_child_switches_telemetry_off_and_runs_in_scratch(tmp_path: Path) -> None:
+    """What the confinement leaves once onnxruntime has run: nothing but the scratch folders."""
+    model = onnx_mlp(tmp_path / "m.onnx")
+    work = tmp_path / "work"
+    probe = f"""
+import json, os, sys
+from pathlib import Path
+from ferry.server.convert.worker import child
+child._confine_temp(Path({str(work)!r}))
+import onnxruntime
+onnxruntime.InferenceSession({str(model)!r}, providers=["CPUExecutionProvider"])
+files = sorted(str(p.relative_to({str(work)!r})) for p in Path({str(work)!r}).rglob("*"))
+print(json.dumps({{"cwd": os.getcwd(), "files": files}}))
+"""
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    env.pop("ORT_DISABLE_TELEMETRY", None)
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    seen = json.loads(out.stdout.splitlines()[-1])
+    assert seen == {"cwd": str(work / ".scratch" / "tmp"), "files": [".scratch", ".scratch/tmp"]}
+    assert not (tmp_path / "cache").exists()
+
+
 @pytest.mark.parametrize("location", ["weights.bin", "/etc/passwd", "../outside.bin"])
 def test_onnx_external_data_refused(
     tmp_path: Path, sources: dict[str, Path], location: str

@@ -26,11 +26,13 @@ from ferry.server.errors import (
 )
 
 
-def _job(job_id: str, model: str = "m", created: int | None = None) -> JobRecord:
+def _job(
+    job_id: str, model: str = "m", created: int | None = None, work_dir: str = ""
+) -> JobRecord:
     return JobRecord(
         job_id=job_id, model=model, upload_id="u" * 32, format="onnx", sha256="0" * 64,
         state=JobState.QUEUED, stage="queued", fraction=0.0, message="waiting", version=0,
-        error_kind="", error_message="", spec_json="{}", report_json="", work_dir="",
+        error_kind="", error_message="", spec_json="{}", report_json="", work_dir=work_dir,
         job_dir="", created_ms=created if created is not None else now_ms(), started_ms=0,
         finished_ms=0, last_seq=0,
     )  # fmt: skip
@@ -51,8 +53,9 @@ def test_upload_round_trip_and_unknown_upload(store: JobStore) -> None:
 
 
 def test_events_are_numbered_in_order_and_follow_the_job(store: JobStore) -> None:
-    store.add_job(_job("j1"))
-    store.start("j1", "/work", "started")
+    store.add_job(_job("j1", work_dir="/repo/m/.tmp-job-j1"))
+    store.start("j1", "started")
+    assert store.get_job("j1").work_dir == "/repo/m/.tmp-job-j1"  # named when queued
     store.append_event("j1", "export", 0.2, "exporting")
     store.finish("j1", JobState.SUCCEEDED, stage="done", fraction=1.0, message="ok", version=3)
     events = store.events("j1")
@@ -71,7 +74,7 @@ def test_events_are_numbered_in_order_and_follow_the_job(store: JobStore) -> Non
         3,
         "done",
         4,
-        "",
+        "",  # a finished job has no staging folder
     )
     assert store.job_for_version("m", 3) == "j1"
     assert store.job_for_version("m", 2) == ""
@@ -93,8 +96,8 @@ def test_state_survives_reopening_and_interrupted_jobs_fail(tmp_path: Path) -> N
     first = JobStore(path)
     first.add_job(_job("done"))
     first.finish("done", JobState.SUCCEEDED, stage="done", fraction=1.0, message="ok", version=1)
-    first.add_job(_job("running"))
-    first.start("running", "/repo/m/.tmp-x", "started")
+    first.add_job(_job("running", work_dir="/repo/m/.tmp-x"))
+    first.start("running", "started")
     first.add_job(_job("queued"))
     first.close()
 

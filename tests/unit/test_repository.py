@@ -151,6 +151,22 @@ def test_staging_is_removed_when_not_published(repo: ModelRepository) -> None:
     assert list(repo.model_dir("m").iterdir()) == []
 
 
+def test_a_named_staging_folder_is_known_before_it_exists(repo: ModelRepository) -> None:
+    path = repo.staging_path("m", "job-abc")
+    assert path == repo.model_dir("m") / f"{TMP_PREFIX}job-abc" and not path.exists()
+    with repo.staging("m", "job-abc") as tmp:
+        assert tmp == path and tmp.is_dir()
+        with pytest.raises(FileExistsError), repo.staging("m", "job-abc"):
+            pass  # a key is used once
+        assert tmp.is_dir()  # the refused second use removed nothing
+        (tmp / MODEL_FILE).write_bytes(b"x")
+        assert repo.publish("m", tmp) == 1
+    assert not path.exists() and repo.list_versions("m") == [1]
+    for key in ("", "../x", "a/b", ".", "x" * 65, "job\x00"):
+        with pytest.raises(InvalidArgument, match="staging key"):
+            repo.staging_path("m", key)
+
+
 def test_listing_skips_junk(repo: ModelRepository) -> None:
     _publish(repo, "m")
     mdir = repo.model_dir("m")

@@ -4,7 +4,8 @@ The child (``python -m ferry.server.convert.worker.child``) does everything that
 session (process group) under an address-space limit, so a crash, a hang or a memory blow-up
 costs one job and never the server. Its progress events arrive as JSON lines on a pipe; its
 stdout and stderr go to the ``ferry.convert`` log. The job's work folder is a staging folder of
-the repository: on success it becomes the next version by one atomic rename, on any failure it
+the repository, named when the job is queued (so ``job.json`` is written once, complete) and made
+when it starts: on success it becomes the next version by one atomic rename, on any failure it
 is removed, so the repository never holds anything partial.
 
 How a child's end maps to the job (the kind then maps to a status through grpc/status.py):
@@ -44,12 +45,16 @@ from pathlib import Path
 from ferry.server.convert import publish, spec
 from ferry.server.convert.store import EventRecord, JobRecord, JobState, JobStore
 from ferry.server.core.registry import ModelRegistry
-from ferry.server.core.repository import ModelRepository, read_report
-from ferry.server.errors import ErrorKind, FerryError, QueueFull, Unavailable
+from ferry.server.core.repository import MODEL_FILE, REPORT_FILE, ModelRepository, read_report
+from ferry.server.errors import ErrorKind, FerryError, InternalError, QueueFull, Unavailable
 
 log = logging.getLogger("ferry.convert")
 
 CHILD_MODULE = "ferry.server.convert.worker.child"
+# onnxruntime's telemetry writes a device id and a database under the cache folder, which the
+# child points into its scratch space; the child also switches it off itself.
+CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1", "ORT_DISABLE_TELEMETRY": "1"}
+VERSION_FILES = (MODEL_FILE, REPORT_FILE)  # what a child may leave; publish adds config.json
 MAX_EVENT_LINE = 1 << 20
 STDERR_TAIL = 20
 _KINDS = {k.value for k in ErrorKind}
@@ -222,14 +227,20 @@ class JobRunner:
     async def _convert(self, run: _Run, job: JobRecord) -> tuple[_Outcome, int, str]:
         created_model_dir = not self.repository.has_model(job.model)
         try:
-            with self.repository.staging(job.model) as staged:
-                job_json = Path(job.job_dir) / "job.json"
+            with self.repository.staging(job.model, staging_key(job.job_id)) as staged:
+                job_json = Path(job.job_dir) / "job.json"  # written once, when it was queued
                 contract = spec.job_from_json(job_json.read_text())
-                contract.work_dir = str(staged)
-                job_json.write_text(spec.to_json(contract))
-                self.store.start(job.job_id, str(staged), "conversion process started")
+                if contract.work_dir != str(staged):
+                    raise InternalError(
+                        f"job {job.job_id}'s contract names staging folder {contract.work_dir!r}, "
+                        f"the runner staged {str(staged)!r}"
+                    )
+                self.store.start(job.job_id, "conversion process started")
                 self._notify(job.job_id)
                 outcome = await self._run_child(run, job_json, Path(job.job_dir))
+                stray = await asyncio.to_thread(keep_version_files, staged)
+                if stray:
+                    log.info("job %s: removed from the staging folder: %s", job.job_id, stray)
                 report = read_report(staged)
                 if outcome.state is not JobState.SUCCEEDED:
                     return outcome, 0, report
@@ -265,7 +276,7 @@ class JobRunner:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
                 cwd=job_dir,
-                env={**os.environ, "MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"},
+                env={**os.environ, **CHILD_ENV},
             )
         except BaseException:
             os.close(read_fd)
@@ -390,6 +401,29 @@ class JobRunner:
             message,
         )
         self._notify(job.job_id)
+
+
+def staging_key(job_id: str) -> str:
+    """The job's staging folder inside its model folder (``ModelRepository.staging_path``)."""
+    return f"job-{job_id}"
+
+
+def keep_version_files(staged: Path) -> list[str]:
+    """Remove everything but the child's regular model.onnx and report.json; return the names.
+
+    Runs before the server reads anything from the folder: whatever a library (or code in a
+    permitted code-bearing source) left there — telemetry, caches, profiles, a symlink dressed
+    as report.json — never reaches the server or a published version."""
+    removed = []
+    for entry in sorted(staged.iterdir()):
+        if entry.name in VERSION_FILES and entry.is_file() and not entry.is_symlink():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed
 
 
 def _parse_event(line: bytes, job_id: str) -> spec.ProgressEvent | None:

@@ -9,6 +9,7 @@ job contract and its tensors while the job lives). Nothing here imports torch.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.server.convert import architectures, spec, uploads, validation
-from ferry.server.convert.jobs import JobRunner
+from ferry.server.convert.jobs import JobRunner, staging_key
 from ferry.server.convert.store import (
     EventRecord,
     JobRecord,
@@ -117,7 +118,9 @@ class ConversionService:
 
     def _remove_work_dir(self, job: JobRecord) -> None:
         """Only a staging folder of the job's own model is ever removed: the path comes from
-        the database, and is checked rather than trusted."""
+        the database, and is checked rather than trusted. A job that never ran has none on disk;
+        the model folder of one that did goes too when nothing else is in it (a first conversion
+        that died leaves no empty model)."""
         if not job.work_dir:
             return
         path = Path(job.work_dir)
@@ -125,8 +128,10 @@ class ConversionService:
             mdir = self.repository.model_dir(job.model)
         except InvalidArgument:
             return
-        if path.parent == mdir and path.name.startswith(TMP_PREFIX):
+        if path.parent == mdir and path.name.startswith(TMP_PREFIX) and path.exists():
             shutil.rmtree(path, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                mdir.rmdir()  # only when empty
 
     # ---- uploads ----
     async def upload(
@@ -183,6 +188,8 @@ class ConversionService:
         validation.validate_spec(conversion, tensors, source_format=upload.format)
         job_id = uuid.uuid4().hex
         job_dir = self.state_dir.resolve() / "jobs" / job_id
+        # Decided now, made when the job runs: job.json is complete when written, and written once.
+        work_dir = self.repository.staging_path(model, staging_key(job_id))
         _assign_paths(job_dir, conversion, tensors)
         contract = spec.Job(
             job_id=job_id,
@@ -193,6 +200,7 @@ class ConversionService:
             architecture=upload.architecture,
             architecture_kwargs=kwargs,
             spec=conversion,
+            work_dir=str(work_dir),
             allow_code_formats=self.settings.allow_code_formats,
             providers=self._serving_providers(model),
         )
@@ -218,7 +226,7 @@ class ConversionService:
                 error_message="",
                 spec_json=spec.to_json(conversion),
                 report_json="",
-                work_dir="",
+                work_dir=str(work_dir),
                 job_dir=str(job_dir),
                 created_ms=now_ms(),
                 started_ms=0,

@@ -209,12 +209,12 @@ class JobStore:
 
     # ---- jobs ----
     def add_job(self, rec: JobRecord) -> EventRecord:
-        """Insert a QUEUED job together with its first event."""
+        """Insert a QUEUED job together with its first event; its folders are named already."""
         with self._tx() as db:
             db.execute(
                 "INSERT INTO jobs (job_id, model, upload_id, format, sha256, state, stage, "
-                "fraction, message, spec_json, job_dir, created_ms) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "fraction, message, spec_json, work_dir, job_dir, created_ms) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rec.job_id,
                     rec.model,
@@ -226,6 +226,7 @@ class JobStore:
                     rec.fraction,
                     rec.message,
                     rec.spec_json,
+                    rec.work_dir,
                     rec.job_dir,
                     rec.created_ms,
                 ),
@@ -274,11 +275,12 @@ class JobStore:
         ).fetchone()
         return str(row[0]) if row is not None else ""
 
-    def start(self, job_id: str, work_dir: str, message: str) -> EventRecord:
+    def start(self, job_id: str, message: str) -> EventRecord:
+        """The job's child is starting (its staging folder was named when it was queued)."""
         with self._tx() as db:
             db.execute(
-                "UPDATE jobs SET state = ?, work_dir = ?, started_ms = ? WHERE job_id = ?",
-                (JobState.RUNNING.value, work_dir, now_ms(), job_id),
+                "UPDATE jobs SET state = ?, started_ms = ? WHERE job_id = ?",
+                (JobState.RUNNING.value, now_ms(), job_id),
             )
             return self._append(
                 db,

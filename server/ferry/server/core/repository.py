@@ -28,6 +28,7 @@ REPORT_FILE = "report.json"  # the conversion report published beside the model
 VERSION_CONFIG_FILE = "config.json"  # a version's own serving config (overrides the model's)
 MAX_REPORT_BYTES = 16 << 20
 TMP_PREFIX = ".tmp-"
+_STAGING_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_VERSION = 2**53  # representable exactly in JSON and float64 clients
 
 log = logging.getLogger(__name__)
@@ -105,13 +106,26 @@ class ModelRepository:
         return vdir
 
     # ---- atomic publication ----
+    def staging_path(self, name: str, key: str) -> Path:
+        """Where ``staging(name, key)`` will stage, decided before the folder exists: a job's
+        contract names its staging folder when the job is queued, the folder is made when it
+        runs. The prefix keeps it out of every listing and lets a restart remove it."""
+        if not _STAGING_KEY.fullmatch(key):
+            raise InvalidArgument(f"invalid staging key {key[:80]!r}: use [A-Za-z0-9_-]{{1,64}}")
+        return self.model_dir(name) / f"{TMP_PREFIX}{key}"
+
     @contextmanager
-    def staging(self, name: str) -> Iterator[Path]:
+    def staging(self, name: str, key: str = "") -> Iterator[Path]:
         """A temporary folder inside the model folder (same filesystem, so rename is atomic);
-        removed on any exit unless ``publish`` moved it."""
+        removed on any exit unless ``publish`` moved it. With a ``key`` it is
+        ``staging_path(name, key)``, which must not exist yet; without one a fresh name."""
         mdir = self.model_dir(name)
         mdir.mkdir(exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=mdir))
+        if key:
+            tmp = self.staging_path(name, key)
+            tmp.mkdir(mode=0o700)
+        else:
+            tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=mdir))
         try:
             yield tmp
         finally:

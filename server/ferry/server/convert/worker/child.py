@@ -12,7 +12,12 @@ Protocol with the parent:
   do.
 - files: ``model.onnx`` and ``report.json`` in ``job.work_dir`` on success; on failure only
   ``report.json`` (with an ``error`` section). Nothing is written outside work_dir: temporary files
-  of every library go to ``work_dir/.scratch``, removed at the end.
+  of every library go to ``work_dir/.scratch``, removed at the end, and so does anything written
+  relative to the working directory (the child runs there). onnxruntime's telemetry (a device id
+  and an SQLite database under the cache folder, a ``.ses`` file in the temp folder) is switched
+  off. The source is read through a link in scratch, never in the uploads folder: onnxruntime's
+  quantizer writes ``<model>-inferred.onnx`` next to its input, and two jobs of one upload would
+  race on that file.
 - exit status: 0 success, 2 a domain failure (the last event says which), 1 a crash (traceback on
   stderr). stdout is redirected to stderr at the file-descriptor level, so exporter chatter can
   never corrupt the progress channel, even when the parent passed fd 1.
@@ -85,7 +90,30 @@ def _confine_temp(work: Path) -> None:
     ):  # fmt: skip
         os.environ[variable] = str(tmp)
     tempfile.tempdir = str(tmp)
+    # onnxruntime >= 1.2x on Linux records telemetry at import: off, whatever the parent passed.
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+    os.chdir(tmp)
     sys.dont_write_bytecode = True  # no .pyc files next to modules imported from here on
+
+
+def _stage_source(job: Job, work: Path) -> None:
+    """Point the job at a link to its source in a folder of its own inside scratch.
+
+    Libraries write beside their input (the quantizer's ``-inferred.onnx``), and onnxruntime
+    resolves a graph's relative paths against the model's folder: both must meet the job's own
+    files, never the uploads folder. A hard link costs nothing on the repository's filesystem;
+    elsewhere the file is copied. A missing source is left for the load stage to report."""
+    source = Path(job.source_path)
+    if not source.is_file():
+        return
+    folder = work / ".scratch" / "source"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / source.name
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
+    job.source_path = str(target)
 
 
 def _fail(work: Path, report: Report, stage: str, kind: str, message: str) -> None:
@@ -135,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(job.work_dir)
         work.mkdir(parents=True, exist_ok=True)
         _confine_temp(work)
+        _stage_source(job, work)
     except Exception as exc:  # the parent wrote a bad job: its bug, reported as a crash
         traceback.print_exc()
         message = f"the conversion child could not read its job {args.job!r}: {exc}"
