@@ -14,20 +14,16 @@ imported it), so this module stays importable without torch.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
-import io
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import grpc
-import numpy as np
 
 from ferry.client._channel import TLSConfig
 from ferry.client._conversion_types import (
@@ -50,8 +46,8 @@ from ferry.client._conversion_types import (
 )
 from ferry.client._errors import ConversionError, InvalidInputError, from_rpc_error
 from ferry.client._management import ManagementClient
+from ferry.client._module_upload import from_module
 from ferry.client._requests import status_code
-from ferry.codec import datatype_name, datatype_of
 from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
 
@@ -222,10 +218,14 @@ class ConversionClient(ManagementClient):
     ) -> Upload:
         """Upload a file (path or bytes) or an ``nn.Module`` for model ``name``.
 
-        A module needs ``example_inputs`` (a tensor, a tuple, or a dict name -> tensor). With an
-        ``architecture`` its state_dict is sent; without one it is exported to ONNX here. Either
-        way its outputs on the examples travel with the upload, and ``convert`` has the server
-        validate against them.
+        A module needs ``example_inputs``: a tensor, a tuple of positional tensors, a dict
+        parameter name -> tensor (any order; parameters left out keep their defaults), or
+        torch.export's ``(args, kwargs)``. They bind to ``forward()`` by name, exactly as
+        ``module(*args, **kwargs)`` would, and the served inputs are named after forward's
+        parameters. With an ``architecture`` its state_dict is sent; without one it is exported
+        to ONNX here, and the graph's input names are checked against the bound names. Either
+        way the module's own outputs on the examples (from that same call, not from the export)
+        travel with the upload, and ``convert`` has the server validate against them.
         """
         if chunk_size <= 0:
             raise InvalidInputError("chunk_size must be positive")
@@ -235,7 +235,7 @@ class ConversionClient(ManagementClient):
         if torch is not None and isinstance(source, torch.nn.Module):
             if example_inputs is None:
                 raise InvalidInputError("uploading an nn.Module needs example_inputs=")
-            data, fmt, extras = _from_module(torch, source, example_inputs, architecture, opset)
+            data, fmt, extras = from_module(torch, source, example_inputs, architecture, opset)
             fmt = format or fmt
         elif isinstance(source, bytes | bytearray | memoryview):
             data, fmt = bytes(source), format or ""
@@ -402,61 +402,3 @@ def _chunks(
     with open(data, "rb") as fh:
         while block := fh.read(size):
             yield pb.UploadModelRequest(chunk=block)
-
-
-# ---- nn.Module sources (torch comes from sys.modules: the caller imported it) ----
-def _from_module(
-    torch: Any, module: Any, examples: Any, architecture: str | None, opset: int
-) -> tuple[bytes, str, dict[str, Any]]:
-    if isinstance(examples, Mapping):
-        named = dict(examples)
-    elif isinstance(examples, tuple | list):
-        named = (
-            {f"input_{i}": t for i, t in enumerate(examples)}
-            if len(examples) > 1
-            else {"input": examples[0]}
-        )
-    else:
-        named = {"input": examples}
-    tensors = tuple(named.values())
-    module.eval()
-    with torch.no_grad():
-        result = module(*tensors)
-    outs = (
-        list(result.values())
-        if isinstance(result, Mapping)
-        else (list(result) if isinstance(result, tuple | list) else [result])
-    )
-    out_names = ["output"] if len(outs) == 1 else [f"output_{i}" for i in range(len(outs))]
-    samples = {n: t.detach().cpu().numpy() for n, t in named.items()}
-    inputs = tuple(
-        InputSpec(n, datatype_name(datatype_of(a.dtype)), [-1, *a.shape[1:]])
-        for n, a in samples.items()
-    )
-    extras: dict[str, Any] = {
-        "inputs": inputs,
-        "sample_inputs": samples,
-        "reference_outputs": {
-            n: np.asarray(o.detach().cpu().numpy()) for n, o in zip(out_names, outs, strict=True)
-        },
-    }
-    if architecture:
-        buffer = io.BytesIO()
-        torch.save(module.state_dict(), buffer)
-        return buffer.getvalue(), "state_dict", extras
-    # An example batch of 1 can freeze the batch dim: export with at least 2.
-    example = tuple(torch.cat([t, t]) if t.shape[0] < 2 else t for t in tensors)
-    batch = torch.export.Dim("batch", min=1, max=4096)
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
-        path = Path(tmp) / "model.onnx"
-        program = torch.onnx.export(
-            module,
-            example,
-            dynamo=True,
-            input_names=list(named),
-            output_names=out_names,
-            dynamic_shapes=tuple({0: batch} for _ in example),
-            opset_version=opset,
-        )
-        program.save(str(path), external_data=False)
-        return path.read_bytes(), "onnx", extras

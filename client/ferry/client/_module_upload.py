@@ -1,0 +1,314 @@
+"""Turn an ``nn.Module`` and its example inputs into an upload: bind by name, never by position.
+
+The served graph must take each tensor under the name the module gives it. A dict of example
+inputs is not in ``forward()``'s order in general (a tokenizer's usually isn't), so calling the
+module positionally with it would swap inputs, and reference outputs computed by that same call
+would agree with the swapped graph: the server's validation could not see the mistake. So:
+
+- example inputs bind to ``forward()``'s signature exactly as a call ``module(*args, **kwargs)``
+  would, and the reference outputs come from that call, never from the export's input order;
+- the export gets the same ``args`` and ``kwargs``, and the graph's input names are then read back
+  from the ONNX file and must be exactly the bound parameter names;
+- the samples that travel with the upload are keyed by those names, so the server's comparison
+  of the served graph with the reference outputs is independent of the exporter.
+
+torch is passed in by the caller (taken from ``sys.modules``): this module never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ferry.client._conversion_types import InputSpec
+from ferry.client._errors import InvalidInputError
+from ferry.codec import datatype_name, datatype_of
+
+_VAR = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+@dataclass
+class Bound:
+    """The call the user described: ``module(*args, **kwargs)``, with each tensor's name."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    named: dict[str, Any]  # input name -> tensor, in call order (args, then kwargs as given)
+    signature: inspect.Signature
+    arguments: dict[str, Any]  # parameter name -> value, as inspect binds them
+
+
+def split_examples(torch: Any, examples: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A tensor, a tuple of positional tensors, a dict of keyword tensors, or torch.export's
+    ``(args, kwargs)``: a tuple whose last item is a dict of keyword tensors."""
+    if isinstance(examples, torch.Tensor):
+        return (examples,), {}
+    if isinstance(examples, Mapping):
+        return (), _keyword_dict(examples)
+    if isinstance(examples, tuple | list):
+        items = list(examples)
+        kwargs: dict[str, Any] = {}
+        if items and isinstance(items[-1], Mapping):
+            kwargs = _keyword_dict(items.pop())
+            if len(items) == 1 and isinstance(items[0], tuple | list):
+                items = list(items[0])  # (args, kwargs)
+        return tuple(items), kwargs
+    raise InvalidInputError(
+        f"example_inputs is a {type(examples).__name__}: pass a tensor, a tuple of tensors, a dict "
+        "name -> tensor, or (args, kwargs)"
+    )
+
+
+def _keyword_dict(mapping: Mapping[Any, Any]) -> dict[str, Any]:
+    bad = [k for k in mapping if not isinstance(k, str)]
+    if bad:
+        raise InvalidInputError(f"example_inputs keys must be parameter names, got {bad[0]!r}")
+    return dict(mapping)
+
+
+def bind(torch: Any, module: Any, examples: Any) -> Bound:
+    """Bind the examples to ``module.forward``'s parameters as Python would bind the call."""
+    args, kwargs = split_examples(torch, examples)
+    try:
+        signature = inspect.signature(module.forward)
+    except (TypeError, ValueError) as exc:
+        raise InvalidInputError(
+            f"cannot read the signature of {type(module).__name__}.forward ({exc}): wrap the "
+            "model in a module whose forward names its tensor parameters"
+        ) from None
+    params = signature.parameters
+    listing = _listing(signature)
+    named_params = [p for p in params.values() if p.kind not in _VAR]
+    takes_var_keyword = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key in kwargs:
+        param = params.get(key)
+        # A key that names no parameter is a typo even when forward also takes **kwargs (as
+        # Hugging Face models do): it would vanish into them. Only a forward that takes nothing
+        # but **kwargs is given free names.
+        if (param is None or param.kind in _VAR) and (named_params or not takes_var_keyword):
+            raise InvalidInputError(
+                f"example_inputs names {key!r}, which is not a parameter of "
+                f"{type(module).__name__}.forward; its parameters are {listing}"
+            )
+        if param is not None and param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            raise InvalidInputError(
+                f"example_inputs names {key!r}, a positional-only parameter of "
+                f"{type(module).__name__}.forward{listing}: pass it in the positional tuple"
+            )
+    try:
+        arguments = dict(signature.bind(*args, **kwargs).arguments)
+    except TypeError as exc:
+        raise InvalidInputError(
+            f"example_inputs do not fit {type(module).__name__}.forward{listing}: {exc}"
+        ) from None
+    named: dict[str, Any] = {}
+    ordered = [p for p in params.values() if p.kind in _POSITIONAL]
+    star = next((p for p in params.values() if p.kind is inspect.Parameter.VAR_POSITIONAL), None)
+    for i, value in enumerate(args):
+        if i < len(ordered):
+            named[ordered[i].name] = value
+        elif star is not None:  # signature.bind has checked that there is one
+            named[f"{star.name}_{i - len(ordered)}"] = value  # the exporter's name for it
+    named.update(kwargs)
+    for name, value in named.items():
+        _check_tensor(torch, name, value)
+    return Bound(args, kwargs, named, signature, arguments)
+
+
+def _listing(signature: inspect.Signature) -> str:
+    stars: dict[inspect._ParameterKind, str] = {
+        inspect.Parameter.VAR_POSITIONAL: "*",
+        inspect.Parameter.VAR_KEYWORD: "**",
+    }
+    return (
+        "(" + ", ".join(stars.get(p.kind, "") + p.name for p in signature.parameters.values()) + ")"
+    )
+
+
+def _check_tensor(torch: Any, name: str, value: Any) -> None:
+    if value is None:
+        raise InvalidInputError(
+            f"example_inputs[{name!r}] is None: leave it out to keep forward's default, or give "
+            "a tensor"
+        )
+    if not isinstance(value, torch.Tensor):
+        raise InvalidInputError(
+            f"example_inputs[{name!r}] is a {type(value).__name__}: only tensors become model "
+            "inputs; fix other arguments in a wrapper module (or functools.partial on forward)"
+        )
+    if value.dim() == 0:
+        raise InvalidInputError(
+            f"example_inputs[{name!r}] is a scalar: model inputs need a batch dim first"
+        )
+
+
+def call(torch: Any, module: Any, bound: Bound) -> Any:
+    """The user's own call, whose outputs every later check is judged against."""
+    module.eval()
+    try:
+        with torch.no_grad():
+            return module(*bound.args, **bound.kwargs)
+    except Exception as exc:
+        raise InvalidInputError(
+            f"{type(module).__name__} fails on example_inputs: {type(exc).__name__}: {exc}"
+        ) from None
+
+
+def flatten_outputs(torch: Any, result: Any) -> dict[str, Any]:
+    """Output name -> tensor, in the order the exporter flattens them (pytree order). The
+    model's own names are kept: dict / ModelOutput keys, namedtuple fields; positions otherwise
+    (``output``, or ``output_0``... for a tuple)."""
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, name: str) -> None:
+        if value is None:
+            return  # pytree drops it; so does the exporter
+        if isinstance(value, torch.Tensor):
+            flat[name] = value
+        elif isinstance(value, Mapping):
+            for key, item in value.items():
+                walk(item, f"{name}_{key}" if name else str(key))
+        elif isinstance(value, tuple) and hasattr(value, "_fields"):
+            for key, item in zip(value._fields, value, strict=True):
+                walk(item, f"{name}_{key}" if name else key)
+        elif isinstance(value, tuple | list):
+            prefix = f"{name}_" if name else "output_"
+            for i, item in enumerate(value):
+                walk(item, f"{prefix}{i}")
+        else:
+            raise InvalidInputError(
+                f"forward returns a {type(value).__name__} at {name or 'the top level'}: only "
+                "tensors (in tuples, lists or dicts) can be served"
+            )
+
+    if isinstance(result, torch.Tensor):
+        return {"output": result}
+    walk(result, "")
+    if not flat:
+        raise InvalidInputError("forward returns no tensor: nothing could be served")
+    return flat
+
+
+def _numpy(tensor: Any) -> np.ndarray:
+    return np.asarray(tensor.detach().cpu().numpy())
+
+
+def _spec(name: str, array: np.ndarray) -> InputSpec:
+    return InputSpec(name, datatype_name(datatype_of(array.dtype)), [-1, *array.shape[1:]])
+
+
+def from_module(
+    torch: Any, module: Any, examples: Any, architecture: str | None, opset: int
+) -> tuple[bytes, str, dict[str, Any]]:
+    """The upload's bytes, its format, and what travels with it (input specs, samples keyed by
+    the served input names, and the module's outputs on them)."""
+    bound = bind(torch, module, examples)
+    result = call(torch, module, bound)
+    samples = {name: _numpy(t) for name, t in bound.named.items()}
+    if architecture:
+        return _state_dict(torch, module, bound, result, samples)
+    outputs = flatten_outputs(torch, result)
+    data, graph_inputs = _export(torch, module, bound, list(outputs), opset)
+    extras = {
+        "inputs": tuple(_spec(name, samples[name]) for name in graph_inputs),
+        "sample_inputs": {name: samples[name] for name in graph_inputs},
+        "reference_outputs": {name: _numpy(t) for name, t in outputs.items()},
+    }
+    return data, "onnx", extras
+
+
+def _state_dict(
+    torch: Any, module: Any, bound: Bound, result: Any, samples: dict[str, np.ndarray]
+) -> tuple[bytes, str, dict[str, Any]]:
+    """The server rebuilds the architecture and calls it positionally in spec order, so the
+    examples must be forward's leading parameters, and the specs go in signature order."""
+    leading = [p.name for p in bound.signature.parameters.values()][: len(bound.named)]
+    given = set(bound.named)
+    if given != set(leading) or any(
+        bound.signature.parameters[n].kind not in _POSITIONAL for n in leading
+    ):
+        raise InvalidInputError(
+            f"with architecture=, the server calls forward positionally: example_inputs must give "
+            f"forward's first {len(given)} positional parameters {_listing(bound.signature)}, "
+            f"got {sorted(given)}; or upload without architecture= to export it here"
+        )
+    flat = list(flatten_outputs(torch, result).values())
+    names = ["output"] if len(flat) == 1 else [f"output_{i}" for i in range(len(flat))]
+    extras = {
+        "inputs": tuple(_spec(name, samples[name]) for name in leading),
+        "sample_inputs": {name: samples[name] for name in leading},
+        "reference_outputs": {n: _numpy(t) for n, t in zip(names, flat, strict=True)},
+    }
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getvalue(), "state_dict", extras
+
+
+def _export(
+    torch: Any, module: Any, bound: Bound, out_names: list[str], opset: int
+) -> tuple[bytes, list[str]]:
+    """Export with the user's own ``args`` and ``kwargs``; return the file and the graph's input
+    names in the graph's order, read from the file and checked against the bound names."""
+
+    def doubled(value: Any) -> Any:
+        # An example batch of 1 can freeze the batch dim: export with at least 2.
+        return torch.cat([value, value]) if value.shape[0] < 2 else value
+
+    batch = torch.export.Dim("batch", min=1, max=4096)
+
+    def dims(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {k: dims(v) for k, v in value.items()}
+        if isinstance(value, tuple | list):
+            return tuple(dims(v) for v in value)
+        return {0: batch}
+
+    args = tuple(doubled(a) for a in bound.args)
+    kwargs = {k: doubled(v) for k, v in bound.kwargs.items()}
+    dynamic_shapes = {name: dims(value) for name, value in bound.arguments.items()}
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+        path = Path(tmp) / "model.onnx"
+        program = torch.onnx.export(
+            module,
+            args,
+            kwargs=kwargs,
+            dynamo=True,
+            output_names=out_names,
+            dynamic_shapes=dynamic_shapes,
+            opset_version=opset,
+        )
+        program.save(str(path), external_data=False)
+        data = path.read_bytes()
+    graph = onnx.load_from_string(data).graph
+    initializers = {init.name for init in graph.initializer}
+    graph_inputs = [v.name for v in graph.input if v.name not in initializers]
+    graph_outputs = [v.name for v in graph.output]
+    if sorted(graph_inputs) != sorted(bound.named):
+        missing = sorted(set(bound.named) - set(graph_inputs))
+        hint = (
+            f"; the graph does not use {', '.join(missing)} (the exporter drops unused inputs): "
+            "leave it out of example_inputs"
+            if missing and set(graph_inputs) <= set(bound.named)
+            else ""
+        )
+        raise InvalidInputError(
+            f"the exported graph takes inputs {graph_inputs}, but example_inputs name "
+            f"{list(bound.named)}{hint}"
+        )
+    if graph_outputs != out_names:
+        raise InvalidInputError(
+            f"the exported graph gives outputs {graph_outputs}, the module returns {out_names}: "
+            "wrap the model so that forward returns a tensor or a tuple of tensors"
+        )
+    return data, graph_inputs
