@@ -275,8 +275,6 @@ def _export(
     args = tuple(doubled(a) for a in bound.args)
     kwargs = {k: doubled(v) for k, v in bound.kwargs.items()}
     dynamic_shapes = {name: dims(value) for name, value in bound.arguments.items()}
-    import onnx
-
     with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
         path = Path(tmp) / "model.onnx"
         program = torch.onnx.export(
@@ -290,7 +288,9 @@ def _export(
         )
         program.save(str(path), external_data=False)
         data = path.read_bytes()
-    graph = onnx.load_from_string(data).graph
+        # The exported graph as torch built it (ONNXProgram.model_proto): the SDK reads its
+        # real input and output names without importing onnx itself.
+        graph = program.model_proto.graph
     initializers = {init.name for init in graph.initializer}
     graph_inputs = [v.name for v in graph.input if v.name not in initializers]
     graph_outputs = [v.name for v in graph.output]
