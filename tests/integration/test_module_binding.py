@@ -1,0 +1,179 @@
+"""Module uploads bind example inputs by name, end to end (issue 13 item 1).
+
+A dict of example inputs out of ``forward()``'s order once produced a served model that took
+``attention_mask`` as ``input_ids`` while its job SUCCEEDED with parity 1.0: the reference outputs
+came from the same swapped call. Here the SDK exports, the real conversion child converts, the
+served model is queried by input name, and its outputs are compared with the user's own call
+``module(*args, **kwargs)`` in torch. The last tests plant that swap and require the server's
+validation to fail the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from serverutil import ServerThread
+
+from ferry.client import (
+    ConversionClient,
+    InferenceClient,
+    InvalidInputError,
+    JobFailedError,
+    Validation,
+)
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.slow
+
+Start = Callable[[], tuple[ServerThread, ConversionClient]]
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Start]:
+    """A server with the real conversion child on tmp_path/repo."""
+    started: list[tuple[ServerThread, ConversionClient]] = []
+
+    def _start() -> tuple[ServerThread, ConversionClient]:
+        repo = tmp_path / "repo"
+        repo.mkdir(exist_ok=True)
+        srv = ServerThread(repo).start()
+        client = ConversionClient(srv.management_target, timeout=120)
+        started.append((srv, client))
+        return srv, client
+
+    yield _start
+    for srv, client in reversed(started):
+        client.close()
+        srv.stop()
+
+
+class XY(torch.nn.Module):
+    """Asymmetric in x and y, so that a swap shows in every output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, x: Any, y: Any, z: Any = None) -> Any:
+        out = self.linear(2 * x - y)
+        return out if z is None else out + 10 * z
+
+
+def _rand(*shape: int, seed: int) -> Any:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def _served(srv: ServerThread, model: str, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    with InferenceClient(srv.target, timeout=60) as client:
+        return dict(client.infer(model, feed))
+
+
+def _numpy(named: dict[str, Any]) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in named.items()}
+
+
+def test_bert_with_a_tokenizer_ordered_dict_serves_the_right_model(start: Start) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100,
+    )  # fmt: skip
+    bert = transformers.BertModel(config).eval()
+    ids = torch.randint(1, 100, (3, 8), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 8, dtype=torch.int64)
+    mask[0, 5:] = 0
+    mask[2, 3:] = 0
+    examples = {"attention_mask": mask, "input_ids": ids}  # not forward()'s order
+    srv, conv = start()
+    up = conv.upload("bert", bert, example_inputs=examples)
+    assert sorted(s.name for s in up.inputs) == ["attention_mask", "input_ids"]
+    assert all(s.datatype == "INT64" for s in up.inputs)
+    done = conv.convert(up).wait(progress=False)
+    assert done.report is not None and done.report.raw["reference"]["max_abs"] < 1e-4
+    got = _served(srv, "bert", _numpy(examples))
+    with torch.no_grad():
+        want = bert(**examples)
+    assert set(got) == {"last_hidden_state", "pooler_output"}  # the model's own names
+    for name in got:
+        np.testing.assert_allclose(got[name], want[name].numpy(), rtol=1e-4, atol=1e-4)
+    # The swap the old SDK made would be far off: the check above can see it.
+    with torch.no_grad():
+        swapped = bert(input_ids=mask, attention_mask=ids.clamp(max=1))
+    assert np.abs(got["last_hidden_state"] - swapped.last_hidden_state.numpy()).max() > 0.1
+
+
+@pytest.mark.parametrize(
+    "form", ["dict in reverse order", "tuple", "(args, kwargs)", "tuple then dict"]
+)
+def test_every_form_of_example_inputs_serves_the_users_call(start: Start, form: str) -> None:
+    torch.manual_seed(1)
+    module = XY().eval()
+    x, y, z = (_rand(4, 3, seed=s) for s in (1, 2, 3))
+    examples, args, kwargs = {
+        "dict in reverse order": ({"y": y, "x": x}, (), {"y": y, "x": x}),
+        "tuple": ((x, y), (x, y), {}),
+        "(args, kwargs)": (((x,), {"z": z, "y": y}), (x,), {"z": z, "y": y}),
+        "tuple then dict": ((x, {"y": y}), (x,), {"y": y}),
+    }[form]
+    srv, conv = start()
+    up = conv.upload("xy", module, example_inputs=examples)
+    conv.convert(up).wait(progress=False)
+    feed = {"x": x.numpy(), "y": y.numpy(), **({"z": z.numpy()} if "z" in kwargs else {})}
+    assert {s.name for s in up.inputs} == set(feed)
+    with torch.no_grad():
+        want = module(*args, **kwargs).numpy()
+    np.testing.assert_allclose(_served(srv, "xy", feed)["output"], want, rtol=1e-4, atol=1e-5)
+
+
+def test_a_key_that_is_not_a_parameter_is_refused_before_anything_is_sent(start: Start) -> None:
+    _, conv = start()
+    x = _rand(2, 3, seed=1)
+    with pytest.raises(InvalidInputError, match=r"'w'.*its parameters are \(x, y, z\)"):
+        conv.upload("xy", XY(), example_inputs={"x": x, "w": x})
+    assert conv.list_jobs() == []
+
+
+def test_reference_outputs_from_swapped_inputs_fail_the_job(start: Start) -> None:
+    torch.manual_seed(2)
+    module = XY().eval()
+    x, y = _rand(4, 3, seed=4), _rand(4, 3, seed=5)
+    _, conv = start()
+    up = conv.upload("xy", module, example_inputs={"y": y, "x": x})
+    assert up.sample_inputs is not None
+    with torch.no_grad():
+        planted = {"output": module(y, x).numpy()}  # the old SDK's positional call
+    validation = Validation(sample_inputs=up.sample_inputs, reference_outputs=planted)
+    with pytest.raises(JobFailedError, match=r"disagrees with validation\.reference") as failed:
+        conv.convert(up, validation=validation).wait(progress=False)
+    assert failed.value.job.state == "FAILED" and failed.value.job.version is None
+
+
+def test_a_graph_with_swapped_input_names_fails_the_job(start: Start, tmp_path: Path) -> None:
+    """What the old SDK uploaded: exported positionally from a dict, named after its keys."""
+    torch.manual_seed(3)
+    module = XY().eval()
+    x, y = _rand(4, 3, seed=6), _rand(4, 3, seed=7)
+    examples = {"y": y, "x": x}
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            module, tuple(examples.values()), dynamo=True, input_names=list(examples),
+            output_names=["output"], dynamic_shapes=({0: batch}, {0: batch}), opset_version=20,
+        )  # fmt: skip
+    program.save(str(tmp_path / "swapped.onnx"), external_data=False)
+    _, conv = start()
+    up = conv.upload("xy", tmp_path / "swapped.onnx")
+    with torch.no_grad():
+        reference = {"output": module(**examples).numpy()}  # the user's own call
+    validation = Validation(sample_inputs=_numpy(examples), reference_outputs=reference)
+    with pytest.raises(JobFailedError, match=r"disagrees with validation\.reference") as failed:
+        conv.convert(up, validation=validation).wait(progress=False)
+    assert failed.value.job.state == "FAILED" and failed.value.job.version is None
