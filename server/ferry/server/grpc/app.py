@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from ferry.proto.v1 import inference_pb2, inference_pb2_grpc, repository_pb2, repository_pb2_grpc
 from ferry.server import security
@@ -27,7 +26,7 @@ from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import Limits
-from ferry.server.grpc import conversion, kserve
+from ferry.server.grpc import conversion, kserve, reflection
 from ferry.server.grpc.auth import inference_guard, management_guard
 from ferry.server.grpc.inference import InferenceServicer
 from ferry.server.grpc.repository import RepositoryServicer
@@ -123,7 +122,7 @@ class FerryServer:
                 management_address=self._management_address,
             ),
         )
-        reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
+        reflection.enable(server, names)
         self.inference_port = _bind(server, s.host, s.port, creds)
         self._servers.append(server)
         # Management listener: separate, loopback by default.
@@ -143,7 +142,7 @@ class FerryServer:
             )
             self.conversion.open()
             mnames += conversion.add_to_server(mserver, self.conversion)
-            reflection.enable_server_reflection([*mnames, reflection.SERVICE_NAME], mserver)
+            reflection.enable(mserver, mnames)
             self.management_port = _bind(mserver, s.management_host, s.management_port, mcreds)
             self._servers.append(mserver)
         if s.metrics_port >= 0:

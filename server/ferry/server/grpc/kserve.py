@@ -36,6 +36,28 @@ SERVER_NAME = "ferry"
 # implemented, so they are not claimed.
 EXTENSIONS = ("model_repository", "model_configuration", "statistics")
 
+# The implemented methods: name -> (request message, response message, bidirectional stream).
+# Reflection describes the service from this (grpc/reflection.py); a test checks it matches the
+# handlers table.
+METHODS: dict[str, tuple[str, str, bool]] = {
+    "ServerLive": ("ServerLiveRequest", "ServerLiveResponse", False),
+    "ServerReady": ("ServerReadyRequest", "ServerReadyResponse", False),
+    "ServerMetadata": ("ServerMetadataRequest", "ServerMetadataResponse", False),
+    "ModelReady": ("ModelReadyRequest", "ModelReadyResponse", False),
+    "ModelMetadata": ("ModelMetadataRequest", "ModelMetadataResponse", False),
+    "ModelConfig": ("ModelConfigRequest", "ModelConfigResponse", False),
+    "ModelStatistics": ("ModelStatisticsRequest", "ModelStatisticsResponse", False),
+    "ModelInfer": ("ModelInferRequest", "ModelInferResponse", False),
+    "ModelStreamInfer": ("ModelInferRequest", "ModelStreamInferResponse", True),
+    "RepositoryIndex": ("RepositoryIndexRequest", "RepositoryIndexResponse", False),
+    "RepositoryModelLoad": ("RepositoryModelLoadRequest", "RepositoryModelLoadResponse", False),
+    "RepositoryModelUnload": (
+        "RepositoryModelUnloadRequest",
+        "RepositoryModelUnloadResponse",
+        False,
+    ),
+}
+
 _SHARED_MEMORY = (
     "Ferry does not support system or CUDA shared memory: send tensors in raw_input_contents "
     "(tritonclient's set_data_from_numpy does)"
