@@ -43,6 +43,7 @@ def start_server(repository: Path) -> tuple[subprocess.Popen[bytes], str, str]:
             "ferry.server",
             "--repository",
             str(repository),
+            "--create-repository",
             "--host",
             "127.0.0.1",
             "--port",

@@ -27,6 +27,9 @@ class ServerThread:
             "metrics_host": "127.0.0.1",
             "metrics_port": 0,
             "grace_period": 5.0,
+            # Tests name fresh temporary folders; the server's own default (refuse a missing
+            # repository) is tested by itself.
+            "create_repository": True,
         }
         defaults.update(settings)
         self.settings = Settings(repository=repository, **defaults)

@@ -58,6 +58,7 @@ def test_serve_on_a_busy_port_fails_with_one_line(
 ) -> None:
     ports = {"--port": "0", "--management-port": "0", "--metrics-port": "0"}
     ports[which] = str(busy_port)
+    (tmp_path / "repo").mkdir()
     args = [FERRY, "serve", "--repository", str(tmp_path / "repo"), "--host", "127.0.0.1"]
     args += ["--metrics-host", "127.0.0.1"]
     for flag, value in ports.items():
@@ -110,3 +111,50 @@ def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_missing_repository_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    """A typo in --repository must not start a server that serves nothing."""
+    missing = tmp_path / "no-such-folder"
+    args = [FERRY, "serve", "--repository", str(missing), "--host", "127.0.0.1", "--port", "0"]
+    args += ["--management-port", "-1", "--metrics-port", "-1"]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, env=_env(), check=False)
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "does not exist" in lines[0] and "--create-repository" in lines[0]
+    assert not missing.exists()
+
+
+def test_serve_without_the_server_extra_says_which_to_install() -> None:
+    """The SDK alone installed: no traceback, the extra to install."""
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None\n"
+        "from ferry.server.cli import main\n"
+        "sys.exit(main(['--repository', '.']))\n"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+        check=False,
+    )
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr
+    assert "pip install 'ferry-serve[server]'" in r.stderr
+
+
+def test_json_log_lines(tmp_path: Path) -> None:
+    import json
+    import logging
+
+    from ferry.server.logs import JsonFormatter
+
+    record = logging.LogRecord(
+        "ferry.x", logging.INFO, __file__, 1, "model %s loaded", ("m",), None
+    )
+    entry = json.loads(JsonFormatter().format(record))
+    assert entry["level"] == "INFO" and entry["logger"] == "ferry.x"
+    assert entry["message"] == "model m loaded" and entry["time"].endswith("Z")

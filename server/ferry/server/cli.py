@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 
+from ferry.server.logs import configure_logging
 from ferry.server.settings import SettingsError, add_arguments, from_args
 
 
@@ -19,20 +19,29 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def serve(args: argparse.Namespace) -> int:
-    from ferry.server.grpc.app import FerryServer
-
+    try:
+        from ferry.server.errors import FerryError
+        from ferry.server.grpc.app import FerryServer
+    except ImportError as exc:  # the SDK alone is installed: say which extra serves
+        print(
+            f"ferry serve: the server is not installed ({exc}); install it with "
+            "pip install 'ferry-serve[server]' (or 'ferry-serve[gpu]' for onnxruntime-gpu)",
+            file=sys.stderr,
+        )
+        return 1
     try:
         settings = from_args(args)
     except SettingsError as exc:  # a deployment mistake: one line that says what to set, no trace
         print(f"ferry serve: {exc}", file=sys.stderr)
         return 1
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(FerryServer(settings).run_until_signal())
     except OSError as exc:
         print(f"ferry serve: {exc}", file=sys.stderr)
+        return 1
+    except FerryError as exc:  # e.g. a missing repository folder
+        print(f"ferry serve: {exc.message}", file=sys.stderr)
         return 1
     return 0
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 MiB = 1 << 20
+LOG_FORMATS = ("text", "json")
 
 
 class SettingsError(ValueError):
@@ -47,6 +48,13 @@ class Settings:
         default=8002,
         metadata={"help": "Prometheus /metrics port; 0 picks a free one, -1 disables it"},
     )
+    create_repository: bool = field(
+        default=False,
+        metadata={
+            "help": "create the repository folder when it does not exist; otherwise a missing "
+            "folder stops the start (a typo must not serve nothing)"
+        },
+    )
     poll_interval: float = field(
         default=0.0, metadata={"help": "seconds between repository scans; 0 only on request"}
     )
@@ -62,6 +70,10 @@ class Settings:
     )
     warm_up: bool = field(default=True, metadata={"help": "run each model once at load"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
+    log_format: str = field(
+        default="text",
+        metadata={"help": "text, or json: one JSON object per line, for log collectors"},
+    )
     # --- access (see SECURITY.md; the rules live in ferry.server.security) ---
     inference_token: str = field(
         default="",
@@ -164,6 +176,10 @@ class Settings:
     def __post_init__(self) -> None:
         from ferry.server.security import check_settings
 
+        if self.log_format not in LOG_FORMATS:
+            raise SettingsError(
+                f"log_format {self.log_format!r}: use one of {', '.join(LOG_FORMATS)}"
+            )
         check_settings(self)
 
     @classmethod

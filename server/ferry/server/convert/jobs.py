@@ -453,7 +453,9 @@ async def _log_lines(stream: asyncio.StreamReader | None, run: _Run, name: str) 
         text = line.decode("utf-8", "replace").rstrip()
         if name == "stderr":
             run.stderr.append(text)
-        log.info("job %s %s: %s", run.job_id, name, text)
+        # torch and onnxruntime talk a lot while converting: their output is DEBUG; what a user
+        # needs (progress, the failure and its reason) comes through the progress events.
+        log.debug("job %s %s: %s", run.job_id, name, text)
 
 
 def _kill(proc: asyncio.subprocess.Process | None) -> None:

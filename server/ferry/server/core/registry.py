@@ -306,6 +306,15 @@ class ModelRegistry:
             return
         entry.versions[version] = VersionSlot(version, State.READY, "", loaded, sig)
         result.loaded.append(f"{entry.name}/{version}")
+        reloaded = old is not None and old.loaded is not None
+        log.info(
+            "model %s version %s %s (providers %s, max_batch_size %d)",
+            entry.name,
+            version,
+            "reloaded" if reloaded else "loaded",
+            ",".join(loaded.session.providers),
+            loaded.max_batch_size,
+        )
         if old is not None and old.loaded is not None:
             await old.loaded.close(drain=True)
 
@@ -324,6 +333,7 @@ class ModelRegistry:
             await slot.loaded.close(drain=True)
         del entry.versions[version]
         result.unloaded.append(f"{entry.name}/{version}")
+        log.info("model %s version %s unloaded", entry.name, version)
 
     async def _unload_model(self, name: str, result: RepositoryOutcome) -> None:
         entry = self.models.get(name)

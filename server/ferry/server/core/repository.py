@@ -55,6 +55,11 @@ class ModelRepository:
         path = Path(root)
         if create and not path.exists():
             path.mkdir(parents=True, exist_ok=True)
+        if not path.exists():
+            raise InvalidArgument(
+                f"model repository {str(path)!r} does not exist: check the path, or pass "
+                "--create-repository (FERRY_CREATE_REPOSITORY=1) to start with an empty one"
+            )
         if not path.is_dir():
             raise InvalidArgument(f"model repository {str(path)!r} is not a folder")
         self.root = path.resolve()

@@ -44,7 +44,7 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class FerryServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.repository = ModelRepository(settings.repository)
+        self.repository = ModelRepository(settings.repository, create=settings.create_repository)
         self.registry = ModelRegistry(self.repository, open_session, warm_up=settings.warm_up)
         self.dataplane = DataPlane(
             self.registry,
