@@ -55,6 +55,14 @@ class Settings:
             "folder stops the start (a typo must not serve nothing)"
         },
     )
+    require_models: str = field(
+        default="",
+        metadata={
+            "help": "comma-separated models this replica must serve to report ready (health "
+            "''/ServerReady); default: those serving after the start-up load. A model loading "
+            "or failing beside them does not change readiness"
+        },
+    )
     poll_interval: float = field(
         default=0.0, metadata={"help": "seconds between repository scans; 0 only on request"}
     )

@@ -76,6 +76,7 @@ class ModelRegistry:
         self._warm_up = warm_up
         self._listeners: list[Listener] = []
         self._unloaded_by_request: set[str] = set()
+        self._required: set[str] | None = None  # None until settle(): see all_ready
 
     def add_listener(self, listener: Listener) -> None:
         """Called after every state change (health and metrics follow the registry)."""
@@ -132,11 +133,35 @@ class ModelRegistry:
         ]
 
     def all_ready(self) -> bool:
-        """Every selected version finished loading and at least one is READY."""
+        """Is this replica ready? Before ``settle``: every selected version finished loading and
+        at least one is READY. After it: the models the replica must serve each have a READY
+        version; a model loading, reloading or failing beside them changes nothing, so a
+        readiness probe does not pull a serving replica out on every deploy."""
+        if self._required is not None:
+            return self._serving(self._required)
         slots = [s for e in self.models.values() for s in e.versions.values()]
         return any(s.state is State.READY for s in slots) and not any(
             s.state is State.LOADING for s in slots
         )
+
+    def settle(self, required: list[str] | None = None) -> None:
+        """Fix what readiness means once the start-up load is done: the models named, or else
+        those serving now. An explicit load adds a model to them, an explicit unload removes it."""
+        self._required = set(required) if required else set(self._ready_models())
+
+    def required_models(self) -> list[str]:
+        return sorted(self._required or ())
+
+    def _ready_models(self) -> list[str]:
+        return [
+            e.name
+            for e in self.models.values()
+            if any(s.state is State.READY for s in e.versions.values())
+        ]
+
+    def _serving(self, required: set[str]) -> bool:
+        ready = set(self._ready_models())
+        return required <= ready if required else bool(ready)
 
     # ---- changes ----
     async def refresh(self, *, retry_failed: bool = True) -> RepositoryOutcome:
@@ -145,6 +170,8 @@ class ModelRegistry:
             result = RepositoryOutcome()
             on_disk = set(self.repository.list_models()) - self._unloaded_by_request
             for name in sorted(set(self.models) - on_disk):
+                if self._required is not None:
+                    self._required.discard(name)  # removed from the repository: not required
                 await self._unload_model(name, result)
             await asyncio.gather(
                 *(self._sync_model(name, result, retry_failed) for name in sorted(on_disk))
@@ -157,6 +184,8 @@ class ModelRegistry:
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._lock:
             self._unloaded_by_request.discard(name)
+            if self._required is not None:
+                self._required.add(name)
             result = RepositoryOutcome()
             await self._sync_model(name, result, retry_failed=True)
             self._notify()
@@ -167,6 +196,8 @@ class ModelRegistry:
             if name not in self.models:
                 raise ModelNotFound(f"model {short(name)!r} is not loaded")
             self._unloaded_by_request.add(name)
+            if self._required is not None:
+                self._required.discard(name)
             result = RepositoryOutcome()
             await self._unload_model(name, result)
             self._notify()
@@ -251,8 +282,6 @@ class ModelRegistry:
         except FerryError:
             on_disk = []
         wanted = entry.config.version_policy.select(on_disk)
-        for v in sorted(set(entry.versions) - set(wanted)):
-            await self._unload_version(entry, v, result)
         loads = []
         for v in wanted:
             slot = entry.versions.get(v)
@@ -277,6 +306,10 @@ class ModelRegistry:
             ):
                 loads.append(self._load_version(entry, v, sig, result))
         await asyncio.gather(*loads)
+        # Versions the policy no longer selects go only now, after the new ones loaded: a
+        # new version replacing the old one leaves no moment without a served version.
+        for v in sorted(set(entry.versions) - set(wanted)):
+            await self._unload_version(entry, v, result)
 
     async def _load_version(
         self,

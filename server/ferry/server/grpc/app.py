@@ -37,6 +37,10 @@ from ferry.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
+INFERENCE_SERVICES = (
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    kserve.SERVICE,
+)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -68,6 +72,8 @@ class FerryServer:
         self._health_task: asyncio.Task[None] | None = None
         self._health_dirty = False
         self._health_names: set[str] = set()
+        self._management_health: health.aio.HealthServicer | None = None
+        self._management_services: list[str] = []
         self._stopped = asyncio.Event()
         # Model conversion (uploads, jobs, versions): management listener only. Its state
         # folder is opened in start(), only when the management listener runs.
@@ -142,6 +148,11 @@ class FerryServer:
             )
             self.conversion.open()
             mnames += conversion.add_to_server(mserver, self.conversion)
+            # Health on the management listener too: a control-plane probe asks it directly.
+            self._management_health = health.aio.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self._management_health, mserver)
+            self._management_services = list(mnames)
+            mnames.append(health.SERVICE_NAME)
             reflection.enable(mserver, mnames)
             self.management_port = _bind(mserver, s.management_host, s.management_port, mcreds)
             self._servers.append(mserver)
@@ -151,7 +162,12 @@ class FerryServer:
             await srv.start()
         self.registry.add_listener(self._schedule_health)
         await self.registry.refresh()
+        required = [m.strip() for m in s.require_models.split(",") if m.strip()]
+        self.registry.settle(required)
         await self._update_health()
+        if self._management_health is not None:
+            for name in ("", *self._management_services):
+                await self._management_health.set(name, SERVING)
         if s.poll_interval > 0:
             self._poll_task = asyncio.create_task(self._poll(s.poll_interval))
         log.info(
@@ -181,11 +197,16 @@ class FerryServer:
         self._health_dirty = False
         if self._stopping:
             return
-        await self.health.set("", SERVING if self.dataplane.ready() else NOT_SERVING)
+        replica = SERVING if self.dataplane.ready() else NOT_SERVING
+        await self.health.set("", replica)
         states = self.dataplane.model_states()
         names = set(states)
         for name, ready in states.items():
             await self.health.set(name, SERVING if ready else NOT_SERVING)
+        # The inference services by their full names, as probes configured per service ask:
+        # they serve when the replica does.
+        for service in INFERENCE_SERVICES:
+            await self.health.set(service, replica)
         # A model that left the registry (folder removed, unloaded) must not stay SERVING.
         for gone in self._health_names - names:
             await self.health.set(gone, NOT_SERVING)
@@ -207,6 +228,8 @@ class FerryServer:
         self._stopping = True
         grace = self.settings.grace_period if grace is None else grace
         await self.health.enter_graceful_shutdown()
+        if self._management_health is not None:
+            await self._management_health.enter_graceful_shutdown()
         if self._poll_task is not None:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

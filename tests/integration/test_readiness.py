@@ -1,0 +1,141 @@
+"""Readiness is a statement about the replica, not a flicker: a model loading beside the served
+ones, or a new version rolling in, changes nothing; health answers under the full service names
+and on the management listener too.
+
+Loading is held deterministically by a gate in the registry's opener (no sleeps, no timing)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import wait_for
+from serverutil import ServerThread
+
+from ferry.client import InferenceClient
+from ferry.server.core.repository import ModelRepository
+from ferry.server.examples import identity_model, write_model
+from ferry.server.grpc.app import FerryServer
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class LoadGate:
+    """Holds the opening of every version folder whose path contains ``match`` until released."""
+
+    def __init__(self) -> None:
+        self.match = "\0"
+        self.entered = threading.Event()
+        self._open = threading.Event()
+
+    def install(self, app: FerryServer) -> None:
+        original: Callable[..., Any] = app.registry._opener
+
+        def gated(path: Path, config: Any) -> Any:
+            if self.match in str(path):
+                self.entered.set()
+                assert self._open.wait(30), "the test never released the load gate"
+            return original(path, config)
+
+        app.registry._opener = gated
+
+    def hold(self, match: str) -> None:
+        self.match = match
+
+    def release(self) -> None:
+        self._open.set()
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[tuple[ServerThread, LoadGate, ModelRepository]]:
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "alpha", identity_model("FP32"))
+    gate = LoadGate()
+    srv = ServerThread(repo.root).start(gate.install)
+    try:
+        yield srv, gate, repo
+    finally:
+        gate.release()
+        srv.stop()
+
+
+def _health(target: str, service: str = "") -> int:
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        return int(reply.status)
+
+
+def _refresh_in_background(srv: ServerThread) -> Future[Any]:
+    assert srv.app is not None
+    app = srv.app
+    pool = ThreadPoolExecutor(1)
+    return pool.submit(srv.call, app.dataplane.refresh)
+
+
+def test_a_model_loading_beside_the_served_ones_does_not_flip_readiness(gated: Any) -> None:
+    srv, gate, repo = gated
+    assert _health(srv.target) == SERVING
+    gate.hold("beta")
+    write_model(repo, "beta", identity_model("FP32"))
+    done = _refresh_in_background(srv)
+    assert gate.entered.wait(30)
+    # beta is LOADING now: the replica still serves alpha, so it stays ready.
+    with InferenceClient(srv.target) as client:
+        states = {m.name: m.state for m in client.list_models()}
+        assert states["beta"] == "LOADING"
+        assert _health(srv.target) == SERVING
+        assert _health(srv.target, "beta") == NOT_SERVING
+        x = np.ones((1, 3), np.float32)
+        assert np.array_equal(client.infer("alpha", {"input": x}).as_numpy("output"), x)
+    gate.release()
+    done.result(30)
+    assert _health(srv.target, "beta") == SERVING
+
+
+def test_a_new_version_rolls_in_without_a_gap(gated: Any) -> None:
+    """With ``latest = 1``, version 2 loads while version 1 keeps answering; version 1 goes
+    only once version 2 serves."""
+    srv, gate, repo = gated
+    gate.hold("/alpha/2/")
+    write_model(repo, "alpha", identity_model("FP32"), version=2)
+    done = _refresh_in_background(srv)
+    assert gate.entered.wait(30)
+    with InferenceClient(srv.target) as client:
+        x = np.ones((2, 3), np.float32)
+        assert client.infer("alpha", {"input": x}).version == 1
+        assert _health(srv.target) == SERVING
+        gate.release()
+        done.result(30)
+        wait_for(lambda: client.infer("alpha", {"input": x}).version == 2, "version 2 serving")
+        assert [m.version for m in client.list_models("alpha")] == [2]
+
+
+def test_health_under_service_names_and_on_the_management_listener(gated: Any) -> None:
+    srv, _, _ = gated
+    for service in ("ferry.v1.Inference", "inference.GRPCInferenceService"):
+        assert _health(srv.target, service) == SERVING
+    for service in ("", "ferry.v1.ModelRepository", "ferry.v1.ModelConversion"):
+        assert _health(srv.management_target, service) == SERVING
+
+
+def test_required_models_decide_readiness(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "alpha", identity_model("FP32"))
+    with ServerThread(repo.root, require_models="alpha,beta") as srv:
+        assert _health(srv.target) == NOT_SERVING  # beta is not there
+        write_model(repo, "beta", identity_model("FP32"))
+        assert srv.app is not None
+        app = srv.app
+        srv.call(lambda: app.dataplane.load("beta"))
+        assert _health(srv.target) == SERVING
+        srv.call(lambda: app.dataplane.unload("alpha"))  # an explicit unload: no longer required
+        assert _health(srv.target) == SERVING
