@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -13,10 +14,12 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
-from helpers import scrape
+from helpers import make_repo, scrape, wait_for
 from serverutil import ServerThread
 
 from ferry.client import InferenceClient, InvalidInputError, ModelNotFoundError, TensorInfo
+from ferry.server.core.repository import ModelRepository
+from ferry.server.examples import seed_model, write_model
 
 X = {"input": np.ones((3, 64), np.float32)}
 
@@ -139,3 +142,42 @@ def test_statistics_after_requests(client: InferenceClient) -> None:
     everything = client.statistics()
     assert sorted(x.name for x in everything) == ["fixed", "mlp", "two_io"]
     assert [x.version for x in client.statistics("mlp", version=1)] == [1]
+
+
+def _get(port: int, path: str) -> tuple[int, str]:
+    import urllib.error
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
+            return resp.status, resp.read().decode("utf-8")
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode("utf-8")
+
+
+def test_the_metrics_port_answers_only_what_it_serves(server: ServerThread) -> None:
+    """An httpGet probe pointed at a wrong path must fail, not get the metrics text."""
+    assert server.app is not None
+    port = server.app.metrics_port
+    for path in ("/", "/healthz", "/metrics/x", "/v2/health"):
+        status, body = _get(port, path)
+        assert status == 404, path
+        assert "/metrics" in body
+    assert _get(port, "/v2/health/live")[0] == 200
+    assert _get(port, "/v2/health/ready")[0] == 200
+    status, text = _get(port, "/metrics")
+    assert status == 200
+    assert "process_resident_memory_bytes" in text
+    assert "process_open_fds" in text
+    assert "_created" not in text
+
+
+def test_http_readiness_follows_the_replica(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "repo", {"seed": seed_model()})
+    with ServerThread(root, require_models="seed,later") as srv:
+        assert srv.app is not None
+        app = srv.app
+        assert _get(app.metrics_port, "/v2/health/ready")[0] == 503  # "later" is not there
+        assert _get(app.metrics_port, "/v2/health/live")[0] == 200
+        write_model(ModelRepository(root), "later", seed_model())
+        srv.call(lambda: app.dataplane.load("later"))
+        wait_for(lambda: _get(app.metrics_port, "/v2/health/ready")[0] == 200, "ready")

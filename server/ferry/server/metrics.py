@@ -11,7 +11,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
@@ -19,6 +25,7 @@ from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.types import State
 from ferry.server.errors import FerryError
 from ferry.server.grpc.status import code_of
+from ferry.server.metrics_http import MetricsServer, ReadyFlag
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
@@ -84,8 +91,12 @@ class _CoreCollector(Collector):
 
 class Metrics:
     def __init__(self, dataplane: DataPlane) -> None:
+        # ``*_created`` series are noise for a scraper that sees counters from process start.
+        disable_created_metrics()
         self.prometheus = CollectorRegistry(auto_describe=True)
         self.prometheus.register(_CoreCollector(dataplane))
+        ProcessCollector(registry=self.prometheus)  # process_* (CPU, RSS, fds, start time)
+        self.ready = ReadyFlag()
         self._requests = Counter(
             "ferry_requests",
             "Inference requests by status",
@@ -130,15 +141,11 @@ class Metrics:
         pair[1].observe(seconds)
 
     def serve(self, host: str, port: int) -> int:
-        try:
-            server, _thread = start_http_server(port, addr=host, registry=self.prometheus)
-        except OSError as exc:  # name the listener, as the gRPC ones do
-            raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
-        self._http = server
-        return int(server.server_port)
+        """Serve /metrics and the HTTP health paths (metrics_http) on their own thread."""
+        self._http = MetricsServer(self.prometheus, self.ready)
+        return self._http.start(host, port)
 
     def close(self) -> None:
         http = getattr(self, "_http", None)
         if http is not None:
-            http.shutdown()
-            http.server_close()
+            http.close()

@@ -197,7 +197,9 @@ class FerryServer:
         self._health_dirty = False
         if self._stopping:
             return
-        replica = SERVING if self.dataplane.ready() else NOT_SERVING
+        ready = self.dataplane.ready()
+        self.metrics.ready.ready = ready  # the metrics port's HTTP readiness reads this
+        replica = SERVING if ready else NOT_SERVING
         await self.health.set("", replica)
         states = self.dataplane.model_states()
         names = set(states)
@@ -227,6 +229,7 @@ class FerryServer:
             return
         self._stopping = True
         grace = self.settings.grace_period if grace is None else grace
+        self.metrics.ready.ready = False  # NOT ready first, so load balancers stop sending
         await self.health.enter_graceful_shutdown()
         if self._management_health is not None:
             await self._management_health.enter_graceful_shutdown()

@@ -1,0 +1,88 @@
+"""The metrics port: ``/metrics`` for Prometheus and HTTP health for probes, 404 for the rest.
+
+prometheus_client's own server answers 200 with the metrics text on every path, so an ``httpGet``
+probe pointed at any path of this port always passed. This small server answers only what it
+serves: ``/metrics``, ``/v2/health/live`` (the process is up) and ``/v2/health/ready`` (the replica
+is ready: the models it must serve are ready), the Open Inference Protocol's health paths, so a
+probe works whether it targets this port or the protocol's HTTP port. It runs on its own thread;
+readiness is a flag the server sets on its event loop at every change, never computed here.
+"""
+
+from __future__ import annotations
+
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+LIVE = "/v2/health/live"
+READY = "/v2/health/ready"
+
+
+class ReadyFlag:
+    """Readiness as the server last computed it; read from the HTTP thread."""
+
+    def __init__(self) -> None:
+        self.ready = False
+
+
+class _Handler(BaseHTTPRequestHandler):
+    registry: CollectorRegistry
+    flag: ReadyFlag
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def _answer(self, *, body: bool) -> None:
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+            self._send(200, encoder(self.registry), content_type, body)
+        elif path == LIVE:
+            self._send(200, b"", "text/plain", body)
+        elif path == READY:
+            status = 200 if self.flag.ready else 503
+            self._send(status, b"", "text/plain", body)
+        else:
+            message = b"not found: this port serves /metrics, /v2/health/live, /v2/health/ready\n"
+            self._send(404, message, "text/plain; charset=utf-8", body)
+
+    def _send(self, status: int, payload: bytes, content_type: str, body: bool) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        if body and payload:
+            self.wfile.write(payload)
+
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes are not log lines
+        return None
+
+
+class MetricsServer:
+    def __init__(self, registry: CollectorRegistry, flag: ReadyFlag) -> None:
+        handler = type("Handler", (_Handler,), {"registry": registry, "flag": flag})
+        self._handler = handler
+        self._server: ThreadingHTTPServer | None = None
+
+    def start(self, host: str, port: int) -> int:
+        try:
+            server = ThreadingHTTPServer((host, port), self._handler)
+        except OSError as exc:  # name the listener, as the gRPC ones do
+            raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, name="ferry-metrics", daemon=True).start()
+        self._server = server
+        return int(server.server_address[1])
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
