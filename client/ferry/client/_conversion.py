@@ -227,6 +227,7 @@ class ConversionClient(ManagementClient):
         way the module's own outputs on the examples (from that same call, not from the export)
         travel with the upload, and ``convert`` has the server validate against them.
         """
+        self._check_open()
         if chunk_size <= 0:
             raise InvalidInputError("chunk_size must be positive")
         extras: dict[str, Any] = {}
@@ -321,6 +322,7 @@ class ConversionClient(ManagementClient):
         return self._job(self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)))
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[ProgressEvent]:
+        self._check_open()
         stream = self._stub.WatchJob(
             pb.WatchJobRequest(job_id=job_id), timeout=timeout, metadata=self._metadata
         )
