@@ -271,6 +271,17 @@ class ConversionClient(ManagementClient):
         up = parse_upload(reply)
         return dataclasses.replace(up, **extras) if extras else up
 
+    def list_uploads(self, model: str | None = None, *, limit: int = 100) -> list[Upload]:
+        """The uploads the server keeps, newest first; they stay until deleted."""
+        request = pb.ListUploadsRequest(model=model or "", limit=limit)
+        return [parse_upload(u) for u in self._call(self._stub.ListUploads, request).uploads]
+
+    def delete_upload(self, upload: Upload | str) -> None:
+        """Remove an upload's file from the server. Refused (``ConversionError``,
+        FAILED_PRECONDITION) while a queued or running job reads it."""
+        upload_id = upload.upload_id if isinstance(upload, Upload) else upload
+        self._call(self._stub.DeleteUpload, pb.DeleteUploadRequest(upload_id=upload_id))
+
     # ---- jobs ----
     def convert(
         self,

@@ -47,7 +47,9 @@ _MESSAGE_SIZE = re.compile(
     r"\((?P<size>\d+) vs\. (?P<limit>\d+)\)"
 )
 CLIENT_LIMIT = "the client's max_message_bytes option (InferenceClient(max_message_bytes=...))"
-SERVER_LIMIT = "the server's max_message_bytes setting (--max-message-bytes, FERRY_MAX_MESSAGE_BYTES)"
+SERVER_LIMIT = (
+    "the server's max_message_bytes setting (--max-message-bytes, FERRY_MAX_MESSAGE_BYTES)"
+)
 WRONG_LISTENER = (
     "is this the right listener? Inference (ferry.v1.Inference, the Open Inference Protocol) is "
     "on the inference port (8001 by default); repository control and conversion "
@@ -228,7 +230,9 @@ def message_size_error(code: grpc.StatusCode | None, message: str) -> LimitExcee
     size, limit = int(m["size"]), int(m["limit"])
     side, sent = m["side"], m["dir"] == "Sent"
     if side == "CLIENT" and sent:
-        what = f"this client refused to send a {size:,}-byte message: over {CLIENT_LIMIT}, {limit:,}"
+        what = (
+            f"this client refused to send a {size:,}-byte message: over {CLIENT_LIMIT}, {limit:,}"
+        )
     elif side == "CLIENT":
         what = (
             f"this client refused a {size:,}-byte answer: over {CLIENT_LIMIT}, {limit:,}; the "
