@@ -3,8 +3,9 @@
 Starts a server on the default repository (./model-repository) on free loopback ports, registers
 the seed article's model (``nn.Sequential(Linear(3, 4), ReLU(), Linear(4, 1))``) as a state_dict
 plus its architecture name, converts an fp32 and a dynamic-int8 version, runs an inference on
-each (checked against PyTorch), runs a 10-second load test, prints the report and stops the
-server. Needs the `convert` extra (torch); `make install` has it.
+each (checked against PyTorch), runs a 10-second load test, prints the report, stops the server
+and says where it ran and what to try next. Needs the `convert` extra (torch); `make install`
+has it.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def main() -> int:
 
     print(f"== starting ferry on {args.repository}")
     proc, target, management = start_server(args.repository)
+    print(f"   up: inference on {target}, management on {management} (free ports, this run only)")
+    versions: dict[str, int | None] = {}
     try:
         with ConversionClient(management) as conv, InferenceClient(target, timeout=30) as infer:
             print("== uploading the seed model (state_dict + architecture 'seed')")
@@ -91,7 +94,6 @@ def main() -> int:
             print(
                 f"   upload {upload.upload_id}: {upload.size_bytes} bytes, sha256 {upload.sha256[:16]}..."
             )
-            versions = {}
             for variant in ("none", "dynamic_int8"):
                 label = "fp32" if variant == "none" else variant
                 print(f"== converting: {label}")
@@ -132,7 +134,26 @@ def main() -> int:
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+    print(next_steps(args.repository, target, management, versions))
     return 0
+
+
+def next_steps(
+    repository: Path, target: str, management: str, versions: dict[str, int | None]
+) -> str:
+    """Where the demo's server ran, and what to run now that it has stopped."""
+    made = ", ".join(f"version {v} ({label})" for label, v in versions.items()) or "nothing"
+    return f"""
+== done. The demo's server ran on {target} (inference) and {management} (management), serving
+   {repository.resolve()}; it has stopped, and the repository keeps what it made
+   ({MODEL!r}: {made}) beside the examples 'mlp' and 'seed'.
+   Next:
+     make serve                                  # serve it: inference :8001, management 127.0.0.1:8003
+     .venv/bin/ferry models list                 # in another terminal
+     .venv/bin/ferry infer {MODEL} --random
+     .venv/bin/ferry loadtest mlp -c 1,8 -d 5
+     .venv/bin/ferry convert --help              # convert your own model (docs/conversion.md)
+   The SDK: docs/sdk.md; every command: docs/cli.md."""
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ A fenced block runs when the line just before its fence is ``<!-- test -->``:
 * ``console`` blocks run each ``$ ferry ...`` line through ``ferry.cli.main`` and expect exit
   status 0; both variables are also set in the environment, where the CLI reads its defaults.
 
-Everything runs in a temporary working directory, so examples may write files freely.
+The server serves the repository a user gets from the README's commands (``make demo``, ``make
+serve``: the Makefile's ``example-repo`` step, ``python -m ferry.server.examples``), not the test
+suite's own: an example that needs a model the user does not have fails here too. Everything runs
+in a temporary working directory, so examples may write files freely.
 """
 
 from __future__ import annotations
@@ -16,11 +19,15 @@ from __future__ import annotations
 import re
 import shlex
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from serverutil import ServerThread
+
+from ferry.server import examples
 
 ROOT = Path(__file__).resolve().parents[2]
 MARK = "<!-- test -->"
@@ -65,6 +72,31 @@ DOCS_WITH_EXAMPLES = [p for p in doc_files() if p.is_file() and runnable_blocks(
 SLOW_DOCS = {"conversion.md"}
 
 
+@pytest.fixture
+def readme_server(tmp_path: Path) -> Iterator[ServerThread]:
+    """A server on the repository `make example-repo` writes (what `make serve` serves)."""
+    repository = tmp_path / "model-repository"
+    assert examples.main(["--repository", str(repository)]) == 0
+    with ServerThread(repository) as srv:
+        yield srv
+
+
+def test_the_readme_repository_is_what_the_docs_use(readme_server: ServerThread) -> None:
+    """The models the docs' examples name are the ones `make serve` serves, and only those."""
+    from ferry.client import InferenceClient
+
+    with InferenceClient(readme_server.target) as client:
+        served = {m.name for m in client.list_models()}
+    assert served == set(examples.DEFAULT_EXAMPLES)
+    used = set()
+    for path in DOCS_WITH_EXAMPLES:
+        for block in runnable_blocks(path):
+            used |= set(re.findall(r'(?:infer|model_metadata|statistics)\("(\w+)"', block.code))
+            used |= set(re.findall(r"\$ ferry (?:infer|models \w+) (\w+)", block.code))
+    used = {name for name in used if not name.startswith("no_such")}  # the error examples
+    assert used and used <= served, f"docs use models `make serve` does not serve: {used - served}"
+
+
 def run_console(block: Block) -> None:
     from ferry.cli import main
 
@@ -95,9 +127,12 @@ def test_marked_blocks_are_found() -> None:
     ids=lambda p: p.name,
 )
 def test_doc_examples_run(
-    path: Path, server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    path: Path, readme_server: ServerThread, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.chdir(tmp_path)
+    server = readme_server
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
     monkeypatch.setenv("FERRY_TARGET", server.target)
     monkeypatch.setenv("FERRY_MANAGEMENT_TARGET", server.management_target)
     namespace: dict[str, Any] = {

@@ -174,9 +174,9 @@ def test_config_error_fails_the_model_naming_the_key(
         assert client.infer("mlp", {"input": np.ones((1, 64), np.float32)}).version == 1
         assert client.ready()
         write_config(root, "seed", {"batching": {"max_batch_size": 8}, "bogus": 1})
-        (failed,) = repo.refresh().failed
-        assert failed.startswith("seed/1: ")
-        assert "bogus" in failed
+        failed = repo.refresh().failed  # version -> reason
+        assert list(failed) == ["seed/1"]
+        assert "bogus" in failed["seed/1"]
         write_config(root, "seed", {"batching": {"max_batch_size": 8}})
         assert list(repo.refresh().loaded) == ["seed/1"]
         assert client.model_metadata("seed").batching.max_batch_size == 8

@@ -31,12 +31,12 @@ environment: FERRY_TARGET (default --target), FERRY_TOKEN (bearer token).
 `ferry COMMAND --help` describes each command."""
 
 
-def _conversion_commands() -> ModuleType | None:
-    """The upload/convert commands, when this install has the conversion client."""
+def _conversion_commands() -> list[ModuleType]:
+    """The upload/convert/uploads commands, when this install has the conversion client."""
     try:
-        return importlib.import_module("ferry.cli.conversion")
+        return [importlib.import_module(f"ferry.cli.{name}") for name in ("conversion", "uploads")]
     except ImportError:
-        return None
+        return []
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,9 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     models.register(sub)
     infer.register(sub)
-    conversion = _conversion_commands()
-    if conversion is not None:
-        conversion.register(sub)
+    for commands in _conversion_commands():
+        commands.register(sub)
     health.register(sub)
     loadtest.register(sub)
     return parser
@@ -86,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(args_list)
     prog = f"ferry {args.command}"
-    if args.command == "models":
-        prog += f" {args.models_command}"
+    action = getattr(args, f"{args.command}_command", None)
+    if action:
+        prog += f" {action}"
     return run_handler(prog, args.func, args)
 
 

@@ -21,6 +21,7 @@ from ferry.client import (
     FerryError,
     InferenceClient,
     InvalidInputError,
+    LimitExceededError,
     ModelNotFoundError,
     ModelNotReadyError,
     PermissionDeniedError,
@@ -28,6 +29,7 @@ from ferry.client import (
     TLSConfig,
     UnimplementedError,
 )
+from ferry.client._errors import WRONG_LISTENER
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the server answered with an error, or the check did not pass
@@ -36,7 +38,10 @@ EXIT_UNREACHABLE = 3  # nothing answered at the target
 EXIT_INTERRUPTED = 130
 
 DEFAULT_TARGET = "127.0.0.1:8001"
+DEFAULT_MANAGEMENT_TARGET = "127.0.0.1:8003"
 Handler = Callable[[argparse.Namespace], int]
+# A command's own hints, tried before the inference ones: a hint must match the command.
+Hinter = Callable[[FerryError, argparse.Namespace], str | None]
 
 
 class UsageError(Exception):
@@ -86,6 +91,45 @@ def connection_parent(
         "--tls-server-name", help="check the server certificate against this name instead"
     )
     return p
+
+
+def management_parent(timeout: float = 60.0) -> argparse.ArgumentParser:
+    """Connection flags of the commands that talk to the management listener: their own
+    variables, so that the inference target and token never reach it by accident."""
+    return connection_parent(
+        default_target=os.environ.get("FERRY_MANAGEMENT_TARGET", DEFAULT_MANAGEMENT_TARGET),
+        target_env="FERRY_MANAGEMENT_TARGET",
+        token=os.environ.get("FERRY_MANAGEMENT_TOKEN", os.environ.get("FERRY_TOKEN")),
+        token_env="FERRY_MANAGEMENT_TOKEN",
+        timeout=timeout,
+    )
+
+
+def management_hint(exc: FerryError, args: argparse.Namespace) -> str | None:
+    """Hints for every management command; None: no management-specific one."""
+    target = getattr(args, "target", DEFAULT_MANAGEMENT_TARGET)
+    if isinstance(exc, ConnectionError_):
+        return (
+            f"nothing answered at {target}: management listens on 127.0.0.1:8003 unless the "
+            "server says otherwise (--management-port); point --target (or "
+            "FERRY_MANAGEMENT_TARGET) at it"
+        )
+    if isinstance(exc, UnimplementedError):
+        return (
+            "this listener does not offer that call: management commands go to the management "
+            "listener (FERRY_MANAGEMENT_TARGET, default 127.0.0.1:8003), not the inference one"
+        )
+    if isinstance(exc, AuthenticationError):
+        return "pass the management token with FERRY_MANAGEMENT_TOKEN"
+    if isinstance(exc, PermissionDeniedError):
+        return (
+            "the inference token may not manage: use the management token (FERRY_MANAGEMENT_TOKEN)"
+        )
+    if isinstance(exc, ModelNotFoundError):
+        return "`ferry models list` shows what is served; the repository folder, what exists"
+    if isinstance(exc, InvalidInputError):
+        return f"see `ferry {args.command} --help`"
+    return None
 
 
 def tls_config(args: argparse.Namespace) -> TLSConfig | None:
@@ -152,6 +196,13 @@ def shape_spec(text: str) -> tuple[str, tuple[int, ...]]:
 
 
 def _hint(exc: FerryError, args: argparse.Namespace) -> str:
+    if isinstance(exc, UnimplementedError) and WRONG_LISTENER in exc.message:
+        return ""  # the SDK's message already says which listener serves what
+    own: Hinter | None = getattr(args, "hint", None)
+    if own is not None:
+        hint = own(exc, args)
+        if hint is not None:
+            return hint
     target = getattr(args, "target", DEFAULT_TARGET)
     if isinstance(exc, ConnectionError_):
         return (
@@ -174,6 +225,8 @@ def _hint(exc: FerryError, args: argparse.Namespace) -> str:
         return "this token may not call that; management calls go to the management listener"
     if isinstance(exc, UnimplementedError):
         return "this server does not offer that call: is --target the right listener?"
+    if isinstance(exc, LimitExceededError):
+        return "send smaller batches, or raise the limit the message names"
     return ""
 
 

@@ -10,42 +10,41 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ferry.cli._common import (
     EXIT_OK,
     UsageError,
-    connection_parent,
+    management_hint,
+    management_parent,
     positive_int,
     tls_config,
 )
 from ferry.client import (
     ConversionClient,
+    FerryError,
     InputSpec,
+    InvalidInputError,
     Job,
+    JobFailedError,
+    JobNotFoundError,
+    LimitExceededError,
     Pruning,
     Quantization,
+    ResourceExhaustedError,
     Serving,
     Upload,
     Validation,
 )
 
-DEFAULT_MANAGEMENT_TARGET = "127.0.0.1:8003"
 FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript")
+# Formats whose file carries the model's signature: convert needs no --input for them.
+SELF_DESCRIBING = ("onnx", "exported_program")
 # Pruning methods and quantization modes are not listed here: the server's registry is the one
 # list, and an unknown name comes back as INVALID_ARGUMENT naming every known one.
-
-
-def _management_parent() -> argparse.ArgumentParser:
-    return connection_parent(
-        default_target=os.environ.get("FERRY_MANAGEMENT_TARGET", DEFAULT_MANAGEMENT_TARGET),
-        target_env="FERRY_MANAGEMENT_TARGET",
-        token=os.environ.get("FERRY_MANAGEMENT_TOKEN", os.environ.get("FERRY_TOKEN")),
-        token_env="FERRY_MANAGEMENT_TOKEN",
-        timeout=60.0,
-    )
 
 
 def _input_spec(text: str) -> InputSpec:
@@ -88,8 +87,33 @@ def _add_upload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--description", default="", help="free text kept with the upload")
 
 
+def conversion_hint(exc: FerryError, args: argparse.Namespace) -> str | None:
+    """Hints in the words of ``upload`` and ``convert``: their flags, not inference's."""
+    if isinstance(exc, JobFailedError):
+        text = exc.message.lower()
+        if "budget" in text:
+            return (
+                "the accuracy budget was missed: loosen --min-cosine/--min-top1-agreement, "
+                "prune or quantize less, or --keep-failed to publish it anyway (the report says so)"
+            )
+        if "tolerance" in text or "rtol" in text or "atol" in text:
+            return (
+                "the ONNX model differs from PyTorch beyond --rtol/--atol: see the report (--json)"
+            )
+        return "rerun with --json for the job's report, which says where it stopped"
+    if isinstance(exc, JobNotFoundError):
+        return "`ferry uploads list` shows the uploads the server keeps"
+    if isinstance(exc, LimitExceededError):
+        return "the server's --max-upload-bytes (or message size) limit refused it: see the message"
+    if isinstance(exc, ResourceExhaustedError):
+        return "the conversion queue is full: wait for a job to end (--max-queued-conversions)"
+    if isinstance(exc, InvalidInputError):
+        return "the message names the field; `ferry convert --help` lists the flags"
+    return management_hint(exc, args)
+
+
 def register(sub: Any) -> None:
-    parent = _management_parent()
+    parent = management_parent()
     p = sub.add_parser(
         "upload",
         parents=[parent],
@@ -101,7 +125,7 @@ def register(sub: Any) -> None:
     p.add_argument("file", type=Path, help="the model file")
     _add_upload_flags(p)
     p.add_argument("--json", action="store_true", help="print the upload as JSON")
-    p.set_defaults(func=cmd_upload)
+    p.set_defaults(func=cmd_upload, hint=conversion_hint)
 
     p = sub.add_parser(
         "convert",
@@ -115,7 +139,12 @@ def register(sub: Any) -> None:
         "  ferry convert 3f2a...e1 --quantize dynamic_int8 --max-batch-size 32\n"
         "  ferry convert weights.pt --model mlp --architecture mlp \\\n"
         "      --architecture-kwargs '{\"sizes\": [64, 10]}' --input input:FP32:-1,64 --prune "
-        "l1_unstructured:0.5",
+        "l1_unstructured:0.5\n"
+        "  ferry convert seed.pt --model seed --architecture seed --quantize static_int8 \\\n"
+        "      --calibration samples.npz --min-cosine 0.98\n\n"
+        "--calibration and --validation-inputs take an .npz with one array per model input,\n"
+        "first dimension = samples (e.g. np.savez('samples.npz', input=x) with x of shape\n"
+        "[N, 3]).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", help="an upload id, or a model file to upload first")
@@ -143,8 +172,58 @@ def register(sub: Any) -> None:
         help="quantize the exported model with one of the server's quantization modes (e.g. "
         "dynamic_int8, auto); an unknown MODE is answered with the list",
     )
-    p.add_argument("--rtol", type=float, help="validation relative tolerance")
-    p.add_argument("--atol", type=float, help="validation absolute tolerance")
+    p.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="FILE.npz",
+        help="representative inputs for static quantization (static_int8): one array per "
+        "input, first dimension = samples",
+    )
+    p.add_argument(
+        "--calibration-method",
+        metavar="NAME",
+        help="how static quantization picks ranges (the server's: minmax, percentile)",
+    )
+    p.add_argument(
+        "--keep-slower",
+        action="store_true",
+        help="--quantize auto: publish the quantized variant even when it measured slower",
+    )
+    budget = p.add_argument_group(
+        "validation and accuracy budget (the server's defaults when not given)"
+    )
+    budget.add_argument(
+        "--rtol", type=float, help="relative tolerance of ONNX fp32 against PyTorch (1e-3)"
+    )
+    budget.add_argument(
+        "--atol", type=float, help="absolute tolerance of ONNX fp32 against PyTorch (1e-4)"
+    )
+    budget.add_argument(
+        "--min-cosine",
+        type=float,
+        metavar="C",
+        help="budget of a pruned/quantized variant: cosine similarity to fp32 (0.99)",
+    )
+    budget.add_argument(
+        "--min-top1-agreement",
+        type=float,
+        metavar="F",
+        help="budget for classifiers: fraction of samples whose arg-max agrees (0: off)",
+    )
+    budget.add_argument(
+        "--keep-failed",
+        action="store_true",
+        help="publish a variant that missed the budget anyway (the report says so)",
+    )
+    budget.add_argument(
+        "--validation-inputs",
+        type=Path,
+        metavar="FILE.npz",
+        help="inputs to validate on instead of random ones (one array per input)",
+    )
+    budget.add_argument(
+        "--samples", type=positive_int, help="random validation samples when none are given (16)"
+    )
     p.add_argument("--max-batch-size", type=int, help="serving: largest dynamic batch")
     p.add_argument("--instance-count", type=positive_int, help="serving: concurrent executions")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
@@ -152,10 +231,10 @@ def register(sub: Any) -> None:
     bar.add_argument("--progress", action="store_true", help="always draw the progress bar")
     bar.add_argument("--no-progress", action="store_true", help="never draw it")
     p.add_argument("--json", action="store_true", help="print the final job as JSON")
-    p.set_defaults(func=cmd_convert)
+    p.set_defaults(func=cmd_convert, hint=conversion_hint)
 
 
-def _client(args: argparse.Namespace) -> ConversionClient:
+def conversion_client(args: argparse.Namespace) -> ConversionClient:
     try:
         return ConversionClient(
             args.target, timeout=args.timeout, tls=tls_config(args), token=args.token
@@ -178,7 +257,7 @@ def _upload(client: ConversionClient, model: str, path: Path, args: argparse.Nam
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    with _client(args) as client:
+    with conversion_client(args) as client:
         up = _upload(client, args.model, args.file, args)
     if args.json:
         print(
@@ -195,9 +274,20 @@ def cmd_upload(args: argparse.Namespace) -> int:
     else:
         print(
             f"uploaded {args.file} for {up.model!r}: upload id {up.upload_id} ({up.format}, "
-            f"{up.size_bytes:,} bytes)\nnext: ferry convert {up.upload_id} --input NAME:DTYPE:DIMS"
+            f"{up.size_bytes:,} bytes)\nnext: {next_step(up)}"
         )
     return EXIT_OK
+
+
+def next_step(up: Upload) -> str:
+    """The convert command for an upload, asking only for what the server cannot know."""
+    command = f"ferry convert {up.upload_id}"
+    if up.format in SELF_DESCRIBING:
+        return f"{command}   (the file names its inputs)"
+    if up.inputs:
+        known = ", ".join(f"{i.name} {i.datatype} {list(i.shape)}" for i in up.inputs)
+        return f"{command}   (inputs from architecture {up.architecture!r}: {known})"
+    return f"{command} --input NAME:DTYPE:DIMS   (e.g. input:FP32:-1,64; -1 is dynamic)"
 
 
 def _pruning(text: str | None) -> Pruning | None:
@@ -224,14 +314,62 @@ def _job_summary(job: Job) -> str:
     return line
 
 
+def _arrays(path: Path | None, flag: str) -> dict[str, np.ndarray] | None:
+    """An .npz of named arrays, read without pickle (an object array is refused)."""
+    if path is None:
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: npz[name] for name in npz.files}
+    except (OSError, ValueError) as exc:
+        raise UsageError(
+            f"{flag} {path}: cannot read it as .npz ({exc}); write it with "
+            "np.savez(FILE, NAME=array, ...), one array per model input"
+        ) from None
+    if not arrays:
+        raise UsageError(f"{flag} {path}: the file holds no array")
+    return arrays
+
+
+def _validation(args: argparse.Namespace) -> Validation | None:
+    fields = {
+        "rtol": args.rtol,
+        "atol": args.atol,
+        "min_cosine": args.min_cosine,
+        "min_top1_agreement": args.min_top1_agreement,
+        "samples": args.samples,
+        "sample_inputs": _arrays(args.validation_inputs, "--validation-inputs"),
+    }
+    given = {k: v for k, v in fields.items() if v is not None}
+    if not given and not args.keep_failed:
+        return None
+    return Validation(keep_failed=args.keep_failed, **given)
+
+
+def _quantization(args: argparse.Namespace) -> Quantization | None:
+    calibration = _arrays(args.calibration, "--calibration")
+    if args.quantize is None:
+        if calibration is not None or args.calibration_method or args.keep_slower:
+            raise UsageError(
+                "--calibration, --calibration-method and --keep-slower need --quantize MODE "
+                "(static_int8 calibrates; auto may)"
+            )
+        return None
+    return Quantization(
+        mode=args.quantize,
+        calibration=args.calibration_method,
+        calibration_inputs=calibration,
+        keep_slower=args.keep_slower,
+    )
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     serving = None
     if args.instance_count is not None:
         serving = Serving(instance_count=args.instance_count)
-    validation = None
-    if args.rtol is not None or args.atol is not None:
-        validation = Validation(rtol=args.rtol, atol=args.atol)
-    with _client(args) as client:
+    validation = _validation(args)
+    quantization = _quantization(args)
+    with conversion_client(args) as client:
         source: Upload | str = args.source
         path = Path(args.source)
         if path.is_file():
@@ -244,13 +382,16 @@ def cmd_convert(args: argparse.Namespace) -> int:
             inputs=args.inputs or None,
             opset=args.opset,
             pruning=_pruning(args.prune),
-            quantization=Quantization(mode=args.quantize) if args.quantize else None,
+            quantization=quantization,
             validation=validation,
             serving=serving,
             max_batch_size=args.max_batch_size,
         )
         if args.no_wait:
-            print(f"job {job.id} {job.state}; follow it with ConversionClient().job(id).wait()")
+            print(
+                f"job {job.id} {job.state}; follow it from Python with "
+                f"ConversionClient().job({job.id!r}).wait()"
+            )
             return EXIT_OK
         progress = True if args.progress else False if args.no_progress else None
         job.wait(progress=progress)  # JobFailedError (a FerryError) on failure

@@ -1,4 +1,9 @@
-"""``ferry models list | describe | stats``: what a server serves, and how it has been doing."""
+"""``ferry models list | describe | stats``: what a server serves, and how it has been doing;
+``ferry models refresh | load | unload``: change what it serves, on the management listener.
+
+The first three talk to the inference listener (FERRY_TARGET), the last three to the management
+listener (FERRY_MANAGEMENT_TARGET, 127.0.0.1:8003 by default), each with its own defaults, so that
+one command line never sends a token to the wrong listener."""
 
 from __future__ import annotations
 
@@ -7,17 +12,28 @@ import dataclasses
 import json
 from typing import Any
 
-from ferry.cli._common import EXIT_OK, connection_parent, make_client, print_table
-from ferry.client import ModelMetadata, ModelStatistics
+from ferry.cli._common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    UsageError,
+    connection_parent,
+    make_client,
+    management_hint,
+    management_parent,
+    print_table,
+    tls_config,
+)
+from ferry.client import ModelMetadata, ModelStatistics, RepositoryClient
 
 
 def register(sub: Any) -> None:
     conn = connection_parent()
     models = sub.add_parser(
         "models",
-        help="list the served models, describe one, or show its statistics",
+        help="list, describe, show statistics; refresh, load or unload (management)",
         description="List the served models, describe one (inputs, outputs, batching), or "
-        "show its statistics.",
+        "show its statistics (inference listener); re-read the repository, load or unload a "
+        "model (management listener).",
     )
     msub = models.add_subparsers(dest="models_command", required=True, metavar="ACTION")
 
@@ -54,6 +70,36 @@ def register(sub: Any) -> None:
     p.add_argument("model", nargs="?", default="", help="only this model (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_stats)
+
+    manage = management_parent(timeout=120.0)
+    p = msub.add_parser(
+        "refresh",
+        parents=[manage],
+        help="re-read the repository folder (management listener)",
+        description="Re-read the repository folder: load new versions, unload removed ones, "
+        "retry failed ones; prints what changed. Exits 1 when a version failed to load.",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_refresh, hint=management_hint)
+
+    p = msub.add_parser(
+        "load",
+        parents=[manage],
+        help="load (or reload) a model's versions (management listener)",
+        description="Load, or reload, one model's versions per its config and version policy.",
+    )
+    p.add_argument("model")
+    p.set_defaults(func=cmd_load, hint=management_hint)
+
+    p = msub.add_parser(
+        "unload",
+        parents=[manage],
+        help="stop serving a model; its files stay (management listener)",
+        description="Stop serving a model. Its files stay in the repository: `ferry models "
+        "load MODEL` serves it again.",
+    )
+    p.add_argument("model")
+    p.set_defaults(func=cmd_unload, hint=management_hint)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -145,4 +191,44 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "QUEUED",
         ],
     )
+    return EXIT_OK
+
+
+def _repository(args: argparse.Namespace) -> RepositoryClient:
+    try:
+        return RepositoryClient(
+            args.target, timeout=args.timeout, tls=tls_config(args), token=args.token
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def cmd_refresh(args: argparse.Namespace) -> int:
+    with _repository(args) as repo:
+        result = repo.refresh()
+    if args.json:
+        print(json.dumps(dataclasses.asdict(result), indent=2))
+    elif not result.changed:
+        print("nothing changed: every version on disk is already served as configured")
+    else:
+        for version in result.loaded:
+            print(f"loaded    {version}")
+        for version in result.unloaded:
+            print(f"unloaded  {version}")
+        for version, reason in result.failed.items():
+            print(f"FAILED    {version}: {reason}")
+    return EXIT_FAILED if result.failed else EXIT_OK
+
+
+def cmd_load(args: argparse.Namespace) -> int:
+    with _repository(args) as repo:
+        repo.load_model(args.model)
+    print(f"{args.model}: loaded (`ferry models list {args.model}` shows its versions)")
+    return EXIT_OK
+
+
+def cmd_unload(args: argparse.Namespace) -> int:
+    with _repository(args) as repo:
+        repo.unload_model(args.model)
+    print(f"{args.model}: unloaded; its files stay (`ferry models load {args.model}` serves it)")
     return EXIT_OK

@@ -72,6 +72,7 @@ class AsyncInferenceClient(InferenceClientBase):
 
     def _connect(self) -> Any:
         """The stub, binding a channel on this loop first if there is none."""
+        self._check_open()
         if self._channel is None:
             self._bind(create_aio_channel(self.channel_config))
         return self._stub
@@ -221,6 +222,8 @@ class AsyncInferenceClient(InferenceClientBase):
                 yield answer
 
     async def close(self) -> None:
+        """Close the channel; later calls raise ``ClientClosedError``. Closing twice is harmless."""
+        self._closed = True
         if self._channel is not None:
             await self._channel.close()
             self._channel = None

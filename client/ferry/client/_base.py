@@ -17,6 +17,7 @@ import grpc
 
 from ferry.client import _health
 from ferry.client._channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelConfig, TLSConfig
+from ferry.client._errors import ClientClosedError
 from ferry.client._requests import ArrayLike, input_dtypes
 from ferry.client._retry import RetryPolicy
 from ferry.client._types import InferResult, ModelMetadata, Timings
@@ -25,6 +26,11 @@ from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 
 # Inference and the read-only RPCs are idempotent, so the inference clients retry by default.
 DEFAULT_RETRY = RetryPolicy()
+# Seconds a unary call may take, retries included, unless the client or the call says otherwise
+# (None: no deadline). Without one, a server that stopped answering (paused, or a blackholed
+# address) holds each call until gRPC's 20 s connect timeout, or forever once connected; 10 s is
+# far above any inference this server is meant for, and below that connect timeout.
+DEFAULT_TIMEOUT = 10.0
 INFER_METHOD = "/ferry.v1.Inference/Infer"
 STREAM_METHOD = "/ferry.v1.Inference/InferStream"
 
@@ -56,7 +62,7 @@ class InferenceClientBase:
         self,
         target: str | Sequence[str] = "127.0.0.1:8001",
         *,
-        timeout: float | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy = DEFAULT_RETRY,
         tls: TLSConfig | None = None,
         token: str | None = None,
@@ -89,6 +95,7 @@ class InferenceClientBase:
         self._infer: Any = None
         self._infer_stream: Any = None
         self._health: Any = None
+        self._closed = False
         self._open()
 
     def _open(self) -> None:
@@ -112,6 +119,11 @@ class InferenceClientBase:
         self._health = channel.unary_unary(
             _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
         )
+
+    def _check_open(self) -> None:
+        """A closed channel answers with grpc's bare ValueError; say what happened instead."""
+        if self._closed:
+            raise ClientClosedError.of(self)
 
     def _timeout(self, timeout: float | None) -> float | None:
         return self.timeout if timeout is None else timeout

@@ -227,6 +227,7 @@ class ConversionClient(ManagementClient):
         way the module's own outputs on the examples (from that same call, not from the export)
         travel with the upload, and ``convert`` has the server validate against them.
         """
+        self._check_open()
         if chunk_size <= 0:
             raise InvalidInputError("chunk_size must be positive")
         extras: dict[str, Any] = {}
@@ -269,6 +270,17 @@ class ConversionClient(ManagementClient):
             raise from_rpc_error(exc) from None
         up = parse_upload(reply)
         return dataclasses.replace(up, **extras) if extras else up
+
+    def list_uploads(self, model: str | None = None, *, limit: int = 100) -> list[Upload]:
+        """The uploads the server keeps, newest first; they stay until deleted."""
+        request = pb.ListUploadsRequest(model=model or "", limit=limit)
+        return [parse_upload(u) for u in self._call(self._stub.ListUploads, request).uploads]
+
+    def delete_upload(self, upload: Upload | str) -> None:
+        """Remove an upload's file from the server. Refused (``ConversionError``,
+        FAILED_PRECONDITION) while a queued or running job reads it."""
+        upload_id = upload.upload_id if isinstance(upload, Upload) else upload
+        self._call(self._stub.DeleteUpload, pb.DeleteUploadRequest(upload_id=upload_id))
 
     # ---- jobs ----
     def convert(
@@ -321,6 +333,7 @@ class ConversionClient(ManagementClient):
         return self._job(self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)))
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[ProgressEvent]:
+        self._check_open()
         stream = self._stub.WatchJob(
             pb.WatchJobRequest(job_id=job_id), timeout=timeout, metadata=self._metadata
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ferry.client._requests import as_array
-from ferry.codec import datatype_from_name, encode_tensor
+from ferry.codec import datatype_from_name, datatype_name, encode_tensor
 from ferry.proto.v1 import model_conversion_pb2 as pb
 
 ArrayMap = Mapping[str, Any]  # name -> numpy array (or anything np.asarray accepts)
@@ -77,8 +77,10 @@ class Serving:
 
 @dataclass(frozen=True)
 class Upload:
-    """An uploaded source. When it was made from an ``nn.Module``, it also carries the input
-    specs and the module's own outputs, which ``convert`` sends along for validation."""
+    """An uploaded source. ``inputs`` are those ``convert`` uses when given none: a built-in
+    architecture's own (from the server), or those of the ``nn.Module`` it was made from, which
+    also brings the module's own outputs, sent along for validation. Empty ``inputs`` for a
+    state_dict of a plugin architecture or TorchScript mean ``convert`` must be told them."""
 
     upload_id: str
     model: str
@@ -281,6 +283,7 @@ def parse_upload(m: pb.Upload) -> Upload:
         architecture_kwargs=kwargs,
         description=m.description,
         created=m.created_ms / 1000,
+        inputs=tuple(InputSpec(i.name, datatype_name(i.dtype), tuple(i.shape)) for i in m.inputs),
     )
 
 

@@ -14,32 +14,56 @@
     ├── UnavailableError            UNAVAILABLE otherwise: shutting down, no connection (retryable)
     ├── ResourceExhaustedError      RESOURCE_EXHAUSTED (retryable)
     │   ├── ServerOverloadedError       a model's queue is full
-    │   └── LimitExceededError          a request is over a configured limit (not retryable)
+    │   └── LimitExceededError          over a configured limit, message size included (not retryable)
     ├── DeadlineExceededError       DEADLINE_EXCEEDED: the deadline passed, queued or in flight
     ├── CancelledError              CANCELLED
     ├── ConversionError             FAILED_PRECONDITION: a conversion failed (carries the report)
     ├── AuthenticationError         UNAUTHENTICATED: missing or wrong token
     ├── PermissionDeniedError       PERMISSION_DENIED: the token may not call this RPC
-    └── UnimplementedError          UNIMPLEMENTED
+    ├── UnimplementedError          UNIMPLEMENTED (an unknown method: the wrong listener?)
+    └── ClientClosedError           a call on a closed client
 
 Every class keeps the gRPC ``code``, the server's ``message`` and its domain ``kind`` (from the
 ``ferry-error`` trailing metadata), so nothing the server said is lost. ``from_rpc_error`` is the
-one place where ``grpc.RpcError`` becomes one of these.
+one place where ``grpc.RpcError`` becomes one of these, and so the one place where gRPC's own
+answers, which name no setting and no listener, get the words a user needs: a message over a size
+limit becomes ``LimitExceededError`` naming both settings, and an unknown method says which
+listener serves what.
 """
 
 from __future__ import annotations
 
+import re
 from typing import ClassVar
 
 import grpc
 
 ERROR_KIND_METADATA = "ferry-error"
 
+# gRPC core's answer for a message over a size limit: "CLIENT: Sent message larger than max
+# (N vs. M)", or "SERVER: Received message larger than max (N vs. M)" when the peer refused it.
+_MESSAGE_SIZE = re.compile(
+    r"(?:(?P<side>CLIENT|SERVER):\s*)?(?P<dir>Sent|Received) message larger than max "
+    r"\((?P<size>\d+) vs\. (?P<limit>\d+)\)"
+)
+CLIENT_LIMIT = "the client's max_message_bytes option (InferenceClient(max_message_bytes=...))"
+SERVER_LIMIT = (
+    "the server's max_message_bytes setting (--max-message-bytes, FERRY_MAX_MESSAGE_BYTES)"
+)
+WRONG_LISTENER = (
+    "is this the right listener? Inference (ferry.v1.Inference, the Open Inference Protocol) is "
+    "on the inference port (8001 by default); repository control and conversion "
+    "(RepositoryClient, ConversionClient) on the management port (127.0.0.1:8003 by default)"
+)
+
 
 class FerryError(Exception):
     """Base class of every exception the SDK raises."""
 
     retryable: ClassVar[bool] = False
+    code: grpc.StatusCode | None
+    message: str
+    kind: str
 
     def __init__(
         self, message: str, *, code: grpc.StatusCode | None = None, kind: str = ""
@@ -126,6 +150,17 @@ class UnimplementedError(FerryError):
     pass
 
 
+class ClientClosedError(FerryError):
+    """A call on a client after ``close()`` (or after its ``with`` block): make a new client."""
+
+    @classmethod
+    def of(cls, client: object) -> ClientClosedError:
+        return cls(
+            f"this {type(client).__name__} is closed (close() was called, or its `with` block "
+            "ended): create a new client"
+        )
+
+
 # Server domain kind -> class; finer than the status code alone.
 KIND_CLASSES: dict[str, type[FerryError]] = {
     "MODEL_NOT_FOUND": ModelNotFoundError,
@@ -183,11 +218,48 @@ def from_status(code: grpc.StatusCode | None, message: str, kind: str = "") -> F
     return error_class(code, kind)(message, code=code, kind=kind)
 
 
+def message_size_error(code: grpc.StatusCode | None, message: str) -> LimitExceededError | None:
+    """gRPC's "message larger than max" as the request-limit error the SDK documents, naming the
+    setting to raise: which side refused is in gRPC's prefix (a bare message, from an older
+    core, names both)."""
+    if code is not grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return None
+    m = _MESSAGE_SIZE.search(message)
+    if m is None:
+        return None
+    size, limit = int(m["size"]), int(m["limit"])
+    side, sent = m["side"], m["dir"] == "Sent"
+    if side == "CLIENT" and sent:
+        what = (
+            f"this client refused to send a {size:,}-byte message: over {CLIENT_LIMIT}, {limit:,}"
+        )
+    elif side == "CLIENT":
+        what = (
+            f"this client refused a {size:,}-byte answer: over {CLIENT_LIMIT}, {limit:,}; the "
+            f"server's own limit is {SERVER_LIMIT}"
+        )
+    elif side == "SERVER":
+        what = (
+            f"the server refused a {size:,}-byte message: over {SERVER_LIMIT}, {limit:,}; the "
+            f"client's own limit is {CLIENT_LIMIT}"
+        )
+    else:
+        what = (
+            f"a {size:,}-byte message is over a {limit:,}-byte limit: {SERVER_LIMIT} on the "
+            f"server, {CLIENT_LIMIT} in the client"
+        )
+    return LimitExceededError(
+        f"{what}. Send smaller batches, or raise the limit ({message})",
+        code=code,
+        kind="LIMIT_EXCEEDED",
+    )
+
+
 def from_rpc_error(exc: grpc.RpcError) -> FerryError:
     """Translate a grpc error (sync or aio) into the SDK's exception tree."""
     code: grpc.StatusCode | None = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else None
-    message = details or (code.name if code is not None else str(exc))
+    message: str = details or (code.name if code is not None else str(exc))
     kind = ""
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     for key, value in trailing or ():
@@ -195,4 +267,11 @@ def from_rpc_error(exc: grpc.RpcError) -> FerryError:
             kind = value if isinstance(value, str) else bytes(value).decode("ascii", "replace")
     if code is grpc.StatusCode.UNAVAILABLE and not kind:
         return ConnectionError_(message, code=code)
+    if not kind:
+        # Answers from gRPC itself (no kind): the ones that would otherwise name nothing.
+        too_large = message_size_error(code, message)
+        if too_large is not None:
+            return too_large
+        if code is grpc.StatusCode.UNIMPLEMENTED and "Method not found" in message:
+            message = f"{message.rstrip('!. ')}: {WRONG_LISTENER}"
     return from_status(code, message, kind)

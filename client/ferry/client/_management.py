@@ -10,7 +10,7 @@ from typing import Any, Self
 import grpc
 
 from ferry.client._channel import ChannelConfig, TLSConfig, create_channel
-from ferry.client._errors import from_rpc_error
+from ferry.client._errors import ClientClosedError, from_rpc_error
 
 
 class ManagementClient:
@@ -30,9 +30,16 @@ class ManagementClient:
         )
         self._metadata = self.channel_config.call_metadata()
         self._channel = create_channel(self.channel_config)
+        self._closed = False
+
+    def _check_open(self) -> None:
+        """A closed channel answers with grpc's bare ValueError; say what happened instead."""
+        if self._closed:
+            raise ClientClosedError.of(self)
 
     def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
         """One unary call with the client's timeout and token; errors become FerryErrors."""
+        self._check_open()
         try:
             return method(
                 request,
@@ -43,6 +50,8 @@ class ManagementClient:
             raise from_rpc_error(exc) from None
 
     def close(self) -> None:
+        """Close the channel; later calls raise ``ClientClosedError``."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> Self:

@@ -22,7 +22,13 @@ from ferry.client._requests import (
 )
 from ferry.client._retry import call_with_retry
 from ferry.client._stream import DEFAULT_MAX_IN_FLIGHT, InferStream, InputItem, StreamResult
-from ferry.client._types import InferResult, ModelMetadata, ModelStatistics, ModelVersionStatus
+from ferry.client._types import (
+    InferResult,
+    ModelMetadata,
+    ModelStatistics,
+    ModelVersionStatus,
+    RefreshResult,
+)
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import repository_pb2 as rpb
 from ferry.proto.v1 import repository_pb2_grpc as rpb_grpc
@@ -40,8 +46,8 @@ class InferenceClient(InferenceClientBase):
     ...     out["logits"].shape
     (1, 10)
 
-    ``timeout`` is the default per-call deadline in seconds (None: no deadline); it is the budget
-    of the whole call, retries and their pauses included. ``retry`` retries UNAVAILABLE and
+    ``timeout`` is the default per-call deadline in seconds (``DEFAULT_TIMEOUT``, 10 s; None: no
+    deadline); it is the budget of the whole call, retries and their pauses included. ``retry`` retries UNAVAILABLE and
     RESOURCE_EXHAUSTED with exponential backoff (``RetryPolicy.disabled()`` turns it off).
     ``target`` may list several ``IP:PORT`` endpoints, balanced round-robin. ``tls``, ``token``,
     keepalive and message-size options are described in :class:`ChannelConfig`.
@@ -59,6 +65,7 @@ class InferenceClient(InferenceClientBase):
             except grpc.RpcError as exc:
                 raise from_rpc_error(exc) from None
 
+        self._check_open()
         return call_with_retry(attempt, self.retry, self._timeout(timeout))
 
     def _input_dtypes(self, model: str, version: int | None) -> dict[str, Any]:
@@ -126,6 +133,7 @@ class InferenceClient(InferenceClientBase):
     def ready(self, model: str = "", *, timeout: float | None = 5.0) -> bool:
         """True when the server (or ``model``) reports SERVING on the standard health service;
         False when it answers otherwise or cannot be reached."""
+        self._check_open()
         try:
             raw = self._health(
                 _health.encode_check_request(model), timeout=timeout, metadata=self._metadata
@@ -150,6 +158,7 @@ class InferenceClient(InferenceClientBase):
         per-call timeout does not apply, since a stream lives as long as its caller wants).
         Streams are not retried: a failed request comes back as its error, to resubmit or not.
         """
+        self._check_open()
         return InferStream(
             self._infer_stream,
             model,
@@ -181,6 +190,8 @@ class InferenceClient(InferenceClientBase):
             yield from stream.infer_many(items, max_in_flight=max_in_flight)
 
     def close(self) -> None:
+        """Close the channel; later calls raise ``ClientClosedError``. Closing twice is harmless."""
+        self._closed = True
         self._channel.close()
 
     def __enter__(self) -> InferenceClient:
@@ -213,13 +224,23 @@ class RepositoryClient(ManagementClient):
         )
         self._stub = rpb_grpc.ModelRepositoryStub(self._channel)
 
-    def refresh(self) -> rpb.RefreshResponse:
-        """Re-scan the repository folder; returns what was loaded, unloaded and failed."""
-        response: rpb.RefreshResponse = self._call(self._stub.Refresh, rpb.RefreshRequest())
-        return response
+    def refresh(self) -> RefreshResult:
+        """Re-scan the repository folder: load new versions, unload removed ones, retry failed
+        ones; returns what changed."""
+        response = self._call(self._stub.Refresh, rpb.RefreshRequest())
+        failed = dict(_failure(line) for line in response.failed)
+        return RefreshResult(tuple(response.loaded), tuple(response.unloaded), failed)
 
     def load_model(self, model: str) -> None:
+        """Load (or reload) one model's versions per its config and version policy."""
         self._call(self._stub.LoadModel, rpb.LoadModelRequest(model=model))
 
     def unload_model(self, model: str) -> None:
+        """Stop serving a model; its files stay in the repository."""
         self._call(self._stub.UnloadModel, rpb.UnloadModelRequest(model=model))
+
+
+def _failure(line: str) -> tuple[str, str]:
+    """``"name/version: reason"`` as (version, reason)."""
+    version, _, reason = line.partition(": ")
+    return version, reason

@@ -126,3 +126,16 @@ class ModelStatistics:
     rejected_count: int = 0
     expired_count: int = 0
     queue_depth: int = 0
+
+
+@dataclass(frozen=True)
+class RefreshResult:
+    """What a repository refresh changed; versions are ``"name/version"``."""
+
+    loaded: tuple[str, ...] = ()  # newly served
+    unloaded: tuple[str, ...] = ()  # no longer served
+    failed: Mapping[str, str] = field(default_factory=dict)  # version -> why it failed to load
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.loaded or self.unloaded or self.failed)

@@ -139,6 +139,13 @@ class LevelResult:
         return self.ok / self.elapsed if self.elapsed > 0 else 0.0
 
     @property
+    def client_cpu_per_request(self) -> float:
+        """CPU seconds this process (the load generator, gRPC's threads included) spent per
+        answered request: what it took from a CPU the server may have needed."""
+        done = self.ok + self.error_count
+        return self.client_cpu * self.elapsed / done if done else 0.0
+
+    @property
     def error_count(self) -> int:
         return sum(self.errors.values())
 
@@ -146,6 +153,7 @@ class LevelResult:
         d = asdict(self)
         d["throughput"] = self.throughput
         d["samples_per_s"] = self.throughput * self.batch_size
+        d["client_cpu_us_per_request"] = self.client_cpu_per_request * 1e6
         return d
 
 
@@ -189,6 +197,8 @@ class LoadTestReport:
             "server_mean_batch",
             "dropped",
             "error_codes",
+            "client_cpu",
+            "client_cpu_us_per_request",
         ]
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(columns)
@@ -211,6 +221,8 @@ class LoadTestReport:
                     f"{srv.mean_batch:.2f}" if srv else "",
                     lv.dropped,
                     ";".join(f"{k}={v}" for k, v in sorted(lv.errors.items())),
+                    f"{lv.client_cpu:.3f}",
+                    f"{lv.client_cpu_per_request * 1e6:.1f}",
                 ]
             )
         return buf.getvalue()
@@ -225,7 +237,8 @@ class LoadTestReport:
             f"{self.model} @ {self.target} — {head.loop} loop, {head.mode}, {head.protocol} "
             f"protocol, batch {head.batch_size}",
             f"{key:>7} {'req/s':>10} {'ok':>9} {'err':>6} {'p50':>8} {'p90':>8} {'p95':>8} "
-            f"{'p99':>8} {'max':>8}  {'queue':>7} {'compute':>8} {'batch':>6}  (ms)",
+            f"{'p99':>8} {'max':>8}  {'queue':>7} {'compute':>8} {'batch':>6}  (ms)"
+            f"  {'gen_cpu':>7} {'us/req':>7}",
         ]
         for lv in self.levels:
             lat, srv = lv.latency_ms, lv.server
@@ -239,6 +252,7 @@ class LoadTestReport:
                 + " ".join(f"{lat[k]:8.3f}" for k in ("p50", "p90", "p95", "p99", "max"))
                 + "  "
                 + server_cols
+                + f"        {lv.client_cpu:7.0%} {lv.client_cpu_per_request * 1e6:7.0f}"
             )
         for lv in self.levels:
             if lv.errors:
@@ -257,6 +271,11 @@ class LoadTestReport:
         lines.append(
             "queue/compute: server-side means per request (GetModelStatistics deltas); the rest of "
             "the latency is transport and serialization"
+        )
+        lines.append(
+            "gen_cpu, us/req: this load generator's own CPU (share of one core, and microseconds "
+            "per request); on a machine it shares with the server that CPU is the server's loss, "
+            "so compare with perf_analyzer there (docs/benchmarking.md)"
         )
         if self.generator_note:
             lines.append(self.generator_note)

@@ -69,7 +69,7 @@ class UploadModelRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
 
 class Upload(_message.Message):
-    __slots__ = ("upload_id", "model", "format", "sha256", "size_bytes", "architecture", "architecture_kwargs_json", "description", "created_ms")
+    __slots__ = ("upload_id", "model", "format", "sha256", "size_bytes", "architecture", "architecture_kwargs_json", "description", "created_ms", "inputs")
     UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class Upload(_message.Message):
     ARCHITECTURE_KWARGS_JSON_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CREATED_MS_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
     upload_id: str
     model: str
     format: SourceFormat
@@ -88,7 +89,32 @@ class Upload(_message.Message):
     architecture_kwargs_json: str
     description: str
     created_ms: int
-    def __init__(self, upload_id: _Optional[str] = ..., model: _Optional[str] = ..., format: _Optional[_Union[SourceFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., architecture_kwargs_json: _Optional[str] = ..., description: _Optional[str] = ..., created_ms: _Optional[int] = ...) -> None: ...
+    inputs: _containers.RepeatedCompositeFieldContainer[InputSpec]
+    def __init__(self, upload_id: _Optional[str] = ..., model: _Optional[str] = ..., format: _Optional[_Union[SourceFormat, str]] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., architecture: _Optional[str] = ..., architecture_kwargs_json: _Optional[str] = ..., description: _Optional[str] = ..., created_ms: _Optional[int] = ..., inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ...) -> None: ...
+
+class ListUploadsRequest(_message.Message):
+    __slots__ = ("model", "limit")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    limit: int
+    def __init__(self, model: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+
+class ListUploadsResponse(_message.Message):
+    __slots__ = ("uploads",)
+    UPLOADS_FIELD_NUMBER: _ClassVar[int]
+    uploads: _containers.RepeatedCompositeFieldContainer[Upload]
+    def __init__(self, uploads: _Optional[_Iterable[_Union[Upload, _Mapping]]] = ...) -> None: ...
+
+class DeleteUploadRequest(_message.Message):
+    __slots__ = ("upload_id",)
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    def __init__(self, upload_id: _Optional[str] = ...) -> None: ...
+
+class DeleteUploadResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class InputSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape")

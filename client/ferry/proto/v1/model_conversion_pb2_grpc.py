@@ -42,6 +42,16 @@ class ModelConversionStub:
                 request_serializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.UploadModelRequest.SerializeToString,
                 response_deserializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.Upload.FromString,
                 _registered_method=True)
+        self.ListUploads = channel.unary_unary(
+                '/ferry.v1.ModelConversion/ListUploads',
+                request_serializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.ListUploadsRequest.SerializeToString,
+                response_deserializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.ListUploadsResponse.FromString,
+                _registered_method=True)
+        self.DeleteUpload = channel.unary_unary(
+                '/ferry.v1.ModelConversion/DeleteUpload',
+                request_serializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.DeleteUploadRequest.SerializeToString,
+                response_deserializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.DeleteUploadResponse.FromString,
+                _registered_method=True)
         self.Convert = channel.unary_unary(
                 '/ferry.v1.ModelConversion/Convert',
                 request_serializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.ConvertRequest.SerializeToString,
@@ -94,6 +104,21 @@ class ModelConversionServicer:
         """A header message, then the file's bytes in chunks. The size limit is enforced while
         receiving (RESOURCE_EXHAUSTED as soon as it is crossed); nothing is kept unless the whole
         upload arrives and passes the format check.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListUploads(self, request, context):
+        """The uploads kept in the state folder, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteUpload(self, request, context):
+        """Removes an upload's file and record. FAILED_PRECONDITION while a queued or running job
+        still reads it; finished jobs keep their history.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +187,16 @@ def add_ModelConversionServicer_to_server(servicer, server):
                     servicer.UploadModel,
                     request_deserializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.UploadModelRequest.FromString,
                     response_serializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.Upload.SerializeToString,
+            ),
+            'ListUploads': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListUploads,
+                    request_deserializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.ListUploadsRequest.FromString,
+                    response_serializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.ListUploadsResponse.SerializeToString,
+            ),
+            'DeleteUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteUpload,
+                    request_deserializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.DeleteUploadRequest.FromString,
+                    response_serializer=ferry_dot_proto_dot_v1_dot_model__conversion__pb2.DeleteUploadResponse.SerializeToString,
             ),
             'Convert': grpc.unary_unary_rpc_method_handler(
                     servicer.Convert,
@@ -234,6 +269,60 @@ class ModelConversion:
             '/ferry.v1.ModelConversion/UploadModel',
             ferry_dot_proto_dot_v1_dot_model__conversion__pb2.UploadModelRequest.SerializeToString,
             ferry_dot_proto_dot_v1_dot_model__conversion__pb2.Upload.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListUploads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.ModelConversion/ListUploads',
+            ferry_dot_proto_dot_v1_dot_model__conversion__pb2.ListUploadsRequest.SerializeToString,
+            ferry_dot_proto_dot_v1_dot_model__conversion__pb2.ListUploadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.ModelConversion/DeleteUpload',
+            ferry_dot_proto_dot_v1_dot_model__conversion__pb2.DeleteUploadRequest.SerializeToString,
+            ferry_dot_proto_dot_v1_dot_model__conversion__pb2.DeleteUploadResponse.FromString,
             options,
             channel_credentials,
             insecure,

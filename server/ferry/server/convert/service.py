@@ -160,6 +160,30 @@ class ConversionService:
         )
         return record
 
+    def list_uploads(self, model: str = "", limit: int = 0) -> list[UploadRecord]:
+        return self.store.list_uploads(model, min(limit or 100, 10_000))
+
+    async def delete_upload(self, upload_id: str) -> None:
+        record = self.store.delete_upload(_check_id(upload_id, "upload"))
+        uploads_dir = self.state_dir.resolve() / "uploads"
+        path = Path(record.path)
+        # The path comes from the database: checked, not trusted, like a job's folder.
+        if path.parent.resolve() == uploads_dir:
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+        log.info("upload %s for %s deleted", record.upload_id, record.model)
+
+    @staticmethod
+    def known_inputs(record: UploadRecord) -> list[spec.InputSpec]:
+        """The inputs ``convert`` falls back on for this upload (a built-in's own), so a client
+        can tell whether it must name them."""
+        if record.format not in WEIGHTS_ONLY:
+            return []
+        try:
+            kwargs = json.loads(record.architecture_kwargs)
+        except ValueError:
+            return []
+        return architectures.default_input_specs(record.architecture, kwargs)
+
     def _serving_providers(self, model: str) -> list[dict[str, Any]]:
         """The providers the model's config serves its versions with; the child measures
         there. A missing or broken config serves on the defaults (the registry reports a

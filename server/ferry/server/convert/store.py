@@ -16,7 +16,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ferry.server.errors import ErrorKind, FerryError, JobNotFound, Unavailable
+from ferry.server.errors import (
+    ErrorKind,
+    FailedPrecondition,
+    FerryError,
+    JobNotFound,
+    Unavailable,
+)
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -203,6 +209,32 @@ class JobStore:
                 kind=ErrorKind.UPLOAD_NOT_FOUND,
             )
         return UploadRecord(**dict(row))
+
+    def list_uploads(self, model: str = "", limit: int = 100) -> list[UploadRecord]:
+        """Newest first."""
+        where, args = ("WHERE model = ? ", (model,)) if model else ("", ())
+        rows = self.db.execute(
+            f"SELECT * FROM uploads {where}ORDER BY created_ms DESC, rowid DESC LIMIT ?",
+            (*args, limit),
+        )
+        return [UploadRecord(**dict(r)) for r in rows]
+
+    def delete_upload(self, upload_id: str) -> UploadRecord:
+        """Forget an upload that no live job reads (checked and removed in one transaction);
+        returns it, so the caller can remove its file. Finished jobs keep their records."""
+        with self._tx() as db:
+            record = self.get_upload(upload_id)
+            live = db.execute(
+                "SELECT job_id FROM jobs WHERE upload_id = ? AND state IN (?, ?) LIMIT 1",
+                (upload_id, JobState.QUEUED.value, JobState.RUNNING.value),
+            ).fetchone()
+            if live is not None:
+                raise FailedPrecondition(
+                    f"upload {upload_id} is being converted by job {live[0]}: wait for the job "
+                    "or cancel it, then delete the upload"
+                )
+            db.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+        return record
 
     def upload_paths(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT path FROM uploads")}

@@ -17,7 +17,7 @@ import grpc
 from google.protobuf import json_format
 from grpc import aio
 
-from ferry.codec import CodecError, datatype_name, decode_tensor
+from ferry.codec import CodecError, datatype_from_name, datatype_name, decode_tensor
 from ferry.proto.v1 import inference_pb2 as ipb
 from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
@@ -63,7 +63,23 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
                 yield message.chunk
 
         record = await self.service.upload(_header(first.header), chunks())
-        return _upload(record)
+        return _upload(record, self.service.known_inputs(record))
+
+    @translate_errors
+    async def ListUploads(
+        self, request: pb.ListUploadsRequest, context: aio.ServicerContext
+    ) -> pb.ListUploadsResponse:
+        records = self.service.list_uploads(request.model, request.limit)
+        return pb.ListUploadsResponse(
+            uploads=[_upload(r, self.service.known_inputs(r)) for r in records]
+        )
+
+    @translate_errors
+    async def DeleteUpload(
+        self, request: pb.DeleteUploadRequest, context: aio.ServicerContext
+    ) -> pb.DeleteUploadResponse:
+        await self.service.delete_upload(request.upload_id)
+        return pb.DeleteUploadResponse()
 
     @translate_errors
     async def Convert(self, request: pb.ConvertRequest, context: aio.ServicerContext) -> pb.Job:
@@ -246,8 +262,8 @@ def _format_enum(fmt: str) -> str:
     return _FORMAT_PREFIX + fmt.upper()
 
 
-def _upload(r: UploadRecord) -> pb.Upload:
-    return pb.Upload(
+def _upload(r: UploadRecord, inputs: list[spec.InputSpec]) -> pb.Upload:
+    out = pb.Upload(
         upload_id=r.upload_id,
         model=r.model,
         format=_format_enum(r.format),
@@ -258,6 +274,9 @@ def _upload(r: UploadRecord) -> pb.Upload:
         description=r.description,
         created_ms=r.created_ms,
     )
+    for i in inputs:
+        out.inputs.add(name=i.name, dtype=datatype_from_name(i.datatype), shape=list(i.shape))
+    return out
 
 
 def _error(kind: str, message: str) -> ipb.Error:

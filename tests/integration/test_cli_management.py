@@ -1,0 +1,330 @@
+"""The management side of ``ferry``, in-process against a real server: ``models refresh | load |
+unload``, ``uploads list | delete``, ``convert``'s calibration and accuracy-budget flags, and
+hints that match the command that failed."""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ferry.cli import main
+from ferry.client import ConversionClient, ConversionError, RefreshResult, RepositoryClient
+from ferry.server.core.repository import ModelRepository
+from ferry.server.examples import mlp_model, write_model
+
+# Stands in for the conversion child (same command line and progress contract): it records the
+# spec it was given, and the calibration file's arrays, in the report, or fails like a job that
+# missed its accuracy budget, or blocks until killed.
+RECORDING_CHILD = r"""
+import json, os, shutil, sys, time
+import numpy as np
+args = sys.argv[1:]
+job = json.load(open(args[args.index("--job") + 1]))
+out = os.fdopen(int(args[args.index("--progress-fd") + 1]), "w")
+def emit(stage, fraction, message="", error_kind=""):
+    out.write(json.dumps({"stage": stage, "fraction": fraction, "message": message,
+                          "error_kind": error_kind}) + "\n")
+    out.flush()
+mode = job["architecture_kwargs"].get("fake", "ok")
+emit("load", 0.0, "loading")
+if mode == "block":
+    while True:
+        time.sleep(3600)
+if mode == "budget":
+    emit("quantize", 0.6, "static_int8 is below the accuracy budget: cosine 0.91 < 0.99",
+         "FAILED_PRECONDITION")
+    sys.exit(2)
+spec = job["spec"]
+seen = {"quantization": spec["quantization"], "validation": spec["validation"],
+        "inputs": spec["inputs"]}
+calibration = spec["quantization"].get("calibration_file")
+if calibration:
+    with np.load(calibration) as npz:
+        seen["calibration"] = {k: list(npz[k].shape) for k in npz.files}
+work = job["work_dir"]
+with open(os.path.join(work, "model.onnx"), "wb") as fh:
+    fh.write(open(os.environ["FERRY_TEST_ONNX"], "rb").read())
+json.dump({"variants": [{"name": "fp32", "size_bytes": 1, "latency_ms": {"1": 0.5}}],
+           "published": "fp32", "opset": 17, "source_format": job["source_format"],
+           "seen": seen}, open(os.path.join(work, "report.json"), "w"))
+emit("benchmark", 0.95, "finished")
+"""
+
+
+def ferry(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def fake_state_dict() -> bytes:
+    """torch.save's zip layout (an archive with data.pkl), which the server's format check takes;
+    nothing ever unpickles it here (the stand-in child never loads the source)."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        zf.writestr("archive/version", b"3\n")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def conv_server(
+    start_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, tuple[str, str]]:
+    """A server whose conversions run RECORDING_CHILD; returns it and its --target flags."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    srv = start_server(repo)
+    child = tmp_path / "child.py"
+    child.write_text(RECORDING_CHILD)
+    onnx_file = tmp_path / "seed.onnx"
+    onnx_file.write_bytes(mlp_model(sizes=(3, 4, 1)).SerializeToString())
+    monkeypatch.setenv("FERRY_TEST_ONNX", str(onnx_file))
+    srv.app.conversion.runner.child_command = [sys.executable, str(child)]
+    return srv, ("--target", srv.management_target)
+
+
+# ---- models refresh | load | unload ----
+def test_refresh_load_and_unload(
+    server: Any, repo_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    m = ("--target", server.management_target)
+    code, out, _ = ferry(capsys, "models", "refresh", *m)
+    assert code == 0 and "nothing changed" in out
+
+    repo = ModelRepository(repo_path)
+    write_model(repo, "extra", mlp_model(sizes=(4, 2)))
+    broken = repo_path / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"not an onnx graph")
+    code, out, _ = ferry(capsys, "models", "refresh", "--json", *m)
+    result = json.loads(out)
+    assert code == 1  # a version failed to load
+    assert "extra/1" in result["loaded"] and list(result["failed"]) == ["broken/1"]
+    assert result["failed"]["broken/1"]  # the reason
+
+    code, out, _ = ferry(capsys, "models", "unload", "extra", *m)
+    assert code == 0 and "unloaded" in out
+    code, out, _ = ferry(capsys, "models", "list", "--json", "--target", server.target)
+    assert "extra" not in {v["name"] for v in json.loads(out) if v["state"] == "READY"}
+    code, out, _ = ferry(capsys, "models", "load", "extra", *m)
+    assert code == 0 and "loaded" in out
+    code, out, _ = ferry(capsys, "models", "list", "extra", "--json", "--target", server.target)
+    assert [v["state"] for v in json.loads(out)] == ["READY"]
+
+
+def test_refresh_returns_a_typed_result(server: Any, repo_path: Path) -> None:
+    write_model(ModelRepository(repo_path), "extra", mlp_model(sizes=(4, 2)))
+    with RepositoryClient(server.management_target) as repo:
+        result = repo.refresh()
+        assert isinstance(result, RefreshResult)
+        assert result.loaded == ("extra/1",) and result.changed and not result.failed
+        assert not repo.refresh().changed
+
+
+def test_management_commands_on_the_inference_port_say_so(
+    server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = ferry(capsys, "models", "load", "mlp", "--target", server.target)
+    line = one_error_line(err)
+    assert code == 1 and "management" in line and "models describe" not in line
+    code, _, err = ferry(capsys, "uploads", "list", "--target", server.target)
+    line = one_error_line(err)
+    assert code == 1 and "management" in line and "models describe" not in line
+
+
+# ---- uploads ----
+def test_upload_hint_asks_only_for_what_the_server_cannot_know(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, t = conv_server
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(mlp_model(sizes=(8, 4)).SerializeToString())
+    code, out, _ = ferry(capsys, "upload", "m", str(onnx_file), *t)
+    assert code == 0 and "next: ferry convert" in out and "--input" not in out
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+    code, out, _ = ferry(capsys, "upload", "seed", str(weights), "--architecture", "seed", *t)
+    assert code == 0 and "--input" not in out
+    assert "inputs from architecture 'seed': input FP32 [-1, 3]" in out
+
+
+def test_uploads_list_and_delete(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    srv, t = conv_server
+    onnx_file = tmp_path / "m.onnx"
+    onnx_file.write_bytes(mlp_model(sizes=(8, 4)).SerializeToString())
+    ids = []
+    for model in ("a", "b", "b"):
+        _, out, _ = ferry(capsys, "upload", model, str(onnx_file), "--json", *t)
+        ids.append(json.loads(out)["upload_id"])
+    code, out, _ = ferry(capsys, "uploads", "list", "--json", *t)
+    listed = json.loads(out)
+    assert code == 0 and [u["upload_id"] for u in listed] == ids[::-1]  # newest first
+    code, out, _ = ferry(capsys, "uploads", "list", "b", *t)
+    assert code == 0 and ids[1] in out and ids[0] not in out and "UPLOAD_ID" in out
+    files = sorted((srv.app.conversion.state_dir / "uploads").iterdir())
+    assert len(files) == 3
+
+    code, out, _ = ferry(capsys, "uploads", "delete", ids[0], *t)
+    assert code == 0 and f"deleted {ids[0]}" in out
+    assert len(list((srv.app.conversion.state_dir / "uploads").iterdir())) == 2
+    code, _, err = ferry(capsys, "uploads", "delete", ids[0], *t)
+    line = one_error_line(err)
+    assert code == 1 and "ferry uploads list" in line  # already gone
+
+    code, out, _ = ferry(capsys, "uploads", "delete", "--all", "b", *t)
+    assert code == 0 and out.count("deleted") == 2
+    code, out, _ = ferry(capsys, "uploads", "list", *t)
+    assert "no uploads" in out
+    assert not list((srv.app.conversion.state_dir / "uploads").iterdir())
+    code, _, err = ferry(capsys, "uploads", "delete", *t)
+    assert code == 2 and "--all" in err
+
+
+def test_an_upload_a_live_job_reads_is_kept(conv_server: Any) -> None:
+    srv, _ = conv_server
+    with ConversionClient(srv.management_target) as conv:
+        up = conv.upload(
+            "seed",
+            fake_state_dict(),
+            format="state_dict",
+            architecture="seed",
+            architecture_kwargs={"fake": "block"},
+        )
+        assert [i.name for i in up.inputs] == ["input"]  # the built-in's own, from the server
+        job = conv.convert(up)
+        with pytest.raises(ConversionError, match="being converted by job"):
+            conv.delete_upload(up)
+        assert [u.upload_id for u in conv.list_uploads()] == [up.upload_id]
+        job.cancel()
+        conv.delete_upload(up)  # a finished job keeps its record, not the file
+        assert conv.list_uploads() == []
+        assert conv.job(job.id).upload_id == up.upload_id
+
+
+# ---- convert flags ----
+def test_convert_flags_reach_the_job(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, t = conv_server
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.random.default_rng(0).standard_normal((20, 3)).astype(np.float32))
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, input=np.zeros((5, 3), np.float32))
+    code, out, err = ferry(
+        capsys,
+        "convert",
+        str(weights),
+        "--model",
+        "seed",
+        "--architecture",
+        "seed",
+        "--quantize",
+        "static_int8",
+        "--calibration",
+        str(calib),
+        "--calibration-method",
+        "percentile",
+        "--min-cosine",
+        "0.95",
+        "--min-top1-agreement",
+        "0.5",
+        "--rtol",
+        "0.01",
+        "--atol",
+        "0.001",
+        "--keep-failed",
+        "--validation-inputs",
+        str(samples),
+        "--no-progress",
+        "--json",
+        *t,
+    )
+    assert code == 0, err
+    seen = json.loads(out)["seen"]
+    assert seen["calibration"] == {"input": [20, 3]}
+    q, v = seen["quantization"], seen["validation"]
+    assert q["mode"] == "static_int8" and q["calibration"] == "percentile"
+    assert v["min_cosine"] == 0.95 and v["min_top1_agreement"] == 0.5
+    assert v["rtol"] == 0.01 and v["atol"] == 0.001 and v["keep_failed"] is True
+    assert v["sample_file"]
+
+
+def test_convert_usage_errors(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, t = conv_server
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, input=np.zeros((2, 3), np.float32))
+    code, _, err = ferry(capsys, "convert", "f" * 32, "--calibration", str(calib), *t)
+    assert code == 2 and "--quantize" in one_error_line(err)
+    bad = tmp_path / "bad.npz"
+    bad.write_text("not a zip")
+    code, _, err = ferry(
+        capsys, "convert", "f" * 32, "--quantize", "static_int8", "--calibration", str(bad), *t
+    )
+    assert code == 2 and "np.savez" in one_error_line(err)
+
+
+def test_conversion_errors_hint_in_convert_terms(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, t = conv_server
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+    code, out, _ = ferry(
+        capsys,
+        "upload",
+        "seed",
+        str(weights),
+        "--architecture",
+        "seed",
+        "--architecture-kwargs",
+        '{"fake": "budget"}',
+        "--json",
+        *t,
+    )
+    upload_id = json.loads(out)["upload_id"]
+    code, _, err = ferry(capsys, "convert", upload_id, "--quantize", "dynamic_int8", *t)
+    line = one_error_line(err)
+    assert code == 1 and "accuracy budget" in line and "--keep-failed" in line
+    assert "models describe" not in line
+    # A refusal of the spec names convert's help, not the inference inputs.
+    code, _, err = ferry(capsys, "convert", upload_id, "--min-cosine", "7", *t)
+    line = one_error_line(err)
+    assert code == 1 and "min_cosine" in line and "ferry convert --help" in line
+    assert "models describe" not in line
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["models", "refresh"],
+        ["models", "load"],
+        ["models", "unload"],
+        ["uploads"],
+        ["uploads", "list"],
+        ["uploads", "delete"],
+    ],
+)
+def test_new_commands_have_help(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        main([*argv, "--help"])
+    assert info.value.code == 0 and "usage: ferry" in capsys.readouterr().out

@@ -1,0 +1,160 @@
+"""Where gRPC's own answers would leave an SDK user guessing: messages over a size limit, the wrong
+listener, a closed client, and a server that stops answering. Real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from ferry.client import (
+    AsyncInferenceClient,
+    ClientClosedError,
+    ConversionClient,
+    DeadlineExceededError,
+    FerryError,
+    InferenceClient,
+    LimitExceededError,
+    RepositoryClient,
+    RetryPolicy,
+    UnimplementedError,
+)
+from ferry.client._base import DEFAULT_TIMEOUT
+from ferry.client._errors import message_size_error
+
+BIG = {"input": np.zeros((8192, 64), np.float32)}  # 2 MiB on the wire
+
+
+class CountingRetry(RetryPolicy):
+    """A retry policy that counts the retries it allows."""
+
+    def __init__(self) -> None:
+        super().__init__(max_attempts=4, initial_backoff=0.0, jitter=0.0)
+        object.__setattr__(self, "asked", 0)
+
+    def should_retry(self, error: FerryError, attempt: int) -> bool:
+        allowed = super().should_retry(error, attempt)
+        object.__setattr__(self, "asked", self.asked + int(allowed))
+        return allowed
+
+
+def test_a_request_over_the_client_limit_names_the_client_option(server: Any) -> None:
+    retry = CountingRetry()
+    client = InferenceClient(server.target, max_message_bytes=1 << 20, retry=retry)
+    with client, pytest.raises(LimitExceededError) as info:
+        client.infer("mlp", BIG)
+    exc = info.value
+    assert exc.code is grpc.StatusCode.RESOURCE_EXHAUSTED and exc.kind == "LIMIT_EXCEEDED"
+    assert (
+        "this client refused to send" in exc.message and "max_message_bytes option" in exc.message
+    )
+    assert "1,048,576" in exc.message
+    assert retry.asked == 0  # never retried: it would be just as large next time
+
+
+def test_a_request_over_the_server_limit_names_the_server_setting(
+    start_server: Any, repo_path: Path
+) -> None:
+    srv = start_server(repo_path, max_message_bytes=1 << 20)
+    with InferenceClient(srv.target) as client:
+        with pytest.raises(LimitExceededError) as info:
+            client.infer("mlp", BIG)
+        assert client.infer("mlp", {"input": BIG["input"][:4]}).version == 1  # still serving
+    message = info.value.message
+    assert "the server refused" in message and "--max-message-bytes" in message
+    assert "FERRY_MAX_MESSAGE_BYTES" in message and "max_message_bytes option" in message
+
+
+@pytest.mark.parametrize(
+    ("details", "words"),
+    [
+        ("CLIENT: Received message larger than max (2000 vs. 1000)", "refused a 2,000-byte answer"),
+        ("SERVER: Received message larger than max (2000 vs. 1000)", "the server refused"),
+        ("Received message larger than max (2000 vs. 1000)", "on the server"),
+    ],
+)
+def test_every_form_of_the_size_refusal_is_recognised(details: str, words: str) -> None:
+    error = message_size_error(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+    assert isinstance(error, LimitExceededError) and words in error.message
+    assert "max_message_bytes" in error.message and not type(error).retryable
+
+
+def test_other_resource_exhaustion_is_left_alone() -> None:
+    assert message_size_error(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full") is None
+    assert (
+        message_size_error(grpc.StatusCode.INTERNAL, "Sent message larger than max (2 vs. 1)")
+        is None
+    )
+
+
+def test_the_wrong_listener_says_which_is_which(server: Any) -> None:
+    client = InferenceClient(server.management_target)
+    with client, pytest.raises(UnimplementedError) as info:
+        client.infer("mlp", {"input": np.zeros((1, 64), np.float32)})
+    assert "Method not found" in info.value.message
+    assert "right listener" in info.value.message and "8003" in info.value.message
+    with ConversionClient(server.target) as conv, pytest.raises(FerryError) as caught:
+        conv.list_uploads()
+    assert "listener" in caught.value.message
+
+
+def test_a_closed_client_says_so(server: Any) -> None:
+    client = InferenceClient(server.target)
+    client.close()
+    for call in (
+        lambda: client.infer("mlp", {"input": np.zeros((1, 64), np.float32)}),
+        client.list_models,
+        client.ready,
+        lambda: client.stream("mlp"),
+    ):
+        with pytest.raises(ClientClosedError, match="InferenceClient is closed"):
+            call()
+    client.close()  # twice is harmless
+    for manager in (
+        RepositoryClient(server.management_target),
+        ConversionClient(server.management_target),
+    ):
+        with manager:
+            pass
+        with pytest.raises(ClientClosedError, match="is closed"):
+            manager.refresh() if isinstance(manager, RepositoryClient) else manager.list_uploads()
+
+
+def test_a_closed_async_client_says_so(server: Any) -> None:
+    async def run() -> None:
+        async with AsyncInferenceClient(server.target) as client:
+            assert await client.list_models()
+        with pytest.raises(ClientClosedError):
+            await client.list_models()
+
+    asyncio.run(run())
+
+
+@pytest.fixture
+def silent_listener() -> Iterator[str]:
+    """A TCP port that accepts connections and never speaks HTTP/2: a server that stopped."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield f"127.0.0.1:{s.getsockname()[1]}"
+
+
+def test_calls_have_a_deadline_by_default(silent_listener: str) -> None:
+    assert DEFAULT_TIMEOUT == 10.0
+    for cls in (InferenceClient, AsyncInferenceClient):
+        assert inspect.signature(cls).parameters["timeout"].default == DEFAULT_TIMEOUT
+    with InferenceClient(silent_listener) as client:
+        assert client.timeout == DEFAULT_TIMEOUT
+    # The deadline, shortened here, is what ends a call to a server that never answers.
+    client = InferenceClient(silent_listener, timeout=0.3)
+    with client, pytest.raises(DeadlineExceededError):
+        client.list_models()
+    with InferenceClient(silent_listener, timeout=None) as client:
+        assert client.timeout is None  # None: no deadline, as documented
