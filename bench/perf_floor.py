@@ -81,8 +81,10 @@ def stop(proc: subprocess.Popen[bytes]) -> None:
 def start_floor(path: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(HERE / "plain_server.py"), str(path), str(port)]
-        + ["--protocol", "oip", "--name", name],
+        [
+            *(sys.executable, str(HERE / "plain_server.py"), str(path), str(port)),
+            *("--protocol", "oip", "--name", name),
+        ],
         stdout=subprocess.DEVNULL,
     )
     wait_port(proc, port)
@@ -92,9 +94,11 @@ def start_floor(path: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
 def start_ferry(repo: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ferry.server", "--repository", str(repo)]
-        + ["--host", "127.0.0.1", "--port", str(port), "--management-port", "-1"]
-        + ["--metrics-port", "-1", "--log-level", "WARNING"],
+        [
+            *(sys.executable, "-m", "ferry.server", "--repository", str(repo)),
+            *("--host", "127.0.0.1", "--port", str(port), "--management-port", "-1"),
+            *("--metrics-port", "-1", "--log-level", "WARNING"),
+        ],
     )
     wait_port(proc, port)
     return proc, port
@@ -139,7 +143,7 @@ def perf(
         ]
         if streaming:
             cmd.append("--streaming")
-        run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        run = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=300)
         if run.returncode != 0:
             print(run.stdout[-2000:], run.stderr[-2000:], file=sys.stderr)
             return {"rps": float("nan"), "p50": float("nan"), "p99": float("nan")}
@@ -161,13 +165,15 @@ def write_repo(root: Path, name: str, path: Path, config: dict[str, object] | No
     return root
 
 
-def profile(port: int, pid: int, model: str, data: Path, seconds: int, folder: Path) -> None:
+def profile(port: int, pid: int, model: str, data: Path, *, seconds: int, folder: Path) -> None:
     """py-spy over Ferry while perf_analyzer drives unary load at c=16; prints the hottest
     frames by own time (leaf) and by total time (anywhere on the stack)."""
     raw = folder / f"ferry-{model}-{int(time.time())}.txt"
     spy = subprocess.Popen(
-        [PY_SPY, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200"]
-        + ["--format", "raw", "--output", str(raw), "--threads", "--nonblocking"],
+        [
+            *(PY_SPY, "record", "--pid", str(pid), "--duration", str(seconds), "--rate", "200"),
+            *("--format", "raw", "--output", str(raw), "--threads", "--nonblocking"),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -246,7 +252,14 @@ def main() -> None:
                     }
                 if args.profile:
                     args.profile.mkdir(parents=True, exist_ok=True)
-                    profile(port, proc.pid, name, data, args.profile_seconds, args.profile)
+                    profile(
+                        port,
+                        proc.pid,
+                        name,
+                        data,
+                        seconds=args.profile_seconds,
+                        folder=args.profile,
+                    )
             finally:
                 stop(proc)
     print_table(table, names, levels)

@@ -117,7 +117,9 @@ def infer_response_parts(
     model: str, version: int, request_id: str, outputs: Mapping[str, np.ndarray]
 ) -> list[Chunk]:
     """``ferry.v1.InferResponse`` (1 model, 2 version, 3 id, 4 outputs), unjoined."""
-    parts: list[Chunk] = text_field(b"\x0a", model) if model else []
+    parts: list[Chunk] = []
+    if model:
+        parts += text_field(b"\x0a", model)
     if version:
         parts += [b"\x10", encode_varint(version)]
     if request_id:
@@ -138,7 +140,9 @@ def encode_stream_result(
     request_id: str, model: str, version: int, outputs: Mapping[str, np.ndarray]
 ) -> bytes:
     """The serialized ``ferry.v1.InferStreamResponse`` carrying a result (1 id, 2 response)."""
-    parts: list[Chunk] = text_field(b"\x0a", request_id) if request_id else []
+    parts: list[Chunk] = []
+    if request_id:
+        parts += text_field(b"\x0a", request_id)
     parts += message_field(b"\x12", infer_response_parts(model, version, request_id, outputs))
     return b"".join(parts)
 
@@ -160,7 +164,9 @@ def oip_response_parts(
 ) -> list[Chunk]:
     """Open Inference Protocol ``ModelInferResponse`` (1 model_name, 2 model_version, 3 id,
     5 outputs, 6 raw_output_contents), every output as raw contents, unjoined."""
-    parts: list[Chunk] = text_field(b"\x0a", model) if model else []
+    parts: list[Chunk] = []
+    if model:
+        parts += text_field(b"\x0a", model)
     if version:
         parts += text_field(b"\x12", version)
     if request_id:
@@ -186,6 +192,4 @@ def encode_oip_stream_result(
     model: str, version: str, request_id: str, outputs: Mapping[str, np.ndarray]
 ) -> bytes:
     """The serialized ``ModelStreamInferResponse`` carrying a result (2 infer_response)."""
-    return b"".join(
-        message_field(b"\x12", oip_response_parts(model, version, request_id, outputs))
-    )
+    return b"".join(message_field(b"\x12", oip_response_parts(model, version, request_id, outputs)))

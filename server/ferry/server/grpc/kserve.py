@@ -152,7 +152,9 @@ class KServeServicer:
 
     # ---- inference ----
     @translate_errors
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> bytes:
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: aio.ServicerContext
+    ) -> bytes:
         """Answers the serialized response, built once (``handlers`` registers a pass-through)."""
         result = await self.dataplane.infer(WireInfer(request), deadline=call_deadline(context))
         return serialize_response(result)
