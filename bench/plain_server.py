@@ -1,16 +1,29 @@
-"""The Python gRPC floor: a plain synchronous grpcio server with a 4-thread pool, no batching
-and no Ferry server code (only the generated ferry.v1 messages, so the same client drives it).
-It is what the peers' measurements call "plain grpcio server, ~90 lines"."""
+"""The Python gRPC floor: a plain synchronous grpcio server with a 4-thread pool, one onnxruntime
+session (1 intra-op thread), ``np.frombuffer`` decoding, no batching, no validation, no metrics and
+no Ferry server code. It is what a developer writes in an afternoon (the "plain floor" of
+``shared/reference/measuring.md``); a serving product should not be slower.
+
+    python bench/plain_server.py MODEL.onnx PORT                 # ferry.v1 (bench/serving.py)
+    python bench/plain_server.py MODEL.onnx PORT --protocol oip  # Open Inference Protocol
+
+The OIP mode answers what perf_analyzer needs (ModelInfer, ModelStreamInfer, ModelMetadata,
+ModelConfig, liveness and readiness) and nothing else; the handlers are registered under
+``inference.GRPCInferenceService`` with the message classes Ferry compiles for that protocol.
+"""
 
 from __future__ import annotations
 
-import sys
+import argparse
+from collections.abc import Iterator
 from concurrent import futures
+from typing import Any
 
 import grpc
 import numpy as np
 import onnxruntime as ort
 
+from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
+from ferry.proto.kserve.v2 import model_config_pb2 as mc
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 from ferry.proto.v1 import tensor_pb2
@@ -18,11 +31,16 @@ from ferry.proto.v1 import tensor_pb2
 FP32 = tensor_pb2.DATA_TYPE_FP32
 
 
+def open_session(path: str) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
 class Plain(pb_grpc.InferenceServicer):
     def __init__(self, path: str) -> None:
-        so = ort.SessionOptions()
-        so.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+        self.session = open_session(path)
         self.out_name = self.session.get_outputs()[0].name
 
     def Infer(self, request: pb.InferRequest, context: grpc.ServicerContext) -> pb.InferResponse:
@@ -33,8 +51,129 @@ class Plain(pb_grpc.InferenceServicer):
         return pb.InferResponse(model=request.model, version=1, id=request.id, outputs=[out])
 
 
+class PlainOIP:
+    """ModelInfer with raw contents, FP32 in and out, batch dimension first."""
+
+    def __init__(self, path: str, name: str) -> None:
+        self.session = open_session(path)
+        self.name = name
+        self.inp = self.session.get_inputs()[0]
+        self.out = self.session.get_outputs()[0]
+
+    def _dims(self, node: Any) -> list[int]:
+        return [d if isinstance(d, int) else -1 for d in node.shape]
+
+    def infer(self, request: kpb.ModelInferRequest) -> kpb.ModelInferResponse:
+        t = request.inputs[0]
+        x = np.frombuffer(request.raw_input_contents[0], dtype=np.float32).reshape(tuple(t.shape))
+        (y,) = self.session.run([self.out.name], {t.name: x})
+        response = kpb.ModelInferResponse(
+            model_name=request.model_name, model_version="1", id=request.id
+        )
+        response.outputs.add(name=self.out.name, datatype="FP32", shape=y.shape)
+        response.raw_output_contents.append(y.tobytes())
+        return response
+
+    def ModelInfer(
+        self, request: kpb.ModelInferRequest, context: grpc.ServicerContext
+    ) -> kpb.ModelInferResponse:
+        return self.infer(request)
+
+    def ModelStreamInfer(
+        self, requests: Iterator[kpb.ModelInferRequest], context: grpc.ServicerContext
+    ) -> Iterator[kpb.ModelStreamInferResponse]:
+        for request in requests:
+            response = kpb.ModelStreamInferResponse()
+            response.infer_response.CopyFrom(self.infer(request))
+            yield response
+
+    def ModelMetadata(
+        self, request: kpb.ModelMetadataRequest, context: grpc.ServicerContext
+    ) -> kpb.ModelMetadataResponse:
+        T = kpb.ModelMetadataResponse.TensorMetadata
+        return kpb.ModelMetadataResponse(
+            name=self.name,
+            versions=["1"],
+            platform="onnxruntime_onnx",
+            inputs=[T(name=self.inp.name, datatype="FP32", shape=self._dims(self.inp))],
+            outputs=[T(name=self.out.name, datatype="FP32", shape=self._dims(self.out))],
+        )
+
+    def ModelConfig(
+        self, request: kpb.ModelConfigRequest, context: grpc.ServicerContext
+    ) -> kpb.ModelConfigResponse:
+        config = mc.ModelConfig(
+            name=self.name,
+            platform="onnxruntime_onnx",
+            backend="onnxruntime",
+            max_batch_size=64,
+            input=[
+                mc.ModelInput(
+                    name=self.inp.name, data_type=mc.TYPE_FP32, dims=self._dims(self.inp)[1:]
+                )
+            ],
+            output=[
+                mc.ModelOutput(
+                    name=self.out.name, data_type=mc.TYPE_FP32, dims=self._dims(self.out)[1:]
+                )
+            ],
+        )
+        return kpb.ModelConfigResponse(config=config)
+
+    def ServerLive(
+        self, request: kpb.ServerLiveRequest, context: grpc.ServicerContext
+    ) -> kpb.ServerLiveResponse:
+        return kpb.ServerLiveResponse(live=True)
+
+    def ServerReady(
+        self, request: kpb.ServerReadyRequest, context: grpc.ServicerContext
+    ) -> kpb.ServerReadyResponse:
+        return kpb.ServerReadyResponse(ready=True)
+
+    def ServerMetadata(
+        self, request: kpb.ServerMetadataRequest, context: grpc.ServicerContext
+    ) -> kpb.ServerMetadataResponse:
+        return kpb.ServerMetadataResponse(name="plain", version="0")
+
+    def ModelReady(
+        self, request: kpb.ModelReadyRequest, context: grpc.ServicerContext
+    ) -> kpb.ModelReadyResponse:
+        return kpb.ModelReadyResponse(ready=request.name == self.name)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        def unary(fn: Any, req: Any, resp: Any) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
+            )
+
+        table = {
+            "ModelInfer": unary(self.ModelInfer, kpb.ModelInferRequest, kpb.ModelInferResponse),
+            "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
+                self.ModelStreamInfer,
+                request_deserializer=kpb.ModelInferRequest.FromString,
+                response_serializer=kpb.ModelStreamInferResponse.SerializeToString,
+            ),
+            "ModelMetadata": unary(
+                self.ModelMetadata, kpb.ModelMetadataRequest, kpb.ModelMetadataResponse
+            ),
+            "ModelConfig": unary(self.ModelConfig, kpb.ModelConfigRequest, kpb.ModelConfigResponse),
+            "ServerLive": unary(self.ServerLive, kpb.ServerLiveRequest, kpb.ServerLiveResponse),
+            "ServerReady": unary(self.ServerReady, kpb.ServerReadyRequest, kpb.ServerReadyResponse),
+            "ModelReady": unary(self.ModelReady, kpb.ModelReadyRequest, kpb.ModelReadyResponse),
+            "ServerMetadata": unary(
+                self.ServerMetadata, kpb.ServerMetadataRequest, kpb.ServerMetadataResponse
+            ),
+        }
+        return grpc.method_handlers_generic_handler("inference.GRPCInferenceService", table)
+
+
 def main() -> None:
-    path, port = sys.argv[1], int(sys.argv[2])
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("model", help="ONNX file")
+    ap.add_argument("port", type=int)
+    ap.add_argument("--protocol", choices=("ferry", "oip"), default="ferry")
+    ap.add_argument("--name", default="model", help="model name (OIP mode)")
+    args = ap.parse_args()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
         options=[
@@ -42,8 +181,11 @@ def main() -> None:
             ("grpc.max_send_message_length", 1 << 27),
         ],
     )
-    pb_grpc.add_InferenceServicer_to_server(Plain(path), server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    if args.protocol == "oip":
+        server.add_generic_rpc_handlers((PlainOIP(args.model, args.name).handler(),))
+    else:
+        pb_grpc.add_InferenceServicer_to_server(Plain(args.model), server)
+    server.add_insecure_port(f"127.0.0.1:{args.port}")
     server.start()
     print("ready", flush=True)
     server.wait_for_termination()

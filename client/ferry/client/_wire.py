@@ -5,12 +5,12 @@ serialize and parse). Here a request is written straight from the arrays' memory
 tensors are read as zero-copy views of the received bytes, which takes the SDK's cost per request
 from hundreds of microseconds to tens for large tensors. The bytes are exactly what protobuf
 would produce and accept (tests compare both ways); everything else uses the generated classes.
+The framing itself (varints, tensors) is ``ferry.codec._wire``, which the server shares for its
+responses.
 """
 
 from __future__ import annotations
 
-import functools
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,87 +19,26 @@ import numpy as np
 from ferry.client._errors import FerryError, ServerError, from_status
 from ferry.client._requests import ArrayLike, as_array, status_code
 from ferry.client._types import InferResult, Timings
-from ferry.codec import CodecError, datatype_of, from_bytes, to_bytes
+from ferry.codec import CodecError, from_bytes
+from ferry.codec._wire import encode_varint, tensor_field, text_field
 from ferry.proto.v1 import inference_pb2 as pb
 
-_MASK64 = (1 << 64) - 1
+__all__ = [
+    "decode_infer_response",
+    "decode_stream_response",
+    "encode_infer_request",
+    "encode_varint",
+    "read_varint",
+]
 
-
-def encode_varint(n: int) -> bytes:
-    """Protobuf base-128 varint; negative int64 values take their 10-byte two's complement.
-
-    The SDK's one varint encoder: the health check and the load generator frame their few
-    hand-written fields with it too."""
-    n &= _MASK64
-    if n < 0x80:
-        return bytes((n,))
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
-def _text(key: bytes, value: str) -> list[bytes]:
-    raw = value.encode("utf-8")
-    return [key, encode_varint(len(raw)), raw]
-
-
-_LITTLE_ENDIAN_HOST = sys.byteorder == "little"
 _KEY1, _KEY2, _KEY3, _KEY4 = b"\x0a", b"\x10", b"\x1a", b"\x22"  # fields 1..4, as used below
 _KEY5, _KEY6, _KEY7 = b"\x2a", b"\x30", b"\x38"
-
-
-# dtype -> DataType for the dtypes whose memory is already the wire layout (fixed size, little-
-# endian or single-byte); filled on first sight, so the per-request check is one dict lookup.
-_WIRE_READY: dict[np.dtype[Any], int | None] = {}
-
-
-def _wire_code(dtype: np.dtype[Any]) -> int | None:
-    code = _WIRE_READY.get(dtype, -1)
-    if code == -1:
-        order = dtype.byteorder
-        ready = dtype.kind in "biuf" and (order in "<|" or (order == "=" and _LITTLE_ENDIAN_HOST))
-        code = _WIRE_READY[dtype] = datatype_of(dtype) if ready else None
-    return code
-
-
-def _payload(array: np.ndarray) -> tuple[int, tuple[int, ...], bytes | memoryview]:
-    """(DataType, shape, raw bytes) with no copy when the array's memory is already the wire
-    layout (C-contiguous, little-endian, fixed size); otherwise the codec's one-copy path."""
-    code = _wire_code(array.dtype)
-    if code is not None and array.flags.c_contiguous:
-        try:
-            return code, array.shape, memoryview(array).cast("B")  # type: ignore[arg-type]
-        except (TypeError, ValueError):  # a buffer format memoryview cannot cast
-            pass
-    wire_code, shape, data = to_bytes(array)
-    return wire_code, tuple(shape), data
-
-
-@functools.lru_cache(maxsize=1024)
-def _tensor_head(name: str, code: int, shape: tuple[int, ...]) -> bytes:
-    """A ``Tensor``'s fields 1 name, 2 dtype and 3 packed shape; the same few recur, so cached."""
-    meta: list[bytes] = _text(_KEY1, name) if name else []
-    if code:
-        meta += [_KEY2, encode_varint(code)]
-    if shape:
-        dims = b"".join([encode_varint(d) for d in shape])
-        meta += [_KEY3, encode_varint(len(dims)), dims]
-    return b"".join(meta)
+_text = text_field
 
 
 def _tensor(name: str, array: np.ndarray) -> list[bytes | memoryview]:
     """One ``Tensor`` framed as field 4 of ``InferRequest``; the data is referenced, not copied."""
-    code, shape, data = _payload(array)
-    head = _tensor_head(name, code, shape)
-    size = len(data) if isinstance(data, bytes) else data.nbytes
-    if size:
-        size_head = encode_varint(size)
-        total = len(head) + 1 + len(size_head) + size
-        return [_KEY4, encode_varint(total), head, _KEY4, size_head, data]
-    return [_KEY4, encode_varint(len(head)), head]
+    return tensor_field(_KEY4, name, array)
 
 
 def encode_infer_request(

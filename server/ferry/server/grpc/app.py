@@ -19,7 +19,7 @@ import grpc
 from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ferry.proto.v1 import inference_pb2, inference_pb2_grpc, repository_pb2, repository_pb2_grpc
+from ferry.proto.v1 import inference_pb2, repository_pb2, repository_pb2_grpc
 from ferry.server import security
 from ferry.server.convert.service import ConversionService
 from ferry.server.core.dataplane import DataPlane
@@ -29,6 +29,7 @@ from ferry.server.core.types import Limits
 from ferry.server.grpc import conversion, kserve, reflection
 from ferry.server.grpc.auth import inference_guard, management_guard
 from ferry.server.grpc.inference import InferenceServicer
+from ferry.server.grpc.inference import add_to_server as add_inference_to_server
 from ferry.server.grpc.repository import RepositoryServicer
 from ferry.server.grpc.tls import server_credentials
 from ferry.server.metrics import Metrics
@@ -111,9 +112,7 @@ class FerryServer:
         # Inference listener.
         guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
         server = aio.server(options=self._options(), interceptors=[guard])
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.dataplane), server
-        )
+        add_inference_to_server(server, InferenceServicer(self.dataplane))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,

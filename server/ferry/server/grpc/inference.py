@@ -7,11 +7,14 @@ turns the answer back; no method reaches past the door.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
+import grpc
 from grpc import aio
 
 from ferry.codec import decode_tensor, encode_tensor
+from ferry.codec._wire import encode_infer_response, encode_stream_result
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 from ferry.proto.v1 import tensor_pb2
@@ -85,12 +88,20 @@ def to_request(msg: pb.InferRequest, limits: Limits | None = None) -> InferenceR
 
 
 def to_response(result: InferenceResult) -> pb.InferResponse:
+    """The response as a protobuf message (the hot path serializes with ``encode_response``)."""
     return pb.InferResponse(
         model=result.model,
         version=result.version,
         id=result.id,
         outputs=[encode_tensor(name, arr) for name, arr in result.outputs.items()],
     )
+
+
+def encode_response(result: InferenceResult) -> bytes:
+    """The serialized ``InferResponse``, built once with the SDK's own wire codec: each output
+    is copied once, from the array into the message, where protobuf objects copied it three
+    times (``tobytes``, into the message, serializing)."""
+    return encode_infer_response(result.model, result.version, result.id, result.outputs)
 
 
 def _tensor_metadata(spec: TensorSpec) -> tensor_pb2.TensorMetadata:
@@ -158,20 +169,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.dataplane = dataplane
 
     @translate_errors
-    async def Infer(
-        self, request: pb.InferRequest, context: aio.ServicerContext
-    ) -> pb.InferResponse:
+    async def Infer(self, request: pb.InferRequest, context: aio.ServicerContext) -> bytes:
+        """Answers the serialized response (``add_to_server`` registers a pass-through)."""
         result = await self.dataplane.infer(WireInfer(request), deadline=call_deadline(context))
-        return to_response(result)
+        return encode_response(result)
 
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferRequest], context: aio.ServicerContext
-    ) -> AsyncIterator[pb.InferStreamResponse]:
+    ) -> AsyncIterator[pb.InferStreamResponse | bytes]:
         """Requests run concurrently; responses are yielded as they complete, each with its
         request's id; a failed request gets an error response and the stream stays open."""
         deadline = call_deadline(context)
 
-        async def respond(msg: pb.InferRequest) -> pb.InferStreamResponse:
+        async def respond(msg: pb.InferRequest) -> pb.InferStreamResponse | bytes:
             try:
                 result = await self.dataplane.infer(WireInfer(msg), deadline=deadline)
             except asyncio.CancelledError:
@@ -181,7 +191,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 return pb.InferStreamResponse(
                     id=msg.id, error=pb.Error(code=code.value[0], message=message, kind=kind)
                 )
-            return pb.InferStreamResponse(id=msg.id, response=to_response(result))
+            return encode_stream_result(msg.id, result.model, result.version, result.outputs)
 
         async for response in self.dataplane.stream(request_iterator, respond):
             yield response
@@ -215,3 +225,48 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     ) -> pb.GetModelStatisticsResponse:
         stats = self.dataplane.statistics(request.model, request.version or None)
         return pb.GetModelStatisticsResponse(models=[statistics_of(s) for s in stats])
+
+
+def _serialized(response: Any) -> bytes:
+    """Responses the hot path already serialized pass through; messages serialize as usual."""
+    if isinstance(response, bytes):
+        return response
+    data: bytes = response.SerializeToString()
+    return data
+
+
+SERVICE = "ferry.v1.Inference"
+
+
+def add_to_server(server: aio.Server, servicer: InferenceServicer) -> list[str]:
+    """Register ``ferry.v1.Inference`` as the generated code would, except that Infer and
+    InferStream send the bytes their handlers built (``_serialized``)."""
+    s = servicer
+
+    def unary(fn: Callable[..., Any], request: Any, response: Any) -> grpc.RpcMethodHandler:
+        return grpc.unary_unary_rpc_method_handler(
+            fn, request_deserializer=request.FromString, response_serializer=response
+        )
+
+    table: dict[str, grpc.RpcMethodHandler] = {
+        "Infer": unary(s.Infer, pb.InferRequest, _serialized),
+        "InferStream": grpc.stream_stream_rpc_method_handler(
+            s.InferStream,
+            request_deserializer=pb.InferRequest.FromString,
+            response_serializer=_serialized,
+        ),
+        "GetModelMetadata": unary(
+            s.GetModelMetadata, pb.GetModelMetadataRequest, pb.ModelMetadata.SerializeToString
+        ),
+        "ListModels": unary(
+            s.ListModels, pb.ListModelsRequest, pb.ListModelsResponse.SerializeToString
+        ),
+        "GetModelStatistics": unary(
+            s.GetModelStatistics,
+            pb.GetModelStatisticsRequest,
+            pb.GetModelStatisticsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, table),))
+    server.add_registered_method_handlers(SERVICE, table)
+    return [SERVICE]

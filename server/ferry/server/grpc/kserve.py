@@ -27,7 +27,11 @@ from ferry.server.core.types import InferenceRequest, Limits, parse_version, ver
 from ferry.server.errors import InvalidArgument, PermissionDenied, Unimplemented
 from ferry.server.grpc._base import call_deadline, translate_errors
 from ferry.server.grpc.kserve_model import config_of, metadata_of, repository_index, statistics_of
-from ferry.server.grpc.kserve_tensors import decode_request, encode_response
+from ferry.server.grpc.kserve_tensors import (
+    decode_request,
+    serialize_response,
+    serialize_stream_response,
+)
 from ferry.server.grpc.status import status_of
 
 SERVICE = "inference.GRPCInferenceService"
@@ -172,36 +176,34 @@ class KServeServicer:
     @translate_errors
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    ) -> bytes:
+        """Answers the serialized response, built once (``handlers`` registers a pass-through)."""
         result = await self.dataplane.infer(WireInfer(request), deadline=call_deadline(context))
-        return encode_response(result, pb.ModelInferResponse())
+        return serialize_response(result)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
-    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    ) -> AsyncIterator[pb.ModelStreamInferResponse | bytes]:
         """Requests run concurrently and responses go out as they complete (clients match them
         by ``id``); a failed request answers with ``error_message`` and the stream stays open."""
         deadline = call_deadline(context)
 
-        async def respond(msg: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
-            response = pb.ModelStreamInferResponse()
+        async def respond(msg: pb.ModelInferRequest) -> pb.ModelStreamInferResponse | bytes:
             try:
                 result = await self.dataplane.infer(WireInfer(msg), deadline=deadline)
-                # Encoded in place: passing a built response to the constructor would copy it.
-                encode_response(result, response.infer_response)
+                return serialize_stream_response(result)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 code, message, _ = status_of(exc)
                 # The stream has no status per message, so the code leads the text, in the form
                 # tritonclient gives its unary errors.
-                response = pb.ModelStreamInferResponse(
+                return pb.ModelStreamInferResponse(
                     error_message=f"[StatusCode.{code.name}] {message}",
                     infer_response=pb.ModelInferResponse(
                         model_name=msg.model_name, model_version=msg.model_version, id=msg.id
                     ),
                 )
-            return response
 
         async for response in self.dataplane.stream(request_iterator, respond):
             yield response
@@ -272,6 +274,14 @@ def _one_repository(name: str) -> None:
         )
 
 
+def _serialized(response: Any) -> bytes:
+    """Inference answers arrive serialized by the hot path; error answers are messages."""
+    if isinstance(response, bytes):
+        return response
+    data: bytes = response.SerializeToString()
+    return data
+
+
 def handlers(servicer: KServeServicer) -> dict[str, grpc.RpcMethodHandler]:
     """Method name -> handler, with the Ferry-package messages' own (de)serializers."""
 
@@ -295,11 +305,15 @@ def handlers(servicer: KServeServicer) -> dict[str, grpc.RpcMethodHandler]:
         "ModelStatistics": unary(
             s.ModelStatistics, pb.ModelStatisticsRequest, pb.ModelStatisticsResponse
         ),
-        "ModelInfer": unary(s.ModelInfer, pb.ModelInferRequest, pb.ModelInferResponse),
+        "ModelInfer": grpc.unary_unary_rpc_method_handler(
+            s.ModelInfer,
+            request_deserializer=pb.ModelInferRequest.FromString,
+            response_serializer=_serialized,
+        ),
         "ModelStreamInfer": grpc.stream_stream_rpc_method_handler(
             s.ModelStreamInfer,
             request_deserializer=pb.ModelInferRequest.FromString,
-            response_serializer=pb.ModelStreamInferResponse.SerializeToString,
+            response_serializer=_serialized,
         ),
         "RepositoryIndex": unary(
             s.RepositoryIndex, pb.RepositoryIndexRequest, pb.RepositoryIndexResponse

@@ -5,8 +5,9 @@ Only what is particular to this wire format is checked here: datatype names, whe
 and parameters. Whether the tensors fit the model (names, dtypes, shapes, batch size) is decided
 once, in ``DataPlane``, for every protocol alike.
 
-Raw contents take the fast path: one ``np.frombuffer`` per input on the way in and one
-``tobytes`` per output on the way out (``ferry.codec``); no Python lists. Typed contents are the
+Raw contents take the fast path: one ``np.frombuffer`` per input on the way in, and on the way out
+the response bytes built once by the wire codec the SDK shares (``ferry.codec._wire``), one copy
+per output; no Python lists. Typed contents are the
 slow, convenient path and pay for a conversion.
 """
 
@@ -25,6 +26,7 @@ from ferry.codec import (
     from_bytes,
     to_bytes,
 )
+from ferry.codec._wire import encode_oip_response, encode_oip_stream_result
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
 from ferry.server.core.inputs import check_wire_elements
 from ferry.server.core.types import InferenceRequest, InferenceResult, Limits, parse_version
@@ -107,6 +109,17 @@ def encode_response(
         tensors.add(name=name, datatype=datatype_name(code), shape=shape)
         raw.append(data)
     return response
+
+
+def serialize_response(result: InferenceResult) -> bytes:
+    """The serialized ``ModelInferResponse``, equal to ``encode_response``'s message serialized,
+    built once with the shared wire codec: each output is copied once, not three times."""
+    return encode_oip_response(result.model, str(result.version), result.id, result.outputs)
+
+
+def serialize_stream_response(result: InferenceResult) -> bytes:
+    """The serialized ``ModelStreamInferResponse`` carrying ``result``."""
+    return encode_oip_stream_result(result.model, str(result.version), result.id, result.outputs)
 
 
 def _refuse_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> None:
