@@ -662,7 +662,8 @@ def test_module_imports_only_stdlib_and_domain_errors() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
     assert roots.isdisjoint({"numpy", "onnxruntime", "grpc", "onnx"})
-    assert roots <= {"__future__", "asyncio", "bisect", "time", "collections", "dataclasses"} | {
+    assert roots <= {"__future__", "asyncio", "bisect", "math", "time", "collections"} | {
+        "dataclasses",
         "typing",
         "ferry",
     }

@@ -76,6 +76,14 @@ class Settings:
     max_stream_in_flight: int = field(
         default=1024, metadata={"help": "requests running at once on one InferStream"}
     )
+    default_request_timeout: float = field(
+        default=10.0,
+        metadata={
+            "help": "seconds an inference request that carries no deadline (none from the "
+            "call, the request or the model's default_timeout_ms) may take; one predicted to "
+            "take longer is refused at once (RESOURCE_EXHAUSTED); 0: no bound"
+        },
+    )
     warm_up: bool = field(default=True, metadata={"help": "run each model once at load"})
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     log_format: str = field(

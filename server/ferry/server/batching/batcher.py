@@ -5,6 +5,12 @@ that arrive while an instance is busy are worth grouping. This module holds the 
 dispatch, what goes together, what to refuse); it knows nothing of tensors, runtimes or protocols,
 so the same code serves every model and can be tested with plain Python objects.
 
+It sheds load at the door: a request whose deadline falls before the moment it could finish (the
+work queued ahead of it, at its priority or better, spread over the instances, plus its own
+execution, all predicted from the batches that ran) is refused at once with QueueFull
+(RESOURCE_EXHAUSTED) instead of being queued to be executed too late, and a queued request whose
+deadline comes before it could finish is dropped when batches form, so late work is never run.
+
 It is event driven: every decision is taken when something changes (a submit, a slot freeing, a
 timer firing, a caller going away), never by a polling loop, so an idle batcher costs nothing and a
 lone request at low load is dispatched in the same loop iteration as its submit.
@@ -14,12 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from ferry.server.batching.service_time import ServiceTime
 from ferry.server.errors import (
     DeadlineExceeded,
     InternalError,
@@ -60,7 +68,7 @@ class BatchInfo:
 class _Entry(Generic[T, R]):
     """One queued item: the only per-request allocation besides its future."""
 
-    __slots__ = ("deadline", "enqueued", "future", "item", "key", "size", "state", "timer")
+    __slots__ = ("deadline", "enqueued", "future", "item", "key", "prio", "size", "state", "timer")
 
     def __init__(
         self,
@@ -71,8 +79,10 @@ class _Entry(Generic[T, R]):
         future: asyncio.Future[R],
         *,
         deadline: float | None,
+        prio: int,
     ) -> None:
         self.item = item
+        self.prio = prio
         self.size = size
         self.key = key
         self.enqueued = enqueued
@@ -105,6 +115,7 @@ class DynamicBatcher(Generic[T, R]):
         batch_key: Callable[[T], Hashable] | None = None,
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
+        service_time: ServiceTime | None = None,
     ) -> None:
         label = f"batcher {name!r}" if name else "batcher"
         if max_batch_size < 0:
@@ -130,10 +141,15 @@ class DynamicBatcher(Generic[T, R]):
         self._queues: dict[int, deque[_Entry[T, R]]] = {}
         self._prios: list[int] = []
         self._depth = 0
+        # Live (items, units) per priority: what is ahead of an arrival, in O(priorities).
+        self._ahead: dict[int, list[int]] = {}
         self._garbage = 0
         # Queued batch units per key: tells in O(1) whether the head's batch is already full.
         self._units: dict[Hashable, int] = {}
         self._in_flight = 0
+        # Predicted seconds of the batches running now, and the predictor itself.
+        self._running = 0.0
+        self.service_time = service_time if service_time is not None else ServiceTime()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -154,9 +170,38 @@ class DynamicBatcher(Generic[T, R]):
     def closed(self) -> bool:
         return self._closed
 
+    def predicted_wait(self, size: int = 1, priority: int = 0) -> float:
+        """Seconds until an item of ``size`` units submitted now at ``priority`` would have run:
+        the queued work at its priority or better (lower numbers first; equal ones are ahead of
+        it), in full batches, spread over the instances, after the running batches' remaining
+        time (half their predicted time, on average), plus its own execution. 0 until a batch has
+        run: nothing is refused on a guess."""
+        est = self.service_time
+        if not est.ready:
+            return 0.0
+        items = units = 0
+        for prio, (n, u) in self._ahead.items():
+            if prio <= priority:
+                items += n
+                units += u
+        limit = self._max_batch_size
+        if limit == 0 or not items:
+            # One item per batch: each costs what a batch of its size does.
+            work = items * est.fixed + units * est.per_unit
+        else:
+            # Full batches: the backlog is what fills them. (Keys that do not batch together
+            # make a few more; the estimate stays the common case's.)
+            batches = math.ceil(units / limit)
+            work = batches * est.fixed + units * est.per_unit
+        if self._in_flight >= self._max_concurrency:
+            work += self._running / 2
+        return work / self._max_concurrency + est.predict(size)
+
     async def submit(self, item: T, *, deadline: float | None = None, priority: int = 0) -> R:
         """Queue ``item`` and wait for its result. ``deadline`` is absolute on the batcher's clock
-        and bounds only the time spent queued: once a handler has the item, it runs to the end."""
+        and bounds only the time spent queued: once a handler has the item, it runs to the end.
+        An item predicted to finish after its deadline is refused here, before it costs anything
+        (QueueFull, so RESOURCE_EXHAUSTED: retry later, elsewhere, or with a longer deadline)."""
         if self._closed:
             raise Unavailable(f"{self._label} is closed")
         size = 1 if self._size_of is None else self._size_of(item)
@@ -174,6 +219,16 @@ class DynamicBatcher(Generic[T, R]):
                 f"{self._label} queue is full (max_queue_size={self._max_queue_size}); "
                 "retry with backoff or add capacity"
             )
+        if deadline is not None and self.service_time.ready:
+            wait = self.predicted_wait(size, priority)
+            if now + wait > deadline:
+                self.rejected += 1
+                raise QueueFull(
+                    f"{self._label} cannot finish this request before its deadline: predicted "
+                    f"wait {wait * 1000:.1f} ms ({self._depth} queued, {self._in_flight} running) "
+                    f"> remaining {(deadline - now) * 1000:.1f} ms; retry with backoff, with a "
+                    "longer deadline, or add capacity"
+                )
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -181,7 +236,7 @@ class DynamicBatcher(Generic[T, R]):
             raise RuntimeError(f"{self._label} is bound to another event loop")
         key = _ALL if self._key_of is None else self._key_of(item)
         future: asyncio.Future[R] = loop.create_future()
-        entry = _Entry(item, size, key, now, future, deadline=deadline)
+        entry = _Entry(item, size, key, now, future, deadline=deadline, prio=priority)
         self._units[key] = self._units.get(key, 0) + size  # first: an unhashable key fails here
         queue = self._queues.get(priority)
         if queue is None:
@@ -189,6 +244,12 @@ class DynamicBatcher(Generic[T, R]):
             bisect.insort(self._prios, priority)
         queue.append(entry)
         self._depth += 1
+        ahead = self._ahead.get(priority)
+        if ahead is None:
+            self._ahead[priority] = [1, size]
+        else:
+            ahead[0] += 1
+            ahead[1] += size
         if deadline is not None:
             entry.timer = loop.call_later(deadline - now, self._on_deadline, entry)
         self._pump()
@@ -285,8 +346,10 @@ class DynamicBatcher(Generic[T, R]):
         stale: list[_Entry[T, R]] = []
         units = 0
         key: Hashable = None
+        # Work that would finish after its deadline is not run: its caller has stopped waiting.
+        est = self.service_time
         for entry in self._queued():
-            if entry.deadline is not None and entry.deadline <= now:
+            if entry.deadline is not None and entry.deadline <= now + est.predict(entry.size):
                 stale.append(entry)
                 continue
             if not batch:
@@ -312,15 +375,23 @@ class DynamicBatcher(Generic[T, R]):
             queue_ns=[max(0, round((now - e.enqueued) * 1e9)) for e in batch], size=units
         )
         self._in_flight += 1
+        predicted = self.service_time.predict(units) if self.service_time.ready else 0.0
+        self._running += predicted
         # A task per batch, not per item: callers and other batches proceed while it runs.
-        task = self._loop.create_task(self._execute(batch, [e.item for e in batch], info))
+        task = self._loop.create_task(
+            self._execute(batch, [e.item for e in batch], info, predicted)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _execute(self, batch: list[_Entry[T, R]], items: list[T], info: BatchInfo) -> None:
+    async def _execute(
+        self, batch: list[_Entry[T, R]], items: list[T], info: BatchInfo, predicted: float
+    ) -> None:
         try:
             try:
+                started = self._clock()
                 results = await self._handler(items, info)
+                self.service_time.observe(info.size, self._clock() - started)
                 if len(results) != len(batch):
                     raise InternalError(
                         f"{self._label}: handler returned {len(results)} results "
@@ -341,6 +412,7 @@ class DynamicBatcher(Generic[T, R]):
                     entry.future.set_result(result)
         finally:
             self._in_flight -= 1
+            self._running = max(0.0, self._running - predicted) if self._in_flight else 0.0
             self._pump()
 
     # --- queue bookkeeping ------------------------------------------------------------------
@@ -349,6 +421,12 @@ class DynamicBatcher(Generic[T, R]):
         """Take an entry out of the counts at once; its deque slot is reclaimed later (_tidy)."""
         entry.state = state
         self._depth -= 1
+        ahead = self._ahead[entry.prio]
+        if ahead[0] == 1:
+            del self._ahead[entry.prio]
+        else:
+            ahead[0] -= 1
+            ahead[1] -= entry.size
         self._garbage += 1
         left = self._units[entry.key] - entry.size
         if left:
@@ -364,7 +442,10 @@ class DynamicBatcher(Generic[T, R]):
         self.expired += 1
         if not entry.future.done():
             entry.future.set_exception(
-                DeadlineExceeded(f"deadline passed while queued in {self._label}")
+                DeadlineExceeded(
+                    f"the deadline passed, or would pass before the request could finish, while "
+                    f"it was queued in {self._label}; it was not executed"
+                )
             )
 
     def _on_deadline(self, entry: _Entry[T, R]) -> None:

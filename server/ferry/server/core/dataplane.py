@@ -57,11 +57,15 @@ class DataPlane:
         *,
         observer: Observer | None = None,
         max_stream_in_flight: int = 1024,
+        default_timeout: float = 0.0,
     ) -> None:
         self._registry = registry
         self.limits = limits or Limits()
         self._observe = observer or _no_observer
         self.max_stream_in_flight = max_stream_in_flight
+        # Seconds a request with no deadline at all (none from the call, the request or the
+        # model's default_timeout_ms) may take; 0: unbounded (only max_queue_size bounds it).
+        self.default_timeout = default_timeout
 
     def observe_with(self, observer: Observer) -> None:
         """Set the one observer of every inference request (the server's metrics)."""
@@ -82,7 +86,7 @@ class DataPlane:
                 decoded = request.decode(self.limits)  # type: ignore[union-attr]
             lv = self._registry.get(decoded.model, decoded.version)
             work = inputs.validate(lv, decoded, self.limits)
-            deadline = _deadline(lv, decoded, deadline)
+            deadline = _deadline(lv, decoded, deadline, self.default_timeout)
             priority = decoded.priority or lv.config.batching.default_priority
             outputs = await lv.batcher.submit(work, deadline=deadline, priority=priority)
         except BaseException as exc:
@@ -204,12 +208,21 @@ class DataPlane:
         return await self._registry.refresh(retry_failed=True)
 
 
-def _deadline(lv: LoadedVersion, request: InferenceRequest, deadline: float | None) -> float | None:
+def _deadline(
+    lv: LoadedVersion, request: InferenceRequest, deadline: float | None, default: float
+) -> float | None:
+    """The request's deadline: the earliest of the call's and the request's own timeout (or the
+    model's ``default_timeout_ms``); with neither, the server's ``default_request_timeout``, so
+    no request can wait without bound and every one can be judged at the door (the batcher
+    refuses one that would finish after its deadline)."""
+    now = time.monotonic()
     budget = request.timeout or (lv.config.batching.default_timeout_ms / 1000.0) or None
     if budget is not None:
-        own = time.monotonic() + budget
+        own = now + budget
         deadline = own if deadline is None else min(deadline, own)
-    if deadline is not None and deadline <= time.monotonic():
+    elif deadline is None and default > 0:
+        deadline = now + default
+    if deadline is not None and deadline <= now:
         raise DeadlineExceeded(
             f"the request's deadline passed before it reached model {request.model!r}"
         )

@@ -60,6 +60,7 @@ class FerryServer:
                 max_batch=settings.max_request_batch_size,
             ),
             max_stream_in_flight=settings.max_stream_in_flight,
+            default_timeout=settings.default_request_timeout,
         )
         self.metrics = Metrics(self.dataplane)
         self.dataplane.observe_with(self.metrics.observe)
