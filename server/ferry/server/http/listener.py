@@ -71,7 +71,11 @@ class HttpListener:
         if self._listening is not None:
             self._listening.close()
         if self._server is not None:
-            self._server.pre_shutdown()
+            # Close idle keep-alive connections now (aiohttp >= 3.10 has pre_shutdown); busy
+            # ones finish their request within the grace period, then close.
+            pre_shutdown = getattr(self._server, "pre_shutdown", None)
+            if pre_shutdown is not None:
+                pre_shutdown()
             await self._server.shutdown(grace)
         if self._listening is not None:
             await self._listening.wait_closed()
@@ -134,8 +138,9 @@ class HttpListener:
                 if total > self._limit:
                     raise self._too_large(f"more than {self._limit} bytes arrived")
                 chunks.append(chunk)
-        except HttpProcessingError as exc:  # malformed chunking, a bad gzip stream
-            raise InvalidArgument(f"the request body could not be read: {exc.message}") from None
+        except (HttpProcessingError, web.RequestPayloadError) as exc:  # bad chunking or gzip
+            why = str(exc).replace("\n", " ").strip()
+            raise InvalidArgument(f"the request body could not be read: {why}") from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _too_large(self, why: str) -> HttpError:

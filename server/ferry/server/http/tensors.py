@@ -289,6 +289,11 @@ def _from_json(
         raise _count_error(name, shape, count, values.size)
     wanted = TYPED[code][2] if code != _FP16 else np.dtype(np.float16)
     kind = values.dtype.kind
+    if count and wanted.kind in "iu" and kind in "fO":
+        # numpy widens a mix of int64 and larger ints to float64 (or object), losing digits:
+        # the elements themselves decide whether they are integers.
+        values = _exact_integers(data, values)
+        kind = values.dtype.kind
     if count and not _compatible(code, kind):
         what = "true/false" if code == _BOOL else "integers" if wanted.kind in "iu" else "numbers"
         raise InvalidArgument(
@@ -304,6 +309,16 @@ def _from_json(
                 f"{info.max}], got values in [{low}, {high}]"
             )
     return _reshape(values.astype(wanted, copy=False), shape, name)
+
+
+def _exact_integers(data: list[Any], values: np.ndarray) -> np.ndarray:
+    flat = np.asarray(data, dtype=object).reshape(-1).tolist()
+    if not all(type(v) is int for v in flat):
+        return values  # not all integers: refused by the kind check
+    low = min(flat)
+    if low < -(2**63) or max(flat) >= 2**64 or (low < 0 and max(flat) >= 2**63):
+        return np.array([float(low)])  # no 64-bit integer holds them: refused as floats
+    return np.array(flat, dtype=np.uint64 if low >= 0 else np.int64)
 
 
 def _compatible(code: int, kind: str) -> bool:
