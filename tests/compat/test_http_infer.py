@@ -152,7 +152,7 @@ def test_binary_extension_by_hand(kserve_server: ServerThread) -> None:
                 },
             ],
             "parameters": {"binary_data_output": True},
-        }  # fmt: skip
+        }
     ).encode()
     status, headers, body = http_call(
         kserve_server.http_target,
@@ -319,7 +319,7 @@ def test_binary_sizes_must_cover_the_tail_exactly(
                     "parameters": {"binary_data_size": size},
                 }
             ]
-        }  # fmt: skip
+        }
     ).encode()
     status, _, body = http_call(
         kserve_server.http_target,
