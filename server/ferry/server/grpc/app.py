@@ -210,7 +210,7 @@ class FerryServer:
                 routes,
                 guard,
                 max_body_bytes=s.max_message_bytes,
-                open_health=not s.health_requires_token,
+                open_health=not (control or s.health_requires_token),  # as the gRPC guards
             )
             try:
                 bound = await listener.start(host, port, context)
