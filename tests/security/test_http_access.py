@@ -89,11 +89,12 @@ def test_refusals_say_what_to_send(token_server: ServerThread) -> None:
 
 def test_the_management_listener_takes_only_its_token(token_server: ServerThread) -> None:
     manager = th.InferenceServerClient(token_server.management_http_target)
-    assert status_of(lambda: manager.get_model_repository_index()) == 401
-    denied = lambda: manager.get_model_repository_index(headers=bearer(INFERENCE_TOKEN))  # noqa: E731
-    assert status_of(denied) == 403
-    ok = lambda: manager.unload_model("no_such_model", headers=bearer(MANAGEMENT_TOKEN))  # noqa: E731
-    assert status_of(ok) == 404  # past the token check: the model is what is missing
+    assert status_of(manager.get_model_repository_index) == 401
+    inference = bearer(INFERENCE_TOKEN)
+    assert status_of(lambda: manager.get_model_repository_index(headers=inference)) == 403
+    management = bearer(MANAGEMENT_TOKEN)
+    # Past the token check: the model is what is missing.
+    assert status_of(lambda: manager.unload_model("no_such_model", headers=management)) == 404
     assert not manager.is_server_ready()  # as on gRPC: no open health on management
 
 
