@@ -262,6 +262,7 @@ def start_server(repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], str, s
         "--host", "127.0.0.1", "--port", str(port),
         "--management-host", "127.0.0.1", "--management-port", str(mport),
         "--metrics-port", "-1", "--grace-period", "5",
+        "--http-port", "-1", "--management-http-port", "-1",
     ]  # fmt: skip
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)

@@ -53,6 +53,10 @@ def start_server(repository: Path) -> tuple[subprocess.Popen[bytes], str, str]:
             str(mport),
             "--metrics-port",
             "-1",
+            "--http-port",
+            "-1",
+            "--management-http-port",
+            "-1",
             "--log-level",
             "WARNING",
         ]

@@ -26,6 +26,8 @@ class ServerThread:
             "management_port": 0,
             "metrics_host": "127.0.0.1",
             "metrics_port": 0,
+            "http_port": 0,
+            "management_http_port": 0,
             "grace_period": 5.0,
             # Tests name fresh temporary folders; the server's own default (refuse a missing
             # repository) is tested by itself.
@@ -72,6 +74,17 @@ class ServerThread:
     def management_target(self) -> str:
         assert self.app is not None
         return f"127.0.0.1:{self.app.management_port}"
+
+    @property
+    def http_target(self) -> str:
+        """host:port of the inference HTTP listener (tritonclient.http's url)."""
+        assert self.app is not None
+        return f"127.0.0.1:{self.app.http_port}"
+
+    @property
+    def management_http_target(self) -> str:
+        assert self.app is not None
+        return f"127.0.0.1:{self.app.management_http_port}"
 
     def stop(self, grace: float | None = 0.5) -> None:
         for fn in self._before_stop:

@@ -1,5 +1,6 @@
 """Fixtures for the Open Inference Protocol tests: one Ferry server per module, driven by
-Triton's own client (tritonclient) so that what passes here is what Triton users will see."""
+Triton's own clients (tritonclient.grpc and tritonclient.http) so that what passes here is what
+Triton users will see."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 import tritonclient.grpc as tg
+import tritonclient.http as th
 from kserve_common import DATATYPES, STATS_CONFIG, STATS_MODEL, identity_name
 from serverutil import ServerThread
 from tritonclient.grpc import service_pb2_grpc
@@ -49,3 +51,11 @@ def stub(kserve_server: ServerThread) -> Iterator[service_pb2_grpc.GRPCInference
     contents, deliberately malformed requests)."""
     with grpc.insecure_channel(kserve_server.target) as channel:
         yield service_pb2_grpc.GRPCInferenceServiceStub(channel)
+
+
+@pytest.fixture(scope="module")
+def triton_http(kserve_server: ServerThread) -> Iterator[th.InferenceServerClient]:
+    """tritonclient.http on the inference HTTP listener."""
+    client = th.InferenceServerClient(kserve_server.http_target)
+    yield client
+    client.close()

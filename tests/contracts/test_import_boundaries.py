@@ -234,7 +234,7 @@ def test_serving_process_never_imports_torch_or_the_child_side(tmp_path: Path) -
         async def main():
             settings = Settings(
                 repository=repo.root, host="127.0.0.1", port=0, management_port=0,
-                metrics_host="127.0.0.1", metrics_port=0,
+                metrics_host="127.0.0.1", metrics_port=0, http_port=-1, management_http_port=-1,
             )
             app = FerryServer(settings)
             await app.start()

@@ -51,12 +51,15 @@ def test_module_help_exits_0() -> None:
 
 
 @pytest.mark.parametrize(
-    "which", ["--port", "--management-port", "--metrics-port"], ids=lambda s: s.strip("-")
+    "which",
+    ["--port", "--management-port", "--metrics-port", "--http-port", "--management-http-port"],
+    ids=lambda s: s.strip("-"),
 )
 def test_serve_on_a_busy_port_fails_with_one_line(
     tmp_path: Path, busy_port: int, which: str
 ) -> None:
     ports = {"--port": "0", "--management-port": "0", "--metrics-port": "0"}
+    ports |= {"--http-port": "0", "--management-http-port": "0"}
     ports[which] = str(busy_port)
     (tmp_path / "repo").mkdir()
     args = [FERRY, "serve", "--repository", str(tmp_path / "repo"), "--host", "127.0.0.1"]
@@ -81,6 +84,8 @@ def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
         "FERRY_PORT": "0",
         "FERRY_MANAGEMENT_PORT": "-1",
         "FERRY_METRICS_PORT": "-1",
+        "FERRY_HTTP_PORT": "-1",
+        "FERRY_MANAGEMENT_HTTP_PORT": "-1",
         "FERRY_GRACE_PERIOD": "5",
     }
     proc = subprocess.Popen(

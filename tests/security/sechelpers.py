@@ -221,6 +221,7 @@ class ServerProcess:
                 "--host", "127.0.0.1", "--port", str(self.port),
                 "--management-host", "127.0.0.1", "--management-port", str(self.management_port),
                 "--metrics-port", "-1", "--grace-period", "2",
+                "--http-port", "-1", "--management-http-port", "-1",
                 *self.args,
             ]  # fmt: skip
             with open(self.log_path, "ab") as log:

@@ -21,6 +21,7 @@ def test_defaults() -> None:
         8003,
         8002,
     )
+    assert (s.http_port, s.management_http_port) == (8000, 8004)  # Triton's HTTP port
     assert s.poll_interval == 0.0
     assert s.warm_up is True
 

@@ -89,7 +89,7 @@ def check_settings(s: Settings) -> None:
         raise ValueError(
             "mutual TLS (a client CA file) needs the server's own tls_cert_file and tls_key_file"
         )
-    if s.management_port < 0 or is_loopback(s.management_host):
+    if (s.management_port < 0 and s.management_http_port < 0) or is_loopback(s.management_host):
         return
     mtls = management_tls(s)
     if s.management_token or s.management_token_file or (mtls is not None and mtls.mutual):
@@ -138,7 +138,7 @@ def exposure_warnings(s: Settings, tokens: Tokens) -> list[str]:
     """Deployments that start but deserve a warning in the log."""
     out = []
     listeners = [("inference", s.host, tokens.inference)]
-    if s.management_port >= 0:
+    if s.management_port >= 0 or s.management_http_port >= 0:
         listeners.append(("management", s.management_host, tokens.management))
     for name, host, token in listeners:
         if token is not None and not s.tls_cert_file and not is_loopback(host):

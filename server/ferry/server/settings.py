@@ -41,6 +41,20 @@ class Settings:
     management_port: int = field(
         default=8003, metadata={"help": "management port; 0 picks a free one, -1 disables it"}
     )
+    http_port: int = field(
+        default=8000,
+        metadata={
+            "help": "HTTP/REST port of the Open Inference Protocol on the inference address "
+            "(host); 0 picks a free one, -1 disables it"
+        },
+    )
+    management_http_port: int = field(
+        default=8004,
+        metadata={
+            "help": "HTTP/REST port of the management listener (Open Inference Protocol with "
+            "repository load/unload) on management_host; 0 picks a free one, -1 disables it"
+        },
+    )
     metrics_host: str = field(
         default="0.0.0.0", metadata={"help": "address of the Prometheus endpoint"}
     )
@@ -71,7 +85,10 @@ class Settings:
     )
     max_message_bytes: int = field(
         default=80 * MiB,
-        metadata={"help": "largest gRPC message accepted or sent (64 MiB tensors fit)"},
+        metadata={
+            "help": "largest gRPC message accepted or sent, and largest HTTP request body "
+            "(refused with 413 before it is read); 64 MiB tensors fit"
+        },
     )
     max_stream_in_flight: int = field(
         default=1024, metadata={"help": "requests running at once on one InferStream"}

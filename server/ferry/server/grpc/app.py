@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import socket
+import ssl
 from collections.abc import Awaitable, Callable
 
 import grpc
@@ -32,6 +33,8 @@ from ferry.server.grpc.inference import InferenceServicer
 from ferry.server.grpc.inference import add_to_server as add_inference_to_server
 from ferry.server.grpc.repository import RepositoryServicer
 from ferry.server.grpc.tls import server_credentials
+from ferry.server.http.listener import HttpListener, ssl_context
+from ferry.server.http.oip import OipRoutes
 from ferry.server.metrics import Metrics
 from ferry.server.runtime.session import open_session
 from ferry.server.settings import Settings
@@ -68,7 +71,10 @@ class FerryServer:
         self.inference_port = 0
         self.management_port = 0
         self.metrics_port = 0
+        self.http_port = 0
+        self.management_http_port = 0
         self._servers: list[aio.Server] = []
+        self._http: list[HttpListener] = []
         self._stopping = False
         self._poll_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -89,6 +95,11 @@ class FerryServer:
             return None
         return f"{self.settings.management_host}:{self.management_port}"
 
+    def _management_http_address(self) -> str | None:
+        if self.settings.management_http_port < 0:
+            return None
+        return f"{self.settings.management_host}:{self.management_http_port}"
+
     def _options(self) -> list[tuple[str, int]]:
         n = self.settings.max_message_bytes
         return [
@@ -108,6 +119,8 @@ class FerryServer:
             log.warning("%s", warning)
         creds = server_credentials(security.inference_tls(s))
         mcreds = server_credentials(security.management_tls(s)) if s.management_port >= 0 else None
+        http_tls = ssl_context(security.inference_tls(s)) if s.http_port >= 0 else None
+        mhttp_tls = ssl_context(security.management_tls(s)) if s.management_http_port >= 0 else None
         self.repository.clean_temporaries()
         await self.health.set("", NOT_SERVING)
         # Inference listener.
@@ -156,6 +169,7 @@ class FerryServer:
             reflection.enable(mserver, mnames)
             self.management_port = _bind(mserver, s.management_host, s.management_port, mcreds)
             self._servers.append(mserver)
+        await self._start_http(tokens, http_tls, mhttp_tls)
         if s.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         for srv in self._servers:
@@ -171,14 +185,58 @@ class FerryServer:
         if s.poll_interval > 0:
             self._poll_task = asyncio.create_task(self._poll(s.poll_interval))
         log.info(
-            "ferry serving %d model version(s) on %s:%d (management %s:%d, metrics %d)",
+            "ferry serving %d model version(s) on %s:%d (HTTP %d; management %s:%d, HTTP %d; "
+            "metrics %d)",
             len(self.dataplane.statistics()),
             s.host,
             self.inference_port,
+            self.http_port,
             s.management_host,
             self.management_port,
+            self.management_http_port,
             self.metrics_port,
         )
+
+    async def _start_http(
+        self,
+        tokens: security.Tokens,
+        tls: ssl.SSLContext | None,
+        management_tls: ssl.SSLContext | None,
+    ) -> None:
+        """The Open Inference Protocol's REST form: the same core, tokens, certificates and
+        limits as the gRPC listeners; repository control on the management side only."""
+        s = self.settings
+        listeners = []
+        if s.http_port >= 0:
+            guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
+            listeners.append((False, guard, s.host, s.http_port, tls))
+        if s.management_http_port >= 0:
+            guard = management_guard(tokens)
+            listeners.append(
+                (True, guard, s.management_host, s.management_http_port, management_tls)
+            )
+        for control, guard, host, port, context in listeners:
+            routes = OipRoutes(
+                self.dataplane,
+                repository_control=control,
+                management_address=self._management_http_address,
+            )
+            listener = HttpListener(
+                routes,
+                guard,
+                max_body_bytes=s.max_message_bytes,
+                open_health=not (control or s.health_requires_token),  # as the gRPC guards
+            )
+            try:
+                bound = await listener.start(host, port, context)
+            except BaseException:
+                await asyncio.gather(*(h.stop(0) for h in self._http))
+                raise
+            self._http.append(listener)
+            if control:
+                self.management_http_port = bound
+            else:
+                self.http_port = bound
 
     def _schedule_health(self) -> None:
         # A change that arrives while an update is running (it awaits when Watch streams are
@@ -242,7 +300,9 @@ class FerryServer:
                 await hook()
             except Exception:
                 log.exception("stop hook failed")
-        await asyncio.gather(*(srv.stop(grace) for srv in self._servers))
+        await asyncio.gather(
+            *(srv.stop(grace) for srv in self._servers), *(h.stop(grace) for h in self._http)
+        )
         await self.registry.close()
         # prometheus_client's HTTP server polls for shutdown every 0.5 s: not on the event loop.
         await asyncio.to_thread(self.metrics.close)

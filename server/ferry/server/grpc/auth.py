@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 AUTHORIZATION = "authorization"
+MISSING, WRONG, DENIED = "missing", "wrong", "denied"  # why a token was refused
 Deserializer = Callable[[bytes], Any]
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
@@ -237,13 +238,22 @@ class ListenerGuard(aio.ServerInterceptor):
             if key == AUTHORIZATION:
                 value = v
                 break
+        verdict = self.verdict(value)
+        if verdict is None:
+            return None
+        return {MISSING: self._missing, WRONG: self._wrong, DENIED: self._denied}[verdict]
+
+    def verdict(self, value: str | bytes | None) -> str | None:
+        """None when ``value`` (an ``authorization`` value) carries a token this listener
+        accepts; else MISSING, WRONG or DENIED. Shared with the HTTP listener, which sends the
+        same tokens in the ``Authorization`` header."""
         if value is None:
-            return self._missing
+            return MISSING
         raw = value.encode("utf-8", "replace") if isinstance(value, str) else bytes(value)
         scheme, _, credential = raw.strip().partition(b" ")
         credential = credential.strip()
         if scheme.lower() != b"bearer" or not credential:
-            return self._missing
+            return MISSING
         ok = False
         for token in self._accept:
             ok |= hmac.compare_digest(credential, token)
@@ -251,8 +261,8 @@ class ListenerGuard(aio.ServerInterceptor):
             return None
         for token in self._forbidden:
             if hmac.compare_digest(credential, token):
-                return self._denied
-        return self._wrong
+                return DENIED
+        return WRONG
 
     def _refusal(
         self,

@@ -1,0 +1,87 @@
+"""The HTTP side of the one error table: domain error kind -> HTTP status.
+
+gRPC's codes live in ``ferry.server.grpc.status``; this is the same decision in HTTP's words,
+made once per kind, so the REST adapter and the gRPC adapters refuse the same requests for the
+same reasons. Triton's HTTP server is the reference clients were written against, so its mapping
+is followed where Triton has the same error (INTERNAL 500, NOT_FOUND 404, UNAVAILABLE 503,
+UNSUPPORTED 501, everything a client sent wrong 400; a full queue is UNAVAILABLE there, so 503,
+not 429). Kinds Triton lacks take their plain HTTP meaning (401, 403, 409).
+
+Every error body is ``{"error": message, "kind": KIND}``: ``error`` is what tritonclient reads,
+``kind`` is Ferry's finer error kind, also sent as the ``ferry-error`` header (the name of the
+gRPC trailing metadata that carries it there).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from ferry.server.errors import ErrorKind, FerryError
+
+log = logging.getLogger(__name__)
+
+ERROR_HEADER = "ferry-error"  # the same name as the gRPC trailing metadata key
+MAX_MESSAGE = 2000
+
+HTTP_STATUS: dict[ErrorKind, int] = {
+    ErrorKind.MODEL_NOT_FOUND: 404,
+    ErrorKind.VERSION_NOT_FOUND: 404,
+    ErrorKind.JOB_NOT_FOUND: 404,
+    ErrorKind.UPLOAD_NOT_FOUND: 404,
+    ErrorKind.INVALID_INPUT: 400,
+    ErrorKind.INVALID_ARGUMENT: 400,
+    ErrorKind.MODEL_NOT_READY: 503,
+    ErrorKind.UNAVAILABLE: 503,
+    ErrorKind.QUEUE_FULL: 503,  # Triton: "Exceeds maximum queue size" is UNAVAILABLE
+    ErrorKind.LIMIT_EXCEEDED: 400,  # Triton: a request over a limit is INVALID_ARG
+    ErrorKind.DEADLINE_EXCEEDED: 503,  # Triton: "Request timeout expired" is UNAVAILABLE
+    ErrorKind.CANCELLED: 400,
+    ErrorKind.ALREADY_EXISTS: 409,
+    ErrorKind.CONVERSION_FAILED: 400,
+    ErrorKind.FAILED_PRECONDITION: 400,  # Triton: a model that fails to load is INVALID_ARG
+    ErrorKind.UNAUTHENTICATED: 401,
+    ErrorKind.PERMISSION_DENIED: 403,
+    ErrorKind.UNIMPLEMENTED: 501,
+    ErrorKind.INTERNAL: 500,
+}
+
+
+class HttpError(Exception):
+    """A refusal that exists only in HTTP (no such route, wrong method, body too large): its
+    status is HTTP's own, and its kind says what the gRPC side would call it."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: ErrorKind = ErrorKind.INVALID_ARGUMENT,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.kind = kind
+        self.headers = headers or {}
+
+
+def error_of(exc: BaseException) -> tuple[int, str, ErrorKind, dict[str, str]]:
+    """(status, message, kind, extra headers) for any exception; unexpected ones are 500 and
+    logged, never shown."""
+    if isinstance(exc, HttpError):
+        return exc.status, exc.message[:MAX_MESSAGE], exc.kind, exc.headers
+    if isinstance(exc, FerryError):
+        return HTTP_STATUS[exc.kind], exc.message[:MAX_MESSAGE], exc.kind, {}
+    log.error("unexpected error", exc_info=exc)
+    message = f"internal error ({type(exc).__name__}); the server log has the traceback"
+    return 500, message, ErrorKind.INTERNAL, {}
+
+
+def error_body(message: str, kind: ErrorKind) -> bytes:
+    return json.dumps({"error": message, "kind": kind.value}).encode()
+
+
+if set(HTTP_STATUS) != set(ErrorKind):  # pragma: no cover - a new kind needs a row here
+    raise RuntimeError(
+        f"HTTP_STATUS lacks {sorted(k.value for k in set(ErrorKind) - set(HTTP_STATUS))}"
+    )

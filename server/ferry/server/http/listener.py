@@ -1,0 +1,189 @@
+"""An HTTP/1.1 listener for the Open Inference Protocol's REST routes, on the server's event loop.
+
+aiohttp's low-level server (``aiohttp.web.Server``) is the HTTP stack: it runs on the asyncio loop
+the gRPC servers and the batchers already share, so an infer request reaches ``DataPlane`` with no
+thread hop; its request parser is C (llhttp); and it is widely used and maintained. Its router and
+middleware are not used: ``OipRoutes`` splits the path itself, which is cheaper per request.
+
+What the gRPC listeners enforce, this one does too, before any route runs: the same bearer
+tokens (``Authorization: Bearer <token>``, checked by the same ``ListenerGuard``; health probes
+open unless ``health_requires_token``), the same certificates (TLS and mutual TLS), and a body
+limit (``max_message_bytes``) checked against ``Content-Length`` before a byte of the body is
+read, then while the body streams in (chunked or compressed uploads), so a body over the limit
+is never held in memory. ``Expect: 100-continue`` is answered only once the size is known to fit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import ssl
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from ferry.server.errors import ErrorKind, InvalidArgument
+from ferry.server.grpc.auth import DENIED, MISSING, ListenerGuard
+from ferry.server.http.errors import ERROR_HEADER, HttpError, error_body, error_of
+from ferry.server.http.oip import JSON, OipRoutes, is_health
+from ferry.server.security import ListenerTLS
+
+log = logging.getLogger(__name__)
+
+# Seconds a refused body is still read and dropped before the connection closes, so the client
+# reads the refusal instead of a reset; the body is never kept.
+LINGER = 2.0
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class HttpListener:
+    def __init__(
+        self,
+        routes: OipRoutes,
+        guard: ListenerGuard,
+        *,
+        max_body_bytes: int,
+        open_health: bool,
+    ) -> None:
+        self._routes = routes
+        self._guard = guard
+        self._check_token = guard.requires_token
+        self._open_health = open_health
+        self._limit = max_body_bytes
+        self._server: web.Server | None = None
+        self._listening: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int, context: ssl.SSLContext | None) -> int:
+        """Bind and listen; returns the bound port (``port`` 0 picks a free one)."""
+        sock = _listen_socket(host, port)
+        self._server = web.Server(self._handle, access_log=None, lingering_time=LINGER)
+        loop = asyncio.get_running_loop()
+        try:
+            self._listening = await loop.create_server(self._server, sock=sock, ssl=context)
+        except BaseException:
+            sock.close()
+            raise
+        return int(sock.getsockname()[1])
+
+    async def stop(self, grace: float) -> None:
+        """Stop accepting, give in-flight requests ``grace`` seconds, then close connections."""
+        if self._listening is not None:
+            self._listening.close()
+        if self._server is not None:
+            # Close idle keep-alive connections now (aiohttp >= 3.10 has pre_shutdown); busy
+            # ones finish their request within the grace period, then close.
+            pre_shutdown = getattr(self._server, "pre_shutdown", None)
+            if pre_shutdown is not None:
+                pre_shutdown()
+            await self._server.shutdown(grace)
+        if self._listening is not None:
+            await self._listening.wait_closed()
+            self._listening = None
+
+    async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        path = request.raw_path.partition("?")[0]
+        try:
+            if self._check_token and not (self._open_health and is_health(path)):
+                self._authorize(request.headers.get("Authorization"))
+            status, body, headers = await self._routes.handle(
+                request.method, path, request.headers, lambda: self._read(request)
+            )
+        except ConnectionError:
+            raise
+        except Exception as exc:
+            status, message, kind, extra = error_of(exc)
+            headers = {"Content-Type": JSON, ERROR_HEADER: kind.value, **extra}
+            body = error_body(message, kind)
+            if status == 413:
+                response = web.Response(status=status, body=body, headers=headers)
+                response.force_close()  # the rest of the body is not worth a connection
+                return response
+        return web.Response(status=status, body=body, headers=headers)
+
+    def _authorize(self, value: str | None) -> None:
+        verdict = self._guard.verdict(value)
+        if verdict is None:
+            return
+        name = self._guard.name
+        if verdict == DENIED:
+            raise HttpError(
+                403,
+                f"this token may not call the {name} listener: use the {name} token",
+                ErrorKind.PERMISSION_DENIED,
+            )
+        if verdict == MISSING:
+            message = (
+                f"the {name} listener requires a token: send the header "
+                "'Authorization: Bearer <token>'"
+            )
+            challenge = "Bearer"
+        else:
+            message = f"invalid token for the {name} listener"
+            challenge = 'Bearer error="invalid_token"'
+        raise HttpError(401, message, ErrorKind.UNAUTHENTICATED, {"WWW-Authenticate": challenge})
+
+    async def _read(self, request: web.BaseRequest) -> bytes:
+        length = request.content_length
+        if length is not None and length > self._limit:
+            raise self._too_large(f"its Content-Length is {length} bytes")
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(CONTINUE)
+        content = request.content
+        chunks: list[bytes] = []
+        total = 0
+        try:
+            while chunk := await content.readany():
+                total += len(chunk)
+                if total > self._limit:
+                    raise self._too_large(f"more than {self._limit} bytes arrived")
+                chunks.append(chunk)
+        except (HttpProcessingError, web.RequestPayloadError) as exc:  # bad chunking or gzip
+            why = str(exc).replace("\n", " ").strip()
+            raise InvalidArgument(f"the request body could not be read: {why}") from None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def _too_large(self, why: str) -> HttpError:
+        return HttpError(
+            413,
+            f"the request body is over the limit of {self._limit} bytes (max_message_bytes): "
+            f"{why}; send tensors as binary data (about 3x smaller than JSON) or in smaller "
+            "batches, or raise the limit",
+            ErrorKind.LIMIT_EXCEEDED,
+        )
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """Bound here rather than by aiohttp, so a busy port fails with one line naming it, as the
+    gRPC listeners do."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+    return sock
+
+
+def ssl_context(tls: ListenerTLS | None) -> ssl.SSLContext | None:
+    """The listener's certificates as an SSL context (None: plaintext). With a client CA every
+    client must present a certificate it signed: the handshake fails before any request."""
+    if tls is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.client_ca_file:
+            context.load_verify_locations(cafile=tls.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
+    except (OSError, ssl.SSLError) as exc:
+        raise OSError(
+            f"cannot load the TLS files {tls.cert_file!r}, {tls.key_file!r}"
+            f"{', ' + repr(tls.client_ca_file) if tls.client_ca_file else ''}: {exc}"
+        ) from None
+    context.set_alpn_protocols(["http/1.1"])
+    return context

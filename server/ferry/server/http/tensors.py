@@ -1,0 +1,402 @@
+"""Open Inference Protocol REST tensors <-> the core's numpy request and result.
+
+A request body is a JSON header, optionally followed by the binary tensor data extension: when the
+``Inference-Header-Content-Length`` header is present, the JSON is the body's first that many
+bytes and the rest holds the tensors whose ``parameters`` carry ``binary_data_size``, back to back
+in input order, each in the raw layout gRPC's ``raw_input_contents`` uses (``ferry.codec``). Binary
+is the fast path (one ``np.frombuffer`` per input); JSON ``data`` (flat or nested, row-major) is
+the convenient one and pays for a conversion.
+
+Only what is particular to this wire format is checked here, with the gRPC adapter's words where
+the mistake is the same; whether the tensors fit the model is decided once, in ``DataPlane``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ferry.codec import (
+    CodecError,
+    DataType,
+    datatype_from_name,
+    datatype_name,
+    datatype_of,
+    from_bytes,
+    to_bytes,
+)
+from ferry.server.core.inputs import check_wire_elements
+from ferry.server.core.types import (
+    InferenceRequest,
+    InferenceResult,
+    Limits,
+    parse_version,
+    short,
+    version_label,
+)
+from ferry.server.errors import InvalidArgument, Unimplemented
+from ferry.server.grpc.kserve_tensors import (
+    SHARED_MEMORY,
+    TYPED,
+    UNSUPPORTED_OUTPUT_PARAMETERS,
+)
+
+BINARY_SIZE = "binary_data_size"
+BINARY_OUTPUT = "binary_data"
+BINARY_ALL = "binary_data_output"
+_BYTES = DataType.DATA_TYPE_BYTES
+_BF16 = DataType.DATA_TYPE_BF16
+_FP16 = DataType.DATA_TYPE_FP16
+_BOOL = DataType.DATA_TYPE_BOOL
+_FLOATS = frozenset({DataType.DATA_TYPE_FP32, DataType.DATA_TYPE_FP64, _FP16})
+_dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class HttpInfer:
+    """An infer request body as the core decodes it (``core.types.WireRequest``). After
+    ``decode`` it also knows how each output is to be sent back (binary or JSON)."""
+
+    __slots__ = ("binary_all", "binary_outputs", "body", "header_length", "model", "version_text")
+
+    def __init__(self, model: str, version: str, body: bytes, header_length: int | None) -> None:
+        self.model = model
+        self.version_text = version
+        self.body = body
+        self.header_length = header_length
+        self.binary_all = False
+        self.binary_outputs: dict[str, bool] = {}
+
+    @property
+    def version_label(self) -> int:
+        return version_label(self.version_text)
+
+    def decode(self, limits: Limits) -> InferenceRequest:
+        version = parse_version(self.version_text)
+        head, binary = _split(self.body, self.header_length)
+        request = _object(_parse_json(head), "the request")
+        raw_inputs = request.get("inputs")
+        if not isinstance(raw_inputs, list):
+            raise InvalidArgument("the request needs an 'inputs' list of tensors")
+        specs = [_input_spec(t, i) for i, t in enumerate(raw_inputs)]
+        check_wire_elements((shape for _, _, shape, _ in specs), limits)
+        inputs: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, code, shape, tensor in specs:
+            params = _object(tensor.get("parameters", {}), f"input {short(name)!r} parameters")
+            if SHARED_MEMORY in params:
+                raise Unimplemented(
+                    f"input {name!r}: shared memory is not supported; send the data in the "
+                    "request body (JSON 'data' or binary_data_size)"
+                )
+            if BINARY_SIZE in params:
+                if "data" in tensor:
+                    raise InvalidArgument(
+                        f"input {name!r} has both 'data' and parameters.binary_data_size: send "
+                        "one or the other"
+                    )
+                size = _count(params[BINARY_SIZE], f"input {name!r} binary_data_size")
+                if offset + size > len(binary):
+                    raise InvalidArgument(
+                        f"input {name!r}: binary_data_size {size} runs past the end of the "
+                        f"binary data ({len(binary) - offset} bytes left after the JSON header)"
+                    )
+                array = _from_binary(code, shape, binary[offset : offset + size], name)
+                offset += size
+            else:
+                array = _from_json(code, shape, tensor.get("data"), name, tensor)
+            if name in inputs:
+                raise InvalidArgument(f"input {name!r} appears twice in the request")
+            inputs[name] = array
+        if offset != len(binary):
+            raise InvalidArgument(
+                f"the request has {len(binary) - offset} bytes of binary data that no input "
+                "claims: each binary input sets parameters.binary_data_size"
+            )
+        params = _object(request.get("parameters", {}), "the request parameters")
+        self.binary_all = _flag(params.get(BINARY_ALL, False), BINARY_ALL)
+        outputs = self._outputs(request.get("outputs"))
+        timeout, priority = _request_parameters(params)
+        request_id = request.get("id", "")
+        if not isinstance(request_id, str):
+            raise InvalidArgument(f"the request id must be a string, got {_kind(request_id)}")
+        return InferenceRequest(
+            model=self.model,
+            inputs=inputs,
+            version=version,
+            id=request_id,
+            outputs=outputs,
+            timeout=timeout,
+            priority=priority,
+        )
+
+    def _outputs(self, raw: Any) -> list[str] | None:
+        if raw is None:
+            return None
+        if not isinstance(raw, list):
+            raise InvalidArgument("the request's 'outputs' must be a list")
+        names: list[str] = []
+        for i, item in enumerate(raw):
+            out = _object(item, f"output {i}")
+            name = out.get("name")
+            if not isinstance(name, str):
+                raise InvalidArgument(f"output {i} needs a 'name' string")
+            params = _object(out.get("parameters", {}), f"output {short(name)!r} parameters")
+            for key, why in UNSUPPORTED_OUTPUT_PARAMETERS.items():
+                if key in params and params[key] not in (0, None, False):
+                    raise Unimplemented(f"output {name!r}: {why}")
+            if name in names:
+                raise InvalidArgument(f"output {name!r} is requested twice")
+            names.append(name)
+            if BINARY_OUTPUT in params:
+                self.binary_outputs[name] = _flag(params[BINARY_OUTPUT], f"{name} binary_data")
+        return names or None
+
+    def encode(self, result: InferenceResult) -> tuple[bytes, int | None]:
+        """The response body, and the JSON header's length when binary data follows it."""
+        outputs = []
+        chunks: list[bytes] = []
+        for name, array in result.outputs.items():
+            binary = self.binary_outputs.get(name, self.binary_all)
+            entry: dict[str, Any]
+            if not binary:
+                entry = _json_output(name, array)
+                if entry:
+                    outputs.append(entry)
+                    continue
+            # Binary asked for, or JSON impossible (BYTES that are not UTF-8).
+            code, shape, data = to_bytes(array)
+            entry = {"name": name, "datatype": datatype_name(code), "shape": shape}
+            entry["parameters"] = {BINARY_SIZE: len(data)}
+            outputs.append(entry)
+            chunks.append(data)
+        head: dict[str, Any] = {"model_name": result.model, "model_version": str(result.version)}
+        if result.id:
+            head["id"] = result.id
+        head["outputs"] = outputs
+        text = _dumps(head).encode()
+        if not chunks:
+            return text, None
+        return b"".join([text, *chunks]), len(text)
+
+
+def _split(body: bytes, header_length: int | None) -> tuple[bytes, bytes]:
+    if header_length is None:
+        return body, b""
+    if header_length > len(body):
+        raise InvalidArgument(
+            f"Inference-Header-Content-Length {header_length} is larger than the request body "
+            f"({len(body)} bytes)"
+        )
+    return body[:header_length], body[header_length:]
+
+
+def _parse_json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise InvalidArgument(f"the request body is not valid JSON: {str(exc)[:200]}") from None
+
+
+def _object(value: Any, what: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, got {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number" if isinstance(value, int | float) else "a value")
+
+
+def _count(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgument(f"{what} must be a non-negative integer, got {value!r:.40}")
+    return value
+
+
+def _flag(value: Any, what: str) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"parameter {what!r} must be true or false, got {value!r:.40}")
+    return value
+
+
+def _input_spec(raw: Any, index: int) -> tuple[str, int, tuple[int, ...], dict[str, Any]]:
+    tensor = _object(raw, f"input {index}")
+    name = tensor.get("name")
+    if not isinstance(name, str):
+        raise InvalidArgument(f"input {index} needs a 'name' string")
+    datatype = tensor.get("datatype")
+    if not isinstance(datatype, str):
+        raise InvalidArgument(f"input {short(name)!r} needs a 'datatype' string (FP32, INT64...)")
+    try:
+        code = datatype_from_name(datatype)
+    except CodecError as exc:
+        raise InvalidArgument(f"input {short(name)!r}: {exc}") from None
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) for d in shape
+    ):
+        raise InvalidArgument(f"input {short(name)!r} needs a 'shape' list of integers")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"input {short(name)!r}: shape {shape} has a negative dimension")
+    return name, code, tuple(shape), tensor
+
+
+def _from_binary(code: int, shape: tuple[int, ...], data: bytes, name: str) -> np.ndarray:
+    try:
+        return from_bytes(code, shape, data, name=name)
+    except CodecError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def _from_json(
+    code: int, shape: tuple[int, ...], data: Any, name: str, tensor: Mapping[str, Any]
+) -> np.ndarray:
+    count = 1
+    for dim in shape:
+        count *= dim
+    if "data" not in tensor:
+        raise InvalidArgument(
+            f"input {name!r} has no data: send it in 'data' or as binary data "
+            "(parameters.binary_data_size)"
+        )
+    if code == _BF16:
+        raise InvalidArgument(
+            f"input {name!r}: BF16 has no JSON form; send it as binary data "
+            "(parameters.binary_data_size), as tritonclient's binary_data=True does"
+        )
+    if not isinstance(data, list):
+        data = [data]  # a scalar for a one-element tensor
+    if code == _BYTES:
+        flat = _flatten(data, name)
+        if len(flat) != count:
+            raise _count_error(name, shape, count, len(flat))
+        array = np.empty(count, dtype=object)
+        array[:] = flat
+        return _reshape(array, shape, name)
+    try:
+        values = np.asarray(data)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument(
+            f"input {name!r}: 'data' is not a regular (non-ragged) list of numbers: {exc}"
+        ) from None
+    if values.size != count:
+        raise _count_error(name, shape, count, values.size)
+    wanted = TYPED[code][2] if code != _FP16 else np.dtype(np.float16)
+    kind = values.dtype.kind
+    if count and wanted.kind in "iu" and kind in "fO":
+        # numpy widens a mix of int64 and larger ints to float64 (or object), losing digits:
+        # the elements themselves decide whether they are integers.
+        values = _exact_integers(data, values)
+        kind = values.dtype.kind
+    if count and not _compatible(code, kind):
+        what = "true/false" if code == _BOOL else "integers" if wanted.kind in "iu" else "numbers"
+        raise InvalidArgument(
+            f"input {name!r} is {datatype_name(code)}: 'data' must hold {what}, got "
+            f"{values.dtype.name} values"
+        )
+    if count and wanted.kind in "iu":
+        info = np.iinfo(wanted)  # type: ignore[type-var]
+        low, high = values.min(), values.max()
+        if low < info.min or high > info.max:
+            raise InvalidArgument(
+                f"input {name!r}: {datatype_name(code)} values must lie in [{info.min}, "
+                f"{info.max}], got values in [{low}, {high}]"
+            )
+    return _reshape(values.astype(wanted, copy=False), shape, name)
+
+
+def _exact_integers(data: list[Any], values: np.ndarray) -> np.ndarray:
+    flat = np.asarray(data, dtype=object).reshape(-1).tolist()
+    if not all(type(v) is int for v in flat):
+        return values  # not all integers: refused by the kind check
+    low = min(flat)
+    if low < -(2**63) or max(flat) >= 2**64 or (low < 0 and max(flat) >= 2**63):
+        return np.array([float(low)])  # no 64-bit integer holds them: refused as floats
+    return np.array(flat, dtype=np.uint64 if low >= 0 else np.int64)
+
+
+def _compatible(code: int, kind: str) -> bool:
+    if code == _BOOL:
+        return kind == "b"
+    if code in _FLOATS:
+        return kind in "iuf"
+    return kind in "iu"
+
+
+def _count_error(name: str, shape: tuple[int, ...], count: int, got: int) -> InvalidArgument:
+    return InvalidArgument(
+        f"input {name!r}: shape {list(shape)} holds {count} elements, got {got} in 'data'"
+    )
+
+
+def _flatten(data: list[Any], name: str) -> list[bytes]:
+    out: list[bytes] = []
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
+            if not isinstance(item, str):
+                raise InvalidArgument(
+                    f"input {name!r} is BYTES: 'data' must hold strings (UTF-8), got "
+                    f"{_kind(item)}; send raw bytes as binary data"
+                )
+            try:
+                out.append(item.encode("utf-8"))
+            except UnicodeEncodeError as exc:  # a lone surrogate escaped in the JSON
+                raise InvalidArgument(
+                    f"input {name!r}: a string is not valid UTF-8: {exc}"
+                ) from None
+        else:
+            stack.pop()
+    return out
+
+
+def _reshape(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+    try:
+        return array.reshape(shape)
+    except ValueError as exc:  # e.g. more dims than numpy supports
+        raise InvalidArgument(f"input {name!r}: cannot reshape to {list(shape)}: {exc}") from None
+
+
+def _json_output(name: str, array: np.ndarray) -> dict[str, Any]:
+    """An output as JSON ``data`` (flat, row-major), or {} when it has no JSON form."""
+    shape = list(array.shape)
+    flat = array.reshape(-1)
+    if array.dtype.kind in "OSU":
+        try:
+            data: list[Any] = [
+                e.decode("utf-8") if isinstance(e, bytes) else str(e) for e in flat.tolist()
+            ]
+        except UnicodeDecodeError:
+            return {}
+        return {"name": name, "datatype": "BYTES", "shape": shape, "data": data}
+    code = datatype_of(array.dtype)
+    if code == _BF16:
+        flat = flat.astype(np.float32)
+    return {"name": name, "datatype": datatype_name(code), "shape": shape, "data": flat.tolist()}
+
+
+def _request_parameters(params: Mapping[str, Any]) -> tuple[float | None, int]:
+    """``timeout`` (microseconds; 0 keeps the model's default) and ``priority`` (0 keeps the
+    model's default, 1 is the highest), as on gRPC; a sequence cannot be honoured."""
+    timeout: float | None = None
+    priority = 0
+    if "timeout" in params:
+        us = _count(params["timeout"], "request parameter 'timeout'")
+        timeout = us / 1e6 if us else None
+    if "priority" in params:
+        priority = _count(params["priority"], "request parameter 'priority'")
+    if params.get("sequence_id") not in (None, 0, ""):
+        raise Unimplemented(
+            "sequence batching is not supported: Ferry's models are stateless, so a "
+            "request must not carry a sequence_id"
+        )
+    return timeout, priority

@@ -1,0 +1,355 @@
+"""Inference over the Open Inference Protocol's REST form, through tritonclient.http unchanged
+and through plain HTTP requests (what curl sends): JSON tensors and the binary extension."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tg
+import tritonclient.http as th
+from kserve_common import DATATYPES, http_call, identity_name
+from serverutil import ServerThread
+from test_kserve_infer import SAMPLES
+from tritonclient.utils import InferenceServerException
+
+JSON_INPUT_TYPES = [d for d in DATATYPES if d != "BF16"]  # BF16 has no JSON form
+
+
+def _input(name: str, array: np.ndarray, datatype: str, binary: bool = True) -> th.InferInput:
+    tensor = th.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=binary)
+    return tensor
+
+
+def _infer(target: str, model: str, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    status, _, body = http_call(
+        target, "POST", f"/v2/models/{model}/infer", json.dumps(request).encode()
+    )
+    return status, json.loads(body)
+
+
+def _status(exc: pytest.ExceptionInfo[InferenceServerException]) -> str:
+    return str(exc.value.status())
+
+
+@pytest.mark.parametrize("datatype", DATATYPES)
+def test_binary_round_trip_every_datatype(
+    triton_http: th.InferenceServerClient, datatype: str
+) -> None:
+    sample = SAMPLES[datatype]
+    result = triton_http.infer(
+        identity_name(datatype), [_input("input", sample, datatype)], request_id="r-1"
+    )
+    response = result.get_response()
+    assert response["id"] == "r-1"
+    assert (response["model_name"], response["model_version"]) == (identity_name(datatype), "1")
+    (output,) = response["outputs"]
+    assert (output["datatype"], output["shape"]) == (datatype, [2, 3])
+    assert "binary_data_size" in output["parameters"]  # no outputs named: all binary
+    np.testing.assert_array_equal(result.as_numpy("output"), sample)
+
+
+@pytest.mark.parametrize("datatype", JSON_INPUT_TYPES)
+def test_json_round_trip_every_datatype(
+    triton_http: th.InferenceServerClient, datatype: str
+) -> None:
+    sample = SAMPLES[datatype]
+    result = triton_http.infer(
+        identity_name(datatype),
+        [_input("input", sample, datatype, binary=False)],
+        outputs=[th.InferRequestedOutput("output", binary_data=False)],
+    )
+    (output,) = result.get_response()["outputs"]
+    assert "data" in output and "parameters" not in output
+    got = result.as_numpy("output")
+    if datatype == "BYTES":  # JSON carries text: tritonclient gives str elements back
+        got = np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(got)
+    np.testing.assert_array_equal(got, sample)
+
+
+def test_bf16_binary_in_json_out(triton_http: th.InferenceServerClient) -> None:
+    sample = SAMPLES["BF16"]
+    result = triton_http.infer(
+        identity_name("BF16"),
+        [_input("input", sample, "BF16")],
+        outputs=[th.InferRequestedOutput("output", binary_data=False)],
+    )
+    np.testing.assert_array_equal(result.as_numpy("output"), sample)  # floats, exact in BF16
+    status, body = _infer(
+        triton_http._parsed_url.netloc,
+        identity_name("BF16"),
+        {"inputs": [{"name": "input", "datatype": "BF16", "shape": [1], "data": [1.0]}]},
+    )
+    assert status == 400
+    assert "BF16 has no JSON form" in body["error"]
+
+
+def test_mixed_binary_and_json_tensors(triton_http: th.InferenceServerClient) -> None:
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    b = np.arange(8, dtype=np.int64).reshape(2, 4)
+    result = triton_http.infer(
+        "two_io",
+        [_input("a", a, "FP32", binary=False), _input("b", b, "INT64", binary=True)],
+        outputs=[
+            th.InferRequestedOutput("scaled", binary_data=True),
+            th.InferRequestedOutput("sum", binary_data=False),
+        ],
+    )
+    outputs = result.get_response()["outputs"]
+    assert [o["name"] for o in outputs] == ["scaled", "sum"]  # in the order asked
+    assert "binary_data_size" in outputs[0]["parameters"] and "data" in outputs[1]
+    np.testing.assert_array_equal(result.as_numpy("scaled"), b * 3)
+    np.testing.assert_array_equal(result.as_numpy("sum"), a + b)
+    only = triton_http.infer(
+        "two_io", [_input("a", a, "FP32"), _input("b", b, "INT64")],
+        outputs=[th.InferRequestedOutput("sum")],
+    )  # fmt: skip
+    assert [o["name"] for o in only.get_response()["outputs"]] == ["sum"]
+
+
+def test_plain_json_request_with_nested_data(kserve_server: ServerThread) -> None:
+    """What a curl user sends: nested rows, no binary; the answer is plain JSON."""
+    request = {
+        "id": "curl-1",
+        "inputs": [
+            {
+                "name": "a",
+                "datatype": "FP32",
+                "shape": [2, 4],
+                "data": [[1, 2, 3, 4], [5, 6, 7, 8.5]],
+            },
+            {"name": "b", "datatype": "INT64", "shape": [2, 4], "data": list(range(8))},
+        ],
+        "outputs": [{"name": "sum"}],
+    }
+    status, headers, body = http_call(
+        kserve_server.http_target, "POST", "/v2/models/two_io/infer", json.dumps(request).encode()
+    )
+    assert status == 200
+    assert headers["content-type"].startswith("application/json")
+    response = json.loads(body)
+    assert response["id"] == "curl-1"
+    (output,) = response["outputs"]
+    assert (output["name"], output["datatype"], output["shape"]) == ("sum", "FP32", [2, 4])
+    assert output["data"] == [1, 3, 5, 7, 9, 11, 13, 15.5]
+
+
+def test_binary_extension_by_hand(kserve_server: ServerThread) -> None:
+    """The binary extension's layout, built without tritonclient: JSON header, then tensors."""
+    x = np.arange(6, dtype=np.float32).reshape(2, 3)
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [2, 3],
+                    "parameters": {"binary_data_size": x.nbytes},
+                },
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
+    status, headers, body = http_call(
+        kserve_server.http_target,
+        "POST",
+        f"/v2/models/{identity_name('FP32')}/versions/1/infer",
+        header + x.tobytes(),
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert status == 200
+    assert headers["content-type"] == "application/octet-stream"
+    length = int(headers["inference-header-content-length"])
+    response = json.loads(body[:length])
+    (output,) = response["outputs"]
+    assert output["parameters"] == {"binary_data_size": x.nbytes}
+    np.testing.assert_array_equal(np.frombuffer(body[length:], np.float32).reshape(2, 3), x)
+
+
+def test_results_equal_the_grpc_path(
+    triton_http: th.InferenceServerClient, triton: tg.InferenceServerClient
+) -> None:
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    grpc_input = tg.InferInput("input", [3, 64], "FP32")
+    grpc_input.set_data_from_numpy(x)
+    via_grpc = triton.infer("mlp", [grpc_input]).as_numpy("logits")
+    for binary in (True, False):
+        via_http = triton_http.infer(
+            "mlp",
+            [_input("input", x, "FP32", binary)],
+            outputs=[th.InferRequestedOutput("logits", binary_data=binary)],
+        ).as_numpy("logits")
+        np.testing.assert_array_equal(via_http, via_grpc)
+
+
+def test_nan_inf_and_parameters(triton_http: th.InferenceServerClient) -> None:
+    data = np.array([[np.nan, np.inf, -np.inf, 1.0]], np.float32)
+    for binary in (True, False):
+        result = triton_http.infer(
+            identity_name("FP32"),
+            [_input("input", data, "FP32", binary)],
+            outputs=[th.InferRequestedOutput("output", binary_data=binary)],
+            priority=1,
+            timeout=30_000_000,
+        )
+        np.testing.assert_array_equal(result.as_numpy("output"), data)
+
+
+def test_compressed_request_bodies(triton_http: th.InferenceServerClient) -> None:
+    x = np.ones((2, 64), np.float32)
+    for algorithm in ("gzip", "deflate"):
+        result = triton_http.infer(
+            "mlp", [_input("input", x, "FP32")], request_compression_algorithm=algorithm
+        )
+        assert result.as_numpy("logits").shape == (2, 10)
+
+
+def test_model_mismatch_is_400_with_the_grpc_words(
+    triton_http: th.InferenceServerClient, triton: tg.InferenceServerClient
+) -> None:
+    wrong = np.ones((1, 5), np.float32)
+    with pytest.raises(InferenceServerException) as exc:
+        triton_http.infer("mlp", [_input("input", wrong, "FP32")])
+    assert _status(exc) == "400"
+    grpc_input = tg.InferInput("input", [1, 5], "FP32")
+    grpc_input.set_data_from_numpy(wrong)
+    with pytest.raises(InferenceServerException) as grpc_exc:
+        triton.infer("mlp", [grpc_input])
+    assert exc.value.message() == grpc_exc.value.message()  # the same words, from the core
+    with pytest.raises(InferenceServerException) as exc:
+        triton_http.infer("mlp", [_input("input", np.ones((1, 64), np.float64), "FP64")])
+    assert _status(exc) == "400"
+    assert "must be FP32, got FP64" in exc.value.message()
+
+
+def test_unknown_model_or_version_is_404_and_bad_version_400(
+    triton_http: th.InferenceServerClient,
+) -> None:
+    x = [_input("input", np.ones((1, 64), np.float32), "FP32")]
+    with pytest.raises(InferenceServerException) as exc:
+        triton_http.infer("no_such_model", x)
+    assert _status(exc) == "404"
+    with pytest.raises(InferenceServerException) as exc:
+        triton_http.infer("mlp", x, model_version="9")
+    assert _status(exc) == "404"
+    with pytest.raises(InferenceServerException) as exc:
+        triton_http.infer("mlp", x, model_version="abc")
+    assert _status(exc) == "400"
+    assert "invalid model version 'abc'" in exc.value.message()
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "words"),
+    [
+        (b"{not json", {}, "not valid JSON"),
+        (b"[]", {}, "must be a JSON object"),
+        (b'{"inputs": {}}', {}, "'inputs' list"),
+        (b'{"inputs": [{"name": "input", "datatype": "FP99", "shape": [1], "data": [1]}]}', {},
+         "unknown data type name 'FP99'"),
+        (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, -2], "data": []}]}', {},
+         "negative dimension"),
+        (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [2, 2], "data": [1, 2, 3]}]}',
+         {}, "holds 4 elements, got 3"),
+        (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": ["a", "b"]}]}',
+         {}, "must hold numbers"),
+        (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [[1], [2, 3]]}]}',
+         {}, "not a regular (non-ragged) list"),
+        (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1]}]}', {}, "has no data"),
+        (b'{"inputs": []}', {"Inference-Header-Content-Length": "99"}, "larger than the request body"),
+        (b'{"inputs": []}', {"Inference-Header-Content-Length": "x"}, "non-negative integer"),
+    ],
+)  # fmt: skip
+def test_malformed_requests_are_400(
+    kserve_server: ServerThread, body: bytes, headers: dict[str, str], words: str
+) -> None:
+    status, response_headers, answer = http_call(
+        kserve_server.http_target,
+        "POST",
+        f"/v2/models/{identity_name('FP32')}/infer",
+        body,
+        headers,
+    )
+    assert status == 400, answer
+    error = json.loads(answer)
+    assert words in error["error"]
+    assert error["kind"] == response_headers["ferry-error"] == "INVALID_ARGUMENT"
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "words"),
+    [
+        ("INT8", [127, 128], "values must lie in [-128, 127]"),
+        ("UINT8", [-1, 2], "values must lie in [0, 255]"),
+        ("INT32", [1.5, 2], "must hold integers"),
+        ("BOOL", [1, 0], "must hold true/false"),
+        ("BYTES", ["a", 1], "must hold strings"),
+    ],
+)
+def test_json_values_are_checked_against_the_datatype(
+    kserve_server: ServerThread, datatype: str, data: list[Any], words: str
+) -> None:
+    request = {"inputs": [{"name": "input", "datatype": datatype, "shape": [1, 2], "data": data}]}
+    status, body = _infer(kserve_server.http_target, identity_name(datatype), request)
+    assert status == 400
+    assert words in body["error"]
+
+
+@pytest.mark.parametrize(
+    ("size", "tail", "words"),
+    [
+        (4, struct.pack("<f", 1.0) + b"extra", "5 bytes of binary data that no input claims"),
+        (8, struct.pack("<f", 1.0), "runs past the end of the binary data"),
+        (-1, b"", "binary_data_size must be a non-negative integer"),
+    ],
+)
+def test_binary_sizes_must_cover_the_tail_exactly(
+    kserve_server: ServerThread, size: int, tail: bytes, words: str
+) -> None:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 1],
+                    "parameters": {"binary_data_size": size},
+                }
+            ]
+        }
+    ).encode()
+    status, _, body = http_call(
+        kserve_server.http_target,
+        "POST",
+        f"/v2/models/{identity_name('FP32')}/infer",
+        header + tail,
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert status == 400
+    assert words in json.loads(body)["error"]
+
+
+def test_unsupported_request_features_are_501(triton_http: th.InferenceServerClient) -> None:
+    x = [_input("input", np.ones((1, 64), np.float32), "FP32")]
+    with pytest.raises(InferenceServerException) as exc:
+        triton_http.infer("mlp", x, sequence_id=7, sequence_start=True)
+    assert _status(exc) == "501"
+    with pytest.raises(InferenceServerException) as exc:
+        triton_http.infer("mlp", x, outputs=[th.InferRequestedOutput("logits", class_count=3)])
+    assert _status(exc) == "501"
+    assert "classification" in exc.value.message()
+
+
+def test_a_gzip_body_that_is_not_gzip_is_400(kserve_server: ServerThread) -> None:
+    status, _, body = http_call(
+        kserve_server.http_target,
+        "POST",
+        "/v2/models/mlp/infer",
+        b"this is not gzip" * 4,
+        {"Content-Encoding": "gzip"},
+    )
+    assert status == 400, body
+    assert "could not be read" in json.loads(body)["error"]
