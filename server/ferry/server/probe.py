@@ -1,0 +1,110 @@
+"""``python -m ferry.server.probe``: the container's health probe (Docker HEALTHCHECK, Kubernetes
+exec probes), asking the server's grpc.health.v1 service.
+
+Why a probe of our own rather than ``ferry health`` or the kubelet's built-in gRPC probe:
+
+* liveness needs "the process answers RPCs", which no health name states: ``""`` is the replica's
+  readiness (NOT_SERVING while its required models load), and a deadline must count as dead, not
+  as "not serving". ``--alive`` passes on any health answer, SERVING or NOT_SERVING, and fails on
+  a timeout or an unreachable port;
+* the management listener's health needs the management token, which the kubelet cannot send;
+  ``--token-file`` reads it from the mounted Secret (never from a flag: flags show in ps);
+* it imports grpcio and grpcio-health-checking only (no numpy, no onnxruntime): probes run every
+  few seconds, so their start-up cost is paid often.
+
+Exit status: 0 pass, 1 fail (the reason is one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ferry.server.probe",
+        description="Ask a Ferry listener's grpc.health.v1 service. Exit 0 pass, 1 fail.",
+    )
+    p.add_argument(
+        "--address",
+        default="127.0.0.1:8001",
+        help="HOST:PORT of the listener (default %(default)s)",
+    )
+    p.add_argument(
+        "--service",
+        default="",
+        help="health name: '' the replica (ready = its required models are ready), a model "
+        "name, or a service name such as inference.GRPCInferenceService (default '')",
+    )
+    p.add_argument(
+        "--alive",
+        action="store_true",
+        help="liveness: pass on any health answer (SERVING or NOT_SERVING); fail only when the "
+        "listener does not answer within --timeout",
+    )
+    p.add_argument("--timeout", type=float, default=3.0, help="seconds (default %(default)s)")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        help="file holding the bearer token (the management listener's health needs it)",
+    )
+    p.add_argument("--tls-ca-file", type=Path, help="PEM CA to trust: the listener serves TLS")
+    return p
+
+
+def _channel(args: argparse.Namespace) -> grpc.Channel:
+    if args.tls_ca_file is None:
+        return grpc.insecure_channel(args.address)
+    creds = grpc.ssl_channel_credentials(root_certificates=args.tls_ca_file.read_bytes())
+    return grpc.secure_channel(args.address, creds)
+
+
+def probe(args: argparse.Namespace) -> tuple[bool, str]:
+    """(passed, what was seen), without raising: a probe's only outputs are its exit code and
+    one line."""
+    metadata: list[tuple[str, str]] = []
+    if args.token_file is not None:
+        try:
+            token = args.token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            return False, f"cannot read the token file {str(args.token_file)!r}: {exc.strerror}"
+        metadata.append(("authorization", f"Bearer {token}"))
+    try:
+        with _channel(args) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(
+                health_pb2.HealthCheckRequest(service=args.service),
+                timeout=args.timeout,
+                metadata=metadata,
+            )
+    except grpc.RpcError as exc:
+        return False, f"{exc.code().name}: {exc.details()}"
+    except OSError as exc:  # an unreadable CA file
+        return False, str(exc)
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    if reply.status == SERVING:
+        return True, status
+    return (args.alive and reply.status == NOT_SERVING), status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    passed, seen = probe(args)
+    what = f"{args.address} service {args.service!r}"
+    if passed:
+        print(f"{what}: {seen}")
+        return 0
+    print(f"{what}: {seen}", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
