@@ -388,6 +388,7 @@ class Pipeline:
     def _publish(self, chosen: Variant) -> None:
         chosen.record.published = True
         self.report.published = chosen.record
+        graph.drop_unused_opsets(chosen.path)  # a published file must upload again as it is
         os.replace(chosen.path, self.work / MODEL_FILE)
         self.report.write(self.work)
         shutil.rmtree(self.scratch, ignore_errors=True)
