@@ -98,6 +98,12 @@ def test_bert_with_a_tokenizer_ordered_dict_serves_the_right_model(start: Start)
     assert all(s.datatype == "INT64" for s in up.inputs)
     done = conv.convert(up).wait(progress=False)
     assert done.report is not None and done.report.raw["reference"]["max_abs"] < 1e-4
+    # Parity against the module's own outputs, in typed fields (not only in report.raw).
+    parity, fp32 = done.report.parity, done.report.variant("fp32")
+    assert parity is not None and parity.against == "pytorch (reference_outputs)"
+    assert parity.max_abs < 1e-4 and parity.samples == 3
+    assert fp32 is not None and fp32.vs_pytorch is not None and fp32.vs_pytorch.cosine > 0.9999
+    assert done.report.reference is not None and done.report.reference.max_abs < 1e-4
     got = _served(srv, "bert", _numpy(examples))
     with torch.no_grad():
         want = bert(**examples)

@@ -536,6 +536,9 @@ def test_onnx_source_with_client_reference(quick_jobs: dict[str, Result]) -> Non
     good = succeeded(quick_jobs["onnx_good_ref"])
     assert good.report["reference"]["max_abs"] < 1e-5
     assert good.variant("fp32")["budget_against"] == "reference"
+    # The reference outputs are PyTorch's: parity states it, not the ONNX graph against itself.
+    assert good.report["parity"]["against"] == "pytorch (reference_outputs)"
+    assert good.variant("fp32")["vs_pytorch"] == good.report["reference"]
     assert_failed(quick_jobs["onnx_bad_ref"], "CONVERSION_FAILED", "validate", "reference_file")
 
 

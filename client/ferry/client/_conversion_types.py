@@ -138,10 +138,13 @@ class VariantReport:
     latency_ms: Mapping[int, float]  # batch size -> ms per batch
     speedup_vs_fp32: Mapping[int, float]
     vs_fp32: Parity | None
+    # Against the original PyTorch outputs: the module's own (a module upload sends them), or
+    # None when the server had none (an ONNX file uploaded without reference_outputs).
     vs_pytorch: Parity | None
     within_budget: bool
     published: bool
     note: str
+    vs_reference: Parity | None = None  # against your reference_outputs, when given
 
 
 @dataclass(frozen=True)
@@ -154,12 +157,15 @@ class Report:
     source_sha256: str
     source_format: str
     pruning: PruningReport | None
+    # fp32 ONNX vs the original PyTorch outputs when they exist (``against`` says which), else
+    # vs the ONNX source. ``top1_agreement`` only for class scores: a floating [N, C > 1] output.
     parity: Parity | None
     stages: Mapping[str, float]  # stage -> seconds
     variants: tuple[VariantReport, ...]
     published: str  # the variant served as model.onnx; "" when none was
     within_budget: bool = False
     error: Mapping[str, str] | None = None  # stage, kind, message: where a failed job stopped
+    reference: Parity | None = None  # fp32 ONNX vs your reference_outputs, when given
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def variant(self, name: str) -> VariantReport | None:
@@ -245,6 +251,7 @@ def parse_report(m: pb.ConversionReport, raw_json: str) -> Report | None:
                 within_budget=v.within_budget,
                 published=v.published,
                 note=v.note,
+                vs_reference=_parity(v.vs_reference) if v.HasField("vs_reference") else None,
             )
             for v in m.variants
         ),
@@ -253,6 +260,7 @@ def parse_report(m: pb.ConversionReport, raw_json: str) -> Report | None:
         error={"stage": m.error.stage, "kind": m.error.kind, "message": m.error.message}
         if m.HasField("error")
         else None,
+        reference=_parity(m.reference) if m.HasField("reference") else None,
         raw=raw if isinstance(raw, dict) else {},
     )
 

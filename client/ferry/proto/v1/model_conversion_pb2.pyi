@@ -245,7 +245,7 @@ class PruningReport(_message.Message):
     def __init__(self, method: _Optional[str] = ..., amount: _Optional[float] = ..., sparsity: _Optional[float] = ..., fine_tuned: _Optional[bool] = ..., params_before: _Optional[int] = ..., params_after: _Optional[int] = ..., vs_unpruned: _Optional[_Union[ParityReport, _Mapping]] = ...) -> None: ...
 
 class VariantReport(_message.Message):
-    __slots__ = ("name", "size_bytes", "gzip_bytes", "sparsity", "latency_ms", "speedup_vs_fp32", "vs_fp32", "vs_pytorch", "within_budget", "published", "note")
+    __slots__ = ("name", "size_bytes", "gzip_bytes", "sparsity", "latency_ms", "speedup_vs_fp32", "vs_fp32", "vs_pytorch", "within_budget", "published", "note", "vs_reference")
     class LatencyMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +271,7 @@ class VariantReport(_message.Message):
     WITHIN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
+    VS_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     name: str
     size_bytes: int
     gzip_bytes: int
@@ -282,10 +283,11 @@ class VariantReport(_message.Message):
     within_budget: bool
     published: bool
     note: str
-    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., gzip_bytes: _Optional[int] = ..., sparsity: _Optional[float] = ..., latency_ms: _Optional[_Mapping[str, float]] = ..., speedup_vs_fp32: _Optional[_Mapping[str, float]] = ..., vs_fp32: _Optional[_Union[ParityReport, _Mapping]] = ..., vs_pytorch: _Optional[_Union[ParityReport, _Mapping]] = ..., within_budget: _Optional[bool] = ..., published: _Optional[bool] = ..., note: _Optional[str] = ...) -> None: ...
+    vs_reference: ParityReport
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., gzip_bytes: _Optional[int] = ..., sparsity: _Optional[float] = ..., latency_ms: _Optional[_Mapping[str, float]] = ..., speedup_vs_fp32: _Optional[_Mapping[str, float]] = ..., vs_fp32: _Optional[_Union[ParityReport, _Mapping]] = ..., vs_pytorch: _Optional[_Union[ParityReport, _Mapping]] = ..., within_budget: _Optional[bool] = ..., published: _Optional[bool] = ..., note: _Optional[str] = ..., vs_reference: _Optional[_Union[ParityReport, _Mapping]] = ...) -> None: ...
 
 class ConversionReport(_message.Message):
-    __slots__ = ("exporter", "opset", "torch", "onnx", "onnxruntime", "source_sha256", "source_format", "pruning", "parity", "stages", "variants", "published", "within_budget", "error")
+    __slots__ = ("exporter", "opset", "torch", "onnx", "onnxruntime", "source_sha256", "source_format", "pruning", "parity", "stages", "variants", "published", "within_budget", "error", "reference")
     class StagesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -307,6 +309,7 @@ class ConversionReport(_message.Message):
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     WITHIN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_FIELD_NUMBER: _ClassVar[int]
     exporter: str
     opset: int
     torch: str
@@ -321,7 +324,8 @@ class ConversionReport(_message.Message):
     published: str
     within_budget: bool
     error: ReportError
-    def __init__(self, exporter: _Optional[str] = ..., opset: _Optional[int] = ..., torch: _Optional[str] = ..., onnx: _Optional[str] = ..., onnxruntime: _Optional[str] = ..., source_sha256: _Optional[str] = ..., source_format: _Optional[str] = ..., pruning: _Optional[_Union[PruningReport, _Mapping]] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., stages: _Optional[_Mapping[str, float]] = ..., variants: _Optional[_Iterable[_Union[VariantReport, _Mapping]]] = ..., published: _Optional[str] = ..., within_budget: _Optional[bool] = ..., error: _Optional[_Union[ReportError, _Mapping]] = ...) -> None: ...
+    reference: ParityReport
+    def __init__(self, exporter: _Optional[str] = ..., opset: _Optional[int] = ..., torch: _Optional[str] = ..., onnx: _Optional[str] = ..., onnxruntime: _Optional[str] = ..., source_sha256: _Optional[str] = ..., source_format: _Optional[str] = ..., pruning: _Optional[_Union[PruningReport, _Mapping]] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., stages: _Optional[_Mapping[str, float]] = ..., variants: _Optional[_Iterable[_Union[VariantReport, _Mapping]]] = ..., published: _Optional[str] = ..., within_budget: _Optional[bool] = ..., error: _Optional[_Union[ReportError, _Mapping]] = ..., reference: _Optional[_Union[ParityReport, _Mapping]] = ...) -> None: ...
 
 class ReportError(_message.Message):
     __slots__ = ("stage", "kind", "message")

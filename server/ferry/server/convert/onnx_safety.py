@@ -23,6 +23,9 @@ from typing import Any
 from ferry.server.errors import InvalidArgument
 
 TENSOR = "onnx.TensorProto"
+NODE = "onnx.NodeProto"
+# Domains onnxruntime's CPU provider implements; custom-op libraries are never registered.
+SAFE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 EXTERNAL = 1  # onnx.TensorProto.DataLocation.EXTERNAL
 _MAX_SHOWN = 100  # characters of a client-chosen name quoted back
 
@@ -88,6 +91,46 @@ def check_self_contained(model: Any) -> None:
         "file, a model may read no bytes that did not travel with it; save it with every tensor "
         "inside, e.g. onnx.save(model, path, save_as_external_data=False) (models under 2 GiB)"
     )
+
+
+def used_domains(model: Any) -> set[str]:
+    """The domains of the nodes anywhere in ``model``: main graph, subgraphs at any depth, local
+    functions, training graphs. The default domain is spelt ""."""
+    return {
+        "" if step.message.domain == "ai.onnx" else step.message.domain
+        for step in walk(model)
+        if step.message.DESCRIPTOR.full_name == NODE
+    }
+
+
+def check_domains(model: Any) -> None:
+    """Refuse a node of a domain the server has no kernels for, unless a local function of the
+    model defines it. Judged by the nodes, never by ``opset_import``: onnxruntime's optimizer
+    declares every domain it knows (``ai.onnx.training``, ``com.microsoft.nchwc``...) in the
+    files it writes, whether a node uses them or not, and such a file is perfectly servable."""
+    local = {(f.domain, f.name) for f in model.functions}
+    for step in walk(model):
+        node = step.message
+        if node.DESCRIPTOR.full_name != NODE or node.domain in SAFE_DOMAINS:
+            continue
+        if (node.domain, node.op_type) not in local:
+            raise InvalidArgument(
+                f"the ONNX file uses operator {_short(node.domain)}::{_short(node.op_type)} "
+                f"({describe(step)}), a custom-op domain this server does not register; only "
+                f"{', '.join(repr(d) for d in sorted(SAFE_DOMAINS))} are served: re-export the "
+                "model with standard operators"
+            )
+
+
+def unused_opset_imports(model: Any) -> list[str]:
+    """The domains ``model`` declares in ``opset_import`` but no node uses (the default domain
+    is always kept: an empty graph still names its opset)."""
+    used = used_domains(model)
+    return [
+        o.domain
+        for o in model.opset_import
+        if o.domain not in ("", "ai.onnx") and o.domain not in used
+    ]
 
 
 def describe(step: Step) -> str:

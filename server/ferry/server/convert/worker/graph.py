@@ -19,8 +19,7 @@ from ferry.server.convert import onnx_safety
 from ferry.server.convert.spec import InputSpec
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
-# Domains onnxruntime's CPU provider implements; custom-op libraries are never registered.
-SAFE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+SAFE_DOMAINS = onnx_safety.SAFE_DOMAINS
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
 
 
@@ -34,26 +33,27 @@ def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
 def check_source_model(model: onnx.ModelProto) -> None:
     """Refuse external data and unregistered domains before anything reads the tensors.
 
-    The upload was checked for external data already; the child checks again because it must
-    hold for every file it is given, whoever wrote the job."""
+    The upload was checked for both already; the child checks again because it must hold for
+    every file it is given, whoever wrote the job. Domains are judged by the nodes that use them
+    (``onnx_safety.check_domains``), not by what ``opset_import`` declares."""
     onnx_safety.check_self_contained(model)
-    local = {(f.domain, f.name) for f in model.functions}
-    local_domains = {domain for domain, _ in local}
-    for opset in model.opset_import:
-        if opset.domain not in SAFE_DOMAINS and opset.domain not in local_domains:
-            raise _domain_error(opset.domain)
-    for node in _all_nodes(model):
-        if node.domain not in SAFE_DOMAINS and (node.domain, node.op_type) not in local:
-            raise _domain_error(node.domain, node.op_type)
+    onnx_safety.check_domains(model)
 
 
-def _domain_error(domain: str, op_type: str = "") -> InvalidArgument:
-    what = f"operator {domain}::{op_type}" if op_type else f"opset domain {domain!r}"
-    return InvalidArgument(
-        f"the ONNX file uses {what}, a custom-op domain this server does not register; "
-        f"only {', '.join(repr(d) for d in sorted(SAFE_DOMAINS))} are served: re-export the model "
-        "with standard operators"
-    )
+def drop_unused_opsets(path: Path) -> list[str]:
+    """Rewrite ``path`` without the opset imports no node uses; return the domains dropped.
+
+    onnxruntime's optimizer and quantizer declare every domain they know in the files they
+    write; a published file declaring ``ai.onnx.training`` would be refused by a stricter
+    consumer (it was by Ferry's own upload check), so the published file declares what it uses."""
+    model = onnx.load(str(path))
+    unused = onnx_safety.unused_opset_imports(model)
+    if unused:
+        kept = [o for o in model.opset_import if o.domain not in unused]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+        onnx.save(model, str(path))
+    return unused
 
 
 def datatype_of_elem(elem_type: int) -> str:

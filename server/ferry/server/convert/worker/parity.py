@@ -181,7 +181,11 @@ class Figures:
 def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures:
     """Worst case over outputs: max error, overall mean error, lowest cosine and top-1 agreement.
 
-    Top-1 agreement is reported for [N, classes > 1] outputs only, where argmax means a class.
+    Top-1 agreement is reported only for outputs that look like class scores: floating point,
+    2-D ``[N, C]`` with ``C > 1``, where argmax over C names a class. Other outputs (hidden
+    states, sequences, integer ids, one regression value) have no top-1, and a model with none
+    reports None. An embedding ``[N, D]`` passes the rule too: a budget on top-1 agreement is
+    the user's statement that the outputs are classes.
     """
     max_abs, abs_sum, count = 0.0, 0.0, 0
     cosines: list[float] = []
@@ -197,7 +201,7 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
         abs_sum += float(diff.sum())
         count += diff.size
         cosines.append(_cosine(cand, ref))
-        if ref.ndim == 2 and ref.shape[1] > 1:
+        if is_class_scores(ref):
             top1.append(float(np.mean(cand.argmax(axis=1) == ref.argmax(axis=1))))
     return Figures(
         max_abs=max_abs,
@@ -205,6 +209,11 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
         cosine=min(cosines) if cosines else 1.0,
         top1_agreement=min(top1) if top1 else None,
     )
+
+
+def is_class_scores(output: np.ndarray) -> bool:
+    """The rule of ``compare``'s top-1 agreement: a floating [N, C > 1] output."""
+    return output.ndim == 2 and output.shape[1] > 1 and output.dtype.kind == "f"
 
 
 def tolerance_failure(

@@ -44,6 +44,8 @@ STAGE_START = {
     "quantize": 0.55, "validate": 0.7, "benchmark": 0.8,
 }  # fmt: skip
 FINAL_FRACTION = 0.95
+# ParityRecord.against for an ONNX source judged against the client's PyTorch outputs.
+PYTORCH_REFERENCE = "pytorch (reference_outputs)"
 
 Emit = Callable[[ProgressEvent], None]
 Outputs = list[np.ndarray]
@@ -303,6 +305,16 @@ class Pipeline:
                 variants.append(Variant(target, record))
         return variants
 
+    def _pytorch_outputs(self) -> tuple[Outputs | None, str]:
+        """The original PyTorch model's outputs on the samples, and what they are, when they
+        exist: the (unpruned) module run here, else the client's reference outputs (an SDK
+        module upload sends the module's own outputs with its ONNX export)."""
+        if self.source.module is not None:
+            return self.baseline, "pytorch"
+        if self.client_reference is not None:
+            return self.client_reference, PYTORCH_REFERENCE
+        return None, ""
+
     def _validate(self, variants: list[Variant]) -> None:
         v = self.spec.validation
         fp32 = variants[0]
@@ -315,7 +327,6 @@ class Pipeline:
         against = "pytorch" if self.source.module is not None else "onnx_source"
         if pruned:
             against = "pytorch (pruned)"
-        self.report.parity = ParityRecord(agreement, len(self.samples), against)
         failure = parity.tolerance_failure(fp32.outputs, self.parity_reference, v.rtol, v.atol)
         if failure:
             raise ConversionFailed(
@@ -323,6 +334,12 @@ class Pipeline:
                 f"{agreement.max_abs:.3g}, cosine {agreement.cosine:.6f}); loosen validation.rtol/"
                 "atol if this is expected numerical noise, otherwise report an exporter bug"
             )
+        pytorch, pytorch_name = self._pytorch_outputs()
+        if pytorch is not None and self.source.module is None:
+            # An ONNX source that came with PyTorch's outputs: the parity a user reads is the
+            # one against PyTorch, not the ONNX graph against itself.
+            agreement, against = parity.compare(fp32.outputs, pytorch), pytorch_name
+        self.report.parity = ParityRecord(agreement, len(self.samples), against)
         if self.client_reference is not None:
             self.report.reference = parity.compare(fp32.outputs, self.client_reference)
             failure = parity.tolerance_failure(fp32.outputs, self.client_reference, v.rtol, v.atol)
@@ -338,7 +355,10 @@ class Pipeline:
             if variant is not fp32:
                 record.vs_fp32 = parity.compare(variant.outputs, fp32.outputs)
             vs_baseline = parity.compare(variant.outputs, self.baseline)
-            record.vs_pytorch = vs_baseline if self.source.module is not None else None
+            if pytorch is not None:
+                record.vs_pytorch = (
+                    vs_baseline if pytorch is self.baseline else parity.compare(variant.outputs, pytorch)
+                )
             if self.client_reference is not None:
                 record.vs_reference = parity.compare(variant.outputs, self.client_reference)
             failure = self._budget_failure(vs_baseline)
@@ -388,6 +408,7 @@ class Pipeline:
     def _publish(self, chosen: Variant) -> None:
         chosen.record.published = True
         self.report.published = chosen.record
+        graph.drop_unused_opsets(chosen.path)  # a published file must upload again as it is
         os.replace(chosen.path, self.work / MODEL_FILE)
         self.report.write(self.work)
         shutil.rmtree(self.scratch, ignore_errors=True)

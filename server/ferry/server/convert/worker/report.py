@@ -107,11 +107,14 @@ class QuantizationRecord:
 
 @dataclass
 class ParityRecord:
-    """The fp32 ONNX model against what it must match within rtol/atol."""
+    """The fp32 ONNX model against the original PyTorch model's outputs when they exist (the
+    module run in the child, or the client's reference outputs for an ONNX source), else against
+    the ONNX source it was optimized from."""
 
     figures: Figures
     samples: int
-    against: str  # "pytorch", "pytorch (pruned)" or "onnx_source"
+    # "pytorch", "pytorch (pruned)", "pytorch (reference_outputs)" or "onnx_source"
+    against: str
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.figures.to_dict(), "samples": self.samples, "against": self.against}
@@ -131,7 +134,9 @@ class VariantRecord:
     name: str
     note: str = ""
     vs_fp32: Figures | None = None  # None for fp32 itself
-    vs_pytorch: Figures | None = None  # None for an ONNX source
+    # Against the original PyTorch outputs: the module's, or the client's reference outputs for
+    # an ONNX source; None only when neither exists.
+    vs_pytorch: Figures | None = None
     vs_reference: Figures | None = None  # against the client's reference outputs, when given
     budget_against: str = ""
     within_budget: bool = False
