@@ -20,8 +20,8 @@ from test_convert_child import assert_failed, convert_here, onnx_mlp, succeeded
 from ferry.client._conversion_types import parse_report
 from ferry.server.convert import onnx_safety, uploads
 from ferry.server.convert.worker import graph, parity
-from ferry.server.grpc.conversion import report_message
 from ferry.server.errors import InvalidArgument
+from ferry.server.grpc.conversion import report_message
 
 # ---- item 6: a published file uploads again; domains are judged by the nodes using them ----
 

@@ -357,7 +357,9 @@ class Pipeline:
             vs_baseline = parity.compare(variant.outputs, self.baseline)
             if pytorch is not None:
                 record.vs_pytorch = (
-                    vs_baseline if pytorch is self.baseline else parity.compare(variant.outputs, pytorch)
+                    vs_baseline
+                    if pytorch is self.baseline
+                    else parity.compare(variant.outputs, pytorch)
                 )
             if self.client_reference is not None:
                 record.vs_reference = parity.compare(variant.outputs, self.client_reference)
