@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,10 @@ def translate_errors(fn: F) -> F:
             raise
         except Exception as exc:
             code, message, kind = status_of(exc)
+            if context.cancelled():
+                # The caller is gone (its deadline passed, or it cancelled): no one to answer,
+                # and grpc would fail the send and log a traceback per call under overload.
+                raise asyncio.CancelledError from None
             context.set_trailing_metadata(trailing(kind))
             await context.abort(code, message)
 

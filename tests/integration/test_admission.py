@@ -1,0 +1,154 @@
+"""Admission at the door, on a real server, both protocols, unary and streaming.
+
+An ``ExecutionGate`` holds the single instance busy and requests queue behind it (a state the test
+establishes, not a timing); the version's measured cost is then set to 10 s per request, as a slow
+model's would be, so which request can finish before its deadline is arithmetic:
+one running (half of it counted: 5 s) + one queued (10 s) + its own execution (10 s) = 25 s.
+A request with a 20 s deadline is refused at once with RESOURCE_EXHAUSTED and why; one with 60 s
+is admitted; a high-priority one with 20 s is judged by the queue ahead of it (5 + 10 = 15 s) and
+admitted. No refused request ever reaches the model.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from helpers import ExecutionGate, StartServer, make_repo, stats, wait_for, write_config
+
+from ferry.client import InferenceClient, InferResult, RetryPolicy, ServerOverloadedError
+from ferry.client._errors import ERROR_KIND_METADATA
+from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
+from ferry.server.batching.service_time import ServiceTime
+from ferry.server.examples import mlp_model
+
+COST_S = 10.0
+REFUSED_S = 20.0  # < 25 s predicted at default priority
+ADMITTED_S = 60.0
+X = np.ones((1, 64), np.float32)
+
+
+class _OipStub:
+    """The two inference methods of the Open Inference Protocol, on a plain channel."""
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        svc = "/inference.GRPCInferenceService/"
+        self.ModelInfer = channel.unary_unary(
+            svc + "ModelInfer",
+            request_serializer=kpb.ModelInferRequest.SerializeToString,
+            response_deserializer=kpb.ModelInferResponse.FromString,
+        )
+        self.ModelStreamInfer = channel.stream_stream(
+            svc + "ModelStreamInfer",
+            request_serializer=kpb.ModelInferRequest.SerializeToString,
+            response_deserializer=kpb.ModelStreamInferResponse.FromString,
+        )
+
+
+def _oip_request(timeout_s: float) -> kpb.ModelInferRequest:
+    req = kpb.ModelInferRequest(model_name="mlp", id="oip")
+    t = req.inputs.add()
+    t.name, t.datatype = "input", "FP32"
+    t.shape.extend(X.shape)
+    req.raw_input_contents.append(X.tobytes())
+    req.parameters["timeout"].int64_param = int(timeout_s * 1e6)
+    return req
+
+
+@pytest.fixture
+def busy(tmp_path: Path, start_server: StartServer):  # type: ignore[no-untyped-def]
+    """A server whose one instance is held with one request queued behind it, and whose
+    measured cost is 10 s per request; yields (server, client, gate, pool, futures)."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    write_config(
+        root,
+        "mlp",
+        {"batching": {"max_batch_size": 0, "default_priority": 5}, "instances": {"count": 1}},
+    )
+    srv = start_server(root)
+    assert srv.app is not None
+    loaded = srv.app.registry.get("mlp", 1)
+    estimate = ServiceTime()
+    estimate.observe(1, COST_S)
+    loaded.batcher.service_time = estimate
+    with (
+        InferenceClient(srv.target, timeout=ADMITTED_S, retry=RetryPolicy.disabled()) as client,
+        ThreadPoolExecutor(8) as pool,
+        ExecutionGate(srv, "mlp") as gate,
+    ):
+        futures: list[Future[InferResult]] = [pool.submit(client.infer, "mlp", {"input": X})]
+        gate.wait_entered()
+        futures.append(pool.submit(client.infer, "mlp", {"input": X}))
+        wait_for(lambda: stats(client, "mlp").queue_depth == 1, "one request queued")
+        yield srv, client, gate, pool, futures
+        gate.release()
+        for f in futures:
+            assert f.result(ADMITTED_S)["logits"].shape == (1, 10)
+
+
+def test_refused_at_arrival_with_why_both_protocols_unary_and_stream(busy) -> None:  # type: ignore[no-untyped-def]
+    srv, client, gate, _pool, _futures = busy
+    # ferry.v1 unary: the SDK's retryable overload error, with the prediction in the message.
+    with pytest.raises(ServerOverloadedError) as refused:
+        client.infer("mlp", {"input": X}, timeout=REFUSED_S)
+    assert refused.value.retryable
+    assert "predicted wait 25000.0 ms" in str(refused.value)
+    assert "remaining" in str(refused.value)
+    # ferry.v1 stream: the request's own timeout; the answer is the same error, stream open.
+    with client.stream("mlp") as stream:
+        rid = stream.submit({"input": X}, timeout=REFUSED_S)
+        ((got_id, outcome),) = list(stream.results())
+    assert got_id == rid and isinstance(outcome, ServerOverloadedError)
+    assert "predicted wait" in str(outcome)
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = _OipStub(channel)
+        # Open Inference Protocol unary: RESOURCE_EXHAUSTED, kind QUEUE_FULL.
+        with pytest.raises(grpc.RpcError) as rpc:
+            stub.ModelInfer(_oip_request(REFUSED_S), timeout=REFUSED_S)
+        assert rpc.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "predicted wait 25000.0 ms" in rpc.value.details()
+        kinds = dict(rpc.value.trailing_metadata() or ())
+        assert kinds[ERROR_KIND_METADATA] == "QUEUE_FULL"
+        # Open Inference Protocol stream: an error response, the code leading its text.
+        (answer,) = list(stub.ModelStreamInfer(iter([_oip_request(REFUSED_S)]), timeout=30))
+    assert answer.error_message.startswith("[StatusCode.RESOURCE_EXHAUSTED]")
+    assert "predicted wait" in answer.error_message
+    s = stats(client, "mlp")
+    assert s.queue_depth == 1
+    assert gate.calls == 1  # only the held request reached the model
+
+
+def test_admitted_when_it_fits_and_priority_is_judged_by_the_queue_ahead(busy) -> None:  # type: ignore[no-untyped-def]
+    srv, client, gate, pool, futures = busy
+    # Same queue, a deadline long enough: admitted (queued behind the others).
+    futures.append(pool.submit(client.infer, "mlp", {"input": X}, timeout=ADMITTED_S))
+    wait_for(lambda: stats(client, "mlp").queue_depth == 2, "the long-deadline request queued")
+    # 20 s at the default priority (5) is refused; at priority 1 nothing is ahead of it but the
+    # running request: 5 + 10 = 15 s < 20 s, admitted.
+    with pytest.raises(ServerOverloadedError):
+        client.infer("mlp", {"input": X}, timeout=REFUSED_S)
+    high = pool.submit(client.infer, "mlp", {"input": X}, timeout=REFUSED_S, priority=1)
+    wait_for(lambda: stats(client, "mlp").queue_depth == 3, "the high-priority request queued")
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = _OipStub(channel)
+        # 30 s: at the default priority 3 queued are ahead (5 + 30 + 10 = 45 s): refused; at
+        # priority 1 only the other high-priority one is (5 + 10 + 10 = 25 s): admitted.
+        low = _oip_request(30.0)
+        with pytest.raises(grpc.RpcError) as rpc:
+            stub.ModelInfer(low, timeout=30.0)
+        assert rpc.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        oip = _oip_request(30.0)
+        oip.parameters["priority"].int64_param = 1  # the OIP request's own priority
+        answer = stub.ModelInfer.future(oip, timeout=ADMITTED_S)
+        wait_for(lambda: stats(client, "mlp").queue_depth == 4, "the OIP high-priority queued")
+        gate.release()
+        assert answer.result(ADMITTED_S).outputs[0].name == "logits"
+    assert high.result(ADMITTED_S)["logits"].shape == (1, 10)
+    for f in futures:
+        assert f.result(ADMITTED_S)["logits"].shape == (1, 10)
+    s = stats(client, "mlp")
+    assert gate.calls == 5  # held, queued, long deadline, two high-priority: nothing refused ran
+    assert s.success.count == 5

@@ -1,0 +1,253 @@
+"""Predictive admission: a request that cannot finish before its deadline is refused at arrival.
+
+Deterministic: time is a fake clock; the handler's "execution" advances it by a fixed cost per
+batch (so the batcher measures exactly that cost), and batches are held by an Event the test sets.
+No sleeps, no timing assertions: predicted waits are arithmetic on the fake costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import pytest
+
+from ferry.server.batching.batcher import BatchInfo, DynamicBatcher
+from ferry.server.batching.service_time import ServiceTime
+from ferry.server.errors import DeadlineExceeded, QueueFull
+
+GUARD_S = 20.0
+
+
+def arun(fn: Callable[[], Awaitable[None]]) -> None:
+    async def guarded() -> None:
+        async with asyncio.timeout(GUARD_S):
+            await fn()
+
+    asyncio.run(guarded())
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(pred: Callable[[], bool], spins: int = 1000) -> None:
+    for _ in range(spins):
+        if pred():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
+
+
+class CostlyHandler:
+    """Each batch "runs" ``fixed + per_unit * units`` seconds of the fake clock, after waiting
+    on ``gate`` while ``gated``: the batcher's own measurement then sees exactly that cost."""
+
+    def __init__(self, clock: FakeClock, fixed: float, per_unit: float = 0.0) -> None:
+        self.clock = clock
+        self.fixed = fixed
+        self.per_unit = per_unit
+        self.gated = False
+        self.gate = asyncio.Event()
+        self.batches: list[list[Any]] = []
+
+    @property
+    def items(self) -> list[Any]:
+        return [x for b in self.batches for x in b]
+
+    async def __call__(self, items: Sequence[Any], info: BatchInfo) -> list[Any]:
+        self.batches.append(list(items))
+        if self.gated:
+            await self.gate.wait()
+        self.clock.now += self.fixed + self.per_unit * info.size
+        return list(items)
+
+
+def spawn(b: DynamicBatcher[Any, Any], item: Any, **kw: Any) -> asyncio.Task[Any]:
+    return asyncio.get_running_loop().create_task(b.submit(item, **kw))
+
+
+async def train(b: DynamicBatcher[Any, Any], *sizes: int) -> None:
+    """Run one batch of each size through ``b`` (its handler's cost is what it learns)."""
+    for n in sizes:
+        await asyncio.gather(*(b.submit(f"train{i}") for i in range(n)))
+
+
+# --- the predictor ------------------------------------------------------------------------------
+
+
+def test_service_time_fits_fixed_plus_per_unit() -> None:
+    est = ServiceTime()
+    assert not est.ready and est.predict(8) == 0.0  # nothing known: nothing refused on a guess
+    for _ in range(3):
+        est.observe(1, 0.010)
+        est.observe(9, 0.018)
+    assert est.fixed == pytest.approx(0.009)
+    assert est.per_unit == pytest.approx(0.001)
+    assert est.predict(32) == pytest.approx(0.041)
+
+
+def test_service_time_with_one_size_is_proportional_and_follows_change() -> None:
+    est = ServiceTime(decay=0.5)
+    est.observe(2, 0.020)
+    assert est.predict(2) == pytest.approx(0.020)
+    assert est.predict(8) == pytest.approx(0.080)  # pessimistic until other sizes are seen
+    for _ in range(40):
+        est.observe(2, 0.002)  # the model got faster: recent batches dominate
+    assert est.predict(2) == pytest.approx(0.002, rel=1e-3)
+    est.observe(2, float("nan"))
+    est.observe(2, -1.0)
+    assert est.predict(2) == pytest.approx(0.002, rel=1e-3)
+
+
+# --- admission ---------------------------------------------------------------------------------
+
+
+def test_refused_at_arrival_when_predicted_wait_exceeds_remaining_deadline() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        h = CostlyHandler(clock, fixed=0.010)
+        b = DynamicBatcher(h, max_batch_size=0, clock=clock, name="m/1")
+        await train(b, 1)
+        h.gated = True
+        running = spawn(b, "run")
+        await until(lambda: b.in_flight == 1)
+        queued = [spawn(b, f"q{i}") for i in range(3)]
+        await until(lambda: b.queue_depth == 3)
+        # 3 queued x 10 ms + half the running batch (5 ms) + its own 10 ms.
+        assert b.predicted_wait() == pytest.approx(0.045)
+        with pytest.raises(QueueFull) as refused:
+            await b.submit("late", deadline=clock.now + 0.040)
+        message = str(refused.value)
+        assert "m/1" in message and "predicted wait 45.0 ms" in message
+        assert "remaining 40.0 ms" in message
+        assert b.rejected == 1 and b.queue_depth == 3
+        admitted = spawn(b, "fits", deadline=clock.now + 0.060)
+        await until(lambda: b.queue_depth == 4)
+        h.gate.set()
+        await asyncio.gather(running, *queued, admitted)
+        assert "late" not in h.items and "fits" in h.items
+        await b.close()
+
+    arun(main)
+
+
+def test_no_deadline_or_no_measurement_is_never_refused_by_prediction() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        h = CostlyHandler(clock, fixed=10.0)
+        h.gated = True
+        b = DynamicBatcher(h, max_batch_size=0, clock=clock)
+        # Nothing has run yet: no estimate, so a tight deadline is admitted.
+        first = spawn(b, "first", deadline=0.001)
+        await until(lambda: b.in_flight == 1)
+        h.gate.set()
+        await first
+        h.gate.clear()
+        running = spawn(b, "run")
+        await until(lambda: b.in_flight == 1)
+        # Known to take 10 s per item: without a deadline it still queues (max_queue_size bounds it).
+        waits = [spawn(b, f"w{i}") for i in range(5)]
+        await until(lambda: b.queue_depth == 5)
+        assert b.rejected == 0
+        h.gate.set()
+        await asyncio.gather(running, *waits)
+        await b.close()
+
+    arun(main)
+
+
+def test_batching_and_instances_shorten_the_prediction() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        h = CostlyHandler(clock, fixed=0.009, per_unit=0.001)
+        # The measured cost, injected: batches of 1 and of 9 ran in 10 and 18 ms.
+        est = ServiceTime()
+        est.observe(1, 0.010)
+        est.observe(9, 0.018)
+        b = DynamicBatcher(h, max_batch_size=8, max_concurrency=2, clock=clock, service_time=est)
+        h.gated = True
+        blockers = [spawn(b, "b0"), spawn(b, "b1")]
+        await until(lambda: b.in_flight == 2)
+        assert est.predict(1) == pytest.approx(0.010)
+        queued = [spawn(b, f"q{i}") for i in range(16)]
+        await until(lambda: b.queue_depth == 16)
+        # 16 queued units = 2 full batches (2 x 9 ms + 16 x 1 ms), plus half the 2 running
+        # batches, over 2 instances, plus its own batch of 1.
+        running = 2 * est.predict(1)
+        expected = (2 * est.fixed + 16 * est.per_unit + running / 2) / 2 + est.predict(1)
+        assert b.predicted_wait() == pytest.approx(expected)
+        # Items ahead x one item's cost on one instance would have been 16 x 10 ms = 160 ms.
+        assert b.predicted_wait() < 0.040
+        ok = spawn(b, "ok", deadline=clock.now + 0.040)
+        await until(lambda: b.queue_depth == 17)
+        assert b.rejected == 0  # admitted (the fake clock then runs batches one after another)
+        h.gate.set()
+        await asyncio.gather(*blockers, *queued, ok, return_exceptions=True)
+        await b.close()
+
+    arun(main)
+
+
+def test_priority_is_judged_by_the_queue_ahead_of_it() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        h = CostlyHandler(clock, fixed=0.010)
+        b = DynamicBatcher(h, max_batch_size=0, clock=clock)
+        await train(b, 1)
+        h.gated = True
+        running = spawn(b, "run")
+        await until(lambda: b.in_flight == 1)
+        low = [spawn(b, f"low{i}", priority=5) for i in range(10)]
+        await until(lambda: b.queue_depth == 10)
+        # A low-priority arrival waits behind 10 items; a high-priority one behind none of them.
+        with pytest.raises(QueueFull):
+            await b.submit("low-late", priority=5, deadline=clock.now + 0.030)
+        assert b.predicted_wait(priority=1) == pytest.approx(0.015)
+        high = spawn(b, "high", priority=1, deadline=clock.now + 0.030)
+        await until(lambda: b.queue_depth == 11)
+        # Now a second high-priority arrival has "high" ahead of it, not the low ones.
+        assert b.predicted_wait(priority=1) == pytest.approx(0.025)
+        # And low-priority arrivals count the high one too.
+        assert b.predicted_wait(priority=5) == pytest.approx(0.125)
+        h.gate.set()
+        await asyncio.gather(running, high, *low)
+        assert h.items.index("high") < h.items.index("low0")
+        assert "low-late" not in h.items
+        await b.close()
+
+    arun(main)
+
+
+def test_work_that_cannot_finish_in_time_is_never_executed() -> None:
+    async def main() -> None:
+        clock = FakeClock()
+        h = CostlyHandler(clock, fixed=0.010)
+        b = DynamicBatcher(h, max_batch_size=0, clock=clock)
+        await train(b, 1)
+        h.gated = True
+        running = spawn(b, "run")
+        await until(lambda: b.in_flight == 1)
+        # Admitted with time to spare (predicted 15 ms of 1 s) ...
+        tight = spawn(b, "tight", deadline=clock.now + 1.0)
+        passed = spawn(b, "passed", deadline=clock.now + 0.5)
+        after = spawn(b, "after")
+        await until(lambda: b.queue_depth == 3)
+        # ... but the running batch held the instance: at dispatch "tight" has 5 ms left, less
+        # than the 10 ms it needs, and "passed" is past its deadline. Neither runs.
+        clock.now += 0.995 - 0.010  # the running batch adds its own 10 ms when it ends
+        h.gate.set()
+        await asyncio.gather(running, after)
+        for doomed in (tight, passed):
+            with pytest.raises(DeadlineExceeded, match="not executed"):
+                await doomed
+        assert h.items == ["train0", "run", "after"]
+        assert b.expired == 2
+        await b.close()
+
+    arun(main)
