@@ -22,7 +22,10 @@ ROOT = Path(__file__).resolve().parents[2]
 SERVER = ROOT / "server" / "ferry" / "server"
 
 ADAPTERS = [
-    p for p in sorted((SERVER / "grpc").glob("*.py")) if p.name not in ("app.py", "__init__.py")
+    p
+    for folder in ("grpc", "http")
+    for p in sorted((SERVER / folder).glob("*.py"))
+    if p.name not in ("app.py", "__init__.py")
 ]
 CORE = sorted((SERVER / "core").glob("*.py"))
 RUNTIME = sorted((SERVER / "runtime").glob("*.py"))
@@ -53,7 +56,7 @@ def _rel(p: Path) -> str:
 
 def test_the_scan_finds_the_layers() -> None:
     names = {p.name for p in ADAPTERS}
-    assert {"inference.py", "kserve.py", "repository.py", "conversion.py"} <= names
+    assert {"inference.py", "kserve.py", "repository.py", "conversion.py", "oip.py"} <= names
     assert {"dataplane.py", "registry.py", "types.py"} <= {p.name for p in CORE}
     assert {"session.py", "providers.py"} <= {p.name for p in RUNTIME}
 
@@ -79,6 +82,8 @@ def test_the_core_knows_no_wire_format_runtime_or_conversion(path: Path) -> None
     forbidden = (
         "grpc",
         "ferry.server.grpc",
+        "ferry.server.http",
+        "aiohttp",
         "ferry.server.runtime",
         "ferry.server.convert",
         "ferry.server.metrics",

