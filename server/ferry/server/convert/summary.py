@@ -65,7 +65,9 @@ def published_line(report_json: str) -> str:
     name = report.get("published") if isinstance(report, dict) else None
     if not name:
         return ""
-    variant = next((v for v in report.get("variants", []) if v.get("name") == name), {})
+    variant: dict[str, Any] = next(
+        (v for v in report.get("variants", []) if v.get("name") == name), {}
+    )
     parts = [name, _speed(report, variant), _accuracy(report, variant)]
     if variant and not variant.get("within_budget", True):
         parts.append("BELOW the accuracy budget, published because validation.keep_failed is set")
