@@ -414,3 +414,55 @@ def test_the_published_line() -> None:
         "within budget is clearly 1.15x faster than fp32"
     )
     assert published_line("") == "" and published_line('{"published": null}') == ""
+
+
+# ---- item 7: recurrent layers under dynamic int8 ----
+
+
+def _export_recurrent(kind: str, path: Path) -> Path:
+    import contextlib
+    import io
+
+    import torch
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = getattr(torch.nn, kind)(32, 64, batch_first=True, num_layers=2)
+            self.fc = torch.nn.Linear(64, 5)
+
+        def forward(self, x: Any) -> Any:
+            out, _ = self.rnn(x)
+            return self.fc(out[:, -1])
+
+    torch.manual_seed(0)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with contextlib.redirect_stdout(io.StringIO()):
+        program = torch.onnx.export(
+            Net().eval(), (torch.randn(2, 10, 32),), dynamo=True,
+            dynamic_shapes=({0: batch},), opset_version=20,
+        )  # fmt: skip
+    program.save(str(path))
+    return path
+
+
+@pytest.mark.slow
+def test_lstm_is_quantized_and_gru_says_it_is_not(tmp_path: Path) -> None:
+    spec = {"quantization": {"mode": "dynamic_int8"}, "benchmark": "off"}
+    lstm = succeeded(
+        convert_here(
+            tmp_path / "lstm", _export_recurrent("LSTM", tmp_path / "l.onnx"), "onnx", spec=spec
+        )
+    )
+    ops = {n.op_type for n in onnx.load(str(lstm.model)).graph.node}
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops
+    assert lstm.variant("dynamic_int8")["vs_fp32"]["cosine"] > 0.99
+    assert "stay fp32" not in lstm.variant("dynamic_int8")["note"]
+    gru = succeeded(
+        convert_here(
+            tmp_path / "gru", _export_recurrent("GRU", tmp_path / "g.onnx"), "onnx", spec=spec
+        )
+    )
+    note = gru.variant("dynamic_int8")["note"]
+    assert "of the weights were quantized" in note or "nothing substantial" in note
+    assert "stay fp32 in GRU" in note
