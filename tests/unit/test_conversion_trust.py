@@ -466,3 +466,37 @@ def test_lstm_is_quantized_and_gru_says_it_is_not(tmp_path: Path) -> None:
     note = gru.variant("dynamic_int8")["note"]
     assert "of the weights were quantized" in note or "nothing substantial" in note
     assert "stay fp32 in GRU" in note
+
+
+# ---- item 12: a quiet upload, a short repr ----
+
+
+@pytest.mark.slow
+def test_module_upload_is_silent(capfd: pytest.CaptureFixture[str]) -> None:
+    import torch
+
+    from ferry.client._module_upload import from_module
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    capfd.readouterr()
+    data, fmt, extras = from_module(torch, module, torch.randn(4, 3), None, 20)
+    out, err = capfd.readouterr()
+    assert fmt == "onnx" and data and extras["inputs"][0].name == "input"
+    assert out == "" and err == ""
+
+
+def test_upload_repr_is_short() -> None:
+    from ferry.client._conversion_types import InputSpec as ClientInputSpec
+    from ferry.client._conversion_types import Upload
+
+    up = Upload(
+        "ab" * 16, "bert", "onnx", "0" * 64, 1234,
+        inputs=(ClientInputSpec("input_ids", "INT64", [-1, 128]),),
+        sample_inputs={"input_ids": np.zeros((64, 128), np.int64)},
+        reference_outputs={"last_hidden_state": np.zeros((64, 128, 768), np.float32)},
+    )  # fmt: skip
+    text = repr(up)
+    assert len(text) < 250 and "\n" not in text and "array" not in text
+    assert "inputs=[input_ids:INT64[-1, 128]]" in text and "samples=64" in text
+    assert "reference_outputs=['last_hidden_state']" in text

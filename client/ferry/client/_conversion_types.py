@@ -93,6 +93,26 @@ class Upload:
     sample_inputs: ArrayMap | None = None
     reference_outputs: ArrayMap | None = None
 
+    def __repr__(self) -> str:
+        """One short line: the samples and outputs are named and counted, never printed."""
+        parts = [
+            f"upload_id={self.upload_id!r}",
+            f"model={self.model!r}",
+            f"format={self.format!r}",
+            f"size_bytes={self.size_bytes}",
+        ]
+        if self.architecture:
+            parts.append(f"architecture={self.architecture!r}")
+        if self.inputs:
+            specs = ", ".join(f"{i.name}:{i.datatype}{list(i.shape)}" for i in self.inputs)
+            parts.append(f"inputs=[{specs}]")
+        if self.sample_inputs:
+            count = len(next(iter(self.sample_inputs.values())))
+            parts.append(f"samples={count}")
+        if self.reference_outputs:
+            parts.append(f"reference_outputs={list(self.reference_outputs)}")
+        return f"Upload({', '.join(parts)})"
+
 
 @dataclass(frozen=True)
 class ProgressEvent:
