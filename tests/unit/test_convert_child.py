@@ -273,7 +273,11 @@ def job_table(root: Path, src: dict[str, Path]) -> dict[str, tuple[Path, str, di
     cnn = {"architecture": "small_cnn", "kwargs": CNN_KWARGS}
     cnn_static = {
         "inputs": [CNN_INPUT],
-        "quantization": {"mode": "static_int8", "calibration_file": str(src["calibration.npz"])},
+        "quantization": {
+            "mode": "static_int8",
+            "calibration_file": str(src["calibration.npz"]),
+            "keep_slower": True,  # a graph this small may run slower quantized
+        },
         "validation": {"min_cosine": 0.9},
     }
     overpruned = {
@@ -311,11 +315,16 @@ def job_table(root: Path, src: dict[str, Path]) -> dict[str, tuple[Path, str, di
         ),
         "evil": (src["evil.pt"], "state_dict", {"architecture": "seed"}),
         "pt2_refused": (src["mlp.pt2"], "exported_program", {}),
-        "onnx_fp16": (src["mlp.onnx"], "onnx", {"spec": {"quantization": {"mode": "fp16"}}}),
+        # keep_slower: quantized, a graph this small is usually slower than fp32.
+        "onnx_fp16": (
+            src["mlp.onnx"],
+            "onnx",
+            {"spec": {"quantization": {"mode": "fp16", "keep_slower": True}}},
+        ),
         "onnx_dynamic_int8": (
             src["mlp.onnx"],
             "onnx",
-            {"spec": {"quantization": {"mode": "dynamic_int8"}}},
+            {"spec": {"quantization": {"mode": "dynamic_int8", "keep_slower": True}}},
         ),
         "onnx_good_ref": (src["mlp.onnx"], "onnx", {"spec": reference("good_ref")}),
         "onnx_bad_ref": (src["mlp.onnx"], "onnx", {"spec": reference("bad_ref")}),
@@ -424,7 +433,9 @@ def test_safetensors_auto_reports_every_candidate(jobs: dict[str, Result]) -> No
     assert [v["name"] for v in report["variants"] if v["published"]] == [report["published"]]
     for variant in report["variants"][1:]:
         assert variant["vs_fp32"]["cosine"] > 0.99 and variant["within_budget"]
-        assert set(variant["speedup_vs_fp32"]) == {"1", "32"}
+        # Both batch sizes, unless the benchmark stopped timing a clearly slower variant.
+        expected = {"1"} if "stopped timing" in variant["note"] else {"1", "32"}
+        assert set(variant["speedup_vs_fp32"]) == expected
     assert result.variant("dynamic_int8")["size_bytes"] < result.variant("fp32")["size_bytes"] * 0.6
     assert "fp32 1.00x" in report["quantization"]["selection"]
     if report["published"] == "fp32":

@@ -303,14 +303,12 @@ def _pruning(text: str | None) -> Pruning | None:
 
 
 def _job_summary(job: Job) -> str:
+    # The server's one line: what was published, how fast against fp32, how close to PyTorch.
+    if job.message:
+        return f"job {job.id}: {job.message}"
     line = f"job {job.id}: {job.model!r} {job.state}"
     if job.version is not None:
         line += f", version {job.version} published"
-    report = job.report
-    if report is not None and report.published:
-        line += f" (variant {report.published})"
-    if report is not None and report.parity is not None:
-        line += f"; parity max_abs {report.parity.max_abs:.3g}, cosine {report.parity.cosine:.6f}"
     return line
 
 

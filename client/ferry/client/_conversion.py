@@ -295,9 +295,17 @@ class ConversionClient(ManagementClient):
         validation: Validation | None = None,
         serving: Serving | None = None,
         max_batch_size: int | None = None,
+        benchmark: str | None = None,
     ) -> Job:
         """Start converting an upload (or an upload id) into the next version of ``model``
-        (default: the upload's model). Returns at once; ``wait()`` on the job."""
+        (default: the upload's model). Returns at once; ``wait()`` on the job, whose
+        ``message`` is then the one-line result (what was published, how fast, how close).
+
+        ``benchmark``: "full" (the server's default), "quick" (fewer, shorter timing rounds) or
+        "off" (no speed figures; the server refuses it with quantization "auto", which chooses
+        by speed). A variant the benchmark finds clearly slower than fp32 is never published
+        unless ``Quantization(keep_slower=True)``: the job fails and the served version stays.
+        """
         up = upload if isinstance(upload, Upload) else None
         upload_id = upload.upload_id if isinstance(upload, Upload) else upload
         specs = [i if isinstance(i, InputSpec) else InputSpec(*i) for i in inputs or ()]
@@ -305,10 +313,16 @@ class ConversionClient(ManagementClient):
             specs = list(up.inputs)
         if isinstance(quantization, str):
             quantization = Quantization(mode=quantization)
-        if validation is None and up is not None and up.sample_inputs is not None:
-            validation = Validation(
-                sample_inputs=up.sample_inputs, reference_outputs=up.reference_outputs
-            )
+        if up is not None and up.sample_inputs is not None:
+            # A module upload's samples and outputs always travel, so the report compares with
+            # PyTorch even when the caller sets other validation options.
+            validation = validation or Validation()
+            if validation.sample_inputs is None:
+                validation = dataclasses.replace(
+                    validation,
+                    sample_inputs=up.sample_inputs,
+                    reference_outputs=up.reference_outputs,
+                )
         spec = build_spec(
             specs,
             opset=opset,
@@ -317,6 +331,7 @@ class ConversionClient(ManagementClient):
             validation=validation,
             serving=serving,
             max_batch_size=max_batch_size,
+            benchmark=benchmark,
         )
         request = pb.ConvertRequest(upload_id=upload_id, model=model, spec=spec)
         return self._job(self._call(self._stub.Convert, request))

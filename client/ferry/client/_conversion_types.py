@@ -95,6 +95,26 @@ class Upload:
     sample_inputs: ArrayMap | None = None
     reference_outputs: ArrayMap | None = None
 
+    def __repr__(self) -> str:
+        """One short line: the samples and outputs are named and counted, never printed."""
+        parts = [
+            f"upload_id={self.upload_id!r}",
+            f"model={self.model!r}",
+            f"format={self.format!r}",
+            f"size_bytes={self.size_bytes}",
+        ]
+        if self.architecture:
+            parts.append(f"architecture={self.architecture!r}")
+        if self.inputs:
+            specs = ", ".join(f"{i.name}:{i.datatype}{list(i.shape)}" for i in self.inputs)
+            parts.append(f"inputs=[{specs}]")
+        if self.sample_inputs:
+            count = len(next(iter(self.sample_inputs.values())))
+            parts.append(f"samples={count}")
+        if self.reference_outputs:
+            parts.append(f"reference_outputs={list(self.reference_outputs)}")
+        return f"Upload({', '.join(parts)})"
+
 
 @dataclass(frozen=True)
 class ProgressEvent:
@@ -145,6 +165,14 @@ class VariantReport:
     published: bool
     note: str
     vs_reference: Parity | None = None  # against your reference_outputs, when given
+    # The spread over the timing rounds (interquartile, per batch size): (low, high).
+    latency_iqr_ms: Mapping[int, tuple[float, float]] = field(default_factory=dict)
+    speedup_iqr: Mapping[int, tuple[float, float]] = field(default_factory=dict)
+    rounds: Mapping[int, int] = field(default_factory=dict)
+    # Against fp32: "faster", "slower", "same", "unclear" (the noise decides nothing), or ""
+    # when not benchmarked.
+    speed: str = ""
+    speed_note: str = ""
 
 
 @dataclass(frozen=True)
@@ -166,6 +194,7 @@ class Report:
     within_budget: bool = False
     error: Mapping[str, str] | None = None  # stage, kind, message: where a failed job stopped
     reference: Parity | None = None  # fp32 ONNX vs your reference_outputs, when given
+    benchmark: str = ""  # "full", "quick" or "off"
     raw: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
     def variant(self, name: str) -> VariantReport | None:
@@ -205,8 +234,12 @@ def _parity(m: pb.ParityReport) -> Parity:
     )
 
 
-def _by_batch(values: Mapping[str, float]) -> dict[int, float]:
+def _by_batch(values: Mapping[str, Any]) -> dict[int, Any]:
     return {int(k): v for k, v in values.items() if k.isdigit()}
+
+
+def _ranges(values: Mapping[str, pb.Range]) -> dict[int, tuple[float, float]]:
+    return {b: (r.low, r.high) for b, r in _by_batch(values).items()}
 
 
 def parse_report(m: pb.ConversionReport, raw_json: str) -> Report | None:
@@ -252,6 +285,11 @@ def parse_report(m: pb.ConversionReport, raw_json: str) -> Report | None:
                 published=v.published,
                 note=v.note,
                 vs_reference=_parity(v.vs_reference) if v.HasField("vs_reference") else None,
+                latency_iqr_ms=_ranges(v.latency_iqr_ms),
+                speedup_iqr=_ranges(v.speedup_iqr),
+                rounds=_by_batch(v.rounds),
+                speed=v.speed,
+                speed_note=v.speed_note,
             )
             for v in m.variants
         ),
@@ -261,6 +299,7 @@ def parse_report(m: pb.ConversionReport, raw_json: str) -> Report | None:
         if m.HasField("error")
         else None,
         reference=_parity(m.reference) if m.HasField("reference") else None,
+        benchmark=m.benchmark,
         raw=raw if isinstance(raw, dict) else {},
     )
 
@@ -343,8 +382,11 @@ def build_spec(
     validation: Validation | None,
     serving: Serving | None,
     max_batch_size: int | None,
+    benchmark: str | None = None,
 ) -> pb.ConversionSpec:
-    spec = pb.ConversionSpec(opset=opset, max_batch_size=max_batch_size or 0)
+    spec = pb.ConversionSpec(
+        opset=opset, max_batch_size=max_batch_size or 0, benchmark=benchmark or ""
+    )
     for i in inputs:
         spec.inputs.add(name=i.name, dtype=datatype_from_name(i.datatype), shape=list(i.shape))
     if pruning is not None:

@@ -20,8 +20,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
+import sys
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +256,38 @@ def _state_dict(
     return buffer.getvalue(), "state_dict", extras
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Keep the exporter's progress lines, warnings and log records out of the caller's
+    terminal: an upload that worked says nothing. When the export fails, what it said is
+    written to stderr after all, since it may explain the failure."""
+    said = io.StringIO()
+    failed = True
+    try:
+        with (
+            contextlib.redirect_stdout(said),
+            contextlib.redirect_stderr(said),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")
+            quiet = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+            levels = [logger.level for logger in quiet]
+            for logger in quiet:
+                logger.setLevel(logging.ERROR)
+            try:
+                yield
+            finally:
+                for logger, level in zip(quiet, levels, strict=True):
+                    logger.setLevel(level)
+        failed = False
+    finally:
+        if failed and said.getvalue():
+            sys.stderr.write(said.getvalue())
+
+
+_NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+
+
 def _export(
     torch: Any, module: Any, bound: Bound, out_names: list[str], opset: int
 ) -> tuple[bytes, list[str]]:
@@ -275,7 +310,7 @@ def _export(
     args = tuple(doubled(a) for a in bound.args)
     kwargs = {k: doubled(v) for k, v in bound.kwargs.items()}
     dynamic_shapes = {name: dims(value) for name, value in bound.arguments.items()}
-    with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(io.StringIO()):
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
         path = Path(tmp) / "model.onnx"
         program = torch.onnx.export(
             module,

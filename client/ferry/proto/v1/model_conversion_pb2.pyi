@@ -183,7 +183,7 @@ class ServingConfig(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., default_timeout_ms: _Optional[float] = ..., instance_count: _Optional[int] = ...) -> None: ...
 
 class ConversionSpec(_message.Message):
-    __slots__ = ("inputs", "opset", "pruning", "quantization", "validation", "max_batch_size", "serving")
+    __slots__ = ("inputs", "opset", "pruning", "quantization", "validation", "max_batch_size", "serving", "benchmark")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OPSET_FIELD_NUMBER: _ClassVar[int]
     PRUNING_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +191,7 @@ class ConversionSpec(_message.Message):
     VALIDATION_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
+    BENCHMARK_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[InputSpec]
     opset: int
     pruning: PruningSpec
@@ -198,7 +199,8 @@ class ConversionSpec(_message.Message):
     validation: ValidationSpec
     max_batch_size: int
     serving: ServingConfig
-    def __init__(self, inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., opset: _Optional[int] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., validation: _Optional[_Union[ValidationSpec, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ...) -> None: ...
+    benchmark: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., opset: _Optional[int] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., validation: _Optional[_Union[ValidationSpec, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., benchmark: _Optional[str] = ...) -> None: ...
 
 class ConvertRequest(_message.Message):
     __slots__ = ("upload_id", "model", "spec")
@@ -245,7 +247,7 @@ class PruningReport(_message.Message):
     def __init__(self, method: _Optional[str] = ..., amount: _Optional[float] = ..., sparsity: _Optional[float] = ..., fine_tuned: _Optional[bool] = ..., params_before: _Optional[int] = ..., params_after: _Optional[int] = ..., vs_unpruned: _Optional[_Union[ParityReport, _Mapping]] = ...) -> None: ...
 
 class VariantReport(_message.Message):
-    __slots__ = ("name", "size_bytes", "gzip_bytes", "sparsity", "latency_ms", "speedup_vs_fp32", "vs_fp32", "vs_pytorch", "within_budget", "published", "note", "vs_reference")
+    __slots__ = ("name", "size_bytes", "gzip_bytes", "sparsity", "latency_ms", "speedup_vs_fp32", "vs_fp32", "vs_pytorch", "within_budget", "published", "note", "vs_reference", "latency_iqr_ms", "speedup_iqr", "rounds", "speed", "speed_note")
     class LatencyMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -260,6 +262,27 @@ class VariantReport(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class LatencyIqrMsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Range
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Range, _Mapping]] = ...) -> None: ...
+    class SpeedupIqrEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Range
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Range, _Mapping]] = ...) -> None: ...
+    class RoundsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
     GZIP_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -272,6 +295,11 @@ class VariantReport(_message.Message):
     PUBLISHED_FIELD_NUMBER: _ClassVar[int]
     NOTE_FIELD_NUMBER: _ClassVar[int]
     VS_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_IQR_MS_FIELD_NUMBER: _ClassVar[int]
+    SPEEDUP_IQR_FIELD_NUMBER: _ClassVar[int]
+    ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    SPEED_FIELD_NUMBER: _ClassVar[int]
+    SPEED_NOTE_FIELD_NUMBER: _ClassVar[int]
     name: str
     size_bytes: int
     gzip_bytes: int
@@ -284,10 +312,23 @@ class VariantReport(_message.Message):
     published: bool
     note: str
     vs_reference: ParityReport
-    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., gzip_bytes: _Optional[int] = ..., sparsity: _Optional[float] = ..., latency_ms: _Optional[_Mapping[str, float]] = ..., speedup_vs_fp32: _Optional[_Mapping[str, float]] = ..., vs_fp32: _Optional[_Union[ParityReport, _Mapping]] = ..., vs_pytorch: _Optional[_Union[ParityReport, _Mapping]] = ..., within_budget: _Optional[bool] = ..., published: _Optional[bool] = ..., note: _Optional[str] = ..., vs_reference: _Optional[_Union[ParityReport, _Mapping]] = ...) -> None: ...
+    latency_iqr_ms: _containers.MessageMap[str, Range]
+    speedup_iqr: _containers.MessageMap[str, Range]
+    rounds: _containers.ScalarMap[str, int]
+    speed: str
+    speed_note: str
+    def __init__(self, name: _Optional[str] = ..., size_bytes: _Optional[int] = ..., gzip_bytes: _Optional[int] = ..., sparsity: _Optional[float] = ..., latency_ms: _Optional[_Mapping[str, float]] = ..., speedup_vs_fp32: _Optional[_Mapping[str, float]] = ..., vs_fp32: _Optional[_Union[ParityReport, _Mapping]] = ..., vs_pytorch: _Optional[_Union[ParityReport, _Mapping]] = ..., within_budget: _Optional[bool] = ..., published: _Optional[bool] = ..., note: _Optional[str] = ..., vs_reference: _Optional[_Union[ParityReport, _Mapping]] = ..., latency_iqr_ms: _Optional[_Mapping[str, Range]] = ..., speedup_iqr: _Optional[_Mapping[str, Range]] = ..., rounds: _Optional[_Mapping[str, int]] = ..., speed: _Optional[str] = ..., speed_note: _Optional[str] = ...) -> None: ...
+
+class Range(_message.Message):
+    __slots__ = ("low", "high")
+    LOW_FIELD_NUMBER: _ClassVar[int]
+    HIGH_FIELD_NUMBER: _ClassVar[int]
+    low: float
+    high: float
+    def __init__(self, low: _Optional[float] = ..., high: _Optional[float] = ...) -> None: ...
 
 class ConversionReport(_message.Message):
-    __slots__ = ("exporter", "opset", "torch", "onnx", "onnxruntime", "source_sha256", "source_format", "pruning", "parity", "stages", "variants", "published", "within_budget", "error", "reference")
+    __slots__ = ("exporter", "opset", "torch", "onnx", "onnxruntime", "source_sha256", "source_format", "pruning", "parity", "stages", "variants", "published", "within_budget", "error", "reference", "benchmark")
     class StagesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -310,6 +351,7 @@ class ConversionReport(_message.Message):
     WITHIN_BUDGET_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    BENCHMARK_FIELD_NUMBER: _ClassVar[int]
     exporter: str
     opset: int
     torch: str
@@ -325,7 +367,8 @@ class ConversionReport(_message.Message):
     within_budget: bool
     error: ReportError
     reference: ParityReport
-    def __init__(self, exporter: _Optional[str] = ..., opset: _Optional[int] = ..., torch: _Optional[str] = ..., onnx: _Optional[str] = ..., onnxruntime: _Optional[str] = ..., source_sha256: _Optional[str] = ..., source_format: _Optional[str] = ..., pruning: _Optional[_Union[PruningReport, _Mapping]] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., stages: _Optional[_Mapping[str, float]] = ..., variants: _Optional[_Iterable[_Union[VariantReport, _Mapping]]] = ..., published: _Optional[str] = ..., within_budget: _Optional[bool] = ..., error: _Optional[_Union[ReportError, _Mapping]] = ..., reference: _Optional[_Union[ParityReport, _Mapping]] = ...) -> None: ...
+    benchmark: str
+    def __init__(self, exporter: _Optional[str] = ..., opset: _Optional[int] = ..., torch: _Optional[str] = ..., onnx: _Optional[str] = ..., onnxruntime: _Optional[str] = ..., source_sha256: _Optional[str] = ..., source_format: _Optional[str] = ..., pruning: _Optional[_Union[PruningReport, _Mapping]] = ..., parity: _Optional[_Union[ParityReport, _Mapping]] = ..., stages: _Optional[_Mapping[str, float]] = ..., variants: _Optional[_Iterable[_Union[VariantReport, _Mapping]]] = ..., published: _Optional[str] = ..., within_budget: _Optional[bool] = ..., error: _Optional[_Union[ReportError, _Mapping]] = ..., reference: _Optional[_Union[ParityReport, _Mapping]] = ..., benchmark: _Optional[str] = ...) -> None: ...
 
 class ReportError(_message.Message):
     __slots__ = ("stage", "kind", "message")

@@ -44,6 +44,7 @@ from pathlib import Path
 
 from ferry.server.convert import publish, spec
 from ferry.server.convert.store import EventRecord, JobRecord, JobState, JobStore
+from ferry.server.convert.summary import published_line
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import MODEL_FILE, REPORT_FILE, ModelRepository, read_report
 from ferry.server.errors import ErrorKind, FerryError, InternalError, QueueFull, Unavailable
@@ -251,7 +252,9 @@ class JobRunner:
                 version, note = await publish.publish(
                     self.repository, self.registry, job.model, staged, config
                 )
+                summary = published_line(report)
                 message = f"published as {job.model} version {version}{note}"
+                message += f": {summary}" if summary else ""
                 return _Outcome(JobState.SUCCEEDED, "", message), version, report
         finally:
             # A failed first conversion must not leave an empty model folder behind; rmdir

@@ -17,6 +17,7 @@ from ferry.server.convert.strategies import pruning, quantization
 # Pruning methods and quantization modes: the registries in ``strategies``, which validation
 # checks these fields against.
 
+BENCHMARK_MODES = ("full", "quick", "off")
 SOURCE_FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript")
 CODE_BEARING_FORMATS = ("exported_program", "torchscript")
 STAGES = (
@@ -53,7 +54,10 @@ class QuantizationSpec:
     calibration: str = quantization.DEFAULT_CALIBRATION
     per_channel: bool = True
     calibration_file: str = ""  # .npz in the job folder: input name -> [N, ...] samples
-    keep_slower: bool = False  # auto: allow publishing a variant slower than fp32
+    # Publish a variant the benchmark found clearly slower than fp32: auto then picks the
+    # fastest within budget even when slower; an explicit mode publishes its variant instead of
+    # failing the job (without it, a slower variant never replaces the served version).
+    keep_slower: bool = False
 
 
 @dataclass
@@ -76,6 +80,9 @@ class ConversionSpec:
     quantization: QuantizationSpec = field(default_factory=QuantizationSpec)
     validation: ValidationSpec = field(default_factory=ValidationSpec)
     max_batch_size: int = 32  # exported dynamic batch is verified at 1 and this size
+    # "full", "quick" (fewer, shorter rounds) or "off" (no speed figures: auto cannot choose,
+    # and an explicit mode is published without knowing whether it is slower).
+    benchmark: str = "full"
     serving_config: dict[str, Any] = field(default_factory=dict)  # written as <version>/config.json
 
 

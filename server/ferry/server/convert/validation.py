@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from ferry.server.convert.spec import (
+    BENCHMARK_MODES,
     CODE_BEARING_FORMATS,
     SOURCE_FORMATS,
     ConversionSpec,
@@ -81,6 +82,16 @@ def check_job(job: Job) -> None:
             f"{mode.name} needs quantization.calibration_file: an .npz holding, per input name, "
             "[N, ...] representative samples (100 or more recommended); or use "
             f"{' or '.join(others) or 'another mode'}"
+        )
+    if spec.benchmark not in BENCHMARK_MODES:
+        raise InvalidArgument(
+            f"unknown benchmark mode {spec.benchmark!r}: use one of {', '.join(BENCHMARK_MODES)}"
+        )
+    if spec.benchmark == "off" and mode.chooses:
+        raise InvalidArgument(
+            f"quantization {mode.name!r} picks the variant by its measured speed, which "
+            'benchmark "off" does not measure: use benchmark "quick", or name the mode you want '
+            f"({', '.join(quantization_modes.QUANTIZERS)})"
         )
     if fmt != "onnx" and not MIN_OPSET <= spec.opset <= max_opset():
         raise InvalidArgument(

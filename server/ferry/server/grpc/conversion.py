@@ -203,6 +203,7 @@ def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, validation.SpecTen
         spec.ConversionSpec(inputs=inputs),
         opset=m.opset or None,
         max_batch_size=m.max_batch_size or None,
+        benchmark=m.benchmark or None,
         pruning=_given(
             spec.PruningSpec(), method=m.pruning.method or None, amount=m.pruning.amount
         ),

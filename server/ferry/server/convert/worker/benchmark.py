@@ -1,30 +1,68 @@
 """The benchmark stage: what each variant costs to store and to run, as the server will run it.
 
-Latency is measured with serving's session settings (ENABLE_ALL, sequential, one inter-op thread)
-as the median of a few runs after warm-up, capped in time so a variant costs about a second. The
-figures compare variants on this machine; they are not a load test.
+Latency is measured with serving's session settings (ENABLE_ALL, sequential, one inter-op thread).
+The machine is shared with the serving process and whatever else runs there, so one variant's
+figure alone means little: variants are timed in rounds, each round running every variant once
+in a rotating order, and a variant's speed-up is the median of its per-round ratios against fp32
+in the same round, so a burst of load from elsewhere slows both sides of a ratio instead of one
+figure. The spread of those ratios (their interquartile range) is reported beside them, and a
+verdict says whether the variant is clearly faster, clearly slower, as fast, or whether the noise
+leaves it unclear.
+
+The stage is time-boxed (``BUDGETS``): a variant clearly slower than fp32 stops being timed once
+that is established (a ConvInteger graph ten times slower than fp32 once took 36 of a job's 38 s),
+and a stage that reaches its budget stops with the rounds it has. The figures compare variants
+on this machine; they are not a load test.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
 from ferry.server.convert.spec import InputSpec
+from ferry.server.convert.strategies.quantization import AUTO_MIN_SPEEDUP
 from ferry.server.convert.worker.graph import weight_sparsity
 from ferry.server.convert.worker.parity import generate
 from ferry.server.convert.worker.placement import CPU_ONLY
 from ferry.server.convert.worker.report import BenchmarkRecord
 
 WARMUP = 2
-MIN_RUNS, MAX_RUNS = 3, 25
-TIME_PER_BATCH_S = 0.4
 GZIP_LEVEL = 6
+# A variant whose ratios against fp32 are all (to the upper quartile) below this after the
+# minimum rounds is clearly slower: it is not timed any further (nor at larger batches).
+DROP_BELOW = 0.5
+# Ratios whose upper quartile is over this many times their lower quartile: the machine was too
+# busy for the figure to mean anything.
+NOISY_SPREAD = 1.5
+# Fewer rounds than this cannot give a spread.
+MIN_ROUNDS_FOR_VERDICT = 3
+
+FASTER, SLOWER, SAME, UNCLEAR = "faster", "slower", "same", "unclear"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long the stage may take: rounds per batch size, and seconds."""
+
+    min_rounds: int
+    max_rounds: int
+    per_variant_s: float  # per batch size, after the minimum rounds
+    stage_s: float  # the whole stage; reached, it stops with the rounds it has
+
+
+BUDGETS = {
+    "full": Budget(min_rounds=5, max_rounds=40, per_variant_s=0.6, stage_s=30.0),
+    "quick": Budget(min_rounds=3, max_rounds=8, per_variant_s=0.15, stage_s=6.0),
+}
+MODES = ("full", "quick", "off")
 
 
 def gzip_size(path: Path) -> int:
@@ -48,36 +86,115 @@ def _session(
     return ort.InferenceSession(str(path), options, providers=providers or CPU_ONLY)
 
 
-def latencies_ms(
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """(lower quartile, median, upper quartile); a single value is all three."""
+    if len(values) < 2:
+        return values[0], values[0], values[0]
+    low, mid, high = statistics.quantiles(values, n=4, method="inclusive")
+    return low, mid, high
+
+
+@dataclass
+class Timings:
+    """Seconds per run, per variant and batch size; ratios pair fp32 with a variant per round."""
+
+    seconds: dict[str, dict[str, list[float]]]  # variant -> batch -> [s per round]
+    ratios: dict[str, dict[str, list[float]]]  # variant -> batch -> [fp32 s / variant s]
+    dropped: dict[str, str]  # variant -> when and why it stopped being timed
+    cut_short: bool  # the stage budget ended it
+
+
+def time_rounds(
     paths: dict[str, Path],
     inputs: list[InputSpec],
     batched: bool,
     batches: list[int],
     threads: int,
     *,
+    budget: Budget,
     providers: list[tuple[str, dict[str, str]]] | None = None,
-) -> dict[str, dict[str, float]]:
-    """Median latency per variant and batch size, variants timed in alternation, so that a
-    burst of load from elsewhere on the machine slows all of them rather than one."""
+) -> Timings:
+    """Time every variant in rounds (``paths`` has "fp32" first), batch sizes in ascending
+    order, so that a variant found clearly slower on a small batch is spared the large one."""
     sessions = {name: _session(path, threads, providers) for name, path in paths.items()}
-    result: dict[str, dict[str, float]] = {name: {} for name in paths}
-    for batch in batches if batched else [1]:
+    timings = Timings({n: {} for n in paths}, {n: {} for n in paths}, {}, False)
+    stage_end = time.perf_counter() + budget.stage_s
+    for batch in sorted(batches) if batched else [1]:
+        key = str(batch)
+        live = [n for n in sessions if n not in timings.dropped]
         feed = next(generate(inputs, batch, batched).batches(batch))
-        for session in sessions.values():
+        for name in live:
             for _ in range(WARMUP):
-                session.run(None, feed)
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        deadline = time.perf_counter() + TIME_PER_BATCH_S * len(sessions)
-        for round_ in range(MAX_RUNS):
-            if round_ >= MIN_RUNS and time.perf_counter() > deadline:
+                sessions[name].run(None, feed)
+            timings.seconds[name][key] = []
+            timings.ratios[name][key] = []
+        end = time.perf_counter() + budget.per_variant_s * len(live)
+        for round_ in range(budget.max_rounds):
+            now = time.perf_counter()
+            if now > stage_end and round_ > 0:
+                timings.cut_short = True
                 break
-            for name, session in sessions.items():
+            if round_ >= budget.min_rounds and now > end:
+                break
+            order = live[round_ % len(live) :] + live[: round_ % len(live)]  # rotate the order
+            took = {}
+            for name in order:
                 start = time.perf_counter()
-                session.run(None, feed)
-                times[name].append(time.perf_counter() - start)
-        for name, samples in times.items():
-            result[name][str(batch)] = statistics.median(samples) * 1000.0
-    return result
+                sessions[name].run(None, feed)
+                took[name] = time.perf_counter() - start
+            for name in live:
+                timings.seconds[name][key].append(took[name])
+                if took[name] > 0:
+                    timings.ratios[name][key].append(took["fp32"] / took[name])
+            if round_ + 1 >= budget.min_rounds:
+                for name in [n for n in live if n != "fp32"]:
+                    high = quartiles(timings.ratios[name][key])[2]
+                    if high < DROP_BELOW:
+                        timings.dropped[name] = (
+                            f"stopped timing after {round_ + 1} rounds at batch {batch}: "
+                            f"clearly slower than fp32 ({high:.2f}x at best)"
+                        )
+                        live.remove(name)
+        if timings.cut_short:
+            break
+    return timings
+
+
+def verdict(ratios: dict[str, list[float]]) -> tuple[str, str]:
+    """(FASTER | SLOWER | SAME | UNCLEAR, a note when the spread makes the figure meaningless).
+
+    Clearly faster: a geometric-mean median speed-up of at least AUTO_MIN_SPEEDUP with every
+    batch size's lower quartile above 1 (above AUTO_MIN_SPEEDUP itself when the spread is
+    noisy); clearly slower: the mirror image. The same speed: every interquartile range within
+    [1/AUTO_MIN_SPEEDUP, AUTO_MIN_SPEEDUP]. Anything else, or too few rounds, is unclear."""
+    measured = {b: r for b, r in ratios.items() if r}
+    if not measured:
+        return UNCLEAR, ""
+    spreads = {b: quartiles(r) for b, r in measured.items()}
+    score = math.exp(statistics.fmean(math.log(mid) for _, mid, _ in spreads.values()))
+    noisy = [
+        f"batch {b}: {low:.2f}-{high:.2f}x"
+        for b, (low, _, high) in spreads.items()
+        if low > 0 and high / low > NOISY_SPREAD
+    ]
+    note = (
+        f"speed-up varied widely between rounds ({'; '.join(noisy)}, interquartile): the "
+        "machine was busy, so the figure says little; convert again on a quieter machine"
+        if noisy
+        else ""
+    )
+    if max(len(r) for r in measured.values()) < MIN_ROUNDS_FOR_VERDICT:
+        return UNCLEAR, note or "too few timing rounds for a verdict on speed"
+    # Under noise, a verdict needs the pessimistic end of every range to clear the bar itself.
+    floor, ceiling = (AUTO_MIN_SPEEDUP, 1 / AUTO_MIN_SPEEDUP) if noisy else (1.0, 1.0)
+    if score >= AUTO_MIN_SPEEDUP and all(low > floor for low, _, _ in spreads.values()):
+        return FASTER, note
+    if score <= 1 / AUTO_MIN_SPEEDUP and all(high < ceiling for _, _, high in spreads.values()):
+        return SLOWER, note
+    band = (1 / AUTO_MIN_SPEEDUP, AUTO_MIN_SPEEDUP)
+    if all(band[0] <= low and high <= band[1] for low, _, high in spreads.values()):
+        return SAME, note
+    return UNCLEAR, note
 
 
 def measure(
@@ -87,21 +204,42 @@ def measure(
     max_batch: int,
     threads: int,
     *,
+    mode: str = "full",
     providers: list[tuple[str, dict[str, str]]] | None = None,
-) -> dict[str, BenchmarkRecord]:
-    """Per variant: size, gzip size, weight sparsity, latency and speed-up against "fp32", on
-    the providers the version will serve with."""
-    latency = latencies_ms(
-        paths, inputs, batched, sorted({1, max_batch}), threads, providers=providers
-    )
-    fp32 = latency["fp32"]
-    return {
-        name: BenchmarkRecord(
+) -> tuple[dict[str, BenchmarkRecord], list[str]]:
+    """Per variant: size, gzip size, weight sparsity, latency (median and interquartile range)
+    and speed-up against "fp32" (median of the per-round ratios, and their interquartile range),
+    on the providers the version will serve with; and the stage's notes."""
+    timings = time_rounds(
+        paths, inputs, batched, sorted({1, max_batch}), threads, budget=BUDGETS[mode],
+        providers=providers,
+    )  # fmt: skip
+    notes = []
+    if timings.cut_short:
+        notes.append(
+            f"the benchmark stopped at its {BUDGETS[mode].stage_s:g} s budget ({mode}): speed "
+            "figures rest on fewer rounds"
+        )
+    records = {}
+    for name, path in paths.items():
+        seconds = timings.seconds[name]
+        ratios = {b: r for b, r in timings.ratios[name].items() if r}
+        latency = {b: quartiles([s * 1000.0 for s in runs]) for b, runs in seconds.items() if runs}
+        speed = {b: quartiles(r) for b, r in ratios.items()}
+        if name == "fp32":
+            speed_verdict, note = SAME, ""
+        else:
+            speed_verdict, note = verdict(ratios)
+        records[name] = BenchmarkRecord(
             size_bytes=path.stat().st_size,
             gzip_bytes=gzip_size(path),
             sparsity=weight_sparsity(onnx.load(str(path))),
-            latency_ms=latency[name],
-            speedup_vs_fp32={b: fp32[b] / ms for b, ms in latency[name].items() if ms > 0},
+            latency_ms={b: mid for b, (_, mid, _) in latency.items()},
+            speedup_vs_fp32={b: mid for b, (_, mid, _) in speed.items()},
+            latency_iqr_ms={b: {"low": lo, "high": hi} for b, (lo, _, hi) in latency.items()},
+            speedup_iqr={b: {"low": lo, "high": hi} for b, (lo, _, hi) in speed.items()},
+            rounds={b: len(runs) for b, runs in seconds.items()},
+            speed=speed_verdict,
+            speed_note="; ".join(filter(None, [timings.dropped.get(name, ""), note])),
         )
-        for name, path in paths.items()
-    }
+    return records, notes

@@ -108,6 +108,7 @@ class Pipeline:
                 onnxruntime=_version("onnxruntime"),
             ),
             export=ExportRecord(opset=self.spec.opset),
+            benchmark=self.spec.benchmark,
         )
         self.notes = self.report.notes
 
@@ -153,9 +154,15 @@ class Pipeline:
         variants = self._quantize(base, fp32)
         with self._stage("validate", f"comparing outputs on {len(self.samples)} samples"):
             self._validate(variants)
-        with self._stage("benchmark", f"latency at batch 1 and {self.spec.max_batch_size}"):
-            self._benchmark(variants)
+        if self.spec.benchmark == "off":
+            self._skip("benchmark", 'benchmark "off" was requested')
+            self.notes.append('not benchmarked (benchmark "off"): no speed figures')
             chosen = self._select(variants)
+        else:
+            batches = f"batch 1 and {self.spec.max_batch_size}"
+            with self._stage("benchmark", f"latency at {batches} ({self.spec.benchmark})"):
+                self._benchmark(variants)
+                chosen = self._select(variants)
         self._publish(chosen)
         self.emit(
             ProgressEvent(
@@ -387,25 +394,42 @@ class Pipeline:
         )
 
     def _benchmark(self, variants: list[Variant]) -> None:
-        figures = benchmark.measure(
+        figures, notes = benchmark.measure(
             {v.name: v.path for v in variants}, self.source.inputs, self.source.batched,
-            self.spec.max_batch_size, self.threads, providers=self.providers,
+            self.spec.max_batch_size, self.threads, mode=self.spec.benchmark,
+            providers=self.providers,
         )  # fmt: skip
+        self.notes.extend(notes)
         for variant in variants:
-            variant.record.benchmark = figures[variant.name]
+            record = variant.record
+            record.benchmark = figures[variant.name]
+            record.note = "; ".join(filter(None, [record.note, record.benchmark.speed_note]))
 
     def _mode(self) -> quantization_modes.Mode:
         return quantization_modes.mode(self.spec.quantization.mode)
 
     def _select(self, variants: list[Variant]) -> Variant:
-        """Explicit modes publish what they asked for; auto asks ``quantize.choose``."""
+        """Explicit modes publish what they asked for unless it is clearly slower than fp32;
+        auto asks ``quantize.choose``."""
+        keep_slower = self.spec.quantization.keep_slower
         if not self._mode().chooses:
-            return variants[-1]
+            chosen = variants[-1]
+            if chosen is not variants[0] and not keep_slower:
+                refusal = quantize.slower_refusal(chosen.record, self._mode_hint(chosen))
+                if refusal:
+                    raise ConversionFailed(refusal)
+            return chosen
         records = [v.record for v in variants]
-        chosen, why = quantize.choose(records, keep_slower=self.spec.quantization.keep_slower)
+        chosen_record, why = quantize.choose(records, keep_slower=keep_slower)
         assert self.report.quantization is not None
         self.report.quantization.selection = why
-        return next(v for v in variants if v.record is chosen)
+        return next(v for v in variants if v.record is chosen_record)
+
+    def _mode_hint(self, variant: Variant) -> str:
+        """What to try instead of a slower variant, in a few words."""
+        if variant.name == "dynamic_int8" and quantization_modes.CONV_TRAP in variant.record.note:
+            return "convolutional models want static_int8 with calibration data"
+        return 'quantization "auto" keeps fp32 when no variant is faster'
 
     def _publish(self, chosen: Variant) -> None:
         chosen.record.published = True

@@ -48,19 +48,63 @@ def _score(variant: VariantRecord) -> float:
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 0.0
 
 
+def _clearly_faster(variant: VariantRecord) -> bool:
+    """The benchmark's verdict (interleaved rounds, spread included); a record without one
+    (older reports, tests) falls back to its median speed-up."""
+    bench = variant.benchmark
+    if bench is not None and bench.speed:
+        return bench.speed == "faster"
+    return _score(variant) >= AUTO_MIN_SPEEDUP
+
+
+def _figure(variant: VariantRecord) -> str:
+    """``dynamic_int8 1.92x (1.80-2.05)``: the median speed-up and, when measured, the widest
+    interquartile range over the batch sizes."""
+    text = f"{variant.name} {_score(variant):.2f}x"
+    bench = variant.benchmark
+    if bench is not None and bench.speedup_iqr and variant.name != "fp32":
+        low = min(r["low"] for r in bench.speedup_iqr.values())
+        high = max(r["high"] for r in bench.speedup_iqr.values())
+        text += f" ({low:.2f}-{high:.2f})"
+    if bench is not None and bench.speed == "unclear":
+        text += " unclear"
+    return text
+
+
 def choose(variants: list[VariantRecord], *, keep_slower: bool) -> tuple[VariantRecord, str]:
     """auto's pick among benchmarked variants (fp32 first): (the variant, the reason, for the
     report).
 
-    The fastest variant within the accuracy budget wins if it beats fp32 by AUTO_MIN_SPEEDUP;
-    with ``keep_slower`` the fastest non-fp32 variant within budget wins even when slower.
+    The fastest variant within the accuracy budget that is clearly faster than fp32 (at least
+    AUTO_MIN_SPEEDUP, and faster in most rounds at every batch size) wins; a figure the noise
+    leaves unclear never displaces fp32. With ``keep_slower`` the fastest non-fp32 variant
+    within budget wins even when slower.
     """
     fp32, candidates = variants[0], [v for v in variants[1:] if v.within_budget]
-    scores = ", ".join(f"{v.name} {_score(v):.2f}x" for v in variants)
+    scores = ", ".join(_figure(v) for v in variants)
     if not candidates:
         return fp32, f"no quantized variant is within the accuracy budget ({scores})"
-    best = max(candidates, key=_score)
-    if keep_slower or _score(best) >= AUTO_MIN_SPEEDUP:
-        rule = "keep_slower" if keep_slower else f"at least {AUTO_MIN_SPEEDUP}x faster than fp32"
-        return best, f"fastest within budget ({rule}): {scores}"
-    return fp32, f"no variant within budget is {AUTO_MIN_SPEEDUP}x faster than fp32: {scores}"
+    if keep_slower:
+        return max(candidates, key=_score), f"fastest within budget (keep_slower): {scores}"
+    faster = [v for v in candidates if _clearly_faster(v)]
+    if faster:
+        rule = f"at least {AUTO_MIN_SPEEDUP}x faster than fp32"
+        return max(faster, key=_score), f"fastest within budget ({rule}): {scores}"
+    return (
+        fp32,
+        f"no variant within budget is clearly {AUTO_MIN_SPEEDUP}x faster than fp32: {scores}",
+    )
+
+
+def slower_refusal(variant: VariantRecord, hint: str) -> str:
+    """'' unless the benchmark found ``variant`` clearly slower than fp32; else the one line the
+    failed job says: the served version stays what it was."""
+    bench = variant.benchmark
+    if bench is None or bench.speed != "slower":
+        return ""
+    per_batch = ", ".join(f"batch {b}: {x:.2f}x" for b, x in bench.speedup_vs_fp32.items())
+    return (
+        f"not published: {variant.name} runs at {_score(variant):.2f}x the speed of fp32 here "
+        f"({per_batch}), so the served version stays as it was; {hint}, or set "
+        "quantization.keep_slower to publish it anyway"
+    )

@@ -19,7 +19,9 @@ report.json, all keys optional except "variants" and "published":
     reference: figures                    (fp32 against the client's reference outputs)
     variants: [{name, note, vs_fp32, vs_pytorch, vs_reference?, budget_against, within_budget,
                 published, size_bytes?, gzip_bytes?, sparsity?, latency_ms?: {batch: ms},
-                speedup_vs_fp32?: {batch: x}}]                       (VariantRecord)
+                speedup_vs_fp32?: {batch: x}, latency_iqr_ms?/speedup_iqr?: {batch: {low, high}},
+                rounds?: {batch: n}, speed?, speed_note?}]            (VariantRecord)
+    benchmark: "full" | "quick" | "off"
     published: variant name | null, within_budget (once published)
     error: {stage, kind, message}                                    (on failure)
 """
@@ -122,11 +124,19 @@ class ParityRecord:
 
 @dataclass
 class BenchmarkRecord:
+    """Figures of ``worker.benchmark``; batch sizes are keys as text. A variant dropped early
+    (clearly slower) lacks the batch sizes it was not timed at."""
+
     size_bytes: int
     gzip_bytes: int
     sparsity: float
-    latency_ms: dict[str, float]  # batch size (as text) -> ms
-    speedup_vs_fp32: dict[str, float]
+    latency_ms: dict[str, float]  # median ms per batch
+    speedup_vs_fp32: dict[str, float]  # median of the per-round ratios fp32 / variant
+    latency_iqr_ms: dict[str, dict[str, float]] = field(default_factory=dict)  # {low, high}
+    speedup_iqr: dict[str, dict[str, float]] = field(default_factory=dict)  # {low, high}
+    rounds: dict[str, int] = field(default_factory=dict)  # timing rounds per batch
+    speed: str = ""  # "faster", "slower", "same", "unclear" against fp32; "" not judged
+    speed_note: str = ""  # dropped early, or a spread too wide for the figure to mean much
 
 
 @dataclass
@@ -181,6 +191,7 @@ class Report:
     variants: list[VariantRecord] = field(default_factory=list)
     published: VariantRecord | None = None
     error: ErrorRecord | None = None
+    benchmark: str | None = None  # the spec's benchmark mode
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -208,6 +219,8 @@ class Report:
                 out[key] = record.to_dict()
         if self.reference is not None:
             out["reference"] = self.reference.to_dict()
+        if self.benchmark is not None:
+            out["benchmark"] = self.benchmark
         return out
 
     def write(self, work: Path) -> None:

@@ -1,0 +1,77 @@
+"""The one line a finished job says about what it published (``Job.message``).
+
+Users act on the job's result, not on the report behind it: a variant that is slower than fp32,
+whose speed the noise left unclear, or that missed the accuracy budget must say so where they
+look. Read from report.json (the child's typed records, serialised), torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def _speedup(variant: dict[str, Any]) -> float | None:
+    ratios = [r for r in (variant.get("speedup_vs_fp32") or {}).values() if r and r > 0]
+    if not ratios:
+        return None
+    return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
+
+
+def _spread(variant: dict[str, Any]) -> str:
+    ranges = list((variant.get("speedup_iqr") or {}).values())
+    if not ranges:
+        return ""
+    return f" ({min(r['low'] for r in ranges):.2f}-{max(r['high'] for r in ranges):.2f})"
+
+
+def _speed(report: dict[str, Any], variant: dict[str, Any]) -> str:
+    if report.get("benchmark") == "off":
+        return "not benchmarked"
+    if variant.get("name") == "fp32":
+        ms = variant.get("latency_ms") or {}
+        return f"{ms['1']:.3g} ms at batch 1" if "1" in ms else ""
+    speedup = _speedup(variant)
+    if speedup is None:
+        return "speed not measured"
+    figure = f"{speedup:.2f}x fp32{_spread(variant)}"
+    verdict = variant.get("speed", "")
+    if verdict == "slower":
+        return f"SLOWER than fp32 at {figure}, published because quantization.keep_slower is set"
+    if verdict == "unclear":
+        return f"{figure}, but the timing noise leaves its speed unclear"
+    return figure
+
+
+def _accuracy(report: dict[str, Any], variant: dict[str, Any]) -> str:
+    for key, against in (("vs_pytorch", "PyTorch"), ("vs_fp32", "fp32")):
+        figures = variant.get(key)
+        if figures:
+            return f"cosine {figures['cosine']:.6f} vs {against}"
+    parity = report.get("parity")
+    if parity:
+        return f"max_abs {parity['max_abs']:.2g} vs {parity.get('against', 'the source')}"
+    return ""
+
+
+def published_line(report_json: str) -> str:
+    """``dynamic_int8, 1.92x fp32 (1.80-2.05), cosine 0.999981 vs PyTorch``; '' when the report
+    says nothing was published (or cannot be read)."""
+    try:
+        report = json.loads(report_json) if report_json else {}
+    except ValueError:
+        return ""
+    name = report.get("published") if isinstance(report, dict) else None
+    if not name:
+        return ""
+    variant: dict[str, Any] = next(
+        (v for v in report.get("variants", []) if v.get("name") == name), {}
+    )
+    parts = [name, _speed(report, variant), _accuracy(report, variant)]
+    if variant and not variant.get("within_budget", True):
+        parts.append("BELOW the accuracy budget, published because validation.keep_failed is set")
+    selection = (report.get("quantization") or {}).get("selection", "")
+    if name == "fp32" and selection.startswith("no "):
+        parts.append("auto kept fp32: " + selection.split(":")[0].split(" (")[0])
+    return ", ".join(p for p in parts if p)
