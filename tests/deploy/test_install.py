@@ -168,10 +168,12 @@ class Running:
             argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=_env()
         )
         self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(
-            target=lambda: [self.lines.put(line) for line in self.proc.stderr or ()], daemon=True
-        ).start()
+        threading.Thread(target=self._read, daemon=True).start()
         self.seen: list[str] = []
+
+    def _read(self) -> None:
+        for line in self.proc.stderr or ():
+            self.lines.put(line)
 
     def wait_for(self, pattern: str) -> re.Match[str]:
         while True:

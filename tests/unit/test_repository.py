@@ -212,6 +212,27 @@ def test_clean_temporaries_removes_leftovers_only(repo: ModelRepository) -> None
     assert repo.model_file("m", 1).exists()
 
 
+def test_clean_temporaries_on_a_read_only_mount_does_not_stop_the_start(
+    repo: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Serving replicas mount a shared repository read-only (docs/deployment.md): a temporary
+    the writer is making at that moment cannot be removed, and must not fail the start. (Root
+    ignores file modes, so the read-only file system is simulated.)"""
+    import errno
+
+    _publish(repo, "m")
+    stale_file = repo.model_dir("m") / f"{TMP_PREFIX}config.toml-42"
+    stale_file.write_text("[")
+
+    def read_only(self: Path, missing_ok: bool = False) -> None:
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "unlink", read_only)
+    repo.clean_temporaries()
+    assert stale_file.exists()
+    assert repo.list_versions("m") == [1]
+
+
 def test_write_file_atomic(repo: ModelRepository) -> None:
     target = repo.root / "config.json"
     write_file_atomic(target, b'{"a": 1}')

@@ -192,7 +192,10 @@ class ModelRepository:
                     if entry.is_dir() and not entry.is_symlink():
                         shutil.rmtree(entry, ignore_errors=True)
                     else:
-                        entry.unlink(missing_ok=True)
+                        # A read-only mount (serving replicas of a shared repository): the
+                        # file is the writer's, and must not stop this replica's start.
+                        with contextlib.suppress(OSError):
+                            entry.unlink(missing_ok=True)
                     removed.append(entry)
             mdir = self.model_dir(model)
             if len(removed) > before and not any(mdir.iterdir()):
