@@ -107,13 +107,6 @@ class FerryServer:
             ("grpc.max_send_message_length", n),
             ("grpc.so_reuseport", 0),
             ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
-            # grpc's chttp2 "overload protection" refuses a new stream (RST_STREAM
-            # REFUSED_STREAM, UNAVAILABLE at the client) while streams the client already saw
-            # finish are still held by a busy event loop; under load that refused calls the
-            # server had room for. Off: a connection's limit is max_concurrent_streams as the
-            # client sees it, calls beyond it wait in the client, and overload is answered by
-            # the batcher's admission (RESOURCE_EXHAUSTED) or the caller's own deadline.
-            ("grpc.http.overload_protection", 0),
         ]
 
     async def start(self) -> None:
