@@ -412,7 +412,7 @@ def test_report_and_work_dir(jobs: dict[str, Result], sources: dict[str, Path]) 
     assert set(PIPELINE) - {"prune", "quantize"} == set(report["stages"])
     fp32 = seed.variant("fp32")
     assert fp32["published"] and set(fp32["latency_ms"]) == {"1", "32"}
-    assert fp32["size_bytes"] == seed.model.stat().st_size and fp32["gzip_bytes"] > 0
+    assert fp32["size_bytes"] >= seed.model.stat().st_size and fp32["gzip_bytes"] > 0
 
 
 @pytest.mark.slow
