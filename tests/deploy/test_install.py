@@ -232,7 +232,7 @@ def test_the_serve_image_install_serves_answers_its_health_check_and_stops_on_si
     # Kubernetes' args replace CMD: the image's flags, the repository here, ephemeral ports.
     args = [a for a in cmd if not a.startswith("--repository")]
     args += [f"--repository={root}", "--host=127.0.0.1", "--port=0", "--management-port=-1"]
-    args += ["--metrics-port=-1", "--grace-period=5"]
+    args += ["--metrics-port=-1", "--http-port=-1", "--management-http-port=-1", "--grace-period=5"]
     argv, namespaced = _as_pid_1([*_image_argv("serve", serve_venv), *args])
     srv = Running(argv)
     running.append(srv)
@@ -271,11 +271,17 @@ def test_the_convert_image_install_has_cpu_torch_and_serves_under_tini(
     token = tmp_path / "management-token"
     token.write_text("a-management-token\n")
     args = [f"--repository={root}", "--host=127.0.0.1", "--port=0", "--management-port=0"]
-    args += ["--metrics-port=-1", "--grace-period=5", f"--management-token-file={token}"]
+    args += [
+        "--metrics-port=-1",
+        "--http-port=-1",
+        "--management-http-port=-1",
+        "--grace-period=5",
+        f"--management-token-file={token}",
+    ]
     argv, namespaced = _as_pid_1([*entry, *args])
     srv = Running(argv)
     running.append(srv)
-    m = srv.wait_for(r"on 127\.0\.0\.1:\d+ \(management 127\.0\.0\.1:(\d+)")
+    m = srv.wait_for(r"on 127\.0\.0\.1:\d+ \(.*management 127\.0\.0\.1:(\d+)")
     mport = int(m.group(1))
     probed = _probe(venv, "convert", mport, "--token-file", str(token))
     assert probed.returncode == 0, probed.stderr
