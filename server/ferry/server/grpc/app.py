@@ -79,7 +79,7 @@ class FerryServer:
         self._poll_task: asyncio.Task[None] | None = None
         self._health_task: asyncio.Task[None] | None = None
         self._health_dirty = False
-        self._health_names: set[str] = set()
+        self._health_status: dict[str, int] = {}  # service name -> the status last set
         self._management_health: health.aio.HealthServicer | None = None
         self._management_services: list[str] = []
         self._stopped = asyncio.Event()
@@ -258,19 +258,20 @@ class FerryServer:
         ready = self.dataplane.ready()
         self.metrics.ready.ready = ready  # the metrics port's HTTP readiness reads this
         replica = SERVING if ready else NOT_SERVING
-        await self.health.set("", replica)
-        states = self.dataplane.model_states()
-        names = set(states)
-        for name, ready in states.items():
-            await self.health.set(name, SERVING if ready else NOT_SERVING)
-        # The inference services by their full names, as probes configured per service ask:
-        # they serve when the replica does.
-        for service in INFERENCE_SERVICES:
-            await self.health.set(service, replica)
         # A model that left the registry (folder removed, unloaded) must not stay SERVING.
-        for gone in self._health_names - names:
-            await self.health.set(gone, NOT_SERVING)
-        self._health_names = names
+        wanted = dict.fromkeys(self._health_status, NOT_SERVING)
+        for name, model_ready in self.dataplane.model_states().items():
+            wanted[name] = SERVING if model_ready else NOT_SERVING
+        # The replica, and the inference services by their full names (as probes configured per
+        # service ask): they serve when the replica does.
+        wanted[""] = replica
+        wanted.update(dict.fromkeys(INFERENCE_SERVICES, replica))
+        # Only what changed is set: every registry change lands here, and with hundreds of
+        # models re-setting each one (and waking every Watch stream) would cost the event loop.
+        for name, status in wanted.items():
+            if self._health_status.get(name) != status:
+                await self.health.set(name, status)
+                self._health_status[name] = status
 
     async def _poll(self, interval: float) -> None:
         while True:
