@@ -181,3 +181,30 @@ def test_http_readiness_follows_the_replica(tmp_path: Path) -> None:
         write_model(ModelRepository(root), "later", seed_model())
         srv.call(lambda: app.dataplane.load("later"))
         wait_for(lambda: _get(app.metrics_port, "/v2/health/ready")[0] == 200, "ready")
+
+
+def test_a_cancelled_call_is_not_counted_as_a_server_error(server: ServerThread) -> None:
+    """A caller that goes away leaves no outcome behind: it is not INTERNAL in the metrics."""
+    from helpers import ExecutionGate
+
+    from ferry.codec import encode_tensor
+    from ferry.proto.v1 import inference_pb2 as pb
+    from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
+
+    assert server.app is not None
+    app = server.app
+    request = pb.InferRequest(model="mlp", inputs=[encode_tensor("input", X["input"])])
+    with ExecutionGate(server, "mlp") as gate, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        first = stub.Infer.future(request, timeout=30)
+        gate.wait_entered()  # the only instance is busy: the next request queues
+        second = stub.Infer.future(request, timeout=30)
+        batcher = app.registry.get("mlp").batcher
+        wait_for(lambda: batcher.queue_depth == 1, "the second request to queue")
+        second.cancel()
+        wait_for(lambda: batcher.queue_depth == 0, "the cancelled request to leave the queue")
+        gate.release()
+        first.result(30)
+    text = scrape(app.metrics_port)
+    assert _sample(text, "ferry_requests_total", code="INTERNAL") is None
+    assert _sample(text, "ferry_requests_total", code="OK", model="mlp") == 1

@@ -81,15 +81,16 @@ class DataPlane:
         start = time.perf_counter()
         lv: LoadedVersion | None = None
         try:
-            decoded = request if isinstance(request, InferenceRequest) else None
-            if decoded is None:
-                decoded = request.decode(self.limits)  # type: ignore[union-attr]
+            if isinstance(request, InferenceRequest):
+                decoded = request
+            else:
+                decoded = request.decode(self.limits)
             lv = self._registry.get(decoded.model, decoded.version)
             work = inputs.validate(lv, decoded, self.limits)
             deadline = _deadline(lv, decoded, deadline, self.default_timeout)
             priority = decoded.priority or lv.config.batching.default_priority
             outputs = await lv.batcher.submit(work, deadline=deadline, priority=priority)
-        except BaseException as exc:
+        except Exception as exc:  # a cancelled call is nobody's outcome: not observed
             elapsed = time.perf_counter() - start
             if lv is not None and isinstance(exc, FerryError):
                 lv.stats.record_failure(int(elapsed * 1e9))
