@@ -92,10 +92,10 @@ def test_resolve_converts_options_to_onnxruntime_strings_and_reports_the_fallbac
     on_gpu = providers.resolve(configs, [CUDA, CPU])
     assert on_gpu.names == [CUDA, CPU]
     assert on_gpu.options == [{"device_id": "2", "do_copy_in_default_stream": "0"}, {}]
-    assert (on_gpu.device, on_gpu.inline, on_gpu.missing) == ("gpu", False, [])
+    assert on_gpu.missing == [] and providers.placement(on_gpu.names[0]) == ("gpu", False)
     on_cpu = providers.resolve(configs, [CPU])
     assert on_cpu.names == [CPU]
-    assert (on_cpu.device, on_cpu.inline, on_cpu.missing) == ("cpu", True, [CUDA])
+    assert on_cpu.missing == [CUDA] and providers.placement(on_cpu.names[0]) == ("cpu", True)
     with pytest.raises(InvalidArgument, match="install onnxruntime-gpu"):
         providers.resolve([ProviderConfig(CUDA)], [CPU])
 

@@ -55,13 +55,12 @@ class DataPlane:
         registry: ModelRegistry,
         limits: Limits | None = None,
         *,
-        observer: Observer | None = None,
         max_stream_in_flight: int = 1024,
         default_timeout: float = 0.0,
     ) -> None:
         self._registry = registry
         self.limits = limits or Limits()
-        self._observe = observer or _no_observer
+        self._observe: Observer = _no_observer  # observe_with() sets the server's metrics
         self.max_stream_in_flight = max_stream_in_flight
         # Seconds a request with no deadline at all (none from the call, the request or the
         # model's default_timeout_ms) may take; 0: unbounded (only max_queue_size bounds it).

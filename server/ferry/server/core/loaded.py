@@ -115,10 +115,6 @@ class LoadedVersion:
         t3 = time.perf_counter_ns()
         return per_request, t1 - t0, t2 - t1, t3 - t2
 
-    def renumber(self, version: int) -> None:
-        """A version opened before its number was known (a conversion publishing) takes it."""
-        self.version = version
-
     def statistics(self) -> VersionStatistics:
         return self.stats.snapshot(
             self.name,

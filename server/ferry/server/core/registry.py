@@ -149,9 +149,6 @@ class ModelRegistry:
         those serving now. An explicit load adds a model to them, an explicit unload removes it."""
         self._required = set(required) if required else set(self._ready_models())
 
-    def required_models(self) -> list[str]:
-        return sorted(self._required or ())
-
     def _ready_models(self) -> list[str]:
         return [
             e.name
@@ -240,7 +237,7 @@ class ModelRegistry:
             except BaseException:
                 await loaded.close(drain=False)
                 raise
-            loaded.renumber(version)
+            loaded.version = version  # opened before the rename gave it its number
             entry = self.models.get(name)
             if entry is None and config_ok:
                 entry = self.models[name] = ModelEntry(name, config, cfg_sig)

@@ -149,13 +149,10 @@ PROVIDERS: dict[str, Provider] = {
 
 @dataclass(frozen=True)
 class Resolved:
-    """What onnxruntime is given: names and string options in preference order, plus what
-    the version's placement is (from its first provider)."""
+    """What onnxruntime is given: names and string options in preference order."""
 
     names: list[str]
     options: list[dict[str, str]]
-    device: str
-    inline: bool
     missing: list[str]  # asked for, known, but absent from this onnxruntime build
 
 
@@ -194,10 +191,11 @@ def resolve(configs: Sequence[ProviderConfig], available: Sequence[str]) -> Reso
             f"none of the execution providers {[c.name for c in configs]} is available in this "
             f"onnxruntime build (available: {list(available)})" + (f"; {hints}" if hints else "")
         )
-    first = PROVIDERS[names[0]]
-    return Resolved(names, options, first.device, first.inline, missing)
+    return Resolved(names, options, missing)
 
 
-def device_of(name: str) -> str:
+def placement(name: str) -> tuple[str, bool]:
+    """(device kind, inline allowed) of a session whose first provider is ``name``: a provider
+    the table does not know is treated as a device of its own, never run inline."""
     provider = PROVIDERS.get(name)
-    return provider.device if provider is not None else CPU
+    return (provider.device, provider.inline) if provider is not None else (CPU, False)

@@ -131,10 +131,8 @@ class OrtSession:
             model_bytes = _cast_outputs_to_float(path, self._bf16_outputs)
             self.session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
         self.providers: list[str] = list(self.session.get_providers())
-        self.device_kind = provider_table.device_of(self.providers[0])
-        self.inline_allowed = provider_table.PROVIDERS[plan.names[0]].inline and (
-            self.providers[0] == plan.names[0]
-        )
+        # Placement from the provider onnxruntime actually put first, not the one asked for.
+        self.device_kind, self.inline_allowed = provider_table.placement(self.providers[0])
         self.output_names = [o.name for o in self.outputs]
         self._run = self.session.run
 
