@@ -11,7 +11,7 @@ import pytest
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
 from ferry.server.core.types import InferenceResult, parse_version
 from ferry.server.errors import InvalidArgument, Unimplemented
-from ferry.server.grpc.kserve_tensors import decode_request, encode_response
+from ferry.server.grpc.kserve_tensors import decode_request, serialize_response
 
 RAW_SAMPLES: dict[str, np.ndarray] = {
     "BOOL": np.array([[True, False, True]]),
@@ -225,13 +225,14 @@ def test_versions() -> None:
             parse_version(bad)
 
 
-def test_encode_response_is_raw_in_output_order() -> None:
+def test_the_response_is_raw_in_output_order() -> None:
     outputs = {
         "s": np.array([["a", "é"]], dtype=object),
         "f": np.arange(6, dtype=np.float32).reshape(2, 3)[:, ::2],  # not contiguous
         "b": np.array([True, False]),
     }
-    response = encode_response(InferenceResult("m", 4, "id-1", outputs), pb.ModelInferResponse())
+    data = serialize_response(InferenceResult("m", 4, "id-1", outputs))
+    response = pb.ModelInferResponse.FromString(data)
     assert (response.model_name, response.model_version, response.id) == ("m", "4", "id-1")
     assert [(t.name, t.datatype, list(t.shape)) for t in response.outputs] == [
         ("s", "BYTES", [1, 2]),

@@ -8,6 +8,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from ferry.codec import datatype_name, encode_tensor, to_bytes
 from ferry.codec._wire import (
     encode_infer_response,
     encode_oip_response,
@@ -17,8 +18,28 @@ from ferry.codec._wire import (
 from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.server.core.types import InferenceResult
-from ferry.server.grpc.inference import to_response
-from ferry.server.grpc.kserve_tensors import encode_response
+
+
+def to_response(result: InferenceResult) -> pb.InferResponse:
+    """The oracle: the ferry.v1 response as protobuf's own message."""
+    return pb.InferResponse(
+        model=result.model,
+        version=result.version,
+        id=result.id,
+        outputs=[encode_tensor(name, arr) for name, arr in result.outputs.items()],
+    )
+
+
+def encode_response(result: InferenceResult, response: kpb.ModelInferResponse) -> None:
+    """The oracle: the OIP response as protobuf's own message, outputs as raw contents."""
+    response.model_name = result.model
+    response.model_version = str(result.version)
+    response.id = result.id
+    for name, array in result.outputs.items():
+        code, shape, data = to_bytes(array)
+        response.outputs.add(name=name, datatype=datatype_name(code), shape=shape)
+        response.raw_output_contents.append(data)
+
 
 ARRAYS: dict[str, np.ndarray] = {
     "bool": np.array([[True, False, True]]),
@@ -60,7 +81,8 @@ def test_ferry_v1_response_bytes_equal_protobuf(result: InferenceResult) -> None
 
 @pytest.mark.parametrize("result", cases(), ids=["plain", "defaults", "every-kind", "no-outputs"])
 def test_oip_response_bytes_equal_protobuf(result: InferenceResult) -> None:
-    expected = encode_response(result, kpb.ModelInferResponse())
+    expected = kpb.ModelInferResponse()
+    encode_response(result, expected)
     version = str(result.version)
     data = encode_oip_response(result.model, version, result.id, result.outputs)
     assert data == expected.SerializeToString()

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from ferry.codec import decode_tensor, encode_tensor
+from ferry.codec import decode_tensor
 from ferry.codec._wire import encode_infer_response, encode_stream_result
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
@@ -84,16 +84,6 @@ def to_request(msg: pb.InferRequest, limits: Limits | None = None) -> InferenceR
         outputs=list(msg.outputs) or None,
         timeout=msg.timeout_us / 1e6 if msg.timeout_us else None,
         priority=msg.priority,
-    )
-
-
-def to_response(result: InferenceResult) -> pb.InferResponse:
-    """The response as a protobuf message (the hot path serializes with ``encode_response``)."""
-    return pb.InferResponse(
-        model=result.model,
-        version=result.version,
-        id=result.id,
-        outputs=[encode_tensor(name, arr) for name, arr in result.outputs.items()],
     )
 
 

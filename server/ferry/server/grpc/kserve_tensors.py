@@ -22,9 +22,7 @@ from ferry.codec import (
     CodecError,
     DataType,
     datatype_from_name,
-    datatype_name,
     from_bytes,
-    to_bytes,
 )
 from ferry.codec._wire import encode_oip_response, encode_oip_stream_result
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
@@ -94,26 +92,10 @@ def decode_request(msg: pb.ModelInferRequest, limits: Limits | None = None) -> I
     )
 
 
-def encode_response(
-    result: InferenceResult, response: pb.ModelInferResponse
-) -> pb.ModelInferResponse:
-    """Fill ``response`` (empty, or a stream message's field, so nothing is copied twice) with
-    every output as raw contents, which tritonclient and perf_analyzer read first."""
-    response.model_name = result.model
-    response.model_version = str(result.version)
-    response.id = result.id
-    tensors = response.outputs
-    raw = response.raw_output_contents
-    for name, array in result.outputs.items():
-        code, shape, data = to_bytes(array)
-        tensors.add(name=name, datatype=datatype_name(code), shape=shape)
-        raw.append(data)
-    return response
-
-
 def serialize_response(result: InferenceResult) -> bytes:
-    """The serialized ``ModelInferResponse``, equal to ``encode_response``'s message serialized,
-    built once with the shared wire codec: each output is copied once, not three times."""
+    """The serialized ``ModelInferResponse`` (every output as raw contents, which tritonclient
+    and perf_analyzer read first), built once with the shared wire codec: each output is copied
+    once, where building a protobuf message copied it three times."""
     return encode_oip_response(result.model, str(result.version), result.id, result.outputs)
 
 
