@@ -1,5 +1,6 @@
-"""The SDK's one varint (``ferry.client._wire``) against protobuf's own encoding, and the two
-hand-framed messages that use it (the health check, the load generator's request id)."""
+"""The one varint writer (``ferry.codec._wire``) and the SDK's reader (``ferry.client._wire``)
+against protobuf's own encoding, and the two hand-framed messages that use them (the health
+check, the load generator's request id)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2
 
 from ferry.client import _health
-from ferry.client._wire import encode_varint, read_varint
+from ferry.client._wire import read_varint
 from ferry.client.loadtest._engine import id_field
 from ferry.codec import CodecError
+from ferry.codec._wire import encode_varint
 from ferry.proto.v1 import inference_pb2 as pb
 
 UNSIGNED_EDGES = [0, 1, 127, 128, 300, 16383, 16384, 2**31, 2**32, 2**63 - 1, 2**63, 2**64 - 1]

@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 from ferry.client import (
     AuthenticationError,
@@ -42,6 +42,7 @@ DEFAULT_MANAGEMENT_TARGET = "127.0.0.1:8003"
 Handler = Callable[[argparse.Namespace], int]
 # A command's own hints, tried before the inference ones: a hint must match the command.
 Hinter = Callable[[FerryError, argparse.Namespace], str | None]
+C = TypeVar("C")
 
 
 class UsageError(Exception):
@@ -153,13 +154,17 @@ def channel_config(args: argparse.Namespace) -> ChannelConfig:
         raise UsageError(str(exc)) from None
 
 
-def make_client(args: argparse.Namespace) -> InferenceClient:
+def connect(cls: Callable[..., C], args: argparse.Namespace) -> C:
+    """A client of any kind (inference, repository, conversion) from the connection flags; a
+    target or TLS setting the client refuses is a usage error."""
     try:
-        return InferenceClient(
-            args.target, timeout=args.timeout, tls=tls_config(args), token=args.token
-        )
+        return cls(args.target, timeout=args.timeout, tls=tls_config(args), token=args.token)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+
+
+def make_client(args: argparse.Namespace) -> InferenceClient:
+    return connect(InferenceClient, args)
 
 
 def positive_float(text: str) -> float:

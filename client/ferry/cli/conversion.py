@@ -18,10 +18,10 @@ import numpy as np
 from ferry.cli._common import (
     EXIT_OK,
     UsageError,
+    connect,
     management_hint,
     management_parent,
     positive_int,
-    tls_config,
 )
 from ferry.client import (
     ConversionClient,
@@ -234,15 +234,6 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_convert, hint=conversion_hint)
 
 
-def conversion_client(args: argparse.Namespace) -> ConversionClient:
-    try:
-        return ConversionClient(
-            args.target, timeout=args.timeout, tls=tls_config(args), token=args.token
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def _upload(client: ConversionClient, model: str, path: Path, args: argparse.Namespace) -> Upload:
     if not path.is_file():
         raise UsageError(f"{path}: no such file")
@@ -257,7 +248,7 @@ def _upload(client: ConversionClient, model: str, path: Path, args: argparse.Nam
 
 
 def cmd_upload(args: argparse.Namespace) -> int:
-    with conversion_client(args) as client:
+    with connect(ConversionClient, args) as client:
         up = _upload(client, args.model, args.file, args)
     if args.json:
         print(
@@ -367,7 +358,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         serving = Serving(instance_count=args.instance_count)
     validation = _validation(args)
     quantization = _quantization(args)
-    with conversion_client(args) as client:
+    with connect(ConversionClient, args) as client:
         source: Upload | str = args.source
         path = Path(args.source)
         if path.is_file():

@@ -15,13 +15,12 @@ from typing import Any
 from ferry.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
-    UsageError,
+    connect,
     connection_parent,
     make_client,
     management_hint,
     management_parent,
     print_table,
-    tls_config,
 )
 from ferry.client import ModelMetadata, ModelStatistics, RepositoryClient
 
@@ -194,17 +193,8 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _repository(args: argparse.Namespace) -> RepositoryClient:
-    try:
-        return RepositoryClient(
-            args.target, timeout=args.timeout, tls=tls_config(args), token=args.token
-        )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
 def cmd_refresh(args: argparse.Namespace) -> int:
-    with _repository(args) as repo:
+    with connect(RepositoryClient, args) as repo:
         result = repo.refresh()
     if args.json:
         print(json.dumps(dataclasses.asdict(result), indent=2))
@@ -221,14 +211,14 @@ def cmd_refresh(args: argparse.Namespace) -> int:
 
 
 def cmd_load(args: argparse.Namespace) -> int:
-    with _repository(args) as repo:
+    with connect(RepositoryClient, args) as repo:
         repo.load_model(args.model)
     print(f"{args.model}: loaded (`ferry models list {args.model}` shows its versions)")
     return EXIT_OK
 
 
 def cmd_unload(args: argparse.Namespace) -> int:
-    with _repository(args) as repo:
+    with connect(RepositoryClient, args) as repo:
         repo.unload_model(args.model)
     print(f"{args.model}: unloaded; its files stay (`ferry models load {args.model}` serves it)")
     return EXIT_OK

@@ -16,12 +16,13 @@ from ferry.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
     UsageError,
+    connect,
     management_parent,
     print_table,
     report_error,
 )
-from ferry.cli.conversion import conversion_client, conversion_hint
-from ferry.client import ConversionError, JobNotFoundError, Upload
+from ferry.cli.conversion import conversion_hint
+from ferry.client import ConversionClient, ConversionError, JobNotFoundError, Upload
 
 
 def register(sub: Any) -> None:
@@ -72,7 +73,7 @@ def _when(upload: Upload) -> str:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    with conversion_client(args) as client:
+    with connect(ConversionClient, args) as client:
         uploads = client.list_uploads(args.model or None, limit=args.limit)
     if args.json:
         rows = [
@@ -107,7 +108,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     if bool(args.upload_ids) == (args.all_of is not None):
         raise UsageError("name the uploads to delete, or pass --all [MODEL] (not both)")
     failed = 0
-    with conversion_client(args) as client:
+    with connect(ConversionClient, args) as client:
         ids = args.upload_ids
         if args.all_of is not None:
             ids = [u.upload_id for u in client.list_uploads(args.all_of or None, limit=10_000)]

@@ -6,7 +6,8 @@ copy of ``grpc.health.v1`` would clash with grpcio-health-checking's in the desc
 
 from __future__ import annotations
 
-from ferry.client._wire import encode_varint, read_varint
+from ferry.client._wire import read_varint
+from ferry.codec._wire import encode_varint
 
 CHECK_METHOD = "/grpc.health.v1.Health/Check"
 SERVING = 1

@@ -23,22 +23,10 @@ from ferry.codec import CodecError, from_bytes
 from ferry.codec._wire import encode_varint, tensor_field, text_field
 from ferry.proto.v1 import inference_pb2 as pb
 
-__all__ = [
-    "decode_infer_response",
-    "decode_stream_response",
-    "encode_infer_request",
-    "encode_varint",
-    "read_varint",
-]
+__all__ = ["decode_infer_response", "decode_stream_response", "encode_infer_request", "read_varint"]
 
 _KEY1, _KEY2, _KEY3, _KEY4 = b"\x0a", b"\x10", b"\x1a", b"\x22"  # fields 1..4, as used below
 _KEY5, _KEY6, _KEY7 = b"\x2a", b"\x30", b"\x38"
-_text = text_field
-
-
-def _tensor(name: str, array: np.ndarray) -> list[bytes | memoryview]:
-    """One ``Tensor`` framed as field 4 of ``InferRequest``; the data is referenced, not copied."""
-    return tensor_field(_KEY4, name, array)
 
 
 def encode_infer_request(
@@ -63,15 +51,16 @@ def encode_infer_request(
     """
     parts: list[bytes | memoryview] = []
     if model:
-        parts += _text(_KEY1, model)
+        parts += text_field(_KEY1, model)
     if version:
         parts += [_KEY2, encode_varint(version)]
     if request_id:
-        parts += _text(_KEY3, request_id)
+        parts += text_field(_KEY3, request_id)
     for name, value in inputs.items():
-        parts += _tensor(name, as_array(value, name, dtypes.get(name) if dtypes else None))
+        array = as_array(value, name, dtypes.get(name) if dtypes else None)
+        parts += tensor_field(_KEY4, name, array)  # the data referenced, not copied
     for out in outputs or ():
-        parts += _text(_KEY5, out)
+        parts += text_field(_KEY5, out)
     timeout_us = int(timeout * 1e6) if timeout else 0
     if timeout_us:
         parts += [_KEY6, encode_varint(timeout_us)]

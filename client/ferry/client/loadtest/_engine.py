@@ -26,9 +26,9 @@ import numpy as np
 from grpc import aio
 
 from ferry.client._requests import build_infer_request, status_code
-from ferry.client._wire import encode_varint
 from ferry.client.loadtest._report import Recorder, latency_summary
 from ferry.codec import datatype_name, to_bytes
+from ferry.codec._wire import encode_varint
 from ferry.proto.v1 import inference_pb2 as pb
 
 UNARY_PATH = "/ferry.v1.Inference/Infer"
