@@ -193,7 +193,7 @@ def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     if code == DataType.DATA_TYPE_BYTES:
         array = np.empty(count, dtype=object)
         array[:] = list(values)
-        return _reshape(array, shape, name)
+        return reshape_input(array, shape, name)
     array = np.fromiter(values, wire_dtype, count=count)
     if dtype != wire_dtype:
         info = np.iinfo(dtype)
@@ -203,10 +203,10 @@ def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
                 f"got values in [{array.min()}, {array.max()}] in contents.{field}"
             )
         array = array.astype(dtype)
-    return _reshape(array, shape, name)
+    return reshape_input(array, shape, name)
 
 
-def _reshape(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+def reshape_input(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     try:
         return array.reshape(shape)
     except ValueError as exc:  # e.g. more dims than numpy supports

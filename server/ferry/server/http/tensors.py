@@ -43,6 +43,7 @@ from ferry.server.grpc.kserve_tensors import (
     SHARED_MEMORY,
     TYPED,
     UNSUPPORTED_OUTPUT_PARAMETERS,
+    reshape_input,
 )
 
 BINARY_SIZE = "binary_data_size"
@@ -78,7 +79,7 @@ class HttpInfer:
     def decode(self, limits: Limits) -> InferenceRequest:
         version = parse_version(self.version_text)
         head, binary = _split(self.body, self.header_length)
-        request = _object(_parse_json(head), "the request")
+        request = _object(loads(head), "the request")
         raw_inputs = request.get("inputs")
         if not isinstance(raw_inputs, list):
             raise InvalidArgument("the request needs an 'inputs' list of tensors")
@@ -224,10 +225,6 @@ def _tolist(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def _parse_json(data: bytes) -> Any:
-    return loads(data)
-
-
 def _object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what} must be a JSON object, got {_kind(value)}")
@@ -306,7 +303,7 @@ def _from_json(
             raise _count_error(name, shape, count, len(flat))
         array = np.empty(count, dtype=object)
         array[:] = flat
-        return _reshape(array, shape, name)
+        return reshape_input(array, shape, name)
     try:
         values = np.asarray(data)
     except (ValueError, OverflowError) as exc:
@@ -336,7 +333,7 @@ def _from_json(
                 f"input {name!r}: {datatype_name(code)} values must lie in [{info.min}, "
                 f"{info.max}], got values in [{low}, {high}]"
             )
-    return _reshape(values.astype(wanted, copy=False), shape, name)
+    return reshape_input(values.astype(wanted, copy=False), shape, name)
 
 
 def _exact_integers(data: list[Any], values: np.ndarray) -> np.ndarray:
@@ -385,13 +382,6 @@ def _flatten(data: list[Any], name: str) -> list[bytes]:
         else:
             stack.pop()
     return out
-
-
-def _reshape(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    try:
-        return array.reshape(shape)
-    except ValueError as exc:  # e.g. more dims than numpy supports
-        raise InvalidArgument(f"input {name!r}: cannot reshape to {list(shape)}: {exc}") from None
 
 
 def _json_output(name: str, array: np.ndarray) -> dict[str, Any]:
