@@ -55,6 +55,10 @@ RAW_ONLY = frozenset({DataType.DATA_TYPE_FP16, DataType.DATA_TYPE_BF16})
 # something other than what was asked (a stateless answer to a sequence, a full tensor instead
 # of top-k classes, data that is not where a shared-memory client will look for it).
 SHARED_MEMORY = "shared_memory_region"
+NO_SEQUENCES = (
+    "sequence batching is not supported: Ferry's models are stateless, so a request must not "
+    "carry a sequence_id"
+)
 UNSUPPORTED_OUTPUT_PARAMETERS = {
     "classification": "classification outputs (class_count) are not supported; request the "
     "raw output and take the top-k on the client",
@@ -242,10 +246,7 @@ def _request_parameters(params: Mapping[str, pb.InferParameter]) -> tuple[float 
     if "sequence_id" in params:
         seq = params["sequence_id"]
         if seq.WhichOneof("parameter_choice") and (seq.int64_param or seq.string_param):
-            raise Unimplemented(
-                "sequence batching is not supported: Ferry's models are stateless, so a "
-                "request must not carry a sequence_id"
-            )
+            raise Unimplemented(NO_SEQUENCES)
     return timeout, priority
 
 

@@ -40,6 +40,7 @@ from ferry.server.core.types import (
 )
 from ferry.server.errors import InvalidArgument, Unimplemented
 from ferry.server.grpc.kserve_tensors import (
+    NO_SEQUENCES,
     SHARED_MEMORY,
     TYPED,
     UNSUPPORTED_OUTPUT_PARAMETERS,
@@ -421,8 +422,5 @@ def _request_parameters(params: Mapping[str, Any]) -> tuple[float | None, int]:
     if "priority" in params:
         priority = _count(params["priority"], "request parameter 'priority'")
     if params.get("sequence_id") not in (None, 0, ""):
-        raise Unimplemented(
-            "sequence batching is not supported: Ferry's models are stateless, so a "
-            "request must not carry a sequence_id"
-        )
+        raise Unimplemented(NO_SEQUENCES)
     return timeout, priority
