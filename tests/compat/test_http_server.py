@@ -31,12 +31,14 @@ def _as_message(answer: Any, message: Any) -> Any:
     return json_format.ParseDict(answer, message)
 
 
-def test_server_live_ready_and_metadata(triton_http: th.InferenceServerClient) -> None:
+def test_server_live_ready_and_metadata(
+    triton_http: th.InferenceServerClient, triton: tg.InferenceServerClient
+) -> None:
     assert triton_http.is_server_live()
     assert triton_http.is_server_ready()
     meta = triton_http.get_server_metadata()
     assert meta["name"] == "ferry"
-    assert meta["version"]
+    assert meta["version"] == triton.get_server_metadata().version
     expected = {"model_repository", "model_configuration", "statistics", "binary_tensor_data"}
     assert expected <= set(meta["extensions"])
 
