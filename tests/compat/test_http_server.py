@@ -158,6 +158,10 @@ def test_unknown_routes_and_wrong_methods(kserve_server: ServerThread) -> None:
     assert (status, headers["allow"]) == (405, "GET")
     # Percent-encoded names are decoded: the model's own name answers.
     assert http_call(target, "GET", "/v2/models/%6D%6C%70")[0] == 200
+    for path in ("/v2/models/%FF", "/v2/models/mlp/versions/%C3/ready"):  # not UTF-8
+        status, headers, body = http_call(target, "GET", path)
+        assert (status, headers["ferry-error"]) == (400, "INVALID_ARGUMENT"), path
+        assert "is not percent-encoded UTF-8" in json.loads(body)["error"]
 
 
 # ---- repository control: a server of its own, since these tests change what it serves ----

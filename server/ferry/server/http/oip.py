@@ -244,7 +244,14 @@ class OipRoutes:
 
 
 def _segment(raw: str) -> str:
-    return unquote(raw, errors="strict") if "%" in raw else raw
+    if "%" not in raw:
+        return raw
+    try:
+        return unquote(raw, errors="strict")
+    except UnicodeDecodeError:  # e.g. %FF: the client's mistake, not an internal error
+        raise InvalidArgument(
+            f"the path segment {short(raw)!r} is not percent-encoded UTF-8"
+        ) from None
 
 
 def _method(method: str, allowed: str, path: str) -> None:
