@@ -65,6 +65,7 @@ def test_json_forms_of_data() -> None:
     [
         ("INT64", [-1, 2**64 - 1], "must hold integers"),  # no 64-bit type holds both
         ("UINT64", [2**64, 1], "must hold integers"),
+        ("INT64", [10**400, 10**401], "must hold integers"),  # past a float too
         ("FP32", [True, False], "must hold numbers"),
         ("FP32", [None, 1.0], "must hold numbers"),
         ("BYTES", ["\ud800", "a"], "not valid UTF-8"),
@@ -91,6 +92,9 @@ def test_request_parameters_reach_the_core() -> None:
         decode(request)
     request["parameters"] = {"priority": -1}
     with pytest.raises(InvalidArgument, match="'priority' must be a non-negative integer"):
+        decode(request)
+    request["parameters"] = {"timeout": 10**400}  # past a float: refused, not a crash
+    with pytest.raises(InvalidArgument, match="'timeout' must be below 2\\*\\*64"):
         decode(request)
 
 

@@ -242,6 +242,8 @@ def _kind(value: Any) -> str:
 def _count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidArgument(f"{what} must be a non-negative integer, got {value!r:.40}")
+    if value >= 2**64:  # what gRPC's uint64 carries; the standard library's JSON reads any size
+        raise InvalidArgument(f"{what} must be below 2**64, got {value!r:.40}")
     return value
 
 
@@ -343,7 +345,7 @@ def _exact_integers(data: list[Any], values: np.ndarray) -> np.ndarray:
         return values  # not all integers: refused by the kind check
     low = min(flat)
     if low < -(2**63) or max(flat) >= 2**64 or (low < 0 and max(flat) >= 2**63):
-        return np.array([float(low)])  # no 64-bit integer holds them: refused as floats
+        return np.array([0.0])  # no 64-bit integer holds them: refused as floats
     return np.array(flat, dtype=np.uint64 if low >= 0 else np.int64)
 
 
