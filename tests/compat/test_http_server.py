@@ -31,12 +31,14 @@ def _as_message(answer: Any, message: Any) -> Any:
     return json_format.ParseDict(answer, message)
 
 
-def test_server_live_ready_and_metadata(triton_http: th.InferenceServerClient) -> None:
+def test_server_live_ready_and_metadata(
+    triton_http: th.InferenceServerClient, triton: tg.InferenceServerClient
+) -> None:
     assert triton_http.is_server_live()
     assert triton_http.is_server_ready()
     meta = triton_http.get_server_metadata()
     assert meta["name"] == "ferry"
-    assert meta["version"]
+    assert meta["version"] == triton.get_server_metadata().version
     expected = {"model_repository", "model_configuration", "statistics", "binary_tensor_data"}
     assert expected <= set(meta["extensions"])
 
@@ -156,6 +158,10 @@ def test_unknown_routes_and_wrong_methods(kserve_server: ServerThread) -> None:
     assert (status, headers["allow"]) == (405, "GET")
     # Percent-encoded names are decoded: the model's own name answers.
     assert http_call(target, "GET", "/v2/models/%6D%6C%70")[0] == 200
+    for path in ("/v2/models/%FF", "/v2/models/mlp/versions/%C3/ready"):  # not UTF-8
+        status, headers, body = http_call(target, "GET", path)
+        assert (status, headers["ferry-error"]) == (400, "INVALID_ARGUMENT"), path
+        assert "is not percent-encoded UTF-8" in json.loads(body)["error"]
 
 
 # ---- repository control: a server of its own, since these tests change what it serves ----

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from ferry.server.core.types import InferenceResult, Limits
-from ferry.server.errors import ErrorKind, FerryError, InvalidArgument, LimitExceeded
+from ferry.server.errors import (
+    ErrorKind,
+    FerryError,
+    InvalidArgument,
+    LimitExceeded,
+    Unimplemented,
+)
 from ferry.server.http.errors import HTTP_STATUS, error_of
 from ferry.server.http.tensors import HttpInfer
 
@@ -59,6 +65,7 @@ def test_json_forms_of_data() -> None:
     [
         ("INT64", [-1, 2**64 - 1], "must hold integers"),  # no 64-bit type holds both
         ("UINT64", [2**64, 1], "must hold integers"),
+        ("INT64", [10**400, 10**401], "must hold integers"),  # past a float too
         ("FP32", [True, False], "must hold numbers"),
         ("FP32", [None, 1.0], "must hold numbers"),
         ("BYTES", ["\ud800", "a"], "not valid UTF-8"),
@@ -67,6 +74,28 @@ def test_json_forms_of_data() -> None:
 def test_json_values_that_do_not_fit(datatype: str, data: list[Any], words: str) -> None:
     with pytest.raises(InvalidArgument, match=words):
         decode(tensor(datatype, [2], data))
+
+
+def test_request_parameters_reach_the_core() -> None:
+    """timeout (microseconds) and priority are what the batcher honours; a compat test that
+    sends them only sees an answer, so their translation is checked here."""
+    request = tensor("FP32", [1], [1.0])
+    request["parameters"] = {"timeout": 30_000_000, "priority": 2, "sequence_id": 0}
+    wire = HttpInfer("m", "3", json.dumps(request).encode(), None)
+    decoded = wire.decode(Limits())
+    assert (decoded.timeout, decoded.priority, decoded.version) == (30.0, 2, 3)
+    request["parameters"] = {"timeout": 0}  # 0 keeps the model's default
+    decoded = HttpInfer("m", "", json.dumps(request).encode(), None).decode(Limits())
+    assert (decoded.timeout, decoded.priority) == (None, 0)
+    request["parameters"] = {"sequence_id": 7}
+    with pytest.raises(Unimplemented, match="sequence batching is not supported"):
+        decode(request)
+    request["parameters"] = {"priority": -1}
+    with pytest.raises(InvalidArgument, match="'priority' must be a non-negative integer"):
+        decode(request)
+    request["parameters"] = {"timeout": 10**400}  # past a float: refused, not a crash
+    with pytest.raises(InvalidArgument, match="'timeout' must be below 2\\*\\*64"):
+        decode(request)
 
 
 def test_declared_elements_are_limited_before_decoding() -> None:

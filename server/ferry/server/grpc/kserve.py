@@ -81,7 +81,7 @@ UNIMPLEMENTED = {
 }
 
 
-def _server_version() -> str:
+def server_version() -> str:
     try:
         return importlib.metadata.version("ferry-serve")
     except importlib.metadata.PackageNotFoundError:
@@ -122,7 +122,7 @@ class KServeServicer:
         self.dataplane = dataplane
         self.repository_control = repository_control
         self.management_address = management_address
-        self.version = _server_version()
+        self.version = server_version()
 
     # ---- health and metadata ----
     async def ServerLive(

@@ -53,6 +53,10 @@ RAW_ONLY = frozenset({DataType.DATA_TYPE_FP16, DataType.DATA_TYPE_BF16})
 # something other than what was asked (a stateless answer to a sequence, a full tensor instead
 # of top-k classes, data that is not where a shared-memory client will look for it).
 SHARED_MEMORY = "shared_memory_region"
+NO_SEQUENCES = (
+    "sequence batching is not supported: Ferry's models are stateless, so a request must not "
+    "carry a sequence_id"
+)
 UNSUPPORTED_OUTPUT_PARAMETERS = {
     "classification": "classification outputs (class_count) are not supported; request the "
     "raw output and take the top-k on the client",
@@ -175,7 +179,7 @@ def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
     if code == DataType.DATA_TYPE_BYTES:
         array = np.empty(count, dtype=object)
         array[:] = list(values)
-        return _reshape(array, shape, name)
+        return reshape_input(array, shape, name)
     array = np.fromiter(values, wire_dtype, count=count)
     if dtype != wire_dtype:
         info = np.iinfo(dtype)
@@ -185,10 +189,10 @@ def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
                 f"got values in [{array.min()}, {array.max()}] in contents.{field}"
             )
         array = array.astype(dtype)
-    return _reshape(array, shape, name)
+    return reshape_input(array, shape, name)
 
 
-def _reshape(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
+def reshape_input(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
     try:
         return array.reshape(shape)
     except ValueError as exc:  # e.g. more dims than numpy supports
@@ -224,10 +228,7 @@ def _request_parameters(params: Mapping[str, pb.InferParameter]) -> tuple[float 
     if "sequence_id" in params:
         seq = params["sequence_id"]
         if seq.WhichOneof("parameter_choice") and (seq.int64_param or seq.string_param):
-            raise Unimplemented(
-                "sequence batching is not supported: Ferry's models are stateless, so a "
-                "request must not carry a sequence_id"
-            )
+            raise Unimplemented(NO_SEQUENCES)
     return timeout, priority
 
 

@@ -15,14 +15,12 @@ gRPC trailing metadata that carries it there).
 from __future__ import annotations
 
 import json
-import logging
 
-from ferry.server.errors import ErrorKind, FerryError
+from ferry.client._errors import ERROR_KIND_METADATA
+from ferry.server.errors import ErrorKind
+from ferry.server.grpc.status import MAX_MESSAGE, status_of
 
-log = logging.getLogger(__name__)
-
-ERROR_HEADER = "ferry-error"  # the same name as the gRPC trailing metadata key
-MAX_MESSAGE = 2000
+ERROR_HEADER = ERROR_KIND_METADATA  # the same name as the gRPC trailing metadata key
 
 HTTP_STATUS: dict[ErrorKind, int] = {
     ErrorKind.MODEL_NOT_FOUND: 404,
@@ -66,15 +64,13 @@ class HttpError(Exception):
 
 
 def error_of(exc: BaseException) -> tuple[int, str, ErrorKind, dict[str, str]]:
-    """(status, message, kind, extra headers) for any exception; unexpected ones are 500 and
-    logged, never shown."""
+    """(status, message, kind, extra headers) for any exception; unexpected ones are 500, and
+    logged and hidden by the gRPC side's ``status_of``, so both protocols treat them alike."""
     if isinstance(exc, HttpError):
         return exc.status, exc.message[:MAX_MESSAGE], exc.kind, exc.headers
-    if isinstance(exc, FerryError):
-        return HTTP_STATUS[exc.kind], exc.message[:MAX_MESSAGE], exc.kind, {}
-    log.error("unexpected error", exc_info=exc)
-    message = f"internal error ({type(exc).__name__}); the server log has the traceback"
-    return 500, message, ErrorKind.INTERNAL, {}
+    _, message, name = status_of(exc)
+    kind = ErrorKind(name)
+    return HTTP_STATUS[kind], message, kind, {}
 
 
 def error_body(message: str, kind: ErrorKind) -> bytes:

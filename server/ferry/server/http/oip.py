@@ -31,7 +31,7 @@ from ferry.server.errors import (
     Unavailable,
     Unimplemented,
 )
-from ferry.server.grpc.kserve import EXTENSIONS, SERVER_NAME, _server_version
+from ferry.server.grpc.kserve import EXTENSIONS, SERVER_NAME, server_version
 from ferry.server.grpc.kserve_model import (
     config_of,
     metadata_of,
@@ -107,7 +107,7 @@ class OipRoutes:
         self.repository_control = repository_control
         self.management_address = management_address
         self.server_metadata = _json(
-            {"name": SERVER_NAME, "version": _server_version(), "extensions": HTTP_EXTENSIONS}
+            {"name": SERVER_NAME, "version": server_version(), "extensions": HTTP_EXTENSIONS}
         )
 
     async def handle(
@@ -244,7 +244,14 @@ class OipRoutes:
 
 
 def _segment(raw: str) -> str:
-    return unquote(raw, errors="strict") if "%" in raw else raw
+    if "%" not in raw:
+        return raw
+    try:
+        return unquote(raw, errors="strict")
+    except UnicodeDecodeError:  # e.g. %FF: the client's mistake, not an internal error
+        raise InvalidArgument(
+            f"the path segment {short(raw)!r} is not percent-encoded UTF-8"
+        ) from None
 
 
 def _method(method: str, allowed: str, path: str) -> None:

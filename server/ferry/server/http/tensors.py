@@ -40,9 +40,11 @@ from ferry.server.core.types import (
 )
 from ferry.server.errors import InvalidArgument, Unimplemented
 from ferry.server.grpc.kserve_tensors import (
+    NO_SEQUENCES,
     SHARED_MEMORY,
     TYPED,
     UNSUPPORTED_OUTPUT_PARAMETERS,
+    reshape_input,
 )
 
 BINARY_SIZE = "binary_data_size"
@@ -78,7 +80,7 @@ class HttpInfer:
     def decode(self, limits: Limits) -> InferenceRequest:
         version = parse_version(self.version_text)
         head, binary = _split(self.body, self.header_length)
-        request = _object(_parse_json(head), "the request")
+        request = _object(loads(head), "the request")
         raw_inputs = request.get("inputs")
         if not isinstance(raw_inputs, list):
             raise InvalidArgument("the request needs an 'inputs' list of tensors")
@@ -224,10 +226,6 @@ def _tolist(value: Any) -> Any:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-def _parse_json(data: bytes) -> Any:
-    return loads(data)
-
-
 def _object(value: Any, what: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise InvalidArgument(f"{what} must be a JSON object, got {_kind(value)}")
@@ -244,6 +242,8 @@ def _kind(value: Any) -> str:
 def _count(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidArgument(f"{what} must be a non-negative integer, got {value!r:.40}")
+    if value >= 2**64:  # what gRPC's uint64 carries; the standard library's JSON reads any size
+        raise InvalidArgument(f"{what} must be below 2**64, got {value!r:.40}")
     return value
 
 
@@ -306,7 +306,7 @@ def _from_json(
             raise _count_error(name, shape, count, len(flat))
         array = np.empty(count, dtype=object)
         array[:] = flat
-        return _reshape(array, shape, name)
+        return reshape_input(array, shape, name)
     try:
         values = np.asarray(data)
     except (ValueError, OverflowError) as exc:
@@ -336,7 +336,7 @@ def _from_json(
                 f"input {name!r}: {datatype_name(code)} values must lie in [{info.min}, "
                 f"{info.max}], got values in [{low}, {high}]"
             )
-    return _reshape(values.astype(wanted, copy=False), shape, name)
+    return reshape_input(values.astype(wanted, copy=False), shape, name)
 
 
 def _exact_integers(data: list[Any], values: np.ndarray) -> np.ndarray:
@@ -345,7 +345,7 @@ def _exact_integers(data: list[Any], values: np.ndarray) -> np.ndarray:
         return values  # not all integers: refused by the kind check
     low = min(flat)
     if low < -(2**63) or max(flat) >= 2**64 or (low < 0 and max(flat) >= 2**63):
-        return np.array([float(low)])  # no 64-bit integer holds them: refused as floats
+        return np.array([0.0])  # no 64-bit integer holds them: refused as floats
     return np.array(flat, dtype=np.uint64 if low >= 0 else np.int64)
 
 
@@ -387,13 +387,6 @@ def _flatten(data: list[Any], name: str) -> list[bytes]:
     return out
 
 
-def _reshape(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.ndarray:
-    try:
-        return array.reshape(shape)
-    except ValueError as exc:  # e.g. more dims than numpy supports
-        raise InvalidArgument(f"input {name!r}: cannot reshape to {list(shape)}: {exc}") from None
-
-
 def _json_output(name: str, array: np.ndarray) -> dict[str, Any]:
     """An output as JSON ``data`` (flat, row-major), or {} when it has no JSON form."""
     shape = list(array.shape)
@@ -431,8 +424,5 @@ def _request_parameters(params: Mapping[str, Any]) -> tuple[float | None, int]:
     if "priority" in params:
         priority = _count(params["priority"], "request parameter 'priority'")
     if params.get("sequence_id") not in (None, 0, ""):
-        raise Unimplemented(
-            "sequence batching is not supported: Ferry's models are stateless, so a "
-            "request must not carry a sequence_id"
-        )
+        raise Unimplemented(NO_SEQUENCES)
     return timeout, priority
