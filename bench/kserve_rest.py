@@ -32,7 +32,8 @@ class OnnxMLP(Model):  # type: ignore[misc]
         (y,) = self.session.run(None, {"input": x})
         out = InferOutput(name="logits", shape=list(y.shape), datatype="FP32")
         out.set_data_from_numpy(y, binary_data=False)
-        return InferResponse(model_name=self.name, infer_outputs=[out], response_id=payload.id)
+        response_id = payload.id or ""  # KServe refuses a response without an id
+        return InferResponse(model_name=self.name, infer_outputs=[out], response_id=response_id)
 
 
 if __name__ == "__main__":
