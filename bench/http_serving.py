@@ -149,7 +149,7 @@ def wrk(
     script = tmp / "post.lua"
     script.write_text("\n".join(lines) + "\n")
     threads = 1 if concurrency == 1 else 2
-    cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds:g}s", "--latency"]
+    cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency"]
     cmd += ["-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
     text = out.stdout
