@@ -7,8 +7,10 @@ One Ferry server process (the tiny MLP 64-256-256-10, FP32, single-sample reques
 identity model for the size sweep), then:
 
 1. wrk (Debian's package), one connection per concurrent client, c = 1, 16, 64: the same request
-   replayed, a JSON body (the anchor: KServe 0.21's REST server measured 1,419 / 1,323 / 1,346
-   req/s on this box) and the binary tensor extension;
+   replayed, a JSON body and the binary tensor extension. The reference is KServe 0.21's REST
+   server on the same model, measured in the same run just before Ferry when ``--kserve-python``
+   names an interpreter with kserve installed (bench/kserve_rest.py); otherwise the issue's
+   anchor (1,419 / 1,323 / 1,346 req/s, measured on this box earlier);
 2. perf_analyzer -i http (JSON and binary tensors) at the same concurrencies, when installed;
 3. JSON vs binary by tensor size (4 KiB to 1 MiB, identity model, c = 1), where the binary
    extension must pay off.
@@ -63,6 +65,20 @@ def start_server(repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], int, i
     ]  # fmt: skip
     with open(log, "ab") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    wait_ready(proc, http_port, log)
+    return proc, port, http_port
+
+
+def start_kserve(python: str, model: Path, log: Path) -> tuple[subprocess.Popen[bytes], int]:
+    http_port, grpc_port = free_port(), free_port()
+    cmd = [python, str(HERE / "kserve_rest.py"), str(model), str(http_port), str(grpc_port)]
+    with open(log, "ab") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
+    wait_ready(proc, http_port, log)
+    return proc, http_port
+
+
+def wait_ready(proc: subprocess.Popen[bytes], http_port: int, log: Path) -> None:
     deadline = time.monotonic() + 120
     url = f"http://127.0.0.1:{http_port}/v2/health/ready"
     while time.monotonic() < deadline:
@@ -71,12 +87,12 @@ def start_server(repo: Path, log: Path) -> tuple[subprocess.Popen[bytes], int, i
         try:
             with urllib.request.urlopen(url, timeout=1) as r:
                 if r.status == 200:
-                    return proc, port, http_port
+                    return
         except (urllib.error.URLError, OSError):
             pass
         time.sleep(0.2)  # polling a starting process, not synchronising a test
     proc.kill()
-    raise RuntimeError("server not ready in time")
+    raise RuntimeError(f"server not ready in time; see {log}")
 
 
 def bodies(model: str, x: np.ndarray) -> dict[str, tuple[bytes, dict[str, str]]]:
@@ -133,7 +149,7 @@ def wrk(
     script = tmp / "post.lua"
     script.write_text("\n".join(lines) + "\n")
     threads = 1 if concurrency == 1 else 2
-    cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{seconds:g}s", "--latency"]
+    cmd = ["wrk", f"-t{threads}", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "--latency"]
     cmd += ["-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=True)
     text = out.stdout
@@ -175,6 +191,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=8.0, help="seconds per wrk run")
     parser.add_argument("--skip-perf-analyzer", action="store_true")
     parser.add_argument("--skip-sizes", action="store_true")
+    parser.add_argument(
+        "--kserve-python",
+        default=os.environ.get("KSERVE_PYTHON", ""),
+        help="python of an environment with kserve==0.21.0 and onnxruntime: measure KServe's "
+        "REST server in the same run (default $KSERVE_PYTHON)",
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("bench/http_serving.py needs wrk: apt-get install -y wrk")
@@ -185,10 +207,26 @@ def main() -> int:
         repo = ModelRepository(tmp / "repo")
         write_model(repo, "mlp", mlp_model())
         write_model(repo, "identity", identity_model("FP32"))
+        x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
+        if args.kserve_python:
+            onnx_file = tmp / "mlp.onnx"
+            onnx_file.write_bytes(mlp_model().SerializeToString())
+            kserve, kport = start_kserve(args.kserve_python, onnx_file, tmp / "kserve.log")
+            try:
+                body, headers = bodies("mlp", x)["json"]
+                url = f"http://127.0.0.1:{kport}/v2/models/mlp/infer"
+                check(url, body, headers)
+                wrk(url, body, headers, concurrency=1, seconds=2, tmp=tmp)  # warm-up
+                results["kserve_rest_json"] = {
+                    c: wrk(url, body, headers, concurrency=c, seconds=args.duration, tmp=tmp)
+                    for c in CONCURRENCY
+                }
+            finally:
+                kserve.terminate()
+                kserve.wait(timeout=60)
         proc, _, http_port = start_server(repo.root, tmp / "server.log")
         base = f"http://127.0.0.1:{http_port}/v2/models"
         try:
-            x = np.random.default_rng(1).standard_normal((1, 64)).astype(np.float32)
             mlp = bodies("mlp", x)
             for body, headers in mlp.values():
                 check(f"{base}/mlp/infer", body, headers)
@@ -230,13 +268,17 @@ def main() -> int:
 
 
 def report(results: dict[str, Any]) -> None:
-    print("\nFerry HTTP infer, tiny MLP, batch 1 (req/s; p50 ms; x = vs KServe 0.21 REST JSON)")
-    print(f"{'client / body':<28}" + "".join(f"{'c=' + str(c):>24}" for c in CONCURRENCY))
+    measured = results.get("kserve_rest_json")
+    reference = {c: r["rps"] for c, r in measured.items()} if measured else KSERVE_REST
+    where = "measured in this run" if measured else "the issue's anchor, not this run"
+    print(f"\nHTTP infer, tiny MLP, batch 1: req/s (p50 ms) and x KServe 0.21 REST JSON ({where})")
+    print(f"{'server, client, body':<30}" + "".join(f"{'c=' + str(c):>24}" for c in CONCURRENCY))
     for key, label in [
-        ("wrk_mlp_json", "wrk, JSON"),
-        ("wrk_mlp_binary", "wrk, binary"),
-        ("perf_analyzer_mlp_json", "perf_analyzer, JSON"),
-        ("perf_analyzer_mlp_binary", "perf_analyzer, binary"),
+        ("kserve_rest_json", "KServe 0.21 REST, wrk, JSON"),
+        ("wrk_mlp_json", "Ferry, wrk, JSON"),
+        ("wrk_mlp_binary", "Ferry, wrk, binary"),
+        ("perf_analyzer_mlp_json", "Ferry, perf_analyzer, JSON"),
+        ("perf_analyzer_mlp_binary", "Ferry, perf_analyzer, binary"),
     ]:
         runs = results.get(key)
         if not runs:
@@ -245,13 +287,12 @@ def report(results: dict[str, Any]) -> None:
         for c in CONCURRENCY:
             r = runs[c]
             latency = r.get("p50_ms", r.get("avg_ms", float("nan")))
-            ratio = r["rps"] / KSERVE_REST[c]
+            ratio = r["rps"] / reference[c]
             flag = " !" if r.get("non_2xx") or r.get("socket_errors") else ""
             cells.append(f"{r['rps']:>8,.0f} ({latency:.2f}) {ratio:.2f}x{flag}")
-        print(f"{label:<28}" + "".join(f"{cell:>24}" for cell in cells))
-    print(
-        f"{'KServe 0.21 REST (anchor)':<28}" + "".join(f"{v:>24,.0f}" for v in KSERVE_REST.values())
-    )
+        print(f"{label:<30}" + "".join(f"{cell:>24}" for cell in cells))
+    anchor = "".join(f"{v:>24,.0f}" for v in KSERVE_REST.values())
+    print(f"{'(issue anchor, KServe REST)':<30}" + anchor)
     sizes = results.get("sizes")
     if sizes:
         print("\nJSON vs binary by tensor size, identity FP32, c=1, wrk (req/s; p50 ms)")

@@ -238,8 +238,11 @@ def test_unsafe_or_inconsistent_settings_are_refused(
 def test_management_off_loopback_needs_a_token_or_mutual_tls(tmp_path: Path, certs: Certs) -> None:
     Settings(repository=tmp_path, management_host="0.0.0.0", management_token="t")
     Settings(
-        repository=tmp_path, management_host="0.0.0.0", management_port=-1, management_http_port=-1
-    )
+        repository=tmp_path, management_host="0.0.0.0", management_port=-1,
+        management_http_port=-1,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="refusing to serve management"):  # HTTP is still on
+        Settings(repository=tmp_path, management_host="0.0.0.0", management_port=-1)
     Settings(
         repository=tmp_path, management_host="0.0.0.0", tls_cert_file=str(certs.server_cert),
         tls_key_file=str(certs.server_key), management_tls_client_ca_file=str(certs.ca),

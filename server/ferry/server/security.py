@@ -98,7 +98,7 @@ def check_settings(s: Settings) -> None:
         f"refusing to serve management on non-loopback address {s.management_host!r} without "
         "authentication: set FERRY_MANAGEMENT_TOKEN or --management-token-file, or mutual TLS "
         "(--tls-cert-file, --tls-key-file, --management-tls-client-ca-file), or keep "
-        "--management-host 127.0.0.1"
+        "--management-host 127.0.0.1 (both management listeners, gRPC and HTTP, bind there)"
     )
 
 
