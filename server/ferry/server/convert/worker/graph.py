@@ -19,7 +19,6 @@ from ferry.server.convert import onnx_safety
 from ferry.server.convert.spec import InputSpec
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
-SAFE_DOMAINS = onnx_safety.SAFE_DOMAINS
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
 
 
