@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ferry.server.convert.strategies import by_name
 from ferry.server.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -393,10 +394,7 @@ def names() -> list[str]:
 
 def mode(name: str) -> Mode:
     """The mode ``name`` selects; an unknown name is refused with every known one."""
-    for candidate in modes():
-        if candidate.name == name:
-            return candidate
-    raise InvalidArgument(f"unknown quantization mode {name!r}: use one of {', '.join(names())}")
+    return by_name(modes(), name, "quantization mode")
 
 
 def uses_calibration(selected: Mode) -> bool:
