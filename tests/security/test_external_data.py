@@ -32,7 +32,6 @@ from serverutil import ServerThread
 
 from ferry.client import ConversionClient, InferenceClient, InvalidInputError, JobFailedError
 from ferry.server.convert import onnx_safety, uploads
-from ferry.server.convert.worker import graph
 from ferry.server.errors import InvalidArgument
 
 SECRET = np.array([1.5, -2.25, 3.125, 4.0], np.float32)  # the victim's weights
@@ -347,7 +346,7 @@ def _refusals(model: onnx.ModelProto, tmp_path: Path) -> list[str]:
     for check in (
         lambda: onnx_safety.check_self_contained(model),
         lambda: uploads.check_format("onnx", path),
-        lambda: graph.check_source_model(onnx.load(str(path), load_external_data=False)),
+        lambda: onnx_safety.check_source(onnx.load(str(path), load_external_data=False)),
     ):
         with pytest.raises(InvalidArgument) as info:
             check()

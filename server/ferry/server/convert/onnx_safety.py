@@ -7,8 +7,8 @@ sparse initializers, every tensor-valued attribute kind of any node, subgraphs o
 any depth, local functions and their default attributes, training graphs — and every onnx release
 may add one. So the walk is driven by the protobuf schema, not by a list of known places: it
 visits every message field of every message and judges every ``TensorProto`` it meets. Both sides
-call it: the server when an upload arrives (``uploads``) and the child again before it reads a
-tensor (``worker/graph``).
+call it (``check_source``): the server when an upload arrives (``uploads``) and the child again
+before it reads a tensor (``worker/load``).
 
 Torch-free and onnx-free at import: the messages are recognised by their descriptor's name, and
 only message-typed fields are read, so a tensor's ``raw_data`` is never copied out.
@@ -91,6 +91,14 @@ def check_self_contained(model: Any) -> None:
         "file, a model may read no bytes that did not travel with it; save it with every tensor "
         "inside, e.g. onnx.save(model, path, save_as_external_data=False) (models under 2 GiB)"
     )
+
+
+def check_source(model: Any) -> None:
+    """Both rules, as the server applies them to an upload and the child to every source it is
+    given (it must hold for every file, whoever wrote the job): no external data, no node of a
+    domain the server has no kernels for. Run before anything reads a tensor."""
+    check_self_contained(model)
+    check_domains(model)
 
 
 def used_domains(model: Any) -> set[str]:

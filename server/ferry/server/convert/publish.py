@@ -10,14 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import (
     MODEL_FILE,
-    REPORT_FILE,
     VERSION_CONFIG_FILE,
     ModelRepository,
     write_file_atomic,
@@ -26,8 +24,6 @@ from ferry.server.core.types import State
 from ferry.server.errors import ConversionFailed, ErrorKind, FerryError, InternalError
 
 log = logging.getLogger("ferry.convert")
-
-KEPT = {MODEL_FILE, REPORT_FILE}
 
 
 async def publish(
@@ -71,15 +67,12 @@ async def publish(
 
 
 def _prepare(staged: Path, serving_config: dict[str, Any]) -> None:
-    """Keep only what a version holds; write the serving config the job asked for."""
+    """Write the serving config the job asked for.
+
+    The folder already holds only what a version may (``jobs.keep_version_files`` ran when the
+    child exited, before the server read anything from it)."""
     if not (staged / MODEL_FILE).is_file():
         raise InternalError(f"the conversion process exited 0 without writing {MODEL_FILE}")
-    for entry in staged.iterdir():  # intermediate files of the child stay out of the version
-        if entry.name not in KEPT:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
     if serving_config:
         text = json.dumps(serving_config, indent=2, sort_keys=True) + "\n"
         write_file_atomic(staged / VERSION_CONFIG_FILE, text.encode())

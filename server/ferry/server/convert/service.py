@@ -305,13 +305,8 @@ def _check_id(value: str, what: str) -> str:
 
 
 def _check_architecture(name: str) -> None:
-    known = architectures.available()  # names only: no plugin code is imported here
-    if name not in known:
-        raise InvalidArgument(
-            f"unknown architecture {name!r}: available are {', '.join(known)}; register your "
-            f"own through the {architectures.ENTRY_POINT_GROUP!r} entry-point group of an "
-            "installed package, or upload an ONNX file instead"
-        )
+    if name not in architectures.available():  # names only: no plugin code is imported here
+        raise architectures.unknown(name)
 
 
 def _assign_paths(

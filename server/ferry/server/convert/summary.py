@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from typing import Any
 
 
-def _speedup(variant: dict[str, Any]) -> float | None:
-    ratios = [r for r in (variant.get("speedup_vs_fp32") or {}).values() if r and r > 0]
+def mean_speedup(speedups: Mapping[str, float] | None) -> float | None:
+    """A variant's one speed-up figure: the geometric mean of its per-batch median speed-ups
+    against fp32; None when none was measured. The child's auto choice (``worker.quantize``)
+    ranks variants by it, so the job's line and the choice it reports read the same figure."""
+    ratios = [r for r in (speedups or {}).values() if r and r > 0]
     if not ratios:
         return None
     return math.exp(sum(math.log(r) for r in ratios) / len(ratios))
 
 
-def _spread(variant: dict[str, Any]) -> str:
-    ranges = list((variant.get("speedup_iqr") or {}).values())
+def speedup_spread(iqr: Mapping[str, Mapping[str, float]] | None) -> str:
+    """`` (1.80-2.05)``: the widest interquartile range of the speed-up over the batch sizes;
+    '' when none was measured."""
+    ranges = list((iqr or {}).values())
     if not ranges:
         return ""
     return f" ({min(r['low'] for r in ranges):.2f}-{max(r['high'] for r in ranges):.2f})"
@@ -32,10 +38,10 @@ def _speed(report: dict[str, Any], variant: dict[str, Any]) -> str:
     if variant.get("name") == "fp32":
         ms = variant.get("latency_ms") or {}
         return f"{ms['1']:.3g} ms at batch 1" if "1" in ms else ""
-    speedup = _speedup(variant)
+    speedup = mean_speedup(variant.get("speedup_vs_fp32"))
     if speedup is None:
         return "speed not measured"
-    figure = f"{speedup:.2f}x fp32{_spread(variant)}"
+    figure = f"{speedup:.2f}x fp32{speedup_spread(variant.get('speedup_iqr'))}"
     verdict = variant.get("speed", "")
     if verdict == "slower":
         return f"SLOWER than fp32 at {figure}, published because quantization.keep_slower is set"

@@ -270,5 +270,4 @@ def _check_onnx(path: Path) -> None:
         ) from None
     if not model.graph.node and not model.graph.output:
         raise InvalidArgument("ONNX upload has an empty graph: corrupt or not an ONNX model")
-    onnx_safety.check_self_contained(model)
-    onnx_safety.check_domains(model)
+    onnx_safety.check_source(model)

@@ -13,7 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ferry.server.errors import ConversionFailed, InvalidArgument
+from ferry.server.convert.strategies import by_name
+from ferry.server.errors import ConversionFailed
 
 MAX_AMOUNT = 0.95
 
@@ -164,10 +165,7 @@ def _unstructured() -> list[str]:
 
 def method(name: str) -> Method:
     """The method ``name`` selects; an unknown name is refused with every known one."""
-    for candidate in methods():
-        if candidate.name == name:
-            return candidate
-    raise InvalidArgument(f"unknown pruning method {name!r}: use one of {', '.join(names())}")
+    return by_name(methods(), name, "pruning method")
 
 
 def markdown_table() -> str:

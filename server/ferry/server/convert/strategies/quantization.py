@@ -6,7 +6,8 @@ quantizer whose ``auto_skip`` does not object and lets the child pick the fastes
 Adding a mode is adding a ``Quantizer`` to ``QUANTIZERS``: validation (``mode``), the child's plan
 (``plan``), the pipeline and the docs table (``markdown_table``) read it from there.
 
-Builders run in the conversion child only and import onnxruntime.quantization when called.
+Builders run in the conversion child only and import onnxruntime.quantization (and the child's
+``worker.graph``) when called.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ferry.server.convert.strategies import by_name
 from ferry.server.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -150,11 +152,6 @@ def reduce_range() -> bool:
     return not any(f in flags for f in (" avx512_vnni", " avx_vnni", " amx_int8"))
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]
-
-
 def _dynamic_int8(job: BuildInputs) -> str:
     """Quantize a constant-folded copy of the graph: the exporter computes an LSTM's weights
     from initializers (Slice/Concat/Unsqueeze), and onnxruntime's quantizer only quantizes an
@@ -177,6 +174,8 @@ def _fold_constants(base: Path, target: Path) -> str:
     quantizer still sees the operators it knows; '' on success, else a note (no copy)."""
     import onnxruntime as ort
 
+    from ferry.server.convert.worker.graph import first_line
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
@@ -184,7 +183,7 @@ def _fold_constants(base: Path, target: Path) -> str:
         ort.InferenceSession(str(base), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         target.unlink(missing_ok=True)
-        return f"quantized without constant folding ({_first_line(exc)})"
+        return f"quantized without constant folding ({first_line(exc)})"
     return ""
 
 
@@ -302,16 +301,18 @@ def _pre_process(base: Path, target: Path) -> str:
     """quant_pre_process can crash in symbolic shape inference: retry without it, then skip it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from ferry.server.convert.worker.graph import first_line
+
     try:
         quant_pre_process(base, target)
         return ""
     except Exception as first:
         try:
             quant_pre_process(base, target, skip_symbolic_shape=True)
-            return f"pre-processing ran without symbolic shape inference ({_first_line(first)})"
+            return f"pre-processing ran without symbolic shape inference ({first_line(first)})"
         except Exception as second:
             target.unlink(missing_ok=True)
-            return f"quantized without pre-processing ({_first_line(second)})"
+            return f"quantized without pre-processing ({first_line(second)})"
 
 
 # ---- the registry ----
@@ -393,10 +394,7 @@ def names() -> list[str]:
 
 def mode(name: str) -> Mode:
     """The mode ``name`` selects; an unknown name is refused with every known one."""
-    for candidate in modes():
-        if candidate.name == name:
-            return candidate
-    raise InvalidArgument(f"unknown quantization mode {name!r}: use one of {', '.join(names())}")
+    return by_name(modes(), name, "quantization mode")
 
 
 def uses_calibration(selected: Mode) -> bool:

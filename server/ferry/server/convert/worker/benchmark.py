@@ -62,7 +62,6 @@ BUDGETS = {
     "full": Budget(min_rounds=5, max_rounds=40, per_variant_s=0.6, stage_s=30.0),
     "quick": Budget(min_rounds=3, max_rounds=8, per_variant_s=0.15, stage_s=6.0),
 }
-MODES = ("full", "quick", "off")
 
 
 def gzip_size(path: Path) -> int:

@@ -2,7 +2,8 @@
 
 An uploaded ONNX file is untrusted input to the serving process: onnxruntime would follow an
 external-data path anywhere on disk and fail late on a custom-op domain it has no kernels for. So a
-source file is refused unless it is self-contained and uses only domains the server registers.
+source file is refused unless it is self-contained and uses only domains the server registers
+(``onnx_safety.check_source``, which the load stage runs).
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from ferry.server.convert import onnx_safety
 from ferry.server.convert.spec import InputSpec
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
-SAFE_DOMAINS = onnx_safety.SAFE_DOMAINS
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
 
 
@@ -28,16 +28,6 @@ def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
     for step in onnx_safety.walk(model):
         if isinstance(step.message, onnx.NodeProto):
             yield step.message
-
-
-def check_source_model(model: onnx.ModelProto) -> None:
-    """Refuse external data and unregistered domains before anything reads the tensors.
-
-    The upload was checked for both already; the child checks again because it must hold for
-    every file it is given, whoever wrote the job. Domains are judged by the nodes that use them
-    (``onnx_safety.check_domains``), not by what ``opset_import`` declares."""
-    onnx_safety.check_self_contained(model)
-    onnx_safety.check_domains(model)
 
 
 def drop_unused_opsets(path: Path) -> list[str]:

@@ -235,6 +235,7 @@ def _load_onnx(job: Job, path: Path) -> Source:
     import onnx
     from google.protobuf.message import DecodeError
 
+    from ferry.server.convert import onnx_safety
     from ferry.server.convert.worker import graph
 
     try:
@@ -243,7 +244,7 @@ def _load_onnx(job: Job, path: Path) -> Source:
         raise InvalidArgument(
             f"the file is not a valid ONNX model ({first_line(exc)}): it may be corrupt or truncated"
         ) from None
-    graph.check_source_model(model)
+    onnx_safety.check_source(model)  # the upload was checked; the child checks again
     inputs = graph.graph_inputs(model)
     by_name = {spec.name: spec for spec in job.spec.inputs}
     unknown = sorted(set(by_name) - {spec.name for spec in inputs})

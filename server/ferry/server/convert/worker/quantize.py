@@ -7,8 +7,6 @@ neither exporter can export.
 
 from __future__ import annotations
 
-import math
-
 import onnx
 
 from ferry.server.convert.strategies.quantization import (
@@ -17,6 +15,7 @@ from ferry.server.convert.strategies.quantization import (
     GraphFacts,
     Quantizer,
 )
+from ferry.server.convert.summary import mean_speedup, speedup_spread
 from ferry.server.convert.worker.graph import first_line, has_conv
 from ferry.server.convert.worker.report import VariantRecord
 from ferry.server.errors import ConversionFailed, InvalidArgument
@@ -43,9 +42,8 @@ def build(quantizer: Quantizer, inputs: BuildInputs) -> str:
 
 def _score(variant: VariantRecord) -> float:
     """Geometric mean of the speed-ups over the measured batch sizes (fp32 scores 1)."""
-    speedups = variant.benchmark.speedup_vs_fp32 if variant.benchmark is not None else {}
-    ratios = [r for r in speedups.values() if r > 0]
-    return math.exp(sum(math.log(r) for r in ratios) / len(ratios)) if ratios else 0.0
+    bench = variant.benchmark
+    return mean_speedup(bench.speedup_vs_fp32 if bench is not None else None) or 0.0
 
 
 def _clearly_faster(variant: VariantRecord) -> bool:
@@ -62,10 +60,8 @@ def _figure(variant: VariantRecord) -> str:
     interquartile range over the batch sizes."""
     text = f"{variant.name} {_score(variant):.2f}x"
     bench = variant.benchmark
-    if bench is not None and bench.speedup_iqr and variant.name != "fp32":
-        low = min(r["low"] for r in bench.speedup_iqr.values())
-        high = max(r["high"] for r in bench.speedup_iqr.values())
-        text += f" ({low:.2f}-{high:.2f})"
+    if bench is not None and variant.name != "fp32":
+        text += speedup_spread(bench.speedup_iqr)
     if bench is not None and bench.speed == "unclear":
         text += " unclear"
     return text

@@ -43,6 +43,15 @@ def _figures(value: Figures | None) -> dict[str, Any] | None:
     return None if value is None else value.to_dict()
 
 
+def _asdict_present(record: Any, optional: str) -> dict[str, Any]:
+    """``asdict`` without the ``optional`` key while it is None: a section not reached is absent
+    from report.json, never null."""
+    out: dict[str, Any] = asdict(record)
+    if out[optional] is None:
+        del out[optional]
+    return out
+
+
 @dataclass
 class SourceRecord:
     job_id: str
@@ -56,10 +65,7 @@ class SourceRecord:
     inputs: list[InputSpec] | None = None  # known once the source is loaded
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        if self.inputs is None:
-            del out["inputs"]
-        return out
+        return _asdict_present(self, "inputs")
 
 
 @dataclass
@@ -87,10 +93,7 @@ class PruningRecord:
     vs_unpruned: Figures | None = None  # the pruned PyTorch model against the unpruned one
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        if self.vs_unpruned is None:
-            del out["vs_unpruned"]
-        return out
+        return _asdict_present(self, "vs_unpruned")
 
 
 @dataclass
@@ -101,10 +104,7 @@ class QuantizationRecord:
     selection: str | None = None  # auto's reasoning, once it chose
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        if self.selection is None:
-            del out["selection"]
-        return out
+        return _asdict_present(self, "selection")
 
 
 @dataclass
