@@ -55,7 +55,7 @@ from ferry.server.convert import architectures
 from ferry.server.convert.spec import InputSpec
 from ferry.server.convert.worker import parity
 from ferry.server.convert.worker.architectures import build as build_architecture
-from ferry.server.convert.worker.benchmark import MAX_RUNS, MIN_RUNS, TIME_PER_BATCH_S
+from ferry.server.convert.worker.benchmark import BUDGETS
 from ferry.server.convert.worker.pipeline import default_threads
 
 HERE = Path(__file__).parent
@@ -713,7 +713,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"cosine / max_abs / top-1: this script, vs the fp32 model on {EVAL_SAMPLES} fresh "
         "inputs (for pruned50: the accuracy drop, no fine-tuning). child cosine: the report's, on "
         "its 16 validation samples (pruned50: vs the unpruned PyTorch model). child x: the "
-        f"report's latency (median of {MIN_RUNS}-{MAX_RUNS} runs, ~{TIME_PER_BATCH_S} s per "
+        f"report's speed-up (median of {BUDGETS['full'].min_rounds}-"
+        f"{BUDGETS['full'].max_rounds} interleaved rounds, ~{BUDGETS['full'].per_variant_s} s per "
         "variant); bench x: this script's, variants alternated, many more runs.",
         "",
     ]
