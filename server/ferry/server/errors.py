@@ -135,3 +135,10 @@ class InternalError(FerryError):
     """A bug or an environment failure; logged with a traceback by the adapter."""
 
     kind = ErrorKind.INTERNAL
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception as one line for a message: its first line, bounded (library errors from
+    onnx, onnxruntime or torch can run to pages)."""
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0][:500]

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ferry.server.convert.strategies import by_name
-from ferry.server.errors import InvalidArgument
+from ferry.server.errors import InvalidArgument, first_line
 
 if TYPE_CHECKING:
     import numpy as np
@@ -174,8 +174,6 @@ def _fold_constants(base: Path, target: Path) -> str:
     quantizer still sees the operators it knows; '' on success, else a note (no copy)."""
     import onnxruntime as ort
 
-    from ferry.server.convert.worker.graph import first_line
-
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(target)
@@ -300,8 +298,6 @@ def _static_int8(job: BuildInputs) -> str:
 def _pre_process(base: Path, target: Path) -> str:
     """quant_pre_process can crash in symbolic shape inference: retry without it, then skip it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
-
-    from ferry.server.convert.worker.graph import first_line
 
     try:
         quant_pre_process(base, target)

@@ -18,10 +18,15 @@ import numpy as np
 import onnx
 import torch
 
-from ferry.server.convert.worker.graph import first_line
 from ferry.server.convert.worker.load import Source
 from ferry.server.convert.worker.parity import generate, onnx_runner
-from ferry.server.errors import ConversionFailed, FerryError, InvalidArgument, Unimplemented
+from ferry.server.errors import (
+    ConversionFailed,
+    FerryError,
+    InvalidArgument,
+    Unimplemented,
+    first_line,
+)
 
 DYNAMO = "torch.onnx.export(dynamo=True)"
 LEGACY = "torch.onnx.export(dynamo=False)"

@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from ferry.codec import datatype_name, datatype_of
 from ferry.server.convert import onnx_safety
 from ferry.server.convert.spec import InputSpec
-from ferry.server.errors import ConversionFailed, InvalidArgument
+from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
 
@@ -121,8 +121,3 @@ def optimize(source: Path, target: Path, threads: int) -> str:
             f"onnxruntime graph optimization failed ({first_line(exc)}); serving the exported graph"
         )
     return ""
-
-
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:500]

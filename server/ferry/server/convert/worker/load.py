@@ -19,9 +19,8 @@ from ferry.server.convert import architectures
 from ferry.server.convert.spec import InputSpec, Job
 from ferry.server.convert.validation import USE_INSTEAD
 from ferry.server.convert.worker import architectures as builders
-from ferry.server.convert.worker.graph import first_line
 from ferry.server.convert.worker.parity import dtype_of, is_batched, sample_shape
-from ferry.server.errors import InvalidArgument
+from ferry.server.errors import InvalidArgument, first_line
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 

@@ -35,7 +35,7 @@ from ferry.server.convert.worker.report import (
     VariantRecord,
 )
 from ferry.server.core.repository import MODEL_FILE
-from ferry.server.errors import ConversionFailed, InvalidArgument
+from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
 SCRATCH = ".scratch"
 # Where each stage starts in the job's 0..1 progress; the server's publish stage owns the rest.
@@ -201,7 +201,7 @@ class Pipeline:
                 raise InvalidArgument(
                     f"the model fails on inputs shaped like spec.inputs "
                     f"({[f'{s.name}{s.shape}' for s in self.source.inputs]}): "
-                    f"{graph.first_line(exc)}; check spec.inputs and architecture_kwargs"
+                    f"{first_line(exc)}; check spec.inputs and architecture_kwargs"
                 ) from None
             self.output_names = export.output_names(len(self.baseline))
             self.baseline_name = "pytorch"

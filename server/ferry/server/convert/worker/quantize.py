@@ -16,9 +16,9 @@ from ferry.server.convert.strategies.quantization import (
     Quantizer,
 )
 from ferry.server.convert.summary import mean_speedup, speedup_spread
-from ferry.server.convert.worker.graph import first_line, has_conv
+from ferry.server.convert.worker.graph import has_conv
 from ferry.server.convert.worker.report import VariantRecord
-from ferry.server.errors import ConversionFailed, InvalidArgument
+from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
 __all__ = ["AUTO_MIN_SPEEDUP", "build", "choose", "facts"]
 
