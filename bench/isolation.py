@@ -72,43 +72,16 @@ def free_port() -> int:
 class Server:
     def __init__(self, repo: Path, extra: list[str]) -> None:
         self.port, self.mport, self.metrics_port = free_port(), free_port(), free_port()
-        cmd = [
-            sys.executable,
-            "-m",
-            "ferry.server",
-            "--repository",
-            str(repo),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(self.port),
-            "--management-port",
-            str(self.mport),
-            "--metrics-host",
-            "127.0.0.1",
-            "--metrics-port",
-            str(self.metrics_port),
-            "--log-level",
-            "WARNING",
-            *extra,
-        ]
+        # Imported here: the probe process runs this file too and needs none of it.
+        from serving import ferry_command, wait_ready
+
+        listeners = ["--management-port", str(self.mport), "--metrics-host", "127.0.0.1"]
+        listeners += ["--metrics-port", str(self.metrics_port)]
+        cmd = ferry_command(repo, self.port, *listeners, *extra)
         self.proc = subprocess.Popen(cmd, text=True)
         self.target = f"127.0.0.1:{self.port}"
         self.management = f"127.0.0.1:{self.mport}"
-        self._wait_ready()
-
-    def _wait_ready(self, timeout: float = 300) -> None:
-        from ferry.client import InferenceClient
-
-        deadline = time.monotonic() + timeout
-        with InferenceClient(self.target) as client:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"server exited with {self.proc.returncode}")
-                if client.ready(timeout=1.0):
-                    return
-                time.sleep(0.2)
-        raise RuntimeError("server not ready in time")
+        wait_ready(self.proc, self.target, timeout=300)
 
     def threads(self) -> int:
         return len(os.listdir(f"/proc/{self.proc.pid}/task"))

@@ -31,7 +31,6 @@ import contextlib
 import json
 import multiprocessing as mp
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -283,12 +282,6 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -297,13 +290,10 @@ def rss_mib(pid: int) -> float:
 
 
 def start_server(repo: Path, extra: list[str]) -> tuple[subprocess.Popen[str], str]:
-    from serving import wait_ready
+    from serving import ferry_command, free_port, wait_ready
 
     port = free_port()
-    cmd = [sys.executable, "-m", "ferry.server", "--repository", str(repo), "--host", "127.0.0.1"]
-    cmd += ["--port", str(port), "--management-port", "-1", "--metrics-port", "-1"]
-    cmd += ["--log-level", "WARNING", *extra]
-    proc = subprocess.Popen(cmd, text=True)
+    proc = subprocess.Popen(ferry_command(repo, port, *extra), text=True)
     target = f"127.0.0.1:{port}"
     wait_ready(proc, target)
     return proc, target

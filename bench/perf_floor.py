@@ -19,7 +19,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,16 +31,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 from models import SHAPES, build
+from serving import ferry_command, free_port, stop
 
 HERE = Path(__file__).parent
 PERF_ANALYZER = os.environ.get("PERF_ANALYZER", "/work/perf-analyzer/bin/perf_analyzer")
 PY_SPY = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_port(proc: subprocess.Popen[bytes], port: int, timeout: float = 120) -> None:
@@ -69,15 +63,6 @@ def wait_port(proc: subprocess.Popen[bytes], port: int, timeout: float = 120) ->
     raise RuntimeError("server not ready in time")
 
 
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
 def start_floor(path: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
@@ -93,13 +78,7 @@ def start_floor(path: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
 
 def start_ferry(repo: Path) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "ferry.server", "--repository", str(repo)),
-            *("--host", "127.0.0.1", "--port", str(port), "--management-port", "-1"),
-            *("--metrics-port", "-1", "--log-level", "WARNING"),
-        ],
-    )
+    proc = subprocess.Popen(ferry_command(repo, port))
     wait_port(proc, port)
     return proc, port
 

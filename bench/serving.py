@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -128,32 +129,22 @@ def wait_ready(proc: subprocess.Popen[str], target: str, timeout: float = 120) -
     raise RuntimeError("server not ready in time")
 
 
+def ferry_command(repo: Path, port: int, *flags: str) -> list[str]:
+    """``python -m ferry.server`` with gRPC inference on 127.0.0.1:``port`` and every other
+    listener off, so that a benchmark measures one listener and never binds a fixed default port
+    another run holds; ``flags`` come last and win (e.g. ``--metrics-port 9100`` turns one on)."""
+    return [
+        *(sys.executable, "-m", "ferry.server", "--repository", str(repo)),
+        *("--host", "127.0.0.1", "--port", str(port)),
+        *("--management-port", "-1", "--metrics-port", "-1"),
+        *("--http-port", "-1", "--management-http-port", "-1"),
+        *("--log-level", "WARNING", *flags),
+    ]
+
+
 def start_ferry(repo: Path) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ferry.server",
-            "--repository",
-            str(repo),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--management-port",
-            "-1",
-            "--metrics-port",
-            "-1",
-            "--http-port",
-            "-1",
-            "--management-http-port",
-            "-1",
-            "--log-level",
-            "WARNING",
-        ],
-        text=True,
-    )
+    proc = subprocess.Popen(ferry_command(repo, port), text=True)
     target = f"127.0.0.1:{port}"
     wait_ready(proc, target)
     return proc, target
@@ -172,12 +163,13 @@ def start_plain(path: Path) -> tuple[subprocess.Popen[str], str]:
     return proc, f"127.0.0.1:{port}"
 
 
-def stop(proc: subprocess.Popen[str]) -> None:
+def stop(proc: subprocess.Popen[Any]) -> None:
     proc.terminate()
     try:
         proc.wait(15)
     except subprocess.TimeoutExpired:
         proc.kill()
+        proc.wait()
 
 
 def write_repo(root: Path, models: dict[str, Path], max_batch_size: int) -> Path:

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Install Ferry into a virtual environment, with every package pinned: the one install step of
-# the container image (deploy/Containerfile runs it) and of tests/deploy/test_install.py, which
+# the container image (deploy/Dockerfile runs it) and of tests/deploy/test_install.py, which
 # runs it into a fresh venv and starts the server from it, so the recipe is tested, not text.
 #
 #   deploy/install.sh VENV serve|convert [SOURCE]

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +15,7 @@ from serverutil import ServerThread
 from ferry.client import InferenceClient
 from ferry.server.core.repository import ModelRepository
 from ferry.server.examples import identity_model, mlp_model, two_io_model, write_model
+from ferry.server.grpc.app import FerryServer
 
 
 @pytest.fixture
@@ -43,14 +44,17 @@ def client(server: ServerThread) -> Iterator[InferenceClient]:
 
 @pytest.fixture
 def start_server() -> Iterator[StartServer]:
-    """Start servers on other repositories or settings: ``start_server(repo, poll_interval=1)``.
-    Every server started here is stopped (after opening its execution gates) at teardown."""
+    """Start servers on other repositories or settings: ``start_server(repo, poll_interval=1)``;
+    ``configure`` (a callable taking the FerryServer) runs before it starts, to install a spy or
+    a gate. Every server started here is stopped (after opening its execution gates) at teardown."""
     started: list[ServerThread] = []
 
-    def start(repository: Path, **settings: Any) -> ServerThread:
+    def start(
+        repository: Path, configure: Callable[[FerryServer], None] | None = None, **settings: Any
+    ) -> ServerThread:
         srv = ServerThread(repository, **settings)
         started.append(srv)
-        return srv.start()
+        return srv.start(configure)
 
     yield start
     for srv in reversed(started):

@@ -47,10 +47,13 @@ class ServerThread:
         server drains its queues, or the drain would wait on an execution that never ends."""
         self._before_stop.append(fn)
 
+    def submit(self, coro_fn: Callable[[], Coroutine[Any, Any, T]]) -> Future[T]:
+        """Start a coroutine on the server's loop; the test waits on the future when it chooses."""
+        return asyncio.run_coroutine_threadsafe(coro_fn(), self.loop)
+
     def call(self, coro_fn: Callable[[], Coroutine[Any, Any, T]], timeout: float = 120) -> T:
         """Run a coroutine on the server's loop and wait for its result."""
-        fut: Future[T] = asyncio.run_coroutine_threadsafe(coro_fn(), self.loop)
-        return fut.result(timeout)
+        return self.submit(coro_fn).result(timeout)
 
     def start(self, configure: Callable[[FerryServer], None] | None = None) -> ServerThread:
         self._thread.start()

@@ -15,7 +15,6 @@ Import checks run in fresh interpreters, since this test process has imported ev
 
 from __future__ import annotations
 
-import ast
 import json
 import subprocess
 import sys
@@ -23,57 +22,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from importscan import imports, matching
 
 ROOT = Path(__file__).resolve().parents[2]
 SDK_DIRS = [ROOT / "client" / "ferry" / d for d in ("client", "codec", "proto")]
 FORBIDDEN_IN_SDK = ("ferry.server", "torch", "onnxruntime", "onnx")
-
-
-def _imports(path: Path) -> set[str]:
-    """Every module an ``import`` or ``from ... import`` in ``path`` names, at any depth (inside
-    functions too), relative imports resolved, plus literal ``import_module``/``__import__``."""
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            module = _absolute(path, node.module or "", node.level)
-            found.add(module)
-            # ``from ferry import server`` names the module through its alias.
-            found.update(f"{module}.{alias.name}" for alias in node.names)
-        elif (
-            isinstance(node, ast.Call)
-            and _call_name(node.func) in ("import_module", "__import__")
-            and node.args
-            and isinstance(node.args[0], ast.Constant)
-            and isinstance(node.args[0].value, str)
-        ):
-            found.add(node.args[0].value)
-    return found
-
-
-def _absolute(path: Path, module: str, level: int) -> str:
-    """``from ..x import y`` in ``path`` -> the absolute name of ``..x``."""
-    if level == 0:
-        return module
-    parts = list(path.relative_to(_package_root(path)).with_suffix("").parts)
-    base = parts[: len(parts) - level]
-    return ".".join([*base, module] if module else base)
-
-
-def _package_root(path: Path) -> Path:
-    """The folder that holds the top-level package ``path`` belongs to."""
-    folder = path.parent
-    while (folder / "__init__.py").exists() or folder.name == "ferry":
-        folder = folder.parent
-    return folder
-
-
-def _call_name(func: ast.expr) -> str:
-    if isinstance(func, ast.Attribute):
-        return func.attr
-    return func.id if isinstance(func, ast.Name) else ""
 
 
 def _sdk_files() -> list[Path]:
@@ -88,12 +41,7 @@ def test_scan_finds_the_sdk() -> None:
 
 @pytest.mark.parametrize("path", _sdk_files(), ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_sdk_source_never_imports_the_server_torch_or_onnxruntime(path: Path) -> None:
-    bad = sorted(
-        name
-        for name in _imports(path)
-        for forbidden in FORBIDDEN_IN_SDK
-        if name == forbidden or name.startswith(forbidden + ".")
-    )
+    bad = matching(imports(path), FORBIDDEN_IN_SDK)
     assert bad == [], f"{path.relative_to(ROOT)} imports {bad}"
 
 
@@ -104,12 +52,6 @@ CHILD_SIDE = ("ferry.server.convert.worker", "torch", "torchvision", "onnxscript
 
 def _serving_files() -> list[Path]:
     return sorted(p for p in SERVER.rglob("*.py") if WORKER not in p.parents)
-
-
-def _forbidden(names: set[str], forbidden: tuple[str, ...]) -> list[str]:
-    return sorted(
-        name for name in names for f in forbidden if name == f or name.startswith(f + ".")
-    )
 
 
 def test_scan_finds_both_sides_of_the_process_boundary() -> None:
@@ -135,7 +77,7 @@ def test_the_scan_sees_hidden_imports(tmp_path: Path) -> None:
         "    importlib.import_module('torch_pruning')\n"
         "    __import__('onnxscript')\n"
     )
-    assert _forbidden(_imports(probe), CHILD_SIDE) == [
+    assert matching(imports(probe), CHILD_SIDE) == [
         "ferry.server.convert.worker",
         "ferry.server.convert.worker.pipeline",
         "onnxscript",
@@ -151,25 +93,13 @@ def test_the_scan_sees_hidden_imports(tmp_path: Path) -> None:
 STRATEGIES = SERVER / "convert" / "strategies"
 
 
-def _module_level_imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    top = ast.Module(body=[n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)])
-    found: set[str] = set()
-    for node in ast.walk(top):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            found.add(node.module)
-    return found
-
-
 @pytest.mark.parametrize("path", _serving_files(), ids=lambda p: p.relative_to(SERVER).as_posix())
 def test_serving_side_never_imports_the_child_side(path: Path) -> None:
-    names = _imports(path)
+    names = imports(path)
     if STRATEGIES in path.parents:
-        deferred = names - _module_level_imports(path)
-        names -= {n for n in deferred if _forbidden({n}, CHILD_SIDE[1:])}
-    bad = _forbidden(names, CHILD_SIDE)
+        deferred = names - imports(path, module_level_only=True)
+        names -= {n for n in deferred if matching({n}, CHILD_SIDE[1:])}
+    bad = matching(names, CHILD_SIDE)
     assert bad == [], (
         f"{path.relative_to(ROOT)} imports {bad}: only ferry/server/convert/worker/ (the "
         "conversion child) may; the serving process starts the child as a subprocess"

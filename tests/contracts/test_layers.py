@@ -13,10 +13,10 @@ imports included):
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
+from importscan import imports, matching, under
 
 ROOT = Path(__file__).resolve().parents[2]
 SERVER = ROOT / "server" / "ferry" / "server"
@@ -34,22 +34,6 @@ DOOR = ("ferry.server.core.dataplane", "ferry.server.core.types", "ferry.server.
 CONVERSION_ADAPTER = SERVER / "grpc" / "conversion.py"
 
 
-def _imports(path: Path) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-    found: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            found.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            found.add(node.module)
-            found.update(f"{node.module}.{alias.name}" for alias in node.names)
-    return found
-
-
-def _under(name: str, prefix: str) -> bool:
-    return name == prefix or name.startswith(prefix + ".")
-
-
 def _rel(p: Path) -> str:
     return p.relative_to(ROOT).as_posix()
 
@@ -65,15 +49,14 @@ def test_the_scan_finds_the_layers() -> None:
 def test_adapters_go_through_the_door(path: Path) -> None:
     bad = sorted(
         name
-        for name in _imports(path)
-        if _under(name, "ferry.server.core")
+        for name in imports(path)
+        if under(name, "ferry.server.core")
         and name != "ferry.server.core"
-        and not any(_under(name, door) for door in DOOR)
+        and not any(under(name, door) for door in DOOR)
     )
-    bad += sorted(n for n in _imports(path) if _under(n, "ferry.server.runtime"))
-    bad += sorted(n for n in _imports(path) if _under(n, "ferry.server.grpc.app"))
+    bad += matching(imports(path), ("ferry.server.runtime", "ferry.server.grpc.app"))
     if path == CONVERSION_ADAPTER:  # its core is the conversion service; it reads ModelView
-        bad = [n for n in bad if not _under(n, "ferry.server.core.versions")]
+        bad = [n for n in bad if not under(n, "ferry.server.core.versions")]
     assert bad == [], f"{_rel(path)} reaches past the core's door: {bad}"
 
 
@@ -91,7 +74,7 @@ def test_the_core_knows_no_wire_format_runtime_or_conversion(path: Path) -> None
         "torch",
         "prometheus_client",
     )
-    bad = sorted(n for n in _imports(path) for f in forbidden if _under(n, f))
+    bad = matching(imports(path), forbidden)
     assert bad == [], f"{_rel(path)} imports {bad}"
 
 
@@ -99,5 +82,5 @@ def test_the_core_knows_no_wire_format_runtime_or_conversion(path: Path) -> None
 def test_the_runtime_never_reaches_back(path: Path) -> None:
     forbidden = ("grpc", "ferry.server.grpc", "ferry.server.convert", "ferry.server.core.dataplane")
     forbidden += ("ferry.server.core.registry", "ferry.server.core.loaded")
-    bad = sorted(n for n in _imports(path) for f in forbidden if _under(n, f))
+    bad = matching(imports(path), forbidden)
     assert bad == [], f"{_rel(path)} imports {bad}"

@@ -214,18 +214,34 @@ def test_every_flag_parses_with_the_servers_own_settings(path: str) -> None:
         settings_of(container)
 
 
+def reachable_listeners(s: Settings) -> set[int]:
+    """The ports the settings open on an address other pods reach (gRPC and HTTP alike)."""
+    by_host = [
+        (s.host, (s.port, s.http_port)),
+        (s.management_host, (s.management_port, s.management_http_port)),
+        (s.metrics_host, (s.metrics_port,)),
+    ]
+    return {
+        port
+        for host, ports in by_host
+        if host not in ("127.0.0.1", "localhost")
+        for port in ports
+        if port >= 0
+    }
+
+
 @pytest.mark.parametrize("path", ALL)
 def test_ports_match_the_listeners_the_settings_open(path: str) -> None:
     for name, _spec, container in pods_of(render(path)):
         s = settings_of(container)
-        listening = {s.metrics_port} if s.metrics_port >= 0 else set()
-        if s.host not in ("127.0.0.1", "localhost"):
-            listening.add(s.port)
-        if s.management_port >= 0 and s.management_host not in ("127.0.0.1", "localhost"):
-            listening.add(s.management_port)
+        listening = reachable_listeners(s)
         declared = {p["containerPort"] for p in container.get("ports", [])}
         assert declared, name
         assert declared <= listening, f"{name}: declares {declared}, listens on {listening}"
+        # Nothing listens that the manifests do not route (metrics aside: Knative allows one
+        # port, and Prometheus scrapes the pod's address).
+        undeclared = listening - declared - {s.metrics_port}
+        assert not undeclared, f"{name}: listens on {undeclared}, which no port declares"
         if s.management_port >= 0:
             assert s.management_port == Settings.management_port, name
         assert s.metrics_port in (Settings.metrics_port, -1), name
@@ -306,7 +322,9 @@ def test_the_repository_is_written_by_control_and_read_only_for_serving(overlay:
         assert Path(mount["mountPath"]) in s.repository.parents, name
         assert mount.get("readOnly", False) is not writes, name
         if not writes:
-            assert s.management_port == -1, "serving replicas change nothing on disk"
+            assert (s.management_port, s.management_http_port) == (-1, -1), (
+                "serving replicas change nothing on disk"
+            )
             assert s.poll_interval > 0, "serving replicas poll for what control publishes"
         else:
             assert s.state_dir and Path(mount["mountPath"]) in Path(s.state_dir).parents
@@ -368,9 +386,10 @@ def test_the_management_port_is_private_and_its_token_comes_from_a_secret(overla
         assert [o["metadata"]["name"] for o in secrets] == [secret_name]
     else:
         assert secrets == [], "production tokens are created out of band, never in git"
-    # No serving replica listens on management.
+    # No serving replica listens on management, over gRPC or HTTP.
     serving = one(objs, "Deployment", "ferry-serving")["spec"]["template"]["spec"]
-    assert settings_of(serving["containers"][0]).management_port == -1
+    s = settings_of(serving["containers"][0])
+    assert (s.management_port, s.management_http_port) == (-1, -1)
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)

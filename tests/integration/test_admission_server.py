@@ -18,10 +18,11 @@ import grpc
 import numpy as np
 import pytest
 from helpers import ExecutionGate, StartServer, make_repo, stats, wait_for, write_config
+from tritonclient.grpc import service_pb2 as kpb
+from tritonclient.grpc import service_pb2_grpc as kgrpc
 
 from ferry.client import InferenceClient, InferResult, RetryPolicy, ServerOverloadedError
 from ferry.client._errors import ERROR_KIND_METADATA
-from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
 from ferry.server.batching.service_time import ServiceTime
 from ferry.server.examples import mlp_model
 
@@ -29,23 +30,6 @@ COST_S = 10.0
 REFUSED_S = 20.0  # < 25 s predicted at default priority
 ADMITTED_S = 60.0
 X = np.ones((1, 64), np.float32)
-
-
-class _OipStub:
-    """The two inference methods of the Open Inference Protocol, on a plain channel."""
-
-    def __init__(self, channel: grpc.Channel) -> None:
-        svc = "/inference.GRPCInferenceService/"
-        self.ModelInfer = channel.unary_unary(
-            svc + "ModelInfer",
-            request_serializer=kpb.ModelInferRequest.SerializeToString,
-            response_deserializer=kpb.ModelInferResponse.FromString,
-        )
-        self.ModelStreamInfer = channel.stream_stream(
-            svc + "ModelStreamInfer",
-            request_serializer=kpb.ModelInferRequest.SerializeToString,
-            response_deserializer=kpb.ModelStreamInferResponse.FromString,
-        )
 
 
 def _oip_request(timeout_s: float) -> kpb.ModelInferRequest:
@@ -104,7 +88,7 @@ def test_refused_at_arrival_with_why_both_protocols_unary_and_stream(busy) -> No
     assert got_id == rid and isinstance(outcome, ServerOverloadedError)
     assert "predicted wait" in str(outcome)
     with grpc.insecure_channel(srv.target) as channel:
-        stub = _OipStub(channel)
+        stub = kgrpc.GRPCInferenceServiceStub(channel)
         # Open Inference Protocol unary: RESOURCE_EXHAUSTED, kind QUEUE_FULL.
         with pytest.raises(grpc.RpcError) as rpc:
             stub.ModelInfer(_oip_request(REFUSED_S), timeout=REFUSED_S)
@@ -133,7 +117,7 @@ def test_admitted_when_it_fits_and_priority_is_judged_by_the_queue_ahead(busy) -
     high = pool.submit(client.infer, "mlp", {"input": X}, timeout=REFUSED_S, priority=1)
     wait_for(lambda: stats(client, "mlp").queue_depth == 3, "the high-priority request queued")
     with grpc.insecure_channel(srv.target) as channel:
-        stub = _OipStub(channel)
+        stub = kgrpc.GRPCInferenceServiceStub(channel)
         # 30 s: at the default priority 3 queued are ahead (5 + 30 + 10 = 45 s): refused; at
         # priority 1 only the other high-priority one is (5 + 10 + 10 = 25 s): admitted.
         low = _oip_request(30.0)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -145,8 +147,6 @@ def test_statistics_after_requests(client: InferenceClient) -> None:
 
 
 def _get(port: int, path: str) -> tuple[int, str]:
-    import urllib.error
-
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as resp:
             return resp.status, resp.read().decode("utf-8")

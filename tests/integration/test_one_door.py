@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
+from helpers import StartServer
 from serverutil import ServerThread
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kgrpc
@@ -63,15 +64,11 @@ class Spy:
 
 
 @pytest.fixture
-def door(tmp_path: Path) -> Iterator[tuple[ServerThread, Spy, ModelRepository]]:
+def door(tmp_path: Path, start_server: StartServer) -> tuple[ServerThread, Spy, ModelRepository]:
     repo = ModelRepository(tmp_path / "repo")
     write_model(repo, "alpha", identity_model("FP32"))
     spy = Spy()
-    srv = ServerThread(repo.root).start(spy.install)
-    try:
-        yield srv, spy, repo
-    finally:
-        srv.stop()
+    return start_server(repo.root, configure=spy.install), spy, repo
 
 
 def _v1_infer(x: np.ndarray) -> ipb.InferRequest:

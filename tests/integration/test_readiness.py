@@ -7,8 +7,8 @@ Loading is held deterministically by a gate in the registry's opener (no sleeps,
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import wait_for
+from helpers import StartServer, wait_for
 from serverutil import ServerThread
 
 from ferry.client import InferenceClient
@@ -55,16 +55,15 @@ class LoadGate:
 
 
 @pytest.fixture
-def gated(tmp_path: Path) -> Iterator[tuple[ServerThread, LoadGate, ModelRepository]]:
+def gated(
+    tmp_path: Path, start_server: StartServer
+) -> tuple[ServerThread, LoadGate, ModelRepository]:
     repo = ModelRepository(tmp_path / "repo")
     write_model(repo, "alpha", identity_model("FP32"))
     gate = LoadGate()
-    srv = ServerThread(repo.root).start(gate.install)
-    try:
-        yield srv, gate, repo
-    finally:
-        gate.release()
-        srv.stop()
+    srv = start_server(repo.root, configure=gate.install)
+    srv.before_stop(gate.release)
+    return srv, gate, repo
 
 
 def _health(target: str, service: str = "") -> int:
@@ -76,9 +75,7 @@ def _health(target: str, service: str = "") -> int:
 
 def _refresh_in_background(srv: ServerThread) -> Future[Any]:
     assert srv.app is not None
-    app = srv.app
-    pool = ThreadPoolExecutor(1)
-    return pool.submit(srv.call, app.dataplane.refresh)
+    return srv.submit(srv.app.dataplane.refresh)
 
 
 def test_a_model_loading_beside_the_served_ones_does_not_flip_readiness(gated: Any) -> None:

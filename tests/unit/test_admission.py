@@ -8,40 +8,15 @@ No sleeps, no timing assertions: predicted waits are arithmetic on the fake cost
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
+from asyncutil import FakeClock, arun, until
 
 from ferry.server.batching.batcher import BatchInfo, DynamicBatcher
 from ferry.server.batching.service_time import ServiceTime
 from ferry.server.errors import DeadlineExceeded, QueueFull
-
-GUARD_S = 20.0
-
-
-def arun(fn: Callable[[], Awaitable[None]]) -> None:
-    async def guarded() -> None:
-        async with asyncio.timeout(GUARD_S):
-            await fn()
-
-    asyncio.run(guarded())
-
-
-class FakeClock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def until(pred: Callable[[], bool], spins: int = 1000) -> None:
-    for _ in range(spins):
-        if pred():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never became true")
 
 
 class CostlyHandler:
@@ -78,6 +53,20 @@ async def train(b: DynamicBatcher[Any, Any], *sizes: int) -> None:
         await asyncio.gather(*(b.submit(f"train{i}") for i in range(n)))
 
 
+async def busy_batcher(
+    fixed: float, **kw: Any
+) -> tuple[FakeClock, CostlyHandler, DynamicBatcher[Any, Any], asyncio.Task[Any]]:
+    """A batcher that learned ``fixed`` s per batch, with one request ("run") held executing."""
+    clock = FakeClock()
+    h = CostlyHandler(clock, fixed=fixed)
+    b = DynamicBatcher(h, max_batch_size=0, clock=clock, **kw)
+    await train(b, 1)
+    h.gated = True
+    running = spawn(b, "run")
+    await until(lambda: b.in_flight == 1)
+    return clock, h, b, running
+
+
 # --- the predictor ------------------------------------------------------------------------------
 
 
@@ -110,13 +99,7 @@ def test_service_time_with_one_size_is_proportional_and_follows_change() -> None
 
 def test_refused_at_arrival_when_predicted_wait_exceeds_remaining_deadline() -> None:
     async def main() -> None:
-        clock = FakeClock()
-        h = CostlyHandler(clock, fixed=0.010)
-        b = DynamicBatcher(h, max_batch_size=0, clock=clock, name="m/1")
-        await train(b, 1)
-        h.gated = True
-        running = spawn(b, "run")
-        await until(lambda: b.in_flight == 1)
+        clock, h, b, running = await busy_batcher(0.010, name="m/1")
         queued = [spawn(b, f"q{i}") for i in range(3)]
         await until(lambda: b.queue_depth == 3)
         # 3 queued x 10 ms + half the running batch (5 ms) + its own 10 ms.
@@ -196,13 +179,7 @@ def test_batching_and_instances_shorten_the_prediction() -> None:
 
 def test_priority_is_judged_by_the_queue_ahead_of_it() -> None:
     async def main() -> None:
-        clock = FakeClock()
-        h = CostlyHandler(clock, fixed=0.010)
-        b = DynamicBatcher(h, max_batch_size=0, clock=clock)
-        await train(b, 1)
-        h.gated = True
-        running = spawn(b, "run")
-        await until(lambda: b.in_flight == 1)
+        clock, h, b, running = await busy_batcher(0.010)
         low = [spawn(b, f"low{i}", priority=5) for i in range(10)]
         await until(lambda: b.queue_depth == 10)
         # A low-priority arrival waits behind 10 items; a high-priority one behind none of them.
@@ -226,13 +203,7 @@ def test_priority_is_judged_by_the_queue_ahead_of_it() -> None:
 
 def test_work_that_cannot_finish_in_time_is_never_executed() -> None:
     async def main() -> None:
-        clock = FakeClock()
-        h = CostlyHandler(clock, fixed=0.010)
-        b = DynamicBatcher(h, max_batch_size=0, clock=clock)
-        await train(b, 1)
-        h.gated = True
-        running = spawn(b, "run")
-        await until(lambda: b.in_flight == 1)
+        clock, h, b, running = await busy_batcher(0.010)
         # Admitted with time to spare (predicted 15 ms of 1 s) ...
         tight = spawn(b, "tight", deadline=clock.now + 1.0)
         passed = spawn(b, "passed", deadline=clock.now + 0.5)

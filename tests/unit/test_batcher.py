@@ -10,10 +10,11 @@ from __future__ import annotations
 import ast
 import asyncio
 import inspect
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 import pytest
+from asyncutil import FakeClock, arun, until
 
 from ferry.server.batching import batcher as batcher_module
 from ferry.server.batching.batcher import BatchInfo, DynamicBatcher
@@ -24,33 +25,6 @@ from ferry.server.errors import (
     QueueFull,
     Unavailable,
 )
-
-GUARD_S = 20.0
-
-
-def arun(fn: Callable[[], Awaitable[None]]) -> None:
-    async def guarded() -> None:
-        async with asyncio.timeout(GUARD_S):
-            await fn()
-
-    asyncio.run(guarded())
-
-
-class FakeClock:
-    def __init__(self, now: float = 0.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def until(pred: Callable[[], bool], spins: int = 1000) -> None:
-    """Yield to the loop until ``pred`` holds: ordering, not time, decides when it does."""
-    for _ in range(spins):
-        if pred():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition never became true")
 
 
 class Handler:

@@ -1,0 +1,36 @@
+"""Deterministic asyncio for the batcher's unit tests: a fake clock the test sets, a bounded
+yield-until, and a hang guard. Ordering, never elapsed time, decides what a test observes."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+GUARD_S = 20.0
+
+
+def arun(fn: Callable[[], Awaitable[None]]) -> None:
+    """Run ``fn`` in a fresh loop; the timeout only stops a hang, it checks nothing."""
+
+    async def guarded() -> None:
+        async with asyncio.timeout(GUARD_S):
+            await fn()
+
+    asyncio.run(guarded())
+
+
+class FakeClock:
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def until(pred: Callable[[], bool], spins: int = 1000) -> None:
+    """Yield to the loop until ``pred`` holds: ordering, not time, decides when it does."""
+    for _ in range(spins):
+        if pred():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition never became true")
