@@ -157,7 +157,9 @@ def _as_pid_1(argv: list[str]) -> tuple[list[str], bool]:
     )
     if probe.returncode != 0:
         return argv, False
-    return [unshare, "--pid", "--fork", "--mount-proc", *argv], True
+    # --kill-child: if the test kills unshare (a failed check), the namespace's PID 1 and with
+    # it every process of the namespace goes too; nothing outlives the test.
+    return [unshare, "--pid", "--fork", "--kill-child", "--mount-proc", *argv], True
 
 
 class Running:
