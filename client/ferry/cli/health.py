@@ -52,7 +52,9 @@ def register(sub: Any) -> None:
 
 def _watch(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> str:
     """Follow status changes until SERVING or the deadline; returns the last status seen."""
-    watch = channel.unary_stream(WATCH_METHOD, request_serializer=None, response_deserializer=None)
+    watch: grpc.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+        WATCH_METHOD, request_serializer=None, response_deserializer=None
+    )
     last = "UNREACHABLE"
     call = watch(
         _health.encode_check_request(args.model),
@@ -73,7 +75,7 @@ def _watch(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> st
 
 
 def _check(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> str:
-    check = channel.unary_unary(
+    check: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
         _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
     )
     try:

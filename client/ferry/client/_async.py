@@ -267,12 +267,12 @@ class AsyncInferStream(StreamState):
             self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
         return self._call
 
-    async def _read(self, call: aio.StreamStreamCall[Any, Any]) -> None:
+    async def _read(self, call: aio.StreamStreamCall[bytes, bytes]) -> None:
         error: FerryError | None = None
         try:
             while True:
                 resp = await call.read()
-                if resp is aio.EOF:
+                if resp is aio.EOF or not isinstance(resp, bytes):
                     break
                 answered = self._answer(resp)
                 if answered is not None:

@@ -34,7 +34,8 @@ listener serves what.
 from __future__ import annotations
 
 import re
-from typing import ClassVar
+from collections.abc import Iterable
+from typing import ClassVar, cast
 
 import grpc
 
@@ -262,7 +263,10 @@ def from_rpc_error(exc: grpc.RpcError) -> FerryError:
     message: str = details or (code.name if code is not None else str(exc))
     kind = ""
     trailing = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
-    for key, value in trailing or ():
+    # Sync calls give (key, value) namedtuples, aio calls an aio.Metadata of pairs: both iterate
+    # as pairs, which the stubs do not say.
+    pairs = cast("Iterable[tuple[str, str | bytes]]", trailing or ())
+    for key, value in pairs:
         if key == ERROR_KIND_METADATA:
             kind = value if isinstance(value, str) else bytes(value).decode("ascii", "replace")
     if code is grpc.StatusCode.UNAVAILABLE and not kind:

@@ -86,7 +86,7 @@ class UnaryTransport:
         timeout: float,
         metadata: Metadata,
     ) -> None:
-        self._calls = [
+        self._calls: list[aio.UnaryUnaryMultiCallable[bytes, bytes]] = [
             ch.unary_unary(path, request_serializer=None, response_deserializer=None)
             for ch in channels
         ]
@@ -113,10 +113,12 @@ class _OneStream:
     reader task resolves each request's future by the id in its answer."""
 
     def __init__(self, channel: aio.Channel, base: bytes, metadata: Metadata, prefix: str) -> None:
-        self._method = channel.stream_stream(
-            STREAM_PATH,
-            request_serializer=None,
-            response_deserializer=pb.InferStreamResponse.FromString,
+        self._method: aio.StreamStreamMultiCallable[bytes, pb.InferStreamResponse] = (
+            channel.stream_stream(
+                STREAM_PATH,
+                request_serializer=None,
+                response_deserializer=pb.InferStreamResponse.FromString,
+            )
         )
         self._base = base
         self._metadata = metadata

@@ -24,7 +24,7 @@ import hmac
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import grpc
 from grpc import aio
@@ -80,12 +80,14 @@ def safe_handler(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodH
                 _unary_stream(unary, des, method), response_serializer=ser
             )
 
+        call = cast("Callable[..., Awaitable[Any]]", unary)  # a coroutine function, checked above
+
         async def unary_unary(raw: bytes, context: aio.ServicerContext) -> Any:
             try:
                 request = des(raw)
             except Exception as exc:
                 await _reject(context, MalformedRequest(f"malformed request for {method}: {exc}"))
-            return await unary(request, context)
+            return await call(request, context)
 
         return grpc.unary_unary_rpc_method_handler(unary_unary, response_serializer=ser)
     streaming = handler.stream_stream if handler.response_streaming else handler.stream_unary
