@@ -4,6 +4,7 @@ plumbing from config to onnxruntime (on CPU: the only provider this machine has)
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,9 @@ def test_resolve_converts_options_to_onnxruntime_strings_and_reports_the_fallbac
         providers.resolve([ProviderConfig(CUDA)], [CPU])
 
 
+_POOL = ThreadPoolExecutor(max_workers=1)  # never used: no batch runs in these tests
+
+
 def _model(tmp_path: Path) -> Path:
     path = tmp_path / "1" / "model.onnx"
     path.parent.mkdir()
@@ -115,7 +119,7 @@ def test_a_version_opens_with_the_providers_of_its_config(
         {"onnxruntime": {"providers": [{"name": CUDA, "options": {"device_id": 0}}, CPU]}}
     )
     with caplog.at_level(logging.WARNING):
-        lv = open_version(open_session, "m", 1, path, cfg, warm_up=True)
+        lv = open_version(open_session, "m", 1, path, cfg, warm_up=True, executor=_POOL)
     try:
         # This onnxruntime build has no CUDA: the fallback is logged, and what the version got
         # is what its metadata says.
@@ -132,7 +136,7 @@ def test_a_version_asking_only_for_a_missing_provider_fails_to_open(tmp_path: Pa
     path = _model(tmp_path)
     cfg = parse_config({"onnxruntime": {"providers": [{"name": CUDA}]}})
     with pytest.raises(InvalidArgument, match="none of the execution providers"):
-        open_version(open_session, "m", 1, path, cfg, warm_up=False)
+        open_version(open_session, "m", 1, path, cfg, warm_up=False, executor=_POOL)
 
 
 def test_the_conversion_child_measures_on_the_serving_providers() -> None:

@@ -3,146 +3,219 @@
 Counters that the core already keeps (queue/compute time, batch sizes, queue depth) are read at
 scrape time through the core's door (statistics snapshots), so the request path pays nothing for
 them; only per-request latency and status are observed as they happen, by the core calling
-``observe`` once per request, through cached label children.
+``observe`` once per request.
+
+The text is written here, not by prometheus_client's generic families: at 200 models a scrape
+rendered 335 KB through them in ~80 ms of Python on the metrics thread, holding the GIL the event
+loop needs (p99 of other requests 1.8x idle during 1 Hz scrapes). Label text is escaped once per
+model version and cached; the request counters and latency histograms are plain integers updated
+on the event loop. prometheus_client still provides the ``process_*`` collector.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import Any
+import math
+from bisect import bisect_left
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Histogram,
-    ProcessCollector,
-    disable_created_metrics,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from ferry.server.core.dataplane import DataPlane
-from ferry.server.core.types import State
+from ferry.server.core.types import State, VersionStatistics, VersionStatus
 from ferry.server.errors import FerryError
 from ferry.server.grpc.status import code_of
 from ferry.server.metrics_http import MetricsServer, ReadyFlag
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+T = TypeVar("T")
 
 
-class _CoreCollector(Collector):
-    def __init__(self, dataplane: DataPlane) -> None:
-        self.dataplane = dataplane
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
-    def collect(self) -> Iterator[Any]:
-        labels = ["model", "version"]
-        queue = CounterMetricFamily(
-            "ferry_queue_seconds", "Time requests spent queued", labels=labels
-        )
-        compute = CounterMetricFamily(
-            "ferry_compute_seconds", "Per-request compute time by stage", labels=[*labels, "stage"]
-        )
-        inferences = CounterMetricFamily("ferry_inferences", "Batch elements served", labels=labels)
-        executions = CounterMetricFamily("ferry_executions", "Model executions", labels=labels)
-        rejected = CounterMetricFamily(
-            "ferry_rejected", "Requests rejected: queue full", labels=labels
-        )
-        expired = CounterMetricFamily(
-            "ferry_expired", "Deadlines passed while queued", labels=labels
-        )
-        depth = GaugeMetricFamily("ferry_queue_depth", "Requests waiting", labels=labels)
-        batch = HistogramMetricFamily("ferry_batch_size", "Executed batch sizes", labels=labels)
-        for s in self.dataplane.statistics():
-            lab = [s.name, str(s.version)]
-            queue.add_metric(lab, s.queue.ns / 1e9)
-            compute.add_metric([*lab, "input"], s.compute_input.ns / 1e9)
-            compute.add_metric([*lab, "infer"], s.compute_infer.ns / 1e9)
-            compute.add_metric([*lab, "output"], s.compute_output.ns / 1e9)
-            inferences.add_metric(lab, s.inference_count)
-            executions.add_metric(lab, s.execution_count)
-            rejected.add_metric(lab, s.rejected)
-            expired.add_metric(lab, s.expired)
-            depth.add_metric(lab, s.queue_depth)
-            buckets = []
-            total = 0
-            size_sum = 0
-            counts = {b.batch_size: b.compute_infer.count for b in s.batches}
-            for bound in BATCH_BUCKETS:
-                total_le = sum(c for size, c in counts.items() if size <= bound)
-                buckets.append((str(bound), total_le))
-            total = sum(counts.values())
-            size_sum = sum(size * c for size, c in counts.items())
-            buckets.append(("+Inf", total))
-            batch.add_metric(lab, buckets, size_sum)
-        state = GaugeMetricFamily(
-            "ferry_model_state",
-            "1 for the state each model version is in",
-            labels=[*labels, "state"],
-        )
-        for st in self.dataplane.list_models():
-            for candidate in State:
-                state.add_metric(
-                    [st.name, str(st.version), candidate.value],
-                    1.0 if st.state is candidate else 0.0,
-                )
-        yield from (queue, compute, inferences, executions, rejected, expired, depth, batch, state)
+
+def _num(value: float) -> str:
+    if isinstance(value, int):
+        return str(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(float(value))
+
+
+_LATENCY_LE = [_num(float(b)) for b in LATENCY_BUCKETS] + ["+Inf"]
+_BATCH_LE = [str(b) for b in BATCH_BUCKETS] + ["+Inf"]
+
+
+class _Requests:
+    """One model version's requests: counts by status code and a latency histogram."""
+
+    __slots__ = ("buckets", "codes", "seconds")
+
+    def __init__(self) -> None:
+        self.codes: dict[str, int] = {}
+        self.buckets = [0] * (len(LATENCY_BUCKETS) + 1)  # last: above every bound
+        self.seconds = 0.0
+
+
+def _retrying(read: Callable[[], T]) -> T:
+    """Read the core from the metrics thread: the event loop may change a dict mid-iteration
+    (a refresh adding models), which raises RuntimeError; the next try sees a settled state."""
+    for _ in range(8):
+        try:
+            return read()
+        except RuntimeError:
+            continue
+    return read()
 
 
 class Metrics:
     def __init__(self, dataplane: DataPlane) -> None:
-        # ``*_created`` series are noise for a scraper that sees counters from process start.
-        disable_created_metrics()
-        self.prometheus = CollectorRegistry(auto_describe=True)
-        self.prometheus.register(_CoreCollector(dataplane))
-        ProcessCollector(registry=self.prometheus)  # process_* (CPU, RSS, fds, start time)
-        self.ready = ReadyFlag()
-        self._requests = Counter(
-            "ferry_requests",
-            "Inference requests by status",
-            ["model", "version", "code"],
-            registry=self.prometheus,
-        )
-        self._latency = Histogram(
-            "ferry_request_seconds",
-            "Inference request latency in the server",
-            ["model", "version"],
-            buckets=LATENCY_BUCKETS,
-            registry=self.prometheus,
-        )
-        self._children: dict[tuple[str, int, str], tuple[Any, Any]] = {}
         self._dataplane = dataplane
+        self.ready = ReadyFlag()
+        self.process = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.process)  # process_* (CPU, RSS, fds, start time)
+        self._requests: dict[tuple[str, int], _Requests] = {}
+        self._labels: dict[tuple[str, int], str] = {}
 
     def observe(
         self, model: str, version: int, outcome: BaseException | None, seconds: float
     ) -> None:
         """The core's observer: called once per inference request, whatever the protocol."""
         code = "OK" if outcome is None else code_of(outcome).name
-        key = (model, version, code)
-        pair = self._children.get(key)
-        if pair is None:
-            # Client-chosen names and version numbers must not grow memory or label sets: the
-            # labels are those of a served model and version, or the placeholders.
-            try:
-                served = {s.version for s in self._dataplane.list_models(model)} if model else None
-            except FerryError:
-                served = None
-            if served is None:
-                model, version = "_unknown", 0
-            elif version not in served:
-                version = 0
-            key = (model, version, code)
-            pair = self._children.get(key)
-            if pair is None:
-                v = str(version)
-                pair = (self._requests.labels(model, v, code), self._latency.labels(model, v))
-                self._children[key] = pair
-        pair[0].inc()
-        pair[1].observe(seconds)
+        series = self._requests.get((model, version))
+        if series is None:
+            series = self._series_for(model, version)
+        series.codes[code] = series.codes.get(code, 0) + 1
+        series.buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        series.seconds += seconds
+
+    def _series_for(self, model: str, version: int) -> _Requests:
+        # Client-chosen names and version numbers must not grow memory or label sets: the
+        # labels are those of a served model and version, or the placeholders.
+        try:
+            served = {s.version for s in self._dataplane.list_models(model)} if model else None
+        except FerryError:
+            served = None
+        if served is None:
+            model, version = "_unknown", 0
+        elif version not in served:
+            version = 0
+        series = self._requests.get((model, version))
+        if series is None:
+            series = self._requests[(model, version)] = _Requests()
+        return series
+
+    def _label(self, model: str, version: int) -> str:
+        key = (model, version)
+        text = self._labels.get(key)
+        if text is None:
+            text = self._labels[key] = f'model="{_escape(model)}",version="{version}"'
+        return text
+
+    def render(self) -> bytes:
+        """The whole scrape, Prometheus text format 0.0.4."""
+        stats = _retrying(self._dataplane.statistics)
+        statuses = _retrying(self._dataplane.list_models)
+        requests = _retrying(lambda: list(self._requests.items()))
+        lines: list[str] = []
+        self._render_requests(lines, requests)
+        self._render_core(lines, stats, statuses)
+        return "\n".join(lines).encode("utf-8") + b"\n" + generate_latest(self.process)
+
+    def _render_requests(
+        self, out: list[str], requests: Iterable[tuple[tuple[str, int], _Requests]]
+    ) -> None:
+        rows = [
+            (self._label(m, v), s.codes.copy(), s.buckets.copy(), s.seconds)
+            for (m, v), s in requests
+        ]
+        out += [
+            "# HELP ferry_requests_total Inference requests by status",
+            "# TYPE ferry_requests_total counter",
+        ]
+        for lab, codes, _, _ in rows:
+            out += [f'ferry_requests_total{{{lab},code="{c}"}} {n}' for c, n in codes.items()]
+        out += [
+            "# HELP ferry_request_seconds Inference request latency in the server",
+            "# TYPE ferry_request_seconds histogram",
+        ]
+        for lab, _, buckets, seconds in rows:
+            total = 0
+            for le, n in zip(_LATENCY_LE, buckets, strict=True):
+                total += n
+                out.append(f'ferry_request_seconds_bucket{{{lab},le="{le}"}} {total}')
+            out.append(f"ferry_request_seconds_count{{{lab}}} {total}")
+            out.append(f"ferry_request_seconds_sum{{{lab}}} {_num(seconds)}")
+
+    def _render_core(
+        self, out: list[str], stats: list[VersionStatistics], statuses: list[VersionStatus]
+    ) -> None:
+        labels = [(self._label(s.name, s.version), s) for s in stats]
+
+        def family(
+            name: str, kind: str, help_text: str, value: Callable[[VersionStatistics], float]
+        ) -> None:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            out.extend(f"{name}{{{lab}}} {_num(value(s))}" for lab, s in labels)
+
+        family(
+            "ferry_queue_seconds_total",
+            "counter",
+            "Time requests spent queued",
+            lambda s: s.queue.ns / 1e9,
+        )
+        out.append("# HELP ferry_compute_seconds_total Per-request compute time by stage")
+        out.append("# TYPE ferry_compute_seconds_total counter")
+        for lab, s in labels:
+            for stage, stat in (
+                ("input", s.compute_input),
+                ("infer", s.compute_infer),
+                ("output", s.compute_output),
+            ):
+                out.append(
+                    f'ferry_compute_seconds_total{{{lab},stage="{stage}"}} {_num(stat.ns / 1e9)}'
+                )
+        family(
+            "ferry_inferences_total",
+            "counter",
+            "Batch elements served",
+            lambda s: s.inference_count,
+        )
+        family("ferry_executions_total", "counter", "Model executions", lambda s: s.execution_count)
+        family(
+            "ferry_rejected_total", "counter", "Requests rejected: queue full", lambda s: s.rejected
+        )
+        family(
+            "ferry_expired_total", "counter", "Deadlines passed while queued", lambda s: s.expired
+        )
+        family("ferry_queue_depth", "gauge", "Requests waiting", lambda s: s.queue_depth)
+        out.append("# HELP ferry_batch_size Executed batch sizes")
+        out.append("# TYPE ferry_batch_size histogram")
+        for lab, s in labels:
+            counts = {b.batch_size: b.compute_infer.count for b in s.batches}
+            for le, bound in zip(_BATCH_LE, (*BATCH_BUCKETS, None), strict=True):
+                n = sum(c for size, c in counts.items() if bound is None or size <= bound)
+                out.append(f'ferry_batch_size_bucket{{{lab},le="{le}"}} {n}')
+            out.append(f"ferry_batch_size_count{{{lab}}} {sum(counts.values())}")
+            out.append(f"ferry_batch_size_sum{{{lab}}} {sum(k * c for k, c in counts.items())}")
+        out.append("# HELP ferry_model_state 1 for the state each model version is in")
+        out.append("# TYPE ferry_model_state gauge")
+        for st in statuses:
+            lab = self._label(st.name, st.version)
+            for candidate in State:
+                one = 1 if st.state is candidate else 0
+                out.append(f'ferry_model_state{{{lab},state="{candidate.value}"}} {one}')
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics and the HTTP health paths (metrics_http) on their own thread."""
-        self._http = MetricsServer(self.prometheus, self.ready)
+        self._http = MetricsServer(self.render, CONTENT_TYPE, self.ready)
         return self._http.start(host, port)
 
     def close(self) -> None:

@@ -11,11 +11,9 @@ readiness is a flag the server sets on its event loop at every change, never com
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-
-from prometheus_client import CollectorRegistry
-from prometheus_client.exposition import choose_encoder
 
 LIVE = "/v2/health/live"
 READY = "/v2/health/ready"
@@ -29,7 +27,8 @@ class ReadyFlag:
 
 
 class _Handler(BaseHTTPRequestHandler):
-    registry: CollectorRegistry
+    render: Callable[[], bytes]
+    content_type: str
     flag: ReadyFlag
     protocol_version = "HTTP/1.1"
 
@@ -42,8 +41,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _answer(self, *, body: bool) -> None:
         path = self.path.split("?", 1)[0]
         if path == "/metrics":
-            encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-            self._send(200, encoder(self.registry), content_type, body)
+            self._send(200, self.render(), self.content_type, body)
         elif path == LIVE:
             self._send(200, b"", "text/plain", body)
         elif path == READY:
@@ -66,8 +64,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class MetricsServer:
-    def __init__(self, registry: CollectorRegistry, flag: ReadyFlag) -> None:
-        handler = type("Handler", (_Handler,), {"registry": registry, "flag": flag})
+    def __init__(self, render: Callable[[], bytes], content_type: str, flag: ReadyFlag) -> None:
+        """``render``: the whole /metrics body, called on this server's thread per scrape."""
+        handler = type(
+            "Handler",
+            (_Handler,),
+            {"render": staticmethod(render), "content_type": content_type, "flag": flag},
+        )
         self._handler = handler
         self._server: ThreadingHTTPServer | None = None
 

@@ -20,7 +20,7 @@ Example ``config.toml``::
     count = 1                            # concurrent executions of each version
 
     [onnxruntime]
-    intra_op_threads = 0                 # 0: onnxruntime's default (one per core)
+    intra_op_threads = 1                 # threads one execution uses; 0: one per core
     inter_op_threads = 1
     memory_arena = true
     allow_spinning = true
@@ -83,7 +83,9 @@ DEFAULT_PROVIDERS = (ProviderConfig("CPUExecutionProvider"),)
 
 @dataclass(frozen=True)
 class OnnxRuntimeConfig:
-    intra_op_threads: int = 0
+    # 1: parallelism comes from the shared execution pool (core.pools), not from every session
+    # keeping a pool of its own; docs/configuration.md has the measurements.
+    intra_op_threads: int = 1
     inter_op_threads: int = 1
     providers: tuple[ProviderConfig, ...] = DEFAULT_PROVIDERS
     memory_arena: bool = True

@@ -1,4 +1,4 @@
-"""A model version that is being served: its session, batcher, worker threads and statistics,
+"""A model version that is being served: its session, batcher and statistics,
 and ``open_version``, the one way a version is opened (by the registry, and by a conversion
 checking what it is about to publish, so a published version is opened once, not twice)."""
 
@@ -8,7 +8,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +39,9 @@ class Work:
 
 
 class LoadedVersion:
-    def __init__(self, name: str, version: int, session: Session, config: ModelConfig) -> None:
+    def __init__(
+        self, name: str, version: int, session: Session, config: ModelConfig, executor: Executor
+    ) -> None:
         self.name = name
         self.version = version
         self.session = session
@@ -57,9 +59,9 @@ class LoadedVersion:
         # provider that runs elsewhere (a GPU) never runs inline: its cost is not the CPU's.
         self._ns_per_item = float(INLINE_NS)
         self._inline = session.inline_allowed
-        self._executor = ThreadPoolExecutor(
-            max_workers=config.instances.count, thread_name_prefix=f"ferry-{name}-{version}"
-        )
+        # The process's shared execution pool (core.pools): threads bounded by the host, not
+        # by the number of versions; instances.count still bounds this version's concurrency.
+        self._executor = executor
         self.batcher: DynamicBatcher[Work, dict[str, np.ndarray]] = DynamicBatcher(
             self._execute,
             max_batch_size=self.max_batch_size,
@@ -75,7 +77,7 @@ class LoadedVersion:
         """Run one batch. A batch predicted to take less than ``INLINE_NS`` runs on the event
         loop itself: handing it to a worker thread and back costs more than the work (measured:
         30-140 us per hop against ~15-40 us for a tiny MLP), and would double small models'
-        latency. Anything slower runs on the version's worker threads so the loop stays free."""
+        latency. Anything slower runs on the shared execution pool so the loop stays free."""
         self.stats.record_queue(info.queue_ns)
         if self._inline and self._ns_per_item * info.size < INLINE_NS:
             results, t_in, t_infer, t_out = self._run_batch(items)
@@ -124,9 +126,13 @@ class LoadedVersion:
             queue_depth=self.batcher.queue_depth,
         )
 
-    async def close(self, *, drain: bool = True) -> None:
+    async def close(self, *, drain: bool = True, releaser: Executor | None = None) -> None:
+        """Drain (or fail) the queue, then free the session; with ``releaser``, the freeing
+        (onnxruntime's destructor: milliseconds for a large model) runs there, not on the loop."""
         await self.batcher.close(drain=drain)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if releaser is not None:
+            await asyncio.get_running_loop().run_in_executor(releaser, self.session.release)
+            return
         # The batcher and this object refer to each other, so only the cycle collector would
         # free them; release the onnxruntime session (weights, threads) now instead.
         self.session.release()
@@ -150,7 +156,14 @@ def _union_outputs(items: Sequence[Work], all_outputs: list[str]) -> list[str]:
 
 
 def open_version(
-    opener: Opener, name: str, version: int, path: Path, config: ModelConfig, *, warm_up: bool
+    opener: Opener,
+    name: str,
+    version: int,
+    path: Path,
+    config: ModelConfig,
+    *,
+    warm_up: bool,
+    executor: Executor,
 ) -> LoadedVersion:
     """Open a version folder's model with the config it will be served with (the model's,
     overridden by the version's own ``config.json``): session, batch dimension check, warm-up.
@@ -178,4 +191,4 @@ def open_version(
     except BaseException:
         session.release()
         raise
-    return LoadedVersion(name, version, session, config)
+    return LoadedVersion(name, version, session, config, executor)

@@ -3,7 +3,11 @@
 The registry mirrors the repository folder: ``refresh()`` loads versions that the version policy
 selects, unloads the ones it no longer selects (draining their queues first), and retries failed
 ones whose files changed. A version that fails to load is FAILED with its reason, and every other
-version keeps serving. Sessions are created on worker threads, so loading never blocks inference.
+version keeps serving.
+
+One model's business never holds up another's: sessions are created and freed on the loader pool
+(core.pools, lower CPU priority), and each model has its own lock, so a management call on one
+model never waits behind a refresh that is loading others (one refresh runs at a time).
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from ferry.server.core.config import CONFIG_NAMES, ModelConfig, load_config
 from ferry.server.core.loaded import LoadedVersion, open_version
+from ferry.server.core.pools import ThreadPools
 from ferry.server.core.repository import MODEL_FILE, ModelRepository
 from ferry.server.core.types import (
     IndexEntry,
@@ -67,12 +72,19 @@ Listener = Callable[[], None]
 
 class ModelRegistry:
     def __init__(
-        self, repository: ModelRepository, opener: Opener, *, warm_up: bool = True
+        self,
+        repository: ModelRepository,
+        opener: Opener,
+        *,
+        warm_up: bool = True,
+        pools: ThreadPools | None = None,
     ) -> None:
         self.repository = repository
         self._opener = opener
+        self.pools = pools or ThreadPools()
         self.models: dict[str, ModelEntry] = {}
-        self._lock = asyncio.Lock()
+        self._refresh_lock = asyncio.Lock()
+        self._locks: dict[str, asyncio.Lock] = {}  # one per model name the repository held
         self._warm_up = warm_up
         self._listeners: list[Listener] = []
         self._unloaded_by_request: set[str] = set()
@@ -161,17 +173,34 @@ class ModelRegistry:
         return required <= ready if required else bool(ready)
 
     # ---- changes ----
+    def _lock_of(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
     async def refresh(self, *, retry_failed: bool = True) -> RepositoryOutcome:
-        """Bring the served set in line with the folder."""
-        async with self._lock:
+        """Bring the served set in line with the folder. Each model is synced under its own
+        lock, all at once (their loads queue on the loader pool)."""
+        async with self._refresh_lock:
             result = RepositoryOutcome()
             on_disk = set(self.repository.list_models()) - self._unloaded_by_request
-            for name in sorted(set(self.models) - on_disk):
-                if self._required is not None:
-                    self._required.discard(name)  # removed from the repository: not required
-                await self._unload_model(name, result)
+
+            async def remove(name: str) -> None:
+                async with self._lock_of(name):
+                    if self._required is not None:
+                        self._required.discard(name)  # removed from the repository
+                    await self._unload_model(name, result)
+
+            async def sync(name: str) -> None:
+                async with self._lock_of(name):
+                    if name in self._unloaded_by_request:  # unloaded while this refresh waited
+                        return
+                    await self._sync_model(name, result, retry_failed)
+
             await asyncio.gather(
-                *(self._sync_model(name, result, retry_failed) for name in sorted(on_disk))
+                *(remove(name) for name in sorted(set(self.models) - on_disk)),
+                *(sync(name) for name in sorted(on_disk)),
             )
             self._notify()
             return result
@@ -179,7 +208,7 @@ class ModelRegistry:
     async def load_model(self, name: str) -> RepositoryOutcome:
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
-        async with self._lock:
+        async with self._lock_of(name):
             self._unloaded_by_request.discard(name)
             if self._required is not None:
                 self._required.add(name)
@@ -189,7 +218,9 @@ class ModelRegistry:
             return result
 
     async def unload_model(self, name: str) -> RepositoryOutcome:
-        async with self._lock:
+        if name not in self.models:  # before a lock exists for a name no model has
+            raise ModelNotFound(f"model {short(name)!r} is not loaded")
+        async with self._lock_of(name):
             if name not in self.models:
                 raise ModelNotFound(f"model {short(name)!r} is not loaded")
             self._unloaded_by_request.add(name)
@@ -222,7 +253,7 @@ class ModelRegistry:
         version) and serve the session already opened: a published version is opened once.
         A staged model that does not open fails here, before anything becomes visible.
         Returns the version and its status (None when the version policy does not serve it)."""
-        async with self._lock:
+        async with self._lock_of(name):
             self._unloaded_by_request.discard(name)
             mdir = self.repository.model_dir(name)
             cfg_sig = _config_signature(mdir)
@@ -231,11 +262,11 @@ class ModelRegistry:
                 config = load_config(mdir)
             except FerryError:
                 config, config_ok = ModelConfig(), False  # sync reports the broken config
-            loaded = await asyncio.to_thread(self._create, name, 0, staged / MODEL_FILE, config)
+            loaded = await self._open(name, 0, staged / MODEL_FILE, config)
             try:
                 version = await asyncio.to_thread(commit)
             except BaseException:
-                await loaded.close(drain=False)
+                await loaded.close(drain=False, releaser=self.pools.loading)
                 raise
             loaded.version = version  # opened before the rename gave it its number
             entry = self.models.get(name)
@@ -246,8 +277,8 @@ class ModelRegistry:
             sig = _file_signature(self.repository.model_file(name, version))
             if config_ok and entry.config_signature == cfg_sig and entry.config == config:
                 entry.versions[version] = VersionSlot(version, State.READY, "", loaded, sig)
-            else:
-                await loaded.close(drain=False)  # the config changed: sync opens it afresh
+            else:  # the config changed: sync opens it afresh
+                await loaded.close(drain=False, releaser=self.pools.loading)
             result = RepositoryOutcome()
             await self._sync_model(name, result, retry_failed=False)
             self._notify()
@@ -255,9 +286,11 @@ class ModelRegistry:
             return version, status
 
     async def close(self) -> None:
-        async with self._lock:
+        async with self._refresh_lock:
             for name in list(self.models):
-                await self._unload_model(name, RepositoryOutcome())
+                async with self._lock_of(name):
+                    await self._unload_model(name, RepositoryOutcome())
+        self.pools.shutdown()
 
     # ---- internals ----
     async def _sync_model(self, name: str, result: RepositoryOutcome, retry_failed: bool) -> None:
@@ -321,7 +354,7 @@ class ModelRegistry:
         self._notify()
         path = self.repository.model_file(entry.name, version)
         try:
-            loaded = await asyncio.to_thread(self._create, entry.name, version, path, entry.config)
+            loaded = await self._open(entry.name, version, path, entry.config)
         except Exception as exc:  # any load failure is reported, never raised to the caller
             reason = exc.message if isinstance(exc, FerryError) else f"{type(exc).__name__}: {exc}"
             reason = reason.strip().splitlines()[0][:500] if reason.strip() else repr(exc)
@@ -335,6 +368,7 @@ class ModelRegistry:
             result.failed.append(f"{entry.name}/{version}: {reason}")
             return
         entry.versions[version] = VersionSlot(version, State.READY, "", loaded, sig)
+        self._notify()  # health follows each model as it becomes ready, not the whole refresh
         result.loaded.append(f"{entry.name}/{version}")
         reloaded = old is not None and old.loaded is not None
         log.info(
@@ -346,10 +380,26 @@ class ModelRegistry:
             loaded.max_batch_size,
         )
         if old is not None and old.loaded is not None:
-            await old.loaded.close(drain=True)
+            await old.loaded.close(drain=True, releaser=self.pools.loading)
+
+    async def _open(
+        self, name: str, version: int, path: Path, config: ModelConfig
+    ) -> LoadedVersion:
+        """Open on the loader pool: its threads run at a lower priority than serving."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self.pools.loading, self._create, name, version, path, config
+        )
 
     def _create(self, name: str, version: int, path: Path, config: ModelConfig) -> LoadedVersion:
-        return open_version(self._opener, name, version, path, config, warm_up=self._warm_up)
+        return open_version(
+            self._opener,
+            name,
+            version,
+            path,
+            config,
+            warm_up=self._warm_up,
+            executor=self.pools.execution,
+        )
 
     async def _unload_version(
         self, entry: ModelEntry, version: int, result: RepositoryOutcome
@@ -360,7 +410,7 @@ class ModelRegistry:
         if slot.loaded is not None:
             slot.state = State.UNLOADING
             self._notify()
-            await slot.loaded.close(drain=True)
+            await slot.loaded.close(drain=True, releaser=self.pools.loading)
         del entry.versions[version]
         result.unloaded.append(f"{entry.name}/{version}")
         log.info("model %s version %s unloaded", entry.name, version)

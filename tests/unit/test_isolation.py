@@ -1,0 +1,150 @@
+"""One model's business never holds up another's (issue 10, part 4): management calls on one
+model do not wait behind another model's load, and threads are bounded by the host, not by the
+number of models.
+
+Real ONNX models and onnxruntime sessions; the slow load is a gate in the registry's opener,
+released by the test, so nothing depends on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ferry.server.core.config import ModelConfig
+from ferry.server.core.dataplane import DataPlane, InferenceRequest
+from ferry.server.core.pools import ThreadPools, usable_cores
+from ferry.server.core.registry import ModelRegistry
+from ferry.server.core.repository import ModelRepository
+from ferry.server.core.types import State
+from ferry.server.examples import mlp_model, seed_model, write_model
+from ferry.server.runtime.session import OrtSession, open_session
+
+GUARD_S = 60.0
+
+
+class GatedOpener:
+    """Opens sessions normally, except ``model``'s, which waits for the test's release."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.entered = threading.Event()
+        self._open = threading.Event()
+
+    def __call__(self, path: Path, config: ModelConfig) -> OrtSession:
+        if path.parent.parent.name == self.model:
+            self.entered.set()
+            assert self._open.wait(GUARD_S), "the test never released the gate"
+        return open_session(path, config)
+
+    def release(self) -> None:
+        self._open.set()
+
+
+def _run(coro_fn: object) -> None:
+    async def guarded() -> None:
+        async with asyncio.timeout(GUARD_S):  # a hang guard, not a check
+            await coro_fn()  # type: ignore[operator]
+
+    asyncio.run(guarded())
+
+
+def test_management_on_one_model_does_not_wait_behind_another_models_load(
+    tmp_path: Path,
+) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "fast", seed_model())
+    opener = GatedOpener("slow")
+    registry = ModelRegistry(repo, opener, warm_up=False)
+    dataplane = DataPlane(registry)
+    x = {"input": np.zeros((1, 3), np.float32)}
+
+    async def scenario() -> None:
+        await registry.refresh()
+        write_model(repo, "slow", seed_model())
+        refresh = asyncio.create_task(registry.refresh())  # its load of "slow" blocks
+        await asyncio.to_thread(opener.entered.wait, GUARD_S)
+        # While "slow" is loading: another model unloads, loads and serves.
+        await registry.unload_model("fast")
+        assert "fast" not in {s.name for s in registry.statuses()}
+        outcome = await registry.load_model("fast")
+        assert outcome.loaded == ["fast/1"]
+        assert (await dataplane.infer(InferenceRequest("fast", x))).version == 1
+        assert not refresh.done()
+        assert {s.name: s.state for s in registry.statuses()}["slow"] is State.LOADING
+        opener.release()
+        await refresh
+        assert {s.name: s.state for s in registry.statuses()}["slow"] is State.READY
+        await registry.close()
+
+    _run(scenario)
+
+
+def test_a_model_unloaded_during_a_refresh_stays_unloaded(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "slow", seed_model())
+    write_model(repo, "other", seed_model())
+    opener = GatedOpener("slow")
+    registry = ModelRegistry(repo, opener, warm_up=False)
+
+    async def scenario() -> None:
+        other_ready = asyncio.Event()
+
+        def follow() -> None:
+            if any(s.name == "other" and s.state is State.READY for s in registry.statuses()):
+                other_ready.set()
+
+        registry.add_listener(follow)
+        start = asyncio.create_task(registry.refresh())
+        await other_ready.wait()  # "other" loads beside the gated "slow"
+        assert not start.done()
+        await registry.unload_model("other")
+        opener.release()
+        await start
+        await registry.refresh()
+        assert "other" not in {s.name for s in registry.statuses()}
+        assert {s.name: s.state for s in registry.statuses()}["slow"] is State.READY
+        await registry.close()
+
+    _run(scenario)
+
+
+def _threads() -> int:
+    """OS threads of this process, onnxruntime's own pools included."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:  # not Linux
+        return threading.active_count()
+
+
+def test_threads_are_bounded_by_the_host_not_by_the_number_of_models(tmp_path: Path) -> None:
+    """Every version executes on the shared pools: 40 models, each asked enough to run on a
+    worker thread, add at most the pools' threads, whatever the number of models."""
+    repo = ModelRepository(tmp_path / "repo")
+    for i in range(40):
+        write_model(repo, f"m{i:02d}", mlp_model())
+    pools = ThreadPools()
+    registry = ModelRegistry(repo, open_session, warm_up=True, pools=pools)
+    dataplane = DataPlane(registry)
+    x = {"input": np.zeros((16, 64), np.float32)}
+    before = _threads()
+
+    async def scenario() -> None:
+        await registry.refresh()
+        for lv in registry.loaded_versions():
+            lv._inline = False  # every batch goes to the execution pool, as a slow model's
+        for _ in range(2):
+            await asyncio.gather(
+                *(dataplane.infer(InferenceRequest(f"m{i:02d}", x)) for i in range(40))
+            )
+        grown = _threads() - before
+        assert grown <= pools.execution_threads + pools.loader_threads, grown
+        assert pools.execution_threads == usable_cores()
+        assert pools.loader_threads <= 2
+        await registry.close()
+
+    _run(scenario)
