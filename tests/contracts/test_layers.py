@@ -23,7 +23,7 @@ SERVER = ROOT / "server" / "ferry" / "server"
 
 ADAPTERS = [
     p
-    for folder in ("grpc", "http")
+    for folder in ("grpc", "http", "workers")
     for p in sorted((SERVER / folder).glob("*.py"))
     if p.name not in ("app.py", "__init__.py")
 ]

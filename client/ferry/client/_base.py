@@ -72,6 +72,7 @@ class InferenceClientBase:
         credentials: grpc.ChannelCredentials | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         options: Sequence[tuple[str, Any]] = (),
+        connections: int = 1,
     ) -> None:
         self.target = target
         self.timeout = timeout
@@ -86,6 +87,7 @@ class InferenceClientBase:
             keepalive_timeout=keepalive_timeout,
             load_balancing=load_balancing,
             options=options,
+            connections=connections,
         )
         self._metadata = self.channel_config.call_metadata()
         self._dtypes: dict[tuple[str, int], dict[str, Any]] = {}

@@ -25,6 +25,7 @@ from grpc import aio
 
 DEFAULT_MAX_MESSAGE_BYTES = 80 * 1024 * 1024
 USER_AGENT = "ferry-python"
+MAX_CONNECTIONS = 64
 
 Metadata = tuple[tuple[str, str], ...]
 PemSource = str | os.PathLike[str] | bytes
@@ -121,6 +122,11 @@ class ChannelConfig:
     configured to allow them. ``load_balancing`` defaults to ``round_robin`` for several endpoints
     and to gRPC's default (``pick_first``) for one. ``options`` are raw gRPC channel arguments,
     applied last so they win.
+
+    ``connections`` > 1 opens that many connections and spreads calls over them in turn (a
+    stream stays on one). A server started with ``--workers N`` shares its port among N
+    processes and the kernel balances *connections*, not calls: one connection reaches one
+    worker only, so a client process that should use all of them opens at least N.
     """
 
     target: str | Sequence[str] = "127.0.0.1:8001"
@@ -133,8 +139,13 @@ class ChannelConfig:
     keepalive_permit_without_calls: bool = False
     load_balancing: str | None = None
     options: Sequence[tuple[str, Any]] = field(default=())
+    connections: int = 1
 
     def __post_init__(self) -> None:
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            raise ValueError(
+                f"connections must be within 1..{MAX_CONNECTIONS}, got {self.connections}"
+            )
         if self.max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be > 0, got {self.max_message_bytes}")
         for name in ("keepalive_time", "keepalive_timeout"):
@@ -195,20 +206,95 @@ class ChannelConfig:
         return (("authorization", f"Bearer {self.token}"),)
 
 
-def create_channel(config: ChannelConfig) -> grpc.Channel:
-    """A synchronous channel (``grpc.Channel``) for ``config``."""
+def _connection_options(config: ChannelConfig, index: int) -> list[tuple[str, Any]]:
+    """The options of one of ``config.connections`` channels: a subchannel pool of its own, so
+    grpc does not share one connection among channels to the same address."""
+    opts = config.channel_options()
+    if config.connections > 1:
+        opts += [("grpc.use_local_subchannel_pool", 1), ("ferry.connection", index)]
+    return opts
+
+
+def _sync_channel(config: ChannelConfig, index: int) -> grpc.Channel:
     creds = config.channel_credentials()
-    target, opts = config.target_string(), config.channel_options()
+    target, opts = config.target_string(), _connection_options(config, index)
     if creds is None:
         return grpc.insecure_channel(target, options=opts)
     return grpc.secure_channel(target, creds, options=opts)
 
 
-def create_aio_channel(config: ChannelConfig) -> aio.Channel:
-    """An asyncio channel (``grpc.aio.Channel``) for ``config``; create it inside the event loop
-    that will use it, since grpc.aio binds a channel to the loop it was made in."""
+def _aio_channel(config: ChannelConfig, index: int) -> aio.Channel:
     creds = config.channel_credentials()
-    target, opts = config.target_string(), config.channel_options()
+    target, opts = config.target_string(), _connection_options(config, index)
     if creds is None:
         return aio.insecure_channel(target, options=opts)
     return aio.secure_channel(target, creds, options=opts)
+
+
+class _Turns:
+    """A multicallable over several channels: each call goes to the next one in turn."""
+
+    def __init__(self, callables: list[Any]) -> None:
+        self._callables = callables
+        self._next = 0
+
+    def _pick(self) -> Any:
+        chosen = self._callables[self._next]
+        self._next = (self._next + 1) % len(self._callables)
+        return chosen
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pick()(*args, **kwargs)
+
+    def with_call(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pick().with_call(*args, **kwargs)
+
+    def future(self, *args: Any, **kwargs: Any) -> Any:
+        return self._pick().future(*args, **kwargs)
+
+
+class ChannelGroup:
+    """Several channels that stubs and clients use as one (``connections`` > 1)."""
+
+    def __init__(self, channels: list[Any]) -> None:
+        self.channels = channels
+
+    def unary_unary(self, method: str, *args: Any, **kwargs: Any) -> _Turns:
+        return _Turns([c.unary_unary(method, *args, **kwargs) for c in self.channels])
+
+    def unary_stream(self, method: str, *args: Any, **kwargs: Any) -> _Turns:
+        return _Turns([c.unary_stream(method, *args, **kwargs) for c in self.channels])
+
+    def stream_unary(self, method: str, *args: Any, **kwargs: Any) -> _Turns:
+        return _Turns([c.stream_unary(method, *args, **kwargs) for c in self.channels])
+
+    def stream_stream(self, method: str, *args: Any, **kwargs: Any) -> _Turns:
+        return _Turns([c.stream_stream(method, *args, **kwargs) for c in self.channels])
+
+    def close(self) -> None:
+        for channel in self.channels:
+            channel.close()
+
+
+class AioChannelGroup(ChannelGroup):
+    async def close(self) -> None:  # type: ignore[override]
+        for channel in self.channels:
+            await channel.close()
+
+
+def create_channel(config: ChannelConfig) -> grpc.Channel:
+    """A synchronous channel (``grpc.Channel``) for ``config``; with ``connections`` > 1, a
+    group of channels that the clients use as one."""
+    if config.connections == 1:
+        return _sync_channel(config, 0)
+    group = ChannelGroup([_sync_channel(config, i) for i in range(config.connections)])
+    return group  # type: ignore[return-value]
+
+
+def create_aio_channel(config: ChannelConfig) -> aio.Channel:
+    """An asyncio channel (``grpc.aio.Channel``) for ``config``; create it inside the event loop
+    that will use it, since grpc.aio binds a channel to the loop it was made in."""
+    if config.connections == 1:
+        return _aio_channel(config, 0)
+    group = AioChannelGroup([_aio_channel(config, i) for i in range(config.connections)])
+    return group  # type: ignore[return-value]

@@ -17,11 +17,12 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from ferry.server.core.dataplane import DataPlane
+from ferry.server.core.stats_merge import merge
 from ferry.server.core.types import State, VersionStatistics, VersionStatus
 from ferry.server.errors import FerryError
 from ferry.server.grpc.status import code_of
@@ -63,6 +64,33 @@ class _Requests:
         self.seconds = 0.0
 
 
+class PeerCounters(Protocol):
+    def statistics_sync(self) -> list[VersionStatistics]: ...
+
+    def requests_sync(self) -> list[Any]: ...
+
+
+def _add_requests(
+    local: list[tuple[tuple[str, int], _Requests]], rows: list[Any]
+) -> list[tuple[tuple[str, int], _Requests]]:
+    total: dict[tuple[str, int], _Requests] = {}
+    for key, series in local:
+        mine = total[key] = _Requests()
+        mine.codes, mine.buckets, mine.seconds = (
+            series.codes.copy(),
+            series.buckets.copy(),
+            series.seconds,
+        )
+    for model, version, codes, buckets, seconds in rows:
+        key = (str(model), int(version))
+        mine = total.get(key) or total.setdefault(key, _Requests())
+        for code, n in codes.items():
+            mine.codes[code] = mine.codes.get(code, 0) + int(n)
+        mine.buckets = [a + int(b) for a, b in zip(mine.buckets, buckets, strict=True)]
+        mine.seconds += float(seconds)
+    return list(total.items())
+
+
 def _retrying(read: Callable[[], T]) -> T:
     """Read the core from the metrics thread: the event loop may change a dict mid-iteration
     (a refresh adding models), which raises RuntimeError; the next try sees a settled state."""
@@ -82,6 +110,18 @@ class Metrics:
         ProcessCollector(registry=self.process)  # process_* (CPU, RSS, fds, start time)
         self._requests: dict[tuple[str, int], _Requests] = {}
         self._labels: dict[tuple[str, int], str] = {}
+        self._peers: PeerCounters | None = None
+
+    def sum_with(self, peers: PeerCounters) -> None:
+        """With several worker processes a scrape shows their sum (read on the metrics thread)."""
+        self._peers = peers
+
+    def requests_snapshot(self) -> list[list[Any]]:
+        """This process's request counters, for another worker to add to its scrape."""
+        return [
+            [m, v, s.codes.copy(), s.buckets.copy(), s.seconds]
+            for (m, v), s in list(self._requests.items())
+        ]
 
     def observe(
         self, model: str, version: int, outcome: BaseException | None, seconds: float
@@ -123,6 +163,9 @@ class Metrics:
         stats = _retrying(self._dataplane.statistics)
         statuses = _retrying(self._dataplane.list_models)
         requests = _retrying(lambda: list(self._requests.items()))
+        if self._peers is not None:
+            stats = merge([*stats, *self._peers.statistics_sync()])
+            requests = _add_requests(requests, self._peers.requests_sync())
         lines: list[str] = []
         self._render_requests(lines, requests)
         self._render_core(lines, stats, statuses)

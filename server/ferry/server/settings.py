@@ -77,6 +77,21 @@ class Settings:
             "or failing beside them does not change readiness"
         },
     )
+    workers: int = field(
+        default=1,
+        metadata={
+            "help": "inference worker processes sharing the inference ports (SO_REUSEPORT); "
+            "the first also runs management, conversion and metrics; 0: one per usable core"
+        },
+    )
+    worker_socket: str = field(
+        default="",
+        metadata={
+            "help": "set by ferry serve --workers for the workers it starts: their control "
+            "socket (environment only)",
+            "flag": False,
+        },
+    )
     poll_interval: float = field(
         default=0.0, metadata={"help": "seconds between repository scans; 0 only on request"}
     )

@@ -16,6 +16,7 @@ from ferry.server.core import inputs
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import validate_model_name
+from ferry.server.core.stats_merge import merge
 from ferry.server.core.streams import run_stream
 from ferry.server.core.types import (
     BatchingPolicy,
@@ -42,6 +43,8 @@ from ferry.server.errors import (
 PLATFORM = "onnxruntime_onnx"
 
 R = TypeVar("R")
+# The other worker processes' snapshots of (model, version): see ferry.server.workers.
+PeerStatistics = Callable[[str, int | None], Awaitable[list[VersionStatistics]]]
 Resp = TypeVar("Resp")
 
 
@@ -61,6 +64,7 @@ class DataPlane:
         self._registry = registry
         self.limits = limits or Limits()
         self._observe: Observer = _no_observer  # observe_with() sets the server's metrics
+        self._peers: PeerStatistics | None = None  # sum_with() sets the other workers'
         self.max_stream_in_flight = max_stream_in_flight
         # Seconds a request with no deadline at all (none from the call, the request or the
         # model's default_timeout_ms) may take; 0: unbounded (only max_queue_size bounds it).
@@ -155,6 +159,20 @@ class DataPlane:
             if not model or lv.name == model
         ]
 
+    def sum_with(self, peers: PeerStatistics) -> None:
+        """Add the other worker processes' statistics to what ``total_statistics`` answers."""
+        self._peers = peers
+
+    async def total_statistics(
+        self, model: str = "", version: int | None = None
+    ) -> list[VersionStatistics]:
+        """What a user asks for (ModelStatistics): with several worker processes, the sum over
+        all of them, as if one process had served every request; else ``statistics``."""
+        local = self.statistics(model, version)
+        if self._peers is None:
+            return local
+        return merge([*local, *(await self._peers(model, version))])
+
     def list_models(self, model: str = "") -> list[VersionStatus]:
         return self._registry.statuses(model)
 
@@ -205,7 +223,7 @@ class DataPlane:
         return await self._registry.unload_model(validate_model_name(model))
 
     async def refresh(self) -> RepositoryOutcome:
-        return await self._registry.refresh(retry_failed=True)
+        return await self._registry.refresh(retry_failed=True, follow=True)
 
 
 def _deadline(

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +68,9 @@ class ModelEntry:
 
 
 Listener = Callable[[], None]
+# Told of every explicit change once it is done here: ("load" | "unload", model) or ("refresh", "").
+# Worker processes that serve the same repository apply it too (ferry.server.workers).
+Follower = Callable[[str, str], Awaitable[None]]
 
 
 class ModelRegistry:
@@ -89,6 +92,12 @@ class ModelRegistry:
         self._listeners: list[Listener] = []
         self._unloaded_by_request: set[str] = set()
         self._required: set[str] | None = None  # None until settle(): see all_ready
+        self.follower: Follower | None = None
+
+    @property
+    def unloaded_by_request(self) -> list[str]:
+        """Models an explicit unload took out (a restarted worker process is told them)."""
+        return sorted(self._unloaded_by_request)
 
     def add_listener(self, listener: Listener) -> None:
         """Called after every state change (health and metrics follow the registry)."""
@@ -179,9 +188,16 @@ class ModelRegistry:
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
-    async def refresh(self, *, retry_failed: bool = True) -> RepositoryOutcome:
+    async def _follow(self, op: str, name: str) -> None:
+        if self.follower is not None:
+            await self.follower(op, name)
+
+    async def refresh(
+        self, *, retry_failed: bool = True, follow: bool = False
+    ) -> RepositoryOutcome:
         """Bring the served set in line with the folder. Each model is synced under its own
-        lock, all at once (their loads queue on the loader pool)."""
+        lock, all at once (their loads queue on the loader pool). ``follow``: an explicit
+        refresh, which the other worker processes apply too (a periodic poll is each one's)."""
         async with self._refresh_lock:
             result = RepositoryOutcome()
             on_disk = set(self.repository.list_models()) - self._unloaded_by_request
@@ -203,6 +219,8 @@ class ModelRegistry:
                 *(sync(name) for name in sorted(on_disk)),
             )
             self._notify()
+            if follow:
+                await self._follow("refresh", "")
             return result
 
     async def load_model(self, name: str) -> RepositoryOutcome:
@@ -215,6 +233,7 @@ class ModelRegistry:
             result = RepositoryOutcome()
             await self._sync_model(name, result, retry_failed=True)
             self._notify()
+            await self._follow("load", name)
             return result
 
     async def unload_model(self, name: str) -> RepositoryOutcome:
@@ -229,6 +248,7 @@ class ModelRegistry:
             result = RepositoryOutcome()
             await self._unload_model(name, result)
             self._notify()
+            await self._follow("unload", name)
             return result
 
     def index(self) -> list[IndexEntry]:
@@ -282,6 +302,7 @@ class ModelRegistry:
             result = RepositoryOutcome()
             await self._sync_model(name, result, retry_failed=False)
             self._notify()
+            await self._follow("load", name)
             status = {s.version: s for s in self.statuses(name)}.get(version)
             return version, status
 

@@ -11,10 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import shutil
 import signal
 import socket
 import ssl
+import tempfile
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import grpc
 from grpc import aio
@@ -24,6 +28,7 @@ from ferry.proto.v1 import inference_pb2, repository_pb2, repository_pb2_grpc
 from ferry.server import security
 from ferry.server.convert.service import ConversionService
 from ferry.server.core.dataplane import DataPlane
+from ferry.server.core.pools import ThreadPools, usable_cores
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import Limits
@@ -38,6 +43,9 @@ from ferry.server.http.oip import OipRoutes
 from ferry.server.metrics import Metrics
 from ferry.server.runtime.session import open_session
 from ferry.server.settings import Settings
+from ferry.server.workers import control as worker_control
+from ferry.server.workers.fleet import WorkerFleet, die_with_parent
+from ferry.server.workers.peers import Peers, socket_path
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +61,14 @@ class FerryServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.repository = ModelRepository(settings.repository, create=settings.create_repository)
-        self.registry = ModelRegistry(self.repository, open_session, warm_up=settings.warm_up)
+        # --workers N: N processes share the inference ports; this one is the first unless the
+        # first started it (worker_socket). Each gets its share of the cores for execution.
+        self.workers = settings.workers or usable_cores()
+        self.is_worker = bool(settings.worker_socket)
+        pools = ThreadPools(max(1, usable_cores() // self.workers))
+        self.registry = ModelRegistry(
+            self.repository, open_session, warm_up=settings.warm_up, pools=pools
+        )
         self.dataplane = DataPlane(
             self.registry,
             Limits(
@@ -83,6 +98,10 @@ class FerryServer:
         self._management_health: health.aio.HealthServicer | None = None
         self._management_services: list[str] = []
         self._stopped = asyncio.Event()
+        self.fleet: WorkerFleet | None = None
+        self._control: aio.Server | None = None
+        self._peers: Peers | None = None
+        self._run_dir: Path | None = None
         # Model conversion (uploads, jobs, versions): management listener only. Its state
         # folder is opened in start(), only when the management listener runs.
         self.conversion = ConversionService(settings, self.repository, self.registry)
@@ -105,12 +124,14 @@ class FerryServer:
         return [
             ("grpc.max_receive_message_length", n),
             ("grpc.max_send_message_length", n),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", 1 if self.workers > 1 else 0),
             ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
         ]
 
     async def start(self) -> None:
         s = self.settings
+        if self.is_worker:
+            die_with_parent()
         # Access first: a refused configuration or an unreadable token or certificate file must
         # stop the start before anything is bound or changed on disk.
         security.check_settings(s)
@@ -142,7 +163,7 @@ class FerryServer:
             ),
         )
         reflection.enable(server, names)
-        self.inference_port = _bind(server, s.host, s.port, creds)
+        self.inference_port = _bind(server, s.host, s.port, creds, shared=self.workers > 1)
         self._servers.append(server)
         # Management listener: separate, loopback by default.
         if s.management_port >= 0:
@@ -178,6 +199,8 @@ class FerryServer:
         await self.registry.refresh()
         required = [m.strip() for m in s.require_models.split(",") if m.strip()]
         self.registry.settle(required)
+        if self.workers > 1:
+            await self._start_workers()
         await self._update_health()
         if self._management_health is not None:
             for name in ("", *self._management_services):
@@ -196,6 +219,40 @@ class FerryServer:
             self.management_http_port,
             self.metrics_port,
         )
+
+    async def _start_workers(self) -> None:
+        """Every worker process listens on a control socket in one run folder; the first one
+        also starts the others and makes its repository changes theirs (workers/fleet.py)."""
+        if self.is_worker:
+            own = Path(self.settings.worker_socket)
+            self._run_dir = own.parent
+        else:
+            self._run_dir = Path(tempfile.mkdtemp(prefix="ferry-workers-"))
+            own = socket_path(self._run_dir, 0)
+        self._peers = Peers(self._run_dir, own)
+        service = worker_control.ControlService(self.dataplane, self.metrics.requests_snapshot)
+        self._control = await worker_control.start_control(str(own), service)
+        self.dataplane.sum_with(self._peers.statistics)
+        self.metrics.sum_with(self._peers)
+        if self.is_worker:
+            return
+        self.fleet = WorkerFleet(self.settings, self._run_dir, self.workers, self._peers)
+        self.fleet.unloaded = self.registry.unloaded_by_request
+        http_port = self.http_port if self.settings.http_port >= 0 else -1
+        await self.fleet.start(self.inference_port, http_port)
+        self.registry.follower = self._follow
+        log.info(
+            "%d inference workers on port %d (pids %s; control sockets in %s)",
+            self.workers,
+            self.inference_port,
+            ",".join(str(p) for p in [os.getpid(), *self.fleet.pids]),
+            self._run_dir,
+        )
+
+    async def _follow(self, op: str, model: str) -> None:
+        assert self.fleet is not None
+        self.fleet.unloaded = self.registry.unloaded_by_request
+        await self.fleet.follow(op, model)
 
     async def _start_http(
         self,
@@ -228,7 +285,9 @@ class FerryServer:
                 open_health=not (control or s.health_requires_token),  # as the gRPC guards
             )
             try:
-                bound = await listener.start(host, port, context)
+                bound = await listener.start(
+                    host, port, context, reuse_port=not control and self.workers > 1
+                )
             except BaseException:
                 await asyncio.gather(*(h.stop(0) for h in self._http))
                 raise
@@ -302,8 +361,17 @@ class FerryServer:
             except Exception:
                 log.exception("stop hook failed")
         await asyncio.gather(
-            *(srv.stop(grace) for srv in self._servers), *(h.stop(grace) for h in self._http)
+            *(srv.stop(grace) for srv in self._servers),
+            *(h.stop(grace) for h in self._http),
+            *([self.fleet.stop(grace)] if self.fleet is not None else []),
         )
+        if self._control is not None:
+            await self._control.stop(0)
+        if self._peers is not None:
+            await self._peers.close()
+            await asyncio.to_thread(self._peers.close_sync)
+        if self._run_dir is not None and not self.is_worker:
+            shutil.rmtree(self._run_dir, ignore_errors=True)
         await self.registry.close()
         # prometheus_client's HTTP server polls for shutdown every 0.5 s: not on the event loop.
         await asyncio.to_thread(self.metrics.close)
@@ -324,11 +392,16 @@ class FerryServer:
 
 
 def _bind(
-    server: aio.Server, host: str, port: int, credentials: grpc.ServerCredentials | None = None
+    server: aio.Server,
+    host: str,
+    port: int,
+    credentials: grpc.ServerCredentials | None = None,
+    *,
+    shared: bool = False,
 ) -> int:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     if port:
-        _check_free(host, port, address)
+        _check_free(host, port, address, shared=shared)
     try:
         if credentials is None:
             bound = server.add_insecure_port(address)
@@ -341,7 +414,7 @@ def _bind(
     return bound
 
 
-def _check_free(host: str, port: int, address: str) -> None:
+def _check_free(host: str, port: int, address: str, *, shared: bool = False) -> None:
     """Fail with one clear line when the port is taken. grpc's own bind failure also writes a
     C-core log line to stderr, so ``ferry serve`` on a busy port would not end with just our
     message; probing first (as grpc binds: SO_REUSEADDR, so TIME_WAIT leftovers do not count)
@@ -349,6 +422,8 @@ def _check_free(host: str, port: int, address: str) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if shared:  # the workers of one server share the port: only a foreign holder is a clash
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             probe.bind((host, port))
         except OSError as exc:

@@ -213,7 +213,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GetModelStatistics(
         self, request: pb.GetModelStatisticsRequest, context: aio.ServicerContext
     ) -> pb.GetModelStatisticsResponse:
-        stats = self.dataplane.statistics(request.model, request.version or None)
+        stats = await self.dataplane.total_statistics(request.model, request.version or None)
         return pb.GetModelStatisticsResponse(models=[statistics_of(s) for s in stats])
 
 

@@ -169,7 +169,7 @@ class KServeServicer:
         self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext
     ) -> pb.ModelStatisticsResponse:
         """An empty name means every model; a name without a version, its served versions."""
-        stats = self.dataplane.statistics(request.name, parse_version(request.version))
+        stats = await self.dataplane.total_statistics(request.name, parse_version(request.version))
         return pb.ModelStatisticsResponse(model_stats=[statistics_of(s) for s in stats])
 
     # ---- inference ----

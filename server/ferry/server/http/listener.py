@@ -54,9 +54,12 @@ class HttpListener:
         self._server: web.Server | None = None
         self._listening: asyncio.base_events.Server | None = None
 
-    async def start(self, host: str, port: int, context: ssl.SSLContext | None) -> int:
-        """Bind and listen; returns the bound port (``port`` 0 picks a free one)."""
-        sock = _listen_socket(host, port)
+    async def start(
+        self, host: str, port: int, context: ssl.SSLContext | None, *, reuse_port: bool = False
+    ) -> int:
+        """Bind and listen; returns the bound port (``port`` 0 picks a free one). ``reuse_port``:
+        the worker processes of one server share it (SO_REUSEPORT)."""
+        sock = _listen_socket(host, port, reuse_port)
         self._server = web.Server(self._handle, access_log=None, lingering_time=LINGER)
         loop = asyncio.get_running_loop()
         try:
@@ -153,7 +156,7 @@ class HttpListener:
         )
 
 
-def _listen_socket(host: str, port: int) -> socket.socket:
+def _listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     """Bound here rather than by aiohttp, so a busy port fails with one line naming it, as the
     gRPC listeners do."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -161,6 +164,8 @@ def _listen_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.setblocking(False)
     except OSError as exc:

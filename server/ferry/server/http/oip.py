@@ -148,7 +148,7 @@ class OipRoutes:
     ) -> Reply:
         if rest == ["stats"]:  # every model's statistics (a model named "stats" too, as Triton)
             _method(method, "GET", path)
-            return self._statistics("", "")
+            return await self._statistics("", "")
         model = _segment(rest[0])
         tail = rest[1:]
         version = ""
@@ -167,7 +167,7 @@ class OipRoutes:
             raise _no_route(path)
         _method(method, "GET", path)
         if action == "stats":
-            return self._statistics(model, version)
+            return await self._statistics(model, version)
         number = parse_version(version)
         if action == "ready":
             if self.dataplane.model_ready(model, number):
@@ -179,8 +179,8 @@ class OipRoutes:
             return _json(proto_json(config_of(meta)))
         return _json(proto_json(metadata_of(meta)))
 
-    def _statistics(self, model: str, version: str) -> Reply:
-        stats = self.dataplane.statistics(model, parse_version(version))
+    async def _statistics(self, model: str, version: str) -> Reply:
+        stats = await self.dataplane.total_statistics(model, parse_version(version))
         return _json({"model_stats": [proto_json(statistics_of(s)) for s in stats]})
 
     async def _infer(

@@ -1,0 +1,63 @@
+"""Statistics of one model version served by several processes, added up.
+
+With ``--workers N`` every worker process keeps its own counters; what a user reads (ModelStatistics,
+/metrics) is their sum, as if one process had served every request."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from ferry.server.core.types import BatchStatistics, Duration, VersionStatistics
+
+
+def _add(a: Duration, b: Duration) -> Duration:
+    return Duration(a.count + b.count, a.ns + b.ns)
+
+
+def _merge_batches(
+    a: tuple[BatchStatistics, ...], b: tuple[BatchStatistics, ...]
+) -> tuple[BatchStatistics, ...]:
+    by_size = {x.batch_size: x for x in a}
+    for y in b:
+        x = by_size.get(y.batch_size)
+        by_size[y.batch_size] = (
+            y
+            if x is None
+            else BatchStatistics(
+                y.batch_size,
+                _add(x.compute_input, y.compute_input),
+                _add(x.compute_infer, y.compute_infer),
+                _add(x.compute_output, y.compute_output),
+            )
+        )
+    return tuple(by_size[k] for k in sorted(by_size))
+
+
+def _merge_two(a: VersionStatistics, b: VersionStatistics) -> VersionStatistics:
+    return VersionStatistics(
+        name=a.name,
+        version=a.version,
+        last_inference_ms=max(a.last_inference_ms, b.last_inference_ms),
+        inference_count=a.inference_count + b.inference_count,
+        execution_count=a.execution_count + b.execution_count,
+        success=_add(a.success, b.success),
+        fail=_add(a.fail, b.fail),
+        queue=_add(a.queue, b.queue),
+        compute_input=_add(a.compute_input, b.compute_input),
+        compute_infer=_add(a.compute_infer, b.compute_infer),
+        compute_output=_add(a.compute_output, b.compute_output),
+        batches=_merge_batches(a.batches, b.batches),
+        rejected=a.rejected + b.rejected,
+        expired=a.expired + b.expired,
+        queue_depth=a.queue_depth + b.queue_depth,
+    )
+
+
+def merge(snapshots: Iterable[VersionStatistics]) -> list[VersionStatistics]:
+    """One snapshot per (model, version), in the order each first appears."""
+    out: dict[tuple[str, int], VersionStatistics] = {}
+    for s in snapshots:
+        key = (s.name, s.version)
+        prior = out.get(key)
+        out[key] = s if prior is None else _merge_two(prior, s)
+    return list(out.values())

@@ -1,0 +1,140 @@
+"""The private control channel between the worker processes of one ``ferry serve --workers N``.
+
+Every worker process (the first, which also owns management and conversion, included) listens on
+a unix socket in the run folder (mode 0700: only this user reaches it). Over it the first worker
+tells the others of each repository change (load, unload, explicit refresh), and any worker
+answering ModelStatistics or a scrape asks the others for their own counters to add them up.
+
+The messages are small JSON documents on raw gRPC methods: the channel is internal, never
+exposed, and both ends are this same code, so it needs no schema of its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from ferry.server.core.dataplane import DataPlane
+from ferry.server.core.types import BatchStatistics, Duration, VersionStatistics
+from ferry.server.errors import FerryError
+
+log = logging.getLogger(__name__)
+
+SERVICE = "ferry.internal.WorkerControl"
+STATISTICS = f"/{SERVICE}/Statistics"
+REQUESTS = f"/{SERVICE}/Requests"
+APPLY = f"/{SERVICE}/Apply"
+READY = f"/{SERVICE}/Ready"
+OPS = ("load", "unload", "refresh")
+MAX_MESSAGE = 64 << 20
+
+
+def encode(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode("utf-8")
+
+
+def decode(raw: bytes) -> Any:
+    return json.loads(raw.decode("utf-8"))
+
+
+def stats_to_json(s: VersionStatistics) -> dict[str, Any]:
+    return dataclasses.asdict(s)
+
+
+def _duration(d: dict[str, int]) -> Duration:
+    return Duration(int(d["count"]), int(d["ns"]))
+
+
+def stats_from_json(d: dict[str, Any]) -> VersionStatistics:
+    return VersionStatistics(
+        name=str(d["name"]),
+        version=int(d["version"]),
+        last_inference_ms=int(d["last_inference_ms"]),
+        inference_count=int(d["inference_count"]),
+        execution_count=int(d["execution_count"]),
+        success=_duration(d["success"]),
+        fail=_duration(d["fail"]),
+        queue=_duration(d["queue"]),
+        compute_input=_duration(d["compute_input"]),
+        compute_infer=_duration(d["compute_infer"]),
+        compute_output=_duration(d["compute_output"]),
+        batches=tuple(
+            BatchStatistics(
+                int(b["batch_size"]),
+                _duration(b["compute_input"]),
+                _duration(b["compute_infer"]),
+                _duration(b["compute_output"]),
+            )
+            for b in d["batches"]
+        ),
+        rejected=int(d["rejected"]),
+        expired=int(d["expired"]),
+        queue_depth=int(d["queue_depth"]),
+    )
+
+
+class ControlService(grpc.GenericRpcHandler):
+    """What one worker answers on its control socket: its own counters, never the sum."""
+
+    def __init__(self, dataplane: DataPlane, requests: Any) -> None:
+        self._dataplane = dataplane
+        self._requests = requests  # () -> this process's request counters (metrics)
+        self._methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
+            STATISTICS: grpc.unary_unary_rpc_method_handler(self._statistics),
+            REQUESTS: grpc.unary_unary_rpc_method_handler(self._requests_counts),
+            APPLY: grpc.unary_unary_rpc_method_handler(self._apply),
+            READY: grpc.unary_unary_rpc_method_handler(self._ready),
+        }
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        return self._methods.get(handler_call_details.method)
+
+    async def _statistics(self, raw: bytes, context: aio.ServicerContext) -> bytes:
+        ask = decode(raw)
+        try:
+            stats = self._dataplane.statistics(ask.get("model", ""), ask.get("version"))
+        except FerryError:  # not served by this worker (yet): it has nothing to add
+            stats = []
+        return encode([stats_to_json(s) for s in stats])
+
+    async def _requests_counts(self, raw: bytes, context: aio.ServicerContext) -> bytes:
+        return encode(self._requests())
+
+    async def _ready(self, raw: bytes, context: aio.ServicerContext) -> bytes:
+        return encode({"ready": self._dataplane.ready()})
+
+    async def _apply(self, raw: bytes, context: aio.ServicerContext) -> bytes:
+        ask = decode(raw)
+        op, model = ask.get("op"), ask.get("model", "")
+        if op not in OPS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown op {op!r}")
+        try:
+            if op == "load":
+                await self._dataplane.load(model)
+            elif op == "unload":
+                await self._dataplane.unload(model)
+            else:
+                await self._dataplane.refresh()
+        except FerryError as exc:  # the first worker reports its own outcome; this is a log line
+            log.warning("worker could not %s %s: %s", op, model or "the repository", exc.message)
+            return encode({"ok": False, "message": exc.message})
+        return encode({"ok": True})
+
+
+async def start_control(socket_path: str, service: ControlService) -> aio.Server:
+    server = aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+        ]
+    )
+    server.add_generic_rpc_handlers((service,))
+    if server.add_insecure_port(f"unix:{socket_path}") == 0:
+        raise OSError(f"cannot listen on the worker control socket {socket_path}")
+    await server.start()
+    return server

@@ -1,0 +1,201 @@
+"""``ferry serve --workers N``: the first process starts N-1 more inference workers and keeps them.
+
+Each worker is a whole serving process (its own event loop, batchers and onnxruntime sessions)
+started by exec, so no gRPC state crosses a fork. All of them listen on the same inference ports
+with SO_REUSEPORT: the kernel spreads connections over them. The first process (this one) also
+owns the management listeners, conversion and metrics; what changes the repository there is
+applied by every worker before the management call returns (``follow``). A worker that dies is
+started again (with backoff) while the others serve; on SIGTERM all of them drain together.
+
+Why the first process serves too, instead of a supervisor that serves nothing: the management
+path needs a full core anyway (publish opens the model before it becomes visible; load reports
+what loaded), so the one that answers management is the reference the others follow, and N
+workers cost N processes, not N+1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from ferry.server.settings import Settings
+from ferry.server.workers import control
+from ferry.server.workers.peers import Peers, socket_path
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 300.0  # seconds a worker may take to load its models before it counts as failed
+BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+HEALTHY_AFTER = 60.0  # a worker that lived this long starts the backoff afresh when it dies
+ENV_SOCKET = "FERRY_WORKER_SOCKET"
+ENV_PARENT = "FERRY_WORKER_PARENT"
+
+
+def worker_flags(settings: Settings, *, port: int, http_port: int) -> list[str]:
+    """The first process's settings as flags, with what a worker does differently: the ports
+    already bound (so that port 0 resolves once), and no management, conversion or metrics."""
+    overrides = {
+        "port": port,
+        "http_port": http_port,
+        "management_port": -1,
+        "management_http_port": -1,
+        "metrics_port": -1,
+        "create_repository": False,
+    }
+    flags: list[str] = []
+    for f in fields(Settings):
+        if not f.metadata.get("flag", True):
+            continue  # secrets travel in the environment, which workers inherit
+        value = overrides.get(f.name, getattr(settings, f.name))
+        name = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(name if value else "--no-" + name[2:])
+        else:
+            flags += [name, str(value)]
+    return flags
+
+
+class _Worker:
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.proc: asyncio.subprocess.Process | None = None
+        self.started = 0.0
+        self.failures = 0
+
+
+class WorkerFleet:
+    def __init__(self, settings: Settings, run_dir: Path, count: int, peers: Peers) -> None:
+        self.settings = settings
+        self.run_dir = run_dir
+        self.count = count
+        self.peers = peers
+        self._workers = [_Worker(i) for i in range(1, count)]
+        self._flags: list[str] = []
+        self._stopping = False
+        self._monitors: list[asyncio.Task[None]] = []
+        self.unloaded: list[str] = []  # set by the server: explicit unloads a new worker repeats
+        self.restarts = 0
+
+    @property
+    def pids(self) -> list[int]:
+        return [w.proc.pid for w in self._workers if w.proc is not None]
+
+    async def start(self, port: int, http_port: int) -> None:
+        """Start every worker and wait until each is ready (its models loaded)."""
+        self._flags = worker_flags(self.settings, port=port, http_port=http_port)
+        await asyncio.gather(*(self._spawn(w) for w in self._workers))
+        self._monitors = [asyncio.create_task(self._watch(w)) for w in self._workers]
+
+    async def _spawn(self, worker: _Worker) -> None:
+        sock = socket_path(self.run_dir, worker.index)
+        with contextlib.suppress(FileNotFoundError):
+            sock.unlink()
+        env = {**os.environ, ENV_SOCKET: str(sock), ENV_PARENT: str(os.getpid())}
+        worker.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "ferry.server", *self._flags, env=env
+        )
+        worker.started = time.monotonic()
+        await self._wait_ready(worker, sock)
+        for name in self.unloaded:  # what an explicit unload took out stays out
+            await self.peers.call(sock, control.APPLY, {"op": "unload", "model": name}, 60.0)
+        log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
+
+    async def _wait_ready(self, worker: _Worker, sock: Path) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        assert worker.proc is not None
+        while time.monotonic() < deadline:
+            if worker.proc.returncode is not None:
+                raise RuntimeError(
+                    f"worker {worker.index} exited with {worker.proc.returncode} while starting"
+                )
+            try:
+                answer = await self.peers.call(sock, control.READY, {}, 2.0)
+                if answer.get("ready"):
+                    return
+            except Exception as exc:  # not listening yet
+                log.debug("worker %d not ready yet: %s", worker.index, exc)
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"worker {worker.index} was not ready within {READY_TIMEOUT:.0f} s")
+
+    async def _watch(self, worker: _Worker) -> None:
+        """Start a dead worker again, with backoff, until the fleet stops."""
+        while not self._stopping:
+            assert worker.proc is not None
+            code = await worker.proc.wait()
+            if self._stopping:
+                return
+            lived = time.monotonic() - worker.started
+            worker.failures = 0 if lived > HEALTHY_AFTER else worker.failures + 1
+            delay = BACKOFF[min(worker.failures, len(BACKOFF) - 1)]
+            log.error(
+                "worker %d (pid %d) exited with %s; starting it again in %.1f s",
+                worker.index,
+                worker.proc.pid,
+                code,
+                delay,
+            )
+            await asyncio.sleep(delay)
+            if self._stopping:
+                return
+            try:
+                await self._spawn(worker)
+                self.restarts += 1
+            except Exception as exc:
+                log.error("worker %d did not start again: %s", worker.index, exc)
+                if worker.proc is not None and worker.proc.returncode is None:
+                    worker.proc.kill()
+
+    async def follow(self, op: str, model: str) -> None:
+        """Apply a repository change on every other worker; returns when all have."""
+        ask = {"op": op, "model": model}
+        answers = await asyncio.gather(
+            *(self.peers.call(p, control.APPLY, ask, 600.0) for p in self.peers.sockets()),
+            return_exceptions=True,
+        )
+        for path, answer in zip(self.peers.sockets(), answers, strict=False):
+            if isinstance(answer, BaseException):
+                log.warning("worker %s did not apply %s %s: %s", path.name, op, model, answer)
+
+    async def stop(self, grace: float) -> None:
+        """SIGTERM every worker (each drains within ``grace``), then kill what is left."""
+        self._stopping = True
+        for task in self._monitors:
+            task.cancel()
+        running = [w.proc for w in self._workers if w.proc and w.proc.returncode is None]
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*(p.wait() for p in running)), timeout=grace + 5.0
+            )
+        except TimeoutError:
+            for proc in running:
+                if proc.returncode is None:
+                    log.warning("worker pid %d did not stop in time: killed", proc.pid)
+                    proc.kill()
+            await asyncio.gather(*(p.wait() for p in running))
+        await self.peers.close()
+
+
+def die_with_parent() -> None:
+    """A worker goes when the first process goes, even if it was SIGKILLed (Linux)."""
+    parent = os.environ.get(ENV_PARENT)
+    if not parent:
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)

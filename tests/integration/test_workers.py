@@ -1,0 +1,178 @@
+"""``ferry serve --workers 2`` as a user runs it: real processes sharing the inference port.
+
+Every check waits on what the server says (its log lines, its answers), bounded by WAIT_S; the
+worker processes' own counters are read over their control sockets to see who served what.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from helpers import WAIT_S, make_repo, wait_for
+
+from ferry.client import InferenceClient, RepositoryClient
+from ferry.server.examples import mlp_model, seed_model
+from ferry.server.workers import control
+
+X = {"input": np.ones((1, 64), np.float32)}
+CONNECTIONS = 24  # SO_REUSEPORT spreads connections: with 24, all on one worker is 2**-23
+
+
+@dataclass
+class Fleet:
+    proc: subprocess.Popen[str]
+    port: int
+    management: int
+    metrics: int
+    pids: list[int]
+    run_dir: Path
+    lines: queue.Queue[str]
+
+    def wait_line(self, pattern: str) -> re.Match[str]:
+        while True:
+            line = self.lines.get(timeout=WAIT_S)  # bounded: the server logs what it does
+            m = re.search(pattern, line)
+            if m:
+                return m
+
+
+def _local(run_dir: Path, index: int, model: str) -> int:
+    """How many requests one worker process served itself."""
+    with grpc.insecure_channel(f"unix:{run_dir / f'worker-{index}.sock'}") as channel:
+        ask = control.encode({"model": model, "version": None})
+        raw = channel.unary_unary(control.STATISTICS)(ask, timeout=10)
+    return sum(s["inference_count"] for s in control.decode(raw))
+
+
+def _serves(run_dir: Path, index: int, model: str) -> bool:
+    with grpc.insecure_channel(f"unix:{run_dir / f'worker-{index}.sock'}") as channel:
+        ask = control.encode({"model": model, "version": None})
+        raw = channel.unary_unary(control.STATISTICS)(ask, timeout=10)
+    return bool(control.decode(raw))
+
+
+def _spread(port: int, model: str, n_per_connection: int = 2) -> int:
+    sent = 0
+    for i in range(CONNECTIONS):
+        # A channel option of its own: grpc would otherwise share one connection among them.
+        with InferenceClient(f"127.0.0.1:{port}", options=[("ferry.test.connection", i)]) as c:
+            for _ in range(n_per_connection):
+                c.infer(model, X)
+                sent += 1
+    return sent
+
+
+@pytest.fixture
+def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model(), "seed": seed_model()})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    args = [sys.executable, "-m", "ferry.server", "--repository", str(root), "--workers", "2"]
+    args += ["--host", "127.0.0.1", "--port", "0", "--management-port", "0"]
+    args += ["--metrics-host", "127.0.0.1", "--metrics-port", "0"]
+    args += ["--http-port", "-1", "--management-http-port", "-1", "--grace-period", "5"]
+    proc = subprocess.Popen(
+        args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr or ()], daemon=True).start()
+    try:
+        f = Fleet(proc, 0, 0, 0, [], Path(), lines)
+        m = f.wait_line(
+            r"2 inference workers on port (\d+) \(pids ([\d,]+); control sockets in (\S+)\)"
+        )
+        f.port, f.pids, f.run_dir = (
+            int(m.group(1)),
+            [int(p) for p in m.group(2).split(",")],
+            Path(m.group(3)),
+        )
+        m = f.wait_line(r"management 127\.0\.0\.1:(\d+), HTTP -?\d+; metrics (\d+)")
+        f.management, f.metrics = int(m.group(1)), int(m.group(2))
+        yield f
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    # A zombie child of the (gone) first process still answers kill(0): read its state.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+    except OSError:
+        return True
+
+
+def test_two_workers_share_the_port_and_statistics_are_their_sum(fleet: Fleet) -> None:
+    sent = _spread(fleet.port, "mlp")
+    each = [_local(fleet.run_dir, i, "mlp") for i in (0, 1)]
+    assert sum(each) == sent and all(n > 0 for n in each), each
+    with InferenceClient(f"127.0.0.1:{fleet.port}") as client:
+        (stats,) = client.statistics("mlp")
+    assert stats.inference_count == sent and stats.success.count == sent
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    assert f'ferry_requests_total{{model="mlp",version="1",code="OK"}} {sent}' in text
+
+
+def test_a_repository_change_reaches_every_worker_before_the_call_returns(fleet: Fleet) -> None:
+    with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+        repo.unload_model("seed")
+        assert not _serves(fleet.run_dir, 0, "seed") and not _serves(fleet.run_dir, 1, "seed")
+        repo.load_model("seed")
+        assert _serves(fleet.run_dir, 0, "seed") and _serves(fleet.run_dir, 1, "seed")
+
+
+def test_a_killed_worker_is_started_again_while_the_other_serves(fleet: Fleet) -> None:
+    victim = fleet.pids[1]
+    os.kill(victim, signal.SIGKILL)
+    fleet.wait_line(rf"worker 1 \(pid {victim}\) exited")
+    # While worker 1 is down, new connections reach the first worker and are served.
+    with InferenceClient(f"127.0.0.1:{fleet.port}", options=[("ferry.test.connection", -1)]) as c:
+        assert c.infer("mlp", X)["logits"].shape == (1, 10)
+    m = fleet.wait_line(r"worker 1 ready \(pid (\d+)\)")
+    assert int(m.group(1)) != victim
+    wait_for(
+        lambda: _spread(fleet.port, "mlp", 1) > 0 and _local(fleet.run_dir, 1, "mlp") > 0,
+        "the restarted worker to serve",
+    )
+
+
+def test_sigterm_drains_and_stops_every_worker(fleet: Fleet) -> None:
+    fleet.proc.send_signal(signal.SIGTERM)
+    assert fleet.proc.wait(timeout=60) == 0
+    assert all(_gone(pid) for pid in fleet.pids)
+    assert not fleet.run_dir.exists()
+
+
+def test_one_client_with_several_connections_reaches_every_worker(fleet: Fleet) -> None:
+    """The kernel balances connections, not calls: ``connections=`` spreads one client."""
+    with InferenceClient(f"127.0.0.1:{fleet.port}", connections=16) as client:
+        for _ in range(64):
+            client.infer("mlp", X)
+        with client.stream("mlp") as stream:
+            stream.submit(X)
+            ((_, answer),) = list(stream.results())
+            assert answer["logits"].shape == (1, 10)
+    each = [_local(fleet.run_dir, i, "mlp") for i in (0, 1)]
+    assert sum(each) == 65 and all(n > 0 for n in each), each
