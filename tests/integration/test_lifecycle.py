@@ -153,3 +153,17 @@ def test_stop_is_idempotent(tmp_path: Path) -> None:
     srv.call(lambda: app.stop(0))  # a second stop waits for the first and returns
     assert app.registry.models == {}
     srv.stop()
+
+
+def test_a_reader_never_removes_a_writers_staging_folder(tmp_path: Path) -> None:
+    """A serving replica (no management listener) or a worker of --workers shares the
+    repository with the process that publishes: staging folders are that writer's business."""
+    from ferry.server.core.repository import TMP_PREFIX
+
+    root = make_repo(tmp_path / "repo", {"seed": seed_model()})
+    staging = root / "seed" / f"{TMP_PREFIX}job-under-way"
+    staging.mkdir()
+    with ServerThread(root, management_port=-1, management_http_port=-1):
+        assert staging.is_dir()
+    with ServerThread(root):  # the writer cleans what a dead publish left
+        assert not staging.exists()
