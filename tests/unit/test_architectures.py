@@ -119,3 +119,64 @@ def test_plugins_from_entry_points(monkeypatch: pytest.MonkeyPatch) -> None:
     assert architectures.default_input_specs("tiny", {}) == []  # plugins are not loaded to ask
     with pytest.raises(InvalidArgument, match="not callable"):
         build("broken", {})
+
+
+class SeedArticle(torch.nn.Module):
+    """The seed article's own class: the built-in seed's layers under other names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(3, 4)
+        self.fc2 = torch.nn.Linear(4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_the_seed_articles_state_dict_loads_into_the_builtin_seed() -> None:
+    """torch.save(model.state_dict(), 'model.pth') of the article's class, with
+    architecture='seed': the keys differ (fc1/fc2 vs 0/2), every shape occurs once, so the
+    weights are matched by shape, and the built-in computes what the user's class did."""
+    from ferry.server.convert.worker.load import _load_weights
+
+    torch.manual_seed(0)
+    article = SeedArticle().eval()
+    seed = build("seed", {})
+    _load_weights(seed, article.state_dict(), "seed")
+    x = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.equal(seed(x), article(x))
+
+
+def test_weights_under_other_names_are_never_guessed_when_shapes_repeat() -> None:
+    """Two layers of one shape could be swapped: keys must match then, and the message names
+    the ways out."""
+    from ferry.server.convert.worker.load import _load_weights, rename_by_shape
+
+    twin = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    other = {f"layer{i}.{p}": t for i, m in enumerate(twin) for p, t in m.state_dict().items()}
+    assert rename_by_shape(twin.state_dict(), other) is None
+    with pytest.raises(InvalidArgument, match=r"upload the nn\.Module itself") as info:
+        _load_weights(
+            build("mlp", {"in_features": 4, "hidden": [4], "out_features": 4}), other, "mlp"
+        )
+    assert "ferry.architectures" in info.value.message
+
+
+def test_the_cli_help_example_kwargs_build_the_builtin_mlp() -> None:
+    import json
+
+    from ferry.cli.conversion import MLP_KWARGS
+
+    module = build("mlp", json.loads(MLP_KWARGS))
+    assert module(torch.zeros(2, 64)).shape == (2, 10)
+
+
+def test_a_weights_upload_without_architecture_names_the_routes() -> None:
+    from ferry.server.convert.uploads import UploadHeader, check_header
+
+    with pytest.raises(InvalidArgument) as info:
+        check_header(UploadHeader("m", "state_dict"), limit=1 << 20, allow_code_formats=False)
+    message = info.value.message
+    assert "upload the nn.Module itself" in message and "ferry.architectures" in message
+    assert "seed" in message  # the built-ins are named too

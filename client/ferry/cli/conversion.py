@@ -43,6 +43,8 @@ from ferry.client import (
 FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript")
 # Formats whose file carries the model's signature: convert needs no --input for them.
 SELF_DESCRIBING = ("onnx", "exported_program")
+# The help's example: kwargs the built-in mlp accepts (a test builds the mlp from them).
+MLP_KWARGS = '{"in_features": 64, "hidden": [256], "out_features": 10}'
 # Pruning methods and quantization modes are not listed here: the server's registry is the one
 # list, and an unknown name comes back as INVALID_ARGUMENT naming every known one.
 
@@ -67,7 +69,9 @@ def _json_object(text: str) -> dict[str, Any]:
     except json.JSONDecodeError as exc:
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError('expected a JSON object, e.g. {"sizes": [64, 10]}')
+        raise argparse.ArgumentTypeError(
+            'expected a JSON object, e.g. {"in_features": 64, "hidden": [256], "out_features": 10}'
+        )
     return value
 
 
@@ -82,7 +86,7 @@ def _add_upload_flags(p: argparse.ArgumentParser) -> None:
         "--architecture-kwargs",
         type=_json_object,
         metavar="JSON",
-        help="keyword arguments of the architecture, e.g. '{\"sizes\": [64, 256, 10]}'",
+        help=f"keyword arguments of the architecture, e.g. '{MLP_KWARGS}' for the built-in mlp",
     )
     p.add_argument("--description", default="", help="free text kept with the upload")
 
@@ -138,7 +142,7 @@ def register(sub: Any) -> None:
         "  ferry convert mlp.onnx --model mlp --input input:FP32:-1,64\n"
         "  ferry convert 3f2a...e1 --quantize dynamic_int8 --max-batch-size 32\n"
         "  ferry convert weights.pt --model mlp --architecture mlp \\\n"
-        "      --architecture-kwargs '{\"sizes\": [64, 10]}' --input input:FP32:-1,64 --prune "
+        f"      --architecture-kwargs '{MLP_KWARGS}' --input input:FP32:-1,64 --prune "
         "l1_unstructured:0.5\n"
         "  ferry convert seed.pt --model seed --architecture seed --quantize static_int8 \\\n"
         "      --calibration samples.npz --min-cosine 0.98\n\n"

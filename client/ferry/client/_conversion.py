@@ -1,7 +1,7 @@
 """The conversion client: upload a model, convert it into a served ONNX version, follow the job.
 
 >>> with ConversionClient("127.0.0.1:8003") as conv:                       # doctest: +SKIP
-...     up = conv.upload("mlp", "mlp.pt", architecture="mlp", architecture_kwargs={"sizes": [64, 10]})
+...     up = conv.upload("mlp", "mlp.pt", architecture="mlp", architecture_kwargs={"in_features": 64, "hidden": [256], "out_features": 10})
 ...     job = conv.convert(up, inputs=[InputSpec("input", "FP32", [-1, 64])],
 ...                        quantization=Quantization("dynamic_int8")).wait()
 ...     job.version

@@ -19,6 +19,12 @@ from ferry.server.convert.spec import InputSpec
 from ferry.server.errors import InvalidArgument
 
 ENTRY_POINT_GROUP = "ferry.architectures"
+# What a user holding weights of a class of their own can do: said by every message about it.
+ROUTES = (
+    "upload the nn.Module itself (ConversionClient.upload(name, module, example_inputs=...): the "
+    "SDK sends its weights, inputs and outputs), or install the class on the server as a plugin "
+    "(the ferry.architectures entry-point group; docs/conversion.md, 'Your own architecture')"
+)
 
 # name -> (module attribute in ferry.server.convert.worker.nets, one-line description). The
 # builders live in ``worker.nets`` so that importing this module never imports torch.
@@ -52,9 +58,8 @@ def available() -> list[str]:
 
 def unknown(name: str) -> InvalidArgument:
     return InvalidArgument(
-        f"unknown architecture {name!r}: available are {', '.join(available())}; "
-        f"register your own through the {ENTRY_POINT_GROUP!r} entry-point group of an installed "
-        "package, or upload an ONNX file instead"
+        f"unknown architecture {name!r}: available are {', '.join(available())}; for a class "
+        f"of your own, {ROUTES}"
     )
 
 

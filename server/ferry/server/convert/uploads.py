@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferry.server.convert import onnx_safety
+from ferry.server.convert import architectures, onnx_safety
 from ferry.server.convert.spec import CODE_BEARING_FORMATS, SOURCE_FORMATS
 from ferry.server.convert.store import UploadRecord, now_ms
 from ferry.server.core.repository import TMP_PREFIX, validate_model_name
@@ -85,8 +85,10 @@ def check_header(header: UploadHeader, *, limit: int, allow_code_formats: bool) 
         )
     if header.format in ("state_dict", "safetensors") and not header.architecture:
         raise InvalidArgument(
-            f"a {header.format} upload needs an architecture (the model class its weights fit) "
-            "and its constructor kwargs"
+            f"a {header.format} file holds weights only, so its upload needs an architecture: the "
+            "model class they fit, by name, with its constructor kwargs (built-ins: "
+            f"{', '.join(architectures.available())}). For a class of your own, "
+            + architectures.ROUTES
         )
     if header.expected_sha256 and not _is_sha256(header.expected_sha256):
         raise InvalidArgument("expected_sha256 must be 64 lowercase hex characters")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ferry.server.convert.architectures import BUILTINS, available, entry_points, unknown
+from ferry.server.convert.architectures import BUILTINS, ROUTES, available, entry_points, unknown
 from ferry.server.errors import InvalidArgument
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def build(name: str, kwargs: dict[str, Any]) -> nn.Module:
     if not name:
         raise InvalidArgument(
             "state_dict and safetensors sources need an architecture name: one of "
-            f"{', '.join(available())}"
+            f"{', '.join(available())}; for a class of your own, {ROUTES}"
         )
     builder = _builder(name)
     try:

@@ -9,6 +9,7 @@ Safety decides how files are read. Weights go only through loaders that cannot r
 from __future__ import annotations
 
 import hashlib
+import logging
 import pickle
 import re
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from ferry.server.convert.validation import USE_INSTEAD
 from ferry.server.convert.worker import architectures as builders
 from ferry.server.convert.worker.parity import dtype_of, is_batched, sample_shape
 from ferry.server.errors import InvalidArgument, first_line
+
+log = logging.getLogger(__name__)
 
 _GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
 
@@ -140,11 +143,38 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def rename_by_shape(expected: dict[str, Any], weights: dict[str, Any]) -> dict[str, str] | None:
+    """File key -> architecture key, when the names differ but the shapes decide alone.
+
+    The seed article saves a class with ``fc1``/``fc2`` attributes; the built-in ``seed`` is a
+    Sequential (``0.``/``2.``) of the same layers. Renaming is safe only when every tensor's
+    shape occurs once on each side: then no order is assumed, and two layers that could be
+    swapped (the same shape twice) are never guessed at. Otherwise None: the keys must match."""
+    if len(expected) != len(weights):
+        return None
+    by_shape = {tuple(v.shape): k for k, v in expected.items()}
+    file_shapes = [tuple(v.shape) for v in weights.values()]
+    if len(by_shape) != len(expected) or len(set(file_shapes)) != len(file_shapes):
+        return None
+    if set(file_shapes) != set(by_shape):
+        return None
+    return {k: by_shape[tuple(v.shape)] for k, v in weights.items()}
+
+
 def _load_weights(module: Any, weights: dict[str, Any], architecture: str) -> None:
     """Explain mismatches in keys and shapes before load_state_dict's terser error can."""
     expected = module.state_dict()
     missing = sorted(set(expected) - set(weights))
     unexpected = sorted(set(weights) - set(expected))
+    renames = rename_by_shape(expected, weights) if missing and unexpected else None
+    if renames is not None:
+        log.info(
+            "weights fit architecture %r under other names, matched by their distinct shapes: %s",
+            architecture,
+            ", ".join(f"{a} -> {b}" for a, b in renames.items() if a != b),
+        )
+        weights = {renames[k]: v for k, v in weights.items()}
+        missing, unexpected = [], []
     shapes = [
         f"{k}: file {list(weights[k].shape)} vs model {list(expected[k].shape)}"
         for k in sorted(set(expected) & set(weights))
@@ -159,7 +189,8 @@ def _load_weights(module: Any, weights: dict[str, Any], architecture: str) -> No
         raise InvalidArgument(
             f"the weights do not fit architecture {architecture!r} with these kwargs ("
             + "; ".join(p for p in parts if p)
-            + "): check the architecture name and architecture_kwargs"
+            + "): check the architecture name and architecture_kwargs; for a class of your "
+            + f"own, {architectures.ROUTES}"
         )
     module.load_state_dict(weights, strict=True)
 
