@@ -152,3 +152,26 @@ def test_the_conversion_child_measures_on_the_serving_providers() -> None:
         session_providers([{"name": CUDA, "options": {}}])
     with pytest.raises(ConversionFailed, match="unknown execution provider"):
         session_providers([{"name": "Bogus", "options": {}}])
+
+
+@pytest.mark.parametrize(("heavy_ns", "expected"), [(10**12, 1), (0, 2)])
+def test_intra_op_threads_auto_measures_the_model(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, heavy_ns: int, expected: int
+) -> None:
+    """intra_op_threads = 0: one thread unless a batch of one is slower than the threshold,
+    then the worker's cores (here 2); an explicit value is kept as it is."""
+    from ferry.server.runtime import session as session_module
+
+    path = _model(tmp_path)
+    monkeypatch.setattr(session_module, "AUTO_HEAVY_NS", heavy_ns)
+    monkeypatch.setitem(session_module._AUTO, "threads", 2)
+    opened = session_module.open_session(path, parse_config({}))
+    assert opened.intra_op_threads == expected
+    x = np.ones((2, 3), np.float32)
+    assert np.array_equal(opened.run({"input": x})[0], x)
+    opened.release()
+    explicit = session_module.open_session(
+        path, parse_config({"onnxruntime": {"intra_op_threads": 3}})
+    )
+    assert explicit.intra_op_threads == 3
+    explicit.release()

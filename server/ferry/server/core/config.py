@@ -20,7 +20,7 @@ Example ``config.toml``::
     count = 1                            # concurrent executions of each version
 
     [onnxruntime]
-    intra_op_threads = 1                 # threads one execution uses; 0: one per core
+    intra_op_threads = 0                 # threads one execution uses; 0: decided at load
     inter_op_threads = 1
     memory_arena = true
     allow_spinning = true
@@ -83,9 +83,9 @@ DEFAULT_PROVIDERS = (ProviderConfig("CPUExecutionProvider"),)
 
 @dataclass(frozen=True)
 class OnnxRuntimeConfig:
-    # 1: parallelism comes from the shared execution pool (core.pools), not from every session
-    # keeping a pool of its own; docs/configuration.md has the measurements.
-    intra_op_threads: int = 1
+    # 0 (auto): measured at load (runtime.session.open_session): one thread for a model whose
+    # batch of one is quick, the worker's cores for a heavy one. docs/configuration.md has why.
+    intra_op_threads: int = 0
     inter_op_threads: int = 1
     providers: tuple[ProviderConfig, ...] = DEFAULT_PROVIDERS
     memory_arena: bool = True

@@ -41,7 +41,7 @@ from ferry.server.grpc.tls import server_credentials
 from ferry.server.http.listener import HttpListener, ssl_context
 from ferry.server.http.oip import OipRoutes
 from ferry.server.metrics import Metrics
-from ferry.server.runtime.session import open_session
+from ferry.server.runtime.session import open_session, set_auto_threads
 from ferry.server.settings import Settings
 from ferry.server.workers import control as worker_control
 from ferry.server.workers.fleet import WorkerFleet, die_with_parent
@@ -65,7 +65,9 @@ class FerryServer:
         # first started it (worker_socket). Each gets its share of the cores for execution.
         self.workers = settings.workers or usable_cores()
         self.is_worker = bool(settings.worker_socket)
-        pools = ThreadPools(max(1, usable_cores() // self.workers))
+        share = max(1, usable_cores() // self.workers)
+        pools = ThreadPools(share)
+        set_auto_threads(share)
         self.registry = ModelRegistry(
             self.repository, open_session, warm_up=settings.warm_up, pools=pools
         )

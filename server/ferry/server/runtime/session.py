@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,9 +84,54 @@ def _cast_outputs_to_float(path: Path, names: set[str]) -> bytes:
     return model.SerializeToString()
 
 
+# intra_op_threads = 0 (auto): a model whose batch of one takes longer than this on one thread
+# is heavy, and gets the worker's cores; a quicker one keeps one thread (measured: the tiny MLP
+# served more with 1 thread than with one per core, the small CNN 1.6x more with 2 than with 1).
+AUTO_HEAVY_NS = 1_000_000
+_AUTO = {"threads": 0}  # set by the server: its share of the cores; 0 until then (one per core)
+
+
+def set_auto_threads(threads: int) -> None:
+    """The threads a heavy model gets under ``intra_op_threads = 0`` (the worker's cores)."""
+    _AUTO["threads"] = threads
+
+
+def _batch_of_one_ns(session: OrtSession) -> int:
+    session.warm_up(1)  # the first run allocates and picks kernels: not what is measured
+    start = time.perf_counter_ns()
+    session.warm_up(1)
+    return time.perf_counter_ns() - start
+
+
 def open_session(path: Path, config: ModelConfig) -> OrtSession:
-    """The registry's opener: a model file and the config it is served with -> its session."""
-    return OrtSession(path, config.onnxruntime)
+    """The registry's opener: a model file and the config it is served with -> its session.
+
+    ``intra_op_threads = 0`` is decided here, by measuring: one thread, unless a batch of one
+    takes longer than AUTO_HEAVY_NS on it, in which case the session is opened again with the
+    worker's cores. Threads then follow the host for small models (no pool per session) and
+    a heavy model still uses every core for one request."""
+    options = config.onnxruntime
+    if options.intra_op_threads:
+        return OrtSession(path, options)
+    session = OrtSession(path, options, intra_op_threads=1)
+    share = _AUTO["threads"] or os.cpu_count() or 1
+    if share <= 1 or session.device_kind != "cpu":
+        return session
+    try:
+        cost = _batch_of_one_ns(session)
+    except Exception as exc:  # shapes warm-up cannot guess: keep one thread
+        log.debug("%s: not measured for intra_op_threads (%s); 1 thread", path, exc)
+        return session
+    if cost <= AUTO_HEAVY_NS:
+        return session
+    session.release()
+    log.info(
+        "%s: a batch of one takes %.1f ms on one thread: %d intra-op threads",
+        path,
+        cost / 1e6,
+        share,
+    )
+    return OrtSession(path, options, intra_op_threads=share)
 
 
 def _released(*_args: Any) -> Any:
@@ -99,7 +145,9 @@ def available_providers() -> list[str]:
 class OrtSession:
     """A loaded model version: its session, its signature, and how to run it."""
 
-    def __init__(self, path: Path, options: OnnxRuntimeConfig) -> None:
+    def __init__(
+        self, path: Path, options: OnnxRuntimeConfig, *, intra_op_threads: int | None = None
+    ) -> None:
         plan = provider_table.resolve(options.providers, available_providers())
         if plan.missing:
             log.warning(
@@ -112,7 +160,9 @@ class OrtSession:
         so = ort.SessionOptions()
         so.graph_optimization_level = _OPT_LEVELS[options.graph_optimization]
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.intra_op_num_threads = options.intra_op_threads
+        threads = options.intra_op_threads if intra_op_threads is None else intra_op_threads
+        so.intra_op_num_threads = threads
+        self.intra_op_threads = threads
         so.inter_op_num_threads = options.inter_op_threads
         so.enable_cpu_mem_arena = options.memory_arena
         so.enable_mem_pattern = options.memory_arena
