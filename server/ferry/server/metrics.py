@@ -248,6 +248,21 @@ class Metrics:
                 out.append(f'ferry_batch_size_bucket{{{lab},le="{le}"}} {n}')
             out.append(f"ferry_batch_size_count{{{lab}}} {sum(counts.values())}")
             out.append(f"ferry_batch_size_sum{{{lab}}} {sum(k * c for k, c in counts.items())}")
+        planned = [(lab, s) for lab, s in labels if s.planned_executions]
+        if planned:
+            out.append("# HELP ferry_planned_executions_total Executions per planned batch size")
+            out.append("# TYPE ferry_planned_executions_total counter")
+            for lab, s in planned:
+                out.extend(
+                    f'ferry_planned_executions_total{{{lab},size="{size}"}} {n}'
+                    for size, n in s.planned_executions
+                )
+            out.append(
+                "# HELP ferry_plan_changes_total Executions whose shape differed from the "
+                "previous one of their planned size (0 in steady state)"
+            )
+            out.append("# TYPE ferry_plan_changes_total counter")
+            out.extend(f"ferry_plan_changes_total{{{lab}}} {s.plan_changes}" for lab, s in planned)
         out.append("# HELP ferry_model_state 1 for the state each model version is in")
         out.append("# TYPE ferry_model_state gauge")
         for st in statuses:

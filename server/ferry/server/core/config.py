@@ -55,6 +55,9 @@ class BatchingConfig:
     max_queue_size: int = 1024
     default_timeout_ms: float = 0.0
     default_priority: int = 1
+    # Sizes batches run at, padded (runtime.plans); None: powers of two on GPU providers, none
+    # on CPU; (): never.
+    planned_batch_sizes: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -215,6 +218,10 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     batching = {f.name: getattr(cfg.batching, f.name) for f in fields(BatchingConfig)}
     if batching["max_batch_size"] is None:
         del batching["max_batch_size"]
+    if batching["planned_batch_sizes"] is None:
+        del batching["planned_batch_sizes"]
+    else:
+        batching["planned_batch_sizes"] = list(batching["planned_batch_sizes"])
     out["batching"] = batching
     out["instances"] = {"count": cfg.instances.count}
     ort = {f.name: getattr(cfg.onnxruntime, f.name) for f in fields(OnnxRuntimeConfig)}
@@ -296,6 +303,18 @@ def _parse_policy(raw: Any, where: str) -> VersionPolicy:
     raise InvalidArgument(f"{where}: bad version_policy {raw!r}")
 
 
+def _sizes(value: Any, where: str) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_BATCH_SIZE_LIMIT
+        for v in value
+    ):
+        raise InvalidArgument(
+            f"{where} must be a list of batch sizes within 1..{MAX_BATCH_SIZE_LIMIT}, e.g. "
+            f"[1, 2, 4, 8], or [] for none; got {value!r}"
+        )
+    return tuple(sorted(set(value)))
+
+
 def _section(cls: Any, raw: Any, where: str, section: str) -> Any:
     if not isinstance(raw, dict):
         raise InvalidArgument(f"{where}: [{section}] must be a table, got {raw!r}")
@@ -310,7 +329,9 @@ def _section(cls: Any, raw: Any, where: str, section: str) -> Any:
     for key, value in raw.items():
         default = getattr(defaults, key)
         values[key] = value
-        if isinstance(default, tuple):
+        if key == "planned_batch_sizes":
+            values[key] = _sizes(value, f"{where}: {section}.{key}")
+        elif isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise InvalidArgument(f"{where}: {section}.{key} must be a list of strings")
             values[key] = tuple(value)

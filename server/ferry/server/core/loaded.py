@@ -9,7 +9,7 @@ import logging
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -118,13 +118,18 @@ class LoadedVersion:
         return per_request, t1 - t0, t2 - t1, t3 - t2
 
     def statistics(self) -> VersionStatistics:
-        return self.stats.snapshot(
+        snapshot = self.stats.snapshot(
             self.name,
             self.version,
             rejected=self.batcher.rejected,
             expired=self.batcher.expired,
             queue_depth=self.batcher.queue_depth,
         )
+        plan = getattr(self.session, "plan_statistics", None)  # planned batch sizes only
+        if plan is None:
+            return snapshot
+        executions, changes = plan()
+        return replace(snapshot, planned_executions=executions, plan_changes=changes)
 
     async def close(self, *, drain: bool = True, releaser: Executor | None = None) -> None:
         """Drain (or fail) the queue, then free the session; with ``releaser``, the freeing

@@ -50,7 +50,18 @@ def _merge_two(a: VersionStatistics, b: VersionStatistics) -> VersionStatistics:
         rejected=a.rejected + b.rejected,
         expired=a.expired + b.expired,
         queue_depth=a.queue_depth + b.queue_depth,
+        planned_executions=_merge_counts(a.planned_executions, b.planned_executions),
+        plan_changes=a.plan_changes + b.plan_changes,
     )
+
+
+def _merge_counts(
+    a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]
+) -> tuple[tuple[int, int], ...]:
+    total = dict(a)
+    for size, n in b:
+        total[size] = total.get(size, 0) + n
+    return tuple(sorted(total.items()))
 
 
 def merge(snapshots: Iterable[VersionStatistics]) -> list[VersionStatistics]:

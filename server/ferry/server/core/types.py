@@ -184,6 +184,10 @@ class VersionStatistics:
     rejected: int
     expired: int
     queue_depth: int
+    # Planned batch sizes (runtime.plans): executions per planned size, and executions whose
+    # shape differed from that size's previous one (0 in steady state). Empty without a plan.
+    planned_executions: tuple[tuple[int, int], ...] = ()
+    plan_changes: int = 0
 
 
 class Session(Protocol):

@@ -16,9 +16,10 @@ import numpy as np
 import onnxruntime as ort
 
 from ferry.codec import DataType, numpy_dtype
-from ferry.server.core.config import ModelConfig, OnnxRuntimeConfig
+from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRuntimeConfig
 from ferry.server.core.types import TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
+from ferry.server.runtime import plans
 from ferry.server.runtime import providers as provider_table
 
 log = logging.getLogger(__name__)
@@ -103,14 +104,27 @@ def _batch_of_one_ns(session: OrtSession) -> int:
     return time.perf_counter_ns() - start
 
 
-def open_session(path: Path, config: ModelConfig) -> OrtSession:
+def open_session(path: Path, config: ModelConfig) -> OrtSession | plans.PlannedSession:
     """The registry's opener: a model file and the config it is served with -> its session.
 
     ``intra_op_threads = 0`` is decided here, by measuring: one thread, unless a batch of one
     takes longer than AUTO_HEAVY_NS on it, in which case the session is opened again with the
     worker's cores. Threads then follow the host for small models (no pool per session) and
     a heavy model still uses every core for one request."""
-    options = config.onnxruntime
+    session = _open_threads(path, config.onnxruntime)
+    max_batch = config.batching.max_batch_size
+    if max_batch is None:
+        max_batch = DEFAULT_MAX_BATCH_SIZE if session.batchable() else 0
+    sizes = plans.plan_sizes(config.batching.planned_batch_sizes, session.device_kind, max_batch)
+    if not sizes or not session.batchable():
+        return session
+    threads = session.intra_op_threads
+    return plans.open_planned(
+        lambda: OrtSession(path, config.onnxruntime, intra_op_threads=threads), session, sizes
+    )
+
+
+def _open_threads(path: Path, options: OnnxRuntimeConfig) -> OrtSession:
     if options.intra_op_threads:
         return OrtSession(path, options)
     session = OrtSession(path, options, intra_op_threads=1)

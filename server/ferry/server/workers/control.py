@@ -75,6 +75,8 @@ def stats_from_json(d: dict[str, Any]) -> VersionStatistics:
         rejected=int(d["rejected"]),
         expired=int(d["expired"]),
         queue_depth=int(d["queue_depth"]),
+        planned_executions=tuple((int(s), int(n)) for s, n in d.get("planned_executions", ())),
+        plan_changes=int(d.get("plan_changes", 0)),
     )
 
 
