@@ -52,6 +52,8 @@ CLIENT_API = [
     "RepositoryClient",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "Rollout",
+    "RolloutChange",
     "ServerError",
     "ServerOverloadedError",
     "Serving",

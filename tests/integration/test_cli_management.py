@@ -126,6 +126,27 @@ def test_refresh_load_and_unload(
     assert [v["state"] for v in json.loads(out)] == ["READY"]
 
 
+def test_rollout_sets_shows_and_ends_a_split(
+    server: Any, repo_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    repo = ModelRepository(repo_path)
+    write_model(repo, "canary", mlp_model(sizes=(4, 2), seed=1))
+    write_model(repo, "canary", mlp_model(sizes=(4, 2), seed=2), version=2)
+    m = ("--target", server.management_target)
+    assert ferry(capsys, "models", "refresh", *m)[0] == 0
+    code, out, _ = ferry(
+        capsys, "models", "rollout", "canary", "1=9", "2=1", "--reason", "int8", *m
+    )
+    assert code == 0 and "version 2: 10.0%" in out and "int8" in out
+    code, out, _ = ferry(capsys, "models", "rollout", "canary", "--json", *m)
+    assert json.loads(out)["split"] == {"1": 9.0, "2": 1.0}
+    code, out, _ = ferry(capsys, "models", "rollout", "canary", "--end", *m)
+    assert code == 0 and "no split" in out
+    with pytest.raises(SystemExit) as info:
+        ferry(capsys, "models", "rollout", "canary", "2:1", *m)
+    assert info.value.code == 2 and "VERSION=WEIGHT" in capsys.readouterr().err
+
+
 def test_refresh_returns_a_typed_result(server: Any, repo_path: Path) -> None:
     write_model(ModelRepository(repo_path), "extra", mlp_model(sizes=(4, 2)))
     with RepositoryClient(server.management_target) as repo:
@@ -319,6 +340,7 @@ def test_conversion_errors_hint_in_convert_terms(
         ["models", "refresh"],
         ["models", "load"],
         ["models", "unload"],
+        ["models", "rollout"],
         ["uploads"],
         ["uploads", "list"],
         ["uploads", "delete"],

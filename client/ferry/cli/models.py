@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from typing import Any
 
 from ferry.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
+    EXIT_USAGE,
     connect,
     connection_parent,
     make_client,
@@ -99,6 +101,32 @@ def register(sub: Any) -> None:
     )
     p.add_argument("model")
     p.set_defaults(func=cmd_unload, hint=management_hint)
+
+    p = msub.add_parser(
+        "rollout",
+        parents=[manage],
+        help="show or set a model's live traffic split between versions (management listener)",
+        description="Split a model's live traffic between versions by weight, e.g. "
+        "`ferry models rollout m 1=9 2=1 --reason 'int8 canary'`; a request's id decides its "
+        "version, and a request naming a version bypasses the split. Without weights: show the "
+        "split and its history. --end: every request goes to the default version again.",
+    )
+    p.add_argument("model")
+    p.add_argument("weights", nargs="*", metavar="VERSION=WEIGHT", type=_weight)
+    p.add_argument("--reason", default="", help="recorded with the change")
+    p.add_argument("--end", action="store_true", help="end the split")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_rollout, hint=management_hint)
+
+
+def _weight(text: str) -> tuple[int, float]:
+    version, sep, weight = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return int(version), float(weight)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected VERSION=WEIGHT, e.g. 2=0.1") from None
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -214,6 +242,33 @@ def cmd_load(args: argparse.Namespace) -> int:
     with connect(RepositoryClient, args) as repo:
         repo.load_model(args.model)
     print(f"{args.model}: loaded (`ferry models list {args.model}` shows its versions)")
+    return EXIT_OK
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    if args.end and args.weights:
+        print("ferry models rollout: give weights or --end, not both", file=sys.stderr)
+        return EXIT_USAGE
+    with connect(RepositoryClient, args) as repo:
+        if args.end:
+            view = repo.set_rollout(args.model, None, reason=args.reason)
+        elif args.weights:
+            view = repo.set_rollout(args.model, dict(args.weights), reason=args.reason)
+        else:
+            view = repo.get_rollout(args.model)
+    if args.json:
+        print(json.dumps(dataclasses.asdict(view), indent=2))
+        return EXIT_OK
+    if view.error:
+        print(f"{view.model}: the stored split cannot be used: {view.error}")
+    total = sum(view.split.values())
+    if not view.split:
+        print(f"{view.model}: no split; every request goes to the default version")
+    for version, weight in sorted(view.split.items()):
+        print(f"version {version}: {100 * weight / total:.1f}% of requests that name no version")
+    for change in view.history[-10:]:
+        split = ", ".join(f"{v}={w:g}" for v, w in sorted(change.split.items())) or "ended"
+        print(f"  {change.at}  {split}  by {change.by}: {change.reason or '-'}")
     return EXIT_OK
 
 

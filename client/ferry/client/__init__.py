@@ -57,6 +57,8 @@ from ferry.client._types import (
     ModelStatistics,
     ModelVersionStatus,
     RefreshResult,
+    Rollout,
+    RolloutChange,
     TensorInfo,
     Timings,
 )
@@ -103,6 +105,8 @@ __all__ = [
     "RepositoryClient",
     "ResourceExhaustedError",
     "RetryPolicy",
+    "Rollout",
+    "RolloutChange",
     "ServerError",
     "ServerOverloadedError",
     "Serving",

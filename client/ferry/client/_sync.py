@@ -28,6 +28,8 @@ from ferry.client._types import (
     ModelStatistics,
     ModelVersionStatus,
     RefreshResult,
+    Rollout,
+    RolloutChange,
 )
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import repository_pb2 as rpb
@@ -238,6 +240,27 @@ class RepositoryClient(ManagementClient):
     def unload_model(self, model: str) -> None:
         """Stop serving a model; its files stay in the repository."""
         self._call(self._stub.UnloadModel, rpb.UnloadModelRequest(model=model))
+
+    def set_rollout(
+        self, model: str, split: Mapping[int, float] | None, *, reason: str = ""
+    ) -> Rollout:
+        """Split the model's live traffic between versions by weight, e.g. ``{1: 0.9, 2: 0.1}``
+        (None or empty: end the split). A request's id decides its version, so retries with
+        the same id land on the same one; a request naming a version bypasses the split."""
+        request = rpb.SetRolloutRequest(model=model, split=dict(split or {}), reason=reason)
+        return _rollout(self._call(self._stub.SetRollout, request))
+
+    def get_rollout(self, model: str) -> Rollout:
+        return _rollout(self._call(self._stub.GetRollout, rpb.GetRolloutRequest(model=model)))
+
+
+def _rollout(message: rpb.Rollout) -> Rollout:
+    return Rollout(
+        model=message.model,
+        split=dict(message.split),
+        error=message.error,
+        history=tuple(RolloutChange(h.at, h.by, h.reason, dict(h.split)) for h in message.history),
+    )
 
 
 def _failure(line: str) -> tuple[str, str]:

@@ -129,6 +129,27 @@ class ModelStatistics:
 
 
 @dataclass(frozen=True)
+class RolloutChange:
+    """One recorded change of a model's split."""
+
+    at: str  # UTC, ISO 8601
+    by: str
+    reason: str
+    split: Mapping[int, float]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A model's live traffic split: version -> weight; empty when every request that names no
+    version goes to the default version. ``history`` is every recorded change, oldest first."""
+
+    model: str
+    split: Mapping[int, float]
+    error: str = ""  # why the stored split cannot be used ('' when it can)
+    history: tuple[RolloutChange, ...] = ()
+
+
+@dataclass(frozen=True)
 class RefreshResult:
     """What a repository refresh changed; versions are ``"name/version"``."""
 

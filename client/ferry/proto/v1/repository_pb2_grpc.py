@@ -51,6 +51,16 @@ class ModelRepositoryStub:
                 request_serializer=ferry_dot_proto_dot_v1_dot_repository__pb2.UnloadModelRequest.SerializeToString,
                 response_deserializer=ferry_dot_proto_dot_v1_dot_repository__pb2.UnloadModelResponse.FromString,
                 _registered_method=True)
+        self.SetRollout = channel.unary_unary(
+                '/ferry.v1.ModelRepository/SetRollout',
+                request_serializer=ferry_dot_proto_dot_v1_dot_repository__pb2.SetRolloutRequest.SerializeToString,
+                response_deserializer=ferry_dot_proto_dot_v1_dot_repository__pb2.Rollout.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/ferry.v1.ModelRepository/GetRollout',
+                request_serializer=ferry_dot_proto_dot_v1_dot_repository__pb2.GetRolloutRequest.SerializeToString,
+                response_deserializer=ferry_dot_proto_dot_v1_dot_repository__pb2.Rollout.FromString,
+                _registered_method=True)
 
 
 class ModelRepositoryServicer:
@@ -79,6 +89,22 @@ class ModelRepositoryServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRollout(self, request, context):
+        """Split a model's live traffic between versions by weight (an empty split ends it). Requests
+        that name no version are placed by a hash of their id, so a retry with the same id lands on
+        the same version. Kept with the repository (<model>/rollout.json): every worker and replica
+        applies it, a restart resumes it, and every change is recorded with when, who and why.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelRepositoryServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +122,16 @@ def add_ModelRepositoryServicer_to_server(servicer, server):
                     servicer.UnloadModel,
                     request_deserializer=ferry_dot_proto_dot_v1_dot_repository__pb2.UnloadModelRequest.FromString,
                     response_serializer=ferry_dot_proto_dot_v1_dot_repository__pb2.UnloadModelResponse.SerializeToString,
+            ),
+            'SetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRollout,
+                    request_deserializer=ferry_dot_proto_dot_v1_dot_repository__pb2.SetRolloutRequest.FromString,
+                    response_serializer=ferry_dot_proto_dot_v1_dot_repository__pb2.Rollout.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=ferry_dot_proto_dot_v1_dot_repository__pb2.GetRolloutRequest.FromString,
+                    response_serializer=ferry_dot_proto_dot_v1_dot_repository__pb2.Rollout.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +217,60 @@ class ModelRepository:
             '/ferry.v1.ModelRepository/UnloadModel',
             ferry_dot_proto_dot_v1_dot_repository__pb2.UnloadModelRequest.SerializeToString,
             ferry_dot_proto_dot_v1_dot_repository__pb2.UnloadModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.ModelRepository/SetRollout',
+            ferry_dot_proto_dot_v1_dot_repository__pb2.SetRolloutRequest.SerializeToString,
+            ferry_dot_proto_dot_v1_dot_repository__pb2.Rollout.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ferry.v1.ModelRepository/GetRollout',
+            ferry_dot_proto_dot_v1_dot_repository__pb2.GetRolloutRequest.SerializeToString,
+            ferry_dot_proto_dot_v1_dot_repository__pb2.Rollout.FromString,
             options,
             channel_credentials,
             insecure,

@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from ferry.server.core import inputs
+from ferry.server.core import rollout as rollouts
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import validate_model_name
@@ -27,6 +28,7 @@ from ferry.server.core.types import (
     ModelMetadata,
     Observer,
     RepositoryOutcome,
+    RolloutView,
     State,
     VersionPolicyView,
     VersionStatistics,
@@ -88,7 +90,7 @@ class DataPlane:
                 decoded = request
             else:
                 decoded = request.decode(self.limits)
-            lv = self._registry.get(decoded.model, decoded.version)
+            lv = self._registry.route(decoded.model, decoded.version, decoded.id)
             work = inputs.validate(lv, decoded, self.limits)
             deadline = _deadline(lv, decoded, deadline, self.default_timeout)
             priority = decoded.priority or lv.config.batching.default_priority
@@ -221,6 +223,31 @@ class DataPlane:
 
     async def unload(self, model: str) -> RepositoryOutcome:
         return await self._registry.unload_model(validate_model_name(model))
+
+    # ---- rollout (core.rollout) ----
+    def rollout(self, model: str) -> RolloutView:
+        name = validate_model_name(model)
+        split, error = self._registry.rollout_of(name)
+        mdir = self._registry.repository.model_dir(name)
+        return RolloutView(
+            name, split.split if split is not None else (), error, tuple(rollouts.history(mdir))
+        )
+
+    async def set_rollout(
+        self, model: str, split: dict[int, float] | None, *, by: str, why: str
+    ) -> RolloutView:
+        """Split the model's live traffic (None or {}: end the split); every worker and replica
+        serving the repository follows, and the change is recorded."""
+        name = validate_model_name(model)
+        parsed = rollouts.parse_split(split) if split else None
+        outcome = await self._registry.set_rollout(name, parsed, by=by, why=why)
+        failed = [f for f in outcome.failed if f.startswith(f"{name}/")]
+        if failed:
+            raise FailedPrecondition(
+                f"the split is recorded, but these versions did not load: {'; '.join(failed)}; "
+                "requests for them go to the default version until they do"
+            )
+        return self.rollout(name)
 
     async def refresh(self) -> RepositoryOutcome:
         return await self._registry.refresh(retry_failed=True, follow=True)

@@ -18,6 +18,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import CONFIG_NAMES, ModelConfig, load_config
 from ferry.server.core.loaded import LoadedVersion, open_version
 from ferry.server.core.pools import ThreadPools
@@ -56,6 +57,9 @@ class ModelEntry:
     config_signature: tuple[float, int] | None = None
     config_error: str = ""
     versions: dict[int, VersionSlot] = field(default_factory=dict)
+    rollout: rollouts.Rollout | None = None  # the live split (core.rollout), None: default only
+    rollout_error: str = ""
+    rollout_signature: tuple[float, int] | None = None
 
     def ready_versions(self) -> list[int]:
         return sorted(v for v, s in self.versions.items() if s.state is State.READY)
@@ -132,6 +136,47 @@ class ModelRegistry:
             why = f": {slot.reason}" if slot.reason else ""
             raise ModelNotReady(f"model {name!r} version {version} is {slot.state.value}{why}")
         return slot.loaded
+
+    def route(self, name: str, version: int | None, key: str) -> LoadedVersion:
+        """The version a request is served by: the one it names, else its place in the
+        model's rollout split (by ``key``, the request id), else the default version. A split
+        version that is not ready gives way to the default rather than failing the request."""
+        entry = self.models.get(name)
+        if not version and entry is not None and entry.rollout is not None:
+            slot = entry.versions.get(entry.rollout.pick(name, key))
+            if slot is not None and slot.loaded is not None and slot.state is State.READY:
+                return slot.loaded
+        return self.get(name, version)
+
+    def rollout_of(self, name: str) -> tuple[rollouts.Rollout | None, str]:
+        entry = self.models.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {short(name)!r} is not served here")
+        return entry.rollout, entry.rollout_error
+
+    async def set_rollout(
+        self, name: str, split: rollouts.Rollout | None, *, by: str, why: str
+    ) -> RepositoryOutcome:
+        """Write the model's split (None: end it) with the repository, then serve it: the
+        versions it names are loaded beside the version policy's own."""
+        if not self.repository.has_model(name):
+            raise ModelNotFound(f"model {short(name)!r} is not in the repository")
+        async with self._lock_of(name):
+            if split is not None:
+                on_disk = set(self.repository.list_versions(name))
+                missing = [v for v in split.versions if v not in on_disk]
+                if missing:
+                    raise VersionNotFound(
+                        f"model {name!r} has no version {missing} in the repository; it has "
+                        f"{sorted(on_disk) or 'none'}"
+                    )
+            mdir = self.repository.model_dir(name)
+            await asyncio.to_thread(rollouts.write, mdir, split, by=by, why=why)
+            result = RepositoryOutcome()
+            await self._sync_model(name, result, retry_failed=True)
+            self._notify()
+            await self._follow("load", name)
+            return result
 
     def statuses(self, name: str = "") -> list[VersionStatus]:
         if name and name not in self.models:
@@ -332,7 +377,15 @@ class ModelRegistry:
             on_disk = self.repository.list_versions(name)
         except FerryError:
             on_disk = []
+        rollout_sig = _file_signature(mdir / rollouts.ROLLOUT_FILE)
+        if rollout_sig != entry.rollout_signature:
+            entry.rollout, entry.rollout_error = rollouts.read(mdir)
+            entry.rollout_signature = rollout_sig
+            if entry.rollout_error:
+                log.warning("model %s: %s; serving its default version", name, entry.rollout_error)
         wanted = entry.config.version_policy.select(on_disk)
+        if entry.rollout is not None:  # a split's versions are served beside the policy's
+            wanted = sorted({*wanted, *(v for v in entry.rollout.versions if v in on_disk)})
         loads = []
         for v in wanted:
             slot = entry.versions.get(v)

@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -245,3 +245,13 @@ def version_label(text: str) -> int:
 def short(name: str) -> str:
     """A client-supplied name as it appears in a message: long ones are cut."""
     return name if len(name) <= 64 else name[:64] + "..."
+
+
+@dataclass(frozen=True)
+class RolloutView:
+    """A model's live split and its recorded history (core.rollout)."""
+
+    model: str
+    split: tuple[tuple[int, float], ...]  # empty: every request goes to the default version
+    error: str  # why rollout.json could not be used ('' when it can)
+    history: tuple[dict[str, Any], ...]

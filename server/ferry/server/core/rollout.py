@@ -1,0 +1,128 @@
+"""A model's rollout: live traffic split between versions, kept with the repository.
+
+``<model>/rollout.json`` holds the split (version -> weight) and the history of every change
+(when, by whom, why). It lives in the repository folder, so every worker process and every
+replica that serves the repository applies the same split, and a restart resumes it. The file
+is read when the model is synced (a refresh, a poll, a load), without reloading any session.
+
+A request that names a version bypasses the split. Otherwise its version is chosen from a hash
+of the model name and the request's id, so a client that retries with the same id lands on the
+same version; a request without an id is placed at random.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ferry.server.core.repository import write_file_atomic
+from ferry.server.errors import InvalidArgument
+
+ROLLOUT_FILE = "rollout.json"
+MAX_VERSIONS = 16
+MAX_HISTORY = 200  # the oldest entries go first; the split itself is never lost
+MAX_FILE = 1 << 20
+MAX_REASON = 500
+
+
+@dataclass(frozen=True)
+class Rollout:
+    split: tuple[tuple[int, float], ...]  # (version, weight), weights > 0, in version order
+
+    @property
+    def versions(self) -> list[int]:
+        return [v for v, _ in self.split]
+
+    def pick(self, model: str, key: str) -> int:
+        """The version for a request: the same key always gets the same version."""
+        if key:
+            digest = hashlib.blake2b(f"{model}\0{key}".encode(), digest_size=8).digest()
+            point = int.from_bytes(digest, "big") / 2**64
+        else:
+            point = random.random()
+        total = sum(w for _, w in self.split)
+        edge = 0.0
+        for version, weight in self.split:
+            edge += weight / total
+            if point < edge:
+                return version
+        return self.split[-1][0]
+
+
+def parse_split(split: dict[Any, Any], where: str = "rollout") -> Rollout:
+    """{version: weight} -> Rollout, refusing anything a split cannot mean."""
+    if not isinstance(split, dict) or not split:
+        raise InvalidArgument(
+            f"{where}: the split must map versions to weights, e.g. {{1: 0.9, 2: 0.1}}"
+        )
+    if len(split) > MAX_VERSIONS:
+        raise InvalidArgument(f"{where}: at most {MAX_VERSIONS} versions in a split")
+    out: dict[int, float] = {}
+    for raw_version, raw_weight in split.items():
+        try:
+            version = int(raw_version)
+        except (TypeError, ValueError):
+            raise InvalidArgument(f"{where}: version {raw_version!r} is not a number") from None
+        if version < 1 or version >= 2**53:
+            raise InvalidArgument(f"{where}: version {version} is out of range (1..2^53)")
+        if isinstance(raw_weight, bool) or not isinstance(raw_weight, int | float):
+            raise InvalidArgument(f"{where}: the weight of version {version} is not a number")
+        weight = float(raw_weight)
+        if not 0 < weight < float("inf"):
+            raise InvalidArgument(f"{where}: the weight of version {version} must be > 0")
+        out[version] = weight
+    return Rollout(tuple(sorted(out.items())))
+
+
+def read(model_dir: Path) -> tuple[Rollout | None, str]:
+    """The model's rollout (None: none), and an error that makes the file unusable ('' if not).
+    A broken file never stops serving: the model serves its default version and says why."""
+    path = model_dir / ROLLOUT_FILE
+    try:
+        raw = path.read_bytes()[: MAX_FILE + 1]
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return None, f"{ROLLOUT_FILE}: {exc.strerror or exc}"
+    if len(raw) > MAX_FILE:
+        return None, f"{ROLLOUT_FILE} is over {MAX_FILE} bytes"
+    try:
+        doc = json.loads(raw)
+        split = doc.get("split") if isinstance(doc, dict) else None
+        if not split:
+            return None, ""
+        return parse_split(split, ROLLOUT_FILE), ""
+    except InvalidArgument as exc:
+        return None, exc.message
+    except ValueError as exc:  # not JSON
+        return None, f"{ROLLOUT_FILE} is not valid JSON: {exc}"
+
+
+def history(model_dir: Path) -> list[dict[str, Any]]:
+    try:
+        doc = json.loads((model_dir / ROLLOUT_FILE).read_bytes()[:MAX_FILE])
+    except (OSError, ValueError):
+        return []
+    entries = doc.get("history") if isinstance(doc, dict) else None
+    return entries if isinstance(entries, list) else []
+
+
+def write(model_dir: Path, rollout: Rollout | None, *, by: str, why: str) -> dict[str, Any]:
+    """Replace the split (None: end the rollout) and append the change to the history."""
+    if len(why) > MAX_REASON:
+        raise InvalidArgument(f"the reason is over {MAX_REASON} characters")
+    entry = {
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "by": by,
+        "why": why,
+        "split": {str(v): w for v, w in rollout.split} if rollout else {},
+    }
+    past = history(model_dir)[-(MAX_HISTORY - 1) :]
+    doc = {"split": entry["split"], "history": [*past, entry]}
+    write_file_atomic(model_dir / ROLLOUT_FILE, json.dumps(doc, indent=2).encode("utf-8"))
+    return entry

@@ -1,0 +1,82 @@
+"""A rollout set through the management listener is followed by every protocol: ferry.v1 gRPC and
+the Open Inference Protocol over gRPC (tritonclient's wire) and HTTP. A request's id decides its
+version; a request that names a version bypasses the split."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import make_repo
+from serverutil import ServerThread
+
+from ferry.client import InferenceClient, NotFoundError, RepositoryClient
+from ferry.server.core import rollout as rollouts
+from ferry.server.examples import seed_model
+
+X = {"input": np.ones((1, 3), np.float32)}
+IDS = [f"user-{i}" for i in range(60)]
+
+
+def _http_version(port: int, request_id: str) -> int:
+    body = {
+        "id": request_id,
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1, 1, 1]}],
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v2/models/m/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return int(json.loads(response.read())["model_version"])
+
+
+def _oip_grpc_version(target: str, request_id: str) -> int:
+    import grpc
+
+    from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
+
+    request = kpb.ModelInferRequest(model_name="m", id=request_id)
+    tensor = request.inputs.add()
+    tensor.name, tensor.datatype = "input", "FP32"
+    tensor.shape.extend([1, 3])
+    request.raw_input_contents.append(X["input"].tobytes())
+    with grpc.insecure_channel(target) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=kpb.ModelInferRequest.SerializeToString,
+            response_deserializer=kpb.ModelInferResponse.FromString,
+        )
+        return int(infer(request, timeout=30).model_version)
+
+
+def test_every_protocol_follows_the_split_set_through_management(tmp_path: Path) -> None:
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    with ServerThread(root) as server:
+        assert server.app is not None
+        expected = rollouts.parse_split({1: 1, 2: 1})
+        with RepositoryClient(server.management_target) as repo:
+            view = repo.set_rollout("m", {1: 1.0, 2: 1.0}, reason="int8 canary")
+            assert view.split == {1: 1.0, 2: 1.0}
+            assert view.history[-1].reason == "int8 canary" and view.history[-1].by
+            with pytest.raises(NotFoundError):
+                repo.set_rollout("m", {9: 1.0})
+        with InferenceClient(server.target) as client:
+            versions = [client.infer("m", X, request_id=i).version for i in IDS]
+            assert versions == [expected.pick("m", i) for i in IDS]
+            assert {1, 2} <= set(versions)  # both versions answer
+            assert {client.infer("m", X, version=1, request_id=i).version for i in IDS} == {1}
+        http = [_http_version(server.app.http_port, i) for i in IDS]
+        assert http == [expected.pick("m", i) for i in IDS]
+        oip = [_oip_grpc_version(server.target, i) for i in IDS[:20]]
+        assert oip == [expected.pick("m", i) for i in IDS[:20]]
+        with RepositoryClient(server.management_target) as repo:
+            assert repo.set_rollout("m", None, reason="rolled back").split == {}
+            assert [h.reason for h in repo.get_rollout("m").history] == [
+                "int8 canary",
+                "rolled back",
+            ]

@@ -1,0 +1,124 @@
+"""A model's rollout (issue 14, first part): a weighted, sticky split of live traffic between
+versions, kept with the repository so that it survives a restart and every process applies it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ferry.server.core import rollout as rollouts
+from ferry.server.core.dataplane import DataPlane, InferenceRequest
+from ferry.server.core.registry import ModelRegistry
+from ferry.server.core.repository import ModelRepository
+from ferry.server.core.types import State
+from ferry.server.errors import InvalidArgument, VersionNotFound
+from ferry.server.examples import seed_model, write_model
+from ferry.server.runtime.session import open_session
+
+KEYS = [f"request-{i}" for i in range(10_000)]
+
+
+def test_the_split_follows_the_weights_and_a_key_always_gets_the_same_version() -> None:
+    split = rollouts.parse_split({1: 9, 2: 1})
+    picks = Counter(split.pick("m", k) for k in KEYS)
+    assert abs(picks[2] / len(KEYS) - 0.1) < 0.02, picks
+    assert all(split.pick("m", k) == split.pick("m", k) for k in KEYS[:500])
+    # Giving the last version more weight only moves keys towards it: none leaves it.
+    wider = rollouts.parse_split({1: 1, 2: 1})
+    assert all(wider.pick("m", k) == 2 for k in KEYS if split.pick("m", k) == 2)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{}, {"x": 1}, {0: 1}, {1: 0}, {1: -1}, {1: "1"}, {1: True}, {1: float("inf")}, {2**60: 1}],
+)
+def test_a_split_that_means_nothing_is_refused(bad: dict[object, object]) -> None:
+    with pytest.raises(InvalidArgument):
+        rollouts.parse_split(bad)
+
+
+def _repo(tmp_path: Path) -> ModelRepository:
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    write_model(repo, "m", seed_model(seed=1))
+    write_model(repo, "m", seed_model(seed=2), version=2)  # the default policy serves only 2
+    return repo
+
+
+async def _version(dataplane: DataPlane, key: str, version: int | None = None) -> int:
+    x = {"input": np.ones((1, 3), np.float32)}
+    result = await dataplane.infer(InferenceRequest("m", x, version=version, id=key))
+    return result.version
+
+
+def test_a_split_is_served_recorded_and_survives_a_restart(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+        assert [s.version for s in registry.statuses("m")] == [2]
+        view = await dataplane.set_rollout("m", {1: 1, 2: 1}, by="test", why="canary")
+        assert view.split == ((1, 1.0), (2, 1.0))
+        assert {s.version: s.state for s in registry.statuses("m")} == {
+            1: State.READY,
+            2: State.READY,
+        }
+        split = rollouts.parse_split({1: 1, 2: 1})
+        for key in KEYS[:200]:
+            assert await _version(dataplane, key) == split.pick("m", key)
+        assert {await _version(dataplane, k, version=1) for k in KEYS[:20]} == {1}  # bypass
+        await registry.close()
+
+        restarted = ModelRegistry(repo, open_session, warm_up=False)
+        again = DataPlane(restarted)
+        await restarted.refresh()
+        assert [await _version(again, k) for k in KEYS[:200]] == [
+            split.pick("m", k) for k in KEYS[:200]
+        ]
+        ended = await again.set_rollout("m", None, by="test", why="done")
+        assert ended.split == ()
+        assert [s.version for s in restarted.statuses("m")] == [2]
+        assert [(h["by"], h["why"]) for h in ended.history] == [
+            ("test", "canary"),
+            ("test", "done"),
+        ]
+        await restarted.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_split_naming_a_missing_version_is_refused_and_nothing_is_written(
+    tmp_path: Path,
+) -> None:
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        await registry.refresh()
+        with pytest.raises(VersionNotFound, match=r"no version \[7\]"):
+            await DataPlane(registry).set_rollout("m", {2: 1, 7: 1}, by="test", why="")
+        assert not (repo.model_dir("m") / rollouts.ROLLOUT_FILE).exists()
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_broken_rollout_file_serves_the_default_and_says_why(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    (repo.model_dir("m") / rollouts.ROLLOUT_FILE).write_text(json.dumps({"split": {"1": -3}}))
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+        assert await _version(dataplane, "any") == 2
+        assert "must be > 0" in dataplane.rollout("m").error
+        await registry.close()
+
+    asyncio.run(scenario())
