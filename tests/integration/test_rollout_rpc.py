@@ -80,3 +80,19 @@ def test_every_protocol_follows_the_split_set_through_management(tmp_path: Path)
                 "int8 canary",
                 "rolled back",
             ]
+
+
+def test_shadow_set_through_management_is_compared_and_reported(tmp_path: Path) -> None:
+    from helpers import wait_for
+
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
+        view = repo.set_rollout("m", None, shadow=(1, 1.0), reason="shadow int8")
+        assert (view.shadow_version, view.shadow_fraction) == (1, 1.0)
+        with InferenceClient(server.target) as client:
+            for i in IDS[:10]:
+                assert client.infer("m", X, request_id=i).version == 2
+        wait_for(lambda: repo.get_rollout("m").shadow["compared"] == 10, "10 comparisons")
+        shadow = repo.get_rollout("m").shadow
+        assert shadow["errors"] == 0 and shadow["max_abs_diff"] > 0
+        assert shadow["top1_agreement"] == -1  # one output column: not class scores

@@ -122,3 +122,68 @@ def test_a_broken_rollout_file_serves_the_default_and_says_why(tmp_path: Path) -
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def _served_outputs(version_seed: int, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    model = seed_model(seed=version_seed)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": x})[0]
+
+
+def test_shadow_compares_the_candidate_and_never_changes_the_callers_answer(
+    tmp_path: Path,
+) -> None:
+    repo = _repo(tmp_path)
+    x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+        await dataplane.set_rollout("m", None, by="test", why="shadow", shadow_of=(1, 1.0))
+        for i in range(10):
+            result = await dataplane.infer(InferenceRequest("m", {"input": x}, id=f"r{i}"))
+            assert result.version == 2  # the default serves; the candidate only shadows
+            np.testing.assert_allclose(result.outputs["logits"], _served_outputs(2, x), rtol=1e-6)
+        await asyncio.gather(*dataplane._shadows._tasks)
+        stats = dataplane.rollout("m").shadow_statistics
+        assert (stats.compared, stats.errors, stats.shed) == (10, 0, 0)
+        expected = float(np.max(np.abs(_served_outputs(1, x) - _served_outputs(2, x))))
+        assert stats.max_abs_diff == pytest.approx(expected, rel=1e-5)
+        assert stats.mean_cosine < 1.0
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_or_busy_candidate_is_counted_never_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = _repo(tmp_path)
+    from ferry.server.examples import mlp_model
+
+    write_model(repo, "m", mlp_model((5, 2)), version=3)  # takes 5 features, not 3
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+        await dataplane.set_rollout("m", {2: 1}, by="test", why="", shadow_of=(3, 1.0))
+        x = {"input": np.ones((1, 3), np.float32)}
+        for i in range(5):
+            assert (await dataplane.infer(InferenceRequest("m", x, id=str(i)))).version == 2
+        assert dataplane.rollout("m").shadow_statistics.errors == 5
+        from ferry.server.core import shadow
+
+        monkeypatch.setattr(shadow, "MAX_IN_FLIGHT", 0)  # as if the candidate were saturated
+        await dataplane.set_rollout("m", {2: 1}, by="test", why="", shadow_of=(1, 1.0))
+        for i in range(5):
+            assert (await dataplane.infer(InferenceRequest("m", x, id=str(i)))).version == 2
+        assert dataplane.rollout("m").shadow_statistics.shed == 5
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())

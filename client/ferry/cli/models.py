@@ -114,7 +114,14 @@ def register(sub: Any) -> None:
     p.add_argument("model")
     p.add_argument("weights", nargs="*", metavar="VERSION=WEIGHT", type=_weight)
     p.add_argument("--reason", default="", help="recorded with the change")
-    p.add_argument("--end", action="store_true", help="end the split")
+    p.add_argument(
+        "--shadow",
+        type=_weight,
+        metavar="VERSION=FRACTION",
+        help="also run this fraction (0..1] of requests on a candidate version, after the "
+        "caller's answer, and compare the outputs (e.g. 3=0.1)",
+    )
+    p.add_argument("--end", action="store_true", help="end the split and the shadow")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_rollout, hint=management_hint)
 
@@ -246,14 +253,16 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
-    if args.end and args.weights:
-        print("ferry models rollout: give weights or --end, not both", file=sys.stderr)
+    if args.end and (args.weights or args.shadow):
+        print("ferry models rollout: give weights or --shadow, or --end", file=sys.stderr)
         return EXIT_USAGE
     with connect(RepositoryClient, args) as repo:
         if args.end:
             view = repo.set_rollout(args.model, None, reason=args.reason)
-        elif args.weights:
-            view = repo.set_rollout(args.model, dict(args.weights), reason=args.reason)
+        elif args.weights or args.shadow:
+            view = repo.set_rollout(
+                args.model, dict(args.weights), shadow=args.shadow, reason=args.reason
+            )
         else:
             view = repo.get_rollout(args.model)
     if args.json:
@@ -266,6 +275,20 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         print(f"{view.model}: no split; every request goes to the default version")
     for version, weight in sorted(view.split.items()):
         print(f"version {version}: {100 * weight / total:.1f}% of requests that name no version")
+    if view.shadow_version:
+        s = view.shadow
+        print(
+            f"shadow: {100 * view.shadow_fraction:g}% of requests also run on version "
+            f"{view.shadow_version}: {s.get('compared', 0):.0f} compared, "
+            f"{s.get('errors', 0):.0f} errors, {s.get('shed', 0):.0f} shed; cosine mean "
+            f"{s.get('mean_cosine', 1):.6f}, min {s.get('min_cosine', 1):.6f}; max |diff| "
+            f"{s.get('max_abs_diff', 0):.3g}"
+            + (
+                f"; top-1 agreement {100 * s['top1_agreement']:.2f}%"
+                if s.get("top1_agreement", -1) >= 0
+                else ""
+            )
+        )
     for change in view.history[-10:]:
         split = ", ".join(f"{v}={w:g}" for v, w in sorted(change.split.items())) or "ended"
         print(f"  {change.at}  {split}  by {change.by}: {change.reason or '-'}")

@@ -242,12 +242,21 @@ class RepositoryClient(ManagementClient):
         self._call(self._stub.UnloadModel, rpb.UnloadModelRequest(model=model))
 
     def set_rollout(
-        self, model: str, split: Mapping[int, float] | None, *, reason: str = ""
+        self,
+        model: str,
+        split: Mapping[int, float] | None,
+        *,
+        shadow: tuple[int, float] | None = None,
+        reason: str = "",
     ) -> Rollout:
         """Split the model's live traffic between versions by weight, e.g. ``{1: 0.9, 2: 0.1}``
         (None or empty: end the split). A request's id decides its version, so retries with
-        the same id land on the same one; a request naming a version bypasses the split."""
+        the same id land on the same one; a request naming a version bypasses the split.
+        ``shadow=(version, fraction)`` also runs that fraction of requests on a candidate
+        after the caller's answer and compares the outputs (``get_rollout().shadow``)."""
         request = rpb.SetRolloutRequest(model=model, split=dict(split or {}), reason=reason)
+        if shadow is not None:
+            request.shadow_version, request.shadow_fraction = shadow
         return _rollout(self._call(self._stub.SetRollout, request))
 
     def get_rollout(self, model: str) -> Rollout:
@@ -260,6 +269,16 @@ def _rollout(message: rpb.Rollout) -> Rollout:
         split=dict(message.split),
         error=message.error,
         history=tuple(RolloutChange(h.at, h.by, h.reason, dict(h.split)) for h in message.history),
+        shadow_version=message.shadow_version,
+        shadow_fraction=message.shadow_fraction,
+        shadow=(
+            {
+                f.name: float(getattr(message.shadow, f.name))
+                for f in message.shadow.DESCRIPTOR.fields
+            }
+            if message.HasField("shadow")
+            else {}
+        ),
     )
 
 

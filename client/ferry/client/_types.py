@@ -147,6 +147,12 @@ class Rollout:
     split: Mapping[int, float]
     error: str = ""  # why the stored split cannot be used ('' when it can)
     history: tuple[RolloutChange, ...] = ()
+    shadow_version: int = 0  # 0: no shadow
+    shadow_fraction: float = 0.0
+    # The answering server process's comparison of the candidate against the served versions:
+    # compared, errors, shed, mean_cosine, min_cosine, max_abs_diff, top1_agreement (-1: the
+    # outputs are not class scores), served_ms_mean, shadow_ms_mean.
+    shadow: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ class UnloadModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class SetRolloutRequest(_message.Message):
-    __slots__ = ("model", "split", "reason")
+    __slots__ = ("model", "split", "reason", "shadow_version", "shadow_fraction")
     class SplitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -52,10 +52,14 @@ class SetRolloutRequest(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
     model: str
     split: _containers.ScalarMap[int, float]
     reason: str
-    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ..., reason: _Optional[str] = ...) -> None: ...
+    shadow_version: int
+    shadow_fraction: float
+    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ..., reason: _Optional[str] = ..., shadow_version: _Optional[int] = ..., shadow_fraction: _Optional[float] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("model",)
@@ -83,7 +87,7 @@ class RolloutChange(_message.Message):
     def __init__(self, at: _Optional[str] = ..., by: _Optional[str] = ..., reason: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("model", "split", "error", "history")
+    __slots__ = ("model", "split", "error", "history", "shadow_version", "shadow_fraction", "shadow")
     class SplitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -95,8 +99,36 @@ class Rollout(_message.Message):
     SPLIT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FIELD_NUMBER: _ClassVar[int]
     model: str
     split: _containers.ScalarMap[int, float]
     error: str
     history: _containers.RepeatedCompositeFieldContainer[RolloutChange]
-    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ..., error: _Optional[str] = ..., history: _Optional[_Iterable[_Union[RolloutChange, _Mapping]]] = ...) -> None: ...
+    shadow_version: int
+    shadow_fraction: float
+    shadow: ShadowComparison
+    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ..., error: _Optional[str] = ..., history: _Optional[_Iterable[_Union[RolloutChange, _Mapping]]] = ..., shadow_version: _Optional[int] = ..., shadow_fraction: _Optional[float] = ..., shadow: _Optional[_Union[ShadowComparison, _Mapping]] = ...) -> None: ...
+
+class ShadowComparison(_message.Message):
+    __slots__ = ("compared", "errors", "shed", "mean_cosine", "min_cosine", "max_abs_diff", "top1_agreement", "served_ms_mean", "shadow_ms_mean")
+    COMPARED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    SHED_FIELD_NUMBER: _ClassVar[int]
+    MEAN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ABS_DIFF_FIELD_NUMBER: _ClassVar[int]
+    TOP1_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_MS_MEAN_FIELD_NUMBER: _ClassVar[int]
+    compared: int
+    errors: int
+    shed: int
+    mean_cosine: float
+    min_cosine: float
+    max_abs_diff: float
+    top1_agreement: float
+    served_ms_mean: float
+    shadow_ms_mean: float
+    def __init__(self, compared: _Optional[int] = ..., errors: _Optional[int] = ..., shed: _Optional[int] = ..., mean_cosine: _Optional[float] = ..., min_cosine: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., served_ms_mean: _Optional[float] = ..., shadow_ms_mean: _Optional[float] = ...) -> None: ...

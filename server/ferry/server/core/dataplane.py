@@ -8,11 +8,12 @@ same repository outcomes, and every request is counted and observed exactly once
 
 from __future__ import annotations
 
+import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
-from ferry.server.core import inputs
+from ferry.server.core import inputs, shadow
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelRegistry
@@ -67,6 +68,7 @@ class DataPlane:
         self.limits = limits or Limits()
         self._observe: Observer = _no_observer  # observe_with() sets the server's metrics
         self._peers: PeerStatistics | None = None  # sum_with() sets the other workers'
+        self._shadows = shadow.Shadows()
         self.max_stream_in_flight = max_stream_in_flight
         # Seconds a request with no deadline at all (none from the call, the request or the
         # model's default_timeout_ms) may take; 0: unbounded (only max_queue_size bounds it).
@@ -106,6 +108,8 @@ class DataPlane:
         elapsed = time.perf_counter() - start
         lv.stats.record_success(int(elapsed * 1e9))
         self._observe(lv.name, lv.version, None, elapsed)
+        if decoded.version is None:
+            self._maybe_shadow(decoded, lv, outputs, elapsed)
         if decoded.outputs:
             outputs = {name: outputs[name] for name in decoded.outputs}
         return InferenceResult(decoded.model, lv.version, decoded.id, outputs)
@@ -224,22 +228,73 @@ class DataPlane:
     async def unload(self, model: str) -> RepositoryOutcome:
         return await self._registry.unload_model(validate_model_name(model))
 
+    def _maybe_shadow(
+        self,
+        request: InferenceRequest,
+        served: LoadedVersion,
+        outputs: dict[str, Any],
+        elapsed: float,
+    ) -> None:
+        """Run this request on the model's shadow candidate too, after the caller's answer;
+        its outcome is a statistic (core.shadow), never the caller's."""
+        ro, _ = self._registry.rollout_of(served.name)
+        if ro is None or ro.shadow is None:
+            return
+        candidate, fraction = ro.shadow
+        if candidate == served.version or random.random() >= fraction:
+            return
+        stats = self._shadows.statistics(served.name, candidate)
+        try:
+            lv = self._registry.get(served.name, candidate)
+            work = inputs.validate(lv, request, self.limits)
+        except FerryError:  # not ready, or it does not take these inputs
+            stats.errors += 1
+            return
+        if stats.in_flight >= shadow.MAX_IN_FLIGHT or lv.batcher.queue_depth > 0:
+            stats.shed += 1  # the candidate is busy: shadow work goes first
+            return
+        run = lv.batcher.submit(
+            work, deadline=time.monotonic() + shadow.SHADOW_TIMEOUT, priority=shadow.SHADOW_PRIORITY
+        )
+        self._shadows.start(stats, run, outputs, int(elapsed * 1e9))
+
+    async def close_shadows(self) -> None:
+        await self._shadows.close()
+
     # ---- rollout (core.rollout) ----
     def rollout(self, model: str) -> RolloutView:
         name = validate_model_name(model)
-        split, error = self._registry.rollout_of(name)
+        ro, error = self._registry.rollout_of(name)
         mdir = self._registry.repository.model_dir(name)
+        stats = None
+        if ro is not None and ro.shadow is not None:
+            stats = self._shadows.statistics(name, ro.shadow[0])
         return RolloutView(
-            name, split.split if split is not None else (), error, tuple(rollouts.history(mdir))
+            name,
+            ro.split if ro is not None else (),
+            error,
+            tuple(rollouts.history(mdir)),
+            ro.shadow if ro is not None else None,
+            stats,
         )
 
     async def set_rollout(
-        self, model: str, split: dict[int, float] | None, *, by: str, why: str
+        self,
+        model: str,
+        split: dict[int, float] | None,
+        *,
+        by: str,
+        why: str,
+        shadow_of: tuple[int, float] | None = None,
     ) -> RolloutView:
-        """Split the model's live traffic (None or {}: end the split); every worker and replica
+        """Split the model's live traffic (None or {}: end the split) and/or shadow a fraction
+        of it to a candidate (``shadow_of``: version, fraction); every worker and replica
         serving the repository follows, and the change is recorded."""
         name = validate_model_name(model)
-        parsed = rollouts.parse_split(split) if split else None
+        wanted = rollouts.parse_split(split) if split else rollouts.Rollout(())
+        if shadow_of is not None:
+            wanted = rollouts.Rollout(wanted.split, rollouts.parse_shadow(*shadow_of))
+        parsed = wanted if wanted.split or wanted.shadow else None
         outcome = await self._registry.set_rollout(name, parsed, by=by, why=why)
         failed = [f for f in outcome.failed if f.startswith(f"{name}/")]
         if failed:

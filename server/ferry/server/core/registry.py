@@ -142,7 +142,7 @@ class ModelRegistry:
         model's rollout split (by ``key``, the request id), else the default version. A split
         version that is not ready gives way to the default rather than failing the request."""
         entry = self.models.get(name)
-        if not version and entry is not None and entry.rollout is not None:
+        if not version and entry is not None and entry.rollout is not None and entry.rollout.split:
             slot = entry.versions.get(entry.rollout.pick(name, key))
             if slot is not None and slot.loaded is not None and slot.state is State.READY:
                 return slot.loaded

@@ -33,10 +33,13 @@ MAX_REASON = 500
 @dataclass(frozen=True)
 class Rollout:
     split: tuple[tuple[int, float], ...]  # (version, weight), weights > 0, in version order
+    shadow: tuple[int, float] | None = None  # (candidate version, fraction of requests)
 
     @property
     def versions(self) -> list[int]:
-        return [v for v, _ in self.split]
+        """Every version the rollout needs served: the split's and the shadow candidate."""
+        extra = [self.shadow[0]] if self.shadow else []
+        return sorted({*(v for v, _ in self.split), *extra})
 
     def pick(self, model: str, key: str) -> int:
         """The version for a request: the same key always gets the same version."""
@@ -52,6 +55,18 @@ class Rollout:
             if point < edge:
                 return version
         return self.split[-1][0]
+
+
+def parse_shadow(version: Any, fraction: Any, where: str = "rollout") -> tuple[int, float]:
+    try:
+        v, f = int(version), float(fraction)
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{where}: shadow needs a version and a fraction") from None
+    if not 1 <= v < 2**53:
+        raise InvalidArgument(f"{where}: shadow version {v} is out of range (1..2^53)")
+    if not 0 < f <= 1:
+        raise InvalidArgument(f"{where}: the shadow fraction must be within (0, 1], got {f}")
+    return v, f
 
 
 def parse_split(split: dict[Any, Any], where: str = "rollout") -> Rollout:
@@ -93,10 +108,15 @@ def read(model_dir: Path) -> tuple[Rollout | None, str]:
         return None, f"{ROLLOUT_FILE} is over {MAX_FILE} bytes"
     try:
         doc = json.loads(raw)
-        split = doc.get("split") if isinstance(doc, dict) else None
-        if not split:
-            return None, ""
-        return parse_split(split, ROLLOUT_FILE), ""
+        if not isinstance(doc, dict):
+            return None, f"{ROLLOUT_FILE} is not a JSON object"
+        split = doc.get("split")
+        shadow = doc.get("shadow")
+        parsed = parse_split(split, ROLLOUT_FILE) if split else Rollout(())
+        if isinstance(shadow, dict) and shadow:
+            pair = parse_shadow(shadow.get("version"), shadow.get("fraction"), ROLLOUT_FILE)
+            parsed = Rollout(parsed.split, pair)
+        return (parsed if parsed.split or parsed.shadow else None), ""
     except InvalidArgument as exc:
         return None, exc.message
     except ValueError as exc:  # not JSON
@@ -116,13 +136,19 @@ def write(model_dir: Path, rollout: Rollout | None, *, by: str, why: str) -> dic
     """Replace the split (None: end the rollout) and append the change to the history."""
     if len(why) > MAX_REASON:
         raise InvalidArgument(f"the reason is over {MAX_REASON} characters")
+    shadow = (
+        {"version": rollout.shadow[0], "fraction": rollout.shadow[1]}
+        if rollout and rollout.shadow
+        else {}
+    )
     entry = {
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "by": by,
         "why": why,
         "split": {str(v): w for v, w in rollout.split} if rollout else {},
+        "shadow": shadow,
     }
     past = history(model_dir)[-(MAX_HISTORY - 1) :]
-    doc = {"split": entry["split"], "history": [*past, entry]}
+    doc = {"split": entry["split"], "shadow": shadow, "history": [*past, entry]}
     write_file_atomic(model_dir / ROLLOUT_FILE, json.dumps(doc, indent=2).encode("utf-8"))
     return entry

@@ -255,3 +255,5 @@ class RolloutView:
     split: tuple[tuple[int, float], ...]  # empty: every request goes to the default version
     error: str  # why rollout.json could not be used ('' when it can)
     history: tuple[dict[str, Any], ...]
+    shadow: tuple[int, float] | None = None  # (candidate version, fraction of requests)
+    shadow_statistics: Any = None  # core.shadow.ShadowStatistics of this process

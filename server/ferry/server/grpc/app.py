@@ -377,6 +377,7 @@ class FerryServer:
             await asyncio.to_thread(self._peers.close_sync)
         if self._run_dir is not None and not self.is_worker:
             shutil.rmtree(self._run_dir, ignore_errors=True)
+        await self.dataplane.close_shadows()
         await self.registry.close()
         # prometheus_client's HTTP server polls for shutdown every 0.5 s: not on the event loop.
         await asyncio.to_thread(self.metrics.close)

@@ -46,6 +46,11 @@ class RepositoryServicer(pb_grpc.ModelRepositoryServicer):
             dict(request.split),
             by=f"management call from {context.peer()}",
             why=request.reason,
+            shadow_of=(
+                (request.shadow_version, request.shadow_fraction)
+                if request.shadow_version
+                else None
+            ),
         )
         return _rollout(view)
 
@@ -70,7 +75,25 @@ def _rollout(view: RolloutView) -> pb.Rollout:
                 split=_split(raw) if isinstance(raw, dict) else {},
             )
         )
-    return pb.Rollout(model=view.model, split=dict(view.split), error=view.error, history=history)
+    out = pb.Rollout(model=view.model, split=dict(view.split), error=view.error, history=history)
+    if view.shadow is not None:
+        out.shadow_version, out.shadow_fraction = view.shadow
+        s = view.shadow_statistics
+        if s is not None:
+            out.shadow.CopyFrom(
+                pb.ShadowComparison(
+                    compared=s.compared,
+                    errors=s.errors,
+                    shed=s.shed,
+                    mean_cosine=s.mean_cosine,
+                    min_cosine=s.cosine_min,
+                    max_abs_diff=s.max_abs_diff,
+                    top1_agreement=-1.0 if s.top1_agreement is None else s.top1_agreement,
+                    served_ms_mean=s.served_ns / 1e6 / s.compared if s.compared else 0.0,
+                    shadow_ms_mean=s.shadow_ns / 1e6 / s.compared if s.compared else 0.0,
+                )
+            )
+    return out
 
 
 def _split(raw: dict[object, object]) -> dict[int, float]:

@@ -1,0 +1,117 @@
+"""Shadow traffic: a share of live requests also runs on a candidate version, after the caller
+has its answer, and the two versions' outputs are compared.
+
+The caller never waits for the shadow and never sees its outcome: the shadow run is a separate
+task started once the served answer exists, its errors are counted, not raised. It never takes
+capacity the served path needs: it is queued at the lowest priority, refused outright while
+the candidate has anything queued, and at most ``MAX_IN_FLIGHT`` shadows run per model, so
+under load shadow work is the first to go (counted as ``shed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SHADOW_PRIORITY = 2**31  # after every request of a caller (priorities: lower first)
+MAX_IN_FLIGHT = 8
+SHADOW_TIMEOUT = 5.0  # seconds a shadow may wait in the candidate's queue
+
+
+@dataclass
+class ShadowStatistics:
+    """Running comparison of one model's candidate against the versions that served."""
+
+    candidate: int
+    compared: int = 0
+    errors: int = 0  # the candidate failed where the served version answered
+    shed: int = 0  # not run: the candidate was busy, or too many shadows in flight
+    cosine_sum: float = 0.0
+    cosine_min: float = 1.0
+    max_abs_diff: float = 0.0
+    top1_agree: int = 0
+    top1_rows: int = 0  # rows whose outputs are class scores
+    served_ns: int = 0
+    shadow_ns: int = 0
+    in_flight: int = 0
+
+    @property
+    def mean_cosine(self) -> float:
+        return self.cosine_sum / self.compared if self.compared else 1.0
+
+    @property
+    def top1_agreement(self) -> float | None:
+        return self.top1_agree / self.top1_rows if self.top1_rows else None
+
+    def record(self, served: Mapping[str, np.ndarray], shadow: Mapping[str, np.ndarray]) -> None:
+        cosines = []
+        for name, a in served.items():
+            b = shadow.get(name)
+            if b is None or a.shape != b.shape or a.dtype.kind not in "fiub":
+                continue
+            x = a.astype(np.float64).ravel()
+            y = b.astype(np.float64).ravel()
+            nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
+            cosines.append(float(x @ y / (nx * ny)) if nx and ny else float(nx == ny))
+            if x.size:
+                self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(x - y))))
+            if a.ndim == 2 and a.shape[1] > 1 and a.dtype.kind == "f":
+                self.top1_rows += a.shape[0]
+                self.top1_agree += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+        cosine = min(cosines) if cosines else 0.0
+        self.compared += 1
+        self.cosine_sum += cosine
+        self.cosine_min = min(self.cosine_min, cosine)
+
+
+class Shadows:
+    """The shadow runs of every model of one process."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, ShadowStatistics] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def statistics(self, model: str, candidate: int) -> ShadowStatistics:
+        stats = self.stats.get(model)
+        if stats is None or stats.candidate != candidate:  # a new candidate starts afresh
+            stats = self.stats[model] = ShadowStatistics(candidate)
+        return stats
+
+    def start(
+        self, stats: ShadowStatistics, run: object, served: Mapping[str, np.ndarray], served_ns: int
+    ) -> None:
+        """Run ``run`` (a coroutine producing the candidate's outputs) in the background."""
+        stats.in_flight += 1
+        task = asyncio.get_running_loop().create_task(self._run(stats, run, served, served_ns))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run(
+        self, stats: ShadowStatistics, run: object, served: Mapping[str, np.ndarray], served_ns: int
+    ) -> None:
+        start = time.perf_counter_ns()
+        try:
+            shadow = await run  # type: ignore[misc]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the candidate's failure is a statistic, never the caller's
+            stats.errors += 1
+            log.debug("shadow run of candidate %d failed: %s", stats.candidate, exc)
+            return
+        finally:
+            stats.in_flight -= 1
+        stats.served_ns += served_ns
+        stats.shadow_ns += time.perf_counter_ns() - start
+        stats.record(served, shadow)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
