@@ -155,15 +155,38 @@ def test_stop_is_idempotent(tmp_path: Path) -> None:
     srv.stop()
 
 
-def test_a_reader_never_removes_a_writers_staging_folder(tmp_path: Path) -> None:
-    """A serving replica (no management listener) or a worker of --workers shares the
-    repository with the process that publishes: staging folders are that writer's business."""
-    from ferry.server.core.repository import TMP_PREFIX
+def test_a_start_never_removes_a_live_writers_staging_folder(tmp_path: Path) -> None:
+    """Servers sharing a repository (workers, replicas, a publisher) clean what a dead writer
+    left at start, never the staging folder of a publish still under way in another process."""
+    import subprocess
+    import sys
+
+    from ferry.server.core.repository import ModelRepository
 
     root = make_repo(tmp_path / "repo", {"seed": seed_model()})
-    staging = root / "seed" / f"{TMP_PREFIX}job-under-way"
-    staging.mkdir()
-    with ServerThread(root, management_port=-1, management_http_port=-1):
-        assert staging.is_dir()
-    with ServerThread(root):  # the writer cleans what a dead publish left
-        assert not staging.exists()
+    hold = (
+        "import sys\n"
+        "from ferry.server.core.repository import ModelRepository\n"
+        "with ModelRepository(sys.argv[1]).staging('seed', 'live') as s:\n"
+        "    print(s, flush=True)\n"
+        "    sys.stdin.readline()\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", hold, str(root)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert writer.stdout is not None
+        live = Path(writer.stdout.readline().strip())
+        dead = ModelRepository(root).staging_path("seed", "dead")
+        dead.mkdir()  # no process holds it: what a killed writer leaves
+        with ServerThread(root, management_port=-1, management_http_port=-1):
+            assert live.is_dir() and not dead.exists()
+    finally:
+        assert writer.stdin is not None
+        writer.stdin.write("\n")
+        writer.stdin.flush()
+        writer.wait(30)
+    assert not live.exists()  # its writer ended the staging itself

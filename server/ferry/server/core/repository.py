@@ -9,6 +9,7 @@ an atomic rename of a fully written, fsynced temporary folder, and is never rewr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -131,11 +132,16 @@ class ModelRepository:
             tmp.mkdir(mode=0o700)
         else:
             tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=mdir))
+        # Held while staging: another process's clean-up skips a folder a live writer holds
+        # (the lock goes with the process, even a SIGKILLed one, so a dead writer's is taken).
+        lock = os.open(tmp, os.O_RDONLY)
         try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
             yield tmp
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+            os.close(lock)
 
     def publish(self, name: str, staged: Path, *, version: int | None = None) -> int:
         """Fsync every file of ``staged`` and rename it to the next version (or ``version``).
@@ -182,12 +188,14 @@ class ModelRepository:
         shutil.rmtree(trash, ignore_errors=True)
 
     def clean_temporaries(self) -> list[Path]:
-        """Remove staging folders left by a process that died mid-publish."""
+        """Remove staging folders and temporary files left by a process that died mid-write.
+        One a live writer holds (its flock: another worker, a replica, a publisher sharing the
+        repository) is not touched."""
         removed: list[Path] = []
         for model in self.list_models():
             before = len(removed)
             for entry in self.model_dir(model).iterdir():
-                if entry.name.startswith(TMP_PREFIX):
+                if entry.name.startswith(TMP_PREFIX) and not _held(entry):
                     # write_file_atomic leaves files, staging() folders; rmtree ignores files.
                     if entry.is_dir() and not entry.is_symlink():
                         shutil.rmtree(entry, ignore_errors=True)
@@ -205,10 +213,29 @@ class ModelRepository:
         return removed
 
 
+def _held(path: Path) -> bool:
+    """Is a live process still writing ``path`` (a staging folder or a file being written
+    atomically)? Its writer holds an flock on it until done."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except OSError:  # gone, a symlink, unreadable: nobody's live write
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)  # releases the lock this probe took, if it took it
+    return False
+
+
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write-then-rename for single files (configs, reports)."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
     with open(tmp, "wb") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # a live write: see _held
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())

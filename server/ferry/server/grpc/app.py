@@ -144,10 +144,7 @@ class FerryServer:
         mcreds = server_credentials(security.management_tls(s)) if s.management_port >= 0 else None
         http_tls = ssl_context(security.inference_tls(s)) if s.http_port >= 0 else None
         mhttp_tls = ssl_context(security.management_tls(s)) if s.management_http_port >= 0 else None
-        if s.management_port >= 0 and not self.is_worker:
-            # Only the writer cleans: a reader (a serving replica or another worker process of
-            # a shared repository) would delete the staging folder of a publish under way.
-            self.repository.clean_temporaries()
+        self.repository.clean_temporaries()  # a live writer's staging folders are kept
         await self.health.set("", NOT_SERVING)
         # Inference listener.
         guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
