@@ -96,3 +96,7 @@ def test_shadow_set_through_management_is_compared_and_reported(tmp_path: Path) 
         shadow = repo.get_rollout("m").shadow
         assert shadow["errors"] == 0 and shadow["max_abs_diff"] > 0
         assert shadow["top1_agreement"] == -1  # one output column: not class scores
+        rules = {"promote_after": 1000, "min_cosine": 0.5}
+        view = repo.set_rollout("m", {2: 1.0}, shadow=(1, 0.5), rules=rules, reason="rules")
+        assert view.rules == {"promote_after": 1000.0, "min_cosine": 0.5}
+        assert repo.get_rollout("m").rules == view.rules

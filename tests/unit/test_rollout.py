@@ -187,3 +187,57 @@ def test_a_failing_or_busy_candidate_is_counted_never_raised(
         await registry.close()
 
     asyncio.run(scenario())
+
+
+async def _shadowed(dataplane: DataPlane, n: int) -> None:
+    x = {"input": np.random.default_rng(1).standard_normal((2, 3)).astype(np.float32)}
+    for i in range(n):
+        await dataplane.infer(InferenceRequest("m", x, id=f"r{i}"))
+        await asyncio.gather(*dataplane._shadows._tasks)  # each outcome seen before the next
+    await asyncio.gather(*dataplane._decisions)
+
+
+def test_rules_roll_back_a_divergent_candidate_and_promote_a_good_one(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)  # v1 and v2 differ in weights
+    write_model(repo, "m", seed_model(seed=2), version=3)  # v3 computes what v2 does
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+        rules = {"promote_after": 5, "min_cosine": 0.9999}
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(1, 1.0), rules=rules)
+        await _shadowed(dataplane, 3)
+        view = dataplane.rollout("m")
+        assert view.shadow is None and view.split == ((2, 1.0),)  # v1 rolled back at once
+        assert view.history[-1]["by"] == "rollout rules"
+        assert view.history[-1]["why"].startswith("rolled back by rule")
+
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(3, 1.0), rules=rules)
+        await _shadowed(dataplane, 4)
+        assert dataplane.rollout("m").shadow == (3, 1.0)  # 4 of 5: not yet
+        await _shadowed(dataplane, 1)
+        view = dataplane.rollout("m")
+        assert view.split == ((3, 1.0),) and view.shadow is None  # promoted
+        assert view.history[-1]["why"].startswith("promoted by rule")
+        x = {"input": np.ones((1, 3), np.float32)}
+        assert (await dataplane.infer(InferenceRequest("m", x, id="after"))).version == 3
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_rules_need_a_shadow(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        await registry.refresh()
+        with pytest.raises(InvalidArgument, match="act on a shadow"):
+            await DataPlane(registry).set_rollout(
+                "m", {2: 1}, by="t", why="", rules={"promote_after": 3}
+            )
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -121,6 +121,16 @@ def register(sub: Any) -> None:
         help="also run this fraction (0..1] of requests on a candidate version, after the "
         "caller's answer, and compare the outputs (e.g. 3=0.1)",
     )
+    p.add_argument(
+        "--promote-after",
+        type=int,
+        help="rule: promote the shadow candidate after N comparisons within the bounds",
+    )
+    p.add_argument("--min-cosine", type=float, help="rule: roll back below this cosine")
+    p.add_argument("--max-error-rate", type=float, help="rule: roll back above this error rate")
+    p.add_argument(
+        "--max-latency-ratio", type=float, help="rule: candidate latency / served latency bound"
+    )
     p.add_argument("--end", action="store_true", help="end the split and the shadow")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_rollout, hint=management_hint)
@@ -260,8 +270,17 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         if args.end:
             view = repo.set_rollout(args.model, None, reason=args.reason)
         elif args.weights or args.shadow:
+            rules = {
+                name: value
+                for name in ("promote_after", "min_cosine", "max_error_rate", "max_latency_ratio")
+                if (value := getattr(args, name)) is not None
+            }
             view = repo.set_rollout(
-                args.model, dict(args.weights), shadow=args.shadow, reason=args.reason
+                args.model,
+                dict(args.weights),
+                shadow=args.shadow,
+                rules=rules or None,
+                reason=args.reason,
             )
         else:
             view = repo.get_rollout(args.model)
@@ -289,6 +308,8 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 else ""
             )
         )
+    if view.rules:
+        print("rules: " + ", ".join(f"{k} {v:g}" for k, v in view.rules.items()))
     for change in view.history[-10:]:
         split = ", ".join(f"{v}={w:g}" for v, w in sorted(change.split.items())) or "ended"
         print(f"  {change.at}  {split}  by {change.by}: {change.reason or '-'}")

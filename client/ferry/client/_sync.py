@@ -247,16 +247,23 @@ class RepositoryClient(ManagementClient):
         split: Mapping[int, float] | None,
         *,
         shadow: tuple[int, float] | None = None,
+        rules: Mapping[str, float] | None = None,
         reason: str = "",
     ) -> Rollout:
         """Split the model's live traffic between versions by weight, e.g. ``{1: 0.9, 2: 0.1}``
         (None or empty: end the split). A request's id decides its version, so retries with
         the same id land on the same one; a request naming a version bypasses the split.
         ``shadow=(version, fraction)`` also runs that fraction of requests on a candidate
-        after the caller's answer and compares the outputs (``get_rollout().shadow``)."""
+        after the caller's answer and compares the outputs (``get_rollout().shadow``).
+        ``rules`` (with a shadow): ``promote_after`` comparisons within ``min_cosine``,
+        ``max_error_rate`` and ``max_latency_ratio`` promote the candidate to all the
+        traffic; crossing a bound rolls it back."""
         request = rpb.SetRolloutRequest(model=model, split=dict(split or {}), reason=reason)
         if shadow is not None:
             request.shadow_version, request.shadow_fraction = shadow
+        if rules:
+            numbers = {k: int(v) if k == "promote_after" else float(v) for k, v in rules.items()}
+            request.rules.CopyFrom(rpb.RolloutRules(**numbers))  # type: ignore[arg-type]
         return _rollout(self._call(self._stub.SetRollout, request))
 
     def get_rollout(self, model: str) -> Rollout:
@@ -279,6 +286,11 @@ def _rollout(message: rpb.Rollout) -> Rollout:
             if message.HasField("shadow")
             else {}
         ),
+        rules={
+            f.name: float(getattr(message.rules, f.name))
+            for f in message.rules.DESCRIPTOR.fields
+            if getattr(message.rules, f.name)
+        },
     )
 
 

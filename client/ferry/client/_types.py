@@ -153,6 +153,8 @@ class Rollout:
     # compared, errors, shed, mean_cosine, min_cosine, max_abs_diff, top1_agreement (-1: the
     # outputs are not class scores), served_ms_mean, shadow_ms_mean.
     shadow: Mapping[str, float] = field(default_factory=dict)
+    # promote_after, min_cosine, max_error_rate, max_latency_ratio: the ones set (see set_rollout)
+    rules: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65rry/proto/v1/repository.proto\x12\x08\x66\x65rry.v1\"\x10\n\x0eRefreshRequest\"C\n\x0fRefreshResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x10\n\x08unloaded\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11LoadModelResponse\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\xc8\x01\n\x11SetRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x35\n\x05split\x18\x02 \x03(\x0b\x32&.ferry.v1.SetRolloutRequest.SplitEntry\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0eshadow_version\x18\x04 \x01(\x03\x12\x17\n\x0fshadow_fraction\x18\x05 \x01(\x01\x1a,\n\nSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\"\n\x11GetRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x98\x01\n\rRolloutChange\x12\n\n\x02\x61t\x18\x01 \x01(\t\x12\n\n\x02\x62y\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x31\n\x05split\x18\x04 \x03(\x0b\x32\".ferry.v1.RolloutChange.SplitEntry\x1a,\n\nSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x89\x02\n\x07Rollout\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x05split\x18\x02 \x03(\x0b\x32\x1c.ferry.v1.Rollout.SplitEntry\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12(\n\x07history\x18\x04 \x03(\x0b\x32\x17.ferry.v1.RolloutChange\x12\x16\n\x0eshadow_version\x18\x05 \x01(\x03\x12\x17\n\x0fshadow_fraction\x18\x06 \x01(\x01\x12*\n\x06shadow\x18\x07 \x01(\x0b\x32\x1a.ferry.v1.ShadowComparison\x1a,\n\nSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc9\x01\n\x10ShadowComparison\x12\x10\n\x08\x63ompared\x18\x01 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x02 \x01(\x03\x12\x0c\n\x04shed\x18\x03 \x01(\x03\x12\x13\n\x0bmean_cosine\x18\x04 \x01(\x01\x12\x12\n\nmin_cosine\x18\x05 \x01(\x01\x12\x14\n\x0cmax_abs_diff\x18\x06 \x01(\x01\x12\x16\n\x0etop1_agreement\x18\x07 \x01(\x01\x12\x16\n\x0eserved_ms_mean\x18\x08 \x01(\x01\x12\x16\n\x0eshadow_ms_mean\x18\t \x01(\x01\x32\xdf\x02\n\x0fModelRepository\x12>\n\x07Refresh\x12\x18.ferry.v1.RefreshRequest\x1a\x19.ferry.v1.RefreshResponse\x12\x44\n\tLoadModel\x12\x1a.ferry.v1.LoadModelRequest\x1a\x1b.ferry.v1.LoadModelResponse\x12J\n\x0bUnloadModel\x12\x1c.ferry.v1.UnloadModelRequest\x1a\x1d.ferry.v1.UnloadModelResponse\x12<\n\nSetRollout\x12\x1b.ferry.v1.SetRolloutRequest\x1a\x11.ferry.v1.Rollout\x12<\n\nGetRollout\x12\x1b.ferry.v1.GetRolloutRequest\x1a\x11.ferry.v1.Rolloutb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x66\x65rry/proto/v1/repository.proto\x12\x08\x66\x65rry.v1\"\x10\n\x0eRefreshRequest\"C\n\x0fRefreshResponse\x12\x0e\n\x06loaded\x18\x01 \x03(\t\x12\x10\n\x08unloaded\x18\x02 \x03(\t\x12\x0e\n\x06\x66\x61iled\x18\x03 \x03(\t\"!\n\x10LoadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x13\n\x11LoadModelResponse\"#\n\x12UnloadModelRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x15\n\x13UnloadModelResponse\"\xef\x01\n\x11SetRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x35\n\x05split\x18\x02 \x03(\x0b\x32&.ferry.v1.SetRolloutRequest.SplitEntry\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x16\n\x0eshadow_version\x18\x04 \x01(\x03\x12\x17\n\x0fshadow_fraction\x18\x05 \x01(\x01\x12%\n\x05rules\x18\x06 \x01(\x0b\x32\x16.ferry.v1.RolloutRules\x1a,\n\nSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"l\n\x0cRolloutRules\x12\x15\n\rpromote_after\x18\x01 \x01(\x03\x12\x12\n\nmin_cosine\x18\x02 \x01(\x01\x12\x16\n\x0emax_error_rate\x18\x03 \x01(\x01\x12\x19\n\x11max_latency_ratio\x18\x04 \x01(\x01\"\"\n\x11GetRolloutRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\x98\x01\n\rRolloutChange\x12\n\n\x02\x61t\x18\x01 \x01(\t\x12\n\n\x02\x62y\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x31\n\x05split\x18\x04 \x03(\x0b\x32\".ferry.v1.RolloutChange.SplitEntry\x1a,\n\nSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xb0\x02\n\x07Rollout\x12\r\n\x05model\x18\x01 \x01(\t\x12+\n\x05split\x18\x02 \x03(\x0b\x32\x1c.ferry.v1.Rollout.SplitEntry\x12\r\n\x05\x65rror\x18\x03 \x01(\t\x12(\n\x07history\x18\x04 \x03(\x0b\x32\x17.ferry.v1.RolloutChange\x12\x16\n\x0eshadow_version\x18\x05 \x01(\x03\x12\x17\n\x0fshadow_fraction\x18\x06 \x01(\x01\x12*\n\x06shadow\x18\x07 \x01(\x0b\x32\x1a.ferry.v1.ShadowComparison\x12%\n\x05rules\x18\x08 \x01(\x0b\x32\x16.ferry.v1.RolloutRules\x1a,\n\nSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc9\x01\n\x10ShadowComparison\x12\x10\n\x08\x63ompared\x18\x01 \x01(\x03\x12\x0e\n\x06\x65rrors\x18\x02 \x01(\x03\x12\x0c\n\x04shed\x18\x03 \x01(\x03\x12\x13\n\x0bmean_cosine\x18\x04 \x01(\x01\x12\x12\n\nmin_cosine\x18\x05 \x01(\x01\x12\x14\n\x0cmax_abs_diff\x18\x06 \x01(\x01\x12\x16\n\x0etop1_agreement\x18\x07 \x01(\x01\x12\x16\n\x0eserved_ms_mean\x18\x08 \x01(\x01\x12\x16\n\x0eshadow_ms_mean\x18\t \x01(\x01\x32\xdf\x02\n\x0fModelRepository\x12>\n\x07Refresh\x12\x18.ferry.v1.RefreshRequest\x1a\x19.ferry.v1.RefreshResponse\x12\x44\n\tLoadModel\x12\x1a.ferry.v1.LoadModelRequest\x1a\x1b.ferry.v1.LoadModelResponse\x12J\n\x0bUnloadModel\x12\x1c.ferry.v1.UnloadModelRequest\x1a\x1d.ferry.v1.UnloadModelResponse\x12<\n\nSetRollout\x12\x1b.ferry.v1.SetRolloutRequest\x1a\x11.ferry.v1.Rollout\x12<\n\nGetRollout\x12\x1b.ferry.v1.GetRolloutRequest\x1a\x11.ferry.v1.Rolloutb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -50,21 +50,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UNLOADMODELRESPONSE']._serialized_start=225
   _globals['_UNLOADMODELRESPONSE']._serialized_end=246
   _globals['_SETROLLOUTREQUEST']._serialized_start=249
-  _globals['_SETROLLOUTREQUEST']._serialized_end=449
-  _globals['_SETROLLOUTREQUEST_SPLITENTRY']._serialized_start=405
-  _globals['_SETROLLOUTREQUEST_SPLITENTRY']._serialized_end=449
-  _globals['_GETROLLOUTREQUEST']._serialized_start=451
-  _globals['_GETROLLOUTREQUEST']._serialized_end=485
-  _globals['_ROLLOUTCHANGE']._serialized_start=488
-  _globals['_ROLLOUTCHANGE']._serialized_end=640
-  _globals['_ROLLOUTCHANGE_SPLITENTRY']._serialized_start=405
-  _globals['_ROLLOUTCHANGE_SPLITENTRY']._serialized_end=449
-  _globals['_ROLLOUT']._serialized_start=643
-  _globals['_ROLLOUT']._serialized_end=908
-  _globals['_ROLLOUT_SPLITENTRY']._serialized_start=405
-  _globals['_ROLLOUT_SPLITENTRY']._serialized_end=449
-  _globals['_SHADOWCOMPARISON']._serialized_start=911
-  _globals['_SHADOWCOMPARISON']._serialized_end=1112
-  _globals['_MODELREPOSITORY']._serialized_start=1115
-  _globals['_MODELREPOSITORY']._serialized_end=1466
+  _globals['_SETROLLOUTREQUEST']._serialized_end=488
+  _globals['_SETROLLOUTREQUEST_SPLITENTRY']._serialized_start=444
+  _globals['_SETROLLOUTREQUEST_SPLITENTRY']._serialized_end=488
+  _globals['_ROLLOUTRULES']._serialized_start=490
+  _globals['_ROLLOUTRULES']._serialized_end=598
+  _globals['_GETROLLOUTREQUEST']._serialized_start=600
+  _globals['_GETROLLOUTREQUEST']._serialized_end=634
+  _globals['_ROLLOUTCHANGE']._serialized_start=637
+  _globals['_ROLLOUTCHANGE']._serialized_end=789
+  _globals['_ROLLOUTCHANGE_SPLITENTRY']._serialized_start=444
+  _globals['_ROLLOUTCHANGE_SPLITENTRY']._serialized_end=488
+  _globals['_ROLLOUT']._serialized_start=792
+  _globals['_ROLLOUT']._serialized_end=1096
+  _globals['_ROLLOUT_SPLITENTRY']._serialized_start=444
+  _globals['_ROLLOUT_SPLITENTRY']._serialized_end=488
+  _globals['_SHADOWCOMPARISON']._serialized_start=1099
+  _globals['_SHADOWCOMPARISON']._serialized_end=1300
+  _globals['_MODELREPOSITORY']._serialized_start=1303
+  _globals['_MODELREPOSITORY']._serialized_end=1654
 # @@protoc_insertion_point(module_scope)

@@ -41,7 +41,7 @@ class UnloadModelResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class SetRolloutRequest(_message.Message):
-    __slots__ = ("model", "split", "reason", "shadow_version", "shadow_fraction")
+    __slots__ = ("model", "split", "reason", "shadow_version", "shadow_fraction", "rules")
     class SplitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,12 +54,26 @@ class SetRolloutRequest(_message.Message):
     REASON_FIELD_NUMBER: _ClassVar[int]
     SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     model: str
     split: _containers.ScalarMap[int, float]
     reason: str
     shadow_version: int
     shadow_fraction: float
-    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ..., reason: _Optional[str] = ..., shadow_version: _Optional[int] = ..., shadow_fraction: _Optional[float] = ...) -> None: ...
+    rules: RolloutRules
+    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ..., reason: _Optional[str] = ..., shadow_version: _Optional[int] = ..., shadow_fraction: _Optional[float] = ..., rules: _Optional[_Union[RolloutRules, _Mapping]] = ...) -> None: ...
+
+class RolloutRules(_message.Message):
+    __slots__ = ("promote_after", "min_cosine", "max_error_rate", "max_latency_ratio")
+    PROMOTE_AFTER_FIELD_NUMBER: _ClassVar[int]
+    MIN_COSINE_FIELD_NUMBER: _ClassVar[int]
+    MAX_ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LATENCY_RATIO_FIELD_NUMBER: _ClassVar[int]
+    promote_after: int
+    min_cosine: float
+    max_error_rate: float
+    max_latency_ratio: float
+    def __init__(self, promote_after: _Optional[int] = ..., min_cosine: _Optional[float] = ..., max_error_rate: _Optional[float] = ..., max_latency_ratio: _Optional[float] = ...) -> None: ...
 
 class GetRolloutRequest(_message.Message):
     __slots__ = ("model",)
@@ -87,7 +101,7 @@ class RolloutChange(_message.Message):
     def __init__(self, at: _Optional[str] = ..., by: _Optional[str] = ..., reason: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ...) -> None: ...
 
 class Rollout(_message.Message):
-    __slots__ = ("model", "split", "error", "history", "shadow_version", "shadow_fraction", "shadow")
+    __slots__ = ("model", "split", "error", "history", "shadow_version", "shadow_fraction", "shadow", "rules")
     class SplitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +116,7 @@ class Rollout(_message.Message):
     SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
     SHADOW_FIELD_NUMBER: _ClassVar[int]
+    RULES_FIELD_NUMBER: _ClassVar[int]
     model: str
     split: _containers.ScalarMap[int, float]
     error: str
@@ -109,7 +124,8 @@ class Rollout(_message.Message):
     shadow_version: int
     shadow_fraction: float
     shadow: ShadowComparison
-    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ..., error: _Optional[str] = ..., history: _Optional[_Iterable[_Union[RolloutChange, _Mapping]]] = ..., shadow_version: _Optional[int] = ..., shadow_fraction: _Optional[float] = ..., shadow: _Optional[_Union[ShadowComparison, _Mapping]] = ...) -> None: ...
+    rules: RolloutRules
+    def __init__(self, model: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ..., error: _Optional[str] = ..., history: _Optional[_Iterable[_Union[RolloutChange, _Mapping]]] = ..., shadow_version: _Optional[int] = ..., shadow_fraction: _Optional[float] = ..., shadow: _Optional[_Union[ShadowComparison, _Mapping]] = ..., rules: _Optional[_Union[RolloutRules, _Mapping]] = ...) -> None: ...
 
 class ShadowComparison(_message.Message):
     __slots__ = ("compared", "errors", "shed", "mean_cosine", "min_cosine", "max_abs_diff", "top1_agreement", "served_ms_mean", "shadow_ms_mean")

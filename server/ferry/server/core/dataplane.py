@@ -8,9 +8,11 @@ same repository outcomes, and every request is counted and observed exactly once
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 from ferry.server.core import inputs, shadow
@@ -43,6 +45,7 @@ from ferry.server.errors import (
     InvalidArgument,
 )
 
+log = logging.getLogger(__name__)
 PLATFORM = "onnxruntime_onnx"
 
 R = TypeVar("R")
@@ -69,6 +72,7 @@ class DataPlane:
         self._observe: Observer = _no_observer  # observe_with() sets the server's metrics
         self._peers: PeerStatistics | None = None  # sum_with() sets the other workers'
         self._shadows = shadow.Shadows()
+        self._decisions: set[asyncio.Task[RolloutView]] = set()
         self.max_stream_in_flight = max_stream_in_flight
         # Seconds a request with no deadline at all (none from the call, the request or the
         # model's default_timeout_ms) may take; 0: unbounded (only max_queue_size bounds it).
@@ -256,10 +260,39 @@ class DataPlane:
         run = lv.batcher.submit(
             work, deadline=time.monotonic() + shadow.SHADOW_TIMEOUT, priority=shadow.SHADOW_PRIORITY
         )
-        self._shadows.start(stats, run, outputs, int(elapsed * 1e9))
+        self._shadows.start(
+            stats, run, outputs, int(elapsed * 1e9), lambda s: self._apply_rules(served.name, s)
+        )
+
+    def _apply_rules(self, model: str, stats: shadow.ShadowStatistics) -> None:
+        """The rollout's rules, after each shadow outcome: promote the candidate (it takes all
+        the traffic) or roll it back (the shadow, and any share of the split it had, end)."""
+        try:
+            ro, _ = self._registry.rollout_of(model)
+        except FerryError:
+            return
+        if ro is None or ro.shadow is None or ro.shadow[0] != stats.candidate:
+            return
+        verdict = stats.verdict(ro.rules)
+        if not verdict:
+            return
+        stats.decided = True
+        candidate = stats.candidate
+        if verdict == "promote":
+            split: dict[int, float] | None = {candidate: 1.0}
+        else:
+            split = {v: w for v, w in ro.split if v != candidate} or None
+        why = f"{'promoted' if verdict == 'promote' else 'rolled back'} by rule: {stats.summary()}"
+        log.warning("model %s version %d %s", model, candidate, why)
+        task = asyncio.get_running_loop().create_task(
+            self.set_rollout(model, split, by="rollout rules", why=why)
+        )
+        self._decisions.add(task)
+        task.add_done_callback(self._decisions.discard)
 
     async def close_shadows(self) -> None:
         await self._shadows.close()
+        await asyncio.gather(*self._decisions, return_exceptions=True)
 
     # ---- rollout (core.rollout) ----
     def rollout(self, model: str) -> RolloutView:
@@ -276,6 +309,7 @@ class DataPlane:
             tuple(rollouts.history(mdir)),
             ro.shadow if ro is not None else None,
             stats,
+            ro.rules.as_dict() if ro is not None and ro.rules else {},
         )
 
     async def set_rollout(
@@ -286,6 +320,7 @@ class DataPlane:
         by: str,
         why: str,
         shadow_of: tuple[int, float] | None = None,
+        rules: Mapping[str, float] | None = None,
     ) -> RolloutView:
         """Split the model's live traffic (None or {}: end the split) and/or shadow a fraction
         of it to a candidate (``shadow_of``: version, fraction); every worker and replica
@@ -293,7 +328,11 @@ class DataPlane:
         name = validate_model_name(model)
         wanted = rollouts.parse_split(split) if split else rollouts.Rollout(())
         if shadow_of is not None:
-            wanted = rollouts.Rollout(wanted.split, rollouts.parse_shadow(*shadow_of))
+            wanted = rollouts.Rollout(
+                wanted.split, rollouts.parse_shadow(*shadow_of), rollouts.parse_rules(rules)
+            )
+        elif rules:
+            raise InvalidArgument("rollout rules act on a shadow: set a shadow version too")
         parsed = wanted if wanted.split or wanted.shadow else None
         outcome = await self._registry.set_rollout(name, parsed, by=by, why=why)
         failed = [f for f in outcome.failed if f.startswith(f"{name}/")]

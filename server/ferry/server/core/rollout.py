@@ -31,9 +31,64 @@ MAX_REASON = 500
 
 
 @dataclass(frozen=True)
+class Rules:
+    """When a shadowed candidate is promoted or dropped without anyone asking (0: no rule).
+
+    Promote after ``promote_after`` comparisons if the lowest cosine stayed at or above
+    ``min_cosine``, the error rate at or below ``max_error_rate`` and the candidate's mean
+    latency within ``max_latency_ratio`` x the served one's. Roll back as soon as the error
+    rate (after 10 comparisons) or the lowest cosine crosses its bound."""
+
+    promote_after: int = 0
+    min_cosine: float = 0.0
+    max_error_rate: float = 0.0
+    max_latency_ratio: float = 0.0
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.promote_after or self.min_cosine or self.max_error_rate or self.max_latency_ratio
+        )
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "promote_after": self.promote_after,
+            "min_cosine": self.min_cosine,
+            "max_error_rate": self.max_error_rate,
+            "max_latency_ratio": self.max_latency_ratio,
+        }
+
+
+def parse_rules(raw: Any, where: str = "rollout") -> Rules:
+    if not raw:
+        return Rules()
+    if not isinstance(raw, dict):
+        raise InvalidArgument(f"{where}: rules must be an object")
+    unknown = sorted(set(raw) - set(Rules().as_dict()))
+    if unknown:
+        raise InvalidArgument(
+            f"{where}: unknown rules {unknown}; known: {sorted(Rules().as_dict())}"
+        )
+    try:
+        rules = Rules(
+            promote_after=int(raw.get("promote_after", 0)),
+            min_cosine=float(raw.get("min_cosine", 0.0)),
+            max_error_rate=float(raw.get("max_error_rate", 0.0)),
+            max_latency_ratio=float(raw.get("max_latency_ratio", 0.0)),
+        )
+    except (TypeError, ValueError):
+        raise InvalidArgument(f"{where}: rules must be numbers") from None
+    if not (0 <= rules.promote_after < 2**31 and -1 <= rules.min_cosine <= 1):
+        raise InvalidArgument(f"{where}: promote_after >= 0 and min_cosine within [-1, 1]")
+    if not (0 <= rules.max_error_rate <= 1 and 0 <= rules.max_latency_ratio < 1e6):
+        raise InvalidArgument(f"{where}: max_error_rate within [0, 1], max_latency_ratio >= 0")
+    return rules
+
+
+@dataclass(frozen=True)
 class Rollout:
     split: tuple[tuple[int, float], ...]  # (version, weight), weights > 0, in version order
     shadow: tuple[int, float] | None = None  # (candidate version, fraction of requests)
+    rules: Rules = Rules()
 
     @property
     def versions(self) -> list[int]:
@@ -115,7 +170,7 @@ def read(model_dir: Path) -> tuple[Rollout | None, str]:
         parsed = parse_split(split, ROLLOUT_FILE) if split else Rollout(())
         if isinstance(shadow, dict) and shadow:
             pair = parse_shadow(shadow.get("version"), shadow.get("fraction"), ROLLOUT_FILE)
-            parsed = Rollout(parsed.split, pair)
+            parsed = Rollout(parsed.split, pair, parse_rules(doc.get("rules"), ROLLOUT_FILE))
         return (parsed if parsed.split or parsed.shadow else None), ""
     except InvalidArgument as exc:
         return None, exc.message
@@ -148,7 +203,10 @@ def write(model_dir: Path, rollout: Rollout | None, *, by: str, why: str) -> dic
         "split": {str(v): w for v, w in rollout.split} if rollout else {},
         "shadow": shadow,
     }
+    rules = rollout.rules.as_dict() if rollout and rollout.shadow and rollout.rules else {}
+    if rules:
+        entry["rules"] = rules
     past = history(model_dir)[-(MAX_HISTORY - 1) :]
-    doc = {"split": entry["split"], "shadow": shadow, "history": [*past, entry]}
+    doc = {"split": entry["split"], "shadow": shadow, "rules": rules, "history": [*past, entry]}
     write_file_atomic(model_dir / ROLLOUT_FILE, json.dumps(doc, indent=2).encode("utf-8"))
     return entry

@@ -13,8 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,31 @@ class ShadowStatistics:
     served_ns: int = 0
     shadow_ns: int = 0
     in_flight: int = 0
+    decided: bool = False  # a rule acted on this candidate: no second decision
+
+    def verdict(self, rules: Any) -> str:
+        """'promote', 'rollback' or '' under ``rules`` (core.rollout.Rules)."""
+        if self.decided or not rules:
+            return ""
+        runs = self.compared + self.errors
+        error_rate = self.errors / runs if runs else 0.0
+        if rules.max_error_rate and runs >= 10 and error_rate > rules.max_error_rate:
+            return "rollback"
+        if rules.min_cosine and self.compared and self.cosine_min < rules.min_cosine:
+            return "rollback"
+        if not rules.promote_after or self.compared < rules.promote_after:
+            return ""
+        ratio = self.shadow_ns / self.served_ns if self.served_ns else 1.0
+        if rules.max_latency_ratio and ratio > rules.max_latency_ratio:
+            return "rollback"
+        return "promote"
+
+    def summary(self) -> str:
+        ratio = self.shadow_ns / self.served_ns if self.served_ns else 1.0
+        return (
+            f"{self.compared} compared, {self.errors} errors, lowest cosine "
+            f"{self.cosine_min:.6f}, latency {ratio:.2f}x the served version's"
+        )
 
     @property
     def mean_cosine(self) -> float:
@@ -85,16 +111,29 @@ class Shadows:
         return stats
 
     def start(
-        self, stats: ShadowStatistics, run: object, served: Mapping[str, np.ndarray], served_ns: int
+        self,
+        stats: ShadowStatistics,
+        run: object,
+        served: Mapping[str, np.ndarray],
+        served_ns: int,
+        then: Callable[[ShadowStatistics], None] | None = None,
     ) -> None:
-        """Run ``run`` (a coroutine producing the candidate's outputs) in the background."""
+        """Run ``run`` (a coroutine producing the candidate's outputs) in the background;
+        ``then`` sees the statistics after each outcome (the rollout's rules)."""
         stats.in_flight += 1
-        task = asyncio.get_running_loop().create_task(self._run(stats, run, served, served_ns))
+        task = asyncio.get_running_loop().create_task(
+            self._run(stats, run, served, served_ns, then)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _run(
-        self, stats: ShadowStatistics, run: object, served: Mapping[str, np.ndarray], served_ns: int
+        self,
+        stats: ShadowStatistics,
+        run: object,
+        served: Mapping[str, np.ndarray],
+        served_ns: int,
+        then: Callable[[ShadowStatistics], None] | None,
     ) -> None:
         start = time.perf_counter_ns()
         try:
@@ -104,12 +143,14 @@ class Shadows:
         except Exception as exc:  # the candidate's failure is a statistic, never the caller's
             stats.errors += 1
             log.debug("shadow run of candidate %d failed: %s", stats.candidate, exc)
-            return
+        else:
+            stats.served_ns += served_ns
+            stats.shadow_ns += time.perf_counter_ns() - start
+            stats.record(served, shadow)
         finally:
             stats.in_flight -= 1
-        stats.served_ns += served_ns
-        stats.shadow_ns += time.perf_counter_ns() - start
-        stats.record(served, shadow)
+        if then is not None:
+            then(stats)
 
     async def close(self) -> None:
         for task in list(self._tasks):

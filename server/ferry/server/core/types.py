@@ -257,3 +257,4 @@ class RolloutView:
     history: tuple[dict[str, Any], ...]
     shadow: tuple[int, float] | None = None  # (candidate version, fraction of requests)
     shadow_statistics: Any = None  # core.shadow.ShadowStatistics of this process
+    rules: Mapping[str, float] = field(default_factory=dict)  # core.rollout.Rules, set ones

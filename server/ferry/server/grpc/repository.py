@@ -51,6 +51,9 @@ class RepositoryServicer(pb_grpc.ModelRepositoryServicer):
                 if request.shadow_version
                 else None
             ),
+            rules={f.name: getattr(request.rules, f.name) for f in request.rules.DESCRIPTOR.fields}
+            if request.HasField("rules")
+            else None,
         )
         return _rollout(view)
 
@@ -76,6 +79,8 @@ def _rollout(view: RolloutView) -> pb.Rollout:
             )
         )
     out = pb.Rollout(model=view.model, split=dict(view.split), error=view.error, history=history)
+    if view.rules:
+        out.rules.CopyFrom(pb.RolloutRules(**view.rules))  # type: ignore[arg-type]
     if view.shadow is not None:
         out.shadow_version, out.shadow_fraction = view.shadow
         s = view.shadow_statistics
