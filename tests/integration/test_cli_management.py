@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 
 from ferry.cli import main
-from ferry.client import ConversionClient, ConversionError, RefreshResult, RepositoryClient
+from ferry.client import (
+    ConversionClient,
+    ConversionError,
+    InferenceClient,
+    RefreshResult,
+    RepositoryClient,
+)
 from ferry.server.core.repository import ModelRepository
 from ferry.server.examples import mlp_model, write_model
 
@@ -286,6 +292,31 @@ def test_convert_flags_reach_the_job(
     assert v["min_cosine"] == 0.95 and v["min_top1_agreement"] == 0.5
     assert v["rtol"] == 0.01 and v["atol"] == 0.001 and v["keep_failed"] is True
     assert v["sample_file"]
+
+
+def test_convert_with_rollout_shadow_keeps_the_serving_version(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The first conversion serves; the second, --rollout shadow, becomes a shadow candidate:
+    version 1 keeps the traffic, and the rollout says so."""
+    srv, t = conv_server
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+    common = (str(weights), "--model", "seed", "--architecture", "seed", "--no-progress", *t)
+    code, out, err = ferry(capsys, "convert", *common)
+    assert code == 0, err
+    code, out, err = ferry(
+        capsys, "convert", *common, "--rollout", "shadow", "--rollout-fraction", "0.25"
+    )
+    assert code == 0, err
+    assert "shadow candidate" in out and "version 1 keeps serving" in out
+    with RepositoryClient(srv.management_target) as repo:
+        view = repo.get_rollout("seed")
+    assert view.split == {1: 1.0} and (view.shadow_version, view.shadow_fraction) == (2, 0.25)
+    assert "conversion job" in view.history[-1].by
+    with InferenceClient(srv.target) as client:
+        x = {"input": np.ones((1, 3), np.float32)}
+        assert {client.infer("seed", x, request_id=str(i)).version for i in range(20)} == {1}
 
 
 def test_convert_usage_errors(

@@ -193,6 +193,18 @@ def register(sub: Any) -> None:
         action="store_true",
         help="--quantize auto: publish the quantized variant even when it measured slower",
     )
+    p.add_argument(
+        "--rollout",
+        choices=("shadow",),
+        help="shadow: the version serving now keeps the traffic and a share of requests also "
+        "runs on the new one, compared (see ferry models rollout)",
+    )
+    p.add_argument(
+        "--rollout-fraction",
+        type=float,
+        metavar="F",
+        help="with --rollout shadow: the share of requests shadowed (0 < F <= 1; 0.1)",
+    )
     budget = p.add_argument_group(
         "validation and accuracy budget (the server's defaults when not given)"
     )
@@ -379,6 +391,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
             validation=validation,
             serving=serving,
             max_batch_size=args.max_batch_size,
+            rollout=args.rollout,
+            rollout_fraction=args.rollout_fraction,
         )
         if args.no_wait:
             print(

@@ -296,6 +296,8 @@ class ConversionClient(ManagementClient):
         serving: Serving | None = None,
         max_batch_size: int | None = None,
         benchmark: str | None = None,
+        rollout: str | None = None,
+        rollout_fraction: float | None = None,
     ) -> Job:
         """Start converting an upload (or an upload id) into the next version of ``model``
         (default: the upload's model). Returns at once; ``wait()`` on the job, whose
@@ -305,6 +307,11 @@ class ConversionClient(ManagementClient):
         "off" (no speed figures; the server refuses it with quantization "auto", which chooses
         by speed). A variant the benchmark finds clearly slower than fp32 is never published
         unless ``Quantization(keep_slower=True)``: the job fails and the served version stays.
+
+        ``rollout="shadow"``: the version serving now keeps all the traffic, and
+        ``rollout_fraction`` (default 0.1) of the requests also run on the new version as a
+        shadow candidate; ``RepositoryClient.get_rollout(model)`` compares them, and
+        ``set_rollout`` promotes or ends it (docs/rollout.md).
         """
         up = upload if isinstance(upload, Upload) else None
         upload_id = upload.upload_id if isinstance(upload, Upload) else upload
@@ -332,6 +339,8 @@ class ConversionClient(ManagementClient):
             serving=serving,
             max_batch_size=max_batch_size,
             benchmark=benchmark,
+            rollout=rollout,
+            rollout_fraction=rollout_fraction,
         )
         request = pb.ConvertRequest(upload_id=upload_id, model=model, spec=spec)
         return self._job(self._call(self._stub.Convert, request))

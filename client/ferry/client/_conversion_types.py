@@ -383,9 +383,15 @@ def build_spec(
     serving: Serving | None,
     max_batch_size: int | None,
     benchmark: str | None = None,
+    rollout: str | None = None,
+    rollout_fraction: float | None = None,
 ) -> pb.ConversionSpec:
     spec = pb.ConversionSpec(
-        opset=opset, max_batch_size=max_batch_size or 0, benchmark=benchmark or ""
+        opset=opset,
+        max_batch_size=max_batch_size or 0,
+        benchmark=benchmark or "",
+        rollout=rollout or "",
+        rollout_fraction=rollout_fraction or 0.0,
     )
     for i in inputs:
         spec.inputs.add(name=i.name, dtype=datatype_from_name(i.datatype), shape=list(i.shape))

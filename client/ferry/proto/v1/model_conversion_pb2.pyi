@@ -183,7 +183,7 @@ class ServingConfig(_message.Message):
     def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., default_timeout_ms: _Optional[float] = ..., instance_count: _Optional[int] = ...) -> None: ...
 
 class ConversionSpec(_message.Message):
-    __slots__ = ("inputs", "opset", "pruning", "quantization", "validation", "max_batch_size", "serving", "benchmark")
+    __slots__ = ("inputs", "opset", "pruning", "quantization", "validation", "max_batch_size", "serving", "benchmark", "rollout", "rollout_fraction")
     INPUTS_FIELD_NUMBER: _ClassVar[int]
     OPSET_FIELD_NUMBER: _ClassVar[int]
     PRUNING_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +192,8 @@ class ConversionSpec(_message.Message):
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     BENCHMARK_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FIELD_NUMBER: _ClassVar[int]
+    ROLLOUT_FRACTION_FIELD_NUMBER: _ClassVar[int]
     inputs: _containers.RepeatedCompositeFieldContainer[InputSpec]
     opset: int
     pruning: PruningSpec
@@ -200,7 +202,9 @@ class ConversionSpec(_message.Message):
     max_batch_size: int
     serving: ServingConfig
     benchmark: str
-    def __init__(self, inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., opset: _Optional[int] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., validation: _Optional[_Union[ValidationSpec, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., benchmark: _Optional[str] = ...) -> None: ...
+    rollout: str
+    rollout_fraction: float
+    def __init__(self, inputs: _Optional[_Iterable[_Union[InputSpec, _Mapping]]] = ..., opset: _Optional[int] = ..., pruning: _Optional[_Union[PruningSpec, _Mapping]] = ..., quantization: _Optional[_Union[QuantizationSpec, _Mapping]] = ..., validation: _Optional[_Union[ValidationSpec, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., serving: _Optional[_Union[ServingConfig, _Mapping]] = ..., benchmark: _Optional[str] = ..., rollout: _Optional[str] = ..., rollout_fraction: _Optional[float] = ...) -> None: ...
 
 class ConvertRequest(_message.Message):
     __slots__ = ("upload_id", "model", "spec")

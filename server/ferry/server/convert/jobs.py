@@ -250,7 +250,14 @@ class JobRunner:
                 self._notify(job.job_id)
                 config = contract.spec.serving_config
                 version, note = await publish.publish(
-                    self.repository, self.registry, job.model, staged, config
+                    self.repository,
+                    self.registry,
+                    job.model,
+                    staged,
+                    config,
+                    rollout=contract.spec.rollout,
+                    rollout_fraction=contract.spec.rollout_fraction,
+                    by=f"conversion job {job.job_id}",
                 )
                 summary = published_line(report)
                 message = f"published as {job.model} version {version}{note}"

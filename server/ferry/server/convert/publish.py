@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ferry.server.core import rollout as rollouts
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import (
     MODEL_FILE,
@@ -32,6 +33,10 @@ async def publish(
     model: str,
     staged: Path,
     serving_config: dict[str, Any],
+    *,
+    rollout: str = "",
+    rollout_fraction: float = 0.1,
+    by: str = "conversion",
 ) -> tuple[int, str]:
     """Publish ``staged`` as the model's next version and serve it; returns the version and a
     note for the job's message when the new version is not served.
@@ -40,6 +45,13 @@ async def publish(
     rename (a published version is immutable and visible at once, so a graph that cannot be
     served must fail the job), and then serves that same session: one session per publish."""
     await asyncio.to_thread(_prepare, staged, serving_config)
+    current = _serving_version(registry, model) if rollout == "shadow" else None
+    if current is not None:
+        # Pinned first: under the version policy the new version would take the traffic the
+        # moment it is published; pinned, the current one keeps it until a rule or a person
+        # promotes the candidate.
+        pin = rollouts.Rollout(((current, 1.0),))
+        await registry.set_rollout(model, pin, by=by, why="pinned while a candidate is published")
     try:
         version, status = await registry.publish(
             model, staged, lambda: repository.publish(model, staged)
@@ -57,13 +69,33 @@ async def publish(
             "the converted model does not load in this server's onnxruntime: "
             f"{type(exc).__name__}: {str(exc)[:500]}"
         ) from None
-    if status is None:
+    if current is not None:
+        shadowed = rollouts.Rollout(((current, 1.0),), (version, rollout_fraction))
+        await registry.set_rollout(
+            model, shadowed, by=by, why=f"version {version} published as a shadow candidate"
+        )
+        return version, (
+            f" as a shadow candidate: version {current} keeps serving, "
+            f"{rollout_fraction:.0%} of requests also run on version {version} "
+            f"(ferry models rollout {model})"
+        )
+    if rollout == "shadow":
+        note = " (no version was serving, so it serves directly rather than as a shadow)"
+    elif status is None:
         note = " (not served: the model's version_policy does not select it)"
     elif status.state is State.FAILED:
         note = f" (but loading it failed: {status.reason})"
     else:
         note = ""
     return version, note
+
+
+def _serving_version(registry: ModelRegistry, model: str) -> int | None:
+    """The version requests that name none get now (None: nothing serves)."""
+    try:
+        return registry.get(model).version
+    except FerryError:
+        return None
 
 
 def _prepare(staged: Path, serving_config: dict[str, Any]) -> None:

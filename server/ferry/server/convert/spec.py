@@ -83,6 +83,10 @@ class ConversionSpec:
     # "full", "quick" (fewer, shorter rounds) or "off" (no speed figures: auto cannot choose,
     # and an explicit mode is published without knowing whether it is slower).
     benchmark: str = "full"
+    # "": serve the new version as the version policy says; "shadow": the current version keeps
+    # the traffic and ``rollout_fraction`` of it is shadowed to the new one (core.rollout).
+    rollout: str = ""
+    rollout_fraction: float = 0.1
     serving_config: dict[str, Any] = field(default_factory=dict)  # written as <version>/config.json
 
 

@@ -41,6 +41,8 @@ USE_INSTEAD = (
     "with the name of a registered architecture, or export the model to ONNX"
 )
 
+ROLLOUTS = ("", "shadow")  # how a conversion's new version meets live traffic
+
 
 def max_opset() -> int:
     import onnx.defs
@@ -86,6 +88,14 @@ def check_job(job: Job) -> None:
     if spec.benchmark not in BENCHMARK_MODES:
         raise InvalidArgument(
             f"unknown benchmark mode {spec.benchmark!r}: use one of {', '.join(BENCHMARK_MODES)}"
+        )
+    if spec.rollout not in ROLLOUTS:
+        raise InvalidArgument(
+            f"unknown rollout {spec.rollout!r}: use one of {', '.join(repr(r) for r in ROLLOUTS)}"
+        )
+    if not 0 < spec.rollout_fraction <= 1:
+        raise InvalidArgument(
+            f"rollout_fraction must be within (0, 1], got {spec.rollout_fraction}"
         )
     if spec.benchmark == "off" and mode.chooses:
         raise InvalidArgument(

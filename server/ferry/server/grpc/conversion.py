@@ -204,6 +204,8 @@ def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, validation.SpecTen
         opset=m.opset or None,
         max_batch_size=m.max_batch_size or None,
         benchmark=m.benchmark or None,
+        rollout=m.rollout or None,
+        rollout_fraction=m.rollout_fraction or None,
         pruning=_given(
             spec.PruningSpec(), method=m.pruning.method or None, amount=m.pruning.amount
         ),
