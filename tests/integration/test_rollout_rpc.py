@@ -92,9 +92,21 @@ def test_shadow_set_through_management_is_compared_and_reported(tmp_path: Path) 
         with InferenceClient(server.target) as client:
             for i in IDS[:10]:
                 assert client.infer("m", X, request_id=i).version == 2
-        wait_for(lambda: repo.get_rollout("m").shadow["compared"] == 10, "10 comparisons")
+
+        def settled() -> bool:  # each of the 10 compared, or shed (the candidate was busy)
+            s = repo.get_rollout("m").shadow
+            return s["compared"] + s["shed"] + s["errors"] == 10
+
+        wait_for(settled, "the 10 shadow runs to end")
         shadow = repo.get_rollout("m").shadow
         assert shadow["errors"] == 0 and shadow["max_abs_diff"] > 0
+        from helpers import scrape
+
+        assert server.app is not None
+        text = scrape(server.app.metrics_port)
+        compared = int(repo.get_rollout("m").shadow["compared"])
+        assert compared >= 1
+        assert f'ferry_shadow_compared_total{{model="m",candidate="1"}} {compared}' in text
         assert shadow["top1_agreement"] == -1  # one output column: not class scores
         rules = {"promote_after": 1000, "min_cosine": 0.5}
         view = repo.set_rollout("m", {2: 1.0}, shadow=(1, 0.5), rules=rules, reason="rules")

@@ -16,7 +16,7 @@ from ferry.server.core.dataplane import DataPlane, InferenceRequest
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import State
-from ferry.server.errors import InvalidArgument, VersionNotFound
+from ferry.server.errors import FerryError, InvalidArgument, VersionNotFound
 from ferry.server.examples import seed_model, write_model
 from ferry.server.runtime.session import open_session
 
@@ -147,7 +147,7 @@ def test_shadow_compares_the_candidate_and_never_changes_the_callers_answer(
             result = await dataplane.infer(InferenceRequest("m", {"input": x}, id=f"r{i}"))
             assert result.version == 2  # the default serves; the candidate only shadows
             np.testing.assert_allclose(result.outputs["logits"], _served_outputs(2, x), rtol=1e-6)
-        await asyncio.gather(*dataplane._shadows._tasks)
+            await asyncio.gather(*dataplane._shadows._tasks)  # one at a time: none is shed
         stats = dataplane.rollout("m").shadow_statistics
         assert (stats.compared, stats.errors, stats.shed) == (10, 0, 0)
         expected = float(np.max(np.abs(_served_outputs(1, x) - _served_outputs(2, x))))
@@ -238,6 +238,35 @@ def test_rules_need_a_shadow(tmp_path: Path) -> None:
             await DataPlane(registry).set_rollout(
                 "m", {2: 1}, by="t", why="", rules={"promote_after": 3}
             )
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failing_version_in_a_split_is_rolled_out_of_it(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+    from ferry.server.examples import mlp_model
+
+    write_model(repo, "m", mlp_model((5, 2)), version=3)  # takes 5 features: fails these requests
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+        await dataplane.set_rollout(
+            "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
+        )
+        x = {"input": np.ones((1, 3), np.float32)}
+        failed = 0
+        for key in KEYS[:200]:
+            try:
+                await dataplane.infer(InferenceRequest("m", x, id=key))
+            except FerryError:
+                failed += 1
+            await asyncio.gather(*dataplane._decisions)
+        view = dataplane.rollout("m")
+        assert view.split == ((2, 1.0),) and failed == 10  # out after its 10th failure
+        assert view.history[-1]["why"].startswith("rolled back by rule: version 3 failed 10")
         await registry.close()
 
     asyncio.run(scenario())

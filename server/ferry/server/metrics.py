@@ -263,6 +263,7 @@ class Metrics:
             )
             out.append("# TYPE ferry_plan_changes_total counter")
             out.extend(f"ferry_plan_changes_total{{{lab}}} {s.plan_changes}" for lab, s in planned)
+        self._render_shadows(out)
         out.append("# HELP ferry_model_state 1 for the state each model version is in")
         out.append("# TYPE ferry_model_state gauge")
         for st in statuses:
@@ -270,6 +271,41 @@ class Metrics:
             for candidate in State:
                 one = 1 if st.state is candidate else 0
                 out.append(f'ferry_model_state{{{lab},state="{candidate.value}"}} {one}')
+
+    def _render_shadows(self, out: list[str]) -> None:
+        """Shadow comparisons (core.shadow) of this process: docs/rollout.md."""
+        shadows = _retrying(self._dataplane.shadow_statistics)
+        if not shadows:
+            return
+        families = (
+            ("ferry_shadow_compared_total", "counter", "Shadowed requests compared", "compared"),
+            ("ferry_shadow_errors_total", "counter", "Shadow runs the candidate failed", "errors"),
+            ("ferry_shadow_shed_total", "counter", "Shadow runs skipped: candidate busy", "shed"),
+            (
+                "ferry_shadow_cosine_min",
+                "gauge",
+                "Lowest cosine against the served outputs",
+                "cosine_min",
+            ),
+            (
+                "ferry_shadow_cosine_mean",
+                "gauge",
+                "Mean cosine against the served outputs",
+                "mean_cosine",
+            ),
+            (
+                "ferry_shadow_max_abs_diff",
+                "gauge",
+                "Largest absolute output difference",
+                "max_abs_diff",
+            ),
+        )
+        for name, kind, help_text, attr in families:
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            for s in shadows:
+                lab = f'model="{_escape(s.model)}",candidate="{s.candidate}"'
+                out.append(f"{name}{{{lab}}} {_num(getattr(s, attr))}")
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics and the HTTP health paths (metrics_http) on their own thread."""

@@ -73,6 +73,7 @@ class DataPlane:
         self._peers: PeerStatistics | None = None  # sum_with() sets the other workers'
         self._shadows = shadow.Shadows()
         self._decisions: set[asyncio.Task[RolloutView]] = set()
+        self._rolled_back: set[tuple[str, int]] = set()  # split versions a rule took out
         self.max_stream_in_flight = max_stream_in_flight
         # Seconds a request with no deadline at all (none from the call, the request or the
         # model's default_timeout_ms) may take; 0: unbounded (only max_queue_size bounds it).
@@ -105,6 +106,8 @@ class DataPlane:
             elapsed = time.perf_counter() - start
             if lv is not None and isinstance(exc, FerryError):
                 lv.stats.record_failure(int(elapsed * 1e9))
+                if decoded.version is None:
+                    self._check_split_errors(lv)
             model = lv.name if lv is not None else request.model
             version = lv.version if lv is not None else _label(request)
             self._observe(model, version, exc, elapsed)
@@ -264,6 +267,46 @@ class DataPlane:
             stats, run, outputs, int(elapsed * 1e9), lambda s: self._apply_rules(served.name, s)
         )
 
+    def _check_split_errors(self, lv: LoadedVersion) -> None:
+        """A version serving a share of a split whose error rate exceeds the rest of the
+        split's by more than the rules' max_error_rate (after 10 of its requests) is rolled out
+        of the split. Relative, so that a client's bad requests, which fail on every version,
+        roll nothing back."""
+        ro, _ = self._registry.rollout_of(lv.name)
+        if ro is None or not ro.rules.max_error_rate or len(ro.split) < 2:
+            return
+        if lv.version not in dict(ro.split) or (lv.name, lv.version) in self._rolled_back:
+            return
+        failed, ok = lv.stats.fail.count, lv.stats.success.count
+        if failed + ok < 10:
+            return
+        other_failed = other_ok = 0
+        for version, _ in ro.split:
+            if version == lv.version:
+                continue
+            try:
+                other = self._registry.get(lv.name, version)
+            except FerryError:
+                continue
+            other_failed += other.stats.fail.count
+            other_ok += other.stats.success.count
+        baseline = other_failed / (other_failed + other_ok) if other_failed + other_ok else 0.0
+        if failed / (failed + ok) - baseline <= ro.rules.max_error_rate:
+            return
+        self._rolled_back.add((lv.name, lv.version))
+        split = {v: w for v, w in ro.split if v != lv.version}
+        why = (
+            f"rolled back by rule: version {lv.version} failed {failed} of {failed + ok} "
+            f"requests, the rest of the split {baseline:.1%} (max_error_rate "
+            f"{ro.rules.max_error_rate:g} above it)"
+        )
+        log.warning("model %s %s", lv.name, why)
+        task = asyncio.get_running_loop().create_task(
+            self.set_rollout(lv.name, split, by="rollout rules", why=why)
+        )
+        self._decisions.add(task)
+        task.add_done_callback(self._decisions.discard)
+
     def _apply_rules(self, model: str, stats: shadow.ShadowStatistics) -> None:
         """The rollout's rules, after each shadow outcome: promote the candidate (it takes all
         the traffic) or roll it back (the shadow, and any share of the split it had, end)."""
@@ -289,6 +332,10 @@ class DataPlane:
         )
         self._decisions.add(task)
         task.add_done_callback(self._decisions.discard)
+
+    def shadow_statistics(self) -> list[shadow.ShadowStatistics]:
+        """Every model's shadow comparison in this process (for metrics), with its model."""
+        return [s for s in list(self._shadows.stats.values()) if s.compared or s.errors or s.shed]
 
     async def close_shadows(self) -> None:
         await self._shadows.close()
@@ -332,7 +379,13 @@ class DataPlane:
                 wanted.split, rollouts.parse_shadow(*shadow_of), rollouts.parse_rules(rules)
             )
         elif rules:
-            raise InvalidArgument("rollout rules act on a shadow: set a shadow version too")
+            parsed_rules = rollouts.parse_rules(rules)
+            if parsed_rules.promote_after or parsed_rules.min_cosine or not wanted.split:
+                raise InvalidArgument(
+                    "promote_after and min_cosine act on a shadow's comparison: set a shadow "
+                    "version too (a split alone takes max_error_rate)"
+                )
+            wanted = rollouts.Rollout(wanted.split, None, parsed_rules)
         parsed = wanted if wanted.split or wanted.shadow else None
         outcome = await self._registry.set_rollout(name, parsed, by=by, why=why)
         failed = [f for f in outcome.failed if f.startswith(f"{name}/")]

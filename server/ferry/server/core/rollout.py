@@ -168,9 +168,10 @@ def read(model_dir: Path) -> tuple[Rollout | None, str]:
         split = doc.get("split")
         shadow = doc.get("shadow")
         parsed = parse_split(split, ROLLOUT_FILE) if split else Rollout(())
+        pair = None
         if isinstance(shadow, dict) and shadow:
             pair = parse_shadow(shadow.get("version"), shadow.get("fraction"), ROLLOUT_FILE)
-            parsed = Rollout(parsed.split, pair, parse_rules(doc.get("rules"), ROLLOUT_FILE))
+        parsed = Rollout(parsed.split, pair, parse_rules(doc.get("rules"), ROLLOUT_FILE))
         return (parsed if parsed.split or parsed.shadow else None), ""
     except InvalidArgument as exc:
         return None, exc.message
@@ -203,7 +204,7 @@ def write(model_dir: Path, rollout: Rollout | None, *, by: str, why: str) -> dic
         "split": {str(v): w for v, w in rollout.split} if rollout else {},
         "shadow": shadow,
     }
-    rules = rollout.rules.as_dict() if rollout and rollout.shadow and rollout.rules else {}
+    rules = rollout.rules.as_dict() if rollout and rollout.rules else {}
     if rules:
         entry["rules"] = rules
     past = history(model_dir)[-(MAX_HISTORY - 1) :]

@@ -31,6 +31,7 @@ class ShadowStatistics:
     """Running comparison of one model's candidate against the versions that served."""
 
     candidate: int
+    model: str = ""
     compared: int = 0
     errors: int = 0  # the candidate failed where the served version answered
     shed: int = 0  # not run: the candidate was busy, or too many shadows in flight
@@ -107,7 +108,7 @@ class Shadows:
     def statistics(self, model: str, candidate: int) -> ShadowStatistics:
         stats = self.stats.get(model)
         if stats is None or stats.candidate != candidate:  # a new candidate starts afresh
-            stats = self.stats[model] = ShadowStatistics(candidate)
+            stats = self.stats[model] = ShadowStatistics(candidate, model)
         return stats
 
     def start(
