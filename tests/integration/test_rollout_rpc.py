@@ -112,3 +112,21 @@ def test_shadow_set_through_management_is_compared_and_reported(tmp_path: Path) 
         view = repo.set_rollout("m", {2: 1.0}, shadow=(1, 0.5), rules=rules, reason="rules")
         assert view.rules == {"promote_after": 1000.0, "min_cosine": 0.5}
         assert repo.get_rollout("m").rules == view.rules
+
+
+def test_a_busy_candidate_sheds_shadow_work_and_the_callers_never_wait(tmp_path: Path) -> None:
+    """The candidate's only instance is held: one shadow runs (held), one may queue, and every
+    further one is shed at once, while every caller is answered by the served version."""
+    from helpers import ExecutionGate, wait_for
+
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
+        repo.set_rollout("m", None, shadow=(1, 1.0))
+        with ExecutionGate(server, "m", 1) as gate, InferenceClient(server.target) as client:
+            assert client.infer("m", X, request_id="first").version == 2
+            gate.wait_entered()  # the first shadow holds the candidate
+            for i in IDS[:20]:
+                assert client.infer("m", X, request_id=i, timeout=10).version == 2
+            shadow = repo.get_rollout("m").shadow
+            assert shadow["shed"] >= 19 and shadow["compared"] == 0
+        wait_for(lambda: repo.get_rollout("m").shadow["compared"] >= 1, "the held shadow to end")
