@@ -74,6 +74,9 @@ class DataPlane:
         self._shadows = shadow.Shadows()
         self._decisions: set[asyncio.Task[RolloutView]] = set()
         self._rolled_back: set[tuple[str, int]] = set()  # split versions a rule took out
+        # Rollout rules are applied by the process that owns the repository's management (the
+        # first of --workers, the control replica); the others serve and compare only.
+        self.decides_rollouts = True
         self.max_stream_in_flight = max_stream_in_flight
         # Seconds a request with no deadline at all (none from the call, the request or the
         # model's default_timeout_ms) may take; 0: unbounded (only max_queue_size bounds it).
@@ -273,7 +276,9 @@ class DataPlane:
         of the split. Relative, so that a client's bad requests, which fail on every version,
         roll nothing back."""
         ro, _ = self._registry.rollout_of(lv.name)
-        if ro is None or not ro.rules.max_error_rate or len(ro.split) < 2:
+        if not self.decides_rollouts or ro is None or not ro.rules.max_error_rate:
+            return
+        if len(ro.split) < 2:
             return
         if lv.version not in dict(ro.split) or (lv.name, lv.version) in self._rolled_back:
             return
@@ -315,6 +320,8 @@ class DataPlane:
         except FerryError:
             return
         if ro is None or ro.shadow is None or ro.shadow[0] != stats.candidate:
+            return
+        if not self.decides_rollouts:
             return
         verdict = stats.verdict(ro.rules)
         if not verdict:

@@ -82,6 +82,7 @@ class FerryServer:
             max_stream_in_flight=settings.max_stream_in_flight,
             default_timeout=settings.default_request_timeout,
         )
+        self.dataplane.decides_rollouts = settings.management_port >= 0 and not self.is_worker
         self.metrics = Metrics(self.dataplane)
         self.dataplane.observe_with(self.metrics.observe)
         self.health = health.aio.HealthServicer()
