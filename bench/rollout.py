@@ -1,6 +1,6 @@
 """What shadowing costs the served path (issue 14): the tiny MLP served as version 2, perf_analyzer
 unary at c=16 and c=64, with no shadow and with 10% of requests shadowed to version 1, in one run
-(the two settings alternate, twice each, on one server: only the rollout changes).
+(the two settings alternate, --rounds times each, on one server: only the rollout changes).
 
     flock /work/notes/bench.lock .venv/bin/python bench/rollout.py          # ~1.5 min
 
@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--concurrency", default="16,64")
     ap.add_argument("--window-ms", type=int, default=3000)
     ap.add_argument("--fraction", type=float, default=0.1)
+    ap.add_argument("--rounds", type=int, default=4, help="alternations of the two settings")
     ap.add_argument("--cache", type=Path, default=HERE / "results" / "models")
     args = ap.parse_args()
     import subprocess
@@ -55,7 +56,7 @@ def main() -> None:
             wait_port(proc, port)  # type: ignore[arg-type]
             with RepositoryClient(f"127.0.0.1:{management}") as repo:
                 repo.set_rollout("mlp", {2: 1})  # version 2 serves whatever the setting
-                for _ in range(2):
+                for _ in range(args.rounds):
                     for label, measured in rows.items():
                         shadow = None if label == "no shadow" else (1, args.fraction)
                         repo.set_rollout("mlp", {2: 1}, shadow=shadow)
@@ -68,7 +69,9 @@ def main() -> None:
         finally:
             stop(proc)  # type: ignore[arg-type]
     base = {c: sum(v) / len(v) for c, v in rows["no shadow"].items()}
-    print("\ntiny MLP unary, perf_analyzer, mean of 2 alternating runs: req/s [x no shadow]")
+    print(
+        f"\ntiny MLP unary, perf_analyzer, mean of {args.rounds} alternating runs: req/s [x no shadow]"
+    )
     print("| setting | " + " | ".join(f"c={c}" for c in levels) + " |")
     print("|---|" + "---|" * len(levels))
     for label, by_c in rows.items():

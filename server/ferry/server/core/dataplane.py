@@ -260,8 +260,9 @@ class DataPlane:
         except FerryError:  # not ready, or it does not take these inputs
             stats.errors += 1
             return
-        if stats.in_flight >= shadow.MAX_IN_FLIGHT or lv.batcher.queue_depth > 0:
-            stats.shed += 1  # the candidate is busy: shadow work goes first
+        busy = served.batcher.queue_depth > 0 or lv.batcher.queue_depth > 0
+        if busy or stats.in_flight >= shadow.MAX_IN_FLIGHT:
+            stats.shed += 1  # requests are waiting (here or on the candidate): shadows go first
             return
         run = lv.batcher.submit(
             work, deadline=time.monotonic() + shadow.SHADOW_TIMEOUT, priority=shadow.SHADOW_PRIORITY

@@ -3,9 +3,9 @@ has its answer, and the two versions' outputs are compared.
 
 The caller never waits for the shadow and never sees its outcome: the shadow run is a separate
 task started once the served answer exists, its errors are counted, not raised. It never takes
-capacity the served path needs: it is queued at the lowest priority, refused outright while
-the candidate has anything queued, and at most ``MAX_IN_FLIGHT`` shadows run per model, so
-under load shadow work is the first to go (counted as ``shed``).
+capacity the served path needs: it is queued at the lowest priority, not started while the
+served version or the candidate has requests waiting, and at most ``MAX_IN_FLIGHT`` shadows
+run per model, so under load shadow work is the first to go (counted as ``shed``).
 """
 
 from __future__ import annotations
