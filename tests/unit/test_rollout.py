@@ -270,3 +270,28 @@ def test_a_failing_version_in_a_split_is_rolled_out_of_it(tmp_path: Path) -> Non
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_failing_rollout_step_never_changes_the_callers_outcome(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The model can go between the answer and the shadow step (an unload): the caller still
+    gets its answer, and a failed request keeps its own error."""
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+
+        def gone(name: str) -> None:
+            raise RuntimeError("unloaded meanwhile")
+
+        monkeypatch.setattr(registry, "rollout_of", gone)
+        x = {"input": np.ones((1, 3), np.float32)}
+        assert (await dataplane.infer(InferenceRequest("m", x, id="a"))).version == 2
+        with pytest.raises(FerryError, match="shape"):
+            await dataplane.infer(InferenceRequest("m", {"input": np.ones((1, 4), np.float32)}))
+        await registry.close()
+
+    asyncio.run(scenario())

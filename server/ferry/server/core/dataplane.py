@@ -110,7 +110,7 @@ class DataPlane:
             if lv is not None and isinstance(exc, FerryError):
                 lv.stats.record_failure(int(elapsed * 1e9))
                 if decoded.version is None:
-                    self._check_split_errors(lv)
+                    self._after(self._check_split_errors, lv)
             model = lv.name if lv is not None else request.model
             version = lv.version if lv is not None else _label(request)
             self._observe(model, version, exc, elapsed)
@@ -119,7 +119,7 @@ class DataPlane:
         lv.stats.record_success(int(elapsed * 1e9))
         self._observe(lv.name, lv.version, None, elapsed)
         if decoded.version is None:
-            self._maybe_shadow(decoded, lv, outputs, elapsed)
+            self._after(self._maybe_shadow, decoded, lv, outputs, elapsed)
         if decoded.outputs:
             outputs = {name: outputs[name] for name in decoded.outputs}
         return InferenceResult(decoded.model, lv.version, decoded.id, outputs)
@@ -237,6 +237,15 @@ class DataPlane:
 
     async def unload(self, model: str) -> RepositoryOutcome:
         return await self._registry.unload_model(validate_model_name(model))
+
+    @staticmethod
+    def _after(step: Callable[..., None], *args: Any) -> None:
+        """A rollout step taken after a request's outcome (shadow, rules): whatever happens in
+        it (the model unloaded meanwhile, say) never changes the caller's answer or status."""
+        try:
+            step(*args)
+        except Exception:
+            log.exception("rollout step %s failed; the request's own outcome stands", step.__name__)
 
     def _maybe_shadow(
         self,
