@@ -25,6 +25,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import grpc
+from grpc import aio
+
 from ferry.server.settings import Settings
 from ferry.server.workers import control
 from ferry.server.workers.peers import Peers, socket_path
@@ -115,12 +118,9 @@ class WorkerFleet:
                 raise RuntimeError(
                     f"worker {worker.index} exited with {worker.proc.returncode} while starting"
                 )
-            try:
-                answer = await self.peers.call(sock, control.READY, {}, 2.0)
-                if answer.get("ready"):
-                    return
-            except Exception as exc:  # not listening yet
-                log.debug("worker %d not ready yet: %s", worker.index, exc)
+            if await _ready(sock):
+                self.peers.forget(sock)  # a channel made while it restarted may be backing off
+                return
             await asyncio.sleep(0.05)
         raise RuntimeError(f"worker {worker.index} was not ready within {READY_TIMEOUT:.0f} s")
 
@@ -183,6 +183,20 @@ class WorkerFleet:
                     proc.kill()
             await asyncio.gather(*(p.wait() for p in running))
         await self.peers.close()
+
+
+async def _ready(sock: Path) -> bool:
+    """One readiness probe on a fresh channel: a cached one that failed while the worker was
+    starting would wait out gRPC's reconnect backoff (seconds) before trying again."""
+    if not await asyncio.to_thread(os.path.exists, sock):
+        return False
+    async with aio.insecure_channel(f"unix:{sock}") as channel:
+        probe: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(control.READY)
+        try:
+            raw = await probe(control.encode({}), timeout=2.0)
+        except grpc.RpcError:
+            return False
+    return bool(control.decode(raw).get("ready"))
 
 
 def die_with_parent() -> None:

@@ -65,6 +65,16 @@ class Peers:
             out.extend(control.stats_from_json(d) for d in answer)
         return out
 
+    def forget(self, path: Path) -> None:
+        """Drop the cached channels to ``path`` (its worker was started again): the next call
+        connects afresh instead of waiting out a backoff from the restart."""
+        channel = self._aio.pop(path, None)
+        if channel is not None:
+            asyncio.get_running_loop().create_task(channel.close())
+        sync = self._sync.pop(path, None)
+        if sync is not None:
+            sync.close()
+
     async def close(self) -> None:
         await asyncio.gather(*(c.close() for c in self._aio.values()))
         self._aio.clear()
