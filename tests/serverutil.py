@@ -32,6 +32,9 @@ class ServerThread:
             # Tests name fresh temporary folders; the server's own default (refuse a missing
             # repository) is tested by itself.
             "create_repository": True,
+            # A conversion process started ahead after each job would cost every test that
+            # converts a torch import; the test of that feature turns it on.
+            "warm_conversion_child": False,
         }
         defaults.update(settings)
         self.settings = Settings(repository=repository, **defaults)

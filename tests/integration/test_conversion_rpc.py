@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from helpers import wait_for
 from serverutil import ServerThread
 
 from ferry.client import (
@@ -793,3 +794,30 @@ def test_over_pruning_misses_the_accuracy_budget(start: Start, tmp_path: Path) -
     figures = err.report.pruning.vs_unpruned
     assert figures is not None and figures.cosine < 0.999
     assert not (tmp_path / "repo" / "pruned").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_the_next_job_runs_in_a_process_started_ahead(start: Start, tmp_path: Path) -> None:
+    """After a job, a conversion process is started ahead (torch imported, exporter primed):
+    the next job runs in it, converts as a fresh one would, and a new one is started after."""
+    srv, conv = start(fake=False, warm_conversion_child=True)
+    assert srv.app is not None
+    runner = srv.app.conversion.runner
+    module, x = _mlp(seed=5)
+    first = conv.convert(conv.upload("warm", module, example_inputs=x)).wait(progress=False)
+    assert first.version == 1
+    wait_for(
+        lambda: runner._warm is not None and runner._warm.ready.exists(),
+        "a conversion process started ahead and warmed up",
+    )
+    assert runner._warm is not None
+    ahead = runner._warm.proc.pid
+    second = conv.convert(conv.upload("warm", module, example_inputs=x)).wait(progress=False)
+    assert second.version == 2 and second.report is not None
+    assert second.report.parity is not None
+    np.testing.assert_allclose(
+        infer(srv, "warm", x.numpy()[:1])["output"], _expected(module, x)[:1], rtol=1e-4, atol=1e-5
+    )
+    wait_for(lambda: runner._warm is not None and runner._warm.proc.pid != ahead, "the next one")
+    assert leftovers(tmp_path) == []

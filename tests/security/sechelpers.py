@@ -222,6 +222,7 @@ class ServerProcess:
                 "--management-host", "127.0.0.1", "--management-port", str(self.management_port),
                 "--metrics-port", "-1", "--grace-period", "2",
                 "--http-port", "-1", "--management-http-port", "-1",
+                "--no-warm-conversion-child",
                 *self.args,
             ]  # fmt: skip
             with open(self.log_path, "ab") as log:

@@ -216,6 +216,14 @@ class Settings:
     conversion_timeout: float = field(
         default=600.0, metadata={"help": "seconds a conversion process may run; 0: no limit"}
     )
+    warm_conversion_child: bool = field(
+        default=True,
+        metadata={
+            "help": "after a conversion, start the next conversion process ahead (torch "
+            "imported, exporter primed) so the next job does not wait ~6 s for it; still one "
+            "job per process; it leaves after 10 idle minutes"
+        },
+    )
     conversion_memory_bytes: int = field(
         default=4 << 30,
         metadata={"help": "address-space limit of a conversion process (RLIMIT_AS); 0: none"},

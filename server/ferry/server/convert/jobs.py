@@ -38,6 +38,7 @@ import os
 import shutil
 import signal
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +59,7 @@ CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1", "ORT_DISABLE_TELE
 VERSION_FILES = (MODEL_FILE, REPORT_FILE)  # what a child may leave; publish adds config.json
 MAX_EVENT_LINE = 1 << 20
 STDERR_TAIL = 20
+WARM_IDLE_S = 600.0  # a conversion process started ahead leaves after this long unused
 _KINDS = {k.value for k in ErrorKind}
 
 
@@ -95,6 +97,7 @@ class JobRunner:
         max_queued: int = 16,
         timeout: float = 600.0,
         memory_bytes: int = 4 << 30,
+        warm: bool = False,
     ) -> None:
         self.store = store
         self.repository = repository
@@ -105,6 +108,12 @@ class JobRunner:
         self.memory_bytes = memory_bytes
         # Tests point this at a stand-in child; the arguments after it are the contract's.
         self.child_command: list[str] = [sys.executable, "-m", CHILD_MODULE]
+        self._default_child = list(self.child_command)
+        # A conversion process started ahead of the next job (after a job: the first pays the
+        # start itself), waiting with torch imported; one job per process all the same.
+        self.warm = warm
+        self._warm: _Warm | None = None
+        self._warm_task: asyncio.Task[None] | None = None
         self._pending: collections.deque[str] = collections.deque()
         self._runs: dict[str, _Run] = {}
         self._changed: dict[str, asyncio.Event] = {}
@@ -169,6 +178,7 @@ class JobRunner:
                     "the server stopped before the job ran; convert again",
                 ),
             )
+        self._drop_warm()
         runs = list(self._runs.values())
         for run in runs:
             if not run.publishing:
@@ -271,21 +281,23 @@ class JobRunner:
                 with contextlib.suppress(OSError):
                     self.repository.model_dir(job.model).rmdir()
 
-    async def _run_child(self, run: _Run, job_json: Path, job_dir: Path) -> _Outcome:
+    async def _spawn(
+        self, args: list[str], cwd: Path, *, stdin: int
+    ) -> tuple[asyncio.subprocess.Process, int]:
+        """A conversion process (limited, killed with the server) and its progress channel."""
         read_fd, write_fd = os.pipe()
         try:
-            run.proc = await asyncio.create_subprocess_exec(
+            proc = await asyncio.create_subprocess_exec(
                 *_limited(self.memory_bytes, self.child_command),
-                "--job",
-                str(job_json),
+                *args,
                 "--progress-fd",
                 str(write_fd),
                 pass_fds=(write_fd,),
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=stdin,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
-                cwd=job_dir,
+                cwd=cwd,
                 env={**os.environ, **CHILD_ENV},
             )
         except BaseException:
@@ -293,6 +305,84 @@ class JobRunner:
             raise
         finally:
             os.close(write_fd)
+        return proc, read_fd
+
+    def _warm_allowed(self) -> bool:
+        # A stand-in child (tests) knows no --warm: only the real one is started ahead.
+        return self.warm and not self._closing and self.child_command == self._default_child
+
+    def _prepare_warm(self) -> None:
+        if not self._warm_allowed() or self._warm is not None:
+            return
+        if self._warm_task is not None and not self._warm_task.done():
+            return
+        self._warm_task = asyncio.get_running_loop().create_task(self._start_warm())
+
+    async def _start_warm(self) -> None:
+        ready = Path(tempfile.gettempdir()) / f"ferry-warm-{os.getpid()}-{id(self)}.ready"
+        ready.unlink(missing_ok=True)
+        try:
+            proc, read_fd = await self._spawn(
+                ["--warm", "--warm-ready", str(ready)],
+                Path(tempfile.gettempdir()),
+                stdin=asyncio.subprocess.PIPE,
+            )
+        except OSError as exc:
+            log.warning("could not start a conversion process ahead: %s", exc)
+            return
+        self._warm = _Warm(proc, read_fd, ready)
+        if self._closing:
+            self._drop_warm()
+            return
+        # Idle for long, it goes: a warm child holds torch's memory.
+        asyncio.get_running_loop().call_later(WARM_IDLE_S, self._expire_warm, proc)
+
+    def _expire_warm(self, proc: asyncio.subprocess.Process) -> None:
+        if self._warm is not None and self._warm.proc is proc:
+            self._drop_warm()
+
+    def _drop_warm(self) -> None:
+        warm, self._warm = self._warm, None
+        if warm is not None:
+            _kill(warm.proc)
+            with contextlib.suppress(OSError):
+                os.close(warm.read_fd)
+            warm.ready.unlink(missing_ok=True)
+
+    async def _take_warm(self) -> _Warm | None:
+        """The process started ahead, if it has finished warming up (its ready file); else
+        None, and the job starts a process of its own: a source that needs no torch (ONNX)
+        starts in half a second, quicker than waiting out a warm-up."""
+        if not self._warm_allowed() or self._warm is None:
+            return None
+        if self._warm.proc.returncode is not None or self._warm.proc.stdin is None:
+            self._drop_warm()
+            return None
+        if not await asyncio.to_thread(self._warm.ready.exists):
+            return None  # still warming: it stays for a later job
+        warm, self._warm = self._warm, None
+        warm.ready.unlink(missing_ok=True)
+        return warm
+
+    async def _run_child(self, run: _Run, job_json: Path, job_dir: Path) -> _Outcome:
+        try:
+            return await self._run_child_once(run, job_json, job_dir)
+        finally:
+            self._prepare_warm()  # for the next job, while this server is idle again
+
+    async def _run_child_once(self, run: _Run, job_json: Path, job_dir: Path) -> _Outcome:
+        warm = await self._take_warm()
+        if warm is not None:
+            assert warm.proc.stdin is not None
+            run.proc, read_fd = warm.proc, warm.read_fd
+            warm.proc.stdin.write(f"{job_json}\n".encode())
+            with contextlib.suppress(ConnectionError):
+                await warm.proc.stdin.drain()
+            warm.proc.stdin.close()
+        else:
+            run.proc, read_fd = await self._spawn(
+                ["--job", str(job_json)], job_dir, stdin=asyncio.subprocess.DEVNULL
+            )
         proc = run.proc
         if run.cancelled:  # CancelJob arrived while the process was being created
             _kill(proc)
@@ -466,6 +556,13 @@ async def _log_lines(stream: asyncio.StreamReader | None, run: _Run, name: str) 
         # torch and onnxruntime talk a lot while converting: their output is DEBUG; what a user
         # needs (progress, the failure and its reason) comes through the progress events.
         log.debug("job %s %s: %s", run.job_id, name, text)
+
+
+@dataclass
+class _Warm:
+    proc: asyncio.subprocess.Process
+    read_fd: int
+    ready: Path  # the process creates it once warmed up
 
 
 def _kill(proc: asyncio.subprocess.Process | None) -> None:

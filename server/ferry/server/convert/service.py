@@ -104,6 +104,7 @@ class ConversionService:
             max_queued=s.max_queued_conversions,
             timeout=s.conversion_timeout,
             memory_bytes=s.conversion_memory_bytes,
+            warm=s.warm_conversion_child,
         )
 
     async def close(self) -> None:

@@ -26,6 +26,7 @@ Protocol with the parent:
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shutil
 import sys
@@ -54,7 +55,14 @@ class Progress:
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m ferry.server.convert.worker.child")
-    parser.add_argument("--job", required=True, help="the job as spec.Job JSON")
+    job = parser.add_mutually_exclusive_group(required=True)
+    job.add_argument("--job", help="the job as spec.Job JSON")
+    job.add_argument(
+        "--warm",
+        action="store_true",
+        help="import torch and prime the exporter first, then read the job's path from stdin",
+    )
+    parser.add_argument("--warm-ready", help="with --warm: a file to create once warmed up")
     channel = parser.add_mutually_exclusive_group(required=True)
     channel.add_argument("--progress-fd", type=int, help="an inherited, writable file descriptor")
     channel.add_argument("--progress-file", help="a file to append progress lines to (tests)")
@@ -152,10 +160,37 @@ def run(job: Job, progress: Progress) -> int:
     return code
 
 
+def _warm_up() -> None:
+    """Pay a job's fixed cost before the job exists: import torch and onnxruntime and export a
+    tiny module once (the exporter's own first-use cost). Its temporary files go to a folder of
+    its own, removed on exit; the job's are confined to the job's folder afterwards, as a cold
+    child's are (``_confine_temp`` again)."""
+    scratch = Path(tempfile.mkdtemp(prefix="ferry-warm-"))
+    atexit.register(shutil.rmtree, scratch, True)
+    _confine_temp(scratch)
+    try:
+        import torch
+
+        import ferry.server.convert.worker.pipeline  # noqa: F401  (and onnxruntime, onnx)
+
+        module = torch.nn.Linear(2, 2).eval()
+        torch.onnx.export(module, (torch.zeros(1, 2),), str(scratch / "prime.onnx"), dynamo=True)
+    except Exception as exc:  # a job still runs; it pays what priming would have
+        print(f"warming the conversion process failed: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     progress = _open_progress(args)
     _redirect_stdout()
+    if args.warm:
+        _warm_up()
+        if args.warm_ready:
+            Path(args.warm_ready).touch()
+        line = sys.stdin.readline().strip()
+        if not line:  # the server went or dropped this process before giving it a job
+            return EXIT_OK
+        args.job = line
     try:
         job = job_from_json(Path(args.job).read_text(encoding="utf-8"))
         if not job.work_dir or not Path(job.work_dir).is_absolute():
