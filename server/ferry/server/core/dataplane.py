@@ -285,10 +285,10 @@ class DataPlane:
         split's by more than the rules' max_error_rate (after 10 of its requests) is rolled out
         of the split. Relative, so that a client's bad requests, which fail on every version,
         roll nothing back."""
-        ro, _ = self._registry.rollout_of(lv.name)
-        if not self.decides_rollouts or ro is None or not ro.rules.max_error_rate:
+        if not self.decides_rollouts:
             return
-        if len(ro.split) < 2:
+        ro, _ = self._registry.rollout_of(lv.name)
+        if ro is None or not ro.rules.max_error_rate or len(ro.split) < 2:
             return
         if lv.version not in dict(ro.split) or (lv.name, lv.version) in self._rolled_back:
             return
@@ -315,23 +315,18 @@ class DataPlane:
             f"requests, the rest of the split {baseline:.1%} (max_error_rate "
             f"{ro.rules.max_error_rate:g} above it)"
         )
-        log.warning("model %s %s", lv.name, why)
-        task = asyncio.get_running_loop().create_task(
-            self.set_rollout(lv.name, split, by="rollout rules", why=why)
-        )
-        self._decisions.add(task)
-        task.add_done_callback(self._decisions.discard)
+        self._decide(lv.name, split or None, why)
 
     def _apply_rules(self, model: str, stats: shadow.ShadowStatistics) -> None:
         """The rollout's rules, after each shadow outcome: promote the candidate (it takes all
         the traffic) or roll it back (the shadow, and any share of the split it had, end)."""
+        if not self.decides_rollouts:
+            return
         try:
             ro, _ = self._registry.rollout_of(model)
         except FerryError:
             return
         if ro is None or ro.shadow is None or ro.shadow[0] != stats.candidate:
-            return
-        if not self.decides_rollouts:
             return
         verdict = stats.verdict(ro.rules)
         if not verdict:
@@ -342,8 +337,12 @@ class DataPlane:
             split: dict[int, float] | None = {candidate: 1.0}
         else:
             split = {v: w for v, w in ro.split if v != candidate} or None
-        why = f"{'promoted' if verdict == 'promote' else 'rolled back'} by rule: {stats.summary()}"
-        log.warning("model %s version %d %s", model, candidate, why)
+        what = "promoted" if verdict == "promote" else "rolled back"
+        self._decide(model, split, f"{what} by rule: {stats.summary()}")
+
+    def _decide(self, model: str, split: dict[int, float] | None, why: str) -> None:
+        """A rule's decision: recorded and applied as a person's would be, off the request."""
+        log.warning("model %s: %s", model, why)
         task = asyncio.get_running_loop().create_task(
             self.set_rollout(model, split, by="rollout rules", why=why)
         )

@@ -239,11 +239,16 @@ class FerryServer:
         self.metrics.sum_with(self._peers)
         if self.is_worker:
             return
-        self.fleet = WorkerFleet(self.settings, self._run_dir, self.workers, self._peers)
-        self.fleet.unloaded = self.registry.unloaded_by_request
+        self.fleet = WorkerFleet(
+            self.settings,
+            self._run_dir,
+            self.workers,
+            self._peers,
+            lambda: self.registry.unloaded_by_request,
+        )
         http_port = self.http_port if self.settings.http_port >= 0 else -1
         await self.fleet.start(self.inference_port, http_port)
-        self.registry.follower = self._follow
+        self.registry.follower = self.fleet.follow
         log.info(
             "%d inference workers on port %d (pids %s; control sockets in %s)",
             self.workers,
@@ -251,11 +256,6 @@ class FerryServer:
             ",".join(str(p) for p in [os.getpid(), *self.fleet.pids]),
             self._run_dir,
         )
-
-    async def _follow(self, op: str, model: str) -> None:
-        assert self.fleet is not None
-        self.fleet.unloaded = self.registry.unloaded_by_request
-        await self.fleet.follow(op, model)
 
     async def _start_http(
         self,

@@ -67,7 +67,6 @@ class PlannedSession:
         self.providers: list[str] = first.providers
         self.device_kind: str = first.device_kind
         self.inline_allowed: bool = first.inline_allowed
-        self.intra_op_threads = getattr(first, "intra_op_threads", 1)
         self.executions = dict.fromkeys(self.sizes, 0)
         self.plan_changes = 0
         self._last_shape: dict[int, tuple[tuple[int, ...], ...]] = {}

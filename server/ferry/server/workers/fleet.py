@@ -22,6 +22,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -74,17 +75,23 @@ class _Worker:
 
 
 class WorkerFleet:
-    def __init__(self, settings: Settings, run_dir: Path, count: int, peers: Peers) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        run_dir: Path,
+        count: int,
+        peers: Peers,
+        unloaded: Callable[[], list[str]],
+    ) -> None:
         self.settings = settings
         self.run_dir = run_dir
         self.count = count
         self.peers = peers
+        self._unloaded = unloaded  # the explicit unloads now: a (re)started worker repeats them
         self._workers = [_Worker(i) for i in range(1, count)]
         self._flags: list[str] = []
         self._stopping = False
         self._monitors: list[asyncio.Task[None]] = []
-        self.unloaded: list[str] = []  # set by the server: explicit unloads a new worker repeats
-        self.restarts = 0
 
     @property
     def pids(self) -> list[int]:
@@ -106,7 +113,7 @@ class WorkerFleet:
         )
         worker.started = time.monotonic()
         await self._wait_ready(worker, sock)
-        for name in self.unloaded:  # what an explicit unload took out stays out
+        for name in self._unloaded():  # what an explicit unload took out stays out
             await self.peers.call(sock, control.APPLY, {"op": "unload", "model": name}, 60.0)
         log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
 
@@ -146,7 +153,6 @@ class WorkerFleet:
                 return
             try:
                 await self._spawn(worker)
-                self.restarts += 1
             except Exception as exc:
                 log.error("worker %d did not start again: %s", worker.index, exc)
                 if worker.proc is not None and worker.proc.returncode is None:
