@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
@@ -70,17 +70,10 @@ class PeerCounters(Protocol):
     def requests_sync(self) -> list[Any]: ...
 
 
-def _add_requests(
-    local: list[tuple[tuple[str, int], _Requests]], rows: list[Any]
-) -> list[tuple[tuple[str, int], _Requests]]:
+def _summed(rows: list[Any]) -> dict[tuple[str, int], _Requests]:
+    """Request counter rows (``requests_snapshot``'s, this process's and every other worker's)
+    added up per model version."""
     total: dict[tuple[str, int], _Requests] = {}
-    for key, series in local:
-        mine = total[key] = _Requests()
-        mine.codes, mine.buckets, mine.seconds = (
-            series.codes.copy(),
-            series.buckets.copy(),
-            series.seconds,
-        )
     for model, version, codes, buckets, seconds in rows:
         key = (str(model), int(version))
         mine = total.get(key) or total.setdefault(key, _Requests())
@@ -88,7 +81,7 @@ def _add_requests(
             mine.codes[code] = mine.codes.get(code, 0) + int(n)
         mine.buckets = [a + int(b) for a, b in zip(mine.buckets, buckets, strict=True)]
         mine.seconds += float(seconds)
-    return list(total.items())
+    return total
 
 
 def _retrying(read: Callable[[], T]) -> T:
@@ -117,7 +110,8 @@ class Metrics:
         self._peers = peers
 
     def requests_snapshot(self) -> list[list[Any]]:
-        """This process's request counters, for another worker to add to its scrape."""
+        """This process's request counters, as rows: its own scrape and the other workers' add
+        them up. The dict is copied in one step first, so the loop may go on counting."""
         return [
             [m, v, s.codes.copy(), s.buckets.copy(), s.seconds]
             for (m, v), s in list(self._requests.items())
@@ -162,39 +156,35 @@ class Metrics:
         """The whole scrape, Prometheus text format 0.0.4."""
         stats = _retrying(self._dataplane.statistics)
         statuses = _retrying(self._dataplane.list_models)
-        requests = _retrying(lambda: list(self._requests.items()))
+        rows = self.requests_snapshot()
         if self._peers is not None:
             stats = merge([*stats, *self._peers.statistics_sync()])
-            requests = _add_requests(requests, self._peers.requests_sync())
+            rows += self._peers.requests_sync()
         lines: list[str] = []
-        self._render_requests(lines, requests)
+        self._render_requests(lines, _summed(rows))
         self._render_core(lines, stats, statuses)
         return "\n".join(lines).encode("utf-8") + b"\n" + generate_latest(self.process)
 
-    def _render_requests(
-        self, out: list[str], requests: Iterable[tuple[tuple[str, int], _Requests]]
-    ) -> None:
-        rows = [
-            (self._label(m, v), s.codes.copy(), s.buckets.copy(), s.seconds)
-            for (m, v), s in requests
-        ]
+    def _render_requests(self, out: list[str], requests: dict[tuple[str, int], _Requests]) -> None:
+        """``requests`` are copies (``_summed``): the loop may go on counting meanwhile."""
+        labeled = [(self._label(m, v), s) for (m, v), s in requests.items()]
         out += [
             "# HELP ferry_requests_total Inference requests by status",
             "# TYPE ferry_requests_total counter",
         ]
-        for lab, codes, _, _ in rows:
-            out += [f'ferry_requests_total{{{lab},code="{c}"}} {n}' for c, n in codes.items()]
+        for lab, s in labeled:
+            out += [f'ferry_requests_total{{{lab},code="{c}"}} {n}' for c, n in s.codes.items()]
         out += [
             "# HELP ferry_request_seconds Inference request latency in the server",
             "# TYPE ferry_request_seconds histogram",
         ]
-        for lab, _, buckets, seconds in rows:
+        for lab, s in labeled:
             total = 0
-            for le, n in zip(_LATENCY_LE, buckets, strict=True):
+            for le, n in zip(_LATENCY_LE, s.buckets, strict=True):
                 total += n
                 out.append(f'ferry_request_seconds_bucket{{{lab},le="{le}"}} {total}')
             out.append(f"ferry_request_seconds_count{{{lab}}} {total}")
-            out.append(f"ferry_request_seconds_sum{{{lab}}} {_num(seconds)}")
+            out.append(f"ferry_request_seconds_sum{{{lab}}} {_num(s.seconds)}")
 
     def _render_core(
         self, out: list[str], stats: list[VersionStatistics], statuses: list[VersionStatus]
