@@ -56,6 +56,8 @@ with InferenceClient(targets, retry=retry, timeout=5) as client:
         try:
             client.infer("seed", x)
             ok += 1
+            if ok == 20:
+                print("running", flush=True)  # the kill may come: the load is under way
         except Exception as exc:
             failed += 1
             errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
@@ -261,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "every replica to serve version 2",
             )
             figures["new_version_everywhere_after_s"] = round(seen, 2)
+            figures["served_after_publish"] = {t: v["versions"] for t, v in versions().items()}
             figures["poll_interval_s"] = args.poll_interval
             print(
                 f"version 2 published in {figures['publish_seconds']} s; served by every replica {seen:.2f} s later (poll {args.poll_interval} s)"
@@ -270,9 +273,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            time.sleep(
-                args.load_seconds / 3
-            )  # let the load run before the kill: a scenario, not a test wait
+            assert load.stdout is not None
+            load.stdout.readline()  # "running": the client has answers, so the kill is under load
             victim = procs[1 + len(replicas) - 1]
             victim.kill()
             out, _ = load.communicate(timeout=args.load_seconds + 120)
