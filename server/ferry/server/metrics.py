@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
@@ -31,8 +31,6 @@ from ferry.server.metrics_http import MetricsServer, ReadyFlag
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-
-T = TypeVar("T")
 
 
 def _escape(value: str) -> str:
@@ -82,17 +80,6 @@ def _summed(rows: list[Any]) -> dict[tuple[str, int], _Requests]:
         mine.buckets = [a + int(b) for a, b in zip(mine.buckets, buckets, strict=True)]
         mine.seconds += float(seconds)
     return total
-
-
-def _retrying(read: Callable[[], T]) -> T:
-    """Read the core from the metrics thread: the event loop may change a dict mid-iteration
-    (a refresh adding models), which raises RuntimeError; the next try sees a settled state."""
-    for _ in range(8):
-        try:
-            return read()
-        except RuntimeError:
-            continue
-    return read()
 
 
 class Metrics:
@@ -154,8 +141,9 @@ class Metrics:
 
     def render(self) -> bytes:
         """The whole scrape, Prometheus text format 0.0.4."""
-        stats = _retrying(self._dataplane.statistics)
-        statuses = _retrying(self._dataplane.list_models)
+        # The registry's views copy what they iterate: safe to read from this thread.
+        stats = self._dataplane.statistics()
+        statuses = self._dataplane.list_models()
         rows = self.requests_snapshot()
         if self._peers is not None:
             stats = merge([*stats, *self._peers.statistics_sync()])
@@ -264,7 +252,7 @@ class Metrics:
 
     def _render_shadows(self, out: list[str]) -> None:
         """Shadow comparisons (core.shadow) of this process: docs/rollout.md."""
-        shadows = _retrying(self._dataplane.shadow_statistics)
+        shadows = self._dataplane.shadow_statistics()
         if not shadows:
             return
         families = (

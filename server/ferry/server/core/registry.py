@@ -62,7 +62,7 @@ class ModelEntry:
     rollout_signature: tuple[float, int] | None = None
 
     def ready_versions(self) -> list[int]:
-        return sorted(v for v, s in self.versions.items() if s.state is State.READY)
+        return sorted(v for v, s in list(self.versions.items()) if s.state is State.READY)
 
     def default_version(self) -> int | None:
         if self.config.default_version is not None:
@@ -78,6 +78,10 @@ Follower = Callable[[str, str], Awaitable[None]]
 
 
 class ModelRegistry:
+    """Changed on the event loop only. The read-only views (``statuses``, ``loaded_versions``)
+    are also read from the metrics thread: they iterate copies of the dicts, each taken in one
+    step under the GIL, so a refresh changing them meanwhile cannot break the iteration."""
+
     def __init__(
         self,
         repository: ModelRepository,
@@ -182,7 +186,7 @@ class ModelRegistry:
         if name and name not in self.models:
             raise ModelNotFound(f"model {short(name)!r} is not served here")
         out = []
-        for entry in self.models.values():
+        for entry in list(self.models.values()):
             if name and entry.name != name:
                 continue
             default = entry.default_version()
@@ -193,8 +197,8 @@ class ModelRegistry:
     def loaded_versions(self) -> list[LoadedVersion]:
         return [
             s.loaded
-            for e in self.models.values()
-            for s in e.versions.values()
+            for e in list(self.models.values())
+            for s in list(e.versions.values())
             if s.loaded is not None and s.state is State.READY
         ]
 
