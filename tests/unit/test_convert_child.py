@@ -407,7 +407,9 @@ def test_report_and_work_dir(jobs: dict[str, Result], sources: dict[str, Path]) 
     assert report["exporter"] == "torch.onnx.export(dynamo=True)" and report["opset"] == 20
     assert report["torch"].startswith("2.") and report["onnxruntime"] and report["onnx"]
     assert report["source_sha256"] == hashlib.sha256(sources["seed.pt"].read_bytes()).hexdigest()
-    assert report["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3]}]
+    assert report["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [-1, 3], "dynamic_axes": []}
+    ]
     assert report["parity"]["against"] == "pytorch" and report["parity"]["max_abs"] < 1e-4
     assert set(PIPELINE) - {"prune", "quantize"} == set(report["stages"])
     fp32 = seed.variant("fp32")
@@ -532,7 +534,9 @@ def test_onnx_source_quantized(
     report = result.report
     assert report["published"] == mode and report["exporter"] is None
     assert report["parity"]["against"] == "onnx_source"
-    assert report["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}]
+    assert report["inputs"] == [
+        {"name": "x", "datatype": "FP32", "shape": [-1, 8], "dynamic_axes": []}
+    ]
     assert [e["stage"] for e in result.events] == [*PIPELINE, "benchmark"]
     assert result.variant(mode)["vs_fp32"]["cosine"] > 0.99
     source = ort.InferenceSession(str(sources["mlp.onnx"]), providers=["CPUExecutionProvider"])

@@ -235,7 +235,9 @@ def _torch_source(job: Job, module: Any, program: Any, inputs: list[InputSpec]) 
             source.notes.append(
                 f"input {spec.name!r}: dim 0 ({spec.shape[0]}) exported as the batch dim"
             )
-        resolved = InputSpec(spec.name, spec.datatype, [-1, *spec.shape[1:]])
+        resolved = InputSpec(
+            spec.name, spec.datatype, [-1, *spec.shape[1:]], list(spec.dynamic_axes)
+        )
         dtype_of(resolved)
         sample_shape(resolved, batched=True)
         source.inputs.append(resolved)
@@ -258,7 +260,14 @@ def _overlay(graph_spec: InputSpec, given: InputSpec | None) -> InputSpec:
             f"{graph_spec.datatype}{graph_spec.shape}: give the graph's type and rank"
         )
     shape = [g if s == -1 else s for g, s in zip(given.shape, graph_spec.shape, strict=True)]
-    return InputSpec(graph_spec.name, graph_spec.datatype, shape)
+    for axis in given.dynamic_axes:
+        if graph_spec.shape[axis.axis] != -1:
+            raise InvalidArgument(
+                f"input {given.name!r} dim {axis.axis} ({axis.name}) is declared dynamic, but the "
+                f"graph fixes it to {graph_spec.shape[axis.axis]}: export the model with that dim "
+                "dynamic (torch.onnx.export's dynamic_shapes, or the SDK's dynamic_axes=)"
+            )
+    return InputSpec(graph_spec.name, graph_spec.datatype, shape, list(given.dynamic_axes))
 
 
 def _load_onnx(job: Job, path: Path) -> Source:

@@ -24,7 +24,15 @@ from ferry.server.convert import validation
 from ferry.server.convert.spec import Job, ProgressEvent
 from ferry.server.convert.strategies import pruning
 from ferry.server.convert.strategies import quantization as quantization_modes
-from ferry.server.convert.worker import benchmark, graph, load, parity, placement, quantize
+from ferry.server.convert.worker import (
+    benchmark,
+    dims,
+    graph,
+    load,
+    parity,
+    placement,
+    quantize,
+)
 from ferry.server.convert.worker.report import (
     ExportRecord,
     ParityRecord,
@@ -203,7 +211,7 @@ class Pipeline:
                     f"({[f'{s.name}{s.shape}' for s in self.source.inputs]}): "
                     f"{first_line(exc)}; check spec.inputs and architecture_kwargs"
                 ) from None
-            self.output_names = export.output_names(len(self.baseline))
+            self.output_names = export.module_output_names(self.source)
             self.baseline_name = "pytorch"
         else:
             assert self.source.onnx_path is not None
@@ -266,19 +274,36 @@ class Pipeline:
             self._skip("export", "the source is already ONNX")
             self.report.export = ExportRecord(opset=self.source.opset)
             self.notes.append("an ONNX source keeps its own opset; spec.opset does not apply")
+            self._verify_dims(self.source.onnx_path)
             return self.source.onnx_path
         from ferry.server.convert.worker import export
 
         target = self.scratch / "exported.onnx"
         with self._stage("export", f"torch.onnx.export at opset {self.spec.opset}"):
             example = export.example_inputs(self.source)
-            result = export.export(
-                self.source, example, len(self.baseline), target, self.spec.opset
-            )
+            result = export.export(self.source, example, self.output_names, target, self.spec.opset)
             self.report.export.exporter = result.exporter
             self.notes.extend(result.notes)
             export.verify_batch(target, self.source, self.spec.max_batch_size, self.threads)
+            self._verify_dims(target)
         return target
+
+    def _verify_dims(self, path: Path) -> None:
+        """Declared dynamic axes are symbolic and run at both bounds (``worker.dims``)."""
+        if not any(spec.dynamic_axes for spec in self.source.inputs):
+            return
+        graph_dims = {
+            spec.name: spec.shape
+            for spec in graph.graph_inputs(onnx.load(str(path), load_external_data=False))
+        }
+        self.notes.extend(
+            dims.verify(
+                path,
+                self.source.inputs,
+                parity.onnx_runner(path, self.threads, self.providers),
+                lambda name, axis: graph_dims[name][axis] == -1,
+            )
+        )
 
     def _quantize(self, base: Path, fp32: Variant) -> list[Variant]:
         spec = self.spec.quantization
@@ -434,7 +459,8 @@ class Pipeline:
     def _publish(self, chosen: Variant) -> None:
         chosen.record.published = True
         self.report.published = chosen.record
-        graph.drop_unused_opsets(chosen.path)  # a published file must upload again as it is
+        # A published file must upload again as it is, and carries its dynamic axes' bounds.
+        graph.prepare_publish(chosen.path, {dims.METADATA_KEY: dims.metadata(self.source.inputs)})
         os.replace(chosen.path, self.work / MODEL_FILE)
         self.report.write(self.work)
         shutil.rmtree(self.scratch, ignore_errors=True)
