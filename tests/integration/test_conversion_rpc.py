@@ -252,14 +252,14 @@ def test_a_client_leaving_mid_upload_leaves_no_file(
     written, finished, release = threading.Event(), threading.Event(), threading.Event()
     real_receive = uploads_module.receive
 
-    async def receive(header: Any, chunks: Any, folder: Path, *, limit: int) -> Any:
+    async def receive(header: Any, chunks: Any, folder: Path, **kw: Any) -> Any:
         async def observed() -> Any:
             async for chunk in chunks:
                 yield chunk
                 written.set()  # asked for the next chunk: the first one is on disk
 
         try:
-            return await real_receive(header, observed(), folder, limit=limit)
+            return await real_receive(header, observed(), folder, **kw)
         finally:
             finished.set()
 

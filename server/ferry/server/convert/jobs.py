@@ -20,6 +20,8 @@ exit 2                          FAILED      the last event's error_kind (else
 exit 1 / other / signal         FAILED      INTERNAL ("crashed", with the child's own crash
                                             event or else its last stderr line);
                                             LIMIT_EXCEEDED when it ran out of memory
+                                            (its output says so, or SIGKILL: the
+                                            kernel's out-of-memory killer)
 ran past the time limit         FAILED      DEADLINE_EXCEEDED ("timed out after N s")
 CancelJob                       CANCELLED   CANCELLED
 server stopped                  FAILED      UNAVAILABLE
@@ -43,7 +45,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ferry.server.convert import publish, spec
+from ferry.server.convert import out_of_memory, publish, spec
+from ferry.server.convert.out_of_memory import text_says_out_of_memory
 from ferry.server.convert.store import EventRecord, JobRecord, JobState, JobStore
 from ferry.server.convert.summary import published_line
 from ferry.server.core.registry import ModelRegistry
@@ -288,7 +291,7 @@ class JobRunner:
         read_fd, write_fd = os.pipe()
         try:
             proc = await asyncio.create_subprocess_exec(
-                *_limited(self.memory_bytes, self.child_command),
+                *limited(self.memory_bytes, self.child_command),
                 *args,
                 "--progress-fd",
                 str(write_fd),
@@ -426,12 +429,20 @@ class JobRunner:
             kind = kind if kind in _KINDS else ErrorKind.CONVERSION_FAILED.value
             return _Outcome(JobState.FAILED, kind, message or tail or "conversion failed")
         said = run.last_error[1] if run.last_error else ""  # a crashing child says where
-        if any(m in text for text in (tail, said) for m in ("MemoryError", "std::bad_alloc")):
+        if any(text_says_out_of_memory(text) for text in (tail, said)):
             return _Outcome(
                 JobState.FAILED,
                 ErrorKind.LIMIT_EXCEEDED.value,
-                f"the conversion ran out of memory under its limit of {self.memory_bytes} bytes "
-                "(server setting --conversion-memory-bytes)",
+                out_of_memory.exceeded(self.memory_bytes).message,
+            )
+        if rc == -signal.SIGKILL:  # not ours: cancel, timeout and shutdown were judged above
+            return _Outcome(
+                JobState.FAILED,
+                ErrorKind.LIMIT_EXCEEDED.value,
+                "the conversion process was killed (SIGKILL), which is what the kernel's "
+                "out-of-memory killer does when the machine or its container runs out of memory "
+                "before the process reaches its own limit; "
+                + out_of_memory.exceeded(self.memory_bytes).message,
             )
         how = f"exit code {rc}" if rc is None or rc >= 0 else f"signal {signal.Signals(-rc).name}"
         detail = f": {(said or tail)[:500]}" if said or tail else ""
@@ -592,5 +603,5 @@ _LAUNCHER = (
 )
 
 
-def _limited(limit: int, command: list[str]) -> list[str]:
+def limited(limit: int, command: list[str]) -> list[str]:
     return [sys.executable, "-c", _LAUNCHER, str(limit), str(os.getpid()), *command]

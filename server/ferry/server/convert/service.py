@@ -144,7 +144,12 @@ class ConversionService:
         )
         store = self.store
         record = await uploads.receive(
-            header, chunks, self.state_dir.resolve() / "uploads", limit=s.max_upload_bytes
+            header,
+            chunks,
+            self.state_dir.resolve() / "uploads",
+            limit=s.max_upload_bytes,
+            check_memory_bytes=s.conversion_memory_bytes,
+            check_timeout=s.conversion_timeout,
         )
         try:
             store.add_upload(record)

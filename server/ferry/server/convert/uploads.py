@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferry.server.convert import architectures, onnx_safety
+from ferry.server.convert import architectures, onnx_check, onnx_safety
 from ferry.server.convert.spec import CODE_BEARING_FORMATS, SOURCE_FORMATS
 from ferry.server.convert.store import UploadRecord, now_ms
 from ferry.server.core.repository import TMP_PREFIX, validate_model_name
@@ -102,10 +102,18 @@ def check_header(header: UploadHeader, *, limit: int, allow_code_formats: bool) 
 
 
 async def receive(
-    header: UploadHeader, chunks: AsyncIterator[bytes], folder: Path, *, limit: int
+    header: UploadHeader,
+    chunks: AsyncIterator[bytes],
+    folder: Path,
+    *,
+    limit: int,
+    check_memory_bytes: int = 0,
+    check_timeout: float = 0.0,
 ) -> UploadRecord:
     """Write the chunks to a temporary file, enforcing ``limit`` as they come, then check and
-    rename. Any failure or cancellation removes the temporary file."""
+    rename. Any failure or cancellation removes the temporary file. An ONNX file is checked in
+    a process of its own (``onnx_check``: parsing it would hold it twice in this one), under
+    ``check_memory_bytes`` and ``check_timeout``; the other checks read headers only."""
     upload_id = uuid.uuid4().hex
     tmp = folder / f"{TMP_PREFIX}{upload_id}"
     final = folder / f"{upload_id}{SUFFIXES[header.format]}"
@@ -132,7 +140,10 @@ async def receive(
                 f"upload corrupted: sha256 of the bytes received is {sha}, the header expected "
                 f"{header.expected_sha256}; upload again"
             )
-        await asyncio.to_thread(check_format, header.format, tmp)
+        if header.format == "onnx":
+            await onnx_check.check(tmp, memory_bytes=check_memory_bytes, timeout=check_timeout)
+        else:
+            await asyncio.to_thread(check_format, header.format, tmp)
         os.rename(tmp, final)
     finally:
         sink.close()

@@ -35,6 +35,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+from ferry.server.convert.out_of_memory import exceeded, is_out_of_memory, memory_limit
 from ferry.server.convert.spec import Job, ProgressEvent, job_from_json, to_json
 from ferry.server.errors import ErrorKind, FerryError
 
@@ -145,13 +146,20 @@ def run(job: Job, progress: Progress) -> int:
     try:
         pipeline.run()
         return EXIT_OK
-    except FerryError as exc:
-        kind, message, code = exc.kind.value, exc.message, EXIT_FAILED
     except Exception as exc:
-        traceback.print_exc()
+        failure = exc
+    if is_out_of_memory(failure):
+        # Whatever the stage made of it ("corrupt or truncated"...), it was the memory limit.
+        error = exceeded(memory_limit())
+        kind, message, code = error.kind.value, error.message, EXIT_FAILED
+    elif isinstance(failure, FerryError):
+        kind, message, code = failure.kind.value, failure.message, EXIT_FAILED
+    else:
+        traceback.print_exception(failure)
         kind = ErrorKind.INTERNAL.value
         message = (
-            f"the conversion child crashed in stage {pipeline.stage}: {type(exc).__name__}: {exc}"
+            f"the conversion child crashed in stage {pipeline.stage}: "
+            f"{type(failure).__name__}: {failure}"
         )
         code = EXIT_CRASH
     stage = pipeline.stage

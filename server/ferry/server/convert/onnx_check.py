@@ -1,0 +1,126 @@
+"""The format check of an ONNX upload, run in a process of its own under the conversion memory limit.
+
+Parsing a ModelProto holds the whole file twice (the bytes read, then the message built from them
+with every initializer copied in): a 420 MB upload grew the serving process by ~820 MiB, and the
+allocator keeps much of that afterwards. So the serving process never parses an upload: a short
+child (``python -m ferry.server.convert.onnx_check PATH``) runs exactly the check the serving
+process used to run (``uploads.check_format``: it parses, has a graph, reads no external data,
+uses no custom-op domain) and says on stdout, as one JSON line, what it found. The serving
+process's memory grows by the upload's chunks in flight whatever the file's size; the child's
+is bounded like a conversion's (``--conversion-memory-bytes``), and running out of it is
+RESOURCE_EXHAUSTED naming that limit, never "corrupt or truncated".
+
+The child is started through ``jobs.limited`` (address-space limit, killed with the server,
+fork-free) in a session of its own, killed as a group on timeout or when the upload is abandoned.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ferry.server.convert import out_of_memory
+from ferry.server.errors import (
+    DeadlineExceeded,
+    ErrorKind,
+    FerryError,
+    InternalError,
+    InvalidArgument,
+)
+
+log = logging.getLogger("ferry.convert")
+
+MODULE = "ferry.server.convert.onnx_check"
+MAX_REPLY = 64 << 10
+# One allocator arena: the check is single-threaded and its peak is what the limit judges.
+_ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
+
+
+async def check(path: Path, *, memory_bytes: int, timeout: float) -> None:
+    """Raise what the child found wrong with the ONNX file at ``path``; return when it is fine."""
+    from ferry.server.convert.jobs import limited
+
+    command = limited(memory_bytes, [sys.executable, "-m", MODULE, os.fspath(path)])
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *command,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            cwd=path.parent,
+            env={**os.environ, **_ENV},
+        )
+    except OSError as exc:
+        raise InternalError(f"could not start the ONNX check process: {exc}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout if timeout > 0 else None)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"checking the ONNX upload took over {timeout:g} s (server setting "
+            "--conversion-timeout); raise it for very large models"
+        ) from None
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of it outlives the upload
+        await proc.wait()
+    _judge(proc.returncode, out[:MAX_REPLY], err, memory_bytes)
+
+
+def _judge(rc: int | None, out: bytes, err: bytes, memory_bytes: int) -> None:
+    lines = err.decode("utf-8", "replace").strip().splitlines()
+    tail = lines[-1] if lines else ""
+    for line in lines[-20:]:
+        log.debug("onnx check: %s", line)
+    try:
+        reply = json.loads(out.decode("utf-8").strip().splitlines()[-1]) if out.strip() else None
+    except (ValueError, UnicodeDecodeError, IndexError):
+        reply = None
+    if rc == 0 and isinstance(reply, dict) and not reply.get("kind"):
+        return
+    if isinstance(reply, dict) and reply.get("kind") in _KINDS:
+        raise FerryError(str(reply.get("message", ""))[:4096], kind=ErrorKind(reply["kind"]))
+    if out_of_memory.text_says_out_of_memory(tail) or rc == -signal.SIGKILL:
+        raise out_of_memory.exceeded(memory_bytes, "checking the ONNX upload")
+    log.warning("the ONNX check process ended with %s: %s", rc, tail)
+    raise InvalidArgument(
+        f"the ONNX upload could not be checked: the process reading it crashed ({tail[:300]}); "
+        "it may be corrupt: save it again with onnx.save and upload it again"
+    )
+
+
+_KINDS = {k.value for k in ErrorKind}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Check one file; print ``{"kind": "", "message": ""}`` (kind empty when it passed)."""
+    from ferry.server.convert.uploads import check_format
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print(f"usage: python -m {MODULE} PATH", file=sys.stderr)
+        return 1
+    try:
+        check_format("onnx", Path(args[0]))
+        reply = {"kind": "", "message": ""}
+    except Exception as exc:
+        error = (
+            out_of_memory.exceeded(out_of_memory.memory_limit(), "checking the ONNX upload")
+            if out_of_memory.is_out_of_memory(exc)
+            else exc
+        )
+        if not isinstance(error, FerryError):
+            raise
+        reply = {"kind": error.kind.value, "message": error.message}
+    print(json.dumps(reply), flush=True)
+    return 0 if not reply["kind"] else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
