@@ -64,6 +64,7 @@ FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 Source = str | os.PathLike[str] | bytes | Any  # a path, the file's bytes, or an nn.Module
 Progress = bool | Callable[[ProgressEvent], None] | None
+Payload = bytes | memoryview | Path  # what upload() sends: a buffer (never copied whole) or a file
 
 
 class JobFailedError(ConversionError):
@@ -239,7 +240,7 @@ class ConversionClient(ManagementClient):
         if chunk_size <= 0:
             raise InvalidInputError("chunk_size must be positive")
         extras: dict[str, Any] = {}
-        data: bytes | Path
+        data: Payload
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(source, torch.nn.Module):
             if example_inputs is None:
@@ -249,7 +250,7 @@ class ConversionClient(ManagementClient):
             )
             fmt = format or fmt
         elif isinstance(source, bytes | bytearray | memoryview):
-            data, fmt = bytes(source), format or ""
+            data, fmt = _payload(source), format or ""
         elif isinstance(source, str | os.PathLike):
             path = Path(source)
             data, fmt = path, format or SUFFIX_FORMATS.get(path.suffix.lower(), "")
@@ -425,8 +426,17 @@ def _json(kwargs: Mapping[str, Any] | None) -> str:
     return json.dumps(dict(kwargs), sort_keys=True) if kwargs else ""
 
 
-def _measure(data: bytes | Path) -> tuple[int, str]:
-    if isinstance(data, bytes):
+def _payload(source: bytes | bytearray | memoryview) -> bytes | memoryview:
+    """The caller's buffer as flat bytes, without copying it: a model of hundreds of MB must not
+    be held twice. Only a non-contiguous view is copied (there is no flat view of it)."""
+    if isinstance(source, bytes):
+        return source
+    view = memoryview(source)
+    return view.cast("B") if view.c_contiguous else view.tobytes()
+
+
+def _measure(data: Payload) -> tuple[int, str]:
+    if not isinstance(data, Path):
         return len(data), hashlib.sha256(data).hexdigest()
     digest = hashlib.sha256()
     size = 0
@@ -437,14 +447,15 @@ def _measure(data: bytes | Path) -> tuple[int, str]:
     return size, digest.hexdigest()
 
 
-def _chunks(
-    header: pb.UploadHeader, data: bytes | Path, size: int
-) -> Iterator[pb.UploadModelRequest]:
+def _chunks(header: pb.UploadHeader, data: Payload, size: int) -> Iterator[pb.UploadModelRequest]:
+    """One message per chunk, made as gRPC asks for it: a file is read a chunk at a time (never
+    whole), and a buffer is sliced through a view, so only the chunk in flight is copied (the
+    message needs ``bytes`` of its own)."""
     yield pb.UploadModelRequest(header=header)
-    if isinstance(data, bytes):
+    if not isinstance(data, Path):
         view = memoryview(data)
-        for start in range(0, len(data), size):
-            yield pb.UploadModelRequest(chunk=bytes(view[start : start + size]))
+        for start in range(0, len(view), size):
+            yield pb.UploadModelRequest(chunk=view[start : start + size].tobytes())
         return
     with open(data, "rb") as fh:
         while block := fh.read(size):

@@ -207,6 +207,21 @@ class Settings:
     max_upload_bytes: int = field(
         default=2 << 30, metadata={"help": "largest model upload, enforced while receiving"}
     )
+    upload_retention_bytes: int = field(
+        default=20 << 30,
+        metadata={
+            "help": "total bytes of uploads kept; past it the oldest uploads no queued or "
+            "running job reads are removed (after each upload and at start); 0: no limit"
+        },
+    )
+    upload_retention_seconds: float = field(
+        default=7 * 86400.0,
+        metadata={
+            "help": "age past which an upload no queued or running job reads is removed "
+            "(checked after each upload and at start); 0: kept until deleted or over "
+            "upload_retention_bytes"
+        },
+    )
     max_concurrent_conversions: int = field(
         default=1, metadata={"help": "conversion processes running at once"}
     )
@@ -214,7 +229,10 @@ class Settings:
         default=16, metadata={"help": "conversion jobs waiting for a slot; more are refused"}
     )
     conversion_timeout: float = field(
-        default=600.0, metadata={"help": "seconds a conversion process may run; 0: no limit"}
+        default=600.0,
+        metadata={
+            "help": "seconds a conversion process (or an ONNX upload's check) may run; 0: no limit"
+        },
     )
     warm_conversion_child: bool = field(
         default=True,
@@ -226,7 +244,10 @@ class Settings:
     )
     conversion_memory_bytes: int = field(
         default=4 << 30,
-        metadata={"help": "address-space limit of a conversion process (RLIMIT_AS); 0: none"},
+        metadata={
+            "help": "address-space limit (RLIMIT_AS) of a conversion process and of the "
+            "process that checks an ONNX upload; 0: none"
+        },
     )
 
     def __post_init__(self) -> None:

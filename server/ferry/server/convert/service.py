@@ -9,6 +9,7 @@ job contract and its tensors while the job lives). Nothing here imports torch.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import logging
@@ -20,7 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ferry.server.convert import architectures, spec, uploads, validation
+from ferry.server.convert import architectures, retention, spec, uploads, validation
 from ferry.server.convert.jobs import JobRunner, staging_key
 from ferry.server.convert.store import (
     EventRecord,
@@ -61,6 +62,13 @@ class ConversionService:
         self.state_dir = Path(configured) if configured else default_state_dir(repository.root)
         self._store: JobStore | None = None
         self._runner: JobRunner | None = None
+        # Uploads a Convert call is queueing (it awaits between reading the upload and adding
+        # its job): the retention rule leaves them alone. Upload id -> calls in flight.
+        self._converting: collections.Counter[str] = collections.Counter()
+        self.retention = retention.RetentionRule(
+            max_bytes=getattr(settings, "upload_retention_bytes", 0),
+            max_age_s=getattr(settings, "upload_retention_seconds", 0.0),
+        )
 
     @property
     def store(self) -> JobStore:
@@ -95,6 +103,8 @@ class ConversionService:
                 entry.unlink(missing_ok=True)
         for entry in (state / "jobs").iterdir():  # no job is live yet: every folder is stale
             shutil.rmtree(entry, ignore_errors=True)
+        for path in self._forget_by_retention():
+            path.unlink(missing_ok=True)
         s = self.settings
         self._runner = JobRunner(
             self._store,
@@ -164,17 +174,48 @@ class ConversionService:
             record.size_bytes,
             record.sha256,
         )
+        for path in self._forget_by_retention(keep=record.upload_id):
+            await asyncio.to_thread(path.unlink, missing_ok=True)
         return record
+
+    def _forget_by_retention(self, keep: str = "") -> list[Path]:
+        """Apply the retention rule to the records (each removal noted, with its reason, for
+        a later NOT_FOUND) and return the files to remove; logged, one line per upload."""
+        rule = self.retention
+        if not rule.active:
+            return []
+        store = self.store
+        total, candidates = store.retention_order()
+        keep_ids = {keep, *self._converting}
+        files = []
+        for record, reason in retention.plan(rule, total, candidates, now_ms(), keep_ids):
+            if not store.remove_by_retention(record.upload_id, reason):
+                continue
+            log.warning(
+                "upload %s for %s (%d bytes) removed by the retention rule: %s",
+                record.upload_id,
+                record.model,
+                record.size_bytes,
+                reason,
+            )
+            path = self._upload_file(record)
+            if path is not None:
+                files.append(path)
+        return files
+
+    def _upload_file(self, record: UploadRecord) -> Path | None:
+        """The record's file, when it is where uploads live: the path comes from the database,
+        and is checked rather than trusted, like a job's folder."""
+        path = Path(record.path)
+        return path if path.parent.resolve() == self.state_dir.resolve() / "uploads" else None
 
     def list_uploads(self, model: str = "", limit: int = 0) -> list[UploadRecord]:
         return self.store.list_uploads(model, min(limit or 100, 10_000))
 
     async def delete_upload(self, upload_id: str) -> None:
         record = self.store.delete_upload(_check_id(upload_id, "upload"))
-        uploads_dir = self.state_dir.resolve() / "uploads"
-        path = Path(record.path)
-        # The path comes from the database: checked, not trusted, like a job's folder.
-        if path.parent.resolve() == uploads_dir:
+        path = self._upload_file(record)
+        if path is not None:
             await asyncio.to_thread(path.unlink, missing_ok=True)
         log.info("upload %s for %s deleted", record.upload_id, record.model)
 
@@ -208,7 +249,23 @@ class ConversionService:
         conversion: spec.ConversionSpec,
         tensors: validation.SpecTensors,
     ) -> JobRecord:
-        upload = self.store.get_upload(_check_id(upload_id, "upload"))
+        upload_id = _check_id(upload_id, "upload")
+        self._converting[upload_id] += 1
+        try:
+            return await self._convert(upload_id, model, conversion, tensors)
+        finally:
+            self._converting[upload_id] -= 1
+            if self._converting[upload_id] <= 0:
+                del self._converting[upload_id]
+
+    async def _convert(
+        self,
+        upload_id: str,
+        model: str,
+        conversion: spec.ConversionSpec,
+        tensors: validation.SpecTensors,
+    ) -> JobRecord:
+        upload = self.store.get_upload(upload_id)
         model = validate_model_name(model or upload.model)
         kwargs = json.loads(upload.architecture_kwargs)
         if upload.format in WEIGHTS_ONLY:

@@ -24,7 +24,8 @@ from ferry.server.errors import (
     Unavailable,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: removed_uploads (what the retention rule removed, and why)
+MAX_REMOVED_KEPT = 10_000  # removal notes kept for NOT_FOUND messages; the oldest go first
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id TEXT PRIMARY KEY,
@@ -59,6 +60,13 @@ CREATE TABLE IF NOT EXISTS jobs (
     started_ms INTEGER NOT NULL DEFAULT 0,
     finished_ms INTEGER NOT NULL DEFAULT 0,
     last_seq INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS removed_uploads (
+    upload_id TEXT PRIMARY KEY,
+    model TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    removed_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_model ON jobs (model, created_ms);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
@@ -204,6 +212,17 @@ class JobStore:
     def get_upload(self, upload_id: str) -> UploadRecord:
         row = self.db.execute("SELECT * FROM uploads WHERE upload_id = ?", (upload_id,)).fetchone()
         if row is None:
+            removed = self.db.execute(
+                "SELECT reason, removed_ms FROM removed_uploads WHERE upload_id = ?", (upload_id,)
+            ).fetchone()
+            if removed is not None:
+                when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(removed[1] / 1000))
+                raise FerryError(
+                    f"upload {upload_id} was removed by the upload retention rule at {when} "
+                    f"({removed[0]}): upload the model again; to keep uploads longer, raise "
+                    "--upload-retention-bytes / --upload-retention-seconds (0: no limit)",
+                    kind=ErrorKind.UPLOAD_NOT_FOUND,
+                )
             raise FerryError(
                 f"no upload {upload_id!r}: upload the model first (UploadModel returns the id)",
                 kind=ErrorKind.UPLOAD_NOT_FOUND,
@@ -235,6 +254,43 @@ class JobStore:
                 )
             db.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
         return record
+
+    def retention_order(self) -> tuple[int, list[UploadRecord]]:
+        """The bytes of every kept upload, and the uploads no queued or running job reads,
+        oldest first: the order the retention rule removes them in."""
+        total = self.db.execute("SELECT COALESCE(SUM(size_bytes), 0) FROM uploads").fetchone()[0]
+        rows = self.db.execute(
+            "SELECT * FROM uploads WHERE upload_id NOT IN "
+            "(SELECT upload_id FROM jobs WHERE state IN (?, ?)) ORDER BY created_ms, rowid",
+            (JobState.QUEUED.value, JobState.RUNNING.value),
+        )
+        return int(total), [UploadRecord(**dict(r)) for r in rows]
+
+    def remove_by_retention(self, upload_id: str, reason: str) -> bool:
+        """Forget an upload for the retention rule and note why, so that a later reference is
+        told (NOT_FOUND naming the rule, not "no such upload"). False, and nothing changes,
+        when a live job reads it by now. The oldest notes beyond MAX_REMOVED_KEPT go."""
+        with self._tx() as db:
+            live = db.execute(
+                "SELECT 1 FROM jobs WHERE upload_id = ? AND state IN (?, ?) LIMIT 1",
+                (upload_id, JobState.QUEUED.value, JobState.RUNNING.value),
+            ).fetchone()
+            row = db.execute(
+                "SELECT model, size_bytes FROM uploads WHERE upload_id = ?", (upload_id,)
+            ).fetchone()
+            if live is not None or row is None:
+                return False
+            db.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
+            db.execute(
+                "INSERT OR REPLACE INTO removed_uploads VALUES (?, ?, ?, ?, ?)",
+                (upload_id, row[0], row[1], reason, now_ms()),
+            )
+            db.execute(
+                "DELETE FROM removed_uploads WHERE rowid NOT IN (SELECT rowid FROM "
+                "removed_uploads ORDER BY removed_ms DESC, rowid DESC LIMIT ?)",
+                (MAX_REMOVED_KEPT,),
+            )
+        return True
 
     def upload_paths(self) -> set[str]:
         return {r[0] for r in self.db.execute("SELECT path FROM uploads")}

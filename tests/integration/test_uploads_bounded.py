@@ -1,0 +1,271 @@
+"""Uploads stay bounded: streamed in chunks, checked outside the serving process under the
+conversion memory limit, removed by the retention rule, and out of memory is reported as the
+limit it is (RESOURCE_EXHAUSTED naming the setting), never as a corrupt file.
+
+Memory figures are the benchmark's (bench/upload_memory.py); these tests assert behaviour only.
+The conversion jobs run a stand-in child (same contract as the real one) except where the real
+child's own mapping of an allocation failure is the point.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from serverutil import ServerThread
+
+from ferry.client import (
+    ConversionClient,
+    JobFailedError,
+    JobNotFoundError,
+    LimitExceededError,
+)
+from ferry.server.examples import mlp_model
+
+# Blocks until killed, or kills itself the way the kernel's out-of-memory killer would.
+FAKE_CHILD = r"""
+import json, os, signal, sys, time
+args = sys.argv[1:]
+job = json.load(open(args[args.index("--job") + 1]))
+out = os.fdopen(int(args[args.index("--progress-fd") + 1]), "w")
+out.write(json.dumps({"stage": "load", "fraction": 0.0, "message": "loading",
+                      "error_kind": ""}) + "\n")
+out.flush()
+if job["architecture_kwargs"].get("fake") == "oomkill":
+    os.kill(os.getpid(), signal.SIGKILL)
+while True:
+    time.sleep(3600)
+"""
+
+Start = Callable[..., tuple[ServerThread, ConversionClient]]
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Start]:
+    """start(**settings) -> (server, conversion client) on tmp_path/repo, stand-in child."""
+    child = tmp_path / "fake_child.py"
+    child.write_text(FAKE_CHILD)
+    started: list[tuple[ServerThread, ConversionClient]] = []
+
+    def _start(**settings: Any) -> tuple[ServerThread, ConversionClient]:
+        srv = ServerThread(tmp_path / "repo", **settings).start()
+        assert srv.app is not None
+        srv.app.conversion.runner.child_command = [sys.executable, str(child)]
+        client = ConversionClient(srv.management_target, timeout=120)
+        started.append((srv, client))
+        return srv, client
+
+    yield _start
+    for srv, client in reversed(started):
+        client.close()
+        srv.stop()
+
+
+def uploads_dir(tmp_path: Path) -> Path:
+    return tmp_path / "repo.ferry" / "uploads"
+
+
+def tiny(seed: int) -> bytes:
+    return mlp_model(sizes=(8, 16, 4), seed=seed).SerializeToString()
+
+
+def big_onnx(path: Path, mb: int) -> Path:
+    """A valid model whose one initializer holds nearly all of its ``mb`` MiB."""
+    n = mb * (1 << 20) // 4
+    weight = numpy_helper.from_array(np.arange(n, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "big",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
+        [weight],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def vm_size_after_imports(*modules: str) -> int:
+    """The address space a fresh interpreter holds once ``modules`` are imported: the floor a
+    memory limit must clear before a model is read at all."""
+    code = (
+        f"import {', '.join(modules)}\n"
+        "print(next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') "
+        "if l.startswith('VmSize:')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip())
+
+
+# ---- retention ----
+def test_retention_removes_the_oldest_unused_uploads_and_never_one_in_use(
+    start: Start, tmp_path: Path
+) -> None:
+    size = len(tiny(0))
+    assert all(len(tiny(s)) == size for s in range(4))
+    srv, conv = start(upload_retention_bytes=size * 5 // 2)  # room for two uploads
+    busy = conv.upload("m", tiny(0), format="onnx", architecture_kwargs={"fake": "block"})
+    job = conv.convert(busy)  # runs (blocks) until cancelled: its upload is in use
+    older = conv.upload("m", tiny(1), format="onnx")
+    newest = conv.upload("m", tiny(2), format="onnx")  # three kept: one must go
+    ids = [u.upload_id for u in conv.list_uploads()]
+    assert ids == [newest.upload_id, busy.upload_id], "the oldest one not in use went"
+    assert not (uploads_dir(tmp_path) / f"{older.upload_id}.onnx").exists()
+    assert (uploads_dir(tmp_path) / f"{busy.upload_id}.onnx").exists()
+
+    with pytest.raises(JobNotFoundError) as info:
+        conv.convert(older)
+    err = info.value
+    assert err.code is grpc.StatusCode.NOT_FOUND and err.kind == "UPLOAD_NOT_FOUND"
+    assert older.upload_id in err.message
+    assert "removed by the upload retention rule" in err.message
+    assert f"over --upload-retention-bytes {size * 5 // 2}" in err.message
+    assert "raise --upload-retention-bytes" in err.message
+
+    assert job.cancel().state == "CANCELLED"  # no longer in use: now the oldest goes
+    last = conv.upload("m", tiny(3), format="onnx")
+    assert [u.upload_id for u in conv.list_uploads()] == [last.upload_id, newest.upload_id]
+    assert sorted(p.name for p in uploads_dir(tmp_path).iterdir()) == sorted(
+        f"{u.upload_id}.onnx" for u in (last, newest)
+    )
+
+
+def test_retention_by_age_applies_at_start(start: Start, tmp_path: Path) -> None:
+    srv, conv = start(upload_retention_seconds=0)
+    old = conv.upload("m", tiny(0), format="onnx")
+    recent = conv.upload("m", tiny(1), format="onnx")
+    conv.close()
+    srv.stop()
+    with sqlite3.connect(tmp_path / "repo.ferry" / "state.sqlite3") as db:  # a week ago
+        db.execute(
+            "UPDATE uploads SET created_ms = created_ms - ? WHERE upload_id = ?",
+            (7 * 86400 * 1000, old.upload_id),
+        )
+    _, conv = start(upload_retention_seconds=86400)
+    assert [u.upload_id for u in conv.list_uploads()] == [recent.upload_id]
+    assert not (uploads_dir(tmp_path) / f"{old.upload_id}.onnx").exists()
+    with pytest.raises(JobNotFoundError, match="over --upload-retention-seconds 86400"):
+        conv.convert(old.upload_id)
+
+
+def test_retention_off_keeps_everything(start: Start) -> None:
+    size = len(tiny(0))
+    _, conv = start(upload_retention_bytes=0, upload_retention_seconds=0)
+    kept = [conv.upload("m", tiny(s), format="onnx") for s in range(3)]
+    assert len(conv.list_uploads()) == 3
+    assert sum(u.size_bytes for u in kept) == 3 * size
+
+
+# ---- streaming ----
+def test_a_path_upload_larger_than_a_message_streams_and_its_digest_matches(
+    start: Start, tmp_path: Path
+) -> None:
+    path = big_onnx(tmp_path / "big.onnx", 6)
+    limit = 2 << 20  # a message may hold 2 MiB: the file is three times that
+    srv, conv = start(max_message_bytes=limit)
+    assert path.stat().st_size > 2 * limit
+    up = conv.upload("big", path, chunk_size=1 << 20)
+    data = path.read_bytes()
+    assert (up.size_bytes, up.sha256) == (len(data), hashlib.sha256(data).hexdigest())
+    assert (uploads_dir(tmp_path) / f"{up.upload_id}.onnx").read_bytes() == data
+    view = memoryview(bytearray(data))  # a caller's buffer is sent as it is, not copied first
+    again = conv.upload("big", view, format="onnx", chunk_size=1 << 20)
+    assert again.sha256 == up.sha256
+
+
+# ---- out of memory ----
+def test_an_onnx_upload_over_the_check_memory_limit_is_resource_exhausted(
+    start: Start, tmp_path: Path
+) -> None:
+    """The upload's check parses the file in a process under --conversion-memory-bytes: a model
+    that cannot be parsed within it is refused as that limit, never as a corrupt upload."""
+    floor = vm_size_after_imports(
+        "ferry.server.convert.onnx_check", "ferry.server.convert.uploads", "onnx"
+    )
+    limit = floor + (24 << 20)  # the file is read whole, then parsed: about twice 24 MiB
+    path = big_onnx(tmp_path / "big.onnx", 24)
+    _, conv = start(conversion_memory_bytes=limit)
+    with pytest.raises(LimitExceededError) as info:
+        conv.upload("big", path)
+    err = info.value
+    assert err.code is grpc.StatusCode.RESOURCE_EXHAUSTED and err.kind == "LIMIT_EXCEEDED"
+    assert f"{limit} bytes" in err.message and "--conversion-memory-bytes" in err.message
+    assert "corrupt" not in err.message and "truncated" not in err.message
+    assert list(uploads_dir(tmp_path).iterdir()) == []  # nothing kept, no temporary either
+
+
+def test_a_conversion_killed_for_memory_is_resource_exhausted(start: Start) -> None:
+    _, conv = start(conversion_memory_bytes=3 << 30)
+    up = conv.upload("m", tiny(0), format="onnx", architecture_kwargs={"fake": "oomkill"})
+    with pytest.raises(JobFailedError) as info:
+        conv.convert(up).wait(progress=False)
+    err = info.value
+    assert err.code is grpc.StatusCode.RESOURCE_EXHAUSTED and err.kind == "LIMIT_EXCEEDED"
+    assert "SIGKILL" in err.message and "out-of-memory killer" in err.message
+    assert f"{3 << 30} bytes" in err.message and "--conversion-memory-bytes" in err.message
+
+
+# Runs the real child's entry (child.run) under an address-space limit set once everything it
+# imports is imported, so the limit is the model's to exceed, whatever the interpreter holds.
+REAL_CHILD_UNDER_LIMIT = r"""
+import resource, sys
+from ferry.server.convert.spec import job_from_json
+from ferry.server.convert.worker import child, pipeline  # noqa: F401 (onnx, onnxruntime)
+import onnx  # noqa: F401
+job = job_from_json(open(sys.argv[1]).read())
+vm = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmSize:"))
+limit = vm + int(sys.argv[3])
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+with open(sys.argv[2], "w") as progress:
+    rc = child.run(job, child.Progress(progress))
+print(limit)
+sys.exit(rc)
+"""
+
+
+def test_the_conversion_child_reports_an_allocation_failure_as_the_limit(tmp_path: Path) -> None:
+    """protobuf says 'Arena alloc failed' (a DecodeError), which the load stage used to call a
+    corrupt or truncated file: the child reports the memory limit instead."""
+    source = big_onnx(tmp_path / "big.onnx", 24)
+    job = {
+        "job_id": "j",
+        "model": "m",
+        "source_path": str(source),
+        "source_format": "onnx",
+        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+        "architecture": "",
+        "architecture_kwargs": {},
+        "spec": {},
+        "work_dir": str(tmp_path / "work"),
+        "allow_code_formats": False,
+    }
+    (tmp_path / "work").mkdir()
+    (tmp_path / "job.json").write_text(json.dumps(job))
+    progress = tmp_path / "progress.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-c", REAL_CHILD_UNDER_LIMIT, str(tmp_path / "job.json"), str(progress)]
+        + [str(24 << 20)],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ},
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    limit = int(proc.stdout.strip().splitlines()[-1])
+    last = json.loads(progress.read_text().splitlines()[-1])
+    assert (last["stage"], last["error_kind"]) == ("load", "LIMIT_EXCEEDED"), last
+    assert f"{limit} bytes" in last["message"] and "--conversion-memory-bytes" in last["message"]
+    assert "corrupt" not in last["message"]
+    assert not (tmp_path / "work" / "model.onnx").exists()
