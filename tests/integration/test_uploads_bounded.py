@@ -114,7 +114,7 @@ def test_retention_removes_the_oldest_unused_uploads_and_never_one_in_use(
 ) -> None:
     size = len(tiny(0))
     assert all(len(tiny(s)) == size for s in range(4))
-    srv, conv = start(upload_retention_bytes=size * 5 // 2)  # room for two uploads
+    _, conv = start(upload_retention_bytes=size * 5 // 2)  # room for two uploads
     busy = conv.upload("m", tiny(0), format="onnx", architecture_kwargs={"fake": "block"})
     job = conv.convert(busy)  # runs (blocks) until cancelled: its upload is in use
     older = conv.upload("m", tiny(1), format="onnx")
@@ -173,7 +173,7 @@ def test_a_path_upload_larger_than_a_message_streams_and_its_digest_matches(
 ) -> None:
     path = big_onnx(tmp_path / "big.onnx", 6)
     limit = 2 << 20  # a message may hold 2 MiB: the file is three times that
-    srv, conv = start(max_message_bytes=limit)
+    _, conv = start(max_message_bytes=limit)
     assert path.stat().st_size > 2 * limit
     up = conv.upload("big", path, chunk_size=1 << 20)
     data = path.read_bytes()
@@ -253,9 +253,9 @@ def test_the_conversion_child_reports_an_allocation_failure_as_the_limit(tmp_pat
     (tmp_path / "work").mkdir()
     (tmp_path / "job.json").write_text(json.dumps(job))
     progress = tmp_path / "progress.jsonl"
+    script = [sys.executable, "-c", REAL_CHILD_UNDER_LIMIT]
     proc = subprocess.run(
-        [sys.executable, "-c", REAL_CHILD_UNDER_LIMIT, str(tmp_path / "job.json"), str(progress)]
-        + [str(24 << 20)],
+        [*script, str(tmp_path / "job.json"), str(progress), str(24 << 20)],
         capture_output=True,
         text=True,
         timeout=240,

@@ -283,7 +283,8 @@ class ConversionClient(ManagementClient):
         return dataclasses.replace(up, **extras) if extras else up
 
     def list_uploads(self, model: str | None = None, *, limit: int = 100) -> list[Upload]:
-        """The uploads the server keeps, newest first; they stay until deleted."""
+        """The uploads the server keeps, newest first; they stay until deleted or removed by the
+        server's retention rule (oldest unused first, past its byte or age bound)."""
         request = pb.ListUploadsRequest(model=model or "", limit=limit)
         return [parse_upload(u) for u in self._call(self._stub.ListUploads, request).uploads]
 

@@ -42,7 +42,7 @@ MAX_REPLY = 64 << 10
 _ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
 
 
-async def check(path: Path, *, memory_bytes: int, timeout: float) -> None:
+async def check(path: Path, *, memory_bytes: int, time_limit_s: float) -> None:
     """Raise what the child found wrong with the ONNX file at ``path``; return when it is fine."""
     from ferry.server.convert.jobs import limited
 
@@ -60,10 +60,12 @@ async def check(path: Path, *, memory_bytes: int, timeout: float) -> None:
     except OSError as exc:
         raise InternalError(f"could not start the ONNX check process: {exc}") from None
     try:
-        out, err = await asyncio.wait_for(proc.communicate(), timeout if timeout > 0 else None)
+        out, err = await asyncio.wait_for(
+            proc.communicate(), time_limit_s if time_limit_s > 0 else None
+        )
     except TimeoutError:
         raise DeadlineExceeded(
-            f"checking the ONNX upload took over {timeout:g} s (server setting "
+            f"checking the ONNX upload took over {time_limit_s:g} s (server setting "
             "--conversion-timeout); raise it for very large models"
         ) from None
     finally:

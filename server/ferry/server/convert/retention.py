@@ -44,9 +44,7 @@ def plan(
             continue
         age_s = (now_ms - record.created_ms) / 1000
         if rule.max_age_s > 0 and age_s > rule.max_age_s:
-            reason = (
-                f"it was {age_s:.0f} s old, over --upload-retention-seconds {rule.max_age_s:g}"
-            )
+            reason = f"it was {age_s:.0f} s old, over --upload-retention-seconds {rule.max_age_s:g}"
         elif rule.max_bytes > 0 and total_bytes > rule.max_bytes:
             reason = (
                 f"uploads held {total_bytes} bytes, over --upload-retention-bytes "

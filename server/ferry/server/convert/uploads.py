@@ -141,7 +141,7 @@ async def receive(
                 f"{header.expected_sha256}; upload again"
             )
         if header.format == "onnx":
-            await onnx_check.check(tmp, memory_bytes=check_memory_bytes, timeout=check_timeout)
+            await onnx_check.check(tmp, memory_bytes=check_memory_bytes, time_limit_s=check_timeout)
         else:
             await asyncio.to_thread(check_format, header.format, tmp)
         os.rename(tmp, final)
