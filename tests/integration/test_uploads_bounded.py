@@ -191,7 +191,7 @@ def test_an_onnx_upload_over_the_check_memory_limit_is_resource_exhausted(
     """The upload's check parses the file in a process under --conversion-memory-bytes: a model
     that cannot be parsed within it is refused as that limit, never as a corrupt upload."""
     floor = vm_size_after_imports(
-        "ferry.server.convert.onnx_check", "ferry.server.convert.uploads", "onnx"
+        "ferry.server.convert.upload_check", "ferry.server.convert.uploads", "onnx"
     )
     limit = floor + (24 << 20)  # the file is read whole, then parsed: about twice 24 MiB
     path = big_onnx(tmp_path / "big.onnx", 24)

@@ -31,7 +31,7 @@ from onnx import TensorProto, helper
 from serverutil import ServerThread
 
 from ferry.client import ConversionClient, InferenceClient, InvalidInputError, JobFailedError
-from ferry.server.convert import onnx_check, onnx_safety, uploads
+from ferry.server.convert import onnx_safety, upload_check, uploads
 from ferry.server.errors import InvalidArgument
 
 SECRET = np.array([1.5, -2.25, 3.125, 4.0], np.float32)  # the victim's weights
@@ -312,10 +312,10 @@ def test_the_child_refuses_them_too_and_nothing_is_served(
     srv, conv = server
     location, offset, _ = _victim(conv, srv)
 
-    async def unchecked(path: Path, **limits: Any) -> None:
+    async def unchecked(fmt: str, path: Path, **limits: Any) -> None:
         return None
 
-    monkeypatch.setattr(onnx_check, "check", unchecked)  # the upload's check process
+    monkeypatch.setattr(upload_check, "check", unchecked)  # the upload's check process
     names = ["function Constant", "Constant sparse_value"]
     jobs = []
     for name in names:

@@ -231,7 +231,7 @@ class Settings:
     conversion_timeout: float = field(
         default=600.0,
         metadata={
-            "help": "seconds a conversion process (or an ONNX upload's check) may run; 0: no limit"
+            "help": "seconds a conversion process (or an upload's check) may run; 0: no limit"
         },
     )
     warm_conversion_child: bool = field(
@@ -246,7 +246,7 @@ class Settings:
         default=4 << 30,
         metadata={
             "help": "address-space limit (RLIMIT_AS) of a conversion process and of the "
-            "process that checks an ONNX upload; 0: none"
+            "process that checks an upload; 0: none"
         },
     )
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferry.server.convert import architectures, onnx_check, onnx_safety
+from ferry.server.convert import architectures, onnx_safety, upload_check
 from ferry.server.convert.spec import CODE_BEARING_FORMATS, SOURCE_FORMATS
 from ferry.server.convert.store import UploadRecord, now_ms
 from ferry.server.core.repository import TMP_PREFIX, validate_model_name
@@ -111,9 +111,9 @@ async def receive(
     check_timeout: float = 0.0,
 ) -> UploadRecord:
     """Write the chunks to a temporary file, enforcing ``limit`` as they come, then check and
-    rename. Any failure or cancellation removes the temporary file. An ONNX file is checked in
-    a process of its own (``onnx_check``: parsing it would hold it twice in this one), under
-    ``check_memory_bytes`` and ``check_timeout``; the other checks read headers only."""
+    rename. Any failure or cancellation removes the temporary file. The format is checked in a
+    process of its own (``upload_check``: parsing an ONNX file would hold it twice in this one),
+    under ``check_memory_bytes`` and ``check_timeout``."""
     upload_id = uuid.uuid4().hex
     tmp = folder / f"{TMP_PREFIX}{upload_id}"
     final = folder / f"{upload_id}{SUFFIXES[header.format]}"
@@ -140,10 +140,9 @@ async def receive(
                 f"upload corrupted: sha256 of the bytes received is {sha}, the header expected "
                 f"{header.expected_sha256}; upload again"
             )
-        if header.format == "onnx":
-            await onnx_check.check(tmp, memory_bytes=check_memory_bytes, time_limit_s=check_timeout)
-        else:
-            await asyncio.to_thread(check_format, header.format, tmp)
+        await upload_check.check(
+            header.format, tmp, memory_bytes=check_memory_bytes, time_limit_s=check_timeout
+        )
         os.rename(tmp, final)
     finally:
         sink.close()

@@ -1,13 +1,14 @@
-"""The format check of an ONNX upload, run in a process of its own under the conversion memory limit.
+"""The format check of an upload, run in a process of its own under the conversion memory limit.
 
 Parsing a ModelProto holds the whole file twice (the bytes read, then the message built from them
-with every initializer copied in): a 420 MB upload grew the serving process by ~820 MiB, and the
-allocator keeps much of that afterwards. So the serving process never parses an upload: a short
-child (``python -m ferry.server.convert.onnx_check PATH``) runs exactly the check the serving
-process used to run (``uploads.check_format``: it parses, has a graph, reads no external data,
-uses no custom-op domain) and says on stdout, as one JSON line, what it found. The serving
-process's memory grows by the upload's chunks in flight whatever the file's size; the child's
-is bounded like a conversion's (``--conversion-memory-bytes``), and running out of it is
+with every initializer copied in): a 419 MB upload grew the serving process by ~820 MiB, and the
+allocator keeps much of that afterwards. A safetensors header may be 100 MiB of JSON, a zip's
+central directory millions of entries. So the serving process never parses an upload: a short
+child (``python -m ferry.server.convert.upload_check FORMAT PATH``) runs exactly the check the
+serving process used to run (``uploads.check_format``: for ONNX, it parses, has a graph, reads no
+external data, uses no custom-op domain) and says on stdout, as one JSON line, what it found. The
+serving process's memory grows by the upload's chunks in flight whatever the file's size; the
+child's is bounded like a conversion's (``--conversion-memory-bytes``), and running out of it is
 RESOURCE_EXHAUSTED naming that limit, never "corrupt or truncated".
 
 The child is started through ``jobs.limited`` (address-space limit, killed with the server,
@@ -36,17 +37,18 @@ from ferry.server.errors import (
 
 log = logging.getLogger("ferry.convert")
 
-MODULE = "ferry.server.convert.onnx_check"
+MODULE = "ferry.server.convert.upload_check"
 MAX_REPLY = 64 << 10
 # One allocator arena: the check is single-threaded and its peak is what the limit judges.
 _ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
 
 
-async def check(path: Path, *, memory_bytes: int, time_limit_s: float) -> None:
-    """Raise what the child found wrong with the ONNX file at ``path``; return when it is fine."""
+async def check(fmt: str, path: Path, *, memory_bytes: int, time_limit_s: float) -> None:
+    """Raise what the child found wrong with the ``fmt`` file at ``path``; return when it is
+    fine."""
     from ferry.server.convert.jobs import limited
 
-    command = limited(memory_bytes, [sys.executable, "-m", MODULE, os.fspath(path)])
+    command = limited(memory_bytes, [sys.executable, "-m", MODULE, fmt, os.fspath(path)])
     try:
         proc = await asyncio.create_subprocess_exec(
             *command,
@@ -58,28 +60,28 @@ async def check(path: Path, *, memory_bytes: int, time_limit_s: float) -> None:
             env={**os.environ, **_ENV},
         )
     except OSError as exc:
-        raise InternalError(f"could not start the ONNX check process: {exc}") from None
+        raise InternalError(f"could not start the upload's check process: {exc}") from None
     try:
         out, err = await asyncio.wait_for(
             proc.communicate(), time_limit_s if time_limit_s > 0 else None
         )
     except TimeoutError:
         raise DeadlineExceeded(
-            f"checking the ONNX upload took over {time_limit_s:g} s (server setting "
+            f"checking the upload took over {time_limit_s:g} s (server setting "
             "--conversion-timeout); raise it for very large models"
         ) from None
     finally:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # nothing of it outlives the upload
         await proc.wait()
-    _judge(proc.returncode, out[:MAX_REPLY], err, memory_bytes)
+    _judge(fmt, proc.returncode, out[:MAX_REPLY], err, memory_bytes)
 
 
-def _judge(rc: int | None, out: bytes, err: bytes, memory_bytes: int) -> None:
+def _judge(fmt: str, rc: int | None, out: bytes, err: bytes, memory_bytes: int) -> None:
     lines = err.decode("utf-8", "replace").strip().splitlines()
     tail = lines[-1] if lines else ""
     for line in lines[-20:]:
-        log.debug("onnx check: %s", line)
+        log.debug("upload check: %s", line)
     try:
         reply = json.loads(out.decode("utf-8").strip().splitlines()[-1]) if out.strip() else None
     except (ValueError, UnicodeDecodeError, IndexError):
@@ -89,11 +91,11 @@ def _judge(rc: int | None, out: bytes, err: bytes, memory_bytes: int) -> None:
     if isinstance(reply, dict) and reply.get("kind") in _KINDS:
         raise FerryError(str(reply.get("message", ""))[:4096], kind=ErrorKind(reply["kind"]))
     if out_of_memory.text_says_out_of_memory(tail) or rc == -signal.SIGKILL:
-        raise out_of_memory.exceeded(memory_bytes, "checking the ONNX upload")
-    log.warning("the ONNX check process ended with %s: %s", rc, tail)
+        raise out_of_memory.exceeded(memory_bytes, f"checking the {fmt} upload")
+    log.warning("the upload check process ended with %s: %s", rc, tail)
     raise InvalidArgument(
-        f"the ONNX upload could not be checked: the process reading it crashed ({tail[:300]}); "
-        "it may be corrupt: save it again with onnx.save and upload it again"
+        f"the {fmt} upload could not be checked: the process reading it crashed "
+        f"({tail[:300]}); it may be corrupt: save it again and upload it again"
     )
 
 
@@ -105,15 +107,16 @@ def main(argv: list[str] | None = None) -> int:
     from ferry.server.convert.uploads import check_format
 
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print(f"usage: python -m {MODULE} PATH", file=sys.stderr)
+    if len(args) != 2:
+        print(f"usage: python -m {MODULE} FORMAT PATH", file=sys.stderr)
         return 1
+    fmt = args[0]
     try:
-        check_format("onnx", Path(args[0]))
+        check_format(fmt, Path(args[1]))
         reply = {"kind": "", "message": ""}
     except Exception as exc:
         error = (
-            out_of_memory.exceeded(out_of_memory.memory_limit(), "checking the ONNX upload")
+            out_of_memory.exceeded(out_of_memory.memory_limit(), f"checking the {fmt} upload")
             if out_of_memory.is_out_of_memory(exc)
             else exc
         )
