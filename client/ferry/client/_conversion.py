@@ -235,6 +235,10 @@ class ConversionClient(ManagementClient):
         DynamicAxis("sequence", max=512)}}`` (axes sharing a name are one size). The export
         keeps them symbolic (or says which one the model fixes), the server runs the model at
         their bounds, and the served version refuses requests outside them.
+
+        A path is read and sent ``chunk_size`` bytes at a time, never whole; ``bytes``, a
+        ``bytearray`` or a ``memoryview`` is sent through a view, never copied whole (leave a
+        buffer unchanged until the call returns: the server checks the SHA-256 taken first).
         """
         self._check_open()
         if chunk_size <= 0:

@@ -104,7 +104,7 @@ class ConversionService:
         for entry in (state / "jobs").iterdir():  # no job is live yet: every folder is stale
             shutil.rmtree(entry, ignore_errors=True)
         for path in self._forget_by_retention():
-            path.unlink(missing_ok=True)
+            _remove_file(path)
         s = self.settings
         self._runner = JobRunner(
             self._store,
@@ -174,8 +174,10 @@ class ConversionService:
             record.size_bytes,
             record.sha256,
         )
+        # The upload is stored and its answer due whatever happens here: a file that will not
+        # go is logged (its record is gone, so nothing lists or converts it).
         for path in self._forget_by_retention(keep=record.upload_id):
-            await asyncio.to_thread(path.unlink, missing_ok=True)
+            await asyncio.to_thread(_remove_file, path)
         return record
 
     def _forget_by_retention(self, keep: str = "") -> list[Path]:
@@ -359,6 +361,13 @@ class ConversionService:
         await versions.set_default_version(
             self.repository, self.registry, validate_model_name(name), version
         )
+
+
+def _remove_file(path: Path) -> None:
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as exc:
+        log.error("could not remove %s, an upload the retention rule removed: %s", path, exc)
 
 
 def _check_id(value: str, what: str) -> str:
