@@ -28,6 +28,7 @@ from serverutil import ServerThread
 
 from ferry.client import (
     ConversionClient,
+    InvalidInputError,
     JobFailedError,
     JobNotFoundError,
     LimitExceededError,
@@ -182,6 +183,28 @@ def test_a_path_upload_larger_than_a_message_streams_and_its_digest_matches(
     view = memoryview(bytearray(data))  # a caller's buffer is sent as it is, not copied first
     again = conv.upload("big", view, format="onnx", chunk_size=1 << 20)
     assert again.sha256 == up.sha256
+
+
+def test_a_large_upload_is_refused_by_its_check_process_as_precisely(
+    start: Start, tmp_path: Path
+) -> None:
+    """Over IN_PROCESS_BYTES the check runs in a process of its own; what it refuses reaches the
+    client with the same kind and message the in-process check gives."""
+    _, conv = start()
+    model = onnx.load(str(big_onnx(tmp_path / "big.onnx", 6)))
+    stolen = TensorProto(name="stolen", data_type=TensorProto.FLOAT, dims=[4])
+    stolen.data_location = TensorProto.EXTERNAL
+    stolen.external_data.add(key="location", value="victim.safetensors")
+    model.graph.initializer.append(stolen)
+    with pytest.raises(InvalidInputError) as info:
+        conv.upload("big", model.SerializeToString(), format="onnx")
+    assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert "initializer 'stolen'" in info.value.message
+    assert "(file 'victim.safetensors')" in info.value.message
+    garbage = np.random.default_rng(0).integers(0, 256, 5 << 20, dtype=np.uint8).tobytes()
+    with pytest.raises(InvalidInputError, match="not an ONNX model"):
+        conv.upload("big", garbage, format="onnx")
+    assert list(uploads_dir(tmp_path).iterdir()) == []
 
 
 # ---- out of memory ----

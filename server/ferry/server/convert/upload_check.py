@@ -11,6 +11,10 @@ serving process's memory grows by the upload's chunks in flight whatever the fil
 child's is bounded like a conversion's (``--conversion-memory-bytes``), and running out of it is
 RESOURCE_EXHAUSTED naming that limit, never "corrupt or truncated".
 
+A file of up to ``IN_PROCESS_BYTES`` is still checked in the serving process (in a thread): a
+process start and an onnx import cost ~0.4 s, a hundred times a small upload's own time, while
+parsing such a file costs this process a few MiB at most, whatever the format.
+
 The child is started through ``jobs.limited`` (address-space limit, killed with the server,
 fork-free) in a session of its own, killed as a group on timeout or when the upload is abandoned.
 """
@@ -43,9 +47,32 @@ MAX_REPLY = 64 << 10
 _ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
 
 
-async def check(fmt: str, path: Path, *, memory_bytes: int, time_limit_s: float) -> None:
-    """Raise what the child found wrong with the ``fmt`` file at ``path``; return when it is
-    fine."""
+IN_PROCESS_BYTES = 4 << 20
+
+
+async def check(
+    fmt: str, path: Path, *, size_bytes: int, memory_bytes: int, time_limit_s: float
+) -> None:
+    """Raise what is wrong with the ``fmt`` file at ``path`` (``size_bytes`` long); return when
+    it is fine."""
+    if size_bytes <= IN_PROCESS_BYTES:
+        await asyncio.to_thread(_check_here, fmt, path)
+    else:
+        await _check_in_child(fmt, path, memory_bytes=memory_bytes, time_limit_s=time_limit_s)
+
+
+def _check_here(fmt: str, path: Path) -> None:
+    from ferry.server.convert.uploads import check_format
+
+    try:
+        check_format(fmt, path)
+    except Exception as exc:
+        if out_of_memory.is_out_of_memory(exc):  # this process has no limit: the machine ran out
+            raise out_of_memory.exceeded(0, f"checking the {fmt} upload") from None
+        raise
+
+
+async def _check_in_child(fmt: str, path: Path, *, memory_bytes: int, time_limit_s: float) -> None:
     from ferry.server.convert.jobs import limited
 
     command = limited(memory_bytes, [sys.executable, "-m", MODULE, fmt, os.fspath(path)])

@@ -111,9 +111,9 @@ async def receive(
     check_timeout: float = 0.0,
 ) -> UploadRecord:
     """Write the chunks to a temporary file, enforcing ``limit`` as they come, then check and
-    rename. Any failure or cancellation removes the temporary file. The format is checked in a
-    process of its own (``upload_check``: parsing an ONNX file would hold it twice in this one),
-    under ``check_memory_bytes`` and ``check_timeout``."""
+    rename. Any failure or cancellation removes the temporary file. A file over a few MiB has
+    its format checked in a process of its own (``upload_check``: parsing an ONNX file would
+    hold it twice in this one), under ``check_memory_bytes`` and ``check_timeout``."""
     upload_id = uuid.uuid4().hex
     tmp = folder / f"{TMP_PREFIX}{upload_id}"
     final = folder / f"{upload_id}{SUFFIXES[header.format]}"
@@ -141,7 +141,11 @@ async def receive(
                 f"{header.expected_sha256}; upload again"
             )
         await upload_check.check(
-            header.format, tmp, memory_bytes=check_memory_bytes, time_limit_s=check_timeout
+            header.format,
+            tmp,
+            size_bytes=size,
+            memory_bytes=check_memory_bytes,
+            time_limit_s=check_timeout,
         )
         os.rename(tmp, final)
     finally:
