@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import sqlite3
 import subprocess
@@ -111,7 +112,7 @@ def vm_size_after_imports(*modules: str) -> int:
 
 # ---- retention ----
 def test_retention_removes_the_oldest_unused_uploads_and_never_one_in_use(
-    start: Start, tmp_path: Path
+    start: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     size = len(tiny(0))
     assert all(len(tiny(s)) == size for s in range(4))
@@ -119,7 +120,10 @@ def test_retention_removes_the_oldest_unused_uploads_and_never_one_in_use(
     busy = conv.upload("m", tiny(0), format="onnx", architecture_kwargs={"fake": "block"})
     job = conv.convert(busy)  # runs (blocks) until cancelled: its upload is in use
     older = conv.upload("m", tiny(1), format="onnx")
-    newest = conv.upload("m", tiny(2), format="onnx")  # three kept: one must go
+    with caplog.at_level(logging.WARNING, logger="ferry.convert"):
+        newest = conv.upload("m", tiny(2), format="onnx")  # three kept: one must go
+    said = [r.getMessage() for r in caplog.records if "retention rule" in r.getMessage()]
+    assert len(said) == 1 and older.upload_id in said[0] and f"({size} bytes)" in said[0]
     ids = [u.upload_id for u in conv.list_uploads()]
     assert ids == [newest.upload_id, busy.upload_id], "the oldest one not in use went"
     assert not (uploads_dir(tmp_path) / f"{older.upload_id}.onnx").exists()
