@@ -228,6 +228,13 @@ class Settings:
         default=4 << 30,
         metadata={"help": "address-space limit of a conversion process (RLIMIT_AS); 0: none"},
     )
+    external_data_threshold_bytes: int = field(
+        default=int(1.8 * (1 << 30)),
+        metadata={
+            "help": "a converted model whose weights exceed this is published as model.onnx + "
+            "model.onnx.data (ONNX files cannot exceed 2 GiB)"
+        },
+    )
 
     def __post_init__(self) -> None:
         from ferry.server.security import check_settings

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ferry.server.convert import architectures, spec, uploads, validation
+from ferry.server.convert import architectures, onnx_archive, spec, uploads, validation
 from ferry.server.convert.jobs import JobRunner, staging_key
 from ferry.server.convert.store import (
     EventRecord,
@@ -92,7 +92,10 @@ class ConversionService:
             self._remove_work_dir(job)
         for entry in (state / "uploads").iterdir():
             if entry.name.startswith(TMP_PREFIX):
-                entry.unlink(missing_ok=True)
+                if entry.is_dir() and not entry.is_symlink():  # an archive being extracted
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
         for entry in (state / "jobs").iterdir():  # no job is live yet: every folder is stale
             shutil.rmtree(entry, ignore_errors=True)
         s = self.settings
@@ -143,13 +146,12 @@ class ConversionService:
             header, limit=s.max_upload_bytes, allow_code_formats=s.allow_code_formats
         )
         store = self.store
-        record = await uploads.receive(
-            header, chunks, self.state_dir.resolve() / "uploads", limit=s.max_upload_bytes
-        )
+        uploads_dir = self.state_dir.resolve() / "uploads"
+        record = await uploads.receive(header, chunks, uploads_dir, limit=s.max_upload_bytes)
         try:
             store.add_upload(record)
         except BaseException:
-            os.unlink(record.path)
+            _remove_upload_file(Path(record.path), uploads_dir)
             raise
         log.info(
             "upload %s for %s: %s, %d bytes, sha256 %s",
@@ -168,9 +170,7 @@ class ConversionService:
         record = self.store.delete_upload(_check_id(upload_id, "upload"))
         uploads_dir = self.state_dir.resolve() / "uploads"
         path = Path(record.path)
-        # The path comes from the database: checked, not trusted, like a job's folder.
-        if path.parent.resolve() == uploads_dir:
-            await asyncio.to_thread(path.unlink, missing_ok=True)
+        await asyncio.to_thread(_remove_upload_file, path, uploads_dir)
         log.info("upload %s for %s deleted", record.upload_id, record.model)
 
     @staticmethod
@@ -228,6 +228,7 @@ class ConversionService:
             work_dir=str(work_dir),
             allow_code_formats=self.settings.allow_code_formats,
             providers=self._serving_providers(model),
+            external_data_threshold=self.settings.external_data_threshold_bytes,
         )
         validation.check_job(contract)  # the child's own checks, run before a child is spent
         self.runner.check_room()
@@ -331,3 +332,12 @@ def _write_tensors(job_dir: Path, contract: spec.Job, tensors: validation.SpecTe
         if arrays:
             validation.save_npz(Path(path), arrays)
     (job_dir / "job.json").write_text(spec.to_json(contract))
+
+
+def _remove_upload_file(path: Path, uploads_dir: Path) -> None:
+    """Remove an upload's file, or an archive upload's folder (``<id>/model.onnx``). The path
+    comes from the database: checked, not trusted, like a job's folder."""
+    if path.parent.resolve() == uploads_dir:
+        path.unlink(missing_ok=True)
+    elif path.parent.parent.resolve() == uploads_dir and not path.parent.is_symlink():
+        onnx_archive.remove(path.parent)

@@ -24,6 +24,7 @@ import numpy as np
 from ferry.server.convert.spec import (
     BENCHMARK_MODES,
     CODE_BEARING_FORMATS,
+    ONNX_FORMATS,
     SOURCE_FORMATS,
     ConversionSpec,
     Job,
@@ -103,7 +104,7 @@ def check_job(job: Job) -> None:
             'benchmark "off" does not measure: use benchmark "quick", or name the mode you want '
             f"({', '.join(quantization_modes.QUANTIZERS)})"
         )
-    if fmt != "onnx" and not MIN_OPSET <= spec.opset <= max_opset():
+    if fmt not in ONNX_FORMATS and not MIN_OPSET <= spec.opset <= max_opset():
         raise InvalidArgument(
             f"opset must be within [{MIN_OPSET}, {max_opset()}], got {spec.opset}"
         )

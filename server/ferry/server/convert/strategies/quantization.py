@@ -58,6 +58,8 @@ class BuildInputs:
     target: Path  # where the variant goes
     spec: QuantizationSpec
     calibration: CalibrationData | None  # set when the quantizer needs_calibration
+    # Write the variant as <target> + <target>.data (models over 2 GiB: worker/external).
+    external: bool = False
 
 
 def _tries(facts: GraphFacts, spec: QuantizationSpec) -> str:
@@ -158,25 +160,36 @@ def _dynamic_int8(job: BuildInputs) -> str:
     LSTM whose W and R *are* initializers; folded, it becomes DynamicQuantizeLSTM."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from ferry.server.convert.worker import external
+
     folded = job.target.with_name(job.target.stem + ".folded.onnx")
-    notes = [_fold_constants(job.base, folded)]
+    notes = [_fold_constants(job.base, folded, job.external)]
     source = folded if folded.exists() else job.base
     narrow = reduce_range()
-    quantize_dynamic(source, job.target, weight_type=QuantType.QInt8, reduce_range=narrow)
+    quantize_dynamic(
+        source,
+        job.target,
+        weight_type=QuantType.QInt8,
+        reduce_range=narrow,
+        use_external_data_format=job.external,
+    )
     notes.append(_coverage_note(source, job.target))
     folded.unlink(missing_ok=True)
+    (folded.parent / external.data_name(folded)).unlink(missing_ok=True)
     notes.append(_RANGE_NOTE if narrow else "")
     return "; ".join(n for n in notes if n)
 
 
-def _fold_constants(base: Path, target: Path) -> str:
+def _fold_constants(base: Path, target: Path, external: bool) -> str:
     """onnxruntime's BASIC level: constant folding and standard-operator fusions only, so the
     quantizer still sees the operators it knows; '' on success, else a note (no copy)."""
     import onnxruntime as ort
 
+    from ferry.server.convert.worker import external as external_data
+
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    options.optimized_model_filepath = str(target)
+    external_data.session_options(options, target, external)
     try:
         ort.InferenceSession(str(base), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
@@ -196,7 +209,8 @@ def _coverage_note(source: Path, target: Path) -> str:
     import onnx
     from onnxruntime.quantization.registry import IntegerOpsRegistry
 
-    before = onnx.load(str(source))
+    # Dims and types are all this needs: the graphs, never the weights.
+    before = onnx.load(str(source), load_external_data=False)
     after = onnx.load(str(target), load_external_data=False)
     floats = {
         i.name: math.prod(i.dims)
@@ -232,8 +246,11 @@ def _fp16(job: BuildInputs) -> str:
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    model = convert_float_to_float16(onnx.load(str(job.base)), keep_io_types=True)
-    onnx.save(model, str(job.target))
+    from ferry.server.convert.worker import external
+
+    model = onnx.load(str(job.base))  # with its data: every float tensor is converted
+    model = convert_float_to_float16(model, keep_io_types=True)
+    external.save(model, job.target, job.external)
     return ""
 
 
@@ -268,8 +285,10 @@ def _static_int8(job: BuildInputs) -> str:
             return next(self._batches, None)
 
     notes = []
+    from ferry.server.convert.worker import external
+
     prepared = job.target.with_name(job.target.stem + ".pre.onnx")
-    how = _pre_process(job.base, prepared)
+    how = _pre_process(job.base, prepared, job.external)
     if how:
         notes.append(how)
     source = prepared if prepared.exists() else job.base
@@ -290,21 +309,34 @@ def _static_int8(job: BuildInputs) -> str:
         weight_type=QuantType.QInt8,
         calibrate_method=getattr(CalibrationMethod, calibration_method(job.spec.calibration)),
         reduce_range=narrow,
+        use_external_data_format=job.external,
     )
     prepared.unlink(missing_ok=True)
+    (prepared.parent / external.data_name(prepared)).unlink(missing_ok=True)
     return "; ".join(notes)
 
 
-def _pre_process(base: Path, target: Path) -> str:
+def _pre_process(base: Path, target: Path, external: bool) -> str:
     """quant_pre_process can crash in symbolic shape inference: retry without it, then skip it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    from ferry.server.convert.worker import external as external_data
+
+    saving: dict[str, Any] = (
+        {
+            "save_as_external_data": True,
+            "all_tensors_to_one_file": True,
+            "external_data_location": external_data.data_name(target),
+        }
+        if external
+        else {}
+    )
     try:
-        quant_pre_process(base, target)
+        quant_pre_process(base, target, **saving)
         return ""
     except Exception as first:
         try:
-            quant_pre_process(base, target, skip_symbolic_shape=True)
+            quant_pre_process(base, target, skip_symbolic_shape=True, **saving)
             return f"pre-processing ran without symbolic shape inference ({first_line(first)})"
         except Exception as second:
             target.unlink(missing_ok=True)

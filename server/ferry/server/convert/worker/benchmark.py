@@ -24,12 +24,11 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import onnx
 import onnxruntime as ort
 
 from ferry.server.convert.spec import InputSpec
 from ferry.server.convert.strategies.quantization import AUTO_MIN_SPEEDUP
-from ferry.server.convert.worker.graph import weight_sparsity
+from ferry.server.convert.worker import external
 from ferry.server.convert.worker.parity import generate
 from ferry.server.convert.worker.placement import CPU_ONLY
 from ferry.server.convert.worker.report import BenchmarkRecord
@@ -230,9 +229,9 @@ def measure(
         else:
             speed_verdict, note = verdict(ratios)
         records[name] = BenchmarkRecord(
-            size_bytes=path.stat().st_size,
-            gzip_bytes=gzip_size(path),
-            sparsity=weight_sparsity(onnx.load(str(path))),
+            size_bytes=external.size(path),  # model.onnx and its data file, if any
+            gzip_bytes=sum(gzip_size(p) for p in external.files(path)),
+            sparsity=external.weight_sparsity(path),
             latency_ms={b: mid for b, (_, mid, _) in latency.items()},
             speedup_vs_fp32={b: mid for b, (_, mid, _) in speed.items()},
             latency_iqr_ms={b: {"low": lo, "high": hi} for b, (lo, _, hi) in latency.items()},

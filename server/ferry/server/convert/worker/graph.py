@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ferry.codec import datatype_name, datatype_of
 from ferry.server.convert import onnx_safety
 from ferry.server.convert.spec import InputSpec
+from ferry.server.convert.worker import external as external_data
 from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
@@ -36,7 +36,7 @@ def drop_unused_opsets(path: Path) -> list[str]:
     onnxruntime's optimizer and quantizer declare every domain they know in the files they
     write; a published file declaring ``ai.onnx.training`` would be refused by a stricter
     consumer (it was by Ferry's own upload check), so the published file declares what it uses."""
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     unused = onnx_safety.unused_opset_imports(model)
     if unused:
         kept = [o for o in model.opset_import if o.domain not in unused]
@@ -73,18 +73,6 @@ def output_names(path: Path) -> list[str]:
     return [value.name for value in model.graph.output]
 
 
-def weight_sparsity(model: onnx.ModelProto) -> float:
-    """Fraction of exact zeros among weight initializers (2-D and up; biases and scales aside)."""
-    zeros = total = 0
-    for init in model.graph.initializer:
-        if len(init.dims) < 2:
-            continue
-        array = numpy_helper.to_array(init)
-        zeros += int(array.size - np.count_nonzero(array))
-        total += int(array.size)
-    return zeros / total if total else 0.0
-
-
 def has_conv(model: onnx.ModelProto) -> bool:
     return any(node.op_type in CONV_OPS for node in _all_nodes(model))
 
@@ -100,7 +88,13 @@ def check(path: Path) -> None:
         ) from None
 
 
-def optimize(source: Path, target: Path, threads: int) -> str:
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """What the initializers' dims and types take, read from the graph alone (external tensors
+    are not loaded): decides whether the variants need external data."""
+    return sum(onnx_safety.tensor_nbytes(init) or 0 for init in model.graph.initializer)
+
+
+def optimize(source: Path, target: Path, threads: int, external: bool = False) -> str:
     """Write onnxruntime's EXTENDED-level graph; '' on success, else a note (source is copied).
 
     EXTENDED fuses portable operators only; ENABLE_ALL adds layout transforms specific to this
@@ -110,13 +104,13 @@ def optimize(source: Path, target: Path, threads: int) -> str:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(target)
+    external_data.session_options(options, target, external)
     options.intra_op_num_threads = threads
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         onnx.checker.check_model(str(target))
     except Exception as exc:  # any failure keeps the checked, unoptimized graph
-        target.write_bytes(source.read_bytes())
+        external_data.copy(source, target, external)
         return (
             f"onnxruntime graph optimization failed ({first_line(exc)}); serving the exported graph"
         )

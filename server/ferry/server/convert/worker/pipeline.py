@@ -24,7 +24,15 @@ from ferry.server.convert import validation
 from ferry.server.convert.spec import Job, ProgressEvent
 from ferry.server.convert.strategies import pruning
 from ferry.server.convert.strategies import quantization as quantization_modes
-from ferry.server.convert.worker import benchmark, graph, load, parity, placement, quantize
+from ferry.server.convert.worker import (
+    benchmark,
+    external,
+    graph,
+    load,
+    parity,
+    placement,
+    quantize,
+)
 from ferry.server.convert.worker.report import (
     ExportRecord,
     ParityRecord,
@@ -34,7 +42,7 @@ from ferry.server.convert.worker.report import (
     ValidationRecord,
     VariantRecord,
 )
-from ferry.server.core.repository import MODEL_FILE
+from ferry.server.core.repository import MODEL_DATA_FILE
 from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
 SCRATCH = ".scratch"
@@ -86,6 +94,8 @@ class Pipeline:
     baseline_name: str  # the source ONNX's outputs
     parity_reference: Outputs  # what the fp32 export must match within rtol/atol
     client_reference: Outputs | None
+
+    external: bool = False  # variants are written as model + data file (models over 2 GiB)
 
     def __init__(self, job: Job, emit: Emit, threads: int | None = None) -> None:
         self.job = job
@@ -139,6 +149,7 @@ class Pipeline:
             validation.check_job(self.job)
             self.source = load.load(self.job, self.threads)
             self.notes.extend(self.source.notes)
+            self.external = self._external_data()
             self.report.source.inputs = list(self.source.inputs)
             self.samples = self._validation_samples()
             self._reference_outputs()
@@ -148,7 +159,7 @@ class Pipeline:
             graph.check(base)
         with self._stage("optimize", "onnxruntime graph optimization (extended)"):
             fp32 = Variant(self.scratch / "fp32.onnx", VariantRecord("fp32"))
-            note = graph.optimize(base, fp32.path, self.threads)
+            note = graph.optimize(base, fp32.path, self.threads, self.external)
             fp32.record.note = note
             self.notes.extend([note] if note else [])
         variants = self._quantize(base, fp32)
@@ -172,6 +183,28 @@ class Pipeline:
             )
         )
         return self.report
+
+    def _external_data(self) -> bool:
+        """Whether every variant is written with external data: when the source came with it
+        (the client's layout is kept), or its weights are over the job's threshold (an ONNX
+        file cannot exceed 2 GiB, and the graph needs room beside the weights). Decided once
+        for the job, so that every variant has the layout the published one will have."""
+        if self.source.module is not None:
+            self.source.weight_bytes = sum(
+                t.numel() * t.element_size() for t in self.source.module.state_dict().values()
+            )
+        if not (
+            self.source.external_data or self.source.weight_bytes > self.job.external_data_threshold
+        ):
+            return False
+        gib = self.source.weight_bytes / (1 << 30)
+        why = (
+            "the source came with external data"
+            if self.source.external_data
+            else f"its weights ({gib:.2f} GiB) exceed {self.job.external_data_threshold} bytes"
+        )
+        self.notes.append(f"published as model.onnx + {MODEL_DATA_FILE}: {why}")
+        return True
 
     def _validation_samples(self) -> parity.Samples:
         sample_file = self.spec.validation.sample_file
@@ -273,7 +306,12 @@ class Pipeline:
         with self._stage("export", f"torch.onnx.export at opset {self.spec.opset}"):
             example = export.example_inputs(self.source)
             result = export.export(
-                self.source, example, len(self.baseline), target, self.spec.opset
+                self.source,
+                example,
+                len(self.baseline),
+                target,
+                self.spec.opset,
+                external=self.external,
             )
             self.report.export.exporter = result.exporter
             self.notes.extend(result.notes)
@@ -305,7 +343,9 @@ class Pipeline:
                 )
             for quantizer in plan.variants:
                 target = self.scratch / f"{quantizer.name}.onnx"
-                inputs = quantization_modes.BuildInputs(base, target, spec, calibration)
+                inputs = quantization_modes.BuildInputs(
+                    base, target, spec, calibration, self.external
+                )
                 note = quantize.build(quantizer, inputs)
                 caveat = plan.notes.get(quantizer.name, "")
                 record = VariantRecord(quantizer.name, "; ".join(filter(None, [caveat, note])))
@@ -434,7 +474,8 @@ class Pipeline:
     def _publish(self, chosen: Variant) -> None:
         chosen.record.published = True
         self.report.published = chosen.record
-        graph.drop_unused_opsets(chosen.path)  # a published file must upload again as it is
-        os.replace(chosen.path, self.work / MODEL_FILE)
+        # model.onnx (+ model.onnx.data), declaring only the opsets it uses: a published file
+        # must upload again as it is.
+        external.publish(chosen.path, self.work)
         self.report.write(self.work)
         shutil.rmtree(self.scratch, ignore_errors=True)

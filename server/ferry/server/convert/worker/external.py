@@ -1,0 +1,181 @@
+"""Graphs whose weights live beside them: writing, copying and publishing external data.
+
+An ONNX file is one protobuf message, and protobuf cannot serialize more than 2 GiB; a bigger
+model keeps its tensors in a data file next to the graph, found by a relative location. Each
+stage that writes a variant writes ``<variant>.onnx`` plus one ``<variant>.onnx.data`` when the
+job's variants are external (``Pipeline.external``); publishing renames the pair to
+``model.onnx`` + ``model.onnx.data``, rewriting the locations in the graph, so a version folder
+is self-contained and reads nothing outside itself.
+
+Memory: only the graph is parsed wherever the data is not needed (``load_external_data=False``:
+the tensors keep their references), so moving or inspecting a 10 GiB model costs its graph.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ferry.server.convert import onnx_safety
+from ferry.server.core.repository import MODEL_DATA_FILE, MODEL_FILE
+
+DATA_SUFFIX = ".data"
+MIN_EXTERNAL_BYTES = 1024  # smaller tensors stay in the graph (onnx's own default threshold)
+
+
+def data_name(path: Path) -> str:
+    """The one data file a variant written here has: ``fp16.onnx`` -> ``fp16.onnx.data``."""
+    return path.name + DATA_SUFFIX
+
+
+def session_options(options: Any, target: Path, external: bool) -> None:
+    """Have onnxruntime write its optimized graph to ``target``, with the initializers in
+    ``target``'s data file when ``external`` (without it, a graph over 2 GiB fails to save)."""
+    options.optimized_model_filepath = str(target)
+    if external:
+        (target.parent / data_name(target)).unlink(missing_ok=True)
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_file_name", data_name(target)
+        )
+        options.add_session_config_entry(
+            "session.optimized_model_external_initializers_min_size_in_bytes",
+            str(MIN_EXTERNAL_BYTES),
+        )
+
+
+def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Write ``model`` to ``path``; external: every tensor of 1 KiB and more goes to one data
+    file beside it. Tensors whose data is already external and not loaded keep their
+    references (onnx rewrites only tensors that hold their bytes)."""
+    if not external:
+        onnx.save_model(model, str(path))
+        return
+    (path.parent / data_name(path)).unlink(missing_ok=True)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=data_name(path),
+        size_threshold=MIN_EXTERNAL_BYTES,
+    )
+
+
+def graph_only(path: Path) -> onnx.ModelProto:
+    return onnx.load(str(path), load_external_data=False)
+
+
+def locations(model: onnx.ModelProto) -> list[str]:
+    """The data files ``model``'s tensors read, in order of first use."""
+    seen: dict[str, None] = {}
+    for ref in onnx_safety.external_refs(model):
+        seen.setdefault(ref.location, None)
+    return list(seen)
+
+
+def files(path: Path) -> list[Path]:
+    """The model file and the data files it reads (what its size and its copy are made of)."""
+    return [path, *(path.parent / name for name in locations(graph_only(path)))]
+
+
+def size(path: Path) -> int:
+    return sum(p.stat().st_size for p in files(path))
+
+
+def copy(source: Path, target: Path, external: bool) -> None:
+    """``target`` becomes a copy of ``source`` and its data, its data in one file of its own
+    (a source may read several); a self-contained source is copied as it is."""
+    model = graph_only(source)
+    if not locations(model):
+        shutil.copyfile(source, target)
+        return
+    onnx.load_external_data_for_model(model, str(source.parent))
+    save(model, target, external=True)
+
+
+def publish(source: Path, folder: Path) -> list[str]:
+    """Move variant ``source`` (and its data file) into ``folder`` as ``model.onnx`` (and
+    ``model.onnx.data``), dropping the opset imports no node uses; return the domains dropped.
+
+    onnxruntime's optimizer and quantizer declare every domain they know in the files they
+    write; a published file declaring ``ai.onnx.training`` would be refused by a stricter
+    consumer (it was by Ferry's own upload check), so the published file declares what it uses.
+    Only the graph is rewritten: the data file is renamed, never read."""
+    model = graph_only(source)
+    unused = onnx_safety.unused_opset_imports(model)
+    if unused:
+        kept = [o for o in model.opset_import if o.domain not in unused]
+        del model.opset_import[:]
+        model.opset_import.extend(kept)
+    names = locations(model)
+    if len(names) > 1:  # not written by this package: one copy makes it one file
+        onnx.load_external_data_for_model(model, str(source.parent))
+        save(model, folder / MODEL_FILE, external=True)  # model.onnx.data: MODEL_DATA_FILE
+        if source != folder / MODEL_FILE:
+            source.unlink()
+        return unused
+    if names:
+        os.replace(source.parent / names[0], folder / MODEL_DATA_FILE)
+        _relocate(model, MODEL_DATA_FILE)
+    if unused or names:
+        onnx.save_model(model, str(folder / MODEL_FILE))
+        if source != folder / MODEL_FILE:
+            source.unlink()
+    else:
+        os.replace(source, folder / MODEL_FILE)
+    return unused
+
+
+def _relocate(model: onnx.ModelProto, location: str) -> None:
+    for tensor in _external_tensors(model):
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+
+
+def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    for step in onnx_safety.walk(model):
+        tensor = step.message
+        if isinstance(tensor, onnx.TensorProto) and (
+            tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data)
+        ):
+            yield tensor
+
+
+def weight_sparsity(path: Path) -> float:
+    """Fraction of exact zeros among weight initializers (2-D and up), one tensor at a time:
+    an external tensor is read through a memory map of its data file, never the whole model."""
+    model = graph_only(path)
+    zeros = total = 0
+    for init in model.graph.initializer:
+        if len(init.dims) < 2:
+            continue
+        array = _array(init, path.parent)
+        zeros += int(array.size - np.count_nonzero(array))
+        total += int(array.size)
+        del array
+    return zeros / total if total else 0.0
+
+
+def _array(tensor: onnx.TensorProto, folder: Path) -> np.ndarray:
+    if tensor.data_location != onnx.TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    entries = {e.key: e.value for e in tensor.external_data}
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if count == 0:
+        return np.zeros(0, dtype)
+    return np.memmap(
+        folder / entries["location"],
+        dtype=dtype,
+        mode="r",
+        offset=int(entries.get("offset", "0") or 0),
+        shape=(count,),
+    )
