@@ -116,19 +116,20 @@ def _stage_source(job: Job, work: Path) -> None:
         return
     folder = work / ".scratch" / "source"
     folder.mkdir(parents=True, exist_ok=True)
-    # An archive's model.onnx comes with its data files: the folder's regular files, flat.
-    names = (
-        [e.name for e in source.parent.iterdir() if e.is_file() and not e.is_symlink()]
-        if job.source_format == "onnx_archive"
-        else [source.name]
-    )
-    for name in names:
-        target = folder / name
-        try:
-            os.link(source.parent / name, target)
-        except OSError:
-            shutil.copyfile(source.parent / name, target)
     job.source_path = str(folder / source.name)
+    if job.source_format == "onnx_archive":
+        # model.onnx comes with its data files (the folder's regular files, flat), copied: onnx
+        # refuses to read external data through a hard link (it cannot tell one from a link
+        # planted to reach another file). On filesystems that share blocks the copy is cheap.
+        for entry in source.parent.iterdir():
+            if entry.is_file() and not entry.is_symlink():
+                shutil.copyfile(entry, folder / entry.name)
+        return
+    target = folder / source.name
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _fail(work: Path, report: Report, stage: str, kind: str, message: str) -> None:

@@ -77,10 +77,16 @@ def has_conv(model: onnx.ModelProto) -> bool:
     return any(node.op_type in CONV_OPS for node in _all_nodes(model))
 
 
-def check(path: Path) -> None:
-    """onnx.checker with shape inference: catches graphs onnxruntime would reject at load."""
+def check(path: Path, external: bool = False) -> None:
+    """onnx.checker with shape inference: catches graphs onnxruntime would reject at load.
+
+    A graph with external data is checked without its data: its external initializers become
+    graph inputs of the same type and shape (the load stage has checked every reference against
+    the files; the checker would refuse the source's data files, which the child reaches through
+    hard links, as a "hardlink attack", and would read gigabytes it does not need)."""
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        target = _as_inputs(onnx.load(str(path), load_external_data=False)) if external else path
+        onnx.checker.check_model(target if external else str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ConversionFailed(
             f"the ONNX graph fails onnx.checker: {first_line(exc)}; if the model came as an ONNX "
@@ -92,6 +98,20 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     """What the initializers' dims and types take, read from the graph alone (external tensors
     are not loaded): decides whether the variants need external data."""
     return sum(onnx_safety.tensor_nbytes(init) or 0 for init in model.graph.initializer)
+
+
+def _as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each external initializer of its main graph turned into an input."""
+    graph = model.graph
+    kept = []
+    for init in graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            kept.append(init)
+            continue
+        graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model
 
 
 def optimize(source: Path, target: Path, threads: int, external: bool = False) -> str:

@@ -1,0 +1,213 @@
+"""Models over 2 GiB: model.onnx with its external data, uploaded as one archive, converted in
+every mode, published as model.onnx + model.onnx.data and served.
+
+The code path does not depend on the size, so the models here are small MLPs saved with external
+data (a real server, real conversion children, real onnxruntime); the 2 GiB limit itself is
+reached by lowering the job's threshold (``external_data_threshold_bytes``), which makes a
+self-contained source publish with external data exactly as a 2.5 GiB one would.
+"""
+
+from __future__ import annotations
+
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from serverutil import ServerThread
+
+from ferry.client import ConversionClient, InferenceClient, Quantization, Validation
+
+pytestmark = pytest.mark.timeout(600)
+SIZES = (16, 64, 8)
+
+
+def mlp(seed: int = 0) -> tuple[onnx.ModelProto, list[np.ndarray]]:
+    """x -> relu(x W1 + b1) W2 + b2, batch dim dynamic; the weights, for numpy's answer."""
+    rng = np.random.default_rng(seed)
+    arrays, nodes, inits = [], [], []
+    current = "input"
+    for i, (n, m) in enumerate(zip(SIZES, SIZES[1:], strict=False)):
+        w = (rng.standard_normal((n, m)) / np.sqrt(n)).astype(np.float32)
+        b = (rng.standard_normal(m) * 0.1).astype(np.float32)
+        arrays += [w, b]
+        inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(b, f"b{i}")]
+        nodes.append(helper.make_node("MatMul", [current, f"w{i}"], [f"mm{i}"]))
+        last = i == len(SIZES) - 2
+        nodes.append(helper.make_node("Add", [f"mm{i}", f"b{i}"], ["output" if last else f"a{i}"]))
+        if not last:
+            nodes.append(helper.make_node("Relu", [f"a{i}"], [f"r{i}"]))
+            current = f"r{i}"
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", SIZES[0]])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", SIZES[-1]])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), arrays
+
+
+def expected(arrays: list[np.ndarray], x: np.ndarray) -> np.ndarray:
+    w0, b0, w1, b1 = arrays
+    return np.maximum(x @ w0 + b0, 0) @ w1 + b1
+
+
+def save_external(model: onnx.ModelProto, folder: Path, *, one_file: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "model.onnx"
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=one_file,
+        location="weights.bin" if one_file else None,
+        size_threshold=0,
+    )
+    return path
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[ServerThread, ConversionClient]]:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with (
+        ServerThread(repo, external_data_threshold_bytes=4096) as srv,
+        ConversionClient(srv.management_target, timeout=300) as conv,
+    ):
+        yield srv, conv
+
+
+def served(srv: ServerThread, model: str, x: np.ndarray, version: int) -> np.ndarray:
+    with InferenceClient(srv.target, timeout=60) as client:
+        return np.asarray(client.infer(model, {"input": x}, version=version)["output"])
+
+
+def test_an_archive_converts_in_every_mode_publishes_model_and_data_and_serves(
+    server: tuple[ServerThread, ConversionClient], tmp_path: Path
+) -> None:
+    srv, conv = server
+    model, arrays = mlp()
+    save_external(model, tmp_path / "src", one_file=False)  # one file per tensor, as onnx can
+    up = conv.upload("big", tmp_path / "src")  # a folder goes as one archive
+    assert up.format == "onnx_archive"
+    uploads = srv.app.conversion.state_dir.resolve() / "uploads"  # type: ignore[union-attr]
+    assert sorted(p.name for p in (uploads / up.upload_id).iterdir()) == sorted(
+        ["model.onnx", "w0", "b0", "w1", "b1"]
+    )
+    x = np.random.default_rng(1).standard_normal((5, SIZES[0])).astype(np.float32)
+    calibration = {"input": np.random.default_rng(2).standard_normal((32, SIZES[0]), np.float32)}
+    modes = {
+        "none": Quantization("none"),
+        "fp16": Quantization("fp16"),
+        "dynamic_int8": Quantization("dynamic_int8"),
+        "static_int8": Quantization("static_int8", calibration_inputs=calibration),
+    }
+    jobs = {
+        name: conv.convert(
+            up,
+            quantization=q,
+            benchmark="quick",
+            validation=Validation(keep_failed=True),
+        )
+        for name, q in modes.items()
+    }
+    repo = srv.settings.repository
+    for name, job in jobs.items():
+        job.wait(progress=False)
+        assert job.succeeded, (name, job.error_message)
+        folder = repo / "big" / str(job.version)
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "model.onnx",
+            "model.onnx.data",
+            "report.json",
+        ], name
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        locations = {
+            e.value
+            for init in graph.graph.initializer
+            for e in init.external_data
+            if e.key == "location"
+        }
+        assert locations == {"model.onnx.data"}, name
+        assert job.report is not None
+        assert job.report.published == ("fp32" if name == "none" else name)
+        got = served(srv, "big", x, job.version or 0)
+        tolerance = 1e-4 if name == "none" else 0.1
+        np.testing.assert_allclose(got, expected(arrays, x), atol=tolerance, rtol=tolerance)
+    assert "model.onnx.data" in (jobs["none"].report_json or "")
+
+
+def test_an_onnx_file_with_data_beside_it_goes_as_an_archive(
+    server: tuple[ServerThread, ConversionClient], tmp_path: Path
+) -> None:
+    """``upload(name, path/to/model.onnx)``: the SDK finds the data files the graph names."""
+    srv, conv = server
+    model, arrays = mlp(seed=3)
+    path = save_external(model, tmp_path / "src")
+    (tmp_path / "src" / "unrelated.txt").write_text("not sent")
+    up = conv.upload("big", path)
+    assert up.format == "onnx_archive"
+    uploads = srv.app.conversion.state_dir.resolve() / "uploads"  # type: ignore[union-attr]
+    assert sorted(p.name for p in (uploads / up.upload_id).iterdir()) == [
+        "model.onnx",
+        "weights.bin",
+    ]
+    job = conv.convert(up, benchmark="off").wait(progress=False)
+    assert job.succeeded
+    x = np.ones((2, SIZES[0]), np.float32)
+    np.testing.assert_allclose(
+        served(srv, "big", x, job.version or 0), expected(arrays, x), atol=1e-4, rtol=1e-4
+    )
+    conv.delete_upload(up)
+    assert not (uploads / up.upload_id).exists()
+
+
+def test_weights_over_the_threshold_publish_with_external_data(
+    server: tuple[ServerThread, ConversionClient],
+) -> None:
+    """The 2 GiB route for a self-contained source: the server's threshold is 4 KiB here, so
+    this model's 4.6 KiB of weights stand for a model over 2 GiB."""
+    srv, conv = server
+    model, arrays = mlp(seed=4)
+    up = conv.upload("big", model.SerializeToString(), format="onnx")
+    job = conv.convert(up, quantization="fp16", benchmark="off").wait(progress=False)
+    assert job.succeeded, job.error_message
+    folder = srv.settings.repository / "big" / str(job.version)
+    assert (folder / "model.onnx.data").is_file()
+    assert "exceed 4096 bytes" in job.report_json
+    x = np.ones((3, SIZES[0]), np.float32)
+    np.testing.assert_allclose(
+        served(srv, "big", x, job.version or 0), expected(arrays, x), atol=0.05, rtol=0.05
+    )
+
+
+def test_a_small_self_contained_model_stays_one_file(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    model, _ = mlp(seed=5)
+    with ServerThread(repo) as srv, ConversionClient(srv.management_target, timeout=300) as conv:
+        up = conv.upload("small", model.SerializeToString(), format="onnx")
+        job = conv.convert(up, benchmark="off").wait(progress=False)
+        assert job.succeeded
+        folder = repo / "small" / str(job.version)
+        assert sorted(p.name for p in folder.iterdir()) == ["model.onnx", "report.json"]
+
+
+def test_the_archive_is_a_plain_tar_of_the_folder(tmp_path: Path) -> None:
+    """What the SDK sends is what ``tar cf model.tar -C folder .`` gives: flat, regular files."""
+    from ferry.client._archive import pack_folder
+
+    model, _ = mlp()
+    save_external(model, tmp_path / "src")
+    archive = pack_folder(tmp_path / "src")
+    try:
+        with tarfile.open(archive) as tar:
+            members = tar.getmembers()
+        assert sorted(m.name for m in members) == ["model.onnx", "weights.bin"]
+        assert all(m.isreg() for m in members)
+    finally:
+        archive.unlink()
