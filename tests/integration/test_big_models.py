@@ -9,6 +9,7 @@ self-contained source publish with external data exactly as a 2.5 GiB one would.
 
 from __future__ import annotations
 
+import itertools
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ def mlp(seed: int = 0) -> tuple[onnx.ModelProto, list[np.ndarray]]:
     rng = np.random.default_rng(seed)
     arrays, nodes, inits = [], [], []
     current = "input"
-    for i, (n, m) in enumerate(zip(SIZES, SIZES[1:], strict=False)):
+    for i, (n, m) in enumerate(itertools.pairwise(SIZES)):
         w = (rng.standard_normal((n, m)) / np.sqrt(n)).astype(np.float32)
         b = (rng.standard_normal(m) * 0.1).astype(np.float32)
         arrays += [w, b]
