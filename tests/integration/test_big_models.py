@@ -10,6 +10,7 @@ self-contained source publish with external data exactly as a 2.5 GiB one would.
 from __future__ import annotations
 
 import itertools
+import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -212,3 +213,89 @@ def test_the_archive_is_a_plain_tar_of_the_folder(tmp_path: Path) -> None:
         assert all(m.isreg() for m in members)
     finally:
         archive.unlink()
+
+
+def test_the_cli_uploads_a_folder_and_converts_it(
+    server: tuple[ServerThread, ConversionClient],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from ferry.cli import main
+
+    srv, _ = server
+    model, arrays = mlp(seed=6)
+    save_external(model, tmp_path / "src")
+    target = ("--target", srv.management_target)
+    code = main(["upload", "big", str(tmp_path / "src"), "--json", *target])
+    out = capsys.readouterr().out
+    assert code == 0 and json.loads(out)["format"] == "onnx_archive"
+    code = main(["convert", str(tmp_path / "src"), "--model", "big", "--no-progress", *target])
+    out = capsys.readouterr().out
+    assert code == 0 and "published as big version 1" in out
+    x = np.ones((2, SIZES[0]), np.float32)
+    np.testing.assert_allclose(served(srv, "big", x, 1), expected(arrays, x), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_module_over_the_threshold_uploads_as_an_archive(
+    server: tuple[ServerThread, ConversionClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The SDK's module route: a module whose weights exceed the threshold (lowered here) is
+    exported with external data and sent as one archive."""
+    import torch
+
+    from ferry.client import _archive
+
+    srv, conv = server
+    monkeypatch.setattr(_archive, "EXTERNAL_DATA_THRESHOLD", 1024)
+    module = torch.nn.Sequential(torch.nn.Linear(16, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    example = torch.randn(4, 16)
+    up = conv.upload("big", module.eval(), example_inputs=example)
+    assert up.format == "onnx_archive"
+    job = conv.convert(up, benchmark="off").wait(progress=False)
+    folder = srv.settings.repository / "big" / str(job.version)
+    assert (folder / "model.onnx.data").is_file()
+    with torch.no_grad():
+        want = module(example).numpy()
+    with InferenceClient(srv.target, timeout=60) as client:
+        got = np.asarray(client.infer("big", {"input": example.numpy()})["output"])
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_state_dict_over_the_threshold_exports_with_external_data(
+    server: tuple[ServerThread, ConversionClient],
+) -> None:
+    """The server-side export (state_dict + architecture) of weights over the threshold."""
+    import io
+
+    import torch
+
+    from ferry.server.convert.worker import nets
+
+    srv, conv = server
+    kwargs = {"in_features": 16, "hidden": [64], "out_features": 8}
+    torch.manual_seed(0)
+    module = nets.mlp(**kwargs).eval()
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    up = conv.upload(
+        "big",
+        buffer.getvalue(),
+        format="state_dict",
+        architecture="mlp",
+        architecture_kwargs=kwargs,
+    )
+    job = conv.convert(up, quantization="dynamic_int8", benchmark="off").wait(progress=False)
+    folder = srv.settings.repository / "big" / str(job.version)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "model.onnx",
+        "model.onnx.data",
+        "report.json",
+    ]
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        want = module(x).numpy()
+    with InferenceClient(srv.target, timeout=60) as client:
+        got = np.asarray(client.infer("big", {"input": x.numpy()})["output"])
+    np.testing.assert_allclose(got, want, atol=0.05, rtol=0.05)
