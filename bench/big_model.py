@@ -4,9 +4,11 @@ Builds an MLP of a few square Linear layers (MatMul + Add) with numpy, ``--gib``
 in all, saved as model.onnx + model.onnx.data (ONNX external data: a file over 2 GiB cannot be
 one protobuf message), the layout an onnx_archive upload is extracted to. Then runs the real
 conversion child (``python -m ferry.server.convert.worker.child``) once per mode, as the server
-runs it but without the server's address-space limit, and reads its peak resident memory (the
-kernel's ru_maxrss for that process, from wait4) and peak virtual size (VmPeak, polled: what
-``--conversion-memory-bytes`` (RLIMIT_AS) must allow).
+runs it but without the server's address-space limit, and polls its /proc status every 0.1 s
+for its peak resident memory (VmHWM, a high-water mark kept by the kernel, so no peak is missed
+between polls) and its peak virtual size (VmPeak: what ``--conversion-memory-bytes``, RLIMIT_AS,
+must allow). wait4's ru_maxrss is not used: it reported the largest earlier child's peak for
+every later one.
 
     flock /work/notes/bench.lock python bench/big_model.py --gib 2.5
 
@@ -105,25 +107,27 @@ def run(job_path: Path, progress: Path) -> tuple[int, int, int, float]:
         stdout=subprocess.DEVNULL,
         stderr=open(progress.with_suffix(".err"), "w"),  # noqa: SIM115
     )
-    peak_virtual = [0]
+    peaks = {"VmHWM:": 0, "VmPeak:": 0}
+    done = threading.Event()
 
     def poll() -> None:
         status = Path(f"/proc/{proc.pid}/status")
-        while proc.returncode is None:
+        while not done.is_set():
             try:
                 for line in status.read_text().splitlines():
-                    if line.startswith("VmPeak:"):
-                        peak_virtual[0] = max(peak_virtual[0], int(line.split()[1]) * 1024)
-            except OSError:
-                return
-            time.sleep(0.2)
+                    key = line.split(":", 1)[0] + ":"
+                    if key in peaks:
+                        peaks[key] = max(peaks[key], int(line.split()[1]) * 1024)
+            except (OSError, ValueError, IndexError):
+                pass
+            done.wait(0.1)
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    rc = proc.wait()  # the zombie's status stays readable until it is reaped here
+    done.set()
     poller.join()
-    return proc.returncode, usage.ru_maxrss * 1024, peak_virtual[0], time.perf_counter() - start
+    return rc, peaks["VmHWM:"], peaks["VmPeak:"], time.perf_counter() - start
 
 
 def main() -> None:

@@ -103,10 +103,12 @@ def test_an_archive_converts_in_every_mode_publishes_model_and_data_and_serves(
     x = np.random.default_rng(1).standard_normal((5, SIZES[0])).astype(np.float32)
     calibration = {"input": np.random.default_rng(2).standard_normal((32, SIZES[0]), np.float32)}
     modes = {
-        "none": Quantization("none"),
-        "fp16": Quantization("fp16"),
-        "dynamic_int8": Quantization("dynamic_int8"),
-        "static_int8": Quantization("static_int8", calibration_inputs=calibration),
+        "none": Quantization("none", keep_slower=True),
+        "fp16": Quantization("fp16", keep_slower=True),
+        "dynamic_int8": Quantization("dynamic_int8", keep_slower=True),
+        "static_int8": Quantization(
+            "static_int8", calibration_inputs=calibration, keep_slower=True
+        ),
     }
     jobs = {
         name: conv.convert(
@@ -299,3 +301,54 @@ def test_a_state_dict_over_the_threshold_exports_with_external_data(
     with InferenceClient(srv.target, timeout=60) as client:
         got = np.asarray(client.infer("big", {"input": x.numpy()})["output"])
     np.testing.assert_allclose(got, want, atol=0.05, rtol=0.05)
+
+
+def test_the_sdk_finds_data_files_anywhere_in_the_graph_without_onnx(tmp_path: Path) -> None:
+    """The SDK reads locations from the wire format (it does not depend on onnx): initializers,
+    a Constant inside an If branch, a sparse tensor, a local function."""
+    from ferry.client._archive import external_locations
+
+    def ext(name: str, location: str) -> TensorProto:
+        tensor = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=[4])
+        tensor.data_location = TensorProto.EXTERNAL
+        tensor.external_data.add(key="location", value=location)
+        return tensor
+
+    branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["t"], value=ext("c", "in_branch.bin"))],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [4])],
+    )
+    sparse = helper.make_sparse_tensor(
+        ext("v", "sparse.bin"), helper.make_tensor("i", TensorProto.INT64, [4], [0, 1, 2, 3]), [4]
+    )
+    nodes = [
+        helper.make_node("If", ["cond"], ["s"], then_branch=branch, else_branch=branch),
+        helper.make_node("Constant", [], ["sp"], sparse_value=sparse),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [4])],
+        initializer=[ext("w", "weights.bin")],
+    )
+    function = helper.make_function(
+        "local",
+        "F",
+        [],
+        ["y"],
+        [helper.make_node("Constant", [], ["y"], value=ext("f", "function.bin"))],
+        [helper.make_opsetid("", 17)],
+    )
+    model = helper.make_model(graph, functions=[function])
+    path = tmp_path / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    assert sorted(external_locations(path)) == [
+        "function.bin",
+        "in_branch.bin",
+        "sparse.bin",
+        "weights.bin",
+    ]
+    assert external_locations(tmp_path / "missing.onnx") == []

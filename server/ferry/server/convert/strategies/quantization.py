@@ -160,7 +160,7 @@ def _dynamic_int8(job: BuildInputs) -> str:
     LSTM whose W and R *are* initializers; folded, it becomes DynamicQuantizeLSTM."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    from ferry.server.convert.worker import external
+    from ferry.server.convert import external_data as external
 
     folded = job.target.with_name(job.target.stem + ".folded.onnx")
     notes = [_fold_constants(job.base, folded, job.external)]
@@ -185,7 +185,7 @@ def _fold_constants(base: Path, target: Path, external: bool) -> str:
     quantizer still sees the operators it knows; '' on success, else a note (no copy)."""
     import onnxruntime as ort
 
-    from ferry.server.convert.worker import external as external_data
+    from ferry.server.convert import external_data
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
@@ -243,13 +243,13 @@ def _coverage_note(source: Path, target: Path) -> str:
 
 
 def _fp16(job: BuildInputs) -> str:
-    import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    from ferry.server.convert.worker import external
+    from ferry.server.convert import external_data as external
 
-    model = onnx.load(str(job.base))  # with its data: every float tensor is converted
-    model = convert_float_to_float16(model, keep_io_types=True)
+    # Given the path, onnxruntime infers shapes file to file (infer_shapes_path), which works
+    # over 2 GiB; a loaded model would be serialized for it, which fails there.
+    model = convert_float_to_float16(str(job.base), keep_io_types=True)
     external.save(model, job.target, job.external)
     return ""
 
@@ -285,7 +285,7 @@ def _static_int8(job: BuildInputs) -> str:
             return next(self._batches, None)
 
     notes = []
-    from ferry.server.convert.worker import external
+    from ferry.server.convert import external_data as external
 
     prepared = job.target.with_name(job.target.stem + ".pre.onnx")
     how = _pre_process(job.base, prepared, job.external)
@@ -320,7 +320,7 @@ def _pre_process(base: Path, target: Path, external: bool) -> str:
     """quant_pre_process can crash in symbolic shape inference: retry without it, then skip it."""
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from ferry.server.convert.worker import external as external_data
+    from ferry.server.convert import external_data
 
     saving: dict[str, Any] = (
         {

@@ -17,55 +17,14 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
 from ferry.server.convert import onnx_safety
+from ferry.server.convert.external_data import save
 from ferry.server.core.repository import MODEL_DATA_FILE, MODEL_FILE
-
-DATA_SUFFIX = ".data"
-MIN_EXTERNAL_BYTES = 1024  # smaller tensors stay in the graph (onnx's own default threshold)
-
-
-def data_name(path: Path) -> str:
-    """The one data file a variant written here has: ``fp16.onnx`` -> ``fp16.onnx.data``."""
-    return path.name + DATA_SUFFIX
-
-
-def session_options(options: Any, target: Path, external: bool) -> None:
-    """Have onnxruntime write its optimized graph to ``target``, with the initializers in
-    ``target``'s data file when ``external`` (without it, a graph over 2 GiB fails to save)."""
-    options.optimized_model_filepath = str(target)
-    if external:
-        (target.parent / data_name(target)).unlink(missing_ok=True)
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_file_name", data_name(target)
-        )
-        options.add_session_config_entry(
-            "session.optimized_model_external_initializers_min_size_in_bytes",
-            str(MIN_EXTERNAL_BYTES),
-        )
-
-
-def save(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Write ``model`` to ``path``; external: every tensor of 1 KiB and more goes to one data
-    file beside it. Tensors whose data is already external and not loaded keep their
-    references (onnx rewrites only tensors that hold their bytes)."""
-    if not external:
-        onnx.save_model(model, str(path))
-        return
-    (path.parent / data_name(path)).unlink(missing_ok=True)
-    onnx.save_model(
-        model,
-        str(path),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=data_name(path),
-        size_threshold=MIN_EXTERNAL_BYTES,
-    )
 
 
 def graph_only(path: Path) -> onnx.ModelProto:

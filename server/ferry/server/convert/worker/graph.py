@@ -15,9 +15,9 @@ import numpy as np
 import onnx
 
 from ferry.codec import datatype_name, datatype_of
-from ferry.server.convert import onnx_safety
+from ferry.server.convert import external_data, onnx_safety
 from ferry.server.convert.spec import InputSpec
-from ferry.server.convert.worker import external as external_data
+from ferry.server.convert.worker import external
 from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
@@ -114,7 +114,7 @@ def _as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def optimize(source: Path, target: Path, threads: int, external: bool = False) -> str:
+def optimize(source: Path, target: Path, threads: int, external_data_wanted: bool = False) -> str:
     """Write onnxruntime's EXTENDED-level graph; '' on success, else a note (source is copied).
 
     EXTENDED fuses portable operators only; ENABLE_ALL adds layout transforms specific to this
@@ -124,13 +124,13 @@ def optimize(source: Path, target: Path, threads: int, external: bool = False) -
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    external_data.session_options(options, target, external)
+    external_data.session_options(options, target, external_data_wanted)
     options.intra_op_num_threads = threads
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         onnx.checker.check_model(str(target))
     except Exception as exc:  # any failure keeps the checked, unoptimized graph
-        external_data.copy(source, target, external)
+        external.copy(source, target, external_data_wanted)
         return (
             f"onnxruntime graph optimization failed ({first_line(exc)}); serving the exported graph"
         )
