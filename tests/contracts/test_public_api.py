@@ -24,6 +24,7 @@ CLIENT_API = [
     "ConversionError",
     "DeadlineExceededError",
     "DurationStat",
+    "DynamicAxis",
     "FerryError",
     "InferResult",
     "InferStream",

@@ -104,9 +104,9 @@ def test_drop_unused_opsets_keeps_what_nodes_use(tmp_path: Path) -> None:
     )
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path))
-    assert sorted(graph.drop_unused_opsets(path)) == ["ai.onnx.training", "org.pytorch.aten"]
+    assert sorted(graph.prepare_publish(path, {})) == ["ai.onnx.training", "org.pytorch.aten"]
     assert [o.domain for o in onnx.load(str(path)).opset_import] == ["", "com.microsoft"]
-    assert graph.drop_unused_opsets(path) == []
+    assert graph.prepare_publish(path, {}) == []
 
 
 def test_a_custom_domain_is_still_refused_by_the_child(tmp_path: Path) -> None:

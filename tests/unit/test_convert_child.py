@@ -230,6 +230,12 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     program = torch.export.export(mlp, (torch.randn(2, 16),), dynamic_shapes=({0: batch},))
     paths["mlp.pt2"] = root / "mlp.pt2"
     torch.export.save(program, str(paths["mlp.pt2"]))
+    seq = torch.export.Dim("seq", min=2, max=64)
+    program = torch.export.export(
+        SumOverSequence(), (torch.randn(2, 5, 4),), dynamic_shapes=({0: batch, 1: seq},)
+    )
+    paths["seq.pt2"] = root / "seq.pt2"
+    torch.export.save(program, str(paths["seq.pt2"]))
 
     paths["evil.pt"] = root / "evil.pt"
     paths["pwned"] = root / "pwned.txt"
@@ -315,6 +321,7 @@ def job_table(root: Path, src: dict[str, Path]) -> dict[str, tuple[Path, str, di
         ),
         "evil": (src["evil.pt"], "state_dict", {"architecture": "seed"}),
         "pt2_refused": (src["mlp.pt2"], "exported_program", {}),
+        "pt2_seq": (src["seq.pt2"], "exported_program", {"allow_code_formats": True}),
         # keep_slower: quantized, a graph this small is usually slower than fp32.
         "onnx_fp16": (
             src["mlp.onnx"],
@@ -333,7 +340,7 @@ def job_table(root: Path, src: dict[str, Path]) -> dict[str, tuple[Path, str, di
 
 EXPORTING = (
     "seed", "mlp_auto", "l1_unstructured", "global_unstructured", "structured", "cnn_static",
-    "cnn_keep_failed", "pt2", "torchscript",
+    "cnn_keep_failed", "pt2", "pt2_seq", "torchscript",
 )  # fmt: skip
 QUICK = ("evil", "pt2_refused", "onnx_fp16", "onnx_dynamic_int8", "onnx_good_ref", "onnx_bad_ref")
 
@@ -407,7 +414,9 @@ def test_report_and_work_dir(jobs: dict[str, Result], sources: dict[str, Path]) 
     assert report["exporter"] == "torch.onnx.export(dynamo=True)" and report["opset"] == 20
     assert report["torch"].startswith("2.") and report["onnxruntime"] and report["onnx"]
     assert report["source_sha256"] == hashlib.sha256(sources["seed.pt"].read_bytes()).hexdigest()
-    assert report["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 3]}]
+    assert report["inputs"] == [
+        {"name": "input", "datatype": "FP32", "shape": [-1, 3], "dynamic_axes": []}
+    ]
     assert report["parity"]["against"] == "pytorch" and report["parity"]["max_abs"] < 1e-4
     assert set(PIPELINE) - {"prune", "quantize"} == set(report["stages"])
     fp32 = seed.variant("fp32")
@@ -532,7 +541,9 @@ def test_onnx_source_quantized(
     report = result.report
     assert report["published"] == mode and report["exporter"] is None
     assert report["parity"]["against"] == "onnx_source"
-    assert report["inputs"] == [{"name": "x", "datatype": "FP32", "shape": [-1, 8]}]
+    assert report["inputs"] == [
+        {"name": "x", "datatype": "FP32", "shape": [-1, 8], "dynamic_axes": []}
+    ]
     assert [e["stage"] for e in result.events] == [*PIPELINE, "benchmark"]
     assert result.variant(mode)["vs_fp32"]["cosine"] > 0.99
     source = ort.InferenceSession(str(sources["mlp.onnx"]), providers=["CPUExecutionProvider"])
@@ -716,6 +727,39 @@ def test_exported_program_allowed(jobs: dict[str, Result]) -> None:
     assert result.report["inputs"][0]["shape"] == [-1, 16]  # read from the program
     assert result.report["exporter"] == "torch.onnx.export(dynamo=True)"
     assert_matches_torch(result.model, seeded(nets.mlp, **MLP_KWARGS), [16])
+
+
+class SumOverSequence(torch.nn.Module):
+    """[batch, seq, 4] -> [batch, 4]: a program whose sequence dim torch.export keeps dynamic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x).sum(dim=1)
+
+
+@pytest.mark.slow
+def test_an_exported_programs_own_dynamic_axes_are_kept(jobs: dict[str, Result]) -> None:
+    """The program's symbolic dims besides the batch become its dynamic axes, with the range
+    torch.export proved: exported symbolic, run at both bounds, carried by the file."""
+    result = succeeded(jobs["pt2_seq"])
+    (spec,) = result.report["inputs"]
+    assert spec["shape"] == [-1, 8, 4]  # sampled at 8, within the program's 2..64
+    (axis,) = spec["dynamic_axes"]
+    assert (axis["axis"], axis["min"], axis["max"]) == (1, 2, 64)
+    assert any("dynamic axes verified" in n and "=64" in n for n in result.report["notes"])
+    props = {p.key: p.value for p in onnx.load(str(result.model)).metadata_props}
+    assert json.loads(props["ferry.dynamic_axes"])["x"]["1"][1:] == [2, 64]
+    session = ort.InferenceSession(str(result.model), providers=["CPUExecutionProvider"])
+    module = SumOverSequence().eval()
+    for length in (2, 17, 64):
+        x = np.random.default_rng(length).standard_normal([3, length, 4]).astype(np.float32)
+        (got,) = session.run(None, {"x": x})
+        with torch.no_grad():
+            np.testing.assert_allclose(got, module(torch.from_numpy(x)).numpy(), atol=1e-5)
 
 
 @pytest.mark.slow

@@ -52,10 +52,11 @@ def test_publish_leaves_model_and_one_data_file_with_relative_locations(
         location="fp16.onnx.data" if one_file else None,
         size_threshold=0,
     )
-    dropped = external.publish(source, work)
-    assert dropped == ["ai.onnx.training"]
+    external.publish(source, work, lambda m: graph.prepare_model(m, {"k": "v"}))
     assert sorted(p.name for p in work.iterdir()) == ["model.onnx", "model.onnx.data"]
     published = onnx.load(str(work / "model.onnx"), load_external_data=False)
+    assert [o.domain for o in published.opset_import] == [""]  # the unused one dropped
+    assert {p.key: p.value for p in published.metadata_props} == {"k": "v"}
     assert {r.location for r in onnx_safety.external_refs(published)} == {"model.onnx.data"}
     assert np.allclose(run(work / "model.onnx"), W)
     assert not source.exists()
@@ -68,7 +69,7 @@ def test_publish_moves_a_self_contained_variant_as_it_is(tmp_path: Path) -> None
     onnx.save_model(m, str(source))
     data = source.read_bytes()
     (tmp_path / "work").mkdir()
-    assert external.publish(source, tmp_path / "work") == []
+    external.publish(source, tmp_path / "work", lambda m: graph.prepare_model(m, {}))
     assert (tmp_path / "work" / "model.onnx").read_bytes() == data
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["model.onnx"]
 

@@ -25,6 +25,7 @@ from ferry.cli._common import (
 )
 from ferry.client import (
     ConversionClient,
+    DynamicAxis,
     FerryError,
     InputSpec,
     InvalidInputError,
@@ -50,17 +51,39 @@ MLP_KWARGS = '{"in_features": 64, "hidden": [256], "out_features": 10}'
 
 
 def _input_spec(text: str) -> InputSpec:
-    """``NAME:DATATYPE:D,D,...`` with -1 for dynamic dims, e.g. ``input:FP32:-1,64``."""
+    """``NAME:DATATYPE:D,D,...`` with -1 for dynamic dims, e.g. ``input:FP32:-1,64``; a dim
+    ``SIZE@AXIS=MIN..MAX`` (or ``SIZE@AXIS``, unbounded) declares a dynamic axis whose samples
+    are made at SIZE, e.g. ``input_ids:INT64:-1,128@sequence=1..512``."""
     parts = text.split(":")
     try:
         if len(parts) != 3 or not parts[0]:
             raise ValueError
-        return InputSpec(parts[0], parts[1].upper(), [int(d) for d in parts[2].split(",")])
+        dims: list[int] = []
+        axes: dict[int, DynamicAxis] = {}
+        for index, token in enumerate(parts[2].split(",")):
+            size, at, axis = token.partition("@")
+            dims.append(int(size))
+            if at:
+                axes[index] = _axis(axis)
+        return InputSpec(parts[0], parts[1].upper(), dims, axes)
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected NAME:DATATYPE:D1,D2,... with -1 for dynamic dims "
-            "(e.g. input:FP32:-1,64)"
+            "(e.g. input:FP32:-1,64), and SIZE@AXIS=MIN..MAX for a dynamic axis "
+            "(e.g. input_ids:INT64:-1,128@sequence=1..512)"
         ) from None
+
+
+def _axis(text: str) -> DynamicAxis:
+    name, _, bounds = text.partition("=")
+    if not name:
+        raise ValueError
+    if not bounds:
+        return DynamicAxis(name)
+    low, sep, high = bounds.partition("..")
+    if not sep:
+        raise ValueError
+    return DynamicAxis(name, int(low) if low else 1, int(high) if high else None)
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -166,7 +189,9 @@ def register(sub: Any) -> None:
         default=[],
         dest="inputs",
         metavar="NAME:DTYPE:DIMS",
-        help="a model input, e.g. input:FP32:-1,64; repeatable",
+        help="a model input, e.g. input:FP32:-1,64; a dim SIZE@AXIS=MIN..MAX is a dynamic axis "
+        "whose samples are made at SIZE (e.g. input_ids:INT64:-1,128@sequence=1..512); "
+        "repeatable",
     )
     p.add_argument("--opset", type=positive_int, default=20, help="ONNX opset (default 20)")
     p.add_argument(

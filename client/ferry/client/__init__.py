@@ -10,6 +10,7 @@ from ferry.client._async import AsyncInferenceClient, AsyncInferStream
 from ferry.client._channel import ChannelConfig, TLSConfig
 from ferry.client._conversion import ConversionClient, Job, JobFailedError
 from ferry.client._conversion_types import (
+    DynamicAxis,
     InputSpec,
     ModelInfo,
     Parity,
@@ -77,6 +78,7 @@ __all__ = [
     "ConversionError",
     "DeadlineExceededError",
     "DurationStat",
+    "DynamicAxis",
     "FerryError",
     "InferResult",
     "InferStream",

@@ -28,6 +28,7 @@ import grpc
 from ferry.client._archive import ARCHIVE_FORMAT, external_locations, pack_folder, pack_model
 from ferry.client._channel import TLSConfig
 from ferry.client._conversion_types import (
+    DynamicAxis,
     InputSpec,
     ModelInfo,
     ProgressEvent,
@@ -214,6 +215,7 @@ class ConversionClient(ManagementClient):
         architecture_kwargs: Mapping[str, Any] | None = None,
         description: str = "",
         example_inputs: Any = None,
+        dynamic_axes: Mapping[str, Mapping[int, DynamicAxis | str]] | None = None,
         chunk_size: int = MiB,
         opset: int = 20,
         timeout: float | None = None,
@@ -228,6 +230,12 @@ class ConversionClient(ManagementClient):
         to ONNX here, and the graph's input names are checked against the bound names. Either
         way the module's own outputs on the examples (from that same call, not from the export)
         travel with the upload, and ``convert`` has the server validate against them.
+
+        ``dynamic_axes`` declares dims besides the batch that vary between requests, per input:
+        ``{"input_ids": {1: DynamicAxis("sequence", max=512)}, "attention_mask": {1:
+        DynamicAxis("sequence", max=512)}}`` (axes sharing a name are one size). The export
+        keeps them symbolic (or says which one the model fixes), the server runs the model at
+        their bounds, and the served version refuses requests outside them.
         """
         self._check_open()
         if chunk_size <= 0:
@@ -239,7 +247,9 @@ class ConversionClient(ManagementClient):
         if torch is not None and isinstance(source, torch.nn.Module):
             if example_inputs is None:
                 raise InvalidInputError("uploading an nn.Module needs example_inputs=")
-            data, fmt, extras = from_module(torch, source, example_inputs, architecture, opset)
+            data, fmt, extras = from_module(
+                torch, source, example_inputs, architecture, opset, dynamic_axes=dynamic_axes
+            )
             packed = data if isinstance(data, Path) else None
             fmt = format or fmt
         elif isinstance(source, bytes | bytearray | memoryview):

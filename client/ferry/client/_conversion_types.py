@@ -23,12 +23,33 @@ ArrayMap = Mapping[str, Any]  # name -> numpy array (or anything np.asarray acce
 
 
 @dataclass(frozen=True)
+class DynamicAxis:
+    """A dim besides the batch that varies between requests: a sequence length, an image side.
+
+    Axes that share a ``name`` are one size in every request (``input_ids`` and
+    ``attention_mask`` share "sequence"). The export keeps the dim symbolic and the server runs
+    the model at ``min`` and ``max`` before publishing it; the served version refuses a request
+    outside them with ``InvalidInputError``. ``max=None``: no upper bound (the server then also
+    runs it at twice the example's size).
+    """
+
+    name: str
+    min: int = 1
+    max: int | None = None
+
+
+@dataclass(frozen=True)
 class InputSpec:
-    """One model input; -1 in ``shape`` is a dynamic dimension (the first is the batch)."""
+    """One model input; -1 in ``shape`` is a dynamic dimension (the first is the batch).
+
+    ``dynamic_axes`` (dim index -> ``DynamicAxis``) declares dims besides the batch that vary;
+    ``shape`` then gives the size validation samples are made at, e.g.
+    ``InputSpec("input_ids", "INT64", [-1, 128], {1: DynamicAxis("sequence", max=512)})``."""
 
     name: str
     datatype: str  # "FP32", "INT64", ...
     shape: Sequence[int]
+    dynamic_axes: Mapping[int, DynamicAxis] = field(default_factory=dict, hash=False)
 
 
 @dataclass(frozen=True)
@@ -330,8 +351,21 @@ def parse_upload(m: pb.Upload) -> Upload:
         architecture_kwargs=kwargs,
         description=m.description,
         created=m.created_ms / 1000,
-        inputs=tuple(InputSpec(i.name, datatype_name(i.dtype), tuple(i.shape)) for i in m.inputs),
+        inputs=tuple(parse_input_spec(i) for i in m.inputs),
     )
+
+
+def parse_input_spec(m: pb.InputSpec) -> InputSpec:
+    axes = {a.axis: DynamicAxis(a.name, a.min or 1, a.max or None) for a in m.dynamic_axes}
+    return InputSpec(m.name, datatype_name(m.dtype), tuple(m.shape), axes)
+
+
+def input_spec_message(i: InputSpec) -> pb.InputSpec:
+    out = pb.InputSpec(name=i.name, shape=list(i.shape))
+    out.dtype = datatype_from_name(i.datatype)  # type: ignore[assignment]
+    for axis, a in sorted(i.dynamic_axes.items()):
+        out.dynamic_axes.add(axis=axis, name=a.name, min=a.min, max=a.max or 0)
+    return out
 
 
 def parse_event(m: pb.ProgressEvent) -> ProgressEvent:
@@ -393,8 +427,7 @@ def build_spec(
         rollout=rollout or "",
         rollout_fraction=rollout_fraction or 0.0,
     )
-    for i in inputs:
-        spec.inputs.add(name=i.name, dtype=datatype_from_name(i.datatype), shape=list(i.shape))
+    spec.inputs.extend(input_spec_message(i) for i in inputs)
     if pruning is not None:
         spec.pruning.method, spec.pruning.amount = pruning.method, pruning.amount
     if quantization is not None:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ferry.client import _archive
-from ferry.client._conversion_types import InputSpec
+from ferry.client._conversion_types import DynamicAxis, InputSpec
 from ferry.client._errors import InvalidInputError
 from ferry.codec import datatype_name, datatype_of
 
@@ -206,24 +206,83 @@ def _numpy(tensor: Any) -> np.ndarray:
     return np.asarray(tensor.detach().cpu().numpy())
 
 
-def _spec(name: str, array: np.ndarray) -> InputSpec:
-    return InputSpec(name, datatype_name(datatype_of(array.dtype)), [-1, *array.shape[1:]])
+Axes = dict[str, dict[int, DynamicAxis]]  # input name -> dim -> its declaration
+
+
+def _spec(name: str, array: np.ndarray, axes: Axes) -> InputSpec:
+    datatype = datatype_name(datatype_of(array.dtype))
+    return InputSpec(name, datatype, [-1, *array.shape[1:]], axes.get(name, {}))
+
+
+def declared_axes(bound: Bound, given: Any) -> Axes:
+    """``dynamic_axes`` checked against the bound inputs: input name -> {dim: DynamicAxis}; a
+    plain string names an unbounded axis."""
+    if not given:
+        return {}
+    if not isinstance(given, Mapping):
+        raise InvalidInputError(
+            'dynamic_axes maps input names to {dim: DynamicAxis}, e.g. {"input_ids": '
+            '{1: DynamicAxis("sequence", max=512)}}'
+        )
+    out: Axes = {}
+    sizes: dict[str, tuple[str, int, DynamicAxis]] = {}
+    for name, dims in given.items():
+        if name not in bound.named:
+            raise InvalidInputError(
+                f"dynamic_axes names {name!r}, which is not an input; the inputs are "
+                f"{list(bound.named)}"
+            )
+        tensor = bound.named[name]
+        if not isinstance(dims, Mapping):
+            raise InvalidInputError(f"dynamic_axes[{name!r}] must map dims to DynamicAxis")
+        out[name] = {}
+        for dim, declared in dims.items():
+            where = f"dynamic_axes[{name!r}][{dim!r}]"
+            axis = DynamicAxis(declared) if isinstance(declared, str) else declared
+            if not isinstance(axis, DynamicAxis):
+                raise InvalidInputError(f"{where} must be a DynamicAxis or a name")
+            if not isinstance(dim, int) or dim == 0 or not 0 < dim < tensor.dim():
+                raise InvalidInputError(
+                    f"{where}: dims 1..{tensor.dim() - 1} of {name!r} can be declared (dim 0, "
+                    "the batch, is always dynamic)"
+                )
+            size = int(tensor.shape[dim])
+            if axis.min < 1 or (axis.max is not None and not axis.min <= size <= axis.max):
+                raise InvalidInputError(
+                    f"{where} ({axis.name}): the example's size {size} must lie within "
+                    f"min..max ({axis.min}..{axis.max}), and min >= 1"
+                )
+            first = sizes.setdefault(axis.name, (name, size, axis))
+            if (first[1], first[2]) != (size, axis):
+                raise InvalidInputError(
+                    f"dynamic axis {axis.name!r}: {name!r} dim {dim} is {size} ({axis}) but "
+                    f"{first[0]!r} has {first[1]} ({first[2]}): axes sharing a name must agree"
+                )
+            out[name][dim] = axis
+    return out
 
 
 def from_module(
-    torch: Any, module: Any, examples: Any, architecture: str | None, opset: int
+    torch: Any,
+    module: Any,
+    examples: Any,
+    architecture: str | None,
+    opset: int,
+    *,
+    dynamic_axes: Any = None,
 ) -> tuple[bytes | Path, str, dict[str, Any]]:
     """The upload's bytes, its format, and what travels with it (input specs, samples keyed by
     the served input names, and the module's outputs on them)."""
     bound = bind(torch, module, examples)
+    axes = declared_axes(bound, dynamic_axes)
     result = call(torch, module, bound)
     samples = {name: _numpy(t) for name, t in bound.named.items()}
     if architecture:
-        return _state_dict(torch, module, bound, result, samples)
+        return _state_dict(torch, module, bound, result, samples=samples, axes=axes)
     outputs = flatten_outputs(torch, result)
-    data, graph_inputs = _export(torch, module, bound, list(outputs), opset)
+    data, graph_inputs = _export(torch, module, bound, list(outputs), opset=opset, axes=axes)
     extras = {
-        "inputs": tuple(_spec(name, samples[name]) for name in graph_inputs),
+        "inputs": tuple(_spec(name, samples[name], axes) for name in graph_inputs),
         "sample_inputs": {name: samples[name] for name in graph_inputs},
         "reference_outputs": {name: _numpy(t) for name, t in outputs.items()},
     }
@@ -236,7 +295,13 @@ def _weight_bytes(module: Any) -> int:
 
 
 def _state_dict(
-    torch: Any, module: Any, bound: Bound, result: Any, samples: dict[str, np.ndarray]
+    torch: Any,
+    module: Any,
+    bound: Bound,
+    result: Any,
+    *,
+    samples: dict[str, np.ndarray],
+    axes: Axes,
 ) -> tuple[bytes, str, dict[str, Any]]:
     """The server rebuilds the architecture and calls it positionally in spec order, so the
     examples must be forward's leading parameters, and the specs go in signature order."""
@@ -250,12 +315,11 @@ def _state_dict(
             f"forward's first {len(given)} positional parameters {_listing(bound.signature)}, "
             f"got {sorted(given)}; or upload without architecture= to export it here"
         )
-    flat = list(flatten_outputs(torch, result).values())
-    names = ["output"] if len(flat) == 1 else [f"output_{i}" for i in range(len(flat))]
+    outputs = flatten_outputs(torch, result)  # the server's export names them the same way
     extras = {
-        "inputs": tuple(_spec(name, samples[name]) for name in leading),
+        "inputs": tuple(_spec(name, samples[name], axes) for name in leading),
         "sample_inputs": {name: samples[name] for name in leading},
-        "reference_outputs": {n: _numpy(t) for n, t in zip(names, flat, strict=True)},
+        "reference_outputs": {name: _numpy(t) for name, t in outputs.items()},
     }
     buffer = io.BytesIO()
     torch.save(module.state_dict(), buffer)
@@ -295,38 +359,60 @@ _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 
 def _export(
-    torch: Any, module: Any, bound: Bound, out_names: list[str], opset: int
+    torch: Any, module: Any, bound: Bound, out_names: list[str], *, opset: int, axes: Axes
 ) -> tuple[bytes | Path, list[str]]:
     """Export with the user's own ``args`` and ``kwargs``; return the file and the graph's input
     names in the graph's order, read from the file and checked against the bound names."""
-
-    def doubled(value: Any) -> Any:
-        # An example batch of 1 can freeze the batch dim: export with at least 2.
-        return torch.cat([value, value]) if value.shape[0] < 2 else value
-
     batch = torch.export.Dim("batch", min=1, max=4096)
+    named_dims = {
+        a.name: torch.export.Dim(a.name, min=a.min, max=a.max)
+        for dims in axes.values()
+        for a in dims.values()
+    }
+    # Tensor identity -> input name: the examples reach dims() inside their containers.
+    names = {id(value): name for name, value in bound.named.items()}
+
+    def widened(value: Any) -> Any:
+        # An example of size 1 can freeze a dim (the exporter specializes on 0 and 1): export
+        # with 2 along the batch and along each declared axis whose bounds allow it.
+        if value.shape[0] < 2:
+            value = torch.cat([value, value])
+        for dim, a in axes.get(names.get(id(value), ""), {}).items():
+            if value.shape[dim] == 1 and (a.max is None or a.max >= 2):
+                value = torch.cat([value, value], dim=dim)
+        return value
 
     def dims(value: Any) -> Any:
         if isinstance(value, Mapping):
             return {k: dims(v) for k, v in value.items()}
         if isinstance(value, tuple | list):
             return tuple(dims(v) for v in value)
-        return {0: batch}
+        declared = axes.get(names.get(id(value), ""), {})
+        return {0: batch, **{dim: named_dims[a.name] for dim, a in declared.items()}}
 
-    args = tuple(doubled(a) for a in bound.args)
-    kwargs = {k: doubled(v) for k, v in bound.kwargs.items()}
     dynamic_shapes = {name: dims(value) for name, value in bound.arguments.items()}
+    args = tuple(widened(a) for a in bound.args)
+    kwargs = {k: widened(v) for k, v in bound.kwargs.items()}
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         path = Path(tmp) / "model.onnx"
-        program = torch.onnx.export(
-            module,
-            args,
-            kwargs=kwargs,
-            dynamo=True,
-            output_names=out_names,
-            dynamic_shapes=dynamic_shapes,
-            opset_version=opset,
-        )
+        try:
+            program = torch.onnx.export(
+                module,
+                args,
+                kwargs=kwargs,
+                dynamo=True,
+                output_names=out_names,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+            )
+        except Exception as exc:
+            if axes and _specializes(exc):
+                raise InvalidInputError(
+                    f"{type(module).__name__} cannot export with the declared dynamic_axes: it "
+                    f"fixes one of them to the example's size ({_first_line(exc)}); write the "
+                    "model with x.shape[...] or -1 instead of literal sizes, or drop that axis"
+                ) from None
+            raise
         # Over the threshold the weights go beside the graph (an ONNX file cannot exceed
         # 2 GiB), and the upload is the folder as one archive.
         external = _weight_bytes(module) > _archive.EXTERNAL_DATA_THRESHOLD
@@ -350,9 +436,36 @@ def _export(
             f"the exported graph takes inputs {graph_inputs}, but example_inputs name "
             f"{list(bound.named)}{hint}"
         )
+    for name, declared in axes.items():
+        value = next(v for v in graph.input if v.name == name)
+        shape = value.type.tensor_type.shape.dim
+        for dim, a in declared.items():
+            if not shape[dim].dim_param:
+                raise InvalidInputError(
+                    f"the exporter fixed dim {dim} ({a.name}) of {name!r} to "
+                    f"{shape[dim].dim_value}: the model specializes on its size; write it with "
+                    "x.shape[...] or -1 instead of a literal size"
+                )
     if graph_outputs != out_names:
         raise InvalidInputError(
             f"the exported graph gives outputs {graph_outputs}, the module returns {out_names}: "
             "wrap the model so that forward returns a tensor or a tuple of tensors"
         )
     return data, graph_inputs
+
+
+def _specializes(exc: BaseException) -> bool:
+    """torch.export's refusal of a dim the model fixes (its "Constraints violated" family)."""
+    text = f"{type(exc).__name__}: {exc}"
+    return any(
+        marker in text
+        for marker in ("Constraints violated", "specialized", "ConstraintViolation", "Not all")
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "specialized" in line or "must be" in line or "Constraints" in line:
+            return line[:300]
+    return lines[0][:300] if lines else type(exc).__name__

@@ -119,14 +119,28 @@ class DeleteUploadResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class InputSpec(_message.Message):
-    __slots__ = ("name", "dtype", "shape")
+    __slots__ = ("name", "dtype", "shape", "dynamic_axes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
+    DYNAMIC_AXES_FIELD_NUMBER: _ClassVar[int]
     name: str
     dtype: _tensor_pb2.DataType
     shape: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
+    dynamic_axes: _containers.RepeatedCompositeFieldContainer[DynamicAxis]
+    def __init__(self, name: _Optional[str] = ..., dtype: _Optional[_Union[_tensor_pb2.DataType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., dynamic_axes: _Optional[_Iterable[_Union[DynamicAxis, _Mapping]]] = ...) -> None: ...
+
+class DynamicAxis(_message.Message):
+    __slots__ = ("axis", "name", "min", "max")
+    AXIS_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MIN_FIELD_NUMBER: _ClassVar[int]
+    MAX_FIELD_NUMBER: _ClassVar[int]
+    axis: int
+    name: str
+    min: int
+    max: int
+    def __init__(self, axis: _Optional[int] = ..., name: _Optional[str] = ..., min: _Optional[int] = ..., max: _Optional[int] = ...) -> None: ...
 
 class PruningSpec(_message.Message):
     __slots__ = ("method", "amount")

@@ -42,10 +42,28 @@ STAGES = (
 
 
 @dataclass
+class DynamicAxis:
+    """A dim besides the batch that varies between requests: kept symbolic at export, run at
+    both bounds, and enforced at the door of the served version."""
+
+    axis: int  # index in the input's shape, >= 1
+    name: str  # axes sharing a name must agree in a request
+    min: int = 1
+    max: int = 0  # 0: no upper bound
+
+
+@dataclass
 class InputSpec:
     name: str
     datatype: str  # "FP32", "INT64", ... (Open Inference Protocol names)
     shape: list[int]  # -1: dynamic; the first dim is the batch dim when batching
+    # Dims that vary besides the batch; ``shape`` gives the size samples are made at.
+    dynamic_axes: list[DynamicAxis] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.dynamic_axes = [
+            a if isinstance(a, DynamicAxis) else DynamicAxis(**a) for a in self.dynamic_axes
+        ]
 
 
 @dataclass

@@ -27,6 +27,7 @@ from ferry.server.convert.spec import (
     ONNX_FORMATS,
     SOURCE_FORMATS,
     ConversionSpec,
+    InputSpec,
     Job,
 )
 from ferry.server.convert.strategies import pruning as pruning_methods
@@ -226,6 +227,53 @@ def _check_inputs(spec: ConversionSpec, source_format: str) -> None:
                 f"input {i.name!r}: shape {i.shape} must list dims > 0, or -1 for a dynamic "
                 f"dim (rank <= {MAX_RANK})"
             )
+        _check_axes(i)
+    _check_shared_axes(spec.inputs)
+
+
+def _check_axes(i: InputSpec) -> None:
+    seen: set[int] = set()
+    for a in i.dynamic_axes:
+        where = f"input {i.name!r} dynamic axis {a.axis}"
+        if a.axis == 0:
+            raise InvalidArgument(
+                f"{where}: dim 0 is the batch dim, which is always dynamic; name only the others"
+            )
+        if not 0 < a.axis < len(i.shape):
+            raise InvalidArgument(f"{where}: the shape {i.shape} has no dim {a.axis}")
+        if a.axis in seen:
+            raise InvalidArgument(f"{where} is given twice")
+        seen.add(a.axis)
+        if not a.name or len(a.name) > 64 or not a.name.isidentifier():
+            raise InvalidArgument(
+                f"{where}: name {a.name[:80]!r} must be an identifier such as 'sequence'"
+            )
+        if a.min < 1 or (a.max and a.max < a.min) or a.max < 0:
+            raise InvalidArgument(
+                f"{where} ({a.name}): bounds {a.min}..{a.max or 'unbounded'} must have "
+                "1 <= min <= max (max 0: unbounded)"
+            )
+        size = i.shape[a.axis]
+        if size != -1 and not a.min <= size <= (a.max or size):
+            raise InvalidArgument(
+                f"{where} ({a.name}): the shape gives size {size}, outside its bounds "
+                f"{a.min}..{a.max}: samples are made at the shape's size"
+            )
+
+
+def _check_shared_axes(inputs: list[InputSpec]) -> None:
+    """Axes sharing a name are one size in every request: they must agree on everything."""
+    first: dict[str, tuple[str, int, int, int]] = {}
+    for i in inputs:
+        for a in i.dynamic_axes:
+            here = (i.name, i.shape[a.axis], a.min, a.max)
+            there = first.setdefault(a.name, here)
+            if here[1:] != there[1:]:
+                raise InvalidArgument(
+                    f"dynamic axis {a.name!r} is size {here[1]} in {i.name!r} "
+                    f"({a.min}..{a.max or 'unbounded'}) but size {there[1]} in {there[0]!r} "
+                    f"({there[2]}..{there[3] or 'unbounded'}): axes sharing a name must agree"
+                )
 
 
 def _check_name(what: str, name: str) -> None:

@@ -25,11 +25,27 @@ MAX_VERSION = 2**53  # representable exactly in JSON and float64 clients
 _VERSION_TEXT = re.compile(r"[0-9]{1,16}")
 
 
+# The ONNX model metadata key under which a published version carries its dynamic axes' bounds
+# (written by the conversion child, read when a session opens): {input: {axis: [name, min, max]}}.
+DYNAMIC_AXES_METADATA = "ferry.dynamic_axes"
+
+
+@dataclass(frozen=True, slots=True)
+class AxisBound:
+    """A dynamic dim besides the batch, with the sizes the version was verified at."""
+
+    axis: int
+    name: str  # inputs' axes that share a name must agree in a request
+    min: int
+    max: int  # 0: no upper bound
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: int  # ferry.v1 DataType
     shape: tuple[int, ...]  # -1 for a dynamic (symbolic or unknown) dimension
+    bounds: tuple[AxisBound, ...] = ()
 
 
 @dataclass(slots=True)

@@ -195,7 +195,10 @@ def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, validation.SpecTen
             datatype = datatype_name(i.dtype)
         except CodecError:
             raise InvalidArgument(f"input {i.name!r}: set its dtype (e.g. FP32)") from None
-        inputs.append(spec.InputSpec(name=i.name, datatype=datatype, shape=list(i.shape)))
+        axes = [spec.DynamicAxis(a.axis, a.name, a.min or 1, a.max) for a in i.dynamic_axes]
+        inputs.append(
+            spec.InputSpec(name=i.name, datatype=datatype, shape=list(i.shape), dynamic_axes=axes)
+        )
     q, v, s = m.quantization, m.validation, m.serving
     # Unset fields keep the defaults of convert/spec.py, stated there only: empty strings and
     # zeros are proto3's "unset" for plain fields, HasField tells for the optional ones.
@@ -278,7 +281,11 @@ def _upload(r: UploadRecord, inputs: list[spec.InputSpec]) -> pb.Upload:
         created_ms=r.created_ms,
     )
     for i in inputs:
-        out.inputs.add(name=i.name, dtype=datatype_from_name(i.datatype), shape=list(i.shape))
+        added = out.inputs.add(
+            name=i.name, dtype=datatype_from_name(i.datatype), shape=list(i.shape)
+        )
+        for a in i.dynamic_axes:
+            added.dynamic_axes.add(axis=a.axis, name=a.name, min=a.min, max=a.max)
     return out
 
 

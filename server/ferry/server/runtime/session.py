@@ -6,6 +6,8 @@ Sessions are created, warmed up and run on worker threads: onnxruntime releases 
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import time
@@ -17,7 +19,7 @@ import onnxruntime as ort
 
 from ferry.codec import DataType, numpy_dtype
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRuntimeConfig
-from ferry.server.core.types import TensorSpec
+from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
 from ferry.server.runtime import plans
 from ferry.server.runtime import providers as provider_table
@@ -59,6 +61,33 @@ def _spec(node: Any) -> TensorSpec:
         )
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in (node.shape or ()))
     return TensorSpec(node.name, dtype, shape)
+
+
+def _axis_bounds(session: Any, path: Path) -> dict[str, tuple[AxisBound, ...]]:
+    """The bounds a converted version was verified at (model metadata written at publish).
+    A file whose entry does not parse, or names dims the graph does not leave dynamic, is
+    served without them (a hand-edited file is not refused over advisory metadata)."""
+    text = session.get_modelmeta().custom_metadata_map.get(DYNAMIC_AXES_METADATA)
+    if not text:
+        return {}
+    shapes = {spec.name: spec.shape for spec in map(_spec, session.get_inputs())}
+    try:
+        table = json.loads(text)
+        out = {
+            name: tuple(
+                AxisBound(int(axis), str(n), int(lo), int(hi))
+                for axis, (n, lo, hi) in sorted(axes.items(), key=lambda kv: int(kv[0]))
+            )
+            for name, axes in table.items()
+        }
+        for name, axes in out.items():
+            shape = shapes[name]
+            if any(not 0 < b.axis < len(shape) or shape[b.axis] != -1 for b in axes):
+                raise ValueError(f"input {name!r} has no dynamic dim at one of its axes")
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        log.warning("%s: ignoring its %s metadata (%s)", path, DYNAMIC_AXES_METADATA, exc)
+        return {}
+    return out
 
 
 def _bf16_ortvalue(arr: np.ndarray) -> Any:
@@ -185,7 +214,11 @@ class OrtSession:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
         self.session = ort.InferenceSession(os.fspath(path), sess_options=so, providers=providers)
-        self.inputs = [_spec(n) for n in self.session.get_inputs()]
+        bounds = _axis_bounds(self.session, path)
+        self.inputs = [
+            dataclasses.replace(spec, bounds=bounds.get(spec.name, ()))
+            for spec in map(_spec, self.session.get_inputs())
+        ]
         self.outputs = [_spec(n) for n in self.session.get_outputs()]
         self._bf16_inputs = {s.name for s in self.inputs if s.dtype == DataType.DATA_TYPE_BF16}
         self._bf16_outputs = {s.name for s in self.outputs if s.dtype == DataType.DATA_TYPE_BF16}

@@ -42,14 +42,10 @@ class Exported:
     notes: list[str] = field(default_factory=list)
 
 
-def output_names(count: int) -> list[str]:
-    return ["output"] if count == 1 else [f"output_{i}" for i in range(count)]
-
-
 def export(
     source: Source,
     example: tuple[torch.Tensor, ...],
-    outputs: int,
+    out_names: list[str],
     path: Path,
     opset: int,
     *,
@@ -58,7 +54,6 @@ def export(
     """Export to ``path``; ``external``: the weights go to ``path``'s data file (models over
     2 GiB; the legacy exporter decides that on its own, writing one file per tensor)."""
     names = [spec.name for spec in source.inputs]
-    out_names = output_names(outputs)
     result = Exported(DYNAMO)
     dynamo_error: BaseException | None = None
     if not isinstance(source.module, torch.jit.ScriptModule):
@@ -75,7 +70,10 @@ def export(
             dynamo=False,
             input_names=names,
             output_names=out_names,
-            dynamic_axes={name: {0: "batch"} for name in [*names, *out_names]},
+            dynamic_axes={
+                **{spec.name: _legacy_axes(spec) for spec in source.inputs},
+                **{name: {0: "batch"} for name in out_names},
+            },
             opset_version=opset,
             do_constant_folding=True,
         )
@@ -110,13 +108,33 @@ def _dynamo(
         # The program already carries its dynamic dims; re-tracing its module could specialize them.
         program = torch.onnx.export(source.program, example, **common)
     else:
-        batch = torch.export.Dim("batch", min=1, max=MAX_BATCH_DIM)
-        shapes = tuple({0: batch} for _ in example)
-        program = torch.onnx.export(source.module, example, dynamic_shapes=shapes, **common)
+        program = torch.onnx.export(
+            source.module, example, dynamic_shapes=dynamic_shapes(source), **common
+        )
     if program is None:  # only when given a path, which this call never does
         raise ConversionFailed("the exporter returned no program")
     program.save(str(path), external_data=external)
     _strip_debug_metadata(path)
+
+
+def dynamic_shapes(source: Source) -> tuple[dict[int, Any], ...]:
+    """torch.export's dims: the batch, and each declared axis (one Dim per name, so axes that
+    share a name are one size)."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH_DIM)
+    named: dict[str, Any] = {}
+    shapes = []
+    for spec in source.inputs:
+        dims: dict[int, Any] = {0: batch}
+        for a in spec.dynamic_axes:
+            if a.name not in named:
+                named[a.name] = torch.export.Dim(a.name, min=a.min, max=a.max or None)
+            dims[a.axis] = named[a.name]
+        shapes.append(dims)
+    return tuple(shapes)
+
+
+def _legacy_axes(spec: Any) -> dict[int, str]:
+    return {0: "batch", **{a.axis: a.name for a in spec.dynamic_axes}}
 
 
 def _strip_debug_metadata(path: Path) -> None:
@@ -205,13 +223,36 @@ def verify_batch(path: Path, source: Source, max_batch: int, threads: int) -> No
 
 
 def example_inputs(source: Source) -> tuple[torch.Tensor, ...]:
-    """A batch of 2: an example batch of 1 lets the exporter specialize the batch dim to 1."""
-    arrays = generate(source.inputs, 2, batched=True).arrays
+    """A batch of 2: an example batch of 1 lets the exporter specialize the batch dim to 1; a
+    declared axis of size 1 is made 2 for the same reason, when its bounds allow."""
+    from ferry.server.convert.worker import dims
+
+    sizes = {
+        a.name: 2 if spec.shape[a.axis] == 1 and (a.max or 2) >= 2 else spec.shape[a.axis]
+        for spec in source.inputs
+        for a in spec.dynamic_axes
+    }
+    arrays = generate(dims.resized(source.inputs, sizes), 2, batched=True).arrays
     return tuple(torch.from_numpy(arrays[spec.name]) for spec in source.inputs)
 
 
+def torch_outputs(result: Any) -> dict[str, torch.Tensor]:
+    """Output name -> tensor, named as the model names them (dict and ModelOutput keys,
+    namedtuple fields; ``output`` / ``output_i`` by position otherwise), in the exporter's order.
+    The SDK's module export names them by the same rule."""
+    from ferry.client import InvalidInputError
+    from ferry.client._module_upload import flatten_outputs
+
+    try:
+        return flatten_outputs(torch, result)
+    except InvalidInputError as exc:
+        raise InvalidArgument(
+            f"{exc.message}; wrap the model so that forward returns tensors"
+        ) from None
+
+
 def torch_runner(source: Source) -> Callable[[dict[str, np.ndarray]], list[np.ndarray]]:
-    """Run the PyTorch model on named numpy inputs; outputs as a list of numpy arrays."""
+    """Run the PyTorch model on named numpy inputs; outputs in ``torch_outputs``' order."""
     names = [spec.name for spec in source.inputs]
 
     def run(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -219,14 +260,12 @@ def torch_runner(source: Source) -> Callable[[dict[str, np.ndarray]], list[np.nd
             result = source.module(
                 *(torch.from_numpy(np.ascontiguousarray(feed[n])) for n in names)
             )
-        outputs = [result] if isinstance(result, torch.Tensor) else result
-        if not isinstance(outputs, list | tuple) or not all(
-            isinstance(o, torch.Tensor) for o in outputs
-        ):
-            raise InvalidArgument(
-                f"the model returns {type(result).__name__}: only a tensor or a tuple of tensors "
-                "can be served; wrap the model so that forward returns tensors"
-            )
-        return [o.detach().cpu().numpy() for o in outputs]
+        return [o.detach().cpu().numpy() for o in torch_outputs(result).values()]
 
     return run
+
+
+def module_output_names(source: Source) -> list[str]:
+    """The names the export gives the outputs: the model's own (``torch_outputs``)."""
+    with torch.inference_mode():
+        return list(torch_outputs(source.module(*example_inputs(source))))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -59,37 +59,29 @@ def copy(source: Path, target: Path, external: bool) -> None:
     save(model, target, external=True)
 
 
-def publish(source: Path, folder: Path) -> list[str]:
+def publish(source: Path, folder: Path, edit: Callable[[onnx.ModelProto], bool]) -> None:
     """Move variant ``source`` (and its data file) into ``folder`` as ``model.onnx`` (and
-    ``model.onnx.data``), dropping the opset imports no node uses; return the domains dropped.
-
-    onnxruntime's optimizer and quantizer declare every domain they know in the files they
-    write; a published file declaring ``ai.onnx.training`` would be refused by a stricter
-    consumer (it was by Ferry's own upload check), so the published file declares what it uses.
-    Only the graph is rewritten: the data file is renamed, never read."""
+    ``model.onnx.data``), after ``edit`` (which returns whether it changed the graph:
+    ``graph.prepare_model``). Only the graph is rewritten: the data file is renamed, never
+    read (unless the variant reads several, which one copy gathers into one)."""
     model = graph_only(source)
-    unused = onnx_safety.unused_opset_imports(model)
-    if unused:
-        kept = [o for o in model.opset_import if o.domain not in unused]
-        del model.opset_import[:]
-        model.opset_import.extend(kept)
+    changed = edit(model)
     names = locations(model)
     if len(names) > 1:  # not written by this package: one copy makes it one file
         onnx.load_external_data_for_model(model, str(source.parent))
         save(model, folder / MODEL_FILE, external=True)  # model.onnx.data: MODEL_DATA_FILE
         if source != folder / MODEL_FILE:
             source.unlink()
-        return unused
+        return
     if names:
         os.replace(source.parent / names[0], folder / MODEL_DATA_FILE)
         _relocate(model, MODEL_DATA_FILE)
-    if unused or names:
+    if changed or names:
         onnx.save_model(model, str(folder / MODEL_FILE))
         if source != folder / MODEL_FILE:
             source.unlink()
     else:
         os.replace(source, folder / MODEL_FILE)
-    return unused
 
 
 def _relocate(model: onnx.ModelProto, location: str) -> None:

@@ -8,6 +8,7 @@ source file is refused unless it is self-contained and uses only domains the ser
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,20 +31,72 @@ def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
             yield step.message
 
 
-def drop_unused_opsets(path: Path) -> list[str]:
-    """Rewrite ``path`` without the opset imports no node uses; return the domains dropped.
+def prepare_publish(path: Path, metadata: dict[str, str]) -> list[str]:
+    """Rewrite ``path`` without the opset imports no node uses, with ``metadata`` (its empty
+    values left out) set in its metadata_props; return the domains dropped.
 
     onnxruntime's optimizer and quantizer declare every domain they know in the files they
     write; a published file declaring ``ai.onnx.training`` would be refused by a stricter
-    consumer (it was by Ferry's own upload check), so the published file declares what it uses."""
+    consumer (it was by Ferry's own upload check), so the published file declares what it uses.
+    Only the graph is read and written (external data keeps its references)."""
     model = onnx.load(str(path), load_external_data=False)
     unused = onnx_safety.unused_opset_imports(model)
+    if prepare_model(model, metadata):
+        onnx.save(model, str(path))
+    return unused
+
+
+def prepare_model(model: onnx.ModelProto, metadata: dict[str, str]) -> bool:
+    """``prepare_publish`` on a loaded model; returns whether anything changed."""
+    unused = onnx_safety.unused_opset_imports(model)
+    metadata = {k: v for k, v in metadata.items() if v}
     if unused:
         kept = [o for o in model.opset_import if o.domain not in unused]
         del model.opset_import[:]
         model.opset_import.extend(kept)
-        onnx.save(model, str(path))
-    return unused
+    if metadata:
+        props = {p.key: p.value for p in model.metadata_props} | metadata
+        del model.metadata_props[:]
+        model.metadata_props.extend(
+            onnx.StringStringEntryProto(key=k, value=v) for k, v in props.items()
+        )
+    resorted = _sort_nodes(model.graph)
+    return bool(unused or metadata or resorted)
+
+
+def _sort_nodes(graph: onnx.GraphProto) -> bool:
+    """Put the nodes in an order where each comes after the producers of its inputs; return
+    whether it changed. onnxruntime's fp16 converter appends the Cast nodes it adds for kept
+    fp32 inputs at the end: onnxruntime runs that file, but onnx.checker (and so Ferry's own
+    upload) refuses it. Names no node produces (inputs, initializers, an outer scope) are
+    available from the start; the original order breaks ties, so a sorted graph is unchanged."""
+    nodes = list(graph.node)
+    produced = {out: i for i, node in enumerate(nodes) for out in node.output if out}
+    waiting = [
+        {produced[name] for name in node.input if name in produced and produced[name] != i}
+        for i, node in enumerate(nodes)
+    ]
+    if all(all(j < i for j in deps) for i, deps in enumerate(waiting)):
+        return False
+    users: dict[int, list[int]] = {}
+    for i, deps in enumerate(waiting):
+        for j in deps:
+            users.setdefault(j, []).append(i)
+    ready = [i for i, deps in enumerate(waiting) if not deps]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for user in users.get(i, []):
+            waiting[user].discard(i)
+            if not waiting[user]:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):
+        return False  # a cycle: leave the graph as it is for onnx.checker to name
+    del graph.node[:]
+    graph.node.extend(nodes[i] for i in order)
+    return True
 
 
 def datatype_of_elem(elem_type: int) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.server.convert import architectures
-from ferry.server.convert.spec import InputSpec, Job
+from ferry.server.convert.spec import DynamicAxis, InputSpec, Job
 from ferry.server.convert.validation import USE_INSTEAD
 from ferry.server.convert.worker import architectures as builders
 from ferry.server.convert.worker.parity import dtype_of, is_batched, sample_shape
@@ -215,9 +215,30 @@ def _program_inputs(program: Any) -> list[InputSpec]:
         if value is None or not hasattr(value, "shape"):
             return []
         shape = [d if isinstance(d, int) else -1 for d in value.shape]
+        axes = [
+            _program_axis(program, i, d) for i, d in enumerate(value.shape) if i and shape[i] < 0
+        ]
+        for axis in axes:
+            shape[axis.axis] = min(max(PROGRAM_SAMPLE_SIZE, axis.min), axis.max or axis.min * 8)
         dtype = datatype_name(datatype_of(_numpy_dtype(value.dtype)))
-        specs.append(InputSpec(node.name, dtype, shape))
+        specs.append(InputSpec(node.name, dtype, shape, axes))
     return specs
+
+
+# The size an ExportedProgram's dynamic dims (besides the batch) are sampled at, within bounds.
+PROGRAM_SAMPLE_SIZE = 8
+
+
+def _program_axis(program: Any, index: int, dim: Any) -> DynamicAxis:
+    """A symbolic dim of an ExportedProgram's input, with the range torch.export proved for it:
+    the program's own dynamic axis (inputs sharing a symbol share the axis)."""
+    expr = dim.node.expr
+    bounds = program.range_constraints.get(expr)
+    low = max(int(bounds.lower), 1) if bounds is not None else 1
+    upper = bounds.upper if bounds is not None else None
+    high = int(upper) if upper is not None and getattr(upper, "is_Integer", False) else 0
+    name = "".join(c if c.isalnum() else "_" for c in str(expr))
+    return DynamicAxis(index, name if name.isidentifier() else f"dim_{name}", low, high)
 
 
 def _numpy_dtype(torch_dtype: Any) -> Any:
@@ -243,7 +264,9 @@ def _torch_source(job: Job, module: Any, program: Any, inputs: list[InputSpec]) 
             source.notes.append(
                 f"input {spec.name!r}: dim 0 ({spec.shape[0]}) exported as the batch dim"
             )
-        resolved = InputSpec(spec.name, spec.datatype, [-1, *spec.shape[1:]])
+        resolved = InputSpec(
+            spec.name, spec.datatype, [-1, *spec.shape[1:]], list(spec.dynamic_axes)
+        )
         dtype_of(resolved)
         sample_shape(resolved, batched=True)
         source.inputs.append(resolved)
@@ -266,7 +289,14 @@ def _overlay(graph_spec: InputSpec, given: InputSpec | None) -> InputSpec:
             f"{graph_spec.datatype}{graph_spec.shape}: give the graph's type and rank"
         )
     shape = [g if s == -1 else s for g, s in zip(given.shape, graph_spec.shape, strict=True)]
-    return InputSpec(graph_spec.name, graph_spec.datatype, shape)
+    for axis in given.dynamic_axes:
+        if graph_spec.shape[axis.axis] != -1:
+            raise InvalidArgument(
+                f"input {given.name!r} dim {axis.axis} ({axis.name}) is declared dynamic, but the "
+                f"graph fixes it to {graph_spec.shape[axis.axis]}: export the model with that dim "
+                "dynamic (torch.onnx.export's dynamic_shapes, or the SDK's dynamic_axes=)"
+            )
+    return InputSpec(graph_spec.name, graph_spec.datatype, shape, list(given.dynamic_axes))
 
 
 def _load_onnx(job: Job, path: Path) -> Source:

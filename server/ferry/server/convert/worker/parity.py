@@ -39,7 +39,9 @@ def sample_shape(spec: InputSpec, batched: bool) -> list[int]:
     if any(d < 0 for d in shape):
         raise InvalidArgument(
             f"input {spec.name!r} has shape {spec.shape} with a dynamic dim besides the batch dim: "
-            "give its size in spec.inputs (only the first dim may be -1)"
+            "give the size to sample it at in spec.inputs, and declare it a dynamic axis with "
+            "bounds (InputSpec.dynamic_axes; on the command line input_ids:INT64:-1,128@"
+            "sequence=1..512) so that it is verified and served at other sizes"
         )
     return shape
 

@@ -26,6 +26,7 @@ from ferry.server.convert.strategies import pruning
 from ferry.server.convert.strategies import quantization as quantization_modes
 from ferry.server.convert.worker import (
     benchmark,
+    dims,
     external,
     graph,
     load,
@@ -236,7 +237,7 @@ class Pipeline:
                     f"({[f'{s.name}{s.shape}' for s in self.source.inputs]}): "
                     f"{first_line(exc)}; check spec.inputs and architecture_kwargs"
                 ) from None
-            self.output_names = export.output_names(len(self.baseline))
+            self.output_names = export.module_output_names(self.source)
             self.baseline_name = "pytorch"
         else:
             assert self.source.onnx_path is not None
@@ -299,6 +300,7 @@ class Pipeline:
             self._skip("export", "the source is already ONNX")
             self.report.export = ExportRecord(opset=self.source.opset)
             self.notes.append("an ONNX source keeps its own opset; spec.opset does not apply")
+            self._verify_dims(self.source.onnx_path)
             return self.source.onnx_path
         from ferry.server.convert.worker import export
 
@@ -308,7 +310,7 @@ class Pipeline:
             result = export.export(
                 self.source,
                 example,
-                len(self.baseline),
+                self.output_names,
                 target,
                 self.spec.opset,
                 external=self.external,
@@ -316,7 +318,25 @@ class Pipeline:
             self.report.export.exporter = result.exporter
             self.notes.extend(result.notes)
             export.verify_batch(target, self.source, self.spec.max_batch_size, self.threads)
+            self._verify_dims(target)
         return target
+
+    def _verify_dims(self, path: Path) -> None:
+        """Declared dynamic axes are symbolic and run at both bounds (``worker.dims``)."""
+        if not any(spec.dynamic_axes for spec in self.source.inputs):
+            return
+        graph_dims = {
+            spec.name: spec.shape
+            for spec in graph.graph_inputs(onnx.load(str(path), load_external_data=False))
+        }
+        self.notes.extend(
+            dims.verify(
+                path,
+                self.source.inputs,
+                parity.onnx_runner(path, self.threads, self.providers),
+                lambda name, axis: graph_dims[name][axis] == -1,
+            )
+        )
 
     def _quantize(self, base: Path, fp32: Variant) -> list[Variant]:
         spec = self.spec.quantization
@@ -474,8 +494,9 @@ class Pipeline:
     def _publish(self, chosen: Variant) -> None:
         chosen.record.published = True
         self.report.published = chosen.record
-        # model.onnx (+ model.onnx.data), declaring only the opsets it uses: a published file
-        # must upload again as it is.
-        external.publish(chosen.path, self.work)
+        # model.onnx (+ model.onnx.data), declaring only the opsets it uses and carrying its
+        # dynamic axes' bounds: a published file must upload again as it is.
+        metadata = {dims.METADATA_KEY: dims.metadata(self.source.inputs)}
+        external.publish(chosen.path, self.work, lambda m: graph.prepare_model(m, metadata))
         self.report.write(self.work)
         shutil.rmtree(self.scratch, ignore_errors=True)

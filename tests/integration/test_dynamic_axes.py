@@ -1,0 +1,197 @@
+"""Dynamic axes besides the batch, end to end (issue 13 item 8).
+
+A transformer user declares the sequence length dynamic, with bounds: the SDK exports it
+symbolic, the real conversion child runs the graph at both bounds, the published file carries
+them, and the served version answers at every length in between as PyTorch does, keeps the
+model's own output names, and refuses a length outside the bounds with INVALID_ARGUMENT. The
+server-side export (a state_dict with a registered architecture) honours declared axes too.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from serverutil import ServerThread
+
+from ferry.client import (
+    ConversionClient,
+    DynamicAxis,
+    InferenceClient,
+    InputSpec,
+    InvalidInputError,
+    JobFailedError,
+)
+
+torch = pytest.importorskip("torch")
+
+pytestmark = pytest.mark.slow
+
+Start = Callable[[], tuple[ServerThread, ConversionClient]]
+SEQ = DynamicAxis("sequence", min=2, max=24)
+
+
+@pytest.fixture
+def start(tmp_path: Path) -> Iterator[Start]:
+    started: list[tuple[ServerThread, ConversionClient]] = []
+
+    def _start() -> tuple[ServerThread, ConversionClient]:
+        repo = tmp_path / "repo"
+        repo.mkdir(exist_ok=True)
+        srv = ServerThread(repo).start()
+        client = ConversionClient(srv.management_target, timeout=180)
+        started.append((srv, client))
+        return srv, client
+
+    yield _start
+    for srv, client in reversed(started):
+        client.close()
+        srv.stop()
+
+
+def _bert() -> Any:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        vocab_size=100, max_position_embeddings=24,
+    )  # fmt: skip
+    return transformers.BertModel(config).eval()
+
+
+def _tokens(batch: int, length: int, seed: int) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (batch, length), generator=gen)
+    mask = torch.ones(batch, length, dtype=torch.int64)
+    mask[0, length // 2 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def test_a_bert_serves_every_sequence_length_within_its_bounds(start: Start) -> None:
+    bert = _bert()
+    srv, conv = start()
+    up = conv.upload(
+        "bert",
+        bert,
+        example_inputs=_tokens(3, 8, seed=1),
+        dynamic_axes={"input_ids": {1: SEQ}, "attention_mask": {1: SEQ}},
+    )
+    assert {s.name: dict(s.dynamic_axes) for s in up.inputs} == {
+        "input_ids": {1: SEQ},
+        "attention_mask": {1: SEQ},
+    }
+    done = conv.convert(up, benchmark="off").wait(progress=False)
+    assert done.report is not None
+    notes = " ".join(done.report.raw["notes"])
+    assert "sequence=2" in notes and "sequence=24" in notes, notes
+    path = srv.settings.repository / "bert" / "1" / "model.onnx"
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    assert json.loads(props["ferry.dynamic_axes"]) == {
+        "attention_mask": {"1": ["sequence", 2, 24]},
+        "input_ids": {"1": ["sequence", 2, 24]},
+    }
+    with InferenceClient(srv.target, timeout=60) as client:
+        for batch, length in ((1, 2), (2, 5), (3, 24)):
+            feed = _tokens(batch, length, seed=length)
+            got = dict(client.infer("bert", {k: v.numpy() for k, v in feed.items()}))
+            with torch.no_grad():
+                want = bert(**feed)
+            assert set(got) == {"last_hidden_state", "pooler_output"}  # the model's own names
+            for name, value in got.items():
+                np.testing.assert_allclose(value, want[name].numpy(), rtol=1e-4, atol=1e-4)
+        too_long = {k: v.numpy() for k, v in _tokens(1, 25, seed=3).items()}
+        with pytest.raises(InvalidInputError) as err:
+            client.infer("bert", too_long)
+        assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "dim 1 (sequence) is 25, outside 2..24" in err.value.message
+        mixed = {"input_ids": too_long["input_ids"][:, :10], "attention_mask": too_long[
+            "attention_mask"][:, :12]}  # fmt: skip
+        with pytest.raises(InvalidInputError, match="inputs disagree on sequence"):
+            client.infer("bert", mixed)
+
+
+class FixedLength(torch.nn.Module):
+    """Reshapes with a literal sequence length: it cannot be exported with that dim dynamic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 4)
+
+    def forward(self, x: Any) -> Any:
+        return self.linear(x).reshape(x.shape[0], 8 * 4)
+
+
+def test_a_model_that_fixes_a_declared_axis_is_refused_before_upload(start: Start) -> None:
+    _, conv = start()
+    with pytest.raises(InvalidInputError, match=r"dynamic_axes|fixed dim 1|fixes one"):
+        conv.upload(
+            "fixed",
+            FixedLength().eval(),
+            example_inputs=torch.randn(2, 8, 4),
+            dynamic_axes={"x": {1: DynamicAxis("sequence", max=16)}},
+        )
+
+
+@pytest.mark.parametrize(
+    ("axes", "match"),
+    [
+        ({"x": {0: "batch"}}, "dim 0, the batch, is always dynamic"),
+        ({"y": {1: "sequence"}}, "'y', which is not an input"),
+        ({"x": {1: DynamicAxis("sequence", min=10, max=16)}}, "example's size 8 must lie"),
+        ({"x": {3: "sequence"}}, "dims 1..2 of 'x' can be declared"),
+    ],
+)
+def test_wrong_declarations_are_refused_with_what_to_fix(
+    start: Start, axes: dict[str, Any], match: str
+) -> None:
+    _, conv = start()
+    with pytest.raises(InvalidInputError, match=match):
+        conv.upload(
+            "m", FixedLength().eval(), example_inputs=torch.randn(2, 8, 4), dynamic_axes=axes
+        )
+
+
+def test_the_server_export_honours_declared_axes_and_the_bounds_it_ran(start: Start) -> None:
+    """A state_dict of a built-in architecture, with a spatial side declared dynamic: the child
+    exports it symbolic, runs it at both bounds, and the served version takes other sizes."""
+    from ferry.server.convert.worker import nets  # the built-in architectures
+
+    srv, conv = start()
+    torch.manual_seed(0)
+    kwargs = {"width": 8, "depth": 2}
+    model = nets.small_cnn(**kwargs).eval()
+    up = conv.upload("cnn", model, architecture="small_cnn", architecture_kwargs=kwargs,
+                     example_inputs=torch.randn(2, 3, 16, 16))  # fmt: skip
+    side = DynamicAxis("side", min=8, max=32)
+    spec = InputSpec("input", "FP32", [-1, 3, 16, 16], {2: side, 3: DynamicAxis("side2", 8, 32)})
+    done = conv.convert(up, inputs=[spec], benchmark="off").wait(progress=False)
+    assert done.report is not None and "side=8" in " ".join(done.report.raw["notes"])
+    with InferenceClient(srv.target, timeout=60) as client:
+        x = np.random.default_rng(0).standard_normal((2, 3, 24, 12)).astype(np.float32)
+        got = client.infer("cnn", {"input": x})["output"]
+        with torch.no_grad():
+            want = model(torch.from_numpy(x)).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+        with pytest.raises(InvalidInputError, match=r"dim 2 \(side\) is 40, outside 8..32"):
+            client.infer("cnn", {"input": np.zeros((1, 3, 40, 16), np.float32)})
+
+
+def test_declared_axis_on_an_onnx_graph_that_fixes_it_fails_the_job(
+    start: Start, tmp_path: Path
+) -> None:
+    """An ONNX upload whose graph fixes the declared dim: the job says which dim and how."""
+    module = torch.nn.Linear(4, 4).eval()
+    path = tmp_path / "fixed.onnx"
+    torch.onnx.export(module, (torch.randn(2, 8, 4),), str(path), dynamo=False,
+                      input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}})  # fmt: skip
+    _, conv = start()
+    up = conv.upload("fixedonnx", path)
+    spec = InputSpec("x", "FP32", [-1, 8, 4], {1: DynamicAxis("sequence", max=16)})
+    with pytest.raises(JobFailedError, match=r"dim 1 \(sequence\) is declared dynamic, but the "):
+        conv.convert(up, inputs=[spec], benchmark="off").wait(progress=False)
