@@ -352,3 +352,31 @@ def test_the_sdk_finds_data_files_anywhere_in_the_graph_without_onnx(tmp_path: P
         "weights.bin",
     ]
     assert external_locations(tmp_path / "missing.onnx") == []
+
+
+def test_a_version_with_external_data_and_bf16_outputs_serves(tmp_path: Path) -> None:
+    """Serving re-opens a model with BF16 outputs from bytes (its outputs cast to float32):
+    the bytes carry the graph, and its data is found in the version's own folder."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    w = np.arange(1024, dtype=np.float32) / 8
+    graph = helper.make_graph(
+        [
+            helper.make_node("Add", ["input", "w"], ["sum"]),
+            helper.make_node("Cast", ["sum"], ["output"], to=TensorProto.BFLOAT16),
+        ],
+        "bf16",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1024])],
+        [helper.make_tensor_value_info("output", TensorProto.BFLOAT16, ["batch", 1024])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder = tmp_path / "repo" / "bf16" / "1"
+    folder.mkdir(parents=True)
+    onnx.save_model(
+        model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data"
+    )
+    x = np.ones((2, 1024), np.float32)
+    with ServerThread(tmp_path / "repo") as srv, InferenceClient(srv.target) as client:
+        out = client.infer("bf16", {"input": x})["output"]
+    assert out.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(out.astype(np.float32), (x + w).astype(ml_dtypes.bfloat16))
