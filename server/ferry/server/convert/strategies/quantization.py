@@ -299,6 +299,9 @@ def _static_int8(job: BuildInputs) -> str:
     narrow = reduce_range()
     if narrow:
         notes.append(_RANGE_NOTE)
+    method = getattr(CalibrationMethod, calibration_method(job.spec.calibration))
+    cache = job.target.with_name(job.target.stem + ".ranges.json")
+    calibrated_apart = _calibrate_apart(source, cache, Reader, method, job.external)
     quantize_static(
         source,
         job.target,
@@ -307,13 +310,49 @@ def _static_int8(job: BuildInputs) -> str:
         per_channel=job.spec.per_channel,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
-        calibrate_method=getattr(CalibrationMethod, calibration_method(job.spec.calibration)),
+        calibrate_method=method,
         reduce_range=narrow,
         use_external_data_format=job.external,
+        **({"calibration_cache_path": str(cache)} if calibrated_apart else {}),
     )
+    cache.unlink(missing_ok=True)
     prepared.unlink(missing_ok=True)
     (prepared.parent / external.data_name(prepared)).unlink(missing_ok=True)
     return "; ".join(notes)
+
+
+def _calibrate_apart(
+    source: Path, cache: Path, reader: Callable[[], Any], method: Any, external: bool
+) -> bool:
+    """Compute the activation ranges into ``cache`` before quantize_static runs, when this
+    onnxruntime can take them from a cache file; False when it cannot (it then calibrates
+    itself). quantize_static loads the model first and keeps it while its calibrator holds a
+    second copy and a session over an augmented third: measured on 2.5 GiB of weights, the
+    child peaked at 4.4x the weights that way. Apart, calibration holds its own copies only,
+    and quantization starts after they are freed."""
+    import inspect
+    import tempfile
+
+    from onnxruntime.quantization import calibrate, quantize_static
+    from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+
+    if "calibration_cache_path" not in inspect.signature(quantize_static).parameters or not (
+        hasattr(calibrate, "save_tensors_data")
+    ):
+        return False
+    with tempfile.TemporaryDirectory(dir=cache.parent) as tmp:
+        calibrator = calibrate.create_calibrator(
+            source,
+            list(set(QLinearOpsRegistry) | set(QDQRegistry)),  # what quantize_static calibrates
+            augmented_model_path=str(Path(tmp) / "augmented_model.onnx"),
+            calibrate_method=method,
+            use_external_data_format=external,
+        )
+        calibrator.collect_data(reader())
+        ranges = calibrator.compute_data()
+        del calibrator
+    calibrate.save_tensors_data(ranges, cache)
+    return True
 
 
 def _pre_process(base: Path, target: Path, external: bool) -> str:
