@@ -464,8 +464,8 @@ def test_convert_validates_before_spawning(start: Start) -> None:
     with pytest.raises(InvalidInputError, match="unknown pruning method") as refused:
         conv.convert(up, pruning=Pruning("l0_magic", 0.5))
     assert all(name in str(refused.value) for name in pruning_methods.names())
-    with pytest.raises(InvalidInputError, match="pruning"):
-        conv.convert(up, pruning=Pruning("l1_unstructured", 0.5))
+    with pytest.raises(InvalidInputError, match="pruning.amount must be within"):
+        conv.convert(up, pruning=Pruning("l1_unstructured", 1.5))
     with pytest.raises(InvalidInputError, match="invalid model name"):
         conv.convert(up, model="bad/name")
     with pytest.raises(InvalidInputError, match=r"instances\.count"):
