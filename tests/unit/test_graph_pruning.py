@@ -81,26 +81,42 @@ def mlp(hidden: int = 32) -> onnx.ModelProto:
     return _model(nodes, inits, ["N", 8], ["N", 4])
 
 
-def cnn(width: int = 16) -> onnx.ModelProto:
-    """Conv -> BN -> ReLU -> Conv -> ReLU -> GlobalAveragePool -> Flatten -> Gemm."""
+def cnn(width: int = 16, head: str = "pool") -> onnx.ModelProto:
+    """Conv -> BN -> ReLU -> Conv -> ReLU, then a classifier head: GlobalAveragePool + Flatten
+    ("pool"), ReduceMean(keepdims) + Reshape([-1, C]) as torch's dynamo exporter writes it
+    ("reduce"), or a Flatten of the whole feature map ("flatten": features are C*H*W)."""
     c1 = _weak(RNG.standard_normal((width, 3, 3, 3)), 0)
+    c2 = _weak(RNG.standard_normal((8, width, 3, 3)) / 8, 0)
     nodes = [
         helper.make_node("Conv", ["x", "c1", "c1b"], ["f1"], pads=[1, 1, 1, 1]),
         helper.make_node("BatchNormalization", ["f1", "s", "b", "m", "v"], ["f2"]),
         helper.make_node("Relu", ["f2"], ["f3"]),
         helper.make_node("Conv", ["f3", "c2"], ["f4"], pads=[1, 1, 1, 1]),
         helper.make_node("Relu", ["f4"], ["f5"]),
-        helper.make_node("GlobalAveragePool", ["f5"], ["p"]),
-        helper.make_node("Flatten", ["p"], ["p2"]),
-        helper.make_node("Gemm", ["p2", "fc", "fcb"], ["y"], transB=1),
     ]
+    features = 8
     inits = [
         _init("c1", c1), _init("c1b", RNG.standard_normal(width) * 0.1),
         _init("s", RNG.uniform(0.5, 1.5, width)), _init("b", RNG.standard_normal(width) * 0.1),
         _init("m", RNG.standard_normal(width) * 0.1), _init("v", RNG.uniform(0.5, 1.5, width)),
-        _init("c2", RNG.standard_normal((8, width, 3, 3)) / 8),
-        _init("fc", RNG.standard_normal((10, 8))), _init("fcb", np.zeros(10)),
+        _init("c2", c2),
     ]  # fmt: skip
+    if head == "pool":
+        nodes += [
+            helper.make_node("GlobalAveragePool", ["f5"], ["p"]),
+            helper.make_node("Flatten", ["p"], ["p2"]),
+        ]
+    elif head == "reduce":
+        nodes += [
+            helper.make_node("ReduceMean", ["f5"], ["p"], axes=[-1, -2], keepdims=1),
+            helper.make_node("Reshape", ["p", "shape"], ["p2"], allowzero=1),
+        ]
+        inits.append(numpy_helper.from_array(np.array([-1, 8], np.int64), "shape"))
+    else:
+        nodes.append(helper.make_node("Flatten", ["f5"], ["p2"]))
+        features = 8 * 8 * 8
+    nodes.append(helper.make_node("Gemm", ["p2", "fc", "fcb"], ["y"], transB=1))
+    inits += [_init("fc", RNG.standard_normal((10, features))), _init("fcb", np.zeros(10))]
     return _model(nodes, inits, ["N", 3, 8, 8], ["N", 10])
 
 
@@ -207,20 +223,35 @@ def test_structured_mlp_shrinks_hidden_layers_and_keeps_outputs() -> None:
     assert _cosine(got, want) > 0.999  # the silent half went, the loud half stayed
 
 
-def test_structured_cnn_prunes_through_batchnorm() -> None:
-    model = cnn(width=16)
+@pytest.mark.parametrize("head", ["pool", "reduce"])
+def test_structured_cnn_prunes_through_batchnorm_and_the_pooling(head: str) -> None:
+    model = cnn(width=16, head=head)
     pruned, account = _pruned(model, "structured", 0.5)
     dims = _dims(pruned)
     assert dims["c1"] == [8, 3, 3, 3] and dims["c1b"] == [8]
     assert all(dims[p] == [8] for p in ("s", "b", "m", "v"))
-    assert dims["c2"] == [8, 8, 3, 3]  # its input channels shrank, its outputs feed the pool
-    assert dims["fc"] == [10, 8]
-    assert "1 of 3 weight layers pruned (16 -> 8 hidden channels)" in account
-    assert "because it feeds GlobalAveragePool" in account
+    assert dims["c2"] == [4, 8, 3, 3]  # both convs lose half their output channels
+    assert dims["fc"] == [10, 4]  # the classifier its inputs, not its outputs
+    if head == "reduce":
+        assert numpy_helper.to_array(
+            next(t for t in pruned.graph.initializer if t.name == "shape")
+        ).tolist() == [-1, 4]
+    assert "2 of 3 weight layers pruned (24 -> 12 hidden channels)" in account
+    assert "1 left whole: 1 because it reaches a graph output" in account
     x = RNG.standard_normal((3, 3, 8, 8)).astype(np.float32)
     got, want = _run(pruned, x), _run(model, x)
     assert got.shape == want.shape == (3, 10)
     assert _cosine(got, want) > 0.999
+
+
+def test_a_flatten_of_the_feature_map_keeps_the_last_conv_whole() -> None:
+    """Flatten of [N, C, H, W] interleaves channels with positions: not a local dependency."""
+    model = cnn(width=16, head="flatten")
+    pruned, account = _pruned(model, "structured", 0.5)
+    assert _dims(pruned)["c2"] == [8, 8, 3, 3] and _dims(pruned)["c1"] == [8, 3, 3, 3]
+    assert "1 because it feeds Flatten" in account
+    x = RNG.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    assert _run(pruned, x).shape == (2, 10)
 
 
 def test_transformer_block_prunes_only_the_feed_forward() -> None:

@@ -204,14 +204,23 @@ def unstructured(model: Any, amount: float, *, scope: str) -> str:
 # ---- structured ----
 
 
+# Where a tensor's channels sit: (axis counted from the last, 1 for dense, spatial rank + 1 for
+# conv; whether every spatial dim is 1, after a global pooling).
+Layout = tuple[int, bool]
+DENSE: Layout = (1, False)
+POOLS = ("GlobalAveragePool", "GlobalMaxPool")
+REDUCES = ("ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin")
+
+
 @dataclass
 class Group:
     """A producer, what its channels flow through, and the layers that consume them."""
 
     producer: Weight
     channels: int
-    tensors: set[str] = field(default_factory=set)  # tensors carrying the channel dim
+    layout: dict[str, Layout] = field(default_factory=dict)  # tensors carrying the channels
     per_channel: dict[str, int] = field(default_factory=dict)  # constant -> its channel axis
+    shapes: list[str] = field(default_factory=list)  # Reshape targets that name the channels
     consumers: list[Weight] = field(default_factory=list)
 
 
@@ -219,23 +228,28 @@ class Blocked(Exception):
     """Why a producer's channels cannot be removed locally (one short phrase)."""
 
 
-def _channel_axis(shape: tuple[int, ...], family: str, rank_from_end: int) -> int | None:
+def _channel_axis(shape: tuple[int, ...], from_end: int) -> int | None:
     """The axis of a broadcast constant that lines up with the channel dim; None for a scalar."""
     if int(np.prod(shape, dtype=np.int64)) == 1:
         return None
-    if len(shape) < rank_from_end:
+    if len(shape) < from_end:
         raise Blocked("a per-channel constant of a shape that does not line up with the channels")
-    axis = len(shape) - rank_from_end
+    axis = len(shape) - from_end
     if any(d != 1 for i, d in enumerate(shape) if i != axis):
         raise Blocked("a constant that varies along other axes than the channels")
     return axis
 
 
-def _consumer(g: Graph, node: Any, tensor: str, family: str) -> Weight | None:
+def _layout_of(g: Graph, w: Weight) -> Layout:
+    """The layout a weight layer's output has, and the one its data input must have."""
+    return DENSE if w.family == "dense" else (len(g.inits[w.init].dims) - 1, False)
+
+
+def _consumer(g: Graph, node: Any, tensor: str, layout: Layout) -> Weight | None:
     w = weight_of(g, node)
     if w is None or node.input[0] != tensor or tensor in node.input[1:]:
         return None
-    return w if w.family == family else None
+    return w if _layout_of(g, w)[0] == layout[0] else None
 
 
 def trace(g: Graph, producer: Weight) -> Group:
@@ -243,8 +257,6 @@ def trace(g: Graph, producer: Weight) -> Group:
     node = producer.node
     shape = tuple(g.inits[producer.init].dims)
     group = Group(producer, shape[producer.out_axis])
-    # Where the channel sits, counted from the last axis: 1 for dense, spatial rank + 1 for conv.
-    from_end = 1 if producer.family == "dense" else len(shape) - 1
     if g.uses(producer.init) != 1 or (
         producer.transpose is not None and g.uses(producer.transpose.output[0]) != 1
     ):
@@ -254,20 +266,21 @@ def trace(g: Graph, producer: Weight) -> Group:
         bias_shape = g.shape(bias)
         if bias not in g.inits or bias_shape is None or g.uses(bias) != 1:
             raise Blocked("its bias is not a constant of its own")
-        axis = _channel_axis(bias_shape, "dense", 1)
+        axis = _channel_axis(bias_shape, 1)
         if axis is not None:
             group.per_channel[bias] = axis
     # First everything the channels reach (a GELU's Mul meets x twice, by two paths), then each
     # op's other operands, which must be constants once every channel-carrying tensor is known.
     pending = [node.output[0]]
-    group.tensors.add(node.output[0])
+    group.layout[node.output[0]] = _layout_of(g, producer)
     passed: dict[int, Any] = {}
     while pending:
         tensor = pending.pop()
+        layout = group.layout[tensor]
         if tensor in g.outputs:
             raise Blocked("it reaches a graph output")
         for user in g.consumers.get(tensor, []):
-            consumer = _consumer(g, user, tensor, producer.family)
+            consumer = _consumer(g, user, tensor, layout)
             if consumer is not None:
                 if consumer.node is node or any(c.node is user for c in group.consumers):
                     continue
@@ -277,27 +290,84 @@ def trace(g: Graph, producer: Weight) -> Group:
                     raise Blocked("the next layer's weight is shared")
                 group.consumers.append(consumer)
                 continue
-            if user.op_type not in UNARY | BINARY | {"BatchNormalization"}:
-                raise Blocked(f"it feeds {user.op_type}")
-            passed[id(user)] = user
-            if user.output[0] not in group.tensors:
-                group.tensors.add(user.output[0])
-                pending.append(user.output[0])
+            if user.domain not in ("", "ai.onnx"):
+                raise Blocked(f"it feeds {user.domain}::{user.op_type}")
+            if user.op_type in UNARY | BINARY | {"BatchNormalization"}:
+                passed[id(user)] = user
+                after = layout
+            else:
+                after = _reshaped(g, user, layout, group)
+            out = user.output[0]
+            if out in group.layout:  # reached before, by another path
+                if group.layout[out] != after:
+                    raise Blocked(f"its channels meet in {user.op_type} in two layouts")
+                continue
+            group.layout[out] = after
+            pending.append(out)
     for user in passed.values():
-        _check_operands(g, user, group, from_end, producer.family)
+        _check_operands(g, user, group)
     if not group.consumers:
         raise Blocked("no weight layer consumes its channels")
     return group
 
 
-def _check_operands(g: Graph, node: Any, group: Group, from_end: int, family: str) -> None:
+def _ints(g: Graph, node: Any, name: str, index: int) -> list[int] | None:
+    """An int list given as attribute ``name`` (old opsets) or as constant input ``index``."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return [int(i) for i in attr.ints]
+    if len(node.input) > index and node.input[index]:
+        if node.input[index] not in g.inits:
+            return None
+        return [int(i) for i in g.array(node.input[index]).reshape(-1)]
+    return []
+
+
+def _reshaped(g: Graph, node: Any, layout: Layout, group: Group) -> Layout:
+    """A classifier head's pooling and flattening: the channels survive a global pooling, and a
+    flatten of a pooled [N, C, 1, ...] is [N, C]. Anything else that moves axes is Blocked."""
+    op, (from_end, pooled) = node.op_type, layout
+    rank = from_end + 1  # [N, C, spatial...]
+    spatial = set(range(2, rank))
+    if len(node.output) != 1 or from_end < 2:  # dense tensors: never reshaped here
+        raise Blocked(f"it feeds {op}")
+    if op in POOLS:
+        return (from_end, True)
+    if op in REDUCES:
+        axes = _ints(g, node, "axes", 1)
+        keepdims = _attr(node, "keepdims", 1)
+        if axes is None or {a % rank for a in axes} != spatial:
+            raise Blocked(f"it feeds a {op} over other axes than the spatial ones")
+        return (from_end, True) if keepdims else DENSE
+    if op == "Flatten" and pooled and _attr(node, "axis", 1) == 1:
+        return DENSE
+    if op == "Squeeze" and pooled:
+        axes = _ints(g, node, "axes", 1)
+        if axes is not None and {a % rank for a in axes} == spatial:
+            return DENSE
+    if op == "Reshape" and pooled and node.input[1] in g.inits:
+        target = [int(v) for v in g.array(node.input[1]).reshape(-1)]
+        zero_ok = not _attr(node, "allowzero", 0)
+        if (
+            len(target) == 2
+            and target[0] in ((-1, 0) if zero_ok else (-1,))
+            and target[1] in (-1, group.channels)
+            and target != [-1, -1]
+            and g.uses(node.input[1]) == 1
+        ):
+            if target[1] == group.channels:
+                group.shapes.append(node.input[1])
+            return DENSE
+    raise Blocked(f"it feeds {op}")
+
+
+def _check_operands(g: Graph, node: Any, group: Group) -> None:
     """Blocked unless ``node`` keeps each channel on its own: its operands that do not carry
     the channels are scalars or per-channel constants (recorded, to be sliced with them)."""
     op = node.op_type
-    if node.domain not in ("", "ai.onnx"):
-        raise Blocked(f"it feeds {node.domain}::{op}")
+    from_end, _ = group.layout[node.output[0]]
     if op == "BatchNormalization":
-        if family != "conv" or node.input[0] not in group.tensors or len(node.output) > 1:
+        if from_end < 2 or len(node.output) > 1:
             raise Blocked("it feeds a BatchNormalization of another layout")
         for param in node.input[1:5]:
             shape = g.shape(param)
@@ -313,20 +383,19 @@ def _check_operands(g: Graph, node: Any, group: Group, from_end: int, family: st
             if shape is None or int(np.prod(shape, dtype=np.int64)) != 1:
                 raise Blocked(f"it feeds a {op} with a non-constant operand")
         return
-    if op in BINARY:
-        for operand in node.input:
-            if operand in group.tensors:
-                continue
-            shape = g.shape(operand)
-            if shape is None:
-                raise Blocked(f"it meets another branch in {op} (a residual or gate)")
-            axis = _channel_axis(shape, family, from_end)
-            if axis is not None:
-                if operand not in g.inits or g.uses(operand) != 1:
-                    raise Blocked(f"it meets a per-channel constant in {op} that is not its own")
-                group.per_channel[operand] = axis
-        return
-    raise Blocked(f"it feeds {op}")
+    for operand in node.input:  # BINARY
+        if operand in group.layout:
+            if group.layout[operand] != group.layout[node.output[0]]:
+                raise Blocked(f"its channels meet in {op} in two layouts")
+            continue
+        shape = g.shape(operand)
+        if shape is None:
+            raise Blocked(f"it meets another branch in {op} (a residual or gate)")
+        axis = _channel_axis(shape, from_end)
+        if axis is not None:
+            if operand not in g.inits or g.uses(operand) != 1:
+                raise Blocked(f"it meets a per-channel constant in {op} that is not its own")
+            group.per_channel[operand] = axis
 
 
 def _take(g: Graph, name: str, keep: np.ndarray, axis: int) -> None:
@@ -340,6 +409,8 @@ def _apply(g: Graph, group: Group, keep: np.ndarray) -> None:
         _take(g, name, keep, axis)
     for consumer in group.consumers:
         _take(g, consumer.init, keep, consumer.in_axis)
+    for name in group.shapes:
+        g.set(name, np.array([g.array(name)[0], keep.size], np.int64))
 
 
 def _keep(g: Graph, producer: Weight, amount: float, channels: int) -> np.ndarray:
