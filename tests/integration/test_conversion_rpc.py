@@ -717,6 +717,20 @@ def test_a_module_of_any_class_is_pruned_on_its_graph(start: Start, tmp_path: Pa
     )
     got, want = infer(srv, "anyclass", x.numpy())["output"].ravel(), _expected(module, x).ravel()
     assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) > 0.999
+    # Removing loud units too breaks the budget: refused, saying which figure and what to do.
+    job = conv.convert(up, pruning=Pruning("structured", 0.9))
+    with pytest.raises(JobFailedError) as info:
+        job.wait(progress=False)
+    err = info.value
+    assert err.code is grpc.StatusCode.FAILED_PRECONDITION
+    for phrase in (
+        "structured pruning at amount 0.9",
+        "against the PyTorch model's reference outputs",
+        "< min_cosine 0.99",
+        "use a smaller pruning.amount",
+    ):
+        assert phrase in str(err), str(err)
+    assert infer(srv, "anyclass", x.numpy())["output"].shape == (6, 4)  # version 1 still serves
 
 
 @pytest.mark.slow
