@@ -358,3 +358,75 @@ def test_an_onnx_upload_without_a_prunable_layer_fails_in_the_prune_stage(tmp_pa
     spec = {"pruning": {"method": "structured", "amount": 0.5}, "benchmark": "off"}
     result = convert_here(tmp_path / "job", tmp_path / "m.onnx", "onnx", spec=spec)
     assert_failed(result, "CONVERSION_FAILED", "prune", "l1_unstructured", "no hidden layer")
+
+
+def test_a_bias_two_layers_share_is_copied_before_it_is_cut() -> None:
+    """Exporters deduplicate equal tensors (the copies of a TransformerEncoder layer share their
+    biases): each pruned layer gets its own slice, the other reader keeps the whole tensor."""
+    w1, w2 = _weak(RNG.standard_normal((8, 16)), 1), _weak(RNG.standard_normal((16, 16)), 1)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h1"]),
+        helper.make_node("Add", ["h1", "b"], ["h2"]),
+        helper.make_node("Relu", ["h2"], ["a1"]),
+        helper.make_node("MatMul", ["a1", "w2"], ["h3"]),
+        helper.make_node("Add", ["h3", "b"], ["h4"]),
+        helper.make_node("MatMul", ["h4", "w3"], ["y"]),  # h4's channels reach no output whole
+    ]
+    inits = [
+        _init("w1", w1), _init("w2", w2), _init("b", _weak(RNG.standard_normal(16), 0)),
+        _init("w3", RNG.standard_normal((16, 4))),
+    ]  # fmt: skip
+    model = _model(nodes, inits, ["N", 8], ["N", 4])
+    pruned, account = _pruned(model, "structured", 0.5)
+    assert "2 of 3 weight layers pruned (32 -> 16 hidden channels)" in account
+    adds = [n for n in pruned.graph.node if n.op_type == "Add"]
+    biases = [adds[0].input[1], adds[1].input[1]]
+    assert len(set(biases)) == 2 and all(_dims(pruned)[b] == [8] for b in biases)
+    x = RNG.standard_normal((5, 8)).astype(np.float32)
+    assert _cosine(_run(pruned, x), _run(model, x)) > 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("architecture", "kwargs", "shape", "phrases"),
+    [
+        (
+            "transformer_encoder",
+            {},
+            [16, 64],
+            ["2 of 8 weight layers pruned (256 -> 128", "because it feeds Reshape",
+             "because it feeds LayerNormalization"],
+        ),
+        (
+            "resnet",
+            {"widths": [8, 16, 32, 64], "num_classes": 10},
+            [3, 32, 32],
+            ["8 of 21 weight layers pruned", "because it meets another branch in Add"],
+        ),
+    ],
+)  # fmt: skip
+def test_real_exports_prune_only_what_is_local(
+    architecture: str, kwargs: dict[str, Any], shape: list[int], phrases: list[str]
+) -> None:
+    """torch's own exports: a transformer keeps attention and the embedding width and loses
+    half its feed-forward units; a ResNet keeps every channel a residual Add reads."""
+    import torch
+
+    from ferry.server.convert.worker import architectures
+
+    torch.manual_seed(0)
+    module = architectures.build(architecture, kwargs)
+    x = torch.randn(3, *shape)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.onnx.export(
+        module, (x,), dynamo=True, dynamic_shapes=({0: batch},), opset_version=18, verbose=False
+    )
+    model = program.model_proto
+    pruned, account = _pruned(model, "structured", 0.5)
+    for phrase in phrases:
+        assert phrase in account, account
+    assert pruned.ByteSize() < model.ByteSize()
+    session = ort.InferenceSession(pruned.SerializeToString(), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        assert got.shape == tuple(module(x).shape)

@@ -210,6 +210,7 @@ Layout = tuple[int, bool]
 DENSE: Layout = (1, False)
 POOLS = ("GlobalAveragePool", "GlobalMaxPool")
 REDUCES = ("ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin")
+WINDOWS = ("MaxPool", "AveragePool", "LpPool")
 
 
 @dataclass
@@ -219,8 +220,10 @@ class Group:
     producer: Weight
     channels: int
     layout: dict[str, Layout] = field(default_factory=dict)  # tensors carrying the channels
-    per_channel: dict[str, int] = field(default_factory=dict)  # constant -> its channel axis
-    shapes: list[str] = field(default_factory=list)  # Reshape targets that name the channels
+    # Constants sliced with the channels, as (node, input index, channel axis); a constant other
+    # nodes share is copied for this node first, since an exporter deduplicates equal tensors.
+    per_channel: list[tuple[Any, int, int]] = field(default_factory=list)
+    shapes: list[tuple[Any, int]] = field(default_factory=list)  # Reshapes naming the channels
     consumers: list[Weight] = field(default_factory=list)
 
 
@@ -264,11 +267,11 @@ def trace(g: Graph, producer: Weight) -> Group:
     if node.op_type in ("Gemm", "Conv") and len(node.input) > 2 and node.input[2]:
         bias = node.input[2]
         bias_shape = g.shape(bias)
-        if bias not in g.inits or bias_shape is None or g.uses(bias) != 1:
-            raise Blocked("its bias is not a constant of its own")
+        if bias not in g.inits or bias_shape is None:
+            raise Blocked("its bias is computed at run time")
         axis = _channel_axis(bias_shape, 1)
         if axis is not None:
-            group.per_channel[bias] = axis
+            group.per_channel.append((node, 2, axis))
     # First everything the channels reach (a GELU's Mul meets x twice, by two paths), then each
     # op's other operands, which must be constants once every channel-carrying tensor is known.
     pending = [node.output[0]]
@@ -329,10 +332,14 @@ def _reshaped(g: Graph, node: Any, layout: Layout, group: Group) -> Layout:
     op, (from_end, pooled) = node.op_type, layout
     rank = from_end + 1  # [N, C, spatial...]
     spatial = set(range(2, rank))
-    if len(node.output) != 1 or from_end < 2:  # dense tensors: never reshaped here
+    if from_end < 2:  # dense tensors: never reshaped here
         raise Blocked(f"it feeds {op}")
     if op in POOLS:
         return (from_end, True)
+    if op in WINDOWS and (len(node.output) == 1 or not node.output[1]):
+        return layout  # pools each channel's own window: spatial dims shrink, channels stay
+    if len(node.output) != 1:
+        raise Blocked(f"it feeds {op}")
     if op in REDUCES:
         axes = _ints(g, node, "axes", 1)
         keepdims = _attr(node, "keepdims", 1)
@@ -353,10 +360,9 @@ def _reshaped(g: Graph, node: Any, layout: Layout, group: Group) -> Layout:
             and target[0] in ((-1, 0) if zero_ok else (-1,))
             and target[1] in (-1, group.channels)
             and target != [-1, -1]
-            and g.uses(node.input[1]) == 1
         ):
             if target[1] == group.channels:
-                group.shapes.append(node.input[1])
+                group.shapes.append((node, 1))
             return DENSE
     raise Blocked(f"it feeds {op}")
 
@@ -369,11 +375,11 @@ def _check_operands(g: Graph, node: Any, group: Group) -> None:
     if op == "BatchNormalization":
         if from_end < 2 or len(node.output) > 1:
             raise Blocked("it feeds a BatchNormalization of another layout")
-        for param in node.input[1:5]:
+        for index, param in enumerate(node.input[1:5], start=1):
             shape = g.shape(param)
-            if param not in g.inits or shape is None or len(shape) != 1 or g.uses(param) != 1:
-                raise Blocked("it feeds a BatchNormalization without parameters of its own")
-            group.per_channel[param] = 0
+            if param not in g.inits or shape is None or len(shape) != 1:
+                raise Blocked("it feeds a BatchNormalization with parameters computed at run time")
+            group.per_channel.append((node, index, 0))
         return
     if op in UNARY:
         if op == "Dropout" and len(node.output) > 1 and node.output[1]:
@@ -383,7 +389,7 @@ def _check_operands(g: Graph, node: Any, group: Group) -> None:
             if shape is None or int(np.prod(shape, dtype=np.int64)) != 1:
                 raise Blocked(f"it feeds a {op} with a non-constant operand")
         return
-    for operand in node.input:  # BINARY
+    for index, operand in enumerate(node.input):  # BINARY
         if operand in group.layout:
             if group.layout[operand] != group.layout[node.output[0]]:
                 raise Blocked(f"its channels meet in {op} in two layouts")
@@ -393,23 +399,43 @@ def _check_operands(g: Graph, node: Any, group: Group) -> None:
             raise Blocked(f"it meets another branch in {op} (a residual or gate)")
         axis = _channel_axis(shape, from_end)
         if axis is not None:
-            if operand not in g.inits or g.uses(operand) != 1:
-                raise Blocked(f"it meets a per-channel constant in {op} that is not its own")
-            group.per_channel[operand] = axis
+            if operand not in g.inits:
+                raise Blocked(f"it meets a per-channel Constant node in {op}")
+            group.per_channel.append((node, index, axis))
 
 
 def _take(g: Graph, name: str, keep: np.ndarray, axis: int) -> None:
     g.set(name, np.take(g.array(name), keep, axis=axis))
 
 
+def _own(g: Graph, node: Any, index: int) -> str:
+    """The initializer ``node`` reads at ``index``, copied for it alone when others read it too."""
+    name = node.input[index]
+    if g.uses(name) == 1:
+        return name
+    copy, number = name, 0
+    while copy in g.inits or copy in g.producer or copy in g.consumers:
+        number += 1
+        copy = f"{name}.{number}"
+    tensor = g.model.graph.initializer.add()
+    tensor.CopyFrom(g.inits[name])
+    tensor.name = copy
+    g.inits[copy] = tensor
+    node.input[index] = copy
+    g.consumers[name].remove(node)
+    g.consumers[copy] = [node]
+    return copy
+
+
 def _apply(g: Graph, group: Group, keep: np.ndarray) -> None:
     producer = group.producer
     _take(g, producer.init, keep, producer.out_axis)
-    for name, axis in group.per_channel.items():
-        _take(g, name, keep, axis)
+    for node, index, axis in group.per_channel:
+        _take(g, _own(g, node, index), keep, axis)
     for consumer in group.consumers:
         _take(g, consumer.init, keep, consumer.in_axis)
-    for name in group.shapes:
+    for node, index in group.shapes:
+        name = _own(g, node, index)
         g.set(name, np.array([g.array(name)[0], keep.size], np.int64))
 
 
