@@ -430,3 +430,35 @@ def test_real_exports_prune_only_what_is_local(
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert got.shape == tuple(module(x).shape)
+
+
+def test_a_tensor_a_subgraph_reads_is_never_cut() -> None:
+    """An If branch reads the hidden activation from the outer scope: its width must stay."""
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["a1"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)],
+    )
+    other = helper.make_graph(
+        [helper.make_node("Neg", ["a1"], ["e"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)],
+    )
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1", "b1"], ["h1"], transB=1),
+        helper.make_node("Relu", ["h1"], ["a1"]),
+        helper.make_node("If", ["flag"], ["branch"], then_branch=then, else_branch=other),
+        helper.make_node("Gemm", ["a1", "w2"], ["h2"], transB=1),
+        helper.make_node("ReduceSum", ["branch"], ["s"], keepdims=0),
+        helper.make_node("Add", ["h2", "s"], ["y"]),
+    ]
+    inits = [
+        _init("w1", RNG.standard_normal((16, 8))), _init("b1", np.zeros(16)),
+        _init("w2", RNG.standard_normal((4, 16))),
+        numpy_helper.from_array(np.array(True), "flag"),
+    ]  # fmt: skip
+    model = _model(nodes, inits, ["N", 8], ["N", 4])
+    with pytest.raises(ConversionFailed, match="1 because an If/Loop/Scan body reads it"):
+        _pruned(model, "structured", 0.5)

@@ -43,7 +43,10 @@ class Graph:
     inits: dict[str, Any] = field(default_factory=dict)  # name -> TensorProto
     producer: dict[str, Any] = field(default_factory=dict)  # tensor -> NodeProto
     consumers: dict[str, list[Any]] = field(default_factory=dict)  # tensor -> [NodeProto]
+    # Names that leave this graph's sight: its outputs, and what If/Loop/Scan bodies read from
+    # the outer scope. Their shapes must not change, and a constant among them is shared.
     outputs: set[str] = field(default_factory=set)
+    subgraph_reads: set[str] = field(default_factory=set)
 
     @classmethod
     def of(cls, model: Any) -> Graph:
@@ -57,6 +60,8 @@ class Graph:
             for name in node.input:
                 if name:
                     g.consumers.setdefault(name, []).append(node)
+            for body in _bodies(node):
+                g.subgraph_reads |= _read_in(body)
         return g
 
     def array(self, name: str) -> np.ndarray:
@@ -70,7 +75,11 @@ class Graph:
         self.inits[name].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(value), name))
 
     def uses(self, name: str) -> int:
-        return len(self.consumers.get(name, [])) + (name in self.outputs)
+        return (
+            len(self.consumers.get(name, []))
+            + (name in self.outputs)
+            + (name in self.subgraph_reads)
+        )
 
     def shape(self, name: str) -> tuple[int, ...] | None:
         """A constant's shape (initializer or Constant node), None for a runtime tensor."""
@@ -84,6 +93,30 @@ class Graph:
                 if attr.name in ("value_float", "value_int"):
                     return ()
         return None
+
+
+def _bodies(node: Any) -> list[Any]:
+    """The subgraphs a control-flow node carries."""
+    from onnx import AttributeProto
+
+    bodies = []
+    for attr in node.attribute:
+        if attr.type == AttributeProto.GRAPH:
+            bodies.append(attr.g)
+        elif attr.type == AttributeProto.GRAPHS:
+            bodies.extend(attr.graphs)
+    return bodies
+
+
+def _read_in(graph: Any) -> set[str]:
+    """Every name a (sub)graph's nodes read, nested bodies included: a superset of what it reads
+    from outside, which is all a conservative caller needs."""
+    names: set[str] = set()
+    for node in graph.node:
+        names.update(n for n in node.input if n)
+        for body in _bodies(node):
+            names |= _read_in(body)
+    return names
 
 
 @dataclass(frozen=True)
@@ -282,6 +315,8 @@ def trace(g: Graph, producer: Weight) -> Group:
         layout = group.layout[tensor]
         if tensor in g.outputs:
             raise Blocked("it reaches a graph output")
+        if tensor in g.subgraph_reads:
+            raise Blocked("an If/Loop/Scan body reads it")
         for user in g.consumers.get(tensor, []):
             consumer = _consumer(g, user, tensor, layout)
             if consumer is not None:
