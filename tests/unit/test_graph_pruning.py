@@ -462,3 +462,21 @@ def test_a_tensor_a_subgraph_reads_is_never_cut() -> None:
     model = _model(nodes, inits, ["N", 8], ["N", 4])
     with pytest.raises(ConversionFailed, match="1 because an If/Loop/Scan body reads it"):
         _pruned(model, "structured", 0.5)
+
+
+def test_every_method_prunes_both_kinds_of_source() -> None:
+    """One registry decides: each method has a builder for torch modules and for ONNX graphs."""
+    for method in pruning.METHODS.values():
+        assert method.build is not None and method.build_graph is not None, method.name
+    assert pruning.NONE.build is None and pruning.NONE.build_graph is None
+
+
+def test_a_torch_only_method_says_so_for_an_onnx_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    torch_only = pruning.Method("torch_only", "x", "y", False, build=lambda job: None)
+    monkeypatch.setitem(pruning.METHODS, torch_only.name, torch_only)
+    onnx.save(mlp(), str(tmp_path / "m.onnx"))
+    spec = {"pruning": {"method": "torch_only", "amount": 0.5}, "benchmark": "off"}
+    result = convert_here(tmp_path / "job", tmp_path / "m.onnx", "onnx", spec=spec)
+    assert_failed(result, "INVALID_ARGUMENT", "prune", "works on PyTorch models only", "structured")

@@ -29,7 +29,12 @@ def prune_graph(
     """Prune the ONNX graph at ``source`` into ``target``; ``feed`` is one batch of samples."""
     method = pruning.method(spec.method)
     if method.build_graph is None:
-        raise InvalidArgument(f"pruning method {method.name!r} prunes nothing: nothing to run")
+        graph_methods = [m.name for m in pruning.METHODS.values() if m.build_graph is not None]
+        raise InvalidArgument(
+            f"pruning method {method.name!r} works on PyTorch models only: upload a state_dict "
+            "or safetensors of a registered architecture, or use one that prunes ONNX graphs "
+            f"({', '.join(graph_methods)})"
+        )
     model = onnx.load(str(source))
     params_before, _ = graph_pruning.initializer_counts(model)
     before = _output_shapes(source, feed, threads)
