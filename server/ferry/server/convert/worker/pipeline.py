@@ -37,6 +37,7 @@ from ferry.server.convert.worker import (
 from ferry.server.convert.worker.report import (
     ExportRecord,
     ParityRecord,
+    PruningRecord,
     QuantizationRecord,
     Report,
     SourceRecord,
@@ -275,21 +276,41 @@ class Pipeline:
             self._skip("prune", "no pruning requested")
             return
         with self._stage("prune", f"{spec.method} pruning, amount {spec.amount}"):
-            from ferry.server.convert.worker import export, prune
+            if self.source.module is None:
+                section = self._prune_graph()
+            else:
+                from ferry.server.convert.worker import export, prune
 
-            section = prune.prune(self.source.module, spec, export.example_inputs(self.source))
+                section = prune.prune(self.source.module, spec, export.example_inputs(self.source))
+                self.parity_reference = self._run(export.torch_runner(self.source))
             self.report.pruning = section
-            self.parity_reference = self._run(export.torch_runner(self.source))
             figures = parity.compare(self.parity_reference, self.baseline)
             section.vs_unpruned = figures
             failure = self._budget_failure(figures)
             if failure and not self.spec.validation.keep_failed:
                 # Fail before the export: no ONNX variant of this model can do better.
+                against = {"reference": "the PyTorch model's reference outputs"}.get(
+                    self.baseline_name, "the unpruned model"
+                )
                 raise ConversionFailed(
                     f"{spec.method} pruning at amount {spec.amount} (without fine-tuning) leaves the "
-                    f"model below the accuracy budget against the unpruned model: {failure}; lower "
+                    f"model below the accuracy budget against {against}: {failure}; use a smaller "
                     "pruning.amount, fine-tune before uploading, or set validation.keep_failed"
                 )
+
+    def _prune_graph(self) -> PruningRecord:
+        """An ONNX source is pruned on its graph; the pruned file replaces it for later stages."""
+        from ferry.server.convert.worker import onnx_prune
+
+        assert self.source.onnx_path is not None
+        target = self.scratch / "pruned.onnx"
+        feed = next(iter(self.samples.batches(self.spec.max_batch_size)))
+        section = onnx_prune.prune_graph(
+            self.source.onnx_path, target, self.spec.pruning, feed, self.threads
+        )
+        self.source.onnx_path = target
+        self.parity_reference = self._run(parity.onnx_runner(target, self.threads, self.providers))
+        return section
 
     def _budget_failure(self, figures: parity.Figures) -> str:
         v = self.spec.validation
@@ -393,7 +414,7 @@ class Pipeline:
         pruned = self.report.pruning is not None
         against = "pytorch" if self.source.module is not None else "onnx_source"
         if pruned:
-            against = "pytorch (pruned)"
+            against = f"{against} (pruned)"
         failure = parity.tolerance_failure(fp32.outputs, self.parity_reference, v.rtol, v.atol)
         if failure:
             raise ConversionFailed(
