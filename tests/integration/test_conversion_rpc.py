@@ -464,8 +464,8 @@ def test_convert_validates_before_spawning(start: Start) -> None:
     with pytest.raises(InvalidInputError, match="unknown pruning method") as refused:
         conv.convert(up, pruning=Pruning("l0_magic", 0.5))
     assert all(name in str(refused.value) for name in pruning_methods.names())
-    with pytest.raises(InvalidInputError, match="pruning"):
-        conv.convert(up, pruning=Pruning("l1_unstructured", 0.5))
+    with pytest.raises(InvalidInputError, match=r"pruning\.amount must be within"):
+        conv.convert(up, pruning=Pruning("l1_unstructured", 1.5))
     with pytest.raises(InvalidInputError, match="invalid model name"):
         conv.convert(up, model="bad/name")
     with pytest.raises(InvalidInputError, match=r"instances\.count"):
@@ -681,6 +681,56 @@ def test_module_exported_locally_uploads_as_onnx(start: Start) -> None:
     assert done.report is not None and done.report.parity is not None
     got = infer(srv, "local", x.numpy()[:1])["output"]
     np.testing.assert_allclose(got, _expected(module, x)[:1], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_a_module_of_any_class_is_pruned_on_its_graph(start: Start, tmp_path: Path) -> None:
+    """Issue #13 item 4: no architecture on the server, the SDK exports ONNX, and the server
+    prunes the graph; the budget and the report's parity are against the module's own outputs."""
+    import onnx
+    import torch
+
+    srv, conv = start(fake=False)
+    torch.manual_seed(8)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    ).eval()
+    with torch.no_grad():  # half of the hidden units barely matter: 50% stays within budget
+        module[0].weight[:16] *= 1e-3
+        module[0].bias[:16] *= 1e-3
+    x = torch.randn(6, 16, generator=torch.Generator().manual_seed(2))
+    up = conv.upload("anyclass", module, example_inputs=x)
+    assert up.format == "onnx" and up.reference_outputs is not None
+    done = conv.convert(up, pruning=Pruning("structured", 0.5)).wait(progress=False)
+    report = done.report
+    assert report is not None and report.pruning is not None and report.parity is not None
+    assert report.pruning.method == "structured" and not report.pruning.fine_tuned
+    assert report.pruning.params_after < report.pruning.params_before
+    assert "1 of 2 weight layers pruned (32 -> 16 hidden channels)" in report.raw["pruning"]["note"]
+    assert report.parity.against == "pytorch (reference_outputs)"  # the unpruned PyTorch model
+    assert report.pruning.vs_unpruned is not None and report.pruning.vs_unpruned.cosine > 0.999
+    served = onnx.load(str(tmp_path / "repo" / "anyclass" / str(done.version) / "model.onnx"))
+    assert sorted(list(t.dims) for t in served.graph.initializer if len(t.dims) == 2) in (
+        [[4, 16], [16, 16]],
+        [[16, 4], [16, 16]],
+    )
+    got, want = infer(srv, "anyclass", x.numpy())["output"].ravel(), _expected(module, x).ravel()
+    assert float(got @ want / np.linalg.norm(got) / np.linalg.norm(want)) > 0.999
+    # Removing loud units too breaks the budget: refused, saying which figure and what to do.
+    job = conv.convert(up, pruning=Pruning("structured", 0.9))
+    with pytest.raises(JobFailedError) as info:
+        job.wait(progress=False)
+    err = info.value
+    assert err.code is grpc.StatusCode.FAILED_PRECONDITION
+    for phrase in (
+        "structured pruning at amount 0.9",
+        "against the PyTorch model's reference outputs",
+        "< min_cosine 0.99",
+        "use a smaller pruning.amount",
+    ):
+        assert phrase in str(err), str(err)
+    assert infer(srv, "anyclass", x.numpy())["output"].shape == (6, 4)  # version 1 still serves
 
 
 @pytest.mark.slow

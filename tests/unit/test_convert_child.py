@@ -690,10 +690,15 @@ def test_onnx_external_data_refused(
     assert_failed(result, "INVALID_ARGUMENT", "load", "external data", location, "self-contained")
 
 
-def test_pruning_needs_a_pytorch_source(tmp_path: Path, sources: dict[str, Path]) -> None:
+def test_pruning_refuses_code_formats(tmp_path: Path, sources: dict[str, Path]) -> None:
+    """TorchScript has no class to prune and no graph yet: ONNX or a state_dict can be pruned."""
     spec = {"pruning": {"method": "l1_unstructured", "amount": 0.3}}
-    result = convert_here(tmp_path, sources["mlp.onnx"], "onnx", spec=spec)
-    assert_failed(result, "INVALID_ARGUMENT", "load", "pruning needs a PyTorch source")
+    result = convert_here(
+        tmp_path, sources["mlp.ts"], "torchscript", spec=spec, allow_code_formats=True
+    )
+    assert_failed(
+        result, "INVALID_ARGUMENT", "load", "a torchscript source cannot be pruned", "as ONNX"
+    )
 
 
 def test_truncated_upload(tmp_path: Path, sources: dict[str, Path]) -> None:

@@ -41,9 +41,9 @@ from ferry.client import (
     Validation,
 )
 
-FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript")
+FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript", "onnx_archive")
 # Formats whose file carries the model's signature: convert needs no --input for them.
-SELF_DESCRIBING = ("onnx", "exported_program")
+SELF_DESCRIBING = ("onnx", "exported_program", "onnx_archive")
 # The help's example: kwargs the built-in mlp accepts (a test builds the mlp from them).
 MLP_KWARGS = '{"in_features": 64, "hidden": [256], "out_features": 10}'
 # Pruning methods and quantization modes are not listed here: the server's registry is the one
@@ -102,7 +102,8 @@ def _add_upload_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format",
         choices=FORMATS,
-        help="the file's format (default: from its suffix: .onnx, .pt/.pth, .safetensors, .pt2)",
+        help="the file's format (default: from its suffix: .onnx, .pt/.pth, .safetensors, .pt2, "
+        ".tar; a folder, or an .onnx file with external data, goes as onnx_archive)",
     )
     p.add_argument("--architecture", help="registered architecture for state_dict/safetensors")
     p.add_argument(
@@ -149,7 +150,11 @@ def register(sub: Any) -> None:
         "print its upload id, for `ferry convert`.",
     )
     p.add_argument("model", help="model name the upload is for")
-    p.add_argument("file", type=Path, help="the model file")
+    p.add_argument(
+        "file",
+        type=Path,
+        help="the model file, or a folder holding model.onnx and its external-data files",
+    )
     _add_upload_flags(p)
     p.add_argument("--json", action="store_true", help="print the upload as JSON")
     p.set_defaults(func=cmd_upload, hint=conversion_hint)
@@ -276,8 +281,8 @@ def register(sub: Any) -> None:
 
 
 def _upload(client: ConversionClient, model: str, path: Path, args: argparse.Namespace) -> Upload:
-    if not path.is_file():
-        raise UsageError(f"{path}: no such file")
+    if not path.is_file() and not path.is_dir():
+        raise UsageError(f"{path}: no such file or folder")
     return client.upload(
         model,
         path,
@@ -402,7 +407,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     with connect(ConversionClient, args) as client:
         source: Upload | str = args.source
         path = Path(args.source)
-        if path.is_file():
+        if path.is_file() or path.is_dir():
             if not args.model:
                 raise UsageError(f"converting the file {path} needs --model NAME")
             source = _upload(client, args.model, path, args)

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import grpc
 
+from ferry.client._archive import ARCHIVE_FORMAT, external_locations, pack_folder, pack_model
 from ferry.client._channel import TLSConfig
 from ferry.client._conversion_types import (
     DynamicAxis,
@@ -59,8 +60,9 @@ SUFFIX_FORMATS = {
     ".safetensors": "safetensors",
     ".onnx": "onnx",
     ".pt2": "exported_program",
+    ".tar": "onnx_archive",
 }
-FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript")
+FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript", "onnx_archive")
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 Source = str | os.PathLike[str] | bytes | Any  # a path, the file's bytes, or an nn.Module
 Progress = bool | Callable[[ProgressEvent], None] | None
@@ -245,6 +247,7 @@ class ConversionClient(ManagementClient):
             raise InvalidInputError("chunk_size must be positive")
         extras: dict[str, Any] = {}
         data: Payload
+        packed: Path | None = None  # a temporary archive this call made, removed at the end
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(source, torch.nn.Module):
             if example_inputs is None:
@@ -252,16 +255,44 @@ class ConversionClient(ManagementClient):
             data, fmt, extras = from_module(
                 torch, source, example_inputs, architecture, opset, dynamic_axes=dynamic_axes
             )
+            packed = data if isinstance(data, Path) else None
             fmt = format or fmt
         elif isinstance(source, bytes | bytearray | memoryview):
             data, fmt = _payload(source), format or ""
         elif isinstance(source, str | os.PathLike):
-            path = Path(source)
-            data, fmt = path, format or SUFFIX_FORMATS.get(path.suffix.lower(), "")
+            data, fmt, packed = _path_source(Path(source), format)
         else:
             raise InvalidInputError(
                 f"cannot upload a {type(source).__name__}: pass a path, bytes or an nn.Module"
             )
+        try:
+            up = self._send(
+                name,
+                data,
+                fmt,
+                architecture=architecture,
+                architecture_kwargs=architecture_kwargs,
+                description=description,
+                chunk_size=chunk_size,
+                timeout=timeout,
+            )
+        finally:
+            if packed is not None:
+                packed.unlink(missing_ok=True)
+        return dataclasses.replace(up, **extras) if extras else up
+
+    def _send(
+        self,
+        name: str,
+        data: Payload,
+        fmt: str,
+        *,
+        architecture: str | None,
+        architecture_kwargs: Mapping[str, Any] | None,
+        description: str,
+        chunk_size: int,
+        timeout: float | None,
+    ) -> Upload:
         fmt = fmt.lower()
         if fmt not in FORMATS:
             raise InvalidInputError(
@@ -283,8 +314,7 @@ class ConversionClient(ManagementClient):
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
-        up = parse_upload(reply)
-        return dataclasses.replace(up, **extras) if extras else up
+        return parse_upload(reply)
 
     def list_uploads(self, model: str | None = None, *, limit: int = 100) -> list[Upload]:
         """The uploads the server keeps, newest first; they stay until deleted or removed by the
@@ -429,6 +459,22 @@ def _json(kwargs: Mapping[str, Any] | None) -> str:
     import json
 
     return json.dumps(dict(kwargs), sort_keys=True) if kwargs else ""
+
+
+def _path_source(path: Path, format: str | None) -> tuple[Path, str, Path | None]:
+    """What a path uploads as: (the file to send, its format, the temporary archive made for
+    it or None). A folder, or a ``.onnx`` file whose tensors read data files beside it (a
+    model over 2 GiB), goes as one onnx_archive carrying model.onnx and its data."""
+    if path.is_dir():
+        archive = pack_folder(path)
+        return archive, format or ARCHIVE_FORMAT, archive
+    fmt = format or SUFFIX_FORMATS.get(path.suffix.lower(), "")
+    if fmt == "onnx" and path.is_file():
+        locations = external_locations(path)
+        if locations:
+            archive = pack_model(path, locations)
+            return archive, ARCHIVE_FORMAT, archive
+    return path, fmt, None
 
 
 def _payload(source: bytes | bytearray | memoryview) -> bytes | memoryview:

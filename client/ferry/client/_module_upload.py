@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from ferry.client import _archive
 from ferry.client._conversion_types import DynamicAxis, InputSpec
 from ferry.client._errors import InvalidInputError
 from ferry.codec import datatype_name, datatype_of
@@ -269,7 +270,7 @@ def from_module(
     opset: int,
     *,
     dynamic_axes: Any = None,
-) -> tuple[bytes, str, dict[str, Any]]:
+) -> tuple[bytes | Path, str, dict[str, Any]]:
     """The upload's bytes, its format, and what travels with it (input specs, samples keyed by
     the served input names, and the module's outputs on them)."""
     bound = bind(torch, module, examples)
@@ -285,7 +286,12 @@ def from_module(
         "sample_inputs": {name: samples[name] for name in graph_inputs},
         "reference_outputs": {name: _numpy(t) for name, t in outputs.items()},
     }
-    return data, "onnx", extras
+    fmt = _archive.ARCHIVE_FORMAT if isinstance(data, Path) else "onnx"
+    return data, fmt, extras
+
+
+def _weight_bytes(module: Any) -> int:
+    return sum(int(t.numel()) * int(t.element_size()) for t in module.state_dict().values())
 
 
 def _state_dict(
@@ -354,7 +360,7 @@ _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 def _export(
     torch: Any, module: Any, bound: Bound, out_names: list[str], *, opset: int, axes: Axes
-) -> tuple[bytes, list[str]]:
+) -> tuple[bytes | Path, list[str]]:
     """Export with the user's own ``args`` and ``kwargs``; return the file and the graph's input
     names in the graph's order, read from the file and checked against the bound names."""
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -407,8 +413,11 @@ def _export(
                     "model with x.shape[...] or -1 instead of literal sizes, or drop that axis"
                 ) from None
             raise
-        program.save(str(path), external_data=False)
-        data = path.read_bytes()
+        # Over the threshold the weights go beside the graph (an ONNX file cannot exceed
+        # 2 GiB), and the upload is the folder as one archive.
+        external = _weight_bytes(module) > _archive.EXTERNAL_DATA_THRESHOLD
+        program.save(str(path), external_data=external)
+        data: bytes | Path = _archive.pack_folder(Path(tmp)) if external else path.read_bytes()
         # The exported graph as torch built it (ONNXProgram.model_proto): the SDK reads its
         # real input and output names without importing onnx itself.
         graph = program.model_proto.graph

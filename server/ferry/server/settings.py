@@ -249,6 +249,13 @@ class Settings:
             "process that checks an upload; 0: none"
         },
     )
+    external_data_threshold_bytes: int = field(
+        default=int(1.8 * (1 << 30)),
+        metadata={
+            "help": "a converted model whose weights exceed this is published as model.onnx + "
+            "model.onnx.data (ONNX files cannot exceed 2 GiB)"
+        },
+    )
 
     def __post_init__(self) -> None:
         from ferry.server.security import check_settings

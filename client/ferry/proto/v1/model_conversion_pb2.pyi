@@ -18,6 +18,7 @@ class SourceFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SOURCE_FORMAT_ONNX: _ClassVar[SourceFormat]
     SOURCE_FORMAT_EXPORTED_PROGRAM: _ClassVar[SourceFormat]
     SOURCE_FORMAT_TORCHSCRIPT: _ClassVar[SourceFormat]
+    SOURCE_FORMAT_ONNX_ARCHIVE: _ClassVar[SourceFormat]
 
 class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,6 +34,7 @@ SOURCE_FORMAT_SAFETENSORS: SourceFormat
 SOURCE_FORMAT_ONNX: SourceFormat
 SOURCE_FORMAT_EXPORTED_PROGRAM: SourceFormat
 SOURCE_FORMAT_TORCHSCRIPT: SourceFormat
+SOURCE_FORMAT_ONNX_ARCHIVE: SourceFormat
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_RUNNING: JobState

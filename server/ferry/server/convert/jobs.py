@@ -50,7 +50,13 @@ from ferry.server.convert.out_of_memory import text_says_out_of_memory
 from ferry.server.convert.store import EventRecord, JobRecord, JobState, JobStore
 from ferry.server.convert.summary import published_line
 from ferry.server.core.registry import ModelRegistry
-from ferry.server.core.repository import MODEL_FILE, REPORT_FILE, ModelRepository, read_report
+from ferry.server.core.repository import (
+    MODEL_DATA_FILE,
+    MODEL_FILE,
+    REPORT_FILE,
+    ModelRepository,
+    read_report,
+)
 from ferry.server.errors import ErrorKind, FerryError, InternalError, QueueFull, Unavailable
 
 log = logging.getLogger("ferry.convert")
@@ -59,7 +65,9 @@ CHILD_MODULE = "ferry.server.convert.worker.child"
 # onnxruntime's telemetry writes a device id and a database under the cache folder, which the
 # child points into its scratch space; the child also switches it off itself.
 CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1", "ORT_DISABLE_TELEMETRY": "1"}
-VERSION_FILES = (MODEL_FILE, REPORT_FILE)  # what a child may leave; publish adds config.json
+# What a child may leave (publish adds config.json): the model, its external data when it has
+# any (models over 2 GiB), the report.
+VERSION_FILES = (MODEL_FILE, MODEL_DATA_FILE, REPORT_FILE)
 MAX_EVENT_LINE = 1 << 20
 STDERR_TAIL = 20
 WARM_IDLE_S = 600.0  # a conversion process started ahead leaves after this long unused

@@ -16,7 +16,7 @@ only message-typed fields are read, so a tensor's ``raw_data`` is never copied o
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +47,9 @@ class ExternalRef:
 
     where: str
     location: str  # the external_data "location" entry, "" when none is given
+    offset: str = ""  # the "offset" and "length" entries as written ("" when absent)
+    length: str = ""
+    nbytes: int | None = None  # what the tensor's dims and type need; None when unknown
 
 
 def walk(root: Any) -> Iterator[Step]:
@@ -73,8 +76,14 @@ def external_refs(model: Any) -> Iterator[ExternalRef]:
         if tensor.DESCRIPTOR.full_name != TENSOR:
             continue
         if tensor.data_location == EXTERNAL or len(tensor.external_data):
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            yield ExternalRef(describe(step), location)
+            entries = {e.key: e.value for e in tensor.external_data}
+            yield ExternalRef(
+                describe(step),
+                entries.get("location", ""),
+                entries.get("offset", ""),
+                entries.get("length", ""),
+                tensor_nbytes(tensor),
+            )
 
 
 def check_self_contained(model: Any) -> None:
@@ -89,8 +98,78 @@ def check_self_contained(model: Any) -> None:
     raise InvalidArgument(
         f"model reads external data from {first.where}{named}{others}: upload a self-contained "
         "file, a model may read no bytes that did not travel with it; save it with every tensor "
-        "inside, e.g. onnx.save(model, path, save_as_external_data=False) (models under 2 GiB)"
+        "inside, e.g. onnx.save(model, path, save_as_external_data=False) (models under 2 GiB), "
+        "or send model.onnx with its data files as one archive (format onnx_archive: the SDK "
+        "does so for upload(name, folder), the CLI for `ferry upload NAME FOLDER`)"
     )
+
+
+def check_confined(model: Any, files: Mapping[str, int]) -> int:
+    """Every external-data reference of ``model`` must name one of ``files`` (the names that
+    came in the model's archive, flat, mapped to their sizes) and lie inside it: offset and
+    length within the file, and as many bytes as the tensor's dims and type need. Returns the
+    number of references. A reference that could reach anything else (another upload, a path
+    with ``..``, an absolute path, a file the archive did not carry) is refused, naming the
+    tensor and the path."""
+    count = 0
+    for ref in external_refs(model):
+        count += 1
+        shown = _short(ref.location)
+        if ref.location not in files:
+            why = (
+                "it is not a plain file name of the archive (no folders, no absolute paths)"
+                if not ref.location or "/" in ref.location or "\\" in ref.location
+                else "the archive carries no such file"
+            )
+            raise InvalidArgument(
+                f"{ref.where} reads external data from {shown!r}: {why}; a model may read only "
+                "the files that travel with it, side by side with model.onnx"
+            )
+        size = files[ref.location]
+        offset = _entry_int(ref, "offset", ref.offset, 0)
+        length = _entry_int(ref, "length", ref.length, size - offset)
+        if ref.nbytes is not None and length != ref.nbytes and ref.length:
+            raise InvalidArgument(
+                f"{ref.where} reads {length} bytes of {shown!r}, its dims and type need "
+                f"{ref.nbytes}: the archive's model.onnx does not match its data"
+            )
+        if offset + length > size or (ref.nbytes is not None and offset + ref.nbytes > size):
+            need = max(length, ref.nbytes or 0)
+            raise InvalidArgument(
+                f"{ref.where} reads bytes {offset}..{offset + need} of {shown!r}, a file of "
+                f"{size} bytes: truncated data file, or model.onnx from another save"
+            )
+    return count
+
+
+def _entry_int(ref: ExternalRef, key: str, text: str, default: int) -> int:
+    if not text:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InvalidArgument(
+            f"{ref.where}: external data {key} {_short(text)!r} is not a non-negative integer"
+        )
+    return value
+
+
+# Bytes per element of each onnx.TensorProto data type with a fixed size (strings excluded).
+_ELEMENT_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8,
+                  14: 8, 15: 16, 16: 2, 17: 1, 18: 1, 19: 1, 20: 1}  # fmt: skip
+
+
+def tensor_nbytes(tensor: Any) -> int | None:
+    """The bytes a tensor's dims and type need (None for strings and packed 4-bit types)."""
+    per = _ELEMENT_BYTES.get(tensor.data_type)
+    if per is None or any(d < 0 for d in tensor.dims):
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count * per
 
 
 def check_source(model: Any) -> None:

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ferry.server.convert import architectures, retention, spec, uploads, validation
+from ferry.server.convert import architectures, onnx_archive, retention, spec, uploads, validation
 from ferry.server.convert.jobs import JobRunner, staging_key
 from ferry.server.convert.store import (
     EventRecord,
@@ -100,11 +100,14 @@ class ConversionService:
             self._remove_work_dir(job)
         for entry in (state / "uploads").iterdir():
             if entry.name.startswith(TMP_PREFIX):
-                entry.unlink(missing_ok=True)
+                if entry.is_dir() and not entry.is_symlink():  # an archive being extracted
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
         for entry in (state / "jobs").iterdir():  # no job is live yet: every folder is stale
             shutil.rmtree(entry, ignore_errors=True)
         for path in self._forget_by_retention():
-            _remove_file(path)
+            _remove_file(path, state / "uploads")
         s = self.settings
         self._runner = JobRunner(
             self._store,
@@ -153,10 +156,11 @@ class ConversionService:
             header, limit=s.max_upload_bytes, allow_code_formats=s.allow_code_formats
         )
         store = self.store
+        uploads_dir = self.state_dir.resolve() / "uploads"
         record = await uploads.receive(
             header,
             chunks,
-            self.state_dir.resolve() / "uploads",
+            uploads_dir,
             limit=s.max_upload_bytes,
             check_memory_bytes=s.conversion_memory_bytes,
             check_timeout=s.conversion_timeout,
@@ -164,7 +168,7 @@ class ConversionService:
         try:
             store.add_upload(record)
         except BaseException:
-            os.unlink(record.path)
+            _remove_upload_file(Path(record.path), uploads_dir)
             raise
         log.info(
             "upload %s for %s: %s, %d bytes, sha256 %s",
@@ -177,7 +181,7 @@ class ConversionService:
         # The upload is stored and its answer due whatever happens here: a file that will not
         # go is logged (its record is gone, so nothing lists or converts it).
         for path in self._forget_by_retention(keep=record.upload_id):
-            await asyncio.to_thread(_remove_file, path)
+            await asyncio.to_thread(_remove_file, path, uploads_dir)
         return record
 
     def _forget_by_retention(self, keep: str = "") -> list[Path]:
@@ -200,25 +204,17 @@ class ConversionService:
                 record.size_bytes,
                 reason,
             )
-            path = self._upload_file(record)
-            if path is not None:
-                files.append(path)
+            files.append(Path(record.path))  # checked where it is removed
         return files
-
-    def _upload_file(self, record: UploadRecord) -> Path | None:
-        """The record's file, when it is where uploads live: the path comes from the database,
-        and is checked rather than trusted, like a job's folder."""
-        path = Path(record.path)
-        return path if path.parent.resolve() == self.state_dir.resolve() / "uploads" else None
 
     def list_uploads(self, model: str = "", limit: int = 0) -> list[UploadRecord]:
         return self.store.list_uploads(model, min(limit or 100, 10_000))
 
     async def delete_upload(self, upload_id: str) -> None:
         record = self.store.delete_upload(_check_id(upload_id, "upload"))
-        path = self._upload_file(record)
-        if path is not None:
-            await asyncio.to_thread(path.unlink, missing_ok=True)
+        uploads_dir = self.state_dir.resolve() / "uploads"
+        path = Path(record.path)
+        await asyncio.to_thread(_remove_upload_file, path, uploads_dir)
         log.info("upload %s for %s deleted", record.upload_id, record.model)
 
     @staticmethod
@@ -292,6 +288,7 @@ class ConversionService:
             work_dir=str(work_dir),
             allow_code_formats=self.settings.allow_code_formats,
             providers=self._serving_providers(model),
+            external_data_threshold=self.settings.external_data_threshold_bytes,
         )
         validation.check_job(contract)  # the child's own checks, run before a child is spent
         self.runner.check_room()
@@ -363,9 +360,9 @@ class ConversionService:
         )
 
 
-def _remove_file(path: Path) -> None:
+def _remove_file(path: Path, uploads_dir: Path) -> None:
     try:
-        path.unlink(missing_ok=True)
+        _remove_upload_file(path, uploads_dir)
     except OSError as exc:
         log.error("could not remove %s, an upload the retention rule removed: %s", path, exc)
 
@@ -402,3 +399,12 @@ def _write_tensors(job_dir: Path, contract: spec.Job, tensors: validation.SpecTe
         if arrays:
             validation.save_npz(Path(path), arrays)
     (job_dir / "job.json").write_text(spec.to_json(contract))
+
+
+def _remove_upload_file(path: Path, uploads_dir: Path) -> None:
+    """Remove an upload's file, or an archive upload's folder (``<id>/model.onnx``). The path
+    comes from the database: checked, not trusted, like a job's folder."""
+    if path.parent.resolve() == uploads_dir:
+        path.unlink(missing_ok=True)
+    elif path.parent.parent.resolve() == uploads_dir and not path.parent.is_symlink():
+        onnx_archive.remove(path.parent)

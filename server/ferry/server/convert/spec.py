@@ -18,7 +18,13 @@ from ferry.server.convert.strategies import pruning, quantization
 # checks these fields against.
 
 BENCHMARK_MODES = ("full", "quick", "off")
-SOURCE_FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript")
+SOURCE_FORMATS = (
+    "state_dict", "safetensors", "onnx", "exported_program", "torchscript", "onnx_archive",
+)  # fmt: skip
+ONNX_FORMATS = ("onnx", "onnx_archive")  # an archive is model.onnx with its external data
+# Weights above this many bytes are saved as external data (``worker/external``): an ONNX file
+# is one protobuf message, which cannot exceed 2 GiB; the rest of the graph needs some room.
+EXTERNAL_DATA_THRESHOLD = int(1.8 * (1 << 30))
 CODE_BEARING_FORMATS = ("exported_program", "torchscript")
 STAGES = (
     "queued",
@@ -123,6 +129,9 @@ class Job:
     # The execution providers the version will be served with ({name, options} each): parity
     # and the benchmark measure there. Empty: CPU.
     providers: list[dict[str, Any]] = field(default_factory=list)
+    # Save the variants with external data (model.onnx + model.onnx.data) when the weights are
+    # over this many bytes, or whenever the source came with external data.
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
 
 
 @dataclass

@@ -7,7 +7,8 @@ upload; any exit before that, a client disconnecting included, deletes the tempo
 The format check reads structure only and never deserializes executable content: a state_dict
 must be torch.save's zip archive (a bare pickle is refused before the child ever sees it), a
 safetensors file must have a sane JSON header, an ONNX file must parse as a ModelProto that
-reads no external data anywhere (``onnx_safety``). Whether the weights fit an architecture is
+reads no external data anywhere (``onnx_safety``); an ONNX archive (model.onnx and its data
+files) is extracted into the upload's own folder and may read only those (``onnx_archive``). Whether the weights fit an architecture is
 the child's business.
 """
 
@@ -27,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ferry.server.convert import architectures, onnx_safety, upload_check
+from ferry.server.convert import architectures, onnx_archive, onnx_safety, upload_check
 from ferry.server.convert.spec import CODE_BEARING_FORMATS, SOURCE_FORMATS
 from ferry.server.convert.store import UploadRecord, now_ms
-from ferry.server.core.repository import TMP_PREFIX, validate_model_name
+from ferry.server.core.repository import MODEL_FILE, TMP_PREFIX, validate_model_name
 from ferry.server.errors import FailedPrecondition, InvalidArgument, LimitExceeded
 
 SUFFIXES = {
@@ -39,6 +40,7 @@ SUFFIXES = {
     "onnx": ".onnx",
     "exported_program": ".pt2",
     "torchscript": ".pt",
+    "onnx_archive": "",  # extracted into a folder of its own: <id>/model.onnx + data files
 }
 MAX_SAFETENSORS_HEADER = 100 << 20
 MAX_KWARGS_JSON = 64 << 10
@@ -140,14 +142,17 @@ async def receive(
                 f"upload corrupted: sha256 of the bytes received is {sha}, the header expected "
                 f"{header.expected_sha256}; upload again"
             )
-        await upload_check.check(
-            header.format,
-            tmp,
-            size_bytes=size,
-            memory_bytes=check_memory_bytes,
-            time_limit_s=check_timeout,
-        )
-        os.rename(tmp, final)
+        if header.format == "onnx_archive":
+            final = await asyncio.to_thread(_unpack, tmp, folder, upload_id, limit)
+        else:
+            await upload_check.check(
+                header.format,
+                tmp,
+                size_bytes=size,
+                memory_bytes=check_memory_bytes,
+                time_limit_s=check_timeout,
+            )
+            os.rename(tmp, final)
     finally:
         sink.close()
         with contextlib.suppress(FileNotFoundError):
@@ -192,6 +197,20 @@ class _Sink:
     def close(self) -> None:
         with self._lock:
             self._fh.close()
+
+
+def _unpack(archive: Path, folder: Path, upload_id: str, limit: int) -> Path:
+    """Extract an onnx_archive into a temporary folder, check it, and rename it to the upload's
+    own folder; return its model.onnx. The archive itself is not kept."""
+    staging = folder / f"{TMP_PREFIX}{upload_id}.d"
+    files = onnx_archive.extract(archive, staging, limit=limit)
+    try:
+        onnx_archive.check(staging, files)
+        os.rename(staging, folder / upload_id)
+    except BaseException:
+        onnx_archive.remove(staging)
+        raise
+    return folder / upload_id / MODEL_FILE
 
 
 def _is_sha256(text: str) -> bool:

@@ -24,6 +24,7 @@ import numpy as np
 from ferry.server.convert.spec import (
     BENCHMARK_MODES,
     CODE_BEARING_FORMATS,
+    ONNX_FORMATS,
     SOURCE_FORMATS,
     ConversionSpec,
     InputSpec,
@@ -36,7 +37,8 @@ from ferry.server.errors import FailedPrecondition, InvalidArgument
 
 MAX_PRUNING_AMOUNT = pruning_methods.MAX_AMOUNT
 MIN_OPSET = 13
-PRUNABLE_FORMATS = ("state_dict", "safetensors")
+# Pruned as a torch module (registered architecture) or on the ONNX graph (any ONNX upload).
+PRUNABLE_FORMATS = ("state_dict", "safetensors", "onnx")
 USE_INSTEAD = (
     "upload the weights as a state_dict (torch.save(model.state_dict(), path)) or as safetensors, "
     "with the name of a registered architecture, or export the model to ONNX"
@@ -67,11 +69,18 @@ def check_job(job: Job) -> None:
     pruning, quantization = spec.pruning, spec.quantization
     method = pruning_methods.method(pruning.method)  # an unknown name is refused here
     if method is not pruning_methods.NONE:
+        if fmt == "onnx_archive":
+            raise InvalidArgument(
+                "an onnx_archive source (a graph with external data) cannot be pruned: graph "
+                "pruning takes a self-contained ONNX file (under 2 GiB); prune the model before "
+                f"exporting it, or convert with pruning.method {pruning_methods.NONE.name!r}"
+            )
         if fmt not in PRUNABLE_FORMATS:
             raise InvalidArgument(
-                f"pruning needs a PyTorch source with a registered architecture, not {fmt}: upload "
-                "the weights as a state_dict or safetensors, or convert with pruning.method "
-                f"{pruning_methods.NONE.name!r}"
+                f"a {fmt} source cannot be pruned: upload the model as ONNX (pruned on its "
+                "graph; ConversionClient.upload(name, module, example_inputs=...) does that), "
+                "or its weights as a state_dict or safetensors of a registered architecture, "
+                f"or convert with pruning.method {pruning_methods.NONE.name!r}"
             )
         if not 0.0 <= pruning.amount <= MAX_PRUNING_AMOUNT:
             raise InvalidArgument(
@@ -104,7 +113,7 @@ def check_job(job: Job) -> None:
             'benchmark "off" does not measure: use benchmark "quick", or name the mode you want '
             f"({', '.join(quantization_modes.QUANTIZERS)})"
         )
-    if fmt != "onnx" and not MIN_OPSET <= spec.opset <= max_opset():
+    if fmt not in ONNX_FORMATS and not MIN_OPSET <= spec.opset <= max_opset():
         raise InvalidArgument(
             f"opset must be within [{MIN_OPSET}, {max_opset()}], got {spec.opset}"
         )

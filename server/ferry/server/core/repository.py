@@ -25,6 +25,9 @@ from ferry.server.errors import AlreadyExists, InvalidArgument, ModelNotFound, V
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 VERSION_RE = re.compile(r"[1-9][0-9]*")
 MODEL_FILE = "model.onnx"
+# A model over 2 GiB keeps its weights beside model.onnx (ONNX external data), in this one file;
+# onnxruntime resolves it relative to model.onnx and refuses paths leaving the version folder.
+MODEL_DATA_FILE = "model.onnx.data"
 REPORT_FILE = "report.json"  # the conversion report published beside the model
 VERSION_CONFIG_FILE = "config.json"  # a version's own serving config (overrides the model's)
 MAX_REPORT_BYTES = 16 << 20

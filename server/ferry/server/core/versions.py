@@ -10,6 +10,7 @@ before it replaces the original: an edit that would not parse is refused, never 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import tomllib
@@ -19,6 +20,7 @@ from pathlib import Path
 from ferry.server.core.config import find_config_file, load_config, parse_config
 from ferry.server.core.registry import ModelRegistry, State
 from ferry.server.core.repository import (
+    MODEL_DATA_FILE,
     MODEL_FILE,
     VERSION_CONFIG_FILE,
     ModelRepository,
@@ -61,6 +63,8 @@ def describe(repository: ModelRepository, registry: ModelRegistry, name: str) ->
             size = (vdir / MODEL_FILE).stat().st_size
         except OSError:
             size = 0
+        with contextlib.suppress(OSError):  # a model over 2 GiB: its weights are beside it
+            size += (vdir / MODEL_DATA_FILE).stat().st_size
         views.append(
             VersionView(
                 version=v,

@@ -100,7 +100,9 @@ def _cast_outputs_to_float(path: Path, names: set[str]) -> bytes:
     """The model with each named BF16 output produced through an added Cast to float32."""
     import onnx
 
-    model = onnx.load(os.fspath(path))
+    # The graph: external data (a model over 2 GiB) stays in its file, found through the
+    # session's external-initializers folder, the version's own.
+    model = onnx.load(os.fspath(path), load_external_data=False)
     graph = model.graph
     for name in names:
         inner = f"{name}__ferry_bf16"
@@ -226,6 +228,9 @@ class OrtSession:
             # onnxruntime's Python API cannot hand back a bfloat16 array: serve a copy of the
             # graph whose BF16 outputs are cast to float32 (exact), and narrow them again here.
             model_bytes = _cast_outputs_to_float(path, self._bf16_outputs)
+            so.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(path.parent)
+            )
             self.session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
         self.providers: list[str] = list(self.session.get_providers())
         # Placement from the provider onnxruntime actually put first, not the one asked for.

@@ -117,21 +117,31 @@ def _stage_source(job: Job, work: Path) -> None:
         return
     folder = work / ".scratch" / "source"
     folder.mkdir(parents=True, exist_ok=True)
+    job.source_path = str(folder / source.name)
+    if job.source_format == "onnx_archive":
+        # model.onnx comes with its data files (the folder's regular files, flat), copied: onnx
+        # refuses to read external data through a hard link (it cannot tell one from a link
+        # planted to reach another file). On filesystems that share blocks the copy is cheap.
+        for entry in source.parent.iterdir():
+            if entry.is_file() and not entry.is_symlink():
+                shutil.copyfile(entry, folder / entry.name)
+        return
     target = folder / source.name
     try:
         os.link(source, target)
     except OSError:
         shutil.copyfile(source, target)
-    job.source_path = str(target)
 
 
 def _fail(work: Path, report: Report, stage: str, kind: str, message: str) -> None:
     """Leave no model behind, only the report so far with what went wrong: the server keeps it
     as the failed job's report (``jobs.JobRunner`` reads report.json whatever the outcome)."""
-    from ferry.server.convert.worker.pipeline import MODEL_FILE, SCRATCH
+    from ferry.server.convert.worker.pipeline import SCRATCH
     from ferry.server.convert.worker.report import ErrorRecord
+    from ferry.server.core.repository import MODEL_DATA_FILE, MODEL_FILE
 
     (work / MODEL_FILE).unlink(missing_ok=True)
+    (work / MODEL_DATA_FILE).unlink(missing_ok=True)
     shutil.rmtree(work / SCRATCH, ignore_errors=True)
     report.error = ErrorRecord(stage, kind, message)
     report.published = None

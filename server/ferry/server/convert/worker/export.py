@@ -43,14 +43,22 @@ class Exported:
 
 
 def export(
-    source: Source, example: tuple[torch.Tensor, ...], out_names: list[str], path: Path, opset: int
+    source: Source,
+    example: tuple[torch.Tensor, ...],
+    out_names: list[str],
+    path: Path,
+    opset: int,
+    *,
+    external: bool = False,
 ) -> Exported:
+    """Export to ``path``; ``external``: the weights go to ``path``'s data file (models over
+    2 GiB; the legacy exporter decides that on its own, writing one file per tensor)."""
     names = [spec.name for spec in source.inputs]
     result = Exported(DYNAMO)
     dynamo_error: BaseException | None = None
     if not isinstance(source.module, torch.jit.ScriptModule):
         try:
-            _dynamo(source, example, names, out_names, path=path, opset=opset)
+            _dynamo(source, example, names, out_names, path=path, opset=opset, external=external)
             return result
         except Exception as exc:
             dynamo_error = exc
@@ -88,6 +96,7 @@ def _dynamo(
     *,
     path: Path,
     opset: int,
+    external: bool,
 ) -> None:
     common: dict[str, Any] = {
         "dynamo": True,
@@ -104,7 +113,7 @@ def _dynamo(
         )
     if program is None:  # only when given a path, which this call never does
         raise ConversionFailed("the exporter returned no program")
-    program.save(str(path), external_data=False)
+    program.save(str(path), external_data=external)
     _strip_debug_metadata(path)
 
 
@@ -131,7 +140,7 @@ def _legacy_axes(spec: Any) -> dict[int, str]:
 def _strip_debug_metadata(path: Path) -> None:
     """Drop the exporter's per-node provenance (module paths, class hierarchies): a third of a
     small model's file, which would otherwise inflate every variant built from this graph."""
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)  # the graph; the data stays put
     graph = model.graph
     items: list[Any] = [*graph.node, *graph.input, *graph.output, *graph.value_info]
     for item in [*items, *graph.initializer]:

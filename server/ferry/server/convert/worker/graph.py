@@ -14,11 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
 from ferry.codec import datatype_name, datatype_of
-from ferry.server.convert import onnx_safety
+from ferry.server.convert import external_data, onnx_safety
 from ferry.server.convert.spec import InputSpec
+from ferry.server.convert.worker import external
 from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
 CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
@@ -37,8 +37,17 @@ def prepare_publish(path: Path, metadata: dict[str, str]) -> list[str]:
 
     onnxruntime's optimizer and quantizer declare every domain they know in the files they
     write; a published file declaring ``ai.onnx.training`` would be refused by a stricter
-    consumer (it was by Ferry's own upload check), so the published file declares what it uses."""
-    model = onnx.load(str(path))
+    consumer (it was by Ferry's own upload check), so the published file declares what it uses.
+    Only the graph is read and written (external data keeps its references)."""
+    model = onnx.load(str(path), load_external_data=False)
+    unused = onnx_safety.unused_opset_imports(model)
+    if prepare_model(model, metadata):
+        onnx.save(model, str(path))
+    return unused
+
+
+def prepare_model(model: onnx.ModelProto, metadata: dict[str, str]) -> bool:
+    """``prepare_publish`` on a loaded model; returns whether anything changed."""
     unused = onnx_safety.unused_opset_imports(model)
     metadata = {k: v for k, v in metadata.items() if v}
     if unused:
@@ -52,9 +61,7 @@ def prepare_publish(path: Path, metadata: dict[str, str]) -> list[str]:
             onnx.StringStringEntryProto(key=k, value=v) for k, v in props.items()
         )
     resorted = _sort_nodes(model.graph)
-    if unused or metadata or resorted:
-        onnx.save(model, str(path))
-    return unused
+    return bool(unused or metadata or resorted)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> bool:
@@ -119,26 +126,20 @@ def output_names(path: Path) -> list[str]:
     return [value.name for value in model.graph.output]
 
 
-def weight_sparsity(model: onnx.ModelProto) -> float:
-    """Fraction of exact zeros among weight initializers (2-D and up; biases and scales aside)."""
-    zeros = total = 0
-    for init in model.graph.initializer:
-        if len(init.dims) < 2:
-            continue
-        array = numpy_helper.to_array(init)
-        zeros += int(array.size - np.count_nonzero(array))
-        total += int(array.size)
-    return zeros / total if total else 0.0
-
-
 def has_conv(model: onnx.ModelProto) -> bool:
     return any(node.op_type in CONV_OPS for node in _all_nodes(model))
 
 
-def check(path: Path) -> None:
-    """onnx.checker with shape inference: catches graphs onnxruntime would reject at load."""
+def check(path: Path, external: bool = False) -> None:
+    """onnx.checker with shape inference: catches graphs onnxruntime would reject at load.
+
+    A graph with external data is checked without its data: its external initializers become
+    graph inputs of the same type and shape (the load stage has checked every reference against
+    the files; the checker would refuse the source's data files, which the child reaches through
+    hard links, as a "hardlink attack", and would read gigabytes it does not need)."""
     try:
-        onnx.checker.check_model(str(path), full_check=True)
+        target = _as_inputs(onnx.load(str(path), load_external_data=False)) if external else path
+        onnx.checker.check_model(target if external else str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ConversionFailed(
             f"the ONNX graph fails onnx.checker: {first_line(exc)}; if the model came as an ONNX "
@@ -146,7 +147,27 @@ def check(path: Path) -> None:
         ) from None
 
 
-def optimize(source: Path, target: Path, threads: int) -> str:
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """What the initializers' dims and types take, read from the graph alone (external tensors
+    are not loaded): decides whether the variants need external data."""
+    return sum(onnx_safety.tensor_nbytes(init) or 0 for init in model.graph.initializer)
+
+
+def _as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each external initializer of its main graph turned into an input."""
+    graph = model.graph
+    kept = []
+    for init in graph.initializer:
+        if init.data_location != onnx.TensorProto.EXTERNAL:
+            kept.append(init)
+            continue
+        graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, init.dims))
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    return model
+
+
+def optimize(source: Path, target: Path, threads: int, external_data_wanted: bool = False) -> str:
     """Write onnxruntime's EXTENDED-level graph; '' on success, else a note (source is copied).
 
     EXTENDED fuses portable operators only; ENABLE_ALL adds layout transforms specific to this
@@ -156,13 +177,13 @@ def optimize(source: Path, target: Path, threads: int) -> str:
 
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    options.optimized_model_filepath = str(target)
+    external_data.session_options(options, target, external_data_wanted)
     options.intra_op_num_threads = threads
     try:
         ort.InferenceSession(str(source), options, providers=["CPUExecutionProvider"])
         onnx.checker.check_model(str(target))
     except Exception as exc:  # any failure keeps the checked, unoptimized graph
-        target.write_bytes(source.read_bytes())
+        external.copy(source, target, external_data_wanted)
         return (
             f"onnxruntime graph optimization failed ({first_line(exc)}); serving the exported graph"
         )

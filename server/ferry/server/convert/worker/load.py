@@ -40,6 +40,10 @@ class Source:
     onnx_path: Path | None = None
     opset: int | None = None  # an ONNX source's default-domain opset
     notes: list[str] = field(default_factory=list)
+    external_data: bool = False  # an ONNX source whose tensors read data files beside it
+    weight_bytes: int = (
+        0  # the weights' size, which decides whether the variants need external data
+    )
 
 
 def load(job: Job, threads: int) -> Source:
@@ -47,6 +51,10 @@ def load(job: Job, threads: int) -> Source:
     path = Path(job.source_path)
     if not path.is_file():
         raise InvalidArgument(f"the uploaded source {str(path)!r} does not exist; upload it again")
+    if job.source_format == "onnx_archive":
+        # The archive's SHA-256 was checked on receipt and the archive is not kept; what the
+        # child re-checks is that the graph reads only the files that came in it.
+        return _load_onnx(job, path)
     _verify_digest(path, job.source_sha256)
     if job.source_format == "onnx":
         return _load_onnx(job, path)
@@ -304,7 +312,15 @@ def _load_onnx(job: Job, path: Path) -> Source:
         raise InvalidArgument(
             f"the file is not a valid ONNX model ({first_line(exc)}): it may be corrupt or truncated"
         ) from None
-    onnx_safety.check_source(model)  # the upload was checked; the child checks again
+    # The upload was checked; the child checks again.
+    if job.source_format == "onnx_archive":
+        from ferry.server.convert import onnx_archive
+
+        external = onnx_safety.check_confined(model, onnx_archive.listing(path.parent)) > 0
+        onnx_safety.check_domains(model)
+    else:
+        onnx_safety.check_source(model)
+        external = False
     inputs = graph.graph_inputs(model)
     by_name = {spec.name: spec for spec in job.spec.inputs}
     unknown = sorted(set(by_name) - {spec.name for spec in inputs})
@@ -320,4 +336,7 @@ def _load_onnx(job: Job, path: Path) -> Source:
         sample_shape(spec, batched)
     notes = [] if batched else ["the graph has a fixed batch size: served and validated unbatched"]
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
-    return Source("onnx", resolved, batched, onnx_path=path, opset=opset, notes=notes)
+    source = Source("onnx", resolved, batched, onnx_path=path, opset=opset, notes=notes)
+    source.external_data = external
+    source.weight_bytes = graph.weight_bytes(model)
+    return source

@@ -27,6 +27,7 @@ from ferry.server.convert.strategies import quantization as quantization_modes
 from ferry.server.convert.worker import (
     benchmark,
     dims,
+    external,
     graph,
     load,
     parity,
@@ -36,13 +37,14 @@ from ferry.server.convert.worker import (
 from ferry.server.convert.worker.report import (
     ExportRecord,
     ParityRecord,
+    PruningRecord,
     QuantizationRecord,
     Report,
     SourceRecord,
     ValidationRecord,
     VariantRecord,
 )
-from ferry.server.core.repository import MODEL_FILE
+from ferry.server.core.repository import MODEL_DATA_FILE
 from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
 SCRATCH = ".scratch"
@@ -94,6 +96,8 @@ class Pipeline:
     baseline_name: str  # the source ONNX's outputs
     parity_reference: Outputs  # what the fp32 export must match within rtol/atol
     client_reference: Outputs | None
+
+    external: bool = False  # variants are written as model + data file (models over 2 GiB)
 
     def __init__(self, job: Job, emit: Emit, threads: int | None = None) -> None:
         self.job = job
@@ -147,16 +151,17 @@ class Pipeline:
             validation.check_job(self.job)
             self.source = load.load(self.job, self.threads)
             self.notes.extend(self.source.notes)
+            self.external = self._external_data()
             self.report.source.inputs = list(self.source.inputs)
             self.samples = self._validation_samples()
             self._reference_outputs()
         self._prune()
         base = self._export()
         with self._stage("check", "onnx.checker (full check)"):
-            graph.check(base)
+            graph.check(base, self.external)
         with self._stage("optimize", "onnxruntime graph optimization (extended)"):
             fp32 = Variant(self.scratch / "fp32.onnx", VariantRecord("fp32"))
-            note = graph.optimize(base, fp32.path, self.threads)
+            note = graph.optimize(base, fp32.path, self.threads, self.external)
             fp32.record.note = note
             self.notes.extend([note] if note else [])
         variants = self._quantize(base, fp32)
@@ -180,6 +185,28 @@ class Pipeline:
             )
         )
         return self.report
+
+    def _external_data(self) -> bool:
+        """Whether every variant is written with external data: when the source came with it
+        (the client's layout is kept), or its weights are over the job's threshold (an ONNX
+        file cannot exceed 2 GiB, and the graph needs room beside the weights). Decided once
+        for the job, so that every variant has the layout the published one will have."""
+        if self.source.module is not None:
+            self.source.weight_bytes = sum(
+                t.numel() * t.element_size() for t in self.source.module.state_dict().values()
+            )
+        if not (
+            self.source.external_data or self.source.weight_bytes > self.job.external_data_threshold
+        ):
+            return False
+        gib = self.source.weight_bytes / (1 << 30)
+        why = (
+            "the source came with external data"
+            if self.source.external_data
+            else f"its weights ({gib:.2f} GiB) exceed {self.job.external_data_threshold} bytes"
+        )
+        self.notes.append(f"published as model.onnx + {MODEL_DATA_FILE}: {why}")
+        return True
 
     def _validation_samples(self) -> parity.Samples:
         sample_file = self.spec.validation.sample_file
@@ -249,21 +276,41 @@ class Pipeline:
             self._skip("prune", "no pruning requested")
             return
         with self._stage("prune", f"{spec.method} pruning, amount {spec.amount}"):
-            from ferry.server.convert.worker import export, prune
+            if self.source.module is None:
+                section = self._prune_graph()
+            else:
+                from ferry.server.convert.worker import export, prune
 
-            section = prune.prune(self.source.module, spec, export.example_inputs(self.source))
+                section = prune.prune(self.source.module, spec, export.example_inputs(self.source))
+                self.parity_reference = self._run(export.torch_runner(self.source))
             self.report.pruning = section
-            self.parity_reference = self._run(export.torch_runner(self.source))
             figures = parity.compare(self.parity_reference, self.baseline)
             section.vs_unpruned = figures
             failure = self._budget_failure(figures)
             if failure and not self.spec.validation.keep_failed:
                 # Fail before the export: no ONNX variant of this model can do better.
+                against = {"reference": "the PyTorch model's reference outputs"}.get(
+                    self.baseline_name, "the unpruned model"
+                )
                 raise ConversionFailed(
                     f"{spec.method} pruning at amount {spec.amount} (without fine-tuning) leaves the "
-                    f"model below the accuracy budget against the unpruned model: {failure}; lower "
+                    f"model below the accuracy budget against {against}: {failure}; use a smaller "
                     "pruning.amount, fine-tune before uploading, or set validation.keep_failed"
                 )
+
+    def _prune_graph(self) -> PruningRecord:
+        """An ONNX source is pruned on its graph; the pruned file replaces it for later stages."""
+        from ferry.server.convert.worker import onnx_prune
+
+        assert self.source.onnx_path is not None
+        target = self.scratch / "pruned.onnx"
+        feed = next(iter(self.samples.batches(self.spec.max_batch_size)))
+        section = onnx_prune.prune_graph(
+            self.source.onnx_path, target, self.spec.pruning, feed, self.threads
+        )
+        self.source.onnx_path = target
+        self.parity_reference = self._run(parity.onnx_runner(target, self.threads, self.providers))
+        return section
 
     def _budget_failure(self, figures: parity.Figures) -> str:
         v = self.spec.validation
@@ -281,7 +328,14 @@ class Pipeline:
         target = self.scratch / "exported.onnx"
         with self._stage("export", f"torch.onnx.export at opset {self.spec.opset}"):
             example = export.example_inputs(self.source)
-            result = export.export(self.source, example, self.output_names, target, self.spec.opset)
+            result = export.export(
+                self.source,
+                example,
+                self.output_names,
+                target,
+                self.spec.opset,
+                external=self.external,
+            )
             self.report.export.exporter = result.exporter
             self.notes.extend(result.notes)
             export.verify_batch(target, self.source, self.spec.max_batch_size, self.threads)
@@ -330,7 +384,9 @@ class Pipeline:
                 )
             for quantizer in plan.variants:
                 target = self.scratch / f"{quantizer.name}.onnx"
-                inputs = quantization_modes.BuildInputs(base, target, spec, calibration)
+                inputs = quantization_modes.BuildInputs(
+                    base, target, spec, calibration, self.external
+                )
                 note = quantize.build(quantizer, inputs)
                 caveat = plan.notes.get(quantizer.name, "")
                 record = VariantRecord(quantizer.name, "; ".join(filter(None, [caveat, note])))
@@ -358,7 +414,7 @@ class Pipeline:
         pruned = self.report.pruning is not None
         against = "pytorch" if self.source.module is not None else "onnx_source"
         if pruned:
-            against = "pytorch (pruned)"
+            against = f"{against} (pruned)"
         failure = parity.tolerance_failure(fp32.outputs, self.parity_reference, v.rtol, v.atol)
         if failure:
             raise ConversionFailed(
@@ -459,8 +515,9 @@ class Pipeline:
     def _publish(self, chosen: Variant) -> None:
         chosen.record.published = True
         self.report.published = chosen.record
-        # A published file must upload again as it is, and carries its dynamic axes' bounds.
-        graph.prepare_publish(chosen.path, {dims.METADATA_KEY: dims.metadata(self.source.inputs)})
-        os.replace(chosen.path, self.work / MODEL_FILE)
+        # model.onnx (+ model.onnx.data), declaring only the opsets it uses and carrying its
+        # dynamic axes' bounds: a published file must upload again as it is.
+        metadata = {dims.METADATA_KEY: dims.metadata(self.source.inputs)}
+        external.publish(chosen.path, self.work, lambda m: graph.prepare_model(m, metadata))
         self.report.write(self.work)
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -3,6 +3,9 @@
 Unstructured pruning leaves dense kernels as slow as before; it only shrinks the compressed file.
 Structured pruning physically removes channels and neurons, so the model gets smaller and faster.
 Neither fine-tunes: the report says so and the accuracy budget decides whether the result is served.
+
+This stage runs a method's ``build`` on a torch module (a registered architecture); an ONNX source
+is pruned by ``onnx_prune`` instead.
 """
 
 from __future__ import annotations
@@ -12,13 +15,9 @@ from torch import nn
 
 from ferry.server.convert.spec import PruningSpec
 from ferry.server.convert.strategies import pruning
+from ferry.server.convert.worker.onnx_prune import NOT_FINE_TUNED
 from ferry.server.convert.worker.report import PruningRecord
 from ferry.server.errors import InvalidArgument
-
-NOT_FINE_TUNED = (
-    "no fine-tuning was done after pruning: the accuracy budget (validation.min_cosine, "
-    "min_top1_agreement) decides whether the pruned model is served"
-)
 
 
 def _targets(module: nn.Module) -> list[nn.Module]:

@@ -115,7 +115,8 @@ class ParityRecord:
 
     figures: Figures
     samples: int
-    # "pytorch", "pytorch (pruned)", "pytorch (reference_outputs)" or "onnx_source"
+    # "pytorch", "pytorch (pruned)", "pytorch (reference_outputs)", "onnx_source" or
+    # "onnx_source (pruned)"
     against: str
 
     def to_dict(self) -> dict[str, Any]:

@@ -1,0 +1,156 @@
+"""Packing an ONNX model with external data into the one upload that carries it (onnx_archive).
+
+A model over 2 GiB is saved as ``model.onnx`` plus data files its tensors name by relative
+location, side by side (Triton's and KServe's version-folder layout). The server accepts that
+folder as an uncompressed tar of flat, regular files; this module writes it from a folder, or
+from a ``.onnx`` file and the data files its graph names (read from the protobuf wire format:
+the SDK does not depend on onnx).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tarfile
+import tempfile
+from pathlib import Path
+
+from ferry.client._errors import InvalidInputError
+
+MODEL_FILE = "model.onnx"
+ARCHIVE_FORMAT = "onnx_archive"
+# A module whose weights exceed this is exported with external data and sent as an archive:
+# an ONNX file cannot exceed 2 GiB, and the graph needs room beside the weights.
+EXTERNAL_DATA_THRESHOLD = int(1.8 * (1 << 30))
+
+
+def external_locations(model_path: Path) -> list[str]:
+    """The data files the graph at ``model_path`` reads, in order of first use; [] when it
+    reads none or is not a readable ONNX file (the server judges the bytes).
+
+    Read from protobuf's wire format through a memory map, without onnx (the SDK does not
+    depend on it) and without reading the tensors' bytes: a self-contained file of any size
+    costs a walk over its field headers. Tensors are found where onnx keeps them: initializers,
+    sparse initializers, node attributes, subgraphs and local functions at any depth."""
+    try:
+        with open(model_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
+            found: dict[str, None] = {}
+            _walk(m, 0, len(m), "model", found)
+            return list(found)
+    except (OSError, ValueError, IndexError):
+        return []
+
+
+Buffer = bytes | mmap.mmap  # indexing gives an int, slicing bytes
+
+# message kind -> {field number: kind of the message in it}: the onnx.proto fields that lead to
+# a TensorProto.
+_SCHEMA: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 25: "function"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+    "tensor": {13: "entry"},
+}
+
+
+def _walk(buf: Buffer, start: int, end: int, kind: str, found: dict[str, None]) -> None:
+    if kind == "entry":
+        entry = dict(_strings(buf, start, end))
+        if entry.get(1) == "location" and 2 in entry:
+            found.setdefault(entry[2], None)
+        return
+    inner = _SCHEMA[kind]
+    for field, lo, hi in _delimited(buf, start, end):
+        if field in inner:
+            _walk(buf, lo, hi, inner[field], found)
+
+
+def _strings(buf: Buffer, start: int, end: int) -> list[tuple[int, str]]:
+    return [(f, buf[lo:hi].decode("utf-8", "replace")) for f, lo, hi in _delimited(buf, start, end)]
+
+
+def _delimited(buf: Buffer, start: int, end: int) -> list[tuple[int, int, int]]:
+    """(field number, start, end) of each length-delimited field in buf[start:end]."""
+    out = []
+    pos = start
+    while pos < end:
+        tag, pos = _varint(buf, pos)
+        wire = tag & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+        elif wire == 1:
+            pos += 8
+        elif wire == 5:
+            pos += 4
+        elif wire == 2:
+            size, pos = _varint(buf, pos)
+            if pos + size > end:
+                raise ValueError("truncated field")
+            out.append((tag >> 3, pos, pos + size))
+            pos += size
+        else:
+            raise ValueError(f"wire type {wire}")
+    return out
+
+
+def _varint(buf: Buffer, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = buf[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def pack_folder(folder: Path) -> Path:
+    """A temporary tar of ``folder``'s regular files (it must hold model.onnx); the caller
+    removes it."""
+    names = sorted(
+        entry.name for entry in folder.iterdir() if entry.is_file() and not entry.is_symlink()
+    )
+    if MODEL_FILE not in names:
+        raise InvalidInputError(
+            f"{folder} holds no {MODEL_FILE}: a model folder holds model.onnx and the data files "
+            "its tensors name"
+        )
+    return _pack(folder, names)
+
+
+def pack_model(model_path: Path, locations: list[str]) -> Path:
+    """A temporary tar of ``model_path`` (as model.onnx) and the data files it names."""
+    folder = model_path.parent
+    for location in locations:
+        path = folder / location
+        if Path(location).is_absolute() or ".." in Path(location).parts or "/" in location:
+            raise InvalidInputError(
+                f"{model_path} reads external data from {location!r}: the server accepts only "
+                "data files side by side with the model; save it again with "
+                "onnx.save(model, path, save_as_external_data=True, location='model.onnx.data')"
+            )
+        if not path.is_file():
+            raise InvalidInputError(f"{model_path} reads external data from {path}: no such file")
+    return _pack(folder, [model_path.name, *locations], rename={model_path.name: MODEL_FILE})
+
+
+def _pack(folder: Path, names: list[str], rename: dict[str, str] | None = None) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix="ferry-upload-", suffix=".tar")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
+            for name in names:
+                info = tar.gettarinfo(str(folder / name), arcname=(rename or {}).get(name, name))
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                with open(folder / name, "rb") as fh:
+                    tar.addfile(info, fh)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+    return Path(tmp)

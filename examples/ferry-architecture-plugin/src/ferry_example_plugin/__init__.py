@@ -1,0 +1,1 @@
+"""An example Ferry architecture plugin (docs/conversion.md, "Your own architecture")."""

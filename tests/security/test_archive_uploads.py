@@ -1,0 +1,229 @@
+"""Hostile onnx_archive uploads: the route for models over 2 GiB (model.onnx with its external
+data, in one tar) must not open what plain ONNX uploads keep shut.
+
+An archive is extracted into the upload's own folder, and its graph may read only the files that
+came in it. Each hostile archive here is refused with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for
+a bound) naming the member or the tensor and the path, and leaves nothing in the uploads folder;
+the conversion child re-checks the extracted folder when the upload check is bypassed; and the
+serving side's onnxruntime refuses a version whose graph reaches outside its own folder.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+from serverutil import ServerThread
+
+from ferry.client import ConversionClient, InvalidInputError, JobFailedError
+from ferry.server.convert import onnx_archive, uploads
+from ferry.server.errors import InvalidArgument, LimitExceeded
+
+DATA = np.arange(4, dtype=np.float32)
+
+
+def model(location: str = "model.onnx.data", offset: int = 0, length: int | None = 16) -> bytes:
+    """out = x + w, with w (4 floats) in ``location`` at ``offset``."""
+    w = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4])
+    w.data_location = TensorProto.EXTERNAL
+    entries = {"location": location, "offset": str(offset)}
+    if length is not None:
+        entries["length"] = str(length)
+    for key, value in entries.items():
+        w.external_data.add(key=key, value=value)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["out"], name="add")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])],
+        initializer=[w],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def tar(*members: tuple[str, bytes | str | None], kind: bytes = tarfile.REGTYPE) -> bytes:
+    """An archive of (name, bytes) members; (name, "link:target") makes a symlink, (name, None)
+    a folder."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as out:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                out.addfile(info)
+            elif isinstance(data, str):
+                info.type = tarfile.SYMTYPE if data.startswith("link:") else tarfile.LNKTYPE
+                info.linkname = data.split(":", 1)[1]
+                out.addfile(info)
+            else:
+                info.size = len(data)
+                info.type = kind
+                out.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+GOOD = (("model.onnx", model()), ("model.onnx.data", DATA.tobytes()))
+# name -> (archive, words the refusal must contain)
+HOSTILE: dict[str, tuple[bytes, list[str]]] = {
+    "dot-dot member": (tar(*GOOD, ("../escape.bin", b"x")), ["'../escape.bin'", "'..'"]),
+    "absolute member": (tar(*GOOD, ("/tmp/abs.bin", b"x")), ["'/tmp/abs.bin'", "absolute"]),
+    "nested member": (tar(*GOOD, ("sub/w.bin", b"x")), ["'sub/w.bin'", "no folders"]),
+    "folder member": (tar(*GOOD, ("sub", None)), ["'sub' is a folder"]),
+    "symlink": (tar(*GOOD, ("link.bin", "link:/etc/passwd")), ["'link.bin' is a link"]),
+    "hardlink": (tar(*GOOD, ("hard.bin", "hard:model.onnx.data")), ["'hard.bin' is a link"]),
+    "dot file": (tar(*GOOD, (".hidden", b"x")), ["'.hidden'", "not accepted"]),
+    "twice": (tar(*GOOD, ("model.onnx.data", b"y")), ["'model.onnx.data' twice"]),
+    "no model": (tar(("weights.bin", DATA.tobytes())), ["no model.onnx", "weights.bin"]),
+    "not in the archive": (
+        tar(("model.onnx", model("other.bin")), ("model.onnx.data", DATA.tobytes())),
+        ["initializer 'w'", "'other.bin'", "carries no such file"],
+    ),
+    "outside the folder": (
+        tar(("model.onnx", model("../victim.safetensors")), ("model.onnx.data", DATA.tobytes())),
+        ["initializer 'w'", "'../victim.safetensors'", "not a plain file name"],
+    ),
+    "absolute reference": (
+        tar(("model.onnx", model("/etc/passwd")), ("model.onnx.data", DATA.tobytes())),
+        ["initializer 'w'", "'/etc/passwd'"],
+    ),
+    "offset beyond the end": (
+        tar(("model.onnx", model(offset=8)), ("model.onnx.data", DATA.tobytes())),
+        ["initializer 'w'", "bytes 8..24", "a file of 16 bytes"],
+    ),
+    "length beyond the end": (
+        tar(("model.onnx", model(length=None)), ("model.onnx.data", DATA.tobytes()[:12])),
+        ["initializer 'w'", "bytes 0..16", "a file of 12 bytes"],
+    ),
+    "length unlike the tensor": (
+        tar(("model.onnx", model(length=8)), ("model.onnx.data", DATA.tobytes())),
+        ["initializer 'w'", "reads 8 bytes", "need 16"],
+    ),
+    "not a model": (tar(("model.onnx", b"\xff" * 64)), ["does not parse"]),
+    "compressed": (b"\x1f\x8b" + b"\0" * 600, ["uncompressed tar"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_hostile_archive_is_refused_and_leaves_nothing(tmp_path: Path, name: str) -> None:
+    archive, words = HOSTILE[name]
+    folder = tmp_path / "uploads"
+    folder.mkdir()
+    (folder / "tmp-archive").write_bytes(archive)
+    with pytest.raises(InvalidArgument) as info:
+        uploads._unpack(folder / "tmp-archive", folder, "abc", 1 << 20)
+    for word in words:
+        assert word in info.value.message, (name, info.value.message)
+    assert sorted(p.name for p in folder.iterdir()) == ["tmp-archive"]
+
+
+def test_the_bounds_hold(tmp_path: Path) -> None:
+    many = tar(*GOOD, *((f"f{i}", b"") for i in range(5)))
+    (tmp_path / "many.tar").write_bytes(many)
+    with pytest.raises(LimitExceeded, match="more than 4 members"):
+        onnx_archive.extract(tmp_path / "many.tar", tmp_path / "out", limit=1 << 20, max_files=4)
+    assert not (tmp_path / "out").exists()
+    big = tar(*GOOD, ("pad.bin", b"\0" * 4096))
+    (tmp_path / "big.tar").write_bytes(big)
+    with pytest.raises(LimitExceeded, match="more than the limit of 4000 bytes"):
+        onnx_archive.extract(tmp_path / "big.tar", tmp_path / "out", limit=4000)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_good_archive_is_extracted_flat(tmp_path: Path) -> None:
+    (tmp_path / "a.tar").write_bytes(tar(("./", None), *GOOD))
+    path = uploads._unpack(tmp_path / "a.tar", tmp_path, "abc", 1 << 20)
+    assert path == tmp_path / "abc" / "model.onnx"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["model.onnx", "model.onnx.data"]
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": np.zeros((1, 4), np.float32)})
+    assert np.array_equal(out[0], DATA)
+
+
+# ---- through the server ----
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[tuple[ServerThread, ConversionClient]]:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with ServerThread(repo) as srv, ConversionClient(srv.management_target, timeout=120) as conv:
+        yield srv, conv
+
+
+def test_the_server_refuses_them_with_invalid_argument(
+    server: tuple[ServerThread, ConversionClient],
+) -> None:
+    srv, conv = server
+    assert srv.app is not None
+    folder = srv.app.conversion.state_dir.resolve() / "uploads"
+    before = sorted(p.name for p in folder.iterdir())
+    for name in ("dot-dot member", "symlink", "outside the folder", "offset beyond the end"):
+        archive, words = HOSTILE[name]
+        with pytest.raises(InvalidInputError) as info:
+            conv.upload("thief", archive, format="onnx_archive")
+        assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT, name
+        assert all(w in info.value.message for w in words), (name, info.value.message)
+    assert sorted(p.name for p in folder.iterdir()) == before
+    assert conv.list_uploads() == []
+
+
+def test_a_plain_onnx_upload_with_external_data_names_the_archive_route(
+    server: tuple[ServerThread, ConversionClient],
+) -> None:
+    _, conv = server
+    with pytest.raises(InvalidInputError) as info:
+        conv.upload("thief", model(), format="onnx")
+    message = info.value.message
+    assert message.startswith("model reads external data from graph 'g' > initializer 'w'")
+    assert "self-contained" in message and "onnx_archive" in message
+
+
+def test_an_archive_reads_no_other_uploads_file(
+    server: tuple[ServerThread, ConversionClient],
+) -> None:
+    """The archive's folder is its own: naming another upload's file by id is refused."""
+    _srv, conv = server
+    other = conv.upload("victim", tar(*GOOD), format="onnx_archive")
+    for location in (f"../{other.upload_id}/model.onnx.data", f"{other.upload_id}"):
+        hostile = tar(("model.onnx", model(location)), ("model.onnx.data", DATA.tobytes()))
+        with pytest.raises(InvalidInputError) as info:
+            conv.upload("thief", hostile, format="onnx_archive")
+        assert repr(location) in info.value.message
+
+
+def test_the_child_checks_again_when_the_upload_check_is_bypassed(
+    server: tuple[ServerThread, ConversionClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    srv, conv = server
+    monkeypatch.setattr(onnx_archive, "check", lambda folder, files: None)
+    hostile = tar(("model.onnx", model("../../../victim.bin")), ("model.onnx.data", b"\0" * 16))
+    up = conv.upload("thief", hostile, format="onnx_archive")
+    with pytest.raises(JobFailedError) as info:
+        conv.convert(up).wait(progress=False)
+    err = info.value
+    assert (err.code, err.kind) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+    assert "'../../../victim.bin'" in err.message and err.job.stage == "load"
+    assert not (srv.settings.repository / "thief").exists()
+
+
+def test_a_version_cannot_read_another_versions_data(tmp_path: Path) -> None:
+    """The serving side: onnxruntime confines external data to the model file's folder (the
+    version's own); a graph naming ``../1/model.onnx.data``, a symlink out, or an absolute path
+    fails to load. Ferry relies on it (its publish writes only relative names inside the
+    version), so this guards against an onnxruntime that stops doing so."""
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "model.onnx.data").write_bytes(DATA.tobytes())
+    (tmp_path / "2").mkdir()
+    (tmp_path / "2" / "link.bin").symlink_to(tmp_path / "1" / "model.onnx.data")
+    for i, location in enumerate(
+        ["../1/model.onnx.data", str(tmp_path / "1" / "model.onnx.data"), "link.bin"]
+    ):
+        path = tmp_path / "2" / f"model{i}.onnx"
+        path.write_bytes(model(location))
+        with pytest.raises(Exception, match="External data path"):
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
