@@ -164,6 +164,26 @@ def test_retention_by_age_applies_at_start(start: Start, tmp_path: Path) -> None
         conv.convert(old.upload_id)
 
 
+def test_retention_removes_an_archive_uploads_folder(start: Start, tmp_path: Path) -> None:
+    """An onnx_archive upload is a folder (model.onnx and its data): the rule removes it whole."""
+    model = mlp_model(sizes=(8, 16, 4), seed=0)
+    (tmp_path / "src").mkdir()
+    onnx.save_model(
+        model,
+        str(tmp_path / "src" / "model.onnx"),
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
+    _, conv = start(upload_retention_bytes=1)  # every upload but the newest goes
+    archive = conv.upload("big", tmp_path / "src")
+    assert archive.format == "onnx_archive"
+    assert (uploads_dir(tmp_path) / archive.upload_id).is_dir()
+    newest = conv.upload("m", tiny(1), format="onnx")
+    assert [u.upload_id for u in conv.list_uploads()] == [newest.upload_id]
+    assert sorted(p.name for p in uploads_dir(tmp_path).iterdir()) == [f"{newest.upload_id}.onnx"]
+
+
 def test_retention_off_keeps_everything(start: Start) -> None:
     size = len(tiny(0))
     _, conv = start(upload_retention_bytes=0, upload_retention_seconds=0)
