@@ -128,11 +128,24 @@ def set_auto_threads(threads: int) -> None:
     _AUTO["threads"] = threads
 
 
+# Timed runs of the batch of one: the fastest counts. Loads run on a niced thread, so on a busy
+# host one run can be preempted for milliseconds and a tiny model would be judged heavy (and
+# given a thread pool of its own); a preemption does not repeat in every run.
+AUTO_RUNS = 3
+
+
 def _batch_of_one_ns(session: OrtSession) -> int:
     session.warm_up(1)  # the first run allocates and picks kernels: not what is measured
-    start = time.perf_counter_ns()
-    session.warm_up(1)
-    return time.perf_counter_ns() - start
+    best = None
+    for _ in range(AUTO_RUNS):
+        start = time.perf_counter_ns()
+        session.warm_up(1)
+        took = time.perf_counter_ns() - start
+        best = took if best is None else min(best, took)
+        if best <= AUTO_HEAVY_NS:
+            break  # light: once is proof enough
+    assert best is not None
+    return best
 
 
 def open_session(path: Path, config: ModelConfig) -> OrtSession | plans.PlannedSession:
