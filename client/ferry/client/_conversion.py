@@ -255,7 +255,7 @@ class ConversionClient(ManagementClient):
             data, fmt, extras = from_module(
                 torch, source, example_inputs, architecture, opset, dynamic_axes=dynamic_axes
             )
-            packed = data if isinstance(data, Path) else None
+            packed = data
             fmt = format or fmt
         elif isinstance(source, bytes | bytearray | memoryview):
             data, fmt = _payload(source), format or ""

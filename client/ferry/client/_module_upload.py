@@ -21,6 +21,8 @@ import contextlib
 import inspect
 import io
 import logging
+import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -270,7 +272,7 @@ def from_module(
     opset: int,
     *,
     dynamic_axes: Any = None,
-) -> tuple[bytes | Path, str, dict[str, Any]]:
+) -> tuple[Path, str, dict[str, Any]]:
     """The upload's bytes, its format, and what travels with it (input specs, samples keyed by
     the served input names, and the module's outputs on them)."""
     bound = bind(torch, module, examples)
@@ -286,7 +288,7 @@ def from_module(
         "sample_inputs": {name: samples[name] for name in graph_inputs},
         "reference_outputs": {name: _numpy(t) for name, t in outputs.items()},
     }
-    fmt = _archive.ARCHIVE_FORMAT if isinstance(data, Path) else "onnx"
+    fmt = "onnx" if data.suffix == ".onnx" else _archive.ARCHIVE_FORMAT
     return data, fmt, extras
 
 
@@ -302,7 +304,7 @@ def _state_dict(
     *,
     samples: dict[str, np.ndarray],
     axes: Axes,
-) -> tuple[bytes, str, dict[str, Any]]:
+) -> tuple[Path, str, dict[str, Any]]:
     """The server rebuilds the architecture and calls it positionally in spec order, so the
     examples must be forward's leading parameters, and the specs go in signature order."""
     leading = [p.name for p in bound.signature.parameters.values()][: len(bound.named)]
@@ -321,9 +323,17 @@ def _state_dict(
         "sample_inputs": {name: samples[name] for name in leading},
         "reference_outputs": {name: _numpy(t) for name, t in outputs.items()},
     }
-    buffer = io.BytesIO()
-    torch.save(module.state_dict(), buffer)
-    return buffer.getvalue(), "state_dict", extras
+    kept = _scratch_file(".pt")
+    torch.save(module.state_dict(), kept)
+    return kept, "state_dict", extras
+
+
+def _scratch_file(suffix: str) -> Path:
+    """A temporary file the upload streams from and removes: the weights are written to disk
+    once, so the caller's process holds the model once (its own module), not twice."""
+    fd, name = tempfile.mkstemp(prefix="ferry-upload-", suffix=suffix)
+    os.close(fd)
+    return Path(name)
 
 
 @contextlib.contextmanager
@@ -360,7 +370,7 @@ _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
 
 def _export(
     torch: Any, module: Any, bound: Bound, out_names: list[str], *, opset: int, axes: Axes
-) -> tuple[bytes | Path, list[str]]:
+) -> tuple[Path, list[str]]:
     """Export with the user's own ``args`` and ``kwargs``; return the file and the graph's input
     names in the graph's order, read from the file and checked against the bound names."""
     batch = torch.export.Dim("batch", min=1, max=4096)
@@ -413,14 +423,24 @@ def _export(
                     "model with x.shape[...] or -1 instead of literal sizes, or drop that axis"
                 ) from None
             raise
+        # The exported graph as torch built it (ONNXProgram.model_proto): the SDK reads its
+        # real input and output names without importing onnx itself. Checked before anything
+        # is written, so a refused export leaves no file behind.
+        graph_inputs = _check_graph(program.model_proto.graph, bound, out_names, axes)
         # Over the threshold the weights go beside the graph (an ONNX file cannot exceed
         # 2 GiB), and the upload is the folder as one archive.
         external = _weight_bytes(module) > _archive.EXTERNAL_DATA_THRESHOLD
         program.save(str(path), external_data=external)
-        data: bytes | Path = _archive.pack_folder(Path(tmp)) if external else path.read_bytes()
-        # The exported graph as torch built it (ONNXProgram.model_proto): the SDK reads its
-        # real input and output names without importing onnx itself.
-        graph = program.model_proto.graph
+        if external:
+            return _archive.pack_folder(Path(tmp)), graph_inputs
+        data = _scratch_file(".onnx")
+        shutil.move(path, data)
+        return data, graph_inputs
+
+
+def _check_graph(graph: Any, bound: Bound, out_names: list[str], axes: Axes) -> list[str]:
+    """The graph's input names in its order: exactly the bound names, the declared axes
+    symbolic, the outputs the module's own."""
     initializers = {init.name for init in graph.initializer}
     graph_inputs = [v.name for v in graph.input if v.name not in initializers]
     graph_outputs = [v.name for v in graph.output]
@@ -451,7 +471,7 @@ def _export(
             f"the exported graph gives outputs {graph_outputs}, the module returns {out_names}: "
             "wrap the model so that forward returns a tensor or a tuple of tensors"
         )
-    return data, graph_inputs
+    return graph_inputs
 
 
 def _specializes(exc: BaseException) -> bool:
