@@ -118,7 +118,8 @@ def test_outputs_keep_the_models_own_names() -> None:
 
 
 def test_architecture_uploads_need_forwards_leading_parameters_in_order() -> None:
-    _, fmt, extras = from_module(torch, XY(), {"y": Y, "x": X}, "xy", 20)
+    data, fmt, extras = from_module(torch, XY(), {"y": Y, "x": X}, "xy", 20)
+    data.unlink()  # the upload streams this file and removes it; here nothing sends it
     assert fmt == "state_dict"
     assert [s.name for s in extras["inputs"]] == ["x", "y"]  # the server calls it positionally
     assert (extras["reference_outputs"]["output"] == (2 * X - Y).numpy()).all()

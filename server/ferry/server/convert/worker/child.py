@@ -26,7 +26,6 @@ Protocol with the parent:
 from __future__ import annotations
 
 import argparse
-import atexit
 import os
 import shutil
 import sys
@@ -181,18 +180,26 @@ def run(job: Job, progress: Progress) -> int:
 def _warm_up() -> None:
     """Pay a job's fixed cost before the job exists: import torch and onnxruntime and export a
     tiny module once (the exporter's own first-use cost). Its temporary files go to a folder of
-    its own, removed on exit; the job's are confined to the job's folder afterwards, as a cold
-    child's are (``_confine_temp`` again)."""
+    its own, removed as soon as the warm-up ends: a warm process usually ends by a signal (it
+    dies with the server), which no exit handler sees, and left one folder in the temporary
+    directory per server start. The job's files are confined to the job's folder afterwards, as
+    a cold child's are (``_confine_temp`` again)."""
     scratch = Path(tempfile.mkdtemp(prefix="ferry-warm-"))
-    atexit.register(shutil.rmtree, scratch, True)
     _confine_temp(scratch)
+    try:
+        _prime(scratch / "prime.onnx")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _prime(path: Path) -> None:
     try:
         import torch
 
         import ferry.server.convert.worker.pipeline  # noqa: F401  (and onnxruntime, onnx)
 
         module = torch.nn.Linear(2, 2).eval()
-        torch.onnx.export(module, (torch.zeros(1, 2),), str(scratch / "prime.onnx"), dynamo=True)
+        torch.onnx.export(module, (torch.zeros(1, 2),), str(path), dynamo=True)
     except Exception as exc:  # a job still runs; it pays what priming would have
         print(f"warming the conversion process failed: {exc}", file=sys.stderr)
 
