@@ -109,3 +109,35 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ConversionServers:
+    """Servers on one repository folder, each with a ConversionClient on its management
+    listener, started as a test asks for them and all stopped by ``close()``: the body of the
+    ``start`` fixtures of the conversion tests. ``child_command`` replaces the real conversion
+    child (a fake one) for servers started with ``fake=True``."""
+
+    def __init__(
+        self, repository: Path, *, child_command: list[str] | None = None, timeout: float = 120
+    ) -> None:
+        self.repository = repository
+        self.child_command = child_command
+        self.timeout = timeout
+        self.started: list[tuple[ServerThread, Any]] = []
+
+    def start(self, *, fake: bool = True, **settings: Any) -> tuple[ServerThread, Any]:
+        from ferry.client import ConversionClient
+
+        self.repository.mkdir(parents=True, exist_ok=True)
+        srv = ServerThread(self.repository, **settings).start()
+        if fake and self.child_command is not None:
+            assert srv.app is not None
+            srv.app.conversion.runner.child_command = self.child_command
+        client = ConversionClient(srv.management_target, timeout=self.timeout)
+        self.started.append((srv, client))
+        return srv, client
+
+    def close(self) -> None:
+        for srv, client in reversed(self.started):
+            client.close()
+            srv.stop()

@@ -26,7 +26,7 @@ import grpc
 import numpy as np
 import pytest
 from helpers import wait_for
-from serverutil import ServerThread
+from serverutil import ConversionServers, ServerThread
 
 from ferry.client import (
     ConversionClient,
@@ -116,23 +116,9 @@ Start = Callable[..., tuple[ServerThread, ConversionClient]]
 @pytest.fixture
 def start(tmp_path: Path, fake_child: list[str]) -> Iterator[Start]:
     """start(fake=True, **settings) -> (server, conversion client) on tmp_path/repo."""
-    started: list[tuple[ServerThread, ConversionClient]] = []
-
-    def _start(*, fake: bool = True, **settings: Any) -> tuple[ServerThread, ConversionClient]:
-        repo = tmp_path / "repo"
-        repo.mkdir(exist_ok=True)
-        srv = ServerThread(repo, **settings).start()
-        if fake:
-            assert srv.app is not None
-            srv.app.conversion.runner.child_command = fake_child
-        client = ConversionClient(srv.management_target, timeout=120)
-        started.append((srv, client))
-        return srv, client
-
-    yield _start
-    for srv, client in reversed(started):
-        client.close()
-        srv.stop()
+    servers = ConversionServers(tmp_path / "repo", child_command=fake_child)
+    yield servers.start
+    servers.close()
 
 
 def state_dir(tmp_path: Path) -> Path:

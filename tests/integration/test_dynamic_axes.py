@@ -18,7 +18,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from serverutil import ServerThread
+from serverutil import ConversionServers, ServerThread
 
 from ferry.client import (
     ConversionClient,
@@ -39,20 +39,10 @@ SEQ = DynamicAxis("sequence", min=2, max=24)
 
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Start]:
-    started: list[tuple[ServerThread, ConversionClient]] = []
-
-    def _start() -> tuple[ServerThread, ConversionClient]:
-        repo = tmp_path / "repo"
-        repo.mkdir(exist_ok=True)
-        srv = ServerThread(repo).start()
-        client = ConversionClient(srv.management_target, timeout=180)
-        started.append((srv, client))
-        return srv, client
-
-    yield _start
-    for srv, client in reversed(started):
-        client.close()
-        srv.stop()
+    """A server with the real conversion child on tmp_path/repo."""
+    servers = ConversionServers(tmp_path / "repo", timeout=180)
+    yield servers.start
+    servers.close()
 
 
 def _bert() -> Any:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from serverutil import ServerThread
+from serverutil import ConversionServers, ServerThread
 
 from ferry.client import (
     ConversionClient,
@@ -38,20 +38,9 @@ Start = Callable[[], tuple[ServerThread, ConversionClient]]
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Start]:
     """A server with the real conversion child on tmp_path/repo."""
-    started: list[tuple[ServerThread, ConversionClient]] = []
-
-    def _start() -> tuple[ServerThread, ConversionClient]:
-        repo = tmp_path / "repo"
-        repo.mkdir(exist_ok=True)
-        srv = ServerThread(repo).start()
-        client = ConversionClient(srv.management_target, timeout=120)
-        started.append((srv, client))
-        return srv, client
-
-    yield _start
-    for srv, client in reversed(started):
-        client.close()
-        srv.stop()
+    servers = ConversionServers(tmp_path / "repo")
+    yield servers.start
+    servers.close()
 
 
 class XY(torch.nn.Module):

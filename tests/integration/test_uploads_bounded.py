@@ -18,14 +18,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import grpc
 import numpy as np
 import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
-from serverutil import ServerThread
+from serverutil import ConversionServers, ServerThread
 
 from ferry.client import (
     ConversionClient,
@@ -56,23 +55,11 @@ Start = Callable[..., tuple[ServerThread, ConversionClient]]
 
 @pytest.fixture
 def start(tmp_path: Path) -> Iterator[Start]:
-    """start(**settings) -> (server, conversion client) on tmp_path/repo, stand-in child."""
     child = tmp_path / "fake_child.py"
     child.write_text(FAKE_CHILD)
-    started: list[tuple[ServerThread, ConversionClient]] = []
-
-    def _start(**settings: Any) -> tuple[ServerThread, ConversionClient]:
-        srv = ServerThread(tmp_path / "repo", **settings).start()
-        assert srv.app is not None
-        srv.app.conversion.runner.child_command = [sys.executable, str(child)]
-        client = ConversionClient(srv.management_target, timeout=120)
-        started.append((srv, client))
-        return srv, client
-
-    yield _start
-    for srv, client in reversed(started):
-        client.close()
-        srv.stop()
+    servers = ConversionServers(tmp_path / "repo", child_command=[sys.executable, str(child)])
+    yield servers.start
+    servers.close()
 
 
 def uploads_dir(tmp_path: Path) -> Path:

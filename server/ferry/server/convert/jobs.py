@@ -71,6 +71,7 @@ VERSION_FILES = (MODEL_FILE, MODEL_DATA_FILE, REPORT_FILE)
 MAX_EVENT_LINE = 1 << 20
 STDERR_TAIL = 20
 WARM_IDLE_S = 600.0  # a conversion process started ahead leaves after this long unused
+WARM_REAP_S = 5.0  # at shutdown, how long a killed warm process is waited for
 _KINDS = {k.value for k in ErrorKind}
 
 
@@ -124,6 +125,7 @@ class JobRunner:
         # start itself), waiting with torch imported; one job per process all the same.
         self.warm = warm
         self._warm: _Warm | None = None
+        self._dropped: list[asyncio.subprocess.Process] = []  # killed warm ones, to reap
         self._warm_task: asyncio.Task[None] | None = None
         self._pending: collections.deque[str] = collections.deque()
         self._runs: dict[str, _Run] = {}
@@ -189,7 +191,16 @@ class JobRunner:
                     "the server stopped before the job ran; convert again",
                 ),
             )
+        starting = self._warm_task
+        if starting is not None and not starting.done():
+            await asyncio.gather(starting, return_exceptions=True)  # it drops what it started
         self._drop_warm()
+        # Reaped here, while the loop runs: a killed process left to the garbage collector
+        # closes its transport on a loop that has gone ("Event loop is closed" at exit).
+        for proc in self._dropped:
+            with contextlib.suppress(TimeoutError, ProcessLookupError):
+                await asyncio.wait_for(proc.wait(), WARM_REAP_S)
+        self._dropped.clear()
         runs = list(self._runs.values())
         for run in runs:
             if not run.publishing:
@@ -356,6 +367,7 @@ class JobRunner:
         warm, self._warm = self._warm, None
         if warm is not None:
             _kill(warm.proc)
+            self._dropped = [p for p in self._dropped if p.returncode is None] + [warm.proc]
             with contextlib.suppress(OSError):
                 os.close(warm.read_fd)
             warm.ready.unlink(missing_ok=True)
