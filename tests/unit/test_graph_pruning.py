@@ -18,7 +18,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_convert_child import assert_failed, convert_here, succeeded
 
-from ferry.server.convert.strategies import graph_pruning, pruning
+from ferry.server.convert.strategies import graph_weights, pruning
 from ferry.server.errors import ConversionFailed
 
 RNG = np.random.default_rng(0)
@@ -181,15 +181,15 @@ def test_unstructured_reaches_the_requested_sparsity(method: str) -> None:
     model = mlp()
     pruned, account = _pruned(model, method, 0.6)
     weights = ["w1", "w2t", "w3"]
-    total, nonzero = graph_pruning.initializer_counts(pruned, weights)
+    total, nonzero = graph_weights.initializer_counts(pruned, weights)
     assert (total - nonzero) / total == pytest.approx(0.6, abs=0.01)
     if method == "l1_unstructured":  # each layer on its own
         for name in weights:
-            layer_total, layer_nonzero = graph_pruning.initializer_counts(pruned, [name])
+            layer_total, layer_nonzero = graph_weights.initializer_counts(pruned, [name])
             assert (layer_total - layer_nonzero) / layer_total == pytest.approx(0.6, abs=0.02)
     assert _dims(pruned) == _dims(model)  # shapes unchanged
-    assert graph_pruning.initializer_counts(pruned, ["b1", "b2"]) == (
-        graph_pruning.initializer_counts(model, ["b1", "b2"])
+    assert graph_weights.initializer_counts(pruned, ["b1", "b2"]) == (
+        graph_weights.initializer_counts(model, ["b1", "b2"])
     )  # biases untouched
     assert "3 weight layers" in account
     x = RNG.standard_normal((4, 8)).astype(np.float32)

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from ferry.server.convert.spec import PruningSpec
-from ferry.server.convert.strategies import graph_pruning, pruning
+from ferry.server.convert.strategies import graph_weights, pruning
 from ferry.server.convert.worker.report import PruningRecord
 from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
@@ -36,7 +36,7 @@ def prune_graph(
             f"({', '.join(graph_methods)})"
         )
     model = onnx.load(str(source))
-    params_before, _ = graph_pruning.initializer_counts(model)
+    params_before, _ = graph_weights.initializer_counts(model)
     before = _output_shapes(source, feed, threads)
     account = method.build_graph(pruning.GraphPruneInputs(model, spec.amount))
     onnx.save(model, str(target))
@@ -53,9 +53,9 @@ def prune_graph(
             f"{method.name} pruning changed the output shapes from {before} to {after}; use an "
             "unstructured pruning.method for this graph and report it"
         )
-    params_after, nonzero_after = graph_pruning.initializer_counts(model)
-    weights = graph_pruning.weight_names(model)
-    total, nonzero = graph_pruning.initializer_counts(model, weights)
+    params_after, nonzero_after = graph_weights.initializer_counts(model)
+    weights = graph_weights.weight_names(model)
+    total, nonzero = graph_weights.initializer_counts(model, weights)
     return PruningRecord(
         method=method.name,
         amount=spec.amount,
