@@ -15,7 +15,6 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -835,6 +834,23 @@ def test_over_pruning_misses_the_accuracy_budget(start: Start, tmp_path: Path) -
 
 @pytest.mark.slow
 @pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_a_server_stopping_during_the_warm_up_leaves_no_folder(start: Start) -> None:
+    """A process started ahead and killed with the server, warmed up or not: its warm-up
+    folder goes with it (a kill is a signal; the process cannot clean up after itself)."""
+    srv, conv = start(fake=False, warm_conversion_child=True)
+    assert srv.app is not None
+    runner = srv.app.conversion.runner
+    module, x = _mlp(seed=6)
+    conv.convert(conv.upload("warm", module, example_inputs=x)).wait(progress=False)
+    wait_for(lambda: runner._warm is not None, "a conversion process started ahead")
+    assert runner._warm is not None
+    scratch = runner._warm.scratch
+    srv.stop()
+    assert not scratch.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
 def test_the_next_job_runs_in_a_process_started_ahead(start: Start, tmp_path: Path) -> None:
     """After a job, a conversion process is started ahead (torch imported, exporter primed):
     the next job runs in it, converts as a fresh one would, and a new one is started after."""
@@ -851,8 +867,7 @@ def test_the_next_job_runs_in_a_process_started_ahead(start: Start, tmp_path: Pa
     assert runner._warm is not None
     # Its warm-up folder is gone once it is ready: a warm process ends by a signal, which no
     # exit handler sees (one folder per server start was left in the temporary directory).
-    warm_dirs = [p for p in Path(tempfile.gettempdir()).glob("ferry-warm-*") if p.is_dir()]
-    assert warm_dirs == []
+    assert not runner._warm.scratch.exists()
     ahead = runner._warm.proc.pid
     second = conv.convert(conv.upload("warm", module, example_inputs=x)).wait(progress=False)
     assert second.version == 2 and second.report is not None

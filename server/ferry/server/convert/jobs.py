@@ -343,16 +343,18 @@ class JobRunner:
     async def _start_warm(self) -> None:
         ready = Path(tempfile.gettempdir()) / f"ferry-warm-{os.getpid()}-{id(self)}.ready"
         ready.unlink(missing_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix="ferry-warm-"))
         try:
             proc, read_fd = await self._spawn(
-                ["--warm", "--warm-ready", str(ready)],
+                ["--warm", "--warm-ready", str(ready), "--warm-scratch", str(scratch)],
                 Path(tempfile.gettempdir()),
                 stdin=asyncio.subprocess.PIPE,
             )
         except OSError as exc:
+            shutil.rmtree(scratch, ignore_errors=True)
             log.warning("could not start a conversion process ahead: %s", exc)
             return
-        self._warm = _Warm(proc, read_fd, ready)
+        self._warm = _Warm(proc, read_fd, ready, scratch)
         if self._closing:
             self._drop_warm()
             return
@@ -371,6 +373,8 @@ class JobRunner:
             with contextlib.suppress(OSError):
                 os.close(warm.read_fd)
             warm.ready.unlink(missing_ok=True)
+            # Killed during its warm-up, it could not remove its folder itself.
+            shutil.rmtree(warm.scratch, ignore_errors=True)
 
     async def _take_warm(self) -> _Warm | None:
         """The process started ahead, if it has finished warming up (its ready file); else
@@ -594,6 +598,7 @@ class _Warm:
     proc: asyncio.subprocess.Process
     read_fd: int
     ready: Path  # the process creates it once warmed up
+    scratch: Path  # its warm-up's files; it removes the folder when the warm-up ends
 
 
 def _kill(proc: asyncio.subprocess.Process | None) -> None:

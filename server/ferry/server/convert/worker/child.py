@@ -63,6 +63,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="import torch and prime the exporter first, then read the job's path from stdin",
     )
     parser.add_argument("--warm-ready", help="with --warm: a file to create once warmed up")
+    parser.add_argument(
+        "--warm-scratch", help="with --warm: the folder for the warm-up's files (the server's)"
+    )
     channel = parser.add_mutually_exclusive_group(required=True)
     channel.add_argument("--progress-fd", type=int, help="an inherited, writable file descriptor")
     channel.add_argument("--progress-file", help="a file to append progress lines to (tests)")
@@ -177,14 +180,15 @@ def run(job: Job, progress: Progress) -> int:
     return code
 
 
-def _warm_up() -> None:
+def _warm_up(folder: str | None) -> None:
     """Pay a job's fixed cost before the job exists: import torch and onnxruntime and export a
     tiny module once (the exporter's own first-use cost). Its temporary files go to a folder of
     its own, removed as soon as the warm-up ends: a warm process usually ends by a signal (it
     dies with the server), which no exit handler sees, and left one folder in the temporary
     directory per server start. The job's files are confined to the job's folder afterwards, as
-    a cold child's are (``_confine_temp`` again)."""
-    scratch = Path(tempfile.mkdtemp(prefix="ferry-warm-"))
+    a cold child's are (``_confine_temp`` again). The server names the folder, and removes it
+    too when it drops this process (a kill during the warm-up)."""
+    scratch = Path(folder) if folder else Path(tempfile.mkdtemp(prefix="ferry-warm-"))
     _confine_temp(scratch)
     try:
         _prime(scratch / "prime.onnx")
@@ -209,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     progress = _open_progress(args)
     _redirect_stdout()
     if args.warm:
-        _warm_up()
+        _warm_up(args.warm_scratch)
         if args.warm_ready:
             Path(args.warm_ready).touch()
         line = sys.stdin.readline().strip()
