@@ -8,8 +8,8 @@ The format check reads structure only and never deserializes executable content:
 must be torch.save's zip archive (a bare pickle is refused before the child ever sees it), a
 safetensors file must have a sane JSON header, an ONNX file must parse as a ModelProto that
 reads no external data anywhere (``onnx_safety``); an ONNX archive (model.onnx and its data
-files) is extracted into the upload's own folder and may read only those (``onnx_archive``). Whether the weights fit an architecture is
-the child's business.
+files) is extracted into the upload's own folder and may read only those (``onnx_archive``).
+Whether the weights fit an architecture is the child's business.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ async def receive(
                 f"{header.expected_sha256}; upload again"
             )
         if header.format == "onnx_archive":
-            final = await asyncio.to_thread(_unpack, tmp, folder, upload_id, limit)
+            final = await _unpack(tmp, folder / upload_id, limit, check_memory_bytes, check_timeout)
         else:
             await upload_check.check(
                 header.format,
@@ -199,18 +199,27 @@ class _Sink:
             self._fh.close()
 
 
-def _unpack(archive: Path, folder: Path, upload_id: str, limit: int) -> Path:
-    """Extract an onnx_archive into a temporary folder, check it, and rename it to the upload's
-    own folder; return its model.onnx. The archive itself is not kept."""
-    staging = folder / f"{TMP_PREFIX}{upload_id}.d"
-    files = onnx_archive.extract(archive, staging, limit=limit)
+async def _unpack(
+    archive: Path, folder: Path, limit: int, memory_bytes: int, time_limit_s: float
+) -> Path:
+    """Extract an onnx_archive beside ``folder``, check its graph like any upload (in a process
+    of its own when model.onnx is large), and rename it to ``folder``; return its model.onnx.
+    The archive itself is not kept."""
+    staging = folder.with_name(f"{TMP_PREFIX}{folder.name}.d")
+    await asyncio.to_thread(onnx_archive.extract, archive, staging, limit=limit)
     try:
-        onnx_archive.check(staging, files)
-        os.rename(staging, folder / upload_id)
+        await upload_check.check(
+            "onnx_archive",
+            staging,
+            size_bytes=(staging / MODEL_FILE).stat().st_size,  # what the check parses
+            memory_bytes=memory_bytes,
+            time_limit_s=time_limit_s,
+        )
+        os.rename(staging, folder)
     except BaseException:
         onnx_archive.remove(staging)
         raise
-    return folder / upload_id / MODEL_FILE
+    return folder / MODEL_FILE
 
 
 def _is_sha256(text: str) -> bool:
@@ -223,6 +232,8 @@ def check_format(fmt: str, path: Path) -> None:
         _check_safetensors(path)
     elif fmt == "onnx":
         _check_onnx(path)
+    elif fmt == "onnx_archive":  # ``path`` is the extracted folder
+        onnx_archive.check(path, onnx_archive.listing(path))
     else:
         _check_torch_zip(fmt, path)
 
