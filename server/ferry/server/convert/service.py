@@ -17,7 +17,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,8 +66,8 @@ class ConversionService:
         # its job): the retention rule leaves them alone. Upload id -> calls in flight.
         self._converting: collections.Counter[str] = collections.Counter()
         self.retention = retention.RetentionRule(
-            max_bytes=getattr(settings, "upload_retention_bytes", 0),
-            max_age_s=getattr(settings, "upload_retention_seconds", 0.0),
+            max_bytes=settings.upload_retention_bytes,
+            max_age_s=settings.upload_retention_seconds,
         )
 
     @property
@@ -248,84 +248,85 @@ class ConversionService:
         tensors: validation.SpecTensors,
     ) -> JobRecord:
         upload_id = _check_id(upload_id, "upload")
+        with self._queueing(upload_id):
+            upload = self.store.get_upload(upload_id)
+            model = validate_model_name(model or upload.model)
+            kwargs = json.loads(upload.architecture_kwargs)
+            if upload.format in WEIGHTS_ONLY:
+                _check_architecture(upload.architecture)
+                if not conversion.inputs:
+                    conversion.inputs = architectures.default_input_specs(
+                        upload.architecture, kwargs
+                    )
+            validation.validate_spec(conversion, tensors, source_format=upload.format)
+            job_id = uuid.uuid4().hex
+            job_dir = self.state_dir.resolve() / "jobs" / job_id
+            # Decided now, made when the job runs: job.json is complete when written, and written once.
+            work_dir = self.repository.staging_path(model, staging_key(job_id))
+            _assign_paths(job_dir, conversion, tensors)
+            contract = spec.Job(
+                job_id=job_id,
+                model=model,
+                source_path=upload.path,
+                source_format=upload.format,
+                source_sha256=upload.sha256,
+                architecture=upload.architecture,
+                architecture_kwargs=kwargs,
+                spec=conversion,
+                work_dir=str(work_dir),
+                allow_code_formats=self.settings.allow_code_formats,
+                providers=self._serving_providers(model),
+                external_data_threshold=self.settings.external_data_threshold_bytes,
+            )
+            validation.check_job(contract)  # the child's own checks, run before a child is spent
+            self.runner.check_room()
+            if not await asyncio.to_thread(os.path.isfile, upload.path):
+                raise FailedPrecondition(
+                    f"upload {upload_id}'s file is gone: upload the model again"
+                )
+            job_dir.mkdir(mode=0o700)
+            try:
+                await asyncio.to_thread(_write_tensors, job_dir, contract, tensors)
+                record = JobRecord(
+                    job_id=job_id,
+                    model=model,
+                    upload_id=upload.upload_id,
+                    format=upload.format,
+                    sha256=upload.sha256,
+                    state=JobState.QUEUED,
+                    stage="queued",
+                    fraction=0.0,
+                    message="waiting for a conversion slot",
+                    version=0,
+                    error_kind="",
+                    error_message="",
+                    spec_json=spec.to_json(conversion),
+                    report_json="",
+                    work_dir=str(work_dir),
+                    job_dir=str(job_dir),
+                    created_ms=now_ms(),
+                    started_ms=0,
+                    finished_ms=0,
+                    last_seq=0,
+                )
+                self.runner.check_room()  # again: the queue may have filled while files were written
+                self.store.add_job(record)
+            except BaseException:
+                shutil.rmtree(job_dir, ignore_errors=True)
+                raise
+            self.runner.submit(job_id)  # cannot fail: room was checked with no await since
+            return self.store.get_job(job_id)
+
+    @contextlib.contextmanager
+    def _queueing(self, upload_id: str) -> Iterator[None]:
+        """While a Convert call reads the upload and adds its job, retention leaves it alone."""
         self._converting[upload_id] += 1
         try:
-            return await self._convert(upload_id, model, conversion, tensors)
+            yield
         finally:
             self._converting[upload_id] -= 1
             if self._converting[upload_id] <= 0:
                 del self._converting[upload_id]
-
-    async def _convert(
-        self,
-        upload_id: str,
-        model: str,
-        conversion: spec.ConversionSpec,
-        tensors: validation.SpecTensors,
-    ) -> JobRecord:
-        upload = self.store.get_upload(upload_id)
-        model = validate_model_name(model or upload.model)
-        kwargs = json.loads(upload.architecture_kwargs)
-        if upload.format in WEIGHTS_ONLY:
-            _check_architecture(upload.architecture)
-            if not conversion.inputs:
-                conversion.inputs = architectures.default_input_specs(upload.architecture, kwargs)
-        validation.validate_spec(conversion, tensors, source_format=upload.format)
-        job_id = uuid.uuid4().hex
-        job_dir = self.state_dir.resolve() / "jobs" / job_id
-        # Decided now, made when the job runs: job.json is complete when written, and written once.
-        work_dir = self.repository.staging_path(model, staging_key(job_id))
-        _assign_paths(job_dir, conversion, tensors)
-        contract = spec.Job(
-            job_id=job_id,
-            model=model,
-            source_path=upload.path,
-            source_format=upload.format,
-            source_sha256=upload.sha256,
-            architecture=upload.architecture,
-            architecture_kwargs=kwargs,
-            spec=conversion,
-            work_dir=str(work_dir),
-            allow_code_formats=self.settings.allow_code_formats,
-            providers=self._serving_providers(model),
-            external_data_threshold=self.settings.external_data_threshold_bytes,
-        )
-        validation.check_job(contract)  # the child's own checks, run before a child is spent
-        self.runner.check_room()
-        if not await asyncio.to_thread(os.path.isfile, upload.path):
-            raise FailedPrecondition(f"upload {upload_id}'s file is gone: upload the model again")
-        job_dir.mkdir(mode=0o700)
-        try:
-            await asyncio.to_thread(_write_tensors, job_dir, contract, tensors)
-            record = JobRecord(
-                job_id=job_id,
-                model=model,
-                upload_id=upload.upload_id,
-                format=upload.format,
-                sha256=upload.sha256,
-                state=JobState.QUEUED,
-                stage="queued",
-                fraction=0.0,
-                message="waiting for a conversion slot",
-                version=0,
-                error_kind="",
-                error_message="",
-                spec_json=spec.to_json(conversion),
-                report_json="",
-                work_dir=str(work_dir),
-                job_dir=str(job_dir),
-                created_ms=now_ms(),
-                started_ms=0,
-                finished_ms=0,
-                last_seq=0,
-            )
-            self.runner.check_room()  # again: the queue may have filled while files were written
-            self.store.add_job(record)
-        except BaseException:
-            shutil.rmtree(job_dir, ignore_errors=True)
-            raise
-        self.runner.submit(job_id)  # cannot fail: room was checked with no await since
-        return self.store.get_job(job_id)
 
     def get_job(self, job_id: str) -> JobRecord:
         return self.store.get_job(_check_id(job_id, "job"))
