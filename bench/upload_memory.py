@@ -96,21 +96,11 @@ def wait_management(proc: subprocess.Popen[str], target: str, timeout: float = 1
 
 
 def write_model(path: Path, mb: int) -> None:
-    import numpy as np
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
-    n = mb * (1 << 20) // 4
-    weight = numpy_helper.from_array(np.ones(n, dtype=np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "big",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
-        [weight],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    onnx.save(model, str(path))
+    from ferry.server.examples import large_model
+
+    onnx.save(large_model(mb), str(path))
 
 
 def main() -> None:

@@ -14,12 +14,12 @@ report's typed ``vs_pytorch``), and the job's wall time. Speed-up is measured he
 published files, not taken from the job: each mode's ``model.onnx`` against the fp32 version's,
 rounds alternated, median of the per-round ratios with their quartiles, at batch 1 and 16.
 
-The models, all random-init and built here (torchvision's wheels do not import beside torch 2.13
-CPU, so ResNet-18 and a MobileNetV3-small-shaped net are written out): Hugging Face BertModel
-and DistilBertModel from small configs (int64 ``input_ids`` + ``attention_mask``, the sequence
-declared a dynamic axis), an LSTM and a GRU classifier, ResNet-18 at 112x112, the MobileNet-like
-net at 112x112, and the seed article's MLP. Figures, not assertions: a markdown table on stdout
-and bench/results/user_models.json.
+The models, all random-init (torchvision's wheels do not import beside torch 2.13 CPU, so
+ResNet-18 is Ferry's built-in ``resnet`` net, the same layout, and a MobileNetV3-small-shaped
+net is written out here): Hugging Face BertModel and DistilBertModel from small configs (int64
+``input_ids`` + ``attention_mask``, the sequence declared a dynamic axis), an LSTM and a GRU
+classifier, ResNet-18 and the MobileNet-like net at 112x112, and the seed article's MLP, every
+one uploaded as a module. Figures, not assertions: a markdown table on stdout and bench/results/user_models.json.
 """
 
 from __future__ import annotations
@@ -75,34 +75,11 @@ class Recurrent(nn.Module):
         return self.head(out[:, -1])
 
 
-class Basic(nn.Module):
-    def __init__(self, cin: int, cout: int, stride: int) -> None:
-        super().__init__()
-        self.c1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.b1 = nn.BatchNorm2d(cout)
-        self.c2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.b2 = nn.BatchNorm2d(cout)
-        self.down: nn.Module = nn.Identity()
-        if stride != 1 or cin != cout:
-            self.down = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.b1(self.c1(x)))
-        return torch.relu(self.b2(self.c2(y)) + self.down(x))
-
-
 def resnet18() -> nn.Module:
-    layers: list[nn.Module] = [
-        nn.Conv2d(3, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1),
-    ]  # fmt: skip
-    cin = 64
-    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [Basic(cin, cout, stride), Basic(cout, cout, 1)]
-        cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
-    return nn.Sequential(*layers)
+    """torchvision's resnet18 layout; the built-in architecture of that name is the same net."""
+    from ferry.server.convert.worker.nets import ResNet
+
+    return ResNet()
 
 
 class SqueezeExcite(nn.Module):

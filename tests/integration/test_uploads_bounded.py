@@ -23,7 +23,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto
 from serverutil import ConversionServers, ServerThread
 
 from ferry.client import (
@@ -33,7 +33,7 @@ from ferry.client import (
     JobNotFoundError,
     LimitExceededError,
 )
-from ferry.server.examples import mlp_model
+from ferry.server.examples import large_model, mlp_model
 
 # Blocks until killed, or kills itself the way the kernel's out-of-memory killer would.
 FAKE_CHILD = r"""
@@ -72,16 +72,7 @@ def tiny(seed: int) -> bytes:
 
 def big_onnx(path: Path, mb: int) -> Path:
     """A valid model whose one initializer holds nearly all of its ``mb`` MiB."""
-    n = mb * (1 << 20) // 4
-    weight = numpy_helper.from_array(np.arange(n, dtype=np.float32), "w")
-    graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])],
-        "big",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
-        [weight],
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    onnx.save(large_model(mb), str(path))
     return path
 
 

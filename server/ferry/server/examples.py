@@ -108,6 +108,21 @@ def identity_model(datatype: str, dims: tuple[int | str, ...] = ("batch", "n")) 
     return _model(graph)
 
 
+def large_model(mib: int) -> onnx.ModelProto:
+    """``y = x + w`` over one flat FP32 initializer of ``mib`` MiB (values 0, 1, 2...): a
+    valid model whose size is nearly all weight, for upload and memory tests."""
+    n = mib * (1 << 20) // 4
+    weight = numpy_helper.from_array(np.arange(n, dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "large",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n])],
+        [weight],
+    )
+    return _model(graph)
+
+
 def seed_model(seed: int = 0) -> onnx.ModelProto:
     """The shape of the seed article's ``Sequential(Linear(3, 4), ReLU(), Linear(4, 1))``."""
     return mlp_model((3, 4, 1), seed=seed)
