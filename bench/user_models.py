@@ -18,7 +18,7 @@ The models, all random-init (torchvision's wheels do not import beside torch 2.1
 ResNet-18 is Ferry's built-in ``resnet`` net, the same layout, and a MobileNetV3-small-shaped
 net is written out here): Hugging Face BertModel and DistilBertModel from small configs (int64
 ``input_ids`` + ``attention_mask``, the sequence declared a dynamic axis), an LSTM and a GRU
-classifier, ResNet-18 and the MobileNet-like net at 112x112, and the seed article's MLP, every
+classifier, ResNet-18 and the MobileNet-like net at 112x112 (all uploaded as modules), and the
 one uploaded as a module. Figures, not assertions: a markdown table on stdout and bench/results/user_models.json.
 """
 
