@@ -19,7 +19,8 @@ ResNet-18 is Ferry's built-in ``resnet`` net, the same layout, and a MobileNetV3
 net is written out here): Hugging Face BertModel and DistilBertModel from small configs (int64
 ``input_ids`` + ``attention_mask``, the sequence declared a dynamic axis), an LSTM and a GRU
 classifier, ResNet-18 and the MobileNet-like net at 112x112 (all uploaded as modules), and the
-one uploaded as a module. Figures, not assertions: a markdown table on stdout and bench/results/user_models.json.
+seed article's MLP (its state_dict file). Figures, not assertions: a markdown table on stdout
+and bench/results/user_models.json.
 """
 
 from __future__ import annotations
