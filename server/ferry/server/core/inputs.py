@@ -6,14 +6,14 @@ and the Open Inference Protocol refuse the same requests with the same messages.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
 from ferry.codec import DataType, datatype_name, datatype_of
 from ferry.server.batching.tensors import batch_key
 from ferry.server.core.loaded import LoadedVersion, Work
-from ferry.server.core.types import AxisBound, InferenceRequest, Limits, short
+from ferry.server.core.types import InferenceRequest, Limits, TensorSpec, short
 from ferry.server.errors import InvalidInput, LimitExceeded
 
 
@@ -55,7 +55,6 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
         raise InvalidInput(f"{where}: {'; '.join(parts)}; it takes {lv.input_names}")
     batch: int | None = None
     elements = 0
-    named: dict[str, tuple[str, int]] = {}  # dynamic axis name -> (first input, its size)
     feeds = dict(inputs)
     for name, spec in lv.input_specs.items():
         arr = inputs[name]
@@ -72,8 +71,6 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
             raise InvalidInput(
                 f"{where}: input {name!r} must have shape {_show(spec.shape)}, got {list(shape)}"
             )
-        if spec.bounds:
-            _check_bounds(where, name, spec.bounds, shape, named)
         if spec.dtype == DataType.DATA_TYPE_BYTES:
             feeds[name] = _as_text(arr, f"{where}: input {name!r}")
         elements += arr.size
@@ -85,6 +82,8 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
                     f"{where}: inputs disagree on the batch dimension ({batch} vs "
                     f"{shape[0]} for {name!r}); every input's first dim is the batch size"
                 )
+    if lv.bounded:
+        _check_bounds(where, lv.bounded, inputs)
     if elements > limits.max_elements:
         raise LimitExceeded(
             f"{elements} tensor elements is over the limit of {limits.max_elements} "
@@ -146,27 +145,27 @@ def _as_text(arr: np.ndarray, where: str) -> np.ndarray:
 
 
 def _check_bounds(
-    where: str,
-    name: str,
-    bounds: Sequence[AxisBound],
-    shape: Sequence[int],
-    named: dict[str, tuple[str, int]],
+    where: str, bounded: Sequence[TensorSpec], inputs: Mapping[str, np.ndarray]
 ) -> None:
     """The sizes the version was verified at, and axes sharing a name being one size."""
-    for b in bounds:
-        size = shape[b.axis]
-        if size < b.min or (b.max and size > b.max):
-            upper = b.max or "any"
-            raise InvalidInput(
-                f"{where}: input {name!r} dim {b.axis} ({b.name}) is {size}, outside "
-                f"{b.min}..{upper}: the version was verified within these bounds"
-            )
-        first = named.setdefault(b.name, (name, size))
-        if first[1] != size:
-            raise InvalidInput(
-                f"{where}: inputs disagree on {b.name} ({first[1]} for {first[0]!r} vs {size} "
-                f"for {name!r}); inputs sharing a dynamic axis must have the same size there"
-            )
+    named: dict[str, tuple[str, int]] = {}  # dynamic axis name -> (first input, its size)
+    for spec in bounded:
+        shape = inputs[spec.name].shape
+        for b in spec.bounds:
+            size = shape[b.axis]
+            if size < b.min or (b.max and size > b.max):
+                upper = b.max or "any"
+                raise InvalidInput(
+                    f"{where}: input {spec.name!r} dim {b.axis} ({b.name}) is {size}, outside "
+                    f"{b.min}..{upper}: the version was verified within these bounds"
+                )
+            first = named.setdefault(b.name, (spec.name, size))
+            if first[1] != size:
+                raise InvalidInput(
+                    f"{where}: inputs disagree on {b.name} ({first[1]} for {first[0]!r} vs "
+                    f"{size} for {spec.name!r}); inputs sharing a dynamic axis must have the same "
+                    "size there"
+                )
 
 
 def _show(shape: Sequence[int]) -> str:

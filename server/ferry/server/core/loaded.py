@@ -53,6 +53,9 @@ class LoadedVersion:
         self.input_names = [s.name for s in self.inputs]
         self.output_names = [s.name for s in self.outputs]
         self.input_specs = {s.name: s for s in self.inputs}
+        # Inputs with dynamic-axis bounds (a converted version's metadata): checked per request
+        # only when there are any.
+        self.bounded = [s for s in self.inputs if s.bounds]
         self.input_numpy = {s.name: numpy_dtype(s.dtype) for s in self.inputs}
         self.stats = VersionStats()
         # Until measured, assume a version is slow: the first batches go to a worker thread. A
