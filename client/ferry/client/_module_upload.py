@@ -403,9 +403,8 @@ def _export(
     dynamic_shapes = {name: dims(value) for name, value in bound.arguments.items()}
     args = tuple(widened(a) for a in bound.args)
     kwargs = {k: widened(v) for k, v in bound.kwargs.items()}
-    with tempfile.TemporaryDirectory() as tmp, _quiet():
-        path = Path(tmp) / "model.onnx"
-        try:
+    try:
+        with _quiet():
             program = torch.onnx.export(
                 module,
                 args,
@@ -415,21 +414,23 @@ def _export(
                 dynamic_shapes=dynamic_shapes,
                 opset_version=opset,
             )
-        except Exception as exc:
-            if axes and _specializes(exc):
-                raise InvalidInputError(
-                    f"{type(module).__name__} cannot export with the declared dynamic_axes: it "
-                    f"fixes one of them to the example's size ({_first_line(exc)}); write the "
-                    "model with x.shape[...] or -1 instead of literal sizes, or drop that axis"
-                ) from None
-            raise
-        # The exported graph as torch built it (ONNXProgram.model_proto): the SDK reads its
-        # real input and output names without importing onnx itself. Checked before anything
-        # is written, so a refused export leaves no file behind.
-        graph_inputs = _check_graph(program.model_proto.graph, bound, out_names, axes)
-        # Over the threshold the weights go beside the graph (an ONNX file cannot exceed
-        # 2 GiB), and the upload is the folder as one archive.
-        external = _weight_bytes(module) > _archive.EXTERNAL_DATA_THRESHOLD
+    except Exception as exc:
+        if axes and _specializes(exc):
+            raise InvalidInputError(
+                f"{type(module).__name__} cannot export with the declared dynamic_axes: it "
+                f"fixes one of them to the example's size ({_first_line(exc)}); write the "
+                "model with x.shape[...] or -1 instead of literal sizes, or drop that axis"
+            ) from None
+        raise
+    # The exported graph as torch built it (ONNXProgram.model_proto): the SDK reads its real
+    # input and output names without importing onnx itself. Checked before anything is
+    # written, so a refused export leaves no file behind (and says nothing but why).
+    graph_inputs = _check_graph(program.model_proto.graph, bound, out_names, axes)
+    # Over the threshold the weights go beside the graph (an ONNX file cannot exceed 2 GiB),
+    # and the upload is the folder as one archive.
+    external = _weight_bytes(module) > _archive.EXTERNAL_DATA_THRESHOLD
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        path = Path(tmp) / "model.onnx"
         program.save(str(path), external_data=external)
         if external:
             return _archive.pack_folder(Path(tmp)), graph_inputs
