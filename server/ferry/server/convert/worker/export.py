@@ -191,10 +191,15 @@ def _export_error(dynamo: BaseException | None, legacy: BaseException, opset: in
     )
 
 
-def verify_batch(path: Path, source: Source, max_batch: int, threads: int) -> None:
-    """Prove the batch dim is symbolic and usable at both ends of the served range."""
+def verify_batch(path: Path, source: Source, max_batch: int, threads: int) -> list[str]:
+    """Prove the batch dim and every declared dynamic axis symbolic, and the graph usable at
+    both ends of the served batch range and of each axis's bounds (``dims.verify``); returns
+    the report's notes."""
+    from ferry.server.convert.worker import dims as dynamic
+
     model = onnx.load(str(path), load_external_data=False)
     initializers = {init.name for init in model.graph.initializer}
+    declared = {spec.name: spec.dynamic_axes for spec in source.inputs}
     for value in model.graph.input:
         if value.name in initializers:
             continue
@@ -206,6 +211,14 @@ def verify_batch(path: Path, source: Source, max_batch: int, threads: int) -> No
                 "specializes on the batch size (e.g. a reshape with a literal batch); write it "
                 "with x.shape[0] or -1 so that any batch size exports"
             )
+        for a in declared.get(value.name, []):
+            if not dims[a.axis].HasField("dim_param"):
+                raise ConversionFailed(
+                    f"the exporter froze dim {a.axis} ({a.name}) of input {value.name!r} to "
+                    f"{dims[a.axis].dim_value}: the model specializes on its size (e.g. a reshape "
+                    "or view with a literal size, or a loop over it); write it with "
+                    "x.shape[...] or -1 so that any size exports"
+                )
     run = onnx_runner(path, threads)
     for batch in sorted({1, max_batch}):
         feed = generate(source.inputs, batch, batched=True).arrays
@@ -220,6 +233,7 @@ def verify_batch(path: Path, source: Source, max_batch: int, threads: int) -> No
                 f"the exported model's outputs at batch {batch} do not have the batch dim first "
                 f"({[list(np.shape(o)) for o in outputs]}): outputs must be [batch, ...]"
             )
+    return dynamic.verify(source.inputs, run)
 
 
 def example_inputs(source: Source) -> tuple[torch.Tensor, ...]:

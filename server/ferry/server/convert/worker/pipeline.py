@@ -338,26 +338,16 @@ class Pipeline:
             )
             self.report.export.exporter = result.exporter
             self.notes.extend(result.notes)
-            export.verify_batch(target, self.source, self.spec.max_batch_size, self.threads)
-            self._verify_dims(target)
+            self.notes.extend(
+                export.verify_batch(target, self.source, self.spec.max_batch_size, self.threads)
+            )
         return target
 
     def _verify_dims(self, path: Path) -> None:
-        """Declared dynamic axes are symbolic and run at both bounds (``worker.dims``)."""
-        if not any(spec.dynamic_axes for spec in self.source.inputs):
-            return
-        graph_dims = {
-            spec.name: spec.shape
-            for spec in graph.graph_inputs(onnx.load(str(path), load_external_data=False))
-        }
-        self.notes.extend(
-            dims.verify(
-                path,
-                self.source.inputs,
-                parity.onnx_runner(path, self.threads, self.providers),
-                lambda name, axis: graph_dims[name][axis] == -1,
-            )
-        )
+        """An ONNX source's declared dynamic axes run at both bounds (``worker.dims``)."""
+        if any(spec.dynamic_axes for spec in self.source.inputs):
+            run = parity.onnx_runner(path, self.threads, self.providers)
+            self.notes.extend(dims.verify(self.source.inputs, run))
 
     def _quantize(self, base: Path, fp32: Variant) -> list[Variant]:
         spec = self.spec.quantization
