@@ -63,14 +63,15 @@ def _spec(node: Any) -> TensorSpec:
     return TensorSpec(node.name, dtype, shape)
 
 
-def _axis_bounds(session: Any, path: Path) -> dict[str, tuple[AxisBound, ...]]:
-    """The bounds a converted version was verified at (model metadata written at publish).
-    A file whose entry does not parse, or names dims the graph does not leave dynamic, is
-    served without them (a hand-edited file is not refused over advisory metadata)."""
+def _with_bounds(session: Any, path: Path, specs: list[TensorSpec]) -> list[TensorSpec]:
+    """``specs`` with the bounds a converted version was verified at (model metadata written
+    at publish). A file whose entry does not parse, or names dims the graph does not leave
+    dynamic, is served without them (a hand-edited file is not refused over advisory
+    metadata)."""
     text = session.get_modelmeta().custom_metadata_map.get(DYNAMIC_AXES_METADATA)
     if not text:
-        return {}
-    shapes = {spec.name: spec.shape for spec in map(_spec, session.get_inputs())}
+        return specs
+    shapes = {spec.name: spec.shape for spec in specs}
     try:
         table = json.loads(text)
         out = {
@@ -86,8 +87,8 @@ def _axis_bounds(session: Any, path: Path) -> dict[str, tuple[AxisBound, ...]]:
                 raise ValueError(f"input {name!r} has no dynamic dim at one of its axes")
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         log.warning("%s: ignoring its %s metadata (%s)", path, DYNAMIC_AXES_METADATA, exc)
-        return {}
-    return out
+        return specs
+    return [dataclasses.replace(spec, bounds=out.get(spec.name, ())) for spec in specs]
 
 
 def _bf16_ortvalue(arr: np.ndarray) -> Any:
@@ -229,11 +230,9 @@ class OrtSession:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
         self.session = ort.InferenceSession(os.fspath(path), sess_options=so, providers=providers)
-        bounds = _axis_bounds(self.session, path)
-        self.inputs = [
-            dataclasses.replace(spec, bounds=bounds.get(spec.name, ()))
-            for spec in map(_spec, self.session.get_inputs())
-        ]
+        self.inputs = _with_bounds(
+            self.session, path, [_spec(n) for n in self.session.get_inputs()]
+        )
         self.outputs = [_spec(n) for n in self.session.get_outputs()]
         self._bf16_inputs = {s.name for s in self.inputs if s.dtype == DataType.DATA_TYPE_BF16}
         self._bf16_outputs = {s.name for s in self.outputs if s.dtype == DataType.DATA_TYPE_BF16}
