@@ -69,21 +69,29 @@ def walk(root: Any) -> Iterator[Step]:
         stack.extend(reversed(children))
 
 
-def external_refs(model: Any) -> Iterator[ExternalRef]:
-    """Every tensor of ``model`` (a ModelProto, or any onnx message) that names external data."""
+def external_tensors(model: Any) -> Iterator[Step]:
+    """The step to every tensor of ``model`` (a ModelProto, or any onnx message) that names
+    external data, wherever it sits (graph, subgraphs, functions, attributes, sparse parts)."""
     for step in walk(model):
         tensor = step.message
-        if tensor.DESCRIPTOR.full_name != TENSOR:
-            continue
-        if tensor.data_location == EXTERNAL or len(tensor.external_data):
-            entries = {e.key: e.value for e in tensor.external_data}
-            yield ExternalRef(
-                describe(step),
-                entries.get("location", ""),
-                entries.get("offset", ""),
-                entries.get("length", ""),
-                tensor_nbytes(tensor),
-            )
+        if tensor.DESCRIPTOR.full_name == TENSOR and (
+            tensor.data_location == EXTERNAL or len(tensor.external_data)
+        ):
+            yield step
+
+
+def external_refs(model: Any) -> Iterator[ExternalRef]:
+    """What each tensor that names external data reads, and where the tensor sits."""
+    for step in external_tensors(model):
+        tensor = step.message
+        entries = {e.key: e.value for e in tensor.external_data}
+        yield ExternalRef(
+            describe(step),
+            entries.get("location", ""),
+            entries.get("offset", ""),
+            entries.get("length", ""),
+            tensor_nbytes(tensor),
+        )
 
 
 def check_self_contained(model: Any) -> None:

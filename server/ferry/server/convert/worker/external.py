@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -85,19 +85,10 @@ def publish(source: Path, folder: Path, edit: Callable[[onnx.ModelProto], bool])
 
 
 def _relocate(model: onnx.ModelProto, location: str) -> None:
-    for tensor in _external_tensors(model):
-        for entry in tensor.external_data:
+    for step in onnx_safety.external_tensors(model):
+        for entry in step.message.external_data:
             if entry.key == "location":
                 entry.value = location
-
-
-def _external_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
-    for step in onnx_safety.walk(model):
-        tensor = step.message
-        if isinstance(tensor, onnx.TensorProto) and (
-            tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data)
-        ):
-            yield tensor
 
 
 def weight_sparsity(path: Path) -> float:
