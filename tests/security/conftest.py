@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 from sechelpers import Certs, ServerProcess, make_certs
+from serverutil import ServerThread
+
+from ferry.client import ConversionClient
 
 
 @pytest.fixture(scope="session")
@@ -35,3 +38,13 @@ def server_process(tmp_path: Path) -> Iterator[type[ServerProcess]]:
     yield Tracked
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture
+def conversion_server(tmp_path: Path) -> Iterator[tuple[ServerThread, ConversionClient]]:
+    """A server with the real conversion child on tmp_path/repo, and a client of its
+    management listener."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with ServerThread(repo) as srv, ConversionClient(srv.management_target, timeout=120) as conv:
+        yield srv, conv

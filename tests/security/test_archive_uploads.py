@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import io
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -153,18 +152,10 @@ def test_a_good_archive_is_extracted_flat(tmp_path: Path) -> None:
 
 
 # ---- through the server ----
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[ServerThread, ConversionClient]]:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    with ServerThread(repo) as srv, ConversionClient(srv.management_target, timeout=120) as conv:
-        yield srv, conv
-
-
 def test_the_server_refuses_them_with_invalid_argument(
-    server: tuple[ServerThread, ConversionClient],
+    conversion_server: tuple[ServerThread, ConversionClient],
 ) -> None:
-    srv, conv = server
+    srv, conv = conversion_server
     assert srv.app is not None
     folder = srv.app.conversion.state_dir.resolve() / "uploads"
     before = sorted(p.name for p in folder.iterdir())
@@ -179,9 +170,9 @@ def test_the_server_refuses_them_with_invalid_argument(
 
 
 def test_a_plain_onnx_upload_with_external_data_names_the_archive_route(
-    server: tuple[ServerThread, ConversionClient],
+    conversion_server: tuple[ServerThread, ConversionClient],
 ) -> None:
-    _, conv = server
+    _, conv = conversion_server
     with pytest.raises(InvalidInputError) as info:
         conv.upload("thief", model(), format="onnx")
     message = info.value.message
@@ -190,10 +181,10 @@ def test_a_plain_onnx_upload_with_external_data_names_the_archive_route(
 
 
 def test_an_archive_reads_no_other_uploads_file(
-    server: tuple[ServerThread, ConversionClient],
+    conversion_server: tuple[ServerThread, ConversionClient],
 ) -> None:
     """The archive's folder is its own: naming another upload's file by id is refused."""
-    _srv, conv = server
+    _srv, conv = conversion_server
     other = conv.upload("victim", tar(*GOOD), format="onnx_archive")
     for location in (f"../{other.upload_id}/model.onnx.data", f"{other.upload_id}"):
         hostile = tar(("model.onnx", model(location)), ("model.onnx.data", DATA.tobytes()))
@@ -203,9 +194,9 @@ def test_an_archive_reads_no_other_uploads_file(
 
 
 def test_the_child_checks_again_when_the_upload_check_is_bypassed(
-    server: tuple[ServerThread, ConversionClient], monkeypatch: pytest.MonkeyPatch
+    conversion_server: tuple[ServerThread, ConversionClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    srv, conv = server
+    srv, conv = conversion_server
     monkeypatch.setattr(onnx_archive, "check", lambda folder, files: None)
     hostile = tar(("model.onnx", model("../../../victim.bin")), ("model.onnx.data", b"\0" * 16))
     up = conv.upload("thief", hostile, format="onnx_archive")

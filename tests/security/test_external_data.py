@@ -266,14 +266,6 @@ def test_the_catalogue_is_a_working_exploit(tmp_path: Path, name: str) -> None:
     assert np.array_equal(out.reshape(-1), SECRET)
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[tuple[ServerThread, ConversionClient]]:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    with ServerThread(repo) as srv, ConversionClient(srv.management_target, timeout=120) as conv:
-        yield srv, conv
-
-
 def _victim(conv: ConversionClient, srv: ServerThread) -> tuple[str, int, Path]:
     """Another user's upload: the file name an attacker derives from its id, and the folder."""
     data, offset = victim_safetensors()
@@ -286,9 +278,9 @@ def _victim(conv: ConversionClient, srv: ServerThread) -> tuple[str, int, Path]:
 
 
 def test_every_hostile_upload_is_refused_naming_the_tensor(
-    server: tuple[ServerThread, ConversionClient],
+    conversion_server: tuple[ServerThread, ConversionClient],
 ) -> None:
-    srv, conv = server
+    srv, conv = conversion_server
     location, offset, folder = _victim(conv, srv)
     before = sorted(p.name for p in folder.iterdir())
     for name, (build, where, _) in CATALOGUE.items():
@@ -305,11 +297,11 @@ def test_every_hostile_upload_is_refused_naming_the_tensor(
 
 
 def test_the_child_refuses_them_too_and_nothing_is_served(
-    server: tuple[ServerThread, ConversionClient], monkeypatch: pytest.MonkeyPatch
+    conversion_server: tuple[ServerThread, ConversionClient], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the upload check switched off in this process, the conversion child still fails the
     job with the same precise error, and the victim's numbers are never published or served."""
-    srv, conv = server
+    srv, conv = conversion_server
     location, offset, _ = _victim(conv, srv)
 
     async def unchecked(fmt: str, path: Path, **limits: Any) -> None:
