@@ -20,15 +20,17 @@ import argparse
 import hashlib
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import timing
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES: dict[str, tuple[str, dict[str, Any], list[int]]] = {
@@ -93,36 +95,19 @@ def session(path: Path) -> Any:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def per_run_ms(sess: Any, feed: dict[str, np.ndarray], runs: int) -> float:
-    start = time.perf_counter()
-    for _ in range(runs):
-        sess.run(None, feed)
-    return (time.perf_counter() - start) * 1000 / runs
-
-
 def measure(
     unpruned: Path, pruned: Path, shape: list[int], batch: int, rounds: int
 ) -> dict[str, float]:
-    sessions = {"unpruned": session(unpruned), "pruned": session(pruned)}
-    name = sessions["unpruned"].get_inputs()[0].name
+    sessions = [session(unpruned), session(pruned)]
+    name = sessions[0].get_inputs()[0].name
     x = np.random.default_rng(1).standard_normal([batch, *shape]).astype(np.float32)
-    feed = {name: x}
-    for sess in sessions.values():  # warm up, and size a round to ~20 ms of the slower
-        per_run_ms(sess, feed, 5)
-    runs = max(3, int(20 / max(per_run_ms(sessions["unpruned"], feed, 10), 1e-3)))
-    times: dict[str, list[float]] = {"unpruned": [], "pruned": []}
-    for index in range(rounds):
-        order = ["unpruned", "pruned"] if index % 2 == 0 else ["pruned", "unpruned"]
-        for key in order:
-            times[key].append(per_run_ms(sessions[key], feed, runs))
-    ratios = sorted(u / p for u, p in zip(times["unpruned"], times["pruned"], strict=True))
-    quartiles = statistics.quantiles(ratios, n=4)
+    figures = timing.compare((sessions[0], {name: x}), (sessions[1], {name: x}), rounds)
     return {
-        "unpruned_ms": statistics.median(times["unpruned"]),
-        "pruned_ms": statistics.median(times["pruned"]),
-        "speedup": statistics.median(times["unpruned"]) / statistics.median(times["pruned"]),
-        "q1": quartiles[0],
-        "q3": quartiles[2],
+        "unpruned_ms": figures["reference_ms"],
+        "pruned_ms": figures["other_ms"],
+        "speedup": figures["speedup"],
+        "q1": figures["q1"],
+        "q3": figures["q3"],
     }
 
 

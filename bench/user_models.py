@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -42,6 +41,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).parent))
+
+import timing
 
 MODES = ("none", "dynamic_int8", "static_int8", "fp16", "auto", "structured_30")
 # A mode that prunes: 30% structured on the graph (or the module, for the article's state_dict),
@@ -209,32 +211,16 @@ def _feed(session: ort.InferenceSession, value: Any) -> dict[str, np.ndarray]:
 def _speed(
     fp32: Path, other: Path, make: Callable[[int, int], Any], batch: int, rounds: int
 ) -> dict[str, float]:
-    """Median (and quartiles) over rounds of fp32 time / variant time; rounds alternate files."""
+    """fp32 time / variant time (``timing.compare``), 2 intra-op threads each."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     sessions = [
         ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
         for p in (fp32, other)
     ]
-    feeds = [_feed(s, make(batch, 99)) for s in sessions]
-    for s, f in zip(sessions, feeds, strict=True):
-        for _ in range(3):
-            s.run(None, f)
-    start = time.perf_counter()
-    sessions[0].run(None, feeds[0])
-    once = time.perf_counter() - start
-    repeats = max(1, int(0.02 / max(once, 1e-6)))  # ~20 ms per timing: above timer noise
-    ratios = []
-    for _ in range(rounds):
-        times = []
-        for s, f in zip(sessions, feeds, strict=True):
-            start = time.perf_counter()
-            for _ in range(repeats):
-                s.run(None, f)
-            times.append(time.perf_counter() - start)
-        ratios.append(times[0] / times[1])
-    q = statistics.quantiles(ratios, n=4)
-    return {"median": statistics.median(ratios), "q1": q[0], "q3": q[2]}
+    a, b = ((s, _feed(s, make(batch, 99))) for s in sessions)
+    figures = timing.compare(a, b, rounds)
+    return {"median": figures["speedup"], "q1": figures["q1"], "q3": figures["q3"]}
 
 
 def _quiet_box(srv: Any) -> None:
