@@ -69,6 +69,159 @@ def live_timers(b: DynamicBatcher[Any, Any]) -> list[asyncio.TimerHandle]:
     ]
 
 
+# --- run_now: an idle batcher's item runs in its caller -------------------------------------------
+
+
+class RunNow:
+    """A synchronous handler that takes a batch (``take``) or declines it (None)."""
+
+    def __init__(self, *, take: bool = True, error: Exception | None = None) -> None:
+        self.take = take
+        self.error = error
+        self.batches: list[list[Any]] = []
+        self.infos: list[BatchInfo] = []
+
+    def __call__(self, items: Sequence[Any], info: BatchInfo) -> list[Any] | None:
+        if not self.take:
+            return None
+        self.batches.append(list(items))
+        self.infos.append(info)
+        if self.error is not None:
+            raise self.error
+        return [("now", x) for x in items]
+
+
+def test_run_now_runs_an_idle_batchers_item_in_its_caller() -> None:
+    async def main() -> None:
+        h, now = Handler(), RunNow()
+        b = DynamicBatcher(h, max_batch_size=8, run_now=now)
+        assert await b.submit("x") == ("now", "x")
+        assert await b.submit("y") == ("now", "y")
+        assert now.batches == [["x"], ["y"]]
+        assert [i.queue_ns for i in now.infos] == [[0], [0]]
+        assert h.batches == []  # no task, no future: the caller ran it
+        assert b.in_flight == 0
+        assert b.service_time.ready  # its executions teach the predictor like any batch
+        await b.close()
+
+    arun(main)
+
+
+def test_run_now_never_overtakes_queued_items_or_a_busy_slot() -> None:
+    async def main() -> None:
+        h, now = Handler(gated=True), RunNow()
+        b = DynamicBatcher(h, max_batch_size=8, run_now=now)
+        now.take = False
+        hold = spawn(b, "hold")  # declined by run_now: runs on the (gated) handler
+        await until(lambda: b.in_flight == 1)
+        now.take = True
+        tasks = [spawn(b, i, priority=0) for i in range(3)]
+        await until(lambda: b.queue_depth == 3)
+        assert now.batches == []  # the slot is busy: they queue, in order
+        h.gate.set()
+        assert await asyncio.gather(hold, *tasks) == [("ok", "hold")] + [
+            ("ok", i) for i in range(3)
+        ]
+        assert h.batches == [["hold"], [0, 1, 2]]
+        assert await b.submit("z") == ("now", "z")  # idle again
+        await b.close()
+
+    arun(main)
+
+
+def test_run_now_that_declines_leaves_the_item_to_the_queue() -> None:
+    async def main() -> None:
+        h, now = Handler(), RunNow(take=False)
+        b = DynamicBatcher(h, max_batch_size=8, run_now=now)
+        assert await b.submit("x") == ("ok", "x")
+        assert h.batches == [["x"]]
+        assert b.in_flight == 0
+        await b.close()
+
+    arun(main)
+
+
+def test_run_now_is_not_used_while_a_partial_batch_may_wait_for_company() -> None:
+    async def main() -> None:
+        h, now = Handler(), RunNow()
+        b = DynamicBatcher(
+            h, max_batch_size=4, max_queue_delay=3600.0, clock=FakeClock(), run_now=now
+        )
+        tasks = [spawn(b, i) for i in range(4)]
+        assert await asyncio.gather(*tasks) == [("ok", i) for i in range(4)]
+        assert h.batches == [[0, 1, 2, 3]]
+        assert now.batches == []
+        await b.close()
+
+    arun(main)
+
+
+def test_run_now_failure_reaches_its_caller_only_and_frees_the_slot() -> None:
+    async def main() -> None:
+        boom = ValueError("boom")
+        h, now = Handler(), RunNow(error=boom)
+        b = DynamicBatcher(h, max_batch_size=8, run_now=now)
+        with pytest.raises(ValueError, match="boom"):
+            await b.submit("x")
+        assert b.in_flight == 0
+        now.error = None
+        assert await b.submit("y") == ("now", "y")
+        await b.close()
+
+    arun(main)
+
+
+def test_run_now_item_is_still_judged_at_the_door() -> None:
+    async def main() -> None:
+        clock = FakeClock(100.0)
+        now = RunNow()
+        b = DynamicBatcher(Handler(), max_batch_size=8, clock=clock, run_now=now)
+        with pytest.raises(DeadlineExceeded):
+            await b.submit("late", deadline=99.0)
+        await b.close()
+        with pytest.raises(Unavailable):
+            await b.submit("closed")
+        assert now.batches == []
+
+    arun(main)
+
+
+# --- preferred sizes: a planned session's sizes ----------------------------------------------
+
+
+def test_a_partial_batch_at_a_preferred_size_goes_at_once() -> None:
+    async def main() -> None:
+        h = Handler()
+        b = DynamicBatcher(
+            h, max_batch_size=8, max_queue_delay=3600.0, clock=FakeClock(), preferred_sizes=(4, 8)
+        )
+        tasks = [spawn(b, i) for i in range(6)]
+        assert await asyncio.gather(*tasks[:4]) == [("ok", i) for i in range(4)]
+        assert h.batches == [[0, 1, 2, 3]]  # four reached a planned size: no wait for eight
+        assert b.queue_depth == 2  # two is not planned here: they wait for company
+        await b.close()
+        assert await asyncio.gather(*tasks[4:]) == [("ok", 4), ("ok", 5)]
+
+    arun(main)
+
+
+def test_between_preferred_sizes_the_delay_still_bounds_the_wait() -> None:
+    async def main() -> None:
+        # Frozen clock: only the flush timer can dispatch three items that are not a planned size.
+        h = Handler()
+        b = DynamicBatcher(
+            h, max_batch_size=8, max_queue_delay=0.005, clock=FakeClock(), preferred_sizes=(4, 8)
+        )
+        first = [spawn(b, i) for i in range(4)]
+        assert await asyncio.gather(*first) == [("ok", i) for i in range(4)]
+        rest = [spawn(b, i) for i in range(4, 7)]
+        assert await asyncio.gather(*rest) == [("ok", 4), ("ok", 5), ("ok", 6)]
+        assert h.batches == [[0, 1, 2, 3], [4, 5, 6]]
+        await b.close()
+
+    arun(main)
+
+
 # --- dispatch policy ---------------------------------------------------------------------------
 
 

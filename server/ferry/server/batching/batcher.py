@@ -13,7 +13,18 @@ deadline comes before it could finish is dropped when batches form, so late work
 
 It is event driven: every decision is taken when something changes (a submit, a slot freeing, a
 timer firing, a caller going away), never by a polling loop, so an idle batcher costs nothing and a
-lone request at low load is dispatched in the same loop iteration as its submit.
+lone request at low load is dispatched in the same loop iteration as its submit. With ``run_now``
+(a synchronous handler that may decline), a request that finds nothing queued and a slot free runs
+at once in its caller: no future, no task, no second loop iteration. For a model that runs in tens
+of microseconds those cost more than the execution (measured: 158 -> 110 us per request for the
+tiny MLP through the whole Open Inference Protocol path, in process).
+
+With ``preferred_sizes`` (Triton's preferred batch sizes: the sizes a model's config plans, which
+run without padding, runtime.plans), a partial batch whose queued units reach one of them is
+dispatched at once instead of waiting out ``max_queue_delay`` for a full one; one between two sizes
+waits for company (never past the delay). Every batch takes everything compatible that is waiting
+(up to ``max_batch_size``), so the padding up to the next planned size is filled with real requests
+wherever there are any.
 """
 
 from __future__ import annotations
@@ -97,6 +108,8 @@ class DynamicBatcher(Generic[T, R]):
 
     Batches form only when an execution slot is free (as in Triton), so under load the queue, not a
     pile of half-filled batches, absorbs bursts, and each batch is as large as the backlog allows.
+    ``run_now(items, info)`` returns the results, or None to decline (the item then queues as
+    usual); it must not block for long, since it runs on the event loop.
     Counters ``rejected`` and ``expired`` are plain ints so stats code can read them without locks.
     """
 
@@ -116,6 +129,8 @@ class DynamicBatcher(Generic[T, R]):
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
         service_time: ServiceTime | None = None,
+        run_now: Callable[[Sequence[T], BatchInfo], Sequence[R] | None] | None = None,
+        preferred_sizes: Sequence[int] = (),
     ) -> None:
         label = f"batcher {name!r}" if name else "batcher"
         if max_batch_size < 0:
@@ -128,6 +143,8 @@ class DynamicBatcher(Generic[T, R]):
         if max_concurrency < 1:
             raise ValueError(f"{label}: max_concurrency must be >= 1")
         self._handler = handler
+        self._run_now = run_now
+        self._preferred = frozenset(preferred_sizes)
         self._max_batch_size = max_batch_size
         self._max_queue_delay = max_queue_delay
         self._max_queue_size = max_queue_size
@@ -229,6 +246,15 @@ class DynamicBatcher(Generic[T, R]):
                     f"> remaining {(deadline - now) * 1000:.1f} ms; retry with backoff, with a "
                     "longer deadline, or add capacity"
                 )
+        if (
+            self._run_now is not None
+            and not self._depth
+            and self._in_flight < self._max_concurrency
+            and (not self._max_queue_delay or size >= self._max_batch_size)
+        ):
+            done = self._direct(item, size, now)
+            if done is not None:
+                return done[0]
         loop = asyncio.get_running_loop()
         if self._loop is None:
             self._loop = loop
@@ -262,6 +288,25 @@ class DynamicBatcher(Generic[T, R]):
                 self._tidy()
                 self._pump()
             raise
+
+    def _direct(self, item: T, size: int, now: float) -> tuple[R] | None:
+        """An idle batcher's item runs at once in its caller, when ``run_now`` takes it: no
+        future, no task, no loop iteration between the arrival and the execution."""
+        assert self._run_now is not None
+        self._in_flight += 1
+        try:
+            started = self._clock()
+            results = self._run_now((item,), BatchInfo(queue_ns=[0], size=size))
+            if results is None:
+                return None
+            self.service_time.observe(size, self._clock() - started)
+        finally:
+            self._in_flight -= 1
+        if len(results) != 1:
+            raise InternalError(
+                f"{self._label}: handler returned {len(results)} results for 1 item"
+            )
+        return (results[0],)
 
     async def close(self, *, drain: bool = True) -> None:
         """Stop accepting items, then return once nothing is queued or running. ``drain=True``
@@ -304,7 +349,8 @@ class DynamicBatcher(Generic[T, R]):
         if self._max_batch_size == 0 or self._max_queue_delay <= 0 or self._closed:
             return None
         head = self._queues[self._prios[0]][0]
-        if self._units[head.key] >= self._max_batch_size:
+        units = self._units[head.key]
+        if units >= self._max_batch_size or units in self._preferred:
             return None
         if len(self._prios) == 1:
             oldest = head.enqueued

@@ -74,26 +74,45 @@ class LoadedVersion:
             batch_size_of=_batch_of,
             batch_key=_key_of,
             name=f"{name}/{version}",
+            run_now=self._run_now,
+            # Sizes the model's config plans (runtime.plans) are Triton's preferred batch sizes:
+            # a partial batch that reaches one goes at once. A derived plan (powers of two on a
+            # GPU) is not a preference: with 1 in it, nothing would ever wait for company.
+            preferred_sizes=b.planned_batch_sizes or (),
         )
 
-    async def _execute(self, items: Sequence[Work], info: BatchInfo) -> list[dict[str, np.ndarray]]:
-        """Run one batch. A batch predicted to take less than ``INLINE_NS`` runs on the event
-        loop itself: handing it to a worker thread and back costs more than the work (measured:
-        30-140 us per hop against ~15-40 us for a tiny MLP), and would double small models'
-        latency. Anything slower runs on the shared execution pool so the loop stays free."""
+    def _run_now(
+        self, items: Sequence[Work], info: BatchInfo
+    ) -> list[dict[str, np.ndarray]] | None:
+        """The batch, run here and now on the event loop when it is predicted to take less than
+        ``INLINE_NS``: handing it to a worker thread and back costs more than the work
+        (measured: 30-140 us per hop against ~15-40 us for a tiny MLP). None: it is slower, or
+        its provider runs elsewhere, and belongs on the shared execution pool."""
+        if not (self._inline and self._ns_per_item * info.size < INLINE_NS):
+            return None
         self.stats.record_queue(info.queue_ns)
-        if self._inline and self._ns_per_item * info.size < INLINE_NS:
-            results, t_in, t_infer, t_out = self._run_batch(items)
-        else:
-            loop = asyncio.get_running_loop()
-            results, t_in, t_infer, t_out = await loop.run_in_executor(
-                self._executor, self._run_batch, items
-            )
+        return self._finish(info, len(items), self._run_batch(items))
+
+    async def _execute(self, items: Sequence[Work], info: BatchInfo) -> list[dict[str, np.ndarray]]:
+        """Run one batch: inline when it is quick (``_run_now``), else on the execution pool so
+        the loop stays free."""
+        results = self._run_now(items, info)
+        if results is not None:
+            return results
+        self.stats.record_queue(info.queue_ns)
+        loop = asyncio.get_running_loop()
+        timed = await loop.run_in_executor(self._executor, self._run_batch, items)
+        return self._finish(info, len(items), timed)
+
+    def _finish(
+        self, info: BatchInfo, count: int, timed: tuple[list[dict[str, np.ndarray]], int, int, int]
+    ) -> list[dict[str, np.ndarray]]:
+        results, t_in, t_infer, t_out = timed
         total = t_in + t_infer + t_out
         # Exponentially weighted per-item cost: follows the model's speed without being
         # thrown by one slow batch.
         self._ns_per_item = 0.8 * self._ns_per_item + 0.2 * (total / max(info.size, 1))
-        self.stats.record_execution(info.size, len(items), t_in, t_infer, t_out)
+        self.stats.record_execution(info.size, count, t_in, t_infer, t_out)
         return results
 
     def _run_batch(
