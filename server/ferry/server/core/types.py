@@ -153,10 +153,11 @@ class ModelMetadata:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batching: BatchingPolicy
-    instance_count: int
+    instance_count: int  # on each of device_ids (Triton's instance group count)
     device_kind: str  # "cpu" or "gpu": where the version's first provider runs it
     providers: tuple[str, ...]
     version_policy: VersionPolicyView
+    device_ids: tuple[int, ...] = ()  # GPUs the instances are placed on; (): not placed
 
 
 @dataclass(frozen=True)
