@@ -22,13 +22,16 @@ from ferry.server.core.dataplane import DataPlane, InferenceRequest
 from ferry.server.core.pools import ThreadPools
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
+from ferry.server.core.stats_merge import merge
 from ferry.server.examples import mlp_model, write_model
 from ferry.server.grpc import inference as ferry_v1
 from ferry.server.grpc import kserve_model
+from ferry.server.metrics import Metrics
 from ferry.server.runtime.instances import DeviceSessions
 from ferry.server.runtime.placement import Device
 from ferry.server.runtime.plans import PlannedSession
 from ferry.server.runtime.session import open_one, open_session
+from ferry.server.workers.control import decode, encode, stats_from_json, stats_to_json
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -147,6 +150,17 @@ def test_each_device_gets_a_session_opened_with_its_id_and_batches_spread_within
         assert gate.peak == {0: 2, 1: 2}
         assert sum(gate.ran.values()) == 6
         assert lv.session.peak == [2, 2] and sum(lv.session.executions) == 6
+        # Statistics count executions per device; summed over worker processes; as metrics.
+        (stats,) = dataplane.statistics("m")
+        assert dict(stats.device_executions) == gate.ran
+        twice = merge([stats, stats_from_json(decode(encode(stats_to_json(stats))))])
+        assert dict(twice[0].device_executions) == {d: 2 * n for d, n in gate.ran.items()}
+        text = Metrics(dataplane).render().decode()
+        for device, n in gate.ran.items():
+            assert (
+                f'ferry_device_executions_total{{model="m",version="1",device="{device}"}} {n}'
+                in text
+            )
         await registry.close()
 
     try:

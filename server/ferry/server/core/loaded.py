@@ -129,6 +129,9 @@ class LoadedVersion:
             expired=self.batcher.expired,
             queue_depth=self.batcher.queue_depth,
         )
+        placed = getattr(self.session, "device_statistics", None)  # device_ids only
+        if placed is not None:
+            snapshot = replace(snapshot, device_executions=placed())
         plan = getattr(self.session, "plan_statistics", None)  # planned batch sizes only
         if plan is None:
             return snapshot

@@ -205,6 +205,9 @@ class VersionStatistics:
     # shape differed from that size's previous one (0 in steady state). Empty without a plan.
     planned_executions: tuple[tuple[int, int], ...] = ()
     plan_changes: int = 0
+    # Instances placed on GPUs (instances.device_ids): executions per device id, so a device
+    # that is never used shows. Empty when the version is not placed.
+    device_executions: tuple[tuple[int, int], ...] = ()
 
 
 class Session(Protocol):

@@ -99,6 +99,14 @@ class DeviceSessions:
                 executions[size] = executions.get(size, 0) + count
         return tuple(sorted(executions.items())), changes
 
+    def device_statistics(self) -> tuple[tuple[int, int], ...]:
+        """Executions per placed device id (the version's statistics)."""
+        return tuple(
+            (d.device_id, n)
+            for d, n in zip(self.devices, self.executions, strict=True)
+            if d.device_id is not None
+        )
+
     def release(self) -> None:
         for session in self._sessions:
             session.release()
