@@ -23,6 +23,7 @@ from ferry.server.core.pools import ThreadPools
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.stats_merge import merge
+from ferry.server.core.types import State
 from ferry.server.examples import mlp_model, write_model
 from ferry.server.grpc import inference as ferry_v1
 from ferry.server.grpc import kserve_model
@@ -261,3 +262,26 @@ def test_planned_batch_sizes_get_a_planned_session_per_device(tmp_path: Path) ->
     assert session.plan_statistics() == (((2, 0), (4, 2)), 0)
     assert session.executions == [1, 1]
     session.release()
+
+
+def test_a_version_whose_placement_means_nothing_fails_to_load_saying_why(
+    tmp_path: Path,
+) -> None:
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    write_model(repo, "m", mlp_model((6, 5, 3)))
+    (repo.model_dir("m") / "config.json").write_text(
+        json.dumps({"instances": {"device_ids": [0]}})  # CPU only: no GPU to place on
+    )
+    registry = ModelRegistry(repo, open_session, warm_up=False)
+
+    async def scenario() -> None:
+        outcome = await registry.refresh()
+        assert outcome.loaded == []
+        (status,) = registry.statuses("m")
+        assert status.state is State.FAILED
+        assert "none of onnxruntime.providers ['CPUExecutionProvider'] runs on a GPU" in (
+            status.reason
+        )
+        await registry.close()
+
+    asyncio.run(scenario())
