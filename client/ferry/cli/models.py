@@ -24,7 +24,7 @@ from ferry.cli._common import (
     management_parent,
     print_table,
 )
-from ferry.client import ModelMetadata, ModelStatistics, RepositoryClient
+from ferry.client import BatchingPolicy, ModelMetadata, ModelStatistics, RepositoryClient
 
 
 def register(sub: Any) -> None:
@@ -174,11 +174,17 @@ def describe_text(meta: ModelMetadata) -> str:
         lines.append(
             f"batching: up to {b.max_batch_size} per batch, max queue delay "
             f"{b.max_queue_delay * 1e3:g} ms, queue size {b.max_queue_size}, default timeout "
-            f"{timeout}, {b.instance_count} instance(s)"
+            f"{timeout}, {_instances(b)}"
         )
     else:
-        lines.append(f"batching: none (no batch dimension), {b.instance_count} instance(s)")
+        lines.append(f"batching: none (no batch dimension), {_instances(b)}")
     return "\n".join(lines)
+
+
+def _instances(b: BatchingPolicy) -> str:
+    if not b.device_ids:
+        return f"{b.instance_count} instance(s)"
+    return f"{b.instance_count} instance(s) on each of GPUs {list(b.device_ids)}"
 
 
 def cmd_describe(args: argparse.Namespace) -> int:

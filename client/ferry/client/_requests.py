@@ -161,6 +161,7 @@ def parse_metadata(m: pb.ModelMetadata) -> ModelMetadata:
             max_queue_size=b.max_queue_size,
             default_timeout=b.default_timeout_us / 1e6 if b.default_timeout_us else None,
             instance_count=b.instance_count,
+            device_ids=tuple(b.device_ids),
         ),
     )
 

@@ -79,7 +79,8 @@ class BatchingPolicy:
     max_queue_delay: float  # seconds
     max_queue_size: int
     default_timeout: float | None  # seconds
-    instance_count: int
+    instance_count: int  # concurrent executions, on each of device_ids when any are listed
+    device_ids: tuple[int, ...] = ()  # GPUs the instances are placed on; (): not placed
 
 
 @dataclass(frozen=True)

@@ -241,6 +241,17 @@ class Metrics:
             )
             out.append("# TYPE ferry_plan_changes_total counter")
             out.extend(f"ferry_plan_changes_total{{{lab}}} {s.plan_changes}" for lab, s in planned)
+        placed = [(lab, s) for lab, s in labels if s.device_executions]
+        if placed:
+            out.append(
+                "# HELP ferry_device_executions_total Executions per GPU (instances.device_ids)"
+            )
+            out.append("# TYPE ferry_device_executions_total counter")
+            for lab, s in placed:
+                out.extend(
+                    f'ferry_device_executions_total{{{lab},device="{device}"}} {n}'
+                    for device, n in s.device_executions
+                )
         self._render_shadows(out)
         out.append("# HELP ferry_model_state 1 for the state each model version is in")
         out.append("# TYPE ferry_model_state gauge")

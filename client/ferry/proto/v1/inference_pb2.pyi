@@ -82,18 +82,20 @@ class GetModelMetadataRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class BatchingPolicy(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue_delay_us", "max_queue_size", "default_timeout_us", "instance_count")
+    __slots__ = ("max_batch_size", "max_queue_delay_us", "max_queue_size", "default_timeout_us", "instance_count", "device_ids")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TIMEOUT_US_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queue_delay_us: int
     max_queue_size: int
     default_timeout_us: int
     instance_count: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., instance_count: _Optional[int] = ...) -> None: ...
+    device_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., instance_count: _Optional[int] = ..., device_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
     __slots__ = ("name", "version", "versions", "default_version", "platform", "inputs", "outputs", "batching")

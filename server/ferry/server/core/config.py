@@ -17,7 +17,8 @@ Example ``config.toml``::
     default_priority = 1
 
     [instances]
-    count = 1                            # concurrent executions of each version
+    count = 1                            # concurrent executions of each version (per device)
+    # device_ids = [0, 1]                # GPUs: `count` instances on each (Triton's `gpus`)
 
     [onnxruntime]
     intra_op_threads = 0                 # threads one execution uses; 0: decided at load
@@ -45,6 +46,12 @@ from ferry.server.errors import InvalidArgument
 
 CONFIG_NAMES = ("config.toml", "config.json")
 MAX_BATCH_SIZE_LIMIT = 65536
+# Instances bound the batcher's concurrency and each holds execution threads: count x devices
+# stays within this. Device ids and their number are bounded so a typo (``device_ids = [10000]``)
+# is refused here, not found by a CUDA error at load.
+MAX_INSTANCES = 64
+MAX_DEVICES = 16
+MAX_DEVICE_ID = 255
 DEFAULT_MAX_BATCH_SIZE = 32
 
 
@@ -62,7 +69,17 @@ class BatchingConfig:
 
 @dataclass(frozen=True)
 class InstancesConfig:
+    """Triton's instance group: ``count`` concurrent executions, on each of ``device_ids``
+    (Triton's ``gpus``) when set. Which providers a device id is given to is the runtime's
+    business (runtime.placement): the core does not know which providers run on a GPU."""
+
     count: int = 1
+    device_ids: tuple[int, ...] = ()  # (): not placed; the providers' own options decide
+
+    @property
+    def total(self) -> int:
+        """Concurrent executions of the version: the batcher's concurrency."""
+        return self.count * max(1, len(self.device_ids))
 
 
 OptionValue = str | int | float | bool
@@ -223,7 +240,10 @@ def config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
     else:
         batching["planned_batch_sizes"] = list(batching["planned_batch_sizes"])
     out["batching"] = batching
-    out["instances"] = {"count": cfg.instances.count}
+    instances: dict[str, Any] = {"count": cfg.instances.count}
+    if cfg.instances.device_ids:
+        instances["device_ids"] = list(cfg.instances.device_ids)
+    out["instances"] = instances
     ort = {f.name: getattr(cfg.onnxruntime, f.name) for f in fields(OnnxRuntimeConfig)}
     ort["providers"] = [
         {"name": p.name, **({"options": p.options_dict()} if p.options else {})}
@@ -315,6 +335,30 @@ def _sizes(value: Any, where: str) -> tuple[int, ...]:
     return tuple(sorted(set(value)))
 
 
+def _device_ids(value: Any, where: str) -> tuple[int, ...]:
+    """GPU ordinals in the order written (instances are placed in that order); a duplicate is
+    refused rather than merged: ``[0, 0]`` may mean ``count = 2`` and should say so."""
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_DEVICES
+        or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_DEVICE_ID
+            for v in value
+        )
+    ):
+        raise InvalidArgument(
+            f"{where} must be a list of at most {MAX_DEVICES} GPU ids within 0..{MAX_DEVICE_ID}, "
+            f"e.g. [0, 1], or [] for none; got {value!r}"
+        )
+    twice = sorted({v for v in value if value.count(v) > 1})
+    if twice:
+        raise InvalidArgument(
+            f"{where} lists device {twice[0]} more than once ({value!r}); to run several "
+            "instances on one device, raise instances.count instead"
+        )
+    return tuple(value)
+
+
 def _section(cls: Any, raw: Any, where: str, section: str) -> Any:
     if not isinstance(raw, dict):
         raise InvalidArgument(f"{where}: [{section}] must be a table, got {raw!r}")
@@ -331,6 +375,8 @@ def _section(cls: Any, raw: Any, where: str, section: str) -> Any:
         values[key] = value
         if key == "planned_batch_sizes":
             values[key] = _sizes(value, f"{where}: {section}.{key}")
+        elif key == "device_ids":
+            values[key] = _device_ids(value, f"{where}: {section}.{key}")
         elif isinstance(default, tuple):
             if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
                 raise InvalidArgument(f"{where}: {section}.{key} must be a list of strings")
@@ -362,8 +408,14 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         raise InvalidArgument(f"{where}: batching.max_queue_size must be >= 1")
     if b.default_priority < 1:
         raise InvalidArgument(f"{where}: batching.default_priority must be >= 1")
-    if cfg.instances.count < 1 or cfg.instances.count > 64:
-        raise InvalidArgument(f"{where}: instances.count must be within 1..64")
+    i = cfg.instances
+    if i.count < 1 or i.count > MAX_INSTANCES:
+        raise InvalidArgument(f"{where}: instances.count must be within 1..{MAX_INSTANCES}")
+    if i.total > MAX_INSTANCES:
+        raise InvalidArgument(
+            f"{where}: instances.count {i.count} on each of {len(i.device_ids)} device_ids is "
+            f"{i.total} instances, over {MAX_INSTANCES}: lower count or list fewer devices"
+        )
     if cfg.onnxruntime.graph_optimization not in ("disable", "basic", "extended", "all"):
         raise InvalidArgument(
             f"{where}: onnxruntime.graph_optimization must be disable, basic, extended or all"

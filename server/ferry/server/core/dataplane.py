@@ -159,6 +159,9 @@ class DataPlane:
             device_kind=lv.session.device_kind,
             providers=tuple(lv.session.providers),
             version_policy=VersionPolicyView(policy.latest, policy.all, policy.specific),
+            # Where the instances are: only when they run on a GPU (a build without the GPU
+            # provider falls back to CPU, and the ids would then describe nothing).
+            device_ids=lv.config.instances.device_ids if lv.session.device_kind == "gpu" else (),
         )
 
     def statistics(self, model: str = "", version: int | None = None) -> list[VersionStatistics]:

@@ -63,14 +63,15 @@ class LoadedVersion:
         self._ns_per_item = float(INLINE_NS)
         self._inline = session.inline_allowed
         # The process's shared execution pool (core.pools): threads bounded by the host, not
-        # by the number of versions; instances.count still bounds this version's concurrency.
+        # by the number of versions; the version's instances (count on each of its devices)
+        # bound its concurrency, and the session places each batch on a free one.
         self._executor = executor
         self.batcher: DynamicBatcher[Work, dict[str, np.ndarray]] = DynamicBatcher(
             self._execute,
             max_batch_size=self.max_batch_size,
             max_queue_delay=b.max_queue_delay_ms / 1000.0,
             max_queue_size=b.max_queue_size,
-            max_concurrency=config.instances.count,
+            max_concurrency=config.instances.total,
             batch_size_of=_batch_of,
             batch_key=_key_of,
             name=f"{name}/{version}",
@@ -147,6 +148,9 @@ class LoadedVersion:
             expired=self.batcher.expired,
             queue_depth=self.batcher.queue_depth,
         )
+        placed = getattr(self.session, "device_statistics", None)  # device_ids only
+        if placed is not None:
+            snapshot = replace(snapshot, device_executions=placed())
         plan = getattr(self.session, "plan_statistics", None)  # planned batch sizes only
         if plan is None:
             return snapshot

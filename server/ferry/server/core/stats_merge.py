@@ -52,6 +52,7 @@ def _merge_two(a: VersionStatistics, b: VersionStatistics) -> VersionStatistics:
         queue_depth=a.queue_depth + b.queue_depth,
         planned_executions=_merge_counts(a.planned_executions, b.planned_executions),
         plan_changes=a.plan_changes + b.plan_changes,
+        device_executions=_merge_counts(a.device_executions, b.device_executions),
     )
 
 

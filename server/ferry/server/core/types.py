@@ -153,10 +153,11 @@ class ModelMetadata:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batching: BatchingPolicy
-    instance_count: int
+    instance_count: int  # on each of device_ids (Triton's instance group count)
     device_kind: str  # "cpu" or "gpu": where the version's first provider runs it
     providers: tuple[str, ...]
     version_policy: VersionPolicyView
+    device_ids: tuple[int, ...] = ()  # GPUs the instances are placed on; (): not placed
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,9 @@ class VersionStatistics:
     # shape differed from that size's previous one (0 in steady state). Empty without a plan.
     planned_executions: tuple[tuple[int, int], ...] = ()
     plan_changes: int = 0
+    # Instances placed on GPUs (instances.device_ids): executions per device id, so a device
+    # that is never used shows. Empty when the version is not placed.
+    device_executions: tuple[tuple[int, int], ...] = ()
 
 
 class Session(Protocol):

@@ -118,6 +118,7 @@ def metadata_of(m: ModelMetadata) -> pb.ModelMetadata:
             max_queue_size=b.max_queue_size,
             default_timeout_us=int(b.default_timeout_ms * 1000),
             instance_count=m.instance_count,
+            device_ids=m.device_ids,
         ),
     )
 

@@ -88,7 +88,9 @@ def config_of(m: ModelMetadata) -> mc.ModelConfig:
             mc.ModelOutput(name=s.name, data_type=CONFIG_TYPES[s.dtype], dims=s.shape[skip:])
             for s in m.outputs
         ],
-        instance_group=[mc.ModelInstanceGroup(name=m.name, count=m.instance_count, kind=kind)],
+        instance_group=[
+            mc.ModelInstanceGroup(name=m.name, count=m.instance_count, kind=kind, gpus=m.device_ids)
+        ],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=False),
     )
     if batching:

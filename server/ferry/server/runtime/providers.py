@@ -147,6 +147,14 @@ PROVIDERS: dict[str, Provider] = {
 }
 
 
+def lookup(name: str) -> Provider:
+    """The table's row for ``name``; an unknown name is refused with the known ones."""
+    provider = PROVIDERS.get(name)
+    if provider is None:
+        raise InvalidArgument(f"unknown execution provider {name!r}; known: {', '.join(PROVIDERS)}")
+    return provider
+
+
 @dataclass(frozen=True)
 class Resolved:
     """What onnxruntime is given: names and string options in preference order."""
@@ -164,11 +172,7 @@ def resolve(configs: Sequence[ProviderConfig], available: Sequence[str]) -> Reso
     options: list[dict[str, str]] = []
     missing: list[str] = []
     for config in configs:
-        provider = PROVIDERS.get(config.name)
-        if provider is None:
-            raise InvalidArgument(
-                f"unknown execution provider {config.name!r}; known: {', '.join(PROVIDERS)}"
-            )
+        provider = lookup(config.name)
         converted = {}
         for key, value in config.options:
             option = provider.options.get(key)

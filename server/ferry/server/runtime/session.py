@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from ferry.codec import DataType, numpy_dtype
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRuntimeConfig
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
-from ferry.server.runtime import plans
+from ferry.server.runtime import instances, plans
 from ferry.server.runtime import providers as provider_table
 
 log = logging.getLogger(__name__)
@@ -149,8 +150,25 @@ def _batch_of_one_ns(session: OrtSession) -> int:
     return best
 
 
-def open_session(path: Path, config: ModelConfig) -> OrtSession | plans.PlannedSession:
+OpenDevice = Callable[[Path, ModelConfig], "OrtSession | plans.PlannedSession"]
+
+
+def open_session(
+    path: Path, config: ModelConfig, *, open_device: OpenDevice | None = None
+) -> OrtSession | plans.PlannedSession | instances.DeviceSessions:
     """The registry's opener: a model file and the config it is served with -> its session.
+
+    With ``instances.device_ids``, one session per device (runtime.placement), each opened by
+    ``open_device`` (``open_one``; a test passes its own to see what each device was given).
+    Without, the one session ``open_one`` opens, as before device placement existed."""
+    opener = open_device or open_one
+    if not config.instances.device_ids:
+        return opener(path, config)
+    return instances.open_placed(config, lambda placed: opener(path, placed))
+
+
+def open_one(path: Path, config: ModelConfig) -> OrtSession | plans.PlannedSession:
+    """One device's session: planned batch sizes (runtime.plans) where they apply.
 
     ``intra_op_threads = 0`` is decided here, by measuring: one thread, unless a batch of one
     takes longer than AUTO_HEAVY_NS on it, in which case the session is opened again with the

@@ -24,41 +24,41 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(ferry/proto/kserve/v2/model_config.proto\x12\x0f\x66\x65rry.kserve.v2\"\xac\x01\n\x12ModelInstanceGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x36\n\x04kind\x18\x04 \x01(\x0e\x32(.ferry.kserve.v2.ModelInstanceGroup.Kind\"A\n\x04Kind\x12\r\n\tKIND_AUTO\x10\x00\x12\x0c\n\x08KIND_GPU\x10\x01\x12\x0c\n\x08KIND_CPU\x10\x02\x12\x0e\n\nKIND_MODEL\x10\x03\"\xc7\x01\n\nModelInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\tdata_type\x18\x02 \x01(\x0e\x32\x19.ferry.kserve.v2.DataType\x12\x32\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\".ferry.kserve.v2.ModelInput.Format\x12\x0c\n\x04\x64ims\x18\x04 \x03(\x03\";\n\x06\x46ormat\x12\x0f\n\x0b\x46ORMAT_NONE\x10\x00\x12\x0f\n\x0b\x46ORMAT_NHWC\x10\x01\x12\x0f\n\x0b\x46ORMAT_NCHW\x10\x02\"W\n\x0bModelOutput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\tdata_type\x18\x02 \x01(\x0e\x32\x19.ferry.kserve.v2.DataType\x12\x0c\n\x04\x64ims\x18\x03 \x03(\x03\"\xa2\x02\n\x12ModelVersionPolicy\x12<\n\x06latest\x18\x01 \x01(\x0b\x32*.ferry.kserve.v2.ModelVersionPolicy.LatestH\x00\x12\x36\n\x03\x61ll\x18\x02 \x01(\x0b\x32\'.ferry.kserve.v2.ModelVersionPolicy.AllH\x00\x12@\n\x08specific\x18\x03 \x01(\x0b\x32,.ferry.kserve.v2.ModelVersionPolicy.SpecificH\x00\x1a\x1e\n\x06Latest\x12\x14\n\x0cnum_versions\x18\x01 \x01(\r\x1a\x05\n\x03\x41ll\x1a\x1c\n\x08Specific\x12\x10\n\x08versions\x18\x01 \x03(\x03\x42\x0f\n\rpolicy_choice\"\xe1\x01\n\x10ModelQueuePolicy\x12G\n\x0etimeout_action\x18\x01 \x01(\x0e\x32/.ferry.kserve.v2.ModelQueuePolicy.TimeoutAction\x12$\n\x1c\x64\x65\x66\x61ult_timeout_microseconds\x18\x02 \x01(\x04\x12\x1e\n\x16\x61llow_timeout_override\x18\x03 \x01(\x08\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\"&\n\rTimeoutAction\x12\n\n\x06REJECT\x10\x00\x12\t\n\x05\x44\x45LAY\x10\x01\"\xef\x01\n\x14ModelDynamicBatching\x12\x1c\n\x14preferred_batch_size\x18\x01 \x03(\x05\x12$\n\x1cmax_queue_delay_microseconds\x18\x02 \x01(\x04\x12\x19\n\x11preserve_ordering\x18\x03 \x01(\x08\x12\x17\n\x0fpriority_levels\x18\x04 \x01(\x04\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_level\x18\x05 \x01(\x04\x12?\n\x14\x64\x65\x66\x61ult_queue_policy\x18\x06 \x01(\x0b\x32!.ferry.kserve.v2.ModelQueuePolicy\"+\n\x16ModelTransactionPolicy\x12\x11\n\tdecoupled\x18\x01 \x01(\x08\"\xcd\x03\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12;\n\x0eversion_policy\x18\x03 \x01(\x0b\x32#.ferry.kserve.v2.ModelVersionPolicy\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12*\n\x05input\x18\x05 \x03(\x0b\x32\x1b.ferry.kserve.v2.ModelInput\x12,\n\x06output\x18\x06 \x03(\x0b\x32\x1c.ferry.kserve.v2.ModelOutput\x12;\n\x0einstance_group\x18\x07 \x03(\x0b\x32#.ferry.kserve.v2.ModelInstanceGroup\x12\x41\n\x10\x64ynamic_batching\x18\x0b \x01(\x0b\x32%.ferry.kserve.v2.ModelDynamicBatchingH\x00\x12\x0f\n\x07\x62\x61\x63kend\x18\x11 \x01(\t\x12I\n\x18model_transaction_policy\x18\x13 \x01(\x0b\x32\'.ferry.kserve.v2.ModelTransactionPolicyB\x13\n\x11scheduling_choice*\xfa\x01\n\x08\x44\x61taType\x12\x10\n\x0cTYPE_INVALID\x10\x00\x12\r\n\tTYPE_BOOL\x10\x01\x12\x0e\n\nTYPE_UINT8\x10\x02\x12\x0f\n\x0bTYPE_UINT16\x10\x03\x12\x0f\n\x0bTYPE_UINT32\x10\x04\x12\x0f\n\x0bTYPE_UINT64\x10\x05\x12\r\n\tTYPE_INT8\x10\x06\x12\x0e\n\nTYPE_INT16\x10\x07\x12\x0e\n\nTYPE_INT32\x10\x08\x12\x0e\n\nTYPE_INT64\x10\t\x12\r\n\tTYPE_FP16\x10\n\x12\r\n\tTYPE_FP32\x10\x0b\x12\r\n\tTYPE_FP64\x10\x0c\x12\x0f\n\x0bTYPE_STRING\x10\r\x12\r\n\tTYPE_BF16\x10\x0e\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n(ferry/proto/kserve/v2/model_config.proto\x12\x0f\x66\x65rry.kserve.v2\"\xba\x01\n\x12ModelInstanceGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x05\x12\x0c\n\x04gpus\x18\x03 \x03(\x05\x12\x36\n\x04kind\x18\x04 \x01(\x0e\x32(.ferry.kserve.v2.ModelInstanceGroup.Kind\"A\n\x04Kind\x12\r\n\tKIND_AUTO\x10\x00\x12\x0c\n\x08KIND_GPU\x10\x01\x12\x0c\n\x08KIND_CPU\x10\x02\x12\x0e\n\nKIND_MODEL\x10\x03\"\xc7\x01\n\nModelInput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\tdata_type\x18\x02 \x01(\x0e\x32\x19.ferry.kserve.v2.DataType\x12\x32\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\".ferry.kserve.v2.ModelInput.Format\x12\x0c\n\x04\x64ims\x18\x04 \x03(\x03\";\n\x06\x46ormat\x12\x0f\n\x0b\x46ORMAT_NONE\x10\x00\x12\x0f\n\x0b\x46ORMAT_NHWC\x10\x01\x12\x0f\n\x0b\x46ORMAT_NCHW\x10\x02\"W\n\x0bModelOutput\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\tdata_type\x18\x02 \x01(\x0e\x32\x19.ferry.kserve.v2.DataType\x12\x0c\n\x04\x64ims\x18\x03 \x03(\x03\"\xa2\x02\n\x12ModelVersionPolicy\x12<\n\x06latest\x18\x01 \x01(\x0b\x32*.ferry.kserve.v2.ModelVersionPolicy.LatestH\x00\x12\x36\n\x03\x61ll\x18\x02 \x01(\x0b\x32\'.ferry.kserve.v2.ModelVersionPolicy.AllH\x00\x12@\n\x08specific\x18\x03 \x01(\x0b\x32,.ferry.kserve.v2.ModelVersionPolicy.SpecificH\x00\x1a\x1e\n\x06Latest\x12\x14\n\x0cnum_versions\x18\x01 \x01(\r\x1a\x05\n\x03\x41ll\x1a\x1c\n\x08Specific\x12\x10\n\x08versions\x18\x01 \x03(\x03\x42\x0f\n\rpolicy_choice\"\xe1\x01\n\x10ModelQueuePolicy\x12G\n\x0etimeout_action\x18\x01 \x01(\x0e\x32/.ferry.kserve.v2.ModelQueuePolicy.TimeoutAction\x12$\n\x1c\x64\x65\x66\x61ult_timeout_microseconds\x18\x02 \x01(\x04\x12\x1e\n\x16\x61llow_timeout_override\x18\x03 \x01(\x08\x12\x16\n\x0emax_queue_size\x18\x04 \x01(\r\"&\n\rTimeoutAction\x12\n\n\x06REJECT\x10\x00\x12\t\n\x05\x44\x45LAY\x10\x01\"\xef\x01\n\x14ModelDynamicBatching\x12\x1c\n\x14preferred_batch_size\x18\x01 \x03(\x05\x12$\n\x1cmax_queue_delay_microseconds\x18\x02 \x01(\x04\x12\x19\n\x11preserve_ordering\x18\x03 \x01(\x08\x12\x17\n\x0fpriority_levels\x18\x04 \x01(\x04\x12\x1e\n\x16\x64\x65\x66\x61ult_priority_level\x18\x05 \x01(\x04\x12?\n\x14\x64\x65\x66\x61ult_queue_policy\x18\x06 \x01(\x0b\x32!.ferry.kserve.v2.ModelQueuePolicy\"+\n\x16ModelTransactionPolicy\x12\x11\n\tdecoupled\x18\x01 \x01(\x08\"\xcd\x03\n\x0bModelConfig\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08platform\x18\x02 \x01(\t\x12;\n\x0eversion_policy\x18\x03 \x01(\x0b\x32#.ferry.kserve.v2.ModelVersionPolicy\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12*\n\x05input\x18\x05 \x03(\x0b\x32\x1b.ferry.kserve.v2.ModelInput\x12,\n\x06output\x18\x06 \x03(\x0b\x32\x1c.ferry.kserve.v2.ModelOutput\x12;\n\x0einstance_group\x18\x07 \x03(\x0b\x32#.ferry.kserve.v2.ModelInstanceGroup\x12\x41\n\x10\x64ynamic_batching\x18\x0b \x01(\x0b\x32%.ferry.kserve.v2.ModelDynamicBatchingH\x00\x12\x0f\n\x07\x62\x61\x63kend\x18\x11 \x01(\t\x12I\n\x18model_transaction_policy\x18\x13 \x01(\x0b\x32\'.ferry.kserve.v2.ModelTransactionPolicyB\x13\n\x11scheduling_choice*\xfa\x01\n\x08\x44\x61taType\x12\x10\n\x0cTYPE_INVALID\x10\x00\x12\r\n\tTYPE_BOOL\x10\x01\x12\x0e\n\nTYPE_UINT8\x10\x02\x12\x0f\n\x0bTYPE_UINT16\x10\x03\x12\x0f\n\x0bTYPE_UINT32\x10\x04\x12\x0f\n\x0bTYPE_UINT64\x10\x05\x12\r\n\tTYPE_INT8\x10\x06\x12\x0e\n\nTYPE_INT16\x10\x07\x12\x0e\n\nTYPE_INT32\x10\x08\x12\x0e\n\nTYPE_INT64\x10\t\x12\r\n\tTYPE_FP16\x10\n\x12\r\n\tTYPE_FP32\x10\x0b\x12\r\n\tTYPE_FP64\x10\x0c\x12\x0f\n\x0bTYPE_STRING\x10\r\x12\r\n\tTYPE_BF16\x10\x0e\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ferry.proto.kserve.v2.model_config_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DATATYPE']._serialized_start=1800
-  _globals['_DATATYPE']._serialized_end=2050
+  _globals['_DATATYPE']._serialized_start=1814
+  _globals['_DATATYPE']._serialized_end=2064
   _globals['_MODELINSTANCEGROUP']._serialized_start=62
-  _globals['_MODELINSTANCEGROUP']._serialized_end=234
-  _globals['_MODELINSTANCEGROUP_KIND']._serialized_start=169
-  _globals['_MODELINSTANCEGROUP_KIND']._serialized_end=234
-  _globals['_MODELINPUT']._serialized_start=237
-  _globals['_MODELINPUT']._serialized_end=436
-  _globals['_MODELINPUT_FORMAT']._serialized_start=377
-  _globals['_MODELINPUT_FORMAT']._serialized_end=436
-  _globals['_MODELOUTPUT']._serialized_start=438
-  _globals['_MODELOUTPUT']._serialized_end=525
-  _globals['_MODELVERSIONPOLICY']._serialized_start=528
-  _globals['_MODELVERSIONPOLICY']._serialized_end=818
-  _globals['_MODELVERSIONPOLICY_LATEST']._serialized_start=734
-  _globals['_MODELVERSIONPOLICY_LATEST']._serialized_end=764
-  _globals['_MODELVERSIONPOLICY_ALL']._serialized_start=766
-  _globals['_MODELVERSIONPOLICY_ALL']._serialized_end=771
-  _globals['_MODELVERSIONPOLICY_SPECIFIC']._serialized_start=773
-  _globals['_MODELVERSIONPOLICY_SPECIFIC']._serialized_end=801
-  _globals['_MODELQUEUEPOLICY']._serialized_start=821
-  _globals['_MODELQUEUEPOLICY']._serialized_end=1046
-  _globals['_MODELQUEUEPOLICY_TIMEOUTACTION']._serialized_start=1008
-  _globals['_MODELQUEUEPOLICY_TIMEOUTACTION']._serialized_end=1046
-  _globals['_MODELDYNAMICBATCHING']._serialized_start=1049
-  _globals['_MODELDYNAMICBATCHING']._serialized_end=1288
-  _globals['_MODELTRANSACTIONPOLICY']._serialized_start=1290
-  _globals['_MODELTRANSACTIONPOLICY']._serialized_end=1333
-  _globals['_MODELCONFIG']._serialized_start=1336
-  _globals['_MODELCONFIG']._serialized_end=1797
+  _globals['_MODELINSTANCEGROUP']._serialized_end=248
+  _globals['_MODELINSTANCEGROUP_KIND']._serialized_start=183
+  _globals['_MODELINSTANCEGROUP_KIND']._serialized_end=248
+  _globals['_MODELINPUT']._serialized_start=251
+  _globals['_MODELINPUT']._serialized_end=450
+  _globals['_MODELINPUT_FORMAT']._serialized_start=391
+  _globals['_MODELINPUT_FORMAT']._serialized_end=450
+  _globals['_MODELOUTPUT']._serialized_start=452
+  _globals['_MODELOUTPUT']._serialized_end=539
+  _globals['_MODELVERSIONPOLICY']._serialized_start=542
+  _globals['_MODELVERSIONPOLICY']._serialized_end=832
+  _globals['_MODELVERSIONPOLICY_LATEST']._serialized_start=748
+  _globals['_MODELVERSIONPOLICY_LATEST']._serialized_end=778
+  _globals['_MODELVERSIONPOLICY_ALL']._serialized_start=780
+  _globals['_MODELVERSIONPOLICY_ALL']._serialized_end=785
+  _globals['_MODELVERSIONPOLICY_SPECIFIC']._serialized_start=787
+  _globals['_MODELVERSIONPOLICY_SPECIFIC']._serialized_end=815
+  _globals['_MODELQUEUEPOLICY']._serialized_start=835
+  _globals['_MODELQUEUEPOLICY']._serialized_end=1060
+  _globals['_MODELQUEUEPOLICY_TIMEOUTACTION']._serialized_start=1022
+  _globals['_MODELQUEUEPOLICY_TIMEOUTACTION']._serialized_end=1060
+  _globals['_MODELDYNAMICBATCHING']._serialized_start=1063
+  _globals['_MODELDYNAMICBATCHING']._serialized_end=1302
+  _globals['_MODELTRANSACTIONPOLICY']._serialized_start=1304
+  _globals['_MODELTRANSACTIONPOLICY']._serialized_end=1347
+  _globals['_MODELCONFIG']._serialized_start=1350
+  _globals['_MODELCONFIG']._serialized_end=1811
 # @@protoc_insertion_point(module_scope)
