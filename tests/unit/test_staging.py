@@ -187,3 +187,19 @@ def test_batched_requests_through_the_core_get_their_own_rows(tmp_path: Path) ->
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_inputs_bound_again_after_each_gather_stay_exact(tmp_path: Path) -> None:
+    """The device path binds its buffers again after every gather (onnxruntime copies a bound
+    input to the device when it is bound): the same code on CPU, where it is no copy."""
+    planned = _open(tmp_path, two_io_model(), [2, 4], 4)
+    for stager in planned.stagers.values():
+        stager.rebind = True
+    for i in range(4):
+        parts = [
+            {"a": np.full((1, 4), i, np.float32), "b": np.full((1, 4), i, np.int64)}
+            for _ in range(1 + i % 3)
+        ]
+        total, scaled = _batch(planned, parts, ["sum", "scaled"])
+        assert (total == 2 * i).all() and (scaled == 3 * i).all() and len(total) == len(parts)
+    planned.release()

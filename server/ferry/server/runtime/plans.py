@@ -7,7 +7,9 @@ ran ten times slower than no batching. Here a batch of ``n`` rows runs at the sm
 size ``>= n``: its inputs are padded with copies of their last row, the outputs sliced back to
 ``n``, and each planned size has a session that only ever sees that size. In steady state no
 execution re-plans, and ``plan_changes`` (executions whose shape differed from that session's
-previous one; only dynamic non-batch dimensions can cause them) says so.
+previous one; only dynamic non-batch dimensions can cause them) says so. A batch's requests are
+gathered once, straight into a buffer that size keeps and binds (staging.py, which counts the
+copies on each path), not concatenated and then copied again to pad.
 
 Used by default for GPU providers (powers of two up to ``max_batch_size``) and wherever a model's
 config lists ``batching.planned_batch_sizes``; CPU sessions do not need it and do not get it.
@@ -103,7 +105,8 @@ class PlannedSession:
 
     def gather(self, parts: Sequence[dict[str, np.ndarray]], order: Sequence[str]) -> Gathered:
         """The requests' rows in one tensor per input of a planned size: one copy per row."""
-        rows = sum(next(iter(part.values())).shape[0] for part in parts)
+        first = order[0]
+        rows = sum([part[first].shape[0] for part in parts])
         size = self.size_for(rows)
         stager = self.stagers.get(size)
         if stager is None:  # string tensors: concatenated, then padded (two copies)

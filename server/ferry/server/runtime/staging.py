@@ -21,10 +21,11 @@ CPU, planned, now       0; gathered into the bound buffer: 1;    onnxruntime all
                         one request of exactly a planned size:   output per batch, handed out as
                         0 (fed as is)                            a view (0); response: 1
 GPU (CUDA/TensorRT),    0; gathered into the pinned buffer: 1;   bound on the device (``cuda``,
-planned, as designed    host -> device by onnxruntime: 1 (DMA    its device id): device -> host
-(not run here)          from pinned memory; from pageable        into fresh arrays: 1; response:
-                        memory when pinned is unavailable, and   1
-                        for an exact fit fed as is)
+planned, as designed    host -> device by onnxruntime when the   its device id): device -> host
+(not run here)          buffer is bound after the gather: 1      into fresh arrays
+                        (DMA from pinned memory; pageable when   (``copy_outputs_to_cpu``): 1;
+                        pinned is unavailable, and for an exact  response: 1
+                        fit fed as is)
 ======================  =======================================  ================================
 
 Where copies remain and why: the gather is the one copy that makes separate requests one
@@ -40,7 +41,15 @@ out by one batch from gather to the end of its run (a second concurrent batch of
 and shape takes a second set; ``instances.count`` bounds how many), and outputs are bound
 afresh every run (after ``clear_binding_outputs``: an output left bound would be written in
 place by the next run, under a response still being encoded), so each batch's outputs are its
-own allocation, alive as long as a response view refers to them.
+own allocation, alive as long as a response view refers to them. Outputs are not pooled: a
+pooled output could be reused only once every response view of it had been encoded, which the
+event loop decides after the batch has returned (and on CPU onnxruntime's fresh allocation is
+the output itself, no copy, so a pool would save an allocation, not a copy).
+
+On CPU the bound path costs a few microseconds of Python per batch more than ``session.run``
+(binding and reading outputs back) and saves the padding copy: slower for a tiny MLP, equal
+for a small CNN (bench/iobinding.py). The copies it removes matter where the data is large
+and the host -> device copy is the cost: on a GPU.
 """
 
 from __future__ import annotations
@@ -106,6 +115,11 @@ class Stager:
         # CUDA only (not run here: no GPU on the build host): page-locked host buffers, so the
         # host -> device copy is a DMA instead of a staged pageable copy.
         self._pinned = _pinned_memory(provider, self._device_id) if self._device != "cpu" else None
+        # onnxruntime copies a bound input to the device its first consumer runs on when it is
+        # bound (IOBinding::BindInput -> CopyOneInputAcrossDevices), not at each run: on a
+        # device the buffers are bound again after every gather (that bind is the host ->
+        # device copy). On CPU the bind is no copy and lasts, so it is made once.
+        self.rebind = self._device != "cpu"
         self._free: OrderedDict[ShapeKey, list[Buffers]] = OrderedDict()
         self._lock = threading.Lock()
         self.created = 0  # buffer sets allocated so far (the tests' window on reuse)
@@ -117,12 +131,10 @@ class Stager:
         try:
             for name in self._names:
                 target = buffers.arrays[name]
-                start = 0
-                for part in parts:
-                    array = part[name]
-                    end = start + array.shape[0]
-                    target[start:end] = array
-                    start = end
+                if len(parts) == 1:
+                    target[:rows] = parts[0][name]
+                else:  # one C loop writing straight into the buffer: still one copy per row
+                    np.concatenate([part[name] for part in parts], axis=0, out=target[:rows])
                 if rows < self.size:
                     target[rows:] = target[rows - 1]
         except BaseException:
@@ -138,6 +150,9 @@ class Stager:
             if inner is None:
                 raise Unavailable("this model version was unloaded")
             binding = buffers.binding
+            if self.rebind:
+                for name, value in zip(self._names, buffers.values, strict=True):
+                    binding.bind_ortvalue_input(name, value)
             binding.clear_binding_outputs()
             for name in output_names:
                 binding.bind_output(name, self._device, self._device_id)
