@@ -165,6 +165,7 @@ def test_buffers_are_made_at_warm_up_and_dropped_at_release(tmp_path: Path) -> N
     assert all(not s._free for s in planned.stagers.values())
     with pytest.raises(Unavailable):
         planned.run_gathered(gathered, None)
+    assert all(not s._free for s in planned.stagers.values())  # the set in hand was dropped
 
 
 def test_batched_requests_through_the_core_get_their_own_rows(tmp_path: Path) -> None:

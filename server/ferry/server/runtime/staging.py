@@ -122,7 +122,13 @@ class Stager:
         self.rebind = self._device != "cpu"
         self._free: OrderedDict[ShapeKey, list[Buffers]] = OrderedDict()
         self._lock = threading.Lock()
+        self._released = False
         self.created = 0  # buffer sets allocated so far (the tests' window on reuse)
+
+    @property
+    def pinned(self) -> bool:
+        """Whether its buffers are page-locked host memory (a CUDA device's; not run here)."""
+        return self._pinned is not None
 
     def gather(self, parts: Sequence[dict[str, np.ndarray]], rows: int) -> Buffers:
         """The batch's rows copied once into a free buffer set, padded with its last real row."""
@@ -171,8 +177,10 @@ class Stager:
         self.run(self.gather([batch], self.size), self.size, output_names)
 
     def release(self) -> None:
-        """Drop every buffer set: their bindings hold the onnxruntime session."""
+        """Drop every buffer set: their bindings hold the onnxruntime session (a set still in a
+        batch's hands is dropped when it comes back)."""
         with self._lock:
+            self._released = True
             self._free.clear()
 
     def _checkout(self, key: ShapeKey) -> Buffers:
@@ -186,6 +194,8 @@ class Stager:
 
     def _checkin(self, buffers: Buffers) -> None:
         with self._lock:
+            if self._released:
+                return
             free = self._free.setdefault(buffers.key, [])
             self._free.move_to_end(buffers.key)
             if len(free) < KEEP_PER_SHAPE:
