@@ -83,6 +83,14 @@ class GpuLike:
             self.gate.hold(self.device)
         return self.real.run(feeds, names)
 
+    def gather(self, parts: Any, order: Any) -> Any:
+        return self.real.gather(parts, order)
+
+    def run_gathered(self, gathered: Any, names: list[str] | None = None) -> Any:
+        if self.gate is not None:
+            self.gate.hold(self.device)
+        return self.real.run_gathered(gathered, names)
+
     def warm_up(self, batch_size: int) -> None:
         self.real.warm_up(batch_size)
 

@@ -91,11 +91,21 @@ def test_each_size_has_a_session_that_sees_one_shape_only(tmp_path: Path) -> Non
             return _r(feeds, names)
 
         inner.run = spy
+    for size, stager in planned.stagers.items():  # batches gathered into a size's buffers
+        gather = stager.gather
+
+        def spy_gather(parts: Any, rows: int, *, _s: int = size, _g: Any = gather) -> Any:
+            buffers = _g(parts, rows)
+            seen.setdefault(_s, set()).add(buffers.arrays["input"].shape)
+            return buffers
+
+        stager.gather = spy_gather  # type: ignore[method-assign]
     rng = np.random.default_rng(0)
     for n in rng.integers(1, 9, size=60):
         x = rng.standard_normal((int(n), 6)).astype(np.float32)
         out = planned.run({"input": x})[0]
         assert out.shape == (n, 3)
+    assert set(seen) == {1, 2, 4, 8}
     assert all(shapes == {(size, 6)} for size, shapes in seen.items()), seen
     assert planned.plan_changes == 0
     planned.release()

@@ -16,7 +16,7 @@ import numpy as np
 
 from ferry.codec import numpy_dtype
 from ferry.server.batching.batcher import BatchInfo, DynamicBatcher
-from ferry.server.batching.tensors import concat, split
+from ferry.server.batching.tensors import split
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, apply_version_config
 from ferry.server.core.stats import VersionStats
 from ferry.server.core.types import Opener, Session, TensorSpec, VersionStatistics
@@ -119,12 +119,14 @@ class LoadedVersion:
     def _run_batch(
         self, items: Sequence[Work]
     ) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
-        """Worker thread: concat -> run -> check -> split, timing each stage."""
+        """Worker thread: gather -> run -> check -> split, timing each stage."""
         t0 = time.perf_counter_ns()
-        feeds = concat([w.inputs for w in items], self.input_names)
+        # The session gathers the requests' inputs itself: a planned one straight into its
+        # bound buffers (one copy), not concatenated here and copied again to pad.
+        gathered = self.session.gather([w.inputs for w in items], self.input_names)
         wanted = _union_outputs(items, self.output_names)
         t1 = time.perf_counter_ns()
-        outputs = self.session.run(feeds, wanted)
+        outputs = self.session.run_gathered(gathered, wanted)
         t2 = time.perf_counter_ns()
         sizes = [w.batch for w in items]
         if self.max_batch_size > 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -57,9 +57,31 @@ class DeviceSessions:
         try:
             return self._sessions[i].run(feeds, output_names)
         finally:
-            with self._lock:
-                self._free[i] += 1
-                self._running[i] -= 1
+            self._release(i)
+
+    def gather(self, parts: Sequence[dict[str, np.ndarray]], order: Sequence[str]) -> Any:
+        """The instance is taken here, not at the run: a planned session gathers into buffers
+        of its own device's session, so the batch must run on the device that gathered it."""
+        i = self._acquire()
+        try:
+            return i, self._sessions[i].gather(parts, order)
+        except BaseException:
+            self._release(i)
+            raise
+
+    def run_gathered(
+        self, gathered: Any, output_names: list[str] | None = None
+    ) -> list[np.ndarray]:
+        i, inner = gathered
+        try:
+            return self._sessions[i].run_gathered(inner, output_names)
+        finally:
+            self._release(i)
+
+    def _release(self, i: int) -> None:
+        with self._lock:
+            self._free[i] += 1
+            self._running[i] -= 1
 
     def _acquire(self) -> int:
         with self._lock:

@@ -7,7 +7,9 @@ ran ten times slower than no batching. Here a batch of ``n`` rows runs at the sm
 size ``>= n``: its inputs are padded with copies of their last row, the outputs sliced back to
 ``n``, and each planned size has a session that only ever sees that size. In steady state no
 execution re-plans, and ``plan_changes`` (executions whose shape differed from that session's
-previous one; only dynamic non-batch dimensions can cause them) says so.
+previous one; only dynamic non-batch dimensions can cause them) says so. A batch's requests are
+gathered once, straight into a buffer that size keeps and binds (staging.py, which counts the
+copies on each path), not concatenated and then copied again to pad.
 
 Used by default for GPU providers (powers of two up to ``max_batch_size``) and wherever a model's
 config lists ``batching.planned_batch_sizes``; CPU sessions do not need it and do not get it.
@@ -17,13 +19,16 @@ from __future__ import annotations
 
 import logging
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ferry.server.batching.tensors import concat
 from ferry.server.core.types import TensorSpec
 from ferry.server.errors import InternalError
+from ferry.server.runtime.staging import Buffers, Stager, bindable
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +60,17 @@ def pad_rows(array: np.ndarray, rows: int) -> np.ndarray:
     return np.concatenate([array, np.repeat(array[-1:], missing, axis=0)], axis=0)
 
 
+@dataclass(slots=True)
+class Gathered:
+    """A batch ready to run at a planned size: in a staged buffer set, or as plain feeds (a
+    model with string tensors; one request that is exactly a planned size)."""
+
+    rows: int
+    size: int
+    buffers: Buffers | None = None
+    feeds: dict[str, np.ndarray] | None = None
+
+
 class PlannedSession:
     """A version served at planned batch sizes: one session per size, used as one session."""
 
@@ -67,9 +83,14 @@ class PlannedSession:
         self.providers: list[str] = first.providers
         self.device_kind: str = first.device_kind
         self.inline_allowed: bool = first.inline_allowed
+        self.output_names = [s.name for s in self.outputs]
         self.executions = dict.fromkeys(self.sizes, 0)
         self.plan_changes = 0
         self._last_shape: dict[int, tuple[tuple[int, ...], ...]] = {}
+        # One stager per size (staging.py): its inputs gathered once into reused, bound buffers.
+        self.stagers: dict[int, Stager] = (
+            {size: Stager(s, size) for size, s in sessions.items()} if bindable(first) else {}
+        )
 
     def batchable(self) -> bool:
         return True
@@ -82,31 +103,61 @@ class PlannedSession:
             )
         return self.sizes[i]
 
-    def run(
-        self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
-    ) -> list[np.ndarray]:
-        rows = next(iter(feeds.values())).shape[0]
+    def gather(self, parts: Sequence[dict[str, np.ndarray]], order: Sequence[str]) -> Gathered:
+        """The requests' rows in one tensor per input of a planned size: one copy per row."""
+        first = order[0]
+        rows = sum([part[first].shape[0] for part in parts])
         size = self.size_for(rows)
-        padded = {name: pad_rows(arr, size) for name, arr in feeds.items()}
-        shape = tuple(a.shape for a in padded.values())
+        stager = self.stagers.get(size)
+        if stager is None:  # string tensors: concatenated, then padded (two copies)
+            feeds = concat(parts, order)
+            return Gathered(rows, size, feeds={n: pad_rows(a, size) for n, a in feeds.items()})
+        if len(parts) == 1 and rows == size:  # fits exactly: onnxruntime reads it in place
+            return Gathered(rows, size, feeds=parts[0])
+        return Gathered(rows, size, buffers=stager.gather(parts, rows))
+
+    def run_gathered(
+        self, batch: Gathered, output_names: list[str] | None = None
+    ) -> list[np.ndarray]:
+        names = output_names or self.output_names
+        size = batch.size
+        if batch.buffers is not None:
+            shape = tuple(a.shape for a in batch.buffers.arrays.values())
+        else:
+            assert batch.feeds is not None
+            shape = tuple(a.shape for a in batch.feeds.values())
         last = self._last_shape.get(size)
         if last is not None and last != shape:
             self.plan_changes += 1
         self._last_shape[size] = shape
         self.executions[size] += 1
-        outputs = self._sessions[size].run(padded, output_names)
-        return [out[:rows] for out in outputs]
+        if batch.buffers is not None:
+            return self.stagers[size].run(batch.buffers, batch.rows, names)
+        assert batch.feeds is not None
+        outputs = self._sessions[size].run(batch.feeds, names)
+        return [out[: batch.rows] for out in outputs]
+
+    def run(
+        self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
+    ) -> list[np.ndarray]:
+        return self.run_gathered(self.gather([feeds], list(feeds)), output_names)
 
     def warm_up(self, batch_size: int) -> None:
         """Every planned size, before the version reports ready: the first run of a shape is
-        where a GPU provider plans it."""
+        where a GPU provider plans it; the staged path's buffers and binding are made here too."""
         for size in self.sizes:
-            self._sessions[size].warm_up(size)
+            session = self._sessions[size]
+            session.warm_up(size)
+            stager = self.stagers.get(size)
+            if stager is not None:
+                stager.warm_up(session.zero_feeds(size), self.output_names)
 
     def plan_statistics(self) -> tuple[tuple[tuple[int, int], ...], int]:
         return tuple(self.executions.items()), self.plan_changes
 
     def release(self) -> None:
+        for stager in self.stagers.values():
+            stager.release()
         for session in self._sessions.values():
             session.release()
 

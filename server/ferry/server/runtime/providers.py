@@ -59,6 +59,9 @@ class Provider:
     inline: bool  # a fast batch may run on the event loop instead of a worker thread
     options: Mapping[str, Option] = field(default_factory=dict)
     install: str = ""  # what to install when this onnxruntime build lacks it
+    # onnxruntime's device name for memory it computes in, where planned batches bind their
+    # outputs (runtime/staging.py); "cpu" for providers whose outputs are host memory anyway.
+    io_device: str = "cpu"
 
 
 _ARENA = ("kNextPowerOfTwo", "kSameAsRequested")
@@ -72,6 +75,7 @@ PROVIDERS: dict[str, Provider] = {
             "CUDAExecutionProvider",
             GPU,
             inline=False,
+            io_device="cuda",
             options={
                 "device_id": Option("int", "which GPU"),
                 "gpu_mem_limit": Option("int", "bytes the arena may hold"),
@@ -92,6 +96,7 @@ PROVIDERS: dict[str, Provider] = {
             "TensorrtExecutionProvider",
             GPU,
             inline=False,
+            io_device="cuda",
             options={
                 "device_id": Option("int"),
                 "trt_max_workspace_size": Option("int"),
@@ -203,3 +208,9 @@ def placement(name: str) -> tuple[str, bool]:
     the table does not know is treated as a device of its own, never run inline."""
     provider = PROVIDERS.get(name)
     return (provider.device, provider.inline) if provider is not None else (CPU, False)
+
+
+def io_device(name: str) -> str:
+    """Where a session whose first provider is ``name`` binds its outputs (IOBinding)."""
+    provider = PROVIDERS.get(name)
+    return provider.io_device if provider is not None else "cpu"

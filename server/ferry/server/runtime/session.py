@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ferry.codec import DataType, numpy_dtype
+from ferry.server.batching.tensors import concat
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRuntimeConfig
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
@@ -280,6 +281,17 @@ class OrtSession:
         specs = self.inputs + self.outputs
         return bool(specs) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
 
+    def gather(
+        self, parts: Sequence[dict[str, np.ndarray]], order: Sequence[str]
+    ) -> dict[str, np.ndarray]:
+        """The requests' inputs as one batch: one copy when there are several, none for one."""
+        return concat(parts, order)
+
+    def run_gathered(
+        self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
+    ) -> list[np.ndarray]:
+        return self.run(feeds, output_names)
+
     def run(
         self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None
     ) -> list[np.ndarray]:
@@ -291,17 +303,25 @@ class OrtSession:
                 for name, arr in feeds.items()
             }
         outputs: list[np.ndarray] = self._run(names, feeds)
-        if self._bf16_outputs:
-            bf16 = numpy_dtype(DataType.DATA_TYPE_BF16)
-            outputs = [
-                out.astype(bf16) if name in self._bf16_outputs else out
-                for name, out in zip(names, outputs, strict=True)
-            ]
-        return outputs
+        return self.narrow(names, outputs)
+
+    def narrow(self, names: Sequence[str], outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """BF16 outputs, which the session's graph casts to float32, narrowed back (one copy)."""
+        if not self._bf16_outputs:
+            return outputs
+        bf16 = numpy_dtype(DataType.DATA_TYPE_BF16)
+        return [
+            out.astype(bf16) if name in self._bf16_outputs else out
+            for name, out in zip(names, outputs, strict=True)
+        ]
 
     def warm_up(self, batch_size: int) -> None:
         """One run with zeros so the first request does not pay for allocation and kernel
-        selection. Dynamic non-batch dims get size 1."""
+        selection."""
+        self.run(self.zero_feeds(batch_size))
+
+    def zero_feeds(self, batch_size: int) -> dict[str, np.ndarray]:
+        """Zeros for every input; dynamic non-batch dims get size 1."""
         feeds: dict[str, np.ndarray] = {}
         for spec in self.inputs:
             shape = [max(d, 1) for d in spec.shape]
@@ -311,4 +331,4 @@ class OrtSession:
                 feeds[spec.name] = np.full(shape, "", dtype=object)
             else:
                 feeds[spec.name] = np.zeros(shape, dtype=numpy_dtype(spec.dtype))
-        self.run(feeds)
+        return feeds
