@@ -4,6 +4,7 @@ the ratios mean something on a shared machine.
 
     flock /work/notes/bench.lock .venv/bin/python bench/perf_floor.py                # mlp and cnn
     flock /work/notes/bench.lock .venv/bin/python bench/perf_floor.py --models mlp --profile DIR
+    flock /work/notes/bench.lock .venv/bin/python bench/perf_floor.py --aio-floor   # + grpc.aio
 
 For each model: the floor is started, measured unary at each concurrency, stopped; then Ferry
 (``python -m ferry.server`` on a repository holding the model, default settings unless
@@ -63,12 +64,13 @@ def wait_port(proc: subprocess.Popen[bytes], port: int, timeout: float = 120) ->
     raise RuntimeError("server not ready in time")
 
 
-def start_floor(path: Path, name: str) -> tuple[subprocess.Popen[bytes], int]:
+def start_floor(path: Path, name: str, *, aio: bool = False) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
     proc = subprocess.Popen(
         [
             *(sys.executable, str(HERE / "plain_server.py"), str(path), str(port)),
             *("--protocol", "oip", "--name", name),
+            *(("--aio",) if aio else ()),
         ],
         stdout=subprocess.DEVNULL,
     )
@@ -194,6 +196,11 @@ def main() -> None:
     ap.add_argument("--window-ms", type=int, default=3000, help="perf_analyzer -p")
     ap.add_argument("--ferry-config", default="", help="JSON config.json for Ferry's model")
     ap.add_argument("--skip-floor", action="store_true")
+    ap.add_argument(
+        "--aio-floor",
+        action="store_true",
+        help="also measure the floor's handler on grpc.aio (plain_server.py --aio)",
+    )
     ap.add_argument("--no-streaming", action="store_true")
     ap.add_argument("--profile", type=Path, help="folder for a py-spy recording of Ferry")
     ap.add_argument("--profile-seconds", type=int, default=12)
@@ -212,6 +219,15 @@ def main() -> None:
                 proc, port = start_floor(path, name)
                 try:
                     table[name, "floor unary"] = {
+                        c: perf(port, name, data, c, streaming=False, window_ms=args.window_ms)
+                        for c in levels
+                    }
+                finally:
+                    stop(proc)
+            if args.aio_floor:
+                proc, port = start_floor(path, name, aio=True)
+                try:
+                    table[name, "floor on grpc.aio"] = {
                         c: perf(port, name, data, c, streaming=False, window_ms=args.window_ms)
                         for c in levels
                     }
@@ -251,7 +267,7 @@ def print_table(
     print("|---|---|" + "---|" * len(levels))
     for name in names:
         floor = table.get((name, "floor unary"))
-        for label in ("floor unary", "ferry unary", "ferry streaming"):
+        for label in ("floor unary", "floor on grpc.aio", "ferry unary", "ferry streaming"):
             row = table.get((name, label))
             if row is None:
                 continue

@@ -5,6 +5,11 @@ no Ferry server code. It is what a developer writes in an afternoon (the "plain 
 
     python bench/plain_server.py MODEL.onnx PORT                 # ferry.v1 (bench/serving.py)
     python bench/plain_server.py MODEL.onnx PORT --protocol oip  # Open Inference Protocol
+    python bench/plain_server.py MODEL.onnx PORT --protocol oip --aio  # the same on grpc.aio
+
+``--aio`` serves the same handlers from a grpc.aio server (the event loop Ferry runs on), so a
+run can tell grpc.aio's own per-call cost from Ferry's: measured, grpc.aio was not the gap under
+concurrency (docs/benchmarking.md).
 
 The OIP mode answers what perf_analyzer needs (ModelInfer, ModelStreamInfer, ModelMetadata,
 ModelConfig, liveness and readiness) and nothing else; the handlers are registered under
@@ -167,13 +172,56 @@ class PlainOIP:
         return grpc.method_handlers_generic_handler("inference.GRPCInferenceService", table)
 
 
+def serve_aio(servicer: PlainOIP, port: int) -> None:
+    """The OIP handlers on grpc.aio: each sync handler wrapped in a coroutine, run on the loop."""
+    import asyncio
+
+    def wrap(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        if handler.unary_unary is None:
+            return handler  # streaming stays a sync generator: grpc.aio runs it on a thread
+        fn = handler.unary_unary
+
+        async def call(request: Any, context: Any) -> Any:
+            return fn(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            call,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    generic = servicer.handler()
+    table = {
+        name.rpartition("/")[2]: wrap(h)
+        for name, h in generic._method_handlers.items()  # type: ignore[attr-defined]
+    }
+
+    async def run() -> None:
+        server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 27)])
+        server.add_generic_rpc_handlers(
+            (grpc.method_handlers_generic_handler("inference.GRPCInferenceService", table),)
+        )
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        print("ready", flush=True)
+        await server.wait_for_termination()
+
+    asyncio.run(run())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("model", help="ONNX file")
     ap.add_argument("port", type=int)
     ap.add_argument("--protocol", choices=("ferry", "oip"), default="ferry")
     ap.add_argument("--name", default="model", help="model name (OIP mode)")
+    ap.add_argument("--aio", action="store_true", help="serve on grpc.aio (OIP only)")
     args = ap.parse_args()
+    if args.aio:
+        if args.protocol != "oip":
+            ap.error("--aio serves the Open Inference Protocol only: add --protocol oip")
+        serve_aio(PlainOIP(args.model, args.name), args.port)
+        return
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=4),
         options=[
