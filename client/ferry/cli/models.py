@@ -241,7 +241,29 @@ def cmd_stats(args: argparse.Namespace) -> int:
             "QUEUED",
         ],
     )
+    for s in stats:
+        for line in _placement_lines(s):
+            print(line)
     return EXIT_OK
+
+
+def _counts(counts: dict[int, int]) -> str:
+    return " ".join(f"{key}:{n}" for key, n in sorted(counts.items()))
+
+
+def _placement_lines(s: ModelStatistics) -> list[str]:
+    """What the table has no column for: how a planned version's batches fell on its planned
+    sizes (plan changes 0 is the proof that steady state never re-plans), and how a placed
+    version's executions spread over its GPUs. Nothing for a version with neither."""
+    lines = []
+    if s.planned_executions:
+        lines.append(
+            f"{s.name}/{s.version} executions per planned size: "
+            f"{_counts(s.planned_executions)}; plan changes: {s.plan_changes}"
+        )
+    if s.device_executions:
+        lines.append(f"{s.name}/{s.version} executions per device: {_counts(s.device_executions)}")
+    return lines
 
 
 def cmd_refresh(args: argparse.Namespace) -> int:

@@ -197,6 +197,9 @@ def parse_statistics(resp: pb.GetModelStatisticsResponse) -> list[ModelStatistic
             rejected_count=s.rejected_count,
             expired_count=s.expired_count,
             queue_depth=s.queue_depth,
+            planned_executions={p.batch_size: p.execution_count for p in s.planned},
+            plan_changes=s.plan_changes,
+            device_executions={d.device_id: d.execution_count for d in s.devices},
         )
         for s in resp.models
     ]

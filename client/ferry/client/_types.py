@@ -127,6 +127,16 @@ class ModelStatistics:
     rejected_count: int = 0
     expired_count: int = 0
     queue_depth: int = 0
+    # Planned batch sizes (config batching.planned_batch_sizes): planned size -> executions at
+    # that size, every planned size listed (0 until used); empty when the version has no plan.
+    # A batch of n rows runs at the smallest planned size >= n, so these count padded sizes
+    # while ``batch_sizes`` counts the rows that were asked for.
+    planned_executions: dict[int, int] = field(default_factory=dict)
+    # Executions whose input shape differed from the previous one at the same planned size
+    # (each a re-plan on a GPU provider): 0 in steady state.
+    plan_changes: int = 0
+    # GPU device id -> executions (config instances.device_ids); empty when not placed.
+    device_executions: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -171,8 +171,24 @@ class BatchStatistics(_message.Message):
     compute_output: Duration
     def __init__(self, batch_size: _Optional[int] = ..., compute_input: _Optional[_Union[Duration, _Mapping]] = ..., compute_infer: _Optional[_Union[Duration, _Mapping]] = ..., compute_output: _Optional[_Union[Duration, _Mapping]] = ...) -> None: ...
 
+class PlannedSizeStatistics(_message.Message):
+    __slots__ = ("batch_size", "execution_count")
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    batch_size: int
+    execution_count: int
+    def __init__(self, batch_size: _Optional[int] = ..., execution_count: _Optional[int] = ...) -> None: ...
+
+class DeviceStatistics(_message.Message):
+    __slots__ = ("device_id", "execution_count")
+    DEVICE_ID_FIELD_NUMBER: _ClassVar[int]
+    EXECUTION_COUNT_FIELD_NUMBER: _ClassVar[int]
+    device_id: int
+    execution_count: int
+    def __init__(self, device_id: _Optional[int] = ..., execution_count: _Optional[int] = ...) -> None: ...
+
 class ModelStatistics(_message.Message):
-    __slots__ = ("name", "version", "last_inference_ms", "inference_count", "execution_count", "success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "batch_stats", "rejected_count", "expired_count", "queue_depth")
+    __slots__ = ("name", "version", "last_inference_ms", "inference_count", "execution_count", "success", "fail", "queue", "compute_input", "compute_infer", "compute_output", "batch_stats", "rejected_count", "expired_count", "queue_depth", "planned", "plan_changes", "devices")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     LAST_INFERENCE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -188,6 +204,9 @@ class ModelStatistics(_message.Message):
     REJECTED_COUNT_FIELD_NUMBER: _ClassVar[int]
     EXPIRED_COUNT_FIELD_NUMBER: _ClassVar[int]
     QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    PLANNED_FIELD_NUMBER: _ClassVar[int]
+    PLAN_CHANGES_FIELD_NUMBER: _ClassVar[int]
+    DEVICES_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     last_inference_ms: int
@@ -203,7 +222,10 @@ class ModelStatistics(_message.Message):
     rejected_count: int
     expired_count: int
     queue_depth: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., last_inference_ms: _Optional[int] = ..., inference_count: _Optional[int] = ..., execution_count: _Optional[int] = ..., success: _Optional[_Union[Duration, _Mapping]] = ..., fail: _Optional[_Union[Duration, _Mapping]] = ..., queue: _Optional[_Union[Duration, _Mapping]] = ..., compute_input: _Optional[_Union[Duration, _Mapping]] = ..., compute_infer: _Optional[_Union[Duration, _Mapping]] = ..., compute_output: _Optional[_Union[Duration, _Mapping]] = ..., batch_stats: _Optional[_Iterable[_Union[BatchStatistics, _Mapping]]] = ..., rejected_count: _Optional[int] = ..., expired_count: _Optional[int] = ..., queue_depth: _Optional[int] = ...) -> None: ...
+    planned: _containers.RepeatedCompositeFieldContainer[PlannedSizeStatistics]
+    plan_changes: int
+    devices: _containers.RepeatedCompositeFieldContainer[DeviceStatistics]
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., last_inference_ms: _Optional[int] = ..., inference_count: _Optional[int] = ..., execution_count: _Optional[int] = ..., success: _Optional[_Union[Duration, _Mapping]] = ..., fail: _Optional[_Union[Duration, _Mapping]] = ..., queue: _Optional[_Union[Duration, _Mapping]] = ..., compute_input: _Optional[_Union[Duration, _Mapping]] = ..., compute_infer: _Optional[_Union[Duration, _Mapping]] = ..., compute_output: _Optional[_Union[Duration, _Mapping]] = ..., batch_stats: _Optional[_Iterable[_Union[BatchStatistics, _Mapping]]] = ..., rejected_count: _Optional[int] = ..., expired_count: _Optional[int] = ..., queue_depth: _Optional[int] = ..., planned: _Optional[_Iterable[_Union[PlannedSizeStatistics, _Mapping]]] = ..., plan_changes: _Optional[int] = ..., devices: _Optional[_Iterable[_Union[DeviceStatistics, _Mapping]]] = ...) -> None: ...
 
 class GetModelStatisticsResponse(_message.Message):
     __slots__ = ("models",)

@@ -152,6 +152,15 @@ def statistics_of(s: VersionStatistics) -> pb.ModelStatistics:
         rejected_count=s.rejected,
         expired_count=s.expired,
         queue_depth=s.queue_depth,
+        planned=[
+            pb.PlannedSizeStatistics(batch_size=size, execution_count=n)
+            for size, n in s.planned_executions
+        ],
+        plan_changes=s.plan_changes,
+        devices=[
+            pb.DeviceStatistics(device_id=device, execution_count=n)
+            for device, n in s.device_executions
+        ],
     )
 
 

@@ -1,0 +1,71 @@
+"""Planned batch sizes seen from outside (issue 16): the ferry.v1 statistics, the SDK and the CLI
+show executions per planned size and the plan-change counter, so a user can check that steady
+state never re-plans; the Open Inference Protocol keeps Triton's schema (``batch_stats`` counts
+the rows asked for, not the padded size)."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import StartServer, make_repo, stats, write_config
+
+from ferry.cli import main
+from ferry.client import InferenceClient
+from ferry.server.examples import mlp_model
+
+# Each request runs alone (sent one after the other), at the smallest planned size >= its rows.
+ROWS = (1, 3, 4, 5, 8, 2, 7)
+PLANNED = {2: 2, 4: 2, 8: 3}  # 1,2 -> 2; 3,4 -> 4; 5,7,8 -> 8
+
+
+def test_executions_per_planned_size_and_no_plan_changes(
+    tmp_path: Path, start_server: StartServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_repo(tmp_path / "repo", {"planned": mlp_model(), "plain": mlp_model()})
+    write_config(
+        root,
+        "planned",
+        {
+            "batching": {"planned_batch_sizes": [2, 4], "max_batch_size": 8},
+            "instances": {"count": 1},
+        },
+    )
+    write_config(root, "plain", {"batching": {"max_batch_size": 8}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client:
+        for n in ROWS:
+            for model in ("planned", "plain"):
+                out = client.infer(model, {"input": np.ones((n, 64), np.float32)})
+                assert out["logits"].shape == (n, 10)
+        planned = stats(client, "planned")
+        plain = stats(client, "plain")
+
+    # Every planned size is listed (max_batch_size is always one); warm-up runs are not counted.
+    assert planned.planned_executions == PLANNED
+    assert sum(planned.planned_executions.values()) == planned.execution_count == len(ROWS)
+    assert planned.plan_changes == 0
+    assert planned.batch_sizes == dict.fromkeys(ROWS, 1)  # the rows asked for, not padded
+    assert planned.device_executions == {}
+    assert (plain.planned_executions, plain.plan_changes, plain.device_executions) == ({}, 0, {})
+    assert plain.execution_count == len(ROWS)
+
+    # The Open Inference Protocol over HTTP: Triton's JSON, with no field for planned sizes.
+    url = f"http://{srv.http_target}/v2/models/planned/stats"
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        (oip,) = json.load(resp)["model_stats"]
+    assert {int(b["batch_size"]) for b in oip["batch_stats"]} == set(ROWS)
+    assert not {"planned", "plan_changes", "devices"} & set(oip)
+
+    # The CLI prints the plan for the planned version only.
+    assert main(["models", "stats", "--target", srv.target]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    plan_lines = [line for line in lines if "planned size" in line]
+    assert plan_lines == ["planned/1 executions per planned size: 2:2 4:2 8:3; plan changes: 0"]
+    assert main(["models", "stats", "planned", "--json", "--target", srv.target]) == 0
+    (as_json,) = json.loads(capsys.readouterr().out)
+    assert as_json["planned_executions"] == {"2": 2, "4": 2, "8": 3}
+    assert as_json["plan_changes"] == 0
