@@ -215,19 +215,13 @@ def main() -> None:
         for name in names:
             path = build(name, args.cache / f"{name}.onnx")
             data = input_data(folder, name)
-            if not args.skip_floor:
-                proc, port = start_floor(path, name)
-                try:
-                    table[name, "floor unary"] = {
-                        c: perf(port, name, data, c, streaming=False, window_ms=args.window_ms)
-                        for c in levels
-                    }
-                finally:
-                    stop(proc)
+            floors = [] if args.skip_floor else [("floor unary", False)]
             if args.aio_floor:
-                proc, port = start_floor(path, name, aio=True)
+                floors.append(("floor on grpc.aio", True))
+            for label, aio in floors:
+                proc, port = start_floor(path, name, aio=aio)
                 try:
-                    table[name, "floor on grpc.aio"] = {
+                    table[name, label] = {
                         c: perf(port, name, data, c, streaming=False, window_ms=args.window_ms)
                         for c in levels
                     }
