@@ -119,14 +119,16 @@ def test_padding_repeats_a_real_row_not_zeros() -> None:
 def test_every_size_is_warmed_before_the_version_serves_and_statistics_count_sizes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # What warming is for: every planned size's session has run at its size before the first
+    # request (whichever path ran it: a plain warm-up, or a staged one through its buffers).
     warmed: list[int] = []
-    real = session_module.OrtSession.warm_up
+    real = session_module.OrtSession.run
 
-    def record(self: Any, batch_size: int) -> None:
-        warmed.append(batch_size)
-        real(self, batch_size)
+    def record(self: Any, feeds: dict[str, np.ndarray], names: Any = None) -> Any:
+        warmed.append(next(iter(feeds.values())).shape[0])
+        return real(self, feeds, names)
 
-    monkeypatch.setattr(session_module.OrtSession, "warm_up", record)
+    monkeypatch.setattr(session_module.OrtSession, "run", record)
     repo = ModelRepository(tmp_path / "repo", create=True)
     write_model(repo, "m", mlp_model((6, 5, 3)))
     (repo.model_dir("m") / "config.json").write_text(
@@ -138,11 +140,13 @@ def test_every_size_is_warmed_before_the_version_serves_and_statistics_count_siz
     async def scenario() -> None:
         await registry.refresh()
         assert sorted(set(warmed)) == [1, 4, 8]
+        warmed.clear()
         x = np.ones((3, 6), np.float32)
         result = await dataplane.infer(InferenceRequest("m", {"input": x}))
         assert next(iter(result.outputs.values())).shape == (3, 3)
         (stats,) = dataplane.statistics("m")
         assert dict(stats.planned_executions)[4] == 1 and stats.plan_changes == 0
+        assert warmed == [4]  # the request ran at its planned size, on the warmed session
         await registry.close()
 
     asyncio.run(scenario())

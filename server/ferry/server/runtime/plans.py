@@ -147,9 +147,10 @@ class PlannedSession:
         where a GPU provider plans it; the staged path's buffers and binding are made here too."""
         for size in self.sizes:
             session = self._sessions[size]
-            session.warm_up(size)
             stager = self.stagers.get(size)
-            if stager is not None:
+            if stager is None:
+                session.warm_up(size)
+            else:  # one run, through the path requests take: it warms the session as well
                 stager.warm_up(session.zero_feeds(size), self.output_names)
 
     def plan_statistics(self) -> tuple[tuple[tuple[int, int], ...], int]:
