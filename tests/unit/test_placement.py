@@ -15,7 +15,7 @@ from ferry.server.core.config import (
     parse_config,
 )
 from ferry.server.errors import InvalidArgument
-from ferry.server.runtime.placement import Device, device_config, devices, place
+from ferry.server.runtime.placement import Device, device_config, place
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -65,13 +65,8 @@ def test_bad_device_ids_are_refused_with_what_to_fix(
 
 def test_one_device_with_two_instances() -> None:
     cfg = _cfg({"count": 2, "device_ids": [0]}, [{"name": CUDA}, {"name": CPU}])
-    placed = place(cfg.onnxruntime.providers, cfg.instances)
     on_zero = (ProviderConfig(CUDA, (("device_id", 0),)), ProviderConfig(CPU))
-    assert [(i.index, i.device_id, i.providers) for i in placed] == [
-        (0, 0, on_zero),
-        (1, 0, on_zero),
-    ]
-    assert devices(placed) == [Device(0, on_zero, 2)]
+    assert place(cfg.onnxruntime.providers, cfg.instances) == [Device(0, on_zero, 2)]
 
 
 def test_two_devices_with_one_instance_each_and_every_gpu_provider_placed() -> None:
@@ -82,18 +77,17 @@ def test_two_devices_with_one_instance_each_and_every_gpu_provider_placed() -> N
     ]
     cfg = _cfg({"device_ids": [1, 0]}, providers)
     placed = place(cfg.onnxruntime.providers, cfg.instances)
-    assert [i.device_id for i in placed] == [1, 0]
-    for inst in placed:
-        trt, cuda, cpu = inst.providers
-        assert trt.options_dict() == {"device_id": inst.device_id, "trt_fp16_enable": True}
+    assert [(d.device_id, d.count) for d in placed] == [(1, 1), (0, 1)]
+    for device in placed:
+        trt, cuda, cpu = device.providers
+        assert trt.options_dict() == {"device_id": device.device_id, "trt_fp16_enable": True}
         # The other options are kept; the CPU fallback is left as written.
         assert cuda.options_dict() == {
-            "device_id": inst.device_id,
+            "device_id": device.device_id,
             "cudnn_conv_algo_search": "HEURISTIC",
         }
         assert cpu == ProviderConfig(CPU)
-    assert [(d.device_id, d.count) for d in devices(placed)] == [(1, 1), (0, 1)]
-    one = device_config(cfg, devices(placed)[0])
+    one = device_config(cfg, placed[0])
     assert one.onnxruntime.providers == placed[0].providers
     assert one.instances == InstancesConfig(count=1)
     assert one.batching == cfg.batching
@@ -101,9 +95,9 @@ def test_two_devices_with_one_instance_each_and_every_gpu_provider_placed() -> N
 
 def test_without_device_ids_the_providers_are_left_as_written() -> None:
     cfg = _cfg({"count": 3}, [{"name": CUDA, "options": {"device_id": 2}}])
-    placed = place(cfg.onnxruntime.providers, cfg.instances)
-    assert [(i.device_id, i.providers) for i in placed] == [(None, cfg.onnxruntime.providers)] * 3
-    assert devices(placed) == [Device(None, cfg.onnxruntime.providers, 3)]
+    assert place(cfg.onnxruntime.providers, cfg.instances) == [
+        Device(None, cfg.onnxruntime.providers, 3)
+    ]
 
 
 @pytest.mark.parametrize(

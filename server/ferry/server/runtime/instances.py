@@ -138,7 +138,7 @@ def open_placed(config: ModelConfig, open_device: Callable[[ModelConfig], Any]) 
     """One session per device of the config's placement, each opened by ``open_device`` with
     that device's config (its providers given the device id); those opened are released if a
     later one fails, so a failed load holds no GPU memory."""
-    devices = placement.devices(placement.place(config.onnxruntime.providers, config.instances))
+    devices = placement.place(config.onnxruntime.providers, config.instances)
     opened: list[tuple[Device, Session]] = []
     try:
         for device in devices:

@@ -25,28 +25,21 @@ DEVICE_OPTION = "device_id"
 
 
 @dataclass(frozen=True)
-class Instance:
-    """One concurrent execution of a version, and the providers its session is opened with."""
+class Device:
+    """The unit a session is opened for: a device, the providers placed on it, and how many
+    instances share its session (batches it may run at once)."""
 
-    index: int
     device_id: int | None  # None: not placed (no device_ids); the providers' options decide
     providers: tuple[ProviderConfig, ...]
+    count: int
 
 
-@dataclass(frozen=True)
-class Device:
-    """The unit a session is opened for: a device and the instances that share its session."""
-
-    device_id: int | None
-    providers: tuple[ProviderConfig, ...]
-    count: int  # batches this device's session may run at once
-
-
-def place(providers: tuple[ProviderConfig, ...], instances: InstancesConfig) -> list[Instance]:
-    """Every instance of a version, devices in the order ``device_ids`` lists them. Without
-    ``device_ids``: ``count`` instances with the providers as written (what Ferry always did)."""
+def place(providers: tuple[ProviderConfig, ...], instances: InstancesConfig) -> list[Device]:
+    """The devices a version's sessions are opened on, in the order ``device_ids`` lists them,
+    each with ``count`` instances. Without ``device_ids``: one entry with the providers as
+    written and ``count`` instances (what Ferry always did)."""
     if not instances.device_ids:
-        return [Instance(i, None, providers) for i in range(instances.count)]
+        return [Device(None, providers, instances.count)]
     gpu = [p for p in providers if _runs_on_gpu(p)]
     if not gpu:
         names = [p.name for p in providers]
@@ -63,24 +56,10 @@ def place(providers: tuple[ProviderConfig, ...], instances: InstancesConfig) -> 
                 f"and instances.device_ids {list(instances.device_ids)} places it too: remove "
                 "one (device_ids puts instances.count instances on each listed GPU)"
             )
-    out: list[Instance] = []
-    for device_id in instances.device_ids:
-        placed = tuple(_on_device(p, device_id) for p in providers)
-        out += [Instance(len(out) + i, device_id, placed) for i in range(instances.count)]
-    return out
-
-
-def devices(instances: list[Instance]) -> list[Device]:
-    """The instances grouped by device, in order: one session is opened per entry."""
-    grouped: dict[int | None, Device] = {}
-    for inst in instances:
-        seen = grouped.get(inst.device_id)
-        grouped[inst.device_id] = (
-            Device(inst.device_id, inst.providers, 1)
-            if seen is None
-            else replace(seen, count=seen.count + 1)
-        )
-    return list(grouped.values())
+    return [
+        Device(device_id, tuple(_on_device(p, device_id) for p in providers), instances.count)
+        for device_id in instances.device_ids
+    ]
 
 
 def device_config(config: ModelConfig, device: Device) -> ModelConfig:
