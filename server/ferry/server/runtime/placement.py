@@ -1,4 +1,4 @@
-"""Where a version's instances run: ``[instances]`` x ``[onnxruntime].providers`` -> instances.
+"""Where a version's instances run: ``[instances]`` x ``[onnxruntime].providers`` -> devices.
 
 Triton's instance groups, for onnxruntime: ``count`` instances on each GPU of
 ``instances.device_ids``. Every GPU provider of the list (the providers table says which run on a
