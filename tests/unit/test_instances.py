@@ -127,6 +127,16 @@ def _repo(tmp_path: Path, instances: dict[str, Any]) -> ModelRepository:
     return repo
 
 
+async def _held_calls(dataplane: DataPlane, gate: Gate, n: int) -> list[asyncio.Task[Any]]:
+    """``n`` requests started; returns once the gate holds ``gate.expected`` of them at once."""
+    x = np.ones((1, 6), np.float32)
+    calls = [
+        asyncio.create_task(dataplane.infer(InferenceRequest("m", {"input": x}))) for _ in range(n)
+    ]
+    assert await asyncio.to_thread(gate.arrived.wait, WAIT)
+    return calls
+
+
 def test_each_device_gets_a_session_opened_with_its_id_and_batches_spread_within_count(
     tmp_path: Path,
 ) -> None:
@@ -144,12 +154,7 @@ def test_each_device_gets_a_session_opened_with_its_id_and_batches_spread_within
         assert all(config.instances.count == 2 for _, config in opened)
         lv = registry.get("m", None)
         assert isinstance(lv.session, DeviceSessions)
-        x = np.ones((1, 6), np.float32)
-        calls = [
-            asyncio.create_task(dataplane.infer(InferenceRequest("m", {"input": x})))
-            for _ in range(6)
-        ]
-        assert await asyncio.to_thread(gate.arrived.wait, WAIT)
+        calls = await _held_calls(dataplane, gate, 6)
         with gate.lock:
             assert gate.running == {0: 2, 1: 2}  # spread: both instances of both devices
         gate.open.set()
@@ -190,12 +195,7 @@ def test_two_devices_with_one_instance_each_run_two_batches_at_once(tmp_path: Pa
     async def scenario() -> None:
         await registry.refresh()
         assert [device for device, _ in opened] == [1, 0]
-        x = np.ones((1, 6), np.float32)
-        calls = [
-            asyncio.create_task(dataplane.infer(InferenceRequest("m", {"input": x})))
-            for _ in range(3)
-        ]
-        assert await asyncio.to_thread(gate.arrived.wait, WAIT)
+        calls = await _held_calls(dataplane, gate, 3)
         with gate.lock:
             assert gate.running == {0: 1, 1: 1}
         gate.open.set()
