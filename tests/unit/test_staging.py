@@ -212,7 +212,7 @@ def test_inputs_bound_again_after_each_gather_stay_exact(tmp_path: Path) -> None
     input to the device when it is bound): the same code on CPU, where it is no copy."""
     planned = _open(tmp_path, two_io_model(), [2, 4], 4)
     for stager in planned.stagers.values():
-        stager.bind = stager.rebind = True
+        stager.bind = True
     for i in range(4):
         parts = [
             {"a": np.full((1, 4), i, np.float32), "b": np.full((1, 4), i, np.int64)}

@@ -122,7 +122,7 @@ class LoadedVersion:
         """Worker thread: gather -> run -> check -> split, timing each stage."""
         t0 = time.perf_counter_ns()
         # The session gathers the requests' inputs itself: a planned one straight into its
-        # bound buffers (one copy), not concatenated here and copied again to pad.
+        # reused buffers (one copy), not concatenated here and copied again to pad.
         gathered = self.session.gather([w.inputs for w in items], self.input_names)
         wanted = _union_outputs(items, self.output_names)
         t1 = time.perf_counter_ns()

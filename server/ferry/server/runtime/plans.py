@@ -8,7 +8,7 @@ size ``>= n``: its inputs are padded with copies of their last row, the outputs 
 ``n``, and each planned size has a session that only ever sees that size. In steady state no
 execution re-plans, and ``plan_changes`` (executions whose shape differed from that session's
 previous one; only dynamic non-batch dimensions can cause them) says so. A batch's requests are
-gathered once, straight into a buffer that size keeps and binds (staging.py, which counts the
+gathered once, straight into a buffer that size keeps (bound on a device; staging.py counts the
 copies on each path), not concatenated and then copied again to pad.
 
 Used by default for GPU providers (powers of two up to ``max_batch_size``) and wherever a model's
@@ -87,7 +87,7 @@ class PlannedSession:
         self.executions = dict.fromkeys(self.sizes, 0)
         self.plan_changes = 0
         self._last_shape: dict[int, tuple[tuple[int, ...], ...]] = {}
-        # One stager per size (staging.py): its inputs gathered once into reused, bound buffers.
+        # One stager per size (staging.py): its inputs gathered once into reused buffers.
         self.stagers: dict[int, Stager] = (
             {size: Stager(s, size) for size, s in sessions.items()} if bindable(first) else {}
         )

@@ -1,9 +1,10 @@
-"""A planned size's inputs gathered once into reusable buffers and run through IOBinding.
+"""A planned size's inputs gathered once into reusable buffers; on a device, run through IOBinding.
 
 Before, a planned batch copied its requests' rows twice before onnxruntime saw them
 (``concat``, then ``pad_rows`` concatenated again to pad). Here each planned size keeps a buffer
-per input, bound to an IOBinding once; a batch's requests are copied straight into it, padding
-rows are copies of the last real row made inside the buffer, and the run reads it in place.
+per input; a batch's requests are copied straight into it, padding rows are copies of the last
+real row made inside the buffer, and the run reads it in place (on a device, bound to an
+IOBinding after each gather, which is the host -> device copy).
 
 Copies of a tensor's data on the serving path (request bytes -> response bytes), per path; "row"
 copies are the requests' own rows, padding rows come on top (``size - n`` rows, in the buffer):
@@ -17,7 +18,7 @@ CPU, unplanned          wire -> array: 0 (``np.frombuffer``);    onnxruntime's o
                                                                  (joined into the message bytes)
 CPU, planned, before    0; ``concat`` 1 (>1 request); pad: 1     as unplanned: 1
                         more (``np.concatenate`` again) = 2
-CPU, planned, now       0; gathered into the bound buffer: 1;    onnxruntime allocates a fresh
+CPU, planned, now       0; gathered into the size's buffer: 1;   onnxruntime allocates a fresh
                         one request of exactly a planned size:   output per batch, handed out as
                         0 (fed as is)                            a view (0); response: 1
 GPU (CUDA/TensorRT),    0; gathered into the pinned buffer: 1;   bound on the device (``cuda``,
@@ -97,7 +98,7 @@ class Buffers:
 
     key: ShapeKey
     arrays: dict[str, np.ndarray]
-    binding: Any
+    binding: Any = None  # made by the first bound run (a device's; CPU runs unbound)
     values: list[Any] = field(default_factory=list)  # the bound OrtValues, kept alive here
 
 
@@ -116,11 +117,6 @@ class Stager:
         # CUDA only (not run here: no GPU on the build host): page-locked host buffers, so the
         # host -> device copy is a DMA instead of a staged pageable copy.
         self._pinned = _pinned_memory(provider, self._device_id) if self._device != "cpu" else None
-        # onnxruntime copies a bound input to the device its first consumer runs on when it is
-        # bound (IOBinding::BindInput -> CopyOneInputAcrossDevices), not at each run: on a
-        # device the buffers are bound again after every gather (that bind is the host ->
-        # device copy). On CPU the bind is no copy and lasts, so it is made once.
-        self.rebind = self._device != "cpu"
         # Bound runs only where the binding saves a copy (a device). On CPU the buffers are read
         # in place by a plain run either way, and binding and reading the outputs back cost
         # 8-15 us more per batch for the tiny MLP (bench/iobinding.py): same copies, less Python.
@@ -167,10 +163,15 @@ class Stager:
             inner = self._session.session
             if inner is None:
                 raise Unavailable("this model version was unloaded")
+            if buffers.binding is None:
+                buffers.binding = inner.io_binding()
             binding = buffers.binding
-            if self.rebind:
-                for name, value in zip(self._names, buffers.values, strict=True):
-                    binding.bind_ortvalue_input(name, value)
+            # onnxruntime copies a bound input to the device its first consumer runs on when it
+            # is bound (IOBinding::BindInput -> CopyOneInputAcrossDevices), not at each run: the
+            # buffers are bound after every gather, and on a device that bind is the host ->
+            # device copy.
+            for name, value in zip(self._names, buffers.values, strict=True):
+                binding.bind_ortvalue_input(name, value)
             binding.clear_binding_outputs()
             for name in output_names:
                 binding.bind_output(name, self._device, self._device_id)
@@ -216,15 +217,10 @@ class Stager:
                 self._free.popitem(last=False)
 
     def _allocate(self, key: ShapeKey) -> Buffers:
-        inner = self._session.session
-        if inner is None:
-            raise Unavailable("this model version was unloaded")
-        binding = inner.io_binding()
-        buffers = Buffers(key, {}, binding)
+        buffers = Buffers(key, {})
         for name, dims in zip(self._names, key, strict=True):
             shape = (self.size, *dims)
             value, array = self._buffer(name, shape)
-            binding.bind_ortvalue_input(name, value)
             buffers.arrays[name] = array
             buffers.values.append(value)
         return buffers
