@@ -146,6 +146,11 @@ class PlainOIP:
         return kpb.ModelReadyResponse(ready=request.name == self.name)
 
     def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler("inference.GRPCInferenceService", self.table())
+
+    def table(self) -> dict[str, grpc.RpcMethodHandler]:
+        """Method name -> handler, for the sync server (``handler``) and the grpc.aio one."""
+
         def unary(fn: Any, req: Any, resp: Any) -> grpc.RpcMethodHandler:
             return grpc.unary_unary_rpc_method_handler(
                 fn, request_deserializer=req.FromString, response_serializer=resp.SerializeToString
@@ -169,7 +174,7 @@ class PlainOIP:
                 self.ServerMetadata, kpb.ServerMetadataRequest, kpb.ServerMetadataResponse
             ),
         }
-        return grpc.method_handlers_generic_handler("inference.GRPCInferenceService", table)
+        return table
 
 
 def serve_aio(servicer: PlainOIP, port: int) -> None:
@@ -190,11 +195,7 @@ def serve_aio(servicer: PlainOIP, port: int) -> None:
             response_serializer=handler.response_serializer,
         )
 
-    generic = servicer.handler()
-    table = {
-        name.rpartition("/")[2]: wrap(h)
-        for name, h in generic._method_handlers.items()  # type: ignore[attr-defined]
-    }
+    table = {name: wrap(h) for name, h in servicer.table().items()}
 
     async def run() -> None:
         server = grpc.aio.server(options=[("grpc.max_receive_message_length", 1 << 27)])
