@@ -121,10 +121,12 @@ class LoadedVersion:
     ) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
         """Worker thread: gather -> run -> check -> split, timing each stage."""
         t0 = time.perf_counter_ns()
-        # The session gathers the requests' inputs itself: a planned one straight into its
-        # reused buffers (one copy), not concatenated here and copied again to pad.
-        gathered = self.session.gather([w.inputs for w in items], self.input_names)
         wanted = _union_outputs(items, self.output_names)
+        # The session gathers the requests' inputs itself: a planned one straight into its
+        # reused buffers (one copy), not concatenated here and copied again to pad. Nothing
+        # runs between the gather and the run: a session may hold an instance or a buffer set
+        # from one to the other.
+        gathered = self.session.gather([w.inputs for w in items], self.input_names)
         t1 = time.perf_counter_ns()
         outputs = self.session.run_gathered(gathered, wanted)
         t2 = time.perf_counter_ns()
