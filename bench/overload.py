@@ -3,6 +3,7 @@ per-request deadlines, from separate processes, against a Ferry server started a
 
     .venv/bin/python bench/overload.py                        # 4 scenarios, ~3.5 min on 2 cores
     .venv/bin/python bench/overload.py --scenarios ferry-unary --seconds 10
+    .venv/bin/python bench/overload.py --generator python       # the Python generator throughout
 
 For each scenario (protocol ferry.v1 or Open Inference Protocol, unary or streaming):
 1. capacity: a closed loop (every caller sends again as soon as it is answered) for a few seconds;
@@ -10,9 +11,17 @@ For each scenario (protocol ferry.v1 or Open Inference Protocol, unary or stream
    for ``--seconds`` s, every request with a ``--deadline-ms`` deadline;
 3. after: the closed loop again, right away (does full throughput come back at once?).
 
-The generators are ``--procs`` worker processes, each with its own grpc.aio channel and event loop,
-sending pre-serialised requests, so the server's figures are not limited by one Python loop. Unary
-calls carry a gRPC deadline; stream messages carry the request's own timeout (``timeout_us`` /
+Two generators. ``--generator cpp`` (the default when bench/loadgen/build.sh can build it, i.e.
+libgrpc++-dev and pkg-config are installed) runs the unary scenarios' three phases with
+bench/loadgen/openloop, a C++ async gRPC client: a Python grpc.aio generator falls seconds behind
+its schedule at tens of thousands of requests per second, and then the figures measure the
+generator, not the server. The C++ one measures latency from each request's scheduled time, so a
+sender that falls behind cannot hide it, and reports how far behind schedule it ended. Streaming
+scenarios always use the Python generator (a C++ streaming client is not written). The Python
+generator is ``--procs`` worker processes, each with its own grpc.aio channel and event loop,
+sending pre-serialised requests, so the server's figures are not limited by one Python loop. The
+table's generator column says which one ran a row and how far behind its schedule the overload's
+sender was at the end (and at worst). Unary calls carry a gRPC deadline; stream messages carry the request's own timeout (``timeout_us`` /
 the ``timeout`` parameter), and an answer later than the deadline counts as DEADLINE_EXCEEDED, as
 it would for a client that gave up. A request still unanswered when its stream ends is counted as
 DEADLINE_EXCEEDED too (``lost`` says how many).
@@ -35,7 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +60,8 @@ OIP_INFER = "/inference.GRPCInferenceService/ModelInfer"
 OIP_STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
 MODEL = "mlp"
 RING = 32768
+LOADGEN = HERE / "loadgen"
+LOADGEN_BIN = LOADGEN / "build" / "openloop"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -88,6 +99,12 @@ class Census:
         self.details: dict[str, str] = {}
         self.sent = 0
         self.lost = 0
+        self.behind_ms = 0.0  # open loop: how late the last request left, and the worst
+        self.max_behind_ms = 0.0
+
+    def late(self, seconds: float) -> None:
+        self.behind_ms = max(0.0, seconds * 1000)
+        self.max_behind_ms = max(self.max_behind_ms, self.behind_ms)
 
     def add(self, code: str, ms: float, detail: str = "") -> None:
         self.codes[code] = self.codes.get(code, 0) + 1
@@ -106,6 +123,8 @@ class Census:
             "details": self.details,
             "sent": self.sent,
             "lost": self.lost,
+            "behind_ms": self.behind_ms,
+            "max_behind_ms": self.max_behind_ms,
         }
 
 
@@ -176,6 +195,7 @@ async def _load(spec: dict[str, Any]) -> dict[str, Any]:
                     now = time.perf_counter()
                     if due > now:
                         await asyncio.sleep(due - now)
+                    census.late(time.perf_counter() - due)
                     task = asyncio.create_task(one())
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
@@ -255,6 +275,7 @@ async def _stream_load(
             now = time.perf_counter()
             if due > now:
                 await asyncio.sleep(due - now)
+            census.late(time.perf_counter() - due)
             send(i)
             i += 1
     # Let the last answers arrive (at most a deadline, plus slack), then close the streams.
@@ -300,12 +321,12 @@ def start_server(repo: Path, extra: list[str]) -> tuple[subprocess.Popen[str], s
 
 
 def run_phase(pool: Any, procs: int, **spec: Any) -> dict[str, Any]:
+    """One phase with the Python generator, summarised like the C++ generator's report."""
     spec["start_at"] = time.time() + 1.0
     if "rate" in spec:
         spec["rate"] = spec["rate"] / procs
     results = pool.map(worker, [dict(spec) for _ in range(procs)])
     merged = Census()
-    elapsed = max(r["elapsed"] for r in results)
     for r in results:
         for code, n in r["codes"].items():
             merged.codes[code] = merged.codes.get(code, 0) + n
@@ -315,44 +336,109 @@ def run_phase(pool: Any, procs: int, **spec: Any) -> dict[str, Any]:
         merged.lost += r["lost"]
         for code, d in r["details"].items():
             merged.details.setdefault(code, d)
-    out = merged.as_dict()
-    out["elapsed"] = elapsed
-    out["seconds"] = spec["seconds"]
-    return out
+    return {
+        "seconds": spec["seconds"],
+        "sent": merged.sent,
+        "codes": merged.codes,
+        "details": merged.details,
+        "lost": merged.lost,
+        "ok_p50_ms": pct(merged.ok_ms, 0.5),
+        "ok_p99_ms": pct(merged.ok_ms, 0.99),
+        "rejected_p50_ms": pct(merged.rejected_ms, 0.5),
+        "rejected_p99_ms": pct(merged.rejected_ms, 0.99),
+        "behind_ms": max(r["behind_ms"] for r in results),
+        "max_behind_ms": max(r["max_behind_ms"] for r in results),
+    }
 
 
-def pct(values: list[float], q: float) -> float:
+def build_loadgen() -> bool:
+    """Whether bench/loadgen/build.sh built the C++ generator (it says why not on stderr)."""
+    built = subprocess.run(
+        ["sh", str(LOADGEN / "build.sh")], stdout=subprocess.DEVNULL, check=False
+    )
+    return built.returncode == 0
+
+
+def cpp_phase(
+    payload: Path, method: str, args: argparse.Namespace, *, kind: str, seconds: float, **spec: Any
+) -> dict[str, Any]:
+    """One unary phase with the C++ generator: closed loop (``concurrency``) or open (``rate``).
+    Closed loops get a 30 s deadline, as the Python generator's do, so only the overload's
+    deadline shapes what is counted."""
+    cmd: list[str] = [
+        *(str(LOADGEN_BIN), "--target", spec["target"], "--method", method),
+        *("--payload", str(payload), "--seconds", str(seconds)),
+        *("--channels", str(args.channels), "--threads", str(args.threads)),
+        *("--max-message-bytes", str(8 << 20)),
+    ]
+    if kind == "closed":
+        cmd += ["--concurrency", str(spec["concurrency"]), "--deadline-ms", "30000"]
+    else:
+        cmd += ["--rate", f"{spec['rate']:.3f}", "--deadline-ms", str(spec["deadline_ms"])]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} exited {done.returncode}: {done.stderr.strip()}")
+    r = json.loads(done.stdout.strip().splitlines()[-1])
+    nan = float("nan")
+
+    def q(part: str, key: str) -> float:
+        v = r[part][key]
+        return nan if v is None else float(v)
+
+    return {
+        "seconds": seconds,
+        "sent": r["sent"],
+        "codes": r["codes"],
+        "details": r["details"],
+        "lost": r["lost"],
+        "ok_p50_ms": q("ok_ms", "p50"),
+        "ok_p99_ms": q("ok_ms", "p99"),
+        "ok_p99_from_send_ms": q("ok_ms_from_send", "p99"),
+        "rejected_p50_ms": q("rejected_ms", "p50"),
+        "rejected_p99_ms": q("rejected_ms", "p99"),
+        "behind_ms": r["behind_ms"],
+        "max_behind_ms": r["max_behind_ms"],
+    }
+
+
+def pct(values: Sequence[float], q: float) -> float:
     if not values:
         return float("nan")
     v = sorted(values)
     return v[min(len(v) - 1, int(q * len(v)))]
 
 
-def scenario(pool: Any, repo: Path, name: str, args: argparse.Namespace) -> dict[str, Any]:
+def scenario(
+    pool: Any, repo: Path, name: str, args: argparse.Namespace, tmp: Path
+) -> dict[str, Any]:
     protocol, mode = name.split("-")
+    generator = "cpp" if args.generator == "cpp" and mode == "unary" else "python"
     proc, target = start_server(repo, args.server_arg)
     common = {"target": target, "protocol": protocol, "mode": mode, "streams": args.streams}
     common["deadline_ms"] = args.deadline_ms
+    if generator == "cpp":
+        payload = tmp / f"{protocol}.bin"
+        payload.write_bytes(_payload(protocol, 0))  # unary calls carry the gRPC deadline instead
+        method = FERRY_INFER if protocol == "ferry" else OIP_INFER
+
+        def phase(**spec: Any) -> dict[str, Any]:
+            if "concurrency" in spec:
+                spec["concurrency"] = args.concurrency  # one process: all the callers
+            return cpp_phase(payload, method, args, **spec)
+    else:
+
+        def phase(**spec: Any) -> dict[str, Any]:
+            return run_phase(pool, args.procs, **spec)
+
     try:
         conc = max(1, args.concurrency // args.procs)
-        run_phase(pool, args.procs, kind="closed", seconds=2.0, concurrency=conc, **common)
-        cap = run_phase(
-            pool, args.procs, kind="closed", seconds=args.cap_seconds, concurrency=conc, **common
-        )
+        phase(kind="closed", seconds=2.0, concurrency=conc, **common)
+        cap = phase(kind="closed", seconds=args.cap_seconds, concurrency=conc, **common)
         capacity = cap["codes"].get("OK", 0) / cap["seconds"]
         rss_before = rss_mib(proc.pid)
-        over = run_phase(
-            pool,
-            args.procs,
-            kind="open",
-            seconds=args.seconds,
-            rate=args.factor * capacity,
-            **common,
-        )
+        over = phase(kind="open", seconds=args.seconds, rate=args.factor * capacity, **common)
         rss_after = rss_mib(proc.pid)
-        after = run_phase(
-            pool, args.procs, kind="closed", seconds=args.cap_seconds, concurrency=conc, **common
-        )
+        after = phase(kind="closed", seconds=args.cap_seconds, concurrency=conc, **common)
         alive = proc.poll() is None
     finally:
         proc.terminate()
@@ -361,8 +447,12 @@ def scenario(pool: Any, repo: Path, name: str, args: argparse.Namespace) -> dict
         except subprocess.TimeoutExpired:
             proc.kill()
     goodput = over["codes"].get("OK", 0) / over["seconds"]
+    after_rate = after["codes"].get("OK", 0) / after["seconds"]
     return {
         "scenario": name,
+        "generator": generator,
+        "behind_ms": over["behind_ms"],
+        "max_behind_ms": over["max_behind_ms"],
         "capacity": capacity,
         "offered_target": args.factor * capacity,
         "offered": over["sent"] / over["seconds"],
@@ -371,30 +461,30 @@ def scenario(pool: Any, repo: Path, name: str, args: argparse.Namespace) -> dict
         "codes": over["codes"],
         "details": over["details"],
         "lost": over["lost"],
-        "ok_p50_ms": pct(over["ok_ms"], 0.5),
-        "ok_p99_ms": pct(over["ok_ms"], 0.99),
-        "rejected_p50_ms": pct(over["rejected_ms"], 0.5),
-        "rejected_p99_ms": pct(over["rejected_ms"], 0.99),
+        "ok_p50_ms": over["ok_p50_ms"],
+        "ok_p99_ms": over["ok_p99_ms"],
+        "ok_p99_from_send_ms": over.get("ok_p99_from_send_ms", float("nan")),
+        "rejected_p50_ms": over["rejected_p50_ms"],
+        "rejected_p99_ms": over["rejected_p99_ms"],
         "rss_before_mib": rss_before,
         "rss_after_mib": rss_after,
-        "after": after["codes"].get("OK", 0) / after["seconds"],
-        "after_ratio": (after["codes"].get("OK", 0) / after["seconds"]) / capacity
-        if capacity
-        else float("nan"),
+        "after": after_rate,
+        "after_ratio": after_rate / capacity if capacity else float("nan"),
         "server_alive": alive,
     }
 
 
 def table(rows: list[dict[str, Any]], deadline_ms: int) -> str:
     head = (
-        "| scenario | capacity/s | offered/s (aim) | goodput/s | goodput/cap | codes | "
+        "| scenario | generator (behind ms: end, worst) | capacity/s | offered/s (aim) | goodput/s | goodput/cap | codes | "
         f"ok p99 ms (<= {deadline_ms}) | reject p99 ms | RSS MiB before->after | after/s (ratio) |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         codes = ", ".join(f"{k} {v}" for k, v in sorted(r["codes"].items()))
         lines.append(
-            f"| {r['scenario']} | {r['capacity']:,.0f} | {r['offered']:,.0f} "
+            f"| {r['scenario']} | {r['generator']} ({r['behind_ms']:,.1f}, "
+            f"{r['max_behind_ms']:,.1f}) | {r['capacity']:,.0f} | {r['offered']:,.0f} "
             f"({r['offered_target']:,.0f}) | {r['goodput']:,.0f} | {r['goodput_ratio']:.0%} | "
             f"{codes} | {r['ok_p99_ms']:.1f} | {r['rejected_p99_ms']:.1f} | "
             f"{r['rss_before_mib']:.0f}->{r['rss_after_mib']:.0f} | "
@@ -411,13 +501,25 @@ def main() -> None:
     p.add_argument("--deadline-ms", type=int, default=200)
     p.add_argument("--cap-seconds", type=float, default=4.0, help="closed-loop phases")
     p.add_argument("--concurrency", type=int, default=16, help="closed-loop callers, all procs")
-    p.add_argument("--procs", type=int, default=2, help="load generator processes")
+    p.add_argument(
+        "--generator",
+        choices=("python", "cpp"),
+        help="unary scenarios' generator; default: cpp if bench/loadgen/build.sh builds it",
+    )
+    p.add_argument("--procs", type=int, default=2, help="Python generator processes")
+    p.add_argument("--channels", type=int, default=8, help="C++ generator: TCP connections")
+    p.add_argument("--threads", type=int, default=2, help="C++ generator: completion queues")
     p.add_argument("--streams", type=int, default=4, help="streams per generator process")
     p.add_argument(
         "--server-arg", action="append", default=[], help="extra ferry serve flag (repeatable)"
     )
     p.add_argument("--out", type=Path, default=HERE / "results" / "overload.json")
     args = p.parse_args()
+    if args.generator is None:
+        args.generator = "cpp" if build_loadgen() else "python"
+    elif args.generator == "cpp" and not build_loadgen():
+        p.error("--generator cpp: bench/loadgen/build.sh failed")
+    print(f"generator for unary scenarios: {args.generator}; streaming scenarios: python")
 
     from models import build
 
@@ -427,13 +529,15 @@ def main() -> None:
         repo = Path(tmp) / "repo"
         build(MODEL, repo / MODEL / "1" / "model.onnx")
         for name in args.scenarios:
-            row = scenario(pool, repo, name, args)
+            row = scenario(pool, repo, name, args, Path(tmp))
             rows.append(row)
             print(json.dumps({k: v for k, v in row.items()}, default=str), flush=True)
     print()
     print(
         f"open loop at {args.factor:g}x capacity for {args.seconds:g} s, "
-        f"{args.deadline_ms} ms deadlines, {args.procs} generator processes, "
+        f"{args.deadline_ms} ms deadlines, generator {args.generator} for unary "
+        f"({args.channels} connections, {args.threads} threads) and python for streams "
+        f"({args.procs} processes), "
         f"cpus {os.cpu_count()}"
     )
     print(table(rows, args.deadline_ms))

@@ -1,0 +1,415 @@
+// Open-loop (or closed-loop) unary gRPC load generator for bench/overload.py.
+//
+// Why C++: a Python grpc.aio generator falls seconds behind its schedule at tens of thousands of
+// requests per second, so overload figures end up measuring the generator. perf_analyzer can run
+// an open loop but stops at the first error and sets no client deadline; under overload, errors
+// and deadlines are the point. This program sends one pre-serialised request (a file of protobuf
+// bytes) through grpc::GenericStub, so it needs no generated code, and prints one JSON line.
+//
+// Open loop: request k leaves at t0 + k/rate whether or not earlier ones were answered (when
+// behind, it leaves at once); latencies are measured from the scheduled time, so a slow sender
+// cannot hide queueing (coordinated omission), and also from the actual send.
+// Closed loop (--concurrency C): C callers, each sending again as soon as it is answered.
+
+#include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+// gRPC's own spelling of the status codes, indexed by code.
+const char* const kCodeNames[] = {
+    "OK",           "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED", "NOT_FOUND",     "ALREADY_EXISTS",    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",    "OUT_OF_RANGE",
+    "UNIMPLEMENTED", "INTERNAL",          "UNAVAILABLE",       "DATA_LOSS",
+    "UNAUTHENTICATED"};
+constexpr int kNumCodes = 17;
+
+// Log-linear histogram of microseconds: exact below 256 us, then 128 buckets per power of two
+// (under 1% error), bounded memory whatever the run length. Values past 2^40 us are clamped.
+class Histogram {
+ public:
+  static constexpr int kSubBits = 7;
+  static constexpr int kSub = 1 << kSubBits;
+  static constexpr int kMaxMsb = 40;
+  static constexpr int kSize = (kMaxMsb - kSubBits + 1) * kSub;
+
+  Histogram() : counts_(kSize, 0) {}
+
+  void Add(int64_t us) {
+    if (us < 0) us = 0;
+    const int64_t cap = (int64_t{1} << (kMaxMsb + 1)) - 1;
+    if (us > cap) us = cap;
+    ++counts_[Index(static_cast<uint64_t>(us))];
+    ++total_;
+    max_us_ = std::max(max_us_, us);
+  }
+
+  void Merge(const Histogram& other) {
+    for (int i = 0; i < kSize; ++i) counts_[i] += other.counts_[i];
+    total_ += other.total_;
+    max_us_ = std::max(max_us_, other.max_us_);
+  }
+
+  // Milliseconds at quantile q (a bucket's midpoint); NaN when empty.
+  double QuantileMs(double q) const {
+    if (total_ == 0) return NAN;
+    uint64_t rank = static_cast<uint64_t>(q * static_cast<double>(total_));
+    if (rank >= total_) rank = total_ - 1;
+    uint64_t seen = 0;
+    for (int i = 0; i < kSize; ++i) {
+      seen += counts_[i];
+      if (seen > rank) return std::min(Midpoint(i), static_cast<double>(max_us_)) / 1000.0;
+    }
+    return max_us_ / 1000.0;
+  }
+
+  uint64_t total() const { return total_; }
+  double MaxMs() const { return total_ ? max_us_ / 1000.0 : NAN; }
+
+ private:
+  static int Index(uint64_t v) {
+    if (v < 2 * kSub) return static_cast<int>(v);
+    const int msb = 63 - __builtin_clzll(v);
+    const int shift = msb - kSubBits;
+    return (shift + 1) * kSub + static_cast<int>((v >> shift) - kSub);
+  }
+  static double Midpoint(int i) {
+    if (i < 2 * kSub) return i;
+    const int shift = i / kSub - 1;
+    const double low = static_cast<double>((i % kSub + kSub)) * std::ldexp(1.0, shift);
+    return low + std::ldexp(1.0, shift) / 2.0;
+  }
+
+  std::vector<uint64_t> counts_;
+  uint64_t total_ = 0;
+  int64_t max_us_ = 0;
+};
+
+// Outcomes seen by one completion-queue thread; merged once the run is over.
+struct Stats {
+  std::mutex mu;  // uncontended except when the run ends with calls still outstanding
+  uint64_t codes[kNumCodes] = {};
+  std::map<int, std::string> details;  // first message per code
+  Histogram ok_sched, ok_send, rejected;
+  Histogram by_code[kNumCodes];  // every outcome, from the scheduled time: when do errors come?
+};
+
+struct Options {
+  std::string target = "127.0.0.1:8001";
+  std::string method;
+  std::string payload;
+  double rate = 1000;
+  double seconds = 10;
+  int64_t deadline_ms = 0;
+  int channels = 4;
+  int threads = 2;
+  int concurrency = 0;
+  int max_message_bytes = 8 << 20;
+};
+
+[[noreturn]] void Usage(const std::string& why) {
+  std::cerr << "openloop: " << why << "\n"
+            << "usage: openloop --method /pkg.Service/Method --payload FILE [--target host:port]\n"
+               "  [--rate R] [--seconds S] [--deadline-ms D] [--channels N] [--threads T]\n"
+               "  [--concurrency C] [--max-message-bytes B]\n";
+  std::exit(2);
+}
+
+Options Parse(int argc, char** argv) {
+  Options o;
+  for (int i = 1; i < argc; i += 2) {
+    const std::string key = argv[i];
+    if (i + 1 >= argc) Usage("missing value for " + key);
+    const std::string v = argv[i + 1];
+    try {
+      if (key == "--target") o.target = v;
+      else if (key == "--method") o.method = v;
+      else if (key == "--payload") o.payload = v;
+      else if (key == "--rate") o.rate = std::stod(v);
+      else if (key == "--seconds") o.seconds = std::stod(v);
+      else if (key == "--deadline-ms") o.deadline_ms = std::stoll(v);
+      else if (key == "--channels") o.channels = std::stoi(v);
+      else if (key == "--threads") o.threads = std::stoi(v);
+      else if (key == "--concurrency") o.concurrency = std::stoi(v);
+      else if (key == "--max-message-bytes") o.max_message_bytes = std::stoi(v);
+      else Usage("unknown option " + key);
+    } catch (const std::logic_error&) {
+      Usage("bad value for " + key + ": " + v);
+    }
+  }
+  if (o.method.empty() || o.payload.empty()) Usage("--method and --payload are required");
+  if (o.channels < 1 || o.threads < 1 || o.seconds <= 0) Usage("channels, threads, seconds > 0");
+  if (o.concurrency <= 0 && o.rate <= 0) Usage("--rate must be > 0 in open loop");
+  return o;
+}
+
+std::string JsonEscape(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += static_cast<char>(c);
+    } else if (c < 0x20) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", c);
+      out += buf;
+    } else {
+      out += static_cast<char>(c);
+    }
+  }
+  return out;
+}
+
+std::string Num(double x) {
+  if (std::isnan(x)) return "null";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.3f", x);
+  return buf;
+}
+
+std::string Quantiles(const Histogram& h) {
+  return "{\"p50\": " + Num(h.QuantileMs(0.5)) + ", \"p90\": " + Num(h.QuantileMs(0.9)) +
+         ", \"p99\": " + Num(h.QuantileMs(0.99)) + ", \"max\": " + Num(h.MaxMs()) +
+         ", \"n\": " + std::to_string(h.total()) + "}";
+}
+
+// One call in flight: everything the completion has to find again.
+struct Call {
+  grpc::ClientContext ctx;
+  grpc::ByteBuffer response;
+  grpc::Status status;
+  std::unique_ptr<grpc::GenericClientAsyncResponseReader> reader;
+  Clock::time_point scheduled, sent;
+  int queue = 0;
+};
+
+class Generator {
+ public:
+  explicit Generator(const Options& o) : o_(o), stats_(o.threads) {
+    std::ifstream in(o.payload, std::ios::binary);
+    if (!in) Usage("cannot read payload " + o.payload);
+    std::stringstream ss;
+    ss << in.rdbuf();
+    const std::string bytes = ss.str();
+    grpc::Slice slice(bytes.data(), bytes.size());
+    request_ = grpc::ByteBuffer(&slice, 1);
+
+    for (int i = 0; i < o.channels; ++i) {
+      grpc::ChannelArguments args;
+      // A distinct argument and a channel-local subchannel pool: one TCP connection per channel.
+      args.SetInt("grpc.channel_id", i);
+      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
+      args.SetMaxReceiveMessageSize(o.max_message_bytes);
+      args.SetMaxSendMessageSize(o.max_message_bytes);
+      auto channel =
+          grpc::CreateCustomChannel(o.target, grpc::InsecureChannelCredentials(), args);
+      if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10))) {
+        std::cerr << "openloop: cannot connect to " << o.target << "\n";
+        std::exit(1);
+      }
+      stubs_.push_back(std::make_unique<grpc::GenericStub>(channel));
+      channels_.push_back(std::move(channel));
+    }
+    for (int i = 0; i < o.threads; ++i) queues_.push_back(std::make_unique<grpc::CompletionQueue>());
+  }
+
+  void Run() {
+    for (int i = 0; i < o_.threads; ++i) workers_.emplace_back([this, i] { Poll(i); });
+    t0_ = Clock::now();
+    end_ = t0_ + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o_.seconds));
+    Clock::time_point last_send = t0_;
+    if (o_.concurrency > 0) {
+      for (int c = 0; c < o_.concurrency; ++c) {
+        const auto now = Clock::now();
+        Send(now, c % o_.threads);
+      }
+      std::this_thread::sleep_until(end_);
+      last_send = end_;
+    } else {
+      const double period_s = 1.0 / o_.rate;
+      for (uint64_t k = 0;; ++k) {
+        const auto due =
+            t0_ + std::chrono::duration_cast<Clock::duration>(
+                      std::chrono::duration<double>(static_cast<double>(k) * period_s));
+        if (due >= end_) break;
+        auto now = Clock::now();
+        if (due > now) {
+          std::this_thread::sleep_until(due);
+          now = Clock::now();
+        }
+        const double lag_ms = std::chrono::duration<double, std::milli>(now - due).count();
+        behind_ms_ = lag_ms;  // the lag of the last send is what the report is about
+        if (lag_ms > max_behind_ms_) {
+          max_behind_ms_ = lag_ms;
+          max_behind_at_s_ = std::chrono::duration<double>(due - t0_).count();
+        }
+        Send(due, static_cast<int>(k % o_.threads));
+        last_send = now;
+      }
+    }
+    elapsed_s_ = std::chrono::duration<double>(std::max(last_send, end_) - t0_).count();
+
+    // Every call has a deadline, so this ends; without one, the cap is S + 30 s from the start.
+    const auto cap = t0_ + std::chrono::duration_cast<Clock::duration>(
+                               std::chrono::duration<double>(o_.seconds + 30.0));
+    while (outstanding_.load() > 0 && Clock::now() < cap) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    stopping_ = true;
+    const int64_t lost = outstanding_.load();
+    Report(lost);
+    if (lost > 0) {
+      // Calls still in flight: shutting gRPC down cleanly would wait for them. Leave now.
+      std::fflush(stdout);
+      std::_Exit(0);
+    }
+    for (auto& q : queues_) q->Shutdown();
+    for (auto& t : workers_) t.join();
+  }
+
+ private:
+  void Send(Clock::time_point scheduled, int queue) {
+    auto* call = new Call;
+    call->scheduled = scheduled;
+    call->queue = queue;
+    if (o_.deadline_ms > 0) {
+      call->ctx.set_deadline(std::chrono::system_clock::now() +
+                             std::chrono::milliseconds(o_.deadline_ms));
+    }
+    const size_t ch = next_channel_.fetch_add(1, std::memory_order_relaxed) % stubs_.size();
+    outstanding_.fetch_add(1);
+    sent_.fetch_add(1, std::memory_order_relaxed);
+    call->sent = Clock::now();
+    call->reader = stubs_[ch]->PrepareUnaryCall(&call->ctx, o_.method, request_,
+                                                queues_[queue].get());
+    call->reader->StartCall();
+    call->reader->Finish(&call->response, &call->status, call);
+  }
+
+  void Poll(int i) {
+    Stats& s = stats_[i];
+    void* tag;
+    bool ok;
+    while (queues_[i]->Next(&tag, &ok)) {
+      auto* call = static_cast<Call*>(tag);
+      const auto now = Clock::now();
+      const int code = static_cast<int>(call->status.error_code());
+      const int64_t from_sched =
+          std::chrono::duration_cast<std::chrono::microseconds>(now - call->scheduled).count();
+      const int64_t from_send =
+          std::chrono::duration_cast<std::chrono::microseconds>(now - call->sent).count();
+      {
+        std::lock_guard<std::mutex> lock(s.mu);
+        if (!stopping_) {
+          if (code >= 0 && code < kNumCodes) {
+            ++s.codes[code];
+            s.by_code[code].Add(from_sched);
+          }
+          if (code == 0) {
+            s.ok_sched.Add(from_sched);
+            s.ok_send.Add(from_send);
+          } else if (code == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+            s.rejected.Add(from_sched);
+          }
+          if (code != 0 && !s.details.count(code)) s.details[code] = call->status.error_message();
+        }
+      }
+      delete call;
+      // Closed loop: the caller sends again on this same queue while the run lasts.
+      if (o_.concurrency > 0 && now < end_ && !stopping_) Send(Clock::now(), i);
+      outstanding_.fetch_sub(1);
+    }
+  }
+
+  void Report(int64_t lost) {
+    uint64_t codes[kNumCodes] = {};
+    std::map<int, std::string> details;
+    Histogram ok_sched, ok_send, rejected;
+    std::vector<Histogram> by_code(kNumCodes);
+    for (auto& s : stats_) {
+      std::lock_guard<std::mutex> lock(s.mu);
+      for (int c = 0; c < kNumCodes; ++c) codes[c] += s.codes[c];
+      for (const auto& d : s.details) details.emplace(d.first, d.second);
+      ok_sched.Merge(s.ok_sched);
+      ok_send.Merge(s.ok_send);
+      rejected.Merge(s.rejected);
+      for (int c = 0; c < kNumCodes; ++c) by_code[c].Merge(s.by_code[c]);
+    }
+    std::string out = "{\"sent\": " + std::to_string(sent_.load()) +
+                      ", \"elapsed_s\": " + Num(elapsed_s_) +
+                      ", \"mode\": \"" + (o_.concurrency > 0 ? "closed" : "open") + "\"" +
+                      ", \"behind_ms\": " + Num(behind_ms_) +
+                      ", \"max_behind_ms\": " + Num(max_behind_ms_) +
+                      ", \"max_behind_at_s\": " + Num(max_behind_at_s_) + ", \"codes\": {";
+    bool first = true;
+    for (int c = 0; c < kNumCodes; ++c) {
+      if (!codes[c]) continue;
+      out += std::string(first ? "" : ", ") + "\"" + kCodeNames[c] + "\": " +
+             std::to_string(codes[c]);
+      first = false;
+    }
+    out += "}, \"details\": {";
+    first = true;
+    for (const auto& d : details) {
+      const char* name = d.first < kNumCodes ? kCodeNames[d.first] : "UNKNOWN";
+      out += std::string(first ? "" : ", ") + "\"" + name + "\": \"" +
+             JsonEscape(d.second.substr(0, 300)) + "\"";
+      first = false;
+    }
+    out += "}, \"codes_ms\": {";
+    first = true;
+    for (int c = 0; c < kNumCodes; ++c) {
+      if (!by_code[c].total()) continue;
+      out += std::string(first ? "" : ", ") + "\"" + kCodeNames[c] + "\": " + Quantiles(by_code[c]);
+      first = false;
+    }
+    out += "}, \"ok_ms\": " + Quantiles(ok_sched) + ", \"ok_ms_from_send\": " +
+           Quantiles(ok_send) + ", \"rejected_ms\": " + Quantiles(rejected) +
+           ", \"lost\": " + std::to_string(lost) + "}";
+    std::printf("%s\n", out.c_str());
+    std::fflush(stdout);
+  }
+
+  const Options o_;
+  grpc::ByteBuffer request_;
+  std::vector<std::shared_ptr<grpc::Channel>> channels_;
+  std::vector<std::unique_ptr<grpc::GenericStub>> stubs_;
+  std::vector<std::unique_ptr<grpc::CompletionQueue>> queues_;
+  std::vector<Stats> stats_;
+  std::vector<std::thread> workers_;
+  std::atomic<size_t> next_channel_{0};
+  std::atomic<int64_t> outstanding_{0};
+  std::atomic<uint64_t> sent_{0};
+  std::atomic<bool> stopping_{false};
+  Clock::time_point t0_, end_;
+  double elapsed_s_ = 0, behind_ms_ = 0, max_behind_ms_ = 0, max_behind_at_s_ = 0;
+};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const Options o = Parse(argc, argv);
+  Generator g(o);
+  g.Run();
+  return 0;
+}
