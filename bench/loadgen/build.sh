@@ -9,6 +9,10 @@ if ! command -v pkg-config >/dev/null 2>&1 || ! pkg-config --exists grpc++ grpc;
     echo "build.sh: gRPC C++ not found; install it with: apt-get install libgrpc++-dev pkg-config" >&2
     exit 1
 fi
+if [ -x "$out" ] && [ "$out" -nt "$here/openloop.cc" ]; then
+    echo "$out"  # up to date
+    exit 0
+fi
 mkdir -p "$here/build"
 # shellcheck disable=SC2046  # pkg-config's flags are meant to split into words
 g++ -O2 -std=c++17 -Wall -Wextra -pthread "$here/openloop.cc" \

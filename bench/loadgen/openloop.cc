@@ -37,12 +37,12 @@ namespace {
 
 // gRPC's own spelling of the status codes, indexed by code.
 const char* const kCodeNames[] = {
-    "OK",           "CANCELLED",          "UNKNOWN",           "INVALID_ARGUMENT",
-    "DEADLINE_EXCEEDED", "NOT_FOUND",     "ALREADY_EXISTS",    "PERMISSION_DENIED",
-    "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED",    "OUT_OF_RANGE",
-    "UNIMPLEMENTED", "INTERNAL",          "UNAVAILABLE",       "DATA_LOSS",
+    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
+    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
     "UNAUTHENTICATED"};
 constexpr int kNumCodes = 17;
+static_assert(sizeof(kCodeNames) / sizeof(kCodeNames[0]) == kNumCodes, "one name per code");
 
 // Log-linear histogram of microseconds: exact below 256 us, then 128 buckets per power of two
 // (under 1% error), bounded memory whatever the run length. Values past 2^40 us are clamped.
@@ -230,13 +230,16 @@ class Generator {
       stubs_.push_back(std::make_unique<grpc::GenericStub>(channel));
       channels_.push_back(std::move(channel));
     }
-    for (int i = 0; i < o.threads; ++i) queues_.push_back(std::make_unique<grpc::CompletionQueue>());
+    for (int i = 0; i < o.threads; ++i) {
+      queues_.push_back(std::make_unique<grpc::CompletionQueue>());
+    }
   }
 
   void Run() {
     for (int i = 0; i < o_.threads; ++i) workers_.emplace_back([this, i] { Poll(i); });
     t0_ = Clock::now();
-    end_ = t0_ + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(o_.seconds));
+    end_ = t0_ + std::chrono::duration_cast<Clock::duration>(
+                     std::chrono::duration<double>(o_.seconds));
     Clock::time_point last_send = t0_;
     if (o_.concurrency > 0) {
       for (int c = 0; c < o_.concurrency; ++c) {
