@@ -6,7 +6,7 @@ parent reads RSS and PSS from /proc/PID/smaps_rollup. PSS splits a shared page b
 processes mapping it, so the PSS total is ~one copy when the weights are shared and ~K copies
 when each process holds its own.
 
-    python bench/shared_weights.py [--k 3] [--mib 128] [--runs 200]
+    PYTHONPATH=server:client python bench/shared_weights.py [--k 3] [--mib 128] [--runs 200]
 """
 
 from __future__ import annotations
@@ -91,10 +91,20 @@ def child(path: str, config: str, runs: int) -> None:
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.enable_cpu_mem_arena = True
-    for pair in filter(None, config.split(",")):
+    for pair in filter(None, "" if config.startswith("ferry:") else config.split(",")):
         key, value = pair.split("=", 1)
         options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    if config.startswith("ferry:"):  # Ferry's own loader, share_weights on, cache in config
+        from ferry.server.core.config import OnnxRuntimeConfig
+        from ferry.server.runtime import shared_weights
+        from ferry.server.runtime.session import OrtSession
+
+        shared_weights.set_cache_dir(Path(config.split(":", 1)[1]))
+        ferry = OrtSession(Path(path), OnnxRuntimeConfig(intra_op_threads=1, share_weights=True))
+        assert ferry.weights_shared
+        session = ferry.session
+    else:
+        session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     width = session.get_inputs()[0].shape[1]
     x = np.ones((1, width), np.float32)
@@ -174,6 +184,12 @@ def main() -> None:
             ("a'. embedded, prepacking off", embedded, nopack),
             ("b. external data, 64 KiB aligned", external, ""),
             ("c. b + prepacking off", external, nopack),
+            (
+                "e. Ferry, share_weights = true, cache cold (all K write)",
+                embedded,
+                f"ferry:{tmp}/s",
+            ),
+            ("f. Ferry, share_weights = true, cache warm", embedded, f"ferry:{tmp}/s"),
         ):
             mem, us = measure(path, config, args.k, args.runs)
             rss = "/".join(f"{r:.0f}" for r, _ in mem)
