@@ -111,6 +111,10 @@ class OnnxRuntimeConfig:
     memory_arena: bool = True
     allow_spinning: bool = True
     graph_optimization: str = "all"  # disable | basic | extended | all
+    # True: a model with over 16 MiB of embedded weights is opened from one aligned copy in the
+    # server's state folder, memory-mapped and shared by every worker, prepacking off
+    # (runtime.shared_weights has the measurements).
+    share_weights: bool = False
 
     @property
     def execution_providers(self) -> tuple[str, ...]:

@@ -26,7 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ferry.proto.v1 import inference_pb2, repository_pb2, repository_pb2_grpc
 from ferry.server import security
-from ferry.server.convert.service import ConversionService
+from ferry.server.convert.service import ConversionService, default_state_dir
 from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.pools import ThreadPools, usable_cores
 from ferry.server.core.registry import ModelRegistry
@@ -42,6 +42,7 @@ from ferry.server.http.listener import HttpListener, ssl_context
 from ferry.server.http.oip import OipRoutes
 from ferry.server.metrics import Metrics
 from ferry.server.runtime.session import open_session, set_auto_threads
+from ferry.server.runtime.shared_weights import set_cache_dir
 from ferry.server.settings import Settings
 from ferry.server.workers import control as worker_control
 from ferry.server.workers.fleet import WorkerFleet, die_with_parent
@@ -68,6 +69,10 @@ class FerryServer:
         share = max(1, usable_cores() // self.workers)
         pools = ThreadPools(share)
         set_auto_threads(share)
+        # Aligned weight copies (onnxruntime.share_weights) live beside the conversion state,
+        # outside the repository, where every worker of this server finds them.
+        state = settings.state_dir
+        set_cache_dir(Path(state) if state else default_state_dir(self.repository.root))
         self.registry = ModelRegistry(
             self.repository, open_session, warm_up=settings.warm_up, pools=pools
         )

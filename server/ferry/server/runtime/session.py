@@ -23,7 +23,7 @@ from ferry.server.batching.tensors import concat
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRuntimeConfig
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
-from ferry.server.runtime import instances, plans
+from ferry.server.runtime import instances, plans, shared_weights
 from ferry.server.runtime import providers as provider_table
 
 log = logging.getLogger(__name__)
@@ -248,7 +248,14 @@ class OrtSession:
         if not options.allow_spinning:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
-        self.session = ort.InferenceSession(os.fspath(path), sess_options=so, providers=providers)
+        opened = path
+        shared = shared_weights.shared_copy(path) if options.share_weights else None
+        if shared is not None:
+            # Prepacking would copy the mapped MatMul/Gemm weights into this process again.
+            so.add_session_config_entry("session.disable_prepacking", "1")
+            opened = shared
+        self.weights_shared = shared is not None
+        self.session = ort.InferenceSession(os.fspath(opened), sess_options=so, providers=providers)
         self.inputs = _with_bounds(
             self.session, path, [_spec(n) for n in self.session.get_inputs()]
         )
@@ -258,9 +265,9 @@ class OrtSession:
         if self._bf16_outputs:
             # onnxruntime's Python API cannot hand back a bfloat16 array: serve a copy of the
             # graph whose BF16 outputs are cast to float32 (exact), and narrow them again here.
-            model_bytes = _cast_outputs_to_float(path, self._bf16_outputs)
+            model_bytes = _cast_outputs_to_float(opened, self._bf16_outputs)
             so.add_session_config_entry(
-                "session.model_external_initializers_file_folder_path", str(path.parent)
+                "session.model_external_initializers_file_folder_path", str(opened.parent)
             )
             self.session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
         self.providers: list[str] = list(self.session.get_providers())

@@ -1,0 +1,116 @@
+"""One memory-mapped copy of a large model's weights for every worker of a server.
+
+``ferry serve --workers N`` opens each model in N processes. With the weights embedded in
+model.onnx every process holds its own copy (onnxruntime parses them into its own buffers).
+onnxruntime memory-maps external data whose offset is a multiple of the allocation
+granularity, and the mapped pages of one file are shared between processes; its MatMul/Gemm
+weight prepacking copies them into per-session buffers again, so sharing needs
+``session.disable_prepacking`` too (bench/shared_weights.py: three sessions of a 128 MiB MLP
+hold 493 MiB PSS with aligned external data alone, 237 MiB with prepacking off as well).
+
+A published version folder is immutable, so the aligned copy goes to a cache outside the
+repository, named by a hash of model.onnx: workers reuse it, a changed model gets a new one.
+Any failure here falls back to the normal load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# Offsets aligned to 64 KiB: Windows' allocation granularity, a multiple of any page size.
+ALIGN = 64 * 1024
+# Models whose embedded initializers total less are opened as they are (little to share).
+MIN_SHARED_BYTES = 16 * 2**20
+DATA_NAME = "model.onnx.data"
+
+_CACHE: dict[str, Path | None] = {"dir": None}
+
+
+def set_cache_dir(folder: Path | None) -> None:
+    """Where the server keeps aligned copies (its state folder, shared by its workers)."""
+    _CACHE["dir"] = folder
+
+
+def _digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_aligned(model: Any, folder: Path) -> None:
+    """``model`` with every initializer of 1 KiB and more moved to one aligned data file."""
+    import onnx
+
+    offset = 0
+    with open(folder / DATA_NAME, "wb") as data:
+        for tensor in model.graph.initializer:
+            raw = tensor.raw_data
+            if len(raw) < 1024:
+                continue
+            pad = -offset % ALIGN
+            data.write(b"\0" * pad)
+            data.write(raw)
+            offset += pad
+            tensor.ClearField("raw_data")
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (
+                ("location", DATA_NAME),
+                ("offset", str(offset)),
+                ("length", str(len(raw))),
+            ):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += len(raw)
+    onnx.save_model(model, os.fspath(folder / "model.onnx"))
+
+
+def shared_copy(path: Path, min_bytes: int | None = None) -> Path | None:
+    """The cached aligned copy of ``path`` (made if missing), or None: no cache folder, a
+    model with external data or small weights, or a cache that cannot be written."""
+    root = _CACHE["dir"]
+    if root is None:
+        return None
+    if min_bytes is None:
+        min_bytes = MIN_SHARED_BYTES
+    try:
+        if path.stat().st_size < min_bytes:
+            return None  # embedded weights cannot outweigh their file
+        # A hit opens the copy without parsing the model here: parsing holds every weight in
+        # this process' heap, the copy the cache is there to avoid (measured: +25 MiB each).
+        target = root / "weights" / _digest(path)
+        if (target / "model.onnx").is_file():
+            return target / "model.onnx"
+        import onnx
+
+        model = onnx.load_model(os.fspath(path), load_external_data=False)
+        inits = model.graph.initializer
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits):
+            return None  # already external: its own files, opened as they are
+        if sum(len(t.raw_data) for t in inits) < min_bytes:
+            return None
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        try:
+            _write_aligned(model, tmp)
+            os.rename(tmp, target)  # a racing worker's rename wins: both files are equal
+        except OSError:
+            if not (target / "model.onnx").is_file():
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("%s: weights shared from %s", path, target)
+        return target / "model.onnx"
+    except Exception as exc:  # sharing is an optimisation: it never fails the load
+        log.warning("%s: weights not shared between workers, loading as is (%s)", path, exc)
+        return None

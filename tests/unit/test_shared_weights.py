@@ -1,0 +1,103 @@
+"""The aligned, shared copy of a large model's weights (onnxruntime.share_weights)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from ferry.server.core.config import OnnxRuntimeConfig
+from ferry.server.runtime import shared_weights
+from ferry.server.runtime.session import OrtSession
+
+# Small weights and a threshold of 0 in tests: what is checked is the copy, not its size.
+WIDTH = 64
+
+
+def _model(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((WIDTH, WIDTH)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", WIDTH])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(model, os.fspath(path))
+    return path
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    folder = tmp_path / "state"
+    shared_weights.set_cache_dir(folder)
+    monkeypatch.setattr(shared_weights, "MIN_SHARED_BYTES", 0)
+    yield folder
+    shared_weights.set_cache_dir(None)
+
+
+def test_copy_is_made_once_and_reused(tmp_path: Path, cache: Path) -> None:
+    model = _model(tmp_path / "repo" / "m" / "1" / "model.onnx", 0)
+    first = shared_weights.shared_copy(model)
+    assert first is not None and first.parent.parent == cache / "weights"
+    stamp = first.stat().st_mtime_ns
+    again = shared_weights.shared_copy(model)
+    assert again == first and again.stat().st_mtime_ns == stamp
+    assert len(list((cache / "weights").iterdir())) == 1
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model.onnx"]  # version untouched
+
+
+def test_aligned_offsets(tmp_path: Path, cache: Path) -> None:
+    copy = shared_weights.shared_copy(_model(tmp_path / "m" / "1" / "model.onnx", 0))
+    assert copy is not None
+    graph = onnx.load_model(os.fspath(copy), load_external_data=False).graph
+    offsets = [
+        int(e.value) for t in graph.initializer for e in t.external_data if e.key == "offset"
+    ]
+    assert offsets and all(o % shared_weights.ALIGN == 0 for o in offsets)
+
+
+def test_changed_model_gets_a_new_copy(tmp_path: Path, cache: Path) -> None:
+    one = shared_weights.shared_copy(_model(tmp_path / "m" / "1" / "model.onnx", 0))
+    two = shared_weights.shared_copy(_model(tmp_path / "m" / "2" / "model.onnx", 1))
+    assert one is not None and two is not None and one != two
+
+
+def test_outputs_equal_the_embedded_models(tmp_path: Path, cache: Path) -> None:
+    model = _model(tmp_path / "m" / "1" / "model.onnx", 0)
+    plain = OrtSession(model, OnnxRuntimeConfig(intra_op_threads=1))
+    shared = OrtSession(model, OnnxRuntimeConfig(intra_op_threads=1, share_weights=True))
+    assert shared.weights_shared and not plain.weights_shared
+    x = np.random.default_rng(2).standard_normal((3, WIDTH)).astype(np.float32)
+    np.testing.assert_array_equal(plain.run({"x": x})[0], shared.run({"x": x})[0])
+
+
+def test_unwritable_cache_falls_back_with_a_log_line(
+    tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    cache.write_text("a file where the folder should be")  # unwritable for any user, root too
+    model = _model(tmp_path / "m" / "1" / "model.onnx", 0)
+    with caplog.at_level(logging.WARNING, logger=shared_weights.__name__):
+        session = OrtSession(model, OnnxRuntimeConfig(intra_op_threads=1, share_weights=True))
+    assert not session.weights_shared
+    assert "weights not shared" in caplog.text
+    assert session.run({"x": np.ones((1, WIDTH), np.float32)})[0].shape == (1, WIDTH)
+
+
+def test_small_model_is_opened_as_is(tmp_path: Path) -> None:
+    shared_weights.set_cache_dir(tmp_path / "state")
+    try:
+        assert shared_weights.shared_copy(_model(tmp_path / "m" / "1" / "model.onnx", 0)) is None
+    finally:
+        shared_weights.set_cache_dir(None)
