@@ -26,14 +26,20 @@ def translate_errors(fn: F) -> F:
             raise
         except Exception as exc:
             code, message, kind = status_of(exc)
-            if context.cancelled():
+            if context.cancelled() or _expired(context):
                 # The caller is gone (its deadline passed, or it cancelled): no one to answer,
                 # and grpc would fail the send and log a traceback per call under overload.
+                # A deadline that passed a moment ago may not have reached cancelled() yet.
                 raise asyncio.CancelledError from None
             context.set_trailing_metadata(trailing(kind))
             await context.abort(code, message)
 
     return wrapper  # type: ignore[return-value]
+
+
+def _expired(context: aio.ServicerContext) -> bool:
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 def call_deadline(context: aio.ServicerContext) -> float | None:
