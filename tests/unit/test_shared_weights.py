@@ -79,7 +79,10 @@ def test_outputs_equal_the_embedded_models(tmp_path: Path, cache: Path) -> None:
     shared = OrtSession(model, OnnxRuntimeConfig(intra_op_threads=1, share_weights=True))
     assert shared.weights_shared and not plain.weights_shared
     x = np.random.default_rng(2).standard_normal((3, WIDTH)).astype(np.float32)
-    np.testing.assert_array_equal(plain.run({"x": x})[0], shared.run({"x": x})[0])
+    # Prepacked and plain MatMul kernels may sum in another order: equal to float precision.
+    np.testing.assert_allclose(
+        plain.run({"x": x})[0], shared.run({"x": x})[0], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_unwritable_cache_falls_back_with_a_log_line(
