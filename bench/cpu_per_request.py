@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from models import build
-from perf_floor import PERF_ANALYZER, input_data, start_floor, wait_port
-from serving import ferry_command, free_port, stop
+from perf_floor import PERF_ANALYZER, input_data, start_ferry, start_floor
+from serving import stop
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -41,10 +41,7 @@ def start(variant: str, repo: Path) -> tuple[subprocess.Popen[bytes], int]:
         for pair in variant.split(":", 1)[1].split("+"):
             key, _, value = pair.partition("=")
             env[key] = value
-    port = free_port()
-    proc = subprocess.Popen(ferry_command(repo, port), env=env)
-    wait_port(proc, port)
-    return proc, port
+    return start_ferry(repo, env)
 
 
 def thread_ticks(pid: int) -> dict[str, tuple[str, int]]:

@@ -78,9 +78,11 @@ def start_floor(path: Path, name: str, *, aio: bool = False) -> tuple[subprocess
     return proc, port
 
 
-def start_ferry(repo: Path) -> tuple[subprocess.Popen[bytes], int]:
+def start_ferry(
+    repo: Path, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     port = free_port()
-    proc = subprocess.Popen(ferry_command(repo, port))
+    proc = subprocess.Popen(ferry_command(repo, port), env=env)
     wait_port(proc, port)
     return proc, port
 

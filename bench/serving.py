@@ -129,6 +129,16 @@ def wait_ready(proc: subprocess.Popen[str], target: str, timeout: float = 120) -
     raise RuntimeError("server not ready in time")
 
 
+def memory_mib(pid: int) -> tuple[float, float]:
+    """(RSS, PSS) in MiB of one process: PSS splits each shared page between the processes
+    mapping it, so PSS adds up across processes where RSS counts shared pages again."""
+    fields: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        key, value = line.split(":", 1)
+        fields[key] = int(value.split()[0])
+    return fields["Rss"] / 1024, fields["Pss"] / 1024
+
+
 def ferry_command(repo: Path, port: int, *flags: str) -> list[str]:
     """``python -m ferry.server`` with gRPC inference on 127.0.0.1:``port`` and every other
     listener off, so that a benchmark measures one listener and never binds a fixed default port

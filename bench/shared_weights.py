@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ALIGN = 64 * 1024  # Windows' allocation granularity; a multiple of Linux's page size
+sys.path.insert(0, str(Path(__file__).parent))
 
 
 def build(folder: Path, mib: int) -> tuple[Path, Path]:
@@ -28,6 +28,8 @@ def build(folder: Path, mib: int) -> tuple[Path, Path]:
     import numpy as np
     import onnx
     from onnx import TensorProto, helper, numpy_helper
+
+    from ferry.server.runtime.shared_weights import write_aligned
 
     width = 2048
     layers = max(1, mib * 2**20 // (width * width * 4))
@@ -58,26 +60,7 @@ def build(folder: Path, mib: int) -> tuple[Path, Path]:
 
     external = folder / "external" / "model.onnx"
     external.parent.mkdir()
-    offset = 0
-    with open(external.parent / "model.onnx.data", "wb") as data:
-        for tensor in model.graph.initializer:
-            raw = tensor.raw_data
-            pad = -offset % ALIGN
-            data.write(b"\0" * pad)
-            offset += pad
-            data.write(raw)
-            tensor.ClearField("raw_data")
-            tensor.data_location = TensorProto.EXTERNAL
-            del tensor.external_data[:]
-            for key, value in (
-                ("location", "model.onnx.data"),
-                ("offset", str(offset)),
-                ("length", str(len(raw))),
-            ):
-                entry = tensor.external_data.add()
-                entry.key, entry.value = key, value
-            offset += len(raw)
-    onnx.save_model(model, os.fspath(external))
+    write_aligned(model, external.parent)  # the layout share_weights serves, byte for byte
     return embedded, external
 
 
@@ -119,16 +102,9 @@ def child(path: str, config: str, runs: int) -> None:
     sys.stdin.readline()
 
 
-def rollup(pid: int) -> tuple[float, float]:
-    """RSS and PSS in MiB."""
-    values = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        key, rest = line.split(":", 1)
-        values[key] = int(rest.split()[0]) / 1024
-    return values["Rss"], values["Pss"]
-
-
 def measure(path: Path, config: str, k: int, runs: int) -> tuple[list[tuple[float, float]], float]:
+    from serving import memory_mib  # here, not at the top: the children stay lean
+
     procs = [
         subprocess.Popen(
             [
@@ -149,7 +125,7 @@ def measure(path: Path, config: str, k: int, runs: int) -> tuple[list[tuple[floa
     ]
     try:
         times = [float(p.stdout.readline().split()[1]) for p in procs]  # type: ignore[union-attr]
-        mem = [rollup(p.pid) for p in procs]
+        mem = [memory_mib(p.pid) for p in procs]
     finally:
         for p in procs:
             p.communicate("\n", timeout=60)

@@ -31,18 +31,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from models import build
 from perf_floor import input_data, perf, start_floor, wait_port, write_repo
-from serving import ferry_command, free_port, stop
+from serving import ferry_command, free_port, memory_mib, stop
 
 HERE = Path(__file__).parent
-
-
-def _memory(pid: int) -> tuple[float, float]:
-    """(RSS, PSS) in MiB of one process."""
-    fields: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":", 1)
-        fields[key] = int(value.split()[0])
-    return fields["Rss"] / 1024, fields["Pss"] / 1024
 
 
 def _served(run_dir: Path, workers: int, model: str) -> list[int]:
@@ -116,7 +107,7 @@ def main() -> None:
                     c: perf(port, args.model, data, c, streaming=False, window_ms=args.window_ms)
                     for c in levels
                 }
-                memory = [_memory(p) for p in pids]
+                memory = [memory_mib(p) for p in pids]
                 served = _served(run_dir, n, args.model) if run_dir is not None else []
                 results[f"workers={n}"] = {
                     **rows,

@@ -73,6 +73,15 @@ def test_changed_model_gets_a_new_copy(tmp_path: Path, cache: Path) -> None:
     assert one is not None and two is not None and one != two
 
 
+def test_a_file_replaced_in_place_gets_a_new_copy(tmp_path: Path, cache: Path) -> None:
+    # Digests are remembered per file identity: a new file at the same path is hashed again.
+    model = _model(tmp_path / "m" / "1" / "model.onnx", 0)
+    one = shared_weights.shared_copy(model)
+    os.replace(_model(tmp_path / "other" / "model.onnx", 1), model)
+    two = shared_weights.shared_copy(model)
+    assert one is not None and two is not None and one != two
+
+
 def test_outputs_equal_the_embedded_models(tmp_path: Path, cache: Path) -> None:
     model = _model(tmp_path / "m" / "1" / "model.onnx", 0)
     plain = OrtSession(model, OnnxRuntimeConfig(intra_op_threads=1))

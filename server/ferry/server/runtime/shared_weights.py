@@ -15,6 +15,7 @@ Any failure here falls back to the normal load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -32,6 +33,8 @@ MIN_SHARED_BYTES = 16 * 2**20
 DATA_NAME = "model.onnx.data"
 
 _CACHE: dict[str, Path | None] = {"dir": None}
+# Digests of models found not worth a copy, so that they are parsed once, not per opening.
+_UNSHAREABLE: set[str] = set()
 
 
 def set_cache_dir(folder: Path | None) -> None:
@@ -39,15 +42,16 @@ def set_cache_dir(folder: Path | None) -> None:
     _CACHE["dir"] = folder
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
+@functools.lru_cache(maxsize=256)
+def _digest(path: str, _dev: int, _ino: int, _size: int, _mtime_ns: int) -> str:
+    """The SHA-256 of ``path``, hashed once per file: one load opens a model several times
+    (the auto-threads probe, each planned batch size, each device), and a published version
+    never changes in place, so its identity (device, inode, size, mtime) stands for its bytes."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _write_aligned(model: Any, folder: Path) -> None:
+def write_aligned(model: Any, folder: Path) -> None:
     """``model`` with every initializer of 1 KiB and more moved to one aligned data file."""
     import onnx
 
@@ -75,34 +79,38 @@ def _write_aligned(model: Any, folder: Path) -> None:
     onnx.save_model(model, os.fspath(folder / "model.onnx"))
 
 
-def shared_copy(path: Path, min_bytes: int | None = None) -> Path | None:
+def shared_copy(path: Path) -> Path | None:
     """The cached aligned copy of ``path`` (made if missing), or None: no cache folder, a
     model with external data or small weights, or a cache that cannot be written."""
     root = _CACHE["dir"]
     if root is None:
         return None
-    if min_bytes is None:
-        min_bytes = MIN_SHARED_BYTES
     try:
-        if path.stat().st_size < min_bytes:
+        st = path.stat()
+        if st.st_size < MIN_SHARED_BYTES:
             return None  # embedded weights cannot outweigh their file
         # A hit opens the copy without parsing the model here: parsing holds every weight in
         # this process' heap, the copy the cache is there to avoid (measured: +25 MiB each).
-        target = root / "weights" / _digest(path)
+        digest = _digest(os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        target = root / "weights" / digest
         if (target / "model.onnx").is_file():
             return target / "model.onnx"
+        if digest in _UNSHAREABLE:
+            return None  # parsed once already: the next opening of this load skips it
         import onnx
 
         model = onnx.load_model(os.fspath(path), load_external_data=False)
         inits = model.graph.initializer
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits):
-            return None  # already external: its own files, opened as they are
-        if sum(len(t.raw_data) for t in inits) < min_bytes:
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits) or (
+            sum(len(t.raw_data) for t in inits) < MIN_SHARED_BYTES
+        ):
+            # Already external (its own files, opened as they are), or small raw weights.
+            _UNSHAREABLE.add(digest)
             return None
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
         try:
-            _write_aligned(model, tmp)
+            write_aligned(model, tmp)
             os.rename(tmp, target)  # a racing worker's rename wins: both files are equal
         except OSError:
             if not (target / "model.onnx").is_file():
