@@ -181,3 +181,64 @@ class _OpenStream:
         self._done.set()
         for _ in self._call:
             pass
+
+
+@pytest.mark.parametrize("max_pending", [0, 2])
+def test_pending_calls_bound(tmp_path: Path, max_pending: int) -> None:
+    """While the event loop cannot take calls, grpc's core holds them; with max_pending_calls
+    set, calls beyond it are refused at arrival without the loop (grpc answers CANCELLED), and
+    the ones it held are answered once the loop runs. Unset, every call waits and is answered."""
+    root = make_repo(tmp_path / "repo", {"fixed": identity_model("FP32", (3,))})
+    one = build_infer_request("fixed", {"input": np.zeros(3, np.float32)}, request_id="x")
+    calls = 8
+    with (
+        ServerThread(root, max_pending_calls=max_pending) as srv,
+        grpc.insecure_channel(srv.target, options=OWN_CONNECTION) as channel,
+    ):
+        stub = pb_grpc.InferenceStub(channel)
+        assert stub.Infer(one, timeout=30).id == "x"  # connected, and the loop takes calls
+        gate = threading.Event()
+        blocked = threading.Event()
+
+        def block() -> None:
+            blocked.set()
+            gate.wait(60)
+
+        srv.before_stop(gate.set)
+        srv.loop.call_soon_threadsafe(block)
+        assert blocked.wait(30)
+        try:
+            pending = [stub.Infer.future(one, timeout=60) for _ in range(calls)]
+            if max_pending:
+                # Refusals come while the loop is still blocked: only grpc's core can send them.
+                refused = _first_done(pending, calls - max_pending - 1)
+                for call in refused:
+                    assert call.code() is grpc.StatusCode.CANCELLED
+                assert not gate.is_set()
+        finally:
+            gate.set()
+        codes = [call.code() for call in pending]
+        ok = codes.count(grpc.StatusCode.OK)
+        if max_pending:
+            assert ok >= 1 and codes.count(grpc.StatusCode.CANCELLED) == calls - ok
+            assert ok <= max_pending + 1  # the ones grpc held, plus one the loop had asked for
+        else:
+            assert ok == calls
+        assert stub.Infer(one, timeout=30).id == "x"  # and the listener serves as before
+
+
+def _first_done(calls: list[grpc.Future], n: int) -> list[grpc.Future]:
+    """The first ``n`` of ``calls`` to finish, waiting on their completion callbacks."""
+    done: list[grpc.Future] = []
+    cond = threading.Condition()
+
+    def finished(call: grpc.Future) -> None:
+        with cond:
+            done.append(call)
+            cond.notify_all()
+
+    for call in calls:
+        call.add_done_callback(finished)
+    with cond:
+        assert cond.wait_for(lambda: len(done) >= n, timeout=30), f"{len(done)} of {n} refused"
+        return list(done[:n])

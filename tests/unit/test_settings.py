@@ -84,6 +84,21 @@ def test_a_broken_settings_rule_raises_settings_error() -> None:
         Settings.from_env({"FERRY_MANAGEMENT_HOST": "0.0.0.0"})
 
 
+def test_a_negative_pending_call_bound_is_refused() -> None:
+    with pytest.raises(SettingsError, match="max_pending_calls -1"):
+        Settings.from_env({"FERRY_MAX_PENDING_CALLS": "-1"})
+
+
+def test_the_pending_call_bound_sets_grpcs_random_and_hard_limits() -> None:
+    from ferry.server.grpc.app import pending_call_limits
+
+    assert pending_call_limits(0) == []  # grpc's own defaults
+    assert dict(pending_call_limits(64)) == {
+        "grpc.server.max_pending_requests": 32,
+        "grpc.server.max_pending_requests_hard_limit": 64,
+    }
+
+
 @pytest.mark.parametrize("entry", ["python -m ferry.server", "ferry serve"])
 def test_the_cli_turns_a_settings_error_into_one_line_and_status_1(
     entry: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path

@@ -189,6 +189,16 @@ class Settings:
             "calls wait in the client"
         },
     )
+    max_pending_calls: int = field(
+        default=0,
+        metadata={
+            "help": "calls the inference listener's gRPC core holds while the event loop is "
+            "busy; past half of it new calls are refused at random, past it always, at "
+            "arrival and before any Ferry code runs (status CANCELLED, grpc's own refusal); "
+            "0: grpc's default, 3000. Sheds open-loop overload cheaply, but also refuses a "
+            "closed-loop client's calls beyond it: see docs/benchmarking.md"
+        },
+    )
     # --- conversion (ModelConversion service, management listener) ---
     state_dir: str = field(
         default="",
@@ -263,6 +273,11 @@ class Settings:
         if self.log_format not in LOG_FORMATS:
             raise SettingsError(
                 f"log_format {self.log_format!r}: use one of {', '.join(LOG_FORMATS)}"
+            )
+        if self.max_pending_calls < 0:
+            raise SettingsError(
+                f"max_pending_calls {self.max_pending_calls}: use 0 (grpc's default) or a "
+                "positive count of calls"
             )
         check_settings(self)
 

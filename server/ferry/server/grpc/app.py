@@ -127,14 +127,15 @@ class FerryServer:
             return None
         return f"{self.settings.management_host}:{self.management_http_port}"
 
-    def _options(self) -> list[tuple[str, int]]:
+    def _options(self, *, inference: bool = False) -> list[tuple[str, int]]:
         n = self.settings.max_message_bytes
-        return [
+        options = [
             ("grpc.max_receive_message_length", n),
             ("grpc.max_send_message_length", n),
             ("grpc.so_reuseport", 1 if self.workers > 1 else 0),
             ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
         ]
+        return options + (pending_call_limits(self.settings.max_pending_calls) if inference else [])
 
     async def start(self) -> None:
         s = self.settings
@@ -154,7 +155,7 @@ class FerryServer:
         await self.health.set("", NOT_SERVING)
         # Inference listener.
         guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
-        server = aio.server(options=self._options(), interceptors=[guard])
+        server = aio.server(options=self._options(inference=True), interceptors=[guard])
         add_inference_to_server(server, InferenceServicer(self.dataplane))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
@@ -440,3 +441,20 @@ def _check_free(host: str, port: int, address: str, *, shared: bool = False) -> 
 
 
 __all__ = ["FerryServer", "grpc"]
+
+
+def pending_call_limits(max_pending: int) -> list[tuple[str, int]]:
+    """grpc's own bound on calls that arrived while the event loop was too busy to take them.
+
+    Only grpc's core can refuse a call for less than the ~200-340 us of Python that any call
+    reaching the event loop costs on grpc.aio, refused or served (bench: docs/benchmarking.md);
+    under open-loop overload it is the one refusal cheap enough to keep the loop for work that
+    can finish. It counts calls, not deadlines, so it is off (grpc's defaults) unless set. Half
+    the bound is where grpc's random early refusal starts, so that clients refused together do
+    not all come back together."""
+    if max_pending <= 0:
+        return []
+    return [
+        ("grpc.server.max_pending_requests", max_pending // 2),
+        ("grpc.server.max_pending_requests_hard_limit", max_pending),
+    ]
