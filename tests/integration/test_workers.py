@@ -98,6 +98,7 @@ def fleet(tmp_path: Path) -> Iterator[Fleet]:
             [int(p) for p in m.group(2).split(",")],
             Path(m.group(3)),
         )
+        assert "PSS of all" in f.wait_line(r"memory with models loaded: worker 0 RSS").string
         m = f.wait_line(r"management 127\.0\.0\.1:(\d+), HTTP -?\d+; metrics (\d+)")
         f.management, f.metrics = int(m.group(1)), int(m.group(2))
         yield f
@@ -133,6 +134,13 @@ def test_two_workers_share_the_port_and_statistics_are_their_sum(fleet: Fleet) -
     with urllib.request.urlopen(f"http://127.0.0.1:{fleet.metrics}/metrics", timeout=10) as r:
         text = r.read().decode()
     assert f'ferry_requests_total{{model="mlp",version="1",code="OK"}} {sent}' in text
+    # Each worker's memory, so that workers x models can be watched (and PSS summed).
+    for worker in ("0", "1"):
+        for kind in ("rss", "pss", "private"):
+            m = re.search(
+                rf'ferry_worker_memory_bytes{{worker="{worker}",kind="{kind}"}} (\d+)', text
+            )
+            assert m is not None and int(m.group(1)) > 0, (worker, kind)
 
 
 def test_a_repository_change_reaches_every_worker_before_the_call_returns(fleet: Fleet) -> None:

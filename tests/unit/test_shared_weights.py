@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,3 +114,65 @@ def test_small_model_is_opened_as_is(tmp_path: Path) -> None:
         assert shared_weights.shared_copy(_model(tmp_path / "m" / "1" / "model.onnx", 0)) is None
     finally:
         shared_weights.set_cache_dir(None)
+
+
+def test_prune_removes_copies_no_loaded_version_uses_once_unused_for_a_while(
+    tmp_path: Path, cache: Path
+) -> None:
+    kept_model = _model(tmp_path / "repo" / "m" / "1" / "model.onnx", 0)
+    gone_model = _model(tmp_path / "repo" / "m" / "2" / "model.onnx", 1)
+    kept = shared_weights.shared_copy(kept_model)
+    gone = shared_weights.shared_copy(gone_model)
+    assert kept is not None and gone is not None
+    writing = cache / "weights" / ".tmp-being-written"
+    writing.mkdir()
+    abandoned = cache / "weights" / ".tmp-abandoned"
+    abandoned.mkdir()
+    day_ago = time.time() - shared_weights.ABANDONED_AFTER - 60
+    os.utime(abandoned, (day_ago, day_ago))
+    # Just used: a version unloaded and loaded again soon (or a worker opening it) keeps it.
+    assert shared_weights.prune([kept_model]) == [abandoned.name]
+    removed = shared_weights.prune([kept_model], unused_for=0)
+    assert removed == [gone.parent.name]
+    assert kept.is_file() and not gone.parent.exists() and writing.is_dir()
+    # Opened again after its copy went: made anew, never a failed load.
+    again = shared_weights.shared_copy(gone_model)
+    assert again is not None and again.is_file()
+
+
+def test_prune_without_a_cache_does_nothing(tmp_path: Path) -> None:
+    shared_weights.set_cache_dir(None)
+    assert shared_weights.prune([tmp_path / "missing.onnx"], unused_for=0) == []
+    shared_weights.set_cache_dir(tmp_path / "never-made")
+    try:
+        assert shared_weights.prune([], unused_for=0) == []
+    finally:
+        shared_weights.set_cache_dir(None)
+
+
+def test_the_server_removes_a_copy_when_its_version_is_unloaded(
+    tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first process prunes after every repository change: an unloaded model's copy goes,
+    a loaded one's stays (here with no quiet period, so the test need not wait one out)."""
+    from helpers import wait_for, write_config
+    from serverutil import ServerThread
+
+    from ferry.client import InferenceClient, RepositoryClient
+
+    root = tmp_path / "repo"
+    for name, seed in (("a", 0), ("b", 1)):
+        _model(root / name / "1" / "model.onnx", seed)
+        write_config(root, name, {"onnxruntime": {"share_weights": True}})
+    with ServerThread(root, state_dir=str(cache)) as srv:
+        copies = cache / "weights"
+        assert len(list(copies.iterdir())) == 2  # both loaded, both shared
+        monkeypatch.setattr(shared_weights, "UNUSED_FOR", 0.0)  # after the loads it raced
+        with RepositoryClient(srv.management_target) as repo:
+            repo.unload_model("b")
+        wait_for(lambda: len(list(copies.iterdir())) == 1, "the unloaded model's copy to go")
+        (left,) = copies.iterdir()
+        assert (left / "model.onnx").is_file()
+        x = np.ones((2, WIDTH), np.float32)
+        with InferenceClient(srv.target) as client:
+            assert client.infer("a", {"x": x})["y"].shape == (2, WIDTH)

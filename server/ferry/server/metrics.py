@@ -15,6 +15,7 @@ on the event loop. prometheus_client still provides the ``process_*`` collector.
 from __future__ import annotations
 
 import math
+import os
 from bisect import bisect_left
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from ferry.server.core.stats_merge import merge
 from ferry.server.core.types import State, VersionStatistics, VersionStatus
 from ferry.server.errors import FerryError
 from ferry.server.grpc.status import code_of
+from ferry.server.memory import KINDS, process_memory
 from ferry.server.metrics_http import MetricsServer, ReadyFlag
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -91,6 +93,11 @@ class Metrics:
         self._requests: dict[tuple[str, int], _Requests] = {}
         self._labels: dict[tuple[str, int], str] = {}
         self._peers: PeerCounters | None = None
+        self._worker_pids: Callable[[], list[int]] = lambda: [os.getpid()]
+
+    def workers(self, pids: Callable[[], list[int]]) -> None:
+        """The serving processes whose memory a scrape reports, the first one's (this) first."""
+        self._worker_pids = pids
 
     def sum_with(self, peers: PeerCounters) -> None:
         """With several worker processes a scrape shows their sum (read on the metrics thread)."""
@@ -151,6 +158,7 @@ class Metrics:
         lines: list[str] = []
         self._render_requests(lines, _summed(rows))
         self._render_core(lines, stats, statuses)
+        self._render_memory(lines)
         return "\n".join(lines).encode("utf-8") + b"\n" + generate_latest(self.process)
 
     def _render_requests(self, out: list[str], requests: dict[tuple[str, int], _Requests]) -> None:
@@ -260,6 +268,22 @@ class Metrics:
             for candidate in State:
                 one = 1 if st.state is candidate else 0
                 out.append(f'ferry_model_state{{{lab},state="{candidate.value}"}} {one}')
+
+    def _render_memory(self, out: list[str]) -> None:
+        """Each worker's memory (memory.py): sum the pss series for what the workers cost."""
+        out.append(
+            "# HELP ferry_worker_memory_bytes Memory of each serving process: rss (all it "
+            "maps), pss (shared pages divided among their sharers; sums to the total), private"
+        )
+        out.append("# TYPE ferry_worker_memory_bytes gauge")
+        for index, pid in enumerate(self._worker_pids()):
+            m = process_memory(pid)
+            if m is None:
+                continue
+            out.extend(
+                f'ferry_worker_memory_bytes{{worker="{index}",kind="{kind}"}} {m[kind]}'
+                for kind in KINDS
+            )
 
     def _render_shadows(self, out: list[str]) -> None:
         """Shadow comparisons (core.shadow) of this process: docs/rollout.md."""

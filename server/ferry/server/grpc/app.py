@@ -25,7 +25,7 @@ from grpc import aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ferry.proto.v1 import inference_pb2, repository_pb2, repository_pb2_grpc
-from ferry.server import security
+from ferry.server import memory, security
 from ferry.server.convert.service import ConversionService, default_state_dir
 from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.pools import ThreadPools, usable_cores
@@ -41,8 +41,8 @@ from ferry.server.grpc.tls import server_credentials
 from ferry.server.http.listener import HttpListener, ssl_context
 from ferry.server.http.oip import OipRoutes
 from ferry.server.metrics import Metrics
+from ferry.server.runtime import shared_weights
 from ferry.server.runtime.session import open_session, set_auto_threads
-from ferry.server.runtime.shared_weights import set_cache_dir
 from ferry.server.settings import Settings
 from ferry.server.workers import control as worker_control
 from ferry.server.workers.fleet import WorkerFleet, die_with_parent
@@ -72,7 +72,9 @@ class FerryServer:
         # Aligned weight copies (onnxruntime.share_weights) live beside the conversion state,
         # outside the repository, where every worker of this server finds them.
         state = settings.state_dir
-        set_cache_dir(Path(state) if state else default_state_dir(self.repository.root))
+        shared_weights.set_cache_dir(
+            Path(state) if state else default_state_dir(self.repository.root)
+        )
         self.registry = ModelRegistry(
             self.repository, open_session, warm_up=settings.warm_up, pools=pools
         )
@@ -100,6 +102,8 @@ class FerryServer:
         self._http: list[HttpListener] = []
         self._stopping = False
         self._poll_task: asyncio.Task[None] | None = None
+        self._prune_task: asyncio.Task[None] | None = None
+        self._prune_dirty = False
         self._health_task: asyncio.Task[None] | None = None
         self._health_dirty = False
         self._health_status: dict[str, int] = {}  # service name -> the status last set
@@ -205,6 +209,8 @@ class FerryServer:
         for srv in self._servers:
             await srv.start()
         self.registry.add_listener(self._schedule_health)
+        if not self.is_worker:
+            self.registry.add_listener(self._schedule_prune)
         await self.registry.refresh()
         required = [m.strip() for m in s.require_models.split(",") if m.strip()]
         self.registry.settle(required)
@@ -255,6 +261,8 @@ class FerryServer:
         http_port = self.http_port if self.settings.http_port >= 0 else -1
         await self.fleet.start(self.inference_port, http_port)
         self.registry.follower = self.fleet.follow
+        fleet = self.fleet
+        self.metrics.workers(lambda: [os.getpid(), *fleet.pids])
         log.info(
             "%d inference workers on port %d (pids %s; control sockets in %s)",
             self.workers,
@@ -262,6 +270,8 @@ class FerryServer:
             ",".join(str(p) for p in [os.getpid(), *self.fleet.pids]),
             self._run_dir,
         )
+        # Workers x models is the known trap of multi-process servers: say what it costs.
+        log.info("memory with models loaded: %s", memory.summary([os.getpid(), *fleet.pids]))
 
     async def _start_http(
         self,
@@ -341,6 +351,28 @@ class FerryServer:
                 await self.health.set(name, status)
                 self._health_status[name] = status
 
+    def _schedule_prune(self) -> None:
+        """After a repository change, weight copies no loaded version uses go (shared_weights),
+        off the loop; a change during a running prune makes it go round again."""
+        self._prune_dirty = True
+        if self._prune_task is None or self._prune_task.done():
+            self._prune_task = asyncio.get_running_loop().create_task(self._prune_loop())
+
+    async def _prune_loop(self) -> None:
+        while self._prune_dirty and not self._stopping:
+            self._prune_dirty = False
+            files = [
+                self.repository.model_file(v.name, v.version)
+                for v in self.registry.loaded_versions()
+            ]
+            try:
+                removed = await asyncio.to_thread(shared_weights.prune, files)
+            except OSError as exc:
+                log.warning("weight copies not pruned: %s", exc)
+                return
+            if removed:
+                log.info("removed %d shared weight copies no loaded version uses", len(removed))
+
     async def _poll(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
@@ -360,10 +392,11 @@ class FerryServer:
         await self.health.enter_graceful_shutdown()
         if self._management_health is not None:
             await self._management_health.enter_graceful_shutdown()
-        if self._poll_task is not None:
-            self._poll_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poll_task
+        for task in (self._poll_task, self._prune_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for hook in self.on_stop:
             try:
                 await hook()

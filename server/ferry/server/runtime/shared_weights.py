@@ -21,6 +21,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,13 @@ ALIGN = 64 * 1024
 # Models whose embedded initializers total less are opened as they are (little to share).
 MIN_SHARED_BYTES = 16 * 2**20
 DATA_NAME = "model.onnx.data"
+
+# A copy that no loaded version uses is removed once it has gone unused this long (seconds), so
+# that a version unloaded and loaded again soon, or one a worker is opening right now, keeps it.
+UNUSED_FOR = 600.0
+# A partial copy (``.tmp-*``) may be a large model being written right now: it only goes when
+# its writer must be long gone.
+ABANDONED_AFTER = 24 * 3600.0
 
 _CACHE: dict[str, Path | None] = {"dir": None}
 # Digests of models found not worth a copy, so that they are parsed once, not per opening.
@@ -94,6 +103,7 @@ def shared_copy(path: Path) -> Path | None:
         digest = _digest(os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         target = root / "weights" / digest
         if (target / "model.onnx").is_file():
+            os.utime(target)  # in use: prune() leaves a copy alone for UNUSED_FOR after this
             return target / "model.onnx"
         if digest in _UNSHAREABLE:
             return None  # parsed once already: the next opening of this load skips it
@@ -122,3 +132,40 @@ def shared_copy(path: Path) -> Path | None:
     except Exception as exc:  # sharing is an optimisation: it never fails the load
         log.warning("%s: weights not shared between workers, loading as is (%s)", path, exc)
         return None
+
+
+def prune(loaded_models: Iterable[Path], *, unused_for: float | None = None) -> list[str]:
+    """Remove the cached copies (and abandoned partial ones) that none of ``loaded_models``
+    uses and that nobody opened for ``unused_for`` seconds (``UNUSED_FOR``); returns what was
+    removed.
+
+    Run by the first process, whose loaded set the workers follow. A worker that still maps a
+    removed copy keeps its pages (an unlinked file stays mapped), and one that opens it again
+    finds it missing and makes it anew, so a removal never fails a load."""
+    root = _CACHE["dir"]
+    folder = None if root is None else root / "weights"
+    if folder is None or not folder.is_dir():
+        return []
+    keep: set[str] = set()
+    for path in loaded_models:
+        try:
+            st = path.stat()
+            if st.st_size >= MIN_SHARED_BYTES:
+                keep.add(_digest(os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            continue  # gone meanwhile: nothing of it to keep
+    quiet = UNUSED_FOR if unused_for is None else unused_for
+    now = time.time()
+    removed = []
+    for entry in folder.iterdir():
+        if entry.name in keep:
+            continue
+        try:
+            partial = entry.name.startswith(".tmp-")
+            if now - entry.stat().st_mtime < (ABANDONED_AFTER if partial else quiet):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
+    return removed
