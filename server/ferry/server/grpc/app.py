@@ -361,17 +361,21 @@ class FerryServer:
     async def _prune_loop(self) -> None:
         while self._prune_dirty and not self._stopping:
             self._prune_dirty = False
-            files = [
-                self.repository.model_file(v.name, v.version)
-                for v in self.registry.loaded_versions()
-            ]
+            if not shared_weights.has_copies():
+                return  # no model shares its weights: nothing to look at, no paths to resolve
+            loaded = [(v.name, v.version) for v in self.registry.loaded_versions()]
             try:
-                removed = await asyncio.to_thread(shared_weights.prune, files)
+                removed = await asyncio.to_thread(self._prune_copies, loaded)
             except OSError as exc:
                 log.warning("weight copies not pruned: %s", exc)
                 return
             if removed:
                 log.info("removed %d shared weight copies no loaded version uses", len(removed))
+
+    def _prune_copies(self, loaded: list[tuple[str, int]]) -> list[str]:
+        # Path resolution (a stat and realpath per version) runs here, off the event loop.
+        files = [self.repository.model_file(name, version) for name, version in loaded]
+        return shared_weights.prune(files)
 
     async def _poll(self, interval: float) -> None:
         while True:

@@ -134,6 +134,12 @@ def shared_copy(path: Path) -> Path | None:
         return None
 
 
+def has_copies() -> bool:
+    """Whether the cache holds anything prune() could remove (cheap: one stat)."""
+    root = _CACHE["dir"]
+    return root is not None and (root / "weights").is_dir()
+
+
 def prune(loaded_models: Iterable[Path], *, unused_for: float | None = None) -> list[str]:
     """Remove the cached copies (and abandoned partial ones) that none of ``loaded_models``
     uses and that nobody opened for ``unused_for`` seconds (``UNUSED_FOR``); returns what was
