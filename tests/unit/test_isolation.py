@@ -174,5 +174,5 @@ def test_threads_are_bounded_by_the_host_not_by_the_number_of_models(tmp_path: P
     )
     assert run.returncode == 0, run.stderr[-2000:]
     grown, execution, loader = (int(n) for n in run.stdout.split())
-    assert grown <= execution + loader, (grown, execution, loader)
+    assert grown <= execution + loader + 1, (grown, execution, loader)  # + the files thread
     assert execution == usable_cores() and loader <= 2

@@ -384,3 +384,37 @@ def test_warm_up_runs_without_breaking_load(repo: ModelRepository) -> None:
         await registry.close()
 
     arun(main)
+
+
+def test_health_is_all_ready_and_each_models_readiness_in_one_pass(repo: ModelRepository) -> None:
+    """registry.health() answers what all_ready() and the per-model states do, through every
+    state the registry passes: nothing loaded, loading, ready, failed, settled, unloaded."""
+    write_model(repo, "seed", seed_model())
+    (repo.root / "broken" / "1").mkdir(parents=True)
+    (repo.root / "broken" / "1" / "model.onnx").write_bytes(b"\x08\x01garbage")
+
+    async def main() -> None:
+        registry = _registry(repo)
+        seen: list[tuple[bool, dict[str, bool]]] = []
+
+        def check() -> None:
+            states = {
+                e.name: any(s.state is State.READY for s in e.versions.values())
+                for e in registry.models.values()
+            }
+            assert registry.health() == (registry.all_ready(), states)
+            seen.append(registry.health())
+
+        registry.add_listener(check)
+        check()
+        await registry.refresh()  # LOADING then READY / FAILED, checked at each change
+        assert registry.health() == (True, {"seed": True, "broken": False})
+        registry.settle()
+        check()
+        await registry.unload_model("seed")
+        check()
+        assert registry.health() == (False, {"broken": False})
+        assert len(seen) >= 6  # every change was checked, not only the end states
+        await registry.close()
+
+    arun(main)

@@ -215,6 +215,10 @@ class DataPlane:
             return False
         return True
 
+    def health(self) -> tuple[bool, dict[str, bool]]:
+        """``ready()`` and ``model_states()`` together, in one pass (registry.health)."""
+        return self._registry.health()
+
     def model_states(self) -> dict[str, bool]:
         """Each model the registry knows -> whether one of its versions is READY."""
         return {

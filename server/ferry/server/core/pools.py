@@ -40,7 +40,9 @@ def _lower_priority() -> None:
 
 class ThreadPools:
     """``execution``: batches too slow to run inline on the event loop, from every version.
-    ``loading``: opening and warming up sessions, unloading them, at a lower priority."""
+    ``loading``: opening and warming up sessions, unloading them, at a lower priority.
+    ``files``: one thread for reading the repository's folders (a refresh's scan of every
+    model), quick work kept off the event loop and out of the loaders' queue."""
 
     def __init__(self, execution_threads: int = 0, loader_threads: int = 0) -> None:
         cores = usable_cores()
@@ -55,6 +57,9 @@ class ThreadPools:
             initializer=_lower_priority,
         )
 
+        self.files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-files")
+
     def shutdown(self) -> None:
         self.execution.shutdown(wait=False, cancel_futures=True)
         self.loading.shutdown(wait=False, cancel_futures=True)
+        self.files.shutdown(wait=False, cancel_futures=True)

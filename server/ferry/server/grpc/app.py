@@ -333,12 +333,12 @@ class FerryServer:
         self._health_dirty = False
         if self._stopping:
             return
-        ready = self.dataplane.ready()
+        ready, models = self.dataplane.health()
         self.metrics.ready.ready = ready  # the metrics port's HTTP readiness reads this
         replica = SERVING if ready else NOT_SERVING
         # A model that left the registry (folder removed, unloaded) must not stay SERVING.
         wanted = dict.fromkeys(self._health_status, NOT_SERVING)
-        for name, model_ready in self.dataplane.model_states().items():
+        for name, model_ready in models.items():
             wanted[name] = SERVING if model_ready else NOT_SERVING
         # The replica, and the inference services by their full names (as probes configured per
         # service ask): they serve when the replica does.
@@ -365,7 +365,9 @@ class FerryServer:
                 return  # no model shares its weights: nothing to look at, no paths to resolve
             loaded = [(v.name, v.version) for v in self.registry.loaded_versions()]
             try:
-                removed = await asyncio.to_thread(self._prune_copies, loaded)
+                removed = await asyncio.get_running_loop().run_in_executor(
+                    self.registry.pools.files, self._prune_copies, loaded
+                )
             except OSError as exc:
                 log.warning("weight copies not pruned: %s", exc)
                 return
