@@ -64,7 +64,7 @@ def build(folder: Path, mib: int) -> tuple[Path, Path]:
     return embedded, external
 
 
-def child(path: str, config: str, runs: int) -> None:
+def child(path: str, config: str, runs: int, batch: int = 1) -> None:
     """Open the session like Ferry, run, report timing, then wait so the parent can read PSS."""
     import numpy as np
     import onnxruntime as ort
@@ -90,7 +90,7 @@ def child(path: str, config: str, runs: int) -> None:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     name = session.get_inputs()[0].name
     width = session.get_inputs()[0].shape[1]
-    x = np.ones((1, width), np.float32)
+    x = np.ones((batch, width), np.float32)
     session.run(None, {name: x})
     took = 0.0
     if runs:
@@ -102,7 +102,9 @@ def child(path: str, config: str, runs: int) -> None:
     sys.stdin.readline()
 
 
-def measure(path: Path, config: str, k: int, runs: int) -> tuple[list[tuple[float, float]], float]:
+def measure(
+    path: Path, config: str, k: int, runs: int, batch: int = 1
+) -> tuple[list[tuple[float, float]], float]:
     from serving import memory_mib  # here, not at the top: the children stay lean
 
     procs = [
@@ -116,6 +118,8 @@ def measure(path: Path, config: str, k: int, runs: int) -> tuple[list[tuple[floa
                 config,
                 "--runs",
                 str(runs if i == 0 else 0),
+                "--batch",
+                str(batch),
             ],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -137,11 +141,12 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=3)
     parser.add_argument("--mib", type=int, default=128)
     parser.add_argument("--runs", type=int, default=200)
+    parser.add_argument("--batch", type=int, default=1, help="rows per timed run")
     parser.add_argument("--child")
     parser.add_argument("--config", default="")
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.config, args.runs)
+        child(args.child, args.config, args.runs, args.batch)
         return
     import onnxruntime as ort
 
@@ -151,7 +156,7 @@ def main() -> None:
         print(f"onnxruntime {ort.__version__}, weights {size / 2**20:.0f} MiB, K={args.k}\n")
         print(
             "| configuration | RSS MiB per process | PSS MiB per process "
-            f"| PSS total for K={args.k} | batch-1 run us |"
+            f"| PSS total for K={args.k} | batch-{args.batch} run us |"
         )
         print("|---|---|---|---|---|")
         nopack = "session.disable_prepacking=1"
@@ -167,7 +172,7 @@ def main() -> None:
             ),
             ("f. Ferry, share_weights = true, cache warm", embedded, f"ferry:{tmp}/s"),
         ):
-            mem, us = measure(path, config, args.k, args.runs)
+            mem, us = measure(path, config, args.k, args.runs, args.batch)
             rss = "/".join(f"{r:.0f}" for r, _ in mem)
             pss = "/".join(f"{p:.0f}" for _, p in mem)
             total = sum(p for _, p in mem)
