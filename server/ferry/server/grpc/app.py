@@ -363,7 +363,13 @@ class FerryServer:
             self._prune_dirty = False
             if not shared_weights.has_copies():
                 return  # no model shares its weights: nothing to look at, no paths to resolve
-            loaded = [(v.name, v.version) for v in self.registry.loaded_versions()]
+            # Only versions that share weights can hold a copy (and only their files have been
+            # hashed here: hashing another model of gigabytes would hold the files thread).
+            loaded = [
+                (v.name, v.version)
+                for v in self.registry.loaded_versions()
+                if v.config.onnxruntime.share_weights
+            ]
             try:
                 removed = await asyncio.get_running_loop().run_in_executor(
                     self.registry.pools.files, self._prune_copies, loaded
@@ -479,13 +485,10 @@ def _check_free(host: str, port: int, address: str, *, shared: bool = False) -> 
             raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from None
 
 
-__all__ = ["FerryServer", "grpc"]
-
-
 def pending_call_limits(max_pending: int) -> list[tuple[str, int]]:
     """grpc's own bound on calls that arrived while the event loop was too busy to take them.
 
-    Only grpc's core can refuse a call for less than the ~200-340 us of Python that any call
+    Only grpc's core can refuse a call for less than the ~200-340 µs of Python that any call
     reaching the event loop costs on grpc.aio, refused or served (bench: docs/benchmarking.md);
     under open-loop overload it is the one refusal cheap enough to keep the loop for work that
     can finish. It counts calls, not deadlines, so it is off (grpc's defaults) unless set. Half
@@ -497,3 +500,6 @@ def pending_call_limits(max_pending: int) -> list[tuple[str, int]]:
         ("grpc.server.max_pending_requests", max_pending // 2),
         ("grpc.server.max_pending_requests_hard_limit", max_pending),
     ]
+
+
+__all__ = ["FerryServer", "grpc"]
