@@ -132,11 +132,12 @@ def wait_ready(proc: subprocess.Popen[str], target: str, timeout: float = 120) -
 def memory_mib(pid: int) -> tuple[float, float]:
     """(RSS, PSS) in MiB of one process: PSS splits each shared page between the processes
     mapping it, so PSS adds up across processes where RSS counts shared pages again."""
-    fields: dict[str, int] = {}
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
-        key, value = line.split(":", 1)
-        fields[key] = int(value.split()[0])
-    return fields["Rss"] / 1024, fields["Pss"] / 1024
+    from ferry.server.memory import process_memory  # the server's own reading of smaps
+
+    memory = process_memory(pid)
+    if memory is None:
+        raise RuntimeError(f"cannot read the memory of process {pid}")
+    return memory["rss"] / 2**20, memory["pss"] / 2**20
 
 
 def ferry_command(repo: Path, port: int, *flags: str) -> list[str]:

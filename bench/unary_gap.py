@@ -30,57 +30,22 @@ from typing import Any
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 
+from cpu_per_request import thread_ticks  # noqa: E402
 from models import build  # noqa: E402
 from overload import LOADGEN, LOADGEN_BIN, MODEL, OIP_INFER, _payload  # noqa: E402
-from serving import ferry_command, free_port, wait_ready  # noqa: E402
+from perf_floor import start_ferry, start_floor  # noqa: E402
 
 SERVERS = ("sync", "aio", "ferry")
 
 
-def thread_ticks(pid: int) -> dict[str, int]:
-    ticks = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            stat = Path(f"/proc/{pid}/task/{tid}/stat").read_text()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        ticks[tid] = int(fields[11]) + int(fields[12])
-    return ticks
-
-
-def start(kind: str, repo: Path, port: int) -> subprocess.Popen[str]:
-    target = f"127.0.0.1:{port}"
+def start(kind: str, repo: Path) -> tuple[subprocess.Popen[bytes], int]:
     if kind == "ferry":
-        proc = subprocess.Popen(ferry_command(repo, port), text=True)
-        wait_ready(proc, target)
-        return proc
-    model = repo / MODEL / "1" / "model.onnx"
-    cmd = [sys.executable, str(HERE / "plain_server.py"), str(model), str(port)]
-    cmd += ["--protocol", "oip", *(["--aio"] if kind == "aio" else [])]
-    proc = subprocess.Popen(cmd, text=True, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # answered once: the plain servers have no health
-        once = [str(LOADGEN_BIN), "--target", target, "--method", OIP_INFER]
-        once += ["--payload", str(repo.parent / "oip.bin"), "--concurrency", "1"]
-        once += ["--seconds", "0.2", "--deadline-ms", "1000", "--channels", "1", "--threads", "1"]
-        probe = subprocess.run(
-            once,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if probe.returncode == 0 and '"OK"' in probe.stdout:
-            return proc
-        if proc.poll() is not None:
-            break
-    proc.kill()
-    raise RuntimeError(f"{kind} server did not answer on {target}")
+        return start_ferry(repo)
+    return start_floor(repo / MODEL / "1" / "model.onnx", MODEL, aio=kind == "aio")
 
 
 def measure(kind: str, repo: Path, levels: list[int], seconds: float) -> dict[int, dict[str, Any]]:
-    port = free_port()
-    proc = start(kind, repo, port)
+    proc, port = start(kind, repo)
     out = {}
     try:
         for c in levels:
@@ -95,7 +60,10 @@ def measure(kind: str, repo: Path, levels: list[int], seconds: float) -> dict[in
             t1, wall = thread_ticks(proc.pid), time.monotonic() - w0
             report = json.loads(gen.communicate()[0].strip().splitlines()[-1])
             rate = report["codes"].get("OK", 0) / (seconds + 1.5)
-            used = sorted(((t1[t] - t0.get(t, 0)) / 100 / wall for t in t1), reverse=True)
+            ticks = os.sysconf("SC_CLK_TCK")
+            used = sorted(
+                ((t1[t][1] - t0.get(t, ("", 0))[1]) / ticks / wall for t in t1), reverse=True
+            )
             out[c] = {
                 "rps": rate,
                 "p50_ms": report["codes_ms"]["OK"]["p50"],
