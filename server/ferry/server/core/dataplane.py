@@ -216,15 +216,9 @@ class DataPlane:
         return True
 
     def health(self) -> tuple[bool, dict[str, bool]]:
-        """``ready()`` and ``model_states()`` together, in one pass (registry.health)."""
+        """``ready()``, and each model the registry knows -> whether one of its versions is
+        READY, in one pass (registry.health)."""
         return self._registry.health()
-
-    def model_states(self) -> dict[str, bool]:
-        """Each model the registry knows -> whether one of its versions is READY."""
-        return {
-            entry.name: any(s.state is State.READY for s in entry.versions.values())
-            for entry in list(self._registry.models.values())
-        }
 
     # ---- repository control ----
     async def load(self, model: str) -> RepositoryOutcome:

@@ -207,12 +207,7 @@ class ModelRegistry:
         at least one is READY. After it: the models the replica must serve each have a READY
         version; a model loading, reloading or failing beside them changes nothing, so a
         readiness probe does not pull a serving replica out on every deploy."""
-        if self._required is not None:
-            return self._serving(self._required)
-        slots = [s for e in self.models.values() for s in e.versions.values()]
-        return any(s.state is State.READY for s in slots) and not any(
-            s.state is State.LOADING for s in slots
-        )
+        return self.health()[0]
 
     def health(self) -> tuple[bool, dict[str, bool]]:
         """``all_ready()`` and each model's readiness (a READY version), from one pass over the
@@ -238,18 +233,10 @@ class ModelRegistry:
     def settle(self, required: list[str] | None = None) -> None:
         """Fix what readiness means once the start-up load is done: the models named, or else
         those serving now. An explicit load adds a model to them, an explicit unload removes it."""
-        self._required = set(required) if required else set(self._ready_models())
-
-    def _ready_models(self) -> list[str]:
-        return [
-            e.name
-            for e in self.models.values()
-            if any(s.state is State.READY for s in e.versions.values())
-        ]
-
-    def _serving(self, required: set[str]) -> bool:
-        ready = set(self._ready_models())
-        return required <= ready if required else bool(ready)
+        if required:
+            self._required = set(required)
+        else:
+            self._required = {name for name, ready in self.health()[1].items() if ready}
 
     # ---- changes ----
     def _lock_of(self, name: str) -> asyncio.Lock:

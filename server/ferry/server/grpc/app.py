@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ferry.proto.v1 import inference_pb2, repository_pb2, repository_pb2_grpc
 from ferry.server import memory, security
+from ferry.server.coalesced import Coalesced
 from ferry.server.convert.service import ConversionService, default_state_dir
 from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.pools import ThreadPools, usable_cores
@@ -102,10 +103,10 @@ class FerryServer:
         self._http: list[HttpListener] = []
         self._stopping = False
         self._poll_task: asyncio.Task[None] | None = None
-        self._prune_task: asyncio.Task[None] | None = None
-        self._prune_dirty = False
-        self._health_task: asyncio.Task[None] | None = None
-        self._health_dirty = False
+        # After every repository change (registry listeners): health follows, and weight
+        # copies no loaded version uses go; a burst of changes costs one or two runs of each.
+        self._health = Coalesced(self._update_health)
+        self._prune = Coalesced(self._prune_weights)
         self._health_status: dict[str, int] = {}  # service name -> the status last set
         self._management_health: health.aio.HealthServicer | None = None
         self._management_services: list[str] = []
@@ -208,9 +209,9 @@ class FerryServer:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         for srv in self._servers:
             await srv.start()
-        self.registry.add_listener(self._schedule_health)
+        self.registry.add_listener(self._health.request)
         if not self.is_worker:
-            self.registry.add_listener(self._schedule_prune)
+            self.registry.add_listener(self._prune.request)
         await self.registry.refresh()
         required = [m.strip() for m in s.require_models.split(",") if m.strip()]
         self.registry.settle(required)
@@ -316,21 +317,9 @@ class FerryServer:
             else:
                 self.http_port = bound
 
-    def _schedule_health(self) -> None:
-        # A change that arrives while an update is running (it awaits when Watch streams are
-        # open) marks it dirty, so the running task goes round again instead of the change
-        # being dropped and health left stale.
-        self._health_dirty = True
-        if self._health_task is None or self._health_task.done():
-            loop = asyncio.get_running_loop()
-            self._health_task = loop.create_task(self._update_health_loop())
-
-    async def _update_health_loop(self) -> None:
-        while self._health_dirty:
-            await self._update_health()
-
     async def _update_health(self) -> None:
-        self._health_dirty = False
+        # It awaits when Watch streams are open: a change meanwhile makes Coalesced run it
+        # again, so health is never left stale.
         if self._stopping:
             return
         ready, models = self.dataplane.health()
@@ -351,34 +340,26 @@ class FerryServer:
                 await self.health.set(name, status)
                 self._health_status[name] = status
 
-    def _schedule_prune(self) -> None:
-        """After a repository change, weight copies no loaded version uses go (shared_weights),
-        off the loop; a change during a running prune makes it go round again."""
-        self._prune_dirty = True
-        if self._prune_task is None or self._prune_task.done():
-            self._prune_task = asyncio.get_running_loop().create_task(self._prune_loop())
-
-    async def _prune_loop(self) -> None:
-        while self._prune_dirty and not self._stopping:
-            self._prune_dirty = False
-            if not shared_weights.has_copies():
-                return  # no model shares its weights: nothing to look at, no paths to resolve
-            # Only versions that share weights can hold a copy (and only their files have been
-            # hashed here: hashing another model of gigabytes would hold the files thread).
-            loaded = [
-                (v.name, v.version)
-                for v in self.registry.loaded_versions()
-                if v.config.onnxruntime.share_weights
-            ]
-            try:
-                removed = await asyncio.get_running_loop().run_in_executor(
-                    self.registry.pools.files, self._prune_copies, loaded
-                )
-            except OSError as exc:
-                log.warning("weight copies not pruned: %s", exc)
-                return
-            if removed:
-                log.info("removed %d shared weight copies no loaded version uses", len(removed))
+    async def _prune_weights(self) -> None:
+        """Weight copies no loaded version uses go (shared_weights), off the loop."""
+        if self._stopping or not shared_weights.has_copies():
+            return  # no copies: nothing to look at, no paths to resolve
+        # Only versions that share weights can hold a copy (and only their files have been
+        # hashed here: hashing another model of gigabytes would hold the files thread).
+        loaded = [
+            (v.name, v.version)
+            for v in self.registry.loaded_versions()
+            if v.config.onnxruntime.share_weights
+        ]
+        try:
+            removed = await asyncio.get_running_loop().run_in_executor(
+                self.registry.pools.files, self._prune_copies, loaded
+            )
+        except OSError as exc:
+            log.warning("weight copies not pruned: %s", exc)
+            return
+        if removed:
+            log.info("removed %d shared weight copies no loaded version uses", len(removed))
 
     def _prune_copies(self, loaded: list[tuple[str, int]]) -> list[str]:
         # Path resolution (a stat and realpath per version) runs here, off the event loop.
@@ -404,11 +385,11 @@ class FerryServer:
         await self.health.enter_graceful_shutdown()
         if self._management_health is not None:
             await self._management_health.enter_graceful_shutdown()
-        for task in (self._poll_task, self._prune_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._poll_task is not None:
+            self._poll_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poll_task
+        await self._prune.cancel()
         for hook in self.on_stop:
             try:
                 await hook()
