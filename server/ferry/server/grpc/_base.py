@@ -1,18 +1,40 @@
-"""Shared plumbing of the gRPC adapters: error translation and deadlines."""
+"""Shared plumbing of the gRPC adapters: the server's method dispatch, error translation and
+deadlines."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+import grpc
 from grpc import aio
 
 from ferry.server.grpc.status import status_of, trailing
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def new_server(options: list[tuple[str, int]], interceptors: list[Any]) -> aio.Server:
+    """A grpc.aio server that dispatches every method through its generic handlers.
+
+    grpc.aio (1.85) keeps one pending request per *registered* method and, for every call it
+    accepts, runs ``asyncio.wait`` over all of them on the event loop: with the ~30 methods of
+    ferry.v1, the Open Inference Protocol, health and reflection that is ~30 callbacks added and
+    removed per call. Measured (bench/unary_gap.py, tiny MLP, C++ closed loop, c=64): Ferry's
+    event loop spent 268 -> 246 us per request, throughput +9%, with the methods generic only;
+    keeping just the four inference methods registered gained less. So the generated
+    ``add_*Servicer_to_server`` functions (health, reflection, ours) register through the
+    generic handlers alone, which resolve a method with a dict lookup per service."""
+    server = aio.server(options=options, interceptors=interceptors)
+    server.add_registered_method_handlers = _generic_only  # type: ignore[method-assign,assignment]
+    return server
+
+
+def _generic_only(service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:
+    """The generated code registers each service twice; its generic registration stands."""
 
 
 def translate_errors(fn: F) -> F:

@@ -34,6 +34,7 @@ from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import Limits
 from ferry.server.grpc import conversion, kserve, reflection
+from ferry.server.grpc._base import new_server
 from ferry.server.grpc.auth import inference_guard, management_guard
 from ferry.server.grpc.inference import InferenceServicer
 from ferry.server.grpc.inference import add_to_server as add_inference_to_server
@@ -160,7 +161,7 @@ class FerryServer:
         await self.health.set("", NOT_SERVING)
         # Inference listener.
         guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
-        server = aio.server(options=self._options(inference=True), interceptors=[guard])
+        server = new_server(self._options(inference=True), [guard])
         add_inference_to_server(server, InferenceServicer(self.dataplane))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
@@ -181,7 +182,7 @@ class FerryServer:
         self._servers.append(server)
         # Management listener: separate, loopback by default.
         if s.management_port >= 0:
-            mserver = aio.server(options=self._options(), interceptors=[management_guard(tokens)])
+            mserver = new_server(self._options(), [management_guard(tokens)])
             repository_pb2_grpc.add_ModelRepositoryServicer_to_server(
                 RepositoryServicer(self.dataplane), mserver
             )

@@ -268,5 +268,4 @@ def add_to_server(server: aio.Server, servicer: InferenceServicer) -> list[str]:
         ),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, table),))
-    server.add_registered_method_handlers(SERVICE, table)
     return [SERVICE]

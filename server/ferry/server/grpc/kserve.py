@@ -335,5 +335,4 @@ def handlers(servicer: KServeServicer) -> dict[str, grpc.RpcMethodHandler]:
 def add_to_server(server: aio.Server, servicer: KServeServicer) -> list[str]:
     table = handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, table),))
-    server.add_registered_method_handlers(SERVICE, table)
     return [SERVICE]
