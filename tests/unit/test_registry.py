@@ -428,3 +428,77 @@ def test_health_is_all_ready_and_each_models_readiness_in_one_pass(repo: ModelRe
         await registry.close()
 
     arun(main)
+
+
+def test_default_version_is_the_newest_ready_else_the_newest_known() -> None:
+    from ferry.server.core.config import parse_config
+    from ferry.server.core.registry import ModelEntry, VersionSlot
+
+    entry = ModelEntry("m")
+    assert entry.default_version() is None
+    entry.versions = {
+        v: VersionSlot(v, state)
+        for v, state in [(2, State.READY), (5, State.FAILED), (3, State.READY), (1, State.READY)]
+    }
+    assert entry.default_version() == 3  # 5 is newer but not serving
+    for slot in entry.versions.values():
+        slot.state = State.LOADING
+    assert entry.default_version() == 5  # none ready: the newest, so the refusal names it
+    entry.config = parse_config({"default_version": 2})
+    assert entry.default_version() == 2
+
+
+def test_text_inputs_are_decoded_for_the_model_and_left_as_sent_in_the_request(
+    repo: ModelRepository,
+) -> None:
+    write_model(repo, "text", identity_model("BYTES"))
+    registry = _registry(repo)
+    sent = np.array([[b"caf\xc3\xa9", b"x"]], dtype=object)
+    request = InferenceRequest("text", {"input": sent})
+
+    async def go() -> None:
+        await registry.refresh()
+        result = await DataPlane(registry).infer(request)
+        assert result.outputs["output"].tolist() == [["café", "x"]]
+        assert request.inputs["input"] is sent and sent.tolist() == [[b"caf\xc3\xa9", b"x"]]
+
+    arun(go)
+
+
+@pytest.mark.parametrize("requests", [1, 3])
+def test_an_output_that_is_not_batched_fails_instead_of_being_split(
+    repo: ModelRepository, requests: int
+) -> None:
+    """The graph's output has a dynamic first dimension but keeps only the batch's first row:
+    that row belongs to no one request, so the batch fails, alone or with company, and is
+    never sliced into wrong answers."""
+    from onnx import TensorProto, helper
+
+    from ferry.server.errors import InternalError
+    from ferry.server.examples import IR_VERSION, OPSET
+
+    graph = helper.make_graph(
+        [helper.make_node("Compress", ["input", "first"], ["output"], axis=0)],
+        "first_row",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["rows", 3])],
+        [helper.make_tensor("first", TensorProto.BOOL, [1], [True])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    write_model(repo, "sums", model)
+    _config(repo, "sums", {"batching": {"max_batch_size": 8, "max_queue_delay_ms": 50}})
+    registry = _registry(repo)
+
+    async def go() -> None:
+        await registry.refresh()
+        plane = DataPlane(registry)
+        calls = [
+            plane.infer(InferenceRequest("sums", {"input": np.ones((2, 3), np.float32)}))
+            for _ in range(requests)
+        ]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(o, InternalError) for o in outcomes), outcomes
+        assert "not a batch dimension" in str(outcomes[0])
+
+    arun(go)

@@ -22,5 +22,6 @@ def test_shapes_within_the_limit_pass_and_counts_add_up_across_inputs() -> None:
     limits = Limits(max_elements=10)
     check_wire_elements([[2, 5]], limits)
     check_wire_elements([[0, 1 << 40]], limits)  # zero-sized: nothing to decode
+    check_wire_elements([[1 << 40, -1]], limits)  # a negative dim holds nothing either
     with pytest.raises(LimitExceeded):
         check_wire_elements([[2, 5], [1]], limits)

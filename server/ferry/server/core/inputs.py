@@ -16,6 +16,8 @@ from ferry.server.core.loaded import LoadedVersion, Work
 from ferry.server.core.types import InferenceRequest, Limits, TensorSpec, short
 from ferry.server.errors import InvalidInput, LimitExceeded
 
+_BYTES = DataType.DATA_TYPE_BYTES  # an int: the enum wrapper's attribute lookup is a call
+
 
 def check_wire_elements(shapes: Iterable[Sequence[int]], limits: Limits) -> None:
     """Refuse a request whose declared shapes exceed ``max_request_elements`` before any tensor
@@ -24,8 +26,12 @@ def check_wire_elements(shapes: Iterable[Sequence[int]], limits: Limits) -> None
     total = 0
     for shape in shapes:
         count = 1
-        for dim in shape:
-            count *= max(int(dim), 0)
+        for dim in shape:  # ints (protobuf int64, or checked JSON); a dim <= 0 holds nothing
+            if dim > 0:
+                count *= dim
+            else:
+                count = 0
+                break
         total += count
         if total > limits.max_elements:
             raise LimitExceeded(
@@ -36,9 +42,9 @@ def check_wire_elements(shapes: Iterable[Sequence[int]], limits: Limits) -> None
 
 def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Work:
     """The request checked against the version's signature and the server's limits, as the
-    batcher will queue it: one validation for every protocol."""
+    batcher will queue it: one validation for every protocol. It runs for every request on the
+    event loop, so the common case costs few calls: messages are only built for a refusal."""
     inputs = request.inputs
-    where = f"model {lv.name!r} version {lv.version}"
     if len(inputs) > limits.max_inputs:
         raise LimitExceeded(
             f"{len(inputs)} inputs is over the limit of {limits.max_inputs} per request "
@@ -52,47 +58,49 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
             parts.append(f"missing inputs {missing}")
         if unexpected:
             parts.append(f"unexpected inputs {[short(n) for n in unexpected]}")
-        raise InvalidInput(f"{where}: {'; '.join(parts)}; it takes {lv.input_names}")
+        raise InvalidInput(f"{_where(lv)}: {'; '.join(parts)}; it takes {lv.input_names}")
     batch: int | None = None
     elements = 0
-    feeds = dict(inputs)
+    feeds: dict[str, np.ndarray] = inputs if isinstance(inputs, dict) else dict(inputs)
+    own = feeds is not inputs  # a copy of ours, free to change
+    batched = lv.max_batch_size > 0
     for name, spec in lv.input_specs.items():
         arr = inputs[name]
-        expected_dtype = lv.input_numpy[name]
-        if arr.dtype != expected_dtype:
+        if arr.dtype != lv.input_numpy[name]:
             raise InvalidInput(
-                f"{where}: input {name!r} must be {datatype_name(spec.dtype)}, got "
+                f"{_where(lv)}: input {name!r} must be {datatype_name(spec.dtype)}, got "
                 f"{_dtype_name(arr)}"
             )
         shape = arr.shape
-        if len(shape) != len(spec.shape) or any(
-            d not in (-1, s) for d, s in zip(spec.shape, shape, strict=True)
-        ):
-            raise InvalidInput(
-                f"{where}: input {name!r} must have shape {_show(spec.shape)}, got {list(shape)}"
-            )
-        if spec.dtype == DataType.DATA_TYPE_BYTES:
-            feeds[name] = _as_text(arr, f"{where}: input {name!r}")
+        if len(shape) != len(spec.shape):
+            raise _wrong_shape(lv, name, spec, shape)
+        for want, got in zip(spec.shape, shape, strict=True):
+            if want not in (got, -1):
+                raise _wrong_shape(lv, name, spec, shape)
+        if spec.dtype == _BYTES:
+            if not own:
+                feeds, own = dict(inputs), True  # the request's own arrays stay as sent
+            feeds[name] = _as_text(arr, f"{_where(lv)}: input {name!r}")
         elements += arr.size
-        if lv.max_batch_size > 0:
+        if batched:
             if batch is None:
                 batch = shape[0]
             elif shape[0] != batch:
                 raise InvalidInput(
-                    f"{where}: inputs disagree on the batch dimension ({batch} vs "
+                    f"{_where(lv)}: inputs disagree on the batch dimension ({batch} vs "
                     f"{shape[0]} for {name!r}); every input's first dim is the batch size"
                 )
     if lv.bounded:
-        _check_bounds(where, lv.bounded, inputs)
+        _check_bounds(_where(lv), lv.bounded, inputs)
     if elements > limits.max_elements:
         raise LimitExceeded(
             f"{elements} tensor elements is over the limit of {limits.max_elements} "
             "per request (max_request_elements)"
         )
-    if lv.max_batch_size > 0:
+    if batched:
         assert batch is not None
         if batch < 1:
-            raise InvalidInput(f"{where}: the batch dimension must be at least 1, got {batch}")
+            raise InvalidInput(f"{_where(lv)}: the batch dimension must be at least 1, got {batch}")
         if 0 < limits.max_batch < batch:
             raise LimitExceeded(
                 f"batch size {batch} is over the limit of {limits.max_batch} per "
@@ -100,7 +108,7 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
             )
         if batch > lv.max_batch_size:
             raise InvalidInput(
-                f"{where}: batch size {batch} is over the model's max_batch_size "
+                f"{_where(lv)}: batch size {batch} is over the model's max_batch_size "
                 f"{lv.max_batch_size}; split the request"
             )
     outputs = tuple(request.outputs) if request.outputs else None
@@ -113,10 +121,23 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
         unknown = [o for o in outputs if o not in lv.output_names]
         if unknown:
             raise InvalidInput(
-                f"{where}: unknown outputs {[short(o) for o in unknown]}; it has {lv.output_names}"
+                f"{_where(lv)}: unknown outputs {[short(o) for o in unknown]}; "
+                f"it has {lv.output_names}"
             )
-    key = batch_key(feeds, lv.input_names) if lv.max_batch_size > 0 else ()
+    key = batch_key(feeds, lv.input_names) if batched else ()
     return Work(feeds, outputs, batch or 1, key)
+
+
+def _where(lv: LoadedVersion) -> str:
+    return f"model {lv.name!r} version {lv.version}"
+
+
+def _wrong_shape(
+    lv: LoadedVersion, name: str, spec: TensorSpec, shape: tuple[int, ...]
+) -> InvalidInput:
+    return InvalidInput(
+        f"{_where(lv)}: input {name!r} must have shape {_show(spec.shape)}, got {list(shape)}"
+    )
 
 
 def _as_text(arr: np.ndarray, where: str) -> np.ndarray:

@@ -65,10 +65,17 @@ class ModelEntry:
         return sorted(v for v, s in list(self.versions.items()) if s.state is State.READY)
 
     def default_version(self) -> int | None:
+        """The configured version, else the newest READY one, else the newest known. Asked
+        for every request that names no version, so it scans without sorting."""
         if self.config.default_version is not None:
             return self.config.default_version
-        ready = self.ready_versions()
-        return ready[-1] if ready else (max(self.versions) if self.versions else None)
+        newest = None
+        for v, s in list(self.versions.items()):
+            if s.state is State.READY and (newest is None or v > newest):
+                newest = v
+        if newest is not None:
+            return newest
+        return max(self.versions) if self.versions else None
 
 
 Listener = Callable[[], None]
