@@ -10,13 +10,11 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
-from ferry.codec import DataType, datatype_name, datatype_of
+from ferry.codec import datatype_name, datatype_of
 from ferry.server.batching.tensors import batch_key
 from ferry.server.core.loaded import LoadedVersion, Work
 from ferry.server.core.types import InferenceRequest, Limits, TensorSpec, short
 from ferry.server.errors import InvalidInput, LimitExceeded
-
-_BYTES = DataType.DATA_TYPE_BYTES  # an int: the enum wrapper's attribute lookup is a call
 
 
 def check_wire_elements(shapes: Iterable[Sequence[int]], limits: Limits) -> None:
@@ -61,8 +59,8 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
         raise InvalidInput(f"{_where(lv)}: {'; '.join(parts)}; it takes {lv.input_names}")
     batch: int | None = None
     elements = 0
-    feeds: dict[str, np.ndarray] = inputs if isinstance(inputs, dict) else dict(inputs)
-    own = feeds is not inputs  # a copy of ours, free to change
+    # The request's own arrays stay as sent: text is decoded into a copy.
+    feeds = dict(inputs) if lv.text_inputs or not isinstance(inputs, dict) else inputs
     batched = lv.max_batch_size > 0
     for name, spec in lv.input_specs.items():
         arr = inputs[name]
@@ -77,9 +75,7 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
         for want, got in zip(spec.shape, shape, strict=True):
             if want not in (got, -1):
                 raise _wrong_shape(lv, name, spec, shape)
-        if spec.dtype == _BYTES:
-            if not own:
-                feeds, own = dict(inputs), True  # the request's own arrays stay as sent
+        if name in lv.text_inputs:
             feeds[name] = _as_text(arr, f"{_where(lv)}: input {name!r}")
         elements += arr.size
         if batched:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ferry.codec import numpy_dtype
+from ferry.codec import DataType, numpy_dtype
 from ferry.server.batching.batcher import BatchInfo, DynamicBatcher
 from ferry.server.batching.tensors import split
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, apply_version_config
@@ -57,6 +57,10 @@ class LoadedVersion:
         # only when there are any.
         self.bounded = [s for s in self.inputs if s.bounds]
         self.input_numpy = {s.name: numpy_dtype(s.dtype) for s in self.inputs}
+        # Text inputs are decoded per request into a copy of the request's inputs.
+        self.text_inputs = frozenset(
+            s.name for s in self.inputs if s.dtype == DataType.DATA_TYPE_BYTES
+        )
         self.stats = VersionStats()
         # Until measured, assume a version is slow: the first batches go to a worker thread. A
         # provider that runs elsewhere (a GPU) never runs inline: its cost is not the CPU's.
@@ -121,8 +125,6 @@ class LoadedVersion:
     ) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
         """Worker thread: gather -> run -> check -> split, timing each stage."""
         t0 = time.perf_counter_ns()
-        if len(items) == 1:
-            return self._run_one(items[0], t0)
         wanted = _union_outputs(items, self.output_names)
         # The session gathers the requests' inputs itself: a planned one straight into its
         # reused buffers (one copy), not concatenated here and copied again to pad. Nothing
@@ -137,34 +139,14 @@ class LoadedVersion:
             total = sum(sizes)
             for out_name, out in zip(wanted, outputs, strict=True):
                 if out.ndim == 0 or out.shape[0] != total:
-                    raise self._not_batched(out_name, out, total)
+                    raise InternalError(
+                        f"model {self.name}/{self.version} returned output {out_name!r} with "
+                        f"shape {list(out.shape)} for a batch of {total}: its first dimension "
+                        "is not a batch dimension; set batching.max_batch_size = 0 in its config"
+                    )
         per_request = split(outputs, wanted, sizes)
         t3 = time.perf_counter_ns()
         return per_request, t1 - t0, t2 - t1, t3 - t2
-
-    def _run_one(self, work: Work, t0: int) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
-        """``_run_batch`` for a batch of one request, the usual case below saturation (and
-        every inline run): no union of requested outputs, no list of sizes, no split."""
-        names = self.output_names
-        if work.outputs is not None:
-            names = [n for n in names if n in work.outputs]
-        gathered = self.session.gather([work.inputs], self.input_names)
-        t1 = time.perf_counter_ns()
-        outputs = self.session.run_gathered(gathered, names)
-        t2 = time.perf_counter_ns()
-        if self.max_batch_size > 0:
-            for out_name, out in zip(names, outputs, strict=True):
-                if out.ndim == 0 or out.shape[0] != work.batch:
-                    raise self._not_batched(out_name, out, work.batch)
-        result = dict(zip(names, outputs, strict=True))
-        return [result], t1 - t0, t2 - t1, time.perf_counter_ns() - t2
-
-    def _not_batched(self, out_name: str, out: np.ndarray, total: int) -> InternalError:
-        return InternalError(
-            f"model {self.name}/{self.version} returned output {out_name!r} with shape "
-            f"{list(out.shape)} for a batch of {total}: its first dimension is not a batch "
-            "dimension; set batching.max_batch_size = 0 in its config"
-        )
 
     def statistics(self) -> VersionStatistics:
         snapshot = self.stats.snapshot(
@@ -204,11 +186,13 @@ def _key_of(work: Work) -> tuple[tuple[int, ...], ...]:
 
 
 def _union_outputs(items: Sequence[Work], all_outputs: list[str]) -> list[str]:
-    if any(w.outputs is None for w in items):
-        return all_outputs
+    """The outputs any request of the batch asked for, in the model's order (all of them as
+    soon as one request asked for all). One pass: for the usual batch of one it is one look."""
     wanted: set[str] = set()
     for w in items:
-        wanted.update(w.outputs or ())
+        if w.outputs is None:
+            return all_outputs
+        wanted.update(w.outputs)
     return [n for n in all_outputs if n in wanted]
 
 

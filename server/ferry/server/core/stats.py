@@ -49,31 +49,17 @@ class VersionStats:
         """One execution of ``batch_size`` elements serving ``requests`` requests. Per-request
         compute counters grow by one per request (Triton's semantics); batch_stats by one per
         execution."""
-        # Runs once per execution on the event loop: the fields are updated in place rather
-        # than through Duration.add, which is a call per field.
         self.execution_count += 1
         self.inference_count += batch_size
-        d = self.compute_input
-        d.count += requests
-        d.ns += input_ns * requests
-        d = self.compute_infer
-        d.count += requests
-        d.ns += infer_ns * requests
-        d = self.compute_output
-        d.count += requests
-        d.ns += output_ns * requests
+        self.compute_input.add(input_ns * requests, requests)
+        self.compute_infer.add(infer_ns * requests, requests)
+        self.compute_output.add(output_ns * requests, requests)
         b = self.batches.get(batch_size)
         if b is None:
             b = self.batches[batch_size] = BatchStats(batch_size)
-        d = b.compute_input
-        d.count += 1
-        d.ns += input_ns
-        d = b.compute_infer
-        d.count += 1
-        d.ns += infer_ns
-        d = b.compute_output
-        d.count += 1
-        d.ns += output_ns
+        b.compute_input.add(input_ns)
+        b.compute_infer.add(infer_ns)
+        b.compute_output.add(output_ns)
 
     def record_queue(self, queue_ns: list[int]) -> None:
         self.queue.add(sum(queue_ns), len(queue_ns))

@@ -60,6 +60,11 @@ def _digest(path: str, _dev: int, _ino: int, _size: int, _mtime_ns: int) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def _digest_of(path: Path, st: os.stat_result) -> str:
+    """The name of ``path``'s copy in the cache: what shared_copy makes and prune keeps."""
+    return _digest(os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def write_aligned(model: Any, folder: Path) -> None:
     """``model`` with every initializer of 1 KiB and more moved to one aligned data file."""
     import onnx
@@ -100,7 +105,7 @@ def shared_copy(path: Path) -> Path | None:
             return None  # embedded weights cannot outweigh their file
         # A hit opens the copy without parsing the model here: parsing holds every weight in
         # this process' heap, the copy the cache is there to avoid (measured: +25 MiB each).
-        digest = _digest(os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        digest = _digest_of(path, st)
         target = root / "weights" / digest
         if (target / "model.onnx").is_file():
             os.utime(target)  # in use: prune() leaves a copy alone for UNUSED_FOR after this
@@ -149,15 +154,15 @@ def prune(loaded_models: Iterable[Path], *, unused_for: float | None = None) -> 
     removed copy keeps its pages (an unlinked file stays mapped), and one that opens it again
     finds it missing and makes it anew, so a removal never fails a load."""
     root = _CACHE["dir"]
-    folder = None if root is None else root / "weights"
-    if folder is None or not folder.is_dir():
+    if root is None or not has_copies():
         return []
+    folder = root / "weights"
     keep: set[str] = set()
     for path in loaded_models:
         try:
             st = path.stat()
             if st.st_size >= MIN_SHARED_BYTES:
-                keep.add(_digest(os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+                keep.add(_digest_of(path, st))
         except OSError:
             continue  # gone meanwhile: nothing of it to keep
     quiet = UNUSED_FOR if unused_for is None else unused_for
