@@ -9,6 +9,7 @@ released by the test, so nothing depends on timing.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -176,3 +177,66 @@ def test_threads_are_bounded_by_the_host_not_by_the_number_of_models(tmp_path: P
     grown, execution, loader = (int(n) for n in run.stdout.split())
     assert grown <= execution + loader + 1, (grown, execution, loader)  # + the files thread
     assert execution == usable_cores() and loader <= 2
+
+
+# A subprocess: the scheduling class of every thread of the process is read, and a pytest
+# process holds threads from earlier tests.
+PRIORITY_SCENARIO = """
+import asyncio, json, os, sys, threading
+from pathlib import Path
+from ferry.server.core.pools import ThreadPools
+from ferry.server.core.registry import ModelRegistry
+from ferry.server.core.repository import ModelRepository
+from ferry.server.runtime.session import open_session
+
+def lowered():
+    out = set()
+    for tid in os.listdir("/proc/self/task"):
+        fields = Path(f"/proc/self/task/{tid}/stat").read_text().rsplit(") ", 1)[1].split()
+        nice, policy = int(fields[16]), int(fields[38])
+        if nice > 0 or policy == os.SCHED_IDLE:
+            out.add(int(tid))
+    return out
+
+async def scenario():
+    registry = ModelRegistry(ModelRepository(Path(sys.argv[1])), open_session, pools=ThreadPools())
+    before = len(os.listdir("/proc/self/task"))
+    await registry.refresh()
+    pooled = [lv for lv in registry.loaded_versions() if lv.name == "pooled" and lv.session.intra_op_threads == 3]
+    loaders = {t.native_id for t in threading.enumerate() if t.name.startswith("ferry-load")}
+    print(json.dumps({
+        "pooled": len(pooled),
+        "grown": len(os.listdir("/proc/self/task")) - before,
+        "loaders": len(loaders),
+        "lowered_others": sorted(lowered() - loaders),
+        "loaders_not_lowered": sorted(loaders - lowered()),
+    }))
+    await registry.close()
+
+asyncio.run(scenario())
+"""
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads priorities in /proc")
+def test_loads_run_lowered_but_a_models_own_threads_do_not(tmp_path: Path) -> None:
+    """Loader threads run below serving threads, and a session with an intra-op pool of its
+    own (which starts its threads while it is built) is not built on them: threads inherit
+    their creator's priority for life, and that pool serves every request of the model."""
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "plain", mlp_model())
+    write_model(repo, "pooled", mlp_model())
+    (repo.root / "pooled" / "config.toml").write_text("[onnxruntime]\nintra_op_threads = 3\n")
+    run = subprocess.run(
+        [sys.executable, "-c", PRIORITY_SCENARIO, str(repo.root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    seen = json.loads(run.stdout)
+    assert seen["pooled"] == 1
+    # The pooled model's 2 pool threads exist (beside the loaders, builder and files thread).
+    assert seen["grown"] >= seen["loaders"] + 2
+    assert seen["lowered_others"] == []  # nothing but loaders runs lowered
+    assert seen["loaders_not_lowered"] == []  # and every loader does

@@ -3,22 +3,17 @@
 Threads are bounded by the host, not by the number of models: one version used to own a worker
 thread (kept after its first request) and an onnxruntime pool per session, 417 threads at 200
 models on 2 cores. Now every version executes its slow batches on one pool sized by the cores
-this process may use, and every load runs on a small loader pool whose threads run at a lower
-CPU priority, so that building sessions (graph optimisation, weight prepacking: CPU-bound C++
-that releases the GIL) yields the cores to requests for the models already served.
+this process may use, and every load runs on a small loader pool whose threads run below every
+serving thread (runtime.priority), so that building sessions yields the cores to requests for
+the models already served.
 """
 
 from __future__ import annotations
 
-import logging
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
-log = logging.getLogger(__name__)
-
-# How much lower than the serving threads a loader thread runs (Linux nice increment).
-LOADER_NICENESS = 10
+from ferry.server.runtime import priority
 
 
 def usable_cores() -> int:
@@ -27,15 +22,6 @@ def usable_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux
         return max(1, os.cpu_count() or 1)
-
-
-def _lower_priority() -> None:
-    """Loader thread initializer: on Linux, setpriority on a thread id changes that thread only."""
-    try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + LOADER_NICENESS)
-    except (AttributeError, OSError) as exc:  # not permitted or not Linux: load at normal priority
-        log.debug("loader thread keeps its priority: %s", exc)
 
 
 class ThreadPools:
@@ -54,9 +40,9 @@ class ThreadPools:
         self.loading = ThreadPoolExecutor(
             max_workers=self.loader_threads,
             thread_name_prefix="ferry-load",
-            initializer=_lower_priority,
+            initializer=priority.lower_current_thread,
         )
-
+        priority.start_builders(self.loader_threads)
         self.files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-files")
 
     def shutdown(self) -> None:

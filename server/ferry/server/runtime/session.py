@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -23,10 +23,12 @@ from ferry.server.batching.tensors import concat
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRuntimeConfig
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
-from ferry.server.runtime import instances, plans, shared_weights
+from ferry.server.runtime import instances, plans, priority, shared_weights
 from ferry.server.runtime import providers as provider_table
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # onnxruntime's type strings -> our wire dtypes.
 ORT_TYPES: dict[str, int] = {
@@ -212,6 +214,10 @@ def _open_threads(path: Path, options: OnnxRuntimeConfig) -> OrtSession:
     return OrtSession(path, options, intra_op_threads=share)
 
 
+def _now(build: Callable[[], T]) -> T:
+    return build()
+
+
 def _released(*_args: Any) -> Any:
     raise Unavailable("this model version was unloaded")
 
@@ -255,7 +261,13 @@ class OrtSession:
             so.add_session_config_entry("session.disable_prepacking", "1")
             opened = shared
         self.weights_shared = shared is not None
-        self.session = ort.InferenceSession(os.fspath(opened), sess_options=so, providers=providers)
+        # A session that starts threads of its own (an intra-op pool; a GPU provider's) is built
+        # at normal priority: they keep the priority of the thread that built them.
+        on_cpu = provider_table.placement(plan.names[0])[0] == provider_table.CPU
+        build = priority.at_normal if threads != 1 or not on_cpu else _now
+        self.session = build(
+            lambda: ort.InferenceSession(os.fspath(opened), sess_options=so, providers=providers)
+        )
         self.inputs = _with_bounds(
             self.session, path, [_spec(n) for n in self.session.get_inputs()]
         )
@@ -269,7 +281,9 @@ class OrtSession:
             so.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(opened.parent)
             )
-            self.session = ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
+            self.session = build(
+                lambda: ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
+            )
         self.providers: list[str] = list(self.session.get_providers())
         # Placement from the provider onnxruntime actually put first, not the one asked for.
         self.device_kind, self.inline_allowed = provider_table.placement(self.providers[0])
