@@ -353,3 +353,29 @@ def test_a_gzip_body_that_is_not_gzip_is_400(kserve_server: ServerThread) -> Non
     )
     assert status == 400, body
     assert "could not be read" in json.loads(body)["error"]
+
+
+def test_binary_bool_bytes_other_than_0_and_1_are_refused(kserve_server: ServerThread) -> None:
+    """A BOOL byte of 2 or 255 is neither true nor false to onnxruntime (a Where fed one chose
+    neither branch): refused with the element named, never served a wrong answer."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "BOOL",
+                    "shape": [1, 3],
+                    "parameters": {"binary_data_size": 3},
+                }
+            ]
+        }
+    ).encode()
+    status, _, body = http_call(
+        kserve_server.http_target,
+        "POST",
+        f"/v2/models/{identity_name('BOOL')}/infer",
+        header + bytes([1, 0, 2]),
+        {"Inference-Header-Content-Length": str(len(header))},
+    )
+    assert status == 400, body
+    assert "element 2 is the byte 2" in json.loads(body)["error"]

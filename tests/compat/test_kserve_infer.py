@@ -182,6 +182,20 @@ def test_counts_that_disagree_with_the_shape_are_invalid(stub: Any) -> None:
     assert "needs 16 bytes, got 12" in exc.value.details()
 
 
+@pytest.mark.parametrize("octets", [bytes([2, 0, 1]), bytes([1, 255, 0])])
+def test_raw_bool_bytes_other_than_0_and_1_are_invalid(stub: Any, octets: bytes) -> None:
+    """onnxruntime reads a BOOL byte of 2 or 255 as neither true nor false (a Where fed one
+    answered neither branch): such a tensor is refused, naming the element."""
+    request = service_pb2.ModelInferRequest(model_name=identity_name("BOOL"))
+    request.inputs.add(name="input", datatype="BOOL", shape=[1, 3])
+    request.raw_input_contents.append(octets)
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ModelInfer(request)
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    bad = next(i for i, b in enumerate(octets) if b > 1)
+    assert f"element {bad} is the byte {octets[bad]}" in exc.value.details()
+
+
 def test_model_mismatch_is_invalid_argument(triton: tg.InferenceServerClient) -> None:
     """Validation against the model is DataPlane's: the same words as the ferry.v1 path."""
     wrong = np.ones((1, 5), np.float32)

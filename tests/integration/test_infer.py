@@ -19,6 +19,7 @@ from ferry.client import InferenceClient, InvalidInputError
 from ferry.client._requests import build_infer_request
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
+from ferry.proto.v1 import tensor_pb2
 from ferry.server.examples import identity_model, mlp_model, seed_model, two_io_model
 
 RNG = np.random.default_rng(1234)
@@ -156,6 +157,22 @@ def test_python_lists_take_the_model_dtype_but_arrays_are_not_cast(
     assert result["output"].tolist() == [1.0, 2.0, 3.0]
     with pytest.raises(InvalidInputError, match="must be FP32, got FP64"):
         zoo_client.infer("fixed", {"input": np.array([1.0, 2.0, 3.0])})
+
+
+def test_bool_bytes_other_than_0_and_1_are_invalid_on_ferry_v1(
+    zoo: tuple[ServerThread, Path],
+) -> None:
+    """An SDK in another language may send a byte of 2 for true; onnxruntime would read it as
+    neither value, so it is refused, naming the element."""
+    request = pb.InferRequest(model="id_bool")
+    request.inputs.add(
+        name="input", dtype=tensor_pb2.DATA_TYPE_BOOL, shape=[1, 2], data=bytes([1, 2])
+    )
+    with grpc.insecure_channel(zoo[0].target) as channel, pytest.raises(grpc.RpcError) as exc:
+        pb_grpc.InferenceStub(channel).Infer(request, timeout=30)
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'input': BOOL elements are one byte each" in exc.value.details()
+    assert "element 1 is the byte 2" in exc.value.details()
 
 
 def test_infer_stream_answers_each_request_and_survives_errors(

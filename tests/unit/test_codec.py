@@ -230,6 +230,15 @@ def test_scalars_and_empty_tensors() -> None:
 def test_bool_encodes_one_byte_per_element() -> None:
     assert to_bytes(np.array([True, False, True])) == (DataType.DATA_TYPE_BOOL, [3], b"\1\0\1")
     assert from_bytes(DataType.DATA_TYPE_BOOL, [3], b"\1\0\1").tolist() == [True, False, True]
+    assert from_bytes(DataType.DATA_TYPE_BOOL, [0], b"").shape == (0,)
+
+
+@pytest.mark.parametrize("octets", [b"\2", b"\0\1\xff", b"\1\1\1\x80"])
+def test_bool_bytes_other_than_0_and_1_are_refused(octets: bytes) -> None:
+    """numpy and onnxruntime read such a byte as a bool that is neither value."""
+    bad = next(i for i, b in enumerate(octets) if b > 1)
+    with pytest.raises(CodecError, match=f"input 'c': BOOL .* element {bad} is the byte"):
+        from_bytes(DataType.DATA_TYPE_BOOL, [len(octets)], octets, name="c")
 
 
 def test_tensor_message_round_trip() -> None:

@@ -86,10 +86,25 @@ def from_bytes(
     np_dtype, itemsize = fixed
     if len(data) != count * itemsize:
         raise _length_error(dtype, shape, count * itemsize, len(data), name)
+    if dtype == _dtypes.BOOL and count:
+        _check_bool_bytes(data, name)
     try:
         return np.frombuffer(data, np_dtype).reshape(shape)
     except ValueError as exc:  # e.g. more dims than numpy supports
         raise CodecError(f"{_prefix(name)}cannot reshape to {list(shape)}: {exc}") from None
+
+
+def _check_bool_bytes(data: bytes, name: str) -> None:
+    """A BOOL element is one byte, 0 or 1. numpy and onnxruntime read any other byte as a bool
+    that is neither (a Where fed the byte 2 chose neither branch and answered 0.0), so such a
+    tensor is refused, never served a silently wrong answer."""
+    octets = np.frombuffer(data, np.uint8)
+    if octets.max() > 1:
+        index = int(np.flatnonzero(octets > 1)[0])
+        raise CodecError(
+            f"{_prefix(name)}BOOL elements are one byte each, 0 (false) or 1 (true); "
+            f"element {index} is the byte {int(octets[index])}"
+        )
 
 
 def _length_error(
