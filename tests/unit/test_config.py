@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from ferry.server.core.config import (
+    FLOAT_LIMITS,
     BatchingConfig,
+    InstancesConfig,
     ModelConfig,
+    OnnxRuntimeConfig,
     VersionPolicy,
     apply_version_config,
     config_to_dict,
@@ -94,6 +98,23 @@ def test_both_files_is_an_error(tmp_path: Path) -> None:
         load_config(tmp_path)
 
 
+def test_every_float_setting_has_a_bound() -> None:
+    """A new float key without one would fail every config that sets it."""
+    floats = {
+        f.name
+        for section in (BatchingConfig, InstancesConfig, OnnxRuntimeConfig)
+        for f in fields(section)
+        if isinstance(getattr(section(), f.name), float)
+    }
+    assert floats == set(FLOAT_LIMITS)
+
+
+def test_json_nan_and_infinity_literals_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text('{"batching": {"max_queue_delay_ms": NaN}}')
+    with pytest.raises(InvalidArgument, match="max_queue_delay_ms must be a number within"):
+        load_config(tmp_path)
+
+
 @pytest.mark.parametrize(
     ("name", "text", "fragment"),
     [
@@ -117,12 +138,20 @@ def test_unparseable_files(tmp_path: Path, name: str, text: str, fragment: str) 
         ({"instances": {"cont": 2}}, ["[instances]", "cont"]),
         ({"onnxruntime": {"threads": 2}}, ["[onnxruntime]", "threads"]),
         ({"batching": 4}, ["[batching] must be a table"]),
-        ({"batching": {"max_batch_size": -1}}, ["batching.max_batch_size", "integer >= 0"]),
+        ({"batching": {"max_batch_size": -1}}, ["batching.max_batch_size", "integer within 0.."]),
         ({"batching": {"max_batch_size": True}}, ["batching.max_batch_size"]),
         ({"batching": {"max_batch_size": 1.5}}, ["batching.max_batch_size"]),
         ({"batching": {"max_batch_size": 65537}}, ["over 65536"]),
-        ({"batching": {"max_queue_size": 0}}, ["max_queue_size must be >= 1"]),
-        ({"batching": {"max_queue_delay_ms": -1}}, ["max_queue_delay_ms", "number >= 0"]),
+        ({"batching": {"max_queue_size": 0}}, ["max_queue_size must be within 1..1048576"]),
+        ({"batching": {"max_queue_size": 2**40}}, ["max_queue_size", "got 1099511627776"]),
+        ({"batching": {"max_queue_delay_ms": -1}}, ["max_queue_delay_ms", "within 0..60000"]),
+        # inf and 1e300 loaded READY and never ran a request; NaN answered INTERNAL on metadata.
+        ({"batching": {"max_queue_delay_ms": float("inf")}}, ["max_queue_delay_ms", "got inf"]),
+        ({"batching": {"max_queue_delay_ms": float("nan")}}, ["max_queue_delay_ms", "got nan"]),
+        ({"batching": {"max_queue_delay_ms": 1e300}}, ["max_queue_delay_ms", "0..60000"]),
+        ({"batching": {"default_timeout_ms": float("inf")}}, ["default_timeout_ms", "0..8.64e+07"]),
+        ({"batching": {"default_timeout_ms": float("nan")}}, ["default_timeout_ms", "got nan"]),
+        ({"onnxruntime": {"intra_op_threads": 2**40}}, ["intra_op_threads", "0..2147483647"]),
         ({"batching": {"max_queue_delay_ms": "1"}}, ["max_queue_delay_ms"]),
         ({"batching": {"default_priority": 0}}, ["default_priority must be >= 1"]),
         ({"instances": {"count": 0}}, ["instances.count", "1..64"]),
@@ -143,6 +172,7 @@ def test_unparseable_files(tmp_path: Path, name: str, text: str, fragment: str) 
     ],
 )
 def test_errors_name_the_key(raw: dict[str, Any], fragments: list[str]) -> None:
+    """Each refusal names the file and the key; every number a config holds is bounded."""
     with pytest.raises(InvalidArgument) as info:
         parse_config(raw, where="m/config.toml")
     assert info.value.message.startswith("m/config.toml")

@@ -35,11 +35,44 @@ def test_the_split_follows_the_weights_and_a_key_always_gets_the_same_version() 
 
 @pytest.mark.parametrize(
     "bad",
-    [{}, {"x": 1}, {0: 1}, {1: 0}, {1: -1}, {1: "1"}, {1: True}, {1: float("inf")}, {2**60: 1}],
+    [
+        {},
+        {"x": 1},
+        {0: 1},
+        {1: 0},
+        {1: -1},
+        {1: "1"},
+        {1: True},
+        {1: float("inf")},
+        {1: float("nan")},
+        {2**60: 1},
+        {float("inf"): 1},
+        # Weights summing to inf sent every request to the last version.
+        {1: 1e308, 2: 1e308},
+    ],
 )
 def test_a_split_that_means_nothing_is_refused(bad: dict[object, object]) -> None:
     with pytest.raises(InvalidArgument):
         rollouts.parse_split(bad)
+
+
+@pytest.mark.parametrize(
+    "rules",
+    [
+        {"promote_after": float("inf")},
+        {"promote_after": float("nan")},
+        {"min_cosine": float("nan")},
+        {"max_latency_ratio": float("inf")},
+    ],
+)
+def test_rules_that_are_not_finite_numbers_are_refused(rules: dict[str, float]) -> None:
+    with pytest.raises(InvalidArgument):
+        rollouts.parse_rules(rules)
+
+
+def test_a_shadow_version_that_is_not_finite_is_refused() -> None:
+    with pytest.raises(InvalidArgument, match="shadow needs a version"):
+        rollouts.parse_shadow(float("inf"), 0.1)
 
 
 def _repo(tmp_path: Path) -> ModelRepository:
@@ -118,7 +151,7 @@ def test_a_broken_rollout_file_serves_the_default_and_says_why(tmp_path: Path) -
         dataplane = DataPlane(registry)
         await registry.refresh()
         assert await _version(dataplane, "any") == 2
-        assert "must be > 0" in dataplane.rollout("m").error
+        assert "must be within (0, 1e+09]" in dataplane.rollout("m").error
         await registry.close()
 
     asyncio.run(scenario())

@@ -50,6 +50,12 @@ MAX_BATCH_SIZE_LIMIT = 65536
 # stays within this. Device ids and their number are bounded so a typo (``device_ids = [10000]``)
 # is refused here, not found by a CUDA error at load.
 MAX_INSTANCES = 64
+# Every number a config holds is finite and bounded: the server converts them to the wire's
+# integer fields (microseconds in ModelConfig and ModelMetadata) and waits on them. A queue delay
+# of inf or 1e300 loaded READY and then never ran a request; NaN answered INTERNAL on metadata.
+MAX_QUEUE_SIZE = 1 << 20
+MAX_CONFIG_INT = 2**31 - 1
+FLOAT_LIMITS = {"max_queue_delay_ms": 60_000.0, "default_timeout_ms": 86_400_000.0}
 MAX_DEVICES = 16
 MAX_DEVICE_ID = 255
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -389,15 +395,27 @@ def _section(cls: Any, raw: Any, where: str, section: str) -> Any:
             if not isinstance(value, bool):
                 raise InvalidArgument(f"{where}: {section}.{key} must be true or false")
         elif isinstance(default, float):
-            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-                raise InvalidArgument(f"{where}: {section}.{key} must be a number >= 0")
+            limit = FLOAT_LIMITS[key]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 <= value <= limit  # also refuses NaN
+            ):
+                raise InvalidArgument(
+                    f"{where}: {section}.{key} must be a number within 0..{limit:g}, got {value!r}"
+                )
             values[key] = float(value)
         elif isinstance(default, str):
             if not isinstance(value, str):
                 raise InvalidArgument(f"{where}: {section}.{key} must be a string")
-        elif isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        elif (
+            isinstance(value, bool)
+            or not isinstance(value, int)
+            or not 0 <= value <= MAX_CONFIG_INT
+        ):
             raise InvalidArgument(
-                f"{where}: {section}.{key} must be an integer >= 0, got {value!r}"
+                f"{where}: {section}.{key} must be an integer within 0..{MAX_CONFIG_INT}, "
+                f"got {value!r}"
             )
     return cls(**values)
 
@@ -408,8 +426,11 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         raise InvalidArgument(
             f"{where}: batching.max_batch_size {b.max_batch_size} is over {MAX_BATCH_SIZE_LIMIT}"
         )
-    if b.max_queue_size < 1:
-        raise InvalidArgument(f"{where}: batching.max_queue_size must be >= 1")
+    if not 1 <= b.max_queue_size <= MAX_QUEUE_SIZE:
+        raise InvalidArgument(
+            f"{where}: batching.max_queue_size must be within 1..{MAX_QUEUE_SIZE}, "
+            f"got {b.max_queue_size}"
+        )
     if b.default_priority < 1:
         raise InvalidArgument(f"{where}: batching.default_priority must be >= 1")
     i = cfg.instances

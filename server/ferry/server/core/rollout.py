@@ -25,6 +25,7 @@ from ferry.server.errors import InvalidArgument
 
 ROLLOUT_FILE = "rollout.json"
 MAX_VERSIONS = 16
+MAX_WEIGHT = 1e9
 MAX_HISTORY = 200  # the oldest entries go first; the split itself is never lost
 MAX_FILE = 1 << 20
 MAX_REASON = 500
@@ -75,8 +76,8 @@ def parse_rules(raw: Any, where: str = "rollout") -> Rules:
             max_error_rate=float(raw.get("max_error_rate", 0.0)),
             max_latency_ratio=float(raw.get("max_latency_ratio", 0.0)),
         )
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"{where}: rules must be numbers") from None
+    except (TypeError, ValueError, OverflowError):  # int(inf): OverflowError
+        raise InvalidArgument(f"{where}: rules must be finite numbers") from None
     if not (0 <= rules.promote_after < 2**31 and -1 <= rules.min_cosine <= 1):
         raise InvalidArgument(f"{where}: promote_after >= 0 and min_cosine within [-1, 1]")
     if not (0 <= rules.max_error_rate <= 1 and 0 <= rules.max_latency_ratio < 1e6):
@@ -115,7 +116,7 @@ class Rollout:
 def parse_shadow(version: Any, fraction: Any, where: str = "rollout") -> tuple[int, float]:
     try:
         v, f = int(version), float(fraction)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise InvalidArgument(f"{where}: shadow needs a version and a fraction") from None
     if not 1 <= v < 2**53:
         raise InvalidArgument(f"{where}: shadow version {v} is out of range (1..2^53)")
@@ -136,15 +137,18 @@ def parse_split(split: dict[Any, Any], where: str = "rollout") -> Rollout:
     for raw_version, raw_weight in split.items():
         try:
             version = int(raw_version)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise InvalidArgument(f"{where}: version {raw_version!r} is not a number") from None
         if version < 1 or version >= 2**53:
             raise InvalidArgument(f"{where}: version {version} is out of range (1..2^53)")
         if isinstance(raw_weight, bool) or not isinstance(raw_weight, int | float):
             raise InvalidArgument(f"{where}: the weight of version {version} is not a number")
         weight = float(raw_weight)
-        if not 0 < weight < float("inf"):
-            raise InvalidArgument(f"{where}: the weight of version {version} must be > 0")
+        # Bounded: weights summing to inf would send every request to the last version.
+        if not 0 < weight <= MAX_WEIGHT:
+            raise InvalidArgument(
+                f"{where}: the weight of version {version} must be within (0, {MAX_WEIGHT:g}]"
+            )
         out[version] = weight
     return Rollout(tuple(sorted(out.items())))
 
