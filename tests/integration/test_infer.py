@@ -140,6 +140,9 @@ def test_requested_outputs_only(zoo_client: InferenceClient) -> None:
     result = zoo_client.infer("two_io", feeds, outputs=["scaled"])
     assert list(result) == ["scaled"]
     np.testing.assert_array_equal(result["scaled"], feeds["b"] * 3)
+    # The same refusal on every protocol (the Open Inference Protocol's adapters had it).
+    with pytest.raises(InvalidInputError, match="output 'scaled' is requested twice"):
+        zoo_client.infer("two_io", feeds, outputs=["scaled", "sum", "scaled"])
 
 
 def test_response_echoes_request_id_and_version(zoo_client: InferenceClient) -> None:

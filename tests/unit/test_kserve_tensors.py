@@ -192,6 +192,26 @@ def test_bad_parameters_are_invalid(key: str, kind: str, value: Any, match: str)
     _invalid(request, match)
 
 
+@pytest.mark.parametrize(
+    ("kind", "value"),
+    [("int64_param", 5), ("uint64_param", 5), ("string_param", "s1"), ("bool_param", True),
+     ("double_param", 2.0)],
+)  # fmt: skip
+def test_a_sequence_id_of_any_kind_is_unimplemented(kind: str, value: Any) -> None:
+    """A uint64 sequence_id was answered statelessly, as if no sequence had been asked for."""
+    request = _typed("FP32", "fp32_contents", [1.0], [1])
+    setattr(request.parameters["sequence_id"], kind, value)
+    with pytest.raises(Unimplemented, match="sequence"):
+        decode_request(request)
+
+
+@pytest.mark.parametrize(("kind", "value"), [("int64_param", 0), ("string_param", "")])
+def test_a_sequence_id_of_zero_means_none(kind: str, value: Any) -> None:
+    request = _typed("FP32", "fp32_contents", [1.0], [1])
+    setattr(request.parameters["sequence_id"], kind, value)
+    assert decode_request(request).inputs["x"].tolist() == [1.0]
+
+
 def test_unhonourable_features_are_unimplemented() -> None:
     sequence = _typed("FP32", "fp32_contents", [1.0], [1])
     sequence.parameters["sequence_id"].int64_param = 5

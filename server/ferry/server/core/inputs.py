@@ -120,6 +120,9 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
                 f"{_where(lv)}: unknown outputs {[short(o) for o in unknown]}; "
                 f"it has {lv.output_names}"
             )
+        if len(set(outputs)) != len(outputs):
+            twice = next(o for i, o in enumerate(outputs) if o in outputs[:i])
+            raise InvalidInput(f"{_where(lv)}: output {short(twice)!r} is requested twice")
     key = batch_key(feeds, lv.input_names) if batched else ()
     return Work(feeds, outputs, batch or 1, key)
 

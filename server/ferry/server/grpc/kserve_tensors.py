@@ -226,8 +226,11 @@ def _request_parameters(params: Mapping[str, pb.InferParameter]) -> tuple[float 
     if "priority" in params:
         priority = _non_negative_int(params["priority"], "priority")
     if "sequence_id" in params:
+        # Whatever kind it came as (a uint64_param was answered statelessly): only 0 or ""
+        # means no sequence, as on HTTP.
         seq = params["sequence_id"]
-        if seq.WhichOneof("parameter_choice") and (seq.int64_param or seq.string_param):
+        kind = seq.WhichOneof("parameter_choice")
+        if kind is not None and getattr(seq, kind):
             raise Unimplemented(NO_SEQUENCES)
     return timeout, priority
 
