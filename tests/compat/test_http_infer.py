@@ -4,6 +4,8 @@ and through plain HTTP requests (what curl sends): JSON tensors and the binary e
 from __future__ import annotations
 
 import json
+import logging
+import socket
 import struct
 from typing import Any
 
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
+from helpers import wait_for
 from kserve_common import DATATYPES, http_call, identity_name
 from serverutil import ServerThread
 from test_kserve_infer import SAMPLES
@@ -287,6 +290,9 @@ def test_malformed_requests_are_400(
         ("INT32", [1.5, 2], "must hold integers"),
         ("BOOL", [1, 0], "must hold true/false"),
         ("BYTES", ["a", 1], "must hold strings"),
+        # Finite but out of range: it would run as inf.
+        ("FP32", [1.0, 1e300], "FP32 values must lie within +-3.40282e+38, got 1e+300"),
+        ("FP16", [70000.0, 1.0], "FP16 values must lie within +-65504, got 70000.0"),
     ],
 )
 def test_json_values_are_checked_against_the_datatype(
@@ -379,3 +385,94 @@ def test_binary_bool_bytes_other_than_0_and_1_are_refused(kserve_server: ServerT
     )
     assert status == 400, body
     assert "element 2 is the byte 2" in json.loads(body)["error"]
+
+
+def _raw_http(target: str, request: bytes) -> bytes:
+    """Bytes as sent, for what no HTTP client library will send (malformed requests, repeated
+    headers); returns whatever the server answers before it closes the connection."""
+    host, port = target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_an_unknown_content_encoding_is_415_not_read_as_plain(kserve_server: ServerThread) -> None:
+    body = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
+    ).encode()
+    status, _, answer = http_call(
+        kserve_server.http_target,
+        "POST",
+        f"/v2/models/{identity_name('FP32')}/infer",
+        body,
+        {"Content-Encoding": "foo"},
+    )
+    assert status == 415, answer
+    assert "Content-Encoding 'foo' is not supported" in json.loads(answer)["error"]
+    assert "deflate, gzip" in json.loads(answer)["error"]
+
+
+def test_a_repeated_binary_header_length_is_refused(kserve_server: ServerThread) -> None:
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 1],
+                    "parameters": {"binary_data_size": 4},
+                }
+            ]
+        }
+    ).encode()
+    body = header + struct.pack("<f", 1.0)
+    request = (
+        f"POST /v2/models/{identity_name('FP32')}/infer HTTP/1.1\r\n"
+        f"Host: x\r\nContent-Length: {len(body)}\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\n"
+        "Inference-Header-Content-Length: 2\r\nConnection: close\r\n\r\n"
+    ).encode() + body
+    answer = _raw_http(kserve_server.http_target, request)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b"Inference-Header-Content-Length is sent more than once" in answer
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST /v2/models/x/infer HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n",
+        b"FOO /v2 HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /v2 HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"GET /v2 HTTP/1.1\r\nHost: x\r\nX-Bad: a\x01b\r\n\r\n",
+    ],
+)
+def test_malformed_http_is_refused_without_an_error_in_the_log(
+    kserve_server: ServerThread, caplog: pytest.LogCaptureFixture, request_bytes: bytes
+) -> None:
+    """A client's broken HTTP is the client's business: aiohttp logged each with a traceback at
+    ERROR, before any token check, so anyone who could connect could fill the log."""
+    caplog.set_level(logging.DEBUG, logger="ferry.server.http")
+    answer = _raw_http(kserve_server.http_target, request_bytes)
+    assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:200]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_client_gone_mid_body_leaves_no_error_in_the_log(
+    kserve_server: ServerThread, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="ferry.server.http")
+    host, port = kserve_server.http_target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            f"POST /v2/models/{identity_name('FP32')}/infer HTTP/1.1\r\nHost: x\r\n"
+            "Content-Length: 100000\r\n\r\n{\"inputs\": [".encode()
+        )
+    # The server noticed (it logs the disconnect at DEBUG), and nothing above that.
+    wait_for(
+        lambda: any("Connection lost" in r.getMessage() for r in caplog.records),
+        "the server to see the client go",
+    )
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

@@ -19,14 +19,20 @@ import asyncio
 import logging
 import socket
 import ssl
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+try:
+    from aiohttp.compression_utils import HAS_BROTLI
+except ImportError:  # an aiohttp that moved it: decode no brotli rather than guess
+    HAS_BROTLI = False
+
 from ferry.server.errors import ErrorKind, InvalidArgument
 from ferry.server.grpc.auth import DENIED, MISSING, ListenerGuard
 from ferry.server.http.errors import ERROR_HEADER, HttpError, error_body, error_of
-from ferry.server.http.oip import JSON, OipRoutes, is_health
+from ferry.server.http.oip import HEADER_LENGTH, JSON, OipRoutes, is_health
 from ferry.server.security import ListenerTLS
 
 log = logging.getLogger(__name__)
@@ -35,6 +41,35 @@ log = logging.getLogger(__name__)
 # reads the refusal instead of a reset; the body is never kept.
 LINGER = 2.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Body encodings aiohttp decodes here. Any other was read as if it were plain (a body sent as
+# "foo" parsed as JSON), so it is refused with what to send instead.
+DECODED = frozenset({"", "identity", "gzip", "deflate", *(("br",) if HAS_BROTLI else ())})
+# Headers that mean one thing: sent twice, which one counts would be a guess.
+ONCE = ("Content-Encoding", HEADER_LENGTH)
+# A client's malformed HTTP, its broken body or its disconnect is its business: aiohttp logged
+# each with a traceback at ERROR, before any token check, so anyone who could connect could fill
+# the log. They are logged at DEBUG; anything else aiohttp reports stays an error.
+CLIENT_FAULTS: tuple[type[BaseException], ...] = (
+    HttpProcessingError,
+    web.RequestPayloadError,
+    ConnectionError,
+)
+
+
+class _ServerLog(logging.LoggerAdapter):
+    """The logger aiohttp's request handler reports to (``aiohttp.server``'s stand-in)."""
+
+    def exception(self, msg: object, *args: object, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info")
+        if isinstance(exc, CLIENT_FAULTS):
+            self.debug("%s: %s", str(msg) % args if args else msg, _one_line(exc))
+            return
+        self.error(msg, *args, **kwargs)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+    return text[:300]
 
 
 class HttpListener:
@@ -60,7 +95,12 @@ class HttpListener:
         """Bind and listen; returns the bound port (``port`` 0 picks a free one). ``reuse_port``:
         the worker processes of one server share it (SO_REUSEPORT)."""
         sock = _listen_socket(host, port, reuse_port)
-        self._server = web.Server(self._handle, access_log=None, lingering_time=LINGER)
+        self._server = web.Server(
+            self._handle,
+            access_log=None,
+            lingering_time=LINGER,
+            logger=_ServerLog(logging.getLogger("ferry.server.http.aiohttp"), {}),
+        )
         loop = asyncio.get_running_loop()
         try:
             self._listening = await loop.create_server(self._server, sock=sock, ssl=context)
@@ -127,6 +167,17 @@ class HttpListener:
         raise HttpError(401, message, ErrorKind.UNAUTHENTICATED, {"WWW-Authenticate": challenge})
 
     async def _read(self, request: web.BaseRequest) -> bytes:
+        for name in ONCE:
+            if len(request.headers.getall(name, ())) > 1:
+                raise InvalidArgument(f"the header {name} is sent more than once: send it once")
+        encoding = request.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in DECODED:
+            raise HttpError(
+                415,
+                f"Content-Encoding {encoding[:40]!r} is not supported: send the body "
+                f"uncompressed or as {', '.join(sorted(DECODED - {'', 'identity'}))}",
+                ErrorKind.INVALID_ARGUMENT,
+            )
         length = request.content_length
         if length is not None and length > self._limit:
             raise self._too_large(f"its Content-Length is {length} bytes")

@@ -336,7 +336,24 @@ def _from_json(
                 f"input {name!r}: {datatype_name(code)} values must lie in [{info.min}, "
                 f"{info.max}], got values in [{low}, {high}]"
             )
-    return reshape_input(values.astype(wanted, copy=False), shape, name)
+    with np.errstate(over="ignore"):  # an overflow is refused below, not warned about
+        cast = values.astype(wanted, copy=False)
+    if count and wanted.kind == "f" and wanted.itemsize < values.itemsize:
+        _check_float_range(values, cast, code, name)
+    return reshape_input(cast, shape, name)
+
+
+def _check_float_range(values: np.ndarray, cast: np.ndarray, code: int, name: str) -> None:
+    """A finite number the datatype cannot hold (1e300 as FP32) would become inf and run as
+    such: refused like an out-of-range integer. inf and NaN sent as such pass through."""
+    overflow = np.isfinite(values) & ~np.isfinite(cast)
+    if overflow.any():
+        first = values.reshape(-1)[int(np.flatnonzero(overflow.reshape(-1))[0])]
+        largest = float(np.finfo(cast.dtype).max)
+        raise InvalidArgument(
+            f"input {name!r}: {datatype_name(code)} values must lie within "
+            f"+-{largest:g}, got {float(first)!r}"
+        )
 
 
 def _exact_integers(data: list[Any], values: np.ndarray) -> np.ndarray:
