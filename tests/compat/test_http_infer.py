@@ -468,7 +468,7 @@ def test_a_client_gone_mid_body_leaves_no_error_in_the_log(
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(
             f"POST /v2/models/{identity_name('FP32')}/infer HTTP/1.1\r\nHost: x\r\n"
-            "Content-Length: 100000\r\n\r\n{\"inputs\": [".encode()
+            'Content-Length: 100000\r\n\r\n{"inputs": ['.encode()
         )
     # The server noticed (it logs the disconnect at DEBUG), and nothing above that.
     wait_for(

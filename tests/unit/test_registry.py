@@ -10,7 +10,9 @@ import asyncio
 import json
 import os
 import shutil
+import threading
 from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -502,3 +504,52 @@ def test_an_output_that_is_not_batched_fails_instead_of_being_split(
         assert "not a batch dimension" in str(outcomes[0])
 
     arun(go)
+
+
+class HeldFiles(ThreadPoolExecutor):
+    """The registry's files thread, holding every task until released; ``all_submitted`` is
+    set (on the loop, which is where run_in_executor submits) once ``expected`` have arrived."""
+
+    def __init__(self, expected: int) -> None:
+        super().__init__(max_workers=1)
+        self.expected = expected
+        self.all_submitted = asyncio.Event()
+        self.released = threading.Event()
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        self.expected -= 1
+        if self.expected <= 0:
+            self.all_submitted.set()
+
+        def held() -> Any:
+            assert self.released.wait(GUARD_S), "the test never released the files thread"
+            return fn(*args, **kwargs)
+
+        return super().submit(held)
+
+
+def test_a_model_between_its_scan_and_its_load_is_loading_not_empty(
+    repo: ModelRepository,
+) -> None:
+    """A request that arrives while a new model's folder is read (before any version is in
+    place) was told the folder had no versions; it is told the model is loading."""
+    write_model(repo, "m", mlp_model())
+    repo.model_dir("e").mkdir(parents=True)
+
+    async def scenario() -> None:
+        registry = _registry(repo)
+        files = registry.pools.files = HeldFiles(expected=2)
+        refresh = asyncio.create_task(registry.refresh())
+        await files.all_submitted.wait()  # the refresh has reached both models' scans
+        with pytest.raises(ModelNotReady, match="model 'm' is loading; retry shortly"):
+            registry.get("m")
+        files.released.set()
+        await refresh
+        assert registry.get("m").version == 1
+        # A model whose folder has no versions still says so, once it has been read.
+        with pytest.raises(ModelNotReady, match="no version folders"):
+            registry.get("e")
+        await registry.close()
+        files.shutdown()
+
+    arun(scenario)

@@ -60,6 +60,9 @@ class ModelEntry:
     rollout: rollouts.Rollout | None = None  # the live split (core.rollout), None: default only
     rollout_error: str = ""
     rollout_signature: tuple[float, int] | None = None
+    # "loading" from a new entry until its first versions are in place, "unloading" while an
+    # unload empties it: a request in between must not be told the folder has no versions.
+    changing: str = ""
 
     def ready_versions(self) -> list[int]:
         return sorted(v for v, s in list(self.versions.items()) if s.state is State.READY)
@@ -135,8 +138,10 @@ class ModelRegistry:
         if not version:
             version = entry.default_version()
             if version is None:
+                if entry.changing:
+                    raise ModelNotReady(f"model {short(name)!r} is {entry.changing}; retry shortly")
                 why = entry.config_error or "no version folders (<model>/<N>/model.onnx)"
-                raise ModelNotReady(f"model {name!r} has no version ready: {why}")
+                raise ModelNotReady(f"model {short(name)!r} has no version ready: {why}")
         slot = entry.versions.get(version)
         if slot is None:
             raise VersionNotFound(
@@ -394,7 +399,15 @@ class ModelRegistry:
     async def _sync_model(self, name: str, result: RepositoryOutcome, retry_failed: bool) -> None:
         entry = self.models.get(name)
         if entry is None:
-            entry = self.models[name] = ModelEntry(name)
+            entry = self.models[name] = ModelEntry(name, changing="loading")
+        try:
+            await self._sync_entry(entry, name, result, retry_failed)
+        finally:
+            entry.changing = ""
+
+    async def _sync_entry(
+        self, entry: ModelEntry, name: str, result: RepositoryOutcome, retry_failed: bool
+    ) -> None:
         # The folder is read on a thread: paths resolved, a stat per file, a config or rollout
         # parsed when it changed. On the loop that was ~0.4 ms a model, 200 of them per refresh,
         # every one of them a pause for the requests of the models already served.
@@ -526,8 +539,12 @@ class ModelRegistry:
         entry = self.models.get(name)
         if entry is None:
             return
-        for v in list(entry.versions):
-            await self._unload_version(entry, v, result)
+        entry.changing = "unloading"
+        try:
+            for v in list(entry.versions):
+                await self._unload_version(entry, v, result)
+        finally:
+            entry.changing = ""
         del self.models[name]
 
 
