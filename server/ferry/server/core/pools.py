@@ -42,7 +42,7 @@ class ThreadPools:
             thread_name_prefix="ferry-load",
             initializer=priority.lower_current_thread,
         )
-        priority.start_builders(self.loader_threads)
+        priority.start_starter()
         self.files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-files")
 
     def shutdown(self) -> None:

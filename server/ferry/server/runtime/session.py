@@ -21,6 +21,7 @@ import onnxruntime as ort
 from ferry.codec import DataType, numpy_dtype
 from ferry.server.batching.tensors import concat
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRuntimeConfig
+from ferry.server.core.pools import usable_cores
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
 from ferry.server.runtime import instances, plans, priority, shared_weights
@@ -214,8 +215,18 @@ def _open_threads(path: Path, options: OnnxRuntimeConfig) -> OrtSession:
     return OrtSession(path, options, intra_op_threads=share)
 
 
-def _now(build: Callable[[], T]) -> T:
-    return build()
+def _own_threads(intra_op_threads: int) -> int:
+    """Threads a CPU session starts for its intra-op pool: the caller is one of its n."""
+    n = intra_op_threads or usable_cores()  # 0: onnxruntime's default, one per core
+    return max(0, n - 1)
+
+
+def _build(build: Callable[[], T], own: int | None, on_cpu: bool) -> T:
+    """Build a session; one that starts threads of its own (an intra-op pool, a GPU
+    provider's) so that they keep normal priority (runtime.priority)."""
+    if on_cpu and own == 0:
+        return build()
+    return priority.with_own_threads(build, own)
 
 
 def _released(*_args: Any) -> Any:
@@ -262,11 +273,13 @@ class OrtSession:
             opened = shared
         self.weights_shared = shared is not None
         # A session that starts threads of its own (an intra-op pool; a GPU provider's) is built
-        # at normal priority: they keep the priority of the thread that built them.
+        # so that they keep normal priority: a thread keeps the priority of its creator.
         on_cpu = provider_table.placement(plan.names[0])[0] == provider_table.CPU
-        build = priority.at_normal if threads != 1 or not on_cpu else _now
-        self.session = build(
-            lambda: ort.InferenceSession(os.fspath(opened), sess_options=so, providers=providers)
+        own = _own_threads(threads) if on_cpu else None
+        self.session = _build(
+            lambda: ort.InferenceSession(os.fspath(opened), sess_options=so, providers=providers),
+            own,
+            on_cpu,
         )
         self.inputs = _with_bounds(
             self.session, path, [_spec(n) for n in self.session.get_inputs()]
@@ -281,8 +294,10 @@ class OrtSession:
             so.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(opened.parent)
             )
-            self.session = build(
-                lambda: ort.InferenceSession(model_bytes, sess_options=so, providers=providers)
+            self.session = _build(
+                lambda: ort.InferenceSession(model_bytes, sess_options=so, providers=providers),
+                own,
+                on_cpu,
             )
         self.providers: list[str] = list(self.session.get_providers())
         # Placement from the provider onnxruntime actually put first, not the one asked for.
