@@ -163,6 +163,8 @@ def test_unparseable_files(tmp_path: Path, name: str, text: str, fragment: str) 
         ({"onnxruntime": {"graph_optimization": 1}}, ["graph_optimization must be a string"]),
         ({"default_version": 0}, ["default_version", "positive integer"]),
         ({"default_version": "2"}, ["default_version"]),
+        ({"default_version": 2**100}, ["default_version", "at most 9007199254740992"]),
+        ({"version_policy": {"specific": [1, 2**60]}}, ["version_policy.specific[]"]),
         ({"version_policy": {"latest": 0}}, ["version_policy.latest"]),
         ({"version_policy": {"latest": 1, "all": True}}, ["exactly one of"]),
         ({"version_policy": {"all": False}}, ["bad version_policy"]),

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ferry.server.core.types import MAX_VERSION
 from ferry.server.errors import InvalidArgument
 
 CONFIG_NAMES = ("config.toml", "config.json")
@@ -453,8 +454,12 @@ def _validate(cfg: ModelConfig, where: str) -> None:
 
 
 def _positive_int(value: Any, where: str, key: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(f"{where}: {key} must be a positive integer, got {value!r}")
+    """A version number or count: bounded like version folders (a default_version of 2**100
+    answered INTERNAL where metadata carries it as an int64)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
+        raise InvalidArgument(
+            f"{where}: {key} must be a positive integer of at most {MAX_VERSION}, got {value!r}"
+        )
     return value
 
 
