@@ -3,9 +3,9 @@
 Threads are bounded by the host, not by the number of models: one version used to own a worker
 thread (kept after its first request) and an onnxruntime pool per session, 417 threads at 200
 models on 2 cores. Now every version executes its slow batches on one pool sized by the cores
-this process may use, and every load runs on a small loader pool whose threads run below every
-serving thread (runtime.priority), so that building sessions yields the cores to requests for
-the models already served.
+this process may use, and every load runs on a small loader pool whose threads run at a lower
+CPU priority (runtime.priority), so that building sessions yields the cores to requests for the
+models already served.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ class ThreadPools:
             initializer=priority.lower_current_thread,
         )
         priority.start_starter()
+
         self.files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-files")
 
     def shutdown(self) -> None:

@@ -221,10 +221,11 @@ def _own_threads(intra_op_threads: int) -> int:
     return max(0, n - 1)
 
 
-def _build(build: Callable[[], T], own: int | None, on_cpu: bool) -> T:
-    """Build a session; one that starts threads of its own (an intra-op pool, a GPU
-    provider's) so that they keep normal priority (runtime.priority)."""
-    if on_cpu and own == 0:
+def _build(build: Callable[[], T], own: int | None) -> T:
+    """Build a session; one that starts ``own`` threads of its own (an intra-op pool; None: a
+    GPU provider's, how many is not known) so that they keep normal priority
+    (runtime.priority)."""
+    if own == 0:
         return build()
     return priority.with_own_threads(build, own)
 
@@ -279,7 +280,6 @@ class OrtSession:
         self.session = _build(
             lambda: ort.InferenceSession(os.fspath(opened), sess_options=so, providers=providers),
             own,
-            on_cpu,
         )
         self.inputs = _with_bounds(
             self.session, path, [_spec(n) for n in self.session.get_inputs()]
@@ -297,7 +297,6 @@ class OrtSession:
             self.session = _build(
                 lambda: ort.InferenceSession(model_bytes, sess_options=so, providers=providers),
                 own,
-                on_cpu,
             )
         self.providers: list[str] = list(self.session.get_providers())
         # Placement from the provider onnxruntime actually put first, not the one asked for.
