@@ -361,21 +361,21 @@ def test_a_gzip_body_that_is_not_gzip_is_400(kserve_server: ServerThread) -> Non
     assert "could not be read" in json.loads(body)["error"]
 
 
+def _binary_header(datatype: str, shape: list[int], size: int) -> bytes:
+    """The JSON header of a one-input request whose tensor follows it as binary data."""
+    tensor = {
+        "name": "input",
+        "datatype": datatype,
+        "shape": shape,
+        "parameters": {"binary_data_size": size},
+    }
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
 def test_binary_bool_bytes_other_than_0_and_1_are_refused(kserve_server: ServerThread) -> None:
     """A BOOL byte of 2 or 255 is neither true nor false to onnxruntime (a Where fed one chose
     neither branch): refused with the element named, never served a wrong answer."""
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "BOOL",
-                    "shape": [1, 3],
-                    "parameters": {"binary_data_size": 3},
-                }
-            ]
-        }
-    ).encode()
+    header = _binary_header("BOOL", [1, 3], 3)
     status, _, body = http_call(
         kserve_server.http_target,
         "POST",
@@ -416,18 +416,7 @@ def test_an_unknown_content_encoding_is_415_not_read_as_plain(kserve_server: Ser
 
 
 def test_a_repeated_binary_header_length_is_refused(kserve_server: ServerThread) -> None:
-    header = json.dumps(
-        {
-            "inputs": [
-                {
-                    "name": "input",
-                    "datatype": "FP32",
-                    "shape": [1, 1],
-                    "parameters": {"binary_data_size": 4},
-                }
-            ]
-        }
-    ).encode()
+    header = _binary_header("FP32", [1, 1], 4)
     body = header + struct.pack("<f", 1.0)
     request = (
         f"POST /v2/models/{identity_name('FP32')}/infer HTTP/1.1\r\n"

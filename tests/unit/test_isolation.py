@@ -158,6 +158,19 @@ asyncio.run(scenario())
 """
 
 
+def _scenario(script: str, root: Path) -> str:
+    """Run ``script`` in a fresh interpreter on the repository at ``root``; its stdout."""
+    run = subprocess.run(
+        [sys.executable, "-c", script, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
 def test_threads_are_bounded_by_the_host_not_by_the_number_of_models(tmp_path: Path) -> None:
     """Every version executes on the shared pools: 40 models, each asked enough to run on a
@@ -166,15 +179,7 @@ def test_threads_are_bounded_by_the_host_not_by_the_number_of_models(tmp_path: P
     repo = ModelRepository(tmp_path / "repo")
     for i in range(40):
         write_model(repo, f"m{i:02d}", mlp_model())
-    run = subprocess.run(
-        [sys.executable, "-c", THREADS_SCENARIO, str(repo.root)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    grown, execution, loader = (int(n) for n in run.stdout.split())
+    grown, execution, loader = (int(n) for n in _scenario(THREADS_SCENARIO, repo.root).split())
     assert grown <= execution + loader + 1, (grown, execution, loader)  # + the files thread
     assert execution == usable_cores() and loader <= 2
 
@@ -226,15 +231,7 @@ def test_loads_run_lowered_but_a_models_own_threads_do_not(tmp_path: Path) -> No
     write_model(repo, "plain", mlp_model())
     write_model(repo, "pooled", mlp_model())
     (repo.root / "pooled" / "config.toml").write_text("[onnxruntime]\nintra_op_threads = 3\n")
-    run = subprocess.run(
-        [sys.executable, "-c", PRIORITY_SCENARIO, str(repo.root)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    seen = json.loads(run.stdout)
+    seen = json.loads(_scenario(PRIORITY_SCENARIO, repo.root))
     assert seen["pooled"] == 1
     # The pooled model's 2 pool threads exist (beside the loaders, builder and files thread).
     assert seen["grown"] >= seen["loaders"] + 2
