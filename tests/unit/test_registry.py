@@ -263,6 +263,31 @@ def test_default_version_from_config(repo: ModelRepository) -> None:
     arun(main)
 
 
+def test_the_configured_default_is_served_beside_the_policys_versions(
+    repo: ModelRepository,
+) -> None:
+    """default_version = 1 under the default policy (the newest only) failed every request
+    that named no version; and a default that is not on disk says so when asked."""
+    for v in (1, 2):
+        write_model(repo, "seed", seed_model(seed=v), version=v)
+    _config(repo, "seed", {"default_version": 1})
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        assert sorted(s.version for s in registry.statuses("seed")) == [1, 2]
+        assert await _infer(registry, "seed") == 1
+        assert await _infer(registry, "seed", 2) == 2
+        _config(repo, "seed", {"default_version": 5})
+        await registry.refresh()
+        with pytest.raises(VersionNotFound, match="configured default_version 5 is not served"):
+            await _infer(registry, "seed")
+        assert await _infer(registry, "seed", 2) == 2
+        await registry.close()
+
+    arun(main)
+
+
 def test_new_version_replaces_the_old_under_latest_1(repo: ModelRepository) -> None:
     write_model(repo, "seed", seed_model(seed=1))
 

@@ -144,9 +144,14 @@ class ModelRegistry:
                 raise ModelNotReady(f"model {short(name)!r} has no version ready: {why}")
         slot = entry.versions.get(version)
         if slot is None:
+            served = sorted(entry.versions) or "none"
+            if version == entry.config.default_version:
+                raise VersionNotFound(
+                    f"model {short(name)!r}: its configured default_version {version} is not "
+                    f"served (served: {served}); publish it, or change default_version"
+                )
             raise VersionNotFound(
-                f"model {name!r} has no served version {version}; served: "
-                f"{sorted(entry.versions) or 'none'}"
+                f"model {short(name)!r} has no served version {version}; served: {served}"
             )
         if slot.loaded is None or slot.state is not State.READY:
             why = f": {slot.reason}" if slot.reason else ""
@@ -432,6 +437,11 @@ class ModelRegistry:
         wanted = entry.config.version_policy.select(on_disk)
         if entry.rollout is not None:  # a split's versions are served beside the policy's
             wanted = sorted({*wanted, *(v for v in entry.rollout.versions if v in on_disk)})
+        # The configured default is served beside the policy's too: with default_version = 1
+        # and the default policy (the newest only), every request naming no version failed.
+        pinned = entry.config.default_version
+        if pinned is not None and pinned in on_disk and pinned not in wanted:
+            wanted = sorted({*wanted, pinned})
         loads = []
         for v in wanted:
             slot = entry.versions.get(v)
