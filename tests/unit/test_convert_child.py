@@ -805,6 +805,41 @@ def test_figures() -> None:
     assert parity.budget_failure(same, 0.99, 0.9) == ""
 
 
+@pytest.mark.parametrize(
+    ("candidate", "reference", "words"),
+    [
+        # A NaN in the reference made the largest excess NaN (not > 0): a model that disagreed
+        # was published. An all-NaN one crashed the child (nanargmax of all NaN).
+        ([-2.5, -2.5], [np.nan, 1000.0], "2 of 2 elements"),
+        ([1.0, 2.0], [np.nan, np.nan], "2 of 2 elements"),
+        ([np.nan, 1.0], [np.nan, 1.0], "1 of 2 elements"),  # NaN is never close, as in allclose
+        ([1.0, 2.0], [np.inf, np.inf], "worst 1 vs inf"),
+        ([np.inf, 2.0], [-np.inf, 2.0], "worst inf vs -inf"),
+    ],
+)
+def test_tolerance_with_non_finite_values_is_allclose(
+    candidate: list[float], reference: list[float], words: str
+) -> None:
+    failure = parity.tolerance_failure([np.array(candidate)], [np.array(reference)], 1e-3, 1e-4)
+    assert words in failure
+
+
+def test_tolerance_accepts_matching_infinities() -> None:
+    same = np.array([np.inf, -np.inf, 1.0])
+    assert parity.tolerance_failure([same], [same.copy()], 1e-3, 1e-4) == ""
+
+
+def test_report_json_stays_strict_json_with_nan_figures() -> None:
+    """A cosine of NaN outputs was written as the NaN literal, which JSON readers refuse."""
+    from ferry.server.convert.worker import report
+
+    assert report._finite({"cosine": float("nan"), "l": [1.0, float("inf")], "n": 2}) == {
+        "cosine": None,
+        "l": [1.0, None],
+        "n": 2,
+    }
+
+
 def test_auto_choice() -> None:
     def entry(name: str, speedup: float, within: bool = True) -> VariantRecord:
         figures = {"1": speedup, "32": speedup}

@@ -61,6 +61,13 @@ def test_the_server_refuses_a_malformed_declaration(
         _check(ServerSpec("x", "FP32", shape, axes))
 
 
+def test_a_shape_too_large_to_build_samples_of_is_refused_at_convert() -> None:
+    """The child builds samples of the declared shape: [-1, 2**62] crashed it (INTERNAL)."""
+    with pytest.raises(InvalidArgument, match="elements per sample, over the"):
+        _check(ServerSpec("x", "FP32", [-1, 2**62]))
+    _check(ServerSpec("x", "FP32", [-1, 3, 224, 224]))
+
+
 def test_axes_sharing_a_name_must_agree() -> None:
     a = ServerSpec("ids", "INT64", [-1, 8], [ServerAxis(1, "sequence", 1, 16)])
     b = ServerSpec("mask", "INT64", [-1, 8], [ServerAxis(1, "sequence", 1, 32)])
@@ -98,7 +105,17 @@ def test_a_session_reads_the_bounds_its_file_carries(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "metadata", ["not json", '{"x": {"0": ["seq", 2, 16]}}', '{"nope": {"1": ["s", 1, 2]}}']
+    "metadata",
+    [
+        "not json",
+        '{"x": {"0": ["seq", 2, 16]}}',
+        '{"nope": {"1": ["s", 1, 2]}}',
+        # These made the version FAILED (OverflowError, RecursionError) or refuse every request.
+        '{"x": {"1": ["s", 1, Infinity]}}',
+        "[" * 100_000,
+        '{"x": {"1": ["s", 10, 1]}}',
+        '{"x": {"1": ["s", -10, -1]}}',
+    ],
 )
 def test_metadata_that_does_not_fit_the_graph_is_ignored(tmp_path: Path, metadata: str) -> None:
     path = tmp_path / "m.onnx"

@@ -246,6 +246,11 @@ class JobRunner:
                     "was published: free space and convert again"
                 )
                 log.error("conversion job %s: %s", job.job_id, msg)
+            elif isinstance(exc, FerryError) and exc.kind is not ErrorKind.INTERNAL:
+                # A refusal with its reason (a converted model that does not load, a publish
+                # the repository refuses): the job says why; no traceback for it.
+                log.warning("conversion job %s failed: %s", job.job_id, exc.message)
+                kind, msg = exc.kind.value, exc.message
             else:
                 log.exception("conversion job %s failed unexpectedly", job.job_id)
                 kind = exc.kind.value if isinstance(exc, FerryError) else ErrorKind.INTERNAL.value

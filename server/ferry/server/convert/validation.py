@@ -143,6 +143,7 @@ DATATYPES = (
 )
 MAX_INPUTS = 64
 MAX_RANK = 16
+MAX_SAMPLE_ELEMENTS = 1 << 26  # a 3 x 2160 x 3840 image is 25M
 MAX_SAMPLES = 100_000
 
 
@@ -234,6 +235,13 @@ def _check_inputs(spec: ConversionSpec, source_format: str) -> None:
             raise InvalidArgument(
                 f"input {i.name!r}: shape {i.shape} must list dims > 0, or -1 for a dynamic "
                 f"dim (rank <= {MAX_RANK})"
+            )
+        fixed = math.prod(d for d in i.shape if d > 0)
+        if fixed > MAX_SAMPLE_ELEMENTS:
+            # The child builds sample inputs of this shape: 2**62 crashed it (INTERNAL).
+            raise InvalidArgument(
+                f"input {i.name!r}: shape {i.shape} holds {fixed} elements per sample, over "
+                f"the {MAX_SAMPLE_ELEMENTS} a conversion can build samples of"
             )
         _check_axes(i)
     _check_shared_axes(spec.inputs)

@@ -90,7 +90,12 @@ def _with_bounds(session: Any, path: Path, specs: list[TensorSpec]) -> list[Tens
             shape = shapes[name]
             if any(not 0 < b.axis < len(shape) or shape[b.axis] != -1 for b in axes):
                 raise ValueError(f"input {name!r} has no dynamic dim at one of its axes")
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # Bounds no request can meet (10..1, negative) would refuse every request.
+            if any(b.min < 1 or (b.max and b.max < b.min) or b.max < 0 for b in axes):
+                raise ValueError(f"input {name!r} has bounds no size meets")
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        # OverflowError: a bound of Infinity (which json reads); RecursionError: deep nesting.
+        # Either made the version FAILED, blaming onnxruntime.
         log.warning("%s: ignoring its %s metadata (%s)", path, DYNAMIC_AXES_METADATA, exc)
         return specs
     return [dataclasses.replace(spec, bounds=out.get(spec.name, ())) for spec in specs]

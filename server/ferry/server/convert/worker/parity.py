@@ -221,17 +221,27 @@ def is_class_scores(output: np.ndarray) -> bool:
 def tolerance_failure(
     candidate: list[np.ndarray], reference: list[np.ndarray], rtol: float, atol: float
 ) -> str:
-    """'' when np.allclose(candidate, reference, rtol, atol) holds for every output, else figures."""
+    """'' when np.allclose(candidate, reference, rtol, atol) holds for every output, else figures.
+
+    np.isclose decides, element by element, what np.allclose does: a NaN on either side is never
+    close, an infinity only to the same infinity. (A NaN in the reference used to make the
+    largest excess NaN, which compares as not > 0, and a model that disagreed was published;
+    an all-NaN one crashed the child.)"""
     for index, (cand, ref) in enumerate(zip(candidate, reference, strict=True)):
         c64, r64 = cand.astype(np.float64), ref.astype(np.float64)
-        excess = np.abs(c64 - r64) - (atol + rtol * np.abs(r64))
-        if excess.size and (excess.max() > 0 or not np.isfinite(c64).all()):
-            worst = int(np.nanargmax(excess))
-            bad = int(np.count_nonzero(excess > 0))
-            return (
-                f"output {index}: {bad} of {excess.size} elements outside rtol={rtol}, atol={atol}; "
-                f"worst {float(c64.flat[worst]):.6g} vs {float(r64.flat[worst]):.6g}"
-            )
+        close = np.isclose(c64, r64, rtol=rtol, atol=atol)
+        if close.all():
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):
+            excess = np.abs(c64 - r64) - (atol + rtol * np.abs(r64))
+        # The worst element: a non-finite disagreement first, else the largest excess.
+        ranked = np.where(close, -np.inf, np.where(np.isfinite(excess), excess, np.inf))
+        worst = int(np.argmax(ranked))
+        bad = int(np.count_nonzero(~close))
+        return (
+            f"output {index}: {bad} of {close.size} elements outside rtol={rtol}, atol={atol}; "
+            f"worst {float(c64.flat[worst]):.6g} vs {float(r64.flat[worst]):.6g}"
+        )
     return ""
 
 

@@ -29,6 +29,7 @@ report.json, all keys optional except "variants" and "published":
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -227,5 +228,21 @@ class Report:
     def write(self, work: Path) -> None:
         """Atomic, so a reader never sees half a report."""
         tmp = work / (REPORT_FILE + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=str))
+        # Strict JSON: a NaN or infinite figure (a cosine of NaN outputs) is null, not the
+        # NaN literal that JSON readers other than Python's refuse.
+        text = json.dumps(
+            _finite(self.to_dict()), indent=2, sort_keys=True, default=str, allow_nan=False
+        )
+        tmp.write_text(text)
         os.replace(tmp, work / REPORT_FILE)
+
+
+def _finite(value: Any) -> Any:
+    """``value`` with every float that is not finite replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
