@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from ferry.server.core.repository import (
+    DELETED_MARK,
     MODEL_FILE,
     TMP_PREFIX,
     ModelRepository,
@@ -185,12 +186,25 @@ def test_list_versions_of_a_missing_model(repo: ModelRepository) -> None:
     assert not repo.has_model("ghost")
 
 
+def test_a_deleted_version_number_is_never_published_again(repo: ModelRepository) -> None:
+    """A client that pins version 2 must never be answered by a different model published as
+    2 after the first was deleted (versions are immutable artifacts)."""
+    assert [_publish(repo, "m") for _ in range(2)] == [1, 2]
+    repo.delete_version("m", 2)
+    assert _publish(repo, "m") == 3
+    repo.delete_version("m", 3)
+    repo.delete_version("m", 1)
+    assert repo.list_versions("m") == []
+    assert _publish(repo, "m") == 4
+    assert repo.list_versions("m") == [4]  # the mark is no version folder
+
+
 def test_delete_version(repo: ModelRepository) -> None:
     _publish(repo, "m", b"one")
     _publish(repo, "m", b"two")
     repo.delete_version("m", 1)
     assert repo.list_versions("m") == [2]
-    assert sorted(p.name for p in repo.model_dir("m").iterdir()) == ["2"]
+    assert sorted(p.name for p in repo.model_dir("m").iterdir()) == [DELETED_MARK, "2"]
     with pytest.raises(VersionNotFound, match="no version 1"):
         repo.delete_version("m", 1)
     assert _publish(repo, "m", b"three") == 3  # numbers are never reused while 2 exists

@@ -328,3 +328,51 @@ def test_a_failing_rollout_step_never_changes_the_callers_outcome(
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_shadow_candidate_that_fails_to_publish_leaves_no_pin(tmp_path: Path) -> None:
+    """A conversion with rollout = "shadow" pins the serving version before it publishes; a
+    candidate that did not load left that pin, and every later version (published without a
+    shadow) then never took traffic."""
+    from ferry.server.convert.publish import publish
+    from ferry.server.errors import ConversionFailed
+
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        await registry.refresh()
+        with repo.staging("m") as staged:
+            (staged / "model.onnx").write_bytes(b"not a model")
+            with pytest.raises(ConversionFailed, match="does not load"):
+                await publish(repo, registry, "m", staged, {}, rollout="shadow")
+        assert registry.rollout_of("m")[0] is None
+        assert repo.list_versions("m") == [1, 2]  # nothing published
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_version_in_the_rollout_cannot_be_deleted(tmp_path: Path) -> None:
+    """Deleted, it left the split naming a version that was gone (and a later publish under
+    the freed number took its share of the traffic unapproved)."""
+    from ferry.server.core.versions import delete_version
+    from ferry.server.errors import FailedPrecondition
+
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+        await dataplane.set_rollout("m", {1: 1, 2: 1}, by="test", why="canary")
+        for version in (1, 2):
+            with pytest.raises(FailedPrecondition, match=f"version {version} is in 'm'"):
+                await delete_version(repo, registry, "m", version)
+        assert repo.list_versions("m") == [1, 2]
+        await dataplane.set_rollout("m", None, by="test", why="done")
+        await delete_version(repo, registry, "m", 1)
+        assert repo.list_versions("m") == [2]
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -46,16 +46,30 @@ async def publish(
     served must fail the job), and then serves that same session: one session per publish."""
     await asyncio.to_thread(_prepare, staged, serving_config)
     current = _serving_version(registry, model) if rollout == "shadow" else None
+    before: rollouts.Rollout | None = None
     if current is not None:
         # Pinned first: under the version policy the new version would take the traffic the
         # moment it is published; pinned, the current one keeps it until a rule or a person
         # promotes the candidate.
+        before = registry.rollout_of(model)[0]
         pin = rollouts.Rollout(((current, 1.0),))
         await registry.set_rollout(model, pin, by=by, why="pinned while a candidate is published")
     try:
-        version, status = await registry.publish(
-            model, staged, lambda: repository.publish(model, staged)
-        )
+        try:
+            version, status = await registry.publish(
+                model, staged, lambda: repository.publish(model, staged)
+            )
+        except BaseException:
+            if current is not None:
+                # Nothing was published: the pin goes, or it would hold every later version
+                # (published without a shadow) away from the traffic.
+                try:
+                    await registry.set_rollout(
+                        model, before, by=by, why="the candidate was not published; pin removed"
+                    )
+                except Exception as exc:  # the publish's own error is the one to report
+                    log.warning("model %s: the shadow pin was not removed: %s", model, exc)
+            raise
     except FerryError as exc:
         if exc.kind in (ErrorKind.ALREADY_EXISTS, ErrorKind.LIMIT_EXCEEDED):
             raise

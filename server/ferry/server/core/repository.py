@@ -34,6 +34,10 @@ MAX_REPORT_BYTES = 16 << 20
 TMP_PREFIX = ".tmp-"
 _STAGING_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_VERSION = 2**53  # representable exactly in JSON and float64 clients
+# The highest version number Ferry has deleted from a model: the next publish goes above it.
+# A number is never reused: a client that pins version 4 must never be answered by another
+# model published as 4 after the first was deleted.
+DELETED_MARK = ".deleted-versions"
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +162,8 @@ class ModelRepository:
         _fsync_tree(staged)
         while True:
             existing = self.list_versions(name)
-            target_version = version if version is not None else (max(existing, default=0) + 1)
+            highest = max(max(existing, default=0), self._highest_deleted(mdir))
+            target_version = version if version is not None else highest + 1
             target = mdir / str(validate_version(target_version))
             try:
                 # os.rename onto an existing non-empty dir fails, which is what we want.
@@ -183,12 +188,23 @@ class ModelRepository:
             return target_version
 
     def delete_version(self, name: str, version: int) -> None:
-        """Move the version out of sight atomically, then remove it."""
+        """Move the version out of sight atomically, then remove it. Its number is recorded
+        first (DELETED_MARK), so that no later publish takes it."""
         vdir = self.require_version(name, version)
+        mark = max(version, self._highest_deleted(vdir.parent))
+        write_file_atomic(vdir.parent / DELETED_MARK, f"{mark}\n".encode())
         trash = vdir.with_name(f"{TMP_PREFIX}deleted-{version}-{os.getpid()}")
         os.rename(vdir, trash)
         _fsync_dir(vdir.parent)
         shutil.rmtree(trash, ignore_errors=True)
+
+    @staticmethod
+    def _highest_deleted(mdir: Path) -> int:
+        try:
+            text = (mdir / DELETED_MARK).read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            return 0
+        return int(text) if VERSION_RE.fullmatch(text) and int(text) <= MAX_VERSION else 0
 
     def clean_temporaries(self) -> list[Path]:
         """Remove staging folders and temporary files left by a process that died mid-write.

@@ -17,6 +17,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import find_config_file, load_config, parse_config
 from ferry.server.core.registry import ModelRegistry, State
 from ferry.server.core.repository import (
@@ -89,6 +90,14 @@ async def delete_version(
         raise FailedPrecondition(
             f"version {version} is {name!r}'s configured default_version: set another default "
             "(or 0 to clear it) with SetDefaultVersion first"
+        )
+    live, _ = rollouts.read(repository.model_dir(name))
+    if live is not None and version in live.versions:
+        # Deleting it would leave the split naming a version that is gone (its traffic then
+        # went to whatever took the number next).
+        raise FailedPrecondition(
+            f"version {version} is in {name!r}'s rollout (split or shadow): change or end the "
+            "rollout first (SetRollout / ferry models rollout)"
         )
     await asyncio.to_thread(repository.delete_version, name, version)
     await registry.load_model(name)
