@@ -4,7 +4,7 @@ Threads are bounded by the host, not by the number of models: one version used t
 thread (kept after its first request) and an onnxruntime pool per session, 417 threads at 200
 models on 2 cores. Now every version executes its slow batches on one pool sized by the cores
 this process may use, and every load runs on a small loader pool whose threads run at a lower
-CPU priority (runtime.priority), so that building sessions yields the cores to requests for the
+CPU priority (core.priority), so that building sessions yields the cores to requests for the
 models already served.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from concurrent.futures import ThreadPoolExecutor
 
-from ferry.server.runtime import priority
+from ferry.server.core import priority
 
 
 def usable_cores() -> int:

@@ -20,11 +20,12 @@ import onnxruntime as ort
 
 from ferry.codec import DataType, numpy_dtype
 from ferry.server.batching.tensors import concat
+from ferry.server.core import priority
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRuntimeConfig
 from ferry.server.core.pools import usable_cores
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
-from ferry.server.runtime import instances, plans, priority, shared_weights
+from ferry.server.runtime import instances, plans, shared_weights
 from ferry.server.runtime import providers as provider_table
 
 log = logging.getLogger(__name__)
@@ -229,7 +230,7 @@ def _own_threads(intra_op_threads: int) -> int:
 def _build(build: Callable[[], T], own: int | None) -> T:
     """Build a session; one that starts ``own`` threads of its own (an intra-op pool; None: a
     GPU provider's, how many is not known) so that they keep normal priority
-    (runtime.priority)."""
+    (core.priority)."""
     if own == 0:
         return build()
     return priority.with_own_threads(build, own)
