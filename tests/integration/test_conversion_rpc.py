@@ -12,6 +12,7 @@ import hashlib
 import io
 import itertools
 import json
+import logging
 import os
 import pickle
 import sys
@@ -363,7 +364,10 @@ def test_domain_failure_carries_kind_code_and_report(start: Start, tmp_path: Pat
     assert leftovers(tmp_path) == []
 
 
-def test_crash_memory_and_timeout_fail_with_the_reason(start: Start, tmp_path: Path) -> None:
+def test_crash_memory_and_timeout_fail_with_the_reason(
+    start: Start, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="ferry.convert")
     srv, conv = start(conversion_memory_bytes=256 << 20)
     crashed = convert_fake(conv, "m", "crash")
     with pytest.raises(
@@ -371,6 +375,9 @@ def test_crash_memory_and_timeout_fail_with_the_reason(start: Start, tmp_path: P
     ) as info:
         crashed.wait(progress=False)
     assert info.value.code is grpc.StatusCode.INTERNAL
+    # The message sends the reader to the server log: the output is there at the default level.
+    logged = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert any("Traceback (most recent call last)" in m and "boom" in m for m in logged)
     hog = convert_fake(conv, "m", "hog")
     with pytest.raises(JobFailedError, match="ran out of memory under its limit") as info:
         hog.wait(progress=False)

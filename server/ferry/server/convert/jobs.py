@@ -475,6 +475,15 @@ class JobRunner:
             )
         how = f"exit code {rc}" if rc is None or rc >= 0 else f"signal {signal.Signals(-rc).name}"
         detail = f": {(said or tail)[:500]}" if said or tail else ""
+        # Its output is logged at DEBUG as it comes (torch and onnxruntime talk a lot); the
+        # message below sends the reader to the log, so the tail that explains a crash is
+        # logged where the default level shows it.
+        log.warning(
+            "conversion job %s: the conversion process crashed (%s); its last output:\n%s",
+            run.job_id,
+            how,
+            "\n".join(run.stderr) or "(none)",
+        )
         return _Outcome(
             JobState.FAILED,
             ErrorKind.INTERNAL.value,
