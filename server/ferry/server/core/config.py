@@ -51,14 +51,14 @@ MAX_BATCH_SIZE_LIMIT = 65536
 # stays within this. Device ids and their number are bounded so a typo (``device_ids = [10000]``)
 # is refused here, not found by a CUDA error at load.
 MAX_INSTANCES = 64
+MAX_DEVICES = 16
+MAX_DEVICE_ID = 255
 # Every number a config holds is finite and bounded: the server converts them to the wire's
 # integer fields (microseconds in ModelConfig and ModelMetadata) and waits on them. A queue delay
 # of inf or 1e300 loaded READY and then never ran a request; NaN answered INTERNAL on metadata.
 MAX_QUEUE_SIZE = 1 << 20
 MAX_CONFIG_INT = 2**31 - 1
 FLOAT_LIMITS = {"max_queue_delay_ms": 60_000.0, "default_timeout_ms": 86_400_000.0}
-MAX_DEVICES = 16
-MAX_DEVICE_ID = 255
 DEFAULT_MAX_BATCH_SIZE = 32
 
 
