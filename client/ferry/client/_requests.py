@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from ferry.client._errors import InvalidInputError
 from ferry.client._types import (
     BatchingPolicy,
     DurationStat,
@@ -94,6 +95,33 @@ def input_dtypes(meta: ModelMetadata) -> dict[str, np.dtype[Any]]:
     }
 
 
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_request_numbers(version: int | None, timeout: float | None, priority: int) -> int:
+    """Refuse what the wire cannot carry; returns ``timeout`` in microseconds (0: none).
+
+    The message's fields are int64 (version), uint64 (timeout_us) and uint32 (priority). The
+    hand-written encoder would mask a value out of range to 64 bits, so ``version=2**64`` became
+    version 0 (the default) and ``priority=2**40`` the default priority: a request answered by
+    something else than it asked for. protobuf's own classes raise a bare ValueError."""
+    if version is not None and (
+        isinstance(version, bool)
+        or not isinstance(version, int)
+        or not _INT64[0] <= version <= _INT64[1]
+    ):
+        raise InvalidInputError(f"version must be an int64 (a positive integer), got {version!r}")
+    if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**32:
+        raise InvalidInputError(f"priority must be an integer within 0..2**32-1, got {priority!r}")
+    if not timeout:
+        return 0
+    if not isinstance(timeout, int | float) or not 0 < timeout < 2**64 / 1e6:
+        raise InvalidInputError(
+            f"timeout must be a finite number of seconds > 0 (or None), got {timeout!r}"
+        )
+    return int(timeout * 1e6)
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -110,6 +138,7 @@ def build_infer_request(
     dtypes: Mapping[str, np.dtype[Any]] | None = None,
 ) -> pb.InferRequest:
     """``dtypes``: the model's input dtypes, applied to list and scalar inputs (see as_array)."""
+    timeout_us = check_request_numbers(version, timeout, priority)
     if dtypes:
         tensors = [
             encode_tensor(name, as_array(value, name, dtypes.get(name)))
@@ -123,7 +152,7 @@ def build_infer_request(
         id=request_id,
         inputs=tensors,
         outputs=list(outputs or ()),
-        timeout_us=int(timeout * 1e6) if timeout else 0,
+        timeout_us=timeout_us,
         priority=priority,
     )
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ferry.client._errors import FerryError, ServerError, from_status
-from ferry.client._requests import ArrayLike, as_array, status_code
+from ferry.client._requests import ArrayLike, as_array, check_request_numbers, status_code
 from ferry.client._types import InferResult, Timings
 from ferry.codec import CodecError, from_bytes
 from ferry.codec._wire import encode_varint, tensor_field, text_field
@@ -49,6 +49,7 @@ def encode_infer_request(
     600 KB image that is most of the client's cost. The format is seven plain fields; the tests
     check byte-equality with protobuf's own serialization.
     """
+    timeout_us = check_request_numbers(version, timeout, priority)
     parts: list[bytes | memoryview] = []
     if model:
         parts += text_field(_KEY1, model)
@@ -61,7 +62,6 @@ def encode_infer_request(
         parts += tensor_field(_KEY4, name, array)  # the data referenced, not copied
     for out in outputs or ():
         parts += text_field(_KEY5, out)
-    timeout_us = int(timeout * 1e6) if timeout else 0
     if timeout_us:
         parts += [_KEY6, encode_varint(timeout_us)]
     if priority:
