@@ -457,6 +457,37 @@ def test_health_is_all_ready_and_each_models_readiness_in_one_pass(repo: ModelRe
     arun(main)
 
 
+def test_loading_a_model_beside_the_served_ones_never_makes_the_replica_not_ready(
+    repo: ModelRepository,
+) -> None:
+    """An explicit load added the model to the required set before it loaded: the replica went
+    NOT_SERVING for the length of every load (a probe pulled a serving replica on every
+    deploy), and stayed so after a load that failed."""
+    write_model(repo, "seed", seed_model())
+    write_model(repo, "other", seed_model(seed=2))
+    (repo.root / "broken" / "1").mkdir(parents=True)
+    (repo.root / "broken" / "1" / "model.onnx").write_bytes(b"\x08\x01garbage")
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        registry.settle(["seed"])
+        replica: list[bool] = []
+        registry.add_listener(lambda: replica.append(registry.all_ready()))
+        await registry.unload_model("other")
+        await registry.load_model("other")  # LOADING, then READY: every change is recorded
+        await registry.load_model("broken")  # fails to load (the management call says so)
+        assert [s.state for s in registry.statuses("broken")] == [State.FAILED]
+        assert replica and all(replica), replica
+        assert registry.all_ready()
+        await registry.unload_model("seed")  # required no more, and another model serves
+        await registry.load_model("seed")
+        assert registry.all_ready()
+        await registry.close()
+
+    arun(main)
+
+
 def test_default_version_is_the_newest_ready_else_the_newest_known() -> None:
     from ferry.server.core.config import parse_config
     from ferry.server.core.registry import ModelEntry, VersionSlot

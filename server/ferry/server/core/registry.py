@@ -249,7 +249,8 @@ class ModelRegistry:
 
     def settle(self, required: list[str] | None = None) -> None:
         """Fix what readiness means once the start-up load is done: the models named, or else
-        those serving now. An explicit load adds a model to them, an explicit unload removes it."""
+        those serving now. An explicit load adds a model to them once it serves, an explicit
+        unload removes it."""
         if required:
             self._required = set(required)
         else:
@@ -315,10 +316,14 @@ class ModelRegistry:
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._lock_of(name):
             self._unloaded_by_request.discard(name)
-            if self._required is not None:
-                self._required.add(name)
             result = RepositoryOutcome()
             await self._sync_model(name, result, retry_failed=True)
+            # Required from now on only once it serves: added before the load, the replica
+            # turned NOT_SERVING for the length of every load of a model beside the ones it
+            # serves, and stayed so after a load that failed.
+            entry = self.models.get(name)
+            if self._required is not None and entry is not None and entry.ready_versions():
+                self._required.add(name)
             self._notify()
             await self._follow("load", name)
             return result
