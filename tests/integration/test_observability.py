@@ -3,7 +3,10 @@ and statistics."""
 
 from __future__ import annotations
 
+import logging
 import re
+import socket
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -169,6 +172,25 @@ def test_the_metrics_port_answers_only_what_it_serves(server: ServerThread) -> N
     assert "process_resident_memory_bytes" in text
     assert "process_open_fds" in text
     assert "_created" not in text
+
+
+def test_a_scraper_that_hangs_up_leaves_no_traceback(
+    server: ServerThread, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """socketserver printed a traceback to stderr (past logging) for every client that reset
+    its connection mid-request: 200 of them, 200 tracebacks."""
+    assert server.app is not None
+    caplog.set_level(logging.DEBUG, logger="ferry.server.metrics_http")
+    sock = socket.create_connection(("127.0.0.1", server.app.metrics_port), timeout=30)
+    sock.sendall(b"GET /metrics HTTP/1.1\r\n")  # and no end of headers
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()  # a reset, not a FIN
+    wait_for(
+        lambda: any("went away" in r.getMessage() for r in caplog.records),
+        "the metrics server to see the client go",
+    )
+    assert "Traceback" not in capsys.readouterr().err
+    assert _get(server.app.metrics_port, "/v2/health/live")[0] == 200
 
 
 def test_http_readiness_follows_the_replica(tmp_path: Path) -> None:

@@ -10,10 +10,14 @@ readiness is a flag the server sets on its event loop at every change, never com
 
 from __future__ import annotations
 
+import logging
+import sys
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 LIVE = "/v2/health/live"
 READY = "/v2/health/ready"
@@ -63,6 +67,18 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """socketserver printed a traceback to stderr (past logging, and past --log-format
+        json) for every scraper that hung up before its answer was written: a client gone is
+        logged at DEBUG; anything else stays an error, through logging."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError):
+            log.debug("metrics client %s went away: %s", client_address, exc)
+        else:
+            log.error("metrics request from %s failed", client_address, exc_info=exc)
+
+
 class MetricsServer:
     def __init__(self, render: Callable[[], bytes], content_type: str, flag: ReadyFlag) -> None:
         """``render``: the whole /metrics body, called on this server's thread per scrape."""
@@ -76,7 +92,7 @@ class MetricsServer:
 
     def start(self, host: str, port: int) -> int:
         try:
-            server = ThreadingHTTPServer((host, port), self._handler)
+            server = _Server((host, port), self._handler)
         except OSError as exc:  # name the listener, as the gRPC ones do
             raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
         server.daemon_threads = True
