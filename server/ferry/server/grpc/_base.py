@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -31,6 +32,29 @@ def new_server(options: list[tuple[str, int]], interceptors: list[Any]) -> aio.S
     server = aio.server(options=options, interceptors=interceptors)
     server.add_registered_method_handlers = _generic_only  # type: ignore[method-assign,assignment]
     return server
+
+
+class PeerGoneFilter(logging.Filter):
+    """grpc.aio logs an ERROR with a traceback ("ExecuteBatchError raised in core by servicer
+    method") when a streaming handler's response cannot be written because the client already
+    cancelled or closed the call: a client's business, which anyone could repeat to fill the
+    log. Such records are kept only where DEBUG is enabled for Ferry's gRPC adapters."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if type(exc).__name__ != "ExecuteBatchError":
+            return True
+        if not logging.getLogger(__name__).isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def quiet_peer_gone() -> None:
+    """Install PeerGoneFilter on grpc's Cython logger once (at server start, never at import)."""
+    grpc_log = logging.getLogger("grpc._cython.cygrpc")
+    if not any(isinstance(f, PeerGoneFilter) for f in grpc_log.filters):
+        grpc_log.addFilter(PeerGoneFilter())
 
 
 def _generic_only(service: str, handlers: Mapping[str, grpc.RpcMethodHandler]) -> None:

@@ -34,7 +34,7 @@ from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import Limits
 from ferry.server.grpc import conversion, kserve, reflection
-from ferry.server.grpc._base import new_server
+from ferry.server.grpc._base import new_server, quiet_peer_gone
 from ferry.server.grpc.auth import inference_guard, management_guard
 from ferry.server.grpc.inference import InferenceServicer
 from ferry.server.grpc.inference import add_to_server as add_inference_to_server
@@ -158,6 +158,7 @@ class FerryServer:
         http_tls = ssl_context(security.inference_tls(s)) if s.http_port >= 0 else None
         mhttp_tls = ssl_context(security.management_tls(s)) if s.management_http_port >= 0 else None
         self.repository.clean_temporaries()  # a live writer's staging folders are kept
+        quiet_peer_gone()
         await self.health.set("", NOT_SERVING)
         # Inference listener.
         guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
