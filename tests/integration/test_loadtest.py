@@ -81,6 +81,16 @@ def test_duration_bounded_level_and_connections(server: Any) -> None:
     assert lv.ok > 0 and lv.errors == {} and lv.elapsed >= 0.3
 
 
+def test_an_open_loop_level_ends_at_its_duration_not_at_its_next_arrival(server: Any) -> None:
+    """At 0.01 requests/s the next arrival is 100 s away: a 0.3 s level waited for it."""
+    report = run(
+        config(server, rate=(0.01,), duration=0.3, requests=None, warmup=0.0), progress=False
+    )
+    (lv,) = report.levels
+    assert lv.ok == 1  # the first arrival, at once; the next one is past the level's end
+    assert lv.elapsed < 50  # far below the 100 s gap it used to sleep out
+
+
 def test_inputs_from_the_caller_and_the_batch_size(server: Any) -> None:
     inputs = {"input": np.ones((3, 64), np.float32)}
     report = run(config(server, inputs=inputs, requests=20), progress=False)

@@ -16,6 +16,7 @@ from ferry.cli._common import (
     make_client,
     positive_int,
     shape_spec,
+    version_number,
 )
 from ferry.client import InferResult
 from ferry.client.loadtest import InputError, generate_inputs, load_inputs
@@ -61,7 +62,9 @@ def register(sub: Any) -> None:
         metavar="NAME=D,D",
         help="shape of a --random input with dynamic dimensions; repeatable",
     )
-    p.add_argument("--version", type=int, help="model version (default: the default one)")
+    p.add_argument(
+        "--version", type=version_number, help="model version (default: the default one)"
+    )
     p.add_argument(
         "--output",
         action="append",

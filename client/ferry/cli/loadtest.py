@@ -14,8 +14,10 @@ from ferry.cli._common import (
     connection_parent,
     positive_float,
     positive_int,
+    seed_int,
     shape_spec,
     tls_config,
+    version_number,
 )
 from ferry.client import FerryError
 from ferry.client.loadtest import (
@@ -120,7 +122,9 @@ def register(sub: Any) -> None:
         default="ferry",
         help="ferry.v1 or the Open Inference Protocol (KServe v2 ModelInfer) (default ferry)",
     )
-    p.add_argument("--version", type=int, help="model version (default: the default one)")
+    p.add_argument(
+        "--version", type=version_number, help="model version (default: the default one)"
+    )
     p.add_argument(
         "--batch-size", type=positive_int, default=1, help="batch size of generated inputs"
     )
@@ -147,7 +151,7 @@ def register(sub: Any) -> None:
         default=1,
         help="HTTP/2 connections to spread requests over (default 1)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for inputs and Poisson arrivals")
+    p.add_argument("--seed", type=seed_int, default=0, help="seed for inputs and Poisson arrivals")
     p.add_argument("--json", metavar="FILE", help="write the report as JSON ('-': stdout)")
     p.add_argument("--csv", metavar="FILE", help="write one CSV row per level ('-': stdout)")
     p.add_argument(
@@ -231,6 +235,16 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
             raise UsageError(
                 "--plot needs matplotlib: pip install 'ferry-serve[plot]' (or drop --plot)"
             ) from None
+        from matplotlib.figure import Figure
+
+        formats = Figure().canvas.get_supported_filetypes()
+        suffix = Path(args.plot).suffix.lower().lstrip(".")
+        if suffix not in formats:
+            raise UsageError(
+                f"--plot {args.plot}: matplotlib cannot write {suffix or 'a file without a '}"
+                f"{' files' if suffix else 'suffix'}; name it .png, .svg or .pdf "
+                f"(any of: {', '.join(sorted(formats))})"
+            )
     for dest in (args.json, args.csv, args.plot):
         if dest not in (None, "-") and not Path(dest).parent.is_dir():
             raise UsageError(f"{dest}: folder {Path(dest).parent} does not exist")

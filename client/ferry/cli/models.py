@@ -23,6 +23,7 @@ from ferry.cli._common import (
     management_hint,
     management_parent,
     print_table,
+    version_number,
 )
 from ferry.client import BatchingPolicy, ModelMetadata, ModelStatistics, RepositoryClient
 
@@ -57,7 +58,9 @@ def register(sub: Any) -> None:
         "versions and its batching policy.",
     )
     p.add_argument("model")
-    p.add_argument("--version", type=int, help="a specific version (default: the default one)")
+    p.add_argument(
+        "--version", type=version_number, help="a specific version (default: the default one)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_describe)
 

@@ -15,6 +15,7 @@ offered load (coordinated omission).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import sys
 import time
@@ -218,6 +219,7 @@ class Budget:
     def __init__(self, requests: int | None) -> None:
         self.remaining = requests
         self.stopped = False
+        self.stopping = asyncio.Event()  # set with stopped: a wait for the next arrival ends
 
     def take(self) -> bool:
         if self.stopped:
@@ -230,6 +232,7 @@ class Budget:
 
     def stop(self) -> None:
         self.stopped = True
+        self.stopping.set()
 
 
 async def closed_loop(
@@ -279,7 +282,10 @@ async def open_loop(
     while budget.take():
         delay = scheduled - clock()
         if delay > 0.0005:
-            await asyncio.sleep(delay)
+            # Until the next arrival or the level's end, whichever comes first: at 0.01
+            # requests/s a 2 s level slept 100 s for its next arrival.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(budget.stopping.wait(), delay)
         else:
             await asyncio.sleep(0)  # behind schedule: still let answers in
         if budget.stopped:
