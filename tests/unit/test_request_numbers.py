@@ -49,3 +49,28 @@ def test_numbers_in_range_are_the_bytes_protobuf_writes() -> None:
     assert encode_infer_request("m", X, **kwargs) == (
         build_infer_request("m", X, **kwargs).SerializeToString()
     )
+
+
+@pytest.mark.parametrize(
+    ("model", "inputs", "kwargs", "words"),
+    [
+        (5, X, {}, "model must be a name (str), got int"),
+        ("m", None, {}, "inputs must be a mapping of input name -> array, got NoneType"),
+        ("m", np.ones(3), {}, "inputs must be a mapping"),
+        ("m", X, {"outputs": "logits"}, "outputs must be a list of output names"),
+        ("m", X, {"outputs": 7}, "outputs must be a list of output names"),
+        ("m", X, {"request_id": 5}, "request_id must be a str, got int"),
+        ("m", {"input": [[1.0, None]]}, {}, "input 'input'"),
+        ("m", {"input": np.ones((1, 2), complex)}, {}, "input 'input'"),
+        ("m", {"input": [[1.0], [1.0, 2.0]]}, {}, "input 'input'"),
+    ],
+)
+def test_arguments_of_the_wrong_kind_are_invalid_input(
+    model: Any, inputs: Any, kwargs: dict[str, Any], words: str
+) -> None:
+    """They raised AttributeError or the codec's ValueError, outside FerryError, which every
+    SDK exception derives from; outputs="logits" was six one-letter names."""
+    with pytest.raises(InvalidInputError, match=re.escape(words)):
+        encode_infer_request(model, inputs, **kwargs)
+    with pytest.raises(InvalidInputError, match=re.escape(words)):
+        build_infer_request(model, inputs, **kwargs)

@@ -61,6 +61,19 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
         ) from None
     if arr.dtype.kind == "U":
         arr = arr.astype(object)
+    elif arr.dtype == object:
+        # numpy made Python objects of a list it could not type (a None, a ragged row, a
+        # number beyond int64): such an array goes out as BYTES, so say what went wrong here
+        # rather than "BYTES element 0 must be bytes".
+        flat = arr.reshape(-1)
+        bad = next((i for i, v in enumerate(flat) if not isinstance(v, str | bytes)), None)
+        if bad is not None:
+            raise CodecError(
+                f"input {name!r}: these values make an array of Python objects, which is "
+                f"sent as BYTES, and element {bad} is {type(flat[bad]).__name__}: give numbers "
+                "of one type and no None in rows of equal length, or only str/bytes for a "
+                "BYTES input"
+            )
     elif dtype is not None and arr.dtype != dtype and np.can_cast(arr.dtype, dtype, "same_kind"):
         arr = arr.astype(dtype)
     return arr
@@ -96,6 +109,45 @@ def input_dtypes(meta: ModelMetadata) -> dict[str, np.dtype[Any]]:
 
 
 _INT64 = (-(2**63), 2**63 - 1)
+
+
+def check_request(
+    model: object,
+    inputs: object,
+    *,
+    outputs: object,
+    request_id: object,
+    version: int | None,
+    timeout: float | None,
+    priority: int,
+) -> int:
+    """Refuse arguments of the wrong kind with InvalidInputError (they raised AttributeError
+    from deep inside, and ``outputs="logits"`` was taken as six one-letter names), then the
+    numbers; returns ``timeout`` in microseconds (0: none)."""
+    if not isinstance(model, str):
+        raise InvalidInputError(f"model must be a name (str), got {type(model).__name__}")
+    if not isinstance(inputs, Mapping):
+        raise InvalidInputError(
+            f"inputs must be a mapping of input name -> array, got {type(inputs).__name__}"
+        )
+    if outputs is not None and (
+        isinstance(outputs, str | bytes)
+        or not isinstance(outputs, Sequence)
+        or not all(isinstance(o, str) for o in outputs)
+    ):
+        raise InvalidInputError(f"outputs must be a list of output names, got {outputs!r}"[:200])
+    if not isinstance(request_id, str):
+        raise InvalidInputError(f"request_id must be a str, got {type(request_id).__name__}")
+    return check_request_numbers(version, timeout, priority)
+
+
+def _named(exc: CodecError, inputs: Mapping[str, object]) -> str:
+    """The codec's message, with the input it is about when it does not say (a dtype the wire
+    has no type for is judged on the array alone)."""
+    text = str(exc)
+    if text.startswith("input ") or len(inputs) != 1:
+        return text
+    return f"input {next(iter(inputs))!r}: {text}"
 
 
 def check_request_numbers(version: int | None, timeout: float | None, priority: int) -> int:
@@ -138,14 +190,22 @@ def build_infer_request(
     dtypes: Mapping[str, np.dtype[Any]] | None = None,
 ) -> pb.InferRequest:
     """``dtypes``: the model's input dtypes, applied to list and scalar inputs (see as_array)."""
-    timeout_us = check_request_numbers(version, timeout, priority)
-    if dtypes:
+    timeout_us = check_request(
+        model,
+        inputs,
+        outputs=outputs,
+        request_id=request_id,
+        version=version,
+        timeout=timeout,
+        priority=priority,
+    )
+    try:
         tensors = [
-            encode_tensor(name, as_array(value, name, dtypes.get(name)))
+            encode_tensor(name, as_array(value, name, dtypes.get(name) if dtypes else None))
             for name, value in inputs.items()
         ]
-    else:
-        tensors = [encode_tensor(name, as_array(value, name)) for name, value in inputs.items()]
+    except CodecError as exc:  # an input the wire cannot carry: the caller's to fix
+        raise InvalidInputError(_named(exc, inputs)) from None
     return pb.InferRequest(
         model=model,
         version=version or 0,

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from ferry.client._errors import FerryError, ServerError, from_status
-from ferry.client._requests import ArrayLike, as_array, check_request_numbers, status_code
+from ferry.client._errors import FerryError, InvalidInputError, ServerError, from_status
+from ferry.client._requests import ArrayLike, _named, as_array, check_request, status_code
 from ferry.client._types import InferResult, Timings
 from ferry.codec import CodecError, from_bytes
 from ferry.codec._wire import encode_varint, tensor_field, text_field
@@ -49,17 +49,30 @@ def encode_infer_request(
     600 KB image that is most of the client's cost. The format is seven plain fields; the tests
     check byte-equality with protobuf's own serialization.
     """
-    timeout_us = check_request_numbers(version, timeout, priority)
+    timeout_us = check_request(
+        model,
+        inputs,
+        outputs=outputs,
+        request_id=request_id,
+        version=version,
+        timeout=timeout,
+        priority=priority,
+    )
     parts: list[bytes | memoryview] = []
-    if model:
-        parts += text_field(_KEY1, model)
-    if version:
-        parts += [_KEY2, encode_varint(version)]
-    if request_id:
-        parts += text_field(_KEY3, request_id)
-    for name, value in inputs.items():
-        array = as_array(value, name, dtypes.get(name) if dtypes else None)
-        parts += tensor_field(_KEY4, name, array)  # the data referenced, not copied
+    try:
+        if model:
+            parts += text_field(_KEY1, model)
+        if version:
+            parts += [_KEY2, encode_varint(version)]
+        if request_id:
+            parts += text_field(_KEY3, request_id)
+        for name, value in inputs.items():
+            array = as_array(value, name, dtypes.get(name) if dtypes else None)
+            parts += tensor_field(_KEY4, name, array)  # the data referenced, not copied
+    except CodecError as exc:  # an input the wire cannot carry: the caller's to fix
+        raise InvalidInputError(_named(exc, inputs)) from None
+    except UnicodeEncodeError as exc:  # a name with a lone surrogate
+        raise InvalidInputError(f"a name is not encodable as UTF-8: {exc.reason}") from None
     for out in outputs or ():
         parts += text_field(_KEY5, out)
     if timeout_us:
