@@ -181,36 +181,30 @@ def positive_float(text: str) -> float:
 MAX_VERSION = 2**53
 
 
+def _int_within(text: str, low: int, high: int | None) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if high is None and value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {text}")
+    if high is not None and not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"must be within {low}..{high}, got {text}")
+    return value
+
+
 def version_number(text: str) -> int:
     """--version: what the server accepts (1..2**53); a larger one made the request message
     itself fail with a Python traceback."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 1 <= value <= MAX_VERSION:
-        raise argparse.ArgumentTypeError(f"must be within 1..{MAX_VERSION}, got {text}")
-    return value
+    return _int_within(text, 1, MAX_VERSION)
 
 
 def seed_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"must be within 0..4294967295, got {text}")
-    return value
+    return _int_within(text, 0, 2**32 - 1)
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
-    return value
+    return _int_within(text, 1, None)
 
 
 def shape_spec(text: str) -> tuple[str, tuple[int, ...]]:

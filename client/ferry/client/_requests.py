@@ -114,16 +114,13 @@ _INT64 = (-(2**63), 2**63 - 1)
 def check_request(
     model: object,
     inputs: object,
-    *,
     outputs: object,
     request_id: object,
-    version: int | None,
-    timeout: float | None,
-    priority: int,
+    numbers: tuple[int | None, float | None, int],
 ) -> int:
     """Refuse arguments of the wrong kind with InvalidInputError (they raised AttributeError
     from deep inside, and ``outputs="logits"`` was taken as six one-letter names), then the
-    numbers; returns ``timeout`` in microseconds (0: none)."""
+    numbers (version, timeout, priority); returns ``timeout`` in microseconds (0: none)."""
     if not isinstance(model, str):
         raise InvalidInputError(f"model must be a name (str), got {type(model).__name__}")
     if not isinstance(inputs, Mapping):
@@ -138,7 +135,7 @@ def check_request(
         raise InvalidInputError(f"outputs must be a list of output names, got {outputs!r}"[:200])
     if not isinstance(request_id, str):
         raise InvalidInputError(f"request_id must be a str, got {type(request_id).__name__}")
-    return check_request_numbers(version, timeout, priority)
+    return check_request_numbers(*numbers)
 
 
 def _named(exc: CodecError, inputs: Mapping[str, object]) -> str:
@@ -190,15 +187,7 @@ def build_infer_request(
     dtypes: Mapping[str, np.dtype[Any]] | None = None,
 ) -> pb.InferRequest:
     """``dtypes``: the model's input dtypes, applied to list and scalar inputs (see as_array)."""
-    timeout_us = check_request(
-        model,
-        inputs,
-        outputs=outputs,
-        request_id=request_id,
-        version=version,
-        timeout=timeout,
-        priority=priority,
-    )
+    timeout_us = check_request(model, inputs, outputs, request_id, (version, timeout, priority))
     try:
         tensors = [
             encode_tensor(name, as_array(value, name, dtypes.get(name) if dtypes else None))

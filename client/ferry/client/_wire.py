@@ -49,15 +49,7 @@ def encode_infer_request(
     600 KB image that is most of the client's cost. The format is seven plain fields; the tests
     check byte-equality with protobuf's own serialization.
     """
-    timeout_us = check_request(
-        model,
-        inputs,
-        outputs=outputs,
-        request_id=request_id,
-        version=version,
-        timeout=timeout,
-        priority=priority,
-    )
+    timeout_us = check_request(model, inputs, outputs, request_id, (version, timeout, priority))
     parts: list[bytes | memoryview] = []
     try:
         if model:
