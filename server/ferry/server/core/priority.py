@@ -38,6 +38,7 @@ TASKS = "/proc/self/task"
 _local = threading.local()
 _starter: list[ThreadPoolExecutor] = []
 _starter_lock = threading.Lock()
+_watch = threading.Lock()
 
 
 def lower_current_thread() -> None:
@@ -82,8 +83,8 @@ def with_own_threads(build: Callable[[], T], threads: int | None) -> T:
     normal priority). The caller waits: a load keeps its order and its errors.
 
     The build runs on a fresh thread that the starter starts (so at normal priority); the
-    caller lowers it once the process has ``threads`` more tasks than before (the session's
-    own, which keep normal priority), or after THREADS_WAIT_S. Another thread starting
+    caller lowers it once ``threads`` new native threads exist (the session's own, which keep
+    normal priority), or after THREADS_WAIT_S. A native thread of something else starting
     meanwhile can make it lower early: the session's threads are then lowered, as they were
     before this existed, never worse."""
     if not is_lowered() or not _starter or not os.path.isdir(TASKS):
@@ -96,21 +97,31 @@ def with_own_threads(build: Callable[[], T], threads: int | None) -> T:
         except BaseException as exc:  # handed to the caller below
             outcome["error"] = exc
 
-    before = len(os.listdir(TASKS))
-    builder = _starter[0].submit(_start, run).result()
-    if threads is not None:
-        pause = threading.Event()
-        end = time.monotonic() + THREADS_WAIT_S
-        while builder.is_alive() and time.monotonic() < end:
-            if len(os.listdir(TASKS)) >= before + 1 + threads:  # the builder and its threads
-                break
-            pause.wait(0.0005)
-        if builder.is_alive() and builder.native_id is not None:
-            _lower(builder.native_id)
+    # One build's window at a time (until its threads exist, a few milliseconds): two builds
+    # starting together would each count the other's threads as their own.
+    with _watch:
+        before = set(os.listdir(TASKS))
+        builder = _starter[0].submit(_start, run).result()
+        if threads is not None:
+            pause = threading.Event()
+            end = time.monotonic() + THREADS_WAIT_S
+            while builder.is_alive() and time.monotonic() < end:
+                if len(_new_native(before)) >= threads:
+                    break
+                pause.wait(0.0005)
+            if builder.is_alive() and builder.native_id is not None:
+                _lower(builder.native_id)
     builder.join()
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def _new_native(before: set[str]) -> set[str]:
+    """Tasks started since ``before`` that are not Python threads: an onnxruntime pool's
+    (another loader or pool thread starting meanwhile is a Python thread, and not counted)."""
+    python = {str(t.native_id) for t in threading.enumerate()}
+    return set(os.listdir(TASKS)) - before - python
 
 
 def _start(run: Callable[[], None]) -> threading.Thread:
