@@ -25,6 +25,7 @@ CLIENT_API = [
     "DeadlineExceededError",
     "DurationStat",
     "DynamicAxis",
+    "FailedPreconditionError",
     "FerryError",
     "InferResult",
     "InferStream",

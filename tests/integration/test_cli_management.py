@@ -17,7 +17,7 @@ import pytest
 from ferry.cli import main
 from ferry.client import (
     ConversionClient,
-    ConversionError,
+    FailedPreconditionError,
     InferenceClient,
     RefreshResult,
     RepositoryClient,
@@ -235,7 +235,7 @@ def test_an_upload_a_live_job_reads_is_kept(conv_server: Any) -> None:
         )
         assert [i.name for i in up.inputs] == ["input"]  # the built-in's own, from the server
         job = conv.convert(up)
-        with pytest.raises(ConversionError, match="being converted by job"):
+        with pytest.raises(FailedPreconditionError, match="being converted by job"):
             conv.delete_upload(up)
         assert [u.upload_id for u in conv.list_uploads()] == [up.upload_id]
         job.cancel()

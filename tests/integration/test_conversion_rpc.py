@@ -32,6 +32,7 @@ from ferry.client import (
     ConversionClient,
     ConversionError,
     DeadlineExceededError,
+    FailedPreconditionError,
     InferenceClient,
     InvalidInputError,
     JobFailedError,
@@ -225,10 +226,10 @@ def test_code_bearing_formats_are_refused_by_default(start: Start, tmp_path: Pat
     _, conv = start()
     pt2 = tmp_path / "model.pt2"
     pt2.write_bytes(b"PK\x03\x04 whatever")
-    with pytest.raises(ConversionError, match="--allow-code-formats") as info:
+    with pytest.raises(FailedPreconditionError, match="--allow-code-formats") as info:
         conv.upload("prog", pt2)  # the suffix says exported_program
     assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
-    with pytest.raises(ConversionError, match="--allow-code-formats"):
+    with pytest.raises(FailedPreconditionError, match="--allow-code-formats"):
         conv.upload("prog", b"PK\x03\x04", format="torchscript")
 
 
@@ -578,7 +579,7 @@ def test_set_default_and_delete_versions(start: Start, tmp_path: Path) -> None:
     pinned = infer(srv, "multi", x)
     assert pinned.version == 1
     np.testing.assert_array_equal(pinned["logits"], infer(srv, "multi", x, version=1)["logits"])
-    with pytest.raises(ConversionError, match="default_version"):
+    with pytest.raises(FailedPreconditionError, match="default_version"):
         conv.delete_version("multi", 1)
     conv.delete_version("multi", 2)
     assert [v.version for v in conv.get_model("multi").versions] == [1]

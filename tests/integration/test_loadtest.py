@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +211,26 @@ def test_input_files(client: InferenceClient, tmp_path: Path) -> None:
     (tmp_path / "x.txt").write_text("1")
     with pytest.raises(InputError, match="unsupported"):
         load_inputs([str(tmp_path / "x.txt")], meta)
+    with pytest.raises(InputError, match="is a folder, not a file"):
+        load_inputs([str(tmp_path)], meta)
+
+
+@pytest.mark.parametrize(
+    ("shape", "words"),
+    [
+        ([1, -4], "shape must be a list of dimensions >= 0, got [1, -4]"),
+        ([-1], "shape must be a list of dimensions >= 0"),
+        ([1, True, 4], "shape must be a list of dimensions >= 0"),
+        ("1,4", "shape must be a list of dimensions >= 0"),
+        ([2, 4], "shape [2, 4] holds 8 elements, but data has 4"),
+    ],
+)
+def test_a_json_input_gives_every_dimension(tmp_path: Path, shape: Any, words: str) -> None:
+    """numpy took a negative dimension as "work it out": [1, -3] was sent as [1, 3]."""
+    path = tmp_path / "in.json"
+    path.write_text(json.dumps({"a": {"data": [1, 2, 3, 4], "shape": shape}}))
+    with pytest.raises(InputError, match=re.escape(words)):
+        load_inputs([str(path)])
 
 
 def test_stream_request_ids_are_appended_without_reencoding() -> None:

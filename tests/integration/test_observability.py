@@ -3,6 +3,7 @@ and statistics."""
 
 from __future__ import annotations
 
+import http.client
 import logging
 import re
 import socket
@@ -173,6 +174,27 @@ def test_the_metrics_port_answers_only_what_it_serves(server: ServerThread) -> N
     assert "process_open_fds" in text
     assert "_created" not in text
 
+
+
+def test_the_metrics_port_names_the_methods_it_answers(server: ServerThread) -> None:
+    """POST and the like were http.server's 501 "Unsupported method" (no such method known)."""
+    assert server.app is not None
+    conn = http.client.HTTPConnection("127.0.0.1", server.app.metrics_port, timeout=10)
+    try:
+        for method in ("POST", "PUT", "DELETE", "PATCH"):
+            conn.request(method, "/metrics", body=b"x" * 100)
+            resp = conn.getresponse()
+            assert (resp.status, resp.getheader("Allow")) == (405, "GET, HEAD, OPTIONS"), method
+            assert b"not allowed" in resp.read()
+            conn.close()  # the server closes it: its body was never read
+        conn.request("OPTIONS", "/metrics")
+        resp = conn.getresponse()
+        assert (resp.status, resp.getheader("Allow")) == (204, "GET, HEAD, OPTIONS")
+        resp.read()
+        conn.request("GET", "/v2/health/live")  # the same connection still answers
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
 
 def test_a_scraper_that_hangs_up_leaves_no_traceback(
     server: ServerThread, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]

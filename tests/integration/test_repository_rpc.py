@@ -15,6 +15,8 @@ from helpers import StartServer, make_repo, write_config
 from serverutil import ServerThread
 
 from ferry.client import (
+    ConversionError,
+    FailedPreconditionError,
     InferenceClient,
     InvalidInputError,
     ModelNotFoundError,
@@ -97,6 +99,20 @@ def test_unload_and_load_by_request(clients: tuple[InferenceClient, RepositoryCl
         repo.load_model("ghost")
     with pytest.raises(InvalidInputError, match="invalid model name"):
         repo.load_model("../etc")
+
+
+def test_a_model_that_fails_to_load_is_a_failed_precondition(
+    repo_path: Path, clients: tuple[InferenceClient, RepositoryClient]
+) -> None:
+    """It was raised as ConversionError, the one class FAILED_PRECONDITION mapped to, although
+    no conversion was involved."""
+    _, repo = clients
+    (repo_path / "broken" / "1").mkdir(parents=True)
+    (repo_path / "broken" / "1" / "model.onnx").write_bytes(b"not an onnx file")
+    with pytest.raises(FailedPreconditionError, match="no version ready") as info:
+        repo.load_model("broken")
+    assert not isinstance(info.value, ConversionError)
+    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_management_service_is_not_on_the_inference_port(server: ServerThread) -> None:

@@ -12,7 +12,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ferry.client import InvalidInputError
+from ferry.client import (
+    AsyncInferenceClient,
+    InferenceClient,
+    InvalidInputError,
+    RetryPolicy,
+)
 from ferry.client._requests import build_infer_request
 from ferry.client._wire import encode_infer_request
 from ferry.proto.v1 import inference_pb2 as pb
@@ -33,6 +38,8 @@ X = {"input": np.ones((1, 4), np.float32)}
         ({"timeout": float("inf")}, "timeout must be a finite number"),
         ({"timeout": -1.0}, "timeout must be a finite number"),
         ({"timeout": 1e20}, "timeout must be a finite number"),
+        ({"timeout": 0}, "timeout must be a finite number of seconds > 0, or None"),
+        ({"timeout": True}, "timeout must be a finite number"),
     ],
 )
 def test_out_of_range_numbers_are_refused(kwargs: dict[str, Any], words: str) -> None:
@@ -74,3 +81,36 @@ def test_arguments_of_the_wrong_kind_are_invalid_input(
         encode_infer_request(model, inputs, **kwargs)
     with pytest.raises(InvalidInputError, match=re.escape(words)):
         build_infer_request(model, inputs, **kwargs)
+
+
+@pytest.mark.parametrize("make", [InferenceClient, AsyncInferenceClient])
+def test_a_client_takes_one_meaning_of_timeout_and_retry(make: Any) -> None:
+    """timeout=0 meant "no deadline" on a stream's request and "already late" on a unary call;
+    retry=None was accepted and raised AttributeError at the first retryable error."""
+    with pytest.raises(ValueError, match=re.escape("timeout must be a finite number")):
+        make("127.0.0.1:1", timeout=0)
+    with pytest.raises(TypeError, match="retry must be a RetryPolicy or None, got str"):
+        make("127.0.0.1:1", retry="never")
+    client = make("127.0.0.1:1", retry=None, timeout=None)
+    assert client.retry == RetryPolicy.disabled()
+    assert client.timeout is None
+
+
+def test_a_call_refuses_timeout_zero_before_sending() -> None:
+    with InferenceClient("127.0.0.1:1", retry=None) as client:
+        for call in (
+            lambda: client.infer("m", X, timeout=0),
+            lambda: client.model_metadata("m", timeout=-1),
+            lambda: client.ready(timeout=0),
+            lambda: client.stream("m", timeout=0),
+        ):
+            with pytest.raises(InvalidInputError, match="timeout must be a finite number"):
+                call()
+
+
+def test_an_input_no_message_can_carry_is_refused_before_its_copy() -> None:
+    """A 4 TB view of one float (np.broadcast_to) raised MemoryError from the copy."""
+    huge = {"input": np.broadcast_to(np.float32(1), (2**20, 2**20))}
+    for encode in (encode_infer_request, build_infer_request):
+        with pytest.raises(InvalidInputError, match="one gRPC message carries at most"):
+            encode("m", huge)

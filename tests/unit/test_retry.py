@@ -186,8 +186,11 @@ def test_resolve_target(target: str | list[str], expected: tuple[str, int]) -> N
     assert resolve_target(target) == expected
 
 
-@pytest.mark.parametrize("target", [["a.example:1", "b.example:1"], ["127.0.0.1:1", "[::1]:1"], []])
-def test_resolve_target_refuses_what_grpc_cannot_list(target: list[str]) -> None:
+@pytest.mark.parametrize(
+    "target", [["a.example:1", "b.example:1"], ["127.0.0.1:1", "[::1]:1"], [], "", "  "]
+)
+def test_resolve_target_refuses_what_grpc_cannot_list(target: str | list[str]) -> None:
+    """An empty target reached grpc, which logged "no server name supplied in dns URI"."""
     with pytest.raises(ValueError):
         resolve_target(target)
 

@@ -8,8 +8,8 @@ import pytest
 from google.protobuf import wrappers_pb2
 from grpc_health.v1 import health_pb2
 
-from ferry.client import _health
-from ferry.client._wire import read_varint
+from ferry.client import ServerError, _health
+from ferry.client._wire import decode_infer_response, decode_stream_response, read_varint
 from ferry.client.loadtest._engine import id_field
 from ferry.codec import CodecError
 from ferry.codec._wire import encode_varint
@@ -75,3 +75,31 @@ def test_health_response_that_is_truncated_is_a_value_error() -> None:
 def test_request_id_field_appends_as_protobuf_parses_it(length: int) -> None:
     base = pb.InferRequest(model="m", id="old").SerializeToString()
     assert pb.InferRequest.FromString(base + id_field("x" * length)).id == "x" * length
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x22\x05abc",  # an output field longer than the message
+        b"\x22\x02\x0a\xff",  # a tensor name cut short
+        b"\x0a\x02\xff\xfe",  # a model name that is not UTF-8
+        b"\x10" + b"\xff" * 11,  # a varint over 10 bytes
+    ],
+)
+def test_an_answer_the_sdk_cannot_read_is_a_server_error(raw: bytes) -> None:
+    """The codec's own error (a ValueError) came out of infer(), outside FerryError."""
+    with pytest.raises(ServerError, match="the server's answer cannot be read"):
+        decode_infer_response(raw)
+    with pytest.raises(ServerError, match="the server's answer cannot be read"):
+        decode_stream_response(b"\x0a\x01r\x12" + bytes([len(raw)]) + raw)
+
+
+def test_a_stream_answer_with_a_broken_error_is_a_server_error() -> None:
+    with pytest.raises(ServerError, match="malformed stream answer"):
+        decode_stream_response(b"\x1a\x02\x08\xff")
+
+
+def test_a_health_answer_the_sdk_cannot_read_is_not_serving() -> None:
+    assert _health.is_serving(health_pb2.HealthCheckResponse(status=1).SerializeToString())
+    assert not _health.is_serving(b"\x08")
+    assert not _health.is_serving(b"\x0b")

@@ -22,7 +22,7 @@ from ferry.cli._common import (
     report_error,
 )
 from ferry.cli.conversion import conversion_hint
-from ferry.client import ConversionClient, ConversionError, JobNotFoundError, Upload
+from ferry.client import ConversionClient, FailedPreconditionError, JobNotFoundError, Upload
 
 
 def register(sub: Any) -> None:
@@ -115,9 +115,9 @@ def cmd_delete(args: argparse.Namespace) -> int:
         for upload_id in ids:
             try:
                 client.delete_upload(upload_id)
-            except (ConversionError, JobNotFoundError) as exc:
+            except (FailedPreconditionError, JobNotFoundError) as exc:
                 # One in use (or already gone) must not stop the others; --all skips those in use.
-                if args.all_of is not None and isinstance(exc, ConversionError):
+                if args.all_of is not None and isinstance(exc, FailedPreconditionError):
                     print(f"kept    {upload_id}: {exc.message}")
                     continue
                 failed += 1

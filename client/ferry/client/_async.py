@@ -34,6 +34,7 @@ from ferry.client._channel import create_aio_channel
 from ferry.client._errors import CancelledError, FerryError, from_rpc_error
 from ferry.client._requests import (
     ArrayLike,
+    check_timeout,
     needs_dtypes,
     parse_list_models,
     parse_metadata,
@@ -169,11 +170,13 @@ class AsyncInferenceClient(InferenceClientBase):
         self._connect()
         try:
             raw = await self._health(
-                _health.encode_check_request(model), timeout=timeout, metadata=self._metadata
+                _health.encode_check_request(model),
+                timeout=check_timeout(timeout),
+                metadata=self._metadata,
             )
         except grpc.RpcError:
             return False
-        return _health.decode_check_response(raw) == _health.SERVING
+        return _health.is_serving(raw)
 
     def stream(
         self,
@@ -287,6 +290,8 @@ class AsyncInferStream(StreamState):
             if not self._cancelled:
                 self._finish(error)
                 raise
+        except FerryError as exc:  # an answer this client cannot read
+            error = exc
         except Exception as exc:
             error = FerryError(f"stream reader failed: {type(exc).__name__}: {exc}")
         if self._cancelled and error is None:

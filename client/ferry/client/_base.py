@@ -18,8 +18,8 @@ import grpc
 from ferry.client import _health
 from ferry.client._channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelConfig, TLSConfig
 from ferry.client._errors import ClientClosedError
-from ferry.client._requests import ArrayLike, input_dtypes
-from ferry.client._retry import RetryPolicy
+from ferry.client._requests import ArrayLike, check_timeout, input_dtypes
+from ferry.client._retry import RetryPolicy, client_retry
 from ferry.client._types import InferResult, ModelMetadata, Timings
 from ferry.client._wire import decode_infer_response, encode_infer_request
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
@@ -63,7 +63,7 @@ class InferenceClientBase:
         target: str | Sequence[str] = "127.0.0.1:8001",
         *,
         timeout: float | None = DEFAULT_TIMEOUT,
-        retry: RetryPolicy = DEFAULT_RETRY,
+        retry: RetryPolicy | None = DEFAULT_RETRY,
         tls: TLSConfig | None = None,
         token: str | None = None,
         keepalive_time: float | None = None,
@@ -75,8 +75,8 @@ class InferenceClientBase:
         connections: int = 1,
     ) -> None:
         self.target = target
-        self.timeout = timeout
-        self.retry = retry
+        self.timeout = check_timeout(timeout, ValueError)
+        self.retry = client_retry(retry)
         self.channel_config = ChannelConfig(
             target,
             tls=tls,
@@ -128,7 +128,8 @@ class InferenceClientBase:
             raise ClientClosedError.of(self)
 
     def _timeout(self, timeout: float | None) -> float | None:
-        return self.timeout if timeout is None else timeout
+        """A call's budget: its own, else the client's (None for both: no deadline)."""
+        return self.timeout if timeout is None else check_timeout(timeout)
 
     def _known_dtypes(self, model: str, version: int | None) -> dict[str, Any] | None:
         """The model's input dtypes if already fetched; None means: fetch its metadata."""

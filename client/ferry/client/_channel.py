@@ -92,6 +92,9 @@ def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
     way, so several of them are refused with what to do instead.
     """
     if isinstance(target, str):
+        target = target.strip()  # grpc reads "" as "dns:///" and fails with no name in it
+        if not target:
+            raise ValueError("no endpoint given: pass HOST:PORT or a list of them")
         if "," not in target or target.startswith(("ipv4:", "ipv6:")):
             return target, (target.count(",") + 1 if "," in target else 1)
         endpoints = [t.strip() for t in target.split(",") if t.strip()]

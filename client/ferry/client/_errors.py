@@ -135,8 +135,15 @@ class CancelledError(FerryError):
     pass
 
 
-class ConversionError(FerryError):
-    pass
+class FailedPreconditionError(FerryError):
+    """The request is well formed but the server's state forbids it now: a model that failed to
+    load, deleting the default version or one a rollout names, an upload a running job reads.
+    The message says what to change first."""
+
+
+class ConversionError(FailedPreconditionError):
+    """A conversion failed (its job's status, or a ``wait()`` on it): its own code is
+    FAILED_PRECONDITION too, so ``except FailedPreconditionError`` catches both."""
 
 
 class AuthenticationError(FerryError):
@@ -178,7 +185,7 @@ KIND_CLASSES: dict[str, type[FerryError]] = {
     "CANCELLED": CancelledError,
     "ALREADY_EXISTS": AlreadyExistsError,
     "CONVERSION_FAILED": ConversionError,
-    "FAILED_PRECONDITION": ConversionError,
+    "FAILED_PRECONDITION": FailedPreconditionError,
     "UNAUTHENTICATED": AuthenticationError,
     "PERMISSION_DENIED": PermissionDeniedError,
     "UNIMPLEMENTED": UnimplementedError,
@@ -195,7 +202,7 @@ CODE_CLASSES: dict[grpc.StatusCode, type[FerryError]] = {
     grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhaustedError,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceededError,
     grpc.StatusCode.CANCELLED: CancelledError,
-    grpc.StatusCode.FAILED_PRECONDITION: ConversionError,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPreconditionError,
     grpc.StatusCode.UNAUTHENTICATED: AuthenticationError,
     grpc.StatusCode.PERMISSION_DENIED: PermissionDeniedError,
     grpc.StatusCode.UNIMPLEMENTED: UnimplementedError,

@@ -42,3 +42,12 @@ def decode_check_response(data: bytes) -> int:
     except IndexError:
         raise ValueError("truncated varint in HealthCheckResponse") from None
     return status
+
+
+def is_serving(data: bytes) -> bool:
+    """Whether an answer says SERVING; one this client cannot read does not (``ready()`` answers
+    a yes or no, and a malformed answer raised the decoder's ValueError through it)."""
+    try:
+        return decode_check_response(data) == SERVING
+    except ValueError:
+        return False

@@ -11,6 +11,7 @@ import grpc
 
 from ferry.client._channel import ChannelConfig, TLSConfig, create_channel
 from ferry.client._errors import ClientClosedError, from_rpc_error
+from ferry.client._requests import check_timeout
 
 
 class ManagementClient:
@@ -24,7 +25,7 @@ class ManagementClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.timeout = timeout
+        self.timeout = check_timeout(timeout, ValueError)
         self.channel_config = ChannelConfig(
             target, tls=tls, token=token, credentials=credentials, options=options
         )
@@ -43,7 +44,7 @@ class ManagementClient:
         try:
             return method(
                 request,
-                timeout=self.timeout if timeout is None else timeout,
+                timeout=self.timeout if timeout is None else check_timeout(timeout),
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:

@@ -52,7 +52,7 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
     int -> float), never float -> int, so a real mismatch is still reported by the server.
     """
     if is_array(value):
-        return as_array_fast(value)
+        return _within_a_message(as_array_fast(value), name)
     try:
         arr = np.asarray(value)
     except (TypeError, ValueError) as exc:
@@ -76,6 +76,21 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
             )
     elif dtype is not None and arr.dtype != dtype and np.can_cast(arr.dtype, dtype, "same_kind"):
         arr = arr.astype(dtype)
+    return _within_a_message(arr, name)
+
+
+# A protobuf message carries at most 2 GiB, so no one tensor of a request can be larger.
+MAX_TENSOR_BYTES = 2**31 - 1
+
+
+def _within_a_message(arr: np.ndarray, name: str) -> np.ndarray:
+    """Refuse an input no message can carry before copying it: an array of 2**40 elements
+    viewing a few bytes (np.broadcast_to, as_strided) raised MemoryError from its copy."""
+    if arr.nbytes > MAX_TENSOR_BYTES:
+        raise CodecError(
+            f"input {name!r} is {arr.nbytes:,} bytes ({arr.size:,} elements of {arr.dtype}); one "
+            f"gRPC message carries at most {MAX_TENSOR_BYTES:,}: send fewer rows per request"
+        )
     return arr
 
 
@@ -109,6 +124,7 @@ def input_dtypes(meta: ModelMetadata) -> dict[str, np.dtype[Any]]:
 
 
 _INT64 = (-(2**63), 2**63 - 1)
+MAX_TIMEOUT_S = 2**64 / 1e6  # timeout_us is a uint64
 
 
 def check_request(
@@ -162,13 +178,28 @@ def check_request_numbers(version: int | None, timeout: float | None, priority: 
         raise InvalidInputError(f"version must be an int64 (a positive integer), got {version!r}")
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**32:
         raise InvalidInputError(f"priority must be an integer within 0..2**32-1, got {priority!r}")
-    if not timeout:
-        return 0
-    if not isinstance(timeout, int | float) or not 0 < timeout < 2**64 / 1e6:
-        raise InvalidInputError(
-            f"timeout must be a finite number of seconds > 0 (or None), got {timeout!r}"
+    seconds = check_timeout(timeout)
+    return 0 if seconds is None else int(seconds * 1e6)
+
+
+def check_timeout(timeout: object, error: type[Exception] = InvalidInputError) -> float | None:
+    """None (no deadline) or a finite number of seconds > 0, the same for every call and client.
+
+    Zero meant "no deadline" on a stream's request and "already late" on a unary call (grpc's
+    meaning), so ``timeout=0`` is refused everywhere rather than guessed. The bound is the wire's
+    (timeout_us is a uint64). ``error``: InvalidInputError for a call, ValueError for a client."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout < MAX_TIMEOUT_S
+    ):
+        raise error(
+            f"timeout must be a finite number of seconds > 0, or None for no deadline; "
+            f"got {timeout!r}"
         )
-    return int(timeout * 1e6)
+    return float(timeout)
 
 
 def new_request_id() -> str:

@@ -89,6 +89,16 @@ NO_RETRY = RetryPolicy.disabled()
 _RNG = random.Random()
 
 
+def client_retry(retry: object) -> RetryPolicy:
+    """A client's ``retry`` argument: a RetryPolicy, or None for never retrying (as
+    ``RetryPolicy.disabled()``); anything else is refused now, not at the first retryable error."""
+    if retry is None:
+        return RetryPolicy.disabled()
+    if not isinstance(retry, RetryPolicy):
+        raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
+    return retry
+
+
 class _Attempts:
     """The bookkeeping both retry loops share: the deadline, the attempt number, and whether (and
     how long) to pause before the next attempt. The loops differ only in how they call and sleep."""

@@ -37,7 +37,7 @@ from typing import Any, Final
 import grpc
 
 from ferry.client._errors import FerryError, InvalidInputError, from_rpc_error
-from ferry.client._requests import ArrayLike, needs_dtypes, new_request_id
+from ferry.client._requests import ArrayLike, check_timeout, needs_dtypes, new_request_id
 from ferry.client._types import InferResult, Timings
 from ferry.client._wire import decode_stream_response, encode_infer_request
 
@@ -89,7 +89,7 @@ class StreamState:
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self._method = method
-        self._timeout = timeout
+        self._timeout = check_timeout(timeout)
         self._metadata = metadata
         self._dtypes = dtypes
         self.model = model
@@ -213,6 +213,8 @@ class InferStream(StreamState):
                     self._results.put(answered)
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
+        except FerryError as exc:  # an answer this client cannot read
+            error = exc
         except Exception as exc:  # a bug decoding an answer must not hang the readers
             error = FerryError(f"stream reader failed: {type(exc).__name__}: {exc}")
         with self._cond:

@@ -15,6 +15,7 @@ from ferry.client._errors import from_rpc_error
 from ferry.client._management import ManagementClient
 from ferry.client._requests import (
     ArrayLike,
+    check_timeout,
     needs_dtypes,
     parse_list_models,
     parse_metadata,
@@ -50,7 +51,7 @@ class InferenceClient(InferenceClientBase):
 
     ``timeout`` is the default per-call deadline in seconds (``DEFAULT_TIMEOUT``, 10 s; None: no
     deadline); it is the budget of the whole call, retries and their pauses included. ``retry`` retries UNAVAILABLE and
-    RESOURCE_EXHAUSTED with exponential backoff (``RetryPolicy.disabled()`` turns it off).
+    RESOURCE_EXHAUSTED with exponential backoff (None or ``RetryPolicy.disabled()``: never).
     ``target`` may list several ``IP:PORT`` endpoints, balanced round-robin. ``tls``, ``token``,
     keepalive and message-size options are described in :class:`ChannelConfig`.
     """
@@ -138,11 +139,13 @@ class InferenceClient(InferenceClientBase):
         self._check_open()
         try:
             raw = self._health(
-                _health.encode_check_request(model), timeout=timeout, metadata=self._metadata
+                _health.encode_check_request(model),
+                timeout=check_timeout(timeout),
+                metadata=self._metadata,
             )
         except grpc.RpcError:
             return False
-        return _health.decode_check_response(raw) == _health.SERVING
+        return _health.is_serving(raw)
 
     def stream(
         self,

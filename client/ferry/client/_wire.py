@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from ferry.client._errors import FerryError, InvalidInputError, ServerError, from_status
 from ferry.client._requests import ArrayLike, _named, as_array, check_request, status_code
@@ -206,8 +207,14 @@ def _decode_response(
 def decode_infer_response(raw: bytes, timings: Timings | None = None) -> InferResult:
     """An ``InferResponse`` straight from the bytes gRPC received, equal to
     ``parse_infer_response(InferResponse.FromString(raw))`` but with outputs that are views of
-    ``raw`` itself: protobuf would copy each output twice (into its arena, then out of it)."""
-    return _decode_response(raw, memoryview(raw), 0, len(raw), timings)
+    ``raw`` itself: protobuf would copy each output twice (into its arena, then out of it).
+
+    An answer this client cannot read (a server or proxy that sent other bytes) is ServerError,
+    a FerryError as every SDK exception is, rather than the codec's own error."""
+    try:
+        return _decode_response(raw, memoryview(raw), 0, len(raw), timings)
+    except CodecError as exc:
+        raise ServerError(f"the server's answer cannot be read: {exc}") from None
 
 
 def decode_stream_response(raw: bytes) -> tuple[str, InferResult | FerryError]:
@@ -234,8 +241,11 @@ def decode_stream_response(raw: bytes) -> tuple[str, InferResult | FerryError]:
                 i = j
             else:
                 i = _skip(raw, i, wire)
-    except (IndexError, UnicodeDecodeError) as exc:
-        raise CodecError(f"malformed stream answer: {exc}") from None
+    except (IndexError, UnicodeDecodeError, DecodeError) as exc:
+        text = f"the server's answer cannot be read: malformed stream answer: {exc}"
+        raise ServerError(text) from None
+    except CodecError as exc:
+        raise ServerError(f"the server's answer cannot be read: {exc}") from None
     if answer is None:
         answer = ServerError(
             f"stream answer for request {rid!r} carries neither a result nor an error"

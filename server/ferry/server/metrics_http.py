@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 LIVE = "/v2/health/live"
 READY = "/v2/health/ready"
+ALLOW = "GET, HEAD, OPTIONS"
 
 
 class ReadyFlag:
@@ -41,6 +42,28 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._answer(body=False)
+
+    def do_OPTIONS(self) -> None:
+        self.send_response(204)
+        self.send_header("Allow", ALLOW)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def _not_allowed(self) -> None:
+        """405 and the methods there are, for the methods HTTP defines (http.server answered
+        them 501 "Unsupported method", which says the server knows no such method). Its body
+        is never read, so the connection closes after the answer."""
+        message = f"method {self.command} not allowed: this port answers {ALLOW}\n".encode()
+        self.close_connection = True
+        self.send_response(405)
+        self.send_header("Allow", ALLOW)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(message)))
+        self.end_headers()
+        self.wfile.write(message)
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_TRACE = do_CONNECT = _not_allowed
 
     def _answer(self, *, body: bool) -> None:
         path = self.path.split("?", 1)[0]

@@ -9,6 +9,7 @@ a float64 file would hide a bug in whatever wrote it.
 from __future__ import annotations
 
 import json
+import math
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -119,11 +120,24 @@ def _json_inputs(path: Path, meta: ModelMetadata | None) -> dict[str, np.ndarray
             dtype = numpy_dtype(datatype_from_name(datatype)) if datatype else None
             arr = np.asarray(data, dtype=dtype)
             if shape is not None:
-                arr = arr.reshape(shape)
+                arr = arr.reshape(_json_shape(shape, arr.size))
         except (CodecError, TypeError, ValueError) as exc:
             raise InputError(f"{path}: input {name!r}: {exc}") from None
         out[name] = arr
     return out
+
+
+def _json_shape(shape: object, size: int) -> list[int]:
+    """A JSON input's ``shape``: every dimension given, as the protocol's JSON requires. numpy
+    took a negative one as "work it out", so ``[1, -3]`` was sent as ``[1, 3]``."""
+    if (
+        not isinstance(shape, list)
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    ):
+        raise ValueError(f"shape must be a list of dimensions >= 0, got {shape!r}"[:200])
+    if math.prod(shape) != size:
+        raise ValueError(f"shape {shape} holds {math.prod(shape)} elements, but data has {size}")
+    return shape
 
 
 def _single_input_name(meta: ModelMetadata | None, path: Path) -> str:
@@ -146,7 +160,8 @@ def load_inputs(specs: Sequence[str], meta: ModelMetadata | None = None) -> dict
             name, file = "", spec
         path = Path(file)
         if not path.is_file():
-            raise InputError(f"input file {str(path)!r} does not exist")
+            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            raise InputError(f"input file {str(path)!r} {what}")
         suffix = path.suffix.lower()
         try:
             if suffix == ".npz":

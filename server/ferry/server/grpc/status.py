@@ -31,7 +31,10 @@ ERROR_TABLE: dict[ErrorKind, tuple[grpc.StatusCode, type[sdk.FerryError]]] = {
     ErrorKind.CANCELLED: (grpc.StatusCode.CANCELLED, sdk.CancelledError),
     ErrorKind.ALREADY_EXISTS: (grpc.StatusCode.ALREADY_EXISTS, sdk.AlreadyExistsError),
     ErrorKind.CONVERSION_FAILED: (grpc.StatusCode.FAILED_PRECONDITION, sdk.ConversionError),
-    ErrorKind.FAILED_PRECONDITION: (grpc.StatusCode.FAILED_PRECONDITION, sdk.ConversionError),
+    ErrorKind.FAILED_PRECONDITION: (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        sdk.FailedPreconditionError,
+    ),
     ErrorKind.UNAUTHENTICATED: (grpc.StatusCode.UNAUTHENTICATED, sdk.AuthenticationError),
     ErrorKind.PERMISSION_DENIED: (grpc.StatusCode.PERMISSION_DENIED, sdk.PermissionDeniedError),
     ErrorKind.UNIMPLEMENTED: (grpc.StatusCode.UNIMPLEMENTED, sdk.UnimplementedError),
