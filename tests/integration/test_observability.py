@@ -175,7 +175,6 @@ def test_the_metrics_port_answers_only_what_it_serves(server: ServerThread) -> N
     assert "_created" not in text
 
 
-
 def test_the_metrics_port_names_the_methods_it_answers(server: ServerThread) -> None:
     """POST and the like were http.server's 501 "Unsupported method" (no such method known)."""
     assert server.app is not None
@@ -195,6 +194,7 @@ def test_the_metrics_port_names_the_methods_it_answers(server: ServerThread) -> 
         assert conn.getresponse().status == 200
     finally:
         conn.close()
+
 
 def test_a_scraper_that_hangs_up_leaves_no_traceback(
     server: ServerThread, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]

@@ -130,9 +130,8 @@ def _json_inputs(path: Path, meta: ModelMetadata | None) -> dict[str, np.ndarray
 def _json_shape(shape: object, size: int) -> list[int]:
     """A JSON input's ``shape``: every dimension given, as the protocol's JSON requires. numpy
     took a negative one as "work it out", so ``[1, -3]`` was sent as ``[1, 3]``."""
-    if (
-        not isinstance(shape, list)
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+    if not isinstance(shape, list) or not all(
+        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
     ):
         raise ValueError(f"shape must be a list of dimensions >= 0, got {shape!r}"[:200])
     if math.prod(shape) != size:
