@@ -369,8 +369,8 @@ def test_zero_copy_decoding_matches_protobuf(outputs: dict[str, np.ndarray]) -> 
 
 
 def test_decoding_errors_and_malformed_answers() -> None:
+    from ferry.client import ServerError
     from ferry.client._wire import decode_infer_response, decode_stream_response
-    from ferry.codec import CodecError
 
     err = pb.InferStreamResponse(
         id="e", error=pb.Error(code=5, message="no such model", kind="MODEL_NOT_FOUND")
@@ -380,5 +380,5 @@ def test_decoding_errors_and_malformed_answers() -> None:
     assert "no such model" in str(answer)
     raw = _response(x=np.ones(8, np.float32)).SerializeToString()
     for bad in (raw[:-3], raw[:10], b"\x22\xff\xff\xff\xff\x0f", b"\x0a\x05ab"):
-        with pytest.raises(CodecError):
+        with pytest.raises(ServerError, match="the server's answer cannot be read"):
             decode_infer_response(bad)
