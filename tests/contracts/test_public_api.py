@@ -56,6 +56,7 @@ CLIENT_API = [
     "RetryPolicy",
     "Rollout",
     "RolloutChange",
+    "ServerCancelledError",
     "ServerError",
     "ServerOverloadedError",
     "Serving",

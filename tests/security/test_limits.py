@@ -13,7 +13,14 @@ import pytest
 from helpers import make_repo
 from serverutil import ServerThread
 
-from ferry.client import InferenceClient, InvalidInputError, LimitExceededError, RetryPolicy
+from ferry.client import (
+    InferenceClient,
+    InvalidInputError,
+    LimitExceededError,
+    RetryPolicy,
+    ServerCancelledError,
+)
+from ferry.client._errors import from_rpc_error
 from ferry.client._requests import build_infer_request
 from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
 from ferry.proto.v1 import inference_pb2 as pb
@@ -214,6 +221,9 @@ def test_pending_calls_bound(tmp_path: Path, max_pending: int) -> None:
                 refused = _first_done(pending, calls - max_pending - 1)
                 for call in refused:
                     assert call.code() is grpc.StatusCode.CANCELLED
+                    # The SDK tells grpc's reset from its own cancel by these details, and
+                    # retries it.
+                    assert isinstance(from_rpc_error(call.exception()), ServerCancelledError)
                 assert not gate.is_set()
         finally:
             gate.set()

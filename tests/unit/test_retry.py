@@ -10,6 +10,7 @@ import grpc
 import pytest
 
 from ferry.client import (
+    CancelledError,
     ChannelConfig,
     ConnectionError_,
     FerryError,
@@ -18,10 +19,12 @@ from ferry.client import (
     ModelNotReadyError,
     ResourceExhaustedError,
     RetryPolicy,
+    ServerCancelledError,
     ServerOverloadedError,
     TLSConfig,
 )
 from ferry.client._channel import resolve_target
+from ferry.client._errors import from_rpc_error
 from ferry.client._retry import NO_RETRY, acall_with_retry, call_with_retry
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
@@ -85,6 +88,37 @@ def test_jitter_stays_within_its_band_and_varies() -> None:
     ],
 )
 def test_what_is_retried(error: FerryError, retried: bool) -> None:
+    assert RetryPolicy().should_retry(error, 1) is retried
+
+
+class _RpcError(grpc.RpcError):
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+    def trailing_metadata(self) -> tuple[()]:
+        return ()
+
+
+@pytest.mark.parametrize(
+    ("details", "retried"),
+    [
+        ("CANCELLED", True),  # the server reset it: shutting down, or over its pending bound
+        ("Locally cancelled by application!", False),
+        ("Channel closed!", False),
+    ],
+)
+def test_only_a_cancel_the_server_sent_is_retried(details: str, retried: bool) -> None:
+    """About one call per caller in flight ended CANCELLED, unretried, at a server's SIGTERM:
+    grpc's core resets the calls it holds unstarted."""
+    error = from_rpc_error(_RpcError(grpc.StatusCode.CANCELLED, details))
+    assert isinstance(error, CancelledError)
+    assert isinstance(error, ServerCancelledError) is retried
     assert RetryPolicy().should_retry(error, 1) is retried
 
 

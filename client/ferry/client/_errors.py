@@ -17,7 +17,9 @@
     │   └── LimitExceededError          over a configured limit, message size included (not retryable)
     ├── DeadlineExceededError       DEADLINE_EXCEEDED: the deadline passed, queued or in flight
     ├── CancelledError              CANCELLED
-    ├── ConversionError             FAILED_PRECONDITION: a conversion failed (carries the report)
+    │   └── ServerCancelledError        the server dropped the call unstarted (retryable)
+    ├── FailedPreconditionError     FAILED_PRECONDITION: the server's state forbids it now
+    │   └── ConversionError             a conversion failed (carries the report)
     ├── AuthenticationError         UNAUTHENTICATED: missing or wrong token
     ├── PermissionDeniedError       PERMISSION_DENIED: the token may not call this RPC
     ├── UnimplementedError          UNIMPLEMENTED (an unknown method: the wrong listener?)
@@ -51,6 +53,9 @@ CLIENT_LIMIT = "the client's max_message_bytes option (InferenceClient(max_messa
 SERVER_LIMIT = (
     "the server's max_message_bytes setting (--max-message-bytes, FERRY_MAX_MESSAGE_BYTES)"
 )
+# The details grpc gives a call the peer reset (HTTP/2 RST_STREAM CANCEL); a local cancel says
+# "Locally cancelled by application!", a closed channel "Channel closed!".
+PEER_RESET = "CANCELLED"
 WRONG_LISTENER = (
     "is this the right listener? Inference (ferry.v1.Inference, the Open Inference Protocol) is "
     "on the inference port (8001 by default); repository control and conversion "
@@ -133,6 +138,16 @@ class DeadlineExceededError(FerryError):
 
 class CancelledError(FerryError):
     pass
+
+
+class ServerCancelledError(CancelledError):
+    """The server's side reset the call before answering it. grpc's core does this to calls it
+    had received but not yet handed to the server when the server shuts down (about one per
+    caller in flight at SIGTERM, measured), and to calls over ``--max-pending-calls``: neither
+    reached a handler, so an idempotent call is retried (on another replica, if there is one).
+    A call this client cancelled or whose channel it closed stays a plain CancelledError."""
+
+    retryable = True
 
 
 class FailedPreconditionError(FerryError):
@@ -278,6 +293,8 @@ def from_rpc_error(exc: grpc.RpcError) -> FerryError:
             kind = value if isinstance(value, str) else bytes(value).decode("ascii", "replace")
     if code is grpc.StatusCode.UNAVAILABLE and not kind:
         return ConnectionError_(message, code=code)
+    if code is grpc.StatusCode.CANCELLED and not kind and message == PEER_RESET:
+        return ServerCancelledError(message, code=code)
     if not kind:
         # Answers from gRPC itself (no kind): the ones that would otherwise name nothing.
         too_large = message_size_error(code, message)

@@ -25,8 +25,9 @@ from ferry.client._errors import FerryError
 
 T = TypeVar("T")
 
+# CANCELLED only as ServerCancelledError (the server reset the call unstarted): the class says.
 DEFAULT_RETRYABLE_CODES = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED}
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.CANCELLED}
 )
 
 

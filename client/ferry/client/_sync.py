@@ -50,8 +50,9 @@ class InferenceClient(InferenceClientBase):
     (1, 10)
 
     ``timeout`` is the default per-call deadline in seconds (``DEFAULT_TIMEOUT``, 10 s; None: no
-    deadline); it is the budget of the whole call, retries and their pauses included. ``retry`` retries UNAVAILABLE and
-    RESOURCE_EXHAUSTED with exponential backoff (None or ``RetryPolicy.disabled()``: never).
+    deadline); it is the budget of the whole call, retries and their pauses included. ``retry`` retries UNAVAILABLE,
+    RESOURCE_EXHAUSTED and a CANCELLED the server sent, with exponential backoff (None or
+    ``RetryPolicy.disabled()``: never).
     ``target`` may list several ``IP:PORT`` endpoints, balanced round-robin. ``tls``, ``token``,
     keepalive and message-size options are described in :class:`ChannelConfig`.
     """
