@@ -146,6 +146,10 @@ def test_rollout_sets_shows_and_ends_a_split(
     assert code == 0 and "version 2: 10.0%" in out and "int8" in out
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--json", *m)
     assert json.loads(out)["split"] == {"1": 9.0, "2": 1.0}
+    # --shadow alone adds a shadow to the live split (it ended the split, as the docs show it)
+    code, out, _ = ferry(capsys, "models", "rollout", "canary", "--shadow", "2=0.5", "--json", *m)
+    view = json.loads(out)
+    assert view["split"] == {"1": 9.0, "2": 1.0} and view["shadow_version"] == 2
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--end", *m)
     assert code == 0 and "no split" in out
     with pytest.raises(SystemExit) as info:

@@ -162,6 +162,33 @@ def test_python_lists_take_the_model_dtype_but_arrays_are_not_cast(
         zoo_client.infer("fixed", {"input": np.array([1.0, 2.0, 3.0])})
 
 
+@pytest.mark.parametrize(
+    ("model", "values", "refusal"),
+    [
+        ("id_int8", [[300, 1]], "300 is out of the model's int8 range -128..127"),
+        ("id_uint8", [[-1, 1]], "-1 is out of the model's uint8 range 0..255"),
+        ("id_int64", [[2**63 - 1, 0]], None),
+        ("id_fp16", [[1e6, 1.0]], r"1000000.0 is out of the model's float16 range"),
+        ("id_fp16", [[float("inf"), 1.0]], None),  # inf is a value a float can be sent
+    ],
+)
+def test_python_numbers_that_do_not_fit_the_model_dtype_are_refused_not_wrapped(
+    zoo_client: InferenceClient, model: str, values: list[list[float]], refusal: str | None
+) -> None:
+    """A list cast to the model's dtype wrapped (300 as INT8 was 44) or overflowed (1e6 as FP16
+    was inf), and the model answered for numbers nobody sent."""
+    if refusal is not None:
+        with pytest.raises(InvalidInputError, match=refusal):
+            zoo_client.infer(model, {"input": values})
+        return
+    assert zoo_client.infer(model, {"input": values})["output"].tolist() == values
+
+
+def test_python_ints_in_range_take_an_unsigned_dtype(zoo_client: InferenceClient) -> None:
+    result = zoo_client.infer("id_uint8", {"input": [[0, 255]]})
+    assert result["output"].dtype == np.uint8 and result["output"].tolist() == [[0, 255]]
+
+
 def test_bool_bytes_other_than_0_and_1_are_invalid_on_ferry_v1(
     zoo: tuple[ServerThread, Path],
 ) -> None:

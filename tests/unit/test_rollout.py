@@ -376,3 +376,100 @@ def test_a_version_in_the_rollout_cannot_be_deleted(tmp_path: Path) -> None:
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_shadow_published_during_a_split_keeps_the_split(tmp_path: Path) -> None:
+    """The publish pinned only the default version: a live {1: 9, 2: 1} canary became {2: 1}
+    (the default's whole share) the moment a shadow candidate was converted."""
+    from ferry.server.convert.publish import publish
+
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+        await dataplane.set_rollout("m", {1: 9, 2: 1}, by="test", why="canary")
+        with repo.staging("m") as staged:
+            (staged / "model.onnx").write_bytes(seed_model(seed=3).SerializeToString())
+            version, note = await publish(repo, registry, "m", staged, {}, rollout="shadow")
+        assert version == 3 and "the split 1: 9, 2: 1 keep serving" in note
+        rollout = registry.rollout_of("m")[0]
+        assert rollout is not None
+        assert rollout.split == ((1, 9.0), (2, 1.0)) and rollout.shadow == (3, 0.1)
+        x = {"input": np.ones((1, 3), np.float32)}
+        served = Counter(
+            [(await dataplane.infer(InferenceRequest("m", x, id=k))).version for k in KEYS[:400]]
+        )
+        assert set(served) == {1, 2} and served[1] > served[2]
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_version_the_rollout_does_not_name_does_not_fail_the_change(
+    tmp_path: Path,
+) -> None:
+    """Setting a rollout retries the model's failed versions; one that failed again, though the
+    rollout does not name it, made SetRollout answer FAILED_PRECONDITION for a change that was
+    applied. A version the rollout names that does not load is still refused."""
+    from ferry.server.errors import FailedPrecondition
+
+    repo = _repo(tmp_path)
+    broken = repo.model_dir("m") / "3"
+    broken.mkdir()
+    (broken / "model.onnx").write_bytes(b"not a model")
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+        view = await dataplane.set_rollout("m", {1: 1, 2: 1}, by="test", why="canary")
+        assert view.split == ((1, 1.0), (2, 1.0))
+        assert {await _version(dataplane, k) for k in KEYS[:200]} == {1, 2}
+        with pytest.raises(FailedPrecondition, match="m/3"):
+            await dataplane.set_rollout("m", {2: 1, 3: 1}, by="test", why="the broken one")
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_rule_counts_only_the_comparisons_made_under_it(tmp_path: Path) -> None:
+    """promote_after counted the comparisons the candidate had before the rule was set: a
+    shadow compared 10 times and then given promote_after = 5 was promoted by the next one."""
+    repo = _repo(tmp_path)
+    write_model(repo, "m", seed_model(seed=2), version=3)  # v3 computes what v2 does
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        dataplane = DataPlane(registry)
+        await registry.refresh()
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(3, 1.0))
+        await _shadowed(dataplane, 10)
+        assert dataplane.rollout("m").shadow_statistics.compared == 10
+        rules = {"promote_after": 5}
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(3, 1.0), rules=rules)
+        assert dataplane.rollout("m").shadow_statistics.compared == 0
+        await _shadowed(dataplane, 4)
+        assert dataplane.rollout("m").shadow == (3, 1.0)  # 4 under the rule: not yet
+        await _shadowed(dataplane, 1)
+        assert dataplane.rollout("m").split == ((3, 1.0),)
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_candidate_answering_nan_is_a_disagreement_not_a_blind_spot() -> None:
+    """NaN made the cosine NaN, which min() skips: min_cosine never saw the candidate."""
+    from ferry.server.core.shadow import ShadowStatistics
+
+    served = {"y": np.array([[1.0, 2.0], [3.0, 4.0]], np.float32)}
+    stats = ShadowStatistics(3)
+    stats.record(served, {"y": np.array([[1.0, np.nan], [3.0, 4.0]], np.float32)})
+    assert stats.cosine_min == 0.0 and stats.mean_cosine == 0.0
+    assert stats.max_abs_diff == float("inf")
+    same = ShadowStatistics(3)  # the same NaN on both sides is not a difference
+    both = {"y": np.array([[1.0, np.nan], [3.0, 4.0]], np.float32)}
+    same.record(both, both)
+    assert same.cosine_min == pytest.approx(1.0) and same.max_abs_diff == 0.0

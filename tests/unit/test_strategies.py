@@ -290,7 +290,8 @@ def test_a_new_quantizer_runs_in_the_pipeline(
     names = [v["name"] for v in report["variants"]]
     assert "copy_fp32" in names and report["quantization"]["candidates"] == ["fp32", *names[1:]]
     fake = next(v for v in report["variants"] if v["name"] == "copy_fp32")
-    assert fake["note"] == "a copy; copied" and fake["within_budget"]
+    # The quantizer's own note first; a busy machine may add the benchmark's noise warning.
+    assert fake["note"].startswith("a copy; copied") and fake["within_budget"]
     assert fake["vs_fp32"]["cosine"] == pytest.approx(1.0)
     if mode == "copy_fp32":
         assert report["published"] == "copy_fp32" and fake["published"]

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 from ferry.cli._common import (
@@ -306,9 +307,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
                 for name in ("promote_after", "min_cosine", "max_error_rate", "max_latency_ratio")
                 if (value := getattr(args, name)) is not None
             }
+            weights: Mapping[int, float] = dict(args.weights)
+            if not weights:  # --shadow alone adds a shadow: the live split stays as it is
+                weights = repo.get_rollout(args.model).split
             view = repo.set_rollout(
                 args.model,
-                dict(args.weights),
+                weights,
                 shadow=args.shadow,
                 rules=rules or None,
                 reason=args.reason,

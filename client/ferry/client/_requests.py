@@ -48,8 +48,8 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
 
     ``dtype`` (the model's declared type) applies to that last case only: Python lists and
     scalars carry no dtype, and numpy's guess (float64, int64) rarely matches a model's, whereas an
-    array's own dtype is the caller's choice. Only same-kind casts are made (float64 -> float32,
-    int -> float), never float -> int, so a real mismatch is still reported by the server.
+    array's own dtype is the caller's choice. Numbers are cast only where they fit (see
+    ``_as_declared``), never float -> int, so a real mismatch is still reported by the server.
     """
     if is_array(value):
         return _within_a_message(as_array_fast(value), name)
@@ -74,9 +74,42 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
                 "of one type and no None in rows of equal length, or only str/bytes for a "
                 "BYTES input"
             )
-    elif dtype is not None and arr.dtype != dtype and np.can_cast(arr.dtype, dtype, "same_kind"):
-        arr = arr.astype(dtype)
+    elif dtype is not None and arr.dtype != dtype:
+        arr = _as_declared(arr, dtype, name)
     return _within_a_message(arr, name)
+
+
+def _as_declared(arr: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray:
+    """The list's numbers in the model's type, or CodecError when a number does not fit: a
+    plain cast wraps (300 as INT8 was 44, 2**40 + 7 as INT32 was 7) or overflows (1e6 as FP16
+    was inf), and the model answered for numbers nobody sent. Integers fit an unsigned type
+    when they are in its range (a list is int64 to numpy, which no same-kind cast makes UINT8).
+    A float never becomes an integer here: that mismatch is the server's to report."""
+    if arr.size == 0:  # [] is float64 to numpy: no number to judge
+        return arr.astype(dtype)
+    if dtype.kind in "iu" and arr.dtype.kind in "iub":
+        info = np.iinfo(dtype)
+        low, high = arr.min(), arr.max()
+        if low < info.min or high > info.max:
+            worst = low if low < info.min else high
+            raise CodecError(
+                f"input {name!r}: {worst} is out of the model's {dtype} range "
+                f"{info.min}..{info.max}"
+            )
+        return arr.astype(dtype)
+    if dtype.kind == "f" and arr.dtype.kind in "iubf":
+        with np.errstate(over="ignore"):
+            cast = arr.astype(dtype)
+        if arr.dtype.kind == "f" or dtype.itemsize < 4:
+            overflow = np.isfinite(arr) & ~np.isfinite(cast)
+            if overflow.any():
+                worst = arr[overflow].flat[0]
+                raise CodecError(
+                    f"input {name!r}: {worst} is out of the model's {dtype} range "
+                    f"(largest {float(np.finfo(dtype).max):g})"
+                )
+        return cast
+    return arr
 
 
 # A protobuf message carries at most 2 GiB, so no one tensor of a request can be larger.

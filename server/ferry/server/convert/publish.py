@@ -47,20 +47,26 @@ async def publish(
     await asyncio.to_thread(_prepare, staged, serving_config)
     current = _serving_version(registry, model) if rollout == "shadow" else None
     before: rollouts.Rollout | None = None
+    live: tuple[tuple[int, float], ...] = ()
     if current is not None:
         # Pinned first: under the version policy the new version would take the traffic the
-        # moment it is published; pinned, the current one keeps it until a rule or a person
-        # promotes the candidate.
+        # moment it is published; pinned, the versions serving now keep it until a rule or a
+        # person promotes the candidate. A live split is that pin as it stands: pinning only
+        # the default version ended a {1: 0.9, 2: 0.1} canary without anyone asking.
         before = registry.rollout_of(model)[0]
-        pin = rollouts.Rollout(((current, 1.0),))
-        await registry.set_rollout(model, pin, by=by, why="pinned while a candidate is published")
+        live = before.split if before is not None and before.split else ((current, 1.0),)
+        if before is None or not before.split:
+            pin = rollouts.Rollout(live)
+            await registry.set_rollout(
+                model, pin, by=by, why="pinned while a candidate is published"
+            )
     try:
         try:
             version, status = await registry.publish(
                 model, staged, lambda: repository.publish(model, staged)
             )
         except BaseException:
-            if current is not None:
+            if current is not None and (before is None or not before.split):
                 # Nothing was published: the pin goes, or it would hold every later version
                 # (published without a shadow) away from the traffic.
                 try:
@@ -84,12 +90,17 @@ async def publish(
             f"{type(exc).__name__}: {str(exc)[:500]}"
         ) from None
     if current is not None:
-        shadowed = rollouts.Rollout(((current, 1.0),), (version, rollout_fraction))
+        shadowed = rollouts.Rollout(live, (version, rollout_fraction))
         await registry.set_rollout(
             model, shadowed, by=by, why=f"version {version} published as a shadow candidate"
         )
+        serving = (
+            f"version {live[0][0]} keeps"
+            if len(live) == 1
+            else "the split " + ", ".join(f"{v}: {w:g}" for v, w in live) + " keep"
+        )
         return version, (
-            f" as a shadow candidate: version {current} keeps serving, "
+            f" as a shadow candidate: {serving} serving, "
             f"{rollout_fraction:.0%} of requests also run on version {version} "
             f"(ferry models rollout {model})"
         )

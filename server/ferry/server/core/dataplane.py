@@ -263,7 +263,7 @@ class DataPlane:
         candidate, fraction = ro.shadow
         if candidate == served.version or random.random() >= fraction:
             return
-        stats = self._shadows.statistics(served.name, candidate)
+        stats = self._shadows.statistics(served.name, ro)
         try:
             lv = self._registry.get(served.name, candidate)
             work = inputs.validate(lv, request, self.limits)
@@ -365,7 +365,7 @@ class DataPlane:
         mdir = self._registry.repository.model_dir(name)
         stats = None
         if ro is not None and ro.shadow is not None:
-            stats = self._shadows.statistics(name, ro.shadow[0])
+            stats = self._shadows.statistics(name, ro)
         return RolloutView(
             name,
             ro.split if ro is not None else (),
@@ -405,7 +405,12 @@ class DataPlane:
             wanted = rollouts.Rollout(wanted.split, None, parsed_rules)
         parsed = wanted if wanted.split or wanted.shadow else None
         outcome = await self._registry.set_rollout(name, parsed, by=by, why=why)
-        failed = [f for f in outcome.failed if f.startswith(f"{name}/")]
+        if parsed is not None and parsed.shadow is not None:
+            self._shadows.forget(name)
+        # Only the versions this rollout names: syncing the model retries every failed version,
+        # and one the rollout does not touch made a change that was applied answer an error.
+        named = {f"{name}/{v}:" for v in (parsed.versions if parsed else ())}
+        failed = [f for f in outcome.failed if f.split(" ", 1)[0] in named]
         if failed:
             raise FailedPrecondition(
                 f"the split is recorded, but these versions did not load: {'; '.join(failed)}; "

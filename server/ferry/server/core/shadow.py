@@ -44,6 +44,7 @@ class ShadowStatistics:
     shadow_ns: int = 0
     in_flight: int = 0
     decided: bool = False  # a rule acted on this candidate: no second decision
+    key: Any = None  # the rollout's (shadow, rules) these figures are about
 
     def verdict(self, rules: Any) -> str:
         """'promote', 'rollback' or '' under ``rules`` (core.rollout.Rules)."""
@@ -85,6 +86,16 @@ class ShadowStatistics:
                 continue
             x = a.astype(np.float64).ravel()
             y = b.astype(np.float64).ravel()
+            odd = ~(np.isfinite(x) & np.isfinite(y))
+            if odd.any():
+                # NaN made the cosine NaN, which min() skips: a candidate answering NaN never
+                # crossed min_cosine. A NaN or inf where the served one has another value is a
+                # disagreement; the same ones in both are set aside.
+                if not np.array_equal(x[odd], y[odd], equal_nan=True):
+                    cosines.append(0.0)
+                    self.max_abs_diff = float("inf")
+                    continue
+                x, y = x[~odd], y[~odd]
             nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
             cosines.append(float(x @ y / (nx * ny)) if nx and ny else float(nx == ny))
             if x.size:
@@ -105,11 +116,19 @@ class Shadows:
         self.stats: dict[str, ShadowStatistics] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def statistics(self, model: str, candidate: int) -> ShadowStatistics:
+    def statistics(self, model: str, rollout: Any) -> ShadowStatistics:
+        """The comparison of ``rollout``'s shadow (core.rollout.Rollout). Another candidate,
+        fraction or rules start afresh: a ``promote_after`` counted the comparisons made before
+        its rule existed, and promoted a candidate at once."""
+        key = (rollout.shadow, rollout.rules)
         stats = self.stats.get(model)
-        if stats is None or stats.candidate != candidate:  # a new candidate starts afresh
-            stats = self.stats[model] = ShadowStatistics(candidate, model)
+        if stats is None or stats.key != key:
+            stats = self.stats[model] = ShadowStatistics(rollout.shadow[0], model, key=key)
         return stats
+
+    def forget(self, model: str) -> None:
+        """A shadow set (again) by a person starts its comparison afresh."""
+        self.stats.pop(model, None)
 
     def start(
         self,

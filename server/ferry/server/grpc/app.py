@@ -262,8 +262,11 @@ class FerryServer:
             lambda: self.registry.unloaded_by_request,
         )
         http_port = self.http_port if self.settings.http_port >= 0 else -1
-        await self.fleet.start(self.inference_port, http_port)
+        # Following before the workers start: each catches up once it is ready (fleet._spawn),
+        # and every change after that reaches it. Set after the start, a change made through
+        # management while the workers started answered OK and never reached them.
         self.registry.follower = self.fleet.follow
+        await self.fleet.start(self.inference_port, http_port)
         fleet = self.fleet
         self.metrics.workers(lambda: [os.getpid(), *fleet.pids])
         log.info(

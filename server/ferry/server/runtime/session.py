@@ -25,7 +25,7 @@ from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRu
 from ferry.server.core.pools import usable_cores
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
-from ferry.server.runtime import instances, plans, shared_weights
+from ferry.server.runtime import instances, plans, rows, shared_weights
 from ferry.server.runtime import providers as provider_table
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def open_one(path: Path, config: ModelConfig) -> OrtSession | plans.PlannedSessi
     session = _open_threads(path, config.onnxruntime)
     max_batch = config.batching.max_batch_size
     if max_batch is None:
-        max_batch = DEFAULT_MAX_BATCH_SIZE if session.batchable() else 0
+        max_batch = DEFAULT_MAX_BATCH_SIZE if _batchable_unasked(session) else 0
     sizes = plans.plan_sizes(config.batching.planned_batch_sizes, session.device_kind, max_batch)
     if not sizes or not session.batchable():
         return session
@@ -195,6 +195,33 @@ def open_one(path: Path, config: ModelConfig) -> OrtSession | plans.PlannedSessi
     return plans.open_planned(
         lambda: OrtSession(path, config.onnxruntime, intra_op_threads=threads), session, sizes
     )
+
+
+def _batchable_unasked(session: OrtSession) -> bool:
+    """Batch a model whose config does not say only when its rows stay apart (runtime.rows);
+    a session found otherwise is not batchable from then on, for every later decision."""
+    if not session.batchable():
+        return False
+    apart, why = rows.rows_mix(session)
+    if apart is None:  # as before the probe: the shapes say batchable
+        log.warning(
+            "%s: batched (max_batch_size %d) on its shapes alone: %s. If the model works "
+            "across its first dimension, set batching.max_batch_size = 0 in its config.toml",
+            session.path,
+            DEFAULT_MAX_BATCH_SIZE,
+            why,
+        )
+        return True
+    if apart:
+        return True
+    session.rows_apart = False
+    log.warning(
+        "%s: not batched (max_batch_size 0): %s. Set batching.max_batch_size in its "
+        "config.toml to decide otherwise",
+        session.path,
+        why,
+    )
+    return False
 
 
 def _open_threads(path: Path, options: OnnxRuntimeConfig) -> OrtSession:
@@ -308,6 +335,7 @@ class OrtSession:
         # Placement from the provider onnxruntime actually put first, not the one asked for.
         self.device_kind, self.inline_allowed = provider_table.placement(self.providers[0])
         self.output_names = [o.name for o in self.outputs]
+        self.rows_apart = True  # False once runtime.rows saw requests' rows mix
         self._run = self.session.run
 
     def release(self) -> None:
@@ -317,10 +345,11 @@ class OrtSession:
         self._run = _released
 
     def batchable(self) -> bool:
-        """True when every input and output has a dynamic leading dimension: the graph can
-        take concatenated requests."""
+        """True when every input and output has a dynamic leading dimension and no probe saw
+        rows mix (runtime.rows): the graph can take concatenated requests."""
         specs = self.inputs + self.outputs
-        return bool(specs) and all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
+        shaped = all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
+        return self.rows_apart and bool(specs) and shaped
 
     def gather(
         self, parts: Sequence[dict[str, np.ndarray]], order: Sequence[str]
@@ -362,10 +391,12 @@ class OrtSession:
         self.run(self.zero_feeds(batch_size))
 
     def zero_feeds(self, batch_size: int) -> dict[str, np.ndarray]:
-        """Zeros for every input; dynamic non-batch dims get size 1."""
+        """Zeros for every input; dynamic non-batch dims get their verified minimum, else 1."""
         feeds: dict[str, np.ndarray] = {}
         for spec in self.inputs:
             shape = [max(d, 1) for d in spec.shape]
+            for bound in spec.bounds:  # the smallest size the version was verified at
+                shape[bound.axis] = max(bound.min, 1)
             if batch_size and shape:
                 shape[0] = batch_size
             if spec.dtype == DataType.DATA_TYPE_BYTES:

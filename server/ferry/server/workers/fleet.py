@@ -113,6 +113,11 @@ class WorkerFleet:
         )
         worker.started = time.monotonic()
         await self._wait_ready(worker, sock)
+        # Caught up once it answers: a change made while it started (after it read the
+        # repository, before its control socket listened) reached only the workers already
+        # listening, and was lost for this one. The follower is set before any worker starts,
+        # so a change after this re-read reaches it too.
+        await self.peers.call(sock, control.APPLY, {"op": "refresh", "model": ""}, 600.0)
         for name in self._unloaded():  # what an explicit unload took out stays out
             await self.peers.call(sock, control.APPLY, {"op": "unload", "model": name}, 60.0)
         log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)

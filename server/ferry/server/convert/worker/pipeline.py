@@ -44,7 +44,7 @@ from ferry.server.convert.worker.report import (
     ValidationRecord,
     VariantRecord,
 )
-from ferry.server.core.repository import MODEL_DATA_FILE
+from ferry.server.core.repository import MODEL_DATA_FILE, MODEL_FILE
 from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
 SCRATCH = ".scratch"
@@ -247,12 +247,26 @@ class Pipeline:
                 parity.onnx_runner(self.source.onnx_path, self.threads, self.providers)
             )
             self.baseline_name = "onnx_source"
+        self._judgeable(self.baseline)
         self.parity_reference = self.baseline
         self.client_reference = None
         if self.spec.validation.reference_file:
             self.client_reference = self._client_reference()
             if self.source.module is None:
                 self.baseline, self.baseline_name = self.client_reference, "reference"
+
+    def _judgeable(self, outputs: Outputs) -> None:
+        """A NaN in the model's own outputs cannot be checked against anything: it made every
+        variant fail as if the exporter disagreed (NaN is close to nothing), which sent users
+        to look for an export bug in a model that was given inputs outside its domain."""
+        for name, out in zip(self.output_names, outputs, strict=False):
+            if out.dtype.kind in "fc" and (nan := int(np.count_nonzero(np.isnan(out)))):
+                where = "source ONNX model" if self.source.module is None else "PyTorch model"
+                raise ConversionFailed(
+                    f"the {where}'s own output {name!r} is NaN in {nan} of {out.size} elements "
+                    "on the validation samples, so no conversion can be checked against it: give "
+                    "inputs in the model's domain (validation.sample_file)"
+                )
 
     def _client_reference(self) -> Outputs:
         if not self.spec.validation.sample_file:
@@ -509,5 +523,9 @@ class Pipeline:
         # dynamic axes' bounds: a published file must upload again as it is.
         metadata = {dims.METADATA_KEY: dims.metadata(self.source.inputs)}
         external.publish(chosen.path, self.work, lambda m: graph.prepare_model(m, metadata))
+        # The published files' size: preparing the graph changes it by a few hundred bytes, and
+        # the report gave the candidate's, which no file in the repository had.
+        if chosen.record.benchmark is not None:
+            chosen.record.benchmark.size_bytes = external.size(self.work / MODEL_FILE)
         self.report.write(self.work)
         shutil.rmtree(self.scratch, ignore_errors=True)

@@ -1,0 +1,50 @@
+"""A worker that starts (or starts again) while the repository changes: a change made after it
+read the repository and before its control socket listened reached only the workers already
+listening, answered OK, and never reached it. Once ready, a worker re-reads the repository and
+then repeats the explicit unloads, so it starts from the state the management calls left."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry.server.settings import Settings
+from ferry.server.workers import control
+from ferry.server.workers import fleet as fleet_module
+
+
+class _Peers:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def call(self, path: Path, method: str, ask: dict[str, Any], seconds: float) -> Any:
+        self.calls.append((path.name, method, ask))
+        return {"ok": True}
+
+
+class _Proc:
+    pid = 4242
+    returncode = None
+
+
+def test_a_ready_worker_rereads_the_repository_then_repeats_the_unloads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def spawned(*args: Any, **kwargs: Any) -> _Proc:
+        return _Proc()
+
+    async def ready(worker: Any, sock: Path) -> None:
+        return None
+
+    monkeypatch.setattr(fleet_module.asyncio, "create_subprocess_exec", spawned)
+    peers = _Peers()
+    fleet = fleet_module.WorkerFleet(Settings(), tmp_path, 2, peers, lambda: ["gone"])  # type: ignore[arg-type]
+    monkeypatch.setattr(fleet, "_wait_ready", ready)
+    asyncio.run(fleet._spawn(fleet._workers[0]))
+    assert peers.calls == [
+        ("worker-1.sock", control.APPLY, {"op": "refresh", "model": ""}),
+        ("worker-1.sock", control.APPLY, {"op": "unload", "model": "gone"}),
+    ]

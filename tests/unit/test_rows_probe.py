@@ -1,0 +1,142 @@
+"""A model whose config does not set max_batch_size is batched only when its rows stay apart
+(runtime.rows): a set-level model (a Softmax, mean, sort or cumulative sum across its first
+dimension) served batched answered each client with a result mixed with another's request."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from ferry.server.core.config import parse_config
+from ferry.server.core.dataplane import DataPlane, InferenceRequest
+from ferry.server.core.registry import ModelRegistry
+from ferry.server.core.repository import ModelRepository
+from ferry.server.examples import (
+    IR_VERSION,
+    ONNX_TYPES,
+    OPSET,
+    identity_model,
+    mlp_model,
+    write_model,
+)
+from ferry.server.runtime import session as session_module
+
+
+def _graph(
+    nodes: list[onnx.NodeProto], dims: list[int | str], *inits: onnx.TensorProto
+) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "across_rows",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, dims)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, dims)],
+        initializer=list(inits),
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    onnx.checker.check_model(model)
+    return model
+
+
+def _softmax_over_the_set() -> onnx.ModelProto:
+    return _graph([helper.make_node("Softmax", ["x"], ["y"], axis=0)], ["n"])
+
+
+def _minus_the_mean_of_the_rows() -> onnx.ModelProto:
+    return _graph(
+        [
+            helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["x", "m"], ["y"]),
+        ],
+        ["batch", 4],
+    )
+
+
+def _cumulative_sum_down_the_rows() -> onnx.ModelProto:
+    axis = helper.make_tensor("axis", TensorProto.INT64, [], [0])
+    return _graph([helper.make_node("CumSum", ["x", "axis"], ["y"])], ["batch", 3], axis)
+
+
+def _max_batch_size(tmp_path: Path, model: onnx.ModelProto, config: dict | None = None) -> int:
+    path = tmp_path / "1" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    session = session_module.open_session(path, parse_config(config or {}))
+    try:
+        return 32 if session.batchable() else 0
+    finally:
+        session.release()
+
+
+@pytest.mark.parametrize(
+    "model",
+    [_softmax_over_the_set, _minus_the_mean_of_the_rows, _cumulative_sum_down_the_rows],
+)
+def test_a_model_that_works_across_its_rows_is_not_batched(
+    tmp_path: Path, model: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert _max_batch_size(tmp_path, model()) == 0  # type: ignore[operator]
+    assert "differs when another row runs beside it" in caplog.text
+    assert "batching.max_batch_size" in caplog.text  # the log says how to decide otherwise
+
+
+@pytest.mark.parametrize("datatype", sorted(ONNX_TYPES))
+def test_models_whose_rows_stay_apart_are_batched_for_every_dtype(
+    tmp_path: Path, datatype: str
+) -> None:
+    assert _max_batch_size(tmp_path, identity_model(datatype)) == 32
+
+
+def test_an_mlp_is_batched(tmp_path: Path) -> None:
+    assert _max_batch_size(tmp_path, mlp_model((6, 5, 3))) == 32
+
+
+def test_a_set_max_batch_size_is_the_users_word(tmp_path: Path) -> None:
+    config = {"batching": {"max_batch_size": 8}}
+    assert _max_batch_size(tmp_path, _softmax_over_the_set(), config) == 32
+
+
+def test_each_client_gets_the_softmax_of_its_own_set_under_concurrency(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    write_model(repo, "sets", _softmax_over_the_set())
+    registry = ModelRegistry(repo, session_module.open_session, warm_up=True)
+    dataplane = DataPlane(registry)
+    rng = np.random.default_rng(0)
+    sets = [rng.standard_normal(int(n)).astype(np.float32) for n in rng.integers(1, 6, size=40)]
+
+    async def scenario() -> list[np.ndarray]:
+        await registry.refresh()
+        assert registry.get("sets").config.batching.max_batch_size == 0
+        results = await asyncio.gather(
+            *(dataplane.infer(InferenceRequest("sets", {"x": s})) for s in sets)
+        )
+        await registry.close()
+        return [r.outputs["y"] for r in results]
+
+    for x, y in zip(sets, asyncio.run(scenario()), strict=True):
+        expected = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
+        np.testing.assert_allclose(y, expected, rtol=1e-5)
+
+
+def test_a_model_the_probe_rows_cannot_run_on_is_batched_on_its_shapes(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A table of one row: the probe's index 1 is past it. Nothing can be told, so the shapes
+    decide, as they did before the probe, and the log says how to turn batching off."""
+    table = helper.make_tensor("table", TensorProto.FLOAT, [1, 2], [0.5, 1.5])
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+        initializer=[table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    assert _max_batch_size(tmp_path, model) == 32
+    assert "on its shapes alone" in caplog.text and "max_batch_size = 0" in caplog.text
