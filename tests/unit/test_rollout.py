@@ -82,6 +82,13 @@ def _repo(tmp_path: Path) -> ModelRepository:
     return repo
 
 
+async def _serving(repo: ModelRepository) -> tuple[ModelRegistry, DataPlane]:
+    """The repository's models loaded, and the core over them."""
+    registry = ModelRegistry(repo, open_session, warm_up=False)
+    await registry.refresh()
+    return registry, DataPlane(registry)
+
+
 async def _version(dataplane: DataPlane, key: str, version: int | None = None) -> int:
     x = {"input": np.ones((1, 3), np.float32)}
     result = await dataplane.infer(InferenceRequest("m", x, version=version, id=key))
@@ -92,9 +99,7 @@ def test_a_split_is_served_recorded_and_survives_a_restart(tmp_path: Path) -> No
     repo = _repo(tmp_path)
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
         assert [s.version for s in registry.statuses("m")] == [2]
         view = await dataplane.set_rollout("m", {1: 1, 2: 1}, by="test", why="canary")
         assert view.split == ((1, 1.0), (2, 1.0))
@@ -147,9 +152,7 @@ def test_a_broken_rollout_file_serves_the_default_and_says_why(tmp_path: Path) -
     (repo.model_dir("m") / rollouts.ROLLOUT_FILE).write_text(json.dumps({"split": {"1": -3}}))
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
         assert await _version(dataplane, "any") == 2
         assert "must be within (0, 1e+09]" in dataplane.rollout("m").error
         await registry.close()
@@ -172,9 +175,7 @@ def test_shadow_compares_the_candidate_and_never_changes_the_callers_answer(
     x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
         await dataplane.set_rollout("m", None, by="test", why="shadow", shadow_of=(1, 1.0))
         for i in range(10):
             result = await dataplane.infer(InferenceRequest("m", {"input": x}, id=f"r{i}"))
@@ -201,9 +202,7 @@ def test_a_failing_or_busy_candidate_is_counted_never_raised(
     write_model(repo, "m", mlp_model((5, 2)), version=3)  # takes 5 features, not 3
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
         await dataplane.set_rollout("m", {2: 1}, by="test", why="", shadow_of=(3, 1.0))
         x = {"input": np.ones((1, 3), np.float32)}
         for i in range(5):
@@ -235,9 +234,7 @@ def test_rules_roll_back_a_divergent_candidate_and_promote_a_good_one(tmp_path: 
     write_model(repo, "m", seed_model(seed=2), version=3)  # v3 computes what v2 does
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
         rules = {"promote_after": 5, "min_cosine": 0.9999}
         await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(1, 1.0), rules=rules)
         await _shadowed(dataplane, 3)
@@ -283,9 +280,7 @@ def test_a_failing_version_in_a_split_is_rolled_out_of_it(tmp_path: Path) -> Non
     write_model(repo, "m", mlp_model((5, 2)), version=3)  # takes 5 features: fails these requests
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
         )
@@ -313,9 +308,7 @@ def test_a_failing_rollout_step_never_changes_the_callers_outcome(
     repo = _repo(tmp_path)
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
 
         def gone(name: str) -> None:
             raise RuntimeError("unloaded meanwhile")
@@ -362,9 +355,7 @@ def test_a_version_in_the_rollout_cannot_be_deleted(tmp_path: Path) -> None:
     repo = _repo(tmp_path)
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
         await dataplane.set_rollout("m", {1: 1, 2: 1}, by="test", why="canary")
         for version in (1, 2):
             with pytest.raises(FailedPrecondition, match=f"version {version} is in 'm'"):
@@ -386,9 +377,7 @@ def test_a_shadow_published_during_a_split_keeps_the_split(tmp_path: Path) -> No
     repo = _repo(tmp_path)
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
         await dataplane.set_rollout("m", {1: 9, 2: 1}, by="test", why="canary")
         with repo.staging("m") as staged:
             (staged / "model.onnx").write_bytes(seed_model(seed=3).SerializeToString())
@@ -421,9 +410,7 @@ def test_a_failed_version_the_rollout_does_not_name_does_not_fail_the_change(
     (broken / "model.onnx").write_bytes(b"not a model")
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
         view = await dataplane.set_rollout("m", {1: 1, 2: 1}, by="test", why="canary")
         assert view.split == ((1, 1.0), (2, 1.0))
         assert {await _version(dataplane, k) for k in KEYS[:200]} == {1, 2}
@@ -441,9 +428,7 @@ def test_a_rule_counts_only_the_comparisons_made_under_it(tmp_path: Path) -> Non
     write_model(repo, "m", seed_model(seed=2), version=3)  # v3 computes what v2 does
 
     async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        dataplane = DataPlane(registry)
-        await registry.refresh()
+        registry, dataplane = await _serving(repo)
         await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(3, 1.0))
         await _shadowed(dataplane, 10)
         assert dataplane.rollout("m").shadow_statistics.compared == 10
