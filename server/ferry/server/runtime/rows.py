@@ -30,7 +30,7 @@ _RTOL = 1e-3
 _RTOL_HALF = 1e-2
 
 
-def rows_mix(session: Any) -> tuple[bool | None, str]:
+def probe(session: Any) -> tuple[bool | None, str]:
     """Whether two different rows give the same answers alone and together: (True, '') when
     they do, (False, why) when they do not, (None, why) when the probe cannot tell (the model
     does not run on one probe row: an input outside its domain, a length it refuses).

@@ -202,7 +202,7 @@ def _batchable_unasked(session: OrtSession) -> bool:
     a session found otherwise is not batchable from then on, for every later decision."""
     if not session.batchable():
         return False
-    apart, why = rows.rows_mix(session)
+    apart, why = rows.probe(session)
     if apart is None:  # as before the probe: the shapes say batchable
         log.warning(
             "%s: batched (max_batch_size %d) on its shapes alone: %s. If the model works "
