@@ -5,6 +5,7 @@ dimension) served batched answered each client with a result mixed with another'
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from ferry.server.core.config import parse_config
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
@@ -63,14 +63,21 @@ def _cumulative_sum_down_the_rows() -> onnx.ModelProto:
 
 
 def _max_batch_size(tmp_path: Path, model: onnx.ModelProto, config: dict | None = None) -> int:
-    path = tmp_path / "1" / "model.onnx"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(path))
-    session = session_module.open_session(path, parse_config(config or {}))
-    try:
-        return 32 if session.batchable() else 0
-    finally:
-        session.release()
+    """The max_batch_size the model is served with, as a refresh loads it."""
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    write_model(repo, "m", model)
+    if config is not None:
+        (repo.model_dir("m") / "config.json").write_text(json.dumps(config))
+    registry = ModelRegistry(repo, session_module.open_session, warm_up=True)
+
+    async def served() -> int:
+        await registry.refresh()
+        try:
+            return registry.get("m").config.batching.max_batch_size or 0
+        finally:
+            await registry.close()
+
+    return asyncio.run(served())
 
 
 @pytest.mark.parametrize(
@@ -98,7 +105,7 @@ def test_an_mlp_is_batched(tmp_path: Path) -> None:
 
 def test_a_set_max_batch_size_is_the_users_word(tmp_path: Path) -> None:
     config = {"batching": {"max_batch_size": 8}}
-    assert _max_batch_size(tmp_path, _softmax_over_the_set(), config) == 32
+    assert _max_batch_size(tmp_path, _softmax_over_the_set(), config) == 8
 
 
 def test_each_client_gets_the_softmax_of_its_own_set_under_concurrency(tmp_path: Path) -> None:

@@ -48,14 +48,16 @@ async def publish(
     current = _serving_version(registry, model) if rollout == "shadow" else None
     before: rollouts.Rollout | None = None
     live: tuple[tuple[int, float], ...] = ()
+    pinned = False  # this publish set a pin, which goes again if nothing is published
     if current is not None:
         # Pinned first: under the version policy the new version would take the traffic the
         # moment it is published; pinned, the versions serving now keep it until a rule or a
         # person promotes the candidate. A live split is that pin as it stands: pinning only
         # the default version ended a {1: 0.9, 2: 0.1} canary without anyone asking.
         before = registry.rollout_of(model)[0]
-        live = before.split if before is not None and before.split else ((current, 1.0),)
-        if before is None or not before.split:
+        live = before.split if before is not None else ()
+        if not live:
+            live, pinned = ((current, 1.0),), True
             pin = rollouts.Rollout(live)
             await registry.set_rollout(
                 model, pin, by=by, why="pinned while a candidate is published"
@@ -66,7 +68,7 @@ async def publish(
                 model, staged, lambda: repository.publish(model, staged)
             )
         except BaseException:
-            if current is not None and (before is None or not before.split):
+            if pinned:
                 # Nothing was published: the pin goes, or it would hold every later version
                 # (published without a shadow) away from the traffic.
                 try:
