@@ -11,19 +11,21 @@ For each scenario (protocol ferry.v1 or Open Inference Protocol, unary or stream
    for ``--seconds`` s, every request with a ``--deadline-ms`` deadline;
 3. after: the closed loop again, right away (does full throughput come back at once?).
 
-Two generators. ``--generator cpp`` (the default when bench/loadgen/build.sh can build it, i.e.
-libgrpc++-dev and pkg-config are installed) runs the unary scenarios' three phases with
-bench/loadgen/openloop, a C++ async gRPC client: a Python grpc.aio generator falls seconds behind
-its schedule at tens of thousands of requests per second, and then the figures measure the
-generator, not the server. The C++ one measures latency from each request's scheduled time, so a
-sender that falls behind cannot hide it. Streaming scenarios always use the Python generator (a
-C++ streaming client is not written), which measures from the actual send. The Python generator
-is ``--procs`` worker processes, each with its own grpc.aio channel and event loop, sending
-pre-serialised requests, so the server's figures are not limited by one Python loop. Unary calls
-carry a gRPC deadline; stream messages carry the request's own timeout (``timeout_us`` / the
-``timeout`` parameter), and an answer later than the deadline counts as DEADLINE_EXCEEDED, as
-it would for a client that gave up. A request still unanswered when its stream ends is counted as
-DEADLINE_EXCEEDED too (``lost`` says how many).
+Two generators. ``--generator cpp`` (the default when bench/loadgen/build.sh can build them,
+i.e. libgrpc++-dev and pkg-config are installed) runs every phase with C++ gRPC clients:
+bench/loadgen/openloop for unary calls, bench/loadgen/openstream for streams. A Python grpc.aio
+generator falls seconds behind its schedule at tens of thousands of requests per second (a
+stream writer most of all: its messages wait in its own queue, unseen), and then the figures
+measure the generator, not the server. The C++ ones measure latency from each request's
+scheduled time, so a sender that falls behind cannot hide it. ``--generator python`` is
+``--procs`` worker processes, each with its own grpc.aio channel and event loop, sending
+pre-serialised requests. Unary calls carry a gRPC deadline; stream messages carry the request's
+own timeout (``timeout_us`` / the ``timeout`` parameter; the C++ stream client sets what is left
+of the deadline when it writes the message, and does not send one whose deadline passed while it
+waited to be written), and an answer later than the deadline counts as DEADLINE_EXCEEDED, as it
+would for a client that gave up. A request still unanswered when its stream ends is counted as
+DEADLINE_EXCEEDED too (``lost`` says how many). For streams the report adds ``client_wait_ms``:
+how long messages waited in the client before HTTP/2 flow control let them be written.
 
 Figures, not assertions: printed, and written to bench/results/overload.json. Targets (issue 10):
 goodput >= 90% of capacity; only OK, RESOURCE_EXHAUSTED and DEADLINE_EXCEEDED; accepted p99 <= the
@@ -63,6 +65,7 @@ MODEL = "mlp"
 RING = 32768
 LOADGEN = HERE / "loadgen"
 LOADGEN_BIN = LOADGEN / "build" / "openloop"
+STREAM_BIN = LOADGEN / "build" / "openstream"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,17 +366,23 @@ def build_loadgen() -> bool:
 def cpp_phase(
     payload: Path, method: str, args: argparse.Namespace, *, kind: str, seconds: float, **spec: Any
 ) -> dict[str, Any]:
-    """One unary phase with the C++ generator: closed loop (``concurrency``) or open (``rate``).
-    Closed loops get a 30 s deadline, as the Python generator's do, so only the overload's
-    deadline shapes what is counted."""
+    """One phase with a C++ generator: closed loop (``concurrency``) or open (``rate``). Unary
+    closed loops get a 30 s deadline, as the Python generator's do, and stream messages none, so
+    only the overload's deadline shapes what is counted."""
+    stream = spec["mode"] == "stream"
     cmd: list[str] = [
-        *(str(LOADGEN_BIN), "--target", spec["target"], "--method", method),
-        *("--payload", str(payload), "--seconds", str(seconds)),
-        *("--channels", str(args.channels), "--threads", str(args.threads)),
+        *(str(STREAM_BIN if stream else LOADGEN_BIN), "--target", spec["target"]),
+        *("--method", method, "--payload", str(payload), "--seconds", str(seconds)),
         *("--max-message-bytes", str(8 << 20)),
     ]
+    if stream:  # each message gets its id, and in open loop its remaining budget, appended
+        cmd += ["--protocol", spec["protocol"], "--streams", str(args.streams)]
+        cmd += ["--channels", str(args.stream_channels)]
+    else:
+        cmd += ["--channels", str(args.channels), "--threads", str(args.threads)]
     if kind == "closed":
-        cmd += ["--concurrency", str(spec["concurrency"]), "--deadline-ms", "30000"]
+        cmd += ["--concurrency", str(spec["concurrency"])]
+        cmd += [] if stream else ["--deadline-ms", "30000"]
     else:
         cmd += ["--rate", f"{spec['rate']:.3f}", "--deadline-ms", str(spec["deadline_ms"])]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60, check=False)
@@ -400,6 +409,8 @@ def cpp_phase(
         "behind_ms": r["behind_ms"],
         "max_behind_ms": r["max_behind_ms"],
         "codes_ms": r["codes_ms"],  # when each outcome came, from its scheduled time
+        # streams: how long messages waited in the client to be written (flow control)
+        "client_wait_ms": r.get("client_wait_ms", {}),
     }
 
 
@@ -414,14 +425,18 @@ def scenario(
     pool: Any, repo: Path, name: str, args: argparse.Namespace, tmp: Path
 ) -> dict[str, Any]:
     protocol, mode = name.split("-")
-    generator = "cpp" if args.generator == "cpp" and mode == "unary" else "python"
+    generator = args.generator
     proc, target = start_server(repo, args.server_arg)
     common = {"target": target, "protocol": protocol, "mode": mode, "streams": args.streams}
     common["deadline_ms"] = args.deadline_ms
     if generator == "cpp":
         payload = tmp / f"{protocol}.bin"
-        payload.write_bytes(_payload(protocol, 0))  # unary calls carry the gRPC deadline instead
-        method = FERRY_INFER if protocol == "ferry" else OIP_INFER
+        # Unary calls carry the gRPC deadline, stream messages a timeout the generator appends.
+        payload.write_bytes(_payload(protocol, 0))
+        if mode == "unary":
+            method = FERRY_INFER if protocol == "ferry" else OIP_INFER
+        else:
+            method = FERRY_STREAM if protocol == "ferry" else OIP_STREAM
 
         def phase(**spec: Any) -> dict[str, Any]:
             if "concurrency" in spec:
@@ -463,6 +478,7 @@ def scenario(
         "codes": over["codes"],
         "details": over["details"],
         "codes_ms": over.get("codes_ms", {}),
+        "client_wait_ms": over.get("client_wait_ms", {}),
         "lost": over["lost"],
         "ok_p50_ms": over["ok_p50_ms"],
         "ok_p99_ms": over["ok_p99_ms"],
@@ -532,7 +548,12 @@ def main() -> None:
     p.add_argument("--procs", type=int, default=2, help="Python generator processes")
     p.add_argument("--channels", type=int, default=8, help="C++ generator: TCP connections")
     p.add_argument("--threads", type=int, default=2, help="C++ generator: completion queues")
-    p.add_argument("--streams", type=int, default=4, help="streams per generator process")
+    p.add_argument(
+        "--streams", type=int, default=4, help="streams per connection (C++) or process (Python)"
+    )
+    p.add_argument(
+        "--stream-channels", type=int, default=2, help="C++ stream generator: TCP connections"
+    )
     p.add_argument(
         "--server-arg", action="append", default=[], help="extra ferry serve flag (repeatable)"
     )
@@ -542,7 +563,7 @@ def main() -> None:
         args.generator = "cpp" if build_loadgen() else "python"
     elif args.generator == "cpp" and not build_loadgen():
         p.error("--generator cpp: bench/loadgen/build.sh failed")
-    print(f"generator for unary scenarios: {args.generator}; streaming scenarios: python")
+    print(f"generator: {args.generator}")
 
     from models import build
 
@@ -558,10 +579,14 @@ def main() -> None:
     print()
     print(
         f"open loop at {args.factor:g}x capacity for {args.seconds:g} s, "
-        f"{args.deadline_ms} ms deadlines, generator {args.generator} for unary "
-        f"({args.channels} connections, {args.threads} threads) and python for streams "
-        f"({args.procs} processes), "
-        f"cpus {os.cpu_count()}"
+        f"{args.deadline_ms} ms deadlines, generator {args.generator} "
+        + (
+            f"(unary: {args.channels} connections, {args.threads} threads; streams: "
+            f"{args.stream_channels} connections x {args.streams} streams), "
+            if args.generator == "cpp"
+            else f"({args.procs} processes, {args.streams} streams each), "
+        )
+        + f"cpus {os.cpu_count()}"
     )
     print(table(rows, args.deadline_ms))
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -31,88 +31,15 @@
 #include <thread>
 #include <vector>
 
+#include "report.h"
+
 using Clock = std::chrono::steady_clock;
 
 namespace {
 
-// gRPC's own spelling of the status codes, indexed by code.
-const char* const kCodeNames[] = {
-    "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-    "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-    "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-    "UNAUTHENTICATED"};
-constexpr int kNumCodes = 17;
-static_assert(sizeof(kCodeNames) / sizeof(kCodeNames[0]) == kNumCodes, "one name per code");
-
-// Log-linear histogram of microseconds: exact below 256 us, then 128 buckets per power of two
-// (under 1% error), bounded memory whatever the run length. Values past 2^40 us are clamped.
-class Histogram {
- public:
-  static constexpr int kSubBits = 7;
-  static constexpr int kSub = 1 << kSubBits;
-  static constexpr int kMaxMsb = 40;
-  static constexpr int kSize = (kMaxMsb - kSubBits + 1) * kSub;
-
-  Histogram() : counts_(kSize, 0) {}
-
-  void Add(int64_t us) {
-    if (us < 0) us = 0;
-    const int64_t cap = (int64_t{1} << (kMaxMsb + 1)) - 1;
-    if (us > cap) us = cap;
-    ++counts_[Index(static_cast<uint64_t>(us))];
-    ++total_;
-    max_us_ = std::max(max_us_, us);
-  }
-
-  void Merge(const Histogram& other) {
-    for (int i = 0; i < kSize; ++i) counts_[i] += other.counts_[i];
-    total_ += other.total_;
-    max_us_ = std::max(max_us_, other.max_us_);
-  }
-
-  // Milliseconds at quantile q (a bucket's midpoint); NaN when empty.
-  double QuantileMs(double q) const {
-    if (total_ == 0) return NAN;
-    uint64_t rank = static_cast<uint64_t>(q * static_cast<double>(total_));
-    if (rank >= total_) rank = total_ - 1;
-    uint64_t seen = 0;
-    for (int i = 0; i < kSize; ++i) {
-      seen += counts_[i];
-      if (seen > rank) return std::min(Midpoint(i), static_cast<double>(max_us_)) / 1000.0;
-    }
-    return max_us_ / 1000.0;
-  }
-
-  uint64_t total() const { return total_; }
-  double MaxMs() const { return total_ ? max_us_ / 1000.0 : NAN; }
-
- private:
-  static int Index(uint64_t v) {
-    if (v < 2 * kSub) return static_cast<int>(v);
-    const int msb = 63 - __builtin_clzll(v);
-    const int shift = msb - kSubBits;
-    return (shift + 1) * kSub + static_cast<int>((v >> shift) - kSub);
-  }
-  static double Midpoint(int i) {
-    if (i < 2 * kSub) return i;
-    const int shift = i / kSub - 1;
-    const double low = static_cast<double>((i % kSub + kSub)) * std::ldexp(1.0, shift);
-    return low + std::ldexp(1.0, shift) / 2.0;
-  }
-
-  std::vector<uint64_t> counts_;
-  uint64_t total_ = 0;
-  int64_t max_us_ = 0;
-};
-
-// Outcomes seen by one completion-queue thread; merged once the run is over.
-struct Stats {
-  std::mutex mu;  // uncontended except when the run ends with calls still outstanding
-  uint64_t codes[kNumCodes] = {};
-  std::map<int, std::string> details;  // first message per code
-  Histogram ok_sched, ok_send, rejected;
-  Histogram by_code[kNumCodes];  // every outcome, from the scheduled time: when do errors come?
-};
+using loadgen::kNumCodes;
+using loadgen::Num;
+using loadgen::Outcomes;
 
 struct Options {
   std::string target = "127.0.0.1:8001";
@@ -161,36 +88,6 @@ Options Parse(int argc, char** argv) {
   if (o.channels < 1 || o.threads < 1 || o.seconds <= 0) Usage("channels, threads, seconds > 0");
   if (o.concurrency <= 0 && o.rate <= 0) Usage("--rate must be > 0 in open loop");
   return o;
-}
-
-std::string JsonEscape(const std::string& s) {
-  std::string out;
-  for (unsigned char c : s) {
-    if (c == '"' || c == '\\') {
-      out += '\\';
-      out += static_cast<char>(c);
-    } else if (c < 0x20) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\u%04x", c);
-      out += buf;
-    } else {
-      out += static_cast<char>(c);
-    }
-  }
-  return out;
-}
-
-std::string Num(double x) {
-  if (std::isnan(x)) return "null";
-  char buf[32];
-  std::snprintf(buf, sizeof buf, "%.3f", x);
-  return buf;
-}
-
-std::string Quantiles(const Histogram& h) {
-  return "{\"p50\": " + Num(h.QuantileMs(0.5)) + ", \"p90\": " + Num(h.QuantileMs(0.9)) +
-         ", \"p99\": " + Num(h.QuantileMs(0.99)) + ", \"max\": " + Num(h.MaxMs()) +
-         ", \"n\": " + std::to_string(h.total()) + "}";
 }
 
 // One call in flight: everything the completion has to find again.
@@ -310,7 +207,7 @@ class Generator {
   }
 
   void Poll(int i) {
-    Stats& s = stats_[i];
+    Outcomes& s = stats_[i];
     void* tag;
     bool ok;
     while (queues_[i]->Next(&tag, &ok)) {
@@ -323,19 +220,7 @@ class Generator {
           std::chrono::duration_cast<std::chrono::microseconds>(now - call->sent).count();
       {
         std::lock_guard<std::mutex> lock(s.mu);
-        if (!stopping_) {
-          if (code >= 0 && code < kNumCodes) {
-            ++s.codes[code];
-            s.by_code[code].Add(from_sched);
-          }
-          if (code == 0) {
-            s.ok_sched.Add(from_sched);
-            s.ok_send.Add(from_send);
-          } else if (code == grpc::StatusCode::RESOURCE_EXHAUSTED) {
-            s.rejected.Add(from_sched);
-          }
-          if (code != 0 && !s.details.count(code)) s.details[code] = call->status.error_message();
-        }
+        if (!stopping_) s.Add(code, from_sched, from_send, call->status.error_message());
       }
       delete call;
       // Closed loop: the caller sends again on this same queue while the run lasts.
@@ -345,50 +230,15 @@ class Generator {
   }
 
   void Report(int64_t lost) {
-    uint64_t codes[kNumCodes] = {};
-    std::map<int, std::string> details;
-    Histogram ok_sched, ok_send, rejected;
-    std::vector<Histogram> by_code(kNumCodes);
-    for (auto& s : stats_) {
-      std::lock_guard<std::mutex> lock(s.mu);
-      for (int c = 0; c < kNumCodes; ++c) codes[c] += s.codes[c];
-      for (const auto& d : s.details) details.emplace(d.first, d.second);
-      ok_sched.Merge(s.ok_sched);
-      ok_send.Merge(s.ok_send);
-      rejected.Merge(s.rejected);
-      for (int c = 0; c < kNumCodes; ++c) by_code[c].Merge(s.by_code[c]);
-    }
-    std::string out = "{\"sent\": " + std::to_string(sent_.load()) +
-                      ", \"elapsed_s\": " + Num(elapsed_s_) +
-                      ", \"mode\": \"" + (o_.concurrency > 0 ? "closed" : "open") + "\"" +
-                      ", \"behind_ms\": " + Num(behind_ms_) +
-                      ", \"max_behind_ms\": " + Num(max_behind_ms_) +
-                      ", \"max_behind_at_s\": " + Num(max_behind_at_s_) + ", \"codes\": {";
-    bool first = true;
-    for (int c = 0; c < kNumCodes; ++c) {
-      if (!codes[c]) continue;
-      out += std::string(first ? "" : ", ") + "\"" + kCodeNames[c] + "\": " +
-             std::to_string(codes[c]);
-      first = false;
-    }
-    out += "}, \"details\": {";
-    first = true;
-    for (const auto& d : details) {
-      const char* name = d.first < kNumCodes ? kCodeNames[d.first] : "UNKNOWN";
-      out += std::string(first ? "" : ", ") + "\"" + name + "\": \"" +
-             JsonEscape(d.second.substr(0, 300)) + "\"";
-      first = false;
-    }
-    out += "}, \"codes_ms\": {";
-    first = true;
-    for (int c = 0; c < kNumCodes; ++c) {
-      if (!by_code[c].total()) continue;
-      out += std::string(first ? "" : ", ") + "\"" + kCodeNames[c] + "\": " + Quantiles(by_code[c]);
-      first = false;
-    }
-    out += "}, \"ok_ms\": " + Quantiles(ok_sched) + ", \"ok_ms_from_send\": " +
-           Quantiles(ok_send) + ", \"rejected_ms\": " + Quantiles(rejected) +
-           ", \"lost\": " + std::to_string(lost) + "}";
+    Outcomes all;
+    for (auto& s : stats_) all.Merge(s);
+    const std::string out = "{\"sent\": " + std::to_string(sent_.load()) +
+                            ", \"elapsed_s\": " + Num(elapsed_s_) +
+                            ", \"mode\": \"" + (o_.concurrency > 0 ? "closed" : "open") + "\"" +
+                            ", \"behind_ms\": " + Num(behind_ms_) +
+                            ", \"max_behind_ms\": " + Num(max_behind_ms_) +
+                            ", \"max_behind_at_s\": " + Num(max_behind_at_s_) + all.Json() +
+                            ", \"lost\": " + std::to_string(lost) + "}";
     std::printf("%s\n", out.c_str());
     std::fflush(stdout);
   }
@@ -398,7 +248,7 @@ class Generator {
   std::vector<std::shared_ptr<grpc::Channel>> channels_;
   std::vector<std::unique_ptr<grpc::GenericStub>> stubs_;
   std::vector<std::unique_ptr<grpc::CompletionQueue>> queues_;
-  std::vector<Stats> stats_;
+  std::vector<Outcomes> stats_;
   std::vector<std::thread> workers_;
   std::atomic<size_t> next_channel_{0};
   std::atomic<int64_t> outstanding_{0};

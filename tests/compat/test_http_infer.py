@@ -3,10 +3,12 @@ and through plain HTTP requests (what curl sends): JSON tensors and the binary e
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import socket
 import struct
+import zlib
 from typing import Any
 
 import numpy as np
@@ -18,6 +20,8 @@ from kserve_common import DATATYPES, http_call, identity_name
 from serverutil import ServerThread
 from test_kserve_infer import SAMPLES
 from tritonclient.utils import InferenceServerException
+
+from ferry.server.http.encodings import ENCODINGS, brotli
 
 JSON_INPUT_TYPES = [d for d in DATATYPES if d != "BF16"]  # BF16 has no JSON form
 
@@ -347,6 +351,77 @@ def test_unsupported_request_features_are_501(triton_http: th.InferenceServerCli
         triton_http.infer("mlp", x, outputs=[th.InferRequestedOutput("logits", class_count=3)])
     assert _status(exc) == "501"
     assert "classification" in exc.value.message()
+
+
+def _identity_body(values: list[float]) -> bytes:
+    tensor = {"name": "input", "datatype": "FP32", "shape": [1, len(values)], "data": values}
+    return json.dumps({"inputs": [tensor]}).encode()
+
+
+def _raw_deflate(data: bytes) -> bytes:
+    c = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return c.compress(data) + c.flush()
+
+
+def _encoded_bodies(body: bytes) -> list[tuple[str, bytes]]:
+    """One body in every encoding and form the listener must take."""
+    half = len(body) // 2
+    bodies = [
+        ("gzip", gzip.compress(body)),
+        ("gzip", gzip.compress(body[:half]) + gzip.compress(body[half:])),  # two members
+        ("deflate", zlib.compress(body)),
+        ("deflate", _raw_deflate(body)),  # raw RFC 1951, as some clients send "deflate"
+        ("identity", body),
+    ]
+    return bodies + ([("br", brotli.compress(body))] if ENCODINGS.count("br") else [])
+
+
+def test_every_encoding_of_a_body_gives_the_same_answer(kserve_server: ServerThread) -> None:
+    values = [float(v) for v in range(-300, 300)]
+    for encoding, encoded in _encoded_bodies(_identity_body(values)):
+        status, _, answer = http_call(
+            kserve_server.http_target,
+            "POST",
+            f"/v2/models/{identity_name('FP32')}/infer",
+            encoded,
+            {"Content-Encoding": encoding},
+        )
+        assert status == 200, (encoding, answer)
+        assert json.loads(answer)["outputs"][0]["data"] == values, encoding
+
+
+def test_a_compressed_body_cut_short_is_400_saying_so(kserve_server: ServerThread) -> None:
+    """aiohttp's own decoding passed on what a truncated gzip stream decoded to, so a cut upload
+    was refused as "not valid JSON", or read unchecked when cut inside the trailer."""
+    body = _identity_body([float(v) for v in range(300)])
+    for encoding, encoded in _encoded_bodies(body):
+        if encoding == "identity":
+            continue
+        for cut in (len(encoded) // 2, len(encoded) - 4, len(encoded) - 1):
+            status, _, answer = http_call(
+                kserve_server.http_target,
+                "POST",
+                f"/v2/models/{identity_name('FP32')}/infer",
+                encoded[:cut],
+                {"Content-Encoding": encoding},
+            )
+            assert status == 400, (encoding, cut, answer)
+            error = json.loads(answer)["error"]
+            assert f"the {encoding} body ends before its compressed stream does" in error, error
+
+
+def test_data_after_a_compressed_body_is_400(kserve_server: ServerThread) -> None:
+    body = _identity_body([1.0, 2.0])
+    for encoding, encoded in (("gzip", gzip.compress(body)), ("deflate", zlib.compress(body))):
+        status, _, answer = http_call(
+            kserve_server.http_target,
+            "POST",
+            f"/v2/models/{identity_name('FP32')}/infer",
+            encoded + b"trailing bytes",
+            {"Content-Encoding": encoding},
+        )
+        assert status == 400, (encoding, answer)
+        assert "could not be read" in json.loads(answer)["error"]
 
 
 def test_a_gzip_body_that_is_not_gzip_is_400(kserve_server: ServerThread) -> None:

@@ -224,3 +224,27 @@ def test_versions_are_parsed_one_way_for_every_rpc(door: Any) -> None:
                 )
             )
             assert "INVALID_ARGUMENT" in responses[0].error_message
+
+
+def test_a_version_out_of_range_is_invalid_in_ferry_v1_too(door: Any) -> None:
+    """ferry.v1 carries versions as int64: a negative one, or one past what every protocol
+    accepts, is the same INVALID_ARGUMENT the text forms get (it was "not found" here)."""
+    srv, _, _ = door
+    with grpc.insecure_channel(srv.target) as ch:
+        v1 = igrpc.InferenceStub(ch)
+        for bad in (-1, -(2**63), 2**53 + 1):
+            calls: list[Callable[[int], Any]] = [
+                lambda v: v1.Infer(ipb.InferRequest(model="alpha", version=v)),
+                lambda v: v1.GetModelMetadata(
+                    ipb.GetModelMetadataRequest(model="alpha", version=v)
+                ),
+                lambda v: v1.GetModelStatistics(
+                    ipb.GetModelStatisticsRequest(model="alpha", version=v)
+                ),
+            ]
+            for call in calls:
+                code, message = _outcome(functools.partial(call, bad))
+                assert code == "INVALID_ARGUMENT", (bad, code, message)
+                assert f"invalid model version {bad}" in message
+            answers = list(v1.InferStream(iter([ipb.InferRequest(model="alpha", version=bad)])))
+            assert answers[0].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]

@@ -11,6 +11,7 @@ import http.client
 import json
 import socket
 import ssl
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -178,6 +179,22 @@ def test_a_chunked_body_is_cut_off_at_the_limit(small_server: ServerThread) -> N
     answer = _raw(small_server.http_target, head, [chunk] * (2 * LIMIT // len(piece)))
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b"more than 65536 bytes arrived" in answer
+
+
+def test_a_compressed_body_is_bounded_as_it_decodes(small_server: ServerThread) -> None:
+    """A 16 KiB body that decodes to 16 MiB is refused once the limit's worth is decoded, never
+    held whole."""
+    bomb = zlib.compressobj(9, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    zeros = b"\0" * (1 << 20)
+    encoded = b"".join(bomb.compress(zeros) for _ in range(16)) + bomb.flush()
+    assert len(encoded) < LIMIT // 2  # what arrives is within the limit; what it decodes to is not
+    head = (
+        b"POST /v2/models/fixed/infer HTTP/1.1\r\nHost: ferry\r\nContent-Encoding: gzip\r\n"
+        b"Content-Length: " + str(len(encoded)).encode() + b"\r\n\r\n"
+    )
+    answer = _raw(small_server.http_target, head, [encoded])
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+    assert b"more than 65536 bytes decoded" in answer
 
 
 def test_tritonclient_sees_413_and_small_requests_pass(small_server: ServerThread) -> None:

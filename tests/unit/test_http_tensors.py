@@ -69,11 +69,28 @@ def test_json_forms_of_data() -> None:
         ("FP32", [True, False], "must hold numbers"),
         ("FP32", [None, 1.0], "must hold numbers"),
         ("BYTES", ["\ud800", "a"], "not valid UTF-8"),
+        # numpy read these as [5, 1] and [0.5, 0.0]: served, with values nobody sent
+        ("INT64", [5, True], "got true or false among them"),
+        ("FP32", [0.5, False], "got true or false among them"),
+        ("UINT8", [[2, True]], "got true or false among them"),
+        ("UINT64", [2**64 - 1, True], "got true or false among them"),
     ],
 )
 def test_json_values_that_do_not_fit(datatype: str, data: list[Any], words: str) -> None:
     with pytest.raises(InvalidArgument, match=words):
         decode(tensor(datatype, [2], data))
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"1.5e309"])
+def test_a_number_too_large_for_any_float_is_not_infinity(number: bytes) -> None:
+    """orjson refuses these literals; the standard library, which reads the NaN and Infinity that
+    orjson does not, read them as infinities, so they were served as such."""
+    body = b'{"inputs": [{"name": "x", "datatype": "FP64", "shape": [2], "data": [0, %s]}]}'
+    wire = HttpInfer("m", "", body % number, None)
+    with pytest.raises(InvalidArgument, match="too large for any float"):
+        wire.decode(Limits())
+    infinity = HttpInfer("m", "", body % b"-Infinity", None)  # what a client means by it
+    assert np.isneginf(dict(infinity.decode(Limits()).inputs)["x"][1])
 
 
 def test_request_parameters_reach_the_core() -> None:

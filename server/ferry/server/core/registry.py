@@ -133,7 +133,9 @@ class ModelRegistry:
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(
-                f"model {short(name)!r} is not served here; ListModels shows the served models"
+                f"model {short(name)!r} is not served here; the repository index lists the "
+                "served models (ferry.v1 ListModels; Open Inference Protocol RepositoryIndex, "
+                "or POST /v2/repository/index over HTTP)"
             )
         if not version:
             version = entry.default_version()

@@ -262,6 +262,18 @@ def parse_version(text: str) -> int | None:
     return int(text) or None
 
 
+def version_of(number: int) -> int | None:
+    """A version given as a number (ferry.v1's int64 fields): 0 is None (the default version),
+    and outside parse_version's range it is the same INVALID_ARGUMENT, not a version that is
+    merely not found, so every protocol answers a negative version alike."""
+    if not 0 <= number <= MAX_VERSION:
+        raise InvalidArgument(
+            f"invalid model version {number}: a version is a positive integer (at most "
+            f"{MAX_VERSION}), or 0 for the model's default version"
+        )
+    return number or None
+
+
 def version_label(text: str) -> int:
     """A version string as a metrics label: its number, or 0 when it is not a valid one."""
     try:

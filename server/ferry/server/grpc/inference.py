@@ -29,6 +29,7 @@ from ferry.server.core.types import (
     State,
     TensorSpec,
     VersionStatistics,
+    version_of,
 )
 from ferry.server.errors import InvalidArgument
 from ferry.server.grpc._base import call_deadline, translate_errors
@@ -79,7 +80,7 @@ def to_request(msg: pb.InferRequest, limits: Limits | None = None) -> InferenceR
     return InferenceRequest(
         model=msg.model,
         inputs=inputs,
-        version=msg.version or None,
+        version=version_of(msg.version),
         id=msg.id,
         outputs=list(msg.outputs) or None,
         timeout=msg.timeout_us / 1e6 if msg.timeout_us else None,
@@ -200,7 +201,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GetModelMetadata(
         self, request: pb.GetModelMetadataRequest, context: aio.ServicerContext
     ) -> pb.ModelMetadata:
-        return metadata_of(self.dataplane.metadata(request.model, request.version or None))
+        return metadata_of(self.dataplane.metadata(request.model, version_of(request.version)))
 
     @translate_errors
     async def ListModels(
@@ -223,7 +224,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def GetModelStatistics(
         self, request: pb.GetModelStatisticsRequest, context: aio.ServicerContext
     ) -> pb.GetModelStatisticsResponse:
-        stats = await self.dataplane.total_statistics(request.model, request.version or None)
+        stats = await self.dataplane.total_statistics(request.model, version_of(request.version))
         return pb.GetModelStatisticsResponse(models=[statistics_of(s) for s in stats])
 
 

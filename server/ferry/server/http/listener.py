@@ -24,13 +24,9 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
-try:
-    from aiohttp.compression_utils import HAS_BROTLI
-except ImportError:  # an aiohttp that moved it: decode no brotli rather than guess
-    HAS_BROTLI = False
-
 from ferry.server.errors import ErrorKind, InvalidArgument
 from ferry.server.grpc.auth import DENIED, MISSING, ListenerGuard
+from ferry.server.http.encodings import ENCODINGS, BodyError, decoder
 from ferry.server.http.errors import ERROR_HEADER, HttpError, error_body, error_of
 from ferry.server.http.oip import HEADER_LENGTH, JSON, OipRoutes, is_health
 from ferry.server.security import ListenerTLS
@@ -41,9 +37,9 @@ log = logging.getLogger(__name__)
 # reads the refusal instead of a reset; the body is never kept.
 LINGER = 2.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
-# Body encodings aiohttp decodes here. Any other was read as if it were plain (a body sent as
-# "foo" parsed as JSON), so it is refused with what to send instead.
-DECODED = frozenset({"", "identity", "gzip", "deflate", *(("br",) if HAS_BROTLI else ())})
+# Body encodings decoded here (``encodings``). Any other would be read as if it were plain (a
+# body sent as "foo" parsed as JSON), so it is refused with what to send instead.
+DECODED = frozenset({"", "identity", *ENCODINGS})
 # Headers that mean one thing: sent twice, which one counts would be a guess.
 ONCE = ("Content-Encoding", HEADER_LENGTH)
 # A client's malformed HTTP, its broken body or its disconnect is its business: aiohttp logged
@@ -99,6 +95,7 @@ class HttpListener:
             self._handle,
             access_log=None,
             lingering_time=LINGER,
+            auto_decompress=False,  # ours checks that a compressed body is whole
             logger=_ServerLog(logging.getLogger("ferry.server.http.aiohttp"), {}),
         )
         loop = asyncio.get_running_loop()
@@ -184,17 +181,25 @@ class HttpListener:
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(CONTINUE)
         content = request.content
+        decode = decoder(encoding)
         chunks: list[bytes] = []
         total = 0
         try:
             while chunk := await content.readany():
+                if decode is not None:
+                    chunk = decode.feed(chunk, self._limit - total)
                 total += len(chunk)
                 if total > self._limit:
-                    raise self._too_large(f"more than {self._limit} bytes arrived")
+                    what = "decoded" if decode is not None else "arrived"
+                    raise self._too_large(f"more than {self._limit} bytes {what}")
                 chunks.append(chunk)
-        except (HttpProcessingError, web.RequestPayloadError) as exc:  # bad chunking or gzip
+            if decode is not None:
+                decode.finish()
+        except (HttpProcessingError, web.RequestPayloadError) as exc:  # bad chunking
             why = str(exc).replace("\n", " ").strip()
             raise InvalidArgument(f"the request body could not be read: {why}") from None
+        except BodyError as exc:
+            raise InvalidArgument(f"the request body could not be read: {exc}") from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _too_large(self, why: str) -> HttpError:

@@ -14,6 +14,7 @@ the mistake is the same; whether the tensors fit the model is decided once, in `
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -206,9 +207,26 @@ def loads(data: bytes, what: str = "the request body") -> Any:
     except orjson.JSONDecodeError:
         pass
     try:
-        return json.loads(data)
+        return json.loads(data, parse_float=_finite_float)
+    except _TooLarge as exc:
+        raise InvalidArgument(
+            f"{what} holds the number {exc}, too large for any float (it is not Infinity); "
+            "send Infinity if that is what you mean"
+        ) from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise InvalidArgument(f"{what} is not valid JSON: {str(exc)[:200]}") from None
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number literal is finite: 1e400 is too large for a float, not infinity."""
+    value = float(text)
+    if math.isinf(value):
+        raise _TooLarge(text[:40])
+    return value
 
 
 def dumps(value: Any) -> bytes:
@@ -317,6 +335,13 @@ def _from_json(
         raise _count_error(name, shape, count, values.size)
     wanted = TYPED[code][2] if code != _FP16 else np.dtype(np.float16)
     kind = values.dtype.kind
+    if count and code != _BOOL and kind in "iufO" and _holds_bool(data):
+        # numpy reads [5, true, false] as [5, 1, 0]: a true or false among numbers is a
+        # mistake of the client's, refused as an all-true/false list is.
+        raise InvalidArgument(
+            f"input {name!r} is {datatype_name(code)}: 'data' must hold numbers, got true or "
+            "false among them; send 1 and 0 if that is what you mean"
+        )
     if count and wanted.kind in "iu" and kind in "fO":
         # numpy widens a mix of int64 and larger ints to float64 (or object), losing digits:
         # the elements themselves decide whether they are integers.
@@ -354,6 +379,12 @@ def _check_float_range(values: np.ndarray, cast: np.ndarray, code: int, name: st
             f"input {name!r}: {datatype_name(code)} values must lie within "
             f"+-{largest:g}, got {float(first)!r}"
         )
+
+
+def _holds_bool(data: list[Any]) -> bool:
+    if not data or not isinstance(data[0], list):
+        return bool in set(map(type, data))
+    return any(_holds_bool(row) for row in data)
 
 
 def _exact_integers(data: list[Any], values: np.ndarray) -> np.ndarray:
