@@ -126,6 +126,28 @@ def test_infer_errors_say_what_to_fix(
     assert code == 3 and "ferry serve" in one_error_line(err)
 
 
+def test_json_inputs_are_never_cast_to_other_numbers(
+    server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A plain cast sent 1.7 to the INT64 input as 1 and 1e300 to FP32 as inf, and answered;
+    an int past INT64 crashed with a traceback. The SDK's rules apply instead."""
+    t = ("--target", server.target)
+    cases = [
+        ({"a": [[1, 2, 3, 4]], "b": [[1.7, 1, 1, 1]]}, 1, "must be INT64"),
+        ({"a": [[1e300, 2, 3, 4]], "b": [[1, 1, 1, 1]]}, 2, "out of the model's float32 range"),
+        ({"a": [[1, 2, 3, 4]], "b": [[2**70, 1, 1, 1]]}, 2, "input 'b'"),
+        (
+            {"a": [[1, 2, 3, 4]], "b": {"data": [[300, 1, 1, 1]], "datatype": "INT8"}},
+            2,
+            "300 is out of the model's int8 range",
+        ),
+    ]
+    for doc, want, words in cases:
+        (tmp_path / "in.json").write_text(json.dumps(doc))
+        code, _, err = ferry(capsys, "infer", "two_io", "-i", str(tmp_path / "in.json"), *t)
+        assert (code, words in one_error_line(err)) == (want, True), (doc, code, err)
+
+
 def test_health(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
     t = ("--target", server.target)
     code, out, _ = ferry(capsys, "health", *t)

@@ -15,7 +15,7 @@ import pytest
 from helpers import make_repo, reference
 from serverutil import ServerThread
 
-from ferry.client import InferenceClient, InvalidInputError
+from ferry.client import InferenceClient, InferResult, InvalidInputError
 from ferry.client._requests import build_infer_request
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
@@ -170,6 +170,9 @@ def test_python_lists_take_the_model_dtype_but_arrays_are_not_cast(
         ("id_int64", [[2**63 - 1, 0]], None),
         ("id_fp16", [[1e6, 1.0]], r"1000000.0 is out of the model's float16 range"),
         ("id_fp16", [[float("inf"), 1.0]], None),  # inf is a value a float can be sent
+        # numpy reads a mix of ints past int64 and small ones as float64: the ints decide
+        ("id_uint64", [[2**64 - 1, 0]], None),
+        ("id_uint64", [[2**64, 0]], "18446744073709551616 is out of the model's uint64 range"),
     ],
 )
 def test_python_numbers_that_do_not_fit_the_model_dtype_are_refused_not_wrapped(
@@ -182,6 +185,20 @@ def test_python_numbers_that_do_not_fit_the_model_dtype_are_refused_not_wrapped(
             zoo_client.infer(model, {"input": values})
         return
     assert zoo_client.infer(model, {"input": values})["output"].tolist() == values
+
+
+def test_python_strings_keep_their_trailing_nuls(zoo_client: InferenceClient) -> None:
+    """numpy makes fixed-width str/bytes arrays of a list of strings, which drop trailing NULs:
+    "ab\\x00" went out as b"ab"."""
+    values = [["ab\x00", b"c\x00\x00", "\x00", ""]]
+    expected = [[b"ab\x00", b"c\x00\x00", b"\x00", b""]]
+    assert zoo_client.infer("id_bytes", {"input": values})["output"].tolist() == expected
+    with zoo_client.stream("id_bytes") as stream:
+        stream.submit({"input": values}, "s")
+        ((rid, result),) = list(stream.results())
+    assert isinstance(result, InferResult) and result["output"].tolist() == expected
+    with pytest.raises(InvalidInputError, match="element 1 is int"):
+        zoo_client.infer("id_bytes", {"input": [["a", 1]]})  # was sent as the string "1"
 
 
 def test_python_ints_in_range_take_an_unsigned_dtype(zoo_client: InferenceClient) -> None:
@@ -237,10 +254,23 @@ def test_bf16_round_trips_through_onnxruntime(tmp_path: Path) -> None:
     """onnxruntime's Python API takes BF16 only as an OrtValue and cannot return it as numpy:
     the session feeds bits and casts BF16 outputs through float32 (exact) and back."""
     import ml_dtypes
+    import torch
 
     root = make_repo(tmp_path / "repo", {"id_bf16": identity_model("BF16")})
     x = np.array([[1.5, -2.0, 3.25], [0.0, -0.0, 65280.0]], dtype=ml_dtypes.bfloat16)
+    # NaNs with payloads, signalling and quiet, and a subnormal and inf: a rounding cast back
+    # from float32 turned every NaN into the default one.
+    bits = np.array([[0x7FC1, 0x7F81, 0xFF81], [0xFFFF, 0x0001, 0x7F80]], np.uint16)
     with ServerThread(root) as srv, InferenceClient(srv.target) as client:
         out = client.infer("id_bf16", {"input": x})["output"]
+        odd = client.infer("id_bf16", {"input": bits.view(ml_dtypes.bfloat16)})["output"]
+        # numpy has no bfloat16, so torch's .numpy() refuses one: it goes by its bits
+        from_torch = client.infer(
+            "id_bf16", {"input": torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)}
+        )["output"]
+        with pytest.raises(InvalidInputError, match="layout torch.sparse_coo"):
+            client.infer("id_bf16", {"input": torch.zeros(2, 3).to_sparse()})
+    np.testing.assert_array_equal(from_torch.view(np.uint16), bits)
     assert out.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(out.view(np.uint16), x.view(np.uint16))
+    np.testing.assert_array_equal(odd.view(np.uint16), bits)

@@ -120,6 +120,26 @@ def test_refused_at_arrival_when_predicted_wait_exceeds_remaining_deadline() -> 
     arun(main)
 
 
+def test_a_deadline_shorter_than_one_run_is_deadline_exceeded_not_overload() -> None:
+    """Nothing queued, an instance free: the prediction is the request's own run, and a
+    RESOURCE_EXHAUSTED there sent clients to back off and retry a request no server could run."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        h = CostlyHandler(clock, fixed=0.010)
+        b = DynamicBatcher(h, max_batch_size=0, clock=clock, name="m/1")
+        await train(b, 1)
+        with pytest.raises(DeadlineExceeded) as refused:
+            await b.submit("short", deadline=clock.now + 0.004)
+        assert "one run takes 10.0 ms" in str(refused.value)
+        assert "4.0 ms remain; give it a longer deadline" in str(refused.value)
+        assert await b.submit("enough", deadline=clock.now + 0.020) is not None
+        assert "short" not in h.items
+        await b.close()
+
+    arun(main)
+
+
 def test_no_deadline_or_no_measurement_is_never_refused_by_prediction() -> None:
     async def main() -> None:
         clock = FakeClock()

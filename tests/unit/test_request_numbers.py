@@ -38,6 +38,7 @@ X = {"input": np.ones((1, 4), np.float32)}
         ({"timeout": float("inf")}, "timeout must be a finite number"),
         ({"timeout": -1.0}, "timeout must be a finite number"),
         ({"timeout": 1e20}, "timeout must be a finite number"),
+        ({"timeout": 1e10}, "timeout must be a finite number"),  # past gRPC's int64 deadline
         ({"timeout": 0}, "timeout must be a finite number of seconds > 0, or None"),
         ({"timeout": True}, "timeout must be a finite number"),
     ],
@@ -47,6 +48,14 @@ def test_out_of_range_numbers_are_refused(kwargs: dict[str, Any], words: str) ->
         encode_infer_request("m", X, **kwargs)
     with pytest.raises(InvalidInputError, match=re.escape(words)):
         build_infer_request("m", X, **kwargs)
+
+
+def test_a_budget_under_a_microsecond_is_one_not_none() -> None:
+    """int(9.99e-7 * 1e6) is 0, which the wire reads as "no deadline"."""
+    for encode in (encode_infer_request, build_infer_request):
+        request = encode("m", X, timeout=9.99e-7)
+        raw = request if isinstance(request, bytes) else request.SerializeToString()
+        assert pb.InferRequest.FromString(raw).timeout_us == 1
 
 
 def test_numbers_in_range_are_the_bytes_protobuf_writes() -> None:
@@ -70,6 +79,8 @@ def test_numbers_in_range_are_the_bytes_protobuf_writes() -> None:
         ("m", {"input": [[1.0, None]]}, {}, "input 'input'"),
         ("m", {"input": np.ones((1, 2), complex)}, {}, "input 'input'"),
         ("m", {"input": [[1.0], [1.0, 2.0]]}, {}, "input 'input'"),
+        ("m", {1: X["input"]}, {}, "input names must be str, got 1"),
+        ("m", X, {"outputs": ["\ud800"]}, "not encodable as UTF-8"),
     ],
 )
 def test_arguments_of_the_wrong_kind_are_invalid_input(
@@ -105,6 +116,23 @@ def test_a_call_refuses_timeout_zero_before_sending() -> None:
             lambda: client.stream("m", timeout=0),
         ):
             with pytest.raises(InvalidInputError, match="timeout must be a finite number"):
+                call()
+
+
+def test_wrong_arguments_are_refused_before_a_list_input_fetches_metadata() -> None:
+    """A list input makes the SDK ask the model's declared dtypes first: that call failed on a
+    bad model, version or inputs argument with AttributeError or TypeError before the arguments
+    were checked. No server listens here, so only the arguments can answer."""
+    lists = {"input": [[1.0, 2.0]]}
+    with InferenceClient("127.0.0.1:1", retry=None, timeout=5) as client:
+        for call, words in (
+            (lambda: client.infer("m", [lists["input"]]), "inputs must be a mapping"),
+            (lambda: client.infer(123, lists), "model must be a name (str)"),
+            (lambda: client.infer("m", lists, version=1.0), "version must be an int64"),
+            (lambda: client.infer("m", lists, version=True), "version must be an int64"),
+            (lambda: client.infer("m\ud800", lists), "not encodable as UTF-8"),
+        ):
+            with pytest.raises(InvalidInputError, match=re.escape(words)):
                 call()
 
 

@@ -94,8 +94,10 @@ def _jsonable(result: InferResult) -> dict[str, Any]:
     outputs = {}
     for name, arr in result.items():
         data = arr.tolist()
-        if arr.dtype == object:
-            data = [_element(v) for v in arr.reshape(-1).tolist()]
+        if arr.dtype == object:  # nested like the numbers: the shape of the tensor
+            flat = np.empty(arr.size, dtype=object)
+            flat[:] = [_element(v) for v in arr.reshape(-1).tolist()]
+            data = flat.reshape(arr.shape).tolist()
         outputs[name] = {
             "datatype": datatype_name(datatype_of(arr.dtype)),
             "shape": list(arr.shape),
@@ -104,10 +106,16 @@ def _jsonable(result: InferResult) -> dict[str, Any]:
     return {"model": result.model, "version": result.version, "id": result.id, "outputs": outputs}
 
 
+def _loadable(arr: np.ndarray) -> np.ndarray:
+    """What np.load gives back as numbers: bfloat16 (ml_dtypes, not numpy's own) was saved as
+    two raw bytes per element ('|V2'), so it is saved widened to float32, which is exact."""
+    return arr.astype(np.float32) if arr.dtype.name == "bfloat16" else np.asarray(arr)
+
+
 def _save(result: InferResult, path: Path) -> None:
     suffix = path.suffix.lower()
     if suffix == ".npz":
-        arrays: dict[str, Any] = {k: np.asarray(v) for k, v in result.items()}
+        arrays: dict[str, Any] = {k: _loadable(v) for k, v in result.items()}
         np.savez(path, **arrays)
     elif suffix == ".npy":
         if len(result) != 1:
@@ -115,7 +123,7 @@ def _save(result: InferResult, path: Path) -> None:
                 f"{path}: a .npy holds one array but the model returned {list(result)}: "
                 "use .npz, or pick one with --output NAME"
             )
-        np.save(path, np.asarray(next(iter(result.values()))))
+        np.save(path, _loadable(next(iter(result.values()))))
     elif suffix == ".json":
         path.write_text(json.dumps(_jsonable(result), indent=2))
     else:

@@ -116,7 +116,11 @@ class AsyncInferenceClient(InferenceClientBase):
         """Run one inference. ``timeout`` bounds the whole call (queueing and retries included);
         list and scalar inputs take the model's declared dtypes, as with the sync client."""
         self._connect()
-        dtypes = await self._input_dtypes(model, version) if needs_dtypes(inputs) else None
+        dtypes = (
+            await self._input_dtypes(model, version)
+            if needs_dtypes(inputs, model, version)
+            else None
+        )
         call = self._prepare_infer(
             model,
             inputs,
@@ -316,7 +320,7 @@ class AsyncInferStream(StreamState):
     ) -> str:
         """Send one request and return its id; see :meth:`InferStream.submit`."""
         dtypes = None
-        if self._dtypes is not None and needs_dtypes(inputs):
+        if self._dtypes is not None and needs_dtypes(inputs, self.model, self.version):
             dtypes = await self._dtypes()
         rid, request, encode = self._build(
             inputs, request_id, timeout=timeout, priority=priority, outputs=outputs, dtypes=dtypes

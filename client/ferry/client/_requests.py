@@ -23,6 +23,7 @@ from ferry.client._types import (
 )
 from ferry.codec import (
     CodecError,
+    DataType,
     datatype_from_name,
     datatype_name,
     decode_tensor,
@@ -59,9 +60,15 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
         raise CodecError(
             f"input {name!r}: cannot convert {type(value).__name__} to an array: {exc}"
         ) from None
-    if arr.dtype.kind == "U":
-        arr = arr.astype(object)
-    elif arr.dtype == object:
+    if arr.dtype.kind in "US":
+        # Built again as Python objects: numpy's fixed-width str/bytes drop trailing NULs, so
+        # "ab\x00" went out as b"ab". (An S or U array the caller built is theirs, as sent.)
+        arr = np.asarray(value, dtype=object)
+    if dtype is not None and dtype.kind in "iu" and arr.dtype.kind in "fO" and arr.size:
+        # numpy types a mix of ints past int64 and smaller ones as float64 (or objects):
+        # the ints themselves decide, so [2**64 - 1, 0] fits UINT64.
+        arr = _ints_as_declared(value, arr, dtype, name)
+    if arr.dtype == object:
         # numpy made Python objects of a list it could not type (a None, a ragged row, a
         # number beyond int64): such an array goes out as BYTES, so say what went wrong here
         # rather than "BYTES element 0 must be bytes".
@@ -77,6 +84,27 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
     elif dtype is not None and arr.dtype != dtype:
         arr = _as_declared(arr, dtype, name)
     return _within_a_message(arr, name)
+
+
+def _ints_as_declared(
+    value: ArrayLike, arr: np.ndarray, dtype: np.dtype[Any], name: str
+) -> np.ndarray:
+    """``value``'s Python ints in ``dtype`` when every element is an int within its range;
+    ``arr`` (numpy's reading of it) unchanged when some element is not an int."""
+    try:
+        values = np.asarray(value, dtype=object).reshape(-1).tolist()
+    except (TypeError, ValueError):
+        return arr
+    if not all(type(v) is int for v in values):
+        return arr
+    info = np.iinfo(dtype)
+    low, high = min(values), max(values)
+    if low < info.min or high > info.max:
+        worst = low if low < info.min else high
+        raise CodecError(
+            f"input {name!r}: {worst} is out of the model's {dtype} range {info.min}..{info.max}"
+        )
+    return np.array(values, dtype=dtype).reshape(arr.shape)
 
 
 def _as_declared(arr: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray:
@@ -138,12 +166,49 @@ def is_array(value: ArrayLike) -> bool:
 def as_array_fast(value: ArrayLike) -> np.ndarray:
     if isinstance(value, np.ndarray):
         return value
-    return value.detach().cpu().numpy()  # type: ignore[no-any-return]
+    return _from_torch(value)
 
 
-def needs_dtypes(inputs: Mapping[str, ArrayLike]) -> bool:
-    """Whether some input is a list or scalar, whose dtype must come from the model."""
-    return not all(is_array(v) for v in inputs.values())
+def _from_torch(tensor: Any) -> np.ndarray:
+    """A torch tensor's values. bfloat16 goes by its bits, since numpy has no bfloat16 of its
+    own and torch's ``.numpy()`` refuses it; a tensor torch cannot give numpy (sparse, meta,
+    quantized) is the caller's CodecError, not torch's own TypeError."""
+    t = tensor.detach()
+    try:
+        if str(t.dtype) == "torch.bfloat16":
+            bf16 = numpy_dtype(DataType.DATA_TYPE_BF16)  # CodecError without ml_dtypes
+            torch = sys.modules["torch"]  # the caller's: this module never imports it
+            return t.cpu().view(torch.int16).numpy().view(bf16)  # type: ignore[no-any-return]
+        return t.cpu().numpy()  # type: ignore[no-any-return]
+    except (TypeError, RuntimeError, NotImplementedError) as exc:
+        raise CodecError(
+            f"cannot take the values of a torch tensor of dtype {t.dtype} and layout "
+            f"{t.layout}: {str(exc).splitlines()[0][:200]}; give a dense CPU-convertible tensor "
+            "or a numpy array"
+        ) from None
+
+
+def needs_dtypes(inputs: Mapping[str, ArrayLike], model: object, version: object) -> bool:
+    """Whether some input is a list or scalar, whose dtype must come from the model. False for
+    arguments of the wrong kind, so that ``check_request`` refuses them next with
+    InvalidInputError, before a metadata call fails on them (AttributeError, TypeError)."""
+    if not isinstance(inputs, Mapping) or all(is_array(v) for v in inputs.values()):
+        return False
+    if not isinstance(model, str) or (not model.isascii() and not _encodable(model)):
+        return False
+    return version is None or (
+        isinstance(version, int)
+        and not isinstance(version, bool)
+        and _INT64[0] <= version <= _INT64[1]
+    )
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:  # a lone surrogate
+        return False
+    return True
 
 
 def input_dtypes(meta: ModelMetadata) -> dict[str, np.dtype[Any]]:
@@ -157,7 +222,9 @@ def input_dtypes(meta: ModelMetadata) -> dict[str, np.dtype[Any]]:
 
 
 _INT64 = (-(2**63), 2**63 - 1)
-MAX_TIMEOUT_S = 2**64 / 1e6  # timeout_us is a uint64
+# About 31 years. gRPC's deadline is nanoseconds since the epoch in an int64: past ~7e9 s it
+# overflowed and a call with timeout=1e10 failed at once with DEADLINE_EXCEEDED.
+MAX_TIMEOUT_S = 1e9
 
 
 def check_request(
@@ -176,6 +243,9 @@ def check_request(
         raise InvalidInputError(
             f"inputs must be a mapping of input name -> array, got {type(inputs).__name__}"
         )
+    for name in inputs:
+        if not isinstance(name, str):
+            raise InvalidInputError(f"input names must be str, got {name!r}"[:200])
     if outputs is not None and (
         isinstance(outputs, str | bytes)
         or not isinstance(outputs, Sequence)
@@ -212,15 +282,16 @@ def check_request_numbers(version: int | None, timeout: float | None, priority: 
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority < 2**32:
         raise InvalidInputError(f"priority must be an integer within 0..2**32-1, got {priority!r}")
     seconds = check_timeout(timeout)
-    return 0 if seconds is None else int(seconds * 1e6)
+    # At least 1 µs: a budget under a microsecond truncated to 0, the wire's "no deadline".
+    return 0 if seconds is None else max(1, int(seconds * 1e6))
 
 
 def check_timeout(timeout: object, error: type[Exception] = InvalidInputError) -> float | None:
     """None (no deadline) or a finite number of seconds > 0, the same for every call and client.
 
     Zero meant "no deadline" on a stream's request and "already late" on a unary call (grpc's
-    meaning), so ``timeout=0`` is refused everywhere rather than guessed. The bound is the wire's
-    (timeout_us is a uint64). ``error``: InvalidInputError for a call, ValueError for a client."""
+    meaning), so ``timeout=0`` is refused everywhere rather than guessed. The bound is
+    MAX_TIMEOUT_S. ``error``: InvalidInputError for a call, ValueError for a client."""
     if timeout is None:
         return None
     if (
@@ -257,17 +328,19 @@ def build_infer_request(
             encode_tensor(name, as_array(value, name, dtypes.get(name) if dtypes else None))
             for name, value in inputs.items()
         ]
+        return pb.InferRequest(
+            model=model,
+            version=version or 0,
+            id=request_id,
+            inputs=tensors,
+            outputs=list(outputs or ()),
+            timeout_us=timeout_us,
+            priority=priority,
+        )
     except CodecError as exc:  # an input the wire cannot carry: the caller's to fix
         raise InvalidInputError(_named(exc, inputs)) from None
-    return pb.InferRequest(
-        model=model,
-        version=version or 0,
-        id=request_id,
-        inputs=tensors,
-        outputs=list(outputs or ()),
-        timeout_us=timeout_us,
-        priority=priority,
-    )
+    except UnicodeEncodeError as exc:  # a name with a lone surrogate
+        raise InvalidInputError(f"a name is not encodable as UTF-8: {exc.reason}") from None
 
 
 def parse_infer_response(resp: pb.InferResponse, timings: Timings | None = None) -> InferResult:

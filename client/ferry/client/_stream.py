@@ -238,7 +238,11 @@ class InferStream(StreamState):
         ``timeout`` is this request's queueing + execution budget on the server. Raises
         InvalidInputError for an id already in flight, and the stream's error once it has ended.
         """
-        dtypes = self._dtypes() if self._dtypes is not None and needs_dtypes(inputs) else None
+        dtypes = (
+            self._dtypes()
+            if self._dtypes is not None and needs_dtypes(inputs, self.model, self.version)
+            else None
+        )
         rid, request, encode = self._build(
             inputs, request_id, timeout=timeout, priority=priority, outputs=outputs, dtypes=dtypes
         )

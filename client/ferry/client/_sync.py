@@ -96,7 +96,9 @@ class InferenceClient(InferenceClientBase):
         Inputs are numpy arrays, torch tensors, or Python lists and scalars; the latter take the
         dtype the model declares (fetched once per model), since numpy would guess float64.
         """
-        dtypes = self._input_dtypes(model, version) if needs_dtypes(inputs) else None
+        dtypes = (
+            self._input_dtypes(model, version) if needs_dtypes(inputs, model, version) else None
+        )
         call = self._prepare_infer(
             model,
             inputs,

@@ -62,12 +62,12 @@ def encode_infer_request(
         for name, value in inputs.items():
             array = as_array(value, name, dtypes.get(name) if dtypes else None)
             parts += tensor_field(_KEY4, name, array)  # the data referenced, not copied
+        for out in outputs or ():
+            parts += text_field(_KEY5, out)
     except CodecError as exc:  # an input the wire cannot carry: the caller's to fix
         raise InvalidInputError(_named(exc, inputs)) from None
     except UnicodeEncodeError as exc:  # a name with a lone surrogate
         raise InvalidInputError(f"a name is not encodable as UTF-8: {exc.reason}") from None
-    for out in outputs or ():
-        parts += text_field(_KEY5, out)
     if timeout_us:
         parts += [_KEY6, encode_varint(timeout_us)]
     if priority:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ferry.client._requests import as_array
 from ferry.client._types import ModelMetadata, TensorInfo
 from ferry.codec import CodecError, datatype_from_name, numpy_dtype
 
@@ -118,10 +119,12 @@ def _json_inputs(path: Path, meta: ModelMetadata | None) -> dict[str, np.ndarray
             datatype = info.datatype
         try:
             dtype = numpy_dtype(datatype_from_name(datatype)) if datatype else None
-            arr = np.asarray(data, dtype=dtype)
+            # The SDK's rules for Python values: cast only where every number fits, never a
+            # float to an integer (a plain cast sent 1.7 as 1, 1e300 as inf, 0.5 as true).
+            arr = as_array(data, name, dtype)
             if shape is not None:
                 arr = arr.reshape(_json_shape(shape, arr.size))
-        except (CodecError, TypeError, ValueError) as exc:
+        except (CodecError, TypeError, ValueError, OverflowError) as exc:
             raise InputError(f"{path}: input {name!r}: {exc}") from None
         out[name] = arr
     return out

@@ -10,6 +10,8 @@ work queued ahead of it, at its priority or better, spread over the instances, p
 execution, all predicted from the batches that ran) is refused at once with QueueFull
 (RESOURCE_EXHAUSTED) instead of being queued to be executed too late, and a queued request whose
 deadline comes before it could finish is dropped when batches form, so late work is never run.
+One that nothing is ahead of, whose deadline is shorter than its own run, is DeadlineExceeded
+instead: no backoff or other replica helps it, so it is not reported as overload.
 
 It is event driven: every decision is taken when something changes (a submit, a slot freeing, a
 timer firing, a caller going away), never by a polling loop, so an idle batcher costs nothing and a
@@ -240,6 +242,13 @@ class DynamicBatcher(Generic[T, R]):
             wait = self.predicted_wait(size, priority)
             if now + wait > deadline:
                 self.rejected += 1
+                own = self.service_time.predict(size)
+                if wait <= own:  # nothing ahead of it: the deadline, not the load, is the cause
+                    raise DeadlineExceeded(
+                        f"{self._label} cannot run this request within its deadline: one run "
+                        f"takes {own * 1000:.1f} ms (predicted from the runs so far) and "
+                        f"{(deadline - now) * 1000:.1f} ms remain; give it a longer deadline"
+                    )
                 raise QueueFull(
                     f"{self._label} cannot finish this request before its deadline: predicted "
                     f"wait {wait * 1000:.1f} ms ({self._depth} queued, {self._in_flight} running) "

@@ -102,6 +102,14 @@ def _with_bounds(session: Any, path: Path, specs: list[TensorSpec]) -> list[Tens
     return [dataclasses.replace(spec, bounds=out.get(spec.name, ())) for spec in specs]
 
 
+def _bf16_of_widened(values: np.ndarray, bf16: np.dtype[Any]) -> np.ndarray:
+    """The BF16 values a Cast to float32 widened, taken back by their upper 16 bits. Exact,
+    NaN payloads included: a rounding cast (ml_dtypes' astype) gave every NaN the one default
+    NaN, so a model's NaN bits came back changed."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    return (bits >> 16).astype(np.uint16).view(bf16)
+
+
 def _bf16_ortvalue(arr: np.ndarray) -> Any:
     """Feed a bfloat16 array by its bits: onnxruntime accepts BF16 only as an OrtValue."""
     contiguous = np.ascontiguousarray(arr)
@@ -381,7 +389,7 @@ class OrtSession:
             return outputs
         bf16 = numpy_dtype(DataType.DATA_TYPE_BF16)
         return [
-            out.astype(bf16) if name in self._bf16_outputs else out
+            _bf16_of_widened(out, bf16) if name in self._bf16_outputs else out
             for name, out in zip(names, outputs, strict=True)
         ]
 
