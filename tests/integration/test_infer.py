@@ -195,7 +195,7 @@ def test_python_strings_keep_their_trailing_nuls(zoo_client: InferenceClient) ->
     assert zoo_client.infer("id_bytes", {"input": values})["output"].tolist() == expected
     with zoo_client.stream("id_bytes") as stream:
         stream.submit({"input": values}, "s")
-        ((rid, result),) = list(stream.results())
+        ((_rid, result),) = list(stream.results())
     assert isinstance(result, InferResult) and result["output"].tolist() == expected
     with pytest.raises(InvalidInputError, match="element 1 is int"):
         zoo_client.infer("id_bytes", {"input": [["a", 1]]})  # was sent as the string "1"
@@ -268,7 +268,7 @@ def test_bf16_round_trips_through_onnxruntime(tmp_path: Path) -> None:
         from_torch = client.infer(
             "id_bf16", {"input": torch.from_numpy(bits.view(np.int16)).view(torch.bfloat16)}
         )["output"]
-        with pytest.raises(InvalidInputError, match="layout torch.sparse_coo"):
+        with pytest.raises(InvalidInputError, match=r"layout torch\.sparse_coo"):
             client.infer("id_bf16", {"input": torch.zeros(2, 3).to_sparse()})
     np.testing.assert_array_equal(from_torch.view(np.uint16), bits)
     assert out.dtype == ml_dtypes.bfloat16
