@@ -135,6 +135,7 @@ def test_a_deadline_shorter_than_one_run_is_deadline_exceeded_not_overload() -> 
         assert "4.0 ms remain; give it a longer deadline" in str(refused.value)
         assert await b.submit("enough", deadline=clock.now + 0.020) is not None
         assert "short" not in h.items
+        assert b.rejected == 0  # counted as queue full (ferry_rejected_total) it is not
         await b.close()
 
     arun(main)

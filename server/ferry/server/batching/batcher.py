@@ -241,7 +241,6 @@ class DynamicBatcher(Generic[T, R]):
         if deadline is not None and self.service_time.ready:
             wait = self.predicted_wait(size, priority)
             if now + wait > deadline:
-                self.rejected += 1
                 own = self.service_time.predict(size)
                 if wait <= own:  # nothing ahead of it: the deadline, not the load, is the cause
                     raise DeadlineExceeded(
@@ -249,6 +248,7 @@ class DynamicBatcher(Generic[T, R]):
                         f"takes {own * 1000:.1f} ms (predicted from the runs so far) and "
                         f"{(deadline - now) * 1000:.1f} ms remain; give it a longer deadline"
                     )
+                self.rejected += 1
                 raise QueueFull(
                     f"{self._label} cannot finish this request before its deadline: predicted "
                     f"wait {wait * 1000:.1f} ms ({self._depth} queued, {self._in_flight} running) "
