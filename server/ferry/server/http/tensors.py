@@ -335,7 +335,7 @@ def _from_json(
         raise _count_error(name, shape, count, values.size)
     wanted = TYPED[code][2] if code != _FP16 else np.dtype(np.float16)
     kind = values.dtype.kind
-    if count and code != _BOOL and kind in "iufO" and _holds_bool(data):
+    if count and code != _BOOL and kind in "iufO" and _holds_bool(data, values):
         # numpy reads [5, true, false] as [5, 1, 0]: a true or false among numbers is a
         # mistake of the client's, refused as an all-true/false list is.
         raise InvalidArgument(
@@ -381,10 +381,18 @@ def _check_float_range(values: np.ndarray, cast: np.ndarray, code: int, name: st
         )
 
 
-def _holds_bool(data: list[Any]) -> bool:
+def _holds_bool(data: list[Any], values: np.ndarray) -> bool:
+    """Whether a JSON true or false is among ``data``'s numbers. numpy read each as 1 or 0, so
+    with no 0 or 1 among ``values`` there is none, and the scan of every element is skipped."""
+    if values.dtype.kind in "iuf" and not ((values == 0) | (values == 1)).any():
+        return False
+    return _scan_bool(data)
+
+
+def _scan_bool(data: list[Any]) -> bool:
     if not data or not isinstance(data[0], list):
         return bool in set(map(type, data))
-    return any(_holds_bool(row) for row in data)
+    return any(_scan_bool(row) for row in data)
 
 
 def _exact_integers(data: list[Any], values: np.ndarray) -> np.ndarray:
