@@ -17,7 +17,7 @@ import pytest
 from asyncutil import FakeClock, arun, until
 
 from ferry.server.batching import batcher as batcher_module
-from ferry.server.batching.batcher import BatchInfo, DynamicBatcher
+from ferry.server.batching.batcher import BatchInfo, DynamicBatcher, Failed
 from ferry.server.errors import (
     DeadlineExceeded,
     InternalError,
@@ -630,6 +630,34 @@ def test_handler_exception_fans_out_to_its_batch_only() -> None:
         assert results[2:] == ["Y", "Z"]
         assert list(await asyncio.gather(b.submit("p"), b.submit("q"))) == ["P", "Q"]
         await b.close()
+
+    arun(main)
+
+
+def test_a_failed_result_is_its_item_s_alone() -> None:
+    """A handler may answer one item with Failed(error): that caller gets the error, the batch's
+    others their results (inline or queued alike)."""
+
+    async def main() -> None:
+        boom = ValueError("boom")
+
+        async def handler(items: Sequence[str], info: BatchInfo) -> list[str | Failed]:
+            return [Failed(boom) if s == "bad" else s.upper() for s in items]
+
+        b = DynamicBatcher(handler, max_batch_size=4, max_queue_delay=3600.0, clock=FakeClock())
+        tasks = [spawn(b, s) for s in ("x", "bad", "y", "z")]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        assert results == ["X", boom, "Y", "Z"]
+        await b.close()
+
+        def now(items: Sequence[str], info: BatchInfo) -> list[str | Failed]:
+            return [Failed(boom) if s == "bad" else s for s in items]
+
+        inline = DynamicBatcher(Handler(), max_batch_size=8, run_now=now)
+        with pytest.raises(ValueError, match="boom"):
+            await inline.submit("bad")
+        assert inline.in_flight == 0 and await inline.submit("ok") == "ok"
+        await inline.close()
 
     arun(main)
 

@@ -49,7 +49,7 @@ from ferry.server.errors import (
     Unavailable,
 )
 
-__all__ = ["BatchInfo", "DynamicBatcher"]
+__all__ = ["BatchInfo", "DynamicBatcher", "Failed"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -76,6 +76,15 @@ class BatchInfo:
 
     queue_ns: list[int]
     size: int
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """A handler's result for one item that failed on its own: that item's caller gets
+    ``error`` and the batch's other callers their results. Without it one item's failure is
+    every caller's (one exception for the whole batch)."""
+
+    error: Exception
 
 
 class _Entry(Generic[T, R]):
@@ -120,7 +129,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def __init__(
         self,
-        handler: Callable[[Sequence[T], BatchInfo], Awaitable[Sequence[R]]],
+        handler: Callable[[Sequence[T], BatchInfo], Awaitable[Sequence[R | Failed]]],
         *,
         max_batch_size: int,
         max_queue_delay: float = 0.0,
@@ -131,7 +140,7 @@ class DynamicBatcher(Generic[T, R]):
         clock: Callable[[], float] = time.monotonic,
         name: str = "",
         service_time: ServiceTime | None = None,
-        run_now: Callable[[Sequence[T], BatchInfo], Sequence[R] | None] | None = None,
+        run_now: Callable[[Sequence[T], BatchInfo], Sequence[R | Failed] | None] | None = None,
         preferred_sizes: Sequence[int] = (),
     ) -> None:
         label = f"batcher {name!r}" if name else "batcher"
@@ -315,6 +324,8 @@ class DynamicBatcher(Generic[T, R]):
             raise InternalError(
                 f"{self._label}: handler returned {len(results)} results for 1 item"
             )
+        if isinstance(results[0], Failed):
+            raise results[0].error
         return (results[0],)
 
     async def close(self, *, drain: bool = True) -> None:
@@ -463,7 +474,11 @@ class DynamicBatcher(Generic[T, R]):
                     entry.future.cancel()
                 raise
             for entry, result in zip(batch, results, strict=True):
-                if not entry.future.done():  # a caller cancelled mid-batch: drop its result
+                if entry.future.done():  # a caller cancelled mid-batch: drop its result
+                    continue
+                if isinstance(result, Failed):
+                    entry.future.set_exception(result.error)
+                else:
                     entry.future.set_result(result)
         finally:
             self._in_flight -= 1

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
 from ferry.codec import DataType, numpy_dtype
-from ferry.server.batching.batcher import BatchInfo, DynamicBatcher
+from ferry.server.batching.batcher import BatchInfo, DynamicBatcher, Failed
 from ferry.server.batching.tensors import split
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, apply_version_config
 from ferry.server.core.stats import VersionStats
@@ -88,7 +89,7 @@ class LoadedVersion:
 
     def _run_now(
         self, items: Sequence[Work], info: BatchInfo
-    ) -> list[dict[str, np.ndarray]] | None:
+    ) -> list[dict[str, np.ndarray] | Failed] | None:
         """The batch, run here and now on the event loop when it is predicted to take less than
         ``INLINE_NS``: handing it to a worker thread and back costs more than the work
         (measured: 30-140 us per hop against ~15-40 us for a tiny MLP). None: it is slower, or
@@ -98,7 +99,9 @@ class LoadedVersion:
         self.stats.record_queue(info.queue_ns)
         return self._finish(info, len(items), self._run_batch(items))
 
-    async def _execute(self, items: Sequence[Work], info: BatchInfo) -> list[dict[str, np.ndarray]]:
+    async def _execute(
+        self, items: Sequence[Work], info: BatchInfo
+    ) -> list[dict[str, np.ndarray] | Failed]:
         """Run one batch: inline when it is quick (``_run_now``), else on the execution pool so
         the loop stays free."""
         results = self._run_now(items, info)
@@ -110,8 +113,11 @@ class LoadedVersion:
         return self._finish(info, len(items), timed)
 
     def _finish(
-        self, info: BatchInfo, count: int, timed: tuple[list[dict[str, np.ndarray]], int, int, int]
-    ) -> list[dict[str, np.ndarray]]:
+        self,
+        info: BatchInfo,
+        count: int,
+        timed: tuple[list[dict[str, np.ndarray] | Failed], int, int, int],
+    ) -> list[dict[str, np.ndarray] | Failed]:
         results, t_in, t_infer, t_out = timed
         total = t_in + t_infer + t_out
         # Exponentially weighted per-item cost: follows the model's speed without being
@@ -122,7 +128,7 @@ class LoadedVersion:
 
     def _run_batch(
         self, items: Sequence[Work]
-    ) -> tuple[list[dict[str, np.ndarray]], int, int, int]:
+    ) -> tuple[list[dict[str, np.ndarray] | Failed], int, int, int]:
         """Worker thread: gather -> run -> check -> split, timing each stage."""
         t0 = time.perf_counter_ns()
         wanted = _union_outputs(items, self.output_names)
@@ -132,7 +138,17 @@ class LoadedVersion:
         # from one to the other.
         gathered = self.session.gather([w.inputs for w in items], self.input_names)
         t1 = time.perf_counter_ns()
-        outputs = self.session.run_gathered(gathered, wanted)
+        try:
+            outputs = self.session.run_gathered(gathered, wanted)
+        except Exception:
+            if len(items) == 1:
+                raise
+            # One request's values can fail the whole run (a token id past an embedding's
+            # table): each request runs again alone and gets its own answer or error, so one
+            # client's bad input is not every batched client's failure.
+            apart = [self._run_alone(w) for w in items]
+            t2 = time.perf_counter_ns()
+            return apart, t1 - t0, t2 - t1, 0
         t2 = time.perf_counter_ns()
         sizes = [w.batch for w in items]
         if self.max_batch_size > 0:
@@ -144,9 +160,16 @@ class LoadedVersion:
                         f"shape {list(out.shape)} for a batch of {total}: its first dimension "
                         "is not a batch dimension; set batching.max_batch_size = 0 in its config"
                     )
-        per_request = split(outputs, wanted, sizes)
+        per_request = cast("list[dict[str, np.ndarray] | Failed]", split(outputs, wanted, sizes))
         t3 = time.perf_counter_ns()
         return per_request, t1 - t0, t2 - t1, t3 - t2
+
+    def _run_alone(self, work: Work) -> dict[str, np.ndarray] | Failed:
+        try:
+            results, _, _, _ = self._run_batch((work,))
+        except Exception as exc:
+            return Failed(exc)
+        return results[0]
 
     def statistics(self) -> VersionStatistics:
         snapshot = self.stats.snapshot(

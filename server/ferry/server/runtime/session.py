@@ -27,6 +27,7 @@ from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.errors import InvalidArgument, Unavailable
 from ferry.server.runtime import instances, plans, rows, shared_weights
 from ferry.server.runtime import providers as provider_table
+from ferry.server.runtime.run_errors import REFUSED_INPUT, refused_input
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +381,10 @@ class OrtSession:
                 name: _bf16_ortvalue(arr) if name in self._bf16_inputs else arr
                 for name, arr in feeds.items()
             }
-        outputs: list[np.ndarray] = self._run(names, feeds)
+        try:
+            outputs: list[np.ndarray] = self._run(names, feeds)
+        except REFUSED_INPUT as exc:
+            raise refused_input(exc) from None
         return self.narrow(names, outputs)
 
     def narrow(self, names: Sequence[str], outputs: list[np.ndarray]) -> list[np.ndarray]:

@@ -69,6 +69,7 @@ import onnxruntime as ort
 from ferry.codec import DataType, numpy_dtype
 from ferry.server.errors import Unavailable
 from ferry.server.runtime import providers as provider_table
+from ferry.server.runtime.run_errors import REFUSED_INPUT, refused_input
 
 if TYPE_CHECKING:
     from ferry.server.runtime.session import OrtSession
@@ -175,7 +176,10 @@ class Stager:
             binding.clear_binding_outputs()
             for name in output_names:
                 binding.bind_output(name, self._device, self._device_id)
-            inner.run_with_iobinding(binding)
+            try:
+                inner.run_with_iobinding(binding)
+            except REFUSED_INPUT as exc:
+                raise refused_input(exc) from None
             if self._device == "cpu":
                 outputs = [value.numpy() for value in binding.get_outputs()]
             else:  # not run here: device -> host, into fresh arrays

@@ -1,0 +1,86 @@
+"""A run that onnxruntime refuses for a request's values: that request's INVALID_ARGUMENT, and
+only that request's, even when it was batched with others.
+
+A token id past an embedding's table fails the Gather: onnxruntime raises InvalidArgument. It was
+answered INTERNAL ("see the server log"), and every request batched with it failed the same way,
+so one client's bad id failed other clients' good requests. An ``ExecutionGate`` holds the single
+instance so that good and bad requests queue and run as one batch (a state the test sets up, not a
+timing).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnx
+import pytest
+from helpers import ExecutionGate, StartServer, make_repo, stats, wait_for, write_config
+from onnx import TensorProto, helper, numpy_helper
+from tritonclient.grpc import service_pb2 as kpb
+from tritonclient.grpc import service_pb2_grpc as kgrpc
+
+from ferry.client import InferenceClient, InvalidInputError, RetryPolicy
+
+TABLE = np.arange(100 * 4, dtype=np.float32).reshape(100, 4)
+
+
+def table_model() -> onnx.ModelProto:
+    """ids [batch, 3] (INT64) -> rows of a 100 x 4 table [batch, 3, 4], as nn.Embedding is."""
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], axis=0)],
+        "table",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["batch", 3, 4])],
+        initializer=[numpy_helper.from_array(TABLE, "table")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture
+def served(tmp_path: Path, start_server: StartServer):  # type: ignore[no-untyped-def]
+    root = make_repo(tmp_path / "repo", {"table": table_model()})
+    write_config(root, "table", {"batching": {"max_batch_size": 16}, "instances": {"count": 1}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60, retry=RetryPolicy.disabled()) as client:
+        yield srv, client
+
+
+def test_a_value_the_model_refuses_is_invalid_argument_on_every_protocol(served) -> None:  # type: ignore[no-untyped-def]
+    srv, client = served
+    with pytest.raises(InvalidInputError) as refused:
+        client.infer("table", {"ids": np.array([[1, 500, 2]], np.int64)})
+    assert "the model cannot run on this request's values" in str(refused.value)
+    assert "Gather" in str(refused.value)  # onnxruntime's words name the node and the bound
+    req = kpb.ModelInferRequest(model_name="table")
+    t = req.inputs.add()
+    t.name, t.datatype = "ids", "INT64"
+    t.shape.extend([1, 3])
+    req.raw_input_contents.append(np.array([[1, 500, 2]], np.int64).tobytes())
+    with grpc.insecure_channel(srv.target) as channel, pytest.raises(grpc.RpcError) as rpc:
+        kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(req, timeout=60)
+    assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    good = client.infer("table", {"ids": np.array([[1, 99, 2]], np.int64)})["rows"]
+    np.testing.assert_array_equal(good, TABLE[[[1, 99, 2]]])
+
+
+def test_a_bad_request_fails_alone_in_its_batch(served) -> None:  # type: ignore[no-untyped-def]
+    srv, client = served
+    ids = [np.array([[i, i + 1, 500 if i % 2 else 3]], np.int64) for i in range(8)]
+    with ExecutionGate(srv, "table") as gate, ThreadPoolExecutor(9) as pool:
+        held = pool.submit(client.infer, "table", {"ids": ids[0]})
+        gate.wait_entered()
+        queued = [pool.submit(client.infer, "table", {"ids": x}) for x in ids]
+        wait_for(lambda: stats(client, "table").queue_depth == len(ids), "all of them queued")
+        gate.release()
+        np.testing.assert_array_equal(held.result(60)["rows"], TABLE[ids[0]])
+        for i, (x, future) in enumerate(zip(ids, queued, strict=True)):
+            if i % 2:
+                with pytest.raises(InvalidInputError, match="cannot run on this request's values"):
+                    future.result(60)
+            else:
+                np.testing.assert_array_equal(future.result(60)["rows"], TABLE[x])
+    # The eight ran as one batch, which failed, then one by one: 1 + 1 + 8 runs.
+    assert gate.calls == 10
