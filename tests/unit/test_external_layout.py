@@ -102,3 +102,39 @@ def test_copy_gathers_several_data_files_into_one(tmp_path: Path) -> None:
     external.copy(source, target, external=True)
     assert [p.name for p in external.files(target)] == ["fp32.onnx", "fp32.onnx.data"]
     assert np.allclose(run(target), W)
+
+
+def test_provenance_is_stripped_at_every_depth_but_the_model_keeps_its_own() -> None:
+    """torch's exporter writes stack traces naming the exporter's files into node metadata: a
+    published model must not carry them, in its main graph, a branch's subgraph or a function."""
+    trace = onnx.StringStringEntryProto(key="pkg.torch.onnx.stack_trace", value="/home/me/x.py")
+    then = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["t"])],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1])],
+    )
+    then.node[0].metadata_props.append(trace)
+    branch = helper.make_node("If", ["c"], ["y"], then_branch=then, else_branch=then)
+    branch.metadata_props.append(trace)
+    local = helper.make_function(
+        "local", "f", ["a"], ["b"], [helper.make_node("Neg", ["a"], ["b"])], []
+    )
+    local.node[0].metadata_props.append(trace)
+    model = helper.make_model(
+        helper.make_graph(
+            [branch],
+            "g",
+            [
+                helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [1]),
+            ],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        ),
+        functions=[local],
+    )
+    model.metadata_props.add(key="ferry.dynamic_axes", value="{}")
+    assert graph.strip_provenance(model)
+    assert b"/home/me/x.py" not in model.SerializeToString()
+    assert [(p.key, p.value) for p in model.metadata_props] == [("ferry.dynamic_axes", "{}")]
+    assert not graph.strip_provenance(model)  # nothing left to strip

@@ -46,8 +46,41 @@ def prepare_publish(path: Path, metadata: dict[str, str]) -> list[str]:
     return unused
 
 
+def strip_provenance(model: onnx.ModelProto) -> bool:
+    """Drop the metadata_props of everything below the model itself (nodes, graphs, functions,
+    values, tensors, at any depth); return whether there were any. torch's exporter records
+    per-node provenance there: module paths and stack traces that name the files of whoever
+    exported the model, which a published model must not carry to every client, and which made
+    a small model's fp16 file larger than its fp32 one. The model's own metadata_props (where
+    Ferry keeps what the serving side reads) stay."""
+    changed = False
+    for step in onnx_safety.walk(model):
+        message = step.message
+        if message is model or "metadata_props" not in message.DESCRIPTOR.fields_by_name:
+            continue
+        if len(message.metadata_props):
+            del message.metadata_props[:]
+            changed = True
+    return changed
+
+
+def stripped_source(path: Path, scratch: Path) -> Path:
+    """An ONNX source without the exporter's provenance (``strip_provenance``), as a copy in
+    ``scratch``; ``path`` itself when it has none, or when its weights are external data (the
+    copy would lose its data files' relative paths: the published file is stripped anyway)."""
+    model = onnx.load(str(path), load_external_data=False)
+    if next(onnx_safety.external_tensors(model), None) is not None:
+        return path
+    if not strip_provenance(model):
+        return path
+    target = scratch / "source.onnx"
+    onnx.save(model, str(target))
+    return target
+
+
 def prepare_model(model: onnx.ModelProto, metadata: dict[str, str]) -> bool:
     """``prepare_publish`` on a loaded model; returns whether anything changed."""
+    stripped = strip_provenance(model)
     unused = onnx_safety.unused_opset_imports(model)
     metadata = {k: v for k, v in metadata.items() if v}
     if unused:
@@ -61,7 +94,7 @@ def prepare_model(model: onnx.ModelProto, metadata: dict[str, str]) -> bool:
             onnx.StringStringEntryProto(key=k, value=v) for k, v in props.items()
         )
     resorted = _sort_nodes(model.graph)
-    return bool(unused or metadata or resorted)
+    return bool(stripped or unused or metadata or resorted)
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> bool:

@@ -336,7 +336,9 @@ class Pipeline:
             self.report.export = ExportRecord(opset=self.source.opset)
             self.notes.append("an ONNX source keeps its own opset; spec.opset does not apply")
             self._verify_dims(self.source.onnx_path)
-            return self.source.onnx_path
+            # The variants are built from this file: without the exporter's provenance, their
+            # sizes are the model's (the fp32 variant loses it in graph optimization anyway).
+            return graph.stripped_source(self.source.onnx_path, self.scratch)
         from ferry.server.convert.worker import export
 
         target = self.scratch / "exported.onnx"
