@@ -106,6 +106,43 @@ def test_a_bert_serves_every_sequence_length_within_its_bounds(start: Start) -> 
             client.infer("bert", mixed)
 
 
+class Recurrent(torch.nn.Module):
+    """A GRU's states for every step and its last one: the exporter writes the example's length
+    into the first output's declared shape, though it follows the input's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = torch.nn.GRU(4, 6, batch_first=True)
+
+    def forward(self, x: Any) -> Any:
+        states, last = self.gru(x)
+        return states, last.transpose(0, 1)
+
+
+def test_an_output_that_follows_a_dynamic_axis_is_published_dynamic(start: Start) -> None:
+    """The published metadata said states was [-1, 12, 6] while every answer at another
+    length had that length: a client sizing buffers from the metadata was misled."""
+    torch.manual_seed(0)
+    module = Recurrent().eval()
+    srv, conv = start()
+    up = conv.upload(
+        "gru",
+        module,
+        example_inputs=torch.randn(2, 12, 4),
+        dynamic_axes={"x": {1: DynamicAxis("steps", min=1, max=30)}},
+    )
+    conv.convert(up, benchmark="off").wait(progress=False)
+    with InferenceClient(srv.target, timeout=60) as client:
+        shapes = {o.name: o.shape for o in client.model_metadata("gru").outputs}
+        assert list(shapes.values()) == [(-1, -1, 6), (-1, 1, 6)], shapes
+        x = torch.randn(2, 30, 4)
+        got = client.infer("gru", {"x": x.numpy()})
+        with torch.no_grad():
+            want = module(x)
+        for value, expected in zip(got.values(), want, strict=True):
+            np.testing.assert_allclose(value, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
 class FixedLength(torch.nn.Module):
     """Reshapes with a literal sequence length: it cannot be exported with that dim dynamic."""
 

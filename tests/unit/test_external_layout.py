@@ -138,3 +138,32 @@ def test_provenance_is_stripped_at_every_depth_but_the_model_keeps_its_own() -> 
     assert b"/home/me/x.py" not in model.SerializeToString()
     assert [(p.key, p.value) for p in model.metadata_props] == [("ferry.dynamic_axes", "{}")]
     assert not graph.strip_provenance(model)  # nothing left to strip
+
+
+def test_output_dims_that_varied_between_runs_are_published_symbolic() -> None:
+    from ferry.server.convert.worker import dims
+
+    seen = [[(1, 2, 6), (1, 6)], [(1, 30, 6), (1, 6)], [(8, 12, 6), (8, 6)]]
+    varying = dims.varying_axes(seen)
+    assert varying == {0: {0, 1}, 1: {0}}
+    graph_ = helper.make_graph(
+        [
+            helper.make_node("Identity", ["x"], ["states"]),
+            helper.make_node("Identity", ["h"], ["last"]),
+        ],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", 6]),
+            helper.make_tensor_value_info("h", TensorProto.FLOAT, ["N", 6]),
+        ],
+        [
+            helper.make_tensor_value_info("states", TensorProto.FLOAT, ["N", 12, 6]),
+            helper.make_tensor_value_info("last", TensorProto.FLOAT, ["N", 6]),
+        ],
+    )
+    assert graph.relax_outputs(graph_, varying)
+    dims_of = [
+        [d.dim_param or d.dim_value for d in o.type.tensor_type.shape.dim] for o in graph_.output
+    ]
+    assert dims_of == [["N", "states_dim1", 6], ["N", 6]]  # a named dim keeps its name
+    assert not graph.relax_outputs(graph_, varying)

@@ -63,16 +63,23 @@ def resized(inputs: list[InputSpec], sizes: dict[str, int]) -> list[InputSpec]:
     return out
 
 
-def verify(inputs: list[InputSpec], run: Callable[[dict[str, np.ndarray]], Any]) -> list[str]:
+def verify(
+    inputs: list[InputSpec],
+    run: Callable[[dict[str, np.ndarray]], Any],
+    seen: list[list[tuple[int, ...]]] | None = None,
+) -> list[str]:
     """Run the graph at both bounds of every declared axis (batch 1); return the report's note
-    naming the sizes it ran at. That the axes are symbolic is checked where the graph is read:
-    ``export.verify_batch`` for an export, ``load`` for an ONNX source."""
+    naming the sizes it ran at, and add each run's output shapes to ``seen``. That the axes are
+    symbolic is checked where the graph is read: ``export.verify_batch`` for an export, ``load``
+    for an ONNX source."""
     ran = []
     for sizes in probe_sizes(inputs):
         feed = generate(resized(inputs, sizes), 1, batched=True).arrays
         shown = ", ".join(f"{name}={size}" for name, size in sizes.items())
         try:
-            run(feed)
+            outputs = run(feed)
+            if seen is not None:
+                seen.append([tuple(np.shape(o)) for o in outputs])
         except Exception as exc:
             raise ConversionFailed(
                 f"the exported model fails at {shown} in onnxruntime ({first_line(exc)}): check "
@@ -82,3 +89,14 @@ def verify(inputs: list[InputSpec], run: Callable[[dict[str, np.ndarray]], Any])
     if not ran:
         return []
     return [f"dynamic axes verified: the model runs at {' and at '.join(ran)} (batch 1)"]
+
+
+def varying_axes(seen: list[list[tuple[int, ...]]]) -> dict[int, set[int]]:
+    """{output index: the axes whose size differed between the runs in ``seen``}: dims the
+    graph must not declare with a fixed size (an exporter may write the example's)."""
+    varying: dict[int, set[int]] = {}
+    for i, shapes in enumerate(zip(*seen, strict=True)) if seen else ():
+        for axis in range(min(len(s) for s in shapes)):
+            if len({s[axis] for s in shapes}) > 1:
+                varying.setdefault(i, set()).add(axis)
+    return varying

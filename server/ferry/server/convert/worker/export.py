@@ -191,7 +191,13 @@ def _export_error(dynamo: BaseException | None, legacy: BaseException, opset: in
     )
 
 
-def verify_batch(path: Path, source: Source, max_batch: int, threads: int) -> list[str]:
+def verify_batch(
+    path: Path,
+    source: Source,
+    max_batch: int,
+    threads: int,
+    seen: list[list[tuple[int, ...]]] | None = None,
+) -> list[str]:
     """Prove the batch dim and every declared dynamic axis symbolic, and the graph usable at
     both ends of the served batch range and of each axis's bounds (``dims.verify``); returns
     the report's notes."""
@@ -233,7 +239,9 @@ def verify_batch(path: Path, source: Source, max_batch: int, threads: int) -> li
                 f"the exported model's outputs at batch {batch} do not have the batch dim first "
                 f"({[list(np.shape(o)) for o in outputs]}): outputs must be [batch, ...]"
             )
-    return dynamic.verify(source.inputs, run)
+        if seen is not None:
+            seen.append([tuple(np.shape(o)) for o in outputs])
+    return dynamic.verify(source.inputs, run, seen)
 
 
 def example_inputs(source: Source) -> tuple[torch.Tensor, ...]:

@@ -78,9 +78,15 @@ def stripped_source(path: Path, scratch: Path) -> Path:
     return target
 
 
-def prepare_model(model: onnx.ModelProto, metadata: dict[str, str]) -> bool:
-    """``prepare_publish`` on a loaded model; returns whether anything changed."""
+def prepare_model(
+    model: onnx.ModelProto,
+    metadata: dict[str, str],
+    varying: dict[int, set[int]] | None = None,
+) -> bool:
+    """``prepare_publish`` on a loaded model, with the output dims ``varying`` names (output
+    index -> axes) made symbolic; returns whether anything changed."""
     stripped = strip_provenance(model)
+    relaxed = relax_outputs(model.graph, varying or {})
     unused = onnx_safety.unused_opset_imports(model)
     metadata = {k: v for k, v in metadata.items() if v}
     if unused:
@@ -94,7 +100,25 @@ def prepare_model(model: onnx.ModelProto, metadata: dict[str, str]) -> bool:
             onnx.StringStringEntryProto(key=k, value=v) for k, v in props.items()
         )
     resorted = _sort_nodes(model.graph)
-    return bool(stripped or unused or metadata or resorted)
+    return bool(stripped or relaxed or unused or metadata or resorted)
+
+
+def relax_outputs(graph: onnx.GraphProto, varying: dict[int, set[int]]) -> bool:
+    """Give each output dim in ``varying`` (output index -> axes) that the graph declares with
+    a fixed size a name instead; return whether any changed. torch's exporter can write the
+    example's length for an output that follows the input's (a GRU's sequence of states): the
+    published metadata then promised a size the answers did not have."""
+    changed = False
+    for index, axes in varying.items():
+        if index >= len(graph.output):
+            continue
+        value = graph.output[index]
+        dims = value.type.tensor_type.shape.dim
+        for axis in sorted(axes):
+            if axis < len(dims) and not dims[axis].dim_param:
+                dims[axis].dim_param = f"{value.name}_dim{axis}"  # clears dim_value (a oneof)
+                changed = True
+    return changed
 
 
 def _sort_nodes(graph: onnx.GraphProto) -> bool:

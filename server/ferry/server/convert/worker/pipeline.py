@@ -123,6 +123,9 @@ class Pipeline:
             benchmark=self.spec.benchmark,
         )
         self.notes = self.report.notes
+        # Output shapes of the runs that verified the batch and the dynamic axes: a dim that
+        # changed between them is published symbolic whatever the exporter wrote.
+        self.output_shapes: list[list[tuple[int, ...]]] = []
 
     # ---- progress ----
 
@@ -355,7 +358,9 @@ class Pipeline:
             self.report.export.exporter = result.exporter
             self.notes.extend(result.notes)
             self.notes.extend(
-                export.verify_batch(target, self.source, self.spec.max_batch_size, self.threads)
+                export.verify_batch(
+                    target, self.source, self.spec.max_batch_size, self.threads, self.output_shapes
+                )
             )
         return target
 
@@ -363,7 +368,7 @@ class Pipeline:
         """An ONNX source's declared dynamic axes run at both bounds (``worker.dims``)."""
         if any(spec.dynamic_axes for spec in self.source.inputs):
             run = parity.onnx_runner(path, self.threads, self.providers)
-            self.notes.extend(dims.verify(self.source.inputs, run))
+            self.notes.extend(dims.verify(self.source.inputs, run, self.output_shapes))
 
     def _quantize(self, base: Path, fp32: Variant) -> list[Variant]:
         spec = self.spec.quantization
@@ -524,7 +529,10 @@ class Pipeline:
         # model.onnx (+ model.onnx.data), declaring only the opsets it uses and carrying its
         # dynamic axes' bounds: a published file must upload again as it is.
         metadata = {dims.METADATA_KEY: dims.metadata(self.source.inputs)}
-        external.publish(chosen.path, self.work, lambda m: graph.prepare_model(m, metadata))
+        varying = dims.varying_axes(self.output_shapes)
+        external.publish(
+            chosen.path, self.work, lambda m: graph.prepare_model(m, metadata, varying)
+        )
         # The published files' size: preparing the graph changes it by a few hundred bytes, and
         # the report gave the candidate's, which no file in the repository had.
         if chosen.record.benchmark is not None:
