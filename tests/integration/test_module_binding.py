@@ -136,6 +136,25 @@ def test_a_key_that_is_not_a_parameter_is_refused_before_anything_is_sent(start:
     assert conv.list_jobs() == []
 
 
+class Echo(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 2)
+
+    def forward(self, x: Any) -> Any:
+        return {"logits": self.linear(x), "echo": x}
+
+
+def test_an_input_returned_unchanged_is_refused_with_the_fix(start: Start) -> None:
+    """The exporter renamed the graph's input ("x_orig"), and the refusal blamed example_inputs."""
+    _, conv = start()
+    with pytest.raises(
+        InvalidInputError, match=r"returns its input 'x' unchanged as output 'echo'"
+    ):
+        conv.upload("echo", Echo().eval(), example_inputs={"x": _rand(2, 3, seed=1)})
+    assert conv.list_uploads() == []
+
+
 def test_reference_outputs_from_swapped_inputs_fail_the_job(start: Start) -> None:
     torch.manual_seed(2)
     module = XY().eval()

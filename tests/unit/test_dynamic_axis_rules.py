@@ -122,3 +122,14 @@ def test_metadata_that_does_not_fit_the_graph_is_ignored(tmp_path: Path, metadat
     _graph(path, metadata)
     session = OrtSession(path, OnnxRuntimeConfig())
     assert session.inputs[0].bounds == ()
+
+
+def test_sample_sets_that_disagree_name_each_tensor() -> None:
+    """A model returning a [3] buffer beside its [4, 10] logits was refused with "[3, 4]" and no
+    name: which output lacks the batch dim is the thing to fix."""
+    tensors = validation.SpecTensors(
+        samples={"x": np.zeros((4, 8), np.float32)},
+        references={"logits": np.zeros((4, 10), np.float32), "prior": np.zeros(3, np.float32)},
+    )
+    with pytest.raises(InvalidArgument, match=r"\(3 in 'prior'; 4 in 'logits'\)"):
+        validation.validate_spec(ConversionSpec(), tensors, source_format="onnx")

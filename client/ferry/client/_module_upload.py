@@ -282,6 +282,7 @@ def from_module(
     if architecture:
         return _state_dict(torch, module, bound, result, samples=samples, axes=axes)
     outputs = flatten_outputs(torch, result)
+    _refuse_passed_through(bound, outputs)
     data, graph_inputs = _export(torch, module, bound, list(outputs), opset=opset, axes=axes)
     extras = {
         "inputs": tuple(_spec(name, samples[name], axes) for name in graph_inputs),
@@ -366,6 +367,21 @@ def _quiet() -> Iterator[None]:
 
 
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+
+
+def _refuse_passed_through(bound: Bound, outputs: Mapping[str, Any]) -> None:
+    """An input returned as it is cannot be exported under its output's name: ONNX names a
+    value once, so the exporter renamed the graph's input ("x" became "x_orig") and the upload
+    was refused as if example_inputs had named it wrongly."""
+    inputs = {id(value): name for name, value in bound.named.items()}
+    for out_name, value in outputs.items():
+        in_name = inputs.get(id(value))
+        if in_name is not None:
+            raise InvalidInputError(
+                f"the module returns its input {in_name!r} unchanged as output {out_name!r}, "
+                "which ONNX cannot name twice: return a copy (e.g. x.clone()) or leave that "
+                "output out"
+            )
 
 
 def _export(

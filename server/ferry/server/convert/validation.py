@@ -302,7 +302,7 @@ def _check_name(what: str, name: str) -> None:
 def _check_set(what: str, arrays: Mapping[str, np.ndarray], names: set[str]) -> None:
     if not arrays:
         return
-    counts = set()
+    counts: dict[int, list[str]] = {}
     for name, array in arrays.items():
         _check_name(f"{what} tensor", name)
         if names and name not in names:
@@ -311,10 +311,16 @@ def _check_set(what: str, arrays: Mapping[str, np.ndarray], names: set[str]) -> 
             raise InvalidArgument(
                 f"{what}: {name!r} must be a numeric tensor whose first dim counts samples"
             )
-        counts.add(array.shape[0])
+        counts.setdefault(array.shape[0], []).append(name)
     if len(counts) != 1:
-        raise InvalidArgument(f"{what}: tensors disagree on the sample count: {sorted(counts)}")
-    if not 1 <= counts.pop() <= MAX_SAMPLES:
+        each = "; ".join(
+            f"{n} in {', '.join(map(repr, names_))}" for n, names_ in sorted(counts.items())
+        )
+        raise InvalidArgument(
+            f"{what}: tensors disagree on the sample count ({each}): the first dim of each "
+            "counts samples, so an output without a batch dim cannot be compared per sample"
+        )
+    if not 1 <= next(iter(counts)) <= MAX_SAMPLES:
         raise InvalidArgument(f"{what}: the sample count must be within 1..{MAX_SAMPLES}")
     if names and set(arrays) != names:
         raise InvalidArgument(f"{what}: missing tensors for inputs {sorted(names - set(arrays))}")

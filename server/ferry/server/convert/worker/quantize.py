@@ -81,7 +81,10 @@ def choose(variants: list[VariantRecord], *, keep_slower: bool) -> tuple[Variant
     if not candidates:
         return fp32, f"no quantized variant is within the accuracy budget ({scores})"
     if keep_slower:
-        return max(candidates, key=_score), f"fastest within budget (keep_slower): {scores}"
+        return max(candidates, key=_score), (
+            f"fastest quantized variant within budget (keep_slower: fp32 is not a candidate, "
+            f"however fast): {scores}"
+        )
     faster = [v for v in candidates if _clearly_faster(v)]
     if faster:
         rule = f"at least {AUTO_MIN_SPEEDUP}x faster than fp32"
