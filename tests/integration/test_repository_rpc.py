@@ -198,6 +198,28 @@ def test_config_error_fails_the_model_naming_the_key(
         assert client.model_metadata("seed").batching.max_batch_size == 8
 
 
+def test_a_load_that_fails_is_an_error_though_the_old_load_serves(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A reload whose new config is broken answered OK (tritonclient's load_model returned),
+    so the caller believed it live; the reason showed only in the index."""
+    root = make_repo(tmp_path / "repo", {"seed": seed_model()})
+    srv = start_server(root)
+    with (
+        InferenceClient(srv.target, timeout=30) as client,
+        RepositoryClient(srv.management_target) as repo,
+    ):
+        write_config(root, "seed", {"batching": {"max_batch_sise": 8}})
+        with pytest.raises(FailedPreconditionError) as failed:
+            repo.load_model("seed")
+        assert "did not load as asked" in str(failed.value)
+        assert "max_batch_sise" in str(failed.value)
+        assert "version(s) 1 keep serving as before" in str(failed.value)
+        assert client.infer("seed", SEED_IN).version == 1
+        (status,) = client.list_models("seed")
+        assert status.state == "READY" and "still serving previous load" in status.reason
+
+
 def test_model_without_a_batch_dimension(tmp_path: Path, start_server: StartServer) -> None:
     root = make_repo(
         tmp_path / "repo",

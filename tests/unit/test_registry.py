@@ -176,6 +176,37 @@ def test_config_error_fails_the_model_with_the_key_and_a_fix_recovers_it(
     arun(main)
 
 
+def test_a_broken_config_edit_leaves_a_served_model_serving(repo: ModelRepository) -> None:
+    """A typo in a served model's config took it down (unloaded, FAILED) on the next refresh;
+    as in Triton, a reload that fails leaves what was loaded serving, and says why."""
+    write_model(repo, "seed", seed_model())
+    _config(repo, "seed", {"batching": {"max_batch_size": 4}})
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        served = registry.get("seed")
+        _config(repo, "seed", {"batching": {"max_batch_sise": 8}})
+        result = await registry.refresh(retry_failed=False)
+        assert result.failed == ["seed/1: " + registry.models["seed"].config_error]
+        assert "max_batch_sise" in result.failed[0]
+        assert result.unloaded == [] and registry.get("seed") is served
+        (status,) = registry.statuses("seed")
+        assert status.state is State.READY
+        assert status.reason.startswith("reload failed, still serving previous load:")
+        assert served.max_batch_size == 4 and not served.batcher.closed
+        # Polls that find the same broken file say nothing new; an explicit retry does.
+        assert (await registry.refresh(retry_failed=False)).failed == []
+        assert len((await registry.load_model("seed")).failed) == 1
+        _config(repo, "seed", {"batching": {"max_batch_size": 8}})
+        assert (await registry.refresh(retry_failed=False)).loaded == ["seed/1"]
+        assert registry.get("seed").max_batch_size == 8
+        assert registry.statuses("seed")[0].reason == ""
+        await registry.close()
+
+    arun(main)
+
+
 def test_config_change_reloads_a_ready_version(repo: ModelRepository) -> None:
     write_model(repo, "seed", seed_model())
 

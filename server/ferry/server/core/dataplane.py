@@ -234,6 +234,15 @@ class DataPlane:
                 or "it has no version folder (<model>/<N>/model.onnx) the version policy selects"
             )
             raise FailedPrecondition(f"model {name!r} has no version ready after loading: {why}")
+        if outcome.failed:
+            # Some version did not load as asked (a broken config edit, a session that would
+            # not open, a new version that fails): the load failed, as Triton's does, though
+            # the versions named here keep serving what they served before.
+            ready = ", ".join(str(v) for v in entry.ready_versions())
+            raise FailedPrecondition(
+                f"model {name!r} did not load as asked: {'; '.join(outcome.failed)}; "
+                f"version(s) {ready} keep serving as before"
+            )
         return outcome
 
     async def unload(self, model: str) -> RepositoryOutcome:

@@ -433,7 +433,13 @@ class ModelRegistry:
         )
         config_changed = scan.config_signature != entry.config_signature
         if config_changed:
-            entry.config, entry.config_error = scan.config, scan.config_error
+            if scan.config_error and any(s.loaded is not None for s in entry.versions.values()):
+                # A broken edit of a served model's config: its versions keep serving with the
+                # config they were opened with (a typo on disk took a live model down), and
+                # the error says why the edit did not apply.
+                entry.config_error = scan.config_error
+            else:
+                entry.config, entry.config_error = scan.config, scan.config_error
             entry.config_signature = scan.config_signature
         on_disk = scan.on_disk
         if scan.rollout_signature != entry.rollout_signature:
@@ -454,15 +460,25 @@ class ModelRegistry:
             slot = entry.versions.get(v)
             sig = scan.signatures.get(v)
             if entry.config_error:
+                failure = f"{name}/{v}: {entry.config_error}"
+                if slot is not None and slot.loaded is not None:
+                    kept = f"reload failed, still serving previous load: {entry.config_error}"
+                    if slot.reason != kept:
+                        log.warning("model %s version %s: %s", name, v, kept)
+                        slot.reason = kept
+                        result.failed.append(failure)
+                    elif retry_failed:  # asked again: the answer is the same failure
+                        result.failed.append(failure)
+                    continue
                 if (
                     slot is None
                     or slot.state is not State.FAILED
                     or slot.reason != entry.config_error
                 ):
-                    if slot is not None and slot.loaded is not None:
-                        await self._unload_version(entry, v, result)
                     entry.versions[v] = VersionSlot(v, State.FAILED, entry.config_error, None, sig)
-                    result.failed.append(f"{name}/{v}: {entry.config_error}")
+                    result.failed.append(failure)
+                elif retry_failed:
+                    result.failed.append(failure)
                 continue
             # A changed config reloads every selected version: the ready ones to apply it, the
             # failed ones because the config may have been why they failed.
