@@ -10,8 +10,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 from helpers import StartServer, make_repo, write_config
+from onnx import TensorProto, helper
 from serverutil import ServerThread
 
 from ferry.client import (
@@ -218,6 +220,31 @@ def test_a_load_that_fails_is_an_error_though_the_old_load_serves(
         assert client.infer("seed", SEED_IN).version == 1
         (status,) = client.list_models("seed")
         assert status.state == "READY" and "still serving previous load" in status.reason
+
+
+def _identity(shape: list[int] | None) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shape)],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_input_of_unknown_rank_is_refused_at_load_not_served_as_a_scalar(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """onnxruntime reports no shape as rank 0: the model was READY and refused every tensor
+    ("must have shape [], got [2, 3]"). A real scalar input still serves."""
+    root = make_repo(tmp_path / "repo", {"anyrank": _identity(None), "scalar": _identity([])})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=30) as client:
+        (status,) = client.list_models("anyrank")
+        assert status.state == "FAILED"
+        assert "input 'x' declares no shape, so its rank is unknown" in status.reason
+        x = np.float32(2.5)
+        assert client.infer("scalar", {"x": x})["y"] == x
 
 
 def test_model_without_a_batch_dimension(tmp_path: Path, start_server: StartServer) -> None:

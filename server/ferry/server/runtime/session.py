@@ -70,6 +70,25 @@ def _spec(node: Any) -> TensorSpec:
     return TensorSpec(node.name, dtype, shape)
 
 
+def _refuse_unknown_rank(path: Path, inputs: list[TensorSpec]) -> None:
+    """onnxruntime reports an input the graph gives no shape at all (rank unknown) as rank 0,
+    so it was served as a scalar and every real tensor was refused. Only the graph tells the
+    two apart; it is read (without weights) only when some input looks like a scalar."""
+    if not any(spec.shape == () for spec in inputs):
+        return
+    import onnx  # the graph only, and only for this rare case
+
+    graph = onnx.load(os.fspath(path), load_external_data=False).graph
+    for value in graph.input:
+        tensor = value.type.tensor_type
+        if value.type.HasField("tensor_type") and not tensor.HasField("shape"):
+            raise InvalidArgument(
+                f"input {value.name!r} declares no shape, so its rank is unknown: Ferry checks "
+                "and batches requests by their inputs' rank; give it a shape in the graph (its "
+                "dims may be symbolic, e.g. ['batch', 'n'])"
+            )
+
+
 def _with_bounds(session: Any, path: Path, specs: list[TensorSpec]) -> list[TensorSpec]:
     """``specs`` with the bounds a converted version was verified at (model metadata written
     at publish). A file whose entry does not parse, or names dims the graph does not leave
@@ -326,6 +345,7 @@ class OrtSession:
         self.inputs = _with_bounds(
             self.session, path, [_spec(n) for n in self.session.get_inputs()]
         )
+        _refuse_unknown_rank(path, self.inputs)
         self.outputs = [_spec(n) for n in self.session.get_outputs()]
         self._bf16_inputs = {s.name for s in self.inputs if s.dtype == DataType.DATA_TYPE_BF16}
         self._bf16_outputs = {s.name for s in self.outputs if s.dtype == DataType.DATA_TYPE_BF16}
