@@ -11,7 +11,7 @@ import pytest
 import tritonclient.grpc as tg
 from kserve_common import DATATYPES, identity_name
 from serverutil import ServerThread
-from tritonclient.grpc import service_pb2
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from ferry.client import InferenceClient
@@ -263,3 +263,36 @@ def test_stream_error_in_the_middle_keeps_the_stream_open(
         np.testing.assert_array_equal(result.as_numpy("output"), x * 3)
     finally:
         triton.stop_stream()
+
+
+def test_every_stream_response_says_it_is_final(
+    triton: tg.InferenceServerClient, kserve_server: ServerThread
+) -> None:
+    """Triton marks each stream response that completes its request with the parameter
+    triton_final_response; clients (enable_empty_final_response callers, Triton-based services)
+    wait for it, and waited forever on Ferry, which sent none."""
+    received: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    x = np.ones((1, 4), np.float32)
+    triton.start_stream(callback=lambda result, error: received.put((result, error)))
+    try:
+        triton.async_stream_infer(
+            identity_name("FP32"),
+            [_input("input", x, "FP32")],
+            request_id="ok",
+            enable_empty_final_response=True,
+        )
+        result, error = received.get(timeout=WAIT)
+        assert error is None
+        response = result.get_response()
+        assert response.id == "ok"
+        assert response.parameters["triton_final_response"].bool_param is True
+        np.testing.assert_array_equal(result.as_numpy("output"), x)
+    finally:
+        triton.stop_stream()
+    with grpc.insecure_channel(kserve_server.target) as channel:
+        bad = service_pb2.ModelInferRequest(model_name="no_such_model", id="missing")
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        (answer,) = stub.ModelStreamInfer(iter([bad]), timeout=30)
+    assert answer.error_message.startswith("[StatusCode.NOT_FOUND]")
+    assert answer.infer_response.id == "missing"
+    assert answer.infer_response.parameters["triton_final_response"].bool_param is True

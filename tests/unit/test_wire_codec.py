@@ -87,8 +87,10 @@ def test_oip_response_bytes_equal_protobuf(result: InferenceResult) -> None:
     data = encode_oip_response(result.model, version, result.id, result.outputs)
     assert data == expected.SerializeToString()
     stream = encode_oip_stream_result(result.model, version, result.id, result.outputs)
+    expected.parameters["triton_final_response"].bool_param = True  # each is its request's last
     wrapped = kpb.ModelStreamInferResponse(infer_response=expected)
     assert stream == wrapped.SerializeToString()
+    del expected.parameters["triton_final_response"]
     assert kpb.ModelInferResponse.FromString(data) == expected
 
 

@@ -159,11 +159,25 @@ def _oip_output_head(name: str, code: int, shape: tuple[int, ...]) -> bytes:
     return b"\x2a" + encode_varint(len(body)) + body
 
 
+# ``parameters`` (4) {"triton_final_response": InferParameter{bool_param: true}}: what Triton
+# puts on every stream response that completes its request, success or failure. Clients loop
+# until they see it (tritonclient's ``enable_empty_final_response`` callers, Triton-based
+# services), so without it they waited forever. Each of Ferry's stream responses is its
+# request's last (no decoupled models).
+OIP_FINAL_RESPONSE = b"\x22\x1b\x0a\x15triton_final_response\x12\x02\x08\x01"
+
+
 def oip_response_parts(
-    model: str, version: str, request_id: str, outputs: Mapping[str, np.ndarray]
+    model: str,
+    version: str,
+    request_id: str,
+    outputs: Mapping[str, np.ndarray],
+    *,
+    final: bool = False,
 ) -> list[Chunk]:
     """Open Inference Protocol ``ModelInferResponse`` (1 model_name, 2 model_version, 3 id,
-    5 outputs, 6 raw_output_contents), every output as raw contents, unjoined."""
+    4 parameters with ``final``, 5 outputs, 6 raw_output_contents), every output as raw
+    contents, unjoined."""
     parts: list[Chunk] = []
     if model:
         parts += text_field(b"\x0a", model)
@@ -171,6 +185,8 @@ def oip_response_parts(
         parts += text_field(b"\x12", version)
     if request_id:
         parts += text_field(b"\x1a", request_id)
+    if final:
+        parts.append(OIP_FINAL_RESPONSE)
     raws: list[Chunk] = []
     for name, array in outputs.items():
         code, shape, data = payload(array)
@@ -191,5 +207,7 @@ def encode_oip_response(
 def encode_oip_stream_result(
     model: str, version: str, request_id: str, outputs: Mapping[str, np.ndarray]
 ) -> bytes:
-    """The serialized ``ModelStreamInferResponse`` carrying a result (2 infer_response)."""
-    return b"".join(message_field(b"\x12", oip_response_parts(model, version, request_id, outputs)))
+    """The serialized ``ModelStreamInferResponse`` carrying a result (2 infer_response), marked
+    as its request's final response."""
+    parts = oip_response_parts(model, version, request_id, outputs, final=True)
+    return b"".join(message_field(b"\x12", parts))

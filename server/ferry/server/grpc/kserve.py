@@ -198,12 +198,15 @@ class KServeServicer:
                 code, message, _ = status_of(exc)
                 # The stream has no status per message, so the code leads the text, in the form
                 # tritonclient gives its unary errors.
-                return pb.ModelStreamInferResponse(
+                failed = pb.ModelStreamInferResponse(
                     error_message=f"[StatusCode.{code.name}] {message}",
                     infer_response=pb.ModelInferResponse(
                         model_name=msg.model_name, model_version=msg.model_version, id=msg.id
                     ),
                 )
+                # The request's last response, as a success's is (codec OIP_FINAL_RESPONSE).
+                failed.infer_response.parameters["triton_final_response"].bool_param = True
+                return failed
 
         async for response in self.dataplane.stream(request_iterator, respond):
             yield response
