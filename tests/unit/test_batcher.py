@@ -291,6 +291,30 @@ def test_delay_counts_from_oldest_item_on_injected_clock() -> None:
     arun(main)
 
 
+def test_a_partial_batch_goes_when_a_deadline_would_otherwise_pass() -> None:
+    """A lone request under a queue delay longer than its time left (the server's default
+    timeout of 10 s against a 12 s delay) expired waiting for company and never ran."""
+
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        h = Handler()
+        b = DynamicBatcher(h, max_batch_size=8, max_queue_delay=12.0, clock=clock)
+        task = spawn(b, "a", deadline=10.0)
+        await until(lambda: b.queue_depth == 1)
+        assert h.batches == []
+        clock.now = 9.0  # a second to go: company may still come
+        b._pump()
+        assert h.batches == []
+        clock.now = 9.999  # past the last start its deadline allows (10 s - run - margin)
+        b._pump()
+        await task
+        assert h.batches == [["a"]]
+        await b.close()
+        assert live_timers(b) == []
+
+    arun(main)
+
+
 def test_delay_follows_oldest_across_priorities_and_cancellation() -> None:
     async def main() -> None:
         clock = FakeClock(0.0)

@@ -4,6 +4,7 @@ then command-line flags (flags win). Each field documents what it controls."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
@@ -11,6 +12,43 @@ from typing import Any
 
 MiB = 1 << 20
 LOG_FORMATS = ("text", "json")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+INT32_MAX = 2**31 - 1  # gRPC's channel arguments are C ints
+# More workers than this per core only contend for the cores; far more (a typo's 100000)
+# started processes until the host stalled.
+WORKERS_PER_CORE = 4
+
+# The range of every number a setting takes: (low, high), either None for unbounded; floats
+# must also be finite. Outside it a value was taken as something else without a word (a
+# negative port as "disabled", --poll-interval nan as "never", --max-message-bytes -1 as
+# unlimited on gRPC and "over the limit" on HTTP) or failed later with a traceback (a port past
+# 65535, a negative --max-stream-in-flight), so it is refused at start, naming the setting.
+RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "port": (0, 65535, "0 picks a free one"),
+    "management_port": (-1, 65535, "0 picks a free one, -1 disables it"),
+    "http_port": (-1, 65535, "0 picks a free one, -1 disables it"),
+    "management_http_port": (-1, 65535, "0 picks a free one, -1 disables it"),
+    "metrics_port": (-1, 65535, "0 picks a free one, -1 disables it"),
+    "poll_interval": (0, None, "0: scan only on request"),
+    "grace_period": (0, None, "seconds"),
+    "default_request_timeout": (0, None, "0: no bound"),
+    "max_message_bytes": (4096, INT32_MAX, "bytes"),
+    "max_stream_in_flight": (1, None, "requests"),
+    "max_request_inputs": (1, None, "tensors"),
+    "max_request_outputs": (1, None, "tensors"),
+    "max_request_elements": (1, None, "elements"),
+    "max_request_batch_size": (0, None, "0: each model's max_batch_size only"),
+    "max_concurrent_streams": (1, INT32_MAX, "calls per connection"),
+    "max_pending_calls": (0, INT32_MAX, "0: grpc's default"),
+    "max_upload_bytes": (1, None, "bytes"),
+    "upload_retention_bytes": (0, None, "0: no limit"),
+    "upload_retention_seconds": (0, None, "0: no age limit"),
+    "max_concurrent_conversions": (1, None, "processes"),
+    "max_queued_conversions": (0, None, "jobs"),
+    "conversion_timeout": (0, None, "0: no limit"),
+    "conversion_memory_bytes": (0, None, "0: none"),
+    "external_data_threshold_bytes": (1, None, "bytes"),
+}
 
 
 class SettingsError(ValueError):
@@ -274,11 +312,18 @@ class Settings:
             raise SettingsError(
                 f"log_format {self.log_format!r}: use one of {', '.join(LOG_FORMATS)}"
             )
-        if self.max_pending_calls < 0:
-            raise SettingsError(
-                f"max_pending_calls {self.max_pending_calls}: use 0 (grpc's default) or a "
-                "positive count of calls"
-            )
+        if str(self.log_level).upper() not in LOG_LEVELS:
+            raise SettingsError(f"log_level {self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
+        for name, (low, high, meaning) in RANGES.items():
+            _check_range(name, getattr(self, name), low, high, meaning)
+        most = WORKERS_PER_CORE * (os.cpu_count() or 1)
+        _check_range(
+            "workers",
+            self.workers,
+            0,
+            most,
+            f"0: one per usable core; at most {WORKERS_PER_CORE} per core of this host",
+        )
         check_settings(self)
 
     @classmethod
@@ -294,6 +339,16 @@ class Settings:
             return cls(**values)
         except ValueError as exc:  # a settings rule (security.check_settings)
             raise SettingsError(str(exc)) from None
+
+
+def _check_range(
+    name: str, value: Any, low: float | None, high: float | None, meaning: str
+) -> None:
+    ok = not isinstance(value, float) or math.isfinite(value)
+    ok = ok and (low is None or value >= low) and (high is None or value <= high)
+    if not ok:
+        span = f"{low if low is not None else '-inf'}..{high if high is not None else 'inf'}"
+        raise SettingsError(f"{name} {value!r} is outside {span} ({meaning}); set it within")
 
 
 def _convert(type_name: Any, raw: str, where: str) -> Any:

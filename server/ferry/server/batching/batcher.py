@@ -53,6 +53,9 @@ __all__ = ["BatchInfo", "DynamicBatcher", "Failed"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+# Seconds a batch waiting for company is sent ahead of the last moment its earliest deadline
+# allows (the timer and the loop are not punctual).
+_START_MARGIN = 0.002
 
 # An entry's life: queued, then either dispatched to a handler or gone (cancelled, expired, or
 # failed at close). Entries leave their deque lazily, so the state is what says whether they count.
@@ -377,6 +380,13 @@ class DynamicBatcher(Generic[T, R]):
         else:
             oldest = min(self._queues[p][0].enqueued for p in self._prios)
         target = oldest + self._max_queue_delay
+        # Company is not worth a caller's deadline: the batch goes, partial, when one of its
+        # requests must start to finish in time. A lone request under a delay near its timeout
+        # (the server's default one included) expired waiting for company, never run.
+        run = self.service_time.predict(units) + _START_MARGIN
+        for entry in self._queued():
+            if entry.key == head.key and entry.deadline is not None:
+                target = min(target, entry.deadline - run)
         return target if now < target else None
 
     def _arm_flush(self, target: float, now: float) -> None:
