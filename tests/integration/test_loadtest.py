@@ -14,6 +14,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from serverutil import ServerThread
+
 from ferry.client import InferenceClient, InvalidInputError, ModelNotFoundError
 from ferry.client.loadtest import (
     InputError,
@@ -63,6 +65,18 @@ def test_closed_loop_sweep(server: Any, mode: str, protocol: str) -> None:
         check_level(lv, 60)
 
 
+def test_the_server_split_sums_every_target(server: Any, repo_path: Path) -> None:
+    """With two targets one balanced client asked one server before a level and the other after,
+    and the split subtracted two servers' counters (negative requests and compute)."""
+    with ServerThread(repo_path) as other, InferenceClient(other.target, timeout=30) as client:
+        for _ in range(50):  # counters the two servers do not share
+            client.infer("mlp", {"input": np.ones((1, 64), np.float32)})
+        target = f"{server.target},{other.target}"
+        report = run(config(server, target=target, concurrency=(2,), requests=80), progress=False)
+    (level,) = report.levels
+    check_level(level, 80)
+
+
 def test_open_loop_poisson_with_warmup(server: Any) -> None:
     report = run(
         config(server, rate=(400.0,), arrival="poisson", requests=50, warmup=0.05), progress=False
@@ -102,8 +116,10 @@ def test_inputs_from_the_caller_and_the_batch_size(server: Any) -> None:
 
 
 def test_a_bad_probe_fails_fast_with_the_servers_reason(server: Any) -> None:
-    with pytest.raises(InvalidInputError, match="input"):
-        run(config(server, inputs={"input": np.ones((1, 5), np.float32)}), progress=False)
+    wrong = {"input": np.ones((1, 5), np.float32)}
+    for protocol in ("ferry", "kserve"):  # kserve ran a whole level of errors first
+        with pytest.raises(InvalidInputError, match="input"):
+            run(config(server, inputs=wrong, protocol=protocol), progress=False)
     with pytest.raises(ModelNotFoundError):
         run(LoadTestConfig("nope", target=server.target, requests=5), progress=False)
 

@@ -43,3 +43,77 @@ def test_the_table_json_and_csv_carry_it() -> None:
     assert saved["client_cpu"] == 0.25 and round(saved["client_cpu_us_per_request"]) == 500
     (csv_row,) = csv.DictReader(io.StringIO(report.to_csv()))
     assert csv_row["client_cpu"] == "0.250" and csv_row["client_cpu_us_per_request"] == "500.0"
+
+
+def test_arrivals_the_generator_never_reached_are_counted_as_unsent() -> None:
+    """An open loop slower than its schedule ended its level with due arrivals unsent and said
+    nothing: the report showed the rate as offered. Each arrival due before the stop is now
+    sent, dropped or counted unsent."""
+    import asyncio
+    import random
+    import time
+
+    from ferry.client.loadtest._engine import Budget, open_loop
+    from ferry.client.loadtest._report import Recorder
+
+    class Blocking:
+        async def request(self) -> str:
+            time.sleep(0.002)  # the generator's own cost: at most ~500 a second
+            return "OK"
+
+    async def main() -> tuple[Recorder, float, float]:
+        budget, rec = Budget(None), Recorder()
+        start = time.perf_counter()
+        asyncio.get_running_loop().call_later(0.3, budget.stop)
+        await open_loop(
+            Blocking(), 2000.0, arrival="constant", budget=budget, rec=rec, rng=random.Random(0)
+        )
+        assert budget.stopped_at is not None
+        return rec, start, budget.stopped_at
+
+    rec, start, stopped = asyncio.run(main())
+    due = (stopped - start) * 2000.0
+    assert rec.unsent > 0
+    assert abs(rec.ok + rec.dropped + rec.unsent - due) <= 2  # every due arrival accounted for
+    report = LoadTestReport(model="m", target="t")
+    report.levels.append(level(loop="open", level=2000, ok=rec.ok, unsent=rec.unsent))
+    assert f"{rec.unsent} arrivals were due but never sent" in report.format_table()
+    (row,) = csv.DictReader(io.StringIO(report.to_csv()))
+    assert int(row["unsent"]) == rec.unsent
+    assert json.loads(report.to_json())["levels"][0]["unsent"] == rec.unsent
+
+
+def test_a_stream_answer_past_the_timeout_is_deadline_exceeded() -> None:
+    """Stream mode waited for every answer however late: one the server never sent held the
+    level open without end, and a late one counted OK with its whole latency. A stream whose
+    server never answers stands in here."""
+    import asyncio
+
+    from ferry.client.loadtest._engine import StreamTransport
+
+    class SilentCall:
+        def __init__(self) -> None:
+            self.never = asyncio.Event()
+
+        async def write(self, message: bytes) -> None:
+            pass
+
+        async def done_writing(self) -> None:
+            pass
+
+        async def read(self) -> object:
+            await self.never.wait()
+            raise AssertionError("unreachable")
+
+    class Channel:
+        def stream_stream(self, path: str, **kwargs: object) -> object:
+            return lambda metadata=None: SilentCall()
+
+    async def main() -> list[str]:
+        transport = StreamTransport([Channel()], b"", (), timeout=0.05)  # type: ignore[list-item]
+        try:
+            return [await transport.request() for _ in range(2)]
+        finally:
+            await transport.close()
+
+    assert asyncio.run(main()) == ["DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"]

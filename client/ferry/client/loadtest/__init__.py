@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
 import numpy as np
@@ -92,11 +92,25 @@ def _connections(config: LoadTestConfig) -> int:
     return max(config.connections, needed)
 
 
-async def _stats(client: AsyncInferenceClient, model: str) -> list[ModelStatistics] | None:
+async def _stats(
+    clients: Sequence[AsyncInferenceClient], model: str
+) -> list[ModelStatistics] | None:
+    """Every endpoint's statistics, together: with several targets the load is spread over
+    them, and one balanced client asked one server before a level and another after, so the
+    split subtracted two servers' counters (-1850 requests, -80 ms of compute)."""
     try:
-        return await client.statistics(model)
+        answers = await asyncio.gather(*(c.statistics(model) for c in clients))
     except FerryError:
         return None  # a server without statistics still gets a client-side report
+    return [s for answer in answers for s in answer]
+
+
+def _endpoints(target: str | Sequence[str]) -> list[str]:
+    """Each server a target names (``A,B``, ``ipv4:A,B`` or a list), one per entry."""
+    if not isinstance(target, str):
+        return [t.strip() for t in target]
+    text = target.strip().removeprefix("ipv4:").removeprefix("ipv6:")
+    return [t.strip() for t in text.split(",") if t.strip()] or [target]
 
 
 async def arun(
@@ -116,6 +130,15 @@ async def arun(
     control = AsyncInferenceClient(
         config.target, timeout=config.timeout, tls=config.tls, token=config.token
     )
+    endpoints = _endpoints(config.target)
+    counters = (
+        [
+            AsyncInferenceClient(e, timeout=config.timeout, tls=config.tls, token=config.token)
+            for e in endpoints
+        ]
+        if len(endpoints) > 1
+        else [control]
+    )
     channels = []
     try:
         meta = await control.model_metadata(config.model, version=config.version)
@@ -129,7 +152,9 @@ async def arun(
             payload = encode_kserve(config.model, config.version, inputs)
         else:
             payload = encode_ferry(config.model, config.version, inputs, config.timeout)
-            await control.infer(config.model, inputs, version=config.version)  # the probe
+        # The probe, for either protocol (one core judges both): a wrong input fails the run at
+        # once with the server's reason, not after a level of errors.
+        await control.infer(config.model, inputs, version=config.version)
         version = config.version or meta.version
         channel_config = ChannelConfig(
             config.target,
@@ -166,7 +191,7 @@ async def arun(
                 )
             batch = _batch_of(meta, inputs)
             for level in levels:
-                before = await _stats(control, config.model)
+                before = await _stats(counters, config.model)
                 cpu0 = time.process_time()
                 label = f"{'rate' if config.open_loop else 'concurrency'} {level:g}"
                 rec, elapsed = await _level(
@@ -180,7 +205,7 @@ async def arun(
                     label=label,
                 )
                 cpu = (time.process_time() - cpu0) / elapsed if elapsed > 0 else 0.0
-                after = await _stats(control, config.model)
+                after = await _stats(counters, config.model)
                 split: ServerSplit | None = None
                 if before is not None and after is not None:
                     split = server_split(before, after, version)
@@ -202,7 +227,8 @@ async def arun(
     finally:
         for ch in channels:
             await ch.close()
-        await control.close()
+        for client in {id(c): c for c in (control, *counters)}.values():
+            await client.close()
 
 
 async def _level(
@@ -251,6 +277,7 @@ def _result(
         errors=dict(rec.codes),
         latency_ms=latency_summary(rec.latencies),
         dropped=rec.dropped,
+        unsent=rec.unsent,
         server=split,
         client_cpu=cpu,
     )

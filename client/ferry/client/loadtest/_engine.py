@@ -113,7 +113,15 @@ class _OneStream:
     """One ``InferStream`` call: a writer task drains a queue of pre-encoded requests and a
     reader task resolves each request's future by the id in its answer."""
 
-    def __init__(self, channel: aio.Channel, base: bytes, metadata: Metadata, prefix: str) -> None:
+    def __init__(
+        self,
+        channel: aio.Channel,
+        base: bytes,
+        metadata: Metadata,
+        prefix: str,
+        timeout: float | None = None,
+    ) -> None:
+        self._timeout = timeout
         self._method: aio.StreamStreamMultiCallable[bytes, pb.InferStreamResponse] = (
             channel.stream_stream(
                 STREAM_PATH,
@@ -131,6 +139,8 @@ class _OneStream:
         self._tasks: list[asyncio.Task[None]] = []
 
     def _open(self) -> None:
+        for task in self._tasks:  # the ended call's writer still waits on its old queue
+            task.cancel()
         self._call = self._method(metadata=self._metadata)
         self._queue = asyncio.Queue()
         self._tasks = [
@@ -183,22 +193,42 @@ class _OneStream:
         fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         self._queue.put_nowait(self._base + id_field(rid))
-        return await fut
+        try:
+            # The client's own deadline, as a unary call has: the request's timeout_us asks the
+            # server to keep to it, but a request the server never answers (or answers late)
+            # was counted OK with its whole latency, and held the level open past its end.
+            return await asyncio.wait_for(fut, self._timeout)
+        except TimeoutError:
+            self._pending.pop(rid, None)
+            return "DEADLINE_EXCEEDED"
 
     async def close(self) -> None:
         if self._call is not None:
             self._queue.put_nowait(None)
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            # The server ends the stream once it has answered; one that never does must not
+            # hold the run: after the timeout the call is cancelled.
+            await asyncio.wait(self._tasks, timeout=self._timeout)
+            if hasattr(self._call, "cancel"):
+                self._call.cancel()
         for task in self._tasks:
             task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         self._call = None
 
 
 class StreamTransport:
     """Requests spread over one ``InferStream`` per connection."""
 
-    def __init__(self, channels: Sequence[aio.Channel], base: bytes, metadata: Metadata) -> None:
-        self._streams = [_OneStream(ch, base, metadata, f"{i}-") for i, ch in enumerate(channels)]
+    def __init__(
+        self,
+        channels: Sequence[aio.Channel],
+        base: bytes,
+        metadata: Metadata,
+        timeout: float | None = None,
+    ) -> None:
+        self._streams = [
+            _OneStream(ch, base, metadata, f"{i}-", timeout) for i, ch in enumerate(channels)
+        ]
         self._next = 0
 
     async def request(self) -> str:
@@ -219,6 +249,7 @@ class Budget:
     def __init__(self, requests: int | None) -> None:
         self.remaining = requests
         self.stopped = False
+        self.stopped_at: float | None = None  # perf_counter when stop() was called
         self.stopping = asyncio.Event()  # set with stopped: a wait for the next arrival ends
 
     def take(self) -> bool:
@@ -232,6 +263,7 @@ class Budget:
 
     def stop(self) -> None:
         self.stopped = True
+        self.stopped_at = time.perf_counter()
         self.stopping.set()
 
 
@@ -289,6 +321,12 @@ async def open_loop(
         else:
             await asyncio.sleep(0)  # behind schedule: still let answers in
         if budget.stopped:
+            # Arrivals due before the stop that this loop never reached (it fell behind its
+            # schedule) were offered to no one: counted, or the report hid the shortfall.
+            end = budget.stopped_at or clock()
+            while scheduled < end:
+                rec.unsent += 1
+                scheduled += gap()
             break
         if in_flight >= max_in_flight:
             rec.dropped += 1
@@ -384,6 +422,6 @@ def make_transport(
     metadata: Metadata,
 ) -> Transport:
     if mode == "stream":
-        return StreamTransport(channels, payload, metadata)
+        return StreamTransport(channels, payload, metadata, timeout)
     path = KSERVE_PATH if protocol == "kserve" else UNARY_PATH
     return UnaryTransport(channels, path, payload, timeout, metadata)

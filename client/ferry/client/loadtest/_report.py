@@ -33,6 +33,7 @@ class Recorder:
         self.codes: dict[str, int] = {}
         self.ok = 0
         self.dropped = 0
+        self.unsent = 0  # open loop: arrivals due before the level ended that were never sent
 
     def add(self, latency: float, code: str) -> None:
         if code == "OK":
@@ -130,6 +131,9 @@ class LevelResult:
     errors: dict[str, int]
     latency_ms: dict[str, float]
     dropped: int = 0  # open loop: arrivals skipped because the in-flight cap was reached
+    # open loop: arrivals due before the level ended that this generator never got to send
+    # (it fell behind its schedule): the offered rate was not reached
+    unsent: int = 0
     server: ServerSplit | None = None
     client_cpu: float = 0.0  # CPU seconds of this process per second of the level (1.0: a core)
 
@@ -196,6 +200,7 @@ class LoadTestReport:
             "server_compute_ms",
             "server_mean_batch",
             "dropped",
+            "unsent",
             "error_codes",
             "client_cpu",
             "client_cpu_us_per_request",
@@ -220,6 +225,7 @@ class LoadTestReport:
                     f"{srv.compute_ms:.3f}" if srv else "",
                     f"{srv.mean_batch:.2f}" if srv else "",
                     lv.dropped,
+                    lv.unsent,
                     ";".join(f"{k}={v}" for k, v in sorted(lv.errors.items())),
                     f"{lv.client_cpu:.3f}",
                     f"{lv.client_cpu_per_request * 1e6:.1f}",
@@ -267,6 +273,13 @@ class LoadTestReport:
                 lines.append(
                     f"at rate {lv.level:g}: {lv.dropped} arrivals dropped (in-flight cap reached: "
                     "the server cannot keep up with this rate)"
+                )
+            if lv.unsent:
+                lines.append(
+                    f"at rate {lv.level:g}: {lv.unsent} arrivals were due but never sent: this "
+                    "generator fell behind its schedule, so the rate was not offered and the "
+                    "latest arrivals are missing from the percentiles (see "
+                    "bench/loadgen_ceiling.py)"
                 )
         lines.append(
             "queue/compute: server-side means per request (GetModelStatistics deltas); the rest of "
