@@ -171,6 +171,20 @@ def test_unparseable_files(tmp_path: Path, name: str, text: str, fragment: str) 
         ({"version_policy": {"specific": []}}, ["bad version_policy"]),
         ({"version_policy": {"specific": [1, -2]}}, ["version_policy.specific[]"]),
         ({"version_policy": "latest"}, ["exactly one of"]),
+        # A value under a microsecond is 0 ("none") on every wire, and refused every request.
+        ({"batching": {"default_timeout_ms": 0.0001}}, ["default_timeout_ms", "microsecond"]),
+        ({"batching": {"max_queue_delay_ms": 0.0004}}, ["max_queue_delay_ms", "microsecond"]),
+        # Planned sizes past max_batch_size were dropped without a word; unbatched, ignored.
+        (
+            {"batching": {"max_batch_size": 8, "planned_batch_sizes": [4, 64]}},
+            ["planned_batch_sizes [4, 64] include [64], over max_batch_size 8"],
+        ),
+        (
+            {"batching": {"max_batch_size": 0, "planned_batch_sizes": [2, 4]}},
+            ["not batched (max_batch_size = 0)"],
+        ),
+        # A pool this size failed the load with std::bad_alloc, naming nothing.
+        ({"onnxruntime": {"intra_op_threads": 2**31 - 1}}, ["intra_op_threads", "over 1024"]),
     ],
 )
 def test_errors_name_the_key(raw: dict[str, Any], fragments: list[str]) -> None:
@@ -235,6 +249,36 @@ def test_version_config_overrides_key_by_key(tmp_path: Path) -> None:
     assert cfg.instances.count == 3
     assert cfg.version_policy == base.version_policy
     assert cfg.default_version == 1
+
+
+def test_a_key_twice_in_json_is_refused_as_toml_refuses_it(tmp_path: Path) -> None:
+    """json kept the last value: {"max_batch_size": 8, "max_batch_size": 0} served unbatched."""
+    (tmp_path / "config.json").write_text(
+        '{"batching": {"max_batch_size": 8, "max_batch_size": 0}}'
+    )
+    with pytest.raises(InvalidArgument, match="'max_batch_size' is given twice"):
+        load_config(tmp_path)
+
+
+@pytest.mark.parametrize("kind", ["folder", "dangling link"])
+def test_a_config_that_is_not_a_file_is_refused_not_skipped(tmp_path: Path, kind: str) -> None:
+    """A folder or a dangling link named config.toml served the model with every default."""
+    path = tmp_path / "config.toml"
+    if kind == "folder":
+        path.mkdir()
+    else:
+        path.symlink_to(tmp_path / "nowhere.toml")
+    with pytest.raises(InvalidArgument, match="config.toml is not a readable file"):
+        load_config(tmp_path)
+
+
+def test_a_version_config_may_name_its_providers_either_way(tmp_path: Path) -> None:
+    """The documented execution_providers form met the model's providers in the merge and was
+    refused as setting both."""
+    base = parse_config({"onnxruntime": {"providers": ["CPUExecutionProvider"]}})
+    own = {"onnxruntime": {"execution_providers": ["CPUExecutionProvider"]}}
+    merged = apply_version_config(base, _version_dir(tmp_path, own))
+    assert merged.onnxruntime.execution_providers == ("CPUExecutionProvider",)
 
 
 def test_no_version_config_is_the_model_config(tmp_path: Path) -> None:

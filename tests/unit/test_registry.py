@@ -207,6 +207,33 @@ def test_a_broken_config_edit_leaves_a_served_model_serving(repo: ModelRepositor
     arun(main)
 
 
+def test_a_policy_that_selects_nothing_on_disk_keeps_serving_and_says_so(
+    repo: ModelRepository,
+) -> None:
+    """version_policy specific [3] with only version 1 on disk unloaded the live model, which
+    then said it had "no version folders"."""
+    write_model(repo, "seed", seed_model())
+    write_model(repo, "fresh", seed_model())
+    _config(repo, "fresh", {"version_policy": {"specific": [3]}})
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        served = registry.get("seed")
+        _config(repo, "seed", {"version_policy": {"specific": [3]}})
+        result = await registry.refresh(retry_failed=False)
+        assert result.unloaded == [] and registry.get("seed") is served
+        assert "selects none of the versions on disk [1]" in result.failed[0]
+        (status,) = registry.statuses("seed")
+        assert status.reason.startswith("reload failed, still serving previous load: its version")
+        # Never served: the reason says what is wrong, not that there are no version folders.
+        with pytest.raises(ModelNotReady, match=r"version_policy \(specific \[3\]\) selects none"):
+            registry.get("fresh")
+        await registry.close()
+
+    arun(main)
+
+
 def test_config_change_reloads_a_ready_version(repo: ModelRepository) -> None:
     write_model(repo, "seed", seed_model())
 

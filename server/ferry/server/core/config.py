@@ -58,6 +58,7 @@ MAX_DEVICE_ID = 255
 # of inf or 1e300 loaded READY and then never ran a request; NaN answered INTERNAL on metadata.
 MAX_QUEUE_SIZE = 1 << 20
 MAX_CONFIG_INT = 2**31 - 1
+MAX_THREADS = 1024  # per onnxruntime pool: past a host's cores many times over
 FLOAT_LIMITS = {"max_queue_delay_ms": 60_000.0, "default_timeout_ms": 86_400_000.0}
 DEFAULT_MAX_BATCH_SIZE = 32
 
@@ -159,6 +160,14 @@ class ModelConfig:
 
 
 def find_config_file(model_dir: Path) -> Path | None:
+    for name in CONFIG_NAMES:
+        path = model_dir / name
+        if (path.exists() or path.is_symlink()) and not path.is_file():
+            # A folder or a dangling link there served the model with every default, silently.
+            raise InvalidArgument(
+                f"{model_dir.name}/{name} is not a readable file (a folder, or a link to "
+                "nothing): make it the config file, or remove it"
+            )
     found = [model_dir / n for n in CONFIG_NAMES if (model_dir / n).is_file()]
     if len(found) > 1:
         raise InvalidArgument(
@@ -172,13 +181,30 @@ def load_config(model_dir: Path) -> ModelConfig:
     if path is None:
         return ModelConfig()
     try:
-        text = path.read_text(encoding="utf-8")
-        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        raw = _read(path)
     except (OSError, ValueError) as exc:  # TOMLDecodeError and JSONDecodeError are ValueErrors
         raise InvalidArgument(f"{model_dir.name}/{path.name} cannot be parsed: {exc}") from exc
     if not isinstance(raw, dict):
         raise InvalidArgument(f"{model_dir.name}/{path.name} must hold a table/object")
     return parse_config(raw, where=f"{model_dir.name}/{path.name}")
+
+
+def _read(path: Path) -> Any:
+    """A config file's table. A key given twice in JSON is refused, as TOML refuses it: json
+    kept the last one, so {"max_batch_size": 8, "max_batch_size": 0} served unbatched."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    return json.loads(text, object_pairs_hook=_no_duplicates)
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise ValueError(f"the key {key!r} is given twice in one object")
+        seen[key] = value
+    return seen
 
 
 def apply_version_config(base: ModelConfig, version_dir: Path) -> ModelConfig:
@@ -190,8 +216,7 @@ def apply_version_config(base: ModelConfig, version_dir: Path) -> ModelConfig:
         return base
     where = f"{version_dir.parent.name}/{version_dir.name}/{path.name}"
     try:
-        text = path.read_text(encoding="utf-8")
-        raw = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
+        raw = _read(path)
     except (OSError, ValueError) as exc:
         raise InvalidArgument(f"{where} cannot be parsed: {exc}") from exc
     if not isinstance(raw, dict):
@@ -206,7 +231,14 @@ def apply_version_config(base: ModelConfig, version_dir: Path) -> ModelConfig:
     for section, values in raw.items():
         if not isinstance(values, dict):
             raise InvalidArgument(f"{where}: [{section}] must be a table")
-        merged[section] = {**merged.get(section, {}), **values}
+        inherited = dict(merged.get(section, {}))
+        if section == "onnxruntime" and {"providers", "execution_providers"} & set(values):
+            # Either spelling in the version's file replaces the model's providers: merged
+            # key by key, the documented execution_providers form met the model's providers
+            # and was refused as setting both.
+            inherited.pop("providers", None)
+            inherited.pop("execution_providers", None)
+        merged[section] = {**inherited, **values}
     return parse_config(merged, where=where)
 
 
@@ -405,6 +437,13 @@ def _section(cls: Any, raw: Any, where: str, section: str) -> Any:
                 raise InvalidArgument(
                     f"{where}: {section}.{key} must be a number within 0..{limit:g}, got {value!r}"
                 )
+            if 0 < value < 0.001:
+                # Below a microsecond it is 0 on every wire (Triton's microseconds, ferry.v1's
+                # timeout_us), which reads as "none", while every request was refused.
+                raise InvalidArgument(
+                    f"{where}: {section}.{key} {value!r} is under a microsecond (0.001 ms): "
+                    "use 0 for none, or at least 0.001"
+                )
             values[key] = float(value)
         elif isinstance(default, str):
             if not isinstance(value, str):
@@ -434,6 +473,28 @@ def _validate(cfg: ModelConfig, where: str) -> None:
         )
     if b.default_priority < 1:
         raise InvalidArgument(f"{where}: batching.default_priority must be >= 1")
+    planned = b.planned_batch_sizes or ()
+    if planned and b.max_batch_size is not None:
+        over = [n for n in planned if n > b.max_batch_size]
+        if b.max_batch_size == 0 or over:
+            # They were dropped (or, unbatched, the plan ignored) with no word.
+            raise InvalidArgument(
+                f"{where}: batching.planned_batch_sizes {list(planned)} "
+                + (
+                    "plan batches for a model that is not batched (max_batch_size = 0)"
+                    if b.max_batch_size == 0
+                    else f"include {over}, over max_batch_size {b.max_batch_size}"
+                )
+                + ": plan sizes within max_batch_size, or raise it"
+            )
+    for key in ("intra_op_threads", "inter_op_threads"):
+        threads = getattr(cfg.onnxruntime, key, 0)
+        if threads > MAX_THREADS:
+            # A thread pool that size failed the load with std::bad_alloc, naming nothing.
+            raise InvalidArgument(
+                f"{where}: onnxruntime.{key} {threads} is over {MAX_THREADS}: use 0 (decided at "
+                "load) or a count near the host's cores"
+            )
     i = cfg.instances
     if i.count < 1 or i.count > MAX_INSTANCES:
         raise InvalidArgument(f"{where}: instances.count must be within 1..{MAX_INSTANCES}")

@@ -230,7 +230,7 @@ class DataPlane:
         if entry is None or not entry.ready_versions():
             why = (
                 "; ".join(outcome.failed)
-                or (entry.config_error if entry is not None else "")
+                or ((entry.config_error or entry.policy_error) if entry is not None else "")
                 or "it has no version folder (<model>/<N>/model.onnx) the version policy selects"
             )
             raise FailedPrecondition(f"model {name!r} has no version ready after loading: {why}")

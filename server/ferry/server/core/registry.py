@@ -56,6 +56,8 @@ class ModelEntry:
     config: ModelConfig = field(default_factory=ModelConfig)
     config_signature: tuple[float, int] | None = None
     config_error: str = ""
+    # Why the version policy serves nothing though versions are on disk (read each sync)
+    policy_error: str = ""
     versions: dict[int, VersionSlot] = field(default_factory=dict)
     rollout: rollouts.Rollout | None = None  # the live split (core.rollout), None: default only
     rollout_error: str = ""
@@ -142,7 +144,11 @@ class ModelRegistry:
             if version is None:
                 if entry.changing:
                     raise ModelNotReady(f"model {short(name)!r} is {entry.changing}; retry shortly")
-                why = entry.config_error or "no version folders (<model>/<N>/model.onnx)"
+                why = (
+                    entry.config_error
+                    or entry.policy_error
+                    or "no version folders (<model>/<N>/model.onnx)"
+                )
                 raise ModelNotReady(f"model {short(name)!r} has no version ready: {why}")
         slot = entry.versions.get(version)
         if slot is None:
@@ -351,7 +357,8 @@ class ModelRegistry:
         rows: list[IndexEntry] = []
         for entry in self.models.values():
             if not entry.versions:
-                rows.append(IndexEntry(entry.name, None, State.UNLOADED, entry.config_error))
+                why = entry.config_error or entry.policy_error
+                rows.append(IndexEntry(entry.name, None, State.UNLOADED, why))
         for status in self.statuses():
             rows.append(IndexEntry(status.name, status.version, status.state, status.reason))
         for name in self.repository.list_models():
@@ -455,6 +462,25 @@ class ModelRegistry:
         pinned = entry.config.default_version
         if pinned is not None and pinned in on_disk and pinned not in wanted:
             wanted = sorted({*wanted, pinned})
+        entry.policy_error = ""
+        if on_disk and not wanted:
+            # A policy naming only versions that are not there (a typo, a version not yet
+            # published) unloaded a live model, which then said it had no version folders.
+            entry.policy_error = (
+                f"its version_policy ({_policy_text(entry.config)}) selects none of the versions "
+                f"on disk {on_disk}"
+            )
+            serving = sorted(v for v, slot in entry.versions.items() if slot.loaded is not None)
+            if serving:
+                log.warning("model %s: %s; still serving %s", name, entry.policy_error, serving)
+                kept = f"reload failed, still serving previous load: {entry.policy_error}"
+                for v in serving:
+                    held = entry.versions[v]
+                    if held.reason != kept or retry_failed:
+                        result.failed.append(f"{name}/{v}: {entry.policy_error}")
+                    held.reason = kept
+                return
+            log.warning("model %s: %s", name, entry.policy_error)
         loads = []
         for v in wanted:
             slot = entry.versions.get(v)
@@ -639,3 +665,12 @@ def _scan(
         scan.rollout, scan.rollout_error = rollouts.read(mdir)
     scan.signatures = {v: _file_signature(scan.model_file(v)) for v in scan.on_disk}
     return scan
+
+
+def _policy_text(config: ModelConfig) -> str:
+    policy = config.version_policy
+    if policy.all:
+        return "all"
+    if policy.specific:
+        return f"specific {list(policy.specific)}"
+    return f"latest {policy.latest or 1}"

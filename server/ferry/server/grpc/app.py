@@ -33,6 +33,7 @@ from ferry.server.core.pools import ThreadPools, usable_cores
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import Limits
+from ferry.server.errors import FerryError
 from ferry.server.grpc import conversion, kserve, reflection
 from ferry.server.grpc._base import new_server, quiet_peer_gone
 from ferry.server.grpc.auth import inference_guard, management_guard
@@ -216,6 +217,15 @@ class FerryServer:
             self.registry.add_listener(self._prune.request)
         await self.registry.refresh()
         required = [m.strip() for m in s.require_models.split(",") if m.strip()]
+        missing = [m for m in required if not _in_repository(self.registry.repository, m)]
+        if missing and not self.is_worker:
+            # Readiness waits for them, so a typo kept the replica not ready for ever, silently.
+            log.warning(
+                "--require-models names %s, which the repository %s does not hold: this "
+                "replica reports not ready until they are published there",
+                ", ".join(repr(m) for m in missing),
+                s.repository,
+            )
         self.registry.settle(required)
         if self.workers > 1:
             await self._start_workers()
@@ -469,6 +479,13 @@ def _check_free(host: str, port: int, address: str, *, shared: bool = False) -> 
             probe.bind((host, port))
         except OSError as exc:
             raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+
+
+def _in_repository(repository: ModelRepository, name: str) -> bool:
+    try:
+        return bool(repository.has_model(name))
+    except FerryError:  # not even a valid model name
+        return False
 
 
 def pending_call_limits(max_pending: int) -> list[tuple[str, int]]:
