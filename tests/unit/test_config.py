@@ -268,7 +268,7 @@ def test_a_config_that_is_not_a_file_is_refused_not_skipped(tmp_path: Path, kind
         path.mkdir()
     else:
         path.symlink_to(tmp_path / "nowhere.toml")
-    with pytest.raises(InvalidArgument, match="config.toml is not a readable file"):
+    with pytest.raises(InvalidArgument, match=r"config\.toml is not a readable file"):
         load_config(tmp_path)
 
 
