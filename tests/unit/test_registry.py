@@ -234,6 +234,31 @@ def test_a_policy_that_selects_nothing_on_disk_keeps_serving_and_says_so(
     arun(main)
 
 
+def test_an_edit_of_a_versions_own_config_reloads_it(repo: ModelRepository) -> None:
+    """A version's config.json is part of what it serves; an edit of it was ignored ("nothing
+    changed") until the model's own config changed. So was a config.json added beside
+    config.toml."""
+    write_model(repo, "seed", seed_model())
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        assert registry.get("seed").max_batch_size != 2
+        version_dir = repo.root / "seed" / "1"
+        (version_dir / "config.json").write_text(json.dumps({"batching": {"max_batch_size": 2}}))
+        assert (await registry.refresh(retry_failed=False)).loaded == ["seed/1"]
+        assert registry.get("seed").max_batch_size == 2
+        assert (await registry.refresh(retry_failed=False)).loaded == []  # once, not per poll
+        (repo.root / "seed" / "config.toml").write_text("[batching]\nmax_queue_size = 64\n")
+        await registry.refresh(retry_failed=False)
+        (repo.root / "seed" / "config.json").write_text("{}")  # beside config.toml
+        result = await registry.refresh(retry_failed=False)
+        assert "has both config.toml and config.json" in " ".join(result.failed), result
+        await registry.close()
+
+    arun(main)
+
+
 def test_config_change_reloads_a_ready_version(repo: ModelRepository) -> None:
     write_model(repo, "seed", seed_model())
 

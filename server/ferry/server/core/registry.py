@@ -17,6 +17,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import CONFIG_NAMES, ModelConfig, load_config
@@ -41,20 +42,25 @@ from ferry.server.errors import (
 log = logging.getLogger(__name__)
 
 
+# A file's or a folder's files' (mtime, size): what a refresh compares to see a change.
+Signature = tuple[Any, ...] | None
+
+
 @dataclass
 class VersionSlot:
     version: int
     state: State
     reason: str = ""
     loaded: LoadedVersion | None = None
-    signature: tuple[float, int] | None = None  # (mtime, size) of model.onnx when last tried
+    # (mtime, size) of model.onnx and of the version's own config when last tried
+    signature: Signature = None
 
 
 @dataclass
 class ModelEntry:
     name: str
     config: ModelConfig = field(default_factory=ModelConfig)
-    config_signature: tuple[float, int] | None = None
+    config_signature: Signature = None
     config_error: str = ""
     # Why the version policy serves nothing though versions are on disk (read each sync)
     policy_error: str = ""
@@ -512,6 +518,7 @@ class ModelRegistry:
                 slot is None
                 or config_changed
                 or (slot.state is State.FAILED and (retry_failed or slot.signature != sig))
+                or (slot.loaded is not None and slot.signature != sig)  # its files changed
             ):
                 loads.append(self._load_version(entry, v, sig, scan.model_file(v), result))
         await asyncio.gather(*loads)
@@ -524,7 +531,7 @@ class ModelRegistry:
         self,
         entry: ModelEntry,
         version: int,
-        sig: tuple[float, int] | None,
+        sig: Signature,
         path: Path,
         result: RepositoryOutcome,
     ) -> None:
@@ -541,6 +548,7 @@ class ModelRegistry:
             if old is not None and old.loaded is not None:
                 # A reload failed: keep serving the old session rather than dropping the version.
                 old.reason = f"reload failed, still serving previous load: {reason}"
+                old.signature = sig  # tried: not again at every poll, only after a new change
                 result.failed.append(f"{entry.name}/{version}: {reason}")
                 return
             entry.versions[version] = VersionSlot(version, State.FAILED, reason, None, sig)
@@ -615,12 +623,11 @@ def _file_signature(path: Path) -> tuple[float, int] | None:
     return (st.st_mtime, st.st_size)
 
 
-def _config_signature(mdir: Path) -> tuple[float, int] | None:
-    for n in CONFIG_NAMES:
-        sig = _file_signature(mdir / n)
-        if sig is not None:
-            return sig
-    return None
+def _config_signature(mdir: Path) -> Signature:
+    """Every config name's (mtime, size): a config.json added beside config.toml, or one of
+    two removed, is a change (only the first file found was watched)."""
+    sigs = tuple(_file_signature(mdir / n) for n in CONFIG_NAMES)
+    return None if all(sig is None for sig in sigs) else sigs
 
 
 @dataclass
@@ -628,14 +635,14 @@ class _FolderScan:
     """What one model's folder holds, read off the event loop (``_scan``)."""
 
     folder: Path
-    config_signature: tuple[float, int] | None
+    config_signature: Signature
     config: ModelConfig
     config_error: str
     on_disk: list[int]
     rollout_signature: tuple[float, int] | None
     rollout: rollouts.Rollout | None
     rollout_error: str
-    signatures: dict[int, tuple[float, int] | None]
+    signatures: dict[int, Signature]
 
     def model_file(self, version: int) -> Path:
         return self.folder / str(version) / MODEL_FILE
@@ -644,7 +651,7 @@ class _FolderScan:
 def _scan(
     repository: ModelRepository,
     name: str,
-    config_signature: tuple[float, int] | None,
+    config_signature: Signature,
     rollout_signature: tuple[float, int] | None,
 ) -> _FolderScan:
     """A model's config (parsed only if its signature differs from the one given), versions,
@@ -663,7 +670,12 @@ def _scan(
     scan.rollout_signature = _file_signature(mdir / rollouts.ROLLOUT_FILE)
     if scan.rollout_signature != rollout_signature:
         scan.rollout, scan.rollout_error = rollouts.read(mdir)
-    scan.signatures = {v: _file_signature(scan.model_file(v)) for v in scan.on_disk}
+    # A version's own config is part of what it serves: an edit of it reloads the version (it
+    # was ignored until the model's config changed).
+    scan.signatures = {
+        v: (_file_signature(scan.model_file(v)), _config_signature(scan.folder / str(v)))
+        for v in scan.on_disk
+    }
     return scan
 
 
