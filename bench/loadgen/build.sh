@@ -12,7 +12,7 @@ fi
 mkdir -p "$here/build"
 for name in openloop openstream; do
     out="$here/build/$name"
-    if [ -x "$out" ] && [ "$out" -nt "$here/$name.cc" ] && [ "$out" -nt "$here/report.h" ]; then
+    if [ -x "$out" ] && [ "$out" -nt "$here/$name.cc" ] && [ "$out" -nt "$here/report.h" ] && [ "$out" -nt "$here/client.h" ]; then
         echo "$out"  # up to date
         continue
     fi

@@ -21,16 +21,15 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
-#include <fstream>
 #include <iostream>
 #include <map>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "client.h"
 #include "report.h"
 
 using Clock = std::chrono::steady_clock;
@@ -41,17 +40,9 @@ using loadgen::kNumCodes;
 using loadgen::Num;
 using loadgen::Outcomes;
 
-struct Options {
-  std::string target = "127.0.0.1:8001";
-  std::string method;
-  std::string payload;
-  double rate = 1000;
-  double seconds = 10;
-  int64_t deadline_ms = 0;
-  int channels = 4;
+struct Options : loadgen::CommonOptions {
+  Options() { channels = 4; }
   int threads = 2;
-  int concurrency = 0;
-  int max_message_bytes = 8 << 20;
 };
 
 [[noreturn]] void Usage(const std::string& why) {
@@ -64,26 +55,10 @@ struct Options {
 
 Options Parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; i += 2) {
-    const std::string key = argv[i];
-    if (i + 1 >= argc) Usage("missing value for " + key);
-    const std::string v = argv[i + 1];
-    try {
-      if (key == "--target") o.target = v;
-      else if (key == "--method") o.method = v;
-      else if (key == "--payload") o.payload = v;
-      else if (key == "--rate") o.rate = std::stod(v);
-      else if (key == "--seconds") o.seconds = std::stod(v);
-      else if (key == "--deadline-ms") o.deadline_ms = std::stoll(v);
-      else if (key == "--channels") o.channels = std::stoi(v);
-      else if (key == "--threads") o.threads = std::stoi(v);
-      else if (key == "--concurrency") o.concurrency = std::stoi(v);
-      else if (key == "--max-message-bytes") o.max_message_bytes = std::stoi(v);
-      else Usage("unknown option " + key);
-    } catch (const std::logic_error&) {
-      Usage("bad value for " + key + ": " + v);
-    }
-  }
+  loadgen::Setters setters = loadgen::CommonSetters(o);
+  setters["--threads"] = [&o](const std::string& v) { o.threads = std::stoi(v); };
+  loadgen::ReadFlags(argc, argv, Usage, setters);
+
   if (o.method.empty() || o.payload.empty()) Usage("--method and --payload are required");
   if (o.channels < 1 || o.threads < 1 || o.seconds <= 0) Usage("channels, threads, seconds > 0");
   if (o.concurrency <= 0 && o.rate <= 0) Usage("--rate must be > 0 in open loop");
@@ -103,27 +78,12 @@ struct Call {
 class Generator {
  public:
   explicit Generator(const Options& o) : o_(o), stats_(o.threads) {
-    std::ifstream in(o.payload, std::ios::binary);
-    if (!in) Usage("cannot read payload " + o.payload);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    const std::string bytes = ss.str();
+    const std::string bytes = loadgen::ReadFile(o.payload, Usage);
     grpc::Slice slice(bytes.data(), bytes.size());
     request_ = grpc::ByteBuffer(&slice, 1);
 
     for (int i = 0; i < o.channels; ++i) {
-      grpc::ChannelArguments args;
-      // A distinct argument and a channel-local subchannel pool: one TCP connection per channel.
-      args.SetInt("grpc.channel_id", i);
-      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-      args.SetMaxReceiveMessageSize(o.max_message_bytes);
-      args.SetMaxSendMessageSize(o.max_message_bytes);
-      auto channel =
-          grpc::CreateCustomChannel(o.target, grpc::InsecureChannelCredentials(), args);
-      if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10))) {
-        std::cerr << "openloop: cannot connect to " << o.target << "\n";
-        std::exit(1);
-      }
+      auto channel = loadgen::Connect("openloop", o.target, i, o.max_message_bytes);
       stubs_.push_back(std::make_unique<grpc::GenericStub>(channel));
       channels_.push_back(std::move(channel));
     }

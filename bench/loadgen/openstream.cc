@@ -31,17 +31,16 @@
 #include <cstdio>
 #include <cstdlib>
 #include <deque>
-#include <fstream>
 #include <iostream>
 #include <memory>
 #include <mutex>
-#include <sstream>
 #include <string>
 #include <string_view>
 #include <thread>
 #include <unordered_map>
 #include <vector>
 
+#include "client.h"
 #include "report.h"
 
 using Clock = std::chrono::steady_clock;
@@ -57,18 +56,9 @@ using loadgen::Quantiles;
 
 constexpr int kDeadlineExceeded = 4;
 
-struct Options {
-  std::string target = "127.0.0.1:8001";
-  std::string method;
-  std::string payload;
+struct Options : loadgen::CommonOptions {
   std::string protocol = "ferry";  // or "oip"
-  double rate = 1000;
-  double seconds = 10;
-  int64_t deadline_ms = 0;
-  int channels = 2;
-  int streams = 4;  // per channel
-  int concurrency = 0;
-  int max_message_bytes = 8 << 20;
+  int streams = 4;                 // per channel
 };
 
 [[noreturn]] void Usage(const std::string& why) {
@@ -81,27 +71,11 @@ struct Options {
 
 Options Parse(int argc, char** argv) {
   Options o;
-  for (int i = 1; i < argc; i += 2) {
-    const std::string key = argv[i];
-    if (i + 1 >= argc) Usage("missing value for " + key);
-    const std::string v = argv[i + 1];
-    try {
-      if (key == "--target") o.target = v;
-      else if (key == "--method") o.method = v;
-      else if (key == "--payload") o.payload = v;
-      else if (key == "--protocol") o.protocol = v;
-      else if (key == "--rate") o.rate = std::stod(v);
-      else if (key == "--seconds") o.seconds = std::stod(v);
-      else if (key == "--deadline-ms") o.deadline_ms = std::stoll(v);
-      else if (key == "--channels") o.channels = std::stoi(v);
-      else if (key == "--streams") o.streams = std::stoi(v);
-      else if (key == "--concurrency") o.concurrency = std::stoi(v);
-      else if (key == "--max-message-bytes") o.max_message_bytes = std::stoi(v);
-      else Usage("unknown option " + key);
-    } catch (const std::logic_error&) {
-      Usage("bad value for " + key + ": " + v);
-    }
-  }
+  loadgen::Setters setters = loadgen::CommonSetters(o);
+  setters["--protocol"] = [&o](const std::string& v) { o.protocol = v; };
+  setters["--streams"] = [&o](const std::string& v) { o.streams = std::stoi(v); };
+  loadgen::ReadFlags(argc, argv, Usage, setters);
+
   if (o.method.empty() || o.payload.empty()) Usage("--method and --payload are required");
   if (o.protocol != "ferry" && o.protocol != "oip") Usage("--protocol is ferry or oip");
   if (o.channels < 1 || o.streams < 1 || o.seconds <= 0) Usage("channels, streams, seconds > 0");
@@ -289,22 +263,9 @@ class Stream : public grpc::ClientBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer
 class Generator {
  public:
   explicit Generator(const Options& o) : o_(o) {
-    std::ifstream in(o.payload, std::ios::binary);
-    if (!in) Usage("cannot read payload " + o.payload);
-    std::stringstream ss;
-    ss << in.rdbuf();
-    base_ = ss.str();
+    base_ = loadgen::ReadFile(o.payload, Usage);
     for (int i = 0; i < o.channels; ++i) {
-      grpc::ChannelArguments args;
-      args.SetInt("grpc.channel_id", i);  // one TCP connection per channel
-      args.SetInt(GRPC_ARG_USE_LOCAL_SUBCHANNEL_POOL, 1);
-      args.SetMaxReceiveMessageSize(o.max_message_bytes);
-      args.SetMaxSendMessageSize(o.max_message_bytes);
-      auto channel = grpc::CreateCustomChannel(o.target, grpc::InsecureChannelCredentials(), args);
-      if (!channel->WaitForConnected(std::chrono::system_clock::now() + std::chrono::seconds(10))) {
-        std::cerr << "openstream: cannot connect to " << o.target << "\n";
-        std::exit(1);
-      }
+      auto channel = loadgen::Connect("openstream", o.target, i, o.max_message_bytes);
       stubs_.push_back(std::make_unique<grpc::GenericStub>(channel));
       channels_.push_back(std::move(channel));
     }
