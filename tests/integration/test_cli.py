@@ -186,6 +186,10 @@ def test_loadtest_writes_json_and_csv(
     doc = json.loads((tmp_path / "r.json").read_text())
     assert [lv["ok"] for lv in doc["levels"]] == [30, 30]
     assert (tmp_path / "r.csv").read_text().count("\n") == 3
+    # Both to stdout, one after the other, could be parsed as neither.
+    code, _, err = ferry(capsys, "loadtest", "mlp", "--target", server.target, "--json", "-",
+                         "--csv", "-")  # fmt: skip
+    assert code == 2 and "both write to stdout" in one_error_line(err)
     code, out, err = ferry(
         capsys,
         "loadtest",

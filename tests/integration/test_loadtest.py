@@ -172,11 +172,18 @@ def test_plot_or_a_clear_error(server: Any, tmp_path: Path) -> None:
         ({"target": "10.1.2.3:8001"}, "not a loopback"),
         ({"target": "example.com:8001"}, "--allow-remote"),
         ({"concurrency": tuple(range(1, 40))}, "levels"),
+        ({"requests": 2.5}, "whole number"),  # it sent 3
     ],
 )
 def test_config_refusals(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(LoadTestConfigError, match=message):
         LoadTestConfig("mlp", **kwargs).validate()
+
+
+def test_one_level_may_be_a_bare_number() -> None:
+    """concurrency=4 raised TypeError ("'int' object is not iterable") from deep inside."""
+    assert LoadTestConfig("mlp", concurrency=4).levels == (4.0,)  # type: ignore[arg-type]
+    assert LoadTestConfig("mlp", rate=100).levels == (100.0,)  # type: ignore[arg-type]
 
 
 def test_loopback_forms_and_allow_remote() -> None:

@@ -223,6 +223,8 @@ def _outputs(args: argparse.Namespace, report: LoadTestReport) -> None:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
+    if args.json == "-" and args.csv == "-":
+        raise UsageError("--json - and --csv - would both write to stdout: send one to a file")
     config = _config(args)
     try:
         config.validate()

@@ -61,6 +61,14 @@ class LoadTestConfig:
     tls: TLSConfig | None = None
     token: str | None = None
 
+    def __post_init__(self) -> None:
+        # One level may be given as a bare number (concurrency=4, rate=100): it raised
+        # TypeError ("'int' object is not iterable") from deep inside.
+        if isinstance(self.concurrency, int | float):
+            object.__setattr__(self, "concurrency", (self.concurrency,))
+        if isinstance(self.rate, int | float):
+            object.__setattr__(self, "rate", (self.rate,))
+
     @property
     def open_loop(self) -> bool:
         return self.rate is not None
@@ -107,6 +115,10 @@ class LoadTestConfig:
         if self.duration is not None:
             _check(self.duration > 0, f"duration must be > 0 seconds, got {self.duration:g}")
         if self.requests is not None:
+            _check(
+                isinstance(self.requests, int) and not isinstance(self.requests, bool),
+                f"requests must be a whole number, got {self.requests!r}",
+            )
             _check(
                 1 <= self.requests <= MAX_REQUESTS,
                 f"requests must be within [1, {MAX_REQUESTS:,}] per level, got {self.requests:,}",
