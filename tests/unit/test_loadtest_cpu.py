@@ -119,3 +119,31 @@ def test_a_stream_answer_past_the_timeout_is_deadline_exceeded() -> None:
             await transport.close()
 
     assert asyncio.run(main()) == ["DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"]
+
+
+def test_a_closed_loop_pauses_while_the_server_is_gone() -> None:
+    """UNAVAILABLE comes back at once from a server that is not there: the loop retried at once
+    and its error count (22,411 in 2 s) measured its own spin. With a pause that doubles, a
+    twentieth of a second holds a handful of tries, not thousands."""
+    import asyncio
+
+    from ferry.client.loadtest._engine import Budget, closed_loop
+    from ferry.client.loadtest._report import Recorder
+
+    async def main() -> Recorder:
+        budget, rec = Budget(None), Recorder()
+
+        class Gone:
+            calls = 0
+
+            async def request(self) -> str:
+                Gone.calls += 1
+                if Gone.calls == 1:
+                    asyncio.get_running_loop().call_later(0.05, budget.stop)
+                return "UNAVAILABLE"
+
+        await closed_loop(Gone(), 2, budget, rec)  # type: ignore[arg-type]
+        return rec
+
+    rec = asyncio.run(main())
+    assert 2 <= rec.codes["UNAVAILABLE"] < 50

@@ -243,6 +243,12 @@ class StreamTransport:
 Transport = UnaryTransport | StreamTransport
 
 
+# A closed-loop caller's pause after UNAVAILABLE (doubling up to the most), as a client with
+# backoff would wait before trying a server that is not there.
+MIN_PAUSE = 0.01
+MAX_PAUSE = 1.0
+
+
 class Budget:
     """Whether another request may start: a request count and a stop flag set by a timer."""
 
@@ -275,10 +281,19 @@ async def closed_loop(
 
     async def worker() -> None:
         request, add, take = transport.request, rec.add, budget.take
+        pause = 0.0
         while take():
             t0 = clock()
             code = await request()
             add(clock() - t0, code)
+            if code != "UNAVAILABLE":
+                pause = 0.0
+                continue
+            # A server that is gone answers at once: without a pause the loop spun, and its
+            # error count (22,411 in 2 s in a review) measured the client, not the server.
+            pause = min(max(pause * 2, MIN_PAUSE), MAX_PAUSE)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(budget.stopping.wait(), pause)
 
     await asyncio.gather(*(worker() for _ in range(concurrency)))
 
