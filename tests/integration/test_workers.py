@@ -134,6 +134,7 @@ def test_two_workers_share_the_port_and_statistics_are_their_sum(fleet: Fleet) -
     with urllib.request.urlopen(f"http://127.0.0.1:{fleet.metrics}/metrics", timeout=10) as r:
         text = r.read().decode()
     assert f'ferry_requests_total{{model="mlp",version="1",code="OK"}} {sent}' in text
+    assert "ferry_worker_restarts_total 0\n" in text
     # Each worker's memory, so that workers x models can be watched (and PSS summed).
     for worker in ("0", "1"):
         for kind in ("rss", "pss", "private"):
@@ -164,6 +165,10 @@ def test_a_killed_worker_is_started_again_while_the_other_serves(fleet: Fleet) -
         lambda: _spread(fleet.port, "mlp", 1) > 0 and _local(fleet.run_dir, 1, "mlp") > 0,
         "the restarted worker to serve",
     )
+    # Its counters started again from zero, which sums over the workers show as a drop:
+    # /metrics says why.
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.metrics}/metrics", timeout=10) as r:
+        assert "ferry_worker_restarts_total 1\n" in r.read().decode()
 
 
 def test_sigterm_drains_and_stops_every_worker(fleet: Fleet) -> None:

@@ -94,10 +94,15 @@ class Metrics:
         self._labels: dict[tuple[str, int], str] = {}
         self._peers: PeerCounters | None = None
         self._worker_pids: Callable[[], list[int]] = lambda: [os.getpid()]
+        self._worker_restarts: Callable[[], int] | None = None
 
-    def workers(self, pids: Callable[[], list[int]]) -> None:
-        """The serving processes whose memory a scrape reports, the first one's (this) first."""
+    def workers(
+        self, pids: Callable[[], list[int]], restarts: Callable[[], int] | None = None
+    ) -> None:
+        """The serving processes whose memory a scrape reports, the first one's (this) first,
+        and how many times one was started again."""
         self._worker_pids = pids
+        self._worker_restarts = restarts
 
     def sum_with(self, peers: PeerCounters) -> None:
         """With several worker processes a scrape shows their sum (read on the metrics thread)."""
@@ -271,6 +276,14 @@ class Metrics:
 
     def _render_memory(self, out: list[str]) -> None:
         """Each worker's memory (memory.py): sum the pss series for what the workers cost."""
+        if self._worker_restarts is not None:
+            out.append(
+                "# HELP ferry_worker_restarts_total Worker processes that exited and were started "
+                "again; each restart starts that worker's counters from zero, so sums over the "
+                "workers drop by what it had counted"
+            )
+            out.append("# TYPE ferry_worker_restarts_total counter")
+            out.append(f"ferry_worker_restarts_total {self._worker_restarts()}")
         out.append(
             "# HELP ferry_worker_memory_bytes Memory of each serving process: rss (all it "
             "maps), pss (shared pages divided among their sharers; sums to the total), private"

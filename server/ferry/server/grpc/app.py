@@ -278,7 +278,7 @@ class FerryServer:
         self.registry.follower = self.fleet.follow
         await self.fleet.start(self.inference_port, http_port)
         fleet = self.fleet
-        self.metrics.workers(lambda: [os.getpid(), *fleet.pids])
+        self.metrics.workers(lambda: [os.getpid(), *fleet.pids], lambda: fleet.restarts)
         log.info(
             "%d inference workers on port %d (pids %s; control sockets in %s)",
             self.workers,

@@ -92,6 +92,9 @@ class WorkerFleet:
         self._flags: list[str] = []
         self._stopping = False
         self._monitors: list[asyncio.Task[None]] = []
+        # Workers that exited and were started again: their counters started from zero, which
+        # a sum over workers shows as a drop (docs/deployment.md); /metrics carries this count.
+        self.restarts = 0
 
     @property
     def pids(self) -> list[int]:
@@ -144,6 +147,7 @@ class WorkerFleet:
             if self._stopping:
                 return
             lived = time.monotonic() - worker.started
+            self.restarts += 1
             worker.failures = 0 if lived > HEALTHY_AFTER else worker.failures + 1
             delay = BACKOFF[min(worker.failures, len(BACKOFF) - 1)]
             log.error(
