@@ -90,6 +90,8 @@ class _Brotli:
 
     def feed(self, data: bytes, room: int) -> bytes:
         try:
+            if not hasattr(self._d, "can_accept_more_data"):  # Brotli < 1.2: no output bound
+                return bytes(self._d.process(data))
             out = [self._d.process(data, output_buffer_limit=room + 1)]
             produced = len(out[0])
             while produced <= room and not self._d.can_accept_more_data():
