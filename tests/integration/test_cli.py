@@ -126,6 +126,26 @@ def test_infer_errors_say_what_to_fix(
     assert code == 3 and "ferry serve" in one_error_line(err)
 
 
+def test_a_loadtest_whose_server_went_away_exits_3(
+    server: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A level with some answers and then UNAVAILABLE (the server gone mid-run) exited 0, so a
+    script took a run against a dead server for a result."""
+    import ferry.cli.loadtest as cli_loadtest
+    from ferry.client.loadtest import LevelResult, LoadTestReport
+
+    report = LoadTestReport(model="mlp", target=server.target)
+    latency = {k: 1.0 for k in ("p50", "p90", "p95", "p99", "max", "mean")}
+    report.levels.append(
+        LevelResult("closed", 2, "unary", "ferry", 1, 2.0, 148, {"UNAVAILABLE": 40}, latency)
+    )
+    monkeypatch.setattr(cli_loadtest, "run", lambda config, progress=None: report)
+    code, out, err = ferry(capsys, "loadtest", "mlp", "--target", server.target, "-n", "10")
+    assert code == 3, (out, err)
+    assert "UNAVAILABLE at level 2 (40)" in one_error_line(err)
+    assert "148" in out  # the partial figures are still shown
+
+
 def test_json_inputs_are_never_cast_to_other_numbers(
     server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -19,7 +19,7 @@ from ferry.cli._common import (
     tls_config,
     version_number,
 )
-from ferry.client import FerryError
+from ferry.client import ConnectionError_, FerryError
 from ferry.client.loadtest import (
     MAX_CONCURRENCY,
     MAX_DURATION,
@@ -263,4 +263,13 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     if any(level.ok == 0 for level in report.levels):
         codes = sorted({c for lv in report.levels for c in lv.errors})
         raise FerryError(f"a level had no successful request (errors: {', '.join(codes)})")
+    gone = [lv for lv in report.levels if lv.errors.get("UNAVAILABLE")]
+    if gone:
+        # The server stopped answering during the run: exit 3 ("nothing answered at the
+        # target"), not 0, so a script does not take a run against a dead server for a result.
+        where = ", ".join(f"{lv.level:g} ({lv.errors['UNAVAILABLE']})" for lv in gone)
+        raise ConnectionError_(
+            f"the target did not answer some requests (UNAVAILABLE at level {where}): the "
+            "server went away or refused connections during the run; the figures are partial"
+        )
     return EXIT_OK if report.levels else EXIT_FAILED
