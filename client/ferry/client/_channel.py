@@ -84,6 +84,14 @@ def _ip_version(host: str) -> int | None:
         return None
 
 
+def split_endpoints(target: str | Sequence[str]) -> list[str]:
+    """Each server a target names (``A,B``, ``ipv4:A,B`` or a list), one per entry."""
+    if not isinstance(target, str):
+        return [t.strip() for t in target]
+    text = target.strip().removeprefix("ipv4:").removeprefix("ipv6:")
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
 def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
     """Return (gRPC target string, number of endpoints).
 
@@ -97,9 +105,7 @@ def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
             raise ValueError("no endpoint given: pass HOST:PORT or a list of them")
         if "," not in target or target.startswith(("ipv4:", "ipv6:")):
             return target, (target.count(",") + 1 if "," in target else 1)
-        endpoints = [t.strip() for t in target.split(",") if t.strip()]
-    else:
-        endpoints = [t.strip() for t in target]
+    endpoints = split_endpoints(target)
     if not endpoints:
         raise ValueError("no endpoint given: pass HOST:PORT or a list of them")
     if len(endpoints) == 1:

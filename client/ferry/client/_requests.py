@@ -97,14 +97,17 @@ def _ints_as_declared(
         return arr
     if not all(type(v) is int for v in values):
         return arr
+    _check_int_range(min(values), max(values), dtype, name)
+    return np.array(values, dtype=dtype).reshape(arr.shape)
+
+
+def _check_int_range(low: Any, high: Any, dtype: np.dtype[Any], name: str) -> None:
     info = np.iinfo(dtype)
-    low, high = min(values), max(values)
     if low < info.min or high > info.max:
         worst = low if low < info.min else high
         raise CodecError(
             f"input {name!r}: {worst} is out of the model's {dtype} range {info.min}..{info.max}"
         )
-    return np.array(values, dtype=dtype).reshape(arr.shape)
 
 
 def _as_declared(arr: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray:
@@ -116,14 +119,7 @@ def _as_declared(arr: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray
     if arr.size == 0:  # [] is float64 to numpy: no number to judge
         return arr.astype(dtype)
     if dtype.kind in "iu" and arr.dtype.kind in "iub":
-        info = np.iinfo(dtype)
-        low, high = arr.min(), arr.max()
-        if low < info.min or high > info.max:
-            worst = low if low < info.min else high
-            raise CodecError(
-                f"input {name!r}: {worst} is out of the model's {dtype} range "
-                f"{info.min}..{info.max}"
-            )
+        _check_int_range(arr.min(), arr.max(), dtype, name)
         return arr.astype(dtype)
     if dtype.kind == "f" and arr.dtype.kind in "iubf":
         with np.errstate(over="ignore"):
@@ -196,11 +192,11 @@ def needs_dtypes(inputs: Mapping[str, ArrayLike], model: object, version: object
         return False
     if not isinstance(model, str) or (not model.isascii() and not _encodable(model)):
         return False
-    return version is None or (
-        isinstance(version, int)
-        and not isinstance(version, bool)
-        and _INT64[0] <= version <= _INT64[1]
-    )
+    try:  # the version rule encoding applies later, here first
+        check_request_numbers(version, None, 0)  # type: ignore[arg-type]
+    except InvalidInputError:
+        return False
+    return True
 
 
 def _encodable(text: str) -> bool:

@@ -21,7 +21,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from ferry.client._async import AsyncInferenceClient
-from ferry.client._channel import ChannelConfig, create_aio_channel
+from ferry.client._channel import ChannelConfig, create_aio_channel, split_endpoints
 from ferry.client._errors import FerryError
 from ferry.client._types import ModelMetadata, ModelStatistics
 from ferry.client.loadtest._config import (
@@ -105,14 +105,6 @@ async def _stats(
     return [s for answer in answers for s in answer]
 
 
-def _endpoints(target: str | Sequence[str]) -> list[str]:
-    """Each server a target names (``A,B``, ``ipv4:A,B`` or a list), one per entry."""
-    if not isinstance(target, str):
-        return [t.strip() for t in target]
-    text = target.strip().removeprefix("ipv4:").removeprefix("ipv6:")
-    return [t.strip() for t in text.split(",") if t.strip()] or [target]
-
-
 async def arun(
     config: LoadTestConfig,
     *,
@@ -130,7 +122,7 @@ async def arun(
     control = AsyncInferenceClient(
         config.target, timeout=config.timeout, tls=config.tls, token=config.token
     )
-    endpoints = _endpoints(config.target)
+    endpoints = split_endpoints(config.target)  # validate() refused an empty target
     counters = (
         [
             AsyncInferenceClient(e, timeout=config.timeout, tls=config.tls, token=config.token)

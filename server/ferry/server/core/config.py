@@ -160,15 +160,17 @@ class ModelConfig:
 
 
 def find_config_file(model_dir: Path) -> Path | None:
+    found = []
     for name in CONFIG_NAMES:
         path = model_dir / name
-        if (path.exists() or path.is_symlink()) and not path.is_file():
+        if path.is_file():
+            found.append(path)
+        elif path.is_symlink() or path.exists():
             # A folder or a dangling link there served the model with every default, silently.
             raise InvalidArgument(
                 f"{model_dir.name}/{name} is not a readable file (a folder, or a link to "
                 "nothing): make it the config file, or remove it"
             )
-    found = [model_dir / n for n in CONFIG_NAMES if (model_dir / n).is_file()]
     if len(found) > 1:
         raise InvalidArgument(
             f"model folder {model_dir.name!r} has both config.toml and config.json: keep one"

@@ -479,7 +479,7 @@ class ModelRegistry:
             serving = sorted(v for v, slot in entry.versions.items() if slot.loaded is not None)
             if serving:
                 log.warning("model %s: %s; still serving %s", name, entry.policy_error, serving)
-                kept = f"reload failed, still serving previous load: {entry.policy_error}"
+                kept = _still_serving(entry.policy_error)
                 for v in serving:
                     held = entry.versions[v]
                     if held.reason != kept or retry_failed:
@@ -494,7 +494,7 @@ class ModelRegistry:
             if entry.config_error:
                 failure = f"{name}/{v}: {entry.config_error}"
                 if slot is not None and slot.loaded is not None:
-                    kept = f"reload failed, still serving previous load: {entry.config_error}"
+                    kept = _still_serving(entry.config_error)
                     if slot.reason != kept:
                         log.warning("model %s version %s: %s", name, v, kept)
                         slot.reason = kept
@@ -547,7 +547,7 @@ class ModelRegistry:
             log.warning("model %s version %s failed to load: %s", entry.name, version, reason)
             if old is not None and old.loaded is not None:
                 # A reload failed: keep serving the old session rather than dropping the version.
-                old.reason = f"reload failed, still serving previous load: {reason}"
+                old.reason = _still_serving(reason)
                 old.signature = sig  # tried: not again at every poll, only after a new change
                 result.failed.append(f"{entry.name}/{version}: {reason}")
                 return
@@ -677,6 +677,11 @@ def _scan(
         for v in scan.on_disk
     }
     return scan
+
+
+def _still_serving(why: str) -> str:
+    """A served version's reason when a reload of it failed and it serves as loaded before."""
+    return f"reload failed, still serving previous load: {why}"
 
 
 def _policy_text(config: ModelConfig) -> str:

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 import torch
 
+from ferry.server.convert.worker import graph
 from ferry.server.convert.worker.load import Source
 from ferry.server.convert.worker.parity import generate, onnx_runner
 from ferry.server.errors import (
@@ -138,14 +139,12 @@ def _legacy_axes(spec: Any) -> dict[int, str]:
 
 
 def _strip_debug_metadata(path: Path) -> None:
-    """Drop the exporter's per-node provenance (module paths, class hierarchies): a third of a
-    small model's file, which would otherwise inflate every variant built from this graph."""
+    """Drop the exporter's per-node provenance (module paths, stack traces; ``graph.
+    strip_provenance``, at every depth): a third of a small model's file, which would otherwise
+    inflate every variant built from this graph. Only the graph is read and written."""
     model = onnx.load(str(path), load_external_data=False)  # the graph; the data stays put
-    graph = model.graph
-    items: list[Any] = [*graph.node, *graph.input, *graph.output, *graph.value_info]
-    for item in [*items, *graph.initializer]:
-        del item.metadata_props[:]
-    onnx.save(model, str(path))
+    if graph.strip_provenance(model):
+        onnx.save(model, str(path))
 
 
 def _program_batch_is_dynamic(program: Any) -> bool:
