@@ -201,6 +201,29 @@ def test_python_strings_keep_their_trailing_nuls(zoo_client: InferenceClient) ->
         zoo_client.infer("id_bytes", {"input": [["a", 1]]})  # was sent as the string "1"
 
 
+def test_bytearrays_in_a_list_are_bytes_elements_not_rows_of_numbers(
+    zoo_client: InferenceClient,
+) -> None:
+    """numpy reads a bytearray in a list as uint8 numbers: [bytearray(b"ab")] went out as UINT8
+    [[97, 98]] and the server refused the type; with a str beside it, it did not convert."""
+    values = [[bytearray(b"ab\x00"), memoryview(b"c"), "d"]]
+    assert zoo_client.infer("id_bytes", {"input": values})["output"].tolist() == [
+        [b"ab\x00", b"c", b"d"]
+    ]
+    same = [[bytearray(b"xy"), bytearray(b"zw")]]
+    assert zoo_client.infer("id_bytes", {"input": same})["output"].tolist() == [[b"xy", b"zw"]]
+
+
+def test_numpy_string_dtype_arrays_are_bytes(zoo_client: InferenceClient) -> None:
+    """numpy 2's variable-width StringDType (kind T) was refused as an unsupported dtype."""
+    string_dtype = getattr(np.dtypes, "StringDType", None)
+    if string_dtype is None:
+        pytest.skip("numpy < 2 has no StringDType")
+    values = np.array([["ab\x00", "é"]], dtype=string_dtype())
+    expected = [[b"ab\x00", "é".encode()]]
+    assert zoo_client.infer("id_bytes", {"input": values})["output"].tolist() == expected
+
+
 def test_python_ints_in_range_take_an_unsigned_dtype(zoo_client: InferenceClient) -> None:
     result = zoo_client.infer("id_uint8", {"input": [[0, 255]]})
     assert result["output"].dtype == np.uint8 and result["output"].tolist() == [[0, 255]]

@@ -131,6 +131,45 @@ def test_a_missing_repository_stops_the_start_with_one_line(tmp_path: Path) -> N
     assert not missing.exists()
 
 
+@pytest.mark.parametrize("flag", ["--host", "--management-host", "--metrics-host"])
+def test_a_host_that_does_not_resolve_says_what_to_give(tmp_path: Path, flag: str) -> None:
+    """grpc said only "in use or not permitted" (and wrote a C-core line) for a typo in a host."""
+    hosts = {"--host": "127.0.0.1", "--management-host": "127.0.0.1"}
+    hosts["--metrics-host"] = "127.0.0.1"
+    hosts[flag] = "no such host!"
+    (tmp_path / "repo").mkdir()
+    token = tmp_path / "token"  # a management host off loopback needs one
+    token.write_text("s3cret-" * 6)
+    args = [FERRY, "serve", "--repository", str(tmp_path / "repo"), "--port", "0"]
+    args += ["--management-token-file", str(token)]
+    args += ["--management-port", "0", "--metrics-port", "0", "--http-port", "0"]
+    args += ["--management-http-port", "0"]
+    for name, value in hosts.items():
+        args += [name, value]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, env=_env(), check=False)
+    assert r.returncode == 1
+    assert "Traceback" not in r.stderr and "add_port" not in r.stderr, r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.startswith("ferry serve: ")]
+    assert len(lines) == 1, r.stderr
+    assert "'no such host!' is not an IP address or a host name" in lines[0]
+    assert "0.0.0.0" in lines[0]
+
+
+def test_a_state_dir_that_is_a_file_stops_the_start_with_one_line(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    state = tmp_path / "state"
+    state.write_text("not a folder")
+    args = [FERRY, "serve", "--repository", str(tmp_path / "repo"), "--host", "127.0.0.1"]
+    args += ["--port", "0", "--management-port", "0", "--metrics-port", "-1"]
+    args += ["--http-port", "-1", "--management-http-port", "-1", "--state-dir", str(state)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, env=_env(), check=False)
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert "is not a folder" in lines[0] and "--state-dir" in lines[0]
+    assert state.read_text() == "not a folder"
+
+
 def test_serve_without_the_server_extra_says_which_to_install() -> None:
     """The SDK alone installed: no traceback, the extra to install."""
     code = (

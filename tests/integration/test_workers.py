@@ -54,14 +54,14 @@ def _local(run_dir: Path, index: int, model: str) -> int:
     with grpc.insecure_channel(f"unix:{run_dir / f'worker-{index}.sock'}") as channel:
         ask = control.encode({"model": model, "version": None})
         raw = channel.unary_unary(control.STATISTICS)(ask, timeout=10)
-    return sum(s["inference_count"] for s in control.decode(raw))
+    return sum(s["inference_count"] for s in control.decode(raw)["rows"])
 
 
 def _serves(run_dir: Path, index: int, model: str) -> bool:
     with grpc.insecure_channel(f"unix:{run_dir / f'worker-{index}.sock'}") as channel:
         ask = control.encode({"model": model, "version": None})
         raw = channel.unary_unary(control.STATISTICS)(ask, timeout=10)
-    return bool(control.decode(raw))
+    return bool(control.decode(raw)["rows"])
 
 
 def _spread(port: int, model: str, n_per_connection: int = 2) -> int:
@@ -152,7 +152,24 @@ def test_a_repository_change_reaches_every_worker_before_the_call_returns(fleet:
         assert _serves(fleet.run_dir, 0, "seed") and _serves(fleet.run_dir, 1, "seed")
 
 
+def _scrape(fleet: Fleet) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.metrics}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def _counter(text: str, line_start: str) -> int:
+    m = re.search(rf"^{re.escape(line_start)} (\d+)$", text, re.MULTILINE)
+    assert m is not None, line_start
+    return int(m.group(1))
+
+
 def test_a_killed_worker_is_started_again_while_the_other_serves(fleet: Fleet) -> None:
+    sent = _spread(fleet.port, "mlp")
+    assert _local(fleet.run_dir, 1, "mlp") > 0  # the victim has counts of its own
+    before = _scrape(fleet)  # what the first process last read of every worker
+    ok = 'ferry_requests_total{model="mlp",version="1",code="OK"}'
+    inferences = 'ferry_inferences_total{model="mlp",version="1"}'
+    assert _counter(before, ok) == sent and _counter(before, inferences) == sent
     victim = fleet.pids[1]
     os.kill(victim, signal.SIGKILL)
     fleet.wait_line(rf"worker 1 \(pid {victim}\) exited")
@@ -165,10 +182,15 @@ def test_a_killed_worker_is_started_again_while_the_other_serves(fleet: Fleet) -
         lambda: _spread(fleet.port, "mlp", 1) > 0 and _local(fleet.run_dir, 1, "mlp") > 0,
         "the restarted worker to serve",
     )
-    # Its counters started again from zero, which sums over the workers show as a drop:
-    # /metrics says why.
-    with urllib.request.urlopen(f"http://127.0.0.1:{fleet.metrics}/metrics", timeout=10) as r:
-        assert "ferry_worker_restarts_total 1\n" in r.read().decode()
+    # Its counters started again from zero; the sums keep what the dead process last
+    # reported, so a counter never goes down (Prometheus would read a reset) ...
+    after = _scrape(fleet)
+    assert "ferry_worker_restarts_total 1\n" in after
+    assert _counter(after, ok) > sent and _counter(after, inferences) > sent
+    # ... and what every worker holds now, the new process's counts, is added to it.
+    with InferenceClient(f"127.0.0.1:{fleet.port}") as client:
+        (stats,) = client.statistics("mlp")
+    assert stats.inference_count >= _counter(after, inferences)
 
 
 def test_sigterm_drains_and_stops_every_worker(fleet: Fleet) -> None:

@@ -260,6 +260,12 @@ def test_a_key_twice_in_json_is_refused_as_toml_refuses_it(tmp_path: Path) -> No
         load_config(tmp_path)
 
 
+def test_a_byte_order_mark_is_read_past(tmp_path: Path) -> None:
+    """Editors on Windows may start a file with one; tomllib refused line 1, invisibly."""
+    (tmp_path / "config.toml").write_bytes(b"\xef\xbb\xbf[batching]\nmax_batch_size = 4\n")
+    assert load_config(tmp_path).batching.max_batch_size == 4
+
+
 @pytest.mark.parametrize("kind", ["folder", "dangling link"])
 def test_a_config_that_is_not_a_file_is_refused_not_skipped(tmp_path: Path, kind: str) -> None:
     """A folder or a dangling link named config.toml served the model with every default."""

@@ -1,7 +1,7 @@
 """Sums over worker processes: a worker that does not answer in time adds what it answered
 last, so a sum does not drop for one slow read and come back (a scrape then showed traffic
-nobody sent); a worker started again adds nothing until it answers, and the kept answers are
-bounded."""
+nobody sent); what a worker's previous process last reported stays in the sum after it was
+started again, while the version it counted stays loaded; the kept answers are bounded."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from pathlib import Path
 import grpc
 import pytest
 
+from ferry.server.core.types import Duration, VersionStatistics
+from ferry.server.workers import control
 from ferry.server.workers import peers as peers_module
 from ferry.server.workers.peers import Peers
 
@@ -35,3 +37,79 @@ def test_the_kept_answers_are_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
     assert len(peers._last) == 3
     assert peers._answered(sock, "stats", {"model": "m9"}, TimeoutError()) == [9]
     assert peers._answered(sock, "stats", {"model": "m0"}, TimeoutError()) is None
+
+
+def _row(model: str, version: int, count: int) -> dict[str, object]:
+    zero = Duration(0, 0)
+    stats = VersionStatistics(
+        model,
+        version,
+        0,
+        count,
+        count,
+        Duration(count, count * 10),
+        zero,
+        zero,
+        zero,
+        zero,
+        zero,
+        (),
+        0,
+        0,
+        queue_depth=3,
+    )
+    return control.stats_to_json(stats)
+
+
+class _Loaded:
+    """Stands in for a LoadedVersion: only its identity matters."""
+
+
+def test_a_restarted_workers_old_counts_stay_in_the_sum(tmp_path: Path) -> None:
+    loaded = {("m", 1): _Loaded(), ("gone", 1): _Loaded()}
+    peers = Peers(tmp_path, tmp_path / "worker-0.sock", lambda m, v: loaded.get((m, v)))
+    sock = tmp_path / "worker-1.sock"
+    every = {"model": "", "version": None}
+    first = {"process": "a", "rows": [_row("m", 1, 5), _row("gone", 1, 2)]}
+    peers._answered(sock, control.STATISTICS, every, first)
+    requests = [["m", 1, {"OK": 5}, [5, 0], 0.5]]
+    peers._answered(sock, control.REQUESTS, {}, {"process": "a", "rows": requests})
+    assert peers._retired() == []
+    del loaded[("gone", 1)]  # unloaded here before the worker died: its counts leave with it
+    # The next answer comes from a new process (it was killed and started again).
+    again = {"process": "b", "rows": [_row("m", 1, 1)]}
+    assert peers._answered(sock, control.STATISTICS, every, again) == again["rows"]
+    (kept,) = peers._retired()
+    assert (kept.name, kept.inference_count, kept.success.count) == ("m", 5, 5)
+    assert kept.queue_depth == 0  # a dead process queues nothing
+    assert peers._retired("other") == [] and peers._retired("m", 2) == []
+    # Killed a second time: both dead processes' counts add up; the fleet's forget() retires.
+    peers._answered(sock, control.STATISTICS, every, {"process": "b", "rows": [_row("m", 1, 4)]})
+    peers.forget(sock)
+    (kept,) = peers._retired()
+    assert kept.inference_count == 9
+    # Request counters are since the process started: they stay whatever is loaded.
+    assert [row[2] for row in peers._retired_requests.values()] == [{"OK": 5}]
+    # The version loaded again here: a new load counts from zero, the old counts go.
+    loaded[("m", 1)] = _Loaded()
+    assert peers._retired() == []
+
+
+def test_a_version_unloaded_before_the_restart_is_not_retired(tmp_path: Path) -> None:
+    """Only the versions the last answers still showed are kept: a per-model question replaces
+    that model's rows."""
+    loaded = {("m", 1): _Loaded(), ("m", 2): _Loaded()}
+    peers = Peers(tmp_path, tmp_path / "worker-0.sock", lambda m, v: loaded.get((m, v)))
+    sock = tmp_path / "worker-1.sock"
+    one_model = {"model": "m", "version": None}
+    peers._answered(
+        sock,
+        control.STATISTICS,
+        one_model,
+        {"process": "a", "rows": [_row("m", 1, 1), _row("m", 2, 2)]},
+    )
+    peers._answered(
+        sock, control.STATISTICS, one_model, {"process": "a", "rows": [_row("m", 2, 3)]}
+    )
+    peers.forget(sock)
+    assert [(s.version, s.inference_count) for s in peers._retired()] == [(2, 3)]

@@ -57,9 +57,17 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
     try:
         arr = np.asarray(value)
     except (TypeError, ValueError) as exc:
-        raise CodecError(
-            f"input {name!r}: cannot convert {type(value).__name__} to an array: {exc}"
-        ) from None
+        buffers = _with_buffers_as_bytes(value)
+        if buffers is None:
+            raise CodecError(
+                f"input {name!r}: cannot convert {type(value).__name__} to an array: {exc}"
+            ) from None
+        arr = buffers
+    if arr.dtype in (np.uint8, object) and isinstance(value, list | tuple):
+        # numpy reads a bytearray (or memoryview) in a list as a row of uint8 numbers:
+        # [bytearray(b"ab")] became UINT8 [[97, 98]], not one BYTES element.
+        buffers = _with_buffers_as_bytes(value)
+        arr = arr if buffers is None else buffers
     if arr.dtype.kind in "US":
         # Built again as Python objects: numpy's fixed-width str/bytes drop trailing NULs, so
         # "ab\x00" went out as b"ab". (An S or U array the caller built is theirs, as sent.)
@@ -84,6 +92,32 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
     elif dtype is not None and arr.dtype != dtype:
         arr = _as_declared(arr, dtype, name)
     return _within_a_message(arr, name)
+
+
+def _with_buffers_as_bytes(value: ArrayLike) -> np.ndarray | None:
+    """``value`` as an object array with each bytearray/memoryview in its lists made ``bytes``;
+    None when it holds none (numpy's reading of the list stands)."""
+    found = False
+
+    def walk(v: Any, depth: int) -> Any:
+        nonlocal found
+        if isinstance(v, bytearray | memoryview):
+            found = True
+            return bytes(v)
+        if isinstance(v, list | tuple) and depth < _MAX_DIMS:
+            return [walk(x, depth + 1) for x in v]
+        return v
+
+    converted = walk(value, 0)
+    if not found:
+        return None
+    try:
+        return np.asarray(converted, dtype=object)
+    except (TypeError, ValueError):
+        return None
+
+
+_MAX_DIMS = 64  # numpy's own limit on an array's dimensions
 
 
 def _ints_as_declared(

@@ -52,7 +52,7 @@ FIXED: dict[int, tuple[np.dtype[Any], int]] = {
 
 # numpy (kind, itemsize) -> DataType. Keyed this way so that any byte order maps alike.
 BY_KIND: dict[tuple[str, int], int] = {(dt.kind, size): code for code, (dt, size) in FIXED.items()}
-_TEXT_KINDS = frozenset("OSU")
+_TEXT_KINDS = frozenset("OSUT")  # T: numpy 2's variable-width StringDType
 
 # Open Inference Protocol / Triton names, in wire order.
 NAMES: dict[int, str] = {

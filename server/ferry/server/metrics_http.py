@@ -17,6 +17,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from ferry.server.addresses import bind_failure
+
 log = logging.getLogger(__name__)
 
 LIVE = "/v2/health/live"
@@ -116,8 +118,9 @@ class MetricsServer:
     def start(self, host: str, port: int) -> int:
         try:
             server = _Server((host, port), self._handler)
-        except OSError as exc:  # name the listener, as the gRPC ones do
-            raise OSError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}") from None
+        except OSError as exc:  # one wording for every listener
+            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+            raise bind_failure(address, host, exc) from None
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, name="ferry-metrics", daemon=True).start()
         self._server = server

@@ -93,7 +93,18 @@ class ConversionService:
                 "a model: choose a --state-dir outside it"
             )
         for sub in (state, state / "uploads", state / "jobs"):
-            sub.mkdir(mode=0o700, parents=True, exist_ok=True)
+            if sub.exists() and not sub.is_dir():
+                raise InvalidArgument(
+                    f"state folder {sub} exists and is not a folder: point --state-dir at a "
+                    "folder (it is created when missing) or move that file"
+                )
+            try:
+                sub.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as exc:
+                raise InvalidArgument(
+                    f"cannot create the state folder {sub}: {exc.strerror or exc}; point "
+                    "--state-dir at a folder this user can write"
+                ) from None
         self._store = JobStore(state / DB_FILE)
         for job in self._store.fail_interrupted(RESTARTED):
             log.warning("conversion job %s was interrupted by a restart: marked FAILED", job.job_id)

@@ -193,8 +193,10 @@ def load_config(model_dir: Path) -> ModelConfig:
 
 def _read(path: Path) -> Any:
     """A config file's table. A key given twice in JSON is refused, as TOML refuses it: json
-    kept the last one, so {"max_batch_size": 8, "max_batch_size": 0} served unbatched."""
-    text = path.read_text(encoding="utf-8")
+    kept the last one, so {"max_batch_size": 8, "max_batch_size": 0} served unbatched. A byte
+    order mark, which some editors on Windows write, is dropped: tomllib would refuse the
+    file's first line with a message that points at nothing visible."""
+    text = path.read_text(encoding="utf-8-sig")
     if path.suffix == ".toml":
         return tomllib.loads(text)
     return json.loads(text, object_pairs_hook=_no_duplicates)

@@ -172,6 +172,12 @@ class ModelRegistry:
             raise ModelNotReady(f"model {name!r} version {version} is {slot.state.value}{why}")
         return slot.loaded
 
+    def loaded(self, name: str, version: int) -> LoadedVersion | None:
+        """The loaded object behind a version, whatever its state; None when there is none."""
+        entry = self.models.get(name)
+        slot = entry.versions.get(version) if entry is not None else None
+        return slot.loaded if slot is not None else None
+
     def route(self, name: str, version: int | None, key: str) -> LoadedVersion:
         """The version a request is served by: the one it names, else its place in the
         model's rollout split (by ``key``, the request id), else the default version. A split

@@ -126,12 +126,12 @@ async def set_default_version(
             policy_value = sum(1 for v in on_disk if v >= version)
     path = find_config_file(mdir)
     if path is not None and path.suffix == ".toml":
-        text = _edit_toml(path.read_text(encoding="utf-8"), "default_version", version or None)
+        text = _edit_toml(path.read_text(encoding="utf-8-sig"), "default_version", version or None)
         if policy_value is not None:
             text = _edit_toml(text, "version_policy", f"{{ latest = {policy_value} }}")
         target = path
     else:
-        raw = json.loads(path.read_text(encoding="utf-8")) if path is not None else {}
+        raw = json.loads(path.read_text(encoding="utf-8-sig")) if path is not None else {}
         if not isinstance(raw, dict):
             raise FailedPrecondition(f"{name}/config.json does not hold an object: fix it first")
         raw.pop("default_version", None)

@@ -26,6 +26,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ferry.proto.v1 import inference_pb2, repository_pb2, repository_pb2_grpc
 from ferry.server import memory, security
+from ferry.server.addresses import bind_failure
 from ferry.server.coalesced import Coalesced
 from ferry.server.convert.service import ConversionService, default_state_dir
 from ferry.server.core.dataplane import DataPlane
@@ -257,7 +258,7 @@ class FerryServer:
         else:
             self._run_dir = Path(tempfile.mkdtemp(prefix="ferry-workers-"))
             own = socket_path(self._run_dir, 0)
-        self._peers = Peers(self._run_dir, own)
+        self._peers = Peers(self._run_dir, own, self.registry.loaded)
         service = worker_control.ControlService(self.dataplane, self.metrics.requests_snapshot)
         self._control = await worker_control.start_control(str(own), service)
         self.dataplane.sum_with(self._peers.statistics)
@@ -451,8 +452,7 @@ def _bind(
     shared: bool = False,
 ) -> int:
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    if port:
-        _check_free(host, port, address, shared=shared)
+    _check_free(host, port, address, shared=shared)
     try:
         if credentials is None:
             bound = server.add_insecure_port(address)
@@ -478,7 +478,7 @@ def _check_free(host: str, port: int, address: str, *, shared: bool = False) -> 
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+            raise bind_failure(address, host, exc) from None
 
 
 def _in_repository(repository: ModelRepository, name: str) -> bool:

@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from ferry.server.addresses import bind_failure
 from ferry.server.errors import ErrorKind, InvalidArgument
 from ferry.server.grpc.auth import DENIED, MISSING, ListenerGuard
 from ferry.server.http.encodings import ENCODINGS, BodyError, decoder
@@ -226,7 +227,7 @@ def _listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.soc
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
-        raise OSError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        raise bind_failure(address, host, exc) from None
     return sock
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import uuid
 from typing import Any
 
 import grpc
@@ -86,6 +87,9 @@ class ControlService(grpc.GenericRpcHandler):
 
     def __init__(self, dataplane: DataPlane, requests: Any) -> None:
         self._dataplane = dataplane
+        # Which process answers: a worker started again counts from zero, and the others tell
+        # its new counters from the old ones by this (peers.Peers keeps the old ones).
+        self._process = uuid.uuid4().hex
         self._requests = requests  # () -> this process's request counters (metrics)
         self._methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             STATISTICS: grpc.unary_unary_rpc_method_handler(self._statistics),
@@ -103,10 +107,10 @@ class ControlService(grpc.GenericRpcHandler):
             stats = self._dataplane.statistics(ask.get("model", ""), ask.get("version"))
         except FerryError:  # not served by this worker (yet): it has nothing to add
             stats = []
-        return encode([stats_to_json(s) for s in stats])
+        return encode({"process": self._process, "rows": [stats_to_json(s) for s in stats]})
 
     async def _requests_counts(self, raw: bytes, context: aio.ServicerContext) -> bytes:
-        return encode(self._requests())
+        return encode({"process": self._process, "rows": self._requests()})
 
     async def _ready(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         return encode({"ready": self._dataplane.ready()})

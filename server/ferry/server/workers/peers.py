@@ -2,24 +2,36 @@
 
 Async calls serve the event loop (ModelStatistics, repository changes); sync calls serve the
 metrics thread, which must not touch the loop. Statistics are a sum, never an error for the
-caller: a worker that does not answer in time adds what it answered last (its counters as they
-were then), so one slow read does not make the sum drop and come back (a scrape then showed
-traffic that was never sent); one that has never answered, or was started again, adds nothing
-until it answers.
+caller, and a sum never drops because a worker is slow or was started again:
+
+* a worker that does not answer in time adds what it answered last (its counters as they were
+  then), so one slow read does not make the sum drop and come back (a scrape then showed
+  traffic that was never sent);
+* a worker that died and was started again counts from zero. What its previous process last
+  reported is kept (*retired*) and added to every later sum, so a counter summed over workers
+  stays monotonic and Prometheus' ``rate()`` does not read a reset (a sum fell from 200 to 118
+  after a ``kill -9``). Every worker tells a new process from the old one by the process id
+  each answer carries, so the sum holds whichever worker is asked. A retired version's counts
+  stay while this process serves that same loaded version, and go with it, as a version's own
+  counters do; the request counters, since the process started, stay.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import threading
+import weakref
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc import aio
 
+from ferry.server.core.stats_merge import merge
 from ferry.server.core.types import VersionStatistics
 from ferry.server.workers import control
 
@@ -37,29 +49,100 @@ def socket_path(run_dir: Path, index: int) -> Path:
     return run_dir / f"worker-{index}.sock"
 
 
+# () -> this process's loaded object for a model version, or None: a retired count belongs to
+# one load of a version and leaves with it
+Served = Callable[[str, int], object | None]
+
+
 class Peers:
-    def __init__(self, run_dir: Path, own: Path) -> None:
+    def __init__(self, run_dir: Path, own: Path, served: Served | None = None) -> None:
         self.run_dir = run_dir
         self.own = own
+        self._served: Served = served or (lambda model, version: None)
         self._aio: dict[Path, aio.Channel] = {}
         self._sync: dict[Path, grpc.Channel] = {}
-        # (socket, method, question) -> the last answer: what a worker that does not answer in
-        # time adds instead (module docstring)
+        # (socket, method, question) -> the last answer's rows: what a worker that does not
+        # answer in time adds instead (module docstring)
         self._last: dict[tuple[Path, str, str], Any] = {}
         self._last_lock = threading.Lock()  # the loop and the metrics thread both use it
+        # socket -> the process that answered there last, and its latest rows per version
+        self._process: dict[Path, str] = {}
+        self._latest_stats: dict[Path, dict[tuple[str, int], dict[str, Any]]] = {}
+        self._latest_requests: dict[Path, list[Any]] = {}
+        # what processes that are gone last reported (module docstring)
+        self._retired_stats: dict[tuple[str, int], tuple[VersionStatistics, weakref.ref[Any]]] = {}
+        self._retired_requests: dict[tuple[str, int], list[Any]] = {}
 
     def _answered(self, path: Path, method: str, ask: Any, answer: Any) -> Any:
-        """Record ``answer`` (or, for an exception, fall back on the last one; None if none)."""
+        """``answer``'s rows recorded (or, for an exception, the last rows; None if none)."""
         key = (path, method, json.dumps(ask, sort_keys=True))
         with self._last_lock:
             if isinstance(answer, BaseException):
                 log.debug("worker %s did not answer %s: %s", path.name, method, answer)
                 return self._last.get(key)
+            process, rows = _unwrap(answer)
+            if process is not None and self._process.get(path, process) != process:
+                self._retire(path)  # started again since it last answered
+            if process is not None:
+                self._process[path] = process
+            if method == control.STATISTICS:
+                self._note_stats(path, ask, rows)
+            elif method == control.REQUESTS:
+                self._latest_requests[path] = rows
             self._last.pop(key, None)  # re-inserted last: the oldest question goes first
-            self._last[key] = answer
+            self._last[key] = rows
             while len(self._last) > MAX_KEPT:  # questions name models: bounded all the same
                 del self._last[next(iter(self._last))]
-            return answer
+            return rows
+
+    def _note_stats(self, path: Path, ask: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+        """The latest row of each version the process at ``path`` serves: what the question
+        covered is replaced, so a version it unloaded since is not retired (lock held)."""
+        model, version = ask.get("model") or "", ask.get("version")
+        latest = self._latest_stats.setdefault(path, {})
+        for key in [
+            k for k in latest if (not model or k[0] == model) and (not version or k[1] == version)
+        ]:
+            del latest[key]
+        for row in rows:
+            latest[(str(row["name"]), int(row["version"]))] = row
+
+    def _retire(self, path: Path) -> None:
+        """Keep what the process at ``path`` last reported; its answers go (lock held)."""
+        for key in [k for k in self._last if k[0] == path]:
+            del self._last[key]
+        self._process.pop(path, None)
+        for (model, version), row in self._latest_stats.pop(path, {}).items():
+            loaded = self._served(model, version)
+            if loaded is None:  # not served here: its counts would leave with it anyway
+                continue
+            old = dataclasses.replace(control.stats_from_json(row), queue_depth=0)
+            kept = self._retired_stats.get((model, version))
+            if kept is not None and kept[1]() is loaded:
+                (old,) = merge([kept[0], old])
+            self._retired_stats[(model, version)] = (old, weakref.ref(loaded))
+        for row in self._latest_requests.pop(path, []):
+            model, version, codes, buckets, seconds = row
+            label = (str(model), int(version))
+            kept_row = self._retired_requests.get(label)
+            if kept_row is None:
+                self._retired_requests[label] = [*label, dict(codes), list(buckets), seconds]
+                continue
+            for code, n in codes.items():
+                kept_row[2][code] = kept_row[2].get(code, 0) + int(n)
+            kept_row[3] = [a + int(b) for a, b in zip(kept_row[3], buckets, strict=True)]
+            kept_row[4] += float(seconds)
+
+    def _retired(self, model: str = "", version: int | None = None) -> list[VersionStatistics]:
+        """Retired counts of the versions still loaded as they were, optionally one model's."""
+        out = []
+        with self._last_lock:
+            for (name, v), (stats, loaded) in list(self._retired_stats.items()):
+                if loaded() is None or loaded() is not self._served(name, v):
+                    del self._retired_stats[(name, v)]  # unloaded or loaded again since
+                elif (not model or name == model) and (not version or v == version):
+                    out.append(stats)
+        return out
 
     def sockets(self) -> list[Path]:
         return sorted(p for p in self.run_dir.glob(SOCKET_GLOB) if p != self.own)
@@ -86,15 +169,14 @@ class Peers:
         for path, answer in zip(paths, answers, strict=True):
             kept = self._answered(path, control.STATISTICS, ask, answer)
             out.extend(control.stats_from_json(d) for d in kept or ())
-        return out
+        return out + self._retired(model, version)
 
     def forget(self, path: Path) -> None:
         """Drop the cached channels to ``path`` (its worker was started again): the next call
-        connects afresh instead of waiting out a backoff from the restart. Its last answers go
-        too: the new process counts from zero."""
+        connects afresh instead of waiting out a backoff from the restart. Its last answers are
+        retired: the new process counts from zero."""
         with self._last_lock:
-            for key in [k for k in self._last if k[0] == path]:
-                del self._last[key]
+            self._retire(path)
         channel = self._aio.pop(path, None)
         if channel is not None:
             asyncio.get_running_loop().create_task(channel.close())
@@ -131,12 +213,23 @@ class Peers:
             control.stats_from_json(d)
             for answer in self._gather_sync(control.STATISTICS, {"model": "", "version": None})
             for d in answer
-        ]
+        ] + self._retired()
 
     def requests_sync(self) -> list[Any]:
-        return [row for answer in self._gather_sync(control.REQUESTS, {}) for row in answer]
+        rows = [row for answer in self._gather_sync(control.REQUESTS, {}) for row in answer]
+        with self._last_lock:
+            return rows + [
+                [m, v, dict(c), list(b), s] for m, v, c, b, s in self._retired_requests.values()
+            ]
 
     def close_sync(self) -> None:
         for channel in self._sync.values():
             channel.close()
         self._sync.clear()
+
+
+def _unwrap(answer: Any) -> tuple[str | None, list[Any]]:
+    """(process, rows) of a control answer; a bare list (a test's stand-in) has no process."""
+    if isinstance(answer, dict):
+        return str(answer.get("process", "")) or None, list(answer.get("rows", ()))
+    return None, list(answer)
