@@ -152,6 +152,10 @@ def test_rollout_sets_shows_and_ends_a_split(
     assert view["split"] == {"1": 9.0, "2": 1.0} and view["shadow_version"] == 2
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--end", *m)
     assert code == 0 and "no split" in out
+    # Weights after an option are weights ("unrecognized arguments: 1=1" before)
+    code, out, _ = ferry(capsys, "models", "rollout", "canary", *m, "1=1", "2=3", "--json")
+    assert code == 0 and json.loads(out)["split"] == {"1": 1.0, "2": 3.0}
+    code, out, _ = ferry(capsys, "models", "rollout", "canary", "--end", *m)
     with pytest.raises(SystemExit) as info:
         ferry(capsys, "models", "rollout", "canary", "2:1", *m)
     assert info.value.code == 2 and "VERSION=WEIGHT" in capsys.readouterr().err

@@ -885,3 +885,72 @@ def test_the_next_job_runs_in_a_process_started_ahead(start: Start, tmp_path: Pa
     )
     wait_for(lambda: runner._warm is not None and runner._warm.proc.pid != ahead, "the next one")
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_masked_logits_are_judged_without_their_fill(start: Start, tmp_path: Path) -> None:
+    """-inf masks made every cosine NaN: the model passed the budget, was published, and the
+    job then failed INTERNAL on the null figure while the version served. A -1e9 mask let a
+    90%-pruned classifier through with cosine 0.9999999999."""
+    import torch
+
+    class Masked(torch.nn.Module):
+        def __init__(self, fill: float) -> None:
+            super().__init__()
+            self.fill = fill
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8)
+            )
+
+        def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.net(x).masked_fill(~mask, self.fill)
+            return out
+
+    srv, conv = start(fake=False)
+    torch.manual_seed(0)
+    x = torch.randn(16, 32, generator=torch.Generator().manual_seed(1))
+    mask = torch.rand(16, 8, generator=torch.Generator().manual_seed(2)) > 0.2
+    plain = Masked(float("-inf")).eval()
+    done = conv.convert(conv.upload("inf", plain, example_inputs={"x": x, "mask": mask})).wait(
+        progress=False
+    )
+    assert done.version == 1 and "cosine 1.000000 vs PyTorch" in done.message, done.message
+    with InferenceClient(srv.target, timeout=60) as client:
+        got = client.infer("inf", {"x": x.numpy(), "mask": mask.numpy()})["output"]
+    with torch.no_grad():
+        want = plain(x, mask).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)  # -inf where masked, as torch
+    big = Masked(-1e9).eval()
+    big.net.load_state_dict(plain.net.state_dict())
+    up = conv.upload("big", big, example_inputs={"x": x, "mask": mask})
+    with pytest.raises(JobFailedError, match="below the accuracy budget") as info:
+        conv.convert(up, pruning=Pruning("l1_unstructured", 0.9)).wait(progress=False)
+    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert not (tmp_path / "repo" / "big").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not REAL_CHILD.exists(), reason="the conversion child is not there yet")
+def test_a_graph_fixed_to_the_examples_dim_0_is_refused(start: Start, tmp_path: Path) -> None:
+    """A seq-first LSTM (dim 0 is time) was published with a symbolic dim 0 and a Reshape fixed
+    to the example's 4: every request of another length failed with INTERNAL."""
+    import torch
+
+    class SeqFirst(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn = torch.nn.LSTM(6, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out: torch.Tensor = self.rnn(x)[0]
+            return out
+
+    _, conv = start(fake=False)
+    torch.manual_seed(0)
+    up = conv.upload("lstm", SeqFirst().eval(), example_inputs=torch.randn(4, 3, 6))
+    with pytest.raises(JobFailedError, match="symbolic batch that is dim 0") as info:
+        conv.convert(up).wait(progress=False)
+    assert info.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "seq-first RNN" in str(info.value)
+    assert not (tmp_path / "repo" / "lstm").exists()

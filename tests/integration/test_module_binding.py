@@ -191,3 +191,55 @@ def test_a_graph_with_swapped_input_names_fails_the_job(start: Start, tmp_path: 
     with pytest.raises(JobFailedError, match=r"disagrees with validation\.reference") as failed:
         conv.convert(up, validation=validation).wait(progress=False)
     assert failed.value.job.state == "FAILED" and failed.value.job.version is None
+
+
+class BranchOnBatch(torch.nn.Module):
+    """Adds 1 only when there is more than one sample: the export froze the branch the
+    example took, validation ran at the example's batch, and batch-1 requests were served the
+    other branch's answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x: Any) -> Any:
+        y = self.fc(x)
+        return y + 1.0 if x.shape[0] > 1 else y
+
+
+def test_a_branch_on_the_batch_size_frozen_by_the_export_fails_the_job(start: Start) -> None:
+    _, conv = start()
+    up = conv.upload("branch", BranchOnBatch().eval(), example_inputs={"x": _rand(4, 8, seed=1)})
+    with pytest.raises(JobFailedError) as failed:
+        conv.convert(up).wait(progress=False)
+    assert failed.value.job.version is None  # nothing published
+
+
+class CentredOnTheBatch(torch.nn.Module):
+    """Each sample depends on the others (x - x.mean(0)): exported faithfully, but merging
+    requests would change every answer."""
+
+    def forward(self, x: Any) -> Any:
+        return x - x.mean(0, keepdim=True)
+
+
+def test_a_model_whose_samples_depend_on_each_other_is_never_served_merged(
+    start: Start,
+) -> None:
+    """Converted as it is, the load-time probe serves it unbatched and each request gets the
+    module's answer; a serving config that states a batch (which the probe leaves as stated)
+    is refused, or clients would get each other's rows."""
+    from ferry.client import InferenceClient, Serving
+
+    srv, conv = start()
+    x = _rand(4, 3, seed=2)
+    up = conv.upload("centred", CentredOnTheBatch().eval(), example_inputs={"x": x})
+    with pytest.raises(JobFailedError, match="merges requests") as failed:
+        conv.convert(up, serving=Serving(max_batch_size=8)).wait(progress=False)
+    assert failed.value.job.version is None
+    done = conv.convert(up).wait(progress=False)
+    assert done.version is not None and "samples depend on each other" in done.report_json
+    with InferenceClient(srv.target) as client:
+        assert client.model_metadata("centred").batching.max_batch_size == 0
+        got = client.infer("centred", {"x": x.numpy()})
+    np.testing.assert_allclose(next(iter(got.values())), (x - x.mean(0)).numpy(), atol=1e-5)

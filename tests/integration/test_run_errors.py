@@ -52,7 +52,7 @@ def test_a_value_the_model_refuses_is_invalid_argument_on_every_protocol(served)
     srv, client = served
     with pytest.raises(InvalidInputError) as refused:
         client.infer("table", {"ids": np.array([[1, 500, 2]], np.int64)})
-    assert "the model cannot run on this request's values" in str(refused.value)
+    assert "the model cannot run on this request's shapes or values" in str(refused.value)
     assert "Gather" in str(refused.value)  # onnxruntime's words name the node and the bound
     req = kpb.ModelInferRequest(model_name="table")
     t = req.inputs.add()
@@ -78,9 +78,45 @@ def test_a_bad_request_fails_alone_in_its_batch(served) -> None:  # type: ignore
         np.testing.assert_array_equal(held.result(60)["rows"], TABLE[ids[0]])
         for i, (x, future) in enumerate(zip(ids, queued, strict=True)):
             if i % 2:
-                with pytest.raises(InvalidInputError, match="cannot run on this request's values"):
+                with pytest.raises(
+                    InvalidInputError, match="cannot run on this request's shapes or values"
+                ):
                     future.result(60)
             else:
                 np.testing.assert_array_equal(future.result(60)["rows"], TABLE[x])
     # The eight ran as one batch, which failed, then one by one: 1 + 1 + 8 runs.
     assert gate.calls == 10
+
+
+def reshape_model() -> onnx.ModelProto:
+    """x [batch, 3] -> a Reshape to [-1, 12] summed: runs on 4, 8, ... rows and fails (FAIL,
+    not INVALID_ARGUMENT, in onnxruntime's words) on any other count, as a graph exported at
+    one sequence length fails at another."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("ReduceSum", ["r", "axes"], ["y"], keepdims=1),
+        ],
+        "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
+        initializer=[
+            numpy_helper.from_array(np.array([-1, 12], np.int64), "shape"),
+            numpy_helper.from_array(np.array([1], np.int64), "axes"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_kernel_failure_on_a_requests_shape_is_invalid_argument(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """onnxruntime's FAIL from a kernel (here a Reshape) was answered INTERNAL."""
+    root = make_repo(tmp_path / "repo", {"reshape": reshape_model()})
+    write_config(root, "reshape", {"batching": {"max_batch_size": 0}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60, retry=RetryPolicy.disabled()) as client:
+        with pytest.raises(InvalidInputError, match="cannot run on this request's shapes") as e:
+            client.infer("reshape", {"x": np.ones((1, 3), np.float32)})
+        assert "Reshape" in str(e.value) and "see the server log" not in str(e.value)
+        assert client.infer("reshape", {"x": np.ones((4, 3), np.float32)})["y"].tolist() == [[12.0]]

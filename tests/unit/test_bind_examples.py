@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import namedtuple
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -125,3 +126,45 @@ def test_architecture_uploads_need_forwards_leading_parameters_in_order() -> Non
     assert (extras["reference_outputs"]["output"] == (2 * X - Y).numpy()).all()
     with pytest.raises(InvalidInputError, match=r"first 2 positional parameters \(x, y, z\)"):
         from_module(torch, Optional(), {"z": Z, "x": X}, "xy", 20)  # skips y
+
+
+class BranchOnBatch(torch.nn.Module):
+    """Adds 1 only when there is more than one sample: the export froze the branch the example
+    took, and batch-1 requests were served the other branch's answer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(x)
+        return y + 1.0 if x.shape[0] > 1 else y
+
+
+class ReturnsItsInputsName(torch.nn.Module):
+    def forward(self, x: torch.Tensor, half: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"y": x * 2, "half": half * 2}
+
+
+def test_a_model_that_answers_differently_at_batch_1_is_checked_at_batch_1() -> None:
+    """Its batch-1 answers travel as the reference, so the server runs the graph at batch 1
+    against them (a frozen branch disagrees there); a module that agrees sends its batch."""
+    module = BranchOnBatch().eval()
+    x = torch.randn(4, 8)
+    _, _, extras = from_module(torch, module, x, None, 18)
+    ((_name, sample),) = extras["sample_inputs"].items()
+    assert sample.shape == (1, 8)
+    with torch.no_grad():
+        alone = module.fc(x[:1]).numpy()
+    ((_, reference),) = extras["reference_outputs"].items()
+    np.testing.assert_allclose(reference, alone, rtol=1e-6)
+    _, _, plain = from_module(torch, torch.nn.Linear(8, 3).eval(), x, None, 18)
+    assert next(iter(plain["sample_inputs"].values())).shape == (4, 8)
+
+
+def test_an_output_named_like_an_input_is_refused_before_the_export() -> None:
+    """The export went through and the job failed late with onnxruntime's "Duplicate
+    definition of name (half)" and a server scratch path."""
+    examples = {"x": torch.randn(2, 3), "half": torch.randn(2, 3)}
+    with pytest.raises(InvalidInputError, match=r"output named 'half'.*e\.g\. to 'half_out'"):
+        from_module(torch, ReturnsItsInputsName(), examples, None, 18)

@@ -890,3 +890,145 @@ def test_a_model_whose_own_outputs_are_nan_says_so(tmp_path: Path) -> None:
     message = result.last["message"]
     assert "source ONNX model's own output 'y' is NaN" in message, message
     assert "validation.sample_file" in message and "exporter" not in message
+
+
+# ---- fill values, non-finite outputs, batch sizes the samples do not have ----
+
+
+def _masked_logits(fill: float, seed: int) -> np.ndarray:
+    """[64, 8] logits with the same fifth of the classes masked out with ``fill`` in every copy."""
+    logits = np.random.default_rng(seed).standard_normal((64, 8))
+    mask = np.random.default_rng(99).random((64, 8)) < 0.2
+    return np.where(mask, fill, logits)
+
+
+@pytest.mark.parametrize("fill", [-1e9, -1e4, -100.0])
+def test_fill_values_cannot_hide_a_wrong_model(fill: float) -> None:
+    """A 90%-pruned classifier masked with -1e9 scored cosine 0.9999999999 (the fill dominated
+    the dot product) while its top-1 agreement was 0.66, and was published within budget."""
+    unrelated = parity.compare([_masked_logits(fill, 1)], [_masked_logits(fill, 2)])
+    assert unrelated.cosine < 0.5, unrelated
+    assert "< min_cosine 0.99" in parity.budget_failure(unrelated, 0.99, 0.0)
+    reference = _masked_logits(fill, 1)
+    noisy = reference + np.where(reference == fill, 0.0, 1e-5)
+    close = parity.compare([noisy], [reference])
+    assert close.cosine > 0.999999 and parity.budget_failure(close, 0.99, 0.0) == ""
+
+
+def test_matching_infinities_agree_and_others_fail_the_budget() -> None:
+    """-inf masks made every cosine NaN, which passed `cosine < min_cosine`: the model was
+    published, and the job then crashed on the null figure."""
+    reference = _masked_logits(-np.inf, 1)
+    same = parity.compare([reference + np.where(np.isinf(reference), 0, 1e-6)], [reference])
+    assert same.nonfinite_mismatch == 0 and same.cosine > 0.999999
+    assert parity.budget_failure(same, 0.99, 0.5) == ""
+    assert "nonfinite_mismatch" not in same.to_dict()
+    unrelated = parity.compare([_masked_logits(-np.inf, 2)], [reference])
+    assert np.isfinite(unrelated.cosine) and unrelated.cosine < 0.5
+    assert parity.budget_failure(unrelated, 0.99, 0.0) != ""
+    broken = reference.copy()
+    broken[0, np.isfinite(reference[0])] = np.nan  # NaN where the reference is finite
+    failed = parity.compare([broken], [reference])
+    assert failed.nonfinite_mismatch == int(np.isfinite(reference[0]).sum())
+    assert failed.max_abs == np.inf and failed.to_dict()["nonfinite_mismatch"] > 0
+    assert "NaN or infinite where the reference is not" in parity.budget_failure(failed, 0.0, 0.0)
+    nan = parity.Figures(0.0, 0.0, float("nan"), None)
+    assert "min_cosine" in parity.budget_failure(nan, 0.99, 0.0)  # NaN is not >= 0.99
+
+
+def test_the_jobs_line_tolerates_missing_figures() -> None:
+    """report.json writes a non-finite figure as null; the line formatted it with :.6f, and the
+    job said FAILED (INTERNAL) for a version that was already serving."""
+    from ferry.server.convert.summary import published_line
+
+    report = {
+        "published": "fp32",
+        "benchmark": "off",
+        "variants": [{"name": "fp32", "vs_pytorch": {"cosine": None}, "within_budget": True}],
+    }
+    assert published_line(json.dumps(report)) == (
+        "fp32, not benchmarked, cosine not measurable vs PyTorch"
+    )
+    report["variants"] = [{"name": "fp32"}]
+    report["parity"] = {"max_abs": None, "against": "onnx_source"}
+    assert published_line(json.dumps(report)).endswith("max_abs not measurable vs onnx_source")
+    assert published_line(json.dumps({"published": "fp32", "variants": [7]})) == ""
+
+
+def _fixed_reshape_onnx(path: Path) -> Path:
+    """x [N, 3] -> Reshape to the literal [4, 3]: runs at N = 4 only, as a seq-first LSTM's
+    export does at any length but the example's."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["x", "shape"], ["r"]),
+            helper.make_node("Relu", ["r"], ["y"]),
+        ],
+        "frozen",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+        initializer=[numpy_helper.from_array(np.array([4, 3], np.int64), "shape")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def _mixing_onnx(path: Path) -> Path:
+    """y = x + mean over dim 0: every sample depends on the rest of its batch."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1),
+            helper.make_node("Add", ["x", "m"], ["y"]),
+        ],
+        "mixing",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+def test_an_onnx_source_runs_at_batch_1_and_max_batch(tmp_path: Path) -> None:
+    """Validation ran only the samples' batch: a graph fixed to 4 inside was published with a
+    symbolic input and failed every other size with INTERNAL."""
+    spec = {"validation": {"samples": 4}, "max_batch_size": 4}
+    frozen = convert_here(tmp_path / "frozen", _fixed_reshape_onnx(tmp_path / "f.onnx"), "onnx")
+    assert frozen.rc == 2 and frozen.last["error_kind"] == "CONVERSION_FAILED", frozen.last
+    assert "fails on the validation samples" in frozen.last["message"], frozen.last
+    assert "symbolic batch that is dim 0" in frozen.last["message"]
+    at_four = convert_here(tmp_path / "at4", tmp_path / "f.onnx", "onnx", spec=spec)
+    assert at_four.rc == 2 and "fails at batch 1" in at_four.last["message"], at_four.last
+    # A graph whose samples depend on each other is faithful: it converts, with a note, and
+    # the load-time probe serves it unbatched; a serving config that merges requests is refused.
+    mixing = convert_here(tmp_path / "mixing", _mixing_onnx(tmp_path / "m.onnx"), "onnx")
+    assert mixing.rc == 0, mixing.last
+    merged = {"serving_config": {"batching": {"max_batch_size": 8}}}
+    refused = convert_here(tmp_path / "merged", tmp_path / "m.onnx", "onnx", spec=merged)
+    assert refused.rc == 2, refused.last
+    assert "differently alone (batch 1) than in a batch of 32" in refused.last["message"]
+    assert "merges requests" in refused.last["message"]
+
+
+def test_an_export_must_answer_like_pytorch_at_batch_1(tmp_path: Path) -> None:
+    """The server's own export ran the graph at batch 1 without comparing: a branch on the
+    batch size frozen at export answered batch-1 requests from the other branch."""
+    from ferry.server.convert.spec import InputSpec
+    from ferry.server.convert.worker import dims
+    from ferry.server.errors import ConversionFailed
+
+    inputs = [InputSpec("x", "FP32", [-1, 8])]
+
+    def graph_plus_one(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [feed["x"] + 1.0]  # the export's frozen branch
+
+    def module(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [feed["x"] + (1.0 if len(feed["x"]) > 1 else 0.0)]
+
+    seen: list[list[tuple[int, ...]]] = []
+    dims.verify_batch(inputs, graph_plus_one, 8, seen, rtol=1e-3, atol=1e-4)  # no reference
+    assert seen == [[(8, 8)], [(1, 8)]]
+    with pytest.raises(ConversionFailed, match="disagrees with the PyTorch model at batch 1"):
+        dims.verify_batch(inputs, graph_plus_one, 8, None, rtol=1e-3, atol=1e-4, reference=module)

@@ -113,3 +113,26 @@ def test_a_version_unloaded_before_the_restart_is_not_retired(tmp_path: Path) ->
     )
     peers.forget(sock)
     assert [(s.version, s.inference_count) for s in peers._retired()] == [(2, 3)]
+
+
+def test_only_the_first_worker_keeps_the_dead_and_the_others_add_its_answer(
+    tmp_path: Path,
+) -> None:
+    """A worker that never read the dead one's counts could not keep them: a ModelStatistics
+    answered by the restarted worker itself dropped (73 to 47). The first worker keeps them and
+    sends them with its answers; the others keep none themselves (no double count)."""
+    loaded = {("m", 1): _Loaded()}
+    other = Peers(
+        tmp_path, tmp_path / "worker-2.sock", lambda m, v: loaded.get((m, v)), keeps_retired=False
+    )
+    every = {"model": "", "version": None}
+    dead = tmp_path / "worker-1.sock"
+    other._answered(dead, control.STATISTICS, every, {"process": "a", "rows": [_row("m", 1, 5)]})
+    other.forget(dead)
+    assert other._retired() == []  # not kept here
+    first = tmp_path / "worker-0.sock"
+    answer = {"process": "p", "rows": [_row("m", 1, 2)], "retired": [_row("m", 1, 5)]}
+    kept = other._answered(first, control.STATISTICS, every, answer)
+    assert [row["inference_count"] for row in kept] == [2, 5]
+    # ... and as what worker 0 adds should it not answer in time
+    assert other._answered(first, control.STATISTICS, every, TimeoutError()) == kept

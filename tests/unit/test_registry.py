@@ -692,3 +692,30 @@ def test_a_model_between_its_scan_and_its_load_is_loading_not_empty(
         files.shutdown()
 
     arun(scenario)
+
+
+def test_a_published_version_is_opened_once(repo: ModelRepository) -> None:
+    """publish() signed the slot with the model file alone while the sync after it compared
+    (model file, version config): every published version was opened a second time."""
+    import onnx
+
+    write_model(repo, "m", seed_model(seed=1))
+
+    opened: list[str] = []
+
+    def counting(path: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(path).parent.name)
+        return open_session(path, *args, **kwargs)
+
+    async def main() -> None:
+        registry = ModelRegistry(repo, counting, warm_up=False)
+        await registry.refresh()
+        with repo.staging("m") as staged:
+            onnx.save(seed_model(seed=2), str(staged / "model.onnx"))
+            version, status = await registry.publish("m", staged, lambda: repo.publish("m", staged))
+        assert version == 2 and status is not None and status.state is State.READY
+        await registry.refresh()
+        assert len(opened) == 2, opened  # version 1 at the refresh, the staged one once
+        await registry.close()
+
+    asyncio.run(main())

@@ -4,23 +4,44 @@ versions, kept with the repository so that it survives a restart and every proce
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import State
-from ferry.server.errors import FerryError, InvalidArgument, VersionNotFound
+from ferry.server.errors import FailedPrecondition, FerryError, InvalidArgument, VersionNotFound
 from ferry.server.examples import seed_model, write_model
 from ferry.server.runtime.session import open_session
 
 KEYS = [f"request-{i}" for i in range(10_000)]
+
+
+def _failing_model() -> onnx.ModelProto:
+    """seed_model's interface (input [batch, 3] -> logits [batch, 1]) whose run fails unless
+    the batch holds a multiple of 4 rows (a Reshape to [-1, 12]): a version a split or a shadow
+    may name that fails these tests' requests at run time."""
+    shape = numpy_helper.from_array(np.array([-1, 12], np.int64), "shape")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["input", "shape"], ["r"]),
+            helper.make_node("ReduceSum", ["r"], ["logits"], keepdims=1, axes=[1]),
+        ],
+        "fails",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1])],
+        [shape],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=8)
 
 
 def test_the_split_follows_the_weights_and_a_key_always_gets_the_same_version() -> None:
@@ -197,9 +218,7 @@ def test_a_failing_or_busy_candidate_is_counted_never_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = _repo(tmp_path)
-    from ferry.server.examples import mlp_model
-
-    write_model(repo, "m", mlp_model((5, 2)), version=3)  # takes 5 features, not 3
+    write_model(repo, "m", _failing_model(), version=3)  # fails these requests
 
     async def scenario() -> None:
         registry, dataplane = await _serving(repo)
@@ -207,6 +226,7 @@ def test_a_failing_or_busy_candidate_is_counted_never_raised(
         x = {"input": np.ones((1, 3), np.float32)}
         for i in range(5):
             assert (await dataplane.infer(InferenceRequest("m", x, id=str(i)))).version == 2
+            await asyncio.gather(*dataplane._shadows._tasks)  # the candidate's run failed
         assert dataplane.rollout("m").shadow_statistics.errors == 5
         from ferry.server.core import shadow
 
@@ -248,7 +268,9 @@ def test_rules_roll_back_a_divergent_candidate_and_promote_a_good_one(tmp_path: 
         assert dataplane.rollout("m").shadow == (3, 1.0)  # 4 of 5: not yet
         await _shadowed(dataplane, 1)
         view = dataplane.rollout("m")
-        assert view.split == ((3, 1.0),) and view.shadow is None  # promoted
+        # Promoted: v3 is the newest, which requests that name none get, so the split ends
+        # (a pin left behind kept every later version off traffic).
+        assert view.split == () and view.shadow is None
         assert view.history[-1]["why"].startswith("promoted by rule")
         x = {"input": np.ones((1, 3), np.float32)}
         assert (await dataplane.infer(InferenceRequest("m", x, id="after"))).version == 3
@@ -275,9 +297,7 @@ def test_rules_need_a_shadow(tmp_path: Path) -> None:
 
 def test_a_failing_version_in_a_split_is_rolled_out_of_it(tmp_path: Path) -> None:
     repo = _repo(tmp_path)
-    from ferry.server.examples import mlp_model
-
-    write_model(repo, "m", mlp_model((5, 2)), version=3)  # takes 5 features: fails these requests
+    write_model(repo, "m", _failing_model(), version=3)  # fails these requests
 
     async def scenario() -> None:
         registry, dataplane = await _serving(repo)
@@ -438,7 +458,7 @@ def test_a_rule_counts_only_the_comparisons_made_under_it(tmp_path: Path) -> Non
         await _shadowed(dataplane, 4)
         assert dataplane.rollout("m").shadow == (3, 1.0)  # 4 under the rule: not yet
         await _shadowed(dataplane, 1)
-        assert dataplane.rollout("m").split == ((3, 1.0),)
+        assert dataplane.rollout("m").history[-1]["why"].startswith("promoted by rule")
         await dataplane.close_shadows()
         await registry.close()
 
@@ -458,3 +478,236 @@ def test_a_candidate_answering_nan_is_a_disagreement_not_a_blind_spot() -> None:
     both = {"y": np.array([[1.0, np.nan], [3.0, 4.0]], np.float32)}
     same.record(both, both)
     assert same.cosine_min == pytest.approx(1.0) and same.max_abs_diff == 0.0
+
+
+def test_a_shadow_of_the_version_that_answers_every_request_is_refused(tmp_path: Path) -> None:
+    """It was accepted and compared nothing: the candidate answered every request itself."""
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        with pytest.raises(FailedPrecondition, match="compared with itself"):
+            await dataplane.set_rollout("m", None, by="t", why="", shadow_of=(2, 1.0))
+        with pytest.raises(FailedPrecondition, match="only version in the split"):
+            await dataplane.set_rollout("m", {1: 1}, by="t", why="", shadow_of=(1, 0.5))
+        # Pinned to the serving version, the candidate is compared; a canary may be shadowed.
+        await dataplane.set_rollout("m", {1: 1}, by="t", why="", shadow_of=(2, 1.0))
+        await dataplane.set_rollout("m", {1: 9, 2: 1}, by="t", why="", shadow_of=(2, 1.0))
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_model_unloaded_on_request_takes_no_rollout(tmp_path: Path) -> None:
+    """SetRollout loaded it again here (and, with workers, only in some of them)."""
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.unload("m")
+        with pytest.raises(FailedPrecondition, match="unloaded on request: load it first"):
+            await dataplane.set_rollout("m", {1: 1}, by="t", why="")
+        assert "m" not in registry.models and not (repo.model_dir("m") / "rollout.json").exists()
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_versions_with_different_interfaces_take_no_split_and_no_shadow(tmp_path: Path) -> None:
+    """A client cannot tell which version answers it: 12 of 20 requests failed at random."""
+    repo = _repo(tmp_path)
+    from ferry.server.examples import mlp_model
+
+    write_model(repo, "m", mlp_model((5, 2)), version=3)  # takes 5 features, gives 2
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="kept")
+        before = (repo.model_dir("m") / "rollout.json").read_bytes()
+        for split, shadow_of in (({2: 1, 3: 1}, None), ({2: 1}, (3, 1.0))):
+            with pytest.raises(FailedPrecondition, match=r"versions 2 and 3 of 'm' differ") as e:
+                await dataplane.set_rollout("m", split, by="t", why="", shadow_of=shadow_of)
+            assert "FP32 [-1, 3] against FP32 [-1, 5]" in e.value.message
+            # Refused without a trace: the file (history too) is as it was, and 2 serves.
+            assert (repo.model_dir("m") / "rollout.json").read_bytes() == before
+            assert dataplane.rollout("m").split == ((2, 1.0),)
+            assert {await _version(dataplane, k) for k in KEYS[:20]} == {2}
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_candidate_missing_an_output_is_a_disagreement() -> None:
+    """Skipped, the missing output left a cosine of 1 and the candidate was promoted."""
+    from ferry.server.core.shadow import ShadowStatistics
+
+    stats = ShadowStatistics(candidate=2)
+    a = np.ones((2, 3), np.float32)
+    stats.record({"output": a, "probs": a}, {"output": a})
+    assert stats.compared == 1 and stats.cosine_min == 0.0 and stats.mismatched == 1
+    stats.record({"output": a}, {"output": a.astype(np.float16)})  # another type
+    assert stats.mismatched == 2
+    rules = rollouts.parse_rules({"promote_after": 1, "min_cosine": 0.99})
+    assert stats.verdict(rules) == "rollback" and "2 outputs missing" in stats.summary()
+    same = ShadowStatistics(candidate=2)
+    text = np.array([b"a", b"b"], dtype=object)
+    same.record({"output": a, "label": text}, {"output": a, "label": text.copy()})
+    assert same.cosine_min == pytest.approx(1.0) and same.mismatched == 0
+
+
+def test_the_rollout_file_never_grows_past_what_is_read(tmp_path: Path) -> None:
+    """500 emoji a reason, escaped to 12 bytes each: on the 169th change the file passed 1 MiB,
+    read() refused it, the split was dropped and traffic moved to the default version."""
+    mdir = tmp_path / "m"
+    mdir.mkdir()
+    split = rollouts.parse_split({1: 1})
+    for _ in range(200):
+        rollouts.write(mdir, split, by="t", why="\U0001f600" * rollouts.MAX_REASON)
+    assert (mdir / rollouts.ROLLOUT_FILE).stat().st_size <= rollouts.MAX_FILE
+    assert rollouts.read(mdir) == (split, "")
+    assert rollouts.history(mdir)[-1]["why"] == "\U0001f600" * rollouts.MAX_REASON
+    for _ in range(300):  # past what fits in 1 MiB at 4 UTF-8 bytes a character
+        rollouts.write(mdir, split, by="t" * 4000, why="\U0001f600" * rollouts.MAX_REASON)
+    assert (mdir / rollouts.ROLLOUT_FILE).stat().st_size <= rollouts.MAX_FILE
+    assert rollouts.read(mdir) == (split, "") and 1 < len(rollouts.history(mdir)) < 200
+
+
+def test_a_split_rule_keeps_the_shadow_and_the_rules(tmp_path: Path) -> None:
+    """A version rolled out of the split by max_error_rate ended a live shadow beside it, and
+    every rule."""
+    repo = _repo(tmp_path)
+    write_model(repo, "m", _failing_model(), version=3)
+    write_model(repo, "m", seed_model(seed=4), version=4)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        rules = {"max_error_rate": 0.2, "promote_after": 100_000}
+        await dataplane.set_rollout(
+            "m", {2: 1, 3: 1}, by="t", why="", shadow_of=(4, 0.01), rules=rules
+        )
+        x = {"input": np.ones((1, 3), np.float32)}
+        for key in KEYS[:200]:
+            with contextlib.suppress(FerryError):
+                await dataplane.infer(InferenceRequest("m", x, id=key))
+            await asyncio.gather(*dataplane._decisions)
+        view = dataplane.rollout("m")
+        assert view.split == ((2, 1.0),)
+        assert view.history[-1]["why"].startswith("rolled back by rule: version 3")
+        assert view.shadow == (4, 0.01)
+        assert view.rules["max_error_rate"] == 0.2 and view.rules["promote_after"] == 100_000
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_metadata_and_the_default_flag_describe_the_version_a_split_serves(tmp_path: Path) -> None:
+    """A pin {1: 1} sent every request to 1 while metadata, the default flag and ListModels
+    described 2, the newest."""
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        assert dataplane.metadata("m").version == 2
+        await dataplane.set_rollout("m", {1: 1}, by="t", why="pin")
+        meta = dataplane.metadata("m")
+        assert (meta.version, meta.default_version) == (1, 1)
+        assert [(s.version, s.is_default) for s in registry.statuses("m")] == [
+            (1, True),
+            (2, False),
+        ]
+        assert dataplane.metadata("m", 2).version == 2  # a version named is that version
+        await dataplane.set_rollout("m", {1: 1, 2: 3}, by="t", why="canary")
+        assert dataplane.metadata("m").version == 2  # the largest share
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_promoted_candidate_that_is_not_the_default_is_pinned(tmp_path: Path) -> None:
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        rules = {"promote_after": 2, "min_cosine": 0.0001}
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(1, 1.0), rules=rules)
+        await _shadowed(dataplane, 2)
+        view = dataplane.rollout("m")
+        assert view.split == ((1, 1.0),) and view.history[-1]["why"].startswith("promoted")
+        assert {await _version(dataplane, k) for k in KEYS[:10]} == {1}
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_publish_says_when_a_live_split_keeps_it_off_traffic(tmp_path: Path) -> None:
+    """The job said "published" while the split sent every request elsewhere; a shadow
+    candidate whose interface differs is published but not shadowed, and says so."""
+    import onnx
+
+    from ferry.server.convert.publish import publish
+    from ferry.server.examples import mlp_model
+
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout("m", {1: 1}, by="t", why="pin")
+        with repo.staging("m") as staged:
+            onnx.save(seed_model(seed=3), str(staged / "model.onnx"))
+            version, note = await publish(repo, registry, "m", staged, {})
+        assert version == 3 and "takes no traffic yet: the live split 1=1" in note
+        with repo.staging("m") as staged:
+            onnx.save(mlp_model((5, 2)), str(staged / "model.onnx"))
+            version, note = await publish(repo, registry, "m", staged, {}, rollout="shadow")
+        assert version == 4 and "but not as a shadow candidate (versions 1 and 4" in note
+        assert dataplane.rollout("m").split == ((1, 1.0),) and dataplane.rollout("m").shadow is None
+        assert {await _version(dataplane, k) for k in KEYS[:10]} == {1}
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_pin_left_by_a_stopped_shadow_publish_is_named_at_start(tmp_path: Path) -> None:
+    """A restart between the pin and the shadow left the pin with nothing said: every later
+    version then took no traffic."""
+    from ferry.server.convert.publish import PIN_REASON, interrupted_pin
+
+    repo = _repo(tmp_path)
+    assert interrupted_pin(repo, "m") == ""
+    rollouts.write(repo.model_dir("m"), rollouts.parse_split({2: 1}), by="job", why=PIN_REASON)
+    warning = interrupted_pin(repo, "m")
+    assert "left its pin (2=1.0)" in warning and "ferry models rollout m --end" in warning
+    rollouts.write(repo.model_dir("m"), None, by="person", why="ended")
+    assert interrupted_pin(repo, "m") == "" and interrupted_pin(repo, "nope") == ""
+
+
+def test_requests_naming_a_version_do_not_count_for_the_split_rule(tmp_path: Path) -> None:
+    """A client sending bad requests to version 3 by name rolled it out of the split: the rule
+    counted the version's lifetime figures, not what the split routed."""
+    repo = _repo(tmp_path)
+    write_model(repo, "m", _failing_model(), version=3)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout(
+            "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
+        )
+        x = {"input": np.ones((1, 3), np.float32)}
+        for key in KEYS[:30]:
+            with contextlib.suppress(FerryError):
+                await dataplane.infer(InferenceRequest("m", x, version=3, id=key))
+            await asyncio.gather(*dataplane._decisions)
+        assert dataplane.rollout("m").split == ((2, 1.0), (3, 1.0))  # untouched
+        routed_failures = 0
+        for key in KEYS[:200]:
+            try:
+                await dataplane.infer(InferenceRequest("m", x, id=key))
+            except FerryError:
+                routed_failures += 1
+            await asyncio.gather(*dataplane._decisions)
+        assert dataplane.rollout("m").split == ((2, 1.0),) and routed_failures == 10
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -62,6 +62,28 @@ def _cumulative_sum_down_the_rows() -> onnx.ModelProto:
     return _graph([helper.make_node("CumSum", ["x", "axis"], ["y"])], ["batch", 3], axis)
 
 
+def _peak_normalised() -> onnx.ModelProto:
+    """x / (max|x| + eps) over the whole batch: with rows of 1s and 0s the peak is 1 either way,
+    so the first probe let it through and batched clients were scaled by each other's peaks."""
+    eps = helper.make_tensor("eps", TensorProto.FLOAT, [], [1e-6])
+    return _graph(
+        [
+            helper.make_node("Abs", ["x"], ["a"]),
+            helper.make_node("ReduceMax", ["a"], ["peak"], keepdims=0),
+            helper.make_node("Add", ["peak", "eps"], ["d"]),
+            helper.make_node("Div", ["x", "d"], ["y"]),
+        ],
+        ["batch", 4],
+        eps,
+    )
+
+
+def _suffix_sum_up_the_rows() -> onnx.ModelProto:
+    """A reversed cumulative sum: a row of 0s below adds nothing to the row above."""
+    axis = helper.make_tensor("axis", TensorProto.INT64, [], [0])
+    return _graph([helper.make_node("CumSum", ["x", "axis"], ["y"], reverse=1)], ["batch", 3], axis)
+
+
 def _max_batch_size(tmp_path: Path, model: onnx.ModelProto, config: dict | None = None) -> int:
     """The max_batch_size the model is served with, as a refresh loads it."""
     repo = ModelRepository(tmp_path / "repo", create=True)
@@ -82,7 +104,13 @@ def _max_batch_size(tmp_path: Path, model: onnx.ModelProto, config: dict | None 
 
 @pytest.mark.parametrize(
     "model",
-    [_softmax_over_the_set, _minus_the_mean_of_the_rows, _cumulative_sum_down_the_rows],
+    [
+        _softmax_over_the_set,
+        _minus_the_mean_of_the_rows,
+        _cumulative_sum_down_the_rows,
+        _peak_normalised,
+        _suffix_sum_up_the_rows,
+    ],
 )
 def test_a_model_that_works_across_its_rows_is_not_batched(
     tmp_path: Path, model: object, caplog: pytest.LogCaptureFixture
@@ -128,6 +156,27 @@ def test_each_client_gets_the_softmax_of_its_own_set_under_concurrency(tmp_path:
     for x, y in zip(sets, asyncio.run(scenario()), strict=True):
         expected = np.exp(x - x.max()) / np.exp(x - x.max()).sum()
         np.testing.assert_allclose(y, expected, rtol=1e-5)
+
+
+def test_each_client_gets_its_own_peak_normalisation_under_concurrency(tmp_path: Path) -> None:
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    write_model(repo, "peak", _peak_normalised())
+    registry = ModelRegistry(repo, session_module.open_session, warm_up=True)
+    dataplane = DataPlane(registry)
+    rng = np.random.default_rng(1)
+    requests = [(rng.standard_normal((1, 4)) * (i + 1)).astype(np.float32) for i in range(32)]
+
+    async def scenario() -> list[np.ndarray]:
+        await registry.refresh()
+        assert registry.get("peak").config.batching.max_batch_size == 0
+        results = await asyncio.gather(
+            *(dataplane.infer(InferenceRequest("peak", {"x": x})) for x in requests)
+        )
+        await registry.close()
+        return [r.outputs["y"] for r in results]
+
+    for x, y in zip(requests, asyncio.run(scenario()), strict=True):
+        np.testing.assert_allclose(y, x / (np.abs(x).max() + 1e-6), rtol=1e-5)
 
 
 def test_a_model_the_probe_rows_cannot_run_on_is_batched_on_its_shapes(

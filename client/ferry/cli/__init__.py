@@ -78,12 +78,33 @@ def _serve(argv: Sequence[str]) -> int:
     return int(serve(parser.parse_args(list(argv))))
 
 
+def _take_trailing(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]
+) -> None:
+    """Positionals given after an option: argparse fills a ``nargs="*"`` positional before the
+    options and then refuses the rest (`ferry models rollout m --target h:p 1=1` was
+    "unrecognized arguments: 1=1"). A command that names such a positional
+    (``trailing_positionals``: its destination and type) takes them; any other is refused as
+    before."""
+    trailing = getattr(args, "trailing_positionals", None)
+    if trailing is None or any(item.startswith("-") for item in extra):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    dest, convert = trailing
+    try:
+        values = [convert(item) for item in extra]
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    setattr(args, dest, [*(getattr(args, dest) or []), *values])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["serve"]:
         return _serve(args_list[1:])
     parser = build_parser()
-    args = parser.parse_args(args_list)
+    args, extra = parser.parse_known_args(args_list)
+    if extra:
+        _take_trailing(parser, args, extra)
     prog = f"ferry {args.command}"
     action = getattr(args, f"{args.command}_command", None)
     if action:

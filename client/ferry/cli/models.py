@@ -117,6 +117,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("model")
     p.add_argument("weights", nargs="*", metavar="VERSION=WEIGHT", type=_weight)
+    # Weights after an option (`m --target h:p 1=1`) are still weights (cli.main).
+    p.set_defaults(trailing_positionals=("weights", _weight))
     p.add_argument("--reason", default="", help="recorded with the change")
     p.add_argument(
         "--shadow",

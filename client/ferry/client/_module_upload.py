@@ -283,11 +283,18 @@ def from_module(
         return _state_dict(torch, module, bound, result, samples=samples, axes=axes)
     outputs = flatten_outputs(torch, result)
     _refuse_passed_through(bound, outputs)
+    _refuse_input_names(bound, outputs)
+    alone = _batch_one_reference(torch, module, bound, outputs)
     data, graph_inputs = _export(torch, module, bound, list(outputs), opset=opset, axes=axes)
+    reference = {name: _numpy(t) for name, t in outputs.items()}
+    checked = samples
+    if alone is not None:  # the server checks the graph where the module differs: at batch 1
+        checked = {name: array[:1] for name, array in samples.items()}
+        reference = alone
     extras = {
         "inputs": tuple(_spec(name, samples[name], axes) for name in graph_inputs),
-        "sample_inputs": {name: samples[name] for name in graph_inputs},
-        "reference_outputs": {name: _numpy(t) for name, t in outputs.items()},
+        "sample_inputs": {name: checked[name] for name in graph_inputs},
+        "reference_outputs": reference,
     }
     fmt = "onnx" if data.suffix == ".onnx" else _archive.ARCHIVE_FORMAT
     return data, fmt, extras
@@ -382,6 +389,67 @@ def _refuse_passed_through(bound: Bound, outputs: Mapping[str, Any]) -> None:
                 "which ONNX cannot name twice: return a copy (e.g. x.clone()) or leave that "
                 "output out"
             )
+
+
+def _refuse_input_names(bound: Bound, outputs: Mapping[str, Any]) -> None:
+    """An output named like an input cannot be exported: ONNX names each value once, and the
+    job failed late with onnxruntime's "Duplicate definition of name" from a server path."""
+    for out_name in outputs:
+        if out_name in bound.named:
+            raise InvalidInputError(
+                f"forward returns an output named {out_name!r}, which is also the name of an "
+                "input, and ONNX names each value once: rename that output (its dict key or "
+                f"namedtuple field), e.g. to {out_name + '_out'!r}"
+            )
+
+
+# The server's default validation tolerance (validation.rtol / atol).
+_RTOL, _ATOL = 1e-3, 1e-4
+
+
+def _batch_one_reference(
+    torch: Any, module: Any, bound: Bound, outputs: Mapping[str, Any]
+) -> dict[str, np.ndarray] | None:
+    """The module's outputs on the first example alone, when they differ from its row in the
+    example's batch (None when they agree, or cannot be had).
+
+    The export keeps the path the example took: a branch on the batch size (``if
+    x.shape[0] > 1``) is frozen to the example's, and the server, which checked the graph at
+    the example's batch, published a version whose batch-1 answers were the other branch's.
+    Only this process has the module, so the batch-1 answers are taken here and sent as the
+    reference: the server then runs the graph at batch 1 against them, which refuses a frozen
+    branch (the graph disagrees) and lets a model whose samples depend on each other through
+    (the graph agrees; the server decides how it may be batched)."""
+    if not bound.named:
+        return None
+    batch = next(iter(bound.named.values())).shape[0]
+    if batch < 2 or any(t.shape[0] != batch for t in bound.named.values()):
+        return None
+
+    def first(value: Any) -> Any:
+        return value[:1] if isinstance(value, torch.Tensor) else value
+
+    try:
+        with torch.no_grad():
+            alone = flatten_outputs(
+                torch,
+                module(
+                    *(first(a) for a in bound.args),
+                    **{k: first(v) for k, v in bound.kwargs.items()},
+                ),
+            )
+    except Exception:  # left to the server's own runs of the graph at batch 1
+        return None
+    if set(alone) != set(outputs):
+        return None
+    differs = False
+    for name, together in outputs.items():
+        if together.dim() == 0 or together.shape[0] != batch:
+            return None  # not batched outputs: the server refuses those itself
+        want, got = _numpy(together[:1]), _numpy(alone[name])
+        if want.shape != got.shape or not np.allclose(got, want, _RTOL, _ATOL, equal_nan=True):
+            differs = True
+    return {name: _numpy(t) for name, t in alone.items()} if differs else None
 
 
 def _export(

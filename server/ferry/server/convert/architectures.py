@@ -12,6 +12,8 @@ conversion child only, so merely listing plugins never runs them.
 
 from __future__ import annotations
 
+import json
+import re
 from importlib import metadata
 from typing import Any
 
@@ -45,6 +47,26 @@ BUILTINS: dict[str, tuple[str, str]] = {
 _DEFAULT_IMAGE_SIZE = {"small_cnn": 32, "resnet": 224}
 _DEFAULT_SEQ_LEN = 16
 
+# The kwargs of a built-in that the *server* reads (for its default input spec), each a size: they
+# are checked at upload, since a value int() cannot take would otherwise fail every listing of
+# the upload. The rest are the constructor's business, in the child.
+_SIZE_KWARGS: dict[str, tuple[str, ...]] = {
+    "mlp": ("in_features",),
+    "linear_heavy": ("in_features",),
+    "small_cnn": ("in_channels",),
+    "resnet": ("in_channels",),
+    "transformer_encoder": ("seq_len", "d_model"),
+}
+# May be null (no positional embedding; the default spec then uses _DEFAULT_SEQ_LEN).
+_OPTIONAL_SIZES = frozenset({"seq_len"})
+# A dim past this makes samples no conversion can build (validation.MAX_SAMPLE_ELEMENTS), and
+# keeps a default spec's shape far inside the int64 of the wire.
+MAX_SIZE = 1 << 26
+# Plugin names are entry-point names: the model-name alphabet covers every sensible one, and a
+# bound keeps a name that is stored and listed with every upload small.
+MAX_NAME = 128
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
 
 def entry_points() -> dict[str, metadata.EntryPoint]:
     return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
@@ -63,13 +85,56 @@ def unknown(name: str) -> InvalidArgument:
     )
 
 
+def check_name(name: str) -> None:
+    """Refuse a name no architecture can have, before it is stored with an upload (whether it is
+    installed is asked at Convert: a plugin may be installed after the upload)."""
+    if len(name) > MAX_NAME or not _NAME_RE.fullmatch(name):
+        shown = name if len(name) <= 64 else name[:64] + "..."
+        raise InvalidArgument(
+            f"invalid architecture name {shown!r}: use 1-{MAX_NAME} characters from "
+            "[A-Za-z0-9_.-], starting with a letter or digit (built-ins: "
+            f"{', '.join(BUILTINS)})"
+        )
+
+
+def check_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse a built-in's size kwargs the server could not read, naming the key; other names
+    (plugins, unknown ones) are not checked here: only their constructor knows its kwargs."""
+    for key in _SIZE_KWARGS.get(name, ()):
+        if key not in kwargs:
+            continue
+        value = kwargs[key]
+        if value is None and key in _OPTIONAL_SIZES:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_SIZE:
+            nullable = " (or null)" if key in _OPTIONAL_SIZES else ""
+            raise InvalidArgument(
+                f"architecture {name!r}: kwarg {key!r} is {_describe(value)}; it must be a "
+                f"whole number from 1 to {MAX_SIZE}{nullable}, e.g. {json.dumps({key: 64})}"
+            )
+
+
+def _describe(value: Any) -> str:
+    """A JSON value as the user wrote it, short; containers by kind (they may be deep)."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    try:
+        shown = json.dumps(value)
+    except ValueError:  # an int past Python's digit limit for str()
+        return "a number too large to print"
+    return shown if len(shown) <= 40 else shown[:40] + "..."
+
+
 def default_input_specs(name: str, kwargs: dict[str, Any]) -> list[InputSpec]:
     """The input a built-in expects, batch dim first (-1); [] for plugins and unknown names.
 
     Torch-free on purpose: the server uses it to accept a spec without inputs before starting a
     child. Plugins are not loaded here (that would run their code in the server), so their specs
-    must list inputs.
+    must list inputs. Kwargs ``check_kwargs`` refuses raise its INVALID_ARGUMENT here too.
     """
+    check_kwargs(name, kwargs)
     if name == "seed":
         return [InputSpec("input", "FP32", [-1, 3])]
     if name == "mlp":

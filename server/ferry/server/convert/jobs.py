@@ -282,6 +282,11 @@ class JobRunner:
                 report = read_report(staged)
                 if outcome.state is not JobState.SUCCEEDED:
                     return outcome, 0, report
+                # Everything the job's result says is worked out before the version exists:
+                # once publish returns, the version serves, and nothing may then fail the job
+                # (a summary that raised on a null figure said FAILED for a serving version,
+                # and each retry published another).
+                summary = published_line(report)
                 run.publishing = True
                 self.store.append_event(job.job_id, "publish", 0.98, "publishing the new version")
                 self._notify(job.job_id)
@@ -296,7 +301,6 @@ class JobRunner:
                     rollout_fraction=contract.spec.rollout_fraction,
                     by=f"conversion job {job.job_id}",
                 )
-                summary = published_line(report)
                 message = f"published as {job.model} version {version}{note}"
                 message += f": {summary}" if summary else ""
                 return _Outcome(JobState.SUCCEEDED, "", message), version, report

@@ -22,9 +22,19 @@ from ferry.server.core.repository import (
     write_file_atomic,
 )
 from ferry.server.core.types import State
-from ferry.server.errors import ConversionFailed, ErrorKind, FerryError, InternalError
+from ferry.server.errors import (
+    ConversionFailed,
+    ErrorKind,
+    FailedPrecondition,
+    FerryError,
+    InternalError,
+)
 
 log = logging.getLogger("ferry.convert")
+
+# The history entry of the pin a shadow publish sets first; the last entry only when the
+# publish did not finish (stopped by a restart): see ``interrupted_pin``.
+PIN_REASON = "pinned while a candidate is published"
 
 
 async def publish(
@@ -59,9 +69,7 @@ async def publish(
         if not live:
             live, pinned = ((current, 1.0),), True
             pin = rollouts.Rollout(live)
-            await registry.set_rollout(
-                model, pin, by=by, why="pinned while a candidate is published"
-            )
+            await registry.set_rollout(model, pin, by=by, why=PIN_REASON)
     try:
         try:
             version, status = await registry.publish(
@@ -93,9 +101,15 @@ async def publish(
         ) from None
     if current is not None:
         shadowed = rollouts.Rollout(live, (version, rollout_fraction))
-        await registry.set_rollout(
-            model, shadowed, by=by, why=f"version {version} published as a shadow candidate"
-        )
+        try:
+            await registry.set_rollout(
+                model, shadowed, by=by, why=f"version {version} published as a shadow candidate"
+            )
+        except FailedPrecondition as exc:  # e.g. another interface: published, not shadowed
+            return version, (
+                f" but not as a shadow candidate ({exc.message}); the versions serving now "
+                f"keep every request (ferry models rollout {model})"
+            )
         serving = (
             f"version {live[0][0]} keeps"
             if len(live) == 1
@@ -113,8 +127,24 @@ async def publish(
     elif status.state is State.FAILED:
         note = f" (but loading it failed: {status.reason})"
     else:
-        note = ""
+        note = _split_note(registry, model, version)
     return version, note
+
+
+def _split_note(registry: ModelRegistry, model: str, version: int) -> str:
+    """A live split decides where requests go: the job said "published" while every request
+    went on to the split's versions, and nothing said why."""
+    try:
+        live = registry.rollout_of(model)[0]
+    except FerryError:
+        return ""
+    if live is None or not live.split or version in dict(live.split):
+        return ""
+    shares = ", ".join(f"{v}={w:g}" for v, w in live.split)
+    return (
+        f" (takes no traffic yet: the live split {shares} decides which version answers "
+        f"requests that name none; ferry models rollout {model} {version}=1, or --end)"
+    )
 
 
 def _serving_version(registry: ModelRegistry, model: str) -> int | None:
@@ -135,3 +165,22 @@ def _prepare(staged: Path, serving_config: dict[str, Any]) -> None:
     if serving_config:
         text = json.dumps(serving_config, indent=2, sort_keys=True) + "\n"
         write_file_atomic(staged / VERSION_CONFIG_FILE, text.encode())
+
+
+def interrupted_pin(repository: ModelRepository, model: str) -> str:
+    """A warning when ``model``'s rollout still holds the pin of a shadow publish that a
+    restart stopped ('' when not). The pin stays: ending it would send every request to a
+    candidate nobody compared; said at start-up, it is not a silent reason for a later
+    version to take no traffic."""
+    try:
+        entries = rollouts.history(repository.model_dir(model))
+    except FerryError:
+        return ""
+    if not entries or entries[-1].get("why") != PIN_REASON:
+        return ""
+    split = ", ".join(f"{v}={w}" for v, w in dict(entries[-1].get("split") or {}).items())
+    return (
+        f"model {model}: a shadow publish stopped by the restart left its pin ({split}): those "
+        f"versions keep every request; shadow the new version (ferry models rollout {model} "
+        f"--shadow N=0.1) or end the pin (ferry models rollout {model} --end)"
+    )

@@ -16,13 +16,15 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ferry.server.convert import architectures, onnx_archive, retention, spec, uploads, validation
 from ferry.server.convert.jobs import JobRunner, staging_key
+from ferry.server.convert.publish import interrupted_pin
 from ferry.server.convert.store import (
     EventRecord,
     JobRecord,
@@ -44,6 +46,7 @@ DB_FILE = "state.sqlite3"
 RESTARTED = "the server restarted during the job; convert again"
 WEIGHTS_ONLY = ("state_dict", "safetensors")
 _ID = re.compile(r"[0-9a-f]{32}")
+_R = TypeVar("_R")
 
 
 def default_state_dir(repository: Path) -> Path:
@@ -109,6 +112,9 @@ class ConversionService:
         for job in self._store.fail_interrupted(RESTARTED):
             log.warning("conversion job %s was interrupted by a restart: marked FAILED", job.job_id)
             self._remove_work_dir(job)
+            pin = interrupted_pin(self.repository, job.model)
+            if pin:
+                log.warning("%s", pin)
         for entry in (state / "uploads").iterdir():
             if entry.name.startswith(TMP_PREFIX):
                 if entry.is_dir() and not entry.is_symlink():  # an archive being extracted
@@ -178,8 +184,10 @@ class ConversionService:
         )
         try:
             store.add_upload(record)
-        except BaseException:
+        except BaseException as exc:
             _remove_upload_file(Path(record.path), uploads_dir)
+            if isinstance(exc, sqlite3.OperationalError) and _sqlite_full(exc):
+                raise uploads.disk_full_error("the job database could not grow") from None
             raise
         log.info(
             "upload %s for %s: %s, %d bytes, sha256 %s",
@@ -219,7 +227,12 @@ class ConversionService:
         return files
 
     def list_uploads(self, model: str = "", limit: int = 0) -> list[UploadRecord]:
-        return self.store.list_uploads(model, min(limit or 100, 10_000))
+        """Newest first, at most ``limit`` (0: 100; at most 10,000) and no more than fit the
+        answer's byte budget, so that no number of kept uploads can make the listing fail."""
+        if model:
+            validate_model_name(model)
+        records = self.store.list_uploads(model, min(limit or 100, 10_000))
+        return _within(self._list_budget(), records, _upload_bytes)
 
     async def delete_upload(self, upload_id: str) -> None:
         record = self.store.delete_upload(_check_id(upload_id, "upload"))
@@ -234,11 +247,16 @@ class ConversionService:
         can tell whether it must name them."""
         if record.format not in WEIGHTS_ONLY:
             return []
+        # Records stored before kwargs were checked at upload may hold anything: such an
+        # upload lists with no known inputs (its Convert says what is wrong) rather than
+        # failing the listing of every upload.
         try:
             kwargs = json.loads(record.architecture_kwargs)
-        except ValueError:
+            if not isinstance(kwargs, dict):
+                return []
+            return architectures.default_input_specs(record.architecture, kwargs)
+        except (ValueError, RecursionError, InvalidArgument):
             return []
-        return architectures.default_input_specs(record.architecture, kwargs)
 
     def _serving_providers(self, model: str) -> list[dict[str, Any]]:
         """The providers the model's config serves its versions with; the child measures
@@ -262,9 +280,17 @@ class ConversionService:
         with self._queueing(upload_id):
             upload = self.store.get_upload(upload_id)
             model = validate_model_name(model or upload.model)
-            kwargs = json.loads(upload.architecture_kwargs)
+            kwargs = _stored_kwargs(upload)
             if upload.format in WEIGHTS_ONLY:
                 _check_architecture(upload.architecture)
+                try:
+                    architectures.check_kwargs(upload.architecture, kwargs)
+                except InvalidArgument as exc:
+                    raise InvalidArgument(
+                        f"upload {upload_id} was stored with kwargs this server no longer "
+                        f"accepts ({exc.message}): delete it and upload the weights again "
+                        "with valid kwargs"
+                    ) from None
                 if not conversion.inputs:
                     conversion.inputs = architectures.default_input_specs(
                         upload.architecture, kwargs
@@ -343,7 +369,16 @@ class ConversionService:
         return self.store.get_job(_check_id(job_id, "job"))
 
     def list_jobs(self, model: str = "", limit: int = 0) -> list[JobRecord]:
-        return self.store.list_jobs(model, min(limit or 100, 10_000))
+        """As ``list_uploads``: newest first, within ``limit`` and the byte budget."""
+        if model:
+            validate_model_name(model)
+        records = self.store.list_jobs(model, min(limit or 100, 10_000))
+        return _within(self._list_budget(), records, _job_bytes)
+
+    def _list_budget(self) -> int:
+        """Half the largest message: what the estimate of a record's size leaves out (field
+        tags, the parsed report beside its JSON, known inputs) fits in the other half."""
+        return int(getattr(self.settings, "max_message_bytes", 80 << 20)) // 2
 
     async def cancel_job(self, job_id: str) -> JobRecord:
         return await self.runner.cancel(_check_id(job_id, "job"))
@@ -377,6 +412,49 @@ def _remove_file(path: Path, uploads_dir: Path) -> None:
         _remove_upload_file(path, uploads_dir)
     except OSError as exc:
         log.error("could not remove %s, an upload the retention rule removed: %s", path, exc)
+
+
+def _sqlite_full(exc: sqlite3.OperationalError) -> bool:
+    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+
+
+def _stored_kwargs(upload: UploadRecord) -> dict[str, Any]:
+    """An upload's kwargs from its record, which an older server may have stored unchecked."""
+    try:
+        kwargs = json.loads(upload.architecture_kwargs)
+    except (ValueError, RecursionError):
+        kwargs = None
+    if not isinstance(kwargs, dict):
+        raise InvalidArgument(
+            f"upload {upload.upload_id} was stored with unreadable architecture kwargs: delete "
+            "it and upload the model again"
+        )
+    return kwargs
+
+
+def _upload_bytes(record: UploadRecord) -> int:
+    return 512 + sum(
+        len(text.encode())
+        for text in (record.architecture, record.architecture_kwargs, record.description)
+    )
+
+
+def _job_bytes(record: JobRecord) -> int:
+    # The report goes out twice: parsed into ConversionReport and as report_json.
+    texts = (record.message, record.error_message, record.spec_json, record.stage)
+    return 1024 + 2 * len(record.report_json.encode()) + sum(len(t.encode()) for t in texts)
+
+
+def _within(budget: int, records: list[_R], size: Callable[[_R], int]) -> list[_R]:
+    """The leading records whose estimated sizes fit ``budget`` (the first always goes out: a
+    single record is bounded by what its upload or job accepted)."""
+    kept: list[_R] = []
+    for record in records:
+        budget -= size(record)
+        if budget < 0 and kept:
+            break
+        kept.append(record)
+    return kept
 
 
 def _check_id(value: str, what: str) -> str:

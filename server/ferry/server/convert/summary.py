@@ -50,24 +50,36 @@ def _speed(report: dict[str, Any], variant: dict[str, Any]) -> str:
     return figure
 
 
+def _figure(value: Any, spec: str) -> str | None:
+    """A figure as text; None where report.json holds none (a non-finite one is written null)."""
+    return format(value, spec) if isinstance(value, int | float) else None
+
+
 def _accuracy(report: dict[str, Any], variant: dict[str, Any]) -> str:
     for key, against in (("vs_pytorch", "PyTorch"), ("vs_fp32", "fp32")):
         figures = variant.get(key)
-        if figures:
-            return f"cosine {figures['cosine']:.6f} vs {against}"
+        if isinstance(figures, dict):
+            cosine = _figure(figures.get("cosine"), ".6f")
+            return f"cosine {cosine or 'not measurable'} vs {against}"
     parity = report.get("parity")
-    if parity:
-        return f"max_abs {parity['max_abs']:.2g} vs {parity.get('against', 'the source')}"
+    if isinstance(parity, dict):
+        max_abs = _figure(parity.get("max_abs"), ".2g")
+        return f"max_abs {max_abs or 'not measurable'} vs {parity.get('against', 'the source')}"
     return ""
 
 
 def published_line(report_json: str) -> str:
     """``dynamic_int8, 1.92x fp32 (1.80-2.05), cosine 0.999981 vs PyTorch``; '' when the report
-    says nothing was published (or cannot be read)."""
+    says nothing was published (or cannot be read). It never raises: the job's message is
+    decorated with it around publication, and a report it cannot read must not fail a job whose
+    version is serving."""
     try:
-        report = json.loads(report_json) if report_json else {}
-    except ValueError:
+        return _line(json.loads(report_json) if report_json else {})
+    except (ValueError, TypeError, KeyError, AttributeError):
         return ""
+
+
+def _line(report: Any) -> str:
     name = report.get("published") if isinstance(report, dict) else None
     if not name:
         return ""

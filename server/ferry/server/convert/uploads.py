@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -44,6 +45,9 @@ SUFFIXES = {
 }
 MAX_SAFETENSORS_HEADER = 100 << 20
 MAX_KWARGS_JSON = 64 << 10
+# Constructor kwargs are flat or nearly so; the bound keeps every later walk of them (json.dumps
+# into the record, the job contract, the child) far from the interpreter's recursion limit.
+MAX_KWARGS_DEPTH = 32
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
@@ -65,11 +69,62 @@ def kwargs_from_json(text: str) -> dict[str, Any]:
         raise InvalidArgument(f"architecture kwargs are over {MAX_KWARGS_JSON} bytes of JSON")
     try:
         value = json.loads(text)
+    except RecursionError:  # the C parser's own guard: nesting past the interpreter's limit
+        raise _too_deep() from None
     except ValueError as exc:
         raise InvalidArgument(f"architecture kwargs are not valid JSON: {exc}") from None
     if not isinstance(value, dict):
         raise InvalidArgument("architecture kwargs must be a JSON object (name -> value)")
     return value
+
+
+def check_kwargs(kwargs: dict[str, Any]) -> None:
+    """Bound kwargs however they came (JSON text, or a Struct the adapter turned into a dict):
+    they are stored with the upload and sent back by every ListUploads, so their JSON must fit
+    the same limit as the JSON form's."""
+    _check_depth(kwargs)
+    try:
+        size = len(json.dumps(kwargs, sort_keys=True))
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise InvalidArgument(f"architecture kwargs cannot be stored as JSON: {exc}") from None
+    if size > MAX_KWARGS_JSON:
+        raise InvalidArgument(
+            f"architecture kwargs are {size} bytes as JSON, over the limit of {MAX_KWARGS_JSON}: "
+            "they are constructor arguments (sizes, names), not data"
+        )
+
+
+def _check_depth(value: Any) -> None:
+    """Iterative, so a deep value is refused rather than overflowing the check itself."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_KWARGS_DEPTH:
+            raise _too_deep()
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def _too_deep() -> InvalidArgument:
+    return InvalidArgument(
+        f"architecture kwargs are nested deeper than {MAX_KWARGS_DEPTH} levels: give the "
+        'constructor arguments as a flat object, e.g. {"in_features": 64, "hidden": [256]}'
+    )
+
+
+def disk_full(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT: the operator's disk, not a bug, so never INTERNAL."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(detail: str) -> LimitExceeded:
+    return LimitExceeded(
+        f"the server's state disk is full ({detail}); nothing was kept: the operator must free "
+        "space on the disk of the state folder (--state-dir), e.g. by deleting old uploads "
+        "(ferry uploads delete), then upload again"
+    )
 
 
 def check_header(header: UploadHeader, *, limit: int, allow_code_formats: bool) -> None:
@@ -92,6 +147,13 @@ def check_header(header: UploadHeader, *, limit: int, allow_code_formats: bool) 
             f"{', '.join(architectures.available())}). For a class of your own, "
             + architectures.ROUTES
         )
+    if header.architecture:
+        architectures.check_name(header.architecture)
+    check_kwargs(header.architecture_kwargs)
+    if header.format in ("state_dict", "safetensors"):
+        # The server reads a built-in's sizes for every listing of the upload: refuse now
+        # what would otherwise be stored and fail later.
+        architectures.check_kwargs(header.architecture, header.architecture_kwargs)
     if header.expected_sha256 and not _is_sha256(header.expected_sha256):
         raise InvalidArgument("expected_sha256 must be 64 lowercase hex characters")
     if header.size_bytes > limit:
@@ -117,6 +179,32 @@ async def receive(
     its format checked in a process of its own (``upload_check``: parsing an ONNX file would
     hold it twice in this one), under ``check_memory_bytes`` and ``check_timeout``."""
     upload_id = uuid.uuid4().hex
+    try:
+        return await _receive(
+            header,
+            chunks,
+            folder,
+            upload_id=upload_id,
+            limit=limit,
+            check_memory_bytes=check_memory_bytes,
+            check_timeout=check_timeout,
+        )
+    except OSError as exc:
+        if disk_full(exc):
+            raise disk_full_error(exc.strerror or str(exc)) from None
+        raise
+
+
+async def _receive(
+    header: UploadHeader,
+    chunks: AsyncIterator[bytes],
+    folder: Path,
+    *,
+    upload_id: str,
+    limit: int,
+    check_memory_bytes: int,
+    check_timeout: float,
+) -> UploadRecord:
     tmp = folder / f"{TMP_PREFIX}{upload_id}"
     final = folder / f"{upload_id}{SUFFIXES[header.format]}"
     sink = _Sink(tmp)
@@ -195,7 +283,10 @@ class _Sink:
             os.fsync(self._fh.fileno())
 
     def close(self) -> None:
-        with self._lock:
+        """Never raises: a kept upload was flushed and synced by ``sync`` before this, so what
+        a failing close could lose (a full disk refusing the buffered tail) is a file being
+        discarded anyway, and raising here would skip its removal."""
+        with self._lock, contextlib.suppress(OSError):
             self._fh.close()
 
 

@@ -74,6 +74,8 @@ class DataPlane:
         self._shadows = shadow.Shadows()
         self._decisions: set[asyncio.Task[RolloutView]] = set()
         self._rolled_back: set[tuple[str, int]] = set()  # split versions a rule took out
+        # model -> (the split, {version: [failed, ok]} of the requests it routed)
+        self._split_counts: dict[str, tuple[Any, dict[int, list[int]]]] = {}
         # Rollout rules are applied by the process that owns the repository's management (the
         # first of --workers, the control replica); the others serve and compare only.
         self.decides_rollouts = True
@@ -110,7 +112,7 @@ class DataPlane:
             if lv is not None and isinstance(exc, FerryError):
                 lv.stats.record_failure(int(elapsed * 1e9))
                 if decoded.version is None:
-                    self._after(self._check_split_errors, lv)
+                    self._after(self._check_split_errors, lv, True)
             model = lv.name if lv is not None else request.model
             version = lv.version if lv is not None else _label(request)
             self._observe(model, version, exc, elapsed)
@@ -119,7 +121,7 @@ class DataPlane:
         lv.stats.record_success(int(elapsed * 1e9))
         self._observe(lv.name, lv.version, None, elapsed)
         if decoded.version is None:
-            self._after(self._maybe_shadow, decoded, lv, outputs, elapsed)
+            self._after(self._routed_answer, decoded, lv, outputs, elapsed)
         if decoded.outputs:
             outputs = {name: outputs[name] for name in decoded.outputs}
         return InferenceResult(decoded.model, lv.version, decoded.id, outputs)
@@ -136,7 +138,9 @@ class DataPlane:
 
     # ---- what is served ----
     def metadata(self, model: str, version: int | None = None) -> ModelMetadata:
-        lv = self._registry.get(model, version)
+        """A version's, or with none named the version that answers requests that name none
+        (a live split's largest share)."""
+        lv = self._registry.get(model, version or self._registry.serving_version(model))
         entry = self._registry.models[lv.name]
         b = lv.config.batching
         policy = lv.config.version_policy
@@ -144,7 +148,7 @@ class DataPlane:
             name=lv.name,
             version=lv.version,
             ready_versions=tuple(entry.ready_versions()),
-            default_version=entry.default_version(),
+            default_version=entry.serving_version(),
             platform=PLATFORM,
             inputs=tuple(lv.inputs),
             outputs=tuple(lv.outputs),
@@ -257,6 +261,19 @@ class DataPlane:
         except Exception:
             log.exception("rollout step %s failed; the request's own outcome stands", step.__name__)
 
+    def _routed_answer(
+        self, request: InferenceRequest, lv: LoadedVersion, outputs: dict[str, Any], elapsed: float
+    ) -> None:
+        """A request the rollout routed was answered: one look at the rollout on the request
+        path, and the split's rule and the shadow only when the rollout has them."""
+        ro, _ = self._registry.rollout_of(lv.name)
+        if ro is None:
+            return
+        if ro.rules.max_error_rate and len(ro.split) > 1:
+            self._after(self._check_split_errors, lv, False)
+        if ro.shadow is not None:
+            self._after(self._maybe_shadow, request, lv, outputs, elapsed)
+
     def _maybe_shadow(
         self,
         request: InferenceRequest,
@@ -290,11 +307,13 @@ class DataPlane:
             stats, run, outputs, int(elapsed * 1e9), lambda s: self._apply_rules(served.name, s)
         )
 
-    def _check_split_errors(self, lv: LoadedVersion) -> None:
+    def _check_split_errors(self, lv: LoadedVersion, failed_now: bool) -> None:
         """A version serving a share of a split whose error rate exceeds the rest of the
         split's by more than the rules' max_error_rate (after 10 of its requests) is rolled out
         of the split. Relative, so that a client's bad requests, which fail on every version,
-        roll nothing back."""
+        roll nothing back. Counted over the requests this split routed since it was set: the
+        version's lifetime counters also held requests from before the split and those naming
+        the version, so a client sending bad requests to version 2 by name rolled it back."""
         if not self.decides_rollouts:
             return
         ro, _ = self._registry.rollout_of(lv.name)
@@ -302,19 +321,19 @@ class DataPlane:
             return
         if lv.version not in dict(ro.split) or (lv.name, lv.version) in self._rolled_back:
             return
-        failed, ok = lv.stats.fail.count, lv.stats.success.count
+        key, counts = self._split_counts.get(lv.name, (None, {}))
+        if key != ro.split:
+            counts = {}
+            self._split_counts[lv.name] = (ro.split, counts)
+        mine = counts.setdefault(lv.version, [0, 0])  # [failed, ok]
+        mine[0 if failed_now else 1] += 1
+        if not failed_now:
+            return
+        failed, ok = mine
         if failed + ok < 10:
             return
-        other_failed = other_ok = 0
-        for version, _ in ro.split:
-            if version == lv.version:
-                continue
-            try:
-                other = self._registry.get(lv.name, version)
-            except FerryError:
-                continue
-            other_failed += other.stats.fail.count
-            other_ok += other.stats.success.count
+        other_failed = sum(c[0] for v, c in counts.items() if v != lv.version)
+        other_ok = sum(c[1] for v, c in counts.items() if v != lv.version)
         baseline = other_failed / (other_failed + other_ok) if other_failed + other_ok else 0.0
         if failed / (failed + ok) - baseline <= ro.rules.max_error_rate:
             return
@@ -325,7 +344,8 @@ class DataPlane:
             f"requests, the rest of the split {baseline:.1%} (max_error_rate "
             f"{ro.rules.max_error_rate:g} above it)"
         )
-        self._decide(lv.name, split or None, why)
+        # A shadow beside the split, and the rules, go on: the rule acted on the split only.
+        self._decide(lv.name, split or None, why, keep=ro)
 
     def _apply_rules(self, model: str, stats: shadow.ShadowStatistics) -> None:
         """The rollout's rules, after each shadow outcome: promote the candidate (it takes all
@@ -344,17 +364,41 @@ class DataPlane:
         stats.decided = True
         candidate = stats.candidate
         if verdict == "promote":
-            split: dict[int, float] | None = {candidate: 1.0}
+            # The candidate takes every request: by ending the split when it is what requests
+            # that name no version get anyway (the newest, say), or else by a pin. A pin left
+            # behind kept every version published later off traffic.
+            natural = self._registry.default_version(model)
+            split: dict[int, float] | None = None if natural == candidate else {candidate: 1.0}
         else:
             split = {v: w for v, w in ro.split if v != candidate} or None
         what = "promoted" if verdict == "promote" else "rolled back"
         self._decide(model, split, f"{what} by rule: {stats.summary()}")
 
-    def _decide(self, model: str, split: dict[int, float] | None, why: str) -> None:
-        """A rule's decision: recorded and applied as a person's would be, off the request."""
+    def _decide(
+        self,
+        model: str,
+        split: dict[int, float] | None,
+        why: str,
+        keep: rollouts.Rollout | None = None,
+    ) -> None:
+        """A rule's decision: recorded and applied as a person's would be, off the request.
+        ``keep``: the rollout whose shadow and rules stay (a split's rule changed the split
+        alone; it dropped a live shadow and every rule with it)."""
         log.warning("model %s: %s", model, why)
+        shadow_of = keep.shadow if keep is not None else None
+        rules = keep.rules.as_dict() if keep is not None and keep.rules else None
+        if shadow_of is None and not split:
+            rules = None  # a split's rule needs a split; none is left
         task = asyncio.get_running_loop().create_task(
-            self.set_rollout(model, split, by="rollout rules", why=why)
+            self.set_rollout(
+                model,
+                split,
+                by="rollout rules",
+                why=why,
+                shadow_of=shadow_of,
+                rules=rules,
+                fresh_shadow=False,
+            )
         )
         self._decisions.add(task)
         task.add_done_callback(self._decisions.discard)
@@ -394,10 +438,12 @@ class DataPlane:
         why: str,
         shadow_of: tuple[int, float] | None = None,
         rules: Mapping[str, float] | None = None,
+        fresh_shadow: bool = True,
     ) -> RolloutView:
         """Split the model's live traffic (None or {}: end the split) and/or shadow a fraction
         of it to a candidate (``shadow_of``: version, fraction); every worker and replica
-        serving the repository follows, and the change is recorded."""
+        serving the repository follows, and the change is recorded. ``fresh_shadow``: the
+        shadow's comparison starts afresh (a person's change; a rule's keeps it)."""
         name = validate_model_name(model)
         wanted = rollouts.parse_split(split) if split else rollouts.Rollout(())
         if shadow_of is not None:
@@ -413,8 +459,10 @@ class DataPlane:
                 )
             wanted = rollouts.Rollout(wanted.split, None, parsed_rules)
         parsed = wanted if wanted.split or wanted.shadow else None
-        outcome = await self._registry.set_rollout(name, parsed, by=by, why=why)
         if parsed is not None and parsed.shadow is not None:
+            self._check_shadow(name, parsed)
+        outcome = await self._registry.set_rollout(name, parsed, by=by, why=why)
+        if parsed is not None and parsed.shadow is not None and fresh_shadow:
             self._shadows.forget(name)
         # Only the versions this rollout names: syncing the model retries every failed version,
         # and one the rollout does not touch made a change that was applied answer an error.
@@ -426,6 +474,27 @@ class DataPlane:
                 "requests for them go to the default version until they do"
             )
         return self.rollout(name)
+
+    def _check_shadow(self, name: str, wanted: rollouts.Rollout) -> None:
+        """A shadow of the one version that answers every request compares it with itself:
+        it was accepted, compared nothing (``_maybe_shadow`` skips it) and a rule could
+        neither promote nor roll it back. (A canary's version in a split may be shadowed: the
+        requests the others answer are compared.)"""
+        assert wanted.shadow is not None
+        candidate = wanted.shadow[0]
+        if wanted.split:
+            serving = {v for v, w in wanted.split if w > 0}
+            where = "the only version in the split"
+        else:
+            default = self._registry.default_version(name)
+            serving = {default} if default is not None else set()
+            where = "the version every request that names none gets"
+        if serving == {candidate}:
+            raise FailedPrecondition(
+                f"version {candidate} of {name!r} is {where}, so it would be compared with "
+                "itself: pin the version that should keep answering with a split (e.g. "
+                "split {N: 1}) and shadow the candidate beside it"
+            )
 
     async def refresh(self) -> RepositoryOutcome:
         return await self._registry.refresh(retry_failed=True, follow=True)
@@ -458,4 +527,6 @@ def _label(request: InferenceRequest | WireRequest) -> int:
     return request.version_label
 
 
-__all__ = ["DataPlane", "InferenceRequest", "InferenceResult", "Limits"]
+# merge: statistics of one version from several processes, added up (workers.peers sums
+# with it through this door).
+__all__ = ["DataPlane", "InferenceRequest", "InferenceResult", "Limits", "merge"]

@@ -13,6 +13,7 @@ model never waits behind a refresh that is loading others (one refresh runs at a
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from ferry.server.core.types import (
     short,
 )
 from ferry.server.errors import (
+    FailedPrecondition,
     FerryError,
     ModelNotFound,
     ModelNotReady,
@@ -87,6 +89,18 @@ class ModelEntry:
         if newest is not None:
             return newest
         return max(self.versions) if self.versions else None
+
+    def serving_version(self) -> int | None:
+        """The version that describes the model to a client that names none: with a live
+        split, its largest ready share (ties: the newest), else ``default_version``. Metadata
+        and the default flag described the newest version while a pin sent every request to
+        another."""
+        if self.rollout is not None and self.rollout.split:
+            ready = {v for v, s in list(self.versions.items()) if s.state is State.READY}
+            best = max(((w, v) for v, w in self.rollout.split if v in ready), default=None)
+            if best is not None:
+                return best[1]
+        return self.default_version()
 
 
 Listener = Callable[[], None]
@@ -172,6 +186,30 @@ class ModelRegistry:
             raise ModelNotReady(f"model {name!r} version {version} is {slot.state.value}{why}")
         return slot.loaded
 
+    def serving_version(self, name: str) -> int | None:
+        """ModelEntry.serving_version (None: the model is not served here)."""
+        entry = self.models.get(name)
+        return entry.serving_version() if entry is not None else None
+
+    def default_version(self, name: str) -> int | None:
+        """The version a request that names none gets without a split (None: none ready)."""
+        entry = self.models.get(name)
+        return entry.default_version() if entry is not None else None
+
+    def edit_lock(self, name: str) -> asyncio.Lock:
+        """Held by a management edit of a model's folder from its checks to its write, as the
+        registry's own changes hold it: a DeleteModelVersion beside a SetRollout naming that
+        version both succeeded, and the split named a version that was gone."""
+        return self._lock_of(name)
+
+    async def follow_edit(self, name: str) -> RepositoryOutcome:
+        """Serve what a model's folder says after a management edit (default version, a
+        deleted version), unless the model was unloaded on request: an edit does not load it
+        again (it did, and with --workers only where the edit was made)."""
+        if name in self._unloaded_by_request:
+            return RepositoryOutcome()
+        return await self.load_model(name)
+
     def loaded(self, name: str, version: int) -> LoadedVersion | None:
         """The loaded object behind a version, whatever its state; None when there is none."""
         entry = self.models.get(name)
@@ -203,6 +241,13 @@ class ModelRegistry:
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._lock_of(name):
+            if name in self._unloaded_by_request:
+                # Serving a rollout would load it again here (and, with --workers, in the
+                # workers too, each of which then disagreed with the others on a refresh).
+                raise FailedPrecondition(
+                    f"model {short(name)!r} was unloaded on request: load it first "
+                    "(LoadModel, or ferry models load), then set its rollout"
+                )
             if split is not None:
                 on_disk = set(self.repository.list_versions(name))
                 missing = [v for v in split.versions if v not in on_disk]
@@ -212,12 +257,47 @@ class ModelRegistry:
                         f"{sorted(on_disk) or 'none'}"
                     )
             mdir = self.repository.model_dir(name)
+            if split is not None:
+                self._check_one_interface(name, split)  # the versions already loaded
+            previous = await asyncio.to_thread(rollouts.raw, mdir)
             await asyncio.to_thread(rollouts.write, mdir, split, by=by, why=why)
             result = RepositoryOutcome()
             await self._sync_model(name, result, retry_failed=True)
+            if split is not None:
+                try:
+                    self._check_one_interface(name, split)  # and those it loaded
+                except FailedPrecondition:
+                    await asyncio.to_thread(rollouts.restore, mdir, previous)
+                    await self._sync_model(name, RepositoryOutcome(), retry_failed=False)
+                    self._notify()
+                    raise
             self._notify()
             await self._follow("load", name)
             return result
+
+    def _check_one_interface(self, name: str, split: rollouts.Rollout) -> None:
+        """The rollout's versions (and, for a shadow alone, the default version it is compared
+        with) that are loaded take and give the same tensors (rollout.interface_difference)."""
+        entry = self.models.get(name)
+        if entry is None:
+            return
+        versions = sorted(split.versions)
+        default = entry.default_version()
+        if not split.split and default is not None:
+            versions = [default, *versions]
+        loaded = [
+            (v, slot.loaded)
+            for v in versions
+            if (slot := entry.versions.get(v)) is not None and slot.loaded is not None
+        ]
+        for (first, a), (other, b) in itertools.pairwise(loaded):
+            why = rollouts.interface_difference((a.inputs, a.outputs), (b.inputs, b.outputs))
+            if why:
+                raise FailedPrecondition(
+                    f"versions {first} and {other} of {short(name)!r} differ: {why}. A split "
+                    "or shadow needs one interface (a client cannot tell which version "
+                    "answers it): name the version in each request instead"
+                )
 
     def statuses(self, name: str = "") -> list[VersionStatus]:
         if name and name not in self.models:
@@ -226,7 +306,7 @@ class ModelRegistry:
         for entry in list(self.models.values()):
             if name and entry.name != name:
                 continue
-            default = entry.default_version()
+            default = entry.serving_version()
             for v, slot in sorted(entry.versions.items()):
                 out.append(VersionStatus(entry.name, v, slot.state, slot.reason, v == default))
         return out
@@ -407,7 +487,10 @@ class ModelRegistry:
                 entry = self.models[name] = ModelEntry(name, config, cfg_sig)
             elif entry is None:
                 entry = self.models[name] = ModelEntry(name)
-            sig = _file_signature(self.repository.model_file(name, version))
+            # As _scan signs a version (its model file and its own config): signed otherwise,
+            # the sync below saw a change and opened every published version a second time.
+            model_file = self.repository.model_file(name, version)
+            sig = (_file_signature(model_file), _config_signature(model_file.parent))
             if config_ok and entry.config_signature == cfg_sig and entry.config == config:
                 entry.versions[version] = VersionSlot(version, State.READY, "", loaded, sig)
             else:  # the config changed: sync opens it afresh

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ferry.codec import datatype_name
 from ferry.server.core.repository import write_file_atomic
+from ferry.server.core.types import TensorSpec
 from ferry.server.errors import InvalidArgument
 
 ROLLOUT_FILE = "rollout.json"
@@ -212,6 +214,57 @@ def write(model_dir: Path, rollout: Rollout | None, *, by: str, why: str) -> dic
     if rules:
         entry["rules"] = rules
     past = history(model_dir)[-(MAX_HISTORY - 1) :]
-    doc = {"split": entry["split"], "shadow": shadow, "rules": rules, "history": [*past, entry]}
-    write_file_atomic(model_dir / ROLLOUT_FILE, json.dumps(doc, indent=2).encode("utf-8"))
+    while True:
+        doc = {"split": entry["split"], "shadow": shadow, "rules": rules, "history": [*past, entry]}
+        raw = json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")
+        # Never a file read() refuses: over MAX_FILE the split itself was dropped, and traffic
+        # moved to the default version (200 reasons of 500 emoji did it).
+        if len(raw) <= MAX_FILE:
+            break
+        if not past:
+            raise InvalidArgument(f"the rollout record would be over {MAX_FILE} bytes")
+        past = past[len(past) // 4 + 1 :]  # the oldest entries go first
+    write_file_atomic(model_dir / ROLLOUT_FILE, raw)
     return entry
+
+
+def interface_difference(
+    a: tuple[list[TensorSpec], list[TensorSpec]], b: tuple[list[TensorSpec], list[TensorSpec]]
+) -> str:
+    """How two versions' (inputs, outputs) differ for a client ('' when they do not): names,
+    types, ranks, and fixed sizes (-1, a dynamic size, matches any). A split or shadow between
+    versions that differ fails requests at random (a client cannot tell which version answers
+    its request), and a shadow candidate missing an output was promoted."""
+    for kind, mine, theirs in (("inputs", a[0], b[0]), ("outputs", a[1], b[1])):
+        left = {s.name: s for s in mine}
+        right = {s.name: s for s in theirs}
+        if set(left) != set(right):
+            return f"{kind} {sorted(left)} against {sorted(right)}"
+        for name, x in left.items():
+            y = right[name]
+            same_dims = len(x.shape) == len(y.shape) and all(
+                p == q or p < 0 or q < 0 for p, q in zip(x.shape, y.shape, strict=True)
+            )
+            if x.dtype != y.dtype or not same_dims:
+                return f"{kind[:-1]} {name!r}: {_spec(x)} against {_spec(y)}"
+    return ""
+
+
+def _spec(s: TensorSpec) -> str:
+    return f"{datatype_name(s.dtype)} {list(s.shape)}"
+
+
+def raw(model_dir: Path) -> bytes | None:
+    """The rollout file as it is (None: there is none), to put back as it was."""
+    try:
+        return (model_dir / ROLLOUT_FILE).read_bytes()[: MAX_FILE + 1]
+    except FileNotFoundError:
+        return None
+
+
+def restore(model_dir: Path, previous: bytes | None) -> None:
+    """Put back what ``raw`` read: a refused change leaves no trace, not even in the history."""
+    if previous is None:
+        (model_dir / ROLLOUT_FILE).unlink(missing_ok=True)
+    else:
+        write_file_atomic(model_dir / ROLLOUT_FILE, previous)

@@ -40,6 +40,7 @@ class ShadowStatistics:
     max_abs_diff: float = 0.0
     top1_agree: int = 0
     top1_rows: int = 0  # rows whose outputs are class scores
+    mismatched: int = 0  # outputs missing from the candidate's answer or of another shape/type
     served_ns: int = 0
     shadow_ns: int = 0
     in_flight: int = 0
@@ -65,9 +66,12 @@ class ShadowStatistics:
 
     def summary(self) -> str:
         ratio = self.shadow_ns / self.served_ns if self.served_ns else 1.0
+        odd = f", {self.mismatched} outputs missing or of another shape/type" * bool(
+            self.mismatched
+        )
         return (
             f"{self.compared} compared, {self.errors} errors, lowest cosine "
-            f"{self.cosine_min:.6f}, latency {ratio:.2f}x the served version's"
+            f"{self.cosine_min:.6f}{odd}, latency {ratio:.2f}x the served version's"
         )
 
     @property
@@ -82,7 +86,15 @@ class ShadowStatistics:
         cosines = []
         for name, a in served.items():
             b = shadow.get(name)
-            if b is None or a.shape != b.shape or a.dtype.kind not in "fiub":
+            if b is None or a.shape != b.shape or a.dtype != b.dtype:
+                # An output the candidate lacks, or gives in another shape or type, is a
+                # disagreement: skipped, it let a candidate that breaks every client asking
+                # for that output be promoted with a cosine of 1.
+                cosines.append(0.0)
+                self.mismatched += 1
+                continue
+            if a.dtype.kind not in "fiub":  # text (BYTES): equal or not
+                cosines.append(1.0 if np.array_equal(a, b) else 0.0)
                 continue
             x = a.astype(np.float64).ravel()
             y = b.astype(np.float64).ravel()

@@ -54,7 +54,7 @@ def describe(repository: ModelRepository, registry: ModelRegistry, name: str) ->
     entry = registry.models.get(name)
     if not on_disk and entry is None:
         raise ModelNotFound(f"model {name!r} is not in the repository")
-    default = (entry.default_version() if entry is not None else None) or 0
+    default = (entry.serving_version() if entry is not None else None) or 0
     slots = entry.versions if entry is not None else {}
     views = []
     for v in sorted(set(on_disk) | set(slots)):
@@ -84,6 +84,12 @@ async def delete_version(
 ) -> None:
     """Remove the folder (an atomic rename first, so no reader ever sees half of it), then let
     the registry drop the version: in-flight requests finish on the session already in memory."""
+    async with registry.edit_lock(name):
+        await _delete_checked(repository, name, version)
+    await registry.follow_edit(name)
+
+
+async def _delete_checked(repository: ModelRepository, name: str, version: int) -> None:
     repository.require_version(name, validate_version(version))
     config = load_config(repository.model_dir(name))
     if config.default_version == version:
@@ -100,7 +106,6 @@ async def delete_version(
             "rollout first (SetRollout / ferry models rollout)"
         )
     await asyncio.to_thread(repository.delete_version, name, version)
-    await registry.load_model(name)
 
 
 async def set_default_version(
@@ -109,6 +114,12 @@ async def set_default_version(
     """Write ``default_version`` (0 clears it). When the version policy is ``latest = N`` and
     would not serve that version, N grows to include it, since a default that is not loaded
     would fail every request that names no version."""
+    async with registry.edit_lock(name):
+        await _set_default_checked(repository, name, version)
+    await registry.follow_edit(name)
+
+
+async def _set_default_checked(repository: ModelRepository, name: str, version: int) -> None:
     mdir = repository.model_dir(name)
     if not mdir.is_dir():
         raise ModelNotFound(f"model {name!r} is not in the repository")
@@ -143,7 +154,6 @@ async def set_default_version(
         target = mdir / VERSION_CONFIG_FILE
     _check_edit(text, target, version)
     await asyncio.to_thread(write_file_atomic, target, text.encode("utf-8"))
-    await registry.load_model(name)
 
 
 _TABLE = re.compile(r"^\s*\[")

@@ -258,8 +258,11 @@ class FerryServer:
         else:
             self._run_dir = Path(tempfile.mkdtemp(prefix="ferry-workers-"))
             own = socket_path(self._run_dir, 0)
-        self._peers = Peers(self._run_dir, own, self.registry.loaded)
-        service = worker_control.ControlService(self.dataplane, self.metrics.requests_snapshot)
+        first = not self.is_worker
+        self._peers = Peers(self._run_dir, own, self.registry.loaded, keeps_retired=first)
+        service = worker_control.ControlService(
+            self.dataplane, self.metrics.requests_snapshot, self._peers if first else None
+        )
         self._control = await worker_control.start_control(str(own), service)
         self.dataplane.sum_with(self._peers.statistics)
         self.metrics.sum_with(self._peers)

@@ -3,21 +3,36 @@ whose config does not say.
 
 A graph whose every input and output has a dynamic first dimension looks batchable, but that
 dimension may be a set the model works across (a Softmax or a mean over it, a sort, a cumulative
-sum, attention between rows). Batching such a model concatenates two clients' requests and gives
-each an answer that depends on the other, and padding a batch to a planned size changes every
-answer. Nothing fails: the answers are silently wrong. Triton's auto-complete guesses from the
-shapes alone; Ferry also runs two different rows alone and together before it batches a model
-nobody configured, and batches it only if every output row agrees. An explicit
-``batching.max_batch_size`` is the user's word and is not second-guessed. A model the probe
-rows cannot run on (an index past its table, a length it refuses) is batched on its shapes, as
-before the probe, with a WARNING that says how to turn batching off.
+sum, attention between rows, a peak normalisation over the whole tensor). Batching such a model
+concatenates two clients' requests and gives each an answer that depends on the other, and
+padding a batch to a planned size changes every answer. Nothing fails: the answers are silently
+wrong. Triton's auto-complete guesses from the shapes alone; Ferry also runs four different rows
+alone and together, in two orders, before it batches a model nobody configured, and batches it
+only if every output row agrees with its row's run alone. An explicit ``batching.max_batch_size``
+is the user's word and is not second-guessed. A model the probe rows cannot run on (an index
+past its table, a length it refuses) is batched on its shapes, as before the probe, with a
+WARNING that says how to turn batching off.
 
-The rows are 1 and 0 (True/False, "a"/""): apart from one another, and ordered so that a sort,
-a reversal, a cumulative sum, a max, a min or a mean across them each changes some row.
+Why these rows. Rows of 1s and 0s were tried first and let through every operation that gives
+the same answer on that pair: a peak normalisation (the max is 1 with or without the zero row),
+a reversed cumulative sum (the zero row adds nothing above it), a product, a clip that only a
+large or negative row trips. So each row differs from the others in every statistic such an
+operation reads: float rows are seeded normals at different scales and signs (one mixed about
+0, one all below -4, one all above 64, one small), so that each row's max, min, sum, norm and
+place in a sort differ and a row that only matters when large or negative is there; integer
+rows are the constants 2, 0, 3, 1, small enough to index any table of four or more (embedding
+ids, class indices) and still apart in max, min, sum and order; bools and strings take
+distinct patterns. Neither order (forward, reversed) is sorted either way, so a sort or TopK over
+the rows moves some row in at least one of them, and a reversal or a cumulative op in either
+direction changes the first or last row. A model that does not run on these rows alone is tried
+on integers of 0 and 1 (a table of two), then on 0s and 1s for floats too (a float used as an
+index), the rows the probe always used, before the shapes decide. The cost at load is six tiny runs
+(each row alone, then the four in each order), a few more only for a model that refuses rows.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -29,36 +44,115 @@ from ferry.server.errors import first_line
 _RTOL = 1e-3
 _RTOL_HALF = 1e-2
 
+_ROWS = 4
+_SEED = 0
+_INTS = (2, 0, 3, 1)  # constant rows: any table of 4 takes them, every statistic tells them apart
+_STRINGS = ("a", "", "ferry", "b")
+_ORDERS = ((0, 1, 2, 3), (3, 2, 1, 0))  # sorted neither way, so a sort moves a row in each
+
+# A row's values from standard normals ``z`` (one row's shape): mixed about 0; all below -4; all
+# above 64 (a row that dominates a max, a sum or a norm, and trips what only a large value does);
+# small about 0.
+_FLOAT_ROWS: tuple[Callable[[np.ndarray], np.ndarray], ...] = (
+    lambda z: z,
+    lambda z: -(1.0 + np.abs(z)) * 4.0,
+    lambda z: (1.0 + np.abs(z)) * 64.0,
+    lambda z: z / 8.0,
+)
+
+# (floats, integers), tried in turn until the model runs every row alone: the last is the 0/1
+# probe this module began with, kept for a model that takes a float as an index.
+_TIERS = (("normals", "small"), ("normals", "binary"), ("binary", "binary"))
+
 
 def probe(session: Any) -> tuple[bool | None, str]:
-    """Whether two different rows give the same answers alone and together: (True, '') when
-    they do, (False, why) when they do not, (None, why) when the probe cannot tell (the model
-    does not run on one probe row: an input outside its domain, a length it refuses).
-    ``session`` has ``zero_feeds``, ``run`` and ``output_names``."""
-    together = session.zero_feeds(2)
-    for array in together.values():
-        array[0] = "a" if array.dtype == object else 1
-    try:
-        alone = [session.run({n: a[i : i + 1] for n, a in together.items()}) for i in (0, 1)]
-    except Exception as exc:
-        return None, f"it does not run on a probe row ({first_line(exc)})"
-    try:
-        both = session.run(together)
-    except Exception as exc:
-        return False, f"it runs one row but not two ({first_line(exc)})"
-    for name, out, first, second in zip(session.output_names, both, *alone, strict=True):
-        for row, one in enumerate((first, second)):
-            if np.ndim(out) == 0 or np.ndim(one) == 0 or out.shape[0] != 2 or one.shape[0] != 1:
-                return False, (
-                    f"output {name!r} is {list(np.shape(out))} for two rows and "
-                    f"{list(np.shape(one))} for one: its first dimension is not the rows'"
-                )
-            if out.shape[1:] != one.shape[1:] or not _same(out[row], one[0]):
-                return False, (
-                    f"output {name!r} for row {row} differs when another row runs beside it: the "
-                    "model works across its first dimension"
-                )
+    """Whether four different rows give the same answers alone and together, in two orders:
+    (True, '') when they do, (False, why) when they do not, (None, why) when the probe cannot
+    tell (the model does not run on any set of probe rows: an input outside its domain, a
+    length it refuses). ``session`` has ``zero_feeds``, ``run`` and ``output_names``."""
+    template = session.zero_feeds(_ROWS)
+    kinds = {_kind(a) for a in template.values()}
+    tried: set[tuple[str | None, str | None]] = set()
+    refused = ""
+    for floats, ints in _TIERS:
+        key = (floats if "float" in kinds else None, ints if "int" in kinds else None)
+        if key in tried:  # the same rows as a tier already refused
+            continue
+        tried.add(key)
+        rng = np.random.default_rng(_SEED)  # one stream: two float inputs are not equal
+        feeds = {name: _rows(a, floats, ints, rng) for name, a in template.items()}
+        try:
+            alone = [session.run({n: a[i : i + 1] for n, a in feeds.items()}) for i in range(_ROWS)]
+        except Exception as exc:
+            refused = first_line(exc)
+            continue
+        return _compare(session, feeds, alone)
+    return None, f"it does not run on a probe row ({refused})"
+
+
+def _compare(
+    session: Any, feeds: dict[str, np.ndarray], alone: list[list[np.ndarray]]
+) -> tuple[bool, str]:
+    for order in _ORDERS:
+        try:
+            together = session.run({n: a[list(order)] for n, a in feeds.items()})
+        except Exception as exc:
+            return False, f"it runs one row but not {_ROWS} ({first_line(exc)})"
+        for k, (name, out) in enumerate(zip(session.output_names, together, strict=True)):
+            for at, row in enumerate(order):
+                one = alone[row][k]
+                if not _rows_first(out, one):
+                    return False, _not_rows(name, out, one)
+                if out.shape[1:] != one.shape[1:] or not _same(out[at], one[0]):
+                    return False, (
+                        f"output {name!r} for row {row} differs when another row runs beside "
+                        "it: the model works across its first dimension"
+                    )
     return True, ""
+
+
+def _rows_first(out: np.ndarray, one: np.ndarray) -> bool:
+    return np.ndim(out) > 0 and np.ndim(one) > 0 and out.shape[0] == _ROWS and one.shape[0] == 1
+
+
+def _not_rows(name: str, out: np.ndarray, one: np.ndarray) -> str:
+    return (
+        f"output {name!r} is {list(np.shape(out))} for {_ROWS} rows and "
+        f"{list(np.shape(one))} for one: its first dimension is not the rows'"
+    )
+
+
+def _kind(a: np.ndarray) -> str:
+    if a.dtype == object:
+        return "string"
+    if a.dtype == np.bool_:
+        return "bool"
+    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+        return "float"
+    return "int"
+
+
+def _rows(template: np.ndarray, floats: str, ints: str, rng: np.random.Generator) -> np.ndarray:
+    """``_ROWS`` rows in ``template``'s shape and dtype, each unlike the others."""
+    row_shape = template.shape[1:]
+    kind = _kind(template)
+    if kind == "string":
+        rows = [np.full(row_shape, s, dtype=object) for s in _STRINGS]
+        return np.stack(rows)
+    if kind == "float" and floats == "normals":
+        rows = [f(rng.standard_normal(row_shape)) for f in _FLOAT_ROWS]
+        return np.stack(rows).astype(template.dtype)
+    if kind == "int" and ints == "small":
+        rows = [np.full(row_shape, v) for v in _INTS]
+        return np.stack(rows).astype(template.dtype)
+    return _binary(row_shape).astype(template.dtype)
+
+
+def _binary(row_shape: tuple[int, ...]) -> np.ndarray:
+    """Rows of 1s, 0s and the two alternations: apart where a row has room for it, and every
+    value a valid index into a table of two, a bool or a 0/1 mask."""
+    odd = (np.arange(int(np.prod(row_shape))) % 2).reshape(row_shape).astype(np.bool_)
+    return np.stack([np.ones(row_shape, np.bool_), np.zeros(row_shape, np.bool_), odd, ~odd])
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

@@ -7,8 +7,11 @@ import onnxruntime as ort
 from ferry.server.errors import InvalidInput
 
 # What onnxruntime raises when a run refuses its input's values (an index past a Gather's
-# table, a Reshape to a size the data does not have): the request's fault, not the server's.
-REFUSED_INPUT: type[Exception] = ort.capi.onnxruntime_pybind11_state.InvalidArgument
+# table) or a kernel fails on them (FAIL: a Reshape to a size the data does not have, a
+# sequence length a graph exported at one length cannot take): the request's shapes or values,
+# since the version loaded, passed its probe and serves others. It was INTERNAL.
+_STATE = ort.capi.onnxruntime_pybind11_state
+REFUSED_INPUT: tuple[type[Exception], ...] = (_STATE.InvalidArgument, _STATE.Fail)
 
 
 def refused_input(exc: Exception) -> InvalidInput:
@@ -16,5 +19,12 @@ def refused_input(exc: Exception) -> InvalidInput:
     INTERNAL, "see the server log"), with onnxruntime's words: they name the node and the
     bound."""
     text = " ".join(str(exc).split())
-    text = text.removeprefix("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ")
-    return InvalidInput(f"the model cannot run on this request's values: {text[:400]}")
+    for prefix in (
+        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : ",
+        "[ONNXRuntimeError] : 1 : FAIL : ",
+    ):
+        text = text.removeprefix(prefix)
+    return InvalidInput(
+        f"the model cannot run on this request's shapes or values: {text[:400]}; check them "
+        "against the model's metadata"
+    )

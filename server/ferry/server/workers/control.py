@@ -85,8 +85,11 @@ def stats_from_json(d: dict[str, Any]) -> VersionStatistics:
 class ControlService(grpc.GenericRpcHandler):
     """What one worker answers on its control socket: its own counters, never the sum."""
 
-    def __init__(self, dataplane: DataPlane, requests: Any) -> None:
+    def __init__(self, dataplane: DataPlane, requests: Any, retired: Any = None) -> None:
         self._dataplane = dataplane
+        # The first worker's peers.Peers (None elsewhere): what workers that died last
+        # reported, which it alone keeps and every other worker adds through its answers.
+        self._retired = retired
         # Which process answers: a worker started again counts from zero, and the others tell
         # its new counters from the old ones by this (peers.Peers keeps the old ones).
         self._process = uuid.uuid4().hex
@@ -107,10 +110,20 @@ class ControlService(grpc.GenericRpcHandler):
             stats = self._dataplane.statistics(ask.get("model", ""), ask.get("version"))
         except FerryError:  # not served by this worker (yet): it has nothing to add
             stats = []
-        return encode({"process": self._process, "rows": [stats_to_json(s) for s in stats]})
+        answer: dict[str, Any] = {
+            "process": self._process,
+            "rows": [stats_to_json(s) for s in stats],
+        }
+        if self._retired is not None:
+            retired = self._retired.retired_statistics(ask.get("model", ""), ask.get("version"))
+            answer["retired"] = [stats_to_json(s) for s in retired]
+        return encode(answer)
 
     async def _requests_counts(self, raw: bytes, context: aio.ServicerContext) -> bytes:
-        return encode({"process": self._process, "rows": self._requests()})
+        answer: dict[str, Any] = {"process": self._process, "rows": self._requests()}
+        if self._retired is not None:
+            answer["retired"] = self._retired.retired_requests()
+        return encode(answer)
 
     async def _ready(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         return encode({"ready": self._dataplane.ready()})

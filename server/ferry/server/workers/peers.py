@@ -10,10 +10,12 @@ caller, and a sum never drops because a worker is slow or was started again:
 * a worker that died and was started again counts from zero. What its previous process last
   reported is kept (*retired*) and added to every later sum, so a counter summed over workers
   stays monotonic and Prometheus' ``rate()`` does not read a reset (a sum fell from 200 to 118
-  after a ``kill -9``). Every worker tells a new process from the old one by the process id
-  each answer carries, so the sum holds whichever worker is asked. A retired version's counts
-  stay while this process serves that same loaded version, and go with it, as a version's own
-  counters do; the request counters, since the process started, stay.
+  after a ``kill -9``). The first worker, which restarts the others and asks every one of them
+  at each scrape, keeps them (each answer names the process that gave it, so a new process is
+  told from the old one) and adds them to its answers to the other workers, so the sum holds
+  whichever worker is asked. A retired version's counts stay while the first worker serves
+  that same loaded version, and go with it, as a version's own counters do; the request
+  counters, since the process started, stay.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from ferry.server.core.stats_merge import merge
+from ferry.server.core.dataplane import merge
 from ferry.server.core.types import VersionStatistics
 from ferry.server.workers import control
 
@@ -55,9 +57,12 @@ Served = Callable[[str, int], object | None]
 
 
 class Peers:
-    def __init__(self, run_dir: Path, own: Path, served: Served | None = None) -> None:
+    def __init__(
+        self, run_dir: Path, own: Path, served: Served | None = None, *, keeps_retired: bool = True
+    ) -> None:
         self.run_dir = run_dir
         self.own = own
+        self._keeps_retired = keeps_retired  # the first worker's (module docstring)
         self._served: Served = served or (lambda model, version: None)
         self._aio: dict[Path, aio.Channel] = {}
         self._sync: dict[Path, grpc.Channel] = {}
@@ -80,7 +85,7 @@ class Peers:
             if isinstance(answer, BaseException):
                 log.debug("worker %s did not answer %s: %s", path.name, method, answer)
                 return self._last.get(key)
-            process, rows = _unwrap(answer)
+            process, rows, retired = _unwrap(answer)
             if process is not None and self._process.get(path, process) != process:
                 self._retire(path)  # started again since it last answered
             if process is not None:
@@ -89,11 +94,12 @@ class Peers:
                 self._note_stats(path, ask, rows)
             elif method == control.REQUESTS:
                 self._latest_requests[path] = rows
+            kept = rows + retired  # the first worker's answer adds what it keeps of the dead
             self._last.pop(key, None)  # re-inserted last: the oldest question goes first
-            self._last[key] = rows
+            self._last[key] = kept
             while len(self._last) > MAX_KEPT:  # questions name models: bounded all the same
                 del self._last[next(iter(self._last))]
-            return rows
+            return kept
 
     def _note_stats(self, path: Path, ask: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         """The latest row of each version the process at ``path`` serves: what the question
@@ -112,6 +118,10 @@ class Peers:
         for key in [k for k in self._last if k[0] == path]:
             del self._last[key]
         self._process.pop(path, None)
+        if not self._keeps_retired:  # the first worker keeps them, and answers with them
+            self._latest_stats.pop(path, None)
+            self._latest_requests.pop(path, None)
+            return
         for (model, version), row in self._latest_stats.pop(path, {}).items():
             loaded = self._served(model, version)
             if loaded is None:  # not served here: its counts would leave with it anyway
@@ -132,6 +142,16 @@ class Peers:
                 kept_row[2][code] = kept_row[2].get(code, 0) + int(n)
             kept_row[3] = [a + int(b) for a, b in zip(kept_row[3], buckets, strict=True)]
             kept_row[4] += float(seconds)
+
+    def retired_statistics(self, model: str = "", version: int | None = None) -> list[Any]:
+        """What this (first) worker keeps of dead workers' statistics, for its answers."""
+        return self._retired(model, version)
+
+    def retired_requests(self) -> list[Any]:
+        with self._last_lock:
+            return [
+                [m, v, dict(c), list(b), s] for m, v, c, b, s in self._retired_requests.values()
+            ]
 
     def _retired(self, model: str = "", version: int | None = None) -> list[VersionStatistics]:
         """Retired counts of the versions still loaded as they were, optionally one model's."""
@@ -217,10 +237,7 @@ class Peers:
 
     def requests_sync(self) -> list[Any]:
         rows = [row for answer in self._gather_sync(control.REQUESTS, {}) for row in answer]
-        with self._last_lock:
-            return rows + [
-                [m, v, dict(c), list(b), s] for m, v, c, b, s in self._retired_requests.values()
-            ]
+        return rows + self.retired_requests()
 
     def close_sync(self) -> None:
         for channel in self._sync.values():
@@ -228,8 +245,10 @@ class Peers:
         self._sync.clear()
 
 
-def _unwrap(answer: Any) -> tuple[str | None, list[Any]]:
-    """(process, rows) of a control answer; a bare list (a test's stand-in) has no process."""
+def _unwrap(answer: Any) -> tuple[str | None, list[Any], list[Any]]:
+    """(process, rows, retired rows) of a control answer; a bare list (a test's stand-in) has
+    no process."""
     if isinstance(answer, dict):
-        return str(answer.get("process", "")) or None, list(answer.get("rows", ()))
-    return None, list(answer)
+        process = str(answer.get("process", "")) or None
+        return process, list(answer.get("rows", ())), list(answer.get("retired", ()))
+    return None, list(answer), []

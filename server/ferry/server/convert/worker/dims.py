@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ferry.server.convert.spec import DynamicAxis, InputSpec
-from ferry.server.convert.worker.parity import generate
+from ferry.server.convert.worker.parity import generate, tolerance_failure
 from ferry.server.errors import ConversionFailed, first_line
 
 # The model metadata key (ONNX metadata_props) the serving side reads: runtime.session.
@@ -89,6 +89,106 @@ def verify(
     if not ran:
         return []
     return [f"dynamic axes verified: the model runs at {' and at '.join(ran)} (batch 1)"]
+
+
+Run = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
+# Why a graph with a symbolic batch dim fails at a batch size, and what to do.
+FIXED_BATCH_HINT = (
+    "a graph that runs only at the example's batch size fixes dim 0 inside (a Reshape or Expand "
+    "with a literal size; a seq-first RNN, whose dim 0 is time, not the batch), and every "
+    "request of batch {batch} would fail; export it with a symbolic batch that is dim 0 of "
+    "every input and output"
+)
+
+
+def verify_batch(
+    inputs: list[InputSpec],
+    run: Run,
+    max_batch: int,
+    seen: list[list[tuple[int, ...]]] | None,
+    *,
+    rtol: float,
+    atol: float,
+    reference: Run | None = None,
+    merges: bool = False,
+) -> list[str]:
+    """Run the graph at the largest batch it will be served with and at batch 1 (that batch's
+    first sample), and refuse it unless it answers each the way a batched model must; returns
+    the report's notes.
+
+    A graph whose samples depend on each other (``x - x.mean(0)``: a sample's answer alone
+    differs from its answer in the batch) is faithful, and right when served unbatched: the
+    load-time probe (runtime.rows) finds it and turns batching off. It is refused only when
+    ``merges``: the job's serving config states a max_batch_size above 1, which the probe does
+    not second-guess, so requests would be merged and each answered with the others' rows.
+
+    Validation runs only at the samples' batch, so a graph that is right there and wrong at
+    another size was published: a branch on the batch size that the export froze to the
+    example's (batch-1 requests got the other branch's answer), a Reshape fixed to the example's
+    first dim (a seq-first LSTM: every other size failed at serving time with INTERNAL). Each
+    run must give outputs with the batch first; the first sample must get the same answer
+    alone as in the full batch (the batcher merges requests, so samples must not influence each
+    other); and with ``reference`` (the PyTorch model) both runs must match it within
+    rtol/atol."""
+    full = generate(inputs, max_batch, batched=True).arrays
+    feeds = {max_batch: full, 1: {name: array[:1] for name, array in full.items()}}
+    answers: dict[int, list[np.ndarray]] = {}
+    for batch in sorted(feeds, reverse=True):
+        feed = feeds[batch]
+        try:
+            outputs = answers[batch] = [np.asarray(o) for o in run(feed)]
+        except Exception as exc:
+            raise ConversionFailed(
+                f"the ONNX model fails at batch {batch} in onnxruntime ({first_line(exc)}): "
+                + FIXED_BATCH_HINT.format(batch=batch)
+            ) from None
+        if any(o.ndim == 0 or o.shape[0] != batch for o in outputs):
+            raise ConversionFailed(
+                f"the ONNX model's outputs at batch {batch} do not have the batch dim first "
+                f"({[list(o.shape) for o in outputs]}): outputs must be [batch, ...], their dim 0 "
+                "following the inputs' (an output fixed to the example's size cannot be served "
+                "at another batch size)"
+            )
+        if seen is not None:
+            seen.append([tuple(o.shape) for o in outputs])
+        if reference is not None:
+            _match_reference(outputs, reference(feed), batch, rtol, atol)
+    if max_batch > 1:
+        alone, together = answers[1], [o[:1] for o in answers[max_batch]]
+        failure = tolerance_failure(alone, together, rtol, atol, equal_nan=True)
+        if failure and merges:
+            raise ConversionFailed(
+                f"the ONNX model answers a sample differently alone (batch 1) than in a batch of "
+                f"{max_batch}: {failure}; the serving config's max_batch_size merges requests, "
+                "so each would be answered with the others' rows: serve it with "
+                "batching.max_batch_size 0 (or 1), or make dim 0 of every input the batch (not "
+                "time or sequence, as in a seq-first RNN or attention over dim 0)"
+            )
+        if failure:
+            return [
+                "samples depend on each other along dim 0 (a sample answers differently alone "
+                f"than in a batch of {max_batch}: {failure}): served without merging requests "
+                "(the load-time probe turns batching off unless a config sets max_batch_size)"
+            ]
+    return []
+
+
+def _match_reference(
+    outputs: list[np.ndarray], expected: list[np.ndarray], batch: int, rtol: float, atol: float
+) -> None:
+    shapes = [list(o.shape) for o in outputs], [list(np.shape(e)) for e in expected]
+    failure = (
+        f"output shapes {shapes[0]} vs {shapes[1]} (PyTorch)"
+        if shapes[0] != shapes[1]
+        else tolerance_failure(outputs, expected, rtol, atol, equal_nan=True)
+    )
+    if failure:
+        raise ConversionFailed(
+            f"the exported model disagrees with the PyTorch model at batch {batch}: {failure}; "
+            "the model takes another path at this batch size than at the export's example "
+            "(a branch on x.shape[0] or on a size, which the export froze to the example's): "
+            "compute the same way for every batch size, e.g. without branching on the batch"
+        )
 
 
 def varying_axes(seen: list[list[tuple[int, ...]]]) -> dict[int, set[int]]:

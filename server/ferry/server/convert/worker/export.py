@@ -196,10 +196,15 @@ def verify_batch(
     max_batch: int,
     threads: int,
     seen: list[list[tuple[int, ...]]] | None = None,
+    *,
+    rtol: float,
+    atol: float,
+    merges: bool = False,
 ) -> list[str]:
     """Prove the batch dim and every declared dynamic axis symbolic, and the graph usable at
-    both ends of the served batch range and of each axis's bounds (``dims.verify``); returns
-    the report's notes."""
+    both ends of the served batch range, giving the PyTorch model's answers there
+    (``dims.verify_batch``), and at each axis's bounds (``dims.verify``); returns the report's
+    notes."""
     from ferry.server.convert.worker import dims as dynamic
 
     model = onnx.load(str(path), load_external_data=False)
@@ -225,22 +230,17 @@ def verify_batch(
                     "x.shape[...] or -1 so that any size exports"
                 )
     run = onnx_runner(path, threads)
-    for batch in sorted({1, max_batch}):
-        feed = generate(source.inputs, batch, batched=True).arrays
-        try:
-            outputs = run(feed)
-        except Exception as exc:
-            raise ConversionFailed(
-                f"the exported model fails at batch {batch} in onnxruntime: {first_line(exc)}"
-            ) from None
-        if any(np.ndim(o) == 0 or o.shape[0] != batch for o in outputs):
-            raise ConversionFailed(
-                f"the exported model's outputs at batch {batch} do not have the batch dim first "
-                f"({[list(np.shape(o)) for o in outputs]}): outputs must be [batch, ...]"
-            )
-        if seen is not None:
-            seen.append([tuple(np.shape(o)) for o in outputs])
-    return dynamic.verify(source.inputs, run, seen)
+    notes = dynamic.verify_batch(
+        source.inputs,
+        run,
+        max_batch,
+        seen,
+        rtol=rtol,
+        atol=atol,
+        reference=torch_runner(source),
+        merges=merges,
+    )
+    return notes + dynamic.verify(source.inputs, run, seen)
 
 
 def example_inputs(source: Source) -> tuple[torch.Tensor, ...]:

@@ -158,6 +158,10 @@ def onnx_runner(
 
 # ---- figures ----
 
+# An element identical in both outputs and this many times the typical computed magnitude is a
+# constant the model writes (masked_fill's -1e4, -1e9, finfo.min), not a result it computes.
+FILL_RATIO = 10.0
+
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
@@ -167,29 +171,60 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a64, b64) / norms)
 
 
+def _computed_cosine(cand: np.ndarray, ref: np.ndarray) -> float:
+    """The cosine over the elements the model computes: finite in both, and not a fill value.
+
+    A fill (the same large constant in both at the masked positions) agrees by construction and,
+    left in, outweighs every computed element: a 90%-pruned classifier whose logits were masked
+    with -1e9 scored 0.9999999999 while it picked another class for a third of the samples. The
+    typical magnitude is the median over the elements that differ, so fills that are most of an
+    output (long padding) cannot set it; where those are zero no fill is assumed, so a variant
+    whose only differences are tiny is never judged on them alone."""
+    finite = np.isfinite(cand) & np.isfinite(ref)
+    identical = finite & (cand == ref)
+    differing = finite & ~identical
+    if not differing.any():
+        return 1.0  # every finite element agrees exactly (non-finite ones are judged apart)
+    scale = float(np.median(np.abs(ref[differing])))
+    keep = finite
+    if scale > 0.0:
+        keep = finite & ~(identical & (np.abs(ref) > FILL_RATIO * scale))
+    return _cosine(cand[keep], ref[keep])
+
+
 @dataclass(frozen=True)
 class Figures:
-    """How close one set of outputs is to another (report.json: an object with these keys)."""
+    """How close one set of outputs is to another (report.json: an object with these keys, and
+    ``nonfinite_mismatch`` when it is not 0)."""
 
     max_abs: float
     mean_abs: float
     cosine: float
     top1_agreement: float | None  # None: no [N, classes] output
+    # Elements NaN or infinite on one side and not the very same value on the other: an error
+    # no figure measures, so any fails the budget (max_abs and mean_abs are then infinite).
+    nonfinite_mismatch: int = 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.nonfinite_mismatch:
+            del out["nonfinite_mismatch"]
+        return out
 
 
 def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures:
     """Worst case over outputs: max error, overall mean error, lowest cosine and top-1 agreement.
 
-    Top-1 agreement is reported only for outputs that look like class scores: floating point,
-    2-D ``[N, C]`` with ``C > 1``, where argmax over C names a class. Other outputs (hidden
-    states, sequences, integer ids, one regression value) have no top-1, and a model with none
-    reports None. An embedding ``[N, D]`` passes the rule too: a budget on top-1 agreement is
-    the user's statement that the outputs are classes.
+    Errors and the cosine are measured where both outputs are finite (the cosine without fill
+    values: ``_computed_cosine``); elsewhere the two must hold the same value (an -inf mask in
+    both agrees, NaN with NaN too), and every element that does not is counted in
+    ``nonfinite_mismatch``. Top-1 agreement is reported only for outputs that look like class
+    scores: floating point, 2-D ``[N, C]`` with ``C > 1``, where argmax over C names a class.
+    Other outputs (hidden states, sequences, integer ids, one regression value) have no top-1,
+    and a model with none reports None. An embedding ``[N, D]`` passes the rule too: a budget on
+    top-1 agreement is the user's statement that the outputs are classes.
     """
-    max_abs, abs_sum, count = 0.0, 0.0, 0
+    max_abs, abs_sum, count, mismatched = 0.0, 0.0, 0, 0
     cosines: list[float] = []
     top1: list[float] = []
     for cand, ref in zip(candidate, reference, strict=True):
@@ -197,19 +232,24 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
             raise ConversionFailed(
                 f"output shapes differ: {list(cand.shape)} vs {list(ref.shape)} (reference)"
             )
-        diff = np.abs(cand.astype(np.float64) - ref.astype(np.float64))
+        c64, r64 = cand.astype(np.float64), ref.astype(np.float64)
+        finite = np.isfinite(c64) & np.isfinite(r64)
+        same = (c64 == r64) | (np.isnan(c64) & np.isnan(r64))
+        mismatched += int(np.count_nonzero(~finite & ~same))
+        diff = np.abs(c64[finite] - r64[finite])
         if diff.size:
             max_abs = max(max_abs, float(diff.max()))
         abs_sum += float(diff.sum())
         count += diff.size
-        cosines.append(_cosine(cand, ref))
+        cosines.append(_computed_cosine(c64, r64))
         if is_class_scores(ref):
             top1.append(float(np.mean(cand.argmax(axis=1) == ref.argmax(axis=1))))
     return Figures(
-        max_abs=max_abs,
-        mean_abs=abs_sum / count if count else 0.0,
+        max_abs=np.inf if mismatched else max_abs,
+        mean_abs=np.inf if mismatched else (abs_sum / count if count else 0.0),
         cosine=min(cosines) if cosines else 1.0,
         top1_agreement=min(top1) if top1 else None,
+        nonfinite_mismatch=mismatched,
     )
 
 
@@ -219,7 +259,12 @@ def is_class_scores(output: np.ndarray) -> bool:
 
 
 def tolerance_failure(
-    candidate: list[np.ndarray], reference: list[np.ndarray], rtol: float, atol: float
+    candidate: list[np.ndarray],
+    reference: list[np.ndarray],
+    rtol: float,
+    atol: float,
+    *,
+    equal_nan: bool = False,
 ) -> str:
     """'' when np.allclose(candidate, reference, rtol, atol) holds for every output, else figures.
 
@@ -229,7 +274,7 @@ def tolerance_failure(
     an all-NaN one crashed the child.)"""
     for index, (cand, ref) in enumerate(zip(candidate, reference, strict=True)):
         c64, r64 = cand.astype(np.float64), ref.astype(np.float64)
-        close = np.isclose(c64, r64, rtol=rtol, atol=atol)
+        close = np.isclose(c64, r64, rtol=rtol, atol=atol, equal_nan=equal_nan)
         if close.all():
             continue
         with np.errstate(invalid="ignore", over="ignore"):
@@ -246,11 +291,18 @@ def tolerance_failure(
 
 
 def budget_failure(figures: Figures, min_cosine: float, min_top1: float) -> str:
-    """'' when within the accuracy budget, else which limit failed and by how much."""
+    """'' when within the accuracy budget, else which limit failed and by how much. Written as
+    ``not figure >= limit``: a NaN figure fails (it compared as not below the limit, and a model
+    with NaN figures was published)."""
     reasons = []
-    if figures.cosine < min_cosine:
+    if figures.nonfinite_mismatch:
+        reasons.append(
+            f"{figures.nonfinite_mismatch} output elements are NaN or infinite where the "
+            "reference is not (or the reverse)"
+        )
+    if not figures.cosine >= min_cosine:
         reasons.append(f"cosine {figures.cosine:.6f} < min_cosine {min_cosine}")
     top1 = figures.top1_agreement
-    if min_top1 > 0 and top1 is not None and top1 < min_top1:
+    if min_top1 > 0 and top1 is not None and not top1 >= min_top1:
         reasons.append(f"top-1 agreement {top1:.4f} < min_top1_agreement {min_top1}")
     return "; ".join(reasons)

@@ -243,12 +243,19 @@ class Pipeline:
                 ) from None
             self.output_names = export.module_output_names(self.source)
             self.baseline_name = "pytorch"
+            self._distinct_names()
         else:
             assert self.source.onnx_path is not None
             self.output_names = graph.output_names(self.source.onnx_path)
-            self.baseline = self._run(
-                parity.onnx_runner(self.source.onnx_path, self.threads, self.providers)
-            )
+            run = parity.onnx_runner(self.source.onnx_path, self.threads, self.providers)
+            try:
+                self.baseline = self._run(run)
+            except Exception as exc:  # onnxruntime's own: a crash of the child said nothing
+                raise ConversionFailed(
+                    f"the source ONNX model fails on the validation samples in onnxruntime "
+                    f"({first_line(exc)}): check spec.inputs; "
+                    + dims.FIXED_BATCH_HINT.format(batch=self.spec.max_batch_size)
+                ) from None
             self.baseline_name = "onnx_source"
         self._judgeable(self.baseline)
         self.parity_reference = self.baseline
@@ -257,6 +264,18 @@ class Pipeline:
             self.client_reference = self._client_reference()
             if self.source.module is None:
                 self.baseline, self.baseline_name = self.client_reference, "reference"
+
+    def _distinct_names(self) -> None:
+        """ONNX names each value once: an output named like an input made the export fail late,
+        with onnxruntime's "Duplicate definition of name" and a path of this job's scratch."""
+        inputs = {spec.name for spec in self.source.inputs}
+        for name in self.output_names:
+            if name in inputs:
+                raise InvalidArgument(
+                    f"the model returns an output named {name!r}, which is also the name of an "
+                    "input, and ONNX names each value once: rename that output (its dict key or "
+                    f"namedtuple field), e.g. to {name + '_out'!r}"
+                )
 
     def _judgeable(self, outputs: Outputs) -> None:
         """A NaN in the model's own outputs cannot be checked against anything: it made every
@@ -359,16 +378,48 @@ class Pipeline:
             self.notes.extend(result.notes)
             self.notes.extend(
                 export.verify_batch(
-                    target, self.source, self.spec.max_batch_size, self.threads, self.output_shapes
+                    target,
+                    self.source,
+                    self.spec.max_batch_size,
+                    self.threads,
+                    self.output_shapes,
+                    rtol=self.spec.validation.rtol,
+                    atol=self.spec.validation.atol,
+                    merges=self._merges(),
                 )
             )
         return target
 
+    def _merges(self) -> bool:
+        """Whether the job's serving config states a max_batch_size above 1 (merged requests,
+        which the load-time probe leaves as stated)."""
+        batching = self.spec.serving_config.get("batching")
+        size = batching.get("max_batch_size") if isinstance(batching, dict) else None
+        return isinstance(size, int) and size > 1
+
     def _verify_dims(self, path: Path) -> None:
-        """An ONNX source's declared dynamic axes run at both bounds (``worker.dims``)."""
-        if any(spec.dynamic_axes for spec in self.source.inputs):
-            run = parity.onnx_runner(path, self.threads, self.providers)
-            self.notes.extend(dims.verify(self.source.inputs, run, self.output_shapes))
+        """A batched ONNX source runs at batch 1 and at max_batch_size, as an export does
+        (``dims.verify_batch``; without PyTorch to compare with), and its declared dynamic axes
+        at both bounds (``dims.verify``). Validation alone runs only the samples' batch, and a
+        graph whose dim 0 was fixed inside (a seq-first LSTM's Reshape) was published and
+        failed every request of another size."""
+        if not (self.source.batched or any(s.dynamic_axes for s in self.source.inputs)):
+            return
+        run = parity.onnx_runner(path, self.threads, self.providers)
+        if self.source.batched:
+            v = self.spec.validation
+            self.notes.extend(
+                dims.verify_batch(
+                    self.source.inputs,
+                    run,
+                    self.spec.max_batch_size,
+                    self.output_shapes,
+                    rtol=v.rtol,
+                    atol=v.atol,
+                    merges=self._merges(),
+                )
+            )
+        self.notes.extend(dims.verify(self.source.inputs, run, self.output_shapes))
 
     def _quantize(self, base: Path, fp32: Variant) -> list[Variant]:
         spec = self.spec.quantization
@@ -447,7 +498,7 @@ class Pipeline:
             if failure and not pruned:
                 raise ConversionFailed(
                     f"the fp32 ONNX model disagrees with validation.reference_file: {failure}; "
-                    "check that the reference outputs come from the same weights and sample_file"
+                    + self._reference_hint(fp32.outputs)
                 )
         for variant in variants:
             record = variant.record
@@ -470,6 +521,31 @@ class Pipeline:
             )
             self.report.variants.append(record)
         self._enforce_budget(variants)
+
+    def _reference_hint(self, outputs: Outputs) -> str:
+        """What to check when the graph disagrees with the client's PyTorch outputs.
+
+        Wrong weights or samples make (nearly) every sample differ. When some samples agree
+        exactly where others do not, the usual cause is PyTorch's own eval fast path, which the
+        export does not take: nn.TransformerEncoder with src_key_padding_mask returns zeros at
+        the padded positions, and users were sent to look for a weights mix-up."""
+        assert self.client_reference is not None
+        v = self.spec.validation
+        partly = False
+        for got, want in zip(outputs, self.client_reference, strict=True):
+            close = np.isclose(got, want, rtol=v.rtol, atol=v.atol, equal_nan=True)
+            per_sample = close.reshape(len(close), -1).all(axis=1) if close.ndim else close
+            partly = partly or bool(np.any(per_sample) and not np.all(per_sample))
+        if partly:
+            return (
+                "some samples match exactly and others do not, which points to a path PyTorch "
+                "takes in eval mode that the export does not, at masked or padded positions "
+                "(nn.TransformerEncoder / MultiheadAttention's fast path with a padding mask "
+                "writes zeros there): compute the reference outputs with "
+                "torch.backends.mha.set_fastpath_enabled(False), or leave padded positions out "
+                "of the outputs compared"
+            )
+        return "check that the reference outputs come from the same weights and sample_file"
 
     def _enforce_budget(self, variants: list[Variant]) -> None:
         """Explicit modes fail on their one variant; auto only needs one candidate within budget."""
