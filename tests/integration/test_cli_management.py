@@ -150,6 +150,8 @@ def test_rollout_sets_shows_and_ends_a_split(
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--shadow", "2=0.5", "--json", *m)
     view = json.loads(out)
     assert view["split"] == {"1": 9.0, "2": 1.0} and view["shadow_version"] == 2
+    code, out, _ = ferry(capsys, "models", "rollout", "canary", *m)  # the history says so
+    assert code == 0 and "1=9, 2=1, shadow 2=0.5  by" in out, out
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--end", *m)
     assert code == 0 and "no split" in out
     # Weights after an option are weights ("unrecognized arguments: 1=1" before)

@@ -89,6 +89,8 @@ def test_shadow_set_through_management_is_compared_and_reported(tmp_path: Path) 
     with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
         view = repo.set_rollout("m", None, shadow=(1, 1.0), reason="shadow int8")
         assert (view.shadow_version, view.shadow_fraction) == (1, 1.0)
+        last = view.history[-1]  # the change that set it says so (it read as "ended")
+        assert (last.split, last.shadow_version, last.shadow_fraction) == ({}, 1, 1.0)
         with InferenceClient(server.target) as client:
             for i in IDS[:10]:
                 assert client.infer("m", X, request_id=i).version == 2

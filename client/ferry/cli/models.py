@@ -348,8 +348,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if view.rules:
         print("rules: " + ", ".join(f"{k} {v:g}" for k, v in view.rules.items()))
     for change in view.history[-10:]:
-        split = ", ".join(f"{v}={w:g}" for v, w in sorted(change.split.items())) or "ended"
-        print(f"  {change.at}  {split}  by {change.by}: {change.reason or '-'}")
+        parts = [f"{v}={w:g}" for v, w in sorted(change.split.items())]
+        if change.shadow_version:  # a change that set a shadow read "ended"
+            parts.append(f"shadow {change.shadow_version}={change.shadow_fraction:g}")
+        print(
+            f"  {change.at}  {', '.join(parts) or 'ended'}  by {change.by}: {change.reason or '-'}"
+        )
     return EXIT_OK
 
 

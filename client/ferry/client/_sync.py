@@ -281,7 +281,10 @@ def _rollout(message: rpb.Rollout) -> Rollout:
         model=message.model,
         split=dict(message.split),
         error=message.error,
-        history=tuple(RolloutChange(h.at, h.by, h.reason, dict(h.split)) for h in message.history),
+        history=tuple(
+            RolloutChange(h.at, h.by, h.reason, dict(h.split), h.shadow_version, h.shadow_fraction)
+            for h in message.history
+        ),
         shadow_version=message.shadow_version,
         shadow_fraction=message.shadow_fraction,
         shadow=(

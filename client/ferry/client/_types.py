@@ -141,12 +141,14 @@ class ModelStatistics:
 
 @dataclass(frozen=True)
 class RolloutChange:
-    """One recorded change of a model's split."""
+    """One recorded change of a model's split and shadow."""
 
     at: str  # UTC, ISO 8601
     by: str
     reason: str
     split: Mapping[int, float]
+    shadow_version: int = 0  # the shadow this change set; 0: none
+    shadow_fraction: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -82,7 +82,7 @@ class GetRolloutRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ...) -> None: ...
 
 class RolloutChange(_message.Message):
-    __slots__ = ("at", "by", "reason", "split")
+    __slots__ = ("at", "by", "reason", "split", "shadow_version", "shadow_fraction")
     class SplitEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -94,11 +94,15 @@ class RolloutChange(_message.Message):
     BY_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SPLIT_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_FRACTION_FIELD_NUMBER: _ClassVar[int]
     at: str
     by: str
     reason: str
     split: _containers.ScalarMap[int, float]
-    def __init__(self, at: _Optional[str] = ..., by: _Optional[str] = ..., reason: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ...) -> None: ...
+    shadow_version: int
+    shadow_fraction: float
+    def __init__(self, at: _Optional[str] = ..., by: _Optional[str] = ..., reason: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ..., shadow_version: _Optional[int] = ..., shadow_fraction: _Optional[float] = ...) -> None: ...
 
 class Rollout(_message.Message):
     __slots__ = ("model", "split", "error", "history", "shadow_version", "shadow_fraction", "shadow", "rules")

@@ -3,6 +3,8 @@ only."""
 
 from __future__ import annotations
 
+import contextlib
+
 from grpc import aio
 
 from ferry.proto.v1 import repository_pb2 as pb
@@ -70,14 +72,19 @@ def _rollout(view: RolloutView) -> pb.Rollout:
         if not isinstance(entry, dict):
             continue
         raw = entry.get("split")
-        history.append(
-            pb.RolloutChange(
-                at=str(entry.get("at", "")),
-                by=str(entry.get("by", "")),
-                reason=str(entry.get("why", "")),
-                split=_split(raw) if isinstance(raw, dict) else {},
-            )
+        change = pb.RolloutChange(
+            at=str(entry.get("at", "")),
+            by=str(entry.get("by", "")),
+            reason=str(entry.get("why", "")),
+            split=_split(raw) if isinstance(raw, dict) else {},
         )
+        shadow = entry.get("shadow")
+        if isinstance(shadow, dict) and shadow:  # a hand-edited history may hold anything
+            with contextlib.suppress(TypeError, ValueError, OverflowError):
+                version, fraction = int(shadow["version"]), float(shadow["fraction"])
+                if 0 < version < 2**63 and 0.0 < fraction <= 1.0:
+                    change.shadow_version, change.shadow_fraction = version, fraction
+        history.append(change)
     out = pb.Rollout(model=view.model, split=dict(view.split), error=view.error, history=history)
     if view.rules:
         out.rules.CopyFrom(pb.RolloutRules(**view.rules))  # type: ignore[arg-type]
