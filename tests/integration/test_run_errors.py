@@ -120,3 +120,24 @@ def test_a_kernel_failure_on_a_requests_shape_is_invalid_argument(
             client.infer("reshape", {"x": np.ones((1, 3), np.float32)})
         assert "Reshape" in str(e.value) and "see the server log" not in str(e.value)
         assert client.infer("reshape", {"x": np.ones((4, 3), np.float32)})["y"].tolist() == [[12.0]]
+
+
+def test_a_run_out_of_memory_is_a_limit_not_the_requests_values() -> None:
+    """onnxruntime reports an allocation failure as FAIL, which read as a malformed request."""
+    import onnxruntime as ort
+
+    from ferry.server.errors import InvalidInput, LimitExceeded
+    from ferry.server.runtime.run_errors import refused_input
+
+    fail = ort.capi.onnxruntime_pybind11_state.Fail
+    oom = refused_input(
+        fail(
+            "[ONNXRuntimeError] : 1 : FAIL : Failed to allocate memory for requested buffer of "
+            "size 360000000000"
+        )
+    )
+    assert isinstance(oom, LimitExceeded) and "ran out of memory" in oom.message
+    reshape = refused_input(fail("[ONNXRuntimeError] : 1 : FAIL : Reshape: cannot reshape"))
+    assert isinstance(reshape, InvalidInput) and reshape.message.startswith(
+        "the model cannot run on this request's shapes or values: Reshape"
+    )

@@ -915,6 +915,24 @@ def test_fill_values_cannot_hide_a_wrong_model(fill: float) -> None:
     assert close.cosine > 0.999999 and parity.budget_failure(close, 0.99, 0.0) == ""
 
 
+def test_an_additive_mask_cannot_hide_a_wrong_model() -> None:
+    """logits + (1 - mask) * -1e4: the masked positions differ in their last bits between
+    variants, so no fill rule sees them, and they outweighed the computed ones (a 90%-pruned
+    classifier scored 0.9999999995 with a top-1 agreement of 0.03)."""
+    rng = np.random.default_rng(5)
+    mask = np.zeros(16)
+    mask[rng.permutation(16)[:10]] = -1e4  # the same positions for every sample
+    reference = rng.standard_normal((32, 16)) + mask
+    wrong = rng.standard_normal((32, 16)) + mask  # what a broken variant computes
+    figures = parity.compare([wrong.astype(np.float32)], [reference.astype(np.float32)])
+    assert figures.cosine < 0.5 and "< min_cosine" in parity.budget_failure(figures, 0.99, 0.0)
+    faithful = reference + rng.standard_normal((32, 16)) * 1e-4
+    assert parity.compare([faithful], [reference]).cosine > 0.9999
+    # An output that hardly varies between samples is not judged on its noise.
+    flat = np.full((32, 4), 7.0) + rng.standard_normal((32, 4)) * 1e-7
+    assert parity.compare([flat + 1e-6], [flat]).cosine > 0.9999
+
+
 def test_matching_infinities_agree_and_others_fail_the_budget() -> None:
     """-inf masks made every cosine NaN, which passed `cosine < min_cosine`: the model was
     published, and the job then crashed on the null figure."""
@@ -992,6 +1010,8 @@ def _mixing_onnx(path: Path) -> Path:
 
 
 def test_an_onnx_source_runs_at_batch_1_and_max_batch(tmp_path: Path) -> None:
+    from ferry.server.convert.jobs import unbatched_if_rows_mix
+
     """Validation ran only the samples' batch: a graph fixed to 4 inside was published with a
     symbolic input and failed every other size with INTERNAL."""
     spec = {"validation": {"samples": 4}, "max_batch_size": 4}
@@ -1005,6 +1025,16 @@ def test_an_onnx_source_runs_at_batch_1_and_max_batch(tmp_path: Path) -> None:
     # the load-time probe serves it unbatched; a serving config that merges requests is refused.
     mixing = convert_here(tmp_path / "mixing", _mixing_onnx(tmp_path / "m.onnx"), "onnx")
     assert mixing.rc == 0, mixing.last
+    report = json.loads((mixing.work / "report.json").read_text())
+    assert report["rows_apart"] is False  # the server publishes it unbatched
+    config = {"batching": {"max_queue_delay_ms": 2}}
+    assert unbatched_if_rows_mix(config, json.dumps(report)) == {
+        "batching": {"max_queue_delay_ms": 2, "max_batch_size": 0}
+    }
+    stated = {"batching": {"max_batch_size": 1}}
+    assert unbatched_if_rows_mix(stated, json.dumps(report)) == stated  # the user's word
+    assert unbatched_if_rows_mix(config, json.dumps({"rows_apart": True})) == config
+    assert unbatched_if_rows_mix(config, "") == config
     merged = {"serving_config": {"batching": {"max_batch_size": 8}}}
     refused = convert_here(tmp_path / "merged", tmp_path / "m.onnx", "onnx", spec=merged)
     assert refused.rc == 2, refused.last

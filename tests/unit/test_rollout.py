@@ -711,3 +711,54 @@ def test_requests_naming_a_version_do_not_count_for_the_split_rule(tmp_path: Pat
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_shapes_must_match_exactly_and_a_version_loaded_later_is_checked(tmp_path: Path) -> None:
+    """[batch, n] took requests [batch, 4] refused (a fixed size matched a dynamic one), and a
+    version that loaded only after the split was set was never compared: requests split onto
+    it failed at random."""
+    from ferry.server.examples import identity_model
+
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    write_model(repo, "m", identity_model("FP32", dims=(-1,)), version=1)
+    write_model(repo, "m", identity_model("FP32", dims=(4,)), version=2)
+    write_model(repo, "m", identity_model("FP32", dims=(-1,)), version=3)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        with pytest.raises(FailedPrecondition, match="versions 1 and 2 of 'm' differ"):
+            await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why="")
+        await dataplane.set_rollout("m", {1: 1, 3: 1}, by="t", why="same interface")
+        # Version 3's file replaced by another interface, then picked up by a refresh.
+        (repo.version_dir("m", 3) / "model.onnx").unlink()
+        onnx.save(identity_model("INT64", dims=(-1,)), str(repo.version_dir("m", 3) / "model.onnx"))
+        await registry.refresh()
+        view = dataplane.rollout("m")
+        assert view.split == () and "versions 1 and 3 of 'm' differ" in view.error
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_split_share_not_ready_goes_to_the_split_and_readiness_follows_it(
+    tmp_path: Path,
+) -> None:
+    """A split version that is not ready sent its share to the default version, which the
+    split never named; ModelReady asked the configured default, which a pin keeps off."""
+    repo = _repo(tmp_path)
+    write_model(repo, "m", seed_model(seed=3), version=3)  # the newest: the default
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout("m", {1: 9, 2: 1}, by="t", why="")
+        registry.models["m"].versions[1].state = State.FAILED  # as if it failed to reload
+        assert {await _version(dataplane, k) for k in KEYS[:40]} == {2}
+        assert dataplane.model_ready("m")
+        (repo.model_dir("m") / "config.json").write_text('{"default_version": 1}')
+        await registry.refresh()  # the configured default (1) is off traffic behind a pin
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="pin")
+        registry.models["m"].versions[1].state = State.FAILED
+        assert dataplane.model_ready("m") and dataplane.metadata("m").version == 2
+        await registry.close()
+
+    asyncio.run(scenario())

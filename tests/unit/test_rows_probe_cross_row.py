@@ -195,6 +195,90 @@ def times_the_batch_size() -> onnx.ModelProto:
     )
 
 
+def mean_over_rows_sharing_a_segment() -> onnx.ModelProto:
+    """Each row (a graph node) gets the mean of the rows with its segment id (a GNN pooling):
+    four probe rows all had different ids, so nothing was pooled."""
+    return _model(
+        [
+            _node("OneHot", ["seg", "depth", "onoff"], "hot", axis=-1),  # [N, 4]
+            _node("Transpose", ["hot"], "hot_t", perm=[1, 0]),
+            _node("MatMul", ["hot_t", "x"], "sums"),  # [4, 3]
+            _node("ReduceSum", ["hot", "axis0"], "counts", keepdims=0),  # [4]
+            _node("Max", ["counts", "one_f"], "safe"),
+            _node("Unsqueeze", ["safe", "axis1"], "per_seg"),
+            _node("Div", ["sums", "per_seg"], "means"),
+            _node("MatMul", ["hot", "means"], "y"),
+        ],
+        [
+            helper.make_tensor_value_info("x", F, ["batch", 3]),
+            helper.make_tensor_value_info("seg", TensorProto.INT64, ["batch"]),
+        ],
+        [helper.make_tensor_value_info("y", F, ["batch", 3])],
+        _const("depth", 4, np.int64),
+        _const("onoff", [0.0, 1.0]),
+        _const("axis0", [0], np.int64),
+        _const("axis1", [1], np.int64),
+        _const("one_f", 1.0),
+    )
+
+
+def divided_by_its_equal_rows() -> onnx.ModelProto:
+    """x / (how many rows equal x): different probe rows never met an equal one."""
+    return _x_to_y(
+        [
+            _node("Unsqueeze", ["x", "axis1"], "a"),  # [N, 1, 4]
+            _node("Unsqueeze", ["x", "axis0"], "b"),  # [1, N, 4]
+            _node("Equal", ["a", "b"], "eq"),  # [N, N, 4]
+            _node("Cast", ["eq"], "eqf", to=F),
+            _node("ReduceMin", ["eqf"], "same", axes=[2], keepdims=0),  # [N, N] (opset 17)
+            _node("ReduceSum", ["same", "axis1"], "count", keepdims=1),  # [N, 1]
+            _node("Div", ["x", "count"], "y"),
+        ],
+        _const("axis0", [0], np.int64),
+        _const("axis1", [1], np.int64),
+    )
+
+
+def shifted_by_four_rows() -> onnx.ModelProto:
+    """x + x rolled by four rows: with four rows the roll is the identity."""
+    return _x_to_y(
+        [
+            _node("Shape", ["x"], "shape"),
+            _node("Slice", ["shape", "zero", "one"], "n1"),
+            _node("Squeeze", ["n1"], "n"),
+            _node("Range", ["zero_s", "n", "one_s"], "i"),
+            _node("Add", ["i", "n"], "i_n"),
+            _node("Sub", ["i_n", "four"], "j"),
+            _node("Mod", ["j", "n"], "k"),
+            _node("Gather", ["x", "k"], "rolled", axis=0),
+            _node("Add", ["x", "rolled"], "y"),
+        ],
+        _const("zero", [0], np.int64),
+        _const("one", [1], np.int64),
+        _const("zero_s", 0, np.int64),
+        _const("one_s", 1, np.int64),
+        _const("four", 4, np.int64),
+    )
+
+
+def doubled_past_four_rows() -> onnx.ModelProto:
+    """x * (1 + [rows > 4]): four rows looked the same as one."""
+    return _x_to_y(
+        [
+            _node("Shape", ["x"], "shape"),
+            _node("Slice", ["shape", "zero", "one"], "n"),
+            _node("Greater", ["n", "four"], "more"),
+            _node("Cast", ["more"], "m", to=F),
+            _node("Add", ["m", "one_f"], "factor"),
+            _node("Mul", ["x", "factor"], "y"),
+        ],
+        _const("zero", [0], np.int64),
+        _const("one", [1], np.int64),
+        _const("four", [4], np.int64),
+        _const("one_f", [1.0]),
+    )
+
+
 def two_inputs_centred_on_their_difference() -> onnx.ModelProto:
     """(a - b) minus its mean over the rows: blind to probe rows that fill a and b alike."""
     return _model(
@@ -271,6 +355,10 @@ ACROSS: list[Callable[[], onnx.ModelProto]] = [
     shifted_only_when_a_row_is_large,
     shifted_only_when_a_row_is_negative,
     times_the_batch_size,
+    mean_over_rows_sharing_a_segment,
+    divided_by_its_equal_rows,
+    shifted_by_four_rows,
+    doubled_past_four_rows,
     two_inputs_centred_on_their_difference,
     embeddings_minus_their_mean,
     integers_over_their_max,

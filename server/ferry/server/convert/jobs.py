@@ -44,6 +44,7 @@ import tempfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ferry.server.convert import out_of_memory, publish, spec
 from ferry.server.convert.out_of_memory import text_says_out_of_memory
@@ -290,7 +291,7 @@ class JobRunner:
                 run.publishing = True
                 self.store.append_event(job.job_id, "publish", 0.98, "publishing the new version")
                 self._notify(job.job_id)
-                config = contract.spec.serving_config
+                config = unbatched_if_rows_mix(contract.spec.serving_config, report)
                 version, note = await publish.publish(
                     self.repository,
                     self.registry,
@@ -559,6 +560,23 @@ class JobRunner:
 def staging_key(job_id: str) -> str:
     """The job's staging folder inside its model folder (``ModelRepository.staging_path``)."""
     return f"job-{job_id}"
+
+
+def unbatched_if_rows_mix(config: dict[str, Any], report: str) -> dict[str, Any]:
+    """The version's serving config, with batching.max_batch_size 0 when the child found that
+    its samples depend on each other (report ``rows_apart`` false) and the config states no
+    batch. Left to the load-time probe, a model whose rows mix in a way the probe's rows do not
+    show (a segment mean over rows sharing an id) was served batched although the conversion
+    had seen it; a model config's max_batch_size would have batched it too."""
+    try:
+        apart = json.loads(report).get("rows_apart") if report else None
+    except (ValueError, AttributeError):
+        apart = None
+    batching = config.get("batching")
+    batching = batching if isinstance(batching, dict) else {}
+    if apart is not False or "max_batch_size" in batching:
+        return config
+    return {**config, "batching": {**batching, "max_batch_size": 0}}
 
 
 def keep_version_files(staged: Path) -> list[str]:

@@ -214,7 +214,9 @@ class DataPlane:
     def model_ready(self, model: str, version: int | None = None) -> bool:
         """Not-found and not-ready are both False: readiness is a yes/no question."""
         try:
-            self._registry.get(model, version)
+            # With none named, the version that answers (a live split's share, not the
+            # configured default a pin keeps off traffic).
+            self._registry.get(model, version or self._registry.serving_version(model))
         except FerryError:
             return False
         return True

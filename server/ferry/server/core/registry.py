@@ -13,7 +13,6 @@ model never waits behind a refresh that is loading others (one refresh runs at a
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -206,9 +205,18 @@ class ModelRegistry:
         """Serve what a model's folder says after a management edit (default version, a
         deleted version), unless the model was unloaded on request: an edit does not load it
         again (it did, and with --workers only where the edit was made)."""
-        if name in self._unloaded_by_request:
-            return RepositoryOutcome()
-        return await self.load_model(name)
+        if not self.repository.has_model(name):
+            raise ModelNotFound(f"model {short(name)!r} is not in the repository")
+        async with self._lock_of(name):
+            # Checked under the lock: an unload queued on it ran first, and the edit's sync
+            # then loaded the model again.
+            if name in self._unloaded_by_request:
+                return RepositoryOutcome()
+            result = RepositoryOutcome()
+            await self._sync_model(name, result, retry_failed=True)
+            self._notify()
+        await self._follow("load", name)
+        return result
 
     def loaded(self, name: str, version: int) -> LoadedVersion | None:
         """The loaded object behind a version, whatever its state; None when there is none."""
@@ -219,12 +227,16 @@ class ModelRegistry:
     def route(self, name: str, version: int | None, key: str) -> LoadedVersion:
         """The version a request is served by: the one it names, else its place in the
         model's rollout split (by ``key``, the request id), else the default version. A split
-        version that is not ready gives way to the default rather than failing the request."""
+        version that is not ready gives way to the split's largest ready share (else the
+        default) rather than failing the request."""
         entry = self.models.get(name)
         if not version and entry is not None and entry.rollout is not None and entry.rollout.split:
             slot = entry.versions.get(entry.rollout.pick(name, key))
             if slot is not None and slot.loaded is not None and slot.state is State.READY:
                 return slot.loaded
+            # Its share goes to the split's largest ready share, a version the split (and its
+            # interface check) names, before the default, which neither did.
+            return self.get(name, entry.serving_version())
         return self.get(name, version)
 
     def rollout_of(self, name: str) -> tuple[rollouts.Rollout | None, str]:
@@ -290,7 +302,7 @@ class ModelRegistry:
             for v in versions
             if (slot := entry.versions.get(v)) is not None and slot.loaded is not None
         ]
-        for (first, a), (other, b) in itertools.pairwise(loaded):
+        for (first, a), (other, b) in ((loaded[0], x) for x in loaded[1:]):
             why = rollouts.interface_difference((a.inputs, a.outputs), (b.inputs, b.outputs))
             if why:
                 raise FailedPrecondition(
@@ -611,10 +623,25 @@ class ModelRegistry:
             ):
                 loads.append(self._load_version(entry, v, sig, scan.model_file(v), result))
         await asyncio.gather(*loads)
+        if loads and entry.rollout is not None:
+            self._keep_one_interface(entry)
         # Versions the policy no longer selects go only now, after the new ones loaded: a
         # new version replacing the old one leaves no moment without a served version.
         for v in sorted(set(entry.versions) - set(wanted)):
             await self._unload_version(entry, v, result)
+
+    def _keep_one_interface(self, entry: ModelEntry) -> None:
+        """A rollout whose versions, as loaded now, differ (one that did not load when the
+        split was set, or a file replaced since) is not served: the model serves its default
+        version and GetRollout says why, as for a rollout file that cannot be used. SetRollout
+        checks what it can see; a version loaded later was never checked, and requests split
+        onto it failed at random."""
+        assert entry.rollout is not None
+        try:
+            self._check_one_interface(entry.name, entry.rollout)
+        except FailedPrecondition as exc:
+            entry.rollout, entry.rollout_error = None, exc.message
+            log.warning("model %s: %s; serving its default version", entry.name, exc.message)
 
     async def _load_version(
         self,

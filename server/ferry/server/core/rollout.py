@@ -232,9 +232,10 @@ def interface_difference(
     a: tuple[list[TensorSpec], list[TensorSpec]], b: tuple[list[TensorSpec], list[TensorSpec]]
 ) -> str:
     """How two versions' (inputs, outputs) differ for a client ('' when they do not): names,
-    types, ranks, and fixed sizes (-1, a dynamic size, matches any). A split or shadow between
-    versions that differ fails requests at random (a client cannot tell which version answers
-    its request), and a shadow candidate missing an output was promoted."""
+    types, shapes (a dynamic size, -1, is a size of its own: [-1, 4] takes requests [-1, n]
+    does not) and the bounds of dynamic axes. A split or shadow between versions that differ
+    fails requests at random (a client cannot tell which version answers its request), and a
+    shadow candidate missing an output was promoted."""
     for kind, mine, theirs in (("inputs", a[0], b[0]), ("outputs", a[1], b[1])):
         left = {s.name: s for s in mine}
         right = {s.name: s for s in theirs}
@@ -242,11 +243,10 @@ def interface_difference(
             return f"{kind} {sorted(left)} against {sorted(right)}"
         for name, x in left.items():
             y = right[name]
-            same_dims = len(x.shape) == len(y.shape) and all(
-                p == q or p < 0 or q < 0 for p, q in zip(x.shape, y.shape, strict=True)
-            )
-            if x.dtype != y.dtype or not same_dims:
+            if x.dtype != y.dtype or tuple(x.shape) != tuple(y.shape):
                 return f"{kind[:-1]} {name!r}: {_spec(x)} against {_spec(y)}"
+            if tuple(x.bounds) != tuple(y.bounds):
+                return f"{kind[:-1]} {name!r}: dynamic-axis bounds {x.bounds} against {y.bounds}"
     return ""
 
 

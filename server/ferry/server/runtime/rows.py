@@ -6,9 +6,10 @@ dimension may be a set the model works across (a Softmax or a mean over it, a so
 sum, attention between rows, a peak normalisation over the whole tensor). Batching such a model
 concatenates two clients' requests and gives each an answer that depends on the other, and
 padding a batch to a planned size changes every answer. Nothing fails: the answers are silently
-wrong. Triton's auto-complete guesses from the shapes alone; Ferry also runs four different rows
-alone and together, in two orders, before it batches a model nobody configured, and batches it
-only if every output row agrees with its row's run alone. An explicit ``batching.max_batch_size``
+wrong. Triton's auto-complete guesses from the shapes alone; Ferry also runs eight rows alone
+and together (four different ones in two orders, then all eight and a repeated one) before it
+batches a model nobody configured, and batches it only if every output row agrees with its
+row's run alone. An explicit ``batching.max_batch_size``
 is the user's word and is not second-guessed. A model the probe rows cannot run on (an index
 past its table, a length it refuses) is batched on its shapes, as before the probe, with a
 WARNING that says how to turn batching off.
@@ -26,8 +27,13 @@ distinct patterns. Neither order (forward, reversed) is sorted either way, so a 
 the rows moves some row in at least one of them, and a reversal or a cumulative op in either
 direction changes the first or last row. A model that does not run on these rows alone is tried
 on integers of 0 and 1 (a table of two), then on 0s and 1s for floats too (a float used as an
-index), the rows the probe always used, before the shapes decide. The cost at load is six tiny runs
-(each row alone, then the four in each order), a few more only for a model that refuses rows.
+index), the rows the probe always used, before the shapes decide. Four different rows still let
+through what only shows with more rows or with rows in common: a segment mean over rows that
+share an id (every id was different), a count of equal rows, a shift by four rows, a change
+past four rows. So four more rows repeat the first four's ids, bools and strings (reversed)
+beside other floats, and the last run takes all eight and the first row again. The cost at
+load is eleven tiny runs (each row alone, then three together), a few more only for a model
+that refuses rows.
 """
 
 from __future__ import annotations
@@ -44,11 +50,17 @@ from ferry.server.errors import first_line
 _RTOL = 1e-3
 _RTOL_HALF = 1e-2
 
-_ROWS = 4
+_ROWS = 8
 _SEED = 0
-_INTS = (2, 0, 3, 1)  # constant rows: any table of 4 takes them, every statistic tells them apart
-_STRINGS = ("a", "", "ferry", "b")
-_ORDERS = ((0, 1, 2, 3), (3, 2, 1, 0))  # sorted neither way, so a sort moves a row in each
+# Constant rows: any table of 4 takes them, every statistic tells the first four apart; the
+# last four repeat them (reversed) beside other floats, so that rows sharing an id or a segment
+# (a segment mean over nodes, a group-by on an index input) meet in a batch.
+_INTS = (2, 0, 3, 1, 1, 3, 0, 2)
+_STRINGS = ("a", "", "ferry", "b", "b", "ferry", "", "a")
+# Sorted neither way, so a sort moves a row in each of the first two; the last runs all eight
+# rows and the first one again: a batch past four rows (a model that changes only then), a shift
+# by four rows, and two equal rows (a count or a dedup of equal rows) all show there.
+_ORDERS = ((0, 1, 2, 3), (3, 2, 1, 0), (0, 1, 2, 3, 4, 5, 6, 7, 0))
 
 # A row's values from standard normals ``z`` (one row's shape): mixed about 0; all below -4; all
 # above 64 (a row that dominates a max, a sum or a norm, and trips what only a large value does);
@@ -58,6 +70,11 @@ _FLOAT_ROWS: tuple[Callable[[np.ndarray], np.ndarray], ...] = (
     lambda z: -(1.0 + np.abs(z)) * 4.0,
     lambda z: (1.0 + np.abs(z)) * 64.0,
     lambda z: z / 8.0,
+    # the last four: other values again (offset, small negative, middling, tiny)
+    lambda z: z * 3.0 + 1.0,
+    lambda z: -(1.0 + np.abs(z)) / 2.0,
+    lambda z: (1.0 + np.abs(z)) * 8.0,
+    lambda z: z / 64.0,
 )
 
 # (floats, integers), tried in turn until the model runs every row alone: the last is the 0/1
@@ -66,7 +83,7 @@ _TIERS = (("normals", "small"), ("normals", "binary"), ("binary", "binary"))
 
 
 def probe(session: Any) -> tuple[bool | None, str]:
-    """Whether four different rows give the same answers alone and together, in two orders:
+    """Whether eight probe rows give the same answers alone and together (``_ORDERS``):
     (True, '') when they do, (False, why) when they do not, (None, why) when the probe cannot
     tell (the model does not run on any set of probe rows: an input outside its domain, a
     length it refuses). ``session`` has ``zero_feeds``, ``run`` and ``output_names``."""
@@ -97,12 +114,12 @@ def _compare(
         try:
             together = session.run({n: a[list(order)] for n, a in feeds.items()})
         except Exception as exc:
-            return False, f"it runs one row but not {_ROWS} ({first_line(exc)})"
+            return False, f"it runs one row but not {len(order)} ({first_line(exc)})"
         for k, (name, out) in enumerate(zip(session.output_names, together, strict=True)):
             for at, row in enumerate(order):
                 one = alone[row][k]
-                if not _rows_first(out, one):
-                    return False, _not_rows(name, out, one)
+                if not _rows_first(out, one, len(order)):
+                    return False, _not_rows(name, out, one, len(order))
                 if out.shape[1:] != one.shape[1:] or not _same(out[at], one[0]):
                     return False, (
                         f"output {name!r} for row {row} differs when another row runs beside "
@@ -111,13 +128,13 @@ def _compare(
     return True, ""
 
 
-def _rows_first(out: np.ndarray, one: np.ndarray) -> bool:
-    return np.ndim(out) > 0 and np.ndim(one) > 0 and out.shape[0] == _ROWS and one.shape[0] == 1
+def _rows_first(out: np.ndarray, one: np.ndarray, rows: int) -> bool:
+    return np.ndim(out) > 0 and np.ndim(one) > 0 and out.shape[0] == rows and one.shape[0] == 1
 
 
-def _not_rows(name: str, out: np.ndarray, one: np.ndarray) -> str:
+def _not_rows(name: str, out: np.ndarray, one: np.ndarray, rows: int) -> str:
     return (
-        f"output {name!r} is {list(np.shape(out))} for {_ROWS} rows and "
+        f"output {name!r} is {list(np.shape(out))} for {rows} rows and "
         f"{list(np.shape(one))} for one: its first dimension is not the rows'"
     )
 
@@ -149,10 +166,12 @@ def _rows(template: np.ndarray, floats: str, ints: str, rng: np.random.Generator
 
 
 def _binary(row_shape: tuple[int, ...]) -> np.ndarray:
-    """Rows of 1s, 0s and the two alternations: apart where a row has room for it, and every
-    value a valid index into a table of two, a bool or a 0/1 mask."""
+    """Rows of 1s, 0s and the two alternations (then the same four reversed, as ``_INTS``):
+    apart where a row has room for it, and every value a valid index into a table of two, a
+    bool or a 0/1 mask."""
     odd = (np.arange(int(np.prod(row_shape))) % 2).reshape(row_shape).astype(np.bool_)
-    return np.stack([np.ones(row_shape, np.bool_), np.zeros(row_shape, np.bool_), odd, ~odd])
+    four = [np.ones(row_shape, np.bool_), np.zeros(row_shape, np.bool_), odd, ~odd]
+    return np.stack(four + four[::-1])
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:

@@ -118,9 +118,10 @@ def verify_batch(
 
     A graph whose samples depend on each other (``x - x.mean(0)``: a sample's answer alone
     differs from its answer in the batch) is faithful, and right when served unbatched: the
-    load-time probe (runtime.rows) finds it and turns batching off. It is refused only when
-    ``merges``: the job's serving config states a max_batch_size above 1, which the probe does
-    not second-guess, so requests would be merged and each answered with the others' rows.
+    note returned marks the report (``rows_apart``), and the server publishes the version with
+    batching.max_batch_size 0 (jobs.unbatched_if_rows_mix). It is refused only when ``merges``:
+    the job's serving config states a max_batch_size above 1, so requests would be merged and
+    each answered with the others' rows.
 
     Validation runs only at the samples' batch, so a graph that is right there and wrong at
     another size was published: a branch on the batch size that the export froze to the
@@ -166,11 +167,16 @@ def verify_batch(
             )
         if failure:
             return [
-                "samples depend on each other along dim 0 (a sample answers differently alone "
-                f"than in a batch of {max_batch}: {failure}): served without merging requests "
-                "(the load-time probe turns batching off unless a config sets max_batch_size)"
+                ROWS_DEPEND + f" (a sample answers differently alone than in a batch of "
+                f"{max_batch}: {failure}): published with batching.max_batch_size 0, so "
+                "requests are never merged"
             ]
     return []
+
+
+# The note dims.verify_batch returns for a graph whose samples depend on each other: the
+# pipeline reads it to mark the report (Report.rows_apart).
+ROWS_DEPEND = "samples depend on each other along dim 0"
 
 
 def _match_reference(

@@ -376,26 +376,37 @@ class Pipeline:
             )
             self.report.export.exporter = result.exporter
             self.notes.extend(result.notes)
-            self.notes.extend(
+            self._batch_notes(
                 export.verify_batch(
                     target,
                     self.source,
-                    self.spec.max_batch_size,
+                    self._checked_batch(),
                     self.threads,
                     self.output_shapes,
                     rtol=self.spec.validation.rtol,
                     atol=self.spec.validation.atol,
-                    merges=self._merges(),
+                    merges=self._served_batch() > 1,
                 )
             )
         return target
 
-    def _merges(self) -> bool:
-        """Whether the job's serving config states a max_batch_size above 1 (merged requests,
-        which the load-time probe leaves as stated)."""
+    def _served_batch(self) -> int:
+        """The max_batch_size the job's serving config states (0: it states none)."""
         batching = self.spec.serving_config.get("batching")
         size = batching.get("max_batch_size") if isinstance(batching, dict) else None
-        return isinstance(size, int) and size > 1
+        return size if isinstance(size, int) else 0
+
+    def _checked_batch(self) -> int:
+        """The batch the graph is checked at: the job's, or the larger one it will be served
+        at (a serving max_batch_size above the job's was never run)."""
+        return max(self.spec.max_batch_size, self._served_batch())
+
+    def _batch_notes(self, notes: list[str]) -> None:
+        """The batch check's notes, and whether the samples keep apart (Report.rows_apart):
+        the server publishes a version whose samples do not unbatched."""
+        if self._checked_batch() > 1:
+            self.report.rows_apart = not any(n.startswith(dims.ROWS_DEPEND) for n in notes)
+        self.notes.extend(notes)
 
     def _verify_dims(self, path: Path) -> None:
         """A batched ONNX source runs at batch 1 and at max_batch_size, as an export does
@@ -408,15 +419,15 @@ class Pipeline:
         run = parity.onnx_runner(path, self.threads, self.providers)
         if self.source.batched:
             v = self.spec.validation
-            self.notes.extend(
+            self._batch_notes(
                 dims.verify_batch(
                     self.source.inputs,
                     run,
-                    self.spec.max_batch_size,
+                    self._checked_batch(),
                     self.output_shapes,
                     rtol=v.rtol,
                     atol=v.atol,
-                    merges=self._merges(),
+                    merges=self._served_batch() > 1,
                 )
             )
         self.notes.extend(dims.verify(self.source.inputs, run, self.output_shapes))

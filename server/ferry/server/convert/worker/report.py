@@ -194,6 +194,9 @@ class Report:
     published: VariantRecord | None = None
     error: ErrorRecord | None = None
     benchmark: str | None = None  # the spec's benchmark mode
+    # False when a sample answers differently alone than in a batch (dims.verify_batch): the
+    # server then publishes the version unbatched unless its serving config states a batch.
+    rows_apart: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -223,6 +226,8 @@ class Report:
             out["reference"] = self.reference.to_dict()
         if self.benchmark is not None:
             out["benchmark"] = self.benchmark
+        if self.rows_apart is not None:
+            out["rows_apart"] = self.rows_apart
         return out
 
     def write(self, work: Path) -> None:
