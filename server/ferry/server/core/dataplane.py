@@ -421,6 +421,14 @@ class DataPlane:
         stats = None
         if ro is not None and ro.shadow is not None:
             stats = self._shadows.statistics(name, ro)
+            if not ro.split and self._registry.default_version(name) == ro.shadow[0] and not error:
+                # Accepted while another version was the default, then made the default (a
+                # SetDefaultVersion, a newer version deleted): it is compared with itself.
+                error = (
+                    f"the shadow candidate {ro.shadow[0]} is now the version every request that "
+                    "names none gets, so nothing is compared: pin the version that should keep "
+                    "answering with a split, or end the shadow"
+                )
         return RolloutView(
             name,
             ro.split if ro is not None else (),
