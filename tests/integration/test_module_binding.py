@@ -243,3 +243,44 @@ def test_a_model_whose_samples_depend_on_each_other_is_never_served_merged(
         assert client.model_metadata("centred").batching.max_batch_size == 0
         got = client.infer("centred", {"x": x.numpy()})
     np.testing.assert_allclose(next(iter(got.values())), (x - x.mean(0)).numpy(), atol=1e-5)
+
+
+class SmallTable(torch.nn.Module):
+    """A categorical feature with three values: generated samples (0..9) are outside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Embedding(3, 4)
+        self.head = torch.nn.Linear(4, 2)
+
+    def forward(self, ids: Any) -> Any:
+        return self.head(self.table(ids).mean(1))
+
+
+def test_a_small_table_converts_on_its_own_samples_and_is_batched(start: Start) -> None:
+    """The batch check ran generated integers (0..9) through a Gather into a table of three
+    and refused the model as 'fixed inside', although its example inputs were valid."""
+    from ferry.client import InferenceClient
+
+    srv, conv = start()
+    ids = torch.tensor([[0, 1, 2], [2, 2, 0], [1, 0, 1], [0, 0, 2]])
+    up = conv.upload("small", SmallTable().eval(), example_inputs={"ids": ids})
+    done = conv.convert(up).wait(progress=False)
+    assert done.version is not None
+    with InferenceClient(srv.target) as client:
+        assert client.model_metadata("small").batching.max_batch_size == 32
+
+
+def test_a_dynamic_int8_version_is_served_batched(start: Start) -> None:
+    """Its rows share a quantization scale per batch, which the load-time probe read as rows
+    mixing: the README's own int8 flow was served unbatched."""
+    from ferry.client import InferenceClient
+
+    srv, conv = start()
+    torch.manual_seed(3)
+    mlp = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    up = conv.upload("q", mlp.eval(), example_inputs={"input": _rand(8, 16, seed=3)})
+    done = conv.convert(up, quantization="dynamic_int8", benchmark="off").wait(progress=False)
+    assert done.version is not None and "dynamic_int8" in done.message
+    with InferenceClient(srv.target) as client:
+        assert client.model_metadata("q").batching.max_batch_size == 32

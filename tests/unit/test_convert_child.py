@@ -931,6 +931,15 @@ def test_an_additive_mask_cannot_hide_a_wrong_model() -> None:
     # An output that hardly varies between samples is not judged on its noise.
     flat = np.full((32, 4), 7.0) + rng.standard_normal((32, 4)) * 1e-7
     assert parity.compare([flat + 1e-6], [flat]).cosine > 0.9999
+    # Nor are samples that are nearly alike: a variant 1.6% off on every sample (int8) was
+    # refused once what varies between samples alone was judged (cosine 0.81 at eps 0.01).
+    base = rng.standard_normal(16)
+    alike = base + rng.standard_normal((16, 16)) * 0.01
+    int8 = alike * (1 + rng.standard_normal((16, 16)) * 0.016)
+    assert parity.compare([int8], [alike]).cosine > 0.999
+    # A large regression output with a bias: no fill beside computed values, judged as it is.
+    biased = 1000.0 + rng.standard_normal((16, 1))
+    assert parity.compare([biased + 0.01], [biased]).cosine > 0.999
 
 
 def test_matching_infinities_agree_and_others_fail_the_budget() -> None:
@@ -1010,7 +1019,7 @@ def _mixing_onnx(path: Path) -> Path:
 
 
 def test_an_onnx_source_runs_at_batch_1_and_max_batch(tmp_path: Path) -> None:
-    from ferry.server.convert.jobs import unbatched_if_rows_mix
+    from ferry.server.convert.jobs import batching_of_published
 
     """Validation ran only the samples' batch: a graph fixed to 4 inside was published with a
     symbolic input and failed every other size with INTERNAL."""
@@ -1028,13 +1037,21 @@ def test_an_onnx_source_runs_at_batch_1_and_max_batch(tmp_path: Path) -> None:
     report = json.loads((mixing.work / "report.json").read_text())
     assert report["rows_apart"] is False  # the server publishes it unbatched
     config = {"batching": {"max_queue_delay_ms": 2}}
-    assert unbatched_if_rows_mix(config, json.dumps(report)) == {
+    assert batching_of_published(config, json.dumps(report)) == {
         "batching": {"max_queue_delay_ms": 2, "max_batch_size": 0}
     }
     stated = {"batching": {"max_batch_size": 1}}
-    assert unbatched_if_rows_mix(stated, json.dumps(report)) == stated  # the user's word
-    assert unbatched_if_rows_mix(config, json.dumps({"rows_apart": True})) == config
-    assert unbatched_if_rows_mix(config, "") == config
+    assert batching_of_published(stated, json.dumps(report)) == stated  # the user's word
+    assert batching_of_published(config, json.dumps({"rows_apart": True})) == config
+    assert batching_of_published(config, "") == config
+    # A dynamically quantized variant of a graph whose rows keep apart shares one scale per
+    # batch: its rows move within quantization noise beside each other, which the load-time
+    # probe read as mixing (the README's int8 flow was served unbatched). Its batch is stated.
+    int8 = json.dumps({"rows_apart": True, "published": "dynamic_int8"})
+    assert batching_of_published(config, int8, job_batch=32) == {
+        "batching": {"max_queue_delay_ms": 2, "max_batch_size": 32}
+    }
+    assert batching_of_published(config, int8, job_batch=32, model_states_batch=True) == config
     merged = {"serving_config": {"batching": {"max_batch_size": 8}}}
     refused = convert_here(tmp_path / "merged", tmp_path / "m.onnx", "onnx", spec=merged)
     assert refused.rc == 2, refused.last

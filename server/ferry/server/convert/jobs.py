@@ -50,6 +50,7 @@ from ferry.server.convert import out_of_memory, publish, spec
 from ferry.server.convert.out_of_memory import text_says_out_of_memory
 from ferry.server.convert.store import EventRecord, JobRecord, JobState, JobStore
 from ferry.server.convert.summary import published_line
+from ferry.server.core.config import load_config
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import (
     MODEL_DATA_FILE,
@@ -291,7 +292,12 @@ class JobRunner:
                 run.publishing = True
                 self.store.append_event(job.job_id, "publish", 0.98, "publishing the new version")
                 self._notify(job.job_id)
-                config = unbatched_if_rows_mix(contract.spec.serving_config, report)
+                config = batching_of_published(
+                    contract.spec.serving_config,
+                    report,
+                    model_states_batch=self._model_states_batch(job.model),
+                    job_batch=contract.spec.max_batch_size,
+                )
                 version, note = await publish.publish(
                     self.repository,
                     self.registry,
@@ -400,6 +406,13 @@ class JobRunner:
         warm, self._warm = self._warm, None
         warm.ready.unlink(missing_ok=True)
         return warm
+
+    def _model_states_batch(self, model: str) -> bool:
+        """Whether the model's own config states batching.max_batch_size (then it decides)."""
+        try:
+            return load_config(self.repository.model_dir(model)).batching.max_batch_size is not None
+        except FerryError:
+            return True  # unreadable: write nothing that might override what it meant
 
     async def _run_child(self, run: _Run, job_json: Path, job_dir: Path) -> _Outcome:
         try:
@@ -562,21 +575,34 @@ def staging_key(job_id: str) -> str:
     return f"job-{job_id}"
 
 
-def unbatched_if_rows_mix(config: dict[str, Any], report: str) -> dict[str, Any]:
-    """The version's serving config, with batching.max_batch_size 0 when the child found that
-    its samples depend on each other (report ``rows_apart`` false) and the config states no
-    batch. Left to the load-time probe, a model whose rows mix in a way the probe's rows do not
-    show (a segment mean over rows sharing an id) was served batched although the conversion
-    had seen it; a model config's max_batch_size would have batched it too."""
+def batching_of_published(
+    config: dict[str, Any], report: str, *, model_states_batch: bool = False, job_batch: int = 0
+) -> dict[str, Any]:
+    """The version's serving config, with the batch the conversion found, when neither the
+    job's serving config nor (for the second case) the model's config states one:
+
+    * ``max_batch_size 0`` when the child found that samples depend on each other (report
+      ``rows_apart`` false). Left to the load-time probe, a model whose rows mix in a way the
+      probe's rows do not show (a segment mean over rows sharing an id) was served batched
+      although the conversion had seen it; a model config's batch would have batched it too.
+    * the job's ``max_batch_size`` for a dynamically quantized variant of a graph whose rows
+      keep apart: its rows share one quantization scale per batch, so a row's answer moves
+      within quantization noise beside another, which the probe read as rows mixing. The
+      README's own int8 flow was served unbatched, losing what quantization was for."""
     try:
-        apart = json.loads(report).get("rows_apart") if report else None
+        doc = json.loads(report) if report else {}
+        apart, published = doc.get("rows_apart"), str(doc.get("published") or "")
     except (ValueError, AttributeError):
-        apart = None
+        apart, published = None, ""
     batching = config.get("batching")
     batching = batching if isinstance(batching, dict) else {}
-    if apart is not False or "max_batch_size" in batching:
+    if "max_batch_size" in batching:
         return config
-    return {**config, "batching": {**batching, "max_batch_size": 0}}
+    if apart is False:
+        return {**config, "batching": {**batching, "max_batch_size": 0}}
+    if apart is True and "dynamic" in published and not model_states_batch and job_batch > 1:
+        return {**config, "batching": {**batching, "max_batch_size": job_batch}}
+    return config
 
 
 def keep_version_files(staged: Path) -> list[str]:

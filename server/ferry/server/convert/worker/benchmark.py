@@ -29,7 +29,7 @@ import onnxruntime as ort
 from ferry.server.convert.spec import InputSpec
 from ferry.server.convert.strategies.quantization import AUTO_MIN_SPEEDUP
 from ferry.server.convert.worker import external
-from ferry.server.convert.worker.parity import generate
+from ferry.server.convert.worker.parity import Arrays, cycled, generate
 from ferry.server.convert.worker.placement import CPU_ONLY
 from ferry.server.convert.worker.report import BenchmarkRecord
 
@@ -129,6 +129,7 @@ def time_rounds(
     *,
     budget: Budget,
     providers: list[tuple[str, dict[str, str]]] | None = None,
+    samples: Arrays | None = None,
 ) -> Timings:
     """Time every variant in rounds (``paths`` has "fp32" first), batch sizes in ascending
     order, so that a variant found clearly slower on a small batch is spared the large one."""
@@ -138,7 +139,12 @@ def time_rounds(
     for batch in sorted(batches) if batched else [1]:
         key = str(batch)
         live = [n for n in sessions if n not in timings.dropped]
-        feed = next(generate(inputs, batch, batched).batches(batch))
+        if samples and batched:  # the job's samples: values the model takes
+            feed = cycled(samples, batch)
+        elif samples:
+            feed = {name: array[0] for name, array in samples.items()}
+        else:
+            feed = next(generate(inputs, batch, batched).batches(batch))
         for name in live:
             for _ in range(WARMUP):
                 sessions[name].run(None, feed)
@@ -222,13 +228,14 @@ def measure(
     *,
     mode: str = "full",
     providers: list[tuple[str, dict[str, str]]] | None = None,
+    samples: Arrays | None = None,
 ) -> tuple[dict[str, BenchmarkRecord], list[str]]:
     """Per variant: size, gzip size, weight sparsity, latency (median and interquartile range)
     and speed-up against "fp32" (median of the per-round ratios, and their interquartile range),
     on the providers the version will serve with; and the stage's notes."""
     timings = time_rounds(
         paths, inputs, batched, sorted({1, max_batch}), threads, budget=BUDGETS[mode],
-        providers=providers,
+        providers=providers, samples=samples,
     )  # fmt: skip
     notes = []
     if timings.cut_short:

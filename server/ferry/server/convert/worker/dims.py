@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ferry.server.convert.spec import DynamicAxis, InputSpec
-from ferry.server.convert.worker.parity import generate, tolerance_failure
+from ferry.server.convert.worker.parity import cycled, generate, tolerance_failure
 from ferry.server.errors import ConversionFailed, first_line
 
 # The model metadata key (ONNX metadata_props) the serving side reads: runtime.session.
@@ -97,7 +97,9 @@ FIXED_BATCH_HINT = (
     "a graph that runs only at the example's batch size fixes dim 0 inside (a Reshape or Expand "
     "with a literal size; a seq-first RNN, whose dim 0 is time, not the batch), and every "
     "request of batch {batch} would fail; export it with a symbolic batch that is dim 0 of "
-    "every input and output"
+    "every input and output. If onnxruntime's words name an index or a value instead (a "
+    "Gather past its table), the samples are outside what the model takes: give your own "
+    "(validation sample inputs, or upload the nn.Module with example_inputs)"
 )
 
 
@@ -111,6 +113,7 @@ def verify_batch(
     atol: float,
     reference: Run | None = None,
     merges: bool = False,
+    samples: dict[str, np.ndarray] | None = None,
 ) -> list[str]:
     """Run the graph at the largest batch it will be served with and at batch 1 (that batch's
     first sample), and refuse it unless it answers each the way a batched model must; returns
@@ -119,7 +122,7 @@ def verify_batch(
     A graph whose samples depend on each other (``x - x.mean(0)``: a sample's answer alone
     differs from its answer in the batch) is faithful, and right when served unbatched: the
     note returned marks the report (``rows_apart``), and the server publishes the version with
-    batching.max_batch_size 0 (jobs.unbatched_if_rows_mix). It is refused only when ``merges``:
+    batching.max_batch_size 0 (jobs.batching_of_published). It is refused only when ``merges``:
     the job's serving config states a max_batch_size above 1, so requests would be merged and
     each answered with the others' rows.
 
@@ -131,7 +134,14 @@ def verify_batch(
     alone as in the full batch (the batcher merges requests, so samples must not influence each
     other); and with ``reference`` (the PyTorch model) both runs must match it within
     rtol/atol."""
-    full = generate(inputs, max_batch, batched=True).arrays
+    # The job's samples where there are several (a single one, cycled, makes a batch of equal
+    # rows, in which rows that depend on each other cannot show it).
+    several = samples is not None and len(next(iter(samples.values()), [])) > 1
+    full = (
+        cycled(samples, max_batch)
+        if several and samples
+        else generate(inputs, max_batch, True).arrays
+    )
     feeds = {max_batch: full, 1: {name: array[:1] for name, array in full.items()}}
     answers: dict[int, list[np.ndarray]] = {}
     for batch in sorted(feeds, reverse=True):

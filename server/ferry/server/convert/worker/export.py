@@ -200,6 +200,7 @@ def verify_batch(
     rtol: float,
     atol: float,
     merges: bool = False,
+    samples: dict[str, np.ndarray] | None = None,
 ) -> list[str]:
     """Prove the batch dim and every declared dynamic axis symbolic, and the graph usable at
     both ends of the served batch range, giving the PyTorch model's answers there
@@ -239,6 +240,7 @@ def verify_batch(
         atol=atol,
         reference=torch_runner(source),
         merges=merges,
+        samples=samples,
     )
     return notes + dynamic.verify(source.inputs, run, seen)
 

@@ -386,9 +386,15 @@ class Pipeline:
                     rtol=self.spec.validation.rtol,
                     atol=self.spec.validation.atol,
                     merges=self._served_batch() > 1,
+                    samples=self._batch_samples(),
                 )
             )
         return target
+
+    def _batch_samples(self) -> dict[str, np.ndarray] | None:
+        """The validation samples (the user's, or generated) the batch check cycles through:
+        values the model takes."""
+        return self.samples.arrays if self.samples.batched else None
 
     def _served_batch(self) -> int:
         """The max_batch_size the job's serving config states (0: it states none)."""
@@ -428,6 +434,7 @@ class Pipeline:
                     rtol=v.rtol,
                     atol=v.atol,
                     merges=self._served_batch() > 1,
+                    samples=self._batch_samples(),
                 )
             )
         self.notes.extend(dims.verify(self.source.inputs, run, self.output_shapes))
@@ -576,7 +583,7 @@ class Pipeline:
         figures, notes = benchmark.measure(
             {v.name: v.path for v in variants}, self.source.inputs, self.source.batched,
             self.spec.max_batch_size, self.threads, mode=self.spec.benchmark,
-            providers=self.providers,
+            providers=self.providers, samples=self.samples.arrays,
         )  # fmt: skip
         self.notes.extend(notes)
         for variant in variants:
