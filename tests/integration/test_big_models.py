@@ -124,7 +124,11 @@ def test_an_archive_converts_in_every_mode_publishes_model_and_data_and_serves(
         job.wait(progress=False)
         assert job.succeeded, (name, job.error_message)
         folder = repo / "big" / str(job.version)
+        # A dynamic int8 version states its batch (its shared per-batch scale would read as
+        # rows mixing to the load-time probe): config.json beside the model.
+        stated = ["config.json"] if name == "dynamic_int8" else []
         assert sorted(p.name for p in folder.iterdir()) == [
+            *stated,
             "model.onnx",
             "model.onnx.data",
             "report.json",
@@ -291,10 +295,12 @@ def test_a_state_dict_over_the_threshold_exports_with_external_data(
     job = conv.convert(up, quantization="dynamic_int8", benchmark="off").wait(progress=False)
     folder = srv.settings.repository / "big" / str(job.version)
     assert sorted(p.name for p in folder.iterdir()) == [
+        "config.json",  # its batch, stated (jobs.batching_of_published)
         "model.onnx",
         "model.onnx.data",
         "report.json",
     ]
+    assert json.loads((folder / "config.json").read_text()) == {"batching": {"max_batch_size": 32}}
     x = torch.randn(3, 16)
     with torch.no_grad():
         want = module(x).numpy()
