@@ -719,3 +719,25 @@ def test_a_published_version_is_opened_once(repo: ModelRepository) -> None:
         await registry.close()
 
     asyncio.run(main())
+
+
+def test_a_version_asked_for_while_its_model_loads_is_not_ready_not_missing(
+    repo: ModelRepository,
+) -> None:
+    """During a LoadModel right after an unload, requests got NOT_FOUND ("default_version 2 is
+    not served"), which clients do not retry, for a version on its way."""
+    write_model(repo, "m", seed_model(seed=1))
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        entry = registry.models["m"]
+        entry.changing = "loading"  # as _sync_model marks it while the folder is read
+        with pytest.raises(ModelNotReady, match="is loading; retry shortly"):
+            registry.get("m", 2)
+        entry.changing = ""
+        with pytest.raises(VersionNotFound):
+            registry.get("m", 2)
+        await registry.close()
+
+    asyncio.run(main())

@@ -170,6 +170,10 @@ class ModelRegistry:
                 )
                 raise ModelNotReady(f"model {short(name)!r} has no version ready: {why}")
         slot = entry.versions.get(version)
+        if slot is None and entry.changing:
+            # Being loaded (a LoadModel right after an unload): the version may be on its way,
+            # so retry shortly rather than "not served" (NOT_FOUND, which clients do not retry).
+            raise ModelNotReady(f"model {short(name)!r} is {entry.changing}; retry shortly")
         if slot is None:
             served = sorted(entry.versions) or "none"
             if version == entry.config.default_version:
