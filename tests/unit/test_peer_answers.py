@@ -21,7 +21,8 @@ def test_a_silent_worker_adds_its_last_answer_until_it_is_started_again(tmp_path
     sock = tmp_path / "worker-1.sock"
     ask = {"model": "", "version": None}
     assert peers._answered(sock, "stats", ask, grpc.RpcError()) is None  # never answered
-    assert peers._answered(sock, "stats", ask, [{"count": 7}]) == [{"count": 7}]
+    answer = {"process": "a", "rows": [{"count": 7}]}
+    assert peers._answered(sock, "stats", ask, answer) == [{"count": 7}]
     assert peers._answered(sock, "stats", ask, TimeoutError()) == [{"count": 7}]
     assert peers._answered(sock, "stats", {"model": "m", "version": 1}, TimeoutError()) is None
     peers.forget(sock)  # a new process: it counts from zero
@@ -33,7 +34,7 @@ def test_the_kept_answers_are_bounded(tmp_path: Path, monkeypatch: pytest.Monkey
     sock = tmp_path / "worker-1.sock"
     monkeypatch.setattr(peers_module, "MAX_KEPT", 3)
     for i in range(10):
-        peers._answered(sock, "stats", {"model": f"m{i}"}, [i])
+        peers._answered(sock, "stats", {"model": f"m{i}"}, {"process": "a", "rows": [i]})
     assert len(peers._last) == 3
     assert peers._answered(sock, "stats", {"model": "m9"}, TimeoutError()) == [9]
     assert peers._answered(sock, "stats", {"model": "m0"}, TimeoutError()) is None
@@ -74,25 +75,25 @@ def test_a_restarted_workers_old_counts_stay_in_the_sum(tmp_path: Path) -> None:
     peers._answered(sock, control.STATISTICS, every, first)
     requests = [["m", 1, {"OK": 5}, [5, 0], 0.5]]
     peers._answered(sock, control.REQUESTS, {}, {"process": "a", "rows": requests})
-    assert peers._retired() == []
+    assert peers.retired_statistics() == []
     del loaded[("gone", 1)]  # unloaded here before the worker died: its counts leave with it
     # The next answer comes from a new process (it was killed and started again).
     again = {"process": "b", "rows": [_row("m", 1, 1)]}
     assert peers._answered(sock, control.STATISTICS, every, again) == again["rows"]
-    (kept,) = peers._retired()
+    (kept,) = peers.retired_statistics()
     assert (kept.name, kept.inference_count, kept.success.count) == ("m", 5, 5)
     assert kept.queue_depth == 0  # a dead process queues nothing
-    assert peers._retired("other") == [] and peers._retired("m", 2) == []
+    assert peers.retired_statistics("other") == [] and peers.retired_statistics("m", 2) == []
     # Killed a second time: both dead processes' counts add up; the fleet's forget() retires.
     peers._answered(sock, control.STATISTICS, every, {"process": "b", "rows": [_row("m", 1, 4)]})
     peers.forget(sock)
-    (kept,) = peers._retired()
+    (kept,) = peers.retired_statistics()
     assert kept.inference_count == 9
     # Request counters are since the process started: they stay whatever is loaded.
     assert [row[2] for row in peers._retired_requests.values()] == [{"OK": 5}]
     # The version loaded again here: a new load counts from zero, the old counts go.
     loaded[("m", 1)] = _Loaded()
-    assert peers._retired() == []
+    assert peers.retired_statistics() == []
 
 
 def test_a_version_unloaded_before_the_restart_is_not_retired(tmp_path: Path) -> None:
@@ -112,7 +113,7 @@ def test_a_version_unloaded_before_the_restart_is_not_retired(tmp_path: Path) ->
         sock, control.STATISTICS, one_model, {"process": "a", "rows": [_row("m", 2, 3)]}
     )
     peers.forget(sock)
-    assert [(s.version, s.inference_count) for s in peers._retired()] == [(2, 3)]
+    assert [(s.version, s.inference_count) for s in peers.retired_statistics()] == [(2, 3)]
 
 
 def test_only_the_first_worker_keeps_the_dead_and_the_others_add_its_answer(
@@ -129,7 +130,7 @@ def test_only_the_first_worker_keeps_the_dead_and_the_others_add_its_answer(
     dead = tmp_path / "worker-1.sock"
     other._answered(dead, control.STATISTICS, every, {"process": "a", "rows": [_row("m", 1, 5)]})
     other.forget(dead)
-    assert other._retired() == []  # not kept here
+    assert other.retired_statistics() == []  # not kept here
     first = tmp_path / "worker-0.sock"
     answer = {"process": "p", "rows": [_row("m", 1, 2)], "retired": [_row("m", 1, 5)]}
     kept = other._answered(first, control.STATISTICS, every, answer)

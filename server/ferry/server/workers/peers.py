@@ -143,18 +143,17 @@ class Peers:
             kept_row[3] = [a + int(b) for a, b in zip(kept_row[3], buckets, strict=True)]
             kept_row[4] += float(seconds)
 
-    def retired_statistics(self, model: str = "", version: int | None = None) -> list[Any]:
-        """What this (first) worker keeps of dead workers' statistics, for its answers."""
-        return self._retired(model, version)
-
     def retired_requests(self) -> list[Any]:
         with self._last_lock:
             return [
                 [m, v, dict(c), list(b), s] for m, v, c, b, s in self._retired_requests.values()
             ]
 
-    def _retired(self, model: str = "", version: int | None = None) -> list[VersionStatistics]:
-        """Retired counts of the versions still loaded as they were, optionally one model's."""
+    def retired_statistics(
+        self, model: str = "", version: int | None = None
+    ) -> list[VersionStatistics]:
+        """What this (first) worker keeps of dead workers' statistics, for its sums and its
+        answers: the versions still loaded as they were, optionally one model's."""
         out = []
         with self._last_lock:
             for (name, v), (stats, loaded) in list(self._retired_stats.items()):
@@ -189,7 +188,7 @@ class Peers:
         for path, answer in zip(paths, answers, strict=True):
             kept = self._answered(path, control.STATISTICS, ask, answer)
             out.extend(control.stats_from_json(d) for d in kept or ())
-        return out + self._retired(model, version)
+        return out + self.retired_statistics(model, version)
 
     def forget(self, path: Path) -> None:
         """Drop the cached channels to ``path`` (its worker was started again): the next call
@@ -233,7 +232,7 @@ class Peers:
             control.stats_from_json(d)
             for answer in self._gather_sync(control.STATISTICS, {"model": "", "version": None})
             for d in answer
-        ] + self._retired()
+        ] + self.retired_statistics()
 
     def requests_sync(self) -> list[Any]:
         rows = [row for answer in self._gather_sync(control.REQUESTS, {}) for row in answer]
@@ -245,10 +244,7 @@ class Peers:
         self._sync.clear()
 
 
-def _unwrap(answer: Any) -> tuple[str | None, list[Any], list[Any]]:
-    """(process, rows, retired rows) of a control answer; a bare list (a test's stand-in) has
-    no process."""
-    if isinstance(answer, dict):
-        process = str(answer.get("process", "")) or None
-        return process, list(answer.get("rows", ())), list(answer.get("retired", ()))
-    return None, list(answer), []
+def _unwrap(answer: dict[str, Any]) -> tuple[str | None, list[Any], list[Any]]:
+    """(process, rows, retired rows) of a control answer (control.ControlService)."""
+    process = str(answer.get("process", "")) or None
+    return process, list(answer.get("rows", ())), list(answer.get("retired", ()))

@@ -136,12 +136,10 @@ def verify_batch(
     rtol/atol."""
     # The job's samples where there are several (a single one, cycled, makes a batch of equal
     # rows, in which rows that depend on each other cannot show it).
-    several = samples is not None and len(next(iter(samples.values()), [])) > 1
-    full = (
-        cycled(samples, max_batch)
-        if several and samples
-        else generate(inputs, max_batch, True).arrays
-    )
+    if samples and len(next(iter(samples.values()))) > 1:
+        full = cycled(samples, max_batch)
+    else:
+        full = generate(inputs, max_batch, batched=True).arrays
     feeds = {max_batch: full, 1: {name: array[:1] for name, array in full.items()}}
     answers: dict[int, list[np.ndarray]] = {}
     for batch in sorted(feeds, reverse=True):
