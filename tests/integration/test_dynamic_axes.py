@@ -119,6 +119,32 @@ class Recurrent(torch.nn.Module):
         return states, last.transpose(0, 1)
 
 
+@pytest.mark.parametrize("kind", ["gru", "lstm"])
+def test_every_recurrent_upload_in_one_process_keeps_its_sequence_dynamic(kind: str) -> None:
+    """The second upload of a GRU in one process was refused ("the exporter fixed dim 1"):
+    torch's while-loop decomposition for the export left a stale dispatch cache behind."""
+    from ferry.client._module_upload import from_module
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            rnn = torch.nn.GRU if kind == "gru" else torch.nn.LSTM
+            self.rnn = rnn(4, 6, batch_first=True)
+
+        def forward(self, x: Any) -> Any:
+            return self.rnn(x)[0][:, -1]
+
+    for seed in range(2):
+        torch.manual_seed(seed)
+        data, _, extras = from_module(
+            torch, Net().eval(), torch.randn(2, 8, 4), None, 18, dynamic_axes={"x": {1: "seq"}}
+        )
+        shape = onnx.load(str(data)).graph.input[0].type.tensor_type.shape.dim
+        assert shape[1].dim_param, f"upload {seed + 1} fixed the sequence length"
+        assert extras["inputs"][0].dynamic_axes[1].name == "seq"
+        data.unlink()
+
+
 def test_an_output_that_follows_a_dynamic_axis_is_published_dynamic(start: Start) -> None:
     """The published metadata said states was [-1, 12, 6] while every answer at another
     length had that length: a client sizing buffers from the metadata was misled."""

@@ -487,6 +487,7 @@ def _export(
     dynamic_shapes = {name: dims(value) for name, value in bound.arguments.items()}
     args = tuple(widened(a) for a in bound.args)
     kwargs = {k: widened(v) for k, v in bound.kwargs.items()}
+    _forget_rnn_dispatch(torch)
     try:
         with _quiet():
             program = torch.onnx.export(
@@ -521,6 +522,19 @@ def _export(
         data = _scratch_file(".onnx")
         shutil.move(path, data)
         return data, graph_inputs
+
+
+def _forget_rnn_dispatch(torch: Any) -> None:
+    """For a dynamic sequence length, torch.onnx swaps a while-loop GRU and LSTM in for the
+    export by setting the ops' Python kernels directly (torch/export/_patches.py, torch 2.13),
+    which leaves each op's dispatch cache as an earlier export filled it. So the second upload
+    of a recurrent module in one process unrolled the loop and fixed the sequence length
+    ("the exporter fixed dim 1"), though the first had exported it dynamic. Emptying the caches
+    makes every export look the kernels up afresh, as the first one did."""
+    for op in (torch.ops.aten.gru.input, torch.ops.aten.lstm.input):
+        cache = getattr(op, "_dispatch_cache", None)
+        if isinstance(cache, dict):
+            cache.clear()
 
 
 def _check_graph(graph: Any, bound: Bound, out_names: list[str], axes: Axes) -> list[str]:
