@@ -942,6 +942,39 @@ def test_an_additive_mask_cannot_hide_a_wrong_model() -> None:
     assert parity.compare([biased + 0.01], [biased]).cosine > 0.999
 
 
+def test_a_change_of_size_or_of_labels_cannot_hide_behind_the_cosine() -> None:
+    """The cosine sees directions only: a variant halving every output scored 1.0, and so did
+    one shifting [N, 1] predictions that all lie near one value; labels drawn from 900-999
+    scored 0.9999 with half of them changed. All three were published within budget."""
+    rng = np.random.default_rng(7)
+    logits = rng.standard_normal((32, 10))
+    halved = parity.compare([logits * 0.5], [logits])
+    assert halved.cosine == pytest.approx(1.0) and halved.rel_error == pytest.approx(0.5)
+    assert "relative error 0.5000 > 0.1414" in parity.budget_failure(halved, 0.99, 0.0)
+    assert parity.budget_failure(halved, 0.0, 0.0) == ""  # a budget of 0 is off, size too
+    prices = 200.0 + rng.standard_normal((32, 1))
+    shifted = parity.compare([prices - 40.0], [prices])
+    assert shifted.cosine > 0.999 and shifted.rel_error == pytest.approx(0.2, rel=0.01)
+    assert "relative error" in parity.budget_failure(shifted, 0.99, 0.0)
+    faithful = logits * (1 + rng.standard_normal((32, 10)) * 0.02)  # what int8 does
+    assert parity.budget_failure(parity.compare([faithful], [logits]), 0.99, 0.0) == ""
+    labels = rng.integers(900, 1000, 64)
+    changed = labels.copy()
+    changed[::2] = (changed[::2] - 900 + 1) % 100 + 900  # every other label another one
+    figures = parity.compare([changed], [labels])
+    assert figures.cosine == pytest.approx(0.5) and figures.rel_error == 0.0
+    assert "< min_cosine" in parity.budget_failure(figures, 0.99, 0.0)
+    mask = rng.random((8, 16)) < 0.5
+    assert parity.compare([mask.copy()], [mask]).cosine == 1.0
+    assert parity.compare([~mask], [mask]).cosine == 0.0
+    # The figure travels in report.json, through the adapter, to the SDK.
+    from ferry.client._conversion_types import _parity
+    from ferry.server.grpc.conversion import report_message
+
+    message = report_message(json.dumps({"parity": halved.to_dict()}))
+    assert _parity(message.parity).rel_error == pytest.approx(0.5)
+
+
 def test_matching_infinities_agree_and_others_fail_the_budget() -> None:
     """-inf masks made every cosine NaN, which passed `cosine < min_cosine`: the model was
     published, and the job then crashed on the null figure."""

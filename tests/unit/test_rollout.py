@@ -480,6 +480,29 @@ def test_a_candidate_answering_nan_is_a_disagreement_not_a_blind_spot() -> None:
     assert same.cosine_min == pytest.approx(1.0) and same.max_abs_diff == 0.0
 
 
+def test_a_shadow_answering_other_labels_or_other_sizes_is_rolled_back() -> None:
+    """The cosine of one value against another is 1: a candidate answering a regression's
+    value halved, or another class id, kept min_cosine 1.0 and was promoted by the rules."""
+    from ferry.server.core.shadow import ShadowStatistics
+
+    rules = rollouts.parse_rules({"min_cosine": 0.99, "promote_after": 20})
+    halved = ShadowStatistics(3)
+    for value in range(1, 21):
+        served = {"price": np.array([[float(value)]], np.float32)}
+        halved.record(served, {"price": served["price"] * 0.5})
+        assert halved.verdict(rules) == ("rollback" if value >= 10 else "")
+    assert halved.cosine_min == pytest.approx(1.0) and halved.rel_error == pytest.approx(0.5)
+    assert "relative error 0.5" in halved.summary()
+    labels = ShadowStatistics(3)
+    labels.record({"id": np.array([7], np.int64)}, {"id": np.array([3], np.int64)})
+    assert labels.cosine_min == 0.0 and labels.verdict(rules) == "rollback"
+    faithful = ShadowStatistics(3)
+    for value in range(1, 21):
+        served = {"price": np.array([[float(value)]], np.float32), "id": np.array([value])}
+        faithful.record(served, {"price": served["price"] * 1.001, "id": np.array([value])})
+    assert faithful.verdict(rules) == "promote"
+
+
 def test_a_shadow_of_the_version_that_answers_every_request_is_refused(tmp_path: Path) -> None:
     """It was accepted and compared nothing: the candidate answered every request itself."""
     repo = _repo(tmp_path)

@@ -338,7 +338,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             f"{view.shadow_version}: {s.get('compared', 0):.0f} compared, "
             f"{s.get('errors', 0):.0f} errors, {s.get('shed', 0):.0f} shed; cosine mean "
             f"{s.get('mean_cosine', 1):.6f}, min {s.get('min_cosine', 1):.6f}; max |diff| "
-            f"{s.get('max_abs_diff', 0):.3g}"
+            f"{s.get('max_abs_diff', 0):.3g}, relative error {s.get('rel_error', 0):.3g}"
             + (
                 f"; top-1 agreement {100 * s['top1_agreement']:.2f}%"
                 if s.get("top1_agreement", -1) >= 0

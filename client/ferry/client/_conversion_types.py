@@ -157,6 +157,10 @@ class Parity:
     top1_agreement: float | None
     samples: int
     against: str
+    # ||candidate - reference|| / ||reference|| over floating outputs (the size of the error,
+    # which the cosine misses); integer and boolean outputs count in ``cosine`` as the share of
+    # equal elements.
+    rel_error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -252,6 +256,7 @@ def _parity(m: pb.ParityReport) -> Parity:
         top1_agreement=m.top1_agreement if m.HasField("top1_agreement") else None,
         samples=m.samples,
         against=m.against,
+        rel_error=m.rel_error,
     )
 
 

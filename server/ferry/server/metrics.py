@@ -325,6 +325,12 @@ class Metrics:
                 "Largest absolute output difference",
                 "max_abs_diff",
             ),
+            (
+                "ferry_shadow_rel_error",
+                "gauge",
+                "Size of the output difference: ||served - shadow|| / ||served||",
+                "rel_error",
+            ),
         )
         for name, kind, help_text, attr in families:
             out.append(f"# HELP {name} {help_text}")

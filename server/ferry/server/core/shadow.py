@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,10 @@ class ShadowStatistics:
     mismatched: int = 0  # outputs missing from the candidate's answer or of another shape/type
     served_ns: int = 0
     shadow_ns: int = 0
+    # Per floating-point output, the sums of ||served - shadow||^2 and ||served||^2 over every
+    # comparison: the size of the error, which a cosine does not see (one value per request, a
+    # regression's, has a cosine of 1 whatever the candidate answers).
+    squares: dict[str, list[float]] = field(default_factory=dict)
     in_flight: int = 0
     decided: bool = False  # a rule acted on this candidate: no second decision
     key: Any = None  # the rollout's (shadow, rules) these figures are about
@@ -57,6 +62,12 @@ class ShadowStatistics:
             return "rollback"
         if rules.min_cosine and self.compared and self.cosine_min < rules.min_cosine:
             return "rollback"
+        # Over 10 comparisons at least, like the error rate: summed, a near-zero output in one
+        # request cannot decide alone.
+        if rules.min_cosine and self.compared >= 10:
+            most = math.sqrt(2.0 * (1.0 - rules.min_cosine)) if rules.min_cosine > 0 else math.inf
+            if not self.rel_error <= most:
+                return "rollback"
         if not rules.promote_after or self.compared < rules.promote_after:
             return ""
         ratio = self.shadow_ns / self.served_ns if self.served_ns else 1.0
@@ -71,8 +82,21 @@ class ShadowStatistics:
         )
         return (
             f"{self.compared} compared, {self.errors} errors, lowest cosine "
-            f"{self.cosine_min:.6f}{odd}, latency {ratio:.2f}x the served version's"
+            f"{self.cosine_min:.6f}, relative error {self.rel_error:.4g}{odd}, latency "
+            f"{ratio:.2f}x the served version's"
         )
+
+    @property
+    def rel_error(self) -> float:
+        """||served - shadow|| / ||served|| over every comparison, the largest over outputs
+        (the rules allow sqrt(2 (1 - min_cosine)), as the conversion's budget does)."""
+        worst = 0.0
+        for error, norm in self.squares.values():
+            if norm > 0.0:
+                worst = max(worst, math.sqrt(error / norm))
+            elif error > 0.0:
+                return math.inf
+        return worst
 
     @property
     def mean_cosine(self) -> float:
@@ -96,6 +120,14 @@ class ShadowStatistics:
             if a.dtype.kind not in "fiub":  # text (BYTES): equal or not
                 cosines.append(1.0 if np.array_equal(a, b) else 0.0)
                 continue
+            if a.dtype.kind in "iub":
+                # Labels, ids, masks: the share of equal elements (the cosine of their one-hot
+                # encodings). The plain cosine of one id against another is 1.
+                cosines.append(float(np.mean(a == b)) if a.size else 1.0)
+                if a.size:
+                    diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
+                    self.max_abs_diff = max(self.max_abs_diff, float(diff.max()))
+                continue
             x = a.astype(np.float64).ravel()
             y = b.astype(np.float64).ravel()
             odd = ~(np.isfinite(x) & np.isfinite(y))
@@ -110,6 +142,9 @@ class ShadowStatistics:
                 x, y = x[~odd], y[~odd]
             nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
             cosines.append(float(x @ y / (nx * ny)) if nx and ny else float(nx == ny))
+            sums = self.squares.setdefault(name, [0.0, 0.0])
+            sums[0] += float(np.sum((x - y) ** 2))
+            sums[1] += nx * nx
             if x.size:
                 self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(x - y))))
             if a.ndim == 2 and a.shape[1] > 1 and a.dtype.kind == "f":

@@ -103,6 +103,7 @@ def _rollout(view: RolloutView) -> pb.Rollout:
                     top1_agreement=-1.0 if s.top1_agreement is None else s.top1_agreement,
                     served_ms_mean=s.served_ns / 1e6 / s.compared if s.compared else 0.0,
                     shadow_ms_mean=s.shadow_ns / 1e6 / s.compared if s.compared else 0.0,
+                    rel_error=s.rel_error,
                 )
             )
     return out

@@ -7,6 +7,7 @@ come back the same way, ``output name -> [N, ...]``, so every comparison is arra
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -179,8 +180,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a64, b64) / norms)
 
 
-def _computed_cosine(cand: np.ndarray, ref: np.ndarray) -> float:
-    """The cosine over the elements the model computes: finite in both, and not a fill value.
+def _computed_figures(cand: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """The cosine and the relative error over the elements the model computes: finite in both,
+    and not a fill value.
 
     A fill (the same large constant in both at the masked positions) agrees by construction and,
     left in, outweighs every computed element: a 90%-pruned classifier whose logits were masked
@@ -192,12 +194,32 @@ def _computed_cosine(cand: np.ndarray, ref: np.ndarray) -> float:
     identical = finite & (cand == ref)
     differing = finite & ~identical
     if not differing.any():
-        return 1.0  # every finite element agrees exactly (non-finite ones are judged apart)
+        return 1.0, 0.0  # every finite element agrees exactly (non-finite ones are judged apart)
     scale = float(np.median(np.abs(ref[differing])))
     keep = finite
     if scale > 0.0:
         keep = finite & ~(identical & (np.abs(ref) > FILL_RATIO * scale))
-    return _cosine(cand[keep], ref[keep])
+    return _cosine(cand[keep], ref[keep]), _rel_error(cand[keep], ref[keep])
+
+
+def _rel_error(cand: np.ndarray, ref: np.ndarray) -> float:
+    """||cand - ref|| / ||ref||: the size of the error, which the cosine does not see. A variant
+    whose outputs keep their direction but not their size has a cosine of 1: a regression model
+    whose every prediction was halved, or one whose [N, 1] outputs all lie near one value (the
+    cosine of two nearly constant vectors is nearly 1 whatever the constants)."""
+    r64, c64 = ref.astype(np.float64).ravel(), cand.astype(np.float64).ravel()
+    norm, error = float(np.linalg.norm(r64)), float(np.linalg.norm(c64 - r64))
+    if norm == 0.0:
+        return 0.0 if error == 0.0 else math.inf
+    return error / norm
+
+
+def _agreement(cand: np.ndarray, ref: np.ndarray) -> float:
+    """The share of elements equal in both: an integer or boolean output holds labels, ids or a
+    mask, where 3 for 7 is as wrong as 3 for 4. It is the cosine of the outputs' one-hot
+    encodings, so it stands in the cosine's place; the plain cosine of two label vectors stayed
+    near 1 while labels changed (0.9999 with half the ids, drawn from 900-999, changed)."""
+    return float(np.mean(cand == ref)) if ref.size else 1.0
 
 
 # A position (an element's place in an output, the same in every sample) whose value varies
@@ -239,8 +261,9 @@ class Figures:
 
     max_abs: float
     mean_abs: float
-    cosine: float
+    cosine: float  # integer and boolean outputs: the share of equal elements (_agreement)
     top1_agreement: float | None  # None: no [N, classes] output
+    rel_error: float = 0.0  # the largest over floating outputs (_rel_error)
     # Elements NaN or infinite on one side and not the very same value on the other: an error
     # no figure measures, so any fails the budget (max_abs and mean_abs are then infinite).
     nonfinite_mismatch: int = 0
@@ -266,6 +289,7 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
     """
     max_abs, abs_sum, count, mismatched = 0.0, 0.0, 0, 0
     cosines: list[float] = []
+    rel_errors: list[float] = []
     top1: list[float] = []
     for cand, ref in zip(candidate, reference, strict=True):
         if cand.shape != ref.shape:
@@ -281,14 +305,18 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
             max_abs = max(max_abs, float(diff.max()))
         abs_sum += float(diff.sum())
         count += diff.size
-        cosine = _computed_cosine(c64, r64)
+        if ref.dtype.kind in "biu" and cand.dtype.kind in "biu":
+            cosines.append(_agreement(cand, ref))
+            continue
+        cosine, rel = _computed_figures(c64, r64)
         fills = _fill_positions(c64, r64)
         if fills is not None:  # judged on what the model computes as well
             n = c64.shape[0]
             keep = ~fills
-            computed = _computed_cosine(c64.reshape(n, -1)[:, keep], r64.reshape(n, -1)[:, keep])
-            cosine = min(cosine, computed)
+            computed = _computed_figures(c64.reshape(n, -1)[:, keep], r64.reshape(n, -1)[:, keep])
+            cosine, rel = min(cosine, computed[0]), max(rel, computed[1])
         cosines.append(cosine)
+        rel_errors.append(rel)
         if is_class_scores(ref):
             top1.append(float(np.mean(cand.argmax(axis=1) == ref.argmax(axis=1))))
     return Figures(
@@ -296,6 +324,7 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
         mean_abs=np.inf if mismatched else (abs_sum / count if count else 0.0),
         cosine=min(cosines) if cosines else 1.0,
         top1_agreement=min(top1) if top1 else None,
+        rel_error=max(rel_errors) if rel_errors else 0.0,
         nonfinite_mismatch=mismatched,
     )
 
@@ -337,6 +366,14 @@ def tolerance_failure(
     return ""
 
 
+def max_rel_error(min_cosine: float) -> float | None:
+    """The relative error a cosine budget allows: sqrt(2 (1 - min_cosine)), the error of a
+    variant whose outputs keep their size and turn by the budget's angle. One budget for both
+    figures, since a cosine alone passes any change of size. None where the budget is off
+    (min_cosine <= 0)."""
+    return math.sqrt(2.0 * (1.0 - min_cosine)) if min_cosine > 0 else None
+
+
 def budget_failure(figures: Figures, min_cosine: float, min_top1: float) -> str:
     """'' when within the accuracy budget, else which limit failed and by how much. Written as
     ``not figure >= limit``: a NaN figure fails (it compared as not below the limit, and a model
@@ -349,6 +386,12 @@ def budget_failure(figures: Figures, min_cosine: float, min_top1: float) -> str:
         )
     if not figures.cosine >= min_cosine:
         reasons.append(f"cosine {figures.cosine:.6f} < min_cosine {min_cosine}")
+    most = max_rel_error(min_cosine)
+    if most is not None and not figures.rel_error <= most:
+        reasons.append(
+            f"relative error {figures.rel_error:.4f} > {most:.4f}, the most min_cosine "
+            f"{min_cosine} allows (outputs that keep their direction but not their size)"
+        )
     top1 = figures.top1_agreement
     if min_top1 > 0 and top1 is not None and not top1 >= min_top1:
         reasons.append(f"top-1 agreement {top1:.4f} < min_top1_agreement {min_top1}")
