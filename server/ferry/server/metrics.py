@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from ferry.server.core.dataplane import DataPlane
-from ferry.server.core.stats_merge import merge
+from ferry.server.core.stats_merge import merge, sum_request_rows
 from ferry.server.core.types import State, VersionStatistics, VersionStatus
 from ferry.server.errors import FerryError
 from ferry.server.grpc.status import code_of
@@ -74,13 +74,9 @@ def _summed(rows: list[Any]) -> dict[tuple[str, int], _Requests]:
     """Request counter rows (``requests_snapshot``'s, this process's and every other worker's)
     added up per model version."""
     total: dict[tuple[str, int], _Requests] = {}
-    for model, version, codes, buckets, seconds in rows:
-        key = (str(model), int(version))
-        mine = total.get(key) or total.setdefault(key, _Requests())
-        for code, n in codes.items():
-            mine.codes[code] = mine.codes.get(code, 0) + int(n)
-        mine.buckets = [a + int(b) for a, b in zip(mine.buckets, buckets, strict=True)]
-        mine.seconds += float(seconds)
+    for model, version, codes, buckets, seconds in sum_request_rows(rows):
+        mine = total[(model, version)] = _Requests()
+        mine.codes, mine.buckets, mine.seconds = codes, buckets, seconds
     return total
 
 

@@ -20,7 +20,7 @@ from ferry.server.core import rollout as rollouts
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import validate_model_name
-from ferry.server.core.stats_merge import merge
+from ferry.server.core.stats_merge import merge, sum_request_rows
 from ferry.server.core.streams import run_stream
 from ferry.server.core.types import (
     BatchingPolicy,
@@ -537,6 +537,13 @@ def _label(request: InferenceRequest | WireRequest) -> int:
     return request.version_label
 
 
-# merge: statistics of one version from several processes, added up (workers.peers sums
-# with it through this door).
-__all__ = ["DataPlane", "InferenceRequest", "InferenceResult", "Limits", "merge"]
+# merge and sum_request_rows: statistics and request counters of one version from several
+# processes, added up (workers.peers sums with them through this door).
+__all__ = [
+    "DataPlane",
+    "InferenceRequest",
+    "InferenceResult",
+    "Limits",
+    "merge",
+    "sum_request_rows",
+]

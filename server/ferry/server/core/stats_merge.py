@@ -6,6 +6,7 @@ With ``--workers N`` every worker process keeps its own counters; what a user re
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 from ferry.server.core.types import BatchStatistics, Duration, VersionStatistics
 
@@ -73,3 +74,23 @@ def merge(snapshots: Iterable[VersionStatistics]) -> list[VersionStatistics]:
         prior = out.get(key)
         out[key] = s if prior is None else _merge_two(prior, s)
     return list(out.values())
+
+
+def sum_request_rows(rows: Iterable[Any]) -> list[list[Any]]:
+    """Request counter rows ``[model, version, {code: n}, [bucket counts], seconds]`` (one per
+    model version and process, as metrics keeps them and workers send them) added up per model
+    version, in the same form: the sums of a scrape and what the first worker keeps of a dead
+    one are the one addition."""
+    total: dict[tuple[str, int], list[Any]] = {}
+    for model, version, codes, buckets, seconds in rows:
+        key = (str(model), int(version))
+        mine = total.get(key)
+        if mine is None:
+            fresh = {c: int(n) for c, n in codes.items()}
+            total[key] = [*key, fresh, [int(b) for b in buckets], float(seconds)]
+            continue
+        for code, n in codes.items():
+            mine[2][code] = mine[2].get(code, 0) + int(n)
+        mine[3] = [a + int(b) for a, b in zip(mine[3], buckets, strict=True)]
+        mine[4] += float(seconds)
+    return list(total.values())

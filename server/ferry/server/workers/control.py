@@ -15,7 +15,8 @@ import dataclasses
 import json
 import logging
 import uuid
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import grpc
 from grpc import aio
@@ -82,10 +83,25 @@ def stats_from_json(d: dict[str, Any]) -> VersionStatistics:
     )
 
 
+class Retired(Protocol):
+    """What the first worker keeps of workers that died (peers.Peers)."""
+
+    def retired_statistics(
+        self, model: str = "", version: int | None = None
+    ) -> list[VersionStatistics]: ...
+
+    def retired_requests(self) -> list[Any]: ...
+
+
 class ControlService(grpc.GenericRpcHandler):
     """What one worker answers on its control socket: its own counters, never the sum."""
 
-    def __init__(self, dataplane: DataPlane, requests: Any, retired: Any = None) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        requests: Callable[[], list[Any]],
+        retired: Retired | None = None,
+    ) -> None:
         self._dataplane = dataplane
         # The first worker's peers.Peers (None elsewhere): what workers that died last
         # reported, which it alone keeps and every other worker adds through its answers.

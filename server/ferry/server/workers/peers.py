@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from ferry.server.core.dataplane import merge
+from ferry.server.core.dataplane import merge, sum_request_rows
 from ferry.server.core.types import VersionStatistics
 from ferry.server.workers import control
 
@@ -131,17 +131,9 @@ class Peers:
             if kept is not None and kept[1]() is loaded:
                 (old,) = merge([kept[0], old])
             self._retired_stats[(model, version)] = (old, weakref.ref(loaded))
-        for row in self._latest_requests.pop(path, []):
-            model, version, codes, buckets, seconds = row
-            label = (str(model), int(version))
-            kept_row = self._retired_requests.get(label)
-            if kept_row is None:
-                self._retired_requests[label] = [*label, dict(codes), list(buckets), seconds]
-                continue
-            for code, n in codes.items():
-                kept_row[2][code] = kept_row[2].get(code, 0) + int(n)
-            kept_row[3] = [a + int(b) for a, b in zip(kept_row[3], buckets, strict=True)]
-            kept_row[4] += float(seconds)
+        dead = self._latest_requests.pop(path, [])
+        kept_rows = sum_request_rows([*self._retired_requests.values(), *dead])
+        self._retired_requests = {(row[0], row[1]): row for row in kept_rows}
 
     def retired_requests(self) -> list[Any]:
         with self._last_lock:
