@@ -38,16 +38,29 @@ def check_wire_elements(shapes: Iterable[Sequence[int]], limits: Limits) -> None
             )
 
 
+def check_counts(inputs: int, outputs: int, limits: Limits) -> None:
+    """Refuse more inputs or requested outputs than ``max_request_inputs`` and
+    ``max_request_outputs`` allow. The wire decoders call it as soon as the counts are known,
+    before a tensor is decoded or a name compared: the per-request work must be bounded by the
+    limits, not by the body size (a 1 MB body holds 40,000 output names)."""
+    if inputs > limits.max_inputs:
+        raise LimitExceeded(
+            f"{inputs} inputs is over the limit of {limits.max_inputs} per request "
+            "(max_request_inputs)"
+        )
+    if outputs > limits.max_outputs:
+        raise LimitExceeded(
+            f"{outputs} requested outputs is over the limit of "
+            f"{limits.max_outputs} per request (max_request_outputs)"
+        )
+
+
 def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Work:
     """The request checked against the version's signature and the server's limits, as the
     batcher will queue it: one validation for every protocol. It runs for every request on the
     event loop, so the common case costs few calls: messages are only built for a refusal."""
     inputs = request.inputs
-    if len(inputs) > limits.max_inputs:
-        raise LimitExceeded(
-            f"{len(inputs)} inputs is over the limit of {limits.max_inputs} per request "
-            "(max_request_inputs)"
-        )
+    check_counts(len(inputs), len(request.outputs or ()), limits)
     if inputs.keys() != lv.input_specs.keys():
         missing = sorted(set(lv.input_specs) - set(inputs))
         unexpected = sorted(set(inputs) - set(lv.input_specs))
@@ -109,11 +122,6 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
             )
     outputs = tuple(request.outputs) if request.outputs else None
     if outputs is not None:
-        if len(outputs) > limits.max_outputs:
-            raise LimitExceeded(
-                f"{len(outputs)} requested outputs is over the limit of "
-                f"{limits.max_outputs} per request (max_request_outputs)"
-            )
         unknown = [o for o in outputs if o not in lv.output_names]
         if unknown:
             raise InvalidInput(

@@ -26,7 +26,7 @@ from ferry.codec import (
 )
 from ferry.codec._wire import encode_oip_response, encode_oip_stream_result
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
-from ferry.server.core.inputs import check_wire_elements
+from ferry.server.core.inputs import check_counts, check_wire_elements
 from ferry.server.core.types import InferenceRequest, InferenceResult, Limits, parse_version
 from ferry.server.errors import InvalidArgument, Unimplemented
 
@@ -66,6 +66,7 @@ UNSUPPORTED_OUTPUT_PARAMETERS = {
 
 def decode_request(msg: pb.ModelInferRequest, limits: Limits | None = None) -> InferenceRequest:
     if limits is not None:
+        check_counts(len(msg.inputs), len(msg.outputs), limits)
         check_wire_elements((t.shape for t in msg.inputs), limits)
     raw = msg.raw_input_contents
     inputs: dict[str, np.ndarray] = {}
@@ -202,7 +203,7 @@ def reshape_input(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.nd
 def _requested_outputs(
     outputs: Any,  # RepeatedCompositeFieldContainer[InferRequestedOutputTensor]
 ) -> list[str]:
-    names: list[str] = []
+    names: dict[str, None] = {}  # in request order; a set's lookup, not a list's scan
     for out in outputs:
         if out.parameters:
             for key, why in UNSUPPORTED_OUTPUT_PARAMETERS.items():
@@ -210,8 +211,8 @@ def _requested_outputs(
                     raise Unimplemented(f"output {out.name!r}: {why}")
         if out.name in names:
             raise InvalidArgument(f"output {out.name!r} is requested twice")
-        names.append(out.name)
-    return names
+        names[out.name] = None
+    return list(names)
 
 
 def _request_parameters(params: Mapping[str, pb.InferParameter]) -> tuple[float | None, int]:

@@ -30,7 +30,7 @@ from ferry.codec import (
     from_bytes,
     to_bytes,
 )
-from ferry.server.core.inputs import check_wire_elements
+from ferry.server.core.inputs import check_counts, check_wire_elements
 from ferry.server.core.types import (
     InferenceRequest,
     InferenceResult,
@@ -85,6 +85,10 @@ class HttpInfer:
         raw_inputs = request.get("inputs")
         if not isinstance(raw_inputs, list):
             raise InvalidArgument("the request needs an 'inputs' list of tensors")
+        raw_outputs = request.get("outputs")
+        # Before any tensor is decoded or name compared (a list that is not is refused below).
+        outputs_count = len(raw_outputs) if isinstance(raw_outputs, list) else 0
+        check_counts(len(raw_inputs), outputs_count, limits)
         specs = [_input_spec(t, i) for i, t in enumerate(raw_inputs)]
         check_wire_elements((shape for _, _, shape, _ in specs), limits)
         inputs: dict[str, np.ndarray] = {}
@@ -122,7 +126,7 @@ class HttpInfer:
             )
         params = _object(request.get("parameters", {}), "the request parameters")
         self.binary_all = _flag(params.get(BINARY_ALL, False), BINARY_ALL)
-        outputs = self._outputs(request.get("outputs"))
+        outputs = self._outputs(raw_outputs)
         timeout, priority = _request_parameters(params)
         request_id = request.get("id", "")
         if not isinstance(request_id, str):
@@ -142,7 +146,7 @@ class HttpInfer:
             return None
         if not isinstance(raw, list):
             raise InvalidArgument("the request's 'outputs' must be a list")
-        names: list[str] = []
+        names: dict[str, None] = {}  # in request order; a set's lookup, not a list's scan
         for i, item in enumerate(raw):
             out = _object(item, f"output {i}")
             name = out.get("name")
@@ -154,10 +158,10 @@ class HttpInfer:
                     raise Unimplemented(f"output {name!r}: {why}")
             if name in names:
                 raise InvalidArgument(f"output {name!r} is requested twice")
-            names.append(name)
+            names[name] = None
             if BINARY_OUTPUT in params:
                 self.binary_outputs[name] = _flag(params[BINARY_OUTPUT], f"{name} binary_data")
-        return names or None
+        return list(names) or None
 
     def encode(self, result: InferenceResult) -> tuple[bytes, int | None]:
         """The response body, and the JSON header's length when binary data follows it."""

@@ -1,0 +1,98 @@
+"""Work a request body can ask for is bounded by the server's limits, not by the body's size: an
+infer request is refused on its counts of inputs and requested outputs before any of them is
+read. Each output name used to be compared with every earlier one, so a 1 MB body naming 40,000
+outputs held the event loop (every listener, health probes included) for seconds, and a body at
+the size limit for hours."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grpc
+import pytest
+from kserve_common import http_call, identity_name
+from serverutil import ServerThread
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+MODEL = identity_name("FP32")
+INPUT = {"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}
+LIMIT = 256  # the default max_request_inputs and max_request_outputs
+
+
+def _post(server: ServerThread, request: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    status, _, body = http_call(
+        server.http_target, "POST", f"/v2/models/{MODEL}/infer", json.dumps(request).encode()
+    )
+    return status, json.loads(body)
+
+
+def test_too_many_outputs_are_refused_before_any_is_read(kserve_server: ServerThread) -> None:
+    # A duplicate among the first two: the count is judged first, not the names one by one.
+    outputs = [{"name": "output"}] * (LIMIT + 1)
+    status, body = _post(kserve_server, {"inputs": [INPUT], "outputs": outputs})
+    assert status == 400, body
+    assert body["kind"] == "LIMIT_EXCEEDED"
+    assert f"{LIMIT + 1} requested outputs" in body["error"]
+    assert "max_request_outputs" in body["error"]
+
+
+def test_a_body_of_many_output_names_is_refused_at_once(kserve_server: ServerThread) -> None:
+    # 100,000 distinct names (2 MB): compared pairwise, about a hundred seconds of event loop.
+    outputs = [{"name": f"o{i}"} for i in range(100_000)]
+    status, body = _post(kserve_server, {"inputs": [INPUT], "outputs": outputs})
+    assert status == 400, body
+    assert body["kind"] == "LIMIT_EXCEEDED" and "max_request_outputs" in body["error"]
+    # The server answers the next request as before.
+    status, body = _post(kserve_server, {"inputs": [INPUT]})
+    assert status == 200, body
+    assert body["outputs"][0]["data"] == [1.0]
+
+
+def test_too_many_inputs_are_refused_before_any_is_read(kserve_server: ServerThread) -> None:
+    inputs: list[dict[str, Any]] = [{"datatype": "FP32"}, *[INPUT] * LIMIT]  # first: no name
+    status, body = _post(kserve_server, {"inputs": inputs})
+    assert status == 400, body
+    assert body["kind"] == "LIMIT_EXCEEDED"
+    assert f"{LIMIT + 1} inputs" in body["error"] and "max_request_inputs" in body["error"]
+
+
+def test_requested_outputs_keep_their_order_and_duplicates_are_refused(
+    kserve_server: ServerThread,
+) -> None:
+    request = {
+        "inputs": [
+            {"name": "a", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]},
+            {"name": "b", "datatype": "INT64", "shape": [1, 4], "data": [1, 1, 1, 1]},
+        ],
+        "outputs": [{"name": "scaled"}, {"name": "sum"}],
+    }
+    status, _, answer = http_call(
+        kserve_server.http_target, "POST", "/v2/models/two_io/infer", json.dumps(request).encode()
+    )
+    assert status == 200, answer
+    outputs = json.loads(answer)["outputs"]
+    assert [o["name"] for o in outputs] == ["scaled", "sum"]
+    assert outputs[1]["data"] == [2.0, 3.0, 4.0, 5.0]
+    status, body = _post(kserve_server, {"inputs": [INPUT], "outputs": [{"name": "output"}] * 2})
+    assert status == 400 and "'output' is requested twice" in body["error"], body
+
+
+def test_grpc_refuses_too_many_outputs_the_same_way(
+    stub: service_pb2_grpc.GRPCInferenceServiceStub,
+) -> None:
+    request = service_pb2.ModelInferRequest(
+        model_name=MODEL,
+        inputs=[
+            service_pb2.ModelInferRequest.InferInputTensor(
+                name="input", datatype="FP32", shape=[1, 1]
+            )
+        ],
+        raw_input_contents=[bytes(4)],
+        outputs=[service_pb2.ModelInferRequest.InferRequestedOutputTensor(name="output")]
+        * (LIMIT + 1),
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request, timeout=30)
+    assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_request_outputs" in (info.value.details() or "")
