@@ -42,6 +42,9 @@ class _Zlib:
         self._gzip = encoding == "gzip"
         self._d: zlib._Decompress | None = None
         self._ended = False  # the current stream (member) has reached its end
+        # deflate's first bytes, held until there are two: they say whether the stream is
+        # zlib-wrapped, and a body may arrive one byte at a time (a chunk of one byte).
+        self._head = b""
 
     def _new(self, first: bytes) -> zlib._Decompress:
         if self._gzip:
@@ -53,10 +56,15 @@ class _Zlib:
     def feed(self, data: bytes, room: int) -> bytes:
         out: list[bytes] = []
         produced = 0
+        if self._head:
+            data, self._head = self._head + data, b""
         while data:
             if self._d is None or self._ended:
                 if self._ended and not self._gzip:
                     raise BodyError(f"the {self._encoding} body has data after its end")
+                if not self._gzip and len(data) < 2:
+                    self._head = data
+                    break
                 self._d, self._ended = self._new(data), False
             try:
                 chunk = self._d.decompress(data, max(1, room - produced + 1))
@@ -74,7 +82,7 @@ class _Zlib:
         return b"".join(out)
 
     def finish(self) -> None:
-        if self._d is None:
+        if self._d is None and not self._head:
             raise BodyError(f"the body is empty, which is not {self._encoding} data")
         if not self._ended:
             raise BodyError(
