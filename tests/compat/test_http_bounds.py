@@ -1,19 +1,25 @@
-"""Work a request body can ask for is bounded by the server's limits, not by the body's size: an
+"""Work and memory a request body can ask for are bounded by the server's limits, not by the body's size: an
 infer request is refused on its counts of inputs and requested outputs before any of them is
 read. Each output name used to be compared with every earlier one, so a 1 MB body naming 40,000
 outputs held the event loop (every listener, health probes included) for seconds, and a body at
-the size limit for hours."""
+the size limit for hours. A body that stops arriving is refused rather than held."""
 
 from __future__ import annotations
 
 import json
+import socket
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+from helpers import make_repo
 from kserve_common import http_call, identity_name
 from serverutil import ServerThread
 from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from ferry.server.examples import identity_model
+from ferry.server.http import listener
 
 MODEL = identity_name("FP32")
 INPUT = {"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}
@@ -96,3 +102,35 @@ def test_grpc_refuses_too_many_outputs_the_same_way(
         stub.ModelInfer(request, timeout=30)
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_request_outputs" in (info.value.details() or "")
+
+
+def test_a_body_that_stops_arriving_is_refused_and_its_connection_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client that sent part of a body and stopped held it in memory for as long as it kept
+    # the connection open. The stall bound is shortened so the test waits on it; nothing here
+    # measures time.
+    monkeypatch.setattr(listener, "BODY_IDLE", 0.2)
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    with ServerThread(root) as srv:
+        host, port = srv.http_target.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(
+                f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+                "Content-Length: 1000\r\n\r\n".encode()
+                + b'{"inputs": ['
+            )
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes the connection
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        error = json.loads(body)
+        assert error["kind"] == "DEADLINE_EXCEEDED"
+        assert "stopped arriving" in error["error"] and "after 12 bytes" in error["error"]
+        # Whole bodies are read as before.
+        request = {"inputs": [INPUT]}
+        status, _, reply = http_call(
+            srv.http_target, "POST", f"/v2/models/{MODEL}/infer", json.dumps(request).encode()
+        )
+        assert status == 200, reply

@@ -37,6 +37,11 @@ log = logging.getLogger(__name__)
 # Seconds a refused body is still read and dropped before the connection closes, so the client
 # reads the refusal instead of a reset; the body is never kept.
 LINGER = 2.0
+# Seconds a request body may go without a byte arriving before it is refused (408) and its
+# connection closed. Without it a client that sends part of a body and stops held the part in
+# memory for as long as it kept the connection open: a few connections, each stalled just under
+# max_message_bytes, held gigabytes.
+BODY_IDLE = 30.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Body encodings decoded here (``encodings``). Any other would be read as if it were plain (a
 # body sent as "foo" parsed as JSON), so it is refused with what to send instead.
@@ -136,7 +141,7 @@ class HttpListener:
             status, message, kind, extra = error_of(exc)
             headers = {"Content-Type": JSON, ERROR_HEADER: kind.value, **extra}
             body = error_body(message, kind)
-            if status == 413:
+            if status in (408, 413):
                 response = web.Response(status=status, body=body, headers=headers)
                 response.force_close()  # the rest of the body is not worth a connection
                 return response
@@ -186,14 +191,20 @@ class HttpListener:
         chunks: list[bytes] = []
         total = 0
         try:
-            while chunk := await content.readany():
-                if decode is not None:
-                    chunk = decode.feed(chunk, self._limit - total)
-                total += len(chunk)
-                if total > self._limit:
-                    what = "decoded" if decode is not None else "arrived"
-                    raise self._too_large(f"more than {self._limit} bytes {what}")
-                chunks.append(chunk)
+            async with asyncio.timeout(None) as stall:
+                loop = asyncio.get_running_loop()
+                while True:
+                    stall.reschedule(loop.time() + BODY_IDLE)
+                    chunk = await content.readany()
+                    if not chunk:
+                        break
+                    if decode is not None:
+                        chunk = decode.feed(chunk, self._limit - total)
+                    total += len(chunk)
+                    if total > self._limit:
+                        what = "decoded" if decode is not None else "arrived"
+                        raise self._too_large(f"more than {self._limit} bytes {what}")
+                    chunks.append(chunk)
             if decode is not None:
                 decode.finish()
         except (HttpProcessingError, web.RequestPayloadError) as exc:  # bad chunking
@@ -201,6 +212,13 @@ class HttpListener:
             raise InvalidArgument(f"the request body could not be read: {why}") from None
         except BodyError as exc:
             raise InvalidArgument(f"the request body could not be read: {exc}") from None
+        except TimeoutError:
+            raise HttpError(
+                408,
+                f"the request body stopped arriving: no byte for {BODY_IDLE:g} seconds after "
+                f"{total} bytes; send the whole body without pausing",
+                ErrorKind.DEADLINE_EXCEEDED,
+            ) from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     def _too_large(self, why: str) -> HttpError:
