@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import numpy as np
 import pytest
 from helpers import make_repo
 from kserve_common import http_call, identity_name
@@ -134,3 +135,44 @@ def test_a_body_that_stops_arriving_is_refused_and_its_connection_closed(
             srv.http_target, "POST", f"/v2/models/{MODEL}/infer", json.dumps(request).encode()
         )
         assert status == 200, reply
+
+
+def test_json_over_its_limit_is_refused_and_the_same_tensor_in_binary_is_served(
+    tmp_path: Path,
+) -> None:
+    # Parsing JSON holds the event loop: 80 MiB of JSON numbers held every listener for 3-17 s.
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    with ServerThread(root, max_request_json_bytes=4096) as srv:
+        values = [float(i) for i in range(1000)]
+        big = {
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1000], "data": values}]
+        }
+        status, _, reply = http_call(
+            srv.http_target, "POST", f"/v2/models/{MODEL}/infer", json.dumps(big).encode()
+        )
+        error = json.loads(reply)
+        assert status == 400 and error["kind"] == "LIMIT_EXCEEDED", reply
+        assert "max_request_json_bytes" in error["error"] and "binary" in error["error"]
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "FP32",
+                        "shape": [1, 1000],
+                        "parameters": {"binary_data_size": 4000},
+                    }
+                ],
+                "outputs": [{"name": "output", "parameters": {"binary_data": False}}],
+            }
+        ).encode()
+        data = np.arange(1000, dtype=np.float32).tobytes()
+        status, _, reply = http_call(
+            srv.http_target,
+            "POST",
+            f"/v2/models/{MODEL}/infer",
+            head + data,
+            headers={"Inference-Header-Content-Length": str(len(head))},
+        )
+        assert status == 200, reply
+        assert json.loads(reply)["outputs"][0]["data"] == values

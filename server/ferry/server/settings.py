@@ -38,6 +38,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "max_request_outputs": (1, None, "tensors"),
     "max_request_elements": (1, None, "elements"),
     "max_request_batch_size": (0, None, "0: each model's max_batch_size only"),
+    "max_request_json_bytes": (1, None, "bytes"),
     "max_concurrent_streams": (1, INT32_MAX, "calls per connection"),
     "max_pending_calls": (0, INT32_MAX, "0: grpc's default"),
     "max_upload_bytes": (1, None, "bytes"),
@@ -144,7 +145,11 @@ class Settings:
         },
     )
     max_stream_in_flight: int = field(
-        default=1024, metadata={"help": "requests running at once on one InferStream"}
+        default=1024,
+        metadata={
+            "help": "requests running at once on one InferStream; every stream together "
+            "holds at most 4x this before each runs one request at a time"
+        },
     )
     default_request_timeout: float = field(
         default=10.0,
@@ -218,6 +223,13 @@ class Settings:
         default=0,
         metadata={
             "help": "batch size per request across all models; 0: each model's max_batch_size only"
+        },
+    )
+    max_request_json_bytes: int = field(
+        default=8 * MiB,
+        metadata={
+            "help": "JSON part of an HTTP infer request; parsing it holds every other request "
+            "meanwhile, so larger tensors go in binary (the binary tensor extension)"
         },
     )
     max_concurrent_streams: int = field(

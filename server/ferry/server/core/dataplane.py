@@ -21,7 +21,7 @@ from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import validate_model_name
 from ferry.server.core.stats_merge import merge, sum_request_rows
-from ferry.server.core.streams import run_stream
+from ferry.server.core.streams import SHARED_FACTOR, StreamBudget, run_stream
 from ferry.server.core.types import (
     BatchingPolicy,
     IndexEntry,
@@ -80,6 +80,7 @@ class DataPlane:
         # first of --workers, the control replica); the others serve and compare only.
         self.decides_rollouts = True
         self.max_stream_in_flight = max_stream_in_flight
+        self.stream_budget = StreamBudget(SHARED_FACTOR * max_stream_in_flight)
         # Seconds a request with no deadline at all (none from the call, the request or the
         # model's default_timeout_ms) may take; 0: unbounded (only max_queue_size bounds it).
         self.default_timeout = default_timeout
@@ -131,10 +132,11 @@ class DataPlane:
         requests: AsyncIterator[R],
         respond: Callable[[R], Awaitable[Resp]],
     ) -> AsyncIterator[Resp]:
-        """A bidirectional stream's requests, run concurrently under this server's bound on
-        what one stream may have in flight; ``respond`` turns one request into its response
-        (calling ``infer``, and turning an error into the protocol's error response)."""
-        return run_stream(requests, respond, self.max_stream_in_flight)
+        """A bidirectional stream's requests, run concurrently under this server's bounds on
+        what one stream, and every stream together, may have in flight; ``respond`` turns one
+        request into its response (calling ``infer``, and turning an error into the protocol's
+        error response)."""
+        return run_stream(requests, respond, self.max_stream_in_flight, self.stream_budget)
 
     # ---- what is served ----
     def metadata(self, model: str, version: int | None = None) -> ModelMetadata:

@@ -13,35 +13,78 @@ from typing import TypeVar
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
+# How many times one stream's bound every stream of a process may hold together before each
+# stream runs one request at a time (``StreamBudget``).
+SHARED_FACTOR = 4
+
+
+class StreamBudget:
+    """The requests every stream of one process holds (read, and not yet answered on the wire).
+
+    One stream's bound (``max_in_flight``) keeps a client that sends without reading from
+    holding more than that many answers; it said nothing of many such streams (a connection
+    carries hundreds, and connections are not counted), and each held up to ``max_in_flight``
+    answers in memory. Past ``total``, a stream that holds any request is not read until its
+    client has read its answers: a stream whose client reads goes on one request at a time,
+    and one whose client does not adds at most one more."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.held = 0
+
+    @property
+    def full(self) -> bool:
+        return self.held >= self.total
+
 
 async def run_stream(
     requests: AsyncIterator[Req],
     handle: Callable[[Req], Awaitable[Resp]],
     max_in_flight: int,
+    budget: StreamBudget | None = None,
 ) -> AsyncIterator[Resp]:
     """Run a bidirectional stream's requests concurrently, yielding responses as they complete.
 
     ``handle`` turns one request into its response, errors included (a stream has no status per
     message). A request holds one of ``max_in_flight`` slots until its response is written, not
     merely computed: a client that sends without reading stops being read, and HTTP/2 flow
-    control pushes back on it instead of responses piling up in memory. When the client goes
-    away, every running request is cancelled, so nothing leaks."""
+    control pushes back on it instead of responses piling up in memory. ``budget`` bounds what
+    every stream holds together (``StreamBudget``). When the client goes away, every running
+    request is cancelled, so nothing leaks."""
+    budget = budget if budget is not None else StreamBudget(max_in_flight)
     done: asyncio.Queue[Resp | None] = asyncio.Queue()
     slots = asyncio.Semaphore(max_in_flight)
     tasks: set[asyncio.Task[None]] = set()
+    held = 0  # this stream's share of budget.held
+    emptied = asyncio.Event()  # set whenever this stream holds nothing
+
+    def release() -> None:
+        nonlocal held
+        if held:  # after the stream ended, its share is already given back
+            held -= 1
+            budget.held -= 1
+        if not held:
+            emptied.set()
+        slots.release()
 
     async def one(msg: Req) -> None:
         try:
             response = await handle(msg)
         except BaseException:
-            slots.release()
+            release()
             raise
         done.put_nowait(response)
 
     async def reader() -> None:
+        nonlocal held
         try:
             async for msg in requests:
                 await slots.acquire()
+                while budget.full and held:
+                    emptied.clear()
+                    await emptied.wait()
+                held += 1
+                budget.held += 1
                 task = asyncio.create_task(one(msg))
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -54,9 +97,11 @@ async def run_stream(
     try:
         while (item := await done.get()) is not None:
             yield item
-            slots.release()
+            release()
         await read_task  # a broken request stream ends the call with its error
     finally:
+        budget.held -= held
+        held = 0
         read_task.cancel()
         for task in list(tasks):
             task.cancel()

@@ -76,6 +76,9 @@ class Limits:
     max_outputs: int = 256
     max_elements: int = 1 << 31
     max_batch: int = 0  # 0: only each model's own max_batch_size applies
+    # The JSON of an HTTP request: parsing it runs on the event loop and holds every other
+    # request (80 MiB of JSON numbers took 3-17 s), where binary tensor data costs a copy.
+    max_json_bytes: int = 8 << 20
 
 
 class WireRequest(Protocol):

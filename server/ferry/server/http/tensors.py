@@ -39,7 +39,7 @@ from ferry.server.core.types import (
     short,
     version_label,
 )
-from ferry.server.errors import InvalidArgument, Unimplemented
+from ferry.server.errors import InvalidArgument, LimitExceeded, Unimplemented
 from ferry.server.grpc.kserve_tensors import (
     NO_SEQUENCES,
     SHARED_MEMORY,
@@ -81,6 +81,13 @@ class HttpInfer:
     def decode(self, limits: Limits) -> InferenceRequest:
         version = parse_version(self.version_text)
         head, binary = _split(self.body, self.header_length)
+        if len(head) > limits.max_json_bytes:
+            raise LimitExceeded(
+                f"the request's JSON is {len(head):,} bytes, over the limit of "
+                f"{limits.max_json_bytes:,} (max_request_json_bytes): send tensor data in "
+                "binary (the binary tensor extension: Inference-Header-Content-Length, or "
+                "tritonclient's binary_data=True), or raise the limit"
+            )
         request = _object(loads(head), "the request")
         raw_inputs = request.get("inputs")
         if not isinstance(raw_inputs, list):
