@@ -248,6 +248,13 @@ class AsyncInferenceClient(InferenceClientBase):
         await self.close()
 
 
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Consume the outcome of a write nobody awaits any more: a failed one ends the call, and
+    the stream's reader reports that to every request still outstanding."""
+    if not task.cancelled():
+        task.exception()
+
+
 class AsyncInferStream(StreamState):
     """The asyncio stream: ``await submit(...)``, ``async for ... in results()``.
 
@@ -318,7 +325,11 @@ class AsyncInferStream(StreamState):
         priority: int | None = None,
         outputs: Sequence[str] | None = None,
     ) -> str:
-        """Send one request and return its id; see :meth:`InferStream.submit`."""
+        """Send one request and return its id; see :meth:`InferStream.submit`.
+
+        Cancelling a submit (a timeout around it, a cancelled task) never disturbs the other
+        requests on the stream: a request whose message had begun to go out is still answered
+        in ``results()``, under its id; one still waiting for its turn is withdrawn."""
         dtypes = None
         if self._dtypes is not None and needs_dtypes(inputs, self.model, self.version):
             dtypes = await self._dtypes()
@@ -339,18 +350,42 @@ class AsyncInferStream(StreamState):
         self._check_open(rid)
         self._pending[rid] = (time.perf_counter(), encode)
         self._unread += 1
+        # The write runs in a task of its own, shielded from the caller's cancellation: grpc.aio
+        # cancels the whole call when a task awaiting ``write`` is cancelled, so a submit
+        # abandoned under flow control (``asyncio.wait_for(stream.submit(...), t)``) failed
+        # every other request on the stream with CancelledError.
+        started = asyncio.Event()
+        sending = asyncio.ensure_future(self._send(call, request, started))
         try:
-            async with self._write_lock:
-                await call.write(request)
+            await asyncio.shield(sending)
+        except asyncio.CancelledError:
+            if not started.is_set() and not sending.done():
+                # Not a byte of it was written yet: withdraw it; nobody will see an answer.
+                sending.cancel()
+                self._forget(rid)
+            # Otherwise the message is on its way: it is answered in results(), as any other.
+            sending.add_done_callback(_retrieve)
+            raise
         except (grpc.RpcError, asyncio.InvalidStateError) as exc:
             # The call ended under us; the reader fails the request unless it already has.
-            if rid in self._pending:
-                del self._pending[rid]
-                self._unread -= 1
+            self._forget(rid)
             if isinstance(exc, grpc.RpcError):
                 raise from_rpc_error(exc) from None
             raise self._terminal_error() from None
         return rid
+
+    async def _send(
+        self, call: aio.StreamStreamCall[Any, Any], request: bytes, started: asyncio.Event
+    ) -> None:
+        async with self._write_lock:
+            started.set()
+            await call.write(request)
+
+    def _forget(self, rid: str) -> None:
+        """A request that was never sent: no answer will come, so results() must not wait."""
+        if rid in self._pending:
+            del self._pending[rid]
+            self._unread -= 1
 
     async def results(self, *, until_closed: bool = False) -> AsyncIterator[StreamResult]:
         """Yield ``(id, InferResult | FerryError)`` as answers arrive; see

@@ -1,0 +1,62 @@
+"""One request's trouble on a stream stays that request's: a cancelled submit or a message too
+large to send must not fail the other requests in flight on the same stream."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import numpy as np
+from helpers import ExecutionGate, StartServer, make_repo, write_config
+
+from ferry.client import AsyncInferenceClient, InferResult
+from ferry.server.examples import identity_model
+
+MIB = 1 << 20
+
+
+def rows(value: float, n: int = 4) -> dict[str, np.ndarray]:
+    return {"input": np.full((1, n), value, np.float32)}
+
+
+def test_a_cancelled_async_submit_leaves_the_other_requests_alone(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """The server holds two requests (its per-stream bound) and stops reading, so a large
+    message's write waits on HTTP/2 flow control; its caller gives up on it. grpc.aio cancelled
+    the whole call with the abandoned write: the two held requests came back CancelledError."""
+    root = make_repo(tmp_path / "repo", {"ident": identity_model("FP32")})
+    write_config(root, "ident", {"batching": {"max_batch_size": 0}, "instances": {"count": 1}})
+    limit = 256 * MIB
+    srv = start_server(root, max_stream_in_flight=2, max_message_bytes=limit)
+
+    async def main() -> list[tuple[str, object]]:
+        with ExecutionGate(srv, "ident") as gate:
+            async with AsyncInferenceClient(
+                srv.target, timeout=60, max_message_bytes=limit
+            ) as client:
+                stream = client.stream("ident")
+                await stream.submit(rows(1.0), "a")
+                await stream.submit(rows(2.0), "b")
+                await asyncio.to_thread(gate.wait_entered)
+                big = {"input": np.ones((1, 32 * MIB), np.float32)}  # 128 MiB: over any window
+                task = asyncio.create_task(stream.submit(big, "big"))
+                await asyncio.sleep(0)  # the task runs up to its write, which cannot finish
+                assert stream.in_flight == 3 and not task.done()
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                gate.release()
+                assert await stream.submit(rows(3.0), "c") == "c"
+                await stream.close()
+                return [(rid, result) async for rid, result in stream.results()]
+
+    answers = dict(asyncio.run(main()))
+    assert set(answers) <= {"a", "b", "c", "big"} and {"a", "b", "c"} <= set(answers)
+    for rid, result in answers.items():
+        assert isinstance(result, InferResult), (rid, result)
+    for rid, value in (("a", 1.0), ("b", 2.0), ("c", 3.0)):
+        result = answers[rid]
+        assert isinstance(result, InferResult)
+        np.testing.assert_array_equal(result["output"], rows(value)["input"])
