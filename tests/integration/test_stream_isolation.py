@@ -8,9 +8,11 @@ import contextlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import ExecutionGate, StartServer, make_repo, write_config
 
-from ferry.client import AsyncInferenceClient, InferResult
+from ferry.client import AsyncInferenceClient, InferenceClient, InferResult, LimitExceededError
+from ferry.client._channel import ChannelConfig
 from ferry.server.examples import identity_model
 
 MIB = 1 << 20
@@ -60,3 +62,46 @@ def test_a_cancelled_async_submit_leaves_the_other_requests_alone(
         result = answers[rid]
         assert isinstance(result, InferResult)
         np.testing.assert_array_equal(result["output"], rows(value)["input"])
+
+
+def test_a_request_too_large_to_send_fails_alone(tmp_path: Path, start_server: StartServer) -> None:
+    """gRPC refuses a message over the channel's send limit by ending the whole call: the small
+    requests around it came back with the large one's error ("this client refused to send a
+    ...-byte message"), and the stream was dead. Only the large one fails now."""
+    root = make_repo(tmp_path / "repo", {"ident": identity_model("FP32")})
+    srv = start_server(root)
+    limit = 1 * MIB
+    huge = {"input": np.ones((1, limit // 4 + 1), np.float32)}
+
+    with InferenceClient(srv.target, timeout=30, max_message_bytes=limit) as client:
+        with client.stream("ident") as stream:
+            stream.submit(rows(1.0), "a")
+            with pytest.raises(LimitExceededError, match="max_message_bytes"):
+                stream.submit(huge, "huge")
+            stream.submit(rows(2.0), "b")
+        answers = dict(stream.results())
+
+    async def main() -> dict[str, object]:
+        async with AsyncInferenceClient(srv.target, timeout=30, max_message_bytes=limit) as client:
+            stream = client.stream("ident")
+            await stream.submit(rows(1.0), "a")
+            with pytest.raises(LimitExceededError, match="max_message_bytes"):
+                await stream.submit(huge, "huge")
+            await stream.submit(rows(2.0), "b")
+            await stream.close()
+            return {rid: result async for rid, result in stream.results()}
+
+    for got in (answers, asyncio.run(main())):
+        assert set(got) == {"a", "b"}
+        for rid, value in (("a", 1.0), ("b", 2.0)):
+            result = got[rid]
+            assert isinstance(result, InferResult), (rid, result)
+            np.testing.assert_array_equal(result["output"], rows(value)["input"])
+
+
+def test_the_send_limit_follows_the_channel_options() -> None:
+    assert ChannelConfig(max_message_bytes=1000).send_limit() == 1000
+    options = [("grpc.max_send_message_length", 5000)]
+    assert ChannelConfig(max_message_bytes=1000, options=options).send_limit() == 5000
+    options = [("grpc.max_send_message_length", -1)]
+    assert ChannelConfig(options=options).send_limit() is None

@@ -209,6 +209,7 @@ class AsyncInferenceClient(InferenceClientBase):
             metadata=self._metadata,
             max_in_flight=max_in_flight,
             dtypes=lambda: self._input_dtypes(model, version),
+            max_message_bytes=self.channel_config.send_limit(),
         )
 
     async def infer_many(

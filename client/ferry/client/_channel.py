@@ -197,6 +197,15 @@ class ChannelConfig:
         opts.extend(self.options)
         return opts
 
+    def send_limit(self) -> int | None:
+        """The largest message this channel sends (None: no limit): ``max_message_bytes``, or
+        the ``grpc.max_send_message_length`` given in ``options``, which is applied after it."""
+        limit = self.max_message_bytes
+        for key, value in self.options:
+            if key == "grpc.max_send_message_length":
+                limit = int(value)
+        return limit if limit >= 0 else None
+
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """None for an insecure channel; with a token, TLS credentials composed with it."""
         base = self.tls.credentials() if self.tls is not None else self.credentials

@@ -36,7 +36,13 @@ from typing import Any, Final
 
 import grpc
 
-from ferry.client._errors import FerryError, InvalidInputError, from_rpc_error
+from ferry.client._errors import (
+    FerryError,
+    InvalidInputError,
+    LimitExceededError,
+    from_rpc_error,
+    message_size_error,
+)
 from ferry.client._requests import ArrayLike, check_timeout, needs_dtypes, new_request_id
 from ferry.client._types import InferResult, Timings
 from ferry.client._wire import decode_stream_response, encode_infer_request
@@ -83,15 +89,18 @@ class StreamState:
         metadata: Sequence[tuple[str, str]] | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         dtypes: Callable[[], Any] | None = None,
+        max_message_bytes: int | None = None,
     ) -> None:
         """``method``: the gRPC stream-stream callable; ``timeout``: the whole call's deadline;
-        ``dtypes``: returns (or, async, awaits) the model's input dtypes for list inputs."""
+        ``dtypes``: returns (or, async, awaits) the model's input dtypes for list inputs;
+        ``max_message_bytes``: the largest request the channel sends (None: no limit)."""
         if max_in_flight < 1:
             raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self._method = method
         self._timeout = check_timeout(timeout)
         self._metadata = metadata
         self._dtypes = dtypes
+        self._max_message_bytes = max_message_bytes
         self.model = model
         self.version = version
         self.outputs = outputs
@@ -130,6 +139,11 @@ class StreamState:
             request_id=rid,
             dtypes=dtypes,
         )
+        limit = self._max_message_bytes
+        if limit is not None and len(request) > limit:
+            # gRPC would refuse the message by ending the whole call, failing every other
+            # request in flight with this one's error: refuse it alone, before it is sent.
+            raise _too_large(len(request), limit)
         return rid, request, time.perf_counter() - t0
 
     def _check_open(self, rid: str) -> None:
@@ -168,6 +182,16 @@ class StreamState:
 
     def _should_stop(self, until_closed: bool) -> bool:
         return self._unread == 0 and (not until_closed or self._closed or self._done)
+
+
+def _too_large(size: int, limit: int) -> LimitExceededError:
+    """The error gRPC gives a message over the channel's send limit, for one request."""
+    error = message_size_error(
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        f"CLIENT: Sent message larger than max ({size} vs. {limit})",
+    )
+    assert error is not None
+    return error
 
 
 class InferStream(StreamState):
@@ -236,7 +260,9 @@ class InferStream(StreamState):
         """Send one request and return its id (``request_id``, or a fresh unique one).
 
         ``timeout`` is this request's queueing + execution budget on the server. Raises
-        InvalidInputError for an id already in flight, and the stream's error once it has ended.
+        InvalidInputError for an id already in flight, LimitExceededError for a request over the
+        client's ``max_message_bytes`` (the stream carries on), and the stream's error once it
+        has ended.
         """
         dtypes = (
             self._dtypes()
