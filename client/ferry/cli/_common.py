@@ -266,6 +266,19 @@ def report_error(prog: str, message: str, hint: str = "", stream: TextIO | None 
     print(line, file=stream or sys.stderr)
 
 
+def check_destination(dest: str | Path, flag: str) -> None:
+    """Refuse a file a command would write after its work (an inference, minutes of load) when
+    the write is bound to fail: a folder of that name, a missing or read-only folder."""
+    path = Path(dest)
+    if path.is_dir():
+        raise UsageError(f"{flag} {path}: is a folder; name a file")
+    folder = path.parent
+    if not folder.is_dir():
+        raise UsageError(f"{flag} {path}: folder {folder} does not exist")
+    if not os.access(folder if not path.exists() else path, os.W_OK):
+        raise UsageError(f"{flag} {path}: not writable")
+
+
 def run_handler(prog: str, handler: Handler, args: argparse.Namespace) -> int:
     """Run a command, turning every expected failure into one line and an exit code."""
     try:
@@ -281,6 +294,9 @@ def run_handler(prog: str, handler: Handler, args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `ferry ... | head`
         return EXIT_OK
+    except OSError as exc:  # a file that could not be read or written after the checks
+        report_error(prog, str(exc))
+        return EXIT_FAILED
 
 
 def print_table(rows: list[list[Any]], header: list[str], stream: TextIO | None = None) -> None:

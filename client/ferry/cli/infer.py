@@ -12,6 +12,7 @@ import numpy as np
 from ferry.cli._common import (
     EXIT_OK,
     UsageError,
+    check_destination,
     connection_parent,
     make_client,
     positive_int,
@@ -147,8 +148,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise UsageError(
             "give inputs with -i FILE (.npy, .npz or .json) or use --random, one or the other"
         )
-    if args.output_file is not None and not args.output_file.parent.is_dir():
-        raise UsageError(f"{args.output_file}: folder {args.output_file.parent} does not exist")
+    if args.output_file is not None:
+        check_destination(args.output_file, "-o")
     with make_client(args) as client:
         meta = client.model_metadata(args.model, version=args.version)
         try:

@@ -11,6 +11,7 @@ from ferry.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
     UsageError,
+    check_destination,
     connection_parent,
     positive_float,
     positive_int,
@@ -247,9 +248,9 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
                 f"{' files' if suffix else 'suffix'}; name it .png, .svg or .pdf "
                 f"(any of: {', '.join(sorted(formats))})"
             )
-    for dest in (args.json, args.csv, args.plot):
-        if dest not in (None, "-") and not Path(dest).parent.is_dir():
-            raise UsageError(f"{dest}: folder {Path(dest).parent} does not exist")
+    for flag, dest in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+        if dest not in (None, "-"):
+            check_destination(dest, flag)
     try:
         report = run(config, progress=False if args.no_progress else None)
     except (InputError, LoadTestConfigError, NotImplementedError) as exc:

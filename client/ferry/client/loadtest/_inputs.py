@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ferry.client._requests import as_array
+from ferry.client._requests import MAX_TENSOR_BYTES, as_array
 from ferry.client._types import ModelMetadata, TensorInfo
 from ferry.codec import CodecError, datatype_from_name, numpy_dtype
 
@@ -64,6 +64,21 @@ def input_shape(
     return tuple(dims)
 
 
+def _check_size(info: TensorInfo, shape: Sequence[int]) -> None:
+    """Refuse a shape no request can carry before allocating it: ``--shape x=99999999,99999999``
+    raised numpy's MemoryError (petabytes) with a traceback."""
+    size = math.prod(shape) * max(_element_bytes(info), 1)
+    if size > MAX_TENSOR_BYTES:
+        raise InputError(
+            f"input {info.name!r}: shape {list(shape)} is {size:,} bytes; one gRPC message "
+            f"carries at most {MAX_TENSOR_BYTES:,}: give a smaller shape"
+        )
+
+
+def _element_bytes(info: TensorInfo) -> int:
+    return 8 if info.datatype == "BYTES" else _dtype(info).itemsize
+
+
 def generate_inputs(
     meta: ModelMetadata,
     *,
@@ -87,6 +102,7 @@ def generate_inputs(
         shape = input_shape(
             info, batched=batched, batch_size=batch_size, override=shapes.get(info.name)
         )
+        _check_size(info, shape)
         if info.datatype == "BYTES":
             arr = np.empty(shape, dtype=object)
             arr.fill(b"ferry")
@@ -105,6 +121,8 @@ def _json_inputs(path: Path, meta: ModelMetadata | None) -> dict[str, np.ndarray
         doc = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not readable JSON: {exc}") from None
+    except RecursionError:  # arrays nested deeper than Python's parser goes
+        raise InputError(f"{path}: not readable JSON: nested too deeply") from None
     if not isinstance(doc, dict):
         raise InputError(f'{path}: expected an object {{"input name": values, ...}}')
     declared = {t.name: t for t in meta.inputs} if meta is not None else {}
