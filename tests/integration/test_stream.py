@@ -115,6 +115,15 @@ def test_client_infer_many_with_named_items(client: InferenceClient) -> None:
     assert all(isinstance(r, InferResult) and r.id == rid for rid, r in got.items())
 
 
+@pytest.mark.parametrize("bad", [None, True, 1.5, "4"])
+def test_max_in_flight_that_is_not_a_count_is_refused(client: InferenceClient, bad: Any) -> None:
+    """None raised a bare TypeError from a comparison; True and 1.5 were taken."""
+    with pytest.raises(TypeError, match="max_in_flight must be an int >= 1"):
+        client.stream("mlp", max_in_flight=bad)
+    with client.stream("mlp") as stream, pytest.raises(TypeError, match="max_in_flight"):
+        next(iter(stream.infer_many([batch(0)], max_in_flight=bad)))
+
+
 def test_submit_blocks_at_max_in_flight_without_deadlocking(client: InferenceClient) -> None:
     with client.stream("mlp", max_in_flight=2) as stream:
         ids = [stream.submit(batch(i)) for i in range(12)]  # no reader: answers free the slots

@@ -51,6 +51,7 @@ from ferry.client._stream import (
     StreamResult,
     StreamState,
     aenumerate,
+    check_max_in_flight,
     item_of,
 )
 from ferry.client._types import InferResult, ModelMetadata, ModelStatistics, ModelVersionStatus
@@ -304,8 +305,10 @@ class AsyncInferStream(StreamState):
                 raise
         except FerryError as exc:  # an answer this client cannot read
             error = exc
+            call.cancel()  # nobody reads it any more; the server's side would stay open
         except Exception as exc:
             error = FerryError(f"stream reader failed: {type(exc).__name__}: {exc}")
+            call.cancel()
         if self._cancelled and error is None:
             error = CancelledError("the stream was cancelled by the client")
         self._finish(error)
@@ -405,8 +408,7 @@ class AsyncInferStream(StreamState):
         self, items: Iterable[InputItem] | AsyncIterable[InputItem], *, max_in_flight: int = 64
     ) -> AsyncIterator[StreamResult]:
         """Run every item, ``max_in_flight`` at a time; see :meth:`InferStream.infer_many`."""
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        check_max_in_flight(max_in_flight)
         source = aenumerate(items)
         outstanding = 0
 

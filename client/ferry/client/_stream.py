@@ -94,8 +94,7 @@ class StreamState:
         """``method``: the gRPC stream-stream callable; ``timeout``: the whole call's deadline;
         ``dtypes``: returns (or, async, awaits) the model's input dtypes for list inputs;
         ``max_message_bytes``: the largest request the channel sends (None: no limit)."""
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        check_max_in_flight(max_in_flight)
         self._method = method
         self._timeout = check_timeout(timeout)
         self._metadata = metadata
@@ -184,6 +183,14 @@ class StreamState:
         return self._unread == 0 and (not until_closed or self._closed or self._done)
 
 
+def check_max_in_flight(value: object) -> None:
+    """An int >= 1: None gave a bare TypeError from a comparison, True and 1.5 went through."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"max_in_flight must be an int >= 1, got {value!r}")
+    if value < 1:
+        raise ValueError(f"max_in_flight must be >= 1, got {value}")
+
+
 def _too_large(size: int, limit: int) -> LimitExceededError:
     """The error gRPC gives a message over the channel's send limit, for one request."""
     error = message_size_error(
@@ -241,6 +248,10 @@ class InferStream(StreamState):
             error = exc
         except Exception as exc:  # a bug decoding an answer must not hang the readers
             error = FerryError(f"stream reader failed: {type(exc).__name__}: {exc}")
+        if error is not None:
+            # Nobody reads this call any more: end it, or the call, the thread feeding it and
+            # the server's side of the stream stay open.
+            self._call.cancel()
         with self._cond:
             orphans = self._orphans(error)
             self._cond.notify_all()
@@ -311,8 +322,7 @@ class InferStream(StreamState):
         An item is a mapping of inputs (its id is its position, ``"0"``, ``"1"``, ...) or an
         ``(id, inputs)`` pair. Do not mix with ``results()`` on the same stream.
         """
-        if max_in_flight < 1:
-            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
+        check_max_in_flight(max_in_flight)
         source = enumerate(items)
         outstanding = 0
 
