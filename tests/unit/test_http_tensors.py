@@ -64,7 +64,7 @@ def test_json_forms_of_data() -> None:
     ("datatype", "data", "words"),
     [
         ("INT64", [-1, 2**64 - 1], "must hold integers"),  # no 64-bit type holds both
-        ("UINT64", [2**64, 1], "must hold integers"),
+        ("UINT64", [2**64, 1], "integers beyond 64 bits"),
         ("INT64", [10**400, 10**401], "must hold integers"),  # past a float too
         ("FP32", [True, False], "must hold numbers"),
         ("FP32", [None, 1.0], "must hold numbers"),

@@ -360,9 +360,14 @@ def _from_json(
         kind = values.dtype.kind
     if count and not _compatible(code, kind):
         what = "true/false" if code == _BOOL else "integers" if wanted.kind in "iu" else "numbers"
+        why = ""
+        if wanted.kind in "iu" and kind == "f":
+            # JSON readers hand integers past 64 bits on as floats: say so, or a client that
+            # sent 18446744073709551616 reads that it sent floats.
+            why = " (numbers with a fraction or an exponent, or integers beyond 64 bits)"
         raise InvalidArgument(
             f"input {name!r} is {datatype_name(code)}: 'data' must hold {what}, got "
-            f"{values.dtype.name} values"
+            f"{values.dtype.name} values{why}"
         )
     if count and wanted.kind in "iu":
         info = np.iinfo(wanted)  # type: ignore[type-var]
