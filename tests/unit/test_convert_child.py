@@ -975,6 +975,30 @@ def test_a_change_of_size_or_of_labels_cannot_hide_behind_the_cosine() -> None:
     assert _parity(message.parity).rel_error == pytest.approx(0.5)
 
 
+def test_a_regressor_that_lost_its_signal_cannot_hide_behind_its_mean() -> None:
+    """Predictions near one large value (300 +- 1.5): a 90%-pruned regressor whose predictions
+    kept 0.19 correlation with the model's scored cosine 0.99998 and relative error 0.006, and
+    was published within budget; so would one predicting the mean for every sample."""
+    rng = np.random.default_rng(11)
+    kelvin = 300.0 + 1.5 * rng.standard_normal((64, 1))
+    constant = np.full_like(kelvin, kelvin.mean())
+    for wrong in (constant, 2 * kelvin.mean() - kelvin):  # the mean; the spread turned over
+        figures = parity.compare([wrong.astype(np.float32)], [kelvin.astype(np.float32)])
+        assert figures.cosine > 0.9999 and figures.rel_error < 0.01, figures  # as documented
+        assert figures.spread_error >= 1.0 and figures.to_dict()["spread_error"] >= 1.0
+        assert "of the spread of a one-value output" in parity.budget_failure(figures, 0.99, 0.0)
+    faithful = kelvin + rng.standard_normal((64, 1)) * 0.05  # 3% of the spread: int8-like
+    figures = parity.compare([faithful.ravel()], [kelvin.ravel()])  # [N] as [N, 1]
+    assert figures.spread_error < 0.05 and parity.budget_failure(figures, 0.99, 0.0) == ""
+    # Outputs that hardly vary between samples, and others than one value per sample, are
+    # judged as before: on their size.
+    flat = 300.0 + 1e-6 * rng.standard_normal((64, 1))
+    assert parity.compare([flat + 1e-5], [flat]).spread_error == 0.0
+    wide = 300.0 + 1.5 * rng.standard_normal((64, 2))
+    assert parity.compare([np.full_like(wide, 300.0)], [wide]).spread_error == 0.0
+    assert "spread_error" not in parity.compare([wide], [wide]).to_dict()
+
+
 def test_matching_infinities_agree_and_others_fail_the_budget() -> None:
     """-inf masks made every cosine NaN, which passed `cosine < min_cosine`: the model was
     published, and the job then crashed on the null figure."""

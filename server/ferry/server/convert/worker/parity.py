@@ -222,6 +222,33 @@ def _agreement(cand: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(cand == ref)) if ref.size else 1.0
 
 
+# A single value per sample ([N] or [N, 1]) whose spread over the samples is at least this share
+# of its size is judged on that spread too (``_spread_error``).
+SPREAD = 1e-3
+
+
+def _spread_error(cand: np.ndarray, ref: np.ndarray) -> float:
+    """The relative error of one value per sample ([N] or [N, 1], a regression output) measured
+    about the reference's mean over the samples: ||cand - ref|| / ||ref - mean(ref)||. Around a
+    large common value (a temperature in kelvin, a price) both the cosine and ``_rel_error`` see
+    only that value: a 90%-pruned regressor whose predictions kept 0.19 correlation with the
+    model's scored cosine 0.99998 and relative error 0.006 and was published within budget, and
+    so would one predicting the mean for every sample. 0 (not judged) for other shapes, fewer
+    than two finite samples, or a spread under ``SPREAD`` of the size (an output that hardly
+    varies is not judged on its noise)."""
+    if ref.ndim not in (1, 2) or (ref.ndim == 2 and ref.shape[1] != 1):
+        return 0.0
+    finite = np.isfinite(cand) & np.isfinite(ref)
+    r, c = ref[finite].astype(np.float64), cand[finite].astype(np.float64)
+    if r.size < 2:
+        return 0.0
+    mean = float(r.mean())
+    spread = float(np.linalg.norm(r - mean))
+    if spread == 0.0 or spread < SPREAD * float(np.linalg.norm(r)):
+        return 0.0
+    return float(np.linalg.norm(c - r)) / spread
+
+
 # A position (an element's place in an output, the same in every sample) whose value varies
 # across the samples by less than 1/STEADY of its size is held there by the model (a mask)
 # rather than computed from the input.
@@ -267,11 +294,15 @@ class Figures:
     # Elements NaN or infinite on one side and not the very same value on the other: an error
     # no figure measures, so any fails the budget (max_abs and mean_abs are then infinite).
     nonfinite_mismatch: int = 0
+    # One value per sample: the error against the reference's spread over the samples, not its
+    # size (``_spread_error``; 0 when not judged). The largest over such outputs.
+    spread_error: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        if not self.nonfinite_mismatch:
-            del out["nonfinite_mismatch"]
+        for key in ("nonfinite_mismatch", "spread_error"):
+            if not out[key]:
+                del out[key]
         return out
 
 
@@ -290,6 +321,7 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
     max_abs, abs_sum, count, mismatched = 0.0, 0.0, 0, 0
     cosines: list[float] = []
     rel_errors: list[float] = []
+    spread_errors: list[float] = []
     top1: list[float] = []
     for cand, ref in zip(candidate, reference, strict=True):
         if cand.shape != ref.shape:
@@ -317,6 +349,7 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
             cosine, rel = min(cosine, computed[0]), max(rel, computed[1])
         cosines.append(cosine)
         rel_errors.append(rel)
+        spread_errors.append(_spread_error(c64, r64))
         if is_class_scores(ref):
             top1.append(float(np.mean(cand.argmax(axis=1) == ref.argmax(axis=1))))
     return Figures(
@@ -326,6 +359,7 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
         top1_agreement=min(top1) if top1 else None,
         rel_error=max(rel_errors) if rel_errors else 0.0,
         nonfinite_mismatch=mismatched,
+        spread_error=max(spread_errors) if spread_errors else 0.0,
     )
 
 
@@ -391,6 +425,12 @@ def budget_failure(figures: Figures, min_cosine: float, min_top1: float) -> str:
         reasons.append(
             f"relative error {figures.rel_error:.4f} > {most:.4f}, the most min_cosine "
             f"{min_cosine} allows (outputs that keep their direction but not their size)"
+        )
+    if most is not None and not figures.spread_error <= most:
+        reasons.append(
+            f"error {figures.spread_error:.4f} of the spread of a one-value output over the "
+            f"samples > {most:.4f}, the most min_cosine {min_cosine} allows (predictions near "
+            "one common value, judged on how they vary, not on that value)"
         )
     top1 = figures.top1_agreement
     if min_top1 > 0 and top1 is not None and not top1 >= min_top1:
