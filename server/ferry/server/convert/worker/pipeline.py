@@ -563,7 +563,11 @@ class Pipeline:
                 "torch.backends.mha.set_fastpath_enabled(False), or leave padded positions out "
                 "of the outputs compared"
             )
-        return "check that the reference outputs come from the same weights and sample_file"
+        return (
+            "check that the reference outputs come from the same weights and sample_file, "
+            "computed in eval mode (model.eval(): dropout and batch norm in training mode "
+            "answer otherwise, and are not what is served)"
+        )
 
     def _enforce_budget(self, variants: list[Variant]) -> None:
         """Explicit modes fail on their one variant; auto only needs one candidate within budget."""
