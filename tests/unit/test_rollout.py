@@ -496,11 +496,20 @@ def test_a_shadow_answering_other_labels_or_other_sizes_is_rolled_back() -> None
     labels = ShadowStatistics(3)
     labels.record({"id": np.array([7], np.int64)}, {"id": np.array([3], np.int64)})
     assert labels.cosine_min == 0.0 and labels.verdict(rules) == "rollback"
+    # Near one large value, a candidate answering the mean is 0.5% off and 100% wrong.
+    mean = ShadowStatistics(3)
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        served = {"kelvin": np.array([300.0 + 1.5 * rng.standard_normal()], np.float32)}
+        mean.record(served, {"kelvin": np.array([300.0], np.float32)})
+        assert mean.verdict(rules) == ("rollback" if i >= 9 else "")
+    assert mean.rel_error < 0.01 and mean.spread_error > 0.5
+    assert "of the spread" in mean.summary()
     faithful = ShadowStatistics(3)
     for value in range(1, 21):
         served = {"price": np.array([[float(value)]], np.float32), "id": np.array([value])}
         faithful.record(served, {"price": served["price"] * 1.001, "id": np.array([value])})
-    assert faithful.verdict(rules) == "promote"
+    assert faithful.verdict(rules) == "promote" and faithful.spread_error < 0.01
 
 
 def test_a_shadow_of_the_version_that_answers_every_request_is_refused(tmp_path: Path) -> None:

@@ -327,6 +327,12 @@ class Metrics:
                 "Size of the output difference: ||served - shadow|| / ||served||",
                 "rel_error",
             ),
+            (
+                "ferry_shadow_spread_error",
+                "gauge",
+                "Output difference of one-value outputs against the served values' spread",
+                "spread_error",
+            ),
         )
         for name, kind, help_text, attr in families:
             out.append(f"# HELP {name} {help_text}")

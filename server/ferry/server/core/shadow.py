@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 SHADOW_PRIORITY = 2**31  # after every request of a caller (priorities: lower first)
 MAX_IN_FLIGHT = 8
 SHADOW_TIMEOUT = 5.0  # seconds a shadow may wait in the candidate's queue
+# Served values of one per sample whose spread is under this share of their size are not judged
+# on it (they hardly vary; the conversion budget's rule too).
+SPREAD = 1e-3
 
 
 @dataclass
@@ -44,9 +47,10 @@ class ShadowStatistics:
     mismatched: int = 0  # outputs missing from the candidate's answer or of another shape/type
     served_ns: int = 0
     shadow_ns: int = 0
-    # Per floating-point output, the sums of ||served - shadow||^2 and ||served||^2 over every
-    # comparison: the size of the error, which a cosine does not see (one value per request, a
-    # regression's, has a cosine of 1 whatever the candidate answers).
+    # Per floating-point output, over every comparison: the sums of ||served - shadow||^2 and
+    # ||served||^2 (the size of the error, which a cosine does not see: one value per request, a
+    # regression's, has a cosine of 1 whatever the candidate answers), and for an output of one
+    # value per sample, the sum and count of the served values (their spread: ``spread_error``).
     squares: dict[str, list[float]] = field(default_factory=dict)
     in_flight: int = 0
     decided: bool = False  # a rule acted on this candidate: no second decision
@@ -66,7 +70,7 @@ class ShadowStatistics:
         # request cannot decide alone.
         if rules.min_cosine and self.compared >= 10:
             most = math.sqrt(2.0 * (1.0 - rules.min_cosine)) if rules.min_cosine > 0 else math.inf
-            if not self.rel_error <= most:
+            if not (self.rel_error <= most and self.spread_error <= most):
                 return "rollback"
         if not rules.promote_after or self.compared < rules.promote_after:
             return ""
@@ -82,16 +86,32 @@ class ShadowStatistics:
         )
         return (
             f"{self.compared} compared, {self.errors} errors, lowest cosine "
-            f"{self.cosine_min:.6f}, relative error {self.rel_error:.4g}{odd}, latency "
-            f"{ratio:.2f}x the served version's"
+            f"{self.cosine_min:.6f}, relative error {self.rel_error:.4g}, of the spread "
+            f"{self.spread_error:.4g}{odd}, latency {ratio:.2f}x the served version's"
         )
+
+    @property
+    def spread_error(self) -> float:
+        """For outputs of one value per sample, ||served - shadow|| over the served values'
+        spread about their mean (as the conversion budget judges a regression): near one large
+        value (a price, a temperature), a candidate answering the mean for every request kept
+        a relative error of 0.005. 0 when no output is judged so, or the values hardly vary
+        (a spread under SPREAD of their size)."""
+        worst = 0.0
+        for error, norm, total, count in self.squares.values():
+            if count < 2:
+                continue
+            spread = norm - total * total / count
+            if spread > 0.0 and spread >= SPREAD * SPREAD * norm:
+                worst = max(worst, math.sqrt(error / spread))
+        return worst
 
     @property
     def rel_error(self) -> float:
         """||served - shadow|| / ||served|| over every comparison, the largest over outputs
         (the rules allow sqrt(2 (1 - min_cosine)), as the conversion's budget does)."""
         worst = 0.0
-        for error, norm in self.squares.values():
+        for error, norm, _, _ in self.squares.values():
             if norm > 0.0:
                 worst = max(worst, math.sqrt(error / norm))
             elif error > 0.0:
@@ -142,9 +162,12 @@ class ShadowStatistics:
                 x, y = x[~odd], y[~odd]
             nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
             cosines.append(float(x @ y / (nx * ny)) if nx and ny else float(nx == ny))
-            sums = self.squares.setdefault(name, [0.0, 0.0])
+            sums = self.squares.setdefault(name, [0.0, 0.0, 0.0, 0.0])
             sums[0] += float(np.sum((x - y) ** 2))
             sums[1] += nx * nx
+            if a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1):  # one value per sample
+                sums[2] += float(np.sum(x))
+                sums[3] += x.size
             if x.size:
                 self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(x - y))))
             if a.ndim == 2 and a.shape[1] > 1 and a.dtype.kind == "f":
