@@ -976,6 +976,9 @@ def test_a_change_of_size_or_of_labels_cannot_hide_behind_the_cosine() -> None:
 
 
 def test_a_regressor_that_lost_its_signal_cannot_hide_behind_its_mean() -> None:
+    from ferry.client._conversion_types import _parity
+    from ferry.server.grpc.conversion import report_message
+
     """Predictions near one large value (300 +- 1.5): a 90%-pruned regressor whose predictions
     kept 0.19 correlation with the model's scored cosine 0.99998 and relative error 0.006, and
     was published within budget; so would one predicting the mean for every sample."""
@@ -986,6 +989,8 @@ def test_a_regressor_that_lost_its_signal_cannot_hide_behind_its_mean() -> None:
         figures = parity.compare([wrong.astype(np.float32)], [kelvin.astype(np.float32)])
         assert figures.cosine > 0.9999 and figures.rel_error < 0.01, figures  # as documented
         assert figures.spread_error >= 1.0 and figures.to_dict()["spread_error"] >= 1.0
+        message = report_message(json.dumps({"parity": figures.to_dict()}))
+        assert _parity(message.parity).spread_error == pytest.approx(figures.spread_error)
         assert "of the spread of a one-value output" in parity.budget_failure(figures, 0.99, 0.0)
     faithful = kelvin + rng.standard_normal((64, 1)) * 0.05  # 3% of the spread: int8-like
     figures = parity.compare([faithful.ravel()], [kelvin.ravel()])  # [N] as [N, 1]

@@ -161,6 +161,9 @@ class Parity:
     # which the cosine misses); integer and boolean outputs count in ``cosine`` as the share of
     # equal elements.
     rel_error: float = 0.0
+    # One value per sample (a regression): the error against the reference's spread about its
+    # mean over the samples; 0 where no output is judged so.
+    spread_error: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -257,6 +260,7 @@ def _parity(m: pb.ParityReport) -> Parity:
         samples=m.samples,
         against=m.against,
         rel_error=m.rel_error,
+        spread_error=m.spread_error,
     )
 
 

@@ -233,7 +233,7 @@ class ConvertRequest(_message.Message):
     def __init__(self, upload_id: _Optional[str] = ..., model: _Optional[str] = ..., spec: _Optional[_Union[ConversionSpec, _Mapping]] = ...) -> None: ...
 
 class ParityReport(_message.Message):
-    __slots__ = ("max_abs", "mean_abs", "cosine", "top1_agreement", "samples", "against", "rel_error")
+    __slots__ = ("max_abs", "mean_abs", "cosine", "top1_agreement", "samples", "against", "rel_error", "spread_error")
     MAX_ABS_FIELD_NUMBER: _ClassVar[int]
     MEAN_ABS_FIELD_NUMBER: _ClassVar[int]
     COSINE_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,7 @@ class ParityReport(_message.Message):
     SAMPLES_FIELD_NUMBER: _ClassVar[int]
     AGAINST_FIELD_NUMBER: _ClassVar[int]
     REL_ERROR_FIELD_NUMBER: _ClassVar[int]
+    SPREAD_ERROR_FIELD_NUMBER: _ClassVar[int]
     max_abs: float
     mean_abs: float
     cosine: float
@@ -248,7 +249,8 @@ class ParityReport(_message.Message):
     samples: int
     against: str
     rel_error: float
-    def __init__(self, max_abs: _Optional[float] = ..., mean_abs: _Optional[float] = ..., cosine: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., samples: _Optional[int] = ..., against: _Optional[str] = ..., rel_error: _Optional[float] = ...) -> None: ...
+    spread_error: float
+    def __init__(self, max_abs: _Optional[float] = ..., mean_abs: _Optional[float] = ..., cosine: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., samples: _Optional[int] = ..., against: _Optional[str] = ..., rel_error: _Optional[float] = ..., spread_error: _Optional[float] = ...) -> None: ...
 
 class PruningReport(_message.Message):
     __slots__ = ("method", "amount", "sparsity", "fine_tuned", "params_before", "params_after", "vs_unpruned")
