@@ -976,12 +976,12 @@ def test_a_change_of_size_or_of_labels_cannot_hide_behind_the_cosine() -> None:
 
 
 def test_a_regressor_that_lost_its_signal_cannot_hide_behind_its_mean() -> None:
-    from ferry.client._conversion_types import _parity
-    from ferry.server.grpc.conversion import report_message
-
     """Predictions near one large value (300 +- 1.5): a 90%-pruned regressor whose predictions
     kept 0.19 correlation with the model's scored cosine 0.99998 and relative error 0.006, and
     was published within budget; so would one predicting the mean for every sample."""
+    from ferry.client._conversion_types import _parity
+    from ferry.server.grpc.conversion import report_message
+
     rng = np.random.default_rng(11)
     kelvin = 300.0 + 1.5 * rng.standard_normal((64, 1))
     constant = np.full_like(kelvin, kelvin.mean())
