@@ -211,3 +211,43 @@ def test_one_client_with_several_connections_reaches_every_worker(fleet: Fleet) 
             assert answer["logits"].shape == (1, 10)
     each = [_local(fleet.run_dir, i, "mlp") for i in (0, 1)]
     assert sum(each) == 65 and all(n > 0 for n in each), each
+
+
+def _children(pid: int) -> set[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return set()
+    return {int(p) for p in text.split()}
+
+
+def test_counters_hold_while_a_killed_worker_starts_again(fleet: Fleet) -> None:
+    """From a worker's death until its new process answers (seconds while it loads its
+    models), the sums kept the dead process's counts: a scrape read a reset that came back."""
+    sent = _spread(fleet.port, "mlp")
+    assert _local(fleet.run_dir, 1, "mlp") > 0
+    ok = 'ferry_requests_total{model="mlp",version="1",code="OK"}'
+    inferences = 'ferry_inferences_total{model="mlp",version="1"}'
+    before = _scrape(fleet)  # the first process has read every worker's counters
+    assert _counter(before, ok) == sent and _counter(before, inferences) == sent
+    victim = fleet.pids[1]
+    os.kill(victim, signal.SIGKILL)
+    fleet.wait_line(rf"worker 1 \(pid {victim}\) exited")
+    # Hold the new process before it answers: its socket was unlinked for it to make anew.
+    started: list[int] = []
+
+    def new_worker() -> bool:
+        started.extend(_children(fleet.proc.pid) - {victim, *fleet.pids})
+        return bool(started)
+
+    wait_for(new_worker, "worker 1 to be started again")
+    os.kill(started[0], signal.SIGSTOP)
+    try:
+        assert not (fleet.run_dir / "worker-1.sock").exists()
+        during = _scrape(fleet)
+        assert _counter(during, ok) == sent and _counter(during, inferences) == sent
+    finally:
+        os.kill(started[0], signal.SIGCONT)
+    fleet.wait_line(rf"worker 1 ready \(pid {started[0]}\)")
+    after = _scrape(fleet)
+    assert _counter(after, ok) == sent and _counter(after, inferences) == sent

@@ -25,7 +25,7 @@ def test_a_silent_worker_adds_its_last_answer_until_it_is_started_again(tmp_path
     assert peers._answered(sock, "stats", ask, answer) == [{"count": 7}]
     assert peers._answered(sock, "stats", ask, TimeoutError()) == [{"count": 7}]
     assert peers._answered(sock, "stats", {"model": "m", "version": 1}, TimeoutError()) is None
-    peers.forget(sock)  # a new process: it counts from zero
+    peers.retire(sock)  # it died: a new process counts from zero
     assert peers._answered(sock, "stats", ask, TimeoutError()) is None
 
 
@@ -84,9 +84,9 @@ def test_a_restarted_workers_old_counts_stay_in_the_sum(tmp_path: Path) -> None:
     assert (kept.name, kept.inference_count, kept.success.count) == ("m", 5, 5)
     assert kept.queue_depth == 0  # a dead process queues nothing
     assert peers.retired_statistics("other") == [] and peers.retired_statistics("m", 2) == []
-    # Killed a second time: both dead processes' counts add up; the fleet's forget() retires.
+    # Killed a second time: both dead processes' counts add up; the fleet's retire() keeps them.
     peers._answered(sock, control.STATISTICS, every, {"process": "b", "rows": [_row("m", 1, 4)]})
-    peers.forget(sock)
+    peers.retire(sock)
     (kept,) = peers.retired_statistics()
     assert kept.inference_count == 9
     # Request counters are since the process started: they stay whatever is loaded.
@@ -112,7 +112,7 @@ def test_a_version_unloaded_before_the_restart_is_not_retired(tmp_path: Path) ->
     peers._answered(
         sock, control.STATISTICS, one_model, {"process": "a", "rows": [_row("m", 2, 3)]}
     )
-    peers.forget(sock)
+    peers.retire(sock)
     assert [(s.version, s.inference_count) for s in peers.retired_statistics()] == [(2, 3)]
 
 
@@ -129,7 +129,7 @@ def test_only_the_first_worker_keeps_the_dead_and_the_others_add_its_answer(
     every = {"model": "", "version": None}
     dead = tmp_path / "worker-1.sock"
     other._answered(dead, control.STATISTICS, every, {"process": "a", "rows": [_row("m", 1, 5)]})
-    other.forget(dead)
+    other.retire(dead)
     assert other.retired_statistics() == []  # not kept here
     first = tmp_path / "worker-0.sock"
     answer = {"process": "p", "rows": [_row("m", 1, 2)], "retired": [_row("m", 1, 5)]}
@@ -137,3 +137,36 @@ def test_only_the_first_worker_keeps_the_dead_and_the_others_add_its_answer(
     assert [row["inference_count"] for row in kept] == [2, 5]
     # ... and as what worker 0 adds should it not answer in time
     assert other._answered(first, control.STATISTICS, every, TimeoutError()) == kept
+
+
+def test_a_worker_stops_adding_its_last_read_of_a_process_the_first_worker_retired(
+    tmp_path: Path,
+) -> None:
+    """From a worker's death until its new process answers, the first worker adds the dead
+    process's counts (retired at its death); another worker that still added its own last read
+    of that process counted it twice. The first worker's answers name the retired processes."""
+    loaded = {("m", 1): _Loaded()}
+    other = Peers(
+        tmp_path, tmp_path / "worker-2.sock", lambda m, v: loaded.get((m, v)), keeps_retired=False
+    )
+    every = {"model": "", "version": None}
+    dead, first = tmp_path / "worker-1.sock", tmp_path / "worker-0.sock"
+    other._answered(dead, control.STATISTICS, every, {"process": "a", "rows": [_row("m", 1, 5)]})
+    answer = {"process": "p", "rows": [_row("m", 1, 2)], "retired": [_row("m", 1, 5)]}
+    kept = other._answered(first, control.STATISTICS, every, {**answer, "gone": ["a"]})
+    assert [row["inference_count"] for row in kept] == [2, 5]
+    assert other._answered(dead, control.STATISTICS, every, TimeoutError()) is None
+
+
+def test_the_first_worker_retires_a_dead_process_once_and_names_it(tmp_path: Path) -> None:
+    loaded = {("m", 1): _Loaded()}
+    peers = Peers(tmp_path, tmp_path / "worker-0.sock", lambda m, v: loaded.get((m, v)))
+    sock = tmp_path / "worker-1.sock"
+    every = {"model": "", "version": None}
+    peers._answered(sock, control.STATISTICS, every, {"process": "a", "rows": [_row("m", 1, 5)]})
+    peers.retire(sock)  # it died
+    assert peers.gone() == ["a"]
+    peers.forget(sock)  # its new process is ready: its channels go, nothing is retired again
+    peers._answered(sock, control.STATISTICS, every, {"process": "b", "rows": [_row("m", 1, 1)]})
+    (kept,) = peers.retired_statistics()
+    assert kept.inference_count == 5

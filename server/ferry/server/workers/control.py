@@ -92,6 +92,8 @@ class Retired(Protocol):
 
     def retired_requests(self) -> list[Any]: ...
 
+    def gone(self) -> list[str]: ...
+
 
 class ControlService(grpc.GenericRpcHandler):
     """What one worker answers on its control socket: its own counters, never the sum."""
@@ -133,12 +135,14 @@ class ControlService(grpc.GenericRpcHandler):
         if self._retired is not None:
             retired = self._retired.retired_statistics(ask.get("model", ""), ask.get("version"))
             answer["retired"] = [stats_to_json(s) for s in retired]
+            answer["gone"] = self._retired.gone()
         return encode(answer)
 
     async def _requests_counts(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         answer: dict[str, Any] = {"process": self._process, "rows": self._requests()}
         if self._retired is not None:
             answer["retired"] = self._retired.retired_requests()
+            answer["gone"] = self._retired.gone()
         return encode(answer)
 
     async def _ready(self, raw: bytes, context: aio.ServicerContext) -> bytes:

@@ -146,6 +146,8 @@ class WorkerFleet:
             code = await worker.proc.wait()
             if self._stopping:
                 return
+            # Its counts stay in every sum from now on, while it starts again (peers.retire).
+            self.peers.retire(socket_path(self.run_dir, worker.index))
             lived = time.monotonic() - worker.started
             self.restarts += 1
             worker.failures = 0 if lived > HEALTHY_AFTER else worker.failures + 1

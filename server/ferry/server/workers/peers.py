@@ -26,6 +26,7 @@ import json
 import logging
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ CALL_TIMEOUT = 5.0
 # scrape timeout even when one worker is stuck.
 SCRAPE_CALL_TIMEOUT = 2.0
 MAX_KEPT = 4096  # last answers kept (per socket and question)
+MAX_GONE = 256  # processes whose counts the first worker retired, named in its answers
 
 
 def socket_path(run_dir: Path, index: int) -> Path:
@@ -77,6 +79,9 @@ class Peers:
         # what processes that are gone last reported (module docstring)
         self._retired_stats: dict[tuple[str, int], tuple[VersionStatistics, weakref.ref[Any]]] = {}
         self._retired_requests: dict[tuple[str, int], list[Any]] = {}
+        # Processes whose last counts are retired (the first worker's): named in its answers,
+        # so that another worker stops adding what it last read of one of them itself.
+        self._gone: deque[str] = deque(maxlen=MAX_GONE)
 
     def _answered(self, path: Path, method: str, ask: Any, answer: Any) -> Any:
         """``answer``'s rows recorded (or, for an exception, the last rows; None if none)."""
@@ -88,6 +93,11 @@ class Peers:
             process, rows, retired = _unwrap(answer)
             if process is not None and self._process.get(path, process) != process:
                 self._retire(path)  # started again since it last answered
+            gone = set(answer.get("gone", ()))
+            for other in [p for p, proc in self._process.items() if proc in gone]:
+                # The first worker now adds what that (dead) process last reported: this
+                # worker's own last read of it would count it twice.
+                self._retire(other)
             if process is not None:
                 self._process[path] = process
             if method == control.STATISTICS:
@@ -117,7 +127,7 @@ class Peers:
         """Keep what the process at ``path`` last reported; its answers go (lock held)."""
         for key in [k for k in self._last if k[0] == path]:
             del self._last[key]
-        self._process.pop(path, None)
+        process = self._process.pop(path, None)
         if not self._keeps_retired:  # the first worker keeps them, and answers with them
             self._latest_stats.pop(path, None)
             self._latest_requests.pop(path, None)
@@ -134,6 +144,13 @@ class Peers:
         dead = self._latest_requests.pop(path, [])
         kept_rows = sum_request_rows([*self._retired_requests.values(), *dead])
         self._retired_requests = {(row[0], row[1]): row for row in kept_rows}
+        if process is not None:
+            self._gone.append(process)
+
+    def gone(self) -> list[str]:
+        """The processes whose last counts this (first) worker keeps as retired."""
+        with self._last_lock:
+            return list(self._gone)
 
     def retired_requests(self) -> list[Any]:
         with self._last_lock:
@@ -182,12 +199,19 @@ class Peers:
             out.extend(control.stats_from_json(d) for d in kept or ())
         return out + self.retired_statistics(model, version)
 
-    def forget(self, path: Path) -> None:
-        """Drop the cached channels to ``path`` (its worker was started again): the next call
-        connects afresh instead of waiting out a backoff from the restart. Its last answers are
-        retired: the new process counts from zero."""
+    def retire(self, path: Path) -> None:
+        """The worker at ``path`` exited: what it last reported is kept (retired) from now on,
+        not only once a new process answers there. Its socket is unlinked and made anew while
+        the new process starts (seconds, with its models loading), and meanwhile the sum lost
+        the dead process's counts, so a scrape read a counter reset that then came back."""
         with self._last_lock:
             self._retire(path)
+
+    def forget(self, path: Path) -> None:
+        """Drop the cached channels to ``path`` (its worker was started again): the next call
+        connects afresh instead of waiting out a backoff from the restart. What the previous
+        process reported was retired when it exited (``retire``); the new one counts from
+        zero, and what it answered already is its own, not retired again."""
         channel = self._aio.pop(path, None)
         if channel is not None:
             asyncio.get_running_loop().create_task(channel.close())
