@@ -6,6 +6,7 @@ worker processes' own counters are read over their control sockets to see who se
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -251,3 +252,58 @@ def test_counters_hold_while_a_killed_worker_starts_again(fleet: Fleet) -> None:
     fleet.wait_line(rf"worker 1 ready \(pid {started[0]}\)")
     after = _scrape(fleet)
     assert _counter(after, ok) == sent and _counter(after, inferences) == sent
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Does process ``pid`` hold a listening TCP socket on ``port`` (its own, SO_REUSEPORT)?"""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for row in Path(table).read_text().splitlines()[1:]:
+                cols = row.split()
+                if int(cols[1].rsplit(":", 1)[1], 16) == port and cols[3] == "0A":
+                    inodes.add(f"socket:[{cols[9]}]")
+    try:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(fd) in inodes:
+                return True
+    return False
+
+
+def test_a_restarted_worker_takes_connections_only_once_it_serves(fleet: Fleet) -> None:
+    """A worker started again joined the shared port before loading its models: its share of
+    new connections got MODEL_NOT_READY, an empty ModelStatistics and a not-ready health check,
+    and it served a model unloaded on request until the first worker told it again."""
+    with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+        repo.unload_model("seed")
+    victim = fleet.pids[1]
+    os.kill(victim, signal.SIGKILL)
+    fleet.wait_line(rf"worker 1 \(pid {victim}\) exited")
+    started: list[int] = []
+
+    def new_worker() -> bool:
+        started.extend(_children(fleet.proc.pid) - {victim, *fleet.pids})
+        return bool(started)
+
+    wait_for(new_worker, "worker 1 to be started again")
+    pid = started[0]
+    wait_for(lambda: _listens(pid, fleet.port), "the new worker to listen on the port")
+    os.kill(pid, signal.SIGSTOP)  # held where it starts taking connections
+    try:
+        seen: list[str] = []
+        # Logged before it listened (the same stderr): its models are loaded by then.
+        m = fleet.wait_line(r"model (mlp|seed) version 1 loaded")
+        seen.append(m.string)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert "model mlp version 1 loaded" in seen[0]
+    while True:
+        line = fleet.lines.get(timeout=WAIT_S)
+        seen.append(line)
+        if re.search(rf"worker 1 ready \(pid {pid}\)", line):
+            break
+    assert not [line for line in seen if "model seed version 1 loaded" in line], seen

@@ -138,6 +138,11 @@ class ModelRegistry:
         """Models an explicit unload took out (a restarted worker process is told them)."""
         return sorted(self._unloaded_by_request)
 
+    def keep_unloaded(self, names: list[str]) -> None:
+        """Before the first refresh: models an explicit unload took out in the process this one
+        follows (a worker started again), which it must not load and serve meanwhile."""
+        self._unloaded_by_request.update(names)
+
     def add_listener(self, listener: Listener) -> None:
         """Called after every state change (health and metrics follow the registry)."""
         self._listeners.append(listener)

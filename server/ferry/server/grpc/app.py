@@ -49,7 +49,7 @@ from ferry.server.runtime import shared_weights
 from ferry.server.runtime.session import open_session, set_auto_threads
 from ferry.server.settings import Settings
 from ferry.server.workers import control as worker_control
-from ferry.server.workers.fleet import WorkerFleet, die_with_parent
+from ferry.server.workers.fleet import WorkerFleet, die_with_parent, unloaded_by_parent
 from ferry.server.workers.peers import Peers, socket_path
 
 log = logging.getLogger(__name__)
@@ -163,6 +163,13 @@ class FerryServer:
         self.repository.clean_temporaries()  # a live writer's staging folders are kept
         quiet_peer_gone()
         await self.health.set("", NOT_SERVING)
+        if self.is_worker:
+            # A worker (started again while the others serve) joins the shared inference ports
+            # once its models are loaded: bound before, the kernel gave it its share of new
+            # connections at once, and they were answered MODEL_NOT_READY, an empty
+            # ModelStatistics and a not-ready health check by a server that was serving.
+            self.registry.keep_unloaded(unloaded_by_parent())
+            await self._load_repository()
         # Inference listener.
         guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
         server = new_server(self._options(inference=True), [guard])
@@ -217,18 +224,7 @@ class FerryServer:
         self.registry.add_listener(self._health.request)
         if not self.is_worker:
             self.registry.add_listener(self._prune.request)
-        await self.registry.refresh()
-        required = [m.strip() for m in s.require_models.split(",") if m.strip()]
-        missing = [m for m in required if not _in_repository(self.registry.repository, m)]
-        if missing and not self.is_worker:
-            # Readiness waits for them, so a typo kept the replica not ready for ever, silently.
-            log.warning(
-                "--require-models names %s, which the repository %s does not hold: this "
-                "replica reports not ready until they are published there",
-                ", ".join(repr(m) for m in missing),
-                s.repository,
-            )
-        self.registry.settle(required)
+            await self._load_repository()
         if self.workers > 1:
             await self._start_workers()
         await self._update_health()
@@ -249,6 +245,22 @@ class FerryServer:
             self.management_http_port,
             self.metrics_port,
         )
+
+    async def _load_repository(self) -> None:
+        """The start-up load, after which readiness means the required models (settle)."""
+        s = self.settings
+        await self.registry.refresh()
+        required = [m.strip() for m in s.require_models.split(",") if m.strip()]
+        missing = [m for m in required if not _in_repository(self.registry.repository, m)]
+        if missing and not self.is_worker:
+            # Readiness waits for them, so a typo kept the replica not ready for ever, silently.
+            log.warning(
+                "--require-models names %s, which the repository %s does not hold: this "
+                "replica reports not ready until they are published there",
+                ", ".join(repr(m) for m in missing),
+                s.repository,
+            )
+        self.registry.settle(required)
 
     async def _start_workers(self) -> None:
         """Every worker process listens on a control socket in one run folder; the first one
@@ -275,6 +287,7 @@ class FerryServer:
             self.workers,
             self._peers,
             lambda: self.registry.unloaded_by_request,
+            ready=self.dataplane.ready,
         )
         http_port = self.http_port if self.settings.http_port >= 0 else -1
         # Following before the workers start: each catches up once it is ready (fleet._spawn),

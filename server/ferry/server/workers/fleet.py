@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -40,6 +41,8 @@ BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_AFTER = 60.0  # a worker that lived this long starts the backoff afresh when it dies
 ENV_SOCKET = "FERRY_WORKER_SOCKET"
 ENV_PARENT = "FERRY_WORKER_PARENT"
+# The models an explicit unload took out (JSON list): a worker started again does not load them.
+ENV_UNLOADED = "FERRY_WORKER_UNLOADED"
 
 
 def worker_flags(settings: Settings, *, port: int, http_port: int) -> list[str]:
@@ -82,12 +85,18 @@ class WorkerFleet:
         count: int,
         peers: Peers,
         unloaded: Callable[[], list[str]],
+        *,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self.settings = settings
         self.run_dir = run_dir
         self.count = count
         self.peers = peers
         self._unloaded = unloaded  # the explicit unloads now: a (re)started worker repeats them
+        # Is this (first) process ready? A worker is not asked to be more ready than the one
+        # it follows: with every model unloaded on request, neither is, and waiting for it
+        # killed and restarted the worker every READY_TIMEOUT.
+        self._self_ready = ready
         self._workers = [_Worker(i) for i in range(1, count)]
         self._flags: list[str] = []
         self._stopping = False
@@ -110,7 +119,13 @@ class WorkerFleet:
         sock = socket_path(self.run_dir, worker.index)
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
-        env = {**os.environ, ENV_SOCKET: str(sock), ENV_PARENT: str(os.getpid())}
+        unloaded = self._unloaded()
+        env = {
+            **os.environ,
+            ENV_SOCKET: str(sock),
+            ENV_PARENT: str(os.getpid()),
+            ENV_UNLOADED: json.dumps(unloaded),
+        }
         worker.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ferry.server", *self._flags, env=env
         )
@@ -121,7 +136,7 @@ class WorkerFleet:
         # listening, and was lost for this one. The follower is set before any worker starts,
         # so a change after this re-read reaches it too.
         await self.peers.call(sock, control.APPLY, {"op": "refresh", "model": ""}, 600.0)
-        for name in self._unloaded():  # what an explicit unload took out stays out
+        for name in sorted(set(self._unloaded()) - set(unloaded)):  # unloaded while it started
             await self.peers.call(sock, control.APPLY, {"op": "unload", "model": name}, 60.0)
         log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
 
@@ -133,7 +148,8 @@ class WorkerFleet:
                 raise RuntimeError(
                     f"worker {worker.index} exited with {worker.proc.returncode} while starting"
                 )
-            if await _ready(sock):
+            answer = await _ready(sock)
+            if answer is not None and (answer or not self._self_ready()):
                 self.peers.forget(sock)  # a channel made while it restarted may be backing off
                 return
             await asyncio.sleep(0.05)
@@ -202,18 +218,28 @@ class WorkerFleet:
         await self.peers.close()
 
 
-async def _ready(sock: Path) -> bool:
+async def _ready(sock: Path) -> bool | None:
     """One readiness probe on a fresh channel: a cached one that failed while the worker was
-    starting would wait out gRPC's reconnect backoff (seconds) before trying again."""
+    starting would wait out gRPC's reconnect backoff (seconds) before trying again. None: no
+    answer yet (a worker listens there once its start-up load is done)."""
     if not await asyncio.to_thread(os.path.exists, sock):
-        return False
+        return None
     async with aio.insecure_channel(f"unix:{sock}") as channel:
         probe: aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(control.READY)
         try:
             raw = await probe(control.encode({}), timeout=2.0)
         except grpc.RpcError:
-            return False
+            return None
     return bool(control.decode(raw).get("ready"))
+
+
+def unloaded_by_parent() -> list[str]:
+    """In a worker: the models the first process had unloaded on request when it started it."""
+    try:
+        names = json.loads(os.environ.get(ENV_UNLOADED) or "[]")
+    except ValueError:
+        return []
+    return [str(n) for n in names] if isinstance(names, list) else []
 
 
 def die_with_parent() -> None:
