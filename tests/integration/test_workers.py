@@ -307,3 +307,12 @@ def test_a_restarted_worker_takes_connections_only_once_it_serves(fleet: Fleet) 
         if re.search(rf"worker 1 ready \(pid {pid}\)", line):
             break
     assert not [line for line in seen if "model seed version 1 loaded" in line], seen
+
+
+def test_a_killed_first_process_leaves_no_worker_and_no_run_folder(fleet: Fleet) -> None:
+    """SIGKILL of the first process: its workers stop with it, and the run folder with the
+    control sockets goes too (it was left in the temp folder after every such crash)."""
+    fleet.proc.kill()
+    fleet.proc.wait()
+    wait_for(lambda: all(_gone(pid) for pid in fleet.pids), "every worker to stop")
+    wait_for(lambda: not fleet.run_dir.exists(), "the run folder to be removed")

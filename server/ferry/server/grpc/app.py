@@ -49,7 +49,12 @@ from ferry.server.runtime import shared_weights
 from ferry.server.runtime.session import open_session, set_auto_threads
 from ferry.server.settings import Settings
 from ferry.server.workers import control as worker_control
-from ferry.server.workers.fleet import WorkerFleet, die_with_parent, unloaded_by_parent
+from ferry.server.workers.fleet import (
+    WorkerFleet,
+    die_with_parent,
+    parent_gone,
+    unloaded_by_parent,
+)
 from ferry.server.workers.peers import Peers, socket_path
 
 log = logging.getLogger(__name__)
@@ -438,7 +443,11 @@ class FerryServer:
         if self._peers is not None:
             await self._peers.close()
             await asyncio.to_thread(self._peers.close_sync)
-        if self._run_dir is not None and not self.is_worker:
+        if self._run_dir is not None and (
+            not self.is_worker or await asyncio.to_thread(parent_gone, self._run_dir)
+        ):
+            # A worker whose first process was killed (it stops with it) removes the run folder
+            # that process could not: the folder and its sockets were left in /tmp.
             shutil.rmtree(self._run_dir, ignore_errors=True)
         await self.dataplane.close_shadows()
         await self.registry.close()

@@ -20,6 +20,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import signal
 import sys
 import time
@@ -202,6 +203,8 @@ class WorkerFleet:
         for task in self._monitors:
             task.cancel()
         running = [w.proc for w in self._workers if w.proc and w.proc.returncode is None]
+        with contextlib.suppress(OSError):  # they leave the run folder to this process
+            (self.run_dir / STOPPING).touch()
         for proc in running:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -240,6 +243,32 @@ def unloaded_by_parent() -> list[str]:
     except ValueError:
         return []
     return [str(n) for n in names] if isinstance(names, list) else []
+
+
+STOPPING = "stopping"  # in the run folder: the first process is stopping its workers itself
+PARENT_EXIT_WAIT = 2.0  # seconds a worker stopped by someone else waits to see the first go
+
+
+def parent_gone(run_dir: Path) -> bool:
+    """In a worker that is stopping: did the first process that started it die (SIGKILL: it
+    removed nothing, so the worker removes the run folder)? Not when the first process is
+    stopping it (``STOPPING``). Otherwise it is told of that death (PR_SET_PDEATHSIG) when the
+    thread that started it exits, possibly before the whole process has: wait for that, a
+    moment; a worker an operator stopped alone is started again by a first process that stays."""
+    parent = os.environ.get(ENV_PARENT)
+    if not parent or (run_dir / STOPPING).exists():
+        return False
+    if os.getppid() != int(parent):
+        return True
+    try:
+        pidfd = os.pidfd_open(int(parent))
+    except OSError:  # gone already
+        return True
+    try:
+        readable, _, _ = select.select([pidfd], [], [], PARENT_EXIT_WAIT)
+    finally:
+        os.close(pidfd)
+    return bool(readable)
 
 
 def die_with_parent() -> None:
