@@ -316,3 +316,30 @@ def test_a_killed_first_process_leaves_no_worker_and_no_run_folder(fleet: Fleet)
     fleet.proc.wait()
     wait_for(lambda: all(_gone(pid) for pid in fleet.pids), "every worker to stop")
     wait_for(lambda: not fleet.run_dir.exists(), "the run folder to be removed")
+
+
+def test_a_model_loaded_while_a_worker_starts_again_is_served_there(fleet: Fleet) -> None:
+    """A change made before the starting worker listens reaches it through its catch-up: a
+    model unloaded when it was started, and loaded again meanwhile, is served there too."""
+    with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+        repo.unload_model("seed")
+        victim = fleet.pids[1]
+        os.kill(victim, signal.SIGKILL)
+        fleet.wait_line(rf"worker 1 \(pid {victim}\) exited")
+        started: list[int] = []
+
+        def new_worker() -> bool:
+            started.extend(_children(fleet.proc.pid) - {victim, *fleet.pids})
+            return bool(started)
+
+        wait_for(new_worker, "worker 1 to be started again")
+        os.kill(started[0], signal.SIGSTOP)  # before its control socket listens
+        try:
+            repo.load_model("seed")
+        finally:
+            os.kill(started[0], signal.SIGCONT)
+    fleet.wait_line(rf"worker 1 ready \(pid {started[0]}\)")
+    assert _serves(fleet.run_dir, 0, "seed") and _serves(fleet.run_dir, 1, "seed")
+    with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+        repo.unload_model("seed")
+    assert not _serves(fleet.run_dir, 0, "seed") and not _serves(fleet.run_dir, 1, "seed")

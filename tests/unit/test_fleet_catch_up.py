@@ -1,11 +1,13 @@
 """A worker that starts (or starts again) while the repository changes: a change made after it
 read the repository and before its control socket listened reached only the workers already
 listening, answered OK, and never reached it. Once ready, a worker re-reads the repository and
-then repeats the explicit unloads, so it starts from the state the management calls left."""
+then applies the explicit loads and unloads made since it was started, so it starts from the
+state the management calls left."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +32,17 @@ class _Proc:
     returncode = None
 
 
-def test_a_ready_worker_rereads_the_repository_then_repeats_the_unloads(
+def test_a_ready_worker_rereads_the_repository_then_applies_the_unloads_since(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """It starts without the models unloaded on request then (FERRY_WORKER_UNLOADED); once
+    ready, one loaded again since is loaded there and one unloaded since is unloaded."""
+    unloaded = ["again", "kept"]
+    envs: list[dict[str, str]] = []
+
     async def spawned(*args: Any, **kwargs: Any) -> _Proc:
+        envs.append(kwargs["env"])
+        unloaded[:] = ["kept", "later"]  # changed while it started
         return _Proc()
 
     async def ready(worker: Any, sock: Path) -> None:
@@ -41,10 +50,12 @@ def test_a_ready_worker_rereads_the_repository_then_repeats_the_unloads(
 
     monkeypatch.setattr(fleet_module.asyncio, "create_subprocess_exec", spawned)
     peers = _Peers()
-    fleet = fleet_module.WorkerFleet(Settings(), tmp_path, 2, peers, lambda: ["gone"])  # type: ignore[arg-type]
+    fleet = fleet_module.WorkerFleet(Settings(), tmp_path, 2, peers, lambda: list(unloaded))  # type: ignore[arg-type]
     monkeypatch.setattr(fleet, "_wait_ready", ready)
     asyncio.run(fleet._spawn(fleet._workers[0]))
+    assert json.loads(envs[0][fleet_module.ENV_UNLOADED]) == ["again", "kept"]
     assert peers.calls == [
         ("worker-1.sock", control.APPLY, {"op": "refresh", "model": ""}),
-        ("worker-1.sock", control.APPLY, {"op": "unload", "model": "gone"}),
+        ("worker-1.sock", control.APPLY, {"op": "load", "model": "again"}),
+        ("worker-1.sock", control.APPLY, {"op": "unload", "model": "later"}),
     ]

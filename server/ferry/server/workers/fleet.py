@@ -102,6 +102,7 @@ class WorkerFleet:
         self._flags: list[str] = []
         self._stopping = False
         self._monitors: list[asyncio.Task[None]] = []
+        self._changes = asyncio.Lock()  # follow() and a started worker's catch-up, one at a time
         # Workers that exited and were started again: their counters started from zero, which
         # a sum over workers shows as a drop (docs/deployment.md); /metrics carries this count.
         self.restarts = 0
@@ -136,9 +137,17 @@ class WorkerFleet:
         # repository, before its control socket listened) reached only the workers already
         # listening, and was lost for this one. The follower is set before any worker starts,
         # so a change after this re-read reaches it too.
-        await self.peers.call(sock, control.APPLY, {"op": "refresh", "model": ""}, 600.0)
-        for name in sorted(set(self._unloaded()) - set(unloaded)):  # unloaded while it started
-            await self.peers.call(sock, control.APPLY, {"op": "unload", "model": name}, 60.0)
+        # Under the lock that ``follow`` takes: a change made meanwhile reaches this worker
+        # after its catch-up, never before it (an unload undone by a catch-up's load).
+        async with self._changes:
+            await self.peers.call(sock, control.APPLY, {"op": "refresh", "model": ""}, 600.0)
+            # It started without the models unloaded on request then (ENV_UNLOADED), which
+            # its refresh keeps out: one loaded again since is loaded, one unloaded since goes.
+            now = set(self._unloaded())
+            for name in sorted(set(unloaded) - now):
+                await self.peers.call(sock, control.APPLY, {"op": "load", "model": name}, 600.0)
+            for name in sorted(now - set(unloaded)):
+                await self.peers.call(sock, control.APPLY, {"op": "unload", "model": name}, 60.0)
         log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
 
     async def _wait_ready(self, worker: _Worker, sock: Path) -> None:
@@ -189,11 +198,13 @@ class WorkerFleet:
     async def follow(self, op: str, model: str) -> None:
         """Apply a repository change on every other worker; returns when all have."""
         ask = {"op": op, "model": model}
-        answers = await asyncio.gather(
-            *(self.peers.call(p, control.APPLY, ask, 600.0) for p in self.peers.sockets()),
-            return_exceptions=True,
-        )
-        for path, answer in zip(self.peers.sockets(), answers, strict=False):
+        async with self._changes:
+            paths = self.peers.sockets()
+            answers = await asyncio.gather(
+                *(self.peers.call(p, control.APPLY, ask, 600.0) for p in paths),
+                return_exceptions=True,
+            )
+        for path, answer in zip(paths, answers, strict=True):
             if isinstance(answer, BaseException):
                 log.warning("worker %s did not apply %s %s: %s", path.name, op, model, answer)
 
