@@ -271,8 +271,11 @@ def parent_gone(run_dir: Path) -> bool:
         return False
     if os.getppid() != int(parent):
         return True
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:  # not Linux: no death signal either (die_with_parent)
+        return False
     try:
-        pidfd = os.pidfd_open(int(parent))
+        pidfd = pidfd_open(int(parent))
     except OSError:  # gone already
         return True
     try:
