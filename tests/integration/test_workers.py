@@ -222,6 +222,21 @@ def _children(pid: int) -> set[int]:
     return {int(p) for p in text.split()}
 
 
+def _kill_worker_1(fleet: Fleet) -> int:
+    """SIGKILL worker 1; the pid of the process the first worker starts in its place."""
+    victim = fleet.pids[1]
+    os.kill(victim, signal.SIGKILL)
+    fleet.wait_line(rf"worker 1 \(pid {victim}\) exited")
+    started: list[int] = []
+
+    def new_worker() -> bool:
+        started.extend(_children(fleet.proc.pid) - {victim, *fleet.pids})
+        return bool(started)
+
+    wait_for(new_worker, "worker 1 to be started again")
+    return started[0]
+
+
 def test_counters_hold_while_a_killed_worker_starts_again(fleet: Fleet) -> None:
     """From a worker's death until its new process answers (seconds while it loads its
     models), the sums kept the dead process's counts: a scrape read a reset that came back."""
@@ -231,25 +246,16 @@ def test_counters_hold_while_a_killed_worker_starts_again(fleet: Fleet) -> None:
     inferences = 'ferry_inferences_total{model="mlp",version="1"}'
     before = _scrape(fleet)  # the first process has read every worker's counters
     assert _counter(before, ok) == sent and _counter(before, inferences) == sent
-    victim = fleet.pids[1]
-    os.kill(victim, signal.SIGKILL)
-    fleet.wait_line(rf"worker 1 \(pid {victim}\) exited")
+    pid = _kill_worker_1(fleet)
     # Hold the new process before it answers: its socket was unlinked for it to make anew.
-    started: list[int] = []
-
-    def new_worker() -> bool:
-        started.extend(_children(fleet.proc.pid) - {victim, *fleet.pids})
-        return bool(started)
-
-    wait_for(new_worker, "worker 1 to be started again")
-    os.kill(started[0], signal.SIGSTOP)
+    os.kill(pid, signal.SIGSTOP)
     try:
         assert not (fleet.run_dir / "worker-1.sock").exists()
         during = _scrape(fleet)
         assert _counter(during, ok) == sent and _counter(during, inferences) == sent
     finally:
-        os.kill(started[0], signal.SIGCONT)
-    fleet.wait_line(rf"worker 1 ready \(pid {started[0]}\)")
+        os.kill(pid, signal.SIGCONT)
+    fleet.wait_line(rf"worker 1 ready \(pid {pid}\)")
     after = _scrape(fleet)
     assert _counter(after, ok) == sent and _counter(after, inferences) == sent
 
@@ -280,17 +286,7 @@ def test_a_restarted_worker_takes_connections_only_once_it_serves(fleet: Fleet) 
     and it served a model unloaded on request until the first worker told it again."""
     with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
         repo.unload_model("seed")
-    victim = fleet.pids[1]
-    os.kill(victim, signal.SIGKILL)
-    fleet.wait_line(rf"worker 1 \(pid {victim}\) exited")
-    started: list[int] = []
-
-    def new_worker() -> bool:
-        started.extend(_children(fleet.proc.pid) - {victim, *fleet.pids})
-        return bool(started)
-
-    wait_for(new_worker, "worker 1 to be started again")
-    pid = started[0]
+    pid = _kill_worker_1(fleet)
     wait_for(lambda: _listens(pid, fleet.port), "the new worker to listen on the port")
     os.kill(pid, signal.SIGSTOP)  # held where it starts taking connections
     try:
@@ -323,22 +319,13 @@ def test_a_model_loaded_while_a_worker_starts_again_is_served_there(fleet: Fleet
     model unloaded when it was started, and loaded again meanwhile, is served there too."""
     with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
         repo.unload_model("seed")
-        victim = fleet.pids[1]
-        os.kill(victim, signal.SIGKILL)
-        fleet.wait_line(rf"worker 1 \(pid {victim}\) exited")
-        started: list[int] = []
-
-        def new_worker() -> bool:
-            started.extend(_children(fleet.proc.pid) - {victim, *fleet.pids})
-            return bool(started)
-
-        wait_for(new_worker, "worker 1 to be started again")
-        os.kill(started[0], signal.SIGSTOP)  # before its control socket listens
+        pid = _kill_worker_1(fleet)
+        os.kill(pid, signal.SIGSTOP)  # before its control socket listens
         try:
             repo.load_model("seed")
         finally:
-            os.kill(started[0], signal.SIGCONT)
-    fleet.wait_line(rf"worker 1 ready \(pid {started[0]}\)")
+            os.kill(pid, signal.SIGCONT)
+    fleet.wait_line(rf"worker 1 ready \(pid {pid}\)")
     assert _serves(fleet.run_dir, 0, "seed") and _serves(fleet.run_dir, 1, "seed")
     with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
         repo.unload_model("seed")

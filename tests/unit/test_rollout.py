@@ -493,9 +493,19 @@ def test_a_shadow_answering_other_labels_or_other_sizes_is_rolled_back() -> None
         assert halved.verdict(rules) == ("rollback" if value >= 10 else "")
     assert halved.cosine_min == pytest.approx(1.0) and halved.rel_error == pytest.approx(0.5)
     assert "relative error 0.5" in halved.summary()
+    # Ids: counted over the comparisons, not per request (one changed id in a request of one
+    # is not a cosine of 0 that rolls back at once).
     labels = ShadowStatistics(3)
-    labels.record({"id": np.array([7], np.int64)}, {"id": np.array([3], np.int64)})
-    assert labels.cosine_min == 0.0 and labels.verdict(rules) == "rollback"
+    for i in range(10):
+        label = {"id": np.array([7], np.int64)}
+        labels.record(label, {"id": np.array([3 if i == 0 else 7], np.int64)})
+        assert labels.verdict(rules) == ("rollback" if i == 9 else "")
+    assert labels.cosine_min == 1.0 and labels.label_agreement == pytest.approx(0.9)
+    rare = ShadowStatistics(3)
+    for i in range(200):
+        label = {"id": np.array([i % 5], np.int64)}
+        rare.record(label, {"id": np.array([9 if i == 0 else i % 5], np.int64)})
+    assert rare.label_agreement == pytest.approx(0.995) and rare.verdict(rules) == "promote"
     # Near one large value, a candidate answering the mean is 0.5% off and 100% wrong.
     mean = ShadowStatistics(3)
     rng = np.random.default_rng(3)

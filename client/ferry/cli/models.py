@@ -340,6 +340,11 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             f"{s.get('mean_cosine', 1):.6f}, min {s.get('min_cosine', 1):.6f}; max |diff| "
             f"{s.get('max_abs_diff', 0):.3g}, relative error {s.get('rel_error', 0):.3g}"
             + (
+                f"; ids equal {100 * s['label_agreement']:.2f}%"
+                if s.get("label_agreement", 1) < 1
+                else ""
+            )
+            + (
                 f"; top-1 agreement {100 * s['top1_agreement']:.2f}%"
                 if s.get("top1_agreement", -1) >= 0
                 else ""

@@ -165,7 +165,8 @@ class Rollout:
     # The answering server process's comparison of the candidate against the served versions:
     # compared, errors, shed, mean_cosine, min_cosine, max_abs_diff, top1_agreement (-1: the
     # outputs are not class scores), served_ms_mean, shadow_ms_mean, rel_error (the size of
-    # the error, which the cosine misses: ||served - shadow|| / ||served||).
+    # the error, which the cosine misses: ||served - shadow|| / ||served||), spread_error (one
+    # value per sample: the error against the served values' spread), label_agreement (ids).
     shadow: Mapping[str, float] = field(default_factory=dict)
     # promote_after, min_cosine, max_error_rate, max_latency_ratio: the ones set (see set_rollout)
     rules: Mapping[str, float] = field(default_factory=dict)

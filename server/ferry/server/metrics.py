@@ -333,6 +333,12 @@ class Metrics:
                 "Output difference of one-value outputs against the served values' spread",
                 "spread_error",
             ),
+            (
+                "ferry_shadow_label_agreement",
+                "gauge",
+                "Share of integer and boolean output elements equal to the served ones",
+                "label_agreement",
+            ),
         )
         for name, kind, help_text, attr in families:
             out.append(f"# HELP {name} {help_text}")

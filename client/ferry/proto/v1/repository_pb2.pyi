@@ -132,7 +132,7 @@ class Rollout(_message.Message):
     def __init__(self, model: _Optional[str] = ..., split: _Optional[_Mapping[int, float]] = ..., error: _Optional[str] = ..., history: _Optional[_Iterable[_Union[RolloutChange, _Mapping]]] = ..., shadow_version: _Optional[int] = ..., shadow_fraction: _Optional[float] = ..., shadow: _Optional[_Union[ShadowComparison, _Mapping]] = ..., rules: _Optional[_Union[RolloutRules, _Mapping]] = ...) -> None: ...
 
 class ShadowComparison(_message.Message):
-    __slots__ = ("compared", "errors", "shed", "mean_cosine", "min_cosine", "max_abs_diff", "top1_agreement", "served_ms_mean", "shadow_ms_mean", "rel_error", "spread_error")
+    __slots__ = ("compared", "errors", "shed", "mean_cosine", "min_cosine", "max_abs_diff", "top1_agreement", "served_ms_mean", "shadow_ms_mean", "rel_error", "spread_error", "label_agreement")
     COMPARED_FIELD_NUMBER: _ClassVar[int]
     ERRORS_FIELD_NUMBER: _ClassVar[int]
     SHED_FIELD_NUMBER: _ClassVar[int]
@@ -144,6 +144,7 @@ class ShadowComparison(_message.Message):
     SHADOW_MS_MEAN_FIELD_NUMBER: _ClassVar[int]
     REL_ERROR_FIELD_NUMBER: _ClassVar[int]
     SPREAD_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LABEL_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
     compared: int
     errors: int
     shed: int
@@ -155,4 +156,5 @@ class ShadowComparison(_message.Message):
     shadow_ms_mean: float
     rel_error: float
     spread_error: float
-    def __init__(self, compared: _Optional[int] = ..., errors: _Optional[int] = ..., shed: _Optional[int] = ..., mean_cosine: _Optional[float] = ..., min_cosine: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., served_ms_mean: _Optional[float] = ..., shadow_ms_mean: _Optional[float] = ..., rel_error: _Optional[float] = ..., spread_error: _Optional[float] = ...) -> None: ...
+    label_agreement: float
+    def __init__(self, compared: _Optional[int] = ..., errors: _Optional[int] = ..., shed: _Optional[int] = ..., mean_cosine: _Optional[float] = ..., min_cosine: _Optional[float] = ..., max_abs_diff: _Optional[float] = ..., top1_agreement: _Optional[float] = ..., served_ms_mean: _Optional[float] = ..., shadow_ms_mean: _Optional[float] = ..., rel_error: _Optional[float] = ..., spread_error: _Optional[float] = ..., label_agreement: _Optional[float] = ...) -> None: ...

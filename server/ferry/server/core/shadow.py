@@ -52,6 +52,8 @@ class ShadowStatistics:
     # regression's, has a cosine of 1 whatever the candidate answers), and for an output of one
     # value per sample, the sum and count of the served values (their spread: ``spread_error``).
     squares: dict[str, list[float]] = field(default_factory=dict)
+    labels_equal: int = 0  # elements of integer and boolean outputs equal in both
+    labels_total: int = 0
     in_flight: int = 0
     decided: bool = False  # a rule acted on this candidate: no second decision
     key: Any = None  # the rollout's (shadow, rules) these figures are about
@@ -72,6 +74,8 @@ class ShadowStatistics:
             most = math.sqrt(2.0 * (1.0 - rules.min_cosine)) if rules.min_cosine > 0 else math.inf
             if not (self.rel_error <= most and self.spread_error <= most):
                 return "rollback"
+            if self.labels_total and self.label_agreement < rules.min_cosine:
+                return "rollback"
         if not rules.promote_after or self.compared < rules.promote_after:
             return ""
         ratio = self.shadow_ns / self.served_ns if self.served_ns else 1.0
@@ -87,8 +91,15 @@ class ShadowStatistics:
         return (
             f"{self.compared} compared, {self.errors} errors, lowest cosine "
             f"{self.cosine_min:.6f}, relative error {self.rel_error:.4g}, of the spread "
-            f"{self.spread_error:.4g}{odd}, latency {ratio:.2f}x the served version's"
+            f"{self.spread_error:.4g}, ids equal {self.label_agreement:.2%}{odd}, latency "
+            f"{ratio:.2f}x the served version's"
         )
+
+    @property
+    def label_agreement(self) -> float:
+        """The share of integer and boolean output elements (ids, masks) equal in both, over
+        every comparison; 1 when there are none."""
+        return self.labels_equal / self.labels_total if self.labels_total else 1.0
 
     @property
     def spread_error(self) -> float:
@@ -141,9 +152,12 @@ class ShadowStatistics:
                 cosines.append(1.0 if np.array_equal(a, b) else 0.0)
                 continue
             if a.dtype.kind in "iub":
-                # Labels, ids, masks: the share of equal elements (the cosine of their one-hot
-                # encodings). The plain cosine of one id against another is 1.
-                cosines.append(float(np.mean(a == b)) if a.size else 1.0)
+                # Labels, ids, masks: counted equal or not over every comparison (the cosine of
+                # one id against another is 1; the share of equal ones is the cosine of their
+                # one-hot encodings). Not per request: one changed id in a request of one would
+                # make its figure 0 and roll a candidate back at its first disagreement.
+                self.labels_equal += int(np.count_nonzero(a == b))
+                self.labels_total += a.size
                 if a.size:
                     diff = np.abs(a.astype(np.float64) - b.astype(np.float64))
                     self.max_abs_diff = max(self.max_abs_diff, float(diff.max()))
@@ -173,7 +187,7 @@ class ShadowStatistics:
             if a.ndim == 2 and a.shape[1] > 1 and a.dtype.kind == "f":
                 self.top1_rows += a.shape[0]
                 self.top1_agree += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
-        cosine = min(cosines) if cosines else 0.0
+        cosine = min(cosines) if cosines else 1.0  # only labels: judged by their counts
         self.compared += 1
         self.cosine_sum += cosine
         self.cosine_min = min(self.cosine_min, cosine)

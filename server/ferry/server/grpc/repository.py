@@ -105,6 +105,7 @@ def _rollout(view: RolloutView) -> pb.Rollout:
                     shadow_ms_mean=s.shadow_ns / 1e6 / s.compared if s.compared else 0.0,
                     rel_error=s.rel_error,
                     spread_error=s.spread_error,
+                    label_agreement=s.label_agreement,
                 )
             )
     return out
