@@ -307,11 +307,14 @@ class ModelRegistry:
         if not split.split and default is not None:
             versions = [default, *versions]
         loaded = [
-            (v, slot.loaded)
+            (v, lv)
             for v in versions
-            if (slot := entry.versions.get(v)) is not None and slot.loaded is not None
+            if (slot := entry.versions.get(v)) is not None and (lv := slot.loaded) is not None
         ]
-        for (first, a), (other, b) in ((loaded[0], x) for x in loaded[1:]):
+        if not loaded:
+            return
+        first, a = loaded[0]
+        for other, b in loaded[1:]:
             why = rollouts.interface_difference((a.inputs, a.outputs), (b.inputs, b.outputs))
             if why:
                 raise FailedPrecondition(

@@ -20,14 +20,13 @@ from typing import Any
 
 import numpy as np
 
+from ferry.server.accuracy import SPREAD, max_rel_error
+
 log = logging.getLogger(__name__)
 
 SHADOW_PRIORITY = 2**31  # after every request of a caller (priorities: lower first)
 MAX_IN_FLIGHT = 8
 SHADOW_TIMEOUT = 5.0  # seconds a shadow may wait in the candidate's queue
-# Served values of one per sample whose spread is under this share of their size are not judged
-# on it (they hardly vary; the conversion budget's rule too).
-SPREAD = 1e-3
 
 
 @dataclass
@@ -71,8 +70,8 @@ class ShadowStatistics:
         # Over 10 comparisons at least, like the error rate: summed, a near-zero output in one
         # request cannot decide alone.
         if rules.min_cosine and self.compared >= 10:
-            most = math.sqrt(2.0 * (1.0 - rules.min_cosine)) if rules.min_cosine > 0 else math.inf
-            if not (self.rel_error <= most and self.spread_error <= most):
+            most = max_rel_error(rules.min_cosine)
+            if most is not None and not (self.rel_error <= most and self.spread_error <= most):
                 return "rollback"
             if self.labels_total and self.label_agreement < rules.min_cosine:
                 return "rollback"

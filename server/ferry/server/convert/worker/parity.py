@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ferry.codec import CodecError, datatype_from_name, numpy_dtype
+from ferry.server.accuracy import SPREAD, max_rel_error
 from ferry.server.convert.spec import InputSpec
 from ferry.server.errors import ConversionFailed, InvalidArgument
 
@@ -222,11 +223,6 @@ def _agreement(cand: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(cand == ref)) if ref.size else 1.0
 
 
-# A single value per sample ([N] or [N, 1]) whose spread over the samples is at least this share
-# of its size is judged on that spread too (``_spread_error``).
-SPREAD = 1e-3
-
-
 def _spread_error(cand: np.ndarray, ref: np.ndarray) -> float:
     """The relative error of one value per sample ([N] or [N, 1], a regression output) measured
     about the reference's mean over the samples: ||cand - ref|| / ||ref - mean(ref)||. Around a
@@ -398,14 +394,6 @@ def tolerance_failure(
             f"worst {float(c64.flat[worst]):.6g} vs {float(r64.flat[worst]):.6g}"
         )
     return ""
-
-
-def max_rel_error(min_cosine: float) -> float | None:
-    """The relative error a cosine budget allows: sqrt(2 (1 - min_cosine)), the error of a
-    variant whose outputs keep their size and turn by the budget's angle. One budget for both
-    figures, since a cosine alone passes any change of size. None where the budget is off
-    (min_cosine <= 0)."""
-    return math.sqrt(2.0 * (1.0 - min_cosine)) if min_cosine > 0 else None
 
 
 def budget_failure(figures: Figures, min_cosine: float, min_top1: float) -> str:
