@@ -78,9 +78,20 @@ def _spread(port: int, model: str, n_per_connection: int = 2) -> int:
 
 @pytest.fixture
 def fleet(tmp_path: Path) -> Iterator[Fleet]:
+    yield from _fleet(tmp_path)
+
+
+@pytest.fixture
+def watched_fleet(tmp_path: Path) -> Iterator[Fleet]:
+    """A fleet whose first process kills a worker silent for a second (--worker-timeout)."""
+    yield from _fleet(tmp_path, "--worker-timeout", "1")
+
+
+def _fleet(tmp_path: Path, *extra: str) -> Iterator[Fleet]:
     root = make_repo(tmp_path / "repo", {"mlp": mlp_model(), "seed": seed_model()})
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
     args = [sys.executable, "-m", "ferry.server", "--repository", str(root), "--workers", "2"]
+    args += list(extra)
     args += ["--host", "127.0.0.1", "--port", "0", "--management-port", "0"]
     args += ["--metrics-host", "127.0.0.1", "--metrics-port", "0"]
     args += ["--http-port", "-1", "--management-http-port", "-1", "--grace-period", "5"]
@@ -330,3 +341,28 @@ def test_a_model_loaded_while_a_worker_starts_again_is_served_there(fleet: Fleet
     with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
         repo.unload_model("seed")
     assert not _serves(fleet.run_dir, 0, "seed") and not _serves(fleet.run_dir, 1, "seed")
+
+
+def test_a_stopped_worker_is_killed_and_started_again_and_changes_do_not_wait_for_it(
+    watched_fleet: Fleet,
+) -> None:
+    """A worker that stops answering (SIGSTOP here; a deadlock or native code spinning alike)
+    held its share of new connections and made every management call wait up to 600 s, and a
+    client that gave up saw the change half made. The first process kills it once it has been
+    silent for --worker-timeout; the change returns, and the new process starts from it."""
+    fleet = watched_fleet
+    victim = fleet.pids[1]
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+            repo.unload_model("seed")  # answered once the silent worker is killed
+        fleet.wait_line(rf"worker 1 \(pid {victim}\) .*killed, to be started again")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(victim, signal.SIGCONT)
+    m = fleet.wait_line(r"worker 1 ready \(pid (\d+)\)")
+    assert int(m.group(1)) != victim and _gone(victim)
+    # The new process started from the repository's state: the unloaded model is not served.
+    assert not _serves(fleet.run_dir, 0, "seed") and not _serves(fleet.run_dir, 1, "seed")
+    assert _serves(fleet.run_dir, 1, "mlp")
+    assert "ferry_worker_restarts_total 1\n" in _scrape(fleet)

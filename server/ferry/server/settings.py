@@ -31,6 +31,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "metrics_port": (-1, 65535, "0 picks a free one, -1 disables it"),
     "poll_interval": (0, None, "0: scan only on request"),
     "grace_period": (0, None, "seconds"),
+    "worker_timeout": (0, None, "0: no liveness check"),
     "default_request_timeout": (0, None, "0: no bound"),
     "max_message_bytes": (4096, INT32_MAX, "bytes"),
     "max_stream_in_flight": (1, None, "requests"),
@@ -121,6 +122,14 @@ class Settings:
         metadata={
             "help": "inference worker processes sharing the inference ports (SO_REUSEPORT); "
             "the first also runs management, conversion and metrics; 0: one per usable core"
+        },
+    )
+    worker_timeout: float = field(
+        default=30.0,
+        metadata={
+            "help": "with --workers: seconds a worker may go without answering the first "
+            "process's liveness check before it is killed and started again (a stopped or hung "
+            "worker held its share of the connections and every management call); 0: never"
         },
     )
     worker_socket: str = field(

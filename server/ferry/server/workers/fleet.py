@@ -40,6 +40,8 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT = 300.0  # seconds a worker may take to load its models before it counts as failed
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_AFTER = 60.0  # a worker that lived this long starts the backoff afresh when it dies
+APPLY_TIMEOUT = 600.0  # seconds a worker may take to apply one change (a large model's load)
+CHECK_EVERY = 5.0  # seconds between liveness checks, at most (--worker-timeout / 3 below it)
 ENV_SOCKET = "FERRY_WORKER_SOCKET"
 ENV_PARENT = "FERRY_WORKER_PARENT"
 # The models an explicit unload took out (JSON list): a worker started again does not load them.
@@ -76,6 +78,9 @@ class _Worker:
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
         self.failures = 0
+        # Its control socket answered since it was (re)started: from then on it is expected to
+        # answer the liveness check (before, READY_TIMEOUT bounds its start-up load).
+        self.answering = False
 
 
 class WorkerFleet:
@@ -116,12 +121,15 @@ class WorkerFleet:
         self._flags = worker_flags(self.settings, port=port, http_port=http_port)
         await asyncio.gather(*(self._spawn(w) for w in self._workers))
         self._monitors = [asyncio.create_task(self._watch(w)) for w in self._workers]
+        if self.settings.worker_timeout > 0:
+            self._monitors += [asyncio.create_task(self._check(w)) for w in self._workers]
 
     async def _spawn(self, worker: _Worker) -> None:
         sock = socket_path(self.run_dir, worker.index)
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         unloaded = self._unloaded()
+        worker.answering = False
         env = {
             **os.environ,
             ENV_SOCKET: str(sock),
@@ -133,6 +141,7 @@ class WorkerFleet:
         )
         worker.started = time.monotonic()
         await self._wait_ready(worker, sock)
+        worker.answering = True
         # Caught up once it answers: a change made while it started (after it read the
         # repository, before its control socket listened) reached only the workers already
         # listening, and was lost for this one. The follower is set before any worker starts,
@@ -140,12 +149,15 @@ class WorkerFleet:
         # Under the lock that ``follow`` takes: a change made meanwhile reaches this worker
         # after its catch-up, never before it (an unload undone by a catch-up's load).
         async with self._changes:
-            await self.peers.call(sock, control.APPLY, {"op": "refresh", "model": ""}, 600.0)
+            await self.peers.call(
+                sock, control.APPLY, {"op": "refresh", "model": ""}, APPLY_TIMEOUT
+            )
             # It started without the models unloaded on request then (ENV_UNLOADED), which
             # its refresh keeps out: one loaded again since is loaded, one unloaded since goes.
             now = set(self._unloaded())
             for name in sorted(set(unloaded) - now):
-                await self.peers.call(sock, control.APPLY, {"op": "load", "model": name}, 600.0)
+                ask = {"op": "load", "model": name}
+                await self.peers.call(sock, control.APPLY, ask, APPLY_TIMEOUT)
             for name in sorted(now - set(unloaded)):
                 await self.peers.call(sock, control.APPLY, {"op": "unload", "model": name}, 60.0)
         log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
@@ -195,18 +207,78 @@ class WorkerFleet:
                 if worker.proc is not None and worker.proc.returncode is None:
                     worker.proc.kill()
 
+    async def _check(self, worker: _Worker) -> None:
+        """Kill a worker that stops answering its control socket for ``--worker-timeout``
+        seconds (gunicorn's worker timeout; a Kubernetes liveness probe sees only the pod, and
+        through the shared port it reaches a stuck worker once in N tries). Stopped (SIGSTOP),
+        deadlocked or spinning in native code, it kept its share of new connections waiting
+        and every management call waiting up to APPLY_TIMEOUT. Its event loop answers while
+        it loads a model (loads run in threads), so a slow load is not taken for a hang.
+        ``_watch`` starts it again, and its catch-up brings it to the repository's state."""
+        timeout = self.settings.worker_timeout
+        every = min(CHECK_EVERY, timeout / 3)
+        sock = socket_path(self.run_dir, worker.index)
+        answered: tuple[int, float] | None = None  # (pid, when it last answered)
+        while not self._stopping:
+            await asyncio.sleep(every)
+            proc = worker.proc
+            if proc is None or proc.returncode is not None or not worker.answering:
+                answered = None
+                continue
+            if answered is None or answered[0] != proc.pid:
+                answered = (proc.pid, time.monotonic())
+            try:
+                await self.peers.call(sock, control.READY, {}, every)
+            except grpc.RpcError:
+                silent = time.monotonic() - answered[1]
+                if silent >= timeout and proc.returncode is None and not self._stopping:
+                    self._kill(worker, f"did not answer for {silent:.0f} s (--worker-timeout)")
+                continue
+            answered = (proc.pid, time.monotonic())
+
+    def _kill(self, worker: _Worker, why: str) -> None:
+        """SIGKILL a worker that cannot be trusted to serve the repository's state; its
+        monitor (``_watch``) starts it again from that state."""
+        proc = worker.proc
+        if proc is None or proc.returncode is not None:
+            return
+        log.error("worker %d (pid %d) %s: killed, to be started again", worker.index, proc.pid, why)
+        worker.answering = False
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+
     async def follow(self, op: str, model: str) -> None:
-        """Apply a repository change on every other worker; returns when all have."""
+        """Apply a repository change on every other worker; returns when all have, or when a
+        worker that did not was killed (it starts again from the repository's state)."""
         ask = {"op": op, "model": model}
         async with self._changes:
             paths = self.peers.sockets()
+            asked = {p: self._worker_at(p) for p in paths}
             answers = await asyncio.gather(
-                *(self.peers.call(p, control.APPLY, ask, 600.0) for p in paths),
+                *(self.peers.call(p, control.APPLY, ask, APPLY_TIMEOUT) for p in paths),
                 return_exceptions=True,
             )
         for path, answer in zip(paths, answers, strict=True):
-            if isinstance(answer, BaseException):
-                log.warning("worker %s did not apply %s %s: %s", path.name, op, model, answer)
+            if not isinstance(answer, BaseException):
+                continue
+            log.warning("worker %s did not apply %s %s: %s", path.name, op, model, answer)
+            worker, pid = asked[path]
+            # Still the process that was asked, alive, and past its start: it serves what the
+            # repository no longer says (a version unloaded, a model not loaded) until told.
+            if (
+                worker is not None
+                and worker.proc is not None
+                and worker.proc.pid == pid
+                and worker.answering
+                and not self._stopping
+            ):
+                self._kill(worker, f"did not apply {op} {model or 'of the repository'}")
+
+    def _worker_at(self, path: Path) -> tuple[_Worker | None, int]:
+        for w in self._workers:
+            if socket_path(self.run_dir, w.index) == path and w.proc is not None:
+                return w, w.proc.pid
+        return None, 0
 
     async def stop(self, grace: float) -> None:
         """SIGTERM every worker (each drains within ``grace``), then kill what is left."""

@@ -1,0 +1,137 @@
+"""The first process's liveness check of its workers (``WorkerFleet._check``) and what a change
+that a worker did not apply does to it (``WorkerFleet.follow``), with the processes and control
+sockets replaced by stand-ins so that silence and answers are the test's to choose."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from ferry.server.settings import Settings
+from ferry.server.workers import control
+from ferry.server.workers import fleet as fleet_module
+from ferry.server.workers.fleet import WorkerFleet
+
+
+class _Proc:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.killed = asyncio.Event()
+
+    def kill(self) -> None:
+        self.returncode = -9
+        self.killed.set()
+
+
+class _Silent(grpc.RpcError):
+    pass
+
+
+class _Peers:
+    """Answers READY while ``answers`` lasts (None: forever), then stays silent; APPLY as told."""
+
+    def __init__(self, tmp: Path, answers: int | None = None, apply_fails: bool = False) -> None:
+        self.tmp = tmp
+        self.answers = answers
+        self.apply_fails = apply_fails
+        self.pings = 0
+        self.enough = asyncio.Event()
+
+    async def call(self, path: Path, method: str, ask: Any, seconds: float) -> Any:
+        if method == control.READY:
+            self.pings += 1
+            if self.pings >= 20:
+                self.enough.set()
+            if self.answers is None or self.pings <= self.answers:
+                return {"ready": True}
+            raise _Silent()
+        if self.apply_fails:
+            raise _Silent()
+        return {"ok": True}
+
+    def sockets(self) -> list[Path]:
+        return [self.tmp / "worker-1.sock"]
+
+
+def _fleet(tmp_path: Path, peers: _Peers, timeout: float) -> tuple[WorkerFleet, _Proc]:
+    fleet = WorkerFleet(Settings(worker_timeout=timeout), tmp_path, 2, peers, list)  # type: ignore[arg-type]
+    proc = _Proc(1234)
+    (worker,) = fleet._workers
+    worker.proc = proc  # type: ignore[assignment]
+    worker.answering = True
+    return fleet, proc
+
+
+def test_a_worker_silent_for_the_timeout_is_killed(tmp_path: Path) -> None:
+    async def run() -> None:
+        peers = _Peers(tmp_path, answers=3)
+        fleet, proc = _fleet(tmp_path, peers, 0.06)
+        check = asyncio.create_task(fleet._check(fleet._workers[0]))
+        await asyncio.wait_for(proc.killed.wait(), 10)
+        assert peers.pings > 3  # it answered, then fell silent
+        assert not fleet._workers[0].answering
+        check.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_worker_that_answers_is_never_killed(tmp_path: Path) -> None:
+    async def run() -> None:
+        peers = _Peers(tmp_path)
+        fleet, proc = _fleet(tmp_path, peers, 0.03)
+        check = asyncio.create_task(fleet._check(fleet._workers[0]))
+        await asyncio.wait_for(peers.enough.wait(), 10)  # 20 checks, each answered
+        assert not proc.killed.is_set()
+        check.cancel()
+
+    asyncio.run(run())
+
+
+def test_a_worker_still_starting_is_not_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before its control socket first answers, READY_TIMEOUT bounds its start-up load: a
+    large repository takes longer than --worker-timeout to load."""
+    yielding = asyncio.sleep
+    periods = 0
+    done = asyncio.Event()
+
+    async def period(seconds: float) -> None:  # the check's period, counted instead of waited
+        nonlocal periods
+        periods += 1
+        if periods >= 50:
+            done.set()
+        await yielding(0)
+
+    async def run() -> None:
+        peers = _Peers(tmp_path, answers=0)
+        fleet, proc = _fleet(tmp_path, peers, 0.03)
+        fleet._workers[0].answering = False
+        monkeypatch.setattr(fleet_module.asyncio, "sleep", period)
+        check = asyncio.create_task(fleet._check(fleet._workers[0]))
+        await done.wait()
+        assert peers.pings == 0 and not proc.killed.is_set()
+        check.cancel()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("fails", [True, False])
+def test_a_worker_that_does_not_apply_a_change_is_started_again(
+    tmp_path: Path, fails: bool
+) -> None:
+    """Alive but without the change, it would serve what the repository no longer says (a
+    model unloaded, an old default) until told again; started again, it reads the repository."""
+
+    async def run() -> None:
+        peers = _Peers(tmp_path, apply_fails=fails)
+        fleet, proc = _fleet(tmp_path, peers, 30.0)
+        await fleet.follow("unload", "seed")
+        assert proc.killed.is_set() == fails
+
+    asyncio.run(run())
