@@ -214,6 +214,13 @@ def test_uploads_list_and_delete(
     assert code == 0 and [u["upload_id"] for u in listed] == ids[::-1]  # newest first
     code, out, _ = ferry(capsys, "uploads", "list", "b", *t)
     assert code == 0 and ids[1] in out and ids[0] not in out and "UPLOAD_ID" in out
+    code, out, _ = ferry(capsys, "uploads", "list", "--limit", "1", "--json", *t)
+    assert code == 0 and [u["upload_id"] for u in json.loads(out)] == [ids[2]]
+    code, out, _ = ferry(capsys, "uploads", "list", "--limit", "0", "--json", *t)  # all
+    assert code == 0 and [u["upload_id"] for u in json.loads(out)] == ids[::-1]
+    with pytest.raises(SystemExit) as usage:
+        ferry(capsys, "uploads", "list", "--limit", "-1", *t)
+    assert usage.value.code == 2 and "--limit: must be >= 0" in capsys.readouterr().err
     files = sorted((srv.app.conversion.state_dir / "uploads").iterdir())
     assert len(files) == 3
 

@@ -218,19 +218,96 @@ def test_architecture_names_are_bounded(
     assert conv.list_uploads() == []
 
 
-def test_listings_stay_under_the_message_limit(servers: ConversionServers) -> None:
-    """However many big records are kept, a listing answers: newest first, as many as fit."""
-    _, conv = servers.start(max_message_bytes=200_000)
+def test_listings_stay_under_the_message_limit_and_go_on_by_page(
+    servers: ConversionServers,
+) -> None:
+    """However many big records are kept, a listing answers: newest first, as many as fit,
+    and a page token to the rest (they were out of reach, and `ferry uploads delete --all`
+    deleted only the first page's)."""
+    srv, conv = servers.start(max_message_bytes=200_000)
     onnx = mlp_model(sizes=(4, 4), seed=0).SerializeToString()
     pad = "x" * (MAX_KWARGS_JSON - 100)
     ids = [
         conv.upload("m", onnx, format="onnx", architecture_kwargs={"pad": pad}).upload_id
         for _ in range(5)
     ]
-    listed = [u.upload_id for u in conv.list_uploads(limit=100)]
-    assert 1 <= len(listed) < 5
+    first = stub(srv).ListUploads(pb.ListUploadsRequest(limit=100), timeout=30)
+    listed = [u.upload_id for u in first.uploads]
+    assert 1 <= len(listed) < 5 and first.next_page_token
     assert listed == ids[::-1][: len(listed)]
+    # The SDK follows the pages: every record once, newest first, and never more than asked.
+    assert [u.upload_id for u in conv.list_uploads(limit=100)] == ids[::-1]
+    assert [u.upload_id for u in conv.list_uploads(limit=None)] == ids[::-1]
+    assert [u.upload_id for u in conv.list_uploads("m", limit=4)] == ids[::-1][:4]
     assert conv.list_uploads("m", limit=1)[0].upload_id == ids[-1]
+
+
+def test_pages_neither_repeat_nor_skip_when_records_come_and_go(
+    server: tuple[ServerThread, ConversionClient],
+) -> None:
+    srv, conv = server
+    onnx = mlp_model(sizes=(4, 4), seed=0).SerializeToString()
+    ids = [conv.upload("m", onnx, format="onnx").upload_id for _ in range(5)]
+    rpc = stub(srv).ListUploads
+    page = rpc(pb.ListUploadsRequest(model="m", limit=2), timeout=30)
+    assert [u.upload_id for u in page.uploads] == [ids[4], ids[3]] and page.next_page_token
+    newer = conv.upload("m", onnx, format="onnx").upload_id  # before the next page
+    conv.delete_upload(ids[2])  # the next page's first record
+    rest = rpc(pb.ListUploadsRequest(model="m", page_token=page.next_page_token), timeout=30)
+    assert [u.upload_id for u in rest.uploads] == [ids[1], ids[0]]
+    assert rest.next_page_token == ""
+    assert newer in {u.upload_id for u in conv.list_uploads("m")}
+
+
+@pytest.mark.parametrize(
+    ("token", "model", "says"),
+    [
+        ("garbage!", "m", "not one this server gave"),
+        ("x" * 5000, "m", "not one this server gave"),
+        ("WzEsMiwzXQ", "m", "not one this server gave"),  # [1,2,3]: base64 of another shape
+        ("", "m", ""),
+    ],
+)
+def test_a_page_token_the_server_did_not_give_is_invalid_argument(
+    server: tuple[ServerThread, ConversionClient], token: str, model: str, says: str
+) -> None:
+    srv, _ = server
+    for rpc, request in (
+        (stub(srv).ListUploads, pb.ListUploadsRequest),
+        (stub(srv).ListJobs, pb.ListJobsRequest),
+    ):
+        if not says:
+            assert rpc(request(model=model, page_token=token), timeout=30).next_page_token == ""
+            continue
+        with pytest.raises(grpc.RpcError) as info:
+            rpc(request(model=model, page_token=token), timeout=30)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert says in (info.value.details() or "")
+
+
+def test_a_page_token_is_for_the_model_filter_it_was_given_for(
+    server: tuple[ServerThread, ConversionClient],
+) -> None:
+    srv, conv = server
+    onnx = mlp_model(sizes=(4, 4), seed=0).SerializeToString()
+    for _ in range(2):
+        conv.upload("m", onnx, format="onnx")
+    page = stub(srv).ListUploads(pb.ListUploadsRequest(model="m", limit=1), timeout=30)
+    with pytest.raises(grpc.RpcError) as info:
+        stub(srv).ListUploads(pb.ListUploadsRequest(page_token=page.next_page_token), timeout=30)
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "belongs to the listing of model 'm'" in (info.value.details() or "")
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 2.5])
+def test_the_sdk_refuses_a_limit_that_is_not_a_count(
+    server: tuple[ServerThread, ConversionClient], limit: Any
+) -> None:
+    _, conv = server
+    with pytest.raises(InvalidInputError, match="limit"):
+        conv.list_uploads(limit=limit)
+    with pytest.raises(InvalidInputError, match="limit"):
+        conv.list_jobs(limit=limit)
 
 
 # ---- the listings' model filter ----

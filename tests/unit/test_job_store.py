@@ -87,6 +87,11 @@ def test_list_jobs_newest_first_and_by_model(store: JobStore) -> None:
     assert [j.job_id for j in store.list_jobs()] == ["j3", "j2", "j1"]
     assert [j.job_id for j in store.list_jobs("a")] == ["j3", "j1"]
     assert [j.job_id for j in store.list_jobs(limit=1)] == ["j3"]
+    # A page goes on strictly after the position of the last record it held.
+    ((position, first),) = store.page_jobs(limit=1)
+    assert first.job_id == "j3"
+    assert [j.job_id for _, j in store.page_jobs(after=position)] == ["j2", "j1"]
+    assert [j.job_id for _, j in store.page_jobs("a", after=position)] == ["j1"]
     with pytest.raises(JobNotFound):
         store.get_job("nope")
 

@@ -207,6 +207,11 @@ def positive_int(text: str) -> int:
     return _int_within(text, 1, None)
 
 
+def count_or_all(text: str) -> int:
+    """--limit of a listing: 0 for every record (the SDK follows the server's pages)."""
+    return _int_within(text, 0, None)
+
+
 def shape_spec(text: str) -> tuple[str, tuple[int, ...]]:
     """``NAME=D,D,...`` for --shape."""
     name, sep, dims = text.partition("=")

@@ -17,6 +17,7 @@ from ferry.cli._common import (
     EXIT_OK,
     UsageError,
     connect,
+    count_or_all,
     management_parent,
     print_table,
     report_error,
@@ -42,7 +43,9 @@ def register(sub: Any) -> None:
         description="Every upload the server keeps, newest first, with its size and model.",
     )
     p.add_argument("model", nargs="?", default="", help="only this model's uploads")
-    p.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
+    p.add_argument(
+        "--limit", type=count_or_all, default=100, help="at most this many (default 100; 0: all)"
+    )
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_list, hint=conversion_hint)
 
@@ -74,7 +77,7 @@ def _when(upload: Upload) -> str:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with connect(ConversionClient, args) as client:
-        uploads = client.list_uploads(args.model or None, limit=args.limit)
+        uploads = client.list_uploads(args.model or None, limit=args.limit or None)
     if args.json:
         rows = [
             {
@@ -111,7 +114,7 @@ def cmd_delete(args: argparse.Namespace) -> int:
     with connect(ConversionClient, args) as client:
         ids = args.upload_ids
         if args.all_of is not None:
-            ids = [u.upload_id for u in client.list_uploads(args.all_of or None, limit=10_000)]
+            ids = [u.upload_id for u in client.list_uploads(args.all_of or None, limit=None)]
         for upload_id in ids:
             try:
                 client.delete_upload(upload_id)

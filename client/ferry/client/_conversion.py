@@ -54,6 +54,7 @@ from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
+PAGE_MAX = 10_000  # records the server answers at most per listing page
 SUFFIX_FORMATS = {
     ".pt": "state_dict",
     ".pth": "state_dict",
@@ -316,11 +317,38 @@ class ConversionClient(ManagementClient):
             raise from_rpc_error(exc) from None
         return parse_upload(reply)
 
-    def list_uploads(self, model: str | None = None, *, limit: int = 100) -> list[Upload]:
+    def list_uploads(self, model: str | None = None, *, limit: int | None = 100) -> list[Upload]:
         """The uploads the server keeps, newest first; they stay until deleted or removed by the
-        server's retention rule (oldest unused first, past its byte or age bound)."""
-        request = pb.ListUploadsRequest(model=model or "", limit=limit)
-        return [parse_upload(u) for u in self._call(self._stub.ListUploads, request).uploads]
+        server's retention rule (oldest unused first, past its byte or age bound). At most
+        ``limit`` (None: all of them), over as many pages as the server's answers need."""
+        pages = self._pages(self._stub.ListUploads, pb.ListUploadsRequest, "uploads", model, limit)
+        return [parse_upload(u) for page in pages for u in page]
+
+    def _pages(
+        self,
+        method: Callable[..., Any],
+        request: Callable[..., Any],
+        field: str,
+        model: str | None,
+        limit: int | None,
+    ) -> Iterator[list[Any]]:
+        """The records of a listing, page after page (``next_page_token``), until ``limit``
+        records came or the last page: one answer holds at most what fits half the server's
+        message size, fewer than asked for when records are large."""
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise InvalidInputError(f"limit must be a whole number or None, not {limit!r}")
+        if limit is not None and limit < 1:
+            raise InvalidInputError(f"limit must be at least 1 (None: all), not {limit}")
+        got, token = 0, ""
+        while True:
+            ask = PAGE_MAX if limit is None else min(limit - got, PAGE_MAX)
+            reply = self._call(method, request(model=model or "", limit=ask, page_token=token))
+            records = list(getattr(reply, field))[:ask]  # never more than asked for
+            yield records
+            got += len(records)
+            token = reply.next_page_token
+            if not token or (limit is not None and got >= limit):
+                return
 
     def delete_upload(self, upload: Upload | str) -> None:
         """Remove an upload's file from the server. Refused (``ConversionError``,
@@ -394,10 +422,10 @@ class ConversionClient(ManagementClient):
     def job(self, job_id: str) -> Job:
         return self._job(self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id)))
 
-    def list_jobs(self, model: str | None = None, *, limit: int = 100) -> list[Job]:
-        """Newest first."""
-        reply = self._call(self._stub.ListJobs, pb.ListJobsRequest(model=model or "", limit=limit))
-        return [self._job(j) for j in reply.jobs]
+    def list_jobs(self, model: str | None = None, *, limit: int | None = 100) -> list[Job]:
+        """Newest first, at most ``limit`` (None: all of them), as ``list_uploads``."""
+        pages = self._pages(self._stub.ListJobs, pb.ListJobsRequest, "jobs", model, limit)
+        return [self._job(j) for page in pages for j in page]
 
     def cancel(self, job_id: str) -> Job:
         return self._job(self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)))

@@ -22,7 +22,15 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ferry.server.convert import architectures, onnx_archive, retention, spec, uploads, validation
+from ferry.server.convert import (
+    architectures,
+    onnx_archive,
+    pages,
+    retention,
+    spec,
+    uploads,
+    validation,
+)
 from ferry.server.convert.jobs import JobRunner, staging_key
 from ferry.server.convert.publish import interrupted_pin
 from ferry.server.convert.store import (
@@ -226,13 +234,17 @@ class ConversionService:
             files.append(Path(record.path))  # checked where it is removed
         return files
 
-    def list_uploads(self, model: str = "", limit: int = 0) -> list[UploadRecord]:
+    def list_uploads(
+        self, model: str = "", limit: int = 0, page_token: str = ""
+    ) -> tuple[list[UploadRecord], str]:
         """Newest first, at most ``limit`` (0: 100; at most 10,000) and no more than fit the
-        answer's byte budget, so that no number of kept uploads can make the listing fail."""
+        answer's byte budget, so that no number of kept uploads can make the listing fail;
+        with the token of the next page, empty after the last (convert.pages)."""
         if model:
             validate_model_name(model)
-        records = self.store.list_uploads(model, min(limit or 100, 10_000))
-        return _within(self._list_budget(), records, _upload_bytes)
+        after = pages.decode(page_token, model)
+        rows = self.store.page_uploads(model, _page_size(limit) + 1, after)
+        return _page(rows, _page_size(limit), self._list_budget(), _upload_bytes, model)
 
     async def delete_upload(self, upload_id: str) -> None:
         record = self.store.delete_upload(_check_id(upload_id, "upload"))
@@ -368,12 +380,15 @@ class ConversionService:
     def get_job(self, job_id: str) -> JobRecord:
         return self.store.get_job(_check_id(job_id, "job"))
 
-    def list_jobs(self, model: str = "", limit: int = 0) -> list[JobRecord]:
+    def list_jobs(
+        self, model: str = "", limit: int = 0, page_token: str = ""
+    ) -> tuple[list[JobRecord], str]:
         """As ``list_uploads``: newest first, within ``limit`` and the byte budget."""
         if model:
             validate_model_name(model)
-        records = self.store.list_jobs(model, min(limit or 100, 10_000))
-        return _within(self._list_budget(), records, _job_bytes)
+        after = pages.decode(page_token, model)
+        rows = self.store.page_jobs(model, _page_size(limit) + 1, after)
+        return _page(rows, _page_size(limit), self._list_budget(), _job_bytes, model)
 
     def _list_budget(self) -> int:
         """Half the largest message: what the estimate of a record's size leaves out (field
@@ -443,6 +458,25 @@ def _job_bytes(record: JobRecord) -> int:
     # The report goes out twice: parsed into ConversionReport and as report_json.
     texts = (record.message, record.error_message, record.spec_json, record.stage)
     return 1024 + 2 * len(record.report_json.encode()) + sum(len(t.encode()) for t in texts)
+
+
+def _page_size(limit: int) -> int:
+    return min(limit or 100, 10_000)
+
+
+def _page(
+    rows: list[tuple[pages.Position, _R]],
+    limit: int,
+    budget: int,
+    size: Callable[[_R], int],
+    model: str,
+) -> tuple[list[_R], str]:
+    """The records of one page (``rows`` holds one more than ``limit`` when more follow) and
+    the token of the next, when the limit or the byte budget left records out."""
+    kept = _within(budget, [record for _, record in rows[:limit]], size)
+    if len(rows) > len(kept):
+        return kept, pages.encode(rows[len(kept) - 1][0], model)
+    return kept, ""
 
 
 def _within(budget: int, records: list[_R], size: Callable[[_R], int]) -> list[_R]:

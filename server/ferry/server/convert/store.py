@@ -15,7 +15,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from ferry.server.convert.pages import Position
 from ferry.server.errors import (
     ErrorKind,
     FailedPrecondition,
@@ -231,12 +233,39 @@ class JobStore:
 
     def list_uploads(self, model: str = "", limit: int = 100) -> list[UploadRecord]:
         """Newest first."""
-        where, args = ("WHERE model = ? ", (model,)) if model else ("", ())
+        return [record for _, record in self.page_uploads(model, limit)]
+
+    def page_uploads(
+        self, model: str = "", limit: int = 100, after: Position | None = None
+    ) -> list[tuple[Position, UploadRecord]]:
+        """Newest first, strictly after ``after``, each with its position (convert.pages)."""
+        return [
+            (position, UploadRecord(**row))
+            for position, row in self._page("uploads", model, limit, after)
+        ]
+
+    def _page(
+        self, table: str, model: str, limit: int, after: Position | None
+    ) -> list[tuple[Position, dict[str, Any]]]:
+        clauses: list[str] = []
+        args: list[Any] = []
+        if model:
+            clauses.append("model = ?")
+            args.append(model)
+        if after is not None:
+            clauses.append("(created_ms < ? OR (created_ms = ? AND rowid < ?))")
+            args += [after[0], after[0], after[1]]
+        where = f"WHERE {' AND '.join(clauses)} " if clauses else ""
         rows = self.db.execute(
-            f"SELECT * FROM uploads {where}ORDER BY created_ms DESC, rowid DESC LIMIT ?",
+            f"SELECT rowid AS page_row, * FROM {table} {where}"
+            "ORDER BY created_ms DESC, rowid DESC LIMIT ?",
             (*args, limit),
         )
-        return [UploadRecord(**dict(r)) for r in rows]
+        out = []
+        for r in rows:
+            raw = dict(r)
+            out.append(((int(raw["created_ms"]), int(raw.pop("page_row"))), raw))
+        return out
 
     def delete_upload(self, upload_id: str) -> UploadRecord:
         """Forget an upload that no live job reads (checked and removed in one transaction);
@@ -336,16 +365,14 @@ class JobStore:
         return _job(row)
 
     def list_jobs(self, model: str = "", limit: int = 100) -> list[JobRecord]:
-        if model:
-            rows = self.db.execute(
-                "SELECT * FROM jobs WHERE model = ? ORDER BY created_ms DESC, rowid DESC LIMIT ?",
-                (model, limit),
-            )
-        else:
-            rows = self.db.execute(
-                "SELECT * FROM jobs ORDER BY created_ms DESC, rowid DESC LIMIT ?", (limit,)
-            )
-        return [_job(r) for r in rows]
+        """Newest first."""
+        return [record for _, record in self.page_jobs(model, limit)]
+
+    def page_jobs(
+        self, model: str = "", limit: int = 100, after: Position | None = None
+    ) -> list[tuple[Position, JobRecord]]:
+        """Newest first, strictly after ``after``, each with its position (convert.pages)."""
+        return [(position, _job(row)) for position, row in self._page("jobs", model, limit, after)]
 
     def jobs_in(self, *states: JobState) -> list[JobRecord]:
         marks = ", ".join("?" for _ in states)
@@ -492,7 +519,7 @@ class JobStore:
         return interrupted
 
 
-def _job(row: sqlite3.Row) -> JobRecord:
+def _job(row: sqlite3.Row | dict[str, Any]) -> JobRecord:
     raw = dict(row)
     raw["state"] = JobState(raw["state"])
     return JobRecord(**raw)

@@ -69,9 +69,10 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
     async def ListUploads(
         self, request: pb.ListUploadsRequest, context: aio.ServicerContext
     ) -> pb.ListUploadsResponse:
-        records = self.service.list_uploads(request.model, request.limit)
+        records, token = self.service.list_uploads(request.model, request.limit, request.page_token)
         return pb.ListUploadsResponse(
-            uploads=[_upload(r, self.service.known_inputs(r)) for r in records]
+            uploads=[_upload(r, self.service.known_inputs(r)) for r in records],
+            next_page_token=token,
         )
 
     @translate_errors
@@ -95,8 +96,8 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
     async def ListJobs(
         self, request: pb.ListJobsRequest, context: aio.ServicerContext
     ) -> pb.ListJobsResponse:
-        jobs = self.service.list_jobs(request.model, request.limit)
-        return pb.ListJobsResponse(jobs=[_job(j) for j in jobs])
+        jobs, token = self.service.list_jobs(request.model, request.limit, request.page_token)
+        return pb.ListJobsResponse(jobs=[_job(j) for j in jobs], next_page_token=token)
 
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: aio.ServicerContext
