@@ -18,6 +18,7 @@ from ferry.server.core import rollout as rollouts
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
+from ferry.server.core.shadow import comparison_key
 from ferry.server.core.types import State
 from ferry.server.errors import FailedPrecondition, FerryError, InvalidArgument, VersionNotFound
 from ferry.server.examples import seed_model, write_model
@@ -627,6 +628,7 @@ def test_a_split_rule_keeps_the_shadow_and_the_rules(tmp_path: Path) -> None:
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", shadow_of=(4, 0.01), rules=rules
         )
+        comparison = registry.rollout_of("m")[0].comparison  # every worker's figures key to it
         x = {"input": np.ones((1, 3), np.float32)}
         for key in KEYS[:200]:
             with contextlib.suppress(FerryError):
@@ -637,6 +639,7 @@ def test_a_split_rule_keeps_the_shadow_and_the_rules(tmp_path: Path) -> None:
         assert view.history[-1]["why"].startswith("rolled back by rule: version 3")
         assert view.shadow == (4, 0.01)
         assert view.rules["max_error_rate"] == 0.2 and view.rules["promote_after"] == 100_000
+        assert registry.rollout_of("m")[0].comparison == comparison  # the comparison goes on
         await dataplane.close_shadows()
         await registry.close()
 
@@ -825,3 +828,28 @@ def test_a_shadow_that_became_the_default_says_it_compares_nothing(tmp_path: Pat
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_change_that_starts_afresh_gets_a_new_comparison_id(tmp_path: Path) -> None:
+    """A person setting the same shadow and rules again restarts the comparison in the process
+    that answered; keyed on (shadow, rules) alone, the other workers' older figures matched."""
+    mdir = tmp_path / "m"
+    mdir.mkdir()
+    wanted = rollouts.Rollout(((1, 1.0),), (2, 0.5), rollouts.Rules(promote_after=9))
+    rollouts.write(mdir, wanted, by="t", why="")
+    first, _ = rollouts.read(mdir)
+    rollouts.write(mdir, wanted, by="t", why="again")
+    again, _ = rollouts.read(mdir)
+    assert first is not None and again is not None and first == again
+    assert first.comparison and again.comparison != first.comparison
+    assert comparison_key(first) != comparison_key(again)
+    kept = rollouts.going_on(again, wanted)  # a rule's change keeping the shadow and rules
+    rollouts.write(mdir, kept, by="rollout rules", why="")
+    assert comparison_key(rollouts.read(mdir)[0]) == comparison_key(again)
+    other = rollouts.Rollout(((1, 1.0),), (2, 0.25))
+    assert rollouts.going_on(again, other).comparison == ""  # another shadow: afresh
+    doc = json.loads((mdir / rollouts.ROLLOUT_FILE).read_text())
+    doc["shadow"]["comparison"] = ["not", "an", "id"]  # edited by hand
+    (mdir / rollouts.ROLLOUT_FILE).write_text(json.dumps(doc))
+    edited, error = rollouts.read(mdir)
+    assert error == "" and edited is not None and edited.comparison == ""

@@ -462,6 +462,9 @@ class DataPlane:
             wanted = rollouts.Rollout(
                 wanted.split, rollouts.parse_shadow(*shadow_of), rollouts.parse_rules(rules)
             )
+            if not fresh_shadow:  # a rule's change: the comparison goes on
+                entry = self._registry.models.get(name)
+                wanted = rollouts.going_on(entry.rollout if entry else None, wanted)
         elif rules:
             parsed_rules = rollouts.parse_rules(rules)
             if parsed_rules.promote_after or parsed_rules.min_cosine or not wanted.split:

@@ -16,7 +16,8 @@ import hashlib
 import json
 import random
 import time
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ MAX_WEIGHT = 1e9
 MAX_HISTORY = 200  # the oldest entries go first; the split itself is never lost
 MAX_FILE = 1 << 20
 MAX_REASON = 500
+MAX_COMPARISON_ID = 64
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,12 @@ class Rollout:
     split: tuple[tuple[int, float], ...]  # (version, weight), weights > 0, in version order
     shadow: tuple[int, float] | None = None  # (candidate version, fraction of requests)
     rules: Rules = Rules()
+    # Which comparison of the shadow this is: ``write`` gives a new id to a rollout that names
+    # none (a change that starts the comparison afresh) and keeps a given one (a rule's change
+    # that keeps the shadow). Every worker keys its figures to it (core.shadow.comparison_key),
+    # so the figures one process adds up are all from the same comparison. Not part of what a
+    # rollout *is*: equal rollouts with other ids route and shadow the same requests.
+    comparison: str = field(default="", compare=False)
 
     @property
     def versions(self) -> list[int]:
@@ -113,6 +121,15 @@ class Rollout:
             if point < edge:
                 return version
         return self.split[-1][0]
+
+
+def going_on(live: Rollout | None, wanted: Rollout) -> Rollout:
+    """``wanted`` with the live comparison's id when it keeps the live shadow and rules (a
+    rule's change of the split), so every worker's figures go on; any other change starts a
+    comparison afresh (``write`` gives it a new id)."""
+    if live is None or (live.shadow, live.rules) != (wanted.shadow, wanted.rules):
+        return wanted
+    return Rollout(wanted.split, wanted.shadow, wanted.rules, live.comparison)
 
 
 def parse_shadow(version: Any, fraction: Any, where: str = "rollout") -> tuple[int, float]:
@@ -175,9 +192,16 @@ def read(model_dir: Path) -> tuple[Rollout | None, str]:
         shadow = doc.get("shadow")
         parsed = parse_split(split, ROLLOUT_FILE) if split else Rollout(())
         pair = None
+        comparison = ""
         if isinstance(shadow, dict) and shadow:
             pair = parse_shadow(shadow.get("version"), shadow.get("fraction"), ROLLOUT_FILE)
-        parsed = Rollout(parsed.split, pair, parse_rules(doc.get("rules"), ROLLOUT_FILE))
+            given = shadow.get("comparison")
+            # A hand-edited one that is not a short text is no id: the figures start afresh.
+            if isinstance(given, str) and len(given) <= MAX_COMPARISON_ID:
+                comparison = given
+        parsed = Rollout(
+            parsed.split, pair, parse_rules(doc.get("rules"), ROLLOUT_FILE), comparison
+        )
         return (parsed if parsed.split or parsed.shadow else None), ""
     except InvalidArgument as exc:
         return None, exc.message
@@ -195,11 +219,16 @@ def history(model_dir: Path) -> list[dict[str, Any]]:
 
 
 def write(model_dir: Path, rollout: Rollout | None, *, by: str, why: str) -> dict[str, Any]:
-    """Replace the split (None: end the rollout) and append the change to the history."""
+    """Replace the split (None: end the rollout) and append the change to the history. A
+    shadow without a comparison id gets a new one: its comparison starts afresh everywhere."""
     if len(why) > MAX_REASON:
         raise InvalidArgument(f"the reason is over {MAX_REASON} characters")
-    shadow = (
-        {"version": rollout.shadow[0], "fraction": rollout.shadow[1]}
+    shadow: dict[str, Any] = (
+        {
+            "version": rollout.shadow[0],
+            "fraction": rollout.shadow[1],
+            "comparison": rollout.comparison or uuid.uuid4().hex,
+        }
         if rollout and rollout.shadow
         else {}
     )

@@ -11,6 +11,7 @@ run per model, so under load shadow work is the first to go (counted as ``shed``
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import time
@@ -55,7 +56,7 @@ class ShadowStatistics:
     labels_total: int = 0
     in_flight: int = 0
     decided: bool = False  # a rule acted on this candidate: no second decision
-    key: Any = None  # the rollout's (shadow, rules) these figures are about
+    key: str = ""  # the comparison these figures belong to (``comparison_key``)
 
     def verdict(self, rules: Any) -> str:
         """'promote', 'rollback' or '' under ``rules`` (core.rollout.Rules)."""
@@ -192,6 +193,17 @@ class ShadowStatistics:
         self.cosine_min = min(self.cosine_min, cosine)
 
 
+def comparison_key(rollout: Any) -> str:
+    """What a comparison's figures are about: the rollout's candidate, fraction, rules and the
+    comparison id that every change starting one afresh writes (core.rollout.Rollout). Text, the
+    same in every worker process that read the same rollout file: with ``--workers`` the first
+    worker adds up only figures made under its own key, so a worker that has not applied a
+    change yet adds none of its older ones (the (shadow, rules) pair alone did not tell a shadow
+    set again by a person, whose comparison starts afresh, from the one before)."""
+    candidate, fraction = rollout.shadow
+    return json.dumps([candidate, fraction, rollout.rules.as_dict(), rollout.comparison])
+
+
 class Shadows:
     """The shadow runs of every model of one process."""
 
@@ -203,7 +215,7 @@ class Shadows:
         """The comparison of ``rollout``'s shadow (core.rollout.Rollout). Another candidate,
         fraction or rules start afresh: a ``promote_after`` counted the comparisons made before
         its rule existed, and promoted a candidate at once."""
-        key = (rollout.shadow, rollout.rules)
+        key = comparison_key(rollout)
         stats = self.stats.get(model)
         if stats is None or stats.key != key:
             stats = self.stats[model] = ShadowStatistics(rollout.shadow[0], model, key=key)
