@@ -65,13 +65,13 @@ def _serves(run_dir: Path, index: int, model: str) -> bool:
     return bool(control.decode(raw)["rows"])
 
 
-def _spread(port: int, model: str, n_per_connection: int = 2) -> int:
+def _spread(port: int, model: str, n_per_connection: int = 2, x: dict[str, np.ndarray] = X) -> int:
     sent = 0
     for i in range(CONNECTIONS):
         # A channel option of its own: grpc would otherwise share one connection among them.
         with InferenceClient(f"127.0.0.1:{port}", options=[("ferry.test.connection", i)]) as c:
             for _ in range(n_per_connection):
-                c.infer(model, X)
+                c.infer(model, x)
                 sent += 1
     return sent
 
@@ -89,6 +89,13 @@ def watched_fleet(tmp_path: Path) -> Iterator[Fleet]:
 
 def _fleet(tmp_path: Path, *extra: str) -> Iterator[Fleet]:
     root = make_repo(tmp_path / "repo", {"mlp": mlp_model(), "seed": seed_model()})
+    with _serving(root, *extra) as f:
+        yield f
+
+
+@contextlib.contextmanager
+def _serving(root: Path, *extra: str) -> Iterator[Fleet]:
+    """``ferry serve --workers 2`` over ``root``, once every worker is ready; stopped after."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
     args = [sys.executable, "-m", "ferry.server", "--repository", str(root), "--workers", "2"]
     args += list(extra)
@@ -366,3 +373,44 @@ def test_a_stopped_worker_is_killed_and_started_again_and_changes_do_not_wait_fo
     assert not _serves(fleet.run_dir, 0, "seed") and not _serves(fleet.run_dir, 1, "seed")
     assert _serves(fleet.run_dir, 1, "mlp")
     assert "ferry_worker_restarts_total 1\n" in _scrape(fleet)
+
+
+def _own_shadow(run_dir: Path, index: int, model: str) -> dict[str, int]:
+    """One worker process's own shadow figures of ``model`` (compared, shed, errors)."""
+    with grpc.insecure_channel(f"unix:{run_dir / f'worker-{index}.sock'}") as channel:
+        raw = channel.unary_unary(control.SHADOWS)(control.encode({}), timeout=10)
+    rows = [r for r in control.decode(raw)["rows"] if r["model"] == model]
+    return {k: sum(int(r[k]) for r in rows) for k in ("compared", "shed", "errors")}
+
+
+def test_the_shadow_comparison_is_the_sum_over_workers_and_outlives_one(tmp_path: Path) -> None:
+    """Each worker compares the shadowed requests its connections bring; GetRollout (and the
+    rules, and /metrics) showed the first worker's share alone. A worker killed after its
+    figures were read leaves them in the sum while it starts again."""
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    x = {"input": np.ones((1, 3), np.float32)}
+    with _serving(root) as fleet, RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+        repo.set_rollout("m", None, shadow=(1, 1.0), reason="every request, on both workers")
+        sent = _spread(fleet.port, "m", x=x)  # version 2 answers; version 1 is the shadow
+
+        def outcomes(figures: dict[str, float]) -> int:
+            return int(figures["compared"] + figures["shed"] + figures["errors"])
+
+        # Each request's shadow is compared or shed (or failed) once its caller has its answer.
+        wait_for(lambda: outcomes(repo.get_rollout("m").shadow) == sent, "every shadow outcome")
+        summed = repo.get_rollout("m").shadow
+        each = [_own_shadow(fleet.run_dir, i, "m") for i in (0, 1)]
+        assert all(outcomes(own) > 0 for own in each), each  # both workers compared
+        for figure in ("compared", "shed", "errors"):
+            assert summed[figure] == sum(own[figure] for own in each), (figure, each)
+        compared = int(summed["compared"])
+        assert compared >= 1 and summed["errors"] == 0
+        line = f'ferry_shadow_compared_total{{model="m",candidate="1"}} {compared}\n'
+        assert line in _scrape(fleet)
+
+        pid = _kill_worker_1(fleet)
+        # Its figures were read (above): they stay while its new process starts, and after.
+        assert repo.get_rollout("m").shadow["compared"] == compared
+        fleet.wait_line(rf"worker 1 ready \(pid {pid}\)")
+        assert repo.get_rollout("m").shadow["compared"] == compared
+        assert line in _scrape(fleet)

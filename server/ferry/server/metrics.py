@@ -295,7 +295,8 @@ class Metrics:
             )
 
     def _render_shadows(self, out: list[str]) -> None:
-        """Shadow comparisons (core.shadow) of this process: docs/rollout.md."""
+        """Shadow comparisons (core.shadow), summed over the worker processes as the first
+        one last read them (workers.shadow_pull): docs/rollout.md."""
         shadows = self._dataplane.shadow_statistics()
         if not shadows:
             return

@@ -15,11 +15,15 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from ferry.server.core import inputs, shadow
+from ferry.server.core import inputs, shadow, shadow_sum
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import validate_model_name
+from ferry.server.core.shadow import ShadowStatistics
+from ferry.server.core.shadow_sum import add_up as add_up_shadows
+from ferry.server.core.shadow_sum import from_row as shadow_from_row
+from ferry.server.core.shadow_sum import to_row as shadow_to_row
 from ferry.server.core.stats_merge import merge, sum_request_rows
 from ferry.server.core.streams import SHARED_FACTOR, StreamBudget, run_stream
 from ferry.server.core.types import (
@@ -72,6 +76,8 @@ class DataPlane:
         self._observe: Observer = _no_observer  # observe_with() sets the server's metrics
         self._peers: PeerStatistics | None = None  # sum_with() sets the other workers'
         self._shadows = shadow.Shadows()
+        # The other workers' comparisons (sum_shadows_with), in the first worker only.
+        self._peer_shadows: shadow_sum.PeerShadows | None = None
         self._decisions: set[asyncio.Task[RolloutView]] = set()
         self._rolled_back: set[tuple[str, int]] = set()  # split versions a rule took out
         # model -> (the split, {version: [failed, ok]} of the requests it routed)
@@ -351,9 +357,13 @@ class DataPlane:
         # A shadow beside the split, and the rules, go on: the rule acted on the split only.
         self._decide(lv.name, split or None, why, keep=ro)
 
-    def _apply_rules(self, model: str, stats: shadow.ShadowStatistics) -> None:
-        """The rollout's rules, after each shadow outcome: promote the candidate (it takes all
-        the traffic) or roll it back (the shadow, and any share of the split it had, end)."""
+    def _apply_rules(
+        self, model: str, stats: shadow.ShadowStatistics, pulled: bool = False
+    ) -> None:
+        """The rollout's rules, after each shadow outcome and each pull of the other workers'
+        figures (``pulled``): promote the candidate (it takes all the traffic) or roll it back
+        (the shadow, and any share of the split it had, end). Judged on the comparison summed
+        over every worker process; ``stats`` is this process's, which keeps ``decided``."""
         if not self.decides_rollouts:
             return
         try:
@@ -362,8 +372,15 @@ class DataPlane:
             return
         if ro is None or ro.shadow is None or ro.shadow[0] != stats.candidate:
             return
-        verdict = stats.verdict(ro.rules)
+        judged = self._summed(stats)
+        verdict = judged.verdict(ro.rules)
         if not verdict:
+            return
+        if verdict == "promote" and self._peer_shadows is not None and not pulled:
+            # Promoted only on figures just read from every worker: what another worker
+            # compared since the last pull may hold the disagreement that rolls it back. A
+            # rollback needs no more evidence than it has.
+            self._peer_shadows.soon()
             return
         stats.decided = True
         candidate = stats.candidate
@@ -376,7 +393,7 @@ class DataPlane:
         else:
             split = {v: w for v, w in ro.split if v != candidate} or None
         what = "promoted" if verdict == "promote" else "rolled back"
-        self._decide(model, split, f"{what} by rule: {stats.summary()}")
+        self._decide(model, split, f"{what} by rule: {judged.summary()}")
 
     def _decide(
         self,
@@ -407,9 +424,45 @@ class DataPlane:
         self._decisions.add(task)
         task.add_done_callback(self._decisions.discard)
 
+    def sum_shadows_with(self, peers: shadow_sum.PeerShadows) -> None:
+        """Add the other worker processes' shadow comparisons to what the rules judge,
+        GetRollout and /metrics show (the first worker's: it alone decides and answers)."""
+        self._peer_shadows = peers
+
+    def _summed(self, stats: shadow.ShadowStatistics) -> shadow.ShadowStatistics:
+        """``stats`` plus the other workers' figures of the same comparison, as last read: no
+        call to another process, so it may run after every shadow outcome."""
+        if self._peer_shadows is None:
+            return stats
+        return shadow_sum.add_up(stats, self._peer_shadows.latest())
+
     def shadow_statistics(self) -> list[shadow.ShadowStatistics]:
-        """Every model's shadow comparison in this process (for metrics), with its model."""
-        return [s for s in list(self._shadows.stats.values()) if s.compared or s.errors or s.shed]
+        """Every model's shadow comparison (for metrics), with its model: summed over the
+        worker processes as last read (workers.shadow_pull), never a call at a scrape."""
+        summed = [self._summed(s) for s in list(self._shadows.stats.values())]
+        return [s for s in summed if s.compared or s.errors or s.shed]
+
+    def own_shadow_statistics(self) -> list[shadow.ShadowStatistics]:
+        """This process's own comparisons, none summed: what it tells the first worker."""
+        return list(self._shadows.stats.values())
+
+    def shadowed_models(self) -> list[str]:
+        """The models whose rollout has a shadow now."""
+        return [
+            name
+            for name, entry in list(self._registry.models.items())
+            if entry.rollout is not None and entry.rollout.shadow is not None
+        ]
+
+    def judge_shadows(self) -> None:
+        """After the other workers' figures were pulled: every shadowed model's rules on the
+        sum, whether or not this process compared any of its requests (the kernel may give
+        every shadowed connection to other workers; a rule was only checked after an outcome
+        of this process's own)."""
+        for name in self.shadowed_models():
+            ro, _ = self._registry.rollout_of(name)
+            if ro is not None and ro.shadow is not None:
+                self._after(self._apply_rules, name, self._shadows.statistics(name, ro), True)
 
     async def close_shadows(self) -> None:
         await self._shadows.close()
@@ -422,7 +475,7 @@ class DataPlane:
         mdir = self._registry.repository.model_dir(name)
         stats = None
         if ro is not None and ro.shadow is not None:
-            stats = self._shadows.statistics(name, ro)
+            stats = self._summed(self._shadows.statistics(name, ro))
             if not ro.split and self._registry.default_version(name) == ro.shadow[0] and not error:
                 # Accepted while another version was the default, then made the default (a
                 # SetDefaultVersion, a newer version deleted): it is compared with itself.
@@ -440,6 +493,13 @@ class DataPlane:
             stats,
             ro.rules.as_dict() if ro is not None and ro.rules else {},
         )
+
+    async def total_rollout(self, model: str) -> RolloutView:
+        """``rollout`` with the shadow comparison of every worker as it is now (GetRollout):
+        the others are asked first, off the serving path."""
+        if self._peer_shadows is not None:
+            await self._peer_shadows.pull()
+        return self.rollout(model)
 
     async def set_rollout(
         self,
@@ -544,11 +604,17 @@ def _label(request: InferenceRequest | WireRequest) -> int:
 
 # merge and sum_request_rows: statistics and request counters of one version from several
 # processes, added up (workers.peers sums with them through this door).
+# The shadow comparison of one model from several processes, added up likewise: workers.peers
+# keeps and retires the other workers' figures with these.
 __all__ = [
     "DataPlane",
     "InferenceRequest",
     "InferenceResult",
     "Limits",
+    "ShadowStatistics",
+    "add_up_shadows",
     "merge",
+    "shadow_from_row",
+    "shadow_to_row",
     "sum_request_rows",
 ]

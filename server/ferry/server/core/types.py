@@ -299,5 +299,5 @@ class RolloutView:
     error: str  # why rollout.json could not be used ('' when it can)
     history: tuple[dict[str, Any], ...]
     shadow: tuple[int, float] | None = None  # (candidate version, fraction of requests)
-    shadow_statistics: Any = None  # core.shadow.ShadowStatistics of this process
+    shadow_statistics: Any = None  # core.shadow.ShadowStatistics, summed over worker processes
     rules: Mapping[str, float] = field(default_factory=dict)  # core.rollout.Rules, set ones

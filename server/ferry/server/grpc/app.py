@@ -56,6 +56,7 @@ from ferry.server.workers.fleet import (
     unloaded_by_parent,
 )
 from ferry.server.workers.peers import Peers, socket_path
+from ferry.server.workers.shadow_pull import ShadowPull
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +124,7 @@ class FerryServer:
         self.fleet: WorkerFleet | None = None
         self._control: aio.Server | None = None
         self._peers: Peers | None = None
+        self._shadow_pull: ShadowPull | None = None
         self._run_dir: Path | None = None
         # Model conversion (uploads, jobs, versions): management listener only. Its state
         # folder is opened in start(), only when the management listener runs.
@@ -286,6 +288,10 @@ class FerryServer:
         self.metrics.sum_with(self._peers)
         if self.is_worker:
             return
+        # The rules, GetRollout and /metrics see every worker's shadow comparison, summed.
+        self._shadow_pull = ShadowPull(self._peers, self.dataplane)
+        self.dataplane.sum_shadows_with(self._shadow_pull)
+        self._shadow_pull.start()
         self.fleet = WorkerFleet(
             self.settings,
             self._run_dir,
@@ -428,6 +434,8 @@ class FerryServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poll_task
         await self._prune.cancel()
+        if self._shadow_pull is not None:  # before the fleet closes the channels it calls on
+            await self._shadow_pull.close()
         for hook in self.on_stop:
             try:
                 await hook()

@@ -63,7 +63,7 @@ class RepositoryServicer(pb_grpc.ModelRepositoryServicer):
     async def GetRollout(
         self, request: pb.GetRolloutRequest, context: aio.ServicerContext
     ) -> pb.Rollout:
-        return _rollout(self.dataplane.rollout(request.model))
+        return _rollout(await self.dataplane.total_rollout(request.model))
 
 
 def _rollout(view: RolloutView) -> pb.Rollout:

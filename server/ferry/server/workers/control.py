@@ -4,6 +4,8 @@ Every worker process (the first, which also owns management and conversion, incl
 a unix socket in the run folder (mode 0700: only this user reaches it). Over it the first worker
 tells the others of each repository change (load, unload, explicit refresh), and any worker
 answering ModelStatistics or a scrape asks the others for their own counters to add them up.
+The first worker also reads the others' shadow comparisons, to judge a rollout's rules on
+their sum (workers.shadow_pull).
 
 The messages are small JSON documents on raw gRPC methods: the channel is internal, never
 exposed, and both ends are this same code, so it needs no schema of its own.
@@ -21,7 +23,7 @@ from typing import Any, Protocol
 import grpc
 from grpc import aio
 
-from ferry.server.core.dataplane import DataPlane
+from ferry.server.core.dataplane import DataPlane, shadow_to_row
 from ferry.server.core.types import BatchStatistics, Duration, VersionStatistics
 from ferry.server.errors import FerryError
 
@@ -32,6 +34,7 @@ STATISTICS = f"/{SERVICE}/Statistics"
 REQUESTS = f"/{SERVICE}/Requests"
 APPLY = f"/{SERVICE}/Apply"
 READY = f"/{SERVICE}/Ready"
+SHADOWS = f"/{SERVICE}/Shadows"
 OPS = ("load", "unload", "refresh")
 MAX_MESSAGE = 64 << 20
 
@@ -117,6 +120,7 @@ class ControlService(grpc.GenericRpcHandler):
             REQUESTS: grpc.unary_unary_rpc_method_handler(self._requests_counts),
             APPLY: grpc.unary_unary_rpc_method_handler(self._apply),
             READY: grpc.unary_unary_rpc_method_handler(self._ready),
+            SHADOWS: grpc.unary_unary_rpc_method_handler(self._shadows),
         }
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -144,6 +148,13 @@ class ControlService(grpc.GenericRpcHandler):
             answer["retired"] = self._retired.retired_requests()
             answer["gone"] = self._retired.gone()
         return encode(answer)
+
+    async def _shadows(self, raw: bytes, context: aio.ServicerContext) -> bytes:
+        """This process's own shadow comparisons, every model's: one small row each. Only the
+        first worker asks, and it alone keeps what dead workers last answered, so no answer
+        carries retired rows."""
+        rows = [shadow_to_row(s) for s in self._dataplane.own_shadow_statistics()]
+        return encode({"process": self._process, "rows": rows})
 
     async def _ready(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         return encode({"ready": self._dataplane.ready()})

@@ -16,6 +16,12 @@ caller, and a sum never drops because a worker is slow or was started again:
   whichever worker is asked. A retired version's counts stay while the first worker serves
   that same loaded version, and go with it, as a version's own counters do; the request
   counters, since the process started, stay.
+
+The first worker also keeps every other worker's latest shadow comparison (``shadows``), which
+it adds to its own for the rollout rules, GetRollout and /metrics (core.shadow_sum). Those are
+retired the same way: a dead worker's last answered figures stay in the sum while the first
+worker's comparison of that model has the same key, so the sum a rule judges never goes back.
+What the dead process compared after its last answer (at most one pull period's share) is lost.
 """
 
 from __future__ import annotations
@@ -34,7 +40,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from ferry.server.core.dataplane import merge, sum_request_rows
+from ferry.server.core.dataplane import (
+    ShadowStatistics,
+    add_up_shadows,
+    merge,
+    shadow_from_row,
+    sum_request_rows,
+)
 from ferry.server.core.types import VersionStatistics
 from ferry.server.workers import control
 
@@ -45,6 +57,8 @@ CALL_TIMEOUT = 5.0
 # A scrape asks every worker twice (statistics, requests): under Prometheus' default 10 s
 # scrape timeout even when one worker is stuck.
 SCRAPE_CALL_TIMEOUT = 2.0
+# A pull of shadow figures holds GetRollout, and a promotion waits for it.
+SHADOW_CALL_TIMEOUT = 2.0
 MAX_KEPT = 4096  # last answers kept (per socket and question)
 MAX_GONE = 256  # processes whose counts the first worker retired, named in its answers
 
@@ -79,6 +93,10 @@ class Peers:
         # what processes that are gone last reported (module docstring)
         self._retired_stats: dict[tuple[str, int], tuple[VersionStatistics, weakref.ref[Any]]] = {}
         self._retired_requests: dict[tuple[str, int], list[Any]] = {}
+        # socket -> that worker's latest shadow comparisons; (model, key) -> what dead
+        # workers last answered of that comparison, added up (the first worker's)
+        self._latest_shadows: dict[Path, list[ShadowStatistics]] = {}
+        self._retired_shadows: dict[tuple[str, str], ShadowStatistics] = {}
         # Processes whose last counts are retired (the first worker's): named in its answers,
         # so that another worker stops adding what it last read of one of them itself.
         self._gone: deque[str] = deque(maxlen=MAX_GONE)
@@ -91,6 +109,10 @@ class Peers:
                 log.debug("worker %s did not answer %s: %s", path.name, method, answer)
                 return self._last.get(key)
             process, rows, retired = _unwrap(answer)
+            if process is not None and process in self._gone:
+                # Answered before it died, read after its counts were retired (a gather waits
+                # for the slowest worker): recorded again, they were counted twice.
+                return self._last.get(key)
             if process is not None and self._process.get(path, process) != process:
                 self._retire(path)  # started again since it last answered
             gone = set(answer.get("gone", ()))
@@ -104,6 +126,8 @@ class Peers:
                 self._note_stats(path, ask, rows)
             elif method == control.REQUESTS:
                 self._latest_requests[path] = rows
+            elif method == control.SHADOWS:
+                self._note_shadows(path, rows)
             kept = rows + retired  # the first worker's answer adds what it keeps of the dead
             self._last.pop(key, None)  # re-inserted last: the oldest question goes first
             self._last[key] = kept
@@ -128,6 +152,7 @@ class Peers:
         for key in [k for k in self._last if k[0] == path]:
             del self._last[key]
         process = self._process.pop(path, None)
+        self._retire_shadows(path)
         if not self._keeps_retired:  # the first worker keeps them, and answers with them
             self._latest_stats.pop(path, None)
             self._latest_requests.pop(path, None)
@@ -146,6 +171,50 @@ class Peers:
         self._retired_requests = {(row[0], row[1]): row for row in kept_rows}
         if process is not None:
             self._gone.append(process)
+
+    def _note_shadows(self, path: Path, rows: list[dict[str, Any]]) -> None:
+        """The comparisons the process at ``path`` holds now (lock held). An answer that does
+        not read leaves the last one: a sum never drops for it."""
+        try:
+            self._latest_shadows[path] = [shadow_from_row(row) for row in rows]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("worker %s answered shadow figures that do not read: %s", path.name, exc)
+
+    def _retire_shadows(self, path: Path) -> None:
+        """Keep the last comparisons of the process at ``path``, which exited (lock held)."""
+        dead = self._latest_shadows.pop(path, [])
+        if not self._keeps_retired:
+            return
+        for last in dead:
+            stats = dataclasses.replace(last, in_flight=0)  # a dead process runs nothing
+            key = (stats.model, stats.key)
+            kept = self._retired_shadows.get(key)
+            self._retired_shadows[key] = stats if kept is None else add_up_shadows(kept, [stats])
+
+    def shadow_rows(self) -> list[ShadowStatistics]:
+        """Every other worker's latest shadow comparisons and the retired ones, as last read:
+        no call. Each is replaced, never changed, so the caller may read them unlocked."""
+        with self._last_lock:
+            live = [s for rows in self._latest_shadows.values() for s in rows]
+            return live + list(self._retired_shadows.values())
+
+    def prune_retired_shadows(self, current: dict[str, str]) -> None:
+        """Drop retired comparisons that are not ``current`` (model -> the key this first
+        worker's own comparison has now): a comparison replaced is never summed again."""
+        with self._last_lock:
+            for model, key in list(self._retired_shadows):
+                if current.get(model) != key:
+                    del self._retired_shadows[(model, key)]
+
+    async def shadows(self) -> None:
+        """Ask every other worker for its shadow comparisons now (``shadow_rows`` has them)."""
+        paths = self.sockets()
+        answers = await asyncio.gather(
+            *(self.call(p, control.SHADOWS, {}, SHADOW_CALL_TIMEOUT) for p in paths),
+            return_exceptions=True,
+        )
+        for path, answer in zip(paths, answers, strict=True):
+            self._answered(path, control.SHADOWS, {}, answer)
 
     def gone(self) -> list[str]:
         """The processes whose last counts this (first) worker keeps as retired."""
