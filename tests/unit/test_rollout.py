@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 from collections import Counter
 from pathlib import Path
@@ -18,7 +19,7 @@ from ferry.server.core import rollout as rollouts
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
-from ferry.server.core.shadow import comparison_key
+from ferry.server.core.shadow import Shadows, ShadowStatistics, comparison_key
 from ferry.server.core.types import State
 from ferry.server.errors import FailedPrecondition, FerryError, InvalidArgument, VersionNotFound
 from ferry.server.examples import seed_model, write_model
@@ -853,3 +854,22 @@ def test_a_change_that_starts_afresh_gets_a_new_comparison_id(tmp_path: Path) ->
     (mdir / rollouts.ROLLOUT_FILE).write_text(json.dumps(doc))
     edited, error = rollouts.read(mdir)
     assert error == "" and edited is not None and edited.comparison == ""
+
+
+def test_a_shadow_run_the_server_stops_before_it_starts_is_closed(
+    recwarn: pytest.WarningsRecorder,
+) -> None:
+    """A shadow task cancelled before its first step (the server stopping right after an
+    answer) never awaited the candidate's run: Python reported a coroutine never awaited."""
+
+    async def candidate() -> dict[str, object]:
+        return {}
+
+    async def run() -> None:
+        shadows = Shadows()
+        shadows.start(ShadowStatistics(2, "m"), candidate(), {}, 0)
+        await shadows.close()
+
+    asyncio.run(run())
+    gc.collect()
+    assert not [w for w in recwarn if "never awaited" in str(w.message)]

@@ -241,6 +241,12 @@ class Shadows:
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A task cancelled before its first step (the server stopping) never awaited ``run``:
+        # closed here, that is not reported as a coroutine never awaited. Closing one that
+        # ran to its end does nothing.
+        close = getattr(run, "close", None)
+        if close is not None:
+            task.add_done_callback(lambda _: close())
 
     async def _run(
         self,
