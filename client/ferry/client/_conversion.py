@@ -346,6 +346,9 @@ class ConversionClient(ManagementClient):
             records = list(getattr(reply, field))[:ask]  # never more than asked for
             yield records
             got += len(records)
+            # A page that brought nothing, or the same token again, would never end the loop.
+            if not records or reply.next_page_token == token:
+                return
             token = reply.next_page_token
             if not token or (limit is not None and got >= limit):
                 return
