@@ -10,18 +10,12 @@ models already served.
 
 from __future__ import annotations
 
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 from ferry.server.core import priority
+from ferry.server.cpus import usable_cores
 
-
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask, as a container's cpuset sets it)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # not Linux
-        return max(1, os.cpu_count() or 1)
+__all__ = ["ThreadPools", "usable_cores"]
 
 
 class ThreadPools:

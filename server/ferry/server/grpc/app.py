@@ -34,6 +34,7 @@ from ferry.server.core.pools import ThreadPools, usable_cores
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import Limits
+from ferry.server.cpus import affinity_cores, quota_cores
 from ferry.server.errors import FerryError
 from ferry.server.grpc import conversion, kserve, reflection
 from ferry.server.grpc._base import new_server, quiet_peer_gone
@@ -75,6 +76,14 @@ class FerryServer:
         # --workers N: N processes share the inference ports; this one is the first unless the
         # first started it (worker_socket). Each gets its share of the cores for execution.
         self.workers = settings.workers or usable_cores()
+        if usable_cores() < affinity_cores():
+            log.info(
+                "CPU quota of %.2f cores: threads and --workers 0 sized for %d of the %d cores "
+                "this process may run on",
+                quota_cores() or 0.0,
+                usable_cores(),
+                affinity_cores(),
+            )
         self.is_worker = bool(settings.worker_socket)
         share = max(1, usable_cores() // self.workers)
         pools = ThreadPools(share)

@@ -256,7 +256,7 @@ def _open_threads(path: Path, options: OnnxRuntimeConfig) -> OrtSession:
     if options.intra_op_threads:
         return OrtSession(path, options)
     session = OrtSession(path, options, intra_op_threads=1)
-    share = _AUTO["threads"] or os.cpu_count() or 1
+    share = _AUTO["threads"] or usable_cores()
     if share <= 1 or session.device_kind != "cpu":
         return session
     try:

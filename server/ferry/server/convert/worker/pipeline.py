@@ -8,7 +8,6 @@ publishes work_dir as it is: only the chosen model and its report may remain.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +44,7 @@ from ferry.server.convert.worker.report import (
     VariantRecord,
 )
 from ferry.server.core.repository import MODEL_DATA_FILE, MODEL_FILE
+from ferry.server.cpus import usable_cores
 from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
 
 SCRATCH = ".scratch"
@@ -63,11 +63,7 @@ Outputs = list[np.ndarray]
 
 def default_threads() -> int:
     """Half the CPUs this process may use: the serving process keeps running beside the child."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 2
-    return max(1, cpus // 2)
+    return max(1, usable_cores() // 2)
 
 
 def _version(package: str) -> str | None:
