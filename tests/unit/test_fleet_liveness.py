@@ -135,3 +135,33 @@ def test_a_worker_that_does_not_apply_a_change_is_started_again(
         assert proc.killed.is_set() == fails
 
     asyncio.run(run())
+
+
+def test_one_missed_check_after_a_stall_of_the_first_process_kills_nothing(
+    tmp_path: Path,
+) -> None:
+    """The first process's own event loop held up past the timeout (its clock jumps) makes
+    one check fail although the worker is fine: silence needs several misses in a row."""
+
+    class _Stall(_Peers):
+        async def call(self, path: Path, method: str, ask: Any, seconds: float) -> Any:
+            self.pings += 1
+            if self.pings >= 20:
+                self.enough.set()
+            if self.pings % 5 == 0:  # every fifth check: the clock jumps past the timeout
+                now[0] += 100.0
+                raise _Silent()
+            return {"ready": True}
+
+    now = [0.0]
+
+    async def run() -> None:
+        peers = _Stall(tmp_path)
+        fleet, proc = _fleet(tmp_path, peers, 0.03)
+        fleet._clock = lambda: now[0]
+        check = asyncio.create_task(fleet._check(fleet._workers[0]))
+        await asyncio.wait_for(peers.enough.wait(), 10)
+        assert not proc.killed.is_set()
+        check.cancel()
+
+    asyncio.run(run())

@@ -42,6 +42,7 @@ BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_AFTER = 60.0  # a worker that lived this long starts the backoff afresh when it dies
 APPLY_TIMEOUT = 600.0  # seconds a worker may take to apply one change (a large model's load)
 CHECK_EVERY = 5.0  # seconds between liveness checks, at most (--worker-timeout / 3 below it)
+MISSES = 3  # liveness checks in a row a worker must fail, besides being silent for the timeout
 ENV_SOCKET = "FERRY_WORKER_SOCKET"
 ENV_PARENT = "FERRY_WORKER_PARENT"
 # The models an explicit unload took out (JSON list): a worker started again does not load them.
@@ -111,6 +112,7 @@ class WorkerFleet:
         # Workers that exited and were started again: their counters started from zero, which
         # a sum over workers shows as a drop (docs/deployment.md); /metrics carries this count.
         self.restarts = 0
+        self._clock = time.monotonic  # the liveness check's (a test's own)
 
     @property
     def pids(self) -> list[int]:
@@ -219,22 +221,31 @@ class WorkerFleet:
         every = min(CHECK_EVERY, timeout / 3)
         sock = socket_path(self.run_dir, worker.index)
         answered: tuple[int, float] | None = None  # (pid, when it last answered)
+        missed = 0
         while not self._stopping:
             await asyncio.sleep(every)
             proc = worker.proc
             if proc is None or proc.returncode is not None or not worker.answering:
-                answered = None
+                answered, missed = None, 0
                 continue
             if answered is None or answered[0] != proc.pid:
-                answered = (proc.pid, time.monotonic())
+                answered, missed = (proc.pid, self._clock()), 0
             try:
                 await self.peers.call(sock, control.READY, {}, every)
             except grpc.RpcError:
-                silent = time.monotonic() - answered[1]
-                if silent >= timeout and proc.returncode is None and not self._stopping:
+                # Silent for the timeout, over several checks in a row: one check that failed
+                # because this process's own loop was held up is not the worker's silence.
+                missed += 1
+                silent = self._clock() - answered[1]
+                if (
+                    missed >= MISSES
+                    and silent >= timeout
+                    and proc.returncode is None
+                    and not self._stopping
+                ):
                     self._kill(worker, f"did not answer for {silent:.0f} s (--worker-timeout)")
                 continue
-            answered = (proc.pid, time.monotonic())
+            answered, missed = (proc.pid, self._clock()), 0
 
     def _kill(self, worker: _Worker, why: str) -> None:
         """SIGKILL a worker that cannot be trusted to serve the repository's state; its
