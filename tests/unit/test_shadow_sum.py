@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import math
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 
@@ -143,8 +145,9 @@ class _Peers:
     def latest(self) -> list[ShadowStatistics]:
         return list(self.rows)
 
-    async def pull(self) -> None:
+    async def pull(self) -> bool:
         self.pulls += 1
+        return True
 
     def soon(self) -> None:
         self.asked_soon += 1
@@ -248,7 +251,7 @@ class _Plane:
     def shadowed_models(self) -> list[str]:
         return self.models
 
-    def judge_shadows(self) -> None:
+    def judge_shadows(self, every_worker: bool = True) -> None:
         self.judged += 1
 
     def own_shadow_statistics(self) -> list[ShadowStatistics]:
@@ -283,5 +286,72 @@ def test_the_pull_reads_only_while_there_is_a_comparison_to_read(tmp_path: Path)
         pull.start()
         pull.soon()
         await pull.close()
+
+    asyncio.run(scenario())
+
+
+class _Worker(grpc.GenericRpcHandler):
+    """Another worker's control socket: SHADOWS answered with ``rows``, or, while ``silent``,
+    not at all (stopped, or busy past the call's timeout)."""
+
+    def __init__(self, rows: list[ShadowStatistics]) -> None:
+        self.rows = rows
+        self.silent = False
+        self._never = asyncio.Event()
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
+        if handler_call_details.method != control.SHADOWS:
+            return None
+        return grpc.unary_unary_rpc_method_handler(self._shadows)
+
+    async def _shadows(self, raw: bytes, context: Any) -> bytes:
+        if self.silent:
+            await self._never.wait()
+        return control.encode(_answer("a", *self.rows))
+
+
+def test_a_promotion_waits_for_a_pull_every_worker_answered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that did not answer the pull adds what it answered last: a promotion decided
+    then missed whatever it compared since, which may hold the disagreement that rolls the
+    candidate back."""
+    from ferry.server.workers import peers as peers_module
+    from ferry.server.workers.shadow_pull import ShadowPull
+
+    monkeypatch.setattr(peers_module, "SHADOW_CALL_TIMEOUT", 0.2)
+    repo = _repo(tmp_path)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        await registry.refresh()
+        dataplane = DataPlane(registry)
+        peers = Peers(run_dir, run_dir / "worker-0.sock")
+        pull = ShadowPull(peers, dataplane)
+        dataplane.sum_shadows_with(pull)
+        rules = {"promote_after": 3, "min_cosine": 0.99}
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(3, 1.0), rules=rules)
+        worker = _Worker([ShadowStatistics(3, "m", compared=2, cosine_sum=2.0, key=_key(registry))])
+        server = await control.start_control(str(run_dir / "worker-1.sock"), worker)  # type: ignore[arg-type]
+        try:
+            await pull.once()  # it answers: 2 compared there
+            await _shadowed(dataplane, 1)  # 3 in the sum as last read: a pull is asked for
+            worker.silent = True
+            pull._wake.clear()
+            await pull.once()  # it does not answer
+            await asyncio.gather(*dataplane._decisions)
+            assert dataplane.rollout("m").shadow == (3, 1.0)  # not promoted on its old figures
+            assert not pull._wake.is_set()  # the next period asks again: no pull at once
+            worker.silent = False
+            await pull.once()
+            await asyncio.gather(*dataplane._decisions)
+            assert dataplane.rollout("m").history[-1]["why"].startswith("promoted by rule: 3")
+        finally:
+            await server.stop(0)
+            await peers.close()
+        await dataplane.close_shadows()
+        await registry.close()
 
     asyncio.run(scenario())

@@ -358,12 +358,17 @@ class DataPlane:
         self._decide(lv.name, split or None, why, keep=ro)
 
     def _apply_rules(
-        self, model: str, stats: shadow.ShadowStatistics, pulled: bool = False
+        self,
+        model: str,
+        stats: shadow.ShadowStatistics,
+        pulled: bool = False,
+        every_worker: bool = True,
     ) -> None:
         """The rollout's rules, after each shadow outcome and each pull of the other workers'
-        figures (``pulled``): promote the candidate (it takes all the traffic) or roll it back
-        (the shadow, and any share of the split it had, end). Judged on the comparison summed
-        over every worker process; ``stats`` is this process's, which keeps ``decided``."""
+        figures (``pulled``; ``every_worker``: each answered it): promote the candidate (it
+        takes all the traffic) or roll it back (the shadow, and any share of the split it had,
+        end). Judged on the comparison summed over every worker process; ``stats`` is this
+        process's, which keeps ``decided``."""
         if not self.decides_rollouts:
             return
         try:
@@ -376,12 +381,17 @@ class DataPlane:
         verdict = judged.verdict(ro.rules)
         if not verdict:
             return
-        if verdict == "promote" and self._peer_shadows is not None and not pulled:
+        if verdict == "promote" and self._peer_shadows is not None:
             # Promoted only on figures just read from every worker: what another worker
             # compared since the last pull may hold the disagreement that rolls it back. A
             # rollback needs no more evidence than it has.
-            self._peer_shadows.soon()
-            return
+            if not pulled:
+                self._peer_shadows.soon()
+                return
+            if not every_worker:
+                # One did not answer: its figures are as last read. The next period's pull
+                # asks again (asked at once, a worker that fails at once would spin it).
+                return
         stats.decided = True
         candidate = stats.candidate
         if verdict == "promote":
@@ -454,15 +464,16 @@ class DataPlane:
             if entry.rollout is not None and entry.rollout.shadow is not None
         ]
 
-    def judge_shadows(self) -> None:
+    def judge_shadows(self, every_worker: bool = True) -> None:
         """After the other workers' figures were pulled: every shadowed model's rules on the
         sum, whether or not this process compared any of its requests (the kernel may give
         every shadowed connection to other workers; a rule was only checked after an outcome
-        of this process's own)."""
+        of this process's own). ``every_worker``: each answered the pull (else no promotion)."""
         for name in self.shadowed_models():
             ro, _ = self._registry.rollout_of(name)
             if ro is not None and ro.shadow is not None:
-                self._after(self._apply_rules, name, self._shadows.statistics(name, ro), True)
+                stats = self._shadows.statistics(name, ro)
+                self._after(self._apply_rules, name, stats, True, every_worker)
 
     async def close_shadows(self) -> None:
         await self._shadows.close()

@@ -49,8 +49,9 @@ class PeerShadows(Protocol):
         so it may be asked after every shadow outcome."""
         ...
 
-    async def pull(self) -> None:
-        """Ask every worker now (GetRollout: management, never the serving path)."""
+    async def pull(self) -> bool:
+        """Ask every worker now (GetRollout: management, never the serving path); False when
+        one did not answer (its figures are as last read)."""
         ...
 
     def soon(self) -> None:

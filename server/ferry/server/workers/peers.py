@@ -206,8 +206,10 @@ class Peers:
                 if current.get(model) != key:
                     del self._retired_shadows[(model, key)]
 
-    async def shadows(self) -> None:
-        """Ask every other worker for its shadow comparisons now (``shadow_rows`` has them)."""
+    async def shadows(self) -> bool:
+        """Ask every other worker for its shadow comparisons now (``shadow_rows`` has them).
+        False when one did not answer: its figures are as last read, which a promotion must
+        not be decided on (workers.shadow_pull)."""
         paths = self.sockets()
         answers = await asyncio.gather(
             *(self.call(p, control.SHADOWS, {}, SHADOW_CALL_TIMEOUT) for p in paths),
@@ -215,6 +217,7 @@ class Peers:
         )
         for path, answer in zip(paths, answers, strict=True):
             self._answered(path, control.SHADOWS, {}, answer)
+        return not any(isinstance(answer, BaseException) for answer in answers)
 
     def gone(self) -> list[str]:
         """The processes whose last counts this (first) worker keeps as retired."""

@@ -10,8 +10,10 @@ set (and until their last runs have ended), and sums with what it read last. So:
 
 * a rollback is decided on the figures as last read, with this process's own up to date: the
   disagreement it saw is evidence enough, whoever compared it;
-* a promotion is decided only right after a pull (``soon`` asks for one at once), so a
-  candidate is never promoted on figures that miss what another worker compared since;
+* a promotion is decided only right after a pull that every worker answered (``soon`` asks
+  for one at once), so a candidate is never promoted on figures that miss what another
+  worker compared since: one that did not answer in time adds what it answered last, and the
+  promotion waits for a later pull;
 * GetRollout pulls first (management, never the serving path); a scrape reads what the last
   pull read (at most ``PERIOD`` old), so it adds no call to its own.
 
@@ -47,9 +49,9 @@ class ShadowPull:
     def latest(self) -> list[ShadowStatistics]:
         return self._peers.shadow_rows()
 
-    async def pull(self) -> None:
+    async def pull(self) -> bool:
         async with self._one_at_a_time:
-            await self._peers.shadows()
+            return await self._peers.shadows()
 
     def soon(self) -> None:
         self._wake.set()
@@ -80,7 +82,7 @@ class ShadowPull:
         belong in the sum /metrics shows after the shadow ended)."""
         if not self._dataplane.shadowed_models() and not any(s.in_flight for s in self.latest()):
             return
-        await self.pull()
-        self._dataplane.judge_shadows()
+        every_worker = await self.pull()
+        self._dataplane.judge_shadows(every_worker)
         own = self._dataplane.own_shadow_statistics()
         self._peers.prune_retired_shadows({s.model: s.key for s in own})
