@@ -3,6 +3,7 @@ lower, read from cgroup trees laid out as the kernel and container runtimes lay 
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,49 @@ def test_usable_cores_is_the_lower_rounded_down_and_at_least_one(
     monkeypatch.setattr(cpus, "quota_cores", lambda: quota)
     monkeypatch.setattr(cpus, "affinity_cores", lambda: affinity)
     assert cpus.usable_cores() == cores
+
+
+def test_a_cgroup_folder_this_process_may_not_look_into_is_no_quota(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An LSM (SELinux, AppArmor) or a folder of mode 0700 above the process's own cgroup
+    denies its stat: pathlib raises PermissionError from is_dir and exists, which escaped and
+    stopped the server's start (FerryServer sizes its pools first thing). A quota readable
+    above the denied folder still counts."""
+    root, proc = _v2(
+        tmp_path,
+        "/kubepods/pod1",
+        {"/": "300000 100000", "/kubepods/pod1": "200000 100000"},
+    )
+    denied = root / "kubepods"
+    real_stat = Path.stat
+
+    def stat(self: Path, *, follow_symlinks: bool = True) -> object:
+        if self == denied or denied in self.parents:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_stat(self, follow_symlinks=follow_symlinks)
+
+    def read_text(self: Path, *args: object, **kwargs: object) -> str:
+        stat(self)
+        return real_read_text(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    real_read_text = Path.read_text
+    monkeypatch.setattr(Path, "stat", stat)
+    monkeypatch.setattr(Path, "read_text", read_text)
+    assert cpus.quota_cores(root, proc) == 3.0
+    monkeypatch.setattr(cpus, "CGROUP_ROOT", root / "kubepods")  # even the root is denied
+    monkeypatch.setattr(cpus, "OWN_CGROUP", proc)
+    assert cpus.quota_cores() is None
+    assert cpus.usable_cores() == cpus.affinity_cores()
+
+
+def test_a_cgroup_named_in_bytes_that_are_not_utf8_is_read(tmp_path: Path) -> None:
+    """A cgroup folder may be named with any bytes; /proc/self/cgroup then did not decode, and
+    the UnicodeDecodeError stopped the server's start."""
+    root, proc = _v2(tmp_path, "/", {"/": "max 100000"})
+    folder = os.fsencode(root) + b"/caf\xe9"
+    os.mkdir(folder)
+    with open(folder + b"/cpu.max", "w") as f:
+        f.write("150000 100000\n")
+    proc.write_bytes(b"0::/caf\xe9\n")
+    assert cpus.quota_cores(root, proc) == 1.5

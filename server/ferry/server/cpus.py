@@ -43,7 +43,8 @@ def quota_cores(root: Path = CGROUP_ROOT, own: Path = OWN_CGROUP) -> float | Non
     """The tightest CPU quota over this process's cgroup and the cgroups above it that this
     process can see, in cores; None when none is set (or this is not Linux)."""
     try:
-        lines = own.read_text().splitlines()
+        # A cgroup's name may be any bytes: decoded as the file system's names are.
+        lines = os.fsdecode(own.read_bytes()).splitlines()
     except OSError:
         return None
     quotas: list[float] = []
@@ -52,12 +53,15 @@ def quota_cores(root: Path = CGROUP_ROOT, own: Path = OWN_CGROUP) -> float | Non
         if len(parts) != 3:
             continue
         hierarchy, controllers, path = parts
-        if hierarchy == "0" and controllers == "":  # cgroup v2 (unified)
-            if (root / "cgroup.controllers").exists():  # v2 mounted here, not hybrid
-                quotas += _quotas(root, path, _v2_quota)
-        elif "cpu" in controllers.split(","):  # cgroup v1, the cpu controller's hierarchy
-            mount = root / "cpu" if (root / "cpu").is_dir() else root / controllers
-            quotas += _quotas(mount, path, _v1_quota)
+        try:
+            if hierarchy == "0" and controllers == "":  # cgroup v2 (unified)
+                if (root / "cgroup.controllers").exists():  # v2 mounted here, not hybrid
+                    quotas += _quotas(root, path, _v2_quota)
+            elif "cpu" in controllers.split(","):  # cgroup v1, the cpu controller's hierarchy
+                mount = root / "cpu" if (root / "cpu").is_dir() else root / controllers
+                quotas += _quotas(mount, path, _v1_quota)
+        except (OSError, ValueError):  # not this process's to look into: no quota known
+            continue
     return min(quotas) if quotas else None
 
 
@@ -67,7 +71,12 @@ def _quotas(mount: Path, path: str, read: Callable[[Path], float | None]) -> lis
     root: then only the root's is read."""
     found: list[float] = []
     here = mount / path.lstrip("/")
-    folders = [here, *here.parents] if here.is_dir() else [mount]
+    try:
+        folders = [here, *here.parents] if here.is_dir() else [mount]
+    except PermissionError:
+        # Its folder may not be looked into (mode 0700 above it, an LSM): pathlib raises
+        # for that, which stopped the server's start. The quotas readable above it still count.
+        folders = [here, *here.parents]
     for folder in folders:
         if folder != mount and mount not in folder.parents:
             break
@@ -80,7 +89,7 @@ def _quotas(mount: Path, path: str, read: Callable[[Path], float | None]) -> lis
 def _v2_quota(folder: Path) -> float | None:
     try:
         fields = (folder / "cpu.max").read_text().split()
-    except OSError:
+    except (OSError, ValueError):
         return None
     if len(fields) != 2 or fields[0] == "max":
         return None
@@ -91,7 +100,7 @@ def _v1_quota(folder: Path) -> float | None:
     try:
         quota = (folder / "cpu.cfs_quota_us").read_text().strip()
         period = (folder / "cpu.cfs_period_us").read_text().strip()
-    except OSError:
+    except (OSError, ValueError):
         return None
     return _ratio(quota, period)
 
