@@ -340,17 +340,20 @@ class ConversionClient(ManagementClient):
         if limit is not None and limit < 1:
             raise InvalidInputError(f"limit must be at least 1 (None: all), not {limit}")
         got, token = 0, ""
+        asked = {token}
         while True:
             ask = PAGE_MAX if limit is None else min(limit - got, PAGE_MAX)
             reply = self._call(method, request(model=model or "", limit=ask, page_token=token))
             records = list(getattr(reply, field))[:ask]  # never more than asked for
             yield records
             got += len(records)
-            # A page that brought nothing, or the same token again, would never end the loop.
-            if not records or reply.next_page_token == token:
+            # A page that brought nothing, or a token asked with already (the same again, or
+            # tokens that come round: a, b, a, ...), would never end the loop.
+            if not records or reply.next_page_token in asked:
                 return
             token = reply.next_page_token
-            if not token or (limit is not None and got >= limit):
+            asked.add(token)
+            if limit is not None and got >= limit:
                 return
 
     def delete_upload(self, upload: Upload | str) -> None:
