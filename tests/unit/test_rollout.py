@@ -848,7 +848,7 @@ def test_a_change_that_starts_afresh_gets_a_new_comparison_id(tmp_path: Path) ->
     rollouts.write(mdir, kept, by="rollout rules", why="")
     assert comparison_key(rollouts.read(mdir)[0]) == comparison_key(again)
     other = rollouts.Rollout(((1, 1.0),), (2, 0.25))
-    assert rollouts.going_on(again, other).comparison == ""  # another shadow: afresh
+    assert rollouts.going_on(again, other).comparison is None  # another shadow: afresh
     doc = json.loads((mdir / rollouts.ROLLOUT_FILE).read_text())
     doc["shadow"]["comparison"] = ["not", "an", "id"]  # edited by hand
     (mdir / rollouts.ROLLOUT_FILE).write_text(json.dumps(doc))
@@ -873,3 +873,42 @@ def test_a_shadow_run_the_server_stops_before_it_starts_is_closed(
     asyncio.run(run())
     gc.collect()
     assert not [w for w in recwarn if "never awaited" in str(w.message)]
+
+
+def test_a_split_rule_keeps_the_comparison_of_a_hand_edited_file(tmp_path: Path) -> None:
+    """A rollout.json written by hand has no comparison id, and its comparison is keyed to the
+    shadow and rules alone (docs/rollout.md): a split's rule that kept them wrote a new id, so
+    every worker's comparison started afresh and promote_after counted from zero again."""
+    repo = _repo(tmp_path)
+    write_model(repo, "m", _failing_model(), version=3)
+    write_model(repo, "m", seed_model(seed=4), version=4)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        rules = {"max_error_rate": 0.2, "promote_after": 100_000}
+        await dataplane.set_rollout(
+            "m", {2: 1, 3: 1}, by="t", why="", shadow_of=(4, 0.5), rules=rules
+        )
+        path = repo.model_dir("m") / rollouts.ROLLOUT_FILE
+        doc = json.loads(path.read_text())
+        del doc["shadow"]["comparison"]  # as a person writes it
+        path.write_text(json.dumps(doc))
+        await registry.refresh()
+        (ro, _) = registry.rollout_of("m")
+        assert ro is not None and ro.comparison == ""
+        key = comparison_key(ro)
+        x = {"input": np.ones((1, 3), np.float32)}
+        for request in KEYS[:200]:
+            with contextlib.suppress(FerryError):
+                await dataplane.infer(InferenceRequest("m", x, id=request))
+            await asyncio.gather(*dataplane._shadows._tasks)
+            await asyncio.gather(*dataplane._decisions)
+        view = dataplane.rollout("m")
+        assert view.history[-1]["why"].startswith("rolled back by rule: version 3")
+        assert view.shadow == (4, 0.5)
+        assert comparison_key(registry.rollout_of("m")[0]) == key  # the comparison goes on
+        assert rollouts.read(repo.model_dir("m"))[0] == registry.rollout_of("m")[0]
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())

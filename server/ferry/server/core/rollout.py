@@ -95,11 +95,13 @@ class Rollout:
     shadow: tuple[int, float] | None = None  # (candidate version, fraction of requests)
     rules: Rules = Rules()
     # Which comparison of the shadow this is: ``write`` gives a new id to a rollout that names
-    # none (a change that starts the comparison afresh) and keeps a given one (a rule's change
-    # that keeps the shadow). Every worker keys its figures to it (core.shadow.comparison_key),
-    # so the figures one process adds up are all from the same comparison. Not part of what a
-    # rollout *is*: equal rollouts with other ids route and shadow the same requests.
-    comparison: str = field(default="", compare=False)
+    # none (None: a change that starts the comparison afresh) and keeps a given one (a rule's
+    # change that keeps the shadow), "" included: a file written by hand has no id, and a
+    # rule's change must not give its comparison one (a new id starts it afresh everywhere).
+    # Every worker keys its figures to it (core.shadow.comparison_key), so the figures one
+    # process adds up are all from the same comparison. Not part of what a rollout *is*: equal
+    # rollouts with other ids route and shadow the same requests.
+    comparison: str | None = field(default=None, compare=False)
 
     @property
     def versions(self) -> list[int]:
@@ -227,7 +229,7 @@ def write(model_dir: Path, rollout: Rollout | None, *, by: str, why: str) -> dic
         {
             "version": rollout.shadow[0],
             "fraction": rollout.shadow[1],
-            "comparison": rollout.comparison or uuid.uuid4().hex,
+            "comparison": uuid.uuid4().hex if rollout.comparison is None else rollout.comparison,
         }
         if rollout and rollout.shadow
         else {}

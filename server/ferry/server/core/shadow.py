@@ -201,7 +201,7 @@ def comparison_key(rollout: Any) -> str:
     change yet adds none of its older ones (the (shadow, rules) pair alone did not tell a shadow
     set again by a person, whose comparison starts afresh, from the one before)."""
     candidate, fraction = rollout.shadow
-    return json.dumps([candidate, fraction, rollout.rules.as_dict(), rollout.comparison])
+    return json.dumps([candidate, fraction, rollout.rules.as_dict(), rollout.comparison or ""])
 
 
 class Shadows:
