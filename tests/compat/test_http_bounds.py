@@ -137,6 +137,45 @@ def test_a_body_that_stops_arriving_is_refused_and_its_connection_closed(
         assert status == 200, reply
 
 
+def _response(sock: socket.socket) -> tuple[bytes, bytes]:
+    """One response read off a raw connection (Content-Length framing): (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before a whole response: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":", 1)[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length:")
+    )
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed mid-body: {data!r}"
+        body += chunk
+    return head, body
+
+
+def test_an_idle_keep_alive_connection_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiohttp kept an idle connection for 3,630 s, so connections clients forgot piled up. The
+    # bound is shortened so the test waits on it; nothing here measures time.
+    monkeypatch.setattr(listener, "KEEPALIVE", 0.2)
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    with ServerThread(root) as srv:
+        host, port = srv.http_target.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            for _ in range(2):  # kept alive between requests that follow each other
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                head, _ = _response(sock)
+                assert head.startswith(b"HTTP/1.1 200"), head
+                assert b"connection: close" not in head.lower(), head
+            # Then idle: closed without a word (no request was started, so none is answered).
+            assert sock.recv(65536) == b""
+
+
 def test_json_over_its_limit_is_refused_and_the_same_tensor_in_binary_is_served(
     tmp_path: Path,
 ) -> None:

@@ -42,6 +42,15 @@ LINGER = 2.0
 # memory for as long as it kept the connection open: a few connections, each stalled just under
 # max_message_bytes, held gigabytes.
 BODY_IDLE = 30.0
+# Seconds an idle keep-alive connection waits for its next request before it is closed.
+# aiohttp's default, 3,630 s, kept every connection a client opened and forgot for an hour, each
+# holding a descriptor and a request handler, so they piled up. 75 s is nginx's default: longer
+# than the idle timeout of the proxies usually in front of a server (an AWS load balancer's and
+# nginx's upstream keepalive_timeout, both 60 s), so the proxy drops an idle connection first and
+# never sends a request on one this side is closing, which it would answer 502 (uvicorn's 5 s
+# races them). A proxy that keeps its upstream connections longer (Google Cloud's load balancer,
+# 600 s) still meets the race.
+KEEPALIVE = 75.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Body encodings decoded here (``encodings``). Any other would be read as if it were plain (a
 # body sent as "foo" parsed as JSON), so it is refused with what to send instead.
@@ -100,6 +109,7 @@ class HttpListener:
         self._server = web.Server(
             self._handle,
             access_log=None,
+            keepalive_timeout=KEEPALIVE,
             lingering_time=LINGER,
             auto_decompress=False,  # ours checks that a compressed body is whole
             logger=_ServerLog(logging.getLogger("ferry.server.http.aiohttp"), {}),
