@@ -7,6 +7,7 @@ the size limit for hours. A body that stops arriving is refused rather than held
 from __future__ import annotations
 
 import json
+import select
 import socket
 from pathlib import Path
 from typing import Any
@@ -174,6 +175,96 @@ def test_an_idle_keep_alive_connection_is_closed(
                 assert b"connection: close" not in head.lower(), head
             # Then idle: closed without a word (no request was started, so none is answered).
             assert sock.recv(65536) == b""
+
+
+def _connect(server: ServerThread) -> socket.socket:
+    host, port = server.http_target.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
+def _until_closed(sock: socket.socket) -> bytes:
+    answer = b""
+    while chunk := sock.recv(65536):
+        answer += chunk
+    return answer
+
+
+def _head_timeout(answer: bytes, bound: str = "0.2") -> str:
+    """The message of the 408 that ends a connection whose request head stopped arriving."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert b"\r\nconnection: close" in head.lower(), answer
+    assert b"\r\nferry-error: DEADLINE_EXCEEDED" in head, answer
+    error = json.loads(body)
+    assert error["kind"] == "DEADLINE_EXCEEDED"
+    message: str = error["error"]
+    assert f"did not arrive within {bound} seconds" in message, message
+    return message
+
+
+# The head bound is shortened so that each test waits on it; nothing here measures time.
+
+
+def test_a_head_that_stops_arriving_is_answered_and_its_connection_closed(
+    kserve_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A request line and part of the headers, then nothing: held for as long as aiohttp's
+    # keep-alive wait (an hour). On a kept-alive connection, timed from the head's first byte.
+    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 0.2)
+    with _connect(kserve_server) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _ = _response(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        partial = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+        sock.sendall(partial)
+        message = _head_timeout(_until_closed(sock))
+        assert f"({len(partial)} bytes came)" in message, message
+    # Whole requests are served as before.
+    status, _, _ = http_call(kserve_server.http_target, "GET", "/v2/health/live")
+    assert status == 200
+
+
+def test_a_head_sent_a_byte_at_a_time_is_cut_off(
+    kserve_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each byte arriving does not extend the bound: the head as a whole must arrive in time.
+    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 0.2)
+    with _connect(kserve_server) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nX-Pad: ")
+        # One more byte whenever the server has not answered for a moment; a bound reset by
+        # every byte would let this run to the end of the loop (under aiohttp's 8 KiB header).
+        for _ in range(1000):
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            if readable:
+                break
+            try:
+                sock.sendall(b"a")
+            except OSError:  # closed between the select and the send: the answer is waiting
+                break
+        else:
+            pytest.fail("a head sent a byte at a time was never cut off")
+        _head_timeout(_until_closed(sock))
+
+
+def test_a_connection_that_sends_nothing_is_closed(
+    kserve_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Timed from the connection opening; nothing was asked, so nothing is answered.
+    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 0.2)
+    with _connect(kserve_server) as sock:
+        assert _until_closed(sock) == b""
+
+
+def test_a_head_under_way_is_not_closed_as_an_idle_connection(
+    kserve_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # aiohttp's keep-alive deadline falls while the head is arriving: it closed the connection
+    # without an answer, as if it were idle. The head's own bound answers it instead.
+    monkeypatch.setattr(listener, "KEEPALIVE", 0.01)
+    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 1.0)  # from the opening: time to send
+    with _connect(kserve_server) as sock:
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+        _head_timeout(_until_closed(sock), "1")
 
 
 def test_json_over_its_limit_is_refused_and_the_same_tensor_in_binary_is_served(

@@ -7,6 +7,7 @@ of the body is read, and while a chunked body streams in; TLS and mutual TLS use
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
@@ -24,6 +25,7 @@ from serverutil import ServerThread
 from tritonclient.utils import InferenceServerException
 
 from ferry.server.examples import identity_model
+from ferry.server.http import listener
 
 INFERENCE_TOKEN = "inf-http-5e1d0c"
 MANAGEMENT_TOKEN = "mgmt-http-9a7f2b"
@@ -249,3 +251,28 @@ def test_tls_and_mutual_tls(repo: Path, certs: Certs) -> None:
             for bad in (_context(certs), _context(certs, certs.rogue_cert, certs.rogue_key)):
                 with pytest.raises((ssl.SSLError, ConnectionError)):
                     _get(port, bad, "/v2")
+
+
+def test_a_tls_head_that_stops_arriving_is_answered_and_closed(
+    repo: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The head bound holds over TLS too, on the handshake and then on the head, whose 408 is
+    # written through the TLS layer. The bound is shortened so the test waits on it; nothing
+    # here measures time.
+    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 0.2)
+    settings = {"tls_cert_file": str(certs.server_cert), "tls_key_file": str(certs.server_key)}
+    with ServerThread(repo, **settings) as srv:
+        assert srv.app is not None
+        # A connection that never starts its handshake is closed as well.
+        idle = socket.create_connection(("127.0.0.1", srv.app.http_port), timeout=WAIT_S)
+        with idle, contextlib.suppress(ConnectionResetError):  # aborted: a reset, not a close
+            assert idle.recv(65536) == b""
+        raw = socket.create_connection(("127.0.0.1", srv.app.http_port), timeout=WAIT_S)
+        with _context(certs).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
+            sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes the connection
+                answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        assert json.loads(body)["kind"] == "DEADLINE_EXCEEDED"

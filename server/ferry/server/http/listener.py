@@ -11,6 +11,10 @@ open unless ``health_requires_token``), the same certificates (TLS and mutual TL
 limit (``max_message_bytes``) checked against ``Content-Length`` before a byte of the body is
 read, then while the body streams in (chunked or compressed uploads), so a body over the limit
 is never held in memory. ``Expect: 100-continue`` is answered only once the size is known to fit.
+
+No connection is held by a client that stops sending: a request's line and headers must arrive
+within HEADER_TIMEOUT, its body must keep arriving (BODY_IDLE), and a connection idle between
+requests is closed after KEEPALIVE.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler
 
 from ferry.server.addresses import bind_failure
 from ferry.server.errors import ErrorKind, InvalidArgument
@@ -51,6 +56,16 @@ BODY_IDLE = 30.0
 # races them). A proxy that keeps its upstream connections longer (Google Cloud's load balancer,
 # 600 s) still meets the race.
 KEEPALIVE = 75.0
+# Seconds a request's line and headers may take to arrive: from the head's first byte, or for a
+# connection's first request from the connection opening (so one that sends nothing is closed
+# too). aiohttp bounds a head only by its keep-alive timeout, counted from the previous answer
+# (an hour by default): a client that sent part of a head, or a byte of one now and then, held
+# its connection that long, a few thousand such connections holding the server's descriptors;
+# and a head begun just before the keep-alive deadline was cut off without an answer. nginx
+# allows 60 s (client_header_timeout), Apache 20 to 40 s (mod_reqtimeout); uvicorn and Triton
+# set no bound. A head is a few hundred bytes a client writes at once: 30 s is past TCP's first
+# retransmissions (1 + 2 + 4 + 8 s), and the bound BODY_IDLE puts on a body's pauses.
+HEADER_TIMEOUT = 30.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Body encodings decoded here (``encodings``). Any other would be read as if it were plain (a
 # body sent as "foo" parsed as JSON), so it is refused with what to send instead.
@@ -83,6 +98,91 @@ def _one_line(exc: BaseException) -> str:
     return text[:300]
 
 
+class _Connection(RequestHandler):
+    """aiohttp's connection handler, with a bound on how long a request's head may take.
+
+    aiohttp parses a request only once its head is whole, and bounds nothing until then but the
+    keep-alive wait; this handler arms a timer when a head begins (the connection opening, or
+    the first byte after the previous request was answered) and disarms it when aiohttp has
+    parsed a message. A head that starts arriving while the previous request is still being
+    answered (pipelining) is not timed here: the keep-alive bound closes it instead.
+
+    aiohttp offers no hook for this, so it reads the handler's own state (``_waiter``: waiting
+    for a request; ``_request_count``: messages parsed; ``_keepalive_handle``); the head tests
+    in tests/compat/test_http_bounds.py fail if an aiohttp release changes it."""
+
+    __slots__ = ("_head_bytes", "_head_timer")
+
+    def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **kw: Any) -> None:
+        super().__init__(manager, loop=loop, **kw)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm_head()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if data and not (self._force_close or self._close):
+            if self._head_timer is None and self._waiter is not None and not self._waiter.done():
+                # The previous request is answered and its body read: these bytes begin a head.
+                self._arm_head()
+            self._head_bytes += len(data)
+        parsed = self._request_count
+        super().data_received(data)
+        if self._request_count != parsed:  # a whole head (or one aiohttp refuses with 400)
+            self._disarm_head()
+
+    def _process_keepalive(self) -> None:
+        if self._head_timer is not None:
+            # A head is arriving: HEADER_TIMEOUT bounds it. Closing it as idle would drop a
+            # request the client has begun to send, without an answer.
+            self._keepalive_handle = None
+            return
+        super()._process_keepalive()
+
+    def _arm_head(self) -> None:
+        self._disarm_head()
+        self._head_bytes = 0
+        self._head_timer = self._loop.call_later(HEADER_TIMEOUT, self._head_expired)
+
+    def _disarm_head(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        transport = self.transport
+        if transport is None or self._force_close:
+            return
+        if self._head_bytes:
+            # Answered where an answer can still be read: the client learns why, as with a body
+            # that stops arriving. A connection that sent nothing is closed without a word.
+            message = (
+                f"the request's line and headers did not arrive within {HEADER_TIMEOUT:g} "
+                f"seconds ({self._head_bytes} bytes came); send them without pausing"
+            )
+            body = error_body(message, ErrorKind.DEADLINE_EXCEEDED)
+            head = (
+                "HTTP/1.1 408 Request Timeout\r\n"
+                f"Content-Type: {JSON}\r\n"
+                f"{ERROR_HEADER}: {ErrorKind.DEADLINE_EXCEEDED.value}\r\n"
+                f"Content-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
+            transport.write(head.encode() + body)
+        log.debug(
+            "closed a connection whose request head did not arrive (%d bytes came)",
+            self._head_bytes,
+        )
+        self.force_close()  # the write buffer is flushed before the socket closes
+
+
 class HttpListener:
     def __init__(
         self,
@@ -106,17 +206,31 @@ class HttpListener:
         """Bind and listen; returns the bound port (``port`` 0 picks a free one). ``reuse_port``:
         the worker processes of one server share it (SO_REUSEPORT)."""
         sock = _listen_socket(host, port, reuse_port)
-        self._server = web.Server(
-            self._handle,
-            access_log=None,
-            keepalive_timeout=KEEPALIVE,
-            lingering_time=LINGER,
-            auto_decompress=False,  # ours checks that a compressed body is whole
-            logger=_ServerLog(logging.getLogger("ferry.server.http.aiohttp"), {}),
-        )
+        server = self._server = web.Server(self._handle)
+        logger = _ServerLog(logging.getLogger("ferry.server.http.aiohttp"), {})
         loop = asyncio.get_running_loop()
+
+        def connection() -> _Connection:
+            return _Connection(
+                server,
+                loop=loop,
+                access_log=None,
+                keepalive_timeout=KEEPALIVE,
+                lingering_time=LINGER,
+                auto_decompress=False,  # ours checks that a compressed body is whole
+                logger=logger,
+            )
+
         try:
-            self._listening = await loop.create_server(self._server, sock=sock, ssl=context)
+            self._listening = await loop.create_server(
+                connection,
+                sock=sock,
+                ssl=context,
+                # A TLS connection's head is timed once its handshake is done; the handshake
+                # has the same bound (asyncio's own is 60 s), so one that never starts it is
+                # closed as soon as a plain connection that sends nothing.
+                ssl_handshake_timeout=HEADER_TIMEOUT if context is not None else None,
+            )
         except BaseException:
             sock.close()
             raise
