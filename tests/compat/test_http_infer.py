@@ -266,6 +266,15 @@ def test_unknown_model_or_version_is_404_and_bad_version_400(
         (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2], "data": [[1], [2, 3]]}]}',
          {}, "not a regular (non-ragged) list"),
         (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1]}]}', {}, "has no data"),
+        # A key named twice: readers differ on which counts (Python's the last, Triton's the
+        # first), so neither is taken.
+        (b'{"inputs": [{"name": "input", "datatype": "INT8", "datatype": "FP32", "shape": [1, 1], '
+         b'"data": [1]}]}', {}, "the request body names the key 'datatype' twice in one object"),
+        (b'{"inputs": [], "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], '
+         b'"data": [1]}]}', {}, "names the key 'inputs' twice"),
+        (b'{"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "parameters": '
+         b'{"binary_data_size": 4, "binary_data_size": 8}}]}' + bytes(8),
+         {"Inference-Header-Content-Length": "130"}, "names the key 'binary_data_size' twice"),
         (b'{"inputs": []}', {"Inference-Header-Content-Length": "99"}, "larger than the request body"),
         (b'{"inputs": []}', {"Inference-Header-Content-Length": "x"}, "non-negative integer"),
     ],

@@ -209,6 +209,15 @@ def test_repository_index_load_and_unload_on_the_management_listener(repo_server
     )
     assert status == 200
     assert [m["name"] for m in json.loads(body)] == ["beta"]
+    # A key named twice means what each JSON reader decides: refused, not read either way.
+    status, _, body = http_call(
+        srv.management_http_target,
+        "POST",
+        "/v2/repository/index",
+        b'{"ready": false, "ready": true}',
+    )
+    assert status == 400, body
+    assert "the index request names the key 'ready' twice" in json.loads(body)["error"]
 
     manager.load_model("alpha")
     assert inference.is_model_ready("alpha")
