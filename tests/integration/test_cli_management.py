@@ -398,3 +398,58 @@ def test_new_commands_have_help(argv: list[str], capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit) as info:
         main([*argv, "--help"])
     assert info.value.code == 0 and "usage: ferry" in capsys.readouterr().out
+
+
+# ---- jobs list | show | wait | cancel ----
+def test_jobs_list_show_wait_and_cancel(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A conversion outlives the command that started it (--no-wait, a closed terminal): the
+    CLI finds it again, follows it, and stops it, where before only the SDK could."""
+    _, t = conv_server
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+
+    def started(fake: str) -> str:
+        code, out, err = ferry(
+            capsys, "upload", "seed", str(weights), "--architecture", "seed",
+            "--architecture-kwargs", json.dumps({"fake": fake}), "--json", *t,
+        )  # fmt: skip
+        assert code == 0, err
+        code, out, err = ferry(capsys, "convert", json.loads(out)["upload_id"], "--no-wait", *t)
+        assert code == 0, err
+        job_id = out.split()[1]
+        assert f"ferry jobs wait {job_id}" in out and f"ferry jobs cancel {job_id}" in out
+        return job_id
+
+    done, failed, hung = started("ok"), started("budget"), started("block")
+    code, out, err = ferry(capsys, "jobs", "wait", done, "--no-progress", *t)
+    assert code == 0 and f"job {done}" in out and "version 1" in out, err
+    code, _, err = ferry(capsys, "jobs", "wait", failed, "--no-progress", *t)
+    assert code == 1 and "accuracy budget" in one_error_line(err)
+
+    code, out, _ = ferry(capsys, "jobs", "list", "--json", *t)
+    listed = {j["job_id"]: j for j in json.loads(out)}
+    assert code == 0 and list(listed) == [hung, failed, done]  # newest first
+    assert listed[done]["state"] == "SUCCEEDED" and listed[done]["version"] == 1
+    assert listed[failed]["state"] == "FAILED"
+    assert listed[failed]["error_code"] == "FAILED_PRECONDITION"
+    code, out, _ = ferry(capsys, "jobs", "list", "seed", "--limit", "1", *t)
+    assert code == 0 and hung in out and done not in out and "JOB_ID" in out
+
+    code, out, _ = ferry(capsys, "jobs", "show", failed, *t)
+    assert code == 0 and failed in out and "accuracy budget" in out
+    code, out, _ = ferry(capsys, "jobs", "show", done, "--json", *t)
+    assert code == 0 and json.loads(out)["report"]["published"] == "fp32"
+
+    code, out, err = ferry(capsys, "jobs", "cancel", hung, *t)
+    assert code == 0 and f"job {hung} CANCELLED" in out, err
+    code, out, _ = ferry(capsys, "jobs", "show", hung, "--json", *t)
+    assert json.loads(out)["state"] == "CANCELLED"
+
+    code, _, err = ferry(capsys, "jobs", "show", "f" * 32, *t)
+    assert code == 1 and "ferry jobs list" in one_error_line(err)
+    code, _, err = ferry(capsys, "jobs", "show", "not-an-id", *t)
+    assert code == 1 and "malformed" in one_error_line(err)
+    code, out, _ = ferry(capsys, "jobs", "list", "other", *t)
+    assert code == 0 and "no jobs for 'other'" in out

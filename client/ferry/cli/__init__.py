@@ -34,7 +34,10 @@ environment: FERRY_TARGET (default --target), FERRY_TOKEN (bearer token).
 def _conversion_commands() -> list[ModuleType]:
     """The upload/convert/uploads commands, when this install has the conversion client."""
     try:
-        return [importlib.import_module(f"ferry.cli.{name}") for name in ("conversion", "uploads")]
+        return [
+            importlib.import_module(f"ferry.cli.{name}")
+            for name in ("conversion", "uploads", "jobs")
+        ]
     except ImportError:
         return []
 

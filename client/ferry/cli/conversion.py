@@ -130,6 +130,8 @@ def conversion_hint(exc: FerryError, args: argparse.Namespace) -> str | None:
             )
         return "rerun with --json for the job's report, which says where it stopped"
     if isinstance(exc, JobNotFoundError):
+        if getattr(args, "job_id", None):
+            return "`ferry jobs list` shows the jobs the server keeps"
         return "`ferry uploads list` shows the uploads the server keeps"
     if isinstance(exc, LimitExceededError):
         return "the server's --max-upload-bytes (or message size) limit refused it: see the message"
@@ -339,7 +341,7 @@ def _pruning(text: str | None) -> Pruning | None:
         ) from None
 
 
-def _job_summary(job: Job) -> str:
+def job_summary(job: Job) -> str:
     # The server's one line: what was published, how fast against fp32, how close to PyTorch.
     if job.message:
         return f"job {job.id}: {job.message}"
@@ -426,8 +428,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         )
         if args.no_wait:
             print(
-                f"job {job.id} {job.state}; follow it from Python with "
-                f"ConversionClient().job({job.id!r}).wait()"
+                f"job {job.id} {job.state}; follow it with `ferry jobs wait {job.id}`, stop it "
+                f"with `ferry jobs cancel {job.id}`"
             )
             return EXIT_OK
         progress = True if args.progress else False if args.no_progress else None
@@ -435,5 +437,5 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.json:
         print(job.report_json or json.dumps({"job_id": job.id, "state": job.state}))
     else:
-        print(_job_summary(job))
+        print(job_summary(job))
     return EXIT_OK
