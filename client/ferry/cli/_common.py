@@ -7,6 +7,7 @@ terminal or a CI log, and a traceback there answers neither "what happened" nor 
 from __future__ import annotations
 
 import argparse
+import datetime
 import math
 import os
 import sys
@@ -210,6 +211,34 @@ def positive_int(text: str) -> int:
 def count_or_all(text: str) -> int:
     """--limit of a listing: 0 for every record (the SDK follows the server's pages)."""
     return _int_within(text, 0, None)
+
+
+def add_listing_flags(p: argparse.ArgumentParser, records: str) -> None:
+    """MODEL, --limit and --json of the management listings (uploads, jobs)."""
+    p.add_argument("model", nargs="?", default="", help=f"only this model's {records}")
+    p.add_argument(
+        "--limit", type=count_or_all, default=100, help="at most this many (default 100; 0: all)"
+    )
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_progress_flags(p: argparse.ArgumentParser) -> None:
+    """--progress / --no-progress of the commands that follow a conversion job."""
+    bar = p.add_mutually_exclusive_group()
+    bar.add_argument("--progress", action="store_true", help="always draw the progress bar")
+    bar.add_argument("--no-progress", action="store_true", help="never draw it")
+
+
+def progress_of(args: argparse.Namespace) -> bool | None:
+    """None: a bar when stderr is a terminal (Job.wait decides)."""
+    return True if args.progress else False if args.no_progress else None
+
+
+def utc_time(stamp: float | None) -> str:
+    if not stamp:
+        return "-"
+    when = datetime.datetime.fromtimestamp(stamp, tz=datetime.UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def shape_spec(text: str) -> tuple[str, tuple[int, ...]]:

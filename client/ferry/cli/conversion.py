@@ -18,10 +18,12 @@ import numpy as np
 from ferry.cli._common import (
     EXIT_OK,
     UsageError,
+    add_progress_flags,
     connect,
     management_hint,
     management_parent,
     positive_int,
+    progress_of,
 )
 from ferry.client import (
     ConversionClient,
@@ -275,9 +277,7 @@ def register(sub: Any) -> None:
     p.add_argument("--max-batch-size", type=int, help="serving: largest dynamic batch")
     p.add_argument("--instance-count", type=positive_int, help="serving: concurrent executions")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", action="store_true", help="always draw the progress bar")
-    bar.add_argument("--no-progress", action="store_true", help="never draw it")
+    add_progress_flags(p)
     p.add_argument("--json", action="store_true", help="print the final job as JSON")
     p.set_defaults(func=cmd_convert, hint=conversion_hint)
 
@@ -432,8 +432,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 f"with `ferry jobs cancel {job.id}`"
             )
             return EXIT_OK
-        progress = True if args.progress else False if args.no_progress else None
-        job.wait(progress=progress)  # JobFailedError (a FerryError) on failure
+        job.wait(progress=progress_of(args))  # JobFailedError (a FerryError) on failure
     if args.json:
         print(job.report_json or json.dumps({"job_id": job.id, "state": job.state}))
     else:

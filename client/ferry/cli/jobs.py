@@ -9,16 +9,18 @@ CLI user could neither find it again, follow it, nor stop it (only the SDK could
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from typing import Any
 
 from ferry.cli._common import (
     EXIT_OK,
+    add_listing_flags,
+    add_progress_flags,
     connect,
-    count_or_all,
     management_parent,
     print_table,
+    progress_of,
+    utc_time,
 )
 from ferry.cli.conversion import conversion_hint, job_summary
 from ferry.client import ConversionClient, Job
@@ -40,11 +42,7 @@ def register(sub: Any) -> None:
         help="every job, newest first",
         description="Every conversion job the server keeps, newest first, with its state.",
     )
-    p.add_argument("model", nargs="?", default="", help="only this model's jobs")
-    p.add_argument(
-        "--limit", type=count_or_all, default=100, help="at most this many (default 100; 0: all)"
-    )
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_listing_flags(p, "jobs")
     p.set_defaults(func=cmd_list, hint=conversion_hint)
 
     p = jsub.add_parser(
@@ -65,9 +63,7 @@ def register(sub: Any) -> None:
         "it SUCCEEDED, 1 when it FAILED or was CANCELLED.",
     )
     p.add_argument("job_id", metavar="JOB_ID")
-    bar = p.add_mutually_exclusive_group()
-    bar.add_argument("--progress", action="store_true", help="always draw the progress bar")
-    bar.add_argument("--no-progress", action="store_true", help="never draw it")
+    add_progress_flags(p)
     p.add_argument("--json", action="store_true", help="print the final job as JSON")
     p.set_defaults(func=cmd_wait, hint=conversion_hint)
 
@@ -80,12 +76,6 @@ def register(sub: Any) -> None:
     )
     p.add_argument("job_id", metavar="JOB_ID")
     p.set_defaults(func=cmd_cancel, hint=conversion_hint)
-
-
-def _when(stamp: float | None) -> str:
-    if not stamp:
-        return "-"
-    return datetime.datetime.fromtimestamp(stamp, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def _as_json(job: Job, report: bool = True) -> dict[str, Any]:
@@ -127,7 +117,7 @@ def cmd_list(args: argparse.Namespace) -> int:
                 j.state,
                 "" if j.done else f"{j.stage} {j.fraction:.0%}",
                 "" if j.version is None else j.version,
-                _when(j.created),
+                utc_time(j.created),
             ]
             for j in jobs
         ],
@@ -147,15 +137,15 @@ def cmd_show(args: argparse.Namespace) -> int:
         print(f"  {job.stage} {job.fraction:.0%}: {job.message}".rstrip(": "))
     elif job.error_message:
         print(f"  {job.error_kind or job.state}: {job.error_message}")
-    print(f"  upload {job.upload_id}, created {_when(job.created)}, ended {_when(job.finished)}")
+    created, ended = utc_time(job.created), utc_time(job.finished)
+    print(f"  upload {job.upload_id}, created {created}, ended {ended}")
     return EXIT_OK
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
-    progress = True if args.progress else False if args.no_progress else None
     with connect(ConversionClient, args) as client:
         job = client.job(args.job_id)
-        job.wait(progress=progress)  # JobFailedError (a FerryError) when it did not succeed
+        job.wait(progress=progress_of(args))  # JobFailedError when it did not succeed
     if args.json:
         print(json.dumps(_as_json(job), indent=2))
     else:

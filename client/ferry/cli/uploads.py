@@ -8,7 +8,6 @@ and ``convert`` these talk to the management listener.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 from typing import Any
 
@@ -16,14 +15,15 @@ from ferry.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
     UsageError,
+    add_listing_flags,
     connect,
-    count_or_all,
     management_parent,
     print_table,
     report_error,
+    utc_time,
 )
 from ferry.cli.conversion import conversion_hint
-from ferry.client import ConversionClient, FailedPreconditionError, JobNotFoundError, Upload
+from ferry.client import ConversionClient, FailedPreconditionError, JobNotFoundError
 
 
 def register(sub: Any) -> None:
@@ -42,11 +42,7 @@ def register(sub: Any) -> None:
         help="every upload, newest first",
         description="Every upload the server keeps, newest first, with its size and model.",
     )
-    p.add_argument("model", nargs="?", default="", help="only this model's uploads")
-    p.add_argument(
-        "--limit", type=count_or_all, default=100, help="at most this many (default 100; 0: all)"
-    )
-    p.add_argument("--json", action="store_true", help="print JSON")
+    add_listing_flags(p, "uploads")
     p.set_defaults(func=cmd_list, hint=conversion_hint)
 
     p = usub.add_parser(
@@ -68,11 +64,6 @@ def register(sub: Any) -> None:
         help="every upload (of MODEL, when given) that no live job reads",
     )
     p.set_defaults(func=cmd_delete, hint=conversion_hint)
-
-
-def _when(upload: Upload) -> str:
-    stamp = datetime.datetime.fromtimestamp(upload.created, tz=datetime.UTC)
-    return stamp.strftime("%Y-%m-%d %H:%M:%SZ")
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -99,7 +90,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         return EXIT_OK
     print_table(
         [
-            [u.upload_id, u.model, u.format, f"{u.size_bytes:,}", _when(u), u.architecture]
+            [
+                u.upload_id,
+                u.model,
+                u.format,
+                f"{u.size_bytes:,}",
+                utc_time(u.created),
+                u.architecture,
+            ]
             for u in uploads
         ],
         ["UPLOAD_ID", "MODEL", "FORMAT", "BYTES", "CREATED", "ARCHITECTURE"],
