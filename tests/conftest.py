@@ -59,3 +59,26 @@ def start_server() -> Iterator[StartServer]:
     yield start
     for srv in reversed(started):
         srv.stop()
+
+
+@pytest.fixture
+def triton_http_clients() -> Iterator[Callable[..., Any]]:
+    """Makes tritonclient.http clients, and closes and collects them after the test on this
+    (the main) thread. One left to the garbage collector may be collected on the in-process
+    server's thread, where gevent refuses the pool join of its ``__del__`` and pytest reports an
+    unraisable exception."""
+    import gc
+
+    import tritonclient.http as th
+
+    made: list[Any] = []
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        made.append(th.InferenceServerClient(*args, **kwargs))
+        return made[-1]
+
+    yield make
+    for client in made:
+        client.close()
+    made.clear()
+    gc.collect()

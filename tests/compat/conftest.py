@@ -4,6 +4,7 @@ Triton users will see."""
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,3 +60,5 @@ def triton_http(kserve_server: ServerThread) -> Iterator[th.InferenceServerClien
     client = th.InferenceServerClient(kserve_server.http_target)
     yield client
     client.close()
+    del client
+    gc.collect()  # here, not on a server thread, where gevent refuses its __del__

@@ -162,10 +162,10 @@ def test_an_idle_keep_alive_connection_is_closed(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # aiohttp kept an idle connection for 3,630 s, so connections clients forgot piled up. The
-    # bound is shortened so the test waits on it; nothing here measures time.
-    monkeypatch.setattr(listener, "KEEPALIVE", 0.2)
+    # bound is shortened (--http-keepalive-timeout) so the test waits on it; nothing here
+    # measures time.
     root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
-    with ServerThread(root) as srv:
+    with ServerThread(root, http_keepalive_timeout=1.0) as srv:
         host, port = srv.http_target.rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             for _ in range(2):  # kept alive between requests that follow each other
@@ -256,15 +256,15 @@ def test_a_connection_that_sends_nothing_is_closed(
 
 
 def test_a_head_under_way_is_not_closed_as_an_idle_connection(
-    kserve_server: ServerThread, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # aiohttp's keep-alive deadline falls while the head is arriving: it closed the connection
     # without an answer, as if it were idle. The head's own bound answers it instead.
-    monkeypatch.setattr(listener, "KEEPALIVE", 0.01)
-    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 1.0)  # from the opening: time to send
-    with _connect(kserve_server) as sock:
+    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 2.0)  # past the keep-alive deadline
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    with ServerThread(root, http_keepalive_timeout=1.0) as srv, _connect(srv) as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
-        _head_timeout(_until_closed(sock), "1")
+        _head_timeout(_until_closed(sock), "2")
 
 
 def test_json_over_its_limit_is_refused_and_the_same_tensor_in_binary_is_served(

@@ -176,9 +176,11 @@ def repo_server(tmp_path: Path) -> Any:
         yield repo, srv
 
 
-def test_repository_control_is_refused_on_the_inference_listener(repo_server: Any) -> None:
+def test_repository_control_is_refused_on_the_inference_listener(
+    repo_server: Any, triton_http_clients: Any
+) -> None:
     _, srv = repo_server
-    client = th.InferenceServerClient(srv.http_target)
+    client = triton_http_clients(srv.http_target)
     index = client.get_model_repository_index()
     assert [(m["name"], m["version"], m["state"]) for m in index] == [
         ("alpha", "1", "READY"),
@@ -194,10 +196,12 @@ def test_repository_control_is_refused_on_the_inference_listener(repo_server: An
     assert client.is_model_ready("alpha")
 
 
-def test_repository_index_load_and_unload_on_the_management_listener(repo_server: Any) -> None:
+def test_repository_index_load_and_unload_on_the_management_listener(
+    repo_server: Any, triton_http_clients: Any
+) -> None:
     repo, srv = repo_server
-    manager = th.InferenceServerClient(srv.management_http_target)
-    inference = th.InferenceServerClient(srv.http_target)
+    manager = triton_http_clients(srv.management_http_target)
+    inference = triton_http_clients(srv.http_target)
     assert manager.is_model_ready("alpha")  # the full protocol is on this listener too
 
     manager.unload_model("alpha")
@@ -241,12 +245,14 @@ def test_repository_index_load_and_unload_on_the_management_listener(repo_server
     assert index["gamma"]["reason"]
 
 
-def test_without_a_management_http_listener_repository_control_says_so(tmp_path: Path) -> None:
+def test_without_a_management_http_listener_repository_control_says_so(
+    tmp_path: Path, triton_http_clients: Any
+) -> None:
     repo = ModelRepository(tmp_path / "repo")
     write_model(repo, "alpha", identity_model("FP32"))
     with ServerThread(repo.root, management_http_port=-1) as srv:
         assert srv.app is not None and srv.app.management_http_port == 0
-        client = th.InferenceServerClient(srv.http_target)
+        client = triton_http_clients(srv.http_target)
         with pytest.raises(InferenceServerException) as exc:
             client.unload_model("alpha")
         assert _status(exc) == "403"

@@ -15,6 +15,7 @@ import ssl
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -66,8 +67,10 @@ def _infer(client: th.InferenceServerClient, headers: dict[str, str] | None = No
     client.infer("fixed", [tensor], headers=headers)
 
 
-def test_the_inference_listener_wants_a_token(token_server: ServerThread) -> None:
-    client = th.InferenceServerClient(token_server.http_target)
+def test_the_inference_listener_wants_a_token(
+    token_server: ServerThread, triton_http_clients: Any
+) -> None:
+    client = triton_http_clients(token_server.http_target)
     assert status_of(lambda: _infer(client)) == 401
     assert status_of(lambda: _infer(client, bearer("guess"))) == 401
     assert status_of(lambda: client.get_model_metadata("no_such_model")) == 401  # no probing
@@ -90,8 +93,10 @@ def test_refusals_say_what_to_send(token_server: ServerThread) -> None:
     assert "Authorization: Bearer <token>" in body["error"]
 
 
-def test_the_management_listener_takes_only_its_token(token_server: ServerThread) -> None:
-    manager = th.InferenceServerClient(token_server.management_http_target)
+def test_the_management_listener_takes_only_its_token(
+    token_server: ServerThread, triton_http_clients: Any
+) -> None:
+    manager = triton_http_clients(token_server.management_http_target)
     assert status_of(manager.get_model_repository_index) == 401
     inference = bearer(INFERENCE_TOKEN)
     assert status_of(lambda: manager.get_model_repository_index(headers=inference)) == 403
@@ -101,9 +106,9 @@ def test_the_management_listener_takes_only_its_token(token_server: ServerThread
     assert not manager.is_server_ready()  # as on gRPC: no open health on management
 
 
-def test_health_can_require_the_token(repo: Path) -> None:
+def test_health_can_require_the_token(repo: Path, triton_http_clients: Any) -> None:
     with ServerThread(repo, inference_token=INFERENCE_TOKEN, health_requires_token=True) as srv:
-        client = th.InferenceServerClient(srv.http_target)
+        client = triton_http_clients(srv.http_target)
         assert not client.is_server_ready()
         assert client.is_server_ready(headers=bearer(INFERENCE_TOKEN))
 
@@ -199,8 +204,10 @@ def test_a_compressed_body_is_bounded_as_it_decodes(small_server: ServerThread) 
     assert b"more than 65536 bytes decoded" in answer
 
 
-def test_tritonclient_sees_413_and_small_requests_pass(small_server: ServerThread) -> None:
-    client = th.InferenceServerClient(small_server.http_target)
+def test_tritonclient_sees_413_and_small_requests_pass(
+    small_server: ServerThread, triton_http_clients: Any
+) -> None:
+    client = triton_http_clients(small_server.http_target)
     tensor = th.InferInput("input", [3], "FP32")
     tensor.set_data_from_numpy(np.arange(3, dtype=np.float32))
     assert client.infer("fixed", [tensor]).as_numpy("output").shape == (3,)
@@ -232,12 +239,12 @@ def _context(
     return context
 
 
-def test_tls_and_mutual_tls(repo: Path, certs: Certs) -> None:
+def test_tls_and_mutual_tls(repo: Path, certs: Certs, triton_http_clients: Any) -> None:
     settings = {"tls_cert_file": str(certs.server_cert), "tls_key_file": str(certs.server_key)}
     with ServerThread(repo, **settings) as srv:
         assert srv.app is not None
         assert _get(srv.app.http_port, _context(certs)) == 200
-        client = th.InferenceServerClient(
+        client = triton_http_clients(
             srv.http_target, ssl=True, ssl_options={"ca_certs": str(certs.ca)}
         )
         _infer(client)

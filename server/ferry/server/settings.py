@@ -40,6 +40,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "max_request_elements": (1, None, "elements"),
     "max_request_batch_size": (0, None, "0: each model's max_batch_size only"),
     "max_request_json_bytes": (1, None, "bytes"),
+    "http_keepalive_timeout": (1, None, "seconds"),
     "max_concurrent_streams": (1, INT32_MAX, "calls per connection"),
     "max_pending_calls": (0, INT32_MAX, "0: grpc's default"),
     "max_upload_bytes": (1, None, "bytes"),
@@ -239,6 +240,14 @@ class Settings:
         metadata={
             "help": "JSON part of an HTTP infer request; parsing it holds every other request "
             "meanwhile, so larger tensors go in binary (the binary tensor extension)"
+        },
+    )
+    http_keepalive_timeout: float = field(
+        default=75.0,
+        metadata={
+            "help": "seconds an idle HTTP connection is kept for its next request; above the "
+            "idle timeout of the proxy in front (75 s outlasts AWS load balancers' and nginx's "
+            "60 s; Google Cloud's load balancer keeps 600 s), so the proxy closes first"
         },
     )
     max_concurrent_streams: int = field(

@@ -356,6 +356,7 @@ class FerryServer:
                 guard,
                 max_body_bytes=s.max_message_bytes,
                 open_health=not (control or s.health_requires_token),  # as the gRPC guards
+                keepalive=s.http_keepalive_timeout,
             )
             try:
                 bound = await listener.start(

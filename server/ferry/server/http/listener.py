@@ -54,7 +54,7 @@ BODY_IDLE = 30.0
 # nginx's upstream keepalive_timeout, both 60 s), so the proxy drops an idle connection first and
 # never sends a request on one this side is closing, which it would answer 502 (uvicorn's 5 s
 # races them). A proxy that keeps its upstream connections longer (Google Cloud's load balancer,
-# 600 s) still meets the race.
+# 600 s) still meets the race: set --http-keepalive-timeout above the proxy's there.
 KEEPALIVE = 75.0
 # Seconds a request's line and headers may take to arrive: from the head's first byte, or for a
 # connection's first request from the connection opening (so one that sends nothing is closed
@@ -191,7 +191,10 @@ class HttpListener:
         *,
         max_body_bytes: int,
         open_health: bool,
+        keepalive: float | None = None,
     ) -> None:
+        # Seconds an idle connection is kept (--http-keepalive-timeout; KEEPALIVE by default).
+        self._keepalive = KEEPALIVE if keepalive is None else keepalive
         self._routes = routes
         self._guard = guard
         self._check_token = guard.requires_token
@@ -215,7 +218,7 @@ class HttpListener:
                 server,
                 loop=loop,
                 access_log=None,
-                keepalive_timeout=KEEPALIVE,
+                keepalive_timeout=self._keepalive,
                 lingering_time=LINGER,
                 auto_decompress=False,  # ours checks that a compressed body is whole
                 logger=logger,
