@@ -84,9 +84,9 @@ def test_list_jobs_newest_first_and_by_model(store: JobStore) -> None:
     store.add_job(_job("j1", "a", created=1))
     store.add_job(_job("j2", "b", created=2))
     store.add_job(_job("j3", "a", created=3))
-    assert [j.job_id for j in store.list_jobs()] == ["j3", "j2", "j1"]
-    assert [j.job_id for j in store.list_jobs("a")] == ["j3", "j1"]
-    assert [j.job_id for j in store.list_jobs(limit=1)] == ["j3"]
+    assert [j.job_id for _, j in store.page_jobs()] == ["j3", "j2", "j1"]
+    assert [j.job_id for _, j in store.page_jobs("a")] == ["j3", "j1"]
+    assert [j.job_id for _, j in store.page_jobs(limit=1)] == ["j3"]
     # A page goes on strictly after the position of the last record it held.
     ((position, first),) = store.page_jobs(limit=1)
     assert first.job_id == "j3"
@@ -122,7 +122,7 @@ def test_state_survives_reopening_and_interrupted_jobs_fail(tmp_path: Path) -> N
 def test_a_closed_store_answers_unavailable(store: JobStore) -> None:
     store.close()
     with pytest.raises(Unavailable):
-        store.list_jobs()
+        store.page_jobs()
 
 
 def test_failed_transaction_leaves_nothing(store: JobStore) -> None:

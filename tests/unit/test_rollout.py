@@ -616,25 +616,40 @@ def test_the_rollout_file_never_grows_past_what_is_read(tmp_path: Path) -> None:
     assert rollouts.read(mdir) == (split, "") and 1 < len(rollouts.history(mdir)) < 200
 
 
-def test_a_split_rule_keeps_the_shadow_and_the_rules(tmp_path: Path) -> None:
-    """A version rolled out of the split by max_error_rate ended a live shadow beside it, and
-    every rule."""
+def _split_rule_repo(tmp_path: Path) -> ModelRepository:
+    """Model m: version 2 serves, 3 fails every request (for a split ruled by max_error_rate),
+    4 is a shadow candidate."""
     repo = _repo(tmp_path)
     write_model(repo, "m", _failing_model(), version=3)
     write_model(repo, "m", seed_model(seed=4), version=4)
+    return repo
+
+
+SPLIT_RULES = {"max_error_rate": 0.2, "promote_after": 100_000}
+
+
+async def _route_until_the_rule_acts(dataplane: DataPlane) -> None:
+    """200 requests over the split, each one's shadow and the rule's decision awaited."""
+    x = {"input": np.ones((1, 3), np.float32)}
+    for key in KEYS[:200]:
+        with contextlib.suppress(FerryError):
+            await dataplane.infer(InferenceRequest("m", x, id=key))
+        await asyncio.gather(*dataplane._shadows._tasks)
+        await asyncio.gather(*dataplane._decisions)
+
+
+def test_a_split_rule_keeps_the_shadow_and_the_rules(tmp_path: Path) -> None:
+    """A version rolled out of the split by max_error_rate ended a live shadow beside it, and
+    every rule."""
+    repo = _split_rule_repo(tmp_path)
 
     async def scenario() -> None:
         registry, dataplane = await _serving(repo)
-        rules = {"max_error_rate": 0.2, "promote_after": 100_000}
         await dataplane.set_rollout(
-            "m", {2: 1, 3: 1}, by="t", why="", shadow_of=(4, 0.01), rules=rules
+            "m", {2: 1, 3: 1}, by="t", why="", shadow_of=(4, 0.01), rules=SPLIT_RULES
         )
         comparison = registry.rollout_of("m")[0].comparison  # every worker's figures key to it
-        x = {"input": np.ones((1, 3), np.float32)}
-        for key in KEYS[:200]:
-            with contextlib.suppress(FerryError):
-                await dataplane.infer(InferenceRequest("m", x, id=key))
-            await asyncio.gather(*dataplane._decisions)
+        await _route_until_the_rule_acts(dataplane)
         view = dataplane.rollout("m")
         assert view.split == ((2, 1.0),)
         assert view.history[-1]["why"].startswith("rolled back by rule: version 3")
@@ -879,15 +894,12 @@ def test_a_split_rule_keeps_the_comparison_of_a_hand_edited_file(tmp_path: Path)
     """A rollout.json written by hand has no comparison id, and its comparison is keyed to the
     shadow and rules alone (docs/rollout.md): a split's rule that kept them wrote a new id, so
     every worker's comparison started afresh and promote_after counted from zero again."""
-    repo = _repo(tmp_path)
-    write_model(repo, "m", _failing_model(), version=3)
-    write_model(repo, "m", seed_model(seed=4), version=4)
+    repo = _split_rule_repo(tmp_path)
 
     async def scenario() -> None:
         registry, dataplane = await _serving(repo)
-        rules = {"max_error_rate": 0.2, "promote_after": 100_000}
         await dataplane.set_rollout(
-            "m", {2: 1, 3: 1}, by="t", why="", shadow_of=(4, 0.5), rules=rules
+            "m", {2: 1, 3: 1}, by="t", why="", shadow_of=(4, 0.5), rules=SPLIT_RULES
         )
         path = repo.model_dir("m") / rollouts.ROLLOUT_FILE
         doc = json.loads(path.read_text())
@@ -897,12 +909,7 @@ def test_a_split_rule_keeps_the_comparison_of_a_hand_edited_file(tmp_path: Path)
         (ro, _) = registry.rollout_of("m")
         assert ro is not None and ro.comparison == ""
         key = comparison_key(ro)
-        x = {"input": np.ones((1, 3), np.float32)}
-        for request in KEYS[:200]:
-            with contextlib.suppress(FerryError):
-                await dataplane.infer(InferenceRequest("m", x, id=request))
-            await asyncio.gather(*dataplane._shadows._tasks)
-            await asyncio.gather(*dataplane._decisions)
+        await _route_until_the_rule_acts(dataplane)
         view = dataplane.rollout("m")
         assert view.history[-1]["why"].startswith("rolled back by rule: version 3")
         assert view.shadow == (4, 0.5)

@@ -231,10 +231,6 @@ class JobStore:
             )
         return UploadRecord(**dict(row))
 
-    def list_uploads(self, model: str = "", limit: int = 100) -> list[UploadRecord]:
-        """Newest first."""
-        return [record for _, record in self.page_uploads(model, limit)]
-
     def page_uploads(
         self, model: str = "", limit: int = 100, after: Position | None = None
     ) -> list[tuple[Position, UploadRecord]]:
@@ -363,10 +359,6 @@ class JobStore:
         if row is None:
             raise JobNotFound(f"no conversion job {job_id!r}; ListJobs shows the known jobs")
         return _job(row)
-
-    def list_jobs(self, model: str = "", limit: int = 100) -> list[JobRecord]:
-        """Newest first."""
-        return [record for _, record in self.page_jobs(model, limit)]
 
     def page_jobs(
         self, model: str = "", limit: int = 100, after: Position | None = None

@@ -75,17 +75,18 @@ class FerryServer:
         self.repository = ModelRepository(settings.repository, create=settings.create_repository)
         # --workers N: N processes share the inference ports; this one is the first unless the
         # first started it (worker_socket). Each gets its share of the cores for execution.
-        self.workers = settings.workers or usable_cores()
-        if usable_cores() < affinity_cores():
+        cores = usable_cores()  # reads the cgroup's files: once
+        self.workers = settings.workers or cores
+        if cores < affinity_cores():
             log.info(
                 "CPU quota of %.2f cores: threads and --workers 0 sized for %d of the %d cores "
                 "this process may run on",
                 quota_cores() or 0.0,
-                usable_cores(),
+                cores,
                 affinity_cores(),
             )
         self.is_worker = bool(settings.worker_socket)
-        share = max(1, usable_cores() // self.workers)
+        share = max(1, cores // self.workers)
         pools = ThreadPools(share)
         set_auto_threads(share)
         # Aligned weight copies (onnxruntime.share_weights) live beside the conversion state,
