@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from helpers import StartServer
+from helpers import StartServer, close_on_this_thread
 from serverutil import ServerThread
 
 from ferry.client import InferenceClient
@@ -63,12 +63,8 @@ def start_server() -> Iterator[StartServer]:
 
 @pytest.fixture
 def triton_http_clients() -> Iterator[Callable[..., Any]]:
-    """Makes tritonclient.http clients, and closes and collects them after the test on this
-    (the main) thread. One left to the garbage collector may be collected on the in-process
-    server's thread, where gevent refuses the pool join of its ``__del__`` and pytest reports an
-    unraisable exception."""
-    import gc
-
+    """Makes tritonclient.http clients, closed and collected after the test on its own thread
+    (helpers.close_on_this_thread)."""
     import tritonclient.http as th
 
     made: list[Any] = []
@@ -78,7 +74,4 @@ def triton_http_clients() -> Iterator[Callable[..., Any]]:
         return made[-1]
 
     yield make
-    for client in made:
-        client.close()
-    made.clear()
-    gc.collect()
+    close_on_this_thread(made)

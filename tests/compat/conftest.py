@@ -4,7 +4,6 @@ Triton users will see."""
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import grpc
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
+from helpers import close_on_this_thread
 from kserve_common import DATATYPES, STATS_CONFIG, STATS_MODEL, identity_name
 from serverutil import ServerThread
 from tritonclient.grpc import service_pb2_grpc
@@ -57,8 +57,6 @@ def stub(kserve_server: ServerThread) -> Iterator[service_pb2_grpc.GRPCInference
 @pytest.fixture(scope="module")
 def triton_http(kserve_server: ServerThread) -> Iterator[th.InferenceServerClient]:
     """tritonclient.http on the inference HTTP listener."""
-    client = th.InferenceServerClient(kserve_server.http_target)
-    yield client
-    client.close()
-    del client
-    gc.collect()  # here, not on a server thread, where gevent refuses its __del__
+    clients = [th.InferenceServerClient(kserve_server.http_target)]
+    yield clients[0]
+    close_on_this_thread(clients)

@@ -158,9 +158,7 @@ def _response(sock: socket.socket) -> tuple[bytes, bytes]:
     return head, body
 
 
-def test_an_idle_keep_alive_connection_is_closed(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_an_idle_keep_alive_connection_is_closed(tmp_path: Path) -> None:
     # aiohttp kept an idle connection for 3,630 s, so connections clients forgot piled up. The
     # bound is shortened (--http-keepalive-timeout) so the test waits on it; nothing here
     # measures time.

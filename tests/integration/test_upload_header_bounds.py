@@ -260,29 +260,35 @@ def test_pages_neither_repeat_nor_skip_when_records_come_and_go(
 
 
 @pytest.mark.parametrize(
-    ("token", "model", "says"),
+    "token",
     [
-        ("garbage!", "m", "not one this server gave"),
-        ("x" * 5000, "m", "not one this server gave"),
-        ("WzEsMiwzXQ", "m", "not one this server gave"),  # [1,2,3]: base64 of another shape
-        ("", "m", ""),
+        "garbage!",
+        "x" * 5000,
+        "WzEsMiwzXQ",  # [1,2,3]: base64 of another shape
     ],
 )
 def test_a_page_token_the_server_did_not_give_is_invalid_argument(
-    server: tuple[ServerThread, ConversionClient], token: str, model: str, says: str
+    server: tuple[ServerThread, ConversionClient], token: str
 ) -> None:
     srv, _ = server
     for rpc, request in (
         (stub(srv).ListUploads, pb.ListUploadsRequest),
         (stub(srv).ListJobs, pb.ListJobsRequest),
     ):
-        if not says:
-            assert rpc(request(model=model, page_token=token), timeout=30).next_page_token == ""
-            continue
         with pytest.raises(grpc.RpcError) as info:
-            rpc(request(model=model, page_token=token), timeout=30)
+            rpc(request(model="m", page_token=token), timeout=30)
         assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert says in (info.value.details() or "")
+        assert "not one this server gave" in (info.value.details() or "")
+
+
+def test_an_empty_page_token_asks_for_the_first_page(
+    server: tuple[ServerThread, ConversionClient],
+) -> None:
+    srv, _ = server
+    answer = stub(srv).ListJobs(pb.ListJobsRequest(model="m", page_token=""), timeout=30)
+    assert list(answer.jobs) == [] and answer.next_page_token == ""
+    answer = stub(srv).ListUploads(pb.ListUploadsRequest(model="m", page_token=""), timeout=30)
+    assert list(answer.uploads) == [] and answer.next_page_token == ""
 
 
 def test_a_page_token_is_for_the_model_filter_it_was_given_for(
@@ -297,17 +303,6 @@ def test_a_page_token_is_for_the_model_filter_it_was_given_for(
         stub(srv).ListUploads(pb.ListUploadsRequest(page_token=page.next_page_token), timeout=30)
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "belongs to the listing of model 'm'" in (info.value.details() or "")
-
-
-@pytest.mark.parametrize("limit", [0, -1, True, 2.5])
-def test_the_sdk_refuses_a_limit_that_is_not_a_count(
-    server: tuple[ServerThread, ConversionClient], limit: Any
-) -> None:
-    _, conv = server
-    with pytest.raises(InvalidInputError, match="limit"):
-        conv.list_uploads(limit=limit)
-    with pytest.raises(InvalidInputError, match="limit"):
-        conv.list_jobs(limit=limit)
 
 
 # ---- the listings' model filter ----

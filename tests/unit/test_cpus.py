@@ -115,10 +115,7 @@ def test_a_cgroup_folder_this_process_may_not_look_into_is_no_quota(
     monkeypatch.setattr(Path, "stat", stat)
     monkeypatch.setattr(Path, "read_text", read_text)
     assert cpus.quota_cores(root, proc) == 3.0
-    monkeypatch.setattr(cpus, "CGROUP_ROOT", root / "kubepods")  # even the root is denied
-    monkeypatch.setattr(cpus, "OWN_CGROUP", proc)
-    assert cpus.quota_cores() is None
-    assert cpus.usable_cores() == cpus.affinity_cores()
+    assert cpus.quota_cores(root / "kubepods", proc) is None  # even the root is denied
 
 
 def test_a_cgroup_named_in_bytes_that_are_not_utf8_is_read(tmp_path: Path) -> None:

@@ -114,7 +114,7 @@ def test_a_worker_still_starting_is_not_checked(
         fleet._workers[0].answering = False
         monkeypatch.setattr(fleet_module.asyncio, "sleep", period)
         check = asyncio.create_task(fleet._check(fleet._workers[0]))
-        await done.wait()
+        await asyncio.wait_for(done.wait(), 10)
         assert peers.pings == 0 and not proc.killed.is_set()
         check.cancel()
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from ferry.client import ConversionClient
+from ferry.client import ConversionClient, InvalidInputError
 from ferry.proto.v1 import model_conversion_pb2 as pb
 
 
@@ -43,19 +43,27 @@ def test_pages_are_followed_to_the_last(client: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    "pages",
+    ("pages", "asked"),
     [
-        [(1, "a"), (0, "b")],  # a page that brings nothing
-        [(1, "a"), (1, "a")],  # the token it was asked with, again
-        [(1, "a"), (1, "b")],  # tokens that come round again: a, b, a, b, ...
-        [(1, "a"), (1, "b"), (1, "c")],  # a, b, c, a, ...
+        ([(1, "a"), (0, "b")], ["", "a"]),  # a page that brings nothing ends it
+        ([(1, "a"), (1, "a")], ["", "a"]),  # the token it was asked with, again
+        ([(1, "a"), (1, "b")], ["", "a", "b"]),  # tokens that come round again: a, b, a, ...
+        ([(1, "a"), (1, "b"), (1, "c")], ["", "a", "b", "c"]),  # a, b, c, a, ...
     ],
 )
 def test_a_faulty_server_cannot_keep_a_listing_going(
-    client: Any, pages: list[tuple[int, str]]
+    client: Any, pages: list[tuple[int, str]], asked: list[str]
 ) -> None:
     """A server (or a proxy replaying answers) whose tokens come round again kept
     list_uploads(limit=None) asking for ever, its list growing."""
     client._stub = server = _Server(pages)
     client.list_uploads(limit=None)
-    assert len(server.tokens) == len(set(server.tokens))  # no page asked for twice
+    assert server.tokens == asked  # each page asked for once, none after the loop would start
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 2.5])
+def test_the_sdk_refuses_a_limit_that_is_not_a_count(client: Any, limit: Any) -> None:
+    with pytest.raises(InvalidInputError, match="limit"):
+        client.list_uploads(limit=limit)
+    with pytest.raises(InvalidInputError, match="limit"):
+        client.list_jobs(limit=limit)

@@ -208,9 +208,9 @@ def positive_int(text: str) -> int:
     return _int_within(text, 1, None)
 
 
-def count_or_all(text: str) -> int:
-    """--limit of a listing: 0 for every record (the SDK follows the server's pages)."""
-    return _int_within(text, 0, None)
+def count_or_all(text: str) -> int | None:
+    """--limit of a listing: 0 for every record (None to the SDK, which follows the pages)."""
+    return _int_within(text, 0, None) or None
 
 
 def add_listing_flags(p: argparse.ArgumentParser, records: str) -> None:

@@ -102,7 +102,7 @@ def _as_json(job: Job, report: bool = True) -> dict[str, Any]:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with connect(ConversionClient, args) as client:
-        jobs = client.list_jobs(args.model or None, limit=args.limit or None)
+        jobs = client.list_jobs(args.model or None, limit=args.limit)
     if args.json:
         print(json.dumps([_as_json(j, report=False) for j in jobs], indent=2))
         return EXIT_OK

@@ -68,7 +68,7 @@ def register(sub: Any) -> None:
 
 def cmd_list(args: argparse.Namespace) -> int:
     with connect(ConversionClient, args) as client:
-        uploads = client.list_uploads(args.model or None, limit=args.limit or None)
+        uploads = client.list_uploads(args.model or None, limit=args.limit)
     if args.json:
         rows = [
             {
