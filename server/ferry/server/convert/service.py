@@ -240,11 +240,21 @@ class ConversionService:
         """Newest first, at most ``limit`` (0: 100; at most 10,000) and no more than fit the
         answer's byte budget, so that no number of kept uploads can make the listing fail;
         with the token of the next page, empty after the last (convert.pages)."""
+        return self._listing(self.store.page_uploads, _upload_bytes, model, limit, page_token)
+
+    def _listing(
+        self,
+        fetch: Callable[[str, int, pages.Position | None], list[tuple[pages.Position, _R]]],
+        size: Callable[[_R], int],
+        model: str,
+        limit: int,
+        page_token: str,
+    ) -> tuple[list[_R], str]:
         if model:
             validate_model_name(model)
         after = pages.decode(page_token, model)
-        rows = self.store.page_uploads(model, _page_size(limit) + 1, after)
-        return _page(rows, _page_size(limit), self._list_budget(), _upload_bytes, model)
+        n = _page_size(limit)
+        return _page(fetch(model, n + 1, after), n, self._list_budget(), size, model)
 
     async def delete_upload(self, upload_id: str) -> None:
         record = self.store.delete_upload(_check_id(upload_id, "upload"))
@@ -384,11 +394,7 @@ class ConversionService:
         self, model: str = "", limit: int = 0, page_token: str = ""
     ) -> tuple[list[JobRecord], str]:
         """As ``list_uploads``: newest first, within ``limit`` and the byte budget."""
-        if model:
-            validate_model_name(model)
-        after = pages.decode(page_token, model)
-        rows = self.store.page_jobs(model, _page_size(limit) + 1, after)
-        return _page(rows, _page_size(limit), self._list_budget(), _job_bytes, model)
+        return self._listing(self.store.page_jobs, _job_bytes, model, limit, page_token)
 
     def _list_budget(self) -> int:
         """Half the largest message: what the estimate of a record's size leaves out (field

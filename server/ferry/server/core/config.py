@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.server.core.types import MAX_VERSION
+from ferry.server.duplicate_keys import unique_object
 from ferry.server.errors import InvalidArgument
 
 CONFIG_NAMES = ("config.toml", "config.json")
@@ -199,16 +200,7 @@ def _read(path: Path) -> Any:
     text = path.read_text(encoding="utf-8-sig")
     if path.suffix == ".toml":
         return tomllib.loads(text)
-    return json.loads(text, object_pairs_hook=_no_duplicates)
-
-
-def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    seen: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in seen:
-            raise ValueError(f"the key {key!r} is given twice in one object")
-        seen[key] = value
-    return seen
+    return json.loads(text, object_pairs_hook=unique_object)
 
 
 def apply_version_config(base: ModelConfig, version_dir: Path) -> ModelConfig:

@@ -377,6 +377,8 @@ class DataPlane:
             return
         if ro is None or ro.shadow is None or ro.shadow[0] != stats.candidate:
             return
+        if stats.decided or not ro.rules:
+            return  # no verdict to reach: the sum over the workers is not worked out
         judged = self._summed(stats)
         verdict = judged.verdict(ro.rules)
         if not verdict:
@@ -439,17 +441,23 @@ class DataPlane:
         GetRollout and /metrics show (the first worker's: it alone decides and answers)."""
         self._peer_shadows = peers
 
-    def _summed(self, stats: shadow.ShadowStatistics) -> shadow.ShadowStatistics:
-        """``stats`` plus the other workers' figures of the same comparison, as last read: no
-        call to another process, so it may run after every shadow outcome."""
+    def _summed(
+        self,
+        stats: shadow.ShadowStatistics,
+        others: list[shadow.ShadowStatistics] | None = None,
+    ) -> shadow.ShadowStatistics:
+        """``stats`` plus the other workers' figures of the same comparison (``others``: as
+        last read, when not given): no call to another process, so it may run after every
+        shadow outcome."""
         if self._peer_shadows is None:
             return stats
-        return shadow_sum.add_up(stats, self._peer_shadows.latest())
+        return shadow_sum.add_up(stats, self._peer_shadows.latest() if others is None else others)
 
     def shadow_statistics(self) -> list[shadow.ShadowStatistics]:
         """Every model's shadow comparison (for metrics), with its model: summed over the
         worker processes as last read (workers.shadow_pull), never a call at a scrape."""
-        summed = [self._summed(s) for s in list(self._shadows.stats.values())]
+        others = self._peer_shadows.latest() if self._peer_shadows is not None else None
+        summed = [self._summed(s, others) for s in list(self._shadows.stats.values())]
         return [s for s in summed if s.compared or s.errors or s.shed]
 
     def own_shadow_statistics(self) -> list[shadow.ShadowStatistics]:

@@ -12,6 +12,8 @@ same version; a request without an id is placed at random.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import random
@@ -98,10 +100,21 @@ class Rollout:
     # none (None: a change that starts the comparison afresh) and keeps a given one (a rule's
     # change that keeps the shadow), "" included: a file written by hand has no id, and a
     # rule's change must not give its comparison one (a new id starts it afresh everywhere).
-    # Every worker keys its figures to it (core.shadow.comparison_key), so the figures one
+    # Every worker keys its figures to it (``comparison_key``), so the figures one
     # process adds up are all from the same comparison. Not part of what a rollout *is*: equal
     # rollouts with other ids route and shadow the same requests.
     comparison: str | None = field(default=None, compare=False)
+
+    @functools.cached_property
+    def comparison_key(self) -> str:
+        """What a comparison's figures are about: candidate, fraction, rules and comparison id,
+        as text, the same in every worker process that read the same rollout file (with
+        ``--workers`` the first worker adds up only figures under its own key, so a worker that
+        has not applied a change yet adds none of its older ones). Worked out once per rollout:
+        it is asked on every shadowed request. A shadow is required."""
+        assert self.shadow is not None
+        candidate, fraction = self.shadow
+        return json.dumps([candidate, fraction, self.rules.as_dict(), self.comparison or ""])
 
     @property
     def versions(self) -> list[int]:
@@ -131,7 +144,7 @@ def going_on(live: Rollout | None, wanted: Rollout) -> Rollout:
     comparison afresh (``write`` gives it a new id)."""
     if live is None or (live.shadow, live.rules) != (wanted.shadow, wanted.rules):
         return wanted
-    return Rollout(wanted.split, wanted.shadow, wanted.rules, live.comparison)
+    return dataclasses.replace(wanted, comparison=live.comparison)
 
 
 def parse_shadow(version: Any, fraction: Any, where: str = "rollout") -> tuple[int, float]:

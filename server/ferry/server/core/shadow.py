@@ -11,7 +11,6 @@ run per model, so under load shadow work is the first to go (counted as ``shed``
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -28,6 +27,7 @@ log = logging.getLogger(__name__)
 SHADOW_PRIORITY = 2**31  # after every request of a caller (priorities: lower first)
 MAX_IN_FLIGHT = 8
 SHADOW_TIMEOUT = 5.0  # seconds a shadow may wait in the candidate's queue
+SQUARES = 4  # per output: sum of squared differences, of squared served values, sum, count
 
 
 @dataclass
@@ -176,7 +176,7 @@ class ShadowStatistics:
                 x, y = x[~odd], y[~odd]
             nx, ny = float(np.linalg.norm(x)), float(np.linalg.norm(y))
             cosines.append(float(x @ y / (nx * ny)) if nx and ny else float(nx == ny))
-            sums = self.squares.setdefault(name, [0.0, 0.0, 0.0, 0.0])
+            sums = self.squares.setdefault(name, [0.0] * SQUARES)
             sums[0] += float(np.sum((x - y) ** 2))
             sums[1] += nx * nx
             if a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1):  # one value per sample
@@ -194,14 +194,8 @@ class ShadowStatistics:
 
 
 def comparison_key(rollout: Any) -> str:
-    """What a comparison's figures are about: the rollout's candidate, fraction, rules and the
-    comparison id that every change starting one afresh writes (core.rollout.Rollout). Text, the
-    same in every worker process that read the same rollout file: with ``--workers`` the first
-    worker adds up only figures made under its own key, so a worker that has not applied a
-    change yet adds none of its older ones (the (shadow, rules) pair alone did not tell a shadow
-    set again by a person, whose comparison starts afresh, from the one before)."""
-    candidate, fraction = rollout.shadow
-    return json.dumps([candidate, fraction, rollout.rules.as_dict(), rollout.comparison or ""])
+    """The comparison ``rollout``'s shadow figures belong to (core.rollout.Rollout)."""
+    return str(rollout.comparison_key)
 
 
 class Shadows:

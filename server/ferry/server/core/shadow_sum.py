@@ -21,7 +21,7 @@ import dataclasses
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from ferry.server.core.shadow import ShadowStatistics
+from ferry.server.core.shadow import SQUARES, ShadowStatistics
 
 SUMMED = (
     "compared",
@@ -38,7 +38,6 @@ SUMMED = (
     "in_flight",
 )
 _INTEGERS = frozenset(SUMMED) - {"cosine_sum"}
-SQUARES = 4  # per output: sum of squared differences, of squared served values, sum, count
 
 
 class PeerShadows(Protocol):

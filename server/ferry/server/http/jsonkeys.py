@@ -27,6 +27,8 @@ from typing import Any
 
 import numpy as np
 
+from ferry.server.duplicate_keys import DuplicateKey, unique_object
+
 # Bodies up to this size are counted by plain bytes methods (each a pass in C); larger ones by
 # bytes.find (memchr) while marks are few, then by numpy.
 SMALL = 4096
@@ -37,15 +39,6 @@ _QUOTE, _COLON, _BRACE = ord('"'), ord(":"), ord("{")
 # Lists up to this length are walked where they are met; longer ones (tensor data) wait, shortest
 # first, until no object is left to find.
 _SHORT = 8
-
-
-class DuplicateKey(ValueError):
-    """An object of the body names ``key`` twice (None: the standard library's reader could not
-    say which)."""
-
-    def __init__(self, key: str | None) -> None:
-        super().__init__(key)
-        self.key = key
 
 
 def check_unique(value: Any, data: bytes) -> None:
@@ -61,18 +54,6 @@ def check_unique(value: Any, data: bytes) -> None:
     objects, keys = written(data)
     if objects and held(value, objects) != keys:
         raise DuplicateKey(_repeated(data))
-
-
-def unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``object_pairs_hook`` for the standard library's reader: the object, or DuplicateKey."""
-    value = dict(pairs)
-    if len(value) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise DuplicateKey(key)
-            seen.add(key)
-    return value
 
 
 def _anywhere(data: bytes) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from ferry.server.core.types import (
     short,
     version_label,
 )
+from ferry.server.duplicate_keys import DuplicateKey, unique_object
 from ferry.server.errors import InvalidArgument, LimitExceeded, Unimplemented
 from ferry.server.grpc.kserve_tensors import (
     NO_SEQUENCES,
@@ -47,7 +48,7 @@ from ferry.server.grpc.kserve_tensors import (
     UNSUPPORTED_OUTPUT_PARAMETERS,
     reshape_input,
 )
-from ferry.server.http.jsonkeys import DuplicateKey, check_unique, unique_object
+from ferry.server.http.jsonkeys import check_unique
 
 BINARY_SIZE = "binary_data_size"
 BINARY_OUTPUT = "binary_data"
