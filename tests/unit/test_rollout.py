@@ -919,3 +919,21 @@ def test_a_split_rule_keeps_the_comparison_of_a_hand_edited_file(tmp_path: Path)
         await registry.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("promote_after", [1, 3, 9])
+def test_a_promotion_under_ten_comparisons_still_judges_sizes_and_ids(promote_after: int) -> None:
+    """The size and id checks waited for 10 comparisons, and a promote_after under 10 promoted
+    a candidate whose ids all differed (or whose outputs were half the size) without them."""
+    rules = rollouts.Rules(promote_after=promote_after, min_cosine=0.99)
+    wrong_ids = ShadowStatistics(2, "m", compared=promote_after)
+    wrong_ids.labels_total, wrong_ids.labels_equal = promote_after, 0
+    assert wrong_ids.verdict(rules) == "rollback"
+    halved = ShadowStatistics(2, "m", compared=promote_after)
+    halved.squares["y"] = [0.25 * promote_after, 1.0 * promote_after, 0.0, 0.0]  # ||d|| = 0.5
+    assert halved.verdict(rules) == "rollback"
+    right = ShadowStatistics(2, "m", compared=promote_after)
+    right.labels_total = right.labels_equal = promote_after
+    right.squares["y"] = [0.0, 1.0 * promote_after, 0.0, 0.0]
+    assert right.verdict(rules) == "promote"
+    assert ShadowStatistics(2, "m", compared=promote_after - 1).verdict(rules) == ""

@@ -68,15 +68,17 @@ class ShadowStatistics:
             return "rollback"
         if rules.min_cosine and self.compared and self.cosine_min < rules.min_cosine:
             return "rollback"
-        # Over 10 comparisons at least, like the error rate: summed, a near-zero output in one
-        # request cannot decide alone.
-        if rules.min_cosine and self.compared >= 10:
+        promoting = bool(rules.promote_after) and self.compared >= rules.promote_after
+        # Over 10 comparisons at least, like the error rate (summed, a near-zero output in one
+        # request cannot decide alone), and before any promotion, however few (a promote_after
+        # under 10 promoted a candidate whose ids all differed).
+        if rules.min_cosine and (self.compared >= 10 or promoting):
             most = max_rel_error(rules.min_cosine)
             if most is not None and not (self.rel_error <= most and self.spread_error <= most):
                 return "rollback"
             if self.labels_total and self.label_agreement < rules.min_cosine:
                 return "rollback"
-        if not rules.promote_after or self.compared < rules.promote_after:
+        if not promoting:
             return ""
         ratio = self.shadow_ns / self.served_ns if self.served_ns else 1.0
         if rules.max_latency_ratio and ratio > rules.max_latency_ratio:
