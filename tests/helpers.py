@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -95,6 +96,16 @@ def stats(client: InferenceClient, model: str, version: int = 1) -> ModelStatist
 def scrape(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         return str(resp.read().decode("utf-8"))
+
+
+def until_closed(sock: socket.socket) -> bytes:
+    """Everything a raw connection receives until the server closes it (bounded by the
+    socket's own timeout): for answers no HTTP client library would read, or requests none
+    would send."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ExecutionGate:

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from helpers import make_repo
+from helpers import make_repo, until_closed
 from kserve_common import http_call, identity_name
 from serverutil import ServerThread
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -122,9 +122,7 @@ def test_a_body_that_stops_arriving_is_refused_and_its_connection_closed(
                 "Content-Length: 1000\r\n\r\n".encode()
                 + b'{"inputs": ['
             )
-            answer = b""
-            while chunk := sock.recv(65536):  # the server closes the connection
-                answer += chunk
+            answer = until_closed(sock)
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408"), answer
         error = json.loads(body)
@@ -180,13 +178,6 @@ def _connect(server: ServerThread) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=30)
 
 
-def _until_closed(sock: socket.socket) -> bytes:
-    answer = b""
-    while chunk := sock.recv(65536):
-        answer += chunk
-    return answer
-
-
 def _head_timeout(answer: bytes, bound: str = "0.2") -> str:
     """The message of the 408 that ends a connection whose request head stopped arriving."""
     head, _, body = answer.partition(b"\r\n\r\n")
@@ -215,7 +206,7 @@ def test_a_head_that_stops_arriving_is_answered_and_its_connection_closed(
         assert head.startswith(b"HTTP/1.1 200"), head
         partial = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
         sock.sendall(partial)
-        message = _head_timeout(_until_closed(sock))
+        message = _head_timeout(until_closed(sock))
         assert f"({len(partial)} bytes came)" in message, message
     # Whole requests are served as before.
     status, _, _ = http_call(kserve_server.http_target, "GET", "/v2/health/live")
@@ -241,7 +232,7 @@ def test_a_head_sent_a_byte_at_a_time_is_cut_off(
                 break
         else:
             pytest.fail("a head sent a byte at a time was never cut off")
-        _head_timeout(_until_closed(sock))
+        _head_timeout(until_closed(sock))
 
 
 def test_a_connection_that_sends_nothing_is_closed(
@@ -250,7 +241,7 @@ def test_a_connection_that_sends_nothing_is_closed(
     # Timed from the connection opening; nothing was asked, so nothing is answered.
     monkeypatch.setattr(listener, "HEADER_TIMEOUT", 0.2)
     with _connect(kserve_server) as sock:
-        assert _until_closed(sock) == b""
+        assert until_closed(sock) == b""
 
 
 def test_a_head_under_way_is_not_closed_as_an_idle_connection(
@@ -262,7 +253,7 @@ def test_a_head_under_way_is_not_closed_as_an_idle_connection(
     root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
     with ServerThread(root, http_keepalive_timeout=1.0) as srv, _connect(srv) as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
-        _head_timeout(_until_closed(sock), "2")
+        _head_timeout(until_closed(sock), "2")
 
 
 def test_json_over_its_limit_is_refused_and_the_same_tensor_in_binary_is_served(

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
-from helpers import wait_for
+from helpers import until_closed, wait_for
 from kserve_common import DATATYPES, http_call, identity_name
 from serverutil import ServerThread
 from test_kserve_infer import SAMPLES
@@ -477,10 +477,7 @@ def _raw_http(target: str, request: bytes) -> bytes:
     host, port = target.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
         sock.sendall(request)
-        chunks = []
-        while chunk := sock.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
+        return until_closed(sock)
 
 
 def test_an_unknown_content_encoding_is_415_not_read_as_plain(kserve_server: ServerThread) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as th
-from helpers import make_repo
+from helpers import make_repo, until_closed
 from sechelpers import Certs
 from serverutil import ServerThread
 from tritonclient.utils import InferenceServerException
@@ -277,9 +277,7 @@ def test_a_tls_head_that_stops_arriving_is_answered_and_closed(
         raw = socket.create_connection(("127.0.0.1", srv.app.http_port), timeout=WAIT_S)
         with _context(certs).wrap_socket(raw, server_hostname="127.0.0.1") as sock:
             sock.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")
-            answer = b""
-            while chunk := sock.recv(65536):  # the server closes the connection
-                answer += chunk
+            answer = until_closed(sock)  # the server closes the connection
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 408"), answer
         assert json.loads(body)["kind"] == "DEADLINE_EXCEEDED"

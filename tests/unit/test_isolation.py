@@ -21,10 +21,10 @@ import pytest
 
 from ferry.server.core.config import ModelConfig
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
-from ferry.server.core.pools import usable_cores
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import State
+from ferry.server.cpus import usable_cores
 from ferry.server.examples import mlp_model, seed_model, write_model
 from ferry.server.runtime.session import OrtSession, open_session
 

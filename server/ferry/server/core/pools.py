@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from ferry.server.core import priority
 from ferry.server.cpus import usable_cores
 
-__all__ = ["ThreadPools", "usable_cores"]
+__all__ = ["ThreadPools"]
 
 
 class ThreadPools:
@@ -24,8 +24,12 @@ class ThreadPools:
     ``files``: one thread for reading the repository's folders (a refresh's scan of every
     model), quick work kept off the event loop and out of the loaders' queue."""
 
-    def __init__(self, execution_threads: int = 0, loader_threads: int = 0) -> None:
-        cores = usable_cores()
+    def __init__(
+        self, execution_threads: int = 0, loader_threads: int = 0, *, cores: int = 0
+    ) -> None:
+        """``cores``: what this process may use, where the caller has read it already (0: read
+        it here; it costs a look at the cgroup's files)."""
+        cores = cores or usable_cores()
         self.execution_threads = execution_threads or cores
         self.loader_threads = loader_threads or min(2, cores)
         self.execution = ThreadPoolExecutor(

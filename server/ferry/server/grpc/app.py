@@ -30,11 +30,11 @@ from ferry.server.addresses import bind_failure
 from ferry.server.coalesced import Coalesced
 from ferry.server.convert.service import ConversionService, default_state_dir
 from ferry.server.core.dataplane import DataPlane
-from ferry.server.core.pools import ThreadPools, usable_cores
+from ferry.server.core.pools import ThreadPools
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import Limits
-from ferry.server.cpus import affinity_cores, quota_cores
+from ferry.server.cpus import affinity_cores, quota_cores, usable_cores
 from ferry.server.errors import FerryError
 from ferry.server.grpc import conversion, kserve, reflection
 from ferry.server.grpc._base import new_server, quiet_peer_gone
@@ -87,7 +87,7 @@ class FerryServer:
             )
         self.is_worker = bool(settings.worker_socket)
         share = max(1, cores // self.workers)
-        pools = ThreadPools(share)
+        pools = ThreadPools(share, cores=cores)
         set_auto_threads(share)
         # Aligned weight copies (onnxruntime.share_weights) live beside the conversion state,
         # outside the repository, where every worker of this server finds them.

@@ -22,8 +22,8 @@ from ferry.codec import DataType, numpy_dtype
 from ferry.server.batching.tensors import concat
 from ferry.server.core import priority
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRuntimeConfig
-from ferry.server.core.pools import usable_cores
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
+from ferry.server.cpus import usable_cores
 from ferry.server.errors import InvalidArgument, Unavailable
 from ferry.server.runtime import instances, plans, rows, shared_weights
 from ferry.server.runtime import providers as provider_table

@@ -223,7 +223,7 @@ def _agreement(cand: np.ndarray, ref: np.ndarray) -> float:
     return float(np.mean(cand == ref)) if ref.size else 1.0
 
 
-def _spread_error(cand: np.ndarray, ref: np.ndarray) -> float:
+def _spread_error(cand: np.ndarray, ref: np.ndarray, finite: np.ndarray) -> float:
     """The relative error of one value per sample ([N] or [N, 1], a regression output) measured
     about the reference's mean over the samples: ||cand - ref|| / ||ref - mean(ref)||. Around a
     large common value (a temperature in kelvin, a price) both the cosine and ``_rel_error`` see
@@ -231,11 +231,11 @@ def _spread_error(cand: np.ndarray, ref: np.ndarray) -> float:
     model's scored cosine 0.99998 and relative error 0.006 and was published within budget, and
     so would one predicting the mean for every sample. 0 (not judged) for other shapes, fewer
     than two finite samples, or a spread under ``SPREAD`` of the size (an output that hardly
-    varies is not judged on its noise)."""
+    varies is not judged on its noise). Both arrays are float64 and ``finite`` marks where both
+    are finite, as ``compare`` has them already."""
     if ref.ndim not in (1, 2) or (ref.ndim == 2 and ref.shape[1] != 1):
         return 0.0
-    finite = np.isfinite(cand) & np.isfinite(ref)
-    r, c = ref[finite].astype(np.float64), cand[finite].astype(np.float64)
+    r, c = ref[finite], cand[finite]
     if r.size < 2:
         return 0.0
     mean = float(r.mean())
@@ -345,7 +345,7 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
             cosine, rel = min(cosine, computed[0]), max(rel, computed[1])
         cosines.append(cosine)
         rel_errors.append(rel)
-        spread_errors.append(_spread_error(c64, r64))
+        spread_errors.append(_spread_error(c64, r64, finite))
         if is_class_scores(ref):
             top1.append(float(np.mean(cand.argmax(axis=1) == ref.argmax(axis=1))))
     return Figures(
