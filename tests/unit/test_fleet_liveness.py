@@ -57,6 +57,9 @@ class _Peers:
     def sockets(self) -> list[Path]:
         return [self.tmp / "worker-1.sock"]
 
+    def forget(self, path: Path) -> None:
+        pass
+
 
 def _fleet(tmp_path: Path, peers: _Peers, timeout: float) -> tuple[WorkerFleet, _Proc]:
     fleet = WorkerFleet(Settings(worker_timeout=timeout), tmp_path, 2, peers, list)  # type: ignore[arg-type]
@@ -163,5 +166,40 @@ def test_one_missed_check_after_a_stall_of_the_first_process_kills_nothing(
         await asyncio.wait_for(peers.enough.wait(), 10)
         assert not proc.killed.is_set()
         check.cancel()
+
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize(("load_seconds", "starts"), [(0.0, False), (200.0, True)])
+def test_a_worker_may_take_as_long_to_start_as_the_first_process_took_to_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, load_seconds: float, starts: bool
+) -> None:
+    """A repository that took the first process 200 s to load takes a worker loading beside
+    another about as long or longer; with a fixed 300 s bound, one that took longer was killed
+    and started again for ever. Here the worker answers ready at 500 s on the test's clock:
+    within 300 + 2 x 200 s, not within 300 s alone."""
+    now = [0.0]
+
+    async def ready(sock: Path) -> bool | None:
+        return True if now[0] >= 500.0 else None
+
+    async def tick(seconds: float) -> None:  # the probe's pause, counted on the test's clock
+        now[0] += 1.0
+
+    async def run() -> None:
+        fleet = WorkerFleet(
+            Settings(), tmp_path, 2, _Peers(tmp_path), list, load_seconds=load_seconds
+        )  # type: ignore[arg-type]
+        fleet._clock = lambda: now[0]
+        (worker,) = fleet._workers
+        worker.proc = _Proc(1234)  # type: ignore[assignment]
+        monkeypatch.setattr(fleet_module, "_ready", ready)
+        monkeypatch.setattr(fleet_module.asyncio, "sleep", tick)
+        if starts:
+            await fleet._wait_ready(worker, tmp_path / "worker-1.sock")
+            assert now[0] == 500.0
+        else:
+            with pytest.raises(RuntimeError, match="not ready within 300 s"):
+                await fleet._wait_ready(worker, tmp_path / "worker-1.sock")
 
     asyncio.run(run())

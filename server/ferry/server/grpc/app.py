@@ -17,6 +17,7 @@ import signal
 import socket
 import ssl
 import tempfile
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -132,6 +133,7 @@ class FerryServer:
         self._management_services: list[str] = []
         self._stopped = asyncio.Event()
         self.fleet: WorkerFleet | None = None
+        self._load_seconds = 0.0  # the first process's start-up load, timed
         self._control: aio.Server | None = None
         self._peers: Peers | None = None
         self._shadow_pull: ShadowPull | None = None
@@ -241,7 +243,9 @@ class FerryServer:
         self.registry.add_listener(self._health.request)
         if not self.is_worker:
             self.registry.add_listener(self._prune.request)
+            began = time.monotonic()
             await self._load_repository()
+            self._load_seconds = time.monotonic() - began  # the workers' start-up bound
         if self.workers > 1:
             await self._start_workers()
         await self._update_health()
@@ -309,6 +313,7 @@ class FerryServer:
             self._peers,
             lambda: self.registry.unloaded_by_request,
             ready=self.dataplane.ready,
+            load_seconds=self._load_seconds,
         )
         http_port = self.http_port if self.settings.http_port >= 0 else -1
         # Following before the workers start: each catches up once it is ready (fleet._spawn),

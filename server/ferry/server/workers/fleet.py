@@ -37,7 +37,9 @@ from ferry.server.workers.peers import Peers, socket_path
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT = 300.0  # seconds a worker may take to load its models before it counts as failed
+# Seconds a worker may take to load its models before it counts as failed, plus, for each
+# worker, what the first process's own start-up load took (WorkerFleet.ready_within).
+READY_TIMEOUT = 300.0
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_AFTER = 60.0  # a worker that lived this long starts the backoff afresh when it dies
 APPLY_TIMEOUT = 600.0  # seconds a worker may take to apply one change (a large model's load)
@@ -80,7 +82,7 @@ class _Worker:
         self.started = 0.0
         self.failures = 0
         # Its control socket answered since it was (re)started: from then on it is expected to
-        # answer the liveness check (before, READY_TIMEOUT bounds its start-up load).
+        # answer the liveness check (before, ready_within bounds its start-up load).
         self.answering = False
 
 
@@ -94,6 +96,7 @@ class WorkerFleet:
         unloaded: Callable[[], list[str]],
         *,
         ready: Callable[[], bool] = lambda: True,
+        load_seconds: float = 0.0,
     ) -> None:
         self.settings = settings
         self.run_dir = run_dir
@@ -112,7 +115,18 @@ class WorkerFleet:
         # Workers that exited and were started again: their counters started from zero, which
         # a sum over workers shows as a drop (docs/deployment.md); /metrics carries this count.
         self.restarts = 0
-        self._clock = time.monotonic  # the liveness check's (a test's own)
+        self._clock = time.monotonic  # the liveness check's and start-up's (a test's own)
+        self.load_seconds = load_seconds
+
+    @property
+    def ready_within(self) -> float:
+        """How long a worker may take to start: READY_TIMEOUT, plus the first process's own
+        start-up load once for each process loading beside it (they share the cores and the
+        disk). With a fixed 300 s, a repository that took the first process longer than that
+        to load could never start a worker: each was killed at 300 s and started again, a full
+        load every time, for ever. A worker binds the inference ports only once loaded, so a
+        slow one takes no traffic meanwhile."""
+        return READY_TIMEOUT + self.count * self.load_seconds
 
     @property
     def pids(self) -> list[int]:
@@ -165,9 +179,10 @@ class WorkerFleet:
         log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
 
     async def _wait_ready(self, worker: _Worker, sock: Path) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
+        within = self.ready_within
+        deadline = self._clock() + within
         assert worker.proc is not None
-        while time.monotonic() < deadline:
+        while self._clock() < deadline:
             if worker.proc.returncode is not None:
                 raise RuntimeError(
                     f"worker {worker.index} exited with {worker.proc.returncode} while starting"
@@ -177,7 +192,10 @@ class WorkerFleet:
                 self.peers.forget(sock)  # a channel made while it restarted may be backing off
                 return
             await asyncio.sleep(0.05)
-        raise RuntimeError(f"worker {worker.index} was not ready within {READY_TIMEOUT:.0f} s")
+        raise RuntimeError(
+            f"worker {worker.index} was not ready within {within:.0f} s ({READY_TIMEOUT:.0f} s "
+            f"and {self.count} x the {self.load_seconds:.0f} s the first process took to load)"
+        )
 
     async def _watch(self, worker: _Worker) -> None:
         """Start a dead worker again, with backoff, until the fleet stops."""
