@@ -14,6 +14,7 @@ import pytest
 from ferry.client import (
     AsyncInferenceClient,
     CancelledError,
+    DeadlineExceededError,
     FerryError,
     InferenceClient,
     InferResult,
@@ -239,3 +240,61 @@ def test_async_stream_flow_control_cancel_and_producer(server: Any) -> None:
             assert all(isinstance(r, InferResult | CancelledError) for _, r in answers)
 
     asyncio.run(main())
+
+
+def _held(server: Any) -> Any:
+    """The server's only instance of mlp held busy (helpers.ExecutionGate), so that a stream
+    with one slot has none free."""
+    from helpers import ExecutionGate
+
+    return ExecutionGate(server, "mlp")
+
+
+def test_a_request_whose_timeout_passes_waiting_for_a_slot_is_not_sent(server: Any) -> None:
+    """submit's timeout counts from the submit: a request that waited its whole budget for a
+    free slot was sent at the end of the wait with the whole budget again, and run for a
+    caller whose time was up. Now the wait is bounded by it and the request is not sent."""
+    with (
+        _held(server) as gate,
+        InferenceClient(server.target, timeout=30) as client,
+        client.stream("mlp", max_in_flight=1) as stream,
+    ):
+        first = stream.submit(batch(0))
+        gate.wait_entered()
+        late: list[str] = []
+        submitter = threading.Thread(
+            target=lambda: late.append(stream.submit(batch(1), "late", timeout=0.05))
+        )
+        submitter.start()
+        submitter.join(30)  # the budget ends the wait; before, only the first answer did
+        gate.release()
+        assert late == ["late"], "submit waited past its request's timeout"
+        got = dict(stream.results())
+    assert isinstance(got[first], InferResult)
+    assert isinstance(got["late"], DeadlineExceededError)
+    assert "was not sent" in str(got["late"]) and "max_in_flight" in str(got["late"])
+    assert gate.calls == 1  # the late request never reached the model
+
+
+def test_an_async_request_whose_timeout_passes_waiting_for_a_slot_is_not_sent(
+    server: Any,
+) -> None:
+    async def main() -> None:
+        async with AsyncInferenceClient(server.target, timeout=30) as client:
+            stream = client.stream("mlp", max_in_flight=1)
+            first = await stream.submit(batch(0))
+            await asyncio.to_thread(gate.wait_entered)
+            try:
+                late = await asyncio.wait_for(stream.submit(batch(1), "late", timeout=0.05), 30)
+            finally:
+                gate.release()
+            got = {rid: result async for rid, result in stream.results()}
+            await stream.close()
+            assert late == "late"
+            assert isinstance(got[first], InferResult)
+            assert isinstance(got["late"], DeadlineExceededError)
+            assert "was not sent" in str(got["late"])
+
+    with _held(server) as gate:
+        asyncio.run(main())
+        assert gate.calls == 1

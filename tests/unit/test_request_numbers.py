@@ -7,6 +7,7 @@ The hand-written encoder wrote varints masked to 64 bits: ``version=2**64`` was 
 from __future__ import annotations
 
 import re
+import time
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,8 @@ from ferry.client import (
     RetryPolicy,
 )
 from ferry.client._requests import build_infer_request
-from ferry.client._wire import encode_infer_request
+from ferry.client._stream import RESTAMP_AFTER, stamped
+from ferry.client._wire import encode_infer_request, with_timeout
 from ferry.proto.v1 import inference_pb2 as pb
 
 X = {"input": np.ones((1, 4), np.float32)}
@@ -142,3 +144,22 @@ def test_an_input_no_message_can_carry_is_refused_before_its_copy() -> None:
     for encode in (encode_infer_request, build_infer_request):
         with pytest.raises(InvalidInputError, match="one gRPC message carries at most"):
             encode("m", huge)
+
+
+def test_a_stream_request_that_waited_goes_with_what_is_left_of_its_budget() -> None:
+    """A stream's submit counts its timeout from the submit: a request that waited for a slot
+    or behind earlier writes is sent with the rest (the field appended; protobuf reads the
+    last), one that did not wait goes as built, and one past its deadline is not sent."""
+    built = encode_infer_request("m", X, timeout=2.0, priority=3, request_id="r")
+    again = pb.InferRequest.FromString(with_timeout(built, 0.25))
+    assert again.timeout_us == 250_000
+    assert (again.model, again.id, again.priority) == ("m", "r", 3)
+    assert again.inputs == pb.InferRequest.FromString(built).inputs
+
+    now = time.monotonic()
+    assert stamped(built, now + 2.0, 2.0) is built  # no wait worth a copy
+    assert stamped(built, now - 0.001, 2.0) is None  # its deadline passed: not sent
+    waited = stamped(built, now + 1.0, 2.0)  # a second of its two spent waiting
+    assert waited is not None
+    left = pb.InferRequest.FromString(waited).timeout_us
+    assert 0 < left <= 1_000_000 and RESTAMP_AFTER < 1.0

@@ -53,6 +53,7 @@ from ferry.client._stream import (
     aenumerate,
     check_max_in_flight,
     item_of,
+    stamped,
 )
 from ferry.client._types import InferResult, ModelMetadata, ModelStatistics, ModelVersionStatus
 from ferry.proto.v1 import inference_pb2 as pb
@@ -334,6 +335,7 @@ class AsyncInferStream(StreamState):
         Cancelling a submit (a timeout around it, a cancelled task) never disturbs the other
         requests on the stream: a request whose message had begun to go out is still answered
         in ``results()``, under its id; one still waiting for its turn is withdrawn."""
+        began = time.monotonic()
         dtypes = None
         if self._dtypes is not None and needs_dtypes(inputs, self.model, self.version):
             dtypes = await self._dtypes()
@@ -342,24 +344,35 @@ class AsyncInferStream(StreamState):
         )
         self._check_open(rid)
         call = self._start()
+        budget = None if timeout is None else float(timeout)
+        deadline = None if budget is None else began + budget
         if len(self._pending) >= self.max_in_flight:
             self._blocked += 1
             try:
                 async with self._slots:
-                    await self._slots.wait_for(
+                    free = self._slots.wait_for(
                         lambda: len(self._pending) < self.max_in_flight or self._done
                     )
+                    if deadline is None:
+                        await free
+                    else:  # the request's own budget bounds its wait for a slot
+                        with contextlib.suppress(TimeoutError):
+                            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                                await free
             finally:
                 self._blocked -= 1
         self._check_open(rid)
         self._pending[rid] = (time.perf_counter(), encode)
         self._unread += 1
+        if budget is not None and len(self._pending) > self.max_in_flight:
+            self._results.put_nowait(self._expired(rid, budget, "for a free slot (max_in_flight)"))
+            return rid
         # The write runs in a task of its own, shielded from the caller's cancellation: grpc.aio
         # cancels the whole call when a task awaiting ``write`` is cancelled, so a submit
         # abandoned under flow control (``asyncio.wait_for(stream.submit(...), t)``) failed
         # every other request on the stream with CancelledError.
         started = asyncio.Event()
-        sending = asyncio.ensure_future(self._send(call, request, started))
+        sending = asyncio.ensure_future(self._send(call, (rid, request, deadline, budget), started))
         try:
             await asyncio.shield(sending)
         except asyncio.CancelledError:
@@ -379,9 +392,24 @@ class AsyncInferStream(StreamState):
         return rid
 
     async def _send(
-        self, call: aio.StreamStreamCall[Any, Any], request: bytes, started: asyncio.Event
+        self,
+        call: aio.StreamStreamCall[Any, Any],
+        item: tuple[str, bytes, float | None, float | None],
+        started: asyncio.Event,
     ) -> None:
+        rid, request, deadline, budget = item
         async with self._write_lock:
+            if deadline is not None and budget is not None:
+                now = stamped(request, deadline, budget)
+                if now is None:  # its budget ran out behind earlier writes: not sent
+                    if rid in self._pending:
+                        where = "behind the stream's earlier writes"
+                        self._results.put_nowait(self._expired(rid, budget, where))
+                        if self._blocked:
+                            async with self._slots:
+                                self._slots.notify_all()
+                    return
+                request = now
             started.set()
             await call.write(request)
 

@@ -37,6 +37,7 @@ from typing import Any, Final
 import grpc
 
 from ferry.client._errors import (
+    DeadlineExceededError,
     FerryError,
     InvalidInputError,
     LimitExceededError,
@@ -45,13 +46,16 @@ from ferry.client._errors import (
 )
 from ferry.client._requests import ArrayLike, check_timeout, needs_dtypes, new_request_id
 from ferry.client._types import InferResult, Timings
-from ferry.client._wire import decode_stream_response, encode_infer_request
+from ferry.client._wire import decode_stream_response, encode_infer_request, with_timeout
 
 StreamResult = tuple[str, InferResult | FerryError]
 Inputs = Mapping[str, ArrayLike]
 InputItem = Inputs | tuple[str, Inputs]
 
 DEFAULT_MAX_IN_FLIGHT = 1024
+# A request that waited less than this before it was written goes with its budget as built: the
+# server's deadline cannot tell the difference apart, and stamping what is left costs a copy.
+RESTAMP_AFTER = 0.001
 
 
 class Marker:
@@ -182,6 +186,32 @@ class StreamState:
     def _should_stop(self, until_closed: bool) -> bool:
         return self._unread == 0 and (not until_closed or self._closed or self._done)
 
+    def _expired(self, rid: str, timeout: float, where: str) -> StreamResult:
+        """A request whose budget ran out before it could be written: it is not sent (the
+        server would have run it for nobody, or refused it), and ``results()`` yields it with
+        the error the server gives a request whose deadline passed."""
+        self._pending.pop(rid, None)
+        return rid, DeadlineExceededError(
+            f"request {rid!r} was not sent: its timeout of {timeout:g} s passed while it "
+            f"waited {where}; the server is behind this stream (submit fewer at once, or give "
+            "a longer timeout)"
+        )
+
+
+def stamped(request: bytes, deadline: float, timeout: float) -> bytes | None:
+    """The request as it goes now, ``timeout`` seconds after its submit began and due at
+    ``deadline`` (monotonic): None once that has passed, otherwise with what is left of its
+    budget. A submit's timeout counts from the submit: time spent waiting for a free slot
+    (``max_in_flight``) or behind the stream's earlier writes is the caller's time too, and a
+    server given the whole budget at the end of that wait ran requests whose callers had given
+    up, first in first out, while fresh ones waited behind them."""
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return None
+    if timeout - left < RESTAMP_AFTER:
+        return request
+    return with_timeout(request, left)
+
 
 def check_max_in_flight(value: object) -> None:
     """An int >= 1: None gave a bare TypeError from a comparison, True and 1.5 went through."""
@@ -216,7 +246,9 @@ class InferStream(StreamState):
     def __init__(self, method: Any, model: str, **options: Any) -> None:
         super().__init__(method, model, **options)
         self._cond = threading.Condition()
-        self._requests: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        # (id, message, deadline, timeout): stamped with what is left as grpc takes it.
+        self._requests: queue.SimpleQueue[tuple[str, bytes, float | None, float | None] | None]
+        self._requests = queue.SimpleQueue()
         self._results: queue.SimpleQueue[StreamResult | Marker] = queue.SimpleQueue()
         self._call = method(
             self._request_iterator(), timeout=self._timeout, metadata=self._metadata
@@ -228,9 +260,24 @@ class InferStream(StreamState):
 
     def _request_iterator(self) -> Iterator[bytes]:
         while True:
-            request = self._requests.get()
-            if request is None:
+            item = self._requests.get()
+            if item is None:
                 return
+            rid, request, deadline, budget = item
+            if deadline is not None and budget is not None:
+                now = stamped(request, deadline, budget)
+                if now is None:
+                    with self._cond:
+                        expired = (
+                            self._expired(rid, budget, "behind the stream's earlier writes")
+                            if rid in self._pending
+                            else None  # the call ended: the reader failed it already
+                        )
+                        self._cond.notify_all()
+                    if expired is not None:
+                        self._results.put(expired)
+                    continue
+                request = now
             yield request
 
     def _read(self) -> None:
@@ -275,6 +322,7 @@ class InferStream(StreamState):
         client's ``max_message_bytes`` (the stream carries on), and the stream's error once it
         has ended.
         """
+        began = time.monotonic()
         dtypes = (
             self._dtypes()
             if self._dtypes is not None and needs_dtypes(inputs, self.model, self.version)
@@ -283,14 +331,27 @@ class InferStream(StreamState):
         rid, request, encode = self._build(
             inputs, request_id, timeout=timeout, priority=priority, outputs=outputs, dtypes=dtypes
         )
+        budget = None if timeout is None else float(timeout)
+        deadline = None if budget is None else began + budget
+        expired: StreamResult | None = None
         with self._cond:
             self._check_open(rid)
             while len(self._pending) >= self.max_in_flight and not self._done:
-                self._cond.wait()
+                if deadline is None:
+                    self._cond.wait()
+                elif (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                else:
+                    break
             self._check_open(rid)
             self._pending[rid] = (time.perf_counter(), encode)
             self._unread += 1
-            self._requests.put(request)
+            if budget is not None and len(self._pending) > self.max_in_flight:
+                expired = self._expired(rid, budget, "for a free slot (max_in_flight)")
+            else:
+                self._requests.put((rid, request, deadline, budget))
+        if expired is not None:
+            self._results.put(expired)
         return rid
 
     def results(self, *, until_closed: bool = False) -> Iterator[StreamResult]:

@@ -24,7 +24,13 @@ from ferry.codec import CodecError, from_bytes
 from ferry.codec._wire import encode_varint, tensor_field, text_field
 from ferry.proto.v1 import inference_pb2 as pb
 
-__all__ = ["decode_infer_response", "decode_stream_response", "encode_infer_request", "read_varint"]
+__all__ = [
+    "decode_infer_response",
+    "decode_stream_response",
+    "encode_infer_request",
+    "read_varint",
+    "with_timeout",
+]
 
 _KEY1, _KEY2, _KEY3, _KEY4 = b"\x0a", b"\x10", b"\x1a", b"\x22"  # fields 1..4, as used below
 _KEY5, _KEY6, _KEY7 = b"\x2a", b"\x30", b"\x38"
@@ -73,6 +79,15 @@ def encode_infer_request(
     if priority:
         parts += [_KEY7, encode_varint(priority)]
     return b"".join(parts)
+
+
+def with_timeout(request: bytes, seconds: float) -> bytes:
+    """``request`` (a serialized ``InferRequest``) with its ``timeout_us`` set to ``seconds``.
+
+    The field is appended, not rewritten: protobuf takes the last value of a field that is not
+    repeated, so the server reads this one, and the tensors are not encoded again (one copy of
+    the message, made only for a request that waited before it could be sent)."""
+    return b"".join((request, _KEY6, encode_varint(max(1, int(seconds * 1e6)))))
 
 
 def read_varint(buf: bytes, i: int) -> tuple[int, int]:
