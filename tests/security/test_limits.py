@@ -3,7 +3,10 @@ the limit and its value (RESOURCE_EXHAUSTED for a server limit, INVALID_ARGUMENT
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +39,7 @@ LIMITS = {
     "max_request_inputs": 1,
     "max_request_outputs": 1,
     "max_upload_bytes": 4096,
+    "max_request_bytes_elements": 10,
 }
 # Local subchannels: two channels to one target must not share one connection (and its streams).
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
@@ -43,7 +47,12 @@ OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
-    models = {"mlp": mlp_model(), "two_io": two_io_model(), "bytes": identity_model("UINT8")}
+    models = {
+        "mlp": mlp_model(),
+        "two_io": two_io_model(),
+        "bytes": identity_model("UINT8"),
+        "text": identity_model("BYTES"),
+    }
     root = make_repo(tmp_path_factory.mktemp("limits") / "repo", models)
     with ServerThread(root, **LIMITS) as srv:
         yield srv
@@ -121,6 +130,43 @@ def test_open_inference_protocol_shares_the_limits(server: ServerThread) -> None
             infer(request, timeout=30)
     assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "max_request_elements" in info.value.details()
+
+
+def test_bytes_elements_per_request(server: ServerThread, client: InferenceClient) -> None:
+    """Each BYTES element becomes Python objects built one by one on the event loop (80 MB of
+    one-byte strings, well under max_request_elements, peaked at 4.4 GB and held every other
+    request for tens of seconds): max_request_bytes_elements refuses more on the declared shape,
+    in every protocol, before they are decoded."""
+    ten = np.full((1, 10), b"a", dtype=object)
+    assert list(client.infer("text", {"input": ten})["output"].reshape(-1)) == [b"a"] * 10
+    eleven = np.full((1, 11), b"a", dtype=object)
+    with pytest.raises(LimitExceededError) as info:
+        client.infer("text", {"input": eleven})
+    assert "max_request_bytes_elements" in info.value.message and "10" in info.value.message
+    request = kpb.ModelInferRequest(
+        model_name="text",
+        inputs=[
+            kpb.ModelInferRequest.InferInputTensor(name="input", datatype="BYTES", shape=[1, 11])
+        ],
+        raw_input_contents=[b"\x01\x00\x00\x00a" * 11],
+    )
+    with grpc.insecure_channel(server.target) as channel:
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=kpb.ModelInferRequest.SerializeToString,
+            response_deserializer=kpb.ModelInferResponse.FromString,
+        )
+        with pytest.raises(grpc.RpcError) as rpc:
+            infer(request, timeout=30)
+    assert rpc.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "max_request_bytes_elements" in rpc.value.details()
+    tensor = {"name": "input", "datatype": "BYTES", "shape": [1, 11], "data": ["a"] * 11}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    http = urllib.request.Request(f"http://{server.http_target}/v2/models/text/infer", data=body)
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(http, timeout=30)
+    assert refused.value.code == 400
+    assert "max_request_bytes_elements" in json.load(refused.value)["error"]
 
 
 def test_upload_size(server: ServerThread) -> None:

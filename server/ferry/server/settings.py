@@ -40,6 +40,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "max_request_elements": (1, None, "elements"),
     "max_request_batch_size": (0, None, "0: each model's max_batch_size only"),
     "max_request_json_bytes": (1, None, "bytes"),
+    "max_request_bytes_elements": (1, None, "elements"),
     "http_keepalive_timeout": (1, None, "seconds"),
     "max_concurrent_streams": (1, INT32_MAX, "calls per connection"),
     "max_pending_calls": (0, INT32_MAX, "0: grpc's default"),
@@ -240,6 +241,13 @@ class Settings:
         metadata={
             "help": "JSON part of an HTTP infer request; parsing it holds every other request "
             "meanwhile, so larger tensors go in binary (the binary tensor extension)"
+        },
+    )
+    max_request_bytes_elements: int = field(
+        default=MiB,
+        metadata={
+            "help": "BYTES (string) elements per request, all inputs together; each is "
+            "decoded into Python objects while every other request waits"
         },
     )
     http_keepalive_timeout: float = field(

@@ -17,25 +17,45 @@ from ferry.server.core.types import InferenceRequest, Limits, TensorSpec, short
 from ferry.server.errors import InvalidInput, LimitExceeded
 
 
-def check_wire_elements(shapes: Iterable[Sequence[int]], limits: Limits) -> None:
-    """Refuse a request whose declared shapes exceed ``max_request_elements`` before any tensor
-    is decoded: BYTES elements become Python objects several times their wire size, so the
-    limit must hold before that memory is spent, not after."""
+def check_wire_elements(
+    shapes: Iterable[Sequence[int]], limits: Limits, strings: Iterable[Sequence[int]] = ()
+) -> None:
+    """Refuse a request whose declared shapes exceed ``max_request_elements``, or whose BYTES
+    inputs' shapes (``strings``) exceed ``max_request_bytes_elements``, before any tensor is
+    decoded: BYTES elements become Python objects several times their wire size, built one by
+    one on the event loop, so the limits must hold before that time and memory are spent."""
     total = 0
     for shape in shapes:
-        count = 1
-        for dim in shape:  # ints (protobuf int64, or checked JSON); a dim <= 0 holds nothing
-            if dim > 0:
-                count *= dim
-            else:
-                count = 0
-                break
-        total += count
+        total += _declared(shape)
         if total > limits.max_elements:
             raise LimitExceeded(
                 f"the request declares more than {limits.max_elements} tensor elements, the "
                 "limit per request (max_request_elements)"
             )
+    total = 0
+    for shape in strings:
+        total += _declared(shape)
+        if total > limits.max_bytes_elements:
+            raise _too_many_strings(limits)
+
+
+def _declared(shape: Sequence[int]) -> int:
+    """Elements a wire shape declares: ints (protobuf int64, or checked JSON); a dim <= 0
+    holds nothing."""
+    count = 1
+    for dim in shape:
+        if dim <= 0:
+            return 0
+        count *= dim
+    return count
+
+
+def _too_many_strings(limits: Limits) -> LimitExceeded:
+    return LimitExceeded(
+        f"the request declares more than {limits.max_bytes_elements} BYTES elements, the limit "
+        "per request (max_request_bytes_elements): each string is decoded into Python objects "
+        "while every other request waits; send fewer strings per request"
+    )
 
 
 def check_counts(inputs: int, outputs: int, limits: Limits) -> None:
@@ -72,6 +92,7 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
         raise InvalidInput(f"{_where(lv)}: {'; '.join(parts)}; it takes {lv.input_names}")
     batch: int | None = None
     elements = 0
+    strings = 0  # BYTES elements, bounded apart (check_wire_elements)
     # The request's own arrays stay as sent: text is decoded into a copy.
     feeds = dict(inputs) if lv.text_inputs or not isinstance(inputs, dict) else inputs
     batched = lv.max_batch_size > 0
@@ -89,6 +110,9 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
             if want not in (got, -1):
                 raise _wrong_shape(lv, name, spec, shape)
         if name in lv.text_inputs:
+            strings += arr.size
+            if strings > limits.max_bytes_elements:
+                raise _too_many_strings(limits)
             feeds[name] = _as_text(arr, f"{_where(lv)}: input {name!r}")
         elements += arr.size
         if batched:

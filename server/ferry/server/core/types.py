@@ -79,6 +79,11 @@ class Limits:
     # The JSON of an HTTP request: parsing it runs on the event loop and holds every other
     # request (80 MiB of JSON numbers took 3-17 s), where binary tensor data costs a copy.
     max_json_bytes: int = 8 << 20
+    # BYTES elements, all inputs together: each one becomes Python objects (bytes, then str for
+    # onnxruntime, then the output's, then its encoding), built one by one on the event loop.
+    # 20 MB of one-byte strings held every other request for 9 s and 80 MB peaked at 4.4 GB,
+    # where a fixed-size tensor of that size is one copy.
+    max_bytes_elements: int = 1 << 20
 
 
 class WireRequest(Protocol):

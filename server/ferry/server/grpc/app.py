@@ -107,6 +107,7 @@ class FerryServer:
                 max_elements=settings.max_request_elements,
                 max_batch=settings.max_request_batch_size,
                 max_json_bytes=settings.max_request_json_bytes,
+                max_bytes_elements=settings.max_request_bytes_elements,
             ),
             max_stream_in_flight=settings.max_stream_in_flight,
             default_timeout=settings.default_request_timeout,

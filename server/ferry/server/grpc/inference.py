@@ -66,7 +66,11 @@ class WireInfer:
 
 def to_request(msg: pb.InferRequest, limits: Limits | None = None) -> InferenceRequest:
     if limits is not None:
-        check_wire_elements((t.shape for t in msg.inputs), limits)
+        check_wire_elements(
+            (t.shape for t in msg.inputs),
+            limits,
+            (t.shape for t in msg.inputs if t.dtype == tensor_pb2.DATA_TYPE_BYTES),
+        )
     names = set()
     inputs = {}
     for t in msg.inputs:

@@ -48,6 +48,7 @@ TYPED: dict[int, tuple[str, np.dtype[Any], np.dtype[Any]]] = {
     DataType.DATA_TYPE_BYTES: ("bytes_contents", np.dtype(object), np.dtype(object)),
 }
 RAW_ONLY = frozenset({DataType.DATA_TYPE_FP16, DataType.DATA_TYPE_BF16})
+_BYTES_NAME = "BYTES"
 
 # Parameters that ask for features Ferry does not have: refusing them beats silently returning
 # something other than what was asked (a stateless answer to a sequence, a full tensor instead
@@ -67,7 +68,11 @@ UNSUPPORTED_OUTPUT_PARAMETERS = {
 def decode_request(msg: pb.ModelInferRequest, limits: Limits | None = None) -> InferenceRequest:
     if limits is not None:
         check_counts(len(msg.inputs), len(msg.outputs), limits)
-        check_wire_elements((t.shape for t in msg.inputs), limits)
+        check_wire_elements(
+            (t.shape for t in msg.inputs),
+            limits,
+            (t.shape for t in msg.inputs if t.datatype == _BYTES_NAME),
+        )
     raw = msg.raw_input_contents
     inputs: dict[str, np.ndarray] = {}
     if raw:

@@ -99,7 +99,11 @@ class HttpInfer:
         outputs_count = len(raw_outputs) if isinstance(raw_outputs, list) else 0
         check_counts(len(raw_inputs), outputs_count, limits)
         specs = [_input_spec(t, i) for i, t in enumerate(raw_inputs)]
-        check_wire_elements((shape for _, _, shape, _ in specs), limits)
+        check_wire_elements(
+            (shape for _, _, shape, _ in specs),
+            limits,
+            (shape for _, code, shape, _ in specs if code == _BYTES),
+        )
         inputs: dict[str, np.ndarray] = {}
         offset = 0
         for name, code, shape, tensor in specs:
