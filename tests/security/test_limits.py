@@ -12,6 +12,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 from helpers import make_repo
 from serverutil import ServerThread
@@ -30,7 +31,7 @@ from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 from ferry.proto.v1 import model_conversion_pb2 as cpb
 from ferry.proto.v1 import model_conversion_pb2_grpc as cpb_grpc
-from ferry.server.examples import identity_model, mlp_model, two_io_model
+from ferry.server.examples import OPSET, identity_model, mlp_model, two_io_model
 
 LIMITS = {
     "max_message_bytes": 64 * 1024,
@@ -45,6 +46,21 @@ LIMITS = {
 OWN_CONNECTION = [("grpc.use_local_subchannel_pool", 1)]
 
 
+def _tile_model() -> onnx.ModelProto:
+    """``output = tile(input, [1, 10000])``: each element of the request is 40 KB of answer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    repeats = numpy_helper.from_array(np.array([1, 10_000], np.int64), "repeats")
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["input", "repeats"], ["output"])],
+        "tile",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", "m"])],
+        [repeats],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
     models = {
@@ -52,6 +68,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
         "two_io": two_io_model(),
         "bytes": identity_model("UINT8"),
         "text": identity_model("BYTES"),
+        "tile": _tile_model(),
     }
     root = make_repo(tmp_path_factory.mktemp("limits") / "repo", models)
     with ServerThread(root, **LIMITS) as srv:
@@ -167,6 +184,45 @@ def test_bytes_elements_per_request(server: ServerThread, client: InferenceClien
         urllib.request.urlopen(http, timeout=30)
     assert refused.value.code == 400
     assert "max_request_bytes_elements" in json.load(refused.value)["error"]
+
+
+def test_an_answer_over_the_message_limit_fails_its_request_only(
+    server: ServerThread, client: InferenceClient
+) -> None:
+    """A request within max_message_bytes whose answer is over it (the model's outputs are
+    larger than its inputs) is refused with the limit named; on a stream the other requests
+    are still answered. grpc's core refused the send itself: a unary call got "Sent message
+    larger than max", and a stream ended, failing every request still on it."""
+    small = {"input": np.ones((1, 1), np.float32)}  # 40 KB out
+    big = {"input": np.ones((1, 2), np.float32)}  # 80 KB out, over the 64 KiB limit
+    with pytest.raises(LimitExceededError) as info:
+        client.infer("tile", big)
+    assert "response" in info.value.message and "max_message_bytes" in info.value.message
+    with client.stream("tile") as stream:
+        for rid, inputs in (("a", small), ("b", big), ("c", small)):
+            stream.submit(inputs, rid)
+        stream.close()
+        answers = dict(stream.results())
+    assert isinstance(answers["b"], LimitExceededError)
+    assert answers["a"]["output"].shape == answers["c"]["output"].shape == (1, 10_000)
+
+    def request(rid: str, n: int) -> kpb.ModelInferRequest:
+        tensor = kpb.ModelInferRequest.InferInputTensor(name="input", datatype="FP32", shape=[1, n])
+        return kpb.ModelInferRequest(
+            model_name="tile", id=rid, inputs=[tensor], raw_input_contents=[bytes(4 * n)]
+        )
+
+    with grpc.insecure_channel(server.target) as channel:
+        infer = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=kpb.ModelInferRequest.SerializeToString,
+            response_deserializer=kpb.ModelStreamInferResponse.FromString,
+        )
+        answers_oip = list(infer(iter([request("a", 1), request("b", 2)]), timeout=30))
+    by_id = {a.infer_response.id: a for a in answers_oip}
+    assert "RESOURCE_EXHAUSTED" in by_id["b"].error_message
+    assert "max_message_bytes" in by_id["b"].error_message
+    assert not by_id["a"].error_message and len(by_id["a"].infer_response.raw_output_contents) == 1
 
 
 def test_upload_size(server: ServerThread) -> None:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
+from ferry.server.errors import LimitExceeded
 from ferry.server.grpc.status import status_of, trailing
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -94,3 +95,18 @@ def call_deadline(context: aio.ServicerContext) -> float | None:
     if remaining is None:
         return None
     return time.monotonic() + remaining
+
+
+def sendable(response: bytes, limit: int | None) -> bytes:
+    """``response`` if gRPC will send it: one over ``grpc.max_send_message_length`` failed its
+    whole call in grpc's core, after the model had run, with grpc's own text ("Sent message
+    larger than max"); on a stream that ended the stream, failing every other request still on
+    it. Refused here, it is this request's own error, which names the limit and what to do.
+    ``limit`` None: not bounded here (the listener sets no send limit)."""
+    if limit is not None and len(response) > limit:
+        raise LimitExceeded(
+            f"the response is {len(response):,} bytes, over the limit of {limit:,} per message "
+            "(max_message_bytes): the model ran, but its outputs cannot be sent back in one "
+            "message; request fewer rows or fewer outputs per request, or raise the limit"
+        )
+    return response

@@ -193,7 +193,9 @@ class FerryServer:
         # Inference listener.
         guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
         server = new_server(self._options(inference=True), [guard])
-        add_inference_to_server(server, InferenceServicer(self.dataplane))
+        add_inference_to_server(
+            server, InferenceServicer(self.dataplane, max_message_bytes=s.max_message_bytes)
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         names = [
             inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
@@ -206,6 +208,7 @@ class FerryServer:
                 self.dataplane,
                 repository_control=False,
                 management_address=self._management_address,
+                max_message_bytes=s.max_message_bytes,
             ),
         )
         reflection.enable(server, names)
@@ -224,6 +227,7 @@ class FerryServer:
                     self.dataplane,
                     repository_control=True,
                     management_address=self._management_address,
+                    max_message_bytes=s.max_message_bytes,
                 ),
             )
             self.conversion.open()

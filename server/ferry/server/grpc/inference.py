@@ -32,7 +32,7 @@ from ferry.server.core.types import (
     version_of,
 )
 from ferry.server.errors import InvalidArgument
-from ferry.server.grpc._base import call_deadline, translate_errors
+from ferry.server.grpc._base import call_deadline, sendable, translate_errors
 from ferry.server.grpc.status import status_of
 
 STATE = {
@@ -170,14 +170,18 @@ def statistics_of(s: VersionStatistics) -> pb.ModelStatistics:
 
 
 class InferenceServicer(pb_grpc.InferenceServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    """``max_message_bytes``: the listener's send limit, which every answer is checked against
+    (``sendable``); None where none is set."""
+
+    def __init__(self, dataplane: DataPlane, *, max_message_bytes: int | None = None) -> None:
         self.dataplane = dataplane
+        self.max_message_bytes = max_message_bytes
 
     @translate_errors
     async def Infer(self, request: pb.InferRequest, context: aio.ServicerContext) -> bytes:
         """Answers the serialized response (``add_to_server`` registers a pass-through)."""
         result = await self.dataplane.infer(WireInfer(request), deadline=call_deadline(context))
-        return encode_response(result)
+        return sendable(encode_response(result), self.max_message_bytes)
 
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferRequest], context: aio.ServicerContext
@@ -189,6 +193,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         async def respond(msg: pb.InferRequest) -> pb.InferStreamResponse | bytes:
             try:
                 result = await self.dataplane.infer(WireInfer(msg), deadline=deadline)
+                encoded = encode_stream_result(msg.id, result.model, result.version, result.outputs)
+                return sendable(encoded, self.max_message_bytes)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -196,7 +202,6 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 return pb.InferStreamResponse(
                     id=msg.id, error=pb.Error(code=code.value[0], message=message, kind=kind)
                 )
-            return encode_stream_result(msg.id, result.model, result.version, result.outputs)
 
         async for response in self.dataplane.stream(request_iterator, respond):
             yield response

@@ -25,7 +25,7 @@ from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
 from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.types import InferenceRequest, Limits, parse_version, version_label
 from ferry.server.errors import InvalidArgument, PermissionDenied, Unimplemented
-from ferry.server.grpc._base import call_deadline, translate_errors
+from ferry.server.grpc._base import call_deadline, sendable, translate_errors
 from ferry.server.grpc.kserve_model import config_of, metadata_of, repository_index, statistics_of
 from ferry.server.grpc.kserve_tensors import (
     decode_request,
@@ -110,7 +110,9 @@ class WireInfer:
 
 class KServeServicer:
     """One instance per listener. ``management_address`` is read when a request is refused, since
-    the management port is bound after the inference listener is set up; None means disabled."""
+    the management port is bound after the inference listener is set up; None means disabled.
+    ``max_message_bytes``: the listener's send limit, which every inference answer is checked
+    against (``sendable``); None where none is set."""
 
     def __init__(
         self,
@@ -118,8 +120,10 @@ class KServeServicer:
         *,
         repository_control: bool,
         management_address: Callable[[], str | None],
+        max_message_bytes: int | None = None,
     ) -> None:
         self.dataplane = dataplane
+        self.max_message_bytes = max_message_bytes
         self.repository_control = repository_control
         self.management_address = management_address
         self.version = server_version()
@@ -179,7 +183,7 @@ class KServeServicer:
     ) -> bytes:
         """Answers the serialized response, built once (``handlers`` registers a pass-through)."""
         result = await self.dataplane.infer(WireInfer(request), deadline=call_deadline(context))
-        return serialize_response(result)
+        return sendable(serialize_response(result), self.max_message_bytes)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
@@ -191,7 +195,7 @@ class KServeServicer:
         async def respond(msg: pb.ModelInferRequest) -> pb.ModelStreamInferResponse | bytes:
             try:
                 result = await self.dataplane.infer(WireInfer(msg), deadline=deadline)
-                return serialize_stream_response(result)
+                return sendable(serialize_stream_response(result), self.max_message_bytes)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
