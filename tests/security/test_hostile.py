@@ -13,10 +13,13 @@ Examples are derandomized and bounded so that the suite is reproducible and its 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import pickle
 import pickletools
 import struct
+import urllib.error
+import urllib.request
 import uuid
 import zipfile
 from collections.abc import Iterator
@@ -408,6 +411,40 @@ def test_numeric_edge_values_are_served(channels: tuple[grpc.Channel, grpc.Chann
     with pytest.raises(grpc.RpcError) as info:
         infer(build_infer_request("mlp", {"input": np.zeros((0, 64), np.float32)}), timeout=30)
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_shape_longer_than_any_array_is_refused_on_its_length(
+    hostile: tuple[ServerThread, Path], channels: tuple[grpc.Channel, grpc.Channel]
+) -> None:
+    """A shape of 100,000 dims (an 8 MB one held the event loop for 6-7 s: looped over, then
+    quoted whole in "cannot reshape to [1, 1, ...]") is refused on its length, in every
+    protocol, with a message that says how many dims a tensor may have."""
+    inference, _ = channels
+    dims = [1] * 100_000
+    ferry = pb.InferRequest(
+        model="mlp",
+        inputs=[tensor_pb2.Tensor(name="input", dtype=tensor_pb2.DATA_TYPE_FP32, shape=dims)],
+    )
+    raw = kpb.ModelInferRequest(model_name="mlp", raw_input_contents=[bytes(4)])
+    raw.inputs.add(name="input", datatype="FP32", shape=dims)
+    typed = kpb.ModelInferRequest(model_name="mlp")
+    typed.inputs.add(name="input", datatype="FP32", shape=dims).contents.fp32_contents.append(1)
+    for method, request in (
+        ("/ferry.v1.Inference/Infer", ferry),
+        ("/inference.GRPCInferenceService/ModelInfer", raw),
+        ("/inference.GRPCInferenceService/ModelInfer", typed),
+    ):
+        code, details = code_of(inference, method, request.SerializeToString())
+        assert code is grpc.StatusCode.INVALID_ARGUMENT, details
+        assert "100,000 dimensions" in details and "at most 64" in details, details
+    tensor = {"name": "input", "datatype": "FP32", "shape": dims, "data": [1.0]}
+    body = json.dumps({"inputs": [tensor]}).encode()
+    url = f"http://{hostile[0].http_target}/v2/models/mlp/infer"
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(urllib.request.Request(url, data=body), timeout=30)
+    assert refused.value.code == 400
+    message = json.load(refused.value)["error"]
+    assert "100,000 dimensions" in message and "at most 64" in message, message
 
 
 MANAGEMENT_CALLS = [

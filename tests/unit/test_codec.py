@@ -337,7 +337,7 @@ def test_overflowing_element_counts(shape: list[int]) -> None:
 
 
 def test_too_many_dims_is_a_codec_error() -> None:
-    with pytest.raises(CodecError, match="cannot reshape"):
+    with pytest.raises(CodecError, match=r"input 'x': the shape has 65 dimensions; .* at most 64"):
         from_bytes(FP32, [1] * 65, b"\0" * 4, name="x")
 
 

@@ -21,6 +21,9 @@ from ferry.proto.v1 import tensor_pb2
 # Bound on the product of the non-zero dims: 2**59 elements of up to 8 bytes stay below numpy's
 # intp limit, so reshape never overflows, and no honest tensor comes close.
 MAX_ELEMENTS = 2**59
+# numpy's limit on an array's dimensions: a longer shape is refused on its length alone, before
+# anything loops over its dims or quotes them in a message (8 MB of dims took seconds of both).
+MAX_DIMS = 64
 _SWAP_ORDER = "=" if BIG_ENDIAN_HOST else ">"
 
 
@@ -47,6 +50,13 @@ def _negative_dim(shape: Sequence[int], dim: int, name: str) -> CodecError:
     return CodecError(f"{_prefix(name)}shape {list(shape)} has a negative dimension {dim}")
 
 
+def too_many_dims(dims: int, name: str) -> CodecError:
+    """A shape longer than any array's, said without quoting it."""
+    return CodecError(
+        f"{_prefix(name)}the shape has {dims:,} dimensions; a tensor has at most {MAX_DIMS}"
+    )
+
+
 def _too_many_elements(shape: Sequence[int], name: str) -> CodecError | None:
     """Check the product of the non-zero dims, so a zero cannot hide absurd neighbours."""
     nonzero = 1
@@ -68,6 +78,8 @@ def from_bytes(
     Nothing in ``shape`` or ``data`` is trusted: dims, element count and byte length are all
     checked in Python ints before numpy sees them, and ``name`` goes into every message.
     """
+    if len(shape) > MAX_DIMS:
+        raise too_many_dims(len(shape), name)
     # One conversion up front: iterating and reshaping with a tuple is about twice as fast as with
     # the protobuf repeated container that decode_tensor passes.
     shape = tuple(shape)

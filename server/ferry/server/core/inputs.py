@@ -11,10 +11,11 @@ from collections.abc import Iterable, Mapping, Sequence
 import numpy as np
 
 from ferry.codec import datatype_name, datatype_of
+from ferry.codec._tensor import MAX_DIMS, too_many_dims
 from ferry.server.batching.tensors import batch_key
 from ferry.server.core.loaded import LoadedVersion, Work
 from ferry.server.core.types import InferenceRequest, Limits, TensorSpec, short
-from ferry.server.errors import InvalidInput, LimitExceeded
+from ferry.server.errors import InvalidArgument, InvalidInput, LimitExceeded
 
 
 def check_wire_elements(
@@ -23,9 +24,14 @@ def check_wire_elements(
     """Refuse a request whose declared shapes exceed ``max_request_elements``, or whose BYTES
     inputs' shapes (``strings``) exceed ``max_request_bytes_elements``, before any tensor is
     decoded: BYTES elements become Python objects several times their wire size, built one by
-    one on the event loop, so the limits must hold before that time and memory are spent."""
+    one on the event loop, so the limits must hold before that time and memory are spent. A
+    shape longer than any array's is refused on its length first."""
     total = 0
-    for shape in shapes:
+    for index, shape in enumerate(shapes):
+        if len(shape) > MAX_DIMS:  # before a loop over millions of dims
+            raise InvalidArgument(
+                f"the request's input {index} (0-based): {too_many_dims(len(shape), '')}"
+            )
         total += _declared(shape)
         if total > limits.max_elements:
             raise LimitExceeded(

@@ -24,6 +24,7 @@ from ferry.codec import (
     datatype_from_name,
     from_bytes,
 )
+from ferry.codec._tensor import MAX_DIMS, too_many_dims
 from ferry.codec._wire import encode_oip_response, encode_oip_stream_result
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
 from ferry.server.core.inputs import check_counts, check_wire_elements
@@ -159,6 +160,8 @@ def decode_typed(tensor: pb.ModelInferRequest.InferInputTensor) -> np.ndarray:
             "in raw_input_contents"
         )
     field, wire_dtype, dtype = TYPED[code]
+    if len(tensor.shape) > MAX_DIMS:
+        raise InvalidArgument(str(too_many_dims(len(tensor.shape), name)))
     shape = tuple(tensor.shape)
     count = 1
     for dim in shape:

@@ -30,6 +30,7 @@ from ferry.codec import (
     from_bytes,
     to_bytes,
 )
+from ferry.codec._tensor import MAX_DIMS, too_many_dims
 from ferry.server.core.inputs import check_counts, check_wire_elements
 from ferry.server.core.types import (
     InferenceRequest,
@@ -318,6 +319,8 @@ def _input_spec(raw: Any, index: int) -> tuple[str, int, tuple[int, ...], dict[s
     except CodecError as exc:
         raise InvalidArgument(f"input {short(name)!r}: {exc}") from None
     shape = tensor.get("shape")
+    if isinstance(shape, list) and len(shape) > MAX_DIMS:
+        raise InvalidArgument(str(too_many_dims(len(shape), short(name))))
     if not isinstance(shape, list) or not all(
         isinstance(d, int) and not isinstance(d, bool) for d in shape
     ):
