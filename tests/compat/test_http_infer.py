@@ -351,6 +351,47 @@ def test_binary_sizes_must_cover_the_tail_exactly(
     assert words in json.loads(body)["error"]
 
 
+@pytest.mark.parametrize(
+    ("off_by", "words"),
+    [
+        (None, "send the header Inference-Header-Content-Length with the JSON's length"),
+        (2, "(Inference-Header-Content-Length): that header must be the JSON's exact length"),
+        (-10, "(Inference-Header-Content-Length): that header must be the JSON's exact length"),
+    ],
+)
+def test_a_binary_body_whose_json_length_is_missing_or_wrong_says_so(
+    kserve_server: ServerThread, off_by: int | None, words: str
+) -> None:
+    """The binary extension without its header (curl users forget it), or with a wrong one:
+    the parser's own words pointed at the tensor bytes ("can't decode byte 0x80", "Extra
+    data"), not at the header to send or correct."""
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "datatype": "FP32",
+                    "shape": [1, 2],
+                    "parameters": {"binary_data_size": 8},
+                }
+            ]
+        }
+    ).encode()
+    # None: no header; else the JSON's length off by some bytes (into the tensor, or short).
+    headers = (
+        {} if off_by is None else {"Inference-Header-Content-Length": str(len(header) + off_by)}
+    )
+    status, _, body = http_call(
+        kserve_server.http_target,
+        "POST",
+        f"/v2/models/{identity_name('FP32')}/infer",
+        header + np.array([1.0, -2.0], np.float32).tobytes(),
+        headers,
+    )
+    assert status == 400
+    assert words in json.loads(body)["error"]
+
+
 def test_unsupported_request_features_are_501(triton_http: th.InferenceServerClient) -> None:
     x = [_input("input", np.ones((1, 64), np.float32), "FP32")]
     with pytest.raises(InferenceServerException) as exc:

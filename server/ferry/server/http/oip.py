@@ -39,11 +39,10 @@ from ferry.server.grpc.kserve_model import (
     statistics_of,
 )
 from ferry.server.http.errors import HttpError
-from ferry.server.http.tensors import HttpInfer, dumps, loads
+from ferry.server.http.tensors import HEADER_LENGTH, HttpInfer, dumps, loads
 
 JSON = "application/json"
 BINARY = "application/octet-stream"
-HEADER_LENGTH = "Inference-Header-Content-Length"
 HTTP_EXTENSIONS = (*EXTENSIONS, "binary_tensor_data")
 
 # (status, body, headers): what a route answers; the listener writes it.

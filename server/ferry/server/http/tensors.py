@@ -52,6 +52,8 @@ from ferry.server.grpc.kserve_tensors import (
 from ferry.server.http.jsonkeys import check_unique
 
 BINARY_SIZE = "binary_data_size"
+# The binary extension's header: the JSON's length, in a request and a response.
+HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_OUTPUT = "binary_data"
 BINARY_ALL = "binary_data_output"
 _BYTES = DataType.DATA_TYPE_BYTES
@@ -91,7 +93,11 @@ class HttpInfer:
                 "binary (the binary tensor extension: Inference-Header-Content-Length, or "
                 "tritonclient's binary_data=True), or raise the limit"
             )
-        request = _object(loads(head), "the request")
+        try:
+            parsed = loads(head)
+        except InvalidArgument as exc:
+            raise self._split_hint(exc, head) from None
+        request = _object(parsed, "the request")
         raw_inputs = request.get("inputs")
         if not isinstance(raw_inputs, list):
             raise InvalidArgument("the request needs an 'inputs' list of tensors")
@@ -154,6 +160,22 @@ class HttpInfer:
             timeout=timeout,
             priority=priority,
         )
+
+    def _split_hint(self, exc: InvalidArgument, head: bytes) -> InvalidArgument:
+        """A JSON error that comes from where the JSON ends, said so: with binary data after
+        the JSON, the parser's own words ("can't decode byte 0x80", "Extra data") point at the
+        tensor bytes, not at the header the client has to send or correct."""
+        if self.header_length is not None:
+            return InvalidArgument(
+                f"{exc.message}; the JSON is the body's first {self.header_length} bytes "
+                f"({HEADER_LENGTH}): that header must be the JSON's exact length in bytes"
+            )
+        if BINARY_SIZE.encode() in head:
+            return InvalidArgument(
+                f"{exc.message}; the body names {BINARY_SIZE}, so binary tensor data follows "
+                f"its JSON: send the header {HEADER_LENGTH} with the JSON's length in bytes"
+            )
+        return exc
 
     def _outputs(self, raw: Any) -> list[str] | None:
         if raw is None:
