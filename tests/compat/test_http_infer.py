@@ -206,6 +206,43 @@ def test_nan_inf_and_parameters(triton_http: th.InferenceServerClient) -> None:
         np.testing.assert_array_equal(result.as_numpy("output"), data)
 
 
+def test_json_data_with_nan_is_written_as_without(kserve_server: ServerThread) -> None:
+    """A float output holding NaN or Infinity was written by the standard library from a list
+    of Python floats, ten times slower than orjson writes the same output without them, on the
+    event loop (a 16 MB binary request with one NaN held every other request for 5 s), and
+    each float32 as its float64 repr. Now it is written as the finite data is, its non-finite
+    elements as NaN, Infinity and -Infinity."""
+    finite = np.array([[0.1, 1e-3, 3.0, 65504.0]], np.float32)
+    special = np.array([[np.nan, 0.1, np.inf, -np.inf]], np.float32)
+    texts = []
+    for data in (finite, special):
+        header = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "FP32",
+                        "shape": [1, 4],
+                        "parameters": {"binary_data_size": data.nbytes},
+                    }
+                ]
+            }
+        ).encode()
+        status, _, body = http_call(
+            kserve_server.http_target,
+            "POST",
+            f"/v2/models/{identity_name('FP32')}/infer",
+            header + data.tobytes(),
+            {"Inference-Header-Content-Length": str(len(header))},
+        )
+        assert status == 200
+        texts.append(body)
+        (output,) = json.loads(body)["outputs"]
+        np.testing.assert_array_equal(np.array(output["data"], np.float32).reshape(1, 4), data)
+    assert b'"data":[0.1,0.001,3.0,65504.0]' in texts[0]
+    assert b'"data":[NaN,0.1,Infinity,-Infinity]' in texts[1]
+
+
 def test_compressed_request_bodies(triton_http: th.InferenceServerClient) -> None:
     x = np.ones((2, 64), np.float32)
     for algorithm in ("gzip", "deflate"):

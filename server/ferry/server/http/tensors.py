@@ -61,8 +61,8 @@ _BF16 = DataType.DATA_TYPE_BF16
 _FP16 = DataType.DATA_TYPE_FP16
 _BOOL = DataType.DATA_TYPE_BOOL
 _FLOATS = frozenset({DataType.DATA_TYPE_FP32, DataType.DATA_TYPE_FP64, _FP16})
-# Numpy arrays written directly; list subclasses (``_NonFinite``) refused, so they fall back.
-_OPTIONS = orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_PASSTHROUGH_SUBCLASS
+# NaN, Infinity and -Infinity as Python's json writes (and reads) them; orjson writes null.
+_NON_FINITE = np.array([b"NaN", b"Infinity", b"-Infinity"], dtype=object)
 
 
 class HttpInfer:
@@ -287,18 +287,9 @@ def _finite_float(text: str) -> float:
 
 
 def dumps(value: Any) -> bytes:
-    """orjson, which writes numpy arrays directly; it writes NaN and Infinity as null, so data
-    holding them is handed over as lists and written by the standard library instead."""
-    try:
-        return orjson.dumps(value, option=_OPTIONS)
-    except TypeError:  # a list holding a non-finite float, marked by _json_output
-        return json.dumps(value, separators=(",", ":"), default=_tolist).encode()
-
-
-def _tolist(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+    """orjson, which writes numpy arrays directly (float data holding NaN or Infinity comes
+    written already, as a ``Fragment``: ``_json_output``)."""
+    return orjson.dumps(value, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
 def _object(value: Any, what: str) -> dict[str, Any]:
@@ -523,14 +514,26 @@ def _json_output(name: str, array: np.ndarray) -> dict[str, Any]:
     if code == _BF16:
         flat = flat.astype(np.float32)
     data_value: Any = np.ascontiguousarray(flat)
-    if flat.dtype.kind == "f" and not np.isfinite(flat).all():
-        data_value = _NonFinite(flat.tolist())  # orjson would write null
+    if flat.dtype.kind == "f":
+        finite = np.isfinite(data_value)
+        if not finite.all():
+            data_value = _non_finite_json(data_value, finite)
     return {"name": name, "datatype": datatype_name(code), "shape": shape, "data": data_value}
 
 
-class _NonFinite(list[Any]):
-    """Float data with NaN or Infinity: a list subclass, which orjson refuses here
-    (OPT_PASSTHROUGH_SUBCLASS), so ``dumps`` writes the response with the standard library."""
+def _non_finite_json(flat: np.ndarray, finite: np.ndarray) -> orjson.Fragment:
+    """Float data holding NaN or Infinity, written as JSON. orjson writes each as null, so its
+    text is taken and every null (in float data, exactly the non-finite elements, in order)
+    replaced by the element's own word. The standard library wrote such data before, from a
+    list of Python floats: ten times slower, on the event loop (4 M elements held every other
+    request for 5 s, where orjson takes 0.5), and a float64 repr for every float32."""
+    parts = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY).split(b"null")
+    bad = flat[~finite]
+    words = _NON_FINITE[np.where(np.isnan(bad), 0, np.where(bad > 0, 1, 2))]
+    pieces = np.empty(2 * len(parts) - 1, dtype=object)  # part, word, part, ..., part
+    pieces[0::2] = parts
+    pieces[1::2] = words
+    return orjson.Fragment(b"".join(pieces.tolist()))
 
 
 def _request_parameters(params: Mapping[str, Any]) -> tuple[float | None, int]:
