@@ -227,6 +227,17 @@ def test_unhonourable_features_are_unimplemented() -> None:
         decode_request(shared)
 
 
+def test_class_count_zero_is_no_classification_as_on_http() -> None:
+    """Triton's class_count 0 means "no classification"; HTTP's JSON took it so, gRPC answered
+    UNIMPLEMENTED for it. A non-zero count is still refused."""
+    request = _typed("FP32", "fp32_contents", [1.0], [1])
+    request.outputs.add(name="y").parameters["classification"].int64_param = 0
+    assert decode_request(request).outputs == ["y"]
+    request.outputs[0].parameters["classification"].int64_param = 1
+    with pytest.raises(Unimplemented, match="classification"):
+        decode_request(request)
+
+
 def test_duplicate_requested_outputs_are_invalid() -> None:
     request = _typed("FP32", "fp32_contents", [1.0], [1])
     request.outputs.add(name="y")

@@ -215,7 +215,8 @@ def _requested_outputs(
     for out in outputs:
         if out.parameters:
             for key, why in UNSUPPORTED_OUTPUT_PARAMETERS.items():
-                if key in out.parameters:
+                # class_count 0 is Triton's "no classification", as it is on HTTP.
+                if key in out.parameters and _holds(out.parameters[key]):
                     raise Unimplemented(f"output {out.name!r}: {why}")
         if out.name in names:
             raise InvalidArgument(f"output {out.name!r} is requested twice")
@@ -234,14 +235,18 @@ def _request_parameters(params: Mapping[str, pb.InferParameter]) -> tuple[float 
         timeout = us / 1e6 if us else None
     if "priority" in params:
         priority = _non_negative_int(params["priority"], "priority")
-    if "sequence_id" in params:
-        # Whatever kind it came as (a uint64_param was answered statelessly): only 0 or ""
-        # means no sequence, as on HTTP.
-        seq = params["sequence_id"]
-        kind = seq.WhichOneof("parameter_choice")
-        if kind is not None and getattr(seq, kind):
-            raise Unimplemented(NO_SEQUENCES)
+    # Whatever kind it came as (a uint64_param was answered statelessly): only 0 or "" means
+    # no sequence, as on HTTP.
+    if "sequence_id" in params and _holds(params["sequence_id"]):
+        raise Unimplemented(NO_SEQUENCES)
     return timeout, priority
+
+
+def _holds(param: pb.InferParameter) -> bool:
+    """Whether a parameter asks for something: set, and not 0, false or "" (its kind's
+    empty value, which HTTP's JSON reads as "not asked" too)."""
+    kind = param.WhichOneof("parameter_choice")
+    return kind is not None and bool(getattr(param, kind))
 
 
 def _non_negative_int(param: pb.InferParameter, key: str) -> int:
