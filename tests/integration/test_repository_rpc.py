@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from helpers import StartServer, make_repo, write_config
+from helpers import StartServer, make_repo, reference, write_config
 from onnx import TensorProto, helper
 from serverutil import ServerThread
 
@@ -301,3 +301,39 @@ def test_per_version_config_overrides_the_model_config(
         with pytest.raises(InvalidInputError, match="max_batch_size 4"):
             client.infer("mlp", {"input": np.ones((5, 64), np.float32)}, version=2)
         assert client.infer("mlp", {"input": np.ones((5, 64), np.float32)}, version=1).version == 1
+
+
+def test_new_external_weights_are_loaded_by_refresh(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A version over 2 GiB keeps its weights in model.onnx.data beside a graph file that new
+    weights leave byte for byte the same: a refresh must see the weights file change too."""
+    x = {"input": np.ones((1, 3), np.float32)}
+    folder = tmp_path / "repo" / "seed" / "1"
+    folder.mkdir(parents=True)
+
+    def save(seed: int, where: Path) -> None:
+        onnx.save_model(
+            seed_model(seed=seed),
+            str(where / "model.onnx"),
+            save_as_external_data=True,
+            location="model.onnx.data",
+            size_threshold=0,
+        )
+
+    save(1, folder)
+    srv = start_server(tmp_path / "repo")
+    with (
+        InferenceClient(srv.target, timeout=30) as client,
+        RepositoryClient(srv.management_target, timeout=60) as repo,
+    ):
+        before = client.infer("seed", x)["logits"]
+        other = tmp_path / "other"
+        other.mkdir()
+        save(9, other)
+        assert (other / "model.onnx").read_bytes() == (folder / "model.onnx").read_bytes()
+        (other / "model.onnx.data").replace(folder / "model.onnx.data")
+        assert list(repo.refresh().loaded) == ["seed/1"]
+        after = client.infer("seed", x)["logits"]
+        assert not np.array_equal(before, after)
+        np.testing.assert_allclose(after, reference(folder / "model.onnx", x)["logits"], rtol=1e-5)

@@ -23,7 +23,7 @@ from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import CONFIG_NAMES, ModelConfig, load_config
 from ferry.server.core.loaded import LoadedVersion, open_version
 from ferry.server.core.pools import ThreadPools
-from ferry.server.core.repository import MODEL_FILE, ModelRepository
+from ferry.server.core.repository import MODEL_DATA_FILE, MODEL_FILE, ModelRepository
 from ferry.server.core.types import (
     IndexEntry,
     Opener,
@@ -53,7 +53,8 @@ class VersionSlot:
     state: State
     reason: str = ""
     loaded: LoadedVersion | None = None
-    # (mtime, size) of model.onnx and of the version's own config when last tried
+    # (mtime, size) of model.onnx, of the version's own config and of its external weights
+    # (model.onnx.data) when last tried
     signature: Signature = None
 
 
@@ -513,8 +514,7 @@ class ModelRegistry:
                 entry = self.models[name] = ModelEntry(name)
             # As _scan signs a version (its model file and its own config): signed otherwise,
             # the sync below saw a change and opened every published version a second time.
-            model_file = self.repository.model_file(name, version)
-            sig = (_file_signature(model_file), _config_signature(model_file.parent))
+            sig = _version_signature(self.repository.version_dir(name, version))
             if config_ok and entry.config_signature == cfg_sig and entry.config == config:
                 entry.versions[version] = VersionSlot(version, State.READY, "", loaded, sig)
             else:  # the config changed: sync opens it afresh
@@ -800,11 +800,20 @@ def _scan(
         scan.rollout, scan.rollout_error = rollouts.read(mdir)
     # A version's own config is part of what it serves: an edit of it reloads the version (it
     # was ignored until the model's config changed).
-    scan.signatures = {
-        v: (_file_signature(scan.model_file(v)), _config_signature(scan.folder / str(v)))
-        for v in scan.on_disk
-    }
+    scan.signatures = {v: _version_signature(scan.folder / str(v)) for v in scan.on_disk}
     return scan
+
+
+def _version_signature(vdir: Path) -> Signature:
+    """What a version serves, as a refresh compares it: its model file, its own config, and
+    its external weights (``model.onnx.data``). The weights file was left out, so new weights
+    copied over it (the graph file byte for byte the same) were never loaded: Refresh reported
+    nothing, the old weights kept answering, and a worker started again served the new ones."""
+    return (
+        _file_signature(vdir / MODEL_FILE),
+        _config_signature(vdir),
+        _file_signature(vdir / MODEL_DATA_FILE),
+    )
 
 
 def _still_serving(why: str) -> str:
