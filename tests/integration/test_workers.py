@@ -25,7 +25,8 @@ import pytest
 from helpers import WAIT_S, make_repo, wait_for
 
 from ferry.client import InferenceClient, RepositoryClient
-from ferry.server.examples import mlp_model, seed_model
+from ferry.server.core.repository import ModelRepository
+from ferry.server.examples import mlp_model, seed_model, write_model
 from ferry.server.workers import control
 
 X = {"input": np.ones((1, 64), np.float32)}
@@ -63,6 +64,14 @@ def _serves(run_dir: Path, index: int, model: str) -> bool:
         ask = control.encode({"model": model, "version": None})
         raw = channel.unary_unary(control.STATISTICS)(ask, timeout=10)
     return bool(control.decode(raw)["rows"])
+
+
+def _versions(run_dir: Path, index: int, model: str) -> list[int]:
+    """The versions of ``model`` one worker process serves."""
+    with grpc.insecure_channel(f"unix:{run_dir / f'worker-{index}.sock'}") as channel:
+        ask = control.encode({"model": model, "version": None})
+        raw = channel.unary_unary(control.STATISTICS)(ask, timeout=10)
+    return sorted(int(s["version"]) for s in control.decode(raw)["rows"])
 
 
 def _spread(port: int, model: str, n_per_connection: int = 2, x: dict[str, np.ndarray] = X) -> int:
@@ -210,6 +219,27 @@ def test_a_killed_worker_is_started_again_while_the_other_serves(fleet: Fleet) -
     with InferenceClient(f"127.0.0.1:{fleet.port}") as client:
         (stats,) = client.statistics("mlp")
     assert stats.inference_count >= _counter(after, inferences)
+
+
+def test_a_worker_started_again_serves_the_versions_the_others_serve(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A version published by hand and not yet refreshed: the worker started again reads the
+    folder, so every process refreshes first, and a request that names no version gets the
+    same version whichever worker its connection reaches."""
+    write_model(ModelRepository(tmp_path / "repo"), "seed", seed_model(seed=7), version=2)
+    assert _versions(fleet.run_dir, 0, "seed") == _versions(fleet.run_dir, 1, "seed") == [1]
+    victim = fleet.pids[1]
+    os.kill(victim, signal.SIGKILL)
+    fleet.wait_line(r"worker 1 ready \(pid (\d+)\)")
+    assert _versions(fleet.run_dir, 0, "seed") == _versions(fleet.run_dir, 1, "seed") == [2]
+    answered = set()
+    for i in range(CONNECTIONS):
+        with InferenceClient(
+            f"127.0.0.1:{fleet.port}", options=[("ferry.test.connection", i)]
+        ) as c:
+            answered.add(c.infer("seed", {"input": np.ones((1, 3), np.float32)}).version)
+    assert answered == {2}
 
 
 def test_sigterm_drains_and_stops_every_worker(fleet: Fleet) -> None:

@@ -24,7 +24,7 @@ import select
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from pathlib import Path
 
@@ -97,6 +97,7 @@ class WorkerFleet:
         *,
         ready: Callable[[], bool] = lambda: True,
         load_seconds: float = 0.0,
+        refresh: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self.settings = settings
         self.run_dir = run_dir
@@ -107,6 +108,10 @@ class WorkerFleet:
         # it follows: with every model unloaded on request, neither is, and waiting for it
         # killed and restarted the worker every READY_TIMEOUT.
         self._self_ready = ready
+        # Brings this process, and every worker through ``follow``, to the repository's state
+        # (an explicit refresh): run before a dead worker is started again, which loads that
+        # state from the folder.
+        self._refresh = refresh
         self._workers = [_Worker(i) for i in range(1, count)]
         self._flags: list[str] = []
         self._stopping = False
@@ -205,7 +210,10 @@ class WorkerFleet:
             if self._stopping:
                 return
             # Its counts stay in every sum from now on, while it starts again (peers.retire).
-            self.peers.retire(socket_path(self.run_dir, worker.index))
+            sock = socket_path(self.run_dir, worker.index)
+            self.peers.retire(sock)
+            with contextlib.suppress(FileNotFoundError):
+                sock.unlink()  # no change is sent to it until it listens again
             lived = time.monotonic() - worker.started
             self.restarts += 1
             worker.failures = 0 if lived > HEALTHY_AFTER else worker.failures + 1
@@ -220,12 +228,28 @@ class WorkerFleet:
             await asyncio.sleep(delay)
             if self._stopping:
                 return
+            await self._converge(worker)
+            if self._stopping:
+                return
             try:
                 await self._spawn(worker)
             except Exception as exc:
                 log.error("worker %d did not start again: %s", worker.index, exc)
                 if worker.proc is not None and worker.proc.returncode is None:
                     worker.proc.kill()
+
+    async def _converge(self, worker: _Worker) -> None:
+        """Refresh every process before ``worker`` starts again. It loads what the folder says
+        now, and the others serve what it said at the last refresh: a version published by hand
+        since (with no --poll-interval) was served by the worker started again alone, so
+        requests that name no version got either version depending on their connection. A
+        failed refresh is logged and the worker starts all the same."""
+        if self._refresh is None:
+            return
+        try:
+            await self._refresh()
+        except Exception as exc:
+            log.error("refresh before worker %d starts again failed: %s", worker.index, exc)
 
     async def _check(self, worker: _Worker) -> None:
         """Kill a worker that stops answering its control socket for ``--worker-timeout``
