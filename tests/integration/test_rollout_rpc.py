@@ -4,16 +4,19 @@ version; a request that names a version bypasses the split."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import urllib.request
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
-from helpers import make_repo
+from helpers import make_repo, wait_for
+from onnx import TensorProto, helper, numpy_helper
 from serverutil import ServerThread
 
-from ferry.client import InferenceClient, NotFoundError, RepositoryClient
+from ferry.client import FerryError, InferenceClient, NotFoundError, RepositoryClient
 from ferry.server.core import rollout as rollouts
 from ferry.server.examples import seed_model
 
@@ -132,3 +135,45 @@ def test_a_busy_candidate_sheds_shadow_work_and_the_callers_never_wait(tmp_path:
             shadow = repo.get_rollout("m").shadow
             assert shadow["shed"] >= 19 and shadow["compared"] == 0
         wait_for(lambda: repo.get_rollout("m").shadow["compared"] >= 1, "the held shadow to end")
+
+
+def _fails_every_request_of_one_row() -> onnx.ModelProto:
+    """seed_model's interface whose run fails for a batch of one row (a Reshape to [-1, 12])."""
+    shape = numpy_helper.from_array(np.array([-1, 12], np.int64), "shape")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["input", "shape"], ["r"]),
+            helper.make_node("ReduceSum", ["r"], ["logits"], keepdims=1, axes=[1]),
+        ],
+        "fails",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1])],
+        [shape],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=8)
+
+
+def test_a_split_set_again_after_a_rollback_is_judged_again(tmp_path: Path) -> None:
+    """The split rule took version 3 out; a person puts it back with the same split and rule:
+    its failures are counted afresh and it is taken out again (it was never judged again, and
+    failed its share of requests for as long as the process lived)."""
+    root = make_repo(
+        tmp_path / "repo",
+        {"m": [seed_model(seed=1), seed_model(seed=2), _fails_every_request_of_one_row()]},
+    )
+    with (
+        ServerThread(root) as server,
+        InferenceClient(server.target, timeout=30) as client,
+        RepositoryClient(server.management_target, timeout=60) as repo,
+    ):
+        ids = iter(range(1_000_000))  # a fresh id for every request: the split places each
+
+        def rolled_back() -> bool:
+            for _ in range(20):
+                with contextlib.suppress(FerryError):
+                    client.infer("m", X, request_id=f"r-{next(ids)}")
+            return repo.get_rollout("m").split == {2: 1.0}
+
+        for attempt in (1, 2):
+            repo.set_rollout("m", {2: 1, 3: 1}, rules={"max_error_rate": 0.2}, reason="canary")
+            wait_for(rolled_back, f"version 3 rolled out of the split (attempt {attempt})")

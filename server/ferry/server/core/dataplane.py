@@ -79,9 +79,10 @@ class DataPlane:
         # The other workers' comparisons (sum_shadows_with), in the first worker only.
         self._peer_shadows: shadow_sum.PeerShadows | None = None
         self._decisions: set[asyncio.Task[RolloutView]] = set()
-        self._rolled_back: set[tuple[str, int]] = set()  # split versions a rule took out
-        # model -> (the split, {version: [failed, ok]} of the requests it routed)
-        self._split_counts: dict[str, tuple[Any, dict[int, list[int]]]] = {}
+        # model -> (the rollout as read, {version: [failed, ok]} of the requests its split
+        # routed, the versions a rule took out of it): all of it starts afresh with each rollout
+        # read (core.rollout, one object per read of the file), see _check_split_errors.
+        self._split_counts: dict[str, tuple[Any, dict[int, list[int]], set[int]]] = {}
         # Rollout rules are applied by the process that owns the repository's management (the
         # first of --workers, the control replica); the others serve and compare only.
         self.decides_rollouts = True
@@ -323,18 +324,24 @@ class DataPlane:
         of the split. Relative, so that a client's bad requests, which fail on every version,
         roll nothing back. Counted over the requests this split routed since it was set: the
         version's lifetime counters also held requests from before the split and those naming
-        the version, so a client sending bad requests to version 2 by name rolled it back."""
+        the version, so a client sending bad requests to version 2 by name rolled it back.
+        "Since it was set" is since this rollout was read (the object, not its value): keyed by
+        the split's value, a person setting the same split again after a rollback got the old
+        failures counted again, and the version, once taken out, was never judged again in this
+        process, so it failed its share of requests for good."""
         if not self.decides_rollouts:
             return
         ro, _ = self._registry.rollout_of(lv.name)
         if ro is None or not ro.rules.max_error_rate or len(ro.split) < 2:
             return
-        if lv.version not in dict(ro.split) or (lv.name, lv.version) in self._rolled_back:
+        if lv.version not in dict(ro.split):
             return
-        key, counts = self._split_counts.get(lv.name, (None, {}))
-        if key != ro.split:
-            counts = {}
-            self._split_counts[lv.name] = (ro.split, counts)
+        key, counts, rolled_back = self._split_counts.get(lv.name, (None, {}, set()))
+        if key is not ro:
+            counts, rolled_back = {}, set()
+            self._split_counts[lv.name] = (ro, counts, rolled_back)
+        if lv.version in rolled_back:  # decided already; the change is on its way
+            return
         mine = counts.setdefault(lv.version, [0, 0])  # [failed, ok]
         mine[0 if failed_now else 1] += 1
         if not failed_now:
@@ -347,7 +354,7 @@ class DataPlane:
         baseline = other_failed / (other_failed + other_ok) if other_failed + other_ok else 0.0
         if failed / (failed + ok) - baseline <= ro.rules.max_error_rate:
             return
-        self._rolled_back.add((lv.name, lv.version))
+        rolled_back.add(lv.version)
         split = {v: w for v, w in ro.split if v != lv.version}
         why = (
             f"rolled back by rule: version {lv.version} failed {failed} of {failed + ok} "
