@@ -19,6 +19,7 @@ from serverutil import ServerThread
 from ferry.client import (
     ConversionError,
     FailedPreconditionError,
+    FerryError,
     InferenceClient,
     InvalidInputError,
     ModelNotFoundError,
@@ -337,3 +338,29 @@ def test_new_external_weights_are_loaded_by_refresh(
         after = client.infer("seed", x)["logits"]
         assert not np.array_equal(before, after)
         np.testing.assert_allclose(after, reference(folder / "model.onnx", x)["logits"], rtol=1e-5)
+
+
+def test_a_triton_config_alone_fails_the_model_instead_of_being_ignored(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A Triton repository served as it is: its config.pbtxt's version policy (version 1 only)
+    was ignored, and requests naming no version were answered OK by version 2."""
+    root = make_repo(tmp_path / "repo", {"seed": [seed_model(seed=1), seed_model(seed=2)]})
+    pbtxt = root / "seed" / "config.pbtxt"
+    pbtxt.write_text('name: "seed"\nversion_policy: { specific: { versions: [1] } }\n')
+    srv = start_server(root)
+    with (
+        InferenceClient(srv.target, timeout=30) as client,
+        RepositoryClient(srv.management_target, timeout=60) as repo,
+    ):
+        (status,) = client.list_models("seed")
+        assert status.state == "FAILED" and "config.pbtxt" in status.reason
+        with pytest.raises(FerryError, match=r"config\.pbtxt"):
+            client.infer("seed", SEED_IN)
+        write_config(root, "seed", {"version_policy": {"specific": [1]}})
+        assert list(repo.refresh().loaded) == ["seed/1"]  # a Ferry config beside it is read
+        assert client.infer("seed", SEED_IN).version == 1
+        (root / "seed" / "config.json").unlink()
+        pbtxt.unlink()
+        assert list(repo.refresh().loaded) == ["seed/2"]  # removed: Ferry's defaults
+        assert client.infer("seed", SEED_IN).version == 2

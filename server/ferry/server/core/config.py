@@ -47,6 +47,8 @@ from ferry.server.duplicate_keys import unique_object
 from ferry.server.errors import InvalidArgument
 
 CONFIG_NAMES = ("config.toml", "config.json")
+# Triton's model config (protobuf text), which Ferry does not read: see load_config.
+TRITON_CONFIG = "config.pbtxt"
 MAX_BATCH_SIZE_LIMIT = 65536
 # Instances bound the batcher's concurrency and each holds execution threads: count x devices
 # stays within this. Device ids and their number are bounded so a typo (``device_ids = [10000]``)
@@ -182,6 +184,16 @@ def find_config_file(model_dir: Path) -> Path | None:
 def load_config(model_dir: Path) -> ModelConfig:
     path = find_config_file(model_dir)
     if path is None:
+        if (model_dir / TRITON_CONFIG).exists():
+            # A Triton repository served as it is: its version_policy, max_batch_size and the
+            # rest were ignored without a word, and requests naming no version were answered
+            # OK by the newest version where Triton's policy served another.
+            raise InvalidArgument(
+                f"{model_dir.name}/{TRITON_CONFIG} is Triton's model config, which Ferry does "
+                "not read: write the settings it needs (version_policy, batching) in "
+                f"{model_dir.name}/config.toml (docs/configuration.md), or remove "
+                f"{TRITON_CONFIG} to serve the model with Ferry's defaults"
+            )
         return ModelConfig()
     try:
         raw = _read(path)

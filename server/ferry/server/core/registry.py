@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.server.core import rollout as rollouts
-from ferry.server.core.config import CONFIG_NAMES, ModelConfig, load_config
+from ferry.server.core.config import CONFIG_NAMES, TRITON_CONFIG, ModelConfig, load_config
 from ferry.server.core.loaded import LoadedVersion, open_version
 from ferry.server.core.pools import ThreadPools
 from ferry.server.core.repository import MODEL_DATA_FILE, MODEL_FILE, ModelRepository
@@ -753,8 +753,9 @@ def _file_signature(path: Path) -> tuple[float, int] | None:
 
 def _config_signature(mdir: Path) -> Signature:
     """Every config name's (mtime, size): a config.json added beside config.toml, or one of
-    two removed, is a change (only the first file found was watched)."""
-    sigs = tuple(_file_signature(mdir / n) for n in CONFIG_NAMES)
+    two removed, is a change (only the first file found was watched). Triton's config.pbtxt
+    too, which load_config refuses alone: its removal is the fix a refresh must see."""
+    sigs = tuple(_file_signature(mdir / n) for n in (*CONFIG_NAMES, TRITON_CONFIG))
     return None if all(sig is None for sig in sigs) else sigs
 
 
