@@ -364,3 +364,22 @@ def test_a_triton_config_alone_fails_the_model_instead_of_being_ignored(
         pbtxt.unlink()
         assert list(repo.refresh().loaded) == ["seed/2"]  # removed: Ferry's defaults
         assert client.infer("seed", SEED_IN).version == 2
+
+
+def test_edits_naming_models_that_are_not_there_leave_nothing_behind(
+    server: ServerThread,
+) -> None:
+    """DeleteModelVersion and SetDefaultVersion took a per-model lock before looking: every
+    name a mistaken call gave was kept for the server's life, without bound."""
+    from ferry.client import ConversionClient
+
+    assert server.app is not None
+    registry = server.app.registry
+    before = len(registry._locks)
+    with ConversionClient(server.management_target, timeout=30) as conversion:
+        for i in range(50):
+            with pytest.raises(ModelNotFoundError):
+                conversion.delete_version(f"missing-{i}", 1)
+            with pytest.raises(ModelNotFoundError):
+                conversion.set_default_version(f"absent-{i}", 1)
+    assert len(registry._locks) == before

@@ -208,7 +208,12 @@ class ModelRegistry:
     def edit_lock(self, name: str) -> asyncio.Lock:
         """Held by a management edit of a model's folder from its checks to its write, as the
         registry's own changes hold it: a DeleteModelVersion beside a SetRollout naming that
-        version both succeeded, and the split named a version that was gone."""
+        version both succeeded, and the split named a version that was gone. Only for a model
+        the repository holds: a lock is kept per name, and one made for every name a mistaken
+        call named (DeleteModelVersion, SetDefaultVersion of a model that is not there) was
+        never removed, so such calls grew the server's memory without bound."""
+        if not self.repository.has_model(name):
+            raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         return self._lock_of(name)
 
     async def follow_edit(self, name: str) -> RepositoryOutcome:
