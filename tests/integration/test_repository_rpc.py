@@ -383,3 +383,34 @@ def test_edits_naming_models_that_are_not_there_leave_nothing_behind(
             with pytest.raises(ModelNotFoundError):
                 conversion.set_default_version(f"absent-{i}", 1)
     assert len(registry._locks) == before
+
+
+def test_a_new_version_that_does_not_load_leaves_the_served_one_serving(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """Under ``latest = 1`` a broken (or half-copied) version 3 made a refresh unload version
+    2, and every request naming no version failed until someone fixed the folder."""
+    root = make_repo(tmp_path / "repo", {"seed": [seed_model(seed=1), seed_model(seed=2)]})
+    srv = start_server(root)
+    broken = root / "seed" / "3" / "model.onnx"
+    with (
+        InferenceClient(srv.target, timeout=30) as client,
+        RepositoryClient(srv.management_target, timeout=60) as repo,
+    ):
+        broken.parent.mkdir()
+        broken.write_bytes(b"not an onnx model")
+        result = repo.refresh()
+        assert list(result.failed) == ["seed/3"] and list(result.unloaded) == []
+        states = {m.version: (m.state, m.reason) for m in client.list_models("seed")}
+        assert states[3][0] == "FAILED"
+        assert states[2] == (
+            "READY",
+            "kept serving: version(s) [3] of the version policy did not load",
+        )
+        assert client.infer("seed", SEED_IN).version == 2
+        with pytest.raises(FailedPreconditionError, match=r"version\(s\) 2 keep serving"):
+            repo.load_model("seed")
+        onnx.save(seed_model(seed=3), str(broken))  # fixed: it takes over
+        result = repo.refresh()
+        assert (list(result.loaded), list(result.unloaded)) == (["seed/3"], ["seed/2"])
+        assert client.infer("seed", SEED_IN).version == 3

@@ -644,7 +644,10 @@ class ModelRegistry:
             self._keep_one_interface(entry)
         # Versions the policy no longer selects go only now, after the new ones loaded: a
         # new version replacing the old one leaves no moment without a served version.
-        for v in sorted(set(entry.versions) - set(wanted)):
+        stale = sorted(set(entry.versions) - set(wanted))
+        for v in _kept_serving(entry, wanted, stale, on_disk):
+            stale.remove(v)
+        for v in stale:
             await self._unload_version(entry, v, result)
 
     def _keep_one_interface(self, entry: ModelEntry) -> None:
@@ -820,6 +823,36 @@ def _version_signature(vdir: Path) -> Signature:
         _config_signature(vdir),
         _file_signature(vdir / MODEL_DATA_FILE),
     )
+
+
+_KEPT = "kept serving"
+
+
+def _kept_serving(
+    entry: ModelEntry, wanted: list[int], stale: list[int], on_disk: list[int]
+) -> list[int]:
+    """The versions the policy no longer selects that keep serving, with why: the READY ones
+    still on disk, when none of the versions it selects is READY. A broken or half-copied new
+    version (latest = 1) unloaded the one serving, and a typo on disk took a live model down;
+    it goes once a version the policy selects loads. A version deleted from disk goes anyway."""
+    ready = False
+    for v in wanted:
+        slot = entry.versions.get(v)
+        if slot is not None and slot.state is State.READY:
+            ready = True
+            if slot.reason.startswith(_KEPT):  # selected again (a policy edit): just served
+                slot.reason = ""
+    if ready:
+        return []
+    kept = [v for v in stale if v in on_disk and entry.versions[v].state is State.READY]
+    if kept:
+        failed = [v for v in wanted if v in entry.versions]
+        why = f"{_KEPT}: version(s) {failed} of the version policy did not load"
+        for v in kept:
+            if entry.versions[v].reason != why:
+                log.warning("model %s version %s: %s", entry.name, v, why)
+                entry.versions[v].reason = why
+    return kept
 
 
 def _still_serving(why: str) -> str:
