@@ -414,3 +414,23 @@ def test_a_new_version_that_does_not_load_leaves_the_served_one_serving(
         result = repo.refresh()
         assert (list(result.loaded), list(result.unloaded)) == (["seed/3"], ["seed/2"])
         assert client.infer("seed", SEED_IN).version == 3
+
+
+def test_a_load_after_a_reload_failed_is_an_error_not_ok(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """model.onnx rewritten in place and broken: the refresh (or poll) that first tried it
+    reported it, and every LoadModel after answered OK while the previous load kept serving."""
+    root = make_repo(tmp_path / "repo", {"seed": seed_model()})
+    srv = start_server(root)
+    with (
+        InferenceClient(srv.target, timeout=30) as client,
+        RepositoryClient(srv.management_target, timeout=60) as repo,
+    ):
+        (root / "seed" / "1" / "model.onnx").write_bytes(b"half of a copy")
+        assert list(repo.refresh().failed) == ["seed/1"]
+        for _ in range(2):  # asked again, the same answer
+            with pytest.raises(FailedPreconditionError, match=r"version\(s\) 1 keep serving"):
+                repo.load_model("seed")
+            assert list(repo.refresh().failed) == ["seed/1"]
+        assert client.infer("seed", SEED_IN).version == 1

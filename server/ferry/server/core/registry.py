@@ -637,6 +637,10 @@ class ModelRegistry:
                 or config_changed
                 or (slot.state is State.FAILED and (retry_failed or slot.signature != sig))
                 or (slot.loaded is not None and slot.signature != sig)  # its files changed
+                # Asked again (a load, a refresh): a reload that failed is tried again, and
+                # fails again in the answer. It was not, and LoadModel answered OK while the
+                # files on disk did not load and the previous load kept answering.
+                or (retry_failed and _reload_failed(slot))
             ):
                 loads.append(self._load_version(entry, v, sig, scan.model_file(v), result))
         await asyncio.gather(*loads)
@@ -855,9 +859,17 @@ def _kept_serving(
     return kept
 
 
+_STILL_SERVING = "reload failed, still serving previous load: "
+
+
 def _still_serving(why: str) -> str:
     """A served version's reason when a reload of it failed and it serves as loaded before."""
-    return f"reload failed, still serving previous load: {why}"
+    return f"{_STILL_SERVING}{why}"
+
+
+def _reload_failed(slot: VersionSlot) -> bool:
+    """Does ``slot`` serve an earlier load because its files changed and failed to load?"""
+    return slot.loaded is not None and slot.reason.startswith(_STILL_SERVING)
 
 
 def _policy_text(config: ModelConfig) -> str:
