@@ -434,3 +434,30 @@ def test_a_load_after_a_reload_failed_is_an_error_not_ok(
                 repo.load_model("seed")
             assert list(repo.refresh().failed) == ["seed/1"]
         assert client.infer("seed", SEED_IN).version == 1
+
+
+def test_a_folder_where_ferry_keeps_a_file_is_a_precondition_not_internal(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """``rollout.json`` or ``.deleted-versions`` made a folder by mistake: SetRollout and
+    DeleteModelVersion answered INTERNAL with a traceback in the log."""
+    from ferry.client import ConversionClient
+
+    root = make_repo(tmp_path / "repo", {"seed": [seed_model(seed=1), seed_model(seed=2)]})
+    srv = start_server(root)
+    (root / "seed" / "rollout.json").mkdir()
+    (root / "seed" / ".deleted-versions").mkdir()
+    with (
+        RepositoryClient(srv.management_target, timeout=60) as repo,
+        ConversionClient(srv.management_target, timeout=60) as conversion,
+    ):
+        with pytest.raises(FailedPreconditionError, match=r"seed/rollout\.json is a folder"):
+            repo.set_rollout("seed", {1: 1, 2: 1})
+        with pytest.raises(FailedPreconditionError, match=r"seed/\.deleted-versions is a folder"):
+            conversion.delete_version("seed", 1)
+    assert sorted(p.name for p in (root / "seed").iterdir()) == [
+        ".deleted-versions",
+        "1",
+        "2",
+        "rollout.json",
+    ]

@@ -20,7 +20,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ferry.server.errors import AlreadyExists, InvalidArgument, ModelNotFound, VersionNotFound
+from ferry.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelNotFound,
+    VersionNotFound,
+)
 
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 VERSION_RE = re.compile(r"[1-9][0-9]*")
@@ -251,15 +257,29 @@ def _held(path: Path) -> bool:
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write-then-rename for single files (configs, reports)."""
+    """Write-then-rename for single files (configs, reports). A folder where the file goes
+    (``mkdir rollout.json`` by mistake) is the caller's FAILED_PRECONDITION, saying which: it
+    was an INTERNAL error with a traceback (SetRollout, DeleteModelVersion)."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
     with open(tmp, "wb") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # a live write: see _held
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except IsADirectoryError:
+        tmp.unlink(missing_ok=True)
+        raise FailedPrecondition(folder_in_place(path)) from None
     _fsync_dir(path.parent)
+
+
+def folder_in_place(path: Path) -> str:
+    """The message for a folder found where Ferry keeps one of its files."""
+    return (
+        f"{path.parent.name}/{path.name} is a folder where Ferry keeps a file: remove it (or "
+        "move it away) and try again"
+    )
 
 
 def _fsync_tree(root: Path) -> None:

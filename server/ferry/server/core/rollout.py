@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ferry.codec import datatype_name
-from ferry.server.core.repository import write_file_atomic
+from ferry.server.core.repository import folder_in_place, write_file_atomic
 from ferry.server.core.types import TensorSpec
-from ferry.server.errors import InvalidArgument
+from ferry.server.errors import FailedPrecondition, InvalidArgument
 
 ROLLOUT_FILE = "rollout.json"
 MAX_VERSIONS = 16
@@ -304,6 +304,8 @@ def raw(model_dir: Path) -> bytes | None:
         return (model_dir / ROLLOUT_FILE).read_bytes()[: MAX_FILE + 1]
     except FileNotFoundError:
         return None
+    except IsADirectoryError:  # a change could not be written there either
+        raise FailedPrecondition(folder_in_place(model_dir / ROLLOUT_FILE)) from None
 
 
 def restore(model_dir: Path, previous: bytes | None) -> None:
