@@ -177,3 +177,37 @@ def test_a_split_set_again_after_a_rollback_is_judged_again(tmp_path: Path) -> N
         for attempt in (1, 2):
             repo.set_rollout("m", {2: 1, 3: 1}, rules={"max_error_rate": 0.2}, reason="canary")
             wait_for(rolled_back, f"version 3 rolled out of the split (attempt {attempt})")
+
+
+def test_no_management_edit_puts_a_shadow_candidate_on_traffic(tmp_path: Path) -> None:
+    """Shadow 2 beside the version every request gets: clearing the configured default (2 is
+    then the newest) or deleting the newer version 3 answered OK and sent every request to
+    the candidate, which nobody had promoted."""
+    from ferry.client import ConversionClient, FailedPreconditionError
+
+    root = make_repo(
+        tmp_path / "repo",
+        {
+            "a": [seed_model(seed=1), seed_model(seed=2)],
+            "b": [seed_model(seed=1), seed_model(seed=2), seed_model(seed=3)],
+        },
+    )
+    (root / "a" / "config.json").write_text(json.dumps({"default_version": 1}))
+    with (
+        ServerThread(root) as server,
+        InferenceClient(server.target, timeout=30) as client,
+        RepositoryClient(server.management_target, timeout=60) as repo,
+        ConversionClient(server.management_target, timeout=60) as conversion,
+    ):
+        repo.set_rollout("a", None, shadow=(2, 0.5))
+        repo.set_rollout("b", None, shadow=(2, 0.5))
+        with pytest.raises(FailedPreconditionError, match="shadow candidate"):
+            conversion.set_default_version("a", None)
+        with pytest.raises(FailedPreconditionError, match="shadow candidate"):
+            conversion.set_default_version("a", 2)
+        with pytest.raises(FailedPreconditionError, match="shadow candidate"):
+            conversion.delete_version("b", 3)
+        assert client.infer("a", X).version == 1 and client.infer("b", X).version == 3
+        repo.set_rollout("a", {2: 1}, reason="promoted")  # the way to put it on traffic
+        conversion.set_default_version("a", None)
+        assert client.infer("a", X).version == 2

@@ -827,7 +827,8 @@ def test_a_split_share_not_ready_goes_to_the_split_and_readiness_follows_it(
 
 def test_a_shadow_that_became_the_default_says_it_compares_nothing(tmp_path: Path) -> None:
     """Shadow 2 while 1 was the configured default, then the default cleared: every request
-    went to 2 and nothing was compared, with nothing said."""
+    went to 2 and nothing was compared, with nothing said. Through management the edit is
+    refused; by hand it cannot be, and GetRollout says what it did."""
     from ferry.server.core.versions import set_default_version
 
     repo = _repo(tmp_path)
@@ -839,7 +840,11 @@ def test_a_shadow_that_became_the_default_says_it_compares_nothing(tmp_path: Pat
         registry, dataplane = await _serving(repo)
         await dataplane.set_rollout("m", None, by="t", why="", shadow_of=(2, 1.0))
         assert dataplane.rollout("m").error == ""
-        await set_default_version(repo, registry, "m", 0)
+        with pytest.raises(FailedPrecondition, match="shadow candidate"):
+            await set_default_version(repo, registry, "m", 0)
+        assert dataplane.rollout("m").error == ""
+        (repo.model_dir("m") / "config.json").write_text('{"version_policy": {"all": true}}')
+        await registry.refresh()
         assert "is now the version every request" in dataplane.rollout("m").error
         await registry.close()
 

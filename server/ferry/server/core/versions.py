@@ -105,6 +105,9 @@ async def _delete_checked(repository: ModelRepository, name: str, version: int) 
             f"version {version} is in {name!r}'s rollout (split or shadow): change or end the "
             "rollout first (SetRollout / ferry models rollout)"
         )
+    left = [v for v in repository.list_versions(name) if v != version]
+    newest = max(config.version_policy.select(left), default=None)
+    _keep_shadow_off_traffic(live, name, config.default_version or newest, f"deleting {version}")
     await asyncio.to_thread(repository.delete_version, name, version)
 
 
@@ -135,6 +138,13 @@ async def _set_default_checked(repository: ModelRepository, name: str, version: 
                     f"add {version} to it in the model's config file first"
                 )
             policy_value = sum(1 for v in on_disk if v >= version)
+    live, _ = rollouts.read(mdir)
+    if live is not None and live.shadow is not None and not live.split:
+        after = version
+        if not after:  # cleared: the newest version the policy serves
+            after = max(load_config(mdir).version_policy.select(on_disk), default=0)
+        what = f"making {version} the default" if version else "clearing the default version"
+        _keep_shadow_off_traffic(live, name, after, what)
     path = find_config_file(mdir)
     if path is not None and path.suffix == ".toml":
         text = _edit_toml(path.read_text(encoding="utf-8-sig"), "default_version", version or None)
@@ -154,6 +164,24 @@ async def _set_default_checked(repository: ModelRepository, name: str, version: 
         target = mdir / VERSION_CONFIG_FILE
     _check_edit(text, target, version)
     await asyncio.to_thread(write_file_atomic, target, text.encode("utf-8"))
+
+
+def _keep_shadow_off_traffic(
+    live: rollouts.Rollout | None, name: str, default_after: int | None, what: str
+) -> None:
+    """Refuse an edit after which the shadow candidate of a rollout with no split would be the
+    default version: it would answer every request that names none, unjudged by the rules and
+    promoted by no one (the shadow then compared it with itself, and GetRollout only said so
+    afterwards). Promote it (a split naming it), or end the shadow, first."""
+    if live is None or live.shadow is None or live.split:
+        return
+    candidate = live.shadow[0]
+    if default_after == candidate:
+        raise FailedPrecondition(
+            f"{what} would make version {candidate}, the shadow candidate of {name!r}, the version "
+            "every request that names none gets: promote it with a split naming it, or end the "
+            "shadow, first (SetRollout / ferry models rollout)"
+        )
 
 
 _TABLE = re.compile(r"^\s*\[")
