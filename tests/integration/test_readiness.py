@@ -136,3 +136,27 @@ def test_required_models_decide_readiness(tmp_path: Path) -> None:
         assert _health(srv.target) == SERVING
         srv.call(lambda: app.dataplane.unload("alpha"))  # an explicit unload: no longer required
         assert _health(srv.target) == SERVING
+
+
+def test_deleting_a_models_last_version_leaves_the_replica_ready(tmp_path: Path) -> None:
+    """DeleteModelVersion of alpha's only version: alpha was required only because it served
+    at start, and the whole replica turned NOT ready (a load balancer took beta off it too).
+    A model --require-models names still holds readiness."""
+    from ferry.client import ConversionClient
+
+    repo = ModelRepository(tmp_path / "repo")
+    for name in ("alpha", "beta", "gamma"):
+        write_model(repo, name, identity_model("FP32"))
+    with (
+        ServerThread(repo.root) as srv,
+        ConversionClient(srv.management_target, timeout=60) as conversion,
+    ):
+        conversion.delete_version("alpha", 1)
+        assert _health(srv.target) == SERVING
+    with (
+        ServerThread(repo.root, require_models="beta") as srv,
+        ConversionClient(srv.management_target, timeout=60) as conversion,
+    ):
+        assert _health(srv.target) == SERVING
+        conversion.delete_version("beta", 1)
+        assert _health(srv.target) == NOT_SERVING

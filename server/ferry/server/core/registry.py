@@ -132,6 +132,7 @@ class ModelRegistry:
         self._listeners: list[Listener] = []
         self._unloaded_by_request: set[str] = set()
         self._required: set[str] | None = None  # None until settle(): see all_ready
+        self._named: set[str] = set()  # those --require-models named (settle)
         self.follower: Follower | None = None
 
     @property
@@ -380,9 +381,10 @@ class ModelRegistry:
     def settle(self, required: list[str] | None = None) -> None:
         """Fix what readiness means once the start-up load is done: the models named, or else
         those serving now. An explicit load adds a model to them once it serves, an explicit
-        unload removes it."""
+        unload removes it, and so does the deletion of its last version unless it was named."""
         if required:
             self._required = set(required)
+            self._named = set(required)
         else:
             self._required = {name for name, ready in self.health()[1].items() if ready}
 
@@ -547,6 +549,12 @@ class ModelRegistry:
             await self._sync_entry(entry, name, result, retry_failed)
         finally:
             entry.changing = ""
+        if not entry.versions and self._required is not None and name not in self._named:
+            # No version left to serve (its last one deleted): required only because it served
+            # at start, it no longer holds the replica's readiness, as when its folder goes.
+            # Kept, DeleteModelVersion of a model's last version turned the whole replica NOT
+            # ready, and a load balancer took every other model's traffic off it too.
+            self._required.discard(name)
 
     async def _sync_entry(
         self, entry: ModelEntry, name: str, result: RepositoryOutcome, retry_failed: bool
