@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,38 @@ def test_a_ready_worker_rereads_the_repository_then_applies_the_unloads_since(
     fleet = fleet_module.WorkerFleet(Settings(), tmp_path, 2, peers, lambda: list(unloaded))  # type: ignore[arg-type]
     monkeypatch.setattr(fleet, "_wait_ready", ready)
     asyncio.run(fleet._spawn(fleet._workers[0]))
-    assert json.loads(envs[0][fleet_module.ENV_UNLOADED]) == ["again", "kept"]
+    assert json.loads(Path(envs[0][fleet_module.ENV_UNLOADED]).read_text()) == ["again", "kept"]
     assert peers.calls == [
         ("worker-1.sock", control.APPLY, {"op": "refresh", "model": ""}),
         ("worker-1.sock", control.APPLY, {"op": "load", "model": "again"}),
         ("worker-1.sock", control.APPLY, {"op": "unload", "model": "later"}),
     ]
+
+
+def test_a_worker_starts_again_whatever_the_number_of_models_unloaded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1,500 long names unloaded on request travelled in one environment string, over Linux's
+    128 KiB for one: the exec of every worker started again failed (E2BIG), for good. A real
+    process with the worker's environment reads the whole list back."""
+    names = [f"model-{i:05d}-" + "x" * 110 for i in range(1500)]
+    read_back: list[list[str]] = []
+    real_exec = asyncio.create_subprocess_exec
+    child = "import json; from ferry.server.workers import fleet; print(json.dumps(fleet.unloaded_by_parent()))"
+
+    async def spawned(*args: Any, **kwargs: Any) -> _Proc:
+        proc = await real_exec(
+            sys.executable, "-c", child, env=kwargs["env"], stdout=asyncio.subprocess.PIPE
+        )
+        out, _ = await proc.communicate()
+        read_back.append(json.loads(out))
+        return _Proc()
+
+    async def ready(worker: Any, sock: Path) -> None:
+        return None
+
+    monkeypatch.setattr(fleet_module.asyncio, "create_subprocess_exec", spawned)
+    fleet = fleet_module.WorkerFleet(Settings(), tmp_path, 2, _Peers(), lambda: names)  # type: ignore[arg-type]
+    monkeypatch.setattr(fleet, "_wait_ready", ready)
+    asyncio.run(fleet._spawn(fleet._workers[0]))
+    assert read_back == [names]

@@ -47,8 +47,11 @@ CHECK_EVERY = 5.0  # seconds between liveness checks, at most (--worker-timeout 
 MISSES = 3  # liveness checks in a row a worker must fail, besides being silent for the timeout
 ENV_SOCKET = "FERRY_WORKER_SOCKET"
 ENV_PARENT = "FERRY_WORKER_PARENT"
-# The models an explicit unload took out (JSON list): a worker started again does not load them.
-ENV_UNLOADED = "FERRY_WORKER_UNLOADED"
+# The models an explicit unload took out: a worker started again does not load them. The path
+# of a JSON list in the run folder, not the list: one environment string holds at most 128 KiB
+# (Linux's MAX_ARG_STRLEN), and with some 1,000 long names unloaded the exec of every worker
+# started again failed (E2BIG), so the fleet ran a worker short for good.
+ENV_UNLOADED = "FERRY_WORKER_UNLOADED_FILE"
 
 
 def worker_flags(settings: Settings, *, port: int, http_port: int) -> list[str]:
@@ -151,16 +154,20 @@ class WorkerFleet:
             sock.unlink()
         unloaded = self._unloaded()
         worker.answering = False
+        listed = self.run_dir / f"worker-{worker.index}.unloaded.json"
+        await asyncio.to_thread(listed.write_text, json.dumps(unloaded), "utf-8")
         env = {
             **os.environ,
             ENV_SOCKET: str(sock),
             ENV_PARENT: str(os.getpid()),
-            ENV_UNLOADED: json.dumps(unloaded),
+            ENV_UNLOADED: str(listed),
         }
+        # Before the exec: one that fails (the process never ran) counts as a short life for
+        # the backoff, not as one as long as the last process's.
+        worker.started = time.monotonic()
         worker.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ferry.server", *self._flags, env=env
         )
-        worker.started = time.monotonic()
         await self._wait_ready(worker, sock)
         worker.answering = True
         # Caught up once it answers: a change made while it started (after it read the
@@ -373,10 +380,14 @@ async def _ready(sock: Path) -> bool | None:
 
 
 def unloaded_by_parent() -> list[str]:
-    """In a worker: the models the first process had unloaded on request when it started it."""
+    """In a worker: the models the first process had unloaded on request when it started it
+    (the list in the file ENV_UNLOADED names)."""
+    path = os.environ.get(ENV_UNLOADED)
+    if not path:
+        return []
     try:
-        names = json.loads(os.environ.get(ENV_UNLOADED) or "[]")
-    except ValueError:
+        names = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return []
     return [str(n) for n in names] if isinstance(names, list) else []
 
