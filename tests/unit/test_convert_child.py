@@ -942,6 +942,31 @@ def test_an_additive_mask_cannot_hide_a_wrong_model() -> None:
     assert parity.compare([biased + 0.01], [biased]).cosine > 0.999
 
 
+def test_a_mask_over_each_samples_own_padding_cannot_hide_a_wrong_model() -> None:
+    """logits + (1 - mask) * -1e4 with each sample's own padding: neither fill rule saw it (the
+    fills differ in their last bits and sit elsewhere in every sample), and a static int8
+    variant whose computed logits came back as multiples of 39 was published with cosine
+    1.000000; an unrelated variant scored 0.99999998."""
+    rng = np.random.default_rng(5)
+    fill = np.where(rng.random((32, 16)) < 0.5, -1e4, 0.0)
+    logits = rng.standard_normal((32, 16))
+    reference = (logits + fill).astype(np.float32)
+    for wrong in (rng.standard_normal((32, 16)) + fill, np.round(logits / 39.0) * 39.0 + fill):
+        figures = parity.compare([wrong.astype(np.float32)], [reference])
+        assert figures.cosine < 0.5, figures
+        assert "< min_cosine 0.99" in parity.budget_failure(figures, 0.99, 0.0)
+    # What a faithful int8 variant does (2% on every computed logit) stays within budget, and
+    # so does a -1e9 padding beside the -1e4 mask (two tiers of fill).
+    int8 = logits * (1 + rng.standard_normal((32, 16)) * 0.02)
+    padded = np.where(rng.random((32, 16)) < 0.2, -1e9, fill)
+    for faithful, ref in ((int8 + fill, reference), (int8 + padded, logits + padded)):
+        figures = parity.compare([faithful.astype(np.float32)], [ref.astype(np.float32)])
+        assert figures.cosine > 0.999 and parity.budget_failure(figures, 0.99, 0.0) == ""
+    unrelated = rng.standard_normal((32, 16)) + padded
+    figures = parity.compare([unrelated.astype(np.float32)], [(logits + padded).astype(np.float32)])
+    assert figures.cosine < 0.5, figures
+
+
 def test_a_change_of_size_or_of_labels_cannot_hide_behind_the_cosine() -> None:
     """The cosine sees directions only: a variant halving every output scored 1.0, and so did
     one shifting [N, 1] predictions that all lie near one value; labels drawn from 900-999
