@@ -300,6 +300,61 @@ def test_a_new_quantizer_runs_in_the_pipeline(
         assert "selection" in report["quantization"]
 
 
+def _unloadable(inputs: BuildInputs) -> str:
+    """A stand-in for onnxruntime's fp16 converter on an nn.EmbeddingBag: a graph that passes
+    the builder but declares float where its node makes float16, which onnxruntime refuses."""
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["x"], ["y"], to=TensorProto.FLOAT16)],
+        "typed wrong",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(inputs.target))
+    return ""
+
+
+@pytest.mark.parametrize("mode", ["unloadable", "auto"])
+def test_a_variant_onnxruntime_cannot_load_fails_its_build(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mode: str
+) -> None:
+    """fp16 of an EmbeddingBag model was built, then failed the validate stage with
+    onnxruntime's load error and no advice; under auto that one candidate failed the whole job
+    though fp32 (and dynamic int8) were fine. Asked for by name, the mode fails in the quantize
+    stage saying what to do; auto skips it and says why."""
+    import hashlib
+
+    from ferry.server.convert.worker import child
+
+    broken = replace(FAKE, name="unloadable", build=_unloadable, auto_skip=lambda f, s: "")
+    monkeypatch.setitem(quantization.QUANTIZERS, broken.name, broken)
+    source = _onnx_mlp(tmp_path / "mm.onnx")
+    contract = replace(
+        job(q_spec(mode, keep_slower=True)),
+        source_path=str(source),
+        source_sha256=hashlib.sha256(source.read_bytes()).hexdigest(),
+        work_dir=str(tmp_path / "work"),
+    )
+    progress = tmp_path / "progress.jsonl"
+    with progress.open("w") as stream:
+        rc = child.run(job_from_json(to_json(contract)), child.Progress(stream))
+    last = json.loads(progress.read_text().splitlines()[-1])
+    report = json.loads((tmp_path / "work" / "report.json").read_text())
+    if mode == "unloadable":
+        assert rc == 2 and last["stage"] == "quantize", last
+        assert (
+            "the unloadable variant onnxruntime.quantization built does not load"
+            in (last["message"])
+        )
+        assert "convert with another quantization mode" in last["message"]
+        return
+    assert rc == 0, last
+    assert "does not load in onnxruntime" in report["quantization"]["skipped"]["unloadable"]
+    assert "unloadable" not in [v["name"] for v in report["variants"]]
+    assert report["published"] in ("fp32", "dynamic_int8", "fp16")
+
+
 def test_a_new_pruning_method_reaches_validation(monkeypatch: pytest.MonkeyPatch) -> None:
     fake = pruning.Method("zero_all", "zeroes everything", "zeros", False, build=lambda j: None)
     monkeypatch.setitem(pruning.METHODS, fake.name, fake)

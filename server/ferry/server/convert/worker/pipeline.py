@@ -458,12 +458,21 @@ class Pipeline:
                     self.source.batched,
                     "quantization.calibration_file",
                 )
+            choosing = quantization_modes.mode(spec.mode).chooses
             for quantizer in plan.variants:
                 target = self.scratch / f"{quantizer.name}.onnx"
                 inputs = quantization_modes.BuildInputs(
                     base, target, spec, calibration, self.external
                 )
-                note = quantize.build(quantizer, inputs)
+                try:
+                    note = quantize.build(quantizer, inputs)
+                except ConversionFailed as exc:
+                    if not choosing:  # the mode asked for: its failure is the job's
+                        raise
+                    # auto: one candidate that cannot be built is not a reason to publish
+                    # nothing; it is skipped, and the report says why.
+                    self.report.quantization.skipped[quantizer.name] = exc.message
+                    continue
                 caveat = plan.notes.get(quantizer.name, "")
                 record = VariantRecord(quantizer.name, "; ".join(filter(None, [caveat, note])))
                 variants.append(Variant(target, record))

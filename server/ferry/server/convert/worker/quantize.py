@@ -28,14 +28,37 @@ def facts(model: onnx.ModelProto) -> GraphFacts:
 
 
 def build(quantizer: Quantizer, inputs: BuildInputs) -> str:
-    """Run ``quantizer``'s builder; a library failure becomes a ConversionFailed naming it."""
+    """Run ``quantizer``'s builder and load what it wrote; a library failure, or a graph
+    onnxruntime cannot load, becomes a ConversionFailed naming the mode."""
     try:
-        return quantizer.build(inputs)
+        note = quantizer.build(inputs)
     except (InvalidArgument, ConversionFailed):
         raise
     except Exception as exc:
         raise ConversionFailed(
             f"onnxruntime.quantization could not build the {quantizer.name} variant "
+            f"({first_line(exc)}); convert with another quantization mode"
+        ) from None
+    _check_loads(quantizer.name, inputs)
+    return note
+
+
+def _check_loads(name: str, inputs: BuildInputs) -> None:
+    """The converters can write a graph onnxruntime refuses: the fp16 one typed a value inside
+    the If in the Loop of an nn.EmbeddingBag float16 where its subgraph declares float. The
+    validate stage then failed the job with onnxruntime's load error and no advice, and under
+    ``auto`` that one candidate failed the whole job though fp32 was fine. Loading it here (no
+    graph optimization: only whether it loads) makes it a failure of this variant's build."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.intra_op_num_threads = 1
+    try:
+        ort.InferenceSession(str(inputs.target), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ConversionFailed(
+            f"the {name} variant onnxruntime.quantization built does not load in onnxruntime "
             f"({first_line(exc)}); convert with another quantization mode"
         ) from None
 
