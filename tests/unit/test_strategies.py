@@ -363,3 +363,18 @@ def test_a_new_pruning_method_reaches_validation(monkeypatch: pytest.MonkeyPatch
     validation.validate_spec(spec, validation.SpecTensors(), source_format="state_dict")
     assert pruning.names()[-1] == "zero_all"
     assert '| `"zero_all"` | zeroes everything | zeros |' in pruning.markdown_table()
+
+
+def test_an_output_without_a_batch_dim_is_named_in_the_refusal() -> None:
+    """An SDK upload of a module whose one output is a mean over the batch ([3] for 8 samples)
+    was refused with "validation.reference_outputs have 3 samples but sample_inputs have 8":
+    reference outputs the user never wrote, and nothing about the output to change."""
+    spec = ConversionSpec(inputs=[INPUT])
+    tensors = validation.SpecTensors(
+        samples={"x": np.zeros((8, 8), np.float32)},
+        references={"output": np.zeros(3, np.float32)},
+    )
+    with pytest.raises(InvalidArgument) as info:
+        validation.validate_spec(spec, tensors, source_format="onnx")
+    assert "output 'output' is [3] for 8 input samples" in info.value.message
+    assert "wrap the model so that forward returns the batch first" in info.value.message

@@ -201,10 +201,18 @@ def validate_spec(spec: ConversionSpec, tensors: SpecTensors, *, source_format: 
     _check_set("validation.reference_outputs", tensors.references, set())
     if tensors.samples and tensors.references:
         n_in = next(iter(tensors.samples.values())).shape[0]
-        n_out = next(iter(tensors.references.values())).shape[0]
+        name, first = next(iter(tensors.references.items()))
+        n_out = first.shape[0]
         if n_in != n_out:
+            # An SDK module upload sends the module's own outputs: for a model whose one output
+            # has no batch dim (a mean over the batch) or not first, the user never wrote
+            # reference_outputs, and "have 3 samples" named nothing they could change.
             raise InvalidArgument(
-                f"validation.reference_outputs have {n_out} samples but sample_inputs have {n_in}"
+                f"validation.reference_outputs have {n_out} samples but sample_inputs have "
+                f"{n_in}: output {name!r} is {list(first.shape)} for {n_in} input samples; the "
+                "first dim of every output counts samples, so an output without a batch dim, or "
+                "with the batch elsewhere, cannot be compared per sample: wrap the model so "
+                "that forward returns the batch first"
             )
     try:
         parse_config(spec.serving_config, where="serving config")
