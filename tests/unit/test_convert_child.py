@@ -967,6 +967,30 @@ def test_a_mask_over_each_samples_own_padding_cannot_hide_a_wrong_model() -> Non
     assert figures.cosine < 0.5, figures
 
 
+def test_small_values_beside_large_ones_in_one_output_are_judged_apart() -> None:
+    """A detection head's one tensor: boxes in pixels (~300) beside probabilities (~0.5).
+    Static int8 quantized it over the boxes' range and served every probability as 0.0; the
+    cosine, the boxes' alone, read 0.999995 and the variant was published."""
+    rng = np.random.default_rng(0)
+    boxes = 640.0 / (1.0 + np.exp(-rng.standard_normal((16, 4))))
+    probs = 1.0 / (1.0 + np.exp(-0.3 * rng.standard_normal((16, 4))))
+    reference = np.concatenate([boxes, probs], axis=1).astype(np.float32)
+    noisy_boxes = boxes + rng.standard_normal((16, 4)) * 0.5
+    crushed = np.concatenate([noisy_boxes, np.zeros((16, 4))], axis=1).astype(np.float32)
+    figures = parity.compare([crushed], [reference])
+    assert figures.cosine < 0.5, figures
+    assert "< min_cosine 0.99" in parity.budget_failure(figures, 0.99, 0.0)
+    # Faithful to each scale (0.5% everywhere, as int8 per tensor of one unit): within budget.
+    faithful = reference * (1 + rng.standard_normal(reference.shape) * 0.005)
+    assert parity.budget_failure(parity.compare([faithful], [reference]), 0.99, 0.0) == ""
+    # One scale throughout, and positions beneath every variant's resolution, are not split.
+    logits = rng.standard_normal((16, 10)) * rng.uniform(0.5, 4.0, 10)
+    assert parity._scale_groups(logits) == []
+    tiny = np.concatenate([logits, rng.random((16, 2)) * 1e-9], axis=1)
+    assert len(parity._scale_groups(tiny)) == 1  # the logits alone: the 1e-9s are left out
+    assert parity._scale_groups(reference[:3]) == []  # too few samples to tell sizes apart
+
+
 def test_a_change_of_size_or_of_labels_cannot_hide_behind_the_cosine() -> None:
     """The cosine sees directions only: a variant halving every output scored 1.0, and so did
     one shifting [N, 1] predictions that all lie near one value; labels drawn from 900-999

@@ -309,6 +309,44 @@ def _fill_values(cand: np.ndarray, ref: np.ndarray) -> np.ndarray | None:
     return fills if fills.any() else None
 
 
+# Positions (an element's place in a sample) are told apart by their size only over this many
+# samples: over one or two, a logit that happened to be near 0 would look like another scale.
+SCALE_SAMPLES = 4
+# A scale this far below an output's largest is beneath every variant's resolution (fp16's
+# smallest normal, int8's step): what sits there is not judged apart.
+NEGLIGIBLE = 1e-4
+
+
+def _scale_groups(ref: np.ndarray) -> list[np.ndarray]:
+    """The positions of an output grouped by size, when it holds values of different scales
+    (empty when it does not): each position's RMS over the samples, sorted, split wherever one
+    is FILL_RATIO times the next smaller; groups under NEGLIGIBLE of the largest are left out.
+
+    One tensor can carry quantities of different units: a detection head concatenates boxes in
+    pixels (~300) with objectness and class probabilities (~0.5). The cosine over the tensor
+    is the boxes' alone: static int8 quantized the head's output over the boxes' range, served
+    every probability as 0.0 (every detection under any threshold) and was published at cosine
+    0.999995 vs PyTorch. Judged apart, each group answers for itself."""
+    if ref.ndim < 2 or ref.shape[0] < SCALE_SAMPLES:
+        return []
+    flat = ref.reshape(ref.shape[0], -1)
+    finite = np.isfinite(flat)
+    count = finite.sum(axis=0)
+    squares = np.where(finite, flat, 0.0) ** 2
+    rms = np.sqrt(squares.sum(axis=0) / np.maximum(count, 1))
+    live = np.flatnonzero(rms > 0.0)
+    if live.size < 2:
+        return []
+    order = live[np.argsort(rms[live])]
+    sizes = rms[order]
+    cuts = np.flatnonzero(sizes[1:] >= FILL_RATIO * sizes[:-1]) + 1
+    if not cuts.size:
+        return []
+    groups = np.split(order, cuts)
+    floor = NEGLIGIBLE * float(sizes[-1])
+    return [group for group in groups if float(rms[group].max()) >= floor]
+
+
 @dataclass(frozen=True)
 class Figures:
     """How close one set of outputs is to another (report.json: an object with these keys, and
@@ -378,6 +416,10 @@ def compare(candidate: list[np.ndarray], reference: list[np.ndarray]) -> Figures
         spots = _fill_values(c64, r64)
         if spots is not None:  # fills wherever each sample has them: judged without them too
             computed = _computed_figures(c64[~spots], r64[~spots])
+            cosine, rel = min(cosine, computed[0]), max(rel, computed[1])
+        n = c64.shape[0] if c64.ndim else 1
+        for group in _scale_groups(r64):  # values of different scales: each judged apart too
+            computed = _computed_figures(c64.reshape(n, -1)[:, group], r64.reshape(n, -1)[:, group])
             cosine, rel = min(cosine, computed[0]), max(rel, computed[1])
         cosines.append(cosine)
         rel_errors.append(rel)
