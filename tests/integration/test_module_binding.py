@@ -136,6 +136,30 @@ def test_a_key_that_is_not_a_parameter_is_refused_before_anything_is_sent(start:
     assert conv.list_jobs() == []
 
 
+class Lookup(torch.nn.Module):
+    """Scores each row of x against every row of a table of its own length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, x: Any, table: Any) -> Any:
+        return self.linear(x) @ table.T
+
+
+def test_inputs_of_different_batch_sizes_are_refused_with_the_rule(start: Start) -> None:
+    """A table of 5 rows beside 8 samples failed inside torch.export with a page of exporter
+    text ("L['table'].size()[0] = 5 is not equal to L['x'].size()[0] = 8")."""
+    _, conv = start()
+    examples = {"x": _rand(8, 3, seed=1), "table": _rand(5, 3, seed=2)}
+    with pytest.raises(InvalidInputError) as info:
+        conv.upload("lookup", Lookup().eval(), example_inputs=examples)
+    message = str(info.value)
+    assert "disagree on dim 0 ('x' has 8, 'table' has 5)" in message, message
+    assert "dim 0 of every input is the batch" in message and "buffer or parameter" in message
+    assert conv.list_uploads() == []
+
+
 class Echo(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -276,6 +276,7 @@ def from_module(
     """The upload's bytes, its format, and what travels with it (input specs, samples keyed by
     the served input names, and the module's outputs on them)."""
     bound = bind(torch, module, examples)
+    _refuse_unequal_batches(bound)
     axes = declared_axes(bound, dynamic_axes)
     result = call(torch, module, bound)
     samples = {name: _numpy(t) for name, t in bound.named.items()}
@@ -374,6 +375,24 @@ def _quiet() -> Iterator[None]:
 
 
 _NOISY_LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")
+
+
+def _refuse_unequal_batches(bound: Bound) -> None:
+    """Dim 0 of every input is the batch, one size in a request (the export gives them one
+    symbolic dim, and the server batches requests by concatenating every input along it). A
+    model with a second input of its own length (a table, a set of candidates: ``x`` of 8 rows
+    beside ``table`` of 5) failed in torch.export with a page of exporter text ending in
+    "L['table'].size()[0] = 5 is not equal to L['x'].size()[0] = 8", which said nothing of
+    this rule or what to change."""
+    sizes = {name: int(value.shape[0]) for name, value in bound.named.items()}
+    if len(set(sizes.values())) > 1:
+        listing = ", ".join(f"{name!r} has {size}" for name, size in sizes.items())
+        raise InvalidInputError(
+            f"example_inputs disagree on dim 0 ({listing}): dim 0 of every input is the batch, "
+            "the same size within a request, since requests are batched by joining every input "
+            "along it; an input that is not per sample (a lookup table, a set of candidates) "
+            "belongs in the module (a buffer or parameter), or repeat it once per sample"
+        )
 
 
 def _refuse_passed_through(bound: Bound, outputs: Mapping[str, Any]) -> None:
