@@ -22,6 +22,8 @@ from serverutil import ConversionServers, ServerThread
 
 from ferry.client import (
     ConversionClient,
+    ConversionError,
+    FerryError,
     InferenceClient,
     InvalidInputError,
     JobFailedError,
@@ -157,6 +159,35 @@ def test_inputs_of_different_batch_sizes_are_refused_with_the_rule(start: Start)
     message = str(info.value)
     assert "disagree on dim 0 ('x' has 8, 'table' has 5)" in message, message
     assert "dim 0 of every input is the batch" in message and "buffer or parameter" in message
+    assert conv.list_uploads() == []
+
+
+class BranchOnValue(torch.nn.Module):
+    """A Python ``if`` on a tensor's value: torch.export cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+
+    def forward(self, x: Any) -> Any:
+        y = self.linear(x)
+        if y.sum() > 0:
+            return y * 2
+        return -y
+
+
+def test_a_module_torch_cannot_export_raises_a_ferry_error(start: Start) -> None:
+    """torch's TorchExportError escaped upload(), a page of exporter text that `except
+    FerryError` (every exception the SDK raises, by its docs) did not catch."""
+    _, conv = start()
+    with pytest.raises(ConversionError) as info:
+        conv.upload("branch", BranchOnValue().eval(), example_inputs=_rand(4, 3, seed=1))
+    err = info.value
+    assert isinstance(err, FerryError) and err.kind == "CONVERSION_FAILED"
+    assert "BranchOnValue cannot be exported to ONNX (" in err.message
+    assert "data-dependent" in err.message and "torch.where or torch.cond" in err.message
+    assert "\x1b[" not in err.message  # the exporter's terminal colours stay out
+    assert err.__cause__ is not None  # the exporter's own exception, for its details
     assert conv.list_uploads() == []
 
 

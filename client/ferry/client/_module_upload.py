@@ -22,6 +22,7 @@ import inspect
 import io
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -35,7 +36,7 @@ import numpy as np
 
 from ferry.client import _archive
 from ferry.client._conversion_types import DynamicAxis, InputSpec
-from ferry.client._errors import InvalidInputError
+from ferry.client._errors import ConversionError, InvalidInputError
 from ferry.codec import datatype_name, datatype_of
 
 _VAR = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
@@ -525,7 +526,16 @@ def _export(
                 f"fixes one of them to the example's size ({_first_line(exc)}); write the "
                 "model with x.shape[...] or -1 instead of literal sizes, or drop that axis"
             ) from None
-        raise
+        # torch's own exception (TorchExportError and kin) escaped upload(), against the SDK's
+        # rule that everything it raises is a FerryError: a module with a Python `if` on a
+        # tensor's value, or a packed sequence, raised a page of exporter text that
+        # `except FerryError` did not catch. Its summary line stays; the chain keeps the rest.
+        raise ConversionError(
+            f"{type(module).__name__} cannot be exported to ONNX ({_summary(exc)}); make forward "
+            "traceable by torch.export (torch.where or torch.cond for a branch on a tensor's "
+            "value, no packed sequences), or export it yourself and upload the .onnx file",
+            kind="CONVERSION_FAILED",
+        ) from exc
     # The exported graph as torch built it (ONNXProgram.model_proto): the SDK reads its real
     # input and output names without importing onnx itself. Checked before anything is
     # written, so a refused export leaves no file behind (and says nothing but why).
@@ -590,6 +600,20 @@ def _check_graph(graph: Any, bound: Bound, out_names: list[str], axes: Axes) -> 
             "wrap the model so that forward returns a tensor or a tuple of tensors"
         )
     return graph_inputs
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _summary(exc: BaseException) -> str:
+    """The line torch.onnx puts under "## Exception summary" (the cause, with its class), else
+    the exception's first line; without the terminal colours the exporter writes."""
+    lines = [_ANSI.sub("", line).strip() for line in str(exc).splitlines()]
+    lines = [line for line in lines if line]
+    for index, line in enumerate(lines):
+        if line.startswith("## Exception summary") and index + 1 < len(lines):
+            return lines[index + 1][:300]
+    return (lines[0] if lines else type(exc).__name__)[:300]
 
 
 def _specializes(exc: BaseException) -> bool:
