@@ -191,6 +191,33 @@ def test_a_module_torch_cannot_export_raises_a_ferry_error(start: Start) -> None
     assert conv.list_uploads() == []
 
 
+class RunningMean(torch.nn.Module):
+    """Updates a running mean in forward whatever the mode, and normalizes by it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 3)
+        self.register_buffer("mean", torch.zeros(3))
+
+    def forward(self, x: Any) -> Any:
+        self.mean.mul_(0.9).add_(0.1 * x.mean(0))
+        return self.linear(x - self.mean)
+
+
+def test_a_forward_that_changes_its_buffers_is_refused_and_undone(start: Start) -> None:
+    """Every call answered differently and the export froze one state: the job failed parity
+    saying the outputs disagree "with validation.reference_file", a file nobody gave, and the
+    upload had moved the caller's running mean three times."""
+    _, conv = start()
+    module = RunningMean().eval()
+    with pytest.raises(InvalidInputError) as info:
+        conv.upload("running", module, example_inputs=_rand(4, 3, seed=1))
+    assert "RunningMean.forward changes its buffers 'mean' in eval mode" in str(info.value)
+    assert "only when self.training" in str(info.value)
+    assert not module.mean.any()  # as it was before the upload
+    assert conv.list_uploads() == []
+
+
 class Echo(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -170,6 +170,38 @@ def call(torch: Any, module: Any, bound: Bound) -> Any:
         ) from None
 
 
+def _buffers(module: Any) -> dict[str, Any]:
+    """A copy of the module's buffers (running statistics, counters; parameters are left out:
+    forward runs under no_grad and a model's weights would double the memory)."""
+    return {name: value.detach().clone() for name, value in module.named_buffers()}
+
+
+def _refuse_changed_buffers(torch: Any, module: Any, before: Mapping[str, Any]) -> None:
+    """A forward that updates a buffer in eval mode (a running mean it keeps normalizing by, a
+    call counter) answers differently on every call, and the export freezes one state: the job
+    failed its parity check with "disagrees with validation.reference_file ... computed in eval
+    mode", a file the user never gave. Refused here naming the buffers, and the module is put
+    back as it was (the upload's own call must not change the caller's model)."""
+    changed = [
+        name
+        for name, value in module.named_buffers()
+        if name in before
+        and (value.shape != before[name].shape or not torch.equal(value, before[name]))
+    ]
+    if not changed:
+        return
+    with torch.no_grad():
+        for name, value in module.named_buffers():
+            if name in changed and value.shape == before[name].shape:
+                value.copy_(before[name])
+    listing = ", ".join(map(repr, changed[:5])) + (", ..." if len(changed) > 5 else "")
+    raise InvalidInputError(
+        f"{type(module).__name__}.forward changes its buffers {listing} in eval mode, so every "
+        "call answers differently and the exported graph would keep one state: update them "
+        "only when self.training, or keep the state outside the module (an input and an output)"
+    )
+
+
 def flatten_outputs(torch: Any, result: Any) -> dict[str, Any]:
     """Output name -> tensor, in the order the exporter flattens them (pytree order). The
     model's own names are kept: dict / ModelOutput keys, namedtuple fields; positions otherwise
@@ -279,7 +311,9 @@ def from_module(
     bound = bind(torch, module, examples)
     _refuse_unequal_batches(bound)
     axes = declared_axes(bound, dynamic_axes)
+    buffers = _buffers(module)
     result = call(torch, module, bound)
+    _refuse_changed_buffers(torch, module, buffers)
     samples = {name: _numpy(t) for name, t in bound.named.items()}
     if architecture:
         return _state_dict(torch, module, bound, result, samples=samples, axes=axes)
