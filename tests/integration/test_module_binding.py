@@ -218,6 +218,16 @@ def test_a_forward_that_changes_its_buffers_is_refused_and_undone(start: Start) 
     assert conv.list_uploads() == []
 
 
+def test_a_bfloat16_module_is_refused_with_what_to_upload(start: Start) -> None:
+    """torch's .numpy() refuses bfloat16: the upload raised its bare "TypeError: Got
+    unsupported ScalarType BFloat16", not a FerryError."""
+    _, conv = start()
+    module = torch.nn.Linear(3, 2).to(torch.bfloat16).eval()
+    with pytest.raises(InvalidInputError, match=r"bfloat16 tensors.*upload module\.float\(\)"):
+        conv.upload("bf16", module, example_inputs=_rand(4, 3, seed=1).to(torch.bfloat16))
+    assert conv.list_uploads() == []
+
+
 class Echo(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

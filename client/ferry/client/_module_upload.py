@@ -238,6 +238,16 @@ def flatten_outputs(torch: Any, result: Any) -> dict[str, Any]:
 
 
 def _numpy(tensor: Any) -> np.ndarray:
+    if str(tensor.dtype) == "torch.bfloat16":
+        # torch's .numpy() refuses bfloat16, and a bf16 module's upload failed with its bare
+        # "TypeError: Got unsupported ScalarType BFloat16"; onnxruntime's CPU provider has no
+        # bfloat16 Gemm or MatMul either, so such a graph would not run there.
+        raise InvalidInputError(
+            "the module takes or returns bfloat16 tensors, which the SDK cannot upload and "
+            "onnxruntime's CPU provider cannot run (no bfloat16 Gemm/MatMul): upload "
+            "module.float() with float32 example inputs, and ask for quantization='fp16' to "
+            "halve the file"
+        )
     return np.asarray(tensor.detach().cpu().numpy())
 
 
