@@ -1190,3 +1190,31 @@ def test_an_export_must_answer_like_pytorch_at_batch_1(tmp_path: Path) -> None:
     assert seen == [[(8, 8)], [(1, 8)]]
     with pytest.raises(ConversionFailed, match="disagrees with the PyTorch model at batch 1"):
         dims.verify_batch(inputs, graph_plus_one, 8, None, rtol=1e-3, atol=1e-4, reference=module)
+
+
+def test_a_graph_that_leaves_its_first_row_alone_still_mixes_rows() -> None:
+    """Only the first sample was run alone: a cumulative sum over the batch (row 0 is its own
+    sum) was found to keep its rows apart, and its dynamic int8 variant was published with
+    max_batch_size 32, answering concurrent single-row requests with other callers' sums."""
+    from ferry.server.convert.spec import InputSpec
+    from ferry.server.convert.worker import dims
+    from ferry.server.errors import ConversionFailed
+
+    inputs = [InputSpec("x", "FP32", [-1, 4])]
+    samples = {"x": np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)}
+
+    def cumsum(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [np.cumsum(feed["x"], axis=0)]
+
+    notes = dims.verify_batch(inputs, cumsum, 32, None, rtol=1e-3, atol=1e-4, samples=samples)
+    assert len(notes) == 1 and notes[0].startswith(dims.ROWS_DEPEND), notes
+    assert "published with batching.max_batch_size 0" in notes[0]
+    with pytest.raises(ConversionFailed, match="merges requests"):
+        dims.verify_batch(
+            inputs, cumsum, 32, None, rtol=1e-3, atol=1e-4, samples=samples, merges=True
+        )
+
+    def rows(feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return [feed["x"] * 2.0]
+
+    assert dims.verify_batch(inputs, rows, 32, None, rtol=1e-3, atol=1e-4, samples=samples) == []
