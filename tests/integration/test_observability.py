@@ -254,6 +254,44 @@ def test_a_cancelled_call_is_not_counted_as_a_server_error(server: ServerThread)
     assert _sample(text, "ferry_requests_total", code="OK", model="mlp") == 1
 
 
+def test_calls_ended_by_their_deadline_while_queued_are_counted_as_such(
+    server: ServerThread,
+) -> None:
+    """grpc cancels a call at its deadline, often before the queue's own timer fires: such
+    calls failed with DEADLINE_EXCEEDED and were never run, and every one of them is counted so
+    (fail, expired and ferry_requests_total), not only those the queue's timer reached first."""
+    from helpers import ExecutionGate
+
+    from ferry.codec import encode_tensor
+    from ferry.proto.v1 import inference_pb2 as pb
+    from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
+
+    assert server.app is not None
+    app = server.app
+    request = pb.InferRequest(model="mlp", inputs=[encode_tensor("input", X["input"])])
+    late = 20
+    with ExecutionGate(server, "mlp") as gate, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        first = stub.Infer.future(request, timeout=30)
+        gate.wait_entered()  # the only instance is busy: the others queue until their deadline
+        calls = [stub.Infer.future(request, timeout=0.2 + 0.01 * i) for i in range(late)]
+        for call in calls:
+            assert call.exception(30) is not None
+            assert call.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(
+            lambda: app.dataplane.statistics("mlp", 1)[0].fail.count == late,
+            "every call that ended by its deadline to be counted",
+        )
+        gate.release()
+        first.result(30)
+    statistics = app.dataplane.statistics("mlp", 1)[0]
+    assert (statistics.fail.count, statistics.expired) == (late, late)
+    assert (statistics.success.count, gate.calls) == (1, 1)  # none of them ran
+    text = scrape(app.metrics_port)
+    assert _sample(text, "ferry_requests_total", code="DEADLINE_EXCEEDED", model="mlp") == late
+    assert _sample(text, "ferry_expired_total", model="mlp") == late
+
+
 def test_the_metrics_text_parses_as_prometheus_and_is_consistent(
     server: ServerThread, client: InferenceClient
 ) -> None:

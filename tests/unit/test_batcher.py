@@ -585,6 +585,36 @@ def test_cancelled_while_queued_is_removed_and_never_run() -> None:
     arun(main)
 
 
+def test_cancelled_at_its_deadline_while_queued_counts_as_expired() -> None:
+    """grpc cancels a call at its deadline, often before the queue's timer fires: that item
+    expired (it was never run, its caller got DEADLINE_EXCEEDED), unlike one whose caller went
+    away earlier."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=8, clock=clock)
+        running = spawn(b, "a")
+        await until(lambda: b.in_flight == 1)
+        early = spawn(b, "b", deadline=10.0)
+        late = spawn(b, "c", deadline=10.0)
+        await until(lambda: b.queue_depth == 2)
+        early.cancel()  # its caller went away at 0, long before its deadline
+        with pytest.raises(asyncio.CancelledError):
+            await early
+        clock.now = 10.0  # the deadline: the loop's own timer has not fired yet
+        late.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await late
+        assert (b.expired, b.queue_depth) == (1, 0)
+        h.gate.set()
+        await running
+        await b.close()
+        assert h.batches == [["a"]]
+
+    arun(main)
+
+
 def test_cancelled_while_executing_batch_completes_for_others() -> None:
     async def main() -> None:
         h = Handler(gated=True)

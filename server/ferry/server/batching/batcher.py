@@ -49,13 +49,17 @@ from ferry.server.errors import (
     Unavailable,
 )
 
-__all__ = ["BatchInfo", "DynamicBatcher", "Failed"]
+__all__ = ["DEADLINE_SLACK", "BatchInfo", "DynamicBatcher", "Failed"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 # Seconds a batch waiting for company is sent ahead of the last moment its earliest deadline
 # allows (the timer and the loop are not punctual).
 _START_MARGIN = 0.002
+# A caller that goes away this close to (or after) its deadline was ended by the deadline, not by
+# its client: grpc cancels a call at its deadline, often before the queue's own timer fires, and
+# grpc's clock and this one may differ by a little.
+DEADLINE_SLACK = 0.005
 
 # An entry's life: queued, then either dispatched to a handler or gone (cancelled, expired, or
 # failed at close). Entries leave their deque lazily, so the state is what says whether they count.
@@ -306,6 +310,8 @@ class DynamicBatcher(Generic[T, R]):
             # The caller went away: a queued item must not cost a model execution.
             if entry.state == _QUEUED:
                 self._unlink(entry, _GONE)
+                if deadline is not None and self._clock() >= deadline - DEADLINE_SLACK:
+                    self.expired += 1  # its deadline ended it while queued: it expired
                 self._tidy()
                 self._pump()
             raise

@@ -15,6 +15,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from ferry.server.batching.batcher import DEADLINE_SLACK
 from ferry.server.core import inputs, shadow, shadow_sum
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.loaded import LoadedVersion
@@ -115,15 +116,17 @@ class DataPlane:
             deadline = _deadline(lv, decoded, deadline, self.default_timeout)
             priority = decoded.priority or lv.config.batching.default_priority
             outputs = await lv.batcher.submit(work, deadline=deadline, priority=priority)
-        except Exception as exc:  # a cancelled call is nobody's outcome: not observed
-            elapsed = time.perf_counter() - start
-            if lv is not None and isinstance(exc, FerryError):
-                lv.stats.record_failure(int(elapsed * 1e9))
-                if decoded.version is None:
-                    self._after(self._check_split_errors, lv, True)
-            model = lv.name if lv is not None else request.model
-            version = lv.version if lv is not None else _label(request)
-            self._observe(model, version, exc, elapsed)
+        except asyncio.CancelledError:
+            # A call the client cancelled is nobody's outcome: not observed. One cancelled by
+            # its deadline (grpc ends the call then, often before the queue's own timer fires)
+            # failed with DEADLINE_EXCEEDED, and is counted so: most such calls were counted
+            # nowhere, neither in ModelStatistics' fail nor in ferry_requests_total.
+            if lv is not None and _ended_by_deadline(deadline):
+                timed_out = DeadlineExceeded(f"the deadline of a request to {lv.name!r} passed")
+                self._failed(request, lv, decoded.version is None, timed_out, start)
+            raise
+        except Exception as exc:
+            self._failed(request, lv, lv is not None and decoded.version is None, exc, start)
             raise
         elapsed = time.perf_counter() - start
         lv.stats.record_success(int(elapsed * 1e9))
@@ -133,6 +136,24 @@ class DataPlane:
         if decoded.outputs:
             outputs = {name: outputs[name] for name in decoded.outputs}
         return InferenceResult(decoded.model, lv.version, decoded.id, outputs)
+
+    def _failed(
+        self,
+        request: InferenceRequest | WireRequest,
+        lv: LoadedVersion | None,
+        routed: bool,
+        exc: Exception,
+        start: float,
+    ) -> None:
+        """Count and observe a request that failed (``routed``: the rollout chose its version)."""
+        elapsed = time.perf_counter() - start
+        if lv is not None and isinstance(exc, FerryError):
+            lv.stats.record_failure(int(elapsed * 1e9))
+            if routed:
+                self._after(self._check_split_errors, lv, True)
+        model = lv.name if lv is not None else request.model
+        version = lv.version if lv is not None else _label(request)
+        self._observe(model, version, exc, elapsed)
 
     def stream(
         self,
@@ -620,6 +641,13 @@ def _deadline(
             f"the request's deadline passed before it reached model {request.model!r}"
         )
     return deadline
+
+
+def _ended_by_deadline(deadline: float | None) -> bool:
+    """Whether a call cancelled now was ended by its deadline (absolute, ``time.monotonic()``)
+    rather than by its client: grpc's timer and this clock may differ by a little, hence the
+    slack."""
+    return deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK
 
 
 def _label(request: InferenceRequest | WireRequest) -> int:
