@@ -438,6 +438,27 @@ def test_priority_then_fifo(max_batch_size: int, expected: list[list[str]]) -> N
     arun(main)
 
 
+def test_a_shadow_run_queues_after_every_priority_a_client_can_send() -> None:
+    """Shadow work is queued at the lowest priority: a client's priority, which the wire
+    carries as uint32 (ferry.v1) or uint64 (the Open Inference Protocol), never sorts after it."""
+    from ferry.server.core.shadow import SHADOW_PRIORITY
+
+    async def main() -> None:
+        h = Handler(gated=True)
+        b = DynamicBatcher(h, max_batch_size=1)
+        hold = spawn(b, "hold")
+        await until(lambda: b.in_flight == 1)
+        order = [("shadow", SHADOW_PRIORITY), ("v1", 2**32 - 1), ("oip", 2**64 - 1)]
+        tasks = [spawn(b, name, priority=prio) for name, prio in order]
+        await until(lambda: b.queue_depth == 3)
+        h.gate.set()
+        await asyncio.gather(hold, *tasks)
+        assert h.batches == [["hold"], ["v1"], ["oip"], ["shadow"]]
+        await b.close()
+
+    arun(main)
+
+
 def test_batch_key_keeps_incompatible_items_apart() -> None:
     async def main() -> None:
         h = Handler(gated=True)

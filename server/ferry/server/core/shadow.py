@@ -24,7 +24,8 @@ from ferry.server.accuracy import SPREAD, max_rel_error
 
 log = logging.getLogger(__name__)
 
-SHADOW_PRIORITY = 2**31  # after every request of a caller (priorities: lower first)
+# After every request of a caller (lower first): above any priority the wire carries (OIP uint64).
+SHADOW_PRIORITY = 2**64
 MAX_IN_FLIGHT = 8
 SHADOW_TIMEOUT = 5.0  # seconds a shadow may wait in the candidate's queue
 SQUARES = 4  # per output: sum of squared differences, of squared served values, sum, count
