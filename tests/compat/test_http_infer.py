@@ -9,18 +9,20 @@ import logging
 import socket
 import struct
 import zlib
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import tritonclient.grpc as tg
 import tritonclient.http as th
-from helpers import until_closed, wait_for
+from helpers import ExecutionGate, StartServer, make_repo, until_closed, wait_for, write_config
 from kserve_common import DATATYPES, http_call, identity_name
 from serverutil import ServerThread
 from test_kserve_infer import SAMPLES
 from tritonclient.utils import InferenceServerException
 
+from ferry.server.examples import mlp_model
 from ferry.server.http.encodings import ENCODINGS, brotli
 
 JSON_INPUT_TYPES = [d for d in DATATYPES if d != "BF16"]  # BF16 has no JSON form
@@ -624,3 +626,39 @@ def test_a_client_gone_mid_body_leaves_no_error_in_the_log(
         "the server to see the client go",
     )
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_a_request_whose_client_went_away_is_never_run(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A client that closes its connection while its inference is queued (a timeout, then a
+    retry) leaves nothing behind: the request leaves the queue and never runs, as a cancelled
+    gRPC call does. aiohttp kept such handlers running, so every abandoned request was run."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    write_config(root, "mlp", {"batching": {"max_batch_size": 0}, "instances": {"count": 1}})
+    srv = start_server(root, default_request_timeout=0)  # no deadline would drop them either
+    assert srv.app is not None
+    batcher = srv.app.registry.get("mlp", 1).batcher
+    body = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]}
+    ).encode()
+    head = (
+        "POST /v2/models/mlp/infer HTTP/1.1\r\nHost: ferry\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with ExecutionGate(srv, "mlp") as gate:
+        held = socket.create_connection(("127.0.0.1", srv.app.http_port), timeout=30)
+        held.sendall(head + body)
+        gate.wait_entered()  # the only instance is busy: the next requests queue
+        gone = [socket.create_connection(("127.0.0.1", srv.app.http_port)) for _ in range(3)]
+        for sock in gone:
+            sock.sendall(head + body)
+        wait_for(lambda: batcher.queue_depth == 3, "three requests queued")
+        for sock in gone:
+            sock.close()
+        wait_for(lambda: batcher.queue_depth == 0, "the abandoned requests to leave the queue")
+        gate.release()
+        assert held.recv(12) == b"HTTP/1.1 200"
+        held.close()
+    statistics = srv.app.dataplane.statistics("mlp", 1)[0]
+    assert (gate.calls, statistics.execution_count, statistics.success.count) == (1, 1, 1)

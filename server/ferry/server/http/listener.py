@@ -23,7 +23,8 @@ import asyncio
 import logging
 import socket
 import ssl
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -36,6 +37,8 @@ from ferry.server.http.encodings import ENCODINGS, BodyError, decoder
 from ferry.server.http.errors import ERROR_HEADER, HttpError, error_body, error_of
 from ferry.server.http.oip import HEADER_LENGTH, JSON, OipRoutes, is_health
 from ferry.server.security import ListenerTLS
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +96,29 @@ class _ServerLog(logging.LoggerAdapter):
         self.error(msg, *args, **kwargs)
 
 
+async def _abandonable(answer: Awaitable[T], connection: object) -> T:
+    """An inference that ends when its client goes away: a request queued for a model is not
+    run, nor does it hold its place, once nobody can read its answer (as a cancelled gRPC call).
+    aiohttp leaves a handler running after its connection is lost, so a client that gave up
+    (a timeout, then a retry) had every abandoned request run all the same. Only inference:
+    a repository load the client stopped waiting for still completes."""
+    if not isinstance(connection, _Connection):
+        return await answer
+    task = asyncio.ensure_future(answer)
+    connection.inference = task
+    try:
+        return await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise  # this handler itself is cancelled (the server is stopping)
+        raise ConnectionResetError(
+            "Connection lost: the client went away before its inference was answered"
+        ) from None
+    finally:
+        connection.inference = None
+
+
 def _one_line(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}".replace("\n", " ")
     return text[:300]
@@ -111,12 +137,15 @@ class _Connection(RequestHandler):
     for a request; ``_request_count``: messages parsed; ``_keepalive_handle``); the head tests
     in tests/compat/test_http_bounds.py fail if an aiohttp release changes it."""
 
-    __slots__ = ("_head_bytes", "_head_timer")
+    __slots__ = ("_head_bytes", "_head_timer", "inference")
 
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **kw: Any) -> None:
         super().__init__(manager, loop=loop, **kw)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
+        # The inference this connection's request is waiting for (``abandonable``), cancelled
+        # when the connection is lost.
+        self.inference: asyncio.Future[Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -124,6 +153,8 @@ class _Connection(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_head()
+        if self.inference is not None:
+            self.inference.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -259,9 +290,13 @@ class HttpListener:
         try:
             if self._check_token and not (self._open_health and is_health(path)):
                 self._authorize(request.headers.get("Authorization"))
-            status, body, headers = await self._routes.handle(
+            answer = self._routes.handle(
                 request.method, path, request.headers, lambda: self._read(request)
             )
+            if request.method == "POST" and path.endswith("/infer"):
+                status, body, headers = await _abandonable(answer, request.protocol)
+            else:
+                status, body, headers = await answer
         except ConnectionError:
             raise
         except Exception as exc:
