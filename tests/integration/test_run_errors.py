@@ -86,6 +86,12 @@ def test_a_bad_request_fails_alone_in_its_batch(served) -> None:  # type: ignore
                 np.testing.assert_array_equal(future.result(60)["rows"], TABLE[x])
     # The eight ran as one batch, which failed, then one by one: 1 + 1 + 8 runs.
     assert gate.calls == 10
+    # Statistics count what succeeded, as Triton's do: the held run and the four good ones
+    # alone are five executions of one row each; the failed batch of eight is no execution,
+    # and its four bad rows no inferences (it was counted as one execution of eight).
+    s = stats(client, "table")
+    assert (s.execution_count, s.inference_count, s.batch_sizes) == (5, 5, {1: 5})
+    assert (s.success.count, s.fail.count, s.compute_infer.count) == (5, 4, 5)
 
 
 def reshape_model() -> onnx.ModelProto:

@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 # Batches predicted to run faster than this execute inline on the event loop.
 INLINE_NS = 150_000
 
+# One execution that succeeded: (batch size, requests it served, input, infer, output ns).
+Execution = tuple[int, int, int, int, int]
+# A batch's outcome: each request's result, the executions that succeeded, and the ns it took.
+Ran = tuple[list["dict[str, np.ndarray] | Failed"], list[Execution], int]
+
 
 @dataclass(slots=True)
 class Work:
@@ -97,7 +102,7 @@ class LoadedVersion:
         if not (self._inline and self._ns_per_item * info.size < INLINE_NS):
             return None
         self.stats.record_queue(info.queue_ns)
-        return self._finish(info, len(items), self._run_batch(items))
+        return self._finish(info, self._run_batch(items))
 
     async def _execute(
         self, items: Sequence[Work], info: BatchInfo
@@ -110,26 +115,21 @@ class LoadedVersion:
         self.stats.record_queue(info.queue_ns)
         loop = asyncio.get_running_loop()
         timed = await loop.run_in_executor(self._executor, self._run_batch, items)
-        return self._finish(info, len(items), timed)
+        return self._finish(info, timed)
 
-    def _finish(
-        self,
-        info: BatchInfo,
-        count: int,
-        timed: tuple[list[dict[str, np.ndarray] | Failed], int, int, int],
-    ) -> list[dict[str, np.ndarray] | Failed]:
-        results, t_in, t_infer, t_out = timed
-        total = t_in + t_infer + t_out
+    def _finish(self, info: BatchInfo, timed: Ran) -> list[dict[str, np.ndarray] | Failed]:
+        results, runs, elapsed_ns = timed
         # Exponentially weighted per-item cost: follows the model's speed without being
         # thrown by one slow batch.
-        self._ns_per_item = 0.8 * self._ns_per_item + 0.2 * (total / max(info.size, 1))
-        self.stats.record_execution(info.size, count, t_in, t_infer, t_out)
+        self._ns_per_item = 0.8 * self._ns_per_item + 0.2 * (elapsed_ns / max(info.size, 1))
+        for size, requests, t_in, t_infer, t_out in runs:
+            self.stats.record_execution(size, requests, t_in, t_infer, t_out)
         return results
 
-    def _run_batch(
-        self, items: Sequence[Work]
-    ) -> tuple[list[dict[str, np.ndarray] | Failed], int, int, int]:
-        """Worker thread: gather -> run -> check -> split, timing each stage."""
+    def _run_batch(self, items: Sequence[Work]) -> Ran:
+        """Worker thread: gather -> run -> check -> split, timing each stage. Returns the
+        results, the executions that succeeded (what statistics count: Triton counts only
+        successful executions and the inferences they served) and the ns it all took."""
         t0 = time.perf_counter_ns()
         wanted = _union_outputs(items, self.output_names)
         # The session gathers the requests' inputs itself: a planned one straight into its
@@ -145,14 +145,24 @@ class LoadedVersion:
                 raise
             # One request's values can fail the whole run (a token id past an embedding's
             # table): each request runs again alone and gets its own answer or error, so one
-            # client's bad input is not every batched client's failure.
-            apart = [self._run_alone(w) for w in items]
-            t2 = time.perf_counter_ns()
-            return apart, t1 - t0, t2 - t1, 0
+            # client's bad input is not every batched client's failure. Each run alone that
+            # succeeds is an execution of its own; the failed batch is none (it was counted as
+            # one execution of the whole batch, its failed rows as inferences).
+            apart: list[dict[str, np.ndarray] | Failed] = []
+            runs: list[Execution] = []
+            for w in items:
+                try:
+                    alone, ran, _ = self._run_batch((w,))
+                except Exception as exc:
+                    apart.append(Failed(exc))
+                    continue
+                apart.extend(alone)
+                runs.extend(ran)
+            return apart, runs, time.perf_counter_ns() - t0
         t2 = time.perf_counter_ns()
         sizes = [w.batch for w in items]
+        total = sum(sizes)
         if self.max_batch_size > 0:
-            total = sum(sizes)
             for out_name, out in zip(wanted, outputs, strict=True):
                 if out.ndim == 0 or out.shape[0] != total:
                     raise InternalError(
@@ -162,14 +172,7 @@ class LoadedVersion:
                     )
         per_request = cast("list[dict[str, np.ndarray] | Failed]", split(outputs, wanted, sizes))
         t3 = time.perf_counter_ns()
-        return per_request, t1 - t0, t2 - t1, t3 - t2
-
-    def _run_alone(self, work: Work) -> dict[str, np.ndarray] | Failed:
-        try:
-            results, _, _, _ = self._run_batch((work,))
-        except Exception as exc:
-            return Failed(exc)
-        return results[0]
+        return per_request, [(total, len(items), t1 - t0, t2 - t1, t3 - t2)], t3 - t0
 
     def statistics(self) -> VersionStatistics:
         snapshot = self.stats.snapshot(
