@@ -66,6 +66,17 @@ def test_a_value_the_model_refuses_is_invalid_argument_on_every_protocol(served)
     np.testing.assert_array_equal(good, TABLE[[[1, 99, 2]]])
 
 
+def test_a_refused_run_writes_nothing_past_the_servers_log(served, capfd) -> None:  # type: ignore[no-untyped-def]
+    """onnxruntime printed each refused run to stderr as an ERROR line (past logging and
+    --log-format json): one per bad request, which any client can send in a loop."""
+    _, client = served
+    capfd.readouterr()
+    for _ in range(3):
+        with pytest.raises(InvalidInputError):
+            client.infer("table", {"ids": np.array([[1, 500, 2]], np.int64)})
+    assert "Non-zero status code" not in capfd.readouterr().err
+
+
 def test_a_bad_request_fails_alone_in_its_batch(served) -> None:  # type: ignore[no-untyped-def]
     srv, client = served
     ids = [np.array([[i, i + 1, 500 if i % 2 else 3]], np.int64) for i in range(8)]

@@ -291,6 +291,10 @@ def _build(build: Callable[[], T], own: int | None) -> T:
     return priority.with_own_threads(build, own)
 
 
+# onnxruntime's FATAL: a run's errors reach the caller as exceptions, not as log lines.
+RUN_LOG_SEVERITY = 4
+
+
 def _released(*_args: Any) -> Any:
     raise Unavailable("this model version was unloaded")
 
@@ -366,6 +370,12 @@ class OrtSession:
         self.output_names = [o.name for o in self.outputs]
         self.rows_apart = True  # False once runtime.rows saw requests' rows mix
         self._run = self.session.run
+        # A run onnxruntime refuses (a token id past an embedding's table) is the request's
+        # INVALID_ARGUMENT with onnxruntime's words; onnxruntime also printed it to stderr as an
+        # ERROR line, past the server's logging and --log-format json, once per such request
+        # (and once more per request of a batch it failed), so any client could fill the log.
+        self.run_options = ort.RunOptions()
+        self.run_options.log_severity_level = RUN_LOG_SEVERITY
 
     def release(self) -> None:
         """Drop the onnxruntime session now (an unloaded version must not hold its memory until
@@ -402,7 +412,7 @@ class OrtSession:
                 for name, arr in feeds.items()
             }
         try:
-            outputs: list[np.ndarray] = self._run(names, feeds)
+            outputs: list[np.ndarray] = self._run(names, feeds, self.run_options)
         except REFUSED_INPUT as exc:
             raise refused_input(exc) from None
         return self.narrow(names, outputs)

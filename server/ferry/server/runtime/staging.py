@@ -177,7 +177,7 @@ class Stager:
             for name in output_names:
                 binding.bind_output(name, self._device, self._device_id)
             try:
-                inner.run_with_iobinding(binding)
+                inner.run_with_iobinding(binding, self._session.run_options)
             except REFUSED_INPUT as exc:
                 raise refused_input(exc) from None
             if self._device == "cpu":
