@@ -315,6 +315,42 @@ def test_a_partial_batch_goes_when_a_deadline_would_otherwise_pass() -> None:
     arun(main)
 
 
+def test_a_batch_waiting_for_company_holds_up_no_other_key() -> None:
+    """Requests of another size on a dynamic axis (another key) waited behind a partial batch
+    of the head's key for its whole queue delay, a full batch included, with instances idle;
+    one with a deadline shorter than that delay expired unrun. Each key is judged apart."""
+
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        h = Handler()
+        key: Callable[[tuple[str, str]], Hashable] = lambda item: item[1]  # noqa: E731
+        b = DynamicBatcher(
+            h,
+            max_batch_size=2,
+            max_queue_delay=100.0,
+            max_concurrency=2,
+            batch_key=key,
+            clock=clock,
+        )
+        waits = spawn(b, ("a1", "a"))  # partial: waits for company up to 100 s
+        await until(lambda: b.queue_depth == 1)
+        full = [spawn(b, ("b1", "b")), spawn(b, ("b2", "b"))]
+        await until(lambda: len(h.batches) == 1)  # at once, at time 0
+        assert await asyncio.gather(*full) == [("ok", ("b1", "b")), ("ok", ("b2", "b"))]
+        assert h.batches == [[("b1", "b"), ("b2", "b")]]
+        late = spawn(b, ("c1", "c"), deadline=10.0)
+        await until(lambda: b.queue_depth == 2)
+        clock.now = 9.999  # past the last start c1's deadline allows; a1 may wait on
+        b._pump()
+        await until(lambda: len(h.batches) == 2)
+        assert await late == ("ok", ("c1", "c"))
+        assert h.batches[1:] == [[("c1", "c")]] and b.queue_depth == 1
+        await b.close()
+        assert await waits == ("ok", ("a1", "a"))
+
+    arun(main)
+
+
 def test_delay_follows_oldest_across_priorities_and_cancellation() -> None:
     async def main() -> None:
         clock = FakeClock(0.0)

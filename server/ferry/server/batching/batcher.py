@@ -26,7 +26,8 @@ run without padding, runtime.plans), a partial batch whose queued units reach on
 dispatched at once instead of waiting out ``max_queue_delay`` for a full one; one between two sizes
 waits for company (never past the delay). Every batch takes everything compatible that is waiting
 (up to ``max_batch_size``), so the padding up to the next planned size is filled with real requests
-wherever there are any.
+wherever there are any. Keys (what may share a batch) are judged apart: a partial batch waiting for
+company holds up no batch of another key.
 """
 
 from __future__ import annotations
@@ -357,43 +358,57 @@ class DynamicBatcher(Generic[T, R]):
     # --- scheduling -------------------------------------------------------------------------
 
     def _pump(self, force: bool = False) -> None:
-        """Dispatch batches while a slot is free and the head's batch is ready. Called on every
+        """Dispatch batches while a slot is free and some batch is ready. Called on every
         state change; ``force`` is the flush timer's verdict, trusted over the injected clock."""
         while self._depth and self._in_flight < self._max_concurrency:
             now = self._clock()
-            if not force:
-                target = self._flush_target(now)
-                if target is not None:
-                    self._arm_flush(target, now)
-                    return
+            key, target = self._next_key(now, force)
+            if target is not None:
+                self._arm_flush(target, now)
+                return
             force = False
-            batch, units = self._take_batch(now)
+            batch, units = self._take_batch(now, key)
             if batch:
                 self._launch(batch, units, now)
         # Nothing queued, or every slot busy: a slot freeing re-evaluates, so no timer is needed.
         self._cancel_flush()
 
-    def _flush_target(self, now: float) -> float | None:
-        """When the head's batch should be dispatched if it stays partial, or None for now."""
+    def _next_key(self, now: float, force: bool) -> tuple[Hashable, float | None]:
+        """(the key whose batch goes now, None), or (None, when the first batch must go) while
+        every queued batch waits for company. Keys are judged apart, in dispatch order: a
+        partial batch waiting for company held up the batches of other keys (requests with
+        other sizes on a dynamic axis) behind it, full ones included, and let theirs expire
+        unrun while instances sat idle."""
         if self._max_batch_size == 0 or self._max_queue_delay <= 0 or self._closed:
-            return None
-        head = self._queues[self._prios[0]][0]
-        units = self._units[head.key]
-        if units >= self._max_batch_size or units in self._preferred:
-            return None
-        if len(self._prios) == 1:
-            oldest = head.enqueued
-        else:
-            oldest = min(self._queues[p][0].enqueued for p in self._prios)
-        target = oldest + self._max_queue_delay
-        # Company is not worth a caller's deadline: the batch goes, partial, when one of its
-        # requests must start to finish in time. A lone request under a delay near its timeout
-        # (the server's default one included) expired waiting for company, never run.
-        run = self.service_time.predict(units) + _START_MARGIN
+            return self._queues[self._prios[0]][0].key, None
+        # Per key, in dispatch order: its oldest arrival and earliest deadline.
+        keys: dict[Hashable, list[float]] = {}
         for entry in self._queued():
-            if entry.key == head.key and entry.deadline is not None:
-                target = min(target, entry.deadline - run)
-        return target if now < target else None
+            seen = keys.get(entry.key)
+            deadline = math.inf if entry.deadline is None else entry.deadline
+            if seen is None:
+                keys[entry.key] = [entry.enqueued, deadline]
+            else:
+                seen[0] = min(seen[0], entry.enqueued)
+                seen[1] = min(seen[1], deadline)
+        first: Hashable = None
+        first_at = math.inf
+        for key, (oldest, deadline) in keys.items():
+            units = self._units[key]
+            if units >= self._max_batch_size or units in self._preferred:
+                return key, None
+            # Company is not worth a caller's deadline: the batch goes, partial, when one of
+            # its requests must start to finish in time. A lone request under a delay near its
+            # timeout (the server's default one included) expired waiting for company, never run.
+            run = self.service_time.predict(units) + _START_MARGIN
+            target = min(oldest + self._max_queue_delay, deadline - run)
+            if now >= target:
+                return key, None
+            if target < first_at:
+                first, first_at = key, target
+        if force:
+            return first, None
+        return None, first_at
 
     def _arm_flush(self, target: float, now: float) -> None:
         if self._flush_timer is not None:
@@ -420,25 +435,22 @@ class DynamicBatcher(Generic[T, R]):
                 if entry.state == _QUEUED:
                     yield entry
 
-    def _take_batch(self, now: float) -> tuple[list[_Entry[T, R]], int]:
-        """Remove and return the next batch: the head plus later items with its key that fit.
-        Stops at the first compatible item that does not fit, so compatible items keep FIFO."""
+    def _take_batch(self, now: float, key: Hashable) -> tuple[list[_Entry[T, R]], int]:
+        """Remove and return the next batch of ``key``: its first item plus later items with
+        that key that fit. Stops at the first one that does not fit, so they keep FIFO."""
         limit = self._max_batch_size
         batch: list[_Entry[T, R]] = []
         stale: list[_Entry[T, R]] = []
         units = 0
-        key: Hashable = None
         # Work that would finish after its deadline is not run: its caller has stopped waiting.
         est = self.service_time
         for entry in self._queued():
             if entry.deadline is not None and entry.deadline <= now + est.predict(entry.size):
                 stale.append(entry)
                 continue
-            if not batch:
-                key = entry.key
-            elif entry.key != key:
+            if entry.key != key:
                 continue
-            elif units + entry.size > limit:
+            if batch and units + entry.size > limit:
                 break
             batch.append(entry)
             units += entry.size
