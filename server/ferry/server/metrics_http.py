@@ -6,6 +6,12 @@ serves: ``/metrics``, ``/v2/health/live`` (the process is up) and ``/v2/health/r
 is ready: the models it must serve are ready), the Open Inference Protocol's health paths, so a
 probe works whether it targets this port or the protocol's HTTP port. It runs on its own thread;
 readiness is a flag the server sets on its event loop at every change, never computed here.
+
+The port is open to anyone who can reach it (0.0.0.0 by default, no token), and each connection
+has a thread. So a connection that sends nothing for IDLE_TIMEOUT seconds is closed, and at most
+MAX_CONNECTIONS are served at once: one more is closed as soon as it is accepted. Without these a
+client that opened connections and sent nothing held a thread each, for ever: thousands of them
+exhausted the threads and memory of the whole serving process, not only this port's.
 """
 
 from __future__ import annotations
@@ -24,6 +30,12 @@ log = logging.getLogger(__name__)
 LIVE = "/v2/health/live"
 READY = "/v2/health/ready"
 ALLOW = "GET, HEAD, OPTIONS"
+# Seconds a connection may go without a byte arriving (an idle keep-alive one included). A
+# scrape's request is a few hundred bytes sent at once; Prometheus opens a new connection when
+# the server has closed its idle one.
+IDLE_TIMEOUT = 10.0
+# Connections served at once; a scraper and a few probes need a handful.
+MAX_CONNECTIONS = 64
 
 
 class ReadyFlag:
@@ -38,6 +50,10 @@ class _Handler(BaseHTTPRequestHandler):
     content_type: str
     flag: ReadyFlag
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.connection.settimeout(IDLE_TIMEOUT)  # a read past it ends the connection
 
     def do_GET(self) -> None:
         self._answer(body=True)
@@ -93,12 +109,36 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """A thread per connection, up to MAX_CONNECTIONS; one more is closed at once (its
+        client sees the connection end and retries), so no client can add threads without
+        bound."""
+        if not self._slots.acquire(blocking=False):
+            log.debug("metrics connection from %s closed: %d open", client_address, MAX_CONNECTIONS)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
     def handle_error(self, request: Any, client_address: Any) -> None:
         """socketserver printed a traceback to stderr (past logging, and past --log-format
         json) for every scraper that hung up before its answer was written: a client gone is
         logged at DEBUG; anything else stays an error, through logging."""
         exc = sys.exc_info()[1]
-        if isinstance(exc, ConnectionError):
+        if isinstance(exc, ConnectionError | TimeoutError):  # gone, or stopped reading
             log.debug("metrics client %s went away: %s", client_address, exc)
         else:
             log.error("metrics request from %s failed", client_address, exc_info=exc)
