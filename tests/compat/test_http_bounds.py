@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-from helpers import make_repo, until_closed
+from helpers import make_repo, until_closed, wait_for
 from kserve_common import http_call, identity_name
 from serverutil import ServerThread
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -132,6 +132,52 @@ def test_a_body_that_stops_arriving_is_refused_and_its_connection_closed(
         request = {"inputs": [INPUT]}
         status, _, reply = http_call(
             srv.http_target, "POST", f"/v2/models/{MODEL}/infer", json.dumps(request).encode()
+        )
+        assert status == 200, reply
+
+
+def test_an_answer_the_client_does_not_read_is_dropped_with_its_connection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A client that asked for a large answer and never read it held the answer in the server's
+    # memory for as long as it kept the connection: 20 such connections, 330 MB. The bound is
+    # shortened so the test waits on it; nothing here measures time.
+    monkeypatch.setattr(listener, "SEND_IDLE", 0.2)
+    n = 1 << 20  # a 4 MiB answer, far past any socket buffer
+    header = json.dumps(
+        {
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, n],
+                        "parameters": {"binary_data_size": 4 * n}}],
+            "outputs": [{"name": "output", "parameters": {"binary_data": True}}],
+        }
+    ).encode()  # fmt: skip
+    body = header + bytes(4 * n)
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    with ServerThread(root) as srv:
+        assert srv.app is not None
+        http = srv.app._http[0]._server  # the inference listener's aiohttp server
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(30)
+        with sock:
+            sock.connect(("127.0.0.1", srv.app.http_port))
+            sock.sendall(request)
+            wait_for(lambda: not http.connections, "the server to drop the unread answer")
+            received = b""
+            with pytest.raises(ConnectionResetError):  # the rest was dropped, not sent
+                while chunk := sock.recv(1 << 16):
+                    received += chunk
+            assert len(received) < 4 * n
+        # Answers that are read are whole, as before.
+        status, _, reply = http_call(
+            srv.http_target,
+            "POST",
+            f"/v2/models/{MODEL}/infer",
+            json.dumps({"inputs": [INPUT]}).encode(),
         )
         assert status == 200, reply
 

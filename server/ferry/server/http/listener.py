@@ -14,15 +14,18 @@ is never held in memory. ``Expect: 100-continue`` is answered only once the size
 
 No connection is held by a client that stops sending: a request's line and headers must arrive
 within HEADER_TIMEOUT, its body must keep arriving (BODY_IDLE), and a connection idle between
-requests is closed after KEEPALIVE.
+requests is closed after KEEPALIVE. Nor by one that stops reading: an answer it takes no byte of
+for SEND_IDLE seconds is dropped with its connection.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import ssl
+import struct
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -69,6 +72,12 @@ KEEPALIVE = 75.0
 # set no bound. A head is a few hundred bytes a client writes at once: 30 s is past TCP's first
 # retransmissions (1 + 2 + 4 + 8 s), and the bound BODY_IDLE puts on a body's pauses.
 HEADER_TIMEOUT = 30.0
+# Seconds an answer may wait in the send buffer without the client taking a byte of it. The
+# whole answer is queued at once (an infer answer may be as large as max_message_bytes) and
+# nothing else bounds that wait: 20 connections that asked for 8 MB answers and never read held
+# 330 MB of the server's memory for as long as they stayed open. Progress, not speed, is judged
+# (a slow link reading a large answer keeps it), as BODY_IDLE judges a body's.
+SEND_IDLE = 30.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Body encodings decoded here (``encodings``). Any other would be read as if it were plain (a
 # body sent as "foo" parsed as JSON), so it is refused with what to send instead.
@@ -137,12 +146,14 @@ class _Connection(RequestHandler):
     for a request; ``_request_count``: messages parsed; ``_keepalive_handle``); the head tests
     in tests/compat/test_http_bounds.py fail if an aiohttp release changes it."""
 
-    __slots__ = ("_head_bytes", "_head_timer", "inference")
+    __slots__ = ("_head_bytes", "_head_timer", "_send_left", "_send_timer", "inference")
 
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **kw: Any) -> None:
         super().__init__(manager, loop=loop, **kw)
         self._head_timer: asyncio.TimerHandle | None = None
         self._head_bytes = 0
+        self._send_timer: asyncio.TimerHandle | None = None
+        self._send_left = 0  # bytes waiting to be sent when the send timer was armed
         # The inference this connection's request is waiting for (``abandonable``), cancelled
         # when the connection is lost.
         self.inference: asyncio.Future[Any] | None = None
@@ -153,9 +164,50 @@ class _Connection(RequestHandler):
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._disarm_head()
+        self._disarm_send()
         if self.inference is not None:
             self.inference.cancel()
         super().connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        """The send buffer is over its high-water mark: the client must take bytes of it."""
+        super().pause_writing()
+        self._arm_send()
+
+    def resume_writing(self) -> None:
+        self._disarm_send()
+        super().resume_writing()
+
+    def _arm_send(self) -> None:
+        self._disarm_send()
+        transport = self.transport
+        self._send_left = transport.get_write_buffer_size() if transport is not None else 0
+        self._send_timer = self._loop.call_later(SEND_IDLE, self._send_expired)
+
+    def _disarm_send(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_expired(self) -> None:
+        self._send_timer = None
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        left = transport.get_write_buffer_size()
+        if left < self._send_left:  # the client is reading, however slowly
+            self._arm_send()
+            return
+        log.debug(
+            "closed a connection that took no byte of its answer for %g seconds (%d bytes left)",
+            SEND_IDLE,
+            left,
+        )
+        sock = transport.get_extra_info("socket")
+        if sock is not None:  # a reset: the kernel would otherwise keep trying to send it too
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()  # what is buffered cannot be sent: drop it with the connection
 
     def data_received(self, data: bytes) -> None:
         if data and not (self._force_close or self._close):
