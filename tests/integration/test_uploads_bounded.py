@@ -230,6 +230,34 @@ def test_an_onnx_upload_over_the_check_memory_limit_is_resource_exhausted(
     assert list(uploads_dir(tmp_path).iterdir()) == []  # nothing kept, no temporary either
 
 
+def test_a_small_file_of_many_tiny_messages_is_checked_under_the_memory_limit(
+    start: Start, tmp_path: Path
+) -> None:
+    """Bytes do not bound what a check costs, messages do: 1 MiB of empty nodes parses and walks
+    to some 300 MiB. Checked in the serving process (no limit) it was accepted after a long
+    stall there; under --conversion-memory-bytes it is refused as that limit."""
+    floor = vm_size_after_imports(
+        "ferry.server.convert.upload_check", "ferry.server.convert.uploads", "onnx"
+    )
+    limit = floor + (32 << 20)
+    model = mlp_model(sizes=(8, 16, 4)).SerializeToString()
+    nodes = b"\x0a\x00" * 500_000  # GraphProto.node (field 1): an empty NodeProto, two bytes
+    size = len(nodes)
+    length = bytearray()
+    while True:  # the varint of the graph message's length
+        length.append((size & 0x7F) | (0x80 if size > 0x7F else 0))
+        size >>= 7
+        if not size:
+            break
+    bomb = model + b"\x3a" + bytes(length) + nodes  # ModelProto.graph (field 7): merged in
+    assert len(bomb) < 4 << 20
+    _, conv = start(conversion_memory_bytes=limit)
+    with pytest.raises(LimitExceededError) as info:
+        conv.upload("bomb", bomb, format="onnx")
+    assert "--conversion-memory-bytes" in info.value.message
+    assert list(uploads_dir(tmp_path).iterdir()) == []
+
+
 def test_a_conversion_killed_for_memory_is_resource_exhausted(start: Start) -> None:
     _, conv = start(conversion_memory_bytes=3 << 30)
     up = conv.upload("m", tiny(0), format="onnx", architecture_kwargs={"fake": "oomkill"})
