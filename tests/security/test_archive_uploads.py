@@ -69,6 +69,25 @@ def tar(*members: tuple[str, bytes | str | None], kind: bytes = tarfile.REGTYPE)
     return buffer.getvalue()
 
 
+def pax(records: dict[str, str]) -> bytes:
+    """One pax extended header (its header block and records), as a hostile writer lays it."""
+    body = b""
+    for key, value in records.items():
+        record = f" {key}={value}\n".encode()
+        size = len(record) + len(str(len(record) + len(str(len(record)))))
+        body += str(size).encode() + record
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(body)
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + body + b"\0" * (-len(body) % 512)
+
+
+def raw_member(name: str, data: bytes) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    block = info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
+    return block + b"\0" * 1024
+
+
 GOOD = (("model.onnx", model()), ("model.onnx.data", DATA.tobytes()))
 # name -> (archive, words the refusal must contain)
 HOSTILE: dict[str, tuple[bytes, list[str]]] = {
@@ -107,6 +126,17 @@ HOSTILE: dict[str, tuple[bytes, list[str]]] = {
     ),
     "not a model": (tar(("model.onnx", b"\xff" * 64)), ["does not parse"]),
     "compressed": (b"\x1f\x8b" + b"\0" * 600, ["uncompressed tar"]),
+    # tarfile reads each extended header one call deeper: RecursionError, which was INTERNAL.
+    "extended headers chained": (
+        pax({"path": "model.onnx"}) * 5000 + raw_member("model.onnx", model()),
+        ["corrupt", "chained"],
+    ),
+    # A GNU sparse 1.0 map that ends early: tarfile's ValueError, which was INTERNAL.
+    "malformed sparse map": (
+        pax({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "model.onnx"})
+        + raw_member("x", b"999999999\n1\n".ljust(512, b"\0")),
+        ["corrupt"],
+    ),
 }
 
 
@@ -159,7 +189,13 @@ def test_the_server_refuses_them_with_invalid_argument(
     assert srv.app is not None
     folder = srv.app.conversion.state_dir.resolve() / "uploads"
     before = sorted(p.name for p in folder.iterdir())
-    for name in ("dot-dot member", "symlink", "outside the folder", "offset beyond the end"):
+    for name in (
+        "dot-dot member",
+        "symlink",
+        "outside the folder",
+        "offset beyond the end",
+        "extended headers chained",
+    ):
         archive, words = HOSTILE[name]
         with pytest.raises(InvalidInputError) as info:
             conv.upload("thief", archive, format="onnx_archive")

@@ -53,16 +53,18 @@ def _extract(archive: Path, dest: Path, *, limit: int, max_files: int) -> dict[s
     total = members = 0
     try:
         tar = tarfile.open(archive, mode="r:")  # noqa: SIM115 - closed below
-    except (tarfile.TarError, OSError) as exc:
+    except tarfile.ReadError as exc:
         raise InvalidArgument(
             f"an onnx_archive upload must be an uncompressed tar ({exc}); make it with {HOW}"
         ) from None
+    except Exception as exc:  # open reads the first member's headers too
+        raise _corrupt(exc) from None
     with tar:
         while True:
             try:
                 member = tar.next()
-            except tarfile.TarError as exc:
-                raise InvalidArgument(f"corrupt or truncated tar archive: {exc}") from None
+            except Exception as exc:
+                raise _corrupt(exc) from None
             if member is None:
                 break
             members += 1
@@ -91,6 +93,19 @@ def _extract(archive: Path, dest: Path, *, limit: int, max_files: int) -> dict[s
             f"{HOW}"
         )
     return files
+
+
+def _corrupt(exc: Exception) -> Exception:
+    """What tarfile raised while reading headers the client wrote. Beyond its own TarError it
+    lets through what its parsing meets (a ValueError for a malformed GNU sparse map, a
+    RecursionError for a chain of thousands of extended headers, one call deeper each): all are
+    the archive's fault and answered INVALID_ARGUMENT. An OSError (the disk) stays what it is."""
+    if isinstance(exc, OSError):
+        return exc
+    why = str(exc).replace("\n", " ")[:200] or type(exc).__name__
+    if isinstance(exc, RecursionError):
+        why = "extended headers chained thousands deep"
+    return InvalidArgument(f"corrupt or truncated tar archive: {why}; make it with {HOW}")
 
 
 def _member_name(member: tarfile.TarInfo) -> str | None:
