@@ -258,6 +258,36 @@ def test_a_small_file_of_many_tiny_messages_is_checked_under_the_memory_limit(
     assert list(uploads_dir(tmp_path).iterdir()) == []
 
 
+def test_an_archive_is_read_under_the_memory_limit(start: Start, tmp_path: Path) -> None:
+    """tarfile reads each extended header whole (and parses it: three times its size): read in
+    the serving process, a 300 MB pax header cost it 900 MB. The archive is read by the check
+    process, under --conversion-memory-bytes, and such a header is refused as that limit."""
+    import io
+    import tarfile
+
+    floor = vm_size_after_imports(
+        "ferry.server.convert.upload_check", "ferry.server.convert.uploads", "onnx"
+    )
+    limit = floor + (32 << 20)
+    body = b" comment=" + b"a" * (64 << 20) + b"\n"
+    size = len(body) + len(str(len(body) + len(str(len(body)))))
+    record = str(size).encode() + body
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type, header.size = tarfile.XHDTYPE, len(record)
+    buffer = io.BytesIO()
+    buffer.write(header.tobuf(format=tarfile.USTAR_FORMAT) + record + b"\0" * (-len(record) % 512))
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as out:
+        data = tiny(0)
+        info = tarfile.TarInfo("model.onnx")
+        info.size = len(data)
+        out.addfile(info, io.BytesIO(data))
+    _, conv = start(conversion_memory_bytes=limit)
+    with pytest.raises(LimitExceededError) as info_:
+        conv.upload("big", buffer.getvalue(), format="onnx_archive")
+    assert "--conversion-memory-bytes" in info_.value.message
+    assert list(uploads_dir(tmp_path).iterdir()) == []
+
+
 def test_a_conversion_killed_for_memory_is_resource_exhausted(start: Start) -> None:
     _, conv = start(conversion_memory_bytes=3 << 30)
     up = conv.upload("m", tiny(0), format="onnx", architecture_kwargs={"fake": "oomkill"})

@@ -24,7 +24,7 @@ from serverutil import ServerThread
 
 from ferry.client import ConversionClient, InvalidInputError, JobFailedError
 from ferry.server.convert import onnx_archive, uploads
-from ferry.server.errors import InvalidArgument, LimitExceeded
+from ferry.server.errors import ErrorKind, FerryError, LimitExceeded
 
 DATA = np.arange(4, dtype=np.float32)
 
@@ -88,6 +88,13 @@ def raw_member(name: str, data: bytes) -> bytes:
     return block + b"\0" * 1024
 
 
+def sparse_member(name: str) -> bytes:
+    """A GNU sparse member (type 'S'), which Python's tarfile reads but cannot write."""
+    info = tarfile.TarInfo(name)
+    info.type, info.size = tarfile.GNUTYPE_SPARSE, 512
+    return info.tobuf(format=tarfile.GNU_FORMAT) + b"a" * 512
+
+
 GOOD = (("model.onnx", model()), ("model.onnx.data", DATA.tobytes()))
 # name -> (archive, words the refusal must contain)
 HOSTILE: dict[str, tuple[bytes, list[str]]] = {
@@ -131,6 +138,16 @@ HOSTILE: dict[str, tuple[bytes, list[str]]] = {
         pax({"path": "model.onnx"}) * 5000 + raw_member("model.onnx", model()),
         ["corrupt", "chained"],
     ),
+    # A sparse member writes out holes: more bytes on disk than the upload carried.
+    "sparse member": (
+        sparse_member("model.onnx.data") + raw_member("model.onnx", model()),
+        ["sparse"],
+    ),
+    # A member that claims more bytes than the archive holds after its header.
+    "size past the end": (
+        raw_member("model.onnx", bytes(4096))[:1024],
+        ["claims", "truncated or corrupt"],
+    ),
     # A GNU sparse 1.0 map that ends early: tarfile's ValueError, which was INTERNAL.
     "malformed sparse map": (
         pax({"GNU.sparse.major": "1", "GNU.sparse.minor": "0", "GNU.sparse.name": "model.onnx"})
@@ -142,7 +159,7 @@ HOSTILE: dict[str, tuple[bytes, list[str]]] = {
 
 def unpack(archive: Path, folder: Path) -> Path:
     """The server's receive step for an archive: extract, check the graph, rename."""
-    return asyncio.run(uploads._unpack(archive, folder, 1 << 20, 0, 0.0))
+    return asyncio.run(uploads._unpack(archive, folder, archive.stat().st_size, 0, 0.0))
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
@@ -151,8 +168,9 @@ def test_a_hostile_archive_is_refused_and_leaves_nothing(tmp_path: Path, name: s
     folder = tmp_path / "uploads"
     folder.mkdir()
     (folder / "tmp-archive").write_bytes(archive)
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(FerryError) as info:  # InvalidArgument, or its kind from the check process
         unpack(folder / "tmp-archive", folder / "abc")
+    assert info.value.kind is ErrorKind.INVALID_ARGUMENT, (name, info.value.message)
     for word in words:
         assert word in info.value.message, (name, info.value.message)
     assert sorted(p.name for p in folder.iterdir()) == ["tmp-archive"]

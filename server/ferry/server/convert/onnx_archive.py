@@ -11,7 +11,9 @@ A plain ONNX upload may not read external data at all (uploads sit side by side:
 could name another user's file). An archive is extracted into a folder of its own, and the graph
 may read only the files that came in it: flat names, regular files, each reference within its
 file (``onnx_safety.check_confined``). Everything is bounded: the member count, each member's and
-the total size (the upload limit), the names.
+the total size (the archive's own), the names. The archive is read by the upload's check
+(``upload_check``), in a memory-limited process of its own unless it is small: tarfile reads
+each extended header whole and follows chains of them, so its memory is bounded there.
 """
 
 from __future__ import annotations
@@ -34,6 +36,12 @@ _COPY_BLOCK = 1 << 20
 HOW = "tar cf model.tar -C FOLDER . (FOLDER holding model.onnx and its data files)"
 
 
+def staging_for(archive: Path) -> Path:
+    """Where ``archive`` is extracted before it is checked: beside it, named after it (so a
+    dead process's leftovers carry its temporary prefix and are removed at the next start)."""
+    return archive.with_name(f"{archive.name}.d")
+
+
 def extract(archive: Path, dest: Path, *, limit: int, max_files: int = MAX_FILES) -> dict[str, int]:
     """Extract ``archive`` into ``dest`` (which must not exist; made here); return each file's
     name and size. Refused: anything but regular files (links, devices, folders other than the
@@ -51,6 +59,7 @@ def extract(archive: Path, dest: Path, *, limit: int, max_files: int = MAX_FILES
 def _extract(archive: Path, dest: Path, *, limit: int, max_files: int) -> dict[str, int]:
     files: dict[str, int] = {}
     total = members = 0
+    size = archive.stat().st_size
     try:
         tar = tarfile.open(archive, mode="r:")  # noqa: SIM115 - closed below
     except tarfile.ReadError as exc:
@@ -78,6 +87,11 @@ def _extract(archive: Path, dest: Path, *, limit: int, max_files: int) -> dict[s
                 continue
             if name in files:
                 raise InvalidArgument(f"the archive holds {name!r} twice")
+            if member.offset_data + member.size > size:
+                raise InvalidArgument(
+                    f"the archive's {name!r} claims {member.size} bytes, more than the archive "
+                    f"holds after its header: truncated or corrupt tar; make it with {HOW}"
+                )
             total += member.size
             if total > limit:
                 raise LimitExceeded(
@@ -120,6 +134,11 @@ def _member_name(member: tarfile.TarInfo) -> str | None:
         raise InvalidArgument(
             f"the archive's {shown!r} is a link: only regular files are accepted (a link could "
             "reach files that did not travel with the upload)"
+        )
+    if member.issparse():
+        raise InvalidArgument(
+            f"the archive's {shown!r} is a sparse file: its holes would be written out, more "
+            f"bytes than the upload carried; make the archive without --sparse: {HOW}"
         )
     if not member.isreg():
         kind = "folder" if member.isdir() else "special file"

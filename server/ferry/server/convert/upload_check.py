@@ -6,7 +6,9 @@ allocator keeps much of that afterwards. A safetensors header may be 100 MiB of 
 central directory millions of entries. So the serving process never parses an upload: a short
 child (``python -m ferry.server.convert.upload_check FORMAT PATH``) runs exactly the check the
 serving process used to run (``uploads.check_format``: for ONNX, it parses, has a graph, reads no
-external data, uses no custom-op domain) and says on stdout, as one JSON line, what it found. The
+external data, uses no custom-op domain; an ``onnx_archive`` is extracted beside itself there and
+its graph checked, since tarfile reads each extended header whole) and says on stdout, as one
+JSON line, what it found. The
 serving process's memory grows by the upload's chunks in flight whatever the file's size; the
 child's is bounded like a conversion's (``--conversion-memory-bytes``), and running out of it is
 RESOURCE_EXHAUSTED naming that limit, never "corrupt or truncated".
@@ -145,11 +147,15 @@ def main(argv: list[str] | None = None) -> int:
         check_format(fmt, Path(args[1]))
         reply = {"kind": "", "message": ""}
     except Exception as exc:
-        error = (
-            out_of_memory.exceeded(out_of_memory.memory_limit(), f"checking the {fmt} upload")
-            if out_of_memory.is_out_of_memory(exc)
-            else exc
-        )
+        from ferry.server.convert.uploads import disk_full, disk_full_error
+
+        error = exc
+        if out_of_memory.is_out_of_memory(exc):
+            error = out_of_memory.exceeded(
+                out_of_memory.memory_limit(), f"checking the {fmt} upload"
+            )
+        elif disk_full(exc):  # extracting an archive writes
+            error = disk_full_error(getattr(exc, "strerror", None) or str(exc))
         if not isinstance(error, FerryError):
             raise
         reply = {"kind": error.kind.value, "message": error.message}

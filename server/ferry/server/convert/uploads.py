@@ -231,7 +231,7 @@ async def _receive(
                 f"{header.expected_sha256}; upload again"
             )
         if header.format == "onnx_archive":
-            final = await _unpack(tmp, folder / upload_id, limit, check_memory_bytes, check_timeout)
+            final = await _unpack(tmp, folder / upload_id, size, check_memory_bytes, check_timeout)
         else:
             await upload_check.check(
                 header.format,
@@ -291,18 +291,18 @@ class _Sink:
 
 
 async def _unpack(
-    archive: Path, folder: Path, limit: int, memory_bytes: int, time_limit_s: float
+    archive: Path, folder: Path, size_bytes: int, memory_bytes: int, time_limit_s: float
 ) -> Path:
-    """Extract an onnx_archive beside ``folder``, check its graph like any upload (in a process
-    of its own when model.onnx is large), and rename it to ``folder``; return its model.onnx.
-    The archive itself is not kept."""
-    staging = folder.with_name(f"{TMP_PREFIX}{folder.name}.d")
-    await asyncio.to_thread(onnx_archive.extract, archive, staging, limit=limit)
+    """Extract an onnx_archive beside ``folder`` and check its graph like any upload, both in
+    the check (in a process of its own when the archive is large: tarfile reads each extended
+    header whole, so a 300 MB pax header cost the serving process 900 MB), and rename it to
+    ``folder``; return its model.onnx. The archive itself is not kept."""
+    staging = onnx_archive.staging_for(archive)
     try:
         await upload_check.check(
             "onnx_archive",
-            staging,
-            size_bytes=(staging / MODEL_FILE).stat().st_size,  # what the check parses
+            archive,
+            size_bytes=size_bytes,
             memory_bytes=memory_bytes,
             time_limit_s=time_limit_s,
         )
@@ -323,8 +323,11 @@ def check_format(fmt: str, path: Path) -> None:
         _check_safetensors(path)
     elif fmt == "onnx":
         _check_onnx(path)
-    elif fmt == "onnx_archive":  # ``path`` is the extracted folder
-        onnx_archive.check(path, onnx_archive.listing(path))
+    elif fmt == "onnx_archive":  # extracted beside the archive, into staging_for(path)
+        staging = onnx_archive.staging_for(path)
+        # Each member must lie within the archive (no sparse members), so the files add up to
+        # the upload's size at most, already within --max-upload-bytes.
+        onnx_archive.check(staging, onnx_archive.extract(path, staging, limit=path.stat().st_size))
     else:
         _check_torch_zip(fmt, path)
 
