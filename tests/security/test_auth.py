@@ -261,6 +261,11 @@ def test_equal_or_empty_tokens_stop_the_start(repo: Path, tmp_path: Path) -> Non
         ({"inference_token": "same", "management_token": "same"}, "different tokens"),
         ({"inference_token_file": str(empty)}, "is empty"),
         ({"management_token_file": str(tmp_path / "missing")}, "cannot read"),
+        # No client could send these: every call was refused as a wrong token.
+        ({"management_token": "admin "}, "no spaces around it"),
+        ({"inference_token": "\tsecret"}, "no spaces around it"),
+        ({"management_token": "s\u00e9same"}, "printable ASCII"),
+        ({"inference_token": "a\x01b"}, "printable ASCII"),
     ):
         srv = ServerThread(repo, **settings)
         with pytest.raises((ValueError, OSError), match=message):

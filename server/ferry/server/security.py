@@ -117,6 +117,15 @@ def _token(value: str, file: str, what: str) -> bytes | None:
         return None
     if any(c in value for c in "\r\n\0") or len(value) > 4096:
         raise ValueError(f"the {what} token must be one line of at most 4096 characters")
+    # What a client can send: gRPC metadata and HTTP headers carry printable ASCII, and the
+    # server strips the spaces around a credential. A token outside that (a trailing space from
+    # an .env file, a tab, an accented letter) matched no request: every caller was refused.
+    if value != value.strip() or not all(" " <= c <= "~" for c in value):
+        raise ValueError(
+            f"the {what} token must be printable ASCII (letters, digits, punctuation; what a "
+            "gRPC or HTTP client can send) with no spaces around it: check the environment "
+            "variable or token file for stray spaces, tabs or non-ASCII characters"
+        )
     return value.encode("utf-8")
 
 
