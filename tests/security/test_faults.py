@@ -196,6 +196,38 @@ def test_disconnect_mid_upload_leaves_nothing(tmp_path: Path) -> None:
             future.result()
 
 
+def test_an_upload_that_stops_arriving_is_refused_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that stopped sending mid-upload (or vanished without closing its connection)
+    held the partial file for as long as gRPC kept the stream. The bound is shortened so the
+    test waits on it; nothing here measures time."""
+    from ferry.server.grpc import conversion
+
+    monkeypatch.setattr(conversion, "UPLOAD_IDLE", 0.5)
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    with ServerThread(root) as srv, grpc.insecure_channel(srv.management_target) as channel:
+        assert srv.app is not None
+        uploads = srv.app.conversion.state_dir.resolve() / "uploads"
+        hold = threading.Event()
+
+        def messages() -> object:
+            yield cpb.UploadModelRequest(
+                header=cpb.UploadHeader(model="m", format=cpb.SOURCE_FORMAT_ONNX)
+            )
+            yield cpb.UploadModelRequest(chunk=bytes(64 * 1024))
+            hold.wait(60)  # and nothing more, the stream left open
+
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                cpb_grpc.ModelConversionStub(channel).UploadModel(messages(), timeout=60)
+        finally:
+            hold.set()
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        assert "no message for 0.5 seconds after 65536 bytes" in (info.value.details() or "")
+        wait_for(lambda: not any(uploads.iterdir()), "the partial upload to be removed")
+
+
 class _DiskFull:
     """Raise ENOSPC from the n-th write on: the disk fills up part-way through."""
 
@@ -274,7 +306,7 @@ def test_disk_full_during_a_conversion_publish(
         fh = real_open(path, mode, *args, **kwargs)
         return FullFile(fh) if "w" in mode else fh
 
-    monkeypatch.setattr(repository_module, "open", failing_open, raising=False)
+    monkeypatch.setattr(repository_module, "open", failing_open)
 
     async def job() -> None:
         with repo.staging("mlp") as staged:

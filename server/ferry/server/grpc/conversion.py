@@ -8,6 +8,7 @@ would have returned.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -26,12 +27,32 @@ from ferry.server.convert.service import ConversionService
 from ferry.server.convert.store import EventRecord, JobRecord, UploadRecord
 from ferry.server.convert.uploads import UploadHeader, kwargs_from_json
 from ferry.server.core.versions import ModelView
-from ferry.server.errors import ErrorKind, InvalidArgument
+from ferry.server.errors import DeadlineExceeded, ErrorKind, InvalidArgument
 from ferry.server.grpc._base import translate_errors
 from ferry.server.grpc.status import ERROR_TABLE, status_of, trailing
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelConversion"].full_name
 _FORMAT_PREFIX = "SOURCE_FORMAT_"
+# Seconds an upload may wait for its next message. A client that stopped sending (or vanished
+# without closing its connection) held the upload's partial file, on disk and open, for as long
+# as gRPC kept the stream: hours for a dead peer. A chunk is at most a few MiB, so this is a
+# rate of a few tens of KB/s at least; the HTTP listener bounds a body's pauses the same way.
+UPLOAD_IDLE = 120.0
+
+
+async def _next_part(
+    messages: AsyncIterator[pb.UploadModelRequest], received: int
+) -> pb.UploadModelRequest:
+    """The upload's next message, or DEADLINE_EXCEEDED when none comes within UPLOAD_IDLE (the
+    upload's partial file is then removed, as for any failed upload)."""
+    try:
+        async with asyncio.timeout(UPLOAD_IDLE):
+            return await anext(messages)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"the upload stopped arriving: no message for {UPLOAD_IDLE:g} seconds after "
+            f"{received} bytes; nothing was kept: send the whole file without pausing"
+        ) from None
 
 
 def add_to_server(server: aio.Server, service: ConversionService) -> list[str]:
@@ -50,16 +71,22 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
     ) -> pb.Upload:
         messages = aiter(request_iterator)
         try:
-            first = await anext(messages)
+            first = await _next_part(messages, 0)
         except StopAsyncIteration:
             raise InvalidArgument("empty upload: send an UploadHeader, then the chunks") from None
         if first.WhichOneof("part") != "header":
             raise InvalidArgument("the first message of an upload must be its header")
 
         async def chunks() -> AsyncIterator[bytes]:
-            async for message in messages:
+            received = 0
+            while True:
+                try:
+                    message = await _next_part(messages, received)
+                except StopAsyncIteration:
+                    return
                 if message.WhichOneof("part") != "chunk":
                     raise InvalidArgument("only the first message of an upload may be a header")
+                received += len(message.chunk)
                 yield message.chunk
 
         record = await self.service.upload(_header(first.header), chunks())
