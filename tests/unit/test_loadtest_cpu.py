@@ -147,3 +147,61 @@ def test_a_closed_loop_pauses_while_the_server_is_gone() -> None:
 
     rec = asyncio.run(main())
     assert 2 <= rec.codes["UNAVAILABLE"] < 50
+
+
+def test_an_open_loop_level_sends_exactly_its_due_arrivals() -> None:
+    """A clean open-loop level (rate 40 for 0.25 s against an instant server) reported one
+    arrival "due but never sent" on every run, with a warning that the rate was not offered:
+    the level's end came from a timer that fires late, so the arrival due exactly at the end
+    counted as due. The window is now the loop's own schedule: 10 arrivals, all sent, over the
+    whole 0.25 s."""
+    import asyncio
+    import random
+    import time
+
+    from ferry.client.loadtest._engine import run_level
+
+    class Instant:
+        async def request(self) -> str:
+            return "OK"
+
+    async def main() -> tuple[int, int, int]:
+        counts = []
+        for _ in range(3):
+            rec, elapsed = await run_level(
+                Instant(),  # type: ignore[arg-type]
+                concurrency=None,
+                rate=40.0,
+                arrival="constant",
+                duration=0.25,
+                requests=None,
+                rng=random.Random(0),
+            )
+            counts.append((rec.ok, rec.unsent, rec.dropped))
+            assert elapsed >= 0.25  # the whole window: throughput is 40/s, not 10 in 0.225 s
+        assert len(set(counts)) == 1, counts
+        return counts[0]
+
+    assert asyncio.run(main()) == (10, 0, 0)
+
+    class Slow:  # 2 ms of the generator's own CPU per request: it falls behind 2000/s
+        async def request(self) -> str:
+            busy = time.perf_counter() + 0.002
+            while time.perf_counter() < busy:
+                pass
+            return "OK"
+
+    async def behind() -> tuple[int, int, int]:
+        rec, _ = await run_level(
+            Slow(),  # type: ignore[arg-type]
+            concurrency=None,
+            rate=2000.0,
+            arrival="constant",
+            duration=0.3,
+            requests=None,
+            rng=random.Random(0),
+        )
+        return rec.ok, rec.unsent, rec.dropped
+
+    ok, unsent, dropped = asyncio.run(behind())
+    assert unsent > 0 and ok + unsent + dropped == 600  # every due arrival accounted for

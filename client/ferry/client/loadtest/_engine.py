@@ -307,9 +307,17 @@ async def open_loop(
     rec: Recorder,
     rng: random.Random,
     max_in_flight: int = MAX_OPEN_IN_FLIGHT,
+    duration: float | None = None,
 ) -> None:
     """Send at ``rate`` requests per second whatever the answers do (constant gaps or Poisson
-    arrivals); latency counts from each request's scheduled time."""
+    arrivals); latency counts from each request's scheduled time.
+
+    With ``duration`` the level is the window ``[first arrival, first arrival + duration)`` of
+    this loop's own schedule: the arrivals due in it are sent (or dropped, or counted unsent when
+    the loop fell behind), none after it. A timer's stop came a little after the window (the
+    event loop runs timers late), so the arrival due exactly at its end was reported as due
+    and never sent on every run, with a warning that the rate had not been offered. Without
+    ``duration`` the level ends when ``budget`` stops, or at its request count."""
     clock = time.perf_counter
     tasks: set[asyncio.Task[None]] = set()
     in_flight = 0
@@ -322,11 +330,37 @@ async def open_loop(
         finally:
             in_flight -= 1
 
-    def gap() -> float:
-        return rng.expovariate(rate) if arrival == "poisson" else 1.0 / rate
+    first = scheduled = clock()
+    arrivals = 0
 
-    scheduled = clock()
+    def advance() -> None:
+        # Constant arrivals are computed, not summed: 0.025 added 40 times is not 1.0, and the
+        # arrival due exactly at the level's end must compare equal to that end.
+        nonlocal scheduled, arrivals
+        arrivals += 1
+        if arrival == "poisson":
+            scheduled += rng.expovariate(rate)
+        else:
+            scheduled = first + arrivals / rate
+
+    def count_unsent(end: float) -> None:
+        # Arrivals due before the end that this loop never reached (it fell behind its
+        # schedule) were offered to no one: counted, or the report hid the shortfall.
+        while scheduled < end:
+            rec.unsent += 1
+            advance()
+
+    end = None if duration is None else first + duration
     while budget.take():
+        if end is not None:
+            if scheduled >= end:
+                # The next arrival falls after the level; the level still lasts its whole
+                # window, or a rate of 7/s over 1 s read as 8.1/s (7 answers in 0.86 s).
+                await asyncio.sleep(max(0.0, end - clock()))
+                break
+            if clock() >= end:
+                count_unsent(end)
+                break
         delay = scheduled - clock()
         if delay > 0.0005:
             # Until the next arrival or the level's end, whichever comes first: at 0.01
@@ -336,12 +370,7 @@ async def open_loop(
         else:
             await asyncio.sleep(0)  # behind schedule: still let answers in
         if budget.stopped:
-            # Arrivals due before the stop that this loop never reached (it fell behind its
-            # schedule) were offered to no one: counted, or the report hid the shortfall.
-            end = budget.stopped_at or clock()
-            while scheduled < end:
-                rec.unsent += 1
-                scheduled += gap()
+            count_unsent(budget.stopped_at or clock())
             break
         if in_flight >= max_in_flight:
             rec.dropped += 1
@@ -350,7 +379,7 @@ async def open_loop(
             task = asyncio.create_task(one(scheduled))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
-        scheduled += gap()
+        advance()
     if tasks:
         await asyncio.gather(*tasks)
 
@@ -409,13 +438,24 @@ async def run_level(
     rec = Recorder()
     budget = Budget(requests)
     loop = asyncio.get_running_loop()
-    timer = loop.call_later(duration, budget.stop) if duration is not None else None
+    # An open loop ends its level by its own schedule (see open_loop); a closed one by this timer.
+    timer = None
+    if duration is not None and rate is None:
+        timer = loop.call_later(duration, budget.stop)
     if progress is not None:
         progress.start(label, rec, duration)
     start = time.perf_counter()
     try:
         if rate is not None:
-            await open_loop(transport, rate, arrival=arrival, budget=budget, rec=rec, rng=rng)
+            await open_loop(
+                transport,
+                rate,
+                arrival=arrival,
+                budget=budget,
+                rec=rec,
+                rng=rng,
+                duration=duration,
+            )
         else:
             await closed_loop(transport, concurrency or 1, budget, rec)
     finally:
