@@ -173,6 +173,8 @@ def test_plot_or_a_clear_error(server: Any, tmp_path: Path) -> None:
         ({"target": "example.com:8001"}, "--allow-remote"),
         ({"concurrency": tuple(range(1, 40))}, "levels"),
         ({"requests": 2.5}, "whole number"),  # it sent 3
+        # An open loop's count fixes its length: this one would have sent for 9,000 s.
+        ({"rate": (0.001,), "requests": 10, "duration": None}, "9001 s"),
     ],
 )
 def test_config_refusals(kwargs: dict[str, Any], message: str) -> None:

@@ -124,11 +124,12 @@ class LoadTestConfig:
                 f"requests must be within [1, {MAX_REQUESTS:,}] per level, got {self.requests:,}",
             )
         _check(self.warmup >= 0, f"warmup must be >= 0 seconds, got {self.warmup:g}")
-        planned = self.warmup + len(levels) * (self.duration or 0.0)
+        planned = self.warmup + sum(self._level_seconds(level) for level in levels)
         _check(
             planned <= MAX_DURATION,
-            f"the run would last {planned:g} s (warm-up + levels x duration); the cap is "
-            f"{MAX_DURATION:g} s: shorten the duration or the sweep",
+            f"the run would last {planned:g} s (warm-up + each level's duration, or its "
+            f"requests / rate in an open loop); the cap is {MAX_DURATION:g} s: shorten the "
+            "duration or the sweep, or raise the rate",
         )
         _check(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout:g}")
         _check(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
@@ -138,6 +139,16 @@ class LoadTestConfig:
         )
         if not self.allow_remote:
             check_loopback(self.target)
+
+    def _level_seconds(self, level: float) -> float:
+        """How long a level is planned to last. An open loop's request count fixes its length
+        too (``-n 10 --rate 0.001`` sends for 9,000 s), so it counts against the cap as a
+        duration does; a closed loop's count lasts as long as the server takes."""
+        seconds = self.duration if self.duration is not None else 0.0
+        if self.rate is not None and self.requests is not None:
+            by_count = (self.requests - 1) / level  # the first arrival goes at once
+            seconds = by_count if self.duration is None else min(seconds, by_count)
+        return seconds
 
 
 def _check(ok: bool, message: str) -> None:
