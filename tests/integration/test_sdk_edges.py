@@ -137,6 +137,60 @@ def test_a_closed_async_client_says_so(server: Any) -> None:
     asyncio.run(run())
 
 
+class ClosingRetry(RetryPolicy):
+    """Closes ``client`` when asked for the pause before a retry: a client closed (by another
+    thread or task) while its call waits to try again."""
+
+    def __init__(self) -> None:
+        super().__init__(max_attempts=3, initial_backoff=0.0, jitter=0.0)
+        object.__setattr__(self, "close", lambda: None)
+
+    def backoff(self, attempt: int, rng: Any = None) -> float:
+        self.close()
+        return 0.0
+
+
+def test_a_client_closed_during_a_retry_says_so() -> None:
+    """The next attempt ran on the closed channel: grpc's ValueError ("Cannot invoke RPC on
+    closed channel!") from the sync client, its UsageError from the async one."""
+    nobody = "127.0.0.1:9"  # refused at once: UNAVAILABLE, retried
+    retry = ClosingRetry()
+    client = InferenceClient(nobody, timeout=30, retry=retry)
+    object.__setattr__(retry, "close", client.close)
+    with pytest.raises(ClientClosedError, match="InferenceClient is closed"):
+        client.list_models()
+
+    async def run() -> None:
+        retry = ClosingRetry()
+        client = AsyncInferenceClient(nobody, timeout=30, retry=retry)
+        object.__setattr__(retry, "close", lambda: asyncio.ensure_future(client.close()))
+        with pytest.raises(ClientClosedError, match="AsyncInferenceClient is closed"):
+            await client.list_models()
+
+    asyncio.run(run())
+
+
+def test_a_call_in_flight_when_its_async_client_closes_says_so(silent_listener: str) -> None:
+    """A call the close cancelled raised a bare asyncio.CancelledError, as if the caller's own
+    task had been cancelled; a task that is cancelled still gets CancelledError."""
+
+    async def run() -> None:
+        client = AsyncInferenceClient(silent_listener, timeout=30)
+        call = asyncio.ensure_future(client.list_models())
+        await asyncio.sleep(0)  # the call is sent and waits for an answer that never comes
+        await client.close()
+        with pytest.raises(ClientClosedError, match="AsyncInferenceClient is closed"):
+            await call
+        async with AsyncInferenceClient(silent_listener, timeout=30) as other:
+            cancelled = asyncio.ensure_future(other.list_models())
+            await asyncio.sleep(0)
+            cancelled.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await cancelled
+
+    asyncio.run(run())
+
+
 @pytest.fixture
 def silent_listener() -> Iterator[str]:
     """A TCP port that accepts connections and never speaks HTTP/2: a server that stopped."""

@@ -89,10 +89,21 @@ class AsyncInferenceClient(InferenceClientBase):
         """One idempotent RPC with retries, translated errors and the call metadata."""
 
         async def attempt(remaining: float | None) -> R:
+            # Checked before every attempt, and after a failure: a client closed during a
+            # retry's pause raised grpc's UsageError ("Channel is closed."), and one closed
+            # during the call a bare asyncio.CancelledError, as if the caller's task had been
+            # cancelled. A cancellation of the task itself still propagates as such.
+            self._check_open()
             try:
                 return await method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as exc:
+                self._check_open()
                 raise from_rpc_error(exc) from None
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or not task.cancelling():
+                    self._check_open()
+                raise
 
         return await acall_with_retry(attempt, self.retry, self._timeout(timeout))
 

@@ -64,12 +64,19 @@ class InferenceClient(InferenceClientBase):
         """One idempotent RPC with retries, translated errors and the call metadata."""
 
         def attempt(remaining: float | None) -> R:
+            # Checked before every attempt, and after a failure: a client closed during a
+            # retry's pause raised grpc's ValueError ("Cannot invoke RPC on closed channel!"),
+            # and one closed during the call a CancelledError ("Channel closed!").
+            self._check_open()
             try:
                 return method(request, timeout=remaining, metadata=self._metadata)
             except grpc.RpcError as exc:
+                self._check_open()
                 raise from_rpc_error(exc) from None
+            except ValueError:
+                self._check_open()
+                raise
 
-        self._check_open()
         return call_with_retry(attempt, self.retry, self._timeout(timeout))
 
     def _input_dtypes(self, model: str, version: int | None) -> dict[str, Any]:
