@@ -61,3 +61,71 @@ def test_a_write_that_fails_after_the_checks_is_one_line(
     argv = ("infer", "mlp", "-i", str(x), "-o", str(tmp_path / "out.npz"))
     code, line = run(capsys, *argv, "--target", server.target)
     assert code == 1 and "Permission denied" in line, line
+
+
+def _npy_header(shape: tuple[int, ...], descr: str = "<f4") -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        buf, {"descr": descr, "fortran_order": False, "shape": shape}
+    )
+    return buf.getvalue()
+
+
+def test_broken_array_files_are_one_line_errors_read_within_bounds(
+    server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An empty .npy or .npz raised EOFError (a traceback); a header declaring 10**11 floats
+    had numpy allocate 400 GB before finding 16 bytes of data (MemoryError); an .npz member that
+    is no array came back as raw bytes and was sent as a BYTES tensor. Each is now one line,
+    exit 2, and nothing is allocated past what a request carries."""
+    import zipfile
+
+    empty_npy, empty_npz = tmp_path / "e.npy", tmp_path / "e.npz"
+    empty_npy.write_bytes(b"")
+    empty_npz.write_bytes(b"")
+    huge = tmp_path / "huge.npy"
+    huge.write_bytes(_npy_header((10**11,)) + bytes(16))
+    short = tmp_path / "short.npy"
+    short.write_bytes(_npy_header((100,)) + bytes(16))
+    objects = tmp_path / "objects.npy"
+    objects.write_bytes(_npy_header((2,), "|O") + bytes(16))
+    huge_member, not_array = tmp_path / "huge.npz", tmp_path / "bytes.npz"
+    with zipfile.ZipFile(huge_member, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("input.npy", _npy_header((10**11,)) + bytes(16))
+    with zipfile.ZipFile(not_array, "w") as z:
+        z.writestr("input.npy", b"hello")
+    cases = [
+        (empty_npy, "not a .npy array"),
+        (empty_npz, "not a zip file"),
+        (huge, "more than one request carries"),
+        (short, "the file is truncated"),
+        (objects, "Python objects"),
+        (huge_member, "more than one request carries"),
+        (not_array, "not a .npy array"),
+    ]
+    t = ("--target", server.target)
+    for path, expected in cases:
+        for argv in (
+            ("infer", "mlp", "-i", str(path)),
+            ("loadtest", "mlp", "-n", "2", "--warmup", "0", "--no-progress", "-i", str(path)),
+        ):
+            code, line = run(capsys, *argv, *t)
+            assert code == 2 and expected in line, (argv, line)
+    for flag, path in (("--calibration", empty_npz), ("--validation-inputs", huge_member)):
+        argv = ("convert", "0" * 32, flag, str(path), "--target", server.management_target)
+        code, line = run(capsys, *argv)
+        assert code == 2 and flag in line, line
+    # The array files that work still do, big-endian and Fortran order included.
+    fine = tmp_path / "fine.npz"
+    x = np.arange(64, dtype=">f4").reshape(1, 64)
+    np.savez(fine, input=x)
+    from ferry.client.loadtest import load_inputs
+
+    np.testing.assert_array_equal(load_inputs([str(fine)])["input"], x)
+    fortran = tmp_path / "f.npy"
+    np.save(fortran, np.asfortranarray(np.arange(6, dtype=np.float32).reshape(2, 3)))
+    np.testing.assert_array_equal(
+        load_inputs([f"input={fortran}"])["input"], np.arange(6).reshape(2, 3)
+    )

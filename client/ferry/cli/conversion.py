@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,7 @@ from ferry.client import (
     Upload,
     Validation,
 )
+from ferry.client.loadtest._inputs import read_npz
 
 FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript", "onnx_archive")
 # Formats whose file carries the model's signature: convert needs no --input for them.
@@ -356,9 +358,8 @@ def _arrays(path: Path | None, flag: str) -> dict[str, np.ndarray] | None:
     if path is None:
         return None
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {name: npz[name] for name in npz.files}
-    except (OSError, ValueError) as exc:
+        arrays = read_npz(path)
+    except (OSError, ValueError, zipfile.BadZipFile) as exc:
         raise UsageError(
             f"{flag} {path}: cannot read it as .npz ({exc}); write it with "
             "np.savez(FILE, NAME=array, ...), one array per model input"

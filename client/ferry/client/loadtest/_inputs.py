@@ -13,9 +13,10 @@ import math
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
+from numpy.lib import format as npy_format
 
 from ferry.client._requests import MAX_TENSOR_BYTES, as_array
 from ferry.client._types import ModelMetadata, TensorInfo
@@ -170,10 +171,70 @@ def _single_input_name(meta: ModelMetadata | None, path: Path) -> str:
     )
 
 
+def _read_array(f: IO[bytes], size: int, where: str, budget: int) -> np.ndarray:
+    """One .npy array from ``f`` (``size`` bytes long), its header checked before numpy reads
+    it: an empty file raised EOFError, and a header that declares 10**11 elements had numpy
+    allocate them (MemoryError, or the memory) before finding 16 bytes of data."""
+    try:
+        version = npy_format.read_magic(f)
+        if version == (1, 0):
+            shape, _, dtype = npy_format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, _, dtype = npy_format.read_array_header_2_0(f)
+        else:
+            raise InputError(f"{where}: .npy format version {version} is not supported")
+    except ValueError as exc:
+        if isinstance(exc, InputError):
+            raise
+        raise InputError(f"{where}: not a .npy array ({exc}); write it with np.save") from None
+    if dtype.hasobject:
+        raise InputError(
+            f"{where}: holds Python objects, which are never unpickled here; save numbers, "
+            "or str/bytes as a fixed-width array"
+        )
+    needed = math.prod(shape) * dtype.itemsize
+    if needed > budget:
+        raise InputError(
+            f"{where}: its header declares shape {list(shape)} of {dtype}, {needed:,} bytes: "
+            f"more than one request carries ({MAX_TENSOR_BYTES:,} bytes in all)"
+        )
+    left = size - f.tell()
+    if left < needed:
+        raise InputError(
+            f"{where}: its header declares shape {list(shape)} of {dtype}, {needed:,} bytes, "
+            f"but {left:,} follow: the file is truncated"
+        )
+    f.seek(0)
+    array: np.ndarray = npy_format.read_array(f, allow_pickle=False)
+    return array
+
+
+def read_npy(path: Path, budget: int = MAX_TENSOR_BYTES) -> np.ndarray:
+    """The array of a .npy file, refused with InputError when it is not one or cannot fit a
+    request; never unpickled."""
+    with path.open("rb") as f:
+        return _read_array(f, path.stat().st_size, str(path), budget)
+
+
+def read_npz(path: Path, budget: int = MAX_TENSOR_BYTES) -> dict[str, np.ndarray]:
+    """The arrays of a .npz file by name, as ``np.load`` names them, each checked as a .npy
+    and all together within ``budget`` bytes (a member that was not an array came back from
+    np.load as raw bytes, and was sent as a BYTES tensor)."""
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            with archive.open(info) as member:
+                array = _read_array(member, info.file_size, f"{path}: {info.filename}", budget)
+            budget -= array.nbytes
+            out[info.filename.removesuffix(".npy")] = array
+    return out
+
+
 def load_inputs(specs: Sequence[str], meta: ModelMetadata | None = None) -> dict[str, np.ndarray]:
     """Read inputs from ``specs``: ``FILE.npz`` (one array per input, by name), ``FILE.json``,
     ``FILE.npy`` (a single-input model) or ``NAME=FILE.npy``. Later specs override earlier ones."""
     out: dict[str, np.ndarray] = {}
+    budget = MAX_TENSOR_BYTES  # what the arrays read so far leave of one request
     for spec in specs:
         name, sep, file = spec.partition("=")
         if not sep:
@@ -187,18 +248,18 @@ def load_inputs(specs: Sequence[str], meta: ModelMetadata | None = None) -> dict
             if suffix == ".npz":
                 if name:
                     raise InputError(f"{spec}: a .npz names its arrays itself; drop the NAME=")
-                with np.load(path, allow_pickle=False) as npz:
-                    out.update({key: npz[key] for key in npz.files})
+                out.update(read_npz(path, budget))
             elif suffix == ".npy":
-                out[name or _single_input_name(meta, path)] = np.load(path, allow_pickle=False)
+                out[name or _single_input_name(meta, path)] = read_npy(path, budget)
             elif suffix == ".json":
                 if name:
                     raise InputError(f"{spec}: a JSON file names its inputs itself; drop NAME=")
                 out.update(_json_inputs(path, meta))
             else:
                 raise InputError(f"{path}: unsupported input file type; use .npy, .npz or .json")
-        except (OSError, ValueError, zipfile.BadZipFile) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
             if isinstance(exc, InputError):
                 raise
             raise InputError(f"{path}: cannot read: {exc}") from None
+        budget = MAX_TENSOR_BYTES - sum(a.nbytes for a in out.values())
     return out
