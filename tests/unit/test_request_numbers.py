@@ -163,3 +163,21 @@ def test_a_stream_request_that_waited_goes_with_what_is_left_of_its_budget() -> 
     assert waited is not None
     left = pb.InferRequest.FromString(waited).timeout_us
     assert 0 < left <= 1_000_000 and RESTAMP_AFTER < 1.0
+
+
+def test_uploads_and_job_watches_refuse_a_timeout_no_call_can_have() -> None:
+    """ConversionClient.upload, watch and Job.wait passed their timeout to gRPC as given:
+    0, -1, nan, inf and 1e20 all failed at once with DEADLINE_EXCEEDED (inf and 1e20 meant
+    "take long"), where every other call refuses them as the caller's mistake."""
+    from ferry.client import ConversionClient, Job
+
+    with ConversionClient("127.0.0.1:1") as client:
+        job = Job(id="0" * 32, model="m", state="RUNNING", _client=client)
+        for bad in (0, -1, float("nan"), float("inf"), 1e20):
+            for call in (
+                lambda t=bad: client.upload("m", b"\x08\x01", format="onnx", timeout=t),
+                lambda t=bad: next(iter(client.watch("0" * 32, timeout=t))),
+                lambda t=bad: job.wait(timeout=t, progress=False),
+            ):
+                with pytest.raises(InvalidInputError, match="timeout must be a finite number"):
+                    call()

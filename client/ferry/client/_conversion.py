@@ -49,7 +49,7 @@ from ferry.client._conversion_types import (
 from ferry.client._errors import ConversionError, InvalidInputError, from_rpc_error
 from ferry.client._management import ManagementClient
 from ferry.client._module_upload import from_module
-from ferry.client._requests import status_code
+from ferry.client._requests import check_timeout, status_code
 from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
 
@@ -143,6 +143,7 @@ class Job:
         """Block until the job ends; return it when it SUCCEEDED, raise ``JobFailedError`` (a
         ``ConversionError``) otherwise. ``progress``: None draws a bar when stderr is a
         terminal, True always, False never; a callable receives every event instead."""
+        timeout = check_timeout(timeout)
         if progress is None:
             progress = sys.stderr.isatty()
         bar = _Bar(sys.stderr) if progress is True else None
@@ -244,6 +245,9 @@ class ConversionClient(ManagementClient):
         buffer unchanged until the call returns: the server checks the SHA-256 taken first).
         """
         self._check_open()
+        # As for every other call: 0, a negative, nan, inf or a span past gRPC's deadline
+        # arithmetic (1e20) failed at once with DEADLINE_EXCEEDED, after any module export.
+        timeout = check_timeout(timeout)
         if chunk_size <= 0:
             raise InvalidInputError("chunk_size must be positive")
         extras: dict[str, Any] = {}
@@ -438,6 +442,7 @@ class ConversionClient(ManagementClient):
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[ProgressEvent]:
         self._check_open()
+        timeout = check_timeout(timeout)
         stream = self._stub.WatchJob(
             pb.WatchJobRequest(job_id=job_id), timeout=timeout, metadata=self._metadata
         )
