@@ -129,3 +129,18 @@ def test_broken_array_files_are_one_line_errors_read_within_bounds(
     np.testing.assert_array_equal(
         load_inputs([f"input={fortran}"])["input"], np.arange(6).reshape(2, 3)
     )
+
+
+def test_a_wait_or_timeout_past_any_deadline_is_a_usage_error(
+    server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``health --wait 1e20`` overflowed gRPC's deadline: the watch ended at once and this
+    serving server was reported UNREACHABLE (exit 3)."""
+    t = ("--target", server.target)
+    for argv in (("health", "--wait", "1e20"), ("health", "--timeout", "1e20")):
+        with pytest.raises(SystemExit) as exited:  # argparse's own refusal
+            main([*argv, *t])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exited.value.code == 2 and "must be below 1e+09 seconds" in line, (argv, line)
+    assert main(["health", "--wait", "1e8", *t]) == 0
+    assert capsys.readouterr().out.strip().endswith("SERVING")

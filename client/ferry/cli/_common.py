@@ -32,6 +32,7 @@ from ferry.client import (
     UnimplementedError,
 )
 from ferry.client._errors import WRONG_LISTENER
+from ferry.client._requests import MAX_TIMEOUT_S
 
 EXIT_OK = 0
 EXIT_FAILED = 1  # the server answered with an error, or the check did not pass
@@ -75,7 +76,7 @@ def connection_parent(
     )
     g.add_argument(
         "--timeout",
-        type=positive_float,
+        type=seconds,
         default=timeout,
         help=f"seconds each call may take, any retries included (default {timeout:g})",
     )
@@ -176,6 +177,18 @@ def positive_float(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
     if not math.isfinite(value) or value <= 0:  # nan passed a plain "> 0" test
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """--timeout and --wait: what a gRPC deadline can be. ``--wait 1e20`` overflowed gRPC's
+    deadline arithmetic, so the watch ended at once and a serving server was reported
+    UNREACHABLE (exit 3); ``--timeout 1e20`` failed every call with DEADLINE_EXCEEDED."""
+    value = positive_float(text)
+    if value >= MAX_TIMEOUT_S:
+        raise argparse.ArgumentTypeError(
+            f"must be below {MAX_TIMEOUT_S:g} seconds (about 31 years), got {text}"
+        )
     return value
 
 

@@ -18,7 +18,7 @@ from ferry.cli._common import (
     EXIT_UNREACHABLE,
     channel_config,
     connection_parent,
-    positive_float,
+    seconds,
 )
 from ferry.client import _health
 from ferry.client._channel import create_channel
@@ -43,7 +43,7 @@ def register(sub: Any) -> None:
     p.add_argument("model", nargs="?", default="", help="a model name (default: the server)")
     p.add_argument(
         "--wait",
-        type=positive_float,
+        type=seconds,
         metavar="SECONDS",
         help="wait up to SECONDS for SERVING (the server may still be starting)",
     )
