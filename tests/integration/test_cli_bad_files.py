@@ -144,3 +144,27 @@ def test_a_wait_or_timeout_past_any_deadline_is_a_usage_error(
         assert exited.value.code == 2 and "must be below 1e+09 seconds" in line, (argv, line)
     assert main(["health", "--wait", "1e8", *t]) == 0
     assert capsys.readouterr().out.strip().endswith("SERVING")
+
+
+def test_what_the_client_refuses_before_sending_exits_2(
+    server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An array of a dtype the wire lacks, or a model file of no known format, is refused by
+    the SDK before anything is sent; it exited 1, which the exit table keeps for the server's
+    answers, not 2 (bad usage or files)."""
+    complex_input = tmp_path / "c.npy"
+    np.save(complex_input, np.zeros((1, 64), np.complex64))
+    unknown = tmp_path / "model.weights"
+    unknown.write_bytes(b"\x00" * 8)
+    cases = [
+        (("infer", "mlp", "-i", str(complex_input), "--target", server.target), "complex64"),
+        (("upload", "m", str(unknown), "--target", server.management_target), "format"),
+    ]
+    for argv, expected in cases:
+        code, line = run(capsys, *argv)
+        assert code == 2 and expected in line, (argv, line)
+    # What the server refuses stays exit 1.
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((1, 3), np.float32))
+    code, line = run(capsys, "infer", "mlp", "-i", str(wrong), "--target", server.target)
+    assert code == 1 and "INVALID_ARGUMENT" in line, line

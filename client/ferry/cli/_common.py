@@ -335,6 +335,10 @@ def run_handler(prog: str, handler: Handler, args: argparse.Namespace) -> int:
         return EXIT_USAGE
     except FerryError as exc:
         report_error(prog, str(exc), _hint(exc, args))
+        if isinstance(exc, InvalidInputError) and exc.code is None:
+            # Refused here, before anything was sent (a file of no known format, an array of
+            # a dtype the wire lacks): the command line's to fix, not the server's answer.
+            return EXIT_USAGE
         return EXIT_UNREACHABLE if isinstance(exc, ConnectionError_) else EXIT_FAILED
     except KeyboardInterrupt:
         report_error(prog, "interrupted")
