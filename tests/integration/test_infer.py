@@ -293,6 +293,12 @@ def test_bf16_round_trips_through_onnxruntime(tmp_path: Path) -> None:
         )["output"]
         with pytest.raises(InvalidInputError, match=r"layout torch\.sparse_coo"):
             client.infer("id_bf16", {"input": torch.zeros(2, 3).to_sparse()})
+        # A list takes the declared BF16 (it went out as FP64, which the server refused), with
+        # the range check every float type has.
+        listed = client.infer("id_bf16", {"input": [[1.5, -2, 3.25]]})["output"]
+        with pytest.raises(InvalidInputError, match="1e\\+39 is out of the model's bfloat16"):
+            client.infer("id_bf16", {"input": [[1e39, 0.0]]})
+    assert listed.dtype == ml_dtypes.bfloat16 and listed.tolist() == [[1.5, -2.0, 3.25]]
     np.testing.assert_array_equal(from_torch.view(np.uint16), bits)
     assert out.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(out.view(np.uint16), x.view(np.uint16))

@@ -26,6 +26,7 @@ from ferry.codec import (
     DataType,
     datatype_from_name,
     datatype_name,
+    datatype_of,
     decode_tensor,
     encode_tensor,
     numpy_dtype,
@@ -155,19 +156,26 @@ def _as_declared(arr: np.ndarray, dtype: np.dtype[Any], name: str) -> np.ndarray
     if dtype.kind in "iu" and arr.dtype.kind in "iub":
         _check_int_range(arr.min(), arr.max(), dtype, name)
         return arr.astype(dtype)
-    if dtype.kind == "f" and arr.dtype.kind in "iubf":
+    bf16 = dtype.kind == "V" and datatype_of(dtype) == DataType.DATA_TYPE_BF16
+    if (dtype.kind == "f" or bf16) and arr.dtype.kind in "iubf":
         with np.errstate(over="ignore"):
             cast = arr.astype(dtype)
         if arr.dtype.kind == "f" or dtype.itemsize < 4:
-            overflow = np.isfinite(arr) & ~np.isfinite(cast)
+            # bfloat16 (ml_dtypes) is judged through float32, which holds every value of it.
+            overflow = np.isfinite(arr) & ~np.isfinite(cast.astype(np.float32) if bf16 else cast)
             if overflow.any():
                 worst = arr[overflow].flat[0]
+                largest = _BF16_MAX if bf16 else float(np.finfo(dtype).max)
                 raise CodecError(
                     f"input {name!r}: {worst} is out of the model's {dtype} range "
-                    f"(largest {float(np.finfo(dtype).max):g})"
+                    f"(largest {largest:g})"
                 )
         return cast
     return arr
+
+
+# The largest finite bfloat16: float32's exponent range, 8 significant bits.
+_BF16_MAX = float.fromhex("0x1.fep127")
 
 
 # A protobuf message carries at most 2 GiB, so no one tensor of a request can be larger.
@@ -242,13 +250,19 @@ def _encodable(text: str) -> bool:
 
 
 def input_dtypes(meta: ModelMetadata) -> dict[str, np.dtype[Any]]:
-    """Declared numpy dtype per input, for :func:`as_array`; BYTES and BF16 are left out (lists
-    of str/bytes already become BYTES; bfloat16 needs ml_dtypes)."""
-    return {
-        t.name: numpy_dtype(datatype_from_name(t.datatype))
-        for t in meta.inputs
-        if t.datatype not in ("BYTES", "BF16")
-    }
+    """Declared numpy dtype per input, for :func:`as_array`. BYTES is left out (lists of
+    str/bytes already become BYTES), and so is BF16 when ml_dtypes is missing: numpy has no
+    bfloat16 of its own. With ml_dtypes a list for a BF16 input is sent as BF16; it went out as
+    FP64, which the server refused."""
+    out: dict[str, np.dtype[Any]] = {}
+    for t in meta.inputs:
+        if t.datatype == "BYTES":
+            continue
+        try:
+            out[t.name] = numpy_dtype(datatype_from_name(t.datatype))
+        except CodecError:  # BF16 without ml_dtypes; a name this SDK does not know
+            continue
+    return out
 
 
 _INT64 = (-(2**63), 2**63 - 1)
