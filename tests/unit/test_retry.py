@@ -194,11 +194,31 @@ def test_async_retry_matches_the_sync_one() -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"max_attempts": 0}, {"initial_backoff": -1}, {"multiplier": 0.5}, {"jitter": 1.5}],
+    [
+        {"max_attempts": 0},
+        {"initial_backoff": -1},
+        {"multiplier": 0.5},
+        {"jitter": 1.5},
+        # each of these was accepted, and failed or misbehaved only when a call was retried
+        {"max_attempts": 2.5},
+        {"max_attempts": "3"},
+        {"initial_backoff": float("nan")},
+        {"max_backoff": float("inf")},
+        {"multiplier": float("inf")},
+        {"retryable_codes": frozenset({"UNAVAILABLE"})},
+        {"retryable_codes": "UNAVAILABLE"},
+    ],
 )
 def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:
     with pytest.raises(ValueError):
         RetryPolicy(**kwargs)  # type: ignore[arg-type]
+
+
+def test_a_long_retry_series_does_not_overflow_its_backoff() -> None:
+    """initial_backoff * multiplier ** (attempt - 1) raised OverflowError from the call at the
+    401st attempt with multiplier 10 (a policy of many attempts within a long budget)."""
+    policy = RetryPolicy(max_attempts=10_000, multiplier=10.0, max_backoff=2.0, jitter=0)
+    assert policy.backoff(401) == 2.0 and policy.backoff(9_999) == 2.0
 
 
 # --- channel construction ----------------------------------------------------------------------

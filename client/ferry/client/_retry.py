@@ -13,6 +13,7 @@ says it can succeed later (``FerryError.retryable``): a request over a configure
 from __future__ import annotations
 
 import asyncio
+import math
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -48,14 +49,33 @@ class RetryPolicy:
     retryable_codes: frozenset[grpc.StatusCode] = field(default=DEFAULT_RETRYABLE_CODES)
 
     def __post_init__(self) -> None:
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.initial_backoff < 0 or self.max_backoff < 0:
-            raise ValueError("backoffs must be >= 0 seconds")
-        if self.multiplier < 1:
-            raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
+        # Refused here, not at the first retryable error: a nan backoff reached time.sleep
+        # (ValueError mid-call), max_attempts=2.5 made 3 attempts, and codes given by name
+        # ({"UNAVAILABLE"}) matched nothing, so nothing was retried and nothing said so.
+        attempts = self.max_attempts
+        if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
+            raise ValueError(f"max_attempts must be an integer >= 1, got {attempts!r}")
+        for name in ("initial_backoff", "max_backoff", "multiplier"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        if not (0 <= self.initial_backoff < math.inf and 0 <= self.max_backoff < math.inf):
+            raise ValueError(
+                "backoffs must be finite numbers of seconds >= 0, got "
+                f"{self.initial_backoff!r} and {self.max_backoff!r}"
+            )
+        if not 1 <= self.multiplier < math.inf:
+            raise ValueError(f"multiplier must be a finite number >= 1, got {self.multiplier}")
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"jitter must be within [0, 1], got {self.jitter}")
+        codes: object = self.retryable_codes
+        if isinstance(codes, str | bytes) or not all(
+            isinstance(c, grpc.StatusCode) for c in self.retryable_codes
+        ):
+            raise ValueError(
+                "retryable_codes must be grpc.StatusCode members "
+                f"(e.g. grpc.StatusCode.UNAVAILABLE), got {codes!r}"[:300]
+            )
 
     @classmethod
     def disabled(cls) -> RetryPolicy:
@@ -64,7 +84,11 @@ class RetryPolicy:
 
     def backoff(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to pause after failed attempt number ``attempt`` (1-based)."""
-        base = min(self.max_backoff, self.initial_backoff * self.multiplier ** (attempt - 1))
+        try:
+            grown = self.initial_backoff * self.multiplier ** (attempt - 1)
+        except OverflowError:  # 10.0 ** 400 at the 401st attempt: past any max_backoff
+            grown = math.inf
+        base = min(self.max_backoff, grown)
         if not self.jitter:
             return base
         u = (rng or _RNG).uniform(-1.0, 1.0)
