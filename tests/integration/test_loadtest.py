@@ -175,6 +175,13 @@ def test_plot_or_a_clear_error(server: Any, tmp_path: Path) -> None:
         ({"requests": 2.5}, "whole number"),  # it sent 3
         # An open loop's count fixes its length: this one would have sent for 9,000 s.
         ({"rate": (0.001,), "requests": 10, "duration": None}, "9001 s"),
+        # these failed later with a bare ValueError or TypeError, some after the metadata call
+        ({"timeout": 1e20}, "timeout"),
+        ({"timeout": float("inf")}, "timeout"),
+        ({"batch_size": 1.5}, "batch size"),
+        ({"batch_size": True}, "batch size"),
+        ({"connections": 1.5}, "connections"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_config_refusals(kwargs: dict[str, Any], message: str) -> None:

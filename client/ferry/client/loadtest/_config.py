@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ferry.client._channel import TLSConfig, resolve_target
+from ferry.client._requests import MAX_TIMEOUT_S
 
 MAX_DURATION = 3600.0  # seconds, all levels of a sweep together (warm-up included)
 MAX_REQUESTS = 10_000_000  # per level
@@ -131,11 +132,25 @@ class LoadTestConfig:
             f"requests / rate in an open loop); the cap is {MAX_DURATION:g} s: shorten the "
             "duration or the sweep, or raise the rate",
         )
-        _check(self.timeout > 0, f"timeout must be > 0 seconds, got {self.timeout:g}")
-        _check(self.batch_size >= 1, f"batch size must be >= 1, got {self.batch_size}")
+        # Each of these was taken as given and failed later with a bare ValueError or
+        # TypeError (timeout=1e20 from the client, batch_size=1.5 after the metadata call).
         _check(
-            1 <= self.connections <= MAX_CONNECTIONS,
-            f"connections must be within [1, {MAX_CONNECTIONS}], got {self.connections}",
+            0 < self.timeout < MAX_TIMEOUT_S,
+            f"timeout must be a number of seconds within (0, {MAX_TIMEOUT_S:g}), got "
+            f"{self.timeout!r}",
+        )
+        _check(
+            _whole(self.batch_size) and self.batch_size >= 1,
+            f"batch size must be a whole number >= 1, got {self.batch_size!r}",
+        )
+        _check(
+            _whole(self.connections) and 1 <= self.connections <= MAX_CONNECTIONS,
+            f"connections must be a whole number within [1, {MAX_CONNECTIONS}], got "
+            f"{self.connections!r}",
+        )
+        _check(
+            _whole(self.seed) and 0 <= self.seed < 2**32,
+            f"seed must be a whole number within [0, 2**32), got {self.seed!r}",
         )
         if not self.allow_remote:
             check_loopback(self.target)
@@ -149,6 +164,10 @@ class LoadTestConfig:
             by_count = (self.requests - 1) / level  # the first arrival goes at once
             seconds = by_count if self.duration is None else min(seconds, by_count)
         return seconds
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _check(ok: bool, message: str) -> None:
