@@ -181,3 +181,25 @@ def test_uploads_and_job_watches_refuse_a_timeout_no_call_can_have() -> None:
             ):
                 with pytest.raises(InvalidInputError, match="timeout must be a finite number"):
                     call()
+
+
+def test_conversion_options_the_message_cannot_carry_are_invalid_input() -> None:
+    """samples=10**12 or max_batch_size=10**14 raised protobuf's bare ValueError ("Value out of
+    range"), a datatype "FP99" the codec's, a complex calibration array its CodecError: each a
+    traceback in `ferry convert`. No server listens here: nothing is sent."""
+    from ferry.client import ConversionClient, InputSpec, Quantization, Serving, Validation
+
+    calibration = {"input": np.zeros((4, 64), np.complex64)}
+    with ConversionClient("127.0.0.1:1") as client:
+        for kwargs, words in (
+            ({"validation": Validation(samples=10**12)}, "validation.samples=1000000000000"),
+            ({"max_batch_size": 10**14}, "max_batch_size=100000000000000"),
+            ({"serving": Serving(instance_count=10**11)}, "serving.instance_count="),
+            ({"inputs": [InputSpec("x", "FP99", (1,))]}, "unknown data type name 'FP99'"),
+            (
+                {"quantization": Quantization("static_int8", calibration_inputs=calibration)},
+                "complex64",
+            ),
+        ):
+            with pytest.raises(InvalidInputError, match=re.escape(words)):
+                client.convert("0" * 32, **kwargs)  # type: ignore[arg-type]

@@ -414,19 +414,25 @@ class ConversionClient(ManagementClient):
                     sample_inputs=up.sample_inputs,
                     reference_outputs=up.reference_outputs,
                 )
-        spec = build_spec(
-            specs,
-            opset=opset,
-            pruning=pruning,
-            quantization=quantization,
-            validation=validation,
-            serving=serving,
-            max_batch_size=max_batch_size,
-            benchmark=benchmark,
-            rollout=rollout,
-            rollout_fraction=rollout_fraction,
-        )
-        request = pb.ConvertRequest(upload_id=upload_id, model=model, spec=spec)
+        try:
+            spec = build_spec(
+                specs,
+                opset=opset,
+                pruning=pruning,
+                quantization=quantization,
+                validation=validation,
+                serving=serving,
+                max_batch_size=max_batch_size,
+                benchmark=benchmark,
+                rollout=rollout,
+                rollout_fraction=rollout_fraction,
+            )
+            request = pb.ConvertRequest(upload_id=upload_id, model=model, spec=spec)
+        except (ValueError, TypeError) as exc:
+            # What the message cannot carry (samples=10**12, a datatype "FP99", a complex
+            # calibration array) raised protobuf's or the codec's own error, a traceback in
+            # `ferry convert`: the caller's to fix, before anything is sent.
+            raise InvalidInputError(f"conversion options: {exc}") from None
         return self._job(self._call(self._stub.Convert, request))
 
     def job(self, job_id: str) -> Job:

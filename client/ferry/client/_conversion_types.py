@@ -429,13 +429,12 @@ def build_spec(
     rollout: str | None = None,
     rollout_fraction: float | None = None,
 ) -> pb.ConversionSpec:
-    spec = pb.ConversionSpec(
-        opset=opset,
-        max_batch_size=max_batch_size or 0,
-        benchmark=benchmark or "",
-        rollout=rollout or "",
-        rollout_fraction=rollout_fraction or 0.0,
-    )
+    spec = pb.ConversionSpec()
+    _put(spec, "opset", opset)
+    _put(spec, "max_batch_size", max_batch_size or 0)
+    _put(spec, "benchmark", benchmark or "")
+    _put(spec, "rollout", rollout or "")
+    _put(spec, "rollout_fraction", rollout_fraction or 0.0)
     spec.inputs.extend(input_spec_message(i) for i in inputs)
     if pruning is not None:
         spec.pruning.method, spec.pruning.amount = pruning.method, pruning.amount
@@ -451,7 +450,7 @@ def build_spec(
         for name in ("rtol", "atol", "samples", "min_cosine", "min_top1_agreement"):
             value = getattr(validation, name)
             if value is not None:
-                setattr(v, name, value)
+                _put(v, name, value, "validation.")
         v.keep_failed = validation.keep_failed
         v.sample_inputs.extend(_tensors(validation.sample_inputs))
         v.reference_outputs.extend(_tensors(validation.reference_outputs))
@@ -465,5 +464,14 @@ def build_spec(
         ):
             value = getattr(serving, name)
             if value is not None:
-                setattr(spec.serving, name, value)
+                _put(spec.serving, name, value, "serving.")
     return spec
+
+
+def _put(message: Any, name: str, value: Any, prefix: str = "") -> None:
+    """Set one field, naming it when protobuf refuses the value: its own ValueError says only
+    "Value out of range: 1000000000000", for samples or max_batch_size alike."""
+    try:
+        setattr(message, name, value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{prefix}{name}={value!r} cannot be sent: {exc}") from None
