@@ -212,3 +212,15 @@ def test_calls_have_a_deadline_by_default(silent_listener: str) -> None:
         client.list_models()
     with InferenceClient(silent_listener, timeout=None) as client:
         assert client.timeout is None  # None: no deadline, as documented
+
+
+def test_a_port_past_65535_is_refused_not_wrapped_onto_another(server: Any) -> None:
+    """gRPC keeps a port's low 16 bits: "127.0.0.1:{port + 65536}" reached this server, and a
+    typo in a port could reach whatever listens on the wrapped one."""
+    port = int(server.target.rpartition(":")[2])
+    for target in (f"127.0.0.1:{port + 65536}", [server.target, f"127.0.0.1:{port + 65536}"]):
+        for make in (InferenceClient, AsyncInferenceClient):
+            with pytest.raises(ValueError, match=r"port \d+ is not within 1\.\.65535"):
+                make(target)
+        with pytest.raises(ValueError, match=r"not within 1\.\.65535"):
+            RepositoryClient(target)  # type: ignore[arg-type]

@@ -92,13 +92,30 @@ def split_endpoints(target: str | Sequence[str]) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _check_port(endpoint: str) -> None:
+    """Refuse a port no TCP endpoint has: gRPC keeps its low 16 bits, so "127.0.0.1:99999"
+    connected to port 34463, whatever listens there."""
+    if endpoint.startswith(("unix:", "unix-abstract:", "vsock:")):
+        return
+    body = endpoint
+    if body.startswith("dns:"):
+        body = body.removeprefix("dns:").lstrip("/")
+        body = body.rpartition("/")[2]  # dns://AUTHORITY/HOST:PORT
+    host, sep, port = body.rpartition(":")
+    if sep and host and port.isdigit() and not 0 < int(port) < 65536:
+        raise ValueError(f"endpoint {endpoint!r}: port {port} is not within 1..65535")
+
+
 def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
     """Return (gRPC target string, number of endpoints).
 
     Several endpoints become one ``ipv4:`` (or ``ipv6:``) target, gRPC's syntax for a static list of
     addresses; a comma-separated string is read as such a list. Host names cannot be listed that
-    way, so several of them are refused with what to do instead.
+    way, so several of them are refused with what to do instead. A port outside 1..65535 is
+    refused.
     """
+    for endpoint in split_endpoints(target):
+        _check_port(endpoint)
     if isinstance(target, str):
         target = target.strip()  # grpc reads "" as "dns:///" and fails with no name in it
         if not target:
@@ -151,6 +168,9 @@ class ChannelConfig:
     connections: int = 1
 
     def __post_init__(self) -> None:
+        # The target is judged now, not when a channel is made: the async client makes its
+        # channel on first use, and refused a bad target only at its first call.
+        resolve_target(self.target)
         if not 1 <= self.connections <= MAX_CONNECTIONS:
             raise ValueError(
                 f"connections must be within 1..{MAX_CONNECTIONS}, got {self.connections}"
