@@ -203,3 +203,19 @@ def test_conversion_options_the_message_cannot_carry_are_invalid_input() -> None
         ):
             with pytest.raises(InvalidInputError, match=re.escape(words)):
                 client.convert("0" * 32, **kwargs)  # type: ignore[arg-type]
+
+
+def test_rollout_values_the_message_cannot_carry_are_invalid_input() -> None:
+    """A version past int64 or an unknown rule raised protobuf's ValueError, a traceback in
+    `ferry models rollout m 99999999999999999999=1`. Nothing listens here: nothing is sent."""
+    from ferry.client import RepositoryClient
+
+    with RepositoryClient("127.0.0.1:1") as client:
+        for kwargs in (
+            {"split": {2**64: 1.0}},
+            {"split": {1: 1.0}, "shadow": (2**64, 0.1)},
+            {"split": None, "shadow": (2, 0.1), "rules": {"promote_after": 2**64}},
+            {"split": None, "shadow": (2, 0.1), "rules": {"no_such_rule": 1}},
+        ):
+            with pytest.raises(InvalidInputError, match="rollout: "):
+                client.set_rollout("m", **kwargs)  # type: ignore[arg-type]

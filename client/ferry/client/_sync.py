@@ -11,7 +11,7 @@ import grpc
 from ferry.client import _health
 from ferry.client._base import InferenceClientBase
 from ferry.client._channel import TLSConfig, create_channel
-from ferry.client._errors import from_rpc_error
+from ferry.client._errors import InvalidInputError, from_rpc_error
 from ferry.client._management import ManagementClient
 from ferry.client._requests import (
     ArrayLike,
@@ -272,12 +272,20 @@ class RepositoryClient(ManagementClient):
         ``rules`` (with a shadow): ``promote_after`` comparisons within ``min_cosine``,
         ``max_error_rate`` and ``max_latency_ratio`` promote the candidate to all the
         traffic; crossing a bound rolls it back."""
-        request = rpb.SetRolloutRequest(model=model, split=dict(split or {}), reason=reason)
-        if shadow is not None:
-            request.shadow_version, request.shadow_fraction = shadow
-        if rules:
-            numbers = {k: int(v) if k == "promote_after" else float(v) for k, v in rules.items()}
-            request.rules.CopyFrom(rpb.RolloutRules(**numbers))  # type: ignore[arg-type]
+        try:
+            request = rpb.SetRolloutRequest(model=model, split=dict(split or {}), reason=reason)
+            if shadow is not None:
+                request.shadow_version, request.shadow_fraction = shadow
+            if rules:
+                numbers = {
+                    k: int(v) if k == "promote_after" else float(v) for k, v in rules.items()
+                }
+                request.rules.CopyFrom(rpb.RolloutRules(**numbers))  # type: ignore[arg-type]
+        except (ValueError, TypeError) as exc:
+            # A version past int64 (split={2**64: 1}), a rule protobuf does not know or a
+            # promote_after past its range raised protobuf's own error (a traceback in
+            # `ferry models rollout`): the caller's to fix, before anything is sent.
+            raise InvalidInputError(f"rollout: {exc}") from None
         return _rollout(self._call(self._stub.SetRollout, request))
 
     def get_rollout(self, model: str) -> Rollout:
