@@ -219,3 +219,49 @@ def test_rollout_values_the_message_cannot_carry_are_invalid_input() -> None:
         ):
             with pytest.raises(InvalidInputError, match="rollout: "):
                 client.set_rollout("m", **kwargs)  # type: ignore[arg-type]
+
+
+def test_other_calls_refuse_arguments_their_message_cannot_hold() -> None:
+    """Only infer checked its arguments: a version past int64 raised protobuf's ValueError
+    ("Value out of range"), a model given as an int its TypeError ("bad argument type for
+    built-in operation"), ready(1) an AttributeError. Nothing listens here: nothing is sent."""
+    import asyncio
+
+    from ferry.client import ConversionClient, RepositoryClient
+
+    huge = 2**64
+    with (
+        InferenceClient("127.0.0.1:1", retry=None) as client,
+        ConversionClient("127.0.0.1:1") as conv,
+        RepositoryClient("127.0.0.1:1") as repo,
+    ):
+        for call in (
+            lambda: client.model_metadata("m", version=huge),
+            lambda: client.model_metadata(1),  # type: ignore[arg-type]
+            lambda: client.statistics("m", version=huge),
+            lambda: client.list_models(1),  # type: ignore[arg-type]
+            lambda: client.ready(1),  # type: ignore[arg-type]
+            lambda: repo.load_model(1),  # type: ignore[arg-type]
+            lambda: repo.get_rollout(1),  # type: ignore[arg-type]
+            lambda: conv.delete_version("m", huge),
+            lambda: conv.set_default_version("m", huge),
+            lambda: conv.job(1),  # type: ignore[arg-type]
+            lambda: conv.get_model(1),  # type: ignore[arg-type]
+            lambda: conv.list_uploads(1),  # type: ignore[arg-type]
+            lambda: next(iter(conv.watch(1))),  # type: ignore[arg-type]
+        ):
+            with pytest.raises(InvalidInputError):
+                call()
+
+    async def run() -> None:
+        async with AsyncInferenceClient("127.0.0.1:1", retry=None) as client:
+            for call in (
+                lambda: client.model_metadata("m", version=huge),
+                lambda: client.statistics("m", version=huge),
+                lambda: client.list_models(1),  # type: ignore[arg-type]
+                lambda: client.ready(1),  # type: ignore[arg-type]
+            ):
+                with pytest.raises(InvalidInputError):
+                    await call()
+
+    asyncio.run(run())

@@ -39,6 +39,7 @@ from ferry.client._requests import (
     parse_list_models,
     parse_metadata,
     parse_statistics,
+    request,
 )
 from ferry.client._retry import acall_with_retry
 from ferry.client._stream import (
@@ -152,8 +153,8 @@ class AsyncInferenceClient(InferenceClientBase):
         version: int | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> ModelMetadata:
-        request = pb.GetModelMetadataRequest(model=model, version=version or 0)
-        return parse_metadata(await self._call(self._connect().GetModelMetadata, request, timeout))
+        message = request(pb.GetModelMetadataRequest, model=model, version=version or 0)
+        return parse_metadata(await self._call(self._connect().GetModelMetadata, message, timeout))
 
     async def list_models(
         self,
@@ -161,8 +162,8 @@ class AsyncInferenceClient(InferenceClientBase):
         *,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> list[ModelVersionStatus]:
-        request = pb.ListModelsRequest(model=model)
-        return parse_list_models(await self._call(self._connect().ListModels, request, timeout))
+        message = request(pb.ListModelsRequest, model=model)
+        return parse_list_models(await self._call(self._connect().ListModels, message, timeout))
 
     async def statistics(
         self,
@@ -171,9 +172,9 @@ class AsyncInferenceClient(InferenceClientBase):
         version: int | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> list[ModelStatistics]:
-        request = pb.GetModelStatisticsRequest(model=model, version=version or 0)
+        message = request(pb.GetModelStatisticsRequest, model=model, version=version or 0)
         return parse_statistics(
-            await self._call(self._connect().GetModelStatistics, request, timeout)
+            await self._call(self._connect().GetModelStatistics, message, timeout)
         )
 
     async def ready(

@@ -49,7 +49,7 @@ from ferry.client._conversion_types import (
 from ferry.client._errors import ConversionError, InvalidInputError, from_rpc_error
 from ferry.client._management import ManagementClient
 from ferry.client._module_upload import from_module
-from ferry.client._requests import check_timeout, status_code
+from ferry.client._requests import check_timeout, request, status_code
 from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
 
@@ -343,6 +343,8 @@ class ConversionClient(ManagementClient):
             raise InvalidInputError(f"limit must be a whole number or None, not {limit!r}")
         if limit is not None and limit < 1:
             raise InvalidInputError(f"limit must be at least 1 (None: all), not {limit}")
+        if model is not None and not isinstance(model, str):
+            raise InvalidInputError(f"model must be a name (str) or None, not {model!r}"[:200])
         got, token = 0, ""
         asked = {token}
         while True:
@@ -364,7 +366,7 @@ class ConversionClient(ManagementClient):
         """Remove an upload's file from the server. Refused (``ConversionError``,
         FAILED_PRECONDITION) while a queued or running job reads it."""
         upload_id = upload.upload_id if isinstance(upload, Upload) else upload
-        self._call(self._stub.DeleteUpload, pb.DeleteUploadRequest(upload_id=upload_id))
+        self._call(self._stub.DeleteUpload, request(pb.DeleteUploadRequest, upload_id=upload_id))
 
     # ---- jobs ----
     def convert(
@@ -436,7 +438,7 @@ class ConversionClient(ManagementClient):
         return self._job(self._call(self._stub.Convert, request))
 
     def job(self, job_id: str) -> Job:
-        return self._job(self._call(self._stub.GetJob, pb.GetJobRequest(job_id=job_id)))
+        return self._job(self._call(self._stub.GetJob, request(pb.GetJobRequest, job_id=job_id)))
 
     def list_jobs(self, model: str | None = None, *, limit: int | None = 100) -> list[Job]:
         """Newest first, at most ``limit`` (None: all of them), as ``list_uploads``."""
@@ -444,13 +446,15 @@ class ConversionClient(ManagementClient):
         return [self._job(j) for page in pages for j in page]
 
     def cancel(self, job_id: str) -> Job:
-        return self._job(self._call(self._stub.CancelJob, pb.CancelJobRequest(job_id=job_id)))
+        return self._job(
+            self._call(self._stub.CancelJob, request(pb.CancelJobRequest, job_id=job_id))
+        )
 
     def watch(self, job_id: str, *, timeout: float | None = None) -> Iterator[ProgressEvent]:
         self._check_open()
         timeout = check_timeout(timeout)
         stream = self._stub.WatchJob(
-            pb.WatchJobRequest(job_id=job_id), timeout=timeout, metadata=self._metadata
+            request(pb.WatchJobRequest, job_id=job_id), timeout=timeout, metadata=self._metadata
         )
         try:
             for event in stream:
@@ -463,16 +467,16 @@ class ConversionClient(ManagementClient):
     # ---- versions ----
     def get_model(self, name: str) -> ModelInfo:
         """Every version of the model on disk, with its state and conversion report."""
-        return parse_model(self._call(self._stub.GetModel, pb.GetModelRequest(model=name)))
+        return parse_model(self._call(self._stub.GetModel, request(pb.GetModelRequest, model=name)))
 
     def delete_version(self, name: str, version: int) -> None:
-        request = pb.DeleteModelVersionRequest(model=name, version=version)
-        self._call(self._stub.DeleteModelVersion, request)
+        message = request(pb.DeleteModelVersionRequest, model=name, version=version)
+        self._call(self._stub.DeleteModelVersion, message)
 
     def set_default_version(self, name: str, version: int | None) -> ModelInfo:
         """Pin requests without a version to ``version`` (None: the highest served one)."""
-        request = pb.SetDefaultVersionRequest(model=name, version=version or 0)
-        return parse_model(self._call(self._stub.SetDefaultVersion, request).model)
+        message = request(pb.SetDefaultVersionRequest, model=name, version=version or 0)
+        return parse_model(self._call(self._stub.SetDefaultVersion, message).model)
 
     def _job(self, m: pb.Job) -> Job:
         error = m.error if m.HasField("error") else None

@@ -6,6 +6,7 @@ copy of ``grpc.health.v1`` would clash with grpcio-health-checking's in the desc
 
 from __future__ import annotations
 
+from ferry.client._errors import InvalidInputError
 from ferry.client._wire import read_varint
 from ferry.codec._wire import encode_varint
 
@@ -16,7 +17,12 @@ SERVICE_UNKNOWN = 3
 
 
 def encode_check_request(service: str) -> bytes:
-    raw = service.encode("utf-8")
+    if not isinstance(service, str):  # ready(1) raised AttributeError ('int' ... 'encode')
+        raise InvalidInputError(f"model must be a name (str), got {type(service).__name__}")
+    try:
+        raw = service.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate
+        raise InvalidInputError(f"model name is not encodable as UTF-8: {exc.reason}") from None
     if not raw:
         return b""
     return b"\x0a" + encode_varint(len(raw)) + raw

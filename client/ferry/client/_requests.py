@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 import uuid
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -348,6 +348,22 @@ def check_timeout(timeout: object, error: type[Exception] = InvalidInputError) -
             f"got {timeout!r}"
         )
     return float(timeout)
+
+
+M = TypeVar("M")
+
+
+def request(cls: Callable[..., M], **fields: Any) -> M:
+    """``cls(**fields)``, a request message built from a caller's arguments. protobuf refuses
+    a value its field cannot hold with its own ValueError ("Value out of range: 2**64", for a
+    version) or TypeError ("bad argument type for built-in operation", for a model given as an
+    int): raised from the SDK's calls as such, they named neither the call nor the argument."""
+    try:
+        return cls(**fields)
+    except (ValueError, TypeError) as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        name = getattr(cls, "__name__", "request")
+        raise InvalidInputError(f"{name}({given}): {exc}"[:500]) from None
 
 
 def new_request_id() -> str:

@@ -20,6 +20,7 @@ from ferry.client._requests import (
     parse_list_models,
     parse_metadata,
     parse_statistics,
+    request,
 )
 from ferry.client._retry import call_with_retry
 from ferry.client._stream import DEFAULT_MAX_IN_FLIGHT, InferStream, InputItem, StreamResult
@@ -122,7 +123,7 @@ class InferenceClient(InferenceClientBase):
     ) -> ModelMetadata:
         m = self._call(
             self._stub.GetModelMetadata,
-            pb.GetModelMetadataRequest(model=model, version=version or 0),
+            request(pb.GetModelMetadataRequest, model=model, version=version or 0),
             timeout,
         )
         return parse_metadata(m)
@@ -130,7 +131,9 @@ class InferenceClient(InferenceClientBase):
     def list_models(
         self, model: str = "", *, timeout: float | None = None
     ) -> list[ModelVersionStatus]:
-        resp = self._call(self._stub.ListModels, pb.ListModelsRequest(model=model), timeout)
+        resp = self._call(
+            self._stub.ListModels, request(pb.ListModelsRequest, model=model), timeout
+        )
         return parse_list_models(resp)
 
     def statistics(
@@ -138,7 +141,7 @@ class InferenceClient(InferenceClientBase):
     ) -> list[ModelStatistics]:
         resp = self._call(
             self._stub.GetModelStatistics,
-            pb.GetModelStatisticsRequest(model=model, version=version or 0),
+            request(pb.GetModelStatisticsRequest, model=model, version=version or 0),
             timeout,
         )
         return parse_statistics(resp)
@@ -249,11 +252,11 @@ class RepositoryClient(ManagementClient):
 
     def load_model(self, model: str) -> None:
         """Load (or reload) one model's versions per its config and version policy."""
-        self._call(self._stub.LoadModel, rpb.LoadModelRequest(model=model))
+        self._call(self._stub.LoadModel, request(rpb.LoadModelRequest, model=model))
 
     def unload_model(self, model: str) -> None:
         """Stop serving a model; its files stay in the repository."""
-        self._call(self._stub.UnloadModel, rpb.UnloadModelRequest(model=model))
+        self._call(self._stub.UnloadModel, request(rpb.UnloadModelRequest, model=model))
 
     def set_rollout(
         self,
@@ -289,7 +292,9 @@ class RepositoryClient(ManagementClient):
         return _rollout(self._call(self._stub.SetRollout, request))
 
     def get_rollout(self, model: str) -> Rollout:
-        return _rollout(self._call(self._stub.GetRollout, rpb.GetRolloutRequest(model=model)))
+        return _rollout(
+            self._call(self._stub.GetRollout, request(rpb.GetRolloutRequest, model=model))
+        )
 
 
 def _rollout(message: rpb.Rollout) -> Rollout:
