@@ -116,6 +116,23 @@ def test_client_infer_many_with_named_items(client: InferenceClient) -> None:
     assert all(isinstance(r, InferResult) and r.id == rid for rid, r in got.items())
 
 
+def test_an_item_that_is_neither_inputs_nor_a_pair_is_invalid_input(
+    client: InferenceClient, server: Any
+) -> None:
+    """A tuple of three raised a bare ValueError ("too many values to unpack")."""
+    items = [("a", batch(0)), ("b", batch(1), "extra")]
+    with pytest.raises(InvalidInputError, match="item 1 is a tuple of 3"):
+        list(client.infer_many("mlp", items))
+
+    async def run() -> None:
+        async with AsyncInferenceClient(server.target) as aclient:
+            with pytest.raises(InvalidInputError, match="item 1 is a tuple of 3"):
+                async for _ in aclient.infer_many("mlp", items):
+                    pass
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("bad", [None, True, 1.5, "4"])
 def test_max_in_flight_that_is_not_a_count_is_refused(client: InferenceClient, bad: Any) -> None:
     """None raised a bare TypeError from a comparison; True and 1.5 were taken."""

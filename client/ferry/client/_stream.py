@@ -73,6 +73,11 @@ WAKE: Final = Marker("WAKE")  # close() was called: re-check whether to stop wai
 def item_of(index: int, item: InputItem) -> tuple[str, Inputs]:
     """An ``infer_many`` item: inputs (id = its position) or ``(id, inputs)``."""
     if isinstance(item, tuple):
+        if len(item) != 2:  # unpacking raised a bare "too many values to unpack"
+            raise InvalidInputError(
+                f"infer_many item {index} is a tuple of {len(item)}: give inputs, or an "
+                "(id, inputs) pair"
+            )
         rid, inputs = item
         return str(rid), inputs
     return str(index), item
