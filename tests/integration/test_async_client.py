@@ -16,6 +16,7 @@ import pytest
 
 from ferry.client import (
     AsyncInferenceClient,
+    ClientClosedError,
     ConnectionError_,
     InferenceClient,
     InferResult,
@@ -156,6 +157,28 @@ def test_async_client_built_outside_the_loop_works_inside_it(server: Any) -> Non
             await client.close()
 
     assert asyncio.run(main()) == 12
+
+
+def test_an_async_client_serves_one_asyncio_run_after_another(server: Any) -> None:
+    """The channel stayed bound to the first run's loop: the second asyncio.run raised
+    RuntimeError ("Event loop is closed")."""
+    client = AsyncInferenceClient(server.target, timeout=30)
+    x = {"input": np.zeros((1, 64), np.float32)}
+
+    async def once() -> str:
+        return (await client.infer("mlp", x)).model
+
+    async def streamed() -> list[str]:
+        async with client.stream("mlp") as stream:
+            await stream.submit(x)
+            return [type(answer).__name__ async for _, answer in stream.results()]
+
+    assert asyncio.run(once()) == "mlp"
+    assert asyncio.run(once()) == "mlp"
+    assert asyncio.run(streamed()) == ["InferResult"]
+    asyncio.run(client.close())  # from yet another loop: the channel's has ended
+    with pytest.raises(ClientClosedError):
+        asyncio.run(once())
 
 
 def test_inputs_accept_lists_scalars_and_torch_tensors(client: InferenceClient) -> None:

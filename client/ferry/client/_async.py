@@ -73,12 +73,19 @@ class AsyncInferenceClient(InferenceClientBase):
 
     def _open(self) -> None:
         """Nothing yet: the channel must be made inside the loop that will use it."""
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     def _connect(self) -> Any:
-        """The stub, binding a channel on this loop first if there is none."""
+        """The stub, binding a channel on this loop first if there is none, or if the channel
+        was made on a loop that has ended: a client used by a second ``asyncio.run`` raised
+        RuntimeError ("Event loop is closed") from its first loop's channel. (A channel of a
+        loop still running is kept: grpc.aio channels are not for two live loops at once.)"""
         self._check_open()
-        if self._channel is None:
+        loop = asyncio.get_running_loop()
+        ended = self._loop is not None and self._loop is not loop and self._loop.is_closed()
+        if self._channel is None or ended:
             self._bind(create_aio_channel(self.channel_config))
+            self._loop = loop
         return self._stub
 
     async def _call(
@@ -247,7 +254,9 @@ class AsyncInferenceClient(InferenceClientBase):
         """Close the channel; later calls raise ``ClientClosedError``. Closing twice is harmless."""
         self._closed = True
         if self._channel is not None:
-            await self._channel.close()
+            if self._loop is asyncio.get_running_loop():
+                await self._channel.close()
+            # else: its loop has ended (or is another one): it cannot be closed from here
             self._channel = None
             self._stub = None
 
