@@ -265,3 +265,16 @@ def test_other_calls_refuse_arguments_their_message_cannot_hold() -> None:
                     await call()
 
     asyncio.run(run())
+
+
+def test_an_upload_of_a_device_or_a_missing_path_is_refused() -> None:
+    """ConversionClient.upload("/dev/zero", format="onnx") read the device to measure it: it
+    never returned. A missing path raised FileNotFoundError, which is no FerryError. No server
+    listens here: nothing is sent."""
+    from ferry.client import ConversionClient
+
+    with ConversionClient("127.0.0.1:1") as client:
+        with pytest.raises(InvalidInputError, match="is not a regular file or folder"):
+            client.upload("m", "/dev/zero", format="onnx")
+        with pytest.raises(InvalidInputError, match="does not exist"):
+            client.upload("m", "/no/such/model.onnx")

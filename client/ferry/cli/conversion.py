@@ -286,7 +286,8 @@ def register(sub: Any) -> None:
 
 def _upload(client: ConversionClient, model: str, path: Path, args: argparse.Namespace) -> Upload:
     if not path.is_file() and not path.is_dir():
-        raise UsageError(f"{path}: no such file or folder")
+        what = "not a regular file or folder" if path.exists() else "no such file or folder"
+        raise UsageError(f"{path}: {what}")
     return client.upload(
         model,
         path,

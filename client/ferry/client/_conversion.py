@@ -517,6 +517,11 @@ def _path_source(path: Path, format: str | None) -> tuple[Path, str, Path | None
     if path.is_dir():
         archive = pack_folder(path)
         return archive, format or ARCHIVE_FORMAT, archive
+    if not path.is_file():
+        # A device or pipe (/dev/zero) was read to its end to be measured: forever. A missing
+        # path raised FileNotFoundError, which is no FerryError.
+        what = "is not a regular file or folder" if path.exists() else "does not exist"
+        raise InvalidInputError(f"cannot upload {str(path)!r}: it {what}")
     fmt = format or SUFFIX_FORMATS.get(path.suffix.lower(), "")
     if fmt == "onnx" and path.is_file():
         locations = external_locations(path)
