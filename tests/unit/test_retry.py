@@ -296,3 +296,10 @@ def test_tls_options_and_validation(tmp_path) -> None:  # type: ignore[no-untype
     for bad in ({"max_message_bytes": 0}, {"keepalive_time": 0}, {"token": "a\nb"}):
         with pytest.raises(ValueError):
             ChannelConfig(**bad)  # type: ignore[arg-type]
+
+
+def test_a_certificate_path_is_read_within_a_bound() -> None:
+    """TLSConfig(ca_cert="/dev/zero") read the device until memory ran out (`ferry infer
+    --tls-ca /dev/zero`); a bounded read refuses it."""
+    with pytest.raises(ValueError, match="is over 16,777,216 bytes"):
+        TLSConfig(ca_cert="/dev/zero").credentials()

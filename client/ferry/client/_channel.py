@@ -17,7 +17,6 @@ import ipaddress
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -31,16 +30,29 @@ Metadata = tuple[tuple[str, str], ...]
 PemSource = str | os.PathLike[str] | bytes
 
 
+# Far above any certificate bundle (a system's whole CA store is a few hundred KB).
+MAX_PEM_BYTES = 16 * 1024 * 1024
+
+
 def _read_pem(source: PemSource | None, what: str) -> bytes | None:
-    """Bytes are taken as PEM; anything else is a path, read now so that a typo fails here."""
+    """Bytes are taken as PEM; anything else is a path, read now so that a typo fails here.
+    The read is bounded: ``--tls-ca /dev/zero`` (or any endless source) took all memory;
+    a pipe (``<(...)``) still works."""
     if source is None or isinstance(source, bytes):
         return source
     try:
-        return Path(source).read_bytes()
+        with open(source, "rb") as fh:
+            data = fh.read(MAX_PEM_BYTES + 1)
     except OSError as exc:
         raise ValueError(
             f"cannot read the {what} from {os.fspath(source)!r}: {exc.strerror}"
         ) from None
+    if len(data) > MAX_PEM_BYTES:
+        raise ValueError(
+            f"the {what} at {os.fspath(source)!r} is over {MAX_PEM_BYTES:,} bytes: "
+            "not a PEM certificate or key"
+        )
+    return data
 
 
 @dataclass(frozen=True)
