@@ -23,7 +23,9 @@ constexpr int kNumCodes = 17;
 static_assert(sizeof(kCodeNames) / sizeof(kCodeNames[0]) == kNumCodes, "one name per code");
 
 // Log-linear histogram of microseconds: exact below 256 us, then 128 buckets per power of two
-// (under 1% error), bounded memory whatever the run length. Values past 2^40 us are clamped.
+// (under 1% error), bounded memory whatever the run length. Values from 2^40 us are clamped
+// to 2^40 - 1, the last value the buckets hold (the clamp was 2^41 - 1, whose buckets lie past
+// the end of counts_: a write out of bounds).
 class Histogram {
  public:
   static constexpr int kSubBits = 7;
@@ -35,7 +37,7 @@ class Histogram {
 
   void Add(int64_t us) {
     if (us < 0) us = 0;
-    const int64_t cap = (int64_t{1} << (kMaxMsb + 1)) - 1;
+    const int64_t cap = (int64_t{1} << kMaxMsb) - 1;
     if (us > cap) us = cap;
     ++counts_[Index(static_cast<uint64_t>(us))];
     ++total_;
