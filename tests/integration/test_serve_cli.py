@@ -170,6 +170,34 @@ def test_a_state_dir_that_is_a_file_stops_the_start_with_one_line(tmp_path: Path
     assert state.read_text() == "not a folder"
 
 
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"management": ""}, "the management token file"),
+        ({"inference": "one\ntwo\n"}, "must be one line"),
+        ({"inference": "same\n", "management": "same\n"}, "tokens are equal"),
+    ],
+    ids=["empty", "two-lines", "equal"],
+)
+def test_a_bad_token_file_stops_the_start_with_one_line(
+    tmp_path: Path, files: dict[str, str], expected: str
+) -> None:
+    """What a token file holds is read at start, after the settings were built: an empty one
+    was a ValueError traceback."""
+    (tmp_path / "repo").mkdir()
+    args = [FERRY, "serve", "--repository", str(tmp_path / "repo"), "--host", "127.0.0.1"]
+    args += ["--port", "0", "--management-port", "0", "--metrics-port", "-1"]
+    args += ["--http-port", "-1", "--management-http-port", "-1"]
+    for listener, text in files.items():
+        (tmp_path / listener).write_text(text)
+        args += [f"--{listener}-token-file", str(tmp_path / listener)]
+    r = subprocess.run(args, capture_output=True, text=True, timeout=120, env=_env(), check=False)
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("ferry serve: ") and expected in lines[0]
+
+
 def test_serve_without_the_server_extra_says_which_to_install() -> None:
     """The SDK alone installed: no traceback, the extra to install."""
     code = (

@@ -37,7 +37,7 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(FerryServer(settings).run_until_signal())
-    except OSError as exc:
+    except (OSError, SettingsError) as exc:  # a port in use, a bad token or certificate file
         print(f"ferry serve: {exc}", file=sys.stderr)
         return 1
     except FerryError as exc:  # e.g. a missing repository folder

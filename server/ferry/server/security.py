@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ferry.server.settings import SettingsError
+
 if TYPE_CHECKING:
     from ferry.server.settings import Settings
 
@@ -109,19 +111,19 @@ def _token(value: str, file: str, what: str) -> bytes | None:
         except OSError as exc:
             raise OSError(f"cannot read the {what} token file {file!r}: {exc.strerror}") from None
         except UnicodeDecodeError:
-            raise ValueError(f"the {what} token file {file!r} is not UTF-8 text") from None
+            raise SettingsError(f"the {what} token file {file!r} is not UTF-8 text") from None
         value = value.strip()  # files end with a newline; a token never has surrounding spaces
         if not value:
-            raise ValueError(f"the {what} token file {file!r} is empty")
+            raise SettingsError(f"the {what} token file {file!r} is empty")
     if not value:
         return None
     if any(c in value for c in "\r\n\0") or len(value) > 4096:
-        raise ValueError(f"the {what} token must be one line of at most 4096 characters")
+        raise SettingsError(f"the {what} token must be one line of at most 4096 characters")
     # What a client can send: gRPC metadata and HTTP headers carry printable ASCII, and the
     # server strips the spaces around a credential. A token outside that (a trailing space from
     # an .env file, a tab, an accented letter) matched no request: every caller was refused.
     if value != value.strip() or not all(" " <= c <= "~" for c in value):
-        raise ValueError(
+        raise SettingsError(
             f"the {what} token must be printable ASCII (letters, digits, punctuation; what a "
             "gRPC or HTTP client can send) with no spaces around it: check the environment "
             "variable or token file for stray spaces, tabs or non-ASCII characters"
@@ -130,13 +132,16 @@ def _token(value: str, file: str, what: str) -> bytes | None:
 
 
 def load_tokens(s: Settings) -> Tokens:
-    """Read the tokens (files now, at start, so a rotated file is picked up by a restart)."""
+    """Read the tokens (files now, at start, so a rotated file is picked up by a restart).
+
+    What a file holds is only known here, after the settings were built, so a bad token is a
+    ``SettingsError`` too: ``ferry serve`` prints it as one line instead of a traceback."""
     tokens = Tokens(
         _token(s.inference_token, s.inference_token_file, "inference"),
         _token(s.management_token, s.management_token_file, "management"),
     )
     if tokens.inference is not None and tokens.inference == tokens.management:
-        raise ValueError(
+        raise SettingsError(
             "the inference and management tokens are equal: use different tokens, or the "
             "inference token would also grant model management"
         )
