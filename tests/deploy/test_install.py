@@ -8,21 +8,23 @@ from __future__ import annotations
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import pytest
 import recipe
 from helpers import WAIT_S, make_repo
 
 from ferry.server.cli import build_parser
+from ferry.server.convert.service import default_state_dir
 from ferry.server.examples import seed_model
-from ferry.server.settings import Settings
+from ferry.server.settings import Settings, from_args
 
 VENV_IN_IMAGE = "/opt/ferry/venv"
 SRC_IN_IMAGE = "/src"
@@ -64,6 +66,37 @@ def test_entry_point_command_and_health_check_are_exec_form_with_real_flags(imag
     expose = (recipe.inherited(STAGES, image, "EXPOSE") or "").split()
     assert expose == [str(Settings.port), str(Settings.metrics_port)]
     assert check[check.index("--address") + 1] == f"127.0.0.1:{Settings.port}"
+
+
+@pytest.mark.parametrize("image", IMAGES)
+def test_the_folders_the_command_writes_are_made_for_the_image_user(image: str) -> None:
+    """The CMD's repository and the state folder the server derives from it when no
+    --state-dir is given (<repository>.ferry, beside it) must exist and belong to USER: the
+    user cannot create a folder in /, and the image's own command stopped with "cannot create
+    the state folder /models.ferry"."""
+    cmd = recipe.exec_form(recipe.inherited(STAGES, image, "CMD"))
+    settings = from_args(build_parser().parse_args(cmd))
+    repository = PurePosixPath(str(settings.repository))
+    state = PurePosixPath(settings.state_dir or f"{repository}.ferry")
+    assert state == PurePosixPath(str(default_state_dir(Path(repository))))
+    user = recipe.inherited(STAGES, image, "USER")
+    assert user is not None
+    runs: list[str] = []
+    stage: recipe.Stage | None = STAGES[image]
+    while stage is not None:
+        runs += stage.all("RUN")
+        stage = STAGES.get(stage.parent)
+    made: set[str] = set()
+    owned: set[str] = set()
+    for run in runs:
+        for step in run.split("&&"):
+            words = shlex.split(step)
+            if words[:1] == ["mkdir"]:
+                made.update(w for w in words[1:] if not w.startswith("-"))
+            if words[:1] == ["chown"] and words[1] in (user, user.partition(":")[0]):
+                owned.update(words[2:])
+    for folder in (str(repository), str(state)):
+        assert folder in made and folder in owned, f"{image}: create and chown {folder} to {user}"
 
 
 def test_the_slim_image_is_pid_1_itself_and_the_full_one_runs_tini() -> None:
