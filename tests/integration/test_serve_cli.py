@@ -118,6 +118,68 @@ def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
             proc.wait()
 
 
+# The server, with each model's session opening held until a file exists: a start-up load
+# that is still running when SIGTERM arrives, without timing.
+_HELD_LOAD = """
+import sys, time
+from pathlib import Path
+import ferry.server.grpc.app as app
+from ferry.server.cli import main
+
+release, opened = Path(sys.argv[1]), Path(sys.argv[2])
+original = app.open_session
+
+def held(path, config, **kw):
+    with opened.open("a") as f:
+        f.write(path.parent.parent.name + "\\n")
+    print("opening " + path.parent.parent.name, file=sys.stderr, flush=True)
+    while not release.exists():
+        time.sleep(0.01)
+    return original(path, config, **kw)
+
+app.open_session = held
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def test_sigterm_during_the_start_up_load_stops_without_loading_the_rest(tmp_path: Path) -> None:
+    """A large repository takes minutes to load; SIGTERM then waited for all of it, past any
+    termination grace period, and the process was killed. Now the loads not yet begun are
+    given up and the server exits 0 without ever serving."""
+    models = {f"m{i}": seed_model() for i in range(8)}
+    root = make_repo(tmp_path / "repo", models)
+    release, opened = tmp_path / "release", tmp_path / "opened"
+    args = [f"--repository={root}", "--host=127.0.0.1", "--port=0", "--management-port=-1"]
+    args += ["--metrics-port=-1", "--http-port=-1", "--management-http-port=-1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HELD_LOAD, str(release), str(opened), *args],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        env=_env(),
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr or ()], daemon=True).start()
+    seen: list[str] = []
+    try:
+        while not any(line.startswith("opening ") for line in seen):
+            seen.append(lines.get(timeout=WAIT_S))  # bounded: the load starts at once
+        proc.send_signal(signal.SIGTERM)
+        while not any("shutting down" in line for line in seen):
+            seen.append(lines.get(timeout=WAIT_S))
+        release.touch()  # the loads already running may finish now
+        assert proc.wait(timeout=WAIT_S) == 0, seen
+    finally:
+        release.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    while not lines.empty():
+        seen.append(lines.get())
+    assert not any("ferry serving" in line for line in seen), seen
+    assert len(opened.read_text().split()) < len(models), "the rest of the load was given up"
+
+
 def test_a_missing_repository_stops_the_start_with_one_line(tmp_path: Path) -> None:
     """A typo in --repository must not start a server that serves nothing."""
     missing = tmp_path / "no-such-folder"

@@ -133,6 +133,8 @@ class FerryServer:
         self._management_health: health.aio.HealthServicer | None = None
         self._management_services: list[str] = []
         self._stopped = asyncio.Event()
+        # Set by SIGTERM/SIGINT (run_until_signal): a start-up load still running gives up.
+        self._stop_requested = asyncio.Event()
         self.fleet: WorkerFleet | None = None
         self._load_seconds = 0.0  # the first process's start-up load, timed
         self._control: aio.Server | None = None
@@ -189,7 +191,8 @@ class FerryServer:
             # connections at once, and they were answered MODEL_NOT_READY, an empty
             # ModelStatistics and a not-ready health check by a server that was serving.
             self.registry.keep_unloaded(unloaded_by_parent())
-            await self._load_repository()
+            if not await self._load_unless_stopped():
+                return
         # Inference listener.
         guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
         server = new_server(self._options(inference=True), [guard])
@@ -249,7 +252,8 @@ class FerryServer:
         if not self.is_worker:
             self.registry.add_listener(self._prune.request)
             began = time.monotonic()
-            await self._load_repository()
+            if not await self._load_unless_stopped():
+                return  # stopped during the load: run_until_signal stops what did start
             self._load_seconds = time.monotonic() - began  # the workers' start-up bound
         if self.workers > 1:
             await self._start_workers()
@@ -271,6 +275,28 @@ class FerryServer:
             self.management_http_port,
             self.metrics_port,
         )
+
+    async def _load_unless_stopped(self) -> bool:
+        """The start-up load, given up when SIGTERM/SIGINT arrives meanwhile (False). The
+        signal otherwise waited for the whole load, minutes for a large repository: far past
+        a pod's termination grace period, so the kubelet killed the process instead."""
+        load = asyncio.ensure_future(self._load_repository())
+        stop = asyncio.ensure_future(self._stop_requested.wait())
+        try:
+            await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            load.cancel()
+            raise
+        finally:
+            stop.cancel()
+        if load.done():
+            load.result()
+            return True
+        log.info("stopping during the start-up load: the models not yet loaded are not loaded")
+        load.cancel()  # the registry's refresh stops its syncs; loads already running finish
+        with contextlib.suppress(asyncio.CancelledError):
+            await load
+        return False
 
     async def _load_repository(self) -> None:
         """The start-up load, after which readiness means the required models (settle)."""
@@ -490,7 +516,7 @@ class FerryServer:
 
     async def run_until_signal(self) -> None:
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
+        stop = self._stop_requested
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
