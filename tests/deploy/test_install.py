@@ -16,6 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 import pytest
 import recipe
@@ -97,6 +98,20 @@ def test_the_folders_the_command_writes_are_made_for_the_image_user(image: str) 
                 owned.update(words[2:])
     for folder in (str(repository), str(state)):
         assert folder in made and folder in owned, f"{image}: create and chown {folder} to {user}"
+
+
+@pytest.mark.parametrize(("image", "healthy"), [("serve", False), ("convert", True)])
+def test_the_health_check_on_an_empty_repository(
+    image: str, healthy: bool, tmp_path: Path, start_server: Any
+) -> None:
+    """A serving replica with no model must take no traffic (unhealthy); the control plane
+    starts with an empty repository and fills it, so its check asks only that it answers."""
+    srv = start_server(tmp_path / "repo")
+    check = recipe.healthcheck_command(STAGES, image)
+    argv = [sys.executable if w == f"{VENV_IN_IMAGE}/bin/python" else w for w in check]
+    argv += ["--address", srv.target]  # the image's port is ephemeral here
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert (r.returncode == 0) == healthy, r.stdout + r.stderr
 
 
 def test_the_slim_image_is_pid_1_itself_and_the_full_one_runs_tini() -> None:
