@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import subprocess
 import sys
 import threading
 import zipfile
@@ -550,6 +551,65 @@ def test_restart_fails_interrupted_jobs_and_keeps_finished_ones(
     x = np.zeros((1, 8), np.float32)
     assert infer(srv2, "kept", x).version == 1
     assert [j.id for j in conv2.list_jobs()] == ["e" * 32, "d" * 32, "c" * 32, finished.id]
+
+
+# A server in a process of its own (so that it can be SIGKILLed) whose publish stops for good
+# just before or just after the rename that makes the staging folder a version.
+PAUSED_PUBLISH_SERVER = r"""
+import sys, threading
+from pathlib import Path
+from serverutil import ServerThread
+from ferry.server.core.repository import ModelRepository
+where, repo, child = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
+rename = ModelRepository.publish
+def paused(self, *args, **kwargs):
+    if where == "after":
+        rename(self, *args, **kwargs)
+    print("PAUSED", flush=True)
+    threading.Event().wait()
+ModelRepository.publish = paused
+srv = ServerThread(repo).start()
+srv.app.conversion.runner.child_command = child
+print(srv.management_target, flush=True)
+threading.Event().wait()
+"""
+
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_a_server_killed_mid_publish_reports_what_was_published(
+    start: Start, tmp_path: Path, fake_child: list[str], where: str
+) -> None:
+    """SIGKILL around the rename: after it, the job is SUCCEEDED with the version that serves
+    (it said FAILED "convert again", and converting again published the model twice); before
+    it, FAILED with nothing published."""
+    script = tmp_path / "server.py"
+    script.write_text(PAUSED_PUBLISH_SERVER)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    args = [sys.executable, str(script), where, str(tmp_path / "repo"), *fake_child]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert proc.stdout is not None
+        target = proc.stdout.readline().strip()
+        assert target, "the server did not start"
+        with ConversionClient(target, timeout=60) as conv:
+            job = convert_fake(conv, "m", "ok")
+            assert proc.stdout.readline().strip() == "PAUSED"
+    finally:
+        proc.kill()
+        proc.wait()
+
+    _, conv2 = start()
+    after = conv2.job(job.id)
+    if where == "after":
+        assert (after.state, after.version) == ("SUCCEEDED", 1)
+        assert "published as m version 1" in after.message
+        assert after.report is not None and after.report.published == "fp32"
+        info = conv2.get_model("m")
+        assert [(v.version, v.job_id) for v in info.versions] == [(1, job.id)]
+    else:
+        assert (after.state, after.error_kind, after.version) == ("FAILED", "UNAVAILABLE", None)
+        assert not (tmp_path / "repo" / "m").exists()
+    assert leftovers(tmp_path) == []
 
 
 def test_stopping_the_server_fails_running_jobs(start: Start, tmp_path: Path) -> None:

@@ -298,6 +298,7 @@ class JobRunner:
                     model_states_batch=self._model_states_batch(job.model),
                     job_batch=contract.spec.max_batch_size,
                 )
+                await asyncio.to_thread(publish.note_publishing, Path(job.job_dir), staged)
                 version, note = await publish.publish(
                     self.repository,
                     self.registry,

@@ -35,6 +35,8 @@ log = logging.getLogger("ferry.convert")
 # The history entry of the pin a shadow publish sets first; the last entry only when the
 # publish did not finish (stopped by a restart): see ``interrupted_pin``.
 PIN_REASON = "pinned while a candidate is published"
+# In the job's folder, written just before the rename: see ``note_publishing``.
+PUBLISHING_FILE = "publishing.json"
 
 
 async def publish(
@@ -165,6 +167,40 @@ def _prepare(staged: Path, serving_config: dict[str, Any]) -> None:
     if serving_config:
         text = json.dumps(serving_config, indent=2, sort_keys=True) + "\n"
         write_file_atomic(staged / VERSION_CONFIG_FILE, text.encode())
+
+
+def note_publishing(job_dir: Path, staged: Path) -> None:
+    """Record, before the rename that makes ``staged`` a version, which folder and model file
+    it is (device and inode: a rename keeps both). A server killed between that rename and the
+    job's SUCCEEDED row reported a serving version as FAILED "convert again", and converting
+    again published it twice; a restart reads this note (``published_version``) instead."""
+    ids = {"folder": _identity(staged), "model": _identity(staged / MODEL_FILE)}
+    write_file_atomic(job_dir / PUBLISHING_FILE, json.dumps(ids).encode())
+
+
+def published_version(repository: ModelRepository, model: str, job_dir: Path) -> int:
+    """The version the job's staging folder became before a restart stopped the job (the
+    version whose folder and model file are the ones ``note_publishing`` recorded); 0 when
+    the job had not reached the rename, or the note cannot be read."""
+    try:
+        ids = json.loads((job_dir / PUBLISHING_FILE).read_text(encoding="utf-8"))
+        folder, model_file = tuple(ids["folder"]), tuple(ids["model"])
+        numbers = repository.list_versions(model)
+    except (OSError, ValueError, KeyError, TypeError, FerryError):
+        return 0
+    for version in numbers:
+        vdir = repository.version_dir(model, version)
+        try:
+            if _identity(vdir) == folder and _identity(vdir / MODEL_FILE) == model_file:
+                return version
+        except OSError:
+            continue
+    return 0
+
+
+def _identity(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
 
 
 def interrupted_pin(repository: ModelRepository, model: str) -> str:

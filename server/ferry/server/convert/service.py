@@ -32,7 +32,7 @@ from ferry.server.convert import (
     validation,
 )
 from ferry.server.convert.jobs import JobRunner, staging_key
-from ferry.server.convert.publish import interrupted_pin
+from ferry.server.convert.publish import interrupted_pin, published_version
 from ferry.server.convert.store import (
     EventRecord,
     JobRecord,
@@ -41,10 +41,16 @@ from ferry.server.convert.store import (
     UploadRecord,
     now_ms,
 )
+from ferry.server.convert.summary import published_line
 from ferry.server.core import versions
 from ferry.server.core.config import ModelConfig, load_config
 from ferry.server.core.registry import ModelRegistry
-from ferry.server.core.repository import TMP_PREFIX, ModelRepository, validate_model_name
+from ferry.server.core.repository import (
+    TMP_PREFIX,
+    ModelRepository,
+    read_report,
+    validate_model_name,
+)
 from ferry.server.errors import FailedPrecondition, FerryError, InvalidArgument, Unavailable
 from ferry.server.settings import Settings
 
@@ -117,6 +123,8 @@ class ConversionService:
                     "--state-dir at a folder this user can write"
                 ) from None
         self._store = JobStore(state / DB_FILE)
+        for job in self._store.jobs_in(JobState.RUNNING):
+            self._recover_published(job, state / "jobs")
         for job in self._store.fail_interrupted(RESTARTED):
             log.warning("conversion job %s was interrupted by a restart: marked FAILED", job.job_id)
             self._remove_work_dir(job)
@@ -154,6 +162,35 @@ class ConversionService:
         if self._store is not None:
             self._store.close()
             self._store = None
+
+    def _recover_published(self, job: JobRecord, jobs_dir: Path) -> None:
+        """A job the restart stopped after its version was published ends SUCCEEDED with that
+        version (publish.note_publishing), not FAILED with "convert again", which would
+        publish the same model a second time."""
+        job_dir = Path(job.job_dir)
+        if not job.job_dir or job_dir.parent != jobs_dir:  # from the database: checked
+            return
+        version = published_version(self.repository, job.model, job_dir)
+        if not version:
+            return
+        report = read_report(self.repository.version_dir(job.model, version))
+        summary = published_line(report)
+        message = f"published as {job.model} version {version}"
+        message += f": {summary}" if summary else ""
+        message += " (the server restarted as the job finished)"
+        self.store.finish(
+            job.job_id,
+            JobState.SUCCEEDED,
+            stage="done",
+            fraction=1.0,
+            message=message,
+            version=version,
+            report_json=report,
+        )
+        log.warning("conversion job %s, stopped by a restart: %s", job.job_id, message)
+        pin = interrupted_pin(self.repository, job.model)
+        if pin:
+            log.warning("%s", pin)
 
     def _remove_work_dir(self, job: JobRecord) -> None:
         """Only a staging folder of the job's own model is ever removed: the path comes from
