@@ -22,6 +22,7 @@ from serverutil import ConversionServers, ServerThread
 from ferry.client import ConversionClient, InvalidInputError, LimitExceededError
 from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
+from ferry.server.convert import service as service_module
 from ferry.server.convert import uploads as uploads_module
 from ferry.server.convert.store import UploadRecord, now_ms
 from ferry.server.convert.uploads import MAX_KWARGS_DEPTH, MAX_KWARGS_JSON
@@ -368,3 +369,39 @@ def test_a_full_job_database_is_resource_exhausted_and_keeps_nothing(
     assert "state disk is full (the job database could not grow)" in info.value.message
     assert uploads_left(tmp_path) == []
     assert conv.list_uploads() == []
+
+
+@pytest.mark.parametrize("where", ["files", "database"])
+def test_a_full_state_disk_at_convert_is_resource_exhausted_and_queues_nothing(
+    server: tuple[ServerThread, ConversionClient],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+) -> None:
+    """Convert writes the job's contract and tensors into the state folder and its row into the
+    database: a full disk there was INTERNAL ("the server log has the traceback")."""
+    srv, conv = server
+    assert srv.app is not None
+    onnx = mlp_model(sizes=(4, 4), seed=0).SerializeToString()
+    upload = conv.upload("m", onnx, format="onnx")
+    if where == "files":
+
+        def full(*_: object) -> None:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(service_module, "_write_tensors", full)
+    else:
+
+        def full(*_: object) -> None:
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise exc
+
+        monkeypatch.setattr(srv.app.conversion.store, "add_job", full)
+    with pytest.raises(LimitExceededError) as info:
+        conv.convert(upload)
+    assert info.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "state disk is full" in info.value.message and "--state-dir" in info.value.message
+    assert info.value.message.endswith("then convert again")
+    assert conv.list_jobs() == []
+    assert list((tmp_path / "repo.ferry" / "jobs").iterdir()) == []

@@ -380,8 +380,8 @@ class ConversionService:
                 raise FailedPrecondition(
                     f"upload {upload_id}'s file is gone: upload the model again"
                 )
-            job_dir.mkdir(mode=0o700)
             try:
+                job_dir.mkdir(mode=0o700)
                 await asyncio.to_thread(_write_tensors, job_dir, contract, tensors)
                 record = JobRecord(
                     job_id=job_id,
@@ -407,8 +407,15 @@ class ConversionService:
                 )
                 self.runner.check_room()  # again: the queue may have filled while files were written
                 self.store.add_job(record)
-            except BaseException:
+            except BaseException as exc:
                 shutil.rmtree(job_dir, ignore_errors=True)
+                if isinstance(exc, OSError) and uploads.disk_full(exc):  # not a bug: no INTERNAL
+                    detail = f"the job's files could not be written: {exc.strerror or exc}"
+                    raise uploads.disk_full_error(detail, "convert again") from None
+                if isinstance(exc, sqlite3.OperationalError) and _sqlite_full(exc):
+                    raise uploads.disk_full_error(
+                        "the job database could not grow", "convert again"
+                    ) from None
                 raise
             self.runner.submit(job_id)  # cannot fail: room was checked with no await since
             return self.store.get_job(job_id)

@@ -119,11 +119,11 @@ def disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
-def disk_full_error(detail: str) -> LimitExceeded:
+def disk_full_error(detail: str, then: str = "upload again") -> LimitExceeded:
     return LimitExceeded(
         f"the server's state disk is full ({detail}); nothing was kept: the operator must free "
         "space on the disk of the state folder (--state-dir), e.g. by deleting old uploads "
-        "(ferry uploads delete), then upload again"
+        f"(ferry uploads delete), then {then}"
     )
 
 
