@@ -463,6 +463,9 @@ def test_convert_validates_before_spawning(start: Start) -> None:
         conv.convert(up, pruning=Pruning("l1_unstructured", 1.5))
     with pytest.raises(InvalidInputError, match="invalid model name"):
         conv.convert(up, model="bad/name")
+    # Without a shadow rollout the version takes every request: a fraction meant a share.
+    with pytest.raises(InvalidInputError, match=r"rollout_fraction 0\.5 is set but rollout is"):
+        conv.convert(up, rollout_fraction=0.5)
     with pytest.raises(InvalidInputError, match=r"instances\.count"):
         conv.convert(up, serving=Serving(instance_count=100))
     sd = conv.upload("s", _torch_like_zip(), format="state_dict", architecture="nosuch")

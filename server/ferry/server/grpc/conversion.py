@@ -227,6 +227,14 @@ def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, validation.SpecTen
         inputs.append(
             spec.InputSpec(name=i.name, datatype=datatype, shape=list(i.shape), dynamic_axes=axes)
         )
+    if m.rollout_fraction and not m.rollout:
+        # Unset (0) and the default cannot be told apart in the core, so the adapter refuses:
+        # published directly, the version took every request while a share was asked for.
+        raise InvalidArgument(
+            f"rollout_fraction {m.rollout_fraction:g} is set but rollout is not 'shadow', so "
+            "the new version would take every request: set rollout 'shadow' (--rollout "
+            "shadow) for a share, or leave rollout_fraction unset"
+        )
     q, v, s = m.quantization, m.validation, m.serving
     # Unset fields keep the defaults of convert/spec.py, stated there only: empty strings and
     # zeros are proto3's "unset" for plain fields, HasField tells for the optional ones.
