@@ -21,10 +21,13 @@ from ferry.client import (
     DeadlineExceededError,
     FerryError,
     InferenceClient,
+    InvalidInputError,
     LimitExceededError,
     RepositoryClient,
     RetryPolicy,
+    Serving,
     UnimplementedError,
+    Validation,
 )
 from ferry.client._base import DEFAULT_TIMEOUT
 from ferry.client._errors import message_size_error
@@ -224,3 +227,27 @@ def test_a_port_past_65535_is_refused_not_wrapped_onto_another(server: Any) -> N
                 make(target)
         with pytest.raises(ValueError, match=r"not within 1\.\.65535"):
             RepositoryClient(target)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"max_batch_size": -1}, "max_batch_size"),
+        ({"max_batch_size": 0}, "max_batch_size"),  # read as unset: the server's 32
+        ({"max_batch_size": 2**40}, "max_batch_size"),
+        ({"max_batch_size": 1.5}, "max_batch_size"),
+        ({"opset": 0}, "opset"),
+        ({"rollout": "shadow", "rollout_fraction": 0.0}, "rollout_fraction"),  # read as 0.1
+        ({"validation": Validation(samples=-2)}, "validation.samples"),
+        ({"serving": Serving(max_batch_size=-1)}, "serving.max_batch_size"),
+        ({"serving": Serving(instance_count=True)}, "serving.instance_count"),
+    ],
+)
+def test_convert_refuses_values_the_wire_would_lose_naming_the_field(
+    silent_listener: str, kwargs: dict[str, Any], field: str
+) -> None:
+    """A negative count raised protobuf's bare "Value out of range: -1" (a traceback from the
+    CLI), and a 0 where 0 means unset became the server's default without a word."""
+    client = ConversionClient(silent_listener, timeout=0.3)
+    with client, pytest.raises(InvalidInputError, match=rf"^{field} must be"):
+        client.convert("a" * 32, **kwargs)

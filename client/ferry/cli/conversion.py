@@ -276,7 +276,7 @@ def register(sub: Any) -> None:
     budget.add_argument(
         "--samples", type=positive_int, help="random validation samples when none are given (16)"
     )
-    p.add_argument("--max-batch-size", type=int, help="serving: largest dynamic batch")
+    p.add_argument("--max-batch-size", type=positive_int, help="serving: largest dynamic batch")
     p.add_argument("--instance-count", type=positive_int, help="serving: concurrent executions")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     add_progress_flags(p)

@@ -11,10 +11,12 @@ client.
 from __future__ import annotations
 
 import json
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.client._errors import InvalidInputError
 from ferry.client._requests import as_array
 from ferry.codec import datatype_from_name, datatype_name, encode_tensor
 from ferry.proto.v1 import model_conversion_pb2 as pb
@@ -429,12 +431,19 @@ def build_spec(
     rollout: str | None = None,
     rollout_fraction: float | None = None,
 ) -> pb.ConversionSpec:
-    spec = pb.ConversionSpec()
-    _put(spec, "opset", opset)
-    _put(spec, "max_batch_size", max_batch_size or 0)
-    _put(spec, "benchmark", benchmark or "")
-    _put(spec, "rollout", rollout or "")
-    _put(spec, "rollout_fraction", rollout_fraction or 0.0)
+    if rollout_fraction is not None and not (
+        isinstance(rollout_fraction, (int, float)) and rollout_fraction > 0
+    ):
+        raise InvalidInputError(
+            f"rollout_fraction must be within (0, 1], not {rollout_fraction!r} (None: 0.1)"
+        )
+    spec = pb.ConversionSpec(
+        opset=_count("opset", opset, low=1),
+        max_batch_size=0 if max_batch_size is None else _count("max_batch_size", max_batch_size),
+        benchmark=benchmark or "",
+        rollout=rollout or "",
+        rollout_fraction=rollout_fraction or 0.0,
+    )
     spec.inputs.extend(input_spec_message(i) for i in inputs)
     if pruning is not None:
         spec.pruning.method, spec.pruning.amount = pruning.method, pruning.amount
@@ -449,6 +458,8 @@ def build_spec(
         v = spec.validation
         for name in ("rtol", "atol", "samples", "min_cosine", "min_top1_agreement"):
             value = getattr(validation, name)
+            if name == "samples" and value is not None:
+                value = _count("validation.samples", value, low=0)
             if value is not None:
                 _put(v, name, value, "validation.")
         v.keep_failed = validation.keep_failed
@@ -463,6 +474,8 @@ def build_spec(
             "instance_count",
         ):
             value = getattr(serving, name)
+            if name in _SERVING_COUNTS and value is not None:
+                value = _count(f"serving.{name}", value, low=0)
             if value is not None:
                 _put(spec.serving, name, value, "serving.")
     return spec
@@ -475,3 +488,19 @@ def _put(message: Any, name: str, value: Any, prefix: str = "") -> None:
         setattr(message, name, value)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{prefix}{name}={value!r} cannot be sent: {exc}") from None
+
+
+UINT32_MAX = 2**32 - 1
+_SERVING_COUNTS = ("max_batch_size", "max_queue_size", "instance_count")
+
+
+def _count(name: str, value: Any, *, low: int = 1) -> int:
+    """A whole number for a uint32 field, refused here naming the field: protobuf's own
+    refusal ("Value out of range: -1") named none, and a 0 in a field where 0 means unset
+    (``low`` 1) became the server's default without a word."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise InvalidInputError(f"{name} must be a whole number, not {value!r}")
+    number = int(value)
+    if not low <= number <= UINT32_MAX:
+        raise InvalidInputError(f"{name} must be within {low}..{UINT32_MAX}, not {number}")
+    return number
