@@ -480,6 +480,33 @@ def test_convert_validates_before_spawning(start: Start) -> None:
     assert conv.list_jobs() == []
 
 
+def test_an_upload_being_queued_is_not_deleted_under_its_job(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeleteUpload while Convert writes its job's files: the upload went, the job was queued
+    all the same, and its child failed on the missing file as a crash (INTERNAL)."""
+    from ferry.server.convert import service as service_module
+
+    srv, conv = start()
+    up = conv.upload("m", onnx_bytes(), format="onnx", architecture_kwargs={"fake": "ok"})
+    write = service_module._write_tensors
+    refused: list[Exception] = []
+
+    def delete_meanwhile(*args: Any) -> None:
+        with ConversionClient(srv.management_target, timeout=30) as other:
+            with pytest.raises(FailedPreconditionError, match="being queued") as info:
+                other.delete_upload(up.upload_id)
+            refused.append(info.value)
+        write(*args)
+
+    monkeypatch.setattr(service_module, "_write_tensors", delete_meanwhile)
+    job = conv.convert(up)
+    monkeypatch.undo()
+    assert refused and job.wait(progress=False).state == "SUCCEEDED"
+    conv.delete_upload(up.upload_id)  # once the job has ended
+    assert conv.list_uploads() == []
+
+
 def test_unset_spec_fields_keep_the_core_defaults() -> None:
     """The adapter states no default of its own: unset fields are convert/spec.py's."""
     from ferry.server.convert.spec import ConversionSpec, QuantizationSpec, ValidationSpec

@@ -294,7 +294,15 @@ class ConversionService:
         return _page(fetch(model, n + 1, after), n, self._list_budget(), size, model)
 
     async def delete_upload(self, upload_id: str) -> None:
-        record = self.store.delete_upload(_check_id(upload_id, "upload"))
+        upload_id = _check_id(upload_id, "upload")
+        if upload_id in self._converting:
+            # A Convert call has read it and is writing its job's files: deleted now, the job
+            # was queued all the same and its child failed on the missing file ("crashed").
+            raise FailedPrecondition(
+                f"upload {upload_id} is being queued for conversion by a Convert call: wait "
+                "for that job to end (or cancel it), then delete the upload"
+            )
+        record = self.store.delete_upload(upload_id)
         uploads_dir = self.state_dir.resolve() / "uploads"
         path = Path(record.path)
         await asyncio.to_thread(_remove_upload_file, path, uploads_dir)
