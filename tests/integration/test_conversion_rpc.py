@@ -416,6 +416,16 @@ def test_cancel_mid_export_and_a_full_queue(start: Start, tmp_path: Path) -> Non
         running.wait(progress=False)
 
 
+def test_no_waiting_room_still_runs_a_job_a_process_is_free_for(start: Start) -> None:
+    """--max-queued-conversions 0 (no job waits) refused every job, an idle server's too."""
+    _, conv = start(max_concurrent_conversions=1, max_queued_conversions=0)
+    running = convert_fake(conv, "m", "block")
+    with pytest.raises(ServerOverloadedError, match="queue is full"):
+        convert_fake(conv, "m", "block")
+    assert running.cancel().state == "CANCELLED"
+    assert convert_fake(conv, "m", "ok").wait(progress=False).version == 1
+
+
 def test_the_staging_folder_is_named_at_queue_time_and_job_json_written_once(
     start: Start, tmp_path: Path
 ) -> None:

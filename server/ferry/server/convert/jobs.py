@@ -143,7 +143,9 @@ class JobRunner:
     def check_room(self) -> None:
         if self._closing:
             raise Unavailable("the server is shutting down; convert again after it restarts")
-        if len(self._pending) >= self.max_queued:
+        # A job waits only when every process is busy: with a free one it starts at once, so
+        # --max-queued-conversions 0 (no waiting) refused every job, an idle server's too.
+        if len(self._pending) >= self.max_queued and len(self._runs) >= self.max_concurrent:
             raise QueueFull(
                 f"the conversion queue is full ({len(self._pending)} jobs waiting, server "
                 "setting --max-queued-conversions); retry when a job has finished"
