@@ -471,6 +471,9 @@ def test_convert_validates_before_spawning(start: Start) -> None:
     assert all(name in str(refused.value) for name in pruning_methods.names())
     with pytest.raises(InvalidInputError, match=r"pruning\.amount must be within"):
         conv.convert(up, pruning=Pruning("l1_unstructured", 1.5))
+    # The field a client sets: the job contract's calibration_file is no request field.
+    with pytest.raises(InvalidInputError, match=r"needs quantization\.calibration_inputs"):
+        conv.convert(up, quantization="static_int8")
     with pytest.raises(InvalidInputError, match="invalid model name"):
         conv.convert(up, model="bad/name")
     # Without a shadow rollout the version takes every request: a fraction meant a share.

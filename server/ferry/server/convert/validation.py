@@ -172,6 +172,16 @@ def validate_spec(spec: ConversionSpec, tensors: SpecTensors, *, source_format: 
         raise InvalidArgument(f"pruning.amount must be above 0 for {p.method!r}, got {p.amount}")
     q = spec.quantization
     mode = quantization_modes.mode(q.mode)
+    if quantization_modes.requires_calibration(mode) and not tensors.calibration:
+        # Before check_job, whose message names the contract's calibration_file: a field no
+        # request has, so a client was told to set something it could not find.
+        others = [m.name for m in quantization_modes.QUANTIZERS.values() if not m.needs_calibration]
+        raise InvalidArgument(
+            f"{mode.name} needs quantization.calibration_inputs: per input name, [N, ...] "
+            "representative samples (100 or more recommended; Quantization(calibration_inputs="
+            "...) in the SDK, --calibration FILE.npz in the CLI); or use "
+            f"{' or '.join(others) or 'another mode'}"
+        )
     if tensors.calibration and not quantization_modes.uses_calibration(mode):
         served = [
             m.name for m in quantization_modes.modes() if quantization_modes.uses_calibration(m)
