@@ -605,8 +605,12 @@ from serverutil import ServerThread
 from ferry.server.core.repository import ModelRepository
 where, repo, child = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
 rename = ModelRepository.publish
+calls = []
 def paused(self, *args, **kwargs):
-    if where == "after":
+    calls.append(1)
+    if where == "after-shadow" and len(calls) == 1:  # the version the shadow is compared with
+        return rename(self, *args, **kwargs)
+    if where.startswith("after"):
         rename(self, *args, **kwargs)
     print("PAUSED", flush=True)
     threading.Event().wait()
@@ -618,7 +622,7 @@ threading.Event().wait()
 """
 
 
-@pytest.mark.parametrize("where", ["before", "after"])
+@pytest.mark.parametrize("where", ["before", "after", "after-shadow"])
 def test_a_server_killed_mid_publish_reports_what_was_published(
     start: Start, tmp_path: Path, fake_child: list[str], where: str
 ) -> None:
@@ -635,7 +639,11 @@ def test_a_server_killed_mid_publish_reports_what_was_published(
         target = proc.stdout.readline().strip()
         assert target, "the server did not start"
         with ConversionClient(target, timeout=60) as conv:
-            job = convert_fake(conv, "m", "ok")
+            if where == "after-shadow":
+                convert_fake(conv, "m", "ok").wait(progress=False)
+                job = convert_fake(conv, "m", "ok", rollout="shadow")
+            else:
+                job = convert_fake(conv, "m", "ok")
             assert proc.stdout.readline().strip() == "PAUSED"
     finally:
         proc.kill()
@@ -649,6 +657,11 @@ def test_a_server_killed_mid_publish_reports_what_was_published(
         assert after.report is not None and after.report.published == "fp32"
         info = conv2.get_model("m")
         assert [(v.version, v.job_id) for v in info.versions] == [(1, job.id)]
+    elif where == "after-shadow":
+        # Published, but stopped before it was made the shadow: the pin keeps it from traffic,
+        # and the job says so rather than only "published".
+        assert (after.state, after.version) == ("SUCCEEDED", 2)
+        assert "left its pin (1=1.0)" in after.message and "--shadow 2=0.1" in after.message
     else:
         assert (after.state, after.error_kind, after.version) == ("FAILED", "UNAVAILABLE", None)
         assert not (tmp_path / "repo" / "m").exists()

@@ -203,7 +203,7 @@ def _identity(path: Path) -> tuple[int, int]:
     return st.st_dev, st.st_ino
 
 
-def interrupted_pin(repository: ModelRepository, model: str) -> str:
+def interrupted_pin(repository: ModelRepository, model: str, candidate: int = 0) -> str:
     """A warning when ``model``'s rollout still holds the pin of a shadow publish that a
     restart stopped ('' when not). The pin stays: ending it would send every request to a
     candidate nobody compared; said at start-up, it is not a silent reason for a later
@@ -218,5 +218,5 @@ def interrupted_pin(repository: ModelRepository, model: str) -> str:
     return (
         f"model {model}: a shadow publish stopped by the restart left its pin ({split}): those "
         f"versions keep every request; shadow the new version (ferry models rollout {model} "
-        f"--shadow N=0.1) or end the pin (ferry models rollout {model} --end)"
+        f"--shadow {candidate or 'N'}=0.1) or end the pin (ferry models rollout {model} --end)"
     )

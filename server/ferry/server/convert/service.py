@@ -178,6 +178,9 @@ class ConversionService:
         message = f"published as {job.model} version {version}"
         message += f": {summary}" if summary else ""
         message += " (the server restarted as the job finished)"
+        pin = interrupted_pin(self.repository, job.model, version)
+        if pin:  # a shadow publish stopped before the candidate was shadowed: it takes no traffic
+            message += f"; {pin}"
         self.store.finish(
             job.job_id,
             JobState.SUCCEEDED,
@@ -188,9 +191,6 @@ class ConversionService:
             report_json=report,
         )
         log.warning("conversion job %s, stopped by a restart: %s", job.job_id, message)
-        pin = interrupted_pin(self.repository, job.model)
-        if pin:
-            log.warning("%s", pin)
 
     def _remove_work_dir(self, job: JobRecord) -> None:
         """Only a staging folder of the job's own model is ever removed: the path comes from
