@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import pickle
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -666,6 +667,36 @@ def test_a_server_killed_mid_publish_reports_what_was_published(
         assert (after.state, after.error_kind, after.version) == ("FAILED", "UNAVAILABLE", None)
         assert not (tmp_path / "repo" / "m").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_a_job_end_the_database_refuses_is_recorded_later_and_the_queue_moves_on(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One refused write of a job's end (a full disk) left it RUNNING for good, with its
+    version published, its watchers waiting and the job queued behind it QUEUED for ever."""
+    from ferry.server.convert import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "END_RETRY_S", 0.01)
+    srv, conv = start(max_concurrent_conversions=1)
+    assert srv.app is not None
+    store = srv.app.conversion.store
+    finish = store.finish
+    refused: list[str] = []
+
+    def full_once(job_id: str, *args: Any, **kwargs: Any) -> Any:
+        if not refused:
+            refused.append(job_id)
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise exc
+        return finish(job_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "finish", full_once)
+    first = convert_fake(conv, "a", "ok")
+    second = convert_fake(conv, "b", "ok")
+    assert (first.wait(timeout=60, progress=False).state, first.version) == ("SUCCEEDED", 1)
+    assert (second.wait(timeout=60, progress=False).state, second.version) == ("SUCCEEDED", 1)
+    assert refused == [first.id]
 
 
 def test_stopping_the_server_fails_running_jobs(start: Start, tmp_path: Path) -> None:

@@ -74,6 +74,8 @@ MAX_EVENT_LINE = 1 << 20
 STDERR_TAIL = 20
 WARM_IDLE_S = 600.0  # a conversion process started ahead leaves after this long unused
 WARM_REAP_S = 5.0  # at shutdown, how long a killed warm process is waited for
+END_RETRY_S = 1.0  # a job's end the database refused is written again after this, doubling
+END_RETRY_MAX_S = 60.0
 _KINDS = {k.value for k in ErrorKind}
 
 
@@ -133,6 +135,8 @@ class JobRunner:
         self._runs: dict[str, _Run] = {}
         self._changed: dict[str, asyncio.Event] = {}
         self._closing = False
+        self._stopping = asyncio.Event()  # set with _closing: wakes an end being retried
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # ---- queue ----
     def submit(self, job_id: str) -> None:
@@ -158,6 +162,8 @@ class JobRunner:
             run.task = asyncio.get_running_loop().create_task(
                 self._run(run), name=f"job-{job.job_id}"
             )
+            self._tasks.add(run.task)  # until its end is recorded, after it left _runs
+            run.task.add_done_callback(self._tasks.discard)
 
     async def cancel(self, job_id: str) -> JobRecord:
         """Kill the job's child and wait until its folders are gone; a finished job is returned
@@ -185,6 +191,7 @@ class JobRunner:
     async def close(self) -> None:
         """Server shutdown: queued jobs fail at once, running children are killed."""
         self._closing = True
+        self._stopping.set()
         while self._pending:
             job = self.store.get_job(self._pending.popleft())
             self._end(
@@ -209,7 +216,7 @@ class JobRunner:
         for run in runs:
             if not run.publishing:
                 _kill(run.proc)
-        tasks = [r.task for r in runs if r.task is not None]
+        tasks = list(self._tasks)  # the runs, and the ends still being recorded
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
@@ -262,9 +269,34 @@ class JobRunner:
             outcome, version, report = _Outcome(JobState.FAILED, kind, msg), 0, ""
         finally:
             self._runs.pop(run.job_id, None)
-        self._end(self.store.get_job(job.job_id), outcome, version=version, report=report)
         if not self._closing:
-            self._pump()
+            self._pump()  # first: the slot is free whatever recording the end costs
+        await self._record_end(job.job_id, outcome, version, report)
+
+    async def _record_end(self, job_id: str, outcome: _Outcome, version: int, report: str) -> None:
+        """Record the job's end, retried while the database refuses (a full disk): one failed
+        write left the job RUNNING for good (a published version included), its watchers
+        waiting for ever and every queued job behind it QUEUED. At shutdown it gives up; the
+        next start settles the job (interrupted, or published: ``publish.note_publishing``)."""
+        delay = END_RETRY_S
+        while True:
+            try:
+                self._end(self.store.get_job(job_id), outcome, version=version, report=report)
+                return
+            except Exception as exc:  # logged: the job must still end
+                if self._closing:
+                    log.error("conversion job %s: its end was not recorded: %s", job_id, exc)
+                    return
+                log.error(
+                    "conversion job %s: its end (%s) could not be recorded (%s); retrying in %g s",
+                    job_id,
+                    outcome.state.value,
+                    exc,
+                    delay,
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            delay = min(delay * 2, END_RETRY_MAX_S)
 
     async def _convert(self, run: _Run, job: JobRecord) -> tuple[_Outcome, int, str]:
         created_model_dir = not self.repository.has_model(job.model)
