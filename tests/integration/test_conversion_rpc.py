@@ -597,6 +597,21 @@ def test_restart_fails_interrupted_jobs_and_keeps_finished_ones(
     assert [j.id for j in conv2.list_jobs()] == ["e" * 32, "d" * 32, "c" * 32, finished.id]
 
 
+def test_a_restart_removes_upload_files_no_record_names(start: Start, tmp_path: Path) -> None:
+    """Killed after an upload's rename but before its row (or after a delete's row went but
+    before its file did), the file stayed for good: no listing, retention or delete saw it."""
+    srv, conv = start()
+    kept = conv.upload("m", onnx_bytes(), format="onnx", architecture_kwargs={"fake": "ok"})
+    srv.stop()
+    uploads = state_dir(tmp_path) / "uploads"
+    (uploads / f"{'a' * 32}.onnx").write_bytes(onnx_bytes())
+    (uploads / ("b" * 32)).mkdir()
+    (uploads / ("b" * 32) / "model.onnx").write_bytes(onnx_bytes())
+    _, conv2 = start()
+    assert [p.name for p in uploads.iterdir()] == [f"{kept.upload_id}.onnx"]
+    assert conv2.convert(kept.upload_id).wait(progress=False).version == 1
+
+
 # A server in a process of its own (so that it can be SIGKILLed) whose publish stops for good
 # just before or just after the rename that makes the staging folder a version.
 PAUSED_PUBLISH_SERVER = r"""

@@ -131,11 +131,21 @@ class ConversionService:
             pin = interrupted_pin(self.repository, job.model)
             if pin:
                 log.warning("%s", pin)
+        # Half-written uploads, and whole ones no record names: a kill between an upload's
+        # rename and its row (or between a delete's row and its file) left a file no listing,
+        # retention rule or delete would ever see again.
+        # By name, not path: a state folder moved elsewhere keeps its files.
+        paths = [Path(p) for p in self._store.upload_paths()]
+        named = {p.name for p in paths} | {p.parent.name for p in paths}  # archive: <id>/
         for entry in (state / "uploads").iterdir():
-            if entry.name.startswith(TMP_PREFIX):
-                if entry.is_dir() and not entry.is_symlink():  # an archive being extracted
-                    shutil.rmtree(entry, ignore_errors=True)
-                else:
+            if entry.name in named and not entry.name.startswith(TMP_PREFIX):
+                continue
+            if not entry.name.startswith(TMP_PREFIX):
+                log.warning("removing %s: an upload file no upload record names", entry)
+            if entry.is_dir() and not entry.is_symlink():  # an archive (being extracted)
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
                     entry.unlink(missing_ok=True)
         for entry in (state / "jobs").iterdir():  # no job is live yet: every folder is stale
             shutil.rmtree(entry, ignore_errors=True)
