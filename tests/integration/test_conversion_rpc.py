@@ -714,6 +714,34 @@ def test_a_job_end_the_database_refuses_is_recorded_later_and_the_queue_moves_on
     assert refused == [first.id]
 
 
+def test_a_full_job_database_during_a_job_fails_it_as_a_full_disk(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The job database refusing a write while the job runs failed it as INTERNAL ("a bug:
+    report it") with sqlite's words; it is the operator's full disk."""
+    srv, conv = start()
+    assert srv.app is not None
+    store = srv.app.conversion.store
+    record_start = store.start
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(store, "start", record_start)  # once
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise exc
+
+    monkeypatch.setattr(store, "start", full)
+    with pytest.raises(JobFailedError) as info:
+        convert_fake(conv, "m", "ok").wait(timeout=60, progress=False)
+    job = info.value.job
+    assert (job.error_kind, job.error_code) == (
+        "LIMIT_EXCEEDED",
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    )
+    assert "state disk is full" in job.error_message and "convert again" in job.error_message
+    assert convert_fake(conv, "m", "ok").wait(timeout=60, progress=False).version == 1
+
+
 def test_stopping_the_server_fails_running_jobs(start: Start, tmp_path: Path) -> None:
     srv, conv = start()
     job = convert_fake(conv, "m", "block")

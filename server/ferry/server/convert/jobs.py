@@ -48,7 +48,13 @@ from typing import Any
 
 from ferry.server.convert import out_of_memory, publish, spec
 from ferry.server.convert.out_of_memory import text_says_out_of_memory
-from ferry.server.convert.store import EventRecord, JobRecord, JobState, JobStore
+from ferry.server.convert.store import (
+    EventRecord,
+    JobRecord,
+    JobState,
+    JobStore,
+    database_full,
+)
 from ferry.server.convert.summary import published_line
 from ferry.server.core.config import load_config
 from ferry.server.core.registry import ModelRegistry
@@ -255,6 +261,15 @@ class JobRunner:
                 msg = (
                     f"the disk holding the model repository is full ({exc.strerror}); nothing "
                     "was published: free space and convert again"
+                )
+                log.error("conversion job %s: %s", job.job_id, msg)
+            elif database_full(exc):
+                # The job database could not record the job's progress: the state disk.
+                kind = ErrorKind.LIMIT_EXCEEDED.value
+                msg = (
+                    "the server's state disk is full (the job database could not grow); nothing "
+                    "was published: the operator must free space on the disk of the state folder "
+                    "(--state-dir), then convert again"
                 )
                 log.error("conversion job %s: %s", job.job_id, msg)
             elif isinstance(exc, FerryError) and exc.kind is not ErrorKind.INTERNAL:

@@ -16,7 +16,6 @@ import logging
 import os
 import re
 import shutil
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -39,6 +38,7 @@ from ferry.server.convert.store import (
     JobState,
     JobStore,
     UploadRecord,
+    database_full,
     now_ms,
 )
 from ferry.server.convert.summary import published_line
@@ -241,7 +241,7 @@ class ConversionService:
             store.add_upload(record)
         except BaseException as exc:
             _remove_upload_file(Path(record.path), uploads_dir)
-            if isinstance(exc, sqlite3.OperationalError) and _sqlite_full(exc):
+            if database_full(exc):
                 raise uploads.disk_full_error("the job database could not grow") from None
             raise
         log.info(
@@ -430,7 +430,7 @@ class ConversionService:
                 if isinstance(exc, OSError) and uploads.disk_full(exc):  # not a bug: no INTERNAL
                     detail = f"the job's files could not be written: {exc.strerror or exc}"
                     raise uploads.disk_full_error(detail, "convert again") from None
-                if isinstance(exc, sqlite3.OperationalError) and _sqlite_full(exc):
+                if database_full(exc):
                     raise uploads.disk_full_error(
                         "the job database could not grow", "convert again"
                     ) from None
@@ -495,10 +495,6 @@ def _remove_file(path: Path, uploads_dir: Path) -> None:
         _remove_upload_file(path, uploads_dir)
     except OSError as exc:
         log.error("could not remove %s, an upload the retention rule removed: %s", path, exc)
-
-
-def _sqlite_full(exc: sqlite3.OperationalError) -> bool:
-    return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
 
 
 def _stored_kwargs(upload: UploadRecord) -> dict[str, Any]:

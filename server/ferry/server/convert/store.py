@@ -152,6 +152,14 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def database_full(exc: BaseException) -> bool:
+    """SQLITE_FULL: the state disk, not a bug, so never INTERNAL."""
+    return (
+        isinstance(exc, sqlite3.OperationalError)
+        and getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    )
+
+
 class JobStore:
     def __init__(self, path: Path) -> None:
         self.path = path
