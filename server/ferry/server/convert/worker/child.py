@@ -26,6 +26,8 @@ Protocol with the parent:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import os
 import shutil
 import sys
@@ -135,6 +137,25 @@ def _stage_source(job: Job, work: Path) -> None:
         shutil.copyfile(source, target)
 
 
+def disk_full(exc: BaseException | None) -> OSError | None:
+    """The ENOSPC / EDQUOT in ``exc`` or what it was raised while handling (an exporter wraps
+    the OSError), else None: a full disk crashed the child as a bug ("report it")."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def disk_full_message(exc: OSError) -> str:
+    return (
+        f"the disk holding the model repository is full ({exc.strerror}); nothing was "
+        "published: free space and convert again"
+    )
+
+
 def _fail(work: Path, report: Report, stage: str, kind: str, message: str) -> None:
     """Leave no model behind, only the report so far with what went wrong: the server keeps it
     as the failed job's report (``jobs.JobRunner`` reads report.json whatever the outcome)."""
@@ -147,7 +168,8 @@ def _fail(work: Path, report: Report, stage: str, kind: str, message: str) -> No
     shutil.rmtree(work / SCRATCH, ignore_errors=True)
     report.error = ErrorRecord(stage, kind, message)
     report.published = None
-    report.write(work)
+    with contextlib.suppress(OSError):  # a full disk: the failure is still reported as an event
+        report.write(work)
 
 
 def run(job: Job, progress: Progress) -> int:
@@ -164,6 +186,8 @@ def run(job: Job, progress: Progress) -> int:
         # Whatever the stage made of it ("corrupt or truncated"...), it was the memory limit.
         error = exceeded(memory_limit())
         kind, message, code = error.kind.value, error.message, EXIT_FAILED
+    elif (full := disk_full(failure)) is not None:
+        kind, message, code = ErrorKind.LIMIT_EXCEEDED.value, disk_full_message(full), EXIT_FAILED
     elif isinstance(failure, FerryError):
         kind, message, code = failure.kind.value, failure.message, EXIT_FAILED
     else:
@@ -229,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
         _confine_temp(work)
         _stage_source(job, work)
     except Exception as exc:  # the parent wrote a bad job: its bug, reported as a crash
+        if (full := disk_full(exc)) is not None:  # not a bug: the source's copy did not fit
+            progress.emit(
+                ProgressEvent("load", 0.0, disk_full_message(full), ErrorKind.LIMIT_EXCEEDED.value)
+            )
+            return EXIT_FAILED
         traceback.print_exc()
         message = f"the conversion child could not read its job {args.job!r}: {exc}"
         progress.emit(ProgressEvent("load", 0.0, message, ErrorKind.INTERNAL.value))
