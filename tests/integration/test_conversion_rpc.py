@@ -521,6 +521,19 @@ def test_an_upload_being_queued_is_not_deleted_under_its_job(
     assert conv.list_uploads() == []
 
 
+def test_a_file_where_the_model_folder_would_be_is_refused_at_convert(
+    start: Start, tmp_path: Path
+) -> None:
+    """A file in the repository named as the model: the job failed INTERNAL (FileExistsError)."""
+    _, conv = start()
+    (tmp_path / "repo" / "notes").write_text("not a model")
+    up = conv.upload("notes", onnx_bytes(), format="onnx", architecture_kwargs={"fake": "ok"})
+    with pytest.raises(FailedPreconditionError, match="is a file, not a model folder"):
+        conv.convert(up)
+    assert conv.list_jobs() == []
+    assert conv.convert(up, model="other").wait(progress=False).version == 1
+
+
 def test_unset_spec_fields_keep_the_core_defaults() -> None:
     """The adapter states no default of its own: unset fields are convert/spec.py's."""
     from ferry.server.convert.spec import ConversionSpec, QuantizationSpec, ValidationSpec

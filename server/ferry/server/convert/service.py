@@ -373,6 +373,7 @@ class ConversionService:
                         upload.architecture, kwargs
                     )
             validation.validate_spec(conversion, tensors, source_format=upload.format)
+            _check_model_folder(self.repository, model)
             job_id = uuid.uuid4().hex
             job_dir = self.state_dir.resolve() / "jobs" / job_id
             # Decided now, made when the job runs: job.json is complete when written, and written once.
@@ -559,6 +560,17 @@ def _check_id(value: str, what: str) -> str:
     if not _ID.fullmatch(value):
         raise InvalidArgument(f"{what} id {value[:80]!r} is malformed: expected 32 hex characters")
     return value
+
+
+def _check_model_folder(repository: ModelRepository, model: str) -> None:
+    """A file where the model's folder would be failed the job as INTERNAL (FileExistsError
+    making its staging folder): refused here, saying what is in the way."""
+    mdir = repository.model_dir(model)
+    if mdir.exists() and not mdir.is_dir():
+        raise FailedPrecondition(
+            f"{mdir} is a file, not a model folder: the repository has no room for model "
+            f"{model!r}; move that file away or convert into another model name"
+        )
 
 
 def _check_architecture(name: str) -> None:
