@@ -600,6 +600,7 @@ def test_restart_fails_interrupted_jobs_and_keeps_finished_ones(
         lost.wait(progress=False)
     kept = conv2.job(finished.id)
     assert (kept.state, kept.version) == ("SUCCEEDED", 1)
+    assert conv2.job(finished.id.upper()).id == finished.id  # the same id, in capitals
     assert leftovers(tmp_path) == []
     assert sorted(p.name for p in (tmp_path / "repo").iterdir()) == ["kept"]
     for job_id in ("d" * 32, "e" * 32):

@@ -557,6 +557,10 @@ def _within(budget: int, records: list[_R], size: Callable[[_R], int]) -> list[_
 
 
 def _check_id(value: str, what: str) -> str:
+    """Ids are lowercase hex; one given in capitals (copied from a tool that upper-cases) is
+    the same id, not "malformed: expected 32 hex characters" when it is just that."""
+    if len(value) == 32:
+        value = value.lower()
     if not _ID.fullmatch(value):
         raise InvalidArgument(f"{what} id {value[:80]!r} is malformed: expected 32 hex characters")
     return value
