@@ -18,6 +18,7 @@ import pickle
 import sqlite3
 import subprocess
 import sys
+import tarfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterator
@@ -268,6 +269,52 @@ def test_a_client_leaving_mid_upload_leaves_no_file(
     assert finished.wait(60)
     release.set()
     assert list((state_dir(tmp_path) / "uploads").iterdir()) == []
+
+
+def test_a_client_leaving_during_an_archive_extraction_leaves_no_folder(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The extraction runs in a thread, which a cancelled call does not stop: it went on to
+    leave the whole extracted folder (.tmp-<id>.d, up to --max-upload-bytes) until a restart."""
+    from ferry.server.convert import onnx_archive
+
+    srv, _ = start()
+    extracting, release, finished = threading.Event(), threading.Event(), threading.Event()
+    real_member_name, real_receive = onnx_archive._member_name, uploads_module.receive
+
+    def member_name(*args: Any) -> Any:  # the archive is open, its first member read
+        extracting.set()
+        release.wait(60)
+        return real_member_name(*args)
+
+    async def receive(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await real_receive(*args, **kwargs)
+        finally:
+            finished.set()
+
+    monkeypatch.setattr(onnx_archive, "_member_name", member_name)
+    monkeypatch.setattr(uploads_module, "receive", receive)
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        data = onnx_bytes()
+        member = tarfile.TarInfo("model.onnx")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    requests = [
+        pb.UploadModelRequest(
+            header=pb.UploadHeader(model="m", format="SOURCE_FORMAT_ONNX_ARCHIVE")
+        ),
+        pb.UploadModelRequest(chunk=buffer.getvalue()),
+    ]
+    stub = pb_grpc.ModelConversionStub(grpc.insecure_channel(srv.management_target))
+    call = stub.UploadModel.future(iter(requests), timeout=60)
+    assert extracting.wait(60)
+    call.cancel()
+    assert finished.wait(60)
+    release.set()
+    uploads = state_dir(tmp_path) / "uploads"
+    wait_for(lambda: not any(uploads.iterdir()), "the extracted folder to go")
 
 
 # ---- jobs with the stand-in child ----

@@ -61,9 +61,26 @@ async def check(
     """Raise what is wrong with the ``fmt`` file at ``path`` (``size_bytes`` long); return when
     it is fine."""
     if size_bytes <= IN_PROCESS_BYTES:
-        await asyncio.to_thread(_check_here, fmt, path)
+        work = asyncio.ensure_future(asyncio.to_thread(_check_here, fmt, path))
+        try:
+            await asyncio.shield(work)
+        except asyncio.CancelledError:
+            # A client that leaves ends the call, not the thread: an archive's extraction went
+            # on writing its folder after the caller had removed it, and the folder stayed
+            # until a restart. What the check writes goes once the thread is done with it.
+            work.add_done_callback(lambda _: _discard_output(fmt, path))
+            raise
     else:
         await _check_in_child(fmt, path, memory_bytes=memory_bytes, time_limit_s=time_limit_s)
+
+
+def _discard_output(fmt: str, path: Path) -> None:
+    from ferry.server.convert.uploads import discard_check_output
+
+    try:
+        discard_check_output(fmt, path)
+    except OSError as exc:  # a done callback must not raise; a restart removes what is left
+        log.warning("could not remove what the %s upload's check wrote: %s", fmt, exc)
 
 
 def _check_here(fmt: str, path: Path) -> None:

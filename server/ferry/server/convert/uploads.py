@@ -332,6 +332,12 @@ def check_format(fmt: str, path: Path) -> None:
         _check_torch_zip(fmt, path)
 
 
+def discard_check_output(fmt: str, path: Path) -> None:
+    """Remove what ``check_format`` wrote beside ``path`` (an archive's extracted folder)."""
+    if fmt == "onnx_archive":
+        onnx_archive.remove(onnx_archive.staging_for(path))
+
+
 def _check_torch_zip(fmt: str, path: Path) -> None:
     with open(path, "rb") as fh:
         magic = fh.read(4)
