@@ -192,8 +192,14 @@ def test_conversion_options_the_message_cannot_carry_are_invalid_input() -> None
     calibration = {"input": np.zeros((4, 64), np.complex64)}
     with ConversionClient("127.0.0.1:1") as client:
         for kwargs, words in (
-            ({"validation": Validation(samples=10**12)}, "validation.samples must be within 0..4294967295, not 1000000000000"),
-            ({"max_batch_size": 10**14}, "max_batch_size must be within 0..4294967295, not 100000000000000"),
+            (
+                {"validation": Validation(samples=10**12)},
+                "validation.samples must be within 0..4294967295, not 1000000000000",
+            ),
+            (
+                {"max_batch_size": 10**14},
+                "max_batch_size must be within 1..4294967295, not 100000000000000",
+            ),
             ({"serving": Serving(instance_count=10**11)}, "serving.instance_count must be within"),
             ({"inputs": [InputSpec("x", "FP99", (1,))]}, "unknown data type name 'FP99'"),
             (
