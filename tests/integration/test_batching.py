@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import onnx
 from helpers import (
     ExecutionGate,
     StartServer,
@@ -20,6 +21,7 @@ from helpers import (
     wait_for,
     write_config,
 )
+from onnx import TensorProto, helper
 
 from ferry.client import InferenceClient, InferResult
 from ferry.server.examples import identity_model, mlp_model
@@ -174,3 +176,33 @@ def test_two_instances_run_two_batches_at_once(tmp_path: Path, start_server: Sta
         assert stats(client, "mlp").queue_depth == 0
         gate.release()
         np.testing.assert_array_equal(first.result(60)["logits"], second.result(60)["logits"])
+
+
+def _transpose_model() -> onnx.ModelProto:
+    """x [batch, k] -> its transpose [k, batch]: every dim dynamic, the batch's last."""
+    graph = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0])],
+        "transpose",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "k"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k", "batch"])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_configured_batch_size_on_outputs_not_batched_first_is_refused_at_load(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """An explicit max_batch_size is not second-guessed on whether rows mix, but an output whose
+    first dimension is not the batch's cannot be split per request: every request failed
+    INTERNAL, and two rows of k = 2 batched together were split across the transpose's rows,
+    each caller getting values of the other. The version is FAILED at load, naming the output;
+    left unset, the load's probe serves it unbatched."""
+    root = make_repo(tmp_path / "repo", {"set": _transpose_model(), "unset": _transpose_model()})
+    write_config(root, "set", {"batching": {"max_batch_size": 8}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client:
+        (status,) = client.list_models("set")
+        assert status.state == "FAILED"
+        assert "max_batch_size = 8, but output 'y' is [1, 2] for a batch of 2" in status.reason
+        x = np.arange(2, dtype=np.float32).reshape(1, 2)
+        np.testing.assert_array_equal(client.infer("unset", {"x": x})["y"], x.T)

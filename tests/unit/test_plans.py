@@ -139,7 +139,8 @@ def test_every_size_is_warmed_before_the_version_serves_and_statistics_count_siz
 
     async def scenario() -> None:
         await registry.refresh()
-        assert sorted(set(warmed)) == [1, 4, 8]
+        # (2: the check at load that the outputs' first dimension is the batch's)
+        assert sorted(set(warmed)) == [1, 2, 4, 8]
         warmed.clear()
         x = np.ones((3, 6), np.float32)
         result = await dataplane.infer(InferenceRequest("m", {"input": x}))

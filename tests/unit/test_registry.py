@@ -611,11 +611,13 @@ def test_an_output_that_is_not_batched_fails_instead_of_being_split(
     repo: ModelRepository, requests: int
 ) -> None:
     """The graph's output has a dynamic first dimension but keeps only the batch's first row:
-    that row belongs to no one request, so the batch fails, alone or with company, and is
-    never sliced into wrong answers."""
+    that row belongs to no one request, so no request is ever answered from it (sliced into
+    wrong answers): the configured max_batch_size is refused at load, naming the output, and
+    every request, alone or with company, is told why. (A model that does not run on zeros is
+    caught when a batch returns, with INTERNAL.)"""
     from onnx import TensorProto, helper
 
-    from ferry.server.errors import InternalError
+    from ferry.server.errors import ModelNotReady
     from ferry.server.examples import IR_VERSION, OPSET
 
     graph = helper.make_graph(
@@ -639,8 +641,8 @@ def test_an_output_that_is_not_batched_fails_instead_of_being_split(
             for _ in range(requests)
         ]
         outcomes = await asyncio.gather(*calls, return_exceptions=True)
-        assert all(isinstance(o, InternalError) for o in outcomes), outcomes
-        assert "not a batch dimension" in str(outcomes[0])
+        assert all(isinstance(o, ModelNotReady) for o in outcomes), outcomes
+        assert "output 'output' is [1, 3] for a batch of 2" in str(outcomes[0])
 
     arun(go)
 

@@ -24,7 +24,7 @@ from ferry.server.core import priority
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRuntimeConfig
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.cpus import usable_cores
-from ferry.server.errors import InvalidArgument, Unavailable
+from ferry.server.errors import InvalidArgument, Unavailable, first_line
 from ferry.server.runtime import instances, plans, rows, shared_weights
 from ferry.server.runtime import providers as provider_table
 from ferry.server.runtime.run_errors import REFUSED_INPUT, refused_input
@@ -216,6 +216,12 @@ def open_one(path: Path, config: ModelConfig) -> OrtSession | plans.PlannedSessi
     max_batch = config.batching.max_batch_size
     if max_batch is None:
         max_batch = DEFAULT_MAX_BATCH_SIZE if _batchable_unasked(session) else 0
+    elif max_batch > 0 and session.batchable():
+        try:
+            _check_batch_dimension(session, max_batch)
+        except BaseException:
+            session.release()
+            raise
     sizes = plans.plan_sizes(config.batching.planned_batch_sizes, session.device_kind, max_batch)
     if not sizes or not session.batchable():
         return session
@@ -223,6 +229,28 @@ def open_one(path: Path, config: ModelConfig) -> OrtSession | plans.PlannedSessi
     return plans.open_planned(
         lambda: OrtSession(path, config.onnxruntime, intra_op_threads=threads), session, sizes
     )
+
+
+def _check_batch_dimension(session: OrtSession, max_batch: int) -> None:
+    """A configured ``max_batch_size`` is the user's word on whether rows may share a run
+    (runtime.rows is not asked), but not on the graph's shapes: an output whose first dimension
+    is not the batch's (a transpose, a flatten over the rows) failed every request INTERNAL,
+    and where its size happened to equal the batch's, split another request's values into each
+    answer. Two rows of zeros (one when the limit is 1) say which: refused at load, naming the
+    output. A model that does not run on zeros is served as configured."""
+    rows = min(2, max_batch)
+    try:
+        outputs = session.run(session.zero_feeds(rows))
+    except Exception as exc:
+        log.debug("%s: batch dimension not checked (%s)", session.path, first_line(exc))
+        return
+    for name, out in zip(session.output_names, outputs, strict=True):
+        if np.ndim(out) == 0 or out.shape[0] != rows:
+            raise InvalidArgument(
+                f"config sets batching.max_batch_size = {max_batch}, but output {name!r} is "
+                f"{list(np.shape(out))} for a batch of {rows}: its first dimension is not the "
+                "batch's; set batching.max_batch_size = 0"
+            )
 
 
 def _batchable_unasked(session: OrtSession) -> bool:
