@@ -141,6 +141,34 @@ def test_a_deadline_shorter_than_one_run_is_deadline_exceeded_not_overload() -> 
     arun(main)
 
 
+def test_one_slow_run_does_not_refuse_every_later_request() -> None:
+    """The estimate is refreshed only by batches that run: after one slow run (a GPU's first
+    run at a shape, a stall), every request with a shorter deadline was refused at the door and
+    none ran, so the version refused them all forever. An idle version whose estimate no batch
+    has confirmed for several predicted runs lets a request through to measure again."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        h = CostlyHandler(clock, fixed=10.0)
+        b = DynamicBatcher(h, max_batch_size=0, clock=clock, name="m/1")
+        await train(b, 1)  # one run of 10 s
+        h.fixed = 0.010  # the model's real cost
+        with pytest.raises(DeadlineExceeded, match=r"one run takes 10000\.0 ms"):
+            await b.submit("soon", deadline=clock.now + 1.0)  # just measured: trusted
+        answered = []
+        for second in range(60):
+            clock.now += 1.0
+            try:
+                answered.append(await b.submit(second, deadline=clock.now + 1.0))
+            except DeadlineExceeded:
+                continue
+        assert answered and answered[-1] == 59  # measured again: every later one runs
+        assert "soon" not in h.items
+        await b.close()
+
+    arun(main)
+
+
 def test_no_deadline_or_no_measurement_is_never_refused_by_prediction() -> None:
     async def main() -> None:
         clock = FakeClock()

@@ -72,6 +72,10 @@ _GONE = 2
 # a branch on "is there a key function".
 _ALL: Hashable = object()
 
+# Predicted runs an idle batcher's estimate stays trusted without a batch confirming it: only
+# batches that run refresh it, so it must not be able to refuse every request for good.
+TRUST_RUNS = 4
+
 # Dead entries tolerated in the deques before they are compacted: lazily deleted entries are only
 # popped when they reach the front, so a long-lived head could otherwise pin unbounded garbage.
 _GARBAGE_FLOOR = 64
@@ -186,6 +190,7 @@ class DynamicBatcher(Generic[T, R]):
         # Predicted seconds of the batches running now, and the predictor itself.
         self._running = 0.0
         self.service_time = service_time if service_time is not None else ServiceTime()
+        self._observed_at = clock()  # when a batch last refreshed the estimate
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_timer: asyncio.TimerHandle | None = None
@@ -255,6 +260,8 @@ class DynamicBatcher(Generic[T, R]):
                 f"{self._label} queue is full (max_queue_size={self._max_queue_size}); "
                 "retry with backoff or add capacity"
             )
+        if deadline is not None:
+            self._forget_stale_estimate(now)
         if deadline is not None and self.service_time.ready:
             wait = self.predicted_wait(size, priority)
             if now + wait > deadline:
@@ -317,6 +324,20 @@ class DynamicBatcher(Generic[T, R]):
                 self._pump()
             raise
 
+    def _forget_stale_estimate(self, now: float) -> None:
+        """Drop an estimate that no batch has confirmed for TRUST_RUNS of its own predicted
+        runs while nothing runs. Only batches that run refresh it: after one slow run (a GPU's
+        first run at a shape, a stall) every request with a shorter deadline was refused at the
+        door or dropped from the queue, none ran, and the version refused them all until it
+        was reloaded. Dropped, nothing is refused on a guess until the next batch has run."""
+        est = self.service_time
+        if (
+            est.ready
+            and not self._in_flight
+            and now - self._observed_at > TRUST_RUNS * est.predict(1)
+        ):
+            est.reset()
+
     def _direct(self, item: T, size: int, now: float) -> tuple[R] | None:
         """An idle batcher's item runs at once in its caller, when ``run_now`` takes it: no
         future, no task, no loop iteration between the arrival and the execution."""
@@ -327,7 +348,8 @@ class DynamicBatcher(Generic[T, R]):
             results = self._run_now((item,), BatchInfo(queue_ns=[0], size=size))
             if results is None:
                 return None
-            self.service_time.observe(size, self._clock() - started)
+            self._observed_at = self._clock()
+            self.service_time.observe(size, self._observed_at - started)
         finally:
             self._in_flight -= 1
         if len(results) != 1:
@@ -443,6 +465,7 @@ class DynamicBatcher(Generic[T, R]):
         stale: list[_Entry[T, R]] = []
         units = 0
         # Work that would finish after its deadline is not run: its caller has stopped waiting.
+        self._forget_stale_estimate(now)
         est = self.service_time
         for entry in self._queued():
             if entry.deadline is not None and entry.deadline <= now + est.predict(entry.size):
@@ -485,7 +508,8 @@ class DynamicBatcher(Generic[T, R]):
             try:
                 started = self._clock()
                 results = await self._handler(items, info)
-                self.service_time.observe(info.size, self._clock() - started)
+                self._observed_at = self._clock()
+                self.service_time.observe(info.size, self._observed_at - started)
                 if len(results) != len(batch):
                     raise InternalError(
                         f"{self._label}: handler returned {len(results)} results "

@@ -31,6 +31,11 @@ class ServiceTime:
     def ready(self) -> bool:
         return self._w > 0.0
 
+    def reset(self) -> None:
+        """Forget every batch seen: predict 0 (nothing known) until the next one."""
+        self._w = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self.fixed = self.per_unit = 0.0
+
     def observe(self, units: int, seconds: float) -> None:
         """Fold in one batch that ran ``units`` units in ``seconds``."""
         if not seconds >= 0.0:  # a clock that went backwards, or NaN
