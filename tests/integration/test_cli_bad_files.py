@@ -168,3 +168,27 @@ def test_what_the_client_refuses_before_sending_exits_2(
     np.save(wrong, np.zeros((1, 3), np.float32))
     code, line = run(capsys, "infer", "mlp", "-i", str(wrong), "--target", server.target)
     assert code == 1 and "INVALID_ARGUMENT" in line, line
+
+
+def test_an_upload_given_a_timeout_keeps_to_it(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """--timeout was ignored by `ferry upload` and by the waits of `convert` and `jobs wait`
+    (they have no deadline by default), so an upload to a server that stopped answering hung
+    whatever --timeout said. A listener that accepts and never speaks stands in for it."""
+    import socket
+    import threading
+
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"\x08\x07")
+    codes: list[int] = []
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        argv = ["upload", "m", str(model), "--timeout", "0.5"]
+        argv += ["--target", f"127.0.0.1:{silent.getsockname()[1]}"]
+        worker = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
+        worker.start()
+        worker.join(120)  # a guard against the hang, not a measurement
+    assert codes == [1]
+    assert "DEADLINE_EXCEEDED" in capsys.readouterr().err

@@ -59,6 +59,7 @@ def connection_parent(
     token: str | None = None,
     token_env: str = "FERRY_TOKEN",
     timeout: float = 30.0,
+    timeout_note: str = "",
 ) -> argparse.ArgumentParser:
     """Flags of every command that talks to a server; environment variables give defaults, so
     that a token never has to appear in a shell history or a process list."""
@@ -78,7 +79,9 @@ def connection_parent(
         "--timeout",
         type=seconds,
         default=timeout,
-        help=f"seconds each call may take, any retries included (default {timeout:g})",
+        action=_GivenTimeout,
+        help=f"seconds each call may take, any retries included (default {timeout:g}"
+        f"{timeout_note})",
     )
     g.add_argument(
         "--token",
@@ -97,6 +100,23 @@ def connection_parent(
     return p
 
 
+class _GivenTimeout(argparse.Action):
+    """--timeout, remembering that it was given: an upload or a job's wait has no deadline by
+    default (a large model or a long conversion has no sensible bound), but one given on the
+    command line was ignored there, so `ferry upload --timeout 5` to a stalled server hung."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, *args: Any
+    ) -> None:
+        setattr(namespace, self.dest, args[0])
+        namespace.timeout_given = True
+
+
+def given_timeout(args: argparse.Namespace) -> float | None:
+    """--timeout when the command line gave it, else None (no deadline)."""
+    return args.timeout if getattr(args, "timeout_given", False) else None
+
+
 def management_parent(timeout: float = 60.0) -> argparse.ArgumentParser:
     """Connection flags of the commands that talk to the management listener: their own
     variables, so that the inference target and token never reach it by accident."""
@@ -106,6 +126,7 @@ def management_parent(timeout: float = 60.0) -> argparse.ArgumentParser:
         token=os.environ.get("FERRY_MANAGEMENT_TOKEN", os.environ.get("FERRY_TOKEN")),
         token_env="FERRY_MANAGEMENT_TOKEN",
         timeout=timeout,
+        timeout_note="; an upload or a job's wait: none unless given",
     )
 
 

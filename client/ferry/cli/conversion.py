@@ -21,6 +21,7 @@ from ferry.cli._common import (
     UsageError,
     add_progress_flags,
     connect,
+    given_timeout,
     management_hint,
     management_parent,
     positive_int,
@@ -295,6 +296,7 @@ def _upload(client: ConversionClient, model: str, path: Path, args: argparse.Nam
         architecture=args.architecture,
         architecture_kwargs=args.architecture_kwargs,
         description=args.description,
+        timeout=given_timeout(args),
     )
 
 
@@ -434,7 +436,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 f"with `ferry jobs cancel {job.id}`"
             )
             return EXIT_OK
-        job.wait(progress=progress_of(args))  # JobFailedError (a FerryError) on failure
+        # JobFailedError (a FerryError) on failure
+        job.wait(timeout=given_timeout(args), progress=progress_of(args))
     if args.json:
         print(job.report_json or json.dumps({"job_id": job.id, "state": job.state}))
     else:

@@ -17,6 +17,7 @@ from ferry.cli._common import (
     add_listing_flags,
     add_progress_flags,
     connect,
+    given_timeout,
     management_parent,
     print_table,
     progress_of,
@@ -145,7 +146,8 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     with connect(ConversionClient, args) as client:
         job = client.job(args.job_id)
-        job.wait(progress=progress_of(args))  # JobFailedError when it did not succeed
+        # JobFailedError when it did not succeed
+        job.wait(timeout=given_timeout(args), progress=progress_of(args))
     if args.json:
         print(json.dumps(_as_json(job), indent=2))
     else:
