@@ -104,6 +104,7 @@ def test_broken_array_files_are_one_line_errors_read_within_bounds(
         (objects, "Python objects"),
         (huge_member, "more than one request carries"),
         (not_array, "not a .npy array"),
+        (Path("/dev/null"), "is not a regular file"),  # it was said not to exist
     ]
     t = ("--target", server.target)
     for path, expected in cases:

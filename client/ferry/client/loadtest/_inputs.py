@@ -241,7 +241,14 @@ def load_inputs(specs: Sequence[str], meta: ModelMetadata | None = None) -> dict
             name, file = "", spec
         path = Path(file)
         if not path.is_file():
-            what = "is a folder, not a file" if path.is_dir() else "does not exist"
+            # A device or a pipe (/dev/zero, <(...)) was said not to exist.
+            what = (
+                "is a folder, not a file"
+                if path.is_dir()
+                else "is not a regular file"
+                if path.exists()
+                else "does not exist"
+            )
             raise InputError(f"input file {str(path)!r} {what}")
         suffix = path.suffix.lower()
         try:
