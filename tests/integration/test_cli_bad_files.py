@@ -193,3 +193,21 @@ def test_an_upload_given_a_timeout_keeps_to_it(
         worker.join(120)  # a guard against the hang, not a measurement
     assert codes == [1]
     assert "DEADLINE_EXCEEDED" in capsys.readouterr().err
+
+
+def test_loadtest_reads_input_files_as_infer_does(
+    server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`ferry loadtest -i` read its files without the model's metadata: a bare .npy for a
+    single-input model was refused ("the model's inputs: []"), and JSON numbers went out as
+    INT64/FP64, which the FP32 model refused; `ferry infer -i` takes both."""
+    import json
+
+    bare, rows = tmp_path / "x.npy", tmp_path / "rows.json"
+    np.save(bare, np.ones((2, 64), np.float32))
+    rows.write_text(json.dumps({"input": [[1] * 64, [0.5] * 64]}))
+    for path in (bare, rows):
+        argv = ["loadtest", "mlp", "-i", str(path), "-n", "3", "--warmup", "0", "--no-progress"]
+        assert main([*argv, "--target", server.target, "--json", "-"]) == 0, capsys.readouterr()
+        (level,) = json.loads(capsys.readouterr().out)["levels"]
+        assert level["ok"] == 3 and level["batch_size"] == 2

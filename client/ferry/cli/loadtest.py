@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from ferry.cli._common import (
     EXIT_OK,
     UsageError,
     check_destination,
+    connect,
     connection_parent,
     positive_float,
     positive_int,
@@ -20,7 +22,7 @@ from ferry.cli._common import (
     tls_config,
     version_number,
 )
-from ferry.client import ConnectionError_, FerryError
+from ferry.client import ConnectionError_, FerryError, InferenceClient
 from ferry.client.loadtest import (
     MAX_CONCURRENCY,
     MAX_DURATION,
@@ -176,12 +178,6 @@ def _config(args: argparse.Namespace) -> LoadTestConfig:
     duration = args.duration
     if duration is None and args.requests is None:
         duration = 10.0
-    inputs = None
-    if args.inputs:
-        try:
-            inputs = load_inputs(args.inputs)
-        except InputError as exc:
-            raise UsageError(str(exc)) from None
     return LoadTestConfig(
         model=args.model,
         target=args.target,
@@ -196,7 +192,6 @@ def _config(args: argparse.Namespace) -> LoadTestConfig:
         protocol=args.protocol,
         batch_size=args.batch_size,
         shapes=dict(args.shape),
-        inputs=inputs,
         timeout=args.timeout,
         connections=args.connections,
         seed=args.seed,
@@ -204,6 +199,19 @@ def _config(args: argparse.Namespace) -> LoadTestConfig:
         tls=tls_config(args),
         token=args.token,
     )
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """-i files read as `ferry infer` reads them: with the model's metadata, so that JSON
+    values take its declared dtypes and a bare .npy feeds its single input. Read without it,
+    JSON lists went out as FP64 (refused by an FP32 model) and a bare .npy was refused.
+    Asked only after validate(): the target is a loopback one, or allowed."""
+    with connect(InferenceClient, args) as client:
+        meta = client.model_metadata(args.model, version=args.version)
+    try:
+        return load_inputs(args.inputs, meta)
+    except InputError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _write(dest: str, text: str) -> None:
@@ -251,6 +259,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     for flag, dest in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
         if dest not in (None, "-"):
             check_destination(dest, flag)
+    if args.inputs:
+        config = dataclasses.replace(config, inputs=_inputs(args))
     try:
         report = run(config, progress=False if args.no_progress else None)
     except (InputError, LoadTestConfigError, NotImplementedError) as exc:
