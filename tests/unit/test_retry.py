@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import random
+from typing import Any
 
 import grpc
 import pytest
 
 from ferry.client import (
+    AsyncInferenceClient,
     CancelledError,
     ChannelConfig,
     ConnectionError_,
@@ -296,6 +298,31 @@ def test_tls_options_and_validation(tmp_path) -> None:  # type: ignore[no-untype
     for bad in ({"max_message_bytes": 0}, {"keepalive_time": 0}, {"token": "a\nb"}):
         with pytest.raises(ValueError):
             ChannelConfig(**bad)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"connections": 1.5},  # TypeError from range() when the channel was made
+        {"connections": True},
+        {"max_message_bytes": 2**40},  # OverflowError: gRPC takes a C int
+        {"max_message_bytes": 1.5},
+        {"keepalive_time": float("nan")},  # ValueError from int() when the channel was made
+        {"keepalive_time": float("inf")},  # OverflowError
+        {"keepalive_timeout": 1e30},
+        {"token": 5},  # TypeError ("argument of type 'int' is not iterable")
+        {"load_balancing": 5},
+    ],
+)
+def test_channel_options_grpc_cannot_take_are_refused_with_value_error(
+    bad: dict[str, Any],
+) -> None:
+    """Each was accepted by ChannelConfig and failed when a channel was made, with TypeError or
+    OverflowError: at construction for the sync client, at the first call for the async one."""
+    with pytest.raises(ValueError):
+        ChannelConfig(**bad)
+    with pytest.raises(ValueError):
+        AsyncInferenceClient("127.0.0.1:1", **bad)
 
 
 def test_a_certificate_path_is_read_within_a_bound() -> None:

@@ -34,6 +34,14 @@ PemSource = str | os.PathLike[str] | bytes
 MAX_PEM_BYTES = 16 * 1024 * 1024
 
 
+# gRPC's keepalive options are milliseconds in a C int.
+MAX_KEEPALIVE_S = (2**31 - 1) // 1000
+
+
+def _whole(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _read_pem(source: PemSource | None, what: str) -> bytes | None:
     """Bytes are taken as PEM; anything else is a path, read now so that a typo fails here.
     The read is bounded: ``--tls-ca /dev/zero`` (or any endless source) took all memory;
@@ -183,20 +191,38 @@ class ChannelConfig:
         # The target is judged now, not when a channel is made: the async client makes its
         # channel on first use, and refused a bad target only at its first call.
         resolve_target(self.target)
-        if not 1 <= self.connections <= MAX_CONNECTIONS:
+        # gRPC takes these as C ints (milliseconds for keepalives): connections=1.5 raised
+        # TypeError, keepalive_time=inf or max_message_bytes=2**40 OverflowError, when the
+        # channel was made (the async client's first call); they are refused here instead.
+        if not _whole(self.connections) or not 1 <= self.connections <= MAX_CONNECTIONS:
             raise ValueError(
-                f"connections must be within 1..{MAX_CONNECTIONS}, got {self.connections}"
+                f"connections must be a whole number within 1..{MAX_CONNECTIONS}, got "
+                f"{self.connections!r}"
             )
-        if self.max_message_bytes <= 0:
-            raise ValueError(f"max_message_bytes must be > 0, got {self.max_message_bytes}")
+        if not _whole(self.max_message_bytes) or not 0 < self.max_message_bytes < 2**31:
+            raise ValueError(
+                f"max_message_bytes must be a whole number within 1..{2**31 - 1}, got "
+                f"{self.max_message_bytes!r}"
+            )
         for name in ("keepalive_time", "keepalive_timeout"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be > 0 seconds, got {value}")
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not 0 < value <= MAX_KEEPALIVE_S
+            ):
+                raise ValueError(
+                    f"{name} must be a number of seconds within (0, {MAX_KEEPALIVE_S:,}], "
+                    f"got {value!r}"
+                )
         if self.tls is not None and self.credentials is not None:
             raise ValueError("pass tls= or credentials=, not both")
-        if self.token is not None and ("\n" in self.token or not self.token.strip()):
-            raise ValueError("token must be a non-empty single line")
+        if self.token is not None and (
+            not isinstance(self.token, str) or "\n" in self.token or not self.token.strip()
+        ):
+            raise ValueError("token must be a non-empty single line of text")
+        if self.load_balancing is not None and not isinstance(self.load_balancing, str):
+            raise ValueError(f"load_balancing must be a policy name, got {self.load_balancing!r}")
 
     @property
     def secure(self) -> bool:
