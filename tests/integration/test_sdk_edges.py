@@ -251,3 +251,32 @@ def test_convert_refuses_values_the_wire_would_lose_naming_the_field(
     client = ConversionClient(silent_listener, timeout=0.3)
     with client, pytest.raises(InvalidInputError, match=rf"^{field} must be"):
         client.convert("a" * 32, **kwargs)
+
+
+def test_a_list_input_keeps_to_the_calls_timeout(silent_listener: str) -> None:
+    """A list input makes infer fetch the model's metadata first, and that call took the
+    client's default timeout, not the call's: with timeout=None on the client, infer(...,
+    timeout=0.5) never returned from a server that does not answer."""
+    import threading
+
+    lists = {"input": [[1.0, 2.0]]}
+    raised: list[BaseException] = []
+
+    def call() -> None:
+        with InferenceClient(silent_listener, timeout=None, retry=None) as client:
+            try:
+                client.infer("m", lists, timeout=0.5)
+            except FerryError as exc:
+                raised.append(exc)
+
+    worker = threading.Thread(target=call, daemon=True)
+    worker.start()
+    worker.join(120)  # a guard against the hang, not a measurement
+    assert [type(e) for e in raised] == [DeadlineExceededError]
+
+    async def run() -> None:
+        async with AsyncInferenceClient(silent_listener, timeout=None, retry=None) as client:
+            with pytest.raises(DeadlineExceededError):
+                await asyncio.wait_for(client.infer("m", lists, timeout=0.5), 120)
+
+    asyncio.run(run())

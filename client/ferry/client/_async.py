@@ -115,11 +115,16 @@ class AsyncInferenceClient(InferenceClientBase):
 
         return await acall_with_retry(attempt, self.retry, self._timeout(timeout))
 
-    async def _input_dtypes(self, model: str, version: int | None) -> dict[str, Any]:
+    async def _input_dtypes(
+        self,
+        model: str,
+        version: int | None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the calling infer's budget
+    ) -> dict[str, Any]:
         """The model's input dtypes, for list and scalar inputs; fetched once per model."""
         dtypes = self._known_dtypes(model, version)
         if dtypes is None:
-            meta = await self.model_metadata(model, version=version)
+            meta = await self.model_metadata(model, version=version, timeout=timeout)
             dtypes = self._learn_dtypes(model, version, meta)
         return dtypes
 
@@ -137,8 +142,9 @@ class AsyncInferenceClient(InferenceClientBase):
         """Run one inference. ``timeout`` bounds the whole call (queueing and retries included);
         list and scalar inputs take the model's declared dtypes, as with the sync client."""
         self._connect()
+        budget, began = self._budget(timeout)
         dtypes = (
-            await self._input_dtypes(model, version)
+            await self._input_dtypes(model, version, budget)
             if needs_dtypes(inputs, model, version)
             else None
         )
@@ -151,7 +157,8 @@ class AsyncInferenceClient(InferenceClientBase):
             request_id=request_id,
             dtypes=dtypes,
         )
-        return call.finish(await self._call(self._infer, call.request, timeout))
+        left = self._left(budget, began)
+        return call.finish(await self._call(self._infer, call.request, left))
 
     async def model_metadata(
         self,

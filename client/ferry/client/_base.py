@@ -131,6 +131,19 @@ class InferenceClientBase:
         """A call's budget: its own, else the client's (None for both: no deadline)."""
         return self.timeout if timeout is None else check_timeout(timeout)
 
+    def _budget(self, timeout: float | None) -> tuple[float | None, float]:
+        """A call's budget and when it began, for a call made of two RPCs (the metadata a list
+        input needs, then the inference): the metadata call took the client's default timeout
+        whatever the call's own was, so ``infer(..., timeout=0.5)`` waited 10 s on a server
+        that did not answer (forever with ``timeout=None`` on the client)."""
+        return self._timeout(timeout), time.monotonic()
+
+    @staticmethod
+    def _left(budget: float | None, began: float) -> float | None:
+        """What is left of ``budget``; at least a microsecond, so that a spent budget reaches
+        gRPC as a deadline already past (DEADLINE_EXCEEDED), never as "no deadline"."""
+        return None if budget is None else max(budget - (time.monotonic() - began), 1e-6)
+
     def _known_dtypes(self, model: str, version: int | None) -> dict[str, Any] | None:
         """The model's input dtypes if already fetched; None means: fetch its metadata."""
         return self._dtypes.get((model, version or 0))

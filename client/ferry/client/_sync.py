@@ -80,11 +80,13 @@ class InferenceClient(InferenceClientBase):
 
         return call_with_retry(attempt, self.retry, self._timeout(timeout))
 
-    def _input_dtypes(self, model: str, version: int | None) -> dict[str, Any]:
+    def _input_dtypes(
+        self, model: str, version: int | None, timeout: float | None = None
+    ) -> dict[str, Any]:
         """The model's input dtypes, for list and scalar inputs; fetched once per model."""
         dtypes = self._known_dtypes(model, version)
         if dtypes is None:
-            meta = self.model_metadata(model, version=version)
+            meta = self.model_metadata(model, version=version, timeout=timeout)
             dtypes = self._learn_dtypes(model, version, meta)
         return dtypes
 
@@ -104,8 +106,11 @@ class InferenceClient(InferenceClientBase):
         Inputs are numpy arrays, torch tensors, or Python lists and scalars; the latter take the
         dtype the model declares (fetched once per model), since numpy would guess float64.
         """
+        budget, began = self._budget(timeout)
         dtypes = (
-            self._input_dtypes(model, version) if needs_dtypes(inputs, model, version) else None
+            self._input_dtypes(model, version, budget)
+            if needs_dtypes(inputs, model, version)
+            else None
         )
         call = self._prepare_infer(
             model,
@@ -116,7 +121,7 @@ class InferenceClient(InferenceClientBase):
             request_id=request_id,
             dtypes=dtypes,
         )
-        return call.finish(self._call(self._infer, call.request, timeout))
+        return call.finish(self._call(self._infer, call.request, self._left(budget, began)))
 
     def model_metadata(
         self, model: str, *, version: int | None = None, timeout: float | None = None
