@@ -136,6 +136,8 @@ def test_a_closed_async_client_says_so(server: Any) -> None:
             assert await client.list_models()
         with pytest.raises(ClientClosedError):
             await client.list_models()
+        with pytest.raises(ClientClosedError):  # at once, as the sync client: not at submit()
+            client.stream("mlp")
 
     asyncio.run(run())
 

@@ -222,6 +222,8 @@ class AsyncInferenceClient(InferenceClientBase):
     ) -> AsyncInferStream:
         """An ``AsyncInferStream`` to ``model``; the call starts on first use. ``timeout`` is the
         deadline of the whole stream; see ``InferenceClient.stream``."""
+        # As the sync client does: a closed client said so only at the first submit().
+        self._check_open()
 
         def open_call(**kwargs: Any) -> Any:
             self._connect()
