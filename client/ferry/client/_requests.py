@@ -344,7 +344,10 @@ def check_timeout(timeout: object, error: type[Exception] = InvalidInputError) -
         or not 0 < timeout < MAX_TIMEOUT_S
     ):
         raise error(
-            f"timeout must be a finite number of seconds > 0, or None for no deadline; "
+            # The bound is said: 1e10 is finite and > 0, and "must be finite > 0" left its
+            # caller guessing.
+            f"timeout must be a finite number of seconds > 0 and below {MAX_TIMEOUT_S:g} "
+            "(about 31 years), or None for no deadline; "
             f"got {timeout!r}"
         )
     return float(timeout)
