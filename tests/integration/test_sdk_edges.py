@@ -182,10 +182,13 @@ def test_a_call_in_flight_when_its_async_client_closes_says_so(silent_listener: 
     async def run() -> None:
         client = AsyncInferenceClient(silent_listener, timeout=30)
         call = asyncio.ensure_future(client.list_models())
-        await asyncio.sleep(0)  # the call is sent and waits for an answer that never comes
+        check = asyncio.ensure_future(client.ready(timeout=30))
+        await asyncio.sleep(0)  # the calls are sent and wait for answers that never come
         await client.close()
         with pytest.raises(ClientClosedError, match="AsyncInferenceClient is closed"):
             await call
+        with pytest.raises(ClientClosedError, match="AsyncInferenceClient is closed"):
+            await check
         async with AsyncInferenceClient(silent_listener, timeout=30) as other:
             cancelled = asyncio.ensure_future(other.list_models())
             await asyncio.sleep(0)

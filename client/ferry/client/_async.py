@@ -208,6 +208,13 @@ class AsyncInferenceClient(InferenceClientBase):
             )
         except grpc.RpcError:
             return False
+        except asyncio.CancelledError:
+            # Closed during the check: ClientClosedError, as for every other call (it was a
+            # bare asyncio.CancelledError); a cancellation of the task itself propagates.
+            task = asyncio.current_task()
+            if task is None or not task.cancelling():
+                self._check_open()
+            raise
         return _health.is_serving(raw)
 
     def stream(
