@@ -352,6 +352,20 @@ def test_convert_usage_errors(
     assert code == 2 and "np.savez" in one_error_line(err)
 
 
+def test_convert_of_a_file_refused_keeps_no_upload(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ferry convert FILE` uploads, then converts: a refused spec left the upload behind, its
+    id never shown, one more on every corrected retry."""
+    srv, t = conv_server
+    model = tmp_path / "m.onnx"
+    model.write_bytes(mlp_model(sizes=(3, 4, 1)).SerializeToString())
+    code, _, err = ferry(capsys, "convert", str(model), "--model", "m", "--quantize", "int3", *t)
+    assert code == 1 and "unknown quantization mode" in err
+    with ConversionClient(srv.management_target) as conv:
+        assert conv.list_uploads() == []
+
+
 def test_conversion_errors_hint_in_convert_terms(
     conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -9,6 +9,7 @@ inference variables. Nothing here retries: an upload or a conversion must not ru
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import zipfile
 from pathlib import Path
@@ -417,19 +418,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if not args.model:
                 raise UsageError(f"converting the file {path} needs --model NAME")
             source = _upload(client, args.model, path, args)
-        job = client.convert(
-            source,
-            model=args.model,
-            inputs=args.inputs or None,
-            opset=args.opset,
-            pruning=_pruning(args.prune),
-            quantization=quantization,
-            validation=validation,
-            serving=serving,
-            max_batch_size=args.max_batch_size,
-            rollout=args.rollout,
-            rollout_fraction=args.rollout_fraction,
-        )
+        try:
+            job = client.convert(
+                source,
+                model=args.model,
+                inputs=args.inputs or None,
+                opset=args.opset,
+                pruning=_pruning(args.prune),
+                quantization=quantization,
+                validation=validation,
+                serving=serving,
+                max_batch_size=args.max_batch_size,
+                rollout=args.rollout,
+                rollout_fraction=args.rollout_fraction,
+            )
+        except FerryError:
+            if isinstance(source, Upload):
+                # This command's own upload, its id never shown: a refused spec left one more
+                # behind on every corrected retry.
+                with contextlib.suppress(FerryError):
+                    client.delete_upload(source.upload_id)
+            raise
         if args.no_wait:
             print(
                 f"job {job.id} {job.state}; follow it with `ferry jobs wait {job.id}`, stop it "
