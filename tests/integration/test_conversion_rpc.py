@@ -803,6 +803,25 @@ def test_a_full_job_database_during_a_job_fails_it_as_a_full_disk(
     assert convert_fake(conv, "m", "ok").wait(timeout=60, progress=False).version == 1
 
 
+def test_a_second_server_on_the_same_state_folder_is_refused(start: Start, tmp_path: Path) -> None:
+    """A second server on one repository (another port) settled the first's running job as
+    interrupted by a restart and removed its folders under its live conversion process."""
+    from ferry.server.errors import FailedPrecondition
+
+    _, conv = start()
+    job = convert_fake(conv, "m", "block")
+    for event in job.events():
+        if event.stage == "export":
+            break
+    second = ServerThread(tmp_path / "repo")
+    with pytest.raises(FailedPrecondition, match="in use by another running Ferry server"):
+        second.start()
+    second.stop()
+    assert job.refresh().state == "RUNNING"
+    assert (tmp_path / "repo" / "m" / f".tmp-job-{job.id}").is_dir()
+    assert job.cancel().state == "CANCELLED"
+
+
 def test_stopping_the_server_fails_running_jobs(start: Start, tmp_path: Path) -> None:
     srv, conv = start()
     job = convert_fake(conv, "m", "block")

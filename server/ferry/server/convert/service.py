@@ -3,7 +3,8 @@
 It owns the state folder, which sits *beside* the repository (``<repository>.ferry`` unless
 ``--state-dir`` says otherwise), never inside it: the repository treats every folder as a model.
 The folder holds ``state.sqlite3`` (uploads, jobs, events), ``uploads/`` and ``jobs/<id>/`` (the
-job contract and its tensors while the job lives). Nothing here imports torch.
+job contract and its tensors while the job lives), and ``lock``, which the server using the folder
+holds (flock) so that no second server settles its live jobs as interrupted. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -57,6 +59,7 @@ from ferry.server.settings import Settings
 log = logging.getLogger("ferry.convert")
 
 DB_FILE = "state.sqlite3"
+LOCK_FILE = "lock"  # flock'd by the server using the folder
 RESTARTED = "the server restarted during the job; convert again"
 WEIGHTS_ONLY = ("state_dict", "safetensors")
 _ID = re.compile(r"[0-9a-f]{32}")
@@ -79,6 +82,7 @@ class ConversionService:
         self.state_dir = Path(configured) if configured else default_state_dir(repository.root)
         self._store: JobStore | None = None
         self._runner: JobRunner | None = None
+        self._lock: int | None = None  # the state folder's lock file, held while open
         # Uploads a Convert call is queueing (it awaits between reading the upload and adding
         # its job): the retention rule leaves them alone. Upload id -> calls in flight.
         self._converting: collections.Counter[str] = collections.Counter()
@@ -122,6 +126,7 @@ class ConversionService:
                     f"cannot create the state folder {sub}: {exc.strerror or exc}; point "
                     "--state-dir at a folder this user can write"
                 ) from None
+        self._lock = _lock_state(state)
         self._store = JobStore(state / DB_FILE)
         for job in self._store.jobs_in(JobState.RUNNING):
             self._recover_published(job, state / "jobs")
@@ -172,6 +177,9 @@ class ConversionService:
         if self._store is not None:
             self._store.close()
             self._store = None
+        if self._lock is not None:
+            os.close(self._lock)  # releases the flock
+            self._lock = None
 
     def _recover_published(self, job: JobRecord, jobs_dir: Path) -> None:
         """A job the restart stopped after its version was published ends SUCCEEDED with that
@@ -489,6 +497,31 @@ class ConversionService:
         await versions.set_default_version(
             self.repository, self.registry, validate_model_name(name), version
         )
+
+
+def _lock_state(state: Path) -> int:
+    """Hold the state folder for this server. A second server on the same folder (another
+    port, one repository) settled the first's running jobs as "interrupted by a restart" and
+    removed their folders under their live conversion processes."""
+    path = state / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode("ascii", "replace").strip()
+        os.close(fd)
+        raise FailedPrecondition(
+            f"the state folder {state} is in use by another running Ferry server"
+            + (f" (pid {holder})" if holder.isdigit() else "")
+            + ": give this server its own --state-dir, or stop the other one"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    with contextlib.suppress(OSError):  # the pid only makes the message above clearer
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+    return fd
 
 
 def _remove_file(path: Path, uploads_dir: Path) -> None:
