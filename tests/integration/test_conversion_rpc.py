@@ -822,6 +822,36 @@ def test_a_second_server_on_the_same_state_folder_is_refused(start: Start, tmp_p
     assert job.cancel().state == "CANCELLED"
 
 
+def test_cancel_and_delete_on_a_full_job_database_change_nothing(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """CancelJob of a queued job and DeleteUpload the database refuses (a full disk) answered
+    INTERNAL, and the cancelled job left the queue while staying QUEUED for ever."""
+    srv, conv = start(max_concurrent_conversions=1)
+    assert srv.app is not None
+    store = srv.app.conversion.store
+    running = convert_fake(conv, "m", "block")
+    queued = convert_fake(conv, "m", "ok")
+    spare = conv.upload("m", onnx_bytes(), format="onnx")
+
+    def full(*_: Any, **__: Any) -> Any:
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise exc
+
+    monkeypatch.setattr(store, "finish", full)
+    monkeypatch.setattr(store, "delete_upload", full)
+    with pytest.raises(LimitExceededError, match=r"state disk is full.*then cancel the job again"):
+        queued.cancel()
+    with pytest.raises(LimitExceededError, match="then delete the upload again"):
+        conv.delete_upload(spare.upload_id)
+    monkeypatch.undo()
+    assert queued.refresh().state == "QUEUED"
+    assert running.cancel().state == "CANCELLED"
+    assert queued.wait(timeout=60, progress=False).version == 1  # still queued: it ran
+    conv.delete_upload(spare.upload_id)
+
+
 def test_stopping_the_server_fails_running_jobs(start: Start, tmp_path: Path) -> None:
     srv, conv = start()
     job = convert_fake(conv, "m", "block")

@@ -178,13 +178,13 @@ class JobRunner:
         if job.state.terminal:
             return job
         if job_id in self._pending:
-            self._pending.remove(job_id)
             self._end(
                 job,
                 _Outcome(
                     JobState.CANCELLED, ErrorKind.CANCELLED.value, "cancelled before it started"
                 ),
-            )
+            )  # first: refused (a full disk), the job stays queued rather than QUEUED for ever
+            self._pending.remove(job_id)
             return self.store.get_job(job_id)
         run = self._runs.get(job_id)
         if run is not None and run.task is not None:

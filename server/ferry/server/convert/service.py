@@ -53,7 +53,13 @@ from ferry.server.core.repository import (
     read_report,
     validate_model_name,
 )
-from ferry.server.errors import FailedPrecondition, FerryError, InvalidArgument, Unavailable
+from ferry.server.errors import (
+    FailedPrecondition,
+    FerryError,
+    InvalidArgument,
+    LimitExceeded,
+    Unavailable,
+)
 from ferry.server.settings import Settings
 
 log = logging.getLogger("ferry.convert")
@@ -312,6 +318,10 @@ class ConversionService:
         return _page(fetch(model, n + 1, after), n, self._list_budget(), size, model)
 
     async def delete_upload(self, upload_id: str) -> None:
+        with _database_writes("delete the upload again"):
+            await self._delete_upload(upload_id)
+
+    async def _delete_upload(self, upload_id: str) -> None:
         upload_id = _check_id(upload_id, "upload")
         if upload_id in self._converting:
             # A Convert call has read it and is writing its job's files: deleted now, the job
@@ -473,7 +483,8 @@ class ConversionService:
         return int(getattr(self.settings, "max_message_bytes", 80 << 20)) // 2
 
     async def cancel_job(self, job_id: str) -> JobRecord:
-        return await self.runner.cancel(_check_id(job_id, "job"))
+        with _database_writes("cancel the job again"):
+            return await self.runner.cancel(_check_id(job_id, "job"))
 
     def watch(self, job_id: str) -> AsyncIterator[EventRecord]:
         return self.runner.watch(_check_id(job_id, "job"))
@@ -497,6 +508,22 @@ class ConversionService:
         await versions.set_default_version(
             self.repository, self.registry, validate_model_name(name), version
         )
+
+
+@contextlib.contextmanager
+def _database_writes(then: str) -> Iterator[None]:
+    """A write the job database refuses for a full disk answered INTERNAL ("the server log has
+    the traceback"); it is the operator's disk, and nothing changed."""
+    try:
+        yield
+    except Exception as exc:
+        if not database_full(exc):
+            raise
+        raise LimitExceeded(
+            "the server's state disk is full (the job database could not grow); nothing "
+            "changed: the operator must free space on the disk of the state folder "
+            f"(--state-dir), then {then}"
+        ) from None
 
 
 def _lock_state(state: Path) -> int:
