@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import pickle
@@ -229,3 +230,28 @@ def test_the_state_folder_sits_beside_the_repository(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="inside the model repository"):
         ConversionService(inside, repo, ModelRegistry(repo, open_session)).open()
     assert repo.list_models() == []
+
+
+def test_a_damaged_state_database_stops_the_start_with_what_to_do(tmp_path: Path) -> None:
+    """A damaged file (or a full disk: sqlite's "disk I/O error" making the WAL) stopped the
+    server at start with sqlite's traceback; it is one FerryError naming the file, and the
+    state folder is free again for a corrected start."""
+    from ferry.server.convert.service import ConversionService
+    from ferry.server.core.registry import ModelRegistry
+    from ferry.server.core.repository import ModelRepository
+    from ferry.server.runtime.session import open_session
+    from ferry.server.settings import Settings
+
+    repo = ModelRepository(tmp_path / "models")
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "state.sqlite3").write_bytes(b"not a database, " * 512)
+    settings = Settings(repository=repo.root, state_dir=str(state))
+    service = ConversionService(settings, repo, ModelRegistry(repo, open_session))
+    with pytest.raises(FerryError, match=r"state\.sqlite3 cannot be opened or updated") as info:
+        service.open()
+    assert "move it away" in info.value.message
+    (state / "state.sqlite3").unlink()
+    service.open()  # the lock was released
+    assert service.list_jobs() == ([], "")
+    asyncio.run(service.close())

@@ -18,6 +18,7 @@ import logging
 import os
 import re
 import shutil
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -54,6 +55,7 @@ from ferry.server.core.repository import (
     validate_model_name,
 )
 from ferry.server.errors import (
+    ErrorKind,
     FailedPrecondition,
     FerryError,
     InvalidArgument,
@@ -133,6 +135,40 @@ class ConversionService:
                     "--state-dir at a folder this user can write"
                 ) from None
         self._lock = _lock_state(state)
+        try:
+            self._settle(state)
+        except BaseException as exc:
+            if self._store is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._store.close()
+                self._store = None
+            os.close(self._lock)
+            self._lock = None
+            if not isinstance(exc, sqlite3.Error):
+                raise
+            # A full disk ("disk I/O error" making the WAL) or a damaged file: the server
+            # stopped at start with sqlite's traceback.
+            raise FerryError(
+                f"the conversion state database {state / DB_FILE} cannot be opened or updated "
+                f"({exc}): free space on the disk of the state folder, or, if the file is "
+                "damaged, move it away (its uploads and job history are lost) or point "
+                "--state-dir at another folder",
+                kind=ErrorKind.FAILED_PRECONDITION,
+            ) from None
+        s = self.settings
+        self._runner = JobRunner(
+            self.store,
+            self.repository,
+            self.registry,
+            max_concurrent=s.max_concurrent_conversions,
+            max_queued=s.max_queued_conversions,
+            timeout=s.conversion_timeout,
+            memory_bytes=s.conversion_memory_bytes,
+            warm=s.warm_conversion_child,
+        )
+
+    def _settle(self, state: Path) -> None:
+        """Open the database and settle what a previous process left."""
         self._store = JobStore(state / DB_FILE)
         for job in self._store.jobs_in(JobState.RUNNING):
             self._recover_published(job, state / "jobs")
@@ -162,17 +198,6 @@ class ConversionService:
             shutil.rmtree(entry, ignore_errors=True)
         for path in self._forget_by_retention():
             _remove_file(path, state / "uploads")
-        s = self.settings
-        self._runner = JobRunner(
-            self._store,
-            self.repository,
-            self.registry,
-            max_concurrent=s.max_concurrent_conversions,
-            max_queued=s.max_queued_conversions,
-            timeout=s.conversion_timeout,
-            memory_bytes=s.conversion_memory_bytes,
-            warm=s.warm_conversion_child,
-        )
 
     async def close(self) -> None:
         if self._runner is not None:
