@@ -162,6 +162,26 @@ def test_retention_removes_an_archive_uploads_folder(start: Start, tmp_path: Pat
     assert sorted(p.name for p in uploads_dir(tmp_path).iterdir()) == [f"{newest.upload_id}.onnx"]
 
 
+def test_an_upload_stored_is_answered_when_the_retention_rule_cannot_write(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rule runs after the upload is stored: a database refusing its write (a full disk)
+    answered the stored upload INTERNAL, and its client uploaded it again."""
+    srv, conv = start(upload_retention_bytes=1)
+    assert srv.app is not None
+    old = conv.upload("m", tiny(0), format="onnx")
+
+    def full(*_: object) -> bool:
+        exc = sqlite3.OperationalError("database or disk is full")
+        exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+        raise exc
+
+    monkeypatch.setattr(srv.app.conversion.store, "remove_by_retention", full)
+    new = conv.upload("m", tiny(1), format="onnx")
+    monkeypatch.undo()
+    assert {u.upload_id for u in conv.list_uploads()} == {old.upload_id, new.upload_id}
+
+
 def test_retention_off_keeps_everything(start: Start) -> None:
     size = len(tiny(0))
     _, conv = start(upload_retention_bytes=0, upload_retention_seconds=0)

@@ -292,8 +292,16 @@ class ConversionService:
             record.sha256,
         )
         # The upload is stored and its answer due whatever happens here: a file that will not
-        # go is logged (its record is gone, so nothing lists or converts it).
-        for path in self._forget_by_retention(keep=record.upload_id):
+        # go is logged (its record is gone, so nothing lists or converts it), and so is a rule
+        # the database cannot apply for a full disk (the next upload or start applies it).
+        try:
+            removed = self._forget_by_retention(keep=record.upload_id)
+        except Exception as exc:
+            if not database_full(exc):
+                raise
+            log.error("the upload retention rule was not applied: the state disk is full (%s)", exc)
+            removed = []
+        for path in removed:
             await asyncio.to_thread(_remove_file, path, uploads_dir)
         return record
 
