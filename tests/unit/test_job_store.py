@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ferry.server.convert import store as store_module
 from ferry.server.convert import uploads, validation
 from ferry.server.convert.store import JobRecord, JobState, JobStore, UploadRecord, now_ms
 from ferry.server.core import versions
@@ -255,3 +256,20 @@ def test_a_damaged_state_database_stops_the_start_with_what_to_do(tmp_path: Path
     service.open()  # the lock was released
     assert service.list_jobs() == ([], "")
     asyncio.run(service.close())
+
+
+def test_finished_jobs_are_kept_up_to_a_bound_oldest_first(
+    store: JobStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every job and its events (and its report, up to 16 MiB) stayed in the database for
+    good: it grew with every conversion ever run. Past the bound the oldest finished go."""
+    monkeypatch.setattr(store_module, "MAX_JOBS_KEPT", 2)
+    store.add_job(_job("live", created=0))  # never finished: never removed
+    store.start("live", "started")
+    for n in range(4):
+        store.add_job(_job(f"j{n}", created=n + 1))
+        store.finish(f"j{n}", JobState.FAILED, stage="queued", fraction=0.0, message="no")
+    assert sorted(j.job_id for _, j in store.page_jobs()) == ["j2", "j3", "live"]
+    assert store.events("j0") == [] and store.events("j1") == []
+    assert [e.seq for e in store.events("j3")] == [1, 2]
+    assert store.get_job("live").state is JobState.RUNNING

@@ -28,6 +28,9 @@ from ferry.server.errors import (
 
 SCHEMA_VERSION = 2  # 2: removed_uploads (what the retention rule removed, and why)
 MAX_REMOVED_KEPT = 10_000  # removal notes kept for NOT_FOUND messages; the oldest go first
+# Finished jobs kept, with their events and reports; past it the oldest finished go (the
+# database grew with every conversion ever run). Queued and running jobs always stay.
+MAX_JOBS_KEPT = 10_000
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id TEXT PRIMARY KEY,
@@ -449,7 +452,7 @@ class JobStore:
                     job_id,
                 ),
             )
-            return self._append(
+            event = self._append(
                 db,
                 job_id=job_id,
                 stage=stage,
@@ -458,6 +461,8 @@ class JobStore:
                 state=state,
                 error_kind=error_kind,
             )
+            _forget_oldest_finished(db, MAX_JOBS_KEPT)
+            return event
 
     def events(self, job_id: str, after: int = 0) -> list[EventRecord]:
         rows = self.db.execute(
@@ -517,6 +522,23 @@ class JobStore:
                 error_message=reason,
             )
         return interrupted
+
+
+def _forget_oldest_finished(db: sqlite3.Connection, keep: int) -> None:
+    """Remove the finished jobs beyond the newest ``keep`` (by when they finished), and their
+    events, in the caller's transaction."""
+    done = (JobState.SUCCEEDED.value, JobState.FAILED.value, JobState.CANCELLED.value)
+    old = [
+        row[0]
+        for row in db.execute(
+            "SELECT job_id FROM jobs WHERE state IN (?, ?, ?) "
+            "ORDER BY finished_ms DESC, rowid DESC LIMIT -1 OFFSET ?",
+            (*done, keep),
+        )
+    ]
+    for job_id in old:
+        db.execute("DELETE FROM events WHERE job_id = ?", (job_id,))
+        db.execute("DELETE FROM jobs WHERE job_id = ?", (job_id,))
 
 
 def _job(row: sqlite3.Row | dict[str, Any]) -> JobRecord:
