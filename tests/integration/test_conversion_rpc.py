@@ -8,6 +8,7 @@ torch. Nothing waits on the clock: progress is followed through WatchJob events.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import itertools
@@ -850,6 +851,25 @@ def test_cancel_and_delete_on_a_full_job_database_change_nothing(
     assert running.cancel().state == "CANCELLED"
     assert queued.wait(timeout=60, progress=False).version == 1  # still queued: it ran
     conv.delete_upload(spare.upload_id)
+
+
+def test_a_publish_note_the_state_disk_cannot_take_does_not_fail_the_job(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The restart note (publish.note_publishing) goes to the state folder: a full state disk
+    failed a finished conversion there, saying the repository's disk was full."""
+    from ferry.server.convert import publish
+
+    write = publish.write_file_atomic
+
+    def full_for_the_note(path: Path, data: bytes) -> None:
+        if path.name == publish.PUBLISHING_FILE:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(publish, "write_file_atomic", full_for_the_note)
+    _, conv = start()
+    assert convert_fake(conv, "m", "ok").wait(timeout=60, progress=False).version == 1
 
 
 def test_stopping_the_server_fails_running_jobs(start: Start, tmp_path: Path) -> None:

@@ -175,7 +175,15 @@ def note_publishing(job_dir: Path, staged: Path) -> None:
     job's SUCCEEDED row reported a serving version as FAILED "convert again", and converting
     again published it twice; a restart reads this note (``published_version``) instead."""
     ids = {"folder": _identity(staged), "model": _identity(staged / MODEL_FILE)}
-    write_file_atomic(job_dir / PUBLISHING_FILE, json.dumps(ids).encode())
+    try:
+        write_file_atomic(job_dir / PUBLISHING_FILE, json.dumps(ids).encode())
+    except OSError as exc:  # the state disk (full): a finished conversion still publishes
+        log.warning(
+            "%s: not written (%s); were the server killed during this publish, its next start "
+            "would report the job FAILED although its version was published",
+            job_dir / PUBLISHING_FILE,
+            exc,
+        )
 
 
 def published_version(repository: ModelRepository, model: str, job_dir: Path) -> int:
