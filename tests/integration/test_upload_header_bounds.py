@@ -180,6 +180,22 @@ def test_deeply_nested_kwargs_json_is_invalid_argument(
     assert uploads_left(tmp_path) == []
 
 
+def test_a_deeply_nested_safetensors_header_is_invalid_argument(
+    server: tuple[ServerThread, ConversionClient], tmp_path: Path
+) -> None:
+    """json.loads raises RecursionError, not ValueError, past the interpreter's nesting limit:
+    it was INTERNAL, in the serving process (small files) or as a crashed check (large)."""
+    _, conv = server
+    for size in (20_000, 200_000):  # checked in the serving process, then in its own
+        for text in (b"[" * size + b"]" * size, b'{"a":' * size + b"1" + b"}" * size):
+            data = len(text).to_bytes(8, "little") + text
+            with pytest.raises(InvalidInputError) as info:
+                conv.upload("m", data, format="safetensors", architecture="seed")
+            assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+            assert "nests JSON deeper" in info.value.message, info.value.message
+    assert uploads_left(tmp_path) == []
+
+
 def test_struct_kwargs_have_the_json_limit(
     server: tuple[ServerThread, ConversionClient], tmp_path: Path
 ) -> None:

@@ -384,6 +384,11 @@ def _check_safetensors(path: Path) -> None:
         raw = fh.read(n)
     try:
         header = json.loads(raw)
+    except RecursionError:  # the C parser's own guard: nesting past the interpreter's limit
+        raise InvalidArgument(
+            "safetensors header nests JSON deeper than any safetensors file does: corrupt or "
+            "not a safetensors file; save it with safetensors.torch.save_file"
+        ) from None
     except ValueError:
         raise InvalidArgument("safetensors header is not valid JSON: corrupt file") from None
     if not isinstance(header, dict):
