@@ -196,6 +196,36 @@ def test_a_deeply_nested_safetensors_header_is_invalid_argument(
     assert uploads_left(tmp_path) == []
 
 
+def _patched_zip(offset: int, value: bytes, name: bytes = b"archive/data.pkl") -> bytes:
+    """A torch-like zip whose central directory entry has ``value`` at ``offset`` (and ``name``
+    as its member name, same length)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        zf.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+    data = bytearray(buffer.getvalue())
+    at = data.index(b"PK\x01\x02")
+    data[at + offset : at + offset + len(value)] = value
+    data[at + 46 : at + 46 + len(name)] = name
+    return bytes(data)
+
+
+def test_a_zip_that_zipfile_cannot_read_is_invalid_argument(
+    server: tuple[ServerThread, ConversionClient], tmp_path: Path
+) -> None:
+    """zipfile raises more than BadZipFile on a hostile archive: these were INTERNAL."""
+    _, conv = server
+    for data, what in (
+        (_patched_zip(6, b"\x4d\x00"), "zip file version 7.7"),  # NotImplementedError
+        (_patched_zip(8, b"\x00\x08", b"archive/data.\xff\xfe"), "codec"),  # UnicodeDecodeError
+    ):
+        with pytest.raises(InvalidInputError) as info:
+            conv.upload("m", data, format="state_dict", architecture="seed")
+        assert info.value.code is grpc.StatusCode.INVALID_ARGUMENT
+        assert "corrupt or truncated zip archive" in info.value.message, info.value.message
+        assert what in info.value.message, info.value.message
+    assert uploads_left(tmp_path) == []
+
+
 def test_struct_kwargs_have_the_json_limit(
     server: tuple[ServerThread, ConversionClient], tmp_path: Path
 ) -> None:

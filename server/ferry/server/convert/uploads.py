@@ -359,9 +359,11 @@ def _check_torch_zip(fmt: str, path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-    except (zipfile.BadZipFile, OSError) as exc:
+    except Exception as exc:  # BadZipFile, and what zipfile lets through: a member name that is
+        # not UTF-8 (UnicodeDecodeError), a "zip file version 7.7" (NotImplementedError)...
+        why = str(exc)[:200] or type(exc).__name__
         raise InvalidArgument(
-            f"{fmt} upload is a corrupt or truncated zip archive: {exc}"
+            f"{fmt} upload is a corrupt or truncated zip archive: {why}"
         ) from None
     if fmt in ("state_dict", "torchscript") and not any(
         n == "data.pkl" or n.endswith("/data.pkl") for n in names
