@@ -306,7 +306,8 @@ def test_disk_full_during_a_conversion_publish(
         fh = real_open(path, mode, *args, **kwargs)
         return FullFile(fh) if "w" in mode else fh
 
-    monkeypatch.setattr(repository_module, "open", failing_open)
+    # raising=False: open is the builtin, found through the module's globals once set there.
+    monkeypatch.setattr(repository_module, "open", failing_open, raising=False)
 
     async def job() -> None:
         with repo.staging("mlp") as staged:
