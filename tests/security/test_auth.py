@@ -273,6 +273,16 @@ def test_equal_or_empty_tokens_stop_the_start(repo: Path, tmp_path: Path) -> Non
         srv.stop()
 
 
+@pytest.mark.parametrize("token", ["tok\ten", "s\u00e9same", "a\x01b"])
+def test_the_sdk_refuses_a_token_grpc_cannot_send(token: str) -> None:
+    """gRPC refuses such metadata in the client, which the SDK reported as the server's
+    INTERNAL ('Invalid metadata') on every call, though no call ever left."""
+    with pytest.raises(ValueError, match="printable ASCII"):
+        InferenceClient("127.0.0.1:1", token=token)
+    with pytest.raises(ValueError, match="printable ASCII"):
+        RepositoryClient("127.0.0.1:1", token=token)
+
+
 def test_the_cli_refuses_exposed_management_in_one_line(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "ferry.server", "--repository", str(tmp_path),

@@ -221,6 +221,13 @@ class ChannelConfig:
             not isinstance(self.token, str) or "\n" in self.token or not self.token.strip()
         ):
             raise ValueError("token must be a non-empty single line of text")
+        if self.token is not None and not all(" " <= c <= "~" for c in self.token):
+            # gRPC refuses such metadata on this side, reported as the server's INTERNAL
+            # ("Invalid metadata") on every call, though no call ever left.
+            raise ValueError(
+                "token must be printable ASCII (what gRPC metadata carries): check it for a "
+                "tab or a non-ASCII character"
+            )
         if self.load_balancing is not None and not isinstance(self.load_balancing, str):
             raise ValueError(f"load_balancing must be a policy name, got {self.load_balancing!r}")
 
