@@ -108,6 +108,15 @@ def test_malformed_authorization_headers_are_unauthenticated(server: ServerThrea
             ), value
         ok = stub.ListModels(request, metadata=(("authorization", f"bearer  {INFERENCE_TOKEN}"),))
         assert [m.name for m in ok.models] == ["fixed"]
+        # Two values: which one counts would be a guess (a proxy may read the other), the
+        # right token first or last. The first was taken.
+        right, wrong = f"Bearer {INFERENCE_TOKEN}", "Bearer guess"
+        for pair in ((right, wrong), (wrong, right), (right, right)):
+            md = tuple(("authorization", v) for v in pair)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ListModels(request, metadata=md, timeout=10)
+            assert info.value.code() is grpc.StatusCode.UNAUTHENTICATED, pair
+            assert "more than one authorization value" in (info.value.details() or ""), pair
 
 
 def test_streams_are_checked_before_their_first_message(server: ServerThread) -> None:

@@ -93,6 +93,23 @@ def test_refusals_say_what_to_send(token_server: ServerThread) -> None:
     assert "Authorization: Bearer <token>" in body["error"]
 
 
+def test_two_authorization_headers_are_refused(token_server: ServerThread) -> None:
+    """Which of two counts would be a guess (a proxy in front may read the other one): the
+    first was taken, so a request passed with the right token first and a wrong one after."""
+    port = int(token_server.http_target.split(":")[1])
+    for pair in ((INFERENCE_TOKEN, "guess"), ("guess", INFERENCE_TOKEN)):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest("GET", "/v2/models/fixed")
+        for token in pair:
+            conn.putheader("Authorization", f"Bearer {token}")
+        conn.endheaders()
+        response = conn.getresponse()
+        body = json.loads(response.read())
+        conn.close()
+        assert response.status == 401, pair
+        assert body["kind"] == "UNAUTHENTICATED" and "2 Authorization headers" in body["error"]
+
+
 def test_the_management_listener_takes_only_its_token(
     token_server: ServerThread, triton_http_clients: Any
 ) -> None:

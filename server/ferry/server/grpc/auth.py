@@ -3,7 +3,9 @@
 Tokens. Each listener has one ``ListenerGuard``; when it holds tokens, every call — unary or
 streaming, reflection included — must carry ``authorization: Bearer <token>`` metadata. The check
 runs before any handler does, and an unknown method gets UNAUTHENTICATED too, so a caller without
-a token cannot tell which methods exist; a stream is refused before its first message is read. Tokens are compared with
+a token cannot tell which methods exist; a stream is refused before its first message is read.
+A call with more than one ``authorization`` value is refused too: which one counts would be a
+guess, and a proxy in front may have read the other. Tokens are compared with
 ``hmac.compare_digest`` against every accepted token (no early exit), so the time taken says
 nothing about how much of a guess was right. Health may stay open: orchestrator probes rarely can
 send a token, and health reveals nothing but SERVING / NOT_SERVING.
@@ -38,6 +40,9 @@ log = logging.getLogger(__name__)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 AUTHORIZATION = "authorization"
 MISSING, WRONG, DENIED = "missing", "wrong", "denied"  # why a token was refused
+# More than one authorization value: which one counts would be a guess (a proxy in front may read
+# the other one), so none does.
+TWICE = "twice"
 Deserializer = Callable[[bytes], Any]
 Continuation = Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]]
 
@@ -211,6 +216,12 @@ class ListenerGuard(aio.ServerInterceptor):
             f"this token may not call the {name} listener: use the {name} token",
             ErrorKind.PERMISSION_DENIED,
         )
+        self._twice = (
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"the {name} listener got more than one authorization value: send one "
+            "'authorization: Bearer <token>'",
+            ErrorKind.UNAUTHENTICATED,
+        )
         self._refusals: dict[tuple[str, bool, bool], grpc.RpcMethodHandler] = {}
 
     @property
@@ -235,15 +246,22 @@ class ListenerGuard(aio.ServerInterceptor):
         return handler
 
     def _check(self, metadata: Any) -> tuple[grpc.StatusCode, str, ErrorKind] | None:
-        value: str | bytes | None = None
-        for key, v in metadata or ():
-            if key == AUTHORIZATION:
-                value = v
-                break
-        verdict = self.verdict(value)
+        verdict = self.verdict_of([v for key, v in metadata or () if key == AUTHORIZATION])
         if verdict is None:
             return None
-        return {MISSING: self._missing, WRONG: self._wrong, DENIED: self._denied}[verdict]
+        return {
+            MISSING: self._missing,
+            WRONG: self._wrong,
+            DENIED: self._denied,
+            TWICE: self._twice,
+        }[verdict]
+
+    def verdict_of(self, values: Sequence[str | bytes]) -> str | None:
+        """``verdict`` of a request's authorization values, all of them: TWICE for more than
+        one."""
+        if len(values) > 1:
+            return TWICE
+        return self.verdict(values[0] if values else None)
 
     def verdict(self, value: str | bytes | None) -> str | None:
         """None when ``value`` (an ``authorization`` value) carries a token this listener

@@ -35,7 +35,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from ferry.server.addresses import bind_failure
 from ferry.server.errors import ErrorKind, InvalidArgument
-from ferry.server.grpc.auth import DENIED, MISSING, ListenerGuard
+from ferry.server.grpc.auth import DENIED, MISSING, TWICE, ListenerGuard
 from ferry.server.http.encodings import ENCODINGS, BodyError, decoder
 from ferry.server.http.errors import ERROR_HEADER, HttpError, error_body, error_of
 from ferry.server.http.oip import HEADER_LENGTH, JSON, OipRoutes, is_health
@@ -341,7 +341,7 @@ class HttpListener:
         path = request.raw_path.partition("?")[0]
         try:
             if self._check_token and not (self._open_health and is_health(path)):
-                self._authorize(request.headers.get("Authorization"))
+                self._authorize(request.headers.getall("Authorization", []))
             answer = self._routes.handle(
                 request.method, path, request.headers, lambda: self._read(request)
             )
@@ -361,11 +361,19 @@ class HttpListener:
                 return response
         return web.Response(status=status, body=body, headers=headers)
 
-    def _authorize(self, value: str | None) -> None:
-        verdict = self._guard.verdict(value)
+    def _authorize(self, values: list[str]) -> None:
+        verdict = self._guard.verdict_of(values)
         if verdict is None:
             return
         name = self._guard.name
+        if verdict == TWICE:
+            raise HttpError(
+                401,
+                f"the {name} listener got {len(values)} Authorization headers: send one "
+                "'Authorization: Bearer <token>'",
+                ErrorKind.UNAUTHENTICATED,
+                {"WWW-Authenticate": 'Bearer error="invalid_request"'},
+            )
         if verdict == DENIED:
             raise HttpError(
                 403,
