@@ -116,7 +116,8 @@ def test_metadata_shapes_and_batching_policy(client: InferenceClient) -> None:
     assert mlp.outputs == (TensorInfo("logits", "FP32", (-1, 10)),)
     b = mlp.batching
     assert (b.max_batch_size, b.max_queue_delay, b.max_queue_size) == (32, 0.0, 1024)
-    assert (b.default_timeout, b.instance_count) == (None, 1)
+    # No default_timeout_ms: the server's --default-request-timeout (10 s) is what applies.
+    assert (b.default_timeout, b.instance_count) == (10.0, 1)
     two = client.model_metadata("two_io")
     assert two.inputs == (TensorInfo("a", "FP32", (-1, 4)), TensorInfo("b", "INT64", (-1, 4)))
     assert two.outputs == (

@@ -15,6 +15,8 @@ import pytest
 from helpers import StartServer, make_repo, reference, write_config
 from onnx import TensorProto, helper
 from serverutil import ServerThread
+from tritonclient.grpc import service_pb2 as kserve_pb2
+from tritonclient.grpc import service_pb2_grpc as kserve_pb2_grpc
 
 from ferry.client import (
     ConversionError,
@@ -175,6 +177,27 @@ def test_default_version_from_config(tmp_path: Path, start_server: StartServer) 
         meta = client.model_metadata("seed")
         assert (meta.version, meta.default_version) == (1, 1)
         assert client.model_metadata("seed", version=2).version == 2
+
+
+def test_metadata_states_the_timeout_a_request_without_one_gets(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A model without default_timeout_ms reported 0 ("no default timeout") while every
+    request without a deadline was cut at the server's --default-request-timeout; on both
+    protocols the figure is now the one that applies."""
+    root = make_repo(tmp_path / "repo", {"own": [seed_model()], "server": [seed_model()]})
+    write_config(root, "own", {"batching": {"default_timeout_ms": 2500}})
+    srv = start_server(root, default_request_timeout=7.0)
+    with InferenceClient(srv.target, timeout=30) as client:
+        assert client.model_metadata("own").batching.default_timeout == 2.5
+        assert client.model_metadata("server").batching.default_timeout == 7.0
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for name, micros in (("own", 2_500_000), ("server", 7_000_000)):
+            config = stub.ModelConfig(kserve_pb2.ModelConfigRequest(name=name), timeout=30).config
+            assert config.dynamic_batching.default_queue_policy.default_timeout_microseconds == (
+                micros
+            )
 
 
 def test_config_error_fails_the_model_naming_the_key(

@@ -13,7 +13,7 @@ Example ``config.toml``::
     max_batch_size = 32                  # 0: the model has no batch dimension
     max_queue_delay_ms = 0.0             # time a partial batch may wait for more requests
     max_queue_size = 1024                # queued requests beyond this are rejected at once
-    default_timeout_ms = 0               # 0: no default; a call's deadline still applies
+    default_timeout_ms = 0               # 0: the server's --default-request-timeout
     default_priority = 1
 
     [instances]

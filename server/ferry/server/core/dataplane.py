@@ -186,7 +186,10 @@ class DataPlane:
                 max_batch_size=lv.max_batch_size,
                 max_queue_delay_ms=b.max_queue_delay_ms,
                 max_queue_size=b.max_queue_size,
-                default_timeout_ms=b.default_timeout_ms,
+                # The timeout a request that sets none gets: the model's own, else the
+                # server's bound. Reported as the model's 0 ("no default") while every such
+                # request was cut at --default-request-timeout.
+                default_timeout_ms=b.default_timeout_ms or self.default_timeout * 1000.0,
                 default_priority=b.default_priority,
             ),
             instance_count=lv.config.instances.count,
