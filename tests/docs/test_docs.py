@@ -70,7 +70,7 @@ def doc_files() -> list[Path]:
 DOCS_WITH_EXAMPLES = [p for p in doc_files() if p.is_file() and runnable_blocks(p)]
 # Examples that run a real conversion (torch export in a child process: seconds, not
 # milliseconds), marked like the other tests that export with torch.
-SLOW_DOCS = {"conversion.md"}
+SLOW_DOCS = {"conversion.md", "README.md"}
 
 
 @pytest.fixture
