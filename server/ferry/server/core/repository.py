@@ -101,6 +101,39 @@ class ModelRepository:
                 names.append(entry.name)
         return names
 
+    def misplaced_model_files(self) -> list[str]:
+        """What looks like a model but is not where one is served from, each as one line.
+
+        A ``model.onnx`` at the repository's top, or directly in a model's folder instead of a
+        version folder, is served by nobody, and nothing said so: with KServe, a storageUri that
+        names a model file or a model's folder (rather than the repository) gave a pod that
+        never turned ready with an empty log."""
+        layout = f"a repository holds <model>/<version>/{MODEL_FILE}"
+        found = []
+        if (self.root / MODEL_FILE).is_file():
+            found.append(
+                f"model repository {str(self.root)!r} has {MODEL_FILE} at its top, which is not "
+                f"served: {layout} (point --repository, or KServe's storageUri, at the folder "
+                "that holds the model folders)"
+            )
+        for name in self.list_models():
+            with contextlib.suppress(OSError):
+                if not (self.model_dir(name) / MODEL_FILE).is_file():
+                    continue
+                if VERSION_RE.fullmatch(name):
+                    found.append(
+                        f"folder {name!r} at the top of model repository {str(self.root)!r} "
+                        f"holds {MODEL_FILE} like a version folder, which is not served: "
+                        "--repository (or KServe's storageUri) names a model's folder; point "
+                        f"it at the folder above, which holds the model folders ({layout})"
+                    )
+                else:
+                    found.append(
+                        f"model {name!r} has {MODEL_FILE} directly in its folder, which is not "
+                        f"served: move it to a version folder, {name}/1/{MODEL_FILE} ({layout})"
+                    )
+        return found
+
     def has_model(self, name: str) -> bool:
         return self.model_dir(name).is_dir()
 

@@ -302,6 +302,9 @@ class FerryServer:
         """The start-up load, after which readiness means the required models (settle)."""
         s = self.settings
         await self.registry.refresh()
+        if not self.is_worker:
+            for line in await asyncio.to_thread(self.repository.misplaced_model_files):
+                log.warning("%s", line)
         required = [m.strip() for m in s.require_models.split(",") if m.strip()]
         missing = [m for m in required if not _in_repository(self.registry.repository, m)]
         if missing and not self.is_worker:
