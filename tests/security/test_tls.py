@@ -134,6 +134,28 @@ def test_bad_certificate_files_stop_the_start(repo: Path, certs: Certs, tmp_path
         srv.stop()
 
 
+@pytest.mark.parametrize(
+    "files",
+    [
+        {"tls_key_file": "client_key"},  # a key of another certificate
+        {"tls_cert_file": "server_key", "tls_key_file": "server_key"},  # PEM, but no certificate
+        {"tls_client_ca_file": "server_key"},  # PEM, but no CA certificate
+    ],
+    ids=["key-of-another-certificate", "key-as-certificate", "key-as-ca"],
+)
+def test_certificate_files_that_do_not_fit_are_named_with_grpc_listeners_only(
+    repo: Path, certs: Certs, files: dict[str, str]
+) -> None:
+    """With the HTTP listeners off, grpc alone read the files: it refused them at bind and the
+    start said "cannot listen on 0.0.0.0:0: in use or not permitted", sending the operator after
+    a port."""
+    chosen = {key: str(getattr(certs, name)) for key, name in files.items()}
+    srv = ServerThread(repo, http_port=-1, management_http_port=-1, **tls_settings(certs, **chosen))
+    with pytest.raises(OSError, match="cannot load the TLS files"):
+        srv.start()
+    srv.stop()
+
+
 def test_the_cli_takes_the_token_and_tls_options(tls_server: ServerThread, certs: Certs) -> None:
     """The CLI reads the token from FERRY_TOKEN (a flag would show in ps) and trusts --tls-ca."""
     cmd = [sys.executable, "-m", "ferry.cli", "models", "list", "--target", tls_server.target]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -29,6 +30,23 @@ def server_credentials(tls: ListenerTLS | None) -> grpc.ServerCredentials | None
     cert = _read(tls.cert_file, "TLS certificate")
     key = _read(tls.key_file, "TLS key")
     ca = _read(tls.client_ca_file, "client CA certificate") if tls.client_ca_file else None
+    _check_fit(tls)
     return grpc.ssl_server_credentials(
         [(key, cert)], root_certificates=ca, require_client_auth=ca is not None
     )
+
+
+def _check_fit(tls: ListenerTLS) -> None:
+    """PEM files that do not fit (a key of another certificate, a key where a certificate
+    belongs) are refused by grpc only when it binds, with nothing but a failed bind: the start
+    said "cannot listen on ...: in use or not permitted". OpenSSL says what is wrong."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+        if tls.client_ca_file:
+            context.load_verify_locations(cafile=tls.client_ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        ca = f", {tls.client_ca_file!r}" if tls.client_ca_file else ""
+        raise OSError(
+            f"cannot load the TLS files {tls.cert_file!r}, {tls.key_file!r}{ca}: {exc}"
+        ) from None
