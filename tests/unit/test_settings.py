@@ -66,6 +66,8 @@ def test_boolean_spellings(raw: str, expected: bool) -> None:
         ("FERRY_PORT", ""),
         ("FERRY_POLL_INTERVAL", "1s"),
         ("FERRY_WARM_UP", "maybe"),
+        ("FERRY_REPOSITORY", ""),  # was the working directory, its folders served as models
+        ("FERRY_REPOSITORY", " "),
     ],
 )
 def test_invalid_environment_values_raise_one_line(key: str, raw: str) -> None:
@@ -77,6 +79,21 @@ def test_invalid_environment_values_raise_one_line(key: str, raw: str) -> None:
     assert key in message
     assert repr(raw) in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("name", ["host", "management_host", "metrics_host"])
+def test_an_empty_address_is_refused_naming_the_setting(name: str) -> None:
+    """grpc read "" as no address: the start failed with "cannot listen on :8001: in use or
+    not permitted"."""
+    with pytest.raises(SettingsError, match=f"^{name} is empty: use an address"):
+        Settings.from_env({f"FERRY_{name.upper()}": ""})
+
+
+def test_an_empty_repository_flag_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["--repository", ""])
+    assert info.value.code == 2
+    assert "argument --repository: is empty" in capsys.readouterr().err
 
 
 def test_a_broken_settings_rule_raises_settings_error() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+from collections.abc import Callable
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,11 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "conversion_memory_bytes": (0, None, "0: none"),
     "external_data_threshold_bytes": (1, None, "bytes"),
 }
+
+
+HOSTS = ("host", "management_host", "metrics_host")
+EMPTY_PATH = "is empty: name the model repository folder (an empty path was read as the working "
+EMPTY_PATH += "directory, and whatever folders it held were served as models)"
 
 
 class SettingsError(ValueError):
@@ -354,6 +360,14 @@ class Settings:
             raise SettingsError(f"log_level {self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
         for name, (low, high, meaning) in RANGES.items():
             _check_range(name, getattr(self, name), low, high, meaning)
+        for name in HOSTS:
+            if not str(getattr(self, name)).strip():
+                # grpc read "" as no address and the start said "cannot listen on :8001: in
+                # use or not permitted"; an unset variable in a manifest gives exactly this.
+                raise SettingsError(
+                    f"{name} is empty: use an address of this machine, 0.0.0.0 (all IPv4), "
+                    ":: (all IPv6) or 127.0.0.1 (this machine only)"
+                )
         most = WORKERS_PER_CORE * (os.cpu_count() or 1)
         _check_range(
             "workers",
@@ -391,6 +405,8 @@ def _check_range(
 
 def _convert(type_name: Any, raw: str, where: str) -> Any:
     t = str(type_name)
+    if t == "Path" and not raw.strip():
+        raise SettingsError(f"{where}={raw!r} {EMPTY_PATH}")
     try:
         if t == "bool":
             if raw.lower() in ("1", "true", "yes", "on"):
@@ -409,6 +425,13 @@ def _convert(type_name: Any, raw: str, where: str) -> Any:
         raise SettingsError(f"{where}={raw!r} is not a valid {t}") from None
 
 
+def _path(raw: str) -> Path:
+    """A path flag's value; "" is refused, not read as the working directory."""
+    if not raw.strip():
+        raise argparse.ArgumentTypeError(EMPTY_PATH)
+    return Path(raw)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in fields(Settings):
         if not f.metadata.get("flag", True):
@@ -421,7 +444,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
             )
         else:
-            conv = {"int": int, "float": float, "Path": Path}.get(str(f.type), str)
+            converters: dict[str, Callable[[str], Any]] = {
+                "int": int,
+                "float": float,
+                "Path": _path,
+            }
+            conv = converters.get(str(f.type), str)
             parser.add_argument(flag, type=conv, default=None, help=help_text)
 
 
