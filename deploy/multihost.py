@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import secrets
 import shutil
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 SUBNET = "10.251.77"
+MAX_REPLICAS = 252  # the /24's host addresses 1..254, less the control host and the client
 PORT = 8001
 MANAGEMENT_PORT = 8003
 CLIENT = r"""
@@ -213,6 +215,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--load-seconds", type=float, default=6.0)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
+    # Checked before anything is built: 0 or 1 replica left the kill step no survivor (with 0
+    # it killed the control host), past 252 the hosts' addresses ran out of the /24 (a
+    # CalledProcessError from ip), and a poll interval of 0 never showed the new version.
+    if not 2 <= args.replicas <= MAX_REPLICAS:
+        ap.error(f"--replicas {args.replicas}: give 2..{MAX_REPLICAS} (one is killed under load)")
+    for flag, value in (
+        ("--poll-interval", args.poll_interval),
+        ("--load-seconds", args.load_seconds),
+    ):
+        if not (math.isfinite(value) and value > 0):
+            ap.error(f"{flag} {value}: give a number of seconds above 0")
     if os.geteuid() != 0 or shutil.which("ip") is None:
         raise SystemExit("multihost: needs root and iproute2 (ip netns)")
     from ferry.server.core.repository import ModelRepository
