@@ -138,6 +138,17 @@ def test_each_image_installs_its_own_target_and_pins_every_package(image: str) -
     assert ("torch==" in text) == (image == "convert"), "torch only in the full image"
 
 
+def test_the_convert_build_takes_torch_from_the_cpu_index_by_default() -> None:
+    """torch is pinned 2.13.0+cpu, which no wheel on the public index satisfies: a build
+    without --build-arg TORCH_INDEX_URL found no torch. The default is PyTorch's CPU index."""
+    step = recipe.install_step(STAGES, "convert")
+    assert step[:2] == ["sh", f"{SRC_IN_IMAGE}/deploy/install.sh"]
+    args = {a.partition("=")[0]: a.partition("=")[2] for a in STAGES["build-convert"].all("ARG")}
+    assert args.get("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu", args
+    pins = (recipe.ROOT / "deploy" / "requirements" / "convert.txt").read_text()
+    assert re.search(r"^torch==[\d.]+\+cpu$", pins, re.M), "the pin only a CPU wheel satisfies"
+
+
 def test_the_base_image_is_pinned_to_a_patch_release() -> None:
     text = recipe.DOCKERFILE.read_text()
     m = re.search(r"^ARG PYTHON_IMAGE=\S+:(\d+)\.(\d+)\.(\d+)-slim-\w+", text, re.M)
