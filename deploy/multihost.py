@@ -206,6 +206,10 @@ with ConversionClient(target, token=token, timeout=120) as conv:
 """
 
 
+def _exit_on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -228,6 +232,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ap.error(f"{flag} {value}: give a number of seconds above 0")
     if os.geteuid() != 0 or shutil.which("ip") is None:
         raise SystemExit("multihost: needs root and iproute2 (ip netns)")
+    # SIGTERM (a `timeout`, a CI job cancelled) ended the process without its finally blocks:
+    # every namespace, server and temporary folder it had made stayed on the machine. As an
+    # exception it unwinds through them, as Ctrl-C's KeyboardInterrupt does.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     from ferry.server.core.repository import ModelRepository
     from ferry.server.examples import seed_model, write_model
 

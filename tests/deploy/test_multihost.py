@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "deploy" / "multihost.py"
@@ -44,3 +46,32 @@ def test_replicas_share_a_repository_follow_a_publish_and_survive_a_killed_peer(
     during = figures["during_kill"]
     assert during["ok"] > 0 and during["failed"] == 0, during  # retried away, none lost
     assert figures["namespaces_left"] == []
+
+
+def test_sigterm_removes_what_it_built() -> None:
+    """A `timeout` or a cancelled CI job sends SIGTERM: the namespaces, servers and temporary
+    folder it had made were left on the machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--poll-interval", "0.5", "--load-seconds", "3"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    prefix = f"fy{proc.pid % 100000}-"
+
+    def ours() -> list[str]:
+        names = subprocess.run(
+            ["ip", "netns", "list"], capture_output=True, text=True, timeout=60, check=True
+        ).stdout.split()
+        return [n for n in names if n.startswith(prefix)]
+
+    try:
+        wait_for(lambda: f"{prefix}cli" in ours(), "the client namespace", timeout=120)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert ours() == []
