@@ -180,6 +180,67 @@ def test_sigterm_during_the_start_up_load_stops_without_loading_the_rest(tmp_pat
     assert len(opened.read_text().split()) < len(models), "the rest of the load was given up"
 
 
+# A sitecustomize for the worker processes --workers starts (they are new interpreters): their
+# session openings are held until a file exists, the first process's are not.
+_HOLD_IN_WORKERS = """
+import os, sys, time
+from pathlib import Path
+
+if os.environ.get("FERRY_WORKER_SOCKET") and os.environ.get("HELD_LOAD_RELEASE"):
+    import ferry.server.grpc.app as app
+
+    release = Path(os.environ["HELD_LOAD_RELEASE"])
+    original = app.open_session
+
+    def held(path, config, **kw):
+        print("worker opening " + path.parent.parent.name, file=sys.stderr, flush=True)
+        while not release.exists():
+            time.sleep(0.01)
+        return original(path, config, **kw)
+
+    app.open_session = held
+"""
+
+
+def test_sigterm_while_the_workers_load_stops_without_waiting_for_them(tmp_path: Path) -> None:
+    """With --workers, each worker loads the repository again before it serves; SIGTERM then
+    waited for every worker's whole load."""
+    root = make_repo(tmp_path / "repo", {f"m{i}": seed_model() for i in range(4)})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_IN_WORKERS)
+    release = tmp_path / "release"
+    env = _env() | {
+        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+        "HELD_LOAD_RELEASE": str(release),
+    }
+    args = [FERRY, "serve", f"--repository={root}", "--host=127.0.0.1", "--port=0"]
+    args += ["--management-port=-1", "--metrics-port=-1", "--http-port=-1"]
+    args += ["--management-http-port=-1", "--workers=2"]
+    proc = subprocess.Popen(
+        args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr or ()], daemon=True).start()
+    seen: list[str] = []
+    try:
+        while not any(line.startswith("worker opening ") for line in seen):
+            seen.append(lines.get(timeout=WAIT_S * 3))  # the first process loads, then spawns
+        proc.send_signal(signal.SIGTERM)
+        while not any("ferry shutting down" in line for line in seen):
+            seen.append(lines.get(timeout=WAIT_S))
+        release.touch()
+        assert proc.wait(timeout=WAIT_S) == 0, seen
+    finally:
+        release.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    while not lines.empty():
+        seen.append(lines.get())
+    assert not any("inference workers on port" in line for line in seen), seen
+
+
 def test_a_missing_repository_stops_the_start_with_one_line(tmp_path: Path) -> None:
     """A typo in --repository must not start a server that serves nothing."""
     missing = tmp_path / "no-such-folder"

@@ -18,8 +18,9 @@ import socket
 import ssl
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -255,8 +256,10 @@ class FerryServer:
             if not await self._load_unless_stopped():
                 return  # stopped during the load: run_until_signal stops what did start
             self._load_seconds = time.monotonic() - began  # the workers' start-up bound
-        if self.workers > 1:
-            await self._start_workers()
+        if self.workers > 1 and not await self._unless_stopped(
+            self._start_workers(), "the workers' start (each loads the repository)"
+        ):
+            return  # stop() stops the workers started so far, which give up their own loads
         await self._update_health()
         if self._management_health is not None:
             for name in ("", *self._management_services):
@@ -280,7 +283,12 @@ class FerryServer:
         """The start-up load, given up when SIGTERM/SIGINT arrives meanwhile (False). The
         signal otherwise waited for the whole load, minutes for a large repository: far past
         a pod's termination grace period, so the kubelet killed the process instead."""
-        load = asyncio.ensure_future(self._load_repository())
+        return await self._unless_stopped(self._load_repository(), "the start-up load")
+
+    async def _unless_stopped(self, work: Coroutine[Any, Any, None], what: str) -> bool:
+        """Run a start-up step that may take minutes; give it up (False) when SIGTERM/SIGINT
+        arrives meanwhile, so that the stop does not wait for it."""
+        load = asyncio.ensure_future(work)
         stop = asyncio.ensure_future(self._stop_requested.wait())
         try:
             await asyncio.wait({load, stop}, return_when=asyncio.FIRST_COMPLETED)
@@ -292,8 +300,8 @@ class FerryServer:
         if load.done():
             load.result()
             return True
-        log.info("stopping during the start-up load: the models not yet loaded are not loaded")
-        load.cancel()  # the registry's refresh stops its syncs; loads already running finish
+        log.info("stopping during %s: it is given up", what)
+        load.cancel()  # a refresh stops its syncs (loads already running finish); workers stop
         with contextlib.suppress(asyncio.CancelledError):
             await load
         return False
