@@ -101,3 +101,19 @@ def test_the_module_runs_as_a_command(server: ServerThread) -> None:
         check=True,
     )
     assert r.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "nan", "inf", "1e10", "soon"])
+def test_a_timeout_that_could_never_pass_is_a_usage_error(
+    server: ServerThread, timeout: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """grpc made 0, negative and huge deadlines an immediate DEADLINE_EXCEEDED against a
+    SERVING server: a liveness probe that restarted a healthy pod for ever."""
+    with pytest.raises(SystemExit) as info:
+        main(["--address", server.target, "--timeout", timeout])
+    assert info.value.code == 2
+    assert "argument --timeout" in capsys.readouterr().err
+
+
+def test_the_largest_timeout_still_answers(server: ServerThread) -> None:
+    assert main(["--address", server.target, "--timeout", "3600"]) == 0

@@ -28,6 +28,22 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+# grpc turned a deadline of 0 or less, and one past about 1e9 s (inf included), into an
+# immediate DEADLINE_EXCEEDED against a server that was SERVING: a probe that could never pass,
+# restarting a healthy pod for ever with a message that blamed the server.
+MAX_TIMEOUT_S = 3600.0
+
+
+def _timeout(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r} is not a number of seconds") from None
+    if not 0 < value <= MAX_TIMEOUT_S:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"{raw}: give seconds above 0, at most {MAX_TIMEOUT_S:g}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m ferry.server.probe",
@@ -50,7 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="liveness: pass on any health answer (SERVING or NOT_SERVING); fail only when the "
         "listener does not answer within --timeout",
     )
-    p.add_argument("--timeout", type=float, default=3.0, help="seconds (default %(default)s)")
+    p.add_argument(
+        "--timeout",
+        type=_timeout,
+        default=3.0,
+        help=f"seconds, above 0 and at most {MAX_TIMEOUT_S:g} (default %(default)s)",
+    )
     p.add_argument(
         "--token-file",
         type=Path,
