@@ -5,6 +5,10 @@ health status is set; nothing sleeps."""
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
+import shutil
+import tempfile
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
@@ -18,6 +22,13 @@ T = TypeVar("T")
 
 
 class ServerThread:
+    # Repositories a started server of this process serves, with how many. A server holds its
+    # state folder (one server per folder, see convert.service), so a test that starts a
+    # second server on a repository another test server is using, with no state_dir of its
+    # own, gets a private one: tests share module repositories, users run one server each.
+    _serving: collections.Counter[Path] = collections.Counter()
+    _serving_lock = threading.Lock()
+
     def __init__(self, repository: Path, **settings: Any) -> None:
         defaults: dict[str, Any] = {
             "host": "127.0.0.1",
@@ -44,6 +55,8 @@ class ServerThread:
         )
         self.app: FerryServer | None = None
         self._before_stop: list[Callable[[], None]] = []
+        self._own_state: str | None = None  # a private state folder, removed at stop
+        self._counted = False
 
     def before_stop(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` first thing in ``stop()``: a test's execution gate must open before the
@@ -59,6 +72,13 @@ class ServerThread:
         return self.submit(coro_fn).result(timeout)
 
     def start(self, configure: Callable[[FerryServer], None] | None = None) -> ServerThread:
+        root = Path(self.settings.repository).resolve()
+        with ServerThread._serving_lock:
+            if ServerThread._serving[root] and not self.settings.state_dir:
+                self._own_state = tempfile.mkdtemp(prefix="ferry-test-state-")
+                self.settings = dataclasses.replace(self.settings, state_dir=self._own_state)
+            ServerThread._serving[root] += 1
+            self._counted = True
         self._thread.start()
 
         async def _start() -> FerryServer:
@@ -103,6 +123,13 @@ class ServerThread:
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(10)
             self.loop.close()
+        if self._counted:
+            with ServerThread._serving_lock:
+                ServerThread._serving[Path(self.settings.repository).resolve()] -= 1
+            self._counted = False
+        if self._own_state is not None:
+            shutil.rmtree(self._own_state, ignore_errors=True)
+            self._own_state = None
 
     def __enter__(self) -> ServerThread:
         return self.start()
