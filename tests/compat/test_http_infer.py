@@ -442,6 +442,28 @@ def test_unsupported_request_features_are_501(triton_http: th.InferenceServerCli
     assert "classification" in exc.value.message()
 
 
+def test_shared_memory_tensors_are_501_in_http_words(
+    triton_http: th.InferenceServerClient,
+) -> None:
+    """tritonclient's set_shared_memory on an input or output: refused, and the message says
+    where HTTP carries the data (there is no raw_output_contents in an HTTP answer)."""
+    x = _input("input", np.ones((1, 64), np.float32), "FP32")
+    shm_input = th.InferInput("input", [1, 64], "FP32")
+    shm_input.set_shared_memory("region", 256)
+    with pytest.raises(InferenceServerException) as exc:
+        triton_http.infer("mlp", [shm_input])
+    assert _status(exc) == "501"
+    assert "shared memory" in exc.value.message() and "request body" in exc.value.message()
+    output = th.InferRequestedOutput("logits")
+    output.set_shared_memory("region", 40)
+    with pytest.raises(InferenceServerException) as exc:
+        triton_http.infer("mlp", [x], outputs=[output])
+    assert _status(exc) == "501"
+    message = exc.value.message()
+    assert "shared memory" in message and "response body" in message
+    assert "raw_output_contents" not in message
+
+
 def _identity_body(values: list[float]) -> bytes:
     tensor = {"name": "input", "datatype": "FP32", "shape": [1, len(values)], "data": values}
     return json.dumps({"inputs": [tensor]}).encode()

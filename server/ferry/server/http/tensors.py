@@ -56,6 +56,12 @@ BINARY_SIZE = "binary_data_size"
 HEADER_LENGTH = "Inference-Header-Content-Length"
 BINARY_OUTPUT = "binary_data"
 BINARY_ALL = "binary_data_output"
+# The gRPC refusals, told in HTTP's words: an HTTP answer has no raw_output_contents.
+OUTPUT_REFUSALS = {
+    **UNSUPPORTED_OUTPUT_PARAMETERS,
+    SHARED_MEMORY: "shared memory is not supported; outputs come back in the response body "
+    "(JSON 'data', or binary after the JSON with parameters.binary_data)",
+}
 _BYTES = DataType.DATA_TYPE_BYTES
 _BF16 = DataType.DATA_TYPE_BF16
 _FP16 = DataType.DATA_TYPE_FP16
@@ -189,7 +195,7 @@ class HttpInfer:
             if not isinstance(name, str):
                 raise InvalidArgument(f"output {i} needs a 'name' string")
             params = _object(out.get("parameters", {}), f"output {short(name)!r} parameters")
-            for key, why in UNSUPPORTED_OUTPUT_PARAMETERS.items():
+            for key, why in OUTPUT_REFUSALS.items():
                 if key in params and params[key] not in (0, None, False):
                     raise Unimplemented(f"output {name!r}: {why}")
             if name in names:
