@@ -229,6 +229,21 @@ def test_unsupported_request_features_are_refused(triton: tg.InferenceServerClie
     assert "classification" in exc.value.message()
 
 
+@pytest.mark.parametrize("shm_first", [False, True])
+def test_an_input_in_shared_memory_beside_a_raw_one_is_refused_as_shared_memory(
+    triton: tg.InferenceServerClient, shm_first: bool
+) -> None:
+    """tritonclient sends an input in shared memory with no raw_input_contents entry, so the
+    entries no longer match the inputs; the refusal names the shared memory, not the count."""
+    raw = _input("a", np.ones((1, 4), np.float32), "FP32")
+    shm = tg.InferInput("b", [1, 4], "FP32")
+    shm.set_shared_memory("region", 16)
+    with pytest.raises(InferenceServerException) as exc:
+        triton.infer("two_io", [shm, raw] if shm_first else [raw, shm])
+    assert _code(exc) == "StatusCode.UNIMPLEMENTED"
+    assert "input 'b': shared memory is not supported" in exc.value.message()
+
+
 def test_stream_error_in_the_middle_keeps_the_stream_open(
     triton: tg.InferenceServerClient,
 ) -> None:

@@ -79,7 +79,10 @@ def decode_request(msg: pb.ModelInferRequest, limits: Limits | None = None) -> I
     if raw:
         if len(raw) != len(msg.inputs):
             for tensor in msg.inputs:
-                _refuse_typed(tensor)  # the likelier mistake: some inputs typed, some raw
+                # The likelier mistakes: an input in shared memory (tritonclient sends it no
+                # raw entry) or some inputs typed, some raw.
+                _refuse_shared_memory(tensor)
+                _refuse_typed(tensor)
             raise InvalidArgument(
                 f"the request has {len(msg.inputs)} inputs but {len(raw)} raw_input_contents "
                 "entries: send one entry per input, in the same order"
@@ -131,12 +134,16 @@ def _add(
     inputs[tensor.name] = array
 
 
-def _datatype(tensor: pb.ModelInferRequest.InferInputTensor) -> int:
+def _refuse_shared_memory(tensor: pb.ModelInferRequest.InferInputTensor) -> None:
     if tensor.parameters and SHARED_MEMORY in tensor.parameters:
         raise Unimplemented(
             f"input {tensor.name!r}: shared memory is not supported; send the data in "
             "raw_input_contents"
         )
+
+
+def _datatype(tensor: pb.ModelInferRequest.InferInputTensor) -> int:
+    _refuse_shared_memory(tensor)
     try:
         return datatype_from_name(tensor.datatype)
     except CodecError as exc:
