@@ -341,3 +341,44 @@ def test_json_over_its_limit_is_refused_and_the_same_tensor_in_binary_is_served(
         )
         assert status == 200, reply
         assert json.loads(reply)["outputs"][0]["data"] == values
+
+
+def test_a_body_over_the_message_limit_is_told_to_send_binary_only_when_it_is_json(
+    tmp_path: Path,
+) -> None:
+    """A body with Inference-Header-Content-Length already uses the binary extension (what
+    tritonclient.http sends by default): its 413 names smaller batches and the limit, where
+    a JSON body's also suggests binary data."""
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    with ServerThread(root, max_message_bytes=4096) as srv:
+        head = json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "input",
+                        "datatype": "FP32",
+                        "shape": [1, 2000],
+                        "parameters": {"binary_data_size": 8000},
+                    }
+                ]
+            }
+        ).encode()
+        status, _, reply = http_call(
+            srv.http_target,
+            "POST",
+            f"/v2/models/{MODEL}/infer",
+            head + bytes(8000),
+            headers={"Inference-Header-Content-Length": str(len(head))},
+        )
+        error = json.loads(reply)
+        assert status == 413 and error["kind"] == "LIMIT_EXCEEDED", reply
+        assert "binary" not in error["error"]
+        assert "smaller batches" in error["error"] and "--max-message-bytes" in error["error"]
+        values = [0.5] * 2000
+        body = {
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 2000], "data": values}]
+        }
+        status, _, reply = http_call(
+            srv.http_target, "POST", f"/v2/models/{MODEL}/infer", json.dumps(body).encode()
+        )
+        assert status == 413 and "binary data" in json.loads(reply)["error"], reply

@@ -404,8 +404,9 @@ class HttpListener:
                 ErrorKind.INVALID_ARGUMENT,
             )
         length = request.content_length
+        binary = HEADER_LENGTH in request.headers  # already the binary form: no advice to use it
         if length is not None and length > self._limit:
-            raise self._too_large(f"its Content-Length is {length} bytes")
+            raise self._too_large(f"its Content-Length is {length} bytes", binary)
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(CONTINUE)
         content = request.content
@@ -425,7 +426,7 @@ class HttpListener:
                     total += len(chunk)
                     if total > self._limit:
                         what = "decoded" if decode is not None else "arrived"
-                        raise self._too_large(f"more than {self._limit} bytes {what}")
+                        raise self._too_large(f"more than {self._limit} bytes {what}", binary)
                     chunks.append(chunk)
             if decode is not None:
                 decode.finish()
@@ -443,12 +444,14 @@ class HttpListener:
             ) from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    def _too_large(self, why: str) -> HttpError:
+    def _too_large(self, why: str, binary: bool) -> HttpError:
+        """``binary``: the body already uses the binary tensor extension, so the only remedies
+        are smaller batches or a higher limit (a tritonclient user sends binary by default)."""
+        remedy = "send" if binary else "send tensors as binary data (about 3x smaller than JSON) or"
         return HttpError(
             413,
             f"the request body is over the limit of {self._limit} bytes (max_message_bytes): "
-            f"{why}; send tensors as binary data (about 3x smaller than JSON) or in smaller "
-            "batches, or raise the limit",
+            f"{why}; {remedy} in smaller batches, or raise the limit (--max-message-bytes)",
             ErrorKind.LIMIT_EXCEEDED,
         )
 
