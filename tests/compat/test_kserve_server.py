@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import queue
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tg
-from kserve_common import DATATYPES, STATS_MODEL, identity_name
+from kserve_common import DATATYPES, STATS_MODEL, http_call, identity_name
 from serverutil import ServerThread
 from tritonclient.grpc import model_config_pb2 as triton_config
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -215,6 +216,28 @@ def test_repository_index_load_and_unload_on_the_management_listener(repo_server
     index = {m.name: m for m in manager.get_model_repository_index().models}
     assert index["gamma"].state == "UNAVAILABLE"
     assert index["gamma"].reason
+
+
+def test_planned_batch_sizes_are_the_configs_preferred_batch_sizes(tmp_path: Path) -> None:
+    """The batcher sends a partial batch that reaches a planned size at once, as Triton's
+    dynamic batcher does at a preferred size; the config a Triton user reads says so (gRPC and
+    HTTP), and a model without planned sizes lists none."""
+    repo = ModelRepository(tmp_path / "repo")
+    config = {"batching": {"max_batch_size": 8, "planned_batch_sizes": [2, 4, 8]}}
+    write_model(repo, "planned", identity_model("FP32"), config=config)
+    write_model(repo, "unplanned", identity_model("FP32"), config={"batching": {}})
+    with ServerThread(repo.root) as srv:
+        client = tg.InferenceServerClient(srv.target)
+        try:
+            batching = client.get_model_config("planned").config.dynamic_batching
+            assert list(batching.preferred_batch_size) == [2, 4, 8]
+            unplanned = client.get_model_config("unplanned").config.dynamic_batching
+            assert list(unplanned.preferred_batch_size) == []
+        finally:
+            client.close()
+        status, _, body = http_call(srv.http_target, "GET", "/v2/models/planned/config")
+    assert status == 200
+    assert json.loads(body)["dynamic_batching"]["preferred_batch_size"] == [2, 4, 8]
 
 
 def test_without_a_management_listener_repository_control_says_so(tmp_path: Path) -> None:

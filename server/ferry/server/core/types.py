@@ -146,6 +146,9 @@ class BatchingPolicy:
     max_queue_size: int
     default_timeout_ms: float
     default_priority: int
+    # The config's batching.planned_batch_sizes: a partial batch that reaches one goes at once,
+    # as at Triton's preferred batch sizes (a derived plan is not a preference).
+    preferred_batch_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)

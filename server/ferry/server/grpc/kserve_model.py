@@ -67,7 +67,9 @@ def _tensor_metadata(spec: TensorSpec) -> pb.ModelMetadataResponse.TensorMetadat
 def config_of(m: ModelMetadata) -> mc.ModelConfig:
     """The fields tritonclient and perf_analyzer read. ``dims`` leave the batch dimension out when
     the model batches, as Triton's do; a model that batches has the dynamic batcher, whose queue
-    policy is Ferry's (requests past the queue bound or their timeout are rejected)."""
+    policy is Ferry's (requests past the queue bound or their timeout are rejected), and whose
+    preferred batch sizes are the config's planned ones (the batcher sends a batch that reaches
+    one at once)."""
     b = m.batching
     batching = b.max_batch_size > 0
     skip = 1 if batching else 0
@@ -96,6 +98,7 @@ def config_of(m: ModelMetadata) -> mc.ModelConfig:
     if batching:
         config.dynamic_batching.CopyFrom(
             mc.ModelDynamicBatching(
+                preferred_batch_size=b.preferred_batch_sizes,
                 max_queue_delay_microseconds=round(b.max_queue_delay_ms * 1000),
                 default_queue_policy=mc.ModelQueuePolicy(
                     timeout_action=mc.ModelQueuePolicy.REJECT,
