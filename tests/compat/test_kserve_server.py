@@ -133,6 +133,30 @@ def test_statistics_of_every_model_and_of_an_unknown_one(triton: tg.InferenceSer
     assert str(exc.value.status()) == "StatusCode.NOT_FOUND"
 
 
+def test_statistics_of_a_model_whose_versions_all_failed_say_why(tmp_path: Path) -> None:
+    """Not an empty list (a client reading its one entry, as perf_analyzer does, would take it
+    for a broken server): the reason, as the model's metadata and a named version's statistics
+    give it. Every model's statistics leave it out."""
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "alpha", identity_model("FP32"))
+    (repo.model_dir("broken") / "1").mkdir(parents=True)
+    (repo.model_dir("broken") / "1" / MODEL_FILE).write_bytes(b"not an onnx model")
+    with ServerThread(repo.root) as srv:
+        client = tg.InferenceServerClient(srv.target)
+        try:
+            for version in ("", "1"):
+                with pytest.raises(InferenceServerException) as exc:
+                    client.get_inference_statistics("broken", version)
+                assert str(exc.value.status()) == "StatusCode.UNAVAILABLE"
+                assert "'broken' version 1 is FAILED" in exc.value.message()
+            names = [s.name for s in client.get_inference_statistics("").model_stats]
+        finally:
+            client.close()
+        status, _, body = http_call(srv.http_target, "GET", "/v2/models/broken/stats")
+    assert names == ["alpha"]
+    assert status == 503 and "is FAILED" in json.loads(body)["error"]
+
+
 @pytest.mark.parametrize(
     "call",
     [

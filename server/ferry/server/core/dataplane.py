@@ -210,11 +210,17 @@ class DataPlane:
             raise InvalidArgument("a model version needs a model name")
         if model:
             self._registry.statuses(model)  # NOT_FOUND for an unknown model
-        return [
+        stats = [
             lv.statistics()
             for lv in self._registry.loaded_versions()
             if not model or lv.name == model
         ]
+        if model and not stats:
+            # A model none of whose versions serves (failed, still loading) answers why, as
+            # its metadata and a named version's statistics do, not an empty list that a
+            # client reading its one entry (perf_analyzer) takes for a broken server.
+            self._registry.get(model, self._registry.serving_version(model))
+        return stats
 
     def sum_with(self, peers: PeerStatistics) -> None:
         """Add the other worker processes' statistics to what ``total_statistics`` answers."""
