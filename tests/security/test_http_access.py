@@ -34,11 +34,22 @@ LIMIT = 64 * 1024
 WAIT_S = 30.0  # socket timeouts: reached only when broken
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _new_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_repo(
         tmp_path_factory.mktemp("http") / "repo", {"fixed": identity_model("FP32", (3,))}
     )
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """token_server's. A server locks its repository's state folder, so every other server
+    here, started while token_server runs, has a repository of its own (``own_repo``)."""
+    return _new_repo(tmp_path_factory)
+
+
+@pytest.fixture
+def own_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _new_repo(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +134,8 @@ def test_the_management_listener_takes_only_its_token(
     assert not manager.is_server_ready()  # as on gRPC: no open health on management
 
 
-def test_health_can_require_the_token(repo: Path, triton_http_clients: Any) -> None:
-    with ServerThread(repo, inference_token=INFERENCE_TOKEN, health_requires_token=True) as srv:
+def test_health_can_require_the_token(own_repo: Path, triton_http_clients: Any) -> None:
+    with ServerThread(own_repo, inference_token=INFERENCE_TOKEN, health_requires_token=True) as srv:
         client = triton_http_clients(srv.http_target)
         assert not client.is_server_ready()
         assert client.is_server_ready(headers=bearer(INFERENCE_TOKEN))
@@ -134,8 +145,8 @@ def test_health_can_require_the_token(repo: Path, triton_http_clients: Any) -> N
 
 
 @pytest.fixture(scope="module")
-def small_server(repo: Path) -> Iterator[ServerThread]:
-    with ServerThread(repo, max_message_bytes=LIMIT) as srv:
+def small_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerThread]:
+    with ServerThread(_new_repo(tmp_path_factory), max_message_bytes=LIMIT) as srv:
         yield srv
 
 
@@ -256,9 +267,9 @@ def _context(
     return context
 
 
-def test_tls_and_mutual_tls(repo: Path, certs: Certs, triton_http_clients: Any) -> None:
+def test_tls_and_mutual_tls(own_repo: Path, certs: Certs, triton_http_clients: Any) -> None:
     settings = {"tls_cert_file": str(certs.server_cert), "tls_key_file": str(certs.server_key)}
-    with ServerThread(repo, **settings) as srv:
+    with ServerThread(own_repo, **settings) as srv:
         assert srv.app is not None
         assert _get(srv.app.http_port, _context(certs)) == 200
         client = triton_http_clients(
@@ -267,7 +278,7 @@ def test_tls_and_mutual_tls(repo: Path, certs: Certs, triton_http_clients: Any) 
         _infer(client)
         with pytest.raises(ssl.SSLError):  # a client that does not trust the CA
             _get(srv.app.http_port, ssl.create_default_context())
-    with ServerThread(repo, **settings, tls_client_ca_file=str(certs.ca)) as srv:
+    with ServerThread(own_repo, **settings, tls_client_ca_file=str(certs.ca)) as srv:
         assert srv.app is not None
         good = _context(certs, certs.client_cert, certs.client_key)
         for port in (srv.app.http_port, srv.app.management_http_port):
@@ -278,14 +289,14 @@ def test_tls_and_mutual_tls(repo: Path, certs: Certs, triton_http_clients: Any) 
 
 
 def test_a_tls_head_that_stops_arriving_is_answered_and_closed(
-    repo: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch
+    own_repo: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The head bound holds over TLS too, on the handshake and then on the head, whose 408 is
     # written through the TLS layer. The bound is shortened so the test waits on it; nothing
     # here measures time.
     monkeypatch.setattr(listener, "HEADER_TIMEOUT", 0.2)
     settings = {"tls_cert_file": str(certs.server_cert), "tls_key_file": str(certs.server_key)}
-    with ServerThread(repo, **settings) as srv:
+    with ServerThread(own_repo, **settings) as srv:
         assert srv.app is not None
         # A connection that never starts its handshake is closed as well.
         idle = socket.create_connection(("127.0.0.1", srv.app.http_port), timeout=WAIT_S)
