@@ -942,3 +942,40 @@ def test_a_promotion_under_ten_comparisons_still_judges_sizes_and_ids(promote_af
     right.squares["y"] = [0.0, 1.0 * promote_after, 0.0, 0.0]
     assert right.verdict(rules) == "promote"
     assert ShadowStatistics(2, "m", compared=promote_after - 1).verdict(rules) == ""
+
+
+def test_a_rules_decision_never_undoes_a_change_made_while_it_waited(tmp_path: Path) -> None:
+    """A rule judged the rollout in force, but a person's change (which holds the model while
+    it loads a version) went in first: the rule's verdict on the old candidate overwrote it,
+    and the new shadow ended unjudged. The verdict is now dropped, and the comparison it was
+    made on may be judged again."""
+    repo = _repo(tmp_path)
+    write_model(repo, "m", seed_model(seed=2), version=3)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        rules = {"promote_after": 1000, "min_cosine": 0.9}
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(1, 1.0), rules=rules)
+        judged, _ = registry.rollout_of("m")
+        assert judged is not None
+        stats = dataplane._shadows.statistics("m", judged)
+        lock = registry._lock_of("m")
+        await lock.acquire()  # a person's change in progress
+        person = asyncio.create_task(
+            dataplane.set_rollout(
+                "m", {2: 1}, by="person", why="try 3", shadow_of=(3, 0.5), rules=rules
+            )
+        )
+        await asyncio.sleep(0)  # it waits for the model behind the change in progress
+        stats.decided = True
+        dataplane._decide("m", {2: 1.0}, "rolled back by rule: stale", judged, stats=stats)
+        lock.release()
+        await person
+        await asyncio.gather(*dataplane._decisions)
+        view = dataplane.rollout("m")
+        assert view.split == ((2, 1.0),) and view.shadow == (3, 0.5)
+        assert [h["why"] for h in view.history] == ["", "try 3"]
+        assert not stats.decided
+        await registry.close()
+
+    asyncio.run(scenario())

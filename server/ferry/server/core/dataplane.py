@@ -79,7 +79,7 @@ class DataPlane:
         self._shadows = shadow.Shadows()
         # The other workers' comparisons (sum_shadows_with), in the first worker only.
         self._peer_shadows: shadow_sum.PeerShadows | None = None
-        self._decisions: set[asyncio.Task[RolloutView]] = set()
+        self._decisions: set[asyncio.Task[None]] = set()
         # model -> (the rollout as read, {version: [failed, ok]} of the requests its split
         # routed, the versions a rule took out of it): all of it starts afresh with each rollout
         # read (core.rollout, one object per read of the file), see _check_split_errors.
@@ -393,7 +393,7 @@ class DataPlane:
             f"{ro.rules.max_error_rate:g} above it)"
         )
         # A shadow beside the split, and the rules, go on: the rule acted on the split only.
-        self._decide(lv.name, split or None, why, keep=ro)
+        self._decide(lv.name, split or None, why, ro, keep=ro)
 
     def _apply_rules(
         self,
@@ -443,16 +443,21 @@ class DataPlane:
         else:
             split = {v: w for v, w in ro.split if v != candidate} or None
         what = "promoted" if verdict == "promote" else "rolled back"
-        self._decide(model, split, f"{what} by rule: {judged.summary()}")
+        self._decide(model, split, f"{what} by rule: {judged.summary()}", ro, stats=stats)
 
     def _decide(
         self,
         model: str,
         split: dict[int, float] | None,
         why: str,
+        decided_on: rollouts.Rollout,
+        *,
         keep: rollouts.Rollout | None = None,
+        stats: shadow.ShadowStatistics | None = None,
     ) -> None:
-        """A rule's decision: recorded and applied as a person's would be, off the request.
+        """A rule's decision on ``decided_on`` (the rollout it judged): recorded and applied as
+        a person's would be, off the request, unless another change was made meanwhile (then
+        it is dropped, and ``stats``, the comparison judged, may be judged again).
         ``keep``: the rollout whose shadow and rules stay (a split's rule changed the split
         alone; it dropped a live shadow and every rule with it)."""
         log.warning("model %s: %s", model, why)
@@ -460,17 +465,25 @@ class DataPlane:
         rules = keep.rules.as_dict() if keep is not None and keep.rules else None
         if shadow_of is None and not split:
             rules = None  # a split's rule needs a split; none is left
-        task = asyncio.get_running_loop().create_task(
-            self.set_rollout(
-                model,
-                split,
-                by="rollout rules",
-                why=why,
-                shadow_of=shadow_of,
-                rules=rules,
-                fresh_shadow=False,
-            )
-        )
+
+        async def apply() -> None:
+            try:
+                await self.set_rollout(
+                    model,
+                    split,
+                    by="rollout rules",
+                    why=why,
+                    shadow_of=shadow_of,
+                    rules=rules,
+                    fresh_shadow=False,
+                    decided_on=decided_on,
+                )
+            except FerryError as exc:
+                if stats is not None:
+                    stats.decided = False  # the rollout in force is judged at the next outcome
+                log.warning("model %s: a rule's decision was not applied: %s", model, exc)
+
+        task = asyncio.get_running_loop().create_task(apply())
         self._decisions.add(task)
         task.add_done_callback(self._decisions.discard)
 
@@ -568,11 +581,13 @@ class DataPlane:
         shadow_of: tuple[int, float] | None = None,
         rules: Mapping[str, float] | None = None,
         fresh_shadow: bool = True,
+        decided_on: rollouts.Rollout | None = None,
     ) -> RolloutView:
         """Split the model's live traffic (None or {}: end the split) and/or shadow a fraction
         of it to a candidate (``shadow_of``: version, fraction); every worker and replica
         serving the repository follows, and the change is recorded. ``fresh_shadow``: the
-        shadow's comparison starts afresh (a person's change; a rule's keeps it)."""
+        shadow's comparison starts afresh (a person's change; a rule's keeps it).
+        ``decided_on``: a rule's change, refused if the rollout it judged was changed since."""
         name = validate_model_name(model)
         wanted = rollouts.parse_split(split) if split else rollouts.Rollout(())
         if shadow_of is not None:
@@ -593,7 +608,9 @@ class DataPlane:
         parsed = wanted if wanted.split or wanted.shadow else None
         if parsed is not None and parsed.shadow is not None:
             self._check_shadow(name, parsed)
-        outcome = await self._registry.set_rollout(name, parsed, by=by, why=why)
+        outcome = await self._registry.set_rollout(
+            name, parsed, by=by, why=why, decided_on=decided_on
+        )
         if parsed is not None and parsed.shadow is not None and fresh_shadow:
             self._shadows.forget(name)
         # Only the versions this rollout names: syncing the model retries every failed version,

@@ -262,13 +262,23 @@ class ModelRegistry:
         return entry.rollout, entry.rollout_error
 
     async def set_rollout(
-        self, name: str, split: rollouts.Rollout | None, *, by: str, why: str
+        self,
+        name: str,
+        split: rollouts.Rollout | None,
+        *,
+        by: str,
+        why: str,
+        decided_on: rollouts.Rollout | None = None,
     ) -> RepositoryOutcome:
         """Write the model's split (None: end it) with the repository, then serve it: the
-        versions it names are loaded beside the version policy's own."""
+        versions it names are loaded beside the version policy's own. ``decided_on``: the
+        rollout a rule judged (the object read, see ``rollout_of``); the change is refused
+        when another has been made since, so a rule never undoes a change it did not see."""
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._lock_of(name):
+            if decided_on is not None:
+                self._still_the_rollout(name, decided_on)
             if name in self._unloaded_by_request:
                 # Serving a rollout would load it again here (and, with --workers, in the
                 # workers too, each of which then disagreed with the others on a refresh).
@@ -302,6 +312,20 @@ class ModelRegistry:
             self._notify()
             await self._follow("load", name)
             return result
+
+    def _still_the_rollout(self, name: str, decided_on: rollouts.Rollout) -> None:
+        """Refuse a rule's change when the rollout it judged is no longer the one in force: a
+        person's change made while the rule decided (one that loads a version holds the lock
+        for seconds, and the old rollout served meanwhile) was overwritten by the rule's
+        verdict on the old candidate, and a new shadow was ended unjudged. The file is looked
+        at too: a change written there but not yet read counts as made."""
+        entry = self.models.get(name)
+        signature = _file_signature(self.repository.model_dir(name) / rollouts.ROLLOUT_FILE)
+        if entry is None or entry.rollout is not decided_on or signature != entry.rollout_signature:
+            raise FailedPrecondition(
+                f"the rollout of {short(name)!r} changed since the rule decided; the decision "
+                "is dropped and the rules judge the rollout in force"
+            )
 
     def _check_one_interface(self, name: str, split: rollouts.Rollout) -> None:
         """The rollout's versions (and, for a shadow alone, the default version it is compared
