@@ -98,6 +98,23 @@ def test_a_shadow_version_that_is_not_finite_is_refused() -> None:
         rollouts.parse_shadow(float("inf"), 0.1)
 
 
+def test_every_version_the_repository_serves_can_be_rolled_out(tmp_path: Path) -> None:
+    """Versions are 1..2**53 in the repository and every RPC: a folder named 2**53 was served,
+    and a split or shadow naming it refused as 'out of range (1..2^53)'."""
+    top = 2**53
+    assert rollouts.parse_split({1: 1, top: 1}).split == ((1, 1.0), (top, 1.0))
+    assert rollouts.parse_shadow(top, 0.5) == (top, 0.5)
+    with pytest.raises(InvalidArgument, match=f"out of range \\(1..{top}\\)"):
+        rollouts.parse_split({top + 1: 1})
+    with pytest.raises(InvalidArgument, match=f"out of range \\(1..{top}\\)"):
+        rollouts.parse_shadow(top + 1, 0.5)
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    write_model(repo, "m", seed_model(seed=1))
+    write_model(repo, "m", seed_model(seed=2), version=top)
+    rollouts.write(repo.model_dir("m"), rollouts.parse_split({1: 1, top: 1}), by="t", why="")
+    assert rollouts.read(repo.model_dir("m")) == (rollouts.parse_split({1: 1, top: 1}), "")
+
+
 def _repo(tmp_path: Path) -> ModelRepository:
     repo = ModelRepository(tmp_path / "repo", create=True)
     write_model(repo, "m", seed_model(seed=1))

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.codec import datatype_name
-from ferry.server.core.repository import folder_in_place, write_file_atomic
+from ferry.server.core.repository import MAX_VERSION, folder_in_place, write_file_atomic
 from ferry.server.core.types import TensorSpec
 from ferry.server.errors import FailedPrecondition, InvalidArgument
 
@@ -152,8 +152,10 @@ def parse_shadow(version: Any, fraction: Any, where: str = "rollout") -> tuple[i
         v, f = int(version), float(fraction)
     except (TypeError, ValueError, OverflowError):
         raise InvalidArgument(f"{where}: shadow needs a version and a fraction") from None
-    if not 1 <= v < 2**53:
-        raise InvalidArgument(f"{where}: shadow version {v} is out of range (1..2^53)")
+    # The repository's own bound (inclusive): a version it serves must be one a rollout can
+    # name (2**53 was served, and refused here as "out of range (1..2^53)").
+    if not 1 <= v <= MAX_VERSION:
+        raise InvalidArgument(f"{where}: shadow version {v} is out of range (1..{MAX_VERSION})")
     if not 0 < f <= 1:
         raise InvalidArgument(f"{where}: the shadow fraction must be within (0, 1], got {f}")
     return v, f
@@ -173,8 +175,8 @@ def parse_split(split: dict[Any, Any], where: str = "rollout") -> Rollout:
             version = int(raw_version)
         except (TypeError, ValueError, OverflowError):
             raise InvalidArgument(f"{where}: version {raw_version!r} is not a number") from None
-        if version < 1 or version >= 2**53:
-            raise InvalidArgument(f"{where}: version {version} is out of range (1..2^53)")
+        if not 1 <= version <= MAX_VERSION:
+            raise InvalidArgument(f"{where}: version {version} is out of range (1..{MAX_VERSION})")
         if isinstance(raw_weight, bool) or not isinstance(raw_weight, int | float):
             raise InvalidArgument(f"{where}: the weight of version {version} is not a number")
         weight = float(raw_weight)

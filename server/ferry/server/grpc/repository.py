@@ -10,6 +10,7 @@ from grpc import aio
 from ferry.proto.v1 import repository_pb2 as pb
 from ferry.proto.v1 import repository_pb2_grpc as pb_grpc
 from ferry.server.core.dataplane import DataPlane
+from ferry.server.core.repository import MAX_VERSION
 from ferry.server.core.types import RolloutView
 from ferry.server.grpc._base import translate_errors
 
@@ -118,4 +119,4 @@ def _split(raw: dict[object, object]) -> dict[int, float]:
         split = {int(str(v)): float(w) for v, w in raw.items()}  # type: ignore[arg-type]
     except (TypeError, ValueError, OverflowError):
         return {}
-    return {v: w for v, w in split.items() if 0 < v < 2**53}
+    return {v: w for v, w in split.items() if 0 < v <= MAX_VERSION}
