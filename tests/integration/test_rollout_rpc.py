@@ -211,3 +211,18 @@ def test_no_management_edit_puts_a_shadow_candidate_on_traffic(tmp_path: Path) -
         repo.set_rollout("a", {2: 1}, reason="promoted")  # the way to put it on traffic
         conversion.set_default_version("a", None)
         assert client.infer("a", X).version == 2
+
+
+def test_a_shadow_of_version_zero_is_refused_and_the_live_shadow_stays(tmp_path: Path) -> None:
+    """shadow_version 0 means no shadow: shadow=(0, 0.5) was answered OK, set no shadow, and
+    ended the live one without a word."""
+    from ferry.client import InvalidInputError
+
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
+        repo.set_rollout("m", {2: 1.0}, shadow=(1, 0.5), reason="shadow 1")
+        with pytest.raises(InvalidInputError, match="without a shadow_version"):
+            repo.set_rollout("m", {2: 1.0}, shadow=(0, 0.5), reason="typo")
+        view = repo.get_rollout("m")
+        assert (view.shadow_version, view.shadow_fraction) == (1, 0.5)
+        assert [h.reason for h in view.history] == ["shadow 1"]

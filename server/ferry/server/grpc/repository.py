@@ -12,6 +12,7 @@ from ferry.proto.v1 import repository_pb2_grpc as pb_grpc
 from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.repository import MAX_VERSION
 from ferry.server.core.types import RolloutView
+from ferry.server.errors import InvalidArgument
 from ferry.server.grpc._base import translate_errors
 
 
@@ -44,6 +45,13 @@ class RepositoryServicer(pb_grpc.ModelRepositoryServicer):
     async def SetRollout(
         self, request: pb.SetRolloutRequest, context: aio.ServicerContext
     ) -> pb.Rollout:
+        if request.shadow_fraction and not request.shadow_version:
+            # shadow_version 0 means "no shadow": a shadow asked of version 0 (the SDK's
+            # shadow=(0, 0.1)) was answered OK with no shadow, and a live one ended.
+            raise InvalidArgument(
+                f"shadow_fraction {request.shadow_fraction:g} without a shadow_version: name the "
+                "candidate version (1 or more), or leave both unset for no shadow"
+            )
         view = await self.dataplane.set_rollout(
             request.model,
             dict(request.split),
