@@ -79,6 +79,27 @@ def test_a_split_that_means_nothing_is_refused(bad: dict[object, object]) -> Non
         rollouts.parse_split(bad)
 
 
+@pytest.mark.parametrize("key", ["01", "1_0", "\u0663", " 1", "+1", "1.0", "9" * 5000])
+def test_a_hand_edited_version_is_read_by_the_repositorys_rule(key: str, tmp_path: Path) -> None:
+    """The repository serves no folder '01', '1_0' or '\u0663' (an Arabic-Indic 3), but a
+    rollout.json naming them routed to versions 1, 10 and 3 (int() reads them all): the file is
+    now unusable, and says why, as any other that names no version."""
+    mdir = tmp_path / "m"
+    mdir.mkdir()
+    (mdir / rollouts.ROLLOUT_FILE).write_text(json.dumps({"split": {key: 1}}))
+    rollout, error = rollouts.read(mdir)
+    assert rollout is None and ("not a version number" in error or "out of range" in error)
+    (mdir / rollouts.ROLLOUT_FILE).write_text(
+        json.dumps({"split": {"1": 1}, "shadow": {"version": key, "fraction": 0.5}})
+    )
+    rollout, error = rollouts.read(mdir)
+    assert rollout is None and ("shadow needs a version" in error or "out of range" in error)
+    (mdir / rollouts.ROLLOUT_FILE).write_text(
+        json.dumps({"split": {"1": 1}, "shadow": {"version": 2.7, "fraction": 0.5}})
+    )
+    assert rollouts.read(mdir)[0] is None  # not version 2
+
+
 @pytest.mark.parametrize(
     "rules",
     [

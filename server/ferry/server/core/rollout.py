@@ -24,7 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from ferry.codec import datatype_name
-from ferry.server.core.repository import MAX_VERSION, folder_in_place, write_file_atomic
+from ferry.server.core.repository import (
+    MAX_VERSION,
+    VERSION_RE,
+    folder_in_place,
+    write_file_atomic,
+)
 from ferry.server.core.types import TensorSpec
 from ferry.server.errors import FailedPrecondition, InvalidArgument
 
@@ -147,11 +152,32 @@ def going_on(live: Rollout | None, wanted: Rollout) -> Rollout:
     return dataclasses.replace(wanted, comparison=live.comparison)
 
 
+def _version_number(raw: Any) -> int | None:
+    """A version as a rollout names it: an int (gRPC), or the text of one (the file's keys),
+    by the repository's rule for version folders: ASCII digits, no leading zero. ``int()``
+    also read '01' as 1, '1_0' as 10, '\u0663' (an Arabic-Indic 3) as 3, and a 2.7 as 2, none
+    of which names a version folder. None when it is not one."""
+    if isinstance(raw, bool):
+        return None
+    if isinstance(raw, int):
+        return raw
+    if isinstance(raw, str) and VERSION_RE.fullmatch(raw):
+        # Past 16 digits it is out of range whatever it says (int() of 5,000 digits raises).
+        return int(raw) if len(raw) <= len(str(MAX_VERSION)) else MAX_VERSION + 1
+    return None
+
+
 def parse_shadow(version: Any, fraction: Any, where: str = "rollout") -> tuple[int, float]:
+    v = _version_number(version)
     try:
-        v, f = int(version), float(fraction)
+        f = float(fraction)
     except (TypeError, ValueError, OverflowError):
-        raise InvalidArgument(f"{where}: shadow needs a version and a fraction") from None
+        v = None
+    if v is None:
+        raise InvalidArgument(
+            f"{where}: shadow needs a version (a positive integer, ASCII digits without a "
+            f"leading zero) and a fraction, got {str(version)[:40]!r}"
+        )
     # The repository's own bound (inclusive): a version it serves must be one a rollout can
     # name (2**53 was served, and refused here as "out of range (1..2^53)").
     if not 1 <= v <= MAX_VERSION:
@@ -171,10 +197,12 @@ def parse_split(split: dict[Any, Any], where: str = "rollout") -> Rollout:
         raise InvalidArgument(f"{where}: at most {MAX_VERSIONS} versions in a split")
     out: dict[int, float] = {}
     for raw_version, raw_weight in split.items():
-        try:
-            version = int(raw_version)
-        except (TypeError, ValueError, OverflowError):
-            raise InvalidArgument(f"{where}: version {raw_version!r} is not a number") from None
+        version = _version_number(raw_version)
+        if version is None:
+            raise InvalidArgument(
+                f"{where}: version {str(raw_version)[:40]!r} is not a version number (a positive "
+                "integer, ASCII digits without a leading zero)"
+            )
         if not 1 <= version <= MAX_VERSION:
             raise InvalidArgument(f"{where}: version {version} is out of range (1..{MAX_VERSION})")
         if isinstance(raw_weight, bool) or not isinstance(raw_weight, int | float):
