@@ -1017,3 +1017,27 @@ def test_a_rules_decision_never_undoes_a_change_made_while_it_waited(tmp_path: P
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_an_edit_of_a_model_whose_config_does_not_parse_is_a_failed_precondition(
+    tmp_path: Path,
+) -> None:
+    """DeleteModelVersion and SetDefaultVersion were INVALID_ARGUMENT when the model's config
+    file did not parse: the call was fine, the repository was not."""
+    from ferry.server.core import versions
+
+    repo = _repo(tmp_path)
+    (repo.model_dir("m") / "config.json").write_text("{bad")
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        for edit in (
+            versions.delete_version(repo, registry, "m", 1),
+            versions.set_default_version(repo, registry, "m", 1),
+        ):
+            with pytest.raises(FailedPrecondition, match=r"config\.json cannot be parsed.*fix"):
+                await edit
+        assert repo.list_versions("m") == [1, 2]
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ferry.server.core import rollout as rollouts
-from ferry.server.core.config import find_config_file, load_config, parse_config
+from ferry.server.core.config import ModelConfig, find_config_file, load_config, parse_config
 from ferry.server.core.registry import ModelRegistry, State
 from ferry.server.core.repository import (
     MODEL_DATA_FILE,
@@ -91,7 +91,7 @@ async def delete_version(
 
 async def _delete_checked(repository: ModelRepository, name: str, version: int) -> None:
     repository.require_version(name, validate_version(version))
-    config = load_config(repository.model_dir(name))
+    config = _model_config(repository.model_dir(name))
     if config.default_version == version:
         raise FailedPrecondition(
             f"version {version} is {name!r}'s configured default_version: set another default "
@@ -130,7 +130,7 @@ async def _set_default_checked(repository: ModelRepository, name: str, version: 
     policy_value = None
     if version:
         repository.require_version(name, validate_version(version))
-        policy = load_config(mdir).version_policy
+        policy = _model_config(mdir).version_policy
         if version not in policy.select(on_disk):
             if policy.specific:
                 raise FailedPrecondition(
@@ -142,7 +142,7 @@ async def _set_default_checked(repository: ModelRepository, name: str, version: 
     if live is not None and live.shadow is not None and not live.split:
         after = version
         if not after:  # cleared: the newest version the policy serves
-            after = max(load_config(mdir).version_policy.select(on_disk), default=0)
+            after = max(_model_config(mdir).version_policy.select(on_disk), default=0)
         what = f"making {version} the default" if version else "clearing the default version"
         _keep_shadow_off_traffic(live, name, after, what)
     path = find_config_file(mdir)
@@ -164,6 +164,18 @@ async def _set_default_checked(repository: ModelRepository, name: str, version: 
         target = mdir / VERSION_CONFIG_FILE
     _check_edit(text, target, version)
     await asyncio.to_thread(write_file_atomic, target, text.encode("utf-8"))
+
+
+def _model_config(mdir: Path) -> ModelConfig:
+    """The model's config as the edit's checks need it. A file that does not parse is the
+    repository's state, not the request's fault: it was INVALID_ARGUMENT (the call itself was
+    fine, and a client told so does not retry after the file is fixed)."""
+    try:
+        return load_config(mdir)
+    except InvalidArgument as exc:
+        raise FailedPrecondition(
+            f"{exc.message}; fix the model's config file first (nothing was changed)"
+        ) from None
 
 
 def _keep_shadow_off_traffic(
