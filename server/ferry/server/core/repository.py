@@ -60,7 +60,10 @@ def validate_model_name(name: str) -> str:
 
 def validate_version(version: int) -> int:
     if isinstance(version, bool) or not isinstance(version, int) or not 0 < version <= MAX_VERSION:
-        raise InvalidArgument(f"invalid version {version!r}: versions are positive integers")
+        # The bound is said: 2**53 + 1 was refused as not "a positive integer", which it is.
+        raise InvalidArgument(
+            f"invalid version {version!r}: versions are integers from 1 to {MAX_VERSION}"
+        )
     return version
 
 
