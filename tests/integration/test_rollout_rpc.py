@@ -226,3 +226,52 @@ def test_a_shadow_of_version_zero_is_refused_and_the_live_shadow_stays(tmp_path:
         view = repo.get_rollout("m")
         assert (view.shadow_version, view.shadow_fraction) == (1, 0.5)
         assert [h.reason for h in view.history] == ["shadow 1"]
+
+
+def _identity(width: int) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["input"], ["logits"])],
+        "identity",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", width])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_a_set_rollout_whose_caller_left_is_carried_to_its_end(tmp_path: Path) -> None:
+    """The client's deadline passed while SetRollout loaded a version: cancelled half-way, the
+    split stayed written though its versions differ (never checked, never restored), and the
+    version stayed LOADING for good. The change now runs to its end: here it is refused after
+    the load, and put back as it was."""
+    import threading
+
+    from ferry.client import DeadlineExceededError
+
+    root = make_repo(tmp_path / "repo", {"m": [_identity(3), _identity(4)]})
+    with ServerThread(root) as server:
+        assert server.app is not None
+        registry = server.app.registry
+        opener, entered, gate = registry._opener, threading.Event(), threading.Event()
+
+        def held(path: Path, config: object) -> object:
+            if path.parent.name == "1":
+                entered.set()
+                gate.wait(30)
+            return opener(path, config)  # type: ignore[arg-type]
+
+        registry._opener = held  # type: ignore[assignment]
+        server.before_stop(gate.set)
+        with RepositoryClient(server.management_target, timeout=1.0) as repo:
+            with pytest.raises(DeadlineExceededError):
+                repo.set_rollout("m", {1: 1.0, 2: 1.0}, reason="left")
+            assert entered.is_set()
+            gate.set()
+
+            def settled() -> bool:
+                return [(s.version, s.state.value) for s in registry.statuses("m")] == [
+                    (2, "READY")
+                ]
+
+            wait_for(settled, "the change to end and version 1 to go")
+            assert not (root / "m" / rollouts.ROLLOUT_FILE).exists()
+            assert repo.get_rollout("m").split == {}

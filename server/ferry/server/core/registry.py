@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import CONFIG_NAMES, TRITON_CONFIG, ModelConfig, load_config
@@ -107,6 +107,26 @@ Listener = Callable[[], None]
 # Told of every explicit change once it is done here: ("load" | "unload", model) or ("refresh", "").
 # Worker processes that serve the same repository apply it too (ferry.server.workers).
 Follower = Callable[[str, str], Awaitable[None]]
+
+T = TypeVar("T")
+_EDITS: set[asyncio.Task[Any]] = set()  # edits whose caller left: kept until they end
+
+
+async def run_to_end(work: Coroutine[Any, Any, T]) -> T:
+    """Run a management edit to its end even when its caller leaves (a client's deadline, a
+    cancelled call): cancelled half-way, a SetRollout left its split written but never checked
+    or restored, and a version it was loading LOADING for good, its session opened and lost."""
+    task = asyncio.ensure_future(work)
+    _EDITS.add(task)
+    task.add_done_callback(_edit_ended)
+    return await asyncio.shield(task)
+
+
+def _edit_ended(task: asyncio.Task[Any]) -> None:
+    _EDITS.discard(task)
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        # Its caller may have left: the outcome is logged, not lost as never retrieved.
+        log.info("a management edit ended with %s: %s", type(exc).__name__, exc)
 
 
 class ModelRegistry:
@@ -221,6 +241,9 @@ class ModelRegistry:
         """Serve what a model's folder says after a management edit (default version, a
         deleted version), unless the model was unloaded on request: an edit does not load it
         again (it did, and with --workers only where the edit was made)."""
+        return await run_to_end(self._follow_edit(name))
+
+    async def _follow_edit(self, name: str) -> RepositoryOutcome:
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._lock_of(name):
@@ -274,6 +297,16 @@ class ModelRegistry:
         versions it names are loaded beside the version policy's own. ``decided_on``: the
         rollout a rule judged (the object read, see ``rollout_of``); the change is refused
         when another has been made since, so a rule never undoes a change it did not see."""
+        return await run_to_end(self._set_rollout(name, split, by, why, decided_on))
+
+    async def _set_rollout(
+        self,
+        name: str,
+        split: rollouts.Rollout | None,
+        by: str,
+        why: str,
+        decided_on: rollouts.Rollout | None,
+    ) -> RepositoryOutcome:
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._lock_of(name):
@@ -468,6 +501,9 @@ class ModelRegistry:
             return result
 
     async def load_model(self, name: str) -> RepositoryOutcome:
+        return await run_to_end(self._load_model(name))
+
+    async def _load_model(self, name: str) -> RepositoryOutcome:
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._lock_of(name):
@@ -485,6 +521,9 @@ class ModelRegistry:
             return result
 
     async def unload_model(self, name: str) -> RepositoryOutcome:
+        return await run_to_end(self._unload_model_on_request(name))
+
+    async def _unload_model_on_request(self, name: str) -> RepositoryOutcome:
         if name not in self.models:  # before a lock exists for a name no model has
             raise ModelNotFound(f"model {short(name)!r} is not loaded")
         async with self._lock_of(name):

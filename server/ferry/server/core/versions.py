@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import ModelConfig, find_config_file, load_config, parse_config
-from ferry.server.core.registry import ModelRegistry, State
+from ferry.server.core.registry import ModelRegistry, State, run_to_end
 from ferry.server.core.repository import (
     MODEL_DATA_FILE,
     MODEL_FILE,
@@ -83,7 +83,14 @@ async def delete_version(
     repository: ModelRepository, registry: ModelRegistry, name: str, version: int
 ) -> None:
     """Remove the folder (an atomic rename first, so no reader ever sees half of it), then let
-    the registry drop the version: in-flight requests finish on the session already in memory."""
+    the registry drop the version: in-flight requests finish on the session already in memory.
+    Run to its end if the caller leaves: a folder removed but not followed stayed served."""
+    await run_to_end(_delete(repository, registry, name, version))
+
+
+async def _delete(
+    repository: ModelRepository, registry: ModelRegistry, name: str, version: int
+) -> None:
     async with registry.edit_lock(name):
         await _delete_checked(repository, name, version)
     await registry.follow_edit(name)
@@ -116,7 +123,13 @@ async def set_default_version(
 ) -> None:
     """Write ``default_version`` (0 clears it). When the version policy is ``latest = N`` and
     would not serve that version, N grows to include it, since a default that is not loaded
-    would fail every request that names no version."""
+    would fail every request that names no version. Run to its end if the caller leaves."""
+    await run_to_end(_set_default(repository, registry, name, version))
+
+
+async def _set_default(
+    repository: ModelRepository, registry: ModelRegistry, name: str, version: int
+) -> None:
     async with registry.edit_lock(name):
         await _set_default_checked(repository, name, version)
     await registry.follow_edit(name)
