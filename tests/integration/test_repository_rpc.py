@@ -484,3 +484,42 @@ def test_a_folder_where_ferry_keeps_a_file_is_a_precondition_not_internal(
         "2",
         "rollout.json",
     ]
+
+
+def test_a_refresh_whose_caller_left_still_loads_the_new_version(tmp_path: Path) -> None:
+    """The client's deadline passed while Refresh loaded a new version: cancelled, the version
+    stayed LOADING for good (no later refresh loaded it) and version 1 kept every request.
+    The refresh now runs to its end."""
+    import threading
+
+    from helpers import wait_for
+
+    from ferry.client import DeadlineExceededError
+    from ferry.server.examples import seed_model
+
+    root = make_repo(tmp_path / "repo", {"m": seed_model(seed=1)})
+    with ServerThread(root) as server:
+        assert server.app is not None
+        registry = server.app.registry
+        opener, entered, gate = registry._opener, threading.Event(), threading.Event()
+
+        def held(path: Path, config: object) -> object:
+            if path.parent.name == "2":
+                entered.set()
+                gate.wait(30)
+            return opener(path, config)  # type: ignore[arg-type]
+
+        registry._opener = held  # type: ignore[assignment]
+        server.before_stop(gate.set)
+        shutil.copytree(root / "m" / "1", root / "m" / "2")
+        with RepositoryClient(server.management_target, timeout=1.0) as repo:
+            with pytest.raises(DeadlineExceededError):
+                repo.refresh()
+            assert entered.is_set()
+            gate.set()
+            wait_for(
+                lambda: (
+                    [(s.version, s.state.value) for s in registry.statuses("m")] == [(2, "READY")]
+                ),
+                "version 2 to serve in place of version 1",
+            )

@@ -19,7 +19,7 @@ from ferry.server.batching.batcher import DEADLINE_SLACK
 from ferry.server.core import inputs, shadow, shadow_sum
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.loaded import LoadedVersion
-from ferry.server.core.registry import ModelRegistry
+from ferry.server.core.registry import ModelRegistry, run_to_end
 from ferry.server.core.repository import validate_model_name
 from ferry.server.core.shadow import ShadowStatistics
 from ferry.server.core.shadow_sum import add_up as add_up_shadows
@@ -646,7 +646,11 @@ class DataPlane:
             )
 
     async def refresh(self) -> RepositoryOutcome:
-        return await self._registry.refresh(retry_failed=True, follow=True)
+        """A refresh asked for (the RPC, a worker following the first): run to its end if the
+        caller leaves. Cancelled while a version loaded, it left that version LOADING for
+        good, its session lost, and no later refresh loaded it (a poll's own refresh is still
+        stopped with the server)."""
+        return await run_to_end(self._registry.refresh(retry_failed=True, follow=True))
 
 
 def _deadline(
