@@ -438,7 +438,8 @@ def test_a_shadow_published_during_a_split_keeps_the_split(tmp_path: Path) -> No
 
     async def scenario() -> None:
         registry, dataplane = await _serving(repo)
-        await dataplane.set_rollout("m", {1: 9, 2: 1}, by="test", why="canary")
+        rules = {"max_error_rate": 0.05}
+        await dataplane.set_rollout("m", {1: 9, 2: 1}, by="test", why="canary", rules=rules)
         with repo.staging("m") as staged:
             (staged / "model.onnx").write_bytes(seed_model(seed=3).SerializeToString())
             version, note = await publish(repo, registry, "m", staged, {}, rollout="shadow")
@@ -446,6 +447,8 @@ def test_a_shadow_published_during_a_split_keeps_the_split(tmp_path: Path) -> No
         rollout = registry.rollout_of("m")[0]
         assert rollout is not None
         assert rollout.split == ((1, 9.0), (2, 1.0)) and rollout.shadow == (3, 0.1)
+        # The canary's rule stays (it was dropped: a failing version stayed in the split).
+        assert rollout.rules == rollouts.Rules(max_error_rate=0.05)
         x = {"input": np.ones((1, 3), np.float32)}
         served = Counter(
             [(await dataplane.infer(InferenceRequest("m", x, id=k))).version for k in KEYS[:400]]

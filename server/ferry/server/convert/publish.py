@@ -102,7 +102,13 @@ async def publish(
             f"{type(exc).__name__}: {str(exc)[:500]}"
         ) from None
     if current is not None:
-        shadowed = rollouts.Rollout(live, (version, rollout_fraction))
+        # A live split keeps its rule too: dropped, a canary's max_error_rate stopped rolling
+        # a failing version out of the split the moment a shadow candidate was converted.
+        # The rules a person set for another candidate are not carried to this one.
+        kept = before.rules.max_error_rate if before is not None and before.split else 0.0
+        shadowed = rollouts.Rollout(
+            live, (version, rollout_fraction), rollouts.Rules(max_error_rate=kept)
+        )
         try:
             await registry.set_rollout(
                 model, shadowed, by=by, why=f"version {version} published as a shadow candidate"
