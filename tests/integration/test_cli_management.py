@@ -161,6 +161,11 @@ def test_rollout_sets_shows_and_ends_a_split(
     with pytest.raises(SystemExit) as info:
         ferry(capsys, "models", "rollout", "canary", "2:1", *m)
     assert info.value.code == 2 and "VERSION=WEIGHT" in capsys.readouterr().err
+    # A version given twice (`1=9 1=1`, meant `1=9 2=1`) sent every request to version 1
+    code, out, err = ferry(capsys, "models", "rollout", "canary", "1=9", "1=1", *m)
+    assert code == 2 and "given more than once" in err
+    code, out, _ = ferry(capsys, "models", "rollout", "canary", "--json", *m)
+    assert json.loads(out)["split"] == {}
 
 
 def test_refresh_returns_a_typed_result(server: Any, repo_path: Path) -> None:

@@ -300,6 +300,17 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if args.end and (args.weights or args.shadow):
         print("ferry models rollout: give weights or --shadow, or --end", file=sys.stderr)
         return EXIT_USAGE
+    named = [version for version, _ in args.weights]
+    twice = sorted({v for v in named if named.count(v) > 1})
+    if twice:
+        # Each weight replaced the one before: `1=9 1=1` (meant `1=9 2=1`) sent every request
+        # to version 1 without a word.
+        print(
+            f"ferry models rollout: version(s) {twice} given more than once; give each "
+            "version one weight",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     with connect(RepositoryClient, args) as repo:
         if args.end:
             view = repo.set_rollout(args.model, None, reason=args.reason)
