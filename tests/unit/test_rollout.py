@@ -1044,3 +1044,43 @@ def test_an_edit_of_a_model_whose_config_does_not_parse_is_a_failed_precondition
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_an_edit_the_repository_disk_cannot_take_says_so_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SetRollout and SetDefaultVersion on a full repository disk were INTERNAL, and each try
+    left a partial .tmp-rollout.json-<pid> / .tmp-config.json-<pid> beside the model."""
+    import errno
+    import os
+
+    from ferry.server.core import repository as repository_module
+    from ferry.server.core import versions
+    from ferry.server.errors import LimitExceeded
+
+    repo = _repo(tmp_path)
+    mdir = repo.model_dir("m")
+
+    def fails(code: int) -> object:
+        def call(*args: object) -> None:
+            raise OSError(code, os.strerror(code))
+
+        return call
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        monkeypatch.setattr(repository_module.os, "fsync", fails(errno.ENOSPC))
+        with pytest.raises(LimitExceeded, match=r"disk is full: m/rollout\.json"):
+            await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why="")
+        with pytest.raises(LimitExceeded, match=r"disk is full: m/config\.json"):
+            await versions.set_default_version(repo, registry, "m", 1)
+        monkeypatch.undo()
+        monkeypatch.setattr(repository_module.os, "replace", fails(errno.EROFS))
+        with pytest.raises(FailedPrecondition, match=r"m/rollout\.json could not be written"):
+            await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why="")
+        monkeypatch.undo()
+        assert sorted(p.name for p in mdir.iterdir()) == ["1", "2"]
+        assert dataplane.rollout("m").split == ()
+        await registry.close()
+
+    asyncio.run(scenario())

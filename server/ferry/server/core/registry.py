@@ -23,7 +23,12 @@ from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import CONFIG_NAMES, TRITON_CONFIG, ModelConfig, load_config
 from ferry.server.core.loaded import LoadedVersion, open_version
 from ferry.server.core.pools import ThreadPools
-from ferry.server.core.repository import MODEL_DATA_FILE, MODEL_FILE, ModelRepository
+from ferry.server.core.repository import (
+    MODEL_DATA_FILE,
+    MODEL_FILE,
+    ModelRepository,
+    repository_edit,
+)
 from ferry.server.core.types import (
     IndexEntry,
     Opener,
@@ -331,7 +336,8 @@ class ModelRegistry:
             if split is not None:
                 self._check_one_interface(name, split)  # the versions already loaded
             previous = await asyncio.to_thread(rollouts.raw, mdir)
-            await asyncio.to_thread(rollouts.write, mdir, split, by=by, why=why)
+            with repository_edit(f"{name}/{rollouts.ROLLOUT_FILE}"):
+                await asyncio.to_thread(rollouts.write, mdir, split, by=by, why=why)
             result = RepositoryOutcome()
             await self._sync_model(name, result, retry_failed=True)
             if split is not None:

@@ -9,6 +9,7 @@ an atomic rename of a fully written, fsynced temporary folder, and is never rewr
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -24,6 +25,7 @@ from ferry.server.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    LimitExceeded,
     ModelNotFound,
     VersionNotFound,
 )
@@ -297,17 +299,43 @@ def write_file_atomic(path: Path, data: bytes) -> None:
     (``mkdir rollout.json`` by mistake) is the caller's FAILED_PRECONDITION, saying which: it
     was an INTERNAL error with a traceback (SetRollout, DeleteModelVersion)."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # a live write: see _held
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
     try:
-        os.replace(tmp, path)
-    except IsADirectoryError:
-        tmp.unlink(missing_ok=True)
-        raise FailedPrecondition(folder_in_place(path)) from None
+        with open(tmp, "wb") as fh:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # a live write: see _held
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        try:
+            os.replace(tmp, path)
+        except IsADirectoryError:
+            raise FailedPrecondition(folder_in_place(path)) from None
+    except BaseException:
+        # A write that failed (a full disk) left its partial temporary file beside the model's
+        # files until a restart, one more on each try.
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+@contextmanager
+def repository_edit(what: str) -> Iterator[None]:
+    """A management edit's write to the repository (``what``: the file, for the message) that
+    failed on the disk: a full disk is RESOURCE_EXHAUSTED, a folder that cannot be written (a
+    read-only mount, permissions) FAILED_PRECONDITION, both saying nothing changed. Both were
+    INTERNAL, blaming the server's code for the operator's disk."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise LimitExceeded(
+                f"the model repository's disk is full: {what} was not written, nothing "
+                "changed; free space on that disk and try again"
+            ) from None
+        raise FailedPrecondition(
+            f"{what} could not be written ({exc.strerror or exc}), nothing changed; check the "
+            "model repository's folder (permissions, a read-only mount) and try again"
+        ) from None
 
 
 def folder_in_place(path: Path) -> str:

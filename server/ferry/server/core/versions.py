@@ -26,6 +26,7 @@ from ferry.server.core.repository import (
     VERSION_CONFIG_FILE,
     ModelRepository,
     read_report,
+    repository_edit,
     validate_version,
     write_file_atomic,
 )
@@ -115,7 +116,8 @@ async def _delete_checked(repository: ModelRepository, name: str, version: int) 
     left = [v for v in repository.list_versions(name) if v != version]
     newest = max(config.version_policy.select(left), default=None)
     _keep_shadow_off_traffic(live, name, config.default_version or newest, f"deleting {version}")
-    await asyncio.to_thread(repository.delete_version, name, version)
+    with repository_edit(f"the removal of {name}/{version}"):
+        await asyncio.to_thread(repository.delete_version, name, version)
 
 
 async def set_default_version(
@@ -176,7 +178,8 @@ async def _set_default_checked(repository: ModelRepository, name: str, version: 
         text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
         target = mdir / VERSION_CONFIG_FILE
     _check_edit(text, target, version)
-    await asyncio.to_thread(write_file_atomic, target, text.encode("utf-8"))
+    with repository_edit(f"{name}/{target.name}"):
+        await asyncio.to_thread(write_file_atomic, target, text.encode("utf-8"))
 
 
 def _model_config(mdir: Path) -> ModelConfig:
