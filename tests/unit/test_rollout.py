@@ -598,6 +598,26 @@ def test_a_model_unloaded_on_request_takes_no_rollout(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_the_rollout_of_a_model_unloaded_on_request_is_shown(tmp_path: Path) -> None:
+    """GetRollout of a model unloaded on request was NOT_FOUND ("not served here"), though
+    its split and history are kept with it and resume at its next load."""
+    from ferry.server.errors import ModelNotFound
+
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout("m", {1: 9, 2: 1}, by="t", why="canary")
+        await dataplane.unload("m")
+        view = dataplane.rollout("m")
+        assert view.split == ((1, 9.0), (2, 1.0)) and view.history[-1]["why"] == "canary"
+        with pytest.raises(ModelNotFound):
+            dataplane.rollout("absent")
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
 def test_versions_with_different_interfaces_take_no_split_and_no_shadow(tmp_path: Path) -> None:
     """A client cannot tell which version answers it: 12 of 20 requests failed at random."""
     repo = _repo(tmp_path)

@@ -48,6 +48,7 @@ from ferry.server.errors import (
     FailedPrecondition,
     FerryError,
     InvalidArgument,
+    ModelNotFound,
 )
 
 log = logging.getLogger(__name__)
@@ -541,8 +542,16 @@ class DataPlane:
     # ---- rollout (core.rollout) ----
     def rollout(self, model: str) -> RolloutView:
         name = validate_model_name(model)
-        ro, error = self._registry.rollout_of(name)
         mdir = self._registry.repository.model_dir(name)
+        try:
+            ro, error = self._registry.rollout_of(name)
+        except ModelNotFound:
+            if not mdir.is_dir():
+                raise
+            # In the repository but not served (unloaded on request): its rollout is kept
+            # with it and resumes at its next load, so it is shown as the file holds it (it
+            # was NOT_FOUND, "not served here", as if there were none).
+            ro, error = rollouts.read(mdir)
         stats = None
         if ro is not None and ro.shadow is not None:
             stats = self._summed(self._shadows.statistics(name, ro))
