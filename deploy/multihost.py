@@ -85,14 +85,16 @@ class Hosts:
         return f"{self.prefix}-{name}"
 
     def build(self) -> None:
-        run("ip", "netns", "add", self.switch)
+        # Noted before it is made: a SIGTERM that lands while `ip netns add` runs (its exception
+        # raised in the wait) left a namespace made but not noted, and never removed.
         self.made.append(self.switch)
+        run("ip", "netns", "add", self.switch)
         run("ip", "-n", self.switch, "link", "add", "br0", "type", "bridge")
         run("ip", "-n", self.switch, "link", "set", "br0", "up")
         for i, name in enumerate(self.names):
             ns = self.ns(name)
-            run("ip", "netns", "add", ns)
             self.made.append(ns)
+            run("ip", "netns", "add", ns)
             port = f"p{i}"
             run(
                 "ip",
