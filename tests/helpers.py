@@ -177,3 +177,22 @@ def close_on_this_thread(clients: list[Any]) -> None:
         client.close()
     clients.clear()
     gc.collect()
+
+
+def hold_loads(server: ServerThread, version: str) -> tuple[threading.Event, threading.Event]:
+    """Hold every load of a ``version`` folder on ``server`` (a started ServerThread) until the
+    returned gate is set; ``entered`` is set once one is held. The gate opens when the server
+    stops, so a failing test cannot leave a load waiting."""
+    assert server.app is not None
+    registry = server.app.registry
+    opener, entered, gate = registry._opener, threading.Event(), threading.Event()
+
+    def held(path: Path, config: object) -> object:
+        if path.parent.name == version:
+            entered.set()
+            gate.wait(30)
+        return opener(path, config)  # type: ignore[arg-type]
+
+    registry._opener = held  # type: ignore[assignment]
+    server.before_stop(gate.set)
+    return entered, gate

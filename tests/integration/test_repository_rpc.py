@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from helpers import StartServer, make_repo, reference, write_config
+from helpers import StartServer, hold_loads, make_repo, reference, write_config
 from onnx import TensorProto, helper
 from serverutil import ServerThread
 from tritonclient.grpc import service_pb2 as kserve_pb2
@@ -490,7 +490,6 @@ def test_a_refresh_whose_caller_left_still_loads_the_new_version(tmp_path: Path)
     """The client's deadline passed while Refresh loaded a new version: cancelled, the version
     stayed LOADING for good (no later refresh loaded it) and version 1 kept every request.
     The refresh now runs to its end."""
-    import threading
 
     from helpers import wait_for
 
@@ -501,16 +500,7 @@ def test_a_refresh_whose_caller_left_still_loads_the_new_version(tmp_path: Path)
     with ServerThread(root) as server:
         assert server.app is not None
         registry = server.app.registry
-        opener, entered, gate = registry._opener, threading.Event(), threading.Event()
-
-        def held(path: Path, config: object) -> object:
-            if path.parent.name == "2":
-                entered.set()
-                gate.wait(30)
-            return opener(path, config)  # type: ignore[arg-type]
-
-        registry._opener = held  # type: ignore[assignment]
-        server.before_stop(gate.set)
+        entered, gate = hold_loads(server, "2")
         shutil.copytree(root / "m" / "1", root / "m" / "2")
         with RepositoryClient(server.management_target, timeout=1.0) as repo:
             with pytest.raises(DeadlineExceededError):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from helpers import make_repo, wait_for
+from helpers import hold_loads, make_repo, wait_for
 from onnx import TensorProto, helper, numpy_helper
 from serverutil import ServerThread
 
@@ -243,7 +243,6 @@ def test_a_set_rollout_whose_caller_left_is_carried_to_its_end(tmp_path: Path) -
     split stayed written though its versions differ (never checked, never restored), and the
     version stayed LOADING for good. The change now runs to its end: here it is refused after
     the load, and put back as it was."""
-    import threading
 
     from ferry.client import DeadlineExceededError
 
@@ -251,16 +250,7 @@ def test_a_set_rollout_whose_caller_left_is_carried_to_its_end(tmp_path: Path) -
     with ServerThread(root) as server:
         assert server.app is not None
         registry = server.app.registry
-        opener, entered, gate = registry._opener, threading.Event(), threading.Event()
-
-        def held(path: Path, config: object) -> object:
-            if path.parent.name == "1":
-                entered.set()
-                gate.wait(30)
-            return opener(path, config)  # type: ignore[arg-type]
-
-        registry._opener = held  # type: ignore[assignment]
-        server.before_stop(gate.set)
+        entered, gate = hold_loads(server, "1")
         with RepositoryClient(server.management_target, timeout=1.0) as repo:
             with pytest.raises(DeadlineExceededError):
                 repo.set_rollout("m", {1: 1.0, 2: 1.0}, reason="left")
