@@ -583,6 +583,37 @@ def test_a_shadow_of_the_version_that_answers_every_request_is_refused(tmp_path:
     asyncio.run(scenario())
 
 
+def test_a_shadow_set_beside_a_new_default_version_is_refused(tmp_path: Path) -> None:
+    """SetRollout judged "a shadow of the version answering everything" before the edit lock,
+    from the default served: a SetDefaultVersion that had written the config but not yet been
+    followed made the shadow candidate the default version, unpromoted and unjudged."""
+    from ferry.server.core.versions import set_default_version
+
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        written, release = asyncio.Event(), asyncio.Event()
+        follow = registry.follow_edit
+
+        async def held_follow(name: str):  # type: ignore[no-untyped-def]
+            written.set()
+            await release.wait()
+            return await follow(name)
+
+        registry.follow_edit = held_follow  # type: ignore[method-assign]
+        edit = asyncio.create_task(set_default_version(repo, registry, "m", 1))
+        await written.wait()  # the config names 1; the registry still serves 2
+        with pytest.raises(FailedPrecondition, match="compared with itself"):
+            await dataplane.set_rollout("m", None, by="t", why="", shadow_of=(1, 0.5))
+        release.set()
+        await edit
+        assert registry.default_version("m") == 1 and registry.rollout_of("m")[0] is None
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_model_unloaded_on_request_takes_no_rollout(tmp_path: Path) -> None:
     """SetRollout loaded it again here (and, with workers, only in some of them)."""
     repo = _repo(tmp_path)

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 from ferry.server.batching.batcher import DEADLINE_SLACK
 from ferry.server.core import inputs, shadow, shadow_sum
 from ferry.server.core import rollout as rollouts
+from ferry.server.core.config import load_config
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelRegistry, run_to_end
 from ferry.server.core.repository import validate_model_name
@@ -615,10 +616,16 @@ class DataPlane:
                 )
             wanted = rollouts.Rollout(wanted.split, None, parsed_rules)
         parsed = wanted if wanted.split or wanted.shadow else None
-        if parsed is not None and parsed.shadow is not None:
-            self._check_shadow(name, parsed)
+        shadowed = parsed if parsed is not None and parsed.shadow is not None else None
         outcome = await self._registry.set_rollout(
-            name, parsed, by=by, why=why, decided_on=decided_on
+            name,
+            parsed,
+            by=by,
+            why=why,
+            decided_on=decided_on,
+            # Under the edit lock: checked before it, a SetDefaultVersion beside it made the
+            # candidate the default version, unpromoted and unjudged.
+            check=(lambda: self._check_shadow(name, shadowed)) if shadowed is not None else None,
         )
         if parsed is not None and parsed.shadow is not None and fresh_shadow:
             self._shadows.forget(name)
@@ -637,7 +644,9 @@ class DataPlane:
         """A shadow of the one version that answers every request compares it with itself:
         it was accepted, compared nothing (``_maybe_shadow`` skips it) and a rule could
         neither promote nor roll it back. (A canary's version in a split may be shadowed: the
-        requests the others answer are compared.)"""
+        requests the others answer are compared.) Run under the model's edit lock, and the
+        default the model's folder names counts too: a SetDefaultVersion that wrote it is
+        followed (served) only after it released the lock."""
         assert wanted.shadow is not None
         candidate = wanted.shadow[0]
         if wanted.split:
@@ -646,6 +655,8 @@ class DataPlane:
         else:
             default = self._registry.default_version(name)
             serving = {default} if default is not None else set()
+            if self._written_default(name) == candidate:
+                serving = {candidate}
             where = "the version every request that names none gets"
         if serving == {candidate}:
             raise FailedPrecondition(
@@ -653,6 +664,18 @@ class DataPlane:
                 "itself: pin the version that should keep answering with a split (e.g. "
                 "split {N: 1}) and shadow the candidate beside it"
             )
+
+    def _written_default(self, name: str) -> int | None:
+        """The default version the model's folder names now (its config's, else the newest
+        its version policy serves), as the registry serves it once it follows the last edit
+        (None: its config does not parse, which serves nothing new)."""
+        repository = self._registry.repository
+        try:
+            config = load_config(repository.model_dir(name))
+            newest = max(config.version_policy.select(repository.list_versions(name)), default=None)
+        except FerryError:
+            return None
+        return config.default_version or newest
 
     async def refresh(self) -> RepositoryOutcome:
         """A refresh asked for (the RPC, a worker following the first): run to its end if the

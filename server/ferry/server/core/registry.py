@@ -297,12 +297,17 @@ class ModelRegistry:
         by: str,
         why: str,
         decided_on: rollouts.Rollout | None = None,
+        check: Callable[[], None] | None = None,
     ) -> RepositoryOutcome:
         """Write the model's split (None: end it) with the repository, then serve it: the
         versions it names are loaded beside the version policy's own. ``decided_on``: the
         rollout a rule judged (the object read, see ``rollout_of``); the change is refused
-        when another has been made since, so a rule never undoes a change it did not see."""
-        return await run_to_end(self._set_rollout(name, split, by, why, decided_on))
+        when another has been made since, so a rule never undoes a change it did not see.
+        ``check``: the caller's refusal, run under the model's edit lock before the write, so
+        no other edit (SetDefaultVersion) can change what it judged between it and the write."""
+        return await run_to_end(
+            self._set_rollout(name, split, by, why, decided_on=decided_on, check=check)
+        )
 
     async def _set_rollout(
         self,
@@ -310,13 +315,17 @@ class ModelRegistry:
         split: rollouts.Rollout | None,
         by: str,
         why: str,
+        *,
         decided_on: rollouts.Rollout | None,
+        check: Callable[[], None] | None,
     ) -> RepositoryOutcome:
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._lock_of(name):
             if decided_on is not None:
                 self._still_the_rollout(name, decided_on)
+            if check is not None:
+                check()
             if name in self._unloaded_by_request:
                 # Serving a rollout would load it again here (and, with --workers, in the
                 # workers too, each of which then disagreed with the others on a refresh).
