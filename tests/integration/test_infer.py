@@ -303,3 +303,31 @@ def test_bf16_round_trips_through_onnxruntime(tmp_path: Path) -> None:
     assert out.dtype == ml_dtypes.bfloat16
     np.testing.assert_array_equal(out.view(np.uint16), x.view(np.uint16))
     np.testing.assert_array_equal(odd.view(np.uint16), bits)
+
+
+def test_list_inputs_follow_a_new_default_version_with_other_dtypes(tmp_path: Path) -> None:
+    """The client's dtype cache for list inputs was kept per model: once a new default version
+    took INT64 where the old one took FP32, every list input was converted to FP32 and refused
+    until the client was recreated. A refusal now refetches the dtypes once and retries."""
+    from helpers import write_config
+
+    from ferry.client import AsyncInferenceClient, RepositoryClient
+
+    root = make_repo(tmp_path / "repo", {"m": [identity_model("FP32"), identity_model("INT64")]})
+    write_config(root, "m", {"default_version": 1, "version_policy": {"all": True}})
+    with ServerThread(root) as srv, InferenceClient(srv.target, timeout=30) as client:
+        assert client.infer("m", {"input": [[1, 2]]})["output"].dtype == np.float32
+        aclient = AsyncInferenceClient(srv.target, timeout=30)
+        assert srv.call(lambda: aclient.infer("m", {"input": [[1, 2]]})).version == 1
+        write_config(root, "m", {"default_version": 2, "version_policy": {"all": True}})
+        with RepositoryClient(srv.management_target) as repository:
+            repository.refresh()
+        result = client.infer("m", {"input": [[1, 2]]})
+        assert (result.version, result["output"].dtype) == (2, np.int64)
+        assert client.infer("m", {"input": [[3, 4]]})["output"].tolist() == [[3, 4]]
+        answer = srv.call(lambda: aclient.infer("m", {"input": [[1, 2]]}))
+        assert (answer.version, answer["output"].dtype) == (2, np.int64)
+        # A refusal that is not about dtypes stands (the dtypes fetched again are the same).
+        with pytest.raises(InvalidInputError):
+            client.infer("m", {"input": [1, 2]})
+        srv.call(aclient.close)

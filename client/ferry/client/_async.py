@@ -31,7 +31,7 @@ from grpc import aio
 from ferry.client import _health
 from ferry.client._base import InferenceClientBase
 from ferry.client._channel import create_aio_channel
-from ferry.client._errors import CancelledError, FerryError, from_rpc_error
+from ferry.client._errors import CancelledError, FerryError, InvalidInputError, from_rpc_error
 from ferry.client._requests import (
     ArrayLike,
     check_timeout,
@@ -157,8 +157,44 @@ class AsyncInferenceClient(InferenceClientBase):
             request_id=request_id,
             dtypes=dtypes,
         )
+        try:
+            left = self._left(budget, began)
+            return call.finish(await self._call(self._infer, call.request, left))
+        except InvalidInputError:
+            fresh = await self._fresh_dtypes(model, version, dtypes, self._left(budget, began))
+            if fresh is None:
+                raise
+        # The cached dtypes were stale (a new default version takes others): once more, with
+        # the model's dtypes as the server describes it now.
+        call = self._prepare_infer(
+            model,
+            inputs,
+            version=version,
+            outputs=outputs,
+            priority=priority,
+            request_id=request_id,
+            dtypes=fresh,
+        )
         left = self._left(budget, began)
         return call.finish(await self._call(self._infer, call.request, left))
+
+    async def _fresh_dtypes(
+        self,
+        model: str,
+        version: int | None,
+        used: dict[str, Any] | None,
+        timeout: float | None,  # noqa: ASYNC109 - the calling infer's budget
+    ) -> dict[str, Any] | None:
+        """As the sync client's: after a refusal of inputs converted to the cached dtypes,
+        the dtypes fetched once again, when they differ (None: the refusal stands)."""
+        if used is None:
+            return None
+        self._forget_dtypes(model, version)
+        try:
+            fresh = await self._input_dtypes(model, version, timeout)
+        except FerryError:
+            return None
+        return fresh if fresh != used else None
 
     async def model_metadata(
         self,

@@ -152,6 +152,13 @@ class InferenceClientBase:
         dtypes = self._dtypes[(model, version or 0)] = input_dtypes(meta)
         return dtypes
 
+    def _forget_dtypes(self, model: str, version: int | None) -> None:
+        """Drop a model's cached input dtypes once the server refused inputs converted to them:
+        they were the dtypes of the version that answered when they were fetched, and a new
+        default version (or a version deleted and made again) may take others; kept, list
+        inputs were converted to the old dtypes, and refused, until the client was recreated."""
+        self._dtypes.pop((model, version or 0), None)
+
     @staticmethod
     def _prepare_infer(
         model: str,

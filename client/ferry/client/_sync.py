@@ -11,7 +11,7 @@ import grpc
 from ferry.client import _health
 from ferry.client._base import InferenceClientBase
 from ferry.client._channel import TLSConfig, create_channel
-from ferry.client._errors import InvalidInputError, from_rpc_error
+from ferry.client._errors import FerryError, InvalidInputError, from_rpc_error
 from ferry.client._management import ManagementClient
 from ferry.client._requests import (
     ArrayLike,
@@ -121,7 +121,44 @@ class InferenceClient(InferenceClientBase):
             request_id=request_id,
             dtypes=dtypes,
         )
+        try:
+            return call.finish(self._call(self._infer, call.request, self._left(budget, began)))
+        except InvalidInputError:
+            fresh = self._fresh_dtypes(model, version, dtypes, self._left(budget, began))
+            if fresh is None:
+                raise
+        # The cached dtypes were stale (a new default version takes others): once more, with
+        # the model's dtypes as the server describes it now.
+        call = self._prepare_infer(
+            model,
+            inputs,
+            version=version,
+            outputs=outputs,
+            priority=priority,
+            request_id=request_id,
+            dtypes=fresh,
+        )
         return call.finish(self._call(self._infer, call.request, self._left(budget, began)))
+
+    def _fresh_dtypes(
+        self,
+        model: str,
+        version: int | None,
+        used: dict[str, Any] | None,
+        timeout: float | None,
+    ) -> dict[str, Any] | None:
+        """After the server refused a request whose list inputs took ``used`` (the cached
+        dtypes): the model's dtypes fetched again, when they differ (None: they do not, or
+        the request took none, or the metadata call failed; the refusal stands). One metadata
+        call per refusal, none per request."""
+        if used is None:
+            return None
+        self._forget_dtypes(model, version)
+        try:
+            fresh = self._input_dtypes(model, version, timeout)
+        except FerryError:
+            return None
+        return fresh if fresh != used else None
 
     def model_metadata(
         self, model: str, *, version: int | None = None, timeout: float | None = None
