@@ -170,6 +170,11 @@ def test_unparseable_files(tmp_path: Path, name: str, text: str, fragment: str) 
         ({"version_policy": {"all": False}}, ["bad version_policy"]),
         ({"version_policy": {"specific": []}}, ["bad version_policy"]),
         ({"version_policy": {"specific": [1, -2]}}, ["version_policy.specific[]"]),
+        # A generated [1, 1, ...] was kept whole and scanned per version on every sync.
+        (
+            {"version_policy": {"specific": [1] * 1025}},
+            ["version_policy.specific lists 1025 entries, at most 1024"],
+        ),
         ({"version_policy": "latest"}, ["exactly one of"]),
         # A value under a microsecond is 0 ("none") on every wire, and refused every request.
         ({"batching": {"default_timeout_ms": 0.0001}}, ["default_timeout_ms", "microsecond"]),
@@ -205,6 +210,7 @@ def test_errors_name_the_key(raw: dict[str, Any], fragments: list[str]) -> None:
         ({"all": True}, [2, 1, 10], [1, 2, 10]),
         ({"specific": [1, 3]}, [1, 2, 3, 4], [1, 3]),
         ({"specific": [7]}, [1, 2], []),
+        ({"specific": [3, 1, 3, 1]}, [1, 2, 3], [1, 3]),
         ({"latest": 1}, [], []),
     ],
 )
@@ -308,3 +314,9 @@ def test_bad_version_configs(tmp_path: Path, config: dict[str, Any] | str, fragm
         apply_version_config(ModelConfig(), _version_dir(tmp_path, config))
     assert fragment in info.value.message
     assert "m/2/config.json" in info.value.message
+
+
+def test_a_repeated_specific_version_is_kept_once() -> None:
+    """[1, 1, 1] was kept (and shown by model config, GetModelRollout...) as written."""
+    config = parse_config({"version_policy": {"specific": [3, 1, 3] + [1] * 1000}})
+    assert config.version_policy.specific == (1, 3)

@@ -55,6 +55,9 @@ MAX_BATCH_SIZE_LIMIT = 65536
 # is refused here, not found by a CUDA error at load.
 MAX_INSTANCES = 64
 MAX_DEVICES = 16
+# version_policy.specific: more versions than a model folder sensibly holds; a list past it (a
+# generated [1, 1, ...]) was kept whole and scanned per version on every repository sync.
+MAX_SPECIFIC_VERSIONS = 1024
 MAX_DEVICE_ID = 255
 # Every number a config holds is finite and bounded: the server converts them to the wire's
 # integer fields (microseconds in ModelConfig and ModelMetadata) and waits on them. A queue delay
@@ -145,7 +148,8 @@ class VersionPolicy:
         if self.all:
             return ordered
         if self.specific:
-            return [v for v in ordered if v in set(self.specific)]
+            chosen = set(self.specific)
+            return [v for v in ordered if v in chosen]
         n = self.latest or 1
         return ordered[-n:]
 
@@ -369,7 +373,16 @@ def _parse_policy(raw: Any, where: str) -> VersionPolicy:
     if key == "all" and value is True:
         return VersionPolicy(latest=None, all=True)
     if key == "specific" and isinstance(value, list) and value:
-        versions = tuple(_positive_int(v, where, "version_policy.specific[]") for v in value)
+        if len(value) > MAX_SPECIFIC_VERSIONS:
+            raise InvalidArgument(
+                f"{where}: version_policy.specific lists {len(value)} entries, at most "
+                f"{MAX_SPECIFIC_VERSIONS} are allowed: list each version to serve once, or use "
+                "{all = true} or {latest = N}"
+            )
+        # Each version once, in order: a repeated one was kept, shown and scanned as written.
+        versions = tuple(
+            sorted({_positive_int(v, where, "version_policy.specific[]") for v in value})
+        )
         return VersionPolicy(latest=None, specific=versions)
     raise InvalidArgument(f"{where}: bad version_policy {raw!r}")
 
