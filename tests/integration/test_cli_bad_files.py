@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from ferry.cli import main
+from ferry.client.loadtest._inputs import MAX_JSON_INPUT_BYTES
 
 
 def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
@@ -30,15 +31,21 @@ def test_unusable_files_and_shapes_are_one_line_errors(
     folder.mkdir()
     deep = tmp_path / "deep.json"
     deep.write_text("[" * 100_000 + "]" * 100_000)
+    # Past the bound (a sparse file): it was read and parsed whole, without limit.
+    big = tmp_path / "big.json"
+    with big.open("wb") as f:
+        f.truncate(MAX_JSON_INPUT_BYTES + 1)
     load = ("loadtest", "mlp", "-n", "2", "--warmup", "0", "--no-progress")
 
     cases: list[tuple[tuple[str, ...], str]] = [
         (("infer", "mlp", "-i", str(x), "-o", str(folder)), "is a folder"),
         (("infer", "mlp", "-i", str(deep)), "nested too deeply"),
+        (("infer", "mlp", "-i", str(big)), "a JSON input file may hold at most 16 MiB"),
         (("infer", "mlp", "--random", "--batch-size", str(10**12)), "one gRPC message"),
         ((*load, "--json", str(folder)), "is a folder"),
         ((*load, "--csv", str(folder)), "is a folder"),
         ((*load, "-i", str(deep)), "nested too deeply"),
+        ((*load, "-i", str(big)), "a JSON input file may hold at most 16 MiB"),
         ((*load, "--batch-size", str(10**12)), "one gRPC message"),
     ]
     for argv, expected in cases:

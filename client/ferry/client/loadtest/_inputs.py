@@ -22,6 +22,11 @@ from ferry.client._requests import MAX_TENSOR_BYTES, as_array
 from ferry.client._types import ModelMetadata, TensorInfo
 from ferry.codec import CodecError, datatype_from_name, numpy_dtype
 
+# A JSON input file's size: parsed, each number becomes a Python object some 16 times its text
+# (a file of "0," many times its size in memory, before anything was checked). Larger inputs are
+# arrays: .npy/.npz are read as they are, up to what one request carries.
+MAX_JSON_INPUT_BYTES = 16 << 20
+
 
 class InputError(ValueError):
     """Inputs could not be built or read; the message says which input and what to fix."""
@@ -119,7 +124,14 @@ def generate_inputs(
 
 def _json_inputs(path: Path, meta: ModelMetadata | None) -> dict[str, np.ndarray]:
     try:
-        doc = json.loads(path.read_text())
+        with path.open("rb") as f:
+            raw = f.read(MAX_JSON_INPUT_BYTES + 1)
+        if len(raw) > MAX_JSON_INPUT_BYTES:
+            raise InputError(
+                f"{path}: a JSON input file may hold at most {MAX_JSON_INPUT_BYTES >> 20} MiB; "
+                "save larger inputs as .npy or .npz (np.save / np.savez)"
+            )
+        doc = json.loads(raw.decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise InputError(f"{path}: not readable JSON: {exc}") from None
     except RecursionError:  # arrays nested deeper than Python's parser goes
