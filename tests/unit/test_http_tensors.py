@@ -115,6 +115,27 @@ def test_request_parameters_reach_the_core() -> None:
         decode(request)
 
 
+def test_an_empty_shared_memory_region_on_an_output_asks_for_nothing_as_on_grpc() -> None:
+    """gRPC took shared_memory_region "" (its string kind's empty value) as not asked; HTTP
+    answered 501 for the same request. A named region is still refused on both."""
+    from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
+    from ferry.server.grpc.kserve_tensors import decode_request
+
+    request = tensor("FP32", [1], [1.0])
+    for value in ("", 0, None, False):
+        request["outputs"] = [{"name": "y", "parameters": {"shared_memory_region": value}}]
+        assert HttpInfer("m", "", json.dumps(request).encode(), None).decode(Limits()).outputs == [
+            "y"
+        ]
+    request["outputs"][0]["parameters"]["shared_memory_region"] = "r"
+    with pytest.raises(Unimplemented, match="shared memory"):
+        decode(request)
+    grpc_request = kpb.ModelInferRequest(model_name="m")
+    grpc_request.inputs.add(name="x", datatype="FP32", shape=[1]).contents.fp32_contents.append(1)
+    grpc_request.outputs.add(name="y").parameters["shared_memory_region"].string_param = ""
+    assert decode_request(grpc_request).outputs == ["y"]
+
+
 def test_declared_elements_are_limited_before_decoding() -> None:
     with pytest.raises(LimitExceeded, match="max_request_elements"):
         decode(tensor("FP32", [1000, 1000], []), Limits(max_elements=1000))

@@ -196,7 +196,8 @@ class HttpInfer:
                 raise InvalidArgument(f"output {i} needs a 'name' string")
             params = _object(out.get("parameters", {}), f"output {short(name)!r} parameters")
             for key, why in OUTPUT_REFUSALS.items():
-                if key in params and params[key] not in (0, None, False):
+                # "" asks for nothing, as on gRPC (its string kind's empty value).
+                if key in params and params[key] not in (0, None, False, ""):
                     raise Unimplemented(f"output {name!r}: {why}")
             if name in names:
                 raise InvalidArgument(f"output {name!r} is requested twice")
