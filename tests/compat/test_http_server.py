@@ -146,6 +146,19 @@ def test_unimplemented_extensions_say_so(triton_http: th.InferenceServerClient, 
     assert "Ferry does not" in exc.value.message()
 
 
+def test_the_generate_extension_is_501_not_404(kserve_server: ServerThread) -> None:
+    """Triton's /generate and /generate_stream answered 404 "no endpoint", as if the path were
+    a typo; like the other Triton extensions Ferry lacks, they say it is not supported."""
+    for path in (
+        "/v2/models/mlp/generate",
+        "/v2/models/mlp/generate_stream",
+        "/v2/models/mlp/versions/1/generate",
+    ):
+        status, headers, body = http_call(kserve_server.http_target, "POST", path, b"{}")
+        assert (status, headers["ferry-error"]) == (501, "UNIMPLEMENTED"), path
+        assert "generate extension" in json.loads(body)["error"]
+
+
 def test_unknown_routes_and_wrong_methods(kserve_server: ServerThread) -> None:
     target = kserve_server.http_target
     for path in ("/", "/v1/models", "/v2/nothing", "/v2/models/mlp/versions", "/v2/models/mlp/x"):

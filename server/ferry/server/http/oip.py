@@ -62,6 +62,12 @@ UNIMPLEMENTED = {
     "logging": "Ferry does not change log settings over HTTP: set --log-level (FERRY_LOG_LEVEL) "
     "when starting the server",
 }
+# Triton's generate extension, under a model (/v2/models/<model>/generate[_stream]).
+_GENERATE = ("generate", "generate_stream")
+_NO_GENERATE = (
+    "Ferry does not support Triton's generate extension (generate, generate_stream): send the "
+    "model's input tensors to /v2/models/<model>/infer"
+)
 _EMPTY: dict[str, str] = {}
 _JSON_HEADERS = {"Content-Type": JSON}
 
@@ -162,6 +168,8 @@ class OipRoutes:
             return await self._infer(model, version, headers, read_body)
         if action == "trace":
             raise Unimplemented(UNIMPLEMENTED["trace"])
+        if action in _GENERATE and len(tail) == 1:  # it was 404, as if there were no such thing
+            raise Unimplemented(_NO_GENERATE)
         if len(tail) > 1 or action not in ("", "ready", "config", "stats"):
             raise _no_route(path)
         _method(method, "GET", path)
