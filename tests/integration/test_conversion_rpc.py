@@ -853,6 +853,43 @@ def test_cancel_and_delete_on_a_full_job_database_change_nothing(
     conv.delete_upload(spare.upload_id)
 
 
+def test_cancel_of_a_running_job_on_a_full_job_database_answers_at_once(
+    start: Start, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """CancelJob of a running job whose end the database refused waited for the end's
+    retries, until the client's deadline; it now answers once the job is stopped, saying its
+    end is recorded when space is freed, and it is."""
+    from ferry.server.convert import jobs as jobs_module
+
+    monkeypatch.setattr(jobs_module, "END_RETRY_S", 0.01)
+    srv, conv = start()
+    assert srv.app is not None
+    store = srv.app.conversion.store
+    running = convert_fake(conv, "m", "block")
+    for event in running.events():
+        if event.stage == "export":
+            break
+    finish = store.finish
+    refused: list[str] = []
+
+    def full(job_id: str, *args: Any, **kwargs: Any) -> Any:
+        if not refused or refused[-1] != "freed":
+            refused.append(job_id)
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise exc
+        return finish(job_id, *args, **kwargs)
+
+    monkeypatch.setattr(store, "finish", full)
+    with pytest.raises(LimitExceededError, match=r"job was stopped.*recorded once the operator"):
+        conv.cancel(running.id)
+    refused.append("freed")  # the disk has room again: the retried end goes in
+    with pytest.raises(JobFailedError) as info:
+        running.wait(timeout=60, progress=False)
+    assert info.value.job.state == "CANCELLED"
+    assert leftovers(tmp_path) == []
+
+
 def test_a_publish_note_the_state_disk_cannot_take_does_not_fail_the_job(
     start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:

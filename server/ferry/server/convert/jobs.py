@@ -65,7 +65,14 @@ from ferry.server.core.repository import (
     ModelRepository,
     read_report,
 )
-from ferry.server.errors import ErrorKind, FerryError, InternalError, QueueFull, Unavailable
+from ferry.server.errors import (
+    ErrorKind,
+    FerryError,
+    InternalError,
+    LimitExceeded,
+    QueueFull,
+    Unavailable,
+)
 
 log = logging.getLogger("ferry.convert")
 
@@ -99,6 +106,10 @@ class _Run:
     stderr: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=STDERR_TAIL)
     )
+    # Set once the first write of the job's end was tried (the child gone, its folders
+    # removed), with what refused it: a cancel waits for this, not for the retries after it.
+    end_tried: asyncio.Event = field(default_factory=asyncio.Event)
+    end_refused: Exception | None = None
 
 
 @dataclass
@@ -191,7 +202,23 @@ class JobRunner:
             if not run.publishing:
                 run.cancelled = True
                 _kill(run.proc)
-            await asyncio.shield(run.task)
+            # Not the whole task: with the job database refusing writes, the end's retries
+            # held the call until the client's deadline. The task itself, should it end
+            # before any write was tried (and unlike a shield, a caller leaving stops neither).
+            tried = asyncio.ensure_future(run.end_tried.wait())
+            try:
+                await asyncio.wait({tried, run.task}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                tried.cancel()
+            refused = run.end_refused
+            if refused is not None and not self.store.get_job(job_id).state.terminal:
+                if database_full(refused):
+                    raise LimitExceeded(
+                        "the job was stopped, but the server's state disk is full: the job "
+                        "database could not record its end, which is recorded once the "
+                        "operator frees space on the disk of the state folder (--state-dir)"
+                    )
+                raise refused
         return self.store.get_job(job_id)
 
     async def close(self) -> None:
@@ -286,19 +313,24 @@ class JobRunner:
             self._runs.pop(run.job_id, None)
         if not self._closing:
             self._pump()  # first: the slot is free whatever recording the end costs
-        await self._record_end(job.job_id, outcome, version, report)
+        await self._record_end(run, outcome, version, report)
 
-    async def _record_end(self, job_id: str, outcome: _Outcome, version: int, report: str) -> None:
+    async def _record_end(self, run: _Run, outcome: _Outcome, version: int, report: str) -> None:
         """Record the job's end, retried while the database refuses (a full disk): one failed
         write left the job RUNNING for good (a published version included), its watchers
         waiting for ever and every queued job behind it QUEUED. At shutdown it gives up; the
         next start settles the job (interrupted, or published: ``publish.note_publishing``)."""
+        job_id = run.job_id
         delay = END_RETRY_S
         while True:
             try:
                 self._end(self.store.get_job(job_id), outcome, version=version, report=report)
+                run.end_refused = None
+                run.end_tried.set()
                 return
             except Exception as exc:  # logged: the job must still end
+                run.end_refused = exc
+                run.end_tried.set()
                 if self._closing:
                     log.error("conversion job %s: its end was not recorded: %s", job_id, exc)
                     return
