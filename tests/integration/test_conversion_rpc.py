@@ -814,7 +814,8 @@ def test_a_second_server_on_the_same_state_folder_is_refused(start: Start, tmp_p
     for event in job.events():
         if event.stage == "export":
             break
-    second = ServerThread(tmp_path / "repo")
+    # The same state folder, named (a test server on a repository in use gets its own).
+    second = ServerThread(tmp_path / "repo", state_dir=str(state_dir(tmp_path)))
     with pytest.raises(FailedPrecondition, match="in use by another running Ferry server"):
         second.start()
     second.stop()
