@@ -133,3 +133,37 @@ def test_sample_sets_that_disagree_name_each_tensor() -> None:
     )
     with pytest.raises(InvalidArgument, match=r"\(3 in 'prior'; 4 in 'logits'\)"):
         validation.validate_spec(ConversionSpec(), tensors, source_format="onnx")
+
+
+def test_calibration_and_validation_samples_may_have_any_size_a_dynamic_axis_allows(
+    tmp_path: Path,
+) -> None:
+    """static_int8 of a model declared for sequences of 8..64 refused calibration data of
+    length 20 ("the model takes [12] per sample"): only the example's length was accepted, so
+    a model meant for many lengths was calibrated on one. Sizes within the bounds now pass."""
+    from ferry.server.convert.worker.parity import samples_from_file
+
+    seq = ServerAxis(1, "sequence", 8, 64)
+    specs = [
+        ServerSpec("ids", "INT64", [-1, 12], [seq]),
+        ServerSpec("mask", "BOOL", [-1, 12], [seq]),
+        ServerSpec("x", "FP32", [-1, 3]),
+    ]
+    field = "quantization.calibration_file"
+
+    def load(ids: int, mask: int, x: int = 3) -> object:
+        path = tmp_path / "cal.npz"
+        np.savez(path, ids=np.ones((4, ids), np.int64), mask=np.ones((4, mask), bool),
+                 x=np.ones((4, x), np.float32))  # fmt: skip
+        return samples_from_file(path, specs, True, field)
+
+    assert load(20, 20).arrays["ids"].shape == (4, 20)  # type: ignore[attr-defined]
+    assert load(64, 64).arrays["mask"].shape == (4, 64)  # type: ignore[attr-defined]
+    with pytest.raises(
+        InvalidArgument, match=r"shape \[65\], the model takes \[sequence=8\.\.64\]"
+    ):
+        load(65, 65)
+    with pytest.raises(InvalidArgument, match=r"'sequence' is 20 in 'ids' but 21 in 'mask'"):
+        load(20, 21)
+    with pytest.raises(InvalidArgument, match=r"'x' has samples of shape \[4\], .* takes \[3\]"):
+        load(20, 20, 4)

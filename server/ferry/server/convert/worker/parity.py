@@ -120,15 +120,43 @@ def load_npz(path: Path, names: list[str], field: str) -> Arrays:
     return {n: arrays[n] for n in names}
 
 
+def _check_shape(
+    spec: InputSpec, got: list[int], batched: bool, field: str, seen: dict[str, tuple[int, str]]
+) -> None:
+    """Refuse samples the served version would refuse: a fixed dim of another size, or a
+    declared dynamic axis outside its bounds or unlike the same axis of another input. Within
+    its bounds a dynamic axis may have any size: a model declared for sequences of 1..512 is
+    calibrated and validated on data of the lengths it serves, not only the example's."""
+    expected = sample_shape(spec, batched)
+    offset = 1 if batched else 0
+    dynamic = {a.axis - offset: a for a in spec.dynamic_axes}
+    wanted = [
+        f"{a.name}={a.min}..{a.max or ''}" if (a := dynamic.get(i)) else str(d)
+        for i, d in enumerate(expected)
+    ]
+    fits = len(got) == len(expected) and all(
+        g == d or ((a := dynamic.get(i)) is not None and a.min <= g and (not a.max or g <= a.max))
+        for i, (g, d) in enumerate(zip(got, expected, strict=True))
+    )
+    if not fits:
+        raise InvalidArgument(
+            f"{field}: {spec.name!r} has samples of shape {got}, the model takes "
+            f"[{', '.join(wanted)}] per sample"
+        )
+    for i, axis in dynamic.items():
+        first = seen.setdefault(axis.name, (got[i], spec.name))
+        if first[0] != got[i]:
+            raise InvalidArgument(
+                f"{field}: dynamic axis {axis.name!r} is {first[0]} in {first[1]!r} but {got[i]} "
+                f"in {spec.name!r}: inputs sharing an axis must agree on its size"
+            )
+
+
 def samples_from_file(path: Path, inputs: list[InputSpec], batched: bool, field: str) -> Samples:
     arrays = load_npz(path, [spec.name for spec in inputs], field)
+    seen: dict[str, tuple[int, str]] = {}
     for spec in inputs:
-        expected = sample_shape(spec, batched)
-        if list(arrays[spec.name].shape[1:]) != expected:
-            raise InvalidArgument(
-                f"{field}: {spec.name!r} has samples of shape {list(arrays[spec.name].shape[1:])}, "
-                f"the model takes {expected} per sample"
-            )
+        _check_shape(spec, list(arrays[spec.name].shape[1:]), batched, field, seen)
         arrays[spec.name] = arrays[spec.name].astype(dtype_of(spec), copy=False)
     return Samples(arrays, batched)
 
