@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from ferry.server.core.types import MAX_VERSION
 from ferry.server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -41,7 +42,6 @@ VERSION_CONFIG_FILE = "config.json"  # a version's own serving config (overrides
 MAX_REPORT_BYTES = 16 << 20
 TMP_PREFIX = ".tmp-"
 _STAGING_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
-MAX_VERSION = 2**53  # representable exactly in JSON and float64 clients
 # The highest version number Ferry has deleted from a model: the next publish goes above it.
 # A number is never reused: a client that pins version 4 must never be answered by another
 # model published as 4 after the first was deleted.

@@ -18,6 +18,10 @@ import numpy as np
 
 from ferry.server.errors import InvalidArgument
 
+# The highest version number: representable exactly in JSON and float64 clients. Here, at the
+# core's door, since adapters check the versions they read against it too.
+MAX_VERSION = 2**53
+
 if TYPE_CHECKING:
     from ferry.server.core.config import ModelConfig
 

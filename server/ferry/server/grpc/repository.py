@@ -10,8 +10,7 @@ from grpc import aio
 from ferry.proto.v1 import repository_pb2 as pb
 from ferry.proto.v1 import repository_pb2_grpc as pb_grpc
 from ferry.server.core.dataplane import DataPlane
-from ferry.server.core.repository import MAX_VERSION
-from ferry.server.core.types import RolloutView
+from ferry.server.core.types import MAX_VERSION, RolloutView
 from ferry.server.errors import InvalidArgument
 from ferry.server.grpc._base import translate_errors
 
