@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections.abc import (
     AsyncIterable,
@@ -148,15 +149,16 @@ class AsyncInferenceClient(InferenceClientBase):
             if needs_dtypes(inputs, model, version)
             else None
         )
-        call = self._prepare_infer(
+        prepare = functools.partial(
+            self._prepare_infer,
             model,
             inputs,
             version=version,
             outputs=outputs,
             priority=priority,
             request_id=request_id,
-            dtypes=dtypes,
         )
+        call = prepare(dtypes=dtypes)
         try:
             left = self._left(budget, began)
             return call.finish(await self._call(self._infer, call.request, left))
@@ -166,15 +168,7 @@ class AsyncInferenceClient(InferenceClientBase):
                 raise
         # The cached dtypes were stale (a new default version takes others): once more, with
         # the model's dtypes as the server describes it now.
-        call = self._prepare_infer(
-            model,
-            inputs,
-            version=version,
-            outputs=outputs,
-            priority=priority,
-            request_id=request_id,
-            dtypes=fresh,
-        )
+        call = prepare(dtypes=fresh)
         left = self._left(budget, began)
         return call.finish(await self._call(self._infer, call.request, left))
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
@@ -112,15 +113,16 @@ class InferenceClient(InferenceClientBase):
             if needs_dtypes(inputs, model, version)
             else None
         )
-        call = self._prepare_infer(
+        prepare = functools.partial(
+            self._prepare_infer,
             model,
             inputs,
             version=version,
             outputs=outputs,
             priority=priority,
             request_id=request_id,
-            dtypes=dtypes,
         )
+        call = prepare(dtypes=dtypes)
         try:
             return call.finish(self._call(self._infer, call.request, self._left(budget, began)))
         except InvalidInputError:
@@ -129,15 +131,7 @@ class InferenceClient(InferenceClientBase):
                 raise
         # The cached dtypes were stale (a new default version takes others): once more, with
         # the model's dtypes as the server describes it now.
-        call = self._prepare_infer(
-            model,
-            inputs,
-            version=version,
-            outputs=outputs,
-            priority=priority,
-            request_id=request_id,
-            dtypes=fresh,
-        )
+        call = prepare(dtypes=fresh)
         return call.finish(self._call(self._infer, call.request, self._left(budget, began)))
 
     def _fresh_dtypes(
