@@ -142,6 +142,33 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+def _sigterm_once_loading(
+    proc: subprocess.Popen[str], release: Path, opening: str, first_wait: float
+) -> list[str]:
+    """SIGTERM ``proc`` once a stderr line starts with ``opening`` (a held session opening),
+    release the held loads once it says it is shutting down, and return every stderr line;
+    the process must exit 0. Each wait is bounded: no line, no pass."""
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr or ()], daemon=True).start()
+    seen: list[str] = []
+    try:
+        while not any(line.startswith(opening) for line in seen):
+            seen.append(lines.get(timeout=first_wait))
+        proc.send_signal(signal.SIGTERM)
+        while not any("shutting down" in line for line in seen):
+            seen.append(lines.get(timeout=WAIT_S))
+        release.touch()  # the loads already running may finish now
+        assert proc.wait(timeout=WAIT_S) == 0, seen
+    finally:
+        release.touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    while not lines.empty():
+        seen.append(lines.get())
+    return seen
+
+
 def test_sigterm_during_the_start_up_load_stops_without_loading_the_rest(tmp_path: Path) -> None:
     """A large repository takes minutes to load; SIGTERM then waited for all of it, past any
     termination grace period, and the process was killed. Now the loads not yet begun are
@@ -158,24 +185,7 @@ def test_sigterm_during_the_start_up_load_stops_without_loading_the_rest(tmp_pat
         text=True,
         env=_env(),
     )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr or ()], daemon=True).start()
-    seen: list[str] = []
-    try:
-        while not any(line.startswith("opening ") for line in seen):
-            seen.append(lines.get(timeout=WAIT_S))  # bounded: the load starts at once
-        proc.send_signal(signal.SIGTERM)
-        while not any("shutting down" in line for line in seen):
-            seen.append(lines.get(timeout=WAIT_S))
-        release.touch()  # the loads already running may finish now
-        assert proc.wait(timeout=WAIT_S) == 0, seen
-    finally:
-        release.touch()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    while not lines.empty():
-        seen.append(lines.get())
+    seen = _sigterm_once_loading(proc, release, "opening ", WAIT_S)
     assert not any("ferry serving" in line for line in seen), seen
     assert len(opened.read_text().split()) < len(models), "the rest of the load was given up"
 
@@ -220,24 +230,8 @@ def test_sigterm_while_the_workers_load_stops_without_waiting_for_them(tmp_path:
     proc = subprocess.Popen(
         args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
     )
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stderr or ()], daemon=True).start()
-    seen: list[str] = []
-    try:
-        while not any(line.startswith("worker opening ") for line in seen):
-            seen.append(lines.get(timeout=WAIT_S * 3))  # the first process loads, then spawns
-        proc.send_signal(signal.SIGTERM)
-        while not any("ferry shutting down" in line for line in seen):
-            seen.append(lines.get(timeout=WAIT_S))
-        release.touch()
-        assert proc.wait(timeout=WAIT_S) == 0, seen
-    finally:
-        release.touch()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    while not lines.empty():
-        seen.append(lines.get())
+    # The first process loads, then spawns the workers: their openings come later.
+    seen = _sigterm_once_loading(proc, release, "worker opening ", WAIT_S * 3)
     assert not any("inference workers on port" in line for line in seen), seen
 
 
