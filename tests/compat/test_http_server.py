@@ -219,6 +219,9 @@ def test_repository_index_load_and_unload_on_the_management_listener(
 
     manager.unload_model("alpha")
     assert not inference.is_model_ready("alpha")
+    # As Triton's: unloading a model that is not loaded, or not there, is OK with nothing done.
+    manager.unload_model("alpha")
+    manager.unload_model("no_such_model")
     index = {m["name"]: m for m in manager.get_model_repository_index()}
     assert (index["alpha"]["state"], index["alpha"]["reason"]) == ("UNAVAILABLE", "unloaded")
     status, _, body = http_call(

@@ -213,6 +213,9 @@ def test_repository_index_load_and_unload_on_the_management_listener(repo_server
 
     manager.unload_model("alpha")
     assert not inference.is_model_ready("alpha")
+    # As Triton's: unloading a model that is not loaded, or not there, is OK with nothing done.
+    manager.unload_model("alpha")
+    manager.unload_model("no_such_model")
     index = {m.name: m for m in manager.get_model_repository_index().models}
     assert (index["alpha"].state, index["alpha"].reason) == ("UNAVAILABLE", "unloaded")
     with grpc.insecure_channel(srv.management_target) as channel:

@@ -130,7 +130,7 @@ def test_the_management_listener_takes_only_its_token(
     assert status_of(lambda: manager.get_model_repository_index(headers=inference)) == 403
     management = bearer(MANAGEMENT_TOKEN)
     # Past the token check: the model is what is missing.
-    assert status_of(lambda: manager.unload_model("no_such_model", headers=management)) == 404
+    assert status_of(lambda: manager.load_model("no_such_model", headers=management)) == 404
     assert not manager.is_server_ready()  # as on gRPC: no open health on management
 
 

@@ -293,8 +293,18 @@ class DataPlane:
             )
         return outcome
 
-    async def unload(self, model: str) -> RepositoryOutcome:
-        return await self._registry.unload_model(validate_model_name(model))
+    async def unload(self, model: str, *, missing_ok: bool = False) -> RepositoryOutcome:
+        """Stop serving a model. A model that is not loaded (unloaded already, or not in the
+        repository) is NOT_FOUND for ferry.v1, whose caller learns of a typo; ``missing_ok``
+        answers it with nothing done, as the Open Inference Protocol's unload does in Triton
+        (an unload's goal, the model not served, already holds)."""
+        name = validate_model_name(model)
+        try:
+            return await self._registry.unload_model(name)
+        except ModelNotFound:
+            if not missing_ok:
+                raise
+            return RepositoryOutcome()
 
     @staticmethod
     def _after(step: Callable[..., None], *args: Any) -> None:

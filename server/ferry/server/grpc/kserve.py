@@ -258,7 +258,8 @@ class KServeServicer:
     ) -> pb.RepositoryModelUnloadResponse:
         self._require_control("RepositoryModelUnload")
         _one_repository(request.repository_name)
-        await self.dataplane.unload(request.model_name)
+        # A model not loaded (or not there) is OK with nothing done, as in Triton.
+        await self.dataplane.unload(request.model_name, missing_ok=True)
         return pb.RepositoryModelUnloadResponse()
 
 

@@ -230,7 +230,7 @@ class OipRoutes:
                         )
                 await self.dataplane.load(model)
             else:
-                await self.dataplane.unload(model)
+                await self.dataplane.unload(model, missing_ok=True)  # as Triton: OK if not loaded
             return _ok()
         raise _no_route("/v2/repository/" + "/".join(rest))
 
