@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import queue
 import re
@@ -16,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import WAIT_S, make_repo
+from serverutil import ServerThread
 
 from ferry.client import InferenceClient
 from ferry.server.examples import seed_model
@@ -347,3 +349,21 @@ def test_json_log_lines(tmp_path: Path) -> None:
     entry = json.loads(JsonFormatter().format(record))
     assert entry["level"] == "INFO" and entry["logger"] == "ferry.x"
     assert entry["message"] == "model m loaded" and entry["time"].endswith("Z")
+
+
+def test_the_start_up_line_says_which_listeners_are_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A listener disabled with port -1 was printed as port 0 (the port that asks for a free
+    one), so the line read as if every listener served; it is now "off", the others
+    host:port as bound."""
+    off = {"http_port": -1, "management_http_port": -1, "metrics_port": -1}
+    logs = caplog.at_level(logging.INFO, logger="ferry.server.grpc.app")
+    with logs, ServerThread(tmp_path / "repo", **off) as srv:
+        assert srv.app is not None
+        port, management = srv.app.inference_port, srv.app.management_port
+    lines = [r.getMessage() for r in caplog.records if "ferry serving" in r.getMessage()]
+    assert lines == [
+        f"ferry serving 0 model version(s) on 127.0.0.1:{port} (HTTP off; "
+        f"management 127.0.0.1:{management}, HTTP off; metrics off)"
+    ]

@@ -267,16 +267,13 @@ class FerryServer:
         if s.poll_interval > 0:
             self._poll_task = asyncio.create_task(self._poll(s.poll_interval))
         log.info(
-            "ferry serving %d model version(s) on %s:%d (HTTP %d; management %s:%d, HTTP %d; "
-            "metrics %d)",
+            "ferry serving %d model version(s) on %s (HTTP %s; management %s, HTTP %s; metrics %s)",
             len(self.dataplane.statistics()),
-            s.host,
-            self.inference_port,
-            self.http_port,
-            s.management_host,
-            self.management_port,
-            self.management_http_port,
-            self.metrics_port,
+            _where(s.host, self.inference_port),
+            _where(s.host, self.http_port, s.http_port),
+            _where(s.management_host, self.management_port, s.management_port),
+            _where(s.management_host, self.management_http_port, s.management_http_port),
+            _where(s.metrics_host, self.metrics_port, s.metrics_port),
         )
 
     async def _load_unless_stopped(self) -> bool:
@@ -534,6 +531,14 @@ class FerryServer:
         await stop.wait()
         log.info("ferry shutting down (grace %.1fs)", self.settings.grace_period)
         await self.stop()
+
+
+def _where(host: str, bound: int, asked: int = 0) -> str:
+    """A listener as the start-up line shows it: host:port, or "off" for one disabled (port
+    -1), which the line printed as port 0, the port that means "pick a free one"."""
+    if asked < 0:
+        return "off"
+    return f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
 
 
 def _bind(
