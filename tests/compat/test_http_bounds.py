@@ -136,6 +136,44 @@ def test_a_body_that_stops_arriving_is_refused_and_its_connection_closed(
         assert status == 200, reply
 
 
+def test_a_body_trickled_a_byte_at_a_time_is_cut_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte now and then, each within the pause bound, kept a connection (and its handler)
+    for as long as the Content-Length lasted (slowloris). The client sends a byte whenever 0.05
+    s pass without an answer, so it never pauses for BODY_IDLE; it is cut off by the average
+    rate (100 bytes/s here) instead. The bounds are shortened so the test waits on them."""
+    monkeypatch.setattr(listener, "BODY_IDLE", 0.2)
+    monkeypatch.setattr(listener, "BODY_MIN_RATE", 100.0)
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    body = json.dumps({"inputs": [INPUT]}).encode().ljust(400)
+    with ServerThread(root) as srv:
+        host, port = srv.http_target.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(
+                f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n".encode()
+            )
+            sent = 0
+            while sent < len(body) and not select.select([sock], [], [], 0.05)[0]:
+                sock.sendall(body[sent : sent + 1])
+                sent += 1
+            answer = until_closed(sock)
+        assert sent < len(body), "the whole body was taken"
+        head, _, reply = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer
+        error = json.loads(reply)
+        assert error["kind"] == "DEADLINE_EXCEEDED" and "too slowly" in error["error"], error
+        # A body sent at once is served as before.
+        status, _, served = http_call(
+            srv.http_target,
+            "POST",
+            f"/v2/models/{MODEL}/infer",
+            json.dumps({"inputs": [INPUT]}).encode(),
+        )
+        assert status == 200, served
+
+
 def test_an_answer_the_client_does_not_read_is_dropped_with_its_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

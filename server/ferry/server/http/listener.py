@@ -13,8 +13,8 @@ read, then while the body streams in (chunked or compressed uploads), so a body 
 is never held in memory. ``Expect: 100-continue`` is answered only once the size is known to fit.
 
 No connection is held by a client that stops sending: a request's line and headers must arrive
-within HEADER_TIMEOUT, its body must keep arriving (BODY_IDLE), and a connection idle between
-requests is closed after KEEPALIVE. Nor by one that stops reading: an answer it takes no byte of
+within HEADER_TIMEOUT, its body must keep arriving (BODY_IDLE) at BODY_MIN_RATE on average, and
+a connection idle between requests is closed after KEEPALIVE. Nor by one that stops reading: an answer it takes no byte of
 for SEND_IDLE seconds is dropped with its connection.
 """
 
@@ -53,6 +53,13 @@ LINGER = 2.0
 # memory for as long as it kept the connection open: a few connections, each stalled just under
 # max_message_bytes, held gigabytes.
 BODY_IDLE = 30.0
+# Bytes a second a request body must average once BODY_IDLE has passed: a body may take
+# BODY_IDLE plus one second per BODY_MIN_RATE bytes. BODY_IDLE alone judged pauses, so a client
+# sending a byte every 29 seconds (slowloris) kept its connection and its handler for as long
+# as its Content-Length lasted (a 64 MB body: decades). Apache's mod_reqtimeout has the same
+# rule by default (body=20,MinRate=500); 500 bytes/s is a 4 kbit/s link, so a real upload is
+# never cut off by it.
+BODY_MIN_RATE = 500.0
 # Seconds an idle keep-alive connection waits for its next request before it is closed.
 # aiohttp's default, 3,630 s, kept every connection a client opened and forgot for an hour, each
 # holding a descriptor and a request handler, so they piled up. 75 s is nginx's default: longer
@@ -413,14 +420,22 @@ class HttpListener:
         decode = decoder(encoding)
         chunks: list[bytes] = []
         total = 0
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        by_rate = False  # which bound the timer holds: the average rate's, or a pause's
+        arrived = 0  # bytes on the wire (a compressed body's decode to more)
         try:
             async with asyncio.timeout(None) as stall:
-                loop = asyncio.get_running_loop()
                 while True:
-                    stall.reschedule(loop.time() + BODY_IDLE)
+                    # The sooner of: a pause's bound, and the time the bytes so far allow.
+                    pause = loop.time() + BODY_IDLE
+                    allowed = began + BODY_IDLE + arrived / BODY_MIN_RATE
+                    by_rate = allowed < pause
+                    stall.reschedule(min(pause, allowed))
                     chunk = await content.readany()
                     if not chunk:
                         break
+                    arrived += len(chunk)
                     if decode is not None:
                         chunk = decode.feed(chunk, self._limit - total)
                     total += len(chunk)
@@ -436,10 +451,17 @@ class HttpListener:
         except BodyError as exc:
             raise InvalidArgument(f"the request body could not be read: {exc}") from None
         except TimeoutError:
+            if by_rate:
+                why = (
+                    f"arrived too slowly: {arrived} bytes in {loop.time() - began:.1f} seconds, "
+                    f"where a body may take {BODY_IDLE:g} seconds plus one per "
+                    f"{BODY_MIN_RATE:g} bytes"
+                )
+            else:
+                why = f"stopped arriving: no byte for {BODY_IDLE:g} seconds after {total} bytes"
             raise HttpError(
                 408,
-                f"the request body stopped arriving: no byte for {BODY_IDLE:g} seconds after "
-                f"{total} bytes; send the whole body without pausing",
+                f"the request body {why}; send the whole body without pausing",
                 ErrorKind.DEADLINE_EXCEEDED,
             ) from None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
