@@ -354,3 +354,31 @@ def _first_done(calls: list[grpc.Future], n: int) -> list[grpc.Future]:
     with cond:
         assert cond.wait_for(lambda: len(done) >= n, timeout=30), f"{len(done)} of {n} refused"
         return list(done[:n])
+
+
+def test_a_connection_past_its_max_age_is_sent_goaway(tmp_path: Path) -> None:
+    """Triton's --grpc-max-connection-age: a client's one HTTP/2 connection was kept for good,
+    so long-lived clients never reached replicas added since. Past the age the server sends
+    GOAWAY and the channel goes IDLE (it reconnects on its next call), on both listeners."""
+    with ServerThread(tmp_path / "repo", grpc_max_connection_age=200) as srv:
+        for target in (srv.target, srv.management_target):
+            ended, states = _idle_after_ready(target)
+            assert ended, (target, states)
+
+
+def _idle_after_ready(target: str) -> tuple[bool, list[grpc.ChannelConnectivity]]:
+    """Whether a fresh channel to ``target`` went IDLE after READY (the server ended the
+    connection) within 30 s, and the states it went through."""
+    states: list[grpc.ChannelConnectivity] = []
+    idle_again = threading.Event()
+
+    def seen(state: grpc.ChannelConnectivity) -> None:
+        states.append(state)
+        if state is grpc.ChannelConnectivity.IDLE and grpc.ChannelConnectivity.READY in states:
+            idle_again.set()
+
+    with grpc.insecure_channel(target, options=OWN_CONNECTION) as channel:
+        channel.subscribe(seen, try_to_connect=True)
+        idle_again.wait(30)
+        channel.unsubscribe(seen)
+    return idle_again.is_set(), states

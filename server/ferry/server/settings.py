@@ -45,6 +45,13 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "http_keepalive_timeout": (1, None, "seconds"),
     "max_concurrent_streams": (1, INT32_MAX, "calls per connection"),
     "max_pending_calls": (0, INT32_MAX, "0: grpc's default"),
+    "grpc_keepalive_time": (1, INT32_MAX, "milliseconds"),
+    "grpc_keepalive_timeout": (1, INT32_MAX, "milliseconds"),
+    "grpc_http2_max_pings_without_data": (0, INT32_MAX, "0: no limit"),
+    "grpc_http2_min_recv_ping_interval_without_data": (0, INT32_MAX, "milliseconds"),
+    "grpc_http2_max_ping_strikes": (0, INT32_MAX, "0: no limit"),
+    "grpc_max_connection_age": (0, INT32_MAX, "milliseconds; 0: no limit"),
+    "grpc_max_connection_age_grace": (0, INT32_MAX, "milliseconds; 0: no limit"),
     "max_upload_bytes": (1, None, "bytes"),
     "upload_retention_bytes": (0, None, "0: no limit"),
     "upload_retention_seconds": (0, None, "0: no age limit"),
@@ -279,6 +286,61 @@ class Settings:
             "arrival and before any Ferry code runs (status CANCELLED, grpc's own refusal); "
             "0: grpc's default, 3000. Sheds open-loop overload cheaply, but also refuses a "
             "closed-loop client's calls beyond it: see docs/benchmarking.md"
+        },
+    )
+    # --- gRPC keepalive and connection age: Triton's flags, names, units (ms) and defaults
+    # (its src/grpc/grpc_server.h KeepAliveOptions, which are gRPC core's own), so a Triton
+    # command line carries over. Both gRPC listeners take them.
+    grpc_keepalive_time: int = field(
+        default=7200000,
+        metadata={
+            "help": "milliseconds after which the server pings an idle connection (keeps it "
+            "through a NAT or a load balancer that drops idle TCP, e.g. an AWS NLB's 350 s)"
+        },
+    )
+    grpc_keepalive_timeout: int = field(
+        default=20000,
+        metadata={"help": "milliseconds the server waits for a ping's answer before closing"},
+    )
+    grpc_keepalive_permit_without_calls: bool = field(
+        default=False,
+        metadata={
+            "help": "let clients ping (and the server ping) with no call in flight; without "
+            "it a client whose keepalive pings an idle connection is sent GOAWAY "
+            "(too_many_pings)"
+        },
+    )
+    grpc_http2_max_pings_without_data: int = field(
+        default=2,
+        metadata={"help": "pings the server sends with no data sent in between; 0: no limit"},
+    )
+    grpc_http2_min_recv_ping_interval_without_data: int = field(
+        default=300000,
+        metadata={
+            "help": "milliseconds a client must leave between pings when no data is sent; a "
+            "faster ping is a strike"
+        },
+    )
+    grpc_http2_max_ping_strikes: int = field(
+        default=2,
+        metadata={
+            "help": "strikes (pings too soon) tolerated before the connection is closed with "
+            "GOAWAY; 0: any number"
+        },
+    )
+    grpc_max_connection_age: int = field(
+        default=0,
+        metadata={
+            "help": "milliseconds after which a connection is told to go away (GOAWAY) and "
+            "the client reconnects, so long-lived clients spread over replicas added since; "
+            "0: no limit"
+        },
+    )
+    grpc_max_connection_age_grace: int = field(
+        default=0,
+        metadata={
+            "help": "milliseconds calls in flight get to finish after the connection's age "
+            "is reached, before it is closed; 0: no limit"
         },
     )
     # --- conversion (ModelConversion service, management listener) ---

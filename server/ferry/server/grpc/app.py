@@ -166,6 +166,7 @@ class FerryServer:
             ("grpc.max_send_message_length", n),
             ("grpc.so_reuseport", 1 if self.workers > 1 else 0),
             ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
+            *keepalive_options(self.settings),
         ]
         return options + (pending_call_limits(self.settings.max_pending_calls) if inference else [])
 
@@ -531,6 +532,27 @@ class FerryServer:
         await stop.wait()
         log.info("ferry shutting down (grace %.1fs)", self.settings.grace_period)
         await self.stop()
+
+
+def keepalive_options(s: Settings) -> list[tuple[str, int]]:
+    """Triton's --grpc-keepalive-* / --grpc-http2-* / --grpc-max-connection-age* as the gRPC
+    core arguments its server sets from them; an age of 0 is left unset (gRPC: no limit)."""
+    options = [
+        ("grpc.keepalive_time_ms", s.grpc_keepalive_time),
+        ("grpc.keepalive_timeout_ms", s.grpc_keepalive_timeout),
+        ("grpc.keepalive_permit_without_calls", int(s.grpc_keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", s.grpc_http2_max_pings_without_data),
+        (
+            "grpc.http2.min_ping_interval_without_data_ms",
+            s.grpc_http2_min_recv_ping_interval_without_data,
+        ),
+        ("grpc.http2.max_ping_strikes", s.grpc_http2_max_ping_strikes),
+    ]
+    if s.grpc_max_connection_age:
+        options.append(("grpc.max_connection_age_ms", s.grpc_max_connection_age))
+    if s.grpc_max_connection_age_grace:
+        options.append(("grpc.max_connection_age_grace_ms", s.grpc_max_connection_age_grace))
+    return options
 
 
 def _where(host: str, bound: int, asked: int = 0) -> str:
