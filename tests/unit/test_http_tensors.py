@@ -93,6 +93,25 @@ def test_a_number_too_large_for_any_float_is_not_infinity(number: bytes) -> None
     assert np.isneginf(dict(infinity.decode(Limits()).inputs)["x"][1])
 
 
+@pytest.mark.parametrize(
+    "where",
+    [
+        b'"id": "a\\ud800"',  # echoed in the answer: the model ran, then the answer was a 500
+        b'"id": "\\udc00x"',
+        b'"parameters": {"k\\ud83d": 1}',
+    ],
+)
+def test_a_lone_surrogate_escape_is_refused_before_the_model_runs(where: bytes) -> None:
+    """orjson refuses "\\ud800" and the standard library (its fallback) read it into a str no
+    UTF-8 writer takes; a request id holding one ran the model and then failed to be written,
+    500 INTERNAL. A surrogate pair (one character outside the BMP) is text and passes."""
+    body = b'{%s, "inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}'
+    with pytest.raises(InvalidArgument, match="lone UTF-16 surrogate"):
+        HttpInfer("m", "", body % where, None).decode(Limits())
+    pair = HttpInfer("m", "", body % b'"id": "\\ud83d\\ude00 NaN", "x": NaN', None)
+    assert pair.decode(Limits()).id == "\U0001f600 NaN"
+
+
 def test_request_parameters_reach_the_core() -> None:
     """timeout (microseconds) and priority are what the batcher honours; a compat test that
     sends them only sees an answer, so their translation is checked here."""

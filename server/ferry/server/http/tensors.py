@@ -261,7 +261,12 @@ def loads(data: bytes, what: str = "the request body") -> Any:
             raise _duplicate(what, exc.key) from None
         return value
     try:
-        return json.loads(data, parse_float=_finite_float, object_pairs_hook=unique_object)
+        return json.loads(data, parse_float=_finite_float, object_pairs_hook=_unicode_object)
+    except _NotUnicode as exc:
+        raise InvalidArgument(
+            f"{what} holds a string with a lone UTF-16 surrogate escape ({exc}): JSON strings "
+            "must be Unicode text; escape a character outside the BMP as a surrogate pair"
+        ) from None
     except DuplicateKey as exc:
         raise _duplicate(what, exc.key) from None
     except _TooLarge as exc:
@@ -283,6 +288,25 @@ def _duplicate(what: str, key: str | None) -> InvalidArgument:
 
 class _TooLarge(Exception):
     pass
+
+
+class _NotUnicode(Exception):
+    pass
+
+
+def _unicode_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``unique_object``, refusing a key or string value with a lone surrogate (``"\\ud800"``),
+    which orjson refuses and the standard library reads into a str no UTF-8 writer takes: a
+    request ``id`` holding one was run, then its answer failed to encode (500 INTERNAL).
+    Strings in lists are BYTES data, checked where they are encoded (``_flatten``)."""
+    for key, value in pairs:
+        for text in (key, value):
+            if isinstance(text, str) and not text.isascii():
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise _NotUnicode(ascii(text[exc.start : exc.end])) from None
+    return unique_object(pairs)
 
 
 def _finite_float(text: str) -> float:
