@@ -79,6 +79,8 @@ class Quantization:
 class Validation:
     rtol: float | None = None
     atol: float | None = None
+    # Rows every variant is judged on (default 16): random ones without sample_inputs, and
+    # fewer sample_inputs are topped up with rows like them (docs/conversion.md).
     samples: int | None = None
     sample_inputs: ArrayMap | None = None  # input name -> [N, ...]
     reference_outputs: ArrayMap | None = None  # output name -> [N, ...], your PyTorch outputs

@@ -26,6 +26,7 @@ from ferry.server.convert.strategies import quantization as quantization_modes
 from ferry.server.convert.worker import (
     benchmark,
     dims,
+    drawn,
     external,
     graph,
     load,
@@ -92,6 +93,8 @@ class Pipeline:
     baseline_name: str  # the source ONNX's outputs
     parity_reference: Outputs  # what the fp32 export must match within rtol/atol
     client_reference: Outputs | None
+    top_up: drawn.TopUp | None = None  # rows beside a short sample file's (worker.drawn)
+    top_up_reference: Outputs  # the unpruned source model's outputs on them
 
     external: bool = False  # variants are written as model + data file (models over 2 GiB)
 
@@ -154,6 +157,7 @@ class Pipeline:
             self.report.source.inputs = list(self.source.inputs)
             self.samples = self._validation_samples()
             self._reference_outputs()
+            self._draw()
         self._prune()
         base = self._export()
         with self._stage("check", "onnx.checker (full check)"):
@@ -164,7 +168,10 @@ class Pipeline:
             fp32.record.note = note
             self.notes.extend([note] if note else [])
         variants = self._quantize(base, fp32)
-        with self._stage("validate", f"comparing outputs on {len(self.samples)} samples"):
+        rows = f"{len(self.samples)} samples" + (
+            f" and {len(self.top_up.rows)} more" if self.top_up else ""
+        )
+        with self._stage("validate", f"comparing outputs on {rows}"):
             self._validate(variants)
         if self.spec.benchmark == "off":
             self._skip("benchmark", 'benchmark "off" was requested')
@@ -225,10 +232,8 @@ class Pipeline:
     def _reference_outputs(self) -> None:
         """Outputs every variant is judged against, computed before pruning changes the model."""
         if self.source.module is not None:
-            from ferry.server.convert.worker import export
-
             try:
-                self.baseline = self._run(export.torch_runner(self.source))
+                self.baseline = self._run(self._source_runner())
             except InvalidArgument:
                 raise
             except Exception as exc:
@@ -237,15 +242,16 @@ class Pipeline:
                     f"({[f'{s.name}{s.shape}' for s in self.source.inputs]}): "
                     f"{first_line(exc)}; check spec.inputs and architecture_kwargs"
                 ) from None
+            from ferry.server.convert.worker import export
+
             self.output_names = export.module_output_names(self.source)
             self.baseline_name = "pytorch"
             self._distinct_names()
         else:
             assert self.source.onnx_path is not None
             self.output_names = graph.output_names(self.source.onnx_path)
-            run = parity.onnx_runner(self.source.onnx_path, self.threads, self.providers)
             try:
-                self.baseline = self._run(run)
+                self.baseline = self._run(self._source_runner())
             except Exception as exc:  # onnxruntime's own: a crash of the child said nothing
                 raise ConversionFailed(
                     f"the source ONNX model fails on the validation samples in onnxruntime "
@@ -260,6 +266,80 @@ class Pipeline:
             self.client_reference = self._client_reference()
             if self.source.module is None:
                 self.baseline, self.baseline_name = self.client_reference, "reference"
+
+    def _source_runner(self) -> Callable[[dict[str, np.ndarray]], Outputs]:
+        """The model as the client gave it, before pruning: what every budget is judged against."""
+        if self.source.module is not None:
+            from ferry.server.convert.worker import export
+
+            return export.torch_runner(self.source)
+        assert self.source.onnx_path is not None
+        return parity.onnx_runner(self.source.onnx_path, self.threads, self.providers)
+
+    def _draw(self) -> None:
+        """Top a sample file shorter than validation.samples up (``worker.drawn``: one or two
+        rows let a poor quantized variant through), with the source model's outputs on the new
+        rows. Rows the model cannot answer are not a reason to fail a job its own samples pass:
+        the budget is then judged on those alone, and a note says so."""
+        v = self.spec.validation
+        if not v.sample_file or len(self.samples) >= v.samples:
+            return
+        topped = drawn.top_up(self.samples, v.samples, self._calibration_rows())
+        if topped is None:
+            return
+        given = f"the sample file's {len(self.samples)} rows"
+        try:
+            top, reference = drawn.usable(topped, self._drawn_run(topped.rows))
+        except Exception as exc:
+            self.notes.append(
+                f"variants judged on {given} only: the model fails on {topped.describe(0)} "
+                f"({first_line(exc)}); give validation.samples rows in the sample file"
+            )
+            return
+        if not len(top.rows):
+            self.notes.append(
+                f"variants judged on {given} only: the model answers NaN on every row added "
+                "to them; give validation.samples rows in the sample file"
+            )
+            return
+        self.top_up, self.top_up_reference = top, reference
+        assert self.report.validation is not None  # written by _validation_samples
+        self.report.validation.top_up = {"calibration": top.calibration, "drawn": top.drawn}
+
+    def _calibration_rows(self) -> parity.Samples | None:
+        """The calibration file's rows, real data to judge on before any drawn ones. One the
+        quantize stage would refuse is its business there, not a reason to fail here."""
+        name = self.spec.quantization.calibration_file
+        if not name:
+            return None
+        try:
+            return parity.samples_from_file(
+                self._path(name), self.source.inputs, self.source.batched, "calibration_file"
+            )
+        except InvalidArgument:
+            return None
+
+    def _drawn_run(self, rows: parity.Samples, path: Path | None = None) -> Outputs:
+        """The source model (or the variant at ``path``) on the rows of a top-up."""
+        run = (
+            self._source_runner()
+            if path is None
+            else parity.onnx_runner(path, self.threads, self.providers)
+        )
+        return parity.run_batches(run, rows, self.spec.max_batch_size)
+
+    def _drawn_failure(self, variant: Variant) -> str:
+        """The budget on the rows that topped the sample file up: '' within it, else why not."""
+        if self.top_up is None:
+            return ""
+        v = self.spec.validation
+        where = f"on {self.top_up.describe(len(self.samples))}, validation.samples {v.samples}"
+        try:
+            outputs = self._drawn_run(self.top_up.rows, variant.path)
+        except Exception as exc:
+            return f"fails {where}: {first_line(exc)}"
+        failure = self._budget_failure(parity.compare(outputs, self.top_up_reference))
+        return failure and f"{failure} {where}"
 
     def _distinct_names(self) -> None:
         """ONNX names each value once: an output named like an input made the export fail late,
@@ -536,7 +616,9 @@ class Pipeline:
                 )
             if self.client_reference is not None:
                 record.vs_reference = parity.compare(variant.outputs, self.client_reference)
-            failure = self._budget_failure(vs_baseline)
+            failure = "; ".join(
+                filter(None, [self._budget_failure(vs_baseline), self._drawn_failure(variant)])
+            )
             record.budget_against = self.baseline_name
             record.within_budget = not failure
             record.note = "; ".join(

@@ -11,7 +11,7 @@ report.json, all keys optional except "variants" and "published":
                                                                      (SourceRecord, flattened)
     exporter, opset                                                  (ExportRecord, flattened)
     stages: {stage: seconds}, notes: [caveat, ...]
-    validation: {samples_from, keep_failed}                          (ValidationRecord)
+    validation: {samples_from, keep_failed, top_up?: {calibration, drawn}} (ValidationRecord)
     pruning: {method, amount, sparsity, fine_tuned, params_before, params_after,
               nonzero_params_after, note, vs_unpruned: figures}      (PruningRecord)
     quantization: {mode, candidates, skipped: {name: why}, selection?} (QuantizationRecord)
@@ -79,6 +79,12 @@ class ExportRecord:
 class ValidationRecord:
     samples_from: str
     keep_failed: bool
+    # The rows a sample file shorter than validation.samples was topped up with (worker.drawn),
+    # on which every variant was judged too: {calibration, drawn}, absent when none were.
+    top_up: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return _asdict_present(self, "top_up")
 
 
 @dataclass
@@ -209,13 +215,10 @@ class Report:
         }
         if self.published is not None:
             out["within_budget"] = self.published.within_budget
-        for key, section in (
-            ("validation", self.validation),
-            ("error", self.error),
-        ):
-            if section is not None:
-                out[key] = asdict(section)
+        if self.error is not None:
+            out["error"] = asdict(self.error)
         for key, record in (
+            ("validation", self.validation),
             ("pruning", self.pruning),
             ("quantization", self.quantization),
             ("parity", self.parity),

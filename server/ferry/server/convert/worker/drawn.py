@@ -1,0 +1,132 @@
+"""Rows to top a short sample file up with, so that a variant is not judged on one or two rows.
+
+A sample file of one row judged a quantized top-k model on three indices: they agreed, the budget
+(min_cosine 0.99) passed, and the int8 variant was published although it named other indices in
+4% of fresh rows (16 rows of the same data refused it). The rows a budget sees decide what it can
+notice, so a file with fewer rows than ``validation.samples`` is topped up to that count, and
+every variant is judged on those rows too (``pipeline._validate``).
+
+Real rows first: the calibration file's, when the job has one shaped like the samples. The rest
+are drawn like the rows at hand (the samples and the calibration rows together), close to the
+data rather than to a guessed distribution: floating inputs are a given row with noise at each
+element's own scale (``_draw_floats``), so what is constant in the data (padding, a fixed
+channel) stays constant; integer inputs take values within the range the data holds
+(``_draw_discrete``: a token id is one the model's tables have), masks and flags only the values
+it holds. The model itself decides whether such rows are usable: rows where the reference answers
+NaN are dropped, and a reference that fails on them drops them all (``usable``); the budget is
+then judged on the given rows alone and the report says why.
+
+Measured on hand-written models (top-k and argmax heads, logits, a CNN, a bag of words, a
+tabular regression; 3 seeds, dynamic and static int8, files of 1 and 2 rows; the truth: 64 real
+rows): see ``docs/conversion.md``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ferry.server.convert.worker.parity import Arrays, Samples
+
+# Apart from parity.SEED: a rerun of a job draws the same rows, and they differ from the
+# generated samples a job without a sample file gets.
+DRAWN_SEED = 1
+
+
+@dataclass
+class TopUp:
+    rows: Samples
+    calibration: int  # how many of them are the calibration file's
+    drawn: int  # the rest
+
+    def describe(self, given: int) -> str:
+        parts = [f"{self.calibration} of the calibration file's"] if self.calibration else []
+        parts += [f"{self.drawn} drawn like them"] if self.drawn else []
+        return f"{len(self.rows)} rows beside the sample file's {given} ({', '.join(parts)})"
+
+
+def top_up(samples: Samples, count: int, calibration: Samples | None) -> TopUp | None:
+    """``count - len(samples)`` more rows; None when the samples already number ``count``."""
+    extra = count - len(samples)
+    if extra <= 0:
+        return None
+    rng = np.random.default_rng(DRAWN_SEED)
+    real: Arrays = {name: array[:0] for name, array in samples.arrays.items()}
+    pool = samples.arrays
+    if calibration is not None and _alike(samples, calibration):
+        order = rng.permutation(len(calibration))[:extra]
+        real = {name: array[order] for name, array in calibration.arrays.items()}
+        pool = {n: np.concatenate([a, calibration.arrays[n]]) for n, a in pool.items()}
+    taken = len(next(iter(real.values())))
+    rest = extra - taken
+    drawn = {n: _draw(a, rest, rng) for n, a in pool.items()} if rest else real
+    rows = {n: np.concatenate([real[n], drawn[n]]) if rest else real[n] for n in real}
+    return TopUp(Samples(rows, samples.batched), taken, rest)
+
+
+def _alike(samples: Samples, other: Samples) -> bool:
+    """Rows that can be stacked with the samples: a calibration file at another sequence
+    length (a dynamic axis) is the same data, but cannot join one batch with them."""
+    return all(
+        other.arrays[name].shape[1:] == array.shape[1:] and other.arrays[name].dtype == array.dtype
+        for name, array in samples.arrays.items()
+    )
+
+
+def _draw(array: np.ndarray, extra: int, rng: np.random.Generator) -> np.ndarray:
+    if array.dtype.kind == "f":
+        return _draw_floats(array, extra, rng)
+    return _draw_discrete(array, extra, rng)
+
+
+def _draw_discrete(array: np.ndarray, extra: int, rng: np.random.Generator) -> np.ndarray:
+    """Integers within the range the data holds, at random positions: resampling only the ids
+    a one-row file holds left a bag of words' mean where it was, and an int8 variant that
+    named another class for 5% of fresh texts agreed on every drawn row. Two values or fewer
+    (a mask, a flag, a constant length) and anything not an integer keep to the values held."""
+    shape = (extra, *array.shape[1:])
+    values = np.unique(array.reshape(-1))
+    if array.dtype.kind in "iu" and len(values) > 2:
+        low, high = int(values[0]), int(values[-1])
+        return rng.integers(low, high, size=shape, endpoint=True).astype(array.dtype)
+    return values[rng.integers(0, len(values), size=shape)]
+
+
+# How far a drawn row strays from the given row it starts from, in units of each element's own
+# scale: far enough to name other top-k indices than the given rows do, near enough that an
+# int8 variant calibrated on data like them stays within its calibrated range.
+STRAY = 0.5
+
+
+def _draw_floats(array: np.ndarray, extra: int, rng: np.random.Generator) -> np.ndarray:
+    """A given row plus noise at each element's own scale: its spread over the rows, or with a
+    single row its own size. Each element keeps its scale: a pooled spread drew an age with the
+    noise of an income, and per-element spreads used as the rows' distribution (two rows give
+    one degree of freedom) drew some elements at three times their range; calibrated int8
+    variants then failed on values no client sends. An element the same in every row stays so
+    (padding, a constant channel), and so does a zero in a single row (or in copies of one:
+    a calibration file holding the sample row is still one row)."""
+    a64 = np.where(np.isfinite(array), array, 0.0).astype(np.float64)
+    distinct = len(np.unique(a64.reshape(len(a64), -1), axis=0))
+    scale = a64.std(axis=0) if distinct > 1 else np.abs(a64[0])
+    picks = rng.integers(0, len(array), size=extra)
+    drawn = a64[picks] + STRAY * scale * rng.standard_normal((extra, *array.shape[1:]))
+    info = np.finfo(array.dtype)
+    drawn = np.clip(drawn, float(info.min), float(info.max)).astype(array.dtype)
+    # A NaN or infinity in the file (a fill value) stays where it was, untouched.
+    given = array[picks]
+    return np.where(np.isfinite(given), drawn, given)
+
+
+def usable(top: TopUp, reference: list[np.ndarray]) -> tuple[TopUp, list[np.ndarray]]:
+    """The rows the reference answers without NaN, and its outputs on them: a NaN is the
+    model's domain speaking (a mask drawn all zeros), not something a variant can match."""
+    keep = np.ones(len(top.rows), dtype=bool)
+    for out in reference:
+        if out.dtype.kind in "fc" and out.ndim:
+            keep &= ~np.isnan(out.reshape(len(out), -1)).any(axis=1)
+    kept: Arrays = {name: array[keep] for name, array in top.rows.arrays.items()}
+    calibration = int(keep[: top.calibration].sum())
+    rows = TopUp(Samples(kept, top.rows.batched), calibration, int(keep.sum()) - calibration)
+    return rows, [out[keep] for out in reference]
