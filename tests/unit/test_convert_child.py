@@ -1218,3 +1218,61 @@ def test_a_graph_that_leaves_its_first_row_alone_still_mixes_rows() -> None:
         return [feed["x"] * 2.0]
 
     assert dims.verify_batch(inputs, rows, 32, None, rtol=1e-3, atol=1e-4, samples=samples) == []
+
+
+def onnx_transpose_matmul(path: Path) -> Path:
+    """[N, 4, 8] -> Transpose -> MatMul [8, 7] -> Transpose -> [N, 4, 7]: a Transpose feeding a
+    MatMul, as torch exports a GRU's states into a Linear, or the keys of an attention block."""
+    w = np.random.default_rng(0).standard_normal((8, 7)).astype(np.float32)
+    nodes = [
+        helper.make_node("Transpose", ["x"], ["t"], perm=[1, 0, 2]),
+        helper.make_node("MatMul", ["t", "w"], ["m"]),
+        helper.make_node("Transpose", ["m"], ["y"], perm=[1, 0, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "transpose_matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 7])],
+        initializer=[numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(path))
+    return path
+
+
+# The published file opened as the server opens it, in a process of its own: onnxruntime's crash
+# (SIGSEGV) would otherwise end the test run.
+SERVE_ONE = """
+import sys
+import numpy as np
+from pathlib import Path
+from ferry.server.core.config import OnnxRuntimeConfig
+from ferry.server.runtime.session import OrtSession
+session = OrtSession(Path(sys.argv[1]), OnnxRuntimeConfig())
+x = np.random.default_rng(3).standard_normal((3, 4, 8)).astype(np.float32)
+np.save(sys.argv[2], session.session.run(None, {"x": x})[0])
+"""
+
+
+def test_fp16_of_a_transpose_fed_matmul_converts_and_serves(tmp_path: Path) -> None:
+    """onnxruntime crashed (SIGSEGV) opening the fp16 variant of such a graph at ORT_ENABLE_ALL:
+    every fp16 conversion of a GRU tagger or a causal attention block ended INTERNAL ("the
+    conversion process crashed"), and a server loading the file would have crashed too."""
+    source = onnx_transpose_matmul(tmp_path / "tm.onnx")
+    spec = {"quantization": {"mode": "fp16", "keep_slower": True}, "benchmark": "quick"}
+    result = succeeded(convert(tmp_path / "job", source, "onnx", spec=spec))
+    assert result.report["published"] == "fp16"
+    out = tmp_path / "served.npy"
+    proc = subprocess.run(
+        [sys.executable, "-c", SERVE_ONE, str(result.model), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    x = np.random.default_rng(3).standard_normal((3, 4, 8)).astype(np.float32)
+    w = numpy_helper.to_array(onnx.load(str(source)).graph.initializer[0])
+    np.testing.assert_allclose(np.load(out), x @ w, rtol=1e-2, atol=1e-2)

@@ -25,7 +25,7 @@ from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRu
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.cpus import usable_cores
 from ferry.server.errors import InvalidArgument, Unavailable, first_line
-from ferry.server.runtime import instances, plans, rows, shared_weights
+from ferry.server.runtime import instances, optimizers, plans, rows, shared_weights
 from ferry.server.runtime import providers as provider_table
 from ferry.server.runtime.run_errors import REFUSED_INPUT, refused_input
 
@@ -371,7 +371,12 @@ class OrtSession:
         on_cpu = provider_table.placement(plan.names[0])[0] == provider_table.CPU
         own = _own_threads(threads) if on_cpu else None
         self.session = _build(
-            lambda: ort.InferenceSession(os.fspath(opened), sess_options=so, providers=providers),
+            lambda: ort.InferenceSession(
+                os.fspath(opened),
+                sess_options=so,
+                providers=providers,
+                disabled_optimizers=optimizers.disabled(),
+            ),
             own,
         )
         self.inputs = _with_bounds(
@@ -389,7 +394,12 @@ class OrtSession:
                 "session.model_external_initializers_file_folder_path", str(opened.parent)
             )
             self.session = _build(
-                lambda: ort.InferenceSession(model_bytes, sess_options=so, providers=providers),
+                lambda: ort.InferenceSession(
+                    model_bytes,
+                    sess_options=so,
+                    providers=providers,
+                    disabled_optimizers=optimizers.disabled(),
+                ),
                 own,
             )
         self.providers: list[str] = list(self.session.get_providers())

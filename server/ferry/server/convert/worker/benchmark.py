@@ -32,6 +32,7 @@ from ferry.server.convert.worker import external
 from ferry.server.convert.worker.parity import Arrays, cycled, generate
 from ferry.server.convert.worker.placement import CPU_ONLY
 from ferry.server.convert.worker.report import BenchmarkRecord
+from ferry.server.runtime import optimizers
 
 WARMUP = 2
 GZIP_LEVEL = 6
@@ -99,7 +100,12 @@ def _session(
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), options, providers=providers or CPU_ONLY)
+    return ort.InferenceSession(
+        str(path),
+        options,
+        providers=providers or CPU_ONLY,
+        disabled_optimizers=optimizers.disabled(),
+    )
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

@@ -19,6 +19,7 @@ from ferry.codec import CodecError, datatype_from_name, numpy_dtype
 from ferry.server.accuracy import SPREAD, max_rel_error
 from ferry.server.convert.spec import InputSpec
 from ferry.server.errors import ConversionFailed, InvalidArgument
+from ferry.server.runtime import optimizers
 
 Arrays = dict[str, np.ndarray]
 SEED = 0
@@ -183,7 +184,10 @@ def onnx_runner(
     options.inter_op_num_threads = 1
     try:
         session = ort.InferenceSession(
-            str(path), options, providers=providers or [("CPUExecutionProvider", {})]
+            str(path),
+            options,
+            providers=providers or [("CPUExecutionProvider", {})],
+            disabled_optimizers=optimizers.disabled(),
         )
     except Exception as exc:
         raise ConversionFailed(f"onnxruntime cannot load {path.name}: {exc}") from None
