@@ -327,7 +327,45 @@ def test_list_inputs_follow_a_new_default_version_with_other_dtypes(tmp_path: Pa
         assert client.infer("m", {"input": [[3, 4]]})["output"].tolist() == [[3, 4]]
         answer = srv.call(lambda: aclient.infer("m", {"input": [[1, 2]]}))
         assert (answer.version, answer["output"].dtype) == (2, np.int64)
-        # A refusal that is not about dtypes stands (the dtypes fetched again are the same).
-        with pytest.raises(InvalidInputError):
+        # A refusal that is not about a datatype stands, with no metadata call: a wrong shape
+        # cost one more GetModelMetadata per call, whose answer could not cure it.
+        fetched = count_metadata_calls(client)
+        with pytest.raises(InvalidInputError, match="must have shape"):
             client.infer("m", {"input": [1, 2]})
+        afetched = count_metadata_calls(aclient)
+        with pytest.raises(InvalidInputError, match="must have shape"):
+            srv.call(lambda: aclient.infer("m", {"input": [1, 2]}))
+        assert (fetched, afetched) == ([], [])
         srv.call(aclient.close)
+
+
+def count_metadata_calls(client: object) -> list[object]:
+    """The metadata calls ``client`` makes from now on (one entry each): its ``model_metadata``
+    is wrapped on the instance, which every dtype fetch goes through."""
+    calls: list[object] = []
+    original = client.model_metadata  # type: ignore[attr-defined]
+
+    def counted(*args: object, **kwargs: object) -> object:
+        calls.append(args)
+        return original(*args, **kwargs)
+
+    client.model_metadata = counted  # type: ignore[attr-defined]
+    return calls
+
+
+def test_the_server_words_a_datatype_refusal_as_the_sdk_recognises_it(
+    zoo_client: InferenceClient,
+) -> None:
+    """The SDK fetches dtypes again only for a refusal of a datatype, which it knows by the
+    server's words: a change of them must fail here, not silently end the stale-dtype retry."""
+    from ferry.client._requests import refuses_datatype
+
+    with pytest.raises(InvalidInputError) as wrong_type:
+        zoo_client.infer("fixed", {"input": np.zeros((1, 3), np.float64)})
+    with pytest.raises(InvalidInputError) as wrong_shape:
+        zoo_client.infer("fixed", {"input": np.zeros((1, 4), np.float32)})
+    with pytest.raises(InvalidInputError) as wrong_name:
+        zoo_client.infer("fixed", {"inputs": np.zeros((1, 3), np.float32)})
+    assert refuses_datatype(wrong_type.value)
+    assert not refuses_datatype(wrong_shape.value)
+    assert not refuses_datatype(wrong_name.value)

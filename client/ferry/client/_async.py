@@ -162,8 +162,8 @@ class AsyncInferenceClient(InferenceClientBase):
         try:
             left = self._left(budget, began)
             return call.finish(await self._call(self._infer, call.request, left))
-        except InvalidInputError:
-            fresh = await self._fresh_dtypes(model, version, dtypes, self._left(budget, began))
+        except InvalidInputError as exc:
+            fresh = await self._fresh_dtypes(model, version, dtypes, exc, self._left(budget, began))
             if fresh is None:
                 raise
         # The cached dtypes were stale (a new default version takes others): once more, with
@@ -176,18 +176,21 @@ class AsyncInferenceClient(InferenceClientBase):
         self,
         model: str,
         version: int | None,
-        used: dict[str, Any] | None,
+        used: Mapping[str, Any] | None,
+        refusal: Exception,
         timeout: float | None,  # noqa: ASYNC109 - the calling infer's budget
     ) -> dict[str, Any] | None:
-        """As the sync client's: after a refusal of inputs converted to the cached dtypes,
-        the dtypes fetched once again, when they differ (None: the refusal stands)."""
-        if used is None:
+        """As the sync client's: after a refusal of the datatype of inputs converted to the
+        cached dtypes, the dtypes fetched once again, when they differ (None: the refusal
+        stands)."""
+        curable, fresh = self._stale_dtypes(model, version, used, refusal)
+        if not curable:
             return None
-        self._forget_dtypes(model, version)
-        try:
-            fresh = await self._input_dtypes(model, version, timeout)
-        except FerryError:
-            return None
+        if fresh is None:
+            try:
+                fresh = await self._input_dtypes(model, version, timeout)
+            except FerryError:
+                return None
         return fresh if fresh != used else None
 
     async def model_metadata(

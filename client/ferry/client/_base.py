@@ -18,7 +18,7 @@ import grpc
 from ferry.client import _health
 from ferry.client._channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelConfig, TLSConfig
 from ferry.client._errors import ClientClosedError
-from ferry.client._requests import ArrayLike, check_timeout, input_dtypes
+from ferry.client._requests import ArrayLike, check_timeout, input_dtypes, refuses_datatype
 from ferry.client._retry import RetryPolicy, client_retry
 from ferry.client._types import InferResult, ModelMetadata, Timings
 from ferry.client._wire import decode_infer_response, encode_infer_request
@@ -152,12 +152,27 @@ class InferenceClientBase:
         dtypes = self._dtypes[(model, version or 0)] = input_dtypes(meta)
         return dtypes
 
-    def _forget_dtypes(self, model: str, version: int | None) -> None:
-        """Drop a model's cached input dtypes once the server refused inputs converted to them:
-        they were the dtypes of the version that answered when they were fetched, and a new
-        default version (or a version deleted and made again) may take others; kept, list
-        inputs were converted to the old dtypes, and refused, until the client was recreated."""
-        self._dtypes.pop((model, version or 0), None)
+    def _stale_dtypes(
+        self, model: str, version: int | None, used: Mapping[str, Any] | None, refusal: Exception
+    ) -> tuple[bool, dict[str, Any] | None]:
+        """After the server refused a request whose list inputs took ``used`` (the dtypes cached
+        then): whether dtypes fetched again could cure it, and the cached ones when they have
+        moved on already (another refused call fetched them: no second metadata call).
+
+        Only a refusal of a datatype can be cured (a wrong shape stood as well, after one
+        wasted metadata call). Where it can and nothing newer is cached, the cache is dropped
+        and the caller fetches it: the cached dtypes were those of the version that answered
+        when they were fetched, and a new default version (or a version deleted and made
+        again) may take others; kept, list inputs were converted to the old dtypes, and
+        refused, until the client was recreated."""
+        if used is None or not refuses_datatype(refusal):
+            return False, None
+        key = (model, version or 0)
+        known = self._dtypes.get(key)
+        if known is not None and known != used:
+            return True, known
+        self._dtypes.pop(key, None)
+        return True, None
 
     @staticmethod
     def _prepare_infer(

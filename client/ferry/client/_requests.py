@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import uuid
 from collections.abc import Callable, Mapping, Sequence
@@ -247,6 +248,19 @@ def _encodable(text: str) -> bool:
     except UnicodeEncodeError:  # a lone surrogate
         return False
     return True
+
+
+# The server's refusal of an input sent in another datatype than the model declares: "model 'm'
+# version 2: input 'input' must be INT64, got FP32" (server core/inputs.py; pinned by
+# tests/integration/test_infer.py). A refusal of a shape, a name or a batch size says otherwise.
+_DATATYPE_REFUSAL = re.compile(r"\binput .+ must be [A-Z][A-Z0-9]*, got ")
+
+
+def refuses_datatype(error: BaseException) -> bool:
+    """Whether ``error`` is the server refusing an input's datatype: the one refusal that
+    dtypes fetched again can cure (list inputs converted to a stale cached dtype). Any other
+    refusal (a wrong shape, a missing input) stands as it is, with no metadata call."""
+    return isinstance(error, InvalidInputError) and bool(_DATATYPE_REFUSAL.search(error.message))
 
 
 def input_dtypes(meta: ModelMetadata) -> dict[str, np.dtype[Any]]:

@@ -125,8 +125,8 @@ class InferenceClient(InferenceClientBase):
         call = prepare(dtypes=dtypes)
         try:
             return call.finish(self._call(self._infer, call.request, self._left(budget, began)))
-        except InvalidInputError:
-            fresh = self._fresh_dtypes(model, version, dtypes, self._left(budget, began))
+        except InvalidInputError as exc:
+            fresh = self._fresh_dtypes(model, version, dtypes, exc, self._left(budget, began))
             if fresh is None:
                 raise
         # The cached dtypes were stale (a new default version takes others): once more, with
@@ -138,20 +138,22 @@ class InferenceClient(InferenceClientBase):
         self,
         model: str,
         version: int | None,
-        used: dict[str, Any] | None,
+        used: Mapping[str, Any] | None,
+        refusal: Exception,
         timeout: float | None,
     ) -> dict[str, Any] | None:
         """After the server refused a request whose list inputs took ``used`` (the cached
-        dtypes): the model's dtypes fetched again, when they differ (None: they do not, or
-        the request took none, or the metadata call failed; the refusal stands). One metadata
-        call per refusal, none per request."""
-        if used is None:
+        dtypes): the model's dtypes as it describes them now, when they differ (None: they do
+        not, the request took none, the refusal is not about a datatype, or the metadata call
+        failed; the refusal stands). At most one metadata call per refusal, none per request."""
+        curable, fresh = self._stale_dtypes(model, version, used, refusal)
+        if not curable:
             return None
-        self._forget_dtypes(model, version)
-        try:
-            fresh = self._input_dtypes(model, version, timeout)
-        except FerryError:
-            return None
+        if fresh is None:
+            try:
+                fresh = self._input_dtypes(model, version, timeout)
+            except FerryError:
+                return None
         return fresh if fresh != used else None
 
     def model_metadata(
