@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -369,3 +370,61 @@ def test_the_server_words_a_datatype_refusal_as_the_sdk_recognises_it(
     assert refuses_datatype(wrong_type.value)
     assert not refuses_datatype(wrong_shape.value)
     assert not refuses_datatype(wrong_name.value)
+
+
+def test_streams_follow_a_new_default_version_with_other_dtypes(tmp_path: Path) -> None:
+    """A stream converted list inputs to the dtypes cached when it first needed them: once a new
+    default version took INT64 where the old one took FP32, every list request on it (and on any
+    later stream of the client) was refused. A datatype refusal now fetches the dtypes once and
+    sends that request again, under its id, with lists as they were when submitted."""
+    from helpers import write_config
+
+    from ferry.client import AsyncInferenceClient, RepositoryClient
+
+    root = make_repo(tmp_path / "repo", {"m": [identity_model("FP32"), identity_model("INT64")]})
+    write_config(root, "m", {"default_version": 1, "version_policy": {"all": True}})
+    with ServerThread(root) as srv, InferenceClient(srv.target, timeout=30) as client:
+        aclient = AsyncInferenceClient(srv.target, timeout=30)
+        stream = client.stream("m")
+        astream = aclient.stream("m")
+        assert client.infer("m", {"input": [[1, 2]]})["output"].dtype == np.float32
+        assert srv.call(lambda: aclient.infer("m", {"input": [[1, 2]]})).version == 1
+        write_config(root, "m", {"default_version": 2, "version_policy": {"all": True}})
+        with RepositoryClient(srv.management_target) as repository:
+            repository.refresh()
+        fetched = count_metadata_calls(client)
+        row = [[5, 6]]
+        stream.submit({"input": row}, "a")
+        row[0][:] = [7, 8]  # refilled for the next request: "a" still goes as [[5, 6]]
+        stream.submit({"input": row}, "b")
+        stream.submit({"input": [1, 2]}, "shape")  # refused for its shape: no fetch, no resend
+        answers = dict(stream.results())
+        assert fetched == [("m",)]  # one fetch for both refused requests
+        assert answers["a"].version == 2 and answers["a"]["output"].tolist() == [[5, 6]]
+        assert answers["b"]["output"].dtype == np.int64
+        assert answers["b"]["output"].tolist() == [[7, 8]]
+        assert isinstance(answers["shape"], InvalidInputError)
+        assert "must have shape" in answers["shape"].message
+        # The cache is fresh for what comes next: no refusal, no fetch.
+        stream.submit({"input": [[9, 9]]}, "c")
+        stream.close()
+        assert dict(stream.results())["c"]["output"].tolist() == [[9, 9]]
+        assert stream.wait(30) and fetched == [("m",)]
+
+        afetched = count_metadata_calls(aclient)
+
+        async def run_async() -> dict[str, Any]:
+            arow = [[3, 4]]
+            await astream.submit({"input": arow}, "a")
+            arow[0][:] = [0, 0]
+            await astream.submit({"input": [1, 2]}, "shape")
+            answered = {rid: r async for rid, r in astream.results()}
+            await astream.close()
+            await astream.wait()
+            await aclient.close()
+            return answered
+
+        aanswers = srv.call(run_async)
+        assert afetched == [("m",)]
+        assert aanswers["a"].version == 2 and aanswers["a"]["output"].tolist() == [[3, 4]]
+        assert isinstance(aanswers["shape"], InvalidInputError)

@@ -50,6 +50,7 @@ from ferry.client._stream import (
     InputItem,
     Inputs,
     Marker,
+    Resend,
     StreamResult,
     StreamState,
     aenumerate,
@@ -279,6 +280,9 @@ class AsyncInferenceClient(InferenceClientBase):
             metadata=self._metadata,
             max_in_flight=max_in_flight,
             dtypes=lambda: self._input_dtypes(model, version),
+            fresh_dtypes=lambda used, refusal: self._fresh_dtypes(
+                model, version, used, refusal, None
+            ),
             max_message_bytes=self.channel_config.send_limit(),
         )
 
@@ -347,6 +351,7 @@ class AsyncInferStream(StreamState):
         self._blocked = 0  # submitters waiting for a free slot
         self._write_lock = asyncio.Lock()
         self._cancelled = False
+        self._resending: set[asyncio.Future[None]] = set()  # held: the loop keeps weak refs
 
     def _start(self) -> aio.StreamStreamCall[Any, Any]:
         if self._call is None:
@@ -362,8 +367,15 @@ class AsyncInferStream(StreamState):
                 if resp is aio.EOF or not isinstance(resp, bytes):
                     break
                 answered = self._answer(resp)
-                if answered is not None:
-                    self._results.put_nowait(answered)
+                if answered is None:
+                    continue
+                result, again = answered
+                if again is not None:
+                    settled = await self._settle(call, result, again)
+                    if settled is None:
+                        continue
+                    result = settled
+                self._results.put_nowait(result)
                 if self._blocked:
                     async with self._slots:
                         self._slots.notify_all()
@@ -385,6 +397,45 @@ class AsyncInferStream(StreamState):
         self._finish(error)
         async with self._slots:
             self._slots.notify_all()
+
+    async def _settle(
+        self, call: aio.StreamStreamCall[Any, Any], refused: StreamResult, again: Resend
+    ) -> StreamResult | None:
+        """As the sync stream's: a refusal of list inputs' datatype sent once more with the
+        dtypes fetched again (None: on its way), or its answer. The reader awaits the one
+        metadata call, so the requests refused after it find the cache refreshed; the write
+        runs in a task of its own, as a reader waiting on flow control would stop reading."""
+        rid, refusal = refused
+        assert isinstance(refusal, FerryError)
+        assert self._fresh_dtypes is not None
+        fresh = await self._fresh_dtypes(again.used, refusal)
+        outcome = self._again(rid, refusal, again, fresh)
+        if not isinstance(outcome, bytes):
+            return outcome
+        item = (rid, outcome, again.deadline, again.timeout)
+        sending = asyncio.ensure_future(self._send_again(call, item, refusal))
+        self._resending.add(sending)
+        sending.add_done_callback(self._resending.discard)
+        return None
+
+    async def _send_again(
+        self,
+        call: aio.StreamStreamCall[Any, Any],
+        item: tuple[str, bytes, float | None, float | None],
+        refusal: FerryError,
+    ) -> None:
+        """Write a refused request once more; if it cannot go (the stream was closed for
+        writing meanwhile, or the call ended), its answer is the refusal, so results() does
+        not wait for it."""
+        rid = item[0]
+        try:
+            if self._closed:
+                raise asyncio.InvalidStateError("closed for writing")
+            await self._send(call, item, asyncio.Event())
+        except Exception:  # whatever stopped the write: the refusal stands
+            if rid in self._pending:
+                del self._pending[rid]
+                self._results.put_nowait((rid, refusal))
 
     def _finish(self, error: FerryError | None) -> None:
         for orphan in self._orphans(error):
@@ -416,6 +467,9 @@ class AsyncInferStream(StreamState):
         call = self._start()
         budget = None if timeout is None else float(timeout)
         deadline = None if budget is None else began + budget
+        keep = self._keep(
+            inputs, dtypes, timeout=budget, priority=priority, outputs=outputs, deadline=deadline
+        )
         if len(self._pending) >= self.max_in_flight:
             self._blocked += 1
             try:
@@ -433,6 +487,8 @@ class AsyncInferStream(StreamState):
                 self._blocked -= 1
         self._check_open(rid)
         self._pending[rid] = (time.perf_counter(), encode)
+        if keep is not None:
+            self._resend[rid] = keep
         self._unread += 1
         if budget is not None and len(self._pending) > self.max_in_flight:
             self._results.put_nowait(self._expired(rid, budget, "for a free slot (max_in_flight)"))
@@ -485,6 +541,7 @@ class AsyncInferStream(StreamState):
 
     def _forget(self, rid: str) -> None:
         """A request that was never sent: no answer will come, so results() must not wait."""
+        self._resend.pop(rid, None)
         if rid in self._pending:
             del self._pending[rid]
             self._unread -= 1

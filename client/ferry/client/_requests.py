@@ -256,7 +256,7 @@ def _encodable(text: str) -> bool:
 _DATATYPE_REFUSAL = re.compile(r"\binput .+ must be [A-Z][A-Z0-9]*, got ")
 
 
-def refuses_datatype(error: BaseException) -> bool:
+def refuses_datatype(error: object) -> bool:
     """Whether ``error`` is the server refusing an input's datatype: the one refusal that
     dtypes fetched again can cure (list inputs converted to a stale cached dtype). Any other
     refusal (a wrong shape, a missing input) stands as it is, with no metadata call."""

@@ -31,6 +31,7 @@ from collections.abc import (
     Mapping,
     Sequence,
 )
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final
 
@@ -44,7 +45,15 @@ from ferry.client._errors import (
     from_rpc_error,
     message_size_error,
 )
-from ferry.client._requests import ArrayLike, check_timeout, needs_dtypes, new_request_id
+from ferry.client._requests import (
+    ArrayLike,
+    as_array_fast,
+    check_timeout,
+    is_array,
+    needs_dtypes,
+    new_request_id,
+    refuses_datatype,
+)
 from ferry.client._types import InferResult, Timings
 from ferry.client._wire import decode_stream_response, encode_infer_request, with_timeout
 
@@ -83,6 +92,35 @@ def item_of(index: int, item: InputItem) -> tuple[str, Inputs]:
     return str(index), item
 
 
+@dataclass(frozen=True, slots=True)
+class Resend:
+    """What a request with list inputs needs to go once more, should the server refuse the
+    dtypes they were converted to (the cached ones, stale after a new default version)."""
+
+    inputs: dict[str, Any]  # a copy: the caller may refill its lists once submit() returned
+    used: Mapping[str, Any]  # the dtypes they were converted to
+    timeout: float | None
+    priority: int | None
+    outputs: Sequence[str] | None
+    deadline: float | None  # monotonic, from the first submit: a resend has what is left
+
+
+def snapshot(inputs: Inputs) -> dict[str, Any]:
+    """``inputs`` as they are now. A request sent again must carry what was submitted, and a
+    caller may reuse its lists (or arrays) for the next request as soon as submit() returns."""
+    return {name: _frozen(value) for name, value in inputs.items()}
+
+
+def _frozen(value: Any) -> Any:
+    if is_array(value):
+        return as_array_fast(value).copy()
+    if isinstance(value, list | tuple):  # at most 64 deep: the request was encoded already
+        return [_frozen(v) for v in value]
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    return value  # numbers, str, bytes: immutable
+
+
 class StreamState:
     """State and request building shared by the two flavours; no IO here."""
 
@@ -98,16 +136,21 @@ class StreamState:
         metadata: Sequence[tuple[str, str]] | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
         dtypes: Callable[[], Any] | None = None,
+        fresh_dtypes: Callable[[Mapping[str, Any], FerryError], Any] | None = None,
         max_message_bytes: int | None = None,
     ) -> None:
         """``method``: the gRPC stream-stream callable; ``timeout``: the whole call's deadline;
         ``dtypes``: returns (or, async, awaits) the model's input dtypes for list inputs;
+        ``fresh_dtypes(used, refusal)``: after the server refused list inputs converted to
+        ``used``, returns (or awaits) the model's dtypes as it describes them now, or None
+        when they cannot cure the refusal (the client's ``_fresh_dtypes``);
         ``max_message_bytes``: the largest request the channel sends (None: no limit)."""
         check_max_in_flight(max_in_flight)
         self._method = method
         self._timeout = check_timeout(timeout)
         self._metadata = metadata
         self._dtypes = dtypes
+        self._fresh_dtypes = fresh_dtypes
         self._max_message_bytes = max_message_bytes
         self.model = model
         self.version = version
@@ -115,6 +158,7 @@ class StreamState:
         self.priority = priority
         self.max_in_flight = max_in_flight
         self._pending: dict[str, tuple[float, float]] = {}  # id -> (sent at, encode seconds)
+        self._resend: dict[str, Resend] = {}  # pending ids with list inputs, not sent again yet
         self._unread = 0  # submitted, not yet yielded by results()
         self._closed = False
         self._done = False
@@ -167,17 +211,53 @@ class StreamState:
             return self._error
         return FerryError("this stream has ended: open a new one with client.stream(model)")
 
-    def _answer(self, raw: bytes) -> StreamResult | None:
-        """Match an answer (the bytes received) to its request; None for an id we never sent."""
+    def _answer(self, raw: bytes) -> tuple[StreamResult, Resend | None] | None:
+        """Match an answer (the bytes received) to its request; None for an id we never sent.
+        With a Resend, the answer is a refusal of list inputs' datatype and the request stays
+        pending: the reader sends it again (``_again``) or settles it with the refusal."""
         t0 = time.perf_counter()
         rid, result = decode_stream_response(raw)
+        again = self._resend.pop(rid, None)
+        if again is not None and rid in self._pending and refuses_datatype(result):
+            return (rid, result), again
         entry = self._pending.pop(rid, None)
         if entry is None:
             return None
         sent, encode = entry
         if isinstance(result, InferResult):
             result.timings = Timings(encode=encode, rpc=t0 - sent, decode=time.perf_counter() - t0)
-        return rid, result
+        return (rid, result), None
+
+    def _keep(self, inputs: Inputs, dtypes: Mapping[str, Any] | None, **how: Any) -> Resend | None:
+        """What sending a request again needs, for one whose list inputs took ``dtypes``."""
+        if dtypes is None or self._fresh_dtypes is None:
+            return None
+        return Resend(snapshot(inputs), dtypes, **how)
+
+    def _again(
+        self, rid: str, refusal: FerryError, again: Resend, fresh: Mapping[str, Any] | None
+    ) -> bytes | StreamResult:
+        """A refused request built once more with ``fresh`` dtypes, to send under its id; or,
+        settled, its answer: the refusal when the dtypes are unchanged (None), the call has
+        ended, or the stream is closed for writing (nothing more can be sent on it); the error
+        building it raised (a number out of the new dtype's range). Sent again at most once:
+        its Resend is gone, so a second refusal is its answer."""
+        if fresh is None or rid not in self._pending or self._closed or self._done:
+            self._pending.pop(rid, None)
+            return rid, refusal
+        try:
+            _, request, _ = self._build(
+                again.inputs,
+                rid,
+                timeout=again.timeout,
+                priority=again.priority,
+                outputs=again.outputs,
+                dtypes=fresh,
+            )
+        except FerryError as exc:
+            self._pending.pop(rid, None)
+            return rid, exc
+        return request
 
     def _orphans(self, error: FerryError | None) -> list[StreamResult]:
         """Fail what is still outstanding when the call ends, each with the call's error."""
@@ -186,6 +266,7 @@ class StreamState:
         err = error or FerryError("the server ended the stream before answering this request")
         orphans: list[StreamResult] = [(rid, err) for rid in self._pending]
         self._pending.clear()
+        self._resend.clear()
         return orphans
 
     def _should_stop(self, until_closed: bool) -> bool:
@@ -196,6 +277,7 @@ class StreamState:
         server would have run it for nobody, or refused it), and ``results()`` yields it with
         the error the server gives a request whose deadline passed."""
         self._pending.pop(rid, None)
+        self._resend.pop(rid, None)
         return rid, DeadlineExceededError(
             f"request {rid!r} was not sent: its timeout of {timeout:g} s passed while it "
             f"waited {where}; the server is behind this stream (submit fewer at once, or give "
@@ -292,8 +374,15 @@ class InferStream(StreamState):
                 with self._cond:
                     answered = self._answer(resp)
                     self._cond.notify_all()
-                if answered is not None:
-                    self._results.put(answered)
+                if answered is None:
+                    continue
+                result, again = answered
+                if again is not None:
+                    settled = self._settle(result, again)
+                    if settled is None:
+                        continue
+                    result = settled
+                self._results.put(result)
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
         except FerryError as exc:  # an answer this client cannot read
@@ -310,6 +399,24 @@ class InferStream(StreamState):
         for orphan in orphans:
             self._results.put(orphan)
         self._results.put(END)
+
+    def _settle(self, refused: StreamResult, again: Resend) -> StreamResult | None:
+        """A refusal of list inputs' datatype: the request sent once more with the model's
+        dtypes fetched again (None: it is on its way), or its answer. The fetch blocks this
+        reader for one metadata call, made once per change of dtypes: the requests refused
+        after it find the cache refreshed already."""
+        rid, refusal = refused
+        assert isinstance(refusal, FerryError)
+        assert self._fresh_dtypes is not None
+        fresh = self._fresh_dtypes(again.used, refusal)
+        with self._cond:
+            outcome = self._again(rid, refusal, again, fresh)
+            if isinstance(outcome, bytes):
+                # Under the lock, as close() is: a request queued behind its None is never sent.
+                self._requests.put((rid, outcome, again.deadline, again.timeout))
+                return None
+            self._cond.notify_all()
+        return outcome
 
     def submit(
         self,
@@ -338,6 +445,9 @@ class InferStream(StreamState):
         )
         budget = None if timeout is None else float(timeout)
         deadline = None if budget is None else began + budget
+        keep = self._keep(
+            inputs, dtypes, timeout=budget, priority=priority, outputs=outputs, deadline=deadline
+        )
         expired: StreamResult | None = None
         with self._cond:
             self._check_open(rid)
@@ -350,6 +460,8 @@ class InferStream(StreamState):
                     break
             self._check_open(rid)
             self._pending[rid] = (time.perf_counter(), encode)
+            if keep is not None:
+                self._resend[rid] = keep
             self._unread += 1
             if budget is not None and len(self._pending) > self.max_in_flight:
                 expired = self._expired(rid, budget, "for a free slot (max_in_flight)")

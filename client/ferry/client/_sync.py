@@ -212,7 +212,8 @@ class InferenceClient(InferenceClientBase):
 
         ``timeout`` is the deadline of the whole stream (None: none; the client's default
         per-call timeout does not apply, since a stream lives as long as its caller wants).
-        Streams are not retried: a failed request comes back as its error, to resubmit or not.
+        Streams are not retried: a failed request comes back as its error, to resubmit or not
+        (but for list inputs refused for the cached dtypes, sent once more as ``infer`` does).
         """
         self._check_open()
         return InferStream(
@@ -225,6 +226,9 @@ class InferenceClient(InferenceClientBase):
             metadata=self._metadata,
             max_in_flight=max_in_flight,
             dtypes=lambda: self._input_dtypes(model, version),
+            fresh_dtypes=lambda used, refusal: self._fresh_dtypes(
+                model, version, used, refusal, None
+            ),
             max_message_bytes=self.channel_config.send_limit(),
         )
 
