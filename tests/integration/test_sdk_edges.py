@@ -175,26 +175,66 @@ def test_a_client_closed_during_a_retry_says_so() -> None:
     asyncio.run(run())
 
 
-def test_a_call_in_flight_when_its_async_client_closes_says_so(silent_listener: str) -> None:
+class HoldingServer:
+    """An aio gRPC server on the running loop whose ListModels and health Check never answer:
+    each call that reaches it is put on ``received`` (its method), so a test knows a call is in
+    flight, not just begun on the client's side, before it closes or cancels it."""
+
+    def __init__(self) -> None:
+        self.received: asyncio.Queue[str] = asyncio.Queue()
+        self.server = grpc.aio.server()
+        self.server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "ferry.v1.Inference", {"ListModels": self._handler("ListModels")}
+                ),
+                grpc.method_handlers_generic_handler(
+                    "grpc.health.v1.Health", {"Check": self._handler("Check")}
+                ),
+            )
+        )
+        self.target = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+
+    def _handler(self, method: str) -> grpc.RpcMethodHandler:
+        async def hold(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+            self.received.put_nowait(method)
+            await asyncio.Event().wait()  # until the client goes, or the server stops
+            raise AssertionError("unreachable")
+
+        return grpc.unary_unary_rpc_method_handler(hold)
+
+    async def arrived(self, count: int) -> list[str]:
+        """The methods of the next ``count`` calls to reach the server, as they arrive."""
+        async with asyncio.timeout(30):
+            return sorted([await self.received.get() for _ in range(count)])
+
+
+def test_a_call_in_flight_when_its_async_client_closes_says_so() -> None:
     """A call the close cancelled raised a bare asyncio.CancelledError, as if the caller's own
-    task had been cancelled; a task that is cancelled still gets CancelledError."""
+    task had been cancelled; a task that is cancelled still gets CancelledError. Each call is
+    closed (or cancelled) once the server has it: in flight, not still being set up."""
 
     async def run() -> None:
-        client = AsyncInferenceClient(silent_listener, timeout=30)
-        call = asyncio.ensure_future(client.list_models())
-        check = asyncio.ensure_future(client.ready(timeout=30))
-        await asyncio.sleep(0)  # the calls are sent and wait for answers that never come
-        await client.close()
-        with pytest.raises(ClientClosedError, match="AsyncInferenceClient is closed"):
-            await call
-        with pytest.raises(ClientClosedError, match="AsyncInferenceClient is closed"):
-            await check
-        async with AsyncInferenceClient(silent_listener, timeout=30) as other:
-            cancelled = asyncio.ensure_future(other.list_models())
-            await asyncio.sleep(0)
-            cancelled.cancel()
-            with pytest.raises(asyncio.CancelledError):
-                await cancelled
+        holding = HoldingServer()
+        await holding.server.start()
+        try:
+            client = AsyncInferenceClient(holding.target, timeout=30)
+            call = asyncio.ensure_future(client.list_models())
+            check = asyncio.ensure_future(client.ready(timeout=30))
+            assert await holding.arrived(2) == ["Check", "ListModels"]
+            await client.close()
+            with pytest.raises(ClientClosedError, match="AsyncInferenceClient is closed"):
+                await call
+            with pytest.raises(ClientClosedError, match="AsyncInferenceClient is closed"):
+                await check
+            async with AsyncInferenceClient(holding.target, timeout=30) as other:
+                cancelled = asyncio.ensure_future(other.list_models())
+                assert await holding.arrived(1) == ["ListModels"]
+                cancelled.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await cancelled
+        finally:
+            await holding.server.stop(None)
 
     asyncio.run(run())
 
