@@ -1036,6 +1036,19 @@ def test_a_promotion_under_ten_comparisons_still_judges_sizes_and_ids(promote_af
     assert ShadowStatistics(2, "m", compared=promote_after - 1).verdict(rules) == ""
 
 
+class WatchedLock(asyncio.Lock):
+    """A model's edit lock that says when an edit has come to wait behind its holder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued = asyncio.Event()
+
+    async def acquire(self) -> bool:
+        if self.locked():
+            self.queued.set()
+        return await super().acquire()
+
+
 def test_a_rules_decision_never_undoes_a_change_made_while_it_waited(tmp_path: Path) -> None:
     """A rule judged the rollout in force, but a person's change (which holds the model while
     it loads a version) went in first: the rule's verdict on the old candidate overwrote it,
@@ -1051,14 +1064,15 @@ def test_a_rules_decision_never_undoes_a_change_made_while_it_waited(tmp_path: P
         judged, _ = registry.rollout_of("m")
         assert judged is not None
         stats = dataplane._shadows.statistics("m", judged)
-        lock = registry._lock_of("m")
-        await lock.acquire()  # a person's change in progress
+        lock = registry._locks["m"] = WatchedLock()
+        await lock.acquire()  # a change in progress
         person = asyncio.create_task(
             dataplane.set_rollout(
                 "m", {2: 1}, by="person", why="try 3", shadow_of=(3, 0.5), rules=rules
             )
         )
-        await asyncio.sleep(0)  # it waits for the model behind the change in progress
+        async with asyncio.timeout(30):
+            await lock.queued.wait()  # the person's change waits behind it
         stats.decided = True
         dataplane._decide("m", {2: 1.0}, "rolled back by rule: stale", judged, stats=stats)
         lock.release()
