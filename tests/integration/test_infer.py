@@ -428,3 +428,52 @@ def test_streams_follow_a_new_default_version_with_other_dtypes(tmp_path: Path) 
         assert afetched == [("m",)]
         assert aanswers["a"].version == 2 and aanswers["a"]["output"].tolist() == [[3, 4]]
         assert isinstance(aanswers["shape"], InvalidInputError)
+
+
+def test_a_list_number_the_stale_dtype_cannot_hold_follows_the_new_version(tmp_path: Path) -> None:
+    """With FP16 cached for a model whose new default version takes FP32, a list holding 1e5 was
+    refused by the client itself ("out of the model's float16 range"), never reaching the
+    server, so nothing refreshed the cache: every such request failed until the client was
+    recreated. That refusal now fetches the dtypes once, as the server's refusal does."""
+    from helpers import write_config
+
+    from ferry.client import AsyncInferenceClient, RepositoryClient
+
+    root = make_repo(tmp_path / "repo", {"m": [identity_model("FP16"), identity_model("FP32")]})
+    write_config(root, "m", {"default_version": 1, "version_policy": {"all": True}})
+    big = {"input": [[1e5, 2.0]]}
+    with ServerThread(root) as srv:
+        unary, streaming = (InferenceClient(srv.target, timeout=30) for _ in range(2))
+        aunary, astreaming = (AsyncInferenceClient(srv.target, timeout=30) for _ in range(2))
+        for sync in (unary, streaming):
+            assert sync.infer("m", {"input": [[1, 2]]})["output"].dtype == np.float16
+        for aclient in (aunary, astreaming):
+            assert srv.call(lambda c=aclient: c.infer("m", {"input": [[1, 2]]})).version == 1
+        write_config(root, "m", {"default_version": 2, "version_policy": {"all": True}})
+        with RepositoryClient(srv.management_target) as repository:
+            repository.refresh()
+        fetched = [count_metadata_calls(c) for c in (unary, streaming, aunary, astreaming)]
+
+        assert unary.infer("m", big)["output"].tolist() == [[1e5, 2.0]]
+        with streaming.stream("m") as stream:
+            stream.submit(big, "a")
+            assert dict(stream.results())["a"]["output"].tolist() == [[1e5, 2.0]]
+
+        async def run_async() -> list[Any]:
+            answer = await aunary.infer("m", big)
+            async with astreaming.stream("m") as astream:
+                await astream.submit(big, "a")
+                answers = [r async for _, r in astream.results()]
+            await aunary.close()
+            await astreaming.close()
+            return [answer, *answers]
+
+        for result in srv.call(run_async):
+            assert result.version == 2 and result["output"].tolist() == [[1e5, 2.0]]
+        assert fetched == [[("m",)]] * 4
+        # A number no declared type holds is still refused, after its one fetch.
+        with pytest.raises(InvalidInputError, match="out of the model's float32 range"):
+            unary.infer("m", {"input": [[1e39, 0.0]]})
+        assert fetched[0] == [("m",)] * 2
+        unary.close()
+        streaming.close()

@@ -159,8 +159,9 @@ class AsyncInferenceClient(InferenceClientBase):
             priority=priority,
             request_id=request_id,
         )
-        call = prepare(dtypes=dtypes)
         try:
+            # Inside: a list number out of a stale cached dtype's range is refused here.
+            call = prepare(dtypes=dtypes)
             left = self._left(budget, began)
             return call.finish(await self._call(self._infer, call.request, left))
         except InvalidInputError as exc:
@@ -460,9 +461,19 @@ class AsyncInferStream(StreamState):
         dtypes = None
         if self._dtypes is not None and needs_dtypes(inputs, self.model, self.version):
             dtypes = await self._dtypes()
-        rid, request, encode = self._build(
-            inputs, request_id, timeout=timeout, priority=priority, outputs=outputs, dtypes=dtypes
+        build = functools.partial(
+            self._build, inputs, request_id, timeout=timeout, priority=priority, outputs=outputs
         )
+        try:
+            rid, request, encode = build(dtypes=dtypes)
+        except InvalidInputError as exc:
+            # A list number out of the cached dtype's range: the model may declare another now.
+            refresh = self._refresh(dtypes, exc)
+            fresh = None if refresh is None else await refresh
+            if fresh is None:
+                raise
+            dtypes = fresh
+            rid, request, encode = build(dtypes=dtypes)
         self._check_open(rid)
         call = self._start()
         budget = None if timeout is None else float(timeout)

@@ -252,14 +252,19 @@ def _encodable(text: str) -> bool:
 
 # The server's refusal of an input sent in another datatype than the model declares: "model 'm'
 # version 2: input 'input' must be INT64, got FP32" (server core/inputs.py; pinned by
-# tests/integration/test_infer.py). A refusal of a shape, a name or a batch size says otherwise.
-_DATATYPE_REFUSAL = re.compile(r"\binput .+ must be [A-Z][A-Z0-9]*, got ")
+# tests/integration/test_infer.py), and this module's of a list number out of the declared
+# type's range ("input 'input': 1e5 is out of the model's float16 range"), which the type
+# a new default version declares may hold. A shape, a name or a batch size is worded otherwise.
+_DATATYPE_REFUSAL = re.compile(
+    r"\binput .+ must be [A-Z][A-Z0-9]*, got |\binput .+ is out of the model's \w+ range"
+)
 
 
 def refuses_datatype(error: object) -> bool:
-    """Whether ``error`` is the server refusing an input's datatype: the one refusal that
-    dtypes fetched again can cure (list inputs converted to a stale cached dtype). Any other
-    refusal (a wrong shape, a missing input) stands as it is, with no metadata call."""
+    """Whether ``error`` refuses an input's datatype (the server's refusal, or this client's of a
+    list number the declared type cannot hold): the refusals that dtypes fetched again can
+    cure, when list inputs were converted to a stale cached dtype. Any other refusal (a wrong
+    shape, a missing input) stands as it is, with no metadata call."""
     return isinstance(error, InvalidInputError) and bool(_DATATYPE_REFUSAL.search(error.message))
 
 

@@ -19,6 +19,7 @@ share ``StreamState``: the bookkeeping of ids, slots and endings, with no IO.
 
 from __future__ import annotations
 
+import functools
 import queue
 import threading
 import time
@@ -227,6 +228,13 @@ class StreamState:
         if isinstance(result, InferResult):
             result.timings = Timings(encode=encode, rpc=t0 - sent, decode=time.perf_counter() - t0)
         return (rid, result), None
+
+    def _refresh(self, used: Mapping[str, Any] | None, refusal: InvalidInputError) -> Any:
+        """``fresh_dtypes(used, refusal)`` for a request whose list inputs took ``used``; None
+        (no call) for one that took none. The async stream awaits what it returns."""
+        if used is None or self._fresh_dtypes is None:
+            return None
+        return self._fresh_dtypes(used, refusal)
 
     def _keep(self, inputs: Inputs, dtypes: Mapping[str, Any] | None, **how: Any) -> Resend | None:
         """What sending a request again needs, for one whose list inputs took ``dtypes``."""
@@ -440,9 +448,18 @@ class InferStream(StreamState):
             if self._dtypes is not None and needs_dtypes(inputs, self.model, self.version)
             else None
         )
-        rid, request, encode = self._build(
-            inputs, request_id, timeout=timeout, priority=priority, outputs=outputs, dtypes=dtypes
+        build = functools.partial(
+            self._build, inputs, request_id, timeout=timeout, priority=priority, outputs=outputs
         )
+        try:
+            rid, request, encode = build(dtypes=dtypes)
+        except InvalidInputError as exc:
+            # A list number out of the cached dtype's range: the model may declare another now.
+            fresh = self._refresh(dtypes, exc)
+            if fresh is None:
+                raise
+            dtypes = fresh
+            rid, request, encode = build(dtypes=dtypes)
         budget = None if timeout is None else float(timeout)
         deadline = None if budget is None else began + budget
         keep = self._keep(

@@ -122,8 +122,9 @@ class InferenceClient(InferenceClientBase):
             priority=priority,
             request_id=request_id,
         )
-        call = prepare(dtypes=dtypes)
         try:
+            # Inside: a list number out of a stale cached dtype's range is refused here.
+            call = prepare(dtypes=dtypes)
             return call.finish(self._call(self._infer, call.request, self._left(budget, began)))
         except InvalidInputError as exc:
             fresh = self._fresh_dtypes(model, version, dtypes, exc, self._left(budget, began))
