@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import queue
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -237,6 +238,55 @@ def test_a_call_in_flight_when_its_async_client_closes_says_so() -> None:
             await holding.server.stop(None)
 
     asyncio.run(run())
+
+
+def test_a_management_call_in_flight_when_its_client_closes_says_so() -> None:
+    """RepositoryClient and ConversionClient calls in flight when the client closed raised
+    grpc's CancelledError ("Channel closed!"), as if someone had cancelled them, where the
+    inference clients (and ClientClosedError's own description) say the client was closed.
+    Each client is closed once the server holds its call."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    received: queue.SimpleQueue[str] = queue.SimpleQueue()
+    release = threading.Event()
+
+    def handler(method: str) -> grpc.RpcMethodHandler:
+        def hold(request: bytes, context: grpc.ServicerContext) -> bytes:
+            received.put(method)
+            release.wait(30)
+            context.abort(grpc.StatusCode.UNAVAILABLE, "held until the test ended")
+
+        return grpc.unary_unary_rpc_method_handler(hold)
+
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "ferry.v1.ModelRepository", {"Refresh": handler("Refresh")}
+            ),
+            grpc.method_handlers_generic_handler(
+                "ferry.v1.ModelConversion", {"GetJob": handler("GetJob")}
+            ),
+        )
+    )
+    target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
+    server.start()
+    try:
+        for make, call, method in (
+            (RepositoryClient, lambda c: c.refresh(), "Refresh"),
+            (ConversionClient, lambda c: c.job("0" * 32), "GetJob"),
+        ):
+            client = make(target, timeout=30)
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                answer = pool.submit(call, client)
+                assert received.get(timeout=30) == method
+                client.close()
+                with pytest.raises(ClientClosedError, match=f"{make.__name__} is closed"):
+                    answer.result(timeout=30)
+    finally:
+        release.set()
+        server.stop(None)
 
 
 @pytest.fixture

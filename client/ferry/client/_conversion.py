@@ -46,7 +46,7 @@ from ferry.client._conversion_types import (
     parse_report,
     parse_upload,
 )
-from ferry.client._errors import ConversionError, InvalidInputError, from_rpc_error
+from ferry.client._errors import ConversionError, InvalidInputError
 from ferry.client._management import ManagementClient
 from ferry.client._module_upload import from_module
 from ferry.client._requests import check_timeout, request, status_code
@@ -318,7 +318,7 @@ class ConversionClient(ManagementClient):
                 _chunks(header, data, chunk_size), timeout=timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise self._failed(exc) from None
         return parse_upload(reply)
 
     def list_uploads(self, model: str | None = None, *, limit: int | None = 100) -> list[Upload]:
@@ -460,7 +460,7 @@ class ConversionClient(ManagementClient):
             for event in stream:
                 yield parse_event(event)
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise self._failed(exc) from None
         finally:
             stream.cancel()
 

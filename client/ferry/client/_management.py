@@ -10,7 +10,7 @@ from typing import Any, Self
 import grpc
 
 from ferry.client._channel import ChannelConfig, TLSConfig, create_channel
-from ferry.client._errors import ClientClosedError, from_rpc_error
+from ferry.client._errors import ClientClosedError, FerryError, from_rpc_error
 from ferry.client._requests import check_timeout
 
 
@@ -38,6 +38,13 @@ class ManagementClient:
         if self._closed:
             raise ClientClosedError.of(self)
 
+    def _failed(self, exc: grpc.RpcError) -> FerryError:
+        """A failed call as the SDK's error: ClientClosedError when the client was closed under
+        it (it was grpc's CancelledError "Channel closed!", as if someone had cancelled it),
+        as the inference clients say."""
+        self._check_open()
+        return from_rpc_error(exc)
+
     def _call(self, method: Callable[..., Any], request: Any, timeout: float | None = None) -> Any:
         """One unary call with the client's timeout and token; errors become FerryErrors."""
         self._check_open()
@@ -48,7 +55,10 @@ class ManagementClient:
                 metadata=self._metadata,
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from None
+            raise self._failed(exc) from None
+        except ValueError:  # "Cannot invoke RPC on closed channel!": closed since the check
+            self._check_open()
+            raise
 
     def close(self) -> None:
         """Close the channel; later calls raise ``ClientClosedError``."""
