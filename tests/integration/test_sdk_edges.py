@@ -375,3 +375,30 @@ def test_a_list_input_keeps_to_the_calls_timeout(silent_listener: str) -> None:
                 await asyncio.wait_for(client.infer("m", lists, timeout=0.5), 120)
 
     asyncio.run(run())
+
+
+def test_a_streamed_list_input_keeps_to_its_submits_timeout(silent_listener: str) -> None:
+    """A list input makes submit() fetch the model's metadata first, and that call took the
+    client's default timeout, not the request's: with timeout=None on the client,
+    stream.submit(..., timeout=0.5) never returned from a server that does not answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    lists = {"input": [[1.0, 2.0]]}
+    client = InferenceClient(silent_listener, timeout=None, retry=None)
+    try:
+        stream = client.stream("m")
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            submitted = pool.submit(stream.submit, lists, timeout=0.5)
+            # The result's own timeout guards against the hang; it measures nothing.
+            assert isinstance(submitted.exception(timeout=120), DeadlineExceededError)
+    finally:
+        client.close()  # ends a metadata call still waiting, if the guard gave up on it
+
+    async def run() -> None:
+        async with AsyncInferenceClient(silent_listener, timeout=None, retry=None) as aclient:
+            astream = aclient.stream("m")
+            with pytest.raises(DeadlineExceededError):
+                await asyncio.wait_for(astream.submit(lists, timeout=0.5), 120)
+            await astream.cancel()
+
+    asyncio.run(run())

@@ -56,6 +56,7 @@ from ferry.client._stream import (
     aenumerate,
     check_max_in_flight,
     item_of,
+    left_of,
     stamped,
 )
 from ferry.client._types import InferResult, ModelMetadata, ModelStatistics, ModelVersionStatus
@@ -280,9 +281,9 @@ class AsyncInferenceClient(InferenceClientBase):
             timeout=timeout,
             metadata=self._metadata,
             max_in_flight=max_in_flight,
-            dtypes=lambda: self._input_dtypes(model, version),
-            fresh_dtypes=lambda used, refusal: self._fresh_dtypes(
-                model, version, used, refusal, None
+            dtypes=lambda timeout: self._input_dtypes(model, version, timeout),
+            fresh_dtypes=lambda used, refusal, timeout: self._fresh_dtypes(
+                model, version, used, refusal, timeout
             ),
             max_message_bytes=self.channel_config.send_limit(),
         )
@@ -409,7 +410,7 @@ class AsyncInferStream(StreamState):
         rid, refusal = refused
         assert isinstance(refusal, FerryError)
         assert self._fresh_dtypes is not None
-        fresh = await self._fresh_dtypes(again.used, refusal)
+        fresh = await self._fresh_dtypes(again.used, refusal, None)
         outcome = self._again(rid, refusal, again, fresh)
         if not isinstance(outcome, bytes):
             return outcome
@@ -460,7 +461,7 @@ class AsyncInferStream(StreamState):
         began = time.monotonic()
         dtypes = None
         if self._dtypes is not None and needs_dtypes(inputs, self.model, self.version):
-            dtypes = await self._dtypes()
+            dtypes = await self._dtypes(left_of(timeout, began))
         build = functools.partial(
             self._build, inputs, request_id, timeout=timeout, priority=priority, outputs=outputs
         )
@@ -468,7 +469,7 @@ class AsyncInferStream(StreamState):
             rid, request, encode = build(dtypes=dtypes)
         except InvalidInputError as exc:
             # A list number out of the cached dtype's range: the model may declare another now.
-            refresh = self._refresh(dtypes, exc)
+            refresh = self._refresh(dtypes, exc, left_of(timeout, began))
             fresh = None if refresh is None else await refresh
             if fresh is None:
                 raise

@@ -136,15 +136,16 @@ class StreamState:
         timeout: float | None = None,
         metadata: Sequence[tuple[str, str]] | None = None,
         max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
-        dtypes: Callable[[], Any] | None = None,
-        fresh_dtypes: Callable[[Mapping[str, Any], FerryError], Any] | None = None,
+        dtypes: Callable[[float | None], Any] | None = None,
+        fresh_dtypes: Callable[[Mapping[str, Any], FerryError, float | None], Any] | None = None,
         max_message_bytes: int | None = None,
     ) -> None:
         """``method``: the gRPC stream-stream callable; ``timeout``: the whole call's deadline;
-        ``dtypes``: returns (or, async, awaits) the model's input dtypes for list inputs;
-        ``fresh_dtypes(used, refusal)``: after the server refused list inputs converted to
-        ``used``, returns (or awaits) the model's dtypes as it describes them now, or None
-        when they cannot cure the refusal (the client's ``_fresh_dtypes``);
+        ``dtypes(timeout)``: returns (or, async, awaits) the model's input dtypes for list
+        inputs, a metadata call bounded by ``timeout`` (None: the client's) where not cached;
+        ``fresh_dtypes(used, refusal, timeout)``: after the server refused list inputs
+        converted to ``used``, returns (or awaits) the model's dtypes as it describes them
+        now, or None when they cannot cure the refusal (the client's ``_fresh_dtypes``);
         ``max_message_bytes``: the largest request the channel sends (None: no limit)."""
         check_max_in_flight(max_in_flight)
         self._method = method
@@ -229,12 +230,14 @@ class StreamState:
             result.timings = Timings(encode=encode, rpc=t0 - sent, decode=time.perf_counter() - t0)
         return (rid, result), None
 
-    def _refresh(self, used: Mapping[str, Any] | None, refusal: InvalidInputError) -> Any:
-        """``fresh_dtypes(used, refusal)`` for a request whose list inputs took ``used``; None
-        (no call) for one that took none. The async stream awaits what it returns."""
+    def _refresh(
+        self, used: Mapping[str, Any] | None, refusal: InvalidInputError, timeout: float | None
+    ) -> Any:
+        """``fresh_dtypes(used, refusal, timeout)`` for a request whose list inputs took
+        ``used``; None (no call) for one that took none. The async stream awaits it."""
         if used is None or self._fresh_dtypes is None:
             return None
-        return self._fresh_dtypes(used, refusal)
+        return self._fresh_dtypes(used, refusal, timeout)
 
     def _keep(self, inputs: Inputs, dtypes: Mapping[str, Any] | None, **how: Any) -> Resend | None:
         """What sending a request again needs, for one whose list inputs took ``dtypes``."""
@@ -306,6 +309,15 @@ def stamped(request: bytes, deadline: float, timeout: float) -> bytes | None:
     if timeout - left < RESTAMP_AFTER:
         return request
     return with_timeout(request, left)
+
+
+def left_of(timeout: float | None, began: float) -> float | None:
+    """What is left of a submit's ``timeout`` (checked: it bounds the metadata call a list
+    input needs, which took the client's default, so submit(..., timeout=0.5) waited 10 s,
+    or for ever with timeout=None on the client); at least a microsecond, so that a spent
+    budget reaches gRPC as a deadline already past, never as "no deadline"."""
+    budget = check_timeout(timeout)
+    return None if budget is None else max(budget - (time.monotonic() - began), 1e-6)
 
 
 def check_max_in_flight(value: object) -> None:
@@ -416,7 +428,7 @@ class InferStream(StreamState):
         rid, refusal = refused
         assert isinstance(refusal, FerryError)
         assert self._fresh_dtypes is not None
-        fresh = self._fresh_dtypes(again.used, refusal)
+        fresh = self._fresh_dtypes(again.used, refusal, None)
         with self._cond:
             outcome = self._again(rid, refusal, again, fresh)
             if isinstance(outcome, bytes):
@@ -444,7 +456,7 @@ class InferStream(StreamState):
         """
         began = time.monotonic()
         dtypes = (
-            self._dtypes()
+            self._dtypes(left_of(timeout, began))
             if self._dtypes is not None and needs_dtypes(inputs, self.model, self.version)
             else None
         )
@@ -455,7 +467,7 @@ class InferStream(StreamState):
             rid, request, encode = build(dtypes=dtypes)
         except InvalidInputError as exc:
             # A list number out of the cached dtype's range: the model may declare another now.
-            fresh = self._refresh(dtypes, exc)
+            fresh = self._refresh(dtypes, exc, left_of(timeout, began))
             if fresh is None:
                 raise
             dtypes = fresh

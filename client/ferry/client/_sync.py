@@ -226,9 +226,9 @@ class InferenceClient(InferenceClientBase):
             timeout=timeout,
             metadata=self._metadata,
             max_in_flight=max_in_flight,
-            dtypes=lambda: self._input_dtypes(model, version),
-            fresh_dtypes=lambda used, refusal: self._fresh_dtypes(
-                model, version, used, refusal, None
+            dtypes=lambda timeout: self._input_dtypes(model, version, timeout),
+            fresh_dtypes=lambda used, refusal, timeout: self._fresh_dtypes(
+                model, version, used, refusal, timeout
             ),
             max_message_bytes=self.channel_config.send_limit(),
         )
