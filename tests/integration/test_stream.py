@@ -133,6 +133,31 @@ def test_an_item_that_is_neither_inputs_nor_a_pair_is_invalid_input(
     asyncio.run(run())
 
 
+def test_an_item_refused_before_it_is_sent_is_that_items_answer_in_infer_many(
+    client: InferenceClient, server: Any
+) -> None:
+    """An item the client itself refused (a number its input's type cannot hold, a value no
+    array can be made of) raised out of infer_many, cancelling the stream: every answer in
+    flight was lost and the items after it never ran, where the same mistake caught by the
+    server was that item's answer. It is now that item's answer too; the others carry on."""
+    items = [batch(0), {"input": [[1e39] * 64]}, batch(2), {"input": object()}, batch(4)]
+
+    def check(answers: dict[str, Any]) -> None:
+        assert set(answers) == {"0", "1", "2", "3", "4"}
+        assert isinstance(answers["1"], InvalidInputError) and "1e+39" in str(answers["1"])
+        assert isinstance(answers["3"], InvalidInputError)
+        for rid in ("0", "2", "4"):
+            assert isinstance(answers[rid], InferResult) and answers[rid].id == rid
+
+    check(dict(client.infer_many("mlp", items, max_in_flight=2)))
+
+    async def run() -> dict[str, Any]:
+        async with AsyncInferenceClient(server.target) as aclient:
+            return {rid: r async for rid, r in aclient.infer_many("mlp", items, max_in_flight=2)}
+
+    check(asyncio.run(run()))
+
+
 @pytest.mark.parametrize("bad", [None, True, 1.5, "4"])
 def test_max_in_flight_that_is_not_a_count_is_refused(client: InferenceClient, bad: Any) -> None:
     """None raised a bare TypeError from a comparison; True and 1.5 were taken."""

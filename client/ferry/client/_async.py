@@ -584,7 +584,11 @@ class AsyncInferStream(StreamState):
             if nxt is None:
                 return False
             rid, inputs = item_of(*nxt)
-            await self.submit(inputs, rid)
+            try:
+                await self.submit(inputs, rid)
+            except FerryError as exc:
+                self._results.put_nowait(self._refused(rid, exc))
+                self._unread += 1
             return True
 
         while outstanding < max_in_flight and await send_next():

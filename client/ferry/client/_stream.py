@@ -280,6 +280,16 @@ class StreamState:
         self._resend.clear()
         return orphans
 
+    def _refused(self, rid: str, error: FerryError) -> StreamResult:
+        """An ``infer_many`` item that ``submit`` refused, as that item's answer: a request the
+        client refuses to send (a number its input's type cannot hold, over the client's
+        message limit) raised out of infer_many and cancelled the stream, losing every answer
+        in flight, where the same mistake caught by the server was its item's answer. The
+        stream's own end (or close) is no item's: it is raised."""
+        if self._done or self._closed:
+            raise error
+        return rid, error
+
     def _should_stop(self, until_closed: bool) -> bool:
         return self._unread == 0 and (not until_closed or self._closed or self._done)
 
@@ -538,7 +548,13 @@ class InferStream(StreamState):
             if nxt is None:
                 return False
             rid, inputs = item_of(*nxt)
-            self.submit(inputs, rid)
+            try:
+                self.submit(inputs, rid)
+            except FerryError as exc:
+                refused = self._refused(rid, exc)
+                with self._cond:
+                    self._unread += 1
+                self._results.put(refused)
             return True
 
         while outstanding < max_in_flight and send_next():
