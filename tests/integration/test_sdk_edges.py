@@ -242,9 +242,10 @@ def test_a_call_in_flight_when_its_async_client_closes_says_so() -> None:
 
 def test_a_management_call_in_flight_when_its_client_closes_says_so() -> None:
     """RepositoryClient and ConversionClient calls in flight when the client closed raised
-    grpc's CancelledError ("Channel closed!"), as if someone had cancelled them, where the
-    inference clients (and ClientClosedError's own description) say the client was closed.
-    Each client is closed once the server holds its call."""
+    grpc's CancelledError ("Channel closed!"), as if someone had cancelled them, and the sync
+    client's ready() said False, where the other calls (and ClientClosedError's own
+    description) say the client was closed. Each client is closed once the server holds its
+    call."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -268,6 +269,9 @@ def test_a_management_call_in_flight_when_its_client_closes_says_so() -> None:
             grpc.method_handlers_generic_handler(
                 "ferry.v1.ModelConversion", {"GetJob": handler("GetJob")}
             ),
+            grpc.method_handlers_generic_handler(
+                "grpc.health.v1.Health", {"Check": handler("Check")}
+            ),
         )
     )
     target = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
@@ -276,6 +280,8 @@ def test_a_management_call_in_flight_when_its_client_closes_says_so() -> None:
         for make, call, method in (
             (RepositoryClient, lambda c: c.refresh(), "Refresh"),
             (ConversionClient, lambda c: c.job("0" * 32), "GetJob"),
+            # ready() said False, "not serving", where the async client's says it was closed.
+            (InferenceClient, lambda c: c.ready(timeout=30), "Check"),
         ):
             client = make(target, timeout=30)
             with ThreadPoolExecutor(max_workers=1) as pool:

@@ -196,7 +196,13 @@ class InferenceClient(InferenceClientBase):
                 metadata=self._metadata,
             )
         except grpc.RpcError:
+            # Closed during the check: ClientClosedError, as for every other call and as the
+            # async client says (it was False, as if the server did not serve).
+            self._check_open()
             return False
+        except ValueError:  # "Cannot invoke RPC on closed channel!": closed since the check
+            self._check_open()
+            raise
         return _health.is_serving(raw)
 
     def stream(
