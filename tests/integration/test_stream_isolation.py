@@ -123,3 +123,46 @@ def test_the_send_limit_follows_the_channel_options() -> None:
     assert ChannelConfig(max_message_bytes=1000, options=options).send_limit() == 5000
     options = [("grpc.max_send_message_length", -1)]
     assert ChannelConfig(options=options).send_limit() is None
+
+
+def test_a_stream_whose_client_closes_says_so(tmp_path: Path, start_server: StartServer) -> None:
+    """Closing the client under an open stream failed its requests in flight with "CANCELLED:
+    Channel closed!" (sync) or "cancelled by the client" (async), where every unary call says
+    the client was closed; and the async stream's reader ended as if its task had been
+    cancelled, so leaving ``async with stream`` raised a bare asyncio.CancelledError, which
+    reads as the caller's own task being cancelled. The request is held on the server (a gate)
+    while the client closes."""
+    from ferry.client import AsyncInferenceClient, ClientClosedError
+
+    root = make_repo(tmp_path / "repo", {"ident": identity_model("FP32")})
+    write_config(root, "ident", {"batching": {"max_batch_size": 0}, "instances": {"count": 1}})
+    srv = start_server(root)
+    closed = "InferenceClient is closed"
+    with ExecutionGate(srv, "ident") as gate:
+        client = InferenceClient(srv.target, timeout=30)
+        with client.stream("ident") as stream:
+            stream.submit(rows(1.0), "a")
+            gate.wait_entered()
+            client.close()
+            (rid, error), *rest = list(stream.results())
+            assert (rid, rest) == ("a", []) and isinstance(error, ClientClosedError)
+            with pytest.raises(ClientClosedError, match=closed):
+                stream.submit(rows(2.0), "b")
+        gate.release()
+
+    with ExecutionGate(srv, "ident") as gate:
+
+        async def main() -> list[tuple[str, object]]:
+            aclient = AsyncInferenceClient(srv.target, timeout=30)
+            async with aclient.stream("ident") as astream:
+                await astream.submit(rows(1.0), "a")
+                await asyncio.to_thread(gate.wait_entered)
+                await aclient.close()
+                answers = [answer async for answer in astream.results()]
+                with pytest.raises(ClientClosedError, match=closed):
+                    await astream.submit(rows(2.0), "b")
+            return answers  # the `async with` ended without a CancelledError
+
+        [(rid, error)] = asyncio.run(main())
+        assert rid == "a" and isinstance(error, ClientClosedError)
+        gate.release()

@@ -32,7 +32,13 @@ from grpc import aio
 from ferry.client import _health
 from ferry.client._base import InferenceClientBase
 from ferry.client._channel import create_aio_channel
-from ferry.client._errors import CancelledError, FerryError, InvalidInputError, from_rpc_error
+from ferry.client._errors import (
+    CancelledError,
+    ClientClosedError,
+    FerryError,
+    InvalidInputError,
+    from_rpc_error,
+)
 from ferry.client._requests import (
     ArrayLike,
     check_timeout,
@@ -286,6 +292,7 @@ class AsyncInferenceClient(InferenceClientBase):
                 model, version, used, refusal, timeout
             ),
             max_message_bytes=self.channel_config.send_limit(),
+            client_closed=lambda: ClientClosedError.of(self) if self._closed else None,
         )
 
     async def infer_many(
@@ -382,12 +389,19 @@ class AsyncInferStream(StreamState):
                     async with self._slots:
                         self._slots.notify_all()
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
+            error = self._ended(from_rpc_error(exc))
         except asyncio.CancelledError:
             error = CancelledError("the stream was cancelled by the client")
-            if not self._cancelled:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                # This reader itself was cancelled (its loop is ending): that propagates.
                 self._finish(error)
                 raise
+            # The call was: closing the client cancels its calls, and grpc.aio raises that in
+            # the reader as asyncio.CancelledError, which ended the reader as if cancelled, so
+            # the stream's ``async with`` (and wait()) raised a bare CancelledError, as if the
+            # caller's own task had been cancelled.
+            error = self._ended(error)
         except FerryError as exc:  # an answer this client cannot read
             error = exc
             call.cancel()  # nobody reads it any more; the server's side would stay open

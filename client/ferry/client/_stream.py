@@ -139,6 +139,7 @@ class StreamState:
         dtypes: Callable[[float | None], Any] | None = None,
         fresh_dtypes: Callable[[Mapping[str, Any], FerryError, float | None], Any] | None = None,
         max_message_bytes: int | None = None,
+        client_closed: Callable[[], FerryError | None] | None = None,
     ) -> None:
         """``method``: the gRPC stream-stream callable; ``timeout``: the whole call's deadline;
         ``dtypes(timeout)``: returns (or, async, awaits) the model's input dtypes for list
@@ -146,7 +147,8 @@ class StreamState:
         ``fresh_dtypes(used, refusal, timeout)``: after the server refused list inputs
         converted to ``used``, returns (or awaits) the model's dtypes as it describes them
         now, or None when they cannot cure the refusal (the client's ``_fresh_dtypes``);
-        ``max_message_bytes``: the largest request the channel sends (None: no limit)."""
+        ``max_message_bytes``: the largest request the channel sends (None: no limit);
+        ``client_closed()``: the client's ClientClosedError once it is closed, else None."""
         check_max_in_flight(max_in_flight)
         self._method = method
         self._timeout = check_timeout(timeout)
@@ -154,6 +156,7 @@ class StreamState:
         self._dtypes = dtypes
         self._fresh_dtypes = fresh_dtypes
         self._max_message_bytes = max_message_bytes
+        self._client_closed = client_closed
         self.model = model
         self.version = version
         self.outputs = outputs
@@ -279,6 +282,13 @@ class StreamState:
         self._pending.clear()
         self._resend.clear()
         return orphans
+
+    def _ended(self, error: FerryError) -> FerryError:
+        """The error that ended the call, or ClientClosedError when the client was closed
+        under it: the requests in flight said "CANCELLED: Channel closed!", as if someone had
+        cancelled them, where every unary call says the client was closed."""
+        closed = self._client_closed() if self._client_closed is not None else None
+        return closed or error
 
     def _refused(self, rid: str, error: FerryError) -> StreamResult:
         """An ``infer_many`` item that ``submit`` refused, as that item's answer: a request the
@@ -414,7 +424,7 @@ class InferStream(StreamState):
                     result = settled
                 self._results.put(result)
         except grpc.RpcError as exc:
-            error = from_rpc_error(exc)
+            error = self._ended(from_rpc_error(exc))
         except FerryError as exc:  # an answer this client cannot read
             error = exc
         except Exception as exc:  # a bug decoding an answer must not hang the readers

@@ -12,7 +12,7 @@ import grpc
 from ferry.client import _health
 from ferry.client._base import InferenceClientBase
 from ferry.client._channel import TLSConfig, create_channel
-from ferry.client._errors import FerryError, InvalidInputError, from_rpc_error
+from ferry.client._errors import ClientClosedError, FerryError, InvalidInputError, from_rpc_error
 from ferry.client._management import ManagementClient
 from ferry.client._requests import (
     ArrayLike,
@@ -237,6 +237,7 @@ class InferenceClient(InferenceClientBase):
                 model, version, used, refusal, timeout
             ),
             max_message_bytes=self.channel_config.send_limit(),
+            client_closed=lambda: ClientClosedError.of(self) if self._closed else None,
         )
 
     def infer_many(
