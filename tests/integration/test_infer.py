@@ -336,6 +336,14 @@ def test_list_inputs_follow_a_new_default_version_with_other_dtypes(tmp_path: Pa
         afetched = count_metadata_calls(aclient)
         with pytest.raises(InvalidInputError, match="must have shape"):
             srv.call(lambda: aclient.infer("m", {"input": [1, 2]}))
+        # Nor a float list for the INT64 input it was converted for (floats are sent as they
+        # are, and the fresh cache holds INT64 already): no dtypes fetched again can cure it.
+        with pytest.raises(InvalidInputError, match="must be INT64, got FP64"):
+            client.infer("m", {"input": [[1.5, 2.0]]})
+        with client.stream("m") as stream:
+            stream.submit({"input": [[1.5, 2.0]]}, "floats")
+            [(_, refused)] = list(stream.results())
+        assert isinstance(refused, InvalidInputError)
         assert (fetched, afetched) == ([], [])
         srv.call(aclient.close)
 

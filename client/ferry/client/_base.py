@@ -165,7 +165,7 @@ class InferenceClientBase:
         when they were fetched, and a new default version (or a version deleted and made
         again) may take others; kept, list inputs were converted to the old dtypes, and
         refused, until the client was recreated."""
-        if used is None or not refuses_datatype(refusal):
+        if used is None or not refuses_datatype(refusal, used):
             return False, None
         key = (model, version or 0)
         known = self._dtypes.get(key)

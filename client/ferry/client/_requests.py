@@ -252,20 +252,42 @@ def _encodable(text: str) -> bool:
 
 # The server's refusal of an input sent in another datatype than the model declares: "model 'm'
 # version 2: input 'input' must be INT64, got FP32" (server core/inputs.py; pinned by
-# tests/integration/test_infer.py), and this module's of a list number out of the declared
-# type's range ("input 'input': 1e5 is out of the model's float16 range"), which the type
-# a new default version declares may hold. A shape, a name or a batch size is worded otherwise.
-_DATATYPE_REFUSAL = re.compile(
-    r"\binput .+ must be [A-Z][A-Z0-9]*, got |\binput .+ is out of the model's \w+ range"
+# tests/integration/test_infer.py), the input named by its repr; and this module's of a list
+# number out of the declared type's range ("input 'input': 1e5 is out of the model's float16
+# range"), which the type a new default version declares may hold. A shape, a name or a batch
+# size is worded otherwise.
+_SERVER_REFUSAL = re.compile(
+    r"\binput (?P<name>'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\") "
+    r"must be (?P<want>[A-Z][A-Z0-9]*), got "
 )
+_LOCAL_REFUSAL = re.compile(r"\binput .+ is out of the model's \w+ range")
 
 
-def refuses_datatype(error: object) -> bool:
+def refuses_datatype(error: object, used: Mapping[str, np.dtype[Any]] | None = None) -> bool:
     """Whether ``error`` refuses an input's datatype (the server's refusal, or this client's of a
     list number the declared type cannot hold): the refusals that dtypes fetched again can
     cure, when list inputs were converted to a stale cached dtype. Any other refusal (a wrong
-    shape, a missing input) stands as it is, with no metadata call."""
-    return isinstance(error, InvalidInputError) and bool(_DATATYPE_REFUSAL.search(error.message))
+    shape, a missing input) stands as it is, with no metadata call; so does one of an input
+    that ``used`` (the dtypes the lists were converted to) gave the very type the server
+    wants: its values were of another (floats for an integer input, sent as they are)."""
+    if not isinstance(error, InvalidInputError):
+        return False
+    if _LOCAL_REFUSAL.search(error.message):
+        return True
+    m = _SERVER_REFUSAL.search(error.message)
+    if m is None:
+        return False
+    for name, dtype in (used or {}).items():
+        if repr(name) == m["name"] and _datatype_name(dtype) == m["want"]:
+            return False
+    return True
+
+
+def _datatype_name(dtype: np.dtype[Any]) -> str:
+    try:
+        return datatype_name(datatype_of(dtype))
+    except (ValueError, CodecError):
+        return ""
 
 
 def input_dtypes(meta: ModelMetadata) -> dict[str, np.dtype[Any]]:

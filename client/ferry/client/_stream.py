@@ -223,7 +223,7 @@ class StreamState:
         t0 = time.perf_counter()
         rid, result = decode_stream_response(raw)
         again = self._resend.pop(rid, None)
-        if again is not None and rid in self._pending and refuses_datatype(result):
+        if again is not None and rid in self._pending and refuses_datatype(result, again.used):
             return (rid, result), again
         entry = self._pending.pop(rid, None)
         if entry is None:
