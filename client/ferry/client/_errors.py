@@ -174,8 +174,9 @@ class UnimplementedError(FerryError):
 
 
 class ClientClosedError(FerryError):
-    """A call on a client after ``close()`` (or after its ``with`` block), or one of its unary
-    calls that was in flight or between retries when it closed: make a new client."""
+    """A call on a client after ``close()`` (or after its ``with`` block), or one of its calls
+    that was in flight or between retries when it closed (a stream's requests too): make a new
+    client."""
 
     @classmethod
     def of(cls, client: object) -> ClientClosedError:
