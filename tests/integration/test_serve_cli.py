@@ -6,6 +6,7 @@ import logging
 import os
 import queue
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -77,6 +78,25 @@ def test_serve_on_a_busy_port_fails_with_one_line(
     assert "Traceback" not in r.stderr
 
 
+# ``python -m ferry.server`` started with a soft open-file limit of argv[1] (systemd's and most
+# container runtimes' 1,024, or lower).
+_LOW_OPEN_FILES = """
+import resource, runpy, sys
+resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+sys.argv = ["ferry.server"]
+runpy.run_module("ferry.server", run_name="__main__", alter_sys=True)
+"""
+
+
+def _open_files_limit(pid: int) -> int:
+    """The soft limit of a process, as /proc shows it."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft = line.split()[3]
+            return 1 << 30 if soft == "unlimited" else int(soft)
+    raise AssertionError("no open-file limit in /proc")
+
+
 def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
     """Settings from the environment, a real inference, then SIGTERM: a clean exit 0."""
     root = make_repo(tmp_path / "repo", {"seed": seed_model()})
@@ -90,8 +110,9 @@ def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
         "FERRY_MANAGEMENT_HTTP_PORT": "-1",
         "FERRY_GRACE_PERIOD": "5",
     }
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ferry.server"],
+        [sys.executable, "-c", _LOW_OPEN_FILES, str(min(256, hard))],
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
@@ -108,6 +129,8 @@ def test_serve_runs_until_sigterm(tmp_path: Path) -> None:
             line = lines.get(timeout=WAIT_S)  # bounded: the server logs once it serves
             m = re.search(r"ferry serving \d+ model version\(s\) on 127\.0\.0\.1:(\d+)", line)
             port = int(m.group(1)) if m else None
+        # It serves with the open-file limit the host allows, not the 256 it was started with.
+        assert _open_files_limit(proc.pid) >= min(hard, 4096)
         with InferenceClient(f"127.0.0.1:{port}", timeout=30) as client:
             assert client.ready()
             out = client.infer("seed", {"input": np.ones((2, 3), np.float32)})

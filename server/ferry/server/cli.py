@@ -35,6 +35,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"ferry serve: {exc}", file=sys.stderr)
         return 1
     configure_logging(settings.log_level, settings.log_format)
+    from ferry.server.open_files import raise_open_files_limit
+
+    raise_open_files_limit()
     try:
         asyncio.run(FerryServer(settings).run_until_signal())
     except (OSError, SettingsError) as exc:  # a port in use, a bad token or certificate file

@@ -415,7 +415,11 @@ def parent_gone(run_dir: Path) -> bool:
     except OSError:  # gone already
         return True
     try:
-        readable, _, _ = select.select([pidfd], [], [], PARENT_EXIT_WAIT)
+        # poll, not select: select refuses a descriptor above 1,023, which a server whose
+        # open-file limit was raised (open_files) hands out once it holds many connections.
+        waiter = select.poll()
+        waiter.register(pidfd, select.POLLIN)
+        readable = waiter.poll(PARENT_EXIT_WAIT * 1000)
     finally:
         os.close(pidfd)
     return bool(readable)
