@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 from test_convert_child import assert_failed, convert_here, succeeded
 
@@ -99,6 +100,27 @@ def test_rows_the_model_answers_nan_on_are_not_judged_and_the_report_says_so(
     assert "top_up" not in result.report["validation"]
     assert any(
         "judged on the sample file's 1 rows only: the model answers NaN on every row" in note
+        for note in result.report["notes"]
+    ), result.report["notes"]
+
+
+def test_rows_that_cannot_be_run_leave_the_budget_to_the_given_rows_and_the_report_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model that refuses the added rows (an index past its table, which onnxruntime
+    refuses), or a drawing that fails, is not a reason to refuse a job its own rows pass."""
+
+    def refused(*args: object) -> drawn.TopUp:
+        raise ValueError("indices element out of data bounds")
+
+    monkeypatch.setattr(drawn, "top_up", refused)
+    source = _identity_matmul(tmp_path / "m.onnx")
+    spec = _job(tmp_path, ALTERNATING, "none")
+    result = succeeded(convert_here(tmp_path / "job", source, "onnx", spec=spec))
+    assert "top_up" not in result.report["validation"]
+    assert any(
+        "judged on the sample file's 1 rows only: rows added to them could not be run "
+        "(indices element out of data bounds)" in note
         for note in result.report["notes"]
     ), result.report["notes"]
 

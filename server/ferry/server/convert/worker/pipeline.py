@@ -284,15 +284,15 @@ class Pipeline:
         v = self.spec.validation
         if not v.sample_file or len(self.samples) >= v.samples:
             return
-        topped = drawn.top_up(self.samples, v.samples, self._calibration_rows())
-        if topped is None:
-            return
         given = f"the sample file's {len(self.samples)} rows"
         try:
+            topped = drawn.top_up(self.samples, v.samples, self._calibration_rows())
+            if topped is None:
+                return
             top, reference = drawn.usable(topped, self._drawn_run(topped.rows))
-        except Exception as exc:
+        except Exception as exc:  # the model's own failure on such rows, or a drawing's
             self.notes.append(
-                f"variants judged on {given} only: the model fails on {topped.describe(0)} "
+                f"variants judged on {given} only: rows added to them could not be run "
                 f"({first_line(exc)}); give validation.samples rows in the sample file"
             )
             return
