@@ -991,6 +991,23 @@ def test_small_values_beside_large_ones_in_one_output_are_judged_apart() -> None
     assert parity._scale_groups(reference[:3]) == []  # too few samples to tell sizes apart
 
 
+def test_a_near_dead_channel_of_an_embedding_is_not_judged_as_another_quantity() -> None:
+    """One post-ReLU channel of a 32-wide embedding at RMS 4e-4 beside 0.37: judged apart, static
+    int8 (which serves it as 0, under its step) scored cosine 0 and relative error 1.0 there and
+    was refused, although its largest error was 0.005 and the embedding kept cosine 0.9999."""
+    rng = np.random.default_rng(3)
+    embedding = np.abs(rng.standard_normal((16, 32))) * 0.37
+    embedding[:, 7] = np.abs(rng.standard_normal(16)) * 4e-4
+    int8 = np.round(embedding / (embedding.max() / 255)) * (embedding.max() / 255)
+    figures = parity.compare([int8.astype(np.float32)], [embedding.astype(np.float32)])
+    assert parity.budget_failure(figures, 0.99, 0.0) == "", figures
+    # Several such channels are another quantity again, and are judged apart.
+    embedding[:, :4] = np.abs(rng.standard_normal((16, 4))) * 4e-4
+    int8 = np.round(embedding / (embedding.max() / 255)) * (embedding.max() / 255)
+    figures = parity.compare([int8.astype(np.float32)], [embedding.astype(np.float32)])
+    assert "< min_cosine 0.99" in parity.budget_failure(figures, 0.99, 0.0)
+
+
 def test_a_change_of_size_or_of_labels_cannot_hide_behind_the_cosine() -> None:
     """The cosine sees directions only: a variant halving every output scored 1.0, and so did
     one shifting [N, 1] predictions that all lie near one value; labels drawn from 900-999
