@@ -127,7 +127,7 @@ def _serving(root: Path, *extra: str) -> Iterator[Fleet]:
             Path(m.group(3)),
         )
         assert "PSS of all" in f.wait_line(r"memory with models loaded: worker 0 RSS").string
-        m = f.wait_line(r"management 127\.0\.0\.1:(\d+), HTTP -?\d+; metrics (\d+)")
+        m = f.wait_line(r"management 127\.0\.0\.1:(\d+), HTTP [^;]+; metrics [^)]*?:?(\d+)\)")
         f.management, f.metrics = int(m.group(1)), int(m.group(2))
         yield f
     finally:
