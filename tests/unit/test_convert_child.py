@@ -365,10 +365,62 @@ def run_all(root: Path, src: dict[str, Path], names: list[str]) -> dict[str, Res
         return {name: future.result() for name, future in futures.items()}
 
 
+# Runs jobs one after another through the child's own entry (child.main, what ``python -m`` runs),
+# each with its own job file, progress file and work folder; argv: (job, progress, rc file)...
+SHARED_CHILD = """
+import sys
+from ferry.server.convert.worker import child
+args = sys.argv[1:]
+for job, progress, rc in zip(args[::3], args[1::3], args[2::3]):
+    code = child.main(["--job", job, "--progress-file", progress])
+    open(rc, "w").write(str(code))
+"""
+
+
+def convert_shared(
+    root: Path, table: dict[str, tuple[Path, str, dict[str, Any]]], names: list[str]
+) -> dict[str, Result]:
+    """Jobs in one child process, one after another: the torch import and the exporter's
+    first-use cost (most of a small job's 20 s) are paid once instead of once per job. For jobs
+    whose tests read only their outputs; what only a fresh process shows (progress on fd 1,
+    nothing written into HOME or TMPDIR) is the seed job's, which runs alone (``convert``)."""
+    argv: list[str] = []
+    for name in names:
+        source, fmt, fields = table[name]
+        job = write_job(root / name / "job", source, fmt, **fields)
+        argv += [str(job), str(job.parent / "progress.jsonl"), str(job.parent / "rc")]
+    proc = subprocess.run(
+        [sys.executable, "-c", SHARED_CHILD, *argv],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT_S * len(names),
+        check=False,
+    )
+    results = {}
+    for name in names:
+        folder = root / name / "job"
+        rc_file, progress = folder / "rc", folder / "progress.jsonl"
+        rc = int(rc_file.read_text()) if rc_file.exists() else proc.returncode
+        lines = progress.read_text().splitlines() if progress.exists() else []
+        events = [json.loads(line) for line in lines]
+        results[name] = Result(rc, events, folder / "work", proc.stdout, proc.stderr)
+    return results
+
+
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory: pytest.TempPathFactory, sources: dict[str, Path]) -> dict[str, Result]:
-    """The exporting jobs, each run once; tests read their outputs."""
-    return run_all(tmp_path_factory.mktemp("jobs"), sources, list(EXPORTING))
+    """The exporting jobs, each run once; tests read their outputs. The seed job runs in a
+    process of its own, the others in two shared ones (``convert_shared``), all at once."""
+    root = tmp_path_factory.mktemp("jobs")
+    table = job_table(root, sources)
+    shared = [name for name in EXPORTING if name != "seed"]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        seed = pool.submit(convert, root / "seed" / "job", *table["seed"][:2], **table["seed"][2])
+        groups = [pool.submit(convert_shared, root, table, shared[i::2]) for i in range(2)]
+        results = {"seed": seed.result()}
+        for group in groups:
+            results.update(group.result())
+    return results
 
 
 @pytest.fixture(scope="module")
