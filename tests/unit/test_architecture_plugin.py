@@ -23,19 +23,26 @@ ROOT = Path(__file__).resolve().parents[2]
 PLUGIN = ROOT / "examples" / "ferry-architecture-plugin"
 
 
-@pytest.fixture
-def installed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """pip-install the example into tmp_path/site (from a copy: the build writes next to its
-    sources), and put that folder on this process's path and the child's PYTHONPATH."""
-    source = tmp_path / "plugin"
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pip-install the example into a folder, once for the module (from a copy: the build writes
+    next to its sources). Nothing writes to that folder afterwards."""
+    tmp = tmp_path_factory.mktemp("plugin")
+    source = tmp / "plugin"
     shutil.copytree(PLUGIN, source)
-    site = tmp_path / "site"
+    site = tmp / "site"
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index",
          "--no-build-isolation", "--target", str(site), str(source)],
         check=True,
         timeout=300,
     )  # fmt: skip
+    return site
+
+
+@pytest.fixture
+def installed(site: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The installed example on this process's path and the child's PYTHONPATH, for one test."""
     monkeypatch.syspath_prepend(str(site))
     path = os.environ.get("PYTHONPATH", "")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(site), path])))
