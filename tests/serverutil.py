@@ -12,28 +12,13 @@ import tempfile
 import threading
 from collections.abc import Callable, Coroutine
 from concurrent.futures import Future
-from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, TypeVar
 
-from ferry.server import metrics_http
 from ferry.server.grpc.app import FerryServer
 from ferry.server.settings import Settings
 
 T = TypeVar("T")
-
-# The metrics listener's serve_forever looks for a shutdown request every 0.5 s (socketserver's
-# default poll interval) and the server's stop waits for it: 0.40-0.46 s of every test server's
-# 0.43-0.48 s stop was that wait. Servers of this process poll every 10 ms; what they serve and
-# how they stop are unchanged, only the wait is shorter.
-TEST_METRICS_POLL_S = 0.01
-
-
-def _serve_forever(self: metrics_http._Server, poll_interval: float = TEST_METRICS_POLL_S) -> None:
-    ThreadingHTTPServer.serve_forever(self, poll_interval)
-
-
-metrics_http._Server.serve_forever = _serve_forever  # type: ignore[method-assign]
 
 
 class ServerThread:

@@ -108,6 +108,11 @@ class _Handler(BaseHTTPRequestHandler):
         return None
 
 
+# How often the listener's thread looks for a stop: socketserver's default, 0.5 s, was most of
+# every server's stop (0.40-0.46 s of 0.43-0.48 s, the caller blocked in shutdown() meanwhile).
+STOP_POLL_S = 0.05
+
+
 class _Server(ThreadingHTTPServer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -162,7 +167,9 @@ class MetricsServer:
             address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
             raise bind_failure(address, host, exc) from None
         server.daemon_threads = True
-        threading.Thread(target=server.serve_forever, name="ferry-metrics", daemon=True).start()
+        threading.Thread(
+            target=server.serve_forever, args=(STOP_POLL_S,), name="ferry-metrics", daemon=True
+        ).start()
         self._server = server
         return int(server.server_address[1])
 
