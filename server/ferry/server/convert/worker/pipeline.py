@@ -29,6 +29,7 @@ from ferry.server.convert.worker import (
     drawn,
     external,
     graph,
+    lengths,
     load,
     parity,
     placement,
@@ -95,6 +96,8 @@ class Pipeline:
     client_reference: Outputs | None
     top_up: drawn.TopUp | None = None  # rows beside a short sample file's (worker.drawn)
     top_up_reference: Outputs  # the unpruned source model's outputs on them
+    # Other sizes of the declared dynamic axes, with the unpruned source's outputs (worker.lengths)
+    length_probes: list[lengths.Probe]
 
     external: bool = False  # variants are written as model + data file (models over 2 GiB)
 
@@ -158,6 +161,7 @@ class Pipeline:
             self.samples = self._validation_samples()
             self._reference_outputs()
             self._draw()
+            self._lengths()
         self._prune()
         base = self._export()
         with self._stage("check", "onnx.checker (full check)"):
@@ -340,6 +344,53 @@ class Pipeline:
             return f"fails {where}: {first_line(exc)}"
         failure = self._budget_failure(parity.compare(outputs, self.top_up_reference))
         return failure and f"{failure} {where}"
+
+    def _lengths(self) -> None:
+        """The rows every variant is also judged on at other sizes of each declared dynamic axis
+        (``worker.lengths``): the samples all share one size, and a variant calibrated there was
+        published though far off at another. The sample rows and any top-up rows, up to
+        validation.samples of them; the source model before pruning answers them here."""
+        rows = self.samples
+        if self.top_up is not None:
+            added = self.top_up.rows.arrays
+            rows = parity.Samples(
+                {n: np.concatenate([a, added[n]]) for n, a in rows.arrays.items()}, rows.batched
+            )
+        self.length_probes = []
+        if not lengths.sizes(self.source.inputs, rows):
+            return
+        source = self._source_runner()  # one session (or module) for every size
+        self.length_probes = lengths.probes(
+            self.source.inputs,
+            rows,
+            self.spec.validation.samples,
+            lambda at: parity.run_batches(source, at, self.spec.max_batch_size),
+            self.notes,
+        )
+        if self.length_probes:
+            assert self.report.validation is not None  # written by _validation_samples
+            judged: dict[str, list[int]] = {}
+            for probe in self.length_probes:
+                judged.setdefault(probe.axis, []).append(probe.size)
+            self.report.validation.lengths = judged
+
+    def _lengths_failure(self, variant: Variant) -> str:
+        """The budget at the other sizes of the dynamic axes: '' within it, else why not at
+        each size it fails."""
+        if not self.length_probes:
+            return ""
+        failures = []
+        run = parity.onnx_runner(variant.path, self.threads, self.providers)  # one session
+        for probe in self.length_probes:
+            where = f"{probe.describe()}, a size the served version accepts"
+            try:
+                outputs = parity.run_batches(run, probe.rows, self.spec.max_batch_size)
+            except Exception as exc:
+                failures.append(f"fails {where}: {first_line(exc)}")
+                continue
+            failure = self._budget_failure(parity.compare(outputs, probe.reference))
+            failures += [f"{failure} {where}"] if failure else []
+        return "; ".join(failures)
 
     def _distinct_names(self) -> None:
         """ONNX names each value once: an output named like an input made the export fail late,
@@ -617,7 +668,14 @@ class Pipeline:
             if self.client_reference is not None:
                 record.vs_reference = parity.compare(variant.outputs, self.client_reference)
             failure = "; ".join(
-                filter(None, [self._budget_failure(vs_baseline), self._drawn_failure(variant)])
+                filter(
+                    None,
+                    [
+                        self._budget_failure(vs_baseline),
+                        self._drawn_failure(variant),
+                        self._lengths_failure(variant),
+                    ],
+                )
             )
             record.budget_against = self.baseline_name
             record.within_budget = not failure

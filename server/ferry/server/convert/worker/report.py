@@ -44,12 +44,13 @@ def _figures(value: Figures | None) -> dict[str, Any] | None:
     return None if value is None else value.to_dict()
 
 
-def _asdict_present(record: Any, optional: str) -> dict[str, Any]:
-    """``asdict`` without the ``optional`` key while it is None: a section not reached is absent
-    from report.json, never null."""
+def _asdict_present(record: Any, *optional: str) -> dict[str, Any]:
+    """``asdict`` without the ``optional`` keys while they are None: a section not reached is
+    absent from report.json, never null."""
     out: dict[str, Any] = asdict(record)
-    if out[optional] is None:
-        del out[optional]
+    for key in optional:
+        if out[key] is None:
+            del out[key]
     return out
 
 
@@ -82,9 +83,12 @@ class ValidationRecord:
     # The rows a sample file shorter than validation.samples was topped up with (worker.drawn),
     # on which every variant was judged too: {calibration, drawn}, absent when none were.
     top_up: dict[str, int] | None = None
+    # The other sizes of each declared dynamic axis every variant was judged at too
+    # (worker.lengths): {axis name: [sizes]}, absent when none were.
+    lengths: dict[str, list[int]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return _asdict_present(self, "top_up")
+        return _asdict_present(self, "top_up", "lengths")
 
 
 @dataclass
