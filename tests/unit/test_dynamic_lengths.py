@@ -79,8 +79,8 @@ def test_a_variant_within_budget_at_the_samples_length_but_not_at_the_lower_boun
         "CONVERSION_FAILED",
         "validate",
         "the static_int8 variant is below the accuracy budget",
-        "at sequence=1 (16 rows: the samples' 12 positions, the first positions), a size the "
-        "served version accepts",
+        "at sequence=1 (48 rows, 32 of them the calibration file's: the samples' 12 positions, "
+        "their first positions), a size the served version accepts",
     )
 
 
@@ -159,3 +159,29 @@ def test_a_length_the_source_cannot_answer_is_skipped_with_a_note() -> None:
         "variants not judged at seq=8 (rows made from the samples' 4): the source model fails "
         "there (Gather index 7 out of range)"
     ]
+
+
+def test_calibration_rows_join_the_samples_at_each_size_up_to_the_most_rows() -> None:
+    """Sixteen one-token rows missed an int8 bag of words that was off on one-token texts."""
+    inputs = [InputSpec("ids", "INT64", [-1, 4], [DynamicAxis(1, "seq", 1, 8)])]
+    rows = Samples({"ids": np.ones((16, 4), np.int64)}, batched=True)
+    # Calibrated at another length: cropped or repeated like the samples, to the same size.
+    calibration = Samples({"ids": np.full((100, 6), 2, np.int64)}, batched=True)
+
+    def source(samples: Samples) -> list[np.ndarray]:
+        return [samples.arrays["ids"].sum(1, keepdims=True).astype(np.float32)]
+
+    probes = lengths.probes(inputs, rows, 16, source, [], calibration=calibration)
+    assert [(p.size, len(p.rows), p.calibration) for p in probes] == [
+        (1, 64, 48),
+        (2, 64, 48),
+        (8, 64, 48),
+    ]
+    assert probes[0].reference[0][:, 0].tolist() == [1.0] * 16 + [2.0] * 48
+    assert "64 rows, 48 of them the calibration file's" in probes[0].describe()
+    # A calibration file whose other inputs differ in shape cannot join: the samples alone.
+    two = [*inputs, InputSpec("x", "FP32", [-1, 3])]
+    rows.arrays["x"] = np.zeros((16, 3), np.float32)
+    other = Samples({"ids": calibration.arrays["ids"], "x": np.zeros((100, 5), np.float32)}, True)
+    (first, *_) = lengths.probes(two, rows, 16, source, [], calibration=other)
+    assert (len(first.rows), first.calibration) == (16, 0)

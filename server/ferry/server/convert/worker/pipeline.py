@@ -349,7 +349,8 @@ class Pipeline:
         """The rows every variant is also judged on at other sizes of each declared dynamic axis
         (``worker.lengths``): the samples all share one size, and a variant calibrated there was
         published though far off at another. The sample rows and any top-up rows, up to
-        validation.samples of them; the source model before pruning answers them here."""
+        validation.samples of them, then the calibration file's (``lengths.MOST_ROWS`` in all);
+        the source model before pruning answers them here."""
         rows = self.samples
         if self.top_up is not None:
             added = self.top_up.rows.arrays
@@ -366,6 +367,7 @@ class Pipeline:
             self.spec.validation.samples,
             lambda at: parity.run_batches(source, at, self.spec.max_batch_size),
             self.notes,
+            calibration=self._calibration_rows(),
         )
         if self.length_probes:
             assert self.report.validation is not None  # written by _validation_samples
