@@ -10,6 +10,7 @@ import contextlib
 import os
 import queue
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from helpers import WAIT_S, make_repo, wait_for
 
 from ferry.client import InferenceClient, RepositoryClient
 from ferry.server.core.repository import ModelRepository
-from ferry.server.examples import mlp_model, seed_model, write_model
+from ferry.server.examples import large_model, mlp_model, seed_model, write_model
 from ferry.server.workers import control
 
 X = {"input": np.ones((1, 64), np.float32)}
@@ -444,3 +445,23 @@ def test_the_shadow_comparison_is_the_sum_over_workers_and_outlives_one(tmp_path
         fleet.wait_line(rf"worker 1 ready \(pid {pid}\)")
         assert repo.get_rollout("m").shadow["compared"] == compared
         assert line in _scrape(fleet)
+
+
+def test_a_worker_whose_own_load_fails_is_started_again_and_serves_the_model(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A load that succeeded in the first process but failed in one worker (out of memory
+    there: its address space is capped here) answered OK to the management call, and the
+    worker's share of connections was told the model was not ready. The worker is started
+    again from the repository and serves the model like the others."""
+    victim = fleet.pids[1]
+    status = Path(f"/proc/{victim}/status").read_text()
+    size = int(status.split("VmSize:")[1].split()[0]) * 1024
+    cap = size + (32 << 20)  # far less than the model's 128 MiB of weights
+    resource.prlimit(victim, resource.RLIMIT_AS, (cap, resource.RLIM_INFINITY))
+    write_model(ModelRepository(tmp_path / "repo"), "big", large_model(128))
+    with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+        repo.load_model("big")
+    fleet.wait_line(rf"worker 1 \(pid {victim}\) did not apply load big: killed")
+    fleet.wait_line(r"worker 1 ready")
+    assert _serves(fleet.run_dir, 1, "big")

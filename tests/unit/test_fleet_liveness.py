@@ -140,6 +140,31 @@ def test_a_worker_that_does_not_apply_a_change_is_started_again(
     asyncio.run(run())
 
 
+@pytest.mark.parametrize(
+    ("theirs", "killed"),
+    [({}, True), ({"big": [2]}, True), ({"big": [1]}, False), ({"big": [1, 2]}, False)],
+)
+def test_a_worker_whose_own_load_failed_is_started_again(
+    tmp_path: Path, theirs: dict[str, list[int]], killed: bool
+) -> None:
+    """The worker answered the load, but its own load failed (out of memory there, say): it
+    served 1 connection in N without the model the management call loaded. Started again, it
+    loads it from the repository."""
+
+    class _Failed(_Peers):
+        async def call(self, path: Path, method: str, ask: Any, seconds: float) -> Any:
+            return {"ok": not killed, "message": "std::bad_alloc", "serving": theirs}
+
+    async def run() -> None:
+        peers = _Failed(tmp_path)
+        fleet, proc = _fleet(tmp_path, peers, 30.0)
+        fleet._serving = lambda model: {"big": [1]}
+        await fleet.follow("load", "big")
+        assert proc.killed.is_set() == killed
+
+    asyncio.run(run())
+
+
 def test_one_missed_check_after_a_stall_of_the_first_process_kills_nothing(
     tmp_path: Path,
 ) -> None:

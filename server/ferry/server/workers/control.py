@@ -24,7 +24,7 @@ import grpc
 from grpc import aio
 
 from ferry.server.core.dataplane import DataPlane, shadow_to_row
-from ferry.server.core.types import BatchStatistics, Duration, VersionStatistics
+from ferry.server.core.types import BatchStatistics, Duration, State, VersionStatistics
 from ferry.server.errors import FerryError
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,20 @@ def stats_from_json(d: dict[str, Any]) -> VersionStatistics:
         plan_changes=int(d.get("plan_changes", 0)),
         device_executions=tuple((int(i), int(n)) for i, n in d.get("device_executions", ())),
     )
+
+
+def serving(dataplane: DataPlane, model: str) -> dict[str, list[int]]:
+    """The READY versions of ``model`` (of every model for ""): what a worker answers after it
+    applied a change, and what the first process compares with its own (fleet.follow)."""
+    try:
+        statuses = dataplane.list_models(model)
+    except FerryError:  # not known here: it serves no version of it
+        return {}
+    out: dict[str, list[int]] = {}
+    for s in statuses:
+        if s.state is State.READY:
+            out.setdefault(s.name, []).append(s.version)
+    return out
 
 
 class Retired(Protocol):
@@ -173,8 +187,10 @@ class ControlService(grpc.GenericRpcHandler):
                 await self._dataplane.refresh()
         except FerryError as exc:  # the first worker reports its own outcome; this is a log line
             log.warning("worker could not %s %s: %s", op, model or "the repository", exc.message)
-            return encode({"ok": False, "message": exc.message})
-        return encode({"ok": True})
+            return encode(
+                {"ok": False, "message": exc.message, "serving": serving(self._dataplane, model)}
+            )
+        return encode({"ok": True, "serving": serving(self._dataplane, model)})
 
 
 async def start_control(socket_path: str, service: ControlService) -> aio.Server:

@@ -101,6 +101,7 @@ class WorkerFleet:
         ready: Callable[[], bool] = lambda: True,
         load_seconds: float = 0.0,
         refresh: Callable[[], Awaitable[object]] | None = None,
+        serving: Callable[[str], dict[str, list[int]]] | None = None,
     ) -> None:
         self.settings = settings
         self.run_dir = run_dir
@@ -115,6 +116,9 @@ class WorkerFleet:
         # (an explicit refresh): run before a dead worker is started again, which loads that
         # state from the folder.
         self._refresh = refresh
+        # model ("": every one) -> the versions this process serves (control.serving): after
+        # a change, a worker must serve at least those (follow).
+        self._serving = serving
         self._workers = [_Worker(i) for i in range(1, count)]
         self._flags: list[str] = []
         self._stopping = False
@@ -309,8 +313,13 @@ class WorkerFleet:
 
     async def follow(self, op: str, model: str) -> None:
         """Apply a repository change on every other worker; returns when all have, or when a
-        worker that did not was killed (it starts again from the repository's state)."""
+        worker that did not was killed (it starts again from the repository's state). Not
+        applied: the call failed, or the worker answered but does not serve a version this
+        process serves after the change (its own load failed: out of memory, a file it could
+        not read), so 1 connection in N was refused a model the management call loaded."""
         ask = {"op": op, "model": model}
+        # Now, before any await: this process's state right after the change it follows.
+        mine = self._serving(model) if self._serving is not None else None
         async with self._changes:
             paths = self.peers.sockets()
             asked = {p: self._worker_at(p) for p in paths}
@@ -319,9 +328,13 @@ class WorkerFleet:
                 return_exceptions=True,
             )
         for path, answer in zip(paths, answers, strict=True):
+            why: object = answer
             if not isinstance(answer, BaseException):
-                continue
-            log.warning("worker %s did not apply %s %s: %s", path.name, op, model, answer)
+                lacks = _lacks(mine, answer)
+                if not lacks:
+                    continue
+                why = f"it does not serve {lacks}: {answer.get('message') or 'no reason given'}"
+            log.warning("worker %s did not apply %s %s: %s", path.name, op, model, why)
             worker, pid = asked[path]
             # Still the process that was asked, alive, and past its start: it serves what the
             # repository no longer says (a version unloaded, a model not loaded) until told.
@@ -362,6 +375,20 @@ class WorkerFleet:
                     proc.kill()
             await asyncio.gather(*(p.wait() for p in running))
         await self.peers.close()
+
+
+def _lacks(mine: dict[str, list[int]] | None, answer: object) -> str:
+    """The versions this process serves that a worker's answer to a change says it does not
+    ("" when none, or when either side did not say)."""
+    if mine is None or not isinstance(answer, dict) or not isinstance(answer.get("serving"), dict):
+        return ""
+    theirs = answer["serving"]
+    missing = [
+        f"{name} version {v}"
+        for name, versions in sorted(mine.items())
+        for v in sorted(set(versions) - set(theirs.get(name) or ()))
+    ]
+    return ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
 
 
 async def _ready(sock: Path) -> bool | None:
