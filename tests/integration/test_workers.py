@@ -465,3 +465,38 @@ def test_a_worker_whose_own_load_fails_is_started_again_and_serves_the_model(
     fleet.wait_line(rf"worker 1 \(pid {victim}\) did not apply load big: killed")
     fleet.wait_line(r"worker 1 ready")
     assert _serves(fleet.run_dir, 1, "big")
+
+
+def test_a_worker_killed_while_the_fleet_starts_ends_the_server_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """Killed while it loads (the OOM killer, say), a worker ended ``ferry serve`` with a
+    traceback and "Event loop is closed" noise, and left the run folder in /tmp; what did
+    start now stops, the folder goes, and the server says which worker died."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    env["TMPDIR"] = str(tmp_path)  # the run folder is made here: the test sees it go
+    args = [sys.executable, "-m", "ferry.server", "--repository", str(root), "--workers", "2"]
+    args += ["--host", "127.0.0.1", "--port", "0", "--management-port", "-1"]
+    args += ["--http-port", "-1", "--management-http-port", "-1", "--metrics-port", "-1"]
+    proc = subprocess.Popen(
+        args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+    )
+    try:
+        started: list[int] = []
+
+        def worker_started() -> bool:
+            started.extend(_children(proc.pid))
+            return bool(started) or proc.poll() is not None
+
+        wait_for(worker_started, "the worker to be started")
+        os.kill(started[0], signal.SIGKILL)  # long before it has imported what it serves with
+        _, err = proc.communicate(timeout=WAIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 1, err
+    assert err.rstrip().splitlines()[-1] == "ferry serve: worker 1 exited with -9 while starting"
+    assert "Traceback" not in err and "Event loop is closed" not in err
+    assert not list(tmp_path.glob("ferry-workers-*"))

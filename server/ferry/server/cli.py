@@ -22,6 +22,7 @@ def serve(args: argparse.Namespace) -> int:
     try:
         from ferry.server.errors import FerryError
         from ferry.server.grpc.app import FerryServer
+        from ferry.server.workers.fleet import WorkerStartError
     except ImportError as exc:  # the SDK alone is installed: say which extra serves
         print(
             f"ferry serve: the server is not installed ({exc}); install it with "
@@ -45,6 +46,9 @@ def serve(args: argparse.Namespace) -> int:
         return 1
     except FerryError as exc:  # e.g. a missing repository folder
         print(f"ferry serve: {exc.message}", file=sys.stderr)
+        return 1
+    except WorkerStartError as exc:  # --workers: one died while the fleet started
+        print(f"ferry serve: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -529,7 +529,15 @@ class FerryServer:
         stop = self._stop_requested
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await self.start()
+        try:
+            await self.start()
+        except Exception:
+            # What did start stops: a worker that died while the fleet started (killed for
+            # memory while it loaded) left the first process's listeners, the other workers'
+            # loads and the run folder in /tmp to asyncio.run's teardown, which reported "Event
+            # loop is closed" tracebacks and removed no folder.
+            await self.stop()
+            raise
         await stop.wait()
         log.info("ferry shutting down (grace %.1fs)", self.settings.grace_period)
         await self.stop()

@@ -54,6 +54,12 @@ ENV_PARENT = "FERRY_WORKER_PARENT"
 ENV_UNLOADED = "FERRY_WORKER_UNLOADED_FILE"
 
 
+class WorkerStartError(RuntimeError):
+    """A worker exited, or was not ready in time, while it started: at the fleet's start this
+    ends ``ferry serve`` with that one line (and what did start is stopped); later, the worker
+    is started again."""
+
+
 def worker_flags(settings: Settings, *, port: int, http_port: int) -> list[str]:
     """The first process's settings as flags, with what a worker does differently: the ports
     already bound (so that port 0 resolves once), and no management, conversion or metrics."""
@@ -200,7 +206,7 @@ class WorkerFleet:
         assert worker.proc is not None
         while self._clock() < deadline:
             if worker.proc.returncode is not None:
-                raise RuntimeError(
+                raise WorkerStartError(
                     f"worker {worker.index} exited with {worker.proc.returncode} while starting"
                 )
             answer = await _ready(sock)
@@ -208,7 +214,7 @@ class WorkerFleet:
                 self.peers.forget(sock)  # a channel made while it restarted may be backing off
                 return
             await asyncio.sleep(0.05)
-        raise RuntimeError(
+        raise WorkerStartError(
             f"worker {worker.index} was not ready within {within:.0f} s ({READY_TIMEOUT:.0f} s "
             f"and {self.count} x the {self.load_seconds:.0f} s the first process took to load)"
         )
