@@ -215,6 +215,8 @@ def test_a_killed_worker_is_started_again_while_the_other_serves(fleet: Fleet) -
     # reported, so a counter never goes down (Prometheus would read a reset) ...
     after = _scrape(fleet)
     assert "ferry_worker_restarts_total 1\n" in after
+    # Its HELP says so too: it said the sums dropped by what the dead worker had counted.
+    assert "so no counter goes down" in after
     assert _counter(after, ok) > sent and _counter(after, inferences) > sent
     # ... and what every worker holds now, the new process's counts, is added to it.
     with InferenceClient(f"127.0.0.1:{fleet.port}") as client:

@@ -275,8 +275,7 @@ class Metrics:
         if self._worker_restarts is not None:
             out.append(
                 "# HELP ferry_worker_restarts_total Worker processes that exited and were started "
-                "again; each restart starts that worker's counters from zero, so sums over the "
-                "workers drop by what it had counted"
+                "again; the sums keep what each had counted, so no counter goes down"
             )
             out.append("# TYPE ferry_worker_restarts_total counter")
             out.append(f"ferry_worker_restarts_total {self._worker_restarts()}")

@@ -130,8 +130,8 @@ class WorkerFleet:
         self._stopping = False
         self._monitors: list[asyncio.Task[None]] = []
         self._changes = asyncio.Lock()  # follow() and a started worker's catch-up, one at a time
-        # Workers that exited and were started again: their counters started from zero, which
-        # a sum over workers shows as a drop (docs/deployment.md); /metrics carries this count.
+        # Workers that exited and were started again: their counters start from zero, and the
+        # sums keep what the dead process last reported (peers.retire); /metrics counts them.
         self.restarts = 0
         self._clock = time.monotonic  # the liveness check's and start-up's (a test's own)
         self.load_seconds = load_seconds
