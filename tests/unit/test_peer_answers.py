@@ -5,6 +5,7 @@ started again, while the version it counted stays loaded; the kept answers are b
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import grpc
@@ -170,3 +171,46 @@ def test_the_first_worker_retires_a_dead_process_once_and_names_it(tmp_path: Pat
     peers._answered(sock, control.STATISTICS, every, {"process": "b", "rows": [_row("m", 1, 1)]})
     (kept,) = peers.retired_statistics()
     assert kept.inference_count == 5
+
+
+def test_a_scrape_asks_every_worker_at_once(tmp_path: Path) -> None:
+    """Asked one after the other, each stuck worker added the 2 s call timeout, and three of
+    them took a scrape past Prometheus' 10 s default. Here each worker answers only once all
+    three have been asked: one at a time, every call timed out and the sum had no row."""
+    import threading
+    from concurrent import futures
+
+    arrived = threading.Barrier(3, timeout=peers_module.SCRAPE_CALL_TIMEOUT * 2)
+    buckets = [0] * 15
+
+    class _Worker(grpc.GenericRpcHandler):
+        def __init__(self, index: int) -> None:
+            self.index = index
+
+        def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+            if details.method != control.REQUESTS:
+                return None
+
+            def answer(raw: bytes, context: grpc.ServicerContext) -> bytes:
+                with contextlib.suppress(threading.BrokenBarrierError):
+                    arrived.wait()
+                row = [f"m{self.index}", 1, {"OK": 1}, buckets, 0.0]
+                return control.encode({"process": f"p{self.index}", "rows": [row]})
+
+            return grpc.unary_unary_rpc_method_handler(answer)
+
+    servers = []
+    for index in (1, 2, 3):
+        server = grpc.server(futures.ThreadPoolExecutor(2))
+        server.add_generic_rpc_handlers((_Worker(index),))
+        server.add_insecure_port(f"unix:{tmp_path / f'worker-{index}.sock'}")
+        server.start()
+        servers.append(server)
+    peers = Peers(tmp_path, tmp_path / "worker-0.sock")
+    try:
+        rows = peers.requests_sync()
+    finally:
+        peers.close_sync()
+        for server in servers:
+            server.stop(None)
+    assert sorted(row[0] for row in rows) == ["m1", "m2", "m3"]

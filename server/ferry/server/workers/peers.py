@@ -296,18 +296,23 @@ class Peers:
         self._aio.clear()
 
     # ---- metrics thread ----
-    def _sync_call(self, path: Path, method: str, ask: Any) -> Any:
+    def _sync_call(self, path: Path, method: str, ask: Any) -> grpc.Future:
         channel = self._sync.get(path)
         if channel is None:
             channel = self._sync[path] = grpc.insecure_channel(f"unix:{path}")
         rpc: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
-        return control.decode(rpc(control.encode(ask), timeout=SCRAPE_CALL_TIMEOUT))
+        return rpc.future(control.encode(ask), timeout=SCRAPE_CALL_TIMEOUT)
 
     def _gather_sync(self, method: str, ask: Any) -> list[Any]:
+        """Every worker asked at once, as the event loop's ``statistics`` does: one after the
+        other, each stuck worker (stopped, swapping) added SCRAPE_CALL_TIMEOUT, and with three
+        of them a scrape ran past Prometheus' 10 s default, so it got no metrics at all."""
+        paths = self.sockets()
+        calls = [self._sync_call(path, method, ask) for path in paths]
         out = []
-        for path in self.sockets():
+        for path, call in zip(paths, calls, strict=True):
             try:
-                answer: Any = self._sync_call(path, method, ask)
+                answer: Any = control.decode(call.result())
             except grpc.RpcError as exc:
                 answer = exc
             kept = self._answered(path, method, ask, answer)
