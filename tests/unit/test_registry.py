@@ -23,7 +23,7 @@ from ferry.server.core.dataplane import DataPlane, InferenceRequest
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.types import State
-from ferry.server.errors import ModelNotFound, ModelNotReady, VersionNotFound
+from ferry.server.errors import FailedPrecondition, ModelNotFound, ModelNotReady, VersionNotFound
 from ferry.server.examples import identity_model, mlp_model, seed_model, write_model
 from ferry.server.runtime.session import open_session
 
@@ -403,6 +403,38 @@ def test_removed_model_folder_is_unloaded(repo: ModelRepository) -> None:
         with pytest.raises(ModelNotFound):
             registry.get("seed")
         assert _states(registry) == {"keep/1": "READY"}
+        await registry.close()
+
+    arun(main)
+
+
+def test_a_repository_link_swapped_to_a_new_tree_is_followed(tmp_path: Path) -> None:
+    """git-sync (and `ln -sfn release-N repo`) swaps a link to a new checkout and removes the
+    old one. The root was resolved once at start: a refresh saw none of the new tree, and once
+    the old tree was gone every refresh failed INTERNAL (FileNotFoundError)."""
+    old, new, link = tmp_path / "tree1", tmp_path / "tree2", tmp_path / "repo"
+    write_model(ModelRepository(old), "seed", seed_model(1))
+    write_model(ModelRepository(new), "seed", seed_model(1))
+    write_model(ModelRepository(new), "seed", seed_model(2), version=2)
+    write_model(ModelRepository(new), "added", seed_model())
+    link.symlink_to(old, target_is_directory=True)
+
+    async def main() -> None:
+        registry = _registry(ModelRepository(link))
+        await registry.refresh()
+        assert _states(registry) == {"seed/1": "READY"}
+        (tmp_path / "swap").symlink_to(new, target_is_directory=True)
+        os.replace(tmp_path / "swap", link)
+        shutil.rmtree(old)
+        result = await registry.refresh()
+        assert sorted(result.loaded) == ["added/1", "seed/2"]
+        assert _states(registry) == {"added/1": "READY", "seed/2": "READY"}
+        # The repository gone altogether: the refresh is refused, precisely, and what is
+        # loaded keeps serving (an unmounted volume is not "every model deleted").
+        link.unlink()
+        with pytest.raises(FailedPrecondition, match=r"cannot be read.*keeps serving"):
+            await registry.refresh()
+        assert _states(registry) == {"added/1": "READY", "seed/2": "READY"}
         await registry.close()
 
     arun(main)

@@ -115,8 +115,8 @@ class ConversionService:
     def open(self) -> None:
         """Open the database and settle what a previous process left: interrupted jobs fail,
         their folders and any partial upload go."""
-        state = self.state_dir.resolve()
-        if state == self.repository.root or self.repository.root in state.parents:
+        state, root = self.state_dir.resolve(), self.repository.root.resolve()
+        if state == root or root in state.parents:
             raise InvalidArgument(
                 f"state folder {state} is inside the model repository, which would list it as "
                 "a model: choose a --state-dir outside it"

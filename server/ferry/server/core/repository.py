@@ -81,13 +81,18 @@ class ModelRepository:
             )
         if not path.is_dir():
             raise InvalidArgument(f"model repository {str(path)!r} is not a folder")
-        self.root = path.resolve()
+        # Absolute, not resolved: a repository that is a link swapped to a new tree (git-sync,
+        # a release folder switched by `ln -sfn`) is read through the link at each look. Resolved
+        # once, the server kept reading the tree it started on: a refresh saw none of the new
+        # models, and once the old tree was removed every Refresh answered INTERNAL.
+        self.root = Path(os.path.abspath(path))
 
     # ---- names -> paths (the one place) ----
     def model_dir(self, name: str) -> Path:
         validate_model_name(name)
-        path = (self.root / name).resolve()
-        if path.parent != self.root:
+        root = self.root.resolve()  # the tree the root names now
+        path = (root / name).resolve()
+        if path.parent != root:
             raise InvalidArgument(f"model name {name!r} resolves outside the repository")
         return path
 
@@ -101,7 +106,16 @@ class ModelRepository:
     def list_models(self) -> list[str]:
         """Folders whose names are valid model names; others (temp folders, junk) are skipped."""
         names = []
-        for entry in sorted(self.root.iterdir()):
+        try:
+            entries = sorted(self.root.iterdir())
+        except OSError as exc:
+            # Gone or unreadable (a link to a removed tree, an unmounted volume): the refresh
+            # is refused and what is loaded keeps serving, rather than INTERNAL.
+            raise FailedPrecondition(
+                f"model repository {str(self.root)!r} cannot be read ({exc.strerror or exc}): "
+                "what is loaded keeps serving; restore the folder and refresh again"
+            ) from None
+        for entry in entries:
             if entry.is_dir() and not entry.is_symlink() and MODEL_NAME_RE.fullmatch(entry.name):
                 names.append(entry.name)
         return names
