@@ -1091,20 +1091,28 @@ def test_an_edit_of_a_model_whose_config_does_not_parse_is_a_failed_precondition
     tmp_path: Path,
 ) -> None:
     """DeleteModelVersion and SetDefaultVersion were INVALID_ARGUMENT when the model's config
-    file did not parse: the call was fine, the repository was not."""
+    file did not parse: the call was fine, the repository was not. Clearing the default
+    (version 0) read the file only to edit it, and answered INTERNAL (JSONDecodeError,
+    UnicodeDecodeError)."""
     from ferry.server.core import versions
 
     repo = _repo(tmp_path)
-    (repo.model_dir("m") / "config.json").write_text("{bad")
+    mdir = repo.model_dir("m")
 
     async def scenario() -> None:
         registry = ModelRegistry(repo, open_session, warm_up=False)
-        for edit in (
-            versions.delete_version(repo, registry, "m", 1),
-            versions.set_default_version(repo, registry, "m", 1),
-        ):
-            with pytest.raises(FailedPrecondition, match=r"config\.json cannot be parsed.*fix"):
-                await edit
+        for name, content in (("config.json", b"{bad"), ("config.toml", b"\xff\xfe[batching]")):
+            for other in ("config.json", "config.toml"):
+                (mdir / other).unlink(missing_ok=True)
+            (mdir / name).write_bytes(content)
+            for edit in (
+                versions.delete_version(repo, registry, "m", 1),
+                versions.set_default_version(repo, registry, "m", 1),
+                versions.set_default_version(repo, registry, "m", 0),
+            ):
+                with pytest.raises(FailedPrecondition, match=rf"{name} cannot be parsed.*fix"):
+                    await edit
+            assert (mdir / name).read_bytes() == content
         assert repo.list_versions("m") == [1, 2]
         await registry.close()
 

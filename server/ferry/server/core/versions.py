@@ -143,9 +143,11 @@ async def _set_default_checked(repository: ModelRepository, name: str, version: 
         raise ModelNotFound(f"model {name!r} is not in the repository")
     on_disk = repository.list_versions(name)
     policy_value = None
+    # Read first, whatever the edit: clearing the default (0) read the file only to edit it,
+    # and a config.json that is not JSON, or a config.toml that is not UTF-8, answered INTERNAL.
+    policy = _model_config(mdir).version_policy
     if version:
         repository.require_version(name, validate_version(version))
-        policy = _model_config(mdir).version_policy
         if version not in policy.select(on_disk):
             if policy.specific:
                 raise FailedPrecondition(
@@ -157,7 +159,7 @@ async def _set_default_checked(repository: ModelRepository, name: str, version: 
     if live is not None and live.shadow is not None and not live.split:
         after = version
         if not after:  # cleared: the newest version the policy serves
-            after = max(_model_config(mdir).version_policy.select(on_disk), default=0)
+            after = max(policy.select(on_disk), default=0)
         what = f"making {version} the default" if version else "clearing the default version"
         _keep_shadow_off_traffic(live, name, after, what)
     path = find_config_file(mdir)
