@@ -435,6 +435,8 @@ def test_a_repository_link_swapped_to_a_new_tree_is_followed(tmp_path: Path) -> 
         with pytest.raises(FailedPrecondition, match=r"cannot be read.*keeps serving"):
             await registry.refresh()
         assert _states(registry) == {"added/1": "READY", "seed/2": "READY"}
+        # The repository index still lists what is served (it was INTERNAL).
+        assert [(r.name, r.version) for r in registry.index()] == [("added", 1), ("seed", 2)]
         await registry.close()
 
     arun(main)

@@ -563,7 +563,11 @@ class ModelRegistry:
                 rows.append(IndexEntry(entry.name, None, State.UNLOADED, why))
         for status in self.statuses():
             rows.append(IndexEntry(status.name, status.version, status.state, status.reason))
-        for name in self.repository.list_models():
+        try:
+            on_disk = self.repository.list_models()
+        except FailedPrecondition:  # unreadable (a refresh says why): the served rows still answer
+            on_disk = []
+        for name in on_disk:
             if name not in self.models:
                 rows.append(IndexEntry(name, None, State.UNLOADED, "unloaded"))
         rows.sort(key=lambda r: (r.name, r.version or 0))
