@@ -284,6 +284,21 @@ def test_a_config_that_is_not_a_file_is_refused_not_skipped(tmp_path: Path, kind
         load_config(tmp_path)
 
 
+def test_a_version_config_that_is_not_a_file_names_the_model_and_the_version(
+    tmp_path: Path,
+) -> None:
+    """The message named the version's folder alone ('1/config.json'), not whose version."""
+    vdir = tmp_path / "resnet" / "1"
+    (vdir / "config.json").mkdir(parents=True)
+    with pytest.raises(InvalidArgument, match=r"^resnet/1/config\.json is not a readable file"):
+        apply_version_config(ModelConfig(), vdir)
+    (vdir / "config.json").rmdir()
+    (vdir / "config.json").write_text("{}")
+    (vdir / "config.toml").write_text("")
+    with pytest.raises(InvalidArgument, match=r"folder 'resnet/1' has both"):
+        apply_version_config(ModelConfig(), vdir)
+
+
 def test_a_version_config_may_name_its_providers_either_way(tmp_path: Path) -> None:
     """The documented execution_providers form met the model's providers in the merge and was
     refused as setting both."""

@@ -166,7 +166,11 @@ class ModelConfig:
         return replace(self, batching=replace(self.batching, max_batch_size=value))
 
 
-def find_config_file(model_dir: Path) -> Path | None:
+def find_config_file(model_dir: Path, label: str = "") -> Path | None:
+    """The folder's config file (None: none). ``label``: the folder as messages name it (a
+    version's is ``<model>/<version>``: named by its number alone, the message did not say
+    which model's version to fix)."""
+    label = label or model_dir.name
     found = []
     for name in CONFIG_NAMES:
         path = model_dir / name
@@ -175,13 +179,11 @@ def find_config_file(model_dir: Path) -> Path | None:
         elif path.is_symlink() or path.exists():
             # A folder or a dangling link there served the model with every default, silently.
             raise InvalidArgument(
-                f"{model_dir.name}/{name} is not a readable file (a folder, or a link to "
+                f"{label}/{name} is not a readable file (a folder, or a link to "
                 "nothing): make it the config file, or remove it"
             )
     if len(found) > 1:
-        raise InvalidArgument(
-            f"model folder {model_dir.name!r} has both config.toml and config.json: keep one"
-        )
+        raise InvalidArgument(f"folder {label!r} has both config.toml and config.json: keep one")
     return found[0] if found else None
 
 
@@ -223,10 +225,11 @@ def apply_version_config(base: ModelConfig, version_dir: Path) -> ModelConfig:
     """A version may carry its own ``config.json``/``config.toml`` (a conversion job writes the
     serving config it was asked for there): its batching, instances and onnxruntime sections
     override the model's, key by key. Version policy and default version stay model-level."""
-    path = find_config_file(version_dir)
+    label = f"{version_dir.parent.name}/{version_dir.name}"
+    path = find_config_file(version_dir, label)
     if path is None:
         return base
-    where = f"{version_dir.parent.name}/{version_dir.name}/{path.name}"
+    where = f"{label}/{path.name}"
     try:
         raw = _read(path)
     except (OSError, ValueError) as exc:
