@@ -777,3 +777,35 @@ def test_a_version_asked_for_while_its_model_loads_is_not_ready_not_missing(
         await registry.close()
 
     asyncio.run(main())
+
+
+def test_a_load_is_answered_by_its_own_outcome_not_by_an_unload_queued_behind_it(
+    repo: ModelRepository,
+) -> None:
+    """A LoadModel that loaded the model was answered FAILED_PRECONDITION 'it has no version
+    folder the version policy selects' when an UnloadModel queued behind it ran before the
+    answer was written: the load was judged on the state the unload left."""
+    write_model(repo, "seed", seed_model())
+    entered, gate = threading.Event(), threading.Event()
+
+    def held(path: Path, config: Any) -> Any:
+        entered.set()
+        gate.wait(GUARD_S)
+        return open_session(path, config)
+
+    async def main() -> None:
+        registry = ModelRegistry(repo, held, warm_up=False)
+        dataplane = DataPlane(registry)
+        load = asyncio.ensure_future(dataplane.load("seed"))
+        await asyncio.to_thread(entered.wait, GUARD_S)
+        unload = asyncio.ensure_future(registry.unload_model("seed"))
+        await asyncio.sleep(0)  # the unload queues on the model's lock
+        gate.set()
+        outcome = await load
+        assert outcome.loaded == ["seed/1"] and outcome.failed == []
+        assert (await unload).unloaded == ["seed/1"]
+        with pytest.raises(ModelNotFound):
+            registry.get("seed")
+        await registry.close()
+
+    arun(main)

@@ -9,6 +9,7 @@ same repository outcomes, and every request is counted and observed exactly once
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import time
@@ -20,7 +21,7 @@ from ferry.server.core import inputs, shadow, shadow_sum
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import load_config
 from ferry.server.core.loaded import LoadedVersion
-from ferry.server.core.registry import ModelRegistry, run_to_end
+from ferry.server.core.registry import ModelEntry, ModelRegistry, run_to_end
 from ferry.server.core.repository import validate_model_name
 from ferry.server.core.shadow import ShadowStatistics
 from ferry.server.core.shadow_sum import add_up as add_up_shadows
@@ -273,25 +274,7 @@ class DataPlane:
         """Load (or reload) a model from the repository. A load after which no version of it
         is ready fails with FAILED_PRECONDITION and why, whichever protocol asked."""
         name = validate_model_name(model)
-        outcome = await self._registry.load_model(name)
-        entry = self._registry.models.get(name)  # an unload may have run since the load
-        if entry is None or not entry.ready_versions():
-            why = (
-                "; ".join(outcome.failed)
-                or ((entry.config_error or entry.policy_error) if entry is not None else "")
-                or "it has no version folder (<model>/<N>/model.onnx) the version policy selects"
-            )
-            raise FailedPrecondition(f"model {name!r} has no version ready after loading: {why}")
-        if outcome.failed:
-            # Some version did not load as asked (a broken config edit, a session that would
-            # not open, a new version that fails): the load failed, as Triton's does, though
-            # the versions named here keep serving what they served before.
-            ready = ", ".join(str(v) for v in entry.ready_versions())
-            raise FailedPrecondition(
-                f"model {name!r} did not load as asked: {'; '.join(outcome.failed)}; "
-                f"version(s) {ready} keep serving as before"
-            )
-        return outcome
+        return await self._registry.load_model(name, functools.partial(_check_loaded, name))
 
     async def unload(self, model: str, *, missing_ok: bool = False) -> RepositoryOutcome:
         """Stop serving a model. A model that is not loaded (unloaded already, or not in the
@@ -721,6 +704,26 @@ def _ended_by_deadline(deadline: float | None) -> bool:
     rather than by its client: grpc's timer and this clock may differ by a little, hence the
     slack."""
     return deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK
+
+
+def _check_loaded(name: str, entry: ModelEntry | None, outcome: RepositoryOutcome) -> None:
+    """A load's verdict, on the state it left (registry.load_model runs it under the lock)."""
+    if entry is None or not entry.ready_versions():
+        why = (
+            "; ".join(outcome.failed)
+            or ((entry.config_error or entry.policy_error) if entry is not None else "")
+            or "it has no version folder (<model>/<N>/model.onnx) the version policy selects"
+        )
+        raise FailedPrecondition(f"model {name!r} has no version ready after loading: {why}")
+    if outcome.failed:
+        # Some version did not load as asked (a broken config edit, a session that would
+        # not open, a new version that fails): the load failed, as Triton's does, though
+        # the versions named here keep serving what they served before.
+        ready = ", ".join(str(v) for v in entry.ready_versions())
+        raise FailedPrecondition(
+            f"model {name!r} did not load as asked: {'; '.join(outcome.failed)}; "
+            f"version(s) {ready} keep serving as before"
+        )
 
 
 def _label(request: InferenceRequest | WireRequest) -> int:

@@ -515,10 +515,19 @@ class ModelRegistry:
                 await self._follow("refresh", "")
             return result
 
-    async def load_model(self, name: str) -> RepositoryOutcome:
-        return await run_to_end(self._load_model(name))
+    async def load_model(
+        self,
+        name: str,
+        check: Callable[[ModelEntry | None, RepositoryOutcome], None] | None = None,
+    ) -> RepositoryOutcome:
+        """Load (or reload) ``name``. ``check``: the caller's verdict on the outcome, run under
+        the model's lock: judged after it, an unload queued behind the load had run, and a
+        load that served the model was answered as if it had found no version to load."""
+        return await run_to_end(self._load_model(name, check))
 
-    async def _load_model(self, name: str) -> RepositoryOutcome:
+    async def _load_model(
+        self, name: str, check: Callable[[ModelEntry | None, RepositoryOutcome], None] | None
+    ) -> RepositoryOutcome:
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._lock_of(name):
@@ -533,6 +542,8 @@ class ModelRegistry:
                 self._required.add(name)
             self._notify()
             await self._follow("load", name)
+            if check is not None:
+                check(self.models.get(name), result)
             return result
 
     async def unload_model(self, name: str) -> RepositoryOutcome:
