@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ferry.server.core.types import MAX_VERSION
+from ferry.server.core.types import MAX_VERSION, short
 from ferry.server.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -151,6 +151,40 @@ class ModelRepository:
                         f"model {name!r} has {MODEL_FILE} directly in its folder, which is not "
                         f"served: move it to a version folder, {name}/1/{MODEL_FILE} ({layout})"
                     )
+        return found + self._unserved_folders(layout)
+
+    def _unserved_folders(self, layout: str) -> list[str]:
+        """Folders that hold a model but are skipped by their name or kind, each as one line: a
+        Triton repository's model named "text encoder" or "bert@2", a model folder that is a
+        link, a version folder named "v2" or "01" served nothing, and nothing said why."""
+        found = []
+        with contextlib.suppress(OSError):
+            for entry in sorted(self.root.iterdir()):
+                if entry.name.startswith(".") or not _holds_version(entry):
+                    continue
+                if entry.is_symlink():
+                    found.append(
+                        f"model folder {entry.name!r} is a symbolic link, which is not served: "
+                        f"move (or copy) the folder itself into the repository ({layout})"
+                    )
+                elif not MODEL_NAME_RE.fullmatch(entry.name):
+                    found.append(
+                        f"folder {short(entry.name)!r} holds a model but is not a valid model "
+                        "name, so it is not served: rename it to 1-128 characters from "
+                        f"[A-Za-z0-9_.-], starting with a letter or digit ({layout})"
+                    )
+        for name in self.list_models():
+            with contextlib.suppress(OSError):
+                for entry in sorted(self.model_dir(name).iterdir()):
+                    if entry.name.startswith(".") or not (entry / MODEL_FILE).is_file():
+                        continue
+                    if not VERSION_RE.fullmatch(entry.name) or int(entry.name) > MAX_VERSION:
+                        found.append(
+                            f"model {name!r} has {MODEL_FILE} in folder "
+                            f"{short(entry.name)!r}, which is not a version folder and is "
+                            f"not served: versions are named 1, 2, ... (ASCII digits, no leading "
+                            f"zero, at most {MAX_VERSION}) ({layout})"
+                        )
         return found
 
     def has_model(self, name: str) -> bool:
@@ -288,6 +322,13 @@ class ModelRepository:
                 with contextlib.suppress(OSError):
                     mdir.rmdir()
         return removed
+
+
+def _holds_version(folder: Path) -> bool:
+    """Does ``folder`` hold ``<something>/model.onnx`` (a model's folder, by its look)?"""
+    with contextlib.suppress(OSError):
+        return folder.is_dir() and any((v / MODEL_FILE).is_file() for v in folder.iterdir())
+    return False
 
 
 def _held(path: Path) -> bool:
