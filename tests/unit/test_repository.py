@@ -210,6 +210,20 @@ def test_delete_version(repo: ModelRepository) -> None:
     assert _publish(repo, "m", b"three") == 3  # numbers are never reused while 2 exists
 
 
+def test_deleting_a_version_folder_that_is_a_link_removes_the_link_only(
+    repo: ModelRepository,
+) -> None:
+    """The link was renamed out of sight and left there (rmtree refuses a link) until a restart
+    cleaned it; what it named must stay."""
+    _publish(repo, "m", b"one")
+    mdir = repo.model_dir("m")
+    (mdir / "2").symlink_to(mdir / "1", target_is_directory=True)
+    assert repo.list_versions("m") == [1, 2]
+    repo.delete_version("m", 2)
+    assert sorted(p.name for p in mdir.iterdir()) == [DELETED_MARK, "1"]
+    assert (mdir / "1" / MODEL_FILE).read_bytes() == b"one"
+
+
 def test_clean_temporaries_removes_leftovers_only(repo: ModelRepository) -> None:
     _publish(repo, "m")
     mdir = repo.model_dir("m")

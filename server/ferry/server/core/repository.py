@@ -288,7 +288,12 @@ class ModelRepository:
         trash = vdir.with_name(f"{TMP_PREFIX}deleted-{version}-{os.getpid()}")
         os.rename(vdir, trash)
         _fsync_dir(vdir.parent)
-        shutil.rmtree(trash, ignore_errors=True)
+        if trash.is_symlink():
+            # A version folder that is a link (3 -> 2): the link goes, not what it names. rmtree
+            # refuses a link, and the renamed one stayed in the model's folder until a restart.
+            trash.unlink()
+        else:
+            shutil.rmtree(trash, ignore_errors=True)
 
     @staticmethod
     def _highest_deleted(mdir: Path) -> int:
