@@ -809,3 +809,47 @@ def test_a_load_is_answered_by_its_own_outcome_not_by_an_unload_queued_behind_it
         await registry.close()
 
     arun(main)
+
+
+def test_a_model_folder_that_cannot_be_read_fails_that_model_only(
+    repo: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model folder the server's user cannot list (another user's, mode 0700) raised its
+    PermissionError out of the refresh: Refresh answered INTERNAL, and at start no model was
+    loaded at all. (The tests run as root, which reads anything: the listing is made to fail.)"""
+    write_model(repo, "locked", seed_model())
+    write_model(repo, "open", seed_model())
+    listed = ModelRepository.list_versions
+    locked: set[str] = set()
+
+    def list_versions(self: ModelRepository, name: str) -> list[int]:
+        if name in locked:
+            raise PermissionError(13, "Permission denied", str(self.model_dir(name)))
+        return listed(self, name)
+
+    monkeypatch.setattr(ModelRepository, "list_versions", list_versions)
+
+    async def main() -> None:
+        registry = _registry(repo)
+        locked.add("locked")
+        result = await registry.refresh()
+        assert result.loaded == ["open/1"]
+        assert result.failed == [
+            "locked: its folder cannot be read (Permission denied): give the server's user "
+            "read and search permission on it, then refresh"
+        ]
+        with pytest.raises(ModelNotReady, match="cannot be read"):
+            registry.get("locked")
+        locked.clear()
+        assert (await registry.refresh()).loaded == ["locked/1"]
+        # Served, then unreadable (a stale mount): it keeps serving, and says why.
+        locked.add("locked")
+        assert len((await registry.refresh()).failed) == 1
+        assert _states(registry) == {"locked/1": "READY", "open/1": "READY"}
+        assert registry.statuses("locked")[0].reason.startswith("reload failed, still serving")
+        locked.clear()  # readable again: nothing to reload, nothing left to say
+        assert (await registry.refresh(retry_failed=False)).loaded == []
+        assert registry.statuses("locked")[0].reason == ""
+        await registry.close()
+
+    arun(main)

@@ -69,7 +69,8 @@ class ModelEntry:
     config: ModelConfig = field(default_factory=ModelConfig)
     config_signature: Signature = None
     config_error: str = ""
-    # Why the version policy serves nothing though versions are on disk (read each sync)
+    # Why nothing new is served though the folder is there (read each sync): a version policy
+    # that selects none of the versions on disk, a folder the server cannot read
     policy_error: str = ""
     versions: dict[int, VersionSlot] = field(default_factory=dict)
     rollout: rollouts.Rollout | None = None  # the live split (core.rollout), None: default only
@@ -663,6 +664,14 @@ class ModelRegistry:
             entry.config_signature,
             entry.rollout_signature,
         )
+        if scan.read_error:
+            self._unreadable(entry, scan.read_error, result, retry_failed)
+            return
+        if entry.policy_error.startswith(_UNREADABLE):  # readable again: nothing failed to load
+            unread = _still_serving(entry.policy_error)
+            for served in list(entry.versions.values()):
+                if served.reason == unread:
+                    served.reason = ""
         config_changed = scan.config_signature != entry.config_signature
         if config_changed:
             if scan.config_error and any(s.loaded is not None for s in entry.versions.values()):
@@ -754,6 +763,25 @@ class ModelRegistry:
             stale.remove(v)
         for v in stale:
             await self._unload_version(entry, v, result)
+
+    @staticmethod
+    def _unreadable(
+        entry: ModelEntry, why: str, result: RepositoryOutcome, retry_failed: bool
+    ) -> None:
+        """A model folder the server cannot list (another user's, mode 0700; a stale network
+        mount): this model fails with why, its loaded versions keep serving, and every other
+        model is synced as usual. Its PermissionError failed the whole refresh: Refresh
+        answered INTERNAL, and at start the server loaded no model at all."""
+        changed = entry.policy_error != why
+        entry.policy_error = why
+        kept = _still_serving(why)
+        for slot in list(entry.versions.values()):
+            if slot.loaded is not None and slot.reason != kept:
+                slot.reason, changed = kept, True
+        if changed:
+            log.warning("model %s: %s", entry.name, why)
+        if changed or retry_failed:
+            result.failed.append(f"{entry.name}: {why}")
 
     def _keep_one_interface(self, entry: ModelEntry) -> None:
         """A rollout whose versions, as loaded now, differ (one that did not load when the
@@ -885,6 +913,7 @@ class _FolderScan:
     rollout: rollouts.Rollout | None
     rollout_error: str
     signatures: dict[int, Signature]
+    read_error: str = ""  # the folder cannot be listed: nothing else was read
 
     def model_file(self, version: int) -> Path:
         return self.folder / str(version) / MODEL_FILE
@@ -900,15 +929,23 @@ def _scan(
     rollout file (likewise) and each version's model file signature."""
     mdir = repository.model_dir(name)
     scan = _FolderScan(mdir, _config_signature(mdir), ModelConfig(), "", [], None, None, "", {})
+    try:
+        scan.on_disk = repository.list_versions(name)
+    except FerryError:
+        scan.on_disk = []
+    except OSError as exc:
+        # Listed first: a folder that cannot be read also hides its config files, which then
+        # looked removed (every version reloaded with the defaults).
+        scan.read_error = (
+            f"{_UNREADABLE} ({exc.strerror or exc}): give the server's user read and search "
+            "permission on it, then refresh"
+        )
+        return scan
     if scan.config_signature != config_signature:
         try:
             scan.config = load_config(mdir)
         except FerryError as exc:
             scan.config_error = exc.message
-    try:
-        scan.on_disk = repository.list_versions(name)
-    except FerryError:
-        scan.on_disk = []
     scan.rollout_signature = _file_signature(mdir / rollouts.ROLLOUT_FILE)
     if scan.rollout_signature != rollout_signature:
         scan.rollout, scan.rollout_error = rollouts.read(mdir)
@@ -930,6 +967,7 @@ def _version_signature(vdir: Path) -> Signature:
     )
 
 
+_UNREADABLE = "its folder cannot be read"
 _KEPT = "kept serving"
 
 
