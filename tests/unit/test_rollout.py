@@ -221,6 +221,47 @@ def test_a_broken_rollout_file_serves_the_default_and_says_why(tmp_path: Path) -
     asyncio.run(scenario())
 
 
+def test_a_rollout_file_that_is_no_regular_file_is_refused_without_reading_it(
+    tmp_path: Path,
+) -> None:
+    """A FIFO named rollout.json held the refresh (and with it every management call) until a
+    writer came; a link to /dev/zero (or a huge file) was read whole before being cut to the
+    bound. The FIFO is opened for writing now and then here, so the test ends either way."""
+    import os
+    import threading
+
+    repo = _repo(tmp_path)
+    path = repo.model_dir("m") / rollouts.ROLLOUT_FILE
+
+    done = threading.Event()
+
+    def unblock() -> None:  # a writer now and then, which a reader stuck in open() sees end
+        while not done.wait(2.0):
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        os.mkfifo(path)
+        valve = threading.Thread(target=unblock, daemon=True)
+        valve.start()
+        try:
+            await registry.refresh()
+            assert "not a regular file" in dataplane.rollout("m").error
+            assert await _version(dataplane, "any") == 2  # the default serves
+            with pytest.raises(FailedPrecondition, match=r"cannot be read .*regular file"):
+                await dataplane.set_rollout("m", {1: 1.0}, by="test", why="")
+        finally:
+            done.set()
+        path.unlink()
+        path.symlink_to("/dev/zero")
+        await registry.refresh()
+        assert "not a regular file" in dataplane.rollout("m").error
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
 def _served_outputs(version_seed: int, x: np.ndarray) -> np.ndarray:
     import onnxruntime as ort
 

@@ -13,6 +13,7 @@ same version; a request without an id is placed at random.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import functools
 import hashlib
 import json
@@ -217,12 +218,26 @@ def parse_split(split: dict[Any, Any], where: str = "rollout") -> Rollout:
     return Rollout(tuple(sorted(out.items())))
 
 
+def _head(path: Path) -> bytes:
+    """At most ``MAX_FILE + 1`` bytes of the rollout file. Read whole and cut after, a huge
+    file (or a link to /dev/zero) took the server's memory, and a FIFO there held the refresh,
+    and with it every management call, for good."""
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+    if not path.is_file() and (path.exists() or path.is_symlink()):
+        if not path.exists():  # a dangling link: as no file, which is what it names
+            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
+        raise OSError(errno.EINVAL, "not a regular file", str(path))
+    with path.open("rb") as f:
+        return f.read(MAX_FILE + 1)
+
+
 def read(model_dir: Path) -> tuple[Rollout | None, str]:
     """The model's rollout (None: none), and an error that makes the file unusable ('' if not).
     A broken file never stops serving: the model serves its default version and says why."""
     path = model_dir / ROLLOUT_FILE
     try:
-        raw = path.read_bytes()[: MAX_FILE + 1]
+        raw = _head(path)
     except FileNotFoundError:
         return None, ""
     except OSError as exc:
@@ -256,7 +271,7 @@ def read(model_dir: Path) -> tuple[Rollout | None, str]:
 
 def history(model_dir: Path) -> list[dict[str, Any]]:
     try:
-        doc = json.loads((model_dir / ROLLOUT_FILE).read_bytes()[:MAX_FILE])
+        doc = json.loads(_head(model_dir / ROLLOUT_FILE)[:MAX_FILE])
     except (OSError, ValueError):
         return []
     entries = doc.get("history") if isinstance(doc, dict) else None
@@ -331,11 +346,16 @@ def _spec(s: TensorSpec) -> str:
 def raw(model_dir: Path) -> bytes | None:
     """The rollout file as it is (None: there is none), to put back as it was."""
     try:
-        return (model_dir / ROLLOUT_FILE).read_bytes()[: MAX_FILE + 1]
+        return _head(model_dir / ROLLOUT_FILE)
     except FileNotFoundError:
         return None
     except IsADirectoryError:  # a change could not be written there either
         raise FailedPrecondition(folder_in_place(model_dir / ROLLOUT_FILE)) from None
+    except OSError as exc:
+        raise FailedPrecondition(
+            f"{model_dir.name}/{ROLLOUT_FILE} cannot be read ({exc.strerror or exc}): make it "
+            "a regular file, or remove it, and try again"
+        ) from None
 
 
 def restore(model_dir: Path, previous: bytes | None) -> None:
