@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from ferry.server.core import versions
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
@@ -819,15 +820,15 @@ def test_a_model_folder_that_cannot_be_read_fails_that_model_only(
     loaded at all. (The tests run as root, which reads anything: the listing is made to fail.)"""
     write_model(repo, "locked", seed_model())
     write_model(repo, "open", seed_model())
-    listed = ModelRepository.list_versions
+    listed = Path.iterdir
     locked: set[str] = set()
 
-    def list_versions(self: ModelRepository, name: str) -> list[int]:
-        if name in locked:
-            raise PermissionError(13, "Permission denied", str(self.model_dir(name)))
-        return listed(self, name)
+    def iterdir(self: Path) -> Any:
+        if self.name in locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return listed(self)
 
-    monkeypatch.setattr(ModelRepository, "list_versions", list_versions)
+    monkeypatch.setattr(Path, "iterdir", iterdir)
 
     async def main() -> None:
         registry = _registry(repo)
@@ -835,11 +836,21 @@ def test_a_model_folder_that_cannot_be_read_fails_that_model_only(
         result = await registry.refresh()
         assert result.loaded == ["open/1"]
         assert result.failed == [
-            "locked: its folder cannot be read (Permission denied): give the server's user "
-            "read and search permission on it, then refresh"
+            "locked: the folder of model 'locked' cannot be read (Permission denied): give the "
+            "server's user read and search permission on it, then refresh"
         ]
         with pytest.raises(ModelNotReady, match="cannot be read"):
             registry.get("locked")
+        # The management calls that list its versions say so too (they answered INTERNAL).
+        for call in (
+            lambda: versions.describe(repo, registry, "locked"),
+            lambda: versions.set_default_version(repo, registry, "locked", 1),
+            lambda: versions.delete_version(repo, registry, "locked", 1),
+        ):
+            with pytest.raises(FailedPrecondition, match="'locked' cannot be read"):
+                outcome = call()
+                if asyncio.iscoroutine(outcome):
+                    await outcome
         locked.clear()
         assert (await registry.refresh()).loaded == ["locked/1"]
         # Served, then unreadable (a stale mount): it keeps serving, and says why.

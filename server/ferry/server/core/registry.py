@@ -26,6 +26,7 @@ from ferry.server.core.pools import ThreadPools
 from ferry.server.core.repository import (
     MODEL_DATA_FILE,
     MODEL_FILE,
+    UNREADABLE,
     ModelRepository,
     repository_edit,
 )
@@ -667,7 +668,7 @@ class ModelRegistry:
         if scan.read_error:
             self._unreadable(entry, scan.read_error, result, retry_failed)
             return
-        if entry.policy_error.startswith(_UNREADABLE):  # readable again: nothing failed to load
+        if UNREADABLE in entry.policy_error:  # readable again: nothing failed to load
             unread = _still_serving(entry.policy_error)
             for served in list(entry.versions.values()):
                 if served.reason == unread:
@@ -931,16 +932,13 @@ def _scan(
     scan = _FolderScan(mdir, _config_signature(mdir), ModelConfig(), "", [], None, None, "", {})
     try:
         scan.on_disk = repository.list_versions(name)
-    except FerryError:
-        scan.on_disk = []
-    except OSError as exc:
+    except FailedPrecondition as exc:
         # Listed first: a folder that cannot be read also hides its config files, which then
         # looked removed (every version reloaded with the defaults).
-        scan.read_error = (
-            f"{_UNREADABLE} ({exc.strerror or exc}): give the server's user read and search "
-            "permission on it, then refresh"
-        )
+        scan.read_error = f"{exc.message}, then refresh"
         return scan
+    except FerryError:
+        scan.on_disk = []
     if scan.config_signature != config_signature:
         try:
             scan.config = load_config(mdir)
@@ -967,7 +965,6 @@ def _version_signature(vdir: Path) -> Signature:
     )
 
 
-_UNREADABLE = "its folder cannot be read"
 _KEPT = "kept serving"
 
 

@@ -41,6 +41,7 @@ REPORT_FILE = "report.json"  # the conversion report published beside the model
 VERSION_CONFIG_FILE = "config.json"  # a version's own serving config (overrides the model's)
 MAX_REPORT_BYTES = 16 << 20
 TMP_PREFIX = ".tmp-"
+UNREADABLE = "cannot be read"  # how a folder the server cannot list is said (list_versions)
 _STAGING_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # The highest version number Ferry has deleted from a model: the next publish goes above it.
 # A number is never reused: a client that pins version 4 must never be answered by another
@@ -195,7 +196,16 @@ class ModelRepository:
         if not mdir.is_dir():
             raise ModelNotFound(f"model {name!r} is not in the repository")
         versions = []
-        for entry in mdir.iterdir():
+        try:
+            entries = list(mdir.iterdir())
+        except OSError as exc:
+            # Another user's folder (mode 0700), a stale mount: the model's state, said as
+            # such, not INTERNAL (and a refresh fails this model alone: registry._scan).
+            raise FailedPrecondition(
+                f"the folder of model {name!r} {UNREADABLE} ({exc.strerror or exc}): give the "
+                "server's user read and search permission on it"
+            ) from None
+        for entry in entries:
             # ASCII digits only: str.isdigit() also accepts "²" (which int() rejects) and other
             # scripts' digits, and one junk folder must not break the scan of every model.
             if entry.is_dir() and VERSION_RE.fullmatch(entry.name):
