@@ -57,6 +57,30 @@ def test_the_split_follows_the_weights_and_a_key_always_gets_the_same_version() 
 
 
 @pytest.mark.parametrize(
+    ("before", "after", "changed"),
+    [
+        ({1: 8, 2: 1, 3: 1}, {1: 8, 2: 1, 3: 3}, 3),  # the last of three grows
+        ({1: 8, 2: 1, 3: 1}, {1: 8, 2: 3, 3: 1}, 2),  # one in the middle grows
+        ({1: 1, 2: 1, 3: 8}, {1: 4, 2: 1, 3: 8}, 1),  # the first grows
+        ({1: 8, 2: 1, 3: 1}, {1: 5, 2: 1, 3: 1}, 1),  # the first shrinks
+    ],
+)
+def test_changing_one_versions_weight_moves_keys_only_to_or_from_it(
+    before: dict[int, float], after: dict[int, float], changed: int
+) -> None:
+    """Cumulative intervals kept that promise only for the last of two versions: growing 3 in
+    {1: 8, 2: 1, 3: 1} shifted the interval of 2, whose weight had not changed, so keys of 2
+    moved to 1 and 3, and sticky clients flipped between versions nobody had touched."""
+    old, new = rollouts.parse_split(before), rollouts.parse_split(after)
+    moves = Counter((old.pick("m", k), new.pick("m", k)) for k in KEYS)
+    assert all(changed in (was, to) for (was, to) in moves if was != to), moves
+    total = sum(after.values())
+    shares = Counter(new.pick("m", k) for k in KEYS)
+    for version, weight in after.items():
+        assert abs(shares[version] / len(KEYS) - weight / total) < 0.02, shares
+
+
+@pytest.mark.parametrize(
     "bad",
     [
         {},
