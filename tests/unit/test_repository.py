@@ -16,7 +16,13 @@ from ferry.server.core.repository import (
     validate_version,
     write_file_atomic,
 )
-from ferry.server.errors import AlreadyExists, InvalidArgument, ModelNotFound, VersionNotFound
+from ferry.server.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    ModelNotFound,
+    VersionNotFound,
+)
 
 
 @pytest.fixture
@@ -86,6 +92,20 @@ def test_a_symlinked_model_folder_cannot_lead_outside(
     with pytest.raises(InvalidArgument, match="outside the repository"):
         repo.model_dir("link")
     assert "link" not in repo.list_models()
+
+
+def test_a_model_folder_linked_to_another_is_no_model(repo: ModelRepository) -> None:
+    """A link to another model's folder (latest -> resnet) was skipped by the listing yet
+    served by a LoadModel until the next refresh unloaded it; edits through it (a deleted
+    version, a rollout) changed the model it named."""
+    _publish(repo, "resnet")
+    (repo.root / "latest").symlink_to(repo.model_dir("resnet"), target_is_directory=True)
+    assert repo.list_models() == ["resnet"]
+    with pytest.raises(FailedPrecondition, match="'latest' is a symbolic link"):
+        repo.has_model("latest")
+    with pytest.raises(FailedPrecondition, match="'latest' is a symbolic link"):
+        repo.delete_version("latest", 1)
+    assert repo.list_versions("resnet") == [1]
 
 
 @pytest.mark.parametrize("version", [0, -1, True, 2**53 + 1, "1", 1.0])

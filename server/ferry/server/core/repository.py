@@ -95,6 +95,14 @@ class ModelRepository:
         path = (root / name).resolve()
         if path.parent != root:
             raise InvalidArgument(f"model name {name!r} resolves outside the repository")
+        if (root / name).is_symlink():
+            # A link to another model's folder (latest -> resnet): list_models skips it, so a
+            # LoadModel of it served it until the next refresh unloaded it again, and every
+            # edit made through it (a deleted version, a rollout) changed the other model.
+            raise FailedPrecondition(
+                f"model folder {name!r} is a symbolic link, which is not served: move (or copy) "
+                "the folder itself into the repository"
+            )
         return path
 
     def version_dir(self, name: str, version: int) -> Path:
