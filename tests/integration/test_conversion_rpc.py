@@ -195,6 +195,9 @@ def test_corrupt_truncated_and_mismatched_uploads(start: Start, tmp_path: Path) 
     for header, what in (
         (pb.UploadHeader(model="m", format="SOURCE_FORMAT_ONNX", size_bytes=len(data) + 1),
          "truncated"),
+        # More bytes than announced is no truncation: refused at the first byte past it.
+        (pb.UploadHeader(model="m", format="SOURCE_FORMAT_ONNX", size_bytes=len(data) - 1),
+         "longer than its header announced"),
         (pb.UploadHeader(model="m", format="SOURCE_FORMAT_ONNX", expected_sha256="0" * 64),
          "corrupted"),
     ):  # fmt: skip

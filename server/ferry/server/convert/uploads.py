@@ -215,6 +215,14 @@ async def _receive(
                     f"upload is over the limit of {limit} bytes (server setting "
                     "--max-upload-bytes); nothing was kept"
                 )
+            if header.size_bytes and sink.size + len(chunk) > header.size_bytes:
+                # Refused at the first byte past it: the whole rest was received (up to the
+                # server's limit) and then called "truncated", the opposite of what happened.
+                raise InvalidArgument(
+                    f"upload longer than its header announced: more than the {header.size_bytes} "
+                    "bytes of size_bytes arrived; nothing was kept: announce the file's exact "
+                    "length, or 0 when it is not known"
+                )
             await asyncio.to_thread(sink.write, chunk)
         await asyncio.to_thread(sink.sync)
         size, sha = sink.size, sink.digest.hexdigest()
