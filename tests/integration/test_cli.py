@@ -338,3 +338,18 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as info:
         main(["loadtest", "mlp", "-c", "x"])
     assert info.value.code == 2 and "1,4,16,64" in capsys.readouterr().err
+
+
+def test_architecture_kwargs_naming_a_key_twice_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Read as its last value, silently, a repeated key built another model than was meant."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"PK\x03\x04")
+    kwargs = '{"in_features": 8, "hidden": [256], "hidden": [8], "out_features": 2}'
+    with pytest.raises(SystemExit) as info:
+        main(
+            ["upload", "m", str(weights), "--architecture", "mlp", "--architecture-kwargs", kwargs]
+        )
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "'hidden' is given twice" in err

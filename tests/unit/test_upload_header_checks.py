@@ -101,3 +101,12 @@ def test_a_full_disk_while_receiving_is_a_limit_and_keeps_nothing(
     with pytest.raises(LimitExceeded, match=r"state disk is full \(Disk quota exceeded\)"):
         asyncio.run(uploads.receive(header(), chunks(), tmp_path, limit=1 << 20))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_kwargs_json_naming_a_key_twice_is_refused() -> None:
+    """Python's reader keeps the last value: the upload built another model than was meant."""
+    with pytest.raises(InvalidArgument, match="'hidden' is given twice"):
+        uploads.kwargs_from_json('{"hidden": [256], "in_features": 8, "hidden": [8]}')
+    with pytest.raises(InvalidArgument, match="'k' is given twice"):
+        uploads.kwargs_from_json('{"a": {"k": 1, "k": 2}}')
+    assert uploads.kwargs_from_json('{"a": {"k": 1}, "k": 2}') == {"a": {"k": 1}, "k": 2}

@@ -33,6 +33,7 @@ from ferry.server.convert import architectures, onnx_archive, onnx_safety, uploa
 from ferry.server.convert.spec import CODE_BEARING_FORMATS, SOURCE_FORMATS
 from ferry.server.convert.store import UploadRecord, now_ms
 from ferry.server.core.repository import MODEL_FILE, TMP_PREFIX, validate_model_name
+from ferry.server.duplicate_keys import unique_object
 from ferry.server.errors import FailedPrecondition, InvalidArgument, LimitExceeded
 
 SUFFIXES = {
@@ -68,7 +69,9 @@ def kwargs_from_json(text: str) -> dict[str, Any]:
     if len(text) > MAX_KWARGS_JSON:
         raise InvalidArgument(f"architecture kwargs are over {MAX_KWARGS_JSON} bytes of JSON")
     try:
-        value = json.loads(text)
+        # A key given twice ({"hidden": [256], "hidden": [8]}) was read as its last value,
+        # silently: refused, like a model config's (DuplicateKey is a ValueError).
+        value = json.loads(text, object_pairs_hook=unique_object)
     except RecursionError:  # the C parser's own guard: nesting past the interpreter's limit
         raise _too_deep() from None
     except ValueError as exc:
