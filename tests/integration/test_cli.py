@@ -353,3 +353,17 @@ def test_architecture_kwargs_naming_a_key_twice_are_refused(
         )
     err = capsys.readouterr().err
     assert info.value.code == 2 and "'hidden' is given twice" in err
+
+
+def test_architecture_kwargs_nested_past_the_parser_are_a_usage_error(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """The JSON parser's recursion guard escaped argparse: a traceback, not a usage line."""
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"PK\x03\x04")
+    kwargs = '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    with pytest.raises(SystemExit) as info:
+        main(
+            ["upload", "m", str(weights), "--architecture", "mlp", "--architecture-kwargs", kwargs]
+        )
+    assert info.value.code == 2 and "nested too deeply" in capsys.readouterr().err

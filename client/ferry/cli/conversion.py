@@ -109,6 +109,10 @@ def _json_object(text: str) -> dict[str, Any]:
         value = json.loads(text, object_pairs_hook=_unique_object)
     except ValueError as exc:  # JSONDecodeError is one, and so is a key given twice
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
+    except RecursionError:  # the parser's own guard: "[[[[..." was a traceback
+        raise argparse.ArgumentTypeError(
+            "nested too deeply: give the constructor arguments as a flat JSON object"
+        ) from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(
             'expected a JSON object, e.g. {"in_features": 64, "hidden": [256], "out_features": 10}'
