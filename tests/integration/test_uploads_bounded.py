@@ -17,12 +17,14 @@ import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
 import numpy as np
 import onnx
 import pytest
+from helpers import wait_for
 from onnx import TensorProto
 from serverutil import ConversionServers, ServerThread
 
@@ -33,6 +35,7 @@ from ferry.client import (
     JobNotFoundError,
     LimitExceededError,
 )
+from ferry.server.convert import upload_check
 from ferry.server.examples import large_model, mlp_model
 
 # Blocks until killed, or kills itself the way the kernel's out-of-memory killer would.
@@ -372,3 +375,45 @@ def test_the_conversion_child_reports_an_allocation_failure_as_the_limit(tmp_pat
     assert f"{limit} bytes" in last["message"] and "--conversion-memory-bytes" in last["message"]
     assert "corrupt" not in last["message"]
     assert not (tmp_path / "work" / "model.onnx").exists()
+
+
+# The upload's check process, held at a gate until the test opens it.
+GATED_CHECK = r"""
+import os, sys, time
+from pathlib import Path
+gate = Path(sys.argv[1])
+(gate / f"started-{os.getpid()}").touch()
+while not (gate / "open").exists():
+    time.sleep(0.01)
+from ferry.server.convert.upload_check import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_uploads_checked_together_run_no_more_check_processes_than_conversions(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each check process may grow to --conversion-memory-bytes: N uploads finishing together
+    started N of them. They take turns, as many at once as --max-concurrent-conversions."""
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    script = tmp_path / "gated_check.py"
+    script.write_text(GATED_CHECK)
+    monkeypatch.setattr(upload_check, "COMMAND", [sys.executable, str(script), str(gate)])
+    srv, conv = start(max_concurrent_conversions=1)
+    assert srv.app is not None
+    slots = srv.app.conversion.check_slots
+    data = mlp_model(sizes=(64, 256, 10)).SerializeToString()
+    assert len(data) > upload_check.IN_PROCESS_BYTES  # checked in a process of its own
+
+    def started() -> int:
+        return len(list(gate.glob("started-*")))
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(conv.upload, f"m{i}", data, format="onnx") for i in range(3)]
+        wait_for(lambda: slots.waiting == 2 and started() == 1, "one check running, two waiting")
+        assert started() == 1
+        (gate / "open").touch()
+        done = [f.result(timeout=120) for f in futures]
+    assert started() == 3 and slots.waiting == 0
+    assert {u.sha256 for u in done} == {hashlib.sha256(data).hexdigest()}

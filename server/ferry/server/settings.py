@@ -377,7 +377,8 @@ class Settings:
         },
     )
     max_concurrent_conversions: int = field(
-        default=1, metadata={"help": "conversion processes running at once"}
+        default=1,
+        metadata={"help": "conversion processes running at once, and upload-check processes"},
     )
     max_queued_conversions: int = field(
         default=16, metadata={"help": "conversion jobs waiting for a slot; more are refused"}

@@ -30,6 +30,7 @@ from ferry.server.convert import (
     pages,
     retention,
     spec,
+    upload_check,
     uploads,
     validation,
 )
@@ -94,6 +95,8 @@ class ConversionService:
         # Uploads a Convert call is queueing (it awaits between reading the upload and adding
         # its job): the retention rule leaves them alone. Upload id -> calls in flight.
         self._converting: collections.Counter[str] = collections.Counter()
+        # The upload checks' processes, bounded like the conversions' (upload_check).
+        self.check_slots = upload_check.CheckSlots(settings.max_concurrent_conversions)
         self.retention = retention.RetentionRule(
             max_bytes=settings.upload_retention_bytes,
             max_age_s=settings.upload_retention_seconds,
@@ -275,6 +278,7 @@ class ConversionService:
             limit=s.max_upload_bytes,
             check_memory_bytes=s.conversion_memory_bytes,
             check_timeout=s.conversion_timeout,
+            check_slots=self.check_slots,
         )
         try:
             store.add_upload(record)

@@ -20,6 +20,11 @@ messages, and an empty message is two bytes on the wire but ~150 bytes parsed an
 ``onnx_safety`` walks it. A 3.8 MiB file of two million empty nodes (under the former 4 MiB bound)
 held the serving process for 68 s at 1 GiB; at 64 KiB the worst is under a second and ~30 MiB.
 
+At most ``--max-concurrent-conversions`` check processes run at once (``CheckSlots``), the number
+of conversion-sized processes the operator said the machine holds: each may grow to the memory
+limit, and N uploads finishing together started N of them (twenty 1 GB uploads, twenty processes
+of up to 4 GiB). An upload whose bytes have all arrived waits for a slot.
+
 The child is started through ``jobs.limited`` (address-space limit, killed with the server,
 fork-free) in a session of its own, killed as a group on timeout or when the upload is abandoned.
 """
@@ -33,6 +38,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ferry.server.convert import out_of_memory
@@ -53,13 +59,41 @@ _ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1"}
 
 
 IN_PROCESS_BYTES = 64 << 10
+# The check process's command, before its FORMAT PATH arguments (tests point it elsewhere).
+COMMAND = [sys.executable, "-m", MODULE]
+
+
+class CheckSlots:
+    """Bounds the check processes running at once (a server's; its loop's)."""
+
+    def __init__(self, limit: int) -> None:
+        self._free = asyncio.Semaphore(max(1, limit))
+        self.waiting = 0  # uploads whose check waits for a slot
+
+    @contextlib.asynccontextmanager
+    async def held(self) -> AsyncIterator[None]:
+        self.waiting += 1
+        try:
+            await self._free.acquire()
+        finally:
+            self.waiting -= 1
+        try:
+            yield
+        finally:
+            self._free.release()
 
 
 async def check(
-    fmt: str, path: Path, *, size_bytes: int, memory_bytes: int, time_limit_s: float
+    fmt: str,
+    path: Path,
+    *,
+    size_bytes: int,
+    memory_bytes: int,
+    time_limit_s: float,
+    slots: CheckSlots | None = None,
 ) -> None:
     """Raise what is wrong with the ``fmt`` file at ``path`` (``size_bytes`` long); return when
-    it is fine."""
+    it is fine. A check process waits for one of ``slots`` (None: no bound)."""
     if size_bytes <= IN_PROCESS_BYTES:
         work = asyncio.ensure_future(asyncio.to_thread(_check_here, fmt, path))
         try:
@@ -70,8 +104,11 @@ async def check(
             # until a restart. What the check writes goes once the thread is done with it.
             work.add_done_callback(lambda _: _discard_output(fmt, path))
             raise
-    else:
+    elif slots is None:
         await _check_in_child(fmt, path, memory_bytes=memory_bytes, time_limit_s=time_limit_s)
+    else:
+        async with slots.held():
+            await _check_in_child(fmt, path, memory_bytes=memory_bytes, time_limit_s=time_limit_s)
 
 
 def _discard_output(fmt: str, path: Path) -> None:
@@ -97,7 +134,7 @@ def _check_here(fmt: str, path: Path) -> None:
 async def _check_in_child(fmt: str, path: Path, *, memory_bytes: int, time_limit_s: float) -> None:
     from ferry.server.convert.jobs import limited
 
-    command = limited(memory_bytes, [sys.executable, "-m", MODULE, fmt, os.fspath(path)])
+    command = limited(memory_bytes, [*COMMAND, fmt, os.fspath(path)])
     try:
         proc = await asyncio.create_subprocess_exec(
             *command,

@@ -176,6 +176,7 @@ async def receive(
     limit: int,
     check_memory_bytes: int = 0,
     check_timeout: float = 0.0,
+    check_slots: upload_check.CheckSlots | None = None,
 ) -> UploadRecord:
     """Write the chunks to a temporary file, enforcing ``limit`` as they come, then check and
     rename. Any failure or cancellation removes the temporary file. A file over a few MiB has
@@ -191,6 +192,7 @@ async def receive(
             limit=limit,
             check_memory_bytes=check_memory_bytes,
             check_timeout=check_timeout,
+            check_slots=check_slots,
         )
     except OSError as exc:
         if disk_full(exc):
@@ -207,6 +209,7 @@ async def _receive(
     limit: int,
     check_memory_bytes: int,
     check_timeout: float,
+    check_slots: upload_check.CheckSlots | None,
 ) -> UploadRecord:
     tmp = folder / f"{TMP_PREFIX}{upload_id}"
     final = folder / f"{upload_id}{SUFFIXES[header.format]}"
@@ -242,7 +245,9 @@ async def _receive(
                 f"{header.expected_sha256}; upload again"
             )
         if header.format == "onnx_archive":
-            final = await _unpack(tmp, folder / upload_id, size, check_memory_bytes, check_timeout)
+            final = await _unpack(
+                tmp, folder / upload_id, size, check_memory_bytes, check_timeout, slots=check_slots
+            )
         else:
             await upload_check.check(
                 header.format,
@@ -250,6 +255,7 @@ async def _receive(
                 size_bytes=size,
                 memory_bytes=check_memory_bytes,
                 time_limit_s=check_timeout,
+                slots=check_slots,
             )
             os.rename(tmp, final)
     finally:
@@ -302,7 +308,13 @@ class _Sink:
 
 
 async def _unpack(
-    archive: Path, folder: Path, size_bytes: int, memory_bytes: int, time_limit_s: float
+    archive: Path,
+    folder: Path,
+    size_bytes: int,
+    memory_bytes: int,
+    time_limit_s: float,
+    *,
+    slots: upload_check.CheckSlots | None = None,
 ) -> Path:
     """Extract an onnx_archive beside ``folder`` and check its graph like any upload, both in
     the check (in a process of its own when the archive is large: tarfile reads each extended
@@ -316,6 +328,7 @@ async def _unpack(
             size_bytes=size_bytes,
             memory_bytes=memory_bytes,
             time_limit_s=time_limit_s,
+            slots=slots,
         )
         os.rename(staging, folder)
     except BaseException:
