@@ -4,6 +4,7 @@ judgement, each without a server (the integration tests run them through gRPC)."
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,39 @@ def test_age_rule_and_the_kept_ids() -> None:
     assert "over --upload-retention-seconds 86400" in removed[0][1]
     assert plan(RetentionRule(0, 0), 3, uploads, now) == []
     assert not RetentionRule(0, 0).active
+
+
+def test_the_plan_reads_the_candidates_only_as_far_as_it_removes() -> None:
+    """Every upload applies the rule: read to the end, each one cost a pass over every kept
+    record on the server's event loop (6 s per upload with 200,000 kept)."""
+
+    def oldest_first() -> Iterator[UploadRecord]:
+        yield record("a", 10, 1)
+        yield record("kept-by-caller", 10, 2)
+        yield record("b", 10, 3)
+        yield record("c", 10, 4)  # stays: the total is under the bound by now
+        raise AssertionError("read past the first upload that stays")
+
+    removed = plan(
+        RetentionRule(max_bytes=25, max_age_s=0), 40, oldest_first(), 5, {"kept-by-caller"}
+    )
+    assert [r.upload_id for r, _ in removed] == ["a", "b"]
+
+
+def test_the_retention_order_is_indexed_in_a_database_made_before_its_index(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "state.sqlite3"
+    JobStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute("DROP INDEX uploads_by_age")
+    store = JobStore(path)
+    names = {r[0] for r in store.db.execute("SELECT name FROM sqlite_master WHERE type='index'")}
+    assert "uploads_by_age" in names
+    store.add_upload(record("a" * 32, 1, 1))
+    total, candidates = store.retention_order()
+    assert (total, [r.upload_id for r in candidates]) == (1, ["a" * 32])
+    store.close()
 
 
 def test_store_notes_removals_and_never_removes_one_in_use(tmp_path: Path) -> None:

@@ -318,8 +318,12 @@ class ConversionService:
         store = self.store
         total, candidates = store.retention_order()
         keep_ids = {keep, *self._converting}
+        try:
+            removals = retention.plan(rule, total, candidates, now_ms(), keep_ids)
+        finally:
+            candidates.close()  # its read ends before the removals write
         files = []
-        for record, reason in retention.plan(rule, total, candidates, now_ms(), keep_ids):
+        for record, reason in removals:
             if not store.remove_by_retention(record.upload_id, reason):
                 continue
             log.warning(

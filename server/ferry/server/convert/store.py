@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ MAX_REMOVED_KEPT = 10_000  # removal notes kept for NOT_FOUND messages; the olde
 # Finished jobs kept, with their events and reports; past it the oldest finished go (the
 # database grew with every conversion ever run). Queued and running jobs always stay.
 MAX_JOBS_KEPT = 10_000
+_UPLOADS_BY_AGE = "CREATE INDEX IF NOT EXISTS uploads_by_age ON uploads (created_ms)"
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS uploads (
     upload_id TEXT PRIMARY KEY,
@@ -74,6 +75,7 @@ CREATE TABLE IF NOT EXISTS removed_uploads (
     removed_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_model ON jobs (model, created_ms);
+CREATE INDEX IF NOT EXISTS uploads_by_age ON uploads (created_ms);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
@@ -182,6 +184,8 @@ class JobStore:
             # Idempotent (IF NOT EXISTS); executescript commits on its own.
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        else:  # a database of this schema made before the index: the retention rule's order
+            self._db.execute(_UPLOADS_BY_AGE)
 
     def close(self) -> None:
         self._closed = True
@@ -291,16 +295,25 @@ class JobStore:
             db.execute("DELETE FROM uploads WHERE upload_id = ?", (upload_id,))
         return record
 
-    def retention_order(self) -> tuple[int, list[UploadRecord]]:
+    def retention_order(self) -> tuple[int, Generator[UploadRecord, None, None]]:
         """The bytes of every kept upload, and the uploads no queued or running job reads,
-        oldest first: the order the retention rule removes them in."""
+        oldest first: the order the retention rule removes them in. Read as the caller goes
+        (the rule stops at the first upload it keeps); close the generator when done."""
         total = self.db.execute("SELECT COALESCE(SUM(size_bytes), 0) FROM uploads").fetchone()[0]
         rows = self.db.execute(
             "SELECT * FROM uploads WHERE upload_id NOT IN "
             "(SELECT upload_id FROM jobs WHERE state IN (?, ?)) ORDER BY created_ms, rowid",
             (JobState.QUEUED.value, JobState.RUNNING.value),
         )
-        return int(total), [UploadRecord(**dict(r)) for r in rows]
+
+        def records() -> Generator[UploadRecord, None, None]:
+            try:
+                for r in rows:
+                    yield UploadRecord(**dict(r))
+            finally:
+                rows.close()
+
+        return int(total), records()
 
     def remove_by_retention(self, upload_id: str, reason: str) -> bool:
         """Forget an upload for the retention rule and note why, so that a later reference is
