@@ -19,6 +19,7 @@ from ferry.client import (
     ConversionClient,
     FailedPreconditionError,
     InferenceClient,
+    Job,
     RefreshResult,
     RepositoryClient,
 )
@@ -264,6 +265,34 @@ def test_an_upload_a_live_job_reads_is_kept(conv_server: Any) -> None:
         conv.delete_upload(up)  # a finished job keeps its record, not the file
         assert conv.list_uploads() == []
         assert conv.job(job.id).upload_id == up.upload_id
+
+
+def test_a_wait_ended_by_timeout_or_ctrl_c_names_the_job_still_running(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: Any
+) -> None:
+    """The waiting ends, not the job: 'interrupted' or 'raise --timeout' alone left a user who
+    had not seen the job's id unable to follow or stop it."""
+    srv, t = conv_server
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+    flags = ("--architecture", "seed", "--architecture-kwargs", '{"fake": "block"}')
+    code, _, err = ferry(capsys, "convert", str(weights), "--model", "seed", *flags,
+                         "--timeout", "3", "--no-progress", *t)  # fmt: skip
+    line = one_error_line(err)
+    with ConversionClient(srv.management_target) as conv:
+        (job,) = conv.list_jobs()
+        assert code == 1 and "DEADLINE_EXCEEDED" in line
+        assert f"job {job.id} keeps running" in line and f"ferry jobs cancel {job.id}" in line
+        assert conv.job(job.id).state == "RUNNING"
+
+        def interrupted(self: Any, *args: Any, **kwargs: Any) -> None:
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(Job, "wait", interrupted)
+        code, _, err = ferry(capsys, "jobs", "wait", job.id, *t)
+        line = one_error_line(err)
+        assert code == 130 and "interrupted" in line and f"ferry jobs wait {job.id}" in line
+        conv.cancel(job.id)
 
 
 # ---- convert flags ----

@@ -362,7 +362,8 @@ def run_handler(prog: str, handler: Handler, args: argparse.Namespace) -> int:
             return EXIT_USAGE
         return EXIT_UNREACHABLE if isinstance(exc, ConnectionError_) else EXIT_FAILED
     except KeyboardInterrupt:
-        report_error(prog, "interrupted")
+        # What the command leaves going on (a conversion job keeps running on the server).
+        report_error(prog, "interrupted", getattr(args, "interrupted_hint", ""))
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # `ferry ... | head`
         return EXIT_OK

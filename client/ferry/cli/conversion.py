@@ -30,6 +30,7 @@ from ferry.cli._common import (
 )
 from ferry.client import (
     ConversionClient,
+    DeadlineExceededError,
     DynamicAxis,
     FerryError,
     InputSpec,
@@ -151,6 +152,9 @@ def conversion_hint(exc: FerryError, args: argparse.Namespace) -> str | None:
                 "the ONNX model differs from PyTorch beyond --rtol/--atol: see the report (--json)"
             )
         return "rerun with --json for the job's report, which says where it stopped"
+    waited = getattr(args, "waited_job", None)
+    if isinstance(exc, DeadlineExceededError) and waited:
+        return f"the job did not end within --timeout; {still_running(waited)}"
     if isinstance(exc, JobNotFoundError):
         if getattr(args, "job_id", None):
             return "`ferry jobs list` shows the jobs the server keeps"
@@ -162,6 +166,22 @@ def conversion_hint(exc: FerryError, args: argparse.Namespace) -> str | None:
     if isinstance(exc, InvalidInputError):
         return "the message names the field; `ferry convert --help` lists the flags"
     return management_hint(exc, args)
+
+
+def still_running(job_id: str) -> str:
+    return (
+        f"job {job_id} keeps running on the server: follow it with `ferry jobs wait {job_id}`, "
+        f"stop it with `ferry jobs cancel {job_id}`"
+    )
+
+
+def follow(job: Job, args: argparse.Namespace) -> None:
+    """Wait for ``job`` to end (JobFailedError when it did not succeed). A Ctrl-C or --timeout
+    ends the waiting, not the job: the command said only "interrupted" or "raise --timeout",
+    and a user who had not seen the job's id could neither follow nor stop it."""
+    args.waited_job = job.id
+    args.interrupted_hint = still_running(job.id)
+    job.wait(timeout=given_timeout(args), progress=progress_of(args))
 
 
 def register(sub: Any) -> None:
@@ -461,8 +481,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 f"with `ferry jobs cancel {job.id}`"
             )
             return EXIT_OK
-        # JobFailedError (a FerryError) on failure
-        job.wait(timeout=given_timeout(args), progress=progress_of(args))
+        follow(job, args)
     if args.json:
         print(job.report_json or json.dumps({"job_id": job.id, "state": job.state}))
     else:

@@ -17,13 +17,11 @@ from ferry.cli._common import (
     add_listing_flags,
     add_progress_flags,
     connect,
-    given_timeout,
     management_parent,
     print_table,
-    progress_of,
     utc_time,
 )
-from ferry.cli.conversion import conversion_hint, job_summary
+from ferry.cli.conversion import conversion_hint, follow, job_summary
 from ferry.client import ConversionClient, Job
 
 
@@ -146,8 +144,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     with connect(ConversionClient, args) as client:
         job = client.job(args.job_id)
-        # JobFailedError when it did not succeed
-        job.wait(timeout=given_timeout(args), progress=progress_of(args))
+        follow(job, args)  # JobFailedError when it did not succeed
     if args.json:
         print(json.dumps(_as_json(job), indent=2))
     else:
