@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,41 @@ def test_an_upload_that_stops_arriving_is_refused_and_leaves_nothing(
             hold.set()
         assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
         assert "no message for 0.5 seconds after 65536 bytes" in (info.value.details() or "")
+        wait_for(lambda: not any(uploads.iterdir()), "the partial upload to be removed")
+
+
+def test_an_upload_trickling_empty_chunks_is_refused_and_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause bound alone let a client that kept sending empty (or one-byte) chunks hold its
+    stream and partial file for ever; an upload must average UPLOAD_MIN_RATE after its first
+    UPLOAD_IDLE seconds. The bound is shortened so the test waits on it; nothing here measures
+    time."""
+    from ferry.server.grpc import conversion
+
+    monkeypatch.setattr(conversion, "UPLOAD_IDLE", 0.5)
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    with ServerThread(root) as srv, grpc.insecure_channel(srv.management_target) as channel:
+        assert srv.app is not None
+        uploads = srv.app.conversion.state_dir.resolve() / "uploads"
+        done = threading.Event()
+
+        def messages() -> object:
+            yield cpb.UploadModelRequest(
+                header=cpb.UploadHeader(model="m", format=cpb.SOURCE_FORMAT_ONNX)
+            )
+            yield cpb.UploadModelRequest(chunk=b"\x08")
+            end = time.monotonic() + 60
+            while not done.is_set() and time.monotonic() < end:  # never a pause of 0.5 s
+                yield cpb.UploadModelRequest(chunk=b"")
+
+        try:
+            with pytest.raises(grpc.RpcError) as info:
+                cpb_grpc.ModelConversionStub(channel).UploadModel(messages(), timeout=60)
+        finally:
+            done.set()
+        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
+        assert "arrived too slowly: 1 bytes in" in (info.value.details() or "")
         wait_for(lambda: not any(uploads.iterdir()), "the partial upload to be removed")
 
 

@@ -35,20 +35,37 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelConversion"].full_name
 _FORMAT_PREFIX = "SOURCE_FORMAT_"
 # Seconds an upload may wait for its next message. A client that stopped sending (or vanished
 # without closing its connection) held the upload's partial file, on disk and open, for as long
-# as gRPC kept the stream: hours for a dead peer. A chunk is at most a few MiB, so this is a
-# rate of a few tens of KB/s at least; the HTTP listener bounds a body's pauses the same way.
+# as gRPC kept the stream: hours for a dead peer. The HTTP listener bounds a body's pauses the
+# same way.
 UPLOAD_IDLE = 120.0
+# Bytes a second an upload must average once UPLOAD_IDLE has passed: it may take UPLOAD_IDLE
+# plus one second per UPLOAD_MIN_RATE bytes. UPLOAD_IDLE alone judged pauses between messages,
+# so a client sending an empty (or one-byte) chunk every minute held its stream, its open
+# partial file and its handler for ever. As the HTTP listener's BODY_MIN_RATE: a 4 kbit/s link.
+UPLOAD_MIN_RATE = 500.0
 
 
 async def _next_part(
-    messages: AsyncIterator[pb.UploadModelRequest], received: int
+    messages: AsyncIterator[pb.UploadModelRequest], received: int, began: float
 ) -> pb.UploadModelRequest:
-    """The upload's next message, or DEADLINE_EXCEEDED when none comes within UPLOAD_IDLE (the
-    upload's partial file is then removed, as for any failed upload)."""
+    """The upload's next message, or DEADLINE_EXCEEDED when none comes within UPLOAD_IDLE or
+    within what the bytes so far allow (the upload's partial file is then removed, as for any
+    failed upload). ``began``: the loop's time when the upload's call started."""
+    loop = asyncio.get_running_loop()
+    allowed = began + UPLOAD_IDLE + received / UPLOAD_MIN_RATE - loop.time()
     try:
-        async with asyncio.timeout(UPLOAD_IDLE):
+        if allowed <= 0:
+            raise TimeoutError
+        async with asyncio.timeout(min(UPLOAD_IDLE, allowed)):
             return await anext(messages)
     except TimeoutError:
+        if allowed < UPLOAD_IDLE:
+            raise DeadlineExceeded(
+                f"the upload arrived too slowly: {received} bytes in "
+                f"{loop.time() - began:.1f} seconds, where an upload may take "
+                f"{UPLOAD_IDLE:g} seconds plus one per {UPLOAD_MIN_RATE:g} bytes; nothing was "
+                "kept: send the file in one go over a faster link"
+            ) from None
         raise DeadlineExceeded(
             f"the upload stopped arriving: no message for {UPLOAD_IDLE:g} seconds after "
             f"{received} bytes; nothing was kept: send the whole file without pausing"
@@ -70,8 +87,9 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
         self, request_iterator: AsyncIterator[pb.UploadModelRequest], context: aio.ServicerContext
     ) -> pb.Upload:
         messages = aiter(request_iterator)
+        began = asyncio.get_running_loop().time()
         try:
-            first = await _next_part(messages, 0)
+            first = await _next_part(messages, 0, began)
         except StopAsyncIteration:
             raise InvalidArgument("empty upload: send an UploadHeader, then the chunks") from None
         if first.WhichOneof("part") != "header":
@@ -81,7 +99,7 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
             received = 0
             while True:
                 try:
-                    message = await _next_part(messages, received)
+                    message = await _next_part(messages, received, began)
                 except StopAsyncIteration:
                     return
                 if message.WhichOneof("part") != "chunk":
