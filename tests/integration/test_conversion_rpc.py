@@ -677,6 +677,36 @@ def test_a_restart_removes_upload_files_no_record_names(start: Start, tmp_path: 
     assert conv2.convert(kept.upload_id).wait(progress=False).version == 1
 
 
+def test_uploads_convert_and_delete_after_the_state_folder_moved(
+    tmp_path: Path, fake_child: list[str]
+) -> None:
+    """Records hold the absolute path an upload was stored at: moved (the repository with its
+    state folder, or mounted elsewhere), uploads listed while Convert said "file is gone" and
+    a delete left the file."""
+    first = ConversionServers(tmp_path / "old" / "repo", child_command=fake_child)
+    _, conv = first.start()
+    data = onnx_bytes()
+    up = conv.upload("m", data, format="onnx", architecture_kwargs={"fake": "ok"})
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(data)
+    archive = conv.upload("a", folder)
+    assert archive.format == "onnx_archive"
+    first.close()
+    (tmp_path / "old").rename(tmp_path / "new")
+    moved = ConversionServers(tmp_path / "new" / "repo", child_command=fake_child)
+    try:
+        _, conv = moved.start()
+        assert {u.upload_id for u in conv.list_uploads()} == {up.upload_id, archive.upload_id}
+        assert conv.convert(up.upload_id).wait(progress=False).version == 1
+        uploads = tmp_path / "new" / "repo.ferry" / "uploads"
+        for upload in (up, archive):
+            conv.delete_upload(upload.upload_id)
+        assert list(uploads.iterdir()) == []
+    finally:
+        moved.close()
+
+
 # A server in a process of its own (so that it can be SIGKILLed) whose publish stops for good
 # just before or just after the rename that makes the staging folder a version.
 PAUSED_PUBLISH_SERVER = r"""

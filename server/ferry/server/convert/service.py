@@ -50,6 +50,7 @@ from ferry.server.core import versions
 from ferry.server.core.config import ModelConfig, load_config
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import (
+    MODEL_FILE,
     TMP_PREFIX,
     ModelRepository,
     read_report,
@@ -333,7 +334,7 @@ class ConversionService:
                 record.size_bytes,
                 reason,
             )
-            files.append(Path(record.path))  # checked where it is removed
+            files.append(self._upload_file(record))  # checked where it is removed
         return files
 
     def list_uploads(
@@ -373,9 +374,20 @@ class ConversionService:
             )
         record = self.store.delete_upload(upload_id)
         uploads_dir = self.state_dir.resolve() / "uploads"
-        path = Path(record.path)
+        path = self._upload_file(record)
         await asyncio.to_thread(_remove_upload_file, path, uploads_dir)
         log.info("upload %s for %s deleted", record.upload_id, record.model)
+
+    def _upload_file(self, record: UploadRecord) -> Path:
+        """Where the upload's file is now: by name in this state folder's uploads/ (the name is
+        what the start's clean-up goes by too). The record holds the absolute path it was
+        stored at, so a state folder moved (with its repository, or mounted elsewhere) listed
+        every upload while Convert said "file is gone" and a delete left the file."""
+        stored = Path(record.path)
+        uploads_dir = self.state_dir.resolve() / "uploads"
+        if stored.name == MODEL_FILE:  # an archive: <id>/model.onnx (a file is <id><suffix>)
+            return uploads_dir / stored.parent.name / MODEL_FILE
+        return uploads_dir / stored.name
 
     @staticmethod
     def known_inputs(record: UploadRecord) -> list[spec.InputSpec]:
@@ -417,6 +429,7 @@ class ConversionService:
             upload = self.store.get_upload(upload_id)
             model = validate_model_name(model or upload.model)
             kwargs = _stored_kwargs(upload)
+            source = self._upload_file(upload)
             if upload.format in WEIGHTS_ONLY:
                 _check_architecture(upload.architecture)
                 try:
@@ -441,7 +454,7 @@ class ConversionService:
             contract = spec.Job(
                 job_id=job_id,
                 model=model,
-                source_path=upload.path,
+                source_path=str(source),
                 source_format=upload.format,
                 source_sha256=upload.sha256,
                 architecture=upload.architecture,
@@ -454,7 +467,7 @@ class ConversionService:
             )
             validation.check_job(contract)  # the child's own checks, run before a child is spent
             self.runner.check_room()
-            if not await asyncio.to_thread(os.path.isfile, upload.path):
+            if not await asyncio.to_thread(os.path.isfile, source):
                 raise FailedPrecondition(
                     f"upload {upload_id}'s file is gone: upload the model again"
                 )
