@@ -376,3 +376,29 @@ def test_a_dynamic_int8_version_is_served_batched(start: Start) -> None:
     assert done.version is not None and "dynamic_int8" in done.message
     with InferenceClient(srv.target) as client:
         assert client.model_metadata("q").batching.max_batch_size == 32
+
+
+@pytest.mark.parametrize("architecture", ["mlp", None])
+def test_a_module_whose_file_cannot_be_written_leaves_no_scratch_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, architecture: str | None
+) -> None:
+    """A full temporary disk failed the write of the weights (or of the exported graph) part
+    way, and the partial file stayed in the temporary folder for good."""
+    import errno
+    import shutil
+    import tempfile
+
+    from ferry.client import ConversionClient
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def full(source: Any, target: Any, *args: Any, **kwargs: Any) -> None:
+        Path(target).write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    monkeypatch.setattr(shutil, "move", full)
+    module = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    with ConversionClient("127.0.0.1:1") as conv, pytest.raises(OSError, match="No space"):
+        conv.upload("m", module, example_inputs=(torch.zeros(2, 4),), architecture=architecture)
+    assert list(tmp_path.glob("ferry-upload-*")) == []

@@ -378,7 +378,8 @@ def _state_dict(
         "reference_outputs": {name: _numpy(t) for name, t in outputs.items()},
     }
     kept = _scratch_file(".pt")
-    torch.save(module.state_dict(), kept)
+    with _removed_on_failure(kept):
+        torch.save(module.state_dict(), kept)
     return kept, "state_dict", extras
 
 
@@ -388,6 +389,17 @@ def _scratch_file(suffix: str) -> Path:
     fd, name = tempfile.mkstemp(prefix="ferry-upload-", suffix=suffix)
     os.close(fd)
     return Path(name)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: Path) -> Iterator[None]:
+    """A write into a scratch file that fails part way (a full temporary disk, a Ctrl-C) left
+    the partial file in the temporary folder for good: the upload that removes it never ran."""
+    try:
+        yield
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
 
 
 @contextlib.contextmanager
@@ -593,7 +605,8 @@ def _export(
         if external:
             return _archive.pack_folder(Path(tmp)), graph_inputs
         data = _scratch_file(".onnx")
-        shutil.move(path, data)
+        with _removed_on_failure(data):
+            shutil.move(path, data)
         return data, graph_inputs
 
 
