@@ -468,6 +468,24 @@ def test_cancel_mid_export_and_a_full_queue(start: Start, tmp_path: Path) -> Non
         running.wait(progress=False)
 
 
+def test_first_conversions_running_together_that_all_fail_leave_no_model_folder(
+    start: Start, tmp_path: Path
+) -> None:
+    """The job that made the new model's folder left it to the others still running; they had
+    found it made, so nobody removed it: an empty model stayed after every job failed."""
+    _, conv = start(max_concurrent_conversions=2)
+    first, second = convert_fake(conv, "m", "block"), convert_fake(conv, "m", "block")
+    for job in (first, second):
+        for event in job.events():
+            if event.stage == "export":
+                break
+    assert first.cancel().state == "CANCELLED"  # the one that made the folder ends first
+    assert (tmp_path / "repo" / "m").is_dir()  # the other still stages there
+    assert second.cancel().state == "CANCELLED"
+    assert leftovers(tmp_path) == []
+    assert not (tmp_path / "repo" / "m").exists()
+
+
 def test_no_waiting_room_still_runs_a_job_a_process_is_free_for(start: Start) -> None:
     """--max-queued-conversions 0 (no job waits) refused every job, an idle server's too."""
     _, conv = start(max_concurrent_conversions=1, max_queued_conversions=0)

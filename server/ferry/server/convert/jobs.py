@@ -154,6 +154,9 @@ class JobRunner:
         self._closing = False
         self._stopping = asyncio.Event()  # set with _closing: wakes an end being retried
         self._tasks: set[asyncio.Task[None]] = set()
+        # Models whose folder a job of this runner made (none existed when it started), until
+        # the last of their running jobs ends: it removes the folder if that is still empty.
+        self._made_models: set[str] = set()
 
     # ---- queue ----
     def submit(self, job_id: str) -> None:
@@ -346,7 +349,8 @@ class JobRunner:
             delay = min(delay * 2, END_RETRY_MAX_S)
 
     async def _convert(self, run: _Run, job: JobRecord) -> tuple[_Outcome, int, str]:
-        created_model_dir = not self.repository.has_model(job.model)
+        if not self.repository.has_model(job.model):
+            self._made_models.add(job.model)
         try:
             with self.repository.staging(job.model, staging_key(job.job_id)) as staged:
                 job_json = Path(job.job_dir) / "job.json"  # written once, when it was queued
@@ -395,9 +399,12 @@ class JobRunner:
                 return _Outcome(JobState.SUCCEEDED, "", message), version, report
         finally:
             # A failed first conversion must not leave an empty model folder behind; rmdir
-            # only removes an empty one, and only when no other job is using it.
+            # only removes an empty one, and only when no other job is using it. Made by
+            # whichever job ran first, the folder is judged by the last to end: a job that
+            # found it made by another's had left it, empty, after both failed.
             others = any(r.model == job.model for r in self._runs.values() if r is not run)
-            if created_model_dir and not others:
+            if job.model in self._made_models and not others:
+                self._made_models.discard(job.model)
                 with contextlib.suppress(OSError):
                     self.repository.model_dir(job.model).rmdir()
 
