@@ -12,6 +12,7 @@ from ferry.server.core.repository import (
     MODEL_FILE,
     TMP_PREFIX,
     ModelRepository,
+    read_report,
     validate_model_name,
     validate_version,
     write_file_atomic,
@@ -297,3 +298,12 @@ def test_root_must_be_a_folder(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument):
         ModelRepository(tmp_path / "missing", create=False)
     assert ModelRepository(tmp_path / "made").root.is_dir()
+
+
+def test_a_report_nested_past_the_json_parser_reads_as_none(tmp_path: Path) -> None:
+    """It raised RecursionError through GetModel and SetDefaultVersion: INTERNAL for the whole
+    model, for one file in one version folder."""
+    (tmp_path / "report.json").write_text('{"a": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    assert read_report(tmp_path) == ""
+    (tmp_path / "report.json").write_text('{"published": "fp32"}')
+    assert read_report(tmp_path) == '{"published": "fp32"}'
