@@ -74,6 +74,10 @@ emit("export", 0.15, "exporting")
 if mode == "block":
     while True:
         time.sleep(3600)
+if mode == "chatty":  # progress without end, then a model
+    for i in range(3000):
+        emit("convert", 0.5, f"step {i}")
+    mode = "ok"
 if mode == "ok":
     shutil.copy(job["source_path"], os.path.join(work, "model.onnx"))
     os.makedirs(os.path.join(work, ".scratch"))
@@ -484,6 +488,23 @@ def test_first_conversions_running_together_that_all_fail_leave_no_model_folder(
     assert second.cancel().state == "CANCELLED"
     assert leftovers(tmp_path) == []
     assert not (tmp_path / "repo" / "m").exists()
+
+
+def test_a_child_flooding_progress_events_keeps_a_bounded_history(
+    start: Start, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each progress line was a row (and a transaction on the event loop), kept with the job
+    and replayed by every WatchJob, however many the child sent."""
+    from ferry.server.convert import jobs
+
+    monkeypatch.setattr(jobs, "MAX_EVENTS", 50, raising=False)
+    _, conv = start()
+    job = convert_fake(conv, "m", "chatty")
+    events = list(job.events())
+    assert job.wait(progress=False).version == 1
+    steps = [e for e in events if e.message.startswith("step ")]
+    assert 0 < len(steps) <= 50 and len(events) <= 50 + 4  # queued, started, publish, end
+    assert events[-1].state == "SUCCEEDED"
 
 
 def test_no_waiting_room_still_runs_a_job_a_process_is_free_for(start: Start) -> None:

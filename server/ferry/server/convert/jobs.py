@@ -84,6 +84,11 @@ CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1", "ORT_DISABLE_TELE
 # any (models over 2 GiB), the report.
 VERSION_FILES = (MODEL_FILE, MODEL_DATA_FILE, REPORT_FILE)
 MAX_EVENT_LINE = 1 << 20
+# Progress events kept per job. The real child sends one per stage; a child that sent without
+# end (code in a permitted code-bearing source writing to the channel, a loop gone wrong) grew
+# the job database by a transaction per line, on the event loop, and every WatchJob replayed
+# them all. Past this, progress lines are read and dropped; the job's end is always recorded.
+MAX_EVENTS = 1000
 STDERR_TAIL = 20
 WARM_IDLE_S = 600.0  # a conversion process started ahead leaves after this long unused
 WARM_REAP_S = 5.0  # at shutdown, how long a killed warm process is waited for
@@ -103,6 +108,7 @@ class _Run:
     cancelled: bool = False
     publishing: bool = False
     last_error: tuple[str, str] | None = None  # (kind, message) of the child's failure event
+    events: int = 0  # progress events recorded from the child (at most MAX_EVENTS)
     stderr: collections.deque[str] = field(
         default_factory=lambda: collections.deque(maxlen=STDERR_TAIL)
     )
@@ -620,6 +626,17 @@ class JobRunner:
                     continue
                 if run.cancelled or self._closing:
                     continue
+                if run.events >= MAX_EVENTS:
+                    if run.events == MAX_EVENTS:
+                        log.warning(
+                            "job %s: its conversion process sent over %d progress events; the "
+                            "rest are dropped",
+                            run.job_id,
+                            MAX_EVENTS,
+                        )
+                        run.events += 1
+                    continue
+                run.events += 1
                 stage = event.stage if event.stage in spec.STAGES else "convert"
                 fraction = min(max(float(event.fraction), 0.0), 0.97)
                 self.store.append_event(run.job_id, stage, fraction, event.message[:2000])
