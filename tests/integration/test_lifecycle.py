@@ -23,6 +23,7 @@ from ferry.client import (
 )
 from ferry.server.core.repository import ModelRepository
 from ferry.server.examples import mlp_model, seed_model, write_model
+from ferry.server.grpc.app import FerryServer
 
 ONE = {"input": np.ones((1, 64), np.float32)}
 
@@ -98,6 +99,10 @@ def test_poll_interval_picks_up_a_new_model(tmp_path: Path, start_server: StartS
         wait_for(lambda: client.ready("seed"), "health of the polled model")
 
 
+async def _ready(app: FerryServer) -> bool:
+    return app.dataplane.ready()
+
+
 def test_graceful_shutdown_completes_in_flight_requests(
     tmp_path: Path, start_server: StartServer
 ) -> None:
@@ -134,6 +139,8 @@ def test_graceful_shutdown_completes_in_flight_requests(
 
         wait_for(refused, "calls to be refused after stop began")
         assert not stopped.is_set()  # the held request keeps the server draining
+        # Not ready on every protocol while it drains (OIP ServerReady said ready till the end).
+        assert srv.call(lambda: _ready(app)) is False
         gate.release()
         result = in_flight.result(60)
         assert result["logits"].shape == (1, 10)

@@ -76,6 +76,7 @@ class DataPlane:
         default_timeout: float = 0.0,
     ) -> None:
         self._registry = registry
+        self._draining = False  # drain(): the server is stopping
         self.limits = limits or Limits()
         self._observe: Observer = _no_observer  # observe_with() sets the server's metrics
         self._peers: PeerStatistics | None = None  # sum_with() sets the other workers'
@@ -251,8 +252,16 @@ class DataPlane:
         return True
 
     def ready(self) -> bool:
-        """The replica is ready: every selected version finished loading, one is READY."""
-        return self._registry.all_ready()
+        """The replica is ready: not draining, every selected version finished loading, one is
+        READY."""
+        return not self._draining and self._registry.all_ready()
+
+    def drain(self) -> None:
+        """The server began to stop: from now on the replica is not ready on every protocol.
+        gRPC health turned NOT_SERVING at once while OIP ServerReady (gRPC, and HTTP
+        /v2/health/ready, a KServe readiness probe's) still said ready, so a load balancer
+        reading those kept sending to a replica already draining."""
+        self._draining = True
 
     def model_ready(self, model: str, version: int | None = None) -> bool:
         """Not-found and not-ready are both False: readiness is a yes/no question."""

@@ -484,6 +484,7 @@ class FerryServer:
         self._stopping = True
         grace = self.settings.grace_period if grace is None else grace
         self.metrics.ready.ready = False  # NOT ready first, so load balancers stop sending
+        self.dataplane.drain()  # on every protocol: OIP ServerReady, HTTP /v2/health/ready
         await self.health.enter_graceful_shutdown()
         if self._management_health is not None:
             await self._management_health.enter_graceful_shutdown()
