@@ -3,6 +3,8 @@ immutable, and leftovers of a crashed publish are cleaned."""
 
 from __future__ import annotations
 
+import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -218,6 +220,26 @@ def test_a_deleted_version_number_is_never_published_again(repo: ModelRepository
     assert repo.list_versions("m") == []
     assert _publish(repo, "m") == 4
     assert repo.list_versions("m") == [4]  # the mark is no version folder
+
+
+def test_a_mark_that_is_no_regular_file_is_not_read(repo: ModelRepository) -> None:
+    """A FIFO named like the deleted-versions mark blocked the publish for good; a link to
+    /dev/zero was read without end. Neither is read: the numbers start from what is on disk."""
+    assert _publish(repo, "m") == 1
+    mark = repo.model_dir("m") / DELETED_MARK
+    os.mkfifo(mark)
+    done: list[int] = []
+    publisher = threading.Thread(target=lambda: done.append(_publish(repo, "m")), daemon=True)
+    publisher.start()
+    publisher.join(30)
+    if publisher.is_alive():  # without the fix: free the reader, then fail
+        os.close(os.open(mark, os.O_WRONLY | os.O_NONBLOCK))
+        publisher.join(30)
+        pytest.fail("the publish blocked on a FIFO at the deleted-versions mark")
+    assert done == [2]
+    mark.unlink()
+    mark.symlink_to("/dev/zero")
+    assert _publish(repo, "m") == 3
 
 
 def test_delete_version(repo: ModelRepository) -> None:

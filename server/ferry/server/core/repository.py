@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -47,6 +48,7 @@ _STAGING_KEY = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # A number is never reused: a client that pins version 4 must never be answered by another
 # model published as 4 after the first was deleted.
 DELETED_MARK = ".deleted-versions"
+MARK_BYTES = 64  # the mark holds one version number
 
 log = logging.getLogger(__name__)
 
@@ -315,10 +317,21 @@ class ModelRepository:
 
     @staticmethod
     def _highest_deleted(mdir: Path) -> int:
+        """The mark, read only from a regular file and only as far as a number goes: a FIFO
+        named like it blocked the publish (and the event loop's executor) for good, and a link
+        to /dev/zero was read without end."""
         try:
-            text = (mdir / DELETED_MARK).read_text(encoding="ascii").strip()
+            fd = os.open(mdir / DELETED_MARK, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError:
+            return 0
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return 0
+            text = os.read(fd, MARK_BYTES).decode("ascii").strip()
         except (OSError, UnicodeDecodeError):
             return 0
+        finally:
+            os.close(fd)
         return int(text) if VERSION_RE.fullmatch(text) and int(text) <= MAX_VERSION else 0
 
     def clean_temporaries(self) -> list[Path]:
