@@ -214,3 +214,23 @@ def test_a_scrape_asks_every_worker_at_once(tmp_path: Path) -> None:
         for server in servers:
             server.stop(None)
     assert sorted(row[0] for row in rows) == ["m1", "m2", "m3"]
+
+
+def test_an_answer_older_than_the_one_recorded_is_not_recorded(tmp_path: Path) -> None:
+    """Two scrapes at once: the older answer arrived last and was kept, and had the worker died
+    then, the sum would have kept its lower counts (a counter going down)."""
+    loaded = {("m", 1): _Loaded()}
+    peers = Peers(tmp_path, tmp_path / "worker-0.sock", lambda m, v: loaded.get((m, v)))
+    sock = tmp_path / "worker-1.sock"
+    every = {"model": "", "version": None}
+    newer = {"process": "a", "seq": 8, "rows": [_row("m", 1, 9)]}
+    older = {"process": "a", "seq": 7, "rows": [_row("m", 1, 7)]}
+    assert peers._answered(sock, control.STATISTICS, every, newer) == newer["rows"]
+    assert peers._answered(sock, control.STATISTICS, every, older) == older["rows"]  # its caller's
+    assert peers._answered(sock, control.STATISTICS, every, TimeoutError()) == newer["rows"]
+    peers.retire(sock)
+    assert [s.inference_count for s in peers.retired_statistics()] == [9]
+    # A process started again counts its own order from 1: not older than the last one's.
+    fresh = {"process": "b", "seq": 1, "rows": [_row("m", 1, 1)]}
+    assert peers._answered(sock, control.STATISTICS, every, fresh) == fresh["rows"]
+    assert peers._answered(sock, control.STATISTICS, every, TimeoutError()) == fresh["rows"]

@@ -14,6 +14,7 @@ exposed, and both ends are this same code, so it needs no schema of its own.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import uuid
@@ -128,6 +129,11 @@ class ControlService(grpc.GenericRpcHandler):
         # Which process answers: a worker started again counts from zero, and the others tell
         # its new counters from the old ones by this (peers.Peers keeps the old ones).
         self._process = uuid.uuid4().hex
+        # Each answer's place in this process's order: two scrapes (threads of the metrics
+        # listener) or a scrape and the loop's ModelStatistics ask at once, and the older answer
+        # could be recorded after the newer; had the worker then died, the sum kept the older
+        # counts and a counter went down. peers.Peers records an answer only if it is newer.
+        self._seq = itertools.count(1)
         self._requests = requests  # () -> this process's request counters (metrics)
         self._methods: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
             STATISTICS: grpc.unary_unary_rpc_method_handler(self._statistics),
@@ -148,6 +154,7 @@ class ControlService(grpc.GenericRpcHandler):
             stats = []
         answer: dict[str, Any] = {
             "process": self._process,
+            "seq": next(self._seq),
             "rows": [stats_to_json(s) for s in stats],
         }
         if self._retired is not None:
@@ -157,7 +164,11 @@ class ControlService(grpc.GenericRpcHandler):
         return encode(answer)
 
     async def _requests_counts(self, raw: bytes, context: aio.ServicerContext) -> bytes:
-        answer: dict[str, Any] = {"process": self._process, "rows": self._requests()}
+        answer: dict[str, Any] = {
+            "process": self._process,
+            "seq": next(self._seq),
+            "rows": self._requests(),
+        }
         if self._retired is not None:
             answer["retired"] = self._retired.retired_requests()
             answer["gone"] = self._retired.gone()
@@ -168,7 +179,7 @@ class ControlService(grpc.GenericRpcHandler):
         first worker asks, and it alone keeps what dead workers last answered, so no answer
         carries retired rows."""
         rows = [shadow_to_row(s) for s in self._dataplane.own_shadow_statistics()]
-        return encode({"process": self._process, "rows": rows})
+        return encode({"process": self._process, "seq": next(self._seq), "rows": rows})
 
     async def _ready(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         return encode({"ready": self._dataplane.ready()})

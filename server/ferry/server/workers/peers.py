@@ -100,6 +100,9 @@ class Peers:
         # Processes whose last counts are retired (the first worker's): named in its answers,
         # so that another worker stops adding what it last read of one of them itself.
         self._gone: deque[str] = deque(maxlen=MAX_GONE)
+        # (socket, method) -> (process, seq) of the answer recorded last: an older one that
+        # arrives after it (two scrapes at once) is used for its caller but not recorded
+        self._recorded: dict[tuple[Path, str], tuple[str, int]] = {}
 
     def _answered(self, path: Path, method: str, ask: Any, answer: Any) -> Any:
         """``answer``'s rows recorded (or, for an exception, the last rows; None if none)."""
@@ -109,6 +112,10 @@ class Peers:
                 log.debug("worker %s did not answer %s: %s", path.name, method, answer)
                 return self._last.get(key)
             process, rows, retired = _unwrap(answer)
+            seq = answer.get("seq")
+            last = self._recorded.get((path, method))
+            if isinstance(seq, int) and last is not None and last[0] == process and seq <= last[1]:
+                return rows + retired  # older than what is recorded: this caller's only
             if process is not None and process in self._gone:
                 # Answered before it died, read after its counts were retired (a gather waits
                 # for the slowest worker): recorded again, they were counted twice.
@@ -122,6 +129,8 @@ class Peers:
                 self._retire(other)
             if process is not None:
                 self._process[path] = process
+                if isinstance(seq, int):
+                    self._recorded[(path, method)] = (process, seq)
             if method == control.STATISTICS:
                 self._note_stats(path, ask, rows)
             elif method == control.REQUESTS:
@@ -287,7 +296,8 @@ class Peers:
         channel = self._aio.pop(path, None)
         if channel is not None:
             asyncio.get_running_loop().create_task(channel.close())
-        sync = self._sync.pop(path, None)
+        with self._last_lock:
+            sync = self._sync.pop(path, None)
         if sync is not None:
             sync.close()
 
@@ -297,9 +307,12 @@ class Peers:
 
     # ---- metrics thread ----
     def _sync_call(self, path: Path, method: str, ask: Any) -> grpc.Future:
-        channel = self._sync.get(path)
-        if channel is None:
-            channel = self._sync[path] = grpc.insecure_channel(f"unix:{path}")
+        # Under the lock: two scrapes at once (threads of the metrics listener) each made a
+        # channel to a new socket, and the one not kept was never closed.
+        with self._last_lock:
+            channel = self._sync.get(path)
+            if channel is None:
+                channel = self._sync[path] = grpc.insecure_channel(f"unix:{path}")
         rpc: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(method)
         return rpc.future(control.encode(ask), timeout=SCRAPE_CALL_TIMEOUT)
 
