@@ -18,6 +18,7 @@ Figures, not assertions: one JSON line per model and mode, then the tally.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -231,7 +232,9 @@ def main() -> None:
         "refused_alone": 0,
         "refused_top_up_only": 0,
     }
-    with tempfile.TemporaryDirectory(prefix="few-rows-") as tmp:
+    # The quantizer's shape inference writes beside the working folder (the real child works
+    # in its scratch folder: child._confine_temp), so the jobs run from the temporary one.
+    with tempfile.TemporaryDirectory(prefix="few-rows-") as tmp, contextlib.chdir(tmp):
         for (build, head), seed in itertools.product(cases, range(args.seeds)):
             base = Path(tmp) / f"{build.__name__}-{head}-{seed}"
             base.mkdir()
