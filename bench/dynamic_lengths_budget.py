@@ -21,10 +21,10 @@ Figures, not assertions: one JSON line per model and mode, then the tally.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
 import json
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +35,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ferry.server.convert.spec import job_from_json
-from ferry.server.convert.worker import child, lengths, parity
+from ferry.server.convert.worker import lengths, parity
+
+sys.path.insert(0, str(Path(__file__).parent))
+import budget_jobs
 
 LENGTH, MAX, TRUTH_LENGTHS = 12, 64, (1, 2, 4, 8, 12, 24, 48)
 Gen = Callable[[np.random.Generator, int, int], dict[str, np.ndarray]]
@@ -181,33 +183,12 @@ def export(model: nn.Module, feeds: dict[str, np.ndarray], path: Path) -> None:
 
 def convert(root: Path, source: Path, feeds: dict, cal: dict, mode: str) -> dict[str, Any]:
     """The report of the job (keep_failed: the variant is published whatever its verdict)."""
-    root.mkdir(parents=True)
-    np.savez(root / "s.npz", **feeds)
-    np.savez(root / "c.npz", **cal)
-    spec = {
-        "inputs": [
-            {
-                "name": k,
-                "datatype": "INT64" if v.dtype == np.int64 else "FP32",
-                "shape": [-1, *v.shape[1:]],
-                "dynamic_axes": [{"axis": 1, "name": "sequence", "min": 1, "max": MAX}],
-            }
-            for k, v in feeds.items()
-        ],
-        "quantization": {"mode": mode}
-        | ({"calibration_file": str(root / "c.npz")} if mode == "static_int8" else {}),
-        "validation": {"sample_file": str(root / "s.npz"), "keep_failed": True},
-        "benchmark": "off",
-    }
-    job = {
-        "job_id": root.name, "model": "m", "source_path": str(source), "source_format": "onnx",
-        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
-        "spec": spec, "work_dir": str(root / "work"),
-    }  # fmt: skip
-    with (root / "progress.jsonl").open("w") as stream:
-        rc = child.run(job_from_json(json.dumps(job)), child.Progress(stream))
-    assert rc == 0, (root / "progress.jsonl").read_text()[-2000:]
-    report: dict[str, Any] = json.loads((root / "work" / "report.json").read_text())
+    axis = {"axis": 1, "name": "sequence", "min": 1, "max": MAX}
+    job_spec = budget_jobs.spec(
+        root, feeds, cal, mode, validation={"keep_failed": True}, dynamic_axes=[axis]
+    )
+    report = budget_jobs.run(root / "job", source, job_spec)
+    assert report is not None, (root / "job" / "progress.jsonl").read_text()[-2000:]
     return report
 
 

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import itertools
 import json
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -31,8 +31,8 @@ import onnx
 from onnx import TensorProto as T
 from onnx import helper, numpy_helper
 
-from ferry.server.convert.spec import job_from_json
-from ferry.server.convert.worker import child
+sys.path.insert(0, str(Path(__file__).parent))
+import budget_jobs
 
 F32 = np.float32
 
@@ -175,40 +175,13 @@ def data(kind, shape, n, rng):
         return np.minimum(rng.zipf(1.3, (n, *shape)), 999).astype(np.int64)
 
 
-def convert(root: Path, source: Path, spec: dict[str, Any]) -> bool:
-    """The child's entry in this process; True when the job publishes (within budget)."""
-    root.mkdir(parents=True)
-    job = {
-        "job_id": root.name, "model": "m", "source_path": str(source), "source_format": "onnx",
-        "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
-        "spec": spec, "work_dir": str(root / "work"),
-    }  # fmt: skip
-    with (root / "progress.jsonl").open("w") as stream:
-        return child.run(job_from_json(json.dumps(job)), child.Progress(stream)) == 0
-
-
 def verdict(
     root: Path, source: Path, feeds: dict, *, rows: int, samples: int, mode: str, cal: dict
 ) -> bool:
     """Whether the job publishes with the first ``rows`` of ``feeds`` as its sample file."""
-    root.mkdir(parents=True)
-    np.savez(root / "s.npz", **{k: v[:rows] for k, v in feeds.items()})
-    np.savez(root / "c.npz", **cal)
-    spec = {
-        "inputs": [
-            {
-                "name": k,
-                "datatype": "INT64" if v.dtype == np.int64 else "FP32",
-                "shape": [-1, *v.shape[1:]],
-            }
-            for k, v in feeds.items()
-        ],
-        "quantization": {"mode": mode}
-        | ({"calibration_file": str(root / "c.npz")} if mode == "static_int8" else {}),
-        "validation": {"sample_file": str(root / "s.npz"), "samples": samples},
-        "benchmark": "off",
-    }
-    return convert(root / "job", source, spec)
+    first = {k: v[:rows] for k, v in feeds.items()}
+    job_spec = budget_jobs.spec(root, first, cal, mode, validation={"samples": samples})
+    return budget_jobs.run(root / "job", source, job_spec) is not None
 
 
 def main() -> None:
