@@ -321,17 +321,9 @@ class ModelRepository:
         named like it blocked the publish (and the event loop's executor) for good, and a link
         to /dev/zero was read without end."""
         try:
-            fd = os.open(mdir / DELETED_MARK, os.O_RDONLY | os.O_NONBLOCK)
-        except OSError:
-            return 0
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return 0
-            text = os.read(fd, MARK_BYTES).decode("ascii").strip()
+            text = read_head(mdir / DELETED_MARK, MARK_BYTES).decode("ascii").strip()
         except (OSError, UnicodeDecodeError):
             return 0
-        finally:
-            os.close(fd)
         return int(text) if VERSION_RE.fullmatch(text) and int(text) <= MAX_VERSION else 0
 
     def clean_temporaries(self) -> list[Path]:
@@ -383,6 +375,22 @@ def _held(path: Path) -> bool:
     finally:
         os.close(fd)  # releases the lock this probe took, if it took it
     return False
+
+
+def read_head(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of ``path`` (links followed), which must be a regular file. It
+    is opened without blocking and judged on the open file: a FIFO there held its reader until
+    a writer came, and a link to /dev/zero was read without end. A folder raises
+    IsADirectoryError, anything else that is not a regular file OSError(EINVAL, "not a regular
+    file"), a missing file (or a dangling link) FileNotFoundError."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with open(fd, "rb") as f:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        return f.read(limit)
 
 
 def write_file_atomic(path: Path, data: bytes) -> None:

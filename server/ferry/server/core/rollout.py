@@ -13,7 +13,6 @@ same version; a request without an id is placed at random.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import functools
 import hashlib
 import json
@@ -30,6 +29,7 @@ from ferry.server.core.repository import (
     MAX_VERSION,
     VERSION_RE,
     folder_in_place,
+    read_head,
     write_file_atomic,
 )
 from ferry.server.core.types import TensorSpec
@@ -228,14 +228,7 @@ def _head(path: Path) -> bytes:
     """At most ``MAX_FILE + 1`` bytes of the rollout file. Read whole and cut after, a huge
     file (or a link to /dev/zero) took the server's memory, and a FIFO there held the refresh,
     and with it every management call, for good."""
-    if path.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "Is a directory", str(path))
-    if not path.is_file() and (path.exists() or path.is_symlink()):
-        if not path.exists():  # a dangling link: as no file, which is what it names
-            raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(path))
-        raise OSError(errno.EINVAL, "not a regular file", str(path))
-    with path.open("rb") as f:
-        return f.read(MAX_FILE + 1)
+    return read_head(path, MAX_FILE + 1)
 
 
 def read(model_dir: Path) -> tuple[Rollout | None, str]:
