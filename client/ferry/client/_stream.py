@@ -222,8 +222,8 @@ class StreamState:
         pending: the reader sends it again (``_again``) or settles it with the refusal."""
         t0 = time.perf_counter()
         rid, result = decode_stream_response(raw)
-        again = self._resend.pop(rid, None)
-        if again is not None and rid in self._pending and refuses_datatype(result, again.used):
+        again = self._resend.pop(rid, None)  # its ids are pending ones
+        if again is not None and refuses_datatype(result, again.used):
             return (rid, result), again
         entry = self._pending.pop(rid, None)
         if entry is None:
@@ -252,11 +252,12 @@ class StreamState:
         self, rid: str, refusal: FerryError, again: Resend, fresh: Mapping[str, Any] | None
     ) -> bytes | StreamResult:
         """A refused request built once more with ``fresh`` dtypes, to send under its id; or,
-        settled, its answer: the refusal when the dtypes are unchanged (None), the call has
-        ended, or the stream is closed for writing (nothing more can be sent on it); the error
-        building it raised (a number out of the new dtype's range). Sent again at most once:
-        its Resend is gone, so a second refusal is its answer."""
-        if fresh is None or rid not in self._pending or self._closed or self._done:
+        settled, its answer: the refusal when the dtypes are unchanged (None) or the stream is
+        closed for writing (nothing more can be sent on it); the error building it raised (a
+        number out of the new dtype's range). Sent again at most once: its Resend is gone, so a
+        second refusal is its answer. Only the reader calls this, between answers: the request
+        is still pending, and the call has not ended (the reader ends it after its last one)."""
+        if fresh is None or self._closed:
             self._pending.pop(rid, None)
             return rid, refusal
         try:
