@@ -34,3 +34,16 @@ async def until(pred: Callable[[], bool], spins: int = 1000) -> None:
             return
         await asyncio.sleep(0)
     raise AssertionError("condition never became true")
+
+
+class WatchedLock(asyncio.Lock):
+    """A model's edit lock that says when an edit has come to wait behind its holder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued = asyncio.Event()
+
+    async def acquire(self) -> bool:
+        if self.locked():
+            self.queued.set()
+        return await super().acquire()

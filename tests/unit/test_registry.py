@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from asyncutil import WatchedLock
 
 from ferry.server.core import versions
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
@@ -797,10 +798,11 @@ def test_a_load_is_answered_by_its_own_outcome_not_by_an_unload_queued_behind_it
     async def main() -> None:
         registry = ModelRegistry(repo, held, warm_up=False)
         dataplane = DataPlane(registry)
+        lock = registry._locks["seed"] = WatchedLock()
         load = asyncio.ensure_future(dataplane.load("seed"))
         await asyncio.to_thread(entered.wait, GUARD_S)
         unload = asyncio.ensure_future(registry.unload_model("seed"))
-        await asyncio.sleep(0)  # the unload queues on the model's lock
+        await lock.queued.wait()  # the unload waits on the model's lock, behind the load
         gate.set()
         outcome = await load
         assert outcome.loaded == ["seed/1"] and outcome.failed == []

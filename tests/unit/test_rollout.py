@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from asyncutil import WatchedLock
 from onnx import TensorProto, helper, numpy_helper
 
 from ferry.server.core import rollout as rollouts
@@ -1099,19 +1100,6 @@ def test_a_promotion_under_ten_comparisons_still_judges_sizes_and_ids(promote_af
     right.squares["y"] = [0.0, 1.0 * promote_after, 0.0, 0.0]
     assert right.verdict(rules) == "promote"
     assert ShadowStatistics(2, "m", compared=promote_after - 1).verdict(rules) == ""
-
-
-class WatchedLock(asyncio.Lock):
-    """A model's edit lock that says when an edit has come to wait behind its holder."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.queued = asyncio.Event()
-
-    async def acquire(self) -> bool:
-        if self.locked():
-            self.queued.set()
-        return await super().acquire()
 
 
 def test_a_rules_decision_never_undoes_a_change_made_while_it_waited(tmp_path: Path) -> None:
