@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ferry.server.convert.worker.parity import Arrays, Samples
+from ferry.server.convert.worker.parity import Samples, answered_rows
 
 # Apart from parity.SEED: a rerun of a job draws the same rows, and they differ from the
 # generated samples a job without a sample file gets.
@@ -52,26 +52,15 @@ def top_up(samples: Samples, count: int, calibration: Samples | None) -> TopUp |
     if extra <= 0:
         return None
     rng = np.random.default_rng(DRAWN_SEED)
-    real: Arrays = {name: array[:0] for name, array in samples.arrays.items()}
-    pool = samples.arrays
-    if calibration is not None and _alike(samples, calibration):
-        order = rng.permutation(len(calibration))[:extra]
-        real = {name: array[order] for name, array in calibration.arrays.items()}
-        pool = {n: np.concatenate([a, calibration.arrays[n]]) for n, a in pool.items()}
-    taken = len(next(iter(real.values())))
-    rest = extra - taken
-    drawn = {n: _draw(a, rest, rng) for n, a in pool.items()} if rest else real
-    rows = {n: np.concatenate([real[n], drawn[n]]) if rest else real[n] for n in real}
-    return TopUp(Samples(rows, samples.batched), taken, rest)
-
-
-def _alike(samples: Samples, other: Samples) -> bool:
-    """Rows that can be stacked with the samples: a calibration file at another sequence
-    length (a dynamic axis) is the same data, but cannot join one batch with them."""
-    return all(
-        other.arrays[name].shape[1:] == array.shape[1:] and other.arrays[name].dtype == array.dtype
-        for name, array in samples.arrays.items()
-    )
+    real, pool = samples.rows(np.arange(0)), samples
+    if calibration is not None and samples.stacks_with(calibration):
+        real = calibration.rows(rng.permutation(len(calibration))[:extra])
+        pool = samples.joined(calibration)
+    rest = extra - len(real)
+    if rest:
+        drawn = Samples({n: _draw(a, rest, rng) for n, a in pool.arrays.items()}, real.batched)
+        real = real.joined(drawn)
+    return TopUp(real, extra - rest, rest)
 
 
 def _draw(array: np.ndarray, extra: int, rng: np.random.Generator) -> np.ndarray:
@@ -120,13 +109,9 @@ def _draw_floats(array: np.ndarray, extra: int, rng: np.random.Generator) -> np.
 
 
 def usable(top: TopUp, reference: list[np.ndarray]) -> tuple[TopUp, list[np.ndarray]]:
-    """The rows the reference answers without NaN, and its outputs on them: a NaN is the
-    model's domain speaking (a mask drawn all zeros), not something a variant can match."""
-    keep = np.ones(len(top.rows), dtype=bool)
-    for out in reference:
-        if out.dtype.kind in "fc" and out.ndim:
-            keep &= ~np.isnan(out.reshape(len(out), -1)).any(axis=1)
-    kept: Arrays = {name: array[keep] for name, array in top.rows.arrays.items()}
+    """The rows the reference answers without NaN (``parity.answered_rows``), and its outputs
+    on them."""
+    keep = answered_rows(reference, len(top.rows))
     calibration = int(keep[: top.calibration].sum())
-    rows = TopUp(Samples(kept, top.rows.batched), calibration, int(keep.sum()) - calibration)
+    rows = TopUp(top.rows.rows(keep), calibration, int(keep.sum()) - calibration)
     return rows, [out[keep] for out in reference]

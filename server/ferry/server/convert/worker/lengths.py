@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ferry.server.convert.spec import InputSpec
-from ferry.server.convert.worker.parity import Arrays, Samples
+from ferry.server.convert.worker.parity import Arrays, Samples, answered_rows
 from ferry.server.errors import first_line
 
 Outputs = list[np.ndarray]
@@ -97,16 +97,6 @@ def resized(inputs: list[InputSpec], samples: Samples, name: str, size: int) -> 
     return Samples(arrays, samples.batched)
 
 
-def _finite(reference: Outputs, count: int) -> np.ndarray:
-    """Which rows the reference answers without NaN (a prefix of padding only, under a mask,
-    is outside what a model answers)."""
-    keep = np.ones(count, dtype=bool)
-    for out in reference:
-        if out.dtype.kind in "fc" and out.ndim:
-            keep &= ~np.isnan(out.reshape(len(out), -1)).any(axis=1)
-    return keep
-
-
 def probes(
     inputs: list[InputSpec],
     samples: Samples,
@@ -119,39 +109,28 @@ def probes(
     """The sizes to judge at, with ``source``'s outputs on the first ``count`` rows of the
     samples at each, and rows of ``calibration`` after them up to ``MOST_ROWS`` in all; a size
     the source cannot answer is skipped, and ``notes`` says so."""
-    head = Samples({n: a[:count] for n, a in samples.arrays.items()}, samples.batched)
+    head = samples.rows(slice(0, count))
     room = max(0, MOST_ROWS - len(head))
     more = None
     if calibration is not None and room:
-        more = Samples({n: a[:room] for n, a in calibration.arrays.items()}, calibration.batched)
+        more = calibration.rows(slice(0, room))
     out = []
     for name, size, held in sizes(inputs, head):
         rows = resized(inputs, head, name, size)
         if more is not None:
-            rows = _joined(rows, resized(inputs, more, name, size))
+            longer = resized(inputs, more, name, size)
+            rows = rows.joined(longer) if rows.stacks_with(longer) else rows
         skipped = f"variants not judged at {name}={size} (rows made from the samples' {held})"
         try:
             reference = source(rows)
         except Exception as exc:
             notes.append(f"{skipped}: the source model fails there ({first_line(exc)})")
             continue
-        keep = _finite(reference, len(rows))
+        keep = answered_rows(reference, len(rows))
         if not keep.any():
             notes.append(f"{skipped}: the source model answers NaN on every row")
             continue
-        kept = Samples({n: a[keep] for n, a in rows.arrays.items()}, rows.batched)
+        kept = rows.rows(keep)
         calibration_rows = int(keep[len(head) :].sum())
         out.append(Probe(name, size, held, kept, [o[keep] for o in reference], calibration_rows))
     return out
-
-
-def _joined(rows: Samples, more: Samples) -> Samples:
-    """``rows`` and ``more`` in one batch when every input has one shape and dtype in both (a
-    calibration file at another size of a second axis cannot join the samples)."""
-    if any(
-        more.arrays[n].shape[1:] != a.shape[1:] or more.arrays[n].dtype != a.dtype
-        for n, a in rows.arrays.items()
-    ):
-        return rows
-    joined = {n: np.concatenate([a, more.arrays[n]]) for n, a in rows.arrays.items()}
-    return Samples(joined, rows.batched)

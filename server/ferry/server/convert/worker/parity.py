@@ -57,6 +57,25 @@ class Samples:
     def __len__(self) -> int:
         return len(next(iter(self.arrays.values())))
 
+    def stacks_with(self, other: Samples) -> bool:
+        """Whether ``other``'s rows can join these in one batch: every input of one shape (past
+        the rows) and dtype in both. A file at another size of a dynamic axis holds the same
+        data, but cannot."""
+        return all(
+            other.arrays[name].shape[1:] == array.shape[1:]
+            and other.arrays[name].dtype == array.dtype
+            for name, array in self.arrays.items()
+        )
+
+    def joined(self, other: Samples) -> Samples:
+        """These rows, then ``other``'s (``stacks_with``)."""
+        arrays = {n: np.concatenate([a, other.arrays[n]]) for n, a in self.arrays.items()}
+        return Samples(arrays, self.batched)
+
+    def rows(self, keep: np.ndarray | slice) -> Samples:
+        """The rows ``keep`` selects (a mask, indices or a slice)."""
+        return Samples({name: array[keep] for name, array in self.arrays.items()}, self.batched)
+
     def batches(self, size: int) -> Iterator[Arrays]:
         if not self.batched:
             for index in range(len(self)):
@@ -160,6 +179,17 @@ def samples_from_file(path: Path, inputs: list[InputSpec], batched: bool, field:
         _check_shape(spec, list(arrays[spec.name].shape[1:]), batched, field, seen)
         arrays[spec.name] = arrays[spec.name].astype(dtype_of(spec), copy=False)
     return Samples(arrays, batched)
+
+
+def answered_rows(outputs: list[np.ndarray], count: int) -> np.ndarray:
+    """Which of ``count`` rows a model answered without NaN in any floating output: a NaN is
+    the model's domain speaking (a mask drawn all zeros, a prefix of padding only), not
+    something a variant can match."""
+    keep = np.ones(count, dtype=bool)
+    for out in outputs:
+        if out.dtype.kind in "fc" and out.ndim:
+            keep &= ~np.isnan(out.reshape(len(out), -1)).any(axis=1)
+    return keep
 
 
 def run_batches(
