@@ -86,6 +86,17 @@ class Variant:
         return self.record.name
 
 
+@dataclass
+class RowsCheck:
+    """Rows every variant is judged on beside the samples (a short sample file's top-up, other
+    sizes of a dynamic axis), the unpruned source's outputs on them, and how a refusal names
+    them."""
+
+    rows: parity.Samples
+    reference: Outputs
+    where: str
+
+
 class Pipeline:
     source: load.Source
     samples: parity.Samples
@@ -95,9 +106,6 @@ class Pipeline:
     parity_reference: Outputs  # what the fp32 export must match within rtol/atol
     client_reference: Outputs | None
     top_up: drawn.TopUp | None = None  # rows beside a short sample file's (worker.drawn)
-    top_up_reference: Outputs  # the unpruned source model's outputs on them
-    # Other sizes of the declared dynamic axes, with the unpruned source's outputs (worker.lengths)
-    length_probes: list[lengths.Probe]
 
     external: bool = False  # variants are written as model + data file (models over 2 GiB)
 
@@ -128,6 +136,11 @@ class Pipeline:
         # Output shapes of the runs that verified the batch and the dynamic axes: a dim that
         # changed between them is published symbolic whatever the exporter wrote.
         self.output_shapes: list[list[tuple[int, ...]]] = []
+        # Rows every variant is judged on beside the samples (_draw, _lengths)
+        self.checks: list[RowsCheck] = []
+        # The source model, run for the references of the load stage, then released
+        self._source_run: Callable[[dict[str, np.ndarray]], Outputs] | None = None
+        self._calibration_read: parity.Samples | InvalidArgument | None = None
 
     # ---- progress ----
 
@@ -162,6 +175,7 @@ class Pipeline:
             self._reference_outputs()
             self._draw()
             self._lengths()
+            self._source_run = None  # its session (or module run) is not needed again
         self._prune()
         base = self._export()
         with self._stage("check", "onnx.checker (full check)"):
@@ -272,13 +286,19 @@ class Pipeline:
                 self.baseline, self.baseline_name = self.client_reference, "reference"
 
     def _source_runner(self) -> Callable[[dict[str, np.ndarray]], Outputs]:
-        """The model as the client gave it, before pruning: what every budget is judged against."""
-        if self.source.module is not None:
-            from ferry.server.convert.worker import export
+        """The model as the client gave it, before pruning: what every budget is judged against.
+        Built once for the load stage's three uses (the samples, the top-up, other lengths):
+        an ONNX source's session was opened three times."""
+        if self._source_run is None:
+            if self.source.module is not None:
+                from ferry.server.convert.worker import export
 
-            return export.torch_runner(self.source)
-        assert self.source.onnx_path is not None
-        return parity.onnx_runner(self.source.onnx_path, self.threads, self.providers)
+                self._source_run = export.torch_runner(self.source)
+            else:
+                assert self.source.onnx_path is not None
+                path = self.source.onnx_path
+                self._source_run = parity.onnx_runner(path, self.threads, self.providers)
+        return self._source_run
 
     def _draw(self) -> None:
         """Top a sample file shorter than validation.samples up (``worker.drawn``: one or two
@@ -293,7 +313,7 @@ class Pipeline:
             topped = drawn.top_up(self.samples, v.samples, self._calibration_rows())
             if topped is None:
                 return
-            top, reference = drawn.usable(topped, self._drawn_run(topped.rows))
+            top, reference = drawn.usable(topped, self._run_on(self._source_runner(), topped.rows))
         except Exception as exc:  # the model's own failure on such rows, or a drawing's
             self.notes.append(
                 f"variants judged on {given} only: rows added to them could not be run "
@@ -306,44 +326,57 @@ class Pipeline:
                 "to them; give validation.samples rows in the sample file"
             )
             return
-        self.top_up, self.top_up_reference = top, reference
+        self.top_up = top
+        where = f"on {top.describe(len(self.samples))}, validation.samples {v.samples}"
+        self.checks.append(RowsCheck(top.rows, reference, where))
         assert self.report.validation is not None  # written by _validation_samples
         self.report.validation.top_up = {"calibration": top.calibration, "drawn": top.drawn}
+
+    def _calibration(self) -> parity.Samples:
+        """The calibration file's rows, read once: the top-up, the other lengths and the
+        quantize stage each read it. A file that cannot be used raises here every time."""
+        if self._calibration_read is None:
+            try:
+                self._calibration_read = parity.samples_from_file(
+                    self._path(self.spec.quantization.calibration_file),
+                    self.source.inputs,
+                    self.source.batched,
+                    "quantization.calibration_file",
+                )
+            except InvalidArgument as exc:
+                self._calibration_read = exc
+        if isinstance(self._calibration_read, InvalidArgument):
+            raise self._calibration_read
+        return self._calibration_read
 
     def _calibration_rows(self) -> parity.Samples | None:
         """The calibration file's rows, real data to judge on before any drawn ones. One the
         quantize stage would refuse is its business there, not a reason to fail here."""
-        name = self.spec.quantization.calibration_file
-        if not name:
+        if not self.spec.quantization.calibration_file:
             return None
         try:
-            return parity.samples_from_file(
-                self._path(name), self.source.inputs, self.source.batched, "calibration_file"
-            )
+            return self._calibration()
         except InvalidArgument:
             return None
 
-    def _drawn_run(self, rows: parity.Samples, path: Path | None = None) -> Outputs:
-        """The source model (or the variant at ``path``) on the rows of a top-up."""
-        run = (
-            self._source_runner()
-            if path is None
-            else parity.onnx_runner(path, self.threads, self.providers)
-        )
+    def _run_on(
+        self, run: Callable[[dict[str, np.ndarray]], Outputs], rows: parity.Samples
+    ) -> Outputs:
         return parity.run_batches(run, rows, self.spec.max_batch_size)
 
-    def _drawn_failure(self, variant: Variant) -> str:
-        """The budget on the rows that topped the sample file up: '' within it, else why not."""
-        if self.top_up is None:
-            return ""
-        v = self.spec.validation
-        where = f"on {self.top_up.describe(len(self.samples))}, validation.samples {v.samples}"
-        try:
-            outputs = self._drawn_run(self.top_up.rows, variant.path)
-        except Exception as exc:
-            return f"fails {where}: {first_line(exc)}"
-        failure = self._budget_failure(parity.compare(outputs, self.top_up_reference))
-        return failure and f"{failure} {where}"
+    def _checks_failure(self, run: Callable[[dict[str, np.ndarray]], Outputs]) -> str:
+        """The budget on every RowsCheck for the variant ``run`` runs: '' within it, else why
+        not at each check it fails."""
+        failures = []
+        for check in self.checks:
+            try:
+                outputs = self._run_on(run, check.rows)
+            except Exception as exc:
+                failures.append(f"fails {check.where}: {first_line(exc)}")
+                continue
+            failure = self._budget_failure(parity.compare(outputs, check.reference))
+            failures += [f"{failure} {check.where}"] if failure else []
+        return "; ".join(failures)
 
     def _lengths(self) -> None:
         """The rows every variant is also judged on at other sizes of each declared dynamic axis
@@ -351,48 +384,26 @@ class Pipeline:
         published though far off at another. The sample rows and any top-up rows, up to
         validation.samples of them, then the calibration file's (``lengths.MOST_ROWS`` in all);
         the source model before pruning answers them here."""
-        rows = self.samples
-        if self.top_up is not None:
-            added = self.top_up.rows.arrays
-            rows = parity.Samples(
-                {n: np.concatenate([a, added[n]]) for n, a in rows.arrays.items()}, rows.batched
-            )
-        self.length_probes = []
+        rows = self.samples if self.top_up is None else self.samples.joined(self.top_up.rows)
         if not lengths.sizes(self.source.inputs, rows):
             return
-        source = self._source_runner()  # one session (or module) for every size
-        self.length_probes = lengths.probes(
+        source = self._source_runner()
+        probes = lengths.probes(
             self.source.inputs,
             rows,
             self.spec.validation.samples,
-            lambda at: parity.run_batches(source, at, self.spec.max_batch_size),
+            lambda at: self._run_on(source, at),
             self.notes,
             calibration=self._calibration_rows(),
         )
-        if self.length_probes:
-            assert self.report.validation is not None  # written by _validation_samples
-            judged: dict[str, list[int]] = {}
-            for probe in self.length_probes:
-                judged.setdefault(probe.axis, []).append(probe.size)
-            self.report.validation.lengths = judged
-
-    def _lengths_failure(self, variant: Variant) -> str:
-        """The budget at the other sizes of the dynamic axes: '' within it, else why not at
-        each size it fails."""
-        if not self.length_probes:
-            return ""
-        failures = []
-        run = parity.onnx_runner(variant.path, self.threads, self.providers)  # one session
-        for probe in self.length_probes:
+        judged: dict[str, list[int]] = {}
+        for probe in probes:
             where = f"{probe.describe()}, a size the served version accepts"
-            try:
-                outputs = parity.run_batches(run, probe.rows, self.spec.max_batch_size)
-            except Exception as exc:
-                failures.append(f"fails {where}: {first_line(exc)}")
-                continue
-            failure = self._budget_failure(parity.compare(outputs, probe.reference))
-            failures += [f"{failure} {where}"] if failure else []
-        return "; ".join(failures)
+            self.checks.append(RowsCheck(probe.rows, probe.reference, where))
+            judged.setdefault(probe.axis, []).append(probe.size)
+        if judged:
+            assert self.report.validation is not None  # written by _validation_samples
+            self.report.validation.lengths = judged
 
     def _distinct_names(self) -> None:
         """ONNX names each value once: an output named like an input made the export fail late,
@@ -585,12 +596,7 @@ class Pipeline:
         with self._stage("quantize", f"building {names}"):
             calibration = None
             if plan.needs_calibration:
-                calibration = parity.samples_from_file(
-                    self._path(spec.calibration_file),
-                    self.source.inputs,
-                    self.source.batched,
-                    "quantization.calibration_file",
-                )
+                calibration = self._calibration()
             choosing = quantization_modes.mode(spec.mode).chooses
             for quantizer in plan.variants:
                 target = self.scratch / f"{quantizer.name}.onnx"
@@ -624,10 +630,11 @@ class Pipeline:
     def _validate(self, variants: list[Variant]) -> None:
         v = self.spec.validation
         fp32 = variants[0]
+        beside: dict[str, str] = {}  # variant -> its failures on self.checks
         for variant in variants:
-            variant.outputs = self._run(
-                parity.onnx_runner(variant.path, self.threads, self.providers)
-            )
+            run = parity.onnx_runner(variant.path, self.threads, self.providers)  # one session
+            variant.outputs = self._run(run)
+            beside[variant.name] = self._checks_failure(run)
         agreement = parity.compare(fp32.outputs, self.parity_reference)
         pruned = self.report.pruning is not None
         against = "pytorch" if self.source.module is not None else "onnx_source"
@@ -670,14 +677,7 @@ class Pipeline:
             if self.client_reference is not None:
                 record.vs_reference = parity.compare(variant.outputs, self.client_reference)
             failure = "; ".join(
-                filter(
-                    None,
-                    [
-                        self._budget_failure(vs_baseline),
-                        self._drawn_failure(variant),
-                        self._lengths_failure(variant),
-                    ],
-                )
+                filter(None, [self._budget_failure(vs_baseline), beside[variant.name]])
             )
             record.budget_against = self.baseline_name
             record.within_budget = not failure
