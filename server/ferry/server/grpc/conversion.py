@@ -30,6 +30,7 @@ from ferry.server.core.versions import ModelView
 from ferry.server.errors import DeadlineExceeded, ErrorKind, InvalidArgument
 from ferry.server.grpc._base import translate_errors
 from ferry.server.grpc.status import ERROR_TABLE, status_of, trailing
+from ferry.server.min_rate import MinRate
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ModelConversion"].full_name
 _FORMAT_PREFIX = "SOURCE_FORMAT_"
@@ -46,25 +47,22 @@ UPLOAD_MIN_RATE = 500.0
 
 
 async def _next_part(
-    messages: AsyncIterator[pb.UploadModelRequest], received: int, began: float
+    messages: AsyncIterator[pb.UploadModelRequest], received: int, bound: MinRate
 ) -> pb.UploadModelRequest:
     """The upload's next message, or DEADLINE_EXCEEDED when none comes within UPLOAD_IDLE or
     within what the bytes so far allow (the upload's partial file is then removed, as for any
-    failed upload). ``began``: the loop's time when the upload's call started."""
-    loop = asyncio.get_running_loop()
-    allowed = began + UPLOAD_IDLE + received / UPLOAD_MIN_RATE - loop.time()
+    failed upload). ``bound``: made when the upload's call started."""
+    deadline = bound.deadline(received)
     try:
-        if allowed <= 0:
+        if deadline <= asyncio.get_running_loop().time():
             raise TimeoutError
-        async with asyncio.timeout(min(UPLOAD_IDLE, allowed)):
+        async with asyncio.timeout_at(deadline):
             return await anext(messages)
     except TimeoutError:
-        if allowed < UPLOAD_IDLE:
+        if bound.by_rate:
             raise DeadlineExceeded(
-                f"the upload arrived too slowly: {received} bytes in "
-                f"{loop.time() - began:.1f} seconds, where an upload may take "
-                f"{UPLOAD_IDLE:g} seconds plus one per {UPLOAD_MIN_RATE:g} bytes; nothing was "
-                "kept: send the file in one go over a faster link"
+                f"the upload arrived too slowly: {bound.too_slow(received, 'an upload')}; "
+                "nothing was kept: send the file in one go over a faster link"
             ) from None
         raise DeadlineExceeded(
             f"the upload stopped arriving: no message for {UPLOAD_IDLE:g} seconds after "
@@ -87,9 +85,9 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
         self, request_iterator: AsyncIterator[pb.UploadModelRequest], context: aio.ServicerContext
     ) -> pb.Upload:
         messages = aiter(request_iterator)
-        began = asyncio.get_running_loop().time()
+        bound = MinRate(UPLOAD_IDLE, UPLOAD_MIN_RATE)
         try:
-            first = await _next_part(messages, 0, began)
+            first = await _next_part(messages, 0, bound)
         except StopAsyncIteration:
             raise InvalidArgument("empty upload: send an UploadHeader, then the chunks") from None
         if first.WhichOneof("part") != "header":
@@ -99,7 +97,7 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
             received = 0
             while True:
                 try:
-                    message = await _next_part(messages, received, began)
+                    message = await _next_part(messages, received, bound)
                 except StopAsyncIteration:
                     return
                 if message.WhichOneof("part") != "chunk":

@@ -39,6 +39,7 @@ from ferry.server.grpc.auth import DENIED, MISSING, TWICE, ListenerGuard
 from ferry.server.http.encodings import ENCODINGS, BodyError, decoder
 from ferry.server.http.errors import ERROR_HEADER, HttpError, error_body, error_of
 from ferry.server.http.oip import HEADER_LENGTH, JSON, OipRoutes, is_health
+from ferry.server.min_rate import MinRate
 from ferry.server.security import ListenerTLS
 
 T = TypeVar("T")
@@ -420,18 +421,12 @@ class HttpListener:
         decode = decoder(encoding)
         chunks: list[bytes] = []
         total = 0
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        by_rate = False  # which bound the timer holds: the average rate's, or a pause's
+        bound = MinRate(BODY_IDLE, BODY_MIN_RATE)
         arrived = 0  # bytes on the wire (a compressed body's decode to more)
         try:
             async with asyncio.timeout(None) as stall:
                 while True:
-                    # The sooner of: a pause's bound, and the time the bytes so far allow.
-                    pause = loop.time() + BODY_IDLE
-                    allowed = began + BODY_IDLE + arrived / BODY_MIN_RATE
-                    by_rate = allowed < pause
-                    stall.reschedule(min(pause, allowed))
+                    stall.reschedule(bound.deadline(arrived))
                     chunk = await content.readany()
                     if not chunk:
                         break
@@ -451,12 +446,8 @@ class HttpListener:
         except BodyError as exc:
             raise InvalidArgument(f"the request body could not be read: {exc}") from None
         except TimeoutError:
-            if by_rate:
-                why = (
-                    f"arrived too slowly: {arrived} bytes in {loop.time() - began:.1f} seconds, "
-                    f"where a body may take {BODY_IDLE:g} seconds plus one per "
-                    f"{BODY_MIN_RATE:g} bytes"
-                )
+            if bound.by_rate:
+                why = f"arrived too slowly: {bound.too_slow(arrived, 'a body')}"
             else:
                 why = f"stopped arriving: no byte for {BODY_IDLE:g} seconds after {total} bytes"
             raise HttpError(
