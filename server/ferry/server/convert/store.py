@@ -75,7 +75,6 @@ CREATE TABLE IF NOT EXISTS removed_uploads (
     removed_ms INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_by_model ON jobs (model, created_ms);
-CREATE INDEX IF NOT EXISTS uploads_by_age ON uploads (created_ms);
 CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
@@ -184,8 +183,8 @@ class JobStore:
             # Idempotent (IF NOT EXISTS); executescript commits on its own.
             self._db.executescript(_SCHEMA)
             self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        else:  # a database of this schema made before the index: the retention rule's order
-            self._db.execute(_UPLOADS_BY_AGE)
+        # The retention rule's order; also for a database of this schema made before the index.
+        self._db.execute(_UPLOADS_BY_AGE)
 
     def close(self) -> None:
         self._closed = True
