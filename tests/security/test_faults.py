@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -203,30 +204,13 @@ def test_an_upload_that_stops_arriving_is_refused_and_leaves_nothing(
     """A client that stopped sending mid-upload (or vanished without closing its connection)
     held the partial file for as long as gRPC kept the stream. The bound is shortened so the
     test waits on it; nothing here measures time."""
-    from ferry.server.grpc import conversion
 
-    monkeypatch.setattr(conversion, "UPLOAD_IDLE", 0.5)
-    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
-    with ServerThread(root) as srv, grpc.insecure_channel(srv.management_target) as channel:
-        assert srv.app is not None
-        uploads = srv.app.conversion.state_dir.resolve() / "uploads"
-        hold = threading.Event()
+    def messages(stop: threading.Event) -> Iterator[cpb.UploadModelRequest]:
+        yield cpb.UploadModelRequest(chunk=bytes(64 * 1024))
+        stop.wait(60)  # and nothing more, the stream left open
 
-        def messages() -> object:
-            yield cpb.UploadModelRequest(
-                header=cpb.UploadHeader(model="m", format=cpb.SOURCE_FORMAT_ONNX)
-            )
-            yield cpb.UploadModelRequest(chunk=bytes(64 * 1024))
-            hold.wait(60)  # and nothing more, the stream left open
-
-        try:
-            with pytest.raises(grpc.RpcError) as info:
-                cpb_grpc.ModelConversionStub(channel).UploadModel(messages(), timeout=60)
-        finally:
-            hold.set()
-        assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
-        assert "no message for 0.5 seconds after 65536 bytes" in (info.value.details() or "")
-        wait_for(lambda: not any(uploads.iterdir()), "the partial upload to be removed")
+    details = _slow_upload_refused(tmp_path, monkeypatch, messages)
+    assert "no message for 0.5 seconds after 65536 bytes" in details
 
 
 def test_an_upload_trickling_empty_chunks_is_refused_and_leaves_nothing(
@@ -236,6 +220,25 @@ def test_an_upload_trickling_empty_chunks_is_refused_and_leaves_nothing(
     stream and partial file for ever; an upload must average UPLOAD_MIN_RATE after its first
     UPLOAD_IDLE seconds. The bound is shortened so the test waits on it; nothing here measures
     time."""
+
+    def messages(stop: threading.Event) -> Iterator[cpb.UploadModelRequest]:
+        yield cpb.UploadModelRequest(chunk=b"\x08")
+        end = time.monotonic() + 60
+        while not stop.is_set() and time.monotonic() < end:  # never a pause of 0.5 s
+            yield cpb.UploadModelRequest(chunk=b"")
+
+    details = _slow_upload_refused(tmp_path, monkeypatch, messages)
+    assert "arrived too slowly: 1 bytes in" in details
+
+
+def _slow_upload_refused(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    chunks: Callable[[threading.Event], Iterator[cpb.UploadModelRequest]],
+) -> str:
+    """Send an ONNX upload's header, then ``chunks(stop)`` (``stop`` is set once the call has
+    ended), to a server whose UPLOAD_IDLE is 0.5 s; check that the upload was refused with
+    DEADLINE_EXCEEDED and its partial file removed, and return the refusal's details."""
     from ferry.server.grpc import conversion
 
     monkeypatch.setattr(conversion, "UPLOAD_IDLE", 0.5)
@@ -243,25 +246,22 @@ def test_an_upload_trickling_empty_chunks_is_refused_and_leaves_nothing(
     with ServerThread(root) as srv, grpc.insecure_channel(srv.management_target) as channel:
         assert srv.app is not None
         uploads = srv.app.conversion.state_dir.resolve() / "uploads"
-        done = threading.Event()
+        stop = threading.Event()
 
-        def messages() -> object:
+        def messages() -> Iterator[cpb.UploadModelRequest]:
             yield cpb.UploadModelRequest(
                 header=cpb.UploadHeader(model="m", format=cpb.SOURCE_FORMAT_ONNX)
             )
-            yield cpb.UploadModelRequest(chunk=b"\x08")
-            end = time.monotonic() + 60
-            while not done.is_set() and time.monotonic() < end:  # never a pause of 0.5 s
-                yield cpb.UploadModelRequest(chunk=b"")
+            yield from chunks(stop)
 
         try:
             with pytest.raises(grpc.RpcError) as info:
                 cpb_grpc.ModelConversionStub(channel).UploadModel(messages(), timeout=60)
         finally:
-            done.set()
+            stop.set()
         assert info.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED, info.value.details()
-        assert "arrived too slowly: 1 bytes in" in (info.value.details() or "")
         wait_for(lambda: not any(uploads.iterdir()), "the partial upload to be removed")
+    return info.value.details() or ""
 
 
 class _DiskFull:
