@@ -47,6 +47,7 @@ from ferry.client import (
     Validation,
 )
 from ferry.client.loadtest._inputs import read_npz
+from ferry.codec._json_keys import unique_object
 
 FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript", "onnx_archive")
 # Formats whose file carries the model's signature: convert needs no --input for them.
@@ -93,21 +94,9 @@ def _axis(text: str) -> DynamicAxis:
     return DynamicAxis(name, int(low) if low else 1, int(high) if high else None)
 
 
-def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """A key given twice was sent as its last value, silently: refused, saying which."""
-    value = dict(pairs)
-    if len(value) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise ValueError(f"the key {key!r} is given twice in one object")
-            seen.add(key)
-    return value
-
-
 def _json_object(text: str) -> dict[str, Any]:
     try:
-        value = json.loads(text, object_pairs_hook=_unique_object)
+        value = json.loads(text, object_pairs_hook=unique_object)
     except ValueError as exc:  # JSONDecodeError is one, and so is a key given twice
         raise argparse.ArgumentTypeError(f"not valid JSON: {exc}") from None
     except RecursionError:  # the parser's own guard: "[[[[..." was a traceback

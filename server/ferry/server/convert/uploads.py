@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ferry.codec._json_keys import unique_object
 from ferry.server.convert import architectures, onnx_archive, onnx_safety, upload_check
 from ferry.server.convert.spec import CODE_BEARING_FORMATS, SOURCE_FORMATS
 from ferry.server.convert.store import UploadRecord, now_ms
 from ferry.server.core.repository import MODEL_FILE, TMP_PREFIX, validate_model_name
-from ferry.server.duplicate_keys import unique_object
 from ferry.server.errors import FailedPrecondition, InvalidArgument, LimitExceeded
 
 SUFFIXES = {

@@ -42,8 +42,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from ferry.codec._json_keys import unique_object
 from ferry.server.core.types import MAX_VERSION
-from ferry.server.duplicate_keys import unique_object
 from ferry.server.errors import InvalidArgument
 
 CONFIG_NAMES = ("config.toml", "config.json")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from ferry.server.duplicate_keys import DuplicateKey, unique_object
+from ferry.codec._json_keys import DuplicateKey, unique_object
 
 # Bodies up to this size are counted by plain bytes methods (each a pass in C); larger ones by
 # bytes.find (memchr) while marks are few, then by numpy.

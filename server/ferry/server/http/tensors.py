@@ -30,6 +30,7 @@ from ferry.codec import (
     from_bytes,
     to_bytes,
 )
+from ferry.codec._json_keys import DuplicateKey, unique_object
 from ferry.codec._tensor import MAX_DIMS, too_many_dims
 from ferry.server.core.inputs import check_counts, check_wire_elements
 from ferry.server.core.types import (
@@ -40,7 +41,6 @@ from ferry.server.core.types import (
     short,
     version_label,
 )
-from ferry.server.duplicate_keys import DuplicateKey, unique_object
 from ferry.server.errors import InvalidArgument, LimitExceeded, Unimplemented
 from ferry.server.grpc.kserve_tensors import (
     NO_SEQUENCES,

@@ -3,7 +3,8 @@
 RFC 8259 leaves such an object to the reader (Python's and orjson keep the last value, Triton's
 RapidJSON the first), so a config file or a request body that repeats a key is refused rather
 than read either way. One ``object_pairs_hook`` for the standard library's reader, used by the
-model config (core.config) and the HTTP bodies (http.jsonkeys).
+model config (core.config), the HTTP bodies (http.jsonkeys), an upload's architecture kwargs
+and the CLI's JSON arguments. In the codec, which the server and the CLI both have.
 """
 
 from __future__ import annotations
