@@ -209,6 +209,24 @@ def onnx_mlp(path: Path, *, custom_domain: bool = False) -> Path:
     return path
 
 
+def save_graph(
+    path: Path,
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    inits: dict[str, np.ndarray],
+) -> Path:
+    """``nodes`` as a model at opset 17 (IR 8), saved to ``path``: the hand-written ONNX
+    sources the budget tests convert."""
+    graph = helper.make_graph(
+        nodes, "g", inputs, outputs, [numpy_helper.from_array(v, n) for n, v in inits.items()]
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
 class CreatesFile:
     """Unpickling calls open(path, "w"): a payload that would leave a file behind."""
 

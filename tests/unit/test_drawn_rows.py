@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-from test_convert_child import assert_failed, convert_here, succeeded
+from onnx import TensorProto, helper
+from test_convert_child import assert_failed, convert_here, save_graph, succeeded
 
 from ferry.server.convert.worker import drawn
 from ferry.server.convert.worker.parity import Samples
@@ -22,17 +22,10 @@ WIDTH = 8
 
 
 def _graph(path: Path, nodes: list[onnx.NodeProto], inits: dict[str, np.ndarray]) -> Path:
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", WIDTH])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", WIDTH])],
-        [numpy_helper.from_array(v, n) for n, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return path
+    """x [N, WIDTH] -> y [N, WIDTH]."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", WIDTH])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", WIDTH])
+    return save_graph(path, nodes, [x], [y], inits)
 
 
 def _identity_matmul(path: Path) -> Path:

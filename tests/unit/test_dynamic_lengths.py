@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
-from test_convert_child import assert_failed, convert_here, succeeded
+from onnx import TensorProto, helper
+from test_convert_child import assert_failed, convert_here, save_graph, succeeded
 
 from ferry.server.convert.spec import DynamicAxis, InputSpec
 from ferry.server.convert.worker import lengths
@@ -36,17 +35,9 @@ def _embedding_mean(path: Path) -> Path:
         helper.make_node("ReduceMean", ["e"], ["m"], axes=[1], keepdims=0),
         helper.make_node("MatMul", ["m", "w"], ["out"]),
     ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "S"])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", CLASSES])],
-        [numpy_helper.from_array(v, n) for n, v in inits.items()],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.save(model, path)
-    return path
+    ids = helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", "S"])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", CLASSES])
+    return save_graph(path, nodes, [ids], [out], inits)
 
 
 def _spec(tmp_path: Path, mode: str, axis: dict[str, Any] | None = SEQUENCE) -> dict[str, Any]:
