@@ -11,9 +11,9 @@ measured within noise (0.87-1.03x: a causal LM block, a GRU tagger, a padded tra
 encoder, batch 8, one thread), so it is off for every graph rather than guessed per graph
 (the serving process does not read the graph to see its types).
 
-Every session that can run at ``ORT_ENABLE_ALL`` passes these: the serving session, and the
-conversion child's parity, benchmark and pruning sessions, so that what the child validated is
-what the server loads.
+Every session that can run at ``ORT_ENABLE_ALL`` passes these: the serving session
+(runtime.session) and the conversion child's (convert.worker.parity.onnx_session: parity,
+benchmark and pruning), so that what the child validated is what the server loads.
 """
 
 from __future__ import annotations

@@ -29,10 +29,9 @@ import onnxruntime as ort
 from ferry.server.convert.spec import InputSpec
 from ferry.server.convert.strategies.quantization import AUTO_MIN_SPEEDUP
 from ferry.server.convert.worker import external
-from ferry.server.convert.worker.parity import Arrays, cycled, generate
+from ferry.server.convert.worker.parity import Arrays, cycled, generate, onnx_session
 from ferry.server.convert.worker.placement import CPU_ONLY
 from ferry.server.convert.worker.report import BenchmarkRecord
-from ferry.server.runtime import optimizers
 
 WARMUP = 2
 GZIP_LEVEL = 6
@@ -95,17 +94,7 @@ def gzip_size(path: Path) -> int:
 def _session(
     path: Path, threads: int, providers: list[tuple[str, dict[str, str]]] | None = None
 ) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    return ort.InferenceSession(
-        str(path),
-        options,
-        providers=providers or CPU_ONLY,
-        disabled_optimizers=optimizers.disabled(),
-    )
+    return onnx_session(path, threads, providers or CPU_ONLY)
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:

@@ -14,9 +14,9 @@ import onnx
 
 from ferry.server.convert.spec import PruningSpec
 from ferry.server.convert.strategies import graph_weights, pruning
+from ferry.server.convert.worker.parity import onnx_session
 from ferry.server.convert.worker.report import PruningRecord
 from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
-from ferry.server.runtime import optimizers
 
 NOT_FINE_TUNED = (
     "no fine-tuning was done after pruning: the accuracy budget (validation.min_cosine, "
@@ -70,14 +70,4 @@ def prune_graph(
 
 
 def _output_shapes(path: Path, feed: dict[str, np.ndarray], threads: int) -> list[list[int]]:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    session = ort.InferenceSession(
-        str(path),
-        options,
-        providers=["CPUExecutionProvider"],
-        disabled_optimizers=optimizers.disabled(),
-    )
-    return [list(np.shape(o)) for o in session.run(None, feed)]
+    return [list(np.shape(o)) for o in onnx_session(path, threads).run(None, feed)]

@@ -11,7 +11,7 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from ferry.server.accuracy import SPREAD, max_rel_error
 from ferry.server.convert.spec import InputSpec
 from ferry.server.errors import ConversionFailed, InvalidArgument
 from ferry.server.runtime import optimizers
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 Arrays = dict[str, np.ndarray]
 SEED = 0
@@ -203,22 +206,30 @@ def run_batches(
     return [join([p[i] for p in parts]) for i in range(len(parts[0]))]
 
 
-def onnx_runner(
+def onnx_session(
     path: Path, threads: int, providers: list[tuple[str, dict[str, str]]] | None = None
-) -> Callable[[Arrays], list[np.ndarray]]:
-    """Run the graph on ``providers`` (default CPU): parity is measured where it will serve."""
+) -> ort.InferenceSession:
+    """The conversion child's one way to open a graph (parity, benchmark, pruning): on
+    ``providers`` (default CPU), ``threads`` threads, the serving session's optimizers."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    return ort.InferenceSession(
+        str(path),
+        options,
+        providers=providers or [("CPUExecutionProvider", {})],
+        disabled_optimizers=optimizers.disabled(),
+    )
+
+
+def onnx_runner(
+    path: Path, threads: int, providers: list[tuple[str, dict[str, str]]] | None = None
+) -> Callable[[Arrays], list[np.ndarray]]:
+    """Run the graph on ``providers`` (default CPU): parity is measured where it will serve."""
     try:
-        session = ort.InferenceSession(
-            str(path),
-            options,
-            providers=providers or [("CPUExecutionProvider", {})],
-            disabled_optimizers=optimizers.disabled(),
-        )
+        session = onnx_session(path, threads, providers)
     except Exception as exc:
         raise ConversionFailed(f"onnxruntime cannot load {path.name}: {exc}") from None
 
