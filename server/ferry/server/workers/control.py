@@ -146,17 +146,18 @@ class ControlService(grpc.GenericRpcHandler):
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
         return self._methods.get(handler_call_details.method)
 
+    def _stamped(self, rows: list[Any]) -> dict[str, Any]:
+        """A counts answer: its rows, which process answered and the answer's place in its order
+        (peers.Peers tells a restarted worker and an older answer by these)."""
+        return {"process": self._process, "seq": next(self._seq), "rows": rows}
+
     async def _statistics(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         ask = decode(raw)
         try:
             stats = self._dataplane.statistics(ask.get("model", ""), ask.get("version"))
         except FerryError:  # not served by this worker (yet): it has nothing to add
             stats = []
-        answer: dict[str, Any] = {
-            "process": self._process,
-            "seq": next(self._seq),
-            "rows": [stats_to_json(s) for s in stats],
-        }
+        answer = self._stamped([stats_to_json(s) for s in stats])
         if self._retired is not None:
             retired = self._retired.retired_statistics(ask.get("model", ""), ask.get("version"))
             answer["retired"] = [stats_to_json(s) for s in retired]
@@ -164,11 +165,7 @@ class ControlService(grpc.GenericRpcHandler):
         return encode(answer)
 
     async def _requests_counts(self, raw: bytes, context: aio.ServicerContext) -> bytes:
-        answer: dict[str, Any] = {
-            "process": self._process,
-            "seq": next(self._seq),
-            "rows": self._requests(),
-        }
+        answer = self._stamped(self._requests())
         if self._retired is not None:
             answer["retired"] = self._retired.retired_requests()
             answer["gone"] = self._retired.gone()
@@ -179,7 +176,7 @@ class ControlService(grpc.GenericRpcHandler):
         first worker asks, and it alone keeps what dead workers last answered, so no answer
         carries retired rows."""
         rows = [shadow_to_row(s) for s in self._dataplane.own_shadow_statistics()]
-        return encode({"process": self._process, "seq": next(self._seq), "rows": rows})
+        return encode(self._stamped(rows))
 
     async def _ready(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         return encode({"ready": self._dataplane.ready()})
