@@ -1,9 +1,15 @@
-"""One wording for a listener that cannot bind, shared by the gRPC, HTTP and metrics listeners,
-so a typo in any of the host flags reads the same and says what to give instead."""
+"""One wording for a listener's address and for one that cannot bind, shared by the gRPC, HTTP
+and metrics listeners, so a typo in any of the host flags reads the same and says what to give
+instead."""
 
 from __future__ import annotations
 
 import socket
+
+
+def host_port(host: str, port: int) -> str:
+    """``host:port``, an IPv6 host in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def bind_failure(address: str, host: str, exc: OSError) -> OSError:

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from ferry.server.addresses import bind_failure
+from ferry.server.addresses import bind_failure, host_port
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,7 @@ class MetricsServer:
         try:
             server = _Server((host, port), self._handler)
         except OSError as exc:  # one wording for every listener
-            address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-            raise bind_failure(address, host, exc) from None
+            raise bind_failure(host_port(host, port), host, exc) from None
         server.daemon_threads = True
         threading.Thread(
             target=server.serve_forever, args=(STOP_POLL_S,), name="ferry-metrics", daemon=True

@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ferry.proto.v1 import inference_pb2, repository_pb2, repository_pb2_grpc
 from ferry.server import memory, security
-from ferry.server.addresses import bind_failure
+from ferry.server.addresses import bind_failure, host_port
 from ferry.server.coalesced import Coalesced
 from ferry.server.convert.service import ConversionService, default_state_dir
 from ferry.server.core.dataplane import DataPlane
@@ -570,7 +570,7 @@ def _where(host: str, bound: int, asked: int = 0) -> str:
     -1), which the line printed as port 0, the port that means "pick a free one"."""
     if asked < 0:
         return "off"
-    return f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
+    return host_port(host, bound)
 
 
 def _bind(
@@ -581,7 +581,7 @@ def _bind(
     *,
     shared: bool = False,
 ) -> int:
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = host_port(host, port)
     _check_free(host, port, address, shared=shared)
     try:
         if credentials is None:

@@ -33,7 +33,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.web_protocol import RequestHandler
 
-from ferry.server.addresses import bind_failure
+from ferry.server.addresses import bind_failure, host_port
 from ferry.server.errors import ErrorKind, InvalidArgument
 from ferry.server.grpc.auth import DENIED, MISSING, TWICE, ListenerGuard
 from ferry.server.http.encodings import ENCODINGS, BodyError, decoder
@@ -473,7 +473,7 @@ def _listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.soc
     """Bound here rather than by aiohttp, so a busy port fails with one line naming it, as the
     gRPC listeners do."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    address = host_port(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
