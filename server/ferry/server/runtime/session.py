@@ -370,15 +370,17 @@ class OrtSession:
         # so that they keep normal priority: a thread keeps the priority of its creator.
         on_cpu = provider_table.placement(plan.names[0])[0] == provider_table.CPU
         own = _own_threads(threads) if on_cpu else None
-        self.session = _build(
-            lambda: ort.InferenceSession(
-                os.fspath(opened),
+
+        def opener(model: str | bytes) -> Callable[[], ort.InferenceSession]:
+            """Both sessions below (the file's, a BF16 graph's copy) open alike."""
+            return lambda: ort.InferenceSession(
+                model,
                 sess_options=so,
                 providers=providers,
                 disabled_optimizers=optimizers.disabled(),
-            ),
-            own,
-        )
+            )
+
+        self.session = _build(opener(os.fspath(opened)), own)
         self.inputs = _with_bounds(
             self.session, path, [_spec(n) for n in self.session.get_inputs()]
         )
@@ -393,15 +395,7 @@ class OrtSession:
             so.add_session_config_entry(
                 "session.model_external_initializers_file_folder_path", str(opened.parent)
             )
-            self.session = _build(
-                lambda: ort.InferenceSession(
-                    model_bytes,
-                    sess_options=so,
-                    providers=providers,
-                    disabled_optimizers=optimizers.disabled(),
-                ),
-                own,
-            )
+            self.session = _build(opener(model_bytes), own)
         self.providers: list[str] = list(self.session.get_providers())
         # Placement from the provider onnxruntime actually put first, not the one asked for.
         self.device_kind, self.inline_allowed = provider_table.placement(self.providers[0])
