@@ -301,36 +301,86 @@ class Pipeline:
         return self._source_run
 
     def _draw(self) -> None:
-        """Top a sample file shorter than validation.samples up (``worker.drawn``: one or two
-        rows let a poor quantized variant through), with the source model's outputs on the new
-        rows. Rows the model cannot answer are not a reason to fail a job its own samples pass:
-        the budget is then judged on those alone, and a note says so."""
+        """Top the samples up (``worker.drawn``) to validation.samples rows when a sample file is
+        shorter (one or two rows let a poor quantized variant through), and to the rows an
+        output judged by agreement needs to count a change of the budget's size
+        (``drawn.agreement_rows``: an integer output on 16 rows let a variant through that named
+        another class for 4% of rows), with the source model's outputs on the new rows. Rows
+        the model cannot answer are not a reason to fail a job its own samples pass: the budget
+        is then judged on those alone, and a note says so."""
         v = self.spec.validation
-        if not v.sample_file or len(self.samples) >= v.samples:
+        n = len(self.samples)
+        wanted = v.samples if v.sample_file else 0
+        agreement = 0
+        if self.samples.batched:
+            agreement = drawn.agreement_rows(self.baseline, n, v.min_cosine, v.min_top1_agreement)
+        count = max(wanted, agreement)
+        if n >= count:
             return
-        given = f"the sample file's {len(self.samples)} rows"
+        given = f"the sample file's {n}" if v.sample_file else f"the {n} generated samples"
+        hint = (
+            f"give {count} rows in the sample file"
+            if v.sample_file
+            else f"give validation.sample_file with {count} rows"
+        )
         try:
-            topped = drawn.top_up(self.samples, v.samples, self._calibration_rows())
+            topped = drawn.top_up(self.samples, count, self._calibration_rows())
             if topped is None:
                 return
-            top, reference = drawn.usable(topped, self._run_on(self._source_runner(), topped.rows))
+            # Rows past validation.samples are for counting changes; a model too slow to run
+            # them all in drawn.AGREEMENT_SECONDS is judged on those it ran, and a note says so.
+            ran, outputs = self._run_for(
+                self._source_runner(), topped.rows, max(wanted - n, 0), drawn.AGREEMENT_SECONDS
+            )
+            if ran < len(topped.rows):
+                self.notes.append(
+                    f"outputs judged by the share of equal elements on {n + ran} rows, not the "
+                    f"{count} that counting a change as small as the budget allows needs: the "
+                    f"model took longer than {drawn.AGREEMENT_SECONDS:g} s on them; {hint}"
+                )
+                topped = topped.first(ran)
+            top, reference = drawn.usable(topped, outputs)
         except Exception as exc:  # the model's own failure on such rows, or a drawing's
             self.notes.append(
-                f"variants judged on {given} only: rows added to them could not be run "
-                f"({first_line(exc)}); give validation.samples rows in the sample file"
+                f"variants judged on {given} rows only: rows added to them could not be run "
+                f"({first_line(exc)}); {hint}"
             )
             return
         if not len(top.rows):
             self.notes.append(
-                f"variants judged on {given} only: the model answers NaN on every row added "
-                "to them; give validation.samples rows in the sample file"
+                f"variants judged on {given} rows only: the model answers NaN on every row "
+                f"added to them; {hint}"
             )
             return
         self.top_up = top
-        where = f"on {top.describe(len(self.samples))}, validation.samples {v.samples}"
+        why = (
+            f"validation.samples {v.samples}"
+            if count == wanted
+            else f"to judge {n + len(top.rows)} rows: an output judged by the share of equal "
+            f"elements needs {count} to count a change as small as the budget allows"
+        )
+        where = f"on {top.describe(given)}, {why}"
         self.checks.append(RowsCheck(top.rows, reference, where))
         assert self.report.validation is not None  # written by _validation_samples
         self.report.validation.top_up = {"calibration": top.calibration, "drawn": top.drawn}
+
+    def _run_for(
+        self,
+        run: Callable[[dict[str, np.ndarray]], Outputs],
+        rows: parity.Samples,
+        at_least: int,
+        seconds: float,
+    ) -> tuple[int, Outputs]:
+        """``run`` over ``rows`` a batch at a time, stopping once past ``at_least`` rows and
+        ``seconds``: how many rows ran, and the outputs on them."""
+        start, done, parts = time.monotonic(), 0, []
+        for feed in rows.batches(self.spec.max_batch_size):
+            if done >= at_least and time.monotonic() - start > seconds:
+                break
+            parts.append(run(feed))
+            done += len(next(iter(feed.values()))) if rows.batched else 1
+        join = np.concatenate if rows.batched else np.stack
+        return done, [join([p[i] for p in parts]) for i in range(len(parts[0]))]
 
     def _calibration(self) -> parity.Samples:
         """The calibration file's rows, read once: the top-up, the other lengths and the
