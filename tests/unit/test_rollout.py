@@ -1210,3 +1210,15 @@ def test_an_edit_the_repository_disk_cannot_take_says_so_and_leaves_nothing(
         await registry.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("promote_after", [1, 5, 9])
+def test_a_promotion_under_ten_runs_still_judges_the_error_rate(promote_after: int) -> None:
+    """The error rate waited for 10 runs, and a promote_after under 10 promoted a candidate
+    that failed most of its shadow runs, over a max_error_rate the rules set."""
+    rules = rollouts.Rules(promote_after=promote_after, max_error_rate=0.01)
+    failing = ShadowStatistics(2, "m", compared=promote_after, errors=1)
+    assert failing.verdict(rules) == "rollback"
+    assert ShadowStatistics(2, "m", compared=promote_after).verdict(rules) == "promote"
+    # Short of a promotion, a few failures still wait for 10 runs.
+    assert ShadowStatistics(2, "m", compared=promote_after - 1, errors=0).verdict(rules) == ""

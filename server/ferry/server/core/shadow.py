@@ -65,11 +65,13 @@ class ShadowStatistics:
             return ""
         runs = self.compared + self.errors
         error_rate = self.errors / runs if runs else 0.0
-        if rules.max_error_rate and runs >= 10 and error_rate > rules.max_error_rate:
+        promoting = bool(rules.promote_after) and self.compared >= rules.promote_after
+        # After 10 runs, and before any promotion however few (a promote_after of 5 promoted
+        # a candidate that failed 4 of its 9 runs under a max_error_rate of 0.01).
+        if rules.max_error_rate and (runs >= 10 or promoting) and error_rate > rules.max_error_rate:
             return "rollback"
         if rules.min_cosine and self.compared and self.cosine_min < rules.min_cosine:
             return "rollback"
-        promoting = bool(rules.promote_after) and self.compared >= rules.promote_after
         # Over 10 comparisons at least, like the error rate (summed, a near-zero output in one
         # request cannot decide alone), and before any promotion, however few (a promote_after
         # under 10 promoted a candidate whose ids all differed).
