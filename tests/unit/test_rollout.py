@@ -57,6 +57,19 @@ def test_the_split_follows_the_weights_and_a_key_always_gets_the_same_version() 
     assert all(wider.pick("m", k) == 2 for k in KEYS if split.pick("m", k) == 2)
 
 
+@pytest.mark.parametrize("scale", [1e-320, 1e-300, 1.0, 1e8])
+def test_the_shares_are_the_weights_whatever_their_scale(scale: float) -> None:
+    """Weights too small for ``-ln(point) / weight`` to stay finite (two of 1e-320) made
+    every score inf, and every request went to the first version instead of half of them."""
+    split = rollouts.parse_split({1: scale, 2: scale, 3: 2 * scale})
+    for picks in (
+        Counter(split.pick("m", k) for k in KEYS),
+        Counter(split.pick("m", "") for _ in KEYS),  # no id: a weighted draw
+    ):
+        for version, share in ((1, 0.25), (2, 0.25), (3, 0.5)):
+            assert abs(picks[version] / len(KEYS) - share) < 0.03, picks
+
+
 @pytest.mark.parametrize(
     ("before", "after", "changed"),
     [

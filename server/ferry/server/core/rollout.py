@@ -129,6 +129,14 @@ class Rollout:
         extra = [self.shadow[0]] if self.shadow else []
         return sorted({*(v for v, _ in self.split), *extra})
 
+    @functools.cached_property
+    def _shares(self) -> tuple[tuple[int, float], ...]:
+        """The split's weights over its largest (the same shares): a split of tiny weights,
+        {1: 1e-320, 2: 1e-320}, gave every score ``-ln(point) / weight`` as inf, and every
+        request went to the first version. Worked out once per rollout, not per request."""
+        largest = max((w for _, w in self.split), default=1.0)
+        return tuple((v, w / largest) for v, w in self.split)
+
     def pick(self, model: str, key: str) -> int:
         """The version for a request: the same key always gets the same version.
 
@@ -138,10 +146,11 @@ class Rollout:
         the split has. Cumulative intervals did that only for the last of two: growing 3 in
         {1: 8, 2: 1, 3: 1} moved every request of 2, whose weight had not changed, and a share
         of 1's to 2."""
+        shares = self._shares
         if not key:  # no key, no stickiness: a weighted draw
-            return random.choices([v for v, _ in self.split], [w for _, w in self.split])[0]
-        best_version, best = self.split[0][0], math.inf
-        for version, weight in self.split:
+            return random.choices([v for v, _ in shares], [w for _, w in shares])[0]
+        best_version, best = shares[0][0], math.inf
+        for version, weight in shares:
             digest = hashlib.blake2b(f"{model}\0{key}\0{version}".encode(), digest_size=8)
             point = (int.from_bytes(digest.digest(), "big") + 1) / (2**64 + 1)  # in (0, 1]
             score = -math.log(point) / weight
