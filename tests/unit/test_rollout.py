@@ -1235,3 +1235,48 @@ def test_a_promotion_under_ten_runs_still_judges_the_error_rate(promote_after: i
     assert ShadowStatistics(2, "m", compared=promote_after).verdict(rules) == "promote"
     # Short of a promotion, a few failures still wait for 10 runs.
     assert ShadowStatistics(2, "m", compared=promote_after - 1, errors=0).verdict(rules) == ""
+
+
+def _two_outputs() -> onnx.ModelProto:
+    """input [batch, 3] -> a (Relu) and b (Neg): a model whose clients may ask for one output."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["a"]), helper.make_node("Neg", ["input"], ["b"])],
+        "two",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["batch", 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["batch", 3]),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+
+
+def test_a_shadow_compares_the_outputs_the_request_asked_for(tmp_path: Path) -> None:
+    """Batched with a request for another output, a request's served answer held the batch's
+    outputs (both), its shadow run only the one it asked for: an identical candidate counted
+    a missing output, a cosine of 0, and a min_cosine rule would roll it back."""
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    # Two requests fill a batch at once; the shadow's run alone waits the delay (under 5 s).
+    config = {"batching": {"max_batch_size": 2, "max_queue_delay_ms": 1000}}
+    for version in (1, 2):
+        write_model(repo, "m", _two_outputs(), version=version, config=config)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(1, 1.0))
+        x = {"input": np.ones((1, 3), np.float32)}
+        for i in range(2):
+            routed, named = await asyncio.gather(
+                dataplane.infer(InferenceRequest("m", x, id=f"a{i}", outputs=("a",))),
+                # Names its version: served in the same batch, never shadowed.
+                dataplane.infer(InferenceRequest("m", x, version=2, id=f"b{i}", outputs=("b",))),
+            )
+            assert (sorted(routed.outputs), sorted(named.outputs)) == (["a"], ["b"])
+            await asyncio.gather(*dataplane._shadows._tasks)
+        stats = dataplane.rollout("m").shadow_statistics
+        assert (stats.compared, stats.errors, stats.mismatched) == (2, 0, 0)
+        assert stats.cosine_min == pytest.approx(1.0)
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())

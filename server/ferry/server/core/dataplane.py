@@ -336,6 +336,11 @@ class DataPlane:
         if candidate == served.version or random.random() >= fraction:
             return
         stats = self._shadows.statistics(served.name, ro)
+        if request.outputs:
+            # What the caller asked for and got, not the outputs its batch ran: batched with a
+            # request for another output, the served answer held both, the candidate's run of
+            # this request only the asked one, and an identical candidate counted a mismatch.
+            outputs = {name: outputs[name] for name in request.outputs if name in outputs}
         try:
             lv = self._registry.get(served.name, candidate)
             work = inputs.validate(lv, request, self.limits)
