@@ -22,7 +22,15 @@ from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.shadow import Shadows, ShadowStatistics, comparison_key
 from ferry.server.core.types import State
-from ferry.server.errors import FailedPrecondition, FerryError, InvalidArgument, VersionNotFound
+from ferry.server.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    FerryError,
+    InvalidArgument,
+    InvalidInput,
+    QueueFull,
+    VersionNotFound,
+)
 from ferry.server.examples import seed_model, write_model
 from ferry.server.runtime.session import open_session
 
@@ -1280,3 +1288,35 @@ def test_a_shadow_compares_the_outputs_the_request_asked_for(tmp_path: Path) -> 
         await registry.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("failure", "shed", "errors"),
+    [
+        (QueueFull("predicted wait over the deadline"), 1, 0),
+        (DeadlineExceeded("expired while queued"), 1, 0),
+        (InvalidInput("the candidate failed"), 0, 1),
+    ],
+)
+def test_a_shadow_the_candidates_queue_never_ran_is_shed_not_an_error(
+    failure: Exception, shed: int, errors: int
+) -> None:
+    """A shadow refused at the candidate's door or expired in its queue (queued last, behind
+    the live requests a load sends it) was counted as the candidate's error: under load an
+    identical candidate was rolled back by max_error_rate."""
+
+    async def refused() -> dict[str, np.ndarray]:
+        raise failure
+
+    async def scenario() -> ShadowStatistics:
+        shadows = Shadows()
+        stats = ShadowStatistics(2, "m")
+        for _ in range(10):
+            shadows.start(stats, refused(), {"y": np.ones(2, np.float32)}, 1)
+            await asyncio.gather(*shadows._tasks)
+        return stats
+
+    stats = asyncio.run(scenario())
+    assert (stats.shed, stats.errors, stats.compared) == (10 * shed, 10 * errors, 0)
+    verdict = stats.verdict(rollouts.Rules(max_error_rate=0.05))
+    assert verdict == ("rollback" if errors else "")

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ferry.server.accuracy import SPREAD, max_rel_error
+from ferry.server.errors import DeadlineExceeded, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ class ShadowStatistics:
     model: str = ""
     compared: int = 0
     errors: int = 0  # the candidate failed where the served version answered
-    shed: int = 0  # not run: the candidate was busy, or too many shadows in flight
+    shed: int = 0  # not run: the candidate busy or its queue too slow, or too many in flight
     cosine_sum: float = 0.0
     cosine_min: float = 1.0
     max_abs_diff: float = 0.0
@@ -260,6 +261,11 @@ class Shadows:
             shadow = await run  # type: ignore[misc]
         except asyncio.CancelledError:
             raise
+        except (QueueFull, DeadlineExceeded):
+            # Not run: refused at the candidate's door or expired in its queue, behind the live
+            # requests that go first. Counted as errors, a load on the candidate (clients naming
+            # it, its share of a split) rolled an identical candidate back by max_error_rate.
+            stats.shed += 1
         except Exception as exc:  # the candidate's failure is a statistic, never the caller's
             stats.errors += 1
             log.debug("shadow run of candidate %d failed: %s", stats.candidate, exc)
