@@ -167,6 +167,12 @@ def test_rollout_sets_shows_and_ends_a_split(
     assert code == 2 and "given more than once" in err
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--json", *m)
     assert json.loads(out)["split"] == {}
+    # Rules with nothing to judge only showed the rollout (exit 0), and no rule was set.
+    for alone in (["--max-error-rate", "0.05"], ["--end", "--promote-after", "5"]):
+        code, out, err = ferry(capsys, "models", "rollout", "canary", *alone, *m)
+        assert code == 2 and "give the weights or --shadow" in err, (code, err)
+    code, out, _ = ferry(capsys, "models", "rollout", "canary", "--json", *m)
+    assert json.loads(out)["rules"] == {}
 
 
 def test_refresh_returns_a_typed_result(server: Any, repo_path: Path) -> None:

@@ -300,6 +300,21 @@ def cmd_rollout(args: argparse.Namespace) -> int:
     if args.end and (args.weights or args.shadow):
         print("ferry models rollout: give weights or --shadow, or --end", file=sys.stderr)
         return EXIT_USAGE
+    rules = {
+        name: value
+        for name in ("promote_after", "min_cosine", "max_error_rate", "max_latency_ratio")
+        if (value := getattr(args, name)) is not None
+    }
+    if rules and not (args.weights or args.shadow):
+        # Without them the command only showed the rollout (or, with --end, ended it) and
+        # dropped the rules without a word: exit 0, and no rule was ever set.
+        flags = ", ".join("--" + name.replace("_", "-") for name in rules)
+        print(
+            f"ferry models rollout: {flags} set rules of a split or a shadow: give the weights "
+            "or --shadow they judge (e.g. `1=1 --shadow 2=0.1`)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     named = [version for version, _ in args.weights]
     twice = sorted({v for v in named if named.count(v) > 1})
     if twice:
@@ -315,11 +330,6 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         if args.end:
             view = repo.set_rollout(args.model, None, reason=args.reason)
         elif args.weights or args.shadow:
-            rules = {
-                name: value
-                for name in ("promote_after", "min_cosine", "max_error_rate", "max_latency_ratio")
-                if (value := getattr(args, name)) is not None
-            }
             weights: Mapping[int, float] = dict(args.weights)
             if not weights:  # --shadow alone adds a shadow: the live split stays as it is
                 weights = repo.get_rollout(args.model).split
