@@ -841,6 +841,31 @@ def test_a_split_rule_keeps_the_shadow_and_the_rules(tmp_path: Path) -> None:
     asyncio.run(scenario())
 
 
+def test_a_shadow_rolled_back_keeps_the_splits_rule(tmp_path: Path) -> None:
+    """A shadow candidate rolled back by a rule ended every rule with it: the split it left
+    (a canary) lost its max_error_rate, and a failing canary version kept its share."""
+    repo = _split_rule_repo(tmp_path)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        rules = {"max_error_rate": 0.2, "min_cosine": 0.9999}
+        # Version 4 computes otherwise than 2: rolled back at its first comparison.
+        await dataplane.set_rollout(
+            "m", {2: 1, 3: 1}, by="t", why="", shadow_of=(4, 1.0), rules=rules
+        )
+        await _route_until_the_rule_acts(dataplane)
+        view = dataplane.rollout("m")
+        whys = [entry["why"] for entry in view.history[-2:]]
+        assert whys[0].startswith("rolled back by rule: 1 compared"), whys
+        assert whys[1].startswith("rolled back by rule: version 3"), whys
+        assert view.split == ((2, 1.0),) and view.shadow is None
+        assert view.rules["max_error_rate"] == 0.2 and not view.rules["min_cosine"]
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
 def test_metadata_and_the_default_flag_describe_the_version_a_split_serves(tmp_path: Path) -> None:
     """A pin {1: 1} sent every request to 1 while metadata, the default flag and ListModels
     described 2, the newest."""

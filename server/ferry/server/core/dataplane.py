@@ -451,8 +451,17 @@ class DataPlane:
             split: dict[int, float] | None = None if natural == candidate else {candidate: 1.0}
         else:
             split = {v: w for v, w in ro.split if v != candidate} or None
+        # The split left after a rollback keeps its max_error_rate: dropped with the shadow's
+        # rules, a canary beside the candidate lost its guard, and a failing canary version
+        # kept its share for good.
+        keep = None
+        if verdict == "rollback" and split and ro.rules.max_error_rate:
+            keep = rollouts.Rollout(
+                (), None, rollouts.Rules(max_error_rate=ro.rules.max_error_rate)
+            )
         what = "promoted" if verdict == "promote" else "rolled back"
-        self._decide(model, split, f"{what} by rule: {judged.summary()}", ro, stats=stats)
+        why = f"{what} by rule: {judged.summary()}"
+        self._decide(model, split, why, ro, keep=keep, stats=stats)
 
     def _decide(
         self,
