@@ -142,15 +142,27 @@ def test_rollout_sets_shows_and_ends_a_split(
     m = ("--target", server.management_target)
     assert ferry(capsys, "models", "refresh", *m)[0] == 0
     code, out, _ = ferry(
-        capsys, "models", "rollout", "canary", "1=9", "2=1", "--reason", "int8", *m
+        capsys,
+        "models",
+        "rollout",
+        "canary",
+        "1=9",
+        "2=1",
+        "--max-error-rate",
+        "0.05",
+        "--reason",
+        "int8",
+        *m,
     )
     assert code == 0 and "version 2: 10.0%" in out and "int8" in out
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--json", *m)
     assert json.loads(out)["split"] == {"1": 9.0, "2": 1.0}
-    # --shadow alone adds a shadow to the live split (it ended the split, as the docs show it)
+    # --shadow alone adds a shadow to the live split (it ended the split, as the docs show it),
+    # and keeps the split's guard (it ended it, as a conversion's --rollout shadow does not)
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--shadow", "2=0.5", "--json", *m)
     view = json.loads(out)
     assert view["split"] == {"1": 9.0, "2": 1.0} and view["shadow_version"] == 2
+    assert view["rules"] == {"max_error_rate": 0.05}
     code, out, _ = ferry(capsys, "models", "rollout", "canary", *m)  # the history says so
     assert code == 0 and "1=9, 2=1, shadow 2=0.5  by" in out, out
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--end", *m)

@@ -332,7 +332,13 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         elif args.weights or args.shadow:
             weights: Mapping[int, float] = dict(args.weights)
             if not weights:  # --shadow alone adds a shadow: the live split stays as it is
-                weights = repo.get_rollout(args.model).split
+                live = repo.get_rollout(args.model)
+                weights = live.split
+                # With its max_error_rate, as a conversion's --rollout shadow keeps it: left
+                # out, adding a shadow to a guarded canary ended the canary's guard unasked.
+                guard = live.rules.get("max_error_rate")
+                if weights and guard and "max_error_rate" not in rules:
+                    rules["max_error_rate"] = guard
             view = repo.set_rollout(
                 args.model,
                 weights,
