@@ -413,10 +413,15 @@ def test_rules_need_a_shadow(tmp_path: Path) -> None:
     async def scenario() -> None:
         registry = ModelRegistry(repo, open_session, warm_up=False)
         await registry.refresh()
+        dataplane = DataPlane(registry)
         with pytest.raises(InvalidArgument, match="act on a shadow"):
-            await DataPlane(registry).set_rollout(
-                "m", {2: 1}, by="t", why="", rules={"promote_after": 3}
-            )
+            await dataplane.set_rollout("m", {2: 1}, by="t", why="", rules={"promote_after": 3})
+        # An empty rules message (every rule 0, as a client that always sends one does) asks
+        # for no rule: ending the rollout with it was refused as if it named promote_after.
+        await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why="")
+        none = {"promote_after": 0, "min_cosine": 0.0, "max_error_rate": 0.0}
+        view = await dataplane.set_rollout("m", None, by="t", why="end", rules=none)
+        assert view.split == () and view.rules == {}
         await registry.close()
 
     asyncio.run(scenario())

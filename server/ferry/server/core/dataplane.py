@@ -623,8 +623,9 @@ class DataPlane:
             if not fresh_shadow:  # a rule's change: the comparison goes on
                 entry = self._registry.models.get(name)
                 wanted = rollouts.going_on(entry.rollout if entry else None, wanted)
-        elif rules:
-            parsed_rules = rollouts.parse_rules(rules)
+        elif rules and (parsed_rules := rollouts.parse_rules(rules)):
+            # Only rules that act (an empty rules message, all 0, is none: it refused ending a
+            # rollout, saying promote_after and min_cosine need a shadow).
             if parsed_rules.promote_after or parsed_rules.min_cosine or not wanted.split:
                 raise InvalidArgument(
                     "promote_after and min_cosine act on a shadow's comparison: set a shadow "
