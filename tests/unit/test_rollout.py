@@ -1350,3 +1350,16 @@ def test_a_shadow_the_candidates_queue_never_ran_is_shed_not_an_error(
     assert (stats.shed, stats.errors, stats.compared) == (10 * shed, 10 * errors, 0)
     verdict = stats.verdict(rollouts.Rules(max_error_rate=0.05))
     assert verdict == ("rollback" if errors else "")
+
+
+def test_bfloat16_outputs_are_compared_as_numbers() -> None:
+    """A BF16 output (numpy kind 'V') was compared as text, equal or not: a candidate 1% off
+    had a cosine of 0 (rolled back by any min_cosine) and no size of error at all."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    served = np.random.default_rng(0).standard_normal((4, 10)).astype(bf16)
+    near = (served.astype(np.float32) * 1.01).astype(bf16)
+    stats = ShadowStatistics(2, "m")
+    stats.record({"y": served}, {"y": near})
+    assert stats.cosine_min > 0.999 and 0.0 < stats.rel_error < 0.02
+    assert 0.0 < stats.max_abs_diff < 0.1 and stats.top1_agreement == 1.0

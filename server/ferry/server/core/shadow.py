@@ -154,10 +154,11 @@ class ShadowStatistics:
                 cosines.append(0.0)
                 self.mismatched += 1
                 continue
-            if a.dtype.kind not in "fiub":  # text (BYTES): equal or not
+            floating = a.dtype.kind == "f" or a.dtype.name == "bfloat16"
+            if not floating and a.dtype.kind not in "iub":  # text (BYTES): equal or not
                 cosines.append(1.0 if np.array_equal(a, b) else 0.0)
                 continue
-            if a.dtype.kind in "iub":
+            if not floating:
                 # Labels, ids, masks: counted equal or not over every comparison (the cosine of
                 # one id against another is 1; the share of equal ones is the cosine of their
                 # one-hot encodings). Not per request: one changed id in a request of one would
@@ -190,7 +191,7 @@ class ShadowStatistics:
                 sums[3] += x.size
             if x.size:
                 self.max_abs_diff = max(self.max_abs_diff, float(np.max(np.abs(x - y))))
-            if a.ndim == 2 and a.shape[1] > 1 and a.dtype.kind == "f":
+            if a.ndim == 2 and a.shape[1] > 1:
                 self.top1_rows += a.shape[0]
                 self.top1_agree += int(np.sum(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
         cosine = min(cosines) if cosines else 1.0  # only labels: judged by their counts
