@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import threading
 from collections import Counter
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from ferry.server.errors import (
     InvalidArgument,
     InvalidInput,
     QueueFull,
+    Unavailable,
     VersionNotFound,
 )
 from ferry.server.examples import seed_model, write_model
@@ -1325,6 +1327,7 @@ def test_a_shadow_compares_the_outputs_the_request_asked_for(tmp_path: Path) -> 
     [
         (QueueFull("predicted wait over the deadline"), 1, 0),
         (DeadlineExceeded("expired while queued"), 1, 0),
+        (Unavailable("closed before the request ran"), 1, 0),  # unloaded or replaced under it
         (InvalidInput("the candidate failed"), 0, 1),
     ],
 )
@@ -1363,3 +1366,45 @@ def test_bfloat16_outputs_are_compared_as_numbers() -> None:
     stats.record({"y": served}, {"y": near})
     assert stats.cosine_min > 0.999 and 0.0 < stats.rel_error < 0.02
     assert 0.0 < stats.max_abs_diff < 0.1 and stats.top1_agreement == 1.0
+
+
+def test_shadows_while_the_candidate_loads_are_shed_not_errors(tmp_path: Path) -> None:
+    """A worker or a polling replica reads the rollout, then loads the candidate: the shadows
+    of those seconds were counted as the candidate's errors, and an identical candidate was
+    rolled back by max_error_rate at its first comparison."""
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    write_model(repo, "m", seed_model(seed=2))
+    write_model(repo, "m", seed_model(seed=2), version=2)  # the policy serves only 2
+    entered, gate = threading.Event(), threading.Event()
+
+    def held(path: Path, config: object) -> object:
+        if path.parent.name == "1":
+            entered.set()
+            gate.wait(30)
+        return open_session(path, config)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, held, warm_up=False)  # type: ignore[arg-type]
+        await registry.refresh()
+        dataplane = DataPlane(registry)
+        rules = rollouts.Rules(max_error_rate=0.1)
+        shadowed = rollouts.Rollout(((2, 1.0),), (1, 1.0), rules)
+        rollouts.write(repo.model_dir("m"), shadowed, by="t", why="")  # another process's
+        refresh = asyncio.create_task(registry.refresh())
+        try:
+            assert await asyncio.to_thread(entered.wait, 30)
+            x = {"input": np.ones((1, 3), np.float32)}
+            for i in range(20):  # served by 2 while 1 loads
+                assert (await dataplane.infer(InferenceRequest("m", x, id=f"a{i}"))).version == 2
+        finally:
+            gate.set()
+        await refresh
+        await _shadowed(dataplane, 3)
+        view = dataplane.rollout("m")
+        assert view.shadow == (1, 1.0), view.history[-1]
+        stats = view.shadow_statistics
+        assert (stats.compared, stats.errors, stats.shed) == (3, 0, 20)
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -345,7 +345,15 @@ class DataPlane:
             lv = self._registry.get(served.name, candidate)
             work = inputs.validate(lv, request, self.limits)
         except FerryError:  # not ready, or it does not take these inputs
-            stats.errors += 1
+            entry = self._registry.models.get(served.name)
+            slot = entry.versions.get(candidate) if entry is not None else None
+            if slot is not None and slot.state in (State.LOADING, State.UNLOADING):
+                # On its way in (a worker or a polling replica loads it after reading the
+                # rollout) or out: not run, not failed. Counted as errors, the shadows of a
+                # load's seconds rolled an identical candidate back at its first comparison.
+                stats.shed += 1
+            else:
+                stats.errors += 1
             return
         busy = served.batcher.queue_depth > 0 or lv.batcher.queue_depth > 0
         if busy or stats.in_flight >= shadow.MAX_IN_FLIGHT:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ferry.server.accuracy import SPREAD, max_rel_error
-from ferry.server.errors import DeadlineExceeded, QueueFull
+from ferry.server.errors import DeadlineExceeded, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -262,10 +262,11 @@ class Shadows:
             shadow = await run  # type: ignore[misc]
         except asyncio.CancelledError:
             raise
-        except (QueueFull, DeadlineExceeded):
+        except (QueueFull, DeadlineExceeded, Unavailable):
             # Not run: refused at the candidate's door or expired in its queue, behind the live
-            # requests that go first. Counted as errors, a load on the candidate (clients naming
-            # it, its share of a split) rolled an identical candidate back by max_error_rate.
+            # requests that go first (or its session closed under it: unloaded, replaced).
+            # Counted as errors, a load on the candidate (clients naming it, its share of a
+            # split) rolled an identical candidate back by max_error_rate.
             stats.shed += 1
         except Exception as exc:  # the candidate's failure is a statistic, never the caller's
             stats.errors += 1
