@@ -223,6 +223,9 @@ def test_rollout_values_the_message_cannot_carry_are_invalid_input() -> None:
             {"split": {1: 1.0}, "shadow": (2**64, 0.1)},
             {"split": None, "shadow": (2, 0.1), "rules": {"promote_after": 2**64}},
             {"split": None, "shadow": (2, 0.1), "rules": {"no_such_rule": 1}},
+            # OverflowError escaped as is; 2.7 was cut to 2 and sent.
+            {"split": None, "shadow": (2, 0.1), "rules": {"promote_after": float("inf")}},
+            {"split": None, "shadow": (2, 0.1), "rules": {"promote_after": 2.7}},
         ):
             with pytest.raises(InvalidInputError, match="rollout: "):
                 client.set_rollout("m", **kwargs)  # type: ignore[arg-type]

@@ -331,10 +331,10 @@ class RepositoryClient(ManagementClient):
                 request.shadow_version, request.shadow_fraction = shadow
             if rules:
                 numbers = {
-                    k: int(v) if k == "promote_after" else float(v) for k, v in rules.items()
+                    k: _count(v) if k == "promote_after" else float(v) for k, v in rules.items()
                 }
                 request.rules.CopyFrom(rpb.RolloutRules(**numbers))  # type: ignore[arg-type]
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             # A version past int64 (split={2**64: 1}), a rule protobuf does not know or a
             # promote_after past its range raised protobuf's own error (a traceback in
             # `ferry models rollout`): the caller's to fix, before anything is sent.
@@ -345,6 +345,15 @@ class RepositoryClient(ManagementClient):
         return _rollout(
             self._call(self._stub.GetRollout, request(rpb.GetRolloutRequest, model=model))
         )
+
+
+def _count(value: float) -> int:
+    """A whole number of comparisons: ``int()`` cut a promote_after of 2.7 to 2 without a
+    word, and raised OverflowError (past the caller's except) for an infinite one."""
+    number = int(value)
+    if isinstance(value, float) and value != number:
+        raise ValueError(f"promote_after must be a whole number, not {value!r}")
+    return number
 
 
 def _rollout(message: rpb.Rollout) -> Rollout:
