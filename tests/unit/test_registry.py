@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from asyncutil import WatchedLock
+from asyncutil import WatchedLock, until
 
 from ferry.server.core import versions
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
@@ -864,5 +864,51 @@ def test_a_model_folder_that_cannot_be_read_fails_that_model_only(
         assert (await registry.refresh(retry_failed=False)).loaded == []
         assert registry.statuses("locked")[0].reason == ""
         await registry.close()
+
+    arun(main)
+
+
+class CountedLock(asyncio.Lock):
+    """A model's edit lock that counts the edits that came to wait behind its holder."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+
+    async def acquire(self) -> bool:
+        if self.locked():
+            self.waiting += 1
+        return await super().acquire()
+
+
+def test_a_refresh_does_not_unload_a_model_loaded_again_while_it_waited(
+    repo: ModelRepository,
+) -> None:
+    """A refresh that listed the repository while an UnloadModel was draining the model queued
+    its removal behind it; a LoadModel (or a conversion's publish) queued in between served the
+    model again and answered OK, and the refresh's removal then unloaded it: nothing served a
+    model the repository holds and nobody unloaded, until something loaded it again."""
+    write_model(repo, "seed", seed_model())
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        held = HeldFiles(expected=1)  # the unload's release of its session waits on it
+        registry.pools.loading = held
+        lock = registry._locks["seed"] = CountedLock()
+        unload = asyncio.ensure_future(registry.unload_model("seed"))
+        await held.all_submitted.wait()  # draining, the model's lock held
+        load = asyncio.ensure_future(registry.load_model("seed"))
+        await until(lambda: lock.waiting == 1)
+        refresh = asyncio.ensure_future(registry.refresh())
+        await until(lambda: lock.waiting == 2)  # its removal waits behind the load
+        held.released.set()
+        assert (await unload).unloaded == ["seed/1"]
+        assert (await load).loaded == ["seed/1"]
+        await refresh
+        assert registry.get("seed").version == 1
+        assert _states(registry) == {"seed/1": "READY"}
+        await registry.close()
+        held.shutdown()
 
     arun(main)

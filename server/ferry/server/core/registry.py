@@ -469,6 +469,13 @@ class ModelRegistry:
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
+    def _on_disk(self, name: str) -> bool:
+        """Is ``name`` a model folder the repository serves from (as ``list_models`` sees it)?"""
+        try:
+            return self.repository.has_model(name)
+        except FerryError:  # a link, a name that is not a model's: not one list_models gives
+            return False
+
     async def _follow(self, op: str, name: str) -> None:
         if self.follower is not None:
             await self.follower(op, name)
@@ -485,6 +492,13 @@ class ModelRegistry:
 
             async def remove(name: str) -> None:
                 async with self._lock_of(name):
+                    if name not in self._unloaded_by_request and self._on_disk(name):
+                        # Judged again under the lock: the listing was read before this waited
+                        # on it, and a LoadModel or a publish queued ahead (behind an unload's
+                        # drain) served the model again; removed, it answered OK and then
+                        # served nothing until something loaded it again.
+                        await self._sync_model(name, result, retry_failed)
+                        return
                     if self._required is not None:
                         self._required.discard(name)  # removed from the repository
                     await self._unload_model(name, result)
