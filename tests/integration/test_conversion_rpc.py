@@ -772,17 +772,21 @@ threading.Event().wait()
 """
 
 
-@pytest.mark.parametrize("where", ["before", "after", "after-shadow"])
+@pytest.mark.parametrize("where", ["before", "after", "after-shadow", "after-moved"])
 def test_a_server_killed_mid_publish_reports_what_was_published(
     start: Start, tmp_path: Path, fake_child: list[str], where: str
 ) -> None:
     """SIGKILL around the rename: after it, the job is SUCCEEDED with the version that serves
     (it said FAILED "convert again", and converting again published the model twice); before
-    it, FAILED with nothing published."""
+    it, FAILED with nothing published. "after-moved": the repository and its state folder are
+    then moved (or mounted elsewhere) before the restart, and the job still reads SUCCEEDED
+    (the note was looked for only at the job folder's old absolute path: FAILED)."""
     script = tmp_path / "server.py"
     script.write_text(PAUSED_PUBLISH_SERVER)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    args = [sys.executable, str(script), where, str(tmp_path / "repo"), *fake_child]
+    repo = tmp_path / ("old/repo" if where == "after-moved" else "repo")
+    repo.parent.mkdir(exist_ok=True)
+    args = [sys.executable, str(script), where, str(repo), *fake_child]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert proc.stdout is not None
@@ -799,6 +803,15 @@ def test_a_server_killed_mid_publish_reports_what_was_published(
         proc.kill()
         proc.wait()
 
+    if where == "after-moved":
+        (tmp_path / "old").rename(tmp_path / "repo-moved")
+        moved = ConversionServers(tmp_path / "repo-moved" / "repo", child_command=fake_child)
+        try:
+            after = moved.start()[1].job(job.id)
+        finally:
+            moved.close()
+        assert (after.state, after.version) == ("SUCCEEDED", 1), after.error_message
+        return
     _, conv2 = start()
     after = conv2.job(job.id)
     if where == "after":

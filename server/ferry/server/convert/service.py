@@ -220,9 +220,13 @@ class ConversionService:
         """A job the restart stopped after its version was published ends SUCCEEDED with that
         version (publish.note_publishing), not FAILED with "convert again", which would
         publish the same model a second time."""
-        job_dir = Path(job.job_dir)
-        if not job.job_dir or job_dir.parent != jobs_dir:  # from the database: checked
+        # By name, not path (as the uploads): the database holds the absolute path the job
+        # folder had, and a state folder moved (or mounted elsewhere) since was never looked
+        # at, so a published version's job read FAILED "convert again". The name is checked.
+        name = Path(job.job_dir).name
+        if not job.job_dir or name != job.job_id or not name.isalnum():
             return
+        job_dir = jobs_dir / name
         version = published_version(self.repository, job.model, job_dir)
         if not version:
             return
