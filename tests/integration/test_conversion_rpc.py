@@ -909,17 +909,16 @@ def test_a_second_server_on_the_same_state_folder_is_refused(start: Start, tmp_p
     assert job.cancel().state == "CANCELLED"
 
 
-def test_cancel_and_delete_on_a_full_job_database_change_nothing(
+def test_cancel_on_a_full_job_database_changes_nothing(
     start: Start, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """CancelJob of a queued job and DeleteUpload the database refuses (a full disk) answered
-    INTERNAL, and the cancelled job left the queue while staying QUEUED for ever."""
+    """CancelJob of a queued job the database refuses (a full disk) answered INTERNAL, and the
+    cancelled job left the queue while staying QUEUED for ever."""
     srv, conv = start(max_concurrent_conversions=1)
     assert srv.app is not None
     store = srv.app.conversion.store
     running = convert_fake(conv, "m", "block")
     queued = convert_fake(conv, "m", "ok")
-    spare = conv.upload("m", onnx_bytes(), format="onnx")
 
     def full(*_: Any, **__: Any) -> Any:
         exc = sqlite3.OperationalError("database or disk is full")
@@ -927,16 +926,57 @@ def test_cancel_and_delete_on_a_full_job_database_change_nothing(
         raise exc
 
     monkeypatch.setattr(store, "finish", full)
-    monkeypatch.setattr(store, "delete_upload", full)
     with pytest.raises(LimitExceededError, match=r"state disk is full.*then cancel the job again"):
         queued.cancel()
-    with pytest.raises(LimitExceededError, match="then delete the upload again"):
-        conv.delete_upload(spare.upload_id)
     monkeypatch.undo()
     assert queued.refresh().state == "QUEUED"
     assert running.cancel().state == "CANCELLED"
     assert queued.wait(timeout=60, progress=False).version == 1  # still queued: it ran
-    conv.delete_upload(spare.upload_id)
+
+
+@pytest.mark.parametrize("kind", ["file", "archive"])
+def test_delete_upload_on_a_full_state_disk_frees_the_space(
+    start: Start, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, kind: str
+) -> None:
+    """DeleteUpload on a full state disk was refused RESOURCE_EXHAUSTED "free space, then
+    delete again": the job database could not record the delete, so the one call that frees
+    space needed it first. The file goes first now, and the record in the room it freed; when
+    even that is refused, the file is gone all the same and the answer says so."""
+    srv, conv = start()
+    assert srv.app is not None
+    store = srv.app.conversion.store
+    uploads = state_dir(tmp_path) / "uploads"
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(onnx_bytes())
+    source: Any = folder if kind == "archive" else onnx_bytes()
+    kept = conv.upload("m", onnx_bytes(1), format="onnx")
+    up = conv.upload("m", source, **({} if kind == "archive" else {"format": "onnx"}))
+    delete = store.delete_upload
+    refusals = [1]  # how many deletes the full database refuses before the room is freed
+
+    def full_until_freed(upload_id: str) -> Any:
+        if refusals[0] > 0:
+            refusals[0] -= 1
+            exc = sqlite3.OperationalError("database or disk is full")
+            exc.sqlite_errorcode = sqlite3.SQLITE_FULL
+            raise exc
+        return delete(upload_id)
+
+    monkeypatch.setattr(store, "delete_upload", full_until_freed)
+    conv.delete_upload(up.upload_id)
+    assert [u.upload_id for u in conv.list_uploads()] == [kept.upload_id]
+    assert sorted(p.name for p in uploads.iterdir()) == [f"{kept.upload_id}.onnx"]
+
+    again = conv.upload("m", source, **({} if kind == "archive" else {"format": "onnx"}))
+    refusals[0] = 2  # still full once the file is gone: the file goes, the record stays
+    with pytest.raises(LimitExceededError, match=r"file was removed.*delete the upload again"):
+        conv.delete_upload(again.upload_id)
+    assert sorted(p.name for p in uploads.iterdir()) == [f"{kept.upload_id}.onnx"]
+    with pytest.raises(FailedPreconditionError, match="file is gone"):
+        conv.convert(again.upload_id)
+    conv.delete_upload(again.upload_id)  # room again: the record goes too
+    assert [u.upload_id for u in conv.list_uploads()] == [kept.upload_id]
 
 
 def test_cancel_of_a_running_job_on_a_full_job_database_answers_at_once(

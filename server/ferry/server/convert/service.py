@@ -376,11 +376,53 @@ class ConversionService:
                 f"upload {upload_id} is being queued for conversion by a Convert call: wait "
                 "for that job to end (or cancel it), then delete the upload"
             )
-        record = self.store.delete_upload(upload_id)
+        try:
+            record = self.store.delete_upload(upload_id)
+        except Exception as exc:
+            if not database_full(exc):
+                raise
+            await self._free_then_forget(upload_id)
+            return
         uploads_dir = self.state_dir.resolve() / "uploads"
         path = self._upload_file(record)
         await asyncio.to_thread(_remove_upload_file, path, uploads_dir)
         log.info("upload %s for %s deleted", record.upload_id, record.model)
+
+    async def _free_then_forget(self, upload_id: str) -> None:
+        """The job database could not record a delete for a full state disk, which the delete
+        is there to fix: it was refused, and the operator could free no space through Ferry.
+        The upload passed the delete's checks (it exists, no job reads it; nothing ran on the
+        loop since), so its file goes first, renamed out of Convert's sight at once (a rename
+        needs no room) and then removed, and the record is deleted again in the room freed.
+        Killed in between, the record stays with its file gone: Convert says so, a delete
+        again finishes it, and the start removes the renamed file."""
+        record = self.store.get_upload(upload_id)
+        uploads_dir = self.state_dir.resolve() / "uploads"
+        path = self._upload_file(record)
+        archive = path.name == MODEL_FILE
+        moved = path.parent if archive else path
+        if moved.parent == uploads_dir and moved.name.startswith(upload_id):
+            hidden = uploads_dir / f"{TMP_PREFIX}deleting-{moved.name}"
+            with contextlib.suppress(FileNotFoundError):  # gone already (a delete before)
+                moved.rename(hidden)
+                gone = hidden / MODEL_FILE if archive else hidden
+                await asyncio.to_thread(_remove_upload_file, gone, uploads_dir)
+        try:
+            self.store.delete_upload(upload_id)
+        except Exception as exc:
+            if not database_full(exc):
+                raise
+            raise LimitExceeded(
+                f"the server's state disk is full: upload {upload_id}'s file was removed "
+                f"({record.size_bytes} bytes freed), but the job database still could not "
+                "record the delete: the operator must free space on the disk of the state "
+                "folder (--state-dir), then delete the upload again"
+            ) from None
+        log.info(
+            "upload %s for %s deleted (its file first: the state disk was full)",
+            upload_id,
+            record.model,
+        )
 
     def _upload_file(self, record: UploadRecord) -> Path:
         """Where the upload's file is now: by name in this state folder's uploads/ (the name is
