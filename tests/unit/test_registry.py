@@ -912,3 +912,34 @@ def test_a_refresh_does_not_unload_a_model_loaded_again_while_it_waited(
         held.shutdown()
 
     arun(main)
+
+
+def test_a_version_deleted_on_a_disk_too_full_for_its_mark_is_not_served(
+    repo: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeleteModelVersion that removed the version's files but could not write the mark of
+    its number (the disk still full) answered RESOURCE_EXHAUSTED and left the deleted version
+    served until the next refresh."""
+    import errno
+
+    from ferry.server.core import repository as repository_module
+    from ferry.server.errors import LimitExceeded
+
+    write_model(repo, "m", seed_model(seed=1))
+    write_model(repo, "m", seed_model(seed=2), version=2)
+
+    def full(path: Path, data: bytes) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        assert registry.get("m").version == 2
+        monkeypatch.setattr(repository_module, "write_file_atomic", full)
+        with pytest.raises(LimitExceeded, match="version 2 of 'm' was deleted"):
+            await versions.delete_version(repo, registry, "m", 2)
+        assert registry.get("m").version == 1
+        assert _states(registry) == {"m/1": "READY"}
+        await registry.close()
+
+    arun(main)

@@ -3,12 +3,14 @@ immutable, and leftovers of a crashed publish are cleaned."""
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
 from pathlib import Path
 
 import pytest
 
+from ferry.server.core import repository as repository_module
 from ferry.server.core.repository import (
     DELETED_MARK,
     MODEL_FILE,
@@ -23,6 +25,7 @@ from ferry.server.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
+    LimitExceeded,
     ModelNotFound,
     VersionNotFound,
 )
@@ -251,6 +254,34 @@ def test_delete_version(repo: ModelRepository) -> None:
     with pytest.raises(VersionNotFound, match="no version 1"):
         repo.delete_version("m", 1)
     assert _publish(repo, "m", b"three") == 3  # numbers are never reused while 2 exists
+
+
+def test_deleting_a_version_on_a_full_disk_frees_it_and_keeps_its_number(
+    repo: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DeleteModelVersion on a full repository disk was refused ("free space and try again"):
+    the mark of the deleted number was written first and needed room, so no version could be
+    deleted to make any. The version's files go first now, and the mark in the room freed."""
+    assert [_publish(repo, "m", b"x" * 4096) for _ in range(2)] == [1, 2]
+    mdir = repo.model_dir("m")
+    write = repository_module.write_file_atomic
+    full_for_good = False
+
+    def full_while_2_is_there(path: Path, data: bytes) -> None:
+        if full_for_good or (mdir / "2").exists():
+            raise OSError(errno.ENOSPC, "No space left on device")
+        write(path, data)
+
+    monkeypatch.setattr(repository_module, "write_file_atomic", full_while_2_is_there)
+    repo.delete_version("m", 2)
+    assert sorted(p.name for p in mdir.iterdir()) == [DELETED_MARK, "1"]
+    assert _publish(repo, "m") == 3  # its number is not given again
+    # Still full once the files are gone: deleted all the same, and the answer says the mark
+    # is missing (not "nothing changed").
+    full_for_good = True
+    with pytest.raises(LimitExceeded, match="version 3 of 'm' was deleted, but"):
+        repo.delete_version("m", 3)
+    assert sorted(p.name for p in mdir.iterdir()) == [DELETED_MARK, "1"]
 
 
 def test_deleting_a_version_folder_that_is_a_link_removes_the_link_only(

@@ -30,7 +30,13 @@ from ferry.server.core.repository import (
     validate_version,
     write_file_atomic,
 )
-from ferry.server.errors import FailedPrecondition, FerryError, InvalidArgument, ModelNotFound
+from ferry.server.errors import (
+    FailedPrecondition,
+    FerryError,
+    InvalidArgument,
+    LimitExceeded,
+    ModelNotFound,
+)
 
 
 @dataclass(frozen=True)
@@ -92,8 +98,15 @@ async def delete_version(
 async def _delete(
     repository: ModelRepository, registry: ModelRegistry, name: str, version: int
 ) -> None:
-    async with registry.edit_lock(name):
-        await _delete_checked(repository, name, version)
+    try:
+        async with registry.edit_lock(name):
+            await _delete_checked(repository, name, version)
+    except LimitExceeded:
+        # A full disk that took the version's files but not the mark of its number: the
+        # version is gone all the same, and must not stay served until the next refresh.
+        if not repository.version_dir(name, version).exists():
+            await registry.follow_edit(name)
+        raise
     await registry.follow_edit(name)
 
 
