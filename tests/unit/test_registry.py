@@ -943,3 +943,32 @@ def test_a_version_deleted_on_a_disk_too_full_for_its_mark_is_not_served(
         await registry.close()
 
     arun(main)
+
+
+@pytest.mark.parametrize(
+    ("file", "text"),
+    [
+        ("config.json", "[" * 100_000),
+        ("config.toml", "a = " + "[" * 100_000),
+        ("1/config.json", '{"batching": ' * 100_000),
+        ("config.json", "{" + " " * (1 << 20) + "}"),  # over the bound: not read whole
+    ],
+)
+def test_a_config_nested_past_the_parser_or_too_big_fails_that_model_only(
+    repo: ModelRepository, file: str, text: str
+) -> None:
+    """A hand-edited config nested thousands deep raised RecursionError out of the refresh:
+    Refresh and LoadModel answered INTERNAL and, at start, no model was loaded at all."""
+    write_model(repo, "odd", seed_model())
+    write_model(repo, "fine", seed_model())
+    (repo.root / "odd" / file).write_text(text)
+
+    async def main() -> None:
+        registry = _registry(repo)
+        result = await registry.refresh()
+        assert result.loaded == ["fine/1"]
+        assert len(result.failed) == 1
+        assert f"odd/{file} cannot be parsed: it is " in result.failed[0]
+        await registry.close()
+
+    arun(main)

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.codec._json_keys import unique_object
+from ferry.server.core.repository import read_head
 from ferry.server.core.types import MAX_VERSION
 from ferry.server.errors import InvalidArgument
 
@@ -67,6 +68,7 @@ MAX_CONFIG_INT = 2**31 - 1
 MAX_THREADS = 1024  # per onnxruntime pool: past a host's cores many times over
 FLOAT_LIMITS = {"max_queue_delay_ms": 60_000.0, "default_timeout_ms": 86_400_000.0}
 DEFAULT_MAX_BATCH_SIZE = 32
+MAX_CONFIG_BYTES = 1 << 20  # a config file is a few lines; past this it is not one
 
 
 @dataclass(frozen=True)
@@ -214,11 +216,20 @@ def _read(path: Path) -> Any:
     """A config file's table. A key given twice in JSON is refused, as TOML refuses it: json
     kept the last one, so {"max_batch_size": 8, "max_batch_size": 0} served unbatched. A byte
     order mark, which some editors on Windows write, is dropped: tomllib would refuse the
-    file's first line with a message that points at nothing visible."""
-    text = path.read_text(encoding="utf-8-sig")
-    if path.suffix == ".toml":
-        return tomllib.loads(text)
-    return json.loads(text, object_pairs_hook=unique_object)
+    file's first line with a message that points at nothing visible. Read only so far, and a
+    nesting past the parser's guard is the file's error: a config nested thousands deep
+    raised RecursionError out of every refresh (Refresh and LoadModel INTERNAL, no model
+    loaded at start), and a config linked to a model file was read whole into memory."""
+    data = read_head(path, MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ValueError(f"it is over {MAX_CONFIG_BYTES} bytes (a config is a few lines)")
+    text = data.decode("utf-8-sig")
+    try:
+        if path.suffix == ".toml":
+            return tomllib.loads(text)
+        return json.loads(text, object_pairs_hook=unique_object)
+    except RecursionError:
+        raise ValueError("it is nested deeper than the parser allows") from None
 
 
 def apply_version_config(base: ModelConfig, version_dir: Path) -> ModelConfig:
