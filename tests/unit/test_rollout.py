@@ -269,6 +269,24 @@ def test_a_broken_rollout_file_serves_the_default_and_says_why(tmp_path: Path) -
     asyncio.run(scenario())
 
 
+def test_a_rollout_file_nested_past_the_parser_serves_the_default_and_says_why(
+    tmp_path: Path,
+) -> None:
+    """Nested thousands deep (a hand edit), it raised RecursionError out of the refresh:
+    Refresh, LoadModel and the version edits answered INTERNAL, and at start no model loaded."""
+    repo = _repo(tmp_path)
+    (repo.model_dir("m") / rollouts.ROLLOUT_FILE).write_text('{"split": ' * 100_000)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        assert await _version(dataplane, "any") == 2
+        assert "nested deeper than the JSON parser allows" in dataplane.rollout("m").error
+        assert rollouts.history(repo.model_dir("m")) == []
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_rollout_file_that_is_no_regular_file_is_refused_without_reading_it(
     tmp_path: Path,
 ) -> None:

@@ -275,12 +275,16 @@ def read(model_dir: Path) -> tuple[Rollout | None, str]:
         return None, exc.message
     except ValueError as exc:  # not JSON
         return None, f"{ROLLOUT_FILE} is not valid JSON: {exc}"
+    except RecursionError:
+        # Nested past the parser's guard (a hand edit): it failed every refresh (Refresh,
+        # LoadModel, SetDefaultVersion INTERNAL; no model loaded at start), not this model.
+        return None, f"{ROLLOUT_FILE} is nested deeper than the JSON parser allows"
 
 
 def history(model_dir: Path) -> list[dict[str, Any]]:
     try:
         doc = json.loads(_head(model_dir / ROLLOUT_FILE)[:MAX_FILE])
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return []
     entries = doc.get("history") if isinstance(doc, dict) else None
     return entries if isinstance(entries, list) else []
