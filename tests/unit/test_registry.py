@@ -972,3 +972,27 @@ def test_a_config_nested_past_the_parser_or_too_big_fails_that_model_only(
         await registry.close()
 
     arun(main)
+
+
+def test_a_publish_that_fails_leaves_a_model_unloaded_on_request_unloaded(
+    repo: ModelRepository,
+) -> None:
+    """A conversion whose model did not open (or whose rename failed) for a model unloaded on
+    request took it off the unloaded list all the same: nothing was published, and the next
+    refresh (or --poll-interval scan) served the model the operator had unloaded."""
+    write_model(repo, "m", seed_model())
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        await registry.unload_model("m")
+        with repo.staging("m") as staged:
+            (staged / "model.onnx").write_bytes(b"\x08\x01not a graph")
+            with pytest.raises(Exception, match="INVALID_PROTOBUF"):  # onnxruntime's own
+                await registry.publish("m", staged, lambda: repo.publish("m", staged))
+        await registry.refresh()
+        assert "m" not in registry.models
+        assert registry.unloaded_by_request == ["m"]
+        await registry.close()
+
+    arun(main)

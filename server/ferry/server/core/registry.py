@@ -608,7 +608,6 @@ class ModelRegistry:
         A staged model that does not open fails here, before anything becomes visible.
         Returns the version and its status (None when the version policy does not serve it)."""
         async with self._lock_of(name):
-            self._unloaded_by_request.discard(name)
             mdir = self.repository.model_dir(name)
             cfg_sig = _config_signature(mdir)
             config_ok = True
@@ -623,6 +622,10 @@ class ModelRegistry:
                 await loaded.close(drain=False, releaser=self.pools.loading)
                 raise
             loaded.version = version  # opened before the rename gave it its number
+            # Served from now on, as a load would: only once published. Taken off before the
+            # open, a publish that failed left a model unloaded on request off the list, and
+            # the next refresh served what the operator had unloaded.
+            self._unloaded_by_request.discard(name)
             entry = self.models.get(name)
             if entry is None and config_ok:
                 entry = self.models[name] = ModelEntry(name, config, cfg_sig)
