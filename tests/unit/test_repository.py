@@ -335,6 +335,29 @@ def test_clean_temporaries_on_a_read_only_mount_does_not_stop_the_start(
     assert repo.list_versions("m") == [1]
 
 
+def test_clean_temporaries_skips_a_model_folder_it_cannot_read(
+    repo: ModelRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model folder the server's user cannot list (another user's, mode 0700; a stale
+    network mount) raised PermissionError out of the start-up clean-up: the server did not
+    start, though the refresh after it fails that model alone. (Root reads anything: the
+    listing is made to fail.)"""
+    _publish(repo, "locked")
+    _publish(repo, "open")
+    stale = repo.model_dir("open") / f"{TMP_PREFIX}abc"
+    stale.mkdir()
+    listed = Path.iterdir
+
+    def iterdir(self: Path) -> object:
+        if self.name == "locked":
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return listed(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    assert repo.clean_temporaries() == [stale]
+    assert not stale.exists()
+
+
 def test_write_file_atomic(repo: ModelRepository) -> None:
     target = repo.root / "config.json"
     write_file_atomic(target, b'{"a": 1}')

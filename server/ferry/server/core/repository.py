@@ -355,7 +355,14 @@ class ModelRepository:
         removed: list[Path] = []
         for model in self.list_models():
             before = len(removed)
-            for entry in self.model_dir(model).iterdir():
+            try:
+                entries = list(self.model_dir(model).iterdir())
+            except OSError as exc:
+                # Another user's folder (mode 0700), a stale mount: it stopped the start with a
+                # traceback, though the refresh after this fails that model alone, saying why.
+                log.warning("model folder %s not cleaned: %s", model, exc.strerror or exc)
+                continue
+            for entry in entries:
                 if entry.name.startswith(TMP_PREFIX) and not _held(entry):
                     # write_file_atomic leaves files, staging() folders; rmtree ignores files.
                     if entry.is_dir() and not entry.is_symlink():
