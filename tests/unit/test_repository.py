@@ -225,6 +225,24 @@ def test_a_deleted_version_number_is_never_published_again(repo: ModelRepository
     assert repo.list_versions("m") == [4]  # the mark is no version folder
 
 
+def test_a_publish_goes_past_an_entry_named_like_the_next_version(repo: ModelRepository) -> None:
+    """A file (or a dangling link) named "2" beside version 1, placed by hand, is no version
+    folder, so the next number was 2 again and again: the publish spun for good on a loader
+    thread holding the model's lock. It takes the next free number."""
+    assert _publish(repo, "m") == 1
+    mdir = repo.model_dir("m")
+    (mdir / "2").write_text("not a folder")
+    (mdir / "3").symlink_to(mdir / "gone")
+    done: list[int] = []
+    publisher = threading.Thread(target=lambda: done.append(_publish(repo, "m")), daemon=True)
+    publisher.start()
+    publisher.join(30)
+    assert not publisher.is_alive(), "the publish never ended"
+    assert done == [4]
+    assert (mdir / "2").read_text() == "not a folder"
+    assert repo.list_versions("m") == [1, 4]
+
+
 def test_a_mark_that_is_no_regular_file_is_not_read(repo: ModelRepository) -> None:
     """A FIFO named like the deleted-versions mark blocked the publish for good; a link to
     /dev/zero was read without end. Neither is read: the numbers start from what is on disk."""

@@ -272,14 +272,19 @@ class ModelRepository:
         if not (staged / MODEL_FILE).is_file():
             raise InvalidArgument(f"staged version of {name!r} has no {MODEL_FILE}")
         _fsync_tree(staged)
+        # The highest number found held by something else: a version another publisher made
+        # meanwhile, or an entry named like a version that is none (a file "5", a dangling
+        # link) which list_versions skips. Without it the same number was tried again for good:
+        # the publish spun on a loader thread, holding the model's lock, and the job ran forever.
+        taken = 0
         while True:
             existing = self.list_versions(name)
-            highest = max(max(existing, default=0), self._highest_deleted(mdir))
+            highest = max(max(existing, default=0), self._highest_deleted(mdir), taken)
             target_version = version if version is not None else highest + 1
             target = mdir / str(validate_version(target_version))
             try:
                 # os.rename onto an existing non-empty dir fails, which is what we want.
-                if target.exists():
+                if target.exists() or target.is_symlink():
                     raise FileExistsError(target)
                 os.rename(staged, target)
             except FileExistsError:
@@ -287,13 +292,15 @@ class ModelRepository:
                     raise AlreadyExists(
                         f"model {name!r} version {version} already exists; versions are immutable"
                     ) from None
-                continue  # lost a race with another publisher: take the next number
+                taken = target_version  # lost a race, or held by a file: take the next number
+                continue
             except OSError as exc:
-                if exc.errno in (39, 66):  # ENOTEMPTY on Linux / BSD
+                if exc.errno in (errno.ENOTEMPTY, 66, errno.ENOTDIR):  # 66: BSD's ENOTEMPTY
                     if version is not None:
                         raise AlreadyExists(
                             f"model {name!r} version {version} already exists"
                         ) from None
+                    taken = target_version
                     continue
                 raise
             _fsync_dir(mdir)
