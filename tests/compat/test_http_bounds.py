@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import select
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from helpers import make_repo, until_closed, wait_for
+from helpers import ExecutionGate, make_repo, until_closed, wait_for
 from kserve_common import http_call, identity_name
 from serverutil import ServerThread
 from tritonclient.grpc import service_pb2, service_pb2_grpc
@@ -25,6 +26,7 @@ from ferry.server.http import listener
 
 MODEL = identity_name("FP32")
 INPUT = {"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}
+INPUT_JSON = json.dumps([INPUT]).encode() + b"}"
 LIMIT = 256  # the default max_request_inputs and max_request_outputs
 
 
@@ -338,6 +340,75 @@ def test_a_head_under_way_is_not_closed_as_an_idle_connection(
     with ServerThread(root, http_keepalive_timeout=1.0) as srv, _connect(srv) as sock:
         sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
         _head_timeout(until_closed(sock), "2")
+
+
+def _answers(data: bytes) -> list[bytes]:
+    """The answers in what a connection received, one after another (to pipelined requests);
+    the bodies here are JSON, so a status line is where an answer starts."""
+    return [b"HTTP/1.1 " + part for part in data.split(b"HTTP/1.1 ")[1:]]
+
+
+@pytest.mark.parametrize(
+    "first",
+    [
+        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n",
+        # A chunked body: where it ends, llhttp does not say either.
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+        "\r\n\r\n".encode()
+        + b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (b'{"inputs": ', INPUT_JSON))
+        + b"0\r\n\r\n",
+    ],
+    ids=["get", "chunked-post"],
+)
+def test_a_pipelined_head_that_stops_arriving_is_answered_after_the_request_before_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: bytes
+) -> None:
+    # A whole request and, in the same write, part of the next one's head: the part was
+    # bounded only by the keep-alive wait (here far past the socket's timeout) and then closed
+    # without an answer. It is timed as any head is, and answered after the first request.
+    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 0.2)
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    with ServerThread(root, http_keepalive_timeout=600.0) as srv, _connect(srv) as sock:
+        sock.sendall(first + b"GET /v2/health/live HTTP/1.1\r\n")
+        answer = until_closed(sock)
+        answers = _answers(answer)
+        assert len(answers) == 2 and answers[0].startswith(b"HTTP/1.1 200"), answer
+        _head_timeout(answers[1])
+
+
+def test_a_pipelined_head_whose_time_runs_out_during_an_answer_is_answered_after_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The head's time runs out while the request before it is still being run: the 408 waits
+    # for that answer instead of being written into the middle of it.
+    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 0.2)
+    expired = threading.Event()
+    original = listener._Connection._head_expired
+
+    def head_expired(self: listener._Connection) -> None:
+        original(self)
+        expired.set()
+
+    monkeypatch.setattr(listener._Connection, "_head_expired", head_expired)
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    body = json.dumps({"inputs": [INPUT]}).encode()
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with ServerThread(root, http_keepalive_timeout=600.0) as srv, _connect(srv) as sock:
+        with ExecutionGate(srv, MODEL) as gate:
+            sock.sendall(request)
+            sock.sendall(body)
+            gate.wait_entered()
+            partial = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+            sock.sendall(partial)
+            assert expired.wait(30), "the pipelined head's time never ran out"
+        answer = until_closed(sock)
+        answers = _answers(answer)
+        assert len(answers) == 2 and answers[0].startswith(b"HTTP/1.1 200"), answer
+        assert json.loads(answers[0].partition(b"\r\n\r\n")[2])["outputs"], answer
+        message = _head_timeout(answers[1])
+        assert f"({len(partial)} bytes came)" in message, message
 
 
 def test_json_over_its_limit_is_refused_and_the_same_tensor_in_binary_is_served(

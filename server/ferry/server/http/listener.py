@@ -146,20 +146,41 @@ class _Connection(RequestHandler):
 
     aiohttp parses a request only once its head is whole, and bounds nothing until then but the
     keep-alive wait; this handler arms a timer when a head begins (the connection opening, or
-    the first byte after the previous request was answered) and disarms it when aiohttp has
-    parsed a message. A head that starts arriving while the previous request is still being
-    answered (pipelining) is not timed here: the keep-alive bound closes it instead.
+    the first byte after the previous request's body) and disarms it when aiohttp has parsed a
+    message. A head may begin while the previous request is still being answered (pipelining):
+    its time runs from its first byte all the same, and if it runs out while that answer is
+    being written, the 408 follows the answer (``finish_response``) rather than cutting into it.
+    Before, such a head was bounded only by the keep-alive wait, which starts after the answer
+    and may be set far longer (--http-keepalive-timeout), and was closed without an answer.
 
     aiohttp offers no hook for this, so it reads the handler's own state (``_waiter``: waiting
-    for a request; ``_request_count``: messages parsed; ``_keepalive_handle``); the head tests
-    in tests/compat/test_http_bounds.py fail if an aiohttp release changes it."""
+    for a request; ``_messages``: parsed, not yet answered; ``_request_count``: messages parsed;
+    ``_keepalive_handle``); the head tests in tests/compat/test_http_bounds.py fail if an
+    aiohttp release changes it."""
 
-    __slots__ = ("_head_bytes", "_head_timer", "_send_left", "_send_timer", "inference")
+    __slots__ = (
+        "_head_bytes",
+        "_head_late",
+        "_head_timer",
+        "_last",
+        "_recent",
+        "_send_left",
+        "_send_timer",
+        "inference",
+    )
 
     def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **kw: Any) -> None:
         super().__init__(manager, loop=loop, **kw)
         self._head_timer: asyncio.TimerHandle | None = None
-        self._head_bytes = 0
+        # Bytes of the head under way; None where a chunk held both the end of one message and
+        # the start of the next, and where one ends llhttp does not say.
+        self._head_bytes: int | None = 0
+        # The head's time ran out while an earlier request was being answered.
+        self._head_late = False
+        # The last message parsed and its body: bytes that come once that body is whole begin
+        # the next head.
+        self._last: tuple[Any, Any] | None = None
+        self._recent = b""  # the last 3 bytes received: where a message's empty line ends
         self._send_timer: asyncio.TimerHandle | None = None
         self._send_left = 0  # bytes waiting to be sent when the send timer was armed
         # The inference this connection's request is waiting for (``abandonable``), cancelled
@@ -218,18 +239,60 @@ class _Connection(RequestHandler):
         transport.abort()  # what is buffered cannot be sent: drop it with the connection
 
     def data_received(self, data: bytes) -> None:
-        if data and not (self._force_close or self._close):
-            if self._head_timer is None and self._waiter is not None and not self._waiter.done():
-                # The previous request is answered and its body read: these bytes begin a head.
+        closing = self._force_close or self._close
+        body = self._body_under_way()
+        if data and not closing and body is None:
+            # The previous request's body is whole (answered or not): these bytes begin a head.
+            if self._head_timer is None:
                 self._arm_head()
-            self._head_bytes += len(data)
+            if self._head_bytes is not None:
+                self._head_bytes += len(data)
         parsed = self._request_count
+        before = body.total_bytes if body is not None else 0
+        recent, self._recent = self._recent, (self._recent + data[-3:])[-3:]
         super().data_received(data)
         if self._request_count != parsed:  # a whole head (or one aiohttp refuses with 400)
             self._disarm_head()
+            if self._messages:
+                self._last = self._messages[-1]
+        elif body is None:
+            return
+        if not data or closing or self._head_timer is not None or self._body_under_way():
+            return
+        extra = self._after_last(data, recent, self._request_count != parsed, before)
+        if extra != 0:
+            self._arm_head()
+            self._head_bytes = extra
+
+    def _after_last(self, data: bytes, recent: bytes, parsed_here: bool, before: int) -> int | None:
+        """Bytes of ``data`` after the end of the last message, which ended in it (None: some,
+        how many unknown). llhttp does not say where a message ends, so it is found from what a
+        message ends with; where that cannot tell (a whole Content-Length request and more in
+        one chunk), 0: the keep-alive bound, not this one, closes the connection."""
+        message, payload = self._last or (None, None)
+        if payload is not None and not getattr(message, "chunked", True):
+            if not parsed_here:  # the body began in an earlier chunk: exact
+                return len(data) - (payload.total_bytes - before)
+            if payload.total_bytes:
+                return 0
+        # No body, or a chunked one: either ends with an empty line, the last 3 bytes say.
+        ended = (recent + data[-3:])[-3:]
+        return 0 if ended.endswith(b"\n\n") or ended == b"\n\r\n" else None
+
+    def _body_under_way(self) -> Any:
+        """The last parsed message's body while it is still arriving; None once it is whole."""
+        payload = self._last[1] if self._last is not None else None
+        return payload if payload is not None and not payload.is_eof() else None
+
+    async def finish_response(self, request: Any, resp: Any, start_time: float | None) -> Any:
+        result = await super().finish_response(request, resp, start_time)
+        if self._head_late and not self._messages:  # the 408 after the last answer owed
+            self._head_late = False
+            self._refuse_head()
+        return result
 
     def _process_keepalive(self) -> None:
-        if self._head_timer is not None:
+        if self._head_timer is not None or self._head_late:
             # A head is arriving: HEADER_TIMEOUT bounds it. Closing it as idle would drop a
             # request the client has begun to send, without an answer.
             self._keepalive_handle = None
@@ -251,12 +314,23 @@ class _Connection(RequestHandler):
         transport = self.transport
         if transport is None or self._force_close:
             return
-        if self._head_bytes:
+        if self._waiter is None or self._waiter.done():
+            # An earlier request is still being answered: the 408 follows its answer.
+            self._head_late = True
+            return
+        self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        transport = self.transport
+        if transport is None or self._force_close:
+            return
+        if self._head_bytes != 0:
             # Answered where an answer can still be read: the client learns why, as with a body
             # that stops arriving. A connection that sent nothing is closed without a word.
+            came = f" ({self._head_bytes} bytes came)" if self._head_bytes is not None else ""
             message = (
                 f"the request's line and headers did not arrive within {HEADER_TIMEOUT:g} "
-                f"seconds ({self._head_bytes} bytes came); send them without pausing"
+                f"seconds{came}; send them without pausing"
             )
             body = error_body(message, ErrorKind.DEADLINE_EXCEEDED)
             head = (
@@ -268,7 +342,7 @@ class _Connection(RequestHandler):
             )
             transport.write(head.encode() + body)
         log.debug(
-            "closed a connection whose request head did not arrive (%d bytes came)",
+            "closed a connection whose request head did not arrive (%s bytes came)",
             self._head_bytes,
         )
         self.force_close()  # the write buffer is flushed before the socket closes
