@@ -411,6 +411,51 @@ def test_a_pipelined_head_whose_time_runs_out_during_an_answer_is_answered_after
         assert f"({len(partial)} bytes came)" in message, message
 
 
+def test_connections_past_the_cap_are_answered_503_and_closed(tmp_path: Path) -> None:
+    # Nothing bounded open connections but the open-file limit: idle ones kept alive took every
+    # descriptor, and then the gRPC listeners could not accept either.
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    live = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+    with ServerThread(root, http_max_connections=2) as srv:
+        held = [_connect(srv), _connect(srv)]
+        try:
+            for sock in held:  # both accepted and served
+                sock.sendall(live)
+                assert _response(sock)[0].startswith(b"HTTP/1.1 200")
+            with _connect(srv) as extra:
+                extra.sendall(live)
+                answer = until_closed(extra)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 503"), answer
+            assert b"\r\nconnection: close" in head.lower(), answer
+            assert b"\r\nretry-after: 1" in head.lower(), answer
+            error = json.loads(body)
+            assert error["kind"] == "UNAVAILABLE"
+            assert "its 2 connections open (--http-max-connections)" in error["error"], error
+            # The open ones are served as before; one closed makes room for a new one.
+            held[0].sendall(live)
+            assert _response(held[0])[0].startswith(b"HTTP/1.1 200")
+            held.pop().close()
+            wait_for(
+                lambda: http_call(srv.http_target, "GET", "/v2/health/live")[0] == 200,
+                "a connection to be served once one closed",
+            )
+        finally:
+            for sock in held:
+                sock.close()
+
+
+def test_the_connection_cap_leaves_room_under_the_open_file_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert listener.connection_cap(1024) <= 1024
+    monkeypatch.setattr(listener.resource, "getrlimit", lambda _: (1024, 4096))
+    assert listener.connection_cap(1024) == 256
+    assert listener.connection_cap(100) == 100
+    monkeypatch.setattr(listener.resource, "getrlimit", lambda _: (2, 4096))
+    assert listener.connection_cap(100) == 1
+
+
 def test_json_over_its_limit_is_refused_and_the_same_tensor_in_binary_is_served(
     tmp_path: Path,
 ) -> None:

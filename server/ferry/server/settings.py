@@ -43,6 +43,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "max_request_json_bytes": (1, None, "bytes"),
     "max_request_bytes_elements": (1, None, "elements"),
     "http_keepalive_timeout": (1, None, "seconds"),
+    "http_max_connections": (1, None, "connections per HTTP listener"),
     "max_concurrent_streams": (1, INT32_MAX, "calls per connection"),
     "max_pending_calls": (0, INT32_MAX, "0: grpc's default"),
     "grpc_keepalive_time": (1, INT32_MAX, "milliseconds"),
@@ -269,6 +270,15 @@ class Settings:
             "help": "seconds an idle HTTP connection is kept for its next request; above the "
             "idle timeout of the proxy in front (75 s outlasts AWS load balancers' and nginx's "
             "60 s; Google Cloud's load balancer keeps 600 s), so the proxy closes first"
+        },
+    )
+    http_max_connections: int = field(
+        default=1024,
+        metadata={
+            "help": "connections each HTTP listener holds open at once (each process, with "
+            "--workers), and at most a quarter of the open-file limit (ulimit -n); one more "
+            "is answered 503 and closed, so idle connections cannot take every descriptor "
+            "the gRPC listeners and model loads need"
         },
     )
     max_concurrent_streams: int = field(

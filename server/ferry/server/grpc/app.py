@@ -405,6 +405,7 @@ class FerryServer:
                 max_body_bytes=s.max_message_bytes,
                 open_health=not (control or s.health_requires_token),  # as the gRPC guards
                 keepalive=s.http_keepalive_timeout,
+                max_connections=s.http_max_connections,
             )
             try:
                 bound = await listener.start(

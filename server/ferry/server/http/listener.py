@@ -15,7 +15,8 @@ is never held in memory. ``Expect: 100-continue`` is answered only once the size
 No connection is held by a client that stops sending: a request's line and headers must arrive
 within HEADER_TIMEOUT, its body must keep arriving (BODY_IDLE) at BODY_MIN_RATE on average, and
 a connection idle between requests is closed after KEEPALIVE. Nor by one that stops reading: an answer it takes no byte of
-for SEND_IDLE seconds is dropped with its connection.
+for SEND_IDLE seconds is dropped with its connection. Nor can open connections take every
+descriptor: past MAX_CONNECTIONS (--http-max-connections) one more is answered 503 and closed.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import socket
 import ssl
 import struct
@@ -87,6 +89,16 @@ HEADER_TIMEOUT = 30.0
 # (a slow link reading a large answer keeps it), as BODY_IDLE judges a body's.
 SEND_IDLE = 30.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Connections one HTTP listener holds open (--http-max-connections). Nothing bounded them but
+# the open-file limit: a client that opened thousands and kept each alive (a request every
+# KEEPALIVE seconds) took every descriptor, and then the gRPC listeners could not accept, model
+# loads could not open their files, and asyncio logged each failed accept. The cap is also at
+# most a quarter of the open-file limit (1,024 by default on many systems), which leaves the
+# other listeners and the models room.
+MAX_CONNECTIONS = 1024
+# Refused connections waiting for their client to read the 503 and hang up (at most LINGER
+# seconds each). Past it one more is closed at once: a refusal must cost less than a connection.
+REFUSING = 64
 # Body encodings decoded here (``encodings``). Any other would be read as if it were plain (a
 # body sent as "foo" parsed as JSON), so it is refused with what to send instead.
 DECODED = frozenset({"", "identity", *ENCODINGS})
@@ -159,6 +171,7 @@ class _Connection(RequestHandler):
     aiohttp release changes it."""
 
     __slots__ = (
+        "_connections",
         "_head_bytes",
         "_head_late",
         "_head_timer",
@@ -169,8 +182,16 @@ class _Connection(RequestHandler):
         "inference",
     )
 
-    def __init__(self, manager: web.Server, *, loop: asyncio.AbstractEventLoop, **kw: Any) -> None:
+    def __init__(
+        self,
+        manager: web.Server,
+        *,
+        loop: asyncio.AbstractEventLoop,
+        connections: set[_Connection],
+        **kw: Any,
+    ) -> None:
         super().__init__(manager, loop=loop, **kw)
+        self._connections = connections  # the listener's open connections, this one once open
         self._head_timer: asyncio.TimerHandle | None = None
         # Bytes of the head under way; None where a chunk held both the end of one message and
         # the start of the next, and where one ends llhttp does not say.
@@ -188,10 +209,12 @@ class _Connection(RequestHandler):
         self.inference: asyncio.Future[Any] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._connections.add(self)
         super().connection_made(transport)
         self._arm_head()
 
     def connection_lost(self, exc: BaseException | None) -> None:
+        self._connections.discard(self)
         self._disarm_head()
         self._disarm_send()
         if self.inference is not None:
@@ -348,6 +371,71 @@ class _Connection(RequestHandler):
         self.force_close()  # the write buffer is flushed before the socket closes
 
 
+class _Refusal(asyncio.Protocol):
+    """A connection past the listener's cap: answered 503 at once, before its request is read,
+    then closed. Its write side is shut after the answer and what the client sends is dropped
+    until it hangs up (at most LINGER seconds): closing with its request unread would send a
+    reset, which may reach the client before the answer and lose it."""
+
+    def __init__(self, refusals: set[_Refusal], limit: int) -> None:
+        self._refusals = refusals
+        self._limit = limit
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        message = (
+            f"this HTTP listener has its {self._limit} connections open "
+            "(--http-max-connections): send the request on a connection already open, or "
+            "retry later"
+        )
+        body = error_body(message, ErrorKind.UNAVAILABLE)
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\n"
+            f"Content-Type: {JSON}\r\n"
+            f"{ERROR_HEADER}: {ErrorKind.UNAVAILABLE.value}\r\n"
+            "Retry-After: 1\r\n"
+            f"Content-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        )
+        transport.write(head.encode() + body)
+        if len(self._refusals) >= REFUSING or not transport.can_write_eof():
+            transport.close()  # sends what is written, then closes
+            return
+        self._refusals.add(self)
+        transport.write_eof()
+        self._timer = asyncio.get_running_loop().call_later(LINGER, transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        """The request is not read: the answer does not depend on it."""
+
+    def eof_received(self) -> bool:
+        return False  # the client has read the answer and hung up: close
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._refusals.discard(self)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._transport = None
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
+
+
+def connection_cap(wanted: int) -> int:
+    """The connections a listener holds: ``wanted``, and at most a quarter of the process's
+    open-file limit, so one listener's connections never take the descriptors the others
+    need (the cap is per listener, and each needs a few for itself and its models)."""
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, soft // 4))
+
+
 class HttpListener:
     def __init__(
         self,
@@ -357,9 +445,13 @@ class HttpListener:
         max_body_bytes: int,
         open_health: bool,
         keepalive: float | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         # Seconds an idle connection is kept (--http-keepalive-timeout; KEEPALIVE by default).
         self._keepalive = KEEPALIVE if keepalive is None else keepalive
+        self._max_connections = max_connections
+        self._connections: set[_Connection] = set()
+        self._refusals: set[_Refusal] = set()
         self._routes = routes
         self._guard = guard
         self._check_token = guard.requires_token
@@ -377,11 +469,24 @@ class HttpListener:
         server = self._server = web.Server(self._handle)
         logger = _ServerLog(logging.getLogger("ferry.server.http.aiohttp"), {})
         loop = asyncio.get_running_loop()
+        cap = connection_cap(self._max_connections)
+        if cap < self._max_connections:
+            log.info(
+                "the HTTP listener on %s holds at most %d connections: a quarter of the "
+                "open-file limit (ulimit -n), under --http-max-connections %d",
+                host_port(host, sock.getsockname()[1]),
+                cap,
+                self._max_connections,
+            )
 
-        def connection() -> _Connection:
+        def connection() -> asyncio.Protocol:
+            # TLS connections count once their handshake is done (HEADER_TIMEOUT bounds it).
+            if len(self._connections) >= cap:
+                return _Refusal(self._refusals, cap)
             return _Connection(
                 server,
                 loop=loop,
+                connections=self._connections,
                 access_log=None,
                 keepalive_timeout=self._keepalive,
                 lingering_time=LINGER,
@@ -408,6 +513,8 @@ class HttpListener:
         """Stop accepting, give in-flight requests ``grace`` seconds, then close connections."""
         if self._listening is not None:
             self._listening.close()
+        for refusal in list(self._refusals):
+            refusal.close()
         if self._server is not None:
             # Close idle keep-alive connections now (aiohttp >= 3.10 has pre_shutdown); busy
             # ones finish their request within the grace period, then close.
