@@ -177,6 +177,17 @@ def test_unknown_routes_and_wrong_methods(kserve_server: ServerThread) -> None:
         assert "is not percent-encoded UTF-8" in json.loads(body)["error"]
 
 
+def test_a_target_in_absolute_form_is_served_as_its_path(kserve_server: ServerThread) -> None:
+    # RFC 9112 3.2.2: a server must accept the absolute form (a request sent through a forward
+    # proxy). Its whole URL was taken for the path and answered 404.
+    target = kserve_server.http_target
+    assert http_call(target, "GET", f"http://{target}/v2/health/live")[0] == 200
+    status, _, body = http_call(target, "GET", "HTTP://ferry:8000/v2/models/%6D%6C%70?x=1")
+    assert (status, json.loads(body)["name"]) == (200, "mlp")
+    status, _, body = http_call(target, "GET", "http://ferry/v2/nothing")
+    assert status == 404 and "'/v2/nothing'" in json.loads(body)["error"], body
+
+
 # ---- repository control: a server of its own, since these tests change what it serves ----
 
 

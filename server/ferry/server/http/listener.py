@@ -527,7 +527,7 @@ class HttpListener:
             self._listening = None
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        path = request.raw_path.partition("?")[0]
+        path = _path_of(request)
         try:
             if self._check_token and not (self._open_health and is_health(path)):
                 self._authorize(request.headers.getall("Authorization", []))
@@ -648,6 +648,17 @@ class HttpListener:
             f"{why}; {remedy} in smaller batches, or raise the limit (--max-message-bytes)",
             ErrorKind.LIMIT_EXCEEDED,
         )
+
+
+def _path_of(request: web.BaseRequest) -> str:
+    """The request target's path, still percent-encoded. A target in absolute form
+    (``GET http://host/v2/health/live``, what a client sends through a forward proxy, and what
+    RFC 9112 says a server must accept) is read as its path: it was answered 404, its whole
+    URL taken for the path."""
+    raw = request.raw_path
+    if not raw.startswith("/") and raw[:8].lower().startswith(("http://", "https://")):
+        return request.rel_url.raw_path or "/"
+    return raw.partition("?")[0]
 
 
 def _listen_socket(host: str, port: int, reuse_port: bool = False) -> socket.socket:
