@@ -167,14 +167,28 @@ def test_unknown_routes_and_wrong_methods(kserve_server: ServerThread) -> None:
         assert "no Open Inference Protocol endpoint" in json.loads(body)["error"]
     status, headers, body = http_call(target, "GET", "/v2/models/mlp/infer")
     assert (status, headers["allow"]) == (405, "POST")
-    status, headers, _ = http_call(target, "POST", "/v2/models/mlp/config", b"{}")
-    assert (status, headers["allow"]) == (405, "GET")
+    status, headers, body = http_call(target, "POST", "/v2/models/mlp/config", b"{}")
+    assert (status, headers["allow"]) == (405, "GET, HEAD")
+    assert "use GET or HEAD" in json.loads(body)["error"]
     # Percent-encoded names are decoded: the model's own name answers.
     assert http_call(target, "GET", "/v2/models/%6D%6C%70")[0] == 200
     for path in ("/v2/models/%FF", "/v2/models/mlp/versions/%C3/ready"):  # not UTF-8
         status, headers, body = http_call(target, "GET", path)
         assert (status, headers["ferry-error"]) == (400, "INVALID_ARGUMENT"), path
         assert "is not percent-encoded UTF-8" in json.loads(body)["error"]
+
+
+def test_head_is_served_wherever_get_is(kserve_server: ServerThread) -> None:
+    # RFC 9110 9.1: a server must support HEAD; a load balancer's HEAD health check got 405.
+    target = kserve_server.http_target
+    for path in ("/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/mlp/config"):
+        status, headers, body = http_call(target, "HEAD", path)
+        assert (status, body) == (200, b""), path
+        assert headers.get("content-length", "0") == str(len(http_call(target, "GET", path)[2]))
+    status, headers, body = http_call(target, "HEAD", "/v2/models/nothing/ready")
+    assert (status, headers["ferry-error"], body) == (404, "MODEL_NOT_FOUND", b"")
+    status, headers, _ = http_call(target, "HEAD", "/v2/models/mlp/infer")
+    assert (status, headers["allow"]) == (405, "POST")
 
 
 def test_a_target_in_absolute_form_is_served_as_its_path(kserve_server: ServerThread) -> None:

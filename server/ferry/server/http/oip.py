@@ -262,13 +262,17 @@ def _segment(raw: str) -> str:
 
 
 def _method(method: str, allowed: str, path: str) -> None:
-    if method != allowed:
-        raise HttpError(
-            405,
-            f"{method} is not allowed on {short(path)}: use {allowed}",
-            ErrorKind.UNIMPLEMENTED,
-            {"Allow": allowed},
-        )
+    """HEAD is served wherever GET is (RFC 9110 9.1: every general-purpose server must; the
+    HTTP stack sends the head without the body): a load balancer's HEAD health check was 405."""
+    if method == allowed or (method == "HEAD" and allowed == "GET"):
+        return
+    allow = "GET, HEAD" if allowed == "GET" else allowed
+    raise HttpError(
+        405,
+        f"{method} is not allowed on {short(path)}: use {allow.replace(', ', ' or ')}",
+        ErrorKind.UNIMPLEMENTED,
+        {"Allow": allow},
+    )
 
 
 def _no_route(path: str) -> HttpError:
