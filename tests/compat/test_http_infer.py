@@ -630,6 +630,14 @@ def test_malformed_http_is_refused_without_an_error_in_the_log(
     answer = _raw_http(kserve_server.http_target, request_bytes)
     assert answer.split(b"\r\n", 1)[0].endswith(b" 400 Bad Request"), answer[:200]
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    # In the body every other error has (it was aiohttp's plain text, which tritonclient could
+    # not read), on one line.
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert b"\r\nferry-error: INVALID_ARGUMENT\r\n" in head, head
+    error = json.loads(body)
+    assert error["kind"] == "INVALID_ARGUMENT"
+    assert error["error"].startswith("the request is not valid HTTP/1.1: "), error
+    assert "\n" not in error["error"], error
 
 
 def test_a_client_gone_mid_body_leaves_no_error_in_the_log(

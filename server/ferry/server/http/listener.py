@@ -89,6 +89,8 @@ HEADER_TIMEOUT = 30.0
 # (a slow link reading a large answer keeps it), as BODY_IDLE judges a body's.
 SEND_IDLE = 30.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+# Characters of the HTTP parser's complaint kept in an answer (it quotes the offending line).
+MAX_PARSE_MESSAGE = 300
 # Connections one HTTP listener holds open (--http-max-connections). Nothing bounded them but
 # the open-file limit: a client that opened thousands and kept each alive (a request every
 # KEEPALIVE seconds) took every descriptor, and then the gRPC listeners could not accept, model
@@ -220,6 +222,32 @@ class _Connection(RequestHandler):
         if self.inference is not None:
             self.inference.cancel()
         super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """aiohttp's answer to a request it could not parse (a malformed line or header, a
+        Content-Length beside Transfer-Encoding, a line over 8 KiB), in the body every other
+        error has: it was plain text, which tritonclient could not read (it reads ``error``
+        from a JSON body) and which named no error kind."""
+        super().handle_error(request, status, exc, message)  # logs it; raises if an answer began
+        if status >= 500:  # a bug in a handler: its details stay in the log
+            kind, text = ErrorKind.INTERNAL, "internal error: see the server's log"
+        else:
+            why = " ".join((message or "").split())[:MAX_PARSE_MESSAGE] or f"HTTP {status}"
+            kind = ErrorKind.INVALID_ARGUMENT
+            text = f"the request is not valid HTTP/1.1: {why}"
+        response = web.Response(
+            status=status,
+            body=error_body(text, kind),
+            headers={"Content-Type": JSON, ERROR_HEADER: kind.value},
+        )
+        response.force_close()
+        return response
 
     def pause_writing(self) -> None:
         """The send buffer is over its high-water mark: the client must take bytes of it."""
