@@ -418,6 +418,41 @@ def test_convert_of_a_file_refused_keeps_no_upload(
         assert conv.list_uploads() == []
 
 
+@pytest.mark.parametrize("job_started", [False, True])
+def test_convert_of_a_file_interrupted_keeps_no_stray_upload(
+    conv_server: Any,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    job_started: bool,
+) -> None:
+    """A Ctrl-C between `ferry convert FILE`'s upload and its job left the upload behind, its
+    id never shown; now it is removed, or (the Convert got through and a job reads it) the
+    message names the job that keeps running."""
+    srv, t = conv_server
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+    real = ConversionClient.convert
+
+    def interrupted(self: Any, *args: Any, **kwargs: Any) -> Job:
+        if job_started:
+            real(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ConversionClient, "convert", interrupted)
+    flags = ("--architecture", "seed", "--architecture-kwargs", '{"fake": "block"}')
+    code, _, err = ferry(capsys, "convert", str(weights), "--model", "seed", *flags, *t)
+    line = one_error_line(err)
+    assert code == 130 and "interrupted" in line
+    with ConversionClient(srv.management_target) as conv:
+        if not job_started:
+            assert conv.list_uploads() == [] and conv.list_jobs() == []
+            return
+        (job,) = conv.list_jobs()
+        assert f"job {job.id} keeps running" in line and f"ferry jobs cancel {job.id}" in line
+        conv.cancel(job.id)
+
+
 def test_conversion_errors_hint_in_convert_terms(
     conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

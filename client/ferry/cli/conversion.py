@@ -430,6 +430,27 @@ def _quantization(args: argparse.Namespace) -> Quantization | None:
     )
 
 
+def _forget_upload(client: ConversionClient, up: Upload, args: argparse.Namespace) -> None:
+    """Remove this command's own upload after its Convert failed or was interrupted. When the
+    Convert got through all the same (a Ctrl-C or a deadline after the server took it), the
+    server keeps the upload for the job that reads it: the message then names that job, which
+    keeps running; when the upload cannot be removed, it says how to remove it."""
+    with contextlib.suppress(FerryError):
+        client.delete_upload(up.upload_id)
+        return
+    job = None
+    with contextlib.suppress(FerryError):
+        job = next((j for j in client.list_jobs(up.model) if j.upload_id == up.upload_id), None)
+    if job is not None:
+        args.waited_job = job.id
+        args.interrupted_hint = still_running(job.id)
+    else:
+        args.interrupted_hint = (
+            f"upload {up.upload_id} stays on the server: remove it with "
+            f"`ferry uploads delete {up.upload_id}`"
+        )
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     serving = None
     if args.instance_count is not None:
@@ -457,12 +478,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 rollout=args.rollout,
                 rollout_fraction=args.rollout_fraction,
             )
-        except FerryError:
+        except (FerryError, KeyboardInterrupt):
             if isinstance(source, Upload):
-                # This command's own upload, its id never shown: a refused spec left one more
-                # behind on every corrected retry.
-                with contextlib.suppress(FerryError):
-                    client.delete_upload(source.upload_id)
+                # This command's own upload, its id never shown: a refused spec (or a Ctrl-C)
+                # left one more behind on every corrected retry.
+                _forget_upload(client, source, args)
             raise
         if args.no_wait:
             print(
