@@ -494,7 +494,13 @@ class AsyncInferStream(StreamState):
         budget = None if timeout is None else float(timeout)
         deadline = None if budget is None else began + budget
         keep = self._keep(
-            inputs, dtypes, timeout=budget, priority=priority, outputs=outputs, deadline=deadline
+            inputs,
+            request,
+            dtypes,
+            timeout=budget,
+            priority=priority,
+            outputs=outputs,
+            deadline=deadline,
         )
         if len(self._pending) >= self.max_in_flight:
             self._blocked += 1

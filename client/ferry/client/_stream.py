@@ -56,7 +56,12 @@ from ferry.client._requests import (
     refuses_datatype,
 )
 from ferry.client._types import InferResult, Timings
-from ferry.client._wire import decode_stream_response, encode_infer_request, with_timeout
+from ferry.client._wire import (
+    decode_stream_response,
+    encode_infer_request,
+    request_inputs,
+    with_timeout,
+)
 
 StreamResult = tuple[str, InferResult | FerryError]
 Inputs = Mapping[str, ArrayLike]
@@ -98,28 +103,43 @@ class Resend:
     """What a request with list inputs needs to go once more, should the server refuse the
     dtypes they were converted to (the cached ones, stale after a new default version)."""
 
-    inputs: dict[str, Any]  # a copy: the caller may refill its lists once submit() returned
-    used: Mapping[str, Any]  # the dtypes they were converted to
+    request: bytes  # as first built: its array inputs go again from these bytes, as they were
+    lists: dict[str, Any]  # the other inputs, copied: the caller may refill its lists
+    names: tuple[str, ...]  # every input, in the order submitted
+    used: Mapping[str, Any]  # the dtypes the lists were converted to
     timeout: float | None
     priority: int | None
     outputs: Sequence[str] | None
     deadline: float | None  # monotonic, from the first submit: a resend has what is left
 
+    def inputs(self) -> dict[str, Any]:
+        """The inputs as submitted: the lists as copied, the arrays read back (zero-copy) from
+        the request's own bytes, which hold them exactly as sent whatever the dtypes."""
+        arrays = request_inputs(self.request)
+        return {n: self.lists[n] if n in self.lists else arrays[n] for n in self.names}
+
+
+# Values a list may hold that nobody can change: kept as they are, checked by type alone, since
+# a list of a million numbers is walked element by element.
+_IMMUTABLE = frozenset({int, float, complex, bool, str, bytes, type(None)})
+
 
 def snapshot(inputs: Inputs) -> dict[str, Any]:
-    """``inputs`` as they are now. A request sent again must carry what was submitted, and a
-    caller may reuse its lists (or arrays) for the next request as soon as submit() returns."""
-    return {name: _frozen(value) for name, value in inputs.items()}
+    """The inputs other than arrays, as they are now. A request sent again must carry what was
+    submitted, and a caller may reuse its lists for the next request as soon as submit()
+    returns. Arrays are not copied: the request's bytes hold them already (``Resend``), and a
+    second copy of a large image doubled the memory of every request in flight."""
+    return {name: _frozen(value) for name, value in inputs.items() if not is_array(value)}
 
 
 def _frozen(value: Any) -> Any:
-    if is_array(value):
-        return as_array_fast(value).copy()
     if isinstance(value, list | tuple):  # at most 64 deep: the request was encoded already
-        return [_frozen(v) for v in value]
+        return [v if type(v) in _IMMUTABLE else _frozen(v) for v in value]
+    if is_array(value):  # an array inside a list
+        return as_array_fast(value).copy()
     if isinstance(value, bytearray | memoryview):
         return bytes(value)
-    return value  # numbers, str, bytes: immutable
+    return value  # numbers (numpy's too), str, bytes: immutable
 
 
 class StreamState:
@@ -242,11 +262,13 @@ class StreamState:
             return None
         return self._fresh_dtypes(used, refusal, timeout)
 
-    def _keep(self, inputs: Inputs, dtypes: Mapping[str, Any] | None, **how: Any) -> Resend | None:
+    def _keep(
+        self, inputs: Inputs, request: bytes, dtypes: Mapping[str, Any] | None, **how: Any
+    ) -> Resend | None:
         """What sending a request again needs, for one whose list inputs took ``dtypes``."""
         if dtypes is None or self._fresh_dtypes is None:
             return None
-        return Resend(snapshot(inputs), dtypes, **how)
+        return Resend(request, snapshot(inputs), tuple(inputs), dtypes, **how)
 
     def _again(
         self, rid: str, refusal: FerryError, again: Resend, fresh: Mapping[str, Any] | None
@@ -262,7 +284,7 @@ class StreamState:
             return rid, refusal
         try:
             _, request, _ = self._build(
-                again.inputs,
+                again.inputs(),
                 rid,
                 timeout=again.timeout,
                 priority=again.priority,
@@ -496,7 +518,13 @@ class InferStream(StreamState):
         budget = None if timeout is None else float(timeout)
         deadline = None if budget is None else began + budget
         keep = self._keep(
-            inputs, dtypes, timeout=budget, priority=priority, outputs=outputs, deadline=deadline
+            inputs,
+            request,
+            dtypes,
+            timeout=budget,
+            priority=priority,
+            outputs=outputs,
+            deadline=deadline,
         )
         expired: StreamResult | None = None
         with self._cond:

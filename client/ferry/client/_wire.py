@@ -29,6 +29,7 @@ __all__ = [
     "decode_stream_response",
     "encode_infer_request",
     "read_varint",
+    "request_inputs",
     "with_timeout",
 ]
 
@@ -230,6 +231,13 @@ def decode_infer_response(raw: bytes, timings: Timings | None = None) -> InferRe
         return _decode_response(raw, memoryview(raw), 0, len(raw), timings)
     except CodecError as exc:
         raise ServerError(f"the server's answer cannot be read: {exc}") from None
+
+
+def request_inputs(request: bytes) -> dict[str, np.ndarray]:
+    """The input tensors of an ``InferRequest`` this module encoded, as read-only views of its
+    bytes. Its fields 1-4 (model, version, id, tensors) are laid out as an ``InferResponse``'s,
+    and the rest (outputs, timeout, priority) are skipped as unknown fields are."""
+    return dict(_decode_response(request, memoryview(request), 0, len(request), None))
 
 
 def decode_stream_response(raw: bytes) -> tuple[str, InferResult | FerryError]:
