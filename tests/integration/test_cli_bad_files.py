@@ -218,3 +218,29 @@ def test_loadtest_reads_input_files_as_infer_does(
         assert main([*argv, "--target", server.target, "--json", "-"]) == 0, capsys.readouterr()
         (level,) = json.loads(capsys.readouterr().out)["levels"]
         assert level["ok"] == 3 and level["batch_size"] == 2
+
+
+@pytest.mark.parametrize("flag", ["--calibration", "--validation-inputs"])
+def test_convert_array_files_that_are_no_regular_file_are_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, flag: str
+) -> None:
+    """`ferry convert --calibration /dev/zero` (or a named pipe nobody writes) read for ever,
+    before the command had even connected; it is refused as `ferry infer -i` refuses it."""
+    import os
+    import threading
+
+    fifo = tmp_path / "samples.npz"
+    os.mkfifo(fifo)
+    for source in (str(fifo), "/dev/zero"):
+        answer: list[tuple[int, str]] = []
+        argv = ("convert", "abc", flag, source, "--quantize", "static_int8")
+        worker = threading.Thread(
+            target=lambda a=answer, v=argv: a.append(run(capsys, *v)), daemon=True
+        )
+        worker.start()
+        worker.join(60)
+        if worker.is_alive():  # let the blocked open of the pipe go
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        assert answer, f"{flag} {source} hung"
+        code, line = answer[0]
+        assert code == 2 and "not a regular file" in line, line

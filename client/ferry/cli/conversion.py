@@ -386,6 +386,10 @@ def _arrays(path: Path | None, flag: str) -> dict[str, np.ndarray] | None:
     """An .npz of named arrays, read without pickle (an object array is refused)."""
     if path is None:
         return None
+    if not path.is_file():
+        # /dev/zero, or a named pipe nobody writes, was read for ever before anything else.
+        what = "is not a regular file" if path.exists() else "does not exist"
+        raise UsageError(f"{flag} {path}: {what}; give an .npz written with np.savez")
     try:
         arrays = read_npz(path)
     except (OSError, ValueError, zipfile.BadZipFile) as exc:
