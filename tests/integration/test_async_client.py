@@ -18,6 +18,7 @@ from ferry.client import (
     AsyncInferenceClient,
     ClientClosedError,
     ConnectionError_,
+    FerryError,
     InferenceClient,
     InferResult,
     InvalidInputError,
@@ -179,6 +180,41 @@ def test_an_async_client_serves_one_asyncio_run_after_another(server: Any) -> No
     asyncio.run(client.close())  # from yet another loop: the channel's has ended
     with pytest.raises(ClientClosedError):
         asyncio.run(once())
+
+
+def test_an_async_client_on_a_loop_of_its_own_or_one_running_elsewhere(server: Any) -> None:
+    """A loop left idle but not closed (``run_until_complete``, then ``asyncio.run``) kept the
+    channel, and a loop running in another thread shared it: both raised a bare RuntimeError
+    ("attached to a different loop"), no FerryError. An idle loop's channel is now replaced
+    with one of the loop in use; one still running elsewhere is a FerryError saying to make a
+    client per loop."""
+    client = AsyncInferenceClient(server.target, timeout=30)
+    x = {"input": np.zeros((1, 64), np.float32)}
+
+    async def once() -> str:
+        return (await client.infer("mlp", x)).model
+
+    idle = asyncio.new_event_loop()
+    try:
+        assert idle.run_until_complete(once()) == "mlp"
+        assert asyncio.run(once()) == "mlp"  # the first loop idles, not closed
+        assert idle.run_until_complete(once()) == "mlp"  # and back
+    finally:
+        idle.close()
+
+    running = asyncio.new_event_loop()
+    thread = threading.Thread(target=running.run_forever, daemon=True)
+    thread.start()
+    try:
+        assert asyncio.run_coroutine_threadsafe(once(), running).result(30) == "mlp"
+        with pytest.raises(FerryError, match="one client per event loop"):
+            asyncio.run(once())
+        assert asyncio.run_coroutine_threadsafe(once(), running).result(30) == "mlp"
+        asyncio.run_coroutine_threadsafe(client.close(), running).result(30)
+    finally:
+        running.call_soon_threadsafe(running.stop)
+        thread.join(30)
+        running.close()
 
 
 def test_inputs_accept_lists_scalars_and_torch_tensors(client: InferenceClient) -> None:

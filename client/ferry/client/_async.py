@@ -86,13 +86,23 @@ class AsyncInferenceClient(InferenceClientBase):
 
     def _connect(self) -> Any:
         """The stub, binding a channel on this loop first if there is none, or if the channel
-        was made on a loop that has ended: a client used by a second ``asyncio.run`` raised
-        RuntimeError ("Event loop is closed") from its first loop's channel. (A channel of a
-        loop still running is kept: grpc.aio channels are not for two live loops at once.)"""
+        was made on a loop that is not running now: a client used by a second ``asyncio.run``
+        raised RuntimeError ("Event loop is closed") from its first loop's channel, and one
+        used after ``run_until_complete`` left its loop idle, "attached to a different loop".
+        grpc.aio binds a channel to one loop, so a loop running in another thread keeps its
+        channel, and a call from a second live loop is refused with a FerryError (it was that
+        same bare RuntimeError, or a call left pending)."""
         self._check_open()
         loop = asyncio.get_running_loop()
-        ended = self._loop is not None and self._loop is not loop and self._loop.is_closed()
-        if self._channel is None or ended:
+        if self._channel is not None and self._loop is not loop:
+            if self._loop is not None and self._loop.is_running():
+                raise FerryError(
+                    f"this {type(self).__name__} is in use by an event loop running in another "
+                    "thread, and grpc.aio binds a channel to one loop: make one client per "
+                    "event loop (one per thread that runs a loop)"
+                )
+            self._channel = None  # its loop has ended or idles: it cannot serve this one
+        if self._channel is None:
             self._bind(create_aio_channel(self.channel_config))
             self._loop = loop
         return self._stub
