@@ -244,3 +244,17 @@ def test_convert_array_files_that_are_no_regular_file_are_refused(
         assert answer, f"{flag} {source} hung"
         code, line = answer[0]
         assert code == 2 and "not a regular file" in line, line
+
+
+def test_loadtest_with_an_unreadable_tls_file_is_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`ferry loadtest --tls-ca MISSING` ended in a ValueError traceback (its async client read
+    the file at its first call); it is a usage error, as for every other command."""
+    missing = str(tmp_path / "missing.pem")
+    for argv in (
+        ("loadtest", "mlp", "-n", "2", "--no-progress", "--tls-ca", missing),
+        ("models", "list", "--tls-ca", missing),
+    ):
+        code, line = run(capsys, *argv, "--target", "127.0.0.1:1")
+        assert code == 2 and "cannot read the CA certificate" in line, (argv, line)

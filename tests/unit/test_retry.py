@@ -300,6 +300,18 @@ def test_tls_options_and_validation(tmp_path) -> None:  # type: ignore[no-untype
             ChannelConfig(**bad)  # type: ignore[arg-type]
 
 
+def test_an_unreadable_pem_file_is_refused_when_either_client_is_made(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The sync client read its PEM files when made; the async one only at its first call
+    (its channel is made on first use), so a missing CA file was a ValueError out of the first
+    ``await client.infer(...)``, and a traceback from `ferry loadtest --tls-ca MISSING`."""
+    from ferry.client import AsyncInferenceClient, InferenceClient
+
+    missing = TLSConfig(ca_cert=tmp_path / "missing.pem")
+    for cls in (InferenceClient, AsyncInferenceClient):
+        with pytest.raises(ValueError, match="cannot read the CA certificate"):
+            cls("127.0.0.1:1", tls=missing)
+
+
 @pytest.mark.parametrize(
     "bad",
     [

@@ -217,6 +217,11 @@ class ChannelConfig:
                 )
         if self.tls is not None and self.credentials is not None:
             raise ValueError("pass tls= or credentials=, not both")
+        if self.tls is not None:
+            # Read now, as the target is judged now: the async client reads them again when it
+            # makes its channel, on first use, and a missing CA file was a ValueError out of
+            # its first call (a traceback from `ferry loadtest --tls-ca MISSING`).
+            self.tls.credentials()
         if self.token is not None and (
             not isinstance(self.token, str) or "\n" in self.token or not self.token.strip()
         ):
