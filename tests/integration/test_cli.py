@@ -181,6 +181,24 @@ def test_health(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
     assert code == 3 and "UNREACHABLE" in out
 
 
+def test_health_wait_refused_by_the_server_is_not_unreachable(
+    repo_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`ferry health --wait` to a server that requires a token for health, without one, said
+    UNREACHABLE (exit 3, "nothing answered") where the same check without --wait said
+    UNAUTHENTICATED (exit 1): the server answered, and says why."""
+    from serverutil import ServerThread
+
+    monkeypatch.delenv("FERRY_TOKEN", raising=False)
+    with ServerThread(repo_path, inference_token="sekrit", health_requires_token=True) as srv:
+        t = ("--target", srv.target)
+        for wait in ((), ("--wait", "20")):
+            code, out, _ = ferry(capsys, "health", *wait, *t)
+            assert (code, out.split()[-1]) == (1, "UNAUTHENTICATED"), wait
+            code, out, _ = ferry(capsys, "health", *wait, *t, "--token", "sekrit")
+            assert (code, out.split()[-1]) == (0, "SERVING"), wait
+
+
 def test_loadtest_writes_json_and_csv(
     server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

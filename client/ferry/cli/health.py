@@ -69,9 +69,21 @@ def _watch(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> st
                 call.cancel()
                 break
     except grpc.RpcError as exc:
-        if exc.code() is not grpc.StatusCode.DEADLINE_EXCEEDED:
-            last = "UNREACHABLE" if exc.code() is grpc.StatusCode.UNAVAILABLE else last
+        code = exc.code()
+        if code is grpc.StatusCode.UNAVAILABLE or (
+            last == "UNREACHABLE" and code is not grpc.StatusCode.DEADLINE_EXCEEDED
+        ):
+            # Refused before any status (UNAUTHENTICATED, ...): said as _check says it; it was
+            # UNREACHABLE, exit 3, as if nothing had answered.
+            last = _refused(code)
     return last
+
+
+def _refused(code: grpc.StatusCode) -> str:
+    """The status a failed check or watch reports."""
+    if code is grpc.StatusCode.NOT_FOUND:
+        return "SERVICE_UNKNOWN"
+    return "UNREACHABLE" if code is grpc.StatusCode.UNAVAILABLE else code.name
 
 
 def _check(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> str:
@@ -83,9 +95,7 @@ def _check(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> st
             _health.encode_check_request(args.model), timeout=args.timeout, metadata=metadata
         )
     except grpc.RpcError as exc:
-        if exc.code() is grpc.StatusCode.NOT_FOUND:
-            return "SERVICE_UNKNOWN"
-        return "UNREACHABLE" if exc.code() is grpc.StatusCode.UNAVAILABLE else exc.code().name
+        return _refused(exc.code())
     return STATUS_NAMES.get(_health.decode_check_response(raw), "UNKNOWN")
 
 
