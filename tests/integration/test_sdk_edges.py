@@ -408,3 +408,36 @@ def test_a_streamed_list_input_keeps_to_its_submits_timeout(silent_listener: str
             await astream.cancel()
 
     asyncio.run(run())
+
+
+def test_a_failed_job_and_its_error_travel_between_processes() -> None:
+    """JobFailedError could not be pickled (its Job holds the client, whose channel cannot
+    travel) nor, once pickled without one, rebuilt ("'str' object has no attribute 'id'"):
+    a conversion awaited in a process pool, or a task queue that pickles exceptions, lost the
+    error to a pickling one. Both now travel without the client; a copy in-process keeps it."""
+    import copy
+    import pickle
+
+    import grpc
+
+    from ferry.client import ConversionClient, Job, JobFailedError
+
+    with ConversionClient("127.0.0.1:1") as conv:
+        job = Job(
+            id="a" * 32,
+            model="m",
+            state="FAILED",
+            error_code=grpc.StatusCode.FAILED_PRECONDITION,
+            error_kind="CONVERSION_FAILED",
+            error_message="below the accuracy budget",
+            _client=conv,
+        )
+        error = JobFailedError(job)
+        again = pickle.loads(pickle.dumps(error))
+        assert type(again) is JobFailedError and str(again) == str(error)
+        assert (again.code, again.kind) == (error.code, error.kind)
+        assert again.job.id == job.id and again.job.error_message == job.error_message
+        assert again.job._client is None and job._client is conv
+        assert pickle.loads(pickle.dumps(job)).state == "FAILED"
+        assert copy.copy(job)._client is conv
+        assert copy.copy(error).job.id == job.id

@@ -84,6 +84,11 @@ class JobFailedError(ConversionError):
         self.job = job
         self.report = job.report
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Rebuilt from its job (which pickles without its client): the default rebuilt it
+        from its message, as if that were the job, and failed."""
+        return (type(self), (self.job,))
+
 
 @dataclass(eq=False)
 class Job:
@@ -116,6 +121,15 @@ class Job:
     @property
     def succeeded(self) -> bool:
         return self.state == "SUCCEEDED"
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without its client, whose channel cannot travel to another process: a copy
+        there reads as the job did and says it is not bound when asked to refresh."""
+        return {**self.__dict__, "_client": None}
+
+    def __copy__(self) -> Job:
+        """A copy in this process keeps its client (a pickled one cannot)."""
+        return dataclasses.replace(self)
 
     def _conn(self) -> ConversionClient:
         if self._client is None:
