@@ -481,6 +481,14 @@ def test_conversion_errors_hint_in_convert_terms(
     line = one_error_line(err)
     assert code == 1 and "min_cosine" in line and "ferry convert --help" in line
     assert "models describe" not in line
+    # Another command's refusal names its own help, not convert's.
+    unknown = tmp_path / "model.weights"
+    unknown.write_bytes(b"\x00" * 8)
+    for argv in (("upload", "seed", str(unknown)), ("jobs", "show", "nope")):
+        _, _, err = ferry(capsys, *argv, *t)
+        line = one_error_line(err)
+        assert f"ferry {' '.join(argv[: 2 if argv[0] == 'jobs' else 1])} --help" in line, line
+        assert "ferry convert --help" not in line, line
 
 
 @pytest.mark.parametrize(

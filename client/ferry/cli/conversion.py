@@ -153,7 +153,11 @@ def conversion_hint(exc: FerryError, args: argparse.Namespace) -> str | None:
     if isinstance(exc, ResourceExhaustedError):
         return "the conversion queue is full: wait for a job to end (--max-queued-conversions)"
     if isinstance(exc, InvalidInputError):
-        return "the message names the field; `ferry convert --help` lists the flags"
+        # The failing command's own help: `ferry upload` without a known suffix was sent to
+        # convert's, which does not say what upload's --format takes.
+        action = getattr(args, f"{args.command}_command", None)
+        command = f"{args.command} {action}" if action else args.command
+        return f"the message names the field; `ferry {command} --help` lists the flags"
     return management_hint(exc, args)
 
 
