@@ -24,6 +24,7 @@ from helpers import (
 from onnx import TensorProto, helper
 
 from ferry.client import InferenceClient, InferResult
+from ferry.server.core.types import DYNAMIC_AXES_METADATA
 from ferry.server.examples import identity_model, mlp_model
 
 
@@ -206,3 +207,21 @@ def test_a_configured_batch_size_on_outputs_not_batched_first_is_refused_at_load
         assert "max_batch_size = 8, but output 'y' is [1, 2] for a batch of 2" in status.reason
         x = np.arange(2, dtype=np.float32).reshape(1, 2)
         np.testing.assert_array_equal(client.infer("unset", {"x": x})["y"], x.T)
+
+
+def test_an_output_whose_first_dimension_equals_two_rows_by_chance_is_refused_at_load(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """The check must not be fooled by a non-batch dimension that is 2 where it looks: the
+    transpose [k, batch] with k verified from 2 up (a time-major encoder's [seq, batch] output)
+    was [2, 2] for two rows of zeros, passed, and two requests of k = 2 batched together each
+    got a column of the other's values. It is refused at load, as with k of 1."""
+    model = _transpose_model()
+    onnx.helper.set_model_props(model, {DYNAMIC_AXES_METADATA: '{"x": {"1": ["k", 2, 16]}}'})
+    root = make_repo(tmp_path / "repo", {"set": model})
+    write_config(root, "set", {"batching": {"max_batch_size": 8}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client:
+        (status,) = client.list_models("set")
+        assert status.state == "FAILED"
+        assert "max_batch_size = 8, but output 'y' is [2, 1] for a batch of 1" in status.reason

@@ -236,21 +236,24 @@ def _check_batch_dimension(session: OrtSession, max_batch: int) -> None:
     (runtime.rows is not asked), but not on the graph's shapes: an output whose first dimension
     is not the batch's (a transpose, a flatten over the rows) failed every request INTERNAL,
     and where its size happened to equal the batch's, split another request's values into each
-    answer. Two rows of zeros (one when the limit is 1) say which: refused at load, naming the
-    output. A model that does not run on zeros is served as configured."""
-    rows = min(2, max_batch)
-    try:
-        outputs = session.run(session.zero_feeds(rows))
-    except Exception as exc:
-        log.debug("%s: batch dimension not checked (%s)", session.path, first_line(exc))
-        return
-    for name, out in zip(session.output_names, outputs, strict=True):
-        if np.ndim(out) == 0 or out.shape[0] != rows:
-            raise InvalidArgument(
-                f"config sets batching.max_batch_size = {max_batch}, but output {name!r} is "
-                f"{list(np.shape(out))} for a batch of {rows}: its first dimension is not the "
-                "batch's; set batching.max_batch_size = 0"
-            )
+    answer. Zeros of one row, then of two (one only when the limit is 1), say which: refused at
+    load, naming the output. Both sizes, since one run cannot tell a batch dimension from a
+    fixed or dynamic one that equals it there: a time-major output [seq, batch] whose seq's
+    verified minimum is 2 was [2, 2] for two rows, passed, and served each caller the other's
+    values. A model that does not run on zeros is served as configured."""
+    for count in sorted({1, min(2, max_batch)}):
+        try:
+            outputs = session.run(session.zero_feeds(count))
+        except Exception as exc:
+            log.debug("%s: batch dimension not checked (%s)", session.path, first_line(exc))
+            return
+        for name, out in zip(session.output_names, outputs, strict=True):
+            if np.ndim(out) == 0 or out.shape[0] != count:
+                raise InvalidArgument(
+                    f"config sets batching.max_batch_size = {max_batch}, but output {name!r} is "
+                    f"{list(np.shape(out))} for a batch of {count}: its first dimension is not "
+                    "the batch's; set batching.max_batch_size = 0"
+                )
 
 
 def _batchable_unasked(session: OrtSession) -> bool:
