@@ -128,8 +128,8 @@ class ExecutionGate:
         original = self.session.run
         # Small batches of a fast model may run inline on the event loop, where holding them
         # would stall the whole server: mark this version as slow so they go to its workers.
-        if hasattr(loaded, "_ns_per_item"):
-            loaded._ns_per_item = float("inf")
+        if hasattr(loaded, "_ns_per_element"):
+            loaded._ns_per_element = float("inf")
 
         def gated_run(feeds: dict[str, np.ndarray], names: list[str] | None = None) -> Any:
             with self._lock:

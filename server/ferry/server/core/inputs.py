@@ -162,7 +162,7 @@ def validate(lv: LoadedVersion, request: InferenceRequest, limits: Limits) -> Wo
             twice = next(o for i, o in enumerate(outputs) if o in outputs[:i])
             raise InvalidInput(f"{_where(lv)}: output {short(twice)!r} is requested twice")
     key = batch_key(feeds, lv.input_names) if batched else ()
-    return Work(feeds, outputs, batch or 1, key)
+    return Work(feeds, outputs, batch or 1, key, elements)
 
 
 def _where(lv: LoadedVersion) -> str:

@@ -42,6 +42,8 @@ class Work:
     outputs: tuple[str, ...] | None
     batch: int  # the request's own batch dim (1 when the model has none)
     key: tuple[tuple[int, ...], ...]
+    # Its input elements, all inputs together: what an inline run is predicted from.
+    elements: int = 1
 
 
 class LoadedVersion:
@@ -70,7 +72,10 @@ class LoadedVersion:
         self.stats = VersionStats()
         # Until measured, assume a version is slow: the first batches go to a worker thread. A
         # provider that runs elsewhere (a GPU) never runs inline: its cost is not the CPU's.
-        self._ns_per_item = float(INLINE_NS)
+        # Per input element, not per row: on a dynamic axis one row of a long sequence costs
+        # what thousands of short ones do, and was run inline on the event loop (one 24 KB
+        # request to an O(n^2) model held every other request of every model for 420 ms).
+        self._ns_per_element = float(INLINE_NS)
         self._inline = session.inline_allowed
         # The process's shared execution pool (core.pools): threads bounded by the host, not
         # by the number of versions; the version's instances (count on each of its devices)
@@ -98,11 +103,13 @@ class LoadedVersion:
         """The batch, run here and now on the event loop when it is predicted to take less than
         ``INLINE_NS``: handing it to a worker thread and back costs more than the work
         (measured: 30-140 us per hop against ~15-40 us for a tiny MLP). None: it is slower, or
-        its provider runs elsewhere, and belongs on the shared execution pool."""
-        if not (self._inline and self._ns_per_item * info.size < INLINE_NS):
+        its provider runs elsewhere, and belongs on the shared execution pool. The prediction
+        is the batch's input elements times the measured cost of one: a request long on a
+        dynamic axis is predicted long, and goes to the pool."""
+        if not (self._inline and self._ns_per_element * _elements(items) < INLINE_NS):
             return None
         self.stats.record_queue(info.queue_ns)
-        return self._finish(info, self._run_batch(items))
+        return self._finish(items, self._run_batch(items))
 
     async def _execute(
         self, items: Sequence[Work], info: BatchInfo
@@ -115,13 +122,14 @@ class LoadedVersion:
         self.stats.record_queue(info.queue_ns)
         loop = asyncio.get_running_loop()
         timed = await loop.run_in_executor(self._executor, self._run_batch, items)
-        return self._finish(info, timed)
+        return self._finish(items, timed)
 
-    def _finish(self, info: BatchInfo, timed: Ran) -> list[dict[str, np.ndarray] | Failed]:
+    def _finish(self, items: Sequence[Work], timed: Ran) -> list[dict[str, np.ndarray] | Failed]:
         results, runs, elapsed_ns = timed
-        # Exponentially weighted per-item cost: follows the model's speed without being
+        # Exponentially weighted per-element cost: follows the model's speed without being
         # thrown by one slow batch.
-        self._ns_per_item = 0.8 * self._ns_per_item + 0.2 * (elapsed_ns / max(info.size, 1))
+        per_element = elapsed_ns / _elements(items)
+        self._ns_per_element = 0.8 * self._ns_per_element + 0.2 * per_element
         for size, requests, t_in, t_infer, t_out in runs:
             self.stats.record_execution(size, requests, t_in, t_infer, t_out)
         return results
@@ -201,6 +209,11 @@ class LoadedVersion:
         # The batcher and this object refer to each other, so only the cycle collector would
         # free them; release the onnxruntime session (weights, threads) now instead.
         self.session.release()
+
+
+def _elements(items: Sequence[Work]) -> int:
+    """The batch's input elements (at least 1: a model may take empty tensors, or none)."""
+    return max(1, sum([w.elements for w in items]))
 
 
 def _batch_of(work: Work) -> int:
