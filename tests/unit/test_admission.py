@@ -271,3 +271,58 @@ def test_work_that_cannot_finish_in_time_is_never_executed() -> None:
         await b.close()
 
     arun(main)
+
+
+class LengthHandler:
+    """Items are (name, length): a batch "runs" 1 us per element of the fake clock, as a
+    request long on a dynamic axis costs more than a short one of the same rows."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+
+    async def __call__(self, items: Sequence[Any], info: BatchInfo) -> list[Any]:
+        self.clock.now += 1e-6 * sum(length for _, length in items)
+        return [name for name, _ in items]
+
+
+def test_a_request_long_on_a_dynamic_axis_does_not_make_short_ones_look_long() -> None:
+    """Batch time was fitted per row: after one row of 1,000,000 elements ran (1 s), every
+    row was predicted to take about that, and a short request with a 10 ms deadline was
+    refused DEADLINE_EXCEEDED ("one run takes 1000.0 ms ... give it a longer deadline") though
+    it runs in 4 us. With ``cost_of`` (a request's input elements, as the server passes it),
+    a line is fitted per element too, and a run is predicted by the shorter of the two: short
+    requests are admitted and run."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        b: DynamicBatcher[Any, Any] = DynamicBatcher(
+            LengthHandler(clock), max_batch_size=8, clock=clock, cost_of=lambda item: item[1]
+        )
+        for i in range(3):
+            assert await b.submit((f"short{i}", 4)) == f"short{i}"
+        assert await b.submit(("long", 1_000_000)) == "long"
+        assert await b.submit(("late", 4), deadline=clock.now + 0.010) == "late"
+        assert b.predicted_wait(1, cost=4) < 0.001
+        await b.close()
+
+    arun(main)
+
+
+def test_a_size_the_cost_line_never_saw_is_not_refused_on_its_extrapolation() -> None:
+    """Seen at one cost only, the cost line is proportional: a fixed overhead of 50 ms on
+    requests of 3 elements read as 17 ms per element, and a request of 2,100 elements (one
+    that runs in 50 ms) was predicted at 35 s and refused DEADLINE_EXCEEDED under a 10 s
+    deadline. Rows say 50 ms, and the shorter reading is the one trusted."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        h = CostlyHandler(clock, fixed=0.050)
+        b: DynamicBatcher[Any, Any] = DynamicBatcher(
+            h, max_batch_size=8, clock=clock, cost_of=lambda item: item[1]
+        )
+        for i in range(3):
+            await b.submit((f"short{i}", 3))
+        assert await b.submit(("long", 2100), deadline=clock.now + 10.0) == ("long", 2100)
+        await b.close()
+
+    arun(main)

@@ -102,7 +102,18 @@ class Failed:
 class _Entry(Generic[T, R]):
     """One queued item: the only per-request allocation besides its future."""
 
-    __slots__ = ("deadline", "enqueued", "future", "item", "key", "prio", "size", "state", "timer")
+    __slots__ = (
+        "cost",
+        "deadline",
+        "enqueued",
+        "future",
+        "item",
+        "key",
+        "prio",
+        "size",
+        "state",
+        "timer",
+    )
 
     def __init__(
         self,
@@ -112,12 +123,14 @@ class _Entry(Generic[T, R]):
         enqueued: float,
         future: asyncio.Future[R],
         *,
+        cost: int,
         deadline: float | None,
         prio: int,
     ) -> None:
         self.item = item
         self.prio = prio
         self.size = size
+        self.cost = cost
         self.key = key
         self.enqueued = enqueued
         self.deadline = deadline
@@ -154,6 +167,7 @@ class DynamicBatcher(Generic[T, R]):
         service_time: ServiceTime | None = None,
         run_now: Callable[[Sequence[T], BatchInfo], Sequence[R | Failed] | None] | None = None,
         preferred_sizes: Sequence[int] = (),
+        cost_of: Callable[[T], int] | None = None,
     ) -> None:
         label = f"batcher {name!r}" if name else "batcher"
         if max_batch_size < 0:
@@ -173,6 +187,14 @@ class DynamicBatcher(Generic[T, R]):
         self._max_queue_size = max_queue_size
         self._max_concurrency = max_concurrency
         self._size_of = batch_size_of
+        # The work an item brings (a request's input elements), beside its rows: batch time in
+        # rows alone predicted, after one request long on a dynamic axis ran, every short one as
+        # long, and refused them all. A second line is fitted in cost, and a run is predicted
+        # by the shorter of the two: the cost line extrapolates a size it never saw
+        # proportionally (a fixed overhead read as cost per element), and is trusted only as
+        # far as it says a run is shorter than rows do. None: rows alone, as without it.
+        self._cost_of = cost_of
+        self._cost_time: ServiceTime | None = ServiceTime() if cost_of is not None else None
         self._key_of = batch_key
         self._clock = clock
         self._label = label
@@ -181,7 +203,7 @@ class DynamicBatcher(Generic[T, R]):
         self._queues: dict[int, deque[_Entry[T, R]]] = {}
         self._prios: list[int] = []
         self._depth = 0
-        # Live (items, units) per priority: what is ahead of an arrival, in O(priorities).
+        # Live (items, units, cost) per priority: what is ahead of an arrival, in O(priorities).
         self._ahead: dict[int, list[int]] = {}
         self._garbage = 0
         # Queued batch units per key: tells in O(1) whether the head's batch is already full.
@@ -211,8 +233,9 @@ class DynamicBatcher(Generic[T, R]):
     def closed(self) -> bool:
         return self._closed
 
-    def predicted_wait(self, size: int = 1, priority: int = 0) -> float:
-        """Seconds until an item of ``size`` units submitted now at ``priority`` would have run:
+    def predicted_wait(self, size: int = 1, priority: int = 0, cost: int | None = None) -> float:
+        """Seconds until an item of ``size`` units (and ``cost``, by default its size)
+        submitted now at ``priority`` would have run:
         the queued work at its priority or better (lower numbers first; equal ones are ahead of
         it), in full batches, spread over the instances, after the running batches' remaining
         time (half their predicted time, on average), plus its own execution. 0 until a batch has
@@ -220,23 +243,24 @@ class DynamicBatcher(Generic[T, R]):
         est = self.service_time
         if not est.ready:
             return 0.0
-        items = units = 0
-        for prio, (n, u) in self._ahead.items():
+        items = units = costs = 0
+        for prio, (n, u, c) in self._ahead.items():
             if prio <= priority:
                 items += n
                 units += u
+                costs += c
         limit = self._max_batch_size
-        if limit == 0 or not items:
-            # One item per batch: each costs what a batch of its size does.
-            work = items * est.fixed + units * est.per_unit
-        else:
-            # Full batches: the backlog is what fills them. (Keys that do not batch together
-            # make a few more; the estimate stays the common case's.)
-            batches = math.ceil(units / limit)
-            work = batches * est.fixed + units * est.per_unit
+        # One item per batch, or full batches: the backlog is what fills them. (Keys that do
+        # not batch together make a few more; the estimate stays the common case's.)
+        batches = items if limit == 0 or not items else math.ceil(units / limit)
+        work = batches * est.fixed + units * est.per_unit
+        by_cost = self._cost_time
+        if by_cost is not None and by_cost.ready:
+            work = min(work, batches * by_cost.fixed + costs * by_cost.per_unit)
         if self._in_flight >= self._max_concurrency:
             work += self._running / 2
-        return work / self._max_concurrency + est.predict(size)
+        own = self._predict(size, size if cost is None else cost)
+        return work / self._max_concurrency + own
 
     async def submit(self, item: T, *, deadline: float | None = None, priority: int = 0) -> R:
         """Queue ``item`` and wait for its result. ``deadline`` is absolute on the batcher's clock
@@ -246,6 +270,7 @@ class DynamicBatcher(Generic[T, R]):
         if self._closed:
             raise Unavailable(f"{self._label} is closed")
         size = 1 if self._size_of is None else self._size_of(item)
+        cost = size if self._cost_of is None else self._cost_of(item)
         if self._max_batch_size and size > self._max_batch_size:
             raise LimitExceeded(
                 f"item batch size {size} is over the max_batch_size {self._max_batch_size} "
@@ -263,9 +288,9 @@ class DynamicBatcher(Generic[T, R]):
         if deadline is not None:
             self._forget_stale_estimate(now)
         if deadline is not None and self.service_time.ready:
-            wait = self.predicted_wait(size, priority)
+            wait = self.predicted_wait(size, priority, cost)
             if now + wait > deadline:
-                own = self.service_time.predict(size)
+                own = self._predict(size, cost)
                 if wait <= own:  # nothing ahead of it: the deadline, not the load, is the cause
                     raise DeadlineExceeded(
                         f"{self._label} cannot run this request within its deadline: one run "
@@ -285,7 +310,7 @@ class DynamicBatcher(Generic[T, R]):
             and self._in_flight < self._max_concurrency
             and (not self._max_queue_delay or size >= self._max_batch_size)
         ):
-            done = self._direct(item, size, now)
+            done = self._direct(item, size, cost)
             if done is not None:
                 return done[0]
         loop = asyncio.get_running_loop()
@@ -295,7 +320,7 @@ class DynamicBatcher(Generic[T, R]):
             raise RuntimeError(f"{self._label} is bound to another event loop")
         key = _ALL if self._key_of is None else self._key_of(item)
         future: asyncio.Future[R] = loop.create_future()
-        entry = _Entry(item, size, key, now, future, deadline=deadline, prio=priority)
+        entry = _Entry(item, size, key, now, future, cost=cost, deadline=deadline, prio=priority)
         self._units[key] = self._units.get(key, 0) + size  # first: an unhashable key fails here
         queue = self._queues.get(priority)
         if queue is None:
@@ -305,10 +330,11 @@ class DynamicBatcher(Generic[T, R]):
         self._depth += 1
         ahead = self._ahead.get(priority)
         if ahead is None:
-            self._ahead[priority] = [1, size]
+            self._ahead[priority] = [1, size, cost]
         else:
             ahead[0] += 1
             ahead[1] += size
+            ahead[2] += cost
         if deadline is not None:
             entry.timer = loop.call_later(deadline - now, self._on_deadline, entry)
         self._pump()
@@ -337,8 +363,24 @@ class DynamicBatcher(Generic[T, R]):
             and now - self._observed_at > TRUST_RUNS * est.predict(1)
         ):
             est.reset()
+            if self._cost_time is not None:
+                self._cost_time.reset()
 
-    def _direct(self, item: T, size: int, now: float) -> tuple[R] | None:
+    def _predict(self, size: int, cost: int) -> float:
+        """Seconds a batch of ``size`` rows and ``cost`` runs: the shorter of the two lines."""
+        predicted = self.service_time.predict(size)
+        by_cost = self._cost_time
+        if by_cost is not None and by_cost.ready:
+            predicted = min(predicted, by_cost.predict(cost))
+        return predicted
+
+    def _observe(self, size: int, cost: int, seconds: float) -> None:
+        """Fold a batch that ran into both estimates."""
+        self.service_time.observe(size, seconds)
+        if self._cost_time is not None:
+            self._cost_time.observe(cost, seconds)
+
+    def _direct(self, item: T, size: int, cost: int) -> tuple[R] | None:
         """An idle batcher's item runs at once in its caller, when ``run_now`` takes it: no
         future, no task, no loop iteration between the arrival and the execution."""
         assert self._run_now is not None
@@ -349,7 +391,7 @@ class DynamicBatcher(Generic[T, R]):
             if results is None:
                 return None
             self._observed_at = self._clock()
-            self.service_time.observe(size, self._observed_at - started)
+            self._observe(size, cost, self._observed_at - started)
         finally:
             self._in_flight -= 1
         if len(results) != 1:
@@ -403,26 +445,27 @@ class DynamicBatcher(Generic[T, R]):
         unrun while instances sat idle."""
         if self._max_batch_size == 0 or self._max_queue_delay <= 0 or self._closed:
             return self._queues[self._prios[0]][0].key, None
-        # Per key, in dispatch order: its oldest arrival and earliest deadline.
+        # Per key, in dispatch order: its oldest arrival, earliest deadline and queued cost.
         keys: dict[Hashable, list[float]] = {}
         for entry in self._queued():
             seen = keys.get(entry.key)
             deadline = math.inf if entry.deadline is None else entry.deadline
             if seen is None:
-                keys[entry.key] = [entry.enqueued, deadline]
+                keys[entry.key] = [entry.enqueued, deadline, entry.cost]
             else:
                 seen[0] = min(seen[0], entry.enqueued)
                 seen[1] = min(seen[1], deadline)
+                seen[2] += entry.cost
         first: Hashable = None
         first_at = math.inf
-        for key, (oldest, deadline) in keys.items():
+        for key, (oldest, deadline, cost) in keys.items():
             units = self._units[key]
             if units >= self._max_batch_size or units in self._preferred:
                 return key, None
             # Company is not worth a caller's deadline: the batch goes, partial, when one of
             # its requests must start to finish in time. A lone request under a delay near its
             # timeout (the server's default one included) expired waiting for company, never run.
-            run = self.service_time.predict(units) + _START_MARGIN
+            run = self._predict(units, round(cost)) + _START_MARGIN
             target = min(oldest + self._max_queue_delay, deadline - run)
             if now >= target:
                 return key, None
@@ -466,9 +509,10 @@ class DynamicBatcher(Generic[T, R]):
         units = 0
         # Work that would finish after its deadline is not run: its caller has stopped waiting.
         self._forget_stale_estimate(now)
-        est = self.service_time
         for entry in self._queued():
-            if entry.deadline is not None and entry.deadline <= now + est.predict(entry.size):
+            if entry.deadline is not None and entry.deadline <= now + self._predict(
+                entry.size, entry.cost
+            ):
                 stale.append(entry)
                 continue
             if entry.key != key:
@@ -492,24 +536,30 @@ class DynamicBatcher(Generic[T, R]):
             queue_ns=[max(0, round((now - e.enqueued) * 1e9)) for e in batch], size=units
         )
         self._in_flight += 1
-        predicted = self.service_time.predict(units) if self.service_time.ready else 0.0
+        cost = sum([e.cost for e in batch])
+        predicted = self._predict(units, cost) if self.service_time.ready else 0.0
         self._running += predicted
         # A task per batch, not per item: callers and other batches proceed while it runs.
         task = self._loop.create_task(
-            self._execute(batch, [e.item for e in batch], info, predicted)
+            self._execute(batch, [e.item for e in batch], info, predicted, cost)
         )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _execute(
-        self, batch: list[_Entry[T, R]], items: list[T], info: BatchInfo, predicted: float
+        self,
+        batch: list[_Entry[T, R]],
+        items: list[T],
+        info: BatchInfo,
+        predicted: float,
+        cost: int,
     ) -> None:
         try:
             try:
                 started = self._clock()
                 results = await self._handler(items, info)
                 self._observed_at = self._clock()
-                self.service_time.observe(info.size, self._observed_at - started)
+                self._observe(info.size, cost, self._observed_at - started)
                 if len(results) != len(batch):
                     raise InternalError(
                         f"{self._label}: handler returned {len(results)} results "
@@ -549,6 +599,7 @@ class DynamicBatcher(Generic[T, R]):
         else:
             ahead[0] -= 1
             ahead[1] -= entry.size
+            ahead[2] -= entry.cost
         self._garbage += 1
         left = self._units[entry.key] - entry.size
         if left:

@@ -89,6 +89,8 @@ class LoadedVersion:
             max_concurrency=config.instances.total,
             batch_size_of=_batch_of,
             batch_key=_key_of,
+            # Batch time is predicted from input elements, not rows: see _ns_per_element.
+            cost_of=_cost_of,
             name=f"{name}/{version}",
             run_now=self._run_now,
             # Sizes the model's config plans (runtime.plans) are Triton's preferred batch sizes:
@@ -218,6 +220,10 @@ def _elements(items: Sequence[Work]) -> int:
 
 def _batch_of(work: Work) -> int:
     return work.batch
+
+
+def _cost_of(work: Work) -> int:
+    return max(1, work.elements)
 
 
 def _key_of(work: Work) -> tuple[tuple[int, ...], ...]:
