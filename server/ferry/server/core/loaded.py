@@ -42,7 +42,8 @@ class Work:
     outputs: tuple[str, ...] | None
     batch: int  # the request's own batch dim (1 when the model has none)
     key: tuple[tuple[int, ...], ...]
-    # Its input elements, all inputs together: what an inline run is predicted from.
+    # Its input elements, all inputs together, a string counting its characters: what its
+    # run is predicted from (inline or not; batch time).
     elements: int = 1
 
 
