@@ -163,12 +163,16 @@ class DataPlane:
         self,
         requests: AsyncIterator[R],
         respond: Callable[[R], Awaitable[Resp]],
+        *,
+        ordered: bool = False,
     ) -> AsyncIterator[Resp]:
         """A bidirectional stream's requests, run concurrently under this server's bounds on
         what one stream, and every stream together, may have in flight; ``respond`` turns one
         request into its response (calling ``infer``, and turning an error into the protocol's
-        error response)."""
-        return run_stream(requests, respond, self.max_stream_in_flight, self.stream_budget)
+        error response). ``ordered``: answered in request order (``run_stream``)."""
+        return run_stream(
+            requests, respond, self.max_stream_in_flight, self.stream_budget, ordered=ordered
+        )
 
     # ---- what is served ----
     def metadata(self, model: str, version: int | None = None) -> ModelMetadata:

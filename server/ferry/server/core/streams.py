@@ -37,22 +37,37 @@ class StreamBudget:
         return self.held >= self.total
 
 
+# A request whose handler raised instead of answering (cancelled with the stream): no answer to
+# wait for in an ordered stream.
+_SKIPPED = object()
+
+
 async def run_stream(
     requests: AsyncIterator[Req],
     handle: Callable[[Req], Awaitable[Resp]],
     max_in_flight: int,
     budget: StreamBudget | None = None,
+    *,
+    ordered: bool = False,
 ) -> AsyncIterator[Resp]:
-    """Run a bidirectional stream's requests concurrently, yielding responses as they complete.
+    """Run a bidirectional stream's requests concurrently, yielding responses as they complete,
+    or with ``ordered`` in the order their requests came.
 
     ``handle`` turns one request into its response, errors included (a stream has no status per
     message). A request holds one of ``max_in_flight`` slots until its response is written, not
     merely computed: a client that sends without reading stops being read, and HTTP/2 flow
     control pushes back on it instead of responses piling up in memory. ``budget`` bounds what
     every stream holds together (``StreamBudget``). When the client goes away, every running
-    request is cancelled, so nothing leaks."""
+    request is cancelled, so nothing leaks.
+
+    ``ordered`` is the Open Inference Protocol's stream: Triton answers a model that is not
+    decoupled in request order, and its clients (tritonclient's ``start_stream`` callback,
+    request ids optional) may match answers to requests by their order. In completion order,
+    a request to a fast model overtook one to a slow model (or a batch, a priority, an instance
+    finishing first), and such a client read each answer as the other's. Requests still run concurrently; an answer that is ready waits for
+    the earlier ones, holding its slot."""
     budget = budget if budget is not None else StreamBudget(max_in_flight)
-    done: asyncio.Queue[Resp | None] = asyncio.Queue()
+    done: asyncio.Queue[tuple[int, object] | None] = asyncio.Queue()
     slots = asyncio.Semaphore(max_in_flight)
     tasks: set[asyncio.Task[None]] = set()
     held = 0  # this stream's share of budget.held
@@ -67,16 +82,18 @@ async def run_stream(
             emptied.set()
         slots.release()
 
-    async def one(msg: Req) -> None:
+    async def one(msg: Req, seq: int) -> None:
         try:
             response = await handle(msg)
         except BaseException:
             release()
+            done.put_nowait((seq, _SKIPPED))
             raise
-        done.put_nowait(response)
+        done.put_nowait((seq, response))
 
     async def reader() -> None:
         nonlocal held
+        seq = 0
         try:
             async for msg in requests:
                 await slots.acquire()
@@ -85,7 +102,8 @@ async def run_stream(
                     await emptied.wait()
                 held += 1
                 budget.held += 1
-                task = asyncio.create_task(one(msg))
+                task = asyncio.create_task(one(msg, seq))
+                seq += 1
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             while tasks:
@@ -94,10 +112,22 @@ async def run_stream(
             done.put_nowait(None)
 
     read_task = asyncio.create_task(reader())
+    ready: dict[int, object] = {}  # answers waiting for an earlier one (ordered)
+    following = 0  # the request whose answer goes next (ordered)
     try:
         while (item := await done.get()) is not None:
-            yield item
-            release()
+            if not ordered:
+                if item[1] is not _SKIPPED:
+                    yield item[1]  # type: ignore[misc]
+                    release()
+                continue
+            ready[item[0]] = item[1]
+            while following in ready:
+                response = ready.pop(following)
+                following += 1
+                if response is not _SKIPPED:  # its slot went back when it raised
+                    yield response  # type: ignore[misc]
+                    release()
         await read_task  # a broken request stream ends the call with its error
     finally:
         budget.held -= held

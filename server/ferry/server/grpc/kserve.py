@@ -212,7 +212,8 @@ class KServeServicer:
                 failed.infer_response.parameters["triton_final_response"].bool_param = True
                 return failed
 
-        async for response in self.dataplane.stream(request_iterator, respond):
+        # In request order, as Triton answers a model that is not decoupled (core.streams).
+        async for response in self.dataplane.stream(request_iterator, respond, ordered=True):
             yield response
 
     # ---- repository ----
