@@ -23,6 +23,7 @@ from test_kserve_infer import SAMPLES
 from tritonclient.utils import InferenceServerException
 
 from ferry.server.examples import mlp_model
+from ferry.server.http import listener
 from ferry.server.http.encodings import ENCODINGS, brotli
 
 JSON_INPUT_TYPES = [d for d in DATATYPES if d != "BF16"]  # BF16 has no JSON form
@@ -638,6 +639,44 @@ def test_malformed_http_is_refused_without_an_error_in_the_log(
     assert error["kind"] == "INVALID_ARGUMENT"
     assert error["error"].startswith("the request is not valid HTTP/1.1: "), error
     assert "\n" not in error["error"], error
+
+
+@pytest.mark.parametrize(
+    ("chunks", "reason"),
+    [
+        (b"zz\r\nabc\r\n0\r\n\r\n", "Invalid character in chunk size"),
+        (b"3\r\nabcXX", "Expected LF after chunk data"),
+        (b"ffffffffffffffffffff\r\n", "Chunk size overflow"),
+    ],
+)
+def test_a_malformed_chunk_is_refused_at_once_with_its_reason(
+    kserve_server: ServerThread,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    chunks: bytes,
+    reason: str,
+) -> None:
+    # A malformed chunk that came after the head was parsed left the body waiting: answered
+    # 408 "arrived too slowly" once BODY_IDLE passed (shortened here: what was 30 s).
+    monkeypatch.setattr(listener, "BODY_IDLE", 5.0)
+    caplog.set_level(logging.DEBUG, logger="ferry.server.http")
+    host, port = kserve_server.http_target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            f"POST /v2/models/{identity_name('FP32')}/infer HTTP/1.1\r\nHost: x\r\n"
+            "Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n".encode()
+        )
+        # The body is being read once the server asks for it: the chunk comes after the head.
+        assert sock.recv(25) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(chunks)
+        answer = until_closed(sock)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400"), answer
+    assert b"\r\nconnection: close" in head.lower(), head
+    error = json.loads(body)
+    assert error["kind"] == "INVALID_ARGUMENT"
+    assert error["error"].startswith(f"the request body could not be read: {reason}"), error
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_a_client_gone_mid_body_leaves_no_error_in_the_log(

@@ -306,6 +306,13 @@ class _Connection(RequestHandler):
             self._disarm_head()
             if self._messages:
                 self._last = self._messages[-1]
+                refused = getattr(self._last[0], "exc", None)  # aiohttp's _ErrInfo
+                if body is not None and isinstance(refused, HttpProcessingError):
+                    # The body under way is malformed (a chunk size that is not hex, a chunk
+                    # not ended by CRLF). aiohttp queues its refusal as a next request and
+                    # leaves the body waiting, so the handler reading it waited BODY_IDLE and
+                    # answered 408 "arrived too slowly"; it now fails at once with the reason.
+                    body.set_exception(refused)
         elif body is None:
             return
         if not data or closing or self._head_timer is not None or self._body_under_way():
@@ -572,9 +579,11 @@ class HttpListener:
             status, message, kind, extra = error_of(exc)
             headers = {"Content-Type": JSON, ERROR_HEADER: kind.value, **extra}
             body = error_body(message, kind)
-            if status in (408, 413):
+            if status in (408, 413) or request.content.exception() is not None:
+                # The rest of the body is not worth a connection, or (a malformed body) where
+                # it ends is unknown.
                 response = web.Response(status=status, body=body, headers=headers)
-                response.force_close()  # the rest of the body is not worth a connection
+                response.force_close()
                 return response
         return web.Response(status=status, body=body, headers=headers)
 
@@ -650,7 +659,8 @@ class HttpListener:
             if decode is not None:
                 decode.finish()
         except (HttpProcessingError, web.RequestPayloadError) as exc:  # bad chunking
-            why = str(exc).replace("\n", " ").strip()
+            why = exc.message if isinstance(exc, HttpProcessingError) else str(exc)
+            why = " ".join(str(why).split())[:MAX_PARSE_MESSAGE]  # str() adds "400, message:"
             raise InvalidArgument(f"the request body could not be read: {why}") from None
         except BodyError as exc:
             raise InvalidArgument(f"the request body could not be read: {exc}") from None
