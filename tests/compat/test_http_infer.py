@@ -679,6 +679,27 @@ def test_a_malformed_chunk_is_refused_at_once_with_its_reason(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+@pytest.mark.parametrize("version", ["1.0", "1.1"])
+def test_an_expectation_of_100_continue_is_met_only_in_http_1_1(
+    kserve_server: ServerThread, version: str
+) -> None:
+    # An HTTP/1.0 client knows no interim answer: it read "100 Continue" as the answer.
+    body = json.dumps(
+        {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}
+    ).encode()
+    request = (
+        f"POST /v2/models/{identity_name('FP32')}/infer HTTP/{version}\r\nHost: x\r\n"
+        f"Expect: 100-continue\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    answer = _raw_http(kserve_server.http_target, request + body)
+    interim = b"HTTP/1.1 100 Continue\r\n\r\n"
+    if version == "1.0":
+        assert answer.startswith(b"HTTP/1.0 200 OK\r\n"), answer[:200]
+    else:
+        assert answer.startswith(interim + b"HTTP/1.1 200 OK\r\n"), answer[:200]
+    assert json.loads(answer.rpartition(b"\r\n\r\n")[2])["outputs"][0]["data"] == [1.0]
+
+
 def test_a_client_gone_mid_body_leaves_no_error_in_the_log(
     kserve_server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:

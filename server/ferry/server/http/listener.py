@@ -633,7 +633,10 @@ class HttpListener:
         binary = HEADER_LENGTH in request.headers  # already the binary form: no advice to use it
         if length is not None and length > self._limit:
             raise self._too_large(f"its Content-Length is {length} bytes", binary)
-        if request.headers.get("Expect", "").lower() == "100-continue":
+        # RFC 9110 10.1.1: an HTTP/1.0 request's expectation is ignored. An HTTP/1.0 client
+        # knows no interim answer: it took the 100 for the answer and lost the real one.
+        expect = request.headers.get("Expect", "").strip().lower() == "100-continue"
+        if expect and request.version >= (1, 1):
             await request.writer.write(CONTINUE)
         content = request.content
         decode = decoder(encoding)
