@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 import tritonclient.http as th
-from helpers import make_repo, until_closed
+from helpers import make_repo, until_closed, wait_for
 from sechelpers import Certs
 from serverutil import ServerThread
 from tritonclient.utils import InferenceServerException
@@ -286,6 +286,27 @@ def test_tls_and_mutual_tls(own_repo: Path, certs: Certs, triton_http_clients: A
             for bad in (_context(certs), _context(certs, certs.rogue_cert, certs.rogue_key)):
                 with pytest.raises((ssl.SSLError, ConnectionError)):
                     _get(port, bad, "/v2")
+
+
+def test_tls_connections_count_against_the_cap_from_their_accept(
+    own_repo: Path, certs: Certs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A TLS connection's protocol hears nothing until its handshake is done, so one that never
+    # started its handshake held a descriptor without counting: a flood of them escaped
+    # --http-max-connections for the handshake's 30 s each. The handshake bound is shortened
+    # so that the test waits on it; nothing here measures time.
+    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 2.0)
+    settings = {"tls_cert_file": str(certs.server_cert), "tls_key_file": str(certs.server_key)}
+    with ServerThread(own_repo, **settings, http_max_connections=1) as srv:
+        assert srv.app is not None
+        port = srv.app.http_port
+        http = srv.app._http[0]
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S):  # no handshake
+            wait_for(lambda: http._handshaking == 1, "the server to accept the connection")
+            assert _get(port, _context(certs)) == 503
+        # Once it is gone (nothing says when: once its handshake's bound has passed), its
+        # place is free.
+        wait_for(lambda: _get(port, _context(certs)) == 200, "a connection to be served again")
 
 
 def test_a_tls_head_that_stops_arriving_is_answered_and_closed(

@@ -28,7 +28,7 @@ import resource
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -182,6 +182,7 @@ class _Connection(RequestHandler):
         "_send_left",
         "_send_timer",
         "inference",
+        "on_open",
     )
 
     def __init__(
@@ -209,8 +210,13 @@ class _Connection(RequestHandler):
         # The inference this connection's request is waiting for (``abandonable``), cancelled
         # when the connection is lost.
         self.inference: asyncio.Future[Any] | None = None
+        # Called once the connection is open (over TLS: its handshake done).
+        self.on_open: Callable[[], None] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self.on_open is not None:
+            self.on_open()
+            self.on_open = None
         self._connections.add(self)
         super().connection_made(transport)
         self._arm_head()
@@ -487,6 +493,9 @@ class HttpListener:
         self._max_connections = max_connections
         self._connections: set[_Connection] = set()
         self._refusals: set[_Refusal] = set()
+        # TLS connections whose handshake is under way: they hold a descriptor too, but their
+        # protocol hears nothing until the handshake is done, nor of one that fails.
+        self._handshaking = 0
         self._routes = routes
         self._guard = guard
         self._check_token = guard.requires_token
@@ -515,10 +524,9 @@ class HttpListener:
             )
 
         def connection() -> asyncio.Protocol:
-            # TLS connections count once their handshake is done (HEADER_TIMEOUT bounds it).
-            if len(self._connections) >= cap:
+            if len(self._connections) + self._handshaking >= cap:
                 return _Refusal(self._refusals, cap)
-            return _Connection(
+            made = _Connection(
                 server,
                 loop=loop,
                 connections=self._connections,
@@ -528,6 +536,9 @@ class HttpListener:
                 auto_decompress=False,  # ours checks that a compressed body is whole
                 logger=logger,
             )
+            if context is not None:
+                self._count_handshake(made, loop)
+            return made
 
         try:
             self._listening = await loop.create_server(
@@ -543,6 +554,22 @@ class HttpListener:
             sock.close()
             raise
         return int(sock.getsockname()[1])
+
+    def _count_handshake(self, made: _Connection, loop: asyncio.AbstractEventLoop) -> None:
+        """Count a TLS connection from its accept: until its handshake is done (``on_open``),
+        or for at most the handshake's bound, past which asyncio has closed it if it failed
+        (nothing says when it does). Counted only once open, a flood of connections that
+        never finished a handshake, each held HEADER_TIMEOUT, escaped the cap."""
+        self._handshaking += 1
+
+        def done() -> None:
+            if made.on_open is done:
+                made.on_open = None
+                timer.cancel()
+                self._handshaking -= 1
+
+        made.on_open = done
+        timer = loop.call_later(HEADER_TIMEOUT + 1, done)
 
     async def stop(self, grace: float) -> None:
         """Stop accepting, give in-flight requests ``grace`` seconds, then close connections."""
