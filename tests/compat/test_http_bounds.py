@@ -357,8 +357,12 @@ def _answers(data: bytes) -> list[bytes]:
         "\r\n\r\n".encode()
         + b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (b'{"inputs": ', INPUT_JSON))
         + b"0\r\n\r\n",
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Length: {len(INPUT_JSON) + 11}\r\n\r\n".encode()
+        + b'{"inputs": '
+        + INPUT_JSON,
     ],
-    ids=["get", "chunked-post"],
+    ids=["get", "chunked-post", "post"],
 )
 def test_a_pipelined_head_that_stops_arriving_is_answered_after_the_request_before_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, first: bytes

@@ -331,14 +331,15 @@ class _Connection(RequestHandler):
     def _after_last(self, data: bytes, recent: bytes, parsed_here: bool, before: int) -> int | None:
         """Bytes of ``data`` after the end of the last message, which ended in it (None: some,
         how many unknown). llhttp does not say where a message ends, so it is found from what a
-        message ends with; where that cannot tell (a whole Content-Length request and more in
-        one chunk), 0: the keep-alive bound, not this one, closes the connection."""
+        message ends with; where that cannot tell (the bytes after it end as it does), 0: the
+        keep-alive bound, not this one, closes the connection."""
         message, payload = self._last or (None, None)
         if payload is not None and not getattr(message, "chunked", True):
+            length = payload.total_bytes
             if not parsed_here:  # the body began in an earlier chunk: exact
-                return len(data) - (payload.total_bytes - before)
-            if payload.total_bytes:
-                return 0
+                return len(data) - (length - before)
+            if length:  # its head ended here: with a line feed right before the body
+                return 0 if data[-length - 1 : -length] == b"\n" else None
         # No body, or a chunked one: either ends with an empty line, the last 3 bytes say.
         ended = (recent + data[-3:])[-3:]
         return 0 if ended.endswith(b"\n\n") or ended == b"\n\r\n" else None
