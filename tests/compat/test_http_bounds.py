@@ -415,6 +415,50 @@ def test_a_pipelined_head_whose_time_runs_out_during_an_answer_is_answered_after
         assert f"({len(partial)} bytes came)" in message, message
 
 
+def test_a_pipelined_head_that_ends_after_its_time_but_before_the_answer_is_served(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its time ran out while the request before it was run, then the rest of it came: it is a
+    # whole request by the time the 408 would be sent, so it is answered instead.
+    monkeypatch.setattr(listener, "HEADER_TIMEOUT", 0.2)
+    expired, whole = threading.Event(), threading.Event()
+    head_expired = listener._Connection._head_expired
+    data_received = listener._Connection.data_received
+
+    def on_expired(self: listener._Connection) -> None:
+        head_expired(self)
+        expired.set()
+
+    def on_data(self: listener._Connection, data: bytes) -> None:
+        data_received(self, data)
+        if self._request_count == 2:
+            whole.set()
+
+    monkeypatch.setattr(listener._Connection, "_head_expired", on_expired)
+    monkeypatch.setattr(listener._Connection, "data_received", on_data)
+    root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
+    body = json.dumps({"inputs": [INPUT]}).encode()
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with ServerThread(root, http_keepalive_timeout=600.0) as srv, _connect(srv) as sock:
+        with ExecutionGate(srv, MODEL) as gate:
+            sock.sendall(request + body)
+            gate.wait_entered()
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
+            assert expired.wait(30), "the pipelined head's time never ran out"
+            sock.sendall(b"Host: x\r\n\r\n")
+            assert whole.wait(30), "the pipelined head was never parsed"
+        assert _response(sock)[0].startswith(b"HTTP/1.1 200")
+        head, _ = _response(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"connection: close" not in head.lower(), head
+        # Nothing was refused: the connection serves the next request.
+        sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _ = _response(sock)
+        assert head.startswith(b"HTTP/1.1 200"), head
+
+
 def test_connections_past_the_cap_are_answered_503_and_closed(tmp_path: Path) -> None:
     # Nothing bounded open connections but the open-file limit: idle ones kept alive took every
     # descriptor, and then the gRPC listeners could not accept either.

@@ -310,6 +310,7 @@ class _Connection(RequestHandler):
         super().data_received(data)
         if self._request_count != parsed:  # a whole head (or one aiohttp refuses with 400)
             self._disarm_head()
+            self._head_late = False  # it came late, but whole: it is answered, not refused
             if self._messages:
                 self._last = self._messages[-1]
                 refused = getattr(self._last[0], "exc", None)  # aiohttp's _ErrInfo
