@@ -258,3 +258,34 @@ def test_loadtest_with_an_unreadable_tls_file_is_one_line(
     ):
         code, line = run(capsys, *argv, "--target", "127.0.0.1:1")
         assert code == 2 and "cannot read the CA certificate" in line, (argv, line)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+
+    def varint(n: int) -> bytes:
+        out = b""
+        while n >= 0x80:
+            out, n = out + bytes([n & 0x7F | 0x80]), n >> 7
+        return out + bytes([n])
+
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def test_an_onnx_file_nested_past_the_stack_is_sent_not_a_traceback(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`ferry upload` looks for external-data files in an .onnx by walking its subgraphs; a
+    5 KB file nesting graph > node > attribute > graph 600 deep ended the walk, and the
+    command, in a RecursionError traceback. Such a file names no data file the client can find:
+    it goes as it is, for the server to judge (here: nothing listens, exit 3)."""
+    from ferry.client._archive import external_locations
+
+    graph = b""
+    for _ in range(600):
+        graph = _field(1, _field(5, _field(6, graph)))
+    deep = tmp_path / "deep.onnx"
+    deep.write_bytes(_field(7, graph))
+    assert external_locations(deep) == []
+    code, line = run(capsys, "upload", "m", str(deep), "--target", "127.0.0.1:1")
+    assert code == 3 and "UNAVAILABLE" in line, line

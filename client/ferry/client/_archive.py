@@ -37,7 +37,9 @@ def external_locations(model_path: Path) -> list[str]:
             found: dict[str, None] = {}
             _walk(m, 0, len(m), "model", found)
             return list(found)
-    except (OSError, ValueError, IndexError):
+    except (OSError, ValueError, IndexError, RecursionError):
+        # RecursionError: subgraphs nested past Python's stack (a 5 KB file can), which was
+        # a traceback out of upload(); no real model nests so deep.
         return []
 
 
