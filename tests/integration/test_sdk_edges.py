@@ -441,3 +441,46 @@ def test_a_failed_job_and_its_error_travel_between_processes() -> None:
         assert pickle.loads(pickle.dumps(job)).state == "FAILED"
         assert copy.copy(job)._client is conv
         assert copy.copy(error).job.id == job.id
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"chunk_size": 1.5}, "chunk_size"),  # ServerError "Exception iterating requests!"
+        ({"chunk_size": True}, "chunk_size"),  # taken as 1: one message per byte
+        ({"chunk_size": "x"}, "chunk_size"),  # TypeError
+        ({"chunk_size": 2**40}, "chunk_size"),  # a file read whole into one message
+        ({"format": 5}, "format"),  # AttributeError
+        ({"architecture": 5}, "architecture"),  # TypeError from protobuf
+        ({"architecture_kwargs": {"a": object()}}, "architecture_kwargs"),  # TypeError
+        ({"name": 5}, "model"),  # TypeError from protobuf
+    ],
+)
+def test_upload_refuses_arguments_it_cannot_send_naming_them(
+    silent_listener: str, kwargs: dict[str, Any], words: str
+) -> None:
+    """Each escaped as Python's own TypeError or AttributeError, or (chunk_size=1.5, raised in
+    the thread that feeds the call) as ServerError, "a server bug", from the server's UNKNOWN."""
+    client = ConversionClient(silent_listener, timeout=0.3)
+    options = {"name": "m", "format": "onnx", **kwargs}
+    name = options.pop("name")
+    with client, pytest.raises(InvalidInputError, match=words):
+        client.upload(name, b"\x08\x07", **options)
+
+
+def test_an_upload_whose_file_fails_mid_read_raises_that_error(
+    server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that failed part way (EIO on a network disk) was raised in gRPC's feeding
+    thread and came back as ServerError "UNKNOWN: Exception iterating requests!", blaming the
+    server and hiding the cause; the cause is now raised."""
+    from ferry.client import _conversion
+
+    def failing(header: Any, data: Any, size: int) -> Iterator[Any]:
+        yield _conversion.pb.UploadModelRequest(header=header)
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(_conversion, "_chunks", failing)
+    client = ConversionClient(server.management_target, timeout=30)
+    with client, pytest.raises(OSError, match="Input/output error"):
+        client.upload("m", b"\x08\x07", format="onnx")

@@ -54,6 +54,9 @@ from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
 
 MiB = 1 << 20
+# One upload message's bytes at most: a chunk goes as one gRPC message, under the channel's
+# and the server's message limits (80 MiB by default), and is held in memory while it goes.
+MAX_CHUNK = 64 * MiB
 PAGE_MAX = 10_000  # records the server answers at most per listing page
 SUFFIX_FORMATS = {
     ".pt": "state_dict",
@@ -254,7 +257,8 @@ class ConversionClient(ManagementClient):
         keeps them symbolic (or says which one the model fixes), the server runs the model at
         their bounds, and the served version refuses requests outside them.
 
-        A path is read and sent ``chunk_size`` bytes at a time, never whole; ``bytes``, a
+        A path is read and sent ``chunk_size`` bytes (at most 64 MiB) at a time, never whole;
+        ``bytes``, a
         ``bytearray`` or a ``memoryview`` is sent through a view, never copied whole (leave a
         buffer unchanged until the call returns: the server checks the SHA-256 taken first).
         """
@@ -262,8 +266,7 @@ class ConversionClient(ManagementClient):
         # As for every other call: 0, a negative, nan, inf or a span past gRPC's deadline
         # arithmetic (1e20) failed at once with DEADLINE_EXCEEDED, after any module export.
         timeout = check_timeout(timeout)
-        if chunk_size <= 0:
-            raise InvalidInputError("chunk_size must be positive")
+        _check_upload_args(name, format, architecture, description, chunk_size)
         extras: dict[str, Any] = {}
         data: Payload
         packed: Path | None = None  # a temporary archive this call made, removed at the end
@@ -317,21 +320,32 @@ class ConversionClient(ManagementClient):
             raise InvalidInputError(
                 f"say which format this is: format= one of {', '.join(FORMATS)}"
             )
+        try:
+            kwargs_json = _json(architecture_kwargs)
+        except (TypeError, ValueError) as exc:  # an object json cannot write, a cycle
+            raise InvalidInputError(f"architecture_kwargs: {exc}") from None
         size, sha = _measure(data)
         header = pb.UploadHeader(
             model=name,
             format=format_value(fmt),
             architecture=architecture or "",
-            architecture_kwargs_json=_json(architecture_kwargs),
+            architecture_kwargs_json=kwargs_json,
             description=description,
             expected_sha256=sha,
             size_bytes=size,
         )
+        failed: list[Exception] = []
         try:
             reply = self._stub.UploadModel(
-                _chunks(header, data, chunk_size), timeout=timeout, metadata=self._metadata
+                _watched(_chunks(header, data, chunk_size), failed),
+                timeout=timeout,
+                metadata=self._metadata,
             )
         except grpc.RpcError as exc:
+            if failed:
+                # Raised in gRPC's thread that feeds the call (a read that failed part way):
+                # it came back as the server's UNKNOWN, "Exception iterating requests!".
+                raise failed[0] from None
             raise self._failed(exc) from None
         return parse_upload(reply)
 
@@ -522,6 +536,42 @@ def _json(kwargs: Mapping[str, Any] | None) -> str:
     import json
 
     return json.dumps(dict(kwargs), sort_keys=True) if kwargs else ""
+
+
+def _check_upload_args(
+    name: object, format: object, architecture: object, description: object, chunk_size: object
+) -> None:
+    """What protobuf or this module would refuse with Python's own TypeError or
+    AttributeError, naming no argument (or, for chunk_size, in gRPC's thread that feeds the
+    call, coming back as the server's UNKNOWN): refused here, naming it."""
+    for what, value, optional in (
+        ("model name", name, False),
+        ("format", format, True),
+        ("architecture", architecture, True),
+        ("description", description, False),
+    ):
+        if not isinstance(value, str) and not (optional and value is None):
+            raise InvalidInputError(f"{what} must be a str, not {type(value).__name__}")
+    if (
+        isinstance(chunk_size, bool)
+        or not isinstance(chunk_size, int)
+        or not 0 < chunk_size <= MAX_CHUNK
+    ):
+        raise InvalidInputError(
+            f"chunk_size must be a whole number of bytes within 1..{MAX_CHUNK:,} (each chunk "
+            f"goes as one message), not {chunk_size!r}"
+        )
+
+
+def _watched(
+    messages: Iterator[pb.UploadModelRequest], failed: list[Exception]
+) -> Iterator[pb.UploadModelRequest]:
+    """``messages``, keeping an exception they raise, which gRPC only logs."""
+    try:
+        yield from messages
+    except Exception as exc:
+        failed.append(exc)
+        raise
 
 
 def _path_source(path: Path, format: str | None) -> tuple[Path, str, Path | None]:
