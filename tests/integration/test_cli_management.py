@@ -453,6 +453,26 @@ def test_convert_of_a_file_interrupted_keeps_no_stray_upload(
         conv.cancel(job.id)
 
 
+def test_convert_no_wait_json_prints_the_job_as_json(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ferry convert ... --no-wait --json` printed the human line ("job ... QUEUED; follow it
+    with ..."), so a script reading the job id from the JSON failed to parse it."""
+    srv, t = conv_server
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+    flags = ("--architecture", "seed", "--architecture-kwargs", '{"fake": "block"}')
+    code, out, _ = ferry(capsys, "convert", str(weights), "--model", "seed", *flags,
+                         "--no-wait", "--json", *t)  # fmt: skip
+    assert code == 0
+    printed = json.loads(out)
+    with ConversionClient(srv.management_target) as conv:
+        (job,) = conv.list_jobs()
+        assert printed["job_id"] == job.id and printed["model"] == "seed"
+        assert printed["state"] in ("QUEUED", "RUNNING")
+        conv.cancel(job.id)
+
+
 def test_conversion_errors_hint_in_convert_terms(
     conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -311,7 +311,11 @@ def register(sub: Any) -> None:
     p.add_argument("--instance-count", type=positive_int, help="serving: concurrent executions")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     add_progress_flags(p)
-    p.add_argument("--json", action="store_true", help="print the final job as JSON")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="print the final job as JSON (with --no-wait: the job as it started)",
+    )
     p.set_defaults(func=cmd_convert, hint=conversion_hint)
 
 
@@ -492,6 +496,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 # left one more behind on every corrected retry.
                 _forget_upload(client, source, args)
             raise
+        if args.no_wait and args.json:
+            # The job as it started: the human line below is no JSON for a script to read.
+            started = {"job_id": job.id, "model": job.model, "state": job.state}
+            print(json.dumps({**started, "upload_id": job.upload_id}, indent=2))
+            return EXIT_OK
         if args.no_wait:
             print(
                 f"job {job.id} {job.state}; follow it with `ferry jobs wait {job.id}`, stop it "
