@@ -209,6 +209,9 @@ def test_async_retry_matches_the_sync_one() -> None:
         {"multiplier": float("inf")},
         {"retryable_codes": frozenset({"UNAVAILABLE"})},
         {"retryable_codes": "UNAVAILABLE"},
+        # accepted, and never retried: no error of these codes is one that can succeed later
+        {"retryable_codes": frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL})},
+        {"retryable_codes": frozenset({grpc.StatusCode.DEADLINE_EXCEEDED})},
     ],
 )
 def test_policy_rejects_nonsense(kwargs: dict[str, float]) -> None:

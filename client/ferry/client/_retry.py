@@ -76,6 +76,15 @@ class RetryPolicy:
                 "retryable_codes must be grpc.StatusCode members "
                 f"(e.g. grpc.StatusCode.UNAVAILABLE), got {codes!r}"[:300]
             )
+        inert = sorted(c.name for c in self.retryable_codes if c not in DEFAULT_RETRYABLE_CODES)
+        if inert:
+            # Accepted, they retried nothing and said nothing: a code is retried only when its
+            # error can succeed later (FerryError.retryable), and no error of these codes can.
+            raise ValueError(
+                f"retryable_codes {inert} are never retried: only UNAVAILABLE, "
+                "RESOURCE_EXHAUSTED (not over a limit) and a CANCELLED the server sent can "
+                "succeed on another try; choose among those"
+            )
 
     @classmethod
     def disabled(cls) -> RetryPolicy:
