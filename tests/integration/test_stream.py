@@ -340,3 +340,20 @@ def test_an_async_request_whose_timeout_passes_waiting_for_a_slot_is_not_sent(
     with _held(server) as gate:
         asyncio.run(main())
         assert gate.calls == 1
+
+
+def test_a_stream_that_ended_leaves_no_thread_behind(client: InferenceClient) -> None:
+    """A stream whose call ended (its deadline, the server gone, the client closed) without
+    close() kept gRPC's thread that feeds it waiting for a next request for good: one thread
+    per such stream, for the life of the process."""
+    x = {"input": np.zeros((1, 64), np.float32)}
+    client.infer("mlp", x)  # the server's own threads start here, not below
+    before = set(threading.enumerate())
+    for _ in range(3):
+        stream = client.stream("mlp", timeout=0.5)
+        stream.submit(x)
+        assert [type(r).__name__ for _, r in stream.results()] == ["InferResult"]
+        assert stream.wait(30)  # the call ends at its deadline; close() is never called
+    for thread in set(threading.enumerate()) - before:
+        thread.join(30)
+        assert not thread.is_alive(), thread.name

@@ -458,6 +458,9 @@ class InferStream(StreamState):
             self._call.cancel()
         with self._cond:
             orphans = self._orphans(error)
+            # Nothing more can be sent: gRPC's thread that feeds the call, blocked for the next
+            # request, returns (without close() it waited for good, one thread per stream).
+            self._requests.put(None)
             self._cond.notify_all()
         for orphan in orphans:
             self._results.put(orphan)
