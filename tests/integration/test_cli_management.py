@@ -187,6 +187,17 @@ def test_rollout_sets_shows_and_ends_a_split(
     assert json.loads(out)["rules"] == {}
 
 
+def test_a_refused_management_action_names_its_own_help(
+    server: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ferry models rollout m 1=nan` hinted `ferry models --help`, which lists the actions,
+    not the weights and flags the refusal is about."""
+    code, _, err = ferry(capsys, "models", "rollout", "mlp", "1=nan",
+                         "--target", server.management_target)  # fmt: skip
+    line = one_error_line(err)
+    assert code == 1 and "see `ferry models rollout --help`" in line, line
+
+
 def test_refresh_returns_a_typed_result(server: Any, repo_path: Path) -> None:
     write_model(ModelRepository(repo_path), "extra", mlp_model(sizes=(4, 2)))
     with RepositoryClient(server.management_target) as repo:

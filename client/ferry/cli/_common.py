@@ -153,8 +153,15 @@ def management_hint(exc: FerryError, args: argparse.Namespace) -> str | None:
     if isinstance(exc, ModelNotFoundError):
         return "`ferry models list` shows what is served; the repository folder, what exists"
     if isinstance(exc, InvalidInputError):
-        return f"see `ferry {args.command} --help`"
+        return f"see `ferry {command_name(args)} --help`"
     return None
+
+
+def command_name(args: argparse.Namespace) -> str:
+    """The command as typed, with its action (`models rollout`): `--help` of the group alone
+    (`ferry models --help`) lists the actions, not the flags the message is about."""
+    action = getattr(args, f"{args.command}_command", None)
+    return f"{args.command} {action}" if action else str(args.command)
 
 
 def tls_config(args: argparse.Namespace) -> TLSConfig | None:

@@ -21,6 +21,7 @@ from ferry.cli._common import (
     EXIT_OK,
     UsageError,
     add_progress_flags,
+    command_name,
     connect,
     given_timeout,
     management_hint,
@@ -155,9 +156,7 @@ def conversion_hint(exc: FerryError, args: argparse.Namespace) -> str | None:
     if isinstance(exc, InvalidInputError):
         # The failing command's own help: `ferry upload` without a known suffix was sent to
         # convert's, which does not say what upload's --format takes.
-        action = getattr(args, f"{args.command}_command", None)
-        command = f"{args.command} {action}" if action else args.command
-        return f"the message names the field; `ferry {command} --help` lists the flags"
+        return f"the message names the field; `ferry {command_name(args)} --help` lists the flags"
     return management_hint(exc, args)
 
 
