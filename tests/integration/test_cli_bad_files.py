@@ -289,3 +289,27 @@ def test_an_onnx_file_nested_past_the_stack_is_sent_not_a_traceback(
     assert external_locations(deep) == []
     code, line = run(capsys, "upload", "m", str(deep), "--target", "127.0.0.1:1")
     assert code == 3 and "UNAVAILABLE" in line, line
+
+
+def test_infer_sends_what_the_server_accepts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """`ferry infer` refused an input over the SDK's default client limit (80 MiB) itself,
+    "over the client's max_message_bytes option (InferenceClient(max_message_bytes=...))",
+    which no flag of the command reaches, though the server took 256 MiB: the server's own
+    limit (--max-message-bytes) now decides."""
+    from serverutil import ServerThread
+
+    from ferry.server.core.repository import ModelRepository
+    from ferry.server.examples import identity_model, write_model
+
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "id", identity_model("FP32"))
+    big = tmp_path / "big.npy"
+    np.save(big, np.ones((1, 21_000_000), np.float32))  # 84 MB, over 80 MiB
+    out = tmp_path / "out.npy"
+    with ServerThread(repo.root, max_message_bytes=256 << 20) as srv:
+        code = main(["infer", "id", "-i", str(big), "-o", str(out), "--target", srv.target])
+        _, err = capsys.readouterr()
+        assert code == 0, err
+    assert np.load(out).shape == (1, 21_000_000)

@@ -189,17 +189,25 @@ def channel_config(args: argparse.Namespace) -> ChannelConfig:
         raise UsageError(str(exc)) from None
 
 
-def connect(cls: Callable[..., C], args: argparse.Namespace) -> C:
+def connect(cls: Callable[..., C], args: argparse.Namespace, **options: Any) -> C:
     """A client of any kind (inference, repository, conversion) from the connection flags; a
     target or TLS setting the client refuses is a usage error."""
     try:
-        return cls(args.target, timeout=args.timeout, tls=tls_config(args), token=args.token)
+        return cls(
+            args.target, timeout=args.timeout, tls=tls_config(args), token=args.token, **options
+        )
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
 
+# gRPC's own bound on a message (a C int). A command sends one request whose inputs it has
+# read already, so the server's --max-message-bytes decides what goes: with the SDK's default
+# (80 MiB), `ferry infer` refused a larger input itself, naming a client option no flag reaches.
+MAX_MESSAGE_BYTES = 2**31 - 1
+
+
 def make_client(args: argparse.Namespace) -> InferenceClient:
-    return connect(InferenceClient, args)
+    return connect(InferenceClient, args, max_message_bytes=MAX_MESSAGE_BYTES)
 
 
 def positive_float(text: str) -> float:
