@@ -1426,3 +1426,49 @@ def test_shadows_while_the_candidate_loads_are_shed_not_errors(tmp_path: Path) -
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_shadow_publish_never_undoes_a_change_made_while_it_loaded(tmp_path: Path) -> None:
+    """A conversion published with rollout = "shadow" read the live split, loaded the new
+    version (seconds), then wrote that split back with its shadow: a person who ended the
+    canary meanwhile was answered OK, and the canary came back. The person's change stands."""
+    from ferry.server.convert.publish import publish
+
+    repo = _repo(tmp_path)
+    entered, gate = threading.Event(), threading.Event()
+
+    def held(path: Path, config: object) -> object:
+        if path.parent.name not in ("1", "2"):  # the version being published
+            entered.set()
+            gate.wait(30)
+        return open_session(path, config)  # type: ignore[arg-type]
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, held, warm_up=False)  # type: ignore[arg-type]
+        await registry.refresh()
+        dataplane = DataPlane(registry)
+        await dataplane.set_rollout("m", {1: 9, 2: 1}, by="person", why="canary")
+        lock = registry._locks["m"] = WatchedLock()
+        with repo.staging("m") as staged:
+            (staged / "model.onnx").write_bytes(seed_model(seed=3).SerializeToString())
+            published = asyncio.create_task(
+                publish(repo, registry, "m", staged, {}, rollout="shadow")
+            )
+            try:
+                assert await asyncio.to_thread(entered.wait, 30)
+                ended = asyncio.create_task(
+                    dataplane.set_rollout("m", None, by="person", why="end the canary")
+                )
+                async with asyncio.timeout(30):
+                    await lock.queued.wait()  # the person's change waits behind the publish
+            finally:
+                gate.set()
+            version, note = await published
+            assert (await ended).split == ()
+        assert version == 3 and "not as a shadow candidate" in note
+        view = dataplane.rollout("m")
+        assert view.split == () and view.shadow is None
+        assert view.history[-1]["why"] == "end the canary"
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -59,6 +59,7 @@ async def publish(
     await asyncio.to_thread(_prepare, staged, serving_config)
     current = _serving_version(registry, model) if rollout == "shadow" else None
     before: rollouts.Rollout | None = None
+    expected: rollouts.Rollout | None = None
     live: tuple[tuple[int, float], ...] = ()
     pinned = False  # this publish set a pin, which goes again if nothing is published
     if current is not None:
@@ -72,6 +73,10 @@ async def publish(
             live, pinned = ((current, 1.0),), True
             pin = rollouts.Rollout(live)
             await registry.set_rollout(model, pin, by=by, why=PIN_REASON)
+        # The rollout this publish leaves in force until it adds its shadow (or removes its
+        # pin): a person's change made meanwhile (the new version loads for seconds) wins, and
+        # is never overwritten with the split read before it (an ended canary came back).
+        expected = registry.rollout_of(model)[0]
     try:
         try:
             version, status = await registry.publish(
@@ -83,7 +88,11 @@ async def publish(
                 # (published without a shadow) away from the traffic.
                 try:
                     await registry.set_rollout(
-                        model, before, by=by, why="the candidate was not published; pin removed"
+                        model,
+                        before,
+                        by=by,
+                        why="the candidate was not published; pin removed",
+                        decided_on=expected,
                     )
                 except Exception as exc:  # the publish's own error is the one to report
                     log.warning("model %s: the shadow pin was not removed: %s", model, exc)
@@ -111,7 +120,11 @@ async def publish(
         )
         try:
             await registry.set_rollout(
-                model, shadowed, by=by, why=f"version {version} published as a shadow candidate"
+                model,
+                shadowed,
+                by=by,
+                why=f"version {version} published as a shadow candidate",
+                decided_on=expected,
             )
         except FailedPrecondition as exc:  # e.g. another interface: published, not shadowed
             return version, (

@@ -364,8 +364,8 @@ class ModelRegistry:
             return result
 
     def _still_the_rollout(self, name: str, decided_on: rollouts.Rollout) -> None:
-        """Refuse a rule's change when the rollout it judged is no longer the one in force: a
-        person's change made while the rule decided (one that loads a version holds the lock
+        """Refuse a rule's change (or a shadow publish's) when the rollout it judged is no
+        longer the one in force: a person's change made while the rule decided (one that loads a version holds the lock
         for seconds, and the old rollout served meanwhile) was overwritten by the rule's
         verdict on the old candidate, and a new shadow was ended unjudged. The file is looked
         at too: a change written there but not yet read counts as made."""
@@ -373,8 +373,8 @@ class ModelRegistry:
         signature = _file_signature(self.repository.model_dir(name) / rollouts.ROLLOUT_FILE)
         if entry is None or entry.rollout is not decided_on or signature != entry.rollout_signature:
             raise FailedPrecondition(
-                f"the rollout of {short(name)!r} changed since the rule decided; the decision "
-                "is dropped and the rules judge the rollout in force"
+                f"the rollout of {short(name)!r} was changed by another call while this change "
+                "waited; this one is dropped, and the rollout in force stays"
             )
 
     def _check_one_interface(self, name: str, split: rollouts.Rollout) -> None:
