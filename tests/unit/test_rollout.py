@@ -1003,6 +1003,34 @@ def test_requests_naming_a_version_do_not_count_for_the_split_rule(tmp_path: Pat
     asyncio.run(scenario())
 
 
+def test_a_clients_bad_retries_under_one_id_do_not_count_for_the_split_rule(
+    tmp_path: Path,
+) -> None:
+    """A request's id sticks to one version, so a client retrying one malformed request under
+    its id sent every failure to one version, and an identical version was rolled out of the
+    split: inputs the interface refuses fail on every version, and count for none."""
+    repo = _repo(tmp_path)
+    write_model(repo, "m", seed_model(seed=2), version=3)  # computes what 2 does
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout(
+            "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
+        )
+        good = {"input": np.ones((1, 3), np.float32)}
+        bad = {"input": np.ones((1, 4), np.float32)}  # the wrong shape: refused by every version
+        for key in KEYS[:40]:
+            await dataplane.infer(InferenceRequest("m", good, id=key))
+            with pytest.raises(FerryError, match="shape"):
+                await dataplane.infer(InferenceRequest("m", bad, id="the-same-retry"))
+            await asyncio.gather(*dataplane._decisions)
+        view = dataplane.rollout("m")
+        assert view.split == ((2, 1.0), (3, 1.0)), view.history[-1]
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
 def test_shapes_must_match_exactly_and_a_version_loaded_later_is_checked(tmp_path: Path) -> None:
     """[batch, n] took requests [batch, 4] refused (a fixed size matched a dynamic one), and a
     version that loaded only after the split was set was never compared: requests split onto

@@ -110,6 +110,11 @@ class DataPlane:
         ``time.monotonic()`` (the call's own deadline)."""
         start = time.perf_counter()
         lv: LoadedVersion | None = None
+        # The request reached its version's queue: a failure before it (inputs the interface
+        # refuses, a deadline already past) is the client's, the same on every version of a
+        # split, and never counts for its max_error_rate. Counted, a client retrying one bad
+        # request under one id (which sticks to one version) rolled an identical version back.
+        queued = False
         try:
             if isinstance(request, InferenceRequest):
                 decoded = request
@@ -119,6 +124,7 @@ class DataPlane:
             work = inputs.validate(lv, decoded, self.limits)
             deadline = _deadline(lv, decoded, deadline, self.default_timeout)
             priority = decoded.priority or lv.config.batching.default_priority
+            queued = True
             outputs = await lv.batcher.submit(work, deadline=deadline, priority=priority)
         except asyncio.CancelledError:
             # A call the client cancelled is nobody's outcome: not observed. One cancelled by
@@ -130,7 +136,8 @@ class DataPlane:
                 self._failed(request, lv, decoded.version is None, timed_out, start)
             raise
         except Exception as exc:
-            self._failed(request, lv, lv is not None and decoded.version is None, exc, start)
+            routed = queued and decoded.version is None
+            self._failed(request, lv, routed, exc, start)
             raise
         elapsed = time.perf_counter() - start
         lv.stats.record_success(int(elapsed * 1e9))
