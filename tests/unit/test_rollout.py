@@ -1500,3 +1500,36 @@ def test_a_shadow_publish_never_undoes_a_change_made_while_it_loaded(tmp_path: P
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_versions_taking_different_batches_take_no_split(tmp_path: Path) -> None:
+    """Versions of a split with max_batch_size 32 and 2 were accepted: a request of 4 rows was
+    answered by one and failed by the other, at random (18 of 40). A shadow candidate may take
+    more rows than the versions it is compared with, never fewer."""
+    repo = _repo(tmp_path)
+    write_model(repo, "m", seed_model(seed=2), version=3)
+    (repo.version_dir("m", 3) / "config.json").write_text('{"batching": {"max_batch_size": 2}}')
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        for split, shadow_of in (({2: 1, 3: 1}, None), ({2: 1}, (3, 0.5))):
+            with pytest.raises(FailedPrecondition, match="max_batch_size"):
+                await dataplane.set_rollout("m", split, by="t", why="", shadow_of=shadow_of)
+            assert rollouts.read(repo.model_dir("m"))[0] is None  # nothing written
+        await dataplane.set_rollout("m", {3: 1}, by="t", why="", shadow_of=(2, 0.5))  # more rows
+        x = {"input": np.ones((2, 3), np.float32)}
+        assert (await dataplane.infer(InferenceRequest("m", x, id="k"))).version == 3
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())
+
+
+def test_batch_difference_reads_zero_as_any_number_of_rows() -> None:
+    split = rollouts.parse_split({1: 1, 2: 1})
+    assert rollouts.batch_difference(split, {1: 0, 2: 0}, None) == ""
+    assert "max_batch_size 0" in rollouts.batch_difference(split, {1: 0, 2: 8}, None)
+    shadow = rollouts.Rollout((), (2, 0.1))
+    assert rollouts.batch_difference(shadow, {1: 8, 2: 0}, 1) == ""  # takes any number
+    assert "takes at most 8" in rollouts.batch_difference(shadow, {1: 0, 2: 8}, 1)
+    assert rollouts.batch_difference(shadow, {2: 8}, 1) == ""  # the default is not loaded

@@ -403,6 +403,13 @@ class ModelRegistry:
                     "or shadow needs one interface (a client cannot tell which version "
                     "answers it): name the version in each request instead"
                 )
+        limits = {v: lv.max_batch_size for v, lv in loaded}
+        why = rollouts.batch_difference(split, limits, default)
+        if why:
+            raise FailedPrecondition(
+                f"the versions in the rollout of {short(name)!r} take different batches: {why}, or "
+                "name the version in each request instead"
+            )
 
     def statuses(self, name: str = "") -> list[VersionStatus]:
         if name and name not in self.models:

@@ -351,6 +351,39 @@ def interface_difference(
     return ""
 
 
+def batch_difference(rollout: Rollout, batch_limits: dict[int, int], default: int | None) -> str:
+    """How the loaded versions' ``max_batch_size`` (``batch_limits``; 0: no limit) differ
+    for the rollout ('' when they do not): the versions that answer requests (the split's, else
+    ``default``) must take the same batches, and a shadow candidate at least theirs. Versions
+    of a split with 32 and 2 took a request of 4 rows on one and failed it on the other, at
+    random, and a candidate taking fewer rows failed the shadows of the larger ones."""
+
+    def rows(version: int) -> float:
+        return batch_limits[version] or math.inf
+
+    answering = [v for v in sorted(batch_limits) if v in dict(rollout.split)]
+    if not rollout.split and default in batch_limits:
+        answering = [default]
+    for other in answering[1:]:
+        if rows(other) != rows(answering[0]):
+            return (
+                f"max_batch_size {batch_limits[answering[0]]} (version {answering[0]}) against "
+                f"{batch_limits[other]} (version {other}): a request of rows one takes fails "
+                "on the other; give them the same batching.max_batch_size"
+            )
+    candidate = rollout.shadow[0] if rollout.shadow else None
+    if candidate in batch_limits and candidate not in answering:
+        fewer = [v for v in answering if rows(candidate) < rows(v)]
+        if fewer:
+            return (
+                f"the shadow candidate {candidate} takes at most {batch_limits[candidate]} rows "
+                f"(max_batch_size), version {fewer[0]} "
+                f"{batch_limits[fewer[0]] or 'any number'}: larger requests would fail on it; "
+                "give it the same batching.max_batch_size"
+            )
+    return ""
+
+
 def _spec(s: TensorSpec) -> str:
     return f"{datatype_name(s.dtype)} {list(s.shape)}"
 
