@@ -1533,3 +1533,45 @@ def test_batch_difference_reads_zero_as_any_number_of_rows() -> None:
     assert rollouts.batch_difference(shadow, {1: 8, 2: 0}, 1) == ""  # takes any number
     assert "takes at most 8" in rollouts.batch_difference(shadow, {1: 0, 2: 8}, 1)
     assert rollouts.batch_difference(shadow, {2: 8}, 1) == ""  # the default is not loaded
+
+
+def test_a_late_outcome_of_a_replaced_comparison_is_not_judged_by_the_new_rules(
+    tmp_path: Path,
+) -> None:
+    """A shadow run still in flight when a person set rules on the same candidate ended after
+    the change and was judged under the new rules with the old comparison's figures: a
+    promote_after set once 3 comparisons were in promoted the candidate with none made under
+    it."""
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    write_model(repo, "m", seed_model(seed=2))
+    write_model(repo, "m", seed_model(seed=2), version=2)  # v1 computes what v2 does
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="watch", shadow_of=(1, 1.0))
+        await _shadowed(dataplane, 2)
+        candidate = registry.get("m", 1)
+        gate, submit = asyncio.Event(), candidate.batcher.submit
+
+        async def held(*args: object, **kwargs: object) -> object:
+            await gate.wait()
+            return await submit(*args, **kwargs)  # type: ignore[arg-type]
+
+        candidate.batcher.submit = held  # type: ignore[method-assign]
+        x = {"input": np.ones((1, 3), np.float32)}
+        await dataplane.infer(InferenceRequest("m", x, id="late"))  # its shadow waits
+        rules = {"promote_after": 3}
+        await dataplane.set_rollout(
+            "m", {2: 1}, by="t", why="judge it", shadow_of=(1, 1.0), rules=rules
+        )
+        candidate.batcher.submit = submit  # type: ignore[method-assign]
+        gate.set()
+        await asyncio.gather(*dataplane._shadows._tasks)
+        await asyncio.gather(*dataplane._decisions)
+        view = dataplane.rollout("m")
+        assert view.shadow == (1, 1.0) and view.history[-1]["why"] == "judge it"
+        assert view.shadow_statistics.compared == 0
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -443,6 +443,11 @@ class DataPlane:
             return
         if ro is None or ro.shadow is None or ro.shadow[0] != stats.candidate:
             return
+        if stats.key != shadow.comparison_key(ro):
+            # A late outcome of a comparison a change replaced (same candidate, new rules or
+            # a new start): its figures were judged by the new rules, and a promote_after set
+            # after N comparisons promoted the candidate with none made under it.
+            return
         if stats.decided or not ro.rules:
             return  # no verdict to reach: the sum over the workers is not worked out
         judged = self._summed(stats)
