@@ -502,3 +502,27 @@ def test_a_worker_killed_while_the_fleet_starts_ends_the_server_in_one_line(
     assert err.rstrip().splitlines()[-1] == "ferry serve: worker 1 exited with -9 while starting"
     assert "Traceback" not in err and "Event loop is closed" not in err
     assert not list(tmp_path.glob("ferry-workers-*"))
+
+
+def test_a_worker_started_again_whose_load_fails_takes_no_connections_until_it_serves(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A worker started again loads the repository itself: when its load of a model failed
+    (out of memory there, a file it could not read; here the file was damaged on disk after
+    the first process loaded it), it joined the inference port without that model, and 1
+    connection in N was refused a model the others served. It now joins only once it serves
+    what the first process serves; until then it is started again with backoff."""
+    model_file = tmp_path / "repo" / "mlp" / "1" / "model.onnx"
+    good = model_file.read_bytes()
+    model_file.write_bytes(b"not an onnx model")
+    try:
+        _kill_worker_1(fleet)
+        fleet.wait_line(r"worker 1 did not start again: .*does not serve mlp version 1")
+        # Every connection reaches a process that serves the model (the first, alone).
+        assert _spread(fleet.port, "mlp", 1) == CONNECTIONS
+    finally:
+        model_file.write_bytes(good)
+    m = fleet.wait_line(r"worker 1 ready \(pid (\d+)\)")
+    assert _versions(fleet.run_dir, 1, "mlp") == [1]
+    assert _listens(int(m.group(1)), fleet.port)
+    assert _counter(_scrape(fleet), "ferry_worker_restarts_total") >= 2

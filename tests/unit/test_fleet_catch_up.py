@@ -25,7 +25,7 @@ class _Peers:
 
     async def call(self, path: Path, method: str, ask: dict[str, Any], seconds: float) -> Any:
         self.calls.append((path.name, method, ask))
-        return {"ok": True}
+        return {"ok": True, "joined": True}
 
 
 class _Proc:
@@ -59,6 +59,7 @@ def test_a_ready_worker_rereads_the_repository_then_applies_the_unloads_since(
         ("worker-1.sock", control.APPLY, {"op": "refresh", "model": ""}),
         ("worker-1.sock", control.APPLY, {"op": "load", "model": "again"}),
         ("worker-1.sock", control.APPLY, {"op": "unload", "model": "later"}),
+        ("worker-1.sock", control.JOIN, {"serving": {}}),
     ]
 
 
@@ -89,3 +90,37 @@ def test_a_worker_starts_again_whatever_the_number_of_models_unloaded(
     monkeypatch.setattr(fleet, "_wait_ready", ready)
     asyncio.run(fleet._spawn(fleet._workers[0]))
     assert read_back == [names]
+
+
+def test_a_worker_that_lacks_a_version_is_not_joined_unless_a_change_to_it_is_in_flight(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """JOIN names what this process serves; a worker that does not serve it all is not let
+    onto the inference ports (its start fails). A model this process has changed and not yet
+    followed is left out: the worker has not been told, and the follow checks it after."""
+    answers: list[dict[str, Any]] = []
+
+    class _Lacking(_Peers):
+        async def call(self, path: Path, method: str, ask: dict[str, Any], seconds: float) -> Any:
+            await super().call(path, method, ask, seconds)
+            if method == control.JOIN:
+                answers.append(ask)
+                return {"joined": not ask["serving"], "lacks": "a version 1 (out of memory)"}
+            return {"ok": True}
+
+    async def spawned(*args: Any, **kwargs: Any) -> _Proc:
+        return _Proc()
+
+    async def ready(worker: Any, sock: Path) -> None:
+        return None
+
+    monkeypatch.setattr(fleet_module.asyncio, "create_subprocess_exec", spawned)
+    fleet = fleet_module.WorkerFleet(
+        Settings(), tmp_path, 2, _Lacking(), lambda: [], serving=lambda m: {"a": [1]}
+    )  # type: ignore[arg-type]
+    monkeypatch.setattr(fleet, "_wait_ready", ready)
+    with pytest.raises(fleet_module.WorkerStartError, match=r"does not serve a version 1"):
+        asyncio.run(fleet._spawn(fleet._workers[0]))
+    fleet._pending["a"] += 1  # a load of "a" made here, its follow waiting for the lock
+    asyncio.run(fleet._spawn(fleet._workers[0]))
+    assert answers == [{"serving": {"a": [1]}}, {"serving": {}}]

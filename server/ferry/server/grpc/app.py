@@ -136,6 +136,10 @@ class FerryServer:
         self._stopped = asyncio.Event()
         # Set by SIGTERM/SIGINT (run_until_signal): a start-up load still running gives up.
         self._stop_requested = asyncio.Event()
+        # A worker's: the first process asked it to join the inference ports (JOIN), and
+        # they are bound and listening (the answer to that call waits for it).
+        self._join_asked = asyncio.Event()
+        self._listening = asyncio.Event()
         self.fleet: WorkerFleet | None = None
         self._load_seconds = 0.0  # the first process's start-up load, timed
         self._control: aio.Server | None = None
@@ -195,6 +199,12 @@ class FerryServer:
             self.registry.keep_unloaded(unloaded_by_parent())
             if not await self._load_unless_stopped():
                 return
+            # And once the first process has seen that it serves what the first serves (JOIN):
+            # its own load can fail where the first's did not, and joined without the model,
+            # 1 connection in N was refused it. Until then, only its control socket listens.
+            await self._start_workers()
+            if not await self._unless_stopped(self._join_asked.wait(), "the wait to join"):
+                return
         # Inference listener.
         guard = inference_guard(tokens, health_requires_token=s.health_requires_token)
         server = new_server(self._options(inference=True), [guard])
@@ -250,6 +260,7 @@ class FerryServer:
             self.metrics_port = self.metrics.serve(s.metrics_host, s.metrics_port)
         for srv in self._servers:
             await srv.start()
+        self._listening.set()  # a worker's JOIN call, which asked for this, returns
         self.registry.add_listener(self._health.request)
         if not self.is_worker:
             self.registry.add_listener(self._prune.request)
@@ -257,8 +268,12 @@ class FerryServer:
             if not await self._load_unless_stopped():
                 return  # stopped during the load: run_until_signal stops what did start
             self._load_seconds = time.monotonic() - began  # the workers' start-up bound
-        if self.workers > 1 and not await self._unless_stopped(
-            self._start_workers(), "the workers' start (each loads the repository)"
+        if (
+            self.workers > 1
+            and not self.is_worker
+            and not await self._unless_stopped(
+                self._start_workers(), "the workers' start (each loads the repository)"
+            )
         ):
             return  # stop() stops the workers started so far, which give up their own loads
         await self._update_health()
@@ -283,7 +298,7 @@ class FerryServer:
         a pod's termination grace period, so the kubelet killed the process instead."""
         return await self._unless_stopped(self._load_repository(), "the start-up load")
 
-    async def _unless_stopped(self, work: Coroutine[Any, Any, None], what: str) -> bool:
+    async def _unless_stopped(self, work: Coroutine[Any, Any, object], what: str) -> bool:
         """Run a start-up step that may take minutes; give it up (False) when SIGTERM/SIGINT
         arrives meanwhile, so that the stop does not wait for it."""
         load = asyncio.ensure_future(work)
@@ -335,7 +350,10 @@ class FerryServer:
         first = not self.is_worker
         self._peers = Peers(self._run_dir, own, self.registry.loaded, keeps_retired=first)
         service = worker_control.ControlService(
-            self.dataplane, self.metrics.requests_snapshot, self._peers if first else None
+            self.dataplane,
+            self.metrics.requests_snapshot,
+            self._peers if first else None,
+            join=None if first else self._join,
         )
         self._control = await worker_control.start_control(str(own), service)
         self.dataplane.sum_with(self._peers.statistics)
@@ -374,6 +392,11 @@ class FerryServer:
         )
         # Workers x models is the known trap of multi-process servers: say what it costs.
         log.info("memory with models loaded: %s", memory.summary([os.getpid(), *fleet.pids]))
+
+    async def _join(self) -> None:
+        """A worker's JOIN: start() binds the inference ports; returns once they listen."""
+        self._join_asked.set()
+        await self._listening.wait()
 
     async def _start_http(
         self,

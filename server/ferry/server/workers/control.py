@@ -2,7 +2,8 @@
 
 Every worker process (the first, which also owns management and conversion, included) listens on
 a unix socket in the run folder (mode 0700: only this user reaches it). Over it the first worker
-tells the others of each repository change (load, unload, explicit refresh), and any worker
+tells the others of each repository change (load, unload, explicit refresh) and when a started
+worker may join the inference ports (JOIN), and any worker
 answering ModelStatistics or a scrape asks the others for their own counters to add them up.
 The first worker also reads the others' shadow comparisons, to judge a rollout's rules on
 their sum (workers.shadow_pull).
@@ -18,7 +19,7 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import grpc
@@ -36,6 +37,7 @@ REQUESTS = f"/{SERVICE}/Requests"
 APPLY = f"/{SERVICE}/Apply"
 READY = f"/{SERVICE}/Ready"
 SHADOWS = f"/{SERVICE}/Shadows"
+JOIN = f"/{SERVICE}/Join"
 OPS = ("load", "unload", "refresh")
 MAX_MESSAGE = 64 << 20
 
@@ -101,6 +103,20 @@ def serving(dataplane: DataPlane, model: str) -> dict[str, list[int]]:
     return out
 
 
+def lacking(mine: dict[str, list[int]], theirs: dict[str, list[int]]) -> list[tuple[str, int]]:
+    """The versions ``mine`` serves that ``theirs`` does not (both ``serving`` answers)."""
+    return [
+        (name, v)
+        for name, versions in sorted(mine.items())
+        for v in sorted(set(versions) - set(theirs.get(name) or ()))
+    ]
+
+
+def describe(missing: list[str]) -> str:
+    """A bounded list for a log line: the first five, and how many more."""
+    return ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+
+
 class Retired(Protocol):
     """What the first worker keeps of workers that died (peers.Peers)."""
 
@@ -121,8 +137,12 @@ class ControlService(grpc.GenericRpcHandler):
         dataplane: DataPlane,
         requests: Callable[[], list[Any]],
         retired: Retired | None = None,
+        join: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._dataplane = dataplane
+        # A started worker's (None in the first): binds the inference ports, once the first
+        # process has seen that it serves what the first serves (JOIN).
+        self._join = join
         # The first worker's peers.Peers (None elsewhere): what workers that died last
         # reported, which it alone keeps and every other worker adds through its answers.
         self._retired = retired
@@ -141,6 +161,7 @@ class ControlService(grpc.GenericRpcHandler):
             APPLY: grpc.unary_unary_rpc_method_handler(self._apply),
             READY: grpc.unary_unary_rpc_method_handler(self._ready),
             SHADOWS: grpc.unary_unary_rpc_method_handler(self._shadows),
+            JOIN: grpc.unary_unary_rpc_method_handler(self._joining),
         }
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Any:
@@ -180,6 +201,26 @@ class ControlService(grpc.GenericRpcHandler):
 
     async def _ready(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         return encode({"ready": self._dataplane.ready()})
+
+    async def _joining(self, raw: bytes, context: aio.ServicerContext) -> bytes:
+        """Join the inference ports if this worker serves every version the first process
+        names (what it serves), else answer what it lacks and why, and stay off the ports: a
+        worker whose own load failed (out of memory here, a file it could not read) joined
+        anyway, and 1 connection in N was refused a model the others served."""
+        if self._join is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not a started worker")
+        mine = decode(raw).get("serving") or {}
+        missing = lacking(mine, serving(self._dataplane, ""))
+        if missing:
+            reasons = {(s.name, s.version): s.reason for s in self._dataplane.list_models()}
+            lines = [
+                f"{name} version {v} ({reasons.get((name, v)) or 'not loaded'})"
+                for name, v in missing
+            ]
+            return encode({"joined": False, "lacks": describe(lines)})
+        assert self._join is not None
+        await self._join()
+        return encode({"joined": True})
 
     async def _apply(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         ask = decode(raw)

@@ -24,6 +24,7 @@ import select
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from pathlib import Path
@@ -130,6 +131,9 @@ class WorkerFleet:
         self._stopping = False
         self._monitors: list[asyncio.Task[None]] = []
         self._changes = asyncio.Lock()  # follow() and a started worker's catch-up, one at a time
+        # model ("": every one) -> follow() calls for it not yet done: this process changed it,
+        # and a worker joining now has not been told yet.
+        self._pending: Counter[str] = Counter()
         # Workers that exited and were started again: their counters start from zero, and the
         # sums keep what the dead process last reported (peers.retire); /metrics counts them.
         self.restarts = 0
@@ -198,6 +202,27 @@ class WorkerFleet:
                 await self.peers.call(sock, control.APPLY, ask, APPLY_TIMEOUT)
             for name in sorted(now - set(unloaded)):
                 await self.peers.call(sock, control.APPLY, {"op": "unload", "model": name}, 60.0)
+            # It binds the inference ports only if it serves what this process serves: its
+            # own load can fail (out of memory in that process, a file it could not read), and
+            # it joined without the model, so 1 connection in N was refused it. Not joined, it
+            # ends the fleet's start, or is killed and started again with backoff (_watch).
+            # A model whose change this process made and has yet to follow is left to that
+            # follow's own check: the worker has not been told of it yet.
+            mine = self._serving("") if self._serving is not None else {}
+            if "" in self._pending:
+                mine = {}
+            mine = {name: v for name, v in mine.items() if name not in self._pending}
+            try:
+                answer = await self.peers.call(sock, control.JOIN, {"serving": mine}, 60.0)
+            except grpc.RpcError as exc:
+                raise WorkerStartError(
+                    f"worker {worker.index} did not join the inference ports: {exc.code().name}"
+                ) from None
+            if not answer.get("joined"):
+                raise WorkerStartError(
+                    f"worker {worker.index} does not serve {answer.get('lacks')}, which the "
+                    "first process serves"
+                )
         log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
 
     async def _wait_ready(self, worker: _Worker, sock: Path) -> None:
@@ -326,13 +351,19 @@ class WorkerFleet:
         ask = {"op": op, "model": model}
         # Now, before any await: this process's state right after the change it follows.
         mine = self._serving(model) if self._serving is not None else None
-        async with self._changes:
-            paths = self.peers.sockets()
-            asked = {p: self._worker_at(p) for p in paths}
-            answers = await asyncio.gather(
-                *(self.peers.call(p, control.APPLY, ask, APPLY_TIMEOUT) for p in paths),
-                return_exceptions=True,
-            )
+        self._pending[model] += 1  # a worker joining meanwhile is not judged on it (_spawn)
+        try:
+            async with self._changes:
+                paths = self.peers.sockets()
+                asked = {p: self._worker_at(p) for p in paths}
+                answers = await asyncio.gather(
+                    *(self.peers.call(p, control.APPLY, ask, APPLY_TIMEOUT) for p in paths),
+                    return_exceptions=True,
+                )
+        finally:
+            self._pending[model] -= 1
+            if not self._pending[model]:
+                del self._pending[model]
         for path, answer in zip(paths, answers, strict=True):
             why: object = answer
             if not isinstance(answer, BaseException):
@@ -388,13 +419,8 @@ def _lacks(mine: dict[str, list[int]] | None, answer: object) -> str:
     ("" when none, or when either side did not say)."""
     if mine is None or not isinstance(answer, dict) or not isinstance(answer.get("serving"), dict):
         return ""
-    theirs = answer["serving"]
-    missing = [
-        f"{name} version {v}"
-        for name, versions in sorted(mine.items())
-        for v in sorted(set(versions) - set(theirs.get(name) or ()))
-    ]
-    return ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+    missing = control.lacking(mine, answer["serving"])
+    return control.describe([f"{name} version {v}" for name, v in missing])
 
 
 async def _ready(sock: Path) -> bool | None:
