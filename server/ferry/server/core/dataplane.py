@@ -718,12 +718,13 @@ class DataPlane:
             return None
         return config.default_version or newest
 
-    async def refresh(self) -> RepositoryOutcome:
+    async def refresh(self, *, retry_failed: bool = True) -> RepositoryOutcome:
         """A refresh asked for (the RPC, a worker following the first): run to its end if the
         caller leaves. Cancelled while a version loaded, it left that version LOADING for
         good, its session lost, and no later refresh loaded it (a poll's own refresh is still
-        stopped with the server)."""
-        return await run_to_end(self._registry.refresh(retry_failed=True, follow=True))
+        stopped with the server). ``retry_failed`` off: a worker following the first's poll,
+        which tries a failed load again only when asked to."""
+        return await run_to_end(self._registry.refresh(retry_failed=retry_failed, follow=True))
 
 
 def _deadline(

@@ -534,8 +534,8 @@ class ModelRegistry:
                     task.cancel()
                 raise
             self._notify()
-            if follow:
-                await self._follow("refresh", "")
+            if follow:  # a poll's scan (retry_failed off) is followed as one: "poll"
+                await self._follow("refresh" if retry_failed else "poll", "")
             return result
 
     async def load_model(

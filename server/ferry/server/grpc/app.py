@@ -280,7 +280,7 @@ class FerryServer:
         if self._management_health is not None:
             for name in ("", *self._management_services):
                 await self._management_health.set(name, SERVING)
-        if s.poll_interval > 0:
+        if s.poll_interval > 0 and not self.is_worker:
             self._poll_task = asyncio.create_task(self._poll(s.poll_interval))
         log.info(
             "ferry serving %d model version(s) on %s (HTTP %s; management %s, HTTP %s; metrics %s)",
@@ -493,10 +493,15 @@ class FerryServer:
         return shared_weights.prune(files)
 
     async def _poll(self, interval: float) -> None:
+        """Scan the repository every ``interval`` seconds. With --workers the first process
+        alone scans, and every worker applies the scan after it (fleet.follow, op "poll"):
+        each scanned on its own, at its own time, so a version published by hand was served
+        by some workers and not others for up to one interval, and for good by a worker whose
+        own load of it failed (out of memory there); follow starts such a worker again."""
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.registry.refresh(retry_failed=False)
+                await self.registry.refresh(retry_failed=False, follow=self.fleet is not None)
             except Exception:
                 log.exception("repository poll failed")
 

@@ -2,7 +2,7 @@
 
 Every worker process (the first, which also owns management and conversion, included) listens on
 a unix socket in the run folder (mode 0700: only this user reaches it). Over it the first worker
-tells the others of each repository change (load, unload, explicit refresh) and when a started
+tells the others of each repository change (load, unload, explicit refresh, its poll) and when a started
 worker may join the inference ports (JOIN), and any worker
 answering ModelStatistics or a scrape asks the others for their own counters to add them up.
 The first worker also reads the others' shadow comparisons, to judge a rollout's rules on
@@ -38,7 +38,7 @@ APPLY = f"/{SERVICE}/Apply"
 READY = f"/{SERVICE}/Ready"
 SHADOWS = f"/{SERVICE}/Shadows"
 JOIN = f"/{SERVICE}/Join"
-OPS = ("load", "unload", "refresh")
+OPS = ("load", "unload", "refresh", "poll")  # poll: the first's periodic scan, followed
 MAX_MESSAGE = 64 << 20
 
 
@@ -233,7 +233,7 @@ class ControlService(grpc.GenericRpcHandler):
             elif op == "unload":
                 await self._dataplane.unload(model)
             else:
-                await self._dataplane.refresh()
+                await self._dataplane.refresh(retry_failed=op == "refresh")
         except FerryError as exc:  # the first worker reports its own outcome; this is a log line
             log.warning("worker could not %s %s: %s", op, model or "the repository", exc.message)
             return encode(
