@@ -354,7 +354,11 @@ class WorkerFleet:
         self._pending[model] += 1  # a worker joining meanwhile is not judged on it (_spawn)
         try:
             async with self._changes:
-                paths = self.peers.sockets()
+                # Not a worker still starting (its first readiness answer not seen): the
+                # liveness check does not watch it yet, so one stopped or stuck there held
+                # the change, and the management call, for APPLY_TIMEOUT. Its catch-up, under
+                # this lock, brings it to the state this change leaves (_spawn).
+                paths = [p for p in self.peers.sockets() if self._starting(p) is None]
                 asked = {p: self._worker_at(p) for p in paths}
                 answers = await asyncio.gather(
                     *(self.peers.call(p, control.APPLY, ask, APPLY_TIMEOUT) for p in paths),
@@ -383,6 +387,11 @@ class WorkerFleet:
                 and not self._stopping
             ):
                 self._kill(worker, f"did not apply {op} {model or 'of the repository'}")
+
+    def _starting(self, path: Path) -> _Worker | None:
+        """The worker at ``path`` if it has yet to answer since it was (re)started."""
+        worker, _ = self._worker_at(path)
+        return worker if worker is not None and not worker.answering else None
 
     def _worker_at(self, path: Path) -> tuple[_Worker | None, int]:
         for w in self._workers:
