@@ -547,3 +547,47 @@ def test_a_version_a_poll_finds_is_served_by_every_worker_or_the_worker_is_start
         m = fleet.wait_line(r"worker 1 ready \(pid (\d+)\)")
         assert _serves(fleet.run_dir, 1, "big") and _serves(fleet.run_dir, 0, "big")
         assert int(m.group(1)) != victim
+
+
+# A sitecustomize for the worker processes (new interpreters): their load of model "big"
+# fails as one out of memory would; the first process's does not.
+_FAIL_IN_WORKERS = """
+import os
+
+if os.environ.get("FERRY_WORKER_SOCKET"):
+    import ferry.server.grpc.app as app
+
+    original = app.open_session
+
+    def failing(path, config, **kw):
+        if path.parent.parent.name == "big":
+            raise MemoryError("out of memory in this worker")
+        return original(path, config, **kw)
+
+    app.open_session = failing
+"""
+
+
+def test_a_worker_whose_load_fails_while_the_fleet_starts_ends_the_start_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """At the fleet's start, a worker that does not serve what the first process serves (its
+    own load failed) ended nothing: the server started with 1 connection in N refused the
+    model. The start ends instead, with a line that says which worker lacks which version."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model(), "big": seed_model()})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAIL_IN_WORKERS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
+    env["TMPDIR"] = str(tmp_path)
+    args = [sys.executable, "-m", "ferry.server", "--repository", str(root), "--workers", "2"]
+    args += ["--host", "127.0.0.1", "--port", "0", "--management-port", "-1"]
+    args += ["--http-port", "-1", "--management-http-port", "-1", "--metrics-port", "-1"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120, check=False)
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr
+    assert last.startswith("ferry serve: worker 1 does not serve big version 1 ("), last
+    assert "out of memory in this worker" in last and "which the first process serves" in last
+    assert "Traceback" not in proc.stderr
+    assert not list(tmp_path.glob("ferry-workers-*"))
