@@ -123,4 +123,40 @@ def test_a_worker_that_lacks_a_version_is_not_joined_unless_a_change_to_it_is_in
         asyncio.run(fleet._spawn(fleet._workers[0]))
     fleet._pending["a"] += 1  # a load of "a" made here, its follow waiting for the lock
     asyncio.run(fleet._spawn(fleet._workers[0]))
-    assert answers == [{"serving": {"a": [1]}}, {"serving": {}}]
+    # Refused, it re-read the repository and was asked once more, then refused again.
+    assert answers == [{"serving": {"a": [1]}}, {"serving": {"a": [1]}}, {"serving": {}}]
+
+
+def test_a_worker_refused_once_rereads_the_repository_and_joins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A version this process loaded (its poll, say) after the worker's catch-up read the
+    folder is not the worker's failure: it re-reads the repository and joins, not restarted."""
+    joins = [False, True]
+
+    class _Late(_Peers):
+        async def call(self, path: Path, method: str, ask: dict[str, Any], seconds: float) -> Any:
+            await super().call(path, method, ask, seconds)
+            if method == control.JOIN:
+                return {"joined": joins.pop(0), "lacks": "a version 2 (not loaded)"}
+            return {"ok": True}
+
+    async def spawned(*args: Any, **kwargs: Any) -> _Proc:
+        return _Proc()
+
+    async def ready(worker: Any, sock: Path) -> None:
+        return None
+
+    monkeypatch.setattr(fleet_module.asyncio, "create_subprocess_exec", spawned)
+    peers = _Late()
+    fleet = fleet_module.WorkerFleet(
+        Settings(), tmp_path, 2, peers, lambda: [], serving=lambda m: {"a": [2]}
+    )  # type: ignore[arg-type]
+    monkeypatch.setattr(fleet, "_wait_ready", ready)
+    asyncio.run(fleet._spawn(fleet._workers[0]))
+    assert [(method, ask.get("op")) for _, method, ask in peers.calls] == [
+        (control.APPLY, "refresh"),
+        (control.JOIN, None),
+        (control.APPLY, "refresh"),
+        (control.JOIN, None),
+    ]

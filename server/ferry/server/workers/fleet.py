@@ -208,22 +208,35 @@ class WorkerFleet:
             # ends the fleet's start, or is killed and started again with backoff (_watch).
             # A model whose change this process made and has yet to follow is left to that
             # follow's own check: the worker has not been told of it yet.
+            await self._join(worker, sock)
+        log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
+
+    async def _join(self, worker: _Worker, sock: Path) -> None:
+        """JOIN, with what this process serves (lock held). Refused once, the worker re-reads
+        the repository and is asked again: a version this process's own refresh (a poll, say)
+        loaded after the worker's catch-up read the folder is not a failure of the worker's,
+        and each such race cost a restart and its backoff. A load of its own that failed is
+        tried once more in that process."""
+        for attempt in (1, 2):
             mine = self._serving("") if self._serving is not None else {}
             if "" in self._pending:
                 mine = {}
             mine = {name: v for name, v in mine.items() if name not in self._pending}
             try:
                 answer = await self.peers.call(sock, control.JOIN, {"serving": mine}, 60.0)
+                if answer.get("joined"):
+                    return
+                if attempt == 1:
+                    ask = {"op": "refresh", "model": ""}
+                    await self.peers.call(sock, control.APPLY, ask, APPLY_TIMEOUT)
             except grpc.RpcError as exc:
                 raise WorkerStartError(
                     f"worker {worker.index} did not join the inference ports: {exc.code().name}"
                 ) from None
-            if not answer.get("joined"):
-                raise WorkerStartError(
-                    f"worker {worker.index} does not serve {answer.get('lacks')}, which the "
-                    "first process serves"
-                )
-        log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
+        raise WorkerStartError(
+            f"worker {worker.index} does not serve {answer.get('lacks')}, which the first "
+            "process serves"
+        )
 
     async def _wait_ready(self, worker: _Worker, sock: Path) -> None:
         within = self.ready_within
