@@ -881,13 +881,16 @@ class CountedLock(asyncio.Lock):
         return await super().acquire()
 
 
+@pytest.mark.parametrize("via", ["load", "publish"])
 def test_a_refresh_does_not_unload_a_model_loaded_again_while_it_waited(
-    repo: ModelRepository,
+    repo: ModelRepository, via: str
 ) -> None:
     """A refresh that listed the repository while an UnloadModel was draining the model queued
     its removal behind it; a LoadModel (or a conversion's publish) queued in between served the
     model again and answered OK, and the refresh's removal then unloaded it: nothing served a
     model the repository holds and nobody unloaded, until something loaded it again."""
+    import onnx
+
     write_model(repo, "seed", seed_model())
 
     async def main() -> None:
@@ -898,16 +901,24 @@ def test_a_refresh_does_not_unload_a_model_loaded_again_while_it_waited(
         lock = registry._locks["seed"] = CountedLock()
         unload = asyncio.ensure_future(registry.unload_model("seed"))
         await held.all_submitted.wait()  # draining, the model's lock held
-        load = asyncio.ensure_future(registry.load_model("seed"))
-        await until(lambda: lock.waiting == 1)
-        refresh = asyncio.ensure_future(registry.refresh())
-        await until(lambda: lock.waiting == 2)  # its removal waits behind the load
-        held.released.set()
-        assert (await unload).unloaded == ["seed/1"]
-        assert (await load).loaded == ["seed/1"]
-        await refresh
-        assert registry.get("seed").version == 1
-        assert _states(registry) == {"seed/1": "READY"}
+        with repo.staging("seed") as staged:
+            onnx.save(seed_model(seed=2), str(staged / "model.onnx"))
+            again: Any = (
+                registry.load_model("seed")
+                if via == "load"
+                else registry.publish("seed", staged, lambda: repo.publish("seed", staged))
+            )
+            load = asyncio.ensure_future(again)
+            await until(lambda: lock.waiting == 1)
+            refresh = asyncio.ensure_future(registry.refresh())
+            await until(lambda: lock.waiting == 2)  # its removal waits behind the load
+            held.released.set()
+            assert (await unload).unloaded == ["seed/1"]
+            await load
+            await refresh
+        served = 1 if via == "load" else 2
+        assert registry.get("seed").version == served
+        assert _states(registry) == {f"seed/{served}": "READY"}
         await registry.close()
         held.shutdown()
 
