@@ -1007,3 +1007,27 @@ def test_a_publish_that_fails_leaves_a_model_unloaded_on_request_unloaded(
         await registry.close()
 
     arun(main)
+
+
+def test_a_model_file_that_is_no_regular_file_is_named_as_such(repo: ModelRepository) -> None:
+    """A folder named model.onnx (an unpacked export), a FIFO or a dangling link failed the
+    version as "model.onnx is missing", which a look at the folder contradicted."""
+    for name in ("folder", "fifo", "dangling"):
+        write_model(repo, name, seed_model())
+        path = repo.model_file(name, 1)
+        path.unlink()
+        if name == "folder":
+            path.mkdir()
+        elif name == "fifo":
+            os.mkfifo(path)
+        else:
+            path.symlink_to(path.parent / "gone.onnx")
+
+    async def main() -> None:
+        registry = _registry(repo)
+        result = await registry.refresh()
+        assert len(result.failed) == 3
+        assert all("model.onnx is not a regular file" in f for f in result.failed), result.failed
+        await registry.close()
+
+    arun(main)

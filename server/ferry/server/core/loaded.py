@@ -256,7 +256,14 @@ def open_version(
     overridden by the version's own ``config.json``): session, batch dimension check, warm-up.
     Blocking: call it on a worker thread."""
     if not path.is_file():
-        raise ModelNotReady(f"{name}/{version}/{path.name} is missing")
+        if not path.exists() and not path.is_symlink():
+            raise ModelNotReady(f"{name}/{version}/{path.name} is missing")
+        # A folder (an unpacked export), a FIFO or a dangling link was said to be "missing",
+        # which the file listing contradicted.
+        raise ModelNotReady(
+            f"{name}/{version}/{path.name} is not a regular file (a folder, a link to nothing, "
+            "a device or a FIFO): put the ONNX model file itself there"
+        )
     config = apply_version_config(config, path.parent)
     session = opener(path, config)
     try:
