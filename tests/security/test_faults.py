@@ -340,7 +340,7 @@ def test_disk_full_during_a_conversion_publish(
 
     def failing_open(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
         fh = real_open(path, mode, *args, **kwargs)
-        return FullFile(fh) if "w" in mode else fh
+        return FullFile(fh) if "w" in mode or "x" in mode else fh
 
     # raising=False: open is the builtin, found through the module's globals once set there.
     monkeypatch.setattr(repository_module, "open", failing_open, raising=False)

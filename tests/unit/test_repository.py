@@ -376,6 +376,31 @@ def test_clean_temporaries_skips_a_model_folder_it_cannot_read(
     assert not stale.exists()
 
 
+def test_write_file_atomic_never_shares_a_temporary_with_another_writer(
+    repo: ModelRepository,
+) -> None:
+    """The temporary was named by the pid alone: a writer with the same pid (another replica
+    in its container, pid 1 too, sharing the repository) opened the same file, truncating the
+    other's, blocked on its lock, then wrote into the live file in place once the other had
+    renamed it, and failed its own rename with FileNotFoundError (INTERNAL)."""
+    import fcntl
+
+    target = repo.root / "config.json"
+    theirs = repo.root / f"{TMP_PREFIX}config.json-{os.getpid()}"  # the other writer's
+    with open(theirs, "wb") as held:
+        held.write(b"the other writer's bytes")
+        held.flush()
+        fcntl.flock(held.fileno(), fcntl.LOCK_EX)
+        writer = threading.Thread(target=write_file_atomic, args=(target, b"{}"), daemon=True)
+        writer.start()
+        writer.join(30)
+        blocked = writer.is_alive()
+    writer.join(30)
+    assert not blocked, "the write waited on another writer's temporary"
+    assert target.read_bytes() == b"{}"
+    assert theirs.read_bytes() == b"the other writer's bytes"
+
+
 def test_write_file_atomic(repo: ModelRepository) -> None:
     target = repo.root / "config.json"
     write_file_atomic(target, b'{"a": 1}')

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -433,9 +434,14 @@ def write_file_atomic(path: Path, data: bytes) -> None:
     """Write-then-rename for single files (configs, reports). A folder where the file goes
     (``mkdir rollout.json`` by mistake) is the caller's FAILED_PRECONDITION, saying which: it
     was an INTERNAL error with a traceback (SetRollout, DeleteModelVersion)."""
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}")
+    # Unique, not the pid alone: two writers of one file with the same pid (replicas in
+    # containers, each pid 1, sharing the repository) opened one temporary, the second
+    # truncating the first's and, once the first renamed it, writing into the live file in
+    # place, then failing its own rename (INTERNAL). "x": never another writer's file.
+    tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{os.getpid()}-{secrets.token_hex(4)}")
+    fh = open(tmp, "xb")  # noqa: SIM115 - outside the try: failing, nothing here is ours
     try:
-        with open(tmp, "wb") as fh:
+        with fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)  # a live write: see _held
             fh.write(data)
             fh.flush()
