@@ -1031,3 +1031,28 @@ def test_a_model_file_that_is_no_regular_file_is_named_as_such(repo: ModelReposi
         await registry.close()
 
     arun(main)
+
+
+def test_a_version_not_served_says_why_not_always_the_policy(repo: ModelRepository) -> None:
+    """GetModel said every version on disk that is not served was "not selected by the version
+    policy": also those of a model unloaded on request (which the policy selects), and a
+    version copied in since the last refresh."""
+    write_model(repo, "m", seed_model(seed=1))
+    write_model(repo, "m", seed_model(seed=2), version=2)
+
+    def reasons() -> dict[int, str]:
+        return {v.version: v.reason for v in versions.describe(repo, registry, "m").versions}
+
+    registry = _registry(repo)
+
+    async def main() -> None:
+        assert set(reasons().values()) == {"not loaded yet: a refresh (or LoadModel) loads it"}
+        await registry.refresh()
+        assert reasons() == {1: "not selected by the version policy", 2: ""}
+        write_model(repo, "m", seed_model(seed=3), version=3)  # by hand, no refresh yet
+        assert reasons()[3] == "not loaded yet: a refresh (or LoadModel) loads it"
+        await registry.unload_model("m")
+        assert all("unloaded on request" in why for why in reasons().values()), reasons()
+        await registry.close()
+
+    arun(main)

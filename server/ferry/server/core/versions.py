@@ -63,6 +63,10 @@ def describe(repository: ModelRepository, registry: ModelRegistry, name: str) ->
         raise ModelNotFound(f"model {name!r} is not in the repository")
     default = (entry.serving_version() if entry is not None else None) or 0
     slots = entry.versions if entry is not None else {}
+    selected: set[int | None] = set()
+    if entry is not None:  # what a sync serves: the policy's, the default, the rollout's
+        selected = {*entry.config.version_policy.select(on_disk), entry.config.default_version}
+        selected.update(entry.rollout.versions if entry.rollout is not None else ())
     views = []
     for v in sorted(set(on_disk) | set(slots)):
         slot = slots.get(v)
@@ -77,13 +81,24 @@ def describe(repository: ModelRepository, registry: ModelRegistry, name: str) ->
             VersionView(
                 version=v,
                 state=slot.state.value if slot is not None else State.UNLOADED.value,
-                reason=slot.reason if slot is not None else "not selected by the version policy",
+                reason=slot.reason if slot is not None else _unloaded(registry, name, v, selected),
                 is_default=v == default,
                 size_bytes=size,
                 report_json=read_report(vdir),
             )
         )
     return ModelView(name, default, views)
+
+
+def _unloaded(registry: ModelRegistry, name: str, version: int, selected: set[int | None]) -> str:
+    """Why a version on disk is not served. Every such version was said to be "not selected by
+    the version policy", also those of a model unloaded on request (which the policy selects)
+    and one copied in since the last refresh."""
+    if name in registry.unloaded_by_request:
+        return "the model was unloaded on request (LoadModel, or ferry models load, serves it)"
+    if name not in registry.models or version in selected:
+        return "not loaded yet: a refresh (or LoadModel) loads it"
+    return "not selected by the version policy"
 
 
 async def delete_version(
