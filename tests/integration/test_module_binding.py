@@ -107,6 +107,29 @@ def test_bert_with_a_tokenizer_ordered_dict_serves_the_right_model(start: Start)
     assert np.abs(got["last_hidden_state"] - swapped.last_hidden_state.numpy()).max() > 0.1
 
 
+def test_a_t5_encoder_uploads_and_serves_its_outputs(start: Start) -> None:
+    """Exported with autograd on, torch's decompositions failed on T5's attention ("Cannot
+    view a tensor with shape [s43, 12, 4, 8] and strides ..."): the upload was refused though
+    the model exports under no_grad, the mode its reference outputs are computed in."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, vocab_size=100,
+        relative_attention_num_buckets=8, relative_attention_max_distance=16,
+    )  # fmt: skip
+    t5 = transformers.T5EncoderModel(config).eval()
+    ids = torch.randint(1, 100, (3, 12), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(3, 12, dtype=torch.int64)
+    srv, conv = start()
+    up = conv.upload("t5", t5, example_inputs={"input_ids": ids, "attention_mask": mask})
+    conv.convert(up).wait(progress=False)
+    fresh = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    got = _served(srv, "t5", {"input_ids": fresh.numpy(), "attention_mask": mask[:2].numpy()})
+    with torch.no_grad():
+        want = t5(input_ids=fresh, attention_mask=mask[:2]).last_hidden_state.numpy()
+    np.testing.assert_allclose(got["last_hidden_state"], want, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "form", ["dict in reverse order", "tuple", "(args, kwargs)", "tuple then dict"]
 )

@@ -565,7 +565,10 @@ def _export(
     kwargs = {k: widened(v) for k, v in bound.kwargs.items()}
     _forget_rnn_dispatch(torch)
     try:
-        with _quiet():
+        # Under no_grad, as the reference call ran: traced with autograd on, torch's
+        # decompositions failed on Hugging Face's T5 encoder ("Cannot view a tensor with shape
+        # [s43, 12, 4, 8] and strides ..."), so the model could not be uploaded at all.
+        with _quiet(), torch.no_grad():
             program = torch.onnx.export(
                 module,
                 args,
