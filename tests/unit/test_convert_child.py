@@ -962,6 +962,70 @@ def test_a_model_whose_own_outputs_are_nan_says_so(tmp_path: Path) -> None:
     assert "validation.sample_file" in message and "exporter" not in message
 
 
+def _lookup_model(path: Path) -> None:
+    """ids [N, 3] -> a 10-row table -> sum -> [N, 4] @ W: a bag of words in four nodes."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(rng.standard_normal((10, 4)).astype(np.float32), "table")
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3)).astype(np.float32), "weight")
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["rows"]),
+            helper.make_node("ReduceSum", ["rows", "axes"], ["bag"], keepdims=0),
+            helper.make_node("Add", ["bag", "scale"], ["shifted"]),
+            helper.make_node("MatMul", ["shifted", "weight"], ["y"]),
+        ],
+        "bag",
+        [
+            helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 3]),
+            helper.make_tensor_value_info("scale", TensorProto.FLOAT, ["batch", 4]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [table, weight, axes],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
+@pytest.mark.parametrize(
+    "bad, phrase",
+    [
+        ("ids", "the fp32 model fails on these samples in onnxruntime"),
+        ("scale", "'scale' holds NaN or infinity in 256 of 256 values"),
+    ],
+)
+def test_calibration_samples_the_model_cannot_take_are_the_clients_error(
+    tmp_path: Path, bad: str, phrase: str
+) -> None:
+    """ids past the embedding table failed the job FAILED_PRECONDITION as "could not build the
+    static_int8 variant (... out of data bounds); convert with another quantization mode", and
+    NaN samples as "(scale issue)": the calibration data was at fault, and the advice fixed
+    neither."""
+    source = tmp_path / "bag.onnx"
+    _lookup_model(source)
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 10, (64, 3)) + (100 if bad == "ids" else 0)
+    scale = rng.standard_normal((64, 4)).astype(np.float32)
+    if bad == "scale":
+        scale[:] = np.nan
+    calibration = tmp_path / "calibration.npz"
+    np.savez(calibration, ids=ids, scale=scale)
+    spec = {
+        "inputs": [
+            {"name": "ids", "datatype": "INT64", "shape": [-1, 3]},
+            {"name": "scale", "datatype": "FP32", "shape": [-1, 4]},
+        ],
+        "quantization": {"mode": "static_int8", "calibration_file": str(calibration)},
+        "benchmark": "off",
+    }
+    result = convert_here(tmp_path / "job", source, "onnx", spec=spec)
+    assert_failed(result, "INVALID_ARGUMENT", "quantize", "quantization.calibration_file: ", phrase)
+    assert "another quantization mode" not in result.last["message"]
+
+
 # ---- fill values, non-finite outputs, batch sizes the samples do not have ----
 
 

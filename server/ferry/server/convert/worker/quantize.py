@@ -7,10 +7,12 @@ neither exporter can export.
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 
 from ferry.server.convert.strategies.quantization import (
     AUTO_MIN_SPEEDUP,
+    CALIBRATION_BATCH,
     BuildInputs,
     GraphFacts,
     Quantizer,
@@ -35,12 +37,47 @@ def build(quantizer: Quantizer, inputs: BuildInputs) -> str:
     except (InvalidArgument, ConversionFailed):
         raise
     except Exception as exc:
+        why = _calibration_failure(inputs) if quantizer.needs_calibration else ""
+        if why:
+            raise InvalidArgument(
+                f"quantization.calibration_file: {why}, so {quantizer.name} cannot be "
+                f"calibrated on them ({first_line(exc)}); give finite samples the model "
+                "takes (ids within its tables, values in its domain)"
+            ) from None
         raise ConversionFailed(
             f"onnxruntime.quantization could not build the {quantizer.name} variant "
             f"({first_line(exc)}); convert with another quantization mode"
         ) from None
     _check_loads(quantizer.name, inputs)
     return note
+
+
+def _calibration_failure(inputs: BuildInputs) -> str:
+    """Why the calibration samples themselves made the quantizer fail, or ''. Calibration runs
+    the fp32 graph on them: ids past an embedding table failed the job as "could not build the
+    static_int8 variant (... indices element out of data bounds); convert with another
+    quantization mode", and NaN samples as "(scale issue)", advice that fixes neither. Only
+    asked once the quantizer failed, so a good job pays nothing for it."""
+    from ferry.server.convert.worker import parity
+
+    if inputs.calibration is None:
+        return ""
+    batches = list(inputs.calibration.batches(CALIBRATION_BATCH))
+    for name in batches[0] if batches else ():
+        values = np.concatenate([np.ravel(feed[name]) for feed in batches])
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            return f"{name!r} holds NaN or infinity in {bad} of {values.size} values"
+    try:
+        run = parity.onnx_runner(inputs.base, 1)
+        outputs = [out for feed in batches for out in run(feed) if out.dtype.kind == "f"]
+    except Exception as exc:
+        return f"the fp32 model fails on these samples in onnxruntime ({first_line(exc)})"
+    bad = sum(int(np.count_nonzero(~np.isfinite(out))) for out in outputs)
+    if bad:
+        total = sum(out.size for out in outputs)
+        return f"the fp32 model answers NaN or infinity in {bad} of {total} output values on them"
+    return ""
 
 
 def _check_loads(name: str, inputs: BuildInputs) -> None:
