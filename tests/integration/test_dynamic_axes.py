@@ -22,6 +22,7 @@ from serverutil import ConversionServers, ServerThread
 
 from ferry.client import (
     ConversionClient,
+    ConversionError,
     DynamicAxis,
     InferenceClient,
     InputSpec,
@@ -195,6 +196,38 @@ def test_a_model_that_fixes_a_declared_axis_is_refused_before_upload(
             dynamic_axes={"x": {1: DynamicAxis("sequence", max=16)}},
         )
     assert capfd.readouterr() == ("", "")
+    assert conv.list_uploads() == []
+
+
+class AdaptivePool(torch.nn.Module):
+    """A conv, then adaptive pooling to 4x4: [N, 32] at every image size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 2, 3, padding=1)
+
+    def forward(self, x: Any) -> Any:
+        return torch.nn.functional.adaptive_avg_pool2d(self.conv(x), (4, 4)).flatten(1)
+
+
+def test_an_export_that_computes_another_function_at_other_sizes_is_refused(
+    start: Start,
+) -> None:
+    """torch.export traced the adaptive pooling with the example's kernel: the graph answered
+    [N, 8] at 8x8 where the module answers [N, 32], the server (which has only the graph)
+    published it, and every request at another image size got a wrong answer."""
+    _, conv = start()
+    side = DynamicAxis("side", min=8, max=64)
+    with pytest.raises(ConversionError) as info:
+        conv.upload(
+            "pool",
+            AdaptivePool().eval(),
+            example_inputs=torch.randn(2, 3, 16, 16),
+            dynamic_axes={"x": {2: side, 3: side}},
+        )
+    assert info.value.kind == "CONVERSION_FAILED"
+    assert "exports wrongly at side=8 (the example has 16)" in info.value.message
+    assert "'output' has shape [2, 8] where the module's is [2, 32]" in info.value.message
     assert conv.list_uploads() == []
 
 

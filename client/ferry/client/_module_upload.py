@@ -599,6 +599,7 @@ def _export(
     # input and output names without importing onnx itself. Checked before anything is
     # written, so a refused export leaves no file behind (and says nothing but why).
     graph_inputs = _check_graph(program.model_proto.graph, bound, out_names, axes)
+    _check_other_sizes(torch, module, program, bound, axes)
     # Over the threshold the weights go beside the graph (an ONNX file cannot exceed 2 GiB),
     # and the upload is the folder as one archive.
     external = _weight_bytes(module) > _archive.EXTERNAL_DATA_THRESHOLD
@@ -611,6 +612,69 @@ def _export(
         with _removed_on_failure(data):
             shutil.move(path, data)
         return data, graph_inputs
+
+
+def _resized(torch: Any, value: Any, dims: Mapping[int, DynamicAxis], name: str, size: int) -> Any:
+    """``value`` with every dim declared as axis ``name`` at ``size``: a shorter size keeps
+    the first positions, a longer one repeats them (the server's rule for other sizes)."""
+    for dim, axis in dims.items():
+        if axis.name == name:
+            reps = -(-size // value.shape[dim])
+            value = torch.cat([value] * reps, dim=dim).narrow(dim, 0, size)
+    return value
+
+
+def _check_other_sizes(torch: Any, module: Any, program: Any, bound: Bound, axes: Axes) -> None:
+    """Refuse an export that computes another function at other sizes of a declared axis.
+
+    torch.export traced ``adaptive_avg_pool2d(x, (4, 4))`` of an image with dynamic sides as an
+    AveragePool with the example's kernel: at 8x8 the graph answered [N, 12] where the module
+    answers [N, 48], and the server, which has only the graph, published and served that. The
+    exported program (torch, not onnxruntime) shows it here: each axis is tried at one other
+    size, its min (or twice the example's, within max), against the module itself. A size the
+    module itself fails at is left to the server's runs at the bounds."""
+    if not axes or any(not isinstance(v, torch.Tensor) for v in bound.arguments.values()):
+        return
+    names = {id(value): name for name, value in bound.named.items()}
+    sizes: dict[str, tuple[int, DynamicAxis]] = {}
+    for name, dims in axes.items():
+        for dim, axis in dims.items():
+            sizes.setdefault(axis.name, (int(bound.named[name].shape[dim]), axis))
+    for axis_name, (size, axis) in sizes.items():
+        other = axis.min if axis.min != size else 2 * size
+        if axis.max is not None:
+            other = min(other, axis.max)
+        if other == size:
+            continue
+
+        def resize(value: Any, axis_name: str = axis_name, other: int = other) -> Any:
+            return _resized(torch, value, axes.get(names.get(id(value), ""), {}), axis_name, other)
+
+        args = tuple(resize(a) for a in bound.args)
+        kwargs = {k: resize(v) for k, v in bound.kwargs.items()}
+        try:
+            with torch.no_grad():
+                want = flatten_outputs(torch, module(*args, **kwargs))
+                got = flatten_outputs(torch, program.exported_program.module()(*args, **kwargs))
+        except Exception:
+            continue
+        for out, tensor in want.items():
+            mine = got.get(out)
+            if mine is not None and mine.shape == tensor.shape:
+                if np.allclose(_numpy(mine), _numpy(tensor), _RTOL, _ATOL, equal_nan=True):
+                    continue
+                what = "other values"
+            else:
+                shape = "nothing" if mine is None else list(mine.shape)
+                what = f"shape {shape} where the module's is {list(tensor.shape)}"
+            raise ConversionError(
+                f"{type(module).__name__} exports wrongly at {axis_name}={other} (the example has "
+                f"{size}): the exported graph's {out!r} has {what}, since torch.export traced a "
+                "size-dependent op (adaptive pooling, a size computed in Python) with the "
+                "example's sizes; write that part for any size (a global pooling as "
+                "x.mean((2, 3)), sizes from x.shape), or drop the axis from dynamic_axes",
+                kind="CONVERSION_FAILED",
+            )
 
 
 def _forget_rnn_dispatch(torch: Any) -> None:
