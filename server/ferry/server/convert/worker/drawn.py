@@ -58,8 +58,12 @@ class TopUp:
 # change of the budget's size: an int8 variant that named another class for 2% of rows showed
 # no change on 16 rows 72% of the time (0.98^16), and was published. With none of N elements
 # changed, a rate of change above 3/N is ruled out at 95% (the rule of three), so such outputs
-# are judged on 3 / (1 - limit) elements: 300 at 0.99, where a 2% rate is then caught 85% of
-# the time and 3% 98% (a variant within budget, 0.5%, is refused 7%: the same as on 16 rows).
+# are judged on 3 / (1 - limit) elements: 300 at 0.99. The added rows are judged apart from the
+# samples (any change there refuses, as before; here 3 in 284 do): a 2% rate of change is then
+# refused 94% of the time, 3% over 99%, and a variant within budget at 0.5% 23% (8% on the
+# samples alone before). Judged as one count of 300 (3 allowed) it is refused 7%, but drawn rows
+# show fewer changes than fresh data (their margins are the given rows'), and that count
+# published 2 of 6 argmax variants that changed 4% of fresh labels, which this rule refused.
 # At most this many rows, whatever the limit (a limit of 1 wants every row there is).
 AGREEMENT_MOST_ROWS = 512
 # The rows past validation.samples are run within this many seconds of the source model's time
