@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper
 from test_convert_child import assert_failed, convert_here, save_graph, succeeded
 
-from ferry.server.convert.worker import drawn
+from ferry.server.convert.worker import drawn, parity
 from ferry.server.convert.worker.parity import Samples
 
 WIDTH = 8
@@ -261,3 +261,17 @@ def test_rows_for_counting_changes_follow_the_budget_and_the_output() -> None:
     assert drawn.agreement_rows([logits], 16, 0.99, 0.95) == 60  # top-1 is a share of rows
     assert drawn.agreement_rows([mask], 16, 0.99, 0.0) == 1  # 600 elements in each row
     assert drawn.agreement_rows([labels], 16, 1.0, 0.0) == drawn.AGREEMENT_MOST_ROWS
+
+
+def test_a_run_over_rows_stops_where_asked_and_covers_the_rows_that_ran() -> None:
+    """How rows past validation.samples are bounded in time (pipeline._run_for)."""
+    rows = Samples({"x": np.arange(10, dtype=np.float32).reshape(10, 1)}, batched=True)
+    asked: list[int] = []
+
+    def stop(done: int) -> bool:
+        asked.append(done)
+        return done >= 4
+
+    (out,) = parity.run_batches(lambda feed: [feed["x"] * 2], rows, 2, stop=stop)
+    assert out.ravel().tolist() == [0, 2, 4, 6]
+    assert asked == [2, 4]  # asked before each batch after the first

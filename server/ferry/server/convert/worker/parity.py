@@ -196,12 +196,21 @@ def answered_rows(outputs: list[np.ndarray], count: int) -> np.ndarray:
 
 
 def run_batches(
-    run: Callable[[Arrays], list[np.ndarray]], samples: Samples, batch: int
+    run: Callable[[Arrays], list[np.ndarray]],
+    samples: Samples,
+    batch: int,
+    stop: Callable[[int], bool] | None = None,
 ) -> list[np.ndarray]:
-    """Run ``run`` over ``samples`` and join its positional outputs back into [N, ...] arrays."""
+    """Run ``run`` over ``samples`` and join its positional outputs back into [N, ...] arrays.
+    ``stop(rows run so far)``, asked before each batch after the first: True ends the run
+    there, and the outputs cover the rows that ran."""
     parts: list[list[np.ndarray]] = []
+    done = 0
     for feed in samples.batches(batch):
+        if parts and stop is not None and stop(done):
+            break
         parts.append(run(feed))
+        done += len(next(iter(feed.values()))) if samples.batched else 1
     join = np.concatenate if samples.batched else np.stack
     return [join([p[i] for p in parts]) for i in range(len(parts[0]))]
 

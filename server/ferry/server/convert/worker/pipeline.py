@@ -373,14 +373,13 @@ class Pipeline:
     ) -> tuple[int, Outputs]:
         """``run`` over ``rows`` a batch at a time, stopping once past ``at_least`` rows and
         ``seconds``: how many rows ran, and the outputs on them."""
-        start, done, parts = time.monotonic(), 0, []
-        for feed in rows.batches(self.spec.max_batch_size):
-            if done >= at_least and time.monotonic() - start > seconds:
-                break
-            parts.append(run(feed))
-            done += len(next(iter(feed.values()))) if rows.batched else 1
-        join = np.concatenate if rows.batched else np.stack
-        return done, [join([p[i] for p in parts]) for i in range(len(parts[0]))]
+        start = time.monotonic()
+
+        def enough(done: int) -> bool:
+            return done >= at_least and time.monotonic() - start > seconds
+
+        outputs = parity.run_batches(run, rows, self.spec.max_batch_size, stop=enough)
+        return len(outputs[0]), outputs
 
     def _calibration(self) -> parity.Samples:
         """The calibration file's rows, read once: the top-up, the other lengths and the
