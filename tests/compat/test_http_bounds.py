@@ -27,6 +27,13 @@ from ferry.server.http import listener
 MODEL = identity_name("FP32")
 INPUT = {"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}
 INPUT_JSON = json.dumps([INPUT]).encode() + b"}"
+# A whole inference request with a Content-Length body, as a client pipelines it.
+INFER = (
+    f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
+    f"Content-Length: {len(INPUT_JSON) + 11}\r\n\r\n".encode()
+    + b'{"inputs": '
+    + INPUT_JSON
+)
 LIMIT = 256  # the default max_request_inputs and max_request_outputs
 
 
@@ -357,10 +364,7 @@ def _answers(data: bytes) -> list[bytes]:
         "\r\n\r\n".encode()
         + b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (b'{"inputs": ', INPUT_JSON))
         + b"0\r\n\r\n",
-        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n"
-        f"Content-Length: {len(INPUT_JSON) + 11}\r\n\r\n".encode()
-        + b'{"inputs": '
-        + INPUT_JSON,
+        INFER,
     ],
     ids=["get", "chunked-post", "post"],
 )
@@ -395,14 +399,9 @@ def test_a_pipelined_head_whose_time_runs_out_during_an_answer_is_answered_after
 
     monkeypatch.setattr(listener._Connection, "_head_expired", head_expired)
     root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
-    body = json.dumps({"inputs": [INPUT]}).encode()
-    request = (
-        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
     with ServerThread(root, http_keepalive_timeout=600.0) as srv, _connect(srv) as sock:
         with ExecutionGate(srv, MODEL) as gate:
-            sock.sendall(request)
-            sock.sendall(body)
+            sock.sendall(INFER)
             gate.wait_entered()
             partial = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
             sock.sendall(partial)
@@ -437,13 +436,9 @@ def test_a_pipelined_head_that_ends_after_its_time_but_before_the_answer_is_serv
     monkeypatch.setattr(listener._Connection, "_head_expired", on_expired)
     monkeypatch.setattr(listener._Connection, "data_received", on_data)
     root = make_repo(tmp_path / "repo", {MODEL: identity_model("FP32")})
-    body = json.dumps({"inputs": [INPUT]}).encode()
-    request = (
-        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n"
-    ).encode()
     with ServerThread(root, http_keepalive_timeout=600.0) as srv, _connect(srv) as sock:
         with ExecutionGate(srv, MODEL) as gate:
-            sock.sendall(request + body)
+            sock.sendall(INFER)
             gate.wait_entered()
             sock.sendall(b"GET /v2/health/live HTTP/1.1\r\n")
             assert expired.wait(30), "the pipelined head's time never ran out"
