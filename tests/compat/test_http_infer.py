@@ -574,11 +574,15 @@ def test_binary_bool_bytes_other_than_0_and_1_are_refused(kserve_server: ServerT
     assert "element 2 is the byte 2" in json.loads(body)["error"]
 
 
+def _connect(target: str) -> socket.socket:
+    host, port = target.rsplit(":", 1)
+    return socket.create_connection((host, int(port)), timeout=30)
+
+
 def _raw_http(target: str, request: bytes) -> bytes:
     """Bytes as sent, for what no HTTP client library will send (malformed requests, repeated
     headers); returns whatever the server answers before it closes the connection."""
-    host, port = target.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+    with _connect(target) as sock:
         sock.sendall(request)
         return until_closed(sock)
 
@@ -660,8 +664,7 @@ def test_a_malformed_chunk_is_refused_at_once_with_its_reason(
     # 408 "arrived too slowly" once BODY_IDLE passed (shortened here: what was 30 s).
     monkeypatch.setattr(listener, "BODY_IDLE", 5.0)
     caplog.set_level(logging.DEBUG, logger="ferry.server.http")
-    host, port = kserve_server.http_target.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+    with _connect(kserve_server.http_target) as sock:
         sock.sendall(
             f"POST /v2/models/{identity_name('FP32')}/infer HTTP/1.1\r\nHost: x\r\n"
             "Transfer-Encoding: chunked\r\nExpect: 100-continue\r\n\r\n".encode()
@@ -704,8 +707,7 @@ def test_a_client_gone_mid_body_leaves_no_error_in_the_log(
     kserve_server: ServerThread, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="ferry.server.http")
-    host, port = kserve_server.http_target.rsplit(":", 1)
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
+    with _connect(kserve_server.http_target) as sock:
         sock.sendall(
             f"POST /v2/models/{identity_name('FP32')}/infer HTTP/1.1\r\nHost: x\r\n"
             'Content-Length: 100000\r\n\r\n{"inputs": ['.encode()
