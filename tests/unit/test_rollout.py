@@ -9,6 +9,7 @@ import gc
 import json
 import threading
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -1414,6 +1415,21 @@ def test_bfloat16_outputs_are_compared_as_numbers() -> None:
     assert 0.0 < stats.max_abs_diff < 0.1 and stats.top1_agreement == 1.0
 
 
+def _held_open(
+    entered: threading.Event, gate: threading.Event, holds: Callable[[str], bool]
+) -> Callable[[Path, object], object]:
+    """A session opener that, for a version folder ``holds`` picks, says it ``entered`` and
+    waits for ``gate`` (30 s at most: a bound on a broken test) before opening it."""
+
+    def held(path: Path, config: object) -> object:
+        if holds(path.parent.name):
+            entered.set()
+            gate.wait(30)
+        return open_session(path, config)  # type: ignore[arg-type]
+
+    return held
+
+
 def test_shadows_while_the_candidate_loads_are_shed_not_errors(tmp_path: Path) -> None:
     """A worker or a polling replica reads the rollout, then loads the candidate: the shadows
     of those seconds were counted as the candidate's errors, and an identical candidate was
@@ -1422,12 +1438,7 @@ def test_shadows_while_the_candidate_loads_are_shed_not_errors(tmp_path: Path) -
     write_model(repo, "m", seed_model(seed=2))
     write_model(repo, "m", seed_model(seed=2), version=2)  # the policy serves only 2
     entered, gate = threading.Event(), threading.Event()
-
-    def held(path: Path, config: object) -> object:
-        if path.parent.name == "1":
-            entered.set()
-            gate.wait(30)
-        return open_session(path, config)  # type: ignore[arg-type]
+    held = _held_open(entered, gate, lambda version: version == "1")
 
     async def scenario() -> None:
         registry = ModelRegistry(repo, held, warm_up=False)  # type: ignore[arg-type]
@@ -1464,12 +1475,7 @@ def test_a_shadow_publish_never_undoes_a_change_made_while_it_loaded(tmp_path: P
 
     repo = _repo(tmp_path)
     entered, gate = threading.Event(), threading.Event()
-
-    def held(path: Path, config: object) -> object:
-        if path.parent.name not in ("1", "2"):  # the version being published
-            entered.set()
-            gate.wait(30)
-        return open_session(path, config)  # type: ignore[arg-type]
+    held = _held_open(entered, gate, lambda version: version not in ("1", "2"))  # the new one
 
     async def scenario() -> None:
         registry = ModelRegistry(repo, held, warm_up=False)  # type: ignore[arg-type]
