@@ -312,17 +312,11 @@ class ModelRepository:
         first (DELETED_MARK), so that no later publish takes it."""
         vdir = self.require_version(name, version)
         mark = max(version, self._highest_deleted(vdir.parent))
-        marked = True
-        try:
-            write_file_atomic(vdir.parent / DELETED_MARK, f"{mark}\n".encode())
-        except OSError as exc:
-            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                raise
-            # A full disk, which deleting a version is there to fix: the delete was refused,
-            # and no version could be deleted through Ferry to make room. The mark is written
-            # once the version's files are gone (a publish cannot come in between: both hold
-            # the model's edit lock).
-            marked = False
+        # A full disk, which deleting a version is there to fix, must not refuse the delete (no
+        # version could then be deleted through Ferry to make room): the mark is written again
+        # once the version's files are gone (a publish cannot come in between: both hold the
+        # model's edit lock).
+        marked = _write_mark(vdir.parent, mark)
         trash = vdir.with_name(f"{TMP_PREFIX}deleted-{version}-{os.getpid()}")
         os.rename(vdir, trash)
         _fsync_dir(vdir.parent)
@@ -332,18 +326,13 @@ class ModelRepository:
             trash.unlink()
         else:
             shutil.rmtree(trash, ignore_errors=True)
-        if not marked:
-            try:
-                write_file_atomic(vdir.parent / DELETED_MARK, f"{mark}\n".encode())
-            except OSError as exc:
-                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                raise LimitExceeded(
-                    f"the model repository's disk is full: version {version} of {name!r} was "
-                    f"deleted, but {name}/{DELETED_MARK} (which keeps its number from being "
-                    "given to the next publish) could not be written: free space on that disk "
-                    "before converting this model again"
-                ) from None
+        if not marked and not _write_mark(vdir.parent, mark):
+            raise LimitExceeded(
+                f"the model repository's disk is full: version {version} of {name!r} was "
+                f"deleted, but {name}/{DELETED_MARK} (which keeps its number from being "
+                "given to the next publish) could not be written: free space on that disk "
+                "before converting this model again"
+            )
 
     @staticmethod
     def _highest_deleted(mdir: Path) -> int:
@@ -387,6 +376,18 @@ class ModelRepository:
                 with contextlib.suppress(OSError):
                     mdir.rmdir()
         return removed
+
+
+def _write_mark(mdir: Path, mark: int) -> bool:
+    """Write ``mark`` as the model's DELETED_MARK; False (nothing written) when the disk is
+    full, any other failure raised."""
+    try:
+        write_file_atomic(mdir / DELETED_MARK, f"{mark}\n".encode())
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        return False
+    return True
 
 
 def _holds_version(folder: Path) -> bool:
