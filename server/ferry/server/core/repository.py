@@ -102,10 +102,7 @@ class ModelRepository:
             # A link to another model's folder (latest -> resnet): list_models skips it, so a
             # LoadModel of it served it until the next refresh unloaded it again, and every
             # edit made through it (a deleted version, a rollout) changed the other model.
-            raise FailedPrecondition(
-                f"model folder {name!r} is a symbolic link, which is not served: move (or copy) "
-                "the folder itself into the repository"
-            )
+            raise FailedPrecondition(_linked_model(name))
         return path
 
     def version_dir(self, name: str, version: int) -> Path:
@@ -175,10 +172,7 @@ class ModelRepository:
                 if entry.name.startswith(".") or not _holds_version(entry):
                     continue
                 if entry.is_symlink():
-                    found.append(
-                        f"model folder {entry.name!r} is a symbolic link, which is not served: "
-                        f"move (or copy) the folder itself into the repository ({layout})"
-                    )
+                    found.append(f"{_linked_model(entry.name)} ({layout})")
                 elif not MODEL_NAME_RE.fullmatch(entry.name):
                     found.append(
                         f"folder {short(entry.name)!r} holds a model but is not a valid model "
@@ -376,6 +370,15 @@ class ModelRepository:
                 with contextlib.suppress(OSError):
                     mdir.rmdir()
         return removed
+
+
+def _linked_model(name: str) -> str:
+    """Why a model folder that is a symbolic link is not served (model_dir refuses it, and a
+    layout check lists it)."""
+    return (
+        f"model folder {name!r} is a symbolic link, which is not served: move (or copy) the "
+        "folder itself into the repository"
+    )
 
 
 def _write_mark(mdir: Path, mark: int) -> bool:
