@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,30 @@ class _Proc:
     returncode = None
 
 
+async def _no_exec(*args: Any, **kwargs: Any) -> _Proc:
+    return _Proc()
+
+
+def _fleet(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    peers: Any,
+    unloaded: Callable[[], list[str]] = lambda: [],
+    *,
+    spawned: Callable[..., Awaitable[_Proc]] = _no_exec,
+    serving: Callable[[str], dict[str, list[int]]] | None = None,
+) -> fleet_module.WorkerFleet:
+    """A fleet whose workers are started by `spawned` and are ready at once."""
+
+    async def ready(worker: Any, sock: Path) -> None:
+        return None
+
+    monkeypatch.setattr(fleet_module.asyncio, "create_subprocess_exec", spawned)
+    fleet = fleet_module.WorkerFleet(Settings(), tmp_path, 2, peers, unloaded, serving=serving)
+    monkeypatch.setattr(fleet, "_wait_ready", ready)
+    return fleet
+
+
 def test_a_ready_worker_rereads_the_repository_then_applies_the_unloads_since(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -46,13 +71,8 @@ def test_a_ready_worker_rereads_the_repository_then_applies_the_unloads_since(
         unloaded[:] = ["kept", "later"]  # changed while it started
         return _Proc()
 
-    async def ready(worker: Any, sock: Path) -> None:
-        return None
-
-    monkeypatch.setattr(fleet_module.asyncio, "create_subprocess_exec", spawned)
     peers = _Peers()
-    fleet = fleet_module.WorkerFleet(Settings(), tmp_path, 2, peers, lambda: list(unloaded))  # type: ignore[arg-type]
-    monkeypatch.setattr(fleet, "_wait_ready", ready)
+    fleet = _fleet(tmp_path, monkeypatch, peers, lambda: list(unloaded), spawned=spawned)
     asyncio.run(fleet._spawn(fleet._workers[0]))
     assert json.loads(Path(envs[0][fleet_module.ENV_UNLOADED]).read_text()) == ["again", "kept"]
     assert peers.calls == [
@@ -82,12 +102,7 @@ def test_a_worker_starts_again_whatever_the_number_of_models_unloaded(
         read_back.append(json.loads(out))
         return _Proc()
 
-    async def ready(worker: Any, sock: Path) -> None:
-        return None
-
-    monkeypatch.setattr(fleet_module.asyncio, "create_subprocess_exec", spawned)
-    fleet = fleet_module.WorkerFleet(Settings(), tmp_path, 2, _Peers(), lambda: names)  # type: ignore[arg-type]
-    monkeypatch.setattr(fleet, "_wait_ready", ready)
+    fleet = _fleet(tmp_path, monkeypatch, _Peers(), lambda: names, spawned=spawned)
     asyncio.run(fleet._spawn(fleet._workers[0]))
     assert read_back == [names]
 
@@ -108,17 +123,7 @@ def test_a_worker_that_lacks_a_version_is_not_joined_unless_a_change_to_it_is_in
                 return {"joined": not ask["serving"], "lacks": "a version 1 (out of memory)"}
             return {"ok": True}
 
-    async def spawned(*args: Any, **kwargs: Any) -> _Proc:
-        return _Proc()
-
-    async def ready(worker: Any, sock: Path) -> None:
-        return None
-
-    monkeypatch.setattr(fleet_module.asyncio, "create_subprocess_exec", spawned)
-    fleet = fleet_module.WorkerFleet(
-        Settings(), tmp_path, 2, _Lacking(), lambda: [], serving=lambda m: {"a": [1]}
-    )  # type: ignore[arg-type]
-    monkeypatch.setattr(fleet, "_wait_ready", ready)
+    fleet = _fleet(tmp_path, monkeypatch, _Lacking(), serving=lambda m: {"a": [1]})
     with pytest.raises(fleet_module.WorkerStartError, match=r"does not serve a version 1"):
         asyncio.run(fleet._spawn(fleet._workers[0]))
     fleet._pending["a"] += 1  # a load of "a" made here, its follow waiting for the lock
@@ -141,18 +146,8 @@ def test_a_worker_refused_once_rereads_the_repository_and_joins(
                 return {"joined": joins.pop(0), "lacks": "a version 2 (not loaded)"}
             return {"ok": True}
 
-    async def spawned(*args: Any, **kwargs: Any) -> _Proc:
-        return _Proc()
-
-    async def ready(worker: Any, sock: Path) -> None:
-        return None
-
-    monkeypatch.setattr(fleet_module.asyncio, "create_subprocess_exec", spawned)
     peers = _Late()
-    fleet = fleet_module.WorkerFleet(
-        Settings(), tmp_path, 2, peers, lambda: [], serving=lambda m: {"a": [2]}
-    )  # type: ignore[arg-type]
-    monkeypatch.setattr(fleet, "_wait_ready", ready)
+    fleet = _fleet(tmp_path, monkeypatch, peers, serving=lambda m: {"a": [2]})
     asyncio.run(fleet._spawn(fleet._workers[0]))
     assert [(method, ask.get("op")) for _, method, ask in peers.calls] == [
         (control.APPLY, "refresh"),
