@@ -218,10 +218,9 @@ class WorkerFleet:
         and each such race cost a restart and its backoff. A load of its own that failed is
         tried once more in that process."""
         for attempt in (1, 2):
-            mine = self._serving("") if self._serving is not None else {}
-            if "" in self._pending:
-                mine = {}
-            mine = {name: v for name, v in mine.items() if name not in self._pending}
+            mine: dict[str, list[int]] = {}
+            if self._serving is not None and "" not in self._pending:
+                mine = {n: v for n, v in self._serving("").items() if n not in self._pending}
             try:
                 answer = await self.peers.call(sock, control.JOIN, {"serving": mine}, 60.0)
                 if answer.get("joined"):
