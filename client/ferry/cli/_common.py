@@ -168,16 +168,12 @@ def tls_config(args: argparse.Namespace) -> TLSConfig | None:
     if not (args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name):
         return None
     try:
-        tls = TLSConfig(
+        return TLSConfig(
             ca_cert=args.tls_ca,
             client_cert=args.tls_cert,
             client_key=args.tls_key,
             server_name_override=args.tls_server_name,
         )
-        # The files, read now: a command whose client is made later (loadtest's, in its
-        # event loop) ended a missing one in a ValueError traceback.
-        tls.credentials()
-        return tls
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 

@@ -12,6 +12,7 @@ from ferry.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
     UsageError,
+    channel_config,
     check_destination,
     connect,
     connection_parent,
@@ -239,6 +240,10 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
         config.validate()
     except LoadTestConfigError as exc:
         raise UsageError(str(exc)) from None
+    # The connection flags (a PEM file it cannot read), judged as every other command's client
+    # judges them: the run makes its clients later, in its event loop, where a ValueError was
+    # a traceback.
+    channel_config(args)
     if args.plot:  # fail before the run, not after minutes of load
         try:
             import matplotlib  # noqa: F401
