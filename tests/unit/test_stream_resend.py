@@ -34,9 +34,8 @@ def test_a_resend_carries_the_inputs_as_submitted() -> None:
         "empty": np.zeros((0, 4), np.int16),
         "nested": [np.array([1.5, 2.5])],
     }
-    expected = {k: np.array(v) if not isinstance(v, list) else v for k, v in inputs.items()}
-    expected["ids"] = [[5, 6]]
-    expected["nested"] = [np.array([1.5, 2.5])]
+    arrays = ("image", "wide", "text", "empty")
+    expected = {name: np.array(inputs[name]) for name in arrays}  # copies, as submitted
     keep = kept(inputs)
     row[0][:] = [7, 8]  # refilled for the next request
     image[:] = -1
@@ -45,7 +44,7 @@ def test_a_resend_carries_the_inputs_as_submitted() -> None:
     assert list(again) == list(inputs)  # the order submitted
     assert again["ids"] == [[5, 6]]
     np.testing.assert_array_equal(again["nested"][0], [1.5, 2.5])
-    for name in ("image", "wide", "text", "empty"):
+    for name in arrays:
         assert again[name].shape == expected[name].shape
         assert again[name].tolist() == expected[name].tolist()
 
