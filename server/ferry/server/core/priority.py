@@ -31,8 +31,14 @@ T = TypeVar("T")
 
 # How much lower than serving threads a loader runs (Linux nice increment).
 NICENESS = 10
-# How long a build may take to start its threads before its builder lowers itself anyway.
-THREADS_WAIT_S = 2.0
+# How much CPU a build may spend before its threads exist, after which its builder is lowered
+# anyway (an onnxruntime session starts its pool within milliseconds of its own CPU). Counted in
+# the builder's CPU time, not the wall clock's: on a busy host a builder that waits for a core
+# has done nothing yet, and lowering it then left the session's pool at the loaders' priority.
+THREADS_CPU_S = 0.5
+# The wall-clock bound on that wait (a build blocked in I/O uses no CPU), which also bounds how
+# long other builds wait for this one's window.
+THREADS_WAIT_S = 15.0
 TASKS = "/proc/self/task"
 
 _local = threading.local()
@@ -84,7 +90,8 @@ def with_own_threads(build: Callable[[], T], threads: int | None) -> T:
 
     The build runs on a fresh thread that the starter starts (so at normal priority); the
     caller lowers it once ``threads`` new native threads exist (the session's own, which keep
-    normal priority), or after THREADS_WAIT_S. A native thread of something else starting
+    normal priority), or once it has spent THREADS_CPU_S of CPU (or THREADS_WAIT_S have passed)
+    without them. A native thread of something else starting
     meanwhile can make it lower early: the session's threads are then lowered, as they were
     before this existed, never worse."""
     if not is_lowered() or not _starter or not os.path.isdir(TASKS):
@@ -106,7 +113,7 @@ def with_own_threads(build: Callable[[], T], threads: int | None) -> T:
             pause = threading.Event()
             end = time.monotonic() + THREADS_WAIT_S
             while builder.is_alive() and time.monotonic() < end:
-                if len(_new_native(before)) >= threads:
+                if len(_new_native(before)) >= threads or _cpu_s(builder) >= THREADS_CPU_S:
                     break
                 pause.wait(0.0005)
             if builder.is_alive() and builder.native_id is not None:
@@ -115,6 +122,14 @@ def with_own_threads(build: Callable[[], T], threads: int | None) -> T:
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
+
+
+def _cpu_s(thread: threading.Thread) -> float:
+    """CPU seconds ``thread`` has run; 0 where that cannot be read (the thread ended)."""
+    try:
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident or 0))
+    except (AttributeError, OSError):
+        return 0.0
 
 
 def _new_native(before: set[str]) -> set[str]:
