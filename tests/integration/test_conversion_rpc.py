@@ -1108,6 +1108,9 @@ def test_set_default_edits_a_toml_config_in_place(start: Start, tmp_path: Path) 
 # ---- the real child (torch) ----
 REAL_CHILD = Path(uploads_module.__file__).parent / "worker" / "child.py"
 MLP_KWARGS = {"in_features": 16, "hidden": [32], "out_features": 4}
+# A process started ahead imports torch and primes the exporter: seconds alone, over the
+# helpers' 20 s (WAIT_S) on a loaded 2-core box. A bound that only catches one that never gets ready.
+WARM_UP_S = 180.0
 
 
 def _mlp(seed: int = 0) -> Any:
@@ -1354,6 +1357,7 @@ def test_the_next_job_runs_in_a_process_started_ahead(start: Start, tmp_path: Pa
     wait_for(
         lambda: runner._warm is not None and runner._warm.ready.exists(),
         "a conversion process started ahead and warmed up",
+        timeout=WARM_UP_S,
     )
     assert runner._warm is not None
     # Its warm-up folder is gone once it is ready: a warm process ends by a signal, which no
@@ -1366,7 +1370,11 @@ def test_the_next_job_runs_in_a_process_started_ahead(start: Start, tmp_path: Pa
     np.testing.assert_allclose(
         infer(srv, "warm", x.numpy()[:1])["output"], _expected(module, x)[:1], rtol=1e-4, atol=1e-5
     )
-    wait_for(lambda: runner._warm is not None and runner._warm.proc.pid != ahead, "the next one")
+    wait_for(
+        lambda: runner._warm is not None and runner._warm.proc.pid != ahead,
+        "the next one",
+        timeout=WARM_UP_S,
+    )
     assert leftovers(tmp_path) == []
 
 
