@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from helpers import WAIT_S, make_repo, wait_for
 
-from ferry.client import InferenceClient, RepositoryClient
+from ferry.client import FailedPreconditionError, InferenceClient, RepositoryClient
 from ferry.server.core.repository import ModelRepository
 from ferry.server.examples import large_model, mlp_model, seed_model, write_model
 from ferry.server.workers import control
@@ -591,3 +591,42 @@ def test_a_worker_whose_load_fails_while_the_fleet_starts_ends_the_start_in_one_
     assert "out of memory in this worker" in last and "which the first process serves" in last
     assert "Traceback" not in proc.stderr
     assert not list(tmp_path.glob("ferry-workers-*"))
+
+
+def _cap_memory(pid: int) -> None:
+    """Cap ``pid``'s address space a little above what it maps now: a load of a model with
+    128 MiB of weights fails there as one out of memory would, and in no other process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    size = int(status.split("VmSize:")[1].split()[0]) * 1024
+    resource.prlimit(pid, resource.RLIMIT_AS, (size + (32 << 20), resource.RLIM_INFINITY))
+
+
+def test_a_version_the_first_process_fails_to_load_is_served_by_no_worker(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """The first process's own load of a version failed (out of memory there: its address
+    space is capped here) while the workers' loads succeeded: LoadModel answered
+    FAILED_PRECONDITION, yet the workers served the version, so 1 connection in N answered
+    it and the others refused it. The first process's outcome is every worker's (one started
+    again included): none serves the version until the first does, and then every one does."""
+    first = fleet.pids[0]
+    write_model(ModelRepository(tmp_path / "repo"), "big", large_model(128))
+    _cap_memory(first)
+    try:
+        with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+            with pytest.raises(FailedPreconditionError, match="big"):
+                repo.load_model("big")
+            assert not _serves(fleet.run_dir, 0, "big") and not _serves(fleet.run_dir, 1, "big")
+            # Tried again everywhere (a refresh retries failed loads): the same outcome.
+            assert any("big/1" in f for f in repo.refresh().failed)
+            assert not _serves(fleet.run_dir, 1, "big")
+            # A worker started again loads the folder itself (and big with it): it joins the
+            # inference port without it, as the first process serves it.
+            pid = _kill_worker_1(fleet)
+            fleet.wait_line(rf"worker 1 ready \(pid {pid}\)")
+            assert not _serves(fleet.run_dir, 1, "big") and _serves(fleet.run_dir, 1, "mlp")
+    finally:
+        resource.prlimit(first, resource.RLIMIT_AS, (resource.RLIM_INFINITY,) * 2)
+    with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+        repo.load_model("big")  # with memory again: every process serves it
+    assert _serves(fleet.run_dir, 0, "big") and _serves(fleet.run_dir, 1, "big")

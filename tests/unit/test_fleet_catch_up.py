@@ -76,10 +76,10 @@ def test_a_ready_worker_rereads_the_repository_then_applies_the_unloads_since(
     asyncio.run(fleet._spawn(fleet._workers[0]))
     assert json.loads(Path(envs[0][fleet_module.ENV_UNLOADED]).read_text()) == ["again", "kept"]
     assert peers.calls == [
-        ("worker-1.sock", control.APPLY, {"op": "refresh", "model": ""}),
-        ("worker-1.sock", control.APPLY, {"op": "load", "model": "again"}),
-        ("worker-1.sock", control.APPLY, {"op": "unload", "model": "later"}),
-        ("worker-1.sock", control.JOIN, {"serving": {}}),
+        ("worker-1.sock", control.APPLY, {"op": "refresh", "model": "", "failed": []}),
+        ("worker-1.sock", control.APPLY, {"op": "load", "model": "again", "failed": []}),
+        ("worker-1.sock", control.APPLY, {"op": "unload", "model": "later", "failed": []}),
+        ("worker-1.sock", control.JOIN, {"serving": {}, "failed": []}),
     ]
 
 
@@ -129,7 +129,7 @@ def test_a_worker_that_lacks_a_version_is_not_joined_unless_a_change_to_it_is_in
     fleet._pending["a"] += 1  # a load of "a" made here, its follow waiting for the lock
     asyncio.run(fleet._spawn(fleet._workers[0]))
     # Refused, it re-read the repository and was asked once more, then refused again.
-    assert answers == [{"serving": {"a": [1]}}, {"serving": {"a": [1]}}, {"serving": {}}]
+    assert [a["serving"] for a in answers] == [{"a": [1]}, {"a": [1]}, {}]
 
 
 def test_a_worker_refused_once_rereads_the_repository_and_joins(

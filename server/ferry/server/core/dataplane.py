@@ -718,6 +718,14 @@ class DataPlane:
             return None
         return config.default_version or newest
 
+    def failed_loads(self) -> list[list[Any]]:
+        """The versions whose load failed in this (first) process (Registry.failed_loads)."""
+        return self._registry.failed_loads()
+
+    async def follow_failures(self, rows: list[list[Any]]) -> None:
+        """In a worker: fail and take out what failed in the first (Registry.follow_failures)."""
+        await self._registry.follow_failures(rows)
+
     async def refresh(self, *, retry_failed: bool = True) -> RepositoryOutcome:
         """A refresh asked for (the RPC, a worker following the first): run to its end if the
         caller leaves. Cancelled while a version loaded, it left that version LOADING for

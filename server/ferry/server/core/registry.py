@@ -13,6 +13,7 @@ model never waits behind a refresh that is loading others (one refresh runs at a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -161,6 +162,11 @@ class ModelRegistry:
         self._required: set[str] | None = None  # None until settle(): see all_ready
         self._named: set[str] = set()  # those --require-models named (settle)
         self.follower: Follower | None = None
+        # In a worker process (--workers): the versions whose load failed in the first
+        # process, (name, version) -> (why, the files' signature when it tried). Its outcome
+        # is every worker's: a worker whose own load succeeded served a version the first
+        # did not (out of memory there), and 1 connection in N answered it (follow_failures).
+        self._first_failed: dict[tuple[str, int], tuple[str, Any]] = {}
 
     @property
     def unloaded_by_request(self) -> list[str]:
@@ -171,6 +177,52 @@ class ModelRegistry:
         """Before the first refresh: models an explicit unload took out in the process this one
         follows (a worker started again), which it must not load and serve meanwhile."""
         self._unloaded_by_request.update(names)
+
+    def failed_loads(self) -> list[list[Any]]:
+        """In the first process: each version whose load failed here, [name, version, why,
+        signature], the failed reload of a served version included (it serves the previous
+        load): what every worker must not serve either (``follow_failures``)."""
+        rows: list[list[Any]] = []
+        for entry in list(self.models.values()):
+            for slot in list(entry.versions.values()):
+                if slot.state is State.FAILED and slot.loaded is None:
+                    rows.append([entry.name, slot.version, slot.reason, _plain(slot.signature)])
+                elif _reload_failed(slot):
+                    why = slot.reason[len(_STILL_SERVING) :]
+                    rows.append([entry.name, slot.version, why, _plain(slot.signature)])
+        return rows
+
+    async def follow_failures(self, rows: list[list[Any]]) -> None:
+        """In a worker: the first process's ``failed_loads`` now. A load of one of those
+        versions (the same files) fails here too, with the first's reason, and one this worker
+        serves already (loaded before the first's load failed) is taken out: every process
+        serves a version, or none does."""
+        self._first_failed = {(str(n), int(v)): (str(why), sig) for n, v, why, sig in rows}
+        for (name, version), (why, sig) in self._first_failed.items():
+            entry = self.models.get(name)
+            slot = entry.versions.get(version) if entry is not None else None
+            if entry is None or slot is None or slot.loaded is None or _reload_failed(slot):
+                continue
+            if _plain(slot.signature) != sig or slot.state is not State.READY:
+                continue
+            async with self._lock_of(name):
+                if entry is not self.models.get(name) or entry.versions.get(version) is not slot:
+                    continue  # changed while this waited on the lock
+                await self._unload_version(entry, version, RepositoryOutcome())
+                entry.versions[version] = VersionSlot(
+                    version, State.FAILED, _failed_first(why), None, slot.signature
+                )
+                if not entry.ready_versions() and self._required is not None:
+                    self._required.discard(name)  # as where its load failed: not required
+                self._notify()
+
+    def _failed_in_first(self, name: str, version: int, sig: Signature) -> str:
+        """Why this version (with these files) is not to be loaded here: its load failed in
+        the first process ("" when it did not, or this is the first process)."""
+        failed = self._first_failed.get((name, version))
+        if failed is None or failed[1] != _plain(sig):
+            return ""
+        return _failed_first(failed[0])
 
     def add_listener(self, listener: Listener) -> None:
         """Called after every state change (health and metrics follow the registry)."""
@@ -834,6 +886,9 @@ class ModelRegistry:
             entry.versions[version] = VersionSlot(version, State.LOADING, "", None, sig)
         self._notify()
         try:
+            elsewhere = self._failed_in_first(entry.name, version, sig)
+            if elsewhere:
+                raise FailedPrecondition(elsewhere)
             loaded = await self._open(entry.name, version, path, entry.config)
         except Exception as exc:  # any load failure is reported, never raised to the caller
             reason = exc.message if isinstance(exc, FerryError) else f"{type(exc).__name__}: {exc}"
@@ -1030,6 +1085,16 @@ def _still_serving(why: str) -> str:
 def _reload_failed(slot: VersionSlot) -> bool:
     """Does ``slot`` serve an earlier load because its files changed and failed to load?"""
     return slot.loaded is not None and slot.reason.startswith(_STILL_SERVING)
+
+
+def _failed_first(why: str) -> str:
+    return f"its load failed in the first worker process, whose outcome every worker follows: {why}"
+
+
+def _plain(sig: Signature) -> Any:
+    """A signature as it reads after a trip through JSON (the control channel's): the first
+    process's and a worker's compare equal when their files are the same."""
+    return json.loads(json.dumps(sig))
 
 
 def _policy_text(config: ModelConfig) -> str:

@@ -209,7 +209,9 @@ class ControlService(grpc.GenericRpcHandler):
         anyway, and 1 connection in N was refused a model the others served."""
         if self._join is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not a started worker")
-        mine = decode(raw).get("serving") or {}
+        ask = decode(raw)
+        await self._dataplane.follow_failures(ask.get("failed") or [])
+        mine = ask.get("serving") or {}
         missing = lacking(mine, serving(self._dataplane, ""))
         if missing:
             reasons = {(s.name, s.version): s.reason for s in self._dataplane.list_models()}
@@ -228,12 +230,17 @@ class ControlService(grpc.GenericRpcHandler):
         if op not in OPS:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown op {op!r}")
         try:
+            # Set first: what failed to load in the first process fails here too, so this
+            # op loads no version the first does not serve (Registry.follow_failures).
+            await self._dataplane.follow_failures(ask.get("failed") or [])
             if op == "load":
                 await self._dataplane.load(model)
             elif op == "unload":
                 await self._dataplane.unload(model)
             else:
                 await self._dataplane.refresh(retry_failed=op == "refresh")
+            # Again after: a version loaded before the first's load of it failed goes now.
+            await self._dataplane.follow_failures(ask.get("failed") or [])
         except FerryError as exc:  # the first worker reports its own outcome; this is a log line
             log.warning("worker could not %s %s: %s", op, model or "the repository", exc.message)
             return encode(

@@ -28,6 +28,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc import aio
@@ -109,6 +110,7 @@ class WorkerFleet:
         load_seconds: float = 0.0,
         refresh: Callable[[], Awaitable[object]] | None = None,
         serving: Callable[[str], dict[str, list[int]]] | None = None,
+        failed: Callable[[], list[Any]] = list,
     ) -> None:
         self.settings = settings
         self.run_dir = run_dir
@@ -126,6 +128,10 @@ class WorkerFleet:
         # model ("": every one) -> the versions this process serves (control.serving): after
         # a change, a worker must serve at least those (follow).
         self._serving = serving
+        # The versions whose load failed in this process (Registry.failed_loads), sent with
+        # every change and JOIN: a worker fails them too, so that no version is served by
+        # some processes and refused by others (its load succeeded where the first's did not).
+        self._failed = failed
         self._workers = [_Worker(i) for i in range(1, count)]
         self._flags: list[str] = []
         self._stopping = False
@@ -191,17 +197,14 @@ class WorkerFleet:
         # Under the lock that ``follow`` takes: a change made meanwhile reaches this worker
         # after its catch-up, never before it (an unload undone by a catch-up's load).
         async with self._changes:
-            await self.peers.call(
-                sock, control.APPLY, {"op": "refresh", "model": ""}, APPLY_TIMEOUT
-            )
+            await self.peers.call(sock, control.APPLY, self._ask("refresh", ""), APPLY_TIMEOUT)
             # It started without the models unloaded on request then (ENV_UNLOADED), which
             # its refresh keeps out: one loaded again since is loaded, one unloaded since goes.
             now = set(self._unloaded())
             for name in sorted(set(unloaded) - now):
-                ask = {"op": "load", "model": name}
-                await self.peers.call(sock, control.APPLY, ask, APPLY_TIMEOUT)
+                await self.peers.call(sock, control.APPLY, self._ask("load", name), APPLY_TIMEOUT)
             for name in sorted(now - set(unloaded)):
-                await self.peers.call(sock, control.APPLY, {"op": "unload", "model": name}, 60.0)
+                await self.peers.call(sock, control.APPLY, self._ask("unload", name), 60.0)
             # It binds the inference ports only if it serves what this process serves: its
             # own load can fail (out of memory in that process, a file it could not read), and
             # it joined without the model, so 1 connection in N was refused it. Not joined, it
@@ -222,11 +225,12 @@ class WorkerFleet:
             if self._serving is not None and "" not in self._pending:
                 mine = {n: v for n, v in self._serving("").items() if n not in self._pending}
             try:
-                answer = await self.peers.call(sock, control.JOIN, {"serving": mine}, 60.0)
+                ask = {"serving": mine, "failed": self._failed()}
+                answer = await self.peers.call(sock, control.JOIN, ask, 60.0)
                 if answer.get("joined"):
                     return
                 if attempt == 1:
-                    ask = {"op": "refresh", "model": ""}
+                    ask = self._ask("refresh", "")
                     await self.peers.call(sock, control.APPLY, ask, APPLY_TIMEOUT)
             except grpc.RpcError as exc:
                 raise WorkerStartError(
@@ -360,8 +364,8 @@ class WorkerFleet:
         applied: the call failed, or the worker answered but does not serve a version this
         process serves after the change (its own load failed: out of memory, a file it could
         not read), so 1 connection in N was refused a model the management call loaded."""
-        ask = {"op": op, "model": model}
         # Now, before any await: this process's state right after the change it follows.
+        ask = self._ask(op, model)
         mine = self._serving(model) if self._serving is not None else None
         self._pending[model] += 1  # a worker joining meanwhile is not judged on it (_spawn)
         try:
@@ -399,6 +403,10 @@ class WorkerFleet:
                 and not self._stopping
             ):
                 self._kill(worker, f"did not apply {op} {model or 'of the repository'}")
+
+    def _ask(self, op: str, model: str) -> dict[str, Any]:
+        """A change for a worker to apply, with what failed to load here now."""
+        return {"op": op, "model": model, "failed": self._failed()}
 
     def _starting(self, path: Path) -> _Worker | None:
         """The worker at ``path`` if it has yet to answer since it was (re)started."""

@@ -1,0 +1,174 @@
+"""With --workers, the first process's failed loads are every worker's (Registry.follow_failures).
+
+Two registries over one real repository stand for the first process and a worker: the first's
+opener fails for one version as a load out of memory there would, the worker's does not. No
+sockets: the rows travel as the control channel carries them (JSON).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ferry.server.core.registry import ModelRegistry
+from ferry.server.core.repository import ModelRepository
+from ferry.server.examples import seed_model, write_model
+from ferry.server.runtime.session import open_session
+
+GUARD_S = 60.0
+
+
+def arun(fn: Callable[[], Awaitable[None]]) -> None:
+    async def guarded() -> None:
+        async with asyncio.timeout(GUARD_S):  # a hang guard, not a check
+            await fn()
+
+    asyncio.run(guarded())
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> ModelRepository:
+    return ModelRepository(tmp_path / "repo")
+
+
+def _first(repo: ModelRepository, failing: set[int]) -> ModelRegistry:
+    """The first process: its load of the versions in ``failing`` runs out of memory."""
+
+    def opener(path: Path, config: Any, **kw: Any) -> Any:
+        if int(path.parent.name) in failing:
+            raise MemoryError("out of memory in the first process")
+        return open_session(path, config, **kw)
+
+    return ModelRegistry(repo, opener, warm_up=False)
+
+
+def _rows(first: ModelRegistry) -> list[list[Any]]:
+    return json.loads(json.dumps(first.failed_loads()))  # as the control channel carries them
+
+
+def _replace(repo: ModelRepository, model: Any) -> None:
+    """New files for seed version 1, a second later by their mtime (a refresh sees them)."""
+    path = repo.model_dir("seed") / "1" / "model.onnx"
+    path.write_bytes(model.SerializeToString())
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def _serving(registry: ModelRegistry) -> dict[str, list[int]]:
+    return {name: entry.ready_versions() for name, entry in registry.models.items()}
+
+
+def test_a_version_that_failed_in_the_first_is_failed_in_a_worker_too(
+    repo: ModelRepository,
+) -> None:
+    """The worker's own load succeeds; it fails with the first's reason instead, and keeps
+    serving what the first keeps serving (the previous version, under latest 1)."""
+    write_model(repo, "seed", seed_model(seed=1))
+
+    async def main() -> None:
+        failing: set[int] = set()
+        first, worker = _first(repo, failing), ModelRegistry(repo, open_session, warm_up=False)
+        await first.refresh()
+        await worker.refresh()
+        write_model(repo, "seed", seed_model(seed=2), version=2)
+        failing.add(2)
+        await first.refresh()
+        assert _serving(first) == {"seed": [1]}
+        await worker.follow_failures(_rows(first))
+        result = await worker.refresh()
+        assert _serving(worker) == {"seed": [1]}
+        (why,) = [s.reason for s in worker.statuses("seed") if s.version == 2]
+        assert "first worker process" in why and "out of memory in the first process" in why
+        assert result.failed and "out of memory" in result.failed[0]
+        await worker.refresh(retry_failed=False)  # a poll: the same outcome, no new load
+        assert _serving(worker) == {"seed": [1]}
+        # The first loads it (memory again): no row names it, and the worker's load serves it.
+        failing.clear()
+        await first.load_model("seed")
+        assert first.failed_loads() == []
+        await worker.follow_failures(_rows(first))
+        await worker.load_model("seed")
+        assert _serving(worker) == _serving(first) == {"seed": [2]}
+        await first.close()
+        await worker.close()
+
+    arun(main)
+
+
+def test_a_version_a_worker_served_before_the_first_failed_it_is_taken_out(
+    repo: ModelRepository,
+) -> None:
+    """A worker that loaded a version before the first's load of it failed (it started again
+    meanwhile) stops serving it once told, and its readiness follows, as the first's does."""
+    write_model(repo, "seed", seed_model())
+
+    async def main() -> None:
+        first = _first(repo, {1})
+        worker = ModelRegistry(repo, open_session, warm_up=False)
+        await first.refresh()
+        first.settle()
+        await worker.refresh()
+        worker.settle()
+        assert _serving(worker) == {"seed": [1]} and worker.all_ready()
+        await worker.follow_failures(_rows(first))
+        assert _serving(worker) == _serving(first) == {"seed": []}
+        assert worker.all_ready() == first.all_ready()
+        await first.close()
+        await worker.close()
+
+    arun(main)
+
+
+def test_files_changed_since_the_first_tried_are_loaded_by_the_worker(
+    repo: ModelRepository,
+) -> None:
+    """The first's failure is of the files it tried: other files (copied in since) are not
+    refused on its word, which would hold until the first's next load of them."""
+    write_model(repo, "seed", seed_model())
+
+    async def main() -> None:
+        first = _first(repo, {1})
+        worker = ModelRegistry(repo, open_session, warm_up=False)
+        await first.refresh()
+        rows = _rows(first)
+        _replace(repo, seed_model(seed=3))  # new files, copied in since the first tried
+        await worker.follow_failures(rows)
+        await worker.refresh()
+        assert _serving(worker) == {"seed": [1]}
+        await first.close()
+        await worker.close()
+
+    arun(main)
+
+
+def test_a_reload_that_failed_in_the_first_keeps_the_previous_load_in_the_worker(
+    repo: ModelRepository,
+) -> None:
+    """New files of a served version that the first could not load: it serves the previous
+    load, and so does the worker, rather than answering from the new files alone."""
+    write_model(repo, "seed", seed_model(seed=1))
+
+    async def main() -> None:
+        failing: set[int] = set()
+        first, worker = _first(repo, failing), ModelRegistry(repo, open_session, warm_up=False)
+        await first.refresh()
+        await worker.refresh()
+        before = worker.get("seed", 1)
+        _replace(repo, seed_model(seed=2))
+        failing.add(1)
+        await first.refresh()
+        await worker.follow_failures(_rows(first))
+        await worker.refresh()
+        assert worker.get("seed", 1) is before
+        (why,) = [s.reason for s in worker.statuses("seed")]
+        assert why.startswith("reload failed, still serving previous load") and "first" in why
+        await first.close()
+        await worker.close()
+
+    arun(main)
