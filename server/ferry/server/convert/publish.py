@@ -19,16 +19,11 @@ from ferry.server.core.repository import (
     MODEL_FILE,
     VERSION_CONFIG_FILE,
     ModelRepository,
+    repository_edit,
     write_file_atomic,
 )
 from ferry.server.core.types import State
-from ferry.server.errors import (
-    ConversionFailed,
-    ErrorKind,
-    FailedPrecondition,
-    FerryError,
-    InternalError,
-)
+from ferry.server.errors import FailedPrecondition, FerryError, InternalError
 
 log = logging.getLogger("ferry.convert")
 
@@ -56,7 +51,8 @@ async def publish(
     The registry opens the staged model with the config it will be served with *before* the
     rename (a published version is immutable and visible at once, so a graph that cannot be
     served must fail the job), and then serves that same session: one session per publish."""
-    await asyncio.to_thread(_prepare, staged, serving_config)
+    with repository_edit(f"the serving config of {model!r}'s new version"):
+        await asyncio.to_thread(_prepare, staged, serving_config)
     current = _serving_version(registry, model) if rollout == "shadow" else None
     before: rollouts.Rollout | None = None
     expected: rollouts.Rollout | None = None
@@ -77,39 +73,30 @@ async def publish(
         # pin): a person's change made meanwhile (the new version loads for seconds) wins, and
         # is never overwritten with the split read before it (an ended canary came back).
         expected = registry.rollout_of(model)[0]
+
+    def commit() -> int:
+        # The repository's refusal of the rename (a full disk, a read-only mount, a
+        # permission) is said as such, not as a model that does not load (registry.publish).
+        with repository_edit(f"the new version of {model!r}"):
+            return repository.publish(model, staged)
+
     try:
-        try:
-            version, status = await registry.publish(
-                model, staged, lambda: repository.publish(model, staged)
-            )
-        except BaseException:
-            if pinned:
-                # Nothing was published: the pin goes, or it would hold every later version
-                # (published without a shadow) away from the traffic.
-                try:
-                    await registry.set_rollout(
-                        model,
-                        before,
-                        by=by,
-                        why="the candidate was not published; pin removed",
-                        decided_on=expected,
-                    )
-                except Exception as exc:  # the publish's own error is the one to report
-                    log.warning("model %s: the shadow pin was not removed: %s", model, exc)
-            raise
-    except FerryError as exc:
-        if exc.kind in (ErrorKind.ALREADY_EXISTS, ErrorKind.LIMIT_EXCEEDED):
-            raise
-        raise ConversionFailed(
-            f"the converted model does not load in this server's onnxruntime: {exc.message[:500]}"
-        ) from None
-    except OSError:
+        version, status = await registry.publish(model, staged, commit)
+    except BaseException:
+        if pinned:
+            # Nothing was published: the pin goes, or it would hold every later version
+            # (published without a shadow) away from the traffic.
+            try:
+                await registry.set_rollout(
+                    model,
+                    before,
+                    by=by,
+                    why="the candidate was not published; pin removed",
+                    decided_on=expected,
+                )
+            except Exception as exc:  # the publish's own error is the one to report
+                log.warning("model %s: the shadow pin was not removed: %s", model, exc)
         raise
-    except Exception as exc:
-        raise ConversionFailed(
-            "the converted model does not load in this server's onnxruntime: "
-            f"{type(exc).__name__}: {str(exc)[:500]}"
-        ) from None
     if current is not None:
         # A live split keeps its rule too: dropped, a canary's max_error_rate stopped rolling
         # a failing version out of the split the moment a shadow candidate was converted.

@@ -40,6 +40,8 @@ from ferry.server.core.types import (
     short,
 )
 from ferry.server.errors import (
+    ConversionFailed,
+    ErrorKind,
     FailedPrecondition,
     FerryError,
     ModelNotFound,
@@ -117,6 +119,7 @@ Listener = Callable[[], None]
 Follower = Callable[[str, str], Awaitable[None]]
 
 T = TypeVar("T")
+_NOT_LOADED = "the converted model does not load in this server's onnxruntime"
 _EDITS: set[asyncio.Task[Any]] = set()  # edits whose caller left: kept until they end
 
 
@@ -674,7 +677,7 @@ class ModelRegistry:
                 config = load_config(mdir)
             except FerryError:
                 config, config_ok = ModelConfig(), False  # sync reports the broken config
-            loaded = await self._open(name, 0, staged / MODEL_FILE, config)
+            loaded = await self._open_staged(name, staged, config)
             try:
                 version = await asyncio.to_thread(commit)
             except BaseException:
@@ -703,6 +706,21 @@ class ModelRegistry:
             await self._follow("load", name)
             status = {s.version: s for s in self.statuses(name)}.get(version)
             return version, status
+
+    async def _open_staged(self, name: str, staged: Path, config: ModelConfig) -> LoadedVersion:
+        """Open a staged model, whose failure alone is "does not load": every error of the
+        publish was said so, and a repository that refused the new version's folder (a
+        permission, a read-only mount) was blamed on the converted model."""
+        try:
+            return await self._open(name, 0, staged / MODEL_FILE, config)
+        except FerryError as exc:
+            if exc.kind in (ErrorKind.ALREADY_EXISTS, ErrorKind.LIMIT_EXCEEDED):
+                raise
+            raise ConversionFailed(f"{_NOT_LOADED}: {exc.message[:500]}") from None
+        except Exception as exc:
+            raise ConversionFailed(
+                f"{_NOT_LOADED}: {type(exc).__name__}: {str(exc)[:500]}"
+            ) from None
 
     async def close(self) -> None:
         async with self._refresh_lock:
