@@ -1056,3 +1056,30 @@ def test_a_version_not_served_says_why_not_always_the_policy(repo: ModelReposito
         await registry.close()
 
     arun(main)
+
+
+def test_many_distinct_models_loaded_unloaded_and_removed_leave_nothing_behind(
+    repo: ModelRepository,
+) -> None:
+    """The per-model locks and the names unloaded on request were kept for every name ever
+    used: a client cycling through fresh model names (load, unload, the folder removed) grew
+    the server's memory for good."""
+
+    async def main() -> None:
+        registry = _registry(repo)
+        for i in range(8):
+            name = f"m{i}"
+            write_model(repo, name, seed_model())
+            await registry.load_model(name)
+            await versions.set_default_version(repo, registry, name, 1)
+            await registry.unload_model(name)
+            shutil.rmtree(repo.model_dir(name))
+            await registry.refresh()
+        assert registry._locks == {} and registry._lock_users == {}
+        assert registry.unloaded_by_request == []
+        write_model(repo, "m0", seed_model())  # made again: a new model, served
+        await registry.refresh()
+        assert _states(registry) == {"m0/1": "READY"}
+        await registry.close()
+
+    arun(main)

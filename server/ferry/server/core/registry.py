@@ -13,9 +13,10 @@ model never waits behind a refresh that is loading others (one refresh runs at a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -158,7 +159,8 @@ class ModelRegistry:
         self.pools = pools or ThreadPools()
         self.models: dict[str, ModelEntry] = {}
         self._refresh_lock = asyncio.Lock()
-        self._locks: dict[str, asyncio.Lock] = {}  # one per model name the repository held
+        self._locks: dict[str, asyncio.Lock] = {}  # one per model name held or waited on
+        self._lock_users: dict[str, int] = {}  # how many hold or wait on each (_model_lock)
         self._warm_up = warm_up
         self._listeners: list[Listener] = []
         self._unloaded_by_request: set[str] = set()
@@ -208,7 +210,7 @@ class ModelRegistry:
                 continue
             if _plain(slot.signature) != sig or slot.state is not State.READY:
                 continue
-            async with self._lock_of(name):
+            async with self._model_lock(name):
                 if entry is not self.models.get(name) or entry.versions.get(version) is not slot:
                     continue  # changed while this waited on the lock
                 await self._unload_version(entry, version, RepositoryOutcome())
@@ -288,7 +290,7 @@ class ModelRegistry:
         entry = self.models.get(name)
         return entry.default_version() if entry is not None else None
 
-    def edit_lock(self, name: str) -> asyncio.Lock:
+    def edit_lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
         """Held by a management edit of a model's folder from its checks to its write, as the
         registry's own changes hold it: a DeleteModelVersion beside a SetRollout naming that
         version both succeeded, and the split named a version that was gone. Only for a model
@@ -297,7 +299,7 @@ class ModelRegistry:
         never removed, so such calls grew the server's memory without bound."""
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
-        return self._lock_of(name)
+        return self._model_lock(name)
 
     async def follow_edit(self, name: str) -> RepositoryOutcome:
         """Serve what a model's folder says after a management edit (default version, a
@@ -308,7 +310,7 @@ class ModelRegistry:
     async def _follow_edit(self, name: str) -> RepositoryOutcome:
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
-        async with self._lock_of(name):
+        async with self._model_lock(name):
             # Checked under the lock: an unload queued on it ran first, and the edit's sync
             # then loaded the model again.
             if name in self._unloaded_by_request:
@@ -378,7 +380,7 @@ class ModelRegistry:
     ) -> RepositoryOutcome:
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
-        async with self._lock_of(name):
+        async with self._model_lock(name):
             if decided_on is not None:
                 self._still_the_rollout(name, decided_on)
             if check is not None:
@@ -525,11 +527,25 @@ class ModelRegistry:
             self._required = {name for name, ready in self.health()[1].items() if ready}
 
     # ---- changes ----
-    def _lock_of(self, name: str) -> asyncio.Lock:
+    @contextlib.asynccontextmanager
+    async def _model_lock(self, name: str) -> AsyncIterator[None]:
+        """Hold ``name``'s lock. It is kept only while someone holds it or waits on it: kept
+        for every name ever locked, a client that loaded, unloaded and deleted many distinct
+        models (or published them under fresh names) grew the server's memory for good."""
         lock = self._locks.get(name)
         if lock is None:
             lock = self._locks[name] = asyncio.Lock()
-        return lock
+        self._lock_users[name] = self._lock_users.get(name, 0) + 1
+        try:
+            async with lock:
+                yield
+        finally:
+            left = self._lock_users[name] - 1
+            if left:
+                self._lock_users[name] = left
+            else:  # nobody holds or waits on it: the next user makes a new one
+                del self._lock_users[name]
+                self._locks.pop(name, None)
 
     def _on_disk(self, name: str) -> bool:
         """Is ``name`` a model folder the repository serves from (as ``list_models`` sees it)?"""
@@ -550,10 +566,15 @@ class ModelRegistry:
         refresh, which the other worker processes apply too (a periodic poll is each one's)."""
         async with self._refresh_lock:
             result = RepositoryOutcome()
-            on_disk = set(self.repository.list_models()) - self._unloaded_by_request
+            listed = set(self.repository.list_models())
+            # A model unloaded on request whose folder is gone is no longer kept unloaded: the
+            # names stayed for good, one more for each model unloaded then removed, and a
+            # folder made again under that name is a new model, loaded like any other.
+            self._unloaded_by_request &= listed
+            on_disk = listed - self._unloaded_by_request
 
             async def remove(name: str) -> None:
-                async with self._lock_of(name):
+                async with self._model_lock(name):
                     if name not in self._unloaded_by_request and self._on_disk(name):
                         # Judged again under the lock: the listing was read before this waited
                         # on it, and a LoadModel or a publish queued ahead (behind an unload's
@@ -566,7 +587,7 @@ class ModelRegistry:
                     await self._unload_model(name, result)
 
             async def sync(name: str) -> None:
-                async with self._lock_of(name):
+                async with self._model_lock(name):
                     if name in self._unloaded_by_request:  # unloaded while this refresh waited
                         return
                     await self._sync_model(name, result, retry_failed)
@@ -608,7 +629,7 @@ class ModelRegistry:
     ) -> RepositoryOutcome:
         if not self.repository.has_model(name):
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
-        async with self._lock_of(name):
+        async with self._model_lock(name):
             self._unloaded_by_request.discard(name)
             result = RepositoryOutcome()
             await self._sync_model(name, result, retry_failed=True)
@@ -630,7 +651,7 @@ class ModelRegistry:
     async def _unload_model_on_request(self, name: str) -> RepositoryOutcome:
         if name not in self.models:  # before a lock exists for a name no model has
             raise ModelNotFound(f"model {short(name)!r} is not loaded")
-        async with self._lock_of(name):
+        async with self._model_lock(name):
             if name not in self.models:
                 raise ModelNotFound(f"model {short(name)!r} is not loaded")
             self._unloaded_by_request.add(name)
@@ -669,7 +690,7 @@ class ModelRegistry:
         version) and serve the session already opened: a published version is opened once.
         A staged model that does not open fails here, before anything becomes visible.
         Returns the version and its status (None when the version policy does not serve it)."""
-        async with self._lock_of(name):
+        async with self._model_lock(name):
             mdir = self.repository.model_dir(name)
             cfg_sig = _config_signature(mdir)
             config_ok = True
@@ -725,7 +746,7 @@ class ModelRegistry:
     async def close(self) -> None:
         async with self._refresh_lock:
             for name in list(self.models):
-                async with self._lock_of(name):
+                async with self._model_lock(name):
                     await self._unload_model(name, RepositoryOutcome())
         self.pools.shutdown()
 
