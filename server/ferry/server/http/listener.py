@@ -104,6 +104,11 @@ REFUSING = 64
 # Body encodings decoded here (``encodings``). Any other would be read as if it were plain (a
 # body sent as "foo" parsed as JSON), so it is refused with what to send instead.
 DECODED = frozenset({"", "identity", *ENCODINGS})
+# The answer to an inference whose client shut its side of the connection (``_abandonable``).
+HALF_CLOSED = (
+    "the inference was cancelled: the client shut its side of the connection before the "
+    "answer, which reads as a client that went away; keep the connection open until it is read"
+)
 # Headers that mean one thing: sent twice, which one counts would be a guess.
 ONCE = ("Content-Encoding", HEADER_LENGTH)
 # A client's malformed HTTP, its broken body or its disconnect is its business: aiohttp logged
@@ -132,9 +137,18 @@ async def _abandonable(answer: Awaitable[T], connection: object) -> T:
     run, nor does it hold its place, once nobody can read its answer (as a cancelled gRPC call).
     aiohttp leaves a handler running after its connection is lost, so a client that gave up
     (a timeout, then a retry) had every abandoned request run all the same. Only inference:
-    a repository load the client stopped waiting for still completes."""
+    a repository load the client stopped waiting for still completes.
+
+    A client that shuts its side of the connection looks the same on the wire as one that
+    closed it and left (a FIN either way), so its inference ends too, as nginx and Go's
+    net/http read it; but where the client still reads (a half-close), it is told why (400
+    CANCELLED) rather than left without an answer."""
     if not isinstance(connection, _Connection):
         return await answer
+    if connection.half_closed:
+        if asyncio.iscoroutine(answer):
+            answer.close()
+        raise HttpError(400, HALF_CLOSED, ErrorKind.CANCELLED)
     task = asyncio.ensure_future(answer)
     connection.inference = task
     try:
@@ -143,6 +157,8 @@ async def _abandonable(answer: Awaitable[T], connection: object) -> T:
         current = asyncio.current_task()
         if current is not None and current.cancelling():
             raise  # this handler itself is cancelled (the server is stopping)
+        if connection.half_closed:
+            raise HttpError(400, HALF_CLOSED, ErrorKind.CANCELLED) from None
         raise ConnectionResetError(
             "Connection lost: the client went away before its inference was answered"
         ) from None
@@ -181,6 +197,8 @@ class _Connection(RequestHandler):
         "_recent",
         "_send_left",
         "_send_timer",
+        "half_closed",
+        "half_closed",
         "inference",
         "on_open",
     )
@@ -205,6 +223,7 @@ class _Connection(RequestHandler):
         # the next head.
         self._last: tuple[Any, Any] | None = None
         self._recent = b""  # the last 3 bytes received: where a message's empty line ends
+        self.half_closed = False  # the client shut its write side (``eof_received``)
         self._send_timer: asyncio.TimerHandle | None = None
         self._send_left = 0  # bytes waiting to be sent when the send timer was armed
         # The inference this connection's request is waiting for (``abandonable``), cancelled
@@ -228,6 +247,43 @@ class _Connection(RequestHandler):
         if self.inference is not None:
             self.inference.cancel()
         super().connection_lost(exc)
+
+    def eof_received(self) -> bool:  # type: ignore[override]  # asyncio reads True: keep open
+        """The client shut its side (a half-close: an HTTP/1.0-style client, or a load balancer,
+        sends a request, shuts its write side, then reads the answer). aiohttp's handler let
+        asyncio close the connection at once, so a request it had just received, whole, was
+        never answered. Now a request received (or being answered) is answered first, then
+        the connection is closed; a body cut short by the half-close is refused (400) rather
+        than waited for; an inference is cancelled, and says so (``_abandonable``); with no
+        request under way the connection is closed as before."""
+        transport = self.transport
+        if transport is None or self._force_close or self._close:
+            return False
+        waiting = self._waiter is not None and not self._waiter.done()
+        if (waiting and not self._messages) or transport.get_extra_info("sslcontext"):
+            # Idle between requests; or over TLS, where asyncio closes on EOF all the same.
+            return False
+        body = self._body_under_way()
+        self._disarm_head()  # a head begun after the request can no longer arrive whole
+        self._head_late = False
+        self.half_closed = True
+        if not self._messages:  # the request under way is the last: close once it is answered
+            self.close()
+        if body is not None:
+            log.debug(
+                "the client shut its side of the connection after %d bytes of a body",
+                body.total_bytes,
+            )
+            body.set_exception(
+                HttpProcessingError(
+                    message=f"the client shut its side of the connection after {body.total_bytes}"
+                    " bytes of the body: send the whole body before shutting down writing"
+                )
+            )
+            body.feed_eof()  # nothing more comes: aiohttp need not linger to read the rest
+        elif self.inference is not None:  # see ``_abandonable``
+            self.inference.cancel()
+        return True
 
     def handle_error(
         self,
@@ -351,7 +407,12 @@ class _Connection(RequestHandler):
         return payload if payload is not None and not payload.is_eof() else None
 
     async def finish_response(self, request: Any, resp: Any, start_time: float | None) -> Any:
+        last = self.half_closed and not self._messages  # nothing can follow it: close once sent
+        if last:
+            resp.force_close()  # says so (Connection: close) where its head is not yet sent
         result = await super().finish_response(request, resp, start_time)
+        if last:
+            self.close()
         if self._head_late and not self._messages:  # the 408 after the last answer owed
             self._head_late = False
             self._refuse_head()

@@ -1,0 +1,124 @@
+"""HTTP/1.1 as clients put it on the wire, driven over raw sockets: what no HTTP library sends
+but real clients, proxies and load balancers do."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from helpers import ExecutionGate, until_closed
+from kserve_common import identity_name
+from serverutil import ServerThread
+
+MODEL = identity_name("FP32")
+BODY = json.dumps(
+    {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 1], "data": [2.0]}]}
+).encode()
+INFER = (
+    f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(BODY)}\r\n\r\n"
+).encode() + BODY
+
+
+def _half_closed(target: str, request: bytes) -> bytes:
+    """Sends ``request``, shuts the write side (as curl's HTTP/1.0 mode and some load balancers
+    do once a request is sent), and reads until the server closes."""
+    host, port = target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        sock.shutdown(socket.SHUT_WR)
+        return until_closed(sock)
+
+
+def _answers(raw: bytes) -> list[tuple[bytes, bytes]]:
+    """(head, body) of each answer in ``raw``, split by Content-Length."""
+    answers = []
+    while raw:
+        head, _, rest = raw.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        answers.append((head, rest[:length]))
+        raw = rest[length:]
+    return answers
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /v2/health/live HTTP/1.0\r\n\r\n",
+        f"GET /v2/models/{MODEL} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+    ],
+)
+def test_a_whole_request_then_a_half_close_is_answered(
+    kserve_server: ServerThread, request_bytes: bytes
+) -> None:
+    # The connection was closed as soon as the client shut its side: no answer at all.
+    answers = _answers(_half_closed(kserve_server.http_target, request_bytes))
+    assert len(answers) == 1, answers
+    head, _ = answers[0]
+    assert head.split(b"\r\n")[0].endswith(b" 200 OK"), head
+
+
+def test_pipelined_requests_then_a_half_close_are_all_answered(
+    kserve_server: ServerThread,
+) -> None:
+    health = b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n\r\n"
+    metadata = f"GET /v2/models/{MODEL} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    answers = _answers(_half_closed(kserve_server.http_target, health + metadata + health))
+    assert [head.split(b"\r\n")[0] for head, _ in answers] == [b"HTTP/1.1 200 OK"] * 3
+    assert json.loads(answers[1][1])["name"] == MODEL
+
+
+def test_a_half_close_while_the_inference_runs_cancels_it_and_says_so(
+    kserve_server: ServerThread,
+) -> None:
+    """A half-close is a FIN, as a client that closed and left sends: its inference ends (a
+    client that times out and retries leaves nothing running), and a client still reading is
+    told why rather than left without an answer."""
+    host, port = kserve_server.http_target.rsplit(":", 1)
+    with (
+        ExecutionGate(kserve_server, MODEL) as gate,
+        socket.create_connection((host, int(port)), timeout=30) as sock,
+    ):
+        sock.sendall(INFER)
+        gate.wait_entered()
+        sock.shutdown(socket.SHUT_WR)
+        answers = _answers(until_closed(sock))
+        gate.release()
+    assert len(answers) == 1 and answers[0][0].startswith(b"HTTP/1.1 400 "), answers
+    error = json.loads(answers[0][1])
+    assert error["kind"] == "CANCELLED", error
+    assert "shut its side of the connection" in error["error"], error
+
+
+@pytest.mark.parametrize(
+    "body_start",
+    [
+        b"Content-Length: 100\r\n\r\n" + BODY[:10],
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\n" + BODY[:5] + b"\r\n",
+    ],
+)
+def test_a_body_cut_short_by_a_half_close_is_refused_at_once(
+    kserve_server: ServerThread, body_start: bytes
+) -> None:
+    # It waited for the rest of the body (30 s) where it could never come.
+    request = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n".encode() + body_start
+    answers = _answers(_half_closed(kserve_server.http_target, request))
+    assert len(answers) == 1, answers
+    head, body = answers[0]
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    # INVALID_ARGUMENT where the body was being read, CANCELLED where the inference had not
+    # begun to read it: the reason is the same.
+    error = json.loads(body)
+    assert "shut its side of the connection" in error["error"], error
+
+
+def test_a_half_close_of_an_idle_or_half_sent_head_closes_without_an_answer(
+    kserve_server: ServerThread,
+) -> None:
+    assert _half_closed(kserve_server.http_target, b"") == b""
+    assert _half_closed(kserve_server.http_target, b"GET /v2/health/li") == b""
