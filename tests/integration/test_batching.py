@@ -26,7 +26,7 @@ from helpers import (
 )
 from onnx import TensorProto, helper
 
-from ferry.client import InferenceClient, InferResult
+from ferry.client import FailedPreconditionError, InferenceClient, InferResult
 from ferry.server.core.types import DYNAMIC_AXES_METADATA
 from ferry.server.examples import identity_model, mlp_model
 
@@ -228,6 +228,102 @@ def test_an_output_whose_first_dimension_equals_two_rows_by_chance_is_refused_at
         (status,) = client.list_models("set")
         assert status.state == "FAILED"
         assert "max_batch_size = 8, but output 'y' is [2, 1] for a batch of 1" in status.reason
+
+
+def _guarded_transpose_model(
+    needs: float | None, perm: tuple[int, int] = (1, 0)
+) -> onnx.ModelProto:
+    """The transpose [batch, k] -> [k, batch] behind a guard onnxruntime refuses (a Range of
+    step 0): the step is the input's max (``needs`` None: zeros are refused, ones run), or
+    1 only where the max is exactly ``needs`` (no value the server makes up runs)."""
+    one = helper.make_tensor("one", TensorProto.FLOAT, [], [1.0])
+    zero = helper.make_tensor("zero", TensorProto.FLOAT, [], [0.0])
+    nodes = [helper.make_node("ReduceMax", ["x"], ["max"], keepdims=0)]
+    inits = [one, zero]
+    if needs is None:
+        nodes.append(helper.make_node("Identity", ["max"], ["step"]))
+    else:
+        inits.append(helper.make_tensor("needs", TensorProto.FLOAT, [], [needs]))
+        nodes += [
+            helper.make_node("Equal", ["max", "needs"], ["hit"]),
+            helper.make_node("Cast", ["hit"], ["step"], to=TensorProto.FLOAT),
+        ]
+    nodes += [
+        helper.make_node("Range", ["zero", "one", "step"], ["steps"]),
+        helper.make_node("ReduceSum", ["steps"], ["sum"], keepdims=0),
+        helper.make_node("Mul", ["sum", "zero"], ["nothing"]),
+        helper.make_node("Transpose", ["x"], ["t"], perm=list(perm)),
+        helper.make_node("Add", ["t", "nothing"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "guarded_transpose",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "k"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [["batch", "k"][i] for i in perm])],
+        initializer=inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_output_not_batched_first_is_refused_at_load_on_a_model_zeros_cannot_run(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """The load's check ran zeros alone: a model refusing zeros (a Range stepped by an input's
+    value) was served as configured, and two requests of k = 2 batched together each got a
+    column of the other's values. Other rows (ones, the probe's) are tried: it is refused."""
+    root = make_repo(tmp_path / "repo", {"set": _guarded_transpose_model(None)})
+    write_config(root, "set", {"batching": {"max_batch_size": 8}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client:
+        (status,) = client.list_models("set")
+        assert status.state == "FAILED"
+        assert "max_batch_size = 8, but output 'y' is [1, 2] for a batch of 2" in status.reason
+
+
+def test_an_output_not_batched_first_never_mixes_requests_when_no_made_up_row_runs(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A model that runs on no row the server makes up is checked on the first request's own
+    row (alone, then twice) before requests share a run: two requests of k = 2 were batched
+    together and each served a column of the other's values; each now fails
+    FAILED_PRECONDITION naming the output and the fix."""
+    root = make_repo(tmp_path / "repo", {"set": _guarded_transpose_model(7.0)})
+    write_config(root, "set", {"batching": {"max_batch_size": 8}, "instances": {"count": 1}})
+    srv = start_server(root)
+    first = {"x": np.array([[7.0, 1.0]], np.float32)}
+    rest = [{"x": np.array([[7.0, 2.0]], np.float32)}, {"x": np.array([[7.0, 3.0]], np.float32)}]
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        ThreadPoolExecutor(4) as pool,
+        ExecutionGate(srv, "set") as gate,
+    ):
+        head, tail = _queue_behind_gate(client, gate, pool, "set", first=first, rest=rest)
+        gate.release()
+        for future in [head, *tail]:
+            with pytest.raises(FailedPreconditionError, match=r"output 'y' is \[2, 1\] for a bat"):
+                future.result(60)
+
+
+def test_a_model_no_made_up_row_runs_is_batched_once_a_request_checks_it(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """The same guarded model with its output batched first: the first request's row checks it,
+    and the requests queued behind it then share one run, each served its own row."""
+    root = make_repo(tmp_path / "repo", {"set": _guarded_transpose_model(7.0, (0, 1))})
+    write_config(root, "set", {"batching": {"max_batch_size": 8}, "instances": {"count": 1}})
+    srv = start_server(root)
+    first = {"x": np.array([[7.0, 1.0]], np.float32)}
+    rest = [{"x": np.array([[7.0, 2.0]], np.float32)}, {"x": np.array([[7.0, 3.0]], np.float32)}]
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        ThreadPoolExecutor(4) as pool,
+        ExecutionGate(srv, "set") as gate,
+    ):
+        head, tail = _queue_behind_gate(client, gate, pool, "set", first=first, rest=rest)
+        gate.release()
+        for feeds, future in zip([first, *rest], [head, *tail], strict=True):
+            np.testing.assert_array_equal(future.result(60)["y"], feeds["x"])
+        assert stats(client, "set").batch_sizes == {1: 1, 2: 1}
 
 
 @pytest.mark.parametrize(

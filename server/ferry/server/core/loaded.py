@@ -21,7 +21,7 @@ from ferry.server.batching.tensors import split
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, apply_version_config
 from ferry.server.core.stats import VersionStats
 from ferry.server.core.types import Opener, Session, TensorSpec, VersionStatistics
-from ferry.server.errors import InternalError, ModelNotReady
+from ferry.server.errors import FailedPrecondition, InternalError, ModelNotReady
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,10 @@ class LoadedVersion:
             s.name for s in self.inputs if s.dtype == DataType.DATA_TYPE_BYTES
         )
         self.stats = VersionStats()
+        # A configured batch size whose batch dimension no made-up row could check (the model
+        # runs on none: runtime.session): requests run alone until one's own row checks it.
+        self._unchecked = self.max_batch_size > 0 and not getattr(session, "batch_checked", True)
+        self._not_batched_first = ""  # what that check found wrong: every request's error
         # Until measured, assume a version is slow: the first batches go to a worker thread. A
         # provider that runs elsewhere (a GPU) never runs inline: its cost is not the CPU's.
         # Per input element, not per row: on a dynamic axis one row of a long sequence costs
@@ -142,6 +146,8 @@ class LoadedVersion:
         results, the executions that succeeded (what statistics count: Triton counts only
         successful executions and the inferences they served) and the ns it all took."""
         t0 = time.perf_counter_ns()
+        if self._unchecked and not self._checked_on(items[0]) and len(items) > 1:
+            return self._apart(items, t0)
         wanted = _union_outputs(items, self.output_names)
         # The session gathers the requests' inputs itself: a planned one straight into its
         # reused buffers (one copy), not concatenated here and copied again to pad. Nothing
@@ -159,17 +165,7 @@ class LoadedVersion:
             # client's bad input is not every batched client's failure. Each run alone that
             # succeeds is an execution of its own; the failed batch is none (it was counted as
             # one execution of the whole batch, its failed rows as inferences).
-            apart: list[dict[str, np.ndarray] | Failed] = []
-            runs: list[Execution] = []
-            for w in items:
-                try:
-                    alone, ran, _ = self._run_batch((w,))
-                except Exception as exc:
-                    apart.append(Failed(exc))
-                    continue
-                apart.extend(alone)
-                runs.extend(ran)
-            return apart, runs, time.perf_counter_ns() - t0
+            return self._apart(items, t0)
         t2 = time.perf_counter_ns()
         sizes = [w.batch for w in items]
         total = sum(sizes)
@@ -184,6 +180,34 @@ class LoadedVersion:
         per_request = cast("list[dict[str, np.ndarray] | Failed]", split(outputs, wanted, sizes))
         t3 = time.perf_counter_ns()
         return per_request, [(total, len(items), t1 - t0, t2 - t1, t3 - t2)], t3 - t0
+
+    def _apart(self, items: Sequence[Work], t0: int) -> Ran:
+        """Each request run alone, with its own answer or error."""
+        apart: list[dict[str, np.ndarray] | Failed] = []
+        runs: list[Execution] = []
+        for w in items:
+            try:
+                alone, ran, _ = self._run_batch((w,))
+            except Exception as exc:
+                apart.append(Failed(exc))
+                continue
+            apart.extend(alone)
+            runs.extend(ran)
+        return apart, runs, time.perf_counter_ns() - t0
+
+    def _checked_on(self, work: Work) -> bool:
+        """Whether the batch dimension is now checked, on ``work``'s first row (alone, then
+        twice): a model no made-up row runs was batched unchecked, and an output [seq, batch]
+        whose seq equalled the batch's rows served each caller another's values. An output
+        found not batched first fails this and every later request FAILED_PRECONDITION, naming
+        it; a row the model does not run leaves it unchecked (the request then fails alone)."""
+        if not self._not_batched_first and work.batch > 0:
+            row = {name: a[:1] for name, a in work.inputs.items()}
+            ran, self._not_batched_first = self.session.check_rows(row, self.max_batch_size)
+            self._unchecked = not ran or bool(self._not_batched_first)
+        if self._not_batched_first:
+            raise FailedPrecondition(f"model {self.name}/{self.version}: {self._not_batched_first}")
+        return not self._unchecked
 
     def statistics(self) -> VersionStatistics:
         snapshot = self.stats.snapshot(

@@ -39,6 +39,7 @@ class DeviceSessions:
         self.providers: list[str] = first.providers
         self.device_kind: str = first.device_kind
         self.inline_allowed: bool = all(s.inline_allowed for s in self._sessions)
+        self.batch_checked = all(getattr(s, "batch_checked", True) for s in self._sessions)
         self.device_ids = tuple(d.device_id for d in self.devices if d.device_id is not None)
         self._free = [d.count for d in self.devices]
         self._running = [0] * len(self.devices)
@@ -49,6 +50,10 @@ class DeviceSessions:
 
     def batchable(self) -> bool:
         return self._sessions[0].batchable()
+
+    def check_rows(self, row: dict[str, np.ndarray], max_batch: int) -> tuple[bool, str]:
+        """Every device runs the same graph: the first one's session checks."""
+        return self._sessions[0].check_rows(row, max_batch)
 
     def run(
         self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None

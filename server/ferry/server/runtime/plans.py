@@ -83,6 +83,7 @@ class PlannedSession:
         self.providers: list[str] = first.providers
         self.device_kind: str = first.device_kind
         self.inline_allowed: bool = first.inline_allowed
+        self.batch_checked: bool = getattr(first, "batch_checked", True)
         self.output_names = [s.name for s in self.outputs]
         self.executions = dict.fromkeys(self.sizes, 0)
         self.plan_changes = 0
@@ -94,6 +95,12 @@ class PlannedSession:
 
     def batchable(self) -> bool:
         return True
+
+    def check_rows(self, row: dict[str, np.ndarray], max_batch: int) -> tuple[bool, str]:
+        """The smallest size's session checks, unpadded: a planned run pads the rows and cuts
+        the outputs back to them, which would hide a first dimension that is not the rows'."""
+        result: tuple[bool, str] = self._sessions[self.sizes[0]].check_rows(row, max_batch)
+        return result
 
     def size_for(self, rows: int) -> int:
         i = bisect_left(self.sizes, rows)

@@ -107,6 +107,17 @@ def probe(session: Any) -> tuple[bool | None, str]:
     return None, f"it does not run on a probe row ({refused})"
 
 
+def made_up_rows(session: Any) -> list[dict[str, np.ndarray]]:
+    """One row of each tier's probe rows (``_TIERS``: a normals row, the integer 2, ones),
+    for a check that runs one row alone and repeated: what a model refusing zeros may run on."""
+    template = session.zero_feeds(1)
+    out = []
+    for floats, ints in _TIERS:
+        rng = np.random.default_rng(_SEED)
+        out.append({n: _rows(a, floats, ints, rng)[:1] for n, a in template.items()})
+    return out
+
+
 def _compare(
     session: Any, feeds: dict[str, np.ndarray], alone: list[list[np.ndarray]]
 ) -> tuple[bool, str]:

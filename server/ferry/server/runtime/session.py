@@ -236,24 +236,24 @@ def _check_batch_dimension(session: OrtSession, max_batch: int) -> None:
     (runtime.rows is not asked), but not on the graph's shapes: an output whose first dimension
     is not the batch's (a transpose, a flatten over the rows) failed every request INTERNAL,
     and where its size happened to equal the batch's, split another request's values into each
-    answer. Zeros of one row, then of two (one only when the limit is 1), say which: refused at
-    load, naming the output. Both sizes, since one run cannot tell a batch dimension from a
-    fixed or dynamic one that equals it there: a time-major output [seq, batch] whose seq's
-    verified minimum is 2 was [2, 2] for two rows, passed, and served each caller the other's
-    values. A model that does not run on zeros is served as configured."""
-    for count in sorted({1, min(2, max_batch)}):
-        try:
-            outputs = session.run(session.zero_feeds(count))
-        except Exception as exc:
-            log.debug("%s: batch dimension not checked (%s)", session.path, first_line(exc))
+    answer. One row, then two (``check_rows``), say which: refused at load, naming the output.
+    Zeros first; a model that does not run on zeros (a Range stepped by an input's value, an
+    op refusing 0) was served unchecked and mixed callers' rows, so ones and the probe's rows
+    (runtime.rows.made_up_rows) are tried next. One that runs on none of them is marked
+    unchecked: it is checked on the first request's own row before requests share a run
+    (core.loaded)."""
+    for row in [session.zero_feeds(1), *rows.made_up_rows(session)]:
+        ran, problem = session.check_rows(row, max_batch)
+        if problem:
+            raise InvalidArgument(problem)
+        if ran:
             return
-        for name, out in zip(session.output_names, outputs, strict=True):
-            if np.ndim(out) == 0 or out.shape[0] != count:
-                raise InvalidArgument(
-                    f"config sets batching.max_batch_size = {max_batch}, but output {name!r} is "
-                    f"{list(np.shape(out))} for a batch of {count}: its first dimension is not "
-                    "the batch's; set batching.max_batch_size = 0"
-                )
+    session.batch_checked = False
+    log.warning(
+        "%s: its batch dimension could not be checked on made-up rows (the model runs on none "
+        "of them): requests run alone until the first one's row is checked",
+        session.path,
+    )
 
 
 def _batchable_unasked(session: OrtSession) -> bool:
@@ -404,6 +404,9 @@ class OrtSession:
         self.device_kind, self.inline_allowed = provider_table.placement(self.providers[0])
         self.output_names = [o.name for o in self.outputs]
         self.rows_apart = True  # False once runtime.rows saw requests' rows mix
+        # False when a configured batch size's check ran on no made-up row (open_one): the
+        # core checks it on a request's own row before requests share a run.
+        self.batch_checked = True
         self._run = self.session.run
         # A run onnxruntime refuses (a token id past an embedding's table) is the request's
         # INVALID_ARGUMENT with onnxruntime's words; onnxruntime also printed it to stderr as an
@@ -424,6 +427,28 @@ class OrtSession:
         specs = self.inputs + self.outputs
         shaped = all(len(s.shape) >= 1 and s.shape[0] == -1 for s in specs)
         return self.rows_apart and bool(specs) and shaped
+
+    def check_rows(self, row: dict[str, np.ndarray], max_batch: int) -> tuple[bool, str]:
+        """Runs ``row`` (one row of each input) alone, then twice (once only when the limit is
+        1): (False, '') when the model does not run it, (True, why) when an output's first
+        dimension is not the rows', (True, '') when it is. Both counts, since one run cannot
+        tell a batch dimension from another that equals it there: a time-major output [seq,
+        batch] with seq 2 is [2, 2] for two rows."""
+        for count in sorted({1, min(2, max_batch)}):
+            feeds = {name: np.repeat(a[:1], count, axis=0) for name, a in row.items()}
+            try:
+                outputs = self.run(feeds)
+            except Exception as exc:
+                log.debug("%s: batch dimension not checked (%s)", self.path, first_line(exc))
+                return False, ""
+            for name, out in zip(self.output_names, outputs, strict=True):
+                if np.ndim(out) == 0 or out.shape[0] != count:
+                    return True, (
+                        f"config sets batching.max_batch_size = {max_batch}, but output "
+                        f"{name!r} is {list(np.shape(out))} for a batch of {count}: its first "
+                        "dimension is not the batch's; set batching.max_batch_size = 0"
+                    )
+        return True, ""
 
     def gather(
         self, parts: Sequence[dict[str, np.ndarray]], order: Sequence[str]
