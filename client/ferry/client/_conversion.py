@@ -18,6 +18,7 @@ import dataclasses
 import hashlib
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ from ferry.client._conversion_types import (
     parse_report,
     parse_upload,
 )
-from ferry.client._errors import ConversionError, InvalidInputError
+from ferry.client._errors import ConversionError, DeadlineExceededError, InvalidInputError
 from ferry.client._management import ManagementClient
 from ferry.client._module_upload import from_module
 from ferry.client._requests import check_timeout, request, status_code
@@ -71,6 +72,8 @@ TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED")
 Source = str | os.PathLike[str] | bytes | Any  # a path, the file's bytes, or an nn.Module
 Progress = bool | Callable[[ProgressEvent], None] | None
 Payload = bytes | memoryview | Path  # what upload() sends: a buffer (never copied whole) or a file
+# Seconds between watches of a job whose watch ends at once without its end: first, most.
+_RESUME_PAUSE = (0.1, 5.0)
 
 
 class JobFailedError(ConversionError):
@@ -149,8 +152,43 @@ class Job:
         return self._update(self._conn().job(self.id))
 
     def events(self, *, timeout: float | None = None) -> Iterator[ProgressEvent]:
-        """Every event so far, then live ones; ends when the job has ended."""
-        return self._conn().watch(self.id, timeout=timeout)
+        """Every event so far, then live ones; ends when the job has ended.
+
+        A watch that ends cleanly before its job did (a proxy or load balancer closing a long
+        stream, a server restart) is watched again, within ``timeout``, giving only the events
+        not given yet: ending there made ``wait()`` read a RUNNING job and raise that it failed.
+        """
+        return self._events(self._conn(), check_timeout(timeout))
+
+    def _events(self, client: ConversionClient, timeout: float | None) -> Iterator[ProgressEvent]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = -1
+        pause = _RESUME_PAUSE[0]
+        while True:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise DeadlineExceededError(
+                    f"conversion job {self.id} had not ended within the {timeout:g} s timeout",
+                    code=grpc.StatusCode.DEADLINE_EXCEEDED,
+                )
+            fresh = False
+            for event in client.watch(self.id, timeout=left):
+                if event.seq > seen:
+                    seen, fresh = event.seq, True
+                    yield event
+            # The server ends a watch at the job's end; anything else ended it early. Ask.
+            left = None if deadline is None else deadline - time.monotonic()
+            asked = request(pb.GetJobRequest, job_id=self.id)
+            now = client._call(client._stub.GetJob, asked, _short(client.timeout, left))
+            if client._job(now).done:
+                return
+            if fresh:  # it ran a while: resume at once, and pause anew if it ends at once
+                pause = _RESUME_PAUSE[0]
+                continue
+            if left is not None:
+                pause = min(pause, max(left, 0.0))
+            time.sleep(pause)  # it ends at once: not a busy loop against the server
+            pause = min(pause * 2, _RESUME_PAUSE[1])
 
     def cancel(self) -> Job:
         """Kill the job; returns once nothing of it remains (a finished job is unchanged)."""
@@ -532,6 +570,13 @@ class ConversionClient(ManagementClient):
 
 
 # ---- helpers ----
+def _short(timeout: float | None, left: float | None) -> float | None:
+    """A short call's deadline inside a wait's: the sooner of the client's and what is left."""
+    if left is None:
+        return timeout
+    return max(left, 0.001) if timeout is None else max(min(timeout, left), 0.001)
+
+
 def _json(kwargs: Mapping[str, Any] | None) -> str:
     import json
 
