@@ -107,6 +107,43 @@ def test_infer_from_files_to_files(
     assert code == 0 and "logits FP32 [3, 10]" in out
 
 
+def strict_json(text: str) -> Any:
+    """Parse as jq or JSON.parse would: NaN, Infinity and -Infinity are not JSON."""
+
+    def refuse(word: str) -> Any:
+        raise AssertionError(f"{word} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_json_output_is_strict_json(
+    server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """NaN and infinite outputs came out as the bare words NaN and Infinity, which strict JSON
+    readers refuse; they are the strings Python's float() reads back, on stdout and in -o."""
+    np.save(tmp_path / "x.npy", np.array([np.nan, np.inf, -np.inf], np.float32))
+    t = ("--target", server.target)
+    code, out, _ = ferry(capsys, "infer", "fixed", "-i", str(tmp_path / "x.npy"), "--json", *t)
+    assert code == 0
+    data = strict_json(out)["outputs"]["output"]["data"]
+    assert data == ["NaN", "Infinity", "-Infinity"]
+    assert np.isnan(float(data[0])) and [float(v) for v in data[1:]] == [np.inf, -np.inf]
+    code, _, _ = ferry(
+        capsys, "infer", "fixed", "-i", str(tmp_path / "x.npy"), "-o", str(tmp_path / "o.json"), *t
+    )
+    assert code == 0
+    assert strict_json((tmp_path / "o.json").read_text())["outputs"]["output"]["data"] == data
+
+
+def test_json_text_writes_null_for_figures_that_are_not_numbers() -> None:
+    """Every other --json document (statistics, jobs, reports) goes through json_text: a figure
+    that is not finite is null."""
+    from ferry.cli._common import json_text
+
+    doc = {"mean": float("nan"), "rows": [(1.0, float("inf")), {"x": float("-inf")}]}
+    assert strict_json(json_text(doc)) == {"mean": None, "rows": [[1.0, None], {"x": None}]}
+
+
 def test_infer_errors_say_what_to_fix(
     server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

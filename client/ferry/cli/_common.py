@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import math
 import os
 import sys
@@ -393,3 +394,23 @@ def print_table(rows: list[list[Any]], header: list[str], stream: TextIO | None 
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     for row in cells:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip(), file=out)
+
+
+def finite(value: Any, spell: Callable[[float], Any] = lambda _: None) -> Any:
+    """``value`` with each float that is not finite replaced by ``spell(x)`` (None: null).
+
+    Python's json writes NaN and Infinity as bare words that strict JSON readers (jq, JSON.parse,
+    Go, serde) refuse, so every ``--json`` document goes through this first."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else spell(value)
+    if isinstance(value, dict):
+        return {k: finite(v, spell) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v, spell) for v in value]
+    return value
+
+
+def json_text(value: Any) -> str:
+    """``value`` as strict JSON for ``--json``: a float that is not finite (a statistic of
+    nothing, a figure of NaN outputs) is null."""
+    return json.dumps(finite(value), indent=2, allow_nan=False)

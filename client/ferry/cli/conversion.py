@@ -24,6 +24,7 @@ from ferry.cli._common import (
     command_name,
     connect,
     given_timeout,
+    json_text,
     management_hint,
     management_parent,
     positive_int,
@@ -338,14 +339,13 @@ def cmd_upload(args: argparse.Namespace) -> int:
         up = _upload(client, args.model, args.file, args)
     if args.json:
         print(
-            json.dumps(
+            json_text(
                 {
                     "upload_id": up.upload_id,
                     "model": up.model,
                     "format": up.format,
                     "size_bytes": up.size_bytes,
-                },
-                indent=2,
+                }
             )
         )
     else:
@@ -498,7 +498,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         if args.no_wait and args.json:
             # The job as it started: the human line below is no JSON for a script to read.
             started = {"job_id": job.id, "model": job.model, "state": job.state}
-            print(json.dumps({**started, "upload_id": job.upload_id}, indent=2))
+            print(json_text({**started, "upload_id": job.upload_id}))
             return EXIT_OK
         if args.no_wait:
             print(
@@ -508,7 +508,11 @@ def cmd_convert(args: argparse.Namespace) -> int:
             return EXIT_OK
         follow(job, args)
     if args.json:
-        print(job.report_json or json.dumps({"job_id": job.id, "state": job.state}))
+        print(
+            json_text(json.loads(job.report_json))
+            if job.report_json
+            else json_text({"job_id": job.id, "state": job.state})
+        )
     else:
         print(job_summary(job))
     return EXIT_OK

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ from ferry.cli._common import (
     UsageError,
     check_destination,
     connection_parent,
+    finite,
+    json_text,
     make_client,
     positive_int,
     shape_spec,
@@ -85,6 +87,12 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_infer)
 
 
+def _spelled(value: float) -> str:
+    """A float output that is not finite, as the string Python's ``float()`` reads back: strict
+    JSON has no NaN or Infinity, and null would lose which one it was."""
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
 def _element(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "backslashreplace")
@@ -102,7 +110,7 @@ def _jsonable(result: InferResult) -> dict[str, Any]:
         outputs[name] = {
             "datatype": datatype_name(datatype_of(arr.dtype)),
             "shape": list(arr.shape),
-            "data": data,
+            "data": finite(data, _spelled),
         }
     return {"model": result.model, "version": result.version, "id": result.id, "outputs": outputs}
 
@@ -126,7 +134,7 @@ def _save(result: InferResult, path: Path) -> None:
             )
         np.save(path, _loadable(next(iter(result.values()))))
     elif suffix == ".json":
-        path.write_text(json.dumps(_jsonable(result), indent=2))
+        path.write_text(json_text(_jsonable(result)))
     else:
         raise UsageError(f"{path}: unsupported output file type; use .npz, .npy or .json")
 
@@ -169,7 +177,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
         _save(result, args.output_file)
         print(f"saved {list(result)} to {args.output_file}")
     elif args.json:
-        print(json.dumps(_jsonable(result), indent=2))
+        print(json_text(_jsonable(result)))
     else:
         _print(result)
     return EXIT_OK

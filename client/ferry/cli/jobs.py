@@ -17,6 +17,7 @@ from ferry.cli._common import (
     add_listing_flags,
     add_progress_flags,
     connect,
+    json_text,
     management_parent,
     print_table,
     utc_time,
@@ -103,7 +104,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     with connect(ConversionClient, args) as client:
         jobs = client.list_jobs(args.model or None, limit=args.limit)
     if args.json:
-        print(json.dumps([_as_json(j, report=False) for j in jobs], indent=2))
+        print(json_text([_as_json(j, report=False) for j in jobs]))
         return EXIT_OK
     if not jobs:
         print("no jobs" + (f" for {args.model!r}" if args.model else ""))
@@ -129,7 +130,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     with connect(ConversionClient, args) as client:
         job = client.job(args.job_id)
     if args.json:
-        print(json.dumps(_as_json(job), indent=2))
+        print(json_text(_as_json(job)))
         return EXIT_OK
     print(job_summary(job))
     if not job.done:
@@ -146,7 +147,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
         job = client.job(args.job_id)
         follow(job, args)  # JobFailedError when it did not succeed
     if args.json:
-        print(json.dumps(_as_json(job), indent=2))
+        print(json_text(_as_json(job)))
     else:
         print(job_summary(job))
     return EXIT_OK

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +19,7 @@ from ferry.cli._common import (
     EXIT_USAGE,
     connect,
     connection_parent,
+    json_text,
     make_client,
     management_hint,
     management_parent,
@@ -156,7 +156,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         models = client.list_models(args.model)
     if args.json:
-        print(json.dumps([dataclasses.asdict(m) for m in models], indent=2))
+        print(json_text([dataclasses.asdict(m) for m in models]))
         return EXIT_OK
     if not models:
         print("no models are served" + (f" under the name {args.model!r}" if args.model else ""))
@@ -197,7 +197,7 @@ def cmd_describe(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         meta = client.model_metadata(args.model, version=args.version)
     if args.json:
-        print(json.dumps(dataclasses.asdict(meta), indent=2))
+        print(json_text(dataclasses.asdict(meta)))
     else:
         print(describe_text(meta))
     return EXIT_OK
@@ -229,7 +229,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with make_client(args) as client:
         stats = client.statistics(args.model)
     if args.json:
-        print(json.dumps([dataclasses.asdict(s) for s in stats], indent=2))
+        print(json_text([dataclasses.asdict(s) for s in stats]))
         return EXIT_OK
     print_table(
         [_stats_row(s) for s in stats],
@@ -276,7 +276,7 @@ def cmd_refresh(args: argparse.Namespace) -> int:
     with connect(RepositoryClient, args) as repo:
         result = repo.refresh()
     if args.json:
-        print(json.dumps(dataclasses.asdict(result), indent=2))
+        print(json_text(dataclasses.asdict(result)))
     elif not result.changed:
         print("nothing changed: every version on disk is already served as configured")
     else:
@@ -349,7 +349,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         else:
             view = repo.get_rollout(args.model)
     if args.json:
-        print(json.dumps(dataclasses.asdict(view), indent=2))
+        print(json_text(dataclasses.asdict(view)))
         return EXIT_OK
     if view.error:
         print(f"{view.model}: the stored split cannot be used: {view.error}")

@@ -8,7 +8,6 @@ and ``convert`` these talk to the management listener.
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 from ferry.cli._common import (
@@ -17,6 +16,7 @@ from ferry.cli._common import (
     UsageError,
     add_listing_flags,
     connect,
+    json_text,
     management_parent,
     print_table,
     report_error,
@@ -83,7 +83,7 @@ def cmd_list(args: argparse.Namespace) -> int:
             }
             for u in uploads
         ]
-        print(json.dumps(rows, indent=2))
+        print(json_text(rows))
         return EXIT_OK
     if not uploads:
         print("no uploads" + (f" for {args.model!r}" if args.model else ""))
