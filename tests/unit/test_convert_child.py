@@ -1321,6 +1321,39 @@ def test_an_onnx_source_runs_at_batch_1_and_max_batch(tmp_path: Path) -> None:
     assert "merges requests" in refused.last["message"]
 
 
+def test_a_sample_file_an_onnx_source_cannot_take_is_invalid_argument(tmp_path: Path) -> None:
+    """Ids past an ONNX source's embedding table in the client's sample file failed the job
+    FAILED_PRECONDITION (the torch route says INVALID_ARGUMENT): the file is at fault, since the
+    graph runs generated samples; a graph that fails on those too stays CONVERSION_FAILED."""
+    table = np.random.default_rng(0).standard_normal((10, 4)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"]),
+            helper.make_node("ReduceMean", ["e"], ["y"], axes=[1], keepdims=0),
+        ],
+        "embedding",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    onnx.save(model, str(tmp_path / "e.onnx"))
+    np.savez(tmp_path / "s.npz", ids=np.full((4, 3), 50, np.int64))
+    spec = {
+        "inputs": [{"name": "ids", "datatype": "INT64", "shape": [-1, 3]}],
+        "validation": {"sample_file": str(tmp_path / "s.npz")},
+    }
+    result = convert_here(tmp_path / "ids", tmp_path / "e.onnx", "onnx", spec=spec)
+    assert_failed(result, "INVALID_ARGUMENT", "load", "validation.sample_file", "idx=50")
+    np.savez(tmp_path / "x.npz", x=np.ones((3, 3), np.float32))  # the graph fixes 4
+    spec = {"validation": {"sample_file": str(tmp_path / "x.npz")}}
+    frozen = convert_here(
+        tmp_path / "fr", _fixed_reshape_onnx(tmp_path / "f.onnx"), "onnx", spec=spec
+    )
+    assert_failed(frozen, "CONVERSION_FAILED", "load", "fails on the validation samples")
+
+
 def test_an_export_must_answer_like_pytorch_at_batch_1(tmp_path: Path) -> None:
     """The server's own export ran the graph at batch 1 without comparing: a branch on the
     batch size frozen at export answered batch-1 requests from the other branch."""

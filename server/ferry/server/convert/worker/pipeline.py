@@ -271,6 +271,14 @@ class Pipeline:
             try:
                 self.baseline = self._run(self._source_runner())
             except Exception as exc:  # onnxruntime's own: a crash of the child said nothing
+                if self._file_at_fault():
+                    raise InvalidArgument(
+                        f"the model fails on validation.sample_file in onnxruntime "
+                        f"({first_line(exc)}), and runs on samples generated from spec.inputs "
+                        "at the same batch sizes: the file holds values the model does not "
+                        "take (an index past an embedding table); send rows "
+                        "like the requests it will serve"
+                    ) from None
                 raise ConversionFailed(
                     f"the source ONNX model fails on the validation samples in onnxruntime "
                     f"({first_line(exc)}): check spec.inputs; "
@@ -284,6 +292,21 @@ class Pipeline:
             self.client_reference = self._client_reference()
             if self.source.module is None:
                 self.baseline, self.baseline_name = self.client_reference, "reference"
+
+    def _file_at_fault(self) -> bool:
+        """Whether a sample file the ONNX source fails on is the client's mistake rather than
+        the graph's: the same model runs generated samples of the file's row count. A torch
+        source's failure on the samples is INVALID_ARGUMENT; an ONNX source's was always
+        FAILED_PRECONDITION, also for ids past its table in the client's own file. A graph
+        that fails both ways (a batch fixed inside) stays the graph's fault."""
+        if not self.spec.validation.sample_file:
+            return False
+        probe = parity.generate(self.source.inputs, len(self.samples), self.samples.batched)
+        try:
+            parity.run_batches(self._source_runner(), probe, self.spec.max_batch_size)
+        except Exception:
+            return False
+        return True
 
     def _source_runner(self) -> Callable[[dict[str, np.ndarray]], Outputs]:
         """The model as the client gave it, before pruning: what every budget is judged against.
