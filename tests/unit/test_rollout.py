@@ -1581,3 +1581,51 @@ def test_a_late_outcome_of_a_replaced_comparison_is_not_judged_by_the_new_rules(
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_clients_request_failing_at_run_time_counts_once_for_the_split_rule(
+    tmp_path: Path,
+) -> None:
+    """A request the interface takes but the model refuses at run time (here: rows not a
+    multiple of 4) fails on every version alike; retried under one id it sticks to one
+    version, and each retry counted a failure of that version: an identical version was rolled
+    out of the split. The same request (id and inputs) failing again counts once."""
+    table = numpy_helper.from_array(np.arange(5, dtype=np.float32), "table")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["input"], ["index"], to=TensorProto.INT64),
+            helper.make_node("Gather", ["table", "index"], ["output"]),
+        ],
+        "looks_up",  # an index past the table's 5 values is refused at run time
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3])],
+        [table],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=8)
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    for version in (2, 3):  # identical versions
+        write_model(repo, "m", model, version=version)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout(
+            "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
+        )
+        good = {"input": np.ones((1, 3), np.float32)}
+        bad = {"input": np.full((1, 3), 9.0, np.float32)}
+        for key in KEYS[:40]:
+            await dataplane.infer(InferenceRequest("m", good, id=key))
+            with pytest.raises(InvalidInput):
+                await dataplane.infer(InferenceRequest("m", bad, id="the-same-retry"))
+            await asyncio.gather(*dataplane._decisions)
+        view = dataplane.rollout("m")
+        assert view.split == ((2, 1.0), (3, 1.0)), view.history[-1]
+        # Other requests failing on one version only still roll it out.
+        for key in KEYS[:60]:
+            with contextlib.suppress(InvalidInput):
+                await dataplane.infer(InferenceRequest("m", bad, id=key, version=None))
+            await asyncio.gather(*dataplane._decisions)
+        assert dataplane.rollout("m").split == ((2, 1.0), (3, 1.0))  # both fail them alike
+        await registry.close()
+
+    asyncio.run(scenario())

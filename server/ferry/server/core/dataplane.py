@@ -85,9 +85,12 @@ class DataPlane:
         self._peer_shadows: shadow_sum.PeerShadows | None = None
         self._decisions: set[asyncio.Task[None]] = set()
         # model -> (the rollout as read, {version: [failed, ok]} of the requests its split
-        # routed, the versions a rule took out of it): all of it starts afresh with each rollout
-        # read (core.rollout, one object per read of the file), see _check_split_errors.
-        self._split_counts: dict[str, tuple[Any, dict[int, list[int]], set[int]]] = {}
+        # routed, the versions a rule took out of it, the failed requests already counted):
+        # all of it starts afresh with each rollout read (core.rollout, one object per read of
+        # the file), see _check_split_errors.
+        self._split_counts: dict[
+            str, tuple[Any, dict[int, list[int]], set[int], dict[bytes, None]]
+        ] = {}
         # Rollout rules are applied by the process that owns the repository's management (the
         # first of --workers, the control replica); the others serve and compare only.
         self.decides_rollouts = True
@@ -137,7 +140,7 @@ class DataPlane:
             raise
         except Exception as exc:
             routed = queued and decoded.version is None
-            self._failed(request, lv, routed, exc, start)
+            self._failed(request, lv, routed, exc, start, decoded=decoded if routed else None)
             raise
         elapsed = time.perf_counter() - start
         lv.stats.record_success(int(elapsed * 1e9))
@@ -155,13 +158,16 @@ class DataPlane:
         routed: bool,
         exc: Exception,
         start: float,
+        *,
+        decoded: InferenceRequest | None = None,
     ) -> None:
-        """Count and observe a request that failed (``routed``: the rollout chose its version)."""
+        """Count and observe a request that failed (``routed``: the rollout chose its version;
+        ``decoded``: the request, which the split's rule tells from its repeats)."""
         elapsed = time.perf_counter() - start
         if lv is not None and isinstance(exc, FerryError):
             lv.stats.record_failure(int(elapsed * 1e9))
             if routed:
-                self._after(self._check_split_errors, lv, True)
+                self._after(self._check_split_errors, lv, True, decoded)
         model = lv.name if lv is not None else request.model
         version = lv.version if lv is not None else _label(request)
         self._observe(model, version, exc, elapsed)
@@ -377,7 +383,9 @@ class DataPlane:
             stats, run, outputs, int(elapsed * 1e9), lambda s: self._apply_rules(served.name, s)
         )
 
-    def _check_split_errors(self, lv: LoadedVersion, failed_now: bool) -> None:
+    def _check_split_errors(
+        self, lv: LoadedVersion, failed_now: bool, request: InferenceRequest | None = None
+    ) -> None:
         """A version serving a share of a split whose error rate exceeds the rest of the
         split's by more than the rules' max_error_rate (after 10 of its requests) is rolled out
         of the split. Relative, so that a client's bad requests, which fail on every version,
@@ -387,7 +395,11 @@ class DataPlane:
         "Since it was set" is since this rollout was read (the object, not its value): keyed by
         the split's value, a person setting the same split again after a rollback got the old
         failures counted again, and the version, once taken out, was never judged again in this
-        process, so it failed its share of requests for good."""
+        process, so it failed its share of requests for good. A failed ``request`` that failed
+        before under this split (the same id and inputs: a client's retries, which its id sticks
+        to one version) counts once: a request the model refuses at run time (an index past a
+        table) fails on every version alike, and each retry of one counted against the one
+        version its id picked, rolling an identical version out of the split."""
         if not self.decides_rollouts:
             return
         ro, _ = self._registry.rollout_of(lv.name)
@@ -395,12 +407,19 @@ class DataPlane:
             return
         if lv.version not in dict(ro.split):
             return
-        key, counts, rolled_back = self._split_counts.get(lv.name, (None, {}, set()))
+        key, counts, rolled_back, seen = self._split_counts.get(lv.name, (None, {}, set(), {}))
         if key is not ro:
-            counts, rolled_back = {}, set()
-            self._split_counts[lv.name] = (ro, counts, rolled_back)
+            counts, rolled_back, seen = {}, set(), {}
+            self._split_counts[lv.name] = (ro, counts, rolled_back, seen)
         if lv.version in rolled_back:  # decided already; the change is on its way
             return
+        if failed_now and request is not None:
+            digest = rollouts.request_digest(lv.version, request.id, request.inputs)
+            if digest in seen:
+                return
+            seen[digest] = None
+            if len(seen) > rollouts.MAX_FAILED_SEEN:  # bounded: the oldest is forgotten
+                del seen[next(iter(seen))]
         mine = counts.setdefault(lv.version, [0, 0])  # [failed, ok]
         mine[0 if failed_now else 1] += 1
         if not failed_now:

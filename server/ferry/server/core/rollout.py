@@ -20,9 +20,12 @@ import math
 import random
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from ferry.codec import datatype_name
 from ferry.server.core.repository import (
@@ -42,6 +45,8 @@ MAX_HISTORY = 200  # the oldest entries go first; the split itself is never lost
 MAX_FILE = 1 << 20
 MAX_REASON = 500
 MAX_COMPARISON_ID = 64
+# Failed requests a split's rule remembers, to count a repeated one once (the oldest go first)
+MAX_FAILED_SEEN = 4096
 
 
 @dataclass(frozen=True)
@@ -157,6 +162,25 @@ class Rollout:
             if score < best:
                 best_version, best = version, score
         return best_version
+
+
+def request_digest(version: int, key: str, inputs: Mapping[str, np.ndarray]) -> bytes:
+    """Which request failed on which version, for a split's rule: the version, the request's
+    id and its inputs (names, types, shapes, values). A client retrying one bad request under
+    its id (which sticks to one version) sends the same digest each time, and it counts once."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(json.dumps([version, key]).encode())
+    for name in sorted(inputs):
+        a = np.asarray(inputs[name])
+        h.update(json.dumps([name, a.dtype.str, list(a.shape)]).encode())
+        if a.dtype.kind != "O":
+            h.update(a.tobytes())
+            continue
+        for item in a.ravel():  # BYTES: the elements' values, not their addresses
+            data = item if isinstance(item, bytes) else str(item).encode("utf-8", "replace")
+            h.update(len(data).to_bytes(8, "big"))
+            h.update(data)
+    return h.digest()
 
 
 def going_on(live: Rollout | None, wanted: Rollout) -> Rollout:
