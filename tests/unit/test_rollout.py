@@ -1629,3 +1629,51 @@ def test_a_clients_request_failing_at_run_time_counts_once_for_the_split_rule(
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_rules_decision_the_disk_refuses_is_tried_again_and_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rollback whose rollout.json write failed (a full or read-only disk) was logged once and
+    dropped: the failing version kept its share for good, and GetRollout said nothing. It is
+    tried again (backing off) until it is written, and GetRollout says it is pending."""
+    import errno
+    import os
+
+    from ferry.server.core import dataplane as dataplane_module
+    from ferry.server.core import repository as repository_module
+
+    monkeypatch.setattr(dataplane_module, "DECISION_RETRY", (0.0, 0.0))
+    repo = _split_rule_repo(tmp_path)
+    replace = os.replace
+    seen: list[str] = []
+    pending: list[list[str]] = []
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout(
+            "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
+        )
+
+        def read_only(src: object, dst: object) -> None:
+            seen.append(dataplane.rollout("m").error)
+            pending.append(sorted(dataplane.unapplied_decisions()))  # /metrics' gauge
+            if len(seen) < 3:
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+            replace(src, dst)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(repository_module.os, "replace", read_only)
+        x = {"input": np.ones((1, 3), np.float32)}
+        for key in KEYS[:200]:
+            with contextlib.suppress(FerryError):
+                await dataplane.infer(InferenceRequest("m", x, id=key))
+            await asyncio.gather(*dataplane._decisions)
+        assert len(seen) == 3 and seen[0] == "" and pending == [[], ["m"], ["m"]]
+        assert dataplane.unapplied_decisions() == {}
+        assert "a rule's decision is not in force yet (rolled back by rule" in seen[2], seen
+        view = dataplane.rollout("m")
+        assert view.split == ((2, 1.0),) and view.error == ""
+        assert view.history[-1]["by"] == "rollout rules"
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -262,6 +262,15 @@ class Metrics:
                     for device, n in s.device_executions
                 )
         self._render_shadows(out)
+        out.append(
+            "# HELP ferry_rollout_decision_pending 1 while a rollout rule's decision could not "
+            "be written (a full or read-only disk) and is being tried again"
+        )
+        out.append("# TYPE ferry_rollout_decision_pending gauge")
+        out.extend(
+            f'ferry_rollout_decision_pending{{model="{_escape(model)}"}} 1'
+            for model in sorted(self._dataplane.unapplied_decisions())
+        )
         out.append("# HELP ferry_model_state 1 for the state each model version is in")
         out.append("# TYPE ferry_model_state gauge")
         for st in statuses:

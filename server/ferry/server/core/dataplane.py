@@ -9,6 +9,7 @@ same repository outcomes, and every request is counted and observed exactly once
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import random
@@ -55,6 +56,9 @@ from ferry.server.errors import (
 
 log = logging.getLogger(__name__)
 PLATFORM = "onnxruntime_onnx"
+# Seconds before a rule's decision that could not be written (a full or read-only disk) is
+# tried again: doubled after each failure, up to the last.
+DECISION_RETRY = (0.5, 30.0)
 
 R = TypeVar("R")
 # The other worker processes' snapshots of (model, version): see ferry.server.workers.
@@ -84,6 +88,10 @@ class DataPlane:
         # The other workers' comparisons (sum_shadows_with), in the first worker only.
         self._peer_shadows: shadow_sum.PeerShadows | None = None
         self._decisions: set[asyncio.Task[None]] = set()
+        # model -> why a rule's decision is not in force yet (its write failed; tried again
+        # until it is written or another change replaces what it judged): GetRollout, /metrics
+        self._unapplied: dict[str, str] = {}
+        self._closing = asyncio.Event()
         # model -> (the rollout as read, {version: [failed, ok]} of the requests its split
         # routed, the versions a rule took out of it, the failed requests already counted):
         # all of it starts afresh with each rollout read (core.rollout, one object per read of
@@ -528,25 +536,59 @@ class DataPlane:
             rules = None  # a split's rule needs a split; none is left
 
         async def apply() -> None:
-            try:
-                await self.set_rollout(
-                    model,
-                    split,
-                    by="rollout rules",
-                    why=why,
-                    shadow_of=shadow_of,
-                    rules=rules,
-                    fresh_shadow=False,
-                    decided_on=decided_on,
-                )
-            except FerryError as exc:
-                if stats is not None:
-                    stats.decided = False  # the rollout in force is judged at the next outcome
-                log.warning("model %s: a rule's decision was not applied: %s", model, exc)
+            delay, most = DECISION_RETRY
+            while True:
+                try:
+                    await self.set_rollout(
+                        model,
+                        split,
+                        by="rollout rules",
+                        why=why,
+                        shadow_of=shadow_of,
+                        rules=rules,
+                        fresh_shadow=False,
+                        decided_on=decided_on,
+                    )
+                except FerryError as exc:
+                    if self._judged_in_force(model, decided_on) and not self._closing.is_set():
+                        # Not written (a full or read-only disk): the rollout it judged still
+                        # serves, a failing version its share, so it is tried again, and said
+                        # where a person looks. Dropped, the rollback never happened.
+                        self._unapplied[model] = (
+                            f"a rule's decision is not in force yet ({why}): {exc.message}; "
+                            f"trying again every {most:g} s at most"
+                        )
+                        log.warning(
+                            "model %s: a rule's decision could not be applied, trying again in "
+                            "%g s: %s",
+                            model,
+                            delay,
+                            exc.message,
+                        )
+                        with contextlib.suppress(TimeoutError):
+                            await asyncio.wait_for(self._closing.wait(), delay)
+                        delay = min(delay * 2, most)
+                        continue
+                    if stats is not None:
+                        stats.decided = False  # the rollout in force is judged at the next outcome
+                    log.warning("model %s: a rule's decision was not applied: %s", model, exc)
+                self._unapplied.pop(model, None)
+                return
 
         task = asyncio.get_running_loop().create_task(apply())
         self._decisions.add(task)
         task.add_done_callback(self._decisions.discard)
+
+    def _judged_in_force(self, model: str, decided_on: rollouts.Rollout) -> bool:
+        """Whether the rollout a rule judged still serves (no other change replaced it)."""
+        try:
+            return self._registry.rollout_of(model)[0] is decided_on
+        except FerryError:
+            return False
+
+    def unapplied_decisions(self) -> dict[str, str]:
+        """model -> why a rule's decision is not in force yet (/metrics)."""
+        return dict(self._unapplied)
 
     def sum_shadows_with(self, peers: shadow_sum.PeerShadows) -> None:
         """Add the other worker processes' shadow comparisons to what the rules judge,
@@ -596,6 +638,7 @@ class DataPlane:
                 self._after(self._apply_rules, name, stats, True, every_worker)
 
     async def close_shadows(self) -> None:
+        self._closing.set()  # a decision waiting to be tried again stops waiting
         await self._shadows.close()
         await asyncio.gather(*self._decisions, return_exceptions=True)
 
@@ -623,6 +666,8 @@ class DataPlane:
                     "names none gets, so nothing is compared: pin the version that should keep "
                     "answering with a split, or end the shadow"
                 )
+        if name in self._unapplied:
+            error = "; ".join(filter(None, (error, self._unapplied[name])))
         return RolloutView(
             name,
             ro.split if ro is not None else (),
