@@ -1677,3 +1677,27 @@ def test_a_rules_decision_the_disk_refuses_is_tried_again_and_said(
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_an_edit_of_the_rollout_file_of_the_same_size_and_time_is_seen(tmp_path: Path) -> None:
+    """The file's change was seen by its (mtime, size): an edit of the same size within the
+    file system's mtime granularity (a hand edit of one weight, a copy keeping times) was
+    never applied, and every refresh kept serving the old split. Its content decides."""
+    import os
+
+    repo = _repo(tmp_path)
+    path = repo.model_dir("m") / rollouts.ROLLOUT_FILE
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        path.write_text('{"split": {"1": 1, "2": 3}}')
+        await registry.refresh()
+        assert dataplane.rollout("m").split == ((1, 1.0), (2, 3.0))
+        stat = path.stat()
+        path.write_text('{"split": {"1": 3, "2": 1}}')  # the same size
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same time
+        await registry.refresh()
+        assert dataplane.rollout("m").split == ((1, 3.0), (2, 1.0))
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -80,7 +80,7 @@ class ModelEntry:
     versions: dict[int, VersionSlot] = field(default_factory=dict)
     rollout: rollouts.Rollout | None = None  # the live split (core.rollout), None: default only
     rollout_error: str = ""
-    rollout_signature: tuple[float, int] | None = None
+    rollout_signature: str | None = None  # its content's digest (core.rollout.signature)
     # "loading" from a new entry until its first versions are in place, "unloading" while an
     # unload empties it: a request in between must not be told the folder has no versions.
     changing: str = ""
@@ -382,7 +382,9 @@ class ModelRegistry:
             raise ModelNotFound(f"model {short(name)!r} is not in the repository")
         async with self._model_lock(name):
             if decided_on is not None:
-                self._still_the_rollout(name, decided_on)
+                mdir = self.repository.model_dir(name)
+                now = await asyncio.to_thread(rollouts.signature, mdir)
+                self._still_the_rollout(name, decided_on, now)
             if check is not None:
                 check()
             if name in self._unloaded_by_request:
@@ -420,14 +422,16 @@ class ModelRegistry:
             await self._follow("load", name)
             return result
 
-    def _still_the_rollout(self, name: str, decided_on: rollouts.Rollout) -> None:
+    def _still_the_rollout(
+        self, name: str, decided_on: rollouts.Rollout, signature: str | None
+    ) -> None:
         """Refuse a rule's change (or a shadow publish's) when the rollout it judged is no
         longer the one in force: a person's change made while the rule decided (one that loads a version holds the lock
         for seconds, and the old rollout served meanwhile) was overwritten by the rule's
         verdict on the old candidate, and a new shadow was ended unjudged. The file is looked
-        at too: a change written there but not yet read counts as made."""
+        at too (``signature``, its content's now): a change written there but not yet read
+        counts as made."""
         entry = self.models.get(name)
-        signature = _file_signature(self.repository.model_dir(name) / rollouts.ROLLOUT_FILE)
         if entry is None or entry.rollout is not decided_on or signature != entry.rollout_signature:
             raise FailedPrecondition(
                 f"the rollout of {short(name)!r} was changed by another call while this change "
@@ -1028,7 +1032,7 @@ class _FolderScan:
     config: ModelConfig
     config_error: str
     on_disk: list[int]
-    rollout_signature: tuple[float, int] | None
+    rollout_signature: str | None
     rollout: rollouts.Rollout | None
     rollout_error: str
     signatures: dict[int, Signature]
@@ -1042,7 +1046,7 @@ def _scan(
     repository: ModelRepository,
     name: str,
     config_signature: Signature,
-    rollout_signature: tuple[float, int] | None,
+    rollout_signature: str | None,
 ) -> _FolderScan:
     """A model's config (parsed only if its signature differs from the one given), versions,
     rollout file (likewise) and each version's model file signature."""
@@ -1062,9 +1066,9 @@ def _scan(
             scan.config = load_config(mdir)
         except FerryError as exc:
             scan.config_error = exc.message
-    scan.rollout_signature = _file_signature(mdir / rollouts.ROLLOUT_FILE)
-    if scan.rollout_signature != rollout_signature:
-        scan.rollout, scan.rollout_error = rollouts.read(mdir)
+    scan.rollout_signature, parsed = rollouts.scan(mdir, rollout_signature)
+    if parsed is not None:
+        scan.rollout, scan.rollout_error = parsed
     # A version's own config is part of what it serves: an edit of it reloads the version (it
     # was ignored until the model's config changed).
     scan.signatures = {v: _version_signature(scan.folder / str(v)) for v in scan.on_disk}

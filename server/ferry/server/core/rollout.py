@@ -264,16 +264,51 @@ def _head(path: Path) -> bytes:
     return read_head(path, MAX_FILE + 1)
 
 
-def read(model_dir: Path) -> tuple[Rollout | None, str]:
-    """The model's rollout (None: none), and an error that makes the file unusable ('' if not).
-    A broken file never stops serving: the model serves its default version and says why."""
-    path = model_dir / ROLLOUT_FILE
+def _read_raw(model_dir: Path) -> tuple[bytes | None, str]:
+    """The file's bytes (None: there are none to parse) and why not ('' for no file)."""
     try:
-        raw = _head(path)
+        return _head(model_dir / ROLLOUT_FILE), ""
     except FileNotFoundError:
         return None, ""
     except OSError as exc:
         return None, f"{ROLLOUT_FILE}: {exc.strerror or exc}"
+
+
+def _signature(raw: bytes | None, error: str) -> str | None:
+    """What the file holds, as a refresh compares it: a digest of its content (None: no file).
+    Its (mtime, size) missed an edit of the same size within the file system's mtime
+    granularity, and the old split served on for good."""
+    if raw is None:
+        return f"unreadable: {error}" if error else None
+    return hashlib.blake2b(raw, digest_size=16).hexdigest()
+
+
+def signature(model_dir: Path) -> str | None:
+    """The rollout file's signature now (``scan``'s)."""
+    return _signature(*_read_raw(model_dir))
+
+
+def scan(
+    model_dir: Path, known: str | None
+) -> tuple[str | None, tuple[Rollout | None, str] | None]:
+    """The file's signature, and ``read``'s answer when it differs from ``known`` (else None:
+    not parsed again), both from one read of the file."""
+    raw, error = _read_raw(model_dir)
+    sig = _signature(raw, error)
+    if sig == known:
+        return sig, None
+    return sig, (_parse(raw) if raw is not None else (None, error))
+
+
+def read(model_dir: Path) -> tuple[Rollout | None, str]:
+    """The model's rollout (None: none), and an error that makes the file unusable ('' if not).
+    A broken file never stops serving: the model serves its default version and says why."""
+    raw, error = _read_raw(model_dir)
+    return _parse(raw) if raw is not None else (None, error)
+
+
+def _parse(raw: bytes) -> tuple[Rollout | None, str]:
+    """``read`` of the file's bytes."""
     if len(raw) > MAX_FILE:
         return None, f"{ROLLOUT_FILE} is over {MAX_FILE} bytes"
     try:
