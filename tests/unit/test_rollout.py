@@ -1701,3 +1701,18 @@ def test_an_edit_of_the_rollout_file_of_the_same_size_and_time_is_seen(tmp_path:
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_one_rule_says_which_shadows_were_shed() -> None:
+    """What a shed shadow is was decided in two places (the candidate's state before it was
+    queued, the error of its run), each its own list: one rule now answers both."""
+    from ferry.server.core.shadow import shed
+    from ferry.server.errors import ModelNotReady
+
+    for not_run in (QueueFull("q"), DeadlineExceeded("d"), Unavailable("u")):
+        assert shed(not_run) and shed(not_run, State.READY)
+    assert shed(ModelNotReady("loading"), State.LOADING)
+    assert shed(ModelNotReady("unloading"), State.UNLOADING)
+    assert not shed(ModelNotReady("failed"), State.FAILED)
+    assert not shed(InvalidInput("its own inputs"), State.READY)
+    assert not shed(RuntimeError("a crash"))

@@ -369,13 +369,12 @@ class DataPlane:
         try:
             lv = self._registry.get(served.name, candidate)
             work = inputs.validate(lv, request, self.limits)
-        except FerryError:  # not ready, or it does not take these inputs
+        except FerryError as exc:  # not ready, or it does not take these inputs
+            # On its way in (a worker or a polling replica loads it after reading the rollout)
+            # or out: not run, not failed (shadow.shed, the one rule for both places).
             entry = self._registry.models.get(served.name)
             slot = entry.versions.get(candidate) if entry is not None else None
-            if slot is not None and slot.state in (State.LOADING, State.UNLOADING):
-                # On its way in (a worker or a polling replica loads it after reading the
-                # rollout) or out: not run, not failed. Counted as errors, the shadows of a
-                # load's seconds rolled an identical candidate back at its first comparison.
+            if shadow.shed(exc, slot.state if slot is not None else None):
                 stats.shed += 1
             else:
                 stats.errors += 1

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from ferry.server.accuracy import SPREAD, max_rel_error
+from ferry.server.core.types import State
 from ferry.server.errors import DeadlineExceeded, QueueFull, Unavailable
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,21 @@ SHADOW_PRIORITY = 2**64
 MAX_IN_FLIGHT = 8
 SHADOW_TIMEOUT = 5.0  # seconds a shadow may wait in the candidate's queue
 SQUARES = 4  # per output: sum of squared differences, of squared served values, sum, count
+
+
+# Refused at the candidate's door or expired in its queue behind the live requests that go
+# first, or its session closed under it (unloaded, replaced)
+_NOT_RUN = (QueueFull, DeadlineExceeded, Unavailable)
+
+
+def shed(exc: BaseException, candidate: State | None = None) -> bool:
+    """Whether a shadow that gave no answer was shed (not run: the live traffic, or the
+    candidate on its way in or out, ``candidate`` being its state then) rather than failed by
+    the candidate: the one rule, for a shadow refused before it is queued (the candidate not
+    ready: dataplane) and one that did not run there (``Shadows``). Counted as errors, a load
+    on the candidate, or its seconds of loading, rolled an identical candidate back by
+    max_error_rate."""
+    return isinstance(exc, _NOT_RUN) or candidate in (State.LOADING, State.UNLOADING)
 
 
 @dataclass
@@ -262,15 +278,12 @@ class Shadows:
             shadow = await run  # type: ignore[misc]
         except asyncio.CancelledError:
             raise
-        except (QueueFull, DeadlineExceeded, Unavailable):
-            # Not run: refused at the candidate's door or expired in its queue, behind the live
-            # requests that go first (or its session closed under it: unloaded, replaced).
-            # Counted as errors, a load on the candidate (clients naming it, its share of a
-            # split) rolled an identical candidate back by max_error_rate.
-            stats.shed += 1
         except Exception as exc:  # the candidate's failure is a statistic, never the caller's
-            stats.errors += 1
-            log.debug("shadow run of candidate %d failed: %s", stats.candidate, exc)
+            if shed(exc):
+                stats.shed += 1
+            else:
+                stats.errors += 1
+                log.debug("shadow run of candidate %d failed: %s", stats.candidate, exc)
         else:
             stats.served_ns += served_ns
             stats.shadow_ns += time.perf_counter_ns() - start
