@@ -160,3 +160,34 @@ def test_deleting_a_models_last_version_leaves_the_replica_ready(tmp_path: Path)
         assert _health(srv.target) == SERVING
         conversion.delete_version("beta", 1)
         assert _health(srv.target) == NOT_SERVING
+
+
+@pytest.mark.parametrize("service", ["", "alpha", "no-such-name"])
+def test_watch_streams_end_once_the_stop_has_said_not_serving(gated: Any, service: str) -> None:
+    """A Watch (gRPC client-side health checking, Envoy) stayed open through the stop: it held
+    the whole grace period and was then cut. It now ends, OK, after its last status."""
+    srv, _, _ = gated
+    app = srv.app
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        # The deadline only guards against a hang: the stream must end well before it.
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=60)
+        first = next(watch).status
+        srv.call(app.health.enter_graceful_shutdown)
+        rest = [reply.status for reply in watch]  # ends: no DEADLINE_EXCEEDED raised
+        assert watch.code() == grpc.StatusCode.OK
+        if service == "no-such-name":
+            assert first == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN and rest == []
+        else:
+            assert first == SERVING and rest == [NOT_SERVING]
+        # One begun after the stop said so answers and ends at once.
+        late = list(stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=60))
+        assert len(late) == 1 and late[0].status != SERVING
+
+
+def test_an_unknown_health_name_is_not_found_with_what_to_ask(gated: Any) -> None:
+    srv, _, _ = gated
+    with pytest.raises(grpc.RpcError) as err:
+        _health(srv.target, "no-such-model")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "a model name" in (err.value.details() or "")

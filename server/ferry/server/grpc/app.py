@@ -41,6 +41,7 @@ from ferry.server.errors import FerryError
 from ferry.server.grpc import conversion, kserve, reflection
 from ferry.server.grpc._base import new_server, quiet_peer_gone
 from ferry.server.grpc.auth import inference_guard, management_guard
+from ferry.server.grpc.health_service import HealthServicer
 from ferry.server.grpc.inference import InferenceServicer
 from ferry.server.grpc.inference import add_to_server as add_inference_to_server
 from ferry.server.grpc.repository import RepositoryServicer
@@ -116,7 +117,7 @@ class FerryServer:
         self.dataplane.decides_rollouts = settings.management_port >= 0 and not self.is_worker
         self.metrics = Metrics(self.dataplane)
         self.dataplane.observe_with(self.metrics.observe)
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.inference_port = 0
         self.management_port = 0
         self.metrics_port = 0
@@ -131,7 +132,7 @@ class FerryServer:
         self._health = Coalesced(self._update_health)
         self._prune = Coalesced(self._prune_weights)
         self._health_status: dict[str, int] = {}  # service name -> the status last set
-        self._management_health: health.aio.HealthServicer | None = None
+        self._management_health: HealthServicer | None = None
         self._management_services: list[str] = []
         self._stopped = asyncio.Event()
         # Set by SIGTERM/SIGINT (run_until_signal): a start-up load still running gives up.
@@ -248,7 +249,7 @@ class FerryServer:
             self.conversion.open()
             mnames += conversion.add_to_server(mserver, self.conversion)
             # Health on the management listener too: a control-plane probe asks it directly.
-            self._management_health = health.aio.HealthServicer()
+            self._management_health = HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self._management_health, mserver)
             self._management_services = list(mnames)
             mnames.append(health.SERVICE_NAME)
