@@ -58,11 +58,14 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             last = None
             while True:
                 wake.clear()  # a change while the write below waits sets it again
+                # Read before the status: a stop while the write below waited (ended after
+                # the read) goes round once more and says NOT_SERVING before this ends.
+                ended = self._ended
                 status = self._status.get(name, SERVICE_UNKNOWN)
                 if status != last:
                     await context.write(health_pb2.HealthCheckResponse(status=status))
                     last = status
-                if self._ended:
+                if ended:
                     return  # the last status was sent; nothing will change any more
                 await wake.wait()
         finally:
