@@ -304,6 +304,29 @@ def test_an_output_not_batched_first_never_mixes_requests_when_no_made_up_row_ru
                 future.result(60)
 
 
+def test_an_unconfigured_model_no_probe_row_runs_never_mixes_requests_on_its_shapes(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """Left unset, a model the probe's rows do not run was batched on its shapes alone with no
+    check of its outputs' first dimension: two requests of k = 2 each got a column of the
+    other's values. It is checked on the first request's own row, as a configured one is."""
+    root = make_repo(tmp_path / "repo", {"unset": _guarded_transpose_model(7.0)})
+    write_config(root, "unset", {"instances": {"count": 1}})
+    srv = start_server(root)
+    first = {"x": np.array([[7.0, 1.0]], np.float32)}
+    rest = [{"x": np.array([[7.0, 2.0]], np.float32)}, {"x": np.array([[7.0, 3.0]], np.float32)}]
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        ThreadPoolExecutor(4) as pool,
+        ExecutionGate(srv, "unset") as gate,
+    ):
+        head, tail = _queue_behind_gate(client, gate, pool, "unset", first=first, rest=rest)
+        gate.release()
+        for future in [head, *tail]:
+            with pytest.raises(FailedPreconditionError, match=r"output 'y' is \[2, 1\] for a bat"):
+                future.result(60)
+
+
 def test_a_model_no_made_up_row_runs_is_batched_once_a_request_checks_it(
     tmp_path: Path, start_server: StartServer
 ) -> None:

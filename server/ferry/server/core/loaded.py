@@ -71,8 +71,9 @@ class LoadedVersion:
             s.name for s in self.inputs if s.dtype == DataType.DATA_TYPE_BYTES
         )
         self.stats = VersionStats()
-        # A configured batch size whose batch dimension no made-up row could check (the model
-        # runs on none: runtime.session): requests run alone until one's own row checks it.
+        # A batch size (configured, or the default on the shapes alone) whose batch dimension no
+        # made-up row could check (the model runs on none: runtime.session): requests run
+        # alone until one's own row checks it.
         self._unchecked = self.max_batch_size > 0 and not getattr(session, "batch_checked", True)
         self._not_batched_first = ""  # what that check found wrong: every request's error
         # Until measured, assume a version is slow: the first batches go to a worker thread. A
@@ -206,7 +207,11 @@ class LoadedVersion:
             ran, self._not_batched_first = self.session.check_rows(row, self.max_batch_size)
             self._unchecked = not ran or bool(self._not_batched_first)
         if self._not_batched_first:
-            raise FailedPrecondition(f"model {self.name}/{self.version}: {self._not_batched_first}")
+            raise FailedPrecondition(
+                f"model {self.name}/{self.version} is batched (max_batch_size "
+                f"{self.max_batch_size}), but {self._not_batched_first}: its answers cannot be "
+                "split per request; set batching.max_batch_size = 0 in its config"
+            )
         return not self._unchecked
 
     def statistics(self) -> VersionStatistics:

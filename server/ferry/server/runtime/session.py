@@ -236,24 +236,33 @@ def _check_batch_dimension(session: OrtSession, max_batch: int) -> None:
     (runtime.rows is not asked), but not on the graph's shapes: an output whose first dimension
     is not the batch's (a transpose, a flatten over the rows) failed every request INTERNAL,
     and where its size happened to equal the batch's, split another request's values into each
-    answer. One row, then two (``check_rows``), say which: refused at load, naming the output.
-    Zeros first; a model that does not run on zeros (a Range stepped by an input's value, an
-    op refusing 0) was served unchecked and mixed callers' rows, so ones and the probe's rows
-    (runtime.rows.made_up_rows) are tried next. One that runs on none of them is marked
-    unchecked: it is checked on the first request's own row before requests share a run
-    (core.loaded)."""
+    answer. Refused at load, naming the output (``_first_dimension``)."""
+    problem = _first_dimension(session, max_batch)
+    if problem:
+        raise InvalidArgument(
+            f"config sets batching.max_batch_size = {max_batch}, but {problem}; set "
+            "batching.max_batch_size = 0"
+        )
+
+
+def _first_dimension(session: OrtSession, max_batch: int) -> str:
+    """What is wrong with the outputs' first dimension on one made-up row, then two
+    (``check_rows``); '' when nothing is. Zeros first; a model that does not run on zeros (a
+    Range stepped by an input's value, an op refusing 0) was served unchecked and mixed
+    callers' rows, so ones and the probe's rows (runtime.rows.made_up_rows) are tried next.
+    One that runs on none of them is marked unchecked: it is checked on the first request's
+    own row before requests share a run (core.loaded)."""
     for row in [session.zero_feeds(1), *rows.made_up_rows(session)]:
         ran, problem = session.check_rows(row, max_batch)
-        if problem:
-            raise InvalidArgument(problem)
         if ran:
-            return
+            return problem
     session.batch_checked = False
     log.warning(
         "%s: its batch dimension could not be checked on made-up rows (the model runs on none "
         "of them): requests run alone until the first one's row is checked",
         session.path,
     )
+    return ""
 
 
 def _batchable_unasked(session: OrtSession) -> bool:
@@ -262,7 +271,11 @@ def _batchable_unasked(session: OrtSession) -> bool:
     if not session.batchable():
         return False
     apart, why = rows.probe(session)
-    if apart is None:  # as before the probe: the shapes say batchable
+    if apart is None:  # as before the probe: the shapes say batchable, if a row agrees
+        problem = _first_dimension(session, DEFAULT_MAX_BATCH_SIZE)
+        if problem:
+            apart, why = False, problem
+    if apart is None:
         log.warning(
             "%s: batched (max_batch_size %d) on its shapes alone: %s. If the model works "
             "across its first dimension, set batching.max_batch_size = 0 in its config.toml",
@@ -430,7 +443,7 @@ class OrtSession:
 
     def check_rows(self, row: dict[str, np.ndarray], max_batch: int) -> tuple[bool, str]:
         """Runs ``row`` (one row of each input) alone, then twice (once only when the limit is
-        1): (False, '') when the model does not run it, (True, why) when an output's first
+        1): (False, '') when the model does not run it, (True, what) when an output's first
         dimension is not the rows', (True, '') when it is. Both counts, since one run cannot
         tell a batch dimension from another that equals it there: a time-major output [seq,
         batch] with seq 2 is [2, 2] for two rows."""
@@ -444,9 +457,8 @@ class OrtSession:
             for name, out in zip(self.output_names, outputs, strict=True):
                 if np.ndim(out) == 0 or out.shape[0] != count:
                     return True, (
-                        f"config sets batching.max_batch_size = {max_batch}, but output "
-                        f"{name!r} is {list(np.shape(out))} for a batch of {count}: its first "
-                        "dimension is not the batch's; set batching.max_batch_size = 0"
+                        f"output {name!r} is {list(np.shape(out))} for a batch of {count}: its "
+                        "first dimension is not the batch's"
                     )
         return True, ""
 
