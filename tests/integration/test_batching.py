@@ -26,7 +26,7 @@ from helpers import (
 )
 from onnx import TensorProto, helper
 
-from ferry.client import FailedPreconditionError, InferenceClient, InferResult
+from ferry.client import FailedPreconditionError, InferenceClient, InferResult, ServerError
 from ferry.server.core.types import DYNAMIC_AXES_METADATA
 from ferry.server.examples import identity_model, mlp_model
 
@@ -228,6 +228,25 @@ def test_an_output_whose_first_dimension_equals_two_rows_by_chance_is_refused_at
         (status,) = client.list_models("set")
         assert status.state == "FAILED"
         assert "max_batch_size = 8, but output 'y' is [2, 1] for a batch of 1" in status.reason
+
+
+def test_a_planned_run_never_cuts_an_output_not_batched_first_into_an_answer(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """At max_batch_size 1 the load's check runs one row of zeros, where the transpose [k,
+    batch] is [1, 1] and passes. Unplanned, a request of k = 3 is refused ([3, 1] for a batch of
+    1); planned, the run's outputs were cut to the batch's rows, and [[1, 2, 3]] was answered
+    [[1]]. It is refused alike, naming the output."""
+    root = make_repo(tmp_path / "repo", {"planned": _transpose_model()})
+    write_config(root, "planned", {"batching": {"max_batch_size": 1, "planned_batch_sizes": [1]}})
+    srv = start_server(root)
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)
+    refused = r"output 'y' has shape \[3, 1\] for a planned batch"
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        pytest.raises(ServerError, match=refused),
+    ):
+        client.infer("planned", {"x": x})
 
 
 def _guarded_transpose_model(

@@ -6,6 +6,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from ferry.server.errors import InternalError
+
 
 def batch_key(
     inputs: Mapping[str, np.ndarray], order: Sequence[str]
@@ -34,3 +36,20 @@ def split(
             results[i][name] = out[start : start + size]
             start += size
     return results
+
+
+def real_rows(
+    outputs: Sequence[np.ndarray], names: Sequence[str], size: int, rows: int
+) -> list[np.ndarray]:
+    """A planned run's outputs cut back to the batch's ``rows`` of its ``size``. Cutting an
+    output whose first dimension is not the batch's kept that dimension's first entries and
+    served them as the answer (a transpose [k, batch] at max_batch_size 1 answered [[1]] for
+    [[1, 2, 3]]), where an unplanned run is refused: refused here alike."""
+    for name, out in zip(names, outputs, strict=True):
+        if np.ndim(out) == 0 or out.shape[0] != size:
+            raise InternalError(
+                f"output {name!r} has shape {list(np.shape(out))} for a planned batch of {size} "
+                "rows: its first dimension is not a batch dimension; set "
+                "batching.max_batch_size = 0 in its config"
+            )
+    return [out[:rows] for out in outputs]

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ferry.server.batching.tensors import concat
+from ferry.server.batching.tensors import concat, real_rows
 from ferry.server.core.types import TensorSpec
 from ferry.server.errors import InternalError
 from ferry.server.runtime.staging import Buffers, Stager, bindable
@@ -142,7 +142,7 @@ class PlannedSession:
             return self.stagers[size].run(batch.buffers, batch.rows, names)
         assert batch.feeds is not None
         outputs = self._sessions[size].run(batch.feeds, names)
-        return [out[: batch.rows] for out in outputs]
+        return real_rows(outputs, names, size, batch.rows)
 
     def run(
         self, feeds: dict[str, np.ndarray], output_names: list[str] | None = None

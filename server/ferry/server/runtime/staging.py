@@ -67,6 +67,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ferry.codec import DataType, numpy_dtype
+from ferry.server.batching.tensors import real_rows
 from ferry.server.errors import Unavailable
 from ferry.server.runtime import providers as provider_table
 from ferry.server.runtime.run_errors import REFUSED_INPUT, refused_input
@@ -159,7 +160,7 @@ class Stager:
                 outputs = self._session.run(feeds, output_names)
             finally:
                 self._checkin(buffers)  # the outputs are onnxruntime's fresh allocations
-            return [out[:rows] for out in outputs]
+            return real_rows(outputs, output_names, self.size, rows)
         try:
             inner = self._session.session
             if inner is None:
@@ -187,7 +188,7 @@ class Stager:
             binding.clear_binding_outputs()
         finally:
             self._checkin(buffers)
-        return self._session.narrow(output_names, [out[:rows] for out in outputs])
+        return self._session.narrow(output_names, real_rows(outputs, output_names, self.size, rows))
 
     def warm_up(self, batch: dict[str, np.ndarray], output_names: list[str]) -> None:
         """One run through a buffer set, so its allocation and binding happen at load."""
