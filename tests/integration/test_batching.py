@@ -230,14 +230,47 @@ def test_an_output_whose_first_dimension_equals_two_rows_by_chance_is_refused_at
         assert "max_batch_size = 8, but output 'y' is [2, 1] for a batch of 1" in status.reason
 
 
+def test_an_output_not_batched_first_is_refused_at_load_at_a_max_batch_size_of_one(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """At max_batch_size 1 the load's check ran one row alone, where the transpose [k, batch] is
+    [1, 1] at k = 1, and passed; planned, [[1, 2, 3]] was then answered [[1]]. Two rows are run
+    there too (the graph's first dimension is dynamic): it is refused at load."""
+    root = make_repo(tmp_path / "repo", {"one": _transpose_model()})
+    write_config(root, "one", {"batching": {"max_batch_size": 1}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client:
+        (status,) = client.list_models("one")
+        assert status.state == "FAILED"
+        assert "max_batch_size = 1, but output 'y' is [1, 2] for a batch of 2" in status.reason
+
+
+def _one_row_transpose_model() -> onnx.ModelProto:
+    """The transpose [batch, k] -> [k, batch] of a graph that runs one row only (a Squeeze of
+    the first dimension): the load's check cannot run two rows on it."""
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [0])
+    graph = helper.make_graph(
+        [
+            helper.make_node("Squeeze", ["x", "axes"], ["row"]),
+            helper.make_node("Unsqueeze", ["row", "axes"], ["again"]),
+            helper.make_node("Transpose", ["again"], ["y"], perm=[1, 0]),
+        ],
+        "one_row_transpose",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "k"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["k", "batch"])],
+        initializer=[axes],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
 def test_a_planned_run_never_cuts_an_output_not_batched_first_into_an_answer(
     tmp_path: Path, start_server: StartServer
 ) -> None:
-    """At max_batch_size 1 the load's check runs one row of zeros, where the transpose [k,
-    batch] is [1, 1] and passes. Unplanned, a request of k = 3 is refused ([3, 1] for a batch of
-    1); planned, the run's outputs were cut to the batch's rows, and [[1, 2, 3]] was answered
-    [[1]]. It is refused alike, naming the output."""
-    root = make_repo(tmp_path / "repo", {"planned": _transpose_model()})
+    """A transpose [k, batch] the load's check passes (one row at k = 1; two rows do not run).
+    Unplanned, a request of k = 3 is refused ([3, 1] for a batch of 1); planned, the run's
+    outputs were cut to the batch's rows, and [[1, 2, 3]] was answered [[1]]. It is refused
+    alike, naming the output."""
+    root = make_repo(tmp_path / "repo", {"planned": _one_row_transpose_model()})
     write_config(root, "planned", {"batching": {"max_batch_size": 1, "planned_batch_sizes": [1]}})
     srv = start_server(root)
     x = np.array([[1.0, 2.0, 3.0]], np.float32)
