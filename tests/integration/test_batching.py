@@ -26,7 +26,7 @@ from helpers import (
 )
 from onnx import TensorProto, helper
 
-from ferry.client import FailedPreconditionError, InferenceClient, InferResult, ServerError
+from ferry.client import FailedPreconditionError, InferenceClient, InferResult
 from ferry.server.core.types import DYNAMIC_AXES_METADATA
 from ferry.server.examples import identity_model, mlp_model
 
@@ -245,6 +245,34 @@ def test_an_output_not_batched_first_is_refused_at_load_at_a_max_batch_size_of_o
         assert "max_batch_size = 1, but output 'y' is [1, 2] for a batch of 2" in status.reason
 
 
+def test_an_output_batched_first_only_at_the_checked_size_fails_failed_precondition(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A flatten [batch, k] -> [batch * k] is [1] and [2] for one and two rows at k = 1, so the
+    load's check passes; a request of k = 3 makes [3] for a batch of 1. That is the model's
+    shapes against its config, not a fault of the server: FAILED_PRECONDITION naming the output
+    and the fix, where it was INTERNAL."""
+    shape = helper.make_tensor("shape", TensorProto.INT64, [1], [-1])
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "flatten",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "k"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])],
+        initializer=[shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    root = make_repo(tmp_path / "repo", {"flat": model})
+    write_config(root, "flat", {"batching": {"max_batch_size": 8}})
+    srv = start_server(root)
+    x = np.array([[1.0, 2.0, 3.0]], np.float32)
+    refused = r"output 'y' with shape \[3\] for a batch of 1.*max_batch_size = 0"
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        pytest.raises(FailedPreconditionError, match=refused),
+    ):
+        client.infer("flat", {"x": x})
+
+
 def _one_row_transpose_model() -> onnx.ModelProto:
     """The transpose [batch, k] -> [k, batch] of a graph that runs one row only (a Squeeze of
     the first dimension): the load's check cannot run two rows on it."""
@@ -277,7 +305,7 @@ def test_a_planned_run_never_cuts_an_output_not_batched_first_into_an_answer(
     refused = r"output 'y' has shape \[3, 1\] for a planned batch"
     with (
         InferenceClient(srv.target, timeout=60) as client,
-        pytest.raises(ServerError, match=refused),
+        pytest.raises(FailedPreconditionError, match=refused),
     ):
         client.infer("planned", {"x": x})
 

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from ferry.server.errors import InternalError
+from ferry.server.errors import FailedPrecondition
 
 
 def batch_key(
@@ -47,7 +47,7 @@ def real_rows(
     [[1, 2, 3]]), where an unplanned run is refused: refused here alike."""
     for name, out in zip(names, outputs, strict=True):
         if np.ndim(out) == 0 or out.shape[0] != size:
-            raise InternalError(
+            raise FailedPrecondition(
                 f"output {name!r} has shape {list(np.shape(out))} for a planned batch of {size} "
                 "rows: its first dimension is not a batch dimension; set "
                 "batching.max_batch_size = 0 in its config"

@@ -21,7 +21,7 @@ from ferry.server.batching.tensors import split
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, apply_version_config
 from ferry.server.core.stats import VersionStats
 from ferry.server.core.types import Opener, Session, TensorSpec, VersionStatistics
-from ferry.server.errors import FailedPrecondition, InternalError, ModelNotReady
+from ferry.server.errors import FailedPrecondition, ModelNotReady
 
 log = logging.getLogger(__name__)
 
@@ -173,7 +173,8 @@ class LoadedVersion:
         if self.max_batch_size > 0:
             for out_name, out in zip(wanted, outputs, strict=True):
                 if out.ndim == 0 or out.shape[0] != total:
-                    raise InternalError(
+                    # The model's shapes against its config, not a fault of the server's.
+                    raise FailedPrecondition(
                         f"model {self.name}/{self.version} returned output {out_name!r} with "
                         f"shape {list(out.shape)} for a batch of {total}: its first dimension "
                         "is not a batch dimension; set batching.max_batch_size = 0 in its config"
