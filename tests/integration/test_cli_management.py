@@ -187,6 +187,22 @@ def test_rollout_sets_shows_and_ends_a_split(
     assert json.loads(out)["rules"] == {}
 
 
+def test_rollout_shows_what_is_wrong_with_a_usable_rollout_as_it_is(
+    server: Any, repo_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A rollout that is in force but says something is wrong (a shadow compared with itself, a
+    rule's decision not yet written) was printed as "the stored split cannot be used"."""
+    repo = ModelRepository(repo_path)
+    write_model(repo, "itself", mlp_model(sizes=(4, 2), seed=1))
+    write_model(repo, "itself", mlp_model(sizes=(4, 2), seed=2), version=2)
+    shadow = {"shadow": {"version": 2, "fraction": 0.5}}  # a hand edit: 2 is the default
+    (repo.model_dir("itself") / "rollout.json").write_text(json.dumps(shadow))
+    m = ("--target", server.management_target)
+    assert ferry(capsys, "models", "refresh", *m)[0] == 0
+    code, out, _ = ferry(capsys, "models", "rollout", "itself", *m)
+    assert code == 0 and "so nothing is compared" in out and "cannot be used" not in out, out
+
+
 def test_a_refused_management_action_names_its_own_help(
     server: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -352,7 +352,9 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         print(json_text(dataclasses.asdict(view)))
         return EXIT_OK
     if view.error:
-        print(f"{view.model}: the stored split cannot be used: {view.error}")
+        # Why the stored split cannot be used, or what else is wrong with the rollout in force
+        # (a shadow compared with itself, a rule's decision not yet written): the text says.
+        print(f"{view.model}: {view.error}")
     total = sum(view.split.values())
     if not view.split:
         print(f"{view.model}: no split; every request goes to the default version")

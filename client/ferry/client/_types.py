@@ -158,7 +158,9 @@ class Rollout:
 
     model: str
     split: Mapping[int, float]
-    error: str = ""  # why the stored split cannot be used ('' when it can)
+    # why the stored split cannot be used, or what else is wrong with the rollout in force (a
+    # shadow compared with itself, a rule's decision not written yet); '' when nothing is
+    error: str = ""
     history: tuple[RolloutChange, ...] = ()
     shadow_version: int = 0  # 0: no shadow
     shadow_fraction: float = 0.0
