@@ -1716,3 +1716,43 @@ def test_one_rule_says_which_shadows_were_shed() -> None:
     assert not shed(ModelNotReady("failed"), State.FAILED)
     assert not shed(InvalidInput("its own inputs"), State.READY)
     assert not shed(RuntimeError("a crash"))
+
+
+def test_a_candidate_reloaded_with_other_files_is_compared_afresh(tmp_path: Path) -> None:
+    """The comparison was keyed to the rollout alone: a candidate whose files were replaced
+    (and reloaded by a refresh) went on with the figures of the model it replaced, which
+    diluted the new one's difference, and a candidate 50% off was promoted on them."""
+    import os
+
+    repo = _repo(tmp_path)
+    write_model(repo, "m", seed_model(seed=2), version=3)  # computes what 2 does
+    off = seed_model(seed=2)
+    for init in off.graph.initializer:  # the last layer x 1.5: every answer 50% larger
+        if init.name in ("w1", "b1"):
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+    rules = {"promote_after": 105, "min_cosine": 0.99}
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(3, 1.0), rules=rules)
+        x = {"input": np.ones((1, 3), np.float32)}
+
+        async def requests(n: int) -> None:
+            for i in range(n):
+                await dataplane.infer(InferenceRequest("m", x, id=f"r{i}"))
+                await asyncio.gather(*dataplane._shadows._tasks)
+                await asyncio.gather(*dataplane._decisions)
+
+        await requests(100)
+        model_file = repo.model_dir("m") / "3" / "model.onnx"
+        before = model_file.stat().st_mtime_ns
+        onnx.save(off, str(model_file))  # replaced in place
+        os.utime(model_file, ns=(before + 10**9, before + 10**9))
+        await registry.refresh()
+        await requests(10)
+        view = dataplane.rollout("m")
+        assert view.shadow is None and view.history[-1]["why"].startswith("rolled back"), view
+        await dataplane.close_shadows()
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -179,8 +179,10 @@ async def _shadowed(dataplane: DataPlane, n: int) -> None:
 
 
 def _key(registry: ModelRegistry) -> str:
+    """The comparison key of m's shadow, with the files its candidate is loaded from."""
     ro, _ = registry.rollout_of("m")
-    return comparison_key(ro)
+    slot = registry.models["m"].versions[ro.shadow[0]]
+    return comparison_key(ro, repr(slot.signature))
 
 
 def test_the_rules_judge_the_sum_even_with_no_comparison_of_their_own(tmp_path: Path) -> None:

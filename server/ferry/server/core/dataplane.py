@@ -360,7 +360,7 @@ class DataPlane:
         candidate, fraction = ro.shadow
         if candidate == served.version or random.random() >= fraction:
             return
-        stats = self._shadows.statistics(served.name, ro)
+        stats = self._shadows.statistics(served.name, ro, self._comparison_key(served.name, ro))
         if request.outputs:
             # What the caller asked for and got, not the outputs its batch ran: batched with a
             # request for another output, the served answer held both, the candidate's run of
@@ -469,7 +469,7 @@ class DataPlane:
             return
         if ro is None or ro.shadow is None or ro.shadow[0] != stats.candidate:
             return
-        if stats.key != shadow.comparison_key(ro):
+        if stats.key != self._comparison_key(model, ro):
             # A late outcome of a comparison a change replaced (same candidate, new rules or
             # a new start): its figures were judged by the new rules, and a promote_after set
             # after N comparisons promoted the candidate with none made under it.
@@ -578,6 +578,14 @@ class DataPlane:
         self._decisions.add(task)
         task.add_done_callback(self._decisions.discard)
 
+    def _comparison_key(self, model: str, ro: rollouts.Rollout) -> str:
+        """The comparison key of ``ro``'s shadow (core.shadow.comparison_key) with the files its
+        candidate is loaded from now: replaced and reloaded, it is compared afresh."""
+        assert ro.shadow is not None
+        entry = self._registry.models.get(model)
+        slot = entry.versions.get(ro.shadow[0]) if entry is not None else None
+        return shadow.comparison_key(ro, repr(slot.signature) if slot is not None else "")
+
     def _judged_in_force(self, model: str, decided_on: rollouts.Rollout) -> bool:
         """Whether the rollout a rule judged still serves (no other change replaced it)."""
         try:
@@ -633,7 +641,7 @@ class DataPlane:
         for name in self.shadowed_models():
             ro, _ = self._registry.rollout_of(name)
             if ro is not None and ro.shadow is not None:
-                stats = self._shadows.statistics(name, ro)
+                stats = self._shadows.statistics(name, ro, self._comparison_key(name, ro))
                 self._after(self._apply_rules, name, stats, True, every_worker)
 
     async def close_shadows(self) -> None:
@@ -656,7 +664,8 @@ class DataPlane:
             ro, error = rollouts.read(mdir)
         stats = None
         if ro is not None and ro.shadow is not None:
-            stats = self._summed(self._shadows.statistics(name, ro))
+            key = self._comparison_key(name, ro)
+            stats = self._summed(self._shadows.statistics(name, ro, key))
             if not ro.split and self._registry.default_version(name) == ro.shadow[0] and not error:
                 # Accepted while another version was the default, then made the default (a
                 # SetDefaultVersion, a newer version deleted): it is compared with itself.

@@ -216,9 +216,14 @@ class ShadowStatistics:
         self.cosine_min = min(self.cosine_min, cosine)
 
 
-def comparison_key(rollout: Any) -> str:
-    """The comparison ``rollout``'s shadow figures belong to (core.rollout.Rollout)."""
-    return str(rollout.comparison_key)
+def comparison_key(rollout: Any, candidate_files: str = "") -> str:
+    """The comparison ``rollout``'s shadow figures belong to (core.rollout.Rollout), of the
+    candidate as loaded from ``candidate_files`` (its files' signature, the same in every
+    worker process that loaded the same files): a candidate whose files were replaced went on
+    with the figures of the model it replaced, which diluted the new one's difference, and a
+    candidate 50% off was promoted on them."""
+    key = str(rollout.comparison_key)
+    return f"{key}\0{candidate_files}" if candidate_files else key
 
 
 class Shadows:
@@ -228,11 +233,12 @@ class Shadows:
         self.stats: dict[str, ShadowStatistics] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def statistics(self, model: str, rollout: Any) -> ShadowStatistics:
-        """The comparison of ``rollout``'s shadow (core.rollout.Rollout). Another candidate,
+    def statistics(self, model: str, rollout: Any, key: str | None = None) -> ShadowStatistics:
+        """The comparison of ``rollout``'s shadow (core.rollout.Rollout; ``key``: its
+        ``comparison_key`` with the candidate's files, when known). Another candidate,
         fraction or rules start afresh: a ``promote_after`` counted the comparisons made before
         its rule existed, and promoted a candidate at once."""
-        key = comparison_key(rollout)
+        key = comparison_key(rollout) if key is None else key
         stats = self.stats.get(model)
         if stats is None or stats.key != key:
             stats = self.stats[model] = ShadowStatistics(rollout.shadow[0], model, key=key)
