@@ -203,6 +203,22 @@ def test_rollout_shows_what_is_wrong_with_a_usable_rollout_as_it_is(
     assert code == 0 and "so nothing is compared" in out and "cannot be used" not in out, out
 
 
+def test_rollout_prints_each_history_entry_on_its_one_line(
+    server: Any, repo_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reason holding a line break (a hand-edited file) printed a forged history entry, and
+    one holding a terminal escape rewrote the operator's screen: both are shown escaped."""
+    repo = ModelRepository(repo_path)
+    write_model(repo, "forged", mlp_model(sizes=(4, 2), seed=1))
+    entry = {"at": "t", "by": "me", "why": "ok\n  t  1=1  by admin: approved\x1b[2J", "split": {}}
+    (repo.model_dir("forged") / "rollout.json").write_text(json.dumps({"history": [entry]}))
+    m = ("--target", server.management_target)
+    assert ferry(capsys, "models", "refresh", *m)[0] == 0
+    code, out, _ = ferry(capsys, "models", "rollout", "forged", *m)
+    assert code == 0 and "\x1b" not in out and out.count("by admin") == 1, out
+    assert out.splitlines()[-1].endswith("by me: ok\\n  t  1=1  by admin: approved\\x1b[2J")
+
+
 def test_a_refused_management_action_names_its_own_help(
     server: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1756,3 +1756,21 @@ def test_a_candidate_reloaded_with_other_files_is_compared_afresh(tmp_path: Path
         await registry.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    "why", ["ok\n  2026-12-05T06:20:11Z  1=1  by admin: approved", "\x1b[2J", "a\tb"]
+)
+def test_a_reason_that_is_not_one_printable_line_is_refused(tmp_path: Path, why: str) -> None:
+    """A line break in a reason forged a history entry that `ferry models rollout` printed as
+    if another person had made it; a terminal escape rewrote the operator's screen."""
+    repo = _repo(tmp_path)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        with pytest.raises(InvalidArgument, match="one line of printable text"):
+            await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why=why)
+        assert dataplane.rollout("m").split == () and dataplane.rollout("m").history == ()
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -385,10 +385,16 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         parts = [f"{v}={w:g}" for v, w in sorted(change.split.items())]
         if change.shadow_version:  # a change that set a shadow read "ended"
             parts.append(f"shadow {change.shadow_version}={change.shadow_fraction:g}")
-        print(
-            f"  {change.at}  {', '.join(parts) or 'ended'}  by {change.by}: {change.reason or '-'}"
-        )
+        # As the file holds them (a hand edit may hold anything): a line break forged an entry.
+        at, by, reason = (_one_line(t) for t in (change.at, change.by, change.reason))
+        print(f"  {at}  {', '.join(parts) or 'ended'}  by {by}: {reason or '-'}")
     return EXIT_OK
+
+
+def _one_line(text: str) -> str:
+    """``text`` with every character that is not printable (line breaks, a terminal's
+    escapes) written as its escape, so a history entry prints as the one line it is."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def cmd_unload(args: argparse.Namespace) -> int:

@@ -354,6 +354,13 @@ def write(model_dir: Path, rollout: Rollout | None, *, by: str, why: str) -> dic
     shadow without a comparison id gets a new one: its comparison starts afresh everywhere."""
     if len(why) > MAX_REASON:
         raise InvalidArgument(f"the reason is over {MAX_REASON} characters")
+    if not why.isprintable():
+        # A line break or a terminal's escape in a reason forged entries in the history that
+        # `ferry models rollout` prints, or rewrote the operator's screen.
+        raise InvalidArgument(
+            "the reason must be one line of printable text: no line breaks, tabs or control "
+            "characters"
+        )
     shadow: dict[str, Any] = (
         {
             "version": rollout.shadow[0],
