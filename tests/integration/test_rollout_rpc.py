@@ -265,3 +265,21 @@ def test_a_set_rollout_whose_caller_left_is_carried_to_its_end(tmp_path: Path) -
             wait_for(settled, "the change to end and version 1 to go")
             assert not (root / "m" / rollouts.ROLLOUT_FILE).exists()
             assert repo.get_rollout("m").split == {}
+
+
+def test_a_hand_edited_history_with_a_lone_surrogate_is_shown_and_kept(tmp_path: Path) -> None:
+    """JSON's "\\ud800" reads as a lone surrogate, which UTF-8 cannot carry: a hand-edited
+    history holding one failed GetRollout and every SetRollout INTERNAL (the answer, and the
+    file written with the history, could not be encoded)."""
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    entry = {"at": "\\ud800", "by": "me \\udfff", "why": "typed \\ud83d", "split": {"1": 1}}
+    text = json.dumps({"history": [entry]}).replace("\\\\u", "\\u")
+    (root / "m" / rollouts.ROLLOUT_FILE).write_text(text)
+    with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
+        assert [h.by for h in repo.get_rollout("m").history] == ["me \ufffd"]
+        repo.set_rollout("m", {1: 1.0, 2: 1.0}, reason="after the edit")
+        view = repo.get_rollout("m")
+        assert [h.reason for h in view.history] == ["typed \ufffd", "after the edit"]
+        assert view.split == {1: 1.0, 2: 1.0}
+    history = rollouts.history(root / "m")
+    assert history[0]["why"] == "typed \ud83d"  # kept as it was written

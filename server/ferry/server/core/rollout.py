@@ -383,7 +383,9 @@ def write(model_dir: Path, rollout: Rollout | None, *, by: str, why: str) -> dic
     past = history(model_dir)[-(MAX_HISTORY - 1) :]
     while True:
         doc = {"split": entry["split"], "shadow": shadow, "rules": rules, "history": [*past, entry]}
-        raw = json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8")
+        # backslashreplace: a lone surrogate (JSON's "\ud800", read from a hand-edited history)
+        # is written back as that same escape; UTF-8 cannot carry it, and every change failed.
+        raw = json.dumps(doc, indent=2, ensure_ascii=False).encode("utf-8", "backslashreplace")
         # Never a file read() refuses: over MAX_FILE the split itself was dropped, and traffic
         # moved to the default version (200 reasons of 500 emoji did it).
         if len(raw) <= MAX_FILE:

@@ -4,6 +4,7 @@ only."""
 from __future__ import annotations
 
 import contextlib
+import re
 
 from grpc import aio
 
@@ -13,6 +14,8 @@ from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.types import MAX_VERSION, RolloutView
 from ferry.server.errors import InvalidArgument
 from ferry.server.grpc._base import translate_errors
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class RepositoryServicer(pb_grpc.ModelRepositoryServicer):
@@ -81,9 +84,9 @@ def _rollout(view: RolloutView) -> pb.Rollout:
             continue
         raw = entry.get("split")
         change = pb.RolloutChange(
-            at=str(entry.get("at", "")),
-            by=str(entry.get("by", "")),
-            reason=str(entry.get("why", "")),
+            at=_text(entry.get("at", "")),
+            by=_text(entry.get("by", "")),
+            reason=_text(entry.get("why", "")),
             split=_split(raw) if isinstance(raw, dict) else {},
         )
         shadow = entry.get("shadow")
@@ -117,6 +120,12 @@ def _rollout(view: RolloutView) -> pb.Rollout:
                 )
             )
     return out
+
+
+def _text(value: object) -> str:
+    """A hand-edited history's text as the protocol can carry it: JSON's "\ud800" reads as a
+    lone surrogate, which UTF-8 cannot encode (GetRollout failed INTERNAL); shown as U+FFFD."""
+    return _SURROGATE.sub("\ufffd", str(value))
 
 
 def _split(raw: dict[object, object]) -> dict[int, float]:
