@@ -271,10 +271,20 @@ def _connect(server: ServerThread) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=30)
 
 
+# The headers of every error answer that closes its connection, aiohttp's and those written
+# before any request is parsed alike (the latter lacked Date and Server).
+CLOSING_ERROR_HEADERS = {"content-type", "ferry-error", "content-length", "date", "server"}
+
+
+def _header_names(head: bytes) -> set[str]:
+    return {line.split(b":")[0].decode().lower() for line in head.split(b"\r\n")[1:]}
+
+
 def _head_timeout(answer: bytes, bound: str = "0.2") -> str:
     """The message of the 408 that ends a connection whose request head stopped arriving."""
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 408"), answer
+    assert head.startswith(b"HTTP/1.1 408 Request Timeout\r\n"), answer
+    assert _header_names(head) == {*CLOSING_ERROR_HEADERS, "connection"}, head
     assert b"\r\nconnection: close" in head.lower(), answer
     assert b"\r\nferry-error: DEADLINE_EXCEEDED" in head, answer
     error = json.loads(body)
@@ -469,7 +479,8 @@ def test_connections_past_the_cap_are_answered_503_and_closed(tmp_path: Path) ->
                 extra.sendall(live)
                 answer = until_closed(extra)
             head, _, body = answer.partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 503"), answer
+            assert head.startswith(b"HTTP/1.1 503 Service Unavailable\r\n"), answer
+            assert _header_names(head) == {*CLOSING_ERROR_HEADERS, "connection", "retry-after"}
             assert b"\r\nconnection: close" in head.lower(), answer
             assert b"\r\nretry-after: 1" in head.lower(), answer
             error = json.loads(body)

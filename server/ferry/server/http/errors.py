@@ -15,6 +15,10 @@ gRPC trailing metadata that carries it there).
 from __future__ import annotations
 
 import json
+from email.utils import formatdate
+from http import HTTPStatus
+
+from aiohttp.http import SERVER_SOFTWARE
 
 from ferry.client._errors import ERROR_KIND_METADATA
 from ferry.server.errors import ErrorKind
@@ -75,6 +79,28 @@ def error_of(exc: BaseException) -> tuple[int, str, ErrorKind, dict[str, str]]:
 
 def error_body(message: str, kind: ErrorKind) -> bytes:
     return json.dumps({"error": message, "kind": kind.value}).encode()
+
+
+def raw_answer(
+    status: int, message: str, kind: ErrorKind, headers: dict[str, str] | None = None
+) -> bytes:
+    """An error answer written straight to a connection, where no request has been parsed to
+    answer through aiohttp (a connection past the cap, a head that never arrived whole): the
+    same status line, headers and body as aiohttp's error answers, so a client reads them
+    alike. They were built by hand in two places, with different headers (no Date, no Server).
+    The connection is always closed after it."""
+    body = error_body(message, kind)
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        "Content-Type: application/json",
+        f"{ERROR_HEADER}: {kind.value}",
+        *(f"{name}: {value}" for name, value in (headers or {}).items()),
+        f"Content-Length: {len(body)}",
+        f"Date: {formatdate(usegmt=True)}",
+        f"Server: {SERVER_SOFTWARE}",
+        "Connection: close",
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
 
 
 if set(HTTP_STATUS) != set(ErrorKind):  # pragma: no cover - a new kind needs a row here

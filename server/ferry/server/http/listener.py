@@ -39,7 +39,7 @@ from ferry.server.addresses import bind_failure, host_port
 from ferry.server.errors import ErrorKind, InvalidArgument
 from ferry.server.grpc.auth import DENIED, MISSING, TWICE, ListenerGuard
 from ferry.server.http.encodings import ENCODINGS, BodyError, decoder
-from ferry.server.http.errors import ERROR_HEADER, HttpError, error_body, error_of
+from ferry.server.http.errors import ERROR_HEADER, HttpError, error_body, error_of, raw_answer
 from ferry.server.http.oip import HEADER_LENGTH, JSON, OipRoutes, is_health
 from ferry.server.min_rate import MinRate
 from ferry.server.security import ListenerTLS
@@ -459,15 +459,7 @@ class _Connection(RequestHandler):
                 f"the request's line and headers did not arrive within {HEADER_TIMEOUT:g} "
                 f"seconds{came}; send them without pausing"
             )
-            body = error_body(message, ErrorKind.DEADLINE_EXCEEDED)
-            head = (
-                "HTTP/1.1 408 Request Timeout\r\n"
-                f"Content-Type: {JSON}\r\n"
-                f"{ERROR_HEADER}: {ErrorKind.DEADLINE_EXCEEDED.value}\r\n"
-                f"Content-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n"
-            )
-            transport.write(head.encode() + body)
+            transport.write(raw_answer(408, message, ErrorKind.DEADLINE_EXCEEDED))
         log.debug(
             "closed a connection whose request head did not arrive (%s bytes came)",
             self._head_bytes,
@@ -495,16 +487,7 @@ class _Refusal(asyncio.Protocol):
             "(--http-max-connections): send the request on a connection already open, or "
             "retry later"
         )
-        body = error_body(message, ErrorKind.UNAVAILABLE)
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\n"
-            f"Content-Type: {JSON}\r\n"
-            f"{ERROR_HEADER}: {ErrorKind.UNAVAILABLE.value}\r\n"
-            "Retry-After: 1\r\n"
-            f"Content-Length: {len(body)}\r\n"
-            "Connection: close\r\n\r\n"
-        )
-        transport.write(head.encode() + body)
+        transport.write(raw_answer(503, message, ErrorKind.UNAVAILABLE, {"Retry-After": "1"}))
         if len(self._refusals) >= REFUSING or not transport.can_write_eof():
             transport.close()  # sends what is written, then closes
             return
