@@ -122,3 +122,36 @@ def test_a_half_close_of_an_idle_or_half_sent_head_closes_without_an_answer(
 ) -> None:
     assert _half_closed(kserve_server.http_target, b"") == b""
     assert _half_closed(kserve_server.http_target, b"GET /v2/health/li") == b""
+
+
+def _raw(target: str, request: bytes) -> bytes:
+    host, port = target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(request)
+        return until_closed(sock)
+
+
+@pytest.mark.parametrize(
+    ("request_bytes", "status", "says"),
+    [
+        (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n", 400, "not valid"),
+        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414, "request target"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 9000 + b"\r\n\r\n", 431, "a header"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nX-" + b"a" * 9000 + b": 1\r\n\r\n", 431, "a header"),
+        (b"GET / HTTP/1.1\r\nHost: x\r\n" + b"X-A: a\r\n" * 200 + b"\r\n", 431, "over 128 headers"),
+    ],
+)
+def test_what_the_parser_refuses_is_answered_in_http_1_1_with_its_own_status(
+    kserve_server: ServerThread, request_bytes: bytes, status: int, says: str
+) -> None:
+    # All were "HTTP/1.0 400 Bad Request" (aiohttp's stand-in request is HTTP/1.0), so an
+    # HTTP/1.1 client was not told the connection closes, and an over-long line was not told
+    # apart from a malformed one.
+    answer = _raw(kserve_server.http_target, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(f"HTTP/1.1 {status} ".encode()), head
+    assert b"\r\nConnection: close" in head, head
+    assert b"\r\nDate: " in head, head
+    error = json.loads(body)
+    assert says in error["error"], error
+    assert error["kind"] == ("INVALID_ARGUMENT" if status == 400 else "LIMIT_EXCEEDED"), error

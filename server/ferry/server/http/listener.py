@@ -32,7 +32,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http import HttpVersion11
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from ferry.server.addresses import bind_failure, host_port
@@ -91,6 +92,13 @@ SEND_IDLE = 30.0
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 # Characters of the HTTP parser's complaint kept in an answer (it quotes the offending line).
 MAX_PARSE_MESSAGE = 300
+# Bytes of a request line (414 past it), of one header line (431), and headers a request may
+# have (431 past them). The two line limits differ so that the parser's LineTooLong, which
+# names only the limit it hit, says which line it was; both were answered 400, which told a
+# client nothing it could act on.
+MAX_REQUEST_LINE = 8190
+MAX_HEADER_LINE = 8192
+MAX_HEADERS = 128
 # Connections one HTTP listener holds open (--http-max-connections). Nothing bounded them but
 # the open-file limit: a client that opened thousands and kept each alive (a request every
 # KEEPALIVE seconds) took every descriptor, and then the gRPC listeners could not accept, model
@@ -164,6 +172,33 @@ async def _abandonable(answer: Awaitable[T], connection: object) -> T:
         ) from None
     finally:
         connection.inference = None
+
+
+def _parse_refusal(exc: BaseException | None, message: str | None) -> tuple[int, ErrorKind, str]:
+    """(status, kind, message) for a request the HTTP parser refused: 414 a request line over
+    its limit, 431 a header line or too many headers (RFC 9110, RFC 6585), 400 anything else,
+    with the parser's reason."""
+    if isinstance(exc, LineTooLong):
+        limit = exc.args[1] if len(exc.args) > 1 else None
+        if str(limit) == str(MAX_REQUEST_LINE):
+            return (
+                414,
+                ErrorKind.LIMIT_EXCEEDED,
+                f"the request target (the URL) is over {MAX_REQUEST_LINE} bytes: shorten it",
+            )
+        return (
+            431,
+            ErrorKind.LIMIT_EXCEEDED,
+            f"a header is over {MAX_HEADER_LINE} bytes (name and value): send it shorter",
+        )
+    if isinstance(exc, HttpProcessingError) and exc.message == "Too many headers received":
+        return (
+            431,
+            ErrorKind.LIMIT_EXCEEDED,
+            f"the request has over {MAX_HEADERS} headers: send fewer",
+        )
+    why = " ".join((message or "").split())[:MAX_PARSE_MESSAGE] or "HTTP 400"
+    return 400, ErrorKind.INVALID_ARGUMENT, f"the request is not valid HTTP/1.1: {why}"
 
 
 def _one_line(exc: BaseException) -> str:
@@ -297,12 +332,13 @@ class _Connection(RequestHandler):
         error has: it was plain text, which tritonclient could not read (it reads ``error``
         from a JSON body) and which named no error kind."""
         super().handle_error(request, status, exc, message)  # logs it; raises if an answer began
+        # A request the parser refused is answered for aiohttp's stand-in request, HTTP/1.0:
+        # its status line said "HTTP/1.0" (and so no "Connection: close") to HTTP/1.1 clients.
+        request._version = HttpVersion11  # read by the response's status line
         if status >= 500:  # a bug in a handler: its details stay in the log
             kind, text = ErrorKind.INTERNAL, "internal error: see the server's log"
         else:
-            why = " ".join((message or "").split())[:MAX_PARSE_MESSAGE] or f"HTTP {status}"
-            kind = ErrorKind.INVALID_ARGUMENT
-            text = f"the request is not valid HTTP/1.1: {why}"
+            status, kind, text = _parse_refusal(exc, message)
         response = web.Response(
             status=status,
             body=error_body(text, kind),
@@ -580,6 +616,9 @@ class HttpListener:
                 keepalive_timeout=self._keepalive,
                 lingering_time=LINGER,
                 auto_decompress=False,  # ours checks that a compressed body is whole
+                max_line_size=MAX_REQUEST_LINE,
+                max_field_size=MAX_HEADER_LINE,
+                max_headers=MAX_HEADERS,
                 logger=logger,
             )
             if context is not None:
