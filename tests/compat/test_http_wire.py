@@ -155,3 +155,28 @@ def test_what_the_parser_refuses_is_answered_in_http_1_1_with_its_own_status(
     error = json.loads(body)
     assert says in error["error"], error
     assert error["kind"] == ("INVALID_ARGUMENT" if status == 400 else "LIMIT_EXCEEDED"), error
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /v2/health/live HTTP/2.0\r\nHost: x\r\n\r\n",
+        b"GET /v2/health/live HTTP/0.9\r\nHost: x\r\n\r\n",
+        b"GET /v2/health/live HTTP/3.0\r\nHost: x\r\n\r\n",
+        b"GET /v2/health/live HTTP/1.2\r\nHost: x\r\n\r\n",
+        f"POST /v2/models/{MODEL}/infer HTTP/2.0\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc".encode(),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",  # HTTP/2's connection preface (prior knowledge)
+    ],
+)
+def test_a_request_line_in_another_http_version_is_505_in_http_1_1(
+    kserve_server: ServerThread, request_bytes: bytes
+) -> None:
+    # HTTP/2.0 and HTTP/0.9 were served ("HTTP/2.0 200 OK" in HTTP/1 framing), the others
+    # answered "HTTP/1.0 400".
+    answer = _raw(kserve_server.http_target, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 505 HTTP Version Not Supported\r\n"), head
+    assert b"\r\nConnection: close" in head, head
+    error = json.loads(body)
+    assert error["kind"] == "UNIMPLEMENTED"
+    assert "send the request in HTTP/1.1" in error["error"], error

@@ -117,6 +117,11 @@ HALF_CLOSED = (
     "the inference was cancelled: the client shut its side of the connection before the "
     "answer, which reads as a client that went away; keep the connection open until it is read"
 )
+# The answer (505) to a request in an HTTP version other than 1.0 and 1.1.
+VERSION_REFUSED = (
+    "this listener speaks HTTP/1.1 and HTTP/1.0, not {}: send the request in HTTP/1.1 (for "
+    "HTTP/2, use the gRPC listener's Open Inference Protocol service)"
+)
 # Headers that mean one thing: sent twice, which one counts would be a guess.
 ONCE = ("Content-Encoding", HEADER_LENGTH)
 # A client's malformed HTTP, its broken body or its disconnect is its business: aiohttp logged
@@ -191,6 +196,9 @@ def _parse_refusal(exc: BaseException | None, message: str | None) -> tuple[int,
             ErrorKind.LIMIT_EXCEEDED,
             f"a header is over {MAX_HEADER_LINE} bytes (name and value): send it shorter",
         )
+    text = message or ""
+    if "Invalid HTTP version" in text or "PRI/Upgrade" in text:  # HTTP/1.2, HTTP/2's preface
+        return 505, ErrorKind.UNIMPLEMENTED, VERSION_REFUSED.format("that version")
     if isinstance(exc, HttpProcessingError) and exc.message == "Too many headers received":
         return (
             431,
@@ -334,7 +342,7 @@ class _Connection(RequestHandler):
         super().handle_error(request, status, exc, message)  # logs it; raises if an answer began
         # A request the parser refused is answered for aiohttp's stand-in request, HTTP/1.0:
         # its status line said "HTTP/1.0" (and so no "Connection: close") to HTTP/1.1 clients.
-        request._version = HttpVersion11  # read by the response's status line
+        _answer_in_http11(request)
         if status >= 500:  # a bug in a handler: its details stay in the log
             kind, text = ErrorKind.INTERNAL, "internal error: see the server's log"
         else:
@@ -674,6 +682,8 @@ class HttpListener:
             self._listening = None
 
     async def _handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        if request.version.major != 1:
+            return _version_refused(request)
         path = _path_of(request)
         try:
             if self._check_token and not (self._open_health and is_health(path)):
@@ -801,6 +811,31 @@ class HttpListener:
             f"{why}; {remedy} in smaller batches, or raise the limit (--max-message-bytes)",
             ErrorKind.LIMIT_EXCEEDED,
         )
+
+
+def _answer_in_http11(request: web.BaseRequest) -> None:
+    """Makes the answer to ``request`` say HTTP/1.1 whatever version it came in: aiohttp writes
+    an answer's status line (and chooses its Connection header) in the request's version, read
+    from ``_version`` and cached by ``version`` (a reify). tests/compat/test_http_wire.py fails
+    if an aiohttp release changes either."""
+    request._version = HttpVersion11
+    request._cache.pop("version", None)
+
+
+def _version_refused(request: web.BaseRequest) -> web.StreamResponse:
+    """505 to a request line the parser takes that is not HTTP/1 (``HTTP/2.0``, ``HTTP/0.9``),
+    in HTTP/1.1 and closing the connection. Such requests were served, answered in their own
+    version's words ("HTTP/2.0 200 OK") in HTTP/1 framing, which no client of either reads."""
+    version = f"HTTP/{request.version.major}.{request.version.minor}"
+    _answer_in_http11(request)
+    kind = ErrorKind.UNIMPLEMENTED
+    response = web.Response(
+        status=505,
+        body=error_body(VERSION_REFUSED.format(version), kind),
+        headers={"Content-Type": JSON, ERROR_HEADER: kind.value},
+    )
+    response.force_close()
+    return response
 
 
 def _path_of(request: web.BaseRequest) -> str:
