@@ -180,3 +180,27 @@ def test_a_request_line_in_another_http_version_is_505_in_http_1_1(
     error = json.loads(body)
     assert error["kind"] == "UNIMPLEMENTED"
     assert "send the request in HTTP/1.1" in error["error"], error
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/v2/models/no_such_model/infer", b"404"),
+        (f"/v2/models/{MODEL}/versions/7/infer", b"404"),
+        (f"/v2/models/{MODEL}/versions/x/infer", b"400"),
+    ],
+)
+def test_an_inference_that_cannot_be_served_is_refused_before_its_body_is_asked_for(
+    kserve_server: ServerThread, path: str, status: bytes
+) -> None:
+    # The server answered "100 Continue" and read the whole body (up to max_message_bytes)
+    # before it looked the model up; a client waiting for the 100 was asked for a body that
+    # could only be refused, and one that never sent it waited for the body's timeout.
+    host, port = kserve_server.http_target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            "Content-Length: 1000000\r\n\r\n".encode()
+        )
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]

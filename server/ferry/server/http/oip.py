@@ -194,6 +194,14 @@ class OipRoutes:
         self, model: str, version: str, headers: Mapping[str, str], read_body: ReadBody
     ) -> Reply:
         header_length = _header_length(headers.get(HEADER_LENGTH))
+        if headers.get("Expect", "").strip().lower() == "100-continue":
+            # Refused before "100 Continue" asks for the body: a client that sent the head and
+            # waited was asked for a body, up to max_message_bytes, that could only be refused
+            # 404 or 503. Only then: a client sending its body unasked is still read to the
+            # end, since closing on it mid-upload (after LINGER) would lose it the answer.
+            number = parse_version(version)
+            if not self.dataplane.model_ready(model, number):
+                self.dataplane.metadata(model, number)  # raises the precise reason: 404 or 503
         wire = HttpInfer(model, version, await read_body(), header_length)
         result = await self.dataplane.infer(wire)
         body, json_length = wire.encode(result)
