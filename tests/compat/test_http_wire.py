@@ -204,3 +204,20 @@ def test_an_inference_that_cannot_be_served_is_refused_before_its_body_is_asked_
         )
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 " + status), answer[:200]
+
+
+def test_an_http_1_0_request_with_transfer_encoding_is_answered_then_closed(
+    kserve_server: ServerThread,
+) -> None:
+    # RFC 9112 6.1: its framing is faulty. Kept alive ("Connection: keep-alive"), the bytes
+    # after its chunks were served as a next request, which a proxy may not have seen as one.
+    chunked = f"{len(BODY):x}\r\n".encode() + BODY + b"\r\n0\r\n\r\n"
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.0\r\nConnection: keep-alive\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
+    ).encode() + chunked
+    answer = _raw(kserve_server.http_target, request + b"GET /v2/health/live HTTP/1.0\r\n\r\n")
+    answers = _answers(answer)
+    assert len(answers) == 1, answers
+    assert answers[0][0].startswith(b"HTTP/1.0 200 OK"), answers
+    assert json.loads(answers[0][1])["outputs"][0]["data"] == [2.0]

@@ -707,7 +707,14 @@ class HttpListener:
                 response = web.Response(status=status, body=body, headers=headers)
                 response.force_close()
                 return response
-        return web.Response(status=status, body=body, headers=headers)
+        response = web.Response(status=status, body=body, headers=headers)
+        if request.version < HttpVersion11 and "Transfer-Encoding" in request.headers:
+            # RFC 9112 6.1: HTTP/1.0 has no Transfer-Encoding, so such a message's framing is
+            # faulty (a proxy in front may have read it otherwise): answered, then the
+            # connection closed. With "Connection: keep-alive" it stayed open, and what
+            # followed the chunks was served as the next request.
+            response.force_close()
+        return response
 
     def _authorize(self, values: list[str]) -> None:
         verdict = self._guard.verdict_of(values)
