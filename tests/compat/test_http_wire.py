@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import socket
 
+import numpy as np
 import pytest
-from helpers import ExecutionGate, until_closed
+import tritonclient.http as th
+from helpers import ExecutionGate, close_on_this_thread, until_closed
 from kserve_common import identity_name
 from serverutil import ServerThread
 
@@ -221,3 +223,30 @@ def test_an_http_1_0_request_with_transfer_encoding_is_answered_then_closed(
     assert len(answers) == 1, answers
     assert answers[0][0].startswith(b"HTTP/1.0 200 OK"), answers
     assert json.loads(answers[0][1])["outputs"][0]["data"] == [2.0]
+
+
+@pytest.mark.parametrize("body", [BODY, b""])
+def test_no_100_continue_once_the_body_has_come_or_when_there_is_none(
+    kserve_server: ServerThread, body: bytes
+) -> None:
+    # tritonclient (geventhttpclient) sends an Expect header's body at once and reads no
+    # interim answer: it took the 100 for its answer and every later answer on that
+    # connection for the one before.
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    answer = _raw(kserve_server.http_target, request + body)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n" if body else b"HTTP/1.1 400 "), answer[:200]
+
+
+def test_tritonclient_with_an_expect_header_reads_each_answer(kserve_server: ServerThread) -> None:
+    clients = [th.InferenceServerClient(kserve_server.http_target)]
+    try:
+        for value in (1.0, 2.0, 3.0):
+            tensor = th.InferInput("input", [1, 1], "FP32")
+            tensor.set_data_from_numpy(np.array([[value]], dtype=np.float32))
+            result = clients[0].infer(MODEL, [tensor], headers={"Expect": "100-continue"})
+            assert result.as_numpy("output").tolist() == [[value]]
+    finally:
+        close_on_this_thread(clients)
