@@ -241,7 +241,6 @@ class _Connection(RequestHandler):
         "_send_left",
         "_send_timer",
         "half_closed",
-        "half_closed",
         "inference",
         "on_open",
     )
