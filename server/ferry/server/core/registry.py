@@ -217,8 +217,10 @@ class ModelRegistry:
                 entry.versions[version] = VersionSlot(
                     version, State.FAILED, _failed_first(why), None, slot.signature
                 )
-                if not entry.ready_versions() and self._required is not None:
-                    self._required.discard(name)  # as where its load failed: not required
+                # Not required, as where its load failed (unless --require-models names it).
+                required = self._required
+                if required is not None and not entry.ready_versions() and name not in self._named:
+                    required.discard(name)
                 self._notify()
 
     def _failed_in_first(self, name: str, version: int, sig: Signature) -> str:
