@@ -630,3 +630,28 @@ def test_a_version_the_first_process_fails_to_load_is_served_by_no_worker(
     with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
         repo.load_model("big")  # with memory again: every process serves it
     assert _serves(fleet.run_dir, 0, "big") and _serves(fleet.run_dir, 1, "big")
+
+
+def test_a_worker_started_again_serves_the_version_kept_serving_beside_a_broken_new_one(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """A new version that does not load (a damaged file published by hand) leaves every
+    process serving the previous one, kept serving. A worker started again loaded only what
+    the version policy selects (the broken one), served nothing of the model, and was refused
+    the ports and started again for good: the fleet ran a worker short until the folder was
+    fixed. It now loads what the first process keeps serving, and joins."""
+    vdir = tmp_path / "repo" / "mlp" / "2"
+    vdir.mkdir()
+    (vdir / "model.onnx").write_bytes(b"not an onnx model")
+    with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+        assert any("mlp/2" in f for f in repo.refresh().failed)
+    assert _versions(fleet.run_dir, 1, "mlp") == [1]
+    pid = _kill_worker_1(fleet)
+    fleet.wait_line(rf"worker 1 ready \(pid {pid}\)")
+    assert _versions(fleet.run_dir, 1, "mlp") == [1]
+    assert _listens(pid, fleet.port)
+    # Fixed on disk and refreshed: every process serves the new version alone.
+    (vdir / "model.onnx").write_bytes((tmp_path / "repo" / "mlp" / "1" / "model.onnx").read_bytes())
+    with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+        assert not repo.refresh().failed
+    assert _versions(fleet.run_dir, 0, "mlp") == _versions(fleet.run_dir, 1, "mlp") == [2]

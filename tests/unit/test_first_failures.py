@@ -1,4 +1,5 @@
-"""With --workers, the first process's failed loads are every worker's (Registry.follow_failures).
+"""With --workers, the first process's failed loads, and the versions it keeps serving beside
+them, are every worker's (Registry.follow_failures, Registry.follow_kept).
 
 Two registries over one real repository stand for the first process and a worker: the first's
 opener fails for one version as a load out of memory there would, the worker's does not. No
@@ -52,9 +53,9 @@ def _rows(first: ModelRegistry) -> list[list[Any]]:
     return json.loads(json.dumps(first.failed_loads()))  # as the control channel carries them
 
 
-def _replace(repo: ModelRepository, model: Any) -> None:
-    """New files for seed version 1, a second later by their mtime (a refresh sees them)."""
-    path = repo.model_dir("seed") / "1" / "model.onnx"
+def _replace(repo: ModelRepository, model: Any, version: int = 1) -> None:
+    """New files for a seed version, a second later by their mtime (a refresh sees them)."""
+    path = repo.model_dir("seed") / str(version) / "model.onnx"
     path.write_bytes(model.SerializeToString())
     st = path.stat()
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
@@ -168,6 +169,39 @@ def test_a_reload_that_failed_in_the_first_keeps_the_previous_load_in_the_worker
         assert worker.get("seed", 1) is before
         (why,) = [s.reason for s in worker.statuses("seed")]
         assert why.startswith("reload failed, still serving previous load") and "first" in why
+        await first.close()
+        await worker.close()
+
+    arun(main)
+
+
+def test_a_worker_started_again_serves_what_the_first_keeps_serving(
+    repo: ModelRepository,
+) -> None:
+    """Under latest 1 with a broken newest version, the first keeps serving the previous one;
+    a worker that starts afresh serves it too once told, and drops it when the first does."""
+    write_model(repo, "seed", seed_model(seed=1))
+
+    async def main() -> None:
+        first = _first(repo, set())
+        await first.refresh()
+        vdir = repo.model_dir("seed") / "2"
+        vdir.mkdir()
+        (vdir / "model.onnx").write_bytes(b"not an onnx model")
+        await first.refresh()
+        assert _serving(first) == {"seed": [1]}
+        worker = ModelRegistry(repo, open_session, warm_up=False)  # started again
+        await worker.refresh()
+        assert _serving(worker) == {"seed": []}  # the policy's version alone: none
+        worker.follow_kept(first.kept_serving())
+        await worker.refresh()
+        assert _serving(worker) == _serving(first) == {"seed": [1]}
+        _replace(repo, seed_model(seed=2), version=2)
+        await first.refresh()
+        assert first.kept_serving() == []
+        worker.follow_kept(first.kept_serving())
+        await worker.refresh()
+        assert _serving(worker) == _serving(first) == {"seed": [2]}
         await first.close()
         await worker.close()
 

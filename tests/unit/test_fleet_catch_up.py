@@ -76,10 +76,18 @@ def test_a_ready_worker_rereads_the_repository_then_applies_the_unloads_since(
     asyncio.run(fleet._spawn(fleet._workers[0]))
     assert json.loads(Path(envs[0][fleet_module.ENV_UNLOADED]).read_text()) == ["again", "kept"]
     assert peers.calls == [
-        ("worker-1.sock", control.APPLY, {"op": "refresh", "model": "", "failed": []}),
-        ("worker-1.sock", control.APPLY, {"op": "load", "model": "again", "failed": []}),
-        ("worker-1.sock", control.APPLY, {"op": "unload", "model": "later", "failed": []}),
-        ("worker-1.sock", control.JOIN, {"serving": {}, "failed": []}),
+        ("worker-1.sock", control.APPLY, {"op": "refresh", "model": "", "failed": [], "kept": []}),
+        (
+            "worker-1.sock",
+            control.APPLY,
+            {"op": "load", "model": "again", "failed": [], "kept": []},
+        ),
+        (
+            "worker-1.sock",
+            control.APPLY,
+            {"op": "unload", "model": "later", "failed": [], "kept": []},
+        ),
+        ("worker-1.sock", control.JOIN, {"serving": {}, "failed": [], "kept": []}),
     ]
 
 

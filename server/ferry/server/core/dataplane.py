@@ -794,6 +794,14 @@ class DataPlane:
         """The versions whose load failed in this (first) process (Registry.failed_loads)."""
         return self._registry.failed_loads()
 
+    def kept_serving(self) -> list[list[Any]]:
+        """What this (first) process keeps serving past its policy (Registry.kept_serving)."""
+        return self._registry.kept_serving()
+
+    def follow_kept(self, rows: list[list[Any]]) -> None:
+        """In a worker: serve what the first keeps serving too (Registry.follow_kept)."""
+        self._registry.follow_kept(rows)
+
     async def follow_failures(self, rows: list[list[Any]]) -> None:
         """In a worker: fail and take out what failed in the first (Registry.follow_failures)."""
         await self._registry.follow_failures(rows)

@@ -172,6 +172,9 @@ class ModelRegistry:
         # is every worker's: a worker whose own load succeeded served a version the first
         # did not (out of memory there), and 1 connection in N answered it (follow_failures).
         self._first_failed: dict[tuple[str, int], tuple[str, Any]] = {}
+        # In a worker: the versions the first process keeps serving beside a newer one of the
+        # policy that did not load there (_kept_serving), which a sync here serves too.
+        self._first_kept: set[tuple[str, int]] = set()
 
     @property
     def unloaded_by_request(self) -> list[str]:
@@ -222,6 +225,23 @@ class ModelRegistry:
                 if required is not None and not entry.ready_versions() and name not in self._named:
                     required.discard(name)
                 self._notify()
+
+    def kept_serving(self) -> list[list[Any]]:
+        """In the first process: [name, version] of each version kept serving because the
+        newer ones its version policy selects did not load (``_kept_serving``)."""
+        return [
+            [entry.name, slot.version]
+            for entry in list(self.models.values())
+            for slot in list(entry.versions.values())
+            if slot.state is State.READY and slot.reason.startswith(_KEPT)
+        ]
+
+    def follow_kept(self, rows: list[list[Any]]) -> None:
+        """In a worker: the first process's ``kept_serving`` now, which its syncs serve beside
+        what the version policy selects. A worker started again loaded only the policy's
+        versions (the broken new one), served nothing of the model, was refused the inference
+        ports for lacking what the first kept serving, and was started again for good."""
+        self._first_kept = {(str(n), int(v)) for n, v in rows}
 
     def _failed_in_first(self, name: str, version: int, sig: Signature) -> str:
         """Why this version (with these files) is not to be loaded here: its load failed in
@@ -818,6 +838,9 @@ class ModelRegistry:
         pinned = entry.config.default_version
         if pinned is not None and pinned in on_disk and pinned not in wanted:
             wanted = sorted({*wanted, pinned})
+        by_first = [v for v in on_disk if (name, v) in self._first_kept and v not in wanted]
+        if by_first:  # a worker: what the first process keeps serving (follow_kept)
+            wanted = sorted({*wanted, *by_first})
         entry.policy_error = ""
         if on_disk and not wanted:
             # A policy naming only versions that are not there (a typo, a version not yet

@@ -376,6 +376,7 @@ class FerryServer:
             refresh=lambda: self.registry.refresh(follow=True),
             serving=lambda model: worker_control.serving(self.dataplane, model),
             failed=self.dataplane.failed_loads,
+            kept=self.dataplane.kept_serving,
         )
         http_port = self.http_port if self.settings.http_port >= 0 else -1
         # Following before the workers start: each catches up once it is ready (fleet._spawn),

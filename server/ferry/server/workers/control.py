@@ -210,6 +210,7 @@ class ControlService(grpc.GenericRpcHandler):
         if self._join is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "not a started worker")
         ask = decode(raw)
+        self._dataplane.follow_kept(ask.get("kept") or [])
         await self._dataplane.follow_failures(ask.get("failed") or [])
         mine = ask.get("serving") or {}
         missing = lacking(mine, serving(self._dataplane, ""))
@@ -232,6 +233,7 @@ class ControlService(grpc.GenericRpcHandler):
         try:
             # Set first: what failed to load in the first process fails here too, so this
             # op loads no version the first does not serve (Registry.follow_failures).
+            self._dataplane.follow_kept(ask.get("kept") or [])
             await self._dataplane.follow_failures(ask.get("failed") or [])
             if op == "load":
                 await self._dataplane.load(model)

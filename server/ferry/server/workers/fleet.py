@@ -111,6 +111,7 @@ class WorkerFleet:
         refresh: Callable[[], Awaitable[object]] | None = None,
         serving: Callable[[str], dict[str, list[int]]] | None = None,
         failed: Callable[[], list[Any]] = list,
+        kept: Callable[[], list[Any]] = list,
     ) -> None:
         self.settings = settings
         self.run_dir = run_dir
@@ -132,6 +133,9 @@ class WorkerFleet:
         # every change and JOIN: a worker fails them too, so that no version is served by
         # some processes and refused by others (its load succeeded where the first's did not).
         self._failed = failed
+        # The versions this process keeps serving past its version policy (a newer one did
+        # not load): a worker started again serves them too, or it lacks them for good.
+        self._kept = kept
         self._workers = [_Worker(i) for i in range(1, count)]
         self._flags: list[str] = []
         self._stopping = False
@@ -225,7 +229,7 @@ class WorkerFleet:
             if self._serving is not None and "" not in self._pending:
                 mine = {n: v for n, v in self._serving("").items() if n not in self._pending}
             try:
-                ask = {"serving": mine, "failed": self._failed()}
+                ask = {"serving": mine, "failed": self._failed(), "kept": self._kept()}
                 answer = await self.peers.call(sock, control.JOIN, ask, 60.0)
                 if answer.get("joined"):
                     return
@@ -405,8 +409,9 @@ class WorkerFleet:
                 self._kill(worker, f"did not apply {op} {model or 'of the repository'}")
 
     def _ask(self, op: str, model: str) -> dict[str, Any]:
-        """A change for a worker to apply, with what failed to load here now."""
-        return {"op": op, "model": model, "failed": self._failed()}
+        """A change for a worker to apply, with what failed to load and what is kept serving
+        here now."""
+        return {"op": op, "model": model, "failed": self._failed(), "kept": self._kept()}
 
     def _starting(self, path: Path) -> _Worker | None:
         """The worker at ``path`` if it has yet to answer since it was (re)started."""
