@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from ferry.server.settings import Settings
@@ -163,3 +164,21 @@ def test_a_worker_refused_once_rereads_the_repository_and_joins(
         (control.APPLY, "refresh"),
         (control.JOIN, None),
     ]
+
+
+def test_a_worker_that_dies_while_it_catches_up_is_a_start_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Killed (out of memory, say) while it re-read the repository, a worker's catch-up raised
+    the control call's RpcError: at the fleet's start ``ferry serve`` ended with a traceback.
+    It is a WorkerStartError, the one line that names the worker."""
+
+    class _Dies(_Peers):
+        async def call(self, path: Path, method: str, ask: dict[str, Any], seconds: float) -> Any:
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "gone"
+            )
+
+    fleet = _fleet(tmp_path, monkeypatch, _Dies())
+    with pytest.raises(fleet_module.WorkerStartError, match=r"^worker 1 did not catch up .*UNAV"):
+        asyncio.run(fleet._spawn(fleet._workers[0]))

@@ -201,14 +201,7 @@ class WorkerFleet:
         # Under the lock that ``follow`` takes: a change made meanwhile reaches this worker
         # after its catch-up, never before it (an unload undone by a catch-up's load).
         async with self._changes:
-            await self.peers.call(sock, control.APPLY, self._ask("refresh", ""), APPLY_TIMEOUT)
-            # It started without the models unloaded on request then (ENV_UNLOADED), which
-            # its refresh keeps out: one loaded again since is loaded, one unloaded since goes.
-            now = set(self._unloaded())
-            for name in sorted(set(unloaded) - now):
-                await self.peers.call(sock, control.APPLY, self._ask("load", name), APPLY_TIMEOUT)
-            for name in sorted(now - set(unloaded)):
-                await self.peers.call(sock, control.APPLY, self._ask("unload", name), 60.0)
+            await self._catch_up(worker, sock, unloaded)
             # It binds the inference ports only if it serves what this process serves: its
             # own load can fail (out of memory in that process, a file it could not read), and
             # it joined without the model, so 1 connection in N was refused it. Not joined, it
@@ -217,6 +210,25 @@ class WorkerFleet:
             # follow's own check: the worker has not been told of it yet.
             await self._join(worker, sock)
         log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
+
+    async def _catch_up(self, worker: _Worker, sock: Path, unloaded: list[str]) -> None:
+        """The repository re-read, then the explicit loads and unloads made since ``unloaded``
+        (lock held). A worker that dies or stops answering meanwhile is a WorkerStartError, as
+        one that dies before it is ready: it was an RpcError, which ended ``ferry serve`` at
+        the fleet's start with a traceback instead of the one line that names the worker."""
+        try:
+            await self.peers.call(sock, control.APPLY, self._ask("refresh", ""), APPLY_TIMEOUT)
+            # It started without the models unloaded on request then (ENV_UNLOADED), which
+            # its refresh keeps out: one loaded again since is loaded, one unloaded since goes.
+            now = set(self._unloaded())
+            for name in sorted(set(unloaded) - now):
+                await self.peers.call(sock, control.APPLY, self._ask("load", name), APPLY_TIMEOUT)
+            for name in sorted(now - set(unloaded)):
+                await self.peers.call(sock, control.APPLY, self._ask("unload", name), 60.0)
+        except grpc.RpcError as exc:
+            raise WorkerStartError(
+                f"worker {worker.index} did not catch up with the repository: {exc.code().name}"
+            ) from None
 
     async def _join(self, worker: _Worker, sock: Path) -> None:
         """JOIN, with what this process serves (lock held). Refused once, the worker re-reads
