@@ -250,3 +250,28 @@ def test_a_change_does_not_wait_for_a_worker_still_starting(tmp_path: Path) -> N
         assert not proc.killed.is_set()
 
     asyncio.run(run())
+
+
+def test_a_version_this_process_dropped_while_a_change_was_applied_kills_no_worker(
+    tmp_path: Path,
+) -> None:
+    """A poll (or refresh) found big version 1 served here; before the workers applied it, a
+    LoadModel here replaced it with version 2, published meanwhile. The worker's refresh read
+    the folder and served version 2: judged on what this process served before, it lacked
+    version 1 and was killed, its in-flight requests with it. It is judged on what this
+    process still serves."""
+    serving = {"big": [1]}
+
+    class _Newer(_Peers):
+        async def call(self, path: Path, method: str, ask: Any, seconds: float) -> Any:
+            serving["big"] = [2]  # the load here, while the worker applied the poll
+            return {"ok": True, "serving": {"big": [2]}}
+
+    async def run() -> None:
+        peers = _Newer(tmp_path)
+        fleet, proc = _fleet(tmp_path, peers, 30.0)
+        fleet._serving = lambda model: {k: list(v) for k, v in serving.items()}
+        await fleet.follow("poll", "")
+        assert not proc.killed.is_set()
+
+    asyncio.run(run())

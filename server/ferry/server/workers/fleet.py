@@ -400,6 +400,10 @@ class WorkerFleet:
             self._pending[model] -= 1
             if not self._pending[model]:
                 del self._pending[model]
+        # Judged on what this process served then and serves still: a version it dropped
+        # meanwhile (a LoadModel that replaced it while the workers applied a poll) is no
+        # worker's failure, and killing one for lacking it dropped its in-flight requests.
+        mine = _still(mine, self._serving(model) if self._serving is not None else None)
         for path, answer in zip(paths, answers, strict=True):
             why: object = answer
             if not isinstance(answer, BaseException):
@@ -458,6 +462,15 @@ class WorkerFleet:
                     proc.kill()
             await asyncio.gather(*(p.wait() for p in running))
         await self.peers.close()
+
+
+def _still(
+    then: dict[str, list[int]] | None, now: dict[str, list[int]] | None
+) -> dict[str, list[int]] | None:
+    """The versions served both ``then`` and ``now`` (None when either is not known)."""
+    if then is None or now is None:
+        return None
+    return {name: sorted(set(v) & set(now.get(name) or ())) for name, v in then.items()}
 
 
 def _lacks(mine: dict[str, list[int]] | None, answer: object) -> str:
