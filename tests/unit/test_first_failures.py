@@ -206,3 +206,48 @@ def test_a_worker_started_again_serves_what_the_first_keeps_serving(
         await worker.close()
 
     arun(main)
+
+
+def test_a_version_failed_on_the_first_word_is_loaded_at_a_poll_once_the_first_serves_it(
+    repo: ModelRepository,
+) -> None:
+    """The first loads a version at a poll that failed there before (a config fixed, memory
+    freed): a worker that had failed it on the first's word tried it again only when asked
+    to (its files unchanged), lacked it at that poll, and was killed for it."""
+    write_model(repo, "seed", seed_model())
+
+    async def main() -> None:
+        failing = {1}
+        first = _first(repo, failing)
+        worker = ModelRegistry(repo, open_session, warm_up=False)
+        await first.refresh()
+        await worker.follow_failures(_rows(first))
+        await worker.refresh()
+        assert _serving(worker) == {"seed": []}
+        failing.clear()
+        await first.load_model("seed")
+        await worker.follow_failures(_rows(first))
+        await worker.refresh(retry_failed=False)  # the poll a worker follows
+        assert _serving(worker) == _serving(first) == {"seed": [1]}
+        await first.close()
+        await worker.close()
+
+    arun(main)
+
+
+def test_a_config_error_of_the_first_is_not_sent_for_the_worker_reads_the_config_itself(
+    repo: ModelRepository,
+) -> None:
+    """A worker judges the config itself: sent, a config fixed between the first's scan and
+    the worker's would have failed the worker's load on the first's stale word."""
+    write_model(repo, "seed", seed_model())
+    (repo.model_dir("seed") / "config.json").write_text("{not json")
+
+    async def main() -> None:
+        first = _first(repo, set())
+        await first.refresh()
+        assert _serving(first) == {"seed": []}
+        assert first.failed_loads() == []
+        await first.close()
+
+    arun(main)

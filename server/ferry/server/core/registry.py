@@ -193,6 +193,8 @@ class ModelRegistry:
         rows: list[list[Any]] = []
         for entry in list(self.models.values()):
             for slot in list(entry.versions.values()):
+                if entry.config_error and slot.reason == entry.config_error:
+                    continue  # the config's error, which every worker reads for itself
                 if slot.state is State.FAILED and slot.loaded is None:
                     rows.append([entry.name, slot.version, slot.reason, _plain(slot.signature)])
                 elif _reload_failed(slot):
@@ -242,6 +244,12 @@ class ModelRegistry:
         versions (the broken new one), served nothing of the model, was refused the inference
         ports for lacking what the first kept serving, and was started again for good."""
         self._first_kept = {(str(n), int(v)) for n, v in rows}
+
+    def _lifted(self, name: str, slot: VersionSlot) -> bool:
+        """Did ``slot`` fail on the first process's word, which it no longer says? Tried
+        again then, at a poll too: it was not (its files unchanged), and a worker that had
+        failed a version the first loaded since (at its own poll) lacked it, and was killed."""
+        return _FIRST in slot.reason and (name, slot.version) not in self._first_failed
 
     def _failed_in_first(self, name: str, version: int, sig: Signature) -> str:
         """Why this version (with these files) is not to be loaded here: its load failed in
@@ -896,6 +904,7 @@ class ModelRegistry:
                 # fails again in the answer. It was not, and LoadModel answered OK while the
                 # files on disk did not load and the previous load kept answering.
                 or (retry_failed and _reload_failed(slot))
+                or self._lifted(name, slot)
             ):
                 loads.append(self._load_version(entry, v, sig, scan.model_file(v), result))
         await asyncio.gather(*loads)
@@ -1155,8 +1164,11 @@ def _reload_failed(slot: VersionSlot) -> bool:
     return slot.loaded is not None and slot.reason.startswith(_STILL_SERVING)
 
 
+_FIRST = "its load failed in the first worker process"
+
+
 def _failed_first(why: str) -> str:
-    return f"its load failed in the first worker process, whose outcome every worker follows: {why}"
+    return f"{_FIRST}, whose outcome every worker follows: {why}"
 
 
 def _plain(sig: Signature) -> Any:
