@@ -104,9 +104,12 @@ def _fleet(tmp_path: Path, *extra: str) -> Iterator[Fleet]:
 
 
 @contextlib.contextmanager
-def _serving(root: Path, *extra: str) -> Iterator[Fleet]:
-    """``ferry serve --workers 2`` over ``root``, once every worker is ready; stopped after."""
+def _serving(root: Path, *extra: str, hook: Path | None = None) -> Iterator[Fleet]:
+    """``ferry serve --workers 2`` over ``root``, once every worker is ready; stopped after.
+    ``hook``: a folder put first on PYTHONPATH (its sitecustomize.py runs in every process)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    if hook is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
     args = [sys.executable, "-m", "ferry.server", "--repository", str(root), "--workers", "2"]
     args += list(extra)
     args += ["--host", "127.0.0.1", "--port", "0", "--management-port", "0"]
@@ -655,3 +658,29 @@ def test_a_worker_started_again_serves_the_version_kept_serving_beside_a_broken_
     with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
         assert not repo.refresh().failed
     assert _versions(fleet.run_dir, 0, "mlp") == _versions(fleet.run_dir, 1, "mlp") == [2]
+
+
+# The same, the other way round: the first process's own load of model "big" fails.
+_FAIL_IN_FIRST = _FAIL_IN_WORKERS.replace(
+    'if os.environ.get("FERRY_WORKER_SOCKET"):', 'if not os.environ.get("FERRY_WORKER_SOCKET"):'
+).replace("in this worker", "in the first process")
+
+
+def test_a_version_the_first_process_fails_to_load_at_start_is_served_by_no_worker(
+    tmp_path: Path,
+) -> None:
+    """At start, the first process's load of a version failed and the workers' succeeded: the
+    server started with 1 connection in N answering a model the others refused. Every worker
+    fails it too, with the first process's reason, and the fleet starts without it."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model(), "big": seed_model()})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAIL_IN_FIRST)
+    with _serving(root, hook=hook) as fleet:
+        assert not _serves(fleet.run_dir, 0, "big") and not _serves(fleet.run_dir, 1, "big")
+        assert _serves(fleet.run_dir, 1, "mlp")
+        # Every connection, whichever process it reaches, says alike: ready, big not.
+        for i in range(CONNECTIONS):
+            options = [("ferry.test.connection", i)]
+            with InferenceClient(f"127.0.0.1:{fleet.port}", options=options) as client:
+                assert client.ready() and not client.ready("big")
