@@ -34,6 +34,7 @@ from ferry.proto.v1 import model_conversion_pb2 as cpb
 from ferry.proto.v1 import model_conversion_pb2_grpc as cpb_grpc
 from ferry.server.core import repository as repository_module
 from ferry.server.core.repository import MODEL_FILE, TMP_PREFIX, ModelRepository
+from ferry.server.errors import ErrorKind, LimitExceeded
 from ferry.server.examples import mlp_model, write_model
 
 ONE = {"input": np.ones((1, 64), np.float32)}
@@ -310,7 +311,8 @@ def test_disk_full_during_a_conversion_publish(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The conversion's publish step (serving config, load check, rename) on a full disk: the
-    job's error is the OSError, and neither a version nor a temporary is left."""
+    job's error says the disk is full (RESOURCE_EXHAUSTED, not INTERNAL), and neither a version
+    nor a temporary is left."""
     from ferry.server.convert import publish
     from ferry.server.core.registry import ModelRegistry
     from ferry.server.runtime.session import open_session
@@ -350,9 +352,9 @@ def test_disk_full_during_a_conversion_publish(
             (staged / MODEL_FILE).write_bytes(mlp_model(seed=5).SerializeToString())
             await publish.publish(repo, registry, "mlp", staged, {"max_batch_size": 8})
 
-    with pytest.raises(OSError) as info:
+    with pytest.raises(LimitExceeded, match="disk is full") as info:
         asyncio.run(job())
-    assert info.value.errno == errno.ENOSPC
+    assert info.value.kind is ErrorKind.LIMIT_EXCEEDED  # RESOURCE_EXHAUSTED, not INTERNAL
     assert repo.list_versions("mlp") == [1]
     assert temporaries(repo.root) == []
 
