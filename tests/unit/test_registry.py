@@ -438,7 +438,7 @@ def test_a_repository_link_swapped_to_a_new_tree_is_followed(tmp_path: Path) -> 
             await registry.refresh()
         assert _states(registry) == {"added/1": "READY", "seed/2": "READY"}
         # The repository index still lists what is served (it was INTERNAL).
-        assert [(r.name, r.version) for r in registry.index()] == [("added", 1), ("seed", 2)]
+        assert [(r.name, r.version) for r in await registry.index()] == [("added", 1), ("seed", 2)]
         await registry.close()
 
     arun(main)
@@ -1040,19 +1040,22 @@ def test_a_version_not_served_says_why_not_always_the_policy(repo: ModelReposito
     write_model(repo, "m", seed_model(seed=1))
     write_model(repo, "m", seed_model(seed=2), version=2)
 
-    def reasons() -> dict[int, str]:
-        return {v.version: v.reason for v in versions.describe(repo, registry, "m").versions}
+    async def reasons() -> dict[int, str]:
+        view = await versions.describe(repo, registry, "m")
+        return {v.version: v.reason for v in view.versions}
 
     registry = _registry(repo)
 
     async def main() -> None:
-        assert set(reasons().values()) == {"not loaded yet: a refresh (or LoadModel) loads it"}
+        not_yet = "not loaded yet: a refresh (or LoadModel) loads it"
+        assert set((await reasons()).values()) == {not_yet}
         await registry.refresh()
-        assert reasons() == {1: "not selected by the version policy", 2: ""}
+        assert await reasons() == {1: "not selected by the version policy", 2: ""}
         write_model(repo, "m", seed_model(seed=3), version=3)  # by hand, no refresh yet
-        assert reasons()[3] == "not loaded yet: a refresh (or LoadModel) loads it"
+        assert (await reasons())[3] == not_yet
         await registry.unload_model("m")
-        assert all("unloaded on request" in why for why in reasons().values()), reasons()
+        why = await reasons()
+        assert all("unloaded on request" in reason for reason in why.values()), why
         await registry.close()
 
     arun(main)

@@ -590,9 +590,9 @@ class ConversionService:
         return self.runner.watch(_check_id(job_id, "job"))
 
     # ---- versions ----
-    def get_model(self, name: str) -> tuple[versions.ModelView, dict[int, str]]:
+    async def get_model(self, name: str) -> tuple[versions.ModelView, dict[int, str]]:
         """The model's versions, and the job that produced each (when one did)."""
-        view = versions.describe(self.repository, self.registry, validate_model_name(name))
+        view = await versions.describe(self.repository, self.registry, validate_model_name(name))
         store = self.store
         jobs = {v.version: store.job_for_version(name, v.version) for v in view.versions}
         return view, jobs

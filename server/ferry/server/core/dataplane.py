@@ -268,8 +268,8 @@ class DataPlane:
     def list_models(self, model: str = "") -> list[VersionStatus]:
         return self._registry.statuses(model)
 
-    def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
-        rows = self._registry.index()
+    async def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
+        rows = await self._registry.index()
         return [r for r in rows if r.state is State.READY] if ready_only else rows
 
     # ---- health ----

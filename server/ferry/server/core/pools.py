@@ -22,7 +22,8 @@ class ThreadPools:
     """``execution``: batches too slow to run inline on the event loop, from every version.
     ``loading``: opening and warming up sessions, unloading them, at a lower priority.
     ``files``: one thread for reading the repository's folders (a refresh's scan of every
-    model), quick work kept off the event loop and out of the loaders' queue."""
+    model), quick work kept off the event loop and out of the loaders' queue. ``reads``: the
+    management calls' looks at the repository."""
 
     def __init__(
         self, execution_threads: int = 0, loader_threads: int = 0, *, cores: int = 0
@@ -43,8 +44,13 @@ class ThreadPools:
         priority.start_starter()
 
         self.files = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ferry-files")
+        # Management calls' looks at the repository (an index, a model's versions), apart
+        # from a refresh's scan so that one answers while the other runs; few, so that a hung
+        # mount holds few threads (registry.read_folder stops waiting on them).
+        self.reads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ferry-reads")
 
     def shutdown(self) -> None:
         self.execution.shutdown(wait=False, cancel_futures=True)
         self.loading.shutdown(wait=False, cancel_futures=True)
         self.files.shutdown(wait=False, cancel_futures=True)
+        self.reads.shutdown(wait=False, cancel_futures=True)

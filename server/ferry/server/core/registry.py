@@ -47,6 +47,7 @@ from ferry.server.errors import (
     FerryError,
     ModelNotFound,
     ModelNotReady,
+    Unavailable,
     VersionNotFound,
 )
 
@@ -120,6 +121,8 @@ Listener = Callable[[], None]
 Follower = Callable[[str, str], Awaitable[None]]
 
 T = TypeVar("T")
+# How long a look at the repository's folders may take before the call answers UNAVAILABLE.
+READ_TIMEOUT_S = 15.0
 _NOT_LOADED = "the converted model does not load in this server's onnxruntime"
 _EDITS: set[asyncio.Task[Any]] = set()  # edits whose caller left: kept until they end
 
@@ -320,16 +323,38 @@ class ModelRegistry:
         entry = self.models.get(name)
         return entry.default_version() if entry is not None else None
 
-    def edit_lock(self, name: str) -> contextlib.AbstractAsyncContextManager[None]:
+    async def read_folder(self, read: Callable[..., T], *args: Any) -> T:
+        """``read(*args)``, a look at the repository's folders, on a thread of its own pool and
+        bounded in time. On the event loop, a slow or hung network mount stalled every
+        inference request while a RepositoryIndex, a GetModel or an edit listed a folder; a
+        hung one now answers UNAVAILABLE (its thread is left to the mount, and the pool's
+        few threads bound how many a hung mount can hold)."""
+        future = asyncio.get_running_loop().run_in_executor(self.pools.reads, read, *args)
+        try:
+            return await asyncio.wait_for(future, READ_TIMEOUT_S)
+        except TimeoutError:
+            raise Unavailable(
+                f"the model repository {str(self.repository.root)!r} did not answer within "
+                f"{READ_TIMEOUT_S:g} s (a slow or hung network mount?): nothing changed; "
+                "check the volume, then try again"
+            ) from None
+
+    async def require_model(self, name: str) -> None:
+        """NOT_FOUND unless the repository holds ``name``, looked up off the event loop."""
+        if not await self.read_folder(self.repository.has_model, name):
+            raise ModelNotFound(f"model {short(name)!r} is not in the repository")
+
+    @contextlib.asynccontextmanager
+    async def edit_lock(self, name: str) -> AsyncIterator[None]:
         """Held by a management edit of a model's folder from its checks to its write, as the
         registry's own changes hold it: a DeleteModelVersion beside a SetRollout naming that
         version both succeeded, and the split named a version that was gone. Only for a model
         the repository holds: a lock is kept per name, and one made for every name a mistaken
         call named (DeleteModelVersion, SetDefaultVersion of a model that is not there) was
         never removed, so such calls grew the server's memory without bound."""
-        if not self.repository.has_model(name):
-            raise ModelNotFound(f"model {short(name)!r} is not in the repository")
-        return self._model_lock(name)
+        await self.require_model(name)
+        async with self._model_lock(name):
+            yield
 
     async def follow_edit(self, name: str) -> RepositoryOutcome:
         """Serve what a model's folder says after a management edit (default version, a
@@ -338,8 +363,7 @@ class ModelRegistry:
         return await run_to_end(self._follow_edit(name))
 
     async def _follow_edit(self, name: str) -> RepositoryOutcome:
-        if not self.repository.has_model(name):
-            raise ModelNotFound(f"model {short(name)!r} is not in the repository")
+        await self.require_model(name)
         async with self._model_lock(name):
             # Checked under the lock: an unload queued on it ran first, and the edit's sync
             # then loaded the model again.
@@ -408,8 +432,7 @@ class ModelRegistry:
         decided_on: rollouts.Rollout | None,
         check: Callable[[], None] | None,
     ) -> RepositoryOutcome:
-        if not self.repository.has_model(name):
-            raise ModelNotFound(f"model {short(name)!r} is not in the repository")
+        await self.require_model(name)
         async with self._model_lock(name):
             if decided_on is not None:
                 mdir = self.repository.model_dir(name)
@@ -425,7 +448,7 @@ class ModelRegistry:
                     "(LoadModel, or ferry models load), then set its rollout"
                 )
             if split is not None:
-                on_disk = set(self.repository.list_versions(name))
+                on_disk = set(await self.read_folder(self.repository.list_versions, name))
                 missing = [v for v in split.versions if v not in on_disk]
                 if missing:
                     raise VersionNotFound(
@@ -581,10 +604,12 @@ class ModelRegistry:
                 del self._lock_users[name]
                 self._locks.pop(name, None)
 
-    def _on_disk(self, name: str) -> bool:
+    async def _on_disk(self, name: str) -> bool:
         """Is ``name`` a model folder the repository serves from (as ``list_models`` sees it)?"""
         try:
-            return self.repository.has_model(name)
+            return await self.read_folder(self.repository.has_model, name)
+        except Unavailable:  # a hung mount says nothing about the folder: the model stays
+            raise
         except FerryError:  # a link, a name that is not a model's: not one list_models gives
             return False
 
@@ -600,7 +625,7 @@ class ModelRegistry:
         refresh, which the other worker processes apply too (a periodic poll is each one's)."""
         async with self._refresh_lock:
             result = RepositoryOutcome()
-            listed = set(self.repository.list_models())
+            listed = set(await self.read_folder(self.repository.list_models))
             # A model unloaded on request whose folder is gone is no longer kept unloaded: the
             # names stayed for good, one more for each model unloaded then removed, and a
             # folder made again under that name is a new model, loaded like any other.
@@ -609,7 +634,7 @@ class ModelRegistry:
 
             async def remove(name: str) -> None:
                 async with self._model_lock(name):
-                    if name not in self._unloaded_by_request and self._on_disk(name):
+                    if name not in self._unloaded_by_request and await self._on_disk(name):
                         # Judged again under the lock: the listing was read before this waited
                         # on it, and a LoadModel or a publish queued ahead (behind an unload's
                         # drain) served the model again; removed, it answered OK and then
@@ -661,8 +686,7 @@ class ModelRegistry:
     async def _load_model(
         self, name: str, check: Callable[[ModelEntry | None, RepositoryOutcome], None] | None
     ) -> RepositoryOutcome:
-        if not self.repository.has_model(name):
-            raise ModelNotFound(f"model {short(name)!r} is not in the repository")
+        await self.require_model(name)
         async with self._model_lock(name):
             self._unloaded_by_request.discard(name)
             result = RepositoryOutcome()
@@ -697,9 +721,14 @@ class ModelRegistry:
             await self._follow("unload", name)
             return result
 
-    def index(self) -> list[IndexEntry]:
+    async def index(self) -> list[IndexEntry]:
         """Every version the registry knows, plus the repository's models it serves no version
-        of (never loaded, unloaded on request, or without a valid version), sorted."""
+        of (never loaded, unloaded on request, or without a valid version), sorted. The folder
+        is listed first, off the loop; the served rows are read after it, in one step."""
+        try:
+            on_disk = await self.read_folder(self.repository.list_models)
+        except FailedPrecondition:  # unreadable (a refresh says why): the served rows answer
+            on_disk = []
         rows: list[IndexEntry] = []
         for entry in self.models.values():
             if not entry.versions:
@@ -707,10 +736,6 @@ class ModelRegistry:
                 rows.append(IndexEntry(entry.name, None, State.UNLOADED, why))
         for status in self.statuses():
             rows.append(IndexEntry(status.name, status.version, status.state, status.reason))
-        try:
-            on_disk = self.repository.list_models()
-        except FailedPrecondition:  # unreadable (a refresh says why): the served rows still answer
-            on_disk = []
         for name in on_disk:
             if name not in self.models:
                 rows.append(IndexEntry(name, None, State.UNLOADED, "unloaded"))

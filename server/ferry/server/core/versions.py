@@ -56,8 +56,13 @@ class ModelView:
     versions: list[VersionView]
 
 
-def describe(repository: ModelRepository, registry: ModelRegistry, name: str) -> ModelView:
-    on_disk = repository.list_versions(name) if repository.has_model(name) else []
+async def describe(repository: ModelRepository, registry: ModelRegistry, name: str) -> ModelView:
+    """The model's versions on disk and served. The folder is read off the event loop (a slow
+    network mount stalled every inference request while GetModel listed it), the registry's
+    state after it, in one step."""
+    entry = registry.models.get(name)
+    known = list(entry.versions) if entry is not None else []
+    on_disk, files = await registry.read_folder(_read_versions, repository, name, known)
     entry = registry.models.get(name)
     if not on_disk and entry is None:
         raise ModelNotFound(f"model {name!r} is not in the repository")
@@ -70,13 +75,7 @@ def describe(repository: ModelRepository, registry: ModelRegistry, name: str) ->
     views = []
     for v in sorted(set(on_disk) | set(slots)):
         slot = slots.get(v)
-        vdir = repository.version_dir(name, v)
-        try:
-            size = (vdir / MODEL_FILE).stat().st_size
-        except OSError:
-            size = 0
-        with contextlib.suppress(OSError):  # a model over 2 GiB: its weights are beside it
-            size += (vdir / MODEL_DATA_FILE).stat().st_size
+        size, report = files.get(v, (0, ""))  # not there: served since the read, not on disk
         views.append(
             VersionView(
                 version=v,
@@ -84,10 +83,28 @@ def describe(repository: ModelRepository, registry: ModelRegistry, name: str) ->
                 reason=slot.reason if slot is not None else _unloaded(registry, name, v, selected),
                 is_default=v == default,
                 size_bytes=size,
-                report_json=read_report(vdir),
+                report_json=report,
             )
         )
     return ModelView(name, default, views)
+
+
+def _read_versions(
+    repository: ModelRepository, name: str, known: list[int]
+) -> tuple[list[int], dict[int, tuple[int, str]]]:
+    """The versions on disk, and the size and report of those and of ``known`` ones."""
+    on_disk = repository.list_versions(name) if repository.has_model(name) else []
+    files = {}
+    for v in {*on_disk, *known}:
+        vdir = repository.version_dir(name, v)
+        try:
+            size = (vdir / MODEL_FILE).stat().st_size
+        except OSError:
+            size = 0
+        with contextlib.suppress(OSError):  # a model over 2 GiB: its weights are beside it
+            size += (vdir / MODEL_DATA_FILE).stat().st_size
+        files[v] = (size, read_report(vdir))
+    return on_disk, files
 
 
 def _unloaded(registry: ModelRegistry, name: str, version: int, selected: set[int | None]) -> str:
@@ -115,17 +132,21 @@ async def _delete(
 ) -> None:
     try:
         async with registry.edit_lock(name):
-            await _delete_checked(repository, name, version)
+            # Checked off the event loop (a slow mount stalled every request), under the lock.
+            await registry.read_folder(_check_delete, repository, name, version)
+            with repository_edit(f"the removal of {name}/{version}"):
+                await asyncio.to_thread(repository.delete_version, name, version)
     except LimitExceeded:
         # A full disk that took the version's files but not the mark of its number: the
         # version is gone all the same, and must not stay served until the next refresh.
-        if not repository.version_dir(name, version).exists():
+        if not await registry.read_folder(lambda: repository.version_dir(name, version).exists()):
             await registry.follow_edit(name)
         raise
     await registry.follow_edit(name)
 
 
-async def _delete_checked(repository: ModelRepository, name: str, version: int) -> None:
+def _check_delete(repository: ModelRepository, name: str, version: int) -> None:
+    """Refuse a deletion of a version that is the default or in the rollout."""
     repository.require_version(name, validate_version(version))
     config = _model_config(repository.model_dir(name))
     if config.default_version == version:
@@ -144,8 +165,6 @@ async def _delete_checked(repository: ModelRepository, name: str, version: int) 
     left = [v for v in repository.list_versions(name) if v != version]
     newest = max(config.version_policy.select(left), default=None)
     _keep_shadow_off_traffic(live, name, config.default_version or newest, f"deleting {version}")
-    with repository_edit(f"the removal of {name}/{version}"):
-        await asyncio.to_thread(repository.delete_version, name, version)
 
 
 async def set_default_version(
@@ -161,11 +180,15 @@ async def _set_default(
     repository: ModelRepository, registry: ModelRegistry, name: str, version: int
 ) -> None:
     async with registry.edit_lock(name):
-        await _set_default_checked(repository, name, version)
+        # Read and checked off the event loop (a slow mount stalled every request).
+        target, text = await registry.read_folder(_default_edit, repository, name, version)
+        with repository_edit(f"{name}/{target.name}"):
+            await asyncio.to_thread(write_file_atomic, target, text.encode("utf-8"))
     await registry.follow_edit(name)
 
 
-async def _set_default_checked(repository: ModelRepository, name: str, version: int) -> None:
+def _default_edit(repository: ModelRepository, name: str, version: int) -> tuple[Path, str]:
+    """The config file to write, and its text with ``default_version`` set (or cleared)."""
     mdir = repository.model_dir(name)
     if not mdir.is_dir():
         raise ModelNotFound(f"model {name!r} is not in the repository")
@@ -208,8 +231,7 @@ async def _set_default_checked(repository: ModelRepository, name: str, version: 
         text = json.dumps(raw, indent=2, sort_keys=True) + "\n"
         target = mdir / VERSION_CONFIG_FILE
     _check_edit(text, target, version)
-    with repository_edit(f"{name}/{target.name}"):
-        await asyncio.to_thread(write_file_atomic, target, text.encode("utf-8"))
+    return target, text
 
 
 def _model_config(mdir: Path) -> ModelConfig:

@@ -163,7 +163,7 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
     async def GetModel(
         self, request: pb.GetModelRequest, context: aio.ServicerContext
     ) -> pb.ModelInfo:
-        return _model(*self.service.get_model(request.model))
+        return _model(*await self.service.get_model(request.model))
 
     @translate_errors
     async def DeleteModelVersion(
@@ -177,7 +177,9 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
         self, request: pb.SetDefaultVersionRequest, context: aio.ServicerContext
     ) -> pb.SetDefaultVersionResponse:
         await self.service.set_default_version(request.model, request.version)
-        return pb.SetDefaultVersionResponse(model=_model(*self.service.get_model(request.model)))
+        return pb.SetDefaultVersionResponse(
+            model=_model(*await self.service.get_model(request.model))
+        )
 
 
 # ---- requests -> core ----

@@ -222,7 +222,7 @@ class KServeServicer:
         self, request: pb.RepositoryIndexRequest, context: aio.ServicerContext
     ) -> pb.RepositoryIndexResponse:
         _one_repository(request.repository_name)
-        return repository_index(self.dataplane.index(ready_only=request.ready))
+        return repository_index(await self.dataplane.index(ready_only=request.ready))
 
     def _require_control(self, rpc: str) -> None:
         if self.repository_control:

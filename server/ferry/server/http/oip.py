@@ -218,7 +218,7 @@ class OipRoutes:
             ready = request.get("ready", False)
             if not isinstance(ready, bool):
                 raise InvalidArgument("'ready' must be true or false")
-            rows = repository_index(self.dataplane.index(ready_only=ready)).models
+            rows = repository_index(await self.dataplane.index(ready_only=ready)).models
             return _json([proto_json(row) for row in rows])
         if len(rest) == 3 and rest[0] == "models" and rest[2] in ("load", "unload"):
             _method(method, "POST", path)
