@@ -233,28 +233,34 @@ def test_the_state_folder_sits_beside_the_repository(tmp_path: Path) -> None:
     assert repo.list_models() == []
 
 
-def test_a_damaged_state_database_stops_the_start_with_what_to_do(tmp_path: Path) -> None:
+def test_a_damaged_state_database_turns_conversion_off_with_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A damaged file (or a full disk: sqlite's "disk I/O error" making the WAL) stopped the
-    server at start with sqlite's traceback; it is one FerryError naming the file, and the
-    state folder is free again for a corrected start."""
+    server at start; now the start goes on (models serve), every conversion call is refused
+    with one FerryError naming the file, and the state folder is free again, so the corrected
+    file is opened by the next call."""
+    from ferry.server.convert import service as service_module
     from ferry.server.convert.service import ConversionService
     from ferry.server.core.registry import ModelRegistry
     from ferry.server.core.repository import ModelRepository
     from ferry.server.runtime.session import open_session
     from ferry.server.settings import Settings
 
+    monkeypatch.setattr(service_module, "REOPEN_EVERY_S", 0.0)
     repo = ModelRepository(tmp_path / "models")
     state = tmp_path / "state"
     state.mkdir()
     (state / "state.sqlite3").write_bytes(b"not a database, " * 512)
     settings = Settings(repository=repo.root, state_dir=str(state))
     service = ConversionService(settings, repo, ModelRegistry(repo, open_session))
+    service.open()
     with pytest.raises(FerryError, match=r"state\.sqlite3 cannot be opened or updated") as info:
-        service.open()
+        service.list_jobs()
     assert "move it away" in info.value.message
+    assert info.value.kind is ErrorKind.FAILED_PRECONDITION
     (state / "state.sqlite3").unlink()
-    service.open()  # the lock was released
-    assert service.list_jobs() == ([], "")
+    assert service.list_jobs() == ([], "")  # opened again: the lock was released
     asyncio.run(service.close())
 
 

@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -69,6 +70,7 @@ from ferry.server.settings import Settings
 log = logging.getLogger("ferry.convert")
 
 DB_FILE = "state.sqlite3"
+REOPEN_EVERY_S = 5.0  # how often conversion calls try a state database that did not open
 LOCK_FILE = "lock"  # flock'd by the server using the folder
 RESTARTED = "the server restarted during the job; convert again"
 WEIGHTS_ONLY = ("state_dict", "safetensors")
@@ -93,6 +95,10 @@ class ConversionService:
         self._store: JobStore | None = None
         self._runner: JobRunner | None = None
         self._lock: int | None = None  # the state folder's lock file, held while open
+        # Why the state database did not open (a full state disk, a damaged file): models
+        # serve, conversion calls are refused saying this, and it is opened again on a call.
+        self._open_error: FerryError | None = None
+        self._reopen_at = 0.0  # time.monotonic() before which no call tries it again
         # Uploads a Convert call is queueing (it awaits between reading the upload and adding
         # its job): the retention rule leaves them alone. Upload id -> calls in flight.
         self._converting: collections.Counter[str] = collections.Counter()
@@ -106,14 +112,28 @@ class ConversionService:
     @property
     def store(self) -> JobStore:
         if self._store is None:
+            self._reopen()
+        if self._store is None:
             raise Unavailable("the conversion service is not running")
         return self._store
 
     @property
     def runner(self) -> JobRunner:
         if self._runner is None:
+            self._reopen()
+        if self._runner is None:
             raise Unavailable("the conversion service is not running")
         return self._runner
+
+    def _reopen(self) -> None:
+        """A conversion call while the state database is not open (``open`` failed): open it
+        again (at most every REOPEN_EVERY_S), else refuse the call saying why."""
+        if self._open_error is None:
+            return
+        if time.monotonic() >= self._reopen_at:
+            self.open()
+        if self._open_error is not None:
+            raise FerryError(self._open_error.message, kind=self._open_error.kind)
 
     # ---- lifecycle ----
     def open(self) -> None:
@@ -151,14 +171,24 @@ class ConversionService:
             if not isinstance(exc, sqlite3.Error):
                 raise
             # A full disk ("disk I/O error" making the WAL) or a damaged file: the server
-            # stopped at start with sqlite's traceback.
-            raise FerryError(
-                f"the conversion state database {state / DB_FILE} cannot be opened or updated "
-                f"({exc}): free space on the disk of the state folder, or, if the file is "
-                "damaged, move it away (its uploads and job history are lost) or point "
-                "--state-dir at another folder",
-                kind=ErrorKind.FAILED_PRECONDITION,
-            ) from None
+            # stopped at start (with sqlite's traceback, later with this message), and a full
+            # state disk, which conversion alone writes, took every model's serving down.
+            # Models serve; conversion calls are refused with this until the file opens.
+            full = database_full(exc)
+            self._open_error = FerryError(
+                f"conversion is off on this server: its state database {state / DB_FILE} "
+                f"cannot be opened or updated ({exc}): free space on the disk of the state "
+                "folder, or, if the file is damaged, move it away (its uploads and job "
+                "history are lost) or point --state-dir at another folder and restart; models "
+                "keep serving, and conversion comes back by itself once the file opens",
+                kind=ErrorKind.LIMIT_EXCEEDED if full else ErrorKind.FAILED_PRECONDITION,
+            )
+            self._reopen_at = time.monotonic() + REOPEN_EVERY_S
+            log.error("%s", self._open_error.message)
+            return
+        if self._open_error is not None:
+            log.info("the conversion state database opened: conversion is on again")
+        self._open_error = None
         s = self.settings
         self._runner = JobRunner(
             self.store,
@@ -593,7 +623,10 @@ class ConversionService:
     async def get_model(self, name: str) -> tuple[versions.ModelView, dict[int, str]]:
         """The model's versions, and the job that produced each (when one did)."""
         view = await versions.describe(self.repository, self.registry, validate_model_name(name))
-        store = self.store
+        try:
+            store = self.store
+        except FerryError:  # conversion is off (its database did not open): versions answer
+            return view, {}
         jobs = {v.version: store.job_for_version(name, v.version) for v in view.versions}
         return view, jobs
 
