@@ -178,12 +178,42 @@ def test_staging_is_removed_when_not_published(repo: ModelRepository) -> None:
     assert list(repo.model_dir("m").iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("code", "error", "said"),
+    [
+        (errno.EACCES, FailedPrecondition, "Permission denied"),
+        (errno.EROFS, FailedPrecondition, "Read-only file system"),
+        (errno.ENOSPC, LimitExceeded, "disk is full"),
+    ],
+)
+def test_a_staging_folder_the_repository_refuses_says_why(
+    repo: ModelRepository,
+    monkeypatch: pytest.MonkeyPatch,
+    code: int,
+    error: type[Exception],
+    said: str,
+) -> None:
+    """A conversion job whose staging folder could not be made (a read-only mount, a
+    permission, a full disk, a file where the model's folder goes) failed INTERNAL."""
+    (repo.root / "clash").write_bytes(b"not a folder")
+    clash = pytest.raises(FailedPrecondition, match="is a file, not a model folder")
+    with clash, repo.staging("clash", "job-1"):
+        pass
+
+    def refused(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(Path, "mkdir", refused)
+    with pytest.raises(error, match=said), repo.staging("m", "job-1"):
+        pass
+
+
 def test_a_named_staging_folder_is_known_before_it_exists(repo: ModelRepository) -> None:
     path = repo.staging_path("m", "job-abc")
     assert path == repo.model_dir("m") / f"{TMP_PREFIX}job-abc" and not path.exists()
     with repo.staging("m", "job-abc") as tmp:
         assert tmp == path and tmp.is_dir()
-        with pytest.raises(FileExistsError), repo.staging("m", "job-abc"):
+        with pytest.raises(FailedPrecondition, match="File exists"), repo.staging("m", "job-abc"):
             pass  # a key is used once
         assert tmp.is_dir()  # the refused second use removed nothing
         (tmp / MODEL_FILE).write_bytes(b"x")

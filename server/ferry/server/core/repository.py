@@ -240,12 +240,20 @@ class ModelRepository:
         removed on any exit unless ``publish`` moved it. With a ``key`` it is
         ``staging_path(name, key)``, which must not exist yet; without one a fresh name."""
         mdir = self.model_dir(name)
-        mdir.mkdir(exist_ok=True)
-        if key:
-            tmp = self.staging_path(name, key)
-            tmp.mkdir(mode=0o700)
-        else:
-            tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=mdir))
+        # A file put where the model's folder goes (after the job was queued), a folder that
+        # cannot be written: the job failed INTERNAL with the OSError's traceback.
+        if mdir.exists() and not mdir.is_dir():
+            raise FailedPrecondition(
+                f"{name} in the model repository is a file, not a model folder: move that file "
+                "away, or convert into another model name"
+            )
+        with repository_edit(f"the staging folder of model {name!r}"):
+            mdir.mkdir(exist_ok=True)
+            if key:
+                tmp = self.staging_path(name, key)
+                tmp.mkdir(mode=0o700)
+            else:
+                tmp = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=mdir))
         # Held while staging: another process's clean-up skips a folder a live writer holds
         # (the lock goes with the process, even a SIGKILLed one, so a dead writer's is taken).
         lock = os.open(tmp, os.O_RDONLY)
