@@ -30,6 +30,7 @@ CALLS: dict[str, tuple[str, Call]] = {
         "has_model",
         lambda repo, reg: versions.delete_version(repo, reg, "m", 1),
     ),
+    "SetRollout": ("model_dir", lambda repo, reg: reg.set_rollout("m", None, by="t", why="t")),
 }
 
 

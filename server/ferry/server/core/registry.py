@@ -435,9 +435,7 @@ class ModelRegistry:
         await self.require_model(name)
         async with self._model_lock(name):
             if decided_on is not None:
-                mdir = self.repository.model_dir(name)
-                now = await asyncio.to_thread(rollouts.signature, mdir)
-                self._still_the_rollout(name, decided_on, now)
+                await self._still_the_rollout(name, decided_on)
             if check is not None:
                 check()
             if name in self._unloaded_by_request:
@@ -455,7 +453,7 @@ class ModelRegistry:
                         f"model {name!r} has no version {missing} in the repository; it has "
                         f"{sorted(on_disk) or 'none'}"
                     )
-            mdir = self.repository.model_dir(name)
+            mdir = await self.read_folder(self.repository.model_dir, name)
             if split is not None:
                 self._check_one_interface(name, split)  # the versions already loaded
             previous = await asyncio.to_thread(rollouts.raw, mdir)
@@ -475,15 +473,14 @@ class ModelRegistry:
             await self._follow("load", name)
             return result
 
-    def _still_the_rollout(
-        self, name: str, decided_on: rollouts.Rollout, signature: str | None
-    ) -> None:
+    async def _still_the_rollout(self, name: str, decided_on: rollouts.Rollout) -> None:
         """Refuse a rule's change (or a shadow publish's) when the rollout it judged is no
         longer the one in force: a person's change made while the rule decided (one that loads a version holds the lock
         for seconds, and the old rollout served meanwhile) was overwritten by the rule's
         verdict on the old candidate, and a new shadow was ended unjudged. The file is looked
-        at too (``signature``, its content's now): a change written there but not yet read
-        counts as made."""
+        at too (its content's digest now): a change written there but not yet read counts
+        as made."""
+        signature = await self.read_folder(_rollout_signature, self.repository, name)
         entry = self.models.get(name)
         if entry is None or entry.rollout is not decided_on or signature != entry.rollout_signature:
             raise FailedPrecondition(
@@ -1072,6 +1069,10 @@ def _file_signature(path: Path) -> tuple[float, int] | None:
     except OSError:
         return None
     return (st.st_mtime, st.st_size)
+
+
+def _rollout_signature(repository: ModelRepository, name: str) -> str | None:
+    return rollouts.signature(repository.model_dir(name))
 
 
 def _config_signature(mdir: Path) -> Signature:
