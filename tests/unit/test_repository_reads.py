@@ -104,3 +104,32 @@ def test_a_repository_read_that_never_answers_is_unavailable(
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_publish_reads_the_model_folder_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A conversion's publish resolved the model's folder and read its config on the loop."""
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "m", seed_model(seed=1))
+    order: list[str] = []
+
+    async def scenario() -> None:
+        registry = ModelRegistry(repo, open_session, warm_up=False)
+        await registry.refresh()
+        with repo.staging("m") as staged:
+            (staged / "model.onnx").write_bytes(seed_model(seed=2).SerializeToString())
+            entered, gate = _hung(monkeypatch, "model_dir", order)
+            pending = asyncio.ensure_future(
+                registry.publish("m", staged, lambda: repo.publish("m", staged))
+            )
+            await asyncio.to_thread(entered.wait, GUARD_S)
+            x = {"input": np.ones((1, 3), np.float32)}
+            assert (await DataPlane(registry).infer(InferenceRequest("m", x))).version == 1
+            order.append("inference")
+            gate.set()
+            assert (await pending)[0] == 2
+        await registry.close()
+
+    asyncio.run(scenario())
+    assert order[:2] == ["inference", "read"]

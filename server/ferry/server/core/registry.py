@@ -747,13 +747,10 @@ class ModelRegistry:
         A staged model that does not open fails here, before anything becomes visible.
         Returns the version and its status (None when the version policy does not serve it)."""
         async with self._model_lock(name):
-            mdir = self.repository.model_dir(name)
-            cfg_sig = _config_signature(mdir)
-            config_ok = True
-            try:
-                config = load_config(mdir)
-            except FerryError:
-                config, config_ok = ModelConfig(), False  # sync reports the broken config
+            # The folder is read off the event loop (a slow mount stalled every request).
+            cfg_sig, config, config_ok = await self.read_folder(
+                _model_config, self.repository, name
+            )
             loaded = await self._open_staged(name, staged, config)
             try:
                 version = await asyncio.to_thread(commit)
@@ -765,14 +762,15 @@ class ModelRegistry:
             # open, a publish that failed left a model unloaded on request off the list, and
             # the next refresh served what the operator had unloaded.
             self._unloaded_by_request.discard(name)
+            # As _scan signs a version (its model file and its own config): signed otherwise,
+            # the sync below saw a change and opened every published version a second time.
+            # Read off the loop, without the bound: the version is published, and must be served.
+            sig = await asyncio.to_thread(_published_signature, self.repository, name, version)
             entry = self.models.get(name)
             if entry is None and config_ok:
                 entry = self.models[name] = ModelEntry(name, config, cfg_sig)
             elif entry is None:
                 entry = self.models[name] = ModelEntry(name)
-            # As _scan signs a version (its model file and its own config): signed otherwise,
-            # the sync below saw a change and opened every published version a second time.
-            sig = _version_signature(self.repository.version_dir(name, version))
             if config_ok and entry.config_signature == cfg_sig and entry.config == config:
                 entry.versions[version] = VersionSlot(version, State.READY, "", loaded, sig)
             else:  # the config changed: sync opens it afresh
@@ -1069,6 +1067,20 @@ def _file_signature(path: Path) -> tuple[float, int] | None:
     except OSError:
         return None
     return (st.st_mtime, st.st_size)
+
+
+def _model_config(repository: ModelRepository, name: str) -> tuple[Signature, ModelConfig, bool]:
+    """A model's config signature and config, and whether it parsed (a publish's look)."""
+    mdir = repository.model_dir(name)
+    signature = _config_signature(mdir)
+    try:
+        return signature, load_config(mdir), True
+    except FerryError:
+        return signature, ModelConfig(), False  # a sync reports the broken config
+
+
+def _published_signature(repository: ModelRepository, name: str, version: int) -> Signature:
+    return _version_signature(repository.version_dir(name, version))
 
 
 def _rollout_signature(repository: ModelRepository, name: str) -> str | None:
