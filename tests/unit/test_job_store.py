@@ -10,6 +10,7 @@ import struct
 import tomllib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -261,6 +262,42 @@ def test_a_damaged_state_database_turns_conversion_off_with_what_to_do(
     assert info.value.kind is ErrorKind.FAILED_PRECONDITION
     (state / "state.sqlite3").unlink()
     assert service.list_jobs() == ([], "")  # opened again: the lock was released
+    asyncio.run(service.close())
+
+
+def test_a_state_folder_on_a_full_disk_turns_conversion_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The state folder (or its lock file) that cannot be made for a full disk stopped the
+    start with "point --state-dir at a folder this user can write" (or an OSError): models
+    serve, and conversion answers RESOURCE_EXHAUSTED until the folder can be made."""
+    import errno
+    import os
+
+    from ferry.server.convert import service as service_module
+    from ferry.server.convert.service import ConversionService
+    from ferry.server.core.registry import ModelRegistry
+    from ferry.server.core.repository import ModelRepository
+    from ferry.server.runtime.session import open_session
+    from ferry.server.settings import Settings
+
+    monkeypatch.setattr(service_module, "REOPEN_EVERY_S", 0.0)
+    repo = ModelRepository(tmp_path / "models")
+    state = tmp_path / "state"
+    settings = Settings(repository=repo.root, state_dir=str(state))
+    service = ConversionService(settings, repo, ModelRegistry(repo, open_session))
+    made = Path.mkdir
+
+    def full(self: Path, *args: Any, **kwargs: Any) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "mkdir", full)
+    service.open()
+    with pytest.raises(FerryError, match=r"state folder .* cannot be made") as info:
+        service.list_jobs()
+    assert info.value.kind is ErrorKind.LIMIT_EXCEEDED
+    monkeypatch.setattr(Path, "mkdir", made)  # space freed
+    assert service.list_jobs() == ([], "")
     asyncio.run(service.close())
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
 import fcntl
 import json
 import logging
@@ -154,11 +155,22 @@ class ConversionService:
             try:
                 sub.mkdir(mode=0o700, parents=True, exist_ok=True)
             except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):  # as a database that won't open
+                    self._turn_off(f"its state folder {sub} cannot be made ({exc.strerror})", True)
+                    return
                 raise InvalidArgument(
                     f"cannot create the state folder {sub}: {exc.strerror or exc}; point "
                     "--state-dir at a folder this user can write"
                 ) from None
-        self._lock = _lock_state(state)
+        try:
+            self._lock = _lock_state(state)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._turn_off(
+                f"its lock file {state / LOCK_FILE} cannot be made ({exc.strerror})", True
+            )
+            return
         try:
             self._settle(state)
         except BaseException as exc:
@@ -174,17 +186,8 @@ class ConversionService:
             # stopped at start (with sqlite's traceback, later with this message), and a full
             # state disk, which conversion alone writes, took every model's serving down.
             # Models serve; conversion calls are refused with this until the file opens.
-            full = database_full(exc)
-            self._open_error = FerryError(
-                f"conversion is off on this server: its state database {state / DB_FILE} "
-                f"cannot be opened or updated ({exc}): free space on the disk of the state "
-                "folder, or, if the file is damaged, move it away (its uploads and job "
-                "history are lost) or point --state-dir at another folder and restart; models "
-                "keep serving, and conversion comes back by itself once the file opens",
-                kind=ErrorKind.LIMIT_EXCEEDED if full else ErrorKind.FAILED_PRECONDITION,
-            )
-            self._reopen_at = time.monotonic() + REOPEN_EVERY_S
-            log.error("%s", self._open_error.message)
+            why = f"its state database {state / DB_FILE} cannot be opened or updated ({exc})"
+            self._turn_off(why, database_full(exc))
             return
         if self._open_error is not None:
             log.info("the conversion state database opened: conversion is on again")
@@ -200,6 +203,20 @@ class ConversionService:
             memory_bytes=s.conversion_memory_bytes,
             warm=s.warm_conversion_child,
         )
+
+    def _turn_off(self, why: str, full: bool) -> None:
+        """Serve models without conversion: its state (``why``) cannot be opened. A full state
+        disk, which conversion alone writes, stopped the server at start, and so every
+        model's serving; now conversion calls are refused with this until it opens."""
+        self._open_error = FerryError(
+            f"conversion is off on this server: {why}: free space on the disk of the state "
+            "folder, or, if the database is damaged, move it away (its uploads and job "
+            "history are lost) or point --state-dir at another folder and restart; models "
+            "keep serving, and conversion comes back by itself once the state opens",
+            kind=ErrorKind.LIMIT_EXCEEDED if full else ErrorKind.FAILED_PRECONDITION,
+        )
+        self._reopen_at = time.monotonic() + REOPEN_EVERY_S
+        log.error("%s", self._open_error.message)
 
     def _settle(self, state: Path) -> None:
         """Open the database and settle what a previous process left."""
