@@ -15,7 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from ferry.server.core import priority
 from ferry.server.cpus import usable_cores
 
-__all__ = ["ThreadPools"]
+__all__ = ["READ_THREADS", "ThreadPools"]
+
+READ_THREADS = 2  # management calls' looks at the repository (ThreadPools.reads)
 
 
 class ThreadPools:
@@ -47,7 +49,7 @@ class ThreadPools:
         # Management calls' looks at the repository (an index, a model's versions), apart
         # from a refresh's scan so that one answers while the other runs; few, so that a hung
         # mount holds few threads (registry.read_folder stops waiting on them).
-        self.reads = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ferry-reads")
+        self.reads = ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="ferry-reads")
 
     def shutdown(self) -> None:
         self.execution.shutdown(wait=False, cancel_futures=True)
