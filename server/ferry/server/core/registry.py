@@ -121,8 +121,9 @@ Listener = Callable[[], None]
 Follower = Callable[[str, str], Awaitable[None]]
 
 T = TypeVar("T")
-# How long a look at the repository's folders may take before the call answers UNAVAILABLE.
-READ_TIMEOUT_S = 15.0
+# How long a look at the repository's folders may take before the call answers UNAVAILABLE:
+# a hung mount, not a slow one (listing thousands of models over NFS takes seconds).
+READ_TIMEOUT_S = 60.0
 _NOT_LOADED = "the converted model does not load in this server's onnxruntime"
 _EDITS: set[asyncio.Task[Any]] = set()  # edits whose caller left: kept until they end
 
