@@ -182,11 +182,34 @@ def test_plot_or_a_clear_error(server: Any, tmp_path: Path) -> None:
         ({"batch_size": True}, "batch size"),
         ({"connections": 1.5}, "connections"),
         ({"seed": -1}, "seed"),
+        ({"max_message_bytes": 0}, "max_message_bytes"),
+        ({"max_message_bytes": 2**31}, "max_message_bytes"),
     ],
 )
 def test_config_refusals(kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(LoadTestConfigError, match=message):
         LoadTestConfig("mlp", **kwargs).validate()
+
+
+def test_the_cli_sends_what_the_server_takes_past_80_mib(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ferry loadtest` kept the SDK's 80 MiB client limit: an 81 MiB input that a server with
+    --max-message-bytes 200 MiB takes was refused by the load generator itself (exit 1). It
+    leaves the bound to the server now, as `ferry infer` does; the SDK config takes a limit."""
+    from ferry.cli import main
+    from ferry.server.core.repository import ModelRepository
+    from ferry.server.examples import identity_model, write_model
+
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "big", identity_model("UINT8", dims=("batch", 81 << 20)))
+    srv = start_server(repo.root, max_message_bytes=200 << 20)
+    argv = ["loadtest", "big", "-n", "1", "--warmup", "0", "--target", srv.target]
+    assert main(argv) == 0, capsys.readouterr().err
+    big = LoadTestConfig(
+        "big", target=srv.target, requests=1, duration=None, warmup=0.0, max_message_bytes=200 << 20
+    )
+    check_level(run(big).levels[0], 1)
 
 
 def test_one_level_may_be_a_bare_number() -> None:

@@ -11,6 +11,7 @@ from typing import Any
 from ferry.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
+    MAX_MESSAGE_BYTES,
     UsageError,
     channel_config,
     check_destination,
@@ -199,6 +200,9 @@ def _config(args: argparse.Namespace) -> LoadTestConfig:
         allow_remote=args.allow_remote,
         tls=tls_config(args),
         token=args.token,
+        # The inputs are read already: the server's --max-message-bytes decides what goes, as
+        # for `ferry infer` (the SDK's 80 MiB refused what the server would take).
+        max_message_bytes=MAX_MESSAGE_BYTES,
     )
 
 

@@ -119,8 +119,13 @@ async def arun(
     draws a live line on ``progress_stream`` (stderr): None means only when it is a terminal.
     """
     config.validate()
+    limit = config.max_message_bytes  # the probe's request and answer are the run's
     control = AsyncInferenceClient(
-        config.target, timeout=config.timeout, tls=config.tls, token=config.token
+        config.target,
+        timeout=config.timeout,
+        tls=config.tls,
+        token=config.token,
+        max_message_bytes=limit,
     )
     endpoints = split_endpoints(config.target)  # validate() refused an empty target
     counters = (
@@ -154,6 +159,7 @@ async def arun(
             token=config.token,
             # One connection per channel: gRPC shares connections between identical channels.
             options=[("grpc.use_local_subchannel_pool", 1)],
+            max_message_bytes=limit,
         )
         channels = [create_aio_channel(channel_config) for _ in range(_connections(config))]
         transport = make_transport(

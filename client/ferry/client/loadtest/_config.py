@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from ferry.client._channel import TLSConfig, resolve_target
+from ferry.client._channel import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, resolve_target
 from ferry.client._requests import MAX_TIMEOUT_S
 
 MAX_DURATION = 3600.0  # seconds, all levels of a sweep together (warm-up included)
@@ -39,6 +39,8 @@ class LoadTestConfig:
     least one must be set). ``warmup`` seconds of load at the first level run before anything is
     measured. ``inputs`` replaces the inputs generated from the model's metadata; ``shapes``
     overrides dynamic dimensions of generated ones (``batch_size`` fills a batch dimension).
+    ``max_message_bytes`` bounds each request and answer as the clients' option of that name
+    does (80 MiB by default); ``ferry loadtest`` leaves the bound to the server's own limit.
     """
 
     model: str
@@ -61,6 +63,7 @@ class LoadTestConfig:
     allow_remote: bool = False
     tls: TLSConfig | None = None
     token: str | None = None
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
     def __post_init__(self) -> None:
         # One level may be given as a bare number (concurrency=4, rate=100): it raised
@@ -147,6 +150,11 @@ class LoadTestConfig:
             _whole(self.connections) and 1 <= self.connections <= MAX_CONNECTIONS,
             f"connections must be a whole number within [1, {MAX_CONNECTIONS}], got "
             f"{self.connections!r}",
+        )
+        _check(
+            _whole(self.max_message_bytes) and 0 < self.max_message_bytes < 2**31,
+            f"max_message_bytes must be a whole number within 1..{2**31 - 1}, got "
+            f"{self.max_message_bytes!r}",
         )
         _check(
             _whole(self.seed) and 0 <= self.seed < 2**32,
