@@ -217,6 +217,55 @@ def test_an_async_client_on_a_loop_of_its_own_or_one_running_elsewhere(server: A
         running.close()
 
 
+def test_an_async_client_closed_from_another_loop_releases_its_channel(server: Any) -> None:
+    """close() from a loop other than the channel's left the channel open (its connection held
+    until garbage collection, a stream on a loop in another thread never ended), and so did
+    rebinding to a new loop. The channel is now closed by its own loop when that one runs in
+    another thread, and released at once when its loop has ended or idles."""
+    client = AsyncInferenceClient(server.target, timeout=30)
+    x = {"input": np.zeros((1, 64), np.float32)}
+
+    async def once() -> str:
+        return (await client.infer("mlp", x)).model
+
+    assert asyncio.run(once()) == "mlp"
+    first = client._channel
+    assert asyncio.run(once()) == "mlp"  # a new loop: the ended one's channel is released
+    assert first.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+    second = client._channel
+    asyncio.run(client.close())
+    assert second.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+
+    client = AsyncInferenceClient(server.target, timeout=30)
+    answered = threading.Event()
+
+    async def streaming() -> list[str]:
+        async with client.stream("mlp") as stream:
+            await stream.submit(x)
+            names = []
+            async for _, answer in stream.results(until_closed=True):  # ends when the call does
+                names.append(type(answer).__name__)
+                answered.set()
+            return names
+
+    running = asyncio.new_event_loop()
+    thread = threading.Thread(target=running.run_forever, daemon=True)
+    thread.start()
+    try:
+        stream = asyncio.run_coroutine_threadsafe(streaming(), running)
+        assert answered.wait(30)
+        channel = client._channel
+        asyncio.run(client.close())  # from this thread's loop, while the stream is open there
+        assert stream.result(30) == ["InferResult"]
+        assert channel.get_state() == grpc.ChannelConnectivity.SHUTDOWN
+        with pytest.raises(ClientClosedError):
+            asyncio.run_coroutine_threadsafe(once(), running).result(30)
+    finally:
+        running.call_soon_threadsafe(running.stop)
+        thread.join(30)
+        running.close()
+
+
 def test_inputs_accept_lists_scalars_and_torch_tensors(client: InferenceClient) -> None:
     result = client.infer("two_io", {"a": [[0.5, 0.5, 0.5, 0.5]], "b": np.array([[1, 2, 3, 4]])})
     np.testing.assert_array_equal(result["sum"], [[1.5, 2.5, 3.5, 4.5]])

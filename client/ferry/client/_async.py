@@ -69,6 +69,9 @@ from ferry.client._types import InferResult, ModelMetadata, ModelStatistics, Mod
 from ferry.proto.v1 import inference_pb2 as pb
 
 R = TypeVar("R")
+# Seconds close() waits for a loop running in another thread to close its channel; past them (a
+# loop that stopped or is blocked) the channel is released from the closing thread instead.
+_CLOSE_ELSEWHERE_S = 5.0
 
 
 class AsyncInferenceClient(InferenceClientBase):
@@ -101,7 +104,8 @@ class AsyncInferenceClient(InferenceClientBase):
                     "thread, and grpc.aio binds a channel to one loop: make one client per "
                     "event loop (one per thread that runs a loop)"
                 )
-            self._channel = None  # its loop has ended or idles: it cannot serve this one
+            _release(self._channel)  # its loop has ended or idles: it cannot serve this one
+            self._channel = None
         if self._channel is None:
             self._bind(create_aio_channel(self.channel_config))
             self._loop = loop
@@ -323,14 +327,28 @@ class AsyncInferenceClient(InferenceClientBase):
                 yield answer
 
     async def close(self) -> None:
-        """Close the channel; later calls raise ``ClientClosedError``. Closing twice is harmless."""
+        """Close the channel; later calls raise ``ClientClosedError``. Closing twice is harmless.
+
+        From any loop: the channel's own loop closes it when it runs in another thread (its calls
+        in flight end with ``ClientClosedError``), and one whose loop has ended or idles is
+        released here. Left alone, such a channel held its connection until garbage collection.
+        """
         self._closed = True
-        if self._channel is not None:
-            if self._loop is asyncio.get_running_loop():
-                await self._channel.close()
-            # else: its loop has ended (or is another one): it cannot be closed from here
-            self._channel = None
-            self._stub = None
+        channel, loop = self._channel, self._loop
+        self._channel = None
+        self._stub = None
+        if channel is None:
+            return
+        if loop is asyncio.get_running_loop():
+            await channel.close()
+        elif loop is not None and loop.is_running():
+            closing = asyncio.run_coroutine_threadsafe(channel.close(), loop)
+            try:
+                await asyncio.wait_for(asyncio.wrap_future(closing), _CLOSE_ELSEWHERE_S)
+            except TimeoutError:  # that loop stopped (or is stuck) before it ran the close
+                _release(channel)
+        else:
+            _release(channel)
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self
@@ -342,6 +360,15 @@ class AsyncInferenceClient(InferenceClientBase):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+def _release(channel: Any) -> None:
+    """Close a grpc.aio channel whose loop does not run: its connection and its core channel go
+    now, as the channel's own ``__del__`` would release them (``close()`` is a coroutine of the
+    channel's loop, which cannot run here)."""
+    core = getattr(channel, "_channel", None)
+    if core is not None and not core.closed():
+        core.close()
 
 
 def _retrieve(task: asyncio.Future[None]) -> None:
