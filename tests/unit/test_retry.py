@@ -15,7 +15,9 @@ from ferry.client import (
     CancelledError,
     ChannelConfig,
     ConnectionError_,
+    ConversionClient,
     FerryError,
+    InferenceClient,
     InvalidInputError,
     LimitExceededError,
     ModelNotReadyError,
@@ -28,6 +30,7 @@ from ferry.client import (
 from ferry.client._channel import resolve_target
 from ferry.client._errors import from_rpc_error
 from ferry.client._retry import NO_RETRY, acall_with_retry, call_with_retry
+from ferry.client.loadtest import LoadTestConfig
 
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -345,3 +348,31 @@ def test_a_certificate_path_is_read_within_a_bound() -> None:
     --tls-ca /dev/zero`); a bounded read refuses it."""
     with pytest.raises(ValueError, match="is over 16,777,216 bytes"):
         TLSConfig(ca_cert="/dev/zero").credentials()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: InferenceClient("127.0.0.1:1").stream("mlp", max_in_flight=0),
+        lambda: InferenceClient("127.0.0.1:1").stream("mlp", max_in_flight=None),
+        lambda: next(iter(InferenceClient("127.0.0.1:1").infer_many("mlp", [], max_in_flight=0))),
+        lambda: InferenceClient("127.0.0.1:1", timeout=0),
+        lambda: InferenceClient("127.0.0.1:1", max_message_bytes=0),
+        lambda: InferenceClient([]),
+        lambda: InferenceClient("127.0.0.1:1", token="two\nlines"),
+        lambda: InferenceClient("127.0.0.1:1", retry="often"),  # type: ignore[arg-type]
+        lambda: AsyncInferenceClient("127.0.0.1:70000"),
+        lambda: ConversionClient("127.0.0.1:1", timeout=-1),
+        lambda: RetryPolicy(max_attempts=0),
+        lambda: TLSConfig(client_cert=b"x"),
+        lambda: LoadTestConfig("mlp", connections=0).validate(),
+    ],
+)
+def test_every_refused_sdk_argument_is_a_ferry_error(make: Any) -> None:
+    """Bad SDK arguments raised a bare ValueError or TypeError (max_in_flight=0, a client's
+    options, a RetryPolicy), which ``except FerryError`` (every SDK error, as the docs say) let
+    through. Each is an InvalidInputError now, and still the ValueError/TypeError it was."""
+    with pytest.raises(InvalidInputError) as info:
+        make()
+    assert isinstance(info.value, ValueError) and isinstance(info.value, TypeError)
+    assert info.value.code is None and str(info.value) == info.value.message

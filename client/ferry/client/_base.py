@@ -17,7 +17,7 @@ import grpc
 
 from ferry.client import _health
 from ferry.client._channel import DEFAULT_MAX_MESSAGE_BYTES, ChannelConfig, TLSConfig
-from ferry.client._errors import ClientClosedError
+from ferry.client._errors import ClientClosedError, InvalidArgumentError
 from ferry.client._requests import ArrayLike, check_timeout, input_dtypes, refuses_datatype
 from ferry.client._retry import RetryPolicy, client_retry
 from ferry.client._types import InferResult, ModelMetadata, Timings
@@ -75,7 +75,7 @@ class InferenceClientBase:
         connections: int = 1,
     ) -> None:
         self.target = target
-        self.timeout = check_timeout(timeout, ValueError)
+        self.timeout = check_timeout(timeout, InvalidArgumentError)
         self.retry = client_retry(retry)
         self.channel_config = ChannelConfig(
             target,

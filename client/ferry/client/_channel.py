@@ -22,6 +22,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from ferry.client._errors import InvalidArgumentError
+
 DEFAULT_MAX_MESSAGE_BYTES = 80 * 1024 * 1024
 USER_AGENT = "ferry-python"
 MAX_CONNECTIONS = 64
@@ -52,11 +54,11 @@ def _read_pem(source: PemSource | None, what: str) -> bytes | None:
         with open(source, "rb") as fh:
             data = fh.read(MAX_PEM_BYTES + 1)
     except OSError as exc:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"cannot read the {what} from {os.fspath(source)!r}: {exc.strerror}"
         ) from None
     if len(data) > MAX_PEM_BYTES:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"the {what} at {os.fspath(source)!r} is over {MAX_PEM_BYTES:,} bytes: "
             "not a PEM certificate or key"
         )
@@ -80,7 +82,9 @@ class TLSConfig:
 
     def __post_init__(self) -> None:
         if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError("TLSConfig: client_cert and client_key go together (mutual TLS)")
+            raise InvalidArgumentError(
+                "TLSConfig: client_cert and client_key go together (mutual TLS)"
+            )
 
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
@@ -93,7 +97,7 @@ class TLSConfig:
 def _split_host_port(endpoint: str) -> tuple[str, str]:
     host, sep, port = endpoint.rpartition(":")
     if not sep or not port.isdigit():
-        raise ValueError(f"endpoint {endpoint!r} must be HOST:PORT")
+        raise InvalidArgumentError(f"endpoint {endpoint!r} must be HOST:PORT")
     return host, port
 
 
@@ -123,7 +127,7 @@ def _check_port(endpoint: str) -> None:
         body = body.rpartition("/")[2]  # dns://AUTHORITY/HOST:PORT
     host, sep, port = body.rpartition(":")
     if sep and host and port.isdigit() and not 0 < int(port) < 65536:
-        raise ValueError(f"endpoint {endpoint!r}: port {port} is not within 1..65535")
+        raise InvalidArgumentError(f"endpoint {endpoint!r}: port {port} is not within 1..65535")
 
 
 def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
@@ -139,12 +143,12 @@ def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
     if isinstance(target, str):
         target = target.strip()  # grpc reads "" as "dns:///" and fails with no name in it
         if not target:
-            raise ValueError("no endpoint given: pass HOST:PORT or a list of them")
+            raise InvalidArgumentError("no endpoint given: pass HOST:PORT or a list of them")
         if "," not in target or target.startswith(("ipv4:", "ipv6:")):
             return target, (target.count(",") + 1 if "," in target else 1)
     endpoints = split_endpoints(target)
     if not endpoints:
-        raise ValueError("no endpoint given: pass HOST:PORT or a list of them")
+        raise InvalidArgumentError("no endpoint given: pass HOST:PORT or a list of them")
     if len(endpoints) == 1:
         return endpoints[0], 1
     versions = {_ip_version(_split_host_port(e)[0]) for e in endpoints}
@@ -152,7 +156,7 @@ def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
         return "ipv4:" + ",".join(endpoints), len(endpoints)
     if versions == {6}:
         return "ipv6:" + ",".join(endpoints), len(endpoints)
-    raise ValueError(
+    raise InvalidArgumentError(
         f"several endpoints must all be IPv4 or all IPv6 addresses, got {endpoints}: a gRPC target "
         "cannot list host names; give addresses, or one DNS name that resolves to every server "
         "with load_balancing='round_robin'"
@@ -195,12 +199,12 @@ class ChannelConfig:
         # TypeError, keepalive_time=inf or max_message_bytes=2**40 OverflowError, when the
         # channel was made (the async client's first call); they are refused here instead.
         if not _whole(self.connections) or not 1 <= self.connections <= MAX_CONNECTIONS:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"connections must be a whole number within 1..{MAX_CONNECTIONS}, got "
                 f"{self.connections!r}"
             )
         if not _whole(self.max_message_bytes) or not 0 < self.max_message_bytes < 2**31:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"max_message_bytes must be a whole number within 1..{2**31 - 1}, got "
                 f"{self.max_message_bytes!r}"
             )
@@ -211,12 +215,12 @@ class ChannelConfig:
                 or not isinstance(value, int | float)
                 or not 0 < value <= MAX_KEEPALIVE_S
             ):
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{name} must be a number of seconds within (0, {MAX_KEEPALIVE_S:,}], "
                     f"got {value!r}"
                 )
         if self.tls is not None and self.credentials is not None:
-            raise ValueError("pass tls= or credentials=, not both")
+            raise InvalidArgumentError("pass tls= or credentials=, not both")
         if self.tls is not None:
             # Read now, as the target is judged now: the async client reads them again when it
             # makes its channel, on first use, and a missing CA file was a ValueError out of
@@ -225,16 +229,18 @@ class ChannelConfig:
         if self.token is not None and (
             not isinstance(self.token, str) or "\n" in self.token or not self.token.strip()
         ):
-            raise ValueError("token must be a non-empty single line of text")
+            raise InvalidArgumentError("token must be a non-empty single line of text")
         if self.token is not None and not all(" " <= c <= "~" for c in self.token):
             # gRPC refuses such metadata on this side, reported as the server's INTERNAL
             # ("Invalid metadata") on every call, though no call ever left.
-            raise ValueError(
+            raise InvalidArgumentError(
                 "token must be printable ASCII (what gRPC metadata carries): check it for a "
                 "tab or a non-ASCII character"
             )
         if self.load_balancing is not None and not isinstance(self.load_balancing, str):
-            raise ValueError(f"load_balancing must be a policy name, got {self.load_balancing!r}")
+            raise InvalidArgumentError(
+                f"load_balancing must be a policy name, got {self.load_balancing!r}"
+            )
 
     @property
     def secure(self) -> bool:

@@ -96,6 +96,12 @@ class InvalidInputError(FerryError):
     pass
 
 
+class InvalidArgumentError(InvalidInputError, ValueError, TypeError):
+    """An argument the SDK refuses before anything is sent: a client's or a RetryPolicy's option,
+    a stream's ``max_in_flight``. An ``InvalidInputError``, so that ``except FerryError`` catches
+    every error of the SDK, and the ``ValueError``/``TypeError`` these raised before."""
+
+
 class NotFoundError(FerryError):
     pass
 

@@ -10,7 +10,7 @@ from typing import Any, Self
 import grpc
 
 from ferry.client._channel import ChannelConfig, TLSConfig, create_channel
-from ferry.client._errors import ClientClosedError, FerryError, from_rpc_error
+from ferry.client._errors import ClientClosedError, FerryError, InvalidArgumentError, from_rpc_error
 from ferry.client._requests import check_timeout
 
 
@@ -25,7 +25,7 @@ class ManagementClient:
         credentials: grpc.ChannelCredentials | None = None,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.timeout = check_timeout(timeout, ValueError)
+        self.timeout = check_timeout(timeout, InvalidArgumentError)
         self.channel_config = ChannelConfig(
             target, tls=tls, token=token, credentials=credentials, options=options
         )

@@ -22,7 +22,7 @@ from typing import TypeVar
 
 import grpc
 
-from ferry.client._errors import FerryError
+from ferry.client._errors import FerryError, InvalidArgumentError
 
 T = TypeVar("T")
 
@@ -54,25 +54,27 @@ class RetryPolicy:
         # ({"UNAVAILABLE"}) matched nothing, so nothing was retried and nothing said so.
         attempts = self.max_attempts
         if isinstance(attempts, bool) or not isinstance(attempts, int) or attempts < 1:
-            raise ValueError(f"max_attempts must be an integer >= 1, got {attempts!r}")
+            raise InvalidArgumentError(f"max_attempts must be an integer >= 1, got {attempts!r}")
         for name in ("initial_backoff", "max_backoff", "multiplier"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+                raise InvalidArgumentError(f"{name} must be a number, got {value!r}")
         if not (0 <= self.initial_backoff < math.inf and 0 <= self.max_backoff < math.inf):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "backoffs must be finite numbers of seconds >= 0, got "
                 f"{self.initial_backoff!r} and {self.max_backoff!r}"
             )
         if not 1 <= self.multiplier < math.inf:
-            raise ValueError(f"multiplier must be a finite number >= 1, got {self.multiplier}")
+            raise InvalidArgumentError(
+                f"multiplier must be a finite number >= 1, got {self.multiplier}"
+            )
         if not 0 <= self.jitter <= 1:
-            raise ValueError(f"jitter must be within [0, 1], got {self.jitter}")
+            raise InvalidArgumentError(f"jitter must be within [0, 1], got {self.jitter}")
         codes: object = self.retryable_codes
         if isinstance(codes, str | bytes) or not all(
             isinstance(c, grpc.StatusCode) for c in self.retryable_codes
         ):
-            raise ValueError(
+            raise InvalidArgumentError(
                 "retryable_codes must be grpc.StatusCode members "
                 f"(e.g. grpc.StatusCode.UNAVAILABLE), got {codes!r}"[:300]
             )
@@ -80,7 +82,7 @@ class RetryPolicy:
         if inert:
             # Accepted, they retried nothing and said nothing: a code is retried only when its
             # error can succeed later (FerryError.retryable), and no error of these codes can.
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"retryable_codes {inert} are never retried: only UNAVAILABLE, "
                 "RESOURCE_EXHAUSTED (not over a limit) and a CANCELLED the server sent can "
                 "succeed on another try; choose among those"
@@ -129,7 +131,9 @@ def client_retry(retry: object) -> RetryPolicy:
     if retry is None:
         return RetryPolicy.disabled()
     if not isinstance(retry, RetryPolicy):
-        raise TypeError(f"retry must be a RetryPolicy or None, got {type(retry).__name__}")
+        raise InvalidArgumentError(
+            f"retry must be a RetryPolicy or None, got {type(retry).__name__}"
+        )
     return retry
 
 

@@ -41,6 +41,7 @@ import grpc
 from ferry.client._errors import (
     DeadlineExceededError,
     FerryError,
+    InvalidArgumentError,
     InvalidInputError,
     LimitExceededError,
     from_rpc_error,
@@ -366,9 +367,9 @@ def left_of(timeout: float | None, began: float) -> float | None:
 def check_max_in_flight(value: object) -> None:
     """An int >= 1: None gave a bare TypeError from a comparison, True and 1.5 went through."""
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"max_in_flight must be an int >= 1, got {value!r}")
+        raise InvalidArgumentError(f"max_in_flight must be an int >= 1, got {value!r}")
     if value < 1:
-        raise ValueError(f"max_in_flight must be >= 1, got {value}")
+        raise InvalidArgumentError(f"max_in_flight must be an int >= 1, got {value}")
 
 
 def _too_large(size: int, limit: int) -> LimitExceededError:

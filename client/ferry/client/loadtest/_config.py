@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ferry.client._channel import DEFAULT_MAX_MESSAGE_BYTES, TLSConfig, resolve_target
+from ferry.client._errors import InvalidArgumentError
 from ferry.client._requests import MAX_TIMEOUT_S
 
 MAX_DURATION = 3600.0  # seconds, all levels of a sweep together (warm-up included)
@@ -27,7 +28,7 @@ Protocol = Literal["ferry", "kserve"]
 Arrival = Literal["constant", "poisson"]
 
 
-class LoadTestConfigError(ValueError):
+class LoadTestConfigError(InvalidArgumentError):
     """A load test was asked for something it refuses to do; the message says what to change."""
 
 
