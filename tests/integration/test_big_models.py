@@ -221,6 +221,31 @@ def test_the_archive_is_a_plain_tar_of_the_folder(tmp_path: Path) -> None:
         archive.unlink()
 
 
+def test_a_folder_sends_the_model_and_its_data_files_only(
+    server: tuple[ServerThread, ConversionClient], tmp_path: Path
+) -> None:
+    """Every regular file of the folder went: a .DS_Store or 'notes copy.txt' beside the model
+    made the server refuse the whole upload (names it does not take), and a checkpoint beside it
+    was sent for nothing. The folder now sends model.onnx and the data files its graph names."""
+    from ferry.client._archive import pack_folder
+
+    _, conv = server
+    model, _ = mlp()
+    save_external(model, tmp_path / "src")
+    (tmp_path / "src" / ".DS_Store").write_bytes(b"\0" * 64)
+    (tmp_path / "src" / "notes copy.txt").write_text("exported on Monday")
+    (tmp_path / "src" / "checkpoint.pt").write_bytes(b"x" * 4096)
+    (tmp_path / "src" / ".git").mkdir()
+    archive = pack_folder(tmp_path / "src")
+    try:
+        with tarfile.open(archive) as tar:
+            assert sorted(tar.getnames()) == ["model.onnx", "weights.bin"]
+    finally:
+        archive.unlink()
+    up = conv.upload("big", tmp_path / "src")
+    assert up.format == "onnx_archive"
+
+
 def test_the_cli_uploads_a_folder_and_converts_it(
     server: tuple[ServerThread, ConversionClient],
     tmp_path: Path,

@@ -112,17 +112,19 @@ def _varint(buf: Buffer, pos: int) -> tuple[int, int]:
 
 
 def pack_folder(folder: Path) -> Path:
-    """A temporary tar of ``folder``'s regular files (it must hold model.onnx); the caller
-    removes it."""
-    names = sorted(
-        entry.name for entry in folder.iterdir() if entry.is_file() and not entry.is_symlink()
-    )
-    if MODEL_FILE not in names:
+    """A temporary tar of ``folder``'s model.onnx and the data files its graph names, as for a
+    ``.onnx`` file named directly; the caller removes it.
+
+    Only those: every regular file went, so a folder with a ``.DS_Store``, notes or a
+    checkpoint beside the model was refused whole (the server takes plain names only) or sent
+    gigabytes the model never reads."""
+    model = folder / MODEL_FILE
+    if not model.is_file() or model.is_symlink():
         raise InvalidInputError(
             f"{folder} holds no {MODEL_FILE}: a model folder holds model.onnx and the data files "
             "its tensors name"
         )
-    return _pack(folder, names)
+    return pack_model(model, external_locations(model))
 
 
 def pack_model(model_path: Path, locations: list[str]) -> Path:
