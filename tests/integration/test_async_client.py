@@ -266,6 +266,29 @@ def test_an_async_client_closed_from_another_loop_releases_its_channel(server: A
         running.close()
 
 
+def test_a_submit_whose_write_the_closing_client_cuts_raises_client_closed(server: Any) -> None:
+    """Closing the client while a stream's submit() was writing raised a bare
+    asyncio.CancelledError out of submit() (as if the caller's task had been cancelled) or a
+    plain FerryError ("this stream has ended"), and infer_many yielded such items; it is the
+    ClientClosedError every other call in flight gets."""
+
+    async def main() -> None:
+        client = AsyncInferenceClient(server.target, timeout=30)
+        async with client.stream("mlp") as stream:
+            await stream.submit({"input": np.zeros((1, 64), np.float32)})
+            big = {"input": np.zeros((250_000, 64), np.float32)}  # 64 MB: a write of many turns
+            submitting = asyncio.create_task(stream.submit(big))
+            for _ in range(10_000):  # loop turns until its write has begun
+                if stream.in_flight == 2 or submitting.done():
+                    break
+                await asyncio.sleep(0)
+            await client.close()
+            with pytest.raises(ClientClosedError):
+                await submitting
+
+    asyncio.run(main())
+
+
 def test_inputs_accept_lists_scalars_and_torch_tensors(client: InferenceClient) -> None:
     result = client.infer("two_io", {"a": [[0.5, 0.5, 0.5, 0.5]], "b": np.array([[1, 2, 3, 4]])})
     np.testing.assert_array_equal(result["sum"], [[1.5, 2.5, 3.5, 4.5]])

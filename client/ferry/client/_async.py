@@ -571,6 +571,13 @@ class AsyncInferStream(StreamState):
         try:
             await asyncio.shield(sending)
         except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if sending.done() and task is not None and not task.cancelling():
+                # The write was cancelled, not the caller: the call was (the client closed
+                # under it, or cancel()). That raised a bare asyncio.CancelledError, as if the
+                # caller's own task had been cancelled.
+                self._forget(rid)
+                raise self._ended(self._call_cancelled()) from None
             if not started.is_set() and not sending.done():
                 # Not a byte of it was written yet: withdraw it; nobody will see an answer.
                 sending.cancel()
@@ -581,10 +588,16 @@ class AsyncInferStream(StreamState):
         except (grpc.RpcError, asyncio.InvalidStateError) as exc:
             # The call ended under us; the reader fails the request unless it already has.
             self._forget(rid)
+            # ClientClosedError when the client closed under it: the reader may not have
+            # recorded why yet, and this said "this stream has ended".
             if isinstance(exc, grpc.RpcError):
-                raise from_rpc_error(exc) from None
-            raise self._terminal_error() from None
+                raise self._ended(from_rpc_error(exc)) from None
+            raise self._ended(self._terminal_error()) from None
         return rid
+
+    def _call_cancelled(self) -> FerryError:
+        """Why the call was cancelled under a write: the reader's record, once it has one."""
+        return self._error or CancelledError("the stream was cancelled by the client")
 
     async def _send(
         self,
