@@ -246,6 +246,35 @@ def test_a_folder_sends_the_model_and_its_data_files_only(
     assert up.format == "onnx_archive"
 
 
+def test_a_folder_of_symlinks_goes_as_the_files_they_name(
+    server: tuple[ServerThread, ConversionClient], tmp_path: Path
+) -> None:
+    """A snapshot whose files are symlinks to blobs (Hugging Face's cache): naming its
+    model.onnx sent link members, which the server refuses, and naming the folder said it
+    held no model.onnx. Both send the linked files' bytes as regular members now."""
+    from ferry.client._archive import pack_folder
+
+    _, conv = server
+    model, _ = mlp()
+    save_external(model, tmp_path / "blobs")
+    (tmp_path / "snap").mkdir()
+    for name in ("model.onnx", "weights.bin"):
+        (tmp_path / "snap" / name).symlink_to(tmp_path / "blobs" / name)
+    archive = pack_folder(tmp_path / "snap")
+    try:
+        with tarfile.open(archive) as tar:
+            members = {m.name: m for m in tar.getmembers()}
+            assert sorted(members) == ["model.onnx", "weights.bin"]
+            assert all(m.isreg() for m in members.values())
+            data = tar.extractfile(members["weights.bin"])
+            assert data is not None
+            assert data.read() == (tmp_path / "blobs" / "weights.bin").read_bytes()
+    finally:
+        archive.unlink()
+    assert conv.upload("snap", tmp_path / "snap").format == "onnx_archive"
+    assert conv.upload("snap", tmp_path / "snap" / "model.onnx").format == "onnx_archive"
+
+
 def test_the_cli_uploads_a_folder_and_converts_it(
     server: tuple[ServerThread, ConversionClient],
     tmp_path: Path,

@@ -119,7 +119,7 @@ def pack_folder(folder: Path) -> Path:
     checkpoint beside the model was refused whole (the server takes plain names only) or sent
     gigabytes the model never reads."""
     model = folder / MODEL_FILE
-    if not model.is_file() or model.is_symlink():
+    if not model.is_file():
         raise InvalidInputError(
             f"{folder} holds no {MODEL_FILE}: a model folder holds model.onnx and the data files "
             "its tensors name"
@@ -149,10 +149,13 @@ def _pack(folder: Path, names: list[str], rename: dict[str, str] | None = None) 
     try:
         with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
             for name in names:
-                info = tar.gettarinfo(str(folder / name), arcname=(rename or {}).get(name, name))
-                info.uid = info.gid = 0
-                info.uname = info.gname = ""
                 with open(folder / name, "rb") as fh:
+                    # Described from the open file, so a symlink goes as the regular file it
+                    # names (a Hugging Face snapshot links every file to a blob): described
+                    # from the path, it went as a link member, which the server refuses.
+                    info = tar.gettarinfo(arcname=(rename or {}).get(name, name), fileobj=fh)
+                    info.uid = info.gid = 0
+                    info.uname = info.gname = ""
                     tar.addfile(info, fh)
     except BaseException:
         os.unlink(tmp)
