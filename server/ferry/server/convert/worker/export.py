@@ -59,7 +59,16 @@ def export(
     dynamo_error: BaseException | None = None
     if not isinstance(source.module, torch.jit.ScriptModule):
         try:
-            _dynamo(source, example, names, out_names, path=path, opset=opset, external=external)
+            # Under no_grad, as the SDK exports and as the graph serves: traced with autograd
+            # on, torch.export records the training IR, whose decompositions failed on Hugging
+            # Face's T5 attention ("Cannot view a tensor with shape [s72, 8, 4, 8] and strides
+            # (256, 8, 64, 1)"), and every such model took the legacy exporter with a note.
+            # The legacy exporter keeps autograd on: under no_grad nn.TransformerEncoder takes
+            # its fused fast path, which it cannot export.
+            with torch.no_grad():
+                _dynamo(
+                    source, example, names, out_names, path=path, opset=opset, external=external
+                )
             return result
         except Exception as exc:
             dynamo_error = exc
