@@ -261,7 +261,11 @@ def test_transformer_block_prunes_only_the_feed_forward() -> None:
     assert dims["w1"] == [16, 16] and dims["b1"] == [16] and dims["w2"] == [16, 16]
     assert dims["wq"] == [16, 16] and dims["wo"] == [16, 3]  # the embedding width stays
     assert "1 of 4 weight layers pruned (32 -> 16 hidden channels)" in account
-    for why in ("it feeds Reshape", "it meets another branch in Add", "reaches a graph output"):
+    for why in (
+        "it feeds a Reshape that moves its channels",
+        "it meets another branch in Add",
+        "reaches a graph output",
+    ):
         assert why in account, account
     x = RNG.standard_normal((2, 5, 16)).astype(np.float32)
     got, want = _run(pruned, x), _run(model, x)
@@ -394,7 +398,8 @@ def test_a_bias_two_layers_share_is_copied_before_it_is_cut() -> None:
             "transformer_encoder",
             {},
             [16, 64],
-            ["2 of 8 weight layers pruned (256 -> 128", "because it feeds Reshape",
+            ["2 of 8 weight layers pruned (256 -> 128",
+             "because it feeds a Reshape that moves its channels off the last axis",
              "because it feeds LayerNormalization"],
         ),
         (
@@ -430,6 +435,53 @@ def test_real_exports_prune_only_what_is_local(
     (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     with torch.no_grad():
         assert got.shape == tuple(module(x).shape)
+
+
+def test_gpt2_conv1d_feed_forward_is_pruned_through_its_reshapes() -> None:
+    """GPT-2's Conv1D flattens [N, T, C] to [N*T, C] for its Gemm and reshapes back through a
+    Concat of run-time dims ending in C: structured pruning refused every layer ("8 because it
+    feeds Reshape"). Now the feed-forward's hidden units go, the Concat (shared by both blocks)
+    copied for each, and units that carry nothing leave the answers as they were, at sizes the
+    export never saw."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    gpt2 = transformers.GPT2Model(config).eval()
+    with torch.no_grad():
+        for block in gpt2.h:  # half the hidden units silent: GELU(0) = 0 reaches c_proj
+            block.mlp.c_fc.bias.normal_()
+            block.mlp.c_fc.weight[:, ::2] = 0
+            block.mlp.c_fc.bias[::2] = 0
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gpt2 = gpt2
+
+        def forward(self, input_ids: Any) -> Any:
+            return self.gpt2(input_ids=input_ids, use_cache=False).last_hidden_state
+
+    ids = torch.randint(0, 100, (2, 8))
+    dims = {0: torch.export.Dim("batch", max=64), 1: torch.export.Dim("seq", max=32)}
+    with torch.no_grad():
+        program = torch.onnx.export(
+            Hidden().eval(), (ids,), dynamo=True, dynamic_shapes=(dims,), opset_version=18
+        )
+    model = program.model_proto
+    pruned, account = _pruned(model, "structured", 0.5)
+    assert "2 of 8 weight layers pruned (256 -> 128 hidden channels)" in account, account
+    widths = _dims(pruned)
+    assert widths["gpt2.h.0.mlp.c_fc.weight"] == [32, 64], widths
+    assert widths["gpt2.h.1.mlp.c_proj.weight"] == [64, 32], widths
+    fresh = np.random.default_rng(1).integers(0, 100, (3, 11)).astype(np.int64)
+    answers = []
+    for graph in (model, pruned):
+        session = ort.InferenceSession(
+            graph.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        answers.append(session.run(None, {"input_ids": fresh})[0])
+    np.testing.assert_allclose(answers[1], answers[0], rtol=1e-4, atol=1e-5)
 
 
 def test_a_tensor_a_subgraph_reads_is_never_cut() -> None:

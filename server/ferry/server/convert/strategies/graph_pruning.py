@@ -7,9 +7,10 @@ must never unpickle code to rebuild it, so the prune stage works on the graph it
 - Unstructured: zero the smallest-magnitude entries of each weight (or of all weights at once).
 - Structured: remove hidden units between two weight layers, only where the dependency is provably
   local: the producer's output reaches, through per-channel or elementwise ops only, nothing but
-  weight layers that consume that channel dim. Anything else (a graph output, a Reshape, a
-  residual Add, a Concat, an attention MatMul) leaves the producer whole, and the summary line says
-  why. Channels are ranked by the L2 norm of the producer's weights.
+  weight layers that consume that channel dim. Anything else (a graph output, a Reshape that
+  moves the channels off the last axis, a residual Add, a Concat, an attention MatMul) leaves
+  the producer whole, and the summary line says why. Channels are ranked by the L2 norm of the
+  producer's weights.
 
 It lives beside the registry, not in the child's ``worker`` package, because the registry's
 builders may import only what the serving process could (numpy, onnx); it runs in the child only.
@@ -101,6 +102,8 @@ class Group:
     # nodes share is copied for this node first, since an exporter deduplicates equal tensors.
     per_channel: list[tuple[Any, int, int]] = field(default_factory=list)
     shapes: list[tuple[Any, int]] = field(default_factory=list)  # Reshapes naming the channels
+    # Reshapes whose shape a Concat computes, its last item (a constant) the channel count.
+    computed_shapes: list[Any] = field(default_factory=list)
     consumers: list[Weight] = field(default_factory=list)
 
 
@@ -211,6 +214,8 @@ def _reshaped(g: Graph, node: Any, layout: Layout, group: Group) -> Layout:
     op, (from_end, pooled) = node.op_type, layout
     rank = from_end + 1  # [N, C, spatial...]
     spatial = set(range(2, rank))
+    if op == "Reshape" and layout == DENSE:
+        return _rows_reshaped(g, node, group)
     if from_end < 2:  # dense tensors: never reshaped here
         raise Blocked(f"it feeds {op}")
     if op in POOLS:
@@ -244,6 +249,66 @@ def _reshaped(g: Graph, node: Any, layout: Layout, group: Group) -> Layout:
                 group.shapes.append((node, 1))
             return DENSE
     raise Blocked(f"it feeds {op}")
+
+
+def _rows_reshaped(g: Graph, node: Any, group: Group) -> Layout:
+    """A Reshape that regroups the rows of a dense tensor and keeps its last dim, the channels:
+    GPT-2's Conv1D flattens [N, T, C] to [N*T, C] for its Gemm and back, the way back naming C
+    as the last item of a Concat of runtime dims. The channels stay on the last axis, so the
+    Reshape passes them when the C it names (a constant, edited with them) is its last dim."""
+    target = node.input[1]
+    if node.input[0] not in group.layout or target in group.layout:
+        raise Blocked("it feeds a Reshape's shape")
+    zero_ok = not int_attribute(node, "allowzero", 0)
+    if target in g.inits:
+        values = [int(v) for v in g.array(target).reshape(-1)]
+        if values and values[-1] == group.channels and not (zero_ok and 0 in values):
+            group.shapes.append((node, 1))
+            return DENSE
+        raise Blocked("it feeds a Reshape that moves its channels off the last axis")
+    concat = g.producer.get(target)
+    if (
+        concat is None
+        or concat.op_type != "Concat"
+        or concat.input[-1] not in g.inits
+        or target in g.outputs
+        or target in g.subgraph_reads
+    ):
+        raise Blocked("it feeds a Reshape to a shape computed at run time")
+    last = [int(v) for v in g.array(concat.input[-1]).reshape(-1)]
+    if not last or last[-1] != group.channels or (zero_ok and 0 in last):
+        raise Blocked("it feeds a Reshape that moves its channels off the last axis")
+    group.computed_shapes.append(node)
+    return DENSE
+
+
+def _own_concat(g: Graph, reshape: Any) -> Any:
+    """The Concat that computes ``reshape``'s shape, copied for it alone when other nodes read
+    the same shape (an exporter computes one [N, T, C] for every layer of a width)."""
+    name = reshape.input[1]
+    concat = g.producer[name]
+    if g.uses(name) == 1:
+        return concat
+    copy, number = name, 0
+    while copy in g.inits or copy in g.producer or copy in g.consumers:
+        number += 1
+        copy = f"{name}.{number}"
+    nodes = g.model.graph.node
+    position = next(i for i, n in enumerate(nodes) if n is concat)
+    made = type(concat)()
+    made.CopyFrom(concat)
+    made.output[0] = copy
+    made.name = f"{concat.name}.{number}" if concat.name else ""
+    nodes.insert(position + 1, made)  # beside the original: the nodes stay in topological order
+    clone = nodes[position + 1]
+    g.producer[copy] = clone
+    for source in clone.input:
+        if source:
+            g.consumers.setdefault(source, []).append(clone)
+    reshape.input[1] = copy
+    g.consumers[name].remove(reshape)
+    g.consumers[copy] = [reshape]
+    return clone
 
 
 def _check_operands(g: Graph, node: Any, group: Group) -> None:
@@ -313,9 +378,14 @@ def _apply(g: Graph, group: Group, keep: np.ndarray) -> None:
         _take(g, _own(g, node, index), keep, axis)
     for consumer in group.consumers:
         _take(g, consumer.init, keep, consumer.in_axis)
+    for reshape in group.computed_shapes:
+        concat = _own_concat(g, reshape)
+        group.shapes.append((concat, len(concat.input) - 1))
     for node, index in group.shapes:
         name = _own(g, node, index)
-        g.set(name, np.array([g.array(name)[0], keep.size], np.int64))
+        values = g.array(name).copy()
+        values.reshape(-1)[-1] = keep.size  # the channels' count, always the last item
+        g.set(name, values)
 
 
 def _keep(g: Graph, producer: Weight, amount: float, channels: int) -> np.ndarray:
