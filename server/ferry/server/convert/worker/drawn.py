@@ -56,14 +56,17 @@ class TopUp:
 # An output judged by the share of equal elements (integer and boolean outputs; class scores
 # under min_top1_agreement) is judged by counting changed elements, and 16 rows cannot count a
 # change of the budget's size: an int8 variant that named another class for 2% of rows showed
-# no change on 16 rows 72% of the time (0.98^16), and was published. With none of N elements
-# changed, a rate of change above 3/N is ruled out at 95% (the rule of three), so such outputs
-# are judged on 3 / (1 - limit) elements: 300 at 0.99. The added rows are judged apart from the
-# samples (any change there refuses, as before; here 3 in 284 do): a 2% rate of change is then
-# refused 94% of the time, 3% over 99%, and a variant within budget at 0.5% 23% (8% on the
-# samples alone before). Judged as one count of 300 (3 allowed) it is refused 7%, but drawn rows
-# show fewer changes than fresh data (their margins are the given rows'), and that count
-# published 2 of 6 argmax variants that changed 4% of fresh labels, which this rule refused.
+# no change on 16 rows 72% of the time (0.98^16), and was published. So such outputs are judged
+# on ``AGREEMENT_CHANGES / (1 - limit)`` elements, 500 at 0.99, the added rows apart from the
+# samples (any change there refuses; on 484 added rows, 5 do). It was 3 / (1 - limit), the
+# rule of three's 300 (3 in 284 refused): a variant within budget at 0.5% was refused 23% of
+# the time, and judged on more rows by the same share both errors fall, for every rate of
+# change (binomial, the 16 samples included): within budget at 0.5%, refused 17% instead of
+# 23%, at 0.8% 42% instead of 47%; past it, at 1.2% refused 74% instead of 72%, at 1.5% 88%
+# instead of 84%, at 2% 97.5% instead of 94%. (Judged as one count with the samples, it
+# published 2 of 6 argmax variants that changed 4% of fresh labels: drawn rows show fewer
+# changes than fresh data, their margins being the given rows'.)
+AGREEMENT_CHANGES = 5
 # At most this many rows, whatever the limit (a limit of 1 wants every row there is).
 AGREEMENT_MOST_ROWS = 512
 # The rows past validation.samples are run within this many seconds of the source model's time
@@ -74,8 +77,8 @@ AGREEMENT_SECONDS = 30.0
 
 def agreement_rows(outputs: list[np.ndarray], rows: int, min_cosine: float, min_top1: float) -> int:
     """How many rows the outputs judged by agreement need (0: none is), from the reference's
-    ``outputs`` on ``rows`` rows: ``3 / (1 - limit)`` elements of each such output, at most
-    ``AGREEMENT_MOST_ROWS`` rows."""
+    ``outputs`` on ``rows`` rows: ``AGREEMENT_CHANGES / (1 - limit)`` elements of each such
+    output, at most ``AGREEMENT_MOST_ROWS`` rows."""
     need = 0
     for out in outputs:
         if not out.ndim or not out.size or not rows:
@@ -88,7 +91,7 @@ def agreement_rows(outputs: list[np.ndarray], rows: int, min_cosine: float, min_
             continue
         if limit >= 1:
             return AGREEMENT_MOST_ROWS
-        need = max(need, math.ceil(3 / (1 - max(limit, 0.0)) / max(per_row, 1)))
+        need = max(need, math.ceil(AGREEMENT_CHANGES / (1 - max(limit, 0.0)) / max(per_row, 1)))
     return min(need, AGREEMENT_MOST_ROWS)
 
 
