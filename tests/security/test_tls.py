@@ -27,6 +27,7 @@ from ferry.client import (
     TLSConfig,
 )
 from ferry.server.examples import identity_model
+from ferry.server.probe import main as probe_main
 
 X = {"input": np.arange(3, dtype=np.float32)}
 NO_RETRY = RetryPolicy.disabled()
@@ -118,6 +119,28 @@ def test_mutual_tls_on_management_only(repo: Path, certs: Certs) -> None:
         )
         with RepositoryClient(srv.management_target, tls=good, timeout=30) as admin:
             admin.refresh()
+
+
+def test_the_probe_presents_a_client_certificate_to_a_mutual_tls_listener(
+    repo: Path, certs: Certs, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --tls-client-ca-file the probe had no way to send a certificate: every readiness
+    and liveness check failed its handshake (UNAVAILABLE), so the pod never became ready."""
+    settings = tls_settings(certs, tls_client_ca_file=str(certs.ca))
+    with ServerThread(repo, **settings) as srv:
+        base = ["--address", srv.target, "--tls-ca-file", str(certs.ca), "--timeout", "10"]
+        assert probe_main(base) == 1  # no certificate: refused at the handshake
+        assert "UNAVAILABLE" in capsys.readouterr().err
+        mine = ["--tls-cert-file", str(certs.client_cert), "--tls-key-file", str(certs.client_key)]
+        assert probe_main([*base, *mine]) == 0
+        assert capsys.readouterr().out.strip().endswith("SERVING")
+        missing = ["--tls-cert-file", str(certs.client_cert), "--tls-key-file", "/nonexistent.key"]
+        assert probe_main([*base, *missing]) == 1
+        assert "/nonexistent.key" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # a certificate without its key
+        probe_main([*base, "--tls-cert-file", str(certs.client_cert)])
+    assert info.value.code == 2
+    assert "--tls-key-file" in capsys.readouterr().err
 
 
 def test_bad_certificate_files_stop_the_start(repo: Path, certs: Certs, tmp_path: Path) -> None:

@@ -78,13 +78,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="file holding the bearer token (the management listener's health needs it)",
     )
     p.add_argument("--tls-ca-file", type=Path, help="PEM CA to trust: the listener serves TLS")
+    # A listener with mutual TLS (--tls-client-ca-file) refuses a handshake without a client
+    # certificate: with no way to send one, the probe of such a replica failed for ever.
+    p.add_argument(
+        "--tls-cert-file",
+        type=Path,
+        help="PEM client certificate, for a listener with mutual TLS (with --tls-key-file)",
+    )
+    p.add_argument("--tls-key-file", type=Path, help="PEM private key of --tls-cert-file")
     return p
 
 
 def _channel(args: argparse.Namespace) -> grpc.Channel:
-    if args.tls_ca_file is None:
+    if args.tls_ca_file is None and args.tls_cert_file is None:
         return grpc.insecure_channel(args.address)
-    creds = grpc.ssl_channel_credentials(root_certificates=args.tls_ca_file.read_bytes())
+    ca = args.tls_ca_file.read_bytes() if args.tls_ca_file is not None else None
+    cert = key = None
+    if args.tls_cert_file is not None:
+        cert, key = args.tls_cert_file.read_bytes(), args.tls_key_file.read_bytes()
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=ca, private_key=key, certificate_chain=cert
+    )
     return grpc.secure_channel(args.address, creds)
 
 
@@ -108,8 +122,10 @@ def probe(args: argparse.Namespace) -> tuple[bool, str]:
             )
     except grpc.RpcError as exc:
         return False, f"{exc.code().name}: {exc.details()}"
-    except OSError as exc:  # an unreadable CA file
-        return False, str(exc)
+    except OSError as exc:  # an unreadable CA, certificate or key file
+        if exc.filename is None:
+            return False, str(exc)
+        return False, f"cannot read {exc.filename!r}: {exc.strerror}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     if reply.status == SERVING:
         return True, status
@@ -117,7 +133,10 @@ def probe(args: argparse.Namespace) -> tuple[bool, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if (args.tls_cert_file is None) != (args.tls_key_file is None):
+        parser.error("--tls-cert-file and --tls-key-file go together: give both or neither")
     passed, seen = probe(args)
     what = f"{args.address} service {args.service!r}"
     if passed:
