@@ -104,6 +104,7 @@ def _leaf(
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     *,
     server: bool,
+    dns_names: tuple[str, ...] = (),
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.UTC)
@@ -124,16 +125,14 @@ def _leaf(
         )
     )
     if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("::1")),
-                ]
-            ),
-            critical=False,
-        )
+        names: list[x509.GeneralName] = [
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            x509.IPAddress(ipaddress.ip_address("::1")),
+        ]
+        if dns_names:  # a certificate as a cluster's issuer makes: its names, no address
+            names = [x509.DNSName(n) for n in dns_names]
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
     return builder.sign(ca[1], hashes.SHA256()), key
 
 
@@ -153,6 +152,17 @@ def make_certs(d: Path) -> Certs:
         rogue_ca=_write_cert(rogue[0], d / "rogue-ca.pem"),
         rogue_cert=_write_cert(rogue_client[0], d / "rogue.pem"),
         rogue_key=_write_key(rogue_client[1], d / "rogue.key"),
+    )
+
+
+def named_server_cert(d: Path, name: str) -> tuple[Path, Path, Path]:
+    """(CA, certificate, key) of a server certificate for DNS ``name`` alone, not 127.0.0.1."""
+    ca = _ca("Named CA")
+    cert, key = _leaf("ferry-server", ca, server=True, dns_names=(name,))
+    return (
+        _write_cert(ca[0], d / "named-ca.pem"),
+        _write_cert(cert, d / "named.pem"),
+        _write_key(key, d / "named.key"),
     )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from helpers import make_repo
-from sechelpers import Certs
+from sechelpers import Certs, named_server_cert
 from serverutil import ServerThread
 
 from ferry.client import (
@@ -141,6 +141,20 @@ def test_the_probe_presents_a_client_certificate_to_a_mutual_tls_listener(
         probe_main([*base, "--tls-cert-file", str(certs.client_cert)])
     assert info.value.code == 2
     assert "--tls-key-file" in capsys.readouterr().err
+
+
+def test_the_probe_checks_the_certificate_against_the_name_it_is_given(
+    repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pod's certificate names its service, not 127.0.0.1, the address a probe asks: the
+    probe's TLS check failed on the name for ever. --tls-server-name checks that name."""
+    ca, cert, key = named_server_cert(tmp_path, "ferry.example.svc")
+    with ServerThread(repo, tls_cert_file=str(cert), tls_key_file=str(key)) as srv:
+        base = ["--address", srv.target, "--tls-ca-file", str(ca), "--timeout", "10"]
+        assert probe_main(base) == 1  # 127.0.0.1 is not a name of the certificate
+        assert "UNAVAILABLE" in capsys.readouterr().err
+        assert probe_main([*base, "--tls-server-name", "ferry.example.svc"]) == 0
+        assert probe_main([*base, "--tls-server-name", "other.example.svc"]) == 1
 
 
 def test_bad_certificate_files_stop_the_start(repo: Path, certs: Certs, tmp_path: Path) -> None:
