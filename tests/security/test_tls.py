@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import serialization
 from helpers import make_repo
 from sechelpers import Certs, named_server_cert
 from serverutil import ServerThread
@@ -169,6 +170,28 @@ def test_bad_certificate_files_stop_the_start(repo: Path, certs: Certs, tmp_path
         with pytest.raises(OSError, match=message):
             srv.start()
         srv.stop()
+
+
+@pytest.mark.parametrize("http", [True, False], ids=["with-http", "grpc-only"])
+def test_an_encrypted_key_stops_the_start_saying_so(
+    repo: Path, certs: Certs, tmp_path: Path, http: bool
+) -> None:
+    """OpenSSL asked for a passphrase on the terminal (the start waited there for ever) or,
+    with no terminal, failed "[Errno 22] Invalid argument"; gRPC cannot use such a key."""
+    key = serialization.load_pem_private_key(certs.server_key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    ports = {} if http else {"http_port": -1, "management_http_port": -1}
+    srv = ServerThread(repo, **ports, **tls_settings(certs, tls_key_file=str(encrypted)))
+    with pytest.raises(OSError, match=r"encrypted\.key.*is encrypted"):
+        srv.start()
+    srv.stop()
 
 
 @pytest.mark.parametrize(

@@ -60,6 +60,17 @@ class Tokens:
     management: bytes | None
 
 
+def encrypted_key() -> bytes:
+    """``load_cert_chain``'s password callback, which OpenSSL calls only for an encrypted key.
+    Without one it asked for the passphrase on the terminal, so a start from a shell waited
+    there for ever, and with no terminal it failed "[Errno 22] Invalid argument"; gRPC cannot
+    use such a key in any case."""
+    raise OSError(
+        "the key is encrypted (passphrase-protected), which gRPC cannot use: give a key without "
+        "a passphrase (openssl pkey -in KEY -out PLAIN.key), readable by the server alone"
+    )
+
+
 def inference_tls(s: Settings) -> ListenerTLS | None:
     if not s.tls_cert_file:
         return None

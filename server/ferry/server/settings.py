@@ -224,7 +224,9 @@ class Settings:
     tls_cert_file: str = field(
         default="", metadata={"help": "PEM certificate chain of both listeners; enables TLS"}
     )
-    tls_key_file: str = field(default="", metadata={"help": "PEM private key of tls_cert_file"})
+    tls_key_file: str = field(
+        default="", metadata={"help": "PEM private key of tls_cert_file, without a passphrase"}
+    )
     tls_client_ca_file: str = field(
         default="",
         metadata={"help": "PEM CA that signs client certificates: mutual TLS on both listeners"},

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import grpc
 
-from ferry.server.security import ListenerTLS
+from ferry.server.security import ListenerTLS, encrypted_key
 
 
 def _read(path: str, what: str) -> bytes:
@@ -42,7 +42,7 @@ def _check_fit(tls: ListenerTLS) -> None:
     said "cannot listen on ...: in use or not permitted". OpenSSL says what is wrong."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=encrypted_key)
         if tls.client_ca_file:
             context.load_verify_locations(cafile=tls.client_ca_file)
     except (OSError, ssl.SSLError) as exc:

@@ -43,7 +43,7 @@ from ferry.server.http.encodings import ENCODINGS, BodyError, decoder
 from ferry.server.http.errors import ERROR_HEADER, HttpError, error_body, error_of, raw_answer
 from ferry.server.http.oip import HEADER_LENGTH, JSON, OipRoutes, is_health
 from ferry.server.min_rate import MinRate
-from ferry.server.security import ListenerTLS
+from ferry.server.security import ListenerTLS, encrypted_key
 
 T = TypeVar("T")
 
@@ -889,7 +889,7 @@ def ssl_context(tls: ListenerTLS | None) -> ssl.SSLContext | None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
+        context.load_cert_chain(tls.cert_file, tls.key_file, password=encrypted_key)
         if tls.client_ca_file:
             context.load_verify_locations(cafile=tls.client_ca_file)
             context.verify_mode = ssl.CERT_REQUIRED
