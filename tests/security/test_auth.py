@@ -206,12 +206,55 @@ def test_management_refuses_the_inference_token(server: ServerThread) -> None:
         assert conv.ListJobs(jobs, timeout=10, metadata=bearer(MANAGEMENT_TOKEN)) is not None
 
 
+def _oip_health(target: str, metadata: tuple[tuple[str, str], ...] = ()) -> list[object]:
+    """ServerLive and ServerReady of the Open Inference Protocol over gRPC: each its answer's
+    flag, or the status code that refused it."""
+    out: list[object] = []
+    with grpc.insecure_channel(target) as channel:
+        for method, req, reply in (
+            ("ServerLive", kpb.ServerLiveRequest, kpb.ServerLiveResponse),
+            ("ServerReady", kpb.ServerReadyRequest, kpb.ServerReadyResponse),
+        ):
+            call = channel.unary_unary(
+                KSERVE + method,
+                request_serializer=req.SerializeToString,
+                response_deserializer=reply.FromString,
+            )
+            try:
+                answer = call(req(), timeout=10, metadata=metadata)
+            except grpc.RpcError as exc:
+                out.append(exc.code())
+            else:
+                out.append(answer.live if method == "ServerLive" else answer.ready)
+    return out
+
+
+def test_open_inference_protocol_health_is_open_as_its_http_paths_are(
+    server: ServerThread,
+) -> None:
+    """/v2/health/live and /ready answer a probe without a token; their gRPC forms were refused
+    UNAUTHENTICATED, so a KServe or Triton gRPC probe failed on a serving replica."""
+    assert _oip_health(server.target) == [True, True]
+    with grpc.insecure_channel(server.target) as channel:  # the rest still needs the token
+        metadata = channel.unary_unary(
+            KSERVE + "ServerMetadata",
+            request_serializer=kpb.ServerMetadataRequest.SerializeToString,
+            response_deserializer=kpb.ServerMetadataResponse.FromString,
+        )
+        assert code_of(lambda: metadata(kpb.ServerMetadataRequest(), timeout=10)) is (
+            grpc.StatusCode.UNAUTHENTICATED
+        )
+
+
 def test_health_can_require_the_token(repo: Path) -> None:
     with ServerThread(repo, inference_token=INFERENCE_TOKEN, health_requires_token=True) as srv:
         with InferenceClient(srv.target, timeout=10) as anonymous:
             assert not anonymous.ready()
         with InferenceClient(srv.target, timeout=10, token=INFERENCE_TOKEN) as client:
             assert client.ready()
+        refused = grpc.StatusCode.UNAUTHENTICATED
+        assert _oip_health(srv.target) == [refused, refused]
+        assert _oip_health(srv.target, bearer(INFERENCE_TOKEN)) == [True, True]
 
 
 def test_tokens_from_files(repo: Path, tmp_path: Path) -> None:

@@ -217,8 +217,9 @@ class Settings:
     health_requires_token: bool = field(
         default=False,
         metadata={
-            "help": "require the inference token for the health service too (probes "
-            "usually cannot send one)"
+            "help": "require the inference token for health too: grpc.health.v1, the Open "
+            "Inference Protocol's ServerLive/ServerReady and /v2/health/* (probes usually cannot "
+            "send one)"
         },
     )
     tls_cert_file: str = field(

@@ -8,7 +8,8 @@ A call with more than one ``authorization`` value is refused too: which one coun
 guess, and a proxy in front may have read the other. Tokens are compared with
 ``hmac.compare_digest`` against every accepted token (no early exit), so the time taken says
 nothing about how much of a guess was right. Health may stay open: orchestrator probes rarely can
-send a token, and health reveals nothing but SERVING / NOT_SERVING.
+send a token, and health reveals nothing but SERVING / NOT_SERVING (grpc.health.v1, and the Open
+Inference Protocol's ServerLive and ServerReady, as its HTTP health paths).
 
 Parsing. gRPC Python deserializes a request before the handler runs; a protobuf ``DecodeError``
 there escapes as UNKNOWN ("Unexpected <class 'DecodeError'>") with an ERROR traceback in the log,
@@ -38,6 +39,14 @@ from ferry.server.security import Tokens
 log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+# The Open Inference Protocol's own health questions over gRPC, open whenever grpc.health.v1 is,
+# as their HTTP forms (/v2/health/live, /v2/health/ready) are: they were refused without a token,
+# so a KServe or Triton gRPC probe failed on a serving replica. The rest of the protocol
+# (metadata, statistics, inference) still needs the token.
+OIP_HEALTH = (
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 AUTHORIZATION = "authorization"
 MISSING, WRONG, DENIED = "missing", "wrong", "denied"  # why a token was refused
 # More than one authorization value: which one counts would be a guess (a proxy in front may read
@@ -306,7 +315,7 @@ def inference_guard(tokens: Tokens, *, health_requires_token: bool) -> ListenerG
     return ListenerGuard(
         "inference",
         accept=accept,
-        open_prefixes=() if health_requires_token else (HEALTH_PREFIX,),
+        open_prefixes=() if health_requires_token else (HEALTH_PREFIX, *OIP_HEALTH),
     )
 
 
