@@ -63,3 +63,29 @@ def test_a_connection_that_sends_nothing_is_closed_and_frees_its_slot(
             conn.close()
     finally:
         conn.close()
+
+
+def test_a_request_head_that_trickles_in_is_cut_off(
+    port: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A byte every few seconds kept the idle timeout from ever firing: 64 such connections
+    held every slot, and Prometheus and every HTTP probe of this port were turned away."""
+    monkeypatch.setattr(metrics_http, "IDLE_TIMEOUT", 30.0)
+    monkeypatch.setattr(metrics_http, "HEAD_TIMEOUT", 0.5)
+    trickle = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * 100
+    sock = socket.create_connection(("127.0.0.1", port))
+    try:
+        closed = False
+        for byte in trickle:  # about 25 s at most: a bound for a broken server
+            try:
+                sock.sendall(bytes([byte]))
+                sock.settimeout(0.2)  # the pace of the trickle, well within IDLE_TIMEOUT
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                continue
+            except (ConnectionResetError, BrokenPipeError):
+                closed = True
+            break
+        assert closed, "the server kept reading a head that never ended"
+    finally:
+        sock.close()

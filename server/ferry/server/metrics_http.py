@@ -8,17 +8,24 @@ probe works whether it targets this port or the protocol's HTTP port. It runs on
 readiness is a flag the server sets on its event loop at every change, never computed here.
 
 The port is open to anyone who can reach it (0.0.0.0 by default, no token), and each connection
-has a thread. So a connection that sends nothing for IDLE_TIMEOUT seconds is closed, and at most
+has a thread. So a connection that sends nothing for IDLE_TIMEOUT seconds is closed, one whose
+request head has not all arrived HEAD_TIMEOUT seconds after it began is closed too, and at most
 MAX_CONNECTIONS are served at once: one more is closed as soon as it is accepted. Without these a
 client that opened connections and sent nothing held a thread each, for ever: thousands of them
-exhausted the threads and memory of the whole serving process, not only this port's.
+exhausted the threads and memory of the whole serving process, not only this port's. And without
+the head's own bound, one byte every few seconds reset the idle timeout for ever: MAX_CONNECTIONS
+such connections held every slot, and Prometheus and the HTTP probes were turned away.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import math
+import socket
 import sys
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -34,6 +41,8 @@ ALLOW = "GET, HEAD, OPTIONS"
 # scrape's request is a few hundred bytes sent at once; Prometheus opens a new connection when
 # the server has closed its idle one.
 IDLE_TIMEOUT = 10.0
+# Seconds a request head (request line and headers) may take in all, however it trickles in.
+HEAD_TIMEOUT = 10.0
 # Connections served at once; a scraper and a few probes need a handful.
 MAX_CONNECTIONS = 64
 
@@ -45,6 +54,26 @@ class ReadyFlag:
         self.ready = False
 
 
+class _HeadClock(io.RawIOBase):
+    """The connection's reads, each allowed IDLE_TIMEOUT and no more than what is left of the
+    request head's time (``deadline``, a monotonic time; inf once the head is read)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        super().__init__()
+        self._sock = sock
+        self.deadline = math.inf
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        left = min(IDLE_TIMEOUT, self.deadline - time.monotonic())
+        if left <= 0:
+            raise TimeoutError(f"the request head took more than {HEAD_TIMEOUT:g} s")
+        self._sock.settimeout(left)
+        return self._sock.recv_into(buffer)
+
+
 class _Handler(BaseHTTPRequestHandler):
     render: Callable[[], bytes]
     content_type: str
@@ -53,7 +82,22 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.connection.settimeout(IDLE_TIMEOUT)  # a read past it ends the connection
+        self.connection.settimeout(IDLE_TIMEOUT)  # a read or write past it ends the connection
+        self._clock = _HeadClock(self.connection)
+        self.rfile = io.BufferedReader(self._clock)
+
+    def handle_one_request(self) -> None:
+        """A request's head gets HEAD_TIMEOUT from the moment its turn begins (an idle
+        keep-alive connection's wait for it included); http.server ends the connection on
+        the TimeoutError."""
+        self._clock.deadline = time.monotonic() + HEAD_TIMEOUT
+        super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        parsed = super().parse_request()  # the headers are read by now
+        self._clock.deadline = math.inf
+        self.connection.settimeout(IDLE_TIMEOUT)  # the answer's writes
+        return parsed
 
     def do_GET(self) -> None:
         self._answer(body=True)
