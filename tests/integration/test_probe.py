@@ -117,3 +117,20 @@ def test_a_timeout_that_could_never_pass_is_a_usage_error(
 
 def test_the_largest_timeout_still_answers(server: ServerThread) -> None:
     assert main(["--address", server.target, "--timeout", "3600"]) == 0
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"\xff\xfe\x00", "tok\u00e9n\n".encode(), b"one\ntwo\n", b"\n"],
+    ids=["binary", "non-ascii", "two-lines", "empty"],
+)
+def test_a_token_file_that_holds_no_sendable_token_says_so(
+    server: ServerThread, tmp_path: Path, content: bytes, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A binary file raised a UnicodeDecodeError traceback out of the probe; a token gRPC
+    cannot send failed as "INTERNAL: Invalid metadata", which blamed nobody."""
+    token = tmp_path / "token"
+    token.write_bytes(content)
+    assert main(["--address", server.target, "--token-file", str(token)]) == 1
+    err = capsys.readouterr().err
+    assert "the token file" in err and "INTERNAL" not in err

@@ -117,10 +117,19 @@ def probe(args: argparse.Namespace) -> tuple[bool, str]:
     one line."""
     metadata: list[tuple[str, str]] = []
     if args.token_file is not None:
+        path = str(args.token_file)
         try:
             token = args.token_file.read_text(encoding="utf-8").strip()
         except OSError as exc:
-            return False, f"cannot read the token file {str(args.token_file)!r}: {exc.strerror}"
+            return False, f"cannot read the token file {path!r}: {exc.strerror}"
+        except UnicodeDecodeError:  # it was a traceback
+            return False, f"the token file {path!r} is not UTF-8 text"
+        # What the server accepts as a token (security._token): anything else gRPC refused to
+        # send, as "INTERNAL: Invalid metadata", or the server refused as no token at all.
+        if not token or not all(" " <= c <= "~" for c in token):
+            return False, (
+                f"the token file {path!r} must hold the token: one line of printable ASCII"
+            )
         metadata.append(("authorization", f"Bearer {token}"))
     try:
         with _channel(args) as channel:
