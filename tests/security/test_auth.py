@@ -359,3 +359,18 @@ def test_tokens_come_from_the_environment_and_never_show(tmp_path: Path) -> None
     flags = {a for action in parser._actions for a in action.option_strings}
     assert "--inference-token" not in flags and "--management-token" not in flags
     assert "--inference-token-file" in flags and "--management-token-file" in flags
+
+
+def test_the_sdks_configuration_never_shows_its_token_or_private_key(certs: Certs) -> None:
+    """ChannelConfig's repr carried the bearer token and TLSConfig's a client key given as
+    bytes: whatever printed or logged a client's configuration (an error report capturing
+    locals, a debug line) leaked the secret. The server's Settings already hid its tokens."""
+    from ferry.client import ChannelConfig, TLSConfig
+
+    key = certs.client_key.read_bytes()
+    tls = TLSConfig(ca_cert=certs.ca, client_cert=certs.client_cert, client_key=key)
+    config = ChannelConfig("127.0.0.1:8001", tls=tls, token="sdk-secret-token")
+    shown = repr(config) + str(config) + repr(tls)
+    assert "sdk-secret-token" not in shown
+    assert key.decode() not in shown and "PRIVATE KEY" not in shown
+    assert "127.0.0.1:8001" in shown  # the rest still shows

@@ -77,7 +77,9 @@ class TLSConfig:
 
     ca_cert: PemSource | None = None
     client_cert: PemSource | None = None
-    client_key: PemSource | None = None
+    # Not in the repr: given as bytes it is the private key itself, and a configuration gets
+    # printed and logged (error reports that capture locals, debug lines).
+    client_key: PemSource | None = field(default=None, repr=False)
     server_name_override: str | None = None
 
     def __post_init__(self) -> None:
@@ -181,7 +183,7 @@ class ChannelConfig:
 
     target: str | Sequence[str] = "127.0.0.1:8001"
     tls: TLSConfig | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)  # a secret: never in a repr or log line
     credentials: grpc.ChannelCredentials | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     keepalive_time: float | None = None
