@@ -191,3 +191,36 @@ def test_an_unknown_health_name_is_not_found_with_what_to_ask(gated: Any) -> Non
         _health(srv.target, "no-such-model")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "a model name" in (err.value.details() or "")
+
+
+def test_once_draining_every_readiness_question_says_not_ready(gated: Any) -> None:
+    """SIGTERM's first step made gRPC health NOT_SERVING for the replica and each model, and OIP
+    ServerReady false; OIP ModelReady (gRPC and HTTP) still said ready, so a client routing by
+    model readiness kept sending to a replica that was going away. And /v2/health/ready blamed a
+    model still loading."""
+    import http.client
+
+    from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
+
+    srv, _, _ = gated
+    app = srv.app
+    srv.call(app.health.enter_graceful_shutdown)
+    app.dataplane.drain()  # what stop() does first, before the listeners close
+    assert _health(srv.target, "alpha") == NOT_SERVING
+    with grpc.insecure_channel(srv.target) as channel:
+        model_ready = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelReady",
+            request_serializer=kpb.ModelReadyRequest.SerializeToString,
+            response_deserializer=kpb.ModelReadyResponse.FromString,
+        )
+        assert not model_ready(kpb.ModelReadyRequest(name="alpha"), timeout=10).ready
+    conn = http.client.HTTPConnection("127.0.0.1", app.http_port, timeout=30)
+    try:
+        for path in ("/v2/models/alpha/ready", "/v2/health/ready"):
+            conn.request("GET", path)
+            reply = conn.getresponse()
+            body = reply.read().decode()
+            assert reply.status == 503, path
+            assert "shutting down" in body, (path, body)
+    finally:
+        conn.close()

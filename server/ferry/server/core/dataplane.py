@@ -288,8 +288,17 @@ class DataPlane:
         reading those kept sending to a replica already draining."""
         self._draining = True
 
+    @property
+    def draining(self) -> bool:
+        """The server began to stop (``drain``): what a not-ready answer then says."""
+        return self._draining
+
     def model_ready(self, model: str, version: int | None = None) -> bool:
-        """Not-found and not-ready are both False: readiness is a yes/no question."""
+        """Not-found and not-ready are both False: readiness is a yes/no question. Draining,
+        every model is not ready, as gRPC health says of each: ModelReady said ready, so a
+        client routing by model readiness kept sending to a replica going away."""
+        if self._draining:
+            return False
         try:
             # With none named, the version that answers (a live split's share, not the
             # configured default a pin keeps off traffic).

@@ -133,6 +133,8 @@ class OipRoutes:
             ok = self.dataplane.live() if rest[1] == "live" else self.dataplane.ready()
             if ok:
                 return _ok()
+            if self.dataplane.draining:
+                raise Unavailable("the server is shutting down: send to another replica")
             raise Unavailable(
                 "the server is not ready: a model version the repository selects is still "
                 "loading or failed to load (POST /v2/repository/index says which)"
@@ -179,6 +181,8 @@ class OipRoutes:
         if action == "ready":
             if self.dataplane.model_ready(model, number):
                 return _ok()
+            if self.dataplane.draining:
+                raise ModelNotReady("the server is shutting down: send to another replica")
             self.dataplane.metadata(model, number)  # raises the precise reason: 404 or 503
             raise ModelNotReady(f"model {short(model)!r} is not ready")
         meta = self.dataplane.metadata(model, number)
