@@ -58,8 +58,8 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
             last = None
             while True:
                 wake.clear()  # a change while the write below waits sets it again
-                # Read before the status: a stop while the write below waited (ended after
-                # the read) goes round once more and says NOT_SERVING before this ends.
+                # Read before the status: ended then, the status read next is the final one. A
+                # stop during the write is seen on the next turn, which sends its NOT_SERVING.
                 ended = self._ended
                 status = self._status.get(name, SERVICE_UNKNOWN)
                 if status != last:
