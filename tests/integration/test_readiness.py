@@ -191,6 +191,10 @@ def test_an_unknown_health_name_is_not_found_with_what_to_ask(gated: Any) -> Non
         _health(srv.target, "no-such-model")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     assert "a model name" in (err.value.details() or "")
+    with pytest.raises(grpc.RpcError) as err:  # the management listener has no model names
+        _health(srv.management_target, "alpha")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "ferry.v1.ModelRepository" in (err.value.details() or "")
 
 
 def test_once_draining_every_readiness_question_says_not_ready(gated: Any) -> None:

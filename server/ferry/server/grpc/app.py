@@ -249,7 +249,9 @@ class FerryServer:
             self.conversion.open()
             mnames += conversion.add_to_server(mserver, self.conversion)
             # Health on the management listener too: a control-plane probe asks it directly.
-            self._management_health = HealthServicer()
+            self._management_health = HealthServicer(
+                "'' (the server) or a service name such as ferry.v1.ModelRepository"
+            )
             health_pb2_grpc.add_HealthServicer_to_server(self._management_health, mserver)
             self._management_services = list(mnames)
             mnames.append(health.SERVICE_NAME)

@@ -30,7 +30,13 @@ SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
 class HealthServicer(health_pb2_grpc.HealthServicer):
     """The statuses a server sets, by health name (``""``: the whole server)."""
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        names: str = "'' (the server), a model name, or a service name such as "
+        "inference.GRPCInferenceService",
+    ) -> None:
+        """``names``: what a Check of an unknown name is told to ask instead."""
+        self._names = names
         self._status: dict[str, Any] = {"": health_pb2.HealthCheckResponse.SERVING}
         # Each open Watch's wake-up, by the name it watches; a name leaves with its last one.
         self._watchers: dict[str, set[asyncio.Event]] = {}
@@ -43,8 +49,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         if status is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"no health status for {request.service[:200]!r}: ask '' (the server), a model "
-                "name, or a service name such as inference.GRPCInferenceService",
+                f"no health status for {request.service[:200]!r}: ask {self._names}",
             )
         return health_pb2.HealthCheckResponse(status=status)
 
