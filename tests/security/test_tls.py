@@ -232,3 +232,24 @@ def test_the_cli_takes_the_token_and_tls_options(tls_server: ServerThread, certs
     )  # fmt: skip
     assert anonymous.returncode == 1
     assert "FERRY_TOKEN" in anonymous.stderr
+
+
+def test_a_client_key_grpc_cannot_use_is_refused_when_the_client_is_made(
+    certs: Certs, tmp_path: Path
+) -> None:
+    """An encrypted client key, or a certificate given as the key, failed every call as
+    UNAVAILABLE "Failed to create security handshaker" (retried, blaming the connection), with
+    gRPC's own errors on stderr."""
+    key = serialization.load_pem_private_key(certs.client_key.read_bytes(), None)
+    encrypted = tmp_path / "client-encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    for bad, message in ((encrypted, "is encrypted"), (certs.client_cert, "not a PEM private key")):
+        tls = TLSConfig(ca_cert=certs.ca, client_cert=certs.client_cert, client_key=bad)
+        with pytest.raises(ValueError, match=message):
+            InferenceClient("127.0.0.1:1", tls=tls)

@@ -91,9 +91,27 @@ class TLSConfig:
     def credentials(self) -> grpc.ChannelCredentials:
         return grpc.ssl_channel_credentials(
             root_certificates=_read_pem(self.ca_cert, "CA certificate"),
-            private_key=_read_pem(self.client_key, "client key"),
+            private_key=_client_key(self.client_key),
             certificate_chain=_read_pem(self.client_cert, "client certificate"),
         )
+
+
+def _client_key(source: PemSource | None) -> bytes | None:
+    """The client key, refused now if gRPC cannot use it: an encrypted key, or something else
+    (a certificate) given as the key, failed every call as UNAVAILABLE "Failed to create
+    security handshaker", which the retries repeated and which blamed the connection."""
+    if source is None:
+        return None
+    key = _read_pem(source, "client key") or b""
+    where = "given" if isinstance(source, bytes) else f"at {os.fspath(source)!r}"
+    if b"PRIVATE KEY-----" not in key:
+        raise ValueError(f"the client key {where} is not a PEM private key")
+    if b"ENCRYPTED" in key:
+        raise ValueError(
+            f"the client key {where} is encrypted (passphrase-protected), which gRPC cannot "
+            "use: give a key without a passphrase (openssl pkey -in KEY -out PLAIN.key)"
+        )
+    return key
 
 
 def _split_host_port(endpoint: str) -> tuple[str, str]:
