@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -151,12 +152,17 @@ def next_steps(
 ) -> str:
     """Where the demo's server ran, and what to run now that it has stopped."""
     made = ", ".join(f"version {v} ({label})" for label, v in versions.items()) or "nothing"
+    # `make serve` serves ./model-repository unless told otherwise: after `make demo REPO=...`
+    # a plain `make serve` served another folder, with no 'demo' model for the next lines.
+    serve = "make serve"
+    if repository.resolve() != Path("model-repository").resolve():
+        serve += f" REPO={shlex.quote(str(repository))}"
     return f"""
 == done. The demo's server ran on {target} (inference) and {management} (management), serving
    {repository.resolve()}; it has stopped, and the repository keeps what it made
    ({MODEL!r}: {made}) beside the examples 'mlp' and 'seed'.
    Next:
-     make serve                                  # serve it: inference :8001, management 127.0.0.1:8003
+     {serve:<43} # serve it: inference :8001, management 127.0.0.1:8003
      .venv/bin/ferry models list                 # in another terminal
      .venv/bin/ferry infer {MODEL} --random
      .venv/bin/ferry loadtest mlp -c 1,8 -d 5

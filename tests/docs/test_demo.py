@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,3 +33,25 @@ def test_the_demo_publishes_and_answers_on_both_versions(tmp_path: Path) -> None
     for label in ("fp32", "dynamic_int8"):
         assert f"== infer on {label} (version " in r.stdout, r.stdout[-3000:]
     assert (tmp_path / "repo" / "demo" / "2" / "model.onnx").is_file()
+
+
+def _demo_module() -> Any:
+    spec = importlib.util.spec_from_file_location("ferry_demo", DEMO)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_next_steps_serve_the_repository_the_demo_wrote(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `make demo REPO=other`, the closing `make serve` served ./model-repository, which
+    has no 'demo' model, so the next line (`ferry infer demo --random`) answered NOT_FOUND."""
+    monkeypatch.chdir(tmp_path)
+    next_steps = _demo_module().next_steps
+    other = tmp_path / "other repo"
+    text = next_steps(other, "t", "m", {"fp32": 1})
+    assert f"make serve REPO='{other}'" in text
+    default = next_steps(Path("model-repository"), "t", "m", {"fp32": 1})
+    assert "make serve " in default and "REPO=" not in default
