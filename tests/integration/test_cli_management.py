@@ -572,6 +572,16 @@ def test_new_commands_have_help(argv: list[str], capsys: pytest.CaptureFixture[s
     assert info.value.code == 0 and "usage: ferry" in capsys.readouterr().out
 
 
+def test_uploads_help_names_the_retention_rule(capsys: pytest.CaptureFixture[str]) -> None:
+    """`ferry uploads --help` said uploads stay until deleted, while the server removes those
+    past --upload-retention-seconds (7 days) or --upload-retention-bytes: a user who kept an
+    upload to convert again later found it gone (NOT_FOUND) with the help saying it could not."""
+    with pytest.raises(SystemExit):
+        main(["uploads", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "retention rule" in out and "7 days" in out, out
+
+
 # ---- jobs list | show | wait | cancel ----
 def test_jobs_list_show_wait_and_cancel(
     conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]

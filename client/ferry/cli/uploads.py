@@ -1,7 +1,7 @@
 """``ferry uploads list | delete``: the uploaded sources the server keeps for ``ferry convert``.
 
-Uploads stay in the server's state folder until deleted (a version can be converted again from
-the same upload with other options), so they pile up unless someone removes them. Like ``upload``
+Uploads stay in the server's state folder until deleted or removed by its retention rule (a
+version can be converted again from the same upload with other options). Like ``upload``
 and ``convert`` these talk to the management listener.
 """
 
@@ -32,7 +32,9 @@ def register(sub: Any) -> None:
         "uploads",
         help="list or delete the uploads the server keeps (management listener)",
         description="List or delete the uploaded model files the server keeps for "
-        "`ferry convert`; they stay until deleted.",
+        "`ferry convert`; they stay until deleted, or until the server's retention rule "
+        "(--upload-retention-bytes, --upload-retention-seconds: 7 days by default) removes "
+        "those no queued or running job reads.",
     )
     usub = uploads.add_subparsers(dest="uploads_command", required=True, metavar="ACTION")
 
