@@ -158,7 +158,8 @@ class ServerCancelledError(CancelledError):
 
 class FailedPreconditionError(FerryError):
     """The request is well formed but the server's state forbids it now: a model that failed to
-    load, deleting the default version or one a rollout names, an upload a running job reads.
+    load, deleting the version a configured default_version or a rollout names (the newest one,
+    the default by rule alone, may be deleted), an upload a running job reads.
     The message says what to change first."""
 
 
