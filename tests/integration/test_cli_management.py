@@ -163,8 +163,13 @@ def test_rollout_sets_shows_and_ends_a_split(
     view = json.loads(out)
     assert view["split"] == {"1": 9.0, "2": 1.0} and view["shadow_version"] == 2
     assert view["rules"] == {"max_error_rate": 0.05}
+    # Before its first comparison a shadow's figures describe nothing: they read cosine mean
+    # 1.000000 (a perfect candidate) in the text, and 1.0 where the JSON promises null.
+    assert view["shadow"]["compared"] == 0 and view["shadow"]["mean_cosine"] is None
+    assert view["shadow"]["min_cosine"] is None and view["shadow"]["rel_error"] is None
     code, out, _ = ferry(capsys, "models", "rollout", "canary", *m)  # the history says so
     assert code == 0 and "1=9, 2=1, shadow 2=0.5  by" in out, out
+    assert "0 compared" in out and "no outputs compared yet" in out and "cosine" not in out, out
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--end", *m)
     assert code == 0 and "no split" in out
     # Weights after an option are weights ("unrecognized arguments: 1=1" before)

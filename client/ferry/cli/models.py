@@ -142,6 +142,20 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_rollout, hint=management_hint)
 
 
+# The figures of a shadow's comparison, which describe nothing before its first comparison.
+COMPARISON_FIGURES = frozenset(
+    {
+        "mean_cosine",
+        "min_cosine",
+        "max_abs_diff",
+        "top1_agreement",
+        "rel_error",
+        "spread_error",
+        "label_agreement",
+    }
+)
+
+
 def _weight(text: str) -> tuple[int, float]:
     version, sep, weight = text.partition("=")
     try:
@@ -349,7 +363,12 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         else:
             view = repo.get_rollout(args.model)
     if args.json:
-        print(json_text(dataclasses.asdict(view)))
+        document = dataclasses.asdict(view)
+        if not view.shadow.get("compared", 0):
+            document["shadow"] = {
+                k: None if k in COMPARISON_FIGURES else v for k, v in view.shadow.items()
+            }
+        print(json_text(document))
         return EXIT_OK
     if view.error:
         # Why the stored split cannot be used, or what else is wrong with the rollout in force
@@ -362,23 +381,16 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         print(f"version {version}: {100 * weight / total:.1f}% of requests that name no version")
     if view.shadow_version:
         s = view.shadow
-        print(
+        head = (
             f"shadow: {100 * view.shadow_fraction:g}% of requests also run on version "
             f"{view.shadow_version}: {s.get('compared', 0):.0f} compared, "
-            f"{s.get('errors', 0):.0f} errors, {s.get('shed', 0):.0f} shed; cosine mean "
-            f"{s.get('mean_cosine', 1):.6f}, min {s.get('min_cosine', 1):.6f}; max |diff| "
-            f"{s.get('max_abs_diff', 0):.3g}, relative error {s.get('rel_error', 0):.3g}"
-            + (
-                f"; ids equal {100 * s['label_agreement']:.2f}%"
-                if s.get("label_agreement", 1) < 1
-                else ""
-            )
-            + (
-                f"; top-1 agreement {100 * s['top1_agreement']:.2f}%"
-                if s.get("top1_agreement", -1) >= 0
-                else ""
-            )
+            f"{s.get('errors', 0):.0f} errors, {s.get('shed', 0):.0f} shed"
         )
+        if not s.get("compared", 0):
+            # The server's figures of no comparison read as a perfect candidate (cosine 1).
+            print(f"{head}; no outputs compared yet")
+        else:
+            _print_comparison(head, s)
     if view.rules:
         print("rules: " + ", ".join(f"{k} {v:g}" for k, v in view.rules.items()))
     for change in view.history[-10:]:
@@ -402,3 +414,22 @@ def cmd_unload(args: argparse.Namespace) -> int:
         repo.unload_model(args.model)
     print(f"{args.model}: unloaded; its files stay (`ferry models load {args.model}` serves it)")
     return EXIT_OK
+
+
+def _print_comparison(head: str, s: Mapping[str, float]) -> None:
+    """The shadow line with the comparison's figures, once there is at least one comparison."""
+    print(
+        f"{head}; cosine mean "
+        f"{s.get('mean_cosine', 1):.6f}, min {s.get('min_cosine', 1):.6f}; max |diff| "
+        f"{s.get('max_abs_diff', 0):.3g}, relative error {s.get('rel_error', 0):.3g}"
+        + (
+            f"; ids equal {100 * s['label_agreement']:.2f}%"
+            if s.get("label_agreement", 1) < 1
+            else ""
+        )
+        + (
+            f"; top-1 agreement {100 * s['top1_agreement']:.2f}%"
+            if s.get("top1_agreement", -1) >= 0
+            else ""
+        )
+    )
