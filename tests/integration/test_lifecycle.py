@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from helpers import ExecutionGate, StartServer, make_repo, wait_for
+from helpers import ExecutionGate, StartServer, make_repo, reference, wait_for
 from serverutil import ServerThread
 
 from ferry.client import (
@@ -97,6 +97,44 @@ def test_poll_interval_picks_up_a_new_model(tmp_path: Path, start_server: StartS
         result = client.infer("seed", {"input": np.ones((2, 3), np.float32)})
         assert result["logits"].shape == (2, 1)
         wait_for(lambda: client.ready("seed"), "health of the polled model")
+
+
+def test_poll_reloads_a_model_file_replaced_keeping_its_size_and_time(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A refresh compared a version's files by (mtime, size): ``model.onnx`` overwritten by a
+    retrained model of the same architecture with its time kept (``cp -p``, ``rsync -t``) was
+    never reloaded, and the old weights kept answering. Written in place, then renamed over."""
+    import os
+
+    root = make_repo(tmp_path / "repo", {"seed": seed_model(0)})
+    model_file = root / "seed" / "1" / "model.onnx"
+    x = {"input": np.ones((1, 3), np.float32)}
+    srv = start_server(root, poll_interval=0.05)
+    with InferenceClient(srv.target, timeout=10) as client:
+        before = client.infer("seed", x)["logits"]
+        for seed, in_place in ((1, True), (2, False)):
+            weights = seed_model(seed).SerializeToString()
+            st = model_file.stat()
+            assert len(weights) == st.st_size  # the same size: only the weights differ
+            if in_place:
+                with open(model_file, "r+b") as f:
+                    f.write(weights)
+                target = model_file
+            else:
+                target = model_file.with_name("model.onnx.new")
+                target.write_bytes(weights)
+            os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))  # and the same time
+            if not in_place:
+                os.replace(target, model_file)
+            want = reference(model_file, x)["logits"]
+            assert not np.allclose(want, before)
+
+            def reloaded(want: np.ndarray = want) -> bool:
+                return bool(np.allclose(client.infer("seed", x)["logits"], want))
+
+            wait_for(reloaded, "the poll to serve the replaced model file")
+            before = want
 
 
 async def _ready(app: FerryServer) -> bool:

@@ -54,7 +54,7 @@ from ferry.server.errors import (
 log = logging.getLogger(__name__)
 
 
-# A file's or a folder's files' (mtime, size): what a refresh compares to see a change.
+# A file's or a folder's files' stat (_file_signature): what a refresh compares to see a change.
 Signature = tuple[Any, ...] | None
 
 
@@ -64,8 +64,8 @@ class VersionSlot:
     state: State
     reason: str = ""
     loaded: LoadedVersion | None = None
-    # (mtime, size) of model.onnx, of the version's own config and of its external weights
-    # (model.onnx.data) when last tried
+    # The stat signature (_file_signature) of model.onnx, of the version's own config and of
+    # its external weights (model.onnx.data) when last tried
     signature: Signature = None
 
 
@@ -1062,12 +1062,18 @@ class ModelRegistry:
         del self.models[name]
 
 
-def _file_signature(path: Path) -> tuple[float, int] | None:
+def _file_signature(path: Path) -> tuple[int, int, int, int] | None:
+    """What a refresh compares to see that a file changed, without reading it (a model's
+    weights run to GBs, read at every poll): (mtime, size) alone missed a file replaced by one
+    of the same size and time (``cp -p``, ``rsync -t``, a model retrained with the same
+    architecture), and the old weights kept answering. The inode changes when a file is
+    renamed over it, and the change time when it is written in place; neither can be set back
+    by ``utime``. A chmod also changes the change time: one needless reload, never a missed one."""
     try:
         st = path.stat()
     except OSError:
         return None
-    return (st.st_mtime, st.st_size)
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
 
 
 def _model_config(repository: ModelRepository, name: str) -> tuple[Signature, ModelConfig, bool]:
@@ -1089,7 +1095,7 @@ def _rollout_signature(repository: ModelRepository, name: str) -> str | None:
 
 
 def _config_signature(mdir: Path) -> Signature:
-    """Every config name's (mtime, size): a config.json added beside config.toml, or one of
+    """Every config name's signature: a config.json added beside config.toml, or one of
     two removed, is a change (only the first file found was watched). Triton's config.pbtxt
     too, which load_config refuses alone: its removal is the fix a refresh must see."""
     sigs = tuple(_file_signature(mdir / n) for n in (*CONFIG_NAMES, TRITON_CONFIG))
