@@ -1774,3 +1774,60 @@ def test_a_reason_that_is_not_one_printable_line_is_refused(tmp_path: Path, why:
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def _odd_failing_model() -> onnx.ModelProto:
+    """seed_model's interface, each row's sum, whose run fails on a batch of an odd number of
+    rows (a Reshape to [-1, 6] and back, a Relu between so that no optimizer folds them)."""
+    pairs = numpy_helper.from_array(np.array([-1, 6], np.int64), "pairs")
+    rows = numpy_helper.from_array(np.array([-1, 3], np.int64), "rows")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["input", "pairs"], ["p"]),
+            helper.make_node("Relu", ["p"], ["q"]),
+            helper.make_node("Reshape", ["q", "rows"], ["r"]),
+            helper.make_node("ReduceSum", ["r"], ["logits"], keepdims=1, axes=[1]),
+        ],
+        "odd_fails",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1])],
+        [pairs, rows],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=8)
+
+
+def test_a_split_version_reloaded_from_new_files_is_judged_afresh(tmp_path: Path) -> None:
+    """The split rule's failure counts belonged to the rollout, not to the files: version 3
+    failed 9 of 9 requests, its model file was replaced by one that fails 1 request in 11 (under
+    the rule's 20%), and its first failure rolled the new files out of the split on the old
+    files' failures (10 of 20). Its counts now start afresh when a split version's files change."""
+    repo = _repo(tmp_path)
+    write_model(repo, "m", _failing_model(), version=3)
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout(
+            "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
+        )
+        split = rollouts.parse_split({2: 1, 3: 1})
+        on_3 = iter(k for k in KEYS if split.pick("m", k) == 3)
+        on_2 = [k for k in KEYS if split.pick("m", k) == 2]
+        one, two = np.ones((1, 3), np.float32), np.ones((2, 3), np.float32)
+        for key in on_2[:10]:
+            await dataplane.infer(InferenceRequest("m", {"input": one}, id=key))
+        for _ in range(9):  # the old files fail: 9 of 9, one short of being judged
+            with pytest.raises(FerryError):
+                await dataplane.infer(InferenceRequest("m", {"input": one}, id=next(on_3)))
+        new = repo.model_dir("m") / "3" / "model.new"
+        new.write_bytes(_odd_failing_model().SerializeToString())
+        new.replace(new.with_name("model.onnx"))
+        assert "m/3" in (await registry.refresh(retry_failed=False)).loaded
+        for _ in range(10):
+            await dataplane.infer(InferenceRequest("m", {"input": two}, id=next(on_3)))
+        with pytest.raises(FerryError):
+            await dataplane.infer(InferenceRequest("m", {"input": one}, id=next(on_3)))
+        await asyncio.gather(*dataplane._decisions)
+        assert dataplane.rollout("m").split == ((2, 1.0), (3, 1.0))  # 1 of 11: kept
+        await registry.close()
+
+    asyncio.run(scenario())

@@ -14,6 +14,7 @@ import functools
 import logging
 import random
 import time
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
@@ -92,12 +93,13 @@ class DataPlane:
         # until it is written or another change replaces what it judged): GetRollout, /metrics
         self._unapplied: dict[str, str] = {}
         self._closing = asyncio.Event()
-        # model -> (the rollout as read, {version: [failed, ok]} of the requests its split
-        # routed, the versions a rule took out of it, the failed requests already counted):
-        # all of it starts afresh with each rollout read (core.rollout, one object per read of
-        # the file), see _check_split_errors.
+        # model -> (the rollout as read, the loads its split's versions serve (weak), {version:
+        # [failed, ok]} of the requests its split routed, the versions a rule took out of it,
+        # the failed requests already counted): all of it starts afresh with each rollout read
+        # (core.rollout, one object per read of the file), the counts also when a version is
+        # loaded again from new files; see _check_split_errors.
         self._split_counts: dict[
-            str, tuple[Any, dict[int, list[int]], set[int], dict[bytes, None]]
+            str, tuple[Any, _Loads, dict[int, list[int]], set[int], dict[bytes, None]]
         ] = {}
         # Rollout rules are applied by the process that owns the repository's management (the
         # first of --workers, the control replica); the others serve and compare only.
@@ -423,12 +425,23 @@ class DataPlane:
             return
         if lv.version not in dict(ro.split):
             return
-        key, counts, rolled_back, seen = self._split_counts.get(lv.name, (None, {}, set(), {}))
+        now = self._split_loads(lv.name, ro)
+        key, then, counts, rolled_back, seen = self._split_counts.get(
+            lv.name, (None, (), {}, set(), {})
+        )
         if key is not ro:
             counts, rolled_back, seen = {}, set(), {}
-            self._split_counts[lv.name] = (ro, counts, rolled_back, seen)
+            self._split_counts[lv.name] = (ro, _weak(now), counts, rolled_back, seen)
+        elif not _same_loads(then, now):
+            # A version loaded again (new files): the old files' failures are not its own.
+            # Kept, they rolled a fixed version out of the split on its first failure. What a
+            # rule decided already stays decided: its change is on its way.
+            counts, seen = {}, {}
+            self._split_counts[lv.name] = (ro, _weak(now), counts, rolled_back, seen)
         if lv.version in rolled_back:  # decided already; the change is on its way
             return
+        if not any(lv is served for served in now):
+            return  # answered by a load replaced since: its files' outcome, not the new ones'
         if failed_now and request is not None:
             digest = rollouts.request_digest(lv.version, request.id, request.inputs)
             if digest in seen:
@@ -457,6 +470,14 @@ class DataPlane:
         )
         # A shadow beside the split, and the rules, go on: the rule acted on the split only.
         self._decide(lv.name, split or None, why, ro, keep=ro)
+
+    def _split_loads(self, model: str, ro: rollouts.Rollout) -> tuple[LoadedVersion | None, ...]:
+        """What each version of ``ro``'s split serves now (None: nothing loaded)."""
+        entry = self._registry.models.get(model)
+        slots = entry.versions if entry is not None else {}
+        return tuple(
+            slot.loaded if (slot := slots.get(v)) is not None else None for v, _ in ro.split
+        )
 
     def _apply_rules(
         self,
@@ -822,6 +843,22 @@ class DataPlane:
         stopped with the server). ``retry_failed`` off: a worker following the first's poll,
         which tries a failed load again only when asked to."""
         return await run_to_end(self._registry.refresh(retry_failed=retry_failed, follow=True))
+
+
+# What a split's versions served when its counts started: weak, so that a version loaded
+# again does not keep the replaced session (and its weights) alive.
+_Loads = tuple["weakref.ref[LoadedVersion] | None", ...]
+
+
+def _weak(loads: tuple[LoadedVersion | None, ...]) -> _Loads:
+    return tuple(weakref.ref(lv) if lv is not None else None for lv in loads)
+
+
+def _same_loads(then: _Loads, now: tuple[LoadedVersion | None, ...]) -> bool:
+    """Does each split version serve the load it served then (no reload, unload or load)?"""
+    return len(then) == len(now) and all(
+        (ref() if ref is not None else None) is lv for ref, lv in zip(then, now, strict=True)
+    )
 
 
 def _deadline(
