@@ -1831,3 +1831,51 @@ def test_a_split_version_reloaded_from_new_files_is_judged_afresh(tmp_path: Path
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_rules_decision_that_fails_unexpectedly_is_tried_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The decision's task caught only FerryError: any other exception (a fault of the
+    server's own while writing rollout.json) ended it, the decision was lost, and the version
+    the rule took out stayed marked decided, so it was never judged again and kept its share of
+    the split for good. It is logged with its traceback once and tried again like a disk's."""
+    import logging
+    import os
+
+    from ferry.server.core import dataplane as dataplane_module
+    from ferry.server.core import repository as repository_module
+
+    monkeypatch.setattr(dataplane_module, "DECISION_RETRY", (0.0, 0.0))
+    repo = _split_rule_repo(tmp_path)
+    replace = os.replace
+    calls: list[int] = []
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        await dataplane.set_rollout(
+            "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
+        )
+
+        def faulty(src: object, dst: object) -> None:
+            calls.append(1)
+            if len(calls) < 3:
+                raise ValueError("a fault of the server's own")
+            replace(src, dst)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(repository_module.os, "replace", faulty)
+        x = {"input": np.ones((1, 3), np.float32)}
+        for key in KEYS[:200]:
+            with contextlib.suppress(FerryError):
+                await dataplane.infer(InferenceRequest("m", x, id=key))
+            await asyncio.gather(*dataplane._decisions)
+        view = dataplane.rollout("m")
+        assert view.split == ((2, 1.0),) and view.history[-1]["by"] == "rollout rules"
+        assert dataplane.unapplied_decisions() == {}
+        await registry.close()
+
+    with caplog.at_level(logging.WARNING, logger="ferry.server.core.dataplane"):
+        asyncio.run(scenario())
+    assert len(calls) == 3
+    traced = [r for r in caplog.records if r.exc_info and "a fault" in str(r.exc_info[1])]
+    assert len(traced) == 1  # the traceback once, not at every try

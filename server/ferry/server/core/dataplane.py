@@ -566,6 +566,7 @@ class DataPlane:
 
         async def apply() -> None:
             delay, most = DECISION_RETRY
+            traced = False
             while True:
                 try:
                     await self.set_rollout(
@@ -578,13 +579,26 @@ class DataPlane:
                         fresh_shadow=False,
                         decided_on=decided_on,
                     )
-                except FerryError as exc:
+                except Exception as exc:
+                    # An exception other than a FerryError is a fault of the server's own:
+                    # uncaught, it ended the task, the decision was lost, and what it judged
+                    # stayed decided, never judged again. Its traceback is logged once, and it
+                    # is tried again as a disk's failure is.
+                    unexpected = not isinstance(exc, FerryError)
+                    failure = (
+                        exc.message
+                        if isinstance(exc, FerryError)
+                        else f"{type(exc).__name__}: {exc}"
+                    )
+                    if unexpected and not traced:
+                        traced = True
+                        log.exception("model %s: a rule's decision failed unexpectedly", model)
                     if self._judged_in_force(model, decided_on) and not self._closing.is_set():
                         # Not written (a full or read-only disk): the rollout it judged still
                         # serves, a failing version its share, so it is tried again, and said
                         # where a person looks. Dropped, the rollback never happened.
                         self._unapplied[model] = (
-                            f"a rule's decision is not in force yet ({why}): {exc.message}; "
+                            f"a rule's decision is not in force yet ({why}): {failure}; "
                             f"trying again every {most:g} s at most"
                         )
                         log.warning(
@@ -592,7 +606,7 @@ class DataPlane:
                             "%g s: %s",
                             model,
                             delay,
-                            exc.message,
+                            failure,
                         )
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._closing.wait(), delay)
@@ -600,7 +614,7 @@ class DataPlane:
                         continue
                     if stats is not None:
                         stats.decided = False  # the rollout in force is judged at the next outcome
-                    log.warning("model %s: a rule's decision was not applied: %s", model, exc)
+                    log.warning("model %s: a rule's decision was not applied: %s", model, failure)
                 self._unapplied.pop(model, None)
                 return
 
