@@ -11,6 +11,7 @@ import threading
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -1879,3 +1880,42 @@ def test_a_rules_decision_that_fails_unexpectedly_is_tried_again(
     assert len(calls) == 3
     traced = [r for r in caplog.records if r.exc_info and "a fault" in str(r.exc_info[1])]
     assert len(traced) == 1  # the traceback once, not at every try
+
+
+def test_get_rollout_reads_the_file_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """GetRollout (and SetRollout's answer) read and parsed rollout.json's history, up to
+    1 MiB of JSON, on the event loop at every call: each stalled every request the process
+    was serving, and a repository on a hung mount stalled them for good. Read in a thread."""
+    repo = _repo(tmp_path)
+    write_model(repo, "gone", seed_model())
+    on_loop: list[str] = []
+
+    def watched(read: Any) -> Any:
+        def on(model_dir: Path) -> Any:
+            try:
+                asyncio.get_running_loop()
+                on_loop.append(read.__name__)
+            except RuntimeError:
+                pass
+            return read(model_dir)
+
+        return on
+
+    monkeypatch.setattr(rollouts, "history", watched(rollouts.history))
+    monkeypatch.setattr(rollouts, "read", watched(rollouts.read))
+
+    async def scenario() -> None:
+        registry, dataplane = await _serving(repo)
+        view = await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why="canary")
+        assert view.history[-1]["why"] == "canary"
+        assert (await dataplane.total_rollout("m")).history[-1]["why"] == "canary"
+        await dataplane.set_rollout("gone", {1: 1}, by="t", why="kept")
+        await dataplane.unload("gone")
+        view = await dataplane.total_rollout("gone")  # not served: as the file holds it
+        assert view.split == ((1, 1.0),) and view.history[-1]["why"] == "kept"
+        await registry.close()
+
+    asyncio.run(scenario())
+    assert on_loop == []

@@ -16,6 +16,7 @@ import random
 import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, TypeVar
 
 from ferry.server.batching.batcher import DEADLINE_SLACK
@@ -694,18 +695,27 @@ class DataPlane:
         await asyncio.gather(*self._decisions, return_exceptions=True)
 
     # ---- rollout (core.rollout) ----
-    def rollout(self, model: str) -> RolloutView:
+    def rollout(
+        self,
+        model: str,
+        history: list[dict[str, Any]] | None = None,
+        kept: tuple[rollouts.Rollout | None, str] | None = None,
+    ) -> RolloutView:
+        """The model's rollout as served. ``history`` and ``kept`` (the file as read, for a
+        model not served): already read off the event loop (``read_rollout``), else read here."""
         name = validate_model_name(model)
         mdir = self._registry.repository.model_dir(name)
         try:
             ro, error = self._registry.rollout_of(name)
         except ModelNotFound:
-            if not mdir.is_dir():
-                raise
+            if kept is None:
+                if not mdir.is_dir():
+                    raise
+                kept = rollouts.read(mdir)
             # In the repository but not served (unloaded on request): its rollout is kept
             # with it and resumes at its next load, so it is shown as the file holds it (it
             # was NOT_FOUND, "not served here", as if there were none).
-            ro, error = rollouts.read(mdir)
+            ro, error = kept
         stats = None
         if ro is not None and ro.shadow is not None:
             key = self._comparison_key(name, ro)
@@ -724,7 +734,7 @@ class DataPlane:
             name,
             ro.split if ro is not None else (),
             error,
-            tuple(rollouts.history(mdir)),
+            tuple(history if history is not None else rollouts.history(mdir)),
             ro.shadow if ro is not None else None,
             stats,
             ro.rules.as_dict() if ro is not None and ro.rules else {},
@@ -735,7 +745,17 @@ class DataPlane:
         the others are asked first, off the serving path."""
         if self._peer_shadows is not None:
             await self._peer_shadows.pull()
-        return self.rollout(model)
+        return await self.read_rollout(model)
+
+    async def read_rollout(self, model: str) -> RolloutView:
+        """``rollout`` with its file read in a thread: the history is up to 1 MiB of JSON,
+        read and parsed on the event loop at every GetRollout and SetRollout, which stalled
+        every request the process served meanwhile (for good on a hung repository mount)."""
+        name = validate_model_name(model)
+        mdir = self._registry.repository.model_dir(name)
+        served = name in self._registry.models
+        history, kept = await asyncio.to_thread(_rollout_on_disk, mdir, served)
+        return self.rollout(name, history, kept)
 
     async def set_rollout(
         self,
@@ -795,7 +815,7 @@ class DataPlane:
                 f"the split is recorded, but these versions did not load: {'; '.join(failed)}; "
                 "requests for them go to the default version until they do"
             )
-        return self.rollout(name)
+        return await self.read_rollout(name)
 
     def _check_shadow(self, name: str, wanted: rollouts.Rollout) -> None:
         """A shadow of the one version that answers every request compares it with itself:
@@ -857,6 +877,15 @@ class DataPlane:
         stopped with the server). ``retry_failed`` off: a worker following the first's poll,
         which tries a failed load again only when asked to."""
         return await run_to_end(self._registry.refresh(retry_failed=retry_failed, follow=True))
+
+
+def _rollout_on_disk(
+    mdir: Path, served: bool
+) -> tuple[list[dict[str, Any]], tuple[rollouts.Rollout | None, str] | None]:
+    """A model's rollout history and, for a model not served whose folder is there, its
+    rollout file as read (``DataPlane.read_rollout``, in a thread)."""
+    kept = None if served or not mdir.is_dir() else rollouts.read(mdir)
+    return rollouts.history(mdir), kept
 
 
 # What a split's versions served when its counts started: weak, so that a version loaded
