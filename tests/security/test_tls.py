@@ -123,7 +123,7 @@ def test_mutual_tls_on_management_only(repo: Path, certs: Certs) -> None:
 
 
 def test_the_probe_presents_a_client_certificate_to_a_mutual_tls_listener(
-    repo: Path, certs: Certs, capsys: pytest.CaptureFixture[str]
+    repo: Path, certs: Certs, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With --tls-client-ca-file the probe had no way to send a certificate: every readiness
     and liveness check failed its handshake (UNAVAILABLE), so the pod never became ready."""
@@ -138,6 +138,18 @@ def test_the_probe_presents_a_client_certificate_to_a_mutual_tls_listener(
         missing = ["--tls-cert-file", str(certs.client_cert), "--tls-key-file", "/nonexistent.key"]
         assert probe_main([*base, *missing]) == 1
         assert "/nonexistent.key" in capsys.readouterr().err
+        key = serialization.load_pem_private_key(certs.client_key.read_bytes(), None)
+        encrypted = tmp_path / "probe-encrypted.key"
+        encrypted.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"passphrase"),
+            )
+        )
+        locked = ["--tls-cert-file", str(certs.client_cert), "--tls-key-file", str(encrypted)]
+        assert probe_main([*base, *locked]) == 1  # was UNAVAILABLE, blaming the listener
+        assert "is encrypted" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:  # a certificate without its key
         probe_main([*base, "--tls-cert-file", str(certs.client_cert)])
     assert info.value.code == 2

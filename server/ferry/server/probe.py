@@ -103,6 +103,11 @@ def _channel(args: argparse.Namespace) -> grpc.Channel:
     cert = key = None
     if args.tls_cert_file is not None:
         cert, key = args.tls_cert_file.read_bytes(), args.tls_key_file.read_bytes()
+        if b"ENCRYPTED" in key:  # gRPC's answer: UNAVAILABLE, blaming the listener
+            raise OSError(
+                f"the key {str(args.tls_key_file)!r} is encrypted (passphrase-protected), which "
+                "gRPC cannot use: give a key without a passphrase"
+            )
     creds = grpc.ssl_channel_credentials(
         root_certificates=ca, private_key=key, certificate_chain=cert
     )
