@@ -522,6 +522,8 @@ class FerryServer:
         await self.health.enter_graceful_shutdown()
         if self._management_health is not None:
             await self._management_health.enter_graceful_shutdown()
+        if self.fleet is not None:  # the workers say NOT_SERVING now too, then drain
+            self.fleet.signal_stop()
         if self._poll_task is not None:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -139,6 +139,7 @@ class WorkerFleet:
         self._workers = [_Worker(i) for i in range(1, count)]
         self._flags: list[str] = []
         self._stopping = False
+        self._signalled: list[asyncio.subprocess.Process] = []  # signal_stop's
         self._monitors: list[asyncio.Task[None]] = []
         self._changes = asyncio.Lock()  # follow() and a started worker's catch-up, one at a time
         # model ("": every one) -> follow() calls for it not yet done: this process changed it,
@@ -440,17 +441,28 @@ class WorkerFleet:
                 return w, w.proc.pid
         return None, 0
 
+    def signal_stop(self) -> list[asyncio.subprocess.Process]:
+        """SIGTERM every worker now (once): each says NOT_SERVING at once and drains. Sent as
+        soon as the first process stops, not after its stop hooks (a conversion's shutdown):
+        a probe or a load balancer's health check lands on any worker of the shared port, and
+        the workers said SERVING until then."""
+        if not self._stopping:
+            self._stopping = True
+            for task in self._monitors:
+                task.cancel()
+            self._signalled = [
+                w.proc for w in self._workers if w.proc and w.proc.returncode is None
+            ]
+            with contextlib.suppress(OSError):  # they leave the run folder to this process
+                (self.run_dir / STOPPING).touch()
+            for proc in self._signalled:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        return self._signalled
+
     async def stop(self, grace: float) -> None:
         """SIGTERM every worker (each drains within ``grace``), then kill what is left."""
-        self._stopping = True
-        for task in self._monitors:
-            task.cancel()
-        running = [w.proc for w in self._workers if w.proc and w.proc.returncode is None]
-        with contextlib.suppress(OSError):  # they leave the run folder to this process
-            (self.run_dir / STOPPING).touch()
-        for proc in running:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
+        running = self.signal_stop()
         try:
             await asyncio.wait_for(
                 asyncio.gather(*(p.wait() for p in running)), timeout=grace + 5.0
