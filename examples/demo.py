@@ -26,6 +26,7 @@ from torch import nn
 
 from ferry.client import ConversionClient, FerryError, InferenceClient, Quantization
 from ferry.client.loadtest import LoadTestConfig, run
+from ferry.server.examples import main as examples_main
 
 MODEL = "demo"
 
@@ -88,6 +89,11 @@ def main() -> int:
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)).eval()
     examples = torch.randn(8, 3)
 
+    # The examples the closing lines point at (`ferry loadtest mlp`). `make install` writes them
+    # once, into the repository of that first run: a later `make demo REPO=other` (or this
+    # script run alone) had none, and the suggested commands answered NOT_FOUND.
+    print(f"== example models in {args.repository}")
+    examples_main(["--repository", str(args.repository)])
     print(f"== starting ferry on {args.repository}")
     proc, target, management = start_server(args.repository)
     print(f"   up: inference on {target}, management on {management} (free ports, this run only)")

@@ -33,6 +33,10 @@ def test_the_demo_publishes_and_answers_on_both_versions(tmp_path: Path) -> None
     for label in ("fp32", "dynamic_int8"):
         assert f"== infer on {label} (version " in r.stdout, r.stdout[-3000:]
     assert (tmp_path / "repo" / "demo" / "2" / "model.onnx").is_file()
+    # The closing lines suggest `ferry loadtest mlp`: on a repository `make install` had not
+    # written (`make demo REPO=other`) there was no mlp, and that answered NOT_FOUND.
+    for example in ("mlp", "seed"):
+        assert (tmp_path / "repo" / example / "1" / "model.onnx").is_file(), example
 
 
 def _demo_module() -> Any:
