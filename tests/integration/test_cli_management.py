@@ -170,6 +170,13 @@ def test_rollout_sets_shows_and_ends_a_split(
     code, out, _ = ferry(capsys, "models", "rollout", "canary", *m)  # the history says so
     assert code == 0 and "1=9, 2=1, shadow 2=0.5  by" in out, out
     assert "0 compared" in out and "no outputs compared yet" in out and "cosine" not in out, out
+    # Weights alone replace the rollout: the shadow ends, as the help and rollout.md now say
+    # (neither did, and the comparison was lost without a word).
+    code, out, _ = ferry(capsys, "models", "rollout", "canary", "1=9", "2=1", "--json", *m)
+    assert code == 0 and json.loads(out)["shadow_version"] == 0
+    with pytest.raises(SystemExit):
+        ferry(capsys, "models", "rollout", "--help")
+    assert "a live shadow ends" in " ".join(capsys.readouterr().out.split())
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--end", *m)
     assert code == 0 and "no split" in out
     # Weights after an option are weights ("unrecognized arguments: 1=1" before)

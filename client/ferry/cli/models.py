@@ -113,7 +113,9 @@ def register(sub: Any) -> None:
         description="Split a model's live traffic between versions by weight, e.g. "
         "`ferry models rollout m 1=9 2=1 --reason 'int8 canary'`; a request's id decides its "
         "version, and a request naming a version bypasses the split. Without weights: show the "
-        "split and its history. --end: every request goes to the default version again.",
+        "split and its history. Weights replace the whole rollout: a live shadow ends unless "
+        "--shadow gives it again (--shadow alone keeps the split). --end: every request goes "
+        "to the default version again.",
     )
     p.add_argument("model")
     p.add_argument("weights", nargs="*", metavar="VERSION=WEIGHT", type=_weight)
