@@ -1086,3 +1086,47 @@ def test_many_distinct_models_loaded_unloaded_and_removed_leave_nothing_behind(
         await registry.close()
 
     arun(main)
+
+
+def test_a_refresh_reloads_external_weights_under_any_name(repo: ModelRepository) -> None:
+    """Only model.onnx.data was watched of a version's external weights: a model saved with
+    its weights in a file of another name (``onnx.save(..., location="weights.bin")``, a
+    torch export's per-tensor files) whose weights alone were replaced was never reloaded,
+    and the old weights kept answering. Every file of the version folder is watched; a hidden
+    one (an rsync's temporary copy) is not, or each poll during a copy reloaded the version."""
+    import onnx
+
+    vdir = repo.model_dir("m") / "1"
+    vdir.mkdir(parents=True)
+
+    def save(folder: Path, seed: int) -> None:
+        onnx.save_model(
+            seed_model(seed),
+            str(folder / "model.onnx"),
+            save_as_external_data=True,
+            location="weights.bin",
+            size_threshold=0,
+        )
+
+    save(vdir, 0)
+    x = {"input": np.ones((1, 3), np.float32)}
+
+    async def answer(registry: ModelRegistry) -> Any:
+        result = await DataPlane(registry).infer(InferenceRequest("m", x))
+        return result.outputs["logits"]
+
+    async def main() -> None:
+        registry = _registry(repo)
+        assert (await registry.refresh()).loaded == ["m/1"]
+        before = await answer(registry)
+        (vdir / ".weights.bin.tmp").write_bytes(b"an rsync copying")
+        assert (await registry.refresh(retry_failed=False)).loaded == []
+        other = repo.root.parent / "elsewhere"
+        other.mkdir()
+        save(other, 1)
+        os.replace(other / "weights.bin", vdir / "weights.bin")  # the weights alone
+        assert (await registry.refresh(retry_failed=False)).loaded == ["m/1"]
+        assert not np.allclose(await answer(registry), before)
+        await registry.close()
+
+    arun(main)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -1163,7 +1165,35 @@ def _version_signature(vdir: Path) -> Signature:
         _file_signature(vdir / MODEL_FILE),
         _config_signature(vdir),
         _file_signature(vdir / MODEL_DATA_FILE),
+        _other_files_signature(vdir),
     )
+
+
+# The most files of a version folder a refresh looks at beyond its own (a torch export's
+# per-tensor weights run to hundreds); past it, their number alone.
+MAX_WATCHED_FILES = 4096
+
+
+def _other_files_signature(vdir: Path) -> Signature:
+    """Every other file of the version folder, by name: external weights under a name other
+    than model.onnx.data (``onnx.save(..., location=...)``, a torch export's per-tensor files)
+    were not watched, so new weights copied over them were never loaded. A hidden file is
+    left out: an rsync's temporary copy grows at each poll, and the version was reloaded each
+    time from the files as they were before the copy."""
+    try:
+        names = sorted(
+            entry.name
+            for entry in os.scandir(vdir)
+            if not entry.name.startswith(".") and entry.is_file()
+        )
+    except OSError:
+        return None
+    # A digest, not the list: the signature is compared at every shadowed request (the
+    # comparison's key) and sent between worker processes.
+    digest = hashlib.blake2b(digest_size=16)
+    for n in names[:MAX_WATCHED_FILES]:
+        digest.update(repr((n, _file_signature(vdir / n))).encode("utf-8", "backslashreplace"))
+    return (len(names), digest.hexdigest())
 
 
 _KEPT = "kept serving"
