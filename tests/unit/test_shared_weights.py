@@ -83,6 +83,23 @@ def test_a_file_replaced_in_place_gets_a_new_copy(tmp_path: Path, cache: Path) -
     assert one is not None and two is not None and one != two
 
 
+def test_a_file_rewritten_keeping_its_size_and_time_gets_a_new_copy(
+    tmp_path: Path, cache: Path
+) -> None:
+    """The digest was remembered per (device, inode, size, mtime): model.onnx rewritten in
+    place by a retrained model of the same shape with its time kept (``cp -p`` onto it) kept
+    the old digest, and a reload served the old weights' copy. Its change time is part of it."""
+    model = _model(tmp_path / "m" / "1" / "model.onnx", 0)
+    one = shared_weights.shared_copy(model)
+    st = model.stat()
+    with open(model, "r+b") as f:  # the same inode
+        f.write(_model(tmp_path / "other" / "model.onnx", 1).read_bytes())
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert model.stat().st_size == st.st_size
+    two = shared_weights.shared_copy(model)
+    assert one is not None and two is not None and one != two
+
+
 def test_outputs_equal_the_embedded_models(tmp_path: Path, cache: Path) -> None:
     model = _model(tmp_path / "m" / "1" / "model.onnx", 0)
     plain = OrtSession(model, OnnxRuntimeConfig(intra_op_threads=1))

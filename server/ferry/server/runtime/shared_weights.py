@@ -52,17 +52,22 @@ def set_cache_dir(folder: Path | None) -> None:
 
 
 @functools.lru_cache(maxsize=256)
-def _digest(path: str, _dev: int, _ino: int, _size: int, _mtime_ns: int) -> str:
+def _digest(path: str, _dev: int, _ino: int, _size: int, _mtime_ns: int, _ctime_ns: int) -> str:
     """The SHA-256 of ``path``, hashed once per file: one load opens a model several times
     (the auto-threads probe, each planned batch size, each device), and a published version
-    never changes in place, so its identity (device, inode, size, mtime) stands for its bytes."""
+    never changes in place, so its identity (device, inode, size, mtime, change time) stands
+    for its bytes. The change time, which ``utime`` cannot set back: a file rewritten in place
+    keeping its size and mtime (``cp -p`` onto it) kept the old digest, and its reload served
+    the old weights' copy."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _digest_of(path: Path, st: os.stat_result) -> str:
     """The name of ``path``'s copy in the cache: what shared_copy makes and prune keeps."""
-    return _digest(os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return _digest(
+        os.fspath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    )
 
 
 def write_aligned(model: Any, folder: Path) -> None:
