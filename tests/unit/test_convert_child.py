@@ -277,6 +277,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "samples": {"x": x},
         "good_ref": {"y": y},
         "bad_ref": {"y": y + 1.0},
+        "nan_ref": {"y": np.full_like(y, np.nan)},
     }.items():
         paths[f"{name}.npz"] = root / f"{name}.npz"
         np.savez(paths[f"{name}.npz"], **arrays)
@@ -359,6 +360,7 @@ def job_table(root: Path, src: dict[str, Path]) -> dict[str, tuple[Path, str, di
         ),
         "onnx_good_ref": (src["mlp.onnx"], "onnx", {"spec": reference("good_ref")}),
         "onnx_bad_ref": (src["mlp.onnx"], "onnx", {"spec": reference("bad_ref")}),
+        "onnx_nan_ref": (src["mlp.onnx"], "onnx", {"spec": reference("nan_ref")}),
     }
 
 
@@ -366,7 +368,10 @@ EXPORTING = (
     "seed", "mlp_auto", "l1_unstructured", "global_unstructured", "structured", "cnn_static",
     "cnn_keep_failed", "pt2", "pt2_seq", "torchscript",
 )  # fmt: skip
-QUICK = ("evil", "pt2_refused", "onnx_fp16", "onnx_dynamic_int8", "onnx_good_ref", "onnx_bad_ref")
+QUICK = (
+    "evil", "pt2_refused", "onnx_fp16", "onnx_dynamic_int8", "onnx_good_ref", "onnx_bad_ref",
+    "onnx_nan_ref",
+)  # fmt: skip
 
 
 def run_all(root: Path, src: dict[str, Path], names: list[str]) -> dict[str, Result]:
@@ -644,6 +649,10 @@ def test_onnx_source_with_client_reference(quick_jobs: dict[str, Result]) -> Non
     assert good.report["parity"]["against"] == "pytorch (reference_outputs)"
     assert good.variant("fp32")["vs_pytorch"] == good.report["reference"]
     assert_failed(quick_jobs["onnx_bad_ref"], "CONVERSION_FAILED", "validate", "reference_file")
+    # A reference of NaN is the client's file, not a model that disagrees with it.
+    assert_failed(
+        quick_jobs["onnx_nan_ref"], "INVALID_ARGUMENT", "load", "reference_file", "is NaN in"
+    )
 
 
 # ---- refusals ----

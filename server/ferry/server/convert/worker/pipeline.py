@@ -516,6 +516,15 @@ class Pipeline:
                     f"validation.reference_file: {name!r} has shape {list(arrays[name].shape)}, "
                     f"the model gives {list(ours.shape)} on the sample file"
                 )
+            nan = _nan_where_finite(arrays[name], ours)
+            if nan:
+                # Judged as it is, every variant "disagreed" with it: CONVERSION_FAILED
+                # blamed the model for the client's file.
+                raise InvalidArgument(
+                    f"validation.reference_file: {name!r} is NaN in {nan} of {ours.size} "
+                    "elements where the model's own output is a number: compute it with the "
+                    "source model from validation.sample_file's inputs"
+                )
         return [arrays[name] for name in self.output_names]
 
     def _prune(self) -> None:
@@ -856,3 +865,13 @@ class Pipeline:
             chosen.record.benchmark.size_bytes = external.size(self.work / MODEL_FILE)
         self.report.write(self.work)
         shutil.rmtree(self.scratch, ignore_errors=True)
+
+
+def _nan_where_finite(reference: np.ndarray, ours: np.ndarray) -> int:
+    """How many elements the client's reference has NaN where the model's own output has not."""
+    if reference.dtype.kind not in "fc":
+        return 0
+    theirs = np.isnan(reference)
+    if ours.dtype.kind in "fc":
+        theirs &= ~np.isnan(ours)
+    return int(np.count_nonzero(theirs))
