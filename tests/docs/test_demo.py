@@ -32,6 +32,10 @@ def test_the_demo_publishes_and_answers_on_both_versions(tmp_path: Path) -> None
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
     for label in ("fp32", "dynamic_int8"):
         assert f"== infer on {label} (version " in r.stdout, r.stdout[-3000:]
+    # Each conversion is said once: "published demo version 1 (published as demo version 1:
+    # ...)" read as a stutter to someone trying Ferry for the first time.
+    assert r.stdout.count("published as demo version") == 2, r.stdout[-3000:]
+    assert "(published as" not in r.stdout, r.stdout[-3000:]
     assert (tmp_path / "repo" / "demo" / "2" / "model.onnx").is_file()
     # The closing lines suggest `ferry loadtest mlp`: on a repository `make install` had not
     # written (`make demo REPO=other`) there was no mlp, and that answered NOT_FOUND.
