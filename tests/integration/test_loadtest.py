@@ -168,7 +168,7 @@ def test_plot_or_a_clear_error(server: Any, tmp_path: Path) -> None:
         ({"requests": 10_000_001, "duration": None}, "requests"),
         ({"rate": (1e9,)}, "rate"),
         ({"duration": None, "requests": None}, "duration or a request count"),
-        ({"mode": "stream", "protocol": "kserve"}, "no inference stream"),
+        ({"mode": "stream", "protocol": "kserve"}, "does not drive"),
         ({"target": "10.1.2.3:8001"}, "not a loopback"),
         ({"target": "example.com:8001"}, "--allow-remote"),
         ({"concurrency": tuple(range(1, 40))}, "levels"),

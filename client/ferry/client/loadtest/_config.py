@@ -99,8 +99,9 @@ class LoadTestConfig:
         )
         if self.protocol == "kserve" and self.mode == "stream":
             raise LoadTestConfigError(
-                "the Open Inference Protocol has no inference stream: use --mode unary with "
-                "--protocol kserve, or --protocol ferry for streaming"
+                "ferry loadtest does not drive the Open Inference Protocol's stream (Triton's "
+                "ModelStreamInfer, which the server serves: perf_analyzer --streaming drives "
+                "it): use --mode unary with --protocol kserve, or --protocol ferry for streaming"
             )
         levels = self.levels
         _check(0 < len(levels) <= MAX_LEVELS, f"give 1 to {MAX_LEVELS} load levels")
