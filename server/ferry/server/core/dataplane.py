@@ -83,6 +83,7 @@ class DataPlane:
     ) -> None:
         self._registry = registry
         self._draining = False  # drain(): the server is stopping
+        self._stopping = asyncio.Event()  # drain(): streams stop reading (core.streams)
         self.limits = limits or Limits()
         self._observe: Observer = _no_observer  # observe_with() sets the server's metrics
         self._peers: PeerStatistics | None = None  # sum_with() sets the other workers'
@@ -193,9 +194,15 @@ class DataPlane:
         """A bidirectional stream's requests, run concurrently under this server's bounds on
         what one stream, and every stream together, may have in flight; ``respond`` turns one
         request into its response (calling ``infer``, and turning an error into the protocol's
-        error response). ``ordered``: answered in request order (``run_stream``)."""
+        error response). ``ordered``: answered in request order (``run_stream``). Once the server
+        drains, a stream reads no more, answers what it read and ends UNAVAILABLE."""
         return run_stream(
-            requests, respond, self.max_stream_in_flight, self.stream_budget, ordered=ordered
+            requests,
+            respond,
+            self.max_stream_in_flight,
+            self.stream_budget,
+            ordered=ordered,
+            stopping=self._stopping,
         )
 
     # ---- what is served ----
@@ -290,6 +297,7 @@ class DataPlane:
         /v2/health/ready, a KServe readiness probe's) still said ready, so a load balancer
         reading those kept sending to a replica already draining."""
         self._draining = True
+        self._stopping.set()
 
     @property
     def draining(self) -> bool:

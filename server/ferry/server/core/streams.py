@@ -10,6 +10,8 @@ import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
+from ferry.server.errors import Unavailable
+
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 
@@ -49,6 +51,7 @@ async def run_stream(
     budget: StreamBudget | None = None,
     *,
     ordered: bool = False,
+    stopping: asyncio.Event | None = None,
 ) -> AsyncIterator[Resp]:
     """Run a bidirectional stream's requests concurrently, yielding responses as they complete,
     or with ``ordered`` in the order their requests came.
@@ -64,14 +67,23 @@ async def run_stream(
     decoupled in request order, and its clients (tritonclient's ``start_stream`` callback,
     request ids optional) may match answers to requests by their order. In completion order,
     a request to a fast model overtook one to a slow model (or a batch, a priority, an instance
-    finishing first), and such a client read each answer as the other's. Requests still run concurrently; an answer that is ready waits for
-    the earlier ones, holding its slot."""
+    finishing first), and such a client read each answer as the other's. Requests still run
+    concurrently; an answer that is ready waits for the earlier ones, holding its slot.
+
+    ``stopping``: set when the server begins to stop. The stream then reads no further request,
+    answers every request it read, and ends UNAVAILABLE (``Unavailable``), so that a request
+    without an answer is one that never ran, to send again elsewhere. Before, a stream its
+    client kept open (the SDK's, tritonclient's start_stream) was read and served until the
+    grace period ran out, holding the whole stop, and was then cut with the requests it was
+    running unanswered, though they may have run."""
     budget = budget if budget is not None else StreamBudget(max_in_flight)
     done: asyncio.Queue[tuple[int, object] | None] = asyncio.Queue()
     slots = asyncio.Semaphore(max_in_flight)
     tasks: set[asyncio.Task[None]] = set()
     held = 0  # this stream's share of budget.held
     emptied = asyncio.Event()  # set whenever this stream holds nothing
+    reading = True  # the reader is still taking requests (a stop cancels it only there)
+    halted = False  # the stop ended the reading
 
     def release() -> None:
         nonlocal held
@@ -92,26 +104,43 @@ async def run_stream(
         done.put_nowait((seq, response))
 
     async def reader() -> None:
-        nonlocal held
+        nonlocal held, reading
         seq = 0
         try:
-            async for msg in requests:
-                await slots.acquire()
-                while budget.full and held:
-                    emptied.clear()
-                    await emptied.wait()
-                held += 1
-                budget.held += 1
-                task = asyncio.create_task(one(msg, seq))
-                seq += 1
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            try:
+                async for msg in requests:
+                    await slots.acquire()
+                    while budget.full and held:
+                        emptied.clear()
+                        await emptied.wait()
+                    held += 1
+                    budget.held += 1
+                    task = asyncio.create_task(one(msg, seq))
+                    seq += 1
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except asyncio.CancelledError:
+                if not halted:  # the stream itself ended: nothing to answer
+                    raise
+                current = asyncio.current_task()
+                if current is not None:
+                    current.uncancel()
+            reading = False
             while tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
         finally:
             done.put_nowait(None)
 
+    async def halt() -> None:
+        nonlocal halted
+        assert stopping is not None
+        await stopping.wait()
+        if reading:
+            halted = True
+            read_task.cancel()
+
     read_task = asyncio.create_task(reader())
+    halt_task = asyncio.create_task(halt()) if stopping is not None else None
     ready: dict[int, object] = {}  # answers waiting for an earlier one (ordered)
     following = 0  # the request whose answer goes next (ordered)
     try:
@@ -129,9 +158,17 @@ async def run_stream(
                     yield response  # type: ignore[misc]
                     release()
         await read_task  # a broken request stream ends the call with its error
+        if halted:
+            raise Unavailable(
+                "the server is shutting down: every request this stream started is answered, "
+                "and those without an answer were not run: send them again on a new stream (to "
+                "another replica)"
+            )
     finally:
         budget.held -= held
         held = 0
+        if halt_task is not None:
+            halt_task.cancel()
         read_task.cancel()
         for task in list(tasks):
             task.cancel()

@@ -84,6 +84,14 @@ def translate_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+async def end_stream(context: aio.ServicerContext, exc: Exception) -> None:
+    """End a streaming call with ``exc``'s status from the one table (a stream ended by the
+    server's stop: UNAVAILABLE), not grpc's UNKNOWN for an exception escaping a handler."""
+    code, message, kind = status_of(exc)
+    context.set_trailing_metadata(trailing(kind))
+    await context.abort(code, message)
+
+
 def _expired(context: aio.ServicerContext) -> bool:
     remaining = context.time_remaining()
     return remaining is not None and remaining <= 0

@@ -31,8 +31,8 @@ from ferry.server.core.types import (
     VersionStatistics,
     version_of,
 )
-from ferry.server.errors import InvalidArgument
-from ferry.server.grpc._base import call_deadline, sendable, translate_errors
+from ferry.server.errors import InvalidArgument, Unavailable
+from ferry.server.grpc._base import call_deadline, end_stream, sendable, translate_errors
 from ferry.server.grpc.status import status_of
 
 STATE = {
@@ -203,8 +203,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     id=msg.id, error=pb.Error(code=code.value[0], message=message, kind=kind)
                 )
 
-        async for response in self.dataplane.stream(request_iterator, respond):
-            yield response
+        try:
+            async for response in self.dataplane.stream(request_iterator, respond):
+                yield response
+        except Unavailable as exc:  # the server's stop ended it (core.streams)
+            await end_stream(context, exc)
 
     @translate_errors
     async def GetModelMetadata(

@@ -24,8 +24,8 @@ from grpc import aio
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
 from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.types import InferenceRequest, Limits, parse_version, version_label
-from ferry.server.errors import InvalidArgument, PermissionDenied, Unimplemented
-from ferry.server.grpc._base import call_deadline, sendable, translate_errors
+from ferry.server.errors import InvalidArgument, PermissionDenied, Unavailable, Unimplemented
+from ferry.server.grpc._base import call_deadline, end_stream, sendable, translate_errors
 from ferry.server.grpc.kserve_model import config_of, metadata_of, repository_index, statistics_of
 from ferry.server.grpc.kserve_tensors import (
     decode_request,
@@ -213,8 +213,11 @@ class KServeServicer:
                 return failed
 
         # In request order, as Triton answers a model that is not decoupled (core.streams).
-        async for response in self.dataplane.stream(request_iterator, respond, ordered=True):
-            yield response
+        try:
+            async for response in self.dataplane.stream(request_iterator, respond, ordered=True):
+                yield response
+        except Unavailable as exc:  # the server's stop ended it (core.streams)
+            await end_stream(context, exc)
 
     # ---- repository ----
     @translate_errors

@@ -1,0 +1,90 @@
+"""A server stop with inference streams open: each stream reads no more, answers what it read,
+and ends UNAVAILABLE saying so, rather than being served until the grace period runs out and
+then cut with the requests it was running unanswered."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import numpy as np
+from helpers import ExecutionGate, StartServer, wait_for
+
+from ferry.client import InferenceClient, InferResult, UnavailableError
+from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
+
+GRACE_S = 60.0  # far longer than any test waits: the streams must end before it
+
+
+def batch(value: float) -> dict[str, np.ndarray]:
+    return {"input": np.full((2, 64), value, dtype=np.float32)}
+
+
+def _stopping(srv: Any) -> Any:
+    """Begin the server's stop without opening the gate (ServerThread.stop would)."""
+    app = srv.app
+    stopped = srv.submit(lambda: app.stop(GRACE_S))
+    wait_for(lambda: not app.dataplane.ready(), "the server to begin draining")
+    return stopped
+
+
+def test_a_ferry_stream_answers_what_it_read_and_ends_unavailable_at_stop(
+    start_server: StartServer, repo_path: Any
+) -> None:
+    srv = start_server(repo_path, grace_period=GRACE_S)
+    with ExecutionGate(srv, "mlp") as gate, InferenceClient(srv.target, timeout=30) as client:
+        stream = client.stream("mlp")
+        running = stream.submit(batch(1.0), "running")
+        gate.wait_entered()
+        stopped = _stopping(srv)
+        late = stream.submit(batch(2.0), "late")  # sent after the stop began: not read
+        gate.release()
+        answers = dict(stream.results())
+        assert isinstance(answers[running], InferResult)  # read before the stop: answered
+        error = answers[late]
+        assert isinstance(error, UnavailableError)
+        assert "shutting down" in str(error) and "send them again" in str(error)
+        assert gate.calls == 1  # the late request never ran
+        stopped.result(GRACE_S / 2)  # the stream did not hold the stop
+
+
+def test_an_oip_stream_left_open_ends_unavailable_at_stop(
+    start_server: StartServer, repo_path: Any
+) -> None:
+    srv = start_server(repo_path, grace_period=GRACE_S)
+    request = kpb.ModelInferRequest(model_name="mlp", id="held")
+    tensor = request.inputs.add()
+    tensor.name, tensor.datatype = "input", "FP32"
+    tensor.shape.extend([2, 64])
+    request.raw_input_contents.append(batch(1.0)["input"].tobytes())
+    more: queue.SimpleQueue[None] = queue.SimpleQueue()
+
+    def requests() -> Iterator[kpb.ModelInferRequest]:
+        yield request
+        more.get()  # the client keeps its stream open, as tritonclient's start_stream does
+
+    with (
+        ExecutionGate(srv, "mlp") as gate,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
+        call = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=kpb.ModelInferRequest.SerializeToString,
+            response_deserializer=kpb.ModelStreamInferResponse.FromString,
+        )(requests(), timeout=30)
+        gate.wait_entered()
+        stopped = _stopping(srv)
+        gate.release()
+        answer = next(call)
+        assert answer.error_message == "" and answer.infer_response.id == "held"
+        try:
+            next(call)
+            raise AssertionError("the stream went on after the stop")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
+            assert "shutting down" in (exc.details() or "")
+        finally:
+            more.put(None)
+        stopped.result(GRACE_S / 2)
