@@ -56,3 +56,38 @@ def test_an_ordered_stream_whose_handler_raised_does_not_wait_for_that_answer() 
     """The protocol adapters turn every error into an answer; a handler that raised all the same
     has no answer to send, and the answers after it are not held for it."""
     assert _first_slow(4, ordered=True, fail=2) == ["answer 0", "answer 1", "answer 3"]
+
+
+def _broken_after(count: int, *, ordered: bool) -> tuple[list[str], BaseException | None]:
+    """A request stream that breaks (a malformed message) after ``count`` good requests, each
+    still running when the break reaches the stream."""
+
+    async def scenario() -> tuple[list[str], BaseException | None]:
+        broke = asyncio.Event()
+
+        async def requests() -> AsyncIterator[int]:
+            for i in range(count):
+                yield i
+            broke.set()
+            raise ValueError("malformed request")
+
+        async def handle(i: int) -> str:
+            await broke.wait()
+            return f"answer {i}"
+
+        answers: list[str] = []
+        try:
+            async for answer in run_stream(requests(), handle, 8, ordered=ordered):
+                answers.append(answer)
+        except ValueError as exc:
+            return answers, exc
+        return answers, None
+
+    return asyncio.run(scenario())
+
+
+def test_a_broken_request_stream_answers_what_it_read_before_its_error() -> None:
+    for ordered in (True, False):
+        answers, error = _broken_after(3, ordered=ordered)
+        assert sorted(answers) == ["answer 0", "answer 1", "answer 2"], ordered
+        assert isinstance(error, ValueError)  # and the call still ends with the break's error

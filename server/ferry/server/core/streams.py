@@ -61,7 +61,10 @@ async def run_stream(
     merely computed: a client that sends without reading stops being read, and HTTP/2 flow
     control pushes back on it instead of responses piling up in memory. ``budget`` bounds what
     every stream holds together (``StreamBudget``). When the client goes away, every running
-    request is cancelled, so nothing leaks.
+    request is cancelled, so nothing leaks. A request stream that breaks (a malformed message)
+    ends the call with its error once every request read before it is answered: they were
+    answered or dropped by chance (as they finished before the error reached here or not), so
+    a client could not tell which of them had run.
 
     ``ordered`` is the Open Inference Protocol's stream: Triton answers a model that is not
     decoupled in request order, and its clients (tritonclient's ``start_stream`` callback,
@@ -106,6 +109,7 @@ async def run_stream(
     async def reader() -> None:
         nonlocal held, reading
         seq = 0
+        broken: Exception | None = None
         try:
             try:
                 async for msg in requests:
@@ -125,9 +129,13 @@ async def run_stream(
                 current = asyncio.current_task()
                 if current is not None:
                     current.uncancel()
+            except Exception as exc:  # a broken request stream (a malformed message)
+                broken = exc
             reading = False
             while tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
+            if broken is not None:  # after every request read before it is answered
+                raise broken
         finally:
             done.put_nowait(None)
 
