@@ -28,7 +28,8 @@ from ferry.client.loadtest import (
     plot_report,
     run,
 )
-from ferry.client.loadtest._engine import Progress, id_field
+from ferry.client.loadtest._engine import Progress, _kserve_answer, id_field
+from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
 from ferry.proto.v1 import inference_pb2 as pb
 
 
@@ -54,7 +55,8 @@ def check_level(level: LevelResult, requests: int) -> None:
 
 
 @pytest.mark.parametrize(
-    ("mode", "protocol"), [("unary", "ferry"), ("stream", "ferry"), ("unary", "kserve")]
+    ("mode", "protocol"),
+    [("unary", "ferry"), ("stream", "ferry"), ("unary", "kserve"), ("stream", "kserve")],
 )
 def test_closed_loop_sweep(server: Any, mode: str, protocol: str) -> None:
     report = run(config(server, concurrency=(1, 4), mode=mode, protocol=protocol), progress=False)
@@ -168,7 +170,6 @@ def test_plot_or_a_clear_error(server: Any, tmp_path: Path) -> None:
         ({"requests": 10_000_001, "duration": None}, "requests"),
         ({"rate": (1e9,)}, "rate"),
         ({"duration": None, "requests": None}, "duration or a request count"),
-        ({"mode": "stream", "protocol": "kserve"}, "does not drive"),
         ({"target": "10.1.2.3:8001"}, "not a loopback"),
         ({"target": "example.com:8001"}, "--allow-remote"),
         ({"concurrency": tuple(range(1, 40))}, "levels"),
@@ -291,6 +292,18 @@ def test_stream_request_ids_are_appended_without_reencoding() -> None:
     base = pb.InferRequest(model="mlp", id="").SerializeToString()
     parsed = pb.InferRequest.FromString(base + id_field("x" * 200))
     assert parsed.id == "x" * 200 and parsed.model == "mlp"
+
+
+def test_an_oip_stream_answer_gives_its_id_and_status() -> None:
+    def answer(rid: str, error: str = "") -> kpb.ModelStreamInferResponse:
+        return kpb.ModelStreamInferResponse(
+            error_message=error, infer_response=kpb.ModelInferResponse(id=rid)
+        )
+
+    assert _kserve_answer(answer("7")) == ("7", "OK")
+    assert _kserve_answer(answer("8", "[StatusCode.NOT_FOUND] no model")) == ("8", "NOT_FOUND")
+    assert _kserve_answer(answer("9", "[StatusCode.NOPE] x")) == ("9", "UNKNOWN")
+    assert _kserve_answer(answer("10", "plain text")) == ("10", "UNKNOWN")
 
 
 def test_progress_is_silent_off_a_terminal() -> None:

@@ -119,13 +119,14 @@ def register(sub: Any) -> None:
         "--mode",
         choices=("unary", "stream"),
         default="unary",
-        help="one RPC per request, or all requests on InferStream (default unary)",
+        help="one RPC per request, or all requests on one stream per connection (default unary)",
     )
     p.add_argument(
         "--protocol",
         choices=("ferry", "kserve"),
         default="ferry",
-        help="ferry.v1 or the Open Inference Protocol (KServe v2 ModelInfer) (default ferry)",
+        help="ferry.v1 or the Open Inference Protocol (KServe v2 ModelInfer, ModelStreamInfer) "
+        "(default ferry)",
     )
     p.add_argument(
         "--version", type=version_number, help="model version (default: the default one)"

@@ -97,12 +97,6 @@ class LoadTestConfig:
             self.arrival in ("constant", "poisson"),
             f"arrival must be constant or poisson, not {self.arrival!r}",
         )
-        if self.protocol == "kserve" and self.mode == "stream":
-            raise LoadTestConfigError(
-                "ferry loadtest does not drive the Open Inference Protocol's stream (Triton's "
-                "ModelStreamInfer, which the server serves: perf_analyzer --streaming drives "
-                "it): use --mode unary with --protocol kserve, or --protocol ferry for streaming"
-            )
         levels = self.levels
         _check(0 < len(levels) <= MAX_LEVELS, f"give 1 to {MAX_LEVELS} load levels")
         if self.rate is not None:

@@ -30,11 +30,13 @@ from ferry.client._requests import build_infer_request, status_code
 from ferry.client.loadtest._report import Recorder, latency_summary
 from ferry.codec import datatype_name, to_bytes
 from ferry.codec._wire import encode_varint
+from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
 from ferry.proto.v1 import inference_pb2 as pb
 
 UNARY_PATH = "/ferry.v1.Inference/Infer"
 STREAM_PATH = "/ferry.v1.Inference/InferStream"
 KSERVE_PATH = "/inference.GRPCInferenceService/ModelInfer"
+KSERVE_STREAM_PATH = "/inference.GRPCInferenceService/ModelStreamInfer"
 MAX_OPEN_IN_FLIGHT = 4096  # open loop: arrivals beyond this many unanswered are dropped
 
 Metadata = tuple[tuple[str, str], ...] | None
@@ -109,9 +111,33 @@ class UnaryTransport:
         return None
 
 
+_CODE_NAMES = frozenset(code.name for code in grpc.StatusCode)
+
+
+def _ferry_answer(resp: pb.InferStreamResponse) -> tuple[str, str]:
+    """A ferry.v1 stream answer's request id and status code name."""
+    if not resp.HasField("error"):
+        return resp.id, "OK"
+    sc = status_code(resp.error.code)
+    return resp.id, sc.name if sc is not None else "UNKNOWN"
+
+
+def _kserve_answer(resp: kpb.ModelStreamInferResponse) -> tuple[str, str]:
+    """An Open Inference Protocol stream answer's request id and status code name: an error
+    is ``error_message``, led by "[StatusCode.NAME]" (Ferry's and tritonclient's form)."""
+    rid = resp.infer_response.id
+    if not resp.error_message:
+        return rid, "OK"
+    head = resp.error_message.partition("]")[0]
+    name = head.removeprefix("[StatusCode.")
+    return rid, name if head.startswith("[StatusCode.") and name in _CODE_NAMES else "UNKNOWN"
+
+
 class _OneStream:
-    """One ``InferStream`` call: a writer task drains a queue of pre-encoded requests and a
-    reader task resolves each request's future by the id in its answer."""
+    """One stream call (ferry.v1 ``InferStream`` or the Open Inference Protocol's
+    ``ModelStreamInfer``): a writer task drains a queue of pre-encoded requests and a reader
+    task resolves each request's future by the id in its answer. Both protocols' requests
+    carry their id as field 3, so the same bytes are appended to either."""
 
     def __init__(
         self,
@@ -120,14 +146,20 @@ class _OneStream:
         metadata: Metadata,
         prefix: str,
         timeout: float | None = None,
+        *,
+        protocol: str = "ferry",
     ) -> None:
         self._timeout = timeout
-        self._method: aio.StreamStreamMultiCallable[bytes, pb.InferStreamResponse] = (
-            channel.stream_stream(
-                STREAM_PATH,
-                request_serializer=None,
-                response_deserializer=pb.InferStreamResponse.FromString,
-            )
+        kserve = protocol == "kserve"
+        self._answer = _kserve_answer if kserve else _ferry_answer
+        self._method: aio.StreamStreamMultiCallable[bytes, Any] = channel.stream_stream(
+            KSERVE_STREAM_PATH if kserve else STREAM_PATH,
+            request_serializer=None,
+            response_deserializer=(
+                kpb.ModelStreamInferResponse.FromString
+                if kserve
+                else pb.InferStreamResponse.FromString
+            ),
         )
         self._base = base
         self._metadata = metadata
@@ -166,14 +198,11 @@ class _OneStream:
                 resp = await call.read()
                 if resp is aio.EOF:
                     break
-                fut = self._pending.pop(resp.id, None)
+                rid, status = self._answer(resp)
+                fut = self._pending.pop(rid, None)
                 if fut is None or fut.done():
                     continue
-                if resp.HasField("error"):
-                    sc = status_code(resp.error.code)
-                    fut.set_result(sc.name if sc is not None else "UNKNOWN")
-                else:
-                    fut.set_result("OK")
+                fut.set_result(status)
         except grpc.RpcError as exc:
             code = _code(exc)
         except asyncio.CancelledError:
@@ -217,7 +246,7 @@ class _OneStream:
 
 
 class StreamTransport:
-    """Requests spread over one ``InferStream`` per connection."""
+    """Requests spread over one stream per connection (``_OneStream``)."""
 
     def __init__(
         self,
@@ -225,9 +254,12 @@ class StreamTransport:
         base: bytes,
         metadata: Metadata,
         timeout: float | None = None,
+        *,
+        protocol: str = "ferry",
     ) -> None:
         self._streams = [
-            _OneStream(ch, base, metadata, f"{i}-", timeout) for i, ch in enumerate(channels)
+            _OneStream(ch, base, metadata, f"{i}-", timeout, protocol=protocol)
+            for i, ch in enumerate(channels)
         ]
         self._next = 0
 
@@ -477,6 +509,6 @@ def make_transport(
     metadata: Metadata,
 ) -> Transport:
     if mode == "stream":
-        return StreamTransport(channels, payload, metadata, timeout)
+        return StreamTransport(channels, payload, metadata, timeout, protocol=protocol)
     path = KSERVE_PATH if protocol == "kserve" else UNARY_PATH
     return UnaryTransport(channels, path, payload, timeout, metadata)
