@@ -172,8 +172,9 @@ class Settings:
     max_stream_in_flight: int = field(
         default=1024,
         metadata={
-            "help": "requests running at once on one InferStream; every stream together "
-            "holds at most 4x this before each runs one request at a time"
+            "help": "requests one inference stream (InferStream, ModelStreamInfer) holds at "
+            "once, from read until its answer is written; every stream together holds at most "
+            "4x this before each runs one request at a time"
         },
     )
     default_request_timeout: float = field(
