@@ -250,3 +250,23 @@ def test_tritonclient_with_an_expect_header_reads_each_answer(kserve_server: Ser
             assert result.as_numpy("output").tolist() == [[value]]
     finally:
         close_on_this_thread(clients)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"/v2/health/live#frag", b"/v2/health/live?a=1#frag", b"http://x/v2/health/live#frag"],
+)
+def test_a_request_target_with_a_fragment_is_400(
+    kserve_server: ServerThread, target: bytes
+) -> None:
+    # RFC 9112 3.2: a request target has no fragment (a client strips it). One was answered
+    # 404 "no endpoint at '/v2/health/live#frag'", or with a query before it, served.
+    answer = _raw(
+        kserve_server.http_target,
+        b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head
+    error = json.loads(body)
+    assert error["kind"] == "INVALID_ARGUMENT", error
+    assert "fragment" in error["error"], error

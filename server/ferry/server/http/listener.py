@@ -122,6 +122,11 @@ VERSION_REFUSED = (
     "this listener speaks HTTP/1.1 and HTTP/1.0, not {}: send the request in HTTP/1.1 (for "
     "HTTP/2, use the gRPC listener's Open Inference Protocol service)"
 )
+# The answer (400) to a request target with a fragment (``#...``).
+FRAGMENT = (
+    "the request target carries a fragment ('#...'), which RFC 9112 does not allow: a client "
+    "strips it before sending; send the URL without the '#' and what follows it"
+)
 # Headers that mean one thing: sent twice, which one counts would be a guess.
 ONCE = ("Content-Encoding", HEADER_LENGTH)
 # A client's malformed HTTP, its broken body or its disconnect is its business: aiohttp logged
@@ -685,6 +690,9 @@ class HttpListener:
             return _version_refused(request)
         path = _path_of(request)
         try:
+            if "#" in request.raw_path:
+                # It was routed as part of the path (404 "no endpoint") or of the query (served).
+                raise InvalidArgument(FRAGMENT)
             if self._check_token and not (self._open_health and is_health(path)):
                 self._authorize(request.headers.getall("Authorization", []))
             answer = self._routes.handle(
