@@ -270,3 +270,30 @@ def test_a_request_target_with_a_fragment_is_400(
     error = json.loads(body)
     assert error["kind"] == "INVALID_ARGUMENT", error
     assert "fragment" in error["error"], error
+
+
+@pytest.mark.parametrize("expect", [b"foo", b"100-continue, foo", b"200-ok"])
+def test_an_expectation_other_than_100_continue_is_417(
+    kserve_server: ServerThread, expect: bytes
+) -> None:
+    # RFC 9110 10.1.1: an expectation the server cannot meet is answered 417. It was ignored
+    # and the request served, as if it had been met.
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Length: {len(BODY)}\r\nExpect: "
+    ).encode()
+    answer = _raw(kserve_server.http_target, request + expect + b"\r\n\r\n" + BODY)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 417 Expectation Failed\r\n"), head
+    error = json.loads(body)
+    assert error["kind"] == "INVALID_ARGUMENT", error
+    assert "100-continue" in error["error"], error
+
+
+def test_100_continue_in_any_case_is_still_met(kserve_server: ServerThread) -> None:
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        f"Content-Length: {len(BODY)}\r\nExpect: 100-Continue\r\n\r\n"
+    ).encode()
+    answer = _raw(kserve_server.http_target, request + BODY)
+    assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200]

@@ -693,6 +693,7 @@ class HttpListener:
             if "#" in request.raw_path:
                 # It was routed as part of the path (404 "no endpoint") or of the query (served).
                 raise InvalidArgument(FRAGMENT)
+            _check_expectations(request.headers.getall("Expect", []))
             if self._check_token and not (self._open_health and is_health(path)):
                 self._authorize(request.headers.getall("Authorization", []))
             answer = self._routes.handle(
@@ -843,6 +844,22 @@ def _answer_in_http11(request: web.BaseRequest) -> None:
     if an aiohttp release changes either."""
     request._version = HttpVersion11
     request._cache.pop("version", None)
+
+
+def _check_expectations(values: list[str]) -> None:
+    """417 (RFC 9110 10.1.1) for an ``Expect`` member other than 100-continue, the only one
+    defined: one was ignored and its request served, as if it had been met. Before any route
+    runs, so a request that asked for what is not done is not run."""
+    for value in values:
+        for member in value.split(","):
+            name = member.strip().lower()
+            if name and name != "100-continue":
+                raise HttpError(
+                    417,
+                    f"the expectation {member.strip()[:40]!r} cannot be met: the only one this "
+                    "listener knows is 'Expect: 100-continue'; send that or no Expect header",
+                    ErrorKind.INVALID_ARGUMENT,
+                )
 
 
 def _version_refused(request: web.BaseRequest) -> web.StreamResponse:
