@@ -245,6 +245,29 @@ def test_repository_index_load_and_unload_on_the_management_listener(repo_server
     assert index["gamma"].reason
 
 
+def test_the_index_says_why_a_model_whose_versions_were_deleted_is_unavailable(
+    repo_server: Any,
+) -> None:
+    """Its row was UNAVAILABLE with an empty reason (gRPC and HTTP), where a request for the
+    model was told it has no version folders."""
+    from ferry.client import ConversionClient
+
+    _, srv = repo_server
+    with ConversionClient(srv.management_target, timeout=60) as conversion:
+        conversion.delete_version("alpha", 1)
+    manager = tg.InferenceServerClient(srv.management_target)
+    with pytest.raises(InferenceServerException) as exc:
+        manager.get_model_metadata("alpha")
+    told = exc.value.message().rpartition("has no version ready: ")[2]
+    assert told
+    index = {m.name: m for m in manager.get_model_repository_index().models}
+    assert (index["alpha"].state, index["alpha"].reason) == ("UNAVAILABLE", told)
+    status, _, body = http_call(srv.management_http_target, "POST", "/v2/repository/index", b"{}")
+    assert status == 200
+    rows = {row["name"]: row for row in json.loads(body)}
+    assert (rows["alpha"]["state"], rows["alpha"]["reason"]) == ("UNAVAILABLE", told)
+
+
 def test_planned_batch_sizes_are_the_configs_preferred_batch_sizes(tmp_path: Path) -> None:
     """The batcher sends a partial batch that reaches a planned size at once, as Triton's
     dynamic batcher does at a preferred size; the config a Triton user reads says so (gRPC and

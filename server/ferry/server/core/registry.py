@@ -88,6 +88,14 @@ class ModelEntry:
     # unload empties it: a request in between must not be told the folder has no versions.
     changing: str = ""
 
+    def unserved_reason(self) -> str:
+        """Why no version is served, for a model with none: said alike by a request for it
+        and by the repository index (which gave an empty reason where the folder had no
+        versions, say once the last one was deleted)."""
+        return (
+            self.config_error or self.policy_error or "no version folders (<model>/<N>/model.onnx)"
+        )
+
     def ready_versions(self) -> list[int]:
         return sorted(v for v, s in list(self.versions.items()) if s.state is State.READY)
 
@@ -290,11 +298,7 @@ class ModelRegistry:
             if version is None:
                 if entry.changing:
                     raise ModelNotReady(f"model {short(name)!r} is {entry.changing}; retry shortly")
-                why = (
-                    entry.config_error
-                    or entry.policy_error
-                    or "no version folders (<model>/<N>/model.onnx)"
-                )
+                why = entry.unserved_reason()
                 raise ModelNotReady(f"model {short(name)!r} has no version ready: {why}")
         slot = entry.versions.get(version)
         if slot is None and entry.changing:
@@ -732,7 +736,7 @@ class ModelRegistry:
         rows: list[IndexEntry] = []
         for entry in self.models.values():
             if not entry.versions:
-                why = entry.config_error or entry.policy_error
+                why = entry.changing or entry.unserved_reason()
                 rows.append(IndexEntry(entry.name, None, State.UNLOADED, why))
         for status in self.statuses():
             rows.append(IndexEntry(status.name, status.version, status.state, status.reason))
