@@ -9,9 +9,15 @@ import socket
 import numpy as np
 import pytest
 import tritonclient.http as th
+from aiohttp.http import HttpVersion, HttpVersion10, HttpVersion11
+from aiohttp.test_utils import make_mocked_request
 from helpers import ExecutionGate, close_on_this_thread, until_closed
 from kserve_common import identity_name
+from multidict import CIMultiDict
 from serverutil import ServerThread
+
+from ferry.server.errors import InvalidArgument
+from ferry.server.http.listener import _check_host
 
 MODEL = identity_name("FP32")
 BODY = json.dumps(
@@ -297,3 +303,54 @@ def test_100_continue_in_any_case_is_still_met(kserve_server: ServerThread) -> N
     ).encode()
     answer = _raw(kserve_server.http_target, request + BODY)
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200]
+
+
+HOSTLESS = [
+    (b"GET /v2/health/live HTTP/1.1\r\n\r\n", "Host"),
+    (b"GET http://x/v2/health/live HTTP/1.1\r\n\r\n", "Host"),
+    (b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", "Host"),
+    (b"GET /v2/health/live HTTP/1.0\r\nHost: x\r\nHost: y\r\n\r\n", "Host"),
+]
+
+
+@pytest.mark.parametrize(("request_bytes", "says"), HOSTLESS)
+def test_a_request_without_exactly_one_host_header_is_400(
+    kserve_server: ServerThread, request_bytes: bytes, says: str
+) -> None:
+    # RFC 9112 3.2: an HTTP/1.1 request with no Host header, and any request with two, MUST be
+    # answered 400. Recent aiohttp parsers refuse them; the listener checks too, for the
+    # older aiohttp releases Ferry allows (aiohttp>=3.9), which served them.
+    answer = _raw(kserve_server.http_target, request_bytes)
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b"\r\n")[0].split(b" ")[1] == b"400", head
+    error = json.loads(body)
+    assert error["kind"] == "INVALID_ARGUMENT", error
+    assert says in error["error"], error
+
+
+@pytest.mark.parametrize(
+    ("version", "hosts", "refused"),
+    [
+        (HttpVersion11, [], True),
+        (HttpVersion11, ["x", "y"], True),
+        (HttpVersion10, ["x", "y"], True),
+        (HttpVersion11, ["x"], False),
+        (HttpVersion10, [], False),  # HTTP/1.0 has no Host requirement
+    ],
+)
+def test_the_listener_itself_checks_the_host_header(
+    version: HttpVersion, hosts: list[str], refused: bool
+) -> None:
+    # What reaches the handler past a parser that does not check (older aiohttp releases).
+    headers = CIMultiDict(("Host", host) for host in hosts)
+    request = make_mocked_request("GET", "/v2/health/live", headers=headers, version=version)
+    if refused:
+        with pytest.raises(InvalidArgument, match="Host"):
+            _check_host(request)
+    else:
+        _check_host(request)
+
+
+def test_an_http_1_0_request_without_a_host_header_is_served(kserve_server: ServerThread) -> None:
+    answer = _raw(kserve_server.http_target, b"GET /v2/health/live HTTP/1.0\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.0 200 OK\r\n"), answer[:200]

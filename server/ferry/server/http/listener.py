@@ -693,6 +693,7 @@ class HttpListener:
             if "#" in request.raw_path:
                 # It was routed as part of the path (404 "no endpoint") or of the query (served).
                 raise InvalidArgument(FRAGMENT)
+            _check_host(request)
             _check_expectations(request.headers.getall("Expect", []))
             if self._check_token and not (self._open_health and is_health(path)):
                 self._authorize(request.headers.getall("Authorization", []))
@@ -844,6 +845,19 @@ def _answer_in_http11(request: web.BaseRequest) -> None:
     if an aiohttp release changes either."""
     request._version = HttpVersion11
     request._cache.pop("version", None)
+
+
+def _check_host(request: web.BaseRequest) -> None:
+    """400 (RFC 9112 3.2, a MUST) for an HTTP/1.1 request with no Host header and for any with
+    more than one: which host was meant is unknown. Recent aiohttp parsers (3.14) refuse both;
+    older releases Ferry allows (aiohttp>=3.9) served them. HTTP/1.0 needs none."""
+    hosts = request.headers.getall("Host", [])
+    if len(hosts) > 1:
+        raise InvalidArgument(f"the request has {len(hosts)} Host headers: send one")
+    if not hosts and request.version >= HttpVersion11:
+        raise InvalidArgument(
+            "an HTTP/1.1 request must carry a Host header (RFC 9112): send 'Host: <host>[:<port>]'"
+        )
 
 
 def _check_expectations(values: list[str]) -> None:
