@@ -403,6 +403,16 @@ def test_usage_errors_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
     assert info.value.code == 2 and "1,4,16,64" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("target", ["127.0.0.1:port", ":8001", "127.0.0.1:1,127.0.0.1:"])
+def test_a_target_grpc_cannot_reach_is_a_usage_error(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was taken, and every command failed at its first call instead."""
+    for argv in (["models", "list"], ["infer", "m", "--random"], ["health"]):
+        code, _, err = ferry(capsys, *argv, "--target", target)
+        assert code == 2 and "HOST:PORT" in one_error_line(err)
+
+
 def test_architecture_kwargs_naming_a_key_twice_are_refused(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -28,7 +28,7 @@ from ferry.client import (
     TLSConfig,
 )
 from ferry.client._channel import resolve_target
-from ferry.client._errors import from_rpc_error
+from ferry.client._errors import InvalidArgumentError, from_rpc_error
 from ferry.client._retry import NO_RETRY, acall_with_retry, call_with_retry
 from ferry.client.loadtest import LoadTestConfig
 
@@ -255,6 +255,36 @@ def test_resolve_target_refuses_what_grpc_cannot_list(target: str | list[str]) -
     """An empty target reached grpc, which logged "no server name supplied in dns URI"."""
     with pytest.raises(ValueError):
         resolve_target(target)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "127.0.0.1:port",
+        "127.0.0.1:",
+        ":8001",
+        "a:1:2",
+        "[::1]x",
+        "127.0.0.1:1,127.0.0.1:x",
+        ["127.0.0.1:1", "127.0.0.1:x"],
+        "ipv4:127.0.0.1:1,127.0.0.1:port",
+        "dns:///localhost:port",
+    ],
+)
+def test_clients_refuse_an_endpoint_grpc_cannot_reach_when_made(target: str | list[str]) -> None:
+    """Each was accepted when the client was made and failed only at the first call (the
+    async client's with a traceback out of gRPC's channel builder)."""
+    with pytest.raises(InvalidArgumentError):
+        InferenceClient(target)
+    with pytest.raises(InvalidArgumentError):
+        AsyncInferenceClient(target)
+
+
+@pytest.mark.parametrize(
+    "target", ["localhost", "localhost:8001", "[::1]:8001", "[::1]", "::1", "unix:/tmp/s"]
+)
+def test_targets_grpc_reads_are_still_accepted(target: str) -> None:
+    InferenceClient(target).close()
 
 
 def test_several_endpoints_get_round_robin_and_one_keeps_the_default() -> None:

@@ -136,17 +136,48 @@ def split_endpoints(target: str | Sequence[str]) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+# Targets whose address is not HOST:PORT (a socket path, or a resolver with a syntax of its own).
+_NOT_HOST_PORT = ("unix:", "unix-abstract:", "vsock:")
+
+
 def _check_port(endpoint: str) -> None:
-    """Refuse a port no TCP endpoint has: gRPC keeps its low 16 bits, so "127.0.0.1:99999"
-    connected to port 34463, whatever listens there."""
-    if endpoint.startswith(("unix:", "unix-abstract:", "vsock:")):
+    """Refuse an endpoint gRPC cannot connect to, now rather than at the first call: a port
+    that is not a number ("127.0.0.1:port"), an empty port or host ("127.0.0.1:", ":8001"),
+    and a port no TCP endpoint has (gRPC keeps its low 16 bits, so "127.0.0.1:99999"
+    connected to port 34463, whatever listens there). A host alone ("localhost") is gRPC's
+    default port, and a bare IPv6 address ("::1") a host without a port."""
+    if endpoint.startswith(_NOT_HOST_PORT):
         return
     body = endpoint
     if body.startswith("dns:"):
         body = body.removeprefix("dns:").lstrip("/")
         body = body.rpartition("/")[2]  # dns://AUTHORITY/HOST:PORT
-    host, sep, port = body.rpartition(":")
-    if sep and host and port.isdigit() and not 0 < int(port) < 65536:
+    elif "://" in body:
+        return  # another resolver's URI (xds:///name): its syntax is its own
+    if body.startswith("["):
+        host, close, rest = body[1:].partition("]")
+        if not close or (rest and not rest.startswith(":")):
+            raise InvalidArgumentError(
+                f"endpoint {endpoint!r} must be HOST:PORT (an IPv6 address in brackets: [::1]:8001)"
+            )
+        sep, port = rest[:1], rest[1:]
+    elif body.count(":") > 1:
+        if _ip_version(body) == 6:
+            return
+        raise InvalidArgumentError(
+            f"endpoint {endpoint!r} must be HOST:PORT (an IPv6 address in brackets: [::1]:8001)"
+        )
+    else:
+        host, sep, port = body.rpartition(":")
+        if not sep:
+            host = body
+    if not host:
+        raise InvalidArgumentError(f"endpoint {endpoint!r} has no host: give HOST:PORT")
+    if sep and not (port.isascii() and port.isdigit()):
+        raise InvalidArgumentError(
+            f"endpoint {endpoint!r}: the port {port!r} is not a number: give HOST:PORT"
+        )
+    if sep and not 0 < int(port) < 65536:
         raise InvalidArgumentError(f"endpoint {endpoint!r}: port {port} is not within 1..65535")
 
 
