@@ -413,6 +413,20 @@ def test_a_target_grpc_cannot_reach_is_a_usage_error(
         assert code == 2 and "HOST:PORT" in one_error_line(err)
 
 
+@pytest.mark.parametrize("target", ["a.example:1,b.example:1", "127.0.0.1:port"])
+def test_a_target_refusal_says_what_a_cli_user_can_do(
+    target: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Several host names were answered with the SDK's load_balancing='round_robin', which no
+    flag sets; `ferry loadtest` added "compare the inputs", as if the model's inputs were wrong."""
+    for argv in (["models", "list"], ["loadtest", "m"], ["upload", "m", "x.pt"]):
+        code, _, err = ferry(capsys, *argv, "--target", target)
+        line = one_error_line(err)
+        assert code == 2 and "load_balancing" not in line and "inputs" not in line, line
+    code, _, err = ferry(capsys, "models", "list", "--target", "a.example:1,b.example:1")
+    assert "--target 10.0.0.1:8001,10.0.0.2:8001" in one_error_line(err)
+
+
 def test_architecture_kwargs_naming_a_key_twice_are_refused(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

@@ -32,6 +32,7 @@ from ferry.client import (
     TLSConfig,
     UnimplementedError,
 )
+from ferry.client._channel import HOST_LIST_HINT
 from ferry.client._errors import WRONG_LISTENER
 from ferry.client._requests import MAX_TIMEOUT_S
 
@@ -179,11 +180,23 @@ def tls_config(args: argparse.Namespace) -> TLSConfig | None:
         raise UsageError(str(exc)) from None
 
 
+def usage_error(exc: ValueError) -> UsageError:
+    """A connection option the SDK refused, worded for the command line: the SDK's advice for
+    several host names is an option (load_balancing) that no flag sets."""
+    text = str(exc)
+    if text.endswith(HOST_LIST_HINT):
+        text = text.removesuffix(HOST_LIST_HINT) + (
+            "give IP addresses (--target 10.0.0.1:8001,10.0.0.2:8001), or one host name, "
+            "which reaches one of the servers it resolves to"
+        )
+    return UsageError(text)
+
+
 def channel_config(args: argparse.Namespace) -> ChannelConfig:
     try:
         return ChannelConfig(args.target, tls=tls_config(args), token=args.token)
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise usage_error(exc) from None
 
 
 def connect(cls: Callable[..., C], args: argparse.Namespace, **options: Any) -> C:
@@ -194,7 +207,7 @@ def connect(cls: Callable[..., C], args: argparse.Namespace, **options: Any) -> 
             args.target, timeout=args.timeout, tls=tls_config(args), token=args.token, **options
         )
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        raise usage_error(exc) from None
 
 
 # gRPC's own bound on a message (a C int). A command sends one request whose inputs it has

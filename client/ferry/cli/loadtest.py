@@ -22,6 +22,7 @@ from ferry.cli._common import (
     seed_int,
     shape_spec,
     tls_config,
+    usage_error,
     version_number,
 )
 from ferry.client import ConnectionError_, FerryError, InferenceClient
@@ -243,8 +244,8 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     config = _config(args)
     try:
         config.validate()
-    except LoadTestConfigError as exc:
-        raise UsageError(str(exc)) from None
+    except ValueError as exc:  # LoadTestConfigError, or the target's InvalidArgumentError
+        raise usage_error(exc) from None
     # The connection flags (a PEM file it cannot read), judged as every other command's client
     # judges them: the run makes its clients later, in its event loop, where a ValueError was
     # a traceback.

@@ -128,6 +128,14 @@ def _ip_version(host: str) -> int | None:
         return None
 
 
+# What an SDK caller can do about several host names; the CLI, which has no load_balancing
+# option, says something else in its place.
+HOST_LIST_HINT = (
+    "give addresses, or one DNS name that resolves to every server with "
+    "load_balancing='round_robin'"
+)
+
+
 def split_endpoints(target: str | Sequence[str]) -> list[str]:
     """Each server a target names (``A,B``, ``ipv4:A,B`` or a list), one per entry."""
     if not isinstance(target, str):
@@ -209,8 +217,7 @@ def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
         return "ipv6:" + ",".join(endpoints), len(endpoints)
     raise InvalidArgumentError(
         f"several endpoints must all be IPv4 or all IPv6 addresses, got {endpoints}: a gRPC target "
-        "cannot list host names; give addresses, or one DNS name that resolves to every server "
-        "with load_balancing='round_robin'"
+        f"cannot list host names; {HOST_LIST_HINT}"
     )
 
 
