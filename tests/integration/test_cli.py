@@ -157,6 +157,12 @@ def test_infer_errors_say_what_to_fix(
     np.save(tmp_path / "bad.npy", np.ones((1, 5), np.float32))
     code, _, err = ferry(capsys, "infer", "mlp", "-i", str(tmp_path / "bad.npy"), *t)
     assert code == 1 and "ferry models describe" in one_error_line(err)
+    # the inputs are fine: the hint sent the user to them instead of the output names
+    for outputs in (["nope"], ["logits", "logits"]):
+        flags = [f for o in outputs for f in ("--output", o)]
+        code, _, err = ferry(capsys, "infer", "mlp", "--random", *flags, *t)
+        line = one_error_line(err)
+        assert code == 1 and "output names (--output)" in line and "inputs" not in line, line
     code, _, err = ferry(capsys, "infer", "two_io", "--random", "-o", str(tmp_path / "o.npy"), *t)
     assert code == 2 and ".npz" in one_error_line(err)
     code, _, err = ferry(capsys, "models", "list", "--target", closed_port(), "--timeout", "5")

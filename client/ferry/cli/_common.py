@@ -317,6 +317,15 @@ def shape_spec(text: str) -> tuple[str, tuple[int, ...]]:
         ) from None
 
 
+# How the server words a refusal of the requested outputs (core/inputs.py): an unknown name or
+# one asked twice. Such a request's inputs are fine; the hint must not send the user to them.
+_OUTPUT_REFUSALS = (": unknown outputs ", "' is requested twice")
+
+
+def _names_outputs(message: str) -> bool:
+    return any(marker in message for marker in _OUTPUT_REFUSALS)
+
+
 def _hint(exc: FerryError, args: argparse.Namespace) -> str:
     if isinstance(exc, UnimplementedError) and WRONG_LISTENER in exc.message:
         return ""  # the SDK's message already says which listener serves what
@@ -336,6 +345,8 @@ def _hint(exc: FerryError, args: argparse.Namespace) -> str:
     if isinstance(exc, ModelNotReadyError):
         return "the model is still loading or failed: see `ferry models list`"
     if isinstance(exc, InvalidInputError):
+        if _names_outputs(exc.message):
+            return "compare the output names (--output) with `ferry models describe MODEL`"
         return "compare the inputs with `ferry models describe MODEL`"
     if isinstance(exc, DeadlineExceededError):
         return "the call ran out of time: raise --timeout, or lower the load"
