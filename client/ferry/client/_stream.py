@@ -390,8 +390,15 @@ class InferStream(StreamState):
     ...     for rid, result in stream.results():
     ...         ...
 
-    ``submit`` blocks while ``max_in_flight`` requests are unanswered, which bounds memory without
-    a reader having to keep up. Thread-safe: one thread may submit while another reads results.
+    ``submit`` blocks while ``max_in_flight`` requests are unanswered: that bounds the requests
+    in flight, not the answers. Answers arrive on a background thread and wait in memory until
+    ``results()`` yields them, so a caller that submits without reading holds every answer, as
+    the pattern above means to. No bound on them can be enforced without breaking that pattern:
+    blocking ``submit`` (or the reader) past N unread answers deadlocks it once more than N are
+    submitted, and raising refuses it. To keep memory flat over a long run, read ``results()``
+    as you submit (``until_closed=True`` in another thread) or use ``infer_many``, which holds
+    at most ``max_in_flight`` requests and answers. Thread-safe: one thread may submit while
+    another reads results.
     """
 
     def __init__(self, method: Any, model: str, **options: Any) -> None:
