@@ -360,47 +360,29 @@ def test_an_output_not_batched_first_is_refused_at_load_on_a_model_zeros_cannot_
         assert "max_batch_size = 8, but output 'y' is [1, 2] for a batch of 2" in status.reason
 
 
+@pytest.mark.parametrize("batching", [{"max_batch_size": 8}, {}], ids=["configured", "left-unset"])
 def test_an_output_not_batched_first_never_mixes_requests_when_no_made_up_row_runs(
-    tmp_path: Path, start_server: StartServer
+    tmp_path: Path, start_server: StartServer, batching: dict[str, int]
 ) -> None:
     """A model that runs on no row the server makes up is checked on the first request's own
     row (alone, then twice) before requests share a run: two requests of k = 2 were batched
     together and each served a column of the other's values; each now fails
-    FAILED_PRECONDITION naming the output and the fix."""
-    root = make_repo(tmp_path / "repo", {"set": _guarded_transpose_model(7.0)})
-    write_config(root, "set", {"batching": {"max_batch_size": 8}, "instances": {"count": 1}})
+    FAILED_PRECONDITION naming the output and the fix. Left unset, such a model was batched on
+    its shapes alone with no check at all; it is checked the same way."""
+    root = make_repo(tmp_path / "repo", {"m": _guarded_transpose_model(7.0)})
+    config: dict[str, object] = {"instances": {"count": 1}}
+    if batching:
+        config["batching"] = batching
+    write_config(root, "m", config)
     srv = start_server(root)
     first = {"x": np.array([[7.0, 1.0]], np.float32)}
     rest = [{"x": np.array([[7.0, 2.0]], np.float32)}, {"x": np.array([[7.0, 3.0]], np.float32)}]
     with (
         InferenceClient(srv.target, timeout=60) as client,
         ThreadPoolExecutor(4) as pool,
-        ExecutionGate(srv, "set") as gate,
+        ExecutionGate(srv, "m") as gate,
     ):
-        head, tail = _queue_behind_gate(client, gate, pool, "set", first=first, rest=rest)
-        gate.release()
-        for future in [head, *tail]:
-            with pytest.raises(FailedPreconditionError, match=r"output 'y' is \[2, 1\] for a bat"):
-                future.result(60)
-
-
-def test_an_unconfigured_model_no_probe_row_runs_never_mixes_requests_on_its_shapes(
-    tmp_path: Path, start_server: StartServer
-) -> None:
-    """Left unset, a model the probe's rows do not run was batched on its shapes alone with no
-    check of its outputs' first dimension: two requests of k = 2 each got a column of the
-    other's values. It is checked on the first request's own row, as a configured one is."""
-    root = make_repo(tmp_path / "repo", {"unset": _guarded_transpose_model(7.0)})
-    write_config(root, "unset", {"instances": {"count": 1}})
-    srv = start_server(root)
-    first = {"x": np.array([[7.0, 1.0]], np.float32)}
-    rest = [{"x": np.array([[7.0, 2.0]], np.float32)}, {"x": np.array([[7.0, 3.0]], np.float32)}]
-    with (
-        InferenceClient(srv.target, timeout=60) as client,
-        ThreadPoolExecutor(4) as pool,
-        ExecutionGate(srv, "unset") as gate,
-    ):
-        head, tail = _queue_behind_gate(client, gate, pool, "unset", first=first, rest=rest)
+        head, tail = _queue_behind_gate(client, gate, pool, "m", first=first, rest=rest)
         gate.release()
         for future in [head, *tail]:
             with pytest.raises(FailedPreconditionError, match=r"output 'y' is \[2, 1\] for a bat"):
