@@ -67,6 +67,9 @@ def emit(stage, fraction, message="", error_kind=""):
                           "error_kind": error_kind}) + "\n")
     out.flush()
 mode = job["architecture_kwargs"].get("fake", "ok")
+if mode == "env":  # report the environment the child was given, then succeed
+    json.dump(dict(os.environ), open(job["architecture_kwargs"]["env_to"], "w"))
+    mode = "ok"
 work = job["work_dir"]
 emit("load", 0.0, "loading")
 print("exporter chatter on stdout")
@@ -329,6 +332,34 @@ def test_a_client_leaving_during_an_archive_extraction_leaves_no_folder(
 def convert_fake(conv: ConversionClient, model: str, mode: str, seed: int = 0, **kw: Any) -> Any:
     up = conv.upload(model, onnx_bytes(seed), format="onnx", architecture_kwargs={"fake": mode})
     return conv.convert(up, **kw)
+
+
+def test_the_conversion_process_is_not_given_the_servers_secrets(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Code reached through an upload runs in the child: it inherited the server environment,
+    the management and inference tokens included. Secrets stay out; the rest still reaches it."""
+    monkeypatch.setenv("FERRY_MANAGEMENT_TOKEN", "m-secret")
+    monkeypatch.setenv("FERRY_INFERENCE_TOKEN", "i-secret")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "aws-secret")
+    monkeypatch.setenv("HF_TOKEN", "hf-secret")
+    monkeypatch.setenv("TLS_KEY_PASSPHRASE", "pass-secret")
+    monkeypatch.setenv("FERRY_HARMLESS_PROBE", "kept-out-too")
+    monkeypatch.setenv("SOME_PLAIN_SETTING", "kept")
+    _, conv = start()
+    report = tmp_path / "child_env.json"
+    up = conv.upload(
+        "envm",
+        onnx_bytes(),
+        format="onnx",
+        architecture_kwargs={"fake": "env", "env_to": str(report)},
+    )
+    assert conv.convert(up).wait(progress=False).state == "SUCCEEDED"
+    env = json.loads(report.read_text())
+    secrets = {"m-secret", "i-secret", "aws-secret", "hf-secret", "pass-secret"}
+    assert not [k for k, v in env.items() if v in secrets or k.startswith("FERRY_")]
+    assert env["SOME_PLAIN_SETTING"] == "kept" and env["PATH"] == os.environ["PATH"]
+    assert env["MALLOC_ARENA_MAX"] == "2"
 
 
 def test_success_publishes_serves_and_reports(

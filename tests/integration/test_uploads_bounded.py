@@ -417,3 +417,33 @@ def test_uploads_checked_together_run_no_more_check_processes_than_conversions(
         done = [f.result(timeout=120) for f in futures]
     assert started() == 3 and slots.waiting == 0
     assert {u.sha256 for u in done} == {hashlib.sha256(data).hexdigest()}
+
+
+# The upload's check process, writing the environment it was given before it checks.
+ENV_CHECK = r"""
+import json, os, sys
+json.dump(dict(os.environ), open(sys.argv[1], "w"))
+from ferry.server.convert.upload_check import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_the_upload_check_process_is_not_given_the_servers_secrets(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check parses a client's file in a process of its own: it inherited the server's
+    environment, the management token included. Secrets stay out; the rest still reaches it."""
+    monkeypatch.setenv("FERRY_MANAGEMENT_TOKEN", "m-secret")
+    monkeypatch.setenv("DB_PASSWORD", "db-secret")
+    monkeypatch.setenv("SOME_PLAIN_SETTING", "kept")
+    report = tmp_path / "check_env.json"
+    script = tmp_path / "env_check.py"
+    script.write_text(ENV_CHECK)
+    monkeypatch.setattr(upload_check, "COMMAND", [sys.executable, str(script), str(report)])
+    _, conv = start()
+    data = mlp_model(sizes=(64, 256, 10)).SerializeToString()
+    assert len(data) > upload_check.IN_PROCESS_BYTES  # checked in a process of its own
+    conv.upload("m", data, format="onnx")
+    env = json.loads(report.read_text())
+    assert not [k for k, v in env.items() if v in ("m-secret", "db-secret")]
+    assert env["SOME_PLAIN_SETTING"] == "kept" and env["MALLOC_ARENA_MAX"] == "2"

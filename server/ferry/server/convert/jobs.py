@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.server.convert import out_of_memory, publish, spec
+from ferry.server.convert.child_env import child_environment
 from ferry.server.convert.out_of_memory import text_says_out_of_memory
 from ferry.server.convert.store import (
     EventRecord,
@@ -431,7 +432,7 @@ class JobRunner:
                 stderr=asyncio.subprocess.PIPE,
                 start_new_session=True,
                 cwd=cwd,
-                env={**os.environ, **CHILD_ENV},
+                env=child_environment(CHILD_ENV),
             )
         except BaseException:
             os.close(read_fd)

@@ -42,6 +42,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from ferry.server.convert import out_of_memory
+from ferry.server.convert.child_env import child_environment
 from ferry.server.errors import (
     DeadlineExceeded,
     ErrorKind,
@@ -143,7 +144,7 @@ async def _check_in_child(fmt: str, path: Path, *, memory_bytes: int, time_limit
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
             cwd=path.parent,
-            env={**os.environ, **_ENV},
+            env=child_environment(_ENV),
         )
     except OSError as exc:
         raise InternalError(f"could not start the upload's check process: {exc}") from None
