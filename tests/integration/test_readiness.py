@@ -228,3 +228,42 @@ def test_once_draining_every_readiness_question_says_not_ready(gated: Any) -> No
             assert "shutting down" in body, (path, body)
     finally:
         conn.close()
+
+
+def test_a_model_cannot_take_a_served_services_health_name(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """grpc.health.v1 answers by one name for a model and a service alike: a model folder named
+    inference.GRPCInferenceService served, and an unload of it left its health SERVING (the
+    service's status). Such a folder is not served; LoadModel and Check of it say why."""
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    from ferry.client import ConversionClient, InvalidInputError, RepositoryClient
+    from ferry.server.core.repository import SERVICE_NAMES
+
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "alpha", identity_model("FP32"))
+    clash = "inference.GRPCInferenceService"
+    (repo.root / clash / "1").mkdir(parents=True)
+    (repo.root / clash / "1" / "model.onnx").write_bytes(
+        (repo.root / "alpha" / "1" / "model.onnx").read_bytes()
+    )
+    srv = start_server(repo.root)
+    assert srv.app is not None
+    assert clash not in {s.name for s in srv.app.dataplane.list_models()}
+    assert any(clash in line for line in repo.misplaced_model_files())
+    refused = pytest.raises(InvalidInputError, match="name of a gRPC service Ferry serves")
+    with RepositoryClient(srv.management_target, timeout=30) as client, refused:
+        client.load_model(clash)
+    refused = pytest.raises(InvalidInputError, match="name of a gRPC service Ferry serves")
+    with ConversionClient(srv.management_target, timeout=30) as conversion, refused:
+        conversion.upload("ferry.v1.Inference", b"onnx", format="onnx")
+    for target in (srv.target, srv.management_target):  # every name a listener serves is refused
+        with grpc.insecure_channel(target) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            ask = reflection_pb2.ServerReflectionRequest(list_services="")
+            (reply,) = stub.ServerReflectionInfo(iter([ask]), timeout=10)
+            served = {s.name for s in reply.list_services_response.service}
+            assert served and served <= SERVICE_NAMES
+    assert _health(srv.target, clash) == SERVING  # the service's status, the replica's
+    assert _health(srv.target, "alpha") == SERVING

@@ -34,6 +34,21 @@ from ferry.server.errors import (
 )
 
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+# The gRPC services Ferry serves, on either listener. grpc.health.v1 answers a Check by one name
+# for a model and for a service alike: a model named like a service shared that name's status
+# (the service's overwrote the model's), so a probe of the model read the replica's state. Such
+# a name is refused as a model's, and such a folder is not served.
+SERVICE_NAMES = frozenset(
+    {
+        "ferry.v1.Inference",
+        "ferry.v1.ModelRepository",
+        "ferry.v1.ModelConversion",
+        "inference.GRPCInferenceService",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
 VERSION_RE = re.compile(r"[1-9][0-9]*")
 MODEL_FILE = "model.onnx"
 # A model over 2 GiB keeps its weights beside model.onnx (ONNX external data), in this one file;
@@ -60,6 +75,11 @@ def validate_model_name(name: str) -> str:
         raise InvalidArgument(
             f"invalid model name {shown!r}: use 1-128 characters from [A-Za-z0-9_.-], "
             "starting with a letter or digit"
+        )
+    if name in SERVICE_NAMES:
+        raise InvalidArgument(
+            f"invalid model name {name!r}: it is the name of a gRPC service Ferry serves, and a "
+            f"grpc.health.v1 check of {name!r} answers for that service; choose another name"
         )
     return name
 
@@ -125,7 +145,12 @@ class ModelRepository:
                 "what is loaded keeps serving; restore the folder and refresh again"
             ) from None
         for entry in entries:
-            if entry.is_dir() and not entry.is_symlink() and MODEL_NAME_RE.fullmatch(entry.name):
+            if (
+                entry.is_dir()
+                and not entry.is_symlink()
+                and MODEL_NAME_RE.fullmatch(entry.name)
+                and entry.name not in SERVICE_NAMES
+            ):
                 names.append(entry.name)
         return names
 
@@ -178,6 +203,12 @@ class ModelRepository:
                         f"folder {short(entry.name)!r} holds a model but is not a valid model "
                         "name, so it is not served: rename it to 1-128 characters from "
                         f"[A-Za-z0-9_.-], starting with a letter or digit ({layout})"
+                    )
+                elif entry.name in SERVICE_NAMES:
+                    found.append(
+                        f"folder {entry.name!r} holds a model but is named like a gRPC service "
+                        "Ferry serves (its grpc.health.v1 status is the service's), so it is not "
+                        f"served: rename it ({layout})"
                     )
         for name in self.list_models():
             with contextlib.suppress(OSError):
