@@ -1130,3 +1130,28 @@ def test_a_refresh_reloads_external_weights_under_any_name(repo: ModelRepository
         await registry.close()
 
     arun(main)
+
+
+def test_a_failed_reload_keeps_the_signature_of_the_files_served(repo: ModelRepository) -> None:
+    """A reload that failed recorded the new files' signature as the served one: a shadow
+    comparison (keyed on it) threw its figures away though the same files still served. The
+    served signature stays; the failed files are still not tried again at every poll."""
+    write_model(repo, "seed", seed_model())
+
+    async def main() -> None:
+        registry = _registry(repo)
+        await registry.refresh()
+        served = registry.get("seed")
+        before = registry.models["seed"].versions[1].signature
+        model = repo.version_dir("seed", 1) / "model.onnx"
+        model.write_bytes(b"not an onnx model")
+        os.utime(model, ns=(1, 1))  # a rewrite within the same mtime tick still counts
+        assert len((await registry.refresh(retry_failed=False)).failed) == 1
+        slot = registry.models["seed"].versions[1]
+        assert registry.get("seed") is served and slot.signature == before
+        assert (await registry.refresh(retry_failed=False)).failed == []  # not tried again
+        (row,) = registry.failed_loads()  # workers are told the files that failed
+        assert row[3] != json.loads(json.dumps(before))
+        await registry.close()
+
+    arun(main)

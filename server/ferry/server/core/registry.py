@@ -67,8 +67,18 @@ class VersionSlot:
     reason: str = ""
     loaded: LoadedVersion | None = None
     # The stat signature (_file_signature) of model.onnx, of the version's own config and of
-    # its external weights (model.onnx.data) when last tried
+    # its external weights (model.onnx.data) as loaded: what it serves (a shadow comparison's
+    # key reads it), or for a version that is not loaded, the files last tried
     signature: Signature = None
+    # The files whose reload failed while this one keeps serving its earlier load (None: no
+    # such failure): not tried again at every poll, only after a new change. Written into
+    # ``signature`` it changed the shadow comparison's key and dropped the figures collected,
+    # though the same files still served.
+    tried_signature: Signature = None
+
+    def files_seen(self) -> Signature:
+        """The files a refresh compares with what is on disk: the last ones tried."""
+        return self.signature if self.tried_signature is None else self.tried_signature
 
 
 @dataclass
@@ -213,7 +223,7 @@ class ModelRegistry:
                     rows.append([entry.name, slot.version, slot.reason, _plain(slot.signature)])
                 elif _reload_failed(slot):
                     why = slot.reason[len(_STILL_SERVING) :]
-                    rows.append([entry.name, slot.version, why, _plain(slot.signature)])
+                    rows.append([entry.name, slot.version, why, _plain(slot.files_seen())])
         return rows
 
     async def follow_failures(self, rows: list[list[Any]]) -> None:
@@ -926,7 +936,7 @@ class ModelRegistry:
                 slot is None
                 or config_changed
                 or (slot.state is State.FAILED and (retry_failed or slot.signature != sig))
-                or (slot.loaded is not None and slot.signature != sig)  # its files changed
+                or (slot.loaded is not None and slot.files_seen() != sig)  # its files changed
                 # Asked again (a load, a refresh): a reload that failed is tried again, and
                 # fails again in the answer. It was not, and LoadModel answered OK while the
                 # files on disk did not load and the previous load kept answering.
@@ -1001,7 +1011,7 @@ class ModelRegistry:
             if old is not None and old.loaded is not None:
                 # A reload failed: keep serving the old session rather than dropping the version.
                 old.reason = _still_serving(reason)
-                old.signature = sig  # tried: not again at every poll, only after a new change
+                old.tried_signature = sig  # not again at every poll, only after a new change
                 result.failed.append(f"{entry.name}/{version}: {reason}")
                 return
             entry.versions[version] = VersionSlot(version, State.FAILED, reason, None, sig)
