@@ -684,3 +684,68 @@ def test_a_version_the_first_process_fails_to_load_at_start_is_served_by_no_work
             options = [("ferry.test.connection", i)]
             with InferenceClient(f"127.0.0.1:{fleet.port}", options=options) as client:
                 assert client.ready() and not client.ready("big")
+
+
+# A sitecustomize that holds the load of model "big" (in the first process, or in the worker
+# processes) until a file named "release" appears beside the hook folder: a start-up load that
+# takes minutes. It says so with a file named "held".
+_HOLD = """
+import os
+import time
+from pathlib import Path
+
+if {where}:
+    import ferry.server.grpc.app as app
+
+    original = app.open_session
+
+    def held(path, config, **kw):
+        if path.parent.parent.name == "big":
+            Path({tmp!r}, "held").touch()
+            for _ in range(1200):  # bounded: two minutes at most
+                if Path({tmp!r}, "release").exists():
+                    break
+                time.sleep(0.1)
+        return original(path, config, **kw)
+
+    app.open_session = held
+"""
+
+
+@pytest.mark.parametrize("where", ["first", "worker"])
+def test_sigterm_while_a_load_holds_the_start_stops_at_once(tmp_path: Path, where: str) -> None:
+    """SIGTERM while ``ferry serve --workers 2`` was still loading: the start was given up, but
+    the process's exit joined the loader thread that still opened the model (the first
+    process's load), or the first process waited the workers' grace and killed them (a
+    worker's load): the kubelet's grace ran out first. It now exits 0 at once, every worker
+    stopped and the run folder gone."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model(), "big": seed_model()})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    in_worker = 'os.environ.get("FERRY_WORKER_SOCKET")'
+    test = in_worker if where == "worker" else f"not {in_worker}"
+    (hook / "sitecustomize.py").write_text(_HOLD.format(where=test, tmp=str(tmp_path)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FERRY_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])
+    env["TMPDIR"] = str(tmp_path)  # the run folder is made here: the test sees it go
+    args = [sys.executable, "-m", "ferry.server", "--repository", str(root), "--workers", "2"]
+    args += ["--host", "127.0.0.1", "--port", "0", "--management-port", "-1"]
+    args += ["--http-port", "-1", "--management-http-port", "-1", "--metrics-port", "-1"]
+    args += ["--grace-period", "60"]  # waited out, the stop would outlast WAIT_S
+    proc = subprocess.Popen(
+        args, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
+    )
+    try:
+        wait_for((tmp_path / "held").exists, "the load of big to be held")
+        pids = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=WAIT_S)  # the held load would take two minutes
+    finally:
+        (tmp_path / "release").touch()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "stopping during" in err and "Traceback" not in err
+    wait_for(lambda: all(_gone(p) for p in pids), "every worker to be gone")
+    assert not list(tmp_path.glob("ferry-workers-*"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from ferry.server.logs import configure_logging
@@ -40,7 +41,8 @@ def serve(args: argparse.Namespace) -> int:
 
     raise_open_files_limit()
     try:
-        asyncio.run(FerryServer(settings).run_until_signal())
+        server = FerryServer(settings)  # a missing repository folder raises here
+        asyncio.run(server.run_until_signal())
     except (OSError, SettingsError) as exc:  # a port in use, a bad token or certificate file
         print(f"ferry serve: {exc}", file=sys.stderr)
         return 1
@@ -50,7 +52,22 @@ def serve(args: argparse.Namespace) -> int:
     except WorkerStartError as exc:  # --workers: one died while the fleet started
         print(f"ferry serve: {exc}", file=sys.stderr)
         return 1
+    if server.registry.opening:
+        _exit_now()
     return 0
+
+
+def _exit_now() -> None:
+    """Exit 0 at once: the server has stopped (listeners closed, workers stopped, run folder
+    removed), but a model load the stop gave up (SIGTERM during the start-up load) still runs
+    in a loader thread that onnxruntime does not let go of. The interpreter's exit joined it,
+    minutes for a large model: past a pod's grace period, so the kubelet killed the process."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main(argv: list[str] | None = None) -> int:

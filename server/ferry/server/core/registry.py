@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -199,6 +200,11 @@ class ModelRegistry:
         # In a worker: the versions the first process keeps serving beside a newer one of the
         # policy that did not load there (_kept_serving), which a sync here serves too.
         self._first_kept: set[tuple[str, int]] = set()
+        # Model files being opened on the loader pool now (_create). A stop gives up the
+        # loads it waits for, but their threads run on in onnxruntime; the process's exit
+        # joins them (cli.serve), and a SIGTERM during a long start-up load waited for it.
+        self._opening = 0
+        self._opening_lock = threading.Lock()
 
     @property
     def unloaded_by_request(self) -> list[str]:
@@ -1040,16 +1046,29 @@ class ModelRegistry:
             self.pools.loading, self._create, name, version, path, config
         )
 
+    @property
+    def opening(self) -> int:
+        """How many model files are being opened on the loader pool now (a load given up by
+        a stop still runs there until onnxruntime returns)."""
+        with self._opening_lock:
+            return self._opening
+
     def _create(self, name: str, version: int, path: Path, config: ModelConfig) -> LoadedVersion:
-        return open_version(
-            self._opener,
-            name,
-            version,
-            path,
-            config,
-            warm_up=self._warm_up,
-            executor=self.pools.execution,
-        )
+        with self._opening_lock:
+            self._opening += 1
+        try:
+            return open_version(
+                self._opener,
+                name,
+                version,
+                path,
+                config,
+                warm_up=self._warm_up,
+                executor=self.pools.execution,
+            )
+        finally:
+            with self._opening_lock:
+                self._opening -= 1
 
     async def _unload_version(
         self, entry: ModelEntry, version: int, result: RepositoryOutcome
