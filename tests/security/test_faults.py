@@ -360,14 +360,14 @@ def test_disk_full_during_a_conversion_publish(
 
 
 # Installed through PYTHONPATH into the server's environment, which the conversion child
-# inherits: the child (and only it: its argv has --job) records its pid and blocks, so "the server
+# inherits (its name is not one child_env keeps back): the child (and only it: its argv has --job) records its pid and blocks, so "the server
 # dies during a conversion" is a state the test establishes, not a race it hopes to win.
 HOLD_CHILD = """
 import os, sys, threading
 if "--job" in sys.argv and "--progress-fd" in sys.argv and sys.argv[0] != "-c":  # not the launcher
-    with open(os.environ["FERRY_TEST_CHILD_PID"] + ".tmp", "w") as fh:
+    with open(os.environ["HOLD_CHILD_PID_FILE"] + ".tmp", "w") as fh:
         fh.write(str(os.getpid()))
-    os.rename(os.environ["FERRY_TEST_CHILD_PID"] + ".tmp", os.environ["FERRY_TEST_CHILD_PID"])
+    os.rename(os.environ["HOLD_CHILD_PID_FILE"] + ".tmp", os.environ["HOLD_CHILD_PID_FILE"])
     threading.Event().wait()
 """
 
@@ -387,7 +387,7 @@ def test_sigkill_during_a_conversion(tmp_path: Path, server_process: type[Server
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(HOLD_CHILD)
     pid_file = tmp_path / "child.pid"
-    env = {"PYTHONPATH": str(hook), "FERRY_TEST_CHILD_PID": str(pid_file)}
+    env = {"PYTHONPATH": str(hook), "HOLD_CHILD_PID_FILE": str(pid_file)}
     srv = server_process(root, management=True, env=env).start()
     with grpc.insecure_channel(srv.management_target) as channel:
         stub = cpb_grpc.ModelConversionStub(channel)
