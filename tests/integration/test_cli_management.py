@@ -57,7 +57,7 @@ if calibration:
         seen["calibration"] = {k: list(npz[k].shape) for k in npz.files}
 work = job["work_dir"]
 with open(os.path.join(work, "model.onnx"), "wb") as fh:
-    fh.write(open(os.environ["FERRY_TEST_ONNX"], "rb").read())
+    fh.write(open(os.environ["CLI_TEST_ONNX_FILE"], "rb").read())
 json.dump({"variants": [{"name": "fp32", "size_bytes": 1, "latency_ms": {"1": 0.5}}],
            "published": "fp32", "opset": 17, "source_format": job["source_format"],
            "seen": seen}, open(os.path.join(work, "report.json"), "w"))
@@ -99,7 +99,7 @@ def conv_server(
     child.write_text(RECORDING_CHILD)
     onnx_file = tmp_path / "seed.onnx"
     onnx_file.write_bytes(mlp_model(sizes=(3, 4, 1)).SerializeToString())
-    monkeypatch.setenv("FERRY_TEST_ONNX", str(onnx_file))
+    monkeypatch.setenv("CLI_TEST_ONNX_FILE", str(onnx_file))
     srv.app.conversion.runner.child_command = [sys.executable, str(child)]
     return srv, ("--target", srv.management_target)
 
