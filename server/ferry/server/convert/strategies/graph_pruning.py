@@ -282,6 +282,16 @@ def _rows_reshaped(g: Graph, node: Any, group: Group) -> Layout:
     return DENSE
 
 
+def _fresh_name(g: Graph, name: str) -> tuple[str, int]:
+    """A name for a private copy of ``name`` that no initializer, node output or node input
+    uses yet, and its number (``name.N``); the Concat's copy numbers its node's name with it."""
+    copy, number = name, 0
+    while copy in g.inits or copy in g.producer or copy in g.consumers:
+        number += 1
+        copy = f"{name}.{number}"
+    return copy, number
+
+
 def _own_concat(g: Graph, reshape: Any) -> Any:
     """The Concat that computes ``reshape``'s shape, copied for it alone when other nodes read
     the same shape (an exporter computes one [N, T, C] for every layer of a width)."""
@@ -289,10 +299,7 @@ def _own_concat(g: Graph, reshape: Any) -> Any:
     concat = g.producer[name]
     if g.uses(name) == 1:
         return concat
-    copy, number = name, 0
-    while copy in g.inits or copy in g.producer or copy in g.consumers:
-        number += 1
-        copy = f"{name}.{number}"
+    copy, number = _fresh_name(g, name)
     nodes = g.model.graph.node
     position = next(i for i, n in enumerate(nodes) if n is concat)
     made = type(concat)()
@@ -357,10 +364,7 @@ def _own(g: Graph, node: Any, index: int) -> str:
     name = node.input[index]
     if g.uses(name) == 1:
         return name
-    copy, number = name, 0
-    while copy in g.inits or copy in g.producer or copy in g.consumers:
-        number += 1
-        copy = f"{name}.{number}"
+    copy, _ = _fresh_name(g, name)
     tensor = g.model.graph.initializer.add()
     tensor.CopyFrom(g.inits[name])
     tensor.name = copy
