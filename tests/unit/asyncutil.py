@@ -1,4 +1,4 @@
-"""Deterministic asyncio for the batcher's unit tests: a fake clock the test sets, a bounded
+"""Deterministic asyncio for the unit tests (the batcher's, the registry's): a fake clock the test sets, a bounded
 yield-until, and a hang guard. Ordering, never elapsed time, decides what a test observes."""
 
 from __future__ import annotations
@@ -7,13 +7,15 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 GUARD_S = 20.0
+# The hang guard of tests that open real onnxruntime sessions, which a loaded box makes slow.
+LOAD_GUARD_S = 60.0
 
 
-def arun(fn: Callable[[], Awaitable[None]]) -> None:
+def arun(fn: Callable[[], Awaitable[None]], guard_s: float = GUARD_S) -> None:
     """Run ``fn`` in a fresh loop; the timeout only stops a hang, it checks nothing."""
 
     async def guarded() -> None:
-        async with asyncio.timeout(GUARD_S):
+        async with asyncio.timeout(guard_s):
             await fn()
 
     asyncio.run(guarded())

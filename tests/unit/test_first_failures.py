@@ -8,34 +8,21 @@ sockets: the rows travel as the control channel carries them (JSON).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
+from asyncutil import LOAD_GUARD_S, arun
 
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.examples import seed_model, write_model
 from ferry.server.runtime.session import open_session
 
-GUARD_S = 60.0
-
-
-def arun(fn: Callable[[], Awaitable[None]]) -> None:
-    async def guarded() -> None:
-        async with asyncio.timeout(GUARD_S):  # a hang guard, not a check
-            await fn()
-
-    asyncio.run(guarded())
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> ModelRepository:
-    return ModelRepository(tmp_path / "repo")
+# A test's body: what it does with the first process's registry and a worker's.
+Pair = Callable[[ModelRegistry, ModelRegistry], Awaitable[None]]
 
 
 def _first(repo: ModelRepository, failing: set[int]) -> ModelRegistry:
@@ -47,6 +34,23 @@ def _first(repo: ModelRepository, failing: set[int]) -> ModelRegistry:
         return open_session(path, config, **kw)
 
     return ModelRegistry(repo, opener, warm_up=False)
+
+
+def _run(repo: ModelRepository, body: Pair, failing: set[int] | None = None) -> None:
+    """Run ``body`` with the first (failing the versions in ``failing``, which the body may
+    change) and a worker, neither of which has looked at the repository yet; both are closed
+    after it."""
+
+    async def main() -> None:
+        first = _first(repo, set() if failing is None else failing)
+        worker = ModelRegistry(repo, open_session, warm_up=False)
+        try:
+            await body(first, worker)
+        finally:
+            await first.close()
+            await worker.close()
+
+    arun(main, LOAD_GUARD_S)
 
 
 def _rows(first: ModelRegistry) -> list[list[Any]]:
@@ -71,10 +75,9 @@ def test_a_version_that_failed_in_the_first_is_failed_in_a_worker_too(
     """The worker's own load succeeds; it fails with the first's reason instead, and keeps
     serving what the first keeps serving (the previous version, under latest 1)."""
     write_model(repo, "seed", seed_model(seed=1))
+    failing: set[int] = set()
 
-    async def main() -> None:
-        failing: set[int] = set()
-        first, worker = _first(repo, failing), ModelRegistry(repo, open_session, warm_up=False)
+    async def body(first: ModelRegistry, worker: ModelRegistry) -> None:
         await first.refresh()
         await worker.refresh()
         write_model(repo, "seed", seed_model(seed=2), version=2)
@@ -96,10 +99,8 @@ def test_a_version_that_failed_in_the_first_is_failed_in_a_worker_too(
         await worker.follow_failures(_rows(first))
         await worker.load_model("seed")
         assert _serving(worker) == _serving(first) == {"seed": [2]}
-        await first.close()
-        await worker.close()
 
-    arun(main)
+    _run(repo, body, failing)
 
 
 def test_a_version_a_worker_served_before_the_first_failed_it_is_taken_out(
@@ -109,9 +110,7 @@ def test_a_version_a_worker_served_before_the_first_failed_it_is_taken_out(
     meanwhile) stops serving it once told, and its readiness follows, as the first's does."""
     write_model(repo, "seed", seed_model())
 
-    async def main() -> None:
-        first = _first(repo, {1})
-        worker = ModelRegistry(repo, open_session, warm_up=False)
+    async def body(first: ModelRegistry, worker: ModelRegistry) -> None:
         await first.refresh()
         first.settle()
         await worker.refresh()
@@ -120,10 +119,8 @@ def test_a_version_a_worker_served_before_the_first_failed_it_is_taken_out(
         await worker.follow_failures(_rows(first))
         assert _serving(worker) == _serving(first) == {"seed": []}
         assert worker.all_ready() == first.all_ready()
-        await first.close()
-        await worker.close()
 
-    arun(main)
+    _run(repo, body, {1})
 
 
 def test_files_changed_since_the_first_tried_are_loaded_by_the_worker(
@@ -133,19 +130,15 @@ def test_files_changed_since_the_first_tried_are_loaded_by_the_worker(
     refused on its word, which would hold until the first's next load of them."""
     write_model(repo, "seed", seed_model())
 
-    async def main() -> None:
-        first = _first(repo, {1})
-        worker = ModelRegistry(repo, open_session, warm_up=False)
+    async def body(first: ModelRegistry, worker: ModelRegistry) -> None:
         await first.refresh()
         rows = _rows(first)
         _replace(repo, seed_model(seed=3))  # new files, copied in since the first tried
         await worker.follow_failures(rows)
         await worker.refresh()
         assert _serving(worker) == {"seed": [1]}
-        await first.close()
-        await worker.close()
 
-    arun(main)
+    _run(repo, body, {1})
 
 
 def test_a_reload_that_failed_in_the_first_keeps_the_previous_load_in_the_worker(
@@ -154,10 +147,9 @@ def test_a_reload_that_failed_in_the_first_keeps_the_previous_load_in_the_worker
     """New files of a served version that the first could not load: it serves the previous
     load, and so does the worker, rather than answering from the new files alone."""
     write_model(repo, "seed", seed_model(seed=1))
+    failing: set[int] = set()
 
-    async def main() -> None:
-        failing: set[int] = set()
-        first, worker = _first(repo, failing), ModelRegistry(repo, open_session, warm_up=False)
+    async def body(first: ModelRegistry, worker: ModelRegistry) -> None:
         await first.refresh()
         await worker.refresh()
         before = worker.get("seed", 1)
@@ -169,10 +161,8 @@ def test_a_reload_that_failed_in_the_first_keeps_the_previous_load_in_the_worker
         assert worker.get("seed", 1) is before
         (why,) = [s.reason for s in worker.statuses("seed")]
         assert why.startswith("reload failed, still serving previous load") and "first" in why
-        await first.close()
-        await worker.close()
 
-    arun(main)
+    _run(repo, body, failing)
 
 
 def test_a_worker_started_again_serves_what_the_first_keeps_serving(
@@ -182,16 +172,14 @@ def test_a_worker_started_again_serves_what_the_first_keeps_serving(
     a worker that starts afresh serves it too once told, and drops it when the first does."""
     write_model(repo, "seed", seed_model(seed=1))
 
-    async def main() -> None:
-        first = _first(repo, set())
+    async def body(first: ModelRegistry, worker: ModelRegistry) -> None:
         await first.refresh()
         vdir = repo.model_dir("seed") / "2"
         vdir.mkdir()
         (vdir / "model.onnx").write_bytes(b"not an onnx model")
         await first.refresh()
         assert _serving(first) == {"seed": [1]}
-        worker = ModelRegistry(repo, open_session, warm_up=False)  # started again
-        await worker.refresh()
+        await worker.refresh()  # the worker, started again, takes its first look
         assert _serving(worker) == {"seed": []}  # the policy's version alone: none
         worker.follow_kept(first.kept_serving())
         await worker.refresh()
@@ -202,10 +190,8 @@ def test_a_worker_started_again_serves_what_the_first_keeps_serving(
         worker.follow_kept(first.kept_serving())
         await worker.refresh()
         assert _serving(worker) == _serving(first) == {"seed": [2]}
-        await first.close()
-        await worker.close()
 
-    arun(main)
+    _run(repo, body)
 
 
 def test_a_version_failed_on_the_first_word_is_loaded_at_a_poll_once_the_first_serves_it(
@@ -215,11 +201,9 @@ def test_a_version_failed_on_the_first_word_is_loaded_at_a_poll_once_the_first_s
     freed): a worker that had failed it on the first's word tried it again only when asked
     to (its files unchanged), lacked it at that poll, and was killed for it."""
     write_model(repo, "seed", seed_model())
+    failing = {1}
 
-    async def main() -> None:
-        failing = {1}
-        first = _first(repo, failing)
-        worker = ModelRegistry(repo, open_session, warm_up=False)
+    async def body(first: ModelRegistry, worker: ModelRegistry) -> None:
         await first.refresh()
         await worker.follow_failures(_rows(first))
         await worker.refresh()
@@ -229,10 +213,8 @@ def test_a_version_failed_on_the_first_word_is_loaded_at_a_poll_once_the_first_s
         await worker.follow_failures(_rows(first))
         await worker.refresh(retry_failed=False)  # the poll a worker follows
         assert _serving(worker) == _serving(first) == {"seed": [1]}
-        await first.close()
-        await worker.close()
 
-    arun(main)
+    _run(repo, body, failing)
 
 
 def test_a_config_error_of_the_first_is_not_sent_for_the_worker_reads_the_config_itself(
@@ -243,11 +225,9 @@ def test_a_config_error_of_the_first_is_not_sent_for_the_worker_reads_the_config
     write_model(repo, "seed", seed_model())
     (repo.model_dir("seed") / "config.json").write_text("{not json")
 
-    async def main() -> None:
-        first = _first(repo, set())
+    async def body(first: ModelRegistry, _worker: ModelRegistry) -> None:
         await first.refresh()
         assert _serving(first) == {"seed": []}
         assert first.failed_loads() == []
-        await first.close()
 
-    arun(main)
+    _run(repo, body)

@@ -11,14 +11,13 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from asyncutil import WatchedLock, until
+from asyncutil import LOAD_GUARD_S, WatchedLock, arun, until
 
 from ferry.server.core import versions
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
@@ -28,21 +27,6 @@ from ferry.server.core.types import State
 from ferry.server.errors import FailedPrecondition, ModelNotFound, ModelNotReady, VersionNotFound
 from ferry.server.examples import identity_model, mlp_model, seed_model, write_model
 from ferry.server.runtime.session import open_session
-
-GUARD_S = 60.0
-
-
-def arun(fn: Callable[[], Awaitable[None]]) -> None:
-    async def guarded() -> None:
-        async with asyncio.timeout(GUARD_S):  # a hang guard, not a check
-            await fn()
-
-    asyncio.run(guarded())
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> ModelRepository:
-    return ModelRepository(tmp_path / "repo")
 
 
 def _registry(repo: ModelRepository) -> ModelRegistry:
@@ -87,7 +71,7 @@ def test_refresh_loads_every_model(repo: ModelRepository) -> None:
         await registry.close()
         assert registry.models == {}
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_lookup_errors(repo: ModelRepository) -> None:
@@ -105,7 +89,7 @@ def test_lookup_errors(repo: ModelRepository) -> None:
             registry.statuses("ghost")
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_corrupt_model_fails_and_others_serve(repo: ModelRepository) -> None:
@@ -129,7 +113,7 @@ def test_corrupt_model_fails_and_others_serve(repo: ModelRepository) -> None:
         assert await _infer(registry, "seed") == 1
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_failed_version_is_retried_when_its_file_changes(repo: ModelRepository) -> None:
@@ -150,7 +134,7 @@ def test_failed_version_is_retried_when_its_file_changes(repo: ModelRepository) 
         assert _states(registry) == {"m/1": "READY"}
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_config_error_fails_the_model_with_the_key_and_a_fix_recovers_it(
@@ -175,7 +159,7 @@ def test_config_error_fails_the_model_with_the_key_and_a_fix_recovers_it(
         assert registry.get("seed").max_batch_size == 4
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_a_broken_config_edit_leaves_a_served_model_serving(repo: ModelRepository) -> None:
@@ -206,7 +190,7 @@ def test_a_broken_config_edit_leaves_a_served_model_serving(repo: ModelRepositor
         assert registry.statuses("seed")[0].reason == ""
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_a_policy_that_selects_nothing_on_disk_keeps_serving_and_says_so(
@@ -233,7 +217,7 @@ def test_a_policy_that_selects_nothing_on_disk_keeps_serving_and_says_so(
             registry.get("fresh")
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_an_edit_of_a_versions_own_config_reloads_it(repo: ModelRepository) -> None:
@@ -258,7 +242,7 @@ def test_an_edit_of_a_versions_own_config_reloads_it(repo: ModelRepository) -> N
         assert "has both config.toml and config.json" in " ".join(result.failed), result
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_config_change_reloads_a_ready_version(repo: ModelRepository) -> None:
@@ -277,7 +261,7 @@ def test_config_change_reloads_a_ready_version(repo: ModelRepository) -> None:
         assert first.batcher.closed
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_model_folder_that_is_empty_at_first(repo: ModelRepository) -> None:
@@ -297,7 +281,7 @@ def test_model_folder_that_is_empty_at_first(repo: ModelRepository) -> None:
         assert _states(registry) == {"late/1": "READY"}
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 @pytest.mark.parametrize(
@@ -329,7 +313,7 @@ def test_version_policy(
             assert await _infer(registry, "seed", v) == v
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_default_version_from_config(repo: ModelRepository) -> None:
@@ -345,7 +329,7 @@ def test_default_version_from_config(repo: ModelRepository) -> None:
         assert await _infer(registry, "seed", 2) == 2
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_the_configured_default_is_served_beside_the_policys_versions(
@@ -370,7 +354,7 @@ def test_the_configured_default_is_served_beside_the_policys_versions(
         assert await _infer(registry, "seed", 2) == 2
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_new_version_replaces_the_old_under_latest_1(repo: ModelRepository) -> None:
@@ -389,7 +373,7 @@ def test_new_version_replaces_the_old_under_latest_1(repo: ModelRepository) -> N
             registry.get("seed", 1)
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_removed_model_folder_is_unloaded(repo: ModelRepository) -> None:
@@ -407,7 +391,7 @@ def test_removed_model_folder_is_unloaded(repo: ModelRepository) -> None:
         assert _states(registry) == {"keep/1": "READY"}
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_a_repository_link_swapped_to_a_new_tree_is_followed(tmp_path: Path) -> None:
@@ -441,7 +425,7 @@ def test_a_repository_link_swapped_to_a_new_tree_is_followed(tmp_path: Path) -> 
         assert [(r.name, r.version) for r in await registry.index()] == [("added", 1), ("seed", 2)]
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_unload_and_load_by_request(repo: ModelRepository) -> None:
@@ -465,7 +449,7 @@ def test_unload_and_load_by_request(repo: ModelRepository) -> None:
             await registry.load_model("ghost")
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_batching_config_that_the_graph_cannot_honour(repo: ModelRepository) -> None:
@@ -480,7 +464,7 @@ def test_batching_config_that_the_graph_cannot_honour(repo: ModelRepository) -> 
         assert "max_batch_size" in status.reason
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_per_version_config_overrides_the_model_config(repo: ModelRepository) -> None:
@@ -499,7 +483,7 @@ def test_per_version_config_overrides_the_model_config(repo: ModelRepository) ->
         assert (v2.max_batch_size, v2.config.instances.count) == (4, 2)
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_listeners_follow_every_change(repo: ModelRepository) -> None:
@@ -515,7 +499,7 @@ def test_listeners_follow_every_change(repo: ModelRepository) -> None:
         assert seen[-1] == {"seed/1": "READY"}
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_warm_up_runs_without_breaking_load(repo: ModelRepository) -> None:
@@ -529,7 +513,7 @@ def test_warm_up_runs_without_breaking_load(repo: ModelRepository) -> None:
         assert set(_states(registry).values()) == {"READY"}
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_health_is_all_ready_and_each_models_readiness_in_one_pass(repo: ModelRepository) -> None:
@@ -573,7 +557,7 @@ def test_health_is_all_ready_and_each_models_readiness_in_one_pass(repo: ModelRe
         assert len(seen) >= 6  # every change was checked, not only the end states
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_loading_a_model_beside_the_served_ones_never_makes_the_replica_not_ready(
@@ -604,7 +588,7 @@ def test_loading_a_model_beside_the_served_ones_never_makes_the_replica_not_read
         assert registry.all_ready()
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_default_version_is_the_newest_ready_else_the_newest_known() -> None:
@@ -639,7 +623,7 @@ def test_text_inputs_are_decoded_for_the_model_and_left_as_sent_in_the_request(
         assert result.outputs["output"].tolist() == [["café", "x"]]
         assert request.inputs["input"] is sent and sent.tolist() == [[b"caf\xc3\xa9", b"x"]]
 
-    arun(go)
+    arun(go, LOAD_GUARD_S)
 
 
 @pytest.mark.parametrize("requests", [1, 3])
@@ -680,7 +664,7 @@ def test_an_output_that_is_not_batched_fails_instead_of_being_split(
         assert all(isinstance(o, ModelNotReady) for o in outcomes), outcomes
         assert "output 'output' is [1, 3] for a batch of 2" in str(outcomes[0])
 
-    arun(go)
+    arun(go, LOAD_GUARD_S)
 
 
 class HeldFiles(ThreadPoolExecutor):
@@ -699,7 +683,7 @@ class HeldFiles(ThreadPoolExecutor):
             self.all_submitted.set()
 
         def held() -> Any:
-            assert self.released.wait(GUARD_S), "the test never released the files thread"
+            assert self.released.wait(LOAD_GUARD_S), "the test never released the files thread"
             return fn(*args, **kwargs)
 
         return super().submit(held)
@@ -729,7 +713,7 @@ def test_a_model_between_its_scan_and_its_load_is_loading_not_empty(
         await registry.close()
         files.shutdown()
 
-    arun(scenario)
+    arun(scenario, LOAD_GUARD_S)
 
 
 def test_a_published_version_is_opened_once(repo: ModelRepository) -> None:
@@ -792,7 +776,7 @@ def test_a_load_is_answered_by_its_own_outcome_not_by_an_unload_queued_behind_it
 
     def held(path: Path, config: Any) -> Any:
         entered.set()
-        gate.wait(GUARD_S)
+        gate.wait(LOAD_GUARD_S)
         return open_session(path, config)
 
     async def main() -> None:
@@ -800,7 +784,7 @@ def test_a_load_is_answered_by_its_own_outcome_not_by_an_unload_queued_behind_it
         dataplane = DataPlane(registry)
         lock = registry._locks["seed"] = WatchedLock()
         load = asyncio.ensure_future(dataplane.load("seed"))
-        await asyncio.to_thread(entered.wait, GUARD_S)
+        await asyncio.to_thread(entered.wait, LOAD_GUARD_S)
         unload = asyncio.ensure_future(registry.unload_model("seed"))
         await lock.queued.wait()  # the unload waits on the model's lock, behind the load
         gate.set()
@@ -811,7 +795,7 @@ def test_a_load_is_answered_by_its_own_outcome_not_by_an_unload_queued_behind_it
             registry.get("seed")
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_a_model_folder_that_cannot_be_read_fails_that_model_only(
@@ -865,7 +849,7 @@ def test_a_model_folder_that_cannot_be_read_fails_that_model_only(
         assert registry.statuses("locked")[0].reason == ""
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 class CountedLock(asyncio.Lock):
@@ -922,7 +906,7 @@ def test_a_refresh_does_not_unload_a_model_loaded_again_while_it_waited(
         await registry.close()
         held.shutdown()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_a_version_deleted_on_a_disk_too_full_for_its_mark_is_not_served(
@@ -953,7 +937,7 @@ def test_a_version_deleted_on_a_disk_too_full_for_its_mark_is_not_served(
         assert _states(registry) == {"m/1": "READY"}
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 @pytest.mark.parametrize(
@@ -982,7 +966,7 @@ def test_a_config_nested_past_the_parser_or_too_big_fails_that_model_only(
         assert f"odd/{file} cannot be parsed: it is " in result.failed[0]
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_a_publish_that_fails_leaves_a_model_unloaded_on_request_unloaded(
@@ -1006,7 +990,7 @@ def test_a_publish_that_fails_leaves_a_model_unloaded_on_request_unloaded(
         assert registry.unloaded_by_request == ["m"]
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_a_model_file_that_is_no_regular_file_is_named_as_such(repo: ModelRepository) -> None:
@@ -1030,7 +1014,7 @@ def test_a_model_file_that_is_no_regular_file_is_named_as_such(repo: ModelReposi
         assert all("model.onnx is not a regular file" in f for f in result.failed), result.failed
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_a_version_not_served_says_why_not_always_the_policy(repo: ModelRepository) -> None:
@@ -1058,7 +1042,7 @@ def test_a_version_not_served_says_why_not_always_the_policy(repo: ModelReposito
         assert all("unloaded on request" in reason for reason in why.values()), why
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_many_distinct_models_loaded_unloaded_and_removed_leave_nothing_behind(
@@ -1085,7 +1069,7 @@ def test_many_distinct_models_loaded_unloaded_and_removed_leave_nothing_behind(
         assert _states(registry) == {"m0/1": "READY"}
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_a_refresh_reloads_external_weights_under_any_name(repo: ModelRepository) -> None:
@@ -1129,7 +1113,7 @@ def test_a_refresh_reloads_external_weights_under_any_name(repo: ModelRepository
         assert not np.allclose(await answer(registry), before)
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)
 
 
 def test_a_failed_reload_keeps_the_signature_of_the_files_served(repo: ModelRepository) -> None:
@@ -1154,4 +1138,4 @@ def test_a_failed_reload_keeps_the_signature_of_the_files_served(repo: ModelRepo
         assert row[3] != json.loads(json.dumps(before))
         await registry.close()
 
-    arun(main)
+    arun(main, LOAD_GUARD_S)

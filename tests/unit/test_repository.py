@@ -31,11 +31,6 @@ from ferry.server.errors import (
 )
 
 
-@pytest.fixture
-def repo(tmp_path: Path) -> ModelRepository:
-    return ModelRepository(tmp_path / "repo")
-
-
 def _publish(repo: ModelRepository, name: str, payload: bytes = b"onnx", **kw: int) -> int:
     with repo.staging(name) as tmp:
         (tmp / MODEL_FILE).write_bytes(payload)
