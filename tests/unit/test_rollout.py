@@ -9,7 +9,7 @@ import gc
 import json
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +200,24 @@ async def _serving(repo: ModelRepository) -> tuple[ModelRegistry, DataPlane]:
     return registry, DataPlane(registry)
 
 
+# A test's scenario: what it does with the repository's models loaded, and the core over them.
+Scenario = Callable[[ModelRegistry, DataPlane], Awaitable[None]]
+
+
+def _run(repo: ModelRepository, scenario: Scenario) -> None:
+    """Run ``scenario`` in a loop of its own over ``_serving(repo)``; the registry is closed
+    after it, whether it passed or not."""
+
+    async def main() -> None:
+        registry, dataplane = await _serving(repo)
+        try:
+            await scenario(registry, dataplane)
+        finally:
+            await registry.close()
+
+    asyncio.run(main())
+
+
 async def _version(dataplane: DataPlane, key: str, version: int | None = None) -> int:
     x = {"input": np.ones((1, 3), np.float32)}
     result = await dataplane.infer(InferenceRequest("m", x, version=version, id=key))
@@ -247,28 +265,23 @@ def test_a_split_naming_a_missing_version_is_refused_and_nothing_is_written(
 ) -> None:
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        await registry.refresh()
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         with pytest.raises(VersionNotFound, match=r"no version \[7\]"):
-            await DataPlane(registry).set_rollout("m", {2: 1, 7: 1}, by="test", why="")
+            await dataplane.set_rollout("m", {2: 1, 7: 1}, by="test", why="")
         assert not (repo.model_dir("m") / rollouts.ROLLOUT_FILE).exists()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_broken_rollout_file_serves_the_default_and_says_why(tmp_path: Path) -> None:
     repo = _repo(tmp_path)
     (repo.model_dir("m") / rollouts.ROLLOUT_FILE).write_text(json.dumps({"split": {"1": -3}}))
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         assert await _version(dataplane, "any") == 2
         assert "must be within (0, 1e+09]" in dataplane.rollout("m").error
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_rollout_file_nested_past_the_parser_serves_the_default_and_says_why(
@@ -279,14 +292,12 @@ def test_a_rollout_file_nested_past_the_parser_serves_the_default_and_says_why(
     repo = _repo(tmp_path)
     (repo.model_dir("m") / rollouts.ROLLOUT_FILE).write_text('{"split": ' * 100_000)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         assert await _version(dataplane, "any") == 2
         assert "nested deeper than the JSON parser allows" in dataplane.rollout("m").error
         assert rollouts.history(repo.model_dir("m")) == []
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_rollout_file_that_is_no_regular_file_is_refused_without_reading_it(
@@ -308,8 +319,7 @@ def test_a_rollout_file_that_is_no_regular_file_is_refused_without_reading_it(
             with contextlib.suppress(OSError):
                 os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         os.mkfifo(path)
         valve = threading.Thread(target=unblock, daemon=True)
         valve.start()
@@ -325,9 +335,8 @@ def test_a_rollout_file_that_is_no_regular_file_is_refused_without_reading_it(
         path.symlink_to("/dev/zero")
         await registry.refresh()
         assert "not a regular file" in dataplane.rollout("m").error
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def _served_outputs(version_seed: int, x: np.ndarray) -> np.ndarray:
@@ -344,8 +353,7 @@ def test_shadow_compares_the_candidate_and_never_changes_the_callers_answer(
     repo = _repo(tmp_path)
     x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", None, by="test", why="shadow", shadow_of=(1, 1.0))
         for i in range(10):
             result = await dataplane.infer(InferenceRequest("m", {"input": x}, id=f"r{i}"))
@@ -358,9 +366,8 @@ def test_shadow_compares_the_candidate_and_never_changes_the_callers_answer(
         assert stats.max_abs_diff == pytest.approx(expected, rel=1e-5)
         assert stats.mean_cosine < 1.0
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_failing_or_busy_candidate_is_counted_never_raised(
@@ -369,8 +376,7 @@ def test_a_failing_or_busy_candidate_is_counted_never_raised(
     repo = _repo(tmp_path)
     write_model(repo, "m", _failing_model(), version=3)  # fails these requests
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", {2: 1}, by="test", why="", shadow_of=(3, 1.0))
         x = {"input": np.ones((1, 3), np.float32)}
         for i in range(5):
@@ -385,9 +391,8 @@ def test_a_failing_or_busy_candidate_is_counted_never_raised(
             assert (await dataplane.infer(InferenceRequest("m", x, id=str(i)))).version == 2
         assert dataplane.rollout("m").shadow_statistics.shed == 5
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 async def _shadowed(dataplane: DataPlane, n: int) -> None:
@@ -398,12 +403,26 @@ async def _shadowed(dataplane: DataPlane, n: int) -> None:
     await asyncio.gather(*dataplane._decisions)
 
 
+async def _route_until_the_rule_acts(dataplane: DataPlane) -> int:
+    """200 requests over the split, each one's shadow and the rule's decision awaited; how
+    many of them failed."""
+    x = {"input": np.ones((1, 3), np.float32)}
+    failed = 0
+    for key in KEYS[:200]:
+        try:
+            await dataplane.infer(InferenceRequest("m", x, id=key))
+        except FerryError:
+            failed += 1
+        await asyncio.gather(*dataplane._shadows._tasks)
+        await asyncio.gather(*dataplane._decisions)
+    return failed
+
+
 def test_rules_roll_back_a_divergent_candidate_and_promote_a_good_one(tmp_path: Path) -> None:
     repo = _repo(tmp_path)  # v1 and v2 differ in weights
     write_model(repo, "m", seed_model(seed=2), version=3)  # v3 computes what v2 does
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         rules = {"promote_after": 5, "min_cosine": 0.9999}
         await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(1, 1.0), rules=rules)
         await _shadowed(dataplane, 3)
@@ -424,18 +443,14 @@ def test_rules_roll_back_a_divergent_candidate_and_promote_a_good_one(tmp_path: 
         x = {"input": np.ones((1, 3), np.float32)}
         assert (await dataplane.infer(InferenceRequest("m", x, id="after"))).version == 3
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_rules_need_a_shadow(tmp_path: Path) -> None:
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        await registry.refresh()
-        dataplane = DataPlane(registry)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         with pytest.raises(InvalidArgument, match="act on a shadow"):
             await dataplane.set_rollout("m", {2: 1}, by="t", why="", rules={"promote_after": 3})
         # An empty rules message (every rule 0, as a client that always sends one does) asks
@@ -444,34 +459,24 @@ def test_rules_need_a_shadow(tmp_path: Path) -> None:
         none = {"promote_after": 0, "min_cosine": 0.0, "max_error_rate": 0.0}
         view = await dataplane.set_rollout("m", None, by="t", why="end", rules=none)
         assert view.split == () and view.rules == {}
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_failing_version_in_a_split_is_rolled_out_of_it(tmp_path: Path) -> None:
     repo = _repo(tmp_path)
     write_model(repo, "m", _failing_model(), version=3)  # fails these requests
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
         )
-        x = {"input": np.ones((1, 3), np.float32)}
-        failed = 0
-        for key in KEYS[:200]:
-            try:
-                await dataplane.infer(InferenceRequest("m", x, id=key))
-            except FerryError:
-                failed += 1
-            await asyncio.gather(*dataplane._decisions)
+        failed = await _route_until_the_rule_acts(dataplane)
         view = dataplane.rollout("m")
         assert view.split == ((2, 1.0),) and failed == 10  # out after its 10th failure
         assert view.history[-1]["why"].startswith("rolled back by rule: version 3 failed 10")
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_failing_rollout_step_never_changes_the_callers_outcome(
@@ -481,8 +486,7 @@ def test_a_failing_rollout_step_never_changes_the_callers_outcome(
     gets its answer, and a failed request keeps its own error."""
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
 
         def gone(name: str) -> None:
             raise RuntimeError("unloaded meanwhile")
@@ -492,9 +496,8 @@ def test_a_failing_rollout_step_never_changes_the_callers_outcome(
         assert (await dataplane.infer(InferenceRequest("m", x, id="a"))).version == 2
         with pytest.raises(FerryError, match="shape"):
             await dataplane.infer(InferenceRequest("m", {"input": np.ones((1, 4), np.float32)}))
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_shadow_candidate_that_fails_to_publish_leaves_no_pin(tmp_path: Path) -> None:
@@ -506,18 +509,15 @@ def test_a_shadow_candidate_that_fails_to_publish_leaves_no_pin(tmp_path: Path) 
 
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry = ModelRegistry(repo, open_session, warm_up=False)
-        await registry.refresh()
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         with repo.staging("m") as staged:
             (staged / "model.onnx").write_bytes(b"not a model")
             with pytest.raises(ConversionFailed, match="does not load"):
                 await publish(repo, registry, "m", staged, {}, rollout="shadow")
         assert registry.rollout_of("m")[0] is None
         assert repo.list_versions("m") == [1, 2]  # nothing published
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_version_in_the_rollout_cannot_be_deleted(tmp_path: Path) -> None:
@@ -528,8 +528,7 @@ def test_a_version_in_the_rollout_cannot_be_deleted(tmp_path: Path) -> None:
 
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", {1: 1, 2: 1}, by="test", why="canary")
         for version in (1, 2):
             with pytest.raises(FailedPrecondition, match=f"version {version} is in 'm'"):
@@ -538,9 +537,8 @@ def test_a_version_in_the_rollout_cannot_be_deleted(tmp_path: Path) -> None:
         await dataplane.set_rollout("m", None, by="test", why="done")
         await delete_version(repo, registry, "m", 1)
         assert repo.list_versions("m") == [2]
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_shadow_published_during_a_split_keeps_the_split(tmp_path: Path) -> None:
@@ -550,8 +548,7 @@ def test_a_shadow_published_during_a_split_keeps_the_split(tmp_path: Path) -> No
 
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         rules = {"max_error_rate": 0.05}
         await dataplane.set_rollout("m", {1: 9, 2: 1}, by="test", why="canary", rules=rules)
         with repo.staging("m") as staged:
@@ -568,9 +565,8 @@ def test_a_shadow_published_during_a_split_keeps_the_split(tmp_path: Path) -> No
             [(await dataplane.infer(InferenceRequest("m", x, id=k))).version for k in KEYS[:400]]
         )
         assert set(served) == {1, 2} and served[1] > served[2]
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_failed_version_the_rollout_does_not_name_does_not_fail_the_change(
@@ -586,16 +582,14 @@ def test_a_failed_version_the_rollout_does_not_name_does_not_fail_the_change(
     broken.mkdir()
     (broken / "model.onnx").write_bytes(b"not a model")
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         view = await dataplane.set_rollout("m", {1: 1, 2: 1}, by="test", why="canary")
         assert view.split == ((1, 1.0), (2, 1.0))
         assert {await _version(dataplane, k) for k in KEYS[:200]} == {1, 2}
         with pytest.raises(FailedPrecondition, match="m/3"):
             await dataplane.set_rollout("m", {2: 1, 3: 1}, by="test", why="the broken one")
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_rule_counts_only_the_comparisons_made_under_it(tmp_path: Path) -> None:
@@ -604,8 +598,7 @@ def test_a_rule_counts_only_the_comparisons_made_under_it(tmp_path: Path) -> Non
     repo = _repo(tmp_path)
     write_model(repo, "m", seed_model(seed=2), version=3)  # v3 computes what v2 does
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(3, 1.0))
         await _shadowed(dataplane, 10)
         assert dataplane.rollout("m").shadow_statistics.compared == 10
@@ -617,9 +610,8 @@ def test_a_rule_counts_only_the_comparisons_made_under_it(tmp_path: Path) -> Non
         await _shadowed(dataplane, 1)
         assert dataplane.rollout("m").history[-1]["why"].startswith("promoted by rule")
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_candidate_answering_nan_is_a_disagreement_not_a_blind_spot() -> None:
@@ -683,8 +675,7 @@ def test_a_shadow_of_the_version_that_answers_every_request_is_refused(tmp_path:
     """It was accepted and compared nothing: the candidate answered every request itself."""
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         with pytest.raises(FailedPrecondition, match="compared with itself"):
             await dataplane.set_rollout("m", None, by="t", why="", shadow_of=(2, 1.0))
         with pytest.raises(FailedPrecondition, match="only version in the split"):
@@ -692,9 +683,8 @@ def test_a_shadow_of_the_version_that_answers_every_request_is_refused(tmp_path:
         # Pinned to the serving version, the candidate is compared; a canary may be shadowed.
         await dataplane.set_rollout("m", {1: 1}, by="t", why="", shadow_of=(2, 1.0))
         await dataplane.set_rollout("m", {1: 9, 2: 1}, by="t", why="", shadow_of=(2, 1.0))
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_shadow_set_beside_a_new_default_version_is_refused(tmp_path: Path) -> None:
@@ -705,8 +695,7 @@ def test_a_shadow_set_beside_a_new_default_version_is_refused(tmp_path: Path) ->
 
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         written, release = asyncio.Event(), asyncio.Event()
         follow = registry.follow_edit
 
@@ -723,24 +712,21 @@ def test_a_shadow_set_beside_a_new_default_version_is_refused(tmp_path: Path) ->
         release.set()
         await edit
         assert registry.default_version("m") == 1 and registry.rollout_of("m")[0] is None
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_model_unloaded_on_request_takes_no_rollout(tmp_path: Path) -> None:
     """SetRollout loaded it again here (and, with workers, only in some of them)."""
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.unload("m")
         with pytest.raises(FailedPrecondition, match="unloaded on request: load it first"):
             await dataplane.set_rollout("m", {1: 1}, by="t", why="")
         assert "m" not in registry.models and not (repo.model_dir("m") / "rollout.json").exists()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_the_rollout_of_a_model_unloaded_on_request_is_shown(tmp_path: Path) -> None:
@@ -750,17 +736,15 @@ def test_the_rollout_of_a_model_unloaded_on_request_is_shown(tmp_path: Path) -> 
 
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", {1: 9, 2: 1}, by="t", why="canary")
         await dataplane.unload("m")
         view = dataplane.rollout("m")
         assert view.split == ((1, 9.0), (2, 1.0)) and view.history[-1]["why"] == "canary"
         with pytest.raises(ModelNotFound):
             dataplane.rollout("absent")
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_versions_with_different_interfaces_take_no_split_and_no_shadow(tmp_path: Path) -> None:
@@ -770,8 +754,7 @@ def test_versions_with_different_interfaces_take_no_split_and_no_shadow(tmp_path
 
     write_model(repo, "m", mlp_model((5, 2)), version=3)  # takes 5 features, gives 2
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", {2: 1}, by="t", why="kept")
         before = (repo.model_dir("m") / "rollout.json").read_bytes()
         for split, shadow_of in (({2: 1, 3: 1}, None), ({2: 1}, (3, 1.0))):
@@ -782,9 +765,8 @@ def test_versions_with_different_interfaces_take_no_split_and_no_shadow(tmp_path
             assert (repo.model_dir("m") / "rollout.json").read_bytes() == before
             assert dataplane.rollout("m").split == ((2, 1.0),)
             assert {await _version(dataplane, k) for k in KEYS[:20]} == {2}
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_candidate_missing_an_output_is_a_disagreement() -> None:
@@ -834,23 +816,12 @@ def _split_rule_repo(tmp_path: Path) -> ModelRepository:
 SPLIT_RULES = {"max_error_rate": 0.2, "promote_after": 100_000}
 
 
-async def _route_until_the_rule_acts(dataplane: DataPlane) -> None:
-    """200 requests over the split, each one's shadow and the rule's decision awaited."""
-    x = {"input": np.ones((1, 3), np.float32)}
-    for key in KEYS[:200]:
-        with contextlib.suppress(FerryError):
-            await dataplane.infer(InferenceRequest("m", x, id=key))
-        await asyncio.gather(*dataplane._shadows._tasks)
-        await asyncio.gather(*dataplane._decisions)
-
-
 def test_a_split_rule_keeps_the_shadow_and_the_rules(tmp_path: Path) -> None:
     """A version rolled out of the split by max_error_rate ended a live shadow beside it, and
     every rule."""
     repo = _split_rule_repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", shadow_of=(4, 0.01), rules=SPLIT_RULES
         )
@@ -863,9 +834,8 @@ def test_a_split_rule_keeps_the_shadow_and_the_rules(tmp_path: Path) -> None:
         assert view.rules["max_error_rate"] == 0.2 and view.rules["promote_after"] == 100_000
         assert registry.rollout_of("m")[0].comparison == comparison  # the comparison goes on
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_shadow_rolled_back_keeps_the_splits_rule(tmp_path: Path) -> None:
@@ -873,8 +843,7 @@ def test_a_shadow_rolled_back_keeps_the_splits_rule(tmp_path: Path) -> None:
     (a canary) lost its max_error_rate, and a failing canary version kept its share."""
     repo = _split_rule_repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         rules = {"max_error_rate": 0.2, "min_cosine": 0.9999}
         # Version 4 computes otherwise than 2: rolled back at its first comparison.
         await dataplane.set_rollout(
@@ -888,9 +857,8 @@ def test_a_shadow_rolled_back_keeps_the_splits_rule(tmp_path: Path) -> None:
         assert view.split == ((2, 1.0),) and view.shadow is None
         assert view.rules["max_error_rate"] == 0.2 and not view.rules["min_cosine"]
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_metadata_and_the_default_flag_describe_the_version_a_split_serves(tmp_path: Path) -> None:
@@ -898,8 +866,7 @@ def test_metadata_and_the_default_flag_describe_the_version_a_split_serves(tmp_p
     described 2, the newest."""
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         assert dataplane.metadata("m").version == 2
         await dataplane.set_rollout("m", {1: 1}, by="t", why="pin")
         meta = dataplane.metadata("m")
@@ -911,16 +878,14 @@ def test_metadata_and_the_default_flag_describe_the_version_a_split_serves(tmp_p
         assert dataplane.metadata("m", 2).version == 2  # a version named is that version
         await dataplane.set_rollout("m", {1: 1, 2: 3}, by="t", why="canary")
         assert dataplane.metadata("m").version == 2  # the largest share
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_promoted_candidate_that_is_not_the_default_is_pinned(tmp_path: Path) -> None:
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         rules = {"promote_after": 2, "min_cosine": 0.0001}
         await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(1, 1.0), rules=rules)
         await _shadowed(dataplane, 2)
@@ -928,9 +893,8 @@ def test_a_promoted_candidate_that_is_not_the_default_is_pinned(tmp_path: Path) 
         assert view.split == ((1, 1.0),) and view.history[-1]["why"].startswith("promoted")
         assert {await _version(dataplane, k) for k in KEYS[:10]} == {1}
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_publish_says_when_a_live_split_keeps_it_off_traffic(tmp_path: Path) -> None:
@@ -943,8 +907,7 @@ def test_a_publish_says_when_a_live_split_keeps_it_off_traffic(tmp_path: Path) -
 
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", {1: 1}, by="t", why="pin")
         with repo.staging("m") as staged:
             onnx.save(seed_model(seed=3), str(staged / "model.onnx"))
@@ -956,9 +919,8 @@ def test_a_publish_says_when_a_live_split_keeps_it_off_traffic(tmp_path: Path) -
         assert version == 4 and "but not as a shadow candidate (versions 1 and 4" in note
         assert dataplane.rollout("m").split == ((1, 1.0),) and dataplane.rollout("m").shadow is None
         assert {await _version(dataplane, k) for k in KEYS[:10]} == {1}
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_pin_left_by_a_stopped_shadow_publish_is_named_at_start(tmp_path: Path) -> None:
@@ -981,8 +943,7 @@ def test_requests_naming_a_version_do_not_count_for_the_split_rule(tmp_path: Pat
     repo = _repo(tmp_path)
     write_model(repo, "m", _failing_model(), version=3)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
         )
@@ -992,17 +953,10 @@ def test_requests_naming_a_version_do_not_count_for_the_split_rule(tmp_path: Pat
                 await dataplane.infer(InferenceRequest("m", x, version=3, id=key))
             await asyncio.gather(*dataplane._decisions)
         assert dataplane.rollout("m").split == ((2, 1.0), (3, 1.0))  # untouched
-        routed_failures = 0
-        for key in KEYS[:200]:
-            try:
-                await dataplane.infer(InferenceRequest("m", x, id=key))
-            except FerryError:
-                routed_failures += 1
-            await asyncio.gather(*dataplane._decisions)
+        routed_failures = await _route_until_the_rule_acts(dataplane)
         assert dataplane.rollout("m").split == ((2, 1.0),) and routed_failures == 10
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_clients_bad_retries_under_one_id_do_not_count_for_the_split_rule(
@@ -1014,8 +968,7 @@ def test_a_clients_bad_retries_under_one_id_do_not_count_for_the_split_rule(
     repo = _repo(tmp_path)
     write_model(repo, "m", seed_model(seed=2), version=3)  # computes what 2 does
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
         )
@@ -1028,9 +981,8 @@ def test_a_clients_bad_retries_under_one_id_do_not_count_for_the_split_rule(
             await asyncio.gather(*dataplane._decisions)
         view = dataplane.rollout("m")
         assert view.split == ((2, 1.0), (3, 1.0)), view.history[-1]
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_shapes_must_match_exactly_and_a_version_loaded_later_is_checked(tmp_path: Path) -> None:
@@ -1044,8 +996,7 @@ def test_shapes_must_match_exactly_and_a_version_loaded_later_is_checked(tmp_pat
     write_model(repo, "m", identity_model("FP32", dims=(4,)), version=2)
     write_model(repo, "m", identity_model("FP32", dims=(-1,)), version=3)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         with pytest.raises(FailedPrecondition, match="versions 1 and 2 of 'm' differ"):
             await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why="")
         await dataplane.set_rollout("m", {1: 1, 3: 1}, by="t", why="same interface")
@@ -1055,9 +1006,8 @@ def test_shapes_must_match_exactly_and_a_version_loaded_later_is_checked(tmp_pat
         await registry.refresh()
         view = dataplane.rollout("m")
         assert view.split == () and "versions 1 and 3 of 'm' differ" in view.error
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_split_share_not_ready_goes_to_the_split_and_readiness_follows_it(
@@ -1068,8 +1018,7 @@ def test_a_split_share_not_ready_goes_to_the_split_and_readiness_follows_it(
     repo = _repo(tmp_path)
     write_model(repo, "m", seed_model(seed=3), version=3)  # the newest: the default
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", {1: 9, 2: 1}, by="t", why="")
         registry.models["m"].versions[1].state = State.FAILED  # as if it failed to reload
         assert {await _version(dataplane, k) for k in KEYS[:40]} == {2}
@@ -1079,9 +1028,8 @@ def test_a_split_share_not_ready_goes_to_the_split_and_readiness_follows_it(
         await dataplane.set_rollout("m", {2: 1}, by="t", why="pin")
         registry.models["m"].versions[1].state = State.FAILED
         assert dataplane.model_ready("m") and dataplane.metadata("m").version == 2
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_shadow_that_became_the_default_says_it_compares_nothing(tmp_path: Path) -> None:
@@ -1095,8 +1043,7 @@ def test_a_shadow_that_became_the_default_says_it_compares_nothing(tmp_path: Pat
         '{"default_version": 1, "version_policy": {"all": true}}'
     )
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", None, by="t", why="", shadow_of=(2, 1.0))
         assert dataplane.rollout("m").error == ""
         with pytest.raises(FailedPrecondition, match="shadow candidate"):
@@ -1105,9 +1052,8 @@ def test_a_shadow_that_became_the_default_says_it_compares_nothing(tmp_path: Pat
         (repo.model_dir("m") / "config.json").write_text('{"version_policy": {"all": true}}')
         await registry.refresh()
         assert "is now the version every request" in dataplane.rollout("m").error
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_change_that_starts_afresh_gets_a_new_comparison_id(tmp_path: Path) -> None:
@@ -1160,8 +1106,7 @@ def test_a_split_rule_keeps_the_comparison_of_a_hand_edited_file(tmp_path: Path)
     every worker's comparison started afresh and promote_after counted from zero again."""
     repo = _split_rule_repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", shadow_of=(4, 0.5), rules=SPLIT_RULES
         )
@@ -1180,9 +1125,8 @@ def test_a_split_rule_keeps_the_comparison_of_a_hand_edited_file(tmp_path: Path)
         assert comparison_key(registry.rollout_of("m")[0]) == key  # the comparison goes on
         assert rollouts.read(repo.model_dir("m"))[0] == registry.rollout_of("m")[0]
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 @pytest.mark.parametrize("promote_after", [1, 3, 9])
@@ -1211,8 +1155,7 @@ def test_a_rules_decision_never_undoes_a_change_made_while_it_waited(tmp_path: P
     repo = _repo(tmp_path)
     write_model(repo, "m", seed_model(seed=2), version=3)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         rules = {"promote_after": 1000, "min_cosine": 0.9}
         await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(1, 1.0), rules=rules)
         judged, _ = registry.rollout_of("m")
@@ -1236,9 +1179,8 @@ def test_a_rules_decision_never_undoes_a_change_made_while_it_waited(tmp_path: P
         assert view.split == ((2, 1.0),) and view.shadow == (3, 0.5)
         assert [h["why"] for h in view.history] == ["", "try 3"]
         assert not stats.decided
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_an_edit_of_a_model_whose_config_does_not_parse_is_a_failed_precondition(
@@ -1294,8 +1236,7 @@ def test_an_edit_the_repository_disk_cannot_take_says_so_and_leaves_nothing(
 
         return call
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         monkeypatch.setattr(repository_module.os, "fsync", fails(errno.ENOSPC))
         with pytest.raises(LimitExceeded, match=r"disk is full: m/rollout\.json"):
             await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why="")
@@ -1308,9 +1249,8 @@ def test_an_edit_the_repository_disk_cannot_take_says_so_and_leaves_nothing(
         monkeypatch.undo()
         assert sorted(p.name for p in mdir.iterdir()) == ["1", "2"]
         assert dataplane.rollout("m").split == ()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 @pytest.mark.parametrize("promote_after", [1, 5, 9])
@@ -1349,8 +1289,7 @@ def test_a_shadow_compares_the_outputs_the_request_asked_for(tmp_path: Path) -> 
     for version in (1, 2):
         write_model(repo, "m", _two_outputs(), version=version, config=config)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(1, 1.0))
         x = {"input": np.ones((1, 3), np.float32)}
         for i in range(2):
@@ -1365,9 +1304,8 @@ def test_a_shadow_compares_the_outputs_the_request_asked_for(tmp_path: Path) -> 
         assert (stats.compared, stats.errors, stats.mismatched) == (2, 0, 0)
         assert stats.cosine_min == pytest.approx(1.0)
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 @pytest.mark.parametrize(
@@ -1517,8 +1455,7 @@ def test_versions_taking_different_batches_take_no_split(tmp_path: Path) -> None
     write_model(repo, "m", seed_model(seed=2), version=3)
     (repo.version_dir("m", 3) / "config.json").write_text('{"batching": {"max_batch_size": 2}}')
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         for split, shadow_of in (({2: 1, 3: 1}, None), ({2: 1}, (3, 0.5))):
             with pytest.raises(FailedPrecondition, match="max_batch_size"):
                 await dataplane.set_rollout("m", split, by="t", why="", shadow_of=shadow_of)
@@ -1527,9 +1464,8 @@ def test_versions_taking_different_batches_take_no_split(tmp_path: Path) -> None
         x = {"input": np.ones((2, 3), np.float32)}
         assert (await dataplane.infer(InferenceRequest("m", x, id="k"))).version == 3
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_batch_difference_reads_zero_as_any_number_of_rows() -> None:
@@ -1553,8 +1489,7 @@ def test_a_late_outcome_of_a_replaced_comparison_is_not_judged_by_the_new_rules(
     write_model(repo, "m", seed_model(seed=2))
     write_model(repo, "m", seed_model(seed=2), version=2)  # v1 computes what v2 does
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", {2: 1}, by="t", why="watch", shadow_of=(1, 1.0))
         await _shadowed(dataplane, 2)
         candidate = registry.get("m", 1)
@@ -1579,9 +1514,8 @@ def test_a_late_outcome_of_a_replaced_comparison_is_not_judged_by_the_new_rules(
         assert view.shadow == (1, 1.0) and view.history[-1]["why"] == "judge it"
         assert view.shadow_statistics.compared == 0
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_clients_request_failing_at_run_time_counts_once_for_the_split_rule(
@@ -1607,8 +1541,7 @@ def test_a_clients_request_failing_at_run_time_counts_once_for_the_split_rule(
     for version in (2, 3):  # identical versions
         write_model(repo, "m", model, version=version)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
         )
@@ -1627,9 +1560,8 @@ def test_a_clients_request_failing_at_run_time_counts_once_for_the_split_rule(
                 await dataplane.infer(InferenceRequest("m", bad, id=key, version=None))
             await asyncio.gather(*dataplane._decisions)
         assert dataplane.rollout("m").split == ((2, 1.0), (3, 1.0))  # both fail them alike
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_rules_decision_the_disk_refuses_is_tried_again_and_said(
@@ -1650,8 +1582,7 @@ def test_a_rules_decision_the_disk_refuses_is_tried_again_and_said(
     seen: list[str] = []
     pending: list[list[str]] = []
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
         )
@@ -1664,20 +1595,15 @@ def test_a_rules_decision_the_disk_refuses_is_tried_again_and_said(
             replace(src, dst)  # type: ignore[arg-type]
 
         monkeypatch.setattr(repository_module.os, "replace", read_only)
-        x = {"input": np.ones((1, 3), np.float32)}
-        for key in KEYS[:200]:
-            with contextlib.suppress(FerryError):
-                await dataplane.infer(InferenceRequest("m", x, id=key))
-            await asyncio.gather(*dataplane._decisions)
+        await _route_until_the_rule_acts(dataplane)  # no shadow: the decisions alone
         assert len(seen) == 3 and seen[0] == "" and pending == [[], ["m"], ["m"]]
         assert dataplane.unapplied_decisions() == {}
         assert "a rule's decision is not in force yet (rolled back by rule" in seen[2], seen
         view = dataplane.rollout("m")
         assert view.split == ((2, 1.0),) and view.error == ""
         assert view.history[-1]["by"] == "rollout rules"
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_an_edit_of_the_rollout_file_of_the_same_size_and_time_is_seen(tmp_path: Path) -> None:
@@ -1689,8 +1615,7 @@ def test_an_edit_of_the_rollout_file_of_the_same_size_and_time_is_seen(tmp_path:
     repo = _repo(tmp_path)
     path = repo.model_dir("m") / rollouts.ROLLOUT_FILE
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         path.write_text('{"split": {"1": 1, "2": 3}}')
         await registry.refresh()
         assert dataplane.rollout("m").split == ((1, 1.0), (2, 3.0))
@@ -1699,9 +1624,8 @@ def test_an_edit_of_the_rollout_file_of_the_same_size_and_time_is_seen(tmp_path:
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # and the same time
         await registry.refresh()
         assert dataplane.rollout("m").split == ((1, 3.0), (2, 1.0))
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_one_rule_says_which_shadows_were_shed() -> None:
@@ -1733,8 +1657,7 @@ def test_a_candidate_reloaded_with_other_files_is_compared_afresh(tmp_path: Path
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
     rules = {"promote_after": 105, "min_cosine": 0.99}
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout("m", {2: 1}, by="t", why="", shadow_of=(3, 1.0), rules=rules)
         x = {"input": np.ones((1, 3), np.float32)}
 
@@ -1754,9 +1677,8 @@ def test_a_candidate_reloaded_with_other_files_is_compared_afresh(tmp_path: Path
         view = dataplane.rollout("m")
         assert view.shadow is None and view.history[-1]["why"].startswith("rolled back"), view
         await dataplane.close_shadows()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 @pytest.mark.parametrize(
@@ -1767,14 +1689,12 @@ def test_a_reason_that_is_not_one_printable_line_is_refused(tmp_path: Path, why:
     if another person had made it; a terminal escape rewrote the operator's screen."""
     repo = _repo(tmp_path)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         with pytest.raises(InvalidArgument, match="one line of printable text"):
             await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why=why)
         assert dataplane.rollout("m").split == () and dataplane.rollout("m").history == ()
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def _odd_failing_model() -> onnx.ModelProto:
@@ -1805,8 +1725,7 @@ def test_a_split_version_reloaded_from_new_files_is_judged_afresh(tmp_path: Path
     repo = _repo(tmp_path)
     write_model(repo, "m", _failing_model(), version=3)
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
         )
@@ -1829,9 +1748,8 @@ def test_a_split_version_reloaded_from_new_files_is_judged_afresh(tmp_path: Path
             await dataplane.infer(InferenceRequest("m", {"input": one}, id=next(on_3)))
         await asyncio.gather(*dataplane._decisions)
         assert dataplane.rollout("m").split == ((2, 1.0), (3, 1.0))  # 1 of 11: kept
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
 
 
 def test_a_rules_decision_that_fails_unexpectedly_is_tried_again(
@@ -1852,8 +1770,7 @@ def test_a_rules_decision_that_fails_unexpectedly_is_tried_again(
     replace = os.replace
     calls: list[int] = []
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         await dataplane.set_rollout(
             "m", {2: 1, 3: 1}, by="t", why="", rules={"max_error_rate": 0.2}
         )
@@ -1865,18 +1782,13 @@ def test_a_rules_decision_that_fails_unexpectedly_is_tried_again(
             replace(src, dst)  # type: ignore[arg-type]
 
         monkeypatch.setattr(repository_module.os, "replace", faulty)
-        x = {"input": np.ones((1, 3), np.float32)}
-        for key in KEYS[:200]:
-            with contextlib.suppress(FerryError):
-                await dataplane.infer(InferenceRequest("m", x, id=key))
-            await asyncio.gather(*dataplane._decisions)
+        await _route_until_the_rule_acts(dataplane)  # no shadow: the decisions alone
         view = dataplane.rollout("m")
         assert view.split == ((2, 1.0),) and view.history[-1]["by"] == "rollout rules"
         assert dataplane.unapplied_decisions() == {}
-        await registry.close()
 
     with caplog.at_level(logging.WARNING, logger="ferry.server.core.dataplane"):
-        asyncio.run(scenario())
+        _run(repo, scenario)
     assert len(calls) == 3
     traced = [r for r in caplog.records if r.exc_info and "a fault" in str(r.exc_info[1])]
     assert len(traced) == 1  # the traceback once, not at every try
@@ -1906,8 +1818,7 @@ def test_get_rollout_reads_the_file_off_the_event_loop(
     monkeypatch.setattr(rollouts, "history", watched(rollouts.history))
     monkeypatch.setattr(rollouts, "read", watched(rollouts.read))
 
-    async def scenario() -> None:
-        registry, dataplane = await _serving(repo)
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
         view = await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why="canary")
         assert view.history[-1]["why"] == "canary"
         assert (await dataplane.total_rollout("m")).history[-1]["why"] == "canary"
@@ -1915,7 +1826,6 @@ def test_get_rollout_reads_the_file_off_the_event_loop(
         await dataplane.unload("gone")
         view = await dataplane.total_rollout("gone")  # not served: as the file holds it
         assert view.split == ((1, 1.0),) and view.history[-1]["why"] == "kept"
-        await registry.close()
 
-    asyncio.run(scenario())
+    _run(repo, scenario)
     assert on_loop == []
