@@ -63,6 +63,20 @@ def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
     return path
 
 
+def encrypted_copy(key_file: Path, path: Path, passphrase: bytes = b"passphrase") -> Path:
+    """``key_file``'s key written to ``path`` under a passphrase: a key gRPC cannot use, which
+    each side must refuse by name rather than ask a terminal for the passphrase."""
+    key = serialization.load_pem_private_key(key_file.read_bytes(), None)
+    path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(passphrase),
+        )
+    )
+    return path
+
+
 def _write_cert(cert: x509.Certificate, path: Path) -> Path:
     path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return path

@@ -11,12 +11,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
 from helpers import make_repo
-from sechelpers import Certs, named_server_cert
+from sechelpers import Certs, encrypted_copy, named_server_cert
 from serverutil import ServerThread
 
 from ferry.client import (
@@ -43,6 +43,19 @@ def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def tls_settings(certs: Certs, **extra: str) -> dict[str, str]:
     return {"tls_cert_file": str(certs.server_cert), "tls_key_file": str(certs.server_key), **extra}
+
+
+def mutual(certs: Certs) -> TLSConfig:
+    """A client of the test CA that presents its client certificate (for mutual TLS)."""
+    return TLSConfig(ca_cert=certs.ca, client_cert=certs.client_cert, client_key=certs.client_key)
+
+
+def start_refused(repo: Path, message: str, **settings: Any) -> None:
+    """A server with ``settings`` refuses to start, saying ``message`` (a regex)."""
+    srv = ServerThread(repo, **settings)
+    with pytest.raises(OSError, match=message):
+        srv.start()
+    srv.stop()
 
 
 def client(target: str, tls: TLSConfig | None = None, **kw: object) -> InferenceClient:
@@ -93,9 +106,7 @@ def test_the_token_rides_as_call_credentials_over_tls(
 def test_mutual_tls_on_both_listeners(repo: Path, certs: Certs) -> None:
     settings = tls_settings(certs, tls_client_ca_file=str(certs.ca))
     with ServerThread(repo, **settings) as srv:
-        good = TLSConfig(
-            ca_cert=certs.ca, client_cert=certs.client_cert, client_key=certs.client_key
-        )
+        good = mutual(certs)
         with client(srv.target, good) as c:
             assert c.infer("fixed", X)["output"].shape == (3,)
         with RepositoryClient(srv.management_target, tls=good, timeout=30) as admin:
@@ -115,9 +126,7 @@ def test_mutual_tls_on_management_only(repo: Path, certs: Certs) -> None:
         with client(srv.target, server_only) as c:
             assert c.infer("fixed", X)["output"].shape == (3,)
         assert refused(srv.management_target, server_only)
-        good = TLSConfig(
-            ca_cert=certs.ca, client_cert=certs.client_cert, client_key=certs.client_key
-        )
+        good = mutual(certs)
         with RepositoryClient(srv.management_target, tls=good, timeout=30) as admin:
             admin.refresh()
 
@@ -138,15 +147,7 @@ def test_the_probe_presents_a_client_certificate_to_a_mutual_tls_listener(
         missing = ["--tls-cert-file", str(certs.client_cert), "--tls-key-file", "/nonexistent.key"]
         assert probe_main([*base, *missing]) == 1
         assert "/nonexistent.key" in capsys.readouterr().err
-        key = serialization.load_pem_private_key(certs.client_key.read_bytes(), None)
-        encrypted = tmp_path / "probe-encrypted.key"
-        encrypted.write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.BestAvailableEncryption(b"passphrase"),
-            )
-        )
+        encrypted = encrypted_copy(certs.client_key, tmp_path / "probe-encrypted.key")
         locked = ["--tls-cert-file", str(certs.client_cert), "--tls-key-file", str(encrypted)]
         assert probe_main([*base, *locked]) == 1  # was UNAVAILABLE, blaming the listener
         assert "is encrypted" in capsys.readouterr().err
@@ -178,10 +179,7 @@ def test_bad_certificate_files_stop_the_start(repo: Path, certs: Certs, tmp_path
         (tls_settings(certs, tls_key_file=str(not_pem)), "not a PEM"),
         (tls_settings(certs, tls_client_ca_file=str(tmp_path / "ca.pem")), "client CA"),
     ):
-        srv = ServerThread(repo, **settings)
-        with pytest.raises(OSError, match=message):
-            srv.start()
-        srv.stop()
+        start_refused(repo, message, **settings)
 
 
 @pytest.mark.parametrize("http", [True, False], ids=["with-http", "grpc-only"])
@@ -190,20 +188,10 @@ def test_an_encrypted_key_stops_the_start_saying_so(
 ) -> None:
     """OpenSSL asked for a passphrase on the terminal (the start waited there for ever) or,
     with no terminal, failed "[Errno 22] Invalid argument"; gRPC cannot use such a key."""
-    key = serialization.load_pem_private_key(certs.server_key.read_bytes(), None)
-    encrypted = tmp_path / "encrypted.key"
-    encrypted.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"passphrase"),
-        )
-    )
+    encrypted = encrypted_copy(certs.server_key, tmp_path / "encrypted.key")
     ports = {} if http else {"http_port": -1, "management_http_port": -1}
-    srv = ServerThread(repo, **ports, **tls_settings(certs, tls_key_file=str(encrypted)))
-    with pytest.raises(OSError, match=r"encrypted\.key.*is encrypted"):
-        srv.start()
-    srv.stop()
+    settings = tls_settings(certs, tls_key_file=str(encrypted))
+    start_refused(repo, r"encrypted\.key.*is encrypted", **ports, **settings)
 
 
 @pytest.mark.parametrize(
@@ -222,10 +210,10 @@ def test_certificate_files_that_do_not_fit_are_named_with_grpc_listeners_only(
     start said "cannot listen on 0.0.0.0:0: in use or not permitted", sending the operator after
     a port."""
     chosen = {key: str(getattr(certs, name)) for key, name in files.items()}
-    srv = ServerThread(repo, http_port=-1, management_http_port=-1, **tls_settings(certs, **chosen))
-    with pytest.raises(OSError, match="cannot load the TLS files"):
-        srv.start()
-    srv.stop()
+    settings = tls_settings(certs, **chosen)
+    start_refused(
+        repo, "cannot load the TLS files", http_port=-1, management_http_port=-1, **settings
+    )
 
 
 def test_the_cli_takes_the_token_and_tls_options(tls_server: ServerThread, certs: Certs) -> None:
@@ -252,15 +240,7 @@ def test_a_client_key_grpc_cannot_use_is_refused_when_the_client_is_made(
     """An encrypted client key, or a certificate given as the key, failed every call as
     UNAVAILABLE "Failed to create security handshaker" (retried, blaming the connection), with
     gRPC's own errors on stderr."""
-    key = serialization.load_pem_private_key(certs.client_key.read_bytes(), None)
-    encrypted = tmp_path / "client-encrypted.key"
-    encrypted.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.BestAvailableEncryption(b"passphrase"),
-        )
-    )
+    encrypted = encrypted_copy(certs.client_key, tmp_path / "client-encrypted.key")
     for bad, message in ((encrypted, "is encrypted"), (certs.client_cert, "not a PEM private key")):
         tls = TLSConfig(ca_cert=certs.ca, client_cert=certs.client_cert, client_key=bad)
         with pytest.raises(ValueError, match=message):
