@@ -8,7 +8,7 @@ together is then decided by the batcher's policy alone, so execution counts are 
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,9 @@ from helpers import (
     write_config,
 )
 from onnx import TensorProto, helper
+from serverutil import ServerThread
 
-from ferry.client import FailedPreconditionError, InferenceClient, InferResult
+from ferry.client import FailedPreconditionError, InferenceClient, InferResult, ModelStatistics
 from ferry.server.core.types import DYNAMIC_AXES_METADATA
 from ferry.server.examples import identity_model, mlp_model
 
@@ -193,6 +194,20 @@ def _transpose_model() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def _refused_at_load(
+    tmp_path: Path, start_server: StartServer, model: onnx.ModelProto, *, max_batch_size: int
+) -> str:
+    """Why ``model``, served alone with ``max_batch_size`` configured, is FAILED at load (it
+    must be)."""
+    root = make_repo(tmp_path / "repo", {"set": model})
+    write_config(root, "set", {"batching": {"max_batch_size": max_batch_size}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client:
+        (status,) = client.list_models("set")
+    assert status.state == "FAILED", status
+    return status.reason
+
+
 def test_a_configured_batch_size_on_outputs_not_batched_first_is_refused_at_load(
     tmp_path: Path, start_server: StartServer
 ) -> None:
@@ -221,13 +236,8 @@ def test_an_output_whose_first_dimension_equals_two_rows_by_chance_is_refused_at
     got a column of the other's values. It is refused at load, as with k of 1."""
     model = _transpose_model()
     onnx.helper.set_model_props(model, {DYNAMIC_AXES_METADATA: '{"x": {"1": ["k", 2, 16]}}'})
-    root = make_repo(tmp_path / "repo", {"set": model})
-    write_config(root, "set", {"batching": {"max_batch_size": 8}})
-    srv = start_server(root)
-    with InferenceClient(srv.target, timeout=60) as client:
-        (status,) = client.list_models("set")
-        assert status.state == "FAILED"
-        assert "max_batch_size = 8, but output 'y' is [2, 1] for a batch of 1" in status.reason
+    reason = _refused_at_load(tmp_path, start_server, model, max_batch_size=8)
+    assert "max_batch_size = 8, but output 'y' is [2, 1] for a batch of 1" in reason
 
 
 def test_an_output_not_batched_first_is_refused_at_load_at_a_max_batch_size_of_one(
@@ -236,13 +246,8 @@ def test_an_output_not_batched_first_is_refused_at_load_at_a_max_batch_size_of_o
     """At max_batch_size 1 the load's check ran one row alone, where the transpose [k, batch] is
     [1, 1] at k = 1, and passed; planned, [[1, 2, 3]] was then answered [[1]]. Two rows are run
     there too (the graph's first dimension is dynamic): it is refused at load."""
-    root = make_repo(tmp_path / "repo", {"one": _transpose_model()})
-    write_config(root, "one", {"batching": {"max_batch_size": 1}})
-    srv = start_server(root)
-    with InferenceClient(srv.target, timeout=60) as client:
-        (status,) = client.list_models("one")
-        assert status.state == "FAILED"
-        assert "max_batch_size = 1, but output 'y' is [1, 2] for a batch of 2" in status.reason
+    reason = _refused_at_load(tmp_path, start_server, _transpose_model(), max_batch_size=1)
+    assert "max_batch_size = 1, but output 'y' is [1, 2] for a batch of 2" in reason
 
 
 def test_an_output_batched_first_only_at_the_checked_size_fails_failed_precondition(
@@ -345,19 +350,37 @@ def _guarded_transpose_model(
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+# Rows the guarded model (its guard 7.0) runs; k = 2.
+GUARDED_ROWS = [{"x": np.array([[7.0, float(i)]], np.float32)} for i in (1, 2, 3)]
+
+
+def _guarded_rows_queued(
+    srv: ServerThread, model: str
+) -> tuple[list[Future[InferResult]], ModelStatistics]:
+    """GUARDED_ROWS sent, the first holding the instance and the others queued behind it, then
+    let run: their finished calls, and the model's statistics after them."""
+    first, *rest = GUARDED_ROWS
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        ThreadPoolExecutor(4) as pool,
+        ExecutionGate(srv, model) as gate,
+    ):
+        head, tail = _queue_behind_gate(client, gate, pool, model, first=first, rest=rest)
+        gate.release()
+        futures = [head, *tail]
+        wait(futures, timeout=60)
+        return futures, stats(client, model)
+
+
 def test_an_output_not_batched_first_is_refused_at_load_on_a_model_zeros_cannot_run(
     tmp_path: Path, start_server: StartServer
 ) -> None:
     """The load's check ran zeros alone: a model refusing zeros (a Range stepped by an input's
     value) was served as configured, and two requests of k = 2 batched together each got a
     column of the other's values. Other rows (ones, the probe's) are tried: it is refused."""
-    root = make_repo(tmp_path / "repo", {"set": _guarded_transpose_model(None)})
-    write_config(root, "set", {"batching": {"max_batch_size": 8}})
-    srv = start_server(root)
-    with InferenceClient(srv.target, timeout=60) as client:
-        (status,) = client.list_models("set")
-        assert status.state == "FAILED"
-        assert "max_batch_size = 8, but output 'y' is [1, 2] for a batch of 2" in status.reason
+    model = _guarded_transpose_model(None)
+    reason = _refused_at_load(tmp_path, start_server, model, max_batch_size=8)
+    assert "max_batch_size = 8, but output 'y' is [1, 2] for a batch of 2" in reason
 
 
 @pytest.mark.parametrize("batching", [{"max_batch_size": 8}, {}], ids=["configured", "left-unset"])
@@ -374,19 +397,10 @@ def test_an_output_not_batched_first_never_mixes_requests_when_no_made_up_row_ru
     if batching:
         config["batching"] = batching
     write_config(root, "m", config)
-    srv = start_server(root)
-    first = {"x": np.array([[7.0, 1.0]], np.float32)}
-    rest = [{"x": np.array([[7.0, 2.0]], np.float32)}, {"x": np.array([[7.0, 3.0]], np.float32)}]
-    with (
-        InferenceClient(srv.target, timeout=60) as client,
-        ThreadPoolExecutor(4) as pool,
-        ExecutionGate(srv, "m") as gate,
-    ):
-        head, tail = _queue_behind_gate(client, gate, pool, "m", first=first, rest=rest)
-        gate.release()
-        for future in [head, *tail]:
-            with pytest.raises(FailedPreconditionError, match=r"output 'y' is \[2, 1\] for a bat"):
-                future.result(60)
+    futures, _ = _guarded_rows_queued(start_server(root), "m")
+    for future in futures:
+        with pytest.raises(FailedPreconditionError, match=r"output 'y' is \[2, 1\] for a bat"):
+            future.result()
 
 
 def test_a_model_no_made_up_row_runs_is_batched_once_a_request_checks_it(
@@ -396,19 +410,10 @@ def test_a_model_no_made_up_row_runs_is_batched_once_a_request_checks_it(
     and the requests queued behind it then share one run, each served its own row."""
     root = make_repo(tmp_path / "repo", {"set": _guarded_transpose_model(7.0, (0, 1))})
     write_config(root, "set", {"batching": {"max_batch_size": 8}, "instances": {"count": 1}})
-    srv = start_server(root)
-    first = {"x": np.array([[7.0, 1.0]], np.float32)}
-    rest = [{"x": np.array([[7.0, 2.0]], np.float32)}, {"x": np.array([[7.0, 3.0]], np.float32)}]
-    with (
-        InferenceClient(srv.target, timeout=60) as client,
-        ThreadPoolExecutor(4) as pool,
-        ExecutionGate(srv, "set") as gate,
-    ):
-        head, tail = _queue_behind_gate(client, gate, pool, "set", first=first, rest=rest)
-        gate.release()
-        for feeds, future in zip([first, *rest], [head, *tail], strict=True):
-            np.testing.assert_array_equal(future.result(60)["y"], feeds["x"])
-        assert stats(client, "set").batch_sizes == {1: 1, 2: 1}
+    futures, after = _guarded_rows_queued(start_server(root), "set")
+    for feeds, future in zip(GUARDED_ROWS, futures, strict=True):
+        np.testing.assert_array_equal(future.result()["y"], feeds["x"])
+    assert after.batch_sizes == {1: 1, 2: 1}
 
 
 @pytest.mark.parametrize(
