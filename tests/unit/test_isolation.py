@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from asyncutil import LOAD_GUARD_S, arun
 
 from ferry.server.core.config import ModelConfig
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
@@ -28,8 +29,6 @@ from ferry.server.core.types import State
 from ferry.server.cpus import usable_cores
 from ferry.server.examples import mlp_model, seed_model, write_model
 from ferry.server.runtime.session import OrtSession, open_session
-
-GUARD_S = 60.0
 
 
 class GatedOpener:
@@ -43,19 +42,11 @@ class GatedOpener:
     def __call__(self, path: Path, config: ModelConfig) -> OrtSession:
         if path.parent.parent.name == self.model:
             self.entered.set()
-            assert self._open.wait(GUARD_S), "the test never released the gate"
+            assert self._open.wait(LOAD_GUARD_S), "the test never released the gate"
         return open_session(path, config)
 
     def release(self) -> None:
         self._open.set()
-
-
-def _run(coro_fn: object) -> None:
-    async def guarded() -> None:
-        async with asyncio.timeout(GUARD_S):  # a hang guard, not a check
-            await coro_fn()  # type: ignore[operator]
-
-    asyncio.run(guarded())
 
 
 def test_management_on_one_model_does_not_wait_behind_another_models_load(
@@ -72,7 +63,7 @@ def test_management_on_one_model_does_not_wait_behind_another_models_load(
         await registry.refresh()
         write_model(repo, "slow", seed_model())
         refresh = asyncio.create_task(registry.refresh())  # its load of "slow" blocks
-        await asyncio.to_thread(opener.entered.wait, GUARD_S)
+        await asyncio.to_thread(opener.entered.wait, LOAD_GUARD_S)
         # While "slow" is loading: another model unloads, loads and serves.
         await registry.unload_model("fast")
         assert "fast" not in {s.name for s in registry.statuses()}
@@ -86,7 +77,7 @@ def test_management_on_one_model_does_not_wait_behind_another_models_load(
         assert {s.name: s.state for s in registry.statuses()}["slow"] is State.READY
         await registry.close()
 
-    _run(scenario)
+    arun(scenario, LOAD_GUARD_S)
 
 
 def test_a_model_unloaded_during_a_refresh_stays_unloaded(tmp_path: Path) -> None:
@@ -115,7 +106,7 @@ def test_a_model_unloaded_during_a_refresh_stays_unloaded(tmp_path: Path) -> Non
         assert {s.name: s.state for s in registry.statuses()}["slow"] is State.READY
         await registry.close()
 
-    _run(scenario)
+    arun(scenario, LOAD_GUARD_S)
 
 
 # Run in a process of its own: in the test process, threads other libraries start at any time
