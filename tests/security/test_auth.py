@@ -162,6 +162,19 @@ def test_unknown_methods_do_not_reveal_themselves_without_a_token(server: Server
         )
 
 
+@pytest.mark.parametrize(
+    "method", [KSERVE + "ServerLiveX", KSERVE + "ServerReady/", KSERVE + "ServerReadyz"]
+)
+def test_a_name_that_only_begins_like_an_open_method_needs_the_token(
+    server: ServerThread, method: str
+) -> None:
+    """ServerLive and ServerReady are open by name, not as prefixes: a prefix match let
+    ``.../ServerLiveX`` past the token check (only "method not found" stopped it)."""
+    with grpc.insecure_channel(server.target) as channel:
+        probe = channel.unary_unary(method)
+        assert code_of(lambda: probe(b"", timeout=10)) is grpc.StatusCode.UNAUTHENTICATED
+
+
 def test_management_refuses_the_inference_token(server: ServerThread) -> None:
     with (
         RepositoryClient(server.management_target, timeout=30) as anonymous,

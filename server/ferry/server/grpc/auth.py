@@ -193,7 +193,10 @@ class ListenerGuard(aio.ServerInterceptor):
     ``accept``: tokens that may call this listener (empty: no token check). ``forbidden``:
     tokens that are valid elsewhere but not here (PERMISSION_DENIED rather than UNAUTHENTICATED,
     so a client with the inference token learns it holds the wrong kind, not a wrong token).
-    ``open_prefixes``: methods that need no token.
+    ``open_prefixes``: methods that need no token: a name ending in "/" opens a whole service,
+    any other opens that one method only (a prefix match let ``.../ServerLiveX`` past the
+    check, which only "method not found" stopped: a method added later under such a name
+    would have been open).
     """
 
     def __init__(
@@ -207,7 +210,8 @@ class ListenerGuard(aio.ServerInterceptor):
         self.name = name
         self._accept = tuple(accept)
         self._forbidden = tuple(forbidden)
-        self._open = open_prefixes
+        self._open_services = tuple(p for p in open_prefixes if p.endswith("/"))
+        self._open_methods = frozenset(p for p in open_prefixes if not p.endswith("/"))
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
         self._missing = (
             grpc.StatusCode.UNAUTHENTICATED,
@@ -247,12 +251,15 @@ class ListenerGuard(aio.ServerInterceptor):
             # Cache only methods that exist: their number is bounded, unknown names are not.
             if real is not None:
                 handler = self._handlers[method] = safe_handler(real, method)
-        if self._accept and not method.startswith(self._open):
+        if self._accept and not self._is_open(method):
             refusal = self._check(handler_call_details.invocation_metadata)
             if refusal is not None:
                 log.debug("%s listener refused %s: %s", self.name, method, refusal[1])
                 return self._refusal(refusal, handler)
         return handler
+
+    def _is_open(self, method: str) -> bool:
+        return method in self._open_methods or method.startswith(self._open_services)
 
     def _check(self, metadata: Any) -> tuple[grpc.StatusCode, str, ErrorKind] | None:
         verdict = self.verdict_of([v for key, v in metadata or () if key == AUTHORIZATION])
