@@ -253,6 +253,22 @@ def test_struct_kwargs_have_the_json_limit(
     assert len(kept.architecture_kwargs["pad"]) == MAX_KWARGS_JSON - 100
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_struct_kwargs_with_a_number_json_cannot_hold_are_invalid_argument(
+    server: tuple[ServerThread, ConversionClient], tmp_path: Path, number: float
+) -> None:
+    """protobuf's Struct -> dict refuses NaN and infinities with a ValueError, which was
+    INTERNAL with a traceback in the server log."""
+    srv, _ = server
+    onnx = mlp_model(sizes=(4, 4), seed=0).SerializeToString()
+    s = struct_pb2.Struct()
+    s.update({"scale": number})
+    err = refused(srv, onnx, fmt=pb.SOURCE_FORMAT_ONNX, architecture_kwargs=s)
+    assert err.code() is grpc.StatusCode.INVALID_ARGUMENT, err.details()
+    assert "architecture_kwargs_json" in err.details()
+    assert uploads_left(tmp_path) == []
+
+
 @pytest.mark.parametrize("name", ["x" * 129, "x" * 100_000, "../x", "a b", "a\0b", "-x"])
 def test_architecture_names_are_bounded(
     server: tuple[ServerThread, ConversionClient], name: str

@@ -197,7 +197,7 @@ def _header(h: pb.UploadHeader) -> UploadHeader:
     if h.architecture_kwargs_json and h.HasField("architecture_kwargs"):
         raise InvalidArgument("give architecture kwargs as JSON text or as a Struct, not both")
     if h.HasField("architecture_kwargs"):
-        kwargs = _integral(json_format.MessageToDict(h.architecture_kwargs))
+        kwargs = _integral(_struct_dict(h.architecture_kwargs))
     else:
         kwargs = kwargs_from_json(h.architecture_kwargs_json)
     return UploadHeader(
@@ -209,6 +209,20 @@ def _header(h: pb.UploadHeader) -> UploadHeader:
         expected_sha256=h.expected_sha256.lower(),
         size_bytes=h.size_bytes,
     )
+
+
+def _struct_dict(value: Any) -> dict[str, Any]:
+    """A Struct as a dict. protobuf refuses a NaN or infinite number_value (JSON has no such
+    number, and its Struct mapping is JSON's), which escaped as a ValueError: INTERNAL for the
+    client's own header. The JSON text field takes NaN and Infinity, as Python's json does."""
+    try:
+        kwargs: dict[str, Any] = json_format.MessageToDict(value)
+    except ValueError as exc:
+        raise InvalidArgument(
+            f"architecture_kwargs cannot be read: {exc}; a Struct carries no NaN or Infinity, "
+            "so give such kwargs as architecture_kwargs_json text instead"
+        ) from None
+    return kwargs
 
 
 def _integral(value: Any) -> Any:
