@@ -129,6 +129,26 @@ def test_inputs_and_outputs_per_request(client: InferenceClient) -> None:
     assert "max_request_outputs" in info.value.message and "limit of 1" in info.value.message
 
 
+def test_ferry_v1_refuses_too_many_inputs_before_reading_any(server: ServerThread) -> None:
+    """The count is judged before any input is decoded (as the Open Inference Protocol's
+    decoder does): the first input's unknown dtype and the duplicate name are never read."""
+    request = pb.InferRequest(model="two_io")
+    request.inputs.add(name="a", dtype=99, shape=[1, 4], data=bytes(16))  # type: ignore[arg-type]
+    request.inputs.add(name="a", dtype=9, shape=[1, 4], data=bytes(32))  # type: ignore[arg-type]
+    request.outputs.extend(["sum", "sum"])
+    with grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Infer(request, timeout=30)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        assert "2 inputs is over the limit of 1" in (info.value.details() or "")
+        del request.inputs[1]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Infer(request, timeout=30)
+        assert info.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        assert "max_request_outputs" in (info.value.details() or "")
+
+
 def test_open_inference_protocol_shares_the_limits(server: ServerThread) -> None:
     request = kpb.ModelInferRequest(
         model_name="bytes",
