@@ -182,6 +182,29 @@ def test_counts_that_disagree_with_the_shape_are_invalid(stub: Any) -> None:
     assert "needs 16 bytes, got 12" in exc.value.details()
 
 
+def test_a_long_name_leaves_the_message_saying_what_is_wrong(stub: Any) -> None:
+    """Messages quote the client's names first and say what to fix last; cut at their end to
+    2,000 characters, a 5,000-character name left only the name."""
+    name = "n" * 5000
+    twice = service_pb2.ModelInferRequest(model_name=identity_name("FP32"))
+    for _ in range(2):
+        twice.inputs.add(name=name, datatype="FP32", shape=[1, 1])
+        twice.raw_input_contents.append(bytes(4))
+    short_data = service_pb2.ModelInferRequest(model_name=identity_name("FP32"))
+    short_data.inputs.add(name=name, datatype="FP32", shape=[1, 2])
+    short_data.raw_input_contents.append(bytes(4))
+    for request, ending in [
+        (twice, "appears twice in the request"),
+        (short_data, "needs 8 bytes, got 4"),
+    ]:
+        with pytest.raises(grpc.RpcError) as exc:
+            stub.ModelInfer(request)
+        assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = exc.value.details()
+        assert details.endswith(ending), details[-200:]
+        assert details.startswith("input 'nnn") and len(details) <= 2000
+
+
 @pytest.mark.parametrize("octets", [bytes([2, 0, 1]), bytes([1, 255, 0])])
 def test_raw_bool_bytes_other_than_0_and_1_are_invalid(stub: Any, octets: bytes) -> None:
     """onnxruntime reads a BOOL byte of 2 or 255 as neither true nor false (a Where fed one

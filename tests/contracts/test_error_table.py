@@ -50,6 +50,16 @@ def test_long_messages_are_bounded() -> None:
     assert len(message) <= 2000
 
 
+def test_a_long_message_keeps_its_beginning_and_its_end() -> None:
+    text = f"input {'n' * 5000!r} appears twice in the request"
+    _, message, _ = status_of(FerryError(text, kind=ErrorKind.INVALID_ARGUMENT))
+    assert len(message) == 2000
+    assert message.startswith("input 'nnn") and message.endswith("' appears twice in the request")
+    assert " [...] " in message
+    _, message, _ = status_of(FerryError("y" * 2000, kind=ErrorKind.INVALID_ARGUMENT))
+    assert message == "y" * 2000
+
+
 def test_codes_without_a_kind_map_to_the_base_classes() -> None:
     assert type(sdk.from_status(grpc.StatusCode.NOT_FOUND, "m")) is sdk.NotFoundError
     assert type(sdk.from_status(grpc.StatusCode.INTERNAL, "m")) is sdk.ServerError

@@ -42,6 +42,19 @@ ERROR_TABLE: dict[ErrorKind, tuple[grpc.StatusCode, type[sdk.FerryError]]] = {
 }
 
 MAX_MESSAGE = 2000
+_HEAD = MAX_MESSAGE // 2
+_CUT = " [...] "
+
+
+def bounded(message: str) -> str:
+    """``message`` cut to MAX_MESSAGE characters in its middle. Messages quote what the client
+    sent first and say what to fix last ("input '<name>' appears twice in the request"), so a
+    cut at the end left a client that sent a 5,000-character name only that name, 2,000
+    characters of it, and not what was wrong with it."""
+    if len(message) <= MAX_MESSAGE:
+        return message
+    tail = MAX_MESSAGE - _HEAD - len(_CUT)
+    return message[:_HEAD] + _CUT + message[len(message) - tail :]
 
 
 def code_of(exc: BaseException) -> grpc.StatusCode:
@@ -53,7 +66,7 @@ def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, str]:
     """(code, message, kind) for any exception; unexpected ones become INTERNAL and are logged."""
     if isinstance(exc, FerryError):
         code = ERROR_TABLE[exc.kind][0]
-        return code, exc.message[:MAX_MESSAGE], exc.kind.value
+        return code, bounded(exc.message), exc.kind.value
     log.error("unexpected error", exc_info=exc)
     return (
         grpc.StatusCode.INTERNAL,
