@@ -182,6 +182,21 @@ def test_counts_that_disagree_with_the_shape_are_invalid(stub: Any) -> None:
     assert "needs 16 bytes, got 12" in exc.value.details()
 
 
+def test_typed_contents_of_an_absurd_empty_shape_say_it_has_too_many_elements(stub: Any) -> None:
+    """A zero among dims no array can have holds no element, so no count disagrees; the answer
+    is the raw path's, not numpy's 'cannot reshape array of size 0'."""
+    request = service_pb2.ModelInferRequest(model_name=identity_name("FP32"))
+    request.inputs.add(
+        name="input", datatype="FP32", shape=[2**62, 2**62, 0]
+    ).contents.SetInParent()
+    with pytest.raises(grpc.RpcError) as exc:
+        stub.ModelInfer(request)
+    assert exc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "input 'input': shape [4611686018427387904, 4611686018427387904, 0] has too many " in (
+        exc.value.details()
+    )
+
+
 def test_a_long_name_leaves_the_message_saying_what_is_wrong(stub: Any) -> None:
     """Messages quote the client's names first and say what to fix last; cut at their end to
     2,000 characters, a 5,000-character name left only the name."""

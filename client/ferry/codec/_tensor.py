@@ -57,7 +57,7 @@ def too_many_dims(dims: int, name: str) -> CodecError:
     )
 
 
-def _too_many_elements(shape: Sequence[int], name: str) -> CodecError | None:
+def too_many_elements(shape: Sequence[int], name: str) -> CodecError | None:
     """Check the product of the non-zero dims, so a zero cannot hide absurd neighbours."""
     nonzero = 1
     for dim in shape:
@@ -89,7 +89,7 @@ def from_bytes(
             raise _negative_dim(shape, dim, name)
         count *= dim
     if count == 0 or count > MAX_ELEMENTS:
-        error = _too_many_elements(shape, name)
+        error = too_many_elements(shape, name)
         if error is not None:
             raise error
     fixed = FIXED.get(dtype)

@@ -24,7 +24,7 @@ from ferry.codec import (
     datatype_from_name,
     from_bytes,
 )
-from ferry.codec._tensor import MAX_DIMS, too_many_dims
+from ferry.codec._tensor import MAX_DIMS, too_many_dims, too_many_elements
 from ferry.codec._wire import encode_oip_response, encode_oip_stream_result
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
 from ferry.server.core.inputs import check_counts, check_wire_elements
@@ -212,6 +212,12 @@ def reshape_input(array: np.ndarray, shape: tuple[int, ...], name: str) -> np.nd
     try:
         return array.reshape(shape)
     except ValueError as exc:  # e.g. more dims than numpy supports
+        # A zero among absurd dims ([2**62, 2**62, 0]) holds no element, so the count check
+        # passed, but numpy cannot make the shape: say so as the raw path does, not numpy's
+        # "cannot reshape array of size 0".
+        error = too_many_elements(shape, name)
+        if error is not None:
+            raise InvalidArgument(str(error)) from None
         raise InvalidArgument(f"input {name!r}: cannot reshape to {list(shape)}: {exc}") from None
 
 
