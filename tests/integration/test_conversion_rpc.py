@@ -218,6 +218,32 @@ def test_corrupt_truncated_and_mismatched_uploads(start: Start, tmp_path: Path) 
     assert list((state_dir(tmp_path) / "uploads").iterdir()) == []
 
 
+def test_an_upload_message_that_is_neither_header_nor_chunk_is_named_as_such(
+    start: Start, tmp_path: Path
+) -> None:
+    """An empty UploadModelRequest after the header was refused as 'only the first message of
+    an upload may be a header', a header the client never sent."""
+    srv, _ = start()
+    stub = pb_grpc.ModelConversionStub(grpc.insecure_channel(srv.management_target))
+    data = onnx_bytes()
+    header = pb.UploadHeader(model="m", format="SOURCE_FORMAT_ONNX")
+    for middle, what in (
+        (pb.UploadModelRequest(), "after 10 bytes of the upload carries neither a header nor"),
+        (pb.UploadModelRequest(header=header), "only the first message of an upload may be"),
+    ):
+        requests = [
+            pb.UploadModelRequest(header=header),
+            pb.UploadModelRequest(chunk=data[:10]),
+            middle,
+            pb.UploadModelRequest(chunk=data[10:]),
+        ]
+        with pytest.raises(grpc.RpcError) as info:
+            stub.UploadModel(iter(requests), timeout=60)
+        assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert what in info.value.details(), info.value.details()
+    assert list((state_dir(tmp_path) / "uploads").iterdir()) == []
+
+
 class _CreatesFile:
     def __init__(self, path: Path) -> None:
         self.path = path

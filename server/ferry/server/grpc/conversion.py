@@ -100,8 +100,15 @@ class ConversionServicer(pb_grpc.ModelConversionServicer):
                     message = await _next_part(messages, received, bound)
                 except StopAsyncIteration:
                     return
-                if message.WhichOneof("part") != "chunk":
+                part = message.WhichOneof("part")
+                if part == "header":
                     raise InvalidArgument("only the first message of an upload may be a header")
+                if part is None:
+                    # Said as what it is: it was answered as a second header, which it is not.
+                    raise InvalidArgument(
+                        f"a message after {received} bytes of the upload carries neither a "
+                        "header nor a chunk: every message after the header must set chunk"
+                    )
                 received += len(message.chunk)
                 yield message.chunk
 
