@@ -245,6 +245,46 @@ def test_an_answer_over_the_message_limit_fails_its_request_only(
     assert not by_id["a"].error_message and len(by_id["a"].infer_response.raw_output_contents) == 1
 
 
+def test_a_long_request_id_fails_its_own_request_only_on_a_stream(server: ServerThread) -> None:
+    """An answer repeats its request's id (a stream's error answer too, and the OIP's its model
+    name and version): with an id near max_message_bytes grpc's core refused to send the error
+    answer, ending the stream with "Sent message larger than max" and every request on it.
+    Such an answer now goes without the echo, saying what to shorten; the others are answered."""
+    limit = LIMITS["max_message_bytes"]
+    good = pb.InferRequest(model="bytes", id="ok")
+    good.inputs.add(name="input", dtype=2, shape=[1, 1], data=b"\x07")  # type: ignore[arg-type]
+    near = pb.InferRequest(model="nope", id="i" * (limit - 100))
+    twice = pb.InferRequest(model="bytes", id="t" * (limit // 2 + 10))  # sent back twice
+    twice.inputs.add(name="input", dtype=2, shape=[1, 1], data=b"\x07")  # type: ignore[arg-type]
+    oip_good = kpb.ModelInferRequest(model_name="bytes", id="ok")
+    oip_good.inputs.add(name="input", datatype="UINT8", shape=[1, 1])
+    oip_good.raw_input_contents.append(b"\x07")
+    oip_near = kpb.ModelInferRequest(model_name="nope", id="i" * (limit - 100))
+    with grpc.insecure_channel(server.target) as channel:
+        stream = channel.stream_stream(
+            "/ferry.v1.Inference/InferStream",
+            request_serializer=pb.InferRequest.SerializeToString,
+            response_deserializer=pb.InferStreamResponse.FromString,
+        )
+        answers = list(stream(iter([near, twice, good]), timeout=30))
+        oip_stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            request_serializer=kpb.ModelInferRequest.SerializeToString,
+            response_deserializer=kpb.ModelStreamInferResponse.FromString,
+        )
+        oip_answers = list(oip_stream(iter([oip_near, oip_good]), timeout=30))
+    by_id = {a.id: a for a in answers}
+    assert set(by_id) == {"", twice.id, "ok"}
+    assert by_id[""].error.kind == "LIMIT_EXCEEDED"
+    assert "send a shorter id" in by_id[""].error.message, by_id[""].error.message
+    assert "repeats the request's id" in by_id[twice.id].error.message
+    assert by_id["ok"].response.outputs[0].data == b"\x07"
+    first, second = oip_answers
+    assert first.error_message.startswith("[StatusCode.RESOURCE_EXHAUSTED]")
+    assert "send a shorter model name, version and id" in first.error_message
+    assert not second.error_message and second.infer_response.raw_output_contents == [b"\x07"]
+
+
 def test_upload_size(server: ServerThread) -> None:
     """Implemented by the conversion service; verified here: refused from the header's declared
     size before any byte is sent, and while receiving when the header understates it."""

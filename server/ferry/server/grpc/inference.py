@@ -32,7 +32,14 @@ from ferry.server.core.types import (
     version_of,
 )
 from ferry.server.errors import InvalidArgument, Unavailable
-from ferry.server.grpc._base import call_deadline, end_stream, sendable, translate_errors
+from ferry.server.grpc._base import (
+    call_deadline,
+    echo_too_long,
+    end_stream,
+    fits,
+    sendable,
+    translate_errors,
+)
 from ferry.server.grpc.status import status_of
 
 STATE = {
@@ -185,7 +192,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def Infer(self, request: pb.InferRequest, context: aio.ServicerContext) -> bytes:
         """Answers the serialized response (``add_to_server`` registers a pass-through)."""
         result = await self.dataplane.infer(WireInfer(request), deadline=call_deadline(context))
-        return sendable(encode_response(result), self.max_message_bytes)
+        return sendable(encode_response(result), self.max_message_bytes, request.id)
 
     async def InferStream(
         self, request_iterator: AsyncIterator[pb.InferRequest], context: aio.ServicerContext
@@ -198,13 +205,23 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             try:
                 result = await self.dataplane.infer(WireInfer(msg), deadline=deadline)
                 encoded = encode_stream_result(msg.id, result.model, result.version, result.outputs)
-                return sendable(encoded, self.max_message_bytes)
+                # The id is sent back twice: in the stream response and in the result.
+                return sendable(encoded, self.max_message_bytes, msg.id, copies=2)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 code, message, kind = status_of(exc)
-                return pb.InferStreamResponse(
+                failed = pb.InferStreamResponse(
                     id=msg.id, error=pb.Error(code=code.value[0], message=message, kind=kind)
+                )
+                limit = self.max_message_bytes
+                if limit is None or fits(failed, limit):
+                    return failed
+                # Without the id, which no answer can carry: one that cannot be sent would end
+                # the stream, every other request on it with it.
+                code, message, kind = status_of(echo_too_long(len(msg.id.encode()), limit))
+                return pb.InferStreamResponse(
+                    error=pb.Error(code=code.value[0], message=message, kind=kind)
                 )
 
         try:

@@ -25,7 +25,14 @@ from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
 from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.types import InferenceRequest, Limits, parse_version, version_label
 from ferry.server.errors import InvalidArgument, PermissionDenied, Unavailable, Unimplemented
-from ferry.server.grpc._base import call_deadline, end_stream, sendable, translate_errors
+from ferry.server.grpc._base import (
+    call_deadline,
+    echo_too_long,
+    end_stream,
+    fits,
+    sendable,
+    translate_errors,
+)
 from ferry.server.grpc.kserve_model import config_of, metadata_of, repository_index, statistics_of
 from ferry.server.grpc.kserve_tensors import (
     decode_request,
@@ -183,7 +190,7 @@ class KServeServicer:
     ) -> bytes:
         """Answers the serialized response, built once (``handlers`` registers a pass-through)."""
         result = await self.dataplane.infer(WireInfer(request), deadline=call_deadline(context))
-        return sendable(serialize_response(result), self.max_message_bytes)
+        return sendable(serialize_response(result), self.max_message_bytes, request.id)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
@@ -195,22 +202,19 @@ class KServeServicer:
         async def respond(msg: pb.ModelInferRequest) -> pb.ModelStreamInferResponse | bytes:
             try:
                 result = await self.dataplane.infer(WireInfer(msg), deadline=deadline)
-                return sendable(serialize_stream_response(result), self.max_message_bytes)
+                return sendable(serialize_stream_response(result), self.max_message_bytes, msg.id)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                code, message, _ = status_of(exc)
-                # The stream has no status per message, so the code leads the text, in the form
-                # tritonclient gives its unary errors.
-                failed = pb.ModelStreamInferResponse(
-                    error_message=f"[StatusCode.{code.name}] {message}",
-                    infer_response=pb.ModelInferResponse(
-                        model_name=msg.model_name, model_version=msg.model_version, id=msg.id
-                    ),
-                )
-                # The request's last response, as a success's is (codec OIP_FINAL_RESPONSE).
-                failed.infer_response.parameters["triton_final_response"].bool_param = True
-                return failed
+                failed = _stream_failure(exc, msg, echo=True)
+                limit = self.max_message_bytes
+                if limit is None or fits(failed, limit):
+                    return failed
+                # Without what the request sent, which no answer can carry: one that cannot be
+                # sent would end the stream, every other request on it with it.
+                echoed = len(f"{msg.model_name}{msg.model_version}{msg.id}".encode())
+                refusal = echo_too_long(echoed, limit, "model name, version and id")
+                return _stream_failure(refusal, msg, echo=False)
 
         # In request order, as Triton answers a model that is not decoupled (core.streams).
         try:
@@ -265,6 +269,23 @@ class KServeServicer:
         # A model not loaded (or not there) is OK with nothing done, as in Triton.
         await self.dataplane.unload(request.model_name, missing_ok=True)
         return pb.RepositoryModelUnloadResponse()
+
+
+def _stream_failure(
+    exc: Exception, msg: pb.ModelInferRequest, *, echo: bool
+) -> pb.ModelStreamInferResponse:
+    """A stream's answer to a failed request; ``echo``: with its model name, version and id."""
+    code, message, _ = status_of(exc)
+    # The stream has no status per message, so the code leads the text, in the form
+    # tritonclient gives its unary errors.
+    failed = pb.ModelStreamInferResponse(error_message=f"[StatusCode.{code.name}] {message}")
+    if echo:
+        failed.infer_response.model_name = msg.model_name
+        failed.infer_response.model_version = msg.model_version
+        failed.infer_response.id = msg.id
+    # The request's last response, as a success's is (codec OIP_FINAL_RESPONSE).
+    failed.infer_response.parameters["triton_final_response"].bool_param = True
+    return failed
 
 
 class _Refusal:
