@@ -6,6 +6,7 @@ RESOURCE_EXHAUSTED, never INTERNAL."""
 
 from __future__ import annotations
 
+import base64
 import errno
 import io
 import sqlite3
@@ -366,6 +367,34 @@ def test_a_page_token_is_for_the_model_filter_it_was_given_for(
         stub(srv).ListUploads(pb.ListUploadsRequest(page_token=page.next_page_token), timeout=30)
     assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "belongs to the listing of model 'm'" in (info.value.details() or "")
+
+
+def test_a_page_token_is_for_the_listing_it_was_given_by(
+    server: tuple[ServerThread, ConversionClient],
+) -> None:
+    """A ListUploads token given to ListJobs was read as a position among jobs (a page from
+    the upload's time on: newer jobs skipped, silently); and the reverse."""
+    srv, conv = server
+    onnx = mlp_model(sizes=(4, 4), seed=0).SerializeToString()
+    for _ in range(2):
+        conv.upload("m", onnx, format="onnx")
+    page = stub(srv).ListUploads(pb.ListUploadsRequest(model="m", limit=1), timeout=30)
+    assert page.next_page_token
+    with pytest.raises(grpc.RpcError) as info:
+        stub(srv).ListJobs(
+            pb.ListJobsRequest(model="m", page_token=page.next_page_token), timeout=30
+        )
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "belongs to the listing of uploads, not of jobs" in (info.value.details() or "")
+    following = stub(srv).ListUploads(
+        pb.ListUploadsRequest(model="m", limit=1, page_token=page.next_page_token), timeout=30
+    )
+    assert [u.upload_id for u in following.uploads] != [u.upload_id for u in page.uploads]
+    # A token of the earlier form, which named no listing, is not one this server gives.
+    old = base64.urlsafe_b64encode(b'[1,1796689599497,3,"m"]').decode().rstrip("=")
+    with pytest.raises(grpc.RpcError) as info:
+        stub(srv).ListJobs(pb.ListJobsRequest(model="m", page_token=old), timeout=30)
+    assert "not one this server gave" in (info.value.details() or "")
 
 
 # ---- the listings' model filter ----

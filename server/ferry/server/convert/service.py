@@ -394,7 +394,9 @@ class ConversionService:
         """Newest first, at most ``limit`` (0: 100; at most 10,000) and no more than fit the
         answer's byte budget, so that no number of kept uploads can make the listing fail;
         with the token of the next page, empty after the last (convert.pages)."""
-        return self._listing(self.store.page_uploads, _upload_bytes, model, limit, page_token)
+        return self._listing(
+            self.store.page_uploads, _upload_bytes, model, limit, page_token, listing="uploads"
+        )
 
     def _listing(
         self,
@@ -403,12 +405,15 @@ class ConversionService:
         model: str,
         limit: int,
         page_token: str,
+        *,
+        listing: str,
     ) -> tuple[list[_R], str]:
         if model:
             validate_model_name(model)
-        after = pages.decode(page_token, model)
+        after = pages.decode(page_token, model, listing)
         n = _page_size(limit)
-        return _page(fetch(model, n + 1, after), n, self._list_budget(), size, model)
+        rows = fetch(model, n + 1, after)
+        return _page(rows, n, self._list_budget(), size, model, listing=listing)
 
     async def delete_upload(self, upload_id: str) -> None:
         with _database_writes("delete the upload again"):
@@ -622,7 +627,9 @@ class ConversionService:
         self, model: str = "", limit: int = 0, page_token: str = ""
     ) -> tuple[list[JobRecord], str]:
         """As ``list_uploads``: newest first, within ``limit`` and the byte budget."""
-        return self._listing(self.store.page_jobs, _job_bytes, model, limit, page_token)
+        return self._listing(
+            self.store.page_jobs, _job_bytes, model, limit, page_token, listing="jobs"
+        )
 
     def _list_budget(self) -> int:
         """Half the largest message: what the estimate of a record's size leaves out (field
@@ -745,12 +752,14 @@ def _page(
     budget: int,
     size: Callable[[_R], int],
     model: str,
+    *,
+    listing: str,
 ) -> tuple[list[_R], str]:
     """The records of one page (``rows`` holds one more than ``limit`` when more follow) and
     the token of the next, when the limit or the byte budget left records out."""
     kept = _within(budget, [record for _, record in rows[:limit]], size)
     if len(rows) > len(kept):
-        return kept, pages.encode(rows[len(kept) - 1][0], model)
+        return kept, pages.encode(rows[len(kept) - 1][0], model, listing)
     return kept, ""
 
 
