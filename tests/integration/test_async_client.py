@@ -16,6 +16,7 @@ import pytest
 
 from ferry.client import (
     AsyncInferenceClient,
+    CancelledError,
     ClientClosedError,
     ConnectionError_,
     FerryError,
@@ -264,6 +265,50 @@ def test_an_async_client_closed_from_another_loop_releases_its_channel(server: A
         running.call_soon_threadsafe(running.stop)
         thread.join(30)
         running.close()
+
+
+@pytest.mark.parametrize("how", ["closed", "used from another loop"])
+def test_a_stream_on_an_idle_loop_ends_once_its_channel_is_released(server: Any, how: str) -> None:
+    """A stream left open on a loop that idled (``run_until_complete`` returned) while its
+    client was closed, or used from another loop, from elsewhere: grpc.aio left the released
+    channel's call pending, so once the loop ran again ``results()`` and ``wait()`` hung for
+    good. The stream now ends when its loop runs: each request answered or failed with
+    ClientClosedError (closed) or a CancelledError saying why, and submit() raises it."""
+    client = AsyncInferenceClient(server.target, timeout=30)
+    x = {"input": np.zeros((1, 64), np.float32)}
+    idle = asyncio.new_event_loop()
+    expected = ClientClosedError if how == "closed" else CancelledError
+
+    async def opened() -> Any:
+        stream = client.stream("mlp")
+        await stream.submit(x)
+        await stream.submit(x)
+        return stream
+
+    async def resumed(stream: Any) -> list[Any]:
+        answers = [answer async for _, answer in stream.results()]
+        await stream.wait()
+        with pytest.raises(expected):
+            await stream.submit(x)
+        return answers
+
+    async def elsewhere() -> None:
+        if how == "closed":
+            await client.close()
+        else:
+            assert (await client.infer("mlp", x)).model == "mlp"
+
+    try:
+        stream = idle.run_until_complete(opened())
+        asyncio.run(elsewhere())
+        # The bound only turns the hang this was into a failure.
+        answers = idle.run_until_complete(asyncio.wait_for(resumed(stream), 30))
+    finally:
+        idle.close()
+    assert len(answers) == 2
+    assert all(isinstance(a, InferResult | expected) for a in answers), answers
+    if how != "closed":
+        assert all("another event loop" in str(a) for a in answers if isinstance(a, FerryError))
 
 
 def test_a_submit_whose_write_the_closing_client_cuts_raises_client_closed(server: Any) -> None:

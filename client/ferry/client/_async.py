@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import functools
 import time
+import weakref
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -86,6 +87,26 @@ class AsyncInferenceClient(InferenceClientBase):
     def _open(self) -> None:
         """Nothing yet: the channel must be made inside the loop that will use it."""
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Streams made by this client: one whose call is open when its channel is released
+        # from another loop must be ended on its own loop (``_release_idle``).
+        self._streams: weakref.WeakSet[AsyncInferStream] = weakref.WeakSet()
+
+    def _release_idle(self, why: FerryError) -> None:
+        """Release the channel of a loop that has ended or idles, ending its open streams.
+
+        grpc.aio leaves a call of a released channel pending for good: a stream on a loop that
+        idled (``run_until_complete`` returned) while the client was closed or used from
+        another loop hung in ``results()`` and ``wait()`` once its loop ran again. Each such
+        stream is ended with ``why`` when its loop next runs (it cannot be touched from here,
+        asyncio objects belong to their loop's thread)."""
+        channel, loop = self._channel, self._loop
+        self._channel = None
+        if loop is not None and not loop.is_closed():
+            for stream in list(self._streams):
+                if stream.open_on(loop):
+                    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                        loop.call_soon_threadsafe(stream.abandon, why)
+        _release(channel)
 
     def _connect(self) -> Any:
         """The stub, binding a channel on this loop first if there is none, or if the channel
@@ -104,8 +125,15 @@ class AsyncInferenceClient(InferenceClientBase):
                     "thread, and grpc.aio binds a channel to one loop: make one client per "
                     "event loop (one per thread that runs a loop)"
                 )
-            _release(self._channel)  # its loop has ended or idles: it cannot serve this one
-            self._channel = None
+            # Its loop has ended or idles: it cannot serve this one.
+            self._release_idle(
+                CancelledError(
+                    f"this stream's channel was closed: its {type(self).__name__} was used "
+                    "from another event loop while this stream's loop was not running, and "
+                    "grpc.aio binds a channel to one loop; finish a stream before using its "
+                    "client elsewhere, or make one client per event loop"
+                )
+            )
         if self._channel is None:
             self._bind(create_aio_channel(self.channel_config))
             self._loop = loop
@@ -292,7 +320,7 @@ class AsyncInferenceClient(InferenceClientBase):
             self._connect()
             return self._infer_stream(**kwargs)
 
-        return AsyncInferStream(
+        stream = AsyncInferStream(
             open_call,
             model,
             version=version,
@@ -308,6 +336,8 @@ class AsyncInferenceClient(InferenceClientBase):
             max_message_bytes=self.channel_config.send_limit(),
             client_closed=lambda: ClientClosedError.of(self) if self._closed else None,
         )
+        self._streams.add(stream)
+        return stream
 
     async def infer_many(
         self,
@@ -332,23 +362,27 @@ class AsyncInferenceClient(InferenceClientBase):
         From any loop: the channel's own loop closes it when it runs in another thread (its calls
         in flight end with ``ClientClosedError``), and one whose loop has ended or idles is
         released here. Left alone, such a channel held its connection until garbage collection.
+        A stream left open on a loop that idles ends with ``ClientClosedError`` when that loop
+        runs again.
         """
         self._closed = True
         channel, loop = self._channel, self._loop
-        self._channel = None
         self._stub = None
         if channel is None:
             return
         if loop is asyncio.get_running_loop():
+            self._channel = None
             await channel.close()
-        elif loop is not None and loop.is_running():
+            return
+        if loop is not None and loop.is_running():
             closing = asyncio.run_coroutine_threadsafe(channel.close(), loop)
             try:
                 await asyncio.wait_for(asyncio.wrap_future(closing), _CLOSE_ELSEWHERE_S)
+                self._channel = None
+                return
             except TimeoutError:  # that loop stopped (or is stuck) before it ran the close
-                _release(channel)
-        else:
-            _release(channel)
+                pass
+        self._release_idle(ClientClosedError.of(self))
 
     async def __aenter__(self) -> AsyncInferenceClient:
         return self
@@ -391,6 +425,8 @@ class AsyncInferStream(StreamState):
     def __init__(self, method: Any, model: str, **options: Any) -> None:
         super().__init__(method, model, **options)
         self._call: aio.StreamStreamCall[Any, Any] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._abandoned: FerryError | None = None  # why the client released its channel
         self._reader: asyncio.Task[None] | None = None
         self._results: asyncio.Queue[StreamResult | Marker] = asyncio.Queue()
         self._slots = asyncio.Condition()
@@ -402,8 +438,23 @@ class AsyncInferStream(StreamState):
     def _start(self) -> aio.StreamStreamCall[Any, Any]:
         if self._call is None:
             self._call = self._method(timeout=self._timeout, metadata=self._metadata)
-            self._reader = asyncio.get_running_loop().create_task(self._read(self._call))
+            self._loop = asyncio.get_running_loop()
+            self._reader = self._loop.create_task(self._read(self._call))
         return self._call
+
+    def _ended(self, error: FerryError) -> FerryError:
+        return self._abandoned or super()._ended(error)
+
+    def open_on(self, loop: asyncio.AbstractEventLoop) -> bool:
+        """Whether this stream's call runs on ``loop`` and has not ended."""
+        return self._call is not None and self._loop is loop and not self._done
+
+    def abandon(self, why: FerryError) -> None:
+        """End the call because its client released the channel under it (on this stream's
+        loop): its requests, and the submits after, fail with ``why``."""
+        if self._call is not None and not self._done:
+            self._abandoned = why
+            self._call.cancel()
 
     async def _read(self, call: aio.StreamStreamCall[bytes, bytes]) -> None:
         error: FerryError | None = None
