@@ -342,6 +342,63 @@ def test_an_async_request_whose_timeout_passes_waiting_for_a_slot_is_not_sent(
         assert gate.calls == 1
 
 
+def test_a_submit_racing_cancel_raises_the_streams_cancelled_error(server: Any) -> None:
+    """A submit that had not sent its request when cancel() came (waiting for a slot, or made
+    after it) raised a plain FerryError ("this stream is closed" / "has ended") or grpc's
+    "Locally cancelled by application!", depending on the turn; it is now always
+    ferry.client.CancelledError saying cancel() was called, in both flavours, and the request
+    is not sent."""
+    with (
+        _held(server) as gate,
+        InferenceClient(server.target, timeout=30) as client,
+    ):
+        stream = client.stream("mlp", max_in_flight=1)
+        first = stream.submit(batch(0))
+        gate.wait_entered()
+        raised: list[BaseException] = []
+
+        def blocked() -> None:
+            try:
+                stream.submit(batch(1), "blocked")
+            except BaseException as exc:
+                raised.append(exc)
+
+        submitter = threading.Thread(target=blocked)
+        submitter.start()
+        stream.cancel()
+        submitter.join(30)
+        with pytest.raises(CancelledError, match=r"cancel\(\)"):
+            stream.submit(batch(2))
+        assert len(raised) == 1 and isinstance(raised[0], CancelledError), raised
+        assert "cancel()" in str(raised[0])
+        assert stream.wait(30)
+        ((rid, result),) = list(stream.results())
+        assert rid == first and isinstance(result, CancelledError)
+        assert "cancel()" in str(result)
+
+    async def main() -> None:
+        async with AsyncInferenceClient(server.target, timeout=30) as client:
+            stream = client.stream("mlp", max_in_flight=1)
+            first = await stream.submit(batch(0))
+            await asyncio.to_thread(gate.wait_entered)
+            blocked = asyncio.create_task(stream.submit(batch(1), "blocked"))
+            cancelling = asyncio.create_task(stream.cancel())
+            await asyncio.sleep(0)  # cancel() has begun: the call is cancelled, not yet ended
+            with pytest.raises(CancelledError, match=r"cancel\(\)"):
+                await stream.submit(batch(2))
+            with pytest.raises(CancelledError, match=r"cancel\(\)"):
+                await blocked
+            await cancelling
+            with pytest.raises(CancelledError, match=r"cancel\(\)"):
+                await stream.submit(batch(3))
+            answers = [a async for a in stream.results()]
+            assert [rid for rid, _ in answers] == [first]
+            assert isinstance(answers[0][1], CancelledError)
+
+    with _held(server) as gate:
+        asyncio.run(main())
+
+
 def test_a_stream_that_ended_leaves_no_thread_behind(client: InferenceClient) -> None:
     """A stream whose call ended (its deadline, the server gone, the client closed) without
     close() kept gRPC's thread that feeds it waiting for a next request for good: one thread

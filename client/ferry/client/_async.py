@@ -61,6 +61,7 @@ from ferry.client._stream import (
     StreamResult,
     StreamState,
     aenumerate,
+    cancelled_error,
     check_max_in_flight,
     item_of,
     left_of,
@@ -432,7 +433,6 @@ class AsyncInferStream(StreamState):
         self._slots = asyncio.Condition()
         self._blocked = 0  # submitters waiting for a free slot
         self._write_lock = asyncio.Lock()
-        self._cancelled = False
         self._resending: set[asyncio.Future[None]] = set()  # held: the loop keeps weak refs
 
     def _start(self) -> aio.StreamStreamCall[Any, Any]:
@@ -497,7 +497,7 @@ class AsyncInferStream(StreamState):
             error = FerryError(f"stream reader failed: {type(exc).__name__}: {exc}")
             call.cancel()
         if self._cancelled and error is None:
-            error = CancelledError("the stream was cancelled by the client")
+            error = cancelled_error()
         self._finish(error)
         async with self._slots:
             self._slots.notify_all()
@@ -595,7 +595,9 @@ class AsyncInferStream(StreamState):
             try:
                 async with self._slots:
                     free = self._slots.wait_for(
-                        lambda: len(self._pending) < self.max_in_flight or self._done
+                        lambda: (
+                            len(self._pending) < self.max_in_flight or self._done or self._cancelled
+                        )
                     )
                     if deadline is None:
                         await free
@@ -648,7 +650,9 @@ class AsyncInferStream(StreamState):
 
     def _call_cancelled(self) -> FerryError:
         """Why the call was cancelled under a write: the reader's record, once it has one."""
-        return self._error or CancelledError("the stream was cancelled by the client")
+        if self._error is not None:
+            return self._error
+        return cancelled_error() if self._cancelled else CancelledError("the call was cancelled")
 
     async def _send(
         self,
@@ -740,12 +744,17 @@ class AsyncInferStream(StreamState):
         self._results.put_nowait(WAKE)
 
     async def cancel(self) -> None:
-        """End the call now: outstanding requests yield CancelledError."""
+        """End the call now: outstanding requests yield CancelledError, and every submit()
+        that has not begun to write its request (one racing this in another task, or later)
+        raises it; only a cancellation of the caller's own task raises asyncio's."""
         self._cancelled = True
         self._closed = True
         if self._call is not None:
             self._call.cancel()
         self._results.put_nowait(WAKE)
+        if self._blocked:  # submits waiting for a slot raise at once
+            async with self._slots:
+                self._slots.notify_all()
         await self.wait()
 
     async def wait(self) -> None:

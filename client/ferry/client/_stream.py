@@ -39,6 +39,7 @@ from typing import Any, Final
 import grpc
 
 from ferry.client._errors import (
+    CancelledError,
     DeadlineExceededError,
     FerryError,
     InvalidArgumentError,
@@ -187,6 +188,7 @@ class StreamState:
         self._resend: dict[str, Resend] = {}  # pending ids with list inputs, not sent again yet
         self._unread = 0  # submitted, not yet yielded by results()
         self._closed = False
+        self._cancelled = False  # cancel() was called
         self._done = False
         self._error: FerryError | None = None
 
@@ -227,6 +229,10 @@ class StreamState:
     def _check_open(self, rid: str) -> None:
         if self._done:
             raise self._terminal_error()
+        if self._cancelled:
+            # Whether the call has ended yet or not: a submit racing cancel() got "this stream
+            # is closed", "this stream has ended" or CancelledError depending on the turn.
+            raise cancelled_error()
         if self._closed:
             raise FerryError("this stream is closed: open a new one with client.stream(model)")
         if rid in self._pending:
@@ -235,6 +241,8 @@ class StreamState:
     def _terminal_error(self) -> FerryError:
         if self._error is not None:
             return self._error
+        if self._cancelled:
+            return cancelled_error()
         return FerryError("this stream has ended: open a new one with client.stream(model)")
 
     def _answer(self, raw: bytes) -> tuple[StreamResult, Resend | None] | None:
@@ -310,8 +318,12 @@ class StreamState:
     def _ended(self, error: FerryError) -> FerryError:
         """The error that ended the call, or ClientClosedError when the client was closed
         under it: the requests in flight said "CANCELLED: Channel closed!", as if someone had
-        cancelled them, where every unary call says the client was closed."""
+        cancelled them, where every unary call says the client was closed. After cancel(),
+        the cancellation's own error, the same in both flavours (the sync one said grpc's
+        "Locally cancelled by application!")."""
         closed = self._client_closed() if self._client_closed is not None else None
+        if closed is None and self._cancelled and isinstance(error, CancelledError):
+            return cancelled_error()
         return closed or error
 
     def _refused(self, rid: str, error: FerryError) -> StreamResult:
@@ -338,6 +350,14 @@ class StreamState:
             f"waited {where}; the server is behind this stream (submit fewer at once, or give "
             "a longer timeout)"
         )
+
+
+def cancelled_error() -> CancelledError:
+    """What every request and submit of a stream after its ``cancel()`` gets."""
+    return CancelledError(
+        "the stream was cancelled by the client (cancel() was called, or its `with` block "
+        "ended with an exception): open a new one with client.stream(model)"
+    )
 
 
 def stamped(request: bytes, deadline: float, timeout: float) -> bytes | None:
@@ -540,7 +560,9 @@ class InferStream(StreamState):
         expired: StreamResult | None = None
         with self._cond:
             self._check_open(rid)
-            while len(self._pending) >= self.max_in_flight and not self._done:
+            while (
+                len(self._pending) >= self.max_in_flight and not self._done and not self._cancelled
+            ):
                 if deadline is None:
                     self._cond.wait()
                 elif (left := deadline - time.monotonic()) > 0:
@@ -633,7 +655,12 @@ class InferStream(StreamState):
         self._results.put(WAKE)
 
     def cancel(self) -> None:
-        """End the call now: outstanding requests yield CancelledError."""
+        """End the call now: outstanding requests yield CancelledError, and every submit()
+        that has not sent its request yet (one racing this in another thread, or later)
+        raises it."""
+        with self._cond:
+            self._cancelled = True
+            self._cond.notify_all()  # a submit waiting for a slot raises at once
         self.close()
         self._call.cancel()
 
