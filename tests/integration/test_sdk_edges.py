@@ -98,6 +98,18 @@ def test_other_resource_exhaustion_is_left_alone() -> None:
     )
 
 
+def test_an_address_list_target_reaches_the_server(server: Any) -> None:
+    """An ``ipv4:`` list with a space after its comma was handed to gRPC as written, which
+    refused it ("the target uri is not valid"): every call failed UNKNOWN. It is rebuilt, and
+    one without a port, which gRPC's ipv4: scheme has no default for, is refused when made."""
+    port = server.target.rpartition(":")[2]
+    with InferenceClient(f"ipv4:127.0.0.1:{port}, 127.0.0.1:{port}", timeout=30) as client:
+        assert client.ready("mlp")
+        assert client.infer("mlp", {"input": np.zeros((1, 64), np.float32)}).model == "mlp"
+    with pytest.raises(InvalidInputError, match="no default port"):
+        InferenceClient("ipv4:127.0.0.1")
+
+
 def test_the_wrong_listener_says_which_is_which(server: Any) -> None:
     client = InferenceClient(server.management_target)
     with client, pytest.raises(UnimplementedError) as info:

@@ -242,6 +242,10 @@ def test_a_long_retry_series_does_not_overflow_its_backoff() -> None:
         (["[::1]:1", "[::1]:2"], ("ipv6:[::1]:1,[::1]:2", 2)),
         ("ipv4:10.0.0.1:1,10.0.0.2:1", ("ipv4:10.0.0.1:1,10.0.0.2:1", 2)),
         (["localhost:9"], ("localhost:9", 1)),
+        # gRPC refused the space ("the target uri is not valid"): the list is rebuilt.
+        ("ipv4:10.0.0.1:1, 10.0.0.2:1 ", ("ipv4:10.0.0.1:1,10.0.0.2:1", 2)),
+        ("ipv4:///10.0.0.1:1", ("ipv4:10.0.0.1:1", 1)),
+        ("ipv6:[::1]:1,[::2]:2", ("ipv6:[::1]:1,[::2]:2", 2)),
     ],
 )
 def test_resolve_target(target: str | list[str], expected: tuple[str, int]) -> None:
@@ -269,6 +273,16 @@ def test_resolve_target_refuses_what_grpc_cannot_list(target: str | list[str]) -
         ["127.0.0.1:1", "127.0.0.1:x"],
         "ipv4:127.0.0.1:1,127.0.0.1:port",
         "dns:///localhost:port",
+        # gRPC's ipv4:/ipv6: schemes take literal addresses, each with its port: these were
+        # accepted and every call failed UNKNOWN "the target uri is not valid" (ServerError).
+        "ipv4:127.0.0.1",
+        "ipv4:127.0.0.1,127.0.0.2:1",
+        "ipv4:localhost:8001",
+        "ipv4:[127.0.0.1]:8001",
+        "ipv4:",
+        "ipv6:[::1]",
+        "ipv6:::1:8001",
+        "ipv6:[127.0.0.1]:8001",
     ],
 )
 def test_clients_refuse_an_endpoint_grpc_cannot_reach_when_made(target: str | list[str]) -> None:

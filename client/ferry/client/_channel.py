@@ -189,6 +189,37 @@ def _check_port(endpoint: str) -> None:
         raise InvalidArgumentError(f"endpoint {endpoint!r}: port {port} is not within 1..65535")
 
 
+def _address_list(target: str) -> tuple[str, int]:
+    """An ``ipv4:``/``ipv6:`` target as gRPC reads it, each address checked. gRPC's resolver for
+    these schemes takes literal addresses, each with its port (no default, no names, IPv6 in
+    brackets, no spaces): "ipv4:127.0.0.1" or "ipv4:127.0.0.1:1, 127.0.0.2:2" was accepted
+    here and every call then failed with UNKNOWN "the target uri is not valid" (a
+    ServerError; ready() said False, as if the server did not serve)."""
+    scheme, _, body = target.partition(":")
+    body = body.removeprefix("///")  # ipv4:///A:P, an empty authority: gRPC reads it too
+    endpoints = [e.strip() for e in body.split(",") if e.strip()]
+    if not endpoints:
+        raise InvalidArgumentError(
+            f"target {target!r} lists no address: give {scheme}:ADDRESS:PORT"
+        )
+    want = "an IPv4 address and a port, like 127.0.0.1:8001"
+    if scheme == "ipv6":
+        want = "an IPv6 address in brackets and a port, like [::1]:8001"
+    for endpoint in endpoints:
+        host, sep, _ = endpoint.rpartition(":")
+        if scheme == "ipv6":
+            ok = host[:1] == "[" and host[-1:] == "]" and _ip_version(host[1:-1]) == 6
+        else:
+            ok = "[" not in host and _ip_version(host) == 4
+        if not sep or not ok:
+            raise InvalidArgumentError(
+                f"endpoint {endpoint!r} of the {scheme}: target {target!r} must be {want} "
+                f"(gRPC's {scheme}: scheme has no default port and takes no host names)"
+            )
+        _check_port(endpoint)
+    return f"{scheme}:" + ",".join(endpoints), len(endpoints)
+
+
 def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
     """Return (gRPC target string, number of endpoints).
 
@@ -197,14 +228,16 @@ def resolve_target(target: str | Sequence[str]) -> tuple[str, int]:
     way, so several of them are refused with what to do instead. A port outside 1..65535 is
     refused.
     """
+    if isinstance(target, str) and target.strip().startswith(("ipv4:", "ipv6:")):
+        return _address_list(target.strip())
     for endpoint in split_endpoints(target):
         _check_port(endpoint)
     if isinstance(target, str):
         target = target.strip()  # grpc reads "" as "dns:///" and fails with no name in it
         if not target:
             raise InvalidArgumentError("no endpoint given: pass HOST:PORT or a list of them")
-        if "," not in target or target.startswith(("ipv4:", "ipv6:")):
-            return target, (target.count(",") + 1 if "," in target else 1)
+        if "," not in target:
+            return target, 1
     endpoints = split_endpoints(target)
     if not endpoints:
         raise InvalidArgumentError("no endpoint given: pass HOST:PORT or a list of them")
