@@ -13,7 +13,9 @@ import numpy as np
 from helpers import ExecutionGate, StartServer, wait_for
 
 from ferry.client import InferenceClient, InferResult, UnavailableError
+from ferry.codec import encode_tensor
 from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
+from ferry.proto.v1 import inference_pb2 as pb
 
 GRACE_S = 60.0  # far longer than any test waits: the streams must end before it
 
@@ -87,4 +89,58 @@ def test_an_oip_stream_left_open_ends_unavailable_at_stop(
             assert "shutting down" in (exc.details() or "")
         finally:
             more.put(None)
+        stopped.result(GRACE_S / 2)
+
+
+def test_a_half_closed_stream_is_answered_in_full_and_ends_ok_at_stop(
+    start_server: StartServer, repo_path: Any
+) -> None:
+    """A client that sent its requests and half-closed, with the server still running them
+    when its stop began: the request the stream had read but held for a slot
+    (--max-stream-in-flight) was dropped and the stream cut UNAVAILABLE, as if the client had
+    more to send. The stream now runs what it read, reads on while those run, sees the
+    half-close and ends OK with every request answered. Two models, each held by its own
+    gate, order it: the half-close is read while the second request is held."""
+    seen: list[str] = []  # ids the stream's reader took, then "EOF" (the server's loop writes)
+
+    def spy(app: Any) -> None:
+        original = app.dataplane.stream
+
+        def stream(requests: Any, respond: Any, **options: Any) -> Any:
+            async def reading() -> Any:
+                async for msg in requests:
+                    seen.append(msg.id)
+                    yield msg
+                seen.append("EOF")
+
+            return original(reading(), respond, **options)
+
+        app.dataplane.stream = stream
+
+    srv = start_server(repo_path, spy, grace_period=GRACE_S, max_stream_in_flight=1)
+    first = pb.InferRequest(model="mlp", id="first")
+    first.inputs.append(encode_tensor("input", batch(1.0)["input"]))
+    second = pb.InferRequest(model="fixed", id="second")
+    second.inputs.append(encode_tensor("input", np.ones(3, np.float32)))
+    with (
+        ExecutionGate(srv, "mlp") as held_first,
+        ExecutionGate(srv, "fixed") as held_second,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
+        call = channel.stream_stream(
+            "/ferry.v1.Inference/InferStream",
+            request_serializer=pb.InferRequest.SerializeToString,
+            response_deserializer=pb.InferStreamResponse.FromString,
+        )(iter([first, second]), timeout=30)  # both sent, then the half-close
+        held_first.wait_entered()
+        wait_for(lambda: seen == ["first", "second"], "the second request to wait for a slot")
+        stopped = _stopping(srv)
+        held_first.release()
+        held_second.wait_entered()  # the request read before the stop runs
+        wait_for(lambda: seen[-1:] == ["EOF"], "the stream to read the half-close")
+        held_second.release()
+        answers = {answer.id: answer for answer in call}  # ends without an error
+        assert call.code() == grpc.StatusCode.OK
+        assert sorted(answers) == ["first", "second"]
+        assert not any(answer.HasField("error") for answer in answers.values())
         stopped.result(GRACE_S / 2)

@@ -73,12 +73,16 @@ async def run_stream(
     finishing first), and such a client read each answer as the other's. Requests still run
     concurrently; an answer that is ready waits for the earlier ones, holding its slot.
 
-    ``stopping``: set when the server begins to stop. The stream then reads no further request,
-    answers every request it read, and ends UNAVAILABLE (``Unavailable``), so that a request
+    ``stopping``: set when the server begins to stop. The stream then runs no request read after
+    it, answers every request it read, and ends UNAVAILABLE (``Unavailable``), so that a request
     without an answer is one that never ran, to send again elsewhere. Before, a stream its
     client kept open (the SDK's, tritonclient's start_stream) was read and served until the
     grace period ran out, holding the whole stop, and was then cut with the requests it was
-    running unanswered, though they may have run."""
+    running unanswered, though they may have run. While requests it read are still running,
+    the stream goes on reading, to see whether its client has half-closed: a stream whose
+    client had sent everything and half-closed ends OK with every request answered. Before,
+    a stop that came while the reader waited for a slot dropped the request it held (read,
+    never run) and cut a half-closed stream UNAVAILABLE, as if the client had more to send."""
     budget = budget if budget is not None else StreamBudget(max_in_flight)
     done: asyncio.Queue[tuple[int, object] | None] = asyncio.Queue()
     slots = asyncio.Semaphore(max_in_flight)
@@ -87,6 +91,8 @@ async def run_stream(
     emptied = asyncio.Event()  # set whenever this stream holds nothing
     reading = True  # the reader is still taking requests (a stop cancels it only there)
     halted = False  # the stop ended the reading
+    in_hand = False  # the reader holds a request it read, waiting for a slot
+    settled = asyncio.Event()  # set whenever a request ends or the reader moves on (``halt``)
 
     def release() -> None:
         nonlocal held
@@ -106,13 +112,21 @@ async def run_stream(
             raise
         done.put_nowait((seq, response))
 
+    def ended(task: asyncio.Task[None]) -> None:
+        tasks.discard(task)
+        settled.set()
+
     async def reader() -> None:
-        nonlocal held, reading
+        nonlocal held, reading, halted, in_hand
         seq = 0
         broken: Exception | None = None
         try:
             try:
                 async for msg in requests:
+                    if stopping is not None and stopping.is_set():
+                        halted = True  # read after the stop began: not run, nor read on
+                        break
+                    in_hand = True
                     await slots.acquire()
                     while budget.full and held:
                         emptied.clear()
@@ -122,7 +136,9 @@ async def run_stream(
                     task = asyncio.create_task(one(msg, seq))
                     seq += 1
                     tasks.add(task)
-                    task.add_done_callback(tasks.discard)
+                    task.add_done_callback(ended)
+                    in_hand = False
+                    settled.set()
             except asyncio.CancelledError:
                 if not halted:  # the stream itself ended: nothing to answer
                     raise
@@ -132,6 +148,7 @@ async def run_stream(
             except Exception as exc:  # a broken request stream (a malformed message)
                 broken = exc
             reading = False
+            settled.set()
             while tasks:
                 await asyncio.gather(*list(tasks), return_exceptions=True)
             if broken is not None:  # after every request read before it is answered
@@ -143,7 +160,12 @@ async def run_stream(
         nonlocal halted
         assert stopping is not None
         await stopping.wait()
-        if reading:
+        # The stream cannot end before the requests it read are answered: until then, its
+        # reader may yet read the client's half-close (or a request, which it does not run).
+        while reading and (tasks or in_hand):
+            settled.clear()
+            await settled.wait()
+        if reading:  # every request answered, the client silent: stop waiting for it
             halted = True
             read_task.cancel()
 
