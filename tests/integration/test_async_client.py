@@ -311,6 +311,41 @@ def test_a_stream_on_an_idle_loop_ends_once_its_channel_is_released(server: Any,
         assert all("another event loop" in str(a) for a in answers if isinstance(a, FerryError))
 
 
+def test_a_stream_used_from_a_loop_other_than_its_calls_says_so(server: Any) -> None:
+    """A stream whose call started on one loop, used from another while that one idled:
+    results() waited for good (its reader runs on the first loop) and submit() raised a bare
+    RuntimeError ("attached to a different loop"). Both are a FerryError saying to use the
+    stream on its own loop, which still serves it."""
+    client = AsyncInferenceClient(server.target, timeout=30)
+    x = {"input": np.zeros((1, 64), np.float32)}
+    first = asyncio.new_event_loop()
+
+    async def opened() -> Any:
+        stream = client.stream("mlp")
+        await stream.submit(x, "first")
+        return stream
+
+    async def elsewhere(stream: Any) -> None:
+        with pytest.raises(FerryError, match="another event loop"):
+            await stream.submit(x)
+        with pytest.raises(FerryError, match="another event loop"):
+            await anext(stream.results())
+
+    async def home(stream: Any) -> list[str]:
+        await stream.close()
+        return [rid async for rid, answer in stream.results() if isinstance(answer, InferResult)]
+
+    try:
+        stream = first.run_until_complete(opened())
+        asyncio.run(
+            asyncio.wait_for(elsewhere(stream), 30)
+        )  # the bound turns a hang into a failure
+        assert first.run_until_complete(asyncio.wait_for(home(stream), 30)) == ["first"]
+        first.run_until_complete(client.close())
+    finally:
+        first.close()
+
+
 def test_a_submit_whose_write_the_closing_client_cuts_raises_client_closed(server: Any) -> None:
     """Closing the client while a stream's submit() was writing raised a bare
     asyncio.CancelledError out of submit() (as if the caller's task had been cancelled) or a

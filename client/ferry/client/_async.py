@@ -445,6 +445,22 @@ class AsyncInferStream(StreamState):
     def _ended(self, error: FerryError) -> FerryError:
         return self._abandoned or super()._ended(error)
 
+    def _check_loop(self) -> None:
+        """Refuse a loop other than the call's: its reader and its write run on the loop of
+        the first submit, so results() elsewhere waited for good (nothing there could wake
+        it) and submit() raised a bare RuntimeError ("attached to a different loop"). A call
+        that has ended may be read from anywhere: its answers wait in the queue."""
+        if (
+            self._loop is not None
+            and not self._done
+            and asyncio.get_running_loop() is not self._loop
+        ):
+            raise FerryError(
+                "this stream's call runs on another event loop (the one of its first submit), "
+                "and grpc.aio binds a call to one loop: use a stream on the loop that opened "
+                "it, or open a new one with client.stream(model) on this loop"
+            )
+
     def open_on(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether this stream's call runs on ``loop`` and has not ended."""
         return self._call is not None and self._loop is loop and not self._done
@@ -560,6 +576,7 @@ class AsyncInferStream(StreamState):
         Cancelling a submit (a timeout around it, a cancelled task) never disturbs the other
         requests on the stream: a request whose message had begun to go out is still answered
         in ``results()``, under its id; one still waiting for its turn is withdrawn."""
+        self._check_loop()
         began = time.monotonic()
         dtypes = None
         if self._dtypes is not None and needs_dtypes(inputs, self.model, self.version):
@@ -686,6 +703,7 @@ class AsyncInferStream(StreamState):
     async def results(self, *, until_closed: bool = False) -> AsyncIterator[StreamResult]:
         """Yield ``(id, InferResult | FerryError)`` as answers arrive; see
         :meth:`InferStream.results` for when it ends."""
+        self._check_loop()
         while not self._should_stop(until_closed):
             item = await self._results.get()
             if item is END:
@@ -701,6 +719,7 @@ class AsyncInferStream(StreamState):
     ) -> AsyncIterator[StreamResult]:
         """Run every item, ``max_in_flight`` at a time; see :meth:`InferStream.infer_many`."""
         check_max_in_flight(max_in_flight)
+        self._check_loop()
         source = aenumerate(items)
         outstanding = 0
 
@@ -735,6 +754,7 @@ class AsyncInferStream(StreamState):
         """Send no more requests; answers to those in flight still arrive."""
         if self._closed:
             return
+        self._check_loop()
         self._closed = True
         if self._call is not None:
             async with self._write_lock:
@@ -747,6 +767,7 @@ class AsyncInferStream(StreamState):
         """End the call now: outstanding requests yield CancelledError, and every submit()
         that has not begun to write its request (one racing this in another task, or later)
         raises it; only a cancellation of the caller's own task raises asyncio's."""
+        self._check_loop()
         self._cancelled = True
         self._closed = True
         if self._call is not None:
@@ -759,6 +780,7 @@ class AsyncInferStream(StreamState):
 
     async def wait(self) -> None:
         """Wait for the call to end (after ``close()``)."""
+        self._check_loop()
         if self._reader is not None:
             await asyncio.shield(self._reader)
 
