@@ -104,9 +104,9 @@ class AsyncInferenceClient(InferenceClientBase):
         self._channel = None
         if loop is not None and not loop.is_closed():
             for stream in list(self._streams):
-                if stream.open_on(loop):
+                if stream._open_on(loop):
                     with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-                        loop.call_soon_threadsafe(stream.abandon, why)
+                        loop.call_soon_threadsafe(stream._abandon, why)
         _release(channel)
 
     def _connect(self) -> Any:
@@ -461,11 +461,11 @@ class AsyncInferStream(StreamState):
                 "it, or open a new one with client.stream(model) on this loop"
             )
 
-    def open_on(self, loop: asyncio.AbstractEventLoop) -> bool:
+    def _open_on(self, loop: asyncio.AbstractEventLoop) -> bool:
         """Whether this stream's call runs on ``loop`` and has not ended."""
         return self._call is not None and self._loop is loop and not self._done
 
-    def abandon(self, why: FerryError) -> None:
+    def _abandon(self, why: FerryError) -> None:
         """End the call because its client released the channel under it (on this stream's
         loop): its requests, and the submits after, fail with ``why``."""
         if self._call is not None and not self._done:
