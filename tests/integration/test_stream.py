@@ -383,7 +383,11 @@ def test_a_submit_racing_cancel_raises_the_streams_cancelled_error(server: Any) 
             await asyncio.to_thread(gate.wait_entered)
             blocked = asyncio.create_task(stream.submit(batch(1), "blocked"))
             cancelling = asyncio.create_task(stream.cancel())
-            await asyncio.sleep(0)  # cancel() has begun: the call is cancelled, not yet ended
+            for _ in range(10_000):  # loop turns until cancel() has begun (not yet ended)
+                if stream._cancelled:
+                    break
+                await asyncio.sleep(0)
+            assert stream._cancelled
             with pytest.raises(CancelledError, match=r"cancel\(\)"):
                 await stream.submit(batch(2))
             with pytest.raises(CancelledError, match=r"cancel\(\)"):
