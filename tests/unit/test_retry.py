@@ -27,7 +27,7 @@ from ferry.client import (
     ServerOverloadedError,
     TLSConfig,
 )
-from ferry.client._channel import resolve_target
+from ferry.client._channel import resolve_target, split_endpoints
 from ferry.client._errors import InvalidArgumentError, from_rpc_error
 from ferry.client._retry import NO_RETRY, acall_with_retry, call_with_retry
 from ferry.client.loadtest import LoadTestConfig
@@ -250,6 +250,13 @@ def test_a_long_retry_series_does_not_overflow_its_backoff() -> None:
 )
 def test_resolve_target(target: str | list[str], expected: tuple[str, int]) -> None:
     assert resolve_target(target) == expected
+
+
+def test_the_endpoints_of_an_address_list_with_an_empty_authority() -> None:
+    """``ipv4:///A,B`` (gRPC reads it) split into "///A" and "B": the load test then opened
+    a client on "///A", which no resolver reads."""
+    assert split_endpoints("ipv4:///127.0.0.1:1,127.0.0.1:2") == ["127.0.0.1:1", "127.0.0.1:2"]
+    assert split_endpoints(" ipv6:[::1]:1") == ["[::1]:1"]
 
 
 @pytest.mark.parametrize(

@@ -140,7 +140,9 @@ def split_endpoints(target: str | Sequence[str]) -> list[str]:
     """Each server a target names (``A,B``, ``ipv4:A,B`` or a list), one per entry."""
     if not isinstance(target, str):
         return [t.strip() for t in target]
-    text = target.strip().removeprefix("ipv4:").removeprefix("ipv6:")
+    text = target.strip()
+    if text.startswith(("ipv4:", "ipv6:")):
+        text = text[5:].removeprefix("///")  # gRPC reads an empty authority too
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
