@@ -195,8 +195,9 @@ class KServeServicer:
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse | bytes]:
-        """Requests run concurrently and responses go out as they complete (clients match them
-        by ``id``); a failed request answers with ``error_message`` and the stream stays open."""
+        """Requests run concurrently and responses go out in request order (clients may match
+        them by order, ``id`` being optional); a failed request answers with ``error_message``
+        and the stream stays open."""
         deadline = call_deadline(context)
 
         async def respond(msg: pb.ModelInferRequest) -> pb.ModelStreamInferResponse | bytes:
