@@ -416,6 +416,58 @@ def test_a_model_no_made_up_row_runs_is_batched_once_a_request_checks_it(
     assert after.batch_sizes == {1: 1, 2: 1}
 
 
+def _valid_convolution_plus_the_rows_mean() -> onnx.ModelProto:
+    """A 3x3 convolution without padding over dynamic H and W (so at least 3 each), plus its
+    mean over the rows: a model that works across its first dimension and that no row of the
+    size 1 a made-up dynamic dimension used to get can run."""
+    rng = np.random.default_rng(3)
+    weight = helper.make_tensor(
+        "w", TensorProto.FLOAT, [2, 1, 3, 3], rng.standard_normal(18).astype(np.float32)
+    )
+    graph = helper.make_graph(
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("ReduceMean", ["c"], ["mean"], axes=[0], keepdims=1),
+            helper.make_node("Add", ["c", "mean"], ["y"]),
+        ],
+        "valid_conv_plus_rows_mean",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, "h", "w"])],
+        initializer=[weight],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_model_refusing_dims_of_one_that_works_across_rows_never_mixes_callers(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """The probe gave dynamic dims a size of 1, which a valid 3x3 convolution refuses: no probe
+    row ran, the model was batched on its shapes alone, and callers queued together were each
+    answered with the mean of everyone's rows (14 of 40 concurrent answers). The probe now
+    tries larger sizes, sees the rows mix and leaves the model unbatched: each caller gets what
+    onnxruntime gives its request alone."""
+    root = make_repo(tmp_path / "repo", {"m": _valid_convolution_plus_the_rows_mean()})
+    write_config(root, "m", {"instances": {"count": 1}})
+    srv = start_server(root)
+    rng = np.random.default_rng(0)
+    requests = [
+        {"x": (rng.standard_normal((1, 1, 5, 5)) * (i + 1)).astype(np.float32)} for i in range(4)
+    ]
+    with (
+        InferenceClient(srv.target, timeout=60) as client,
+        ThreadPoolExecutor(4) as pool,
+        ExecutionGate(srv, "m") as gate,
+    ):
+        head, tail = _queue_behind_gate(
+            client, gate, pool, "m", first=requests[0], rest=requests[1:]
+        )
+        gate.release()
+        for feeds, future in zip(requests, [head, *tail], strict=True):
+            expected = reference(root / "m" / "1" / "model.onnx", feeds)["y"]
+            np.testing.assert_array_equal(future.result(60)["y"], expected)
+        assert client.model_metadata("m").batching.max_batch_size == 0
+
+
 @pytest.mark.parametrize(
     ("dtype", "short", "long"),
     [

@@ -196,3 +196,23 @@ def test_a_model_the_probe_rows_cannot_run_on_is_batched_on_its_shapes(
     model.ir_version = IR_VERSION
     assert _max_batch_size(tmp_path, model) == 32
     assert "on its shapes alone" in caplog.text and "max_batch_size = 0" in caplog.text
+
+
+def test_a_model_refusing_dynamic_dims_of_one_is_probed_at_a_larger_size(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 3x3 convolution without padding over dynamic H and W runs on no row of size 1: it was
+    batched on its shapes alone, unprobed. At a larger size the probe runs and sees its rows
+    stay apart (an explicit check, not the shapes' guess)."""
+    weight = helper.make_tensor("w", TensorProto.FLOAT, [2, 1, 3, 3], np.linspace(-1, 1, 18))
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["y"])],
+        "valid_conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2, "h", "w"])],
+        initializer=[weight],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = IR_VERSION
+    assert _max_batch_size(tmp_path, model) == 32
+    assert "on its shapes alone" not in caplog.text

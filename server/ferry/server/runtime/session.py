@@ -506,13 +506,15 @@ class OrtSession:
         selection."""
         self.run(self.zero_feeds(batch_size))
 
-    def zero_feeds(self, batch_size: int) -> dict[str, np.ndarray]:
-        """Zeros for every input; dynamic non-batch dims get their verified minimum, else 1."""
+    def zero_feeds(self, batch_size: int, dynamic: int = 1) -> dict[str, np.ndarray]:
+        """Zeros for every input; dynamic non-batch dims get ``dynamic`` (1 by default), within
+        the sizes the version was verified at where it has them."""
         feeds: dict[str, np.ndarray] = {}
         for spec in self.inputs:
-            shape = [max(d, 1) for d in spec.shape]
-            for bound in spec.bounds:  # the smallest size the version was verified at
-                shape[bound.axis] = max(bound.min, 1)
+            shape = [dynamic if d == -1 else max(d, 1) for d in spec.shape]
+            for bound in spec.bounds:  # the sizes the version was verified at
+                size = max(bound.min, dynamic, 1)
+                shape[bound.axis] = min(size, bound.max) if bound.max else size
             if batch_size and shape:
                 shape[0] = batch_size
             if spec.dtype == DataType.DATA_TYPE_BYTES:
