@@ -468,6 +468,81 @@ def test_a_model_refusing_dims_of_one_that_works_across_rows_never_mixes_callers
         assert client.model_metadata("m").batching.max_batch_size == 0
 
 
+def _exact_width_model(*, minus_rows_mean: bool) -> onnx.ModelProto:
+    """x [batch, D] reshaped to rows of 7 (D must be 7: no made-up row's size runs it), times
+    2, minus the mean over the rows when ``minus_rows_mean`` (a model working across them)."""
+    nodes = [
+        helper.make_node("Reshape", ["x", "shape"], ["r"]),
+        helper.make_node("Mul", ["r", "two"], ["d"]),
+    ]
+    if minus_rows_mean:
+        nodes += [
+            helper.make_node("ReduceMean", ["d"], ["mean"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["d", "mean"], ["y"]),
+        ]
+    else:
+        nodes.append(helper.make_node("Identity", ["d"], ["y"]))
+    graph = helper.make_graph(
+        nodes,
+        "exact_width",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "D"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 7])],
+        initializer=[
+            helper.make_tensor("shape", TensorProto.INT64, [2], [-1, 7]),
+            helper.make_tensor("two", TensorProto.FLOAT, [], [2.0]),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _gated_round(
+    srv: ServerThread, client: InferenceClient, pool: ThreadPoolExecutor, root: Path, seed: int
+) -> None:
+    """Four different requests, three of them queued together behind the first: each answer
+    must be what onnxruntime gives that request alone."""
+    rng = np.random.default_rng(seed)
+    requests = [{"x": (rng.standard_normal((1, 7)) * (i + 1)).astype(np.float32)} for i in range(4)]
+    with ExecutionGate(srv, "m") as gate:
+        head, tail = _queue_behind_gate(
+            client, gate, pool, "m", first=requests[0], rest=requests[1:]
+        )
+        gate.release()
+        for feeds, future in zip(requests, [head, *tail], strict=True):
+            expected = reference(root / "m" / "1" / "model.onnx", feeds)["y"]
+            np.testing.assert_allclose(future.result(60)["y"], expected, rtol=1e-6)
+
+
+def test_a_model_no_made_up_row_runs_that_works_across_rows_never_mixes_callers(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """No made-up row runs a model that needs an exact width, so it was batched on its shapes
+    alone, and callers queued together got answers minus everyone's mean. Its requests now
+    run alone until a batch of different ones gives each its answer alone: this one's do not,
+    and they run alone for good."""
+    root = make_repo(tmp_path / "repo", {"m": _exact_width_model(minus_rows_mean=True)})
+    write_config(root, "m", {"instances": {"count": 1}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+        _gated_round(srv, client, pool, root, seed=1)
+        _gated_round(srv, client, pool, root, seed=2)  # still apart once the check has decided
+        assert stats(client, "m").execution_count == 8  # every request its own run
+
+
+def test_a_model_no_made_up_row_runs_is_batched_once_a_real_batch_proves_its_rows_apart(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """The same model without the rows' mean: the first batch of different requests runs
+    each alone and then together, agrees, and later batches run together."""
+    root = make_repo(tmp_path / "repo", {"m": _exact_width_model(minus_rows_mean=False)})
+    write_config(root, "m", {"instances": {"count": 1}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+        _gated_round(srv, client, pool, root, seed=1)
+        assert stats(client, "m").execution_count == 4  # proving: each alone
+        _gated_round(srv, client, pool, root, seed=2)
+        assert stats(client, "m").execution_count == 6  # the first alone, three together
+
+
 @pytest.mark.parametrize(
     ("dtype", "short", "long"),
     [

@@ -183,7 +183,8 @@ def test_a_model_the_probe_rows_cannot_run_on_is_batched_on_its_shapes(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A table of one row: the probe's index 1 is past it. Nothing can be told, so the shapes
-    decide, as they did before the probe, and the log says how to turn batching off."""
+    decide, as they did before the probe (the core runs its requests alone until a real batch
+    proves its rows apart: core.loaded), and the log says how to turn batching off."""
     table = helper.make_tensor("table", TensorProto.FLOAT, [1, 2], [0.5, 1.5])
     graph = helper.make_graph(
         [helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)],

@@ -53,3 +53,23 @@ def real_rows(
                 "batching.max_batch_size = 0 in its config"
             )
     return [out[:rows] for out in outputs]
+
+
+# onnxruntime may pick other kernels (or another summation order) for another batch size: a
+# ulp or two apart is the same answer, a model working across its rows is off by far more.
+_RTOL = 1e-3
+_RTOL_HALF = 1e-2
+
+
+def same_answer(a: np.ndarray, b: np.ndarray) -> bool:
+    """Whether ``a`` (a row's answer run beside other rows) is ``b`` (its answer run alone),
+    up to what another batch size's kernels change."""
+    if a.shape != b.shape:
+        return False
+    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
+        rtol = _RTOL if a.dtype.itemsize >= 4 else _RTOL_HALF
+        x, y = a.astype(np.float64), b.astype(np.float64)
+        finite = np.abs(y[np.isfinite(y)])
+        scale = max(1.0, float(finite.max(initial=0.0)))
+        return bool(np.allclose(x, y, rtol=rtol, atol=rtol * 1e-2 * scale, equal_nan=True))
+    return bool(np.array_equal(a, b))

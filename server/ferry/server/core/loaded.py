@@ -17,7 +17,7 @@ import numpy as np
 
 from ferry.codec import DataType, numpy_dtype
 from ferry.server.batching.batcher import BatchInfo, DynamicBatcher, Failed
-from ferry.server.batching.tensors import split
+from ferry.server.batching.tensors import same_answer, split
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, apply_version_config
 from ferry.server.core.stats import VersionStats
 from ferry.server.core.types import Opener, Session, TensorSpec, VersionStatistics
@@ -76,6 +76,11 @@ class LoadedVersion:
         # alone until one's own row checks it.
         self._unchecked = self.max_batch_size > 0 and not getattr(session, "batch_checked", True)
         self._not_batched_first = ""  # what that check found wrong: every request's error
+        # Batched on its shapes alone (runtime.rows could run none of its made-up rows): until
+        # a batch of different requests gives each the answer it gets alone, requests run
+        # alone (_prove_rows_apart); where one does not, they run alone for good.
+        self._rows_unproven = self.max_batch_size > 0 and getattr(session, "rows_unproven", False)
+        self._rows_mix = False
         # Until measured, assume a version is slow: the first batches go to a worker thread. A
         # provider that runs elsewhere (a GPU) never runs inline: its cost is not the CPU's.
         # Per input element, not per row: on a dynamic axis one row of a long sequence costs
@@ -149,6 +154,8 @@ class LoadedVersion:
         t0 = time.perf_counter_ns()
         if self._unchecked and not self._checked_on(items[0]) and len(items) > 1:
             return self._apart(items, t0)
+        if self._rows_unproven and len(items) > 1:
+            return self._prove_rows_apart(items, t0)
         wanted = _union_outputs(items, self.output_names)
         # The session gathers the requests' inputs itself: a planned one straight into its
         # reused buffers (one copy), not concatenated here and copied again to pad. Nothing
@@ -196,6 +203,59 @@ class LoadedVersion:
             apart.extend(alone)
             runs.extend(ran)
         return apart, runs, time.perf_counter_ns() - t0
+
+    def _prove_rows_apart(self, items: Sequence[Work], t0: int) -> Ran:
+        """Each request run alone (their answers), then, while unproven, the ones that ran
+        together, to see whether rows of different callers may share a run.
+
+        A model none of runtime.rows' made-up rows runs (an exact size, a small table) was
+        batched on its shapes alone, and one that works across its rows (a mean over them)
+        answered each caller with values of the others. Requests that are all equal prove
+        nothing (a mean over equal rows is each row's); different ones that each get the
+        answer they got alone prove the rows apart and batches run together from then on. One
+        that does not, or a batch that does not run together, keeps every request alone."""
+        apart, runs, _ = self._apart(items, t0)
+        if not self._rows_mix:
+            served = [w for w, r in zip(items, apart, strict=True) if not isinstance(r, Failed)]
+            answers = [r for r in apart if not isinstance(r, Failed)]
+            if len(served) > 1 and _differ(served, self.input_names):
+                why = self._rows_mixed(served, answers)
+                if why:
+                    self._rows_mix = True
+                    log.warning(
+                        "%s/%s: not batched: %s; its requests run alone (set "
+                        "batching.max_batch_size in its config to decide)",
+                        self.name,
+                        self.version,
+                        why,
+                    )
+                elif not self._rows_mix:
+                    self._rows_unproven = False
+                    log.info("%s/%s: rows proven apart on a real batch", self.name, self.version)
+        return apart, runs, time.perf_counter_ns() - t0
+
+    def _rows_mixed(self, served: Sequence[Work], alone: list[dict[str, np.ndarray]]) -> str:
+        """What differs when ``served`` run together from their answers ``alone``; ''
+        when nothing does."""
+        wanted = _union_outputs(served, self.output_names)
+        try:
+            gathered = self.session.gather([w.inputs for w in served], self.input_names)
+            outputs = self.session.run_gathered(gathered, wanted)
+        except Exception as exc:
+            return f"requests that run alone do not run together ({type(exc).__name__})"
+        total = sum(w.batch for w in served)
+        for name, out in zip(wanted, outputs, strict=True):
+            if np.ndim(out) == 0 or out.shape[0] != total:
+                return f"output {name!r} is {list(np.shape(out))} for a batch of {total} rows"
+        together = split(outputs, wanted, [w.batch for w in served])
+        for answer, one in zip(together, alone, strict=True):
+            for name, value in one.items():
+                if not same_answer(answer[name], value):
+                    return (
+                        f"output {name!r} of a request differs when other requests run beside "
+                        "it: the model works across its first dimension"
+                    )
+        return ""
 
     def _checked_on(self, work: Work) -> bool:
         """Whether the batch dimension is now checked, on ``work``'s first row (alone, then
@@ -259,6 +319,12 @@ def _cost_of(work: Work) -> int:
 
 def _key_of(work: Work) -> tuple[tuple[int, ...], ...]:
     return work.key
+
+
+def _differ(items: Sequence[Work], order: Sequence[str]) -> bool:
+    """Whether some request's inputs are not the first's."""
+    first = items[0].inputs
+    return any(not np.array_equal(w.inputs[name], first[name]) for w in items[1:] for name in order)
 
 
 def _union_outputs(items: Sequence[Work], all_outputs: list[str]) -> list[str]:

@@ -40,6 +40,7 @@ class DeviceSessions:
         self.device_kind: str = first.device_kind
         self.inline_allowed: bool = all(s.inline_allowed for s in self._sessions)
         self.batch_checked = all(getattr(s, "batch_checked", True) for s in self._sessions)
+        self.rows_unproven = any(getattr(s, "rows_unproven", False) for s in self._sessions)
         self.device_ids = tuple(d.device_id for d in self.devices if d.device_id is not None)
         self._free = [d.count for d in self.devices]
         self._running = [0] * len(self.devices)

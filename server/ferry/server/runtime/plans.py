@@ -84,6 +84,7 @@ class PlannedSession:
         self.device_kind: str = first.device_kind
         self.inline_allowed: bool = first.inline_allowed
         self.batch_checked: bool = getattr(first, "batch_checked", True)
+        self.rows_unproven: bool = getattr(first, "rows_unproven", False)
         self.output_names = [s.name for s in self.outputs]
         self.executions = dict.fromkeys(self.sizes, 0)
         self.plan_changes = 0

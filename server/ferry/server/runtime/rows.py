@@ -44,12 +44,8 @@ from typing import Any
 
 import numpy as np
 
+from ferry.server.batching.tensors import same_answer
 from ferry.server.errors import first_line
-
-# onnxruntime may pick other kernels (or another summation order) for another batch size: a
-# ulp or two apart is the same answer, a set-level model is off by far more.
-_RTOL = 1e-3
-_RTOL_HALF = 1e-2
 
 _ROWS = 8
 _SEED = 0
@@ -149,7 +145,7 @@ def _compare(
                 one = alone[row][k]
                 if not _rows_first(out, one, len(order)):
                     return False, _not_rows(name, out, one, len(order))
-                if out.shape[1:] != one.shape[1:] or not _same(out[at], one[0]):
+                if out.shape[1:] != one.shape[1:] or not same_answer(out[at], one[0]):
                     return False, (
                         f"output {name!r} for row {row} differs when another row runs beside "
                         "it: the model works across its first dimension"
@@ -201,13 +197,3 @@ def _binary(row_shape: tuple[int, ...]) -> np.ndarray:
     odd = (np.arange(int(np.prod(row_shape))) % 2).reshape(row_shape).astype(np.bool_)
     four = [np.ones(row_shape, np.bool_), np.zeros(row_shape, np.bool_), odd, ~odd]
     return np.stack(four + four[::-1])
-
-
-def _same(a: np.ndarray, b: np.ndarray) -> bool:
-    if a.dtype.kind == "f" or a.dtype.name == "bfloat16":
-        rtol = _RTOL if a.dtype.itemsize >= 4 else _RTOL_HALF
-        x, y = a.astype(np.float64), b.astype(np.float64)
-        finite = np.abs(y[np.isfinite(y)])
-        scale = max(1.0, float(finite.max(initial=0.0)))
-        return bool(np.allclose(x, y, rtol=rtol, atol=rtol * 1e-2 * scale, equal_nan=True))
-    return bool(np.array_equal(a, b))

@@ -276,9 +276,14 @@ def _batchable_unasked(session: OrtSession) -> bool:
         if problem:
             apart, why = False, problem
     if apart is None:
+        # Batched on its shapes, its rows unproven: the core runs different callers' requests
+        # alone until a real batch of them gives each the answer it gets alone (core.loaded).
+        session.rows_unproven = True
         log.warning(
-            "%s: batched (max_batch_size %d) on its shapes alone: %s. If the model works "
-            "across its first dimension, set batching.max_batch_size = 0 in its config.toml",
+            "%s: batched (max_batch_size %d) on its shapes alone: %s. Requests share a run "
+            "only once a batch of different requests has given each its answer alone; in its "
+            "config.toml, batching.max_batch_size = 0 turns batching off, a size batches it "
+            "unchecked",
             session.path,
             DEFAULT_MAX_BATCH_SIZE,
             why,
@@ -417,6 +422,8 @@ class OrtSession:
         self.device_kind, self.inline_allowed = provider_table.placement(self.providers[0])
         self.output_names = [o.name for o in self.outputs]
         self.rows_apart = True  # False once runtime.rows saw requests' rows mix
+        # True when runtime.rows could run none of its rows and the shapes alone batched it.
+        self.rows_unproven = False
         # False when a configured batch size's check ran on no made-up row (open_one): the
         # core checks it on a request's own row before requests share a run.
         self.batch_checked = True
