@@ -971,6 +971,36 @@ def test_a_model_whose_own_outputs_are_nan_says_so(tmp_path: Path) -> None:
     assert "validation.sample_file" in message and "exporter" not in message
 
 
+def test_a_torch_model_failing_on_the_sample_file_names_the_file(tmp_path: Path) -> None:
+    """A torch source that ran on generated samples but not on the client's file (sequences
+    of 6 through a positional table of 4) was told "the model fails on inputs shaped like
+    spec.inputs ...; check spec.inputs and architecture_kwargs": the ONNX route named
+    validation.sample_file, the torch route sent the client to the wrong fields."""
+    kwargs = {"d_model": 8, "nhead": 2, "num_layers": 1, "dim_feedforward": 16}
+    kwargs |= {"seq_len": 4, "num_classes": 3}
+    source = tmp_path / "encoder.pt"
+    torch.save(seeded(nets.TransformerEncoderNet, **kwargs).state_dict(), source)
+    samples = tmp_path / "samples.npz"
+    np.savez(samples, x=np.zeros((8, 6, 8), np.float32))
+    seq = {"axis": 1, "name": "seq", "min": 1, "max": 8}
+    spec = {
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 4, 8], "dynamic_axes": [seq]}],
+        "validation": {"sample_file": str(samples)},
+        "benchmark": "off",
+    }
+    result = convert_here(
+        tmp_path / "job",
+        source,
+        "state_dict",
+        architecture="transformer_encoder",
+        kwargs=kwargs,
+        spec=spec,
+    )
+    phrases = ("the model fails on validation.sample_file in PyTorch", "runs on samples generated")
+    assert_failed(result, "INVALID_ARGUMENT", "load", *phrases)
+    assert "architecture_kwargs" not in result.last["message"]
+
+
 def _lookup_model(path: Path) -> None:
     """ids [N, 3] -> a 10-row table -> sum -> [N, 4] @ W: a bag of words in four nodes."""
     from onnx import TensorProto, helper, numpy_helper

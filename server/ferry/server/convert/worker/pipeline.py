@@ -255,6 +255,14 @@ class Pipeline:
             except InvalidArgument:
                 raise
             except Exception as exc:
+                if self._file_at_fault():
+                    raise InvalidArgument(
+                        f"the model fails on validation.sample_file in PyTorch "
+                        f"({first_line(exc)}), and runs on samples generated from spec.inputs "
+                        "at the same batch sizes: the file holds values or sizes the model does "
+                        "not take (an index past an embedding table, a length its layers fix); "
+                        "send rows like the requests it will serve"
+                    ) from None
                 raise InvalidArgument(
                     f"the model fails on inputs shaped like spec.inputs "
                     f"({[f'{s.name}{s.shape}' for s in self.source.inputs]}): "
@@ -294,11 +302,12 @@ class Pipeline:
                 self.baseline, self.baseline_name = self.client_reference, "reference"
 
     def _file_at_fault(self) -> bool:
-        """Whether a sample file the ONNX source fails on is the client's mistake rather than
-        the graph's: the same model runs generated samples of the file's row count. A torch
-        source's failure on the samples is INVALID_ARGUMENT; an ONNX source's was always
-        FAILED_PRECONDITION, also for ids past its table in the client's own file. A graph
-        that fails both ways (a batch fixed inside) stays the graph's fault."""
+        """Whether a sample file the source fails on is the client's mistake rather than the
+        model's: the same model runs generated samples of the file's row count. An ONNX
+        source's failure was always FAILED_PRECONDITION, also for ids past its table in the
+        client's own file; a torch source's told the client to check spec.inputs and
+        architecture_kwargs, never naming the file at fault. A model that fails both ways (a
+        batch fixed inside) stays the model's (or the spec's) fault."""
         if not self.spec.validation.sample_file:
             return False
         probe = parity.generate(self.source.inputs, len(self.samples), self.samples.batched)
