@@ -1001,6 +1001,28 @@ def test_a_torch_model_failing_on_the_sample_file_names_the_file(tmp_path: Path)
     assert "architecture_kwargs" not in result.last["message"]
 
 
+@pytest.mark.parametrize("field", ["sample_file", "reference_file", "calibration_file"])
+def test_strings_in_a_clients_file_are_refused_naming_the_file(tmp_path: Path, field: str) -> None:
+    """An .npz of strings for a float input or output crashed the child (INTERNAL, "could
+    not convert string to float") in the load or validate stage."""
+    source = onnx_mlp(tmp_path / "m.onnx")
+    words = tmp_path / "words.npz"
+    np.savez(words, x=np.array([["a"] * 8] * 8), y=np.array([["a"] * 4] * 8))
+    numbers = tmp_path / "numbers.npz"
+    np.savez(numbers, x=np.zeros((8, 8), np.float32))
+    validation: dict[str, Any] = {"sample_file": str(words)}
+    spec: dict[str, Any] = {"validation": validation, "benchmark": "off"}
+    if field == "reference_file":
+        validation.update(sample_file=str(numbers), reference_file=str(words))
+    elif field == "calibration_file":
+        validation["sample_file"] = str(numbers)
+        spec["quantization"] = {"mode": "static_int8", "calibration_file": str(words)}
+    result = convert_here(tmp_path / "job", source, "onnx", spec=spec)
+    assert result.rc == 2, result.last
+    assert result.last["error_kind"] == "INVALID_ARGUMENT", result.last
+    assert f"{field}: " in result.last["message"] and "<U1" in result.last["message"]
+
+
 def _lookup_model(path: Path) -> None:
     """ids [N, 3] -> a 10-row table -> sum -> [N, 4] @ W: a bag of words in four nodes."""
     from onnx import TensorProto, helper, numpy_helper

@@ -180,7 +180,15 @@ def samples_from_file(path: Path, inputs: list[InputSpec], batched: bool, field:
     seen: dict[str, tuple[int, str]] = {}
     for spec in inputs:
         _check_shape(spec, list(arrays[spec.name].shape[1:]), batched, field, seen)
-        arrays[spec.name] = arrays[spec.name].astype(dtype_of(spec), copy=False)
+        given = arrays[spec.name]
+        try:
+            arrays[spec.name] = given.astype(dtype_of(spec), copy=False)
+        except (ValueError, TypeError) as exc:
+            # Strings for a numeric input crashed the child: INTERNAL, no field named.
+            raise InvalidArgument(
+                f"{field}: {spec.name!r} holds {given.dtype} values that are not "
+                f"{spec.datatype} ({exc}): save an array of the values the model takes"
+            ) from None
     return Samples(arrays, batched)
 
 

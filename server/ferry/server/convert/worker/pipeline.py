@@ -520,6 +520,12 @@ class Pipeline:
         path = self._path(self.spec.validation.reference_file)
         arrays = parity.load_npz(path, self.output_names, "validation.reference_file")
         for name, ours in zip(self.output_names, self.baseline, strict=True):
+            if ours.dtype.kind in "biufc" and arrays[name].dtype.kind not in "biufc":
+                # Strings crashed the comparison in validate: INTERNAL, no field named.
+                raise InvalidArgument(
+                    f"validation.reference_file: {name!r} holds {arrays[name].dtype} values, "
+                    f"the model gives {ours.dtype}: save the source model's outputs as numbers"
+                )
             if arrays[name].shape != ours.shape:
                 raise InvalidArgument(
                     f"validation.reference_file: {name!r} has shape {list(arrays[name].shape)}, "
