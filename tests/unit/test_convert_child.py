@@ -8,6 +8,7 @@ report: model.onnx is run by onnxruntime on fresh inputs and compared with the P
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -125,10 +126,15 @@ def convert(
 
 def convert_here(root: Path, source: Path, fmt: str, **fields: Any) -> Result:
     """The same entry (child.run) in this process: for refusals, which would otherwise spend most
-    of their time importing torch in a fresh interpreter."""
+    of their time importing torch in a fresh interpreter. From a folder of its own under
+    ``root``, as the real child works in its scratch folder (``child._confine_temp``): the
+    quantizer's symbolic shape inference writes sym_shape_infer_temp.onnx into the current
+    folder when it cannot finish, which left it in the folder pytest was started from."""
     job = job_from_json(write_job(root, source, fmt, **fields).read_text())
     progress = root / "progress.jsonl"
-    with progress.open("w") as stream:
+    here = root / "cwd"
+    here.mkdir(exist_ok=True)
+    with progress.open("w") as stream, contextlib.chdir(here):
         rc = child.run(job, child.Progress(stream))
     events = [json.loads(line) for line in progress.read_text().splitlines()]
     return Result(rc, events, root / "work")
@@ -1021,6 +1027,39 @@ def test_strings_in_a_clients_file_are_refused_naming_the_file(tmp_path: Path, f
     assert result.rc == 2, result.last
     assert result.last["error_kind"] == "INVALID_ARGUMENT", result.last
     assert f"{field}: " in result.last["message"] and "<U1" in result.last["message"]
+
+
+def test_in_process_jobs_leave_nothing_in_the_callers_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two batch dims of different names (N, M) stop onnxruntime's symbolic shape inference,
+    which then saves sym_shape_infer_temp.onnx into the current folder before the quantizer
+    retries without it: convert_here left it wherever pytest ran. The real child works in
+    its scratch folder (test_libraries_write_nothing_beside_the_source_or_into_home)."""
+    caller = tmp_path / "caller"
+    caller.mkdir()
+    monkeypatch.chdir(caller)
+    rng = np.random.default_rng(0)
+    source = save_graph(
+        tmp_path / "two.onnx",
+        [
+            helper.make_node("Add", ["x", "x2"], ["s"]),
+            helper.make_node("MatMul", ["s", "w"], ["y"]),
+        ],
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+            helper.make_tensor_value_info("x2", TensorProto.FLOAT, ["M", 8]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        {"w": rng.standard_normal((8, 4)).astype(np.float32)},
+    )
+    calibration = tmp_path / "calibration.npz"
+    rows = {name: rng.standard_normal((32, 8)).astype(np.float32) for name in ("x", "x2")}
+    np.savez(calibration, **rows)
+    quantization = {"mode": "static_int8", "calibration_file": str(calibration)}
+    spec = {"quantization": quantization, "benchmark": "off"}
+    succeeded(convert_here(tmp_path / "job", source, "onnx", spec=spec))
+    assert list(caller.iterdir()) == []
 
 
 def _lookup_model(path: Path) -> None:

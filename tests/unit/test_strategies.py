@@ -5,6 +5,7 @@ registry alone is picked up by validation, the plan and the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from dataclasses import replace
@@ -282,7 +283,9 @@ def test_a_new_quantizer_runs_in_the_pipeline(
     )
     contract = job_from_json(to_json(contract))  # as the child reads it
     progress = tmp_path / "progress.jsonl"
-    with progress.open("w") as stream:
+    # From tmp_path, as the real child works in its scratch folder: the quantizer may write
+    # into the current folder (test_convert_child.convert_here).
+    with progress.open("w") as stream, contextlib.chdir(tmp_path):
         rc = child.run(contract, child.Progress(stream))
     events = [json.loads(line) for line in progress.read_text().splitlines()]
     assert rc == 0, events[-1]
@@ -337,7 +340,9 @@ def test_a_variant_onnxruntime_cannot_load_fails_its_build(
         work_dir=str(tmp_path / "work"),
     )
     progress = tmp_path / "progress.jsonl"
-    with progress.open("w") as stream:
+    # From tmp_path, as the real child works in its scratch folder: the quantizer may write
+    # into the current folder (test_convert_child.convert_here).
+    with progress.open("w") as stream, contextlib.chdir(tmp_path):
         rc = child.run(job_from_json(to_json(contract)), child.Progress(stream))
     last = json.loads(progress.read_text().splitlines()[-1])
     report = json.loads((tmp_path / "work" / "report.json").read_text())
