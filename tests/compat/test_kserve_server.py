@@ -290,6 +290,27 @@ def test_planned_batch_sizes_are_the_configs_preferred_batch_sizes(tmp_path: Pat
     assert json.loads(body)["dynamic_batching"]["preferred_batch_size"] == [2, 4, 8]
 
 
+def test_the_config_states_the_priority_levels_in_force(tmp_path: Path) -> None:
+    """The queue orders every priority a request carries (1 first) and queues one without a
+    priority at batching.default_priority, but the config said priority_levels 0 (Triton's
+    "priorities off") and default_priority_level 0 (outside Triton's [1, priority_levels])."""
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(
+        repo, "urgent", identity_model("FP32"), config={"batching": {"default_priority": 3}}
+    )
+    with ServerThread(repo.root) as srv:
+        client = tg.InferenceServerClient(srv.target)
+        try:
+            batching = client.get_model_config("urgent").config.dynamic_batching
+        finally:
+            client.close()
+        status, _, body = http_call(srv.http_target, "GET", "/v2/models/urgent/config")
+    assert (batching.priority_levels, batching.default_priority_level) == (2**64 - 1, 3)
+    assert status == 200
+    http = json.loads(body)["dynamic_batching"]
+    assert (http["priority_levels"], http["default_priority_level"]) == (2**64 - 1, 3)
+
+
 def test_without_a_management_listener_repository_control_says_so(tmp_path: Path) -> None:
     repo = ModelRepository(tmp_path / "repo")
     write_model(repo, "alpha", identity_model("FP32"))

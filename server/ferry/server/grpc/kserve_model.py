@@ -23,6 +23,10 @@ from ferry.server.core.types import (
 )
 
 BACKEND = "onnxruntime"
+# Triton's priority_levels N means priorities 1..N are kept apart (1 first) and any other is the
+# default's. Ferry's queue orders every priority a request can carry (OIP's uint64, 1 first), so
+# the levels in force are all of them; 0 would say priorities are off, which they never are.
+PRIORITY_LEVELS = 2**64 - 1
 
 
 def _config_type(code: int) -> mc.DataType:
@@ -69,7 +73,8 @@ def config_of(m: ModelMetadata) -> mc.ModelConfig:
     the model batches, as Triton's do; a model that batches has the dynamic batcher, whose queue
     policy is Ferry's (requests past the queue bound or their timeout are rejected), and whose
     preferred batch sizes are the config's planned ones (the batcher sends a batch that reaches
-    one at once)."""
+    one at once). Its priority levels are all a request can carry, and the default level is
+    ``batching.default_priority``, the one a request without a priority is queued at."""
     b = m.batching
     batching = b.max_batch_size > 0
     skip = 1 if batching else 0
@@ -100,6 +105,8 @@ def config_of(m: ModelMetadata) -> mc.ModelConfig:
             mc.ModelDynamicBatching(
                 preferred_batch_size=b.preferred_batch_sizes,
                 max_queue_delay_microseconds=round(b.max_queue_delay_ms * 1000),
+                priority_levels=PRIORITY_LEVELS,
+                default_priority_level=b.default_priority,
                 default_queue_policy=mc.ModelQueuePolicy(
                     timeout_action=mc.ModelQueuePolicy.REJECT,
                     default_timeout_microseconds=round(b.default_timeout_ms * 1000),

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from ferry.server.core.dataplane import DataPlane
@@ -76,12 +77,47 @@ def proto_json(message: Message) -> dict[str, Any]:
     """A protobuf view as Triton's HTTP server prints it: field names as declared, every scalar
     present (perf_analyzer reads ``max_batch_size`` even when it is 0), enums by name, and 64-bit
     integers as JSON numbers rather than protobuf's strings (tritonclient reads them as numbers)."""
-    return json_format.MessageToDict(
+    printed = json_format.MessageToDict(
         message,
         always_print_fields_with_no_presence=True,
         preserving_proto_field_name=True,
         unquote_int64_if_possible=True,
     )
+    _unquote_wide(message, printed)
+    return printed
+
+
+_WIDE = frozenset(
+    {
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def _unquote_wide(message: Message, printed: dict[str, Any]) -> None:
+    """protobuf unquotes a 64-bit integer only where a double holds it exactly: a config's
+    priority_levels (2**64 - 1) stayed the string "18446744073709551615", as Triton's own
+    server never prints it. Every 64-bit integer field becomes a number, by its descriptor
+    (a string field of digits is left alone)."""
+    for field in message.DESCRIPTOR.fields:
+        name = field.name
+        if name not in printed or (
+            field.message_type is not None and field.message_type.GetOptions().map_entry
+        ):
+            continue
+        value = getattr(message, name)
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            if field.is_repeated:
+                for item, out in zip(value, printed[name], strict=True):
+                    _unquote_wide(item, out)
+            else:
+                _unquote_wide(value, printed[name])
+        elif field.type in _WIDE:
+            printed[name] = list(value) if field.is_repeated else value
 
 
 def _json(value: Any) -> Reply:
