@@ -185,6 +185,40 @@ def test_watch_streams_end_once_the_stop_has_said_not_serving(gated: Any, servic
         assert len(late) == 1 and late[0].status != SERVING
 
 
+def test_health_watch_streams_are_bounded_per_process(tmp_path: Path) -> None:
+    """Watch streams were unbounded: one client held 2,000 open, each a call and a coroutine
+    for as long as it liked. Past --max-health-watches (every listener of the process
+    together) one more is refused RESOURCE_EXHAUSTED naming the flag; Check still answers, and
+    a closed stream's place is taken again."""
+    repo = ModelRepository(tmp_path / "repo")
+    request = health_pb2.HealthCheckRequest(service="")
+    with (
+        ServerThread(repo.root, max_health_watches=3) as srv,
+        grpc.insecure_channel(srv.target) as channel,
+        grpc.insecure_channel(srv.management_target) as management,
+    ):
+        assert srv.app is not None
+        stub, mstub = health_pb2_grpc.HealthStub(channel), health_pb2_grpc.HealthStub(management)
+        # Deadlines guard against a hang only: every stream is read or cancelled long before.
+        held = [stub.Watch(request, timeout=60), stub.Watch(request, timeout=60)]
+        held.append(mstub.Watch(request, timeout=60))
+        answered = (SERVING, NOT_SERVING)  # whichever it is: the stream is open and answers
+        assert all(next(watch).status in answered for watch in held)
+        for extra in (stub, mstub):
+            with pytest.raises(grpc.RpcError) as err:
+                next(extra.Watch(request, timeout=60))
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-health-watches (3)" in (err.value.details() or "")
+        assert _health(srv.target) in answered
+        held.pop().cancel()
+        slots = srv.app.watch_slots
+        wait_for(lambda: slots.open == 2, "the cancelled Watch's place to be given back")
+        again = stub.Watch(request, timeout=60)
+        assert next(again).status in answered
+        for watch in [*held, again]:
+            watch.cancel()
+
+
 def test_an_unknown_health_name_is_not_found_with_what_to_ask(gated: Any) -> None:
     srv, _, _ = gated
     with pytest.raises(grpc.RpcError) as err:

@@ -46,6 +46,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "http_max_connections": (1, None, "connections per HTTP listener"),
     "max_concurrent_streams": (1, INT32_MAX, "calls per connection"),
     "max_pending_calls": (0, INT32_MAX, "0: grpc's default"),
+    "max_health_watches": (1, None, "streams"),
     "grpc_keepalive_time": (1, INT32_MAX, "milliseconds"),
     "grpc_keepalive_timeout": (1, INT32_MAX, "milliseconds"),
     "grpc_http2_max_pings_without_data": (0, INT32_MAX, "0: no limit"),
@@ -290,6 +291,14 @@ class Settings:
         metadata={
             "help": "concurrent calls per client connection (HTTP/2 streams); further "
             "calls wait in the client"
+        },
+    )
+    max_health_watches: int = field(
+        default=1024,
+        metadata={
+            "help": "grpc.health.v1 Watch streams this process holds open at once, every "
+            "gRPC listener together (each process, with --workers); one more is refused "
+            "RESOURCE_EXHAUSTED, while Check still answers"
         },
     )
     max_pending_calls: int = field(

@@ -41,7 +41,7 @@ from ferry.server.errors import FerryError
 from ferry.server.grpc import conversion, kserve, reflection
 from ferry.server.grpc._base import new_server, quiet_peer_gone
 from ferry.server.grpc.auth import inference_guard, management_guard
-from ferry.server.grpc.health_service import HealthServicer
+from ferry.server.grpc.health_service import HealthServicer, WatchSlots
 from ferry.server.grpc.inference import InferenceServicer
 from ferry.server.grpc.inference import add_to_server as add_inference_to_server
 from ferry.server.grpc.repository import RepositoryServicer
@@ -117,7 +117,8 @@ class FerryServer:
         self.dataplane.decides_rollouts = settings.management_port >= 0 and not self.is_worker
         self.metrics = Metrics(self.dataplane)
         self.dataplane.observe_with(self.metrics.observe)
-        self.health = HealthServicer()
+        self.watch_slots = WatchSlots(settings.max_health_watches)
+        self.health = HealthServicer(slots=self.watch_slots)
         self.inference_port = 0
         self.management_port = 0
         self.metrics_port = 0
@@ -250,7 +251,8 @@ class FerryServer:
             mnames += conversion.add_to_server(mserver, self.conversion)
             # Health on the management listener too: a control-plane probe asks it directly.
             self._management_health = HealthServicer(
-                "'' (the server) or a service name such as ferry.v1.ModelRepository"
+                "'' (the server) or a service name such as ferry.v1.ModelRepository",
+                self.watch_slots,
             )
             health_pb2_grpc.add_HealthServicer_to_server(self._management_health, mserver)
             self._management_services = list(mnames)

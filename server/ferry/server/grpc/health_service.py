@@ -12,6 +12,11 @@ And its Watch wrote each change while holding the lock that ``set`` takes, so a 
 stopped reading (its flow-control window full) held every later ``set``, the replica's readiness
 and the stop's NOT_SERVING included. Here a change only wakes the watchers of its name; each
 writes on its own.
+
+And Watch streams were unbounded: each holds a call, a coroutine and its connection's stream for
+as long as the client keeps it, and 2,000 from one client were all held. A process keeps at most
+``--max-health-watches`` open across its listeners (``WatchSlots``); one more is refused
+RESOURCE_EXHAUSTED, and Check, which holds nothing, still answers.
 """
 
 from __future__ import annotations
@@ -25,6 +30,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 SERVICE_UNKNOWN = health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+# Settings.max_health_watches' default: a Watch per client connection (gRPC's client-side health
+# checking, Envoy) for as many connections as an HTTP listener holds by default.
+DEFAULT_MAX_WATCHES = 1024
+
+
+class WatchSlots:
+    """The Watch streams one process holds open, shared by every listener's servicer: the
+    bound is on what the process holds, whichever port the streams came through."""
+
+    def __init__(self, limit: int = DEFAULT_MAX_WATCHES) -> None:
+        self.limit = limit
+        self.open = 0
 
 
 class HealthServicer(health_pb2_grpc.HealthServicer):
@@ -34,9 +51,12 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
         self,
         names: str = "'' (the server), a model name, or a service name such as "
         "inference.GRPCInferenceService",
+        slots: WatchSlots | None = None,
     ) -> None:
-        """``names``: what a Check of an unknown name is told to ask instead."""
+        """``names``: what a Check of an unknown name is told to ask instead; ``slots``: the
+        process's Watch bound (one of the servicer's own when not shared)."""
         self._names = names
+        self._slots = slots if slots is not None else WatchSlots()
         self._status: dict[str, Any] = {"": health_pb2.HealthCheckResponse.SERVING}
         # Each open Watch's wake-up, by the name it watches; a name leaves with its last one.
         self._watchers: dict[str, set[asyncio.Event]] = {}
@@ -56,6 +76,15 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
     async def Watch(
         self, request: health_pb2.HealthCheckRequest, context: aio.ServicerContext
     ) -> None:
+        slots = self._slots
+        if slots.open >= slots.limit:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{slots.open} health Watch streams are open in this server process, the most "
+                f"--max-health-watches ({slots.limit}) allows: close one you no longer read, "
+                "poll Check instead, or raise --max-health-watches",
+            )
+        slots.open += 1  # no await since the check: nothing else ran in between
         name = request.service
         wake = asyncio.Event()
         self._watchers.setdefault(name, set()).add(wake)
@@ -74,6 +103,7 @@ class HealthServicer(health_pb2_grpc.HealthServicer):
                     return  # the last status was sent; nothing will change any more
                 await wake.wait()
         finally:
+            slots.open -= 1
             waiting = self._watchers.get(name)
             if waiting is not None:
                 waiting.discard(wake)
