@@ -386,10 +386,12 @@ def test_a_small_table_converts_on_its_own_samples_and_is_batched(start: Start) 
         assert client.model_metadata("small").batching.max_batch_size == 32
 
 
-def test_a_dynamic_int8_version_is_served_batched(start: Start) -> None:
-    """Its rows share a quantization scale per batch, which the load-time probe read as rows
-    mixing: the README's own int8 flow was served unbatched."""
-    from ferry.client import InferenceClient
+def test_a_dynamic_int8_version_is_served_unbatched_unless_a_batch_is_stated(start: Start) -> None:
+    """Its activations share one quantization scale per run, set by the batch's largest value:
+    published batched, one caller's answer moved with what other callers sent (an output
+    -3.73 alone, 1.50 beside a row 100 times larger). It is published unbatched; a batch the
+    job states is the user's word."""
+    from ferry.client import InferenceClient, Serving
 
     srv, conv = start()
     torch.manual_seed(3)
@@ -398,7 +400,13 @@ def test_a_dynamic_int8_version_is_served_batched(start: Start) -> None:
     done = conv.convert(up, quantization="dynamic_int8", benchmark="off").wait(progress=False)
     assert done.version is not None and "dynamic_int8" in done.message
     with InferenceClient(srv.target) as client:
-        assert client.model_metadata("q").batching.max_batch_size == 32
+        assert client.model_metadata("q").batching.max_batch_size == 0
+    stated = conv.convert(
+        up, quantization="dynamic_int8", benchmark="off", serving=Serving(max_batch_size=8)
+    ).wait(progress=False)
+    assert stated.version is not None
+    with InferenceClient(srv.target) as client:
+        assert client.model_metadata("q", version=stated.version).batching.max_batch_size == 8
 
 
 @pytest.mark.parametrize("architecture", ["mlp", None])

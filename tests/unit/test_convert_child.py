@@ -1406,14 +1406,14 @@ def test_an_onnx_source_runs_at_batch_1_and_max_batch(tmp_path: Path) -> None:
     assert batching_of_published(stated, json.dumps(report)) == stated  # the user's word
     assert batching_of_published(config, json.dumps({"rows_apart": True})) == config
     assert batching_of_published(config, "") == config
-    # A dynamically quantized variant of a graph whose rows keep apart shares one scale per
-    # batch: its rows move within quantization noise beside each other, which the load-time
-    # probe read as mixing (the README's int8 flow was served unbatched). Its batch is stated.
+    # A dynamically quantized variant shares one quantization scale per batch, so a caller's
+    # answer depends on what others sent: published unbatched unless the user states a batch.
     int8 = json.dumps({"rows_apart": True, "published": "dynamic_int8"})
-    assert batching_of_published(config, int8, job_batch=32) == {
-        "batching": {"max_queue_delay_ms": 2, "max_batch_size": 32}
+    assert batching_of_published(config, int8) == {
+        "batching": {"max_queue_delay_ms": 2, "max_batch_size": 0}
     }
-    assert batching_of_published(config, int8, job_batch=32, model_states_batch=True) == config
+    assert batching_of_published(config, int8, model_states_batch=True) == config
+    assert batching_of_published(stated, int8) == stated
     merged = {"serving_config": {"batching": {"max_batch_size": 8}}}
     refused = convert_here(tmp_path / "merged", tmp_path / "m.onnx", "onnx", spec=merged)
     assert refused.rc == 2, refused.last

@@ -388,7 +388,6 @@ class JobRunner:
                     contract.spec.serving_config,
                     report,
                     model_states_batch=self._model_states_batch(job.model),
-                    job_batch=contract.spec.max_batch_size,
                 )
                 await asyncio.to_thread(publish.note_publishing, Path(job.job_dir), staged)
                 version, note = await publish.publish(
@@ -683,7 +682,7 @@ def staging_key(job_id: str) -> str:
 
 
 def batching_of_published(
-    config: dict[str, Any], report: str, *, model_states_batch: bool = False, job_batch: int = 0
+    config: dict[str, Any], report: str, *, model_states_batch: bool = False
 ) -> dict[str, Any]:
     """The version's serving config, with the batch the conversion found, when neither the
     job's serving config nor (for the second case) the model's config states one:
@@ -692,10 +691,12 @@ def batching_of_published(
       ``rows_apart`` false). Left to the load-time probe, a model whose rows mix in a way the
       probe's rows do not show (a segment mean over rows sharing an id) was served batched
       although the conversion had seen it; a model config's batch would have batched it too.
-    * the job's ``max_batch_size`` for a dynamically quantized variant of a graph whose rows
-      keep apart: its rows share one quantization scale per batch, so a row's answer moves
-      within quantization noise beside another, which the probe read as rows mixing. The
-      README's own int8 flow was served unbatched, losing what quantization was for."""
+    * ``max_batch_size 0`` for a dynamically quantized variant: its activations share one
+      quantization scale per batch, set by the batch's largest value, so one caller's answer
+      depended on what other callers sent (an MLP's output went from [11.58, 0.40, -3.73] alone
+      to [15.88, 0.55, 1.50] beside a row 100 times larger; fp32 gives [11.60, 0.39, -3.75]).
+      It used to be published batched (the job's max_batch_size). Batching it stays the user's
+      word: a batch the job's serving config or the model's config states."""
     try:
         doc = json.loads(report) if report else {}
         apart, published = doc.get("rows_apart"), str(doc.get("published") or "")
@@ -705,10 +706,8 @@ def batching_of_published(
     batching = batching if isinstance(batching, dict) else {}
     if "max_batch_size" in batching:
         return config
-    if apart is False:
+    if apart is False or ("dynamic" in published and not model_states_batch):
         return {**config, "batching": {**batching, "max_batch_size": 0}}
-    if apart is True and "dynamic" in published and not model_states_batch and job_batch > 1:
-        return {**config, "batching": {**batching, "max_batch_size": job_batch}}
     return config
 
 
