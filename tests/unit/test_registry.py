@@ -1139,3 +1139,114 @@ def test_a_failed_reload_keeps_the_signature_of_the_files_served(repo: ModelRepo
         await registry.close()
 
     arun(main, LOAD_GUARD_S)
+
+
+def _save_external(folder: Path, seed: int, location: str) -> None:
+    """``seed_model(seed)`` saved in ``folder`` with its weights at ``location``."""
+    import onnx
+
+    (folder / location).parent.mkdir(parents=True, exist_ok=True)
+    onnx.save_model(
+        seed_model(seed),
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        location=location,
+        size_threshold=0,
+    )
+
+
+def _replace_keeping_stat(new: Path, old: Path) -> None:
+    """Rename ``new`` over ``old`` with the old file's mtime (``rsync -t``), sizes equal."""
+    st = old.stat()
+    assert new.stat().st_size == st.st_size
+    os.utime(new, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(new, old)
+
+
+async def _logits(registry: ModelRegistry, model: str) -> Any:
+    x = {"input": np.ones((1, 3), np.float32)}
+    return (await DataPlane(registry).infer(InferenceRequest(model, x))).outputs["logits"]
+
+
+def test_weights_in_a_subfolder_or_behind_a_link_are_watched(repo: ModelRepository) -> None:
+    """Only the version folder's own files were watched: weights saved in a subfolder
+    (``location="weights/w.bin"``) and replaced there (same size and mtime) were never
+    reloaded by a refresh or a poll, and the old weights kept answering. So were weights
+    reached through a link whose target was replaced (a Kubernetes volume's ``..data``)."""
+    vdir = repo.model_dir("m") / "1"
+    _save_external(vdir, 0, "weights/w.bin")
+    other = repo.root.parent / "elsewhere"
+    # A link inside the folder to a hidden blob: hidden entries are not walked (an rsync's
+    # temporary copy), so only the link, followed, sees the blob replaced.
+    ldir = repo.model_dir("linked") / "1"
+    _save_external(ldir, 0, "weights/w.bin")
+    (ldir / ".blobs").mkdir()
+    os.replace(ldir / "weights" / "w.bin", ldir / ".blobs" / "w0")
+    (ldir / "weights" / "w.bin").symlink_to("../.blobs/w0")
+
+    async def main() -> None:
+        registry = _registry(repo)
+        assert sorted((await registry.refresh()).loaded) == ["linked/1", "m/1"]
+        before = await _logits(registry, "m")
+        (vdir / "weights" / ".w.bin.tmp").write_bytes(b"an rsync copying")
+        assert (await registry.refresh(retry_failed=False)).loaded == []
+        _save_external(other, 1, "weights/w.bin")
+        _replace_keeping_stat(other / "weights" / "w.bin", vdir / "weights" / "w.bin")
+        assert (await registry.refresh(retry_failed=False)).loaded == ["m/1"]
+        assert not np.allclose(await _logits(registry, "m"), before)
+
+        linked = await _logits(registry, "linked")
+        _save_external(other, 1, "weights/w.bin")
+        _replace_keeping_stat(other / "weights" / "w.bin", ldir / ".blobs" / "w0")
+        assert (await registry.refresh(retry_failed=False)).loaded == ["linked/1"]
+        assert not np.allclose(await _logits(registry, "linked"), linked)
+        await registry.close()
+
+    arun(main, LOAD_GUARD_S)
+
+
+def test_a_version_folder_linked_from_outside_is_served_and_followed(
+    repo: ModelRepository,
+) -> None:
+    """A version folder that is a link (a volume mounted elsewhere, Triton follows links too)
+    is served from its target: weights replaced there, or the link pointed at another folder,
+    reload it. A link back up the tree is walked once."""
+    store = repo.root.parent / "store"
+    _save_external(store / "a", 0, "weights/w.bin")
+    _save_external(store / "b", 2, "weights/w.bin")
+    (store / "a" / "weights" / "loop").symlink_to("..")
+    repo.model_dir("m").mkdir(parents=True)
+    link = repo.model_dir("m") / "1"
+    link.symlink_to(store / "a")
+
+    async def main() -> None:
+        registry = _registry(repo)
+        assert (await registry.refresh()).loaded == ["m/1"]
+        first = await _logits(registry, "m")
+        _save_external(repo.root.parent / "new", 1, "weights/w.bin")
+        new = repo.root.parent / "new" / "weights" / "w.bin"
+        _replace_keeping_stat(new, store / "a" / "weights" / "w.bin")
+        assert (await registry.refresh(retry_failed=False)).loaded == ["m/1"]
+        second = await _logits(registry, "m")
+        assert not np.allclose(second, first)
+        swapped = repo.model_dir("m") / ".1.new"
+        swapped.symlink_to(store / "b")
+        os.replace(swapped, link)  # ln -sfn
+        assert (await registry.refresh(retry_failed=False)).loaded == ["m/1"]
+        assert not np.allclose(await _logits(registry, "m"), second)
+        await registry.close()
+
+    arun(main, LOAD_GUARD_S)
+
+
+def test_the_watched_tree_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll of a version folder with a huge tree stats a bounded number of entries."""
+    from ferry.server.core import watched
+
+    monkeypatch.setattr(watched, "MAX_WATCHED", 3)
+    for i in range(5):
+        (tmp_path / "sub").mkdir(exist_ok=True)
+        (tmp_path / "sub" / f"f{i}").write_bytes(b"x")
+    signature = watched.tree_signature(tmp_path)
+    assert signature is not None and signature[0] == 3
+    assert watched.tree_signature(tmp_path / "missing") is None

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
-import os
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
@@ -43,6 +41,8 @@ from ferry.server.core.types import (
     VersionStatus,
     short,
 )
+from ferry.server.core.watched import file_signature as _file_signature
+from ferry.server.core.watched import tree_signature
 from ferry.server.errors import (
     ConversionFailed,
     ErrorKind,
@@ -1097,20 +1097,6 @@ class ModelRegistry:
         del self.models[name]
 
 
-def _file_signature(path: Path) -> tuple[int, int, int, int] | None:
-    """What a refresh compares to see that a file changed, without reading it (a model's
-    weights run to GBs, read at every poll): (mtime, size) alone missed a file replaced by one
-    of the same size and time (``cp -p``, ``rsync -t``, a model retrained with the same
-    architecture), and the old weights kept answering. The inode changes when a file is
-    renamed over it, and the change time when it is written in place; neither can be set back
-    by ``utime``. A chmod also changes the change time: one needless reload, never a missed one."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_ctime_ns)
-
-
 def _model_config(repository: ModelRepository, name: str) -> tuple[Signature, ModelConfig, bool]:
     """A model's config signature and config, and whether it parsed (a publish's look)."""
     mdir = repository.model_dir(name)
@@ -1193,40 +1179,15 @@ def _version_signature(vdir: Path) -> Signature:
     """What a version serves, as a refresh compares it: its model file, its own config, and
     its external weights (``model.onnx.data``). The weights file was left out, so new weights
     copied over it (the graph file byte for byte the same) were never loaded: Refresh reported
-    nothing, the old weights kept answering, and a worker started again served the new ones."""
+    nothing, the old weights kept answering, and a worker started again served the new ones.
+    Then every other file under the folder (core.watched): weights in a subfolder, or behind a
+    link, went unwatched the same way."""
     return (
         _file_signature(vdir / MODEL_FILE),
         _config_signature(vdir),
         _file_signature(vdir / MODEL_DATA_FILE),
-        _other_files_signature(vdir),
+        tree_signature(vdir),
     )
-
-
-# The most files of a version folder a refresh looks at beyond its own (a torch export's
-# per-tensor weights run to hundreds); past it, their number alone.
-MAX_WATCHED_FILES = 4096
-
-
-def _other_files_signature(vdir: Path) -> Signature:
-    """Every other file of the version folder, by name: external weights under a name other
-    than model.onnx.data (``onnx.save(..., location=...)``, a torch export's per-tensor files)
-    were not watched, so new weights copied over them were never loaded. A hidden file is
-    left out: an rsync's temporary copy grows at each poll, and the version was reloaded each
-    time from the files as they were before the copy."""
-    try:
-        names = sorted(
-            entry.name
-            for entry in os.scandir(vdir)
-            if not entry.name.startswith(".") and entry.is_file()
-        )
-    except OSError:
-        return None
-    # A digest, not the list: the signature is compared at every shadowed request (the
-    # comparison's key) and sent between worker processes.
-    digest = hashlib.blake2b(digest_size=16)
-    for n in names[:MAX_WATCHED_FILES]:
-        digest.update(repr((n, _file_signature(vdir / n))).encode("utf-8", "backslashreplace"))
-    return (len(names), digest.hexdigest())
 
 
 _KEPT = "kept serving"
