@@ -307,6 +307,46 @@ def test_100_continue_in_any_case_is_still_met(kserve_server: ServerThread) -> N
     assert answer.startswith(b"HTTP/1.1 200 OK\r\n"), answer[:200]
 
 
+EXPECT_LISTS = [
+    [b"100-continue", b"100-continue"],
+    [b"100-continue, 100-continue"],
+    [b"", b"100-continue"],
+    [b", 100-continue"],
+]
+
+
+@pytest.mark.parametrize("expects", EXPECT_LISTS)
+def test_100_continue_is_met_wherever_the_expect_list_holds_it(
+    kserve_server: ServerThread, expects: list[bytes]
+) -> None:
+    # RFC 9110 10.1.1: Expect is a list, which may be split over several lines. Only the
+    # first line was read, compared whole: no 100 came, and a client waiting for it sent its
+    # body only at its own timeout. A model it cannot be sent to is refused before the 100.
+    lines = b"".join(b"Expect: " + e + b"\r\n" for e in expects)
+    host, port = kserve_server.http_target.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        head = f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        sock.sendall(head.encode() + f"Content-Length: {len(BODY)}\r\n".encode() + lines)
+        sock.sendall(b"\r\n")
+        interim = b""
+        while not interim.endswith(b"\r\n\r\n"):
+            got = sock.recv(1)
+            assert got, interim
+            interim += got
+        assert interim == b"HTTP/1.1 100 Continue\r\n\r\n", interim
+        sock.sendall(BODY)
+        answer = until_closed(sock)
+    head_bytes, _, body = answer.partition(b"\r\n\r\n")
+    assert head_bytes.startswith(b"HTTP/1.1 200 OK\r\n"), head_bytes
+    assert json.loads(body)["outputs"][0]["data"] == [2.0]
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v2/models/no_such_model/infer HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 1000000\r\n" + lines + b"\r\n"
+        )
+        assert sock.recv(65536).startswith(b"HTTP/1.1 404 "), expects
+
+
 # (request, what Ferry's own check says of it); Ferry's 400 keeps an HTTP/1.1 connection open
 # (the parser's closes it), so each asks for its close, which ends the test's read.
 HOSTLESS = [

@@ -41,6 +41,7 @@ from ferry.server.errors import ErrorKind, InvalidArgument
 from ferry.server.grpc.auth import DENIED, MISSING, TWICE, ListenerGuard
 from ferry.server.http.encodings import ENCODINGS, BodyError, decoder
 from ferry.server.http.errors import ERROR_HEADER, HttpError, error_body, error_of, raw_answer
+from ferry.server.http.expect import expects_continue
 from ferry.server.http.oip import HEADER_LENGTH, JSON, OipRoutes, is_health
 from ferry.server.min_rate import MinRate
 from ferry.server.security import ListenerTLS, encrypted_key
@@ -694,7 +695,7 @@ class HttpListener:
                 # It was routed as part of the path (404 "no endpoint") or of the query (served).
                 raise InvalidArgument(FRAGMENT)
             _check_host(request)
-            _check_expectations(request.headers.getall("Expect", []))
+            expects_continue(request.headers.getall("Expect", []))
             if self._check_token and not (self._open_health and is_health(path)):
                 self._authorize(request.headers.getall("Authorization", []))
             answer = self._routes.handle(
@@ -773,7 +774,7 @@ class HttpListener:
             raise self._too_large(f"its Content-Length is {length} bytes", binary)
         # RFC 9110 10.1.1: an HTTP/1.0 request's expectation is ignored. An HTTP/1.0 client
         # knows no interim answer: it took the 100 for the answer and lost the real one.
-        expect = request.headers.get("Expect", "").strip().lower() == "100-continue"
+        expect = expects_continue(request.headers.getall("Expect", []))
         content = request.content
         # RFC 9110 10.1.1: not once the body has begun to arrive (or is empty), as it has from
         # a client that sends it without waiting. tritonclient (geventhttpclient) does, reads no interim
@@ -858,22 +859,6 @@ def _check_host(request: web.BaseRequest) -> None:
         raise InvalidArgument(
             "an HTTP/1.1 request must carry a Host header (RFC 9112): send 'Host: <host>[:<port>]'"
         )
-
-
-def _check_expectations(values: list[str]) -> None:
-    """417 (RFC 9110 10.1.1) for an ``Expect`` member other than 100-continue, the only one
-    defined: one was ignored and its request served, as if it had been met. Before any route
-    runs, so a request that asked for what is not done is not run."""
-    for value in values:
-        for member in value.split(","):
-            name = member.strip().lower()
-            if name and name != "100-continue":
-                raise HttpError(
-                    417,
-                    f"the expectation {member.strip()[:40]!r} cannot be met: the only one this "
-                    "listener knows is 'Expect: 100-continue'; send that or no Expect header",
-                    ErrorKind.INVALID_ARGUMENT,
-                )
 
 
 def _version_refused(request: web.BaseRequest) -> web.StreamResponse:

@@ -14,13 +14,14 @@ and served on both.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
+from multidict import CIMultiDictProxy
 
 from ferry.server.core.dataplane import DataPlane
 from ferry.server.core.types import parse_version, short
@@ -40,6 +41,7 @@ from ferry.server.grpc.kserve_model import (
     statistics_of,
 )
 from ferry.server.http.errors import HttpError
+from ferry.server.http.expect import expects_continue
 from ferry.server.http.tensors import HEADER_LENGTH, HttpInfer, dumps, loads
 
 JSON = "application/json"
@@ -152,7 +154,7 @@ class OipRoutes:
         )
 
     async def handle(
-        self, method: str, path: str, headers: Mapping[str, str], read_body: ReadBody
+        self, method: str, path: str, headers: CIMultiDictProxy[str], read_body: ReadBody
     ) -> Reply:
         parts = path.split("/")
         if len(parts) < 2 or parts[0] or parts[1] != "v2":
@@ -186,7 +188,7 @@ class OipRoutes:
         method: str,
         path: str,
         rest: list[str],
-        headers: Mapping[str, str],
+        headers: CIMultiDictProxy[str],
         read_body: ReadBody,
     ) -> Reply:
         if rest == ["stats"]:  # every model's statistics (a model named "stats" too, as Triton)
@@ -231,10 +233,10 @@ class OipRoutes:
         return _json({"model_stats": [proto_json(statistics_of(s)) for s in stats]})
 
     async def _infer(
-        self, model: str, version: str, headers: Mapping[str, str], read_body: ReadBody
+        self, model: str, version: str, headers: CIMultiDictProxy[str], read_body: ReadBody
     ) -> Reply:
         header_length = _header_length(headers.get(HEADER_LENGTH))
-        if headers.get("Expect", "").strip().lower() == "100-continue":
+        if expects_continue(headers.getall("Expect", [])):
             # Refused before "100 Continue" asks for the body: a client that sent the head and
             # waited was asked for a body, up to max_message_bytes, that could only be refused
             # 404 or 503. Only then: a client sending its body unasked is still read to the
