@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from tritonclient.grpc import service_pb2 as kserve_pb2
 from tritonclient.grpc import service_pb2_grpc as kserve_pb2_grpc
 
 from ferry.client import (
+    ConversionClient,
     ConversionError,
     FailedPreconditionError,
     FerryError,
@@ -76,6 +79,40 @@ def test_removed_model_is_not_found_after_refresh(
     with pytest.raises(ModelNotFoundError):
         client.model_metadata("two_io")
     assert ("two_io", 1) not in _listing(client)
+
+
+def test_a_model_whose_version_folders_were_deleted_says_why_everywhere(
+    repo_path: Path, server: ServerThread, clients: tuple[InferenceClient, RepositoryClient]
+) -> None:
+    """GetModel of a model whose version folders were all deleted answered no version and no
+    reason, and ListModels left the model out, while the repository index said it was
+    UNAVAILABLE and why. Each says the same reason now, as do metadata and ready."""
+    client, repo = clients
+    shutil.rmtree(repo_path / "two_io" / "1")
+    assert list(repo.refresh().unloaded) == ["two_io/1"]
+    why = "no version folders (<model>/<N>/model.onnx)"
+    with ConversionClient(server.management_target, timeout=30) as conversion:
+        info = conversion.get_model("two_io")
+    assert (info.versions, info.reason) == ((), why)
+    (row,) = client.list_models("two_io")
+    assert (row.version, row.state, row.reason) == (0, "UNLOADED", why)
+    assert [m for m in client.list_models() if m.name == "two_io"] == [row]
+    with grpc.insecure_channel(server.management_target) as channel:
+        stub = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
+        index = stub.RepositoryIndex(kserve_pb2.RepositoryIndexRequest(), timeout=30)
+        (entry,) = [m for m in index.models if m.name == "two_io"]
+        assert (entry.state, entry.reason) == ("UNAVAILABLE", why)
+    with grpc.insecure_channel(server.target) as channel:
+        stub = kserve_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as error:
+            stub.ModelMetadata(kserve_pb2.ModelMetadataRequest(name="two_io"), timeout=30)
+        assert why in str(error.value.details())
+    for path in ("/v2/models/two_io", "/v2/models/two_io/ready"):
+        request = urllib.request.Request(f"http://{server.http_target}{path}")
+        with pytest.raises(urllib.error.HTTPError) as http_error:
+            urllib.request.urlopen(request, timeout=30)
+        assert http_error.value.code == 503
+        assert why in json.loads(http_error.value.read())["error"]
 
 
 def test_new_model_folder_is_loaded_by_refresh(

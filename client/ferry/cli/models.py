@@ -177,7 +177,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if not models:
         print("no models are served" + (f" under the name {args.model!r}" if args.model else ""))
         return EXIT_OK
-    rows = [[m.name, m.version, m.state, "*" if m.is_default else "", m.reason] for m in models]
+    rows = [
+        [m.name, m.version or "-", m.state, "*" if m.is_default else "", m.reason] for m in models
+    ]
     print_table(rows, ["MODEL", "VERSION", "STATE", "DEFAULT", "REASON"])
     return EXIT_OK
 

@@ -249,6 +249,8 @@ class ModelInfo:
     name: str
     default_version: int | None
     versions: tuple[VersionInfo, ...]
+    # Why no version is listed, when none is (the repository index's words); "" otherwise.
+    reason: str = ""
 
     def version(self, number: int) -> VersionInfo | None:
         return next((v for v in self.versions if v.version == number), None)
@@ -412,6 +414,7 @@ def parse_model(m: pb.ModelInfo) -> ModelInfo:
             )
             for v in m.versions
         ),
+        reason=m.reason,
     )
 
 

@@ -529,14 +529,16 @@ class VersionInfo(_message.Message):
     def __init__(self, version: _Optional[int] = ..., state: _Optional[_Union[_inference_pb2.ModelState, str]] = ..., reason: _Optional[str] = ..., is_default: _Optional[bool] = ..., job_id: _Optional[str] = ..., size_bytes: _Optional[int] = ..., report: _Optional[_Union[ConversionReport, _Mapping]] = ..., report_json: _Optional[str] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "default_version", "versions")
+    __slots__ = ("name", "default_version", "versions", "reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     default_version: int
     versions: _containers.RepeatedCompositeFieldContainer[VersionInfo]
-    def __init__(self, name: _Optional[str] = ..., default_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ...) -> None: ...
+    reason: str
+    def __init__(self, name: _Optional[str] = ..., default_version: _Optional[int] = ..., versions: _Optional[_Iterable[_Union[VersionInfo, _Mapping]]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class DeleteModelVersionRequest(_message.Message):
     __slots__ = ("model", "version")

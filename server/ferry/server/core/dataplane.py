@@ -278,6 +278,10 @@ class DataPlane:
     def list_models(self, model: str = "") -> list[VersionStatus]:
         return self._registry.statuses(model)
 
+    def versionless(self, model: str = "") -> list[tuple[str, str]]:
+        """(model, why) for each model with no version (ModelRegistry.versionless)."""
+        return self._registry.versionless(model)
+
     async def index(self, *, ready_only: bool = False) -> list[IndexEntry]:
         rows = await self._registry.index()
         return [r for r in rows if r.state is State.READY] if ready_only else rows

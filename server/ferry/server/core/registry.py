@@ -557,6 +557,17 @@ class ModelRegistry:
                 out.append(VersionStatus(entry.name, v, slot.state, slot.reason, v == default))
         return out
 
+    def versionless(self, name: str = "") -> list[tuple[str, str]]:
+        """(model, why) for each model the registry knows that has no version, not even a
+        failed one (its version folders deleted, a config that does not parse): said alike by
+        the repository index, ListModels and GetModel. ListModels and GetModel said nothing of
+        such a model (no row, no version), the index that it was UNAVAILABLE and why."""
+        return [
+            (entry.name, entry.changing or entry.unserved_reason())
+            for entry in list(self.models.values())
+            if not entry.versions and (not name or entry.name == name)
+        ]
+
     def loaded_versions(self) -> list[LoadedVersion]:
         return [
             s.loaded
@@ -750,10 +761,8 @@ class ModelRegistry:
         except FailedPrecondition:  # unreadable (a refresh says why): the served rows answer
             on_disk = []
         rows: list[IndexEntry] = []
-        for entry in self.models.values():
-            if not entry.versions:
-                why = entry.changing or entry.unserved_reason()
-                rows.append(IndexEntry(entry.name, None, State.UNLOADED, why))
+        for name, why in self.versionless():
+            rows.append(IndexEntry(name, None, State.UNLOADED, why))
         for status in self.statuses():
             rows.append(IndexEntry(status.name, status.version, status.state, status.reason))
         for name in on_disk:

@@ -54,6 +54,7 @@ class ModelView:
     name: str
     default_version: int  # 0: none
     versions: list[VersionView]
+    reason: str = ""  # why no version is listed, when none is (the repository index's words)
 
 
 async def describe(repository: ModelRepository, registry: ModelRegistry, name: str) -> ModelView:
@@ -62,9 +63,11 @@ async def describe(repository: ModelRepository, registry: ModelRegistry, name: s
     state after it, in one step."""
     entry = registry.models.get(name)
     known = list(entry.versions) if entry is not None else []
-    on_disk, files = await registry.read_folder(_read_versions, repository, name, known)
+    there, on_disk, files = await registry.read_folder(_read_versions, repository, name, known)
     entry = registry.models.get(name)
-    if not on_disk and entry is None:
+    if not there and entry is None:
+        # A folder with no version, not yet known to the registry, is a model all the same
+        # (the index lists it): it was NOT_FOUND, "not in the repository", beside it.
         raise ModelNotFound(f"model {name!r} is not in the repository")
     default = (entry.serving_version() if entry is not None else None) or 0
     slots = entry.versions if entry is not None else {}
@@ -86,14 +89,19 @@ async def describe(repository: ModelRepository, registry: ModelRegistry, name: s
                 report_json=report,
             )
         )
-    return ModelView(name, default, views)
+    # Said as the repository index says it: a model whose version folders were all deleted
+    # was answered with no version and no word of why.
+    reason = "" if views else dict(registry.versionless(name)).get(name, "unloaded")
+    return ModelView(name, default, views, reason)
 
 
 def _read_versions(
     repository: ModelRepository, name: str, known: list[int]
-) -> tuple[list[int], dict[int, tuple[int, str]]]:
-    """The versions on disk, and the size and report of those and of ``known`` ones."""
-    on_disk = repository.list_versions(name) if repository.has_model(name) else []
+) -> tuple[bool, list[int], dict[int, tuple[int, str]]]:
+    """Whether the model's folder is there, the versions on disk, and the size and report of
+    those and of ``known`` ones."""
+    there = repository.has_model(name)
+    on_disk = repository.list_versions(name) if there else []
     files = {}
     for v in {*on_disk, *known}:
         vdir = repository.version_dir(name, v)
@@ -104,7 +112,7 @@ def _read_versions(
         with contextlib.suppress(OSError):  # a model over 2 GiB: its weights are beside it
             size += (vdir / MODEL_DATA_FILE).stat().st_size
         files[v] = (size, read_report(vdir))
-    return on_disk, files
+    return there, on_disk, files
 
 
 def _unloaded(registry: ModelRegistry, name: str, version: int, selected: set[int | None]) -> str:

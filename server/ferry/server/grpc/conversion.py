@@ -412,7 +412,7 @@ def _event(e: EventRecord) -> pb.ProgressEvent:
 
 
 def _model(view: ModelView, jobs: dict[int, str]) -> pb.ModelInfo:
-    out = pb.ModelInfo(name=view.name, default_version=view.default_version)
+    out = pb.ModelInfo(name=view.name, default_version=view.default_version, reason=view.reason)
     for v in view.versions:
         info = out.versions.add(
             version=v.version,

@@ -251,6 +251,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 )
                 for s in self.dataplane.list_models(request.model)
             ]
+            # A model with no version is a row of its own, as in the repository index: it was
+            # left out, and nothing said why it served nothing.
+            + [
+                pb.ModelVersionStatus(name=name, state=pb.MODEL_STATE_UNLOADED, reason=why)
+                for name, why in self.dataplane.versionless(request.model)
+            ]
         )
 
     @translate_errors
