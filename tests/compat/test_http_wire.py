@@ -347,6 +347,39 @@ def test_100_continue_is_met_wherever_the_expect_list_holds_it(
         assert sock.recv(65536).startswith(b"HTTP/1.1 404 "), expects
 
 
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"foo, chunked", b"chunked"])
+def test_a_transfer_coding_other_than_chunked_is_501(
+    kserve_server: ServerThread, coding: bytes
+) -> None:
+    # RFC 9112 6.1: a transfer coding the server does not understand is answered 501. The
+    # codings before "chunked" were dropped: a gzip-coded body was read still compressed
+    # ("not valid JSON: can't decode byte 0x8b"), and one under "foo" was run as plain.
+    import gzip
+
+    body = gzip.compress(BODY) if coding.startswith(b"gzip") else BODY
+    request = (
+        f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: x\r\n".encode()
+        + b"Transfer-Encoding: "
+        + coding
+        + b"\r\n\r\n"
+        + f"{len(body):x}\r\n".encode()
+        + body
+        + b"\r\n0\r\n\r\n"
+    )
+    after = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    answers = _answers(_raw(kserve_server.http_target, request + after))
+    if coding.startswith(b"chunked"):  # chunked alone is served
+        assert answers[0][0].startswith(b"HTTP/1.1 200 OK"), answers
+        return
+    assert [head.split(b"\r\n")[0] for head, _ in answers] == [
+        b"HTTP/1.1 501 Not Implemented",
+        b"HTTP/1.1 200 OK",  # the chunks were framed: the connection goes on
+    ], answers
+    error = json.loads(answers[0][1])
+    assert error["kind"] == "UNIMPLEMENTED", error
+    assert "Content-Encoding" in error["error"] and coding.split(b",")[0].decode() in error["error"]
+
+
 # (request, what Ferry's own check says of it); Ferry's 400 keeps an HTTP/1.1 connection open
 # (the parser's closes it), so each asks for its close, which ends the test's read.
 HOSTLESS = [

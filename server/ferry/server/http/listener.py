@@ -695,6 +695,7 @@ class HttpListener:
                 # It was routed as part of the path (404 "no endpoint") or of the query (served).
                 raise InvalidArgument(FRAGMENT)
             _check_host(request)
+            _check_transfer_codings(request.headers.getall("Transfer-Encoding", []))
             expects_continue(request.headers.getall("Expect", []))
             if self._check_token and not (self._open_health and is_health(path)):
                 self._authorize(request.headers.getall("Authorization", []))
@@ -859,6 +860,25 @@ def _check_host(request: web.BaseRequest) -> None:
         raise InvalidArgument(
             "an HTTP/1.1 request must carry a Host header (RFC 9112): send 'Host: <host>[:<port>]'"
         )
+
+
+def _check_transfer_codings(values: list[str]) -> None:
+    """501 (RFC 9112 6.1: a transfer coding the server does not understand) for any coding
+    but chunked. The parser frames the chunks and drops the codings before them, so a body
+    sent ``Transfer-Encoding: gzip, chunked`` was read still compressed ("not valid JSON:
+    can't decode byte 0x8b", blaming a body that was right), and one under a coding nobody
+    knows (``foo, chunked``) was run as if it were plain."""
+    for value in values:
+        for member in value.split(","):
+            coding = member.strip().lower()
+            if coding and coding != "chunked":
+                raise HttpError(
+                    501,
+                    f"Transfer-Encoding {member.strip()[:40]!r} is not supported: send the "
+                    "body with Content-Length or 'Transfer-Encoding: chunked' alone; to "
+                    f"compress it, use Content-Encoding ({', '.join(sorted(ENCODINGS))})",
+                    ErrorKind.UNIMPLEMENTED,
+                )
 
 
 def _version_refused(request: web.BaseRequest) -> web.StreamResponse:
