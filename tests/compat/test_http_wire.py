@@ -121,10 +121,13 @@ def test_a_body_cut_short_by_a_half_close_is_refused_at_once(
     assert len(answers) == 1, answers
     head, body = answers[0]
     assert head.startswith(b"HTTP/1.1 400 "), head
-    # INVALID_ARGUMENT where the body was being read, CANCELLED where the inference had not
-    # begun to read it: the reason is the same.
+    # Said as the body's fault whether the half-close came while the body was read or before
+    # the inference began: the second was CANCELLED, "keep the connection open", which did not
+    # say that the body sent was short of its length.
     error = json.loads(body)
-    assert "shut its side of the connection" in error["error"], error
+    assert error["kind"] == "INVALID_ARGUMENT", error
+    assert "shut its side of the connection after" in error["error"], error
+    assert "bytes of the body" in error["error"], error
 
 
 def test_a_half_close_of_an_idle_or_half_sent_head_closes_without_an_answer(

@@ -151,7 +151,9 @@ class _ServerLog(logging.LoggerAdapter):
         self.error(msg, *args, **kwargs)
 
 
-async def _abandonable(answer: Awaitable[T], connection: object) -> T:
+async def _abandonable(
+    answer: Awaitable[T], connection: object, body: BaseException | None = None
+) -> T:
     """An inference that ends when its client goes away: a request queued for a model is not
     run, nor does it hold its place, once nobody can read its answer (as a cancelled gRPC call).
     aiohttp leaves a handler running after its connection is lost, so a client that gave up
@@ -161,12 +163,18 @@ async def _abandonable(answer: Awaitable[T], connection: object) -> T:
     A client that shuts its side of the connection looks the same on the wire as one that
     closed it and left (a FIN either way), so its inference ends too, as nginx and Go's
     net/http read it; but where the client still reads (a half-close), it is told why (400
-    CANCELLED) rather than left without an answer."""
+    CANCELLED) rather than left without an answer. ``body``: what cut the request's body
+    short, when something did (``eof_received``): a body the half-close left incomplete is
+    said as such, as it is when the half-close comes while it is read; it was told only that
+    the inference was cancelled, though what to fix is the body (a Content-Length over what
+    was sent)."""
     if not isinstance(connection, _Connection):
         return await answer
     if connection.half_closed:
         if asyncio.iscoroutine(answer):
             answer.close()
+        if isinstance(body, HttpProcessingError):
+            raise InvalidArgument(f"the request body could not be read: {body.message}")
         raise HttpError(400, HALF_CLOSED, ErrorKind.CANCELLED)
     task = asyncio.ensure_future(answer)
     connection.inference = task
@@ -703,7 +711,9 @@ class HttpListener:
                 request.method, path, request.headers, lambda: self._read(request)
             )
             if request.method == "POST" and path.endswith("/infer"):
-                status, body, headers = await _abandonable(answer, request.protocol)
+                status, body, headers = await _abandonable(
+                    answer, request.protocol, request.content.exception()
+                )
             else:
                 status, body, headers = await answer
         except ConnectionError:
