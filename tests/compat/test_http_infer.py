@@ -346,6 +346,13 @@ def test_malformed_requests_are_400(
         # Finite but out of range: it would run as inf.
         ("FP32", [1.0, 1e300], "FP32 values must lie within +-3.40282e+38, got 1e+300"),
         ("FP16", [70000.0, 1.0], "FP16 values must lie within +-65504, got 70000.0"),
+        # Said in JSON's words: numpy's were "got object values" for a null, "got str96
+        # values" for strings, "got int64 values" for 1 and 0 sent as BOOL.
+        ("FP32", [1.0, None], "must hold numbers, got null among them"),
+        ("FP32", [1.0, {"a": 1}], "must hold numbers, got an object among them"),
+        ("FP32", ["1.0", "2"], "must hold numbers, got strings"),
+        ("BOOL", [1, 0], "must hold true/false, got integers"),
+        ("INT64", [1, 2.5], "got numbers that are not all integers (a fraction"),
     ],
 )
 def test_json_values_are_checked_against_the_datatype(

@@ -434,10 +434,13 @@ def _from_json(
         if wanted.kind in "iu" and kind == "f":
             # JSON readers hand integers past 64 bits on as floats: say so, or a client that
             # sent 18446744073709551616 reads that it sent floats.
-            why = " (numbers with a fraction or an exponent, or integers beyond 64 bits)"
+            why = (
+                " (a fraction, an exponent such as 1e3, NaN or Infinity; or integers beyond 64"
+                " bits, which JSON readers take as floats)"
+            )
         raise InvalidArgument(
             f"input {name!r} is {datatype_name(code)}: 'data' must hold {what}, got "
-            f"{values.dtype.name} values{why}"
+            f"{_found(values)}{why}"
         )
     if count and wanted.kind in "iu":
         info = np.iinfo(wanted)  # type: ignore[type-var]
@@ -452,6 +455,20 @@ def _from_json(
     if count and wanted.kind == "f" and wanted.itemsize < values.itemsize:
         _check_float_range(values, cast, code, name)
     return reshape_input(cast, shape, name)
+
+
+def _found(values: np.ndarray) -> str:
+    """What ``data`` holds, in JSON's words: numpy's were said ("got str96 values", "got
+    object values" for a null), which named neither the value to fix nor its JSON form."""
+    kind = values.dtype.kind
+    if kind == "O":  # a null, an object, a string or an integer past 64 bits among numbers
+        for value in values.reshape(-1).tolist():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return f"{_kind(value)} among them"
+        return "integers beyond 64 bits"
+    words = {"U": "strings", "S": "strings", "b": "true/false", "i": "integers", "u": "integers"}
+    words["f"] = "numbers that are not all integers"
+    return words.get(kind, f"{values.dtype.name} values")
 
 
 def _check_float_range(values: np.ndarray, cast: np.ndarray, code: int, name: str) -> None:
