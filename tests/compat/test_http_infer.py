@@ -370,6 +370,9 @@ def test_json_values_are_checked_against_the_datatype(
         (4, struct.pack("<f", 1.0) + b"extra", "5 bytes of binary data that no input claims"),
         (8, struct.pack("<f", 1.0), "runs past the end of the binary data"),
         (-1, b"", "binary_data_size must be a non-negative integer"),
+        # Read as a float by the JSON reader: it was "must be a non-negative integer, got
+        # 1.8446744073709552e+19", though an integer was sent.
+        (2**64, b"", "binary_data_size must be below 2**64, got 18446744073709551616"),
     ],
 )
 def test_binary_sizes_must_cover_the_tail_exactly(

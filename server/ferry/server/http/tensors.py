@@ -337,6 +337,10 @@ def _kind(value: Any) -> str:
 
 
 def _count(value: Any, what: str) -> int:
+    if isinstance(value, float) and value >= 2**64 and value.is_integer():
+        # JSON readers hand an integer past 64 bits on as a float: it was refused as not an
+        # integer at all ("got 1.8446744073709552e+19"), though the client sent one.
+        raise InvalidArgument(f"{what} must be below 2**64, got {value:.0f} or about that")
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise InvalidArgument(f"{what} must be a non-negative integer, got {value!r:.40}")
     if value >= 2**64:  # what gRPC's uint64 carries; the standard library's JSON reads any size
