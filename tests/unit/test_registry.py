@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from asyncutil import LOAD_GUARD_S, WatchedLock, arun, until
+from asyncutil import LOAD_GUARD_S, WatchedLock, arun
 
 from ferry.server.core import versions
 from ferry.server.core.dataplane import DataPlane, InferenceRequest
@@ -858,11 +858,21 @@ class CountedLock(asyncio.Lock):
     def __init__(self) -> None:
         super().__init__()
         self.waiting = 0
+        self._queued = asyncio.Event()
 
     async def acquire(self) -> bool:
         if self.locked():
             self.waiting += 1
+            self._queued.set()
         return await super().acquire()
+
+    async def reach(self, count: int) -> None:
+        """Until ``count`` edits have come to wait. Spinning the loop a bounded number of times
+        (``until``) was not enough where an edit first looks at the folder on a thread: on a
+        loaded machine that thread had not run after 1,000 spins, and the test failed."""
+        while self.waiting < count:
+            self._queued.clear()
+            await self._queued.wait()
 
 
 @pytest.mark.parametrize("via", ["load", "publish"])
@@ -893,9 +903,9 @@ def test_a_refresh_does_not_unload_a_model_loaded_again_while_it_waited(
                 else registry.publish("seed", staged, lambda: repo.publish("seed", staged))
             )
             load = asyncio.ensure_future(again)
-            await until(lambda: lock.waiting == 1)
+            await lock.reach(1)
             refresh = asyncio.ensure_future(registry.refresh())
-            await until(lambda: lock.waiting == 2)  # its removal waits behind the load
+            await lock.reach(2)  # its removal waits behind the load
             held.released.set()
             assert (await unload).unloaded == ["seed/1"]
             await load
