@@ -72,6 +72,23 @@ def test_models_list_describe_and_stats(server: Any, capsys: pytest.CaptureFixtu
     assert code == 0 and "COMPUTE_MS" in out
 
 
+def test_models_list_says_why_a_model_has_no_version(
+    server: Any, repo_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A model whose version folders were all deleted was missing from the list, with no word
+    of why it served nothing (the repository index said so); it is a row of its own now."""
+    import shutil
+
+    from ferry.client import RepositoryClient
+
+    shutil.rmtree(repo_path / "fixed" / "1")
+    with RepositoryClient(server.management_target, timeout=60) as repo:
+        assert list(repo.refresh().unloaded) == ["fixed/1"]
+    code, out, _ = ferry(capsys, "models", "list", "--target", server.target)
+    (row,) = [line.split() for line in out.splitlines() if line.startswith("fixed ")]
+    assert code == 0 and row[:3] == ["fixed", "-", "UNLOADED"] and "version folders" in out
+
+
 def test_infer_from_files_to_files(
     server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
