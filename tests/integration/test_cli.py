@@ -259,6 +259,29 @@ def test_health_wait_refused_by_the_server_is_not_unreachable(
             assert (code, out.split()[-1]) == (0, "SERVING"), wait
 
 
+def test_health_wait_past_the_servers_watch_bound_asks_check_instead(
+    repo_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server holding --max-health-watches streams refuses one more RESOURCE_EXHAUSTED, and
+    `ferry health --wait` printed that and failed although the server was serving: it asks
+    Check instead, within the same wait."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from serverutil import ServerThread
+
+    with (
+        ServerThread(repo_path, max_health_watches=1) as srv,
+        grpc.insecure_channel(srv.target) as channel,
+    ):
+        held = health_pb2_grpc.HealthStub(channel).Watch(
+            health_pb2.HealthCheckRequest(service=""), timeout=60
+        )
+        next(held)  # the one stream the server allows is open
+        code, out, _ = ferry(capsys, "health", "--wait", "20", "--target", srv.target)
+        held.cancel()
+    assert (code, out.split()[-1]) == (0, "SERVING"), out
+
+
 def test_loadtest_writes_json_and_csv(
     server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:

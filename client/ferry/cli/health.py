@@ -2,12 +2,15 @@
 
 ``--wait`` uses the health service's ``Watch`` stream with wait-for-ready rather than polling:
 the call waits for the server to come up, the server pushes every status change, and the command
-returns the moment SERVING arrives.
+returns the moment SERVING arrives. A server holding as many Watch streams as it allows
+(``--max-health-watches``) refuses one more RESOURCE_EXHAUSTED: the command then asks ``Check``
+every POLL_S seconds instead, within the same ``--wait``.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import grpc
@@ -24,6 +27,7 @@ from ferry.client import _health
 from ferry.client._channel import create_channel
 
 WATCH_METHOD = "/grpc.health.v1.Health/Watch"
+POLL_S = 0.5  # between Checks, where the server refuses one more Watch stream
 STATUS_NAMES = {
     0: "UNKNOWN",
     _health.SERVING: "SERVING",
@@ -56,6 +60,7 @@ def _watch(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> st
         WATCH_METHOD, request_serializer=None, response_deserializer=None
     )
     last = "UNREACHABLE"
+    end = time.monotonic() + args.wait
     call = watch(
         _health.encode_check_request(args.model),
         timeout=args.wait,
@@ -70,6 +75,10 @@ def _watch(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> st
                 break
     except grpc.RpcError as exc:
         code = exc.code()
+        if code is grpc.StatusCode.RESOURCE_EXHAUSTED and last == "UNREACHABLE":
+            # The server answered but holds as many Watch streams as it allows: the wait was
+            # cut short RESOURCE_EXHAUSTED; its status is still there to ask for.
+            return _poll(args, channel, metadata, end)
         if code is grpc.StatusCode.UNAVAILABLE or (
             last == "UNREACHABLE" and code is not grpc.StatusCode.DEADLINE_EXCEEDED
         ):
@@ -79,6 +88,16 @@ def _watch(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> st
     return last
 
 
+def _poll(args: argparse.Namespace, channel: grpc.Channel, metadata: Any, end: float) -> str:
+    """``Check`` until SERVING or ``end`` (monotonic); returns the last status seen."""
+    while True:
+        status = _check(args, channel, metadata, timeout=max(0.05, end - time.monotonic()))
+        left = end - time.monotonic()
+        if status == "SERVING" or left <= 0:
+            return status
+        time.sleep(min(POLL_S, left))
+
+
 def _refused(code: grpc.StatusCode) -> str:
     """The status a failed check or watch reports."""
     if code is grpc.StatusCode.NOT_FOUND:
@@ -86,13 +105,19 @@ def _refused(code: grpc.StatusCode) -> str:
     return "UNREACHABLE" if code is grpc.StatusCode.UNAVAILABLE else code.name
 
 
-def _check(args: argparse.Namespace, channel: grpc.Channel, metadata: Any) -> str:
+def _check(
+    args: argparse.Namespace, channel: grpc.Channel, metadata: Any, timeout: float | None = None
+) -> str:
     check: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
         _health.CHECK_METHOD, request_serializer=None, response_deserializer=None
     )
+    if timeout is not None and args.timeout is not None:
+        timeout = min(timeout, args.timeout)
     try:
         raw = check(
-            _health.encode_check_request(args.model), timeout=args.timeout, metadata=metadata
+            _health.encode_check_request(args.model),
+            timeout=args.timeout if timeout is None else timeout,
+            metadata=metadata,
         )
     except grpc.RpcError as exc:
         return _refused(exc.code())
