@@ -749,3 +749,60 @@ def test_sigterm_while_a_load_holds_the_start_stops_at_once(tmp_path: Path, wher
     assert "stopping during" in err and "Traceback" not in err
     wait_for(lambda: all(_gone(p) for p in pids), "every worker to be gone")
     assert not list(tmp_path.glob("ferry-workers-*"))
+
+
+# A sitecustomize that holds a worker's refresh (its catch-up re-reads the repository with
+# one) while a file named "hold" is beside the hook folder, and says so with a file "held":
+# a catch-up whose load takes minutes, or a worker stuck there.
+_HOLD_CATCH_UP = """
+import asyncio
+import os
+from pathlib import Path
+
+if os.environ.get("FERRY_WORKER_SOCKET"):
+    from ferry.server.core import dataplane
+
+    original = dataplane.DataPlane.refresh
+
+    async def held(self, *, retry_failed=True):
+        hold = Path({tmp!r}, "hold")
+        if hold.exists():
+            Path({tmp!r}, "held").touch()
+            for _ in range(1200):  # bounded: two minutes at most
+                if not hold.exists():
+                    break
+                await asyncio.sleep(0.1)
+        return await original(self, retry_failed=retry_failed)
+
+    dataplane.DataPlane.refresh = held
+"""
+
+
+def test_a_change_does_not_wait_for_a_worker_still_catching_up_and_reaches_it(
+    tmp_path: Path,
+) -> None:
+    """A worker started again catches up with the repository (a refresh, its loads) before it
+    joins the ports, and did so holding the lock every change takes: a management call made
+    meanwhile waited for that catch-up, up to 600 s for a worker stuck there (with
+    --worker-timeout 0 nothing kills it; a slow load answers the liveness check anyway). The
+    call no longer waits for a worker that has not joined, and the worker, told of nothing,
+    catches up again before it joins: the change is its state too."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model(), "seed": seed_model()})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HOLD_CATCH_UP.format(tmp=str(tmp_path)))
+    with _serving(root, "--worker-timeout", "0", hook=hook) as fleet:
+        (tmp_path / "hold").touch()
+        try:
+            pid = _kill_worker_1(fleet)
+            wait_for((tmp_path / "held").exists, "worker 1's catch-up to be held")
+            # Bounded: without the fix this waits for the held catch-up (two minutes).
+            with RepositoryClient(f"127.0.0.1:{fleet.management}", timeout=WAIT_S) as repo:
+                repo.unload_model("seed")
+            assert not _serves(fleet.run_dir, 0, "seed")
+            assert not _listens(pid, fleet.port)  # still catching up: off the ports
+        finally:
+            (tmp_path / "hold").unlink()
+        fleet.wait_line(rf"worker 1 ready \(pid {pid}\)")
+        assert not _serves(fleet.run_dir, 1, "seed") and _serves(fleet.run_dir, 1, "mlp")
+        assert _listens(pid, fleet.port)

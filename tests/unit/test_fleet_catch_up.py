@@ -182,3 +182,64 @@ def test_a_worker_that_dies_while_it_catches_up_is_a_start_error(
     fleet = _fleet(tmp_path, monkeypatch, _Dies())
     with pytest.raises(fleet_module.WorkerStartError, match=r"^worker 1 did not catch up .*UNAV"):
         asyncio.run(fleet._spawn(fleet._workers[0]))
+
+
+def test_a_change_made_while_a_worker_catches_up_does_not_wait_and_is_caught_up_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The catch-up held the lock every change takes: a management call waited for a starting
+    worker's loads (600 s for one stuck there). The change is not sent to a worker that has
+    not joined; it catches up again, and joins once no change came in meanwhile."""
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    class _Slow(_Peers):
+        async def call(self, path: Path, method: str, ask: dict[str, Any], seconds: float) -> Any:
+            await super().call(path, method, ask, seconds)
+            if method == control.APPLY and len(self.calls) == 1:
+                held.set()
+                await release.wait()  # the first catch-up's refresh: a slow load
+            return {"ok": True, "joined": True}
+
+        def sockets(self) -> list[Path]:
+            return [tmp_path / "worker-1.sock"]
+
+    peers = _Slow()
+
+    async def run() -> None:
+        fleet = _fleet(tmp_path, monkeypatch, peers)
+        spawn = asyncio.create_task(fleet._spawn(fleet._workers[0]))
+        await asyncio.wait_for(held.wait(), 10)
+        await asyncio.wait_for(fleet.follow("unload", "seed"), 10)  # not held by it
+        release.set()
+        await asyncio.wait_for(spawn, 10)
+        assert fleet._workers[0].joined
+
+    asyncio.run(run())
+    # Not told of the change (it had not joined): it re-read the repository once more.
+    assert [(method, ask.get("op")) for _, method, ask in peers.calls] == [
+        (control.APPLY, "refresh"),
+        (control.APPLY, "refresh"),
+        (control.JOIN, None),
+    ]
+
+
+def test_a_worker_changed_under_at_every_catch_up_catches_up_under_the_lock_and_joins(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll every half second, each followed while the worker re-read the repository, could
+    keep it catching up for ever: after CATCH_UP_ROUNDS its last catch-up holds the lock."""
+    fleet: fleet_module.WorkerFleet
+
+    class _Busy(_Peers):
+        async def call(self, path: Path, method: str, ask: dict[str, Any], seconds: float) -> Any:
+            await super().call(path, method, ask, seconds)
+            if method == control.APPLY and not fleet._changes.locked():
+                fleet._changed += 1  # a change followed meanwhile
+            return {"ok": True, "joined": True}
+
+    peers = _Busy()
+    fleet = _fleet(tmp_path, monkeypatch, peers)
+    asyncio.run(fleet._spawn(fleet._workers[0]))
+    rounds = fleet_module.CATCH_UP_ROUNDS + 1
+    assert [m for _, m, _ in peers.calls] == [control.APPLY] * rounds + [control.JOIN]

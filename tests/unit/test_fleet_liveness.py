@@ -66,7 +66,7 @@ def _fleet(tmp_path: Path, peers: _Peers, timeout: float) -> tuple[WorkerFleet, 
     proc = _Proc(1234)
     (worker,) = fleet._workers
     worker.proc = proc  # type: ignore[assignment]
-    worker.answering = True
+    worker.answering = worker.joined = True  # on the ports: changes are followed there
     return fleet, proc
 
 
@@ -234,8 +234,8 @@ def test_a_worker_may_take_as_long_to_start_as_the_first_process_took_to_load(
 def test_a_change_does_not_wait_for_a_worker_still_starting(tmp_path: Path) -> None:
     """A worker whose control socket listens but that has not answered its first readiness
     check (stopped there, or stuck) is not watched by the liveness check yet: a change sent
-    to it waited the whole 600 s, and the management call with it. Its catch-up, under the
-    same lock, brings it to the state the change left once it answers."""
+    to it waited the whole 600 s, and the management call with it. Its catch-up brings it to
+    the state the change left once it answers."""
 
     class _Stuck(_Peers):
         async def call(self, path: Path, method: str, ask: Any, seconds: float) -> Any:
@@ -245,7 +245,7 @@ def test_a_change_does_not_wait_for_a_worker_still_starting(tmp_path: Path) -> N
 
     async def run() -> None:
         fleet, proc = _fleet(tmp_path, _Stuck(tmp_path), 30.0)
-        fleet._workers[0].answering = False
+        fleet._workers[0].answering = fleet._workers[0].joined = False
         await asyncio.wait_for(fleet.follow("load", "seed"), 10)
         assert not proc.killed.is_set()
 

@@ -146,7 +146,9 @@ class Settings:
         metadata={
             "help": "with --workers: seconds a worker may go without answering the first "
             "process's liveness check before it is killed and started again (a stopped or hung "
-            "worker held its share of the connections and every management call); 0: never"
+            "worker held its share of the connections and every management call); 0: never, "
+            "and a joined worker that stops answering holds management calls up to 600 s (one "
+            "still starting or catching up holds none)"
         },
     )
     worker_socket: str = field(

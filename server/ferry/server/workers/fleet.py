@@ -45,6 +45,8 @@ READY_TIMEOUT = 300.0
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_AFTER = 60.0  # a worker that lived this long starts the backoff afresh when it dies
 APPLY_TIMEOUT = 600.0  # seconds a worker may take to apply one change (a large model's load)
+# Catch-ups a starting worker makes outside the lock before its last, under it (_settle).
+CATCH_UP_ROUNDS = 3
 CHECK_EVERY = 5.0  # seconds between liveness checks, at most (--worker-timeout / 3 below it)
 MISSES = 3  # liveness checks in a row a worker must fail, besides being silent for the timeout
 ENV_SOCKET = "FERRY_WORKER_SOCKET"
@@ -95,6 +97,9 @@ class _Worker:
         # Its control socket answered since it was (re)started: from then on it is expected to
         # answer the liveness check (before, ready_within bounds its start-up load).
         self.answering = False
+        # JOIN answered yes since it was (re)started: changes are followed there from then on;
+        # before, its catch-up brings it to them (WorkerFleet._settle).
+        self.joined = False
 
 
 class WorkerFleet:
@@ -141,7 +146,8 @@ class WorkerFleet:
         self._stopping = False
         self._signalled: list[asyncio.subprocess.Process] = []  # signal_stop's
         self._monitors: list[asyncio.Task[None]] = []
-        self._changes = asyncio.Lock()  # follow() and a started worker's catch-up, one at a time
+        self._changes = asyncio.Lock()  # follow() and a started worker's JOIN, one at a time
+        self._changed = 0  # follow() calls that took the lock: a catch-up meanwhile is redone
         # model ("": every one) -> follow() calls for it not yet done: this process changed it,
         # and a worker joining now has not been told yet.
         self._pending: Counter[str] = Counter()
@@ -178,7 +184,7 @@ class WorkerFleet:
         with contextlib.suppress(FileNotFoundError):
             sock.unlink()
         unloaded = self._unloaded()
-        worker.answering = False
+        worker.answering = worker.joined = False
         listed = self.run_dir / f"worker-{worker.index}.unloaded.json"
         await asyncio.to_thread(listed.write_text, json.dumps(unloaded), "utf-8")
         env = {
@@ -195,28 +201,62 @@ class WorkerFleet:
         )
         await self._wait_ready(worker, sock)
         worker.answering = True
-        # Caught up once it answers: a change made while it started (after it read the
-        # repository, before its control socket listened) reached only the workers already
-        # listening, and was lost for this one. The follower is set before any worker starts,
-        # so a change after this re-read reaches it too.
-        # Under the lock that ``follow`` takes: a change made meanwhile reaches this worker
-        # after its catch-up, never before it (an unload undone by a catch-up's load).
-        async with self._changes:
-            await self._catch_up(worker, sock, unloaded)
-            # It binds the inference ports only if it serves what this process serves: its
-            # own load can fail (out of memory in that process, a file it could not read), and
-            # it joined without the model, so 1 connection in N was refused it. Not joined, it
-            # ends the fleet's start, or is killed and started again with backoff (_watch).
-            # A model whose change this process made and has yet to follow is left to that
-            # follow's own check: the worker has not been told of it yet.
-            await self._join(worker, sock)
+        await self._settle(worker, sock, unloaded)
         log.info("worker %d ready (pid %d)", worker.index, worker.proc.pid)
 
-    async def _catch_up(self, worker: _Worker, sock: Path, unloaded: list[str]) -> None:
-        """The repository re-read, then the explicit loads and unloads made since ``unloaded``
-        (lock held). A worker that dies or stops answering meanwhile is a WorkerStartError, as
-        one that dies before it is ready: it was an RpcError, which ended ``ferry serve`` at
-        the fleet's start with a traceback instead of the one line that names the worker."""
+    async def _settle(self, worker: _Worker, sock: Path, unloaded: list[str]) -> None:
+        """Catch up, then JOIN once no change was followed meanwhile.
+
+        Caught up once it answers: a change made while it started (after it read the
+        repository, before its control socket listened) reached only the workers already
+        listening, and was lost for this one. The catch-up runs outside the lock that
+        ``follow`` takes, which skips a worker that has not joined: under it, every management
+        call waited for the catch-up's loads, up to APPLY_TIMEOUT for a worker stuck there
+        (with --worker-timeout 0 nothing kills it, and a slow load answers the liveness check
+        anyway). A change followed meanwhile (``_changed``) may have missed this worker's
+        re-read, so it catches up again; only JOIN, which is quick, runs under the lock, and a
+        change after it reaches the worker through ``follow``. After CATCH_UP_ROUNDS changed
+        under it, the last round runs under the lock, as every round did before: a poll every
+        half second cannot keep a worker off the ports for good."""
+        refused: str | None = None
+        for round_ in range(CATCH_UP_ROUNDS + 1):
+            last = round_ == CATCH_UP_ROUNDS
+            seen = self._changed
+            if not last:
+                unloaded = await self._catch_up(worker, sock, unloaded)
+            async with self._changes:
+                if last:
+                    unloaded = await self._catch_up(worker, sock, unloaded)
+                elif self._changed != seen:
+                    continue  # a change was followed while it caught up: again
+                # It binds the inference ports only if it serves what this process serves:
+                # its own load can fail (out of memory in that process, a file it could not
+                # read), and it joined without the model, so 1 connection in N was refused it.
+                # Not joined, it ends the fleet's start, or is killed and started again with
+                # backoff (_watch). A model whose change this process made and has yet to
+                # follow is left to that follow's own check: the worker has not been told yet.
+                lacks = await self._join(worker, sock)
+                # Under the lock: a change followed once it is released reaches this worker.
+                worker.joined = lacks is None
+            if lacks is None:
+                return
+            if refused is not None or last:
+                break
+            # Refused once, it re-reads the repository and is asked again: a version this
+            # process's own refresh (a poll, say) loaded after the worker's catch-up read the
+            # folder is not a failure of the worker's, and each such race cost a restart and
+            # its backoff. A load of its own that failed is tried once more in that process.
+            refused = lacks
+        raise WorkerStartError(
+            f"worker {worker.index} does not serve {lacks}, which the first process serves"
+        )
+
+    async def _catch_up(self, worker: _Worker, sock: Path, unloaded: list[str]) -> list[str]:
+        """The repository re-read, then the explicit loads and unloads made since ``unloaded``;
+        returns the unloads it now has. A worker that dies or stops answering meanwhile is a
+        WorkerStartError, as one that dies before it is ready: it was an RpcError, which
+        ended ``ferry serve`` at the fleet's start with a traceback instead of the one line
+        that names the worker."""
         try:
             await self.peers.call(sock, control.APPLY, self._ask("refresh", ""), APPLY_TIMEOUT)
             # It started without the models unloaded on request then (ENV_UNLOADED), which
@@ -226,37 +266,26 @@ class WorkerFleet:
                 await self.peers.call(sock, control.APPLY, self._ask("load", name), APPLY_TIMEOUT)
             for name in sorted(now - set(unloaded)):
                 await self.peers.call(sock, control.APPLY, self._ask("unload", name), 60.0)
+            return sorted(now)
         except grpc.RpcError as exc:
             raise WorkerStartError(
                 f"worker {worker.index} did not catch up with the repository: {exc.code().name}"
             ) from None
 
-    async def _join(self, worker: _Worker, sock: Path) -> None:
-        """JOIN, with what this process serves (lock held). Refused once, the worker re-reads
-        the repository and is asked again: a version this process's own refresh (a poll, say)
-        loaded after the worker's catch-up read the folder is not a failure of the worker's,
-        and each such race cost a restart and its backoff. A load of its own that failed is
-        tried once more in that process."""
-        for attempt in (1, 2):
-            mine: dict[str, list[int]] = {}
-            if self._serving is not None and "" not in self._pending:
-                mine = {n: v for n, v in self._serving("").items() if n not in self._pending}
-            try:
-                ask = {"serving": mine, "failed": self._failed(), "kept": self._kept()}
-                answer = await self.peers.call(sock, control.JOIN, ask, 60.0)
-                if answer.get("joined"):
-                    return
-                if attempt == 1:
-                    ask = self._ask("refresh", "")
-                    await self.peers.call(sock, control.APPLY, ask, APPLY_TIMEOUT)
-            except grpc.RpcError as exc:
-                raise WorkerStartError(
-                    f"worker {worker.index} did not join the inference ports: {exc.code().name}"
-                ) from None
-        raise WorkerStartError(
-            f"worker {worker.index} does not serve {answer.get('lacks')}, which the first "
-            "process serves"
-        )
+    async def _join(self, worker: _Worker, sock: Path) -> str | None:
+        """JOIN, with what this process serves (lock held): None once joined, else what the
+        worker lacks."""
+        mine: dict[str, list[int]] = {}
+        if self._serving is not None and "" not in self._pending:
+            mine = {n: v for n, v in self._serving("").items() if n not in self._pending}
+        try:
+            ask = {"serving": mine, "failed": self._failed(), "kept": self._kept()}
+            answer = await self.peers.call(sock, control.JOIN, ask, 60.0)
+        except grpc.RpcError as exc:
+            raise WorkerStartError(
+                f"worker {worker.index} did not join the inference ports: {exc.code().name}"
+            ) from None
+        return None if answer.get("joined") else str(answer.get("lacks"))
 
     async def _wait_ready(self, worker: _Worker, sock: Path) -> None:
         within = self.ready_within
@@ -387,10 +416,12 @@ class WorkerFleet:
         self._pending[model] += 1  # a worker joining meanwhile is not judged on it (_spawn)
         try:
             async with self._changes:
-                # Not a worker still starting (its first readiness answer not seen): the
-                # liveness check does not watch it yet, so one stopped or stuck there held
-                # the change, and the management call, for APPLY_TIMEOUT. Its catch-up, under
-                # this lock, brings it to the state this change leaves (_spawn).
+                # Not a worker still starting (not joined yet): before its first readiness
+                # answer the liveness check does not watch it, and after it its catch-up may
+                # hang on a load, so one stopped or stuck there held the change, and the
+                # management call, for APPLY_TIMEOUT. Told of this change, it catches up
+                # again before it joins (_settle).
+                self._changed += 1
                 paths = [p for p in self.peers.sockets() if self._starting(p) is None]
                 asked = {p: self._worker_at(p) for p in paths}
                 answers = await asyncio.gather(
@@ -431,9 +462,9 @@ class WorkerFleet:
         return {"op": op, "model": model, "failed": self._failed(), "kept": self._kept()}
 
     def _starting(self, path: Path) -> _Worker | None:
-        """The worker at ``path`` if it has yet to answer since it was (re)started."""
+        """The worker at ``path`` if it has yet to join since it was (re)started."""
         worker, _ = self._worker_at(path)
-        return worker if worker is not None and not worker.answering else None
+        return worker if worker is not None and not worker.joined else None
 
     def _worker_at(self, path: Path) -> tuple[_Worker | None, int]:
         for w in self._workers:
