@@ -660,6 +660,33 @@ def test_a_worker_started_again_serves_the_version_kept_serving_beside_a_broken_
     assert _versions(fleet.run_dir, 0, "mlp") == _versions(fleet.run_dir, 1, "mlp") == [2]
 
 
+def test_a_worker_started_again_after_a_failed_reload_says_the_served_files_are_gone(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    """The version's file was replaced in place by a damaged one and refreshed: the first
+    process's reload failed and it serves its earlier load, whose bytes are gone from disk. A
+    worker started again cannot make that load: it stays off the ports, and said it lacked
+    the version because "its load failed in the first worker process", which the first
+    serves. It says the first serves an earlier load, that what is on disk does not load, and
+    what to do; once the files are restored and refreshed, it joins."""
+    model_file = tmp_path / "repo" / "mlp" / "1" / "model.onnx"
+    good = model_file.read_bytes()
+    model_file.write_bytes(b"not an onnx model")
+    with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+        assert "mlp/1" in repo.refresh().failed
+        assert _versions(fleet.run_dir, 0, "mlp") == [1]  # its earlier load
+        _kill_worker_1(fleet)
+        line = fleet.wait_line(r"worker 1 did not start again: .*mlp version 1").string
+        assert "its load failed in the first" not in line, line
+        assert "serves the load it made before the version's files or config changed" in line
+        assert "Protobuf parsing failed" in line and "restore the files" in line, line
+        assert _spread(fleet.port, "mlp", 1) == CONNECTIONS  # the first serves every one
+        model_file.write_bytes(good)
+        assert not repo.refresh().failed
+    m = fleet.wait_line(r"worker 1 ready \(pid (\d+)\)")
+    assert _versions(fleet.run_dir, 1, "mlp") == [1] and _listens(int(m.group(1)), fleet.port)
+
+
 # The same, the other way round: the first process's own load of model "big" fails.
 _FAIL_IN_FIRST = _FAIL_IN_WORKERS.replace(
     'if os.environ.get("FERRY_WORKER_SOCKET"):', 'if not os.environ.get("FERRY_WORKER_SOCKET"):'

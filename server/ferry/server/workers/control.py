@@ -103,6 +103,15 @@ def serving(dataplane: DataPlane, model: str) -> dict[str, list[int]]:
     return out
 
 
+# Why a worker started again lacks a version the first process serves from a load it made
+# before that version's files or config changed (a failed reload keeps the earlier load).
+_STALE = (
+    "the first process serves the load it made before the version's files or config changed "
+    "on disk, and a new process can load only what is there now, which does not load: {why}; "
+    "restore the files, or publish ones that load and refresh"
+)
+
+
 def lacking(mine: dict[str, list[int]], theirs: dict[str, list[int]]) -> list[tuple[str, int]]:
     """The versions ``mine`` serves that ``theirs`` does not (both ``serving`` answers)."""
     return [
@@ -216,8 +225,19 @@ class ControlService(grpc.GenericRpcHandler):
         missing = lacking(mine, serving(self._dataplane, ""))
         if missing:
             reasons = {(s.name, s.version): s.reason for s in self._dataplane.list_models()}
+            # A version the first serves although its load failed there: a reload of it
+            # failed and the first serves its earlier load, from files (or a config) no longer
+            # on disk. "its load failed in the first worker process" read as a contradiction
+            # of "which the first process serves", and did not say what to do.
+            stale = {(str(n), int(v)): str(why) for n, v, why, *_ in ask.get("failed") or []}
             lines = [
-                f"{name} version {v} ({reasons.get((name, v)) or 'not loaded'})"
+                f"{name} version {v} ("
+                + (
+                    _STALE.format(why=stale[(name, v)])
+                    if (name, v) in stale
+                    else reasons.get((name, v)) or "not loaded"
+                )
+                + ")"
                 for name, v in missing
             ]
             return encode({"joined": False, "lacks": describe(lines)})
