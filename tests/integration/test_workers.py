@@ -687,6 +687,70 @@ def test_a_worker_started_again_after_a_failed_reload_says_the_served_files_are_
     assert _versions(fleet.run_dir, 1, "mlp") == [1] and _listens(int(m.group(1)), fleet.port)
 
 
+# A sitecustomize for the worker processes: every model they open fails as one out of memory
+# would while a file named "fail" is beside the hook folder; the first process's loads do not.
+_FAIL_IN_WORKERS_WHILE = """
+import os
+from pathlib import Path
+
+if os.environ.get("FERRY_WORKER_SOCKET"):
+    import ferry.server.grpc.app as app
+
+    original = app.open_session
+
+    def failing(path, config, **kw):
+        if Path({tmp!r}, "fail").exists():
+            raise MemoryError("out of memory in this worker")
+        return original(path, config, **kw)
+
+    app.open_session = failing
+"""
+
+
+def _answers(port: int, model: str, x: dict[str, np.ndarray]) -> set[tuple[int, float]]:
+    """(version, first output value) of one request on each of CONNECTIONS connections."""
+    seen = set()
+    for i in range(CONNECTIONS):
+        with InferenceClient(f"127.0.0.1:{port}", options=[("ferry.test.connection", i)]) as c:
+            result = c.infer(model, x)
+            seen.add((result.version, float(result["logits"].ravel()[0])))
+    return seen
+
+
+def test_a_worker_whose_reload_failed_does_not_answer_with_the_old_weights(
+    tmp_path: Path,
+) -> None:
+    """A version's file replaced in place by new weights and loaded (LoadModel): the first
+    process reloaded it, a worker's own reload failed (out of memory there) and it kept its
+    earlier load. It still served version 1, so the change passed for applied: requests for
+    version 1 got the new weights' answer or the old one's depending on their connection.
+    That worker is killed and started again, and every connection gets the new answer."""
+    root = make_repo(tmp_path / "repo", {"m": seed_model(seed=1), "mlp": mlp_model()})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_FAIL_IN_WORKERS_WHILE.format(tmp=str(tmp_path)))
+    x = {"input": np.ones((1, 3), np.float32)}
+    with _serving(root, hook=hook) as fleet:
+        (old,) = _answers(fleet.port, "m", x)
+        (tmp_path / "fail").touch()
+        (root / "m" / "1" / "model.onnx").write_bytes(seed_model(seed=2).SerializeToString())
+        with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+            repo.load_model("m")
+        try:
+            line = fleet.wait_line(r"worker worker-1\.sock did not apply load m: ").string
+            assert "m version 1 (it serves its earlier load: its reload failed)" in line, line
+            fleet.wait_line(rf"worker 1 \(pid {fleet.pids[1]}\) did not apply load m: killed")
+            fleet.wait_line(rf"worker 1 \(pid {fleet.pids[1]}\) exited")
+            # Until it loads the new file, it stays off the port: every answer is the new one.
+            (new,) = _answers(fleet.port, "m", x)
+        finally:
+            (tmp_path / "fail").unlink()
+        assert new[0] == old[0] == 1 and new[1] != old[1]
+        m = fleet.wait_line(r"worker 1 ready \(pid (\d+)\)")
+        assert _listens(int(m.group(1)), fleet.port)
+        assert _answers(fleet.port, "m", x) == {new}
+
+
 # The same, the other way round: the first process's own load of model "big" fails.
 _FAIL_IN_FIRST = _FAIL_IN_WORKERS.replace(
     'if os.environ.get("FERRY_WORKER_SOCKET"):', 'if not os.environ.get("FERRY_WORKER_SOCKET"):'

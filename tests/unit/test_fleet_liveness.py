@@ -166,6 +166,31 @@ def test_a_worker_whose_own_load_failed_is_started_again(
     asyncio.run(run())
 
 
+@pytest.mark.parametrize(
+    ("mine", "killed"), [({}, True), ({"big": [1]}, False)], ids=["fresh here", "earlier here"]
+)
+def test_a_worker_whose_own_reload_failed_is_started_again_unless_the_first_s_did_too(
+    tmp_path: Path, mine: dict[str, list[int]], killed: bool
+) -> None:
+    """A worker whose reload of big version 1 failed serves its earlier load: the version is
+    served, with the old weights, while this process serves the new ones. Counted as serving
+    it, the worker answered 1 connection in N with the old weights. When this process serves
+    its earlier load too (its reload failed as well), the two agree: nothing is killed."""
+
+    class _Earlier(_Peers):
+        async def call(self, path: Path, method: str, ask: Any, seconds: float) -> Any:
+            return {"ok": True, "serving": {"big": [1]}, "earlier": {"big": [1]}}
+
+    async def run() -> None:
+        fleet, proc = _fleet(tmp_path, _Earlier(tmp_path), 30.0)
+        fleet._serving = lambda model: {"big": [1]}
+        fleet._earlier = lambda model: mine
+        await fleet.follow("load", "big")
+        assert proc.killed.is_set() == killed
+
+    asyncio.run(run())
+
+
 def test_one_missed_check_after_a_stall_of_the_first_process_kills_nothing(
     tmp_path: Path,
 ) -> None:

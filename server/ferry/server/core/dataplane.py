@@ -24,7 +24,7 @@ from ferry.server.core import inputs, shadow, shadow_sum
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import load_config
 from ferry.server.core.loaded import LoadedVersion
-from ferry.server.core.registry import ModelEntry, ModelRegistry, run_to_end
+from ferry.server.core.registry import ModelEntry, ModelRegistry, run_to_end, serves_earlier_load
 from ferry.server.core.repository import validate_model_name
 from ferry.server.core.shadow import ShadowStatistics
 from ferry.server.core.shadow_sum import add_up as add_up_shadows
@@ -277,6 +277,15 @@ class DataPlane:
 
     def list_models(self, model: str = "") -> list[VersionStatus]:
         return self._registry.statuses(model)
+
+    def earlier_loads(self, model: str = "") -> dict[str, list[int]]:
+        """model -> the READY versions that serve the load made before their files changed,
+        their reload having failed (with --workers, compared across processes)."""
+        out: dict[str, list[int]] = {}
+        for s in self._registry.statuses(model):
+            if serves_earlier_load(s):
+                out.setdefault(s.name, []).append(s.version)
+        return out
 
     def versionless(self, model: str = "") -> list[tuple[str, str]]:
         """(model, why) for each model with no version (ModelRegistry.versionless)."""

@@ -1237,6 +1237,12 @@ def _still_serving(why: str) -> str:
     return f"{_STILL_SERVING}{why}"
 
 
+def serves_earlier_load(status: VersionStatus) -> bool:
+    """Does a READY version serve the load made before its files changed, whose reload failed
+    (``_reload_failed``)? Its version number is served, but not what is on disk."""
+    return status.state is State.READY and status.reason.startswith(_STILL_SERVING)
+
+
 def _reload_failed(slot: VersionSlot) -> bool:
     """Does ``slot`` serve an earlier load because its files changed and failed to load?"""
     return slot.loaded is not None and slot.reason.startswith(_STILL_SERVING)

@@ -379,6 +379,7 @@ class FerryServer:
             load_seconds=self._load_seconds,
             refresh=lambda: self.registry.refresh(follow=True),
             serving=lambda model: worker_control.serving(self.dataplane, model),
+            earlier=lambda model: worker_control.earlier(self.dataplane, model),
             failed=self.dataplane.failed_loads,
             kept=self.dataplane.kept_serving,
         )

@@ -112,6 +112,18 @@ _STALE = (
 )
 
 
+def earlier(dataplane: DataPlane, model: str) -> dict[str, list[int]]:
+    """The versions of ``serving`` that serve an earlier load because their reload failed here
+    (out of memory in this process, say): the same version number as the first process's,
+    other weights. A worker answers them with ``serving``, and one whose reload failed where
+    the first's did not is judged as lacking them (fleet.follow): counted as serving, it
+    answered requests with the old weights while the first answered with the new."""
+    try:
+        return dataplane.earlier_loads(model)
+    except FerryError:  # not known here: it serves no version of it
+        return {}
+
+
 def lacking(mine: dict[str, list[int]], theirs: dict[str, list[int]]) -> list[tuple[str, int]]:
     """The versions ``mine`` serves that ``theirs`` does not (both ``serving`` answers)."""
     return [
@@ -266,9 +278,20 @@ class ControlService(grpc.GenericRpcHandler):
         except FerryError as exc:  # the first worker reports its own outcome; this is a log line
             log.warning("worker could not %s %s: %s", op, model or "the repository", exc.message)
             return encode(
-                {"ok": False, "message": exc.message, "serving": serving(self._dataplane, model)}
+                {
+                    "ok": False,
+                    "message": exc.message,
+                    "serving": serving(self._dataplane, model),
+                    "earlier": earlier(self._dataplane, model),
+                }
             )
-        return encode({"ok": True, "serving": serving(self._dataplane, model)})
+        return encode(
+            {
+                "ok": True,
+                "serving": serving(self._dataplane, model),
+                "earlier": earlier(self._dataplane, model),
+            }
+        )
 
 
 async def start_control(socket_path: str, service: ControlService) -> aio.Server:

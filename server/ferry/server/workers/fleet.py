@@ -115,6 +115,7 @@ class WorkerFleet:
         load_seconds: float = 0.0,
         refresh: Callable[[], Awaitable[object]] | None = None,
         serving: Callable[[str], dict[str, list[int]]] | None = None,
+        earlier: Callable[[str], dict[str, list[int]]] = lambda model: {},
         failed: Callable[[], list[Any]] = list,
         kept: Callable[[], list[Any]] = list,
     ) -> None:
@@ -134,6 +135,10 @@ class WorkerFleet:
         # model ("": every one) -> the versions this process serves (control.serving): after
         # a change, a worker must serve at least those (follow).
         self._serving = serving
+        # model -> the versions of those this process serves from an earlier load, its reload
+        # having failed (control.earlier): a worker must serve the others from their files
+        # now, not from its own earlier load (follow).
+        self._earlier = earlier
         # The versions whose load failed in this process (Registry.failed_loads), sent with
         # every change and JOIN: a worker fails them too, so that no version is served by
         # some processes and refused by others (its load succeeded where the first's did not).
@@ -413,6 +418,7 @@ class WorkerFleet:
         # Now, before any await: this process's state right after the change it follows.
         ask = self._ask(op, model)
         mine = self._serving(model) if self._serving is not None else None
+        earlier = self._earlier(model)
         self._pending[model] += 1  # a worker joining meanwhile is not judged on it (_spawn)
         try:
             async with self._changes:
@@ -436,10 +442,13 @@ class WorkerFleet:
         # meanwhile (a LoadModel that replaced it while the workers applied a poll) is no
         # worker's failure, and killing one for lacking it dropped its in-flight requests.
         mine = _still(mine, self._serving(model) if self._serving is not None else None)
+        # Served from the files on disk here, then and now: a worker that serves one of them
+        # from its earlier load (its own reload failed) answers with other weights.
+        fresh = _without(_without(mine, earlier), self._earlier(model))
         for path, answer in zip(paths, answers, strict=True):
             why: object = answer
             if not isinstance(answer, BaseException):
-                lacks = _lacks(mine, answer)
+                lacks = _lacks(mine, answer, fresh)
                 if not lacks:
                     continue
                 why = f"it does not serve {lacks}: {answer.get('message') or 'no reason given'}"
@@ -516,13 +525,35 @@ def _still(
     return {name: sorted(set(v) & set(now.get(name) or ())) for name, v in then.items()}
 
 
-def _lacks(mine: dict[str, list[int]] | None, answer: object) -> str:
-    """The versions this process serves that a worker's answer to a change says it does not
-    ("" when none, or when either side did not say)."""
+def _without(
+    mine: dict[str, list[int]] | None, these: dict[str, list[int]]
+) -> dict[str, list[int]] | None:
+    """``mine`` less the versions ``these`` names."""
+    if mine is None:
+        return None
+    return {name: sorted(set(v) - set(these.get(name) or ())) for name, v in mine.items()}
+
+
+def _lacks(
+    mine: dict[str, list[int]] | None,
+    answer: object,
+    fresh: dict[str, list[int]] | None = None,
+) -> str:
+    """The versions this process serves that a worker's answer to a change says it does not,
+    and those of ``fresh`` (served here from the files on disk) that it serves from an earlier
+    load, its reload having failed ("" when none, or when either side did not say)."""
     if mine is None or not isinstance(answer, dict) or not isinstance(answer.get("serving"), dict):
         return ""
-    missing = control.lacking(mine, answer["serving"])
-    return control.describe([f"{name} version {v}" for name, v in missing])
+    missing = [f"{name} version {v}" for name, v in control.lacking(mine, answer["serving"])]
+    theirs_earlier = answer.get("earlier")
+    if fresh is not None and isinstance(theirs_earlier, dict):
+        # Both serve the version number; only this process serves what is on disk now.
+        missing += [
+            f"{name} version {v} (it serves its earlier load: its reload failed)"
+            for name, versions in sorted(fresh.items())
+            for v in sorted(set(versions) & set(theirs_earlier.get(name) or ()))
+        ]
+    return control.describe(missing)
 
 
 async def _ready(sock: Path) -> bool | None:
