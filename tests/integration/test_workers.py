@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers import WAIT_S, make_repo, wait_for
+from helpers import WAIT_S, make_repo, reference, wait_for
 
 from ferry.client import FailedPreconditionError, InferenceClient, RepositoryClient
 from ferry.server.core.repository import ModelRepository
@@ -749,6 +749,59 @@ def test_a_worker_whose_reload_failed_does_not_answer_with_the_old_weights(
         m = fleet.wait_line(r"worker 1 ready \(pid (\d+)\)")
         assert _listens(int(m.group(1)), fleet.port)
         assert _answers(fleet.port, "m", x) == {new}
+
+
+# A sitecustomize for the worker processes: once, at their next LoadModel of "m", the file a
+# file named "rewrite" beside the hook folder holds is written over m/1/model.onnx first, as
+# an edit landing between the first process's load and the worker's.
+_REWRITE_IN_WORKER = """
+import os
+from pathlib import Path
+
+if os.environ.get("FERRY_WORKER_SOCKET"):
+    from ferry.server.core import dataplane
+
+    original = dataplane.DataPlane.load
+
+    async def load(self, model):
+        new = Path({tmp!r}, "rewrite")
+        if model == "m" and new.exists():
+            Path({root!r}, "m", "1", "model.onnx").write_bytes(new.read_bytes())
+            new.unlink()
+        return await original(self, model)
+
+    dataplane.DataPlane.load = load
+"""
+
+
+def test_a_worker_that_loaded_other_files_than_the_first_is_started_again(
+    tmp_path: Path,
+) -> None:
+    """m/1/model.onnx changed again between the first process's load of it and a worker's:
+    both served version 1, so the change passed for applied, and requests got one weights'
+    answer or the other's by connection until the next refresh. The worker is killed; the
+    refresh before it starts again brings the first process to the files on disk, and the
+    worker started again loads the same."""
+    root = make_repo(tmp_path / "repo", {"m": seed_model(seed=1), "mlp": mlp_model()})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        _REWRITE_IN_WORKER.format(tmp=str(tmp_path), root=str(root))
+    )
+    x = {"input": np.ones((1, 3), np.float32)}
+    with _serving(root, hook=hook) as fleet:
+        (tmp_path / "rewrite").write_bytes(seed_model(seed=3).SerializeToString())
+        (root / "m" / "1" / "model.onnx").write_bytes(seed_model(seed=2).SerializeToString())
+        with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+            repo.load_model("m")
+        line = fleet.wait_line(r"worker worker-1\.sock did not apply load m: ").string
+        assert "m version 1 (loaded from other files than the first process's" in line, line
+        m = fleet.wait_line(r"worker 1 ready \(pid (\d+)\)")
+        assert int(m.group(1)) != fleet.pids[1]
+        # Both serve the files on disk now (seed 3), whichever connection a request takes.
+        assert not (tmp_path / "rewrite").exists()
+        expected = reference(root / "m" / "1" / "model.onnx", x)["logits"]
+        assert _answers(fleet.port, "m", x) == {(1, float(expected.ravel()[0]))}
 
 
 # The same, the other way round: the first process's own load of model "big" fails.

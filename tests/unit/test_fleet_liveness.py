@@ -191,6 +191,36 @@ def test_a_worker_whose_own_reload_failed_is_started_again_unless_the_first_s_di
     asyncio.run(run())
 
 
+@pytest.mark.parametrize(
+    ("theirs", "reloaded_here", "killed"),
+    [("b", False, True), ("a", False, False), ("b", True, False)],
+    ids=["other files", "the same files", "reloaded here meanwhile"],
+)
+def test_a_worker_that_loaded_other_files_than_this_process_is_started_again(
+    tmp_path: Path, theirs: str, reloaded_here: bool, killed: bool
+) -> None:
+    """Both serve big version 1, from files that changed on disk between the two loads: the
+    version numbers agreed, and the two answered with other weights. A worker whose files
+    differ from this process's is killed, unless this process reloaded meanwhile (a newer
+    change of its own, whose follow judges the worker next)."""
+    files = [{"big": {"1": "a"}}]
+
+    class _Files(_Peers):
+        async def call(self, path: Path, method: str, ask: Any, seconds: float) -> Any:
+            if reloaded_here:
+                files[0] = {"big": {"1": "c"}}
+            return {"ok": True, "serving": {"big": [1]}, "files": {"big": {"1": theirs}}}
+
+    async def run() -> None:
+        fleet, proc = _fleet(tmp_path, _Files(tmp_path), 30.0)
+        fleet._serving = lambda model: {"big": [1]}
+        fleet._files = lambda model: files[0]
+        await fleet.follow("load", "big")
+        assert proc.killed.is_set() == killed
+
+    asyncio.run(run())
+
+
 def test_one_missed_check_after_a_stall_of_the_first_process_kills_nothing(
     tmp_path: Path,
 ) -> None:

@@ -278,6 +278,10 @@ class DataPlane:
     def list_models(self, model: str = "") -> list[VersionStatus]:
         return self._registry.statuses(model)
 
+    def served_files(self, model: str = "") -> dict[str, dict[int, Any]]:
+        """model -> READY version -> what its files were when loaded (Registry.served_files)."""
+        return self._registry.served_files(model)
+
     def earlier_loads(self, model: str = "") -> dict[str, list[int]]:
         """model -> the READY versions that serve the load made before their files changed,
         their reload having failed (with --workers, compared across processes)."""

@@ -557,6 +557,21 @@ class ModelRegistry:
                 out.append(VersionStatus(entry.name, v, slot.state, slot.reason, v == default))
         return out
 
+    def served_files(self, name: str = "") -> dict[str, dict[int, Any]]:
+        """model -> READY version -> the signature of the files it was loaded from (``""``:
+        every model), as it reads after a trip through JSON: with --workers, two processes
+        serving one version from other files (changed on disk between their loads) answer
+        with other weights under one version number."""
+        return {
+            entry.name: {
+                v: _plain(slot.signature)
+                for v, slot in list(entry.versions.items())
+                if slot.state is State.READY and slot.loaded is not None
+            }
+            for entry in list(self.models.values())
+            if not name or entry.name == name
+        }
+
     def versionless(self, name: str = "") -> list[tuple[str, str]]:
         """(model, why) for each model the registry knows that has no version, not even a
         failed one (its version folders deleted, a config that does not parse): said alike by

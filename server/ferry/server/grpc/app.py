@@ -380,6 +380,7 @@ class FerryServer:
             refresh=lambda: self.registry.refresh(follow=True),
             serving=lambda model: worker_control.serving(self.dataplane, model),
             earlier=lambda model: worker_control.earlier(self.dataplane, model),
+            files=lambda model: worker_control.files(self.dataplane, model),
             failed=self.dataplane.failed_loads,
             kept=self.dataplane.kept_serving,
         )

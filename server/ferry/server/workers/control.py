@@ -124,6 +124,36 @@ def earlier(dataplane: DataPlane, model: str) -> dict[str, list[int]]:
         return {}
 
 
+def files(dataplane: DataPlane, model: str) -> dict[str, dict[str, Any]]:
+    """model -> READY version (as text, a JSON key) -> the signature of the files it was
+    loaded from (DataPlane.served_files): the first process compares a worker's with its own
+    (fleet.follow, JOIN), since the version numbers alone agreed when a file changed on disk
+    between the first's load and the worker's, and the two answered with other weights."""
+    try:
+        served = dataplane.served_files(model)
+    except FerryError:
+        return {}
+    return {name: {str(v): sig for v, sig in versions.items()} for name, versions in served.items()}
+
+
+def other_files(
+    mine: dict[str, dict[str, Any]], theirs: dict[str, dict[str, Any]]
+) -> list[tuple[str, int]]:
+    """The versions both ``files`` answers serve, each from other files."""
+    return [
+        (name, int(v))
+        for name, versions in sorted(mine.items())
+        for v, sig in sorted(versions.items(), key=lambda kv: int(kv[0]))
+        if v in (theirs.get(name) or {}) and theirs[name][v] != sig
+    ]
+
+
+# Why a worker lacks a version both serve: its load read other files than the first's.
+OTHER_FILES = (
+    "loaded from other files than the first process's: they changed on disk between the two loads"
+)
+
+
 def lacking(mine: dict[str, list[int]], theirs: dict[str, list[int]]) -> list[tuple[str, int]]:
     """The versions ``mine`` serves that ``theirs`` does not (both ``serving`` answers)."""
     return [
@@ -235,7 +265,11 @@ class ControlService(grpc.GenericRpcHandler):
         await self._dataplane.follow_failures(ask.get("failed") or [])
         mine = ask.get("serving") or {}
         missing = lacking(mine, serving(self._dataplane, ""))
-        if missing:
+        # Only of the versions the first names (those it has yet to follow a change of are
+        # left out, as from "serving").
+        theirs = {n: v for n, v in (ask.get("files") or {}).items() if n in mine}
+        other = other_files(theirs, files(self._dataplane, ""))
+        if missing or other:
             reasons = {(s.name, s.version): s.reason for s in self._dataplane.list_models()}
             # A version the first serves although its load failed there: a reload of it
             # failed and the first serves its earlier load, from files (or a config) no longer
@@ -252,6 +286,7 @@ class ControlService(grpc.GenericRpcHandler):
                 + ")"
                 for name, v in missing
             ]
+            lines += [f"{name} version {v} ({OTHER_FILES})" for name, v in other]
             return encode({"joined": False, "lacks": describe(lines)})
         assert self._join is not None
         await self._join()
@@ -283,6 +318,7 @@ class ControlService(grpc.GenericRpcHandler):
                     "message": exc.message,
                     "serving": serving(self._dataplane, model),
                     "earlier": earlier(self._dataplane, model),
+                    "files": files(self._dataplane, model),
                 }
             )
         return encode(
@@ -290,6 +326,7 @@ class ControlService(grpc.GenericRpcHandler):
                 "ok": True,
                 "serving": serving(self._dataplane, model),
                 "earlier": earlier(self._dataplane, model),
+                "files": files(self._dataplane, model),
             }
         )
 

@@ -116,6 +116,7 @@ class WorkerFleet:
         refresh: Callable[[], Awaitable[object]] | None = None,
         serving: Callable[[str], dict[str, list[int]]] | None = None,
         earlier: Callable[[str], dict[str, list[int]]] = lambda model: {},
+        files: Callable[[str], dict[str, dict[str, Any]]] = lambda model: {},
         failed: Callable[[], list[Any]] = list,
         kept: Callable[[], list[Any]] = list,
     ) -> None:
@@ -139,6 +140,10 @@ class WorkerFleet:
         # having failed (control.earlier): a worker must serve the others from their files
         # now, not from its own earlier load (follow).
         self._earlier = earlier
+        # model -> version -> the signature of the files this process loaded it from
+        # (control.files): a worker that loaded other files serves other weights (follow,
+        # JOIN).
+        self._files = files
         # The versions whose load failed in this process (Registry.failed_loads), sent with
         # every change and JOIN: a worker fails them too, so that no version is served by
         # some processes and refused by others (its load succeeded where the first's did not).
@@ -284,7 +289,12 @@ class WorkerFleet:
         if self._serving is not None and "" not in self._pending:
             mine = {n: v for n, v in self._serving("").items() if n not in self._pending}
         try:
-            ask = {"serving": mine, "failed": self._failed(), "kept": self._kept()}
+            ask = {
+                "serving": mine,
+                "failed": self._failed(),
+                "kept": self._kept(),
+                "files": self._files(""),
+            }
             answer = await self.peers.call(sock, control.JOIN, ask, 60.0)
         except grpc.RpcError as exc:
             raise WorkerStartError(
@@ -419,6 +429,7 @@ class WorkerFleet:
         ask = self._ask(op, model)
         mine = self._serving(model) if self._serving is not None else None
         earlier = self._earlier(model)
+        files = self._files(model)
         self._pending[model] += 1  # a worker joining meanwhile is not judged on it (_spawn)
         try:
             async with self._changes:
@@ -445,10 +456,13 @@ class WorkerFleet:
         # Served from the files on disk here, then and now: a worker that serves one of them
         # from its earlier load (its own reload failed) answers with other weights.
         fresh = _without(_without(mine, earlier), self._earlier(model))
+        # The files of each, loaded here before the change was sent and not reloaded since: a
+        # worker's other files are not a newer change of this process's still on its way.
+        same = _same_files(files, self._files(model))
         for path, answer in zip(paths, answers, strict=True):
             why: object = answer
             if not isinstance(answer, BaseException):
-                lacks = _lacks(mine, answer, fresh)
+                lacks = _lacks(mine, answer, fresh, same)
                 if not lacks:
                     continue
                 why = f"it does not serve {lacks}: {answer.get('message') or 'no reason given'}"
@@ -534,14 +548,26 @@ def _without(
     return {name: sorted(set(v) - set(these.get(name) or ())) for name, v in mine.items()}
 
 
+def _same_files(
+    then: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The versions whose files were the same ``then`` and ``now``."""
+    return {
+        name: {v: sig for v, sig in versions.items() if (now.get(name) or {}).get(v) == sig}
+        for name, versions in then.items()
+    }
+
+
 def _lacks(
     mine: dict[str, list[int]] | None,
     answer: object,
     fresh: dict[str, list[int]] | None = None,
+    files: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The versions this process serves that a worker's answer to a change says it does not,
-    and those of ``fresh`` (served here from the files on disk) that it serves from an earlier
-    load, its reload having failed ("" when none, or when either side did not say)."""
+    those of ``fresh`` (served here from the files on disk) that it serves from an earlier
+    load, its reload having failed, and those of ``files`` it loaded from other files ("" when
+    none, or when either side did not say)."""
     if mine is None or not isinstance(answer, dict) or not isinstance(answer.get("serving"), dict):
         return ""
     missing = [f"{name} version {v}" for name, v in control.lacking(mine, answer["serving"])]
@@ -552,6 +578,16 @@ def _lacks(
             f"{name} version {v} (it serves its earlier load: its reload failed)"
             for name, versions in sorted(fresh.items())
             for v in sorted(set(versions) & set(theirs_earlier.get(name) or ()))
+        ]
+    theirs_files = answer.get("files")
+    if files is not None and fresh is not None and isinstance(theirs_files, dict):
+        both = {
+            name: {v: sig for v, sig in versions.items() if int(v) in (fresh.get(name) or ())}
+            for name, versions in files.items()
+        }
+        missing += [
+            f"{name} version {v} ({control.OTHER_FILES})"
+            for name, v in control.other_files(both, theirs_files)
         ]
     return control.describe(missing)
 
