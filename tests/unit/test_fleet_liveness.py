@@ -192,18 +192,19 @@ def test_a_worker_whose_own_reload_failed_is_started_again_unless_the_first_s_di
 
 
 @pytest.mark.parametrize(
-    ("theirs", "reloaded_here", "killed"),
+    ("theirs", "reloaded_here", "refreshed"),
     [("b", False, True), ("a", False, False), ("b", True, False)],
     ids=["other files", "the same files", "reloaded here meanwhile"],
 )
-def test_a_worker_that_loaded_other_files_than_this_process_is_started_again(
-    tmp_path: Path, theirs: str, reloaded_here: bool, killed: bool
+def test_a_worker_that_loaded_other_files_than_this_process_brings_a_refresh(
+    tmp_path: Path, theirs: str, reloaded_here: bool, refreshed: bool
 ) -> None:
     """Both serve big version 1, from files that changed on disk between the two loads: the
-    version numbers agreed, and the two answered with other weights. A worker whose files
-    differ from this process's is killed, unless this process reloaded meanwhile (a newer
-    change of its own, whose follow judges the worker next)."""
+    version numbers agreed, and the two answered with other weights. This process, behind the
+    folder, refreshes (and every worker with it), once; no worker is killed for it. Not when
+    this process reloaded meanwhile: a newer change of its own, whose follow judges next."""
     files = [{"big": {"1": "a"}}]
+    refreshes: list[int] = []
 
     class _Files(_Peers):
         async def call(self, path: Path, method: str, ask: Any, seconds: float) -> Any:
@@ -213,12 +214,22 @@ def test_a_worker_that_loaded_other_files_than_this_process_is_started_again(
 
     async def run() -> None:
         fleet, proc = _fleet(tmp_path, _Files(tmp_path), 30.0)
+
+        async def refresh() -> None:
+            refreshes.append(1)
+            await fleet.follow("refresh", "")  # judged again: no second refresh from it
+
+        fleet._refresh = refresh
         fleet._serving = lambda model: {"big": [1]}
         fleet._files = lambda model: files[0]
         await fleet.follow("load", "big")
-        assert proc.killed.is_set() == killed
+        if fleet._refreshing is not None:
+            await fleet._refreshing
+        assert not proc.killed.is_set()
+        assert fleet._refreshing is None
 
     asyncio.run(run())
+    assert refreshes == ([1] if refreshed else [])
 
 
 def test_one_missed_check_after_a_stall_of_the_first_process_kills_nothing(

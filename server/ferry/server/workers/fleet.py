@@ -156,6 +156,7 @@ class WorkerFleet:
         self._stopping = False
         self._signalled: list[asyncio.subprocess.Process] = []  # signal_stop's
         self._monitors: list[asyncio.Task[None]] = []
+        self._refreshing: asyncio.Task[None] | None = None  # _refresh_soon's
         self._changes = asyncio.Lock()  # follow() and a started worker's JOIN, one at a time
         self._changed = 0  # follow() calls that took the lock: a catch-up meanwhile is redone
         # model ("": every one) -> follow() calls for it not yet done: this process changed it,
@@ -462,7 +463,19 @@ class WorkerFleet:
         for path, answer in zip(paths, answers, strict=True):
             why: object = answer
             if not isinstance(answer, BaseException):
-                lacks = _lacks(mine, answer, fresh, same)
+                lacks = _lacks(mine, answer, fresh)
+                other = _other_files(answer, fresh, same) if not lacks else ""
+                if other:
+                    # It serves every version, some from files that changed on disk after this
+                    # process loaded them: this process is the one behind the folder. A refresh
+                    # brings it (and every worker) to the files there, with no worker killed
+                    # and its in-flight requests dropped for a poll that raced a copy.
+                    log.warning(
+                        "worker %s serves %s; refreshing this process to the files on disk",
+                        path.name,
+                        other,
+                    )
+                    self._refresh_soon()
                 if not lacks:
                     continue
                 why = f"it does not serve {lacks}: {answer.get('message') or 'no reason given'}"
@@ -478,6 +491,24 @@ class WorkerFleet:
                 and not self._stopping
             ):
                 self._kill(worker, f"did not apply {op} {model or 'of the repository'}")
+
+    def _refresh_soon(self) -> None:
+        """Refresh this process (and, through ``follow``, every worker) once more, after the
+        change being followed: not inside it, which holds the refresh lock. One at a time: a
+        refresh asked for while one is pending adds nothing."""
+        if self._refresh is None or self._refreshing is not None or self._stopping:
+            return
+        refresh = self._refresh
+
+        async def run() -> None:
+            try:
+                await refresh()
+            except Exception as exc:
+                log.error("refresh to the files on disk failed: %s", exc)
+            finally:
+                self._refreshing = None
+
+        self._refreshing = asyncio.get_running_loop().create_task(run())
 
     def _ask(self, op: str, model: str) -> dict[str, Any]:
         """A change for a worker to apply, with what failed to load and what is kept serving
@@ -502,7 +533,7 @@ class WorkerFleet:
         the workers said SERVING until then."""
         if not self._stopping:
             self._stopping = True
-            for task in self._monitors:
+            for task in [*self._monitors, *([self._refreshing] if self._refreshing else [])]:
                 task.cancel()
             self._signalled = [
                 w.proc for w in self._workers if w.proc and w.proc.returncode is None
@@ -562,12 +593,10 @@ def _lacks(
     mine: dict[str, list[int]] | None,
     answer: object,
     fresh: dict[str, list[int]] | None = None,
-    files: dict[str, dict[str, Any]] | None = None,
 ) -> str:
     """The versions this process serves that a worker's answer to a change says it does not,
-    those of ``fresh`` (served here from the files on disk) that it serves from an earlier
-    load, its reload having failed, and those of ``files`` it loaded from other files ("" when
-    none, or when either side did not say)."""
+    and those of ``fresh`` (served here from the files on disk) that it serves from an earlier
+    load, its reload having failed ("" when none, or when either side did not say)."""
     if mine is None or not isinstance(answer, dict) or not isinstance(answer.get("serving"), dict):
         return ""
     missing = [f"{name} version {v}" for name, v in control.lacking(mine, answer["serving"])]
@@ -579,17 +608,27 @@ def _lacks(
             for name, versions in sorted(fresh.items())
             for v in sorted(set(versions) & set(theirs_earlier.get(name) or ()))
         ]
-    theirs_files = answer.get("files")
-    if files is not None and fresh is not None and isinstance(theirs_files, dict):
-        both = {
-            name: {v: sig for v, sig in versions.items() if int(v) in (fresh.get(name) or ())}
-            for name, versions in files.items()
-        }
-        missing += [
-            f"{name} version {v} ({control.OTHER_FILES})"
-            for name, v in control.other_files(both, theirs_files)
-        ]
     return control.describe(missing)
+
+
+def _other_files(
+    answer: object, fresh: dict[str, list[int]] | None, files: dict[str, dict[str, Any]]
+) -> str:
+    """The versions of ``fresh`` that a worker's answer says it loaded from other files than
+    ``files`` (this process's), described ("" when none, or when either side did not say)."""
+    theirs = answer.get("files") if isinstance(answer, dict) else None
+    if fresh is None or not isinstance(theirs, dict):
+        return ""
+    both = {
+        name: {v: sig for v, sig in versions.items() if int(v) in (fresh.get(name) or ())}
+        for name, versions in files.items()
+    }
+    return control.describe(
+        [
+            f"{name} version {v} ({control.OTHER_FILES})"
+            for name, v in control.other_files(both, theirs)
+        ]
+    )
 
 
 async def _ready(sock: Path) -> bool | None:
