@@ -34,7 +34,7 @@ import grpc
 from grpc import aio
 
 from ferry.server.settings import Settings
-from ferry.server.workers import control
+from ferry.server.workers import control, judging
 from ferry.server.workers.peers import Peers, socket_path
 
 log = logging.getLogger(__name__)
@@ -453,18 +453,18 @@ class WorkerFleet:
         # Judged on what this process served then and serves still: a version it dropped
         # meanwhile (a LoadModel that replaced it while the workers applied a poll) is no
         # worker's failure, and killing one for lacking it dropped its in-flight requests.
-        mine = _still(mine, self._serving(model) if self._serving is not None else None)
+        mine = judging.still(mine, self._serving(model) if self._serving is not None else None)
         # Served from the files on disk here, then and now: a worker that serves one of them
         # from its earlier load (its own reload failed) answers with other weights.
-        fresh = _without(_without(mine, earlier), self._earlier(model))
+        fresh = judging.without(judging.without(mine, earlier), self._earlier(model))
         # The files of each, loaded here before the change was sent and not reloaded since: a
         # worker's other files are not a newer change of this process's still on its way.
-        same = _same_files(files, self._files(model))
+        same = judging.same_files(files, self._files(model))
         for path, answer in zip(paths, answers, strict=True):
             why: object = answer
             if not isinstance(answer, BaseException):
-                lacks = _lacks(mine, answer, fresh)
-                other = _other_files(answer, fresh, same) if not lacks else ""
+                lacks = judging.lacks(mine, answer, fresh)
+                other = judging.other_files(answer, fresh, same) if not lacks else ""
                 if other:
                     # It serves every version, some from files that changed on disk after this
                     # process loaded them: this process is the one behind the folder. A refresh
@@ -559,76 +559,6 @@ class WorkerFleet:
                     proc.kill()
             await asyncio.gather(*(p.wait() for p in running))
         await self.peers.close()
-
-
-def _still(
-    then: dict[str, list[int]] | None, now: dict[str, list[int]] | None
-) -> dict[str, list[int]] | None:
-    """The versions served both ``then`` and ``now`` (None when either is not known)."""
-    if then is None or now is None:
-        return None
-    return {name: sorted(set(v) & set(now.get(name) or ())) for name, v in then.items()}
-
-
-def _without(
-    mine: dict[str, list[int]] | None, these: dict[str, list[int]]
-) -> dict[str, list[int]] | None:
-    """``mine`` less the versions ``these`` names."""
-    if mine is None:
-        return None
-    return {name: sorted(set(v) - set(these.get(name) or ())) for name, v in mine.items()}
-
-
-def _same_files(
-    then: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]
-) -> dict[str, dict[str, Any]]:
-    """The versions whose files were the same ``then`` and ``now``."""
-    return {
-        name: {v: sig for v, sig in versions.items() if (now.get(name) or {}).get(v) == sig}
-        for name, versions in then.items()
-    }
-
-
-def _lacks(
-    mine: dict[str, list[int]] | None,
-    answer: object,
-    fresh: dict[str, list[int]] | None = None,
-) -> str:
-    """The versions this process serves that a worker's answer to a change says it does not,
-    and those of ``fresh`` (served here from the files on disk) that it serves from an earlier
-    load, its reload having failed ("" when none, or when either side did not say)."""
-    if mine is None or not isinstance(answer, dict) or not isinstance(answer.get("serving"), dict):
-        return ""
-    missing = [f"{name} version {v}" for name, v in control.lacking(mine, answer["serving"])]
-    theirs_earlier = answer.get("earlier")
-    if fresh is not None and isinstance(theirs_earlier, dict):
-        # Both serve the version number; only this process serves what is on disk now.
-        missing += [
-            f"{name} version {v} (it serves its earlier load: its reload failed)"
-            for name, versions in sorted(fresh.items())
-            for v in sorted(set(versions) & set(theirs_earlier.get(name) or ()))
-        ]
-    return control.describe(missing)
-
-
-def _other_files(
-    answer: object, fresh: dict[str, list[int]] | None, files: dict[str, dict[str, Any]]
-) -> str:
-    """The versions of ``fresh`` that a worker's answer says it loaded from other files than
-    ``files`` (this process's), described ("" when none, or when either side did not say)."""
-    theirs = answer.get("files") if isinstance(answer, dict) else None
-    if fresh is None or not isinstance(theirs, dict):
-        return ""
-    both = {
-        name: {v: sig for v, sig in versions.items() if int(v) in (fresh.get(name) or ())}
-        for name, versions in files.items()
-    }
-    return control.describe(
-        [
-            f"{name} version {v} ({control.OTHER_FILES})"
-            for name, v in control.other_files(both, theirs)
-        ]
-    )
 
 
 async def _ready(sock: Path) -> bool | None:

@@ -1,0 +1,81 @@
+"""What the first process of ``ferry serve --workers N`` judges a worker's answer to a change
+on (fleet.WorkerFleet.follow): the versions this process serves that the worker does not, the
+ones it serves from an earlier load where this process serves the files on disk, and the ones
+it loaded from other files. Pure functions over ``control`` answers, so that the fleet module
+keeps to starting, watching and telling the workers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ferry.server.workers import control
+
+
+def still(
+    then: dict[str, list[int]] | None, now: dict[str, list[int]] | None
+) -> dict[str, list[int]] | None:
+    """The versions served both ``then`` and ``now`` (None when either is not known)."""
+    if then is None or now is None:
+        return None
+    return {name: sorted(set(v) & set(now.get(name) or ())) for name, v in then.items()}
+
+
+def without(
+    mine: dict[str, list[int]] | None, these: dict[str, list[int]]
+) -> dict[str, list[int]] | None:
+    """``mine`` less the versions ``these`` names."""
+    if mine is None:
+        return None
+    return {name: sorted(set(v) - set(these.get(name) or ())) for name, v in mine.items()}
+
+
+def same_files(
+    then: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, Any]]:
+    """The versions whose files were the same ``then`` and ``now``."""
+    return {
+        name: {v: sig for v, sig in versions.items() if (now.get(name) or {}).get(v) == sig}
+        for name, versions in then.items()
+    }
+
+
+def lacks(
+    mine: dict[str, list[int]] | None,
+    answer: object,
+    fresh: dict[str, list[int]] | None = None,
+) -> str:
+    """The versions this process serves that a worker's answer to a change says it does not,
+    and those of ``fresh`` (served here from the files on disk) that it serves from an earlier
+    load, its reload having failed ("" when none, or when either side did not say)."""
+    if mine is None or not isinstance(answer, dict) or not isinstance(answer.get("serving"), dict):
+        return ""
+    missing = [f"{name} version {v}" for name, v in control.lacking(mine, answer["serving"])]
+    theirs_earlier = answer.get("earlier")
+    if fresh is not None and isinstance(theirs_earlier, dict):
+        # Both serve the version number; only this process serves what is on disk now.
+        missing += [
+            f"{name} version {v} (it serves its earlier load: its reload failed)"
+            for name, versions in sorted(fresh.items())
+            for v in sorted(set(versions) & set(theirs_earlier.get(name) or ()))
+        ]
+    return control.describe(missing)
+
+
+def other_files(
+    answer: object, fresh: dict[str, list[int]] | None, files: dict[str, dict[str, Any]]
+) -> str:
+    """The versions of ``fresh`` that a worker's answer says it loaded from other files than
+    ``files`` (this process's), described ("" when none, or when either side did not say)."""
+    theirs = answer.get("files") if isinstance(answer, dict) else None
+    if fresh is None or not isinstance(theirs, dict):
+        return ""
+    both = {
+        name: {v: sig for v, sig in versions.items() if int(v) in (fresh.get(name) or ())}
+        for name, versions in files.items()
+    }
+    return control.describe(
+        [
+            f"{name} version {v} ({control.OTHER_FILES})"
+            for name, v in control.other_files(both, theirs)
+        ]
+    )
