@@ -510,8 +510,22 @@ class OrtSession:
 
     def warm_up(self, batch_size: int) -> None:
         """One run with zeros so the first request does not pay for allocation and kernel
-        selection."""
-        self.run(self.zero_feeds(batch_size))
+        selection. Dynamic non-batch dims at 1 first, then at the probe's larger sizes (a
+        convolution without padding refuses 1: its warm-up failed and logged a WARNING at
+        every load, and its first request paid for the warm-up)."""
+        first: Exception | None = None
+        for dynamic in (1, 8, 32):
+            feeds = self.zero_feeds(batch_size, dynamic)
+            try:
+                self.run(feeds)
+                return
+            except Exception as exc:
+                first = first or exc
+            larger = self.zero_feeds(batch_size, 8)
+            if dynamic == 1 and all(a.shape == larger[n].shape for n, a in feeds.items()):
+                break  # no dynamic dim besides the batch: another size changes nothing
+        assert first is not None
+        raise first
 
     def zero_feeds(self, batch_size: int, dynamic: int = 1) -> dict[str, np.ndarray]:
         """Zeros for every input; dynamic non-batch dims get ``dynamic`` (1 by default), within
