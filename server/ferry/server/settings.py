@@ -303,6 +303,16 @@ class Settings:
             "RESOURCE_EXHAUSTED, while Check still answers"
         },
     )
+    grpc_overload_protection: bool = field(
+        default=False,
+        metadata={
+            "help": "gRPC core's HTTP/2 overload protection: a call counts against "
+            "--max-concurrent-streams until the server has released it, not until its stream "
+            "closed, and one more is refused (RST_STREAM REFUSED_STREAM, which the client sees "
+            "as UNAVAILABLE). Off by default: a client that keeps to the limit is then never "
+            "refused for streams it already saw end (see docs/benchmarking.md)"
+        },
+    )
     max_pending_calls: int = field(
         default=0,
         metadata={

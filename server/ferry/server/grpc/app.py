@@ -172,6 +172,12 @@ class FerryServer:
             ("grpc.max_send_message_length", n),
             ("grpc.so_reuseport", 1 if self.workers > 1 else 0),
             ("grpc.max_concurrent_streams", self.settings.max_concurrent_streams),
+            # Off (grpc's default is on): it counted a call against max_concurrent_streams
+            # until the application released it, so a client that kept to the limit had calls
+            # refused REFUSED_STREAM (UNAVAILABLE) for streams it had already seen end, under
+            # any overload the event loop lagged behind (66-346 of 1,500 in 5 runs of 6 of
+            # test_overload on a busy host; none in 6 with it off).
+            ("grpc.http.overload_protection", int(self.settings.grpc_overload_protection)),
             *keepalive_options(self.settings),
         ]
         return options + (pending_call_limits(self.settings.max_pending_calls) if inference else [])
