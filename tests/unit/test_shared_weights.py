@@ -112,6 +112,44 @@ def test_outputs_equal_the_embedded_models(tmp_path: Path, cache: Path) -> None:
     )
 
 
+def _with_external_bias(path: Path, slot: str) -> Path:
+    """The MLP plus a bias read from ``model.onnx.data`` beside it (the operator's own data
+    file, where onnx.save puts it), held by a Constant node or a sparse initializer: not a
+    graph initializer, yet external data all the same."""
+    bias = np.arange(WIDTH, dtype=np.float32) + 100
+    path.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "model.onnx.data").write_bytes(bias.tobytes())
+    tensor = TensorProto(name="b", data_type=TensorProto.FLOAT, dims=[WIDTH])
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", "model.onnx.data"), ("offset", "0"), ("length", "256")):
+        tensor.external_data.add(key=key, value=value)
+    model = onnx.load_model(os.fspath(_model(path, 0)))
+    model.graph.node[0].output[0] = "h"
+    model.graph.node.append(helper.make_node("Add", ["h", "b"], ["y"]))
+    if slot == "Constant":
+        model.graph.node.insert(0, helper.make_node("Constant", [], ["b"], value=tensor))
+    else:
+        indices = numpy_helper.from_array(np.arange(WIDTH, dtype=np.int64), "i")
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(tensor, indices, [WIDTH]))
+    onnx.save_model(model, os.fspath(path))
+    return path
+
+
+@pytest.mark.parametrize("slot", ["Constant", "sparse initializer"])
+def test_a_model_with_external_data_anywhere_is_opened_from_its_own_folder(
+    tmp_path: Path, cache: Path, slot: str
+) -> None:
+    """The copy is opened from the cache: a tensor outside the graph's initializers naming
+    ``model.onnx.data`` resolved there and read the copy's own data file (the MatMul weights)
+    as the bias. Such a model is opened as it is, from its version folder."""
+    model = _with_external_bias(tmp_path / "m" / "1" / "model.onnx", slot)
+    assert shared_weights.shared_copy(model) is None
+    shared = OrtSession(model, OnnxRuntimeConfig(intra_op_threads=1, share_weights=True))
+    assert not shared.weights_shared
+    y = shared.run({"x": np.zeros((1, WIDTH), np.float32)})[0]
+    np.testing.assert_array_equal(y[0], np.arange(WIDTH, dtype=np.float32) + 100)
+
+
 def test_unwritable_cache_falls_back_with_a_log_line(
     tmp_path: Path, cache: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

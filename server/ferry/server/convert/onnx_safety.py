@@ -8,10 +8,8 @@ any depth, local functions and their default attributes, training graphs — and
 may add one. So the walk is driven by the protobuf schema, not by a list of known places: it
 visits every message field of every message and judges every ``TensorProto`` it meets. Both sides
 call it (``check_source``): the server when an upload arrives (``uploads``) and the child again
-before it reads a tensor (``worker/load``).
-
-Torch-free and onnx-free at import: the messages are recognised by their descriptor's name, and
-only message-typed fields are read, so a tensor's ``raw_data`` is never copied out.
+before it reads a tensor (``worker/load``). The walk itself is ``ferry.server.onnx_walk``'s,
+shared with the runtime.
 """
 
 from __future__ import annotations
@@ -21,24 +19,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from ferry.server.errors import InvalidArgument
+from ferry.server.onnx_walk import TENSOR, Step, external_tensors, walk  # used here, and by callers
 
-TENSOR = "onnx.TensorProto"
 NODE = "onnx.NodeProto"
 # Domains onnxruntime's CPU provider implements; custom-op libraries are never registered.
 SAFE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
-EXTERNAL = 1  # onnx.TensorProto.DataLocation.EXTERNAL
 _MAX_SHOWN = 100  # characters of a client-chosen name quoted back
-
-
-@dataclass(frozen=True)
-class Step:
-    """One hop from the model to a message: the field it sits in (and its index when the field
-    is repeated). Kept as a chain so that a location is spelt out only when it is reported."""
-
-    parent: Step | None
-    field: str
-    index: int | None
-    message: Any
 
 
 @dataclass(frozen=True)
@@ -50,34 +36,6 @@ class ExternalRef:
     offset: str = ""  # the "offset" and "length" entries as written ("" when absent)
     length: str = ""
     nbytes: int | None = None  # what the tensor's dims and type need; None when unknown
-
-
-def walk(root: Any) -> Iterator[Step]:
-    """Every message under ``root`` (root included), in file order, through every message field."""
-    stack = [Step(None, "", None, root)]
-    while stack:
-        step = stack.pop()
-        yield step
-        children: list[Step] = []
-        for name, repeated in _message_fields(step.message.DESCRIPTOR):
-            if repeated:
-                children.extend(
-                    Step(step, name, i, item) for i, item in enumerate(getattr(step.message, name))
-                )
-            elif step.message.HasField(name):
-                children.append(Step(step, name, None, getattr(step.message, name)))
-        stack.extend(reversed(children))
-
-
-def external_tensors(model: Any) -> Iterator[Step]:
-    """The step to every tensor of ``model`` (a ModelProto, or any onnx message) that names
-    external data, wherever it sits (graph, subgraphs, functions, attributes, sparse parts)."""
-    for step in walk(model):
-        tensor = step.message
-        if tensor.DESCRIPTOR.full_name == TENSOR and (
-            tensor.data_location == EXTERNAL or len(tensor.external_data)
-        ):
-            yield step
 
 
 def external_refs(model: Any) -> Iterator[ExternalRef]:
@@ -260,25 +218,6 @@ def _label(step: Step) -> str:
 
 
 _TENSOR_SLOTS = {"initializer": "initializer", "t": "tensor", "tensors": "tensors"}
-_FIELDS: dict[str, list[tuple[str, bool]]] = {}
-
-
-def _message_fields(descriptor: Any) -> list[tuple[str, bool]]:
-    """(name, repeated) of each message-typed field; the schema is read once per message type.
-
-    onnx has no map fields; one added later would need its values walked, so it fails loudly
-    here rather than being skipped."""
-    fields = _FIELDS.get(descriptor.full_name)
-    if fields is None:
-        fields = []
-        for field in descriptor.fields:
-            if field.message_type is None:
-                continue
-            if field.message_type.GetOptions().map_entry:
-                raise NotImplementedError(f"map field {descriptor.full_name}.{field.name}")
-            fields.append((field.name, bool(field.is_repeated)))
-        _FIELDS[descriptor.full_name] = fields
-    return fields
 
 
 def _short(text: str) -> str:

@@ -26,6 +26,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ferry.server.onnx_walk import external_tensors
+
 log = logging.getLogger(__name__)
 
 # Offsets aligned to 64 KiB: Windows' allocation granularity, a multiple of any page size.
@@ -100,7 +102,8 @@ def write_aligned(model: Any, folder: Path) -> None:
 
 def shared_copy(path: Path) -> Path | None:
     """The cached aligned copy of ``path`` (made if missing), or None: no cache folder, a
-    model with external data or small weights, or a cache that cannot be written."""
+    model with external data anywhere (its version folder is where it resolves) or small
+    weights, or a cache that cannot be written."""
     root = _CACHE["dir"]
     if root is None:
         return None
@@ -121,7 +124,10 @@ def shared_copy(path: Path) -> Path | None:
 
         model = onnx.load_model(os.fspath(path), load_external_data=False)
         inits = model.graph.initializer
-        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in inits) or (
+        # Any tensor naming external data, not only a graph initializer: the copy is opened from
+        # the cache, so a Constant's (a subgraph's, a sparse tensor's) "model.onnx.data" would
+        # resolve there and read the copy's own data file, serving other weights as its values.
+        if next(external_tensors(model), None) is not None or (
             sum(len(t.raw_data) for t in inits) < MIN_SHARED_BYTES
         ):
             # Already external (its own files, opened as they are), or small raw weights.
