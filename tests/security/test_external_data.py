@@ -327,6 +327,70 @@ def test_the_child_refuses_them_too_and_nothing_is_served(
         assert "thief" not in [m.name for m in client.list_models()]
 
 
+def ep_context(location: str, nested: bool) -> onnx.ModelProto:
+    """A provider's compiled context (com.microsoft::EPContext, embed_mode 0) whose engine is
+    the file ``location`` beside the model; ``nested``: inside an If branch."""
+    node = helper.make_node(
+        "EPContext",
+        ["x"],
+        ["s"],
+        name="engine",
+        domain="com.microsoft",
+        embed_mode=0,
+        ep_cache_context=location,
+        source="TensorrtExecutionProvider",
+        main_context=1,
+    )
+    opsets = [*OPSETS, helper.make_opsetid("com.microsoft", 1)]
+    if not nested:
+        return x_plus([node], "s", opsets=opsets)
+    model = if_branch("", 0)
+    (then,) = (a.g for a in model.graph.node[1].attribute if a.name == "then_branch")
+    del then.node[:]
+    then.node.append(node)
+    model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return model
+
+
+def test_a_precompiled_provider_context_is_refused_at_upload_and_in_the_child(
+    conversion_server: tuple[ServerThread, ConversionClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EPContext node names a file (ep_cache_context) that TensorRT, OpenVINO or QNN reads as
+    its engine from beside the model: another user's upload, for a plain ONNX upload. It passed
+    the upload (com.microsoft is a served domain) and failed late, FAILED_PRECONDITION blaming
+    spec.inputs. Refused wherever it sits, on both routes and again in the child."""
+    from test_archive_uploads import tar
+
+    srv, conv = conversion_server
+    location, _, _ = _victim(conv, srv)
+    hostile = {n: ep_context(location, n).SerializeToString() for n in (False, True)}
+    for nested, where in ((False, "graph 'g' > node 'engine'"), (True, "graph 'then' > node")):
+        archive = tar(("model.onnx", hostile[nested]), ("model.onnx.data", b"\0" * 16))
+        for data, fmt in ((hostile[nested], "onnx"), (archive, "onnx_archive")):
+            with pytest.raises(InvalidInputError) as info:
+                conv.upload("thief", data, format=fmt)
+            err = info.value
+            assert err.code is grpc.StatusCode.INVALID_ARGUMENT, (fmt, err)
+            assert "com.microsoft::EPContext node" in err.message and where in err.message
+            assert "ep_cache_context" in err.message and "original model" in err.message
+
+    async def unchecked(fmt: str, path: Path, **limits: Any) -> None:
+        return None
+
+    monkeypatch.setattr(upload_check, "check", unchecked)
+    up = conv.upload("thief", hostile[True], format="onnx")
+    with pytest.raises(JobFailedError) as failed:
+        conv.convert(up).wait(progress=False)
+    err = failed.value
+    assert (err.code, err.kind, err.job.stage) == (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "INVALID_ARGUMENT",
+        "load",
+    )
+    assert "com.microsoft::EPContext node" in err.message
+    assert not (srv.settings.repository / "thief").exists()
+
+
 # ---- sweeps: no variant of the same kind gets through ----
 def _base() -> onnx.ModelProto:
     """A parseable model with a non-empty graph (an empty one is refused for another reason)."""

@@ -24,6 +24,14 @@ from ferry.server.onnx_walk import TENSOR, Step, external_tensors, walk  # used 
 NODE = "onnx.NodeProto"
 # Domains onnxruntime's CPU provider implements; custom-op libraries are never registered.
 SAFE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
+# Operators of the served domains that name a file a provider reads beside the model. EPContext
+# (a provider's compiled context: TensorRT, OpenVINO, QNN...) reads its engine from the path in
+# ep_cache_context (embed_mode 0) or deserializes the blob it embeds: in an upload, that path
+# resolves beside it, among other users' uploads. A local function of that name is no excuse.
+FILE_OPS = {
+    ("com.microsoft", "EPContext"): "a provider's precompiled context, whose ep_cache_context "
+    "names an engine file read from beside the model (or embeds the engine itself)",
+}
 _MAX_SHOWN = 100  # characters of a client-chosen name quoted back
 
 
@@ -158,13 +166,22 @@ def used_domains(model: Any) -> set[str]:
 
 def check_domains(model: Any) -> None:
     """Refuse a node of a domain the server has no kernels for, unless a local function of the
-    model defines it. Judged by the nodes, never by ``opset_import``: onnxruntime's optimizer
+    model defines it, and a node of an operator that reads a file (``FILE_OPS``) anywhere. Judged by the nodes, never by ``opset_import``: onnxruntime's optimizer
     declares every domain it knows (``ai.onnx.training``, ``com.microsoft.nchwc``...) in the
     files it writes, whether a node uses them or not, and such a file is perfectly servable."""
     local = {(f.domain, f.name) for f in model.functions}
     for step in walk(model):
         node = step.message
-        if node.DESCRIPTOR.full_name != NODE or node.domain in SAFE_DOMAINS:
+        if node.DESCRIPTOR.full_name != NODE:
+            continue
+        if (node.domain, node.op_type) in FILE_OPS:
+            raise InvalidArgument(
+                f"the ONNX file holds a {_short(node.domain)}::{_short(node.op_type)} node "
+                f"({describe(step)}): {FILE_OPS[(node.domain, node.op_type)]}; a model may "
+                "read no bytes that did not travel with it and run no precompiled engine: "
+                "upload the original model, before a provider compiled it"
+            )
+        if node.domain in SAFE_DOMAINS:
             continue
         if (node.domain, node.op_type) not in local:
             raise InvalidArgument(
