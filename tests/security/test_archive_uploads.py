@@ -17,6 +17,7 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper
@@ -46,6 +47,20 @@ def model(location: str = "model.onnx.data", offset: int = 0, length: int | None
         initializer=[w],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+def with_entries(*entries: tuple[str, str], dtype: int = TensorProto.FLOAT) -> bytes:
+    """``model()`` whose tensor w has these external_data entries (and type) instead."""
+    proto = onnx.load_model_from_string(model())
+    w = proto.graph.initializer[0]
+    w.data_type = dtype
+    del w.external_data[:]
+    for key, value in entries:
+        w.external_data.add(key=key, value=value)
+    return proto.SerializeToString()
+
+
+LOCATION = ("location", "model.onnx.data")
 
 
 def tar(*members: tuple[str, bytes | str | None], kind: bytes = tarfile.REGTYPE) -> bytes:
@@ -131,6 +146,29 @@ HOSTILE: dict[str, tuple[bytes, list[str]]] = {
         tar(("model.onnx", model(length=8)), ("model.onnx.data", DATA.tobytes())),
         ["initializer 'w'", "reads 8 bytes", "need 16"],
     ),
+    # Entries each reader reads its own way: the check read the last of a key given twice and
+    # an empty value as absent, Python's int() " 0"; onnxruntime refuses them all, so the
+    # upload was accepted and its conversion failed later, FAILED_PRECONDITION.
+    "a key twice": (
+        tar(("model.onnx", with_entries(LOCATION, ("offset", "8"), ("offset", ""))), GOOD[1]),
+        ["initializer 'w'", "gives 'offset' twice"],
+    ),
+    "an empty value": (
+        tar(("model.onnx", with_entries(LOCATION, ("offset", ""))), GOOD[1]),
+        ["initializer 'w'", "'offset' is empty"],
+    ),
+    "an unknown key": (
+        tar(("model.onnx", with_entries(LOCATION, ("basepath", "/etc"))), GOOD[1]),
+        ["initializer 'w'", "key 'basepath' is not one of location, offset, length, checksum"],
+    ),
+    "an offset not in plain digits": (
+        tar(("model.onnx", with_entries(LOCATION, ("offset", " 0"))), GOOD[1]),
+        ["initializer 'w'", "offset ' 0'", "decimal digits only"],
+    ),
+    "a string tensor": (
+        tar(("model.onnx", with_entries(LOCATION, dtype=TensorProto.STRING)), GOOD[1]),
+        ["initializer 'w'", "type STRING cannot keep its data in an external file"],
+    ),
     "not a model": (tar(("model.onnx", b"\xff" * 64)), ["does not parse"]),
     "compressed": (b"\x1f\x8b" + b"\0" * 600, ["uncompressed tar"]),
     # tarfile reads each extended header one call deeper: RecursionError, which was INTERNAL.
@@ -199,6 +237,16 @@ def test_a_good_archive_is_extracted_flat(tmp_path: Path) -> None:
     assert np.array_equal(out[0], DATA)
 
 
+def test_every_entry_onnx_writes_is_accepted(tmp_path: Path) -> None:
+    """The strict reading of external_data refuses only what readers disagree on."""
+    entries = (LOCATION, ("offset", "0"), ("length", "16"), ("checksum", "0" * 40))
+    (tmp_path / "a.tar").write_bytes(tar(("model.onnx", with_entries(*entries)), GOOD[1]))
+    path = unpack(tmp_path / "a.tar", tmp_path / "abc")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": np.zeros((1, 4), np.float32)})
+    assert np.array_equal(out[0], DATA)
+
+
 # ---- through the server ----
 def test_the_server_refuses_them_with_invalid_argument(
     conversion_server: tuple[ServerThread, ConversionClient],
@@ -212,6 +260,7 @@ def test_the_server_refuses_them_with_invalid_argument(
         "symlink",
         "outside the folder",
         "offset beyond the end",
+        "a key twice",
         "extended headers chained",
     ):
         archive, words = HOSTILE[name]

@@ -49,14 +49,56 @@ class ExternalRef:
 def external_refs(model: Any) -> Iterator[ExternalRef]:
     """What each tensor that names external data reads, and where the tensor sits."""
     for step in external_tensors(model):
-        tensor = step.message
-        entries = {e.key: e.value for e in tensor.external_data}
-        yield ExternalRef(
-            describe(step),
-            entries.get("location", ""),
-            entries.get("offset", ""),
-            entries.get("length", ""),
-            tensor_nbytes(tensor),
+        yield _ref(step)
+
+
+def _ref(step: Step) -> ExternalRef:
+    tensor = step.message
+    entries = {e.key: e.value for e in tensor.external_data}
+    return ExternalRef(
+        describe(step),
+        entries.get("location", ""),
+        entries.get("offset", ""),
+        entries.get("length", ""),
+        tensor_nbytes(tensor),
+    )
+
+
+# The external_data keys onnx writes and onnxruntime reads; onnxruntime refuses any other.
+ENTRY_KEYS = ("location", "offset", "length", "checksum")
+_NO_EXTERNAL_TYPES = {0: "UNDEFINED", 8: "STRING"}
+_RESAVE = "save the model again with onnx.save_model(model, path, save_as_external_data=True)"
+
+
+def _check_entries(step: Step) -> None:
+    """The entries must mean one thing to every reader. This check read the last of a key
+    given twice and took an empty value for an absent one (offset 0), onnx reads the last and
+    fails on an empty offset, onnxruntime refuses both: the check judged an offset no reader
+    reads, and the upload was accepted only to fail its conversion with onnxruntime's "model
+    format error!" (FAILED_PRECONDITION, blaming spec.inputs). A key twice, an empty value, a
+    key no reader knows, a type that cannot be external, are refused here, naming them."""
+    tensor, where = step.message, describe(step)
+    seen: set[str] = set()
+    for entry in tensor.external_data:
+        key = _short(entry.key)
+        if entry.key not in ENTRY_KEYS:
+            raise InvalidArgument(
+                f"{where}: external_data key {key!r} is not one of "
+                f"{', '.join(ENTRY_KEYS)} (onnxruntime refuses it); {_RESAVE}"
+            )
+        if entry.key in seen:
+            raise InvalidArgument(
+                f"{where}: external_data gives {key!r} twice (readers disagree on which one "
+                f"counts); {_RESAVE}"
+            )
+        if not entry.value:
+            raise InvalidArgument(f"{where}: external_data {key!r} is empty; {_RESAVE}")
+        seen.add(entry.key)
+    kind = _NO_EXTERNAL_TYPES.get(tensor.data_type)
+    if kind is not None:
+        raise InvalidArgument(
+            f"{where}: a tensor of type {kind} cannot keep its data in an external file "
+            f"(onnxruntime refuses it); {_RESAVE}"
         )
 
 
@@ -86,8 +128,10 @@ def check_confined(model: Any, files: Mapping[str, int]) -> int:
     with ``..``, an absolute path, a file the archive did not carry) is refused, naming the
     tensor and the path."""
     count = 0
-    for ref in external_refs(model):
+    for step in external_tensors(model):
         count += 1
+        _check_entries(step)
+        ref = _ref(step)
         shown = _short(ref.location)
         if ref.location not in files:
             why = (
@@ -119,15 +163,14 @@ def check_confined(model: Any, files: Mapping[str, int]) -> int:
 def _entry_int(ref: ExternalRef, key: str, text: str, default: int) -> int:
     if not text:
         return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
+    # Decimal digits only: Python's int() also takes " 16", "+16", "1_6" and other scripts'
+    # digits, which onnxruntime's parser refuses, so the check judged what no reader reads.
+    if not (text.isascii() and text.isdigit()):
         raise InvalidArgument(
-            f"{ref.where}: external data {key} {_short(text)!r} is not a non-negative integer"
+            f"{ref.where}: external data {key} {_short(text)!r} is not a non-negative integer "
+            "(decimal digits only)"
         )
-    return value
+    return int(text)
 
 
 # Bytes per element of each onnx.TensorProto data type with a fixed size (strings excluded).
