@@ -14,6 +14,7 @@ import asyncio
 import io
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -245,6 +246,29 @@ def test_every_entry_onnx_writes_is_accepted(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {"x": np.zeros((1, 4), np.float32)})
     assert np.array_equal(out[0], DATA)
+
+
+def test_the_sdk_packs_a_data_file_named_anywhere_in_the_schema(tmp_path: Path) -> None:
+    """The SDK finds data files from the wire format with a schema of its own: it must reach
+    every place onnx's schema lets a tensor sit, as the server's check does (a local function's
+    default attribute and the training graphs were missed: the file stayed behind and the
+    server refused the archive for lacking it)."""
+    from test_external_data import SCHEMA_PATHS, _base, _mark
+
+    from ferry.client._archive import external_locations
+
+    missed = []
+    for path in SCHEMA_PATHS:
+        model: Any = _base()
+        message = model
+        for name in path:
+            field = message.DESCRIPTOR.fields_by_name[name]
+            message = getattr(message, name).add() if field.is_repeated else getattr(message, name)
+        _mark(message, "both", "data.bin")
+        (tmp_path / "model.onnx").write_bytes(model.SerializeToString())
+        if external_locations(tmp_path / "model.onnx") != ["data.bin"]:
+            missed.append(".".join(path))
+    assert missed == []
 
 
 # ---- through the server ----

@@ -31,7 +31,8 @@ def external_locations(model_path: Path) -> list[str]:
     Read from protobuf's wire format through a memory map, without onnx (the SDK does not
     depend on it) and without reading the tensors' bytes: a self-contained file of any size
     costs a walk over its field headers. Tensors are found where onnx keeps them: initializers,
-    sparse initializers, node attributes, subgraphs and local functions at any depth."""
+    sparse initializers, node attributes, subgraphs and local functions (their default
+    attributes too) at any depth, training graphs."""
     try:
         with open(model_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as m:
             found: dict[str, None] = {}
@@ -45,12 +46,14 @@ def external_locations(model_path: Path) -> list[str]:
 
 Buffer = bytes | mmap.mmap  # indexing gives an int, slicing bytes
 
-# message kind -> {field number: kind of the message in it}: the onnx.proto fields that lead to
-# a TensorProto.
+# message kind -> {field number: kind of the message in it}: every onnx.proto field that leads
+# to a TensorProto (the server's check walks them all; a data file missed here was left out of
+# the archive, and the server refused the upload for lacking it).
 _SCHEMA: dict[str, dict[int, str]] = {
-    "model": {7: "graph", 25: "function"},
+    "model": {7: "graph", 20: "training", 25: "function"},
+    "training": {1: "graph", 2: "graph"},  # TrainingInfoProto: initialization, algorithm
     "graph": {1: "node", 5: "tensor", 15: "sparse"},
-    "function": {7: "node"},
+    "function": {7: "node", 11: "attribute"},  # attribute_proto: the attributes' defaults
     "node": {5: "attribute"},
     "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse", 23: "sparse"},
     "sparse": {1: "tensor", 2: "tensor"},
