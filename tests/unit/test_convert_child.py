@@ -720,6 +720,22 @@ def test_onnx_custom_domain_refused(tmp_path: Path) -> None:
     assert_failed(result, "INVALID_ARGUMENT", "load", "com.example.ops", "custom-op domain")
 
 
+def test_an_onnx_file_onnxruntime_refuses_is_invalid_argument(tmp_path: Path) -> None:
+    """A hostile tensor that only onnxruntime judges (dims claiming 16 TiB over 16 bytes, a
+    negative dim): the session never opened, yet the job was FAILED_PRECONDITION saying the
+    model failed on the validation samples, advising to check spec.inputs and the batch."""
+    for name, dims in (("huge", [1 << 40, 4]), ("negative", [-1, 4])):
+        model = onnx.load(str(onnx_mlp(tmp_path / f"{name}.onnx")))
+        (w,) = [t for t in model.graph.initializer if t.name == "b2"]
+        del w.dims[:]
+        w.dims.extend(dims)
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        result = convert_here(tmp_path / name, tmp_path / f"{name}.onnx", "onnx")
+        assert_failed(result, "INVALID_ARGUMENT", "load", "onnxruntime cannot load")
+        assert "refuses the uploaded ONNX file itself" in result.last["message"]
+        assert "spec.inputs" not in result.last["message"]
+
+
 def test_libraries_write_nothing_beside_the_source_or_into_home(tmp_path: Path) -> None:
     """onnxruntime's quantizer writes ``<model>-inferred.onnx`` beside its input and its telemetry
     writes under the cache and temp folders. The child reads the source through a link in its

@@ -277,7 +277,18 @@ class Pipeline:
             assert self.source.onnx_path is not None
             self.output_names = graph.output_names(self.source.onnx_path)
             try:
-                self.baseline = self._run(self._source_runner())
+                runner = self._source_runner()
+            except ConversionFailed as exc:
+                # The session did not open: the file is at fault, not the samples. Caught with
+                # the run below, a tensor whose dims claim 16 TiB over 16 bytes of data was
+                # FAILED_PRECONDITION advising to check spec.inputs and the batch dimension.
+                raise InvalidArgument(
+                    f"{exc.message}: onnxruntime refuses the uploaded ONNX file itself (a "
+                    "tensor whose data does not match its dims and type, an operator or opset "
+                    "it does not implement); fix or re-export the model"
+                ) from None
+            try:
+                self.baseline = self._run(runner)
             except Exception as exc:  # onnxruntime's own: a crash of the child said nothing
                 if self._file_at_fault():
                     raise InvalidArgument(
