@@ -174,6 +174,39 @@ def test_an_onnx_file_with_data_beside_it_goes_as_an_archive(
     assert not (uploads / up.upload_id).exists()
 
 
+def test_an_archive_whose_constant_reads_its_data_file_converts_and_serves(
+    server: tuple[ServerThread, ConversionClient], tmp_path: Path
+) -> None:
+    """External data is not only the main graph's initializers: onnx.save(convert_attribute=
+    True) puts a Constant node's tensor in the data file too. The check stage turned only the
+    initializers into inputs and checked the rest in memory, where onnx.checker looks for the
+    data file in the process's working folder: such an archive failed FAILED_PRECONDITION ("should
+    be stored in weights.bin, but it is not regular file")."""
+    srv, conv = server
+    model, arrays = mlp(seed=6)
+    (b1,) = [t for t in model.graph.initializer if t.name == "b1"]
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["b1"], value=b1))
+    model.graph.initializer.remove(b1)
+    folder = tmp_path / "src"
+    folder.mkdir()
+    onnx.save_model(
+        model,
+        str(folder / "model.onnx"),
+        save_as_external_data=True,
+        location="weights.bin",
+        size_threshold=0,
+        convert_attribute=True,
+    )
+    saved = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    assert saved.graph.node[0].attribute[0].t.data_location == TensorProto.EXTERNAL
+    job = conv.convert(conv.upload("big", folder), benchmark="off").wait(progress=False)
+    assert job.succeeded, job.error_message
+    x = np.ones((2, SIZES[0]), np.float32)
+    np.testing.assert_allclose(
+        served(srv, "big", x, job.version or 0), expected(arrays, x), atol=1e-4, rtol=1e-4
+    )
+
+
 def test_weights_over_the_threshold_publish_with_external_data(
     server: tuple[ServerThread, ConversionClient],
 ) -> None:

@@ -195,8 +195,18 @@ def check(path: Path, external: bool = False) -> None:
     the files; the checker would refuse the source's data files, which the child reaches through
     hard links, as a "hardlink attack", and would read gigabytes it does not need)."""
     try:
-        target = _as_inputs(onnx.load(str(path), load_external_data=False)) if external else path
-        onnx.checker.check_model(target if external else str(path), full_check=True)
+        target: onnx.ModelProto | str = str(path)
+        if external:
+            model = _as_inputs(onnx.load(str(path), load_external_data=False))
+            # A tensor elsewhere (a Constant, a subgraph's or a sparse initializer) stays
+            # external, and the checker resolves an in-memory model's data against the
+            # process's working folder, not the model's: a good archive was refused ("should be
+            # stored in c.bin, but it is not regular file"). Such a graph is checked from its
+            # file, whose folder holds the copies of the data files the load stage confined it
+            # to (regular files, not links: the checker accepts them).
+            if next(onnx_safety.external_tensors(model), None) is None:
+                target = model
+        onnx.checker.check_model(target, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise ConversionFailed(
             f"the ONNX graph fails onnx.checker: {first_line(exc)}; if the model came as an ONNX "
