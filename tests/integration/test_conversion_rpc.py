@@ -372,6 +372,8 @@ def test_the_conversion_process_is_not_given_the_servers_secrets(
     monkeypatch.setenv("TLS_KEY_PASSPHRASE", "pass-secret")
     monkeypatch.setenv("FERRY_HARMLESS_PROBE", "kept-out-too")
     monkeypatch.setenv("SOME_PLAIN_SETTING", "kept")
+    # onnxruntime's switch that lets an uploaded model's metadata set its session options
+    monkeypatch.setenv("ORT_LOAD_CONFIG_FROM_MODEL", "1")
     _, conv = start()
     report = tmp_path / "child_env.json"
     up = conv.upload(
@@ -384,6 +386,7 @@ def test_the_conversion_process_is_not_given_the_servers_secrets(
     env = json.loads(report.read_text())
     secrets = {"m-secret", "i-secret", "aws-secret", "hf-secret", "pass-secret"}
     assert not [k for k, v in env.items() if v in secrets or k.startswith("FERRY_")]
+    assert "ORT_LOAD_CONFIG_FROM_MODEL" not in env
     assert env["SOME_PLAIN_SETTING"] == "kept" and env["PATH"] == os.environ["PATH"]
     assert env["MALLOC_ARENA_MAX"] == "2"
 

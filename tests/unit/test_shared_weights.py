@@ -231,3 +231,28 @@ def test_the_server_removes_a_copy_when_its_version_is_unloaded(
         x = np.ones((2, WIDTH), np.float32)
         with InferenceClient(srv.target) as client:
             assert client.infer("a", {"x": x})["y"].shape == (2, WIDTH)
+
+
+def test_a_models_own_ort_config_never_sets_its_session_options(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ORT_LOAD_CONFIG_FROM_MODEL=1 in the server's environment, onnxruntime took session
+    options from the model's metadata ("ort_config"): an uploaded model chose its own threads
+    (or profiling, which writes files). The server's options stand."""
+    import json
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 2])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    config = {"session_options": {"intra_op_num_threads": 3, "inter_op_num_threads": 5}}
+    helper.set_model_props(model, {"ort_config": json.dumps(config)})
+    path = tmp_path / "model.onnx"
+    onnx.save(model, path)
+    monkeypatch.setenv("ORT_LOAD_CONFIG_FROM_MODEL", "1")
+    options = OrtSession(path, OnnxRuntimeConfig(intra_op_threads=1)).session.get_session_options()
+    assert (options.intra_op_num_threads, options.inter_op_num_threads) != (3, 5)

@@ -28,8 +28,10 @@ SECRET_WORDS = (
     "ACCESS_KEY",
     "PRIVATE_KEY",
 )
-# Named outright: an agent socket is a credential, whatever its name says.
-SECRET_NAMES = frozenset({"SSH_AUTH_SOCK"})
+# Named outright: an agent socket is a credential, whatever its name says; and onnxruntime's
+# switch that lets a model's own metadata ("ort_config") set its session options (threads,
+# profiling and the files it writes), which a client's upload must not reach.
+SECRET_NAMES = frozenset({"SSH_AUTH_SOCK", "ORT_LOAD_CONFIG_FROM_MODEL"})
 
 
 def is_secret(name: str) -> bool:

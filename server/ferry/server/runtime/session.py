@@ -352,12 +352,30 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+# onnxruntime's switch (an environment variable its C++ core reads too) that lets a model's own
+# metadata ("ort_config") set its session options: threads, and profiling, which writes files.
+ORT_CONFIG_FROM_MODEL = "ORT_LOAD_CONFIG_FROM_MODEL"
+
+
+def _no_config_from_models() -> None:
+    """A served model never configures its own session: with the switch set in the server's
+    environment an uploaded model chose its threads (or profiling), and onnxruntime refused to
+    open a model from its path at all ("ModelProto needs to be parsed"). Dropped from this
+    process's environment, once, with a WARNING; ``read_config_from_model=0`` says it again."""
+    if os.environ.pop(ORT_CONFIG_FROM_MODEL, None) is not None:
+        log.warning(
+            "%s is set: ignored (a served model's metadata never sets its session options)",
+            ORT_CONFIG_FROM_MODEL,
+        )
+
+
 class OrtSession:
     """A loaded model version: its session, its signature, and how to run it."""
 
     def __init__(
         self, path: Path, options: OnnxRuntimeConfig, *, intra_op_threads: int | None = None
     ) -> None:
+        _no_config_from_models()
         plan = provider_table.resolve(options.providers, available_providers())
         if plan.missing:
             log.warning(
@@ -399,6 +417,10 @@ class OrtSession:
                 sess_options=so,
                 providers=providers,
                 disabled_optimizers=optimizers.disabled(),
+                # With ORT_LOAD_CONFIG_FROM_MODEL=1 in the server's environment, onnxruntime
+                # took session options from the model's own metadata ("ort_config"): an
+                # uploaded model could set its threads or turn profiling on (files written).
+                read_config_from_model=0,
             )
 
         self.session = _build(opener(os.fspath(opened)), own)
