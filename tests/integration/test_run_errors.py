@@ -103,6 +103,23 @@ def test_a_bad_request_fails_alone_in_its_batch(served) -> None:  # type: ignore
     s = stats(client, "table")
     assert (s.execution_count, s.inference_count, s.batch_sizes) == (5, 5, {1: 5})
     assert (s.success.count, s.fail.count, s.compute_infer.count) == (5, 4, 5)
+    # Queue time is the successful requests' alone (Triton's): perf_analyzer divides it by the
+    # success count, and the four refused rows' waits were in it (queue.count 9).
+    assert s.queue.count == 5
+
+
+def test_a_request_the_model_refuses_adds_no_queue_time(served) -> None:  # type: ignore[no-untyped-def]
+    """A lone request the model fails to run is a failure only: its queue wait was counted, so
+    queue.count exceeded the successes and perf_analyzer's average queue time (queue ns over
+    successful requests) grew with every refused request."""
+    _, client = served
+    client.infer("table", {"ids": np.array([[1, 2, 3]], np.int64)})
+    for _ in range(2):
+        with pytest.raises(InvalidInputError):
+            client.infer("table", {"ids": np.array([[1, 500, 2]], np.int64)})
+    s = stats(client, "table")
+    assert (s.success.count, s.fail.count) == (1, 2)
+    assert (s.queue.count, s.compute_infer.count, s.execution_count) == (1, 1, 1)
 
 
 def reshape_model() -> onnx.ModelProto:

@@ -121,8 +121,7 @@ class LoadedVersion:
         dynamic axis is predicted long, and goes to the pool."""
         if not (self._inline and self._ns_per_element * _elements(items) < INLINE_NS):
             return None
-        self.stats.record_queue(info.queue_ns)
-        return self._finish(items, self._run_batch(items))
+        return self._finish(items, self._run_batch(items), info)
 
     async def _execute(
         self, items: Sequence[Work], info: BatchInfo
@@ -132,13 +131,20 @@ class LoadedVersion:
         results = self._run_now(items, info)
         if results is not None:
             return results
-        self.stats.record_queue(info.queue_ns)
         loop = asyncio.get_running_loop()
         timed = await loop.run_in_executor(self._executor, self._run_batch, items)
-        return self._finish(items, timed)
+        return self._finish(items, timed, info)
 
-    def _finish(self, items: Sequence[Work], timed: Ran) -> list[dict[str, np.ndarray] | Failed]:
+    def _finish(
+        self, items: Sequence[Work], timed: Ran, info: BatchInfo
+    ) -> list[dict[str, np.ndarray] | Failed]:
         results, runs, elapsed_ns = timed
+        # Queue time is a successful request's, as in Triton (whose failures add to ``fail``
+        # alone): perf_analyzer divides the queue's ns by the success count, so a request the
+        # model failed to run, counted here, raised every other request's reported queue time.
+        self.stats.record_queue(
+            [ns for ns, r in zip(info.queue_ns, results, strict=True) if not isinstance(r, Failed)]
+        )
         # Exponentially weighted per-element cost: follows the model's speed without being
         # thrown by one slow batch.
         per_element = elapsed_ns / _elements(items)
