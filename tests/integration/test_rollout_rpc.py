@@ -119,6 +119,36 @@ def test_shadow_set_through_management_is_compared_and_reported(tmp_path: Path) 
         assert repo.get_rollout("m").rules == view.rules
 
 
+def test_shadow_runs_are_no_requests_in_the_candidates_per_request_statistics(
+    tmp_path: Path,
+) -> None:
+    """A shadow run is work the candidate did (executions, inferences, batch_stats) but neither
+    a success nor a failure, so it adds nothing to the per-request queue and compute figures:
+    they were counted, and perf_analyzer, which divides them by the success count, reported
+    the candidate's queue and compute per request five times over (1 request, 5 counted)."""
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
+        repo.set_rollout("m", {2: 1.0}, shadow=(1, 1.0))
+        with InferenceClient(server.target) as client:
+            for i in IDS[:4]:
+                assert client.infer("m", X, request_id=i).version == 2
+
+            def settled() -> bool:
+                s = repo.get_rollout("m").shadow
+                return s["compared"] + s["shed"] + s["errors"] == 4
+
+            wait_for(settled, "the 4 shadow runs to end")
+            shadowed = int(repo.get_rollout("m").shadow["compared"])
+            assert shadowed >= 1
+            client.infer("m", X, version=1)  # the candidate's one request of its own
+            (s,) = client.statistics("m", version=1)
+    assert (s.success.count, s.fail.count) == (1, 0)
+    assert (s.queue.count, s.compute_input.count, s.compute_infer.count) == (1, 1, 1)
+    assert s.compute_output.count == 1
+    assert (s.execution_count, s.inference_count) == (shadowed + 1, shadowed + 1)
+    assert s.batch_sizes == {1: shadowed + 1}
+
+
 def test_a_busy_candidate_sheds_shadow_work_and_the_callers_never_wait(tmp_path: Path) -> None:
     """The candidate's only instance is held: one shadow runs (held), one may queue, and every
     further one is shed at once, while every caller is answered by the served version."""

@@ -420,6 +420,7 @@ class DataPlane:
         if busy or stats.in_flight >= shadow.MAX_IN_FLIGHT:
             stats.shed += 1  # requests are waiting (here or on the candidate): shadows go first
             return
+        work.shadow = True
         run = lv.batcher.submit(
             work, deadline=time.monotonic() + shadow.SHADOW_TIMEOUT, priority=shadow.SHADOW_PRIORITY
         )

@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 # Batches predicted to run faster than this execute inline on the event loop.
 INLINE_NS = 150_000
 
-# One execution that succeeded: (batch size, requests it served, input, infer, output ns).
+# One execution that succeeded: (batch size, callers' requests it served (shadow runs are not),
+# input, infer, output ns).
 Execution = tuple[int, int, int, int, int]
 # A batch's outcome: each request's result, the executions that succeeded, and the ns it took.
 Ran = tuple[list["dict[str, np.ndarray] | Failed"], list[Execution], int]
@@ -45,6 +46,9 @@ class Work:
     # Its input elements, all inputs together, a string counting its characters: what its
     # run is predicted from (inline or not; batch time).
     elements: int = 1
+    # A rollout's shadow run (core.shadow): work the candidate did (executions, inferences,
+    # batch_stats) but no caller's request, so none of the per-request durations.
+    shadow: bool = False
 
 
 class LoadedVersion:
@@ -143,7 +147,11 @@ class LoadedVersion:
         # alone): perf_analyzer divides the queue's ns by the success count, so a request the
         # model failed to run, counted here, raised every other request's reported queue time.
         self.stats.record_queue(
-            [ns for ns, r in zip(info.queue_ns, results, strict=True) if not isinstance(r, Failed)]
+            [
+                ns
+                for ns, w, r in zip(info.queue_ns, items, results, strict=True)
+                if not (w.shadow or isinstance(r, Failed))
+            ]
         )
         # Exponentially weighted per-element cost: follows the model's speed without being
         # thrown by one slow batch.
@@ -194,7 +202,11 @@ class LoadedVersion:
                     )
         per_request = cast("list[dict[str, np.ndarray] | Failed]", split(outputs, wanted, sizes))
         t3 = time.perf_counter_ns()
-        return per_request, [(total, len(items), t1 - t0, t2 - t1, t3 - t2)], t3 - t0
+        # The requests charged this run's compute are callers' (Triton's per-request figures,
+        # which perf_analyzer divides by the success count): a shadow run is neither a success
+        # nor a failure, and counted there it raised a candidate's reported compute per request.
+        callers = sum(1 for w in items if not w.shadow)
+        return per_request, [(total, callers, t1 - t0, t2 - t1, t3 - t2)], t3 - t0
 
     def _apart(self, items: Sequence[Work], t0: int) -> Ran:
         """Each request run alone, with its own answer or error."""
