@@ -293,6 +293,39 @@ def test_calls_ended_by_their_deadline_while_queued_are_counted_as_such(
     assert _sample(text, "ferry_expired_total", model="mlp") == late
 
 
+def test_calls_that_ended_while_running_add_no_per_request_time(server: ServerThread) -> None:
+    """A call ended while its batch ran (its deadline: a failure; its caller's cancel: nothing)
+    is no success, so its queue and compute are not charged: they were, and perf_analyzer,
+    which divides them by the success count, read them as every request's. The executions
+    and inferences stay: the model did run them."""
+    from helpers import ExecutionGate
+
+    from ferry.codec import encode_tensor
+    from ferry.proto.v1 import inference_pb2 as pb
+    from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
+
+    assert server.app is not None
+    app = server.app
+    request = pb.InferRequest(model="mlp", inputs=[encode_tensor("input", X["input"])])
+    with ExecutionGate(server, "mlp") as gate, grpc.insecure_channel(server.target) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        running = stub.Infer.future(request, timeout=1)
+        gate.wait_entered()  # it runs, held, until the gate opens: its deadline passes first
+        assert running.exception(30) is not None
+        assert running.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_for(
+            lambda: app.dataplane.statistics("mlp", 1)[0].fail.count == 1,
+            "the call its deadline ended to be counted",
+        )
+        gate.release()
+        wait_for(lambda: app.registry.get("mlp").batcher.in_flight == 0, "its run to end")
+    s = app.dataplane.statistics("mlp", 1)[0]
+    assert (s.success.count, s.fail.count, s.execution_count, s.inference_count) == (0, 1, 1, 3)
+    assert (s.queue.count, s.compute_input.count, s.compute_infer.count) == (0, 0, 0)
+    assert (s.queue.ns, s.compute_infer.ns, s.compute_output.count) == (0, 0, 0)
+    assert [b.compute_infer.count for b in s.batches] == [1]  # the execution, per batch size
+
+
 def test_the_metrics_text_parses_as_prometheus_and_is_consistent(
     server: ServerThread, client: InferenceClient
 ) -> None:

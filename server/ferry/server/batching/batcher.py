@@ -38,7 +38,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from ferry.server.batching.service_time import ServiceTime
@@ -88,6 +88,10 @@ class BatchInfo:
 
     queue_ns: list[int]
     size: int
+    # Which of the batch's callers have stopped waiting (cancelled, or their deadline ended the
+    # call) by the time it is asked: their requests are nobody's success, so a handler charges
+    # them no per-request time. None: every caller waits (an item run in its caller).
+    left: Callable[[], list[bool]] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -533,7 +537,9 @@ class DynamicBatcher(Generic[T, R]):
     def _launch(self, batch: list[_Entry[T, R]], units: int, now: float) -> None:
         assert self._loop is not None
         info = BatchInfo(
-            queue_ns=[max(0, round((now - e.enqueued) * 1e9)) for e in batch], size=units
+            queue_ns=[max(0, round((now - e.enqueued) * 1e9)) for e in batch],
+            size=units,
+            left=lambda: [e.future.cancelled() for e in batch],
         )
         self._in_flight += 1
         cost = sum([e.cost for e in batch])

@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 # Batches predicted to run faster than this execute inline on the event loop.
 INLINE_NS = 150_000
 
-# One execution that succeeded: (batch size, callers' requests it served (shadow runs are not),
-# input, infer, output ns).
-Execution = tuple[int, int, int, int, int]
+# One execution that succeeded: (batch size, the indices in its batch of the requests it
+# served, input, infer, output ns).
+Execution = tuple[int, tuple[int, ...], int, int, int]
 # A batch's outcome: each request's result, the executions that succeeded, and the ns it took.
 Ran = tuple[list["dict[str, np.ndarray] | Failed"], list[Execution], int]
 
@@ -143,21 +143,23 @@ class LoadedVersion:
         self, items: Sequence[Work], timed: Ran, info: BatchInfo
     ) -> list[dict[str, np.ndarray] | Failed]:
         results, runs, elapsed_ns = timed
-        # Queue time is a successful request's, as in Triton (whose failures add to ``fail``
-        # alone): perf_analyzer divides the queue's ns by the success count, so a request the
-        # model failed to run, counted here, raised every other request's reported queue time.
-        self.stats.record_queue(
-            [
-                ns
-                for ns, w, r in zip(info.queue_ns, items, results, strict=True)
-                if not (w.shadow or isinstance(r, Failed))
-            ]
-        )
+        # Queue and compute per request are a successful request's, as in Triton (whose
+        # failures add to ``fail`` alone): perf_analyzer divides their ns by the success count.
+        # Charged there, a request the model failed to run, a rollout's shadow run (work the
+        # candidate did, but no caller's request) or one whose caller left while it ran (its
+        # cancel counted nowhere, its deadline a failure) each raised every request's figures.
+        left = info.left() if info.left is not None else [False] * len(items)
+        charged = [
+            not (w.shadow or gone or isinstance(r, Failed))
+            for w, gone, r in zip(items, left, results, strict=True)
+        ]
+        self.stats.record_queue([ns for ns, c in zip(info.queue_ns, charged, strict=True) if c])
         # Exponentially weighted per-element cost: follows the model's speed without being
         # thrown by one slow batch.
         per_element = elapsed_ns / _elements(items)
         self._ns_per_element = 0.8 * self._ns_per_element + 0.2 * per_element
-        for size, requests, t_in, t_infer, t_out in runs:
+        for size, served, t_in, t_infer, t_out in runs:
+            requests = sum(1 for i in served if charged[i])
             self.stats.record_execution(size, requests, t_in, t_infer, t_out)
         return results
 
@@ -202,24 +204,22 @@ class LoadedVersion:
                     )
         per_request = cast("list[dict[str, np.ndarray] | Failed]", split(outputs, wanted, sizes))
         t3 = time.perf_counter_ns()
-        # The requests charged this run's compute are callers' (Triton's per-request figures,
-        # which perf_analyzer divides by the success count): a shadow run is neither a success
-        # nor a failure, and counted there it raised a candidate's reported compute per request.
-        callers = sum(1 for w in items if not w.shadow)
-        return per_request, [(total, callers, t1 - t0, t2 - t1, t3 - t2)], t3 - t0
+        served = tuple(range(len(items)))
+        return per_request, [(total, served, t1 - t0, t2 - t1, t3 - t2)], t3 - t0
 
     def _apart(self, items: Sequence[Work], t0: int) -> Ran:
         """Each request run alone, with its own answer or error."""
         apart: list[dict[str, np.ndarray] | Failed] = []
         runs: list[Execution] = []
-        for w in items:
+        for i, w in enumerate(items):
             try:
                 alone, ran, _ = self._run_batch((w,))
             except Exception as exc:
                 apart.append(Failed(exc))
                 continue
             apart.extend(alone)
-            runs.extend(ran)
+            # Each run alone served this request: its index in the whole batch.
+            runs.extend((size, (i,), t_in, t_infer, t_out) for size, _, t_in, t_infer, t_out in ran)
         return apart, runs, time.perf_counter_ns() - t0
 
     def _prove_rows_apart(self, items: Sequence[Work], t0: int) -> Ran:
