@@ -326,6 +326,43 @@ def test_calls_that_ended_while_running_add_no_per_request_time(server: ServerTh
     assert [b.compute_infer.count for b in s.batches] == [1]  # the execution, per batch size
 
 
+def test_a_version_loaded_again_in_place_does_not_send_its_counters_down(
+    server: ServerThread, client: InferenceClient
+) -> None:
+    """New files under a served version, loaded: ModelStatistics counts since that load (as
+    Triton's), but the Prometheus series never left, and it read 6 then 0: a counter going
+    down. Its counters go on from what they were, as Triton's do across a reload; an unload
+    still takes them away with the version."""
+    import onnx
+
+    from ferry.server.examples import mlp_model
+
+    assert server.app is not None
+    app = server.app
+    mlp = {"model": "mlp", "version": "1"}
+    for _ in range(2):
+        client.infer("mlp", X)
+    before = scrape(app.metrics_port)
+    assert _sample(before, "ferry_inferences_total", **mlp) == 6
+    assert _sample(before, "ferry_executions_total", **mlp) == 2
+    onnx.save(
+        mlp_model(seed=1), str(ModelRepository(Path(app.settings.repository)).model_file("mlp", 1))
+    )
+    server.call(lambda: app.dataplane.load("mlp"))
+    assert client.statistics("mlp")[0].inference_count == 0  # a new load: counted from it
+    client.infer("mlp", X)
+    after = scrape(app.metrics_port)
+    assert _sample(after, "ferry_inferences_total", **mlp) == 9
+    assert _sample(after, "ferry_executions_total", **mlp) == 3
+    assert _sample(after, "ferry_batch_size_count", **mlp) == 3
+    assert _sample(after, "ferry_batch_size_sum", **mlp) == 9
+    assert _sample(after, "ferry_queue_depth", **mlp) == 0
+    server.call(lambda: app.dataplane.unload("mlp"))
+    assert _sample(scrape(app.metrics_port), "ferry_inferences_total", **mlp) is None
+    server.call(lambda: app.dataplane.load("mlp"))
+    assert _sample(scrape(app.metrics_port), "ferry_inferences_total", **mlp) == 0
+
+
 def test_the_metrics_text_parses_as_prometheus_and_is_consistent(
     server: ServerThread, client: InferenceClient
 ) -> None:

@@ -28,6 +28,7 @@ from ferry.server.core.types import State, VersionStatistics, VersionStatus
 from ferry.server.errors import FerryError
 from ferry.server.grpc.status import code_of
 from ferry.server.memory import KINDS, process_memory
+from ferry.server.metrics_carry import Carried
 from ferry.server.metrics_http import MetricsServer, ReadyFlag
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -91,6 +92,8 @@ class Metrics:
         self._peers: PeerCounters | None = None
         self._worker_pids: Callable[[], list[int]] = lambda: [os.getpid()]
         self._worker_restarts: Callable[[], int] | None = None
+        # What earlier loads of a version loaded again in place counted (metrics_carry).
+        self._carried = Carried()
 
     def workers(
         self, pids: Callable[[], list[int]], restarts: Callable[[], int] | None = None
@@ -156,6 +159,7 @@ class Metrics:
         if self._peers is not None:
             stats = merge([*stats, *self._peers.statistics_sync()])
             rows += self._peers.requests_sync()
+        stats = self._carried.add(stats)
         lines: list[str] = []
         self._render_requests(lines, _summed(rows))
         self._render_core(lines, stats, statuses)
