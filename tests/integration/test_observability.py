@@ -363,6 +363,44 @@ def test_a_version_loaded_again_in_place_does_not_send_its_counters_down(
     assert _sample(scrape(app.metrics_port), "ferry_inferences_total", **mlp) == 0
 
 
+def test_a_request_that_fails_to_decode_is_a_failure_of_the_version_it_asked_for(
+    server: ServerThread, client: InferenceClient
+) -> None:
+    """Data that does not fill its shape, over HTTP JSON and Open Inference Protocol gRPC raw
+    contents: refused while decoding, it was in no ModelStatistics fail (a wrong datatype,
+    refused a step later, was) and in ferry_requests_total under version "0", the label of a
+    version that does not exist. It is now the asked version's failure, on both counts."""
+    import json
+
+    from tritonclient.grpc import service_pb2 as kpb
+    from tritonclient.grpc import service_pb2_grpc as kgrpc
+
+    assert server.app is not None
+    body = {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [1.0]}]}
+    req = urllib.request.Request(
+        f"http://{server.http_target}/v2/models/mlp/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(req, timeout=30)
+    assert refused.value.code == 400
+    raw = kpb.ModelInferRequest(model_name="mlp")
+    t = raw.inputs.add()
+    t.name, t.datatype = "input", "FP32"
+    t.shape.extend([1, 64])
+    raw.raw_input_contents.append(b"\0" * 12)  # 3 floats for 64
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as rpc:
+        kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(raw, timeout=30)
+    assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    (s,) = client.statistics("mlp")
+    assert (s.success.count, s.fail.count) == (0, 2)
+    text = scrape(server.app.metrics_port)
+    mlp = {"model": "mlp", "version": "1"}
+    assert _sample(text, "ferry_requests_total", code="INVALID_ARGUMENT", **mlp) == 2
+    assert _sample(text, "ferry_requests_total", version="0") is None
+
+
 def test_the_metrics_text_parses_as_prometheus_and_is_consistent(
     server: ServerThread, client: InferenceClient
 ) -> None:

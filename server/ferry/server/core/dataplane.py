@@ -134,7 +134,14 @@ class DataPlane:
             if isinstance(request, InferenceRequest):
                 decoded = request
             else:
-                decoded = request.decode(self.limits)
+                try:
+                    decoded = request.decode(self.limits)
+                except FerryError:
+                    # Counted against the version it asked for (or the one that answers a
+                    # request naming none), as an input its version refuses is: it was in
+                    # ferry_requests_total under version "0" and in no ModelStatistics fail.
+                    lv = self._undecoded(request)
+                    raise
             lv = self._registry.route(decoded.model, decoded.version, decoded.id)
             work = inputs.validate(lv, decoded, self.limits)
             deadline = _deadline(lv, decoded, deadline, self.default_timeout)
@@ -162,6 +169,15 @@ class DataPlane:
         if decoded.outputs:
             outputs = {name: outputs[name] for name in decoded.outputs}
         return InferenceResult(decoded.model, lv.version, decoded.id, outputs)
+
+    def _undecoded(self, request: WireRequest) -> LoadedVersion | None:
+        """The served version a request that failed to decode would have reached, if there is
+        one: the one it names, or else the one that answers requests naming none."""
+        try:
+            version = request.version_label or self._registry.serving_version(request.model)
+            return self._registry.get(request.model, version)
+        except FerryError:
+            return None
 
     def _failed(
         self,
