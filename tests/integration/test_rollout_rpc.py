@@ -149,6 +149,34 @@ def test_shadow_runs_are_no_requests_in_the_candidates_per_request_statistics(
     assert s.batch_sizes == {1: shadowed + 1}
 
 
+def test_a_shadow_shed_in_the_candidates_queue_is_no_expired_request(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shadow run whose time in the candidate's queue ran out is shed (GetRollout's shed):
+    no caller's request expired. It was counted in the candidate's expired_count and
+    ferry_expired_total, which say a request failed DEADLINE_EXCEEDED, while fail stayed 0."""
+    from helpers import ExecutionGate, scrape
+
+    from ferry.server.core import shadow
+
+    monkeypatch.setattr(shadow, "SHADOW_TIMEOUT", 0.2)  # a shadow's wait, shortened
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
+        assert server.app is not None
+        repo.set_rollout("m", {2: 1.0}, shadow=(1, 1.0))
+        with ExecutionGate(server, "m", 1) as gate, InferenceClient(server.target) as client:
+            client.infer("m", X, request_id=IDS[0])
+            gate.wait_entered()  # the first shadow runs on the candidate, held there
+            client.infer("m", X, request_id=IDS[1])  # its shadow queues behind it, and expires
+            wait_for(lambda: repo.get_rollout("m").shadow["shed"] == 1, "the shadow to be shed")
+            gate.release()
+            wait_for(lambda: repo.get_rollout("m").shadow["compared"] == 1, "the first compared")
+            (s,) = client.statistics("m", version=1)
+        assert (s.expired_count, s.rejected_count, s.fail.count, s.success.count) == (0, 0, 0, 0)
+        text = scrape(server.app.metrics_port)
+        assert 'ferry_expired_total{model="m",version="1"} 0' in text
+
+
 def test_a_busy_candidate_sheds_shadow_work_and_the_callers_never_wait(tmp_path: Path) -> None:
     """The candidate's only instance is held: one shadow runs (held), one may queue, and every
     further one is shed at once, while every caller is answered by the served version."""

@@ -108,6 +108,7 @@ class _Entry(Generic[T, R]):
 
     __slots__ = (
         "cost",
+        "counted",
         "deadline",
         "enqueued",
         "future",
@@ -130,8 +131,10 @@ class _Entry(Generic[T, R]):
         cost: int,
         deadline: float | None,
         prio: int,
+        counted: bool = True,
     ) -> None:
         self.item = item
+        self.counted = counted
         self.prio = prio
         self.size = size
         self.cost = cost
@@ -266,11 +269,16 @@ class DynamicBatcher(Generic[T, R]):
         own = self._predict(size, size if cost is None else cost)
         return work / self._max_concurrency + own
 
-    async def submit(self, item: T, *, deadline: float | None = None, priority: int = 0) -> R:
+    async def submit(
+        self, item: T, *, deadline: float | None = None, priority: int = 0, counted: bool = True
+    ) -> R:
         """Queue ``item`` and wait for its result. ``deadline`` is absolute on the batcher's clock
         and bounds only the time spent queued: once a handler has the item, it runs to the end.
         An item predicted to finish after its deadline is refused here, before it costs anything
-        (QueueFull, so RESOURCE_EXHAUSTED: retry later, elsewhere, or with a longer deadline)."""
+        (QueueFull, so RESOURCE_EXHAUSTED: retry later, elsewhere, or with a longer deadline).
+        ``counted=False``: work no caller waits for (a rollout's shadow run), which adds nothing
+        to ``rejected`` and ``expired``: those are requests' failures, and a shadow shed under
+        load read as the candidate's expired requests though none had failed."""
         if self._closed:
             raise Unavailable(f"{self._label} is closed")
         size = 1 if self._size_of is None else self._size_of(item)
@@ -284,7 +292,7 @@ class DynamicBatcher(Generic[T, R]):
         if deadline is not None and deadline <= now:
             raise DeadlineExceeded(f"deadline passed before the request reached {self._label}")
         if self._depth >= self._max_queue_size:
-            self.rejected += 1
+            self.rejected += counted
             raise QueueFull(
                 f"{self._label} queue is full (max_queue_size={self._max_queue_size}); "
                 "retry with backoff or add capacity"
@@ -301,7 +309,7 @@ class DynamicBatcher(Generic[T, R]):
                         f"takes {own * 1000:.1f} ms (predicted from the runs so far) and "
                         f"{(deadline - now) * 1000:.1f} ms remain; give it a longer deadline"
                     )
-                self.rejected += 1
+                self.rejected += counted
                 raise QueueFull(
                     f"{self._label} cannot finish this request before its deadline: predicted "
                     f"wait {wait * 1000:.1f} ms ({self._depth} queued, {self._in_flight} running) "
@@ -324,7 +332,17 @@ class DynamicBatcher(Generic[T, R]):
             raise RuntimeError(f"{self._label} is bound to another event loop")
         key = _ALL if self._key_of is None else self._key_of(item)
         future: asyncio.Future[R] = loop.create_future()
-        entry = _Entry(item, size, key, now, future, cost=cost, deadline=deadline, prio=priority)
+        entry = _Entry(
+            item,
+            size,
+            key,
+            now,
+            future,
+            cost=cost,
+            deadline=deadline,
+            prio=priority,
+            counted=counted,
+        )
         self._units[key] = self._units.get(key, 0) + size  # first: an unhashable key fails here
         queue = self._queues.get(priority)
         if queue is None:
@@ -349,7 +367,7 @@ class DynamicBatcher(Generic[T, R]):
             if entry.state == _QUEUED:
                 self._unlink(entry, _GONE)
                 if deadline is not None and self._clock() >= deadline - DEADLINE_SLACK:
-                    self.expired += 1  # its deadline ended it while queued: it expired
+                    self.expired += counted  # its deadline ended it while queued: it expired
                 self._tidy()
                 self._pump()
             raise
@@ -618,7 +636,7 @@ class DynamicBatcher(Generic[T, R]):
 
     def _expire(self, entry: _Entry[T, R]) -> None:
         self._unlink(entry, _GONE)
-        self.expired += 1
+        self.expired += entry.counted
         if not entry.future.done():
             entry.future.set_exception(
                 DeadlineExceeded(

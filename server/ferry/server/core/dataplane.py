@@ -438,7 +438,10 @@ class DataPlane:
             return
         work.shadow = True
         run = lv.batcher.submit(
-            work, deadline=time.monotonic() + shadow.SHADOW_TIMEOUT, priority=shadow.SHADOW_PRIORITY
+            work,
+            deadline=time.monotonic() + shadow.SHADOW_TIMEOUT,
+            priority=shadow.SHADOW_PRIORITY,
+            counted=False,  # no caller's request: its shedding is no rejected or expired one
         )
         self._shadows.start(
             stats, run, outputs, int(elapsed * 1e9), lambda s: self._apply_rules(served.name, s)
