@@ -399,6 +399,15 @@ def test_a_request_that_fails_to_decode_is_a_failure_of_the_version_it_asked_for
     mlp = {"model": "mlp", "version": "1"}
     assert _sample(text, "ferry_requests_total", code="INVALID_ARGUMENT", **mlp) == 2
     assert _sample(text, "ferry_requests_total", version="0") is None
+    # A version named but invalid is no version's: its label stays "0", an unknown version's.
+    raw.model_version = "one"
+    with grpc.insecure_channel(server.target) as channel, pytest.raises(grpc.RpcError) as rpc:
+        kgrpc.GRPCInferenceServiceStub(channel).ModelInfer(raw, timeout=30)
+    assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert client.statistics("mlp")[0].fail.count == 2
+    text = scrape(server.app.metrics_port)
+    assert _sample(text, "ferry_requests_total", code="INVALID_ARGUMENT", **mlp) == 2
+    assert _sample(text, "ferry_requests_total", model="mlp", version="0") == 1
 
 
 def test_the_metrics_text_parses_as_prometheus_and_is_consistent(

@@ -172,7 +172,10 @@ class DataPlane:
 
     def _undecoded(self, request: WireRequest) -> LoadedVersion | None:
         """The served version a request that failed to decode would have reached, if there is
-        one: the one it names, or else the one that answers requests naming none."""
+        one: the one it names, or else the one that answers requests naming none. A version
+        named but invalid is none of them (its label stays "0", an unknown version's)."""
+        if request.version_named and not request.version_label:
+            return None
         try:
             version = request.version_label or self._registry.serving_version(request.model)
             return self._registry.get(request.model, version)

@@ -101,6 +101,12 @@ class WireRequest(Protocol):
     @property
     def version_label(self) -> int: ...
 
+    @property
+    def version_named(self) -> bool:
+        """Whether the request names a version, valid or not (``version_label`` is 0 for an
+        invalid one as for none)."""
+        ...
+
     def decode(self, limits: Limits) -> InferenceRequest: ...
 
 
@@ -299,6 +305,15 @@ def version_label(text: str) -> int:
         return parse_version(text) or 0
     except InvalidArgument:
         return 0
+
+
+def names_version(text: str) -> bool:
+    """Whether a version string names a version: anything but what ``parse_version`` reads as
+    none (empty, or 0), an invalid one included."""
+    try:
+        return parse_version(text) is not None
+    except InvalidArgument:
+        return True
 
 
 def short(name: str) -> str:

@@ -67,6 +67,10 @@ class WireInfer:
     def version_label(self) -> int:
         return self.msg.version
 
+    @property
+    def version_named(self) -> bool:
+        return self.msg.version != 0
+
     def decode(self, limits: Limits) -> InferenceRequest:
         return to_request(self.msg, limits)
 

@@ -23,7 +23,13 @@ from grpc import aio
 
 from ferry.proto.kserve.v2 import grpc_service_pb2 as pb
 from ferry.server.core.dataplane import DataPlane
-from ferry.server.core.types import InferenceRequest, Limits, parse_version, version_label
+from ferry.server.core.types import (
+    InferenceRequest,
+    Limits,
+    names_version,
+    parse_version,
+    version_label,
+)
 from ferry.server.errors import InvalidArgument, PermissionDenied, Unavailable, Unimplemented
 from ferry.server.grpc._base import (
     call_deadline,
@@ -110,6 +116,10 @@ class WireInfer:
     @property
     def version_label(self) -> int:
         return version_label(self.msg.model_version)
+
+    @property
+    def version_named(self) -> bool:
+        return names_version(self.msg.model_version)
 
     def decode(self, limits: Limits) -> InferenceRequest:
         return decode_request(self.msg, limits)

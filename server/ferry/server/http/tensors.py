@@ -37,6 +37,7 @@ from ferry.server.core.types import (
     InferenceRequest,
     InferenceResult,
     Limits,
+    names_version,
     parse_version,
     short,
     version_label,
@@ -88,6 +89,10 @@ class HttpInfer:
     @property
     def version_label(self) -> int:
         return version_label(self.version_text)
+
+    @property
+    def version_named(self) -> bool:
+        return names_version(self.version_text)
 
     def decode(self, limits: Limits) -> InferenceRequest:
         version = parse_version(self.version_text)
