@@ -52,3 +52,13 @@ def test_planned_sizes_plan_changes_and_devices_reach_the_sdk() -> None:
 def test_a_version_without_plan_or_devices_reports_none() -> None:
     (s,) = parse_statistics(pb.GetModelStatisticsResponse(models=[statistics_of(_version())]))
     assert (s.planned_executions, s.plan_changes, s.device_executions) == ({}, 0, {})
+
+
+def test_last_inference_moves_with_every_execution() -> None:
+    """Triton sets last_inference on every execution; it was set only when a request
+    succeeded, so a rollout candidate that ran only shadow work read 0."""
+    from ferry.server.core.stats import VersionStats
+
+    stats = VersionStats()
+    stats.record_execution(4, 2, 10, 20, 30)
+    assert stats.last_inference_ms > 0

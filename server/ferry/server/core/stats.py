@@ -48,7 +48,9 @@ class VersionStats:
     ) -> None:
         """One execution of ``batch_size`` elements serving ``requests`` requests. Per-request
         compute counters grow by one per request (Triton's semantics); batch_stats by one per
-        execution."""
+        execution. ``last_inference`` moves with every execution, as Triton's does: a candidate
+        served only shadow runs read 0."""
+        self.last_inference_ms = time.time_ns() // 1_000_000
         self.execution_count += 1
         self.inference_count += batch_size
         self.compute_input.add(input_ns * requests, requests)
