@@ -1010,6 +1010,47 @@ def test_shapes_must_match_exactly_and_a_version_loaded_later_is_checked(tmp_pat
     _run(repo, scenario)
 
 
+@pytest.mark.parametrize("differs", ["interface", "batches"])
+def test_a_rollout_file_edited_between_loaded_versions_that_differ_is_not_served(
+    tmp_path: Path, differs: str
+) -> None:
+    """A rollout.json written by hand (or copied in) naming versions that were all loaded
+    already was served without the check a SetRollout makes: only a sync that loaded a version
+    compared them, and requests split between versions that take other tensors (or batches)
+    failed at random (13 of 20). It serves the default version now, and says why."""
+    from ferry.server.examples import mlp_model
+
+    repo = ModelRepository(tmp_path / "repo", create=True)
+    write_model(repo, "m", seed_model(seed=1), version=1)
+    if differs == "interface":
+        write_model(repo, "m", mlp_model((5, 2)), version=2)  # takes 5 features, gives 2
+    else:
+        write_model(repo, "m", seed_model(seed=2), version=2)
+        (repo.version_dir("m", 2) / "config.json").write_text('{"batching": {"max_batch_size": 2}}')
+    write_model(repo, "m", seed_model(seed=3), version=3)
+    (repo.model_dir("m") / "config.json").write_text('{"version_policy": {"all": true}}')
+    rollout_file = repo.model_dir("m") / rollouts.ROLLOUT_FILE
+
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
+        assert [s.version for s in registry.statuses("m")] == [1, 2, 3]
+        rollout_file.write_text(json.dumps({"split": {"1": 1, "2": 1}}))
+        await registry.refresh()
+        view = dataplane.rollout("m")
+        assert view.split == ()
+        assert "versions 1 and 2 of 'm' differ" in view.error or "max_batch_size" in view.error
+        assert {await _version(dataplane, k) for k in KEYS[:40]} == {3}  # the default
+        # A usable edit is served as before.
+        rollout_file.write_text(json.dumps({"split": {"1": 1, "3": 1}}))
+        await registry.refresh()
+        split = rollouts.parse_split({1: 1, 3: 1})
+        assert dataplane.rollout("m").split == split.split
+        assert [await _version(dataplane, k) for k in KEYS[:40]] == [
+            split.pick("m", k) for k in KEYS[:40]
+        ]
+
+    _run(repo, scenario)
+
+
 def test_a_split_share_not_ready_goes_to_the_split_and_readiness_follows_it(
     tmp_path: Path,
 ) -> None:

@@ -900,7 +900,8 @@ class ModelRegistry:
                 entry.config, entry.config_error = scan.config, scan.config_error
             entry.config_signature = scan.config_signature
         on_disk = scan.on_disk
-        if scan.rollout_signature != entry.rollout_signature:
+        rollout_read = scan.rollout_signature != entry.rollout_signature
+        if rollout_read:
             entry.rollout, entry.rollout_error = scan.rollout, scan.rollout_error
             entry.rollout_signature = scan.rollout_signature
             if entry.rollout_error:
@@ -975,7 +976,9 @@ class ModelRegistry:
             ):
                 loads.append(self._load_version(entry, v, sig, scan.model_file(v), result))
         await asyncio.gather(*loads)
-        if loads and entry.rollout is not None:
+        # Also when only the file changed: a hand edit (or a copy) naming versions all loaded
+        # already loads nothing, and its split between versions that differ was served.
+        if (loads or rollout_read) and entry.rollout is not None:
             self._keep_one_interface(entry)
         # Versions the policy no longer selects go only now, after the new ones loaded: a
         # new version replacing the old one leaves no moment without a served version.
@@ -1006,7 +1009,7 @@ class ModelRegistry:
 
     def _keep_one_interface(self, entry: ModelEntry) -> None:
         """A rollout whose versions, as loaded now, differ (one that did not load when the
-        split was set, or a file replaced since) is not served: the model serves its default
+        split was set, a file replaced since, or a rollout file edited by hand) is not served: the model serves its default
         version and GetRollout says why, as for a rollout file that cannot be used. SetRollout
         checks what it can see; a version loaded later was never checked, and requests split
         onto it failed at random."""
