@@ -85,6 +85,39 @@ def test_every_protocol_follows_the_split_set_through_management(tmp_path: Path)
             ]
 
 
+def test_infer_many_items_follow_the_split_call_after_call(tmp_path: Path) -> None:
+    """infer_many sent an item without an id under its position, so item 0 of every call had
+    the id "0", and the split (sticky by id) sent it to the same version each time: 40 calls of
+    one item under a 50/50 split all went to version 2. Each call's items now travel under
+    fresh ids, and are still yielded under their positions."""
+    import asyncio
+
+    from ferry.client import AsyncInferenceClient
+
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
+        repo.set_rollout("m", {1: 1.0, 2: 1.0}, reason="half")
+        with InferenceClient(server.target) as client:
+            answers = [next(iter(client.infer_many("m", [X]))) for _ in range(40)]
+            assert {rid for rid, _ in answers} == {"0"}
+            assert all(not isinstance(r, FerryError) and r.id == "0" for _, r in answers)
+            # 40 one-item calls placed independently: all on one side is 2 in 2**40.
+            assert {r.version for _, r in answers if not isinstance(r, FerryError)} == {1, 2}
+            named = dict(client.infer_many("m", [("user-7", X)]))
+            assert named["user-7"].version == rollouts.parse_split({1: 1, 2: 1}).pick("m", "user-7")
+
+        async def async_calls() -> set[int]:
+            async with AsyncInferenceClient(server.target) as aclient:
+                seen = set()
+                for _ in range(40):
+                    async for rid, r in aclient.infer_many("m", [X]):
+                        assert rid == "0" and not isinstance(r, FerryError)
+                        seen.add(r.version)
+                return seen
+
+        assert asyncio.run(async_calls()) == {1, 2}
+
+
 def test_shadow_set_through_management_is_compared_and_reported(tmp_path: Path) -> None:
     from helpers import wait_for
 

@@ -57,13 +57,13 @@ from ferry.client._stream import (
     InputItem,
     Inputs,
     Marker,
+    Positions,
     Resend,
     StreamResult,
     StreamState,
     aenumerate,
     cancelled_error,
     check_max_in_flight,
-    item_of,
     left_of,
     stamped,
 )
@@ -722,12 +722,13 @@ class AsyncInferStream(StreamState):
         self._check_loop()
         source = aenumerate(items)
         outstanding = 0
+        ids = Positions()
 
         async def send_next() -> bool:
             nxt = await anext(source, None)
             if nxt is None:
                 return False
-            rid, inputs = item_of(*nxt)
+            rid, inputs = ids.item(*nxt)
             try:
                 await self.submit(inputs, rid)
             except FerryError as exc:
@@ -746,7 +747,7 @@ class AsyncInferStream(StreamState):
                 continue
             self._unread -= 1
             outstanding -= 1
-            yield item
+            yield ids.shown(item)
             if await send_next():
                 outstanding += 1
 

@@ -100,6 +100,32 @@ def item_of(index: int, item: InputItem) -> tuple[str, Inputs]:
     return str(index), item
 
 
+class Positions:
+    """An ``infer_many`` call's ids. An item without an id of its own is yielded under its
+    position ("0", "1", ...), but sent under a fresh id that ends in it: sent as the bare
+    position, item 0 of every call had the same id, and a server's split, which picks a
+    request's version from its id (sticky, docs/rollout.md), sent every call's first item to
+    one version (one-item calls: all of them to one side of a 50/50 split)."""
+
+    def __init__(self) -> None:
+        self._prefix = f"{new_request_id()}-"
+
+    def item(self, index: int, item: InputItem) -> tuple[str, Inputs]:
+        """The id ``item`` is sent under, and its inputs."""
+        rid, inputs = item_of(index, item)
+        return (rid if isinstance(item, tuple) else self._prefix + rid), inputs
+
+    def shown(self, answer: StreamResult) -> StreamResult:
+        """``answer`` under the id its caller knows: its position, or its own id."""
+        rid, result = answer
+        if not rid.startswith(self._prefix):
+            return answer
+        position = rid[len(self._prefix) :]
+        if isinstance(result, InferResult):
+            result.id = position
+        return position, result
+
+
 @dataclass(frozen=True, slots=True)
 class Resend:
     """What a request with list inputs needs to go once more, should the server refuse the
@@ -614,12 +640,13 @@ class InferStream(StreamState):
         check_max_in_flight(max_in_flight)
         source = enumerate(items)
         outstanding = 0
+        ids = Positions()
 
         def send_next() -> bool:
             nxt = next(source, None)
             if nxt is None:
                 return False
-            rid, inputs = item_of(*nxt)
+            rid, inputs = ids.item(*nxt)
             try:
                 self.submit(inputs, rid)
             except FerryError as exc:
@@ -641,7 +668,7 @@ class InferStream(StreamState):
             with self._cond:
                 self._unread -= 1
             outstanding -= 1
-            yield item
+            yield ids.shown(item)
             if send_next():
                 outstanding += 1
 
