@@ -351,6 +351,33 @@ def test_a_batch_waiting_for_company_holds_up_no_other_key() -> None:
     arun(main)
 
 
+def test_a_higher_priority_batch_waiting_for_company_goes_before_a_lower_ones_batch() -> None:
+    """A priority-1 request queued first, of another key (size on a dynamic axis) than four of
+    priority 5 that filled a batch: the slot went to theirs, and it ran after them (a real
+    server showed it), having waited for company as well. When a slot goes to a batch now, a
+    higher priority's goes first, partial; at the same priority the ready batch goes (above)."""
+
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        h = Handler(gated=True)
+        key: Callable[[tuple[str, str]], Hashable] = lambda item: item[1]  # noqa: E731
+        b = DynamicBatcher(h, max_batch_size=2, max_queue_delay=100.0, batch_key=key, clock=clock)
+        # A full batch first: it takes the one instance until the gate opens.
+        holds = [spawn(b, ("hold1", "h")), spawn(b, ("hold2", "h"))]
+        await until(lambda: b.in_flight == 1)
+        high = spawn(b, ("p1", "a"), priority=1)  # partial: would wait for company
+        await until(lambda: b.queue_depth == 1)
+        low = [spawn(b, ("p5a", "b"), priority=5), spawn(b, ("p5b", "b"), priority=5)]
+        await until(lambda: b.queue_depth == 3)
+        h.gate.set()
+        await until(lambda: len(h.batches) == 3)
+        assert h.batches[1:] == [[("p1", "a")], [("p5a", "b"), ("p5b", "b")]]
+        await asyncio.gather(*holds, high, *low)
+        await b.close()
+
+    arun(main)
+
+
 def test_delay_follows_oldest_across_priorities_and_cancellation() -> None:
     async def main() -> None:
         clock = FakeClock(0.0)

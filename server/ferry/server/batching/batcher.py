@@ -467,30 +467,43 @@ class DynamicBatcher(Generic[T, R]):
         unrun while instances sat idle."""
         if self._max_batch_size == 0 or self._max_queue_delay <= 0 or self._closed:
             return self._queues[self._prios[0]][0].key, None
-        # Per key, in dispatch order: its oldest arrival, earliest deadline and queued cost.
+        # Per key, in dispatch order: its oldest arrival, earliest deadline and queued cost, and
+        # its best priority (its first entry's: entries come in priority order).
         keys: dict[Hashable, list[float]] = {}
+        best: dict[Hashable, int] = {}
         for entry in self._queued():
             seen = keys.get(entry.key)
             deadline = math.inf if entry.deadline is None else entry.deadline
             if seen is None:
                 keys[entry.key] = [entry.enqueued, deadline, entry.cost]
+                best[entry.key] = entry.prio
             else:
                 seen[0] = min(seen[0], entry.enqueued)
                 seen[1] = min(seen[1], deadline)
                 seen[2] += entry.cost
         first: Hashable = None
         first_at = math.inf
+        waiting: list[Hashable] = []  # the first key waiting for company, if any
         for key, (oldest, deadline, cost) in keys.items():
             units = self._units[key]
-            if units >= self._max_batch_size or units in self._preferred:
+            ready = units >= self._max_batch_size or units in self._preferred
+            if not ready:
+                # Company is not worth a caller's deadline: the batch goes, partial, when one of
+                # its requests must start to finish in time. A lone request under a delay near
+                # its timeout (the server's default one included) expired waiting for company.
+                run = self._predict(units, round(cost)) + _START_MARGIN
+                target = min(oldest + self._max_queue_delay, deadline - run)
+                ready = now >= target
+            if ready:
+                # A slot goes to a batch now: to one of a higher priority waiting for company
+                # first. The batch of a lower priority went ahead of it and took the instance
+                # (a priority-1 request queued first ran after four of priority 5), and it then
+                # waited out its whole delay for company as well.
+                if waiting and best[waiting[0]] < best[key]:
+                    return waiting[0], None
                 return key, None
-            # Company is not worth a caller's deadline: the batch goes, partial, when one of
-            # its requests must start to finish in time. A lone request under a delay near its
-            # timeout (the server's default one included) expired waiting for company, never run.
-            run = self._predict(units, round(cost)) + _START_MARGIN
-            target = min(oldest + self._max_queue_delay, deadline - run)
-            if now >= target:
-                return key, None
+            if not waiting:
+                waiting.append(key)
             if target < first_at:
                 first, first_at = key, target
         if force:
