@@ -228,6 +228,32 @@ def test_a_busy_candidate_sheds_shadow_work_and_the_callers_never_wait(tmp_path:
         wait_for(lambda: repo.get_rollout("m").shadow["compared"] >= 1, "the held shadow to end")
 
 
+def test_a_shadow_expired_in_the_candidates_queue_is_no_request_of_the_candidates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shadow run that waited out its time in the candidate's queue was counted as an
+    expired request of the candidate's (ModelStatistics expired_count, ferry_expired_total),
+    though no caller sent the candidate anything: it is shed, counted in the comparison only."""
+    from helpers import ExecutionGate, scrape, stats, wait_for
+
+    from ferry.server.core import shadow
+
+    monkeypatch.setattr(shadow, "SHADOW_TIMEOUT", 0.2)  # the queued shadow's wait, shortened
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
+        assert server.app is not None
+        repo.set_rollout("m", None, shadow=(1, 1.0))
+        with ExecutionGate(server, "m", 1) as gate, InferenceClient(server.target) as client:
+            assert client.infer("m", X, request_id="first").version == 2
+            gate.wait_entered()  # the first shadow holds the candidate's one instance
+            assert client.infer("m", X, request_id="second").version == 2  # its shadow queues
+            wait_for(lambda: repo.get_rollout("m").shadow["shed"] == 1, "the queued shadow shed")
+            candidate = stats(client, "m", 1)
+            assert (candidate.expired_count, candidate.rejected_count) == (0, 0)
+        text = scrape(server.app.metrics_port)
+        assert 'ferry_expired_total{model="m",version="1"} 0' in text
+
+
 def _fails_every_request_of_one_row() -> onnx.ModelProto:
     """seed_model's interface whose run fails for a batch of one row (a Reshape to [-1, 12])."""
     shape = numpy_helper.from_array(np.array([-1, 12], np.int64), "shape")
