@@ -1073,6 +1073,36 @@ def test_a_split_share_not_ready_goes_to_the_split_and_readiness_follows_it(
     _run(repo, scenario)
 
 
+def test_a_shadow_candidate_never_answers_for_a_pinned_version_that_failed(
+    tmp_path: Path,
+) -> None:
+    """The pin {1: 1} beside the shadow candidate 2 (what a conversion's --rollout shadow
+    leaves): version 1 failed (to load at a restart, say) and its share gave way to the
+    default, the candidate, which then answered every request unpromoted while GetRollout
+    showed the pin and the shadow. Such requests fail UNAVAILABLE now, saying why; a version
+    still loading still gives way (the candidate served before the pin was set)."""
+    from ferry.server.errors import ModelNotReady
+
+    repo = _repo(tmp_path)
+
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
+        await dataplane.set_rollout("m", {1: 1}, by="t", why="pin", shadow_of=(2, 0.5))
+        assert {await _version(dataplane, k) for k in KEYS[:20]} == {1}
+        slot = registry.models["m"].versions[1]
+        slot.state = State.FAILED  # as if it failed to load
+        with pytest.raises(ModelNotReady, match="the shadow candidate 2 is not promoted"):
+            await _version(dataplane, "any")
+        assert not dataplane.model_ready("m")
+        assert await _version(dataplane, "any", version=2) == 2  # named: that version
+        slot.state = State.LOADING  # on its way in: the version that served meanwhile
+        assert await _version(dataplane, "any") == 2
+        slot.state = State.READY
+        assert {await _version(dataplane, k) for k in KEYS[:20]} == {1}
+        await dataplane.close_shadows()
+
+    _run(repo, scenario)
+
+
 def test_a_shadow_that_became_the_default_says_it_compares_nothing(tmp_path: Path) -> None:
     """Shadow 2 while 1 was the configured default, then the default cleared: every request
     went to 2 and nothing was compared, with nothing said. Through management the edit is

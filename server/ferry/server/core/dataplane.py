@@ -348,7 +348,9 @@ class DataPlane:
             return False
         try:
             # With none named, the version that answers (a live split's share, not the
-            # configured default a pin keeps off traffic).
+            # configured default a pin keeps off traffic, nor a shadow candidate).
+            if not version:
+                self._registry.refuse_unpromoted(model, self._registry.serving_version(model))
             self._registry.get(model, version or self._registry.serving_version(model))
         except FerryError:
             return False

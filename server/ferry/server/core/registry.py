@@ -416,8 +416,43 @@ class ModelRegistry:
                 return slot.loaded
             # Its share goes to the split's largest ready share, a version the split (and its
             # interface check) names, before the default, which neither did.
-            return self.get(name, entry.serving_version())
+            version = entry.serving_version()
+            self.refuse_unpromoted(name, version)
+            return self.get(name, version)
+        if not version and entry is not None and entry.rollout is not None and entry.rollout.shadow:
+            self.refuse_unpromoted(name, entry.default_version())
         return self.get(name, version)
+
+    def refuse_unpromoted(self, name: str, version: int | None) -> None:
+        """ModelNotReady when ``version``, about to answer the requests that name none, is the
+        shadow candidate only because the versions the rollout serves failed (its split's, or
+        with none the default it would have): a pin {1: 1} beside candidate 2 whose version 1
+        failed to load sent every request to the candidate, unpromoted, while GetRollout showed
+        the pin. One still loading gives way to it (the candidate served before the change)."""
+        entry = self.models.get(name)
+        ro = entry.rollout if entry is not None else None
+        if entry is None or ro is None or ro.shadow is None or version != ro.shadow[0]:
+            return
+        meant = [v for v, _ in ro.split]
+        if not meant:
+            pinned = entry.config.default_version
+            meant = [pinned if pinned is not None else max(entry.versions, default=0)]
+        if version in meant:
+            return
+        slots = [entry.versions.get(v) for v in meant]
+        if any(slot is not None and slot.state is State.LOADING for slot in slots):
+            return
+        why = "; ".join(
+            f"version {v} is {slot.state.value}{': ' + slot.reason if slot.reason else ''}"
+            if slot is not None
+            else f"version {v} is not served"
+            for v, slot in zip(meant, slots, strict=True)
+        )
+        raise ModelNotReady(
+            f"model {short(name)!r}: {why}, and the shadow candidate {version} is not promoted "
+            "to answer in its place: load that version again (ferry models load), or promote "
+            f"the candidate (ferry models rollout {short(name)} {version}=1)"
+        )
 
     def rollout_of(self, name: str) -> tuple[rollouts.Rollout | None, str]:
         entry = self.models.get(name)
