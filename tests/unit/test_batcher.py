@@ -378,6 +378,31 @@ def test_a_higher_priority_batch_waiting_for_company_goes_before_a_lower_ones_ba
     arun(main)
 
 
+def test_the_flush_timer_also_sends_a_higher_priority_batch_first() -> None:
+    """The flush timer of a priority-5 batch (its delay over, by the timer's verdict) sent it
+    ahead of a priority-1 request of another key waiting for company, where a batch found due
+    by the clock gives the slot to the higher priority first (above)."""
+
+    async def main() -> None:
+        clock = FakeClock(0.0)
+        h = Handler()
+        key: Callable[[tuple[str, str]], Hashable] = lambda item: item[1]  # noqa: E731
+        b = DynamicBatcher(h, max_batch_size=4, max_queue_delay=100.0, batch_key=key, clock=clock)
+        low = spawn(b, ("p5", "b"), priority=5)  # its delay ends at 100
+        await until(lambda: b.queue_depth == 1)
+        clock.now = 10.0
+        high = spawn(b, ("p1", "a"), priority=1)  # its delay ends at 110
+        await until(lambda: b.queue_depth == 2)
+        clock.now = 99.999  # the timer fires a little early by this clock: its verdict stands
+        b._on_flush()
+        await until(lambda: len(h.batches) == 1)
+        assert h.batches == [[("p1", "a")]]
+        await b.close()
+        await asyncio.gather(low, high)
+
+    arun(main)
+
+
 def test_delay_follows_oldest_across_priorities_and_cancellation() -> None:
     async def main() -> None:
         clock = FakeClock(0.0)

@@ -507,6 +507,9 @@ class DynamicBatcher(Generic[T, R]):
             if target < first_at:
                 first, first_at = key, target
         if force:
+            # The flush timer's batch goes now, partial: after a higher priority's, as above.
+            if waiting and first is not None and best[waiting[0]] < best[first]:
+                return waiting[0], None
             return first, None
         return None, first_at
 
