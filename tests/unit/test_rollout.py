@@ -1714,6 +1714,36 @@ def test_one_rule_says_which_shadows_were_shed() -> None:
     assert not shed(RuntimeError("a crash"))
 
 
+def test_a_shadow_is_compared_afresh_with_a_new_default_version(tmp_path: Path) -> None:
+    """A shadow with no split compares its candidate with the default version. A publish made
+    version 3 the default; the comparison went on with the 20 figures against version 2, and
+    a promote_after of 25 promoted the candidate over version 3 after 5 comparisons with it."""
+    repo = _repo(tmp_path)
+    rules = {"promote_after": 25}
+
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
+        await dataplane.set_rollout("m", None, by="t", why="", shadow_of=(1, 1.0), rules=rules)
+        await _shadowed(dataplane, 20)
+        stats = dataplane.rollout("m").shadow_statistics
+        assert stats is not None and stats.compared + stats.shed == 20
+        write_model(repo, "m", seed_model(seed=3), version=3)  # published: the default now
+        await registry.refresh()
+        assert (
+            await dataplane.infer(
+                InferenceRequest("m", {"input": np.ones((1, 3), np.float32)}, id="x")
+            )
+        ).version == 3
+        await asyncio.gather(*dataplane._shadows._tasks)
+        await _shadowed(dataplane, 5)
+        view = dataplane.rollout("m")
+        assert view.shadow == (1, 1.0), view.history[-1]  # not promoted on version 2's figures
+        stats = view.shadow_statistics
+        assert stats is not None and stats.compared + stats.shed <= 6
+        await dataplane.close_shadows()
+
+    _run(repo, scenario)
+
+
 def test_a_candidate_reloaded_with_other_files_is_compared_afresh(tmp_path: Path) -> None:
     """The comparison was keyed to the rollout alone: a candidate whose files were replaced
     (and reloaded by a refresh) went on with the figures of the model it replaced, which

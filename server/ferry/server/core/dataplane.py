@@ -679,7 +679,16 @@ class DataPlane:
         assert ro.shadow is not None
         entry = self._registry.models.get(model)
         slot = entry.versions.get(ro.shadow[0]) if entry is not None else None
-        return shadow.comparison_key(ro, repr(slot.signature) if slot is not None else "")
+        files = repr(slot.signature) if slot is not None else ""
+        if entry is not None and not ro.split:
+            # With no split the candidate is compared with the default version: a publish
+            # that made another version the default (or replaced its files) went on with the
+            # figures against the previous one, and a rule promoted the candidate over a
+            # version it was hardly compared with. The comparison starts afresh then.
+            default = entry.default_version()
+            served = entry.versions.get(default) if default is not None else None
+            files += f"\0served {default} {served.signature if served is not None else ''!r}"
+        return shadow.comparison_key(ro, files)
 
     def _judged_in_force(self, model: str, decided_on: rollouts.Rollout) -> bool:
         """Whether the rollout a rule judged still serves (no other change replaced it)."""
