@@ -45,7 +45,8 @@ def register(sub: Any) -> None:
         parents=[conn],
         help="every model version and its state",
         description="Every model version the server knows, with its state (READY, FAILED, ...) "
-        "and why it failed.",
+        "and why it failed; a model with no version at all (its version folders deleted) is "
+        "one row, version '-', UNLOADED, saying why.",
     )
     p.add_argument("model", nargs="?", default="", help="only this model's versions")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
