@@ -188,7 +188,14 @@ class Settings:
             "take longer is refused at once (RESOURCE_EXHAUSTED); 0: no bound"
         },
     )
-    warm_up: bool = field(default=True, metadata={"help": "run each model once at load"})
+    warm_up: bool = field(
+        default=True,
+        metadata={
+            "help": "run each model once at load on zeros (dynamic dims besides the batch at 1, "
+            "else 8, else 32), so its first request does not pay for allocation; one that runs "
+            "on none serves anyway, with a WARNING"
+        },
+    )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING or ERROR"})
     log_format: str = field(
         default="text",
