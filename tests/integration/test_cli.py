@@ -417,6 +417,43 @@ def test_upload_and_convert_with_a_progress_callback(
     assert info.value.code == 2 and "input:FP32:-1,64" in capsys.readouterr().err
 
 
+def test_convert_max_batch_size_is_the_new_versions_serving_batch(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --max-batch-size went to the export check alone: the version served the load's default
+    # batch (32), and a dynamic int8 variant (published unbatched unless a batch is stated) none.
+    from ferry.server.examples import mlp_model
+
+    repo = tmp_path / "conv-repo"
+    repo.mkdir()
+    srv = start_server(repo)
+    assert srv.app is not None
+    child = tmp_path / "child.py"
+    child.write_text(FAKE_CHILD)
+    srv.app.conversion.runner.child_command = [sys.executable, str(child)]
+    model_file = tmp_path / "tiny.onnx"
+    model_file.write_bytes(mlp_model(sizes=(8, 4)).SerializeToString())
+    t = ("--target", srv.management_target)
+    code, out, _ = ferry(
+        capsys,
+        "convert",
+        str(model_file),
+        "--model",
+        "tiny",
+        "--max-batch-size",
+        "8",
+        "--instance-count",
+        "2",
+        "--no-progress",
+        *t,
+    )
+    assert code == 0 and "version 1" in out
+    config = json.loads((repo / "tiny" / "1" / "config.json").read_text())
+    assert config == {"batching": {"max_batch_size": 8}, "instances": {"count": 2}}
+    with InferenceClient(srv.target) as client:
+        assert client.model_metadata("tiny").batching.max_batch_size == 8
+
+
 @pytest.mark.parametrize(
     "argv",
     [

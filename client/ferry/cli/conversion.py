@@ -307,7 +307,11 @@ def register(sub: Any) -> None:
     budget.add_argument(
         "--samples", type=positive_int, help="random validation samples when none are given (16)"
     )
-    p.add_argument("--max-batch-size", type=positive_int, help="serving: largest dynamic batch")
+    p.add_argument(
+        "--max-batch-size",
+        type=positive_int,
+        help="serving: largest dynamic batch (the export is checked at it too)",
+    )
     p.add_argument("--instance-count", type=positive_int, help="serving: concurrent executions")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     add_progress_flags(p)
@@ -464,8 +468,11 @@ def _forget_upload(client: ConversionClient, up: Upload, args: argparse.Namespac
 
 def cmd_convert(args: argparse.Namespace) -> int:
     serving = None
-    if args.instance_count is not None:
-        serving = Serving(instance_count=args.instance_count)
+    if args.instance_count is not None or args.max_batch_size is not None:
+        # --max-batch-size is the new version's serving batch, as its help says; it went only
+        # to the job's export check, so the version was served at the load's default (32), and
+        # a dynamic int8 variant, published unbatched unless a batch is stated, unbatched.
+        serving = Serving(instance_count=args.instance_count, max_batch_size=args.max_batch_size)
     validation = _validation(args)
     quantization = _quantization(args)
     with connect(ConversionClient, args) as client:
