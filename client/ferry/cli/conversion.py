@@ -258,7 +258,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--keep-slower",
         action="store_true",
-        help="--quantize auto: publish the quantized variant even when it measured slower",
+        help="publish the quantized variant even when it measured slower than fp32 (a named "
+        "mode is otherwise refused; auto otherwise keeps fp32)",
     )
     p.add_argument(
         "--rollout",
