@@ -202,10 +202,13 @@ class Metrics:
         family(
             "ferry_queue_seconds_total",
             "counter",
-            "Time requests spent queued",
+            "Time successful requests spent queued (failed ones and shadow runs add none)",
             lambda s: s.queue.ns / 1e9,
         )
-        out.append("# HELP ferry_compute_seconds_total Per-request compute time by stage")
+        out.append(
+            "# HELP ferry_compute_seconds_total Per-request compute time by stage, of successful "
+            "requests (failed ones and shadow runs add none)"
+        )
         out.append("# TYPE ferry_compute_seconds_total counter")
         for lab, s in labels:
             for stage, stat in (
