@@ -71,7 +71,7 @@ def register(sub: Any) -> None:
         parents=[conn],
         help="request counts and time spent, per model version",
         description="Cumulative statistics since each version loaded: requests, executions, "
-        "mean queue and compute time, batch sizes, rejections.",
+        "mean queue and compute time of successful requests, batch sizes, rejections.",
     )
     p.add_argument("model", nargs="?", default="", help="only this model (default: all)")
     p.add_argument("--json", action="store_true", help="print JSON")
