@@ -543,6 +543,35 @@ def test_a_model_no_made_up_row_runs_is_batched_once_a_real_batch_proves_its_row
         assert stats(client, "m").execution_count == 6  # the first alone, three together
 
 
+def test_combine_requests_false_keeps_the_batch_dimension_and_runs_each_request_alone(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """batching.combine_requests = false (Triton: max_batch_size without dynamic_batching):
+    requests keep the batch dimension, up to max_batch_size rows each, but never share a run,
+    so a model whose answer for a row depends on its run's other rows (the rows' mean here, as
+    dynamic int8's one activation scale per run) answers each caller as it would alone."""
+    root = make_repo(tmp_path / "repo", {"m": _exact_width_model(minus_rows_mean=True)})
+    write_config(
+        root,
+        "m",
+        {"batching": {"max_batch_size": 8, "combine_requests": False}, "instances": {"count": 1}},
+    )
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+        _gated_round(srv, client, pool, root, seed=3)
+        assert stats(client, "m").execution_count == 4
+        assert client.model_metadata("m").batching.max_batch_size == 8
+        two_rows = np.arange(14, dtype=np.float32).reshape(2, 7)  # a request's own rows
+        got = client.infer("m", {"x": two_rows})["y"]
+        want = reference(root / "m" / "1" / "model.onnx", {"x": two_rows})["y"]
+        np.testing.assert_allclose(got, want, rtol=1e-6)
+    from ferry.server.grpc.kserve_model import config_of
+
+    assert srv.app is not None
+    triton = config_of(srv.app.dataplane.metadata("m"))  # what ModelConfig answers
+    assert triton.max_batch_size == 8 and not triton.HasField("dynamic_batching")
+
+
 @pytest.mark.parametrize(
     ("dtype", "short", "long"),
     [

@@ -387,8 +387,10 @@ def test_a_state_dict_over_the_threshold_exports_with_external_data(
         "model.onnx.data",
         "report.json",
     ]
-    # dynamic int8 shares one activation scale per run: served unbatched unless stated
-    assert json.loads((folder / "config.json").read_text()) == {"batching": {"max_batch_size": 0}}
+    # dynamic int8 shares one activation scale per run: each request runs alone
+    assert json.loads((folder / "config.json").read_text()) == {
+        "batching": {"combine_requests": False, "max_batch_size": 32}
+    }
     x = torch.randn(3, 16)
     with torch.no_grad():
         want = module(x).numpy()

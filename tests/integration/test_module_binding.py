@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -386,11 +387,12 @@ def test_a_small_table_converts_on_its_own_samples_and_is_batched(start: Start) 
         assert client.model_metadata("small").batching.max_batch_size == 32
 
 
-def test_a_dynamic_int8_version_is_served_unbatched_unless_a_batch_is_stated(start: Start) -> None:
-    """Its activations share one quantization scale per run, set by the batch's largest value:
-    published batched, one caller's answer moved with what other callers sent (an output
-    -3.73 alone, 1.50 beside a row 100 times larger). It is published unbatched; a batch the
-    job states is the user's word."""
+def test_a_dynamic_int8_version_keeps_its_batch_and_runs_each_request_alone(start: Start) -> None:
+    """Its activations share one quantization scale per run, set by the run's largest value:
+    batched with others, one caller's answer moved with what other callers sent (an output
+    -3.73 alone, 1.50 beside a row 100 times larger). It keeps the batch dimension of the
+    version it is split with (the README's int8 flow was served unbatched, and then a split
+    with fp32 was refused), and each request runs alone: its config has no dynamic batcher."""
     from ferry.client import InferenceClient, Serving
 
     srv, conv = start()
@@ -399,8 +401,10 @@ def test_a_dynamic_int8_version_is_served_unbatched_unless_a_batch_is_stated(sta
     up = conv.upload("q", mlp.eval(), example_inputs={"input": _rand(8, 16, seed=3)})
     done = conv.convert(up, quantization="dynamic_int8", benchmark="off").wait(progress=False)
     assert done.version is not None and "dynamic_int8" in done.message
+    config = srv.settings.repository / "q" / str(done.version) / "config.json"
+    assert json.loads(config.read_text())["batching"]["combine_requests"] is False
     with InferenceClient(srv.target) as client:
-        assert client.model_metadata("q").batching.max_batch_size == 0
+        assert client.model_metadata("q").batching.max_batch_size == 32
     stated = conv.convert(
         up, quantization="dynamic_int8", benchmark="off", serving=Serving(max_batch_size=8)
     ).wait(progress=False)

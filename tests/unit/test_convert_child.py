@@ -1422,14 +1422,23 @@ def test_an_onnx_source_runs_at_batch_1_and_max_batch(tmp_path: Path) -> None:
     assert batching_of_published(stated, json.dumps(report)) == stated  # the user's word
     assert batching_of_published(config, json.dumps({"rows_apart": True})) == config
     assert batching_of_published(config, "") == config
-    # A dynamically quantized variant shares one quantization scale per batch, so a caller's
-    # answer depends on what others sent: published unbatched unless the user states a batch.
+    # A dynamically quantized variant shares one quantization scale per run, so batched with
+    # others a caller's answer moved with what they sent: each request runs alone, with the
+    # batch dimension (and the rows a request may carry) of the version it is split with.
     int8 = json.dumps({"rows_apart": True, "published": "dynamic_int8"})
-    assert batching_of_published(config, int8) == {
-        "batching": {"max_queue_delay_ms": 2, "max_batch_size": 0}
+    assert batching_of_published(config, int8, job_batch=32) == {
+        "batching": {"max_queue_delay_ms": 2, "combine_requests": False, "max_batch_size": 32}
     }
-    assert batching_of_published(config, int8, model_states_batch=True) == config
-    assert batching_of_published(stated, int8) == stated
+    assert batching_of_published(config, int8, job_batch=32, model_states_batch=True) == {
+        "batching": {"max_queue_delay_ms": 2, "combine_requests": False}
+    }
+    assert batching_of_published(stated, int8, job_batch=32) == {
+        "batching": {"max_batch_size": 1, "combine_requests": False}
+    }
+    combined = {"batching": {"combine_requests": True}}  # the job's own word
+    assert batching_of_published(combined, int8, job_batch=32) == {
+        "batching": {"combine_requests": True, "max_batch_size": 32}
+    }
     merged = {"serving_config": {"batching": {"max_batch_size": 8}}}
     refused = convert_here(tmp_path / "merged", tmp_path / "m.onnx", "onnx", spec=merged)
     assert refused.rc == 2, refused.last

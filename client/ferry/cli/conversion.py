@@ -471,8 +471,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     serving = None
     if args.instance_count is not None or args.max_batch_size is not None:
         # --max-batch-size is the new version's serving batch, as its help says; it went only
-        # to the job's export check, so the version was served at the load's default (32), and
-        # a dynamic int8 variant, published unbatched unless a batch is stated, unbatched.
+        # to the job's export check, so the version was served at the load's default (32).
         serving = Serving(instance_count=args.instance_count, max_batch_size=args.max_batch_size)
     validation = _validation(args)
     quantization = _quantization(args)

@@ -388,6 +388,7 @@ class JobRunner:
                     contract.spec.serving_config,
                     report,
                     model_states_batch=self._model_states_batch(job.model),
+                    job_batch=contract.spec.max_batch_size,
                 )
                 await asyncio.to_thread(publish.note_publishing, Path(job.job_dir), staged)
                 version, note = await publish.publish(
@@ -682,32 +683,38 @@ def staging_key(job_id: str) -> str:
 
 
 def batching_of_published(
-    config: dict[str, Any], report: str, *, model_states_batch: bool = False
+    config: dict[str, Any], report: str, *, model_states_batch: bool = False, job_batch: int = 0
 ) -> dict[str, Any]:
-    """The version's serving config, with the batch the conversion found, when neither the
-    job's serving config nor (for the second case) the model's config states one:
+    """The version's serving config, with the batch the conversion found:
 
     * ``max_batch_size 0`` when the child found that samples depend on each other (report
-      ``rows_apart`` false). Left to the load-time probe, a model whose rows mix in a way the
-      probe's rows do not show (a segment mean over rows sharing an id) was served batched
-      although the conversion had seen it; a model config's batch would have batched it too.
-    * ``max_batch_size 0`` for a dynamically quantized variant: its activations share one
-      quantization scale per batch, set by the batch's largest value, so one caller's answer
-      depended on what other callers sent (an MLP's output went from [11.58, 0.40, -3.73] alone
-      to [15.88, 0.55, 1.50] beside a row 100 times larger; fp32 gives [11.60, 0.39, -3.75]).
-      It used to be published batched (the job's max_batch_size). Batching it stays the user's
-      word: a batch the job's serving config or the model's config states."""
+      ``rows_apart`` false), unless the job's serving config states a batch. Left to the
+      load-time probe, a model whose rows mix in a way the probe's rows do not show (a segment
+      mean over rows sharing an id) was served batched although the conversion had seen it;
+      a model config's batch would have batched it too.
+    * ``combine_requests false`` for a dynamically quantized variant (unless the job's serving
+      config says otherwise), with the job's ``max_batch_size`` where no config states one:
+      its activations share one quantization scale per run, set by the run's largest value,
+      so batched with other requests one caller's answer moved with what others sent (an
+      MLP's output -3.73 alone, 1.50 beside a row 100 times larger; fp32 gives -3.75). Each
+      request runs alone, its interface (the batch dimension, the rows a request may carry)
+      the same as the version it is compared or split with."""
     try:
         doc = json.loads(report) if report else {}
         apart, published = doc.get("rows_apart"), str(doc.get("published") or "")
     except (ValueError, AttributeError):
         apart, published = None, ""
     batching = config.get("batching")
-    batching = batching if isinstance(batching, dict) else {}
-    if "max_batch_size" in batching:
-        return config
-    if apart is False or ("dynamic" in published and not model_states_batch):
+    batching = dict(batching) if isinstance(batching, dict) else {}
+    if apart is False:
+        if "max_batch_size" in batching:  # the job's own word
+            return config
         return {**config, "batching": {**batching, "max_batch_size": 0}}
+    if apart is True and "dynamic" in published:
+        batching.setdefault("combine_requests", False)
+        if "max_batch_size" not in batching and not model_states_batch and job_batch > 1:
+            batching["max_batch_size"] = job_batch
+        return {**config, "batching": batching}
     return config
 
 

@@ -15,6 +15,7 @@ Example ``config.toml``::
     max_queue_size = 1024                # queued requests beyond this are rejected at once
     default_timeout_ms = 0               # 0: the server's --default-request-timeout
     default_priority = 1
+    combine_requests = true              # false: each request runs alone (its own rows only)
 
     [instances]
     count = 1                            # concurrent executions of each version (per device)
@@ -78,6 +79,11 @@ class BatchingConfig:
     max_queue_size: int = 1024
     default_timeout_ms: float = 0.0
     default_priority: int = 1
+    # False: requests keep the batch dimension (up to max_batch_size rows each) but each runs
+    # alone, never beside another request's rows (Triton: a config without dynamic_batching).
+    # For a model whose answer for one row depends on the others in its run (dynamic int8's
+    # one activation scale per run) without changing its interface.
+    combine_requests: bool = True
     # Sizes batches run at, padded (runtime.plans); None: powers of two on GPU providers, none
     # on CPU; (): never.
     planned_batch_sizes: tuple[int, ...] | None = None

@@ -80,11 +80,13 @@ class LoadedVersion:
         # alone until one's own row checks it.
         self._unchecked = self.max_batch_size > 0 and not getattr(session, "batch_checked", True)
         self._not_batched_first = ""  # what that check found wrong: every request's error
+        # Each request runs alone, its own rows only: the config says so
+        # (batching.combine_requests false), or a real batch showed rows mixing (below).
+        self._alone = not config.batching.combine_requests
         # Batched on its shapes alone (runtime.rows could run none of its made-up rows): until
         # a batch of different requests gives each the answer it gets alone, requests run
         # alone (_prove_rows_apart); where one does not, they run alone for good.
         self._rows_unproven = self.max_batch_size > 0 and getattr(session, "rows_unproven", False)
-        self._rows_mix = False
         # Until measured, assume a version is slow: the first batches go to a worker thread. A
         # provider that runs elsewhere (a GPU) never runs inline: its cost is not the CPU's.
         # Per input element, not per row: on a dynamic axis one row of a long sequence costs
@@ -170,6 +172,8 @@ class LoadedVersion:
         t0 = time.perf_counter_ns()
         if self._unchecked and not self._checked_on(items[0]) and len(items) > 1:
             return self._apart(items, t0)
+        if self._alone and len(items) > 1:
+            return self._apart(items, t0)
         if self._rows_unproven and len(items) > 1:
             return self._prove_rows_apart(items, t0)
         wanted = _union_outputs(items, self.output_names)
@@ -233,13 +237,13 @@ class LoadedVersion:
         answer they got alone prove the rows apart and batches run together from then on. One
         that does not, or a batch that does not run together, keeps every request alone."""
         apart, runs, _ = self._apart(items, t0)
-        if not self._rows_mix:
+        if not self._alone:
             served = [w for w, r in zip(items, apart, strict=True) if not isinstance(r, Failed)]
             answers = [r for r in apart if not isinstance(r, Failed)]
             if len(served) > 1 and _differ(served, self.input_names):
                 why = self._rows_mixed(served, answers)
                 if why:
-                    self._rows_mix = True
+                    self._alone = True
                     log.warning(
                         "%s/%s: not batched: %s; its requests run alone (set "
                         "batching.max_batch_size in its config to decide)",
@@ -247,7 +251,7 @@ class LoadedVersion:
                         self.version,
                         why,
                     )
-                elif not self._rows_mix:
+                elif not self._alone:
                     self._rows_unproven = False
                     log.info("%s/%s: rows proven apart on a real batch", self.name, self.version)
         return apart, runs, time.perf_counter_ns() - t0

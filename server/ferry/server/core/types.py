@@ -159,6 +159,8 @@ class BatchingPolicy:
     # The config's batching.planned_batch_sizes: a partial batch that reaches one goes at once,
     # as at Triton's preferred batch sizes (a derived plan is not a preference).
     preferred_batch_sizes: tuple[int, ...] = ()
+    # batching.combine_requests: False, each request runs alone (no dynamic batcher, for Triton)
+    combine_requests: bool = True
 
 
 @dataclass(frozen=True)

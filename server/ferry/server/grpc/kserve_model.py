@@ -100,7 +100,9 @@ def config_of(m: ModelMetadata) -> mc.ModelConfig:
         ],
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=False),
     )
-    if batching:
+    # A version that runs each request alone (batching.combine_requests false) has a batch
+    # dimension and no dynamic batcher, as a Triton config without dynamic_batching.
+    if batching and b.combine_requests:
         config.dynamic_batching.CopyFrom(
             mc.ModelDynamicBatching(
                 preferred_batch_size=b.preferred_batch_sizes,
