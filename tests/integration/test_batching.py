@@ -560,7 +560,8 @@ def test_combine_requests_false_keeps_the_batch_dimension_and_runs_each_request_
     with InferenceClient(srv.target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
         _gated_round(srv, client, pool, root, seed=3)
         assert stats(client, "m").execution_count == 4
-        assert client.model_metadata("m").batching.max_batch_size == 8
+        batching = client.model_metadata("m").batching  # ferry.v1 says it too
+        assert (batching.max_batch_size, batching.combine_requests) == (8, False)
         two_rows = np.arange(14, dtype=np.float32).reshape(2, 7)  # a request's own rows
         got = client.infer("m", {"x": two_rows})["y"]
         want = reference(root / "m" / "1" / "model.onnx", {"x": two_rows})["y"]

@@ -194,7 +194,12 @@ def describe_text(meta: ModelMetadata) -> str:
     for title, tensors in (("inputs", meta.inputs), ("outputs", meta.outputs)):
         lines.append(f"{title}:")
         lines += [f"  {t.name:<24} {t.datatype:<6} {list(t.shape)}" for t in tensors]
-    if b.max_batch_size:
+    if b.max_batch_size and not b.combine_requests:
+        lines.append(
+            f"batching: up to {b.max_batch_size} rows per request, each request run alone "
+            f"(combine_requests = false), queue size {b.max_queue_size}, {_instances(b)}"
+        )
+    elif b.max_batch_size:
         timeout = f"{b.default_timeout * 1e3:g} ms" if b.default_timeout else "none"
         lines.append(
             f"batching: up to {b.max_batch_size} per batch, max queue delay "

@@ -481,6 +481,8 @@ def parse_metadata(m: pb.ModelMetadata) -> ModelMetadata:
             default_timeout=b.default_timeout_us / 1e6 if b.default_timeout_us else None,
             instance_count=b.instance_count,
             device_ids=tuple(b.device_ids),
+            combine_requests=not b.requests_run_alone,
+            default_priority=b.default_priority,
         ),
     )
 

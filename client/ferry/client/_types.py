@@ -81,6 +81,10 @@ class BatchingPolicy:
     default_timeout: float | None  # seconds
     instance_count: int  # concurrent executions, on each of device_ids when any are listed
     device_ids: tuple[int, ...] = ()  # GPUs the instances are placed on; (): not placed
+    # False: each request runs alone, never beside another's rows (config
+    # batching.combine_requests; a dynamic int8 version), still up to max_batch_size rows.
+    combine_requests: bool = True
+    default_priority: int = 0  # a request that sets none is queued at it; 0: not said
 
 
 @dataclass(frozen=True)

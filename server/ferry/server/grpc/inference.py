@@ -139,6 +139,8 @@ def metadata_of(m: ModelMetadata) -> pb.ModelMetadata:
             default_timeout_us=int(b.default_timeout_ms * 1000),
             instance_count=m.instance_count,
             device_ids=m.device_ids,
+            requests_run_alone=not b.combine_requests,
+            default_priority=b.default_priority,
         ),
     )
 
