@@ -11,6 +11,9 @@ admitted. No refused request ever reaches the model.
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -21,7 +24,13 @@ from helpers import ExecutionGate, StartServer, make_repo, stats, wait_for, writ
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kgrpc
 
-from ferry.client import InferenceClient, InferResult, RetryPolicy, ServerOverloadedError
+from ferry.client import (
+    DeadlineExceededError,
+    InferenceClient,
+    InferResult,
+    RetryPolicy,
+    ServerOverloadedError,
+)
 from ferry.client._errors import ERROR_KIND_METADATA
 from ferry.server.batching.service_time import ServiceTime
 from ferry.server.examples import mlp_model
@@ -136,3 +145,43 @@ def test_admitted_when_it_fits_and_priority_is_judged_by_the_queue_ahead(busy) -
     s = stats(client, "mlp")
     assert gate.calls == 5  # held, queued, long deadline, two high-priority: nothing refused ran
     assert s.success.count == 5
+
+
+def test_a_deadline_shorter_than_one_run_is_deadline_exceeded_even_behind_a_queue(busy) -> None:  # type: ignore[no-untyped-def]
+    """A 5 s deadline for a request whose own run takes 10 s: no wait, retry or other replica
+    could finish it, queue or not. Behind the held and the queued request it was refused
+    RESOURCE_EXHAUSTED ('retry with backoff'), the SDK's retryable overload error, and counted
+    as a queue-full rejection; it is DEADLINE_EXCEEDED, as it is with nothing ahead of it."""
+    srv, client, gate, _pool, _futures = busy
+    short = 5.0  # < the 10 s of its own run
+    with pytest.raises(DeadlineExceededError) as refused:
+        client.infer("mlp", {"input": X}, timeout=short)
+    assert "one run takes 10000.0 ms" in str(refused.value)
+    assert "give it a longer deadline" in str(refused.value)
+    with grpc.insecure_channel(srv.target) as channel:
+        stub = kgrpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as rpc:
+            stub.ModelInfer(_oip_request(short), timeout=30.0)
+        assert rpc.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "give it a longer deadline" in rpc.value.details()
+    body = json.dumps(
+        {
+            "inputs": [
+                {"name": "input", "datatype": "FP32", "shape": [1, 64], "data": X.ravel().tolist()}
+            ],
+            "parameters": {"timeout": int(short * 1e6)},
+        }
+    ).encode()
+    req = urllib.request.Request(
+        f"http://{srv.http_target}/v2/models/mlp/infer",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as http:
+        urllib.request.urlopen(req, timeout=30)
+    assert http.value.headers["ferry-error"] == "DEADLINE_EXCEEDED"
+    assert "give it a longer deadline" in json.loads(http.value.read())["error"]
+    s = stats(client, "mlp")
+    assert s.queue_depth == 1
+    assert s.rejected_count == 0  # not overload: ferry_rejected_total stays as it was
+    assert gate.calls == 1

@@ -141,6 +141,26 @@ def test_a_deadline_shorter_than_one_run_is_deadline_exceeded_not_overload() -> 
     arun(main)
 
 
+def test_a_deadline_shorter_than_one_run_is_deadline_exceeded_behind_a_queue_too() -> None:
+    """Work queued ahead does not make a deadline shorter than the request's own run overload:
+    no backoff cures it, and it is no queue-full rejection."""
+
+    async def main() -> None:
+        clock, h, b, running = await busy_batcher(0.010, name="m/1")
+        queued = spawn(b, "q")
+        await until(lambda: b.queue_depth == 1)
+        with pytest.raises(DeadlineExceeded) as refused:
+            await b.submit("short", deadline=clock.now + 0.004)
+        assert "4.0 ms remain; give it a longer deadline" in str(refused.value)
+        assert b.rejected == 0 and b.queue_depth == 1
+        h.gate.set()
+        await asyncio.gather(running, queued)
+        assert "short" not in h.items
+        await b.close()
+
+    arun(main)
+
+
 def test_one_slow_run_does_not_refuse_every_later_request() -> None:
     """The estimate is refreshed only by batches that run: after one slow run (a GPU's first
     run at a shape, a stall), every request with a shorter deadline was refused at the door and

@@ -10,8 +10,8 @@ work queued ahead of it, at its priority or better, spread over the instances, p
 execution, all predicted from the batches that ran) is refused at once with QueueFull
 (RESOURCE_EXHAUSTED) instead of being queued to be executed too late, and a queued request whose
 deadline comes before it could finish is dropped when batches form, so late work is never run.
-One that nothing is ahead of, whose deadline is shorter than its own run, is DeadlineExceeded
-instead: no backoff or other replica helps it, so it is not reported as overload.
+One whose deadline is shorter than its own run (whatever is queued ahead of it) is
+DeadlineExceeded instead: no backoff or other replica helps it, so it is not reported as overload.
 
 It is event driven: every decision is taken when something changes (a submit, a slot freeing, a
 timer firing, a caller going away), never by a polling loop, so an idle batcher costs nothing and a
@@ -303,7 +303,10 @@ class DynamicBatcher(Generic[T, R]):
             wait = self.predicted_wait(size, priority, cost)
             if now + wait > deadline:
                 own = self._predict(size, cost)
-                if wait <= own:  # nothing ahead of it: the deadline, not the load, is the cause
+                # Its own run alone overruns the deadline: the deadline, not the load, is the
+                # cause, queue or not. Judged by the wait, a queue ahead made it "overload",
+                # which sent clients to back off and retry a request no server could finish.
+                if now + own > deadline:
                     raise DeadlineExceeded(
                         f"{self._label} cannot run this request within its deadline: one run "
                         f"takes {own * 1000:.1f} ms (predicted from the runs so far) and "
