@@ -10,6 +10,7 @@ timing).
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kgrpc
 
-from ferry.client import InferenceClient, InvalidInputError, RetryPolicy
+from ferry.client import DeadlineExceededError, InferenceClient, InvalidInputError, RetryPolicy
 
 TABLE = np.arange(100 * 4, dtype=np.float32).reshape(100, 4)
 
@@ -106,6 +107,59 @@ def test_a_bad_request_fails_alone_in_its_batch(served) -> None:  # type: ignore
     # Queue time is the successful requests' alone (Triton's): perf_analyzer divides it by the
     # success count, and the four refused rows' waits were in it (queue.count 9).
     assert s.queue.count == 5
+
+
+def test_a_caller_gone_while_its_batch_failed_is_not_run_again_alone(served) -> None:  # type: ignore[no-untyped-def]
+    """A failed batch runs again one request at a time, so each gets its own answer. A caller
+    whose deadline ended the call while the batch ran has no answer to get: its rows ran alone
+    all the same (one more execution of work nobody waited for, counted in the statistics).
+    The first run (held) keeps the instance busy while three requests queue; the second (their
+    batch) is held until the short-deadline caller's call has ended (its failure counted)."""
+    srv, client = served
+    loaded = srv.app.registry.get("table", 1)
+    loaded._ns_per_element = float("inf")  # runs on the workers, where it can be held
+    session = loaded.session
+    original = session.run
+    holds = [threading.Event(), threading.Event()]
+    entered = [threading.Event(), threading.Event()]
+    runs: list[np.ndarray] = []
+    lock = threading.Lock()
+
+    def held_run(feeds: dict[str, np.ndarray], names: list[str] | None = None) -> object:
+        with lock:
+            n = len(runs)
+            runs.append(feeds["ids"])
+        if n < 2:
+            entered[n].set()
+            assert holds[n].wait(60), "never released"
+        return original(feeds, names)
+
+    session.run = held_run
+    srv.before_stop(lambda: [h.set() for h in holds])
+    good, bad, gone = (np.array([[i, 1, 2]], np.int64) for i in (3, 4, 5))
+    bad[0, 1] = 500
+    with ThreadPoolExecutor(4) as pool:
+        first = pool.submit(client.infer, "table", {"ids": good})
+        assert entered[0].wait(60)
+        leaving = pool.submit(client.infer, "table", {"ids": gone}, timeout=1.0)
+        wait_for(lambda: stats(client, "table").queue_depth == 1, "the short one queued")
+        ok = pool.submit(client.infer, "table", {"ids": good})
+        refused = pool.submit(client.infer, "table", {"ids": bad})
+        wait_for(lambda: stats(client, "table").queue_depth == 3, "all three queued")
+        holds[0].set()
+        assert entered[1].wait(60)  # the three run as one batch, held
+        with pytest.raises(DeadlineExceededError):
+            leaving.result(60)
+        wait_for(lambda: stats(client, "table").fail.count == 1, "the call's end counted")
+        holds[1].set()
+        np.testing.assert_array_equal(first.result(60)["rows"], TABLE[good])
+        np.testing.assert_array_equal(ok.result(60)["rows"], TABLE[good])
+        with pytest.raises(InvalidInputError):
+            refused.result(60)
+    # The held run, the batch of three (failed), then the two whose callers wait, alone.
+    assert [r[0, 0] for r in runs[2:]] == [3, 4]
+    s = stats(client, "table")
+    assert (s.execution_count, s.inference_count) == (2, 2)
 
 
 def test_a_request_the_model_refuses_adds_no_queue_time(served) -> None:  # type: ignore[no-untyped-def]

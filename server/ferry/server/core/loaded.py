@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -21,7 +21,7 @@ from ferry.server.batching.tensors import same_answer, split
 from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, apply_version_config
 from ferry.server.core.stats import VersionStats
 from ferry.server.core.types import Opener, Session, TensorSpec, VersionStatistics
-from ferry.server.errors import FailedPrecondition, ModelNotReady
+from ferry.server.errors import Cancelled, FailedPrecondition, ModelNotReady
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,8 @@ INLINE_NS = 150_000
 Execution = tuple[int, tuple[int, ...], int, int, int]
 # A batch's outcome: each request's result, the executions that succeeded, and the ns it took.
 Ran = tuple[list["dict[str, np.ndarray] | Failed"], list[Execution], int]
+# Which of a batch's callers have stopped waiting (BatchInfo.left); None: all of them wait.
+Left = Callable[[], list[bool]] | None
 
 
 @dataclass(slots=True)
@@ -127,7 +129,7 @@ class LoadedVersion:
         dynamic axis is predicted long, and goes to the pool."""
         if not (self._inline and self._ns_per_element * _elements(items) < INLINE_NS):
             return None
-        return self._finish(items, self._run_batch(items), info)
+        return self._finish(items, self._run_batch(items, info.left), info)
 
     async def _execute(
         self, items: Sequence[Work], info: BatchInfo
@@ -138,7 +140,7 @@ class LoadedVersion:
         if results is not None:
             return results
         loop = asyncio.get_running_loop()
-        timed = await loop.run_in_executor(self._executor, self._run_batch, items)
+        timed = await loop.run_in_executor(self._executor, self._run_batch, items, info.left)
         return self._finish(items, timed, info)
 
     def _finish(
@@ -165,17 +167,17 @@ class LoadedVersion:
             self.stats.record_execution(size, requests, t_in, t_infer, t_out)
         return results
 
-    def _run_batch(self, items: Sequence[Work]) -> Ran:
+    def _run_batch(self, items: Sequence[Work], left: Left = None) -> Ran:
         """Worker thread: gather -> run -> check -> split, timing each stage. Returns the
         results, the executions that succeeded (what statistics count: Triton counts only
         successful executions and the inferences they served) and the ns it all took."""
         t0 = time.perf_counter_ns()
         if self._unchecked and not self._checked_on(items[0]) and len(items) > 1:
-            return self._apart(items, t0)
+            return self._apart(items, t0, left)
         if self._alone and len(items) > 1:
-            return self._apart(items, t0)
+            return self._apart(items, t0, left)
         if self._rows_unproven and len(items) > 1:
-            return self._prove_rows_apart(items, t0)
+            return self._prove_rows_apart(items, t0, left)
         wanted = _union_outputs(items, self.output_names)
         # The session gathers the requests' inputs itself: a planned one straight into its
         # reused buffers (one copy), not concatenated here and copied again to pad. Nothing
@@ -193,7 +195,7 @@ class LoadedVersion:
             # client's bad input is not every batched client's failure. Each run alone that
             # succeeds is an execution of its own; the failed batch is none (it was counted as
             # one execution of the whole batch, its failed rows as inferences).
-            return self._apart(items, t0)
+            return self._apart(items, t0, left)
         t2 = time.perf_counter_ns()
         sizes = [w.batch for w in items]
         total = sum(sizes)
@@ -211,11 +213,18 @@ class LoadedVersion:
         served = tuple(range(len(items)))
         return per_request, [(total, served, t1 - t0, t2 - t1, t3 - t2)], t3 - t0
 
-    def _apart(self, items: Sequence[Work], t0: int) -> Ran:
-        """Each request run alone, with its own answer or error."""
+    def _apart(self, items: Sequence[Work], t0: int, left: Left = None) -> Ran:
+        """Each request run alone, with its own answer or error; not one whose caller has
+        left (its deadline ended the call, or its client cancelled it) before its turn: no one
+        would read the answer, and its run alone delayed the others' and was counted as an
+        execution. ``left`` is the batcher's BatchInfo.left: a read of each caller's future from
+        this worker thread, which at worst sees a caller leave one run late."""
         apart: list[dict[str, np.ndarray] | Failed] = []
         runs: list[Execution] = []
         for i, w in enumerate(items):
+            if left is not None and left()[i]:
+                apart.append(Failed(Cancelled("the caller left before its request ran alone")))
+                continue
             try:
                 alone, ran, _ = self._run_batch((w,))
             except Exception as exc:
@@ -226,7 +235,7 @@ class LoadedVersion:
             runs.extend((size, (i,), t_in, t_infer, t_out) for size, _, t_in, t_infer, t_out in ran)
         return apart, runs, time.perf_counter_ns() - t0
 
-    def _prove_rows_apart(self, items: Sequence[Work], t0: int) -> Ran:
+    def _prove_rows_apart(self, items: Sequence[Work], t0: int, left: Left = None) -> Ran:
         """Each request run alone (their answers), then, while unproven, the ones that ran
         together, to see whether rows of different callers may share a run.
 
@@ -236,7 +245,7 @@ class LoadedVersion:
         nothing (a mean over equal rows is each row's); different ones that each get the
         answer they got alone prove the rows apart and batches run together from then on. One
         that does not, or a batch that does not run together, keeps every request alone."""
-        apart, runs, _ = self._apart(items, t0)
+        apart, runs, _ = self._apart(items, t0, left)
         if not self._alone:
             served = [w for w, r in zip(items, apart, strict=True) if not isinstance(r, Failed)]
             answers = [r for r in apart if not isinstance(r, Failed)]
