@@ -185,3 +185,17 @@ def test_a_deadline_shorter_than_one_run_is_deadline_exceeded_even_behind_a_queu
     assert s.queue_depth == 1
     assert s.rejected_count == 0  # not overload: ferry_rejected_total stays as it was
     assert gate.calls == 1
+
+
+def test_a_refusal_counts_only_the_requests_ahead_of_it(busy) -> None:  # type: ignore[no-untyped-def]
+    """A priority-1 request with 12 s: nothing of its priority is queued, so the prediction is
+    half the running 10 s plus its own 10 s (15 s), refused. The message said '(1 queued, 1
+    running)': the queued one is at the default priority, behind it, and not in the
+    prediction. It now says what the prediction counted."""
+    _srv, client, _gate, _pool, _futures = busy
+    with pytest.raises(ServerOverloadedError) as refused:
+        client.infer("mlp", {"input": X}, timeout=12.0, priority=1)
+    assert "predicted wait 15000.0 ms (0 queued ahead of it, 1 running)" in str(refused.value)
+    with pytest.raises(ServerOverloadedError) as low:
+        client.infer("mlp", {"input": X}, timeout=REFUSED_S)
+    assert "predicted wait 25000.0 ms (1 queued ahead of it, 1 running)" in str(low.value)

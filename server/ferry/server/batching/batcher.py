@@ -313,9 +313,13 @@ class DynamicBatcher(Generic[T, R]):
                         f"{(deadline - now) * 1000:.1f} ms remain; give it a longer deadline"
                     )
                 self.rejected += counted
+                # What the prediction counted: the whole queue's depth named requests of lower
+                # priorities, which wait behind this one and are not in it.
+                before = sum(n for prio, (n, _, _) in self._ahead.items() if prio <= priority)
                 raise QueueFull(
                     f"{self._label} cannot finish this request before its deadline: predicted "
-                    f"wait {wait * 1000:.1f} ms ({self._depth} queued, {self._in_flight} running) "
+                    f"wait {wait * 1000:.1f} ms ({before} queued ahead of it, "
+                    f"{self._in_flight} running) "
                     f"> remaining {(deadline - now) * 1000:.1f} ms; retry with backoff, with a "
                     "longer deadline, or add capacity"
                 )
