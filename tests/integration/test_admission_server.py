@@ -19,8 +19,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 from helpers import ExecutionGate, StartServer, make_repo, stats, wait_for, write_config
+from onnx import TensorProto, helper
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kgrpc
 
@@ -199,3 +201,66 @@ def test_a_refusal_counts_only_the_requests_ahead_of_it(busy) -> None:  # type: 
     with pytest.raises(ServerOverloadedError) as low:
         client.infer("mlp", {"input": X}, timeout=REFUSED_S)
     assert "predicted wait 25000.0 ms (1 queued ahead of it, 1 running)" in str(low.value)
+
+
+def _relu_model() -> onnx.ModelProto:
+    """x [batch, n] -> Relu: requests of other lengths n have other batch keys."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "n"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "n"])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_a_head_expired_at_dispatch_does_not_let_a_lower_priority_run_first(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """a1 (length 2, priority 1) heads the queue, b1 (length 3, priority 1) is next, a2
+    (length 2, priority 5) last. When the instance frees, a1 cannot finish in time (10 s a
+    row, 9 s left): it expires, and the batch it chose was still its length's, so a2 ran
+    ahead of b1. Now b1 runs first."""
+    root = make_repo(tmp_path / "repo", {"relu": _relu_model()})
+    write_config(root, "relu", {"batching": {"max_batch_size": 8}, "instances": {"count": 1}})
+    srv = start_server(root)
+    assert srv.app is not None
+    batcher = srv.app.registry.get("relu", 1).batcher
+    with (
+        InferenceClient(srv.target, timeout=ADMITTED_S, retry=RetryPolicy.disabled()) as client,
+        ThreadPoolExecutor(8) as pool,
+        ExecutionGate(srv, "relu") as gate,
+    ):
+        session = gate.session
+        gated = session.run
+        order: list[int] = []
+
+        def recorded(feeds: dict[str, np.ndarray], names: list[str] | None = None) -> object:
+            order.append(feeds["x"].shape[1])
+            return gated(feeds, names)
+
+        session.run = recorded  # type: ignore[method-assign]
+        two, three = np.ones((1, 2), np.float32), np.ones((1, 3), np.float32)
+        held = pool.submit(client.infer, "relu", {"x": two})
+        gate.wait_entered()
+        # Admitted before anything was measured; then a measurement of 10 s a row (the
+        # per-element line set slower, so rows decide).
+        a1 = pool.submit(client.infer, "relu", {"x": two}, timeout=9.0, priority=1)
+        wait_for(lambda: stats(client, "relu").queue_depth == 1, "a1 queued")
+        rows, elements = ServiceTime(), ServiceTime()
+        for _ in range(40):
+            for n in (1, 2):
+                rows.observe(n, COST_S * n)
+                elements.observe(n, 2 * COST_S * n)
+        batcher.service_time = rows
+        batcher._cost_time = elements
+        b1 = pool.submit(client.infer, "relu", {"x": three}, priority=1)
+        wait_for(lambda: stats(client, "relu").queue_depth == 2, "b1 queued")
+        a2 = pool.submit(client.infer, "relu", {"x": two}, priority=5)
+        wait_for(lambda: stats(client, "relu").queue_depth == 3, "a2 queued")
+        gate.release()
+        for f in (held, b1, a2):
+            assert f.result(ADMITTED_S)["y"].shape[0] == 1
+        with pytest.raises(DeadlineExceededError):
+            a1.result(ADMITTED_S)
+    assert order == [2, 3, 2]  # held, b1, a2; a1 never ran

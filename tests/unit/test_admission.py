@@ -305,6 +305,28 @@ class LengthHandler:
         return [name for name, _ in items]
 
 
+def test_a_head_that_expires_at_dispatch_hands_the_slot_to_the_next_priority() -> None:
+    """ "a1" (key a, priority 1) heads the queue but can no longer finish in time when the slot
+    frees. The batch was still formed for its key, so "a2" at priority 5 ran ahead of "b1" at
+    priority 1, which had been queued before it."""
+
+    async def main() -> None:
+        clock, h, b, running = await busy_batcher(0.010, batch_key=lambda item: item[0])
+        a1 = spawn(b, "a1", priority=1, deadline=clock.now + 1.0)
+        b1 = spawn(b, "b1", priority=1)
+        a2 = spawn(b, "a2", priority=5)
+        await until(lambda: b.queue_depth == 3)
+        clock.now += 0.995 - 0.010  # "a1" has 5 ms left once the running 10 ms end
+        h.gate.set()
+        await asyncio.gather(running, b1, a2)
+        with pytest.raises(DeadlineExceeded):
+            await a1
+        assert h.items[-2:] == ["b1", "a2"]
+        await b.close()
+
+    arun(main)
+
+
 def test_a_request_long_on_a_dynamic_axis_does_not_make_short_ones_look_long() -> None:
     """Batch time was fitted per row: after one row of 1,000,000 elements ran (1 s), every
     row was predicted to take about that, and a short request with a 10 ms deadline was

@@ -455,6 +455,8 @@ class DynamicBatcher(Generic[T, R]):
         state change; ``force`` is the flush timer's verdict, trusted over the injected clock."""
         while self._depth and self._in_flight < self._max_concurrency:
             now = self._clock()
+            if not self._drop_late_heads(now):
+                break
             key, target = self._next_key(now, force)
             if target is not None:
                 self._arm_flush(target, now)
@@ -465,6 +467,20 @@ class DynamicBatcher(Generic[T, R]):
                 self._launch(batch, units, now)
         # Nothing queued, or every slot busy: a slot freeing re-evaluates, so no timer is needed.
         self._cancel_flush()
+
+    def _drop_late_heads(self, now: float) -> bool:
+        """Expire the queue's heads that can no longer finish in time; whether anything is
+        left. The head names the batch that goes next: one that expired only as its batch
+        formed still chose it, and a lower priority of its key ran ahead of the higher
+        priority requests of other keys queued before it."""
+        self._forget_stale_estimate(now)
+        while self._depth:
+            head = self._queues[self._prios[0]][0]
+            if head.deadline is None or head.deadline > now + self._predict(head.size, head.cost):
+                return True
+            self._expire(head)
+            self._tidy()
+        return False
 
     def _next_key(self, now: float, force: bool) -> tuple[Hashable, float | None]:
         """(the key whose batch goes now, None), or (None, when the first batch must go) while
