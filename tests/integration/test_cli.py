@@ -371,9 +371,9 @@ def test_loadtest_refusals(server: Any, capsys: pytest.CaptureFixture[str], tmp_
         assert code == 2 and "ferry-serve[plot]" in one_error_line(err)
 
 
-def test_upload_and_convert_with_a_progress_callback(
-    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def _fake_conversion_server(start_server: Any, tmp_path: Path) -> tuple[Any, Path, tuple[str, str]]:
+    """A server whose conversions run FAKE_CHILD, a tiny ONNX file to convert, and the CLI's
+    --target for its management listener."""
     from ferry.server.examples import mlp_model
 
     repo = tmp_path / "conv-repo"
@@ -385,7 +385,13 @@ def test_upload_and_convert_with_a_progress_callback(
     srv.app.conversion.runner.child_command = [sys.executable, str(child)]
     model_file = tmp_path / "tiny.onnx"
     model_file.write_bytes(mlp_model(sizes=(8, 4)).SerializeToString())
-    t = ("--target", srv.management_target)
+    return srv, model_file, ("--target", srv.management_target)
+
+
+def test_upload_and_convert_with_a_progress_callback(
+    start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, model_file, t = _fake_conversion_server(start_server, tmp_path)
     code, out, _ = ferry(capsys, "upload", "tiny", str(model_file), "--json", *t)
     upload_id = json.loads(out)["upload_id"]
     assert code == 0 and json.loads(out)["format"] == "onnx"
@@ -421,19 +427,8 @@ def test_convert_max_batch_size_is_the_new_versions_serving_batch(
     start_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # --max-batch-size went to the export check alone: the version served the load's default
-    # batch (32), and a dynamic int8 variant (published unbatched unless a batch is stated) none.
-    from ferry.server.examples import mlp_model
-
-    repo = tmp_path / "conv-repo"
-    repo.mkdir()
-    srv = start_server(repo)
-    assert srv.app is not None
-    child = tmp_path / "child.py"
-    child.write_text(FAKE_CHILD)
-    srv.app.conversion.runner.child_command = [sys.executable, str(child)]
-    model_file = tmp_path / "tiny.onnx"
-    model_file.write_bytes(mlp_model(sizes=(8, 4)).SerializeToString())
-    t = ("--target", srv.management_target)
+    # batch (32) whatever the flag said.
+    srv, model_file, t = _fake_conversion_server(start_server, tmp_path)
     code, out, _ = ferry(
         capsys,
         "convert",
@@ -448,7 +443,7 @@ def test_convert_max_batch_size_is_the_new_versions_serving_batch(
         *t,
     )
     assert code == 0 and "version 1" in out
-    config = json.loads((repo / "tiny" / "1" / "config.json").read_text())
+    config = json.loads((tmp_path / "conv-repo" / "tiny" / "1" / "config.json").read_text())
     assert config == {"batching": {"max_batch_size": 8}, "instances": {"count": 2}}
     with InferenceClient(srv.target) as client:
         assert client.model_metadata("tiny").batching.max_batch_size == 8
