@@ -395,7 +395,8 @@ def test_success_publishes_serves_and_reports(
     start: Start, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     srv, conv = start()
-    job = convert_fake(conv, "mlp8", "ok", serving=Serving(max_batch_size=8, instance_count=1))
+    serving = Serving(max_batch_size=8, instance_count=1, combine_requests=False)
+    job = convert_fake(conv, "mlp8", "ok", serving=serving)
     assert job.state in ("QUEUED", "RUNNING")
     done = job.wait(progress=True)
     assert "] 100% done: published as mlp8 version 1" in capsys.readouterr().err
@@ -413,7 +414,8 @@ def test_success_publishes_serves_and_reports(
     x = np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)
     assert infer(srv, "mlp8", x)["logits"].shape == (3, 4)
     with InferenceClient(srv.target) as client:
-        assert client.model_metadata("mlp8").batching.max_batch_size == 8
+        batching = client.model_metadata("mlp8").batching
+        assert (batching.max_batch_size, batching.combine_requests) == (8, False)
     assert sorted(p.name for p in (tmp_path / "repo" / "mlp8" / "1").iterdir()) == [
         "config.json",
         "model.onnx",

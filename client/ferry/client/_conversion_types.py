@@ -98,6 +98,9 @@ class Serving:
     max_queue_size: int | None = None
     default_timeout_ms: float | None = None
     instance_count: int | None = None
+    # False: each request runs alone (its own rows only). None: the model's setting, except
+    # that a dynamic int8 version is published with False (one activation scale per run).
+    combine_requests: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -477,6 +480,7 @@ def build_spec(
             "max_queue_size",
             "default_timeout_ms",
             "instance_count",
+            "combine_requests",
         ):
             value = getattr(serving, name)
             if name in _SERVING_COUNTS and value is not None:

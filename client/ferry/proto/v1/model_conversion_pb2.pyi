@@ -189,18 +189,20 @@ class ValidationSpec(_message.Message):
     def __init__(self, rtol: _Optional[float] = ..., atol: _Optional[float] = ..., samples: _Optional[int] = ..., sample_inputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., reference_outputs: _Optional[_Iterable[_Union[_tensor_pb2.Tensor, _Mapping]]] = ..., min_cosine: _Optional[float] = ..., min_top1_agreement: _Optional[float] = ..., keep_failed: _Optional[bool] = ...) -> None: ...
 
 class ServingConfig(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "default_timeout_ms", "instance_count")
+    __slots__ = ("max_batch_size", "max_queue_delay_ms", "max_queue_size", "default_timeout_ms", "instance_count", "combine_requests")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    COMBINE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queue_delay_ms: float
     max_queue_size: int
     default_timeout_ms: float
     instance_count: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., default_timeout_ms: _Optional[float] = ..., instance_count: _Optional[int] = ...) -> None: ...
+    combine_requests: bool
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_ms: _Optional[float] = ..., max_queue_size: _Optional[int] = ..., default_timeout_ms: _Optional[float] = ..., instance_count: _Optional[int] = ..., combine_requests: _Optional[bool] = ...) -> None: ...
 
 class ConversionSpec(_message.Message):
     __slots__ = ("inputs", "opset", "pruning", "quantization", "validation", "max_batch_size", "serving", "benchmark", "rollout", "rollout_fraction")

@@ -362,6 +362,7 @@ def serving_config(
     max_queue_size: int | None = None,
     default_timeout_ms: float | None = None,
     instance_count: int | None = None,
+    combine_requests: bool | None = None,
 ) -> dict[str, Any]:
     """The version's config.json content: only the keys the caller set."""
     batching: dict[str, Any] = {}
@@ -370,6 +371,7 @@ def serving_config(
         ("max_queue_delay_ms", max_queue_delay_ms),
         ("max_queue_size", max_queue_size),
         ("default_timeout_ms", default_timeout_ms),
+        ("combine_requests", combine_requests),
     ):
         if value is not None:
             batching[key] = value

@@ -311,6 +311,7 @@ def _spec(m: pb.ConversionSpec) -> tuple[spec.ConversionSpec, validation.SpecTen
                     "max_queue_size",
                     "default_timeout_ms",
                     "instance_count",
+                    "combine_requests",
                 )
             }
         ),
