@@ -735,7 +735,10 @@ def test_cancelled_at_its_deadline_while_queued_counts_as_expired() -> None:
         early.cancel()  # its caller went away at 0, long before its deadline
         with pytest.raises(asyncio.CancelledError):
             await early
-        clock.now = 10.0  # the deadline: the loop's own timer has not fired yet
+        # 20 ms before the server's deadline: the client's own deadline, which came first (the
+        # server counts the client's timeout from the call's arrival); counted as expired, where
+        # a 5 ms slack counted it as the client's cancel, in no failure and no expiry.
+        clock.now = 9.98
         late.cancel()
         with pytest.raises(asyncio.CancelledError):
             await late
