@@ -378,30 +378,6 @@ def test_a_higher_priority_batch_waiting_for_company_goes_before_a_lower_ones_ba
     arun(main)
 
 
-def test_combine_false_dispatches_each_item_as_a_batch_of_its_own_in_priority_order() -> None:
-    """combine=False (a model config's batching.combine_requests = false): one item per batch,
-    its own rows up to max_batch_size, and no waiting for company. The handler used to get a
-    batch of several and run them one after another in one slot, so a priority-1 item queued
-    last still ran after the priority-5 items that formed the batch with it."""
-
-    async def main() -> None:
-        h = Handler(gated=True)
-        b = DynamicBatcher(h, max_batch_size=8, max_queue_delay=100.0, combine=False)
-        hold = spawn(b, "hold")
-        await until(lambda: b.in_flight == 1)
-        low = [spawn(b, "p5a", priority=5), spawn(b, "p5b", priority=5)]
-        await until(lambda: b.queue_depth == 2)
-        high = spawn(b, "p1", priority=1)
-        await until(lambda: b.queue_depth == 3)
-        h.gate.set()
-        await until(lambda: len(h.batches) == 4)
-        assert h.batches == [["hold"], ["p1"], ["p5a"], ["p5b"]]
-        await asyncio.gather(hold, *low, high)
-        await b.close()
-
-    arun(main)
-
-
 def test_the_flush_timer_also_sends_a_higher_priority_batch_first() -> None:
     """The flush timer of a priority-5 batch (its delay over, by the timer's verdict) sent it
     ahead of a priority-1 request of another key waiting for company, where a batch found due

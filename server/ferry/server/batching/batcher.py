@@ -179,7 +179,6 @@ class DynamicBatcher(Generic[T, R]):
         run_now: Callable[[Sequence[T], BatchInfo], Sequence[R | Failed] | None] | None = None,
         preferred_sizes: Sequence[int] = (),
         cost_of: Callable[[T], int] | None = None,
-        combine: bool = True,
     ) -> None:
         label = f"batcher {name!r}" if name else "batcher"
         if max_batch_size < 0:
@@ -195,12 +194,7 @@ class DynamicBatcher(Generic[T, R]):
         self._run_now = run_now
         self._preferred = frozenset(preferred_sizes)
         self._max_batch_size = max_batch_size
-        # False: one item per batch (it may still carry up to max_batch_size units of its own),
-        # for a model whose answer for one row depends on the other rows of its run; a batch of
-        # several items run one after another in one slot kept the later ones waiting behind
-        # the others, past the deadlines and priorities the queue had judged them by.
-        self._combine = combine
-        self._max_queue_delay = max_queue_delay if combine else 0.0
+        self._max_queue_delay = max_queue_delay
         self._max_queue_size = max_queue_size
         self._max_concurrency = max_concurrency
         self._size_of = batch_size_of
@@ -269,9 +263,7 @@ class DynamicBatcher(Generic[T, R]):
         limit = self._max_batch_size
         # One item per batch, or full batches: the backlog is what fills them. (Keys that do
         # not batch together make a few more; the estimate stays the common case's.)
-        batches = (
-            items if limit == 0 or not self._combine or not items else math.ceil(units / limit)
-        )
+        batches = items if limit == 0 or not items else math.ceil(units / limit)
         work = batches * est.fixed + units * est.per_unit
         by_cost = self._cost_time
         if by_cost is not None and by_cost.ready:
@@ -594,7 +586,7 @@ class DynamicBatcher(Generic[T, R]):
                 break
             batch.append(entry)
             units += entry.size
-            if limit == 0 or units >= limit or not self._combine:
+            if limit == 0 or units >= limit:
                 break
         for entry in stale:
             self._expire(entry)

@@ -82,8 +82,8 @@ class LoadedVersion:
         # alone until one's own row checks it.
         self._unchecked = self.max_batch_size > 0 and not getattr(session, "batch_checked", True)
         self._not_batched_first = ""  # what that check found wrong: every request's error
-        # Each request runs alone, its own rows only: a real batch showed rows mixing (below);
-        # with batching.combine_requests false the batcher forms no batch of two.
+        # Each request runs alone, its own rows only: the config says so
+        # (batching.combine_requests false), or a real batch showed rows mixing (below).
         self._alone = not config.batching.combine_requests
         # Batched on its shapes alone (runtime.rows could run none of its made-up rows): until
         # a batch of different requests gives each the answer it gets alone, requests run
@@ -116,10 +116,6 @@ class LoadedVersion:
             # a partial batch that reaches one goes at once. A derived plan (powers of two on a
             # GPU) is not a preference: with 1 in it, nothing would ever wait for company.
             preferred_sizes=b.planned_batch_sizes or (),
-            # batching.combine_requests false: each request is a batch of its own, queued and
-            # dispatched by its own deadline and priority (not run one after another inside a
-            # batch formed of several).
-            combine=b.combine_requests,
         )
 
     def _run_now(
