@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import (
+    WAIT_S,
     ExecutionGate,
     StartServer,
     make_repo,
@@ -571,6 +572,61 @@ def test_combine_requests_false_keeps_the_batch_dimension_and_runs_each_request_
     assert srv.app is not None
     triton = config_of(srv.app.dataplane.metadata("m"))  # what ModelConfig answers
     assert triton.max_batch_size == 8 and not triton.HasField("dynamic_batching")
+
+
+def test_requests_run_alone_by_config_each_take_a_free_instance(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """With batching.combine_requests = false, the batcher still formed batches of several
+    requests and ran them one after another on one instance, while a second one sat idle (and
+    a later request of higher priority waited behind the whole batch). Each request is now a
+    batch of its own: two requests queued behind two held runs run at once, one on each
+    instance (a barrier both must reach; run one after another, the first waits in vain)."""
+    import threading
+
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    write_config(
+        root,
+        "mlp",
+        {"batching": {"max_batch_size": 8, "combine_requests": False}, "instances": {"count": 2}},
+    )
+    srv = start_server(root)
+    assert srv.app is not None
+    loaded = srv.app.registry.get("mlp", 1)
+    loaded._ns_per_element = float("inf")  # never inline: runs are held on worker threads
+    session = loaded.session
+    original = session.run
+    held, opened = threading.Semaphore(0), threading.Event()
+    together = threading.Barrier(2, timeout=10)
+    lock = threading.Lock()
+    calls = [0]
+
+    def run(feeds: dict[str, np.ndarray], names: list[str] | None = None) -> Any:
+        with lock:
+            calls[0] += 1
+            n = calls[0]
+        if n <= 2:  # the two runs that hold both instances
+            held.release()
+            assert opened.wait(WAIT_S)
+        elif n <= 4:  # the two queued behind them: they must run side by side
+            together.wait()
+        return original(feeds, names)
+
+    session.run = run  # type: ignore[method-assign]
+    srv.before_stop(opened.set)
+    rng = np.random.default_rng(5)
+    requests = [{"input": rng.standard_normal((1, 64)).astype(np.float32)} for _ in range(4)]
+    with InferenceClient(srv.target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+        first = [pool.submit(client.infer, "mlp", feeds) for feeds in requests[:2]]
+        for _ in range(2):
+            assert held.acquire(timeout=WAIT_S)
+        rest = [pool.submit(client.infer, "mlp", feeds) for feeds in requests[2:]]
+        wait_for(lambda: stats(client, "mlp").queue_depth == 2, "two requests queued")
+        opened.set()
+        for feeds, future in zip(requests, [*first, *rest], strict=True):
+            expected = reference(root / "mlp" / "1" / "model.onnx", feeds)["logits"]
+            np.testing.assert_allclose(future.result(60)["logits"], expected, rtol=1e-5)
+        assert calls[0] == 4 and stats(client, "mlp").execution_count == 4
 
 
 @pytest.mark.parametrize(

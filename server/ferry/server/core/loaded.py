@@ -102,7 +102,11 @@ class LoadedVersion:
         self._executor = executor
         self.batcher: DynamicBatcher[Work, dict[str, np.ndarray]] = DynamicBatcher(
             self._execute,
-            max_batch_size=self.max_batch_size,
+            # A version whose requests run alone by config takes one request per batch: a
+            # batch of several ran them one after another on one instance while the others
+            # sat idle, and a request of higher priority (or an earlier deadline) arriving
+            # then waited behind the whole batch. Rows per request are checked on decoding.
+            max_batch_size=self.max_batch_size if config.batching.combine_requests else 0,
             max_queue_delay=b.max_queue_delay_ms / 1000.0,
             max_queue_size=b.max_queue_size,
             max_concurrency=config.instances.total,
