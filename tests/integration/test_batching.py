@@ -574,25 +574,24 @@ def test_combine_requests_false_keeps_the_batch_dimension_and_runs_each_request_
     assert triton.max_batch_size == 8 and not triton.HasField("dynamic_batching")
 
 
-def test_requests_run_alone_by_config_each_take_a_free_instance(
-    tmp_path: Path, start_server: StartServer
+def _two_held_two_queued(
+    srv: ServerThread,
+    client: InferenceClient,
+    pool: ThreadPoolExecutor,
+    root: Path,
+    model: str,
+    *,
+    width: int,
+    meet: bool,
 ) -> None:
-    """With batching.combine_requests = false, the batcher still formed batches of several
-    requests and ran them one after another on one instance, while a second one sat idle (and
-    a later request of higher priority waited behind the whole batch). Each request is now a
-    batch of its own: two requests queued behind two held runs run at once, one on each
-    instance (a barrier both must reach; run one after another, the first waits in vain)."""
+    """Two requests hold both instances of ``model`` (instances.count 2), two more queue
+    behind them; then all four run. With ``meet``, the two queued ones must run side by side,
+    one on each instance: a barrier both must reach (run one after another in one batch, the
+    first waits in vain). Every answer is what onnxruntime gives that request alone."""
     import threading
 
-    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
-    write_config(
-        root,
-        "mlp",
-        {"batching": {"max_batch_size": 8, "combine_requests": False}, "instances": {"count": 2}},
-    )
-    srv = start_server(root)
     assert srv.app is not None
-    loaded = srv.app.registry.get("mlp", 1)
+    loaded = srv.app.registry.get(model, 1)
     loaded._ns_per_element = float("inf")  # never inline: runs are held on worker threads
     session = loaded.session
     original = session.run
@@ -608,25 +607,67 @@ def test_requests_run_alone_by_config_each_take_a_free_instance(
         if n <= 2:  # the two runs that hold both instances
             held.release()
             assert opened.wait(WAIT_S)
-        elif n <= 4:  # the two queued behind them: they must run side by side
+        elif n <= 4 and meet:  # the two queued behind them: they must run side by side
             together.wait()
         return original(feeds, names)
 
     session.run = run  # type: ignore[method-assign]
     srv.before_stop(opened.set)
+    spec = loaded.inputs[0]
     rng = np.random.default_rng(5)
-    requests = [{"input": rng.standard_normal((1, 64)).astype(np.float32)} for _ in range(4)]
-    with InferenceClient(srv.target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
-        first = [pool.submit(client.infer, "mlp", feeds) for feeds in requests[:2]]
+    requests = [
+        {spec.name: (rng.standard_normal((1, width)) * (i + 1)).astype(np.float32)}
+        for i in range(4)
+    ]
+    out = loaded.output_names[0]
+    try:
+        first = [pool.submit(client.infer, model, feeds) for feeds in requests[:2]]
         for _ in range(2):
             assert held.acquire(timeout=WAIT_S)
-        rest = [pool.submit(client.infer, "mlp", feeds) for feeds in requests[2:]]
-        wait_for(lambda: stats(client, "mlp").queue_depth == 2, "two requests queued")
+        rest = [pool.submit(client.infer, model, feeds) for feeds in requests[2:]]
+        wait_for(lambda: stats(client, model).queue_depth == 2, "two requests queued")
         opened.set()
         for feeds, future in zip(requests, [*first, *rest], strict=True):
-            expected = reference(root / "mlp" / "1" / "model.onnx", feeds)["logits"]
-            np.testing.assert_allclose(future.result(60)["logits"], expected, rtol=1e-5)
-        assert calls[0] == 4 and stats(client, "mlp").execution_count == 4
+            expected = reference(root / model / "1" / "model.onnx", feeds)[out]
+            np.testing.assert_allclose(future.result(60)[out], expected, rtol=1e-5)
+    finally:
+        opened.set()
+        session.run = original  # type: ignore[method-assign]
+
+
+def test_requests_run_alone_by_config_each_take_a_free_instance(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """With batching.combine_requests = false, the batcher still formed batches of several
+    requests and ran them one after another on one instance, while a second one sat idle (and
+    a later request of higher priority waited behind the whole batch). Each request is now a
+    batch of its own: two queued requests run at once, one on each instance."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    write_config(
+        root,
+        "mlp",
+        {"batching": {"max_batch_size": 8, "combine_requests": False}, "instances": {"count": 2}},
+    )
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+        _two_held_two_queued(srv, client, pool, root, "mlp", width=64, meet=True)
+        assert stats(client, "mlp").execution_count == 4
+
+
+def test_requests_run_alone_once_rows_mixed_each_take_a_free_instance(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A model whose rows a real batch showed mixing (b1e6352) runs each request alone for
+    good; its batcher went on forming batches of several requests run one after another on
+    one instance. Once the rows are found mixing, each request is a batch of its own."""
+    root = make_repo(tmp_path / "repo", {"m": _exact_width_model(minus_rows_mean=True)})
+    write_config(root, "m", {"instances": {"count": 2}})
+    srv = start_server(root)
+    with InferenceClient(srv.target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+        # The first batch of two different queued requests proves the rows mixing.
+        _two_held_two_queued(srv, client, pool, root, "m", width=7, meet=False)
+        _two_held_two_queued(srv, client, pool, root, "m", width=7, meet=True)
+        assert stats(client, "m").execution_count == 8  # every request its own run
 
 
 @pytest.mark.parametrize(

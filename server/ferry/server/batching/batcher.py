@@ -233,6 +233,19 @@ class DynamicBatcher(Generic[T, R]):
         self.expired = 0
 
     @property
+    def max_batch_size(self) -> int:
+        """Units per batch; 0: one item per batch."""
+        return self._max_batch_size
+
+    def one_per_batch(self) -> None:
+        """From now on each batch holds one item (as max_batch_size 0): the handler found that
+        its items must run alone, and a batch of several ran them one after another in one
+        slot while other slots sat idle. Items already queued keep their sizes; the limit on
+        an item's size is its submitter's to check from here on. Event loop only."""
+        self._max_batch_size = 0
+        self._preferred = frozenset()
+
+    @property
     def queue_depth(self) -> int:
         return self._depth
 

@@ -151,6 +151,10 @@ class LoadedVersion:
         self, items: Sequence[Work], timed: Ran, info: BatchInfo
     ) -> list[dict[str, np.ndarray] | Failed]:
         results, runs, elapsed_ns = timed
+        if self._alone and self.batcher.max_batch_size:
+            # A real batch showed rows mixing (_prove_rows_apart, on a worker thread): each
+            # request becomes a batch of its own here, on the loop, as for combine_requests.
+            self.batcher.one_per_batch()
         # Queue and compute per request are a successful request's, as in Triton (whose
         # failures add to ``fail`` alone): perf_analyzer divides their ns by the success count.
         # Charged there, a request the model failed to run, a rollout's shadow run (work the
