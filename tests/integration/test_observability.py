@@ -410,6 +410,58 @@ def test_a_request_that_fails_to_decode_is_a_failure_of_the_version_it_asked_for
     assert _sample(text, "ferry_requests_total", model="mlp", version="0") == 1
 
 
+def test_two_scrapes_at_once_count_nothing_twice(
+    server: ServerThread, client: InferenceClient
+) -> None:
+    """Two scrapes at once (two Prometheus servers, a curl beside one): the one that read the
+    statistics first compared them after the other, took its lower counts for a new load,
+    and carried the other's into every later scrape, so ferry_inferences_total read 6 + 9,
+    then 9 + 9 for good. A scrape whose read was overtaken compares nothing."""
+    import threading
+
+    assert server.app is not None
+    metrics = server.app.metrics
+    real = metrics._dataplane
+    read, go = threading.Event(), threading.Event()
+
+    class HeldFirstRead:
+        """The real data plane, the first statistics() held after it read."""
+
+        def __init__(self) -> None:
+            self.held = False
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(real, name)
+
+        def statistics(self) -> object:
+            stats = real.statistics()
+            if not self.held:
+                self.held = True
+                read.set()
+                assert go.wait(30)
+            return stats
+
+    mlp = {"model": "mlp", "version": "1"}
+    for _ in range(2):
+        client.infer("mlp", X)
+    metrics._dataplane = HeldFirstRead()
+    try:
+        first: list[bytes] = []
+        slow = threading.Thread(target=lambda: first.append(metrics.render()))
+        slow.start()
+        assert read.wait(30)
+        client.infer("mlp", X)
+        assert _sample(scrape(server.app.metrics_port), "ferry_inferences_total", **mlp) == 9
+        go.set()
+        slow.join(30)
+        assert first
+    finally:
+        go.set()
+        metrics._dataplane = real
+    assert _sample(first[0].decode(), "ferry_inferences_total", **mlp) in (6, 9)
+    assert _sample(scrape(server.app.metrics_port), "ferry_inferences_total", **mlp) == 9
+
+
 def test_the_metrics_text_parses_as_prometheus_and_is_consistent(
     server: ServerThread, client: InferenceClient
 ) -> None:

@@ -153,13 +153,14 @@ class Metrics:
     def render(self) -> bytes:
         """The whole scrape, Prometheus text format 0.0.4."""
         # The registry's views copy what they iterate: safe to read from this thread.
+        read = self._carried.begin()
         stats = self._dataplane.statistics()
         statuses = self._dataplane.list_models()
         rows = self.requests_snapshot()
         if self._peers is not None:
             stats = merge([*stats, *self._peers.statistics_sync()])
             rows += self._peers.requests_sync()
-        stats = self._carried.add(stats)
+        stats = self._carried.add(stats, read)
         lines: list[str] = []
         self._render_requests(lines, _summed(rows))
         self._render_core(lines, stats, statuses)

@@ -47,27 +47,49 @@ class Carried:
         self._lock = threading.Lock()
         self._last: dict[tuple[str, int], VersionStatistics] = {}
         self._carried: dict[tuple[str, int], VersionStatistics] = {}
+        # Reads numbered as they begin, and the latest one compared: two scrapes at once read
+        # the statistics outside the lock, and the earlier read's counts, compared after the
+        # later one's, looked like a new load that carried the later one's into every scrape.
+        self._begun = 0
+        self._compared = 0
 
-    def add(self, stats: list[VersionStatistics]) -> list[VersionStatistics]:
-        """``stats`` (one per served version, summed over the workers) with what each
-        version's earlier loads counted added."""
-        out = []
+    def begin(self) -> int:
+        """Called before a scrape reads the statistics: its number for ``add``."""
         with self._lock:
-            seen = {}
-            for s in stats:
-                key = (s.name, s.version)
-                seen[key] = s
-                before = self._last.get(key)
-                if before is not None and any(
-                    now < then for now, then in zip(_counts(s), _counts(before), strict=True)
-                ):
-                    # A new load: the gauge (what was queued then) is not carried.
-                    ended = dataclasses.replace(before, queue_depth=0)
-                    prior = self._carried.get(key)
-                    self._carried[key] = ended if prior is None else merge([prior, ended])[0]
-                carried = self._carried.get(key)
-                out.append(s if carried is None else merge([s, carried])[0])
-            for key in [k for k in self._carried if k not in seen]:
-                del self._carried[key]  # unloaded: its counts leave with it
-            self._last = seen
+            self._begun += 1
+            return self._begun
+
+    def add(self, stats: list[VersionStatistics], read: int) -> list[VersionStatistics]:
+        """``stats`` (one per served version, summed over the workers, read after ``begin``
+        gave ``read``) with what each version's earlier loads counted added."""
+        with self._lock:
+            if read < self._compared:
+                # A later read was compared already: older counts are not a new load.
+                return [self._with_carried(s) for s in stats]
+            self._compared = read
+            return self._compare(stats)
+
+    def _with_carried(self, s: VersionStatistics) -> VersionStatistics:
+        carried = self._carried.get((s.name, s.version))
+        return s if carried is None else merge([s, carried])[0]
+
+    def _compare(self, stats: list[VersionStatistics]) -> list[VersionStatistics]:
+        """Under the lock: counts below the last compared read's are a new load."""
+        out = []
+        seen = {}
+        for s in stats:
+            key = (s.name, s.version)
+            seen[key] = s
+            before = self._last.get(key)
+            if before is not None and any(
+                now < then for now, then in zip(_counts(s), _counts(before), strict=True)
+            ):
+                # A new load: the gauge (what was queued then) is not carried.
+                ended = dataclasses.replace(before, queue_depth=0)
+                prior = self._carried.get(key)
+                self._carried[key] = ended if prior is None else merge([prior, ended])[0]
+            out.append(self._with_carried(s))
+        for key in [k for k in self._carried if k not in seen]:
+            del self._carried[key]  # unloaded: its counts leave with it
+        self._last = seen
         return out
