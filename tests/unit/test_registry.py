@@ -1260,3 +1260,24 @@ def test_the_watched_tree_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyP
     signature = watched.tree_signature(tmp_path)
     assert signature is not None and signature[0] == 3
     assert watched.tree_signature(tmp_path / "missing") is None
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="no /proc on this system")
+def test_a_link_to_proc_in_a_version_folder_reloads_nothing_by_itself(
+    repo: ModelRepository,
+) -> None:
+    """A link to /proc under a version folder was walked like weights: its entries (processes,
+    their files) come and go on their own, so every refresh and every poll reloaded the version
+    though nothing it serves changed."""
+    vdir = repo.model_dir("m") / "1"
+    write_model(repo, "m", seed_model(0))
+    (vdir / "proc").symlink_to("/proc")
+
+    async def main() -> None:
+        registry = _registry(repo)
+        assert (await registry.refresh()).loaded == ["m/1"]
+        for _ in range(3):
+            assert (await registry.refresh(retry_failed=False)).loaded == []
+        await registry.close()
+
+    arun(main, LOAD_GUARD_S)

@@ -10,6 +10,7 @@ entries so that a poll of a huge tree stays bounded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -19,6 +20,20 @@ from pathlib import Path
 # files: a torch export's per-tensor weights run to hundreds. Past it, a change is seen only
 # in the entries walked before.
 MAX_WATCHED = 4096
+
+
+def _kernel_devices() -> frozenset[int]:
+    """The devices of /proc and /sys: their entries (processes, their files, counters) come and
+    go on their own and hold no model file, so a link into them reloaded the version at every
+    poll. Such a folder counts as an entry (its link text too), its contents do not."""
+    devices = set()
+    for root in ("/proc", "/sys"):
+        with contextlib.suppress(OSError):
+            devices.add(os.stat(root).st_dev)
+    return frozenset(devices)
+
+
+_KERNEL_DEVICES = _kernel_devices()
 
 
 def file_signature(path: Path | str) -> tuple[int, int, int, int] | None:
@@ -81,7 +96,7 @@ def tree_signature(vdir: Path) -> tuple[int, str] | None:
                 st = None  # a link to nothing: said as such, and its target appearing is a change
             if st is not None and stat.S_ISDIR(st.st_mode):
                 digest.update(repr((sub, link, "folder")).encode("utf-8", "backslashreplace"))
-                if (st.st_dev, st.st_ino) not in seen:
+                if st.st_dev not in _KERNEL_DEVICES and (st.st_dev, st.st_ino) not in seen:
                     seen.add((st.st_dev, st.st_ino))
                     folders.append(sub)
                 continue
