@@ -232,6 +232,44 @@ def test_a_worker_that_loaded_other_files_than_this_process_brings_a_refresh(
     assert refreshes == ([1] if refreshed else [])
 
 
+def test_the_refreshes_the_fleet_asks_for_itself_are_spaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file that keeps changing (a copy still running, a log written into a version folder)
+    had every refresh's own follow find other files again, and the fleet reloaded the version
+    back to back for as long as it changed; one process reloads it once a poll. A second
+    refresh waits for REFRESH_GAP after the first began."""
+    monkeypatch.setattr(fleet_module, "REFRESH_GAP", 3600.0)
+    refreshes: list[int] = []
+
+    class _Other(_Peers):
+        async def call(self, path: Path, method: str, ask: Any, seconds: float) -> Any:
+            return {"ok": True, "serving": {"big": [1]}, "files": {"big": {"1": "theirs"}}}
+
+    async def run() -> None:
+        fleet, proc = _fleet(tmp_path, _Other(tmp_path), 30.0)
+
+        async def refresh() -> None:
+            refreshes.append(1)
+
+        fleet._refresh = refresh
+        fleet._serving = lambda model: {"big": [1]}
+        fleet._files = lambda model: {"big": {"1": "mine"}}
+        await fleet.follow("load", "big")
+        assert fleet._refreshing is not None
+        await fleet._refreshing  # the first goes at once
+        await fleet.follow("load", "big")  # other files again
+        second = fleet._refreshing
+        assert second is not None
+        # Bounded: proves that the second refresh does not run now (it waits the gap).
+        done, _ = await asyncio.wait({second}, timeout=0.5)
+        assert not done and refreshes == [1]
+        second.cancel()
+        assert not proc.killed.is_set()
+
+    asyncio.run(run())
+
+
 def test_one_missed_check_after_a_stall_of_the_first_process_kills_nothing(
     tmp_path: Path,
 ) -> None:

@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import select
 import signal
@@ -45,6 +46,8 @@ READY_TIMEOUT = 300.0
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_AFTER = 60.0  # a worker that lived this long starts the backoff afresh when it dies
 APPLY_TIMEOUT = 600.0  # seconds a worker may take to apply one change (a large model's load)
+# The least time between two refreshes the fleet asks for itself (_refresh_soon).
+REFRESH_GAP = 5.0
 # Catch-ups a starting worker makes outside the lock before its last, under it (_settle).
 CATCH_UP_ROUNDS = 3
 CHECK_EVERY = 5.0  # seconds between liveness checks, at most (--worker-timeout / 3 below it)
@@ -157,6 +160,7 @@ class WorkerFleet:
         self._signalled: list[asyncio.subprocess.Process] = []  # signal_stop's
         self._monitors: list[asyncio.Task[None]] = []
         self._refreshing: asyncio.Task[None] | None = None  # _refresh_soon's
+        self._refreshed_at = -math.inf  # monotonic: when _refresh_soon's last refresh began
         self._changes = asyncio.Lock()  # follow() and a started worker's JOIN, one at a time
         self._changed = 0  # follow() calls that took the lock: a catch-up meanwhile is redone
         # model ("": every one) -> follow() calls for it not yet done: this process changed it,
@@ -495,13 +499,21 @@ class WorkerFleet:
     def _refresh_soon(self) -> None:
         """Refresh this process (and, through ``follow``, every worker) once more, after the
         change being followed: not inside it, which holds the refresh lock. One at a time: a
-        refresh asked for while one is pending adds nothing."""
+        refresh asked for while one is pending adds nothing. At most one per REFRESH_GAP: a
+        file that keeps changing (a copy still running, a log written into a version folder)
+        made every such refresh's own follow find other files again, and the fleet reloaded
+        the version back to back for as long as the file changed, where one process reloads
+        it once a poll."""
         if self._refresh is None or self._refreshing is not None or self._stopping:
             return
         refresh = self._refresh
+        wait = self._refreshed_at + REFRESH_GAP - time.monotonic()
 
         async def run() -> None:
             try:
+                if wait > 0:
+                    await asyncio.sleep(wait)  # spacing refreshes, not synchronising
+                self._refreshed_at = time.monotonic()
                 await refresh()
             except Exception as exc:
                 log.error("refresh to the files on disk failed: %s", exc)
