@@ -28,7 +28,7 @@ the rows moves some row in at least one of them, and a reversal or a cumulative 
 direction changes the first or last row. A model that does not run on these rows alone is tried
 on integers of 0 and 1 (a table of two), then on 0s and 1s for floats too (a float used as an
 index), the rows the probe always used; and all of them with the dynamic dims besides the batch
-at 1, then 8, then 32 (``_DYNAMIC_SIZES``), before the shapes decide. Four different rows still let
+at 1, then 8, then 32 (``DYNAMIC_SIZES``), before the shapes decide. Four different rows still let
 through what only shows with more rows or with rows in common: a segment mean over rows that
 share an id (every id was different), a count of equal rows, a shift by four rows, a change
 past four rows. So four more rows repeat the first four's ids, bools and strings (reversed)
@@ -80,7 +80,7 @@ _FLOAT_ROWS: tuple[Callable[[np.ndarray], np.ndarray], ...] = (
 # probe row and was batched on its shapes alone: one that works across its rows (a mean over
 # them after a 3x3 convolution) then answered 14 of 40 concurrent callers with values mixed
 # with other callers' rows.
-_DYNAMIC_SIZES = (1, 8, 32)
+DYNAMIC_SIZES = (1, 8, 32)
 
 # (floats, integers), tried in turn until the model runs every row alone: the last is the 0/1
 # probe this module began with, kept for a model that takes a float as an index.
@@ -90,12 +90,12 @@ _TIERS = (("normals", "small"), ("normals", "binary"), ("binary", "binary"))
 def probe(session: Any) -> tuple[bool | None, str]:
     """Whether eight probe rows give the same answers alone and together (``_ORDERS``):
     (True, '') when they do, (False, why) when they do not, (None, why) when the probe cannot
-    tell (the model does not run on any set of probe rows at any of ``_DYNAMIC_SIZES``: an
+    tell (the model does not run on any set of probe rows at any of ``DYNAMIC_SIZES``: an
     input outside its domain, a length it refuses). ``session`` has ``zero_feeds``, ``run`` and
     ``output_names``."""
     refused = ""
     shapes_tried: list[dict[str, tuple[int, ...]]] = []
-    for size in _DYNAMIC_SIZES:
+    for size in DYNAMIC_SIZES:
         template = session.zero_feeds(_ROWS, dynamic=size)
         shapes = {name: a.shape for name, a in template.items()}
         if shapes in shapes_tried:  # no dynamic dim grew (none, or bounds hold it): refused
