@@ -207,15 +207,12 @@ class LoadedVersion:
         t2 = time.perf_counter_ns()
         sizes = [w.batch for w in items]
         total = sum(sizes)
-        if self.max_batch_size > 0:
-            for out_name, out in zip(wanted, outputs, strict=True):
-                if out.ndim == 0 or out.shape[0] != total:
-                    # The model's shapes against its config, not a fault of the server's.
-                    raise FailedPrecondition(
-                        f"model {self.name}/{self.version} returned output {out_name!r} with "
-                        f"shape {list(out.shape)} for a batch of {total}: its first dimension "
-                        "is not a batch dimension; set batching.max_batch_size = 0 in its config"
-                    )
+        problem = _not_batch_first(wanted, outputs, total) if self.max_batch_size > 0 else ""
+        if problem:  # the model's shapes against its config, not a fault of the server's
+            raise FailedPrecondition(
+                f"model {self.name}/{self.version} returned {problem}: its first dimension is "
+                "not a batch dimension; set batching.max_batch_size = 0 in its config"
+            )
         per_request = cast("list[dict[str, np.ndarray] | Failed]", split(outputs, wanted, sizes))
         t3 = time.perf_counter_ns()
         served = tuple(range(len(items)))
@@ -282,10 +279,9 @@ class LoadedVersion:
             outputs = self.session.run_gathered(gathered, wanted)
         except Exception as exc:
             return f"requests that run alone do not run together ({type(exc).__name__})"
-        total = sum(w.batch for w in served)
-        for name, out in zip(wanted, outputs, strict=True):
-            if np.ndim(out) == 0 or out.shape[0] != total:
-                return f"output {name!r} is {list(np.shape(out))} for a batch of {total} rows"
+        problem = _not_batch_first(wanted, outputs, sum(w.batch for w in served))
+        if problem:
+            return problem
         together = split(outputs, wanted, [w.batch for w in served])
         for answer, one in zip(together, alone, strict=True):
             for name, value in one.items():
@@ -358,6 +354,15 @@ def _cost_of(work: Work) -> int:
 
 def _key_of(work: Work) -> tuple[tuple[int, ...], ...]:
     return work.key
+
+
+def _not_batch_first(names: Sequence[str], outputs: Sequence[np.ndarray], rows: int) -> str:
+    """The first output whose first dimension is not the batch's ``rows``, described; ''
+    when every one's is."""
+    for name, out in zip(names, outputs, strict=True):
+        if np.ndim(out) == 0 or out.shape[0] != rows:
+            return f"output {name!r} with shape {list(np.shape(out))} for a batch of {rows}"
+    return ""
 
 
 def _differ(items: Sequence[Work], order: Sequence[str]) -> bool:
