@@ -22,10 +22,12 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 from helpers import WAIT_S, make_repo, reference, wait_for
+from onnx import TensorProto, helper, numpy_helper
 
-from ferry.client import FailedPreconditionError, InferenceClient, RepositoryClient
+from ferry.client import FailedPreconditionError, FerryError, InferenceClient, RepositoryClient
 from ferry.server.core.repository import ModelRepository
 from ferry.server.examples import large_model, mlp_model, seed_model, write_model
 from ferry.server.workers import control
@@ -450,6 +452,69 @@ def test_the_shadow_comparison_is_the_sum_over_workers_and_outlives_one(tmp_path
         fleet.wait_line(rf"worker 1 ready \(pid {pid}\)")
         assert repo.get_rollout("m").shadow["compared"] == compared
         assert line in _scrape(fleet)
+
+
+def _fails_one_row() -> onnx.ModelProto:
+    """seed_model's interface whose run fails for a batch of one row (a Reshape to [-1, 12])."""
+    shape = numpy_helper.from_array(np.array([-1, 12], np.int64), "shape")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Reshape", ["input", "shape"], ["r"]),
+            helper.make_node("ReduceSum", ["r"], ["logits"], keepdims=1, axes=[1]),
+        ],
+        "fails",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 1])],
+        [shape],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], ir_version=8)
+
+
+def _routed(run_dir: Path, index: int, model: str) -> int:
+    """How many requests one worker process answered or failed itself (every version)."""
+    with grpc.insecure_channel(f"unix:{run_dir / f'worker-{index}.sock'}") as channel:
+        ask = control.encode({"model": model, "version": None})
+        raw = channel.unary_unary(control.STATISTICS)(ask, timeout=10)
+    rows = control.decode(raw)["rows"]
+    return sum(int(s["success"]["count"]) + int(s["fail"]["count"]) for s in rows)
+
+
+def test_a_split_rule_judges_the_failures_every_worker_saw(tmp_path: Path) -> None:
+    """A split ruled by max_error_rate counted the first process's requests alone: version 3
+    failed every request the other worker got, and it was never rolled out of the split.
+    Here only worker 1's connections send the split's requests; the first, which decides,
+    routes none of them, and rolls version 3 back on worker 1's counts."""
+    root = make_repo(
+        tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2), _fails_one_row()]}
+    )
+    x = {"input": np.ones((1, 3), np.float32)}
+    with contextlib.ExitStack() as stack:
+        fleet = stack.enter_context(_serving(root))
+        repo = stack.enter_context(RepositoryClient(f"127.0.0.1:{fleet.management}"))
+        repo.set_rollout("m", {2: 1, 3: 1}, rules={"max_error_rate": 0.2}, reason="canary")
+        on_worker = []
+        for i in range(CONNECTIONS):  # the connections the kernel gave worker 1
+            client = stack.enter_context(
+                InferenceClient(f"127.0.0.1:{fleet.port}", options=[("ferry.test.connection", i)])
+            )
+            before = _routed(fleet.run_dir, 1, "m")
+            client.infer("m", x, version=2)  # named: bypasses the split, counted by none
+            if _routed(fleet.run_dir, 1, "m") > before:
+                on_worker.append(client)
+        assert on_worker, "the kernel gave worker 1 none of the connections"
+        first = _routed(fleet.run_dir, 0, "m")
+        ids = iter(range(1_000_000))  # a fresh id for every request: the split places each
+
+        def rolled_back() -> bool:
+            for _ in range(20):
+                with contextlib.suppress(FerryError):
+                    on_worker[next(ids) % len(on_worker)].infer("m", x, request_id=f"r-{next(ids)}")
+            return repo.get_rollout("m").split == {2: 1.0}
+
+        wait_for(rolled_back, "version 3 rolled out of the split on worker 1's failures")
+        assert _routed(fleet.run_dir, 0, "m") == first  # none of them reached the first
+        last = repo.get_rollout("m").history[-1]
+        assert last.by == "rollout rules" and "version 3 failed" in last.reason, last
 
 
 def test_a_worker_whose_own_load_fails_is_started_again_and_serves_the_model(

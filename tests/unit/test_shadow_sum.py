@@ -145,6 +145,9 @@ class _Peers:
     def latest(self) -> list[ShadowStatistics]:
         return list(self.rows)
 
+    def latest_splits(self) -> list[list[Any]]:
+        return []
+
     async def pull(self) -> bool:
         self.pulls += 1
         return True
@@ -259,6 +262,15 @@ class _Plane:
     def own_shadow_statistics(self) -> list[ShadowStatistics]:
         return self.own
 
+    def split_ruled_models(self) -> list[str]:
+        return []
+
+    def judge_splits(self) -> None:
+        raise AssertionError("no split is ruled here")
+
+    def split_keys(self) -> dict[str, str]:
+        return {}
+
 
 def test_the_pull_reads_only_while_there_is_a_comparison_to_read(tmp_path: Path) -> None:
     from ferry.server.workers.shadow_pull import ShadowPull
@@ -357,3 +369,25 @@ def test_a_promotion_waits_for_a_pull_every_worker_answered(
         await registry.close()
 
     asyncio.run(scenario())
+
+
+def test_a_split_s_counts_add_up_over_workers_and_outlive_a_dead_one(tmp_path: Path) -> None:
+    """A split ruled by max_error_rate was judged on the first worker's requests alone. Each
+    worker's counts come with its shadow figures; those of another key (a rollout or files
+    the first does not serve) add nothing, and a dead worker's stay while its key is current."""
+    from ferry.server.core import split_sum
+
+    peers = Peers(tmp_path, tmp_path / "worker-0.sock")
+    sock = tmp_path / "worker-1.sock"
+    answer = _answer("a")
+    answer["split"] = [["m", "k", {"3": [9, 1], "2": [0, 10]}], ["m", "old", {"3": [50, 0]}]]
+    peers._answered(sock, control.SHADOWS, {}, answer)
+    own = {3: [1, 0], 2: [0, 5]}
+    summed = split_sum.summed("m", "k", own, peers.split_rows())
+    assert summed == {3: [10, 1], 2: [0, 15]}
+    assert split_sum.verdict(summed, [2, 3], 0.2) == (3, 10, 11, 0.0)
+    assert split_sum.verdict(own, [2, 3], 0.2) is None  # one failure: too few to judge
+    peers.retire(sock)
+    assert split_sum.summed("m", "k", {}, peers.split_rows()) == {3: [9, 1], 2: [0, 10]}
+    peers.prune_retired_splits({"m": "new"})  # the split changed: the old counts go
+    assert peers.split_rows() == []

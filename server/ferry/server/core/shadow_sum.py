@@ -53,6 +53,11 @@ class PeerShadows(Protocol):
         one did not answer (its figures are as last read)."""
         ...
 
+    def latest_splits(self) -> list[list[Any]]:
+        """Every other worker's counts of the splits ruled by max_error_rate (core.split_sum
+        rows), as last read with the comparisons, and those of workers that died: no call."""
+        ...
+
     def soon(self) -> None:
         """A decision is near: pull before the next period ends (a promotion waits for it)."""
         ...

@@ -244,11 +244,15 @@ class ControlService(grpc.GenericRpcHandler):
         return encode(answer)
 
     async def _shadows(self, raw: bytes, context: aio.ServicerContext) -> bytes:
-        """This process's own shadow comparisons, every model's: one small row each. Only the
+        """This process's own shadow comparisons, every model's: one small row each, and its
+        counts of the splits a max_error_rate rules. Only the
         first worker asks, and it alone keeps what dead workers last answered, so no answer
         carries retired rows."""
         rows = [shadow_to_row(s) for s in self._dataplane.own_shadow_statistics()]
-        return encode(self._stamped(rows))
+        answer = self._stamped(rows)
+        # With them, its counts of each split a max_error_rate rules (core.split_sum).
+        answer["split"] = self._dataplane.own_split_counts()
+        return encode(answer)
 
     async def _ready(self, raw: bytes, context: aio.ServicerContext) -> bytes:
         return encode({"ready": self._dataplane.ready()})

@@ -43,6 +43,7 @@ from grpc import aio
 from ferry.server.core.dataplane import (
     ShadowStatistics,
     add_up_shadows,
+    add_up_splits,
     merge,
     shadow_from_row,
     sum_request_rows,
@@ -97,6 +98,10 @@ class Peers:
         # workers last answered of that comparison, added up (the first worker's)
         self._latest_shadows: dict[Path, list[ShadowStatistics]] = {}
         self._retired_shadows: dict[tuple[str, str], ShadowStatistics] = {}
+        # socket -> that worker's counts of the splits a max_error_rate rules; what dead
+        # workers last answered of them, added up (core.split_sum rows; the first worker's)
+        self._latest_splits: dict[Path, list[Any]] = {}
+        self._retired_splits: list[Any] = []
         # Processes whose last counts are retired (the first worker's): named in its answers,
         # so that another worker stops adding what it last read of one of them itself.
         self._gone: deque[str] = deque(maxlen=MAX_GONE)
@@ -137,6 +142,8 @@ class Peers:
                 self._latest_requests[path] = rows
             elif method == control.SHADOWS:
                 self._note_shadows(path, rows)
+                split = answer.get("split")
+                self._latest_splits[path] = list(split) if isinstance(split, list) else []
             kept = rows + retired  # the first worker's answer adds what it keeps of the dead
             self._last.pop(key, None)  # re-inserted last: the oldest question goes first
             self._last[key] = kept
@@ -192,8 +199,10 @@ class Peers:
     def _retire_shadows(self, path: Path) -> None:
         """Keep the last comparisons of the process at ``path``, which exited (lock held)."""
         dead = self._latest_shadows.pop(path, [])
+        dead_splits = self._latest_splits.pop(path, [])
         if not self._keeps_retired:
             return
+        self._retired_splits = add_up_splits([*self._retired_splits, *dead_splits])
         for last in dead:
             stats = dataclasses.replace(last, in_flight=0)  # a dead process runs nothing
             key = (stats.model, stats.key)
@@ -206,6 +215,24 @@ class Peers:
         with self._last_lock:
             live = [s for rows in self._latest_shadows.values() for s in rows]
             return live + list(self._retired_shadows.values())
+
+    def split_rows(self) -> list[Any]:
+        """Every other worker's latest split counts and the retired ones, as last read: no
+        call."""
+        with self._last_lock:
+            return [r for rows in self._latest_splits.values() for r in rows] + list(
+                self._retired_splits
+            )
+
+    def prune_retired_splits(self, current: dict[str, str]) -> None:
+        """Drop retired split counts whose key is not ``current``'s (model -> the key of the
+        split in force in this first worker): counts of a split replaced never add again."""
+        with self._last_lock:
+            self._retired_splits = [
+                r
+                for r in self._retired_splits
+                if isinstance(r, list) and len(r) == 3 and current.get(r[0]) == r[1]
+            ]
 
     def prune_retired_shadows(self, current: dict[str, str]) -> None:
         """Drop retired comparisons that are not ``current`` (model -> the key this first

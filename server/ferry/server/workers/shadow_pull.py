@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from typing import Any
 
 from ferry.server.core.dataplane import DataPlane, ShadowStatistics
 from ferry.server.workers.peers import Peers
@@ -48,6 +49,9 @@ class ShadowPull:
 
     def latest(self) -> list[ShadowStatistics]:
         return self._peers.shadow_rows()
+
+    def latest_splits(self) -> list[list[Any]]:
+        return self._peers.split_rows()
 
     async def pull(self) -> bool:
         async with self._one_at_a_time:
@@ -77,12 +81,22 @@ class ShadowPull:
                 log.exception("reading the workers' shadow comparisons failed")
 
     async def once(self) -> None:
-        """One pull and the rules on its sum, when there is anything to read: a shadow set,
-        or a worker whose runs of one were still in flight at the last pull (their outcomes
-        belong in the sum /metrics shows after the shadow ended)."""
-        if not self._dataplane.shadowed_models() and not any(s.in_flight for s in self.latest()):
+        """One pull and the rules on its sum, when there is anything to read: a shadow set, a
+        split ruled by max_error_rate (its counts, core.split_sum), or a worker whose runs of
+        a shadow were still in flight at the last pull (their outcomes belong in the sum
+        /metrics shows after the shadow ended)."""
+        splits = self._dataplane.split_ruled_models()
+        if (
+            not splits
+            and not self._dataplane.shadowed_models()
+            and not any(s.in_flight for s in self.latest())
+        ):
             return
         every_worker = await self.pull()
         self._dataplane.judge_shadows(every_worker)
         own = self._dataplane.own_shadow_statistics()
         self._peers.prune_retired_shadows({s.model: s.key for s in own})
+        if splits:
+            # A rollback needs no answer from every worker: the failures read are evidence.
+            self._dataplane.judge_splits()
+        self._peers.prune_retired_splits(self._dataplane.split_keys())
