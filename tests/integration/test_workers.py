@@ -413,6 +413,58 @@ def test_a_stopped_worker_is_killed_and_started_again_and_changes_do_not_wait_fo
     assert "ferry_worker_restarts_total 1\n" in _scrape(fleet)
 
 
+# A sitecustomize: a worker's LoadModel hangs while a file named "hang" is beside the hook
+# folder (a read stuck on a network mount, say: in a thread, its loop still answers the liveness
+# check); the first process waits at most 1 s plus its start-up load on a worker's change.
+_HANG_IN_WORKERS_WHILE = """
+import asyncio
+import os
+from pathlib import Path
+
+if os.environ.get("FERRY_WORKER_SOCKET"):
+    from ferry.server.core import dataplane
+
+    original = dataplane.DataPlane.load
+
+    async def load(self, model):
+        if Path({tmp!r}, "hang").exists():
+            await asyncio.Event().wait()
+        return await original(self, model)
+
+    dataplane.DataPlane.load = load
+else:
+    import ferry.server.workers.fleet as fleet
+
+    fleet.FOLLOW_FLOOR = 1.0
+"""
+
+
+def test_a_worker_stuck_applying_a_change_holds_the_management_call_only_so_long(
+    tmp_path: Path,
+) -> None:
+    """With --worker-timeout 0, a joined worker whose reload hung held LoadModel for 600 s
+    (and every management call behind it). The call waits FOLLOW_FLOOR plus twice the first
+    process's start-up load at most; the worker is killed and comes back from the
+    repository's state."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model(), "seed": seed_model()})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_HANG_IN_WORKERS_WHILE.format(tmp=str(tmp_path)))
+    with _serving(root, "--worker-timeout", "0", hook=hook) as fleet:
+        victim = fleet.pids[1]
+        (tmp_path / "hang").touch()
+        try:
+            with RepositoryClient(f"127.0.0.1:{fleet.management}", timeout=WAIT_S) as repo:
+                repo.load_model("mlp")  # answered once the stuck worker is killed
+            line = fleet.wait_line(r"worker worker-1\.sock did not apply load mlp: ").string
+            assert "no answer within" in line, line
+            fleet.wait_line(rf"worker 1 \(pid {victim}\) did not apply load mlp: killed")
+        finally:
+            (tmp_path / "hang").unlink()
+        m = fleet.wait_line(r"worker 1 ready \(pid (\d+)\)")
+        assert int(m.group(1)) != victim and _versions(fleet.run_dir, 1, "mlp") == [1]
+
+
 def _own_shadow(run_dir: Path, index: int, model: str) -> dict[str, int]:
     """One worker process's own shadow figures of ``model`` (compared, shed, errors)."""
     with grpc.insecure_channel(f"unix:{run_dir / f'worker-{index}.sock'}") as channel:

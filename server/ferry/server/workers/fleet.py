@@ -46,6 +46,10 @@ READY_TIMEOUT = 300.0
 BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_AFTER = 60.0  # a worker that lived this long starts the backoff afresh when it dies
 APPLY_TIMEOUT = 600.0  # seconds a worker may take to apply one change (a large model's load)
+# What a management call waits on one joined worker to apply its change (WorkerFleet.
+# follow_within): this, plus twice what the first process's own start-up load took, at most
+# APPLY_TIMEOUT. A change reloads at most what the start-up loaded, on the same cores.
+FOLLOW_FLOOR = 60.0
 # The least time between two refreshes the fleet asks for itself (_refresh_soon).
 REFRESH_GAP = 5.0
 # Catch-ups a starting worker makes outside the lock before its last, under it (_settle).
@@ -183,6 +187,16 @@ class WorkerFleet:
         return READY_TIMEOUT + self.count * self.load_seconds
 
     @property
+    def follow_within(self) -> float:
+        """How long a management call waits on one joined worker to apply its change (and on
+        a starting worker's catch-up held under the changes' lock): a worker stuck in a load
+        (a hung read of a network mount, say, in a thread: its loop still answers the
+        liveness check) or stopped with --worker-timeout 0 held every management call for
+        APPLY_TIMEOUT. Past it the worker is killed and started again, and its catch-up,
+        which no management call waits on, brings it to the repository's state."""
+        return min(APPLY_TIMEOUT, FOLLOW_FLOOR + 2 * self.load_seconds)
+
+    @property
     def pids(self) -> list[int]:
         return [w.proc.pid for w in self._workers if w.proc is not None]
 
@@ -241,7 +255,7 @@ class WorkerFleet:
                 unloaded = await self._catch_up(worker, sock, unloaded)
             async with self._changes:
                 if last:
-                    unloaded = await self._catch_up(worker, sock, unloaded)
+                    unloaded = await self._catch_up(worker, sock, unloaded, held=True)
                 elif self._changed != seen:
                     continue  # a change was followed while it caught up: again
                 # It binds the inference ports only if it serves what this process serves:
@@ -266,21 +280,34 @@ class WorkerFleet:
             f"worker {worker.index} does not serve {lacks}, which the first process serves"
         )
 
-    async def _catch_up(self, worker: _Worker, sock: Path, unloaded: list[str]) -> list[str]:
+    async def _catch_up(
+        self, worker: _Worker, sock: Path, unloaded: list[str], *, held: bool = False
+    ) -> list[str]:
         """The repository re-read, then the explicit loads and unloads made since ``unloaded``;
         returns the unloads it now has. A worker that dies or stops answering meanwhile is a
         WorkerStartError, as one that dies before it is ready: it was an RpcError, which
         ended ``ferry serve`` at the fleet's start with a traceback instead of the one line
         that names the worker."""
+        # Under the changes' lock (``held``) every management call waits for it: bounded as
+        # a change a joined worker follows is, all of it together.
+        deadline = self._clock() + (self.follow_within if held else math.inf)
+
+        def within(seconds: float) -> float:
+            return max(0.001, min(seconds, deadline - self._clock()))
+
         try:
-            await self.peers.call(sock, control.APPLY, self._ask("refresh", ""), APPLY_TIMEOUT)
+            await self.peers.call(
+                sock, control.APPLY, self._ask("refresh", ""), within(APPLY_TIMEOUT)
+            )
             # It started without the models unloaded on request then (ENV_UNLOADED), which
             # its refresh keeps out: one loaded again since is loaded, one unloaded since goes.
             now = set(self._unloaded())
             for name in sorted(set(unloaded) - now):
-                await self.peers.call(sock, control.APPLY, self._ask("load", name), APPLY_TIMEOUT)
+                await self.peers.call(
+                    sock, control.APPLY, self._ask("load", name), within(APPLY_TIMEOUT)
+                )
             for name in sorted(now - set(unloaded)):
-                await self.peers.call(sock, control.APPLY, self._ask("unload", name), 60.0)
+                await self.peers.call(sock, control.APPLY, self._ask("unload", name), within(60.0))
             return sorted(now)
         except grpc.RpcError as exc:
             raise WorkerStartError(
@@ -446,8 +473,9 @@ class WorkerFleet:
                 self._changed += 1
                 paths = [p for p in self.peers.sockets() if self._starting(p) is None]
                 asked = {p: self._worker_at(p) for p in paths}
+                within = self.follow_within
                 answers = await asyncio.gather(
-                    *(self.peers.call(p, control.APPLY, ask, APPLY_TIMEOUT) for p in paths),
+                    *(self.peers.call(p, control.APPLY, ask, within) for p in paths),
                     return_exceptions=True,
                 )
         finally:
@@ -466,6 +494,12 @@ class WorkerFleet:
         same = judging.same_files(files, self._files(model))
         for path, answer in zip(paths, answers, strict=True):
             why: object = answer
+            if isinstance(answer, aio.AioRpcError):
+                why = (
+                    f"no answer within {within:.0f} s (stuck in a load, or stopped)"
+                    if answer.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+                    else f"{answer.code().name}: {answer.details()}"
+                )
             if not isinstance(answer, BaseException):
                 lacks = judging.lacks(mine, answer, fresh)
                 other = judging.other_files(answer, fresh, same) if not lacks else ""
