@@ -5,6 +5,8 @@ sockets replaced by stand-ins so that silence and answers are the test's to choo
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -379,3 +381,64 @@ def test_a_version_this_process_dropped_while_a_change_was_applied_kills_no_work
         assert not proc.killed.is_set()
 
     asyncio.run(run())
+
+
+class _Exited:
+    """A worker process that has exited: ``wait`` answers at once."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode = -9
+
+    async def wait(self) -> int:
+        return self.returncode
+
+    def kill(self) -> None:
+        pass
+
+
+class _Retiring(_Peers):
+    def retire(self, path: Path) -> None:
+        pass
+
+
+def test_starts_that_fail_slowly_back_off_and_each_is_said_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A reload failed in the first process (it serves its earlier load): a worker started
+    again loads the repository, is refused JOIN, and is killed. A start that took longer than
+    HEALTHY_AFTER to fail (a large repository) reset the backoff to 0.5 s, so the fleet
+    reloaded the whole repository back to back for as long as the files stayed broken, and
+    each attempt logged twice (the failure, then the exit of the process killed for it)."""
+    now = [1000.0]
+    fleet = WorkerFleet(Settings(), tmp_path, 2, _Retiring(tmp_path), list)  # type: ignore[arg-type]
+    fleet._clock = lambda: now[0]
+    (worker,) = fleet._workers
+    worker.proc = _Exited(1)  # type: ignore[assignment]
+    worker.joined_at = now[0]
+    now[0] += 10 * fleet_module.HEALTHY_AFTER  # it served long, then died
+    delays: list[float] = []
+
+    async def sleep(seconds: float) -> None:  # the backoff, recorded instead of waited
+        delays.append(seconds)
+        if len(delays) == 5:
+            fleet._stopping = True
+
+    async def spawn(w: Any) -> None:
+        w.proc = _Exited(len(delays) + 1)
+        w.joined_at = None
+        # The repository loads for twice HEALTHY_AFTER, then JOIN refuses it.
+        w.started = time.monotonic() - 2 * fleet_module.HEALTHY_AFTER
+        now[0] += 2 * fleet_module.HEALTHY_AFTER
+        raise fleet_module.WorkerStartError("worker 1 does not serve m version 1")
+
+    monkeypatch.setattr(fleet_module.asyncio, "sleep", sleep)
+    monkeypatch.setattr(fleet, "_spawn", spawn)
+    with caplog.at_level(logging.ERROR, logger=fleet_module.__name__):
+        asyncio.run(asyncio.wait_for(fleet._watch(worker), 10))
+    assert delays == list(fleet_module.BACKOFF[:5])
+    lines = [r.getMessage() for r in caplog.records if r.name == fleet_module.__name__]
+    assert len(lines) == 5 and "exited with -9" in lines[0], lines
+    for n, line in enumerate(lines[1:], 1):
+        assert line.startswith("worker 1 did not start again: worker 1 does not serve m"), line
+        assert line.endswith(f"(failure {n} in a row)"), line

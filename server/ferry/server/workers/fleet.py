@@ -100,7 +100,13 @@ class _Worker:
         self.index = index
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
+        # When it joined the inference ports (None: not since it was started): only a worker
+        # that served HEALTHY_AFTER starts the backoff afresh when it dies.
+        self.joined_at: float | None = None
         self.failures = 0
+        # Why its last start failed ("" if it did not): said once, in the line that starts it
+        # again, rather than again as the exit of the process the fleet killed for it.
+        self.start_error = ""
         # Its control socket answered since it was (re)started: from then on it is expected to
         # answer the liveness check (before, ready_within bounds its start-up load).
         self.answering = False
@@ -214,6 +220,7 @@ class WorkerFleet:
             sock.unlink()
         unloaded = self._unloaded()
         worker.answering = worker.joined = False
+        worker.joined_at = None
         listed = self.run_dir / f"worker-{worker.index}.unloaded.json"
         await asyncio.to_thread(listed.write_text, json.dumps(unloaded), "utf-8")
         env = {
@@ -222,9 +229,7 @@ class WorkerFleet:
             ENV_PARENT: str(os.getpid()),
             ENV_UNLOADED: str(listed),
         }
-        # Before the exec: one that fails (the process never ran) counts as a short life for
-        # the backoff, not as one as long as the last process's.
-        worker.started = time.monotonic()
+        worker.started = self._clock()
         worker.proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "ferry.server", *self._flags, env=env
         )
@@ -267,6 +272,8 @@ class WorkerFleet:
                 lacks = await self._join(worker, sock)
                 # Under the lock: a change followed once it is released reaches this worker.
                 worker.joined = lacks is None
+                if worker.joined:
+                    worker.joined_at = self._clock()
             if lacks is None:
                 return
             if refused is not None or last:
@@ -365,17 +372,33 @@ class WorkerFleet:
             self.peers.retire(sock)
             with contextlib.suppress(FileNotFoundError):
                 sock.unlink()  # no change is sent to it until it listens again
-            lived = time.monotonic() - worker.started
+            # Served on the ports for HEALTHY_AFTER: not a start that failed. Counted from its
+            # start, a start that took longer than that to fail (a large repository loaded,
+            # then refused JOIN: a reload failed in the first process) reset the backoff to
+            # 0.5 s, and the fleet reloaded the whole repository back to back, for good.
+            joined_at = worker.joined_at
+            served = self._clock() - joined_at if joined_at is not None else 0.0
             self.restarts += 1
-            worker.failures = 0 if lived > HEALTHY_AFTER else worker.failures + 1
+            worker.failures = 0 if served > HEALTHY_AFTER else worker.failures + 1
             delay = BACKOFF[min(worker.failures, len(BACKOFF) - 1)]
-            log.error(
-                "worker %d (pid %d) exited with %s; starting it again in %.1f s",
-                worker.index,
-                worker.proc.pid,
-                code,
-                delay,
-            )
+            why, worker.start_error = worker.start_error, ""
+            if why:  # one line an attempt: the kill that followed is the fleet's own
+                log.error(
+                    "worker %d did not start again: %s; trying again in %.1f s (failure %d "
+                    "in a row)",
+                    worker.index,
+                    why,
+                    delay,
+                    worker.failures,
+                )
+            else:
+                log.error(
+                    "worker %d (pid %d) exited with %s; starting it again in %.1f s",
+                    worker.index,
+                    worker.proc.pid,
+                    code,
+                    delay,
+                )
             await asyncio.sleep(delay)
             if self._stopping:
                 return
@@ -385,7 +408,7 @@ class WorkerFleet:
             try:
                 await self._spawn(worker)
             except Exception as exc:
-                log.error("worker %d did not start again: %s", worker.index, exc)
+                worker.start_error = str(exc) or type(exc).__name__
                 if worker.proc is not None and worker.proc.returncode is None:
                     worker.proc.kill()
 
