@@ -919,6 +919,57 @@ def test_a_worker_that_loaded_other_files_than_the_first_brings_them_to_the_firs
         assert _listens(fleet.pids[1], fleet.port)  # the same worker: none was killed
 
 
+# A sitecustomize for the worker processes: once, at the next refresh they follow, the file a
+# file named "complete" beside the hook folder holds is written over m/1/model.onnx first, as a
+# copy finishing between the first process's reload (which read it half written) and theirs.
+_COMPLETE_IN_WORKER = """
+import os
+from pathlib import Path
+
+if os.environ.get("FERRY_WORKER_SOCKET"):
+    from ferry.server.core import dataplane
+
+    original = dataplane.DataPlane.refresh
+
+    async def refresh(self, *args, **kwargs):
+        new = Path({tmp!r}, "complete")
+        if new.exists():
+            Path({root!r}, "m", "1", "model.onnx").write_bytes(new.read_bytes())
+            new.unlink()
+        return await original(self, *args, **kwargs)
+
+    dataplane.DataPlane.refresh = refresh
+"""
+
+
+def test_a_reload_the_first_failed_mid_copy_ends_with_every_process_on_the_copied_files(
+    tmp_path: Path,
+) -> None:
+    """m/1/model.onnx was being copied: the first process's reload read it half written and
+    failed (it serves its earlier load), and the worker's, once the copy was done, loaded the
+    new weights. Both served version 1, so the change passed for applied, and requests got the
+    old answer or the new one by connection until something refreshed again (with no
+    --poll-interval, for good). The first process, behind the folder, refreshes once more, and
+    every connection gets the copied file's answer."""
+    root = make_repo(tmp_path / "repo", {"m": seed_model(seed=1), "mlp": mlp_model()})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        _COMPLETE_IN_WORKER.format(tmp=str(tmp_path), root=str(root))
+    )
+    x = {"input": np.ones((1, 3), np.float32)}
+    with _serving(root, hook=hook) as fleet:
+        new = seed_model(seed=2).SerializeToString()
+        (tmp_path / "complete").write_bytes(new)
+        (root / "m" / "1" / "model.onnx").write_bytes(new[: len(new) // 2])  # half copied
+        with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+            assert "m/1" in repo.refresh().failed  # the first read it half written
+        assert not (tmp_path / "complete").exists()  # the worker's refresh read it whole
+        expected = {(1, float(reference(root / "m" / "1" / "model.onnx", x)["logits"][0, 0]))}
+        wait_for(lambda: _answers(fleet.port, "m", x) == expected, "every answer from seed 2")
+        assert _listens(fleet.pids[1], fleet.port)  # the same worker: none was killed
+
+
 # The same, the other way round: the first process's own load of model "big" fails.
 _FAIL_IN_FIRST = _FAIL_IN_WORKERS.replace(
     'if os.environ.get("FERRY_WORKER_SOCKET"):', 'if not os.environ.get("FERRY_WORKER_SOCKET"):'

@@ -515,6 +515,8 @@ class WorkerFleet:
         # The files of each, loaded here before the change was sent and not reloaded since: a
         # worker's other files are not a newer change of this process's still on its way.
         same = judging.same_files(files, self._files(model))
+        # Served here from an earlier load, then and now (this process's reload failed).
+        behind = judging.still(earlier, self._earlier(model))
         for path, answer in zip(paths, answers, strict=True):
             why: object = answer
             if isinstance(answer, aio.AioRpcError):
@@ -526,6 +528,10 @@ class WorkerFleet:
             if not isinstance(answer, BaseException):
                 lacks = judging.lacks(mine, answer, fresh)
                 other = judging.other_files(answer, fresh, same) if not lacks else ""
+                if not lacks and not other:
+                    # Its reload read files that this process's could not (half copied then):
+                    # this process, behind the folder, tries them again.
+                    other = judging.newer_files(answer, behind, same)
                 if other:
                     # It serves every version, some from files that changed on disk after this
                     # process loaded them: this process is the one behind the folder. A refresh

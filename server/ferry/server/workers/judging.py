@@ -79,3 +79,21 @@ def other_files(
             for name, v in control.other_files(both, theirs)
         ]
     )
+
+
+def newer_files(
+    answer: object, behind: dict[str, list[int]] | None, files: dict[str, dict[str, Any]]
+) -> str:
+    """The versions of ``behind`` (this process serves them from an earlier load, its reload
+    having failed) that a worker's answer says it serves from other files than that load's,
+    and not from an earlier load of its own: it loaded files this process could not, a copy
+    that finished between the two reads, and answers with other weights under the same
+    version number. Described ("" when none, or when either side did not say)."""
+    theirs_earlier = answer.get("earlier") if isinstance(answer, dict) else None
+    if behind is None or not isinstance(theirs_earlier, dict):
+        return ""
+    own = {
+        name: [v for v in versions if v not in (theirs_earlier.get(name) or ())]
+        for name, versions in behind.items()
+    }
+    return other_files(answer, own, files)
