@@ -24,7 +24,7 @@ from ferry.server.core.dataplane import DataPlane, InferenceRequest
 from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.core.shadow import Shadows, ShadowStatistics, comparison_key
-from ferry.server.core.types import State
+from ferry.server.core.types import RepositoryOutcome, State
 from ferry.server.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -1005,7 +1005,79 @@ def test_shapes_must_match_exactly_and_a_version_loaded_later_is_checked(tmp_pat
         onnx.save(identity_model("INT64", dims=(-1,)), str(repo.version_dir("m", 3) / "model.onnx"))
         await registry.refresh()
         view = dataplane.rollout("m")
-        assert view.split == () and "versions 1 and 3 of 'm' differ" in view.error
+        # The split goes on, version 3 serving its previous files (test below), and says why.
+        assert view.split == ((1, 1.0), (3, 1.0)) and "versions 1 and 3 of 'm' differ" in view.error
+
+    _run(repo, scenario)
+
+
+@pytest.mark.parametrize("replaced", [1, 2])
+def test_a_split_version_reloaded_from_files_that_differ_keeps_the_split(
+    tmp_path: Path, replaced: int
+) -> None:
+    """A split version's files replaced by a model that takes other tensors, then a refresh:
+    the split was dropped, and every request went to the default version, version 2, the
+    canary the operator gave 10% (20 of 20). The reload is refused as a failed reload is: the
+    version serves its previous files, the split goes on as set, and GetRollout and the
+    refresh say why. Files that fit again are served at the next change."""
+    from ferry.server.examples import mlp_model
+
+    repo = _repo(tmp_path)
+    model_file = repo.version_dir("m", replaced) / "model.onnx"
+
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
+        await dataplane.set_rollout("m", {1: 9, 2: 1}, by="t", why="canary")
+        split = rollouts.parse_split({1: 9, 2: 1})
+        expected = [split.pick("m", k) for k in KEYS[:200]]
+        assert set(expected) == {1, 2}
+        model_file.unlink()
+        onnx.save(mlp_model((5, 2)), str(model_file))  # takes 5 features, not 3
+        outcome = await registry.refresh()
+        assert len(outcome.failed) == 1 and not outcome.loaded
+        assert outcome.failed[0].startswith(f"m/{replaced}: its files do not fit the rollout")
+        view = dataplane.rollout("m")
+        assert view.split == split.split
+        assert f"version {replaced}: " in view.error and "differ" in view.error
+        assert [await _version(dataplane, k) for k in KEYS[:200]] == expected
+        assert (
+            await registry.refresh(retry_failed=False) == RepositoryOutcome()
+        )  # a poll: not again
+        # Files that fit again (the previous model's) are served, and the error goes.
+        model_file.unlink()
+        onnx.save(seed_model(seed=5), str(model_file))
+        outcome = await registry.refresh()
+        assert list(outcome.loaded) == [f"m/{replaced}"] and not outcome.failed
+        assert dataplane.rollout("m").error == ""
+        # Ending the split serves what its versions' files are, without a load asked for.
+        model_file.unlink()
+        onnx.save(mlp_model((5, 2)), str(model_file))
+        await registry.refresh()
+        await dataplane.set_rollout("m", None, by="t", why="end")
+        assert {s.version: s.reason for s in registry.statuses("m")} == {2: ""}
+        assert tuple(registry.get("m", 2).inputs[0].shape) == (
+            (-1, 5) if replaced == 2 else (-1, 3)
+        )
+
+    _run(repo, scenario)
+
+
+def test_a_splits_versions_replaced_alike_at_once_are_served_together(tmp_path: Path) -> None:
+    """Both versions of a split replaced by files of another interface, read by one refresh:
+    they fit each other, so both are served (each judged alone against the other's previous
+    files would be refused)."""
+    from ferry.server.examples import mlp_model
+
+    repo = _repo(tmp_path)
+
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
+        await dataplane.set_rollout("m", {1: 1, 2: 1}, by="t", why="half")
+        for v, seed in ((1, 7), (2, 8)):
+            (repo.version_dir("m", v) / "model.onnx").unlink()
+            onnx.save(mlp_model((5, 2), seed=seed), str(repo.version_dir("m", v) / "model.onnx"))
+        outcome = await registry.refresh()
+        assert sorted(outcome.loaded) == ["m/1", "m/2"] and not outcome.failed
+        assert dataplane.rollout("m").split == ((1, 1.0), (2, 1.0))
+        assert dataplane.rollout("m").error == ""
 
     _run(repo, scenario)
 
@@ -1017,7 +1089,8 @@ def test_a_rollout_file_edited_between_loaded_versions_that_differ_is_not_served
     """A rollout.json written by hand (or copied in) naming versions that were all loaded
     already was served without the check a SetRollout makes: only a sync that loaded a version
     compared them, and requests split between versions that take other tensors (or batches)
-    failed at random (13 of 20). It serves the default version now, and says why."""
+    failed at random (13 of 20). It serves the rollout served before (here none: the default
+    version) now, and says why."""
     from ferry.server.examples import mlp_model
 
     repo = ModelRepository(tmp_path / "repo", create=True)
@@ -1044,6 +1117,16 @@ def test_a_rollout_file_edited_between_loaded_versions_that_differ_is_not_served
         await registry.refresh()
         split = rollouts.parse_split({1: 1, 3: 1})
         assert dataplane.rollout("m").split == split.split
+        assert [await _version(dataplane, k) for k in KEYS[:40]] == [
+            split.pick("m", k) for k in KEYS[:40]
+        ]
+        # An edit that cannot be served over a live split keeps that split (as a version's
+        # files that do not fit it do), rather than handing every request to the default.
+        rollout_file.write_text(json.dumps({"split": {"1": 9, "2": 1}}))
+        await registry.refresh()
+        view = dataplane.rollout("m")
+        assert view.split == split.split
+        assert view.error.startswith("rollout.json as edited is not served: ")
         assert [await _version(dataplane, k) for k in KEYS[:40]] == [
             split.pick("m", k) for k in KEYS[:40]
         ]

@@ -455,10 +455,18 @@ class ModelRegistry:
         )
 
     def rollout_of(self, name: str) -> tuple[rollouts.Rollout | None, str]:
+        """The model's rollout in force, and why it is not the one on disk, or why a version
+        of it does not serve its files ('' when neither)."""
         entry = self.models.get(name)
         if entry is None:
             raise ModelNotFound(f"model {short(name)!r} is not served here")
-        return entry.rollout, entry.rollout_error
+        errors = [entry.rollout_error] if entry.rollout_error else []
+        if entry.rollout is not None:
+            for v in entry.rollout.versions:
+                slot = entry.versions.get(v)
+                if slot is not None and _ROLLOUT_REFUSED in slot.reason:
+                    errors.append(f"version {v}: {slot.reason}")
+        return entry.rollout, "; ".join(errors)
 
     async def set_rollout(
         self,
@@ -522,6 +530,7 @@ class ModelRegistry:
             if split is not None:
                 try:
                     self._check_one_interface(name, split)  # and those it loaded
+                    self._refuse_unfitting_loads(name, split)
                 except FailedPrecondition:
                     await asyncio.to_thread(rollouts.restore, mdir, previous)
                     await self._sync_model(name, RepositoryOutcome(), retry_failed=False)
@@ -530,6 +539,15 @@ class ModelRegistry:
             self._notify()
             await self._follow("load", name)
             return result
+
+    def _refuse_unfitting_loads(self, name: str, split: rollouts.Rollout) -> None:
+        """FailedPrecondition when a version ``split`` names serves nothing because its load
+        did not fit the split (``_serve_fitting``): the split would not be served as asked."""
+        entry = self.models.get(name)
+        for v in split.versions:
+            slot = entry.versions.get(v) if entry is not None else None
+            if slot is not None and slot.loaded is None and _ROLLOUT_REFUSED in slot.reason:
+                raise FailedPrecondition(slot.reason.split(f"{_ROLLOUT_REFUSED}: ", 1)[-1])
 
     async def _still_the_rollout(self, name: str, decided_on: rollouts.Rollout) -> None:
         """Refuse a rule's change (or a shadow publish's) when the rollout it judged is no
@@ -549,9 +567,18 @@ class ModelRegistry:
     def _check_one_interface(self, name: str, split: rollouts.Rollout) -> None:
         """The rollout's versions (and, for a shadow alone, the default version it is compared
         with) that are loaded take and give the same tensors (rollout.interface_difference)."""
+        why = self._rollout_difference(name, split, {})
+        if why:
+            raise FailedPrecondition(why)
+
+    def _rollout_difference(
+        self, name: str, split: rollouts.Rollout, fresh: dict[int, LoadedVersion]
+    ) -> str:
+        """Why ``split`` cannot be served ('' when it can) by the versions loaded now, with
+        ``fresh`` (version -> a load not yet served) in place of what those versions serve."""
         entry = self.models.get(name)
         if entry is None:
-            return
+            return ""
         versions = sorted(split.versions)
         default = entry.default_version()
         if not split.split and default is not None:
@@ -559,15 +586,16 @@ class ModelRegistry:
         loaded = [
             (v, lv)
             for v in versions
-            if (slot := entry.versions.get(v)) is not None and (lv := slot.loaded) is not None
+            if (lv := fresh.get(v)) is not None
+            or ((slot := entry.versions.get(v)) is not None and (lv := slot.loaded) is not None)
         ]
         if not loaded:
-            return
+            return ""
         first, a = loaded[0]
         for other, b in loaded[1:]:
             why = rollouts.interface_difference((a.inputs, a.outputs), (b.inputs, b.outputs))
             if why:
-                raise FailedPrecondition(
+                return (
                     f"versions {first} and {other} of {short(name)!r} differ: {why}. A split "
                     "or shadow needs one interface (a client cannot tell which version "
                     "answers it): name the version in each request instead"
@@ -575,10 +603,11 @@ class ModelRegistry:
         limits = {v: lv.max_batch_size for v, lv in loaded}
         why = rollouts.batch_difference(split, limits, default)
         if why:
-            raise FailedPrecondition(
+            return (
                 f"the versions in the rollout of {short(name)!r} take different batches: {why}, or "
                 "name the version in each request instead"
             )
+        return ""
 
     def statuses(self, name: str = "") -> list[VersionStatus]:
         if name and name not in self.models:
@@ -935,6 +964,7 @@ class ModelRegistry:
                 entry.config, entry.config_error = scan.config, scan.config_error
             entry.config_signature = scan.config_signature
         on_disk = scan.on_disk
+        previous = entry.rollout  # the last one served: kept when an edit cannot be served
         rollout_read = scan.rollout_signature != entry.rollout_signature
         if rollout_read:
             entry.rollout, entry.rollout_error = scan.rollout, scan.rollout_error
@@ -972,6 +1002,11 @@ class ModelRegistry:
                 return
             log.warning("model %s: %s", name, entry.policy_error)
         loads = []
+        # With a rollout, a load is served only once it fits the rollout's other versions
+        # (_serve_fitting): a version reloaded from files that take other tensors dropped the
+        # split, and every request went to the default version, often the canary.
+        staged: dict[int, _Staged] | None = {} if entry.rollout is not None else None
+        loading: set[int] = set()
         for v in wanted:
             slot = entry.versions.get(v)
             sig = scan.signatures.get(v)
@@ -1009,12 +1044,29 @@ class ModelRegistry:
                 or (retry_failed and _reload_failed(slot))
                 or self._lifted(name, slot)
             ):
-                loads.append(self._load_version(entry, v, sig, scan.model_file(v), result))
+                loading.add(v)
+        if loading or rollout_read:
+            # A load refused for the rollout is judged again beside any other change: the
+            # other side's files replaced to match, or the rollout changed, make it fit.
+            loading.update(
+                v
+                for v in wanted
+                if (slot := entry.versions.get(v)) is not None and _ROLLOUT_REFUSED in slot.reason
+            )
+        for v in sorted(loading):
+            sig = scan.signatures.get(v)
+            loads.append(
+                self._load_version(entry, v, sig, scan.model_file(v), result, staged=staged)
+            )
         await asyncio.gather(*loads)
+        if staged:
+            await self._serve_fitting(entry, staged, result)
         # Also when only the file changed: a hand edit (or a copy) naming versions all loaded
         # already loads nothing, and its split between versions that differ was served.
         if (loads or rollout_read) and entry.rollout is not None:
-            self._keep_one_interface(entry)
+            self._keep_one_interface(entry, previous if rollout_read else None)
+            if entry.rollout is not None:  # the one kept may name versions the edit did not
+                wanted = sorted({*wanted, *(v for v in entry.rollout.versions if v in on_disk)})
         # Versions the policy no longer selects go only now, after the new ones loaded: a
         # new version replacing the old one leaves no moment without a served version.
         stale = sorted(set(entry.versions) - set(wanted))
@@ -1042,18 +1094,62 @@ class ModelRegistry:
         if changed or retry_failed:
             result.failed.append(f"{entry.name}: {why}")
 
-    def _keep_one_interface(self, entry: ModelEntry) -> None:
-        """A rollout whose versions, as loaded now, differ (one that did not load when the
-        split was set, a file replaced since, or a rollout file edited by hand) is not served: the model serves its default
-        version and GetRollout says why, as for a rollout file that cannot be used. SetRollout
-        checks what it can see; a version loaded later was never checked, and requests split
-        onto it failed at random."""
+    def _keep_one_interface(self, entry: ModelEntry, previous: rollouts.Rollout | None) -> None:
+        """A rollout whose versions, as loaded now, differ (a rollout file edited by hand, or
+        copied in) is not served: the rollout served before it (``previous``) goes on, else the
+        default version, and GetRollout says why. The same rule as for a version's files
+        (``_serve_fitting``): what served before a change that cannot be served keeps serving.
+        SetRollout checks before it writes; a hand edit is seen only here."""
         assert entry.rollout is not None
-        try:
-            self._check_one_interface(entry.name, entry.rollout)
-        except FailedPrecondition as exc:
-            entry.rollout, entry.rollout_error = None, exc.message
-            log.warning("model %s: %s; serving its default version", entry.name, exc.message)
+        why = self._rollout_difference(entry.name, entry.rollout, {})
+        if not why:
+            return
+        if (
+            previous is not None
+            and previous is not entry.rollout
+            and not self._rollout_difference(entry.name, previous, {})
+        ):
+            entry.rollout = previous
+            entry.rollout_error = f"{rollouts.ROLLOUT_FILE} as edited is not served: {why}"
+            log.warning("model %s: %s; the rollout served before goes on", entry.name, why)
+            return
+        entry.rollout, entry.rollout_error = None, why
+        log.warning("model %s: %s; serving its default version", entry.name, why)
+
+    async def _serve_fitting(
+        self, entry: ModelEntry, staged: dict[int, _Staged], result: RepositoryOutcome
+    ) -> None:
+        """Serve the loads of this sync that fit the rollout (all together if they fit
+        together: a split's versions replaced alike at once; else each that fits on its own).
+        One that does not is refused as a failed load is: a reload leaves the version serving
+        its previous files, a first load leaves it FAILED, and the rollout goes on as it was,
+        never handed to the default version (often the canary) by a file replaced under one
+        version of it. GetRollout says why (``rollout_of``)."""
+        rollout = entry.rollout
+        fresh = {v: s.loaded for v, s in staged.items()}
+        refused: dict[int, str] = {}
+        if rollout is not None and self._rollout_difference(entry.name, rollout, fresh):
+            fresh = {}
+            for v, s in sorted(staged.items()):
+                why = self._rollout_difference(entry.name, rollout, {**fresh, v: s.loaded})
+                if why:
+                    refused[v] = why
+                else:
+                    fresh[v] = s.loaded
+        for v, s in sorted(staged.items()):
+            if v not in refused:
+                await self._serve_load(entry, v, s, result)
+                continue
+            why = f"{_ROLLOUT_REFUSED}: {refused[v]}"
+            log.warning("model %s version %s: %s", entry.name, v, why)
+            result.failed.append(f"{entry.name}/{v}: {why}")
+            if s.old is not None and s.old.loaded is not None:
+                s.old.reason = _still_serving(why)
+                s.old.tried_signature = s.signature
+            else:
+                entry.versions[v] = VersionSlot(v, State.FAILED, why, None, s.signature)
+            self._notify()
+            await s.loaded.close(drain=False, releaser=self.pools.loading)
 
     async def _load_version(
         self,
@@ -1062,7 +1158,11 @@ class ModelRegistry:
         sig: Signature,
         path: Path,
         result: RepositoryOutcome,
+        *,
+        staged: dict[int, _Staged] | None = None,
     ) -> None:
+        """Load a version; with ``staged`` (a model with a rollout), leave a load that opened
+        there for ``_serve_fitting`` to serve or refuse."""
         old = entry.versions.get(version)
         if old is None or old.loaded is None:
             entry.versions[version] = VersionSlot(version, State.LOADING, "", None, sig)
@@ -1085,6 +1185,15 @@ class ModelRegistry:
             entry.versions[version] = VersionSlot(version, State.FAILED, reason, None, sig)
             result.failed.append(f"{entry.name}/{version}: {reason}")
             return
+        if staged is not None:
+            staged[version] = _Staged(sig, loaded, old)
+            return
+        await self._serve_load(entry, version, _Staged(sig, loaded, old), result)
+
+    async def _serve_load(
+        self, entry: ModelEntry, version: int, load: _Staged, result: RepositoryOutcome
+    ) -> None:
+        sig, loaded, old = load.signature, load.loaded, load.old
         entry.versions[version] = VersionSlot(version, State.READY, "", loaded, sig)
         self._notify()  # health follows each model as it becomes ready, not the whole refresh
         result.loaded.append(f"{entry.name}/{version}")
@@ -1283,6 +1392,17 @@ def _kept_serving(
 
 
 _STILL_SERVING = "reload failed, still serving previous load: "
+# Why a load that opened is not served: it does not fit the model's rollout (_serve_fitting).
+_ROLLOUT_REFUSED = "its files do not fit the rollout"
+
+
+@dataclass
+class _Staged:
+    """A version's load that opened, before ``_serve_fitting`` serves or refuses it."""
+
+    signature: Signature
+    loaded: LoadedVersion
+    old: VersionSlot | None
 
 
 def _still_serving(why: str) -> str:
