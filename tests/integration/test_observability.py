@@ -363,6 +363,54 @@ def test_a_version_loaded_again_in_place_does_not_send_its_counters_down(
     assert _sample(scrape(app.metrics_port), "ferry_inferences_total", **mlp) == 0
 
 
+def test_a_reload_that_outcounts_the_old_load_before_a_scrape_is_still_carried(
+    server: ServerThread, client: InferenceClient
+) -> None:
+    """A reload in place is told from the old load by the load, not by its counts going down:
+    6 before the reload, then 9 on the new load before the next scrape read 9 (the 6 lost,
+    increase() 3 for 9 served). It reads 6 + 9 now."""
+    import onnx
+
+    from ferry.server.examples import mlp_model
+
+    assert server.app is not None
+    app = server.app
+    mlp = {"model": "mlp", "version": "1"}
+    for _ in range(2):
+        client.infer("mlp", X)
+    assert _sample(scrape(app.metrics_port), "ferry_inferences_total", **mlp) == 6
+    onnx.save(
+        mlp_model(seed=1), str(ModelRepository(Path(app.settings.repository)).model_file("mlp", 1))
+    )
+    server.call(lambda: app.dataplane.load("mlp"))
+    for _ in range(3):
+        client.infer("mlp", X)
+    after = scrape(app.metrics_port)
+    assert _sample(after, "ferry_inferences_total", **mlp) == 15
+    assert _sample(after, "ferry_executions_total", **mlp) == 5
+
+
+def test_a_version_unloaded_and_loaded_between_scrapes_counts_from_zero(
+    server: ServerThread, client: InferenceClient
+) -> None:
+    """An unload ends a version's series, scraped or not: loaded again before the next scrape,
+    its counters carried the old load's 6 (read 6 + 3), where a scrape between the two reads
+    none and then 3. A counter of one series never goes down while it is served; one served
+    anew starts from zero (Prometheus reads the drop as the reset it is)."""
+    assert server.app is not None
+    app = server.app
+    mlp = {"model": "mlp", "version": "1"}
+    for _ in range(2):
+        client.infer("mlp", X)
+    assert _sample(scrape(app.metrics_port), "ferry_inferences_total", **mlp) == 6
+    server.call(lambda: app.dataplane.unload("mlp"))
+    server.call(lambda: app.dataplane.load("mlp"))
+    client.infer("mlp", X)
+    after = scrape(app.metrics_port)
+    assert _sample(after, "ferry_inferences_total", **mlp) == 3
+    assert _sample(after, "ferry_executions_total", **mlp) == 1
+
+
 def test_a_request_that_fails_to_decode_is_a_failure_of_the_version_it_asked_for(
     server: ServerThread, client: InferenceClient
 ) -> None:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 
 from ferry.server.core.dataplane import DataPlane
-from ferry.server.core.stats_merge import merge, sum_request_rows
+from ferry.server.core.stats_merge import sum_request_rows
 from ferry.server.core.types import State, VersionStatistics, VersionStatus
 from ferry.server.errors import FerryError
 from ferry.server.grpc.status import code_of
@@ -154,13 +154,14 @@ class Metrics:
         """The whole scrape, Prometheus text format 0.0.4."""
         # The registry's views copy what they iterate: safe to read from this thread.
         read = self._carried.begin()
-        stats = self._dataplane.statistics()
+        own = self._dataplane.statistics()
         statuses = self._dataplane.list_models()
         rows = self.requests_snapshot()
+        others: list[VersionStatistics] = []
         if self._peers is not None:
-            stats = merge([*stats, *self._peers.statistics_sync()])
+            others = self._peers.statistics_sync()
             rows += self._peers.requests_sync()
-        stats = self._carried.add(stats, read)
+        stats = self._carried.add(own, others, read)
         lines: list[str] = []
         self._render_requests(lines, _summed(rows))
         self._render_core(lines, stats, statuses)

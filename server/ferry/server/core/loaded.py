@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
@@ -77,6 +78,10 @@ class LoadedVersion:
             s.name for s in self.inputs if s.dtype == DataType.DATA_TYPE_BYTES
         )
         self.stats = VersionStats()
+        # This load, and the /metrics series it counts in: the registry gives a reload in
+        # place the old load's series (VersionStatistics.load, metrics_carry).
+        self.load_id = uuid.uuid4().hex
+        self.series_id = self.load_id
         # A batch size (configured, or the default on the shapes alone) whose batch dimension no
         # made-up row could check (the model runs on none: runtime.session): requests run
         # alone until one's own row checks it.
@@ -318,6 +323,7 @@ class LoadedVersion:
             expired=self.batcher.expired,
             queue_depth=self.batcher.queue_depth,
         )
+        snapshot = replace(snapshot, load=self.load_id, series=self.series_id)
         placed = getattr(self.session, "device_statistics", None)  # device_ids only
         if placed is not None:
             snapshot = replace(snapshot, device_executions=placed())

@@ -86,6 +86,8 @@ def stats_from_json(d: dict[str, Any]) -> VersionStatistics:
         planned_executions=tuple((int(s), int(n)) for s, n in d.get("planned_executions", ())),
         plan_changes=int(d.get("plan_changes", 0)),
         device_executions=tuple((int(i), int(n)) for i, n in d.get("device_executions", ())),
+        load=str(d.get("load", "")),
+        series=str(d.get("series", "")),
     )
 
 

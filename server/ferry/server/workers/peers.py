@@ -91,8 +91,12 @@ class Peers:
         self._process: dict[Path, str] = {}
         self._latest_stats: dict[Path, dict[tuple[str, int], dict[str, Any]]] = {}
         self._latest_requests: dict[Path, list[Any]] = {}
-        # what processes that are gone last reported (module docstring)
-        self._retired_stats: dict[tuple[str, int], tuple[VersionStatistics, weakref.ref[Any]]] = {}
+        # what processes that are gone last reported (module docstring), per load: /metrics
+        # tells a load that ended by its name (metrics_carry), so two dead processes' loads of a
+        # version are kept apart, not added up under a new name
+        self._retired_stats: dict[
+            tuple[str, int, str], tuple[VersionStatistics, weakref.ref[Any]]
+        ] = {}
         self._retired_requests: dict[tuple[str, int], list[Any]] = {}
         # socket -> that worker's latest shadow comparisons; (model, key) -> what dead
         # workers last answered of that comparison, added up (the first worker's)
@@ -178,10 +182,11 @@ class Peers:
             if loaded is None:  # not served here: its counts would leave with it anyway
                 continue
             old = dataclasses.replace(control.stats_from_json(row), queue_depth=0)
-            kept = self._retired_stats.get((model, version))
+            retired = (model, version, old.load)
+            kept = self._retired_stats.get(retired)
             if kept is not None and kept[1]() is loaded:
                 (old,) = merge([kept[0], old])
-            self._retired_stats[(model, version)] = (old, weakref.ref(loaded))
+            self._retired_stats[retired] = (old, weakref.ref(loaded))
         dead = self._latest_requests.pop(path, [])
         kept_rows = sum_request_rows([*self._retired_requests.values(), *dead])
         self._retired_requests = {(row[0], row[1]): row for row in kept_rows}
@@ -273,9 +278,10 @@ class Peers:
         answers: the versions still loaded as they were, optionally one model's."""
         out = []
         with self._last_lock:
-            for (name, v), (stats, loaded) in list(self._retired_stats.items()):
+            for key, (stats, loaded) in list(self._retired_stats.items()):
+                name, v, _ = key
                 if loaded() is None or loaded() is not self._served(name, v):
-                    del self._retired_stats[(name, v)]  # unloaded or loaded again since
+                    del self._retired_stats[key]  # unloaded or loaded again since
                 elif (not model or name == model) and (not version or v == version):
                     out.append(stats)
         return out
