@@ -520,13 +520,34 @@ def test_a_model_no_made_up_row_runs_that_works_across_rows_never_mixes_callers(
     alone, and callers queued together got answers minus everyone's mean. Its requests now
     run alone until a batch of different ones gives each its answer alone: this one's do not,
     and they run alone for good."""
+    import json
+    import urllib.request
+
+    from ferry.server.grpc.kserve_model import config_of
+
     root = make_repo(tmp_path / "repo", {"m": _exact_width_model(minus_rows_mean=True)})
     write_config(root, "m", {"instances": {"count": 1}})
     srv = start_server(root)
+    assert srv.app is not None
     with InferenceClient(srv.target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
+        assert client.model_metadata("m").batching.combine_requests  # until a batch tells
         _gated_round(srv, client, pool, root, seed=1)
         _gated_round(srv, client, pool, root, seed=2)  # still apart once the check has decided
-        assert stats(client, "m").execution_count == 8  # every request its own run
+        # Every request its own run (8), and the proof's run of the three together (1): it
+        # ran, so it is an execution of 3, as Triton counts one.
+        counted = stats(client, "m")
+        assert counted.execution_count == 9
+        assert counted.batch_sizes == {1: 8, 3: 1}
+        assert counted.inference_count == 11
+        # Described as it runs, as combine_requests = false is: it was still described as
+        # combining requests (ModelConfig's dynamic_batching, ferry.v1's BatchingPolicy).
+        batching = client.model_metadata("m").batching
+        assert batching.max_batch_size > 0 and not batching.combine_requests
+    assert not config_of(srv.app.dataplane.metadata("m")).HasField("dynamic_batching")
+    url = f"http://127.0.0.1:{srv.app.http_port}/v2/models/m/config"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        config = json.loads(response.read())
+    assert config["max_batch_size"] > 0 and "dynamic_batching" not in config
 
 
 def test_a_model_no_made_up_row_runs_is_batched_once_a_real_batch_proves_its_rows_apart(
@@ -539,9 +560,10 @@ def test_a_model_no_made_up_row_runs_is_batched_once_a_real_batch_proves_its_row
     srv = start_server(root)
     with InferenceClient(srv.target, timeout=60) as client, ThreadPoolExecutor(4) as pool:
         _gated_round(srv, client, pool, root, seed=1)
-        assert stats(client, "m").execution_count == 4  # proving: each alone
+        assert stats(client, "m").execution_count == 5  # proving: each alone, then together
         _gated_round(srv, client, pool, root, seed=2)
-        assert stats(client, "m").execution_count == 6  # the first alone, three together
+        assert stats(client, "m").execution_count == 7  # the first alone, three together
+        assert client.model_metadata("m").batching.combine_requests
 
 
 def test_combine_requests_false_keeps_the_batch_dimension_and_runs_each_request_alone(
@@ -667,7 +689,8 @@ def test_requests_run_alone_once_rows_mixed_each_take_a_free_instance(
         # The first batch of two different queued requests proves the rows mixing.
         _two_held_two_queued(srv, client, pool, root, "m", width=7, meet=False)
         _two_held_two_queued(srv, client, pool, root, "m", width=7, meet=True)
-        assert stats(client, "m").execution_count == 8  # every request its own run
+        # Every request its own run, and the proof's run of the two queued ones together.
+        assert stats(client, "m").execution_count == 9
 
 
 @pytest.mark.parametrize(

@@ -251,7 +251,7 @@ class DataPlane:
                 default_timeout_ms=b.default_timeout_ms or self.default_timeout * 1000.0,
                 default_priority=b.default_priority,
                 preferred_batch_sizes=tuple(b.planned_batch_sizes or ()),
-                combine_requests=b.combine_requests,
+                combine_requests=lv.combines_requests,  # as it runs now
             ),
             instance_count=lv.config.instances.count,
             device_kind=lv.session.device_kind,

@@ -260,7 +260,12 @@ class LoadedVersion:
             served = [w for w, r in zip(items, apart, strict=True) if not isinstance(r, Failed)]
             answers = [r for r in apart if not isinstance(r, Failed)]
             if len(served) > 1 and _differ(served, self.input_names):
-                why = self._rows_mixed(served, answers)
+                why, together = self._rows_mixed(served, answers)
+                if together is not None:
+                    # The run together is an execution (Triton counts each one the model
+                    # made) that answered no request: its rows were timed, never counted, and
+                    # execution_count and batch_stats missed a batch that ran.
+                    runs.append(together)
                 if why:
                     self._alone = True
                     log.warning(
@@ -275,27 +280,42 @@ class LoadedVersion:
                     log.info("%s/%s: rows proven apart on a real batch", self.name, self.version)
         return apart, runs, time.perf_counter_ns() - t0
 
-    def _rows_mixed(self, served: Sequence[Work], alone: list[dict[str, np.ndarray]]) -> str:
-        """What differs when ``served`` run together from their answers ``alone``; ''
-        when nothing does."""
+    def _rows_mixed(
+        self, served: Sequence[Work], alone: list[dict[str, np.ndarray]]
+    ) -> tuple[str, Execution | None]:
+        """What differs when ``served`` run together from their answers ``alone`` ('' when
+        nothing does), and that run together as an execution serving no request (None when
+        it did not run)."""
         wanted = _union_outputs(served, self.output_names)
+        rows = sum(w.batch for w in served)
+        t0 = time.perf_counter_ns()
         try:
             gathered = self.session.gather([w.inputs for w in served], self.input_names)
+            t1 = time.perf_counter_ns()
             outputs = self.session.run_gathered(gathered, wanted)
         except Exception as exc:
-            return f"requests that run alone do not run together ({type(exc).__name__})"
-        problem = _not_batch_first(wanted, outputs, sum(w.batch for w in served))
+            return f"requests that run alone do not run together ({type(exc).__name__})", None
+        t2 = time.perf_counter_ns()
+        problem = _not_batch_first(wanted, outputs, rows)
         if problem:
-            return problem
+            return problem, (rows, (), t1 - t0, t2 - t1, 0)
         together = split(outputs, wanted, [w.batch for w in served])
+        ran = (rows, (), t1 - t0, t2 - t1, time.perf_counter_ns() - t2)
         for answer, one in zip(together, alone, strict=True):
             for name, value in one.items():
                 if not same_answer(answer[name], value):
                     return (
                         f"output {name!r} of a request differs when other requests run beside "
                         "it: the model works across its first dimension"
-                    )
-        return ""
+                    ), ran
+        return "", ran
+
+    @property
+    def combines_requests(self) -> bool:
+        """Whether requests may share a run: not where the config says so, nor once a real
+        batch showed the model's rows mixing (_prove_rows_apart). What metadata reports: such
+        a model was described with the dynamic batcher though each request ran alone."""
+        return not self._alone
 
     def _checked_on(self, work: Work) -> bool:
         """Whether the batch dimension is now checked, on ``work``'s first row (alone, then
