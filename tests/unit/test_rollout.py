@@ -284,6 +284,36 @@ def test_a_broken_rollout_file_serves_the_default_and_says_why(tmp_path: Path) -
     _run(repo, scenario)
 
 
+def test_a_broken_edit_over_a_live_split_keeps_the_split_and_says_why(tmp_path: Path) -> None:
+    """A live split 1=9 2=1 (version 2 the canary, the newest), then rollout.json edited by
+    hand with a typo (or caught half copied): every request went to the default version, the
+    canary the operator gave 10% (40 of 40). The split served before goes on, as one that
+    names versions that differ does, and GetRollout says why; a usable file is served again."""
+    repo = _repo(tmp_path)
+    rollout_file = repo.model_dir("m") / rollouts.ROLLOUT_FILE
+
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
+        await dataplane.set_rollout("m", {1: 9, 2: 1}, by="t", why="canary")
+        split = rollouts.parse_split({1: 9, 2: 1})
+        expected = [split.pick("m", k) for k in KEYS[:40]]
+        rollout_file.write_text('{"split": {"1": 9, "2": 1}')  # the closing brace missing
+        await registry.refresh(retry_failed=False)
+        view = dataplane.rollout("m")
+        assert view.split == split.split
+        assert view.error.startswith("rollout.json as edited is not served: ")
+        assert "not valid JSON" in view.error
+        assert [await _version(dataplane, k) for k in KEYS[:40]] == expected
+        assert [s.version for s in registry.statuses("m")] == [1, 2]  # 1 stays loaded
+        rollout_file.write_text(json.dumps({"split": {"2": 1}}))
+        await registry.refresh(retry_failed=False)
+        assert dataplane.rollout("m").split == ((2, 1.0),) and not dataplane.rollout("m").error
+        rollout_file.unlink()  # no file: no rollout, as ever
+        await registry.refresh(retry_failed=False)
+        assert dataplane.rollout("m").split == () and not dataplane.rollout("m").error
+
+    _run(repo, scenario)
+
+
 def test_a_rollout_file_nested_past_the_parser_serves_the_default_and_says_why(
     tmp_path: Path,
 ) -> None:

@@ -967,10 +967,23 @@ class ModelRegistry:
         previous = entry.rollout  # the last one served: kept when an edit cannot be served
         rollout_read = scan.rollout_signature != entry.rollout_signature
         if rollout_read:
-            entry.rollout, entry.rollout_error = scan.rollout, scan.rollout_error
             entry.rollout_signature = scan.rollout_signature
-            if entry.rollout_error:
-                log.warning("model %s: %s; serving its default version", name, entry.rollout_error)
+            if scan.rollout_error and previous is not None:
+                # A broken edit of a live rollout (a typo, a copy caught half written) sent
+                # every request to the default version, often the canary: the rollout served
+                # before goes on, as for an edit naming versions that differ (_keep_one_interface).
+                entry.rollout_error = f"{rollouts.ROLLOUT_FILE} as edited is not served: " + (
+                    scan.rollout_error
+                )
+                log.warning(
+                    "model %s: %s; the rollout served before goes on", name, scan.rollout_error
+                )
+            else:
+                entry.rollout, entry.rollout_error = scan.rollout, scan.rollout_error
+                if entry.rollout_error:
+                    log.warning(
+                        "model %s: %s; serving its default version", name, entry.rollout_error
+                    )
         wanted = entry.config.version_policy.select(on_disk)
         if entry.rollout is not None:  # a split's versions are served beside the policy's
             wanted = sorted({*wanted, *(v for v in entry.rollout.versions if v in on_disk)})
