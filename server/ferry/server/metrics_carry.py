@@ -1,4 +1,4 @@
-"""Per-version counters on /metrics that never go down while their series is served.
+"""Per-version counters on /metrics that never go down while every scrape shows their series.
 
 A version loaded again in place (its files changed, then a load or a poll) is a new load whose
 statistics start from zero: ModelStatistics then counts since that load, as Triton's does. Its
@@ -6,19 +6,18 @@ Prometheus series, though, never left: ``ferry_inferences_total{model, version}`
 then 0, and ``increase()`` over the reload lost what came before it. Triton's counters go on
 across a reload (the new load shares the old one's reporter while both exist).
 
-The rule: a version's series lives from its load until it is unloaded, whether or not a scrape
-saw it go; within it, each counter is what every load of it counted, so it never goes down.
-Each snapshot names its load and its series (``VersionStatistics.load``, ``series``; a reload
-in place keeps the series, core.registry), so a new load is told by its name, never by counts
-going down: a reload whose new load outcounted the old one before the next scrape read as no
-reload, and the old load's counts were lost. A load that a scrape showed and the next does not
-show, in a series that goes on, is carried at what that scrape showed into every later one:
-what it counted after that scrape is missed, at most one scrape interval, never counted twice,
-as for a worker that died (docs/deployment.md). A version unloaded (loaded again or not) ends
-its series, and what was carried for it: loaded again between two scrapes, it counts from zero,
-a drop Prometheus reads as the reset it is (it carried the unloaded load's counts before).
-The series is the first process's: with ``--workers``, the other workers' loads and what the
-first keeps of dead ones (workers.peers) are carried the same way within it.
+The rule: a counter never goes down for one label set unless a scrape saw the series gone.
+Prometheus reads a counter from its scrapes alone: a new load that outcounted the old before
+the next scrape reads as growth, never as the reset it was, whether it came from a reload in
+place or from an unload and a load between two scrapes. So each snapshot names its load
+(``VersionStatistics.load``), and a new load is told by that name, never by counts going down:
+a load that a scrape showed and the next does not show, of a version that scrape still shows,
+is carried at what that scrape showed into every later one. What it counted after that scrape
+is missed, at most one scrape interval, never counted twice, as for a worker that died
+(docs/deployment.md). A version absent from a scrape was unloaded: its series and what it
+carried leave with it, and a later load of it starts from zero (a new series to Prometheus).
+With ``--workers`` the other workers' loads, and what the first keeps of dead ones
+(workers.peers), are carried the same way.
 """
 
 from __future__ import annotations
@@ -43,9 +42,7 @@ class Carried:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # At the last compared read: each load's counts, and each version's series.
-        self._last: dict[Load, VersionStatistics] = {}
-        self._series: dict[Version, str | None] = {}
+        self._last: dict[Load, VersionStatistics] = {}  # each load's, at the last compared read
         self._carried: dict[Version, VersionStatistics] = {}
         # Reads numbered as they begin, and the latest one compared: two scrapes at once read
         # the statistics outside the lock, and the earlier read's counts, compared after the
@@ -76,24 +73,18 @@ class Carried:
         return s if carried is None else merge([s, carried])[0]
 
     def _compare(self, own: list[VersionStatistics], others: list[VersionStatistics]) -> None:
-        """Under the lock: loads gone since the last compared read, in a series that goes on,
-        are carried; a series that ended takes what it carried with it."""
+        """Under the lock: loads gone since the last compared read, of a version this read
+        still shows, are carried; a version it does not show takes what it carried with it."""
         now = {_load(s): s for s in [*own, *others]}
-        served = {(s.name, s.version) for s in now.values()}
-        series: dict[Version, str | None] = {key: None for key in served}
-        series.update({(s.name, s.version): s.series for s in own})
-        going_on = {
-            key for key in served if key in self._series and self._series[key] == series[key]
-        }
-        for key in [k for k in self._carried if k not in going_on]:
-            del self._carried[key]  # unloaded since: its counts leave with it
+        shown = {load[:2] for load in now}
+        for key in [k for k in self._carried if k not in shown]:
+            del self._carried[key]  # unloaded: its counts leave with it
         for load, before in self._last.items():
             key = load[:2]
-            if load in now or key not in going_on:
+            if load in now or key not in shown:
                 continue
             # A load that ended: the gauge (what was queued then) is not carried.
             ended = dataclasses.replace(before, queue_depth=0)
             prior = self._carried.get(key)
             self._carried[key] = ended if prior is None else merge([prior, ended])[0]
         self._last = now
-        self._series = series

@@ -78,10 +78,8 @@ class LoadedVersion:
             s.name for s in self.inputs if s.dtype == DataType.DATA_TYPE_BYTES
         )
         self.stats = VersionStats()
-        # This load, and the /metrics series it counts in: the registry gives a reload in
-        # place the old load's series (VersionStatistics.load, metrics_carry).
+        # This load's name in its statistics: /metrics tells a new load by it (metrics_carry).
         self.load_id = uuid.uuid4().hex
-        self.series_id = self.load_id
         # A batch size (configured, or the default on the shapes alone) whose batch dimension no
         # made-up row could check (the model runs on none: runtime.session): requests run
         # alone until one's own row checks it.
@@ -343,7 +341,7 @@ class LoadedVersion:
             expired=self.batcher.expired,
             queue_depth=self.batcher.queue_depth,
         )
-        snapshot = replace(snapshot, load=self.load_id, series=self.series_id)
+        snapshot = replace(snapshot, load=self.load_id)
         placed = getattr(self.session, "device_statistics", None)  # device_ids only
         if placed is not None:
             snapshot = replace(snapshot, device_executions=placed())

@@ -1207,9 +1207,6 @@ class ModelRegistry:
         self, entry: ModelEntry, version: int, load: _Staged, result: RepositoryOutcome
     ) -> None:
         sig, loaded, old = load.signature, load.loaded, load.old
-        if old is not None and old.loaded is not None:
-            # Served throughout: its /metrics counters go on (metrics_carry).
-            loaded.series_id = old.loaded.series_id
         entry.versions[version] = VersionSlot(version, State.READY, "", loaded, sig)
         self._notify()  # health follows each model as it becomes ready, not the whole refresh
         result.loaded.append(f"{entry.name}/{version}")

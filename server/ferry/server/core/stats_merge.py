@@ -55,7 +55,6 @@ def _merge_two(a: VersionStatistics, b: VersionStatistics) -> VersionStatistics:
         plan_changes=a.plan_changes + b.plan_changes,
         device_executions=_merge_counts(a.device_executions, b.device_executions),
         load=a.load if a.load == b.load else "",
-        series=a.series if a.series == b.series else "",
     )
 
 

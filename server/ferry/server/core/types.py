@@ -231,12 +231,9 @@ class VersionStatistics:
     # Instances placed on GPUs (instances.device_ids): executions per device id, so a device
     # that is never used shows. Empty when the version is not placed.
     device_executions: tuple[tuple[int, int], ...] = ()
-    # Which load counted these (unique per load and process), and which served series it is
-    # part of: a reload in place goes on with the old load's series, a version unloaded (then
-    # loaded again) starts a new one. /metrics tells a new load by them (metrics_carry), not
-    # by its counts going down. "" where snapshots of several loads were added up.
+    # Which load counted these (unique per load and process): /metrics tells a new load by
+    # it (metrics_carry), not by its counts going down. "" where several loads were added up.
     load: str = ""
-    series: str = ""
 
 
 class Session(Protocol):

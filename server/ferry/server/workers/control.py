@@ -87,7 +87,6 @@ def stats_from_json(d: dict[str, Any]) -> VersionStatistics:
         plan_changes=int(d.get("plan_changes", 0)),
         device_executions=tuple((int(i), int(n)) for i, n in d.get("device_executions", ())),
         load=str(d.get("load", "")),
-        series=str(d.get("series", "")),
     )
 
 
