@@ -152,6 +152,44 @@ def test_shadow_set_through_management_is_compared_and_reported(tmp_path: Path) 
         assert repo.get_rollout("m").rules == view.rules
 
 
+def test_a_shadow_comparison_started_afresh_goes_on_counting_on_metrics(tmp_path: Path) -> None:
+    """A shadow set again (or its rules changed) starts its comparison afresh, and its /metrics
+    counters with it, under the same labels: where the new comparison outcounted the old one
+    before the next scrape, Prometheus read growth (compared 3, then 5 for 5 more). They go on
+    while every scrape shows the shadow (3 + 5), as a version's counters do (metrics_carry),
+    while GetRollout shows the comparison the rules judge."""
+    from helpers import scrape, wait_for
+
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
+        assert server.app is not None
+        port = server.app.metrics_port
+
+        def counters() -> tuple[int, int, int]:
+            s = repo.get_rollout("m").shadow
+            return int(s["compared"]), int(s["errors"]), int(s["shed"])
+
+        def shown(text: str) -> tuple[int, int, int]:
+            lab = '{model="m",candidate="1"}'
+            found = []
+            for name in ("compared", "errors", "shed"):
+                line = next(x for x in text.splitlines() if x.startswith(f"ferry_shadow_{name}"))
+                assert line.startswith(f"ferry_shadow_{name}_total{lab} "), line
+                found.append(int(float(line.rsplit(" ", 1)[1])))
+            return found[0], found[1], found[2]
+
+        totals = (0, 0, 0)
+        for n, reason in ((3, "shadow"), (5, "the same shadow again")):
+            repo.set_rollout("m", None, shadow=(1, 1.0), reason=reason)
+            with InferenceClient(server.target) as client:
+                for i in IDS[:n]:
+                    client.infer("m", X, request_id=i)
+            wait_for(lambda n=n: sum(counters()) == n, f"the {n} shadow runs to end")
+            totals = tuple(a + b for a, b in zip(totals, counters(), strict=True))
+            assert shown(scrape(port)) == totals
+        assert sum(totals) == 8
+
+
 def test_shadow_runs_are_no_requests_in_the_candidates_per_request_statistics(
     tmp_path: Path,
 ) -> None:

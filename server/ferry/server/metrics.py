@@ -28,7 +28,7 @@ from ferry.server.core.types import State, VersionStatistics, VersionStatus
 from ferry.server.errors import FerryError
 from ferry.server.grpc.status import code_of
 from ferry.server.memory import KINDS, process_memory
-from ferry.server.metrics_carry import Carried
+from ferry.server.metrics_carry import Carried, ShadowCarried
 from ferry.server.metrics_http import MetricsServer, ReadyFlag
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
@@ -94,6 +94,7 @@ class Metrics:
         self._worker_restarts: Callable[[], int] | None = None
         # What earlier loads of a version loaded again in place counted (metrics_carry).
         self._carried = Carried()
+        self._shadows_carried = ShadowCarried()  # and a shadow comparison started afresh
 
     def workers(
         self, pids: Callable[[], list[int]], restarts: Callable[[], int] | None = None
@@ -314,7 +315,9 @@ class Metrics:
     def _render_shadows(self, out: list[str]) -> None:
         """Shadow comparisons (core.shadow), summed over the worker processes as the first
         one last read them (workers.shadow_pull): docs/rollout.md."""
+        read = self._shadows_carried.begin()
         shadows = self._dataplane.shadow_statistics()
+        counted = self._shadows_carried.add(shadows, read)
         if not shadows:
             return
         families = (
@@ -358,12 +361,17 @@ class Metrics:
                 "label_agreement",
             ),
         )
+        counters = {"compared": 0, "errors": 1, "shed": 2}
         for name, kind, help_text, attr in families:
             out.append(f"# HELP {name} {help_text}")
             out.append(f"# TYPE {name} {kind}")
             for s in shadows:
                 lab = f'model="{_escape(s.model)}",candidate="{s.candidate}"'
-                out.append(f"{name}{{{lab}}} {_num(getattr(s, attr))}")
+                if attr in counters:  # with the comparisons before it (metrics_carry)
+                    value = counted[(s.model, s.candidate)][counters[attr]]
+                else:  # a gauge: the comparison in force
+                    value = getattr(s, attr)
+                out.append(f"{name}{{{lab}}} {_num(value)}")
 
     def serve(self, host: str, port: int) -> int:
         """Serve /metrics and the HTTP health paths (metrics_http) on their own thread."""

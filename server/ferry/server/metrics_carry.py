@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+from ferry.server.core.shadow import ShadowStatistics
 from ferry.server.core.stats_merge import merge
 from ferry.server.core.types import VersionStatistics
 
@@ -88,3 +89,45 @@ class Carried:
             prior = self._carried.get(key)
             self._carried[key] = ended if prior is None else merge([prior, ended])[0]
         self._last = now
+
+
+Shadow = tuple[str, int]  # (model, candidate): a shadow counter's labels
+
+
+class ShadowCarried:
+    """The same rule for the shadow comparison's counters (compared, errors, shed), labelled by
+    model and candidate: a comparison started afresh (a shadow set again, its rules changed,
+    a file replaced) counts from zero in GetRollout, where the rules judge it, but on /metrics
+    what the comparisons before it showed goes on under the same labels, until a scrape does
+    not show them (the shadow ended, or nothing compared yet)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: dict[Shadow, tuple[str, tuple[int, int, int]]] = {}  # comparison, counts
+        self._carried: dict[Shadow, tuple[int, int, int]] = {}
+        self._begun = 0
+        self._compared = 0  # reads numbered as for Carried: an overtaken one compares nothing
+
+    def begin(self) -> int:
+        with self._lock:
+            self._begun += 1
+            return self._begun
+
+    def add(self, shadows: list[ShadowStatistics], read: int) -> dict[Shadow, tuple[int, int, int]]:
+        """What each shown comparison's counters read with the earlier ones' carried."""
+        with self._lock:
+            now = {(s.model, s.candidate): (s.key, (s.compared, s.errors, s.shed)) for s in shadows}
+            if read >= self._compared:
+                self._compared = read
+                for key in [k for k in self._carried if k not in now]:
+                    del self._carried[key]  # not shown: the series ends
+                for key, (comparison, counts) in self._last.items():
+                    if key in now and now[key][0] != comparison:  # started afresh since
+                        prior = self._carried.get(key, (0, 0, 0))
+                        self._carried[key] = _plus(prior, counts)
+                self._last = now
+            return {key: _plus(self._carried.get(key, (0, 0, 0)), c) for key, (_, c) in now.items()}
+
+
+def _plus(a: tuple[int, int, int], b: tuple[int, int, int]) -> tuple[int, int, int]:
+    return (a[0] + b[0], a[1] + b[1], a[2] + b[2])
