@@ -7,6 +7,7 @@ instance busy, so "queued" is a state the server reports before the test acts, n
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,6 +34,7 @@ from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 from ferry.proto.v1 import tensor_pb2
 from ferry.server.examples import identity_model, mlp_model, two_io_model
+from ferry.server.grpc._base import client_remaining
 
 ONE = {"input": np.ones((1, 64), np.float32)}
 
@@ -165,6 +167,43 @@ def test_call_deadline_while_queued_raises_and_never_runs(
         s = stats(client, "mlp")
     assert gate.calls == 1
     assert s.execution_count == 1
+
+
+@pytest.mark.parametrize(("header", "client_at_most"), [(0.301, 0.3), (5.01, 5.0), (151.0, 150.0)])
+def test_the_rounding_of_grpc_timeout_headers_is_taken_off(
+    header: float, client_at_most: float
+) -> None:
+    """gRPC's C core rounds a call's deadline up to a millisecond, then its grpc-timeout header up
+    to three significant figures: what the server reads is at most one unit and 1 ms over."""
+    assert client_remaining(header) <= client_at_most
+    assert client_remaining(header) >= client_at_most - header / 50
+
+
+def test_a_call_deadline_never_reaches_the_queue_later_than_the_client_gave_it(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """An SDK call with a 5 s timeout arrived with 5.009 s remaining (150 s: 151 s), by grpc's
+    rounding of the grpc-timeout header: the server admitted, queued and ran work its client had
+    given up on. The deadline that reaches the batcher leaves at most what the client gave."""
+    srv = _gated_mlp(tmp_path, start_server)
+    assert srv.app is not None
+    batcher = srv.app.registry.get("mlp", 1).batcher
+    submit = batcher.submit
+    remaining: list[float] = []
+
+    async def spy(item: object, *, deadline: float | None = None, **kw: object) -> object:
+        assert deadline is not None
+        remaining.append(deadline - time.monotonic())
+        return await submit(item, deadline=deadline, **kw)  # type: ignore[arg-type]
+
+    batcher.submit = spy  # type: ignore[method-assign]
+    timeouts = (1.0, 5.0, 10.0, 150.0)
+    with InferenceClient(srv.target) as client:
+        for timeout in timeouts:
+            client.infer("mlp", ONE, timeout=timeout)
+    assert len(remaining) == len(timeouts)
+    over = [(t, r) for t, r in zip(timeouts, remaining, strict=True) if r > t]
+    assert not over, f"(timeout, remaining at the queue) over the client's: {over}"
 
 
 def test_cancelled_call_leaves_the_queue_and_never_runs(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -98,11 +99,32 @@ def _expired(context: aio.ServicerContext) -> bool:
 
 
 def call_deadline(context: aio.ServicerContext) -> float | None:
-    """The call's gRPC deadline on the monotonic clock, or None."""
+    """The call's gRPC deadline on the monotonic clock, or None: no later than the client's
+    own (see ``client_remaining``)."""
     remaining = context.time_remaining()
     if remaining is None:
         return None
-    return time.monotonic() + remaining
+    return time.monotonic() + client_remaining(remaining)
+
+
+# gRPC's C core (the Python, C++, Ruby... clients, tritonclient's included) first rounds a call's
+# deadline up to a whole millisecond, then sends what is left of it in the grpc-timeout header
+# rounded up again, to three significant figures: a unit of 1 ms below 1 s, 10 ms below 10 s,
+# 100 ms below 100 s, 1 s below 1,000 s, and so on.
+_ROUNDED_MS = 0.001
+
+
+def client_remaining(remaining: float) -> float:
+    """Seconds the client may still be waiting, at most, when its call has ``remaining``
+    seconds by its grpc-timeout header: that header is rounded up, so the call's deadline here
+    was later than its client's (an SDK call with a 5 s timeout arrived with 5.009 s remaining,
+    10 s with 10.1 s, 150 s with 151 s), and the server queued, admitted and ran work for a
+    client that had already given up. A client that sends its timeout exactly (grpc-go) loses
+    at most 1% of it, and 1 ms below a second: the server's deadline must not be the later."""
+    if not math.isfinite(remaining) or remaining <= 0.0:
+        return remaining
+    unit = 10.0 ** (math.floor(math.log10(remaining)) - 2) if remaining >= 1.0 else 0.001
+    return remaining - unit - _ROUNDED_MS
 
 
 def sendable(response: bytes, limit: int | None, echo: str = "", copies: int = 1) -> bytes:
