@@ -230,9 +230,9 @@ def test_batching_and_instances_shorten_the_prediction() -> None:
         queued = [spawn(b, f"q{i}") for i in range(16)]
         await until(lambda: b.queue_depth == 16)
         # 16 queued units = 2 full batches (2 x 9 ms + 16 x 1 ms), plus half the 2 running
-        # batches, over 2 instances, plus its own batch of 1.
+        # batches, over 2 instances, plus the batch it joins: a full one of 8 behind 16 rows.
         running = 2 * est.predict(1)
-        expected = (2 * est.fixed + 16 * est.per_unit + running / 2) / 2 + est.predict(1)
+        expected = (2 * est.fixed + 16 * est.per_unit + running / 2) / 2 + est.predict(8)
         assert b.predicted_wait() == pytest.approx(expected)
         # Items ahead x one item's cost on one instance would have been 16 x 10 ms = 160 ms.
         assert b.predicted_wait() < 0.040
@@ -365,6 +365,73 @@ def test_a_size_the_cost_line_never_saw_is_not_refused_on_its_extrapolation() ->
         for i in range(3):
             await b.submit((f"short{i}", 3))
         assert await b.submit(("long", 2100), deadline=clock.now + 10.0) == ("long", 2100)
+        await b.close()
+
+    arun(main)
+
+
+# --- the batch a request joins -----------------------------------------------------------------
+
+
+async def _batching_busy(clock: FakeClock) -> tuple[CostlyHandler, DynamicBatcher[Any, Any]]:
+    """A batcher of batches up to 8 that learned 1 s + 1 s per row (batches of 1 and 3 ran)."""
+    h = CostlyHandler(clock, fixed=1.0, per_unit=1.0)
+    b = DynamicBatcher(h, max_batch_size=8, clock=clock)
+    await train(b, 1, 3)
+    assert b.service_time.predict(4) == pytest.approx(5.0)
+    return h, b
+
+
+def test_a_batch_grows_only_while_its_tightest_deadline_holds() -> None:
+    """The head of the queue, admitted to run in 2 s, was sent in the batch of 4 the queue behind
+    it made (5 s) and ended past its deadline: the batch stops growing at the size it can
+    finish in; the rest is the next batch."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        h, b = await _batching_busy(clock)
+        h.gated = True
+        h.batches.clear()
+        running = spawn(b, "run")
+        await until(lambda: b.in_flight == 1)
+        # 2 s (half the running batch) + its own 2 s fit 4.5 s.
+        head = spawn(b, "head", deadline=clock.now + 4.5)
+        rest = [spawn(b, f"r{i}") for i in range(3)]
+        await until(lambda: b.queue_depth == 4)
+        h.gated = False
+        h.gate.set()  # "run" ends at 2 s: 2.5 s are left to "head", a batch of 1 runs 2 s
+        await asyncio.gather(running, head, *rest)
+        assert h.batches == [["run"], ["head"], ["r0", "r1", "r2"]]
+        assert b.expired == 0
+        await b.close()
+
+    arun(main)
+
+
+def test_admission_counts_the_batch_a_request_joins() -> None:
+    """Behind 3 queued rows a request runs in a batch of 4 (5 s), not alone (2 s): one whose
+    deadline its own run alone would meet, and that batch would not, is refused at the door."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        h, b = await _batching_busy(clock)
+        h.gated = True
+        h.batches.clear()
+        running = spawn(b, "run")
+        await until(lambda: b.in_flight == 1)
+        queued = [spawn(b, f"q{i}") for i in range(3)]
+        await until(lambda: b.queue_depth == 3)
+        # Half the running batch (1 s) + the 3 ahead in one batch (4 s) + the batch of 4 it
+        # joins (5 s), where its own run alone (2 s) predicted 7 s.
+        assert b.predicted_wait() == pytest.approx(10.0)
+        with pytest.raises(QueueFull):
+            await b.submit("late", deadline=clock.now + 9.0)
+        fits = spawn(b, "fits", deadline=clock.now + 10.5)
+        await until(lambda: b.queue_depth == 4)
+        h.gated = False
+        h.gate.set()
+        await asyncio.gather(running, *queued, fits)
+        assert h.batches == [["run"], ["q0", "q1", "q2", "fits"]]
         await b.close()
 
     arun(main)
