@@ -7,7 +7,9 @@ instance busy, so "queued" is a state the server reports before the test acts, n
 
 from __future__ import annotations
 
+import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,8 +35,10 @@ from ferry.codec import encode_tensor
 from ferry.proto.v1 import inference_pb2 as pb
 from ferry.proto.v1 import inference_pb2_grpc as pb_grpc
 from ferry.proto.v1 import tensor_pb2
+from ferry.server.core.types import InferenceRequest, Limits
 from ferry.server.examples import identity_model, mlp_model, two_io_model
 from ferry.server.grpc._base import client_remaining
+from ferry.server.http.tensors import HttpInfer
 
 ONE = {"input": np.ones((1, 64), np.float32)}
 
@@ -204,6 +208,49 @@ def test_a_call_deadline_never_reaches_the_queue_later_than_the_client_gave_it(
     assert len(remaining) == len(timeouts)
     over = [(t, r) for t, r in zip(timeouts, remaining, strict=True) if r > t]
     assert not over, f"(timeout, remaining at the queue) over the client's: {over}"
+
+
+def test_a_request_timeout_counts_from_its_arrival(
+    tmp_path: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request's own timeout (the OIP ``timeout`` parameter here) counted from after its
+    body was decoded: the server's deadline was later than its client's by the decoding (a JSON
+    body, thousands of strings). It counts from the request's arrival, before the decoding."""
+    srv = _gated_mlp(tmp_path, start_server)
+    assert srv.app is not None
+    batcher = srv.app.registry.get("mlp", 1).batcher
+    submit, decode = batcher.submit, HttpInfer.decode
+    decoded: list[float] = []
+    deadlines: list[float] = []
+
+    def decoding(wire: HttpInfer, limits: Limits) -> InferenceRequest:
+        request = decode(wire, limits)
+        decoded.append(time.monotonic())
+        return request
+
+    async def queued(item: object, *, deadline: float | None = None, **kw: object) -> object:
+        assert deadline is not None
+        deadlines.append(deadline)
+        return await submit(item, deadline=deadline, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(HttpInfer, "decode", decoding)
+    batcher.submit = queued  # type: ignore[method-assign]
+    timeout_s = 30.0
+    body = json.dumps(
+        {
+            "inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 64], "data": [0.5] * 64}],
+            "parameters": {"timeout": int(timeout_s * 1e6)},
+        }
+    ).encode()
+    req = urllib.request.Request(
+        f"http://{srv.http_target}/v2/models/mlp/infer",
+        data=body,
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(req, timeout=60) as answer:
+        assert answer.status == 200
+    assert len(decoded) == len(deadlines) == 1
+    assert deadlines[0] < decoded[0] + timeout_s
 
 
 def test_cancelled_call_leaves_the_queue_and_never_runs(

@@ -125,6 +125,10 @@ class DataPlane:
         decode is counted like any other failure). ``deadline`` is absolute on
         ``time.monotonic()`` (the call's own deadline)."""
         start = time.perf_counter()
+        # The request's own timeout counts from here, its arrival: counted after the decoding
+        # (a JSON body, thousands of strings), the server waited that much longer than its
+        # client, which had given up.
+        arrived = time.monotonic()
         lv: LoadedVersion | None = None
         # The request reached its version's queue: a failure before it (inputs the interface
         # refuses, a deadline already past) is the client's, the same on every version of a
@@ -145,7 +149,7 @@ class DataPlane:
                     raise
             lv = self._registry.route(decoded.model, decoded.version, decoded.id)
             work = inputs.validate(lv, decoded, self.limits)
-            deadline = _deadline(lv, decoded, deadline, self.default_timeout)
+            deadline = _deadline(lv, decoded, deadline, self.default_timeout, arrived)
             priority = decoded.priority or lv.config.batching.default_priority
             queued = True
             outputs = await lv.batcher.submit(work, deadline=deadline, priority=priority)
@@ -1039,19 +1043,23 @@ def _same_loads(then: _Loads, now: tuple[LoadedVersion | None, ...]) -> bool:
 
 
 def _deadline(
-    lv: LoadedVersion, request: InferenceRequest, deadline: float | None, default: float
+    lv: LoadedVersion,
+    request: InferenceRequest,
+    deadline: float | None,
+    default: float,
+    arrived: float,
 ) -> float | None:
     """The request's deadline: the earliest of the call's and the request's own timeout (or the
     model's ``default_timeout_ms``); with neither, the server's ``default_request_timeout``, so
     no request can wait without bound and every one can be judged at the door (the batcher
-    refuses one that would finish after its deadline)."""
+    refuses one that would finish after its deadline). Timeouts count from ``arrived``."""
     now = time.monotonic()
     budget = request.timeout or (lv.config.batching.default_timeout_ms / 1000.0) or None
     if budget is not None:
-        own = now + budget
+        own = arrived + budget
         deadline = own if deadline is None else min(deadline, own)
     elif deadline is None and default > 0:
-        deadline = now + default
+        deadline = arrived + default
     if deadline is not None and deadline <= now:
         raise DeadlineExceeded(
             f"the request's deadline passed before it reached model {request.model!r}"
