@@ -432,6 +432,20 @@ def test_success_publishes_serves_and_reports(
     assert [e.seq for e in conv.job(job.id).events()] == seqs
 
 
+def test_convert_max_batch_size_is_also_the_versions_serving_batch(start: Start) -> None:
+    """``convert(max_batch_size=N)`` set only the batch the export is checked at, so the
+    version was served at the load's default (32), while ``ferry convert --max-batch-size N``
+    (ffdd3bb) also states it as the version's serving batch: the SDK and the CLI now agree. A
+    batch stated in ``Serving`` stays the serving batch."""
+    srv, conv = start()
+    convert_fake(conv, "batch8", "ok", max_batch_size=8).wait(progress=False)
+    stated = Serving(max_batch_size=4)
+    convert_fake(conv, "stated4", "ok", max_batch_size=8, serving=stated).wait(progress=False)
+    with InferenceClient(srv.target) as client:
+        assert client.model_metadata("batch8").batching.max_batch_size == 8
+        assert client.model_metadata("stated4").batching.max_batch_size == 4
+
+
 def test_a_version_holds_only_its_own_files(start: Start, tmp_path: Path) -> None:
     """Whatever else the child left in the staging folder (telemetry databases, session and
     profile files, a report.json that is a link to another file) is removed before the server

@@ -460,6 +460,10 @@ class ConversionClient(ManagementClient):
         by speed). A variant the benchmark finds clearly slower than fp32 is never published
         unless ``Quantization(keep_slower=True)``: the job fails and the served version stays.
 
+        ``max_batch_size``: the new version's largest dynamic batch, which the export is
+        checked at and the version is served with (its ``Serving.max_batch_size`` where that
+        states none), as ``ferry convert --max-batch-size`` does.
+
         ``rollout="shadow"``: the version serving now keeps all the traffic, and
         ``rollout_fraction`` (default 0.1) of the requests also run on the new version as a
         shadow candidate; ``RepositoryClient.get_rollout(model)`` compares them, and
@@ -472,6 +476,10 @@ class ConversionClient(ManagementClient):
             specs = list(up.inputs)
         if isinstance(quantization, str):
             quantization = Quantization(mode=quantization)
+        if max_batch_size is not None and (serving is None or serving.max_batch_size is None):
+            # The serving batch too, as the CLI's flag: it went to the export check alone, and
+            # the version was served at the load's default (32), a dynamic int8 one unbatched.
+            serving = dataclasses.replace(serving or Serving(), max_batch_size=max_batch_size)
         if up is not None and up.sample_inputs is not None:
             # A module upload's samples and outputs always travel, so the report compares with
             # PyTorch even when the caller sets other validation options.
