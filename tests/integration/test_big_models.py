@@ -21,7 +21,13 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 from serverutil import ServerThread
 
-from ferry.client import ConversionClient, InferenceClient, Quantization, Validation
+from ferry.client import (
+    ConversionClient,
+    InferenceClient,
+    InvalidInputError,
+    Quantization,
+    Validation,
+)
 
 pytestmark = pytest.mark.timeout(600)
 SIZES = (16, 64, 8)
@@ -279,6 +285,37 @@ def test_a_folder_sends_the_model_and_its_data_files_only(
     assert up.format == "onnx_archive"
 
 
+def test_a_file_linking_out_of_the_models_folder_is_refused_before_sending(
+    server: tuple[ServerThread, ConversionClient], tmp_path: Path
+) -> None:
+    """A model folder's files went as the files their links name, wherever those were: a
+    folder whose graph names ``weights.bin``, a link to any file of the machine (a key, a
+    password file), sent that file to the server. A link out of the folder is refused naming
+    it, before anything is sent; a link to a file inside the folder still goes."""
+    _, conv = server
+    model, _ = mlp()
+    save_external(model, tmp_path / "elsewhere")
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes((tmp_path / "elsewhere" / "model.onnx").read_bytes())
+    (folder / "weights.bin").symlink_to(tmp_path / "elsewhere" / "weights.bin")
+    for source in (folder, folder / "model.onnx"):
+        with pytest.raises(InvalidInputError, match=r"weights\.bin is a link to .*outside"):
+            conv.upload("leak", source)
+    (folder / "weights.bin").unlink()
+    (folder / "model.onnx").unlink()
+    (folder / "model.onnx").symlink_to(tmp_path / "elsewhere" / "model.onnx")
+    (folder / "weights.bin").write_bytes((tmp_path / "elsewhere" / "weights.bin").read_bytes())
+    with pytest.raises(InvalidInputError, match=r"model\.onnx is a link to .*outside"):
+        conv.upload("leak", folder)
+    assert conv.list_uploads("leak") == []
+    (folder / "model.onnx").unlink()
+    (folder / "model.onnx").write_bytes((tmp_path / "elsewhere" / "model.onnx").read_bytes())
+    (folder / "weights.bin").rename(folder / "blob")
+    (folder / "weights.bin").symlink_to("blob")  # inside the folder: fine
+    assert conv.upload("kept", folder).format == "onnx_archive"
+
+
 def test_a_folder_of_symlinks_goes_as_the_files_they_name(
     server: tuple[ServerThread, ConversionClient], tmp_path: Path
 ) -> None:
@@ -289,11 +326,13 @@ def test_a_folder_of_symlinks_goes_as_the_files_they_name(
 
     _, conv = server
     model, _ = mlp()
-    save_external(model, tmp_path / "blobs")
-    (tmp_path / "snap").mkdir()
+    cache = tmp_path / "models--org--mlp"  # Hugging Face's cache layout
+    save_external(model, cache / "blobs")
+    snap = cache / "snapshots" / "0123abc"
+    snap.mkdir(parents=True)
     for name in ("model.onnx", "weights.bin"):
-        (tmp_path / "snap" / name).symlink_to(tmp_path / "blobs" / name)
-    archive = pack_folder(tmp_path / "snap")
+        (snap / name).symlink_to(Path("..", "..", "blobs", name))
+    archive = pack_folder(snap)
     try:
         with tarfile.open(archive) as tar:
             members = {m.name: m for m in tar.getmembers()}
@@ -301,11 +340,11 @@ def test_a_folder_of_symlinks_goes_as_the_files_they_name(
             assert all(m.isreg() for m in members.values())
             data = tar.extractfile(members["weights.bin"])
             assert data is not None
-            assert data.read() == (tmp_path / "blobs" / "weights.bin").read_bytes()
+            assert data.read() == (cache / "blobs" / "weights.bin").read_bytes()
     finally:
         archive.unlink()
-    assert conv.upload("snap", tmp_path / "snap").format == "onnx_archive"
-    assert conv.upload("snap", tmp_path / "snap" / "model.onnx").format == "onnx_archive"
+    assert conv.upload("snap", snap).format == "onnx_archive"
+    assert conv.upload("snap", snap / "model.onnx").format == "onnx_archive"
 
 
 def test_the_cli_uploads_a_folder_and_converts_it(

@@ -127,11 +127,13 @@ def pack_folder(folder: Path) -> Path:
             f"{folder} holds no {MODEL_FILE}: a model folder holds model.onnx and the data files "
             "its tensors name"
         )
+    _inside(folder, MODEL_FILE)
     return pack_model(model, external_locations(model))
 
 
 def pack_model(model_path: Path, locations: list[str]) -> Path:
-    """A temporary tar of ``model_path`` (as model.onnx) and the data files it names."""
+    """A temporary tar of ``model_path`` (as model.onnx) and the data files it names, each of
+    them in the model's folder (``_inside``)."""
     folder = model_path.parent
     for location in locations:
         path = folder / location
@@ -143,7 +145,34 @@ def pack_model(model_path: Path, locations: list[str]) -> Path:
             )
         if not path.is_file():
             raise InvalidInputError(f"{model_path} reads external data from {path}: no such file")
+        _inside(folder, location)
     return _pack(folder, [model_path.name, *locations], rename={model_path.name: MODEL_FILE})
+
+
+def _inside(folder: Path, name: str) -> None:
+    """Refuse ``folder / name`` when it is a link to a file outside ``folder``.
+
+    The files went as the files their links name, wherever those were: a model folder from
+    elsewhere (a download, a colleague's share) whose graph names a data file that is a link to
+    ``~/.ssh/id_ed25519`` or ``/etc/shadow`` sent that file's bytes to the server. A link
+    inside the folder is fine, and so is Hugging Face's cache layout, where each file of
+    ``<repo>/snapshots/<revision>/`` links to ``<repo>/blobs/``: the model's own files, kept
+    once per content."""
+    path = folder / name
+    if not path.is_symlink():
+        return
+    target = Path(os.path.realpath(path))
+    home = Path(os.path.realpath(folder))
+    roots = [home]
+    if home.parent.name == "snapshots":
+        roots.append(home.parent.parent / "blobs")
+    if any(target.is_relative_to(root) for root in roots):
+        return
+    raise InvalidInputError(
+        f"{path} is a link to {target}, outside the model's folder {folder}: only files in the "
+        "folder are sent (a link out of it could send any file on this machine); copy the file "
+        "into the folder, or link to one inside it"
+    )
 
 
 def _pack(folder: Path, names: list[str], rename: dict[str, str] | None = None) -> Path:
