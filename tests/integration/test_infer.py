@@ -215,6 +215,26 @@ def test_bytearrays_in_a_list_are_bytes_elements_not_rows_of_numbers(
     assert zoo_client.infer("id_bytes", {"input": same})["output"].tolist() == [[b"xy", b"zw"]]
 
 
+def test_a_bytearray_alone_is_one_bytes_element_as_bytes_is(zoo_client: InferenceClient) -> None:
+    """``b"ab"`` is one BYTES element (Triton's vocabulary: BYTES holds byte strings), and so is
+    a bytearray in a list, but a bytearray (or a memoryview of bytes) alone went out as a UINT8
+    vector of its byte values: the same bytes, another type and shape, and a stream's resend
+    (which keeps it as ``bytes``) changed it to BYTES. All three are one BYTES element now; a
+    UINT8 tensor of a buffer's bytes is ``np.frombuffer(buffer, np.uint8)``."""
+    model = "id_bytes"
+    for value in (bytearray(b"ab\x00"), memoryview(b"ab\x00")):
+        assert zoo_client.infer(model, {"input": [[value]]})["output"].tolist() == [[b"ab\x00"]]
+        with pytest.raises(InvalidInputError) as alone:
+            zoo_client.infer(model, {"input": value})
+        with pytest.raises(InvalidInputError) as as_bytes:
+            zoo_client.infer(model, {"input": b"ab\x00"})
+        assert str(alone.value) == str(as_bytes.value)  # the same 0-d BYTES tensor
+        assert "BYTES" in str(alone.value) or "shape" in str(alone.value)
+    buffer = bytearray(b"\x00\xff")
+    numbers = zoo_client.infer("id_uint8", {"input": np.frombuffer(buffer, np.uint8)[None]})
+    assert numbers["output"].tolist() == [[0, 255]]
+
+
 def test_numpy_string_dtype_arrays_are_bytes(zoo_client: InferenceClient) -> None:
     """numpy 2's variable-width StringDType (kind T) was refused as an unsupported dtype."""
     string_dtype = getattr(np.dtypes, "StringDType", None)

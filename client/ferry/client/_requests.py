@@ -56,6 +56,13 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
     """
     if is_array(value):
         return _within_a_message(as_array_fast(value), name)
+    if isinstance(value, bytearray) or (
+        isinstance(value, memoryview) and value.ndim <= 1 and value.format in _BYTE_FORMATS
+    ):
+        # One BYTES element, as ``bytes`` and a bytearray in a list are (Triton's BYTES: byte
+        # strings); numpy read it alone as a UINT8 vector of its byte values, and a stream's
+        # resend, which keeps it as bytes, then sent it as BYTES.
+        value = bytes(value)
     try:
         arr = np.asarray(value)
     except (TypeError, ValueError) as exc:
@@ -94,6 +101,9 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
     elif dtype is not None and arr.dtype != dtype:
         arr = _as_declared(arr, dtype, name)
     return _within_a_message(arr, name)
+
+
+_BYTE_FORMATS = frozenset({"B", "b", "c"})  # a memoryview of bytes (of bytes(), bytearray)
 
 
 def _with_buffers_as_bytes(value: ArrayLike) -> np.ndarray | None:
