@@ -235,6 +235,21 @@ def test_a_bytearray_alone_is_one_bytes_element_as_bytes_is(zoo_client: Inferenc
     assert numbers["output"].tolist() == [[0, 255]]
 
 
+def test_a_masked_array_is_refused_not_sent_with_its_masked_values(
+    zoo_client: InferenceClient,
+) -> None:
+    """A numpy masked array went out with the values under its mask (whatever they hold): the
+    model answered for numbers the caller had masked out, a wrong answer without a word. It is
+    refused, saying how to send it; one with nothing masked is its values."""
+    masked = np.ma.masked_array(np.ones(3, np.float32), mask=[False, True, False])
+    with pytest.raises(InvalidInputError, match=r"masked array.*filled"):
+        zoo_client.infer("fixed", {"input": masked})
+    with zoo_client.stream("fixed") as stream, pytest.raises(InvalidInputError, match="masked"):
+        stream.submit({"input": masked}, "masked")
+    clear = np.ma.masked_array(np.arange(3, dtype=np.float32), mask=False)
+    assert zoo_client.infer("fixed", {"input": clear})["output"].tolist() == [0.0, 1.0, 2.0]
+
+
 def test_numpy_string_dtype_arrays_are_bytes(zoo_client: InferenceClient) -> None:
     """numpy 2's variable-width StringDType (kind T) was refused as an unsupported dtype."""
     string_dtype = getattr(np.dtypes, "StringDType", None)

@@ -379,6 +379,15 @@ def test_bytes_rejects_other_element_types() -> None:
         to_bytes(np.array(["\ud800"], dtype=object))
 
 
+def test_a_masked_array_is_refused_unless_nothing_is_masked() -> None:
+    """The wire has no mask: a masked array's hidden values went out as if they were data."""
+    data = np.array([1.0, 99.0, 3.0], np.float32)
+    with pytest.raises(CodecError, match=r"1 masked element.*flat index 1.*filled"):
+        encode_tensor("x", np.ma.masked_array(data, mask=[False, True, False]))
+    clear = encode_tensor("x", np.ma.masked_array(data, mask=False))
+    assert clear == encode_tensor("x", data)
+
+
 def test_only_numpy_arrays_are_accepted() -> None:
     with pytest.raises(CodecError, match=r"expected a numpy\.ndarray, got list"):
         to_bytes([1.0])  # type: ignore[arg-type]

@@ -32,6 +32,7 @@ from ferry.codec import (
     encode_tensor,
     numpy_dtype,
 )
+from ferry.codec._tensor import unmasked
 from ferry.proto.v1 import inference_pb2 as pb
 
 ArrayLike = Any  # numpy arrays, torch tensors, Python scalars and (nested) lists
@@ -55,7 +56,7 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
     ``_as_declared``), never float -> int, so a real mismatch is still reported by the server.
     """
     if is_array(value):
-        return _within_a_message(as_array_fast(value), name)
+        return _within_a_message(unmasked(as_array_fast(value), name), name)
     if isinstance(value, bytearray) or (
         isinstance(value, memoryview) and value.ndim <= 1 and value.format in _BYTE_FORMATS
     ):

@@ -35,6 +35,7 @@ def to_bytes(array: np.ndarray[Any, Any]) -> tuple[int, list[int], bytes]:
     """
     if not isinstance(array, np.ndarray):
         raise CodecError(f"expected a numpy.ndarray, got {type(array).__name__}")
+    array = unmasked(array)
     dtype = array.dtype
     code = BY_KIND.get((dtype.kind, dtype.itemsize))
     if code is None:
@@ -44,6 +45,26 @@ def to_bytes(array: np.ndarray[Any, Any]) -> tuple[int, list[int], bytes]:
     if dtype.byteorder == _SWAP_ORDER:
         array = array.astype(dtype.newbyteorder("<"))
     return code, list(array.shape), array.tobytes()
+
+
+def unmasked(array: np.ndarray[Any, Any], name: str = "") -> np.ndarray[Any, Any]:
+    """``array`` itself, or a masked array's values when none is masked; refused when some are.
+
+    The wire has no mask: a masked array went out with whatever values lay under its mask,
+    and the model answered for numbers its caller had masked out, a wrong answer without a
+    word. Which value stands for a masked element is the caller's to say (``filled``)."""
+    if type(array) is np.ndarray or not isinstance(array, np.ma.MaskedArray):
+        return array
+    mask = np.ma.getmaskarray(array)
+    if not mask.any():
+        return np.asarray(array.data)
+    first = int(np.flatnonzero(mask)[0])
+    raise CodecError(
+        f"{_prefix(name)}a numpy masked array with {int(mask.sum()):,} masked element(s) (the "
+        f"first at flat index {first}): the wire carries no mask, so the values under it would "
+        "be sent and answered for; send array.filled(value) with the value the model should "
+        "see there (or the mask as an input of its own)"
+    )
 
 
 def _negative_dim(shape: Sequence[int], dim: int, name: str) -> CodecError:
