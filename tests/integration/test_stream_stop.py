@@ -4,6 +4,7 @@ then cut with the requests it was running unanswered."""
 
 from __future__ import annotations
 
+import asyncio
 import queue
 from collections.abc import Iterator
 from typing import Any
@@ -143,4 +144,55 @@ def test_a_half_closed_stream_is_answered_in_full_and_ends_ok_at_stop(
         assert call.code() == grpc.StatusCode.OK
         assert sorted(answers) == ["first", "second"]
         assert not any(answer.HasField("error") for answer in answers.values())
+        stopped.result(GRACE_S / 2)
+
+
+def test_a_half_close_still_on_its_way_when_an_idle_stream_stops_ends_it_ok(
+    start_server: StartServer, repo_path: Any, monkeypatch: Any
+) -> None:
+    """A client that was answered and half-closed, its half-close not yet read by the server
+    when the stop began (in flight on the network, or waiting in grpc's core for the event
+    loop): the stream, running nothing, was cut UNAVAILABLE at once, as if the client had more
+    to send, and a client iterating its answers got an error after the last one. The stream now
+    goes on reading for a moment (``HALF_CLOSE_S``) and ends OK when the half-close comes. The
+    half-close is held on the server's side until the stop began, so the race is the same on
+    every run; the moment is made long enough for the test's release (never reached)."""
+    from ferry.server.core import streams
+
+    monkeypatch.setattr(streams, "HALF_CLOSE_S", GRACE_S / 2)
+    held: dict[str, Any] = {}
+    seen: list[str] = []
+
+    def spy(app: Any) -> None:
+        original = app.dataplane.stream
+
+        def stream(requests: Any, respond: Any, **options: Any) -> Any:
+            async def reading() -> Any:
+                async for msg in requests:
+                    seen.append(msg.id)
+                    yield msg
+                seen.append("EOF")
+                held["release"] = release = asyncio.Event()
+                await release.wait()  # the half-close, not yet read
+
+            return original(reading(), respond, **options)
+
+        app.dataplane.stream = stream
+
+    srv = start_server(repo_path, spy, grace_period=GRACE_S)
+    request = pb.InferRequest(model="fixed", id="only")
+    request.inputs.append(encode_tensor("input", np.ones(3, np.float32)))
+    with grpc.insecure_channel(srv.target) as channel:
+        call = channel.stream_stream(
+            "/ferry.v1.Inference/InferStream",
+            request_serializer=pb.InferRequest.SerializeToString,
+            response_deserializer=pb.InferStreamResponse.FromString,
+        )(iter([request]), timeout=30)  # sent, then the half-close
+        answer = next(call)
+        assert answer.id == "only" and not answer.HasField("error")
+        wait_for(lambda: seen == ["only", "EOF"], "the half-close to reach the stream")
+        stopped = _stopping(srv)
+        srv.loop.call_soon_threadsafe(held["release"].set)
+        assert list(call) == []  # ends without an error
+        assert call.code() == grpc.StatusCode.OK
         stopped.result(GRACE_S / 2)

@@ -7,6 +7,7 @@ protocol gets the same flow control and the same cleanup.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
@@ -18,6 +19,11 @@ Resp = TypeVar("Resp")
 # How many times one stream's bound every stream of a process may hold together before each
 # stream runs one request at a time (``StreamBudget``).
 SHARED_FACTOR = 4
+# How long a stream running nothing at the server's stop still reads for its client's half-close
+# (``run_stream``'s ``stopping``): one already sent may be on the network, or in grpc's core
+# waiting for the event loop. Short, since a client that keeps its stream open holds the stop
+# this long.
+HALF_CLOSE_S = 1.0
 
 
 class StreamBudget:
@@ -82,7 +88,11 @@ async def run_stream(
     the stream goes on reading, to see whether its client has half-closed: a stream whose
     client had sent everything and half-closed ends OK with every request answered. Before,
     a stop that came while the reader waited for a slot dropped the request it held (read,
-    never run) and cut a half-closed stream UNAVAILABLE, as if the client had more to send."""
+    never run) and cut a half-closed stream UNAVAILABLE, as if the client had more to send.
+    Once nothing runs, the stream still reads for ``HALF_CLOSE_S`` before it ends UNAVAILABLE:
+    a half-close on its way when the stop began (sent, not yet read) ends it OK. Before, a
+    stream running nothing was cut at once, and a client that had been answered and
+    half-closed got UNAVAILABLE after its last answer."""
     budget = budget if budget is not None else StreamBudget(max_in_flight)
     done: asyncio.Queue[tuple[int, object] | None] = asyncio.Queue()
     slots = asyncio.Semaphore(max_in_flight)
@@ -165,6 +175,13 @@ async def run_stream(
         while reading and (tasks or in_hand):
             settled.clear()
             await settled.wait()
+        # Nothing runs: a half-close (or a request, which ends the reading too) may be on its
+        # way still; the reader takes it within the moment, or the stream ends UNAVAILABLE.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(HALF_CLOSE_S):
+                while reading:
+                    settled.clear()
+                    await settled.wait()
         if reading:  # every request answered, the client silent: stop waiting for it
             halted = True
             read_task.cancel()
