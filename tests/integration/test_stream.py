@@ -19,6 +19,7 @@ from ferry.client import (
     InferenceClient,
     InferResult,
     InvalidInputError,
+    LimitExceededError,
     ModelNotFoundError,
 )
 
@@ -64,6 +65,44 @@ def test_a_failed_request_yields_its_error_and_the_stream_carries_on(
     )
     assert "input" in str(got[wrong_name])
     assert all(isinstance(got[r], InferResult) for r in (good1, good2, after))
+
+
+def test_a_request_over_the_servers_limit_is_refused_alone_before_it_is_sent(
+    start_server: Any, repo_path: Any
+) -> None:
+    """grpc's core ends a whole stream on one message over the server's receive limit: every
+    other request on it failed with that one's error, answered or not. The server states its
+    limit as the stream opens, and the SDK refuses such a request before sending it, naming
+    the server's setting, in submit (sync and async) and as its item's answer in infer_many;
+    the requests around it are answered."""
+    srv = start_server(repo_path, max_message_bytes=64 * 1024)
+    big = {"input": np.ones((1000, 64), np.float32)}  # 256 KB
+    with InferenceClient(srv.target, timeout=30) as client, client.stream("mlp") as stream:
+        before = stream.submit(batch(1), "before")
+        with pytest.raises(LimitExceededError, match=r"server's max_message_bytes.*65,536"):
+            stream.submit(big, "big")
+        after = stream.submit(batch(2), "after")
+        got = dict(stream.results())
+        assert sorted(got) == sorted([before, after])
+        assert all(isinstance(r, InferResult) for r in got.values())
+        answers = dict(stream.infer_many([("small", batch(3)), ("big", big)]))
+        assert isinstance(answers["small"], InferResult)
+        assert isinstance(answers["big"], LimitExceededError)
+
+    async def on_async() -> dict[str, Any]:
+        async with (
+            AsyncInferenceClient(srv.target, timeout=30) as client,
+            client.stream("mlp") as stream,
+        ):
+            await stream.submit(batch(1), "before")
+            with pytest.raises(LimitExceededError, match="was not sent"):
+                await stream.submit(big, "big")
+            await stream.submit(batch(2), "after")
+            return {rid: result async for rid, result in stream.results()}
+
+    got = asyncio.run(on_async())
+    assert sorted(got) == ["after", "before"]
+    assert all(isinstance(r, InferResult) for r in got.values())
 
 
 def test_unknown_model_errors_per_request(client: InferenceClient) -> None:

@@ -67,6 +67,7 @@ from ferry.client._stream import (
     left_of,
     stamped,
 )
+from ferry.client._stream_limit import HEADERS_WAIT_S, over_server_limit
 from ferry.client._types import InferResult, ModelMetadata, ModelStatistics, ModelVersionStatus
 from ferry.proto.v1 import inference_pb2 as pb
 
@@ -434,6 +435,7 @@ class AsyncInferStream(StreamState):
         self._blocked = 0  # submitters waiting for a free slot
         self._write_lock = asyncio.Lock()
         self._resending: set[asyncio.Future[None]] = set()  # held: the loop keeps weak refs
+        self._headers_came = asyncio.Event()  # the call's first headers (or its end)
 
     def _start(self) -> aio.StreamStreamCall[Any, Any]:
         if self._call is None:
@@ -475,6 +477,10 @@ class AsyncInferStream(StreamState):
     async def _read(self, call: aio.StreamStreamCall[bytes, bytes]) -> None:
         error: FerryError | None = None
         try:
+            try:
+                self._noted(await call.initial_metadata())  # the call's end, at the latest
+            finally:
+                self._headers_came.set()
             while True:
                 resp = await call.read()
                 if resp is aio.EOF or not isinstance(resp, bytes):
@@ -598,6 +604,14 @@ class AsyncInferStream(StreamState):
         call = self._start()
         budget = None if timeout is None else float(timeout)
         deadline = None if budget is None else began + budget
+        if self._awaits_headers(request):
+            wait = HEADERS_WAIT_S if deadline is None else deadline - time.monotonic()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, min(HEADERS_WAIT_S, wait))):
+                    await self._headers_came.wait()
+            over = over_server_limit(len(request), self._server_limit)
+            if over is not None:
+                raise over
         keep = self._keep(
             inputs,
             request,

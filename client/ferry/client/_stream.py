@@ -57,6 +57,12 @@ from ferry.client._requests import (
     new_request_id,
     refuses_datatype,
 )
+from ferry.client._stream_limit import (
+    HEADERS_WAIT_S,
+    SMALLEST_SERVER_LIMIT,
+    over_server_limit,
+    server_limit,
+)
 from ferry.client._types import InferResult, Timings
 from ferry.client._wire import (
     decode_stream_response,
@@ -217,6 +223,10 @@ class StreamState:
         self._cancelled = False  # cancel() was called
         self._done = False
         self._error: FerryError | None = None
+        # The server's limit per message, from the stream's first headers (``_stream_limit``);
+        # ``_headers``: they came (or the call ended without them).
+        self._server_limit: int | None = None
+        self._headers = False
 
     @property
     def in_flight(self) -> int:
@@ -250,7 +260,20 @@ class StreamState:
             # gRPC would refuse the message by ending the whole call, failing every other
             # request in flight with this one's error: refuse it alone, before it is sent.
             raise _too_large(len(request), limit)
+        over = over_server_limit(len(request), self._server_limit)
+        if over is not None:
+            raise over
         return rid, request, time.perf_counter() - t0
+
+    def _noted(self, metadata: Any) -> None:
+        """The stream's first headers came (None: the call ended without them)."""
+        self._server_limit = server_limit(metadata)
+        self._headers = True
+
+    def _awaits_headers(self, request: bytes) -> bool:
+        """Whether ``request`` must wait for the server's limit before it is sent: a smaller
+        one fits any server's."""
+        return len(request) > SMALLEST_SERVER_LIMIT and not self._headers and not self._done
 
     def _check_open(self, rid: str) -> None:
         if self._done:
@@ -487,6 +510,10 @@ class InferStream(StreamState):
     def _read(self) -> None:
         error: FerryError | None = None
         try:
+            headers = self._call.initial_metadata()  # the call's end, at the latest
+            with self._cond:
+                self._noted(headers)
+                self._cond.notify_all()
             for resp in self._call:
                 with self._cond:
                     answered = self._answer(resp)
@@ -511,6 +538,7 @@ class InferStream(StreamState):
             # the server's side of the stream stay open.
             self._call.cancel()
         with self._cond:
+            self._headers = True
             orphans = self._orphans(error)
             # Nothing more can be sent: gRPC's thread that feeds the call, blocked for the next
             # request, returns (without close() it waited for good, one thread per stream).
@@ -574,6 +602,13 @@ class InferStream(StreamState):
             rid, request, encode = build(dtypes=dtypes)
         budget = None if timeout is None else float(timeout)
         deadline = None if budget is None else began + budget
+        if self._awaits_headers(request):
+            with self._cond:
+                wait = HEADERS_WAIT_S if deadline is None else deadline - time.monotonic()
+                self._cond.wait_for(lambda: self._headers or self._done, min(HEADERS_WAIT_S, wait))
+            over = over_server_limit(len(request), self._server_limit)
+            if over is not None:
+                raise over
         keep = self._keep(
             inputs,
             request,

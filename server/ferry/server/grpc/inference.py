@@ -42,6 +42,9 @@ from ferry.server.grpc._base import (
 )
 from ferry.server.grpc.status import status_of
 
+# The stream's header stating the server's limit per message (the SDK's _stream_limit).
+LIMIT_HEADER = "ferry-max-message-bytes"
+
 STATE = {
     State.LOADING: pb.MODEL_STATE_LOADING,
     State.READY: pb.MODEL_STATE_READY,
@@ -230,6 +233,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                     error=pb.Error(code=code.value[0], message=message, kind=kind)
                 )
 
+        if self.max_message_bytes is not None:
+            # grpc's core ends the whole stream on one request over its receive limit, every
+            # other request on it lost, before any handler sees it: the SDK refuses such a
+            # request before sending it when the stream states the limit as it opens.
+            await context.send_initial_metadata(((LIMIT_HEADER, str(self.max_message_bytes)),))
         try:
             async for response in self.dataplane.stream(request_iterator, respond):
                 yield response

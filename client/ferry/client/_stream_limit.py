@@ -1,0 +1,53 @@
+"""The server's limit on one stream message, which it states when a stream opens.
+
+gRPC's core enforces ``max_receive_message_length`` per call: a request over the server's
+limit on a stream ended the whole stream RESOURCE_EXHAUSTED, and every other request on it was
+lost with it (answered or not, no one could tell). No handler sees such a message, so the
+server cannot refuse it alone; it states its limit instead, in the stream's first headers, and
+the SDK refuses a request over it before sending it, as its own error, the stream carrying on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import grpc
+
+from ferry.client._errors import SERVER_LIMIT, LimitExceededError
+
+# The header the server sends when a stream opens (server/ferry/server/grpc/inference.py).
+LIMIT_HEADER = "ferry-max-message-bytes"
+# The server's setting is at least this (settings.py): a smaller request never waits for it.
+SMALLEST_SERVER_LIMIT = 4096
+# How long a request over SMALLEST_SERVER_LIMIT waits for the stream's first headers before it
+# goes unchecked. A server sends them as the stream opens (one round trip); a server from
+# before them sends its headers only with its first answer, which a first request cannot wait
+# for, so the wait is bounded.
+HEADERS_WAIT_S = 2.0
+
+
+def server_limit(metadata: Iterable[Any] | None) -> int | None:
+    """The limit the server stated in ``metadata`` (its initial metadata), or None."""
+    for key, value in metadata or ():
+        if key == LIMIT_HEADER:
+            try:
+                limit = int(value)
+            except (TypeError, ValueError):
+                return None
+            return limit if limit > 0 else None
+    return None
+
+
+def over_server_limit(size: int, limit: int | None) -> LimitExceededError | None:
+    """The error for a request of ``size`` bytes over the server's ``limit``, else None."""
+    if limit is None or size <= limit:
+        return None
+    return LimitExceededError(
+        f"this request is {size:,} bytes, over {SERVER_LIMIT}, {limit:,} bytes per message: "
+        "it was not sent, and the stream carries on (sent, it would have ended the whole "
+        "stream, every other request on it with it); send fewer rows per request, or raise "
+        "the server's limit",
+        code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+        kind="LIMIT_EXCEEDED",
+    )
