@@ -736,6 +736,29 @@ def test_an_onnx_file_onnxruntime_refuses_is_invalid_argument(tmp_path: Path) ->
         assert "spec.inputs" not in result.last["message"]
 
 
+def test_an_onnx_file_the_checker_refuses_is_invalid_argument(tmp_path: Path) -> None:
+    """A graph onnxruntime opens (it sorts nodes itself) but onnx.checker refuses (nodes out
+    of order) is the client's file at fault: it was CONVERSION_FAILED (FAILED_PRECONDITION),
+    and the checker's words were cut at their first line, before the node they name."""
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["t"], ["y"]), helper.make_node("Neg", ["x"], ["t"])],
+        "unsorted",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(tmp_path / "unsorted.onnx"))
+    result = convert_here(tmp_path / "job", tmp_path / "unsorted.onnx", "onnx")
+    assert_failed(
+        result,
+        "INVALID_ARGUMENT",
+        "check",
+        "the uploaded ONNX graph fails onnx.checker: Nodes in a graph must be topologically",
+        "OpType: Relu is not output of any previous nodes",
+        "upload it again",
+    )
+
+
 def test_libraries_write_nothing_beside_the_source_or_into_home(tmp_path: Path) -> None:
     """onnxruntime's quantizer writes ``<model>-inferred.onnx`` beside its input and its telemetry
     writes under the cache and temp folders. The child reads the source through a link in its

@@ -187,8 +187,12 @@ def has_conv(model: onnx.ModelProto) -> bool:
     return any(node.op_type in CONV_OPS for node in _all_nodes(model))
 
 
-def check(path: Path, external: bool = False) -> None:
+def check(path: Path, external: bool = False, *, uploaded: bool = False) -> None:
     """onnx.checker with shape inference: catches graphs onnxruntime would reject at load.
+
+    ``uploaded``: the graph is the client's own ONNX file (not an export of its weights), so a
+    refusal is the request's INVALID_ARGUMENT, as is every other fault of an uploaded file; a
+    graph the exporter wrote that fails is the conversion's failure.
 
     A graph with external data is checked without its data: its external initializers become
     graph inputs of the same type and shape (the load stage has checked every reference against
@@ -208,10 +212,15 @@ def check(path: Path, external: bool = False) -> None:
                 target = model
         onnx.checker.check_model(target, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ConversionFailed(
-            f"the ONNX graph fails onnx.checker: {first_line(exc)}; if the model came as an ONNX "
-            "file, re-export it with a current exporter"
-        ) from None
+        # The checker's words run over lines ("input 't' of node:", then the node): one line,
+        # so the node it names is not cut off.
+        words = " ".join(str(exc).split())[:500] or type(exc).__name__
+        if uploaded:
+            raise InvalidArgument(
+                f"the uploaded ONNX graph fails onnx.checker: {words}; fix the graph or "
+                "re-export it with a current exporter, and upload it again"
+            ) from None
+        raise ConversionFailed(f"the exported ONNX graph fails onnx.checker: {words}") from None
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:

@@ -179,7 +179,7 @@ class Pipeline:
         self._prune()
         base = self._export()
         with self._stage("check", "onnx.checker (full check)"):
-            graph.check(base, self.external)
+            graph.check(base, self.external, uploaded=self.source.onnx_path is not None)
         with self._stage("optimize", "onnxruntime graph optimization (extended)"):
             fp32 = Variant(self.scratch / "fp32.onnx", VariantRecord("fp32"))
             note = graph.optimize(base, fp32.path, self.threads, self.external)
