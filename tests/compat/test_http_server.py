@@ -300,6 +300,25 @@ def test_without_a_management_http_listener_repository_control_says_so(
         assert "management_http_port = -1" in exc.value.message()
 
 
+def test_management_port_minus_one_turns_the_management_http_listener_off_too(
+    tmp_path: Path, triton_http_clients: Any
+) -> None:
+    """``--management-port -1`` (a serving replica, management off) left the management HTTP
+    listener on its port, taking repository load/unload, though the flag turns management off."""
+    repo = ModelRepository(tmp_path / "repo")
+    write_model(repo, "alpha", identity_model("FP32"))
+    # The test server asks for a management HTTP port (0): the flag overrides it.
+    with ServerThread(repo.root, management_port=-1, management_http_port=0) as srv:
+        assert srv.app is not None
+        assert srv.settings.management_http_port == -1
+        assert (srv.app.management_port, srv.app.management_http_port) == (0, 0)
+        client = triton_http_clients(srv.http_target)
+        with pytest.raises(InferenceServerException) as exc:
+            client.unload_model("alpha")
+        assert _status(exc) == "403"
+        assert client.is_model_ready("alpha")
+
+
 def test_http_can_be_turned_off(tmp_path: Path) -> None:
     repo = ModelRepository(tmp_path / "repo")
     write_model(repo, "alpha", identity_model("FP32"))

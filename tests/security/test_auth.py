@@ -306,8 +306,9 @@ def test_management_off_loopback_needs_a_token_or_mutual_tls(tmp_path: Path, cer
         repository=tmp_path, management_host="0.0.0.0", management_port=-1,
         management_http_port=-1,
     )  # fmt: skip
-    with pytest.raises(ValueError, match="refusing to serve management"):  # HTTP is still on
-        Settings(repository=tmp_path, management_host="0.0.0.0", management_port=-1)
+    # Management off is both its listeners: nothing of it listens on 0.0.0.0.
+    off = Settings(repository=tmp_path, management_host="0.0.0.0", management_port=-1)
+    assert off.management_http_port == -1
     Settings(
         repository=tmp_path, management_host="0.0.0.0", tls_cert_file=str(certs.server_cert),
         tls_key_file=str(certs.server_key), management_tls_client_ca_file=str(certs.ca),

@@ -96,7 +96,11 @@ class Settings:
         },
     )
     management_port: int = field(
-        default=8003, metadata={"help": "management port; 0 picks a free one, -1 disables it"}
+        default=8003,
+        metadata={
+            "help": "management port; 0 picks a free one, -1 turns management off (its HTTP "
+            "listener too, whatever management_http_port says)"
+        },
     )
     http_port: int = field(
         default=8000,
@@ -109,7 +113,8 @@ class Settings:
         default=8004,
         metadata={
             "help": "HTTP/REST port of the management listener (Open Inference Protocol with "
-            "repository load/unload) on management_host; 0 picks a free one, -1 disables it"
+            "repository load/unload) on management_host; 0 picks a free one, -1 disables it "
+            "(and so does management_port = -1)"
         },
     )
     metrics_host: str = field(
@@ -466,6 +471,11 @@ class Settings:
             raise SettingsError(f"log_level {self.log_level!r}: use one of {', '.join(LOG_LEVELS)}")
         for name, (low, high, meaning) in RANGES.items():
             _check_range(name, getattr(self, name), low, high, meaning)
+        if self.management_port < 0:
+            # Management off is both its listeners: with the HTTP one left on (its default
+            # port), a replica started with --management-port -1 still took repository
+            # load/unload on 127.0.0.1:8004, and a management host off loopback was refused.
+            self.management_http_port = -1
         for name in HOSTS:
             if not str(getattr(self, name)).strip():
                 # grpc read "" as no address and the start said "cannot listen on :8001: in
