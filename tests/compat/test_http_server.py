@@ -178,6 +178,22 @@ def test_unknown_routes_and_wrong_methods(kserve_server: ServerThread) -> None:
         assert "is not percent-encoded UTF-8" in json.loads(body)["error"]
 
 
+def test_an_empty_model_name_is_one_answer_on_every_model_route(
+    kserve_server: ServerThread,
+) -> None:
+    """``/v2/models//stats`` answered every model's statistics, ``//infer`` read the body and
+    judged it, ``//ready`` said "model '' is not served here". Triton's routes need a name
+    (404 for each); Ferry answers each alike, naming what is missing, before any body."""
+    target = kserve_server.http_target
+    routes = [("GET", s) for s in ("", "/ready", "/config", "/stats", "/versions/1/ready")]
+    for method, suffix in [*routes, ("POST", "/infer"), ("POST", "/versions/1/infer")]:
+        path = f"/v2/models/{suffix}"
+        status, headers, body = http_call(target, method, path, b"not json" * 100)
+        assert (status, headers["ferry-error"]) == (404, "MODEL_NOT_FOUND"), path
+        assert f"{path!r} names no model" in json.loads(body)["error"], path
+    assert http_call(target, "GET", "/v2/models/stats")[0] == 200  # every model's, as Triton
+
+
 def test_head_is_served_wherever_get_is(kserve_server: ServerThread) -> None:
     # RFC 9110 9.1: a server must support HEAD; a load balancer's HEAD health check got 405.
     target = kserve_server.http_target

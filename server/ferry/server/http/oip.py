@@ -28,6 +28,7 @@ from ferry.server.core.types import parse_version, short
 from ferry.server.errors import (
     ErrorKind,
     InvalidArgument,
+    ModelNotFound,
     ModelNotReady,
     PermissionDenied,
     Unavailable,
@@ -195,6 +196,8 @@ class OipRoutes:
             _method(method, "GET", path)
             return await self._statistics("", "")
         model = _segment(rest[0])
+        if not model:
+            raise _no_model(path)
         tail = rest[1:]
         version = ""
         if tail and tail[0] == "versions":
@@ -309,6 +312,18 @@ def _segment(raw: str) -> str:
         raise InvalidArgument(
             f"the path segment {short(raw)!r} is not percent-encoded UTF-8"
         ) from None
+
+
+def _no_model(path: str) -> ModelNotFound:
+    """``/v2/models//ready``: an empty name was answered per route, "model '' is not served
+    here" by ready, metadata and config, every model's statistics by stats, and an inference
+    read its body first to say what was wrong with that. Triton's routes need a name, so it
+    answers 404 for each: so does Ferry, before any body is read, saying what is missing."""
+    return ModelNotFound(
+        f"{short(path)!r} names no model (nothing between /v2/models/ and the next '/'): send "
+        "/v2/models/<model>[/versions/<v>][/ready|/config|/stats|/infer], or GET "
+        "/v2/models/stats for every model's statistics"
+    )
 
 
 def _method(method: str, allowed: str, path: str) -> None:
