@@ -148,6 +148,50 @@ def test_plain_json_request_with_nested_data(kserve_server: ServerThread) -> Non
     assert output["data"] == [1, 3, 5, 7, 9, 11, 13, 15.5]
 
 
+@pytest.mark.parametrize(
+    ("datatype", "data"),
+    [
+        ("FP32", [[0.0, 3.0], [1.0, 4.0], [2.0, 5.0]]),  # the rows of [2, 3], transposed
+        ("INT64", [[0, 1], [2, 3], [4, 5]]),  # row-major, but nested as [3, 2]
+        ("BYTES", [["a", "b"], ["c", "d"], ["e", "f"]]),
+    ],
+)
+def test_json_data_nested_otherwise_than_its_shape_is_400(
+    kserve_server: ServerThread, datatype: str, data: list[Any]
+) -> None:
+    """Six elements for shape [2, 3] nested as [3, 2] (a matrix sent transposed) were read
+    row-major with only their count checked: each row was answered for values that were not
+    its own, with a 200. The nesting must be the shape's (the last list may hold the remaining
+    dims flat, and dims of 1 change nothing), as a flat list always is."""
+    status, _, body = http_call(
+        kserve_server.http_target,
+        "POST",
+        f"/v2/models/{identity_name(datatype)}/infer",
+        json.dumps(
+            {"inputs": [{"name": "input", "datatype": datatype, "shape": [2, 3], "data": data}]}
+        ).encode(),
+    )
+    assert status == 400, body
+    error = json.loads(body)
+    assert error["kind"] == "INVALID_ARGUMENT"
+    assert "'data' is nested as [3, 2], which is not its shape [2, 3]" in error["error"]
+    # What the shape says, nested as it, flat, or with a dim of 1 wrapped around, is served.
+    rows = [["a", "b", "c"], ["d", "e", "f"]] if datatype == "BYTES" else [[0, 1, 2], [3, 4, 5]]
+    flat = rows[0] + rows[1]
+    for same in (rows, flat, [flat], [[[v] for v in row] for row in rows]):
+        request = {
+            "inputs": [{"name": "input", "datatype": datatype, "shape": [2, 3], "data": same}]
+        }
+        status, _, body = http_call(
+            kserve_server.http_target,
+            "POST",
+            f"/v2/models/{identity_name(datatype)}/infer",
+            json.dumps(request).encode(),
+        )
+        assert status == 200, (same, body)
+        assert json.loads(body)["outputs"][0]["data"] == flat
+
+
 def test_binary_extension_by_hand(kserve_server: ServerThread) -> None:
     """The binary extension's layout, built without tritonclient: JSON header, then tensors."""
     x = np.arange(6, dtype=np.float32).reshape(2, 3)

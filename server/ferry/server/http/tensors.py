@@ -412,6 +412,7 @@ def _from_json(
         flat = _flatten(data, name)
         if len(flat) != count:
             raise _count_error(name, shape, count, len(flat))
+        _check_nesting(_nesting(data), shape, name)
         array = np.empty(count, dtype=object)
         array[:] = flat
         return reshape_input(array, shape, name)
@@ -423,6 +424,7 @@ def _from_json(
         ) from None
     if values.size != count:
         raise _count_error(name, shape, count, values.size)
+    _check_nesting(values.shape, shape, name)
     wanted = TYPED[code][2] if code != _FP16 else np.dtype(np.float16)
     kind = values.dtype.kind
     if count and code != _BOOL and kind in "iufO" and _holds_bool(data, values):
@@ -464,6 +466,39 @@ def _from_json(
     if count and wanted.kind == "f" and wanted.itemsize < values.itemsize:
         _check_float_range(values, cast, code, name)
     return reshape_input(cast, shape, name)
+
+
+def _nesting(data: list[Any]) -> tuple[int, ...]:
+    """The sizes of ``data``'s nested lists, read down its first elements (a BYTES ``data``,
+    which numpy does not shape)."""
+    sizes = []
+    level: Any = data
+    while isinstance(level, list):
+        sizes.append(len(level))
+        level = level[0] if level else None
+    return tuple(sizes)
+
+
+def _check_nesting(nested: tuple[int, ...], shape: tuple[int, ...], name: str) -> None:
+    """Refuse nested ``data`` whose lists are not the shape's dims (the last of them may hold
+    the remaining dims flat, row-major). Only the count was checked, so rows sent transposed
+    (``[[1, 4], [2, 5], [3, 6]]`` for shape [2, 3]) were read in another order and each row was
+    answered for values that were not its own, with no error. Dims of 1 change no order and are
+    left out of the comparison (``[[1, 2, 3]]`` for shape [3] is the same tensor)."""
+    lists = [n for n in nested if n != 1]
+    dims = [d for d in shape if d != 1]
+    if len(lists) <= 1 or 0 in dims:
+        return  # flat (or one list of all elements): row-major by definition; or no elements
+    rest = 1
+    for d in dims[len(lists) - 1 :]:
+        rest *= d
+    if len(lists) <= len(dims) and lists[:-1] == dims[: len(lists) - 1] and lists[-1] == rest:
+        return
+    raise InvalidArgument(
+        f"input {name!r}: 'data' is nested as {list(nested)}, which is not its shape "
+        f"{list(shape)}: nest the data as the shape's dims (rows first, row-major) or send it "
+        "flat"
+    )
 
 
 def _found(values: np.ndarray) -> str:
