@@ -459,6 +459,21 @@ def test_convert_usage_errors(
     assert code == 2 and "np.savez" in one_error_line(err)
 
 
+def test_convert_of_a_missing_file_says_it_is_missing(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mistyped path went to the server as an upload id: "upload id 'modle.onnx' is
+    malformed" and exit 1, where `ferry upload` of the same path says the file is missing."""
+    _, t = conv_server
+    missing = tmp_path / "modle.onnx"
+    code, _, err = ferry(capsys, "convert", str(missing), "--model", "m", *t)
+    line = one_error_line(err)
+    assert code == 2 and f"{missing}: no such file or folder" in line and "malformed" not in line
+    # An id, in any case, is still the server's to judge.
+    code, _, err = ferry(capsys, "convert", "F" * 32, *t)
+    assert code == 1 and "no upload 'ffff" in one_error_line(err)
+
+
 def test_convert_of_a_file_refused_keeps_no_upload(
     conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,9 @@ from ferry.client import (
 from ferry.client.loadtest._inputs import read_npz
 from ferry.codec._json_keys import unique_object
 
+# What the server's ids look like; anything else given as a source is a file's path. Any case:
+# the server's own answer covers a wrong one.
+_UPLOAD_ID = re.compile(r"[0-9a-fA-F]{32}")
 FORMATS = ("state_dict", "safetensors", "onnx", "exported_program", "torchscript", "onnx_archive")
 # Formats whose file carries the model's signature: convert needs no --input for them.
 SELF_DESCRIBING = ("onnx", "exported_program", "onnx_archive")
@@ -482,6 +486,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if not args.model:
                 raise UsageError(f"converting the file {path} needs --model NAME")
             source = _upload(client, args.model, path, args)
+        elif not _UPLOAD_ID.fullmatch(args.source):
+            # Neither an upload id nor a file here: a mistyped path went to the server as an
+            # id and came back "upload id 'modle.onnx' is malformed" (exit 1, the server said
+            # no), where `ferry upload` of the same path says the file is missing (exit 2).
+            what = "not a regular file or folder" if path.exists() else "no such file or folder"
+            raise UsageError(
+                f"{path}: {what}, nor an upload id (32 hex characters, `ferry uploads list`)"
+            )
         try:
             job = client.convert(
                 source,
