@@ -48,6 +48,9 @@ if mode == "budget":
     emit("quantize", 0.6, "static_int8 is below the accuracy budget: cosine 0.91 < 0.99",
          "FAILED_PRECONDITION")
     sys.exit(2)
+if mode == "crash":  # a report that says where it stopped, then a crash
+    json.dump({"stopped": "export"}, open(os.path.join(job["work_dir"], "report.json"), "w"))
+    sys.exit(3)
 spec = job["spec"]
 seen = {"quantization": spec["quantization"], "validation": spec["validation"],
         "inputs": spec["inputs"]}
@@ -607,6 +610,41 @@ def test_uploads_help_names_the_retention_rule(capsys: pytest.CaptureFixture[str
         main(["uploads", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "retention rule" in out and "7 days" in out, out
+
+
+def test_convert_and_jobs_wait_json_print_a_failed_job(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`convert --json` and `jobs wait --json` printed nothing when the job failed (no JSON for
+    a script, no report), and the error's hint said "rerun with --json for the job's report":
+    a second conversion, which printed nothing either. The failed job is printed now, and the
+    hint names `ferry jobs show ID --json`."""
+    _, t = conv_server
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+
+    def upload(fake: str) -> str:
+        code, out, err = ferry(
+            capsys, "upload", "seed", str(weights), "--architecture", "seed",
+            "--architecture-kwargs", json.dumps({"fake": fake}), "--json", *t,
+        )  # fmt: skip
+        assert code == 0, err
+        return str(json.loads(out)["upload_id"])
+
+    code, out, err = ferry(capsys, "convert", upload("crash"), "--no-progress", "--json", *t)
+    line = one_error_line(err)
+    job_id = line.split("conversion job ")[1].split()[0]
+    assert code == 1 and json.loads(out) == {"stopped": "export"}
+    assert f"`ferry jobs show {job_id} --json`" in line and "rerun" not in line
+    code, out, err = ferry(capsys, "jobs", "wait", job_id, "--no-progress", "--json", *t)
+    shown = json.loads(out)
+    assert code == 1 and "crashed" in one_error_line(err)
+    assert shown["state"] == "FAILED" and shown["report"] == {"stopped": "export"}
+    # No report at all: the job, with its error.
+    code, out, err = ferry(capsys, "convert", upload("budget"), "--no-progress", "--json", *t)
+    printed = json.loads(out)
+    assert code == 1 and "accuracy budget" in one_error_line(err)
+    assert printed["state"] == "FAILED" and "accuracy budget" in printed["error_message"]
 
 
 # ---- jobs list | show | wait | cancel ----

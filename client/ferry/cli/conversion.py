@@ -13,6 +13,7 @@ import contextlib
 import json
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -144,9 +145,13 @@ def conversion_hint(exc: FerryError, args: argparse.Namespace) -> str | None:
             )
         if "tolerance" in text or "rtol" in text or "atol" in text:
             return (
-                "the ONNX model differs from PyTorch beyond --rtol/--atol: see the report (--json)"
+                "the ONNX model differs from PyTorch beyond --rtol/--atol: see the report "
+                f"(`ferry jobs show {exc.job.id} --json`)"
             )
-        return "rerun with --json for the job's report, which says where it stopped"
+        # Not "rerun with --json": a rerun converts again, and printed no report either.
+        return (
+            f"`ferry jobs show {exc.job.id} --json` prints its report, which says where it stopped"
+        )
     waited = getattr(args, "waited_job", None)
     if isinstance(exc, DeadlineExceededError) and waited:
         return f"the job did not end within --timeout; {still_running(waited)}"
@@ -172,13 +177,33 @@ def still_running(job_id: str) -> str:
     )
 
 
-def follow(job: Job, args: argparse.Namespace) -> None:
+def follow(job: Job, args: argparse.Namespace, as_json: Callable[[Job], Any]) -> None:
     """Wait for ``job`` to end (JobFailedError when it did not succeed). A Ctrl-C or --timeout
     ends the waiting, not the job: the command said only "interrupted" or "raise --timeout",
-    and a user who had not seen the job's id could neither follow nor stop it."""
+    and a user who had not seen the job's id could neither follow nor stop it.
+
+    With --json a job that failed is printed too (``as_json``), before the error line: stdout
+    was empty, so a script reading it got no JSON, and no report, for the one job it most
+    needed them for."""
     args.waited_job = job.id
     args.interrupted_hint = still_running(job.id)
-    job.wait(timeout=given_timeout(args), progress=progress_of(args))
+    try:
+        job.wait(timeout=given_timeout(args), progress=progress_of(args))
+    except JobFailedError:
+        if args.json:
+            print(json_text(as_json(job)))
+        raise
+
+
+def final_json(job: Job) -> Any:
+    """``convert --json``'s document of an ended job: its report, or, when it got none, the job
+    (with its error when it failed)."""
+    if job.report_json:
+        return json.loads(job.report_json)
+    row: dict[str, Any] = {"job_id": job.id, "state": job.state}
+    if not job.succeeded:
+        row.update(error_kind=job.error_kind, error_message=job.error_message)
+    return row
 
 
 def register(sub: Any) -> None:
@@ -525,13 +550,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
                 f"with `ferry jobs cancel {job.id}`"
             )
             return EXIT_OK
-        follow(job, args)
+        follow(job, args, final_json)
     if args.json:
-        print(
-            json_text(json.loads(job.report_json))
-            if job.report_json
-            else json_text({"job_id": job.id, "state": job.state})
-        )
+        print(json_text(final_json(job)))
     else:
         print(job_summary(job))
     return EXIT_OK

@@ -145,7 +145,7 @@ def cmd_show(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     with connect(ConversionClient, args) as client:
         job = client.job(args.job_id)
-        follow(job, args)  # JobFailedError when it did not succeed
+        follow(job, args, _as_json)  # JobFailedError when it did not succeed
     if args.json:
         print(json_text(_as_json(job)))
     else:
