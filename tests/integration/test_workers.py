@@ -7,6 +7,7 @@ worker processes' own counters are read over their control sockets to see who se
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import re
@@ -24,7 +25,7 @@ import grpc
 import numpy as np
 import onnx
 import pytest
-from helpers import WAIT_S, make_repo, reference, wait_for
+from helpers import WAIT_S, make_repo, reference, wait_for, write_config
 from onnx import TensorProto, helper, numpy_helper
 
 from ferry.client import FailedPreconditionError, FerryError, InferenceClient, RepositoryClient
@@ -967,6 +968,54 @@ def test_a_reload_the_first_failed_mid_copy_ends_with_every_process_on_the_copie
         assert not (tmp_path / "complete").exists()  # the worker's refresh read it whole
         expected = {(1, float(reference(root / "m" / "1" / "model.onnx", x)["logits"][0, 0]))}
         wait_for(lambda: _answers(fleet.port, "m", x) == expected, "every answer from seed 2")
+        assert _listens(fleet.pids[1], fleet.port)  # the same worker: none was killed
+
+
+# A sitecustomize for the worker processes: once, at their next LoadModel of "m", the text a
+# file named "config" beside the hook folder holds is written over m/config.json first, as an
+# edit landing between the first process's load and the worker's.
+_EDIT_CONFIG_IN_WORKER = _REWRITE_IN_WORKER.replace('"rewrite"', '"config"').replace(
+    'Path({root!r}, "m", "1", "model.onnx")', 'Path({root!r}, "m", "config.json")'
+)
+
+
+def _rows_accepted(port: int, rows: int) -> int:
+    """On how many of CONNECTIONS connections a request of ``rows`` rows of "m" is answered."""
+    x = {"input": np.ones((rows, 3), np.float32)}
+    answered = 0
+    for i in range(CONNECTIONS):
+        with (
+            InferenceClient(f"127.0.0.1:{port}", options=[("ferry.test.connection", i)]) as c,
+            contextlib.suppress(FerryError),
+        ):
+            c.infer("m", x)
+            answered += 1
+    return answered
+
+
+def test_a_worker_that_read_another_config_than_the_first_brings_it_to_the_first(
+    tmp_path: Path,
+) -> None:
+    """m/config.json changed again between the first process's load and a worker's: both
+    served version 1 from the same model file, so the change passed for applied, and a
+    request of 16 rows was refused (max_batch_size 8) or answered (16) by connection until
+    the next refresh, with no --poll-interval for good. The first process, behind the folder,
+    refreshes to the config there, and every connection answers it."""
+    root = make_repo(tmp_path / "repo", {"m": seed_model(seed=1), "mlp": mlp_model()})
+    write_config(root, "m", {"batching": {"max_batch_size": 4}})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        _EDIT_CONFIG_IN_WORKER.format(tmp=str(tmp_path), root=str(root))
+    )
+    with _serving(root, hook=hook) as fleet:
+        assert _rows_accepted(fleet.port, 16) == 0
+        (tmp_path / "config").write_text(json.dumps({"batching": {"max_batch_size": 16}}))
+        write_config(root, "m", {"batching": {"max_batch_size": 8}})
+        with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+            repo.load_model("m")
+        assert not (tmp_path / "config").exists()  # the worker read max_batch_size 16
+        wait_for(lambda: _rows_accepted(fleet.port, 16) == CONNECTIONS, "16 rows everywhere")
         assert _listens(fleet.pids[1], fleet.port)  # the same worker: none was killed
 
 

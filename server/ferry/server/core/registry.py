@@ -622,13 +622,16 @@ class ModelRegistry:
         return out
 
     def served_files(self, name: str = "") -> dict[str, dict[int, Any]]:
-        """model -> READY version -> the signature of the files it was loaded from (``""``:
-        every model), as it reads after a trip through JSON: with --workers, two processes
-        serving one version from other files (changed on disk between their loads) answer
-        with other weights under one version number."""
+        """model -> READY version -> the signature of the files it was loaded from, with the
+        model's config and rollout files as read (``""``: every model), as it reads after a
+        trip through JSON: with --workers, two processes serving one version from other files
+        (changed on disk between their loads) answer with other weights under one version
+        number, and two that read another config or rollout (edited between their reads) with
+        another batching policy (max_batch_size, combine_requests) or another version for a
+        request that names none; the version numbers and the model file agreed."""
         return {
             entry.name: {
-                v: _plain(slot.signature)
+                v: _plain((slot.signature, entry.config_signature, entry.rollout_signature))
                 for v, slot in list(entry.versions.items())
                 if slot.state is State.READY and slot.loaded is not None
             }

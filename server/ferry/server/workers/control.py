@@ -151,7 +151,8 @@ def other_files(
 
 # Why a worker lacks a version both serve: its load read other files than the first's.
 OTHER_FILES = (
-    "loaded from other files than the first process's: they changed on disk between the two loads"
+    "loaded from other files than the first process's: they changed on disk between the two "
+    "loads (the model's file, its config or its rollout)"
 )
 
 
