@@ -409,7 +409,9 @@ def test_starts_that_fail_slowly_back_off_and_each_is_said_once(
     again loads the repository, is refused JOIN, and is killed. A start that took longer than
     HEALTHY_AFTER to fail (a large repository) reset the backoff to 0.5 s, so the fleet
     reloaded the whole repository back to back for as long as the files stayed broken, and
-    each attempt logged twice (the failure, then the exit of the process killed for it)."""
+    each attempt logged twice (the failure, then the exit of the process killed for it). A
+    start that took longer than the backoff to fail was tried again at once, too: the fleet
+    waits at least as long as the failed start took."""
     now = [1000.0]
     fleet = WorkerFleet(Settings(), tmp_path, 2, _Retiring(tmp_path), list)  # type: ignore[arg-type]
     fleet._clock = lambda: now[0]
@@ -424,19 +426,23 @@ def test_starts_that_fail_slowly_back_off_and_each_is_said_once(
         if len(delays) == 5:
             fleet._stopping = True
 
+    took = [1.5 * fleet_module.HEALTHY_AFTER, 0.1, 0.1, 0.1]  # each start, till it failed
+
     async def spawn(w: Any) -> None:
         w.proc = _Exited(len(delays) + 1)
         w.joined_at = None
-        # The repository loads for twice HEALTHY_AFTER, then JOIN refuses it.
-        w.started = time.monotonic() - 2 * fleet_module.HEALTHY_AFTER
-        now[0] += 2 * fleet_module.HEALTHY_AFTER
+        # The repository loads (for 90 s the first time), then JOIN refuses it.
+        seconds = took.pop(0)
+        w.started = time.monotonic() - seconds
+        now[0] += seconds
         raise fleet_module.WorkerStartError("worker 1 does not serve m version 1")
 
     monkeypatch.setattr(fleet_module.asyncio, "sleep", sleep)
     monkeypatch.setattr(fleet, "_spawn", spawn)
     with caplog.at_level(logging.ERROR, logger=fleet_module.__name__):
         asyncio.run(asyncio.wait_for(fleet._watch(worker), 10))
-    assert delays == list(fleet_module.BACKOFF[:5])
+    # The backoff goes on growing, and waits at least as long as the failed start took.
+    assert delays == [0.5, 1.5 * fleet_module.HEALTHY_AFTER, 2.0, 5.0, 10.0]
     lines = [r.getMessage() for r in caplog.records if r.name == fleet_module.__name__]
     assert len(lines) == 5 and "exited with -9" in lines[0], lines
     for n, line in enumerate(lines[1:], 1):

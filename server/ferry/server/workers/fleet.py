@@ -107,6 +107,7 @@ class _Worker:
         # Why its last start failed ("" if it did not): said once, in the line that starts it
         # again, rather than again as the exit of the process the fleet killed for it.
         self.start_error = ""
+        self.start_took = 0.0  # seconds that failed start took
         # Its control socket answered since it was (re)started: from then on it is expected to
         # answer the liveness check (before, ready_within bounds its start-up load).
         self.answering = False
@@ -382,6 +383,12 @@ class WorkerFleet:
             worker.failures = 0 if served > HEALTHY_AFTER else worker.failures + 1
             delay = BACKOFF[min(worker.failures, len(BACKOFF) - 1)]
             why, worker.start_error = worker.start_error, ""
+            if why:
+                # At least as long as the failed start took: a repository that loads for two
+                # minutes and is then refused JOIN (files broken until someone fixes them)
+                # was loaded again after 30 s, a process loading nearly all the time beside
+                # the ones serving. Starts take at most half the time this way.
+                delay = max(delay, worker.start_took)
             if why:  # one line an attempt: the kill that followed is the fleet's own
                 log.error(
                     "worker %d did not start again: %s; trying again in %.1f s (failure %d "
@@ -405,10 +412,12 @@ class WorkerFleet:
             await self._converge(worker)
             if self._stopping:
                 return
+            began = self._clock()
             try:
                 await self._spawn(worker)
             except Exception as exc:
                 worker.start_error = str(exc) or type(exc).__name__
+                worker.start_took = self._clock() - began
                 if worker.proc is not None and worker.proc.returncode is None:
                     worker.proc.kill()
 
