@@ -448,3 +448,47 @@ def test_starts_that_fail_slowly_back_off_and_each_is_said_once(
     for n, line in enumerate(lines[1:], 1):
         assert line.startswith("worker 1 did not start again: worker 1 does not serve m"), line
         assert line.endswith(f"(failure {n} in a row)"), line
+
+
+class _Timed(_Peers):
+    """Records how long each APPLY may take."""
+
+    def __init__(self, tmp: Path) -> None:
+        super().__init__(tmp)
+        self.bounds: list[float] = []
+
+    async def call(self, path: Path, method: str, ask: Any, seconds: float) -> Any:
+        if method == control.APPLY:
+            self.bounds.append(seconds)
+        return await super().call(path, method, ask, seconds)
+
+
+def test_a_change_waits_on_a_worker_as_long_as_the_slowest_load_here(tmp_path: Path) -> None:
+    """A management call waited up to 600 s on a worker stuck in a load; it waits the floor
+    plus twice the first process's start-up load or its longest load of one version since
+    (a large model loaded after the start), at most APPLY_TIMEOUT."""
+    slowest = [0.0]
+    peers = _Timed(tmp_path)
+    fleet = WorkerFleet(
+        Settings(),
+        tmp_path,
+        2,
+        peers,  # type: ignore[arg-type]
+        list,
+        load_seconds=1.0,
+        longest_load=lambda: slowest[0],
+    )
+    (worker,) = fleet._workers
+    worker.proc = _Proc(1234)  # type: ignore[assignment]
+    worker.answering = worker.joined = True
+
+    async def run() -> None:
+        await fleet.follow("load", "m")
+        slowest[0] = 100.0  # LoadModel of a large model took that long here
+        await fleet.follow("load", "big")
+        slowest[0] = 10_000.0
+        await fleet.follow("refresh", "")
+
+    asyncio.run(run())
+    floor = fleet_module.FOLLOW_FLOOR
+    assert peers.bounds == [floor + 2.0, floor + 200.0, fleet_module.APPLY_TIMEOUT]

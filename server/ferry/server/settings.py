@@ -153,8 +153,9 @@ class Settings:
             "process's liveness check before it is killed and started again (a stopped or hung "
             "worker held its share of the connections and every management call); 0: never. "
             "Either way a management call waits on one worker's change at most 60 s plus twice "
-            "the first process's start-up load (600 s at most; a worker stuck in a load answers "
-            "this check): past it that worker is killed and started again"
+            "the first process's start-up load or its longest load of one version (600 s at "
+            "most; a worker stuck in a load answers this check): past it that worker is killed "
+            "and started again"
         },
     )
     worker_socket: str = field(

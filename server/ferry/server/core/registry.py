@@ -17,6 +17,7 @@ import contextlib
 import json
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,9 @@ class ModelRegistry:
         # loads it waits for, but their threads run on in onnxruntime; the process's exit
         # joins them (cli.serve), and a SIGTERM during a long start-up load waited for it.
         self._opening = 0
+        # Seconds the longest open of one version took here (failed ones included): with
+        # --workers, what a management call waits on a worker's change scales with it.
+        self.longest_load = 0.0
         self._opening_lock = threading.Lock()
 
     @property
@@ -1187,7 +1191,11 @@ class ModelRegistry:
             elsewhere = self._failed_in_first(entry.name, version, sig)
             if elsewhere:
                 raise FailedPrecondition(elsewhere)
-            loaded = await self._open(entry.name, version, path, entry.config)
+            began = time.monotonic()
+            try:
+                loaded = await self._open(entry.name, version, path, entry.config)
+            finally:
+                self.longest_load = max(self.longest_load, time.monotonic() - began)
         except Exception as exc:  # any load failure is reported, never raised to the caller
             reason = exc.message if isinstance(exc, FerryError) else f"{type(exc).__name__}: {exc}"
             reason = reason.strip().splitlines()[0][:500] if reason.strip() else repr(exc)

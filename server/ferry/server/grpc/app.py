@@ -383,6 +383,7 @@ class FerryServer:
             lambda: self.registry.unloaded_by_request,
             ready=self.dataplane.ready,
             load_seconds=self._load_seconds,
+            longest_load=lambda: self.registry.longest_load,
             refresh=lambda: self.registry.refresh(follow=True),
             serving=lambda model: worker_control.serving(self.dataplane, model),
             earlier=lambda model: worker_control.earlier(self.dataplane, model),

@@ -47,8 +47,9 @@ BACKOFF = (0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 HEALTHY_AFTER = 60.0  # a worker that lived this long starts the backoff afresh when it dies
 APPLY_TIMEOUT = 600.0  # seconds a worker may take to apply one change (a large model's load)
 # What a management call waits on one joined worker to apply its change (WorkerFleet.
-# follow_within): this, plus twice what the first process's own start-up load took, at most
-# APPLY_TIMEOUT. A change reloads at most what the start-up loaded, on the same cores.
+# follow_within): this, plus twice what the first process's own start-up load (or its longest
+# load of one version since) took, at most APPLY_TIMEOUT: the worker loads the same files on
+# the same cores.
 FOLLOW_FLOOR = 60.0
 # The least time between two refreshes the fleet asks for itself (_refresh_soon).
 REFRESH_GAP = 5.0
@@ -127,6 +128,7 @@ class WorkerFleet:
         *,
         ready: Callable[[], bool] = lambda: True,
         load_seconds: float = 0.0,
+        longest_load: Callable[[], float] = lambda: 0.0,
         refresh: Callable[[], Awaitable[object]] | None = None,
         serving: Callable[[str], dict[str, list[int]]] | None = None,
         earlier: Callable[[str], dict[str, list[int]]] = lambda model: {},
@@ -182,6 +184,10 @@ class WorkerFleet:
         self.restarts = 0
         self._clock = time.monotonic  # the liveness check's and start-up's (a test's own)
         self.load_seconds = load_seconds
+        # The longest open of one version this process made so far (the change being followed
+        # included: this process applies it first): a model loaded after the start may take
+        # far longer than the start-up load did (follow_within).
+        self._longest_load = longest_load
 
     @property
     def ready_within(self) -> float:
@@ -201,7 +207,8 @@ class WorkerFleet:
         liveness check) or stopped with --worker-timeout 0 held every management call for
         APPLY_TIMEOUT. Past it the worker is killed and started again, and its catch-up,
         which no management call waits on, brings it to the repository's state."""
-        return min(APPLY_TIMEOUT, FOLLOW_FLOOR + 2 * self.load_seconds)
+        slowest = max(self.load_seconds, self._longest_load())
+        return min(APPLY_TIMEOUT, FOLLOW_FLOOR + 2 * slowest)
 
     @property
     def pids(self) -> list[int]:
