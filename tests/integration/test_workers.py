@@ -971,6 +971,38 @@ def test_a_reload_the_first_failed_mid_copy_ends_with_every_process_on_the_copie
         assert _listens(fleet.pids[1], fleet.port)  # the same worker: none was killed
 
 
+def test_a_new_version_the_first_failed_mid_copy_is_not_served_by_a_worker_alone(
+    tmp_path: Path,
+) -> None:
+    """m/2 was being copied in (version_policy all): the first process's load read it half
+    written and failed, and the worker's, once the copy was done, loaded it. The worker served
+    a version the first did not, which no check looked for (only versions a worker lacks), so
+    a request naming no version got version 2 or 1 by connection, and one naming 2 an answer
+    or NOT ready, until something refreshed again. The first, behind the folder, refreshes, and
+    every connection gets version 2."""
+    root = make_repo(tmp_path / "repo", {"m": seed_model(seed=1), "mlp": mlp_model()})
+    write_config(root, "m", {"version_policy": {"all": True}})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        _COMPLETE_IN_WORKER.replace('"m", "1", "model.onnx"', '"m", "2", "model.onnx"').format(
+            tmp=str(tmp_path), root=str(root)
+        )
+    )
+    x = {"input": np.ones((1, 3), np.float32)}
+    with _serving(root, hook=hook) as fleet:
+        new = seed_model(seed=2).SerializeToString()
+        (tmp_path / "complete").write_bytes(new)
+        (root / "m" / "2").mkdir()
+        (root / "m" / "2" / "model.onnx").write_bytes(new[: len(new) // 2])  # half copied
+        with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+            assert "m/2" in repo.refresh().failed  # the first read it half written
+        assert not (tmp_path / "complete").exists()  # the worker's refresh read it whole
+        expected = {(2, float(reference(root / "m" / "2" / "model.onnx", x)["logits"][0, 0]))}
+        wait_for(lambda: _answers(fleet.port, "m", x) == expected, "version 2 everywhere")
+        assert _listens(fleet.pids[1], fleet.port)  # the same worker: none was killed
+
+
 # A sitecustomize for the worker processes: once, at their next LoadModel of "m", the text a
 # file named "config" beside the hook folder holds is written over m/config.json first, as an
 # edit landing between the first process's load and the worker's.

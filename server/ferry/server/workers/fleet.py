@@ -548,6 +548,10 @@ class WorkerFleet:
                     # Its reload read files that this process's could not (half copied then):
                     # this process, behind the folder, tries them again.
                     other = judging.newer_files(answer, behind, same)
+                if not lacks and not other:
+                    # Likewise a version that failed to load here: the worker serves it alone.
+                    now = self._serving(model) if self._serving is not None else None
+                    other = judging.loaded_what_failed(now, answer, self._failed())
                 if other:
                     # It serves every version, some from files that changed on disk after this
                     # process loaded them: this process is the one behind the folder. A refresh

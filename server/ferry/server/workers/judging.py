@@ -97,3 +97,28 @@ def newer_files(
         for name, versions in behind.items()
     }
     return other_files(answer, own, files)
+
+
+def loaded_what_failed(
+    mine: dict[str, list[int]] | None, answer: object, failed: list[list[Any]]
+) -> str:
+    """The versions whose load failed in this process (``failed``: Registry.failed_loads rows,
+    [name, version, why, signature]) and which it does not serve, that a worker's answer says
+    it serves from other files than those that failed: it read whole what this process read
+    half copied, and answers a version this process refuses (and, as the newest, requests that
+    name none). Described ("" when none, or when either side did not say)."""
+    theirs = answer.get("files") if isinstance(answer, dict) else None
+    if mine is None or not isinstance(theirs, dict):
+        return ""
+    found = []
+    for row in failed:
+        name, version, sig = str(row[0]), int(row[1]), row[3]
+        if version in (mine.get(name) or ()):
+            continue  # served here from an earlier load: newer_files judges it
+        got = (theirs.get(name) or {}).get(str(version))
+        if got is not None and (not isinstance(got, list) or not got or got[0] != sig):
+            found.append(
+                f"{name} version {version} (its load failed in the first process on "
+                "files that changed on disk since)"
+            )
+    return control.describe(found)
