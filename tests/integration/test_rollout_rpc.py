@@ -188,6 +188,10 @@ def test_a_shadow_comparison_started_afresh_goes_on_counting_on_metrics(tmp_path
             totals = tuple(a + b for a, b in zip(totals, counters(), strict=True))
             assert shown(scrape(port)) == totals
         assert sum(totals) == 8
+        # Ended, the shadow leaves /metrics: its last comparison was shown for good, its
+        # gauges (the lowest cosine...) read as a comparison still running.
+        repo.set_rollout("m", None, reason="shadow ended")
+        assert "ferry_shadow_" not in scrape(port)
 
 
 def test_shadow_runs_are_no_requests_in_the_candidates_per_request_statistics(

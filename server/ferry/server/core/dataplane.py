@@ -801,7 +801,17 @@ class DataPlane:
         """Every model's shadow comparison (for metrics), with its model: summed over the
         worker processes as last read (workers.shadow_pull), never a call at a scrape."""
         others = self._peer_shadows.latest() if self._peer_shadows is not None else None
-        summed = [self._summed(s, others) for s in list(self._shadows.stats.values())]
+        # Only shadows in force: one rolled back, promoted or ended by a person kept its last
+        # comparison on /metrics for good, its gauges read as a comparison still running.
+        live = {}
+        for name, entry in list(self._registry.models.items()):
+            if entry.rollout is not None and entry.rollout.shadow is not None:
+                live[name] = entry.rollout.shadow[0]
+        summed = [
+            self._summed(s, others)
+            for name, s in list(self._shadows.stats.items())
+            if live.get(name) == s.candidate
+        ]
         return [s for s in summed if s.compared or s.errors or s.shed]
 
     def own_shadow_statistics(self) -> list[shadow.ShadowStatistics]:
