@@ -417,6 +417,49 @@ def test_a_model_no_made_up_row_runs_is_batched_once_a_request_checks_it(
     assert after.batch_sizes == {1: 1, 2: 1}
 
 
+def test_the_check_on_the_first_requests_row_is_no_part_of_its_compute_time(
+    tmp_path: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check of the batch dimension on the first request's own row (the model run on it
+    alone, then twice) ran inside that batch's timed input stage: its compute_input held two
+    runs of the model, and where the row does not run (the check is then made again at every
+    request) every request's did. Timed on a clock that only the check moves by an hour: the
+    request's compute figures hold none of it."""
+    import types
+
+    from ferry.server.core import loaded as loaded_module
+
+    clock = [0]
+
+    def now() -> int:
+        clock[0] += 1
+        return clock[0]
+
+    monkeypatch.setattr(loaded_module, "time", types.SimpleNamespace(perf_counter_ns=now))
+    root = make_repo(tmp_path / "repo", {"set": _guarded_transpose_model(7.0, (0, 1))})
+    write_config(root, "set", {"batching": {"max_batch_size": 8}, "instances": {"count": 1}})
+    srv = start_server(root)
+    assert srv.app is not None
+    session = srv.app.registry.get("set", 1).session
+    real = session.check_rows
+    hour = 3600 * 10**9
+    checks = []
+
+    def check_rows(row: dict[str, np.ndarray], max_batch: int) -> tuple[bool, str]:
+        checks.append(max_batch)
+        clock[0] += hour
+        return real(row, max_batch)
+
+    monkeypatch.setattr(session, "check_rows", check_rows)
+    with InferenceClient(srv.target, timeout=60) as client:
+        np.testing.assert_array_equal(
+            client.infer("set", GUARDED_ROWS[0])["y"], GUARDED_ROWS[0]["x"]
+        )
+        s = stats(client, "set")
+    assert checks == [8] and s.execution_count == 1
+    assert s.compute_input.ns + s.compute_infer.ns + s.compute_output.ns < hour
+
+
 def _valid_convolution_plus_the_rows_mean() -> onnx.ModelProto:
     """A 3x3 convolution without padding over dynamic H and W (so at least 3 each), plus its
     mean over the rows: a model that works across its first dimension and that no row of the

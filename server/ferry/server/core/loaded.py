@@ -182,14 +182,17 @@ class LoadedVersion:
         """Worker thread: gather -> run -> check -> split, timing each stage. Returns the
         results, the executions that succeeded (what statistics count: Triton counts only
         successful executions and the inferences they served) and the ns it all took."""
-        t0 = time.perf_counter_ns()
+        start = time.perf_counter_ns()
         if self._unchecked and not self._checked_on(items[0]) and len(items) > 1:
-            return self._apart(items, t0, left)
+            return self._apart(items, start, left)
         if self._alone and len(items) > 1:
-            return self._apart(items, t0, left)
+            return self._apart(items, start, left)
         if self._rows_unproven and len(items) > 1:
-            return self._prove_rows_apart(items, t0, left)
+            return self._prove_rows_apart(items, start, left)
         wanted = _union_outputs(items, self.output_names)
+        # The input stage starts here: the check of the batch dimension above runs the model
+        # (alone, then twice), and its time was this batch's compute_input.
+        t0 = time.perf_counter_ns()
         # The session gathers the requests' inputs itself: a planned one straight into its
         # reused buffers (one copy), not concatenated here and copied again to pad. Nothing
         # runs between the gather and the run: a session may hold an instance or a buffer set
@@ -206,7 +209,7 @@ class LoadedVersion:
             # client's bad input is not every batched client's failure. Each run alone that
             # succeeds is an execution of its own; the failed batch is none (it was counted as
             # one execution of the whole batch, its failed rows as inferences).
-            return self._apart(items, t0, left)
+            return self._apart(items, start, left)
         t2 = time.perf_counter_ns()
         sizes = [w.batch for w in items]
         total = sum(sizes)
@@ -219,7 +222,7 @@ class LoadedVersion:
         per_request = cast("list[dict[str, np.ndarray] | Failed]", split(outputs, wanted, sizes))
         t3 = time.perf_counter_ns()
         served = tuple(range(len(items)))
-        return per_request, [(total, served, t1 - t0, t2 - t1, t3 - t2)], t3 - t0
+        return per_request, [(total, served, t1 - t0, t2 - t1, t3 - t2)], t3 - start
 
     def _apart(self, items: Sequence[Work], t0: int, left: Left = None) -> Ran:
         """Each request run alone, with its own answer or error; not one whose caller has
