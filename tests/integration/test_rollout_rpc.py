@@ -85,6 +85,69 @@ def test_every_protocol_follows_the_split_set_through_management(tmp_path: Path)
             ]
 
 
+def test_a_request_that_fails_to_decode_under_a_split_fails_on_the_version_its_id_picks(
+    tmp_path: Path,
+) -> None:
+    """A request naming no version that failed to decode (data short of its shape) was counted
+    on the split's largest share (ties: the newest, version 2) whatever its id, though its id
+    picks its version: every such request of ids the split sends to version 1 was version 2's
+    failure, in ModelStatistics and ferry_requests_total alike, over each protocol."""
+    import urllib.error
+
+    import grpc
+    from helpers import scrape
+
+    from ferry.proto.kserve.v2 import grpc_service_pb2 as kpb
+    from ferry.proto.v1 import inference_pb2 as fpb
+
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    split = rollouts.parse_split({1: 1, 2: 1})
+    ones = [i for i in IDS if split.pick("m", i) == 1][:2]
+    with ServerThread(root) as server, RepositoryClient(server.management_target) as repo:
+        assert server.app is not None
+        repo.set_rollout("m", {1: 1.0, 2: 1.0}, reason="half")
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 3], "data": [1]}]}
+        with grpc.insecure_channel(server.target) as channel:
+            for rid in ones:
+                request = urllib.request.Request(
+                    f"http://127.0.0.1:{server.app.http_port}/v2/models/m/infer",
+                    data=json.dumps({**body, "id": rid}).encode(),
+                    headers={"Content-Type": "application/json"},
+                )
+                with pytest.raises(urllib.error.HTTPError) as refused:
+                    urllib.request.urlopen(request, timeout=30)
+                assert refused.value.code == 400
+                oip = kpb.ModelInferRequest(model_name="m", id=rid)
+                tensor = oip.inputs.add()
+                tensor.name, tensor.datatype = "input", "FP32"
+                tensor.shape.extend([1, 3])
+                oip.raw_input_contents.append(b"\0" * 4)  # 1 float for 3
+                infer = channel.unary_unary(
+                    "/inference.GRPCInferenceService/ModelInfer",
+                    request_serializer=kpb.ModelInferRequest.SerializeToString,
+                    response_deserializer=kpb.ModelInferResponse.FromString,
+                )
+                with pytest.raises(grpc.RpcError) as rpc:
+                    infer(oip, timeout=30)
+                assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+                ferry = fpb.InferRequest(model="m", id=rid)
+                ferry.inputs.add(name="input", dtype=12, shape=[1, 3], data=b"\0" * 4)  # FP32
+                call = channel.unary_unary(
+                    "/ferry.v1.Inference/Infer",
+                    request_serializer=fpb.InferRequest.SerializeToString,
+                    response_deserializer=fpb.InferResponse.FromString,
+                )
+                with pytest.raises(grpc.RpcError) as rpc:
+                    call(ferry, timeout=30)
+                assert rpc.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        with InferenceClient(server.target) as client:
+            fails = {s.version: s.fail.count for s in client.statistics("m")}
+        assert fails == {1: 6, 2: 0}
+        text = scrape(server.app.metrics_port)
+        assert 'ferry_requests_total{model="m",version="1",code="INVALID_ARGUMENT"} 6' in text
+        assert 'version="2",code="INVALID_ARGUMENT"' not in text
+
+
 def test_infer_many_items_follow_the_split_call_after_call(tmp_path: Path) -> None:
     """infer_many sent an item without an id under its position, so item 0 of every call had
     the id "0", and the split (sticky by id) sent it to the same version each time: 40 calls of

@@ -177,11 +177,16 @@ class DataPlane:
 
     def _undecoded(self, request: WireRequest) -> LoadedVersion | None:
         """The served version a request that failed to decode would have reached, if there is
-        one: the one it names, or else the one that answers requests naming none. A version
-        named but invalid is none of them (its label stays "0", an unknown version's)."""
+        one: the one it names, or else the one its id picks (a split's), or without an id the
+        one that answers requests naming none. A version named but invalid is none of them (its
+        label stays "0", an unknown version's)."""
         if request.version_named and not request.version_label:
             return None
         try:
+            if not request.version_label and request.request_id:
+                # Under a split its id picks its version, as had it decoded: it was counted on
+                # the split's largest share whatever its id.
+                return self._registry.route(request.model, None, request.request_id)
             version = request.version_label or self._registry.serving_version(request.model)
             return self._registry.get(request.model, version)
         except FerryError:

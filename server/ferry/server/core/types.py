@@ -107,6 +107,12 @@ class WireRequest(Protocol):
         invalid one as for none)."""
         ...
 
+    @property
+    def request_id(self) -> str:
+        """The request's id as far as it was read ('' when it was not): under a split it
+        picks the version a request that fails to decode fails on."""
+        ...
+
     def decode(self, limits: Limits) -> InferenceRequest: ...
 
 

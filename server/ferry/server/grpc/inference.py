@@ -74,6 +74,10 @@ class WireInfer:
     def version_named(self) -> bool:
         return self.msg.version != 0
 
+    @property
+    def request_id(self) -> str:
+        return self.msg.id
+
     def decode(self, limits: Limits) -> InferenceRequest:
         return to_request(self.msg, limits)
 

@@ -121,6 +121,10 @@ class WireInfer:
     def version_named(self) -> bool:
         return names_version(self.msg.model_version)
 
+    @property
+    def request_id(self) -> str:
+        return self.msg.id
+
     def decode(self, limits: Limits) -> InferenceRequest:
         return decode_request(self.msg, limits)
 

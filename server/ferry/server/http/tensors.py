@@ -76,7 +76,15 @@ class HttpInfer:
     """An infer request body as the core decodes it (``core.types.WireRequest``). After
     ``decode`` it also knows how each output is to be sent back (binary or JSON)."""
 
-    __slots__ = ("binary_all", "binary_outputs", "body", "header_length", "model", "version_text")
+    __slots__ = (
+        "binary_all",
+        "binary_outputs",
+        "body",
+        "header_length",
+        "model",
+        "request_id",
+        "version_text",
+    )
 
     def __init__(self, model: str, version: str, body: bytes, header_length: int | None) -> None:
         self.model = model
@@ -85,6 +93,7 @@ class HttpInfer:
         self.header_length = header_length
         self.binary_all = False
         self.binary_outputs: dict[str, bool] = {}
+        self.request_id = ""  # read with the JSON, before anything in it can be refused
 
     @property
     def version_label(self) -> int:
@@ -109,6 +118,9 @@ class HttpInfer:
         except InvalidArgument as exc:
             raise self._split_hint(exc, head) from None
         request = _object(parsed, "the request")
+        request_id = request.get("id", "")
+        if isinstance(request_id, str):
+            self.request_id = request_id
         raw_inputs = request.get("inputs")
         if not isinstance(raw_inputs, list):
             raise InvalidArgument("the request needs an 'inputs' list of tensors")
