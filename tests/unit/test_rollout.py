@@ -1091,6 +1091,34 @@ def test_a_split_version_reloaded_from_files_that_differ_keeps_the_split(
     _run(repo, scenario)
 
 
+@pytest.mark.parametrize("weights", [{1: 1, 2: 9}, {1: 9, 2: 1}])
+def test_at_a_start_a_split_whose_versions_differ_serves_its_largest_share(
+    tmp_path: Path, weights: dict[int, int]
+) -> None:
+    """A restart with no load to keep (version 1's files replaced while it was down) between
+    versions that differ: the version with the largest share is served and the other refused,
+    so its share joins the largest (version 1 was kept by its number, and 2=9 sent every
+    request to version 1, the 10% share)."""
+    from ferry.server.examples import mlp_model
+
+    repo = _repo(tmp_path)
+    rollouts.write(repo.model_dir("m"), rollouts.parse_split(weights), by="t", why="")
+    (repo.version_dir("m", 1) / "model.onnx").unlink()
+    onnx.save(mlp_model((5, 2)), str(repo.version_dir("m", 1) / "model.onnx"))
+    largest = max(weights, key=lambda v: weights[v])
+
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
+        states = {s.version: s.state for s in registry.statuses("m")}
+        assert states == {largest: State.READY, 3 - largest: State.FAILED}
+        assert (
+            f"version {3 - largest}: its files do not fit the rollout"
+            in dataplane.rollout("m").error
+        )
+        assert {registry.route("m", None, k).version for k in KEYS[:40]} == {largest}
+
+    _run(repo, scenario)
+
+
 def test_a_splits_versions_replaced_alike_at_once_are_served_together(tmp_path: Path) -> None:
     """Both versions of a split replaced by files of another interface, read by one refresh:
     they fit each other, so both are served (each judged alone against the other's previous
