@@ -1119,6 +1119,30 @@ def test_at_a_start_a_split_whose_versions_differ_serves_its_largest_share(
     _run(repo, scenario)
 
 
+def test_a_shadows_served_version_reloaded_from_files_that_differ_is_said_in_get_rollout(
+    tmp_path: Path,
+) -> None:
+    """A shadow alone compares its candidate with the default version: that version's files
+    replaced by ones that differ are refused as a split version's are, but GetRollout said
+    nothing (it named only the rollout's own versions' refusals)."""
+    from ferry.server.examples import mlp_model
+
+    repo = _repo(tmp_path)
+    model_file = repo.version_dir("m", 2) / "model.onnx"
+
+    async def scenario(registry: ModelRegistry, dataplane: DataPlane) -> None:
+        await dataplane.set_rollout("m", None, shadow_of=(1, 0.5), by="t", why="shadow")
+        model_file.unlink()
+        onnx.save(mlp_model((5, 2)), str(model_file))
+        outcome = await registry.refresh()
+        assert outcome.failed[0].startswith("m/2: its files do not fit the rollout")
+        view = dataplane.rollout("m")
+        assert view.shadow == (1, 0.5)
+        assert view.error.startswith("version 2: reload failed, still serving previous load")
+
+    _run(repo, scenario)
+
+
 def test_a_splits_versions_replaced_alike_at_once_are_served_together(tmp_path: Path) -> None:
     """Both versions of a split replaced by files of another interface, read by one refresh:
     they fit each other, so both are served (each judged alone against the other's previous

@@ -466,7 +466,10 @@ class ModelRegistry:
             raise ModelNotFound(f"model {short(name)!r} is not served here")
         errors = [entry.rollout_error] if entry.rollout_error else []
         if entry.rollout is not None:
-            for v in entry.rollout.versions:
+            checked = set(entry.rollout.versions)
+            if not entry.rollout.split:  # a shadow alone: the default it is compared with too
+                checked.add(entry.default_version() or 0)
+            for v in sorted(checked):
                 slot = entry.versions.get(v)
                 if slot is not None and _ROLLOUT_REFUSED in slot.reason:
                     errors.append(f"version {v}: {slot.reason}")
