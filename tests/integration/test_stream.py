@@ -105,6 +105,25 @@ def test_a_request_over_the_servers_limit_is_refused_alone_before_it_is_sent(
     assert all(isinstance(r, InferResult) for r in got.values())
 
 
+def test_an_id_no_answer_could_repeat_is_refused_before_it_is_sent(
+    start_server: Any, repo_path: Any
+) -> None:
+    """An answer repeats its request's id twice. With an id near the server's limit, even the
+    refusal could not carry it, and the server sent it without one, which the SDK matched to no
+    request: that request waited for its answer until the stream's deadline (streams have none
+    by default). An id over half the server's limit is refused at submit, naming it."""
+    srv = start_server(repo_path, max_message_bytes=64 * 1024)
+    small = {"input": np.ones(3, np.float32)}  # "fixed": the request fits, the refusal not
+    with InferenceClient(srv.target) as client, client.stream("fixed", timeout=20) as stream:
+        with pytest.raises(LimitExceededError, match=r"id is 65,400 bytes.*shorter id"):
+            stream.submit(small, "i" * 65_400)
+        with pytest.raises(LimitExceededError, match=r"id is 40,000 bytes"):
+            stream.submit(small, "i" * 40_000)  # its answer could only be a refusal
+        kept = stream.submit(small, "i" * 30_000)  # answered: 60,000 bytes of ids fit
+        ((rid, result),) = list(stream.results())
+        assert rid == kept and isinstance(result, InferResult)
+
+
 def test_unknown_model_errors_per_request(client: InferenceClient) -> None:
     with client.stream("no_such_model") as stream:
         rid = stream.submit(batch(0))

@@ -604,12 +604,12 @@ class AsyncInferStream(StreamState):
         call = self._start()
         budget = None if timeout is None else float(timeout)
         deadline = None if budget is None else began + budget
-        if self._awaits_headers(request):
+        if self._awaits_headers(request, rid):
             wait = HEADERS_WAIT_S if deadline is None else deadline - time.monotonic()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, min(HEADERS_WAIT_S, wait))):
                     await self._headers_came.wait()
-            over = over_server_limit(len(request), self._server_limit)
+            over = over_server_limit(len(request), self._server_limit, rid)
             if over is not None:
                 raise over
         keep = self._keep(

@@ -260,7 +260,7 @@ class StreamState:
             # gRPC would refuse the message by ending the whole call, failing every other
             # request in flight with this one's error: refuse it alone, before it is sent.
             raise _too_large(len(request), limit)
-        over = over_server_limit(len(request), self._server_limit)
+        over = over_server_limit(len(request), self._server_limit, rid)
         if over is not None:
             raise over
         return rid, request, time.perf_counter() - t0
@@ -270,10 +270,13 @@ class StreamState:
         self._server_limit = server_limit(metadata)
         self._headers = True
 
-    def _awaits_headers(self, request: bytes) -> bool:
+    def _awaits_headers(self, request: bytes, rid: str) -> bool:
         """Whether ``request`` must wait for the server's limit before it is sent: a smaller
-        one fits any server's."""
-        return len(request) > SMALLEST_SERVER_LIMIT and not self._headers and not self._done
+        one, with an id any answer can repeat twice, fits any server's."""
+        if self._headers or self._done:
+            return False
+        echoed = 2 * len(rid.encode("utf-8", "surrogatepass"))
+        return len(request) > SMALLEST_SERVER_LIMIT or echoed > SMALLEST_SERVER_LIMIT
 
     def _check_open(self, rid: str) -> None:
         if self._done:
@@ -602,11 +605,11 @@ class InferStream(StreamState):
             rid, request, encode = build(dtypes=dtypes)
         budget = None if timeout is None else float(timeout)
         deadline = None if budget is None else began + budget
-        if self._awaits_headers(request):
+        if self._awaits_headers(request, rid):
             with self._cond:
                 wait = HEADERS_WAIT_S if deadline is None else deadline - time.monotonic()
                 self._cond.wait_for(lambda: self._headers or self._done, min(HEADERS_WAIT_S, wait))
-            over = over_server_limit(len(request), self._server_limit)
+            over = over_server_limit(len(request), self._server_limit, rid)
             if over is not None:
                 raise over
         keep = self._keep(

@@ -39,9 +39,26 @@ def server_limit(metadata: Iterable[Any] | None) -> int | None:
     return None
 
 
-def over_server_limit(size: int, limit: int | None) -> LimitExceededError | None:
-    """The error for a request of ``size`` bytes over the server's ``limit``, else None."""
-    if limit is None or size <= limit:
+def over_server_limit(size: int, limit: int | None, rid: str = "") -> LimitExceededError | None:
+    """The error for a request of ``size`` bytes over the server's ``limit``, or one whose id
+    (``rid``) no answer could repeat, else None.
+
+    An answer repeats its request's id twice, so a request whose id is over half the limit can
+    only be refused, and with an id near the limit the refusal could not carry the id either:
+    the server sent it without one, which the SDK could match to no request, and that request
+    waited for its answer until the stream ended (streams have no default deadline)."""
+    if limit is None:
+        return None
+    echoed = 2 * len(rid.encode("utf-8", "surrogatepass"))
+    if echoed > limit:
+        return LimitExceededError(
+            f"this request's id is {echoed // 2:,} bytes, and its answer repeats it twice: over "
+            f"{SERVER_LIMIT}, {limit:,} bytes per message, so no answer could be sent; it was "
+            "not sent, and the stream carries on; use a shorter id",
+            code=grpc.StatusCode.RESOURCE_EXHAUSTED,
+            kind="LIMIT_EXCEEDED",
+        )
+    if size <= limit:
         return None
     return LimitExceededError(
         f"this request is {size:,} bytes, over {SERVER_LIMIT}, {limit:,} bytes per message: "
