@@ -125,6 +125,26 @@ def test_the_send_limit_follows_the_channel_options() -> None:
     assert ChannelConfig(options=options).send_limit() is None
 
 
+def test_message_limits_given_as_channel_options_apply(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """grpc takes the first of two channel arguments with one key, and the client put its own
+    limits (max_message_bytes) first: a ``grpc.max_send_message_length`` or
+    ``grpc.max_receive_message_length`` given in ``options`` was ignored, while a stream's
+    pre-send check (``send_limit``) went by it. Options given win now, as documented."""
+    root = make_repo(tmp_path / "repo", {"ident": identity_model("FP32")})
+    srv = start_server(root)
+    x = {"input": np.ones((1, 5000), np.float32)}  # 20 KB each way
+    for key, side in (
+        ("grpc.max_send_message_length", "refused to send"),
+        ("grpc.max_receive_message_length", "refused a"),
+    ):
+        with InferenceClient(srv.target, timeout=30, options=[(key, 10_000)]) as client:
+            with pytest.raises(LimitExceededError, match=f"this client {side}"):
+                client.infer("ident", x)
+            assert client.infer("ident", rows(1.0))["output"].shape == (1, 4)
+
+
 def test_a_stream_whose_client_closes_says_so(tmp_path: Path, start_server: StartServer) -> None:
     """Closing the client under an open stream failed its requests in flight with "CANCELLED:
     Channel closed!" (sync) or "cancelled by the client" (async), where every unary call says

@@ -363,8 +363,11 @@ class ChannelConfig:
             opts.append(("grpc.keepalive_permit_without_calls", 1))
         if self.tls is not None and self.tls.server_name_override:
             opts.append(("grpc.ssl_target_name_override", self.tls.server_name_override))
-        opts.extend(self.options)
-        return opts
+        # grpc takes the first of two arguments with one key: appended after these, an option
+        # given for one of them (a send or receive limit of its own) was ignored, while the
+        # stream's pre-send check (send_limit) went by it.
+        given = {key for key, _ in self.options}
+        return [*(o for o in opts if o[0] not in given), *self.options]
 
     def send_limit(self) -> int | None:
         """The largest message this channel sends (None: no limit): ``max_message_bytes``, or
