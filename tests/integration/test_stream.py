@@ -124,6 +124,42 @@ def test_an_id_no_answer_could_repeat_is_refused_before_it_is_sent(
         assert rid == kept and isinstance(result, InferResult)
 
 
+def test_an_answer_over_the_clients_own_limit_fails_its_request_alone(
+    start_server: Any, repo_path: Any
+) -> None:
+    """An answer over what the client receives (its max_message_bytes) ended the whole stream
+    in the client's grpc core, every other request on it failing with that error, answered or
+    not. The stream states the client's limit, and the server refuses such an answer alone,
+    naming the client's setting; the requests around it are answered (sync and async)."""
+    srv = start_server(repo_path)
+    small = {"input": np.ones(3, np.float32)}
+    long_id = "i" * 40_000  # fits a request; an answer repeats it twice: 80 KB
+    receive = [("grpc.max_receive_message_length", 64 * 1024)]
+    with (
+        InferenceClient(srv.target, options=receive) as client,
+        client.stream("fixed", timeout=20) as stream,
+    ):
+        for rid in ("before", long_id, "after"):
+            stream.submit(small, rid)
+        got = dict(stream.results())
+    assert isinstance(got["before"], InferResult) and isinstance(got["after"], InferResult)
+    assert isinstance(got[long_id], LimitExceededError)
+    assert "the client's max_message_bytes" in str(got[long_id])
+
+    async def on_async() -> dict[str, Any]:
+        async with (
+            AsyncInferenceClient(srv.target, options=receive) as client,
+            client.stream("fixed", timeout=20) as stream,
+        ):
+            for rid in ("before", long_id, "after"):
+                await stream.submit(small, rid)
+            return {rid: result async for rid, result in stream.results()}
+
+    got = asyncio.run(on_async())
+    assert isinstance(got["before"], InferResult) and isinstance(got["after"], InferResult)
+    assert isinstance(got[long_id], LimitExceededError)
+
+
 def test_unknown_model_errors_per_request(client: InferenceClient) -> None:
     with client.stream("no_such_model") as stream:
         rid = stream.submit(batch(0))

@@ -67,7 +67,7 @@ from ferry.client._stream import (
     left_of,
     stamped,
 )
-from ferry.client._stream_limit import HEADERS_WAIT_S, over_server_limit
+from ferry.client._stream_limit import HEADERS_WAIT_S, over_server_limit, stream_metadata
 from ferry.client._types import InferResult, ModelMetadata, ModelStatistics, ModelVersionStatus
 from ferry.proto.v1 import inference_pb2 as pb
 
@@ -329,7 +329,7 @@ class AsyncInferenceClient(InferenceClientBase):
             outputs=outputs,
             priority=priority,
             timeout=timeout,
-            metadata=self._metadata,
+            metadata=stream_metadata(self._metadata, self.channel_config.receive_limit()),
             max_in_flight=max_in_flight,
             dtypes=lambda timeout: self._input_dtypes(model, version, timeout),
             fresh_dtypes=lambda used, refusal, timeout: self._fresh_dtypes(

@@ -378,6 +378,14 @@ class ChannelConfig:
                 limit = int(value)
         return limit if limit >= 0 else None
 
+    def receive_limit(self) -> int | None:
+        """The largest message this channel receives (None: no limit), as ``send_limit``."""
+        limit = self.max_message_bytes
+        for key, value in self.options:
+            if key == "grpc.max_receive_message_length":
+                limit = int(value)
+        return limit if limit >= 0 else None
+
     def channel_credentials(self) -> grpc.ChannelCredentials | None:
         """None for an insecure channel; with a token, TLS credentials composed with it."""
         base = self.tls.credentials() if self.tls is not None else self.credentials

@@ -9,7 +9,7 @@ the SDK refuses a request over it before sending it, as its own error, the strea
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -18,6 +18,10 @@ from ferry.client._errors import SERVER_LIMIT, LimitExceededError
 
 # The header the server sends when a stream opens (server/ferry/server/grpc/inference.py).
 LIMIT_HEADER = "ferry-max-message-bytes"
+# The header a stream states the client's own limit on what it receives in: an answer over it
+# ended the whole stream in the client's grpc core, every other request on it failing with it;
+# the server refuses such an answer alone instead (server/ferry/server/grpc/inference.py).
+RECEIVE_HEADER = "ferry-max-receive-bytes"
 # The server's setting is at least this (settings.py): a smaller request never waits for it.
 SMALLEST_SERVER_LIMIT = 4096
 # How long a request over SMALLEST_SERVER_LIMIT waits for the stream's first headers before it
@@ -68,3 +72,12 @@ def over_server_limit(size: int, limit: int | None, rid: str = "") -> LimitExcee
         code=grpc.StatusCode.RESOURCE_EXHAUSTED,
         kind="LIMIT_EXCEEDED",
     )
+
+
+def stream_metadata(
+    metadata: Sequence[tuple[str, str]] | None, receive_limit: int | None
+) -> list[tuple[str, str]] | None:
+    """The call's metadata, with the client's receive limit stated (``RECEIVE_HEADER``)."""
+    if receive_limit is None:
+        return list(metadata) if metadata is not None else None
+    return [*(metadata or ()), (RECEIVE_HEADER, str(receive_limit))]

@@ -25,6 +25,7 @@ from ferry.client._requests import (
 )
 from ferry.client._retry import call_with_retry
 from ferry.client._stream import DEFAULT_MAX_IN_FLIGHT, InferStream, InputItem, StreamResult
+from ferry.client._stream_limit import stream_metadata
 from ferry.client._types import (
     InferResult,
     ModelMetadata,
@@ -230,7 +231,7 @@ class InferenceClient(InferenceClientBase):
             outputs=outputs,
             priority=priority,
             timeout=timeout,
-            metadata=self._metadata,
+            metadata=stream_metadata(self._metadata, self.channel_config.receive_limit()),
             max_in_flight=max_in_flight,
             dtypes=lambda timeout: self._input_dtypes(model, version, timeout),
             fresh_dtypes=lambda used, refusal, timeout: self._fresh_dtypes(

@@ -127,33 +127,42 @@ def client_remaining(remaining: float) -> float:
     return remaining - unit - _ROUNDED_MS
 
 
-def sendable(response: bytes, limit: int | None, echo: str = "", copies: int = 1) -> bytes:
+def sendable(
+    response: bytes,
+    limit: int | None,
+    echo: str = "",
+    copies: int = 1,
+    setting: str = "max_message_bytes",
+) -> bytes:
     """``response`` if gRPC will send it: one over ``grpc.max_send_message_length`` failed its
     whole call in grpc's core, after the model had run, with grpc's own text ("Sent message
     larger than max"); on a stream that ended the stream, failing every other request still on
     it. Refused here, it is this request's own error, which names the limit and what to do.
     ``limit`` None: not bounded here (the listener sets no send limit). ``echo``: the text of
     the request the response repeats (its id), ``copies`` times, which is then what to
-    shorten when the response would fit without it."""
+    shorten when the response would fit without it. ``setting``: what sets ``limit``, to
+    raise."""
     if limit is not None and len(response) > limit:
         echoed = copies * len(echo.encode())
         if len(response) - echoed <= limit:
-            raise echo_too_long(echoed, limit)
+            raise echo_too_long(echoed, limit, setting=setting)
         raise LimitExceeded(
             f"the response is {len(response):,} bytes, over the limit of {limit:,} per message "
-            "(max_message_bytes): the model ran, but its outputs cannot be sent back in one "
+            f"({setting}): the model ran, but its outputs cannot be sent back in one "
             "message; request fewer rows or fewer outputs per request, or raise the limit"
         )
     return response
 
 
-def echo_too_long(echoed: int, limit: int, what: str = "id") -> LimitExceeded:
+def echo_too_long(
+    echoed: int, limit: int, what: str = "id", setting: str = "max_message_bytes"
+) -> LimitExceeded:
     """An answer over the send limit because it repeats what the request sent (``what``: its
     id, and on an Open Inference Protocol stream's error its model name and version too)."""
     return LimitExceeded(
         f"this request's answer cannot be sent: it repeats the request's {what}, {echoed:,} "
         f"bytes, which puts it over the limit of {limit:,} bytes per message "
-        f"(max_message_bytes); send a shorter {what}"
+        f"({setting}); send a shorter {what}"
     )
 
 

@@ -44,6 +44,25 @@ from ferry.server.grpc.status import status_of
 
 # The stream's header stating the server's limit per message (the SDK's _stream_limit).
 LIMIT_HEADER = "ferry-max-message-bytes"
+# The header a client states its own receive limit in (the SDK's _stream_limit).
+RECEIVE_HEADER = "ferry-max-receive-bytes"
+CLIENT_SETTING = "the client's max_message_bytes"
+
+
+def answer_limit(own: int | None, metadata: Any) -> tuple[int | None, str]:
+    """The limit a stream's answers must fit, and the setting that makes it: the server's own,
+    or the client's receive limit (``RECEIVE_HEADER``) where that is smaller. An answer over the
+    client's limit ended the whole stream in the client's grpc core, every other request on it
+    failing with it; refused here, it is that request's own error."""
+    stated = next((value for key, value in metadata or () if key == RECEIVE_HEADER), None)
+    try:
+        theirs = int(stated) if stated is not None else None
+    except ValueError:  # not the SDK's: no limit of its own stated
+        theirs = None
+    if theirs is not None and theirs > 0 and (own is None or theirs < own):
+        return theirs, CLIENT_SETTING
+    return own, "max_message_bytes"
+
 
 STATE = {
     State.LOADING: pb.MODEL_STATE_LOADING,
@@ -213,13 +232,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         """Requests run concurrently; responses are yielded as they complete, each with its
         request's id; a failed request gets an error response and the stream stays open."""
         deadline = call_deadline(context)
+        limit, setting = answer_limit(self.max_message_bytes, context.invocation_metadata())
 
         async def respond(msg: pb.InferRequest) -> pb.InferStreamResponse | bytes:
             try:
                 result = await self.dataplane.infer(WireInfer(msg), deadline=deadline)
                 encoded = encode_stream_result(msg.id, result.model, result.version, result.outputs)
                 # The id is sent back twice: in the stream response and in the result.
-                return sendable(encoded, self.max_message_bytes, msg.id, copies=2)
+                return sendable(encoded, limit, msg.id, copies=2, setting=setting)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -227,12 +247,12 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 failed = pb.InferStreamResponse(
                     id=msg.id, error=pb.Error(code=code.value[0], message=message, kind=kind)
                 )
-                limit = self.max_message_bytes
                 if limit is None or fits(failed, limit):
                     return failed
                 # Without the id, which no answer can carry: one that cannot be sent would end
                 # the stream, every other request on it with it.
-                code, message, kind = status_of(echo_too_long(len(msg.id.encode()), limit))
+                too_long = echo_too_long(len(msg.id.encode()), limit, setting=setting)
+                code, message, kind = status_of(too_long)
                 return pb.InferStreamResponse(
                     error=pb.Error(code=code.value[0], message=message, kind=kind)
                 )
