@@ -6,10 +6,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import make_repo
 
 from ferry.client import (
     AsyncInferenceClient,
@@ -22,6 +24,7 @@ from ferry.client import (
     LimitExceededError,
     ModelNotFoundError,
 )
+from ferry.server.examples import identity_model
 
 
 def batch(i: int) -> dict[str, np.ndarray]:
@@ -125,39 +128,59 @@ def test_an_id_no_answer_could_repeat_is_refused_before_it_is_sent(
 
 
 def test_an_answer_over_the_clients_own_limit_fails_its_request_alone(
-    start_server: Any, repo_path: Any
+    start_server: Any, tmp_path: Path
 ) -> None:
     """An answer over what the client receives (its max_message_bytes) ended the whole stream
     in the client's grpc core, every other request on it failing with that error, answered or
     not. The stream states the client's limit, and the server refuses such an answer alone,
     naming the client's setting; the requests around it are answered (sync and async)."""
+    srv = start_server(make_repo(tmp_path / "repo", {"ident": identity_model("FP32")}))
+    small = {"input": np.ones((1, 3), np.float32)}
+    large = {"input": np.ones((1, 20_000), np.float32)}  # 80 KB each way
+    receive = [("grpc.max_receive_message_length", 64 * 1024)]
+    with (
+        InferenceClient(srv.target, options=receive) as client,
+        client.stream("ident", timeout=20) as stream,
+    ):
+        for rid, inputs in (("before", small), ("large", large), ("after", small)):
+            stream.submit(inputs, rid)
+        got = dict(stream.results())
+    assert isinstance(got["before"], InferResult) and isinstance(got["after"], InferResult)
+    assert isinstance(got["large"], LimitExceededError)
+    assert "the client's max_message_bytes" in str(got["large"])
+
+    async def on_async() -> dict[str, Any]:
+        async with (
+            AsyncInferenceClient(srv.target, options=receive) as client,
+            client.stream("ident", timeout=20) as stream,
+        ):
+            for rid, inputs in (("before", small), ("large", large), ("after", small)):
+                await stream.submit(inputs, rid)
+            return {rid: result async for rid, result in stream.results()}
+
+    got = asyncio.run(on_async())
+    assert isinstance(got["before"], InferResult) and isinstance(got["after"], InferResult)
+    assert isinstance(got["large"], LimitExceededError)
+
+
+def test_an_id_no_answer_within_the_clients_limit_could_repeat_is_refused(
+    start_server: Any, repo_path: Any
+) -> None:
+    """The client's own receive limit bounds its answers too: with an id near it, the server's
+    refusal went without the id, and the request waited for an answer until the stream ended.
+    Such an id is refused at submit, naming the client's setting."""
     srv = start_server(repo_path)
     small = {"input": np.ones(3, np.float32)}
-    long_id = "i" * 40_000  # fits a request; an answer repeats it twice: 80 KB
     receive = [("grpc.max_receive_message_length", 64 * 1024)]
     with (
         InferenceClient(srv.target, options=receive) as client,
         client.stream("fixed", timeout=20) as stream,
     ):
-        for rid in ("before", long_id, "after"):
-            stream.submit(small, rid)
-        got = dict(stream.results())
-    assert isinstance(got["before"], InferResult) and isinstance(got["after"], InferResult)
-    assert isinstance(got[long_id], LimitExceededError)
-    assert "the client's max_message_bytes" in str(got[long_id])
-
-    async def on_async() -> dict[str, Any]:
-        async with (
-            AsyncInferenceClient(srv.target, options=receive) as client,
-            client.stream("fixed", timeout=20) as stream,
-        ):
-            for rid in ("before", long_id, "after"):
-                await stream.submit(small, rid)
-            return {rid: result async for rid, result in stream.results()}
-
-    got = asyncio.run(on_async())
-    assert isinstance(got["before"], InferResult) and isinstance(got["after"], InferResult)
-    assert isinstance(got[long_id], LimitExceededError)
+        with pytest.raises(LimitExceededError, match=r"id is 65,400 bytes.*client's max_message"):
+            stream.submit(small, "i" * 65_400)
+        kept = stream.submit(small, "kept")
+        ((rid, result),) = list(stream.results())
+        assert rid == kept and isinstance(result, InferResult)
 
 
 def test_unknown_model_errors_per_request(client: InferenceClient) -> None:

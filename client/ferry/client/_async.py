@@ -609,7 +609,7 @@ class AsyncInferStream(StreamState):
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(max(0.0, min(HEADERS_WAIT_S, wait))):
                     await self._headers_came.wait()
-            over = over_server_limit(len(request), self._server_limit, rid)
+            over = over_server_limit(len(request), self._server_limit, rid, self._receive_limit)
             if over is not None:
                 raise over
         keep = self._keep(

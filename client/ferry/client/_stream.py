@@ -61,6 +61,7 @@ from ferry.client._stream_limit import (
     HEADERS_WAIT_S,
     SMALLEST_SERVER_LIMIT,
     over_server_limit,
+    receive_limit,
     server_limit,
 )
 from ferry.client._types import InferResult, Timings
@@ -227,6 +228,7 @@ class StreamState:
         # ``_headers``: they came (or the call ended without them).
         self._server_limit: int | None = None
         self._headers = False
+        self._receive_limit = receive_limit(metadata)  # what the client's channel receives
 
     @property
     def in_flight(self) -> int:
@@ -260,7 +262,7 @@ class StreamState:
             # gRPC would refuse the message by ending the whole call, failing every other
             # request in flight with this one's error: refuse it alone, before it is sent.
             raise _too_large(len(request), limit)
-        over = over_server_limit(len(request), self._server_limit, rid)
+        over = over_server_limit(len(request), self._server_limit, rid, self._receive_limit)
         if over is not None:
             raise over
         return rid, request, time.perf_counter() - t0
@@ -609,7 +611,7 @@ class InferStream(StreamState):
             with self._cond:
                 wait = HEADERS_WAIT_S if deadline is None else deadline - time.monotonic()
                 self._cond.wait_for(lambda: self._headers or self._done, min(HEADERS_WAIT_S, wait))
-            over = over_server_limit(len(request), self._server_limit, rid)
+            over = over_server_limit(len(request), self._server_limit, rid, self._receive_limit)
             if over is not None:
                 raise over
         keep = self._keep(

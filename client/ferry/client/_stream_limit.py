@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-from ferry.client._errors import SERVER_LIMIT, LimitExceededError
+from ferry.client._errors import CLIENT_LIMIT, SERVER_LIMIT, LimitExceededError
 
 # The header the server sends when a stream opens (server/ferry/server/grpc/inference.py).
 LIMIT_HEADER = "ferry-max-message-bytes"
@@ -43,26 +43,30 @@ def server_limit(metadata: Iterable[Any] | None) -> int | None:
     return None
 
 
-def over_server_limit(size: int, limit: int | None, rid: str = "") -> LimitExceededError | None:
+def over_server_limit(
+    size: int, limit: int | None, rid: str = "", receive: int | None = None
+) -> LimitExceededError | None:
     """The error for a request of ``size`` bytes over the server's ``limit``, or one whose id
-    (``rid``) no answer could repeat, else None.
+    (``rid``) no answer could repeat within that limit or the client's ``receive`` limit, else
+    None.
 
     An answer repeats its request's id twice, so a request whose id is over half the limit can
     only be refused, and with an id near the limit the refusal could not carry the id either:
     the server sent it without one, which the SDK could match to no request, and that request
     waited for its answer until the stream ended (streams have no default deadline)."""
-    if limit is None:
-        return None
+    bound, setting = limit, SERVER_LIMIT
+    if receive is not None and (bound is None or receive < bound):
+        bound, setting = receive, CLIENT_LIMIT
     echoed = 2 * len(rid.encode("utf-8", "surrogatepass"))
-    if echoed > limit:
+    if bound is not None and echoed > bound:
         return LimitExceededError(
             f"this request's id is {echoed // 2:,} bytes, and its answer repeats it twice: over "
-            f"{SERVER_LIMIT}, {limit:,} bytes per message, so no answer could be sent; it was "
+            f"{setting}, {bound:,} bytes per message, so no answer could be sent; it was "
             "not sent, and the stream carries on; use a shorter id",
             code=grpc.StatusCode.RESOURCE_EXHAUSTED,
             kind="LIMIT_EXCEEDED",
         )
-    if size <= limit:
+    if limit is None or size <= limit:
         return None
     return LimitExceededError(
         f"this request is {size:,} bytes, over {SERVER_LIMIT}, {limit:,} bytes per message: "
@@ -72,6 +76,14 @@ def over_server_limit(size: int, limit: int | None, rid: str = "") -> LimitExcee
         code=grpc.StatusCode.RESOURCE_EXHAUSTED,
         kind="LIMIT_EXCEEDED",
     )
+
+
+def receive_limit(metadata: Iterable[Any] | None) -> int | None:
+    """The client's receive limit its stream states in ``metadata`` (``stream_metadata``)."""
+    for key, value in metadata or ():
+        if key == RECEIVE_HEADER:
+            return int(value)
+    return None
 
 
 def stream_metadata(
