@@ -250,6 +250,18 @@ def test_a_masked_array_is_refused_not_sent_with_its_masked_values(
     assert zoo_client.infer("fixed", {"input": clear})["output"].tolist() == [0.0, 1.0, 2.0]
 
 
+def test_masked_arrays_inside_a_list_are_refused_too(zoo_client: InferenceClient) -> None:
+    """numpy reads a list of masked arrays as their values, the masked ones included, and the
+    masked constant as nan (with a warning): the model answered for values the caller had
+    masked out. Refused as a masked array alone is; one with nothing masked is its values."""
+    hidden = np.ma.masked_array([1.0, 99.0, 3.0], mask=[False, True, False])
+    for value in ([hidden], [[1.0, 2.0, 3.0], hidden], [[1.0, np.ma.masked, 3.0]]):
+        with pytest.raises(InvalidInputError, match=r"masked array.*filled"):
+            zoo_client.infer("id_fp64", {"input": value})
+    clear = [np.ma.masked_array([1.0, 2.0], mask=False)]
+    assert zoo_client.infer("id_fp64", {"input": clear})["output"].tolist() == [[1.0, 2.0]]
+
+
 def test_numpy_string_dtype_arrays_are_bytes(zoo_client: InferenceClient) -> None:
     """numpy 2's variable-width StringDType (kind T) was refused as an unsupported dtype."""
     string_dtype = getattr(np.dtypes, "StringDType", None)

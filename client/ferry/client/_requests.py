@@ -64,6 +64,8 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
         # strings); numpy read it alone as a UINT8 vector of its byte values, and a stream's
         # resend, which keeps it as bytes, then sent it as BYTES.
         value = bytes(value)
+    if isinstance(value, list | tuple):
+        _refuse_masked_inside(value, name)
     try:
         arr = np.asarray(value)
     except (TypeError, ValueError) as exc:
@@ -105,6 +107,23 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
 
 
 _BYTE_FORMATS = frozenset({"B", "b", "c"})  # a memoryview of bytes (of bytes(), bytearray)
+_PLAIN = frozenset({float, int, bool, str, bytes})  # list elements that hide nothing
+
+
+def _refuse_masked_inside(value: list[Any] | tuple[Any, ...], name: str) -> None:
+    """Refuse a list holding a masked array (or ``np.ma.masked``) with something masked: numpy
+    reads a list of masked arrays as their values, the masked ones included, and the masked
+    constant as nan, so the model answered for values its caller had masked out. Plain
+    numbers are passed over by their type alone (a list of a million is walked)."""
+    stack: list[list[Any] | tuple[Any, ...]] = [value]
+    while stack:
+        for element in stack.pop():
+            if type(element) in _PLAIN:
+                continue
+            if isinstance(element, list | tuple):
+                stack.append(element)
+            elif isinstance(element, np.ma.MaskedArray):
+                unmasked(element, name)
 
 
 def _with_buffers_as_bytes(value: ArrayLike) -> np.ndarray | None:
