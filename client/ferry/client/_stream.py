@@ -584,8 +584,9 @@ class InferStream(StreamState):
 
         ``timeout`` is this request's queueing + execution budget on the server. Raises
         InvalidInputError for an id already in flight, LimitExceededError for a request over the
-        client's ``max_message_bytes`` (the stream carries on), and the stream's error once it
-        has ended.
+        client's ``max_message_bytes`` or the server's limit (which the stream states as it
+        opens; a request over 4 KiB waits for it), or with an id over half of either, which no
+        answer could repeat (the stream carries on), and the stream's error once it has ended.
         """
         began = time.monotonic()
         dtypes = (
