@@ -26,6 +26,10 @@ class _Call:
     def __init__(self) -> None:
         self.ended = threading.Event()
 
+    def initial_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The server's first headers: this stand-in states no limit (a server's would)."""
+        return ()
+
     def __iter__(self) -> Iterator[bytes]:
         self.ended.wait(30)
         return iter(())
