@@ -19,9 +19,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from ferry.server.errors import InvalidArgument
-from ferry.server.onnx_walk import TENSOR, Step, external_tensors, walk  # used here, and by callers
+from ferry.server.onnx_walk import (  # used here, and by callers
+    NODES,
+    TENSOR,
+    Step,
+    external_tensors,
+    messages,
+    walk,
+)
 
-NODE = "onnx.NodeProto"
 # Domains onnxruntime's CPU provider implements; custom-op libraries are never registered.
 SAFE_DOMAINS = frozenset({"", "ai.onnx", "ai.onnx.ml", "com.microsoft"})
 # Operators of the served domains that name a file a provider reads beside the model. EPContext
@@ -200,11 +206,7 @@ def check_source(model: Any) -> None:
 def used_domains(model: Any) -> set[str]:
     """The domains of the nodes anywhere in ``model``: main graph, subgraphs at any depth, local
     functions, training graphs. The default domain is spelt ""."""
-    return {
-        "" if step.message.domain == "ai.onnx" else step.message.domain
-        for step in walk(model)
-        if step.message.DESCRIPTOR.full_name == NODE
-    }
+    return {"" if node.domain == "ai.onnx" else node.domain for node in messages(model, NODES)}
 
 
 def check_domains(model: Any) -> None:
@@ -212,11 +214,15 @@ def check_domains(model: Any) -> None:
     model defines it, and a node of an operator that reads a file (``FILE_OPS``) anywhere. Judged by the nodes, never by ``opset_import``: onnxruntime's optimizer
     declares every domain it knows (``ai.onnx.training``, ``com.microsoft.nchwc``...) in the
     files it writes, whether a node uses them or not, and such a file is perfectly servable."""
+    # A first pass gathers the operators used, which are few however many nodes use them;
+    # only a refused one is looked for again, its node named.
     local = {(f.domain, f.name) for f in model.functions}
-    for step in walk(model):
+    if not any(
+        _refused(op, local) for op in {(n.domain, n.op_type) for n in messages(model, NODES)}
+    ):
+        return
+    for step in walk(model, NODES):
         node = step.message
-        if node.DESCRIPTOR.full_name != NODE:
-            continue
         if (node.domain, node.op_type) in FILE_OPS:
             raise InvalidArgument(
                 f"the ONNX file holds a {_short(node.domain)}::{_short(node.op_type)} node "
@@ -233,6 +239,12 @@ def check_domains(model: Any) -> None:
                 f"{', '.join(repr(d) for d in sorted(SAFE_DOMAINS))} are served: re-export the "
                 "model with standard operators"
             )
+
+
+def _refused(op: tuple[str, str], local: set[tuple[str, str]]) -> bool:
+    """What ``check_domains`` refuses: an operator (domain, type) that reads a file, or one
+    of a domain the server has no kernels for that no local function defines."""
+    return op in FILE_OPS or (op[0] not in SAFE_DOMAINS and op not in local)
 
 
 def unused_opset_imports(model: Any) -> list[str]:

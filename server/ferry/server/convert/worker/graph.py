@@ -26,9 +26,7 @@ CONV_OPS = frozenset({"Conv", "ConvTranspose", "QLinearConv", "ConvInteger"})
 
 def _all_nodes(model: onnx.ModelProto) -> Iterator[onnx.NodeProto]:
     """Every node: main graph, subgraphs at any depth, local functions, training graphs."""
-    for step in onnx_safety.walk(model):
-        if isinstance(step.message, onnx.NodeProto):
-            yield step.message
+    yield from onnx_safety.messages(model, onnx_safety.NODES)
 
 
 def prepare_publish(path: Path, metadata: dict[str, str]) -> list[str]:
