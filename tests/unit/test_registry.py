@@ -1215,6 +1215,51 @@ def test_weights_in_a_subfolder_or_behind_a_link_are_watched(repo: ModelReposito
     arun(main, LOAD_GUARD_S)
 
 
+def _write_in_place(path: Path, data: bytes) -> None:
+    """Overwrite ``path``'s bytes in its own inode, its mtime a second on (one tick or less
+    since it was written must still count as a change)."""
+    with open(path, "r+b") as fh:
+        fh.write(data)
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def test_a_hard_linked_data_file_is_a_file_of_the_folder(repo: ModelRepository) -> None:
+    """The rule for hard links, made explicit: a version's ``model.onnx.data`` hard-linked to a
+    file outside the repository is served (onnxruntime cannot tell a hard link from the file,
+    and neither can anyone: it is a name in the folder, of an inode with another name too).
+    The repository is the operator's (SECURITY.md), the kernel lets only who may read a file
+    link it (fs.protected_hardlinks), and such links are how rsync --link-dest and ``cp -al``
+    releases share weights. What is served is that inode: written through the other name, the
+    version reloads; the other name replaced by another file, the version keeps its own."""
+    vdir = repo.model_dir("m") / "1"
+    _save_external(vdir, 0, "model.onnx.data")
+    outside = repo.root.parent / "elsewhere"
+    _save_external(outside, 1, "model.onnx.data")
+    shared = outside / "w.bin"
+    os.replace(vdir / "model.onnx.data", shared)
+    os.link(shared, vdir / "model.onnx.data")
+    other = (outside / "model.onnx.data").read_bytes()
+
+    async def main() -> None:
+        registry = _registry(repo)
+        assert (await registry.refresh()).loaded == ["m/1"]
+        first = await _logits(registry, "m")
+        _write_in_place(shared, other)  # through the name outside
+        assert (await registry.refresh(retry_failed=False)).loaded == ["m/1"]
+        second = await _logits(registry, "m")
+        assert not np.allclose(second, first)
+        os.replace(outside / "model.onnx.data", shared)  # a new file under the name outside
+        # The inode lost a name, which changes its ctime: one reload (as a chmod's), of the
+        # same bytes, and none after it.
+        await registry.refresh(retry_failed=False)
+        assert (await registry.refresh(retry_failed=False)).loaded == []
+        assert np.allclose(await _logits(registry, "m"), second)
+        await registry.close()
+
+    arun(main, LOAD_GUARD_S)
+
+
 def test_a_version_folder_linked_from_outside_is_served_and_followed(
     repo: ModelRepository,
 ) -> None:
