@@ -10,6 +10,8 @@ import asyncio
 import json
 import os
 import shutil
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1258,6 +1260,49 @@ def test_a_hard_linked_data_file_is_a_file_of_the_folder(repo: ModelRepository) 
         await registry.close()
 
     arun(main, LOAD_GUARD_S)
+
+
+# A served version whose data file is rewritten in place, in a process of its own: the crash
+# (SIGBUS) this guards against would end the test run.
+REWRITTEN_IN_PLACE = """
+import sys
+import numpy as np
+from pathlib import Path
+from ferry.server.core.config import OnnxRuntimeConfig
+from ferry.server.runtime.session import OrtSession
+folder = Path(sys.argv[1])
+session = OrtSession(folder / "model.onnx", OnnxRuntimeConfig())
+x = {"input": np.ones((1, 3), np.float32)}
+before = session.session.run(None, x)[0]
+data = folder / "model.onnx.data"
+new = data.with_name("new.data").read_bytes()
+with open(data, "r+b") as fh:  # as cp does: cut to nothing, then written
+    fh.truncate(0)
+    after_cut = session.session.run(None, x)[0]
+    fh.write(new)
+after = session.session.run(None, x)[0]
+assert np.array_equal(before, after_cut) and np.array_equal(before, after)
+print("served its own copy")
+"""
+
+
+def test_a_data_file_rewritten_in_place_does_not_crash_the_server(tmp_path: Path) -> None:
+    """onnxruntime mapped ``model.onnx.data`` and served its pages: a data file rewritten in
+    place while its version served (``cp`` truncates first) made the next inference read past
+    the file's end, SIGBUS, and the server died with every model it served. The version now
+    answers from the bytes it read at load until the change reloads it."""
+    folder = tmp_path / "m" / "1"
+    _save_external(folder, 0, "model.onnx.data")
+    _save_external(tmp_path / "other", 1, "model.onnx.data")
+    os.replace(tmp_path / "other" / "model.onnx.data", folder / "new.data")
+    proc = subprocess.run(
+        [sys.executable, "-c", REWRITTEN_IN_PLACE, str(folder)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (proc.returncode, proc.stdout.strip()) == (0, "served its own copy"), proc.stderr
 
 
 def test_a_version_folder_linked_from_outside_is_served_and_followed(

@@ -25,7 +25,7 @@ from ferry.server.core.config import DEFAULT_MAX_BATCH_SIZE, ModelConfig, OnnxRu
 from ferry.server.core.types import DYNAMIC_AXES_METADATA, AxisBound, TensorSpec
 from ferry.server.cpus import usable_cores
 from ferry.server.errors import InvalidArgument, Unavailable, first_line
-from ferry.server.runtime import instances, optimizers, plans, rows, shared_weights
+from ferry.server.runtime import external_files, instances, optimizers, plans, rows, shared_weights
 from ferry.server.runtime import providers as provider_table
 from ferry.server.runtime.run_errors import REFUSED_INPUT, refused_input
 
@@ -405,6 +405,10 @@ class OrtSession:
             so.add_session_config_entry("session.disable_prepacking", "1")
             opened = shared
         self.weights_shared = shared is not None
+        # The version's own data files, read now: mapped, a file rewritten in place crashed
+        # the server (SIGBUS). Held until the sessions below are built. The shared copy is
+        # Ferry's own, never rewritten, and mapped so that the workers share its pages.
+        data = external_files.read_into(so, path) if shared is None else []
         # A session that starts threads of its own (an intra-op pool; a GPU provider's) is built
         # so that they keep normal priority: a thread keeps the priority of its creator.
         on_cpu = provider_table.placement(plan.names[0])[0] == provider_table.CPU
@@ -439,6 +443,7 @@ class OrtSession:
                 "session.model_external_initializers_file_folder_path", str(opened.parent)
             )
             self.session = _build(opener(model_bytes), own)
+        del data  # onnxruntime copied what it takes from them
         self.providers: list[str] = list(self.session.get_providers())
         # Placement from the provider onnxruntime actually put first, not the one asked for.
         self.device_kind, self.inline_allowed = provider_table.placement(self.providers[0])
