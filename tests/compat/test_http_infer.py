@@ -333,6 +333,28 @@ def test_unknown_model_or_version_is_404_and_bad_version_400(
     assert "invalid model version 'abc'" in exc.value.message()
 
 
+def test_a_model_not_served_is_404_whatever_the_body(kserve_server: ServerThread) -> None:
+    """The body was judged before the model: a request to a model not served here with a body
+    that is not what the model takes answered 400 ("needs an 'inputs' list") where gRPC's
+    ModelInfer, and Triton, answer NOT_FOUND. Now the same answer as gRPC, in its words."""
+    grpc_client = tg.InferenceServerClient(kserve_server.target)
+    x = tg.InferInput("nothing", [1], "INT8")
+    x.set_data_from_numpy(np.zeros(1, np.int8))
+    with pytest.raises(InferenceServerException) as exc:
+        grpc_client.infer("no_such_model", [x])
+    assert str(exc.value.status()) == "StatusCode.NOT_FOUND"
+    for body, headers in [
+        (b"{}", {}),
+        (b"{not json", {}),
+        (b'{"inputs": []}', {"Inference-Header-Content-Length": "x"}),
+    ]:
+        status, response_headers, answer = http_call(
+            kserve_server.http_target, "POST", "/v2/models/no_such_model/infer", body, headers
+        )
+        assert (status, response_headers["ferry-error"]) == (404, "MODEL_NOT_FOUND"), answer
+        assert json.loads(answer)["error"] == exc.value.message()
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "words"),
     [

@@ -238,21 +238,28 @@ class OipRoutes:
     async def _infer(
         self, model: str, version: str, headers: CIMultiDictProxy[str], read_body: ReadBody
     ) -> Reply:
-        header_length = _header_length(headers.get(HEADER_LENGTH))
         if expects_continue(headers.getall("Expect", [])):
             # Refused before "100 Continue" asks for the body: a client that sent the head and
             # waited was asked for a body, up to max_message_bytes, that could only be refused
             # 404 or 503. Only then: a client sending its body unasked is still read to the
             # end, since closing on it mid-upload (after LINGER) would lose it the answer.
-            number = parse_version(version)
-            if not self.dataplane.model_ready(model, number):
-                self.dataplane.metadata(model, number)  # raises the precise reason: 404 or 503
-        wire = HttpInfer(model, version, await read_body(), header_length)
+            self._require_served(model, parse_version(version))
+            _header_length(headers.get(HEADER_LENGTH))
+        payload = await read_body()
+        # The model before the request, as gRPC (and Triton's HTTP) answer: a body sent to a
+        # model not served here was judged first ("needs an 'inputs' list", 400) where
+        # ModelInfer said NOT_FOUND.
+        self._require_served(model, parse_version(version))
+        wire = HttpInfer(model, version, payload, _header_length(headers.get(HEADER_LENGTH)))
         result = await self.dataplane.infer(wire)
         body, json_length = wire.encode(result)
         if json_length is None:
             return 200, body, _JSON_HEADERS
         return 200, body, {"Content-Type": BINARY, HEADER_LENGTH: str(json_length)}
+
+    def _require_served(self, model: str, number: int | None) -> None:
+        if not self.dataplane.model_ready(model, number):
+            self.dataplane.metadata(model, number)  # raises the precise reason: 404 or 503
 
     async def _repository_route(
         self, method: str, path: str, rest: list[str], read_body: ReadBody
