@@ -736,23 +736,30 @@ def test_an_onnx_file_onnxruntime_refuses_is_invalid_argument(tmp_path: Path) ->
         assert "spec.inputs" not in result.last["message"]
 
 
-def test_an_onnx_file_the_checker_refuses_is_invalid_argument(tmp_path: Path) -> None:
+@pytest.mark.parametrize("pruned", [False, True])
+def test_an_onnx_file_the_checker_refuses_is_invalid_argument(
+    tmp_path: Path, pruned: bool
+) -> None:
     """A graph onnxruntime opens (it sorts nodes itself) but onnx.checker refuses (nodes out
     of order) is the client's file at fault: it was CONVERSION_FAILED (FAILED_PRECONDITION),
-    and the checker's words were cut at their first line, before the node they name."""
+    and the checker's words were cut at their first line, before the node they name. Pruned,
+    the refusal blamed the pruning ("report this graph") for the client's graph."""
+    w = numpy_helper.from_array(np.arange(16, dtype=np.float32).reshape(4, 4), "w")
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["t"], ["y"]), helper.make_node("Neg", ["x"], ["t"])],
+        [helper.make_node("Relu", ["t"], ["y"]), helper.make_node("MatMul", ["x", "w"], ["t"])],
         "unsorted",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        initializer=[w],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
     onnx.save(model, str(tmp_path / "unsorted.onnx"))
-    result = convert_here(tmp_path / "job", tmp_path / "unsorted.onnx", "onnx")
+    spec = {"pruning": {"method": "l1_unstructured", "amount": 0.3}} if pruned else None
+    result = convert_here(tmp_path / "job", tmp_path / "unsorted.onnx", "onnx", spec=spec)
     assert_failed(
         result,
         "INVALID_ARGUMENT",
-        "check",
+        "prune" if pruned else "check",
         "the uploaded ONNX graph fails onnx.checker: Nodes in a graph must be topologically",
         "OpType: Relu is not output of any previous nodes",
         "upload it again",

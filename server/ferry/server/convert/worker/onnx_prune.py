@@ -14,6 +14,7 @@ import onnx
 
 from ferry.server.convert.spec import PruningSpec
 from ferry.server.convert.strategies import graph_weights, pruning
+from ferry.server.convert.worker import graph
 from ferry.server.convert.worker.parity import onnx_session
 from ferry.server.convert.worker.report import PruningRecord
 from ferry.server.errors import ConversionFailed, InvalidArgument, first_line
@@ -45,6 +46,9 @@ def prune_graph(
         onnx.checker.check_model(str(target), full_check=True)
         after = _output_shapes(target, feed, threads)
     except Exception as exc:  # a pruning bug must not reach the later stages as a crash
+        # Unless the graph was refused before pruning touched it: the client's file, said so
+        # (INVALID_ARGUMENT, the checker's words), not "report this graph" to Ferry.
+        graph.check(source, uploaded=True)
         raise ConversionFailed(
             f"{method.name} pruning left an ONNX graph that does not check or run "
             f"({first_line(exc)}); use another pruning.method and report this graph"
