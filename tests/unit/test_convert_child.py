@@ -737,9 +737,7 @@ def test_an_onnx_file_onnxruntime_refuses_is_invalid_argument(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize("pruned", [False, True])
-def test_an_onnx_file_the_checker_refuses_is_invalid_argument(
-    tmp_path: Path, pruned: bool
-) -> None:
+def test_an_onnx_file_the_checker_refuses_is_invalid_argument(tmp_path: Path, pruned: bool) -> None:
     """A graph onnxruntime opens (it sorts nodes itself) but onnx.checker refuses (nodes out
     of order) is the client's file at fault: it was CONVERSION_FAILED (FAILED_PRECONDITION),
     and the checker's words were cut at their first line, before the node they name. Pruned,
