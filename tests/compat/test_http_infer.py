@@ -174,7 +174,7 @@ def test_json_data_nested_otherwise_than_its_shape_is_400(
     assert status == 400, body
     error = json.loads(body)
     assert error["kind"] == "INVALID_ARGUMENT"
-    assert "'data' is nested as [3, 2], which is not its shape [2, 3]" in error["error"]
+    assert "is nested as [3, 2], which is not its shape [2, 3]" in error["error"]
     # What the shape says, nested as it, flat, or with a dim of 1 wrapped around, is served.
     rows = [["a", "b", "c"], ["d", "e", "f"]] if datatype == "BYTES" else [[0, 1, 2], [3, 4, 5]]
     flat = rows[0] + rows[1]

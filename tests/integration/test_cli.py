@@ -228,6 +228,31 @@ def test_json_inputs_are_never_cast_to_other_numbers(
         assert (code, words in one_error_line(err)) == (want, True), (doc, code, err)
 
 
+def test_json_input_nested_otherwise_than_its_shape_is_refused(
+    server: Any, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """{"data": ..., "shape": [2, 4]} with the rows nested transposed ([4, 2]) was reshaped by
+    its element count alone and sent: each row answered for values that were not its own, exit
+    0. The nesting must be the shape's (or flat), as the server requires of OIP JSON."""
+    t = ("--target", server.target)
+    rows = [[1, 2, 3, 4], [5, 6, 7, 8]]
+    b = {"data": [0] * 8, "shape": [2, 4]}
+    transposed = {"a": {"data": [list(c) for c in zip(*rows, strict=True)], "shape": [2, 4]}}
+    (tmp_path / "in.json").write_text(json.dumps({**transposed, "b": b}))
+    code, _, err = ferry(capsys, "infer", "two_io", "-i", str(tmp_path / "in.json"), *t)
+    assert code == 2, err
+    assert "nested as [4, 2], which is not its shape [2, 4]" in one_error_line(err)
+    for same in (rows, rows[0] + rows[1]):
+        (tmp_path / "in.json").write_text(
+            json.dumps({"a": {"data": same, "shape": [2, 4]}, "b": b})
+        )
+        code, out, err = ferry(
+            capsys, "infer", "two_io", "-i", str(tmp_path / "in.json"), "--json", *t
+        )
+        assert code == 0, err
+        assert json.loads(out)["outputs"]["sum"]["data"] == rows
+
+
 def test_health(server: Any, capsys: pytest.CaptureFixture[str]) -> None:
     t = ("--target", server.target)
     code, out, _ = ferry(capsys, "health", *t)

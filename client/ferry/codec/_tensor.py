@@ -91,6 +91,30 @@ def too_many_elements(shape: Sequence[int], name: str) -> CodecError | None:
     )
 
 
+def nesting_mismatch(nested: Sequence[int], shape: Sequence[int], name: str) -> str:
+    """'' when data nested as ``nested`` (the sizes of its lists, outermost first) is a tensor
+    of ``shape`` read row-major, else what is wrong with it: its lists must be the shape's dims,
+    the last of them may hold the remaining dims flat. Only the element count was checked, so
+    rows sent transposed (``[[1, 4], [2, 5], [3, 6]]`` for shape [2, 3]) were read in another
+    order and each row was answered for values that were not its own. Dims of 1 change no order
+    and are left out of the comparison (``[[1, 2, 3]]`` for shape [3] is the same tensor)."""
+    lists = [n for n in nested if n != 1]
+    dims = [d for d in shape if d != 1]
+    if len(lists) <= 1 or 0 in dims:
+        return ""  # flat (or one list of all elements): row-major by definition; or empty
+    k = len(lists)
+    rest = 1
+    for d in dims[k - 1 :]:
+        rest *= d
+    if k <= len(dims) and lists[:-1] == dims[: k - 1] and lists[-1] == rest:
+        return ""
+    return (
+        f"{_prefix(name)}the data is nested as {list(nested)}, which is not its shape "
+        f"{list(shape)}: nest the data as the shape's dims (rows first, row-major) or send it "
+        "flat"
+    )
+
+
 def from_bytes(
     dtype: int, shape: Sequence[int], data: bytes, *, name: str = ""
 ) -> np.ndarray[Any, Any]:

@@ -21,6 +21,7 @@ from numpy.lib import format as npy_format
 from ferry.client._requests import MAX_TENSOR_BYTES, as_array
 from ferry.client._types import ModelMetadata, TensorInfo
 from ferry.codec import CodecError, datatype_from_name, numpy_dtype
+from ferry.codec._tensor import nesting_mismatch
 
 # A JSON input file's size: parsed, each number becomes a Python object some 16 times its text
 # (a file of "0," many times its size in memory, before anything was checked). Larger inputs are
@@ -154,7 +155,10 @@ def _json_inputs(path: Path, meta: ModelMetadata | None) -> dict[str, np.ndarray
             # float to an integer (a plain cast sent 1.7 as 1, 1e300 as inf, 0.5 as true).
             arr = as_array(data, name, dtype)
             if shape is not None:
-                arr = arr.reshape(_json_shape(shape, arr.size))
+                problem = nesting_mismatch(arr.shape, _json_shape(shape, arr.size), "")
+                if problem:
+                    raise ValueError(problem)
+                arr = arr.reshape(shape)
         except (CodecError, TypeError, ValueError, OverflowError) as exc:
             raise InputError(f"{path}: input {name!r}: {exc}") from None
         out[name] = arr

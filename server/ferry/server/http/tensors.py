@@ -31,7 +31,7 @@ from ferry.codec import (
     to_bytes,
 )
 from ferry.codec._json_keys import DuplicateKey, unique_object
-from ferry.codec._tensor import MAX_DIMS, too_many_dims
+from ferry.codec._tensor import MAX_DIMS, nesting_mismatch, too_many_dims
 from ferry.server.core.inputs import check_counts, check_wire_elements
 from ferry.server.core.types import (
     InferenceRequest,
@@ -492,25 +492,10 @@ def _nesting(data: list[Any]) -> tuple[int, ...]:
 
 
 def _check_nesting(nested: tuple[int, ...], shape: tuple[int, ...], name: str) -> None:
-    """Refuse nested ``data`` whose lists are not the shape's dims (the last of them may hold
-    the remaining dims flat, row-major). Only the count was checked, so rows sent transposed
-    (``[[1, 4], [2, 5], [3, 6]]`` for shape [2, 3]) were read in another order and each row was
-    answered for values that were not its own, with no error. Dims of 1 change no order and are
-    left out of the comparison (``[[1, 2, 3]]`` for shape [3] is the same tensor)."""
-    lists = [n for n in nested if n != 1]
-    dims = [d for d in shape if d != 1]
-    if len(lists) <= 1 or 0 in dims:
-        return  # flat (or one list of all elements): row-major by definition; or no elements
-    rest = 1
-    for d in dims[len(lists) - 1 :]:
-        rest *= d
-    if len(lists) <= len(dims) and lists[:-1] == dims[: len(lists) - 1] and lists[-1] == rest:
-        return
-    raise InvalidArgument(
-        f"input {name!r}: 'data' is nested as {list(nested)}, which is not its shape "
-        f"{list(shape)}: nest the data as the shape's dims (rows first, row-major) or send it "
-        "flat"
-    )
+    """Refuse nested ``data`` that is not ``shape`` read row-major (codec.nesting_mismatch)."""
+    problem = nesting_mismatch(nested, shape, name)
+    if problem:
+        raise InvalidArgument(problem)
 
 
 def _found(values: np.ndarray) -> str:
