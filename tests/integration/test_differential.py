@@ -39,6 +39,7 @@ from ferry.client import (
     InferenceClient,
     Pruning,
     Quantization,
+    RepositoryClient,
     Validation,
 )
 from ferry.server.runtime import optimizers
@@ -377,3 +378,43 @@ def _executions(srv: ServerThread, model: str, version: int) -> int:
     with InferenceClient(srv.target, timeout=60) as client:
         (s,) = client.statistics(model, version=version)
     return s.execution_count
+
+
+def test_a_split_and_its_shadow_answer_with_the_version_they_name(converted: Converted) -> None:
+    """Requests that name no version follow a split between the fp32 and the dynamic int8
+    version, with a shadow run on the fp16 one: each answer is the file's answer of the version
+    the response names, whichever protocol asked."""
+    srv = converted.server
+    split = {converted.versions["two", "none"]: 1.0, converted.versions["two", "dynamic_int8"]: 1.0}
+    shadow = (converted.versions["two", "fp16"], 1.0)
+    oracles = {v: _oracle(converted.file("two", v)) for v in (*split, shadow[0])}
+    rng = np.random.default_rng(4)
+    callers = [MODELS["two"][3](int(rng.integers(1, 4)), rng) for _ in range(24)]
+    with RepositoryClient(srv.management_target) as repository:
+        repository.set_rollout("two", split, shadow=shadow, reason="differential")
+        try:
+            with InferenceClient(srv.target, timeout=60) as client:
+
+                def ask(i: int) -> Any:
+                    return client.infer("two", callers[i], request_id=f"caller-{i}")
+
+                with ThreadPoolExecutor(8) as pool:
+                    answers = list(pool.map(ask, range(len(callers))))
+            triton = tg.InferenceServerClient(srv.target)
+            for i, feeds in enumerate(callers[:8]):
+                inputs = []
+                for name, array in feeds.items():
+                    tensor = tg.InferInput(name, list(array.shape), "FP32")
+                    tensor.set_data_from_numpy(array)
+                    inputs.append(tensor)
+                response = triton.infer("two", inputs, request_id=f"caller-{i}").get_response()
+                assert int(response.model_version) == answers[i].version  # sticky by id
+                for name, expected in _expect(oracles[answers[i].version], feeds).items():
+                    _same(_raw_outputs(response)[name], expected, f"OIP caller {i} {name}")
+            triton.close()
+        finally:
+            repository.set_rollout("two", None, reason="differential done")
+    assert {a.version for a in answers} == set(split)  # 24 ids: both versions take some
+    for i, (feeds, answer) in enumerate(zip(callers, answers, strict=True)):
+        for name, expected in _expect(oracles[answer.version], feeds).items():
+            _same(answer[name], expected, f"caller {i} on version {answer.version} {name}")
