@@ -10,8 +10,10 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
-from helpers import StartServer, make_repo, stats, write_config
+from helpers import StartServer, make_repo, reference, stats, write_config
+from onnx import TensorProto, helper
 
 from ferry.cli import main
 from ferry.client import InferenceClient
@@ -69,3 +71,38 @@ def test_executions_per_planned_size_and_no_plan_changes(
     (as_json,) = json.loads(capsys.readouterr().out)
     assert as_json["planned_executions"] == {"2": 2, "4": 2, "8": 3}
     assert as_json["plan_changes"] == 0
+
+
+def _centering_model() -> onnx.ModelProto:
+    """``y = x - mean(x)`` over the rows of its run: each row's answer depends on the others."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=1),
+            helper.make_node("Sub", ["x", "mean"], ["y"]),
+        ],
+        "center",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def test_requests_that_run_alone_are_not_padded_to_a_planned_size(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """``combine_requests = false`` is the setting for a model whose answer for a row depends on
+    the other rows of its run (a dynamic int8 version is published with it). A planned size
+    padded each request with copies of its last row, and the padding changed every answer: the
+    centered rows [0..3], [4..7], [8..11] came back [-5, -1, 3] for [-4, 0, 4]. Such a version
+    is not planned: each request runs at its own size, as onnxruntime runs it."""
+    root = make_repo(tmp_path / "repo", {"center": _centering_model()})
+    batching = {"max_batch_size": 8, "combine_requests": False, "planned_batch_sizes": [4, 8]}
+    write_config(root, "center", {"batching": batching})
+    srv = start_server(root)
+    model_file = root / "center" / "1" / "model.onnx"
+    with InferenceClient(srv.target, timeout=60) as client:
+        for rows in (1, 3, 5, 8):
+            x = {"x": np.arange(rows * 4, dtype=np.float32).reshape(rows, 4) ** 2}
+            got = client.infer("center", x)["y"]
+            np.testing.assert_allclose(got, reference(model_file, x)["y"], rtol=1e-6)
+        assert stats(client, "center").planned_executions == {}

@@ -223,7 +223,12 @@ def open_one(path: Path, config: ModelConfig) -> OrtSession | plans.PlannedSessi
             session.release()
             raise
     sizes = plans.plan_sizes(config.batching.planned_batch_sizes, session.device_kind, max_batch)
-    if not sizes or not session.batchable():
+    # A version whose requests run alone (combine_requests false) is one whose answer for a row
+    # depends on the other rows of its run: padding a request to a planned size with copies of
+    # its last row changed every answer (x - mean(x) over 3 rows answered [-5, -1, 3] for
+    # [-4, 0, 4]; a dynamic int8 version, default on GPU providers, the requests whose
+    # activations landed on a quantization step). Its requests run at their own size.
+    if not sizes or not session.batchable() or not config.batching.combine_requests:
         return session
     threads = session.intra_op_threads
     return plans.open_planned(
