@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from helpers import StartServer, make_repo, reference, stats, write_config
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ferry.cli import main
 from ferry.client import InferenceClient
@@ -106,3 +106,34 @@ def test_requests_that_run_alone_are_not_padded_to_a_planned_size(
             got = client.infer("center", x)["y"]
             np.testing.assert_allclose(got, reference(model_file, x)["y"], rtol=1e-6)
         assert stats(client, "center").planned_executions == {}
+
+
+def test_a_version_no_probe_row_runs_is_not_padded_to_a_planned_size(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    """A model none of the load probe's rows runs (here: a table of one row) is batched on its
+    shapes, its rows unproven: its requests run alone until a real batch proves them apart.
+    With planned sizes each of those runs was padded with copies of its last row, so a model
+    that works across its rows answered a request alone with the padding's rows in it."""
+    center = _centering_model()
+    table = numpy_helper.from_array(np.array([[1, 2, 3, 4]], np.float32), "table")
+    center.graph.initializer.append(table)
+    center.graph.input.append(helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch"]))
+    center.graph.node.append(helper.make_node("Gather", ["table", "ids"], ["row"]))
+    center.graph.node.append(helper.make_node("Add", ["y", "row"], ["z"]))
+    center.graph.output[0].CopyFrom(
+        helper.make_tensor_value_info("z", TensorProto.FLOAT, ["batch", 4])
+    )
+    root = make_repo(tmp_path / "repo", {"center": center})
+    write_config(root, "center", {"batching": {"planned_batch_sizes": [4, 8]}})
+    srv = start_server(root)
+    model_file = root / "center" / "1" / "model.onnx"
+    with InferenceClient(srv.target, timeout=60) as client:
+        assert client.model_metadata("center").batching.max_batch_size == 32  # on its shapes
+        for rows in (1, 3, 5):
+            x = {
+                "x": np.arange(rows * 4, dtype=np.float32).reshape(rows, 4) ** 2,
+                "ids": np.zeros(rows, np.int64),
+            }
+            got = client.infer("center", x)["z"]
+            np.testing.assert_allclose(got, reference(model_file, x)["z"], rtol=1e-6)

@@ -227,8 +227,11 @@ def open_one(path: Path, config: ModelConfig) -> OrtSession | plans.PlannedSessi
     # depends on the other rows of its run: padding a request to a planned size with copies of
     # its last row changed every answer (x - mean(x) over 3 rows answered [-5, -1, 3] for
     # [-4, 0, 4]; a dynamic int8 version, default on GPU providers, the requests whose
-    # activations landed on a quantization step). Its requests run at their own size.
-    if not sizes or not session.batchable() or not config.batching.combine_requests:
+    # activations landed on a quantization step). Its requests run at their own size. So do
+    # those of a version whose rows are unproven (no probe row runs it): padded, a request
+    # that ran alone was already answered with the padding's rows, before any proof.
+    apart = config.batching.combine_requests and not session.rows_unproven
+    if not sizes or not session.batchable() or not apart:
         return session
     threads = session.intra_op_threads
     return plans.open_planned(
