@@ -4,10 +4,13 @@ hints that match the command that failed."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sys
+import threading
 import zipfile
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -369,6 +372,46 @@ def test_a_wait_ended_by_timeout_or_ctrl_c_names_the_job_still_running(
         line = one_error_line(err)
         assert code == 130 and "interrupted" in line and f"ferry jobs wait {job.id}" in line
         conv.cancel(job.id)
+
+
+def test_a_wait_cut_off_by_the_server_names_the_job(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A server gone while `ferry jobs wait` followed a job (killed, or stopped) was answered
+    "nothing answered at HOST:PORT: management listens on 127.0.0.1:8003 unless ...", an
+    address that had been answering all along, and the job was not named."""
+    srv, t = conv_server
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+    flags = ("--architecture", "seed", "--architecture-kwargs", '{"fake": "block"}')
+    code, out, err = ferry(capsys, "convert", str(weights), "--model", "seed", *flags,
+                           "--no-wait", *t)  # fmt: skip
+    assert code == 0, err
+    job_id = out.split()[1]
+    runner = srv.app.conversion.runner
+    original, watching, hold = runner.watch, threading.Event(), asyncio.Event()
+
+    async def watch(job: str) -> AsyncIterator[Any]:
+        # The stream sends what it has, then nothing more: as a server killed mid-job.
+        async for event in original(job):
+            yield event
+            watching.set()
+            await hold.wait()
+
+    runner.watch = watch
+    ended: dict[str, int] = {}
+    follower = threading.Thread(
+        target=lambda: ended.update(code=main(["jobs", "wait", job_id, "--no-progress", *t]))
+    )
+    follower.start()
+    try:
+        assert watching.wait(60)
+    finally:
+        srv.stop()
+        follower.join(60)
+    line = one_error_line(capsys.readouterr().err)
+    assert ended["code"] == 3 and f"followed job {job_id}" in line, line
+    assert f"ferry jobs show {job_id}" in line and "8003" not in line
 
 
 # ---- convert flags ----

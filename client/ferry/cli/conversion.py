@@ -33,6 +33,7 @@ from ferry.cli._common import (
     progress_of,
 )
 from ferry.client import (
+    ConnectionError_,
     ConversionClient,
     DeadlineExceededError,
     DynamicAxis,
@@ -155,6 +156,15 @@ def conversion_hint(exc: FerryError, args: argparse.Namespace) -> str | None:
     waited = getattr(args, "waited_job", None)
     if isinstance(exc, DeadlineExceededError) and waited:
         return f"the job did not end within --timeout; {still_running(waited)}"
+    if isinstance(exc, ConnectionError_) and waited:
+        # The server answered until now: "nothing answered at HOST:PORT: management listens
+        # on 127.0.0.1:8003 unless ..." sent the user to check an address that was right, and
+        # never named the job, which a stopped server fails and a lost connection leaves going.
+        return (
+            f"the server stopped answering while this command followed job {waited}: once it "
+            f"answers again, `ferry jobs show {waited}` says whether the job still runs (a "
+            "server that stopped failed it) or how it ended"
+        )
     if isinstance(exc, JobNotFoundError):
         if getattr(args, "job_id", None):
             return "`ferry jobs list` shows the jobs the server keeps"
