@@ -520,6 +520,32 @@ def test_convert_of_a_missing_file_says_it_is_missing(
     assert code == 1 and "no upload 'ffff" in one_error_line(err)
 
 
+def test_convert_of_an_upload_id_refuses_the_upload_flags(
+    conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ferry convert ID --architecture-kwargs '{...corrected}'` dropped the flag without a word
+    and converted the weights with the kwargs stored at upload: the same failure again, or a
+    version built from what the user had just corrected."""
+    srv, t = conv_server
+    weights = tmp_path / "seed.pt"
+    weights.write_bytes(fake_state_dict())
+    code, out, err = ferry(capsys, "upload", "seed", str(weights), "--architecture", "seed",
+                           "--architecture-kwargs", '{"fake": "ok"}', "--json", *t)  # fmt: skip
+    assert code == 0, err
+    upload_id = json.loads(out)["upload_id"]
+    for flags in (
+        ("--architecture-kwargs", '{"fake": "budget"}'),
+        ("--architecture", "mlp"),
+        ("--format", "safetensors"),
+        ("--description", "retry"),
+    ):
+        code, _, err = ferry(capsys, "convert", upload_id, *flags, "--no-wait", *t)
+        line = one_error_line(err)
+        assert code == 2 and flags[0] in line and "give the file instead of the id" in line
+    with ConversionClient(srv.management_target) as conv:
+        assert conv.list_jobs() == []  # nothing was converted
+
+
 def test_convert_of_a_file_refused_keeps_no_upload(
     conv_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

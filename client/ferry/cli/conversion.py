@@ -118,7 +118,7 @@ def _json_object(text: str) -> dict[str, Any]:
     return value
 
 
-def _add_upload_flags(p: argparse.ArgumentParser) -> None:
+def _add_upload_flags(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--format",
         choices=FORMATS,
@@ -257,7 +257,11 @@ def register(sub: Any) -> None:
     )
     p.add_argument("source", help="an upload id, or a model file to upload first")
     p.add_argument("--model", default="", help="model name (default: the upload's)")
-    _add_upload_flags(p)
+    _add_upload_flags(
+        p.add_argument_group(
+            "uploading a file (refused with an upload id, which was stored with its own)"
+        )
+    )
     p.add_argument(
         "--input",
         type=_input_spec,
@@ -506,6 +510,28 @@ def _forget_upload(client: ConversionClient, up: Upload, args: argparse.Namespac
         )
 
 
+def _refuse_upload_flags(args: argparse.Namespace) -> None:
+    """The upload flags describe a file this command uploads; an upload id names one stored
+    with its own. Given with an id they were dropped without a word, so a corrected
+    --architecture-kwargs converted the weights with the stored (wrong) kwargs again."""
+    given = [
+        flag
+        for flag, value in (
+            ("--format", args.format),
+            ("--architecture", args.architecture),
+            ("--architecture-kwargs", args.architecture_kwargs),
+            ("--description", args.description),
+        )
+        if value
+    ]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} describe a file to upload, and upload {args.source} is stored "
+            "with its own: give the file instead of the id (`ferry convert FILE --model NAME "
+            "...`), or leave them out"
+        )
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     serving = None
     if args.instance_count is not None or args.max_batch_size is not None:
@@ -521,7 +547,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             if not args.model:
                 raise UsageError(f"converting the file {path} needs --model NAME")
             source = _upload(client, args.model, path, args)
-        elif not _UPLOAD_ID.fullmatch(args.source):
+        elif _UPLOAD_ID.fullmatch(args.source):
+            _refuse_upload_flags(args)
+        else:
             # Neither an upload id nor a file here: a mistyped path went to the server as an
             # id and came back "upload id 'modle.onnx' is malformed" (exit 1, the server said
             # no), where `ferry upload` of the same path says the file is missing (exit 2).
