@@ -475,6 +475,26 @@ def test_convert_max_batch_size_is_the_new_versions_serving_batch(
 
 
 @pytest.mark.parametrize(
+    ("argv", "command"),
+    [
+        (["jobs", "cancel", "f" * 32, "--json"], "ferry jobs cancel"),
+        (["models", "list", "--bogus"], "ferry models list"),
+        (["health", "--bogus"], "ferry health"),
+    ],
+)
+def test_an_unknown_flag_is_refused_with_its_commands_usage(
+    argv: list[str], command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`ferry jobs cancel ID --json` said "usage: ferry [-h] [--version] COMMAND ..." and
+    "ferry: error: unrecognized arguments: --json": neither the command nor its flags."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert f"usage: {command} [-h]" in err and f"{command}: error: unrecognized arguments" in err
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         [],

@@ -90,14 +90,33 @@ def _take_trailing(
     (``trailing_positionals``: its destination and type) takes them; any other is refused as
     before."""
     trailing = getattr(args, "trailing_positionals", None)
+    command = _command_parser(parser, args)
     if trailing is None or any(item.startswith("-") for item in extra):
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
     dest, convert = trailing
     try:
         values = [convert(item) for item in extra]
     except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
+        command.error(str(exc))
     setattr(args, dest, [*(getattr(args, dest) or []), *values])
+
+
+def _command_parser(
+    parser: argparse.ArgumentParser, args: argparse.Namespace
+) -> argparse.ArgumentParser:
+    """The parser of the command given (``jobs cancel``), to refuse its arguments with its
+    own usage: the top parser's said "usage: ferry [-h] [--version] COMMAND ..." and
+    "ferry: error: unrecognized arguments: --json" for `ferry jobs cancel ID --json`, naming
+    neither the command nor the flags it takes."""
+    names = [args.command, getattr(args, f"{args.command}_command", None)]
+    for name in filter(None, names):
+        subparsers = next(
+            (a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None
+        )
+        if subparsers is None or name not in subparsers.choices:
+            break
+        parser = subparsers.choices[name]
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
