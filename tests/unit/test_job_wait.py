@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from ferry.client import ConversionClient, DeadlineExceededError, _conversion
+from ferry.client import ConversionClient, DeadlineExceededError, JobFailedError, _conversion
 from ferry.proto.v1 import model_conversion_pb2 as pb
 from ferry.proto.v1 import model_conversion_pb2_grpc as pb_grpc
 
@@ -96,3 +96,44 @@ def test_wait_that_never_ends_runs_out_of_its_timeout(
     with pytest.raises(DeadlineExceededError):
         job.wait(timeout=0.5, progress=False)
     assert job.state == "RUNNING"
+
+
+class StoppingServer(pb_grpc.ModelConversionServicer):
+    """A server that stops during the job: it fails the job, sends the watch that end, and
+    refuses every later call (its listener closing) with UNAVAILABLE."""
+
+    STOPPED = "the server stopped during the job; convert again"
+
+    def WatchJob(self, request: Any, context: Any) -> Iterator[pb.ProgressEvent]:
+        yield pb.ProgressEvent(job_id="j1", seq=1, stage="export", state=RUNNING)
+        yield pb.ProgressEvent(
+            job_id="j1",
+            seq=2,
+            stage="export",
+            state=pb.JOB_STATE_FAILED,
+            message=self.STOPPED,
+            error_kind="UNAVAILABLE",
+        )
+
+    def GetJob(self, request: Any, context: Any) -> pb.Job:
+        context.abort(grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses")
+
+
+def test_wait_ended_by_a_stopping_server_says_what_the_server_said() -> None:
+    """`ferry convert` against a server stopped during the job said "UNAVAILABLE: failed to
+    connect to all addresses": the job's end (FAILED, "the server stopped during the job")
+    had arrived, but the refresh after it, and the check after the watch, found the listener
+    closed. The end the server sent is the answer now."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_ModelConversionServicer_to_server(StoppingServer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with ConversionClient(f"127.0.0.1:{port}", timeout=10) as client:
+            job = _conversion.Job(id="j1", model="m", state="RUNNING", _client=client)
+            with pytest.raises(JobFailedError) as info:
+                job.wait(timeout=30, progress=False)
+    finally:
+        server.stop(None)
+    assert job.state == "FAILED" and job.error_message == StoppingServer.STOPPED
+    assert StoppingServer.STOPPED in info.value.message

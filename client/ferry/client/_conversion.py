@@ -47,7 +47,13 @@ from ferry.client._conversion_types import (
     parse_report,
     parse_upload,
 )
-from ferry.client._errors import ConversionError, DeadlineExceededError, InvalidInputError
+from ferry.client._errors import (
+    ConnectionError_,
+    ConversionError,
+    DeadlineExceededError,
+    InvalidInputError,
+    UnavailableError,
+)
 from ferry.client._management import ManagementClient
 from ferry.client._module_upload import from_module
 from ferry.client._requests import check_timeout, request, status_code
@@ -176,6 +182,11 @@ class Job:
                 if event.seq > seen:
                     seen, fresh = event.seq, True
                     yield event
+                if event.state in TERMINAL:
+                    # The job's end, which the server sends last: asking again after it
+                    # failed as a stopping server's listener closed (the end it sent was
+                    # that the server stopped), and the caller heard UNAVAILABLE instead.
+                    return
             # The server ends a watch at the job's end; anything else ended it early. Ask.
             left = None if deadline is None else deadline - time.monotonic()
             asked = request(pb.GetJobRequest, job_id=self.id)
@@ -202,9 +213,11 @@ class Job:
         if progress is None:
             progress = sys.stderr.isatty()
         bar = _Bar(sys.stderr) if progress is True else None
+        last: ProgressEvent | None = None
         try:
             if not self.done:
                 for event in self.events(timeout=timeout):
+                    last = event
                     if bar is not None:
                         bar.show(event)
                     elif callable(progress):
@@ -212,10 +225,25 @@ class Job:
         finally:
             if bar is not None:
                 bar.close()
-        self.refresh()
+        try:
+            self.refresh()
+        except (ConnectionError_, UnavailableError):
+            if last is None or last.state not in TERMINAL or last.state == "SUCCEEDED":
+                raise  # a success needs its version and report, which only the job has
+            # A server stops by failing its running jobs, sends each watch that end, and closes:
+            # the end it sent is the answer ("the server stopped during the job"), not the
+            # UNAVAILABLE of the refresh that came after it.
+            self._ended_as(last)
         if not self.succeeded:
             raise JobFailedError(self)
         return self
+
+    def _ended_as(self, event: ProgressEvent) -> None:
+        """The job as its terminal event says it ended (FAILED or CANCELLED)."""
+        self.state, self.stage, self.fraction = event.state, event.stage, event.fraction
+        self.message = self.error_message = event.message
+        self.error_kind = event.error_kind
+        self.finished = event.time or None
 
 
 class _Bar:
