@@ -315,9 +315,13 @@ def test_uploads_list_and_delete(
     code, _, err = ferry(capsys, "uploads", "delete", ids[0], *t)
     line = one_error_line(err)
     assert code == 1 and "ferry uploads list" in line  # already gone
+    # A mistyped id among others stopped the command there: the ids after it stayed.
+    code, out, err = ferry(capsys, "uploads", "delete", "not-an-id", ids[1], *t)
+    assert code == 1 and "malformed" in one_error_line(err) and f"deleted {ids[1]}" in out
+    assert len(list((srv.app.conversion.state_dir / "uploads").iterdir())) == 1
 
     code, out, _ = ferry(capsys, "uploads", "delete", "--all", "b", *t)
-    assert code == 0 and out.count("deleted") == 2
+    assert code == 0 and out.count("deleted") == 1
     code, out, _ = ferry(capsys, "uploads", "list", *t)
     assert "no uploads" in out
     assert not list((srv.app.conversion.state_dir / "uploads").iterdir())

@@ -23,7 +23,12 @@ from ferry.cli._common import (
     utc_time,
 )
 from ferry.cli.conversion import conversion_hint
-from ferry.client import ConversionClient, FailedPreconditionError, JobNotFoundError
+from ferry.client import (
+    ConversionClient,
+    FailedPreconditionError,
+    InvalidInputError,
+    JobNotFoundError,
+)
 
 
 def register(sub: Any) -> None:
@@ -118,8 +123,10 @@ def cmd_delete(args: argparse.Namespace) -> int:
         for upload_id in ids:
             try:
                 client.delete_upload(upload_id)
-            except (FailedPreconditionError, JobNotFoundError) as exc:
-                # One in use (or already gone) must not stop the others; --all skips those in use.
+            except (FailedPreconditionError, JobNotFoundError, InvalidInputError) as exc:
+                # One in use (or already gone, or a mistyped id) must not stop the others: a
+                # malformed id left every id after it undeleted, and unmentioned.
+                # --all skips those in use.
                 if args.all_of is not None and isinstance(exc, FailedPreconditionError):
                     print(f"kept    {upload_id}: {exc.message}")
                     continue
