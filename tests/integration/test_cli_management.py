@@ -203,6 +203,12 @@ def test_rollout_sets_shows_and_ends_a_split(
         assert code == 2 and "give the weights or --shadow" in err, (code, err)
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--json", *m)
     assert json.loads(out)["rules"] == {}
+    # A reason with no change showed the rollout (exit 0) and was recorded nowhere.
+    entries = len(json.loads(out)["history"])
+    code, out, err = ferry(capsys, "models", "rollout", "canary", "--reason", "int8 canary", *m)
+    assert code == 2 and "--reason is recorded with a change" in err, (code, err)
+    code, out, _ = ferry(capsys, "models", "rollout", "canary", "--json", *m)
+    assert len(json.loads(out)["history"]) == entries
 
 
 def test_rollout_shows_what_is_wrong_with_a_usable_rollout_as_it_is(

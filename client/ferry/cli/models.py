@@ -339,6 +339,15 @@ def cmd_rollout(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if args.reason and not (args.weights or args.shadow or args.end):
+        # Without a change the command only showed the rollout: exit 0, and the reason, which
+        # the user meant for the history, was recorded nowhere.
+        print(
+            "ferry models rollout: --reason is recorded with a change: give the weights, "
+            "--shadow or --end it explains",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     named = [version for version, _ in args.weights]
     twice = sorted({v for v in named if named.count(v) > 1})
     if twice:
