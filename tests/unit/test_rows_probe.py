@@ -48,12 +48,16 @@ def _softmax_over_the_set() -> onnx.ModelProto:
 
 
 def _minus_the_mean_of_the_rows() -> onnx.ModelProto:
+    return _minus_the_mean_of_the_rows_of(4)
+
+
+def _minus_the_mean_of_the_rows_of(width: int) -> onnx.ModelProto:
     return _graph(
         [
             helper.make_node("ReduceMean", ["x"], ["m"], axes=[0], keepdims=1),
             helper.make_node("Sub", ["x", "m"], ["y"]),
         ],
-        ["batch", 4],
+        ["batch", width],
     )
 
 
@@ -219,3 +223,43 @@ def test_a_model_refusing_dynamic_dims_of_one_is_probed_at_a_larger_size(
     assert "on its shapes alone" not in caplog.text
     # Its warm-up ran the dynamic dims at 1 only: it failed with a WARNING at every load.
     assert "warm-up of" not in caplog.text
+
+
+def test_a_model_whose_rows_are_too_large_to_probe_is_batched_on_its_shapes_unproven(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Eight made-up rows of an 81 MiB UINT8 input took 11 GB and minutes at every load (a
+    server start timed out). Past the probe's bound nothing is made up: the shapes decide, and
+    the core runs different callers' requests alone until a real batch proves the rows apart
+    (core.loaded), so a model that works across its rows still never mixes callers."""
+    from ferry.server.runtime import rows
+
+    monkeypatch.setattr(rows, "PROBE_MAX_BYTES", 8 * 4 * 16 - 1)  # 8 rows of 16 floats, less 1
+    assert _max_batch_size(tmp_path, _minus_the_mean_of_the_rows_of(16)) == 32
+    assert "too large to probe at load (8 rows take 0 MiB" in caplog.text
+    assert "on its shapes alone" in caplog.text
+
+
+def test_made_up_rows_cost_about_their_own_bytes() -> None:
+    """made_up_rows built eight int64 (or float64) rows of each input, stacked and cast them,
+    to keep the first: a row of 1 MiB of UINT8 took 128 MiB at its peak. Measured with
+    tracemalloc, which numpy reports its buffers to."""
+    import tracemalloc
+
+    from ferry.server.runtime import rows
+
+    row = 1 << 20
+
+    class Template:
+        def zero_feeds(self, batch: int) -> dict[str, np.ndarray]:
+            return {"x": np.zeros((batch, row), np.uint8)}
+
+    tracemalloc.start()
+    try:
+        made = rows.made_up_rows(Template())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert [m["x"].shape for m in made] == [(1, row)] * len(made)
+    assert made[0]["x"].dtype == np.uint8 and int(made[0]["x"][0, 0]) == 2  # the integer tier's
+    assert peak < 8 * row, f"peak {peak / row:.1f} rows' bytes"

@@ -49,6 +49,10 @@ from ferry.server.errors import first_line
 
 _ROWS = 8
 _SEED = 0
+# The probe's made-up rows, every input together, take at most this: eight rows of a model whose
+# one row is large (a tensor of 81 MiB, a 4K image) took minutes and gigabytes at every load.
+# Such a model is batched on its shapes, its rows proven apart on a real batch (core.loaded).
+PROBE_MAX_BYTES = 64 << 20
 # Constant rows: any table of 4 takes them, every statistic tells the first four apart; the
 # last four repeat them (reversed) beside other floats, so that rows sharing an id or a segment
 # (a segment mean over nodes, a group-by on an index input) meet in a batch.
@@ -101,6 +105,13 @@ def probe(session: Any) -> tuple[bool | None, str]:
         if shapes in shapes_tried:  # no dynamic dim grew (none, or bounds hold it): refused
             continue
         shapes_tried.append(shapes)
+        took = sum(a.nbytes for a in template.values())
+        if took > PROBE_MAX_BYTES:  # a larger dynamic size only grows
+            return None, (
+                f"its rows are too large to probe at load ({_ROWS} rows take "
+                f"{took / (1 << 20):,.0f} MiB; the probe makes up at most "
+                f"{PROBE_MAX_BYTES >> 20} MiB)"
+            )
         kinds = {_kind(a) for a in template.values()}
         tried: set[tuple[str | None, str | None]] = set()
         for floats, ints in _TIERS:
@@ -122,13 +133,14 @@ def probe(session: Any) -> tuple[bool | None, str]:
 
 
 def made_up_rows(session: Any) -> list[dict[str, np.ndarray]]:
-    """One row of each tier's probe rows (``_TIERS``: a normals row, the integer 2, ones),
-    for a check that runs one row alone and repeated: what a model refusing zeros may run on."""
+    """The first row of each tier's probe rows (``_TIERS``: a normals row, the integer 2,
+    ones), for a check that runs one row alone and repeated: what a model refusing zeros may run
+    on. One row made, not eight made and seven dropped: a model's row may be large."""
     template = session.zero_feeds(1)
     out = []
     for floats, ints in _TIERS:
         rng = np.random.default_rng(_SEED)
-        out.append({n: _rows(a, floats, ints, rng)[:1] for n, a in template.items()})
+        out.append({n: _rows(a, floats, ints, rng, count=1) for n, a in template.items()})
     return out
 
 
@@ -174,26 +186,40 @@ def _kind(a: np.ndarray) -> str:
     return "int"
 
 
-def _rows(template: np.ndarray, floats: str, ints: str, rng: np.random.Generator) -> np.ndarray:
-    """``_ROWS`` rows in ``template``'s shape and dtype, each unlike the others."""
+def _rows(
+    template: np.ndarray, floats: str, ints: str, rng: np.random.Generator, count: int = _ROWS
+) -> np.ndarray:
+    """``count`` (at most ``_ROWS``) rows in ``template``'s shape and dtype, each unlike the
+    others. Each row is written in place in the template's dtype: made as int64 or float64 rows,
+    stacked, then cast, eight rows of an 81 MiB UINT8 input took 11 GB and a minute to make at
+    every load."""
     row_shape = template.shape[1:]
     kind = _kind(template)
-    if kind == "string":
-        rows = [np.full(row_shape, s, dtype=object) for s in _STRINGS]
-        return np.stack(rows)
-    if kind == "float" and floats == "normals":
-        rows = [f(rng.standard_normal(row_shape)) for f in _FLOAT_ROWS]
-        return np.stack(rows).astype(template.dtype)
-    if kind == "int" and ints == "small":
-        rows = [np.full(row_shape, v) for v in _INTS]
-        return np.stack(rows).astype(template.dtype)
-    return _binary(row_shape).astype(template.dtype)
+    out = np.empty((count, *row_shape), dtype=template.dtype)
+    odd: np.ndarray | None = None
+    for i in range(count):
+        if kind == "string":
+            out[i] = _STRINGS[i]
+        elif kind == "float" and floats == "normals":
+            out[i] = _FLOAT_ROWS[i](rng.standard_normal(row_shape))
+        elif kind == "int" and ints == "small":
+            out[i] = _INTS[i]
+        else:
+            if odd is None:
+                flat = np.zeros(int(np.prod(row_shape)), np.bool_)
+                flat[1::2] = True
+                odd = flat.reshape(row_shape)
+            out[i] = _binary_row(odd, i)
+    return out
 
 
-def _binary(row_shape: tuple[int, ...]) -> np.ndarray:
-    """Rows of 1s, 0s and the two alternations (then the same four reversed, as ``_INTS``):
-    apart where a row has room for it, and every value a valid index into a table of two, a
-    bool or a 0/1 mask."""
-    odd = (np.arange(int(np.prod(row_shape))) % 2).reshape(row_shape).astype(np.bool_)
-    four = [np.ones(row_shape, np.bool_), np.zeros(row_shape, np.bool_), odd, ~odd]
-    return np.stack(four + four[::-1])
+def _binary_row(odd: np.ndarray, i: int) -> np.ndarray:
+    """Row ``i`` of rows of 1s, 0s and the two alternations (then the same four reversed, as
+    ``_INTS``): apart where a row has room for it, and every value a valid index into a table of
+    two, a bool or a 0/1 mask."""
+    pattern = i if i < 4 else 7 - i
+    if pattern == 0:
+        return np.ones(odd.shape, np.bool_)
+    if pattern == 1:
+        return np.zeros(odd.shape, np.bool_)
+    return odd if pattern == 2 else ~odd
