@@ -4,6 +4,7 @@ sleeping), so a run of minutes takes seconds and every run of a seed is the same
 
     .venv/bin/python bench/batch_deadlines.py                   # factors 0.8, 1.5, 3, 6
     .venv/bin/python bench/batch_deadlines.py --factors 3 --seconds 60
+    .venv/bin/python bench/batch_deadlines.py --deadline-ms 15 --max-queue-delay-ms 10
 
 A model runs a batch of n rows in ``fixed + per_row * n`` seconds, times a lognormal noise; one
 instance; requests of one row arrive as a Poisson process at ``factor`` x the capacity of full
@@ -116,7 +117,7 @@ def main() -> None:
     ap.add_argument("--fixed-ms", type=float, default=2.0)
     ap.add_argument("--per-row-ms", type=float, default=0.25)
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--delay-ms", type=float, default=0.0)
+    ap.add_argument("--max-queue-delay-ms", "--delay-ms", dest="delay_ms", type=float, default=0.0)
     ap.add_argument("--seed", type=int, default=1)
     a = ap.parse_args()
     print("factor  capacity/s  offered  ok  late  refused  expired  goodput/s  (% of capacity)")

@@ -189,6 +189,36 @@ def test_one_slow_run_does_not_refuse_every_later_request() -> None:
     arun(main)
 
 
+def test_a_partial_batch_waiting_for_company_keeps_the_estimate() -> None:
+    """The estimate was dropped once nothing had run for four predicted one-row runs, even
+    while a partial batch waited out max_queue_delay for company: after full batches alone one
+    row is predicted at a batch's share, so a short wait reset it, and every request was then
+    admitted on no prediction until the next batch ended. Queued work will confirm it."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        h = CostlyHandler(clock, fixed=1.0, per_unit=1.0)
+        b = DynamicBatcher(h, max_batch_size=4, max_queue_delay=3600.0, clock=clock)
+        await train(b, 4)  # one batch of 4 in 5 s: one row is predicted at 1.25 s
+        h.batches.clear()
+        first = spawn(b, "a")
+        await until(lambda: b.queue_depth == 1)
+        clock.now += 6.0  # "a" waits for company past four one-row runs (5 s)
+        # It would run with "a" in a batch of 2: 2.5 s predicted (3 s in fact), 2 s left.
+        late = spawn(b, "late", deadline=clock.now + 2.0)
+        await until(lambda: late.done() or b.queue_depth == 2)
+        assert late.done()
+        with pytest.raises(QueueFull):
+            late.result()
+        assert b.service_time.ready
+        rest = [spawn(b, x) for x in "bcd"]
+        await asyncio.gather(first, *rest)
+        assert h.batches == [["a", "b", "c", "d"]]
+        await b.close()
+
+    arun(main)
+
+
 def test_no_deadline_or_no_measurement_is_never_refused_by_prediction() -> None:
     async def main() -> None:
         clock = FakeClock()

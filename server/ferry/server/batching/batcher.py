@@ -413,11 +413,18 @@ class DynamicBatcher(Generic[T, R]):
         runs while nothing runs. Only batches that run refresh it: after one slow run (a GPU's
         first run at a shape, a stall) every request with a shorter deadline was refused at the
         door or dropped from the queue, none ran, and the version refused them all until it
-        was reloaded. Dropped, nothing is refused on a guess until the next batch has run."""
+        was reloaded. Dropped, nothing is refused on a guess until the next batch has run.
+
+        Not while work is queued: that work runs (or is dropped) within max_queue_delay and
+        confirms the estimate or empties the queue, so the wait is no sign of a stale estimate.
+        Counted, a partial batch waiting for company longer than four one-row runs (1.25 ms
+        after full batches of 32 in bench/batch_deadlines.py) reset it, and until the next
+        batch ended every request was admitted, and every batch sent whole, on no prediction."""
         est = self.service_time
         if (
             est.ready
             and not self._in_flight
+            and not self._depth
             and now - self._observed_at > TRUST_RUNS * est.predict(1)
         ):
             est.reset()
