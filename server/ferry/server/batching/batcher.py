@@ -293,7 +293,11 @@ class DynamicBatcher(Generic[T, R]):
             # own run alone admitted, under load, requests whose batch then ended past their
             # deadline (bench/batch_deadlines.py: at 1.5x capacity 13,391 of 31,908 answered
             # late), and capping a batch at its tightest deadline alone (_take_batch) left
-            # batches too small to keep up.
+            # batches too small to keep up. The rows ahead that share its batch are counted in
+            # `work` as well, on purpose: the time it leaves is what lets its batch grow with
+            # the rows behind it. Counted once, requests were admitted with no room to spare,
+            # the deadline cap cut every batch short, and goodput fell at every load
+            # (docs/benchmarking.md, "Batches that outgrow their tightest deadline").
             joined = min(limit, units + size)
             own = max(own, self._predict(joined, round((costs + cost) * joined / (units + size))))
         return work / self._max_concurrency + own
