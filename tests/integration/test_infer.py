@@ -6,6 +6,7 @@ loaded, so any difference is the server's (codec, validation, batching, splittin
 
 from __future__ import annotations
 
+import array
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,8 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ServerThread
         "two_io": two_io_model(),
         "fixed": identity_model("FP32", dims=(3,)),
         "matrix": identity_model("FP32", dims=(2, 3)),
+        "fixed_int8": identity_model("INT8", dims=(2,)),
+        "fixed_uint8": identity_model("UINT8", dims=(2,)),
         **{f"id_{dt.lower()}": identity_model(dt) for dt in IDENTITY_DTYPES},
     }
     root = make_repo(tmp_path_factory.mktemp("zoo") / "repo", models)
@@ -532,3 +535,19 @@ def test_a_list_number_the_stale_dtype_cannot_hold_follows_the_new_version(tmp_p
         assert fetched[0] == [("m",)] * 2
         unary.close()
         streaming.close()
+
+
+def test_a_memoryview_of_numbers_is_sent_as_its_numbers(zoo_client: InferenceClient) -> None:
+    """A memoryview of a bytes object or a bytearray is one BYTES element (0ed5ab9), but one of
+    int8 or uint8 numbers (a numpy array's, an array.array's) is those numbers, as numpy reads
+    it: its format ('b', 'B') said bytes, and it went out as one BYTES element, refused
+    'must be INT8, got BYTES' by a model numpy's reading of it fits."""
+    for model, numbers in (
+        ("fixed_int8", np.array([-1, 2], np.int8)),
+        ("fixed_uint8", np.array([0, 255], np.uint8)),
+        ("fixed_int8", array.array("b", [-1, 2])),
+    ):
+        view = memoryview(numbers)
+        expected = zoo_client.infer(model, {"input": np.asarray(numbers)})["output"]
+        got = zoo_client.infer(model, {"input": view})["output"]
+        assert got.dtype == expected.dtype and got.tolist() == expected.tolist()
