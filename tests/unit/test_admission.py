@@ -465,3 +465,31 @@ def test_admission_counts_the_batch_a_request_joins() -> None:
         await b.close()
 
     arun(main)
+
+
+def test_rows_waiting_for_company_are_counted_once_in_the_batch_a_request_joins() -> None:
+    """With an instance free, rows queued ahead wait only for company (max_queue_delay), and a
+    request arriving behind them is that company: it runs in their batch. Counted both as a
+    batch ahead of it and in the batch it joins, it was refused as overload (QueueFull) with
+    nothing running, though the batch it made ended well before its deadline."""
+
+    async def main() -> None:
+        clock = FakeClock()
+        h = CostlyHandler(clock, fixed=1.0, per_unit=1.0)
+        b = DynamicBatcher(h, max_batch_size=4, max_queue_delay=3600.0, clock=clock)
+        await train(b, 4)  # one size seen: 5 s a batch of 4, 1.25 s a row
+        h.batches.clear()
+        start = clock.now
+        queued = [spawn(b, f"q{i}") for i in range(3)]
+        await until(lambda: b.queue_depth == 3)
+        assert b.in_flight == 0  # nothing runs: the 3 wait for a fourth
+        # The batch of 4 it completes (5 s), not the 3 ahead (3.75 s) and then that batch.
+        assert b.predicted_wait() == pytest.approx(5.0)
+        fits = spawn(b, "fits", deadline=clock.now + 6.0)
+        await asyncio.gather(*queued, fits)
+        assert h.batches == [["q0", "q1", "q2", "fits"]]
+        assert clock.now - start == pytest.approx(5.0)
+        assert b.rejected == 0 and b.expired == 0
+        await b.close()
+
+    arun(main)
