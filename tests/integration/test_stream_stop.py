@@ -11,6 +11,7 @@ from typing import Any
 
 import grpc
 import numpy as np
+import pytest
 from helpers import ExecutionGate, StartServer, wait_for
 
 from ferry.client import InferenceClient, InferResult, UnavailableError
@@ -196,3 +197,30 @@ def test_a_half_close_still_on_its_way_when_an_idle_stream_stops_ends_it_ok(
         assert list(call) == []  # ends without an error
         assert call.code() == grpc.StatusCode.OK
         stopped.result(GRACE_S / 2)
+
+
+def test_an_idle_stream_left_open_ends_unavailable_within_a_short_grace_period(
+    start_server: StartServer, repo_path: Any, monkeypatch: Any
+) -> None:
+    """A stream running nothing reads for its client's half-close for a moment
+    (``HALF_CLOSE_S``) at the stop; with a grace period shorter than that moment, a stream its
+    client kept open was cut at the grace's end by grpc ("Cancelling all calls", the SDK's
+    ConnectionError_), not ended with the stream's own UNAVAILABLE saying to send again. The
+    moment is made far longer than the grace here, so only its bound by the grace ends it."""
+    from ferry.server.core import streams
+
+    monkeypatch.setattr(streams, "HALF_CLOSE_S", GRACE_S)
+    grace = 4.0  # the stream ends at half of it, well before grpc's cut
+    srv = start_server(repo_path, grace_period=grace)
+    with InferenceClient(srv.target, timeout=30) as client:
+        stream = client.stream("mlp")
+        rid = stream.submit(batch(1.0), "answered")
+        first = next(iter(stream.results()))
+        assert first[0] == rid and isinstance(first[1], InferResult)
+        app = srv.app
+        stopped = srv.submit(lambda: app.stop(grace))
+        wait_for(lambda: not app.dataplane.ready(), "the server to begin draining")
+        stopped.result(GRACE_S / 2)  # the stream ended before it, or was cut at its end
+        with pytest.raises(UnavailableError) as ended:  # the stream's end, for what follows
+            stream.submit(batch(2.0), "after")
+        assert "shutting down" in str(ended.value) and "send them again" in str(ended.value)

@@ -39,6 +39,17 @@ class StreamBudget:
     def __init__(self, total: int) -> None:
         self.total = total
         self.held = 0
+        # The grace period of the server's stop, once it began (``half_close_window``).
+        self.stop_grace_s: float | None = None
+
+    def half_close_window(self) -> float:
+        """How long a stream running nothing reads for its client's half-close at the stop:
+        ``HALF_CLOSE_S``, within half the stop's grace period. A grace period shorter than it
+        cut an idle stream its client kept open with grpc's "Cancelling all calls" (the SDK's
+        ConnectionError_) instead of the stream's own UNAVAILABLE saying to send again."""
+        if self.stop_grace_s is None:
+            return HALF_CLOSE_S
+        return max(0.0, min(HALF_CLOSE_S, self.stop_grace_s / 2))
 
     @property
     def full(self) -> bool:
@@ -89,7 +100,8 @@ async def run_stream(
     client had sent everything and half-closed ends OK with every request answered. Before,
     a stop that came while the reader waited for a slot dropped the request it held (read,
     never run) and cut a half-closed stream UNAVAILABLE, as if the client had more to send.
-    Once nothing runs, the stream still reads for ``HALF_CLOSE_S`` before it ends UNAVAILABLE:
+    Once nothing runs, the stream still reads for ``HALF_CLOSE_S`` (at most half the stop's
+    grace period: ``StreamBudget.half_close_window``) before it ends UNAVAILABLE:
     a half-close on its way when the stop began (sent, not yet read) ends it OK. Before, a
     stream running nothing was cut at once, and a client that had been answered and
     half-closed got UNAVAILABLE after its last answer."""
@@ -178,7 +190,7 @@ async def run_stream(
         # Nothing runs: a half-close (or a request, which ends the reading too) may be on its
         # way still; the reader takes it within the moment, or the stream ends UNAVAILABLE.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(HALF_CLOSE_S):
+            async with asyncio.timeout(budget.half_close_window()):
                 while reading:
                     settled.clear()
                     await settled.wait()

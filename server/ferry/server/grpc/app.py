@@ -529,6 +529,8 @@ class FerryServer:
         self._stopping = True
         grace = self.settings.grace_period if grace is None else grace
         self.metrics.ready.ready = False  # NOT ready first, so load balancers stop sending
+        # Streams end within the grace period, not cut at its end by grpc (core.streams).
+        self.dataplane.stream_budget.stop_grace_s = grace
         self.dataplane.drain()  # on every protocol: OIP ServerReady, HTTP /v2/health/ready
         await self.health.enter_graceful_shutdown()
         if self._management_health is not None:
