@@ -551,3 +551,14 @@ def test_a_memoryview_of_numbers_is_sent_as_its_numbers(zoo_client: InferenceCli
         expected = zoo_client.infer(model, {"input": np.asarray(numbers)})["output"]
         got = zoo_client.infer(model, {"input": view})["output"]
         assert got.dtype == expected.dtype and got.tolist() == expected.tolist()
+
+
+def test_a_memoryview_of_numbers_in_a_list_is_its_numbers(zoo_client: InferenceClient) -> None:
+    """Inside a list too: a memoryview of uint8 numbers went out as one BYTES element (a list's
+    buffers were all made bytes), while an int8 one was its numbers; a bytearray and a
+    memoryview of bytes stay BYTES elements."""
+    view = memoryview(np.array([0, 255], np.uint8))
+    got = zoo_client.infer("id_uint8", {"input": [view]})["output"]
+    assert got.dtype == np.uint8 and got.tolist() == [[0, 255]]
+    text = [[bytearray(b"ab"), memoryview(b"c\x00")]]
+    assert zoo_client.infer("id_bytes", {"input": text})["output"].tolist() == [[b"ab", b"c\x00"]]

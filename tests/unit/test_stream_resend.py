@@ -66,3 +66,18 @@ def test_a_resend_keeps_no_second_copy_of_array_inputs() -> None:
         tracemalloc.stop()
     assert keep is not None
     assert held < image.nbytes // 10
+
+
+def test_a_resend_keeps_a_memoryview_of_numbers_as_numbers() -> None:
+    """A memoryview of numbers (an int8 array's) was kept as its bytes, and the request sent
+    again went out as one BYTES element instead of the numbers first sent; a memoryview of
+    bytes is kept as bytes, as sent."""
+    numbers = np.array([-1, 2], np.int8)
+    keep = kept({"ids": [[5, 6]], "raw": memoryview(numbers), "text": memoryview(b"a\x00")})
+    numbers[:] = 0  # reused for the next request
+    again = keep.inputs()
+    assert again["text"] == b"a\x00"
+    assert np.asarray(again["raw"]).dtype == np.int8 and np.asarray(again["raw"]).tolist() == [
+        -1,
+        2,
+    ]

@@ -57,7 +57,7 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
     """
     if is_array(value):
         return _within_a_message(unmasked(as_array_fast(value), name), name)
-    if isinstance(value, bytearray) or _bytes_view(value):
+    if isinstance(value, bytearray) or is_bytes_view(value):
         # One BYTES element, as ``bytes`` and a bytearray in a list are (Triton's BYTES: byte
         # strings); numpy read it alone as a UINT8 vector of its byte values, and a stream's
         # resend, which keeps it as bytes, then sent it as BYTES.
@@ -107,7 +107,7 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
 _BYTE_FORMATS = frozenset({"B", "b", "c"})  # a memoryview of bytes (of bytes(), bytearray)
 
 
-def _bytes_view(value: Any) -> bool:
+def is_bytes_view(value: Any) -> bool:
     """Whether ``value`` is a 1-d memoryview of bytes: one of ``bytes`` or a bytearray, or of
     chars. Its format alone does not say: a numpy int8/uint8 array's or an array.array's view
     has format 'b'/'B' too, and by it went out as one BYTES element, not its numbers."""
@@ -142,7 +142,7 @@ def _with_buffers_as_bytes(value: ArrayLike) -> np.ndarray | None:
 
     def walk(v: Any, depth: int) -> Any:
         nonlocal found
-        if isinstance(v, bytearray | memoryview):
+        if isinstance(v, bytearray) or is_bytes_view(v):
             found = True
             return bytes(v)
         if isinstance(v, list | tuple) and depth < _MAX_DIMS:

@@ -37,6 +37,7 @@ from types import TracebackType
 from typing import Any, Final
 
 import grpc
+import numpy as np
 
 from ferry.client._errors import (
     CancelledError,
@@ -53,6 +54,7 @@ from ferry.client._requests import (
     as_array_fast,
     check_timeout,
     is_array,
+    is_bytes_view,
     needs_dtypes,
     new_request_id,
     refuses_datatype,
@@ -172,8 +174,10 @@ def _frozen(value: Any) -> Any:
         return [v if type(v) in _IMMUTABLE else _frozen(v) for v in value]
     if is_array(value):  # an array inside a list
         return as_array_fast(value).copy()
-    if isinstance(value, bytearray | memoryview):
+    if isinstance(value, bytearray) or is_bytes_view(value):
         return bytes(value)
+    if isinstance(value, memoryview):  # of numbers (an array's), as numpy reads it: kept so
+        return np.array(value)
     return value  # numbers (numpy's too), str, bytes: immutable
 
 
