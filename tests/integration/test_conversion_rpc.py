@@ -8,6 +8,7 @@ torch. Nothing waits on the clock: progress is followed through WatchJob events.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -16,6 +17,7 @@ import json
 import logging
 import os
 import pickle
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -77,6 +79,16 @@ emit("export", 0.15, "exporting")
 if mode == "block":
     while True:
         time.sleep(3600)
+if mode == "daemon":  # a process of its own session, holding the pipes after the child exits
+    import subprocess
+    daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                              start_new_session=True, pass_fds=(out.fileno(),))
+    shutil.copy(job["source_path"], os.path.join(work, "model.onnx"))
+    json.dump({"variants": [{"name": "fp32", "size_bytes": 1, "latency_ms": {"1": 0.5}}],
+               "published": "fp32", "opset": 17, "source_format": job["source_format"],
+               "daemon_pid": daemon.pid}, open(os.path.join(work, "report.json"), "w"))
+    emit("benchmark", 0.95, "finished")
+    sys.exit(0)
 if mode == "chatty":  # progress without end, then a model
     for i in range(3000):
         emit("convert", 0.5, f"step {i}")
@@ -523,6 +535,27 @@ def test_crash_memory_and_timeout_fail_with_the_reason(
         hung.wait(progress=False)
     assert info.value.kind == "DEADLINE_EXCEEDED"
     assert leftovers(tmp_path) == []
+
+
+def test_a_process_the_child_left_running_does_not_hold_the_job(start: Start) -> None:
+    """A process the conversion process started in a session of its own (out of reach of the
+    group kill) kept its stdout, stderr and progress pipe open, and the job stayed RUNNING
+    until that process exited: for good for a daemon, past --conversion-timeout and CancelJob.
+    The job ends once the child has exited and its pipes were drained."""
+    _, conv = start()
+    job = convert_fake(conv, "m", "daemon")
+    pid = 0
+    try:
+        done = job.wait(timeout=60, progress=False)  # the daemon lives 120 s
+        pid = json.loads(done.report_json)["daemon_pid"]
+        assert done.state == "SUCCEEDED" and done.version == 1
+        os.kill(pid, 0)  # still running: the job did not wait for it
+    finally:
+        if not pid:
+            pid = json.loads(conv.job(job.id).report_json or "{}").get("daemon_pid", 0)
+        if pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_cancel_mid_export_and_a_full_queue(start: Start, tmp_path: Path) -> None:

@@ -85,6 +85,7 @@ CHILD_ENV = {"MALLOC_ARENA_MAX": "2", "PYTHONUNBUFFERED": "1", "ORT_DISABLE_TELE
 # any (models over 2 GiB), the report.
 VERSION_FILES = (MODEL_FILE, MODEL_DATA_FILE, REPORT_FILE)
 MAX_EVENT_LINE = 1 << 20
+LOG_LINE = 1 << 16  # asyncio's default: a longer line of the child's output is skipped
 # Progress events kept per job. The real child sends one per stage; a child that sent without
 # end (code in a permitted code-bearing source writing to the channel, a loop gone wrong) grew
 # the job database by a transaction per line, on the event loop, and every WatchJob replayed
@@ -95,6 +96,10 @@ WARM_IDLE_S = 600.0  # a conversion process started ahead leaves after this long
 WARM_REAP_S = 5.0  # at shutdown, how long a killed warm process is waited for
 END_RETRY_S = 1.0  # a job's end the database refused is written again after this, doubling
 END_RETRY_MAX_S = 60.0
+# Once the child has exited, how long its pipes are read for what is left in them. A process it
+# started in a session of its own (setsid: out of reach of the group kill) holds them open for
+# as long as it lives; see ``_spawn``.
+PIPES_DRAIN_S = 5.0
 _KINDS = {k.value for k in ErrorKind}
 
 
@@ -417,29 +422,40 @@ class JobRunner:
 
     async def _spawn(
         self, args: list[str], cwd: Path, *, stdin: int
-    ) -> tuple[asyncio.subprocess.Process, int]:
-        """A conversion process (limited, killed with the server) and its progress channel."""
-        read_fd, write_fd = os.pipe()
+    ) -> tuple[asyncio.subprocess.Process, _Pipes]:
+        """A conversion process (limited, killed with the server) and the read ends of its
+        progress channel, stdout and stderr.
+
+        Pipes of our own, not asyncio's: ``Process.wait()`` returns only once the process has
+        exited *and* every pipe asyncio made for it has closed. A process the child started
+        in a session of its own (out of reach of the group kill) held them open, and the job
+        stayed RUNNING for as long as that process lived: for good for a daemon, past
+        --conversion-timeout (which then said "timed out" of a child that had exited) and
+        CancelJob."""
+        pipes = [os.pipe() for _ in range(3)]
+        (progress_r, progress_w), (out_r, out_w), (err_r, err_w) = pipes
         try:
             proc = await asyncio.create_subprocess_exec(
                 *limited(self.memory_bytes, self.child_command),
                 *args,
                 "--progress-fd",
-                str(write_fd),
-                pass_fds=(write_fd,),
+                str(progress_w),
+                pass_fds=(progress_w,),
                 stdin=stdin,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdout=out_w,
+                stderr=err_w,
                 start_new_session=True,
                 cwd=cwd,
                 env=child_environment(CHILD_ENV),
             )
         except BaseException:
-            os.close(read_fd)
+            for read_fd, _ in pipes:
+                os.close(read_fd)
             raise
         finally:
-            os.close(write_fd)
-        return proc, read_fd
+            for _, write_fd in pipes:
+                os.close(write_fd)
+        return proc, _Pipes(progress_r, out_r, err_r)
 
     def _warm_allowed(self) -> bool:
         # A stand-in child (tests) knows no --warm: only the real one is started ahead.
@@ -457,7 +473,7 @@ class JobRunner:
         ready.unlink(missing_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix="ferry-warm-"))
         try:
-            proc, read_fd = await self._spawn(
+            proc, pipes = await self._spawn(
                 ["--warm", "--warm-ready", str(ready), "--warm-scratch", str(scratch)],
                 Path(tempfile.gettempdir()),
                 stdin=asyncio.subprocess.PIPE,
@@ -466,7 +482,7 @@ class JobRunner:
             shutil.rmtree(scratch, ignore_errors=True)
             log.warning("could not start a conversion process ahead: %s", exc)
             return
-        self._warm = _Warm(proc, read_fd, ready, scratch)
+        self._warm = _Warm(proc, pipes, ready, scratch)
         if self._closing:
             self._drop_warm()
             return
@@ -482,8 +498,7 @@ class JobRunner:
         if warm is not None:
             _kill(warm.proc)
             self._dropped = [p for p in self._dropped if p.returncode is None] + [warm.proc]
-            with contextlib.suppress(OSError):
-                os.close(warm.read_fd)
+            warm.pipes.close()
             warm.ready.unlink(missing_ok=True)
             # Killed during its warm-up, it could not remove its folder itself.
             shutil.rmtree(warm.scratch, ignore_errors=True)
@@ -520,22 +535,22 @@ class JobRunner:
         warm = await self._take_warm()
         if warm is not None:
             assert warm.proc.stdin is not None
-            run.proc, read_fd = warm.proc, warm.read_fd
+            run.proc, pipes = warm.proc, warm.pipes
             warm.proc.stdin.write(f"{job_json}\n".encode())
             with contextlib.suppress(ConnectionError):
                 await warm.proc.stdin.drain()
             warm.proc.stdin.close()
         else:
-            run.proc, read_fd = await self._spawn(
+            run.proc, pipes = await self._spawn(
                 ["--job", str(job_json)], job_dir, stdin=asyncio.subprocess.DEVNULL
             )
         proc = run.proc
         if run.cancelled:  # CancelJob arrived while the process was being created
             _kill(proc)
         readers = [
-            asyncio.create_task(self._read_progress(run, read_fd)),
-            asyncio.create_task(_log_lines(proc.stdout, run, "stdout")),
-            asyncio.create_task(_log_lines(proc.stderr, run, "stderr")),
+            asyncio.create_task(self._read_progress(run, pipes.progress)),
+            asyncio.create_task(_log_lines(pipes.stdout, run, "stdout")),
+            asyncio.create_task(_log_lines(pipes.stderr, run, "stderr")),
         ]
         timed_out = False
         try:
@@ -545,6 +560,15 @@ class JobRunner:
         finally:
             _kill(proc)  # the whole group: nothing the child started outlives it
             await proc.wait()
+            _, held = await asyncio.wait(readers, timeout=PIPES_DRAIN_S)
+            if held:
+                log.warning(
+                    "conversion job %s: a process its conversion process started left the "
+                    "process group and still holds its output open; no longer read",
+                    run.job_id,
+                )
+                for reader in held:
+                    reader.cancel()  # each closes its pipe
             await asyncio.gather(*readers, return_exceptions=True)
         return self._judge(run, proc.returncode, timed_out)
 
@@ -606,11 +630,7 @@ class JobRunner:
         )
 
     async def _read_progress(self, run: _Run, fd: int) -> None:
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_EVENT_LINE)
-        transport, _ = await loop.connect_read_pipe(
-            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
-        )
+        reader, transport = await _pipe_reader(fd, MAX_EVENT_LINE)
         try:
             while True:
                 try:
@@ -750,28 +770,53 @@ def _parse_event(line: bytes, job_id: str) -> spec.ProgressEvent | None:
         return None
 
 
-async def _log_lines(stream: asyncio.StreamReader | None, run: _Run, name: str) -> None:
-    if stream is None:
-        return
-    while True:
-        try:
-            line = await stream.readline()
-        except ValueError:
-            continue
-        if not line:
-            return
-        text = line.decode("utf-8", "replace").rstrip()
-        if name == "stderr":
-            run.stderr.append(text)
-        # torch and onnxruntime talk a lot while converting: their output is DEBUG; what a user
-        # needs (progress, the failure and its reason) comes through the progress events.
-        log.debug("job %s %s: %s", run.job_id, name, text)
+async def _pipe_reader(fd: int, limit: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+    """A stream reading the pipe ``fd`` (which its transport now owns and closes)."""
+    reader = asyncio.StreamReader(limit=limit)
+    transport, _ = await asyncio.get_running_loop().connect_read_pipe(
+        lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(fd, "rb", buffering=0)
+    )
+    return reader, transport
+
+
+async def _log_lines(fd: int, run: _Run, name: str) -> None:
+    stream, transport = await _pipe_reader(fd, LOG_LINE)
+    try:
+        while True:
+            try:
+                line = await stream.readline()
+            except ValueError:
+                continue
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            if name == "stderr":
+                run.stderr.append(text)
+            # torch and onnxruntime talk a lot while converting: their output is DEBUG; what a
+            # user needs (progress, the failure and its reason) comes through the events.
+            log.debug("job %s %s: %s", run.job_id, name, text)
+    finally:
+        transport.close()
+
+
+@dataclass
+class _Pipes:
+    """The read ends of a conversion process's pipes, until its readers take them."""
+
+    progress: int
+    stdout: int
+    stderr: int
+
+    def close(self) -> None:
+        for fd in (self.progress, self.stdout, self.stderr):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 @dataclass
 class _Warm:
     proc: asyncio.subprocess.Process
-    read_fd: int
+    pipes: _Pipes
     ready: Path  # the process creates it once warmed up
     scratch: Path  # its warm-up's files; it removes the folder when the warm-up ends
 
