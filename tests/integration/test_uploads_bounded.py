@@ -9,10 +9,12 @@ child's own mapping of an allocation failure is the point.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -447,3 +449,38 @@ def test_the_upload_check_process_is_not_given_the_servers_secrets(
     env = json.loads(report.read_text())
     assert not [k for k, v in env.items() if v in ("m-secret", "db-secret")]
     assert env["SOME_PLAIN_SETTING"] == "kept" and env["MALLOC_ARENA_MAX"] == "2"
+
+
+# The upload's check process, first starting a process of its own session (out of reach of the
+# group kill) that holds its stdout and stderr open, and noting its pid.
+DAEMON_CHECK = r"""
+import subprocess, sys, time
+daemon = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"],
+                          start_new_session=True)
+open(sys.argv[1], "w").write(str(daemon.pid))
+from ferry.server.convert.upload_check import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_process_the_upload_check_left_running_does_not_hold_the_upload(
+    start: Start, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check's output was read until every holder of its pipes closed them: a process it
+    started in a session of its own held the upload until --conversion-timeout said the check
+    "took over" it (a check that had passed), and then for good."""
+    pid_file = tmp_path / "daemon.pid"
+    script = tmp_path / "daemon_check.py"
+    script.write_text(DAEMON_CHECK)
+    monkeypatch.setattr(upload_check, "COMMAND", [sys.executable, str(script), str(pid_file)])
+    _, conv = start()
+    data = mlp_model(sizes=(64, 256, 10)).SerializeToString()
+    assert len(data) > upload_check.IN_PROCESS_BYTES  # checked in a process of its own
+    try:
+        up = conv.upload("m", data, format="onnx", timeout=60)  # the daemon lives 300 s
+        assert up.size_bytes == len(data)
+        os.kill(int(pid_file.read_text()), 0)  # still running: the upload did not wait for it
+    finally:
+        if pid_file.exists():
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid_file.read_text()), signal.SIGKILL)

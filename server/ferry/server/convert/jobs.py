@@ -630,7 +630,7 @@ class JobRunner:
         )
 
     async def _read_progress(self, run: _Run, fd: int) -> None:
-        reader, transport = await _pipe_reader(fd, MAX_EVENT_LINE)
+        reader, transport = await pipe_reader(fd, MAX_EVENT_LINE)
         try:
             while True:
                 try:
@@ -770,7 +770,7 @@ def _parse_event(line: bytes, job_id: str) -> spec.ProgressEvent | None:
         return None
 
 
-async def _pipe_reader(fd: int, limit: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
+async def pipe_reader(fd: int, limit: int) -> tuple[asyncio.StreamReader, asyncio.BaseTransport]:
     """A stream reading the pipe ``fd`` (which its transport now owns and closes)."""
     reader = asyncio.StreamReader(limit=limit)
     transport, _ = await asyncio.get_running_loop().connect_read_pipe(
@@ -780,7 +780,7 @@ async def _pipe_reader(fd: int, limit: int) -> tuple[asyncio.StreamReader, async
 
 
 async def _log_lines(fd: int, run: _Run, name: str) -> None:
-    stream, transport = await _pipe_reader(fd, LOG_LINE)
+    stream, transport = await pipe_reader(fd, LOG_LINE)
     try:
         while True:
             try:

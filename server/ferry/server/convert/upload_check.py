@@ -133,25 +133,38 @@ def _check_here(fmt: str, path: Path) -> None:
 
 
 async def _check_in_child(fmt: str, path: Path, *, memory_bytes: int, time_limit_s: float) -> None:
-    from ferry.server.convert.jobs import limited
+    from ferry.server.convert.jobs import PIPES_DRAIN_S, limited
 
     command = limited(memory_bytes, [*COMMAND, fmt, os.fspath(path)])
+    # Pipes of our own, as the conversion runner's (jobs._spawn): asyncio's kept communicate()
+    # and wait() going for as long as a process the check started in a session of its own held
+    # them, so the upload was answered "took over --conversion-timeout" of a check that had
+    # ended, or never.
+    pipes = [os.pipe() for _ in range(2)]
     try:
         proc = await asyncio.create_subprocess_exec(
             *command,
             stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stdout=pipes[0][1],
+            stderr=pipes[1][1],
             start_new_session=True,
             cwd=path.parent,
             env=child_environment(_ENV),
         )
     except OSError as exc:
+        for read_fd, _ in pipes:
+            os.close(read_fd)
         raise InternalError(f"could not start the upload's check process: {exc}") from None
+    finally:
+        for _, write_fd in pipes:
+            os.close(write_fd)
+    read: tuple[bytearray, bytearray] = (bytearray(), bytearray())
+    readers = [
+        asyncio.create_task(_read_all(read_fd, sink))
+        for (read_fd, _), sink in zip(pipes, read, strict=True)
+    ]
     try:
-        out, err = await asyncio.wait_for(
-            proc.communicate(), time_limit_s if time_limit_s > 0 else None
-        )
+        await asyncio.wait_for(proc.wait(), time_limit_s if time_limit_s > 0 else None)
     except TimeoutError:
         raise DeadlineExceeded(
             f"checking the upload took over {time_limit_s:g} s (server setting "
@@ -161,7 +174,25 @@ async def _check_in_child(fmt: str, path: Path, *, memory_bytes: int, time_limit
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(proc.pid, signal.SIGKILL)  # nothing of it outlives the upload
         await proc.wait()
+        _, held = await asyncio.wait(readers, timeout=PIPES_DRAIN_S)
+        for reader in held:
+            reader.cancel()  # each closes its pipe
+        await asyncio.gather(*readers, return_exceptions=True)
+    out, err = (bytes(sink) for sink in read)
     _judge(fmt, proc.returncode, out[:MAX_REPLY], err, memory_bytes)
+
+
+async def _read_all(fd: int, sink: bytearray) -> None:
+    """Add to ``sink`` what the pipe ``fd`` carries until its writers close it (as
+    communicate()), or until cancelled: what was read by then stays."""
+    from ferry.server.convert.jobs import pipe_reader
+
+    reader, transport = await pipe_reader(fd, 1 << 16)
+    try:
+        while chunk := await reader.read(1 << 16):
+            sink += chunk
+    finally:
+        transport.close()
 
 
 def _judge(fmt: str, rc: int | None, out: bytes, err: bytes, memory_bytes: int) -> None:
