@@ -194,13 +194,16 @@ def test_rollout_sets_shows_and_ends_a_split(
     assert info.value.code == 2 and "VERSION=WEIGHT" in capsys.readouterr().err
     # A version given twice (`1=9 1=1`, meant `1=9 2=1`) sent every request to version 1
     code, out, err = ferry(capsys, "models", "rollout", "canary", "1=9", "1=1", *m)
-    assert code == 2 and "given more than once" in err
+    assert code == 2 and "given more than once" in one_error_line(err)
+    # Said without the "error:" every other refusal of the command line carries.
+    assert err.startswith("ferry models rollout: error: ")
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--json", *m)
     assert json.loads(out)["split"] == {}
     # Rules with nothing to judge only showed the rollout (exit 0), and no rule was set.
     for alone in (["--max-error-rate", "0.05"], ["--end", "--promote-after", "5"]):
         code, out, err = ferry(capsys, "models", "rollout", "canary", *alone, *m)
-        assert code == 2 and "give the weights or --shadow" in err, (code, err)
+        assert code == 2 and "give the weights or --shadow" in one_error_line(err), (code, err)
+        assert err.startswith("ferry models rollout: error: ")
     code, out, _ = ferry(capsys, "models", "rollout", "canary", "--json", *m)
     assert json.loads(out)["rules"] == {}
     # A reason with no change showed the rollout (exit 0) and was recorded nowhere.

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections.abc import Mapping
 from typing import Any
 
 from ferry.cli._common import (
     EXIT_FAILED,
     EXIT_OK,
-    EXIT_USAGE,
+    UsageError,
     connect,
     connection_parent,
     json_text,
@@ -322,8 +321,7 @@ def cmd_load(args: argparse.Namespace) -> int:
 
 def cmd_rollout(args: argparse.Namespace) -> int:
     if args.end and (args.weights or args.shadow):
-        print("ferry models rollout: give weights or --shadow, or --end", file=sys.stderr)
-        return EXIT_USAGE
+        raise UsageError("give weights or --shadow, or --end")
     rules = {
         name: value
         for name in ("promote_after", "min_cosine", "max_error_rate", "max_latency_ratio")
@@ -333,32 +331,22 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         # Without them the command only showed the rollout (or, with --end, ended it) and
         # dropped the rules without a word: exit 0, and no rule was ever set.
         flags = ", ".join("--" + name.replace("_", "-") for name in rules)
-        print(
-            f"ferry models rollout: {flags} set rules of a split or a shadow: give the weights "
-            "or --shadow they judge (e.g. `1=1 --shadow 2=0.1`)",
-            file=sys.stderr,
+        raise UsageError(
+            f"{flags} set rules of a split or a shadow: give the weights "
+            "or --shadow they judge (e.g. `1=1 --shadow 2=0.1`)"
         )
-        return EXIT_USAGE
     if args.reason and not (args.weights or args.shadow or args.end):
         # Without a change the command only showed the rollout: exit 0, and the reason, which
         # the user meant for the history, was recorded nowhere.
-        print(
-            "ferry models rollout: --reason is recorded with a change: give the weights, "
-            "--shadow or --end it explains",
-            file=sys.stderr,
+        raise UsageError(
+            "--reason is recorded with a change: give the weights, --shadow or --end it explains"
         )
-        return EXIT_USAGE
     named = [version for version, _ in args.weights]
     twice = sorted({v for v in named if named.count(v) > 1})
     if twice:
         # Each weight replaced the one before: `1=9 1=1` (meant `1=9 2=1`) sent every request
         # to version 1 without a word.
-        print(
-            f"ferry models rollout: version(s) {twice} given more than once; give each "
-            "version one weight",
-            file=sys.stderr,
-        )
-        return EXIT_USAGE
+        raise UsageError(f"version(s) {twice} given more than once; give each version one weight")
     with connect(RepositoryClient, args) as repo:
         if args.end:
             view = repo.set_rollout(args.model, None, reason=args.reason)
