@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ferry.server.batching.batcher import DEADLINE_SLACK
-from ferry.server.core import inputs, shadow, shadow_sum, split_sum
+from ferry.server.core import describe, inputs, shadow, shadow_sum, split_sum
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import load_config
 from ferry.server.core.loaded import LoadedVersion
-from ferry.server.core.registry import ModelEntry, ModelRegistry, run_to_end, serves_earlier_load
+from ferry.server.core.registry import ModelEntry, ModelRegistry, run_to_end
 from ferry.server.core.repository import validate_model_name
 from ferry.server.core.shadow import ShadowStatistics
 from ferry.server.core.shadow_sum import add_up as add_up_shadows
@@ -34,7 +34,6 @@ from ferry.server.core.split_sum import add_up as add_up_splits
 from ferry.server.core.stats_merge import merge, sum_request_rows
 from ferry.server.core.streams import SHARED_FACTOR, StreamBudget, run_stream
 from ferry.server.core.types import (
-    BatchingPolicy,
     IndexEntry,
     InferenceRequest,
     InferenceResult,
@@ -44,7 +43,6 @@ from ferry.server.core.types import (
     RepositoryOutcome,
     RolloutView,
     State,
-    VersionPolicyView,
     VersionStatistics,
     VersionStatus,
     WireRequest,
@@ -58,7 +56,6 @@ from ferry.server.errors import (
 )
 
 log = logging.getLogger(__name__)
-PLATFORM = "onnxruntime_onnx"
 # Seconds before a rule's decision that could not be written (a full or read-only disk) is
 # tried again: doubled after each failure, up to the last.
 DECISION_RETRY = (0.5, 30.0)
@@ -237,59 +234,12 @@ class DataPlane:
     # ---- what is served ----
     def metadata(self, model: str, version: int | None = None) -> ModelMetadata:
         """A version's, or with none named the version that answers requests that name none
-        (a live split's largest share)."""
-        lv = self._registry.get(model, version or self._registry.serving_version(model))
-        entry = self._registry.models[lv.name]
-        b = lv.config.batching
-        policy = lv.config.version_policy
-        return ModelMetadata(
-            name=lv.name,
-            version=lv.version,
-            ready_versions=tuple(entry.ready_versions()),
-            default_version=entry.serving_version(),
-            platform=PLATFORM,
-            inputs=tuple(lv.inputs),
-            outputs=tuple(lv.outputs),
-            batching=BatchingPolicy(
-                max_batch_size=lv.max_batch_size,
-                max_queue_delay_ms=b.max_queue_delay_ms,
-                max_queue_size=b.max_queue_size,
-                # The timeout a request that sets none gets: the model's own, else the
-                # server's bound. Reported as the model's 0 ("no default") while every such
-                # request was cut at --default-request-timeout.
-                default_timeout_ms=b.default_timeout_ms or self.default_timeout * 1000.0,
-                default_priority=b.default_priority,
-                preferred_batch_sizes=tuple(b.planned_batch_sizes or ()),
-                combine_requests=lv.combines_requests,  # as it runs now
-            ),
-            instance_count=lv.config.instances.count,
-            device_kind=lv.session.device_kind,
-            providers=tuple(lv.session.providers),
-            version_policy=VersionPolicyView(policy.latest, policy.all, policy.specific),
-            # Where the instances are: only when they run on a GPU (a build without the GPU
-            # provider falls back to CPU, and the ids would then describe nothing).
-            device_ids=lv.config.instances.device_ids if lv.session.device_kind == "gpu" else (),
-        )
+        (a live split's largest share): core.describe."""
+        return describe.metadata(self._registry, model, version, self.default_timeout)
 
     def statistics(self, model: str = "", version: int | None = None) -> list[VersionStatistics]:
         """Every served version (no model), a model's served versions (no version), or one."""
-        if model and version:
-            return [self._registry.get(model, version).statistics()]
-        if version:
-            raise InvalidArgument("a model version needs a model name")
-        if model:
-            self._registry.statuses(model)  # NOT_FOUND for an unknown model
-        stats = [
-            lv.statistics()
-            for lv in self._registry.loaded_versions()
-            if not model or lv.name == model
-        ]
-        if model and not stats:
-            # A model none of whose versions serves (failed, still loading) answers why, as
-            # its metadata and a named version's statistics do, not an empty list that a
-            # client reading its one entry (perf_analyzer) takes for a broken server.
-            self._registry.get(model, self._registry.serving_version(model))
-        return stats
+        return describe.statistics(self._registry, model, version)
 
     def sum_with(self, peers: PeerStatistics) -> None:
         """Add the other worker processes' statistics to what ``total_statistics`` answers."""
@@ -315,11 +265,7 @@ class DataPlane:
     def earlier_loads(self, model: str = "") -> dict[str, list[int]]:
         """model -> the READY versions that serve the load made before their files changed,
         their reload having failed (with --workers, compared across processes)."""
-        out: dict[str, list[int]] = {}
-        for s in self._registry.statuses(model):
-            if serves_earlier_load(s):
-                out.setdefault(s.name, []).append(s.version)
-        return out
+        return describe.earlier_loads(self._registry, model)
 
     def versionless(self, model: str = "") -> list[tuple[str, str]]:
         """(model, why) for each model with no version (ModelRegistry.versionless)."""
