@@ -1809,10 +1809,10 @@ def test_a_rules_decision_the_disk_refuses_is_tried_again_and_said(
     import errno
     import os
 
-    from ferry.server.core import dataplane as dataplane_module
     from ferry.server.core import repository as repository_module
+    from ferry.server.core import rule_decisions
 
-    monkeypatch.setattr(dataplane_module, "DECISION_RETRY", (0.0, 0.0))
+    monkeypatch.setattr(rule_decisions, "DECISION_RETRY", (0.0, 0.0))
     repo = _split_rule_repo(tmp_path)
     replace = os.replace
     seen: list[str] = []
@@ -2028,10 +2028,10 @@ def test_a_rules_decision_that_fails_unexpectedly_is_tried_again(
     import logging
     import os
 
-    from ferry.server.core import dataplane as dataplane_module
     from ferry.server.core import repository as repository_module
+    from ferry.server.core import rule_decisions
 
-    monkeypatch.setattr(dataplane_module, "DECISION_RETRY", (0.0, 0.0))
+    monkeypatch.setattr(rule_decisions, "DECISION_RETRY", (0.0, 0.0))
     repo = _split_rule_repo(tmp_path)
     replace = os.replace
     calls: list[int] = []

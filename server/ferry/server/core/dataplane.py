@@ -9,7 +9,6 @@ same repository outcomes, and every request is counted and observed exactly once
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -24,6 +23,7 @@ from ferry.server.core.config import load_config
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelEntry, ModelRegistry, run_to_end
 from ferry.server.core.repository import validate_model_name
+from ferry.server.core.rule_decisions import RuleDecisions
 from ferry.server.core.shadow import ShadowStatistics
 from ferry.server.core.shadow_rules import ShadowRules
 from ferry.server.core.shadow_sum import add_up as add_up_shadows
@@ -56,9 +56,6 @@ from ferry.server.errors import (
 )
 
 log = logging.getLogger(__name__)
-# Seconds before a rule's decision that could not be written (a full or read-only disk) is
-# tried again: doubled after each failure, up to the last.
-DECISION_RETRY = (0.5, 30.0)
 
 R = TypeVar("R")
 # The other worker processes' snapshots of (model, version): see ferry.server.workers.
@@ -70,7 +67,7 @@ def _no_observer(model: str, version: int, outcome: BaseException | None, second
     return None
 
 
-class DataPlane(SplitRule, ShadowRules):
+class DataPlane(SplitRule, ShadowRules, RuleDecisions):
     def __init__(
         self,
         registry: ModelRegistry,
@@ -357,96 +354,6 @@ class DataPlane(SplitRule, ShadowRules):
             self._after(self._check_split_errors, lv, False)
         if ro.shadow is not None:
             self._after(self._maybe_shadow, request, lv, outputs, elapsed)
-
-    def _decide(
-        self,
-        model: str,
-        split: dict[int, float] | None,
-        why: str,
-        decided_on: rollouts.Rollout,
-        *,
-        keep: rollouts.Rollout | None = None,
-        stats: shadow.ShadowStatistics | None = None,
-    ) -> None:
-        """A rule's decision on ``decided_on`` (the rollout it judged): recorded and applied as
-        a person's would be, off the request, unless another change was made meanwhile (then
-        it is dropped, and ``stats``, the comparison judged, may be judged again).
-        ``keep``: the rollout whose shadow and rules stay (a split's rule changed the split
-        alone; it dropped a live shadow and every rule with it)."""
-        log.warning("model %s: %s", model, why)
-        shadow_of = keep.shadow if keep is not None else None
-        rules = keep.rules.as_dict() if keep is not None and keep.rules else None
-        if shadow_of is None and not split:
-            rules = None  # a split's rule needs a split; none is left
-
-        async def apply() -> None:
-            delay, most = DECISION_RETRY
-            traced = False
-            while True:
-                try:
-                    await self.set_rollout(
-                        model,
-                        split,
-                        by="rollout rules",
-                        why=why,
-                        shadow_of=shadow_of,
-                        rules=rules,
-                        fresh_shadow=False,
-                        decided_on=decided_on,
-                    )
-                except Exception as exc:
-                    # An exception other than a FerryError is a fault of the server's own:
-                    # uncaught, it ended the task, the decision was lost, and what it judged
-                    # stayed decided, never judged again. Its traceback is logged once, and it
-                    # is tried again as a disk's failure is.
-                    unexpected = not isinstance(exc, FerryError)
-                    failure = (
-                        exc.message
-                        if isinstance(exc, FerryError)
-                        else f"{type(exc).__name__}: {exc}"
-                    )
-                    if unexpected and not traced:
-                        traced = True
-                        log.exception("model %s: a rule's decision failed unexpectedly", model)
-                    if self._judged_in_force(model, decided_on) and not self._closing.is_set():
-                        # Not written (a full or read-only disk): the rollout it judged still
-                        # serves, a failing version its share, so it is tried again, and said
-                        # where a person looks. Dropped, the rollback never happened.
-                        self._unapplied[model] = (
-                            f"a rule's decision is not in force yet ({why}): {failure}; "
-                            f"trying again every {most:g} s at most"
-                        )
-                        log.warning(
-                            "model %s: a rule's decision could not be applied, trying again in "
-                            "%g s: %s",
-                            model,
-                            delay,
-                            failure,
-                        )
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self._closing.wait(), delay)
-                        delay = min(delay * 2, most)
-                        continue
-                    if stats is not None:
-                        stats.decided = False  # the rollout in force is judged at the next outcome
-                    log.warning("model %s: a rule's decision was not applied: %s", model, failure)
-                self._unapplied.pop(model, None)
-                return
-
-        task = asyncio.get_running_loop().create_task(apply())
-        self._decisions.add(task)
-        task.add_done_callback(self._decisions.discard)
-
-    def _judged_in_force(self, model: str, decided_on: rollouts.Rollout) -> bool:
-        """Whether the rollout a rule judged still serves (no other change replaced it)."""
-        try:
-            return self._registry.rollout_of(model)[0] is decided_on
-        except FerryError:
-            return False
-
-    def unapplied_decisions(self) -> dict[str, str]:
-        """model -> why a rule's decision is not in force yet (/metrics)."""
-        return dict(self._unapplied)
 
     # ---- rollout (core.rollout) ----
     def rollout(
