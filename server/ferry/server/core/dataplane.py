@@ -1,15 +1,18 @@
 """The one door into the core: every protocol adapter calls this and nothing else.
 
 Inference (unary and streams), metadata, statistics, readiness, listing, the repository index
-and load/unload/refresh all live here, in the core's own types (``core.types``), so ``ferry.v1``,
-the Open Inference Protocol over gRPC and over HTTP give the same answers, the same errors and the
-same repository outcomes, and every request is counted and observed exactly once, here.
+and load/unload/refresh all go through here, in the core's own types (``core.types``), so
+``ferry.v1``, the Open Inference Protocol over gRPC and over HTTP give the same answers, the same
+errors and the same repository outcomes, and every request is counted and observed exactly once,
+here. The parts that are not the request path live beside it: ``core.describe`` (metadata,
+statistics), ``core.management`` (load, unload, refresh), ``core.rollout_edits`` (GetRollout,
+SetRollout), ``core.split_rule`` and ``core.shadow_rules`` (what a routed request's outcome
+feeds) and ``core.rule_decisions`` (a rule's change, applied).
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -18,8 +21,8 @@ from typing import Any, TypeVar
 from ferry.server.batching.batcher import DEADLINE_SLACK
 from ferry.server.core import describe, inputs, shadow, shadow_sum
 from ferry.server.core.loaded import LoadedVersion
-from ferry.server.core.registry import ModelEntry, ModelRegistry, run_to_end
-from ferry.server.core.repository import validate_model_name
+from ferry.server.core.management import RepositoryControl
+from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.rollout_edits import RolloutEdits
 from ferry.server.core.rule_decisions import RuleDecisions
 from ferry.server.core.shadow import ShadowStatistics
@@ -38,7 +41,6 @@ from ferry.server.core.types import (
     Limits,
     ModelMetadata,
     Observer,
-    RepositoryOutcome,
     State,
     VersionStatistics,
     VersionStatus,
@@ -46,9 +48,7 @@ from ferry.server.core.types import (
 )
 from ferry.server.errors import (
     DeadlineExceeded,
-    FailedPrecondition,
     FerryError,
-    ModelNotFound,
 )
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def _no_observer(model: str, version: int, outcome: BaseException | None, second
     return None
 
 
-class DataPlane(SplitRule, ShadowRules, RuleDecisions, RolloutEdits):
+class DataPlane(SplitRule, ShadowRules, RuleDecisions, RolloutEdits, RepositoryControl):
     def __init__(
         self,
         registry: ModelRegistry,
@@ -309,25 +309,7 @@ class DataPlane(SplitRule, ShadowRules, RuleDecisions, RolloutEdits):
         READY, in one pass (registry.health)."""
         return self._registry.health()
 
-    # ---- repository control ----
-    async def load(self, model: str) -> RepositoryOutcome:
-        """Load (or reload) a model from the repository. A load after which no version of it
-        is ready fails with FAILED_PRECONDITION and why, whichever protocol asked."""
-        name = validate_model_name(model)
-        return await self._registry.load_model(name, functools.partial(_check_loaded, name))
-
-    async def unload(self, model: str, *, missing_ok: bool = False) -> RepositoryOutcome:
-        """Stop serving a model. A model that is not loaded (unloaded already, or not in the
-        repository) is NOT_FOUND for ferry.v1, whose caller learns of a typo; ``missing_ok``
-        answers it with nothing done, as the Open Inference Protocol's unload does in Triton
-        (an unload's goal, the model not served, already holds)."""
-        name = validate_model_name(model)
-        try:
-            return await self._registry.unload_model(name)
-        except ModelNotFound:
-            if not missing_ok:
-                raise
-            return RepositoryOutcome()
+    # ---- after a routed request's outcome (core.split_rule, core.shadow_rules) ----
 
     @staticmethod
     def _after(step: Callable[..., None], *args: Any) -> None:
@@ -350,30 +332,6 @@ class DataPlane(SplitRule, ShadowRules, RuleDecisions, RolloutEdits):
             self._after(self._check_split_errors, lv, False)
         if ro.shadow is not None:
             self._after(self._maybe_shadow, request, lv, outputs, elapsed)
-
-    def failed_loads(self) -> list[list[Any]]:
-        """The versions whose load failed in this (first) process (Registry.failed_loads)."""
-        return self._registry.failed_loads()
-
-    def kept_serving(self) -> list[list[Any]]:
-        """What this (first) process keeps serving past its policy (Registry.kept_serving)."""
-        return self._registry.kept_serving()
-
-    def follow_kept(self, rows: list[list[Any]]) -> None:
-        """In a worker: serve what the first keeps serving too (Registry.follow_kept)."""
-        self._registry.follow_kept(rows)
-
-    async def follow_failures(self, rows: list[list[Any]]) -> None:
-        """In a worker: fail and take out what failed in the first (Registry.follow_failures)."""
-        await self._registry.follow_failures(rows)
-
-    async def refresh(self, *, retry_failed: bool = True) -> RepositoryOutcome:
-        """A refresh asked for (the RPC, a worker following the first): run to its end if the
-        caller leaves. Cancelled while a version loaded, it left that version LOADING for
-        good, its session lost, and no later refresh loaded it (a poll's own refresh is still
-        stopped with the server). ``retry_failed`` off: a worker following the first's poll,
-        which tries a failed load again only when asked to."""
-        return await run_to_end(self._registry.refresh(retry_failed=retry_failed, follow=True))
 
 
 def _deadline(
@@ -406,26 +364,6 @@ def _ended_by_deadline(deadline: float | None) -> bool:
     rather than by its client: grpc's timer and this clock may differ by a little, hence the
     slack."""
     return deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK
-
-
-def _check_loaded(name: str, entry: ModelEntry | None, outcome: RepositoryOutcome) -> None:
-    """A load's verdict, on the state it left (registry.load_model runs it under the lock)."""
-    if entry is None or not entry.ready_versions():
-        why = (
-            "; ".join(outcome.failed)
-            or ((entry.config_error or entry.policy_error) if entry is not None else "")
-            or "it has no version folder (<model>/<N>/model.onnx) the version policy selects"
-        )
-        raise FailedPrecondition(f"model {name!r} has no version ready after loading: {why}")
-    if outcome.failed:
-        # Some version did not load as asked (a broken config edit, a session that would
-        # not open, a new version that fails): the load failed, as Triton's does, though
-        # the versions named here keep serving what they served before.
-        ready = ", ".join(str(v) for v in entry.ready_versions())
-        raise FailedPrecondition(
-            f"model {name!r} did not load as asked: {'; '.join(outcome.failed)}; "
-            f"version(s) {ready} keep serving as before"
-        )
 
 
 def _label(request: InferenceRequest | WireRequest) -> int:
