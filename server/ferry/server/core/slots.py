@@ -15,7 +15,8 @@ from ferry.server.core.config import ModelConfig
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.types import State, VersionStatus
 
-log = logging.getLogger(__name__)
+# The registry's logger, as before the split: the name is in every log line (server.logs).
+log = logging.getLogger("ferry.server.core.registry")
 
 
 # A file's or a folder's files' stat (_file_signature): what a refresh compares to see a change.
