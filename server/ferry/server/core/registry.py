@@ -17,12 +17,13 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import ModelConfig
+from ferry.server.core.edits import run_to_end
 from ferry.server.core.loaded import LoadedVersion, open_version
 from ferry.server.core.pools import ThreadPools
 from ferry.server.core.repository import (
@@ -96,24 +97,6 @@ T = TypeVar("T")
 # a hung mount, not a slow one (listing thousands of models over NFS takes seconds).
 READ_TIMEOUT_S = 60.0
 _NOT_LOADED = "the converted model does not load in this server's onnxruntime"
-_EDITS: set[asyncio.Task[Any]] = set()  # edits whose caller left: kept until they end
-
-
-async def run_to_end(work: Coroutine[Any, Any, T]) -> T:
-    """Run a management edit to its end even when its caller leaves (a client's deadline, a
-    cancelled call): cancelled half-way, a SetRollout left its split written but never checked
-    or restored, and a version it was loading LOADING for good, its session opened and lost."""
-    task = asyncio.ensure_future(work)
-    _EDITS.add(task)
-    task.add_done_callback(_edit_ended)
-    return await asyncio.shield(task)
-
-
-def _edit_ended(task: asyncio.Task[Any]) -> None:
-    _EDITS.discard(task)
-    if not task.cancelled() and (exc := task.exception()) is not None:
-        # Its caller may have left: the outcome is logged, not lost as never retrieved.
-        log.info("a management edit ended with %s: %s", type(exc).__name__, exc)
 
 
 class ModelRegistry:
