@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.config import ModelConfig
 from ferry.server.core.edits import run_to_end
+from ferry.server.core.following import FleetFollowing
 from ferry.server.core.loaded import LoadedVersion, open_version
 from ferry.server.core.pools import ThreadPools
 from ferry.server.core.repository import (
@@ -38,14 +39,10 @@ from ferry.server.core.scan import (
     _scan,
 )
 from ferry.server.core.slots import (
-    _FIRST,
-    _KEPT,
     _ROLLOUT_REFUSED,
-    _STILL_SERVING,
     ModelEntry,
     Signature,
     VersionSlot,
-    _failed_first,
     _kept_serving,
     _plain,
     _reload_failed,
@@ -98,7 +95,7 @@ READ_TIMEOUT_S = 60.0
 _NOT_LOADED = "the converted model does not load in this server's onnxruntime"
 
 
-class ModelRegistry(RolloutRouting):
+class ModelRegistry(RolloutRouting, FleetFollowing):
     """Changed on the event loop only. The read-only views (``statuses``, ``loaded_versions``)
     are also read from the metrics thread: they iterate copies of the dicts, each taken in one
     step under the GIL, so a refresh changing them meanwhile cannot break the iteration."""
@@ -140,89 +137,6 @@ class ModelRegistry(RolloutRouting):
         # --workers, what a management call waits on a worker's change scales with it.
         self.longest_load = 0.0
         self._opening_lock = threading.Lock()
-
-    @property
-    def unloaded_by_request(self) -> list[str]:
-        """Models an explicit unload took out (a restarted worker process is told them)."""
-        return sorted(self._unloaded_by_request)
-
-    def keep_unloaded(self, names: list[str]) -> None:
-        """Before the first refresh: models an explicit unload took out in the process this one
-        follows (a worker started again), which it must not load and serve meanwhile."""
-        self._unloaded_by_request.update(names)
-
-    def failed_loads(self) -> list[list[Any]]:
-        """In the first process: each version whose load failed here, [name, version, why,
-        signature], the failed reload of a served version included (it serves the previous
-        load): what every worker must not serve either (``follow_failures``)."""
-        rows: list[list[Any]] = []
-        for entry in list(self.models.values()):
-            for slot in list(entry.versions.values()):
-                if entry.config_error and slot.reason == entry.config_error:
-                    continue  # the config's error, which every worker reads for itself
-                if slot.state is State.FAILED and slot.loaded is None:
-                    rows.append([entry.name, slot.version, slot.reason, _plain(slot.signature)])
-                elif _reload_failed(slot):
-                    why = slot.reason[len(_STILL_SERVING) :]
-                    rows.append([entry.name, slot.version, why, _plain(slot.files_seen())])
-        return rows
-
-    async def follow_failures(self, rows: list[list[Any]]) -> None:
-        """In a worker: the first process's ``failed_loads`` now. A load of one of those
-        versions (the same files) fails here too, with the first's reason, and one this worker
-        serves already (loaded before the first's load failed) is taken out: every process
-        serves a version, or none does."""
-        self._first_failed = {(str(n), int(v)): (str(why), sig) for n, v, why, sig in rows}
-        for (name, version), (why, sig) in self._first_failed.items():
-            entry = self.models.get(name)
-            slot = entry.versions.get(version) if entry is not None else None
-            if entry is None or slot is None or slot.loaded is None or _reload_failed(slot):
-                continue
-            if _plain(slot.signature) != sig or slot.state is not State.READY:
-                continue
-            async with self._model_lock(name):
-                if entry is not self.models.get(name) or entry.versions.get(version) is not slot:
-                    continue  # changed while this waited on the lock
-                await self._unload_version(entry, version, RepositoryOutcome())
-                entry.versions[version] = VersionSlot(
-                    version, State.FAILED, _failed_first(why), None, slot.signature
-                )
-                # Not required, as where its load failed (unless --require-models names it).
-                required = self._required
-                if required is not None and not entry.ready_versions() and name not in self._named:
-                    required.discard(name)
-                self._notify()
-
-    def kept_serving(self) -> list[list[Any]]:
-        """In the first process: [name, version] of each version kept serving because the
-        newer ones its version policy selects did not load (``_kept_serving``)."""
-        return [
-            [entry.name, slot.version]
-            for entry in list(self.models.values())
-            for slot in list(entry.versions.values())
-            if slot.state is State.READY and slot.reason.startswith(_KEPT)
-        ]
-
-    def follow_kept(self, rows: list[list[Any]]) -> None:
-        """In a worker: the first process's ``kept_serving`` now, which its syncs serve beside
-        what the version policy selects. A worker started again loaded only the policy's
-        versions (the broken new one), served nothing of the model, was refused the inference
-        ports for lacking what the first kept serving, and was started again for good."""
-        self._first_kept = {(str(n), int(v)) for n, v in rows}
-
-    def _lifted(self, name: str, slot: VersionSlot) -> bool:
-        """Did ``slot`` fail on the first process's word, which it no longer says? Tried
-        again then, at a poll too: it was not (its files unchanged), and a worker that had
-        failed a version the first loaded since (at its own poll) lacked it, and was killed."""
-        return _FIRST in slot.reason and (name, slot.version) not in self._first_failed
-
-    def _failed_in_first(self, name: str, version: int, sig: Signature) -> str:
-        """Why this version (with these files) is not to be loaded here: its load failed in
-        the first process ("" when it did not, or this is the first process)."""
-        failed = self._first_failed.get((name, version))
-        if failed is None or failed[1] != _plain(sig):
-            return ""
-        return _failed_first(failed[0])
 
     def add_listener(self, listener: Listener) -> None:
         """Called after every state change (health and metrics follow the registry)."""
