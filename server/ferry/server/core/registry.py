@@ -8,6 +8,11 @@ version keeps serving.
 One model's business never holds up another's: sessions are created and freed on the loader pool
 (core.pools, lower CPU priority), and each model has its own lock, so a management call on one
 model never waits behind a refresh that is loading others (one refresh runs at a time).
+
+ModelRegistry is the facade callers import; its parts live beside it: the entry and slot types
+(core.slots), the folder scan and signatures (core.scan), one model's sync (core.sync), rollout
+routing (core.routing), following the fleet's first process (core.following), health and
+status (core.health), and management edits run to their end (core.edits).
 """
 
 from __future__ import annotations
