@@ -236,7 +236,7 @@ class ModelRepository:
             entries = list(mdir.iterdir())
         except OSError as exc:
             # Another user's folder (mode 0700), a stale mount: the model's state, said as
-            # such, not INTERNAL (and a refresh fails this model alone: registry._scan).
+            # such, not INTERNAL (and a refresh fails this model alone: core.scan._scan).
             raise FailedPrecondition(
                 f"the folder of model {name!r} {UNREADABLE} ({exc.strerror or exc}): give the "
                 "server's user read and search permission on it"
