@@ -45,6 +45,9 @@ class Carried:
         self._lock = threading.Lock()
         self._last: dict[Load, VersionStatistics] = {}  # each load's, at the last compared read
         self._carried: dict[Version, VersionStatistics] = {}
+        # The loads whose counts _carried holds: a read overtaken by a later compared one may
+        # still hold such a load, and showing it beside what was carried counted it twice.
+        self._ended: set[Load] = set()
         # Reads numbered as they begin, and the latest one compared: two scrapes at once read
         # the statistics outside the lock, and the earlier read's counts, compared after the
         # later one's, looked like a new load that carried the later one's into every scrape.
@@ -67,7 +70,23 @@ class Carried:
             if read >= self._compared:  # else a later read was compared already
                 self._compared = read
                 self._compare(own, others)
+            else:
+                # Read before a load ended that a later read, compared already, carried: its
+                # counts are in _carried (20 shown for 10 served, then 13 read as a reset).
+                return self._overtaken([*own, *others])
             return [self._with_carried(s) for s in merge([*own, *others])]
+
+    def _overtaken(self, read: list[VersionStatistics]) -> list[VersionStatistics]:
+        """Under the lock: an overtaken read's versions, its ended loads shown by what was
+        carried of them alone."""
+        live = [s for s in read if _load(s) not in self._ended]
+        shown = {(s.name, s.version) for s in live}
+        only_carried = [
+            self._carried[key]
+            for key in dict.fromkeys((s.name, s.version) for s in read)
+            if key not in shown and key in self._carried
+        ]
+        return [*(self._with_carried(s) for s in merge(live)), *only_carried]
 
     def _with_carried(self, s: VersionStatistics) -> VersionStatistics:
         carried = self._carried.get((s.name, s.version))
@@ -80,6 +99,7 @@ class Carried:
         shown = {load[:2] for load in now}
         for key in [k for k in self._carried if k not in shown]:
             del self._carried[key]  # unloaded: its counts leave with it
+        self._ended = {load for load in self._ended if load[:2] in self._carried}
         for load, before in self._last.items():
             key = load[:2]
             if load in now or key not in shown:
@@ -88,6 +108,7 @@ class Carried:
             ended = dataclasses.replace(before, queue_depth=0)
             prior = self._carried.get(key)
             self._carried[key] = ended if prior is None else merge([prior, ended])[0]
+            self._ended.add(load)
         self._last = now
 
 
@@ -105,6 +126,7 @@ class ShadowCarried:
         self._lock = threading.Lock()
         self._last: dict[Shadow, tuple[str, tuple[int, int, int]]] = {}  # comparison, counts
         self._carried: dict[Shadow, tuple[int, int, int]] = {}
+        self._ended: set[tuple[Shadow, str]] = set()  # comparisons whose counts are carried
         self._begun = 0
         self._compared = 0  # reads numbered as for Carried: an overtaken one compares nothing
 
@@ -121,11 +143,20 @@ class ShadowCarried:
                 self._compared = read
                 for key in [k for k in self._carried if k not in now]:
                     del self._carried[key]  # not shown: the series ends
+                self._ended = {e for e in self._ended if e[0] in self._carried}
                 for key, (comparison, counts) in self._last.items():
                     if key in now and now[key][0] != comparison:  # started afresh since
                         prior = self._carried.get(key, (0, 0, 0))
                         self._carried[key] = _plus(prior, counts)
+                        self._ended.add((key, comparison))
                 self._last = now
+            else:
+                # Overtaken by a later read, compared already, that carried this read's
+                # comparison: its counts are in _carried, shown once.
+                now = {
+                    key: (comparison, (0, 0, 0) if (key, comparison) in self._ended else counts)
+                    for key, (comparison, counts) in now.items()
+                }
             return {key: _plus(self._carried.get(key, (0, 0, 0)), c) for key, (_, c) in now.items()}
 
 
