@@ -1305,6 +1305,69 @@ def test_a_data_file_rewritten_in_place_does_not_crash_the_server(tmp_path: Path
     assert (proc.returncode, proc.stdout.strip()) == (0, "served its own copy"), proc.stderr
 
 
+# Two sessions of a version whose weights are an embedding table in a data file, in a process
+# of its own (a crash would end the run; its memory is its own to measure).
+MAPPED_FROM_A_COPY = """
+import resource, sys
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+from pathlib import Path
+from ferry.server.core.config import OnnxRuntimeConfig
+from ferry.server.runtime import shared_weights
+from ferry.server.runtime.session import OrtSession
+folder, state = Path(sys.argv[1]), Path(sys.argv[2])
+def save(seed):
+    table = np.random.default_rng(seed).standard_normal((8192, 1024), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Gather", ["table", "ids"], ["rows"])], "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", 1024])],
+        [numpy_helper.from_array(table, "table")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=0)
+    return table
+folder.mkdir(parents=True)
+old = save(0)
+shared_weights.set_cache_dir(state)
+x = {"ids": np.array([0, 8191], np.int64)}
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
+before = rss()
+sessions = [OrtSession(folder / "model.onnx", OnnxRuntimeConfig(intra_op_threads=1)) for _ in range(2)]
+grown = rss() - before
+data = folder / "model.onnx.data"
+new_bytes = data.read_bytes()
+with open(data, "r+b") as fh:  # as cp does: cut to nothing, then written
+    fh.truncate(0)
+    cut = sessions[0].session.run(None, x)[0]
+    fh.write(new_bytes[::-1])
+after = sessions[1].session.run(None, x)[0]
+reloaded = OrtSession(folder / "model.onnx", OnnxRuntimeConfig(intra_op_threads=1))
+print(grown < 32 * 2**20, np.array_equal(cut, old[[0, 8191]]), np.array_equal(after, old[[0, 8191]]),
+      not np.array_equal(reloaded.session.run(None, x)[0], old[[0, 8191]]), grown // 2**20)
+"""
+
+
+def test_a_data_file_is_mapped_from_a_copy_the_sessions_share(tmp_path: Path) -> None:
+    """Read into memory (so that a ``cp`` over it could not crash the server), a data file
+    cost each session its own copy of the weights: each worker's, each planned size's, three
+    times the file at the load's peak (an embedding table of 256 MiB, three workers: 873 MiB
+    PSS, 96 MiB mapped). Mapped from Ferry's own copy in the weights cache, never rewritten,
+    two sessions of a 32 MiB table hold none of it but the rows they read, a rewrite in place
+    changes nothing they answer, and the reload it triggers maps a copy of the new file."""
+    proc = subprocess.run(
+        [sys.executable, "-c", MAPPED_FROM_A_COPY, str(tmp_path / "m" / "1"), str(tmp_path / "s")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split()[:4] == ["True", "True", "True", "True"], proc.stdout
+
+
 def test_a_version_folder_linked_from_outside_is_served_and_followed(
     repo: ModelRepository,
 ) -> None:

@@ -413,10 +413,17 @@ class OrtSession:
             so.add_session_config_entry("session.disable_prepacking", "1")
             opened = shared
         self.weights_shared = shared is not None
-        # The version's own data files, read now: mapped, a file rewritten in place crashed
-        # the server (SIGBUS). Held until the sessions below are built. The shared copy is
-        # Ferry's own, never rewritten, and mapped so that the workers share its pages.
-        data = external_files.read_into(so, path) if shared is None else []
+        # The version's own data files are never mapped where they are: a file rewritten in
+        # place crashed the server (SIGBUS). Mapped from Ferry's own copy (never rewritten),
+        # whose pages the sessions and workers share; else read now, held until the sessions
+        # below are built. The shared copy is Ferry's own too.
+        data: list[bytes] = []
+        if shared is None:
+            snapshot = external_files.snapshot(path)
+            if snapshot is not None:
+                opened = snapshot
+            else:
+                data = external_files.read_into(so, path)
         # A session that starts threads of its own (an intra-op pool; a GPU provider's) is built
         # so that they keep normal priority: a thread keeps the priority of its creator.
         on_cpu = provider_table.placement(plan.names[0])[0] == provider_table.CPU

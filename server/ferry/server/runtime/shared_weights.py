@@ -53,6 +53,11 @@ def set_cache_dir(folder: Path | None) -> None:
     _CACHE["dir"] = folder
 
 
+def cache_dir() -> Path | None:
+    """The folder set by ``set_cache_dir`` (None: no copies are made)."""
+    return _CACHE["dir"]
+
+
 @functools.lru_cache(maxsize=256)
 def _digest(path: str, _dev: int, _ino: int, _size: int, _mtime_ns: int, _ctime_ns: int) -> str:
     """The SHA-256 of ``path``, hashed once per file: one load opens a model several times
