@@ -256,3 +256,38 @@ def test_a_models_own_ort_config_never_sets_its_session_options(
     monkeypatch.setenv("ORT_LOAD_CONFIG_FROM_MODEL", "1")
     options = OrtSession(path, OnnxRuntimeConfig(intra_op_threads=1)).session.get_session_options()
     assert (options.intra_op_num_threads, options.inter_op_num_threads) != (3, 5)
+
+
+def test_prune_keeps_the_copy_a_loaded_version_maps_its_external_data_from(
+    tmp_path: Path, cache: Path
+) -> None:
+    """A version with external data maps a copy in the cache (runtime.external_files). Pruned
+    10 minutes after its opening though still loaded, a worker started again later made a
+    copy of its own, holding the weights apart from the others (and the disk twice)."""
+    from ferry.server.runtime import external_files
+
+    loaded, other = tmp_path / "m" / "1", tmp_path / "m" / "2"
+    for folder, seed in ((loaded, 0), (other, 1)):
+        folder.mkdir(parents=True)
+        table = np.random.default_rng(seed).standard_normal((64, 64)).astype(np.float32)
+        graph = helper.make_graph(
+            [helper.make_node("Gather", ["table", "ids"], ["rows"])],
+            "g",
+            [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+            [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", 64])],
+            [numpy_helper.from_array(table, "table")],
+        )
+        onnx.save_model(
+            helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+            str(folder / "model.onnx"),
+            save_as_external_data=True,
+            location="model.onnx.data",
+            size_threshold=0,
+        )
+        OrtSession(folder / "model.onnx", OnnxRuntimeConfig(intra_op_threads=1)).release()
+    copies = sorted(p.name for p in (cache / "weights").iterdir())
+    assert len(copies) == 2
+    keep = external_files.copies_of([loaded / "model.onnx"])
+    removed = shared_weights.prune([], unused_for=0, keep=keep)
+    assert [sorted([*keep, *removed])] == [copies] and len(removed) == 1
+    assert (cache / "weights" / next(iter(keep)) / "model.onnx.data").is_file()

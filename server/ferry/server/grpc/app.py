@@ -49,7 +49,7 @@ from ferry.server.grpc.tls import server_credentials
 from ferry.server.http.listener import HttpListener, ssl_context
 from ferry.server.http.oip import OipRoutes
 from ferry.server.metrics import Metrics
-from ferry.server.runtime import shared_weights
+from ferry.server.runtime import external_files, shared_weights
 from ferry.server.runtime.session import open_session, set_auto_threads
 from ferry.server.settings import Settings
 from ferry.server.workers import control as worker_control
@@ -488,14 +488,14 @@ class FerryServer:
             return  # no copies: nothing to look at, no paths to resolve
         # Only versions that share weights can hold a copy (and only their files have been
         # hashed here: hashing another model of gigabytes would hold the files thread).
-        loaded = [
-            (v.name, v.version)
-            for v in self.registry.loaded_versions()
-            if v.config.onnxruntime.share_weights
-        ]
+        versions = self.registry.loaded_versions()
+        loaded = [(v.name, v.version) for v in versions if v.config.onnxruntime.share_weights]
+        # Any version may map a copy of its external data (runtime.external_files): found by
+        # path, nothing hashed.
+        every = [(v.name, v.version) for v in versions]
         try:
             removed = await asyncio.get_running_loop().run_in_executor(
-                self.registry.pools.files, self._prune_copies, loaded
+                self.registry.pools.files, self._prune_copies, loaded, every
             )
         except OSError as exc:
             log.warning("weight copies not pruned: %s", exc)
@@ -503,10 +503,15 @@ class FerryServer:
         if removed:
             log.info("removed %d shared weight copies no loaded version uses", len(removed))
 
-    def _prune_copies(self, loaded: list[tuple[str, int]]) -> list[str]:
+    def _prune_copies(
+        self, loaded: list[tuple[str, int]], every: list[tuple[str, int]]
+    ) -> list[str]:
         # Path resolution (a stat and realpath per version) runs here, off the event loop.
         files = [self.repository.model_file(name, version) for name, version in loaded]
-        return shared_weights.prune(files)
+        mapped = external_files.copies_of(
+            [self.repository.model_file(name, version) for name, version in every]
+        )
+        return shared_weights.prune(files, keep=mapped)
 
     async def _poll(self, interval: float) -> None:
         """Scan the repository every ``interval`` seconds. With --workers the first process

@@ -41,6 +41,24 @@ log = logging.getLogger("ferry.runtime")
 # which may hold gigabytes of embedded weights, is not parsed here a second time.
 NOT_DATA = frozenset({"model.onnx", "config.toml", "config.json", "report.json"})
 
+# The copy each model path was last opened from here (resolved path -> its folder's name in
+# the cache): the first process's prune keeps those of its loaded versions, so a worker started
+# again later maps the same copy as the others, not a new one of its own.
+_OPENED: dict[str, str] = {}
+
+
+def copies_of(model_paths: list[Path]) -> set[str]:
+    """The cache folders the versions at ``model_paths`` were last opened from here."""
+    names = set()
+    for path in model_paths:
+        try:
+            name = _OPENED.get(os.fspath(path.resolve()))
+        except OSError:
+            continue
+        if name is not None:
+            names.add(name)
+    return names
+
 
 def _data_files(model_path: Path) -> dict[str, Path]:
     """The data files the model at ``model_path`` reads, by location; {} when it reads none,
@@ -97,6 +115,7 @@ def snapshot(model_path: Path) -> Path | None:
         before = {name: _identity(path) for name, path in sources.items()}
         digest = hashlib.sha256(repr(sorted(before.items())).encode()).hexdigest()
         target = root / "weights" / f"external-{digest}"
+        _OPENED[os.fspath(sources["model.onnx"])] = target.name
         if (target / "model.onnx").is_file():
             os.utime(target)  # in use: shared_weights.prune leaves it for UNUSED_FOR
             return target / "model.onnx"

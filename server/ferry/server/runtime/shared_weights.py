@@ -161,10 +161,13 @@ def has_copies() -> bool:
     return root is not None and (root / "weights").is_dir()
 
 
-def prune(loaded_models: Iterable[Path], *, unused_for: float | None = None) -> list[str]:
+def prune(
+    loaded_models: Iterable[Path], *, unused_for: float | None = None, keep: Iterable[str] = ()
+) -> list[str]:
     """Remove the cached copies (and abandoned partial ones) that none of ``loaded_models``
-    uses and that nobody opened for ``unused_for`` seconds (``UNUSED_FOR``); returns what was
-    removed.
+    uses, not named in ``keep`` (external data's copies that loaded versions map:
+    runtime.external_files), and that nobody opened for ``unused_for`` seconds
+    (``UNUSED_FOR``); returns what was removed.
 
     Run by the first process, whose loaded set the workers follow. A worker that still maps a
     removed copy keeps its pages (an unlinked file stays mapped), and one that opens it again
@@ -173,19 +176,19 @@ def prune(loaded_models: Iterable[Path], *, unused_for: float | None = None) -> 
     if root is None or not has_copies():
         return []
     folder = root / "weights"
-    keep: set[str] = set()
+    kept: set[str] = set(keep)
     for path in loaded_models:
         try:
             st = path.stat()
             if st.st_size >= MIN_SHARED_BYTES:
-                keep.add(_digest_of(path, st))
+                kept.add(_digest_of(path, st))
         except OSError:
             continue  # gone meanwhile: nothing of it to keep
     quiet = UNUSED_FOR if unused_for is None else unused_for
     now = time.time()
     removed = []
     for entry in folder.iterdir():
-        if entry.name in keep:
+        if entry.name in kept:
             continue
         try:
             partial = entry.name.startswith(".tmp-")
