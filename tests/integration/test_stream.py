@@ -250,6 +250,24 @@ def test_an_item_that_is_neither_inputs_nor_a_pair_is_invalid_input(
     asyncio.run(run())
 
 
+def test_an_item_whose_id_is_not_a_str_is_invalid_input(
+    client: InferenceClient, server: Any
+) -> None:
+    """``(5, x)`` was sent and answered under "5", so looking its answer up by 5 failed; a
+    non-str id is refused, naming the item and the id to give instead."""
+    items = [("a", batch(0)), (5, batch(1))]
+    with pytest.raises(InvalidInputError, match=r"item 1's id is int 5: .*pass \('5', inputs\)"):
+        list(client.infer_many("mlp", items))  # type: ignore[arg-type]
+
+    async def run() -> None:
+        async with AsyncInferenceClient(server.target) as aclient:
+            with pytest.raises(InvalidInputError, match="item 1's id is int 5"):
+                async for _ in aclient.infer_many("mlp", items):  # type: ignore[arg-type]
+                    pass
+
+    asyncio.run(run())
+
+
 def test_an_item_refused_before_it_is_sent_is_that_items_answer_in_infer_many(
     client: InferenceClient, server: Any
 ) -> None:

@@ -105,7 +105,15 @@ def item_of(index: int, item: InputItem) -> tuple[str, Inputs]:
                 "(id, inputs) pair"
             )
         rid, inputs = item
-        return str(rid), inputs
+        if not isinstance(rid, str):
+            # str(rid) went on the wire and came back as the answer's id, so ``(5, x)`` was
+            # answered under "5" and a lookup by 5 missed it; an id is a str, as in submit().
+            raise InvalidInputError(
+                f"infer_many item {index}'s id is {type(rid).__name__} {rid!r}: an id is a str "
+                f"(it is the request's id on the wire and comes back as given); pass "
+                f"({str(rid)!r}, inputs)"
+            )
+        return rid, inputs
     return str(index), item
 
 
