@@ -191,6 +191,18 @@ def test_python_numbers_that_do_not_fit_the_model_dtype_are_refused_not_wrapped(
     assert zoo_client.infer(model, {"input": values})["output"].tolist() == values
 
 
+def test_a_bool_among_python_numbers_is_refused(zoo_client: InferenceClient) -> None:
+    """numpy read [True, 2.0] as [1.0, 2.0] and the SDK sent it as FP32, while OIP HTTP's
+    JSON refuses true/false among numbers: the SDK refuses it too, before anything is sent."""
+    for model, values in (("fixed", [True, 2.0, 3.0]), ("id_int8", [[1, False]])):
+        with pytest.raises(InvalidInputError, match="a list of numbers holds True or False"):
+            zoo_client.infer(model, {"input": values})
+    with zoo_client.stream("fixed") as stream, pytest.raises(InvalidInputError, match="False"):
+        stream.submit({"input": [2.0, np.True_, 3.0]}, "s")
+    # 1 and 0 themselves are numbers, and a list of numbers alone is untouched.
+    assert zoo_client.infer("fixed", {"input": [1, 0, 3.0]})["output"].tolist() == [1, 0, 3]
+
+
 def test_python_strings_keep_their_trailing_nuls(zoo_client: InferenceClient) -> None:
     """numpy makes fixed-width str/bytes arrays of a list of strings, which drop trailing NULs:
     "ab\\x00" went out as b"ab"."""

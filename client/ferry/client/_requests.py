@@ -78,6 +78,14 @@ def as_array(value: ArrayLike, name: str = "", dtype: np.dtype[Any] | None = Non
         # [bytearray(b"ab")] became UINT8 [[97, 98]], not one BYTES element.
         buffers = _with_buffers_as_bytes(value)
         arr = arr if buffers is None else buffers
+    if arr.dtype.kind in "iuf" and isinstance(value, list | tuple) and _holds_bool(value, arr):
+        # numpy reads [True, 2.0] as [1.0, 2.0]: a bool among numbers is a mistake of the
+        # caller's, which the server's JSON reader refuses too (OIP HTTP: true/false among
+        # numbers), so the protocols agree on what a list may hold.
+        raise CodecError(
+            f"input {name!r}: a list of numbers holds True or False (numpy would read it as "
+            "1 or 0); give 1 and 0 if that is what you mean"
+        )
     if arr.dtype.kind in "US":
         # Built again as Python objects: numpy's fixed-width str/bytes drop trailing NULs, so
         # "ab\x00" went out as b"ab". (An S or U array the caller built is theirs, as sent.)
@@ -117,6 +125,21 @@ def is_bytes_view(value: Any) -> bool:
 
 
 _PLAIN = frozenset({float, int, bool, str, bytes})  # list elements that hide nothing
+
+
+def _holds_bool(value: list[Any] | tuple[Any, ...], arr: np.ndarray) -> bool:
+    """Whether a bool is among the list's numbers. numpy read each as 1 or 0, so with no 0 or
+    1 in ``arr`` there is none, and the walk over every element is skipped."""
+    if arr.size == 0 or not ((arr == 0) | (arr == 1)).any():
+        return False
+    stack: list[Any] = [value]
+    while stack:
+        for element in stack.pop():
+            if isinstance(element, bool | np.bool_):
+                return True
+            if isinstance(element, list | tuple):
+                stack.append(element)
+    return False
 
 
 def _refuse_masked_inside(value: list[Any] | tuple[Any, ...], name: str) -> None:
