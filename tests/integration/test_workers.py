@@ -1051,6 +1051,37 @@ def test_a_worker_that_read_another_config_than_the_first_brings_it_to_the_first
         assert _listens(fleet.pids[1], fleet.port)  # the same worker: none was killed
 
 
+def test_a_new_models_config_the_first_read_half_written_is_served_by_every_process(
+    tmp_path: Path,
+) -> None:
+    """A new model's config.json, half written when the first process read it, whole when the
+    worker did: the first failed every version with the config's error, the worker served the
+    model alone, and a request was answered or refused by connection. The first's failed list
+    left config errors out (each process reads the config for itself), so the fleet never saw
+    it. It brings the first to the config on disk now, and every connection answers."""
+    root = make_repo(tmp_path / "repo", {"mlp": mlp_model()})
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        _EDIT_CONFIG_IN_WORKER.format(tmp=str(tmp_path), root=str(root))
+    )
+    with _serving(root, hook=hook) as fleet:
+        write_model(ModelRepository(root), "m", seed_model(seed=1), version=1)
+        whole = json.dumps({"batching": {"max_batch_size": 8}})
+        (root / "m" / "config.json").write_text(whole[: len(whole) // 2])  # a copy under way
+        (tmp_path / "config").write_text(whole)  # the worker reads it once the copy ended
+        with (
+            RepositoryClient(f"127.0.0.1:{fleet.management}") as repo,
+            pytest.raises(FerryError, match="config"),
+        ):
+            repo.load_model("m")  # the first read it half written
+        assert not (tmp_path / "config").exists()  # the worker read it whole
+        line = fleet.wait_line(r"worker-1\.sock serves .*refreshing this process").string
+        assert "m version 1" in line, line
+        wait_for(lambda: _rows_accepted(fleet.port, 8) == CONNECTIONS, "m served everywhere")
+        assert _listens(fleet.pids[1], fleet.port)  # the same worker: none was killed
+
+
 # The same, the other way round: the first process's own load of model "big" fails.
 _FAIL_IN_FIRST = _FAIL_IN_WORKERS.replace(
     'if os.environ.get("FERRY_WORKER_SOCKET"):', 'if not os.environ.get("FERRY_WORKER_SOCKET"):'

@@ -20,6 +20,7 @@ from ferry.server.core.registry import ModelRegistry
 from ferry.server.core.repository import ModelRepository
 from ferry.server.examples import seed_model, write_model
 from ferry.server.runtime.session import open_session
+from ferry.server.workers import judging
 
 # A test's body: what it does with the first process's registry and a worker's.
 Pair = Callable[[ModelRegistry, ModelRegistry], Awaitable[None]]
@@ -217,17 +218,29 @@ def test_a_version_failed_on_the_first_word_is_loaded_at_a_poll_once_the_first_s
     _run(repo, body, failing)
 
 
-def test_a_config_error_of_the_first_is_not_sent_for_the_worker_reads_the_config_itself(
+def test_a_config_error_of_the_first_never_fails_a_worker_that_reads_the_config_whole(
     repo: ModelRepository,
 ) -> None:
-    """A worker judges the config itself: sent, a config fixed between the first's scan and
-    the worker's would have failed the worker's load on the first's stale word."""
+    """A worker judges the config itself: a config fixed between the first's scan and the
+    worker's must not fail the worker's load on the first's stale word. The row is sent all
+    the same, under the files and the config the first read, so that the fleet sees a worker
+    serving what the first refused (judging.loaded_what_failed): left out, one connection in
+    N served a new model the others refused until the next refresh."""
     write_model(repo, "seed", seed_model())
-    (repo.model_dir("seed") / "config.json").write_text("{not json")
+    config = repo.model_dir("seed") / "config.json"
+    config.write_text("{not json")
 
-    async def body(first: ModelRegistry, _worker: ModelRegistry) -> None:
+    async def body(first: ModelRegistry, worker: ModelRegistry) -> None:
         await first.refresh()
         assert _serving(first) == {"seed": []}
-        assert first.failed_loads() == []
+        ((name, version, why, _sig),) = _rows(first)
+        assert (name, version) == ("seed", 1) and "config.json cannot be parsed" in why
+        config.write_text("{}")  # the copy ends before the worker reads it
+        await worker.follow_failures(_rows(first))
+        await worker.refresh()
+        assert _serving(worker) == {"seed": [1]}
+        theirs = json.loads(json.dumps({"files": worker.served_files("seed")}))
+        found = judging.loaded_what_failed(_serving(first), theirs, _rows(first))
+        assert "seed version 1 (its load failed in the first process" in found
 
     _run(repo, body)

@@ -62,7 +62,11 @@ class FleetFollowing:
         for entry in list(self.models.values()):
             for slot in list(entry.versions.values()):
                 if entry.config_error and slot.reason == entry.config_error:
-                    continue  # the config's error, which every worker reads for itself
+                    # Under the files and the config read: a worker that read the config whole
+                    # (half written here) loads it (no match), and the fleet sees it (judging).
+                    sig = (slot.signature, entry.config_signature)
+                    rows.append([entry.name, slot.version, slot.reason, _plain(sig)])
+                    continue
                 if slot.state is State.FAILED and slot.loaded is None:
                     rows.append([entry.name, slot.version, slot.reason, _plain(slot.signature)])
                 elif _reload_failed(slot):

@@ -119,6 +119,6 @@ def loaded_what_failed(
         if got is not None and (not isinstance(got, list) or not got or got[0] != sig):
             found.append(
                 f"{name} version {version} (its load failed in the first process on "
-                "files that changed on disk since)"
+                "files, or a config, that changed on disk since)"
             )
     return control.describe(found)
