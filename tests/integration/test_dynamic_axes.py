@@ -288,3 +288,38 @@ def test_declared_axis_on_an_onnx_graph_that_fixes_it_fails_the_job(
     spec = InputSpec("x", "FP32", [-1, 8, 4], {1: DynamicAxis("sequence", max=16)})
     with pytest.raises(JobFailedError, match=r"dim 1 \(sequence\) is declared dynamic, but the "):
         conv.convert(up, inputs=[spec], benchmark="off").wait(progress=False)
+
+
+class GruThenLstm(torch.nn.Module):
+    """A batch-first GRU, then a seq-first LSTM fed its [batch, time, ...] states: the LSTM
+    takes the batch for its time, and the export writes the example's sizes into Reshapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gru = torch.nn.GRU(6, 12, batch_first=True)
+        self.lstm = torch.nn.LSTM(12, 8)
+
+    def forward(self, x: Any) -> Any:
+        return self.lstm(self.gru(x)[0])[0]
+
+
+def test_a_source_that_answers_other_rows_at_another_length_fails_the_job_not_the_child(
+    start: Start,
+) -> None:
+    """At another length of the declared axis the source model answered 4 rows for 8 (its
+    Reshape fixed to the example's size), and judging its answers row by row crashed the
+    conversion child: INTERNAL, "operands could not be broadcast together". That length is
+    left out with a note, and the job fails on what is wrong: the batch fixed inside."""
+    torch.manual_seed(0)
+    _, conv = start()
+    up = conv.upload(
+        "gl",
+        GruThenLstm().eval(),
+        example_inputs=torch.randn(4, 9, 6),
+        dynamic_axes={"x": {1: DynamicAxis("t", 1, 64)}},
+    )
+    with pytest.raises(JobFailedError) as info:
+        conv.convert(up, benchmark="off").wait(progress=False)
+    message = str(info.value)
+    assert "crashed" not in message and "broadcast" not in message, message
+    assert "do not have the batch dim first" in message, message
