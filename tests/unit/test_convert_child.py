@@ -1529,6 +1529,38 @@ def test_an_export_must_answer_like_pytorch_at_batch_1(tmp_path: Path) -> None:
         dims.verify_batch(inputs, graph_plus_one, 8, None, rtol=1e-3, atol=1e-4, reference=module)
 
 
+def test_a_reshape_fixed_to_the_examples_length_is_named_at_the_bounds(tmp_path: Path) -> None:
+    """A Reshape to the literal {9,-1,12} (the example's length, 9, written in by the export)
+    failed at t=1 with the hint "check the dynamic axes' bounds ... or lower max", which no
+    bound fixes: the failure says the export fixed the length, and what to change."""
+    from ferry.server.convert.spec import DynamicAxis, InputSpec
+    from ferry.server.convert.worker import dims
+    from ferry.server.errors import ConversionFailed
+
+    shape = numpy_helper.from_array(np.array([9, -1, 12], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["y"])],
+        "fixed_length",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "t", 12])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [shape],
+    )
+    path = tmp_path / "fixed.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    run = parity.onnx_runner(path, 1)
+    inputs = [InputSpec("x", "FP32", [-1, 9, 12], [DynamicAxis(1, "t", 1, 64)])]
+    with pytest.raises(ConversionFailed) as info:
+        dims.verify(inputs, run)
+    message = str(info.value)
+    assert "fails at t=1" in message and "lower max" not in message, message
+    assert "asks for shape {9,-1,12}, with 9, the example's size of t" in message, message
+    assert "batch_first=True" in message and "leave t fixed at 9" in message, message
+    # A bound the model cannot take (no literal of the example's) keeps the bounds' hint.
+    wide = [InputSpec("x", "FP32", [-1, 3, 12], [DynamicAxis(1, "t", 3, 64)])]
+    with pytest.raises(ConversionFailed, match="lower max"):
+        dims.verify(wide, run)
+
+
 def test_a_graph_that_leaves_its_first_row_alone_still_mixes_rows() -> None:
     """Only the first sample was run alone: a cumulative sum over the batch (row 0 is its own
     sum) was found to keep its rows apart, and its dynamic int8 variant was published with

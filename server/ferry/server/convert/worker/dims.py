@@ -12,6 +12,7 @@ the serving side refuses a request outside them before it reaches onnxruntime.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -81,14 +82,48 @@ def verify(
             if seen is not None:
                 seen.append([tuple(np.shape(o)) for o in outputs])
         except Exception as exc:
+            said = first_line(exc)
             raise ConversionFailed(
-                f"the exported model fails at {shown} in onnxruntime ({first_line(exc)}): check "
-                "the dynamic axes' bounds (a position table, a fixed-size buffer) or lower max"
+                f"the exported model fails at {shown} in onnxruntime ({said}): "
+                + (
+                    _fixed_reshape(said, inputs, sizes)
+                    or "check the dynamic axes' bounds (a position table, a fixed-size buffer) "
+                    "or lower max"
+                )
             ) from None
         ran.append(shown)
     if not ran:
         return []
     return [f"dynamic axes verified: the model runs at {' and at '.join(ran)} (batch 1)"]
+
+
+# onnxruntime's words for a Reshape whose literal shape does not fit its input.
+_RESHAPE = re.compile(r"Reshape node.*requested shape:\{([-\d,\s]+)\}", re.S)
+
+
+def _fixed_reshape(said: str, inputs: list[InputSpec], sizes: dict[str, int]) -> str:
+    """What to fix when onnxruntime failed on a Reshape whose literal shape holds an axis's
+    size in the example, run at another size: no bound is at fault (the hint said "lower
+    max"), the export wrote the example's length into the graph ("" when it is not that)."""
+    found = _RESHAPE.search(said)
+    if found is None:
+        return ""
+    literal = [int(d) for d in found.group(1).split(",") if d.strip()]
+    for spec in inputs:
+        for a in spec.dynamic_axes:
+            held = spec.shape[a.axis]
+            if held > 0 and held != sizes.get(a.name) and held in literal:
+                shown = "{" + ",".join(map(str, literal)) + "}"
+                return (
+                    f"a Reshape in the graph asks for shape {shown}, with {held}, the example's "
+                    f"size of {a.name}, written into it: the export took the example's length "
+                    f"as a constant, and the model runs only at {a.name}={held}, whatever the "
+                    "bounds. Make the model's code follow the input's size where it reshapes "
+                    "(-1 or x.shape[...], not a number; an RNN with batch_first=False fed "
+                    "[batch, time, ...] takes the time for its batch: set batch_first=True or "
+                    f"transpose), then upload it again; or leave {a.name} fixed at {held}"
+                )
+    return ""
 
 
 Run = Callable[[dict[str, np.ndarray]], list[np.ndarray]]
