@@ -28,6 +28,7 @@ from helpers import (
 from onnx import TensorProto, helper
 from serverutil import ServerThread
 
+from ferry.cli.models import describe_text
 from ferry.client import FailedPreconditionError, InferenceClient, InferResult, ModelStatistics
 from ferry.server.core.types import DYNAMIC_AXES_METADATA
 from ferry.server.examples import identity_model, mlp_model
@@ -584,8 +585,15 @@ def test_a_model_no_made_up_row_runs_that_works_across_rows_never_mixes_callers(
         assert counted.inference_count == 11
         # Described as it runs, as combine_requests = false is: it was still described as
         # combining requests (ModelConfig's dynamic_batching, ferry.v1's BatchingPolicy).
-        batching = client.model_metadata("m").batching
+        meta = client.model_metadata("m")
+        batching = meta.batching
         assert batching.max_batch_size > 0 and not batching.combine_requests
+        # And why: `ferry models describe` said "(combine_requests = false)", which its config
+        # never said.
+        assert batching.run_alone_reason.startswith("a batch showed the rows mixing: output")
+        described = describe_text(meta)
+        assert "each request run alone (a batch showed the rows mixing" in described
+        assert "combine_requests = false" not in described
     assert not config_of(srv.app.dataplane.metadata("m")).HasField("dynamic_batching")
     url = f"http://127.0.0.1:{srv.app.http_port}/v2/models/m/config"
     with urllib.request.urlopen(url, timeout=30) as response:
@@ -628,6 +636,7 @@ def test_combine_requests_false_keeps_the_batch_dimension_and_runs_each_request_
         assert stats(client, "m").execution_count == 4
         batching = client.model_metadata("m").batching  # ferry.v1 says it too
         assert (batching.max_batch_size, batching.combine_requests) == (8, False)
+        assert batching.run_alone_reason == ""  # the config says so
         two_rows = np.arange(14, dtype=np.float32).reshape(2, 7)  # a request's own rows
         got = client.infer("m", {"x": two_rows})["y"]
         want = reference(root / "m" / "1" / "model.onnx", {"x": two_rows})["y"]

@@ -194,9 +194,12 @@ def describe_text(meta: ModelMetadata) -> str:
         lines.append(f"{title}:")
         lines += [f"  {t.name:<24} {t.datatype:<6} {list(t.shape)}" for t in tensors]
     if b.max_batch_size and not b.combine_requests:
+        # The config's setting, or what the server found while serving (a batch showed the
+        # rows mixing): "combine_requests = false" sent the owner to a config that never said so.
+        why = b.run_alone_reason or "combine_requests = false"
         lines.append(
             f"batching: up to {b.max_batch_size} rows per request, each request run alone "
-            f"(combine_requests = false), queue size {b.max_queue_size}, {_instances(b)}"
+            f"({why}), queue size {b.max_queue_size}, {_instances(b)}"
         )
     elif b.max_batch_size:
         timeout = f"{b.default_timeout * 1e3:g} ms" if b.default_timeout else "none"

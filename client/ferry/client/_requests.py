@@ -544,6 +544,7 @@ def parse_metadata(m: pb.ModelMetadata) -> ModelMetadata:
             instance_count=b.instance_count,
             device_ids=tuple(b.device_ids),
             combine_requests=not b.requests_run_alone,
+            run_alone_reason=b.run_alone_reason,
             default_priority=b.default_priority,
         ),
     )

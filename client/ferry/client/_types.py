@@ -85,6 +85,9 @@ class BatchingPolicy:
     # batching.combine_requests; a dynamic int8 version), still up to max_batch_size rows.
     combine_requests: bool = True
     default_priority: int = 0  # a request that sets none is queued at it; 0: not said
+    # With combine_requests False: why, when the server found it while serving (a batch
+    # showed the rows mixing); "": the config says so.
+    run_alone_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -25,15 +25,15 @@ _sym_db = _symbol_database.Default()
 from ferry.proto.v1 import tensor_pb2 as ferry_dot_proto_dot_v1_dot_tensor__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65rry/proto/v1/inference.proto\x12\x08\x66\x65rry.v1\x1a\x1b\x66\x65rry/proto/v1/tensor.proto\"\x93\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\n\n\x02id\x18\x03 \x01(\t\x12 \n\x06inputs\x18\x04 \x03(\x0b\x32\x10.ferry.v1.Tensor\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\x12\n\ntimeout_us\x18\x06 \x01(\x04\x12\x10\n\x08priority\x18\x07 \x01(\r\"^\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\n\n\x02id\x18\x03 \x01(\t\x12!\n\x07outputs\x18\x04 \x03(\x0b\x32\x10.ferry.v1.Tensor\"4\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\"z\n\x13InferStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x17.ferry.v1.InferResponseH\x00\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0f.ferry.v1.ErrorH\x00\x42\x08\n\x06result\"9\n\x17GetModelMetadataRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xda\x01\n\x0e\x42\x61tchingPolicy\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_queue_delay_us\x18\x02 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_us\x18\x04 \x01(\x04\x12\x16\n\x0einstance_count\x18\x05 \x01(\r\x12\x12\n\ndevice_ids\x18\x06 \x03(\r\x12\x1a\n\x12requests_run_alone\x18\x07 \x01(\x08\x12\x18\n\x10\x64\x65\x66\x61ult_priority\x18\x08 \x01(\r\"\xec\x01\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x04 \x01(\x03\x12\x10\n\x08platform\x18\x05 \x01(\t\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.ferry.v1.TensorMetadata\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.ferry.v1.TensorMetadata\x12*\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x18.ferry.v1.BatchingPolicy\"\"\n\x11ListModelsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"|\n\x12ModelVersionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.ferry.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.ferry.v1.ModelVersionStatus\";\n\x19GetModelStatisticsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"%\n\x08\x44uration\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\n\n\x02ns\x18\x02 \x01(\x04\"\xa7\x01\n\x0f\x42\x61tchStatistics\x12\x12\n\nbatch_size\x18\x01 \x01(\x04\x12)\n\rcompute_input\x18\x02 \x01(\x0b\x32\x12.ferry.v1.Duration\x12)\n\rcompute_infer\x18\x03 \x01(\x0b\x32\x12.ferry.v1.Duration\x12*\n\x0e\x63ompute_output\x18\x04 \x01(\x0b\x32\x12.ferry.v1.Duration\"D\n\x15PlannedSizeStatistics\x12\x12\n\nbatch_size\x18\x01 \x01(\x04\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x04\">\n\x10\x44\x65viceStatistics\x12\x11\n\tdevice_id\x18\x01 \x01(\r\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x04\"\xd2\x04\n\x0fModelStatistics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x19\n\x11last_inference_ms\x18\x03 \x01(\x04\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x17\n\x0f\x65xecution_count\x18\x05 \x01(\x04\x12#\n\x07success\x18\x06 \x01(\x0b\x32\x12.ferry.v1.Duration\x12 \n\x04\x66\x61il\x18\x07 \x01(\x0b\x32\x12.ferry.v1.Duration\x12!\n\x05queue\x18\x08 \x01(\x0b\x32\x12.ferry.v1.Duration\x12)\n\rcompute_input\x18\t \x01(\x0b\x32\x12.ferry.v1.Duration\x12)\n\rcompute_infer\x18\n \x01(\x0b\x32\x12.ferry.v1.Duration\x12*\n\x0e\x63ompute_output\x18\x0b \x01(\x0b\x32\x12.ferry.v1.Duration\x12.\n\x0b\x62\x61tch_stats\x18\x0c \x03(\x0b\x32\x19.ferry.v1.BatchStatistics\x12\x16\n\x0erejected_count\x18\r \x01(\x04\x12\x15\n\rexpired_count\x18\x0e \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x0f \x01(\r\x12\x30\n\x07planned\x18\x10 \x03(\x0b\x32\x1f.ferry.v1.PlannedSizeStatistics\x12\x14\n\x0cplan_changes\x18\x11 \x01(\x04\x12+\n\x07\x64\x65vices\x18\x12 \x03(\x0b\x32\x1a.ferry.v1.DeviceStatistics\"G\n\x1aGetModelStatisticsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.ferry.v1.ModelStatistics*\xa6\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x05\x32\x89\x03\n\tInference\x12\x38\n\x05Infer\x12\x16.ferry.v1.InferRequest\x1a\x17.ferry.v1.InferResponse\x12H\n\x0bInferStream\x12\x16.ferry.v1.InferRequest\x1a\x1d.ferry.v1.InferStreamResponse(\x01\x30\x01\x12N\n\x10GetModelMetadata\x12!.ferry.v1.GetModelMetadataRequest\x1a\x17.ferry.v1.ModelMetadata\x12G\n\nListModels\x12\x1b.ferry.v1.ListModelsRequest\x1a\x1c.ferry.v1.ListModelsResponse\x12_\n\x12GetModelStatistics\x12#.ferry.v1.GetModelStatisticsRequest\x1a$.ferry.v1.GetModelStatisticsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x66\x65rry/proto/v1/inference.proto\x12\x08\x66\x65rry.v1\x1a\x1b\x66\x65rry/proto/v1/tensor.proto\"\x93\x01\n\x0cInferRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\n\n\x02id\x18\x03 \x01(\t\x12 \n\x06inputs\x18\x04 \x03(\x0b\x32\x10.ferry.v1.Tensor\x12\x0f\n\x07outputs\x18\x05 \x03(\t\x12\x12\n\ntimeout_us\x18\x06 \x01(\x04\x12\x10\n\x08priority\x18\x07 \x01(\r\"^\n\rInferResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\n\n\x02id\x18\x03 \x01(\t\x12!\n\x07outputs\x18\x04 \x03(\x0b\x32\x10.ferry.v1.Tensor\"4\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\"z\n\x13InferStreamResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12+\n\x08response\x18\x02 \x01(\x0b\x32\x17.ferry.v1.InferResponseH\x00\x12 \n\x05\x65rror\x18\x03 \x01(\x0b\x32\x0f.ferry.v1.ErrorH\x00\x42\x08\n\x06result\"9\n\x17GetModelMetadataRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"\xf4\x01\n\x0e\x42\x61tchingPolicy\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\r\x12\x1a\n\x12max_queue_delay_us\x18\x02 \x01(\x04\x12\x16\n\x0emax_queue_size\x18\x03 \x01(\r\x12\x1a\n\x12\x64\x65\x66\x61ult_timeout_us\x18\x04 \x01(\x04\x12\x16\n\x0einstance_count\x18\x05 \x01(\r\x12\x12\n\ndevice_ids\x18\x06 \x03(\r\x12\x1a\n\x12requests_run_alone\x18\x07 \x01(\x08\x12\x18\n\x10\x64\x65\x66\x61ult_priority\x18\x08 \x01(\r\x12\x18\n\x10run_alone_reason\x18\t \x01(\t\"\xec\x01\n\rModelMetadata\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x04 \x01(\x03\x12\x10\n\x08platform\x18\x05 \x01(\t\x12(\n\x06inputs\x18\x06 \x03(\x0b\x32\x18.ferry.v1.TensorMetadata\x12)\n\x07outputs\x18\x07 \x03(\x0b\x32\x18.ferry.v1.TensorMetadata\x12*\n\x08\x62\x61tching\x18\x08 \x01(\x0b\x32\x18.ferry.v1.BatchingPolicy\"\"\n\x11ListModelsRequest\x12\r\n\x05model\x18\x01 \x01(\t\"|\n\x12ModelVersionStatus\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12#\n\x05state\x18\x03 \x01(\x0e\x32\x14.ferry.v1.ModelState\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x12\n\nis_default\x18\x05 \x01(\x08\"B\n\x12ListModelsResponse\x12,\n\x06models\x18\x01 \x03(\x0b\x32\x1c.ferry.v1.ModelVersionStatus\";\n\x19GetModelStatisticsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"%\n\x08\x44uration\x12\r\n\x05\x63ount\x18\x01 \x01(\x04\x12\n\n\x02ns\x18\x02 \x01(\x04\"\xa7\x01\n\x0f\x42\x61tchStatistics\x12\x12\n\nbatch_size\x18\x01 \x01(\x04\x12)\n\rcompute_input\x18\x02 \x01(\x0b\x32\x12.ferry.v1.Duration\x12)\n\rcompute_infer\x18\x03 \x01(\x0b\x32\x12.ferry.v1.Duration\x12*\n\x0e\x63ompute_output\x18\x04 \x01(\x0b\x32\x12.ferry.v1.Duration\"D\n\x15PlannedSizeStatistics\x12\x12\n\nbatch_size\x18\x01 \x01(\x04\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x04\">\n\x10\x44\x65viceStatistics\x12\x11\n\tdevice_id\x18\x01 \x01(\r\x12\x17\n\x0f\x65xecution_count\x18\x02 \x01(\x04\"\xd2\x04\n\x0fModelStatistics\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x19\n\x11last_inference_ms\x18\x03 \x01(\x04\x12\x17\n\x0finference_count\x18\x04 \x01(\x04\x12\x17\n\x0f\x65xecution_count\x18\x05 \x01(\x04\x12#\n\x07success\x18\x06 \x01(\x0b\x32\x12.ferry.v1.Duration\x12 \n\x04\x66\x61il\x18\x07 \x01(\x0b\x32\x12.ferry.v1.Duration\x12!\n\x05queue\x18\x08 \x01(\x0b\x32\x12.ferry.v1.Duration\x12)\n\rcompute_input\x18\t \x01(\x0b\x32\x12.ferry.v1.Duration\x12)\n\rcompute_infer\x18\n \x01(\x0b\x32\x12.ferry.v1.Duration\x12*\n\x0e\x63ompute_output\x18\x0b \x01(\x0b\x32\x12.ferry.v1.Duration\x12.\n\x0b\x62\x61tch_stats\x18\x0c \x03(\x0b\x32\x19.ferry.v1.BatchStatistics\x12\x16\n\x0erejected_count\x18\r \x01(\x04\x12\x15\n\rexpired_count\x18\x0e \x01(\x04\x12\x13\n\x0bqueue_depth\x18\x0f \x01(\r\x12\x30\n\x07planned\x18\x10 \x03(\x0b\x32\x1f.ferry.v1.PlannedSizeStatistics\x12\x14\n\x0cplan_changes\x18\x11 \x01(\x04\x12+\n\x07\x64\x65vices\x18\x12 \x03(\x0b\x32\x1a.ferry.v1.DeviceStatistics\"G\n\x1aGetModelStatisticsResponse\x12)\n\x06models\x18\x01 \x03(\x0b\x32\x19.ferry.v1.ModelStatistics*\xa6\x01\n\nModelState\x12\x1b\n\x17MODEL_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODEL_STATE_LOADING\x10\x01\x12\x15\n\x11MODEL_STATE_READY\x10\x02\x12\x16\n\x12MODEL_STATE_FAILED\x10\x03\x12\x19\n\x15MODEL_STATE_UNLOADING\x10\x04\x12\x18\n\x14MODEL_STATE_UNLOADED\x10\x05\x32\x89\x03\n\tInference\x12\x38\n\x05Infer\x12\x16.ferry.v1.InferRequest\x1a\x17.ferry.v1.InferResponse\x12H\n\x0bInferStream\x12\x16.ferry.v1.InferRequest\x1a\x1d.ferry.v1.InferStreamResponse(\x01\x30\x01\x12N\n\x10GetModelMetadata\x12!.ferry.v1.GetModelMetadataRequest\x1a\x17.ferry.v1.ModelMetadata\x12G\n\nListModels\x12\x1b.ferry.v1.ListModelsRequest\x1a\x1c.ferry.v1.ListModelsResponse\x12_\n\x12GetModelStatistics\x12#.ferry.v1.GetModelStatisticsRequest\x1a$.ferry.v1.GetModelStatisticsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'ferry.proto.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_MODELSTATE']._serialized_start=2321
-  _globals['_MODELSTATE']._serialized_end=2487
+  _globals['_MODELSTATE']._serialized_start=2347
+  _globals['_MODELSTATE']._serialized_end=2513
   _globals['_INFERREQUEST']._serialized_start=74
   _globals['_INFERREQUEST']._serialized_end=221
   _globals['_INFERRESPONSE']._serialized_start=223
@@ -45,29 +45,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETMODELMETADATAREQUEST']._serialized_start=497
   _globals['_GETMODELMETADATAREQUEST']._serialized_end=554
   _globals['_BATCHINGPOLICY']._serialized_start=557
-  _globals['_BATCHINGPOLICY']._serialized_end=775
-  _globals['_MODELMETADATA']._serialized_start=778
-  _globals['_MODELMETADATA']._serialized_end=1014
-  _globals['_LISTMODELSREQUEST']._serialized_start=1016
-  _globals['_LISTMODELSREQUEST']._serialized_end=1050
-  _globals['_MODELVERSIONSTATUS']._serialized_start=1052
-  _globals['_MODELVERSIONSTATUS']._serialized_end=1176
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1178
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1244
-  _globals['_GETMODELSTATISTICSREQUEST']._serialized_start=1246
-  _globals['_GETMODELSTATISTICSREQUEST']._serialized_end=1305
-  _globals['_DURATION']._serialized_start=1307
-  _globals['_DURATION']._serialized_end=1344
-  _globals['_BATCHSTATISTICS']._serialized_start=1347
-  _globals['_BATCHSTATISTICS']._serialized_end=1514
-  _globals['_PLANNEDSIZESTATISTICS']._serialized_start=1516
-  _globals['_PLANNEDSIZESTATISTICS']._serialized_end=1584
-  _globals['_DEVICESTATISTICS']._serialized_start=1586
-  _globals['_DEVICESTATISTICS']._serialized_end=1648
-  _globals['_MODELSTATISTICS']._serialized_start=1651
-  _globals['_MODELSTATISTICS']._serialized_end=2245
-  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_start=2247
-  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_end=2318
-  _globals['_INFERENCE']._serialized_start=2490
-  _globals['_INFERENCE']._serialized_end=2883
+  _globals['_BATCHINGPOLICY']._serialized_end=801
+  _globals['_MODELMETADATA']._serialized_start=804
+  _globals['_MODELMETADATA']._serialized_end=1040
+  _globals['_LISTMODELSREQUEST']._serialized_start=1042
+  _globals['_LISTMODELSREQUEST']._serialized_end=1076
+  _globals['_MODELVERSIONSTATUS']._serialized_start=1078
+  _globals['_MODELVERSIONSTATUS']._serialized_end=1202
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1204
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1270
+  _globals['_GETMODELSTATISTICSREQUEST']._serialized_start=1272
+  _globals['_GETMODELSTATISTICSREQUEST']._serialized_end=1331
+  _globals['_DURATION']._serialized_start=1333
+  _globals['_DURATION']._serialized_end=1370
+  _globals['_BATCHSTATISTICS']._serialized_start=1373
+  _globals['_BATCHSTATISTICS']._serialized_end=1540
+  _globals['_PLANNEDSIZESTATISTICS']._serialized_start=1542
+  _globals['_PLANNEDSIZESTATISTICS']._serialized_end=1610
+  _globals['_DEVICESTATISTICS']._serialized_start=1612
+  _globals['_DEVICESTATISTICS']._serialized_end=1674
+  _globals['_MODELSTATISTICS']._serialized_start=1677
+  _globals['_MODELSTATISTICS']._serialized_end=2271
+  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_start=2273
+  _globals['_GETMODELSTATISTICSRESPONSE']._serialized_end=2344
+  _globals['_INFERENCE']._serialized_start=2516
+  _globals['_INFERENCE']._serialized_end=2909
 # @@protoc_insertion_point(module_scope)

@@ -82,7 +82,7 @@ class GetModelMetadataRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class BatchingPolicy(_message.Message):
-    __slots__ = ("max_batch_size", "max_queue_delay_us", "max_queue_size", "default_timeout_us", "instance_count", "device_ids", "requests_run_alone", "default_priority")
+    __slots__ = ("max_batch_size", "max_queue_delay_us", "max_queue_size", "default_timeout_us", "instance_count", "device_ids", "requests_run_alone", "default_priority", "run_alone_reason")
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_DELAY_US_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class BatchingPolicy(_message.Message):
     DEVICE_IDS_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_RUN_ALONE_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    RUN_ALONE_REASON_FIELD_NUMBER: _ClassVar[int]
     max_batch_size: int
     max_queue_delay_us: int
     max_queue_size: int
@@ -99,7 +100,8 @@ class BatchingPolicy(_message.Message):
     device_ids: _containers.RepeatedScalarFieldContainer[int]
     requests_run_alone: bool
     default_priority: int
-    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., instance_count: _Optional[int] = ..., device_ids: _Optional[_Iterable[int]] = ..., requests_run_alone: _Optional[bool] = ..., default_priority: _Optional[int] = ...) -> None: ...
+    run_alone_reason: str
+    def __init__(self, max_batch_size: _Optional[int] = ..., max_queue_delay_us: _Optional[int] = ..., max_queue_size: _Optional[int] = ..., default_timeout_us: _Optional[int] = ..., instance_count: _Optional[int] = ..., device_ids: _Optional[_Iterable[int]] = ..., requests_run_alone: _Optional[bool] = ..., default_priority: _Optional[int] = ..., run_alone_reason: _Optional[str] = ...) -> None: ...
 
 class ModelMetadata(_message.Message):
     __slots__ = ("name", "version", "versions", "default_version", "platform", "inputs", "outputs", "batching")

@@ -46,6 +46,7 @@ def metadata(
             default_priority=b.default_priority,
             preferred_batch_sizes=tuple(b.planned_batch_sizes or ()),
             combine_requests=lv.combines_requests,  # as it runs now
+            run_alone_reason=lv.run_alone_reason,
         ),
         instance_count=lv.config.instances.count,
         device_kind=lv.session.device_kind,

@@ -88,6 +88,7 @@ class LoadedVersion:
         # Each request runs alone, its own rows only: the config says so
         # (batching.combine_requests false), or a real batch showed rows mixing (below).
         self._alone = not config.batching.combine_requests
+        self._alone_why = ""  # what a real batch showed, when it made requests run alone
         # Batched on its shapes alone (runtime.rows could run none of its made-up rows): until
         # a batch of different requests gives each the answer it gets alone, requests run
         # alone (_prove_rows_apart); where one does not, they run alone for good.
@@ -269,6 +270,7 @@ class LoadedVersion:
                     runs.append(together)
                 if why:
                     self._alone = True
+                    self._alone_why = why
                     log.warning(
                         "%s/%s: not batched: %s; its requests run alone (set "
                         "batching.max_batch_size in its config to decide)",
@@ -317,6 +319,13 @@ class LoadedVersion:
         batch showed the model's rows mixing (_prove_rows_apart). What metadata reports: such
         a model was described with the dynamic batcher though each request ran alone."""
         return not self._alone
+
+    @property
+    def run_alone_reason(self) -> str:
+        """Why requests run alone when no config said so: what a real batch showed. Described
+        as "combine_requests = false", such a model sent its owner to a config that never
+        said it."""
+        return f"a batch showed the rows mixing: {self._alone_why}" if self._alone_why else ""
 
     def _checked_on(self, work: Work) -> bool:
         """Whether the batch dimension is now checked, on ``work``'s first row (alone, then

@@ -167,6 +167,9 @@ class BatchingPolicy:
     preferred_batch_sizes: tuple[int, ...] = ()
     # batching.combine_requests: False, each request runs alone (no dynamic batcher, for Triton)
     combine_requests: bool = True
+    # Why requests run alone when the server found it while serving (a batch showed the rows
+    # mixing); "" when the config says so, or they combine.
+    run_alone_reason: str = ""
 
 
 @dataclass(frozen=True)

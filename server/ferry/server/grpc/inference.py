@@ -166,6 +166,7 @@ def metadata_of(m: ModelMetadata) -> pb.ModelMetadata:
             instance_count=m.instance_count,
             device_ids=m.device_ids,
             requests_run_alone=not b.combine_requests,
+            run_alone_reason=b.run_alone_reason,
             default_priority=b.default_priority,
         ),
     )
