@@ -1082,6 +1082,35 @@ def test_a_new_models_config_the_first_read_half_written_is_served_by_every_proc
         assert _listens(fleet.pids[1], fleet.port)  # the same worker: none was killed
 
 
+def test_a_worker_started_again_while_the_rollout_file_is_broken_keeps_the_split(
+    tmp_path: Path,
+) -> None:
+    """rollout.json broken by an edit: every process kept the split it served, but a worker
+    started again then had none to keep, and sent every request that names no version to the
+    default version while the others split. It serves the first process's split, the version
+    the split keeps beside the policy's (latest 1) included, and a request id gets one
+    version on every connection."""
+    root = make_repo(tmp_path / "repo", {"m": [seed_model(seed=1), seed_model(seed=2)]})
+    x = {"input": np.ones((1, 3), np.float32)}
+    with _serving(root) as fleet:
+        with RepositoryClient(f"127.0.0.1:{fleet.management}") as repo:
+            repo.set_rollout("m", {1: 1.0, 2: 1.0}, reason="half and half")
+            (root / "m" / "rollout.json").write_text('{"split": ')  # an edit under way
+            repo.refresh()
+            assert repo.get_rollout("m").split == {1: 1.0, 2: 1.0}  # kept in the first
+        new = _kill_worker_1(fleet)
+        wait_for(lambda: _listens(new, fleet.port), "worker 1 to join again")
+        picked: dict[str, set[int]] = {}
+        for i in range(CONNECTIONS):
+            options = [("ferry.test.connection", i)]
+            with InferenceClient(f"127.0.0.1:{fleet.port}", options=options) as client:
+                for k in range(8):
+                    version = client.infer("m", x, request_id=f"r{k}").version
+                    picked.setdefault(f"r{k}", set()).add(version)
+        assert all(len(v) == 1 for v in picked.values()), picked
+        assert set().union(*picked.values()) == {1, 2}, picked
+
+
 # The same, the other way round: the first process's own load of model "big" fails.
 _FAIL_IN_FIRST = _FAIL_IN_WORKERS.replace(
     'if os.environ.get("FERRY_WORKER_SOCKET"):', 'if not os.environ.get("FERRY_WORKER_SOCKET"):'

@@ -88,7 +88,11 @@ def test_a_ready_worker_rereads_the_repository_then_applies_the_unloads_since(
             control.APPLY,
             {"op": "unload", "model": "later", "failed": [], "kept": []},
         ),
-        ("worker-1.sock", control.JOIN, {"serving": {}, "failed": [], "kept": [], "files": {}}),
+        (
+            "worker-1.sock",
+            control.JOIN,
+            {"serving": {}, "failed": [], "kept": [], "files": {}, "rollouts": {}},
+        ),
     ]
 
 

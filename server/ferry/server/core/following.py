@@ -11,6 +11,7 @@ from __future__ import annotations
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any
 
+from ferry.server.core import rollout as rollouts
 from ferry.server.core.slots import (
     _FIRST,
     _KEPT,
@@ -39,6 +40,10 @@ class FleetFollowing:
         def _model_lock(self, name: str) -> AbstractAsyncContextManager[None]: ...
 
         def _notify(self) -> None: ...
+
+        async def _sync_model(
+            self, name: str, result: RepositoryOutcome, retry_failed: bool
+        ) -> None: ...
 
         async def _unload_version(
             self, entry: ModelEntry, version: int, result: RepositoryOutcome
@@ -116,6 +121,32 @@ class FleetFollowing:
         versions (the broken new one), served nothing of the model, was refused the inference
         ports for lacking what the first kept serving, and was started again for good."""
         self._first_kept = {(str(n), int(v)) for n, v in rows}
+
+    def kept_rollouts(self) -> dict[str, list[Any]]:
+        """In the first process: model -> [its rollout file's signature, the rollout served in
+        place of that file (a broken edit, versions that do not fit), why], for
+        ``follow_rollouts``."""
+        return {
+            e.name: [e.rollout_signature, rollouts.as_doc(e.rollout), e.rollout_error]
+            for e in list(self.models.values())
+            if e.rollout is not None and e.rollout_error
+        }
+
+    async def follow_rollouts(self, rows: dict[str, list[Any]]) -> None:
+        """In a worker: serve the rollout the first serves in place of the file both read. A
+        worker started again while the file was broken had no earlier rollout to keep, and
+        sent every request that names no version to the default while the others split."""
+        for name, (sig, doc, why) in rows.items():
+            theirs = rollouts.from_doc(doc)
+            entry = self.models.get(name)
+            if entry is None or entry.rollout_signature != sig or entry.rollout == theirs:
+                continue  # another file read here: judged on its own
+            async with self._model_lock(name):
+                if self.models.get(name) is not entry or entry.rollout_signature != sig:
+                    continue  # changed while this waited on the lock
+                entry.rollout, entry.rollout_error = theirs, str(why)
+                await self._sync_model(name, RepositoryOutcome(), retry_failed=False)
+                self._notify()
 
     def _lifted(self, name: str, slot: VersionSlot) -> bool:
         """Did ``slot`` fail on the first process's word, which it no longer says? Tried

@@ -47,6 +47,14 @@ class RepositoryControl:
         """What this (first) process keeps serving past its policy (Registry.kept_serving)."""
         return self._registry.kept_serving()
 
+    def kept_rollouts(self) -> dict[str, list[Any]]:
+        """The rollouts served in place of their files here (Registry.kept_rollouts)."""
+        return self._registry.kept_rollouts()
+
+    async def follow_rollouts(self, rows: dict[str, list[Any]]) -> None:
+        """In a worker: serve them too (Registry.follow_rollouts)."""
+        await self._registry.follow_rollouts(rows)
+
     def follow_kept(self, rows: list[list[Any]]) -> None:
         """In a worker: serve what the first keeps serving too (Registry.follow_kept)."""
         self._registry.follow_kept(rows)

@@ -340,6 +340,23 @@ def _parse(raw: bytes) -> tuple[Rollout | None, str]:
         return None, f"{ROLLOUT_FILE} is nested deeper than the JSON parser allows"
 
 
+def as_doc(rollout: Rollout) -> dict[str, Any]:
+    """``rollout`` as the file holds it (``from_doc`` reads it back): what a worker is sent."""
+    shadow = (
+        {"version": rollout.shadow[0], "fraction": rollout.shadow[1]}
+        | {"comparison": rollout.comparison or ""}
+        if rollout.shadow
+        else {}
+    )
+    split = {str(v): w for v, w in rollout.split}
+    return {"split": split, "shadow": shadow, "rules": rollout.rules.as_dict()}
+
+
+def from_doc(doc: Any) -> Rollout | None:
+    """``as_doc``'s rollout (None: not one)."""
+    return _parse(json.dumps(doc).encode())[0]
+
+
 def history(model_dir: Path) -> list[dict[str, Any]]:
     try:
         doc = json.loads(_head(model_dir / ROLLOUT_FILE)[:MAX_FILE])

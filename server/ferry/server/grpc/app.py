@@ -390,6 +390,7 @@ class FerryServer:
             files=lambda model: worker_control.files(self.dataplane, model),
             failed=self.dataplane.failed_loads,
             kept=self.dataplane.kept_serving,
+            rollouts=self.dataplane.kept_rollouts,
         )
         http_port = self.http_port if self.settings.http_port >= 0 else -1
         # Following before the workers start: each catches up once it is ready (fleet._spawn),

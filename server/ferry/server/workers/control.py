@@ -269,6 +269,8 @@ class ControlService(grpc.GenericRpcHandler):
         ask = decode(raw)
         self._dataplane.follow_kept(ask.get("kept") or [])
         await self._dataplane.follow_failures(ask.get("failed") or [])
+        # Before judging what it serves: the first's rollout may need versions loaded here.
+        await self._dataplane.follow_rollouts(ask.get("rollouts") or {})
         mine = ask.get("serving") or {}
         missing = lacking(mine, serving(self._dataplane, ""))
         # Only of the versions the first names (those it has yet to follow a change of are

@@ -135,6 +135,7 @@ class WorkerFleet:
         files: Callable[[str], dict[str, dict[str, Any]]] = lambda model: {},
         failed: Callable[[], list[Any]] = list,
         kept: Callable[[], list[Any]] = list,
+        rollouts: Callable[[], dict[str, Any]] = dict,
     ) -> None:
         self.settings = settings
         self.run_dir = run_dir
@@ -167,6 +168,9 @@ class WorkerFleet:
         # The versions this process keeps serving past its version policy (a newer one did
         # not load): a worker started again serves them too, or it lacks them for good.
         self._kept = kept
+        # The rollouts this process serves in place of their files (a broken edit): a worker
+        # started again has no earlier one to keep, and serves them too (JOIN).
+        self._rollouts = rollouts
         self._workers = [_Worker(i) for i in range(1, count)]
         self._flags: list[str] = []
         self._stopping = False
@@ -341,6 +345,7 @@ class WorkerFleet:
                 "failed": self._failed(),
                 "kept": self._kept(),
                 "files": self._files(""),
+                "rollouts": self._rollouts(),
             }
             answer = await self.peers.call(sock, control.JOIN, ask, 60.0)
         except grpc.RpcError as exc:
