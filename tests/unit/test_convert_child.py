@@ -1645,3 +1645,20 @@ def test_fp16_of_a_transpose_fed_matmul_converts_and_serves(tmp_path: Path) -> N
     x = np.random.default_rng(3).standard_normal((3, 4, 8)).astype(np.float32)
     w = numpy_helper.to_array(onnx.load(str(source)).graph.initializer[0])
     np.testing.assert_allclose(np.load(out), x @ w, rtol=1e-2, atol=1e-2)
+
+
+def test_batch_parity_within_float_rounding_blames_the_tolerances_not_a_branch() -> None:
+    """--rtol 0 --atol 0 failed a float-noise difference (-0.0759071 vs -0.0759072) saying the
+    model takes another path at this batch size; the message now points at the tolerances."""
+    from ferry.server.convert.worker import dims
+    from ferry.server.errors import ConversionFailed
+
+    ref = [np.array([[-0.0759072, 1.5]], dtype=np.float32)]
+    noisy = [np.nextafter(ref[0], np.float32(0))]
+    with pytest.raises(ConversionFailed) as noise:
+        dims._match_reference(noisy, ref, 3, 0.0, 0.0)
+    assert "float rounding" in str(noise.value) and "--rtol/--atol" in str(noise.value)
+    assert "another path" not in str(noise.value)
+    with pytest.raises(ConversionFailed) as branch:
+        dims._match_reference([ref[0] * 2], ref, 3, 0.0, 0.0)
+    assert "another path" in str(branch.value)
