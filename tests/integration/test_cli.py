@@ -278,8 +278,10 @@ def test_health_wait_refused_by_the_server_is_not_unreachable(
     with ServerThread(repo_path, inference_token="sekrit", health_requires_token=True) as srv:
         t = ("--target", srv.target)
         for wait in ((), ("--wait", "20")):
-            code, out, _ = ferry(capsys, "health", *wait, *t)
+            code, out, err = ferry(capsys, "health", *wait, *t)
             assert (code, out.split()[-1]) == (1, "UNAUTHENTICATED"), wait
+            # Says what to do about it (it read as "not serving" with no hint).
+            assert "needs a token" in err and "FERRY_TOKEN (or --token)" in err, (wait, err)
             code, out, _ = ferry(capsys, "health", *wait, *t, "--token", "sekrit")
             assert (code, out.split()[-1]) == (0, "SERVING"), wait
 

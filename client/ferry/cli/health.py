@@ -10,6 +10,7 @@ every POLL_S seconds instead, within the same ``--wait``.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Any
 
@@ -42,7 +43,7 @@ def register(sub: Any) -> None:
         parents=[connection_parent()],
         help="check that the server (or one model) is serving",
         description="Check the standard gRPC health service. Exit status: 0 serving, 1 not "
-        "serving (or unknown model), 3 unreachable.",
+        "serving (or unknown model, or refused: a missing token), 3 unreachable.",
     )
     p.add_argument("model", nargs="?", default="", help="a model name (default: the server)")
     p.add_argument(
@@ -131,6 +132,14 @@ def cmd_health(args: argparse.Namespace) -> int:
         status = check(args, channel, config.call_metadata())
     what = f"model {args.model!r}" if args.model else args.target
     print(f"{what}: {status}")
+    if status == "UNAUTHENTICATED":
+        # The bare status read as "not serving" with nothing to do about it; say the fix, as
+        # every other command does for UNAUTHENTICATED (same exit status, 1: the server said no).
+        print(
+            f"ferry health: {args.target} needs a token: pass the server's token with "
+            "FERRY_TOKEN (or --token)",
+            file=sys.stderr,
+        )
     if status == "SERVING":
         return EXIT_OK
     return EXIT_UNREACHABLE if status == "UNREACHABLE" else EXIT_FAILED
