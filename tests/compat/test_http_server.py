@@ -194,6 +194,22 @@ def test_an_empty_model_name_is_one_answer_on_every_model_route(
     assert http_call(target, "GET", "/v2/models/stats")[0] == 200  # every model's, as Triton
 
 
+def test_an_empty_version_is_one_answer_on_every_versioned_route(
+    kserve_server: ServerThread,
+) -> None:
+    """``/v2/models/m/versions//ready`` meant the default version; Triton's routes need a
+    version there (404). Ferry answers each versioned route alike, naming what is missing,
+    before any body is read."""
+    target = kserve_server.http_target
+    routes = [("GET", s) for s in ("", "/ready", "/config", "/stats")]
+    for method, suffix in [*routes, ("POST", "/infer")]:
+        path = f"/v2/models/mlp/versions/{suffix}"
+        status, headers, body = http_call(target, method, path, b"not json" * 100)
+        assert (status, headers["ferry-error"]) == (404, "VERSION_NOT_FOUND"), path
+        assert f"{path!r} names no version" in json.loads(body)["error"], path
+    assert http_call(target, "GET", "/v2/models/mlp/ready")[0] == 200  # the default version
+
+
 def test_head_is_served_wherever_get_is(kserve_server: ServerThread) -> None:
     # RFC 9110 9.1: a server must support HEAD; a load balancer's HEAD health check got 405.
     target = kserve_server.http_target

@@ -33,6 +33,7 @@ from ferry.server.errors import (
     PermissionDenied,
     Unavailable,
     Unimplemented,
+    VersionNotFound,
 )
 from ferry.server.grpc.kserve import EXTENSIONS, SERVER_NAME, server_version
 from ferry.server.grpc.kserve_model import (
@@ -204,6 +205,8 @@ class OipRoutes:
             if len(tail) < 2:
                 raise _no_route(path)
             version = _segment(tail[1])
+            if not version:
+                raise _no_version(path)
             tail = tail[2:]
         action = tail[0] if tail else ""
         if action == "infer" and len(tail) == 1:
@@ -330,6 +333,16 @@ def _no_model(path: str) -> ModelNotFound:
         f"{short(path)!r} names no model (nothing between /v2/models/ and the next '/'): send "
         "/v2/models/<model>[/versions/<v>][/ready|/config|/stats|/infer], or GET "
         "/v2/models/stats for every model's statistics"
+    )
+
+
+def _no_version(path: str) -> VersionNotFound:
+    """``/v2/models/m/versions//ready`` meant the default version, where Triton's routes need a
+    version there and answer 404: so does Ferry, before any body is read, as for an empty name
+    (the default version is the route without ``/versions/<v>``)."""
+    return VersionNotFound(
+        f"{short(path)!r} names no version (nothing between /versions/ and the next '/'): send "
+        "/v2/models/<model>/versions/<v>/..., or leave /versions/<v> out for the default version"
     )
 
 
