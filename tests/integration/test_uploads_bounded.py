@@ -147,6 +147,25 @@ def test_retention_by_age_applies_at_start(start: Start, tmp_path: Path) -> None
         conv.convert(old.upload_id)
 
 
+def test_an_upload_past_its_age_is_not_converted_on_a_server_that_took_no_upload_since(
+    start: Start, tmp_path: Path
+) -> None:
+    """The age rule ran only at an upload and at a start: on a server that took no upload
+    since, an upload past --upload-retention-seconds was still converted and kept on disk."""
+    _, conv = start(upload_retention_seconds=86400)
+    old = conv.upload("m", tiny(0), format="onnx")
+    with sqlite3.connect(tmp_path / "repo.ferry" / "state.sqlite3") as db:  # a week ago
+        db.execute(
+            "UPDATE uploads SET created_ms = created_ms - ? WHERE upload_id = ?",
+            (7 * 86400 * 1000, old.upload_id),
+        )
+    with pytest.raises(JobNotFoundError, match="over --upload-retention-seconds 86400") as info:
+        conv.convert(old.upload_id)
+    assert info.value.kind == "UPLOAD_NOT_FOUND"
+    assert not (uploads_dir(tmp_path) / f"{old.upload_id}.onnx").exists()
+    assert conv.list_uploads() == []
+
+
 def test_retention_removes_an_archive_uploads_folder(start: Start, tmp_path: Path) -> None:
     """An onnx_archive upload is a folder (model.onnx and its data): the rule removes it whole."""
     model = mlp_model(sizes=(8, 16, 4), seed=0)

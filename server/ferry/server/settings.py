@@ -414,14 +414,16 @@ class Settings:
         default=20 << 30,
         metadata={
             "help": "total bytes of uploads kept; past it the oldest uploads no queued or "
-            "running job reads are removed (after each upload and at start); 0: no limit"
+            "running job reads are removed (after each upload, before each conversion and at "
+            "start); 0: no limit"
         },
     )
     upload_retention_seconds: float = field(
         default=7 * 86400.0,
         metadata={
             "help": "age past which an upload no queued or running job reads is removed "
-            "(checked after each upload and at start); 0: kept until deleted or over "
+            "(checked after each upload, before each conversion, which then answers NOT_FOUND "
+            "for it, and at start); 0: kept until deleted or over "
             "upload_retention_bytes"
         },
     )

@@ -361,6 +361,19 @@ class ConversionService:
             await asyncio.to_thread(_remove_file, path, uploads_dir)
         return record
 
+    async def _apply_retention(self) -> None:
+        """The retention rule now, its files removed; a database too full to note a removal
+        leaves the rule to the next upload or start (logged), as after an upload."""
+        try:
+            removed = self._forget_by_retention()
+        except Exception as exc:
+            if not database_full(exc):
+                raise
+            log.error("the upload retention rule was not applied: the state disk is full (%s)", exc)
+            return
+        for path in removed:
+            await asyncio.to_thread(_remove_file, path, self.state_dir.resolve() / "uploads")
+
     def _forget_by_retention(self, keep: str = "") -> list[Path]:
         """Apply the retention rule to the records (each removal noted, with its reason, for
         a later NOT_FOUND) and return the files to remove; logged, one line per upload."""
@@ -523,6 +536,10 @@ class ConversionService:
         tensors: validation.SpecTensors,
     ) -> JobRecord:
         upload_id = _check_id(upload_id, "upload")
+        # The rule runs at an upload and at a start: on a server that took no upload since, one
+        # past --upload-retention-seconds was still converted (and kept on disk). Applied here
+        # too, such an upload is NOT_FOUND with the rule's reason, as after its removal.
+        await self._apply_retention()
         with self._queueing(upload_id):
             upload = self.store.get_upload(upload_id)
             model = validate_model_name(model or upload.model)
