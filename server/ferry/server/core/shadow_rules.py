@@ -9,18 +9,18 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ferry.server.core import inputs, shadow, shadow_sum
 from ferry.server.core import rollout as rollouts
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelRegistry
+from ferry.server.core.rule_host import RuleHost
 from ferry.server.core.types import InferenceRequest, Limits
 from ferry.server.errors import FerryError
 
 
-class ShadowRules:
+class ShadowRules(RuleHost):
     """DataPlane's share that shadows requests and judges the comparison (a mixin: the state
     is the plane's, set in ``DataPlane.__init__``)."""
 
@@ -32,22 +32,6 @@ class ShadowRules:
     _decisions: set[asyncio.Task[None]]
     _closing: asyncio.Event
     decides_rollouts: bool
-
-    if TYPE_CHECKING:
-
-        @staticmethod
-        def _after(step: Callable[..., None], *args: Any) -> None: ...
-
-        def _decide(
-            self,
-            model: str,
-            split: dict[int, float] | None,
-            why: str,
-            decided_on: rollouts.Rollout,
-            *,
-            keep: rollouts.Rollout | None = None,
-            stats: shadow.ShadowStatistics | None = None,
-        ) -> None: ...
 
     def _maybe_shadow(
         self,

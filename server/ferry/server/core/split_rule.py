@@ -7,17 +7,17 @@ each routed request's outcome here; the change a rule decides is made by ``_deci
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ferry.server.core import rollout as rollouts
-from ferry.server.core import shadow, shadow_sum, split_sum
+from ferry.server.core import shadow_sum, split_sum
 from ferry.server.core.loaded import LoadedVersion
 from ferry.server.core.registry import ModelRegistry
+from ferry.server.core.rule_host import RuleHost
 from ferry.server.core.types import InferenceRequest
 
 
-class SplitRule:
+class SplitRule(RuleHost):
     """DataPlane's share that counts and judges a split's errors (a mixin: the state is the
     plane's, set in ``DataPlane.__init__``)."""
 
@@ -26,22 +26,6 @@ class SplitRule:
     _split_counts: dict[str, SplitState]
     _peer_shadows: shadow_sum.PeerShadows | None
     decides_rollouts: bool
-
-    if TYPE_CHECKING:
-
-        @staticmethod
-        def _after(step: Callable[..., None], *args: Any) -> None: ...
-
-        def _decide(
-            self,
-            model: str,
-            split: dict[int, float] | None,
-            why: str,
-            decided_on: rollouts.Rollout,
-            *,
-            keep: rollouts.Rollout | None = None,
-            stats: shadow.ShadowStatistics | None = None,
-        ) -> None: ...
 
     def _check_split_errors(
         self, lv: LoadedVersion, failed_now: bool, request: InferenceRequest | None = None
